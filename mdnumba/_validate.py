@@ -1,0 +1,43 @@
+"""Input checks shared by every public entry point: errors say what to fix."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def check_array(x, name: str, ndim: int, last: int | None, dtype: np.dtype,
+                layout: str) -> np.ndarray:
+    """Return ``x`` as a C-contiguous array of ``dtype`` after checking it.
+
+    Raises TypeError for non-floating data and ValueError for a wrong number of
+    dimensions, a wrong last axis, empty axes or NaN/inf values.
+    """
+    if not hasattr(x, "__array__") and not isinstance(x, (list, tuple)):
+        raise TypeError(f"{name} must be a NumPy array of shape {layout}, got {type(x).__name__}")
+    arr = np.asarray(x)
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise TypeError(
+            f"{name} must hold floating-point values (float32 or float64), got dtype "
+            f"{arr.dtype}; convert with {name}.astype(np.float32)")
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions {layout}, got shape {arr.shape}")
+    if 0 in arr.shape:
+        raise ValueError(f"{name} has an empty axis, shape {arr.shape}; every axis of {layout} "
+                         "must be at least 1")
+    if last is not None and arr.shape[-1] != last:
+        raise ValueError(f"{name} has {arr.shape[-1]} channels in its last axis, the layer "
+                         f"expects {last} {layout}")
+    arr = np.ascontiguousarray(arr, dtype=dtype)
+    if not np.isfinite(arr).all():
+        bad = int(arr.size - np.isfinite(arr).sum())
+        raise ValueError(f"{name} contains {bad} NaN or infinite values; clean the input first")
+    return arr
+
+
+def check_positive_int(value, name: str) -> int:
+    """Return ``int(value)`` if it is an integer >= 1, else raise."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)

@@ -1,0 +1,35 @@
+"""Central configuration: default dtype, fastmath, CUDA launch sizes.
+
+Every kernel module reads its compile options from here so there is exactly one
+place to change them. Environment variables override the defaults:
+
+- ``MDNUMBA_FASTMATH=1`` compiles the CPU kernels with ``fastmath=True``
+  (slightly faster, loses the bit-exact agreement with the reference).
+- ``MDNUMBA_THREADS_PER_BLOCK`` sets the CUDA block size (default 128).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+DEFAULT_DTYPE = np.float32
+SUPPORTED_DTYPES = (np.float32, np.float64)
+
+FASTMATH: bool = os.environ.get("MDNUMBA_FASTMATH", "0") == "1"
+CACHE: bool = os.environ.get("MDNUMBA_CACHE", "1") == "1"
+THREADS_PER_BLOCK: int = int(os.environ.get("MDNUMBA_THREADS_PER_BLOCK", "128"))
+
+#: keyword arguments shared by every serial CPU kernel
+NJIT_OPTS = dict(cache=CACHE, fastmath=FASTMATH, nogil=True)
+#: keyword arguments shared by every parallel CPU driver
+NJIT_PARALLEL_OPTS = dict(NJIT_OPTS, parallel=True)
+
+
+def resolve_dtype(dtype) -> np.dtype:
+    """Return ``np.dtype(dtype)`` if it is float32/float64, else raise TypeError."""
+    dt = np.dtype(dtype)
+    if dt not in [np.dtype(d) for d in SUPPORTED_DTYPES]:
+        raise TypeError(f"dtype must be float32 or float64, got {dt}")
+    return dt

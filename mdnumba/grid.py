@@ -1,0 +1,92 @@
+"""Wavefront index tables for an N-dimensional grid.
+
+Cells of a grid with shape ``dims = (n_1, ..., n_N)`` are renumbered so that the
+cells of each anti-diagonal hyperplane ``i_1 + ... + i_N = k`` are contiguous
+("skewed layout"); inside a hyperplane they keep row-major order. Every parent
+of a cell on hyperplane ``k`` (the neighbour one step back along dimension d)
+lies on hyperplane ``k - 1``, every child on ``k + 1``. Kernels therefore sweep
+``k = 0 .. K-1`` with ``K = sum(n_d - 1) + 1`` and treat all cells of one
+hyperplane in parallel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Wavefront:
+    """Index tables of one grid shape (all arrays int64, read-only).
+
+    Attributes:
+        dims: grid shape.
+        perm: ``perm[s]`` = row-major flat index of skewed cell ``s``.
+        inv_perm: inverse of ``perm``.
+        diag_off: ``diag_off[k]:diag_off[k+1]`` are the skewed cells of hyperplane k.
+        parent: ``parent[s, d]`` = skewed index of the neighbour at ``i_d - 1``, or -1.
+        child: ``child[s, d]`` = skewed index of the neighbour at ``i_d + 1``, or -1.
+    """
+
+    dims: tuple
+    perm: np.ndarray
+    inv_perm: np.ndarray
+    diag_off: np.ndarray
+    parent: np.ndarray
+    child: np.ndarray
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.perm.shape[0])
+
+    @property
+    def n_diagonals(self) -> int:
+        return int(self.diag_off.shape[0] - 1)
+
+    @property
+    def max_diag_cells(self) -> int:
+        return int(np.diff(self.diag_off).max())
+
+
+@lru_cache(maxsize=64)
+def wavefront(dims: tuple) -> Wavefront:
+    """Build (and cache) the :class:`Wavefront` tables for grid shape ``dims``."""
+    dims = tuple(int(n) for n in dims)
+    if not dims or min(dims) < 1:
+        raise ValueError(f"grid dimensions must all be >= 1, got {dims}")
+    coords = np.indices(dims).reshape(len(dims), -1)  # (N, M), row-major
+    level = coords.sum(axis=0)
+    perm = np.argsort(level, kind="stable").astype(np.int64)
+    inv_perm = np.empty_like(perm)
+    inv_perm[perm] = np.arange(perm.size, dtype=np.int64)
+    n_diag = int(sum(n - 1 for n in dims)) + 1
+    diag_off = np.zeros(n_diag + 1, dtype=np.int64)
+    diag_off[1:] = np.cumsum(np.bincount(level, minlength=n_diag))
+    strides = np.array([int(np.prod(dims[d + 1:])) for d in range(len(dims))], dtype=np.int64)
+    parent = np.full((perm.size, len(dims)), -1, dtype=np.int64)
+    child = np.full((perm.size, len(dims)), -1, dtype=np.int64)
+    skew_coords = coords[:, perm]
+    for d in range(len(dims)):
+        has_parent = skew_coords[d] > 0
+        parent[has_parent, d] = inv_perm[perm[has_parent] - strides[d]]
+        has_child = skew_coords[d] < dims[d] - 1
+        child[has_child, d] = inv_perm[perm[has_child] + strides[d]]
+    for arr in (perm, inv_perm, diag_off, parent, child):
+        arr.setflags(write=False)
+    return Wavefront(dims, perm, inv_perm, diag_off, parent, child)
+
+
+def to_skewed(x: np.ndarray, wf: Wavefront) -> np.ndarray:
+    """Dense ``(B, *dims, F)`` → skewed rows ``(M*B, F)``, row ``s*B + b``."""
+    B, F = x.shape[0], x.shape[-1]
+    xs = x.reshape(B, wf.n_cells, F).transpose(1, 0, 2)[wf.perm]
+    return np.ascontiguousarray(xs).reshape(wf.n_cells * B, F)
+
+
+def from_skewed(xs: np.ndarray, wf: Wavefront, batch: int) -> np.ndarray:
+    """Skewed rows ``(M*B, F)`` → dense ``(B, *dims, F)`` (a new C-contiguous array)."""
+    F = xs.shape[-1]
+    dense = xs.reshape(wf.n_cells, batch, F)[wf.inv_perm]
+    return np.ascontiguousarray(dense.transpose(1, 0, 2)).reshape((batch,) + wf.dims + (F,))

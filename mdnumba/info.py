@@ -1,0 +1,43 @@
+"""Environment report for ``mdnumba info``."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import numba
+import numpy as np
+
+from . import __version__, config
+
+
+def cuda_status() -> str:
+    """One line saying whether the CUDA backend can run, and if not why."""
+    try:
+        from numba import cuda
+    except Exception as exc:  # pragma: no cover - depends on the install
+        return f"unavailable (numba.cuda import failed: {exc}); pip install 'mdnumba[cuda]'"
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return "simulator (NUMBA_ENABLE_CUDASIM=1)"
+    try:
+        if cuda.is_available():
+            dev = cuda.get_current_device()
+            return f"available: {dev.name.decode() if isinstance(dev.name, bytes) else dev.name}"
+        return "no CUDA GPU/driver found; use --device cpu"
+    except Exception as exc:  # pragma: no cover
+        return f"unavailable ({exc}); use --device cpu"
+
+
+def collect_info() -> dict[str, str]:
+    """Versions, threading and device facts as ``name -> text``."""
+    return {
+        "mdnumba": __version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "numba": numba.__version__,
+        "numba threads": f"{numba.get_num_threads()} (threading layer: "
+                         f"{numba.config.THREADING_LAYER})",
+        "default dtype": np.dtype(config.DEFAULT_DTYPE).name,
+        "fastmath": str(config.FASTMATH),
+        "cuda": cuda_status(),
+    }

@@ -1,0 +1,1 @@
+"""Hand-written forward/backward kernels (CPU ``@njit``; CUDA twins in ``*_cuda``)."""

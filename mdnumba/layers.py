@@ -1,0 +1,149 @@
+"""NumPy-facing layers: arrays in, arrays out, ``forward`` and ``backward`` callable.
+
+:class:`WavefrontLSTM` is the N-dimensional engine; :class:`MDLSTM2D` (images)
+and :class:`LSTM1D` (sequences) are its public faces with fixed names.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import config
+from ._validate import check_array, check_positive_int
+from .grid import from_skewed, to_skewed, wavefront
+from .kernels.wavefront import gather_parents, wavefront_backward, wavefront_forward
+from .params import ParamLayout
+
+
+class WavefrontLSTM:
+    """N-dimensional LSTM over a grid (Graves 2007), one scan direction.
+
+    Input ``(B, n_1, ..., n_N, C)``, output ``(B, n_1, ..., n_N, D)``. Parameters
+    in one flat buffer: ``W (C, G)``, ``U (D, N, G)`` (``U[:, d]`` acts on the
+    parent along dimension d), ``b (G,)``, ``G = (N+3)*D`` gate columns
+    ``[i | f_1..f_N | o | g]``. Forget-gate biases start at ``forget_bias``.
+    """
+
+    def __init__(self, ndim: int, in_channels: int, hidden: int, seed: int = 0,
+                 dtype=config.DEFAULT_DTYPE, forget_bias: float = 1.0):
+        self.ndim = check_positive_int(ndim, "ndim")
+        self.in_channels = check_positive_int(in_channels, "in_channels")
+        self.hidden = check_positive_int(hidden, "hidden")
+        self.dtype = config.resolve_dtype(dtype)
+        N, C, D = self.ndim, self.in_channels, self.hidden
+        G = (N + 3) * D
+        self.layout = ParamLayout({"W": (C, G), "U": (D, N, G), "b": (G,)})
+        self.params = self.layout.new(self.dtype)
+        self.grads = self.layout.new(self.dtype)
+        rng = np.random.default_rng(seed)
+        scale = 1.0 / np.sqrt(C + N * D)
+        self.params["W"][...] = rng.uniform(-scale, scale, (C, G))
+        self.params["U"][...] = rng.uniform(-scale, scale, (D, N, G))
+        self.params["b"][D:(N + 1) * D] = forget_bias
+        self._saved: dict | None = None
+
+    # ------------------------------------------------------------------ API
+    @property
+    def out_channels(self) -> int:
+        return self.hidden
+
+    def zero_grad(self) -> None:
+        """Set every gradient to zero (backward accumulates)."""
+        self.grads.data[...] = 0
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Run the forward sweep and save the activations needed by backward."""
+        x = check_array(x, "x", self.ndim + 2, self.in_channels, self.dtype, self._layout_str())
+        B, D = x.shape[0], self.hidden
+        wf = wavefront(x.shape[1:-1])
+        xs = to_skewed(x, wf)
+        act = xs @ self.params["W"] + self.params["b"]
+        h = np.empty((xs.shape[0], D), dtype=self.dtype)
+        c = np.empty_like(h)
+        U = self.params["U"].reshape(D, -1)
+        wavefront_forward(h, c, act, U, wf.diag_off, wf.parent, B, D)
+        self._saved = dict(xs=xs, act=act, c=c, h=h, wf=wf, batch=B)
+        return from_skewed(h, wf, B)
+
+    def backward(self, dh: np.ndarray) -> np.ndarray:
+        """Return dL/dx for upstream ``dh`` = dL/dh and accumulate parameter grads."""
+        if self._saved is None:
+            raise RuntimeError("backward() called before forward(); run forward(x) first")
+        sv = self._saved
+        wf, B, D, N = sv["wf"], sv["batch"], self.hidden, self.ndim
+        want = (B,) + wf.dims + (D,)
+        dh = check_array(dh, "dh", self.ndim + 2, None, self.dtype, self._layout_str("D"))
+        if dh.shape != want:
+            raise ValueError(f"dh must have the shape of the forward output {want}, got {dh.shape}")
+        dhs = to_skewed(dh, wf)
+        dact = np.empty_like(sv["act"])
+        dc = np.empty_like(sv["c"])
+        UT = np.ascontiguousarray(self.params["U"].transpose(2, 1, 0)).reshape(-1, N * D)
+        wavefront_backward(dact, dc, dhs, sv["act"], sv["c"], UT, wf.diag_off, wf.parent,
+                           wf.child, B, D)
+        hpar = np.empty((dact.shape[0], D * N), dtype=self.dtype)
+        gather_parents(hpar, sv["h"], wf.parent, B, D)
+        self.grads["W"][...] += sv["xs"].T @ dact
+        self.grads["U"][...] += (hpar.T @ dact).reshape(D, N, -1)
+        self.grads["b"][...] += dact.sum(axis=0)
+        return from_skewed(dact @ self.params["W"].T, wf, B)
+
+    def saved_bytes(self) -> int:
+        """Bytes held by the activations saved for backward (0 before forward)."""
+        if self._saved is None:
+            return 0
+        return sum(v.nbytes for v in self._saved.values() if isinstance(v, np.ndarray))
+
+    # -------------------------------------------------------------- helpers
+    def _layout_str(self, ch: str = "C") -> str:
+        axes = ", ".join(f"n{d + 1}" for d in range(self.ndim))
+        return f"(batch, {axes}, {ch})"
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(in={self.in_channels}, hidden={self.hidden}, "
+                f"dtype={self.dtype.name})")
+
+
+class MDLSTM2D(WavefrontLSTM):
+    """2D multi-dimensional LSTM (Graves 2007) scanning from the top-left corner.
+
+    ``forward(x)``: ``x`` of shape (B, H, W, C) → (B, H, W, directions*hidden).
+    ``backward(dh)`` → dL/dx, accumulating into ``grads``. Named views:
+    ``W (C, 5D)``, ``U_up (D, 5D)``, ``U_left (D, 5D)``, ``b (5D,)`` with gate
+    blocks ``[i | f_up | f_left | o | g]``; ``U`` is both recurrent matrices.
+    """
+
+    def __init__(self, in_channels: int, hidden: int, directions: int = 1, seed: int = 0,
+                 dtype=config.DEFAULT_DTYPE, forget_bias: float = 1.0):
+        if directions != 1:
+            raise ValueError(f"directions={directions} is not supported yet; use directions=1 "
+                             "(the top-left to bottom-right scan)")
+        self.directions = directions
+        super().__init__(2, in_channels, hidden, seed=seed, dtype=dtype, forget_bias=forget_bias)
+        for buf in (self.params, self.grads):
+            buf.add_alias("U_up", buf["U"][:, 0, :])
+            buf.add_alias("U_left", buf["U"][:, 1, :])
+
+    @property
+    def out_channels(self) -> int:
+        return self.directions * self.hidden
+
+    def _layout_str(self, ch: str = "C") -> str:
+        return f"(batch, height, width, {ch})"
+
+
+class LSTM1D(WavefrontLSTM):
+    """Plain LSTM over sequences: ``forward(x)`` with (B, T, C) → (B, T, hidden).
+
+    Named views ``W (C, 4D)``, ``U (D, 1, 4D)`` (alias ``U_rec (D, 4D)``),
+    ``b (4D,)`` with gate blocks ``[i | f | o | g]``.
+    """
+
+    def __init__(self, in_features: int, hidden: int, seed: int = 0,
+                 dtype=config.DEFAULT_DTYPE, forget_bias: float = 1.0):
+        super().__init__(1, in_features, hidden, seed=seed, dtype=dtype, forget_bias=forget_bias)
+        for buf in (self.params, self.grads):
+            buf.add_alias("U_rec", buf["U"][:, 0, :])
+
+    def _layout_str(self, ch: str = "C") -> str:
+        return f"(batch, time, {ch})"

@@ -1,0 +1,107 @@
+"""Adam with optional global-norm gradient clipping, on flat parameter buffers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from .config import NJIT_OPTS
+from .params import ParamBuffer
+
+
+@njit(**NJIT_OPTS)
+def adam_update(p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, scale):
+    """In place: ``g' = scale·g``; ``m ← β1 m + (1−β1) g'``; ``v ← β2 v + (1−β2) g'²``;
+    ``p ← p − lr · (m/bc1) / (sqrt(v/bc2) + ε)`` with ``bc = 1 − βᵗ``."""
+    for k in range(p.shape[0]):
+        gk = g[k] * scale
+        m[k] = beta1 * m[k] + (1.0 - beta1) * gk
+        v[k] = beta2 * v[k] + (1.0 - beta2) * gk * gk
+        p[k] -= lr * (m[k] / bc1) / (math.sqrt(v[k] / bc2) + eps)
+
+
+def collect_buffers(obj) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Flatten layers/models/(param, grad) pairs into a list of flat (param, grad) arrays.
+
+    Accepts an object with ``params`` and ``grads`` :class:`ParamBuffer`s, an
+    object with a ``layers`` list, a ``(param, grad)`` pair of same-shape
+    arrays, or any list of those.
+    """
+    if isinstance(getattr(obj, "params", None), ParamBuffer):
+        return [(obj.params.data, obj.grads.data)]
+    if hasattr(obj, "layers"):
+        return collect_buffers(list(obj.layers))
+    if (isinstance(obj, tuple) and len(obj) == 2 and all(isinstance(a, np.ndarray) for a in obj)):
+        p, g = obj
+        if p.shape != g.shape or p.dtype != g.dtype:
+            raise ValueError(f"parameter {p.shape}/{p.dtype} and gradient {g.shape}/{g.dtype} differ")
+        if not (p.flags.c_contiguous and g.flags.c_contiguous):
+            raise ValueError("parameter and gradient arrays must be C-contiguous")
+        return [(p.reshape(-1), g.reshape(-1))]
+    if isinstance(obj, (list, tuple)):
+        out = []
+        for item in obj:
+            out.extend(collect_buffers(item))
+        return out
+    raise TypeError(f"Adam needs layers, models or (param, grad) array pairs, got {type(obj).__name__}")
+
+
+class Adam:
+    """Adam (Kingma & Ba 2015) over every flat buffer of the given layers.
+
+    ``clip_norm``: if set, gradients are scaled by ``min(1, clip_norm/‖g‖₂)``
+    where ‖g‖₂ is the global norm over all buffers. ``step()`` returns that norm.
+    Moments ``m``, ``v`` use the same flat layout as the parameters.
+    """
+
+    def __init__(self, layers_or_params, lr: float = 1e-3, betas=(0.9, 0.999),
+                 eps: float = 1e-8, clip_norm: float | None = None):
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if not all(0.0 <= b < 1.0 for b in betas) or len(betas) != 2:
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+        if clip_norm is not None and not clip_norm > 0:
+            raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm}")
+        self.buffers = collect_buffers(layers_or_params)
+        if not self.buffers:
+            raise ValueError("Adam got no parameters")
+        self.lr, self.betas, self.eps, self.clip_norm = float(lr), tuple(betas), float(eps), clip_norm
+        self.t = 0
+        self.m = [np.zeros_like(p) for p, _ in self.buffers]
+        self.v = [np.zeros_like(p) for p, _ in self.buffers]
+
+    def grad_norm(self) -> float:
+        """Global L2 norm of all gradients."""
+        return math.sqrt(sum(float(np.dot(g.astype(np.float64), g)) for _, g in self.buffers))
+
+    def step(self) -> float:
+        """Apply one update; return the (pre-clipping) global gradient norm."""
+        norm = self.grad_norm()
+        if not math.isfinite(norm):
+            raise FloatingPointError("gradient norm is not finite; lower the learning rate "
+                                     "or enable clip_norm")
+        scale = 1.0
+        if self.clip_norm is not None and norm > self.clip_norm:
+            scale = self.clip_norm / norm
+        self.t += 1
+        b1, b2 = self.betas
+        bc1, bc2 = 1.0 - b1**self.t, 1.0 - b2**self.t
+        for (p, g), m, v in zip(self.buffers, self.m, self.v):
+            adam_update(p, g, m, v, self.lr, b1, b2, self.eps, bc1, bc2, scale)
+        return norm
+
+    def state_dict(self) -> dict:
+        """Moments and step count (for checkpoints)."""
+        return {"t": self.t, "m": [m.copy() for m in self.m], "v": [v.copy() for v in self.v]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` output; shapes must match."""
+        if len(state["m"]) != len(self.m):
+            raise ValueError("optimizer state has a different number of buffers")
+        for dst, src in zip(self.m + self.v, list(state["m"]) + list(state["v"])):
+            if dst.shape != np.shape(src):
+                raise ValueError(f"optimizer state shape {np.shape(src)} does not match {dst.shape}")
+            dst[...] = src
+        self.t = int(state["t"])

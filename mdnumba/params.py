@@ -1,0 +1,72 @@
+"""One flat buffer with named views (llm.c's ``params_memory``).
+
+Parameters, gradients and optimiser moments of a layer all use the same
+:class:`ParamLayout`, so an optimiser works on whole flat buffers and the names
+only matter to people and checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+
+
+class ParamLayout:
+    """Ordered ``name -> shape`` table with offsets into one flat vector."""
+
+    def __init__(self, shapes: Mapping[str, tuple]):
+        self.shapes = {k: tuple(int(n) for n in v) for k, v in shapes.items()}
+        self.offsets = {}
+        off = 0
+        for name, shape in self.shapes.items():
+            self.offsets[name] = off
+            off += int(np.prod(shape))
+        self.size = off
+
+    def new(self, dtype) -> ParamBuffer:
+        """A zero-filled :class:`ParamBuffer` of this layout."""
+        return ParamBuffer(self, np.zeros(self.size, dtype=dtype))
+
+
+class ParamBuffer(Mapping):
+    """A flat vector ``data`` plus named views into it (``buf["W"]`` or ``buf.W``).
+
+    Writing into a view writes into ``data``; ``aliases`` adds derived views
+    (e.g. ``U_up`` = one slice of ``U``).
+    """
+
+    def __init__(self, layout: ParamLayout, data: np.ndarray):
+        if data.ndim != 1 or data.size != layout.size:
+            raise ValueError(f"flat buffer must have shape ({layout.size},), got {data.shape}")
+        self.layout = layout
+        self.data = data
+        self._views = {
+            name: data[off:off + int(np.prod(shape))].reshape(shape)
+            for (name, shape), off in zip(layout.shapes.items(), layout.offsets.values())
+        }
+
+    def add_alias(self, name: str, view: np.ndarray) -> None:
+        """Register a derived view; it must share memory with ``data``."""
+        if not np.shares_memory(view, self.data):
+            raise ValueError(f"alias {name!r} is not a view into the flat buffer")
+        self._views[name] = view
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._views[name]
+
+    def __getattr__(self, name: str) -> np.ndarray:
+        try:
+            return self.__dict__["_views"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._views)
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+    def __repr__(self) -> str:
+        names = ", ".join(f"{k}{tuple(v.shape)}" for k, v in self._views.items())
+        return f"ParamBuffer({names}; {self.data.size} x {self.data.dtype})"

@@ -1,0 +1,84 @@
+"""Bad input gives a clear error that says what to fix."""
+
+import numpy as np
+import pytest
+
+from mdnumba import LSTM1D, MDLSTM2D, Adam
+
+
+@pytest.fixture
+def layer():
+    return MDLSTM2D(3, 4)
+
+
+@pytest.mark.parametrize("x,exc,match", [
+    (np.zeros((4, 4, 3), np.float32), ValueError, "4 dimensions"),
+    (np.zeros((2, 4, 4, 2), np.float32), ValueError, "expects 3"),
+    (np.zeros((0, 4, 4, 3), np.float32), ValueError, "empty axis"),
+    (np.zeros((2, 0, 4, 3), np.float32), ValueError, "empty axis"),
+    (np.zeros((2, 4, 4, 3), np.int64), TypeError, "floating-point"),
+    (np.zeros((2, 4, 4, 3), bool), TypeError, "floating-point"),
+    ("not an array", TypeError, "NumPy array"),
+])
+def test_forward_rejects(layer, x, exc, match):
+    with pytest.raises(exc, match=match):
+        layer.forward(x)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_forward_rejects_non_finite(layer, bad):
+    x = np.zeros((1, 3, 3, 3), np.float32)
+    x[0, 1, 2, 0] = bad
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        layer.forward(x)
+
+
+def test_backward_errors(layer):
+    with pytest.raises(RuntimeError, match="before forward"):
+        layer.backward(np.zeros((1, 3, 3, 4), np.float32))
+    layer.forward(np.zeros((1, 3, 3, 3), np.float32))
+    with pytest.raises(ValueError, match="shape of the forward output"):
+        layer.backward(np.zeros((1, 3, 4, 4), np.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        layer.backward(np.full((1, 3, 3, 4), np.nan, np.float32))
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(directions=4), ValueError, "directions=4 is not supported yet"),
+    (dict(directions=2), ValueError, "use directions=1"),
+    (dict(dtype=np.int32), TypeError, "float32 or float64"),
+    (dict(dtype=np.float16), TypeError, "float32 or float64"),
+])
+def test_constructor_errors(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        MDLSTM2D(3, 4, **kwargs)
+
+
+@pytest.mark.parametrize("args,exc", [((0, 4), ValueError), ((3, 0), ValueError),
+                                      ((3.5, 4), TypeError), ((3, -1), ValueError)])
+def test_size_errors(args, exc):
+    with pytest.raises(exc):
+        MDLSTM2D(*args)
+    with pytest.raises(exc):
+        LSTM1D(*args)
+
+
+def test_lstm1d_rejects_images():
+    with pytest.raises(ValueError, match=r"\(batch, time, C\)"):
+        LSTM1D(3, 4).forward(np.zeros((1, 2, 2, 3), np.float32))
+
+
+def test_adam_errors():
+    layer = LSTM1D(2, 2)
+    with pytest.raises(ValueError, match="lr"):
+        Adam(layer, lr=0)
+    with pytest.raises(ValueError, match="clip_norm"):
+        Adam(layer, clip_norm=-1)
+    with pytest.raises(TypeError, match="Adam needs"):
+        Adam(42)
+    with pytest.raises(ValueError, match="no parameters"):
+        Adam([])
+    opt = Adam(layer)
+    layer.grads.data[0] = np.nan
+    with pytest.raises(FloatingPointError, match="not finite"):
+        opt.step()

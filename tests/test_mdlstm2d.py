@@ -1,0 +1,123 @@
+"""2D MD-LSTM kernels vs the float64 reference, finite differences, causality."""
+
+import numba
+import numpy as np
+import pytest
+from gradcheck import check_layer_gradients
+
+from mdnumba import MDLSTM2D
+from mdnumba import reference as ref
+
+SHAPES = [(2, 3, 4, 3), (1, 1, 5, 2), (2, 4, 1, 2), (3, 3, 7, 1), (2, 5, 5, 4), (1, 1, 1, 3)]
+
+
+def ref_forward(layer, x):
+    U = [layer.params.U_up.astype(np.float64), layer.params.U_left.astype(np.float64)]
+    return ref.mdlstm_forward(x.astype(np.float64), layer.params.W.astype(np.float64), U,
+                              layer.params.b.astype(np.float64))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+def test_forward_backward_match_reference(shape, dtype, rtol, rng):
+    layer = MDLSTM2D(shape[-1], 3, seed=7, dtype=dtype)
+    x = rng.standard_normal(shape).astype(dtype)
+    y = layer.forward(x)
+    assert y.shape == shape[:-1] + (3,) and y.dtype == dtype
+    yr, cache = ref_forward(layer, x)
+    np.testing.assert_allclose(y, yr, rtol=rtol, atol=rtol)
+    dh = rng.standard_normal(y.shape)
+    dx = layer.backward(dh.astype(dtype))
+    rdx, rdW, rdU, rdb = ref.mdlstm_backward(dh, cache)
+    tol = dict(rtol=rtol * 10, atol=rtol * 10)
+    np.testing.assert_allclose(dx, rdx, **tol)
+    np.testing.assert_allclose(layer.grads.W, rdW, **tol)
+    np.testing.assert_allclose(layer.grads.U_up, rdU[0], **tol)
+    np.testing.assert_allclose(layer.grads.U_left, rdU[1], **tol)
+    np.testing.assert_allclose(layer.grads.b, rdb, **tol)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 2), (1, 2, 3, 1)])
+@pytest.mark.parametrize("zeros", [False, True])
+def test_gradients_finite_differences(shape, zeros, rng):
+    layer = MDLSTM2D(shape[-1], 3, seed=3, dtype=np.float64)
+    layer.params.b[...] = rng.standard_normal(layer.params.b.shape) * 0.5
+    x = np.zeros(shape) if zeros else rng.standard_normal(shape)
+    check_layer_gradients(layer, x, rng)
+
+
+def test_zero_input_gives_finite_gradients():
+    layer = MDLSTM2D(2, 4, seed=0)
+    y = layer.forward(np.zeros((2, 6, 6, 2), np.float32))
+    dx = layer.backward(np.ones_like(y))
+    assert np.isfinite(dx).all() and np.isfinite(layer.grads.data).all()
+    assert np.abs(layer.grads.data).max() > 0
+
+
+def test_backward_accumulates_and_zero_grad(rng):
+    layer = MDLSTM2D(2, 3, dtype=np.float64)
+    x = rng.standard_normal((2, 3, 3, 2))
+    dh = rng.standard_normal((2, 3, 3, 3))
+    layer.forward(x)
+    layer.backward(dh)
+    once = layer.grads.data.copy()
+    layer.backward(dh)
+    np.testing.assert_allclose(layer.grads.data, 2 * once, rtol=1e-12)
+    layer.zero_grad()
+    assert not layer.grads.data.any()
+
+
+def test_causality(rng):
+    """h(i, j) ignores inputs below/right of it and depends on (i-1, j-1)."""
+    layer = MDLSTM2D(2, 4, seed=1, dtype=np.float64)
+    x = rng.standard_normal((1, 5, 6, 2))
+    y = layer.forward(x)
+    i, j = 2, 3
+    for (a, b) in [(i + 1, j), (i, j + 1), (4, 5), (i + 1, j - 1), (i - 1, j + 1)]:
+        x2 = x.copy()
+        x2[0, a, b] += 1.0
+        assert layer.forward(x2)[0, i, j].tolist() == y[0, i, j].tolist(), (a, b)
+    x2 = x.copy()
+    x2[0, i - 1, j - 1] += 1.0
+    assert np.abs(layer.forward(x2)[0, i, j] - y[0, i, j]).max() > 1e-6
+
+
+def test_same_result_with_one_or_two_threads(rng):
+    x = rng.standard_normal((4, 9, 7, 3)).astype(np.float32)
+    results = []
+    old = numba.get_num_threads()
+    try:
+        for n in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(n)
+            layer = MDLSTM2D(3, 8, seed=2)
+            y = layer.forward(x)
+            dx = layer.backward(np.cos(y))
+            results.append((y, dx, layer.grads.data.copy()))
+    finally:
+        numba.set_num_threads(old)
+    for a, b in zip(results[0], results[1]):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_named_views_share_one_flat_buffer():
+    layer = MDLSTM2D(3, 4)
+    p = layer.params
+    assert p.W.shape == (3, 20) and p.U_up.shape == (4, 20) and p.U_left.shape == (4, 20)
+    assert p.b.shape == (20,)
+    for name in ("W", "U_up", "U_left", "b"):
+        assert np.shares_memory(p[name], p.data)
+        assert np.shares_memory(layer.grads[name], layer.grads.data)
+    assert p.data.size == 3 * 20 + 2 * 4 * 20 + 20
+    np.testing.assert_array_equal(p.b[4:12], 1.0)  # forget gates start at +1
+    p.U_left[0, 0] = 42.0
+    assert 42.0 in p.data
+
+
+def test_non_contiguous_and_float64_input_accepted(rng):
+    layer = MDLSTM2D(2, 3, dtype=np.float32)
+    x = rng.standard_normal((2, 4, 6, 2))
+    y1 = layer.forward(x[:, :, ::2])
+    y2 = layer.forward(np.ascontiguousarray(x[:, :, ::2]).astype(np.float32))
+    np.testing.assert_array_equal(y1, y2)
+    y3 = layer.forward(x.transpose(0, 2, 1, 3))
+    assert y3.shape == (2, 6, 4, 3)
