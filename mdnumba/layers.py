@@ -11,6 +11,7 @@ import numpy as np
 from . import config
 from ._validate import check_array, check_positive_int
 from .grid import from_skewed, to_skewed, wavefront
+from .kernels.gemm import column_sums, matmul_at_b, matmul_rows
 from .kernels.wavefront import gather_parents, wavefront_backward, wavefront_forward
 from .params import ParamLayout
 
@@ -41,6 +42,7 @@ class WavefrontLSTM:
         self.params["U"][...] = rng.uniform(-scale, scale, (D, N, G))
         self.params["b"][D:(N + 1) * D] = forget_bias
         self._saved: dict | None = None
+        self._work: dict[str, np.ndarray] = {}
 
     # ------------------------------------------------------------------ API
     @property
@@ -57,9 +59,11 @@ class WavefrontLSTM:
         B, D = x.shape[0], self.hidden
         wf = wavefront(x.shape[1:-1])
         xs = to_skewed(x, wf)
-        act = xs @ self.params["W"] + self.params["b"]
-        h = np.empty((xs.shape[0], D), dtype=self.dtype)
-        c = np.empty_like(h)
+        rows = xs.shape[0]
+        act = self._workspace("act", (rows, self.layout.shapes["b"][0]))
+        h = self._workspace("h", (rows, D))
+        c = self._workspace("c", (rows, D))
+        matmul_rows(act, xs, self.params["W"], self.params["b"], False)
         U = self.params["U"].reshape(D, -1)
         wavefront_forward(h, c, act, U, wf.diag_off, wf.parent, B, D)
         self._saved = dict(xs=xs, act=act, c=c, h=h, wf=wf, batch=B)
@@ -76,17 +80,19 @@ class WavefrontLSTM:
         if dh.shape != want:
             raise ValueError(f"dh must have the shape of the forward output {want}, got {dh.shape}")
         dhs = to_skewed(dh, wf)
-        dact = np.empty_like(sv["act"])
-        dc = np.empty_like(sv["c"])
+        dact = self._workspace("dact", sv["act"].shape)
+        dc = self._workspace("dc", sv["c"].shape)
         UT = np.ascontiguousarray(self.params["U"].transpose(2, 1, 0)).reshape(-1, N * D)
         wavefront_backward(dact, dc, dhs, sv["act"], sv["c"], UT, wf.diag_off, wf.parent,
                            wf.child, B, D)
-        hpar = np.empty((dact.shape[0], D * N), dtype=self.dtype)
+        hpar = self._workspace("hpar", (dact.shape[0], D * N))
         gather_parents(hpar, sv["h"], wf.parent, B, D)
-        self.grads["W"][...] += sv["xs"].T @ dact
-        self.grads["U"][...] += (hpar.T @ dact).reshape(D, N, -1)
-        self.grads["b"][...] += dact.sum(axis=0)
-        return from_skewed(dact @ self.params["W"].T, wf, B)
+        matmul_at_b(self.grads["W"], sv["xs"], dact)
+        matmul_at_b(self.grads["U"].reshape(D * N, -1), hpar, dact)
+        column_sums(self.grads["b"], dact)
+        dxs = np.zeros_like(sv["xs"])
+        matmul_rows(dxs, dact, np.ascontiguousarray(self.params["W"].T), self.params["b"], True)
+        return from_skewed(dxs, wf, B)
 
     def saved_bytes(self) -> int:
         """Bytes held by the activations saved for backward (0 before forward)."""
@@ -94,7 +100,23 @@ class WavefrontLSTM:
             return 0
         return sum(v.nbytes for v in self._saved.values() if isinstance(v, np.ndarray))
 
+    def workspace_bytes(self) -> int:
+        """Bytes of every buffer the layer keeps between calls (saved + scratch)."""
+        return sum(v.nbytes for v in self._work.values()) + self._saved["xs"].nbytes \
+            if self._saved else 0
+
     # -------------------------------------------------------------- helpers
+    def _workspace(self, name: str, shape: tuple) -> np.ndarray:
+        """A scratch/activation buffer reused across calls of the same shape.
+
+        Re-allocating tens of MB per step costs more in page faults than the
+        kernels themselves; buffers are kept while the input shape is unchanged.
+        """
+        buf = self._work.get(name)
+        if buf is None or buf.shape != tuple(shape):
+            buf = self._work[name] = np.empty(shape, dtype=self.dtype)
+        return buf
+
     def _layout_str(self, ch: str = "C") -> str:
         axes = ", ".join(f"n{d + 1}" for d in range(self.ndim))
         return f"(batch, {axes}, {ch})"

@@ -12,6 +12,15 @@ from .params import ParamBuffer
 
 
 @njit(**NJIT_OPTS)
+def sum_of_squares(g):
+    """Σ g² accumulated in float64 (no BLAS call: keeps one thread pool busy)."""
+    acc = 0.0
+    for k in range(g.shape[0]):
+        acc += float(g[k]) * float(g[k])
+    return acc
+
+
+@njit(**NJIT_OPTS)
 def adam_update(p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, scale):
     """In place: ``g' = scale·g``; ``m ← β1 m + (1−β1) g'``; ``v ← β2 v + (1−β2) g'²``;
     ``p ← p − lr · (m/bc1) / (sqrt(v/bc2) + ε)`` with ``bc = 1 − βᵗ``."""
@@ -74,7 +83,7 @@ class Adam:
 
     def grad_norm(self) -> float:
         """Global L2 norm of all gradients."""
-        return math.sqrt(sum(float(np.dot(g.astype(np.float64), g)) for _, g in self.buffers))
+        return math.sqrt(sum(sum_of_squares(g) for _, g in self.buffers))
 
     def step(self) -> float:
         """Apply one update; return the (pre-clipping) global gradient norm."""

@@ -6,11 +6,14 @@ have ``G = (N+3)*D`` columns in blocks of D: ``[i | f_1 .. f_N | o | g]``.
 Recurrent weights ``U`` have shape ``(D, N*G)``: block d (columns ``d*G:(d+1)*G``)
 is ``U_d``, applied to the parent along dimension d.
 
-Layers, stumpy style: ``_cell_forward`` / ``_cell_backward`` (serial, one cell
-and batch item) ← ``wavefront_forward`` / ``wavefront_backward`` (parallel
-drivers: one BLAS GEMM per hyperplane for the recurrent products, then a
-``prange`` over the hyperplane's cells × batch). Everything that needs no sweep
-(input projection, weight gradients) is done with big GEMMs by the caller.
+Layers, stumpy style: ``_recurrent_*`` and ``_cell_*`` (serial, one cell and
+batch item) ← ``wavefront_forward`` / ``wavefront_backward`` (parallel drivers:
+hyperplanes in order, a ``prange`` over each hyperplane's cells × batch).
+The recurrent products are hand-written row-times-matrix loops rather than a
+BLAS call per hyperplane: calling multi-threaded BLAS inside Numba's parallel
+sweep made the two thread pools fight (30x slower on 2 cores), and single-
+threaded BLAS was no faster. Everything that needs no sweep (input projection,
+weight gradients) is done with big GEMMs by the caller.
 """
 
 from __future__ import annotations
@@ -60,39 +63,61 @@ def _cell_forward(h, c, act, parent, s, r, B, D):
         h[r, j] = go * math.tanh(cc)
 
 
+@njit(**NJIT_OPTS)
+def _recurrent_forward(act, h, U, parent, s, r, B, D):
+    """``act[r] += Σ_d h[parent_d] @ U_d`` (one row of the hyperplane's GEMM)."""
+    N = parent.shape[1]
+    G = (N + 3) * D
+    b = r - s * B
+    for d in range(N):
+        p = parent[s, d]
+        if p >= 0:
+            pr = p * B + b
+            for j in range(D):
+                hv = h[pr, j]
+                for g in range(G):
+                    act[r, g] += hv * U[j, d * G + g]
+
+
 @njit(**NJIT_PARALLEL_OPTS)
 def wavefront_forward(h, c, act, U, diag_off, parent, B, D):
     """Forward sweep over all hyperplanes (outputs h, c, act; inputs; weights; sizes).
 
     ``act`` (M*B, G) enters holding the input projection ``W x + b`` and leaves
-    holding the gate activations; ``h``, ``c`` (M*B, D) are written. For each
-    hyperplane k: ``P = h[k-1] @ U`` (one GEMM), then every cell adds
-    ``Σ_d P[parent_d, block d]`` to its pre-activation and applies the cell.
+    holding the gate activations; ``h``, ``c`` (M*B, D) are written. Hyperplanes
+    run in order; inside one, every (cell, batch item) adds ``Σ_d h_parent_d U_d``
+    to its pre-activation and applies the cell, all in parallel.
     """
-    N = parent.shape[1]
-    G = (N + 3) * D
     for k in range(diag_off.shape[0] - 1):
         s0 = diag_off[k]
-        p0 = diag_off[max(k - 1, 0)]
-        P = np.dot(h[p0 * B:s0 * B], U)
         for t in prange((diag_off[k + 1] - s0) * B):
             s = s0 + t // B
             r = s * B + t % B
-            for d in range(N):
-                p = parent[s, d]
-                if p >= 0:
-                    pr = (p - p0) * B + t % B
-                    for g in range(G):
-                        act[r, g] += P[pr, d * G + g]
+            _recurrent_forward(act, h, U, parent, s, r, B, D)
             _cell_forward(h, c, act, parent, s, r, B, D)
 
 
 @njit(**NJIT_OPTS)
-def _cell_backward(dact, dc, dh, act, c, Q, q0, parent, child, s, r, B, D):
+def _recurrent_backward(dh, dact, UT, child, s, r, B, D):
+    """``dh[r] += Σ_d U_dᵀ da_child_d`` (the cell pulls from its children)."""
+    N = child.shape[1]
+    G = (N + 3) * D
+    b = r - s * B
+    for d in range(N):
+        ch = child[s, d]
+        if ch >= 0:
+            cr = ch * B + b
+            for g in range(G):
+                dv = dact[cr, g]
+                for j in range(D):
+                    dh[r, j] += dv * UT[g, d * D + j]
+
+
+@njit(**NJIT_OPTS)
+def _cell_backward(dact, dc, dh, act, c, parent, child, s, r, B, D):
     """Pull-form backward of one cell, one batch item (row r of cell s).
 
-    ``dh`` enters as the upstream gradient dL/dh (row r) and is completed with
-    ``Σ_d U_dᵀ da_child_d`` (pre-multiplied in ``Q``). Then
+    ``dh[r]`` holds the complete dL/dh of this cell. Then
     ``dc = dh·o·(1−tanh²c) + Σ_d dc_child_d · f_d(child_d)``,
     ``da_o = dh·tanh(c)·o(1−o)``, ``da_i = dc·g·i(1−i)``, ``da_g = dc·i·(1−g²)``,
     ``da_fd = dc·c_parent_d·f_d(1−f_d)``.
@@ -108,7 +133,6 @@ def _cell_backward(dact, dc, dh, act, c, Q, q0, parent, child, s, r, B, D):
             ch = child[s, d]
             if ch >= 0:
                 cr = ch * B + b
-                dhj += Q[(ch - q0) * B + b, d * D + j]
                 dcj += dc[cr, j] * act[cr, (1 + d) * D + j]
         gi = act[r, j]
         go = act[r, o_off + j]
@@ -130,20 +154,18 @@ def _cell_backward(dact, dc, dh, act, c, Q, q0, parent, child, s, r, B, D):
 def wavefront_backward(dact, dc, dh, act, c, UT, diag_off, parent, child, B, D):
     """Backward sweep, hyperplanes in reverse (outputs dact, dc; inputs; weights; sizes).
 
-    ``dh`` (M*B, D) holds dL/dh from above; it is used as scratch (overwritten).
-    ``UT`` (G, N*D) holds ``[U_1ᵀ | … | U_Nᵀ]``. For hyperplane k:
-    ``Q = dact[k+1] @ UT`` (one GEMM) gives every child's contribution
-    ``U_dᵀ da_child`` and each cell pulls its own — no two cells write the same row.
+    ``dh`` (M*B, D) enters holding dL/dh from above and is completed in place
+    with the recurrent terms. ``UT`` (G, N*D) holds ``[U_1ᵀ | … | U_Nᵀ]``. Each
+    cell *pulls* ``U_dᵀ da_child`` and ``dc_child·f_child`` from its children on
+    the finished hyperplane k+1, so no two cells write the same row.
     """
-    K = diag_off.shape[0] - 1
-    for k in range(K - 1, -1, -1):
+    for k in range(diag_off.shape[0] - 2, -1, -1):
         s0 = diag_off[k]
-        s1 = diag_off[k + 1]
-        q1 = diag_off[min(k + 2, K)]
-        Q = np.dot(dact[s1 * B:q1 * B], UT)
-        for t in prange((s1 - s0) * B):
+        for t in prange((diag_off[k + 1] - s0) * B):
             s = s0 + t // B
-            _cell_backward(dact, dc, dh, act, c, Q, s1, parent, child, s, s * B + t % B, B, D)
+            r = s * B + t % B
+            _recurrent_backward(dh, dact, UT, child, s, r, B, D)
+            _cell_backward(dact, dc, dh, act, c, parent, child, s, r, B, D)
 
 
 @njit(**NJIT_PARALLEL_OPTS)

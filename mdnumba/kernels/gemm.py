@@ -1,0 +1,75 @@
+"""Hand-written parallel GEMMs for the work outside the wavefront sweep.
+
+Everything runs on Numba's one thread pool: mixing NumPy's multi-threaded BLAS
+with Numba's parallel sweeps made the two pools fight on small machines
+(4x slower train steps on 2 cores). Results do not depend on the thread count:
+reductions use a fixed split into blocks, summed in a fixed order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ..config import NJIT_OPTS, NJIT_PARALLEL_OPTS
+
+#: rows per partial sum in :func:`matmul_at_b`; fixed so results never depend on threads
+REDUCE_BLOCK = 1024
+
+
+@njit(**NJIT_PARALLEL_OPTS)
+def matmul_rows(out, a, bmat, bias, accumulate):
+    """``out[r] = (out[r] if accumulate else bias) + a[r] @ bmat`` for every row r.
+
+    ``a`` (R, K), ``bmat`` (K, N), ``bias`` (N,) (ignored when accumulating).
+    """
+    for r in prange(a.shape[0]):
+        if not accumulate:
+            for n in range(bmat.shape[1]):
+                out[r, n] = bias[n]
+        for k in range(a.shape[1]):
+            v = a[r, k]
+            for n in range(bmat.shape[1]):
+                out[r, n] += v * bmat[k, n]
+
+
+@njit(**NJIT_OPTS)
+def _at_b_block(part, a, bmat, r0, r1):
+    """``part = a[r0:r1]ᵀ @ bmat[r0:r1]`` (serial)."""
+    part[...] = 0.0
+    for r in range(r0, r1):
+        for k in range(a.shape[1]):
+            v = a[r, k]
+            if v != 0.0:
+                for n in range(bmat.shape[1]):
+                    part[k, n] += v * bmat[r, n]
+
+
+@njit(**NJIT_PARALLEL_OPTS)
+def matmul_at_b(out, a, bmat):
+    """``out += aᵀ @ bmat`` with ``a`` (R, K), ``bmat`` (R, N), ``out`` (K, N).
+
+    Rows are cut into blocks of :data:`REDUCE_BLOCK`; blocks run in parallel
+    into private partials which are then added in block order.
+    """
+    R = a.shape[0]
+    nblk = (R + REDUCE_BLOCK - 1) // REDUCE_BLOCK
+    parts = np.empty((nblk, a.shape[1], bmat.shape[1]), dtype=out.dtype)
+    for q in prange(nblk):
+        _at_b_block(parts[q], a, bmat, q * REDUCE_BLOCK, min(R, (q + 1) * REDUCE_BLOCK))
+    for q in range(nblk):
+        out += parts[q]
+
+
+@njit(**NJIT_PARALLEL_OPTS)
+def column_sums(out, a):
+    """``out += Σ_r a[r]`` with the same fixed blocking as :func:`matmul_at_b`."""
+    R = a.shape[0]
+    nblk = (R + REDUCE_BLOCK - 1) // REDUCE_BLOCK
+    parts = np.zeros((nblk, a.shape[1]), dtype=out.dtype)
+    for q in prange(nblk):
+        for r in range(q * REDUCE_BLOCK, min(R, (q + 1) * REDUCE_BLOCK)):
+            for n in range(a.shape[1]):
+                parts[q, n] += a[r, n]
+    for q in range(nblk):
+        out += parts[q]
