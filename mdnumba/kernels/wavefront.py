@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 from numba import njit, prange
 
 from ..config import NJIT_OPTS, NJIT_PARALLEL_OPTS
