@@ -169,3 +169,54 @@ class LSTM1D(WavefrontLSTM):
 
     def _layout_str(self, ch: str = "C") -> str:
         return f"(batch, time, {ch})"
+
+
+class Linear:
+    """Per-position affine map ``y = x @ W + b`` over the last axis (the readout).
+
+    ``forward(x)`` with x of shape (..., in_features) → (..., out_features);
+    ``backward(dy)`` → dL/dx, accumulating ``W (in, out)`` and ``b (out,)`` grads.
+    """
+
+    def __init__(self, in_features: int, out_features: int, seed: int = 0,
+                 dtype=config.DEFAULT_DTYPE):
+        self.in_features = check_positive_int(in_features, "in_features")
+        self.out_features = check_positive_int(out_features, "out_features")
+        self.dtype = config.resolve_dtype(dtype)
+        self.layout = ParamLayout({"W": (in_features, out_features), "b": (out_features,)})
+        self.params = self.layout.new(self.dtype)
+        self.grads = self.layout.new(self.dtype)
+        scale = 1.0 / np.sqrt(in_features)
+        self.params["W"][...] = np.random.default_rng(seed).uniform(-scale, scale,
+                                                                    (in_features, out_features))
+        self._x: np.ndarray | None = None
+
+    def zero_grad(self) -> None:
+        """Set every gradient to zero (backward accumulates)."""
+        self.grads.data[...] = 0
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """``y = x @ W + b`` on the last axis."""
+        x = np.asarray(x)
+        if x.ndim < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"Linear expects last axis {self.in_features}, got shape {x.shape}")
+        x2 = np.ascontiguousarray(x, dtype=self.dtype).reshape(-1, self.in_features)
+        y = np.empty((x2.shape[0], self.out_features), dtype=self.dtype)
+        matmul_rows(y, x2, self.params["W"], self.params["b"], False)
+        self._x = x2
+        self._shape = x.shape
+        return y.reshape(x.shape[:-1] + (self.out_features,))
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        """``dW += xᵀ dy``, ``db += Σ dy``; return ``dx = dy Wᵀ``."""
+        if self._x is None:
+            raise RuntimeError("backward() called before forward(); run forward(x) first")
+        want = self._shape[:-1] + (self.out_features,)
+        if np.shape(dy) != want:
+            raise ValueError(f"dy must have shape {want}, got {np.shape(dy)}")
+        dy2 = np.ascontiguousarray(dy, dtype=self.dtype).reshape(-1, self.out_features)
+        matmul_at_b(self.grads["W"], self._x, dy2)
+        column_sums(self.grads["b"], dy2)
+        dx = np.zeros_like(self._x)
+        matmul_rows(dx, dy2, np.ascontiguousarray(self.params["W"].T), self.params["b"], True)
+        return dx.reshape(self._shape)

@@ -1,1 +1,41 @@
-"""Generated training tasks."""
+"""Generated training tasks, each seeded and vectorised.
+
+A :class:`Task` knows how to sample a batch of a given size, which models fit
+it, and which metrics it logs (the TSV columns after ``step``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .binary_addition import addition_metrics, sample_addition
+from .diagonal import diagonal_metrics, sample_diagonal
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    sample: Callable          # (rng, batch, size, dtype) -> batch with .x, .y
+    metrics: Callable         # (prob, loss, batch) -> dict
+    columns: tuple            # metric names, in TSV order
+    models: tuple             # model kinds that fit the task
+    in_channels: int
+    size_name: str            # what --size means for this task
+    min_size: int
+
+
+TASKS = {
+    "diagonal": Task("diagonal", sample_diagonal, diagonal_metrics,
+                     ("loss", "relevant_loss", "second_x_acc"), ("md", "horizontal", "snake"),
+                     1, "image side", 4),
+    "binary-addition": Task("binary-addition", sample_addition, addition_metrics,
+                            ("loss", "bit_acc", "number_acc"), ("lstm",), 2, "bits", 1),
+}
+
+
+def get_task(name: str) -> Task:
+    """Look a task up by name with a clear error."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
+    return TASKS[name]

@@ -1,0 +1,67 @@
+"""Checkpoints: one ``checkpoint.npz`` (arrays + JSON metadata), written atomically.
+
+The file is written to a temporary name in the same folder, flushed to disk and
+renamed over the old one, so a crash never leaves a half-written checkpoint.
+A readable ``config.json`` copy of the metadata sits beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "mdnumba-checkpoint-1"
+CHECKPOINT = "checkpoint.npz"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt or does not match the model."""
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Call ``write(fileobj)`` on a temp file beside ``path``, fsync, rename over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(folder: Path, arrays: dict[str, np.ndarray], meta: dict) -> Path:
+    """Write ``arrays`` and ``meta`` (JSON-serialisable) to ``folder/checkpoint.npz``."""
+    folder = Path(folder)
+    meta = dict(meta, format=FORMAT)
+    text = json.dumps(meta, indent=2, sort_keys=True)
+    payload = dict(arrays, meta=np.array(text))
+    atomic_write_bytes(folder / CHECKPOINT, lambda fh: np.savez(fh, **payload))
+    atomic_write_bytes(folder / "config.json", lambda fh: fh.write(text.encode()))
+    return folder / CHECKPOINT
+
+
+def load_checkpoint(folder: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """Return ``(arrays, meta)`` from ``folder/checkpoint.npz`` or raise :class:`CheckpointError`."""
+    path = Path(folder) / CHECKPOINT
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}; train first with `mdnumba train --out {folder}`")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        meta = json.loads(str(arrays.pop("meta")))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({exc}); "
+                              "delete it or use another run folder") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an {FORMAT} file (format={meta.get('format')!r})")
+    return arrays, meta

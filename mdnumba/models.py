@@ -1,0 +1,110 @@
+"""Models composed from layers: a recurrent layer, a per-position linear readout, a sigmoid.
+
+``md``: 2D MD-LSTM over the image. ``horizontal``: every row is an independent
+1D LSTM sequence. ``snake``: the image flattened row-major into one sequence.
+``lstm``: a 1D LSTM over a sequence task. Each model maps its input to logits of
+the target's shape; the loss (``mdnumba.losses``) applies the sigmoid.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import config
+from .layers import LSTM1D, MDLSTM2D, Linear
+
+
+class RecurrentReadout:
+    """``logits = Linear(recurrent(reshape_in(x)))`` reshaped back to the target shape."""
+
+    kind = "base"
+
+    def __init__(self, recurrent, out_features: int, seed: int, dtype):
+        self.recurrent = recurrent
+        self.readout = Linear(recurrent.out_channels, out_features, seed=seed + 1, dtype=dtype)
+        self.layers = [self.recurrent, self.readout]
+        self._in_shape: tuple | None = None
+
+    def _to_recurrent(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def _from_recurrent(self, y: np.ndarray) -> np.ndarray:
+        return y.reshape(self._in_shape[:-1] + (y.shape[-1],))
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Return logits with the input's shape except the last axis (out_features)."""
+        x = np.asarray(x)
+        self._in_shape = x.shape
+        h = self.recurrent.forward(self._to_recurrent(x))
+        return self._from_recurrent(self.readout.forward(h))
+
+    def backward(self, dlogits: np.ndarray) -> np.ndarray:
+        """Back-propagate dL/dlogits through readout and recurrent layer; return dL/dx."""
+        dy = self.readout.backward(np.reshape(dlogits, self.readout._shape[:-1] + (-1,)))
+        return self.recurrent.backward(dy).reshape(self._in_shape)
+
+    def zero_grad(self) -> None:
+        for layer in self.layers:
+            layer.zero_grad()
+
+    @property
+    def n_params(self) -> int:
+        return sum(layer.params.data.size for layer in self.layers)
+
+
+class MDModel(RecurrentReadout):
+    """2D MD-LSTM + readout over (B, H, W, C) images."""
+
+    kind = "md"
+
+    def __init__(self, in_channels=1, hidden=16, out_features=1, seed=0,
+                 dtype=config.DEFAULT_DTYPE):
+        super().__init__(MDLSTM2D(in_channels, hidden, seed=seed, dtype=dtype), out_features, seed, dtype)
+
+
+class HorizontalModel(RecurrentReadout):
+    """Each image row is an independent sequence of length W (batch B·H)."""
+
+    kind = "horizontal"
+
+    def __init__(self, in_channels=1, hidden=16, out_features=1, seed=0,
+                 dtype=config.DEFAULT_DTYPE):
+        super().__init__(LSTM1D(in_channels, hidden, seed=seed, dtype=dtype), out_features, seed, dtype)
+
+    def _to_recurrent(self, x):
+        if x.ndim != 4:
+            raise ValueError(f"horizontal model expects (batch, height, width, C), got {x.shape}")
+        B, H, W, C = x.shape
+        return x.reshape(B * H, W, C)
+
+
+class SnakeModel(HorizontalModel):
+    """The image flattened row-major into one sequence of length H·W."""
+
+    kind = "snake"
+
+    def _to_recurrent(self, x):
+        if x.ndim != 4:
+            raise ValueError(f"snake model expects (batch, height, width, C), got {x.shape}")
+        B, H, W, C = x.shape
+        return x.reshape(B, H * W, C)
+
+
+class SequenceModel(RecurrentReadout):
+    """1D LSTM + readout over (B, T, C) sequences."""
+
+    kind = "lstm"
+
+    def __init__(self, in_channels=1, hidden=16, out_features=1, seed=0,
+                 dtype=config.DEFAULT_DTYPE):
+        super().__init__(LSTM1D(in_channels, hidden, seed=seed, dtype=dtype), out_features, seed, dtype)
+
+
+MODELS = {cls.kind: cls for cls in (MDModel, HorizontalModel, SnakeModel, SequenceModel)}
+
+
+def build_model(kind: str, **kwargs) -> RecurrentReadout:
+    """Instantiate a model by name (one of :data:`MODELS`)."""
+    if kind not in MODELS:
+        raise ValueError(f"unknown model {kind!r}; choose one of {sorted(MODELS)}")
+    return MODELS[kind](**kwargs)

@@ -1,0 +1,202 @@
+"""Training loop (no Click here): config, one step, logging, checkpoints, resume, evaluate."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .losses import LOSSES
+from .models import build_model
+from .optim import Adam
+from .tasks import get_task
+
+LOG = "log.tsv"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; stored in the checkpoint."""
+
+    model: str = "md"
+    task: str = "diagonal"
+    size: int = 8
+    batch: int = 16
+    hidden: int = 16
+    lr: float = 1e-2
+    steps: int = 1000
+    seed: int = 0
+    loss: str = "mse"
+    clip_norm: float | None = None
+    curriculum: tuple = field(default_factory=tuple)
+    checkpoint_every: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad setting and what is allowed."""
+        task = get_task(self.task)
+        if self.model not in task.models:
+            raise ValueError(f"model {self.model!r} does not fit task {self.task!r}; "
+                             f"use one of {list(task.models)}")
+        if self.size < task.min_size:
+            raise ValueError(f"--size ({task.size_name}) must be >= {task.min_size}, got {self.size}")
+        for s in self.curriculum:
+            if not task.min_size <= s <= self.size:
+                raise ValueError(f"curriculum sizes must lie in [{task.min_size}, {self.size}], got {s}")
+        checks = [(self.batch >= 1, "--batch must be >= 1"), (self.hidden >= 1, "--hidden must be >= 1"),
+                  (self.lr > 0, "--lr must be > 0"), (self.steps >= 1, "--steps must be >= 1"),
+                  (self.loss in LOSSES, f"--loss must be one of {sorted(LOSSES)}"),
+                  (self.clip_norm is None or self.clip_norm > 0, "--clip-norm must be > 0"),
+                  (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
+                  (self.dtype in ("float32", "float64"), "--dtype must be float32 or float64"),
+                  (self.device in ("cpu", "cuda"), "--device must be cpu or cuda")]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+    def size_at(self, step: int) -> int:
+        """Training size at ``step`` (0-based): equal phases over curriculum + [size]."""
+        sizes = list(self.curriculum) + [self.size]
+        return sizes[min(len(sizes) - 1, step * len(sizes) // self.steps)]
+
+
+class Trainer:
+    """Owns model, optimiser, data RNG and step counter; saves/restores all of them."""
+
+    def __init__(self, cfg: TrainConfig, out: Path | None = None):
+        cfg.validate()
+        self.cfg, self.out = cfg, Path(out) if out is not None else None
+        self.task = get_task(cfg.task)
+        self.model = build_model(cfg.model, in_channels=self.task.in_channels, hidden=cfg.hidden,
+                                 seed=cfg.seed, dtype=np.dtype(cfg.dtype))
+        self.opt = Adam(self.model, lr=cfg.lr, clip_norm=cfg.clip_norm)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.loss_fn = LOSSES[cfg.loss]
+        self.step = 0
+
+    # ---------------------------------------------------------------- steps
+    def sample(self, rng: np.random.Generator, size: int):
+        """One batch of the task; binary addition varies its length per batch."""
+        if self.task.name == "binary-addition":
+            size = int(rng.integers(1, size + 1))
+        return self.task.sample(rng, self.cfg.batch, size, np.dtype(self.cfg.dtype))
+
+    def train_step(self) -> dict[str, float]:
+        """Sample, forward, loss, backward, Adam; return the step's metrics."""
+        t0 = time.perf_counter()
+        batch = self.sample(self.rng, self.cfg.size_at(self.step))
+        logits = self.model.forward(batch.x)
+        loss, dlogits, prob = self.loss_fn(logits, batch.y)
+        self.model.zero_grad()
+        self.model.backward(dlogits)
+        self.opt.step()
+        self.step += 1
+        metrics = self.task.metrics(prob, loss, batch)
+        metrics["time"] = time.perf_counter() - t0
+        return metrics
+
+    def run(self, on_step: Callable[[int, dict], None] | None = None) -> None:
+        """Train to ``cfg.steps``, logging every step; checkpoint periodically, at the end
+        and on Ctrl-C (then re-raise KeyboardInterrupt)."""
+        every = self.cfg.checkpoint_every or max(1, self.cfg.steps // 10)
+        log = self._open_log()
+        try:
+            while self.step < self.cfg.steps:
+                m = self.train_step()
+                if not np.isfinite(m["loss"]):
+                    raise FloatingPointError(f"loss became {m['loss']} at step {self.step}; "
+                                             "lower --lr or set --clip-norm")
+                if log:
+                    log.write(self._log_line(m))
+                if on_step:
+                    on_step(self.step, m)
+                if self.out and self.step % every == 0:
+                    log.flush()
+                    self.save()
+        except KeyboardInterrupt:
+            if self.out:
+                log.flush()
+                self.save()
+            raise
+        finally:
+            if log:
+                log.close()
+        if self.out:
+            self.save()
+
+    # ------------------------------------------------------------- logging
+    def _columns(self) -> list[str]:
+        return ["step", "loss", "time"] + [c for c in self.task.columns if c != "loss"]
+
+    def _log_line(self, m: dict) -> str:
+        vals = [str(self.step)] + [f"{m[c]:.6g}" for c in self._columns()[1:]]
+        return "\t".join(vals) + "\n"
+
+    def _open_log(self):
+        """Open the TSV log for appending, dropping rows newer than the current step."""
+        if self.out is None:
+            return None
+        path = self.out / LOG
+        rows = path.read_text().splitlines()[1:] if path.exists() else []
+        keep = [r for r in rows if r.split("\t")[0].isdigit() and int(r.split("\t")[0]) <= self.step]
+        path.write_text("\t".join(self._columns()) + "\n" + "".join(r + "\n" for r in keep))
+        return path.open("a")
+
+    # --------------------------------------------------------- checkpoints
+    def save(self) -> Path:
+        """Write weights, Adam moments, RNG state and config atomically to ``out``."""
+        arrays = {}
+        for k, layer in enumerate(self.model.layers):
+            arrays[f"param_{k}"] = layer.params.data
+        state = self.opt.state_dict()
+        for k, (m, v) in enumerate(zip(state["m"], state["v"])):
+            arrays[f"adam_m_{k}"], arrays[f"adam_v_{k}"] = m, v
+        meta = {"config": dataclasses.asdict(self.cfg), "step": self.step, "adam_t": state["t"],
+                "rng": self.rng.bit_generator.state}
+        return save_checkpoint(self.out, arrays, meta)
+
+    @classmethod
+    def load(cls, folder: Path, **overrides) -> Trainer:
+        """Rebuild a trainer from ``folder``; ``overrides`` may change e.g. ``steps``."""
+        arrays, meta = load_checkpoint(folder)
+        try:
+            raw = dict(meta["config"])
+            raw["curriculum"] = tuple(raw.get("curriculum") or ())
+            cfg = TrainConfig(**{**raw, **{k: v for k, v in overrides.items() if v is not None}})
+            tr = cls(cfg, folder)
+            for k, layer in enumerate(tr.model.layers):
+                src = arrays[f"param_{k}"]
+                if src.shape != layer.params.data.shape:
+                    raise CheckpointError(f"checkpoint layer {k} has {src.size} parameters, the "
+                                          f"model built from its config has {layer.params.data.size}")
+                layer.params.data[...] = src
+            n = len(tr.model.layers)
+            tr.opt.load_state_dict({"t": meta["adam_t"], "m": [arrays[f"adam_m_{k}"] for k in range(n)],
+                                    "v": [arrays[f"adam_v_{k}"] for k in range(n)]})
+            tr.rng.bit_generator.state = meta["rng"]
+            tr.step = int(meta["step"])
+        except (KeyError, TypeError) as exc:
+            raise CheckpointError(f"checkpoint in {folder} is incomplete or from another "
+                                  f"version (missing {exc}); start a new run") from None
+        return tr
+
+    # ------------------------------------------------------------ evaluate
+    def evaluate(self, size: int | None = None, batches: int = 10, seed: int = 12345) -> dict:
+        """Mean metrics over ``batches`` fresh batches (own RNG) at ``size`` (default cfg.size)."""
+        size = self.cfg.size if size is None else size
+        if size < self.task.min_size:
+            raise ValueError(f"--size must be >= {self.task.min_size}, got {size}")
+        rng = np.random.default_rng(seed)
+        totals: dict[str, float] = {}
+        for _ in range(batches):
+            batch = self.task.sample(rng, self.cfg.batch, size, np.dtype(self.cfg.dtype))
+            loss, _, prob = self.loss_fn(self.model.forward(batch.x), batch.y)
+            for k, v in self.task.metrics(prob, loss, batch).items():
+                totals[k] = totals.get(k, 0.0) + v / batches
+        return totals
