@@ -2,9 +2,78 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+import time
+from pathlib import Path
+
 import click
 
+from mdnumba.checkpoint import CheckpointError
 from mdnumba.info import collect_info
+from mdnumba.models import MODELS
+from mdnumba.tasks import TASKS
+
+
+def _sizes(ctx, param, value):
+    """Parse ``8,16`` into a tuple of ints."""
+    if not value:
+        return ()
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+
+
+def _check_writable(out: Path) -> None:
+    """Create ``out`` and prove we can write there, before any training starts."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise click.UsageError(f"--out {out} is not writable ({exc.strerror}); choose another folder")
+
+
+def _require_device(device: str) -> None:
+    if device == "cuda":
+        from mdnumba.info import cuda_status
+        raise click.UsageError(f"--device cuda: the CUDA training backend is not wired into the trainer "
+                               f"yet (CUDA here: {cuda_status()}); use --device cpu")
+
+
+class _Progress:
+    """Progress bar callback showing step, loss and steps/s."""
+
+    def __init__(self, bar, start_step: int, every_s: float = 0.5):
+        self.bar, self.t0, self.s0 = bar, time.perf_counter(), start_step
+        self.every_s, self.last = every_s, 0.0
+
+    def __call__(self, step: int, m: dict) -> None:
+        now = time.perf_counter()
+        if now - self.last >= self.every_s:  # a new label redraws (or, off a TTY, prints a line)
+            self.last = now
+            rate = (step - self.s0) / max(now - self.t0, 1e-9)
+            self.bar.label = f"step {step} loss {m['loss']:.4f} {rate:.0f} steps/s"
+        self.bar.update(1)
+
+
+def _run_with_progress(trainer) -> None:
+    remaining = trainer.cfg.steps - trainer.step
+    with click.progressbar(length=remaining, label="training", show_pos=True) as bar:
+        try:
+            trainer.run(_Progress(bar, trainer.step))
+        except KeyboardInterrupt:
+            raise click.ClickException(f"interrupted at step {trainer.step}; checkpoint saved in "
+                                       f"{trainer.out} (continue with --resume {trainer.out})") from None
+        except FloatingPointError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+def _print_metrics(metrics: dict) -> None:
+    for k, v in metrics.items():
+        click.echo(f"{k:>14}: {v:.6g}")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -18,3 +87,151 @@ def info() -> None:
     """Show versions, CPU threads and whether CUDA is usable."""
     for key, value in collect_info().items():
         click.echo(f"{key:>18}: {value}")
+
+
+def _train_options(f):
+    opts = [
+        click.option("--model", type=click.Choice(sorted(MODELS)), default="md", show_default=True),
+        click.option("--task", type=click.Choice(sorted(TASKS)), default="diagonal", show_default=True),
+        click.option("--size", type=click.IntRange(min=1), default=8, show_default=True,
+                     help="image side (diagonal) or number of bits (binary-addition)"),
+        click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True),
+        click.option("--hidden", type=click.IntRange(min=1), default=16, show_default=True),
+        click.option("--lr", type=float, default=1e-2, show_default=True),
+        click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--loss", type=click.Choice(["mse", "bce"]), default="mse", show_default=True),
+        click.option("--clip-norm", type=float, default=None, help="global gradient-norm clip"),
+        click.option("--curriculum", callback=_sizes, default="",
+                     help="smaller sizes to train on first, e.g. 8,16 (equal phases, then --size)"),
+        click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
+                     show_default=True),
+        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _make_trainer(out: Path, **kw):
+    from mdnumba.train import TrainConfig, Trainer
+    cfg = TrainConfig(**kw)
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    _require_device(cfg.device)
+    _check_writable(out)
+    return Trainer(cfg, out)
+
+
+@main.command()
+@_train_options
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/latest"),
+              show_default=True, help="run folder: log.tsv, checkpoint.npz, config.json, PNGs")
+@click.option("--resume", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="continue the run in this folder (bit-identical); --steps may extend it")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=0,
+              help="steps between checkpoints (0: every steps/10)")
+@click.option("--plot/--no-plot", default=False, help="write loss and prediction PNGs")
+@click.pass_context
+def train(ctx, out, resume, checkpoint_every, plot, **kw) -> None:
+    """Train a model on a generated task; writes log.tsv and a checkpoint."""
+    if resume is not None:
+        from mdnumba.train import Trainer
+        steps = kw["steps"] if ctx.get_parameter_source("steps").name != "DEFAULT" else None
+        try:
+            trainer = Trainer.load(resume, steps=steps)
+        except CheckpointError as exc:
+            raise click.ClickException(str(exc)) from None
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+        _require_device(trainer.cfg.device)
+        _check_writable(resume)
+        click.echo(f"resuming {resume} at step {trainer.step} of {trainer.cfg.steps}")
+    else:
+        trainer = _make_trainer(out, checkpoint_every=checkpoint_every, **kw)
+    _run_with_progress(trainer)
+    click.echo(f"done: {trainer.step} steps; log {trainer.out / 'log.tsv'}, checkpoint "
+               f"{trainer.out / 'checkpoint.npz'}")
+    _print_metrics(trainer.evaluate(batches=5))
+    if plot:
+        _plot_run(trainer)
+
+
+def _plot_run(trainer) -> None:
+    from mdnumba.plotting import plot_curves, plot_predictions, read_log
+    try:
+        cols = [c for c in trainer.task.columns if "loss" in c]
+        paths = [plot_curves({trainer.cfg.model: read_log(trainer.out / "log.tsv")}, cols,
+                             trainer.out / "loss.png", f"{trainer.cfg.model} on {trainer.cfg.task}")]
+        if trainer.task.name == "diagonal":
+            import numpy as np
+            batch = trainer.sample(np.random.default_rng(99), trainer.cfg.size)
+            prob = trainer.loss_fn(trainer.model.forward(batch.x), batch.y)[2]
+            paths.append(plot_predictions(batch.x, batch.y, prob, trainer.out / "predictions.png"))
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo("plots: " + ", ".join(str(p) for p in paths))
+
+
+@main.command()
+@click.argument("run", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--size", type=click.IntRange(min=1), default=None, help="evaluate at another size")
+@click.option("--batches", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--seed", type=int, default=12345, show_default=True)
+def evaluate(run, size, batches, seed) -> None:
+    """Reload RUN's checkpoint and report metrics on fresh data."""
+    from mdnumba.train import Trainer
+    try:
+        trainer = Trainer.load(run)
+        metrics = trainer.evaluate(size=size, batches=batches, seed=seed)
+    except CheckpointError as exc:
+        raise click.ClickException(str(exc)) from None
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(f"{trainer.cfg.model} on {trainer.cfg.task} (size {size or trainer.cfg.size}, "
+               f"trained {trainer.step} steps at size {trainer.cfg.size})")
+    _print_metrics(metrics)
+
+
+@main.command()
+@click.option("--task", type=click.Choice(["diagonal"]), default="diagonal", show_default=True)
+@click.option("--models", default="md,horizontal,snake", show_default=True)
+@click.option("--size", type=click.IntRange(min=4), default=8, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--hidden", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--lr", type=float, default=1e-2, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/compare"),
+              show_default=True)
+@click.option("--plot/--no-plot", default=True, help="write compare.png (needs matplotlib)")
+def compare(task, models, out, plot, **kw) -> None:
+    """Train several models with the same seed and plot their curves together."""
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    bad = [m for m in names if m not in TASKS[task].models]
+    if bad or not names:
+        raise click.UsageError(f"--models: {bad or models!r} not valid for {task}; "
+                               f"choose from {list(TASKS[task].models)}")
+    _check_writable(out)
+    rows = []
+    for name in names:
+        click.echo(f"== {name}")
+        trainer = _make_trainer(out / name, model=name, task=task, **kw)
+        _run_with_progress(trainer)
+        rows.append((name, trainer.evaluate(batches=10)))
+    cols = list(rows[0][1])
+    table = "model\t" + "\t".join(cols) + "\n" + "".join(
+        name + "\t" + "\t".join(f"{m[c]:.4g}" for c in cols) + "\n" for name, m in rows)
+    (out / "summary.tsv").write_text(table)
+    click.echo(table)
+    if plot:
+        from mdnumba.plotting import plot_curves, read_log
+        try:
+            path = plot_curves({n: read_log(out / n / "log.tsv") for n in names},
+                               ["loss", "relevant_loss"], out / "compare.png",
+                               f"{task} {kw['size']}x{kw['size']}")
+        except RuntimeError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"plot: {path}")

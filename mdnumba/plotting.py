@@ -1,0 +1,71 @@
+"""PNG plots (needs the ``plot`` extra: ``pip install 'mdnumba[plot]'``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise RuntimeError("plotting needs matplotlib: pip install 'mdnumba[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def read_log(path: Path) -> dict[str, np.ndarray]:
+    """TSV log → column name → array."""
+    lines = Path(path).read_text().splitlines()
+    names = lines[0].split("\t")
+    data = np.array([[float(v) for v in ln.split("\t")] for ln in lines[1:]]).reshape(-1, len(names))
+    return {n: data[:, k] for k, n in enumerate(names)}
+
+
+def smooth(y: np.ndarray, window: int = 20) -> np.ndarray:
+    """Trailing moving average (window clipped to the series length)."""
+    w = max(1, min(window, len(y)))
+    c = np.cumsum(np.insert(y, 0, 0.0))
+    out = (c[w:] - c[:-w]) / w
+    return np.concatenate([np.cumsum(y[:w - 1]) / np.arange(1, w), out])
+
+
+def plot_curves(runs: dict[str, dict[str, np.ndarray]], columns: list[str], path: Path,
+                title: str = "") -> Path:
+    """One panel per column, one line per run (log-scale, smoothed)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(columns), figsize=(5 * len(columns), 3.6), squeeze=False)
+    for ax, col in zip(axes[0], columns):
+        for name, log in runs.items():
+            ax.plot(log["step"], smooth(log[col]), label=name)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(col.replace("_", " "))
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_predictions(x: np.ndarray, y: np.ndarray, prob: np.ndarray, path: Path, n: int = 4) -> Path:
+    """Rows: input, target, prediction for the first ``n`` samples of an image batch."""
+    plt = _pyplot()
+    n = min(n, x.shape[0])
+    fig, axes = plt.subplots(3, n, figsize=(2.4 * n, 7), squeeze=False)
+    for k in range(n):
+        for row, (img, name) in enumerate([(x, "input"), (y, "target"), (prob, "prediction")]):
+            ax = axes[row][k]
+            ax.imshow(img[k, ..., 0], vmin=0, vmax=1, cmap="viridis")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if k == 0:
+                ax.set_ylabel(name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

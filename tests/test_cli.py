@@ -1,0 +1,144 @@
+"""CLI commands through Click's CliRunner: happy paths, bad options, resume, corrupt checkpoints."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from mdnumba.cli.main import main
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+def train(runner, out, *extra):
+    args = ["train", "--model", "md", "--size", "5", "--batch", "4", "--hidden", "4",
+            "--steps", "6", "--checkpoint-every", "3", "--out", str(out), *extra]
+    return runner.invoke(main, args)
+
+
+def test_info(runner):
+    res = runner.invoke(main, ["info"])
+    assert res.exit_code == 0, res.output
+    assert "numba" in res.output and "cuda" in res.output
+
+
+def test_train_writes_log_and_checkpoint(runner, tmp_path):
+    res = train(runner, tmp_path / "run")
+    assert res.exit_code == 0, res.output
+    lines = (tmp_path / "run" / "log.tsv").read_text().splitlines()
+    assert lines[0].split("\t") == ["step", "loss", "time", "relevant_loss", "second_x_acc"]
+    assert [ln.split("\t")[0] for ln in lines[1:]] == [str(k) for k in range(1, 7)]
+    meta = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert meta["step"] == 6 and meta["config"]["size"] == 5
+    assert not [p for p in os.listdir(tmp_path / "run") if p.endswith(".tmp")]
+
+
+def test_resume_is_bit_identical(runner, tmp_path):
+    assert train(runner, tmp_path / "full").exit_code == 0
+    res = train(runner, tmp_path / "part", "--steps", "3")
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(main, ["train", "--resume", str(tmp_path / "part"), "--steps", "6"])
+    assert res.exit_code == 0, res.output
+    assert "resuming" in res.output
+    full = np.load(tmp_path / "full" / "checkpoint.npz")
+    part = np.load(tmp_path / "part" / "checkpoint.npz")
+    for key in full.files:
+        if key != "meta":
+            np.testing.assert_array_equal(full[key], part[key], err_msg=key)
+
+    def losses(d):
+        return [ln.split("\t")[1] for ln in (tmp_path / d / "log.tsv").read_text().splitlines()[1:]]
+    assert losses("full") == losses("part")
+
+
+def test_evaluate_other_size(runner, tmp_path):
+    assert train(runner, tmp_path / "run").exit_code == 0
+    res = runner.invoke(main, ["evaluate", str(tmp_path / "run"), "--size", "9", "--batches", "2"])
+    assert res.exit_code == 0, res.output
+    assert "size 9" in res.output and "second_x_acc" in res.output
+
+
+def test_corrupt_checkpoint_is_reported_and_kept(runner, tmp_path):
+    assert train(runner, tmp_path / "run").exit_code == 0
+    ck = tmp_path / "run" / "checkpoint.npz"
+    ck.write_bytes(b"garbage")
+    for args in (["evaluate", str(tmp_path / "run")], ["train", "--resume", str(tmp_path / "run")]):
+        res = runner.invoke(main, args)
+        assert res.exit_code != 0
+        assert "corrupt" in res.output
+    assert ck.read_bytes() == b"garbage"
+
+
+def test_missing_checkpoint(runner, tmp_path):
+    res = runner.invoke(main, ["evaluate", str(tmp_path)])
+    assert res.exit_code != 0 and "no checkpoint" in res.output
+
+
+def test_mismatched_checkpoint(runner, tmp_path):
+    assert train(runner, tmp_path / "run").exit_code == 0
+    ck = tmp_path / "run" / "checkpoint.npz"
+    data = dict(np.load(ck))
+    data["param_0"] = data["param_0"][:-3]
+    np.savez(ck, **data)
+    res = runner.invoke(main, ["evaluate", str(tmp_path / "run")])
+    assert res.exit_code != 0 and "parameters" in res.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "resnet"], "'resnet' is not one of"),
+    (["--task", "sudoku"], "'sudoku' is not one of"),
+    (["--size", "3"], "must be >= 4"),
+    (["--batch", "0"], "0 is not in the range x>=1"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--steps", "0"], "0 is not in the range x>=1"),
+    (["--model", "lstm"], "does not fit task"),
+    (["--curriculum", "8,x"], "comma-separated integers"),
+    (["--curriculum", "16"], "curriculum sizes must lie in"),
+])
+def test_bad_options(runner, tmp_path, args, message):
+    res = runner.invoke(main, ["train", "--out", str(tmp_path / "r"), *args])
+    assert res.exit_code == 2, res.output
+    assert message in res.output
+    assert not (tmp_path / "r" / "checkpoint.npz").exists()
+
+
+def test_unwritable_out(runner, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = runner.invoke(main, ["train", "--out", str(blocker / "sub"), "--steps", "2"])
+    assert res.exit_code == 2 and "not writable" in res.output
+
+
+def test_cuda_device_message(runner, tmp_path):
+    res = runner.invoke(main, ["train", "--device", "cuda", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "--device cpu" in res.output
+
+
+def test_compare_writes_summary(runner, tmp_path):
+    res = runner.invoke(main, ["compare", "--size", "4", "--batch", "2", "--hidden", "3",
+                               "--steps", "3", "--out", str(tmp_path), "--no-plot"])
+    assert res.exit_code == 0, res.output
+    summary = (tmp_path / "summary.tsv").read_text().splitlines()
+    assert [r.split("\t")[0] for r in summary[1:]] == ["md", "horizontal", "snake"]
+    res = runner.invoke(main, ["compare", "--models", "md,lstm", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "not valid" in res.output
+
+
+def test_plot(runner, tmp_path):
+    pytest.importorskip("matplotlib")
+    res = train(runner, tmp_path / "run", "--plot")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "predictions.png").stat().st_size > 1000
+
+
+def test_binary_addition_cli(runner, tmp_path):
+    res = runner.invoke(main, ["train", "--model", "lstm", "--task", "binary-addition", "--size", "4",
+                               "--steps", "3", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "number_acc" in (tmp_path / "log.tsv").read_text().splitlines()[0]
