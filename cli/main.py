@@ -33,7 +33,8 @@ def _check_writable(out: Path) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise click.UsageError(f"--out {out} is not writable ({exc.strerror}); choose another folder")
+        msg = f"--out {out} is not writable ({exc.strerror}); choose another folder"
+        raise click.UsageError(msg) from None
 
 
 def _require_device(device: str) -> None:
