@@ -108,7 +108,8 @@ def test_named_views_share_one_flat_buffer():
         assert np.shares_memory(p[name], p.data)
         assert np.shares_memory(layer.grads[name], layer.grads.data)
     assert p.data.size == 3 * 20 + 2 * 4 * 20 + 20
-    np.testing.assert_array_equal(p.b[4:12], 1.0)  # forget gates start at +1
+    np.testing.assert_array_equal(p.b[4:12], 0.0)  # 2D forget gates start at 0 (sum of two = 1)
+    assert not p.b[:4].any() and not p.b[12:].any()
     p.U_left[0, 0] = 42.0
     assert 42.0 in p.data
 
@@ -121,3 +122,12 @@ def test_non_contiguous_and_float64_input_accepted(rng):
     np.testing.assert_array_equal(y1, y2)
     y3 = layer.forward(x.transpose(0, 2, 1, 3))
     assert y3.shape == (2, 6, 4, 3)
+
+
+def test_default_init_does_not_overflow_on_large_grids():
+    """+1 forget biases overflow c to inf on 128x128 float32; the 2D default must not."""
+    x = np.random.default_rng(0).uniform(0, 1, (1, 128, 128, 1)).astype(np.float32)
+    assert np.isfinite(MDLSTM2D(1, 4).forward(x)).all()
+    layer = MDLSTM2D(1, 4, forget_bias=1.0)
+    layer.forward(x)
+    assert not np.isfinite(layer._saved["c"]).all()
