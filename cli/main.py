@@ -56,7 +56,7 @@ class _Progress:
         if now - self.last >= self.every_s:  # a new label redraws (or, off a TTY, prints a line)
             self.last = now
             rate = (step - self.s0) / max(now - self.t0, 1e-9)
-            self.bar.label = f"step {step} loss {m['loss']:.4f} {rate:.0f} steps/s"
+            self.bar.label = f"step {step} loss {m['loss']:.4f} {rate:.1f} steps/s"
         self.bar.update(1)
 
 

@@ -1,0 +1,68 @@
+"""Models, readout and losses: finite differences end to end, reshapes, loss gradients."""
+
+import numpy as np
+import pytest
+from gradcheck import assert_grad_close, check_layer_gradients, numeric_grad
+
+from mdnumba.layers import Linear
+from mdnumba.losses import bce_logits, mse_sigmoid
+from mdnumba.models import build_model
+
+
+def test_linear_gradients(rng):
+    check_layer_gradients(Linear(3, 2, dtype=np.float64), rng.standard_normal((2, 4, 3)), rng)
+
+
+@pytest.mark.parametrize("loss_fn", [mse_sigmoid, bce_logits])
+def test_loss_gradients(loss_fn, rng):
+    z = rng.standard_normal((3, 4))
+    y = rng.uniform(0, 1, (3, 4))
+    _, dz, p = loss_fn(z, y)
+    assert_grad_close(dz, numeric_grad(lambda: loss_fn(z, y)[0], z), name=loss_fn.__name__)
+    np.testing.assert_allclose(p, 1 / (1 + np.exp(-z)))
+
+
+def test_bce_is_finite_for_extreme_logits():
+    loss, dz, _ = bce_logits(np.array([-1e4, 1e4]), np.array([1.0, 0.0]))
+    assert np.isfinite(loss) and np.isfinite(dz).all() and loss > 1e3
+
+
+@pytest.mark.parametrize("kind", ["md", "horizontal", "snake"])
+def test_model_gradients_end_to_end(kind, rng):
+    model = build_model(kind, in_channels=1, hidden=3, seed=2, dtype=np.float64)
+    x = rng.uniform(0, 1, (2, 3, 4, 1))
+    y = rng.uniform(0, 1, (2, 3, 4, 1))
+
+    def loss():
+        return mse_sigmoid(model.forward(x), y)[0]
+
+    model.zero_grad()
+    _, dz, _ = mse_sigmoid(model.forward(x), y)
+    dx = model.backward(dz)
+    assert_grad_close(dx, numeric_grad(loss, x), name="dx")
+    for layer in model.layers:
+        assert_grad_close(layer.grads.data, numeric_grad(loss, layer.params.data), name=kind)
+
+
+def test_horizontal_treats_rows_independently(rng):
+    model = build_model("horizontal", hidden=3, dtype=np.float64)
+    x = rng.uniform(0, 1, (1, 4, 5, 1))
+    y = model.forward(x)
+    x[0, 2, 0] += 1.0
+    y2 = model.forward(x)
+    changed = np.abs(y2 - y).reshape(4, 5).max(axis=1) > 0
+    assert changed.tolist() == [False, False, True, False]
+
+
+def test_snake_carries_state_across_rows(rng):
+    model = build_model("snake", hidden=3, dtype=np.float64)
+    x = rng.uniform(0, 1, (1, 4, 5, 1))
+    y = model.forward(x)
+    x[0, 1, 4] += 1.0  # last cell of row 1 influences all of rows 2..3
+    y2 = model.forward(x)
+    assert (np.abs(y2 - y)[0, 2:] > 0).all() and (y2[0, :1] == y[0, :1]).all()
+
+
+def test_unknown_model():
+    with pytest.raises(ValueError, match="choose one of"):
+        build_model("transformer")
