@@ -32,7 +32,13 @@ class WavefrontLSTM:
     """
 
     def __init__(self, ndim: int, in_channels: int, hidden: int, seed: int = 0,
-                 dtype=config.DEFAULT_DTYPE, forget_bias: float | None = None):
+                 dtype=config.DEFAULT_DTYPE, forget_bias: float | None = None, device: str = "cpu"):
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        if device == "cuda":
+            from .backend_cuda import require_cuda
+            require_cuda()
+        self.device = device
         self.ndim = check_positive_int(ndim, "ndim")
         self.in_channels = check_positive_int(in_channels, "in_channels")
         self.hidden = check_positive_int(hidden, "hidden")
@@ -64,6 +70,9 @@ class WavefrontLSTM:
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Run the forward sweep and save the activations needed by backward."""
         x = check_array(x, "x", self.ndim + 2, self.in_channels, self.dtype, self._layout_str())
+        if self.device == "cuda":
+            from .backend_cuda import layer_forward
+            return layer_forward(self, x)
         B, D = x.shape[0], self.hidden
         wf = wavefront(x.shape[1:-1])
         xs = to_skewed(x, wf)
@@ -79,6 +88,9 @@ class WavefrontLSTM:
 
     def backward(self, dh: np.ndarray) -> np.ndarray:
         """Return dL/dx for upstream ``dh`` = dL/dh and accumulate parameter grads."""
+        if self.device == "cuda":
+            from .backend_cuda import layer_backward
+            return layer_backward(self, dh)
         if self._saved is None:
             raise RuntimeError("backward() called before forward(); run forward(x) first")
         sv = self._saved
@@ -144,12 +156,13 @@ class MDLSTM2D(WavefrontLSTM):
     """
 
     def __init__(self, in_channels: int, hidden: int, directions: int = 1, seed: int = 0,
-                 dtype=config.DEFAULT_DTYPE, forget_bias: float | None = None):
+                 dtype=config.DEFAULT_DTYPE, forget_bias: float | None = None, device: str = "cpu"):
         if directions != 1:
             raise ValueError(f"directions={directions} is not supported yet; use directions=1 "
                              "(the top-left to bottom-right scan)")
         self.directions = directions
-        super().__init__(2, in_channels, hidden, seed=seed, dtype=dtype, forget_bias=forget_bias)
+        super().__init__(2, in_channels, hidden, seed=seed, dtype=dtype, forget_bias=forget_bias,
+                         device=device)
         for buf in (self.params, self.grads):
             buf.add_alias("U_up", buf["U"][:, 0, :])
             buf.add_alias("U_left", buf["U"][:, 1, :])
@@ -170,8 +183,9 @@ class LSTM1D(WavefrontLSTM):
     """
 
     def __init__(self, in_features: int, hidden: int, seed: int = 0,
-                 dtype=config.DEFAULT_DTYPE, forget_bias: float | None = None):
-        super().__init__(1, in_features, hidden, seed=seed, dtype=dtype, forget_bias=forget_bias)
+                 dtype=config.DEFAULT_DTYPE, forget_bias: float | None = None, device: str = "cpu"):
+        super().__init__(1, in_features, hidden, seed=seed, dtype=dtype, forget_bias=forget_bias,
+                         device=device)
         for buf in (self.params, self.grads):
             buf.add_alias("U_rec", buf["U"][:, 0, :])
 

@@ -1,0 +1,459 @@
+"""GPU benchmark (issue 5): mdnumba's CUDA kernels vs. PyTorch autograd on the same GPU.
+
+For a 2D MD-LSTM (C=1, float32) at 32x32 B64 D64, 128x128 B16 D64 and 256x256 B8 D128:
+
+- **train step** (forward, loss gradient, zero_grad, backward, Adam) and **forward**
+  of ``mdnumba.backend_cuda.CudaLSTM`` + ``CudaAdam`` (everything stays on the
+  device), on the cooperative path (one persistent kernel per sweep, a grid
+  sync between anti-diagonals) and on the per-diagonal path (one launch each);
+- the same through the NumPy API, ``MDLSTM2D(device="cuda")`` (host↔device
+  copies of x, h, dh, dx, parameters and gradients each step, CPU Adam);
+- :class:`torch_wavefront.TorchMDLSTM2D` + ``torch.optim.Adam`` on the same GPU
+  (eager autograd, one ``addmm`` + elementwise ops per anti-diagonal; TF32 off),
+  checked against mdnumba's forward and gradients before timing;
+- mdnumba on the CPU (all cores), for the GPU/CPU speed-up (few repeats);
+- the sweeps alone: µs per anti-diagonal for both paths, next to the floor of an
+  empty cooperative kernel doing only grid syncs (~1.7 µs on an H100) and of an
+  empty kernel launch per diagonal.
+
+Loss ``0.5 * mean(h**2)``, so ``dL/dh = h / h.size``. Times are wall-clock with
+a device synchronize, best (and median) of an adaptive number of repeats after a
+warm-up. Writes a markdown report (default ``bench/results/gpu.md``).
+
+Usage: ``python bench/bench_gpu.py [--quick] [--configs 32,128,256] [--no-cpu] [--no-torch]
+[--out PATH]``. On a lent GPU machine use ``bench/run_gpu.sh`` (it installs a numpy<2.5
+wheel first: numba-cuda 0.30.4 does not import with numpy 2.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib
+import importlib.metadata
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numba
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "results" / "gpu.md"
+SYNC_FLOOR_US = 1.7  # grid.sync() on an H100 as quoted in the issue
+
+
+@dataclass(frozen=True)
+class Config:
+    """One benchmark shape: grid H x W, batch B, hidden D, C input channels."""
+
+    H: int
+    W: int
+    B: int
+    D: int
+    C: int = 1
+
+    @property
+    def label(self) -> str:
+        return f"{self.H}x{self.W} B{self.B} D{self.D}"
+
+    @property
+    def diagonals(self) -> int:
+        return self.H + self.W - 1
+
+
+CONFIGS = {"32": Config(32, 32, 64, 64), "128": Config(128, 128, 16, 64), "256": Config(256, 256, 8, 128)}
+
+
+def parse_config(text: str) -> Config:
+    """``32``/``128``/``256`` (the issue's configs) or ``HxWxBxD`` (e.g. ``8x8x4x16``)."""
+    if text in CONFIGS:
+        return CONFIGS[text]
+    try:
+        H, W, B, D = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--configs: {text!r} is neither one of {sorted(CONFIGS)} nor HxWxBxD") from None
+    return Config(H, W, B, D)
+
+
+@dataclass
+class Timing:
+    """Seconds per call of one measured function."""
+
+    total: list[float] = field(default_factory=list)
+
+    @property
+    def best(self) -> float:
+        return min(self.total)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.total)
+
+
+def time_it(fn: Callable[[], None], sync: Callable[[], None], budget_s: float, min_reps: int = 3,
+            max_reps: int = 200, warmup: int = 1) -> Timing:
+    """Best-of-N wall-clock timing of ``fn(); sync()`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+        sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    one = time.perf_counter() - t0
+    out = Timing([one])
+    for _ in range(int(np.clip(budget_s / max(one, 1e-6), min_reps, max_reps)) - 1):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        out.total.append(time.perf_counter() - t0)
+    return out
+
+
+def make_input(cfg: Config, seed: int = 0) -> np.ndarray:
+    """Uniform [0, 1) float32 input of shape (B, H, W, C)."""
+    return np.random.default_rng(seed).random((cfg.B, cfg.H, cfg.W, cfg.C), dtype=np.float32)
+
+
+# ------------------------------------------------------------------- mdnumba on the GPU
+def mdnumba_device_fns(cfg: Config, x: np.ndarray, path: str):
+    """(train step, forward, CudaLSTM) running fully on the device on ``path``."""
+    from numba import cuda
+
+    import mdnumba
+    from mdnumba.backend_cuda import CudaAdam, CudaLSTM
+    from mdnumba.kernels import wavefront_cuda as k
+    dev = CudaLSTM.from_layer(mdnumba.MDLSTM2D(cfg.C, cfg.D, seed=0), path=path)
+    opt = CudaAdam([dev], lr=1e-3)
+    xd = cuda.to_device(x)
+    size = x.shape[0] * cfg.H * cfg.W * cfg.D
+    dh = cuda.device_array(size, dtype=np.float32)
+
+    def train() -> None:
+        h = dev.forward(xd)
+        hf = h.reshape(size)
+        k.axpby(dh, hf, 1.0 / size, hf, 0.0)
+        dev.zero_grad()
+        dev.backward(dh.reshape(h.shape))
+        opt.step()
+
+    return train, lambda: dev.forward(xd), dev
+
+
+def mdnumba_numpy_api_fns(cfg: Config, x: np.ndarray):
+    """(train step, forward) of ``MDLSTM2D(device="cuda")`` + the CPU ``Adam``."""
+    import mdnumba
+    layer = mdnumba.MDLSTM2D(cfg.C, cfg.D, seed=0, device="cuda")
+    opt = mdnumba.Adam(layer, lr=1e-3)
+
+    def train() -> None:
+        h = layer.forward(x)
+        layer.zero_grad()
+        layer.backward(h * np.float32(1.0 / h.size))
+        opt.step()
+
+    return train, lambda: layer.forward(x)
+
+
+def mdnumba_cpu_fns(cfg: Config, x: np.ndarray):
+    """(train step, forward) of the CPU kernels."""
+    import mdnumba
+    layer = mdnumba.MDLSTM2D(cfg.C, cfg.D, seed=0)
+    opt = mdnumba.Adam(layer, lr=1e-3)
+
+    def train() -> None:
+        h = layer.forward(x)
+        layer.zero_grad()
+        layer.backward(h * np.float32(1.0 / h.size))
+        opt.step()
+
+    return train, lambda: layer.forward(x)
+
+
+def sweep_times(dev, cfg: Config, path: str, sync, budget_s: float) -> dict[str, Timing]:
+    """Forward and backward sweeps alone (after one forward/backward set the buffers up)."""
+    from mdnumba.backend_cuda import device_tables
+    from mdnumba.kernels import wavefront_cuda as k
+    t = device_tables((cfg.H, cfg.W), cfg.B)
+    w = dev._work
+    kw = dict(path=path, use_shared=dev.use_shared, diag_off_host=t.diag_off_host)
+    fwd = time_it(lambda: k.wavefront_forward(w["h"], w["c"], w["act"], dev.U, t.diag_off, t.parent,
+                                              cfg.B, cfg.D, **kw), sync, budget_s)
+    bwd = time_it(lambda: k.wavefront_backward(w["dact"], w["dc"], w["dhs"], w["act"], w["c"], w["UT"],
+                                               t.diag_off, t.parent, t.child, cfg.B, cfg.D, **kw),
+                  sync, budget_s)
+    return {"forward": fwd, "backward": bwd}
+
+
+def sync_floors(K: int, tpb: int, sync, budget_s: float) -> dict[str, object]:
+    """Per-diagonal cost of an empty cooperative kernel with K grid syncs (at the largest
+    co-resident grid) and of K empty launches."""
+    from numba import cuda
+
+    @cuda.jit
+    def grid_syncs(n, out):
+        g = cuda.cg.this_grid()
+        for _ in range(n):
+            g.sync()
+        if cuda.grid(1) == 0:
+            out[0] = n
+
+    @cuda.jit
+    def empty(out):
+        if cuda.grid(1) == 0:
+            out[0] = 1
+
+    out = cuda.device_array(1, dtype=np.int64)
+    blocks = grid_syncs.compile((numba.int64, numba.int64[::1])).max_cooperative_grid_blocks(tpb)
+    coop = time_it(lambda: grid_syncs[blocks, tpb](K, out), sync, budget_s)
+    launches = time_it(lambda: [empty[1, tpb](out) for _ in range(K)], sync, budget_s)
+    return {"blocks": blocks, "sync_us": coop.best / K * 1e6, "launch_us": launches.best / K * 1e6}
+
+
+# ------------------------------------------------------------------------- PyTorch
+def load_torch():
+    """``(torch, TorchMDLSTM2D on device tensors)`` or None if torch/CUDA is missing."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    base = importlib.import_module("torch_wavefront").TorchMDLSTM2D
+
+    class DeviceTorchMDLSTM2D(base):
+        """Keeps the skew/unskew index tensors on the input's device (no per-step copies)."""
+
+        def _perms(self, H: int, W: int):
+            perm, inv = super()._perms(H, W)
+            dev = self.W.device
+            if perm.device != dev:
+                perm, inv = perm.to(dev), inv.to(dev)
+                self._perm_cache[(H, W)] = (perm, inv)
+            return perm, inv
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return torch, DeviceTorchMDLSTM2D
+
+
+def torch_fns(tb, cfg: Config, x: np.ndarray):
+    """(train step, no-grad forward, check) of the PyTorch baseline on the GPU."""
+    import mdnumba
+    torch, Model = tb
+    layer = mdnumba.MDLSTM2D(cfg.C, cfg.D, seed=0)
+    model = Model(cfg.C, cfg.D)
+    model.load_from_mdnumba(layer)
+    model = model.cuda()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    xt = torch.from_numpy(x).cuda()
+
+    def train() -> None:
+        opt.zero_grad()
+        (0.5 * model(xt).square().mean()).backward()
+        opt.step()
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(xt)
+
+    # check against mdnumba (CUDA backend, same weights) before anything is timed
+    from mdnumba.backend_cuda import CudaLSTM
+    dev = CudaLSTM.from_layer(layer)
+    h = dev.forward(x)
+    ht = model(xt)
+    fwd = float(np.abs(ht.detach().cpu().numpy() - h).max())
+    (0.5 * ht.square().mean()).backward()
+    dev.zero_grad()
+    dev.backward(h * np.float32(1.0 / h.size))
+    g = dev.grads_to_host()
+    C, D = cfg.C, cfg.D
+    G = 5 * D
+    gW, gU, gb = g[:C * G].reshape(C, G), g[C * G:C * G + 2 * D * G].reshape(D, 2, G), g[-G:]
+    pairs = [(model.W.grad, gW), (model.U.grad, np.concatenate([gU[:, 0], gU[:, 1]])), (model.b.grad, gb)]
+    grad = max(float(np.abs(t.cpu().numpy() - a).max() / (np.abs(a).max() + 1e-30)) for t, a in pairs)
+    opt.zero_grad()
+    return train, forward, {"forward_max_abs": fwd, "grad_max_rel": grad}
+
+
+# -------------------------------------------------------------------------- report
+def ms(t: float | None) -> str:
+    if t is None:
+        return "–"
+    return f"{t * 1e3:.3g}" if t < 1 else f"{t * 1e3:.0f}"
+
+
+def cell(tm: Timing | None) -> str:
+    return "–" if tm is None else f"**{ms(tm.best)}** ({ms(tm.median)})"
+
+
+def ratio(num: Timing | None, den: Timing | None) -> str:
+    return "–" if num is None or den is None else f"{num.best / den.best:.1f}x"
+
+
+def speed_table(results: list[dict], mode: str) -> list[str]:
+    cols = [("coop", "mdnumba GPU cooperative"), ("diag", "mdnumba GPU per-diagonal"),
+            ("numpy_api", "MDLSTM2D(device='cuda') NumPy API"), ("torch", "PyTorch GPU"),
+            ("cpu", "mdnumba CPU")]
+    rows = ["| config | " + " | ".join(c[1] + " ms" for c in cols)
+            + " | PyTorch / coop | CPU / coop |", "|" + "---|" * (len(cols) + 3)]
+    for res in results:
+        t = res[mode]
+        rows.append(f"| {res['cfg'].label} | " + " | ".join(cell(t.get(c)) for c, _ in cols)
+                    + f" | {ratio(t.get('torch'), t.get('coop'))} | {ratio(t.get('cpu'), t.get('coop'))} |")
+    return rows
+
+
+def diagonal_table(results: list[dict]) -> list[str]:
+    rows = ["| config | diagonals K | forward sweep coop µs/diag | forward sweep per-diag µs/diag | "
+            "backward sweep coop µs/diag | backward sweep per-diag µs/diag | empty grid.sync µs "
+            "(blocks) | empty launch µs |", "|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        K, sw, fl = res["cfg"].diagonals, res["sweeps"], res.get("floors") or {}
+
+        def us(path: str, d: str, sw=sw, K=K) -> str:
+            tm = sw.get(path, {}).get(d)
+            return "–" if tm is None else f"{tm.best / K * 1e6:.1f}"
+
+        sync = f"{fl['sync_us']:.2f} ({fl['blocks']})" if fl else "–"
+        launch = f"{fl['launch_us']:.2f}" if fl else "–"
+        rows.append(f"| {res['cfg'].label} | {K} | {us('cooperative', 'forward')} | "
+                    f"{us('per-diagonal', 'forward')} | {us('cooperative', 'backward')} | "
+                    f"{us('per-diagonal', 'backward')} | {sync} | {launch} |")
+    return rows
+
+
+def render(info: dict[str, str], results: list[dict], quick: bool) -> str:
+    out = ["# GPU benchmark: mdnumba CUDA kernels vs. PyTorch autograd", ""]
+    if quick:
+        out += ["**--quick smoke run: few repeats; not for quoting.**", ""]
+    out += [f"- **{k}**: {v}" for k, v in info.items()]
+    out += ["", "Produced by `bench/run_gpu.sh` → `python bench/bench_gpu.py`. 2D MD-LSTM, one "
+            "direction, C=1, float32, loss `0.5 * mean(h**2)`; train step = forward + loss gradient "
+            "+ zero_grad + backward + Adam (lr 1e-3). Times: **best** of N in ms, (median); "
+            "wall-clock including Python dispatch, with a device synchronize per call.", "",
+            "- *mdnumba GPU*: `CudaLSTM` + `CudaAdam`, all on the device (input already there); "
+            "cooperative = one persistent kernel per sweep with `this_grid().sync()` between "
+            "anti-diagonals, per-diagonal = one launch per anti-diagonal;",
+            "- *NumPy API*: `MDLSTM2D(device='cuda')` + `mdnumba.Adam` (CPU): includes host↔device "
+            "copies of x, h, dh, dx, parameters and gradients every step;",
+            "- *PyTorch GPU*: `bench/torch_wavefront.py` on CUDA tensors (one `addmm` per "
+            "anti-diagonal + elementwise ops, autograd) + `torch.optim.Adam`; TF32 disabled; "
+            "forward under `torch.no_grad()`;",
+            "- *mdnumba CPU*: the CPU kernels on every core of this machine (few repeats).", "",
+            "## Train step", ""] + speed_table(results, "train")
+    out += ["", "## Forward only", ""] + speed_table(results, "forward")
+    out += ["", "## Time per anti-diagonal", "",
+            "Sweeps alone (recurrent part only, no GEMMs, no copies) divided by the number of "
+            f"anti-diagonals, next to the synchronisation floors measured on this GPU: an empty "
+            "cooperative kernel doing only K grid syncs at its largest co-resident grid, and K "
+            f"empty launches (Python dispatch included). The issue quotes ~{SYNC_FLOOR_US} µs per "
+            "grid sync on an H100.", ""] + diagonal_table(results)
+    out += ["", "## Sweep paths taken", ""]
+    out += [f"- {r['cfg'].label}: {p}" for r in results for p in r["paths"]]
+    checks = [(r["cfg"].label, r["check"]) for r in results if r.get("check")]
+    if checks:
+        out += ["", "## PyTorch baseline check (before timing, same weights)", "",
+                "| config | forward max abs diff | gradient max rel diff |", "|---|---|---|"]
+        out += [f"| {lbl} | {c['forward_max_abs']:.1e} | {c['grad_max_rel']:.1e} |" for lbl, c in checks]
+    return "\n".join(out) + "\n"
+
+
+def machine_info(tb) -> dict[str, str]:
+    from numba import cuda
+
+    import mdnumba
+    dev = cuda.get_current_device()
+    name = getattr(dev, "name", "CUDA simulator")
+    name = name.decode() if isinstance(name, bytes) else str(name)
+    info = {
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "GPU": f"{name} (compute capability {getattr(dev, 'compute_capability', '?')}, "
+               f"{getattr(dev, 'MULTIPROCESSOR_COUNT', '?')} SMs)",
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "numba / numba-cuda": f"{numba.__version__} / {importlib.metadata.version('numba-cuda')} "
+                              f"({numba.get_num_threads()} CPU threads)",
+        "mdnumba": mdnumba.__version__,
+    }
+    info["torch"] = tb[0].__version__ if tb else "not used"
+    return info
+
+
+# ---------------------------------------------------------------------------- main
+def run_config(cfg: Config, tb, budget: float, cpu: bool, numpy_api: bool) -> dict:
+    from numba import cuda
+
+    from mdnumba.backend_cuda import last_path
+    x = make_input(cfg)
+    sync = cuda.synchronize
+    res: dict = {"cfg": cfg, "train": {}, "forward": {}, "sweeps": {}, "paths": []}
+    for key, path in (("coop", "cooperative"), ("diag", "per-diagonal")):
+        try:
+            train, fwd, dev = mdnumba_device_fns(cfg, x, path)
+            res["train"][key] = time_it(train, sync, budget)
+            res["paths"].append(f"{path} (train): {last_path()}")
+            res["forward"][key] = time_it(fwd, sync, budget)
+            res["sweeps"][path] = sweep_times(dev, cfg, path, sync, budget / 2)
+            del train, fwd, dev
+            gc.collect()
+        except Exception as exc:  # e.g. no cooperative launch on this GPU/driver
+            res["paths"].append(f"{path}: FAILED ({type(exc).__name__}: {exc})")
+        print(f"  {cfg.label} {path}: {res['paths'][-1]}", flush=True)
+    if numpy_api:
+        train, fwd = mdnumba_numpy_api_fns(cfg, x)
+        res["train"]["numpy_api"] = time_it(train, sync, budget)
+        res["forward"]["numpy_api"] = time_it(fwd, sync, budget)
+    if tb is not None:
+        train, fwd, res["check"] = torch_fns(tb, cfg, x)
+        tsync = tb[0].cuda.synchronize
+        res["train"]["torch"] = time_it(train, tsync, budget)
+        res["forward"]["torch"] = time_it(fwd, tsync, budget)
+        tb[0].cuda.empty_cache()
+    if cpu:
+        train, fwd = mdnumba_cpu_fns(cfg, x)
+        res["train"]["cpu"] = time_it(train, lambda: None, budget, min_reps=2, max_reps=20)
+        res["forward"]["cpu"] = time_it(fwd, lambda: None, budget, min_reps=2, max_reps=20)
+    from mdnumba import config
+    if not numba.config.ENABLE_CUDASIM:
+        res["floors"] = sync_floors(cfg.diagonals, config.THREADS_PER_BLOCK, sync, budget / 4)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="few repeats (smoke run)")
+    ap.add_argument("--configs", default="32,128,256",
+                    help="comma list of 32, 128, 256 (the issue's configs) or HxWxBxD")
+    ap.add_argument("--no-cpu", action="store_true", help="skip the CPU timings")
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
+    ap.add_argument("--no-numpy-api", action="store_true", help="skip MDLSTM2D(device='cuda')")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = ap.parse_args(argv)
+
+    from mdnumba.backend_cuda import require_cuda
+    require_cuda()
+    tb = None if args.no_torch else load_torch()
+    budget = 0.5 if args.quick else 2.0
+    results = []
+    for cfg in [parse_config(c) for c in args.configs.split(",")]:
+        print(f"{cfg.label} ...", flush=True)
+        t0 = time.perf_counter()
+        results.append(run_config(cfg, tb, budget, not args.no_cpu, not args.no_numpy_api))
+        print(f"{cfg.label} done in {time.perf_counter() - t0:.0f} s", flush=True)
+    report = render(machine_info(tb), results, args.quick)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report)
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

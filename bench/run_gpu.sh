@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# GPU benchmark + GPU tests on a lent GPU machine (no internet there).
+#
+# The image's numpy 2.5 breaks numba-cuda 0.30.4 (np.row_stack was removed), so a numpy 2.4.x
+# wheel must be carried in the ignored folder .whl/ (a wheel for the machine's Python, e.g.
+# `pip download 'numpy>=2.4,<2.5' --only-binary=:all: -d .whl`); it is installed into /tmp/site
+# and put first on PYTHONPATH. mdnumba itself runs from the working tree (PYTHONPATH=.).
+#
+# Usage: bench/run_gpu.sh [--tests] [bench_gpu.py options, e.g. --quick --configs 32]
+#   --tests   also run tests/test_cuda.py (simulator cases + the same cases on the GPU)
+# The report goes to $OUT/gpu.md when $OUT is set (the device tool's output folder), else to
+# bench/results/gpu.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+run_tests=0
+if [ "${1:-}" = "--tests" ]; then
+  run_tests=1
+  shift
+fi
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
+    || { echo "could not install the carried wheels in .whl/ (wrong Python version?)" >&2; exit 1; }
+  export PYTHONPATH=/tmp/site:.
+else
+  echo "warning: no .whl/*.whl carried; using the image's numpy" >&2
+  export PYTHONPATH=.
+fi
+export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-/tmp/numba_cache}"
+
+python3 - <<'EOF'
+import numpy, numba
+from numba import cuda
+print(f"numpy {numpy.__version__}, numba {numba.__version__}, cuda available: {cuda.is_available()}")
+cuda.detect()
+EOF
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
+
+out_dir="${OUT:-bench/results}"
+mkdir -p "$out_dir"
+
+if [ "$run_tests" = 1 ]; then
+  python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider 2>&1 | tee "$out_dir/test_cuda.log"
+fi
+
+python3 bench/bench_gpu.py --out "$out_dir/gpu.md" "$@" 2>&1 | tee "$out_dir/bench_gpu.log"

@@ -1,0 +1,327 @@
+"""CUDA backend: device-resident N-D LSTM forward/backward and Adam (numba-cuda).
+
+Nothing here imports ``numba.cuda`` at module import, so ``import mdnumba`` works
+without numba-cuda; :func:`require_cuda` says what is missing.
+
+:class:`CudaLSTM` keeps parameters, gradients, saved activations and workspaces
+on the GPU; ``forward``/``backward`` take NumPy arrays (result copied back to
+NumPy) or CUDA arrays (numba device arrays or anything with
+``__cuda_array_interface__``, e.g. a CUDA ``torch.Tensor``; the result stays a
+numba device array). A train step without host round trips::
+
+    dev = CudaLSTM.from_layer(mdnumba.MDLSTM2D(1, 64))
+    opt = CudaAdam([dev], lr=1e-3)
+    h = dev.forward(x_dev)                    # device in, device out
+    dev.zero_grad(); dev.backward(dh_dev); opt.step()
+
+:func:`layer_forward` / :func:`layer_backward` serve ``WavefrontLSTM(device="cuda")``:
+host parameters are uploaded at each forward and the gradients added back to
+the host buffers after each backward, so the NumPy API (and the CPU Adam) is
+unchanged. :func:`last_path` reports which sweep path ran.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from . import config
+from ._validate import check_array
+
+INSTALL_HINT = ("install the CUDA extra with `pip install 'mdnumba[cuda]'` (numba-cuda; it needs "
+                "numpy<2.5) on a machine with an NVIDIA GPU and driver, or use device='cpu'")
+
+
+class CudaUnavailableError(RuntimeError):
+    """Raised when device='cuda' is requested but no usable CUDA GPU is found."""
+
+
+def cuda_unavailable_reason() -> str | None:
+    """None if CUDA kernels can run here (a GPU, or NUMBA_ENABLE_CUDASIM=1), else why not."""
+    try:
+        from numba import cuda
+    except Exception as exc:  # numba-cuda missing, or numpy 2.5 breaking its import
+        return f"numba.cuda cannot be imported ({type(exc).__name__}: {exc})"
+    try:
+        if cuda.is_available():
+            return None
+    except Exception as exc:
+        return f"the CUDA driver failed ({type(exc).__name__}: {exc})"
+    return "no CUDA GPU or driver was found"
+
+
+def cuda_available() -> bool:
+    """True if CUDA kernels can run in this process."""
+    return cuda_unavailable_reason() is None
+
+
+def require_cuda() -> None:
+    """Raise :class:`CudaUnavailableError` with a fix if CUDA cannot be used."""
+    reason = cuda_unavailable_reason()
+    if reason is not None:
+        raise CudaUnavailableError(f"device='cuda' is not available: {reason}; {INSTALL_HINT}")
+
+
+def _kernels():
+    require_cuda()
+    from .kernels import wavefront_cuda
+    return wavefront_cuda
+
+
+def last_path() -> str | None:
+    """Which sweep ran last ("cooperative ..." / "per-diagonal ..."), None before any CUDA sweep."""
+    import sys
+    mod = sys.modules.get("mdnumba.kernels.wavefront_cuda")
+    return None if mod is None else mod.last_path()
+
+
+@dataclass(frozen=True)
+class DeviceTables:
+    """Wavefront tables of one (grid shape, batch) on the device, plus host ``diag_off``."""
+
+    dims: tuple
+    batch: int
+    n_cells: int
+    diag_off_host: np.ndarray
+    diag_off: object
+    parent: object
+    child: object
+    skew_src: object     # skewed row r = s*B + b  <- dense row b*M + perm[s]
+    unskew_src: object   # dense row b*M + m      <- skewed row inv_perm[m]*B + b
+
+
+@lru_cache(maxsize=32)
+def device_tables(dims: tuple, batch: int) -> DeviceTables:
+    """Build (and cache) :class:`DeviceTables` for grid shape ``dims`` and batch size."""
+    from numba import cuda
+
+    from .grid import wavefront
+    wf = wavefront(tuple(dims))
+    M, B = wf.n_cells, int(batch)
+    s, b = np.divmod(np.arange(M * B), B)
+    skew = b * M + wf.perm[s]
+    bq, m = np.divmod(np.arange(M * B), M)
+    unskew = wf.inv_perm[m] * B + bq
+    return DeviceTables(wf.dims, B, M, np.array(wf.diag_off), cuda.to_device(wf.diag_off),
+                        cuda.to_device(wf.parent), cuda.to_device(wf.child), cuda.to_device(skew),
+                        cuda.to_device(unskew))
+
+
+class CudaLSTM:
+    """Device-resident N-D LSTM (one scan direction) with the layout of ``WavefrontLSTM``.
+
+    ``params`` and ``grads`` are flat device buffers in the host order
+    ``W (C, G) | U (D, N, G) | b (G,)``, ``G = (N+3)*D``. ``path`` picks the
+    sweep ("auto", "cooperative", "per-diagonal"), ``use_shared`` whether the
+    recurrent weights go to shared memory (None: when they fit).
+    """
+
+    def __init__(self, ndim: int, in_channels: int, hidden: int, params: np.ndarray,
+                 dtype=config.DEFAULT_DTYPE, *, path: str | None = None, use_shared: bool | None = None,
+                 threads_per_block: int | None = None):
+        self.k = _kernels()
+        from numba import cuda
+        self.ndim, self.in_channels, self.hidden = int(ndim), int(in_channels), int(hidden)
+        self.dtype = config.resolve_dtype(dtype)
+        N, C, D = self.ndim, self.in_channels, self.hidden
+        G = (N + 3) * D
+        self.size = C * G + D * N * G + G
+        host = np.ascontiguousarray(params, dtype=self.dtype).reshape(-1)
+        if host.size != self.size:
+            raise ValueError(f"params must have {self.size} entries for ndim={N}, in={C}, hidden={D}, "
+                             f"got {host.size}")
+        self.params = cuda.to_device(host)
+        self.grads = cuda.to_device(np.zeros(self.size, self.dtype))
+        self.W = self.params[:C * G].reshape(C, G)
+        self.U = self.params[C * G:C * G + D * N * G].reshape(D, N * G)
+        self.b = self.params[C * G + D * N * G:]
+        #: all parameter gradients as one (C + N*D + 1, G) matrix: rows of W, U (j*N + d), b
+        self.grad_matrix = self.grads.reshape(C + N * D + 1, G)
+        self.path, self.use_shared, self.tpb = path, use_shared, threads_per_block
+        self._work: dict = {}
+        self._saved: dict | None = None
+
+    @classmethod
+    def from_layer(cls, layer, **kw) -> CudaLSTM:
+        """A device copy of a host ``WavefrontLSTM`` (MDLSTM2D, LSTM1D) and its parameters."""
+        return cls(layer.ndim, layer.in_channels, layer.hidden, layer.params.data, layer.dtype, **kw)
+
+    # ------------------------------------------------------------ parameters
+    def set_params(self, host: np.ndarray) -> None:
+        """Upload a flat host parameter vector."""
+        self.params.copy_to_device(np.ascontiguousarray(host, dtype=self.dtype).reshape(-1))
+
+    def params_to_host(self) -> np.ndarray:
+        return self.params.copy_to_host()
+
+    def grads_to_host(self) -> np.ndarray:
+        return self.grads.copy_to_host()
+
+    def zero_grad(self) -> None:
+        """Set every gradient to zero (backward accumulates)."""
+        self.k.fill(self.grads, 0.0)
+
+    # ------------------------------------------------------------ passes
+    def forward(self, x):
+        """``h`` (B, *dims, D) for ``x`` (B, *dims, C); saves what backward needs.
+
+        ``act = x W + b`` (one GEMM), then the hyperplane sweep adds ``Σ_d h_parent_d U_d``
+        and applies the cell.
+        """
+        k, N, C, D = self.k, self.ndim, self.in_channels, self.hidden
+        xd, host_in = self._input(x, "x", N + 2, C)
+        B, dims = xd.shape[0], tuple(xd.shape[1:-1])
+        t = device_tables(dims, B)
+        R, G = t.n_cells * B, (N + 3) * D
+        xs, act = self._ws("xs", (R, C)), self._ws("act", (R, G))
+        h, c = self._ws("h", (R, D)), self._ws("c", (R, D))
+        k.gather_rows(xs, xd.reshape(R, C), t.skew_src)
+        k.gemm(act, xs, self.W, self.b)
+        k.wavefront_forward(h, c, act, self.U, t.diag_off, t.parent, B, D, path=self.path,
+                            use_shared=self.use_shared, tpb=self.tpb, diag_off_host=t.diag_off_host)
+        self._saved = dict(tables=t, shape=(B,) + dims + (D,))
+        out = self._new((R, D))
+        k.gather_rows(out, h, t.unskew_src)
+        out = out.reshape((B,) + dims + (D,))
+        return out.copy_to_host() if host_in else out
+
+    def backward(self, dh):
+        """dL/dx for upstream ``dh`` = dL/dh; adds ``[dW; dU; db] += zᵀ dact`` into ``grads``.
+
+        ``z = [x | h_parents | 1]`` per row, so all weight gradients are one GEMM;
+        ``dx = dact Wᵀ``.
+        """
+        if self._saved is None:
+            raise RuntimeError("backward() called before forward(); run forward(x) first")
+        k, N, C, D = self.k, self.ndim, self.in_channels, self.hidden
+        t, want = self._saved["tables"], self._saved["shape"]
+        dhd, host_in = self._input(dh, "dh", N + 2, None)
+        if tuple(dhd.shape) != want:
+            raise ValueError(f"dh must have the shape of the forward output {want}, got {tuple(dhd.shape)}")
+        B, R, G = t.batch, t.n_cells * t.batch, (N + 3) * D
+        dhs, UT = self._ws("dhs", (R, D)), self._ws("UT", (G, N * D))
+        dact, dc = self._ws("dact", (R, G)), self._ws("dc", (R, D))
+        k.gather_rows(dhs, dhd.reshape(R, D), t.skew_src)
+        k.transpose_recurrent(UT, self.U, N)
+        act, c, h, xs = (self._work[n] for n in ("act", "c", "h", "xs"))
+        k.wavefront_backward(dact, dc, dhs, act, c, UT, t.diag_off, t.parent, t.child, B, D,
+                             path=self.path, use_shared=self.use_shared, tpb=self.tpb,
+                             diag_off_host=t.diag_off_host)
+        z = self._ws("z", (R, C + N * D + 1))
+        k.gather_operands(z, xs, h, t.parent, B, D)
+        k.gemm(self.grad_matrix, z, dact, ta=True, accumulate=True)
+        dxs = self._ws("dxs", (R, C))
+        k.gemm(dxs, dact, self.W, tb=True)
+        dx = self._new((R, C))
+        k.gather_rows(dx, dxs, t.unskew_src)
+        dx = dx.reshape(want[:-1] + (C,))
+        return dx.copy_to_host() if host_in else dx
+
+    # ------------------------------------------------------------ helpers
+    def _input(self, x, name: str, ndim: int, last: int | None):
+        """(device array, came-from-host) after the same checks as the CPU layer."""
+        k = self.k
+        if k.is_device_array(x):
+            xd = k.as_device(x)
+            shape = tuple(xd.shape)
+            if len(shape) != ndim or (last is not None and shape[-1] != last) or 0 in shape:
+                raise ValueError(f"{name} must have {ndim} dimensions with last axis {last}, "
+                                 f"got shape {shape}")
+            if np.dtype(xd.dtype) != self.dtype:
+                raise TypeError(f"{name} on the device has dtype {xd.dtype}, the layer uses "
+                                f"{self.dtype}; convert it first")
+            if not xd.is_c_contiguous():
+                raise ValueError(f"{name} on the device must be C-contiguous")
+            return xd, False
+        arr = check_array(x, name, ndim, last, self.dtype, f"(batch, {ndim - 2} grid axes, channels)")
+        return k.as_device(arr), True
+
+    def _ws(self, name: str, shape: tuple):
+        """A device workspace kept while its shape is unchanged."""
+        buf = self._work.get(name)
+        if buf is None or tuple(buf.shape) != tuple(shape):
+            buf = self._work[name] = self._new(shape)
+        return buf
+
+    def _new(self, shape: tuple):
+        from numba import cuda
+        return cuda.device_array(shape, dtype=self.dtype)
+
+    def __repr__(self) -> str:
+        return (f"CudaLSTM(ndim={self.ndim}, in={self.in_channels}, hidden={self.hidden}, "
+                f"dtype={self.dtype.name})")
+
+
+class CudaAdam:
+    """Adam on device buffers (twin of :class:`mdnumba.optim.Adam`, same update and clipping).
+
+    ``modules``: objects with flat device ``params`` and ``grads`` (e.g. :class:`CudaLSTM`).
+    ``step()`` returns the pre-clipping global gradient norm (one small device→host copy).
+    """
+
+    def __init__(self, modules, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 clip_norm: float | None = None):
+        from numba import cuda
+        self.k = _kernels()
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        self.buffers = [(m.params, m.grads) for m in modules]
+        if not self.buffers:
+            raise ValueError("CudaAdam got no parameters")
+        self.lr, self.betas, self.eps, self.clip_norm = float(lr), tuple(betas), float(eps), clip_norm
+        self.t = 0
+        self.m = [cuda.to_device(np.zeros(p.shape, p.dtype)) for p, _ in self.buffers]
+        self.v = [cuda.to_device(np.zeros(p.shape, p.dtype)) for p, _ in self.buffers]
+
+    def grad_norm(self) -> float:
+        """``sqrt(Σ g²)`` over all gradient buffers."""
+        return math.sqrt(sum(self.k.sum_of_squares(g) for _, g in self.buffers))
+
+    def step(self) -> float:
+        """``p ← p − lr · m̂ / (sqrt(v̂) + ε)`` with gradients scaled by ``min(1, clip/‖g‖)``."""
+        norm = self.grad_norm()
+        if not math.isfinite(norm):
+            raise FloatingPointError("gradient norm is not finite; lower the learning rate or enable "
+                                     "clip_norm")
+        scale = 1.0
+        if self.clip_norm is not None and norm > self.clip_norm:
+            scale = self.clip_norm / norm
+        self.t += 1
+        b1, b2 = self.betas
+        for (p, g), m, v in zip(self.buffers, self.m, self.v):
+            self.k.adam_update(p, g, m, v, self.lr, b1, b2, self.eps, 1.0 - b1**self.t,
+                               1.0 - b2**self.t, scale)
+        return norm
+
+
+# ------------------------------------------------------------------ layer dispatch
+_LAYER_STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _state_for(layer) -> CudaLSTM:
+    st = _LAYER_STATE.get(layer)
+    if st is None:
+        st = _LAYER_STATE[layer] = CudaLSTM.from_layer(layer)
+    return st
+
+
+def layer_forward(layer, x: np.ndarray) -> np.ndarray:
+    """``WavefrontLSTM.forward`` on the GPU: upload params, run, return NumPy ``h``."""
+    st = _state_for(layer)
+    st.set_params(layer.params.data)
+    return st.forward(x)
+
+
+def layer_backward(layer, dh: np.ndarray) -> np.ndarray:
+    """``WavefrontLSTM.backward`` on the GPU: returns NumPy dx, adds the grads to ``layer.grads``."""
+    st = _LAYER_STATE.get(layer)
+    if st is None or st._saved is None:
+        raise RuntimeError("backward() called before forward(); run forward(x) first")
+    st.zero_grad()
+    dx = st.backward(dh)
+    layer.grads.data[...] += st.grads_to_host()
+    return dx

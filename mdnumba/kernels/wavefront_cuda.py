@@ -1,0 +1,725 @@
+"""CUDA twins of the wavefront kernels (numba-cuda), plus the bulk kernels around them.
+
+Same layout as :mod:`mdnumba.kernels.wavefront`: per-cell arrays are 2-D with row
+``r = s*B + b`` (skewed cell s, batch item b), gate pre-activations have
+``G = (N+3)*D`` columns in blocks ``[i | f_1 .. f_N | o | g]``, ``U`` is
+``(D, N*G)`` and ``UT`` is ``(G, N*D)`` with ``UT[g, d*D + j] = U[j, d*G + g]``.
+
+One CUDA thread owns one *work item* ``(row r, hidden unit j)`` of a hyperplane:
+
+- forward: it computes the N+3 gate pre-activations of unit j,
+  ``a_g = act[r, g*D+j] + Σ_d Σ_k h[parent_d, k] U[k, d*G + g*D + j]``,
+  then the cell (``c``, ``h`` of unit j). Threads with consecutive j read
+  consecutive columns of U (coalesced); ``h[parent]`` is a broadcast.
+- backward (pull form): it completes ``dh[r, j] += Σ_d Σ_g da_child_d[g] UT[g, d*D+j]``
+  from the children on the finished hyperplane, then writes ``dc[r, j]`` and
+  ``dact[r, g*D + j]`` for its own j only: no two threads write the same place.
+
+Two ways to sweep the K hyperplanes:
+
+- ``cooperative``: one persistent kernel, a 1-D grid no larger than
+  ``max_cooperative_grid_blocks``, a grid-stride loop over each hyperplane's
+  ``cells * B * D`` items and ``this_grid().sync()`` between hyperplanes (every
+  block runs the same K syncs).
+- ``per-diagonal``: one launch per hyperplane (the kernel boundary is the sync).
+
+``U``/``UT`` are staged into dynamic shared memory when they fit in
+:data:`SHARED_BYTES_LIMIT` (the default per-block limit without opt-in), else read
+from global memory (L1/L2-cached). Everything that needs no sweep (input
+projection, weight gradients, dx) is a GEMM: :func:`gemm` picks a thread-per-
+output kernel for thin shapes and a register-blocked shared-memory tiled kernel
+with a deterministic split over K (fixed-order reduction) otherwise.
+
+Host launchers accept NumPy arrays (copied to the device and back, for tests and
+one-off use) or numba device arrays (no copies).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numba
+import numpy as np
+from numba import cuda, float64
+
+from .. import config
+
+#: True when numba runs CUDA kernels in its CPU simulator (NUMBA_ENABLE_CUDASIM=1)
+SIMULATOR: bool = bool(numba.config.ENABLE_CUDASIM)
+#: bytes of dynamic shared memory a block may use without an opt-in attribute
+SHARED_BYTES_LIMIT = 48 * 1024
+#: upper bound on the cooperative grid (the device's co-residency limit is applied too)
+COOP_MAX_BLOCKS = 4096
+#: grid cap for grid-stride bulk kernels (the simulator runs blocks one by one: keep it tiny)
+BULK_MAX_BLOCKS = 2 if SIMULATOR else 8192
+#: threads per block of the reduction kernel and blocks it uses (fixed: deterministic sums)
+REDUCE_TPB = 8 if SIMULATOR else 256
+REDUCE_BLOCKS = 2 if SIMULATOR else 128
+
+# Register-blocked GEMM tile: a block computes BM x BN outputs, each thread TM x TN of them
+# (rows tr + i*(BM/TM), columns tc + q*(BN/TN): conflict-free shared reads, coalesced writes).
+if SIMULATOR:
+    BM, BN, BK, TM, TN = 4, 4, 2, 2, 2
+else:
+    BM, BN, BK, TM, TN = 64, 64, 16, 4, 4
+GEMM_THREADS = (BM // TM) * (BN // TN)
+_RM, _RN = BM // TM, BN // TN
+
+#: sweep path used when none is given: auto (cooperative, falling back), cooperative, per-diagonal
+DEFAULT_PATH: str = os.environ.get("MDNUMBA_CUDA_PATH", "auto")
+PATHS = ("auto", "cooperative", "per-diagonal")
+
+_JIT = dict(fastmath=config.FASTMATH)
+
+_state: dict = {"last_path": None, "coop_error": None}
+
+
+# ---------------------------------------------------------------- device functions
+@cuda.jit(device=True)
+def _sigmoid(x):
+    """σ(x) = 1 / (1 + e^{-x}); overflow of e^{-x} gives 0, never NaN."""
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+@cuda.jit(device=True)
+def _stage(Ws, Wf, use_shared):
+    """Copy flat weights ``Wf`` into the shared array ``Ws`` when ``use_shared`` (whole block calls it)."""
+    if use_shared:
+        for q in range(cuda.threadIdx.x, Wf.shape[0], cuda.blockDim.x):
+            Ws[q] = Wf[q]
+        cuda.syncthreads()
+
+
+@cuda.jit(device=True)
+def _preact(act, h, Uf, parent, s, r, b, col, B, D, G):
+    """``a = act[r, col] + Σ_d Σ_k h[parent_d(s)*B + b, k] · U[k, d*G + col]``."""
+    N = parent.shape[1]
+    NG = N * G
+    acc = act[r, col]
+    for d in range(N):
+        p = parent[s, d]
+        if p >= 0:
+            pr = p * B + b
+            q = d * G + col
+            for k in range(D):
+                acc += h[pr, k] * Uf[k * NG + q]
+    return acc
+
+
+@cuda.jit(device=True)
+def _unit_forward(h, c, act, Uf, parent, s, b, j, B, D):
+    """Unit j of row ``r = s*B + b``: gates from :func:`_preact`, then
+    ``c = i·g + Σ_d f_d·c_parent_d``, ``h = o·tanh(c)``; ``act`` gets the activations."""
+    N = parent.shape[1]
+    G = (N + 3) * D
+    r = s * B + b
+    o_col = (N + 1) * D + j
+    g_col = (N + 2) * D + j
+    gi = _sigmoid(_preact(act, h, Uf, parent, s, r, b, j, B, D, G))
+    go = _sigmoid(_preact(act, h, Uf, parent, s, r, b, o_col, B, D, G))
+    gg = math.tanh(_preact(act, h, Uf, parent, s, r, b, g_col, B, D, G))
+    cc = gi * gg
+    for d in range(N):
+        col = (1 + d) * D + j
+        gf = _sigmoid(_preact(act, h, Uf, parent, s, r, b, col, B, D, G))
+        act[r, col] = gf
+        p = parent[s, d]
+        if p >= 0:
+            cc += gf * c[p * B + b, j]
+    act[r, j] = gi
+    act[r, o_col] = go
+    act[r, g_col] = gg
+    c[r, j] = cc
+    h[r, j] = go * math.tanh(cc)
+
+
+@cuda.jit(device=True)
+def _forward_plane(h, c, act, Uf, diag_off, parent, B, D, k, start, stride):
+    """Grid-stride loop over the ``cells * B * D`` work items of hyperplane k."""
+    s0 = diag_off[k]
+    n = (diag_off[k + 1] - s0) * B * D
+    for t in range(start, n, stride):
+        q = t // D
+        _unit_forward(h, c, act, Uf, parent, s0 + q // B, q % B, t % D, B, D)
+
+
+@cuda.jit(device=True)
+def _unit_backward(dact, dc, dh, act, c, UTf, parent, child, s, b, j, B, D):
+    """Pull-form backward of unit j of row ``r = s*B + b``.
+
+    ``dh += Σ_d U_dᵀ da_child_d``; ``dc = dh·o·(1−tanh²c) + Σ_d dc_child_d·f_d(child_d)``;
+    ``da_o = dh·tanh(c)·o(1−o)``, ``da_i = dc·g·i(1−i)``, ``da_g = dc·i·(1−g²)``,
+    ``da_fd = dc·c_parent_d·f_d(1−f_d)``.
+    """
+    N = parent.shape[1]
+    G = (N + 3) * D
+    ND = N * D
+    r = s * B + b
+    dhj = dh[r, j]
+    dcj = 0.0
+    for d in range(N):
+        ch = child[s, d]
+        if ch >= 0:
+            cr = ch * B + b
+            q = d * D + j
+            for g in range(G):
+                dhj += dact[cr, g] * UTf[g * ND + q]
+            dcj += dc[cr, j] * act[cr, (1 + d) * D + j]
+    dh[r, j] = dhj
+    o_col = (N + 1) * D + j
+    g_col = (N + 2) * D + j
+    gi = act[r, j]
+    go = act[r, o_col]
+    gg = act[r, g_col]
+    tc = math.tanh(c[r, j])
+    dcj += dhj * go * (1.0 - tc * tc)
+    dc[r, j] = dcj
+    dact[r, o_col] = dhj * tc * go * (1.0 - go)
+    dact[r, j] = dcj * gg * gi * (1.0 - gi)
+    dact[r, g_col] = dcj * gi * (1.0 - gg * gg)
+    for d in range(N):
+        p = parent[s, d]
+        gf = act[r, (1 + d) * D + j]
+        cp = 0.0
+        if p >= 0:
+            cp = c[p * B + b, j]
+        dact[r, (1 + d) * D + j] = dcj * cp * gf * (1.0 - gf)
+
+
+@cuda.jit(device=True)
+def _backward_plane(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, k, start, stride):
+    """Grid-stride loop over the ``cells * B * D`` work items of hyperplane k."""
+    s0 = diag_off[k]
+    n = (diag_off[k + 1] - s0) * B * D
+    for t in range(start, n, stride):
+        q = t // D
+        _unit_backward(dact, dc, dh, act, c, UTf, parent, child, s0 + q // B, q % B, t % D, B, D)
+
+
+# ---------------------------------------------------------------- sweep kernels
+@cuda.jit(**_JIT)
+def _forward_coop(h, c, act, Uf, diag_off, parent, B, D, use_shared):
+    """All hyperplanes k = 0..K-1 in one cooperative launch, grid sync in between (``Uf`` = U flat)."""
+    grid = cuda.cg.this_grid()
+    shared = cuda.shared.array(0, Uf.dtype)
+    _stage(shared, Uf, use_shared)
+    if use_shared:
+        Uf = shared
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    for k in range(diag_off.shape[0] - 1):
+        _forward_plane(h, c, act, Uf, diag_off, parent, B, D, k, start, stride)
+        grid.sync()
+
+
+@cuda.jit(**_JIT)
+def _forward_diag(h, c, act, Uf, diag_off, parent, B, D, use_shared, k):
+    """Hyperplane k only (one launch per hyperplane)."""
+    shared = cuda.shared.array(0, Uf.dtype)
+    _stage(shared, Uf, use_shared)
+    if use_shared:
+        Uf = shared
+    _forward_plane(h, c, act, Uf, diag_off, parent, B, D, k, cuda.grid(1), cuda.gridsize(1))
+
+
+@cuda.jit(**_JIT)
+def _backward_coop(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, use_shared):
+    """All hyperplanes k = K-1..0 in one cooperative launch, grid sync in between (``UTf`` = UT flat)."""
+    grid = cuda.cg.this_grid()
+    shared = cuda.shared.array(0, UTf.dtype)
+    _stage(shared, UTf, use_shared)
+    if use_shared:
+        UTf = shared
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    for k in range(diag_off.shape[0] - 2, -1, -1):
+        _backward_plane(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, k, start, stride)
+        grid.sync()
+
+
+@cuda.jit(**_JIT)
+def _backward_diag(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, use_shared, k):
+    """Hyperplane k only (one launch per hyperplane)."""
+    shared = cuda.shared.array(0, UTf.dtype)
+    _stage(shared, UTf, use_shared)
+    if use_shared:
+        UTf = shared
+    _backward_plane(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, k,
+                    cuda.grid(1), cuda.gridsize(1))
+
+
+# ---------------------------------------------------------------- bulk kernels
+@cuda.jit(**_JIT)
+def _gemm_small(out, a, bm, bias, M, N, K, ta, tb, mode):
+    """One thread per output: ``out[m, n] = init + Σ_k A[m, k] B[k, n]`` (K >= 1).
+
+    ``A = aᵀ`` if ta else ``a``; ``B = bmᵀ`` if tb else ``bm``; init is ``bias[n]``
+    (mode 0), ``out[m, n]`` (mode 1) or 0 (mode 2).
+    """
+    for t in range(cuda.grid(1), M * N, cuda.gridsize(1)):
+        m = t // N
+        n = t % N
+        acc = (a[0, m] if ta else a[m, 0]) * (bm[n, 0] if tb else bm[0, n])
+        for k in range(1, K):
+            acc += (a[k, m] if ta else a[m, k]) * (bm[n, k] if tb else bm[k, n])
+        if mode == 0:
+            out[m, n] = bias[n] + acc
+        elif mode == 1:
+            out[m, n] += acc
+        else:
+            out[m, n] = acc
+
+
+@cuda.jit(device=True)
+def _load_tile_a(As, a, m0, k0, M, k_end, ta):
+    """``As[kk, mm] = A[m0+mm, k0+kk]`` (0 outside), reading a coalesced where possible."""
+    for e in range(cuda.threadIdx.x, BK * BM, GEMM_THREADS):
+        if ta:
+            mm = e % BM
+            kk = e // BM
+        else:
+            kk = e % BK
+            mm = e // BK
+        m = m0 + mm
+        k = k0 + kk
+        if m < M and k < k_end:
+            As[kk, mm] = a[k, m] if ta else a[m, k]
+        else:
+            As[kk, mm] = 0
+
+
+@cuda.jit(device=True)
+def _load_tile_b(Bs, bm, n0, k0, N, k_end, tb):
+    """``Bs[kk, nn] = B[k0+kk, n0+nn]`` (0 outside)."""
+    for e in range(cuda.threadIdx.x, BK * BN, GEMM_THREADS):
+        if tb:
+            kk = e % BK
+            nn = e // BK
+        else:
+            nn = e % BN
+            kk = e // BN
+        n = n0 + nn
+        k = k0 + kk
+        if n < N and k < k_end:
+            Bs[kk, nn] = bm[n, k] if tb else bm[k, n]
+        else:
+            Bs[kk, nn] = 0
+
+
+@cuda.jit(**_JIT)
+def _gemm_tiled(out, parts, a, bm, bias, M, N, K, ta, tb, mode, kchunk):
+    """Block (x, y, z) computes the BM x BN tile (y, x) of ``Σ_{k ∈ chunk z} A[m, k] B[k, n]``.
+
+    With one chunk (gridDim.z == 1) it writes ``out = init + tile`` (init as in
+    :func:`_gemm_small`); otherwise ``parts[z] = tile`` for :func:`_reduce_parts`.
+    """
+    As = cuda.shared.array((BK, BM), dtype=a.dtype)
+    Bs = cuda.shared.array((BK, BN), dtype=a.dtype)
+    acc = cuda.local.array((TM, TN), dtype=a.dtype)
+    ra = cuda.local.array(TM, dtype=a.dtype)
+    rb = cuda.local.array(TN, dtype=a.dtype)
+    tr = cuda.threadIdx.x // _RN
+    tc = cuda.threadIdx.x % _RN
+    m0 = cuda.blockIdx.y * BM
+    n0 = cuda.blockIdx.x * BN
+    k_begin = cuda.blockIdx.z * kchunk
+    k_end = min(K, k_begin + kchunk)
+    for i in range(TM):
+        for q in range(TN):
+            acc[i, q] = 0
+    for k0 in range(k_begin, k_end, BK):
+        _load_tile_a(As, a, m0, k0, M, k_end, ta)
+        _load_tile_b(Bs, bm, n0, k0, N, k_end, tb)
+        cuda.syncthreads()
+        for kk in range(BK):
+            for i in range(TM):
+                ra[i] = As[kk, tr + i * _RM]
+            for q in range(TN):
+                rb[q] = Bs[kk, tc + q * _RN]
+            for i in range(TM):
+                for q in range(TN):
+                    acc[i, q] += ra[i] * rb[q]
+        cuda.syncthreads()
+    split = cuda.gridDim.z > 1
+    for i in range(TM):
+        m = m0 + tr + i * _RM
+        for q in range(TN):
+            n = n0 + tc + q * _RN
+            if m < M and n < N:
+                if split:
+                    parts[cuda.blockIdx.z, m, n] = acc[i, q]
+                elif mode == 0:
+                    out[m, n] = bias[n] + acc[i, q]
+                elif mode == 1:
+                    out[m, n] += acc[i, q]
+                else:
+                    out[m, n] = acc[i, q]
+
+
+@cuda.jit(**_JIT)
+def _reduce_parts(out, parts, bias, mode):
+    """``out[m, n] = init + Σ_z parts[z, m, n]``, z in increasing order (deterministic)."""
+    M, N = out.shape
+    for t in range(cuda.grid(1), M * N, cuda.gridsize(1)):
+        m = t // N
+        n = t % N
+        acc = parts[0, m, n]
+        for z in range(1, parts.shape[0]):
+            acc += parts[z, m, n]
+        if mode == 0:
+            out[m, n] = bias[n] + acc
+        elif mode == 1:
+            out[m, n] += acc
+        else:
+            out[m, n] = acc
+
+
+@cuda.jit(**_JIT)
+def _gather_rows(out, inp, src):
+    """``out[r, f] = inp[src[r], f]`` for ``f < inp.shape[1]`` (skew / unskew permutations)."""
+    F = inp.shape[1]
+    for t in range(cuda.grid(1), out.shape[0] * F, cuda.gridsize(1)):
+        r = t // F
+        f = t % F
+        out[r, f] = inp[src[r], f]
+
+
+@cuda.jit(**_JIT)
+def _gather_operands(z, xs, h, parent, B, D):
+    """``z[r] = [xs[r] | hpar[r] | 1]`` with ``hpar[r, j*N + d] = h[parent_d(s)*B + b, j]`` (0 without
+    parent), so that ``zᵀ @ dact`` is ``[dW; dU; db]`` in the flat parameter order."""
+    N = parent.shape[1]
+    C = xs.shape[1]
+    W = z.shape[1]
+    for t in range(cuda.grid(1), z.shape[0] * W, cuda.gridsize(1)):
+        r = t // W
+        col = t % W
+        if col < C:
+            z[r, col] = xs[r, col]
+        elif col == W - 1:
+            z[r, col] = 1
+        else:
+            j = (col - C) // N
+            d = (col - C) % N
+            p = parent[r // B, d]
+            if p >= 0:
+                z[r, col] = h[p * B + r % B, j]
+            else:
+                z[r, col] = 0
+
+
+@cuda.jit(**_JIT)
+def _transpose_recurrent(UT, U, N):
+    """``UT[g, d*D + j] = U[j, d*G + g]`` (U viewed (D, N, G), UT viewed (G, N, D))."""
+    D = U.shape[0]
+    G = UT.shape[0]
+    for t in range(cuda.grid(1), U.size, cuda.gridsize(1)):
+        j = t // (N * G)
+        q = t % (N * G)
+        d = q // G
+        g = q % G
+        UT[g, d * D + j] = U[j, q]
+
+
+@cuda.jit(**_JIT)
+def _adam_update(p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, scale):
+    """``g' = scale·g``; ``m ← β1 m + (1−β1) g'``; ``v ← β2 v + (1−β2) g'²``;
+    ``p ← p − lr · (m/bc1) / (sqrt(v/bc2) + ε)``."""
+    for k in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
+        gk = g[k] * scale
+        m[k] = beta1 * m[k] + (1.0 - beta1) * gk
+        v[k] = beta2 * v[k] + (1.0 - beta2) * gk * gk
+        p[k] -= lr * (m[k] / bc1) / (math.sqrt(v[k] / bc2) + eps)
+
+
+@cuda.jit(**_JIT)
+def _sumsq_partials(partials, g):
+    """``partials[block] = Σ g[k]²`` over the block's grid-stride share, in float64."""
+    buf = cuda.shared.array(REDUCE_TPB, float64)
+    acc = 0.0
+    for k in range(cuda.grid(1), g.shape[0], cuda.gridsize(1)):
+        acc += float64(g[k]) * float64(g[k])
+    tid = cuda.threadIdx.x
+    buf[tid] = acc
+    cuda.syncthreads()
+    width = REDUCE_TPB // 2
+    while width > 0:
+        if tid < width:
+            buf[tid] += buf[tid + width]
+        cuda.syncthreads()
+        width //= 2
+    if tid == 0:
+        partials[cuda.blockIdx.x] = buf[0]
+
+
+@cuda.jit(**_JIT)
+def _axpby(out, x, alpha, y, beta):
+    """``out = alpha·x + beta·y`` elementwise (flat arrays; y may be x)."""
+    for k in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
+        out[k] = alpha * x[k] + beta * y[k]
+
+
+@cuda.jit(**_JIT)
+def _fill(out, value):
+    """``out[:] = value`` (flat array)."""
+    for k in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
+        out[k] = value
+
+
+# ---------------------------------------------------------------- host helpers
+def is_device_array(x) -> bool:
+    """True for numba device arrays and objects exporting ``__cuda_array_interface__``."""
+    return hasattr(x, "copy_to_host") or hasattr(x, "__cuda_array_interface__")
+
+
+def as_device(x):
+    """A numba device array viewing ``x`` (no copy) if it is one; NumPy arrays are copied over."""
+    if hasattr(x, "copy_to_host"):
+        return x
+    if hasattr(x, "__cuda_array_interface__"):
+        return cuda.as_cuda_array(x)
+    return cuda.to_device(np.ascontiguousarray(x))
+
+
+class _Args:
+    """Device views of launcher arguments; NumPy outputs are copied back by :meth:`finish`."""
+
+    def __init__(self, *arrays):
+        self.host = arrays
+        self.dev = [as_device(a) for a in arrays]
+
+    def finish(self, *out_index: int) -> None:
+        for i in out_index:
+            if isinstance(self.host[i], np.ndarray):
+                self.dev[i].copy_to_host(self.host[i])
+
+
+def _host_ints(arr) -> np.ndarray:
+    return arr.copy_to_host() if hasattr(arr, "copy_to_host") else np.asarray(arr)
+
+
+def _blocks(n: int, tpb: int, cap: int = BULK_MAX_BLOCKS) -> int:
+    return max(1, min(cap, -(-int(n) // tpb)))
+
+
+def _tpb(tpb: int | None) -> int:
+    return int(tpb or config.THREADS_PER_BLOCK)
+
+
+def _sm_count() -> int:
+    return int(getattr(cuda.get_current_device(), "MULTIPROCESSOR_COUNT", 1) or 1)
+
+
+def _use_shared(W, use_shared: bool | None) -> bool:
+    nbytes = W.size * W.dtype.itemsize
+    if use_shared is None:
+        return nbytes <= SHARED_BYTES_LIMIT
+    if use_shared and nbytes > SHARED_BYTES_LIMIT:
+        raise ValueError(f"weights of {nbytes} bytes do not fit in {SHARED_BYTES_LIMIT} bytes of shared "
+                         "memory; use use_shared=None or False")
+    return bool(use_shared)
+
+
+def _coop_grid(kernel, args, tpb: int, shmem: int, needed_blocks: int) -> int:
+    """Blocks for a cooperative launch: co-residency limit ∧ work ∧ :data:`COOP_MAX_BLOCKS`."""
+    if SIMULATOR:
+        limit = kernel.overloads[None].max_cooperative_grid_blocks(tpb)
+    else:
+        compiled = kernel.compile(tuple(kernel.typeof_pyval(a) for a in args))
+        limit = compiled.max_cooperative_grid_blocks(tpb, shmem)
+    if limit < 1:
+        raise RuntimeError(f"cooperative kernel cannot be resident with {tpb} threads and {shmem} B "
+                           "of shared memory per block")
+    return max(1, min(limit, needed_blocks, COOP_MAX_BLOCKS))
+
+
+def _sweep(coop, diag, args, diag_off_host, B: int, D: int, shmem: int, path: str | None,
+           tpb: int, reverse: bool) -> str:
+    """Run a sweep on the requested path; return a description of the path taken."""
+    path = path or DEFAULT_PATH
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    items = np.diff(diag_off_host) * B * D
+    K = len(items)
+    if path != "per-diagonal" and not (path == "auto" and _state["coop_error"]):
+        try:
+            grid = _coop_grid(coop, args, tpb, shmem, _blocks(items.max(), tpb, 1 << 30))
+            coop[grid, tpb, 0, shmem](*args)
+            return f"cooperative ({grid} blocks x {tpb} threads, {K} grid syncs)"
+        except Exception as exc:  # missing cudadevrt, no cooperative launch, ...
+            if path == "cooperative":
+                raise
+            _state["coop_error"] = f"{type(exc).__name__}: {exc}"
+    order = range(K - 1, -1, -1) if reverse else range(K)
+    launch = diag.specialize(*args, 0)  # resolve argument types once, not at each of the K launches
+    for k in order:
+        launch[_blocks(items[k], tpb), tpb, 0, shmem](*args, k)
+    why = f"; cooperative failed: {_state['coop_error']}" if path == "auto" else ""
+    return f"per-diagonal ({K} launches{why})"
+
+
+def _record(desc: str, shared: bool) -> None:
+    _state["last_path"] = desc + (", weights in shared memory" if shared else ", weights in global memory")
+
+
+def last_path() -> str | None:
+    """Which sweep path the last forward/backward took (and why), or None before any."""
+    return _state["last_path"]
+
+
+# ---------------------------------------------------------------- host launchers
+def wavefront_forward(h, c, act, U, diag_off, parent, B: int, D: int, *, path: str | None = None,
+                      use_shared: bool | None = None, tpb: int | None = None,
+                      diag_off_host: np.ndarray | None = None) -> None:
+    """CUDA twin of :func:`mdnumba.kernels.wavefront.wavefront_forward` (same arguments).
+
+    ``act`` enters holding ``W x + b`` and leaves holding the gate activations;
+    ``h``, ``c`` are written. ``path``: "auto" (cooperative, else per-diagonal),
+    "cooperative" or "per-diagonal"; ``use_shared``: stage U in shared memory
+    (None: when it fits).
+    """
+    tpb = _tpb(tpb)
+    a = _Args(h, c, act, U, diag_off, parent)
+    shared = _use_shared(a.dev[3], use_shared)
+    shmem = a.dev[3].nbytes if shared else 0
+    host_off = _host_ints(diag_off if diag_off_host is None else diag_off_host)
+    h_, c_, act_, U_, off_, par_ = a.dev
+    args = (h_, c_, act_, U_.reshape(U_.size), off_, par_, int(B), int(D), shared)
+    desc = _sweep(_forward_coop, _forward_diag, args, host_off, B, D, shmem, path, tpb, reverse=False)
+    _record(desc, shared)
+    a.finish(0, 1, 2)
+
+
+def wavefront_backward(dact, dc, dh, act, c, UT, diag_off, parent, child, B: int, D: int, *,
+                       path: str | None = None, use_shared: bool | None = None, tpb: int | None = None,
+                       diag_off_host: np.ndarray | None = None) -> None:
+    """CUDA twin of :func:`mdnumba.kernels.wavefront.wavefront_backward` (same arguments).
+
+    ``dh`` enters holding dL/dh from above and is completed in place; ``dact``
+    and ``dc`` are written. Keywords as in :func:`wavefront_forward`.
+    """
+    tpb = _tpb(tpb)
+    a = _Args(dact, dc, dh, act, c, UT, diag_off, parent, child)
+    shared = _use_shared(a.dev[5], use_shared)
+    shmem = a.dev[5].nbytes if shared else 0
+    host_off = _host_ints(diag_off if diag_off_host is None else diag_off_host)
+    dev = list(a.dev)
+    dev[5] = dev[5].reshape(dev[5].size)
+    desc = _sweep(_backward_coop, _backward_diag, (*dev, int(B), int(D), shared), host_off, B, D, shmem,
+                  path, tpb, reverse=True)
+    _record(desc, shared)
+    a.finish(0, 1, 2)
+
+
+def gemm(out, a, bm, bias=None, *, ta: bool = False, tb: bool = False, accumulate: bool = False,
+         method: str = "auto", nsplit: int | None = None) -> None:
+    """``out = init + op(a) @ op(bm)``, ``op(a) = aᵀ`` if ta, ``op(bm) = bmᵀ`` if tb.
+
+    init is ``bias`` (broadcast over rows) if given, ``out`` if ``accumulate``,
+    else 0. ``method``: "small" (thread per output; best when K or N is small),
+    "tiled" (shared-memory tiles, K split into ``nsplit`` chunks reduced in a
+    fixed order) or "auto".
+    """
+    if bias is not None and accumulate:
+        raise ValueError("give either bias or accumulate=True, not both")
+    x = _Args(out, a, bm)
+    dout, da, dbm = x.dev
+    dbias = as_device(bias) if bias is not None else dout.reshape(dout.size)
+    M, N = dout.shape
+    K = da.shape[0] if ta else da.shape[1]
+    if K < 1:
+        raise ValueError("gemm needs an inner dimension K >= 1")
+    if (da.shape[1] if ta else da.shape[0]) != M or (dbm.shape[1] if tb else dbm.shape[0]) != K \
+            or (dbm.shape[0] if tb else dbm.shape[1]) != N:
+        raise ValueError(f"gemm shapes do not match: out {dout.shape}, a {da.shape} (ta={ta}), "
+                         f"b {dbm.shape} (tb={tb})")
+    if bias is not None and dbias.dtype != dout.dtype:
+        raise TypeError("bias must have the dtype of out")
+    mode = 0 if bias is not None else (1 if accumulate else 2)
+    if method == "auto":
+        method = "small" if (K <= 32 or N <= 16) else "tiled"
+    if method == "small":
+        tpb = _tpb(None)
+        _gemm_small[_blocks(M * N, tpb), tpb](dout, da, dbm, dbias, M, N, K, ta, tb, mode)
+    elif method == "tiled":
+        _gemm_tiled_launch(dout, da, dbm, dbias, M, N, K, ta, tb, mode, nsplit)
+    else:
+        raise ValueError(f"method must be auto, small or tiled, got {method!r}")
+    x.finish(0)
+
+
+def _gemm_tiled_launch(out, a, bm, bias, M, N, K, ta, tb, mode, nsplit) -> None:
+    """Pick the K split (enough blocks to fill the GPU) and launch tiles (+ reduction)."""
+    tiles = (-(-N // BN)) * (-(-M // BM))
+    ksteps = -(-K // BK)
+    if nsplit is None:
+        nsplit = max(1, min(ksteps, (8 * _sm_count()) // tiles, 64))
+    nsplit = max(1, min(int(nsplit), ksteps))
+    kchunk = -(-ksteps // nsplit) * BK
+    nsplit = -(-K // kchunk)
+    grid = (-(-N // BN), -(-M // BM), nsplit)
+    if nsplit == 1:
+        _gemm_tiled[grid, GEMM_THREADS](out, out.reshape((1,) + out.shape), a, bm, bias, M, N, K,
+                                        ta, tb, mode, kchunk)
+        return
+    parts = cuda.device_array((nsplit, M, N), dtype=out.dtype)
+    _gemm_tiled[grid, GEMM_THREADS](out, parts, a, bm, bias, M, N, K, ta, tb, mode, kchunk)
+    tpb = _tpb(None)
+    _reduce_parts[_blocks(M * N, tpb), tpb](out, parts, bias, mode)
+
+
+def gather_rows(out, inp, src) -> None:
+    """``out[r, :F] = inp[src[r]]`` for every row r (``F = inp.shape[1]``)."""
+    x = _Args(out, inp, src)
+    tpb = _tpb(None)
+    _gather_rows[_blocks(x.dev[0].shape[0] * x.dev[1].shape[1], tpb), tpb](*x.dev)
+    x.finish(0)
+
+
+def gather_operands(z, xs, h, parent, B: int, D: int) -> None:
+    """``z = [xs | hpar | 1]`` (R, C + N*D + 1); ``hpar`` as CPU :func:`gather_parents`."""
+    x = _Args(z, xs, h, parent)
+    tpb = _tpb(None)
+    _gather_operands[_blocks(x.dev[0].size, tpb), tpb](*x.dev, int(B), int(D))
+    x.finish(0)
+
+
+def transpose_recurrent(UT, U, N: int) -> None:
+    """``UT[g, d*D + j] = U[j, d*G + g]`` (the backward sweep's weight layout)."""
+    x = _Args(UT, U)
+    tpb = _tpb(None)
+    _transpose_recurrent[_blocks(x.dev[1].size, tpb), tpb](*x.dev, int(N))
+    x.finish(0)
+
+
+def adam_update(p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, scale) -> None:
+    """CUDA twin of :func:`mdnumba.optim.adam_update` (flat arrays, in place)."""
+    x = _Args(p, g, m, v)
+    tpb = _tpb(None)
+    _adam_update[_blocks(x.dev[0].shape[0], tpb), tpb](*x.dev, lr, beta1, beta2, eps, bc1, bc2, scale)
+    x.finish(0, 2, 3)
+
+
+def sum_of_squares(g) -> float:
+    """``Σ g²`` in float64 with a fixed block split (same result every call)."""
+    dg = as_device(g)
+    partials = cuda.device_array(REDUCE_BLOCKS, dtype=np.float64)
+    _sumsq_partials[REDUCE_BLOCKS, REDUCE_TPB](partials, dg)
+    return float(np.sum(partials.copy_to_host()))
+
+
+def axpby(out, x, alpha: float, y, beta: float) -> None:
+    """``out = alpha·x + beta·y`` on flat arrays of one dtype."""
+    a = _Args(out, x, y)
+    tpb = _tpb(None)
+    _axpby[_blocks(a.dev[0].shape[0], tpb), tpb](a.dev[0], a.dev[1], alpha, a.dev[2], beta)
+    a.finish(0)
+
+
+def fill(out, value: float) -> None:
+    """``out[:] = value`` on a flat array."""
+    a = _Args(out)
+    tpb = _tpb(None)
+    _fill[_blocks(a.dev[0].shape[0], tpb), tpb](a.dev[0], value)
+    a.finish(0)

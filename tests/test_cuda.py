@@ -1,0 +1,271 @@
+"""CUDA backend tests.
+
+The ``sim_*`` cases need CUDA kernels. ``NUMBA_ENABLE_CUDASIM`` must be set before
+``numba.cuda`` is first imported, so :func:`test_simulator` runs them all in one
+``python -m pytest`` subprocess under the simulator (one outer test per case, the
+rest of the suite stays on the CPU path). When a real GPU is present they also run
+in a second subprocess (:func:`test_gpu`). Shapes are tiny: the simulator runs every CUDA
+thread as a Python thread.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gradcheck import check_layer_gradients
+
+from mdnumba import LSTM1D, MDLSTM2D, WavefrontLSTM
+from mdnumba import reference as ref
+from mdnumba.backend_cuda import CudaUnavailableError, cuda_unavailable_reason
+
+IN_SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+
+
+# ----------------------------------------------------------------- helpers for the cases
+def _layer(ndim, C, D, dtype, device, seed=7):
+    if ndim == 2:
+        return MDLSTM2D(C, D, seed=seed, dtype=dtype, device=device)
+    if ndim == 1:
+        return LSTM1D(C, D, seed=seed, dtype=dtype, device=device)
+    return WavefrontLSTM(ndim, C, D, seed=seed, dtype=dtype, device=device)
+
+
+def _ref_forward(layer, x):
+    U = [layer.params.U[:, d, :].astype(np.float64) for d in range(layer.ndim)]
+    return ref.mdlstm_forward(x.astype(np.float64), layer.params.W.astype(np.float64), U,
+                              layer.params.b.astype(np.float64))
+
+
+def _cpu_sweep_inputs(dims, B, D, rng):
+    from mdnumba.grid import wavefront
+    wf = wavefront(dims)
+    N = len(dims)
+    G = (N + 3) * D
+    U = rng.uniform(-0.5, 0.5, (D, N * G))
+    UT = np.ascontiguousarray(U.reshape(D, N, G).transpose(2, 1, 0)).reshape(G, N * D)
+    act = rng.standard_normal((wf.n_cells * B, G))
+    return wf, U, UT, act
+
+
+def _run_sweeps(mod, wf, U, UT, act0, B, D, **kw):
+    R = act0.shape[0]
+    h, c, act = np.zeros((R, D)), np.zeros((R, D)), act0.copy()
+    mod.wavefront_forward(h, c, act, U, wf.diag_off, wf.parent, B, D, **kw)
+    dh = np.cos(3 * h)
+    dact, dc = np.zeros_like(act), np.zeros_like(c)
+    mod.wavefront_backward(dact, dc, dh, act, c, UT, wf.diag_off, wf.parent, wf.child, B, D, **kw)
+    return h, c, act, dact, dc, dh
+
+
+# ----------------------------------------------------------------- simulator / GPU cases
+@pytest.mark.parametrize("path", ["cooperative", "per-diagonal"])
+@pytest.mark.parametrize("dims,shared", [((3, 4), True), ((3, 4), False), ((5,), None), ((2, 2, 3), None)])
+def sim_sweep_kernels_match_cpu(dims, shared, path, rng):
+    """Kernel twins vs the CPU kernels in float64 (B=2, D=3), both paths, U shared or global."""
+    from mdnumba.kernels import wavefront as cpu
+    from mdnumba.kernels import wavefront_cuda as gpu
+    B, D = 2, 3
+    wf, U, UT, act0 = _cpu_sweep_inputs(dims, B, D, rng)
+    want = _run_sweeps(cpu, wf, U, UT, act0, B, D)
+    got = _run_sweeps(gpu, wf, U, UT, act0, B, D, path=path, use_shared=shared, tpb=8)
+    for name, a, b in zip(("h", "c", "act", "dact", "dc", "dh"), got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14, err_msg=name)
+    assert gpu.last_path().startswith(path)
+
+
+@pytest.mark.parametrize("path", ["cooperative", "per-diagonal"])
+@pytest.mark.parametrize("ndim,shape", [(2, (2, 3, 4, 2)), (1, (2, 5, 2))])
+@pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+def sim_layer_matches_reference(ndim, shape, dtype, rtol, path, rng, monkeypatch):
+    """device='cuda' layers vs the float64 reference: h, dx and every gradient."""
+    from mdnumba import backend_cuda
+    from mdnumba.kernels import wavefront_cuda
+    monkeypatch.setattr(wavefront_cuda, "DEFAULT_PATH", path)
+    layer = _layer(ndim, shape[-1], 3, dtype, "cuda")
+    x = rng.standard_normal(shape).astype(dtype)
+    y = layer.forward(x)
+    assert isinstance(y, np.ndarray) and y.dtype == dtype and y.shape == shape[:-1] + (3,)
+    yr, cache = _ref_forward(layer, x)
+    np.testing.assert_allclose(y, yr, rtol=rtol, atol=rtol)
+    dh = rng.standard_normal(y.shape)
+    dx = layer.backward(dh.astype(dtype))
+    rdx, rdW, rdU, rdb = ref.mdlstm_backward(dh, cache)
+    tol = dict(rtol=rtol * 10, atol=rtol * 10)
+    np.testing.assert_allclose(dx, rdx, **tol)
+    np.testing.assert_allclose(layer.grads.W, rdW, **tol)
+    for d in range(ndim):
+        np.testing.assert_allclose(layer.grads.U[:, d], rdU[d], **tol)
+    np.testing.assert_allclose(layer.grads.b, rdb, **tol)
+    assert backend_cuda.last_path().startswith(path)
+
+
+@pytest.mark.parametrize("ndim,shape,zeros", [(2, (1, 2, 3, 1), False), (1, (2, 3, 1), True)])
+def sim_gradients_finite_differences(ndim, shape, zeros, rng):
+    """float64 central differences through the CUDA path (incl. an all-zero input)."""
+    layer = _layer(ndim, shape[-1], 2, np.float64, "cuda", seed=3)
+    layer.params.b[...] = rng.standard_normal(layer.params.b.shape) * 0.5
+    x = np.zeros(shape) if zeros else rng.standard_normal(shape)
+    check_layer_gradients(layer, x, rng)
+
+
+@pytest.mark.parametrize("method", ["small", "tiled"])
+def sim_gemm_matches_numpy(method, rng):
+    """``out = init + op(a) @ op(b)`` for every transpose flag and init mode, with K splits."""
+    from mdnumba.kernels import wavefront_cuda as gpu
+    M, N, K = 5, 6, 7
+    for ta in (False, True):
+        for tb in (False, True):
+            a = rng.standard_normal((K, M) if ta else (M, K))
+            b = rng.standard_normal((N, K) if tb else (K, N))
+            prod = (a.T if ta else a) @ (b.T if tb else b)
+            bias = rng.standard_normal(N)
+            for nsplit in ((1, 3) if method == "tiled" else (None,)):
+                kw = dict(ta=ta, tb=tb, method=method, nsplit=nsplit)
+                out = rng.standard_normal((M, N))
+                gpu.gemm(out, a, b, bias, **kw)
+                np.testing.assert_allclose(out, bias + prod, rtol=1e-12, atol=1e-12)
+                old = out.copy()
+                gpu.gemm(out, a, b, accumulate=True, **kw)
+                np.testing.assert_allclose(out, old + prod, rtol=1e-12, atol=1e-12)
+                gpu.gemm(out, a, b, **kw)
+                np.testing.assert_allclose(out, prod, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="shapes"):
+        gpu.gemm(np.zeros((2, 2)), np.zeros((2, 3)), np.zeros((2, 2)))
+
+
+def sim_device_training_matches_cpu(rng):
+    """CudaLSTM + CudaAdam (device arrays in and out) == CPU layer + Adam, three steps."""
+    from numba import cuda
+
+    from mdnumba import Adam
+    from mdnumba.backend_cuda import CudaAdam, CudaLSTM
+    from mdnumba.kernels import wavefront_cuda as gpu
+    cpu = MDLSTM2D(2, 3, seed=5, dtype=np.float64)
+    dev = CudaLSTM.from_layer(cpu)
+    opt_c = Adam(cpu, lr=1e-2, clip_norm=0.5)
+    opt_d = CudaAdam([dev], lr=1e-2, clip_norm=0.5)
+    x = rng.standard_normal((2, 3, 4, 2))
+    xd = cuda.to_device(x)
+    for _ in range(3):
+        h = cpu.forward(x)
+        hd = dev.forward(xd)
+        assert gpu.is_device_array(hd) and tuple(hd.shape) == h.shape
+        np.testing.assert_allclose(hd.copy_to_host(), h, rtol=1e-12, atol=1e-12)
+        cpu.zero_grad()
+        dev.zero_grad()
+        dx = cpu.backward(h / h.size)
+        dxd = dev.backward(cuda.to_device(h / h.size))
+        np.testing.assert_allclose(dxd.copy_to_host(), dx, rtol=1e-10, atol=1e-13)
+        np.testing.assert_allclose(dev.grads_to_host(), cpu.grads.data, rtol=1e-10, atol=1e-13)
+        assert opt_d.step() == pytest.approx(opt_c.step(), rel=1e-10)
+        np.testing.assert_allclose(dev.params_to_host(), cpu.params.data, rtol=1e-10, atol=1e-13)
+
+
+def sim_errors_and_fallback(rng, monkeypatch):
+    """Bad inputs say what to fix; 'auto' falls back to per-diagonal when cooperative fails."""
+    from numba import cuda
+
+    from mdnumba.backend_cuda import CudaLSTM, last_path
+    from mdnumba.kernels import wavefront_cuda as gpu
+    dev = CudaLSTM.from_layer(MDLSTM2D(2, 3, dtype=np.float32))
+    with pytest.raises(RuntimeError, match="before forward"):
+        dev.backward(np.zeros((1, 2, 2, 3), np.float32))
+    with pytest.raises(TypeError, match="dtype"):
+        dev.forward(cuda.to_device(np.zeros((1, 2, 2, 2))))
+    with pytest.raises(ValueError, match="channels"):
+        dev.forward(np.zeros((1, 2, 2, 5), np.float32))
+    y = dev.forward(np.ones((1, 2, 2, 2), np.float32))
+    with pytest.raises(ValueError, match="shape of the forward output"):
+        dev.backward(np.zeros((1, 2, 3, 3), np.float32))
+    with pytest.raises(ValueError, match="path"):
+        CudaLSTM.from_layer(MDLSTM2D(2, 3), path="diagonal").forward(np.ones((1, 2, 2, 2), np.float32))
+
+    def broken(*args, **kw):
+        raise RuntimeError("no cooperative launch here")
+    monkeypatch.setattr(gpu, "_coop_grid", broken)
+    monkeypatch.setitem(gpu._state, "coop_error", None)
+    np.testing.assert_array_equal(dev.forward(np.ones((1, 2, 2, 2), np.float32)), y)
+    assert last_path().startswith("per-diagonal") and "no cooperative launch here" in last_path()
+    dev.path = "cooperative"
+    with pytest.raises(RuntimeError, match="no cooperative launch"):
+        dev.forward(np.ones((1, 2, 2, 2), np.float32))
+
+
+SIM_CASES = sorted(name for name in list(globals()) if name.startswith("sim_"))
+
+
+# ----------------------------------------------------------------- outer tests (plain pytest)
+def _run_cases(tmp_dir: Path, simulator: bool) -> dict[str, tuple[str, str]]:
+    """Run every sim_* case in a ``python -m pytest`` subprocess; return name -> (state, message)."""
+    xml = tmp_dir / "report.xml"
+    env = dict(os.environ)
+    if simulator:
+        env.update(NUMBA_ENABLE_CUDASIM="1", MDNUMBA_THREADS_PER_BLOCK="8")
+    cmd = [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider",
+           "-o", "python_functions=sim_*", f"--junitxml={xml}"]
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True,
+                          text=True, timeout=900)
+    if not xml.exists():
+        pytest.fail(f"case run produced no report (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    cases = {}
+    for tc in ET.parse(xml).getroot().iter("testcase"):
+        bad = [el for el in tc if el.tag in ("failure", "error")]
+        skip = [el for el in tc if el.tag == "skipped"]
+        if bad:
+            cases[tc.get("name")] = ("failed", bad[0].text or bad[0].get("message", ""))
+        else:
+            cases[tc.get("name")] = ("skipped", skip[0].get("message", "")) if skip else ("passed", "")
+    return cases
+
+
+def _check_case(case: str, report: dict) -> None:
+    results = {k: v for k, v in report.items() if k == case or k.startswith(case + "[")}
+    assert results, f"{case} did not run in the subprocess"
+    failed = {k: msg for k, (state, msg) in results.items() if state == "failed"}
+    assert not failed, "\n\n".join(f"{k}:\n{msg}" for k, msg in failed.items())
+
+
+@pytest.fixture(scope="module")
+def simulator_report(tmp_path_factory):
+    return _run_cases(tmp_path_factory.mktemp("cudasim"), simulator=True)
+
+
+@pytest.fixture(scope="module")
+def gpu_report(tmp_path_factory):
+    return _run_cases(tmp_path_factory.mktemp("cudagpu"), simulator=False)
+
+
+@pytest.mark.skipif(IN_SIMULATOR, reason="this process already runs the simulator")
+@pytest.mark.parametrize("case", SIM_CASES)
+def test_simulator(case, simulator_report):
+    """Every sim_* case under NUMBA_ENABLE_CUDASIM=1 (one subprocess for all)."""
+    _check_case(case, simulator_report)
+
+
+@pytest.mark.skipif(IN_SIMULATOR or cuda_unavailable_reason() is not None, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", SIM_CASES)
+def test_gpu(case, gpu_report):
+    """The same cases on a real GPU (one subprocess for all)."""
+    _check_case(case, gpu_report)
+
+
+@pytest.mark.skipif(cuda_unavailable_reason() is None, reason="CUDA is available here")
+def test_cuda_unavailable_error_says_what_to_do():
+    with pytest.raises(CudaUnavailableError) as err:
+        MDLSTM2D(2, 3, device="cuda")
+    msg = str(err.value)
+    assert "pip install 'mdnumba[cuda]'" in msg and "numpy<2.5" in msg and "device='cpu'" in msg
+    with pytest.raises(CudaUnavailableError):
+        LSTM1D(2, 3, device="cuda")
+
+
+def test_bad_device_name():
+    with pytest.raises(ValueError, match="'cpu' or 'cuda'"):
+        MDLSTM2D(2, 3, device="gpu")
+    assert MDLSTM2D(2, 3).device == "cpu"
