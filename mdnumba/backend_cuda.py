@@ -22,7 +22,6 @@ unchanged. :func:`last_path` reports which sweep path ran.
 
 from __future__ import annotations
 
-import math
 import weakref
 from dataclasses import dataclass
 from functools import lru_cache
@@ -31,6 +30,7 @@ import numpy as np
 
 from . import config
 from ._validate import check_array
+from .optim import Adam
 
 INSTALL_HINT = ("install the CUDA extra with `pip install 'mdnumba[cuda]'` (numba-cuda; it needs "
                 "numpy<2.5) on a machine with an NVIDIA GPU and driver, or use device='cpu'")
@@ -256,8 +256,8 @@ class CudaLSTM:
                 f"dtype={self.dtype.name})")
 
 
-class CudaAdam:
-    """Adam on device buffers (twin of :class:`mdnumba.optim.Adam`, same update and clipping).
+class CudaAdam(Adam):
+    """Adam on device buffers: :class:`mdnumba.optim.Adam`'s step and clipping, device kernels.
 
     ``modules``: objects with flat device ``params`` and ``grads`` (e.g. :class:`CudaLSTM`).
     ``step()`` returns the pre-clipping global gradient norm (one small device→host copy).
@@ -265,37 +265,23 @@ class CudaAdam:
 
     def __init__(self, modules, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  clip_norm: float | None = None):
-        from numba import cuda
         self.k = _kernels()
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        self.buffers = [(m.params, m.grads) for m in modules]
-        if not self.buffers:
-            raise ValueError("CudaAdam got no parameters")
-        self.lr, self.betas, self.eps, self.clip_norm = float(lr), tuple(betas), float(eps), clip_norm
-        self.t = 0
-        self.m = [cuda.to_device(np.zeros(p.shape, p.dtype)) for p, _ in self.buffers]
-        self.v = [cuda.to_device(np.zeros(p.shape, p.dtype)) for p, _ in self.buffers]
+        super().__init__(modules, lr=lr, betas=betas, eps=eps, clip_norm=clip_norm)
 
-    def grad_norm(self) -> float:
-        """``sqrt(Σ g²)`` over all gradient buffers."""
-        return math.sqrt(sum(self.k.sum_of_squares(g) for _, g in self.buffers))
+    @staticmethod
+    def _collect(modules) -> list:
+        return [(m.params, m.grads) for m in modules]
 
-    def step(self) -> float:
-        """``p ← p − lr · m̂ / (sqrt(v̂) + ε)`` with gradients scaled by ``min(1, clip/‖g‖)``."""
-        norm = self.grad_norm()
-        if not math.isfinite(norm):
-            raise FloatingPointError("gradient norm is not finite; lower the learning rate or enable "
-                                     "clip_norm")
-        scale = 1.0
-        if self.clip_norm is not None and norm > self.clip_norm:
-            scale = self.clip_norm / norm
-        self.t += 1
-        b1, b2 = self.betas
-        for (p, g), m, v in zip(self.buffers, self.m, self.v):
-            self.k.adam_update(p, g, m, v, self.lr, b1, b2, self.eps, 1.0 - b1**self.t,
-                               1.0 - b2**self.t, scale)
-        return norm
+    @staticmethod
+    def _zeros_like(p):
+        from numba import cuda
+        return cuda.to_device(np.zeros(p.shape, p.dtype))
+
+    def _sum_of_squares(self, g) -> float:
+        return self.k.sum_of_squares(g)
+
+    def _update(self, *args) -> None:
+        self.k.adam_update(*args)
 
 
 # ------------------------------------------------------------------ layer dispatch

@@ -73,17 +73,23 @@ class Adam:
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
         if clip_norm is not None and not clip_norm > 0:
             raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm}")
-        self.buffers = collect_buffers(layers_or_params)
+        self.buffers = self._collect(layers_or_params)
         if not self.buffers:
-            raise ValueError("Adam got no parameters")
+            raise ValueError(f"{type(self).__name__} got no parameters")
         self.lr, self.betas, self.eps, self.clip_norm = float(lr), tuple(betas), float(eps), clip_norm
         self.t = 0
-        self.m = [np.zeros_like(p) for p, _ in self.buffers]
-        self.v = [np.zeros_like(p) for p, _ in self.buffers]
+        self.m = [self._zeros_like(p) for p, _ in self.buffers]
+        self.v = [self._zeros_like(p) for p, _ in self.buffers]
+
+    # Per-buffer primitives; a device twin (backend_cuda.CudaAdam) overrides only these.
+    _collect = staticmethod(collect_buffers)
+    _zeros_like = staticmethod(np.zeros_like)
+    _sum_of_squares = staticmethod(sum_of_squares)
+    _update = staticmethod(adam_update)
 
     def grad_norm(self) -> float:
         """Global L2 norm of all gradients."""
-        return math.sqrt(sum(sum_of_squares(g) for _, g in self.buffers))
+        return math.sqrt(sum(self._sum_of_squares(g) for _, g in self.buffers))
 
     def step(self) -> float:
         """Apply one update; return the (pre-clipping) global gradient norm."""
@@ -98,7 +104,7 @@ class Adam:
         b1, b2 = self.betas
         bc1, bc2 = 1.0 - b1**self.t, 1.0 - b2**self.t
         for (p, g), m, v in zip(self.buffers, self.m, self.v):
-            adam_update(p, g, m, v, self.lr, b1, b2, self.eps, bc1, bc2, scale)
+            self._update(p, g, m, v, self.lr, b1, b2, self.eps, bc1, bc2, scale)
         return norm
 
     def state_dict(self) -> dict:
