@@ -81,7 +81,7 @@ def last_path() -> str | None:
 
 @dataclass(frozen=True)
 class DeviceTables:
-    """Wavefront tables of one (grid shape, batch) on the device, plus host ``diag_off``."""
+    """Wavefront tables of one (grid shape, batch, directions) on the device, plus host ``diag_off``."""
 
     dims: tuple
     batch: int
@@ -90,65 +90,85 @@ class DeviceTables:
     diag_off: object
     parent: object
     child: object
-    skew_src: object     # skewed row r = s*B + b  <- dense row b*M + perm[s]
-    unskew_src: object   # dense row b*M + m      <- skewed row inv_perm[m]*B + b
+    skew_src: object     # [q, s*B + b] = dense row b*M + flip_q(perm[s])
+    unskew_src: object   # [q, b*M + m] = skewed row inv_perm[flip_q(m)]*B + b
 
 
 @lru_cache(maxsize=32)
-def device_tables(dims: tuple, batch: int) -> DeviceTables:
-    """Build (and cache) :class:`DeviceTables` for grid shape ``dims`` and batch size."""
+def device_tables(dims: tuple, batch: int, directions: int = 1) -> DeviceTables:
+    """Build (and cache) :class:`DeviceTables`; direction q mirrors the axes of q's set bits."""
     from numba import cuda
 
     from .grid import wavefront
     wf = wavefront(tuple(dims))
     M, B = wf.n_cells, int(batch)
     s, b = np.divmod(np.arange(M * B), B)
-    skew = b * M + wf.perm[s]
     bq, m = np.divmod(np.arange(M * B), M)
-    unskew = wf.inv_perm[m] * B + bq
+    flat = np.arange(M).reshape(wf.dims)
+    skew, unskew = [], []
+    for q in range(directions):
+        axes = tuple(d for d in range(len(wf.dims)) if (q >> d) & 1)
+        mirror = np.flip(flat, axes).reshape(-1) if axes else flat.reshape(-1)
+        skew.append(b * M + mirror[wf.perm[s]])
+        unskew.append(wf.inv_perm[mirror[m]] * B + bq)
     return DeviceTables(wf.dims, B, M, np.array(wf.diag_off), cuda.to_device(wf.diag_off),
-                        cuda.to_device(wf.parent), cuda.to_device(wf.child), cuda.to_device(skew),
-                        cuda.to_device(unskew))
+                        cuda.to_device(wf.parent), cuda.to_device(wf.child), cuda.to_device(np.stack(skew)),
+                        cuda.to_device(np.stack(unskew)))
 
 
 class CudaLSTM:
-    """Device-resident N-D LSTM (one scan direction) with the layout of ``WavefrontLSTM``.
+    """Device-resident N-D LSTM with the layout, cell and directions of ``WavefrontLSTM``.
 
     ``params`` and ``grads`` are flat device buffers in the host order
-    ``W (C, G) | U (D, N, G) | b (G,)``, ``G = (N+3)*D``. ``path`` picks the
-    sweep ("auto", "cooperative", "per-diagonal"), ``use_shared`` whether the
-    recurrent weights go to shared memory (None: when they fit).
+    ``W (S, C, G) | U (S, D, N, G) | b (S, G)`` for S directions, ``G = (N+3)*D``.
+    ``path`` picks the sweep ("auto", "cooperative", "per-diagonal"),
+    ``use_shared`` whether the recurrent weights go to shared memory (None: when
+    they fit).
     """
 
     def __init__(self, ndim: int, in_channels: int, hidden: int, params: np.ndarray,
-                 dtype=config.DEFAULT_DTYPE, *, path: str | None = None, use_shared: bool | None = None,
+                 dtype=config.DEFAULT_DTYPE, *, cell: str = "graves", directions: int = 1,
+                 path: str | None = None, use_shared: bool | None = None,
                  threads_per_block: int | None = None):
         self.k = _kernels()
         from numba import cuda
+
+        from .kernels.cell import cell_code
         self.ndim, self.in_channels, self.hidden = int(ndim), int(in_channels), int(hidden)
+        self.cell, self.cell_code, self.directions = cell, cell_code(cell), int(directions)
         self.dtype = config.resolve_dtype(dtype)
-        N, C, D = self.ndim, self.in_channels, self.hidden
+        N, C, D, S = self.ndim, self.in_channels, self.hidden, self.directions
         G = (N + 3) * D
-        self.size = C * G + D * N * G + G
+        self.size = S * (C * G + D * N * G + G)
         host = np.ascontiguousarray(params, dtype=self.dtype).reshape(-1)
         if host.size != self.size:
             raise ValueError(f"params must have {self.size} entries for ndim={N}, in={C}, hidden={D}, "
-                             f"got {host.size}")
+                             f"directions={S}, got {host.size}")
         self.params = cuda.to_device(host)
         self.grads = cuda.to_device(np.zeros(self.size, self.dtype))
-        self.W = self.params[:C * G].reshape(C, G)
-        self.U = self.params[C * G:C * G + D * N * G].reshape(D, N * G)
-        self.b = self.params[C * G + D * N * G:]
-        #: all parameter gradients as one (C + N*D + 1, G) matrix: rows of W, U (j*N + d), b
-        self.grad_matrix = self.grads.reshape(C + N * D + 1, G)
+        self.W, self.U, self.b = self._views(self.params)
+        #: per direction: the gradient views (dW (C, G), dU (D*N, G), db (1, G))
+        self.grad_views = list(zip(*self._views(self.grads, grads=True)))
         self.path, self.use_shared, self.tpb = path, use_shared, threads_per_block
         self._work: dict = {}
         self._saved: dict | None = None
 
+    def _views(self, flat, grads: bool = False):
+        """``W (S, C, G)``, ``U (S, D, N*G)`` (grads: ``(S, D*N, G)``), ``b (S, G)`` (grads: (S, 1, G))."""
+        N, C, D, S = self.ndim, self.in_channels, self.hidden, self.directions
+        G = (N + 3) * D
+        nW, nU = S * C * G, S * D * N * G
+        U = flat[nW:nW + nU]
+        b = flat[nW + nU:]
+        return (flat[:nW].reshape(S, C, G),
+                U.reshape(S, D * N, G) if grads else U.reshape(S, D, N * G),
+                b.reshape(S, 1, G) if grads else b.reshape(S, G))
+
     @classmethod
     def from_layer(cls, layer, **kw) -> CudaLSTM:
-        """A device copy of a host ``WavefrontLSTM`` (MDLSTM2D, LSTM1D) and its parameters."""
-        return cls(layer.ndim, layer.in_channels, layer.hidden, layer.params.data, layer.dtype, **kw)
+        """A device copy of a host ``WavefrontLSTM`` (MDLSTM2D, LSTM1D, ...) and its parameters."""
+        return cls(layer.ndim, layer.in_channels, layer.hidden, layer.params.data, layer.dtype,
+                   cell=layer.cell, directions=layer.directions, **kw)
 
     # ------------------------------------------------------------ parameters
     def set_params(self, host: np.ndarray) -> None:
@@ -167,57 +187,66 @@ class CudaLSTM:
 
     # ------------------------------------------------------------ passes
     def forward(self, x):
-        """``h`` (B, *dims, D) for ``x`` (B, *dims, C); saves what backward needs.
+        """``h`` (B, *dims, S*D) for ``x`` (B, *dims, C); saves what backward needs.
 
-        ``act = x W + b`` (one GEMM), then the hyperplane sweep adds ``Σ_d h_parent_d U_d``
-        and applies the cell.
+        Per direction q: ``act_q = flip_q(x) W_q + b_q`` (one GEMM), then one sweep
+        for all directions adds ``Σ_d h_parent_d U_qd`` and applies the cell.
         """
-        k, N, C, D = self.k, self.ndim, self.in_channels, self.hidden
+        k, N, C, D, S = self.k, self.ndim, self.in_channels, self.hidden, self.directions
         xd, host_in = self._input(x, "x", N + 2, C)
         B, dims = xd.shape[0], tuple(xd.shape[1:-1])
-        t = device_tables(dims, B)
+        t = device_tables(dims, B, S)
         R, G = t.n_cells * B, (N + 3) * D
-        xs, act = self._ws("xs", (R, C)), self._ws("act", (R, G))
-        h, c = self._ws("h", (R, D)), self._ws("c", (R, D))
-        k.gather_rows(xs, xd.reshape(R, C), t.skew_src)
-        k.gemm(act, xs, self.W, self.b)
-        k.wavefront_forward(h, c, act, self.U, t.diag_off, t.parent, B, D, path=self.path,
-                            use_shared=self.use_shared, tpb=self.tpb, diag_off_host=t.diag_off_host)
-        self._saved = dict(tables=t, shape=(B,) + dims + (D,))
-        out = self._new((R, D))
-        k.gather_rows(out, h, t.unskew_src)
-        out = out.reshape((B,) + dims + (D,))
+        xs, act = self._ws("xs", (S * R, C)), self._ws("act", (S * R, G))
+        h, c = self._ws("h", (S * R, D)), self._ws("c", (S * R, D))
+        out = self._new((R, S, D))
+        for q in range(S):
+            k.gather_rows(xs[q * R:(q + 1) * R], xd.reshape(R, C), t.skew_src[q])
+            k.gemm(act[q * R:(q + 1) * R], xs[q * R:(q + 1) * R], self.W[q], self.b[q])
+        k.wavefront_forward(h, c, act, self.U, t.diag_off, t.parent, B, D, self.cell_code,
+                            path=self.path, use_shared=self.use_shared, tpb=self.tpb,
+                            diag_off_host=t.diag_off_host)
+        for q in range(S):
+            k.gather_rows(out[:, q, :], h[q * R:(q + 1) * R], t.unskew_src[q])
+        self._saved = dict(tables=t, shape=(B,) + dims + (S * D,))
+        out = out.reshape((B,) + dims + (S * D,))
         return out.copy_to_host() if host_in else out
 
     def backward(self, dh):
-        """dL/dx for upstream ``dh`` = dL/dh; adds ``[dW; dU; db] += zᵀ dact`` into ``grads``.
+        """dL/dx for upstream ``dh`` = dL/dh; adds ``[dW; dU; db]_q += z_qᵀ dact_q`` into ``grads``.
 
-        ``z = [x | h_parents | 1]`` per row, so all weight gradients are one GEMM;
-        ``dx = dact Wᵀ``.
+        ``z = [x | h_parents | 1]`` per row, so a direction's weight gradients are
+        one GEMM (three column blocks); ``dx = Σ_q unflip_q(dact_q W_qᵀ)``.
         """
         if self._saved is None:
             raise RuntimeError("backward() called before forward(); run forward(x) first")
-        k, N, C, D = self.k, self.ndim, self.in_channels, self.hidden
+        k, N, C, D, S = self.k, self.ndim, self.in_channels, self.hidden, self.directions
         t, want = self._saved["tables"], self._saved["shape"]
         dhd, host_in = self._input(dh, "dh", N + 2, None)
         if tuple(dhd.shape) != want:
             raise ValueError(f"dh must have the shape of the forward output {want}, got {tuple(dhd.shape)}")
         B, R, G = t.batch, t.n_cells * t.batch, (N + 3) * D
-        dhs, UT = self._ws("dhs", (R, D)), self._ws("UT", (G, N * D))
-        dact, dc = self._ws("dact", (R, G)), self._ws("dc", (R, D))
-        k.gather_rows(dhs, dhd.reshape(R, D), t.skew_src)
-        k.transpose_recurrent(UT, self.U, N)
+        dhs, UT = self._ws("dhs", (S * R, D)), self._ws("UT", (S, G, N * D))
+        dact, dc = self._ws("dact", (S * R, G)), self._ws("dc", (S * R, D))
+        dh3 = dhd.reshape(R, S, D)
+        for q in range(S):
+            k.gather_rows(dhs[q * R:(q + 1) * R], dh3[:, q, :], t.skew_src[q])
+            k.transpose_recurrent(UT[q], self.U[q], N)
         act, c, h, xs = (self._work[n] for n in ("act", "c", "h", "xs"))
         k.wavefront_backward(dact, dc, dhs, act, c, UT, t.diag_off, t.parent, t.child, B, D,
-                             path=self.path, use_shared=self.use_shared, tpb=self.tpb,
+                             self.cell_code, path=self.path, use_shared=self.use_shared, tpb=self.tpb,
                              diag_off_host=t.diag_off_host)
-        z = self._ws("z", (R, C + N * D + 1))
+        z = self._ws("z", (S * R, C + N * D + 1))
         k.gather_operands(z, xs, h, t.parent, B, D)
-        k.gemm(self.grad_matrix, z, dact, ta=True, accumulate=True)
-        dxs = self._ws("dxs", (R, C))
-        k.gemm(dxs, dact, self.W, tb=True)
-        dx = self._new((R, C))
-        k.gather_rows(dx, dxs, t.unskew_src)
+        dxs, dxq, dx = self._ws("dxs", (R, C)), self._ws("dxq", (R, C)), self._new((R, C))
+        for q, (gW, gU, gb) in enumerate(self.grad_views):
+            zq, dq = z[q * R:(q + 1) * R], dact[q * R:(q + 1) * R]
+            for g_view, lo, hi in ((gW, 0, C), (gU, C, C + N * D), (gb, C + N * D, C + N * D + 1)):
+                k.gemm(g_view, zq[:, lo:hi], dq, ta=True, accumulate=True)
+            k.gemm(dxs, dq, self.W[q], tb=True)
+            k.gather_rows(dxq if q else dx, dxs, t.unskew_src[q])
+            if q:
+                k.axpby(dx.reshape(dx.size), dx.reshape(dx.size), 1.0, dxq.reshape(dxq.size), 1.0)
         dx = dx.reshape(want[:-1] + (C,))
         return dx.copy_to_host() if host_in else dx
 

@@ -11,57 +11,74 @@ import numpy as np
 from . import config
 from ._validate import check_array, check_positive_int
 from .grid import from_skewed, to_skewed, wavefront
+from .kernels.cell import cell_code
 from .kernels.gemm import column_sums, matmul_at_b, matmul_rows
 from .kernels.wavefront import gather_parents, wavefront_backward, wavefront_forward
 from .params import ParamLayout
 
 
 class WavefrontLSTM:
-    """N-dimensional LSTM over a grid (Graves 2007), one scan direction.
+    """N-dimensional LSTM over a grid (Graves 2007), 1 or 2**N scan directions.
 
-    Input ``(B, n_1, ..., n_N, C)``, output ``(B, n_1, ..., n_N, D)``. Parameters
-    in one flat buffer: ``W (C, G)``, ``U (D, N, G)`` (``U[:, d]`` acts on the
-    parent along dimension d), ``b (G,)``, ``G = (N+3)*D`` gate columns
-    ``[i | f_1..f_N | o | g]``.
+    Input ``(B, n_1, ..., n_N, C)``, output ``(B, n_1, ..., n_N, S*D)`` for S
+    directions. Direction ``q`` (bit d of q set: the scan runs backwards along
+    axis d) writes output channels ``q*D:(q+1)*D``; the directions have their own
+    weights and are swept together, not one after another. Parameters in one
+    flat buffer: ``W (C, G)``, ``U (D, N, G)`` (``U[:, d]`` acts on the parent
+    along dimension d), ``b (G,)``, ``G = (N+3)*D`` gate columns; with S > 1 each
+    gets a leading direction axis (``W (S, C, G)`` ...).
+
+    ``cell``: "graves" (``[i | f_1..f_N | o | g]``, c = i·g + Σ f_d·c_d,
+    h = o·tanh c), "stable" (Leifert et al. 2016: ``[i | f | l_1..l_{N-1} | o | g]``,
+    c = i·g + f·Σ w_d·c_d with w = softmax(l, 0): a convex mix, bounded state) or
+    "spatial" (Theis & Bethge 2015: graves with h = tanh(c·o)); equations in
+    :mod:`mdnumba.kernels.cell`.
 
     Forget-gate biases start at ``forget_bias``; the default (None) is +1 for
-    N = 1 (common practice) and 0 for N >= 2: with +1 each of the N forget gates
-    starts near 0.73, their sum 1.46 makes c grow ~1.46^k along diagonal k and a
-    128x128 float32 grid overflows to inf at step 1 (measured); with 0 the sum
-    starts at N/2 = 1 for 2D.
+    N = 1 and the stable cell, 0 for graves/spatial with N >= 2: with +1 each of
+    the N forget gates starts near 0.73, their sum 1.46 makes c grow ~1.46^k along
+    diagonal k and a 128x128 float32 grid overflows to inf at step 1 (measured).
     """
 
     def __init__(self, ndim: int, in_channels: int, hidden: int, seed: int = 0,
-                 dtype=config.DEFAULT_DTYPE, forget_bias: float | None = None, device: str = "cpu"):
+                 dtype=config.DEFAULT_DTYPE, forget_bias: float | None = None, device: str = "cpu",
+                 cell: str = "graves", directions: int = 1):
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        self.ndim = check_positive_int(ndim, "ndim")
+        self.cell, self.cell_code = cell, cell_code(cell)
+        if directions not in (1, 2 ** self.ndim):
+            raise ValueError(f"directions must be 1 or {2 ** self.ndim} (every corner of a "
+                             f"{self.ndim}-D grid), got {directions!r}")
         if device == "cuda":
             from .backend_cuda import require_cuda
             require_cuda()
         self.device = device
-        self.ndim = check_positive_int(ndim, "ndim")
+        self.directions = directions
         self.in_channels = check_positive_int(in_channels, "in_channels")
         self.hidden = check_positive_int(hidden, "hidden")
         self.dtype = config.resolve_dtype(dtype)
         N, C, D = self.ndim, self.in_channels, self.hidden
         G = (N + 3) * D
-        self.layout = ParamLayout({"W": (C, G), "U": (D, N, G), "b": (G,)})
+        lead = (directions,) if directions > 1 else ()
+        self.layout = ParamLayout({"W": lead + (C, G), "U": lead + (D, N, G), "b": lead + (G,)})
         self.params = self.layout.new(self.dtype)
         self.grads = self.layout.new(self.dtype)
         rng = np.random.default_rng(seed)
         scale = 1.0 / np.sqrt(C + N * D)
-        self.params["W"][...] = rng.uniform(-scale, scale, (C, G))
-        self.params["U"][...] = rng.uniform(-scale, scale, (D, N, G))
+        for name in ("W", "U"):
+            self.params[name][...] = rng.uniform(-scale, scale, self.layout.shapes[name])
         if forget_bias is None:
-            forget_bias = 1.0 if N == 1 else 0.0
-        self.params["b"][D:(N + 1) * D] = forget_bias
+            forget_bias = 1.0 if (N == 1 or cell == "stable") else 0.0
+        n_forget = 1 if cell == "stable" else N
+        self.params["b"][..., D:(1 + n_forget) * D] = forget_bias
         self._saved: dict | None = None
         self._work: dict[str, np.ndarray] = {}
 
     # ------------------------------------------------------------------ API
     @property
     def out_channels(self) -> int:
-        return self.hidden
+        return self.directions * self.hidden
 
     def zero_grad(self) -> None:
         """Set every gradient to zero (backward accumulates)."""
@@ -73,18 +90,22 @@ class WavefrontLSTM:
         if self.device == "cuda":
             from .backend_cuda import layer_forward
             return layer_forward(self, x)
-        B, D = x.shape[0], self.hidden
+        B, D, S = x.shape[0], self.hidden, self.directions
         wf = wavefront(x.shape[1:-1])
-        xs = to_skewed(x, wf)
-        rows = xs.shape[0]
-        act = self._workspace("act", (rows, self.layout.shapes["b"][0]))
-        h = self._workspace("h", (rows, D))
-        c = self._workspace("c", (rows, D))
-        matmul_rows(act, xs, self.params["W"], self.params["b"], False)
-        U = self.params["U"].reshape(D, -1)
-        wavefront_forward(h, c, act, U, wf.diag_off, wf.parent, B, D)
+        xs = self._skew_directions(x, wf, per_direction=False)
+        rows = xs.shape[0] // S
+        act = self._workspace("act", (S * rows, self.layout.shapes["b"][-1]))
+        h = self._workspace("h", (S * rows, D))
+        c = self._workspace("c", (S * rows, D))
+        W, b = self._per_direction("W"), self._per_direction("b")
+        for q in range(S):
+            sl = slice(q * rows, (q + 1) * rows)
+            matmul_rows(act[sl], xs[sl], W[q], b[q], False)
+        U = self.params["U"].reshape(S, D, -1)
+        wavefront_forward(h, c, act, U, wf.diag_off, wf.parent, B, D, self.cell_code)
         self._saved = dict(xs=xs, act=act, c=c, h=h, wf=wf, batch=B)
-        return from_skewed(h, wf, B)
+        outs = [self._unskew(h[q * rows:(q + 1) * rows], wf, B, q) for q in range(S)]
+        return outs[0] if S == 1 else np.concatenate(outs, axis=-1)
 
     def backward(self, dh: np.ndarray) -> np.ndarray:
         """Return dL/dx for upstream ``dh`` = dL/dh and accumulate parameter grads."""
@@ -94,26 +115,34 @@ class WavefrontLSTM:
         if self._saved is None:
             raise RuntimeError("backward() called before forward(); run forward(x) first")
         sv = self._saved
-        wf, B, D, N = sv["wf"], sv["batch"], self.hidden, self.ndim
-        want = (B,) + wf.dims + (D,)
+        wf, B, D, N, S = sv["wf"], sv["batch"], self.hidden, self.ndim, self.directions
+        want = (B,) + wf.dims + (S * D,)
         dh = check_array(dh, "dh", self.ndim + 2, None, self.dtype, self._layout_str("D"))
         if dh.shape != want:
             raise ValueError(f"dh must have the shape of the forward output {want}, got {dh.shape}")
-        dhs = to_skewed(dh, wf)
+        dhs = self._skew_directions(dh.reshape(dh.shape[:-1] + (S, D)), wf, per_direction=True)
         dact = self._workspace("dact", sv["act"].shape)
         dc = self._workspace("dc", sv["c"].shape)
-        UT = np.ascontiguousarray(self.params["U"].transpose(2, 1, 0)).reshape(-1, N * D)
-        wavefront_backward(dact, dc, dhs, sv["act"], sv["c"], UT, wf.diag_off, wf.parent,
-                           wf.child, B, D)
+        UT = np.ascontiguousarray(self.params["U"].reshape(S, D, N, -1).transpose(0, 3, 2, 1))
+        wavefront_backward(dact, dc, dhs, sv["act"], sv["c"], UT.reshape(S, -1, N * D), wf.diag_off,
+                           wf.parent, wf.child, B, D, self.cell_code)
         hpar = self._workspace("hpar", (dact.shape[0], D * N))
         gather_parents(hpar, sv["h"], wf.parent, B, D)
-        matmul_at_b(self.grads["W"], sv["xs"], dact)
-        matmul_at_b(self.grads["U"].reshape(D * N, -1), hpar, dact)
-        column_sums(self.grads["b"], dact)
-        dxs = np.zeros_like(sv["xs"])
-        matmul_rows(dxs, dact, np.ascontiguousarray(self.params["W"].T), self.params["b"], True)
-        return from_skewed(dxs, wf, B)
-
+        W, dW, dU, db = (self._per_direction(n, buf) for n, buf in
+                         (("W", self.params), ("W", self.grads), ("U", self.grads), ("b", self.grads)))
+        rows = dact.shape[0] // S
+        dx = None
+        dxs = self._workspace("dxs", (rows, self.in_channels))
+        for q in range(S):
+            sl = slice(q * rows, (q + 1) * rows)
+            matmul_at_b(dW[q], sv["xs"][sl], dact[sl])
+            matmul_at_b(dU[q].reshape(D * N, -1), hpar[sl], dact[sl])
+            column_sums(db[q], dact[sl])
+            dxs[...] = 0
+            matmul_rows(dxs, dact[sl], np.ascontiguousarray(W[q].T), db[q], True)
+            dxq = self._unskew(dxs, wf, B, q)
+            dx = dxq if dx is None else dx + dxq
+        return np.ascontiguousarray(dx)
     def saved_bytes(self) -> int:
         """Bytes held by the activations saved for backward (0 before forward)."""
         if self._saved is None:
@@ -126,6 +155,29 @@ class WavefrontLSTM:
             if self._saved else 0
 
     # -------------------------------------------------------------- helpers
+    def _per_direction(self, name: str, buf=None) -> np.ndarray:
+        """View of parameter ``name`` with a leading direction axis (also when S = 1)."""
+        view = (self.params if buf is None else buf)[name]
+        return view if self.directions > 1 else view[None]
+
+    def _flip(self, x: np.ndarray, q: int) -> np.ndarray:
+        """``x`` (B, *dims, F) reversed along every axis d with bit d of direction q set."""
+        axes = tuple(1 + d for d in range(self.ndim) if (q >> d) & 1)
+        return np.flip(x, axes) if axes else x
+
+    def _skew_directions(self, x: np.ndarray, wf, per_direction: bool) -> np.ndarray:
+        """Stack the skewed, direction-flipped inputs: slab q = ``to_skewed(flip_q(x))``.
+
+        ``per_direction``: ``x`` is (B, *dims, S, F) and slab q uses ``x[..., q, :]``.
+        """
+        parts = [to_skewed(self._flip(x[..., q, :] if per_direction else x, q), wf)
+                 for q in range(self.directions)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _unskew(self, xs: np.ndarray, wf, batch: int, q: int) -> np.ndarray:
+        """Inverse of one slab of :meth:`_skew_directions`: dense, flipped back."""
+        return self._flip(from_skewed(xs, wf, batch), q)
+
     def _workspace(self, name: str, shape: tuple) -> np.ndarray:
         """A scratch/activation buffer reused across calls of the same shape.
 
@@ -143,51 +195,71 @@ class WavefrontLSTM:
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(in={self.in_channels}, hidden={self.hidden}, "
-                f"dtype={self.dtype.name})")
+                f"cell={self.cell!r}, directions={self.directions}, dtype={self.dtype.name})")
 
 
 class MDLSTM2D(WavefrontLSTM):
-    """2D multi-dimensional LSTM (Graves 2007) scanning from the top-left corner.
+    """2D multi-dimensional LSTM (Graves 2007) over images.
 
     ``forward(x)``: ``x`` of shape (B, H, W, C) → (B, H, W, directions*hidden).
-    ``backward(dh)`` → dL/dx, accumulating into ``grads``. Named views:
-    ``W (C, 5D)``, ``U_up (D, 5D)``, ``U_left (D, 5D)``, ``b (5D,)`` with gate
-    blocks ``[i | f_up | f_left | o | g]``; ``U`` is both recurrent matrices.
+    ``backward(dh)`` → dL/dx, accumulating into ``grads``. ``directions=1`` scans
+    from the top-left corner; ``directions=4`` adds the scans from the bottom-left
+    (q=1), top-right (q=2) and bottom-right (q=3) corners, output channels
+    ``q*hidden:(q+1)*hidden``. Named views (one direction): ``W (C, 5D)``,
+    ``U_up (D, 5D)``, ``U_left (D, 5D)``, ``b (5D,)`` with gate blocks
+    ``[i | f_up | f_left | o | g]`` (stable cell: ``[i | f | λ | o | g]``); ``U`` is
+    both recurrent matrices. With 4 directions every view gains a leading axis of 4.
+    ``cell`` is "graves", "stable" or "spatial" (see :class:`WavefrontLSTM`).
     """
 
     def __init__(self, in_channels: int, hidden: int, directions: int = 1, seed: int = 0,
-                 dtype=config.DEFAULT_DTYPE, forget_bias: float | None = None, device: str = "cpu"):
-        if directions != 1:
-            raise ValueError(f"directions={directions} is not supported yet; use directions=1 "
-                             "(the top-left to bottom-right scan)")
-        self.directions = directions
+                 dtype=config.DEFAULT_DTYPE, forget_bias: float | None = None, device: str = "cpu",
+                 cell: str = "graves"):
         super().__init__(2, in_channels, hidden, seed=seed, dtype=dtype, forget_bias=forget_bias,
-                         device=device)
+                         device=device, cell=cell, directions=directions)
         for buf in (self.params, self.grads):
-            buf.add_alias("U_up", buf["U"][:, 0, :])
-            buf.add_alias("U_left", buf["U"][:, 1, :])
-
-    @property
-    def out_channels(self) -> int:
-        return self.directions * self.hidden
+            buf.add_alias("U_up", buf["U"][..., 0, :])
+            buf.add_alias("U_left", buf["U"][..., 1, :])
 
     def _layout_str(self, ch: str = "C") -> str:
         return f"(batch, height, width, {ch})"
 
 
+class MDLSTM3D(WavefrontLSTM):
+    """3D multi-dimensional LSTM over volumes: (B, D1, D2, D3, C) → (B, D1, D2, D3, directions*hidden).
+
+    Three neighbours (one step back along each axis), three forget gates
+    (graves: blocks ``[i | f_1 | f_2 | f_3 | o | g]``), wavefront over the planes
+    ``i + j + k = s``. ``directions`` is 1 or 8 (every corner). Views
+    ``W (C, 6D)``, ``U (D, 3, 6D)``, ``b (6D,)``.
+    """
+
+    def __init__(self, in_channels: int, hidden: int, directions: int = 1, seed: int = 0,
+                 dtype=config.DEFAULT_DTYPE, forget_bias: float | None = None, device: str = "cpu",
+                 cell: str = "graves"):
+        super().__init__(3, in_channels, hidden, seed=seed, dtype=dtype, forget_bias=forget_bias,
+                         device=device, cell=cell, directions=directions)
+
+    def _layout_str(self, ch: str = "C") -> str:
+        return f"(batch, depth1, depth2, depth3, {ch})"
+
+
 class LSTM1D(WavefrontLSTM):
-    """Plain LSTM over sequences: ``forward(x)`` with (B, T, C) → (B, T, hidden).
+    """Plain LSTM over sequences: ``forward(x)`` with (B, T, C) → (B, T, directions*hidden).
 
     Named views ``W (C, 4D)``, ``U (D, 1, 4D)`` (alias ``U_rec (D, 4D)``),
-    ``b (4D,)`` with gate blocks ``[i | f | o | g]``.
+    ``b (4D,)`` with gate blocks ``[i | f | o | g]``. ``directions=2`` is a
+    bidirectional LSTM (second half of the channels reads the sequence backwards).
+    ``cell``: "graves" (= "stable" in 1D: one neighbour) or "spatial" (h = tanh(c·o)).
     """
 
     def __init__(self, in_features: int, hidden: int, seed: int = 0,
-                 dtype=config.DEFAULT_DTYPE, forget_bias: float | None = None, device: str = "cpu"):
+                 dtype=config.DEFAULT_DTYPE, forget_bias: float | None = None, device: str = "cpu",
+                 directions: int = 1, cell: str = "graves"):
         super().__init__(1, in_features, hidden, seed=seed, dtype=dtype, forget_bias=forget_bias,
-                         device=device)
+                         device=device, directions=directions, cell=cell)
         for buf in (self.params, self.grads):
-            buf.add_alias("U_rec", buf["U"][:, 0, :])
+            buf.add_alias("U_rec", buf["U"][..., 0, :])
 
     def _layout_str(self, ch: str = "C") -> str:
         return f"(batch, time, {ch})"

@@ -3,7 +3,8 @@
 Conventions match the public layers: input ``x`` is dense ``(B, *dims, C)``,
 ``W`` is ``(C, G)``, ``U`` is a list of N matrices ``(D, G)`` (one per grid
 dimension, applied to the parent one step back along it), ``b`` is ``(G,)``,
-with ``G = (N+3)*D`` gate columns ordered ``[i | f_1 .. f_N | o | g]``.
+with ``G = (N+3)*D`` gate columns ordered ``[i | f_1 .. f_N | o | g]`` (graves and
+spatial cells) or ``[i | f | l_1 .. l_{N-1} | o | g]`` (stable cell).
 Cells are visited in plain row-major order (every parent comes earlier); the
 backward pass *pushes* gradients to parents, unlike the kernels which pull, so
 the two are independent derivations. Nothing here is fast, nothing is shared
@@ -29,11 +30,43 @@ def _parents(idx, d):
     return tuple(p)
 
 
-def mdlstm_forward(x, W, U, b):
+def _softmax_with_zero(logits):
+    """softmax over the last axis of ``[logits, 0]`` (the stable cell's neighbour weights)."""
+    z = np.concatenate([logits, np.zeros(logits.shape[:-1] + (1,))], axis=-1)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _cell_state(a, c_par, N, D, cell):
+    """Gates and new state of one cell for all batch items.
+
+    Returns ``(gates, c, F)`` with ``gates`` the stored activations in the kernel's
+    block order and ``F`` (N, B, D) the weight of each parent state in c.
+    graves/spatial: ``c = i g + Σ_d f_d c_d``; stable: ``c = i g + f Σ_d w_d c_d``,
+    ``w = softmax(l_1..l_{N-1}, 0)``.
+    """
+    gi = _sigmoid(a[:, :D])
+    go = _sigmoid(a[:, (N + 1) * D:(N + 2) * D])
+    gg = np.tanh(a[:, (N + 2) * D:])
+    if cell == "stable":
+        f = _sigmoid(a[:, D:2 * D])
+        logits = a[:, 2 * D:(N + 1) * D].reshape(a.shape[0], N - 1, D).transpose(0, 2, 1)  # (B, D, N-1)
+        w = _softmax_with_zero(logits).transpose(2, 0, 1)  # (N, B, D)
+        F = f[None] * w
+        mid = [f] + [w[k] for k in range(N - 1)]
+    else:
+        F = np.stack([_sigmoid(a[:, (1 + d) * D:(2 + d) * D]) for d in range(N)])
+        mid = list(F)
+    c = gi * gg + sum(F[d] * c_par[d] for d in range(N))
+    return np.concatenate([gi] + mid + [go, gg], axis=1), c, F
+
+
+def mdlstm_forward(x, W, U, b, cell="graves"):
     """Return ``(h, cache)`` for an N-D LSTM, ``h`` of shape (B, *dims, D).
 
-    a = W x + Σ_d U_d h_{parent d} + b;  i, f_d, o = σ(·), g = tanh(·);
-    c = i·g + Σ_d f_d·c_{parent d};  h = o·tanh(c).
+    a = W x + Σ_d U_d h_{parent d} + b;  i, o = σ(·), g = tanh(·);
+    c = i·g + Σ_d F_d·c_{parent d} (:func:`_cell_state`);
+    h = o·tanh(c), or tanh(c·o) for the spatial cell.
     """
     x = np.asarray(x, dtype=np.float64)
     B, dims, N = x.shape[0], x.shape[1:-1], x.ndim - 2
@@ -41,32 +74,45 @@ def mdlstm_forward(x, W, U, b):
     h = np.zeros((B,) + dims + (D,))
     c = np.zeros_like(h)
     gates = np.zeros((B,) + dims + ((N + 3) * D,))
+    zero = np.zeros((B, D))
     for idx in itertools.product(*(range(n) for n in dims)):
-        cell = (slice(None),) + idx
-        a = x[cell] @ W + b
+        cell_ix = (slice(None),) + idx
+        a = x[cell_ix] @ W + b
         par = [_parents(idx, d) for d in range(N)]
         for d, p in enumerate(par):
             if p is not None:
                 a = a + h[(slice(None),) + p] @ U[d]
-        gi = _sigmoid(a[:, :D])
-        go = _sigmoid(a[:, (N + 1) * D:(N + 2) * D])
-        gg = np.tanh(a[:, (N + 2) * D:])
-        c_new = gi * gg
-        gf = []
-        for d, p in enumerate(par):
-            f = _sigmoid(a[:, (1 + d) * D:(2 + d) * D])
-            gf.append(f)
-            if p is not None:
-                c_new = c_new + f * c[(slice(None),) + p]
-        c[cell] = c_new
-        h[cell] = go * np.tanh(c_new)
-        gates[cell] = np.concatenate([gi] + gf + [go, gg], axis=1)
-    return h, dict(x=x, W=W, U=U, b=b, h=h, c=c, gates=gates)
+        c_par = [zero if p is None else c[(slice(None),) + p] for p in par]
+        gates[cell_ix], c[cell_ix], _ = _cell_state(a, c_par, N, D, cell)
+        go = gates[cell_ix][:, (N + 1) * D:(N + 2) * D]
+        h[cell_ix] = np.tanh(c[cell_ix] * go) if cell == "spatial" else go * np.tanh(c[cell_ix])
+    return h, dict(x=x, W=W, U=U, b=b, h=h, c=c, gates=gates, cell=cell)
+
+
+def _forget_grads(dcell, gates, c_par, N, D, cell):
+    """dL/d(forget-block pre-activations) and dL/dc_parent_d, for one cell.
+
+    graves/spatial: da_fd = dc·c_d·f_d(1−f_d), dc_d = dc·f_d. stable: with
+    J = diag(w) − w wᵀ (softmax Jacobian), dw_d = dc·f·c_d, da_l = (J dw)[:N-1],
+    da_f = dc·(Σ_d w_d c_d)·f(1−f), dc_d = dc·f·w_d.
+    """
+    if cell != "stable":
+        f = [gates[:, (1 + d) * D:(2 + d) * D] for d in range(N)]
+        da = [dcell * c_par[d] * f[d] * (1 - f[d]) for d in range(N)]
+        return np.concatenate(da, axis=1), [dcell * f[d] for d in range(N)]
+    f = gates[:, D:2 * D]
+    w_first = [gates[:, (2 + k) * D:(3 + k) * D] for k in range(N - 1)]
+    w = np.stack(w_first + [1 - sum(w_first, np.zeros_like(f))])  # (N, B, D)
+    dw = np.stack([dcell * f * c_par[d] for d in range(N)])
+    J = np.einsum("dbj,de->debj", w, np.eye(N)) - np.einsum("dbj,ebj->debj", w, w)
+    dl = np.einsum("debj,dbj->ebj", J, dw)[:N - 1]
+    da_f = dcell * sum(w[d] * c_par[d] for d in range(N)) * f * (1 - f)
+    return np.concatenate([da_f] + list(dl), axis=1), [dcell * f * w[d] for d in range(N)]
 
 
 def mdlstm_backward(dh_out, cache):
     """Return ``(dx, dW, [dU_d], db)`` for upstream gradient ``dh_out`` (push form)."""
-    x, W, U, h, c, gates = (cache[k] for k in ("x", "W", "U", "h", "c", "gates"))
+    x, W, U, h, c, gates, cell = (cache[k] for k in ("x", "W", "U", "h", "c", "gates", "cell"))
     B, dims, N = x.shape[0], x.shape[1:-1], x.ndim - 2
     D = U[0].shape[0]
     dh = np.array(dh_out, dtype=np.float64)
@@ -74,33 +120,66 @@ def mdlstm_backward(dh_out, cache):
     dx = np.zeros_like(x)
     dW, db = np.zeros_like(W, dtype=np.float64), np.zeros(W.shape[1])
     dU = [np.zeros_like(u, dtype=np.float64) for u in U]
+    zero = np.zeros((B, D))
     cells = list(itertools.product(*(range(n) for n in dims)))
     for idx in reversed(cells):
-        cell = (slice(None),) + idx
-        g = gates[cell]
+        cell_ix = (slice(None),) + idx
+        g = gates[cell_ix]
         gi, go, gg = g[:, :D], g[:, (N + 1) * D:(N + 2) * D], g[:, (N + 2) * D:]
-        tc = np.tanh(c[cell])
-        dcell = dc[cell] + dh[cell] * go * (1 - tc**2)
         da = np.zeros((B, (N + 3) * D))
+        if cell == "spatial":
+            du = dh[cell_ix] * (1 - np.tanh(c[cell_ix] * go) ** 2)
+            dcell = dc[cell_ix] + du * go
+            da[:, (N + 1) * D:(N + 2) * D] = du * c[cell_ix] * go * (1 - go)
+        else:
+            tc = np.tanh(c[cell_ix])
+            dcell = dc[cell_ix] + dh[cell_ix] * go * (1 - tc**2)
+            da[:, (N + 1) * D:(N + 2) * D] = dh[cell_ix] * tc * go * (1 - go)
         da[:, :D] = dcell * gg * gi * (1 - gi)
-        da[:, (N + 1) * D:(N + 2) * D] = dh[cell] * tc * go * (1 - go)
         da[:, (N + 2) * D:] = dcell * gi * (1 - gg**2)
         par = [_parents(idx, d) for d in range(N)]
-        for d, p in enumerate(par):
-            f = g[:, (1 + d) * D:(2 + d) * D]
-            if p is not None:
-                da[:, (1 + d) * D:(2 + d) * D] = dcell * c[(slice(None),) + p] * f * (1 - f)
+        c_par = [zero if p is None else c[(slice(None),) + p] for p in par]
+        da[:, D:(N + 1) * D], dc_par = _forget_grads(dcell, g, c_par, N, D, cell)
         for d, p in enumerate(par):  # push to parents only once da is complete
             if p is None:
                 continue
             pc = (slice(None),) + p
-            dc[pc] += dcell * g[:, (1 + d) * D:(2 + d) * D]
+            dc[pc] += dc_par[d]
             dh[pc] += da @ U[d].T
             dU[d] += h[pc].T @ da
-        dx[cell] = da @ W.T
-        dW += x[cell].T @ da
+        dx[cell_ix] = da @ W.T
+        dW += x[cell_ix].T @ da
         db += da.sum(axis=0)
     return dx, dW, dU, db
+
+
+def _flip(x, q):
+    """Reverse ``x`` (B, *dims, F) along every grid axis d with bit d of direction q set."""
+    axes = tuple(1 + d for d in range(x.ndim - 2) if (q >> d) & 1)
+    return np.flip(x, axes) if axes else x
+
+
+def directions_forward(x, weights, cell="graves"):
+    """All scan directions: ``weights[q] = (W, [U_d], b)`` of direction q; direction q runs
+    :func:`mdlstm_forward` on x flipped along the axes of q's set bits and flips back.
+    Returns the outputs concatenated on the last axis and the caches."""
+    outs, caches = [], []
+    for q, (W, U, b) in enumerate(weights):
+        h, cache = mdlstm_forward(_flip(x, q), W, U, b, cell)
+        outs.append(_flip(h, q))
+        caches.append(cache)
+    return np.concatenate(outs, axis=-1), caches
+
+
+def directions_backward(dh, caches):
+    """Backward of :func:`directions_forward`: ``(dx, [(dW, [dU_d], db)] per direction)``."""
+    D = caches[0]["U"][0].shape[0]
+    dx, grads = 0.0, []
+    for q, cache in enumerate(caches):
+        dxq, dW, dU, db = mdlstm_backward(_flip(dh[..., q * D:(q + 1) * D], q), cache)
+        dx = dx + _flip(dxq, q)
+        grads.append((dW, dU, db))
+    return dx, grads
 
 
 def lstm1d_forward(x, W, U, b):

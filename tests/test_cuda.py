@@ -19,96 +19,87 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gradcheck import check_layer_gradients
+from refcheck import check_against_reference
 
 from mdnumba import LSTM1D, MDLSTM2D, WavefrontLSTM
-from mdnumba import reference as ref
 from mdnumba.backend_cuda import CudaUnavailableError, cuda_unavailable_reason
 
 IN_SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
 
 # ----------------------------------------------------------------- helpers for the cases
-def _layer(ndim, C, D, dtype, device, seed=7):
+def _layer(ndim, C, D, dtype, device, seed=7, **kw):
     if ndim == 2:
-        return MDLSTM2D(C, D, seed=seed, dtype=dtype, device=device)
+        return MDLSTM2D(C, D, seed=seed, dtype=dtype, device=device, **kw)
     if ndim == 1:
-        return LSTM1D(C, D, seed=seed, dtype=dtype, device=device)
-    return WavefrontLSTM(ndim, C, D, seed=seed, dtype=dtype, device=device)
+        return LSTM1D(C, D, seed=seed, dtype=dtype, device=device, **kw)
+    return WavefrontLSTM(ndim, C, D, seed=seed, dtype=dtype, device=device, **kw)
 
 
-def _ref_forward(layer, x):
-    U = [layer.params.U[:, d, :].astype(np.float64) for d in range(layer.ndim)]
-    return ref.mdlstm_forward(x.astype(np.float64), layer.params.W.astype(np.float64), U,
-                              layer.params.b.astype(np.float64))
-
-
-def _cpu_sweep_inputs(dims, B, D, rng):
+def _cpu_sweep_inputs(dims, B, D, scans, rng):
     from mdnumba.grid import wavefront
     wf = wavefront(dims)
     N = len(dims)
     G = (N + 3) * D
-    U = rng.uniform(-0.5, 0.5, (D, N * G))
-    UT = np.ascontiguousarray(U.reshape(D, N, G).transpose(2, 1, 0)).reshape(G, N * D)
-    act = rng.standard_normal((wf.n_cells * B, G))
+    U = rng.uniform(-0.5, 0.5, (scans, D, N * G))
+    UT = np.ascontiguousarray(U.reshape(scans, D, N, G).transpose(0, 3, 2, 1)).reshape(scans, G, N * D)
+    act = rng.standard_normal((scans * wf.n_cells * B, G))
     return wf, U, UT, act
 
 
-def _run_sweeps(mod, wf, U, UT, act0, B, D, **kw):
+def _run_sweeps(mod, wf, U, UT, act0, B, D, cell, **kw):
     R = act0.shape[0]
     h, c, act = np.zeros((R, D)), np.zeros((R, D)), act0.copy()
-    mod.wavefront_forward(h, c, act, U, wf.diag_off, wf.parent, B, D, **kw)
+    mod.wavefront_forward(h, c, act, U, wf.diag_off, wf.parent, B, D, cell, **kw)
     dh = np.cos(3 * h)
     dact, dc = np.zeros_like(act), np.zeros_like(c)
-    mod.wavefront_backward(dact, dc, dh, act, c, UT, wf.diag_off, wf.parent, wf.child, B, D, **kw)
+    mod.wavefront_backward(dact, dc, dh, act, c, UT, wf.diag_off, wf.parent, wf.child, B, D, cell, **kw)
     return h, c, act, dact, dc, dh
 
 
 # ----------------------------------------------------------------- simulator / GPU cases
 @pytest.mark.parametrize("path", ["cooperative", "per-diagonal"])
-@pytest.mark.parametrize("dims,shared", [((3, 4), True), ((3, 4), False), ((5,), None), ((2, 2, 3), None)])
-def sim_sweep_kernels_match_cpu(dims, shared, path, rng):
-    """Kernel twins vs the CPU kernels in float64 (B=2, D=3), both paths, U shared or global."""
+@pytest.mark.parametrize("dims,shared,cell,scans", [
+    ((3, 4), True, "graves", 1), ((3, 4), False, "stable", 2), ((3, 4), None, "spatial", 1),
+    ((5,), None, "graves", 2), ((2, 2, 3), None, "stable", 1)])
+def sim_sweep_kernels_match_cpu(dims, shared, cell, scans, path, rng):
+    """Kernel twins vs the CPU kernels in float64 (B=2, D=3), both paths, U shared or global,
+    every cell, one or several scans (directions) per sweep."""
     from mdnumba.kernels import wavefront as cpu
     from mdnumba.kernels import wavefront_cuda as gpu
-    B, D = 2, 3
-    wf, U, UT, act0 = _cpu_sweep_inputs(dims, B, D, rng)
-    want = _run_sweeps(cpu, wf, U, UT, act0, B, D)
-    got = _run_sweeps(gpu, wf, U, UT, act0, B, D, path=path, use_shared=shared, tpb=8)
+    from mdnumba.kernels.cell import cell_code
+    B, D, code = 2, 3, cell_code(cell)
+    wf, U, UT, act0 = _cpu_sweep_inputs(dims, B, D, scans, rng)
+    want = _run_sweeps(cpu, wf, U, UT, act0, B, D, code)
+    got = _run_sweeps(gpu, wf, U, UT, act0, B, D, code, path=path, use_shared=shared, tpb=8)
     for name, a, b in zip(("h", "c", "act", "dact", "dc", "dh"), got, want):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14, err_msg=name)
     assert gpu.last_path().startswith(path)
 
 
 @pytest.mark.parametrize("path", ["cooperative", "per-diagonal"])
-@pytest.mark.parametrize("ndim,shape", [(2, (2, 3, 4, 2)), (1, (2, 5, 2))])
+@pytest.mark.parametrize("ndim,shape,kw", [
+    (2, (2, 3, 4, 2), {}), (1, (2, 5, 2), {"directions": 2}),
+    (2, (1, 3, 2, 2), {"cell": "stable", "directions": 4}), (3, (1, 2, 2, 3, 1), {"cell": "spatial"})])
 @pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-12), (np.float32, 1e-5)])
-def sim_layer_matches_reference(ndim, shape, dtype, rtol, path, rng, monkeypatch):
-    """device='cuda' layers vs the float64 reference: h, dx and every gradient."""
+def sim_layer_matches_reference(ndim, shape, kw, dtype, rtol, path, rng, monkeypatch):
+    """device='cuda' layers vs the float64 reference: h, dx and every gradient (cells, directions)."""
     from mdnumba import backend_cuda
     from mdnumba.kernels import wavefront_cuda
     monkeypatch.setattr(wavefront_cuda, "DEFAULT_PATH", path)
-    layer = _layer(ndim, shape[-1], 3, dtype, "cuda")
+    layer = _layer(ndim, shape[-1], 3, dtype, "cuda", **kw)
     x = rng.standard_normal(shape).astype(dtype)
-    y = layer.forward(x)
-    assert isinstance(y, np.ndarray) and y.dtype == dtype and y.shape == shape[:-1] + (3,)
-    yr, cache = _ref_forward(layer, x)
-    np.testing.assert_allclose(y, yr, rtol=rtol, atol=rtol)
-    dh = rng.standard_normal(y.shape)
-    dx = layer.backward(dh.astype(dtype))
-    rdx, rdW, rdU, rdb = ref.mdlstm_backward(dh, cache)
-    tol = dict(rtol=rtol * 10, atol=rtol * 10)
-    np.testing.assert_allclose(dx, rdx, **tol)
-    np.testing.assert_allclose(layer.grads.W, rdW, **tol)
-    for d in range(ndim):
-        np.testing.assert_allclose(layer.grads.U[:, d], rdU[d], **tol)
-    np.testing.assert_allclose(layer.grads.b, rdb, **tol)
+    dh = rng.standard_normal(shape[:-1] + (layer.out_channels,))
+    check_against_reference(layer, x, dh, rtol)
     assert backend_cuda.last_path().startswith(path)
 
 
-@pytest.mark.parametrize("ndim,shape,zeros", [(2, (1, 2, 3, 1), False), (1, (2, 3, 1), True)])
-def sim_gradients_finite_differences(ndim, shape, zeros, rng):
-    """float64 central differences through the CUDA path (incl. an all-zero input)."""
-    layer = _layer(ndim, shape[-1], 2, np.float64, "cuda", seed=3)
+@pytest.mark.parametrize("ndim,shape,zeros,cell", [(2, (1, 2, 3, 1), False, "graves"),
+                                                   (1, (2, 3, 1), True, "graves"),
+                                                   (2, (1, 2, 2, 1), True, "stable")])
+def sim_gradients_finite_differences(ndim, shape, zeros, cell, rng):
+    """float64 central differences through the CUDA path (incl. all-zero inputs)."""
+    layer = _layer(ndim, shape[-1], 2, np.float64, "cuda", seed=3, cell=cell)
     layer.params.b[...] = rng.standard_normal(layer.params.b.shape) * 0.5
     x = np.zeros(shape) if zeros else rng.standard_normal(shape)
     check_layer_gradients(layer, x, rng)
@@ -139,14 +130,15 @@ def sim_gemm_matches_numpy(method, rng):
         gpu.gemm(np.zeros((2, 2)), np.zeros((2, 3)), np.zeros((2, 2)))
 
 
-def sim_device_training_matches_cpu(rng):
+@pytest.mark.parametrize("kw", [{}, {"cell": "stable", "directions": 4}])
+def sim_device_training_matches_cpu(kw, rng):
     """CudaLSTM + CudaAdam (device arrays in and out) == CPU layer + Adam, three steps."""
     from numba import cuda
 
     from mdnumba import Adam
     from mdnumba.backend_cuda import CudaAdam, CudaLSTM
     from mdnumba.kernels import wavefront_cuda as gpu
-    cpu = MDLSTM2D(2, 3, seed=5, dtype=np.float64)
+    cpu = MDLSTM2D(2, 3, seed=5, dtype=np.float64, **kw)
     dev = CudaLSTM.from_layer(cpu)
     opt_c = Adam(cpu, lr=1e-2, clip_norm=0.5)
     opt_d = CudaAdam([dev], lr=1e-2, clip_norm=0.5)

@@ -2,10 +2,12 @@
 
 Same layout as :mod:`mdnumba.kernels.wavefront`: per-cell arrays are 2-D with row
 ``r = s*B + b`` (skewed cell s, batch item b), gate pre-activations have
-``G = (N+3)*D`` columns in blocks ``[i | f_1 .. f_N | o | g]``, ``U`` is
-``(D, N*G)`` and ``UT`` is ``(G, N*D)`` with ``UT[g, d*D + j] = U[j, d*G + g]``.
+``G = (N+3)*D`` columns in N+3 blocks (per cell, :mod:`mdnumba.kernels.cell`), ``U`` is
+``(S, D, N*G)`` and ``UT`` is ``(S, G, N*D)`` with ``UT[.., g, d*D + j] = U[.., j, d*G + g]``
+for S independent scans (directions) on consecutive slabs of M*B rows. The cell
+math is the same source as the CPU kernels' (:func:`mdnumba.kernels.cell.build`).
 
-One CUDA thread owns one *work item* ``(row r, hidden unit j)`` of a hyperplane:
+One CUDA thread owns one *work item* ``(scan, row r, hidden unit j)`` of a hyperplane:
 
 - forward: it computes the N+3 gate pre-activations of unit j,
   ``a_g = act[r, g*D+j] + Σ_d Σ_k h[parent_d, k] U[k, d*G + g*D + j]``,
@@ -19,7 +21,7 @@ Two ways to sweep the K hyperplanes:
 
 - ``cooperative``: one persistent kernel, a 1-D grid no larger than
   ``max_cooperative_grid_blocks``, a grid-stride loop over each hyperplane's
-  ``cells * B * D`` items and ``this_grid().sync()`` between hyperplanes (every
+  ``scans * cells * B * D`` items and ``this_grid().sync()`` between hyperplanes (every
   block runs the same K syncs).
 - ``per-diagonal``: one launch per hyperplane (the kernel boundary is the sync).
 
@@ -44,6 +46,7 @@ import numpy as np
 from numba import cuda, float64
 
 from .. import config
+from .cell import build
 
 #: True when numba runs CUDA kernels in its CPU simulator (NUMBA_ENABLE_CUDASIM=1)
 SIMULATOR: bool = bool(numba.config.ENABLE_CUDASIM)
@@ -76,10 +79,9 @@ _state: dict = {"last_path": None, "coop_error": None}
 
 
 # ---------------------------------------------------------------- device functions
-@cuda.jit(device=True)
-def _sigmoid(x):
-    """σ(x) = 1 / (1 + e^{-x}); overflow of e^{-x} gives 0, never NaN."""
-    return 1.0 / (1.0 + math.exp(-x))
+_UNIT = build(cuda.jit(device=True))
+_cell_unit_forward = _UNIT["unit_forward"]
+_cell_unit_backward = _UNIT["unit_backward"]
 
 
 @cuda.jit(device=True)
@@ -108,56 +110,51 @@ def _preact(act, h, Uf, parent, s, r, b, col, B, D, G):
 
 
 @cuda.jit(device=True)
-def _unit_forward(h, c, act, Uf, parent, s, b, j, B, D):
-    """Unit j of row ``r = s*B + b``: gates from :func:`_preact`, then
-    ``c = i·g + Σ_d f_d·c_parent_d``, ``h = o·tanh(c)``; ``act`` gets the activations."""
+def _unit_forward(h, c, act, Uf, parent, s, b, j, B, D, cell):
+    """Unit j of row ``r = s*B + b``: the N+3 pre-activations of unit j from :func:`_preact`
+    into ``act``, then the shared cell math (:mod:`mdnumba.kernels.cell`)."""
     N = parent.shape[1]
     G = (N + 3) * D
     r = s * B + b
-    o_col = (N + 1) * D + j
-    g_col = (N + 2) * D + j
-    gi = _sigmoid(_preact(act, h, Uf, parent, s, r, b, j, B, D, G))
-    go = _sigmoid(_preact(act, h, Uf, parent, s, r, b, o_col, B, D, G))
-    gg = math.tanh(_preact(act, h, Uf, parent, s, r, b, g_col, B, D, G))
-    cc = gi * gg
-    for d in range(N):
-        col = (1 + d) * D + j
-        gf = _sigmoid(_preact(act, h, Uf, parent, s, r, b, col, B, D, G))
-        act[r, col] = gf
-        p = parent[s, d]
-        if p >= 0:
-            cc += gf * c[p * B + b, j]
-    act[r, j] = gi
-    act[r, o_col] = go
-    act[r, g_col] = gg
-    c[r, j] = cc
-    h[r, j] = go * math.tanh(cc)
+    for blk in range(N + 3):
+        col = blk * D + j
+        act[r, col] = _preact(act, h, Uf, parent, s, r, b, col, B, D, G)
+    _cell_unit_forward(h, c, act, parent, s, b, j, B, D, cell)
 
 
 @cuda.jit(device=True)
-def _forward_plane(h, c, act, Uf, diag_off, parent, B, D, k, start, stride):
-    """Grid-stride loop over the ``cells * B * D`` work items of hyperplane k."""
+def _scan_slab(t, n, MB, DNG):
+    """Work item t of a hyperplane with n items per scan: (scan, row offset, weight offset, item).
+
+    Scan g owns rows ``g*MB .. (g+1)*MB`` and weights ``g*DNG .. (g+1)*DNG`` (DNG = D*N*G).
+    """
+    grp = t // n
+    return grp, grp * MB, grp * DNG, t - grp * n
+
+
+@cuda.jit(device=True)
+def _forward_plane(h, c, act, Uf, diag_off, parent, B, D, cell, k, start, stride):
+    """Grid-stride loop over the ``scans * cells * B * D`` work items of hyperplane k."""
     s0 = diag_off[k]
     n = (diag_off[k + 1] - s0) * B * D
-    for t in range(start, n, stride):
-        q = t // D
-        _unit_forward(h, c, act, Uf, parent, s0 + q // B, q % B, t % D, B, D)
+    MB = parent.shape[0] * B
+    DNG = parent.shape[1] * (parent.shape[1] + 3) * D * D
+    for t in range(start, n * (act.shape[0] // MB), stride):
+        grp, lo, uo, tt = _scan_slab(t, n, MB, DNG)
+        q = tt // D
+        _unit_forward(h[lo:lo + MB], c[lo:lo + MB], act[lo:lo + MB], Uf[uo:uo + DNG], parent,
+                      s0 + q // B, q % B, tt % D, B, D, cell)
 
 
 @cuda.jit(device=True)
-def _unit_backward(dact, dc, dh, act, c, UTf, parent, child, s, b, j, B, D):
-    """Pull-form backward of unit j of row ``r = s*B + b``.
-
-    ``dh += Σ_d U_dᵀ da_child_d``; ``dc = dh·o·(1−tanh²c) + Σ_d dc_child_d·f_d(child_d)``;
-    ``da_o = dh·tanh(c)·o(1−o)``, ``da_i = dc·g·i(1−i)``, ``da_g = dc·i·(1−g²)``,
-    ``da_fd = dc·c_parent_d·f_d(1−f_d)``.
-    """
+def _unit_backward(dact, dc, dh, act, c, UTf, parent, child, s, b, j, B, D, cell):
+    """Pull-form backward of unit j of row ``r = s*B + b``: ``dh += Σ_d U_dᵀ da_child_d``,
+    then the shared cell math (``dc``, ``dact`` of unit j only)."""
     N = parent.shape[1]
     G = (N + 3) * D
     ND = N * D
     r = s * B + b
     dhj = dh[r, j]
-    dcj = 0.0
     for d in range(N):
         ch = child[s, d]
         if ch >= 0:
@@ -165,41 +162,28 @@ def _unit_backward(dact, dc, dh, act, c, UTf, parent, child, s, b, j, B, D):
             q = d * D + j
             for g in range(G):
                 dhj += dact[cr, g] * UTf[g * ND + q]
-            dcj += dc[cr, j] * act[cr, (1 + d) * D + j]
     dh[r, j] = dhj
-    o_col = (N + 1) * D + j
-    g_col = (N + 2) * D + j
-    gi = act[r, j]
-    go = act[r, o_col]
-    gg = act[r, g_col]
-    tc = math.tanh(c[r, j])
-    dcj += dhj * go * (1.0 - tc * tc)
-    dc[r, j] = dcj
-    dact[r, o_col] = dhj * tc * go * (1.0 - go)
-    dact[r, j] = dcj * gg * gi * (1.0 - gi)
-    dact[r, g_col] = dcj * gi * (1.0 - gg * gg)
-    for d in range(N):
-        p = parent[s, d]
-        gf = act[r, (1 + d) * D + j]
-        cp = 0.0
-        if p >= 0:
-            cp = c[p * B + b, j]
-        dact[r, (1 + d) * D + j] = dcj * cp * gf * (1.0 - gf)
+    _cell_unit_backward(dact, dc, act, c, parent, child, s, b, j, B, D, dhj, cell)
 
 
 @cuda.jit(device=True)
-def _backward_plane(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, k, start, stride):
-    """Grid-stride loop over the ``cells * B * D`` work items of hyperplane k."""
+def _backward_plane(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, k, start, stride):
+    """Grid-stride loop over the ``scans * cells * B * D`` work items of hyperplane k."""
     s0 = diag_off[k]
     n = (diag_off[k + 1] - s0) * B * D
-    for t in range(start, n, stride):
-        q = t // D
-        _unit_backward(dact, dc, dh, act, c, UTf, parent, child, s0 + q // B, q % B, t % D, B, D)
+    MB = parent.shape[0] * B
+    DNG = parent.shape[1] * (parent.shape[1] + 3) * D * D
+    for t in range(start, n * (act.shape[0] // MB), stride):
+        grp, lo, uo, tt = _scan_slab(t, n, MB, DNG)
+        q = tt // D
+        hi = lo + MB
+        _unit_backward(dact[lo:hi], dc[lo:hi], dh[lo:hi], act[lo:hi], c[lo:hi], UTf[uo:uo + DNG],
+                       parent, child, s0 + q // B, q % B, tt % D, B, D, cell)
 
 
 # ---------------------------------------------------------------- sweep kernels
 @cuda.jit(**_JIT)
-def _forward_coop(h, c, act, Uf, diag_off, parent, B, D, use_shared):
+def _forward_coop(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared):
     """All hyperplanes k = 0..K-1 in one cooperative launch, grid sync in between (``Uf`` = U flat)."""
     grid = cuda.cg.this_grid()
     shared = cuda.shared.array(0, Uf.dtype)
@@ -209,22 +193,22 @@ def _forward_coop(h, c, act, Uf, diag_off, parent, B, D, use_shared):
     start = cuda.grid(1)
     stride = cuda.gridsize(1)
     for k in range(diag_off.shape[0] - 1):
-        _forward_plane(h, c, act, Uf, diag_off, parent, B, D, k, start, stride)
+        _forward_plane(h, c, act, Uf, diag_off, parent, B, D, cell, k, start, stride)
         grid.sync()
 
 
 @cuda.jit(**_JIT)
-def _forward_diag(h, c, act, Uf, diag_off, parent, B, D, use_shared, k):
+def _forward_diag(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, k):
     """Hyperplane k only (one launch per hyperplane)."""
     shared = cuda.shared.array(0, Uf.dtype)
     _stage(shared, Uf, use_shared)
     if use_shared:
         Uf = shared
-    _forward_plane(h, c, act, Uf, diag_off, parent, B, D, k, cuda.grid(1), cuda.gridsize(1))
+    _forward_plane(h, c, act, Uf, diag_off, parent, B, D, cell, k, cuda.grid(1), cuda.gridsize(1))
 
 
 @cuda.jit(**_JIT)
-def _backward_coop(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, use_shared):
+def _backward_coop(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, use_shared):
     """All hyperplanes k = K-1..0 in one cooperative launch, grid sync in between (``UTf`` = UT flat)."""
     grid = cuda.cg.this_grid()
     shared = cuda.shared.array(0, UTf.dtype)
@@ -234,18 +218,18 @@ def _backward_coop(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, use
     start = cuda.grid(1)
     stride = cuda.gridsize(1)
     for k in range(diag_off.shape[0] - 2, -1, -1):
-        _backward_plane(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, k, start, stride)
+        _backward_plane(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, k, start, stride)
         grid.sync()
 
 
 @cuda.jit(**_JIT)
-def _backward_diag(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, use_shared, k):
+def _backward_diag(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, use_shared, k):
     """Hyperplane k only (one launch per hyperplane)."""
     shared = cuda.shared.array(0, UTf.dtype)
     _stage(shared, UTf, use_shared)
     if use_shared:
         UTf = shared
-    _backward_plane(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, k,
+    _backward_plane(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, k,
                     cuda.grid(1), cuda.gridsize(1))
 
 
@@ -388,13 +372,16 @@ def _gather_rows(out, inp, src):
 @cuda.jit(**_JIT)
 def _gather_operands(z, xs, h, parent, B, D):
     """``z[r] = [xs[r] | hpar[r] | 1]`` with ``hpar[r, j*N + d] = h[parent_d(s)*B + b, j]`` (0 without
-    parent), so that ``zᵀ @ dact`` is ``[dW; dU; db]`` in the flat parameter order."""
+    parent; within r's scan slab of M*B rows), so that ``zᵀ @ dact`` is ``[dW; dU; db]`` in the
+    flat parameter order."""
     N = parent.shape[1]
     C = xs.shape[1]
     W = z.shape[1]
+    MB = parent.shape[0] * B
     for t in range(cuda.grid(1), z.shape[0] * W, cuda.gridsize(1)):
         r = t // W
         col = t % W
+        lo = r - r % MB
         if col < C:
             z[r, col] = xs[r, col]
         elif col == W - 1:
@@ -402,9 +389,9 @@ def _gather_operands(z, xs, h, parent, B, D):
         else:
             j = (col - C) // N
             d = (col - C) % N
-            p = parent[r // B, d]
+            p = parent[(r - lo) // B, d]
             if p >= 0:
-                z[r, col] = h[p * B + r % B, j]
+                z[r, col] = h[lo + p * B + r % B, j]
             else:
                 z[r, col] = 0
 
@@ -534,13 +521,16 @@ def _coop_grid(kernel, args, tpb: int, shmem: int, needed_blocks: int) -> int:
     return max(1, min(limit, needed_blocks, COOP_MAX_BLOCKS))
 
 
-def _sweep(coop, diag, args, diag_off_host, B: int, D: int, shmem: int, path: str | None,
+def _sweep(coop, diag, args, diag_off_host, rows_per_cell: int, D: int, shmem: int, path: str | None,
            tpb: int, reverse: bool) -> str:
-    """Run a sweep on the requested path; return a description of the path taken."""
+    """Run a sweep on the requested path; return a description of the path taken.
+
+    A hyperplane of n cells has ``n * rows_per_cell * D`` work items (rows per cell = scans x batch).
+    """
     path = path or DEFAULT_PATH
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    items = np.diff(diag_off_host) * B * D
+    items = np.diff(diag_off_host) * rows_per_cell * D
     K = len(items)
     if path != "per-diagonal" and not (path == "auto" and _state["coop_error"]):
         try:
@@ -569,8 +559,8 @@ def last_path() -> str | None:
 
 
 # ---------------------------------------------------------------- host launchers
-def wavefront_forward(h, c, act, U, diag_off, parent, B: int, D: int, *, path: str | None = None,
-                      use_shared: bool | None = None, tpb: int | None = None,
+def wavefront_forward(h, c, act, U, diag_off, parent, B: int, D: int, cell: int, *,
+                      path: str | None = None, use_shared: bool | None = None, tpb: int | None = None,
                       diag_off_host: np.ndarray | None = None) -> None:
     """CUDA twin of :func:`mdnumba.kernels.wavefront.wavefront_forward` (same arguments).
 
@@ -585,13 +575,14 @@ def wavefront_forward(h, c, act, U, diag_off, parent, B: int, D: int, *, path: s
     shmem = a.dev[3].nbytes if shared else 0
     host_off = _host_ints(diag_off if diag_off_host is None else diag_off_host)
     h_, c_, act_, U_, off_, par_ = a.dev
-    args = (h_, c_, act_, U_.reshape(U_.size), off_, par_, int(B), int(D), shared)
-    desc = _sweep(_forward_coop, _forward_diag, args, host_off, B, D, shmem, path, tpb, reverse=False)
+    args = (h_, c_, act_, U_.reshape(U_.size), off_, par_, int(B), int(D), int(cell), shared)
+    desc = _sweep(_forward_coop, _forward_diag, args, host_off, U_.shape[0] * B, D, shmem, path, tpb,
+                  reverse=False)
     _record(desc, shared)
     a.finish(0, 1, 2)
 
 
-def wavefront_backward(dact, dc, dh, act, c, UT, diag_off, parent, child, B: int, D: int, *,
+def wavefront_backward(dact, dc, dh, act, c, UT, diag_off, parent, child, B: int, D: int, cell: int, *,
                        path: str | None = None, use_shared: bool | None = None, tpb: int | None = None,
                        diag_off_host: np.ndarray | None = None) -> None:
     """CUDA twin of :func:`mdnumba.kernels.wavefront.wavefront_backward` (same arguments).
@@ -605,9 +596,10 @@ def wavefront_backward(dact, dc, dh, act, c, UT, diag_off, parent, child, B: int
     shmem = a.dev[5].nbytes if shared else 0
     host_off = _host_ints(diag_off if diag_off_host is None else diag_off_host)
     dev = list(a.dev)
+    scans = dev[5].shape[0]
     dev[5] = dev[5].reshape(dev[5].size)
-    desc = _sweep(_backward_coop, _backward_diag, (*dev, int(B), int(D), shared), host_off, B, D, shmem,
-                  path, tpb, reverse=True)
+    desc = _sweep(_backward_coop, _backward_diag, (*dev, int(B), int(D), int(cell), shared), host_off,
+                  scans * B, D, shmem, path, tpb, reverse=True)
     _record(desc, shared)
     a.finish(0, 1, 2)
 
@@ -686,7 +678,7 @@ def gather_operands(z, xs, h, parent, B: int, D: int) -> None:
 
 
 def transpose_recurrent(UT, U, N: int) -> None:
-    """``UT[g, d*D + j] = U[j, d*G + g]`` (the backward sweep's weight layout)."""
+    """``UT[g, d*D + j] = U[j, d*G + g]`` (the backward sweep's weight layout; one scan's 2-D views)."""
     x = _Args(UT, U)
     tpb = _tpb(None)
     _transpose_recurrent[_blocks(x.dev[1].size, tpb), tpb](*x.dev, int(N))
