@@ -6,8 +6,9 @@ compiled twice: ``build(njit(...))`` for :mod:`mdnumba.kernels.wavefront` and
 use only scalar arithmetic, :mod:`math` and array indexing, which both targets
 compile, so CPU and GPU cannot drift apart.
 
-Rows follow :mod:`mdnumba.grid`: row ``r = s*B + b`` of skewed cell s, batch item b;
-the parent along dimension d is row ``parent[s, d]*B + b`` (absent: h = c = 0).
+Rows follow :mod:`mdnumba.grid`: row ``r = base + s*B + b`` of skewed cell s, batch
+item b, in the slab of rows starting at ``base`` (one slab per scan direction); the
+parent along dimension d is row ``base + parent[s, d]*B + b`` (absent: h = c = 0).
 ``act`` holds N+3 gate blocks of D columns; unit j uses column ``blk*D + j``.
 The ``cell`` argument is an int code (:data:`CELLS`):
 
@@ -86,11 +87,11 @@ def build(jit):
             act[r, (2 + k) * D + j] /= z
 
     @jit
-    def unit_forward(h, c, act, parent, s, b, j, B, D, cell):
-        """Unit j of row ``r = s*B + b``: ``act[r]`` holds pre-activations on entry and
+    def unit_forward(h, c, act, parent, base, s, b, j, B, D, cell):
+        """Unit j of row ``r = base + s*B + b``: ``act[r]`` holds pre-activations on entry and
         activations on exit; writes ``c = i·g + Σ_d F_d·c_d`` and h (see module doc)."""
         N = parent.shape[1]
-        r = s * B + b
+        r = base + s * B + b
         o_col = (N + 1) * D + j
         g_col = (N + 2) * D + j
         gi = sigmoid(act[r, j])
@@ -104,7 +105,7 @@ def build(jit):
         for d in range(N):
             p = parent[s, d]
             if p >= 0:
-                cc += forget_factor(act, r, j, d, N, D, cell) * c[p * B + b, j]
+                cc += forget_factor(act, r, j, d, N, D, cell) * c[base + p * B + b, j]
         c[r, j] = cc
         if cell == SPATIAL:
             h[r, j] = math.tanh(cc * go)
@@ -112,36 +113,36 @@ def build(jit):
             h[r, j] = go * math.tanh(cc)
 
     @jit
-    def forget_backward(dact, act, c, parent, s, b, j, B, D, dcj, cell):
+    def forget_backward(dact, act, c, parent, base, s, b, j, B, D, dcj, cell):
         """Gradients of the forget blocks of unit j, given its complete ``dc``.
 
         graves/spatial: ``da_fd = dc·c_d·f_d(1−f_d)``. stable, with ``m = Σ_d w_d c_d``:
         ``da_f = dc·m·f(1−f)``, ``da_lk = dc·f·w_k·(c_k − m)`` (softmax Jacobian).
         """
         N = parent.shape[1]
-        r = s * B + b
+        r = base + s * B + b
         if cell != STABLE:
             for d in range(N):
                 p = parent[s, d]
                 gf = act[r, (1 + d) * D + j]
-                cp = c[p * B + b, j] if p >= 0 else 0.0
+                cp = c[base + p * B + b, j] if p >= 0 else 0.0
                 dact[r, (1 + d) * D + j] = dcj * cp * gf * (1.0 - gf)
             return
         m = 0.0
         for d in range(N):
             p = parent[s, d]
             if p >= 0:
-                m += mix_weight(act, r, j, d, N, D) * c[p * B + b, j]
+                m += mix_weight(act, r, j, d, N, D) * c[base + p * B + b, j]
         gf = act[r, D + j]
         dact[r, D + j] = dcj * m * gf * (1.0 - gf)
         for k in range(N - 1):
             p = parent[s, k]
-            cp = c[p * B + b, j] if p >= 0 else 0.0
+            cp = c[base + p * B + b, j] if p >= 0 else 0.0
             dact[r, (2 + k) * D + j] = dcj * gf * act[r, (2 + k) * D + j] * (cp - m)
 
     @jit
-    def unit_backward(dact, dc, act, c, parent, child, s, b, j, B, D, dhj, cell):
-        """Pull-form backward of unit j of row ``r = s*B + b`` given its complete ``dh = dhj``.
+    def unit_backward(dact, dc, act, c, parent, child, base, s, b, j, B, D, dhj, cell):
+        """Pull-form backward of unit j of row ``r = base + s*B + b`` given its complete ``dh = dhj``.
 
         ``dc = Σ_d dc_child_d·F_d(child_d) + dh·∂h/∂c``; ``da_o = dh·∂h/∂o·o(1−o)``;
         ``da_i = dc·g·i(1−i)``, ``da_g = dc·i·(1−g²)``; forget blocks by :func:`forget_backward`.
@@ -149,12 +150,12 @@ def build(jit):
         ∂h/∂c = o(1−h²), ∂h/∂o = c(1−h²).
         """
         N = parent.shape[1]
-        r = s * B + b
+        r = base + s * B + b
         dcj = 0.0
         for d in range(N):
             ch = child[s, d]
             if ch >= 0:
-                cr = ch * B + b
+                cr = base + ch * B + b
                 dcj += dc[cr, j] * forget_factor(act, cr, j, d, N, D, cell)
         o_col = (N + 1) * D + j
         g_col = (N + 2) * D + j
@@ -174,6 +175,6 @@ def build(jit):
         dc[r, j] = dcj
         dact[r, j] = dcj * gg * gi * (1.0 - gi)
         dact[r, g_col] = dcj * gi * (1.0 - gg * gg)
-        forget_backward(dact, act, c, parent, s, b, j, B, D, dcj, cell)
+        forget_backward(dact, act, c, parent, base, s, b, j, B, D, dcj, cell)
 
     return dict(sigmoid=sigmoid, unit_forward=unit_forward, unit_backward=unit_backward)

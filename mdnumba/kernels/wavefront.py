@@ -27,28 +27,28 @@ from numba import njit, prange
 from ..config import NJIT_OPTS, NJIT_PARALLEL_OPTS
 from .cell import build
 
-_UNIT = build(njit(**NJIT_OPTS))
+_UNIT = build(njit(inline="always", **NJIT_OPTS))
 _unit_forward = _UNIT["unit_forward"]
 _unit_backward = _UNIT["unit_backward"]
 
 
 @njit(**NJIT_OPTS)
-def _cell_forward(h, c, act, parent, s, b, B, D, cell):
-    """Row ``r = s*B + b``: every unit through :func:`mdnumba.kernels.cell` ``unit_forward``."""
+def _cell_forward(h, c, act, parent, base, s, b, B, D, cell):
+    """Row ``r = base + s*B + b``: every unit through :mod:`mdnumba.kernels.cell`'s ``unit_forward``."""
     for j in range(D):
-        _unit_forward(h, c, act, parent, s, b, j, B, D, cell)
+        _unit_forward(h, c, act, parent, base, s, b, j, B, D, cell)
 
 
 @njit(**NJIT_OPTS)
-def _recurrent_forward(act, h, U, parent, s, b, B, D):
-    """``act[r] += Σ_d h[parent_d] @ U_d`` for row ``r = s*B + b`` (one row of the hyperplane's GEMM)."""
+def _recurrent_forward(act, h, U, parent, base, s, b, B, D):
+    """``act[r] += Σ_d h[parent_d] @ U_d`` for row ``r = base + s*B + b`` (a row of the plane's GEMM)."""
     N = parent.shape[1]
     G = (N + 3) * D
-    r = s * B + b
+    r = base + s * B + b
     for d in range(N):
         p = parent[s, d]
         if p >= 0:
-            pr = p * B + b
+            pr = base + p * B + b
             for j in range(D):
                 hv = h[pr, j]
                 for g in range(G):
@@ -72,23 +72,22 @@ def wavefront_forward(h, c, act, U, diag_off, parent, B, D, cell):
         n = (diag_off[k + 1] - s0) * B
         for t in prange(U.shape[0] * n):
             grp = t // n
-            lo, hi = grp * MB, (grp + 1) * MB
             s = s0 + (t % n) // B
             b = t % B
-            _recurrent_forward(act[lo:hi], h[lo:hi], U[grp], parent, s, b, B, D)
-            _cell_forward(h[lo:hi], c[lo:hi], act[lo:hi], parent, s, b, B, D, cell)
+            _recurrent_forward(act, h, U[grp], parent, grp * MB, s, b, B, D)
+            _cell_forward(h, c, act, parent, grp * MB, s, b, B, D, cell)
 
 
 @njit(**NJIT_OPTS)
-def _recurrent_backward(dh, dact, UT, child, s, b, B, D):
-    """``dh[r] += Σ_d U_dᵀ da_child_d`` for row ``r = s*B + b`` (the cell pulls from its children)."""
+def _recurrent_backward(dh, dact, UT, child, base, s, b, B, D):
+    """``dh[r] += Σ_d U_dᵀ da_child_d`` for row ``r = base + s*B + b`` (pulled from the children)."""
     N = child.shape[1]
     G = (N + 3) * D
-    r = s * B + b
+    r = base + s * B + b
     for d in range(N):
         ch = child[s, d]
         if ch >= 0:
-            cr = ch * B + b
+            cr = base + ch * B + b
             for g in range(G):
                 dv = dact[cr, g]
                 for j in range(D):
@@ -96,11 +95,11 @@ def _recurrent_backward(dh, dact, UT, child, s, b, B, D):
 
 
 @njit(**NJIT_OPTS)
-def _cell_backward(dact, dc, dh, act, c, parent, child, s, b, B, D, cell):
-    """Row ``r = s*B + b``, ``dh[r]`` complete: every unit through ``unit_backward``."""
-    r = s * B + b
+def _cell_backward(dact, dc, dh, act, c, parent, child, base, s, b, B, D, cell):
+    """Row ``r = base + s*B + b``, ``dh[r]`` complete: every unit through ``unit_backward``."""
+    r = base + s * B + b
     for j in range(D):
-        _unit_backward(dact, dc, act, c, parent, child, s, b, j, B, D, dh[r, j], cell)
+        _unit_backward(dact, dc, act, c, parent, child, base, s, b, j, B, D, dh[r, j], cell)
 
 
 @njit(**NJIT_PARALLEL_OPTS)
@@ -118,12 +117,10 @@ def wavefront_backward(dact, dc, dh, act, c, UT, diag_off, parent, child, B, D, 
         n = (diag_off[k + 1] - s0) * B
         for t in prange(UT.shape[0] * n):
             grp = t // n
-            lo, hi = grp * MB, (grp + 1) * MB
             s = s0 + (t % n) // B
             b = t % B
-            _recurrent_backward(dh[lo:hi], dact[lo:hi], UT[grp], child, s, b, B, D)
-            _cell_backward(dact[lo:hi], dc[lo:hi], dh[lo:hi], act[lo:hi], c[lo:hi], parent, child,
-                           s, b, B, D, cell)
+            _recurrent_backward(dh, dact, UT[grp], child, grp * MB, s, b, B, D)
+            _cell_backward(dact, dc, dh, act, c, parent, child, grp * MB, s, b, B, D, cell)
 
 
 @njit(**NJIT_PARALLEL_OPTS)

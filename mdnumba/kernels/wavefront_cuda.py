@@ -94,32 +94,32 @@ def _stage(Ws, Wf, use_shared):
 
 
 @cuda.jit(device=True)
-def _preact(act, h, Uf, parent, s, r, b, col, B, D, G):
-    """``a = act[r, col] + Σ_d Σ_k h[parent_d(s)*B + b, k] · U[k, d*G + col]``."""
+def _preact(act, h, Uf, uo, parent, base, s, r, b, col, B, D, G):
+    """``a = act[r, col] + Σ_d Σ_k h[base + parent_d(s)*B + b, k] · U[k, d*G + col]`` (U at ``Uf[uo:]``)."""
     N = parent.shape[1]
     NG = N * G
     acc = act[r, col]
     for d in range(N):
         p = parent[s, d]
         if p >= 0:
-            pr = p * B + b
-            q = d * G + col
+            pr = base + p * B + b
+            q = uo + d * G + col
             for k in range(D):
                 acc += h[pr, k] * Uf[k * NG + q]
     return acc
 
 
 @cuda.jit(device=True)
-def _unit_forward(h, c, act, Uf, parent, s, b, j, B, D, cell):
-    """Unit j of row ``r = s*B + b``: the N+3 pre-activations of unit j from :func:`_preact`
-    into ``act``, then the shared cell math (:mod:`mdnumba.kernels.cell`)."""
+def _unit_forward(h, c, act, Uf, uo, parent, base, s, b, j, B, D, cell):
+    """Unit j of row ``r = base + s*B + b``: the N+3 pre-activations of unit j from
+    :func:`_preact` into ``act``, then the shared cell math (:mod:`mdnumba.kernels.cell`)."""
     N = parent.shape[1]
     G = (N + 3) * D
-    r = s * B + b
+    r = base + s * B + b
     for blk in range(N + 3):
         col = blk * D + j
-        act[r, col] = _preact(act, h, Uf, parent, s, r, b, col, B, D, G)
-    _cell_unit_forward(h, c, act, parent, s, b, j, B, D, cell)
+        act[r, col] = _preact(act, h, Uf, uo, parent, base, s, r, b, col, B, D, G)
+    _cell_unit_forward(h, c, act, parent, base, s, b, j, B, D, cell)
 
 
 @cuda.jit(device=True)
@@ -142,28 +142,27 @@ def _forward_plane(h, c, act, Uf, diag_off, parent, B, D, cell, k, start, stride
     for t in range(start, n * (act.shape[0] // MB), stride):
         grp, lo, uo, tt = _scan_slab(t, n, MB, DNG)
         q = tt // D
-        _unit_forward(h[lo:lo + MB], c[lo:lo + MB], act[lo:lo + MB], Uf[uo:uo + DNG], parent,
-                      s0 + q // B, q % B, tt % D, B, D, cell)
+        _unit_forward(h, c, act, Uf, uo, parent, lo, s0 + q // B, q % B, tt % D, B, D, cell)
 
 
 @cuda.jit(device=True)
-def _unit_backward(dact, dc, dh, act, c, UTf, parent, child, s, b, j, B, D, cell):
-    """Pull-form backward of unit j of row ``r = s*B + b``: ``dh += Σ_d U_dᵀ da_child_d``,
-    then the shared cell math (``dc``, ``dact`` of unit j only)."""
+def _unit_backward(dact, dc, dh, act, c, UTf, uo, parent, child, base, s, b, j, B, D, cell):
+    """Pull-form backward of unit j of row ``r = base + s*B + b``: ``dh += Σ_d U_dᵀ da_child_d``
+    (UT at ``UTf[uo:]``), then the shared cell math (``dc``, ``dact`` of unit j only)."""
     N = parent.shape[1]
     G = (N + 3) * D
     ND = N * D
-    r = s * B + b
+    r = base + s * B + b
     dhj = dh[r, j]
     for d in range(N):
         ch = child[s, d]
         if ch >= 0:
-            cr = ch * B + b
-            q = d * D + j
+            cr = base + ch * B + b
+            q = uo + d * D + j
             for g in range(G):
                 dhj += dact[cr, g] * UTf[g * ND + q]
     dh[r, j] = dhj
-    _cell_unit_backward(dact, dc, act, c, parent, child, s, b, j, B, D, dhj, cell)
+    _cell_unit_backward(dact, dc, act, c, parent, child, base, s, b, j, B, D, dhj, cell)
 
 
 @cuda.jit(device=True)
@@ -176,9 +175,8 @@ def _backward_plane(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, ce
     for t in range(start, n * (act.shape[0] // MB), stride):
         grp, lo, uo, tt = _scan_slab(t, n, MB, DNG)
         q = tt // D
-        hi = lo + MB
-        _unit_backward(dact[lo:hi], dc[lo:hi], dh[lo:hi], act[lo:hi], c[lo:hi], UTf[uo:uo + DNG],
-                       parent, child, s0 + q // B, q % B, tt % D, B, D, cell)
+        _unit_backward(dact, dc, dh, act, c, UTf, uo, parent, child, lo, s0 + q // B, q % B, tt % D,
+                       B, D, cell)
 
 
 # ---------------------------------------------------------------- sweep kernels
