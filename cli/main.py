@@ -38,10 +38,13 @@ def _check_writable(out: Path) -> None:
 
 
 def _require_device(device: str) -> None:
+    """Fail before any work when ``--device cuda`` cannot run here, saying what to do."""
     if device == "cuda":
-        from mdnumba.info import cuda_status
-        raise click.UsageError(f"--device cuda: the CUDA training backend is not wired into the trainer "
-                               f"yet (CUDA here: {cuda_status()}); use --device cpu")
+        from mdnumba.backend_cuda import INSTALL_HINT, cuda_unavailable_reason
+        reason = cuda_unavailable_reason()
+        if reason is not None:
+            hint = INSTALL_HINT.replace("device='cpu'", "--device cpu")
+            raise click.UsageError(f"--device cuda is not available: {reason}; {hint}")
 
 
 class _Progress:
@@ -107,7 +110,14 @@ def _train_options(f):
                      help="smaller sizes to train on first, e.g. 8,16 (equal phases, then --size)"),
         click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
                      show_default=True),
-        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
+        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+                     help="cuda: the recurrent sweeps run as @cuda.jit kernels (needs mdnumba[cuda])"),
+        click.option("--cell", type=click.Choice(["graves", "stable", "spatial"]), default="graves",
+                     show_default=True, help="stable: Leifert et al. 2016, bounded state on large grids"),
+        click.option("--directions", type=int, default=1, show_default=True,
+                     help="scan directions per layer: 1 or 2**ndim (4 for md, 8 for md3d, 2 for 1D)"),
+        click.option("--layers", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="stacked recurrent layers"),
     ]
     for opt in reversed(opts):
         f = opt(f)

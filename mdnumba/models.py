@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import config
-from .layers import LSTM1D, MDLSTM2D, Linear
+from .layers import Linear
+from .stack import mdlstm_stack
 
 
 class RecurrentReadout:
@@ -22,7 +23,7 @@ class RecurrentReadout:
     def __init__(self, recurrent, out_features: int, seed: int, dtype):
         self.recurrent = recurrent
         self.readout = Linear(recurrent.out_channels, out_features, seed=seed + 1, dtype=dtype)
-        self.layers = [self.recurrent, self.readout]
+        self.layers = list(getattr(recurrent, "layers", [recurrent])) + [self.readout]
         self._in_shape: tuple | None = None
 
     def _to_recurrent(self, x: np.ndarray) -> np.ndarray:
@@ -53,23 +54,38 @@ class RecurrentReadout:
 
 
 class MDModel(RecurrentReadout):
-    """2D MD-LSTM + readout over (B, H, W, C) images."""
+    """Stacked 2D MD-LSTM (``layers`` layers of ``directions`` scans, ``cell``) + readout over
+    (B, H, W, C) images (or 3D volumes (B, D1, D2, D3, C) with ``ndim=3``)."""
 
     kind = "md"
 
-    def __init__(self, in_channels=1, hidden=16, out_features=1, seed=0,
-                 dtype=config.DEFAULT_DTYPE):
-        super().__init__(MDLSTM2D(in_channels, hidden, seed=seed, dtype=dtype), out_features, seed, dtype)
+    ndim = 2
+
+    def __init__(self, in_channels=1, hidden=16, out_features=1, seed=0, dtype=config.DEFAULT_DTYPE,
+                 cell="graves", directions=1, layers=1, device="cpu"):
+        stack = mdlstm_stack(self.ndim, in_channels, hidden, layers=layers, directions=directions,
+                             cell=cell, seed=seed, dtype=dtype, device=device)
+        super().__init__(stack if layers > 1 else stack.stages[0], out_features, seed, dtype)
 
 
-class HorizontalModel(RecurrentReadout):
+class MD3DModel(MDModel):
+    """Stacked 3D MD-LSTM + readout over (B, D1, D2, D3, C) volumes."""
+
+    kind = "md3d"
+    ndim = 3
+
+
+class SequenceModel(MDModel):
+    """Stacked 1D LSTM + readout over (B, T, C) sequences (``directions=2``: bidirectional)."""
+
+    kind = "lstm"
+    ndim = 1
+
+
+class HorizontalModel(SequenceModel):
     """Each image row is an independent sequence of length W (batch B·H)."""
 
     kind = "horizontal"
-
-    def __init__(self, in_channels=1, hidden=16, out_features=1, seed=0,
-                 dtype=config.DEFAULT_DTYPE):
-        super().__init__(LSTM1D(in_channels, hidden, seed=seed, dtype=dtype), out_features, seed, dtype)
 
     def _to_recurrent(self, x):
         if x.ndim != 4:
@@ -90,17 +106,7 @@ class SnakeModel(HorizontalModel):
         return x.reshape(B, H * W, C)
 
 
-class SequenceModel(RecurrentReadout):
-    """1D LSTM + readout over (B, T, C) sequences."""
-
-    kind = "lstm"
-
-    def __init__(self, in_channels=1, hidden=16, out_features=1, seed=0,
-                 dtype=config.DEFAULT_DTYPE):
-        super().__init__(LSTM1D(in_channels, hidden, seed=seed, dtype=dtype), out_features, seed, dtype)
-
-
-MODELS = {cls.kind: cls for cls in (MDModel, HorizontalModel, SnakeModel, SequenceModel)}
+MODELS = {cls.kind: cls for cls in (MDModel, MD3DModel, HorizontalModel, SnakeModel, SequenceModel)}
 
 
 def build_model(kind: str, **kwargs) -> RecurrentReadout:

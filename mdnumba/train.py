@@ -12,7 +12,8 @@ import numpy as np
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .losses import LOSSES
-from .models import build_model
+from .kernels.cell import CELLS
+from .models import MODELS, build_model
 from .optim import Adam
 from .tasks import get_task
 
@@ -37,6 +38,9 @@ class TrainConfig:
     checkpoint_every: int = 0
     dtype: str = "float32"
     device: str = "cpu"
+    cell: str = "graves"
+    directions: int = 1
+    layers: int = 1
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting and what is allowed."""
@@ -55,10 +59,16 @@ class TrainConfig:
                   (self.clip_norm is None or self.clip_norm > 0, "--clip-norm must be > 0"),
                   (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
                   (self.dtype in ("float32", "float64"), "--dtype must be float32 or float64"),
-                  (self.device in ("cpu", "cuda"), "--device must be cpu or cuda")]
+                  (self.device in ("cpu", "cuda"), "--device must be cpu or cuda"),
+                  (self.cell in CELLS, f"--cell must be one of {sorted(CELLS)}"),
+                  (self.layers >= 1, "--layers must be >= 1")]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+        ndim = MODELS[self.model].ndim
+        if self.directions not in (1, 2 ** ndim):
+            raise ValueError(f"--directions must be 1 or {2 ** ndim} for model {self.model!r} "
+                             f"(every corner of its {ndim}-D grid), got {self.directions}")
 
     def size_at(self, step: int) -> int:
         """Training size at ``step`` (0-based): equal phases over curriculum + [size]."""
@@ -74,7 +84,8 @@ class Trainer:
         self.cfg, self.out = cfg, Path(out) if out is not None else None
         self.task = get_task(cfg.task)
         self.model = build_model(cfg.model, in_channels=self.task.in_channels, hidden=cfg.hidden,
-                                 seed=cfg.seed, dtype=np.dtype(cfg.dtype))
+                                 seed=cfg.seed, dtype=np.dtype(cfg.dtype), cell=cfg.cell,
+                                 directions=cfg.directions, layers=cfg.layers, device=cfg.device)
         self.opt = Adam(self.model, lr=cfg.lr, clip_norm=cfg.clip_norm)
         self.rng = np.random.default_rng(cfg.seed)
         self.loss_fn = LOSSES[cfg.loss]

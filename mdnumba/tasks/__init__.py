@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .binary_addition import addition_metrics, sample_addition
-from .diagonal import diagonal_metrics, sample_diagonal
+from .diagonal import diagonal_metrics, sample_diagonal, sample_diagonal3d
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,8 @@ TASKS = {
     "diagonal": Task("diagonal", sample_diagonal, diagonal_metrics,
                      ("loss", "relevant_loss", "second_x_acc"), ("md", "horizontal", "snake"),
                      1, "image side", 4),
+    "diagonal3d": Task("diagonal3d", sample_diagonal3d, diagonal_metrics,
+                       ("loss", "relevant_loss", "second_x_acc"), ("md3d",), 1, "volume side", 4),
     "binary-addition": Task("binary-addition", sample_addition, addition_metrics,
                             ("loss", "bit_acc", "number_acc"), ("lstm",), 2, "bits", 1),
 }

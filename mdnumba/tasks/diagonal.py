@@ -1,9 +1,13 @@
-"""The random diagonal task (from the TensorFlow MD-LSTM seed's data code).
+"""The random diagonal task (from the TensorFlow MD-LSTM seed's data code), in 2D and 3D.
 
-``x ~ U[0, 0.1]`` of shape (n, n); pick r, c uniformly in [1, n-2]; set
+2D: ``x ~ U[0, 0.1]`` of shape (n, n); pick r, c uniformly in [1, n-2]; set
 ``x[r, c] = x[r+1, c+1] = 1``. Target ``y[r, c] = x[r, c+1]`` (every row shifted
 one column left, wrapping). The second 1 of ``y`` sits at (r+1, c): a top-left
 scan can predict it from the 1 above-left of it; nothing can predict the first.
+
+N-D (``diagonal3d``): the same with a point p in [1, n-2]^N, ``x[p] = x[p + (1,..,1)] = 1``
+(a line parallel to the main space diagonal) and the target shifted one step back
+along the last axis; the second 1 of ``y`` is at ``p + (1, .., 1, 0)``.
 """
 
 from __future__ import annotations
@@ -15,28 +19,40 @@ import numpy as np
 
 @dataclass
 class DiagonalBatch:
-    x: np.ndarray        # (B, n, n, 1)
-    y: np.ndarray        # (B, n, n, 1)
-    second: np.ndarray   # (B, 2) row, col of the second 1 of y
+    x: np.ndarray        # (B, n, .., n, 1)
+    y: np.ndarray        # (B, n, .., n, 1)
+    second: np.ndarray   # (B, N) coordinates of the second 1 of y
+
+
+def sample_diagonal_nd(rng: np.random.Generator, batch: int, size: int, ndim: int,
+                       dtype=np.float32) -> DiagonalBatch:
+    """Draw one batch of the N-D task (vectorised)."""
+    if size < 4:
+        raise ValueError(f"diagonal task needs size >= 4, got {size}")
+    x = rng.uniform(0.0, 0.1, size=(batch,) + (size,) * ndim).astype(dtype)
+    p = np.stack([rng.integers(1, size - 1, size=batch) for _ in range(ndim)], axis=1)
+    bi = np.arange(batch)
+    x[(bi,) + tuple(p.T)] = 1.0
+    x[(bi,) + tuple(p.T + 1)] = 1.0
+    y = np.roll(x, -1, axis=ndim)
+    second = p + 1
+    second[:, -1] -= 1
+    return DiagonalBatch(x[..., None], y[..., None], second)
 
 
 def sample_diagonal(rng: np.random.Generator, batch: int, size: int, dtype=np.float32) -> DiagonalBatch:
-    """Draw one batch (vectorised)."""
-    if size < 4:
-        raise ValueError(f"diagonal task needs size >= 4, got {size}")
-    x = rng.uniform(0.0, 0.1, size=(batch, size, size)).astype(dtype)
-    r = rng.integers(1, size - 1, size=batch)
-    c = rng.integers(1, size - 1, size=batch)
-    bi = np.arange(batch)
-    x[bi, r, c] = 1.0
-    x[bi, r + 1, c + 1] = 1.0
-    y = np.roll(x, -1, axis=2)
-    return DiagonalBatch(x[..., None], y[..., None], np.stack([r + 1, c], axis=1))
+    """The seed's 2D task."""
+    return sample_diagonal_nd(rng, batch, size, 2, dtype)
+
+
+def sample_diagonal3d(rng: np.random.Generator, batch: int, size: int, dtype=np.float32) -> DiagonalBatch:
+    """The 3D task on (size, size, size) volumes."""
+    return sample_diagonal_nd(rng, batch, size, 3, dtype)
 
 
 def diagonal_metrics(prob: np.ndarray, loss: float, batch: DiagonalBatch) -> dict[str, float]:
     """overall loss, relevant loss (squared error at the second 1), second-x accuracy."""
     bi = np.arange(prob.shape[0])
-    p = prob[bi, batch.second[:, 0], batch.second[:, 1], 0].astype(np.float64)
+    p = prob[(bi,) + tuple(batch.second.T) + (0,)].astype(np.float64)
     return {"loss": loss, "relevant_loss": float(np.mean((p - 1.0) ** 2)),
             "second_x_acc": float(np.mean(p > 0.5))}

@@ -1,0 +1,111 @@
+"""Stacks of layers (Graves' MD-LSTM hierarchy): :class:`Sequential` and :class:`BlockSubsample`."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import config
+from ._validate import check_positive_int
+from .layers import LSTM1D, MDLSTM2D, MDLSTM3D, WavefrontLSTM
+
+_NAMED = {1: LSTM1D, 2: MDLSTM2D, 3: MDLSTM3D}
+
+
+class BlockSubsample:
+    """Non-overlapping ``block^N`` blocks of the grid become channels (space-to-depth).
+
+    ``forward``: ``(B, n_1, .., n_N, C)`` → ``(B, n_1/k, .., n_N/k, k^N·C)``, channel
+    order ``(offset_1, .., offset_N, c)``; ``backward`` is the exact inverse
+    (no parameters). Every grid side must be divisible by ``block``.
+    """
+
+    def __init__(self, block: int, ndim: int = 2):
+        self.block = check_positive_int(block, "block")
+        self.ndim = check_positive_int(ndim, "ndim")
+        self._in_shape: tuple | None = None
+
+    def out_channels(self, in_channels: int) -> int:
+        return in_channels * self.block ** self.ndim
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Move each block's cells into the channel axis."""
+        x = np.asarray(x)
+        N, k = self.ndim, self.block
+        dims = x.shape[1:-1]
+        if x.ndim != N + 2 or any(n % k for n in dims):
+            raise ValueError(f"BlockSubsample({k}) needs (batch, {N} grid axes, C) with every grid "
+                             f"side divisible by {k}, got shape {x.shape}; crop or pad the input")
+        self._in_shape = x.shape
+        split = (x.shape[0],) + sum(((n // k, k) for n in dims), ()) + (x.shape[-1],)
+        order = (0,) + tuple(1 + 2 * d for d in range(N)) + tuple(2 + 2 * d for d in range(N)) + (2 * N + 1,)
+        y = x.reshape(split).transpose(order)
+        return np.ascontiguousarray(y).reshape((x.shape[0],) + tuple(n // k for n in dims) + (-1,))
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`forward` applied to the gradient."""
+        if self._in_shape is None:
+            raise RuntimeError("backward() called before forward(); run forward(x) first")
+        N, k, shape = self.ndim, self.block, self._in_shape
+        dims = shape[1:-1]
+        blocks = (shape[0],) + tuple(n // k for n in dims) + (k,) * N + (shape[-1],)
+        inverse = (0,) + sum(((1 + d, 1 + N + d) for d in range(N)), ()) + (2 * N + 1,)
+        return np.ascontiguousarray(np.reshape(dy, blocks).transpose(inverse)).reshape(shape)
+
+    def __repr__(self) -> str:
+        return f"BlockSubsample({self.block})"
+
+
+class Sequential:
+    """Stages applied in order; ``backward`` runs them in reverse.
+
+    ``layers`` lists the stages that own parameters (what :class:`mdnumba.Adam`
+    and checkpoints see), in order.
+    """
+
+    def __init__(self, *stages):
+        if not stages:
+            raise ValueError("Sequential needs at least one stage")
+        self.stages = list(stages)
+
+    @property
+    def layers(self) -> list:
+        return [s for s in self.stages if hasattr(s, "params")]
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        for stage in self.stages:
+            x = stage.forward(x)
+        return x
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        for stage in reversed(self.stages):
+            dy = stage.backward(dy)
+        return dy
+
+    def zero_grad(self) -> None:
+        for layer in self.layers:
+            layer.zero_grad()
+
+    def __repr__(self) -> str:
+        return "Sequential(" + ", ".join(map(repr, self.stages)) + ")"
+
+
+def mdlstm_stack(ndim: int, in_channels: int, hidden: int, layers: int = 1, directions: int = 1,
+                 cell: str = "graves", subsample: int = 1, seed: int = 0, dtype=config.DEFAULT_DTYPE,
+                 device: str = "cpu") -> Sequential:
+    """``layers`` N-D MD-LSTM layers (each ``directions`` scans, outputs concatenated), with a
+    :class:`BlockSubsample` of ``subsample`` between consecutive layers when ``subsample > 1``."""
+    check_positive_int(layers, "layers")
+    stages, channels = [], in_channels
+    for k in range(layers):
+        if k and subsample > 1:
+            stages.append(BlockSubsample(subsample, ndim))
+            channels = stages[-1].out_channels(channels)
+        kw = dict(seed=seed + 7 * k, dtype=dtype, cell=cell, directions=directions, device=device)
+        if ndim in _NAMED:
+            stages.append(_NAMED[ndim](channels, hidden, **kw))
+        else:
+            stages.append(WavefrontLSTM(ndim, channels, hidden, **kw))
+        channels = stages[-1].out_channels
+    stack = Sequential(*stages)
+    stack.out_channels = channels
+    return stack
