@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .losses import LOSSES
 from .kernels.cell import CELLS
+from .losses import LOSSES
 from .models import MODELS, build_model
 from .optim import Adam
 from .tasks import get_task

@@ -44,8 +44,9 @@ def test_backward_errors(layer):
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(directions=4), ValueError, "directions=4 is not supported yet"),
-    (dict(directions=2), ValueError, "use directions=1"),
+    (dict(directions=3), ValueError, "directions must be 1 or 4"),
+    (dict(directions=2), ValueError, "directions must be 1 or 4"),
+    (dict(cell="lstm"), ValueError, "unknown cell"),
     (dict(dtype=np.int32), TypeError, "float32 or float64"),
     (dict(dtype=np.float16), TypeError, "float32 or float64"),
 ])
