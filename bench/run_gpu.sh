@@ -9,7 +9,7 @@
 # Usage: bench/run_gpu.sh [--tests] [bench_gpu.py options, e.g. --quick --configs 32]
 #   --tests   also run tests/test_cuda.py (simulator cases + the same cases on the GPU)
 # The report goes to $OUT/gpu.md when $OUT is set (the device tool's output folder), else to
-# bench/results/gpu.md.
+# bench/results/gpu.md (and family_cuda.md from bench_family.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,3 +45,5 @@ if [ "$run_tests" = 1 ]; then
 fi
 
 python3 bench/bench_gpu.py --out "$out_dir/gpu.md" "$@" 2>&1 | tee "$out_dir/bench_gpu.log"
+# issue 6: 4-direction 2D and 3D layers vs PyTorch autograd on the same GPU
+python3 bench/bench_family.py --device cuda --out "$out_dir/family_cuda.md" 2>&1 | tee "$out_dir/bench_family.log"

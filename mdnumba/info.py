@@ -28,6 +28,20 @@ def cuda_status() -> str:
         return f"unavailable ({exc}); use --device cpu"
 
 
+def cuda_sweep_path() -> str:
+    """Run a tiny CUDA forward and report which sweep path it took (or why none ran)."""
+    from .backend_cuda import cuda_unavailable_reason, last_path
+    reason = cuda_unavailable_reason()
+    if reason is not None:
+        return f"none ({reason})"
+    from .layers import MDLSTM2D
+    try:
+        MDLSTM2D(1, 4, device="cuda").forward(np.ones((1, 4, 4, 1), np.float32))
+    except Exception as exc:  # pragma: no cover - depends on the GPU
+        return f"probe failed: {type(exc).__name__}: {exc}"
+    return str(last_path())
+
+
 def collect_info() -> dict[str, str]:
     """Versions, threading and device facts as ``name -> text``."""
     return {
@@ -40,4 +54,5 @@ def collect_info() -> dict[str, str]:
         "default dtype": np.dtype(config.DEFAULT_DTYPE).name,
         "fastmath": str(config.FASTMATH),
         "cuda": cuda_status(),
+        "cuda sweep path": cuda_sweep_path(),
     }

@@ -13,6 +13,8 @@ from ._validate import check_array, check_positive_int
 from .grid import from_skewed, to_skewed, wavefront
 from .kernels.cell import cell_code
 from .kernels.gemm import column_sums, matmul_at_b, matmul_rows
+from .kernels.gridlstm import gather_operands as gather_grid_operands
+from .kernels.gridlstm import grid_backward, grid_forward
 from .kernels.wavefront import gather_parents, wavefront_backward, wavefront_forward
 from .params import ParamLayout
 
@@ -314,3 +316,87 @@ class Linear:
         dx = np.zeros_like(self._x)
         matmul_rows(dx, dy2, np.ascontiguousarray(self.params["W"].T), self.params["b"], True)
         return dx.reshape(self._shape)
+
+
+class GridLSTM2D:
+    """2D Grid LSTM (Kalchbrenner et al. 2015) over time x depth, weights tied along depth,
+    depth prioritised.
+
+    ``forward(x)``: ``x`` (B, T, hidden) is the depth input of the bottom blocks (e.g. an
+    embedding); returns the top blocks' depth output (B, T, hidden). Every block (t, l)
+    applies ``(h_T', m_T') = LSTM([h_T; h_L] U_time + b_time, m_T)`` and then
+    ``(h_L', m_L') = LSTM([h_T'; h_L] U_depth + b_depth, m_L)`` (gates ``[i | f | o | g]``,
+    ``m = f·m_prev + i·g``, ``h = o·tanh m``); ``(h_T', m_T')`` go to (t+1, l) and
+    ``(h_L', m_L')`` to (t, l+1). Views: ``U_time``, ``U_depth`` (2D, 4D), ``b_time``,
+    ``b_depth`` (4D,); forget biases start at ``forget_bias`` (+1).
+    """
+
+    def __init__(self, hidden: int, layers: int, seed: int = 0, dtype=config.DEFAULT_DTYPE,
+                 forget_bias: float = 1.0):
+        self.hidden = check_positive_int(hidden, "hidden")
+        self.depth = check_positive_int(layers, "layers")
+        self.dtype = config.resolve_dtype(dtype)
+        D = self.hidden
+        self.layout = ParamLayout({"U_time": (2 * D, 4 * D), "U_depth": (2 * D, 4 * D),
+                                   "b_time": (4 * D,), "b_depth": (4 * D,)})
+        self.params = self.layout.new(self.dtype)
+        self.grads = self.layout.new(self.dtype)
+        rng = np.random.default_rng(seed)
+        for name in ("U_time", "U_depth"):
+            self.params[name][...] = rng.uniform(-1 / np.sqrt(2 * D), 1 / np.sqrt(2 * D), (2 * D, 4 * D))
+        self.params["b_time"][D:2 * D] = forget_bias
+        self.params["b_depth"][D:2 * D] = forget_bias
+        self._saved: dict | None = None
+
+    @property
+    def out_channels(self) -> int:
+        return self.hidden
+
+    def zero_grad(self) -> None:
+        """Set every gradient to zero (backward accumulates)."""
+        self.grads.data[...] = 0
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Sweep the T x depth grid; save what backward needs."""
+        D, L = self.hidden, self.depth
+        x = check_array(x, "x", 3, D, self.dtype, f"(batch, time, hidden={D})")
+        B, T = x.shape[:2]
+        wf = wavefront((T, L))
+        R = wf.n_cells * B
+        act = np.empty((R, 8 * D), self.dtype)
+        act[:, :4 * D] = self.params["b_time"]
+        act[:, 4 * D:] = self.params["b_depth"]
+        h, c = np.empty((R, 2 * D), self.dtype), np.empty((R, 2 * D), self.dtype)
+        xt = np.ascontiguousarray(x.transpose(1, 0, 2)).reshape(T * B, D)
+        grid_forward(h, c, act, xt, self.params["U_time"], self.params["U_depth"], wf.diag_off,
+                     wf.parent, wf.perm, L, B, D)
+        self._saved = dict(h=h, c=c, act=act, x=xt, wf=wf, B=B, T=T)
+        top = wf.inv_perm[np.arange(T) * L + L - 1]
+        return np.ascontiguousarray(h.reshape(-1, B, 2 * D)[top, :, D:].transpose(1, 0, 2))
+
+    def backward(self, dh: np.ndarray) -> np.ndarray:
+        """dL/dx for ``dh`` = dL/d(output); accumulates the weight gradients."""
+        if self._saved is None:
+            raise RuntimeError("backward() called before forward(); run forward(x) first")
+        sv, D, L = self._saved, self.hidden, self.depth
+        wf, B, T = sv["wf"], sv["B"], sv["T"]
+        dh = check_array(dh, "dh", 3, D, self.dtype, f"(batch, time, hidden={D})")
+        if dh.shape != (B, T, D):
+            raise ValueError(f"dh must have the shape of the forward output {(B, T, D)}, got {dh.shape}")
+        R = wf.n_cells * B
+        dact, dc = np.empty((R, 10 * D), self.dtype), np.empty((R, 2 * D), self.dtype)
+        dx = np.empty((T * B, D), self.dtype)
+        dtop = np.ascontiguousarray(dh.transpose(1, 0, 2)).reshape(T * B, D)
+        U_t, U_d = self.params["U_time"], self.params["U_depth"]
+        grid_backward(dact, dc, dx, dtop, sv["act"], sv["c"], U_t, U_d, wf.diag_off, wf.parent,
+                      wf.child, wf.perm, L, B, D)
+        zt, zd = np.empty((R, 2 * D), self.dtype), np.empty((R, 2 * D), self.dtype)
+        gather_grid_operands(zt, zd, sv["h"], sv["x"], wf.parent, wf.perm, L, B, D)
+        for z, lo, U, bias in ((zt, 0, "U_time", "b_time"), (zd, 4 * D, "U_depth", "b_depth")):
+            da = np.ascontiguousarray(dact[:, lo:lo + 4 * D])
+            matmul_at_b(self.grads[U], z, da)
+            column_sums(self.grads[bias], da)
+        return np.ascontiguousarray(dx.reshape(T, B, D).transpose(1, 0, 2))
+
+    def __repr__(self) -> str:
+        return f"GridLSTM2D(hidden={self.hidden}, layers={self.depth}, dtype={self.dtype.name})"

@@ -193,6 +193,90 @@ def lstm1d_backward(dh_out, cache):
     return dx, dW, dU[0], db
 
 
+def _lstm_transform(a, m_prev, D):
+    """One LSTM transform, gates ``[i | f | o | g]``: ``m = f·m_prev + i·g``, ``h = o·tanh m``."""
+    i, f, o = _sigmoid(a[:, :D]), _sigmoid(a[:, D:2 * D]), _sigmoid(a[:, 2 * D:3 * D])
+    g = np.tanh(a[:, 3 * D:])
+    m = f * m_prev + i * g
+    return o * np.tanh(m), m, (i, f, o, g)
+
+
+def _lstm_transform_backward(dh, dm_out, m, m_prev, gates):
+    """Backward of :func:`_lstm_transform`: ``(da, dm_prev)``."""
+    i, f, o, g = gates
+    tm = np.tanh(m)
+    dm = dm_out + dh * o * (1 - tm**2)
+    da = np.concatenate([dm * g * i * (1 - i), dm * m_prev * f * (1 - f), dh * tm * o * (1 - o),
+                         dm * i * (1 - g**2)], axis=1)
+    return da, dm * f
+
+
+def gridlstm_forward(x, U_time, U_depth, b_time, b_depth, layers):
+    """2D Grid LSTM (Kalchbrenner et al. 2015) over time x depth, weights tied along depth,
+    depth prioritised. ``x`` (B, T, D) is the depth input of the bottom blocks.
+
+    Block (t, l) gets ``(h_T, m_T)`` from (t-1, l) and ``(h_L, m_L)`` from (t, l-1)
+    (``(x_t, 0)`` at l = 0; zeros outside the grid), then
+    ``(h_T', m_T') = LSTM([h_T; h_L] U_time + b_time, m_T)`` and, using the new h_T',
+    ``(h_L', m_L') = LSTM([h_T'; h_L] U_depth + b_depth, m_L)``; ``U_*`` are (2D, 4D).
+    Returns ``h_L'`` of the top blocks, (B, T, D), and the cache.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    B, T, D = x.shape
+    hT, mT, hL, mL = (np.zeros((T, layers, B, D)) for _ in range(4))
+    gates = {}
+    zero = np.zeros((B, D))
+    for t in range(T):
+        for layer in range(layers):
+            hT_in, mT_in = (hT[t - 1, layer], mT[t - 1, layer]) if t else (zero, zero)
+            hL_in, mL_in = (hL[t, layer - 1], mL[t, layer - 1]) if layer else (x[:, t], zero)
+            hT[t, layer], mT[t, layer], gT = _lstm_transform(
+                np.concatenate([hT_in, hL_in], 1) @ U_time + b_time, mT_in, D)
+            hL[t, layer], mL[t, layer], gL = _lstm_transform(
+                np.concatenate([hT[t, layer], hL_in], 1) @ U_depth + b_depth, mL_in, D)
+            gates[t, layer] = (gT, gL)
+    cache = dict(x=x, U_time=U_time, U_depth=U_depth, hT=hT, mT=mT, hL=hL, mL=mL, gates=gates)
+    return hL[:, -1].transpose(1, 0, 2).copy(), cache
+
+
+def gridlstm_backward(dout, cache):
+    """Push-form backward of :func:`gridlstm_forward`: ``(dx, dU_time, dU_depth, db_time, db_depth)``."""
+    x, U_time, U_depth = cache["x"], cache["U_time"], cache["U_depth"]
+    hT, mT, hL, mL, gates = (cache[k] for k in ("hT", "mT", "hL", "mL", "gates"))
+    T, layers, B, D = hT.shape
+    dhT, dmT, dhL, dmL = (np.zeros_like(hT) for _ in range(4))
+    dhL[:, -1] += np.asarray(dout, dtype=np.float64).transpose(1, 0, 2)
+    dx = np.zeros_like(x)
+    dUt, dUd = np.zeros(U_time.shape), np.zeros(U_depth.shape)
+    dbt, dbd = np.zeros(U_time.shape[1]), np.zeros(U_depth.shape[1])
+    zero = np.zeros((B, D))
+    for t in reversed(range(T)):
+        for layer in reversed(range(layers)):
+            hT_in, mT_in = (hT[t - 1, layer], mT[t - 1, layer]) if t else (zero, zero)
+            hL_in, mL_in = (hL[t, layer - 1], mL[t, layer - 1]) if layer else (x[:, t], zero)
+            gT, gL = gates[t, layer]
+            daL, dmL_in = _lstm_transform_backward(dhL[t, layer], dmL[t, layer], mL[t, layer], mL_in, gL)
+            HL = np.concatenate([hT[t, layer], hL_in], 1)
+            dUd += HL.T @ daL
+            dbd += daL.sum(0)
+            dHL = daL @ U_depth.T
+            daT, dmT_in = _lstm_transform_backward(dhT[t, layer] + dHL[:, :D], dmT[t, layer],
+                                                   mT[t, layer], mT_in, gT)
+            dUt += np.concatenate([hT_in, hL_in], 1).T @ daT
+            dbt += daT.sum(0)
+            dHT = daT @ U_time.T
+            dhL_in = dHL[:, D:] + dHT[:, D:]
+            if t:
+                dhT[t - 1, layer] += dHT[:, :D]
+                dmT[t - 1, layer] += dmT_in
+            if layer:
+                dhL[t, layer - 1] += dhL_in
+                dmL[t, layer - 1] += dmL_in
+            else:
+                dx[:, t] += dhL_in
+    return dx, dUt, dUd, dbt, dbd
+
+
 def adam_step(p, g, m, v, t, lr, beta1, beta2, eps):
     """One Adam update (Kingma & Ba 2015), returning new ``(p, m, v)``.
 

@@ -37,9 +37,11 @@ def test_train_writes_log_and_checkpoint(runner, tmp_path):
     assert not [p for p in os.listdir(tmp_path / "run") if p.endswith(".tmp")]
 
 
-def test_resume_is_bit_identical(runner, tmp_path):
-    assert train(runner, tmp_path / "full").exit_code == 0
-    res = train(runner, tmp_path / "part", "--steps", "3")
+@pytest.mark.parametrize("extra", [[], ["--cell", "stable", "--directions", "4", "--layers", "2"],
+                                   ["--model", "md3d", "--task", "diagonal3d", "--size", "4"]])
+def test_resume_is_bit_identical(runner, tmp_path, extra):
+    assert train(runner, tmp_path / "full", *extra).exit_code == 0
+    res = train(runner, tmp_path / "part", "--steps", "3", *extra)
     assert res.exit_code == 0, res.output
     res = runner.invoke(main, ["train", "--resume", str(tmp_path / "part"), "--steps", "6"])
     assert res.exit_code == 0, res.output
@@ -99,6 +101,10 @@ def test_mismatched_checkpoint(runner, tmp_path):
     (["--model", "lstm"], "does not fit task"),
     (["--curriculum", "8,x"], "comma-separated integers"),
     (["--curriculum", "16"], "curriculum sizes must lie in"),
+    (["--directions", "3"], "--directions must be 1 or 4"),
+    (["--model", "md3d"], "does not fit task"),
+    (["--cell", "lstm"], "'lstm' is not one of"),
+    (["--layers", "0"], "0 is not in the range x>=1"),
 ])
 def test_bad_options(runner, tmp_path, args, message):
     res = runner.invoke(main, ["train", "--out", str(tmp_path / "r"), *args])

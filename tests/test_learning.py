@@ -41,3 +41,27 @@ def test_generators_are_seeded_and_follow_the_definition():
     va, vb, vs = (s.x[..., 0] @ bits), (s.x[..., 1] @ bits), (s.y[..., 0] @ bits)
     np.testing.assert_array_equal(va + vb, vs)
     assert va.max() < 2**9
+
+
+def run_metrics(steps=400, **kw):
+    tr = Trainer(TrainConfig(steps=steps, **{"size": 6, **kw}))
+    hist = []
+    tr.run(lambda s, m: hist.append(m))
+    return {k: float(np.mean([h[k] for h in hist[-50:]])) for k in hist[0] if k != "time"}
+
+
+def test_stable_cell_and_stacked_layers_learn_the_diagonal():
+    assert run_metrics(cell="stable")["relevant_loss"] < 0.1
+    assert run_metrics(layers=2, hidden=8)["relevant_loss"] < 0.1
+
+
+def test_four_directions_also_predict_the_first_one():
+    """The top-right scan sees x[r, c+1], so 4 directions can predict both 1s of the target."""
+    one = run_metrics(directions=1)
+    four = run_metrics(directions=4, hidden=8)
+    assert four["relevant_loss"] < 0.1 and four["loss"] < 0.5 * one["loss"], (one, four)
+
+
+def test_md3d_learns_diagonal3d():
+    m = run_metrics(model="md3d", task="diagonal3d", size=4, hidden=8, steps=300)
+    assert m["relevant_loss"] < 0.1, m

@@ -40,6 +40,12 @@ def _cell_forward(h, c, act, parent, base, s, b, B, D, cell):
 
 
 @njit(**NJIT_OPTS)
+def _work_item(t, s0, n, B):
+    """Item t of a hyperplane whose first cell is s0, n = cells*B items per scan: (scan, cell, batch)."""
+    return t // n, s0 + (t % n) // B, t % B
+
+
+@njit(**NJIT_OPTS)
 def _recurrent_forward(act, h, U, parent, base, s, b, B, D):
     """``act[r] += Σ_d h[parent_d] @ U_d`` for row ``r = base + s*B + b`` (a row of the plane's GEMM)."""
     N = parent.shape[1]
@@ -71,9 +77,7 @@ def wavefront_forward(h, c, act, U, diag_off, parent, B, D, cell):
         s0 = diag_off[k]
         n = (diag_off[k + 1] - s0) * B
         for t in prange(U.shape[0] * n):
-            grp = t // n
-            s = s0 + (t % n) // B
-            b = t % B
+            grp, s, b = _work_item(t, s0, n, B)
             _recurrent_forward(act, h, U[grp], parent, grp * MB, s, b, B, D)
             _cell_forward(h, c, act, parent, grp * MB, s, b, B, D, cell)
 
@@ -116,9 +120,7 @@ def wavefront_backward(dact, dc, dh, act, c, UT, diag_off, parent, child, B, D, 
         s0 = diag_off[k]
         n = (diag_off[k + 1] - s0) * B
         for t in prange(UT.shape[0] * n):
-            grp = t // n
-            s = s0 + (t % n) // B
-            b = t % B
+            grp, s, b = _work_item(t, s0, n, B)
             _recurrent_backward(dh, dact, UT[grp], child, grp * MB, s, b, B, D)
             _cell_backward(dact, dc, dh, act, c, parent, child, grp * MB, s, b, B, D, cell)
 

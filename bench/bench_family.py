@@ -1,0 +1,186 @@
+"""Issue-6 benchmark: 4-direction 2D and 3D MD-LSTM, mdnumba vs PyTorch autograd, side by side.
+
+For each shape, in one process: a train step (forward, loss gradient, backward,
+Adam) and a forward pass of the same layer (graves cell, float32, C=1, loss
+``0.5 * mean(h**2)``) in mdnumba and in :class:`torch_wavefront_nd.TorchWavefrontLSTM`
+(eager autograd, one hyperplane per step, directions batched), after checking
+that both compute the same forward and gradients. Timing, interleaving and the
+best-of-N rule are those of ``bench_cpu.py``.
+
+``--device cuda`` times ``mdnumba.backend_cuda.CudaLSTM`` + ``CudaAdam`` (device-resident)
+against the same PyTorch module on the GPU (both synchronised after every phase).
+
+Usage: ``python bench/bench_family.py [--quick] [--device cpu|cuda] [--out PATH]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import numba
+import numpy as np
+import torch
+from bench_cpu import Phase, load_average, time_interleaved
+from torch_wavefront_nd import TorchWavefrontLSTM
+
+import mdnumba
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Shape:
+    dims: tuple
+    B: int
+    D: int
+    directions: int
+
+    @property
+    def label(self) -> str:
+        return f"{len(self.dims)}D {'x'.join(map(str, self.dims))} B{self.B} D{self.D}, " \
+               f"{self.directions} direction{'s' * (self.directions > 1)}"
+
+
+SHAPES = [Shape((32, 32), 16, 32, 4), Shape((16, 16, 16), 8, 16, 1), Shape((16, 16, 16), 8, 16, 8)]
+QUICK = [Shape((8, 8), 4, 8, 4), Shape((6, 6, 6), 2, 8, 8)]
+
+
+def build(shape: Shape, device: str):
+    """The mdnumba layer (host), its runner and the matching torch module with copied weights."""
+    layer = mdnumba.WavefrontLSTM(len(shape.dims), 1, shape.D, seed=0, directions=shape.directions)
+    model = TorchWavefrontLSTM(len(shape.dims), 1, shape.D, shape.directions)
+    model.load_from_mdnumba(layer)
+    return layer, model.to(device)
+
+
+def mdnumba_phases(layer, x: np.ndarray, device: str) -> tuple[list[Phase], list[Phase]]:
+    """Train-step phases (forward, backward, adam) and the forward-only phase."""
+    st: dict = {}
+    if device == "cuda":
+        from numba import cuda
+
+        from mdnumba.backend_cuda import CudaAdam, CudaLSTM
+        net, sync = CudaLSTM.from_layer(layer), cuda.synchronize
+        opt, xin = CudaAdam([net], lr=1e-3), cuda.to_device(x)
+        scale = mdnumba.backend_cuda._kernels().axpby
+
+        def loss_grad(h):
+            dh = cuda.device_array_like(h)
+            scale(dh.reshape(dh.size), h.reshape(h.size), 1.0 / h.size, h.reshape(h.size), 0.0)
+            return dh
+    else:
+        net, sync, opt, xin = layer, (lambda: None), mdnumba.Adam(layer, lr=1e-3), x
+
+        def loss_grad(h):
+            return h * np.float32(1.0 / h.size)
+
+    def forward() -> None:
+        st["dh"] = loss_grad(net.forward(xin))
+        sync()
+
+    def backward() -> None:
+        net.zero_grad()
+        net.backward(st["dh"])
+        sync()
+
+    def adam() -> None:
+        opt.step()
+        sync()
+
+    def forward_only() -> None:
+        net.forward(xin)
+        sync()
+    return [("forward", forward), ("backward", backward), ("adam", adam)], [("forward", forward_only)]
+
+
+def torch_phases(model, x: np.ndarray, device: str) -> tuple[list[Phase], list[Phase]]:
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    xt = torch.from_numpy(x).to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    st: dict = {}
+
+    def forward() -> None:
+        st["loss"] = 0.5 * model(xt).square().mean()
+        sync()
+
+    def backward() -> None:
+        opt.zero_grad()
+        st["loss"].backward()
+        sync()
+
+    def adam() -> None:
+        opt.step()
+        sync()
+
+    def forward_only() -> None:
+        with torch.no_grad():
+            model(xt)
+        sync()
+    return [("forward", forward), ("backward", backward), ("adam", adam)], [("forward", forward_only)]
+
+
+def verify(layer, model, x: np.ndarray, device: str) -> float:
+    """Max abs forward difference; stops if forward or gradients disagree."""
+    h = layer.forward(x)
+    ht = model(torch.from_numpy(x).to(device))
+    fwd = float(np.abs(ht.detach().cpu().numpy() - h).max())
+    (0.5 * ht.square().mean()).backward()
+    layer.zero_grad()
+    layer.backward(h * np.float32(1.0 / h.size))
+    grad = 0.0
+    for n in ("W", "U", "b"):
+        a, t = layer.grads[n].reshape(-1), getattr(model, n).grad.cpu().numpy().reshape(-1)
+        grad = max(grad, float(np.abs(t - a).max() / (np.abs(a).max() + 1e-30)))
+    model.zero_grad()
+    if not (fwd <= 1e-4 and grad <= 1e-3):
+        raise SystemExit(f"torch baseline disagrees: forward {fwd:.2e}, gradient rel {grad:.2e}")
+    return fwd
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    dev = args.device
+    torch.set_num_threads(numba.get_num_threads())
+    out = args.out or (None if args.quick else HERE / "results" / f"family_{dev}.md")
+    load0 = load_average()
+    rows = ["| layer | train step mdnumba | PyTorch | ratio | forward mdnumba | PyTorch | ratio | "
+            "forward max abs diff |", "|---|---|---|---|---|---|---|---|"]
+    for shape in (QUICK if args.quick else SHAPES):
+        layer, model = build(shape, dev)
+        x = np.random.default_rng(0).random((shape.B,) + shape.dims + (1,), dtype=np.float32)
+        diff = verify(layer, model, x, dev)
+        mt, mf = mdnumba_phases(layer, x, dev)
+        tt, tf = torch_phases(model, x, dev)
+        budget = 0.5 if args.quick else 3.0
+        train = time_interleaved({"mdnumba": mt, "torch": tt}, budget)
+        fwd = time_interleaved({"mdnumba": mf, "torch": tf}, budget)
+        mtr, ttr, mfw, tfw = (train["mdnumba"].best, train["torch"].best, fwd["mdnumba"].best,
+                              fwd["torch"].best)
+        rows.append(f"| {shape.label} | {1e3 * mtr:.1f} ms | {1e3 * ttr:.1f} ms | {ttr / mtr:.1f}x | "
+                    f"{1e3 * mfw:.1f} ms | {1e3 * tfw:.1f} ms | {tfw / mfw:.1f}x | {diff:.1e} |")
+        print(rows[-1], flush=True)
+    head = [f"# MD-LSTM family benchmark ({dev}, issue 6)", "",
+            f"Generated by `python bench/bench_family.py{' --device cuda' if dev == 'cuda' else ''}` on "
+            f"{datetime.date.today()}: {platform.processor() or platform.machine()}, "
+            f"{numba.get_num_threads()} numba threads = torch threads, numba {numba.__version__}, "
+            f"torch {torch.__version__}; load average before {load0}, after {load_average()}.", "",
+            "Graves cell, float32, C=1, loss 0.5*mean(h^2), best of N interleaved repeats; train step = "
+            "forward + backward + Adam. PyTorch: `bench/torch_wavefront_nd.py` (eager autograd, one "
+            "hyperplane per step, directions batched), checked equal to mdnumba first.", ""]
+    text = "\n".join(head + rows) + "\n"
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

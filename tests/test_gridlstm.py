@@ -1,0 +1,59 @@
+"""2D Grid LSTM (time x depth) kernels vs the float64 reference and finite differences."""
+
+import numpy as np
+import pytest
+from gradcheck import check_layer_gradients
+
+from mdnumba import reference as ref
+from mdnumba.layers import GridLSTM2D
+
+
+def ref_forward(layer, x):
+    p = {k: np.asarray(v, np.float64) for k, v in layer.params.items()}
+    return ref.gridlstm_forward(np.asarray(x, np.float64), p["U_time"], p["U_depth"], p["b_time"],
+                                p["b_depth"], layer.depth)
+
+
+@pytest.mark.parametrize("B,T,L,D", [(2, 5, 3, 3), (1, 1, 1, 2), (3, 4, 1, 2), (2, 1, 4, 3), (1, 6, 6, 4)])
+@pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+def test_matches_reference(B, T, L, D, dtype, rtol, rng):
+    layer = GridLSTM2D(D, L, seed=2, dtype=dtype)
+    layer.params.data[...] += rng.standard_normal(layer.params.data.shape).astype(dtype) * 0.3
+    x = rng.standard_normal((B, T, D)).astype(dtype)
+    y = layer.forward(x)
+    yr, cache = ref_forward(layer, x)
+    assert y.shape == (B, T, D) and y.dtype == dtype
+    np.testing.assert_allclose(y, yr, rtol=rtol, atol=rtol)
+    dh = rng.standard_normal(y.shape)
+    dx = layer.backward(dh.astype(dtype))
+    rdx, dUt, dUd, dbt, dbd = ref.gridlstm_backward(dh, cache)
+    tol = dict(rtol=rtol * 10, atol=rtol * 10)
+    np.testing.assert_allclose(dx, rdx, err_msg="dx", **tol)
+    for name, want in (("U_time", dUt), ("U_depth", dUd), ("b_time", dbt), ("b_depth", dbd)):
+        np.testing.assert_allclose(layer.grads[name], want, err_msg=name, **tol)
+
+
+@pytest.mark.parametrize("zeros", [False, True])
+def test_finite_differences(zeros, rng):
+    layer = GridLSTM2D(2, 3, seed=1, dtype=np.float64)
+    layer.params.data[...] += rng.standard_normal(layer.params.data.shape) * 0.3
+    x = np.zeros((2, 4, 2)) if zeros else rng.standard_normal((2, 4, 2))
+    check_layer_gradients(layer, x, rng)
+
+
+def test_output_at_t_ignores_later_inputs(rng):
+    layer = GridLSTM2D(3, 2, dtype=np.float64)
+    x = rng.standard_normal((1, 6, 3))
+    y = layer.forward(x)
+    x2 = x.copy()
+    x2[0, 4] += 1.0
+    y2 = layer.forward(x2)
+    assert np.array_equal(y[0, :4], y2[0, :4]) and np.abs(y2[0, 4:] - y[0, 4:]).max() > 1e-6
+
+
+def test_bad_input():
+    layer = GridLSTM2D(3, 2)
+    with pytest.raises(ValueError, match="hidden=3"):
+        layer.forward(np.zeros((1, 4, 2), np.float32))
+    with pytest.raises(RuntimeError, match="before forward"):
+        layer.backward(np.zeros((1, 4, 3), np.float32))
