@@ -22,54 +22,117 @@ from numba import njit, prange
 from ..config import NJIT_OPTS, NJIT_PARALLEL_OPTS
 from .cell import build
 
-_sigmoid = build(njit(inline="always", **NJIT_OPTS))["sigmoid"]
 
+def build_rows(jit):
+    """Compile the per-row functions with ``jit`` (``njit`` here, ``cuda.jit(device=True)`` in
+    :mod:`mdnumba.kernels.gridlstm_cuda`: one source for CPU and GPU); return them in a dict."""
+    _sigmoid = build(jit)["sigmoid"]
 
-@njit(**NJIT_OPTS)
-def _lstm_forward(act, h, c, r, off, m_prev_row, m_col, D):
-    """LSTM transform on ``act[r, off:off+4D]`` (pre-activations in, activations out):
-    ``m = f·m_prev + i·g`` → ``c[r, off/4 + j]``, ``h = o·tanh m`` (m_prev row < 0: 0)."""
-    o_c = off // 4
-    for j in range(D):
-        gi = _sigmoid(act[r, off + j])
-        gf = _sigmoid(act[r, off + D + j])
-        go = _sigmoid(act[r, off + 2 * D + j])
-        gg = math.tanh(act[r, off + 3 * D + j])
-        mp = c[m_prev_row, m_col + j] if m_prev_row >= 0 else 0.0
-        m = gf * mp + gi * gg
-        act[r, off + j], act[r, off + D + j], act[r, off + 2 * D + j], act[r, off + 3 * D + j] = \
-            gi, gf, go, gg
-        c[r, o_c + j] = m
-        h[r, o_c + j] = go * math.tanh(m)
+    @jit
+    def _lstm_forward(act, h, c, r, off, m_prev_row, m_col, D):
+        """LSTM transform on ``act[r, off:off+4D]`` (pre-activations in, activations out):
+        ``m = f·m_prev + i·g`` → ``c[r, off/4 + j]``, ``h = o·tanh m`` (m_prev row < 0: 0)."""
+        o_c = off // 4
+        for j in range(D):
+            gi = _sigmoid(act[r, off + j])
+            gf = _sigmoid(act[r, off + D + j])
+            go = _sigmoid(act[r, off + 2 * D + j])
+            gg = math.tanh(act[r, off + 3 * D + j])
+            mp = c[m_prev_row, m_col + j] if m_prev_row >= 0 else 0.0
+            m = gf * mp + gi * gg
+            act[r, off + j], act[r, off + D + j], act[r, off + 2 * D + j], act[r, off + 3 * D + j] = \
+                gi, gf, go, gg
+            c[r, o_c + j] = m
+            h[r, o_c + j] = go * math.tanh(m)
 
+    @jit
+    def _matvec_add(act, r, off, src, srow, scol, U, urow, D):
+        """``act[r, off:off+4D] += src[srow, scol:scol+D] @ U[urow:urow+D]`` (srow < 0: nothing)."""
+        if srow < 0:
+            return
+        for j in range(D):
+            v = src[srow, scol + j]
+            for g in range(4 * D):
+                act[r, off + g] += v * U[urow + j, g]
 
-@njit(**NJIT_OPTS)
-def _matvec_add(act, r, off, src, srow, scol, U, urow, D):
-    """``act[r, off:off+4D] += src[srow, scol:scol+D] @ U[urow:urow+D]`` (srow < 0: nothing)."""
-    if srow < 0:
-        return
-    for j in range(D):
-        v = src[srow, scol + j]
+    @jit
+    def _block_forward(h, c, act, x, U_time, U_depth, parent, perm, L, s, b, B, D):
+        """Block s, batch item b: time transform, then (depth prioritised) the depth transform."""
+        r = s * B + b
+        tp, dp = parent[s, 0], parent[s, 1]
+        tr = tp * B + b if tp >= 0 else -1
+        dr = dp * B + b if dp >= 0 else -1
+        xr = (perm[s] // L) * B + b if dp < 0 else -1  # bottom block: depth input x_t
+        _matvec_add(act, r, 0, h, tr, 0, U_time, 0, D)
+        _matvec_add(act, r, 0, h, dr, D, U_time, D, D)
+        _matvec_add(act, r, 0, x, xr, 0, U_time, D, D)
+        _lstm_forward(act, h, c, r, 0, tr, 0, D)
+        _matvec_add(act, r, 4 * D, h, r, 0, U_depth, 0, D)
+        _matvec_add(act, r, 4 * D, h, dr, D, U_depth, D, D)
+        _matvec_add(act, r, 4 * D, x, xr, 0, U_depth, D, D)
+        _lstm_forward(act, h, c, r, 4 * D, dr, D, D)
+
+    @jit
+    def _lstm_backward(dact, dc, act, c, r, off, m_prev_row, m_col, dh, dm_in, D):
+        """Backward of :func:`_lstm_forward` given ``dh`` (D,) and ``dm_in`` (D,) on its outputs:
+        ``dm = dm_in + dh·o·(1−tanh²m)`` → ``dc[r, off/4 + j]``; gate gradients → ``dact[r, off:]``."""
+        o_c = off // 4
+        for j in range(D):
+            gi, gf, go, gg = act[r, off + j], act[r, off + D + j], act[r, off + 2 * D + j], \
+                act[r, off + 3 * D + j]
+            tm = math.tanh(c[r, o_c + j])
+            dm = dm_in[j] + dh[j] * go * (1.0 - tm * tm)
+            mp = c[m_prev_row, m_col + j] if m_prev_row >= 0 else 0.0
+            dc[r, o_c + j] = dm
+            dact[r, off + j] = dm * gg * gi * (1.0 - gi)
+            dact[r, off + D + j] = dm * mp * gf * (1.0 - gf)
+            dact[r, off + 2 * D + j] = dh[j] * tm * go * (1.0 - go)
+            dact[r, off + 3 * D + j] = dm * gi * (1.0 - gg * gg)
+
+    @jit
+    def _vec_mat_t(out, dact, r, off, U, urow, D):
+        """``out += dact[r, off:off+4D] @ U[urow:urow+D]ᵀ`` (r < 0: nothing)."""
+        if r < 0:
+            return
         for g in range(4 * D):
-            act[r, off + g] += v * U[urow + j, g]
+            v = dact[r, off + g]
+            for j in range(D):
+                out[j] += v * U[urow + j, g]
+
+    @jit
+    def _block_backward(dact, dc, dx, dtop, act, c, U_time, U_depth, parent, child, perm, L, s, b, B, D):
+        """Pull-form backward of block s, batch item b (children on the finished diagonal)."""
+        r = s * B + b
+        tc, dch = child[s, 0], child[s, 1]
+        tcr = tc * B + b if tc >= 0 else -1
+        dcr = dch * B + b if dch >= 0 else -1
+        tp, dp = parent[s, 0], parent[s, 1]
+        row_t = (perm[s] // L) * B + b
+        dh, dm = dact[r, 8 * D:9 * D], dact[r, 9 * D:10 * D]  # per-row scratch columns
+        for j in range(D):
+            dh[j] = dtop[row_t, j] if dch < 0 else 0.0
+            dm[j] = dc[dcr, D + j] * act[dcr, 5 * D + j] if dcr >= 0 else 0.0
+        _vec_mat_t(dh, dact, dcr, 0, U_time, D, D)        # child above used h_L' in both transforms
+        _vec_mat_t(dh, dact, dcr, 4 * D, U_depth, D, D)
+        _lstm_backward(dact, dc, act, c, r, 4 * D, dp * B + b if dp >= 0 else -1, D, dh, dm, D)
+        for j in range(D):
+            dh[j] = 0.0
+            dm[j] = dc[tcr, j] * act[tcr, D + j] if tcr >= 0 else 0.0
+        _vec_mat_t(dh, dact, r, 4 * D, U_depth, 0, D)     # own depth transform used h_T'
+        _vec_mat_t(dh, dact, tcr, 0, U_time, 0, D)        # next time step used h_T'
+        _lstm_backward(dact, dc, act, c, r, 0, tp * B + b if tp >= 0 else -1, 0, dh, dm, D)
+        if dp < 0:  # bottom block: gradient of the depth input x_t
+            for j in range(D):
+                dx[row_t, j] = 0.0
+            _vec_mat_t(dx[row_t], dact, r, 0, U_time, D, D)
+            _vec_mat_t(dx[row_t], dact, r, 4 * D, U_depth, D, D)
+
+    return dict(block_forward=_block_forward, block_backward=_block_backward)
 
 
-@njit(**NJIT_OPTS)
-def _block_forward(h, c, act, x, U_time, U_depth, parent, perm, L, s, b, B, D):
-    """Block s, batch item b: time transform, then (depth prioritised) the depth transform."""
-    r = s * B + b
-    tp, dp = parent[s, 0], parent[s, 1]
-    tr = tp * B + b if tp >= 0 else -1
-    dr = dp * B + b if dp >= 0 else -1
-    xr = (perm[s] // L) * B + b if dp < 0 else -1  # bottom block: depth input x_t
-    _matvec_add(act, r, 0, h, tr, 0, U_time, 0, D)
-    _matvec_add(act, r, 0, h, dr, D, U_time, D, D)
-    _matvec_add(act, r, 0, x, xr, 0, U_time, D, D)
-    _lstm_forward(act, h, c, r, 0, tr, 0, D)
-    _matvec_add(act, r, 4 * D, h, r, 0, U_depth, 0, D)
-    _matvec_add(act, r, 4 * D, h, dr, D, U_depth, D, D)
-    _matvec_add(act, r, 4 * D, x, xr, 0, U_depth, D, D)
-    _lstm_forward(act, h, c, r, 4 * D, dr, D, D)
+_ROWS = build_rows(njit(inline="always", **NJIT_OPTS))
+_block_forward = _ROWS["block_forward"]
+_block_backward = _ROWS["block_backward"]
 
 
 @njit(**NJIT_PARALLEL_OPTS)
@@ -83,64 +146,6 @@ def grid_forward(h, c, act, x, U_time, U_depth, diag_off, parent, perm, L, B, D)
         s0 = diag_off[k]
         for t in prange((diag_off[k + 1] - s0) * B):
             _block_forward(h, c, act, x, U_time, U_depth, parent, perm, L, s0 + t // B, t % B, B, D)
-
-
-@njit(**NJIT_OPTS)
-def _lstm_backward(dact, dc, act, c, r, off, m_prev_row, m_col, dh, dm_in, D):
-    """Backward of :func:`_lstm_forward` given ``dh`` (D,) and ``dm_in`` (D,) on its outputs:
-    ``dm = dm_in + dh·o·(1−tanh²m)`` → ``dc[r, off/4 + j]``; gate gradients → ``dact[r, off:]``."""
-    o_c = off // 4
-    for j in range(D):
-        gi, gf, go, gg = act[r, off + j], act[r, off + D + j], act[r, off + 2 * D + j], \
-            act[r, off + 3 * D + j]
-        tm = math.tanh(c[r, o_c + j])
-        dm = dm_in[j] + dh[j] * go * (1.0 - tm * tm)
-        mp = c[m_prev_row, m_col + j] if m_prev_row >= 0 else 0.0
-        dc[r, o_c + j] = dm
-        dact[r, off + j] = dm * gg * gi * (1.0 - gi)
-        dact[r, off + D + j] = dm * mp * gf * (1.0 - gf)
-        dact[r, off + 2 * D + j] = dh[j] * tm * go * (1.0 - go)
-        dact[r, off + 3 * D + j] = dm * gi * (1.0 - gg * gg)
-
-
-@njit(**NJIT_OPTS)
-def _vec_mat_t(out, dact, r, off, U, urow, D):
-    """``out += dact[r, off:off+4D] @ U[urow:urow+D]ᵀ`` (r < 0: nothing)."""
-    if r < 0:
-        return
-    for g in range(4 * D):
-        v = dact[r, off + g]
-        for j in range(D):
-            out[j] += v * U[urow + j, g]
-
-
-@njit(**NJIT_OPTS)
-def _block_backward(dact, dc, dx, dtop, act, c, U_time, U_depth, parent, child, perm, L, s, b, B, D):
-    """Pull-form backward of block s, batch item b (children on the finished diagonal)."""
-    r = s * B + b
-    tc, dch = child[s, 0], child[s, 1]
-    tcr = tc * B + b if tc >= 0 else -1
-    dcr = dch * B + b if dch >= 0 else -1
-    tp, dp = parent[s, 0], parent[s, 1]
-    row_t = (perm[s] // L) * B + b
-    dh, dm = dact[r, 8 * D:9 * D], dact[r, 9 * D:10 * D]  # per-row scratch columns
-    for j in range(D):
-        dh[j] = dtop[row_t, j] if dch < 0 else 0.0
-        dm[j] = dc[dcr, D + j] * act[dcr, 5 * D + j] if dcr >= 0 else 0.0
-    _vec_mat_t(dh, dact, dcr, 0, U_time, D, D)        # child above used h_L' in both transforms
-    _vec_mat_t(dh, dact, dcr, 4 * D, U_depth, D, D)
-    _lstm_backward(dact, dc, act, c, r, 4 * D, dp * B + b if dp >= 0 else -1, D, dh, dm, D)
-    for j in range(D):
-        dh[j] = 0.0
-        dm[j] = dc[tcr, j] * act[tcr, D + j] if tcr >= 0 else 0.0
-    _vec_mat_t(dh, dact, r, 4 * D, U_depth, 0, D)     # own depth transform used h_T'
-    _vec_mat_t(dh, dact, tcr, 0, U_time, 0, D)        # next time step used h_T'
-    _lstm_backward(dact, dc, act, c, r, 0, tp * B + b if tp >= 0 else -1, 0, dh, dm, D)
-    if dp < 0:  # bottom block: gradient of the depth input x_t
-        for j in range(D):
-            dx[row_t, j] = 0.0
-        _vec_mat_t(dx[row_t], dact, r, 0, U_time, D, D)
-        _vec_mat_t(dx[row_t], dact, r, 4 * D, U_depth, D, D)
 
 
 @njit(**NJIT_PARALLEL_OPTS)
