@@ -59,7 +59,8 @@ class _Progress:
         if now - self.last >= self.every_s:  # a new label redraws (or, off a TTY, prints a line)
             self.last = now
             rate = (step - self.s0) / max(now - self.t0, 1e-9)
-            self.bar.label = f"step {step} loss {m['loss']:.4f} {rate:.1f} steps/s"
+            extra = f" {m['chars_per_s']:.0f} chars/s" if "chars_per_s" in m else ""
+            self.bar.label = f"step {step} loss {m['loss']:.4f} {rate:.1f} steps/s{extra}"
         self.bar.update(1)
 
 
@@ -95,7 +96,8 @@ def info() -> None:
 
 def _train_options(f):
     opts = [
-        click.option("--model", type=click.Choice(sorted(MODELS)), default="md", show_default=True),
+        click.option("--model", type=click.Choice(sorted(MODELS) + ["grid", "stacked"]), default="md",
+                     show_default=True, help="grid/stacked: char-lm models"),
         click.option("--task", type=click.Choice(sorted(TASKS)), default="diagonal", show_default=True),
         click.option("--size", type=click.IntRange(min=1), default=8, show_default=True,
                      help="image side (diagonal) or number of bits (binary-addition)"),
@@ -117,7 +119,15 @@ def _train_options(f):
         click.option("--directions", type=int, default=1, show_default=True,
                      help="scan directions per layer: 1 or 2**ndim (4 for md, 8 for md3d, 2 for 1D)"),
         click.option("--layers", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="stacked recurrent layers"),
+                     help="stacked recurrent layers (grid: depth of the grid)"),
+        click.option("--data", type=click.Path(path_type=str), default=None,
+                     help="char-lm: a UTF-8 text file"),
+        click.option("--seq-len", type=click.IntRange(min=1), default=50, show_default=True,
+                     help="char-lm: characters per training window"),
+        click.option("--optimizer", type=click.Choice(["adam", "rmsprop"]), default="adam",
+                     show_default=True),
+        click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+                     show_default=True, help="char-lm: dropout on the non-recurrent connections"),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -125,7 +135,8 @@ def _train_options(f):
 
 
 def _make_trainer(out: Path, **kw):
-    from mdnumba.train import TrainConfig, Trainer
+    from mdnumba.charlm import CorpusError
+    from mdnumba.train import TrainConfig, make_trainer
     cfg = TrainConfig(**kw)
     try:
         cfg.validate()
@@ -133,7 +144,10 @@ def _make_trainer(out: Path, **kw):
         raise click.UsageError(str(exc)) from None
     _require_device(cfg.device)
     _check_writable(out)
-    return Trainer(cfg, out)
+    try:
+        return make_trainer(cfg, out)
+    except CorpusError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 @main.command()
@@ -184,6 +198,27 @@ def _plot_run(trainer) -> None:
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo("plots: " + ", ".join(str(p) for p in paths))
+
+
+@main.command()
+@click.argument("run", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--length", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option("--temperature", type=float, default=0.8, show_default=True)
+@click.option("--prime", default="", help="text to start from (characters of the vocabulary)")
+@click.option("--seed", type=int, default=0, show_default=True)
+def sample(run, length, temperature, prime, seed) -> None:
+    """Generate text from RUN's char-lm checkpoint."""
+    from mdnumba.charlm import CorpusError
+    from mdnumba.train import Trainer
+    try:
+        trainer = Trainer.load(run)
+        if trainer.cfg.task != "char-lm":
+            raise click.UsageError(f"{run} holds a {trainer.cfg.task} run; sample needs a char-lm run")
+        click.echo(trainer.sample(length, temperature, seed=seed, prime=prime))
+    except CheckpointError as exc:
+        raise click.ClickException(str(exc)) from None
+    except (CorpusError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 @main.command()

@@ -31,6 +31,16 @@ def adam_update(p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, scale):
         p[k] -= lr * (m[k] / bc1) / (math.sqrt(v[k] / bc2) + eps)
 
 
+@njit(**NJIT_OPTS)
+def rmsprop_update(p, g, m, v, lr, beta1, rho, eps, bc1, bc2, scale):
+    """In place: ``g' = scale·g``; ``v ← ρ v + (1−ρ) g'²``; ``p ← p − lr · g' / (sqrt(v) + ε)``
+    (Adam's argument list; ``m``, ``beta1`` and the bias corrections are unused)."""
+    for k in range(p.shape[0]):
+        gk = g[k] * scale
+        v[k] = rho * v[k] + (1.0 - rho) * gk * gk
+        p[k] -= lr * gk / (math.sqrt(v[k]) + eps)
+
+
 def collect_buffers(obj) -> list[tuple[np.ndarray, np.ndarray]]:
     """Flatten layers/models/(param, grad) pairs into a list of flat (param, grad) arrays.
 
@@ -120,3 +130,19 @@ class Adam:
                 raise ValueError(f"optimizer state shape {np.shape(src)} does not match {dst.shape}")
             dst[...] = src
         self.t = int(state["t"])
+
+
+class RMSprop(Adam):
+    """RMSprop (Tieleman & Hinton 2012): ``v ← ρ v + (1−ρ) g²``, ``p ← p − lr · g / (sqrt(v) + ε)``.
+
+    Same buffers, clipping and checkpoint state as :class:`Adam` (its first moment stays 0).
+    """
+
+    def __init__(self, layers_or_params, lr: float = 1e-3, rho: float = 0.95, eps: float = 1e-8,
+                 clip_norm: float | None = None):
+        super().__init__(layers_or_params, lr=lr, betas=(0.0, rho), eps=eps, clip_norm=clip_norm)
+
+    _update = staticmethod(rmsprop_update)
+
+
+OPTIMIZERS = {"adam": Adam, "rmsprop": RMSprop}

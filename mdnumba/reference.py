@@ -288,3 +288,9 @@ def adam_step(p, g, m, v, t, lr, beta1, beta2, eps):
     mhat = m / (1 - beta1**t)
     vhat = v / (1 - beta2**t)
     return p - lr * mhat / (np.sqrt(vhat) + eps), m, v
+
+
+def rmsprop_step(p, g, v, lr, rho, eps):
+    """One RMSprop update, returning new ``(p, v)``: v ← ρ v + (1−ρ) g²; p ← p − lr · g / (sqrt(v) + ε)."""
+    v = rho * v + (1 - rho) * g * g
+    return p - lr * g / (np.sqrt(v) + eps), v

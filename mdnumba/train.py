@@ -14,7 +14,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .kernels.cell import CELLS
 from .losses import LOSSES
 from .models import MODELS, build_model
-from .optim import Adam
+from .optim import OPTIMIZERS
 from .tasks import get_task
 
 LOG = "log.tsv"
@@ -41,6 +41,10 @@ class TrainConfig:
     cell: str = "graves"
     directions: int = 1
     layers: int = 1
+    data: str | None = None      # char-lm: the UTF-8 text file
+    seq_len: int = 50            # char-lm: characters per training window
+    optimizer: str = "adam"
+    dropout: float = 0.0         # char-lm: on the non-recurrent connections
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting and what is allowed."""
@@ -48,6 +52,14 @@ class TrainConfig:
         if self.model not in task.models:
             raise ValueError(f"model {self.model!r} does not fit task {self.task!r}; "
                              f"use one of {list(task.models)}")
+        checks = [(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {sorted(OPTIMIZERS)}"),
+                  (0 <= self.dropout < 1, "--dropout must lie in [0, 1)"),
+                  (self.seq_len >= 1, "--seq-len must be >= 1")]
+        if self.task == "char-lm":
+            checks.append((bool(self.data), "--task char-lm needs --data FILE (a UTF-8 text file)"))
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
         if self.size < task.min_size:
             raise ValueError(f"--size ({task.size_name}) must be >= {task.min_size}, got {self.size}")
         for s in self.curriculum:
@@ -65,7 +77,7 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
-        ndim = MODELS[self.model].ndim
+        ndim = MODELS[self.model].ndim if self.model in MODELS else 1
         if self.directions not in (1, 2 ** ndim):
             raise ValueError(f"--directions must be 1 or {2 ** ndim} for model {self.model!r} "
                              f"(every corner of its {ndim}-D grid), got {self.directions}")
@@ -86,7 +98,7 @@ class Trainer:
         self.model = build_model(cfg.model, in_channels=self.task.in_channels, hidden=cfg.hidden,
                                  seed=cfg.seed, dtype=np.dtype(cfg.dtype), cell=cfg.cell,
                                  directions=cfg.directions, layers=cfg.layers, device=cfg.device)
-        self.opt = Adam(self.model, lr=cfg.lr, clip_norm=cfg.clip_norm)
+        self.opt = OPTIMIZERS[cfg.optimizer](self.model, lr=cfg.lr, clip_norm=cfg.clip_norm)
         self.rng = np.random.default_rng(cfg.seed)
         self.loss_fn = LOSSES[cfg.loss]
         self.step = 0
@@ -145,6 +157,10 @@ class Trainer:
     def _columns(self) -> list[str]:
         return ["step", "loss", "time"] + [c for c in self.task.columns if c != "loss"]
 
+    def _extra_meta(self) -> dict:
+        """Checkpoint metadata beyond config, step, optimizer step and RNG (subclass hook)."""
+        return {}
+
     def _log_line(self, m: dict) -> str:
         vals = [str(self.step)] + [f"{m[c]:.6g}" for c in self._columns()[1:]]
         return "\t".join(vals) + "\n"
@@ -169,18 +185,19 @@ class Trainer:
         for k, (m, v) in enumerate(zip(state["m"], state["v"])):
             arrays[f"adam_m_{k}"], arrays[f"adam_v_{k}"] = m, v
         meta = {"config": dataclasses.asdict(self.cfg), "step": self.step, "adam_t": state["t"],
-                "rng": self.rng.bit_generator.state}
+                "rng": self.rng.bit_generator.state, **self._extra_meta()}
         return save_checkpoint(self.out, arrays, meta)
 
     @classmethod
     def load(cls, folder: Path, **overrides) -> Trainer:
-        """Rebuild a trainer from ``folder``; ``overrides`` may change e.g. ``steps``."""
+        """Rebuild a trainer (of the class its task needs) from ``folder``; ``overrides`` may
+        change e.g. ``steps``."""
         arrays, meta = load_checkpoint(folder)
         try:
             raw = dict(meta["config"])
             raw["curriculum"] = tuple(raw.get("curriculum") or ())
             cfg = TrainConfig(**{**raw, **{k: v for k, v in overrides.items() if v is not None}})
-            tr = cls(cfg, folder)
+            tr = make_trainer(cfg, folder, restore=meta)
             for k, layer in enumerate(tr.model.layers):
                 src = arrays[f"param_{k}"]
                 if src.shape != layer.params.data.shape:
@@ -211,3 +228,12 @@ class Trainer:
             for k, v in self.task.metrics(prob, loss, batch).items():
                 totals[k] = totals.get(k, 0.0) + v / batches
         return totals
+
+
+def make_trainer(cfg: TrainConfig, out: Path | None = None, restore: dict | None = None) -> Trainer:
+    """The trainer for ``cfg.task``: :class:`Trainer`, or the char-LM one; ``restore`` is the
+    metadata of a checkpoint being resumed (the char-LM trainer takes its vocabulary)."""
+    if cfg.task == "char-lm":
+        from .train_charlm import CharLMTrainer
+        return CharLMTrainer(cfg, out, vocab=(restore or {}).get("vocab"))
+    return Trainer(cfg, out)

@@ -31,6 +31,9 @@ TASKS = {
                      1, "image side", 4),
     "diagonal3d": Task("diagonal3d", sample_diagonal3d, diagonal_metrics,
                        ("loss", "relevant_loss", "second_x_acc"), ("md3d",), 1, "volume side", 4),
+    # char-lm reads a text file; its data and metrics live in mdnumba.train_charlm
+    "char-lm": Task("char-lm", None, None, ("loss", "bpc", "val_loss", "val_bpc", "chars_per_s"),
+                    ("grid", "stacked"), 0, "unused", 1),
     "binary-addition": Task("binary-addition", sample_addition, addition_metrics,
                             ("loss", "bit_acc", "number_acc"), ("lstm",), 2, "bits", 1),
 }

@@ -1,0 +1,229 @@
+"""Character-level language modelling: corpus, embedding, dropout, softmax loss, grid/stacked models.
+
+Kalchbrenner et al. 2015 compare a 2D Grid LSTM (time x depth, weights tied along
+depth, depth prioritised) with a stacked LSTM on next-character prediction. Both
+models here share the head: ``Embedding(V, D)`` → dropout → recurrent core →
+dropout → ``Linear(D, V)`` → softmax; dropout acts on the non-recurrent connections
+only (training mode: a generator is passed to ``forward``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import config
+from ._validate import check_positive_int
+from .layers import GridLSTM2D, Linear
+from .stack import mdlstm_stack
+
+
+class CorpusError(ValueError):
+    """The text file cannot serve as a corpus (missing, binary, empty, too short, wrong vocabulary)."""
+
+
+@dataclass
+class Corpus:
+    """A text as int32 character ids with its vocabulary and a train/validation split."""
+
+    vocab: list
+    train: np.ndarray
+    val: np.ndarray
+
+    @classmethod
+    def from_text(cls, text: str, val_fraction: float = 0.1, vocab: list | None = None) -> Corpus:
+        """Split ``text`` (last ``val_fraction`` for validation); ``vocab`` (e.g. from a
+        checkpoint) must cover every character, else :class:`CorpusError`."""
+        if not text:
+            raise CorpusError("the text is empty; give a file with some text in it")
+        if not 0 < val_fraction < 1:
+            raise CorpusError(f"val_fraction must lie in (0, 1), got {val_fraction}")
+        chars = sorted(set(text))
+        if vocab is None:
+            vocab = chars
+        elif set(chars) - set(vocab):
+            extra = "".join(sorted(set(chars) - set(vocab)))[:20]
+            raise CorpusError(f"vocabulary mismatch: the text has characters the model does not know "
+                              f"({extra!r}); resume with the original file or start a new run")
+        index = {ch: k for k, ch in enumerate(vocab)}
+        ids = np.fromiter((index[ch] for ch in text), dtype=np.int32, count=len(text))
+        cut = int(len(ids) * (1 - val_fraction))
+        return cls(list(vocab), ids[:cut], ids[cut:])
+
+    @classmethod
+    def from_file(cls, path, val_fraction: float = 0.1, vocab: list | None = None) -> Corpus:
+        """Read a UTF-8 text file with clear errors for missing, binary or empty files."""
+        path = Path(path)
+        if not path.is_file():
+            raise CorpusError(f"--data {path} does not exist or is not a file")
+        raw = path.read_bytes()
+        if b"\0" in raw[:1 << 20]:
+            raise CorpusError(f"--data {path} looks binary (NUL bytes); give a UTF-8 text file")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise CorpusError(f"--data {path} is not valid UTF-8 ({exc.reason} at byte "
+                              f"{exc.start})") from None
+        return cls.from_text(text, val_fraction, vocab)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def check_seq_len(self, seq_len: int) -> None:
+        """Both splits must hold at least one window of ``seq_len + 1`` characters."""
+        shortest = min(len(self.train), len(self.val))
+        if seq_len + 1 > shortest:
+            raise CorpusError(f"--seq-len {seq_len} needs at least {seq_len + 1} characters in the "
+                              f"train and validation splits, the shorter has {shortest}; use a longer "
+                              "text or a shorter --seq-len")
+
+    def batch(self, rng: np.random.Generator, split: str, batch: int, seq_len: int):
+        """Random windows: inputs ``x`` (B, T) and next-character targets ``y`` (B, T)."""
+        ids = self.train if split == "train" else self.val
+        start = rng.integers(0, len(ids) - seq_len, size=batch)
+        idx = start[:, None] + np.arange(seq_len + 1)
+        win = ids[idx]
+        return win[:, :-1], win[:, 1:]
+
+    def encode(self, text: str) -> np.ndarray:
+        index = {ch: k for k, ch in enumerate(self.vocab)}
+        missing = sorted(set(text) - set(index))
+        if missing:
+            raise CorpusError(f"characters not in the vocabulary: {''.join(missing)[:20]!r}")
+        return np.array([index[ch] for ch in text], dtype=np.int32)
+
+    def decode(self, ids) -> str:
+        return "".join(self.vocab[int(k)] for k in ids)
+
+
+class Embedding:
+    """Lookup table ``W (V, D)``: ``forward(ids)`` → ``W[ids]``; backward scatter-adds into ``dW``."""
+
+    def __init__(self, vocab: int, dim: int, seed: int = 0, dtype=config.DEFAULT_DTYPE):
+        from .params import ParamLayout
+        self.layout = ParamLayout({"W": (vocab, dim)})
+        self.dtype = config.resolve_dtype(dtype)
+        self.params, self.grads = self.layout.new(self.dtype), self.layout.new(self.dtype)
+        self.params["W"][...] = np.random.default_rng(seed).normal(0, 0.1, (vocab, dim))
+        self._ids: np.ndarray | None = None
+
+    def zero_grad(self) -> None:
+        self.grads.data[...] = 0
+
+    def forward(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids)
+        V = self.params["W"].shape[0]
+        if not np.issubdtype(ids.dtype, np.integer) or ids.size and (ids.min() < 0 or ids.max() >= V):
+            raise ValueError(f"Embedding expects integer ids in [0, {V}), got dtype {ids.dtype}")
+        self._ids = ids
+        return self.params["W"][ids]
+
+    def backward(self, dy: np.ndarray) -> None:
+        """``dW[ids] += dy`` (repeated ids add up); the ids have no gradient."""
+        np.add.at(self.grads["W"], self._ids.reshape(-1), dy.reshape(-1, dy.shape[-1]))
+
+
+class Dropout:
+    """Inverted dropout: training (a generator given) zeroes with probability p and scales by 1/(1−p)."""
+
+    def __init__(self, p: float):
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout must lie in [0, 1), got {p}")
+        self.p = float(p)
+        self._mask: np.ndarray | None = None
+
+    def forward(self, x: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+        if rng is None or self.p == 0:
+            self._mask = None
+            return x
+        self._mask = (rng.random(x.shape) >= self.p).astype(x.dtype) / np.asarray(1 - self.p, x.dtype)
+        return x * self._mask
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        return dy if self._mask is None else dy * self._mask
+
+
+def softmax_xent(logits: np.ndarray, targets: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """Mean cross-entropy (nats) of ``softmax(logits)`` against int ``targets``; returns
+    ``(L, dL/dlogits = (p − onehot)/n, p)``."""
+    z = logits.astype(np.float64)
+    z -= z.max(axis=-1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=-1, keepdims=True)
+    flat = p.reshape(-1, p.shape[-1])
+    t = np.asarray(targets).reshape(-1)
+    n = t.size
+    loss = float(-np.mean(np.log(np.maximum(flat[np.arange(n), t], 1e-300))))
+    grad = flat.copy()
+    grad[np.arange(n), t] -= 1.0
+    return loss, (grad / n).reshape(p.shape).astype(logits.dtype), p
+
+
+class CharLM:
+    """``grid`` (one GridLSTM2D of depth ``layers``) or ``stacked`` (``layers`` LSTM1D) between an
+    embedding and a softmax readout; dropout ``dropout`` on the non-recurrent connections."""
+
+    def __init__(self, kind: str, vocab: int, hidden: int, layers: int, dropout: float = 0.0,
+                 seed: int = 0, dtype=config.DEFAULT_DTYPE):
+        if kind not in ("grid", "stacked"):
+            raise ValueError(f"char-lm model must be 'grid' or 'stacked', got {kind!r}")
+        check_positive_int(layers, "layers")
+        self.kind = kind
+        self.embed = Embedding(vocab, hidden, seed=seed, dtype=dtype)
+        if kind == "grid":
+            self.core = GridLSTM2D(hidden, layers, seed=seed + 1, dtype=dtype)
+            core_layers, self.drops = [self.core], [Dropout(dropout), Dropout(dropout)]
+        else:
+            self.core = mdlstm_stack(1, hidden, hidden, layers=layers, seed=seed + 1, dtype=dtype)
+            core_layers, self.drops = self.core.layers, [Dropout(dropout) for _ in range(layers + 1)]
+        self.head = Linear(hidden, vocab, seed=seed + 2, dtype=dtype)
+        self.layers = [self.embed] + list(core_layers) + [self.head]
+
+    def _cores(self) -> list:
+        return [self.core] if self.kind == "grid" else list(self.core.layers)
+
+    def forward(self, ids: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        """Logits (B, T, V) for ids (B, T); ``rng`` switches dropout on (training)."""
+        h = self.drops[0].forward(self.embed.forward(ids), rng)
+        for core, drop in zip(self._cores(), self.drops[1:]):
+            h = drop.forward(core.forward(h), rng)
+        return self.head.forward(h)
+
+    def backward(self, dlogits: np.ndarray) -> None:
+        dh = self.head.backward(dlogits)
+        for core, drop in reversed(list(zip(self._cores(), self.drops[1:]))):
+            dh = core.backward(drop.backward(dh))
+        self.embed.backward(self.drops[0].backward(dh))
+
+    def zero_grad(self) -> None:
+        for layer in self.layers:
+            layer.zero_grad()
+
+    @property
+    def n_params(self) -> int:
+        return sum(layer.params.data.size for layer in self.layers)
+
+
+def sample_text(model: CharLM, corpus: Corpus, length: int, temperature: float,
+                rng: np.random.Generator, prime: str = "", window: int = 50) -> str:
+    """Generate ``length`` characters after ``prime``: softmax(logits/temperature) sampling,
+    each step conditioned on the last ``window`` characters."""
+    if not temperature > 0:
+        raise ValueError(f"--temperature must be > 0, got {temperature}")
+    ids = list(corpus.encode(prime)) if prime else [int(rng.integers(corpus.vocab_size))]
+    out = []
+    for _ in range(length):
+        logits = model.forward(np.array([ids[-window:]], dtype=np.int32))[0, -1].astype(np.float64)
+        z = logits / temperature
+        p = np.exp(z - z.max())
+        nxt = int(rng.choice(len(p), p=p / p.sum()))
+        ids.append(nxt)
+        out.append(nxt)
+    return prime + corpus.decode(out)
+
+
+BITS_PER_NAT = 1.0 / math.log(2.0)

@@ -1,0 +1,72 @@
+"""Training loop of the character-level language models (``--task char-lm``).
+
+Reuses :class:`mdnumba.train.Trainer`'s run loop, TSV log, atomic checkpoints and
+resume; only the data (a :class:`mdnumba.charlm.Corpus`), the model
+(:class:`mdnumba.charlm.CharLM`), the loss (softmax cross-entropy) and the
+metrics differ. The vocabulary is stored in the checkpoint; resuming with a text
+that has other characters fails with a clear message.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .charlm import BITS_PER_NAT, CharLM, Corpus, sample_text, softmax_xent
+from .optim import OPTIMIZERS
+from .tasks import get_task
+from .train import TrainConfig, Trainer
+
+
+class CharLMTrainer(Trainer):
+    """Trainer for ``cfg.task == "char-lm"`` (models ``grid`` / ``stacked``)."""
+
+    #: validation batches per evaluation and steps between evaluations
+    EVAL_BATCHES, EVAL_EVERY = 4, 50
+
+    def __init__(self, cfg: TrainConfig, out: Path | None = None, vocab: list | None = None):
+        cfg.validate()
+        self.cfg, self.out = cfg, Path(out) if out is not None else None
+        self.task = get_task(cfg.task)
+        self.corpus = Corpus.from_file(cfg.data, vocab=vocab)
+        self.corpus.check_seq_len(cfg.seq_len)
+        self.model = CharLM(cfg.model, self.corpus.vocab_size, cfg.hidden, cfg.layers, cfg.dropout,
+                            seed=cfg.seed, dtype=np.dtype(cfg.dtype))
+        self.opt = OPTIMIZERS[cfg.optimizer](self.model, lr=cfg.lr, clip_norm=cfg.clip_norm)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.loss_fn = softmax_xent
+        self.step = 0
+        self._val: dict[str, float] = {}
+
+    def train_step(self) -> dict[str, float]:
+        """Random windows, forward with dropout, cross-entropy, backward, optimizer step."""
+        t0 = time.perf_counter()
+        x, y = self.corpus.batch(self.rng, "train", self.cfg.batch, self.cfg.seq_len)
+        loss, dlogits, _ = softmax_xent(self.model.forward(x, self.rng if self.cfg.dropout else None), y)
+        self.model.zero_grad()
+        self.model.backward(dlogits)
+        self.opt.step()
+        self.step += 1
+        if not self._val or self.step % self.EVAL_EVERY == 0 or self.step == self.cfg.steps:
+            self._val = self.evaluate(batches=self.EVAL_BATCHES)
+        dt = time.perf_counter() - t0
+        return {"loss": loss, "bpc": loss * BITS_PER_NAT, **self._val, "time": dt,
+                "chars_per_s": x.size / dt}
+
+    def evaluate(self, size: int | None = None, batches: int = 10, seed: int = 12345) -> dict:
+        """Mean validation loss (nats/char) and bits per char over fixed random windows."""
+        rng = np.random.default_rng(seed)
+        losses = [softmax_xent(self.model.forward(x), y)[0] for x, y in
+                  (self.corpus.batch(rng, "val", self.cfg.batch, self.cfg.seq_len) for _ in range(batches))]
+        val = float(np.mean(losses))
+        return {"val_loss": val, "val_bpc": val * BITS_PER_NAT}
+
+    def sample(self, length: int, temperature: float, seed: int = 0, prime: str = "") -> str:
+        """Generated text (see :func:`mdnumba.charlm.sample_text`)."""
+        return sample_text(self.model, self.corpus, length, temperature, np.random.default_rng(seed),
+                           prime, window=self.cfg.seq_len)
+
+    def _extra_meta(self) -> dict:
+        return {"vocab": self.corpus.vocab}

@@ -1,0 +1,143 @@
+"""Char-level LM pieces: corpus errors, embedding, dropout, softmax loss, RMSprop, models, CLI."""
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from gradcheck import assert_grad_close, numeric_grad
+from mdnumba.cli.main import main
+
+from mdnumba import reference as ref
+from mdnumba.charlm import CharLM, Corpus, CorpusError, Dropout, Embedding, softmax_xent
+from mdnumba.optim import RMSprop
+from mdnumba.train import TrainConfig, make_trainer
+
+TEXT = "the quick brown fox jumps over the lazy dog. " * 40
+
+
+@pytest.fixture
+def textfile(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def test_softmax_xent_gradient(rng):
+    z = rng.standard_normal((2, 3, 5))
+    t = rng.integers(0, 5, (2, 3))
+    loss, dz, p = softmax_xent(z, t)
+    np.testing.assert_allclose(p.sum(-1), 1.0)
+    assert_grad_close(dz, numeric_grad(lambda: softmax_xent(z, t)[0], z), name="dz")
+
+
+def test_embedding_backward_adds_repeated_ids(rng):
+    emb = Embedding(4, 3, dtype=np.float64)
+    ids = np.array([[1, 1, 3]])
+    w = rng.standard_normal((1, 3, 3))
+    emb.forward(ids)
+    emb.backward(w)
+    assert_grad_close(emb.grads.W, numeric_grad(lambda: float(np.sum(w * emb.forward(ids))), emb.params.W))
+    with pytest.raises(ValueError, match=r"integer ids in \[0, 4\)"):
+        emb.forward(np.array([4]))
+
+
+def test_dropout_scales_and_masks(rng):
+    d = Dropout(0.5)
+    x = np.ones((1000,))
+    y = d.forward(x, rng)
+    assert set(np.unique(y)) <= {0.0, 2.0} and 0.4 < (y == 0).mean() < 0.6
+    np.testing.assert_array_equal(d.backward(np.ones_like(x)), y)
+    assert d.forward(x, None) is x
+    with pytest.raises(ValueError, match="dropout"):
+        Dropout(1.0)
+
+
+def test_rmsprop_matches_reference(rng):
+    p, g = rng.standard_normal(6), rng.standard_normal(6)
+    opt = RMSprop([(p, g)], lr=0.1, rho=0.9)
+    want, v = p.copy(), np.zeros(6)
+    for _ in range(3):
+        opt.step()
+        want, v = ref.rmsprop_step(want, g, v, 0.1, 0.9, 1e-8)
+    np.testing.assert_allclose(p, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["grid", "stacked"])
+def test_model_gradients_finite_differences(kind, rng):
+    model = CharLM(kind, vocab=5, hidden=3, layers=2, seed=1, dtype=np.float64)
+    x, y = rng.integers(0, 5, (2, 4)), rng.integers(0, 5, (2, 4))
+
+    def loss():
+        return softmax_xent(model.forward(x), y)[0]
+    model.zero_grad()
+    model.backward(softmax_xent(model.forward(x), y)[1])
+    for layer in model.layers:
+        for name in layer.layout.shapes:
+            assert_grad_close(layer.grads[name], numeric_grad(loss, layer.params[name]),
+                              name=f"{type(layer).__name__}.{name}")
+
+
+def test_corpus_errors(tmp_path, textfile):
+    with pytest.raises(CorpusError, match="does not exist"):
+        Corpus.from_file(tmp_path / "missing.txt")
+    (tmp_path / "bin").write_bytes(b"abc\0def")
+    with pytest.raises(CorpusError, match="binary"):
+        Corpus.from_file(tmp_path / "bin")
+    (tmp_path / "latin").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(CorpusError, match="UTF-8"):
+        Corpus.from_file(tmp_path / "latin")
+    (tmp_path / "empty").write_text("")
+    with pytest.raises(CorpusError, match="empty"):
+        Corpus.from_file(tmp_path / "empty")
+    corpus = Corpus.from_file(textfile)
+    with pytest.raises(CorpusError, match="--seq-len 500"):
+        corpus.check_seq_len(500)
+    with pytest.raises(CorpusError, match="vocabulary mismatch"):
+        Corpus.from_text("xyz!", vocab=corpus.vocab)
+    assert corpus.decode(corpus.encode("the dog")) == "the dog"
+
+
+@pytest.mark.parametrize("kind", ["grid", "stacked"])
+def test_models_learn_a_repetitive_text(kind, textfile):
+    tr = make_trainer(TrainConfig(model=kind, task="char-lm", data=str(textfile), hidden=16, layers=2,
+                                  seq_len=16, batch=16, lr=1e-2, steps=300))
+    before = tr.evaluate(batches=2)["val_bpc"]
+    tr.run()
+    after = tr.evaluate(batches=2)["val_bpc"]
+    assert after < 0.35 * before, (before, after)
+
+
+def test_cli_char_lm_train_resume_sample(tmp_path, textfile):
+    runner = CliRunner()
+    args = ["train", "--task", "char-lm", "--model", "grid", "--data", str(textfile), "--layers", "2",
+            "--hidden", "6", "--seq-len", "10", "--batch", "4", "--optimizer", "rmsprop",
+            "--dropout", "0.25", "--checkpoint-every", "2"]
+    full = runner.invoke(main, args + ["--steps", "4", "--out", str(tmp_path / "full")])
+    assert full.exit_code == 0, full.output
+    part = runner.invoke(main, args + ["--steps", "2", "--out", str(tmp_path / "part")])
+    assert part.exit_code == 0, part.output
+    res = runner.invoke(main, ["train", "--resume", str(tmp_path / "part"), "--steps", "4"])
+    assert res.exit_code == 0, res.output
+    a, b = np.load(tmp_path / "full" / "checkpoint.npz"), np.load(tmp_path / "part" / "checkpoint.npz")
+    for key in a.files:
+        if key != "meta":
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    res = runner.invoke(main, ["sample", str(tmp_path / "full"), "--length", "30", "--prime", "the "])
+    assert res.exit_code == 0 and res.output.startswith("the ") and len(res.output.strip()) >= 30
+    assert "vocabulary" in runner.invoke(main, ["sample", str(tmp_path / "full"), "--prime", "XYZ"]).output
+    textfile.write_text("completely different text with Q and Z! " * 40)
+    res = runner.invoke(main, ["train", "--resume", str(tmp_path / "full"), "--steps", "6"])
+    assert res.exit_code == 2 and "vocabulary mismatch" in res.output
+
+
+@pytest.mark.parametrize("extra,message", [
+    ([], "needs --data FILE"),
+    (["--data", "nope.txt"], "does not exist"),
+    (["--data", "TEXT", "--seq-len", "5000"], "--seq-len 5000"),
+    (["--data", "TEXT", "--model", "md"], "does not fit task"),
+])
+def test_cli_char_lm_bad_input(tmp_path, textfile, extra, message):
+    extra = [str(textfile) if e == "TEXT" else e for e in extra]
+    model = [] if "--model" in extra else ["--model", "stacked"]
+    res = CliRunner().invoke(main, ["train", "--task", "char-lm", *model, "--out", str(tmp_path / "r"),
+                                    *extra])
+    assert res.exit_code == 2 and message in res.output, res.output
