@@ -18,7 +18,7 @@ import numpy as np
 from . import config
 from ._validate import check_positive_int
 from .layers import GridLSTM2D, Linear
-from .stack import mdlstm_stack
+from .stack import LayerGroup, mdlstm_stack
 
 
 class CorpusError(ValueError):
@@ -163,7 +163,7 @@ def softmax_xent(logits: np.ndarray, targets: np.ndarray) -> tuple[float, np.nda
     return loss, (grad / n).reshape(p.shape).astype(logits.dtype), p
 
 
-class CharLM:
+class CharLM(LayerGroup):
     """``grid`` (one GridLSTM2D of depth ``layers``) or ``stacked`` (``layers`` LSTM1D) between an
     embedding and a softmax readout; dropout ``dropout`` on the non-recurrent connections."""
 
@@ -199,13 +199,6 @@ class CharLM:
             dh = core.backward(drop.backward(dh))
         self.embed.backward(self.drops[0].backward(dh))
 
-    def zero_grad(self) -> None:
-        for layer in self.layers:
-            layer.zero_grad()
-
-    @property
-    def n_params(self) -> int:
-        return sum(layer.params.data.size for layer in self.layers)
 
 
 def sample_text(model: CharLM, corpus: Corpus, length: int, temperature: float,

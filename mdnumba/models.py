@@ -12,10 +12,10 @@ import numpy as np
 
 from . import config
 from .layers import Linear
-from .stack import mdlstm_stack
+from .stack import LayerGroup, mdlstm_stack
 
 
-class RecurrentReadout:
+class RecurrentReadout(LayerGroup):
     """``logits = Linear(recurrent(reshape_in(x)))`` reshaped back to the target shape."""
 
     kind = "base"
@@ -44,13 +44,6 @@ class RecurrentReadout:
         dy = self.readout.backward(np.reshape(dlogits, self.readout._shape[:-1] + (-1,)))
         return self.recurrent.backward(dy).reshape(self._in_shape)
 
-    def zero_grad(self) -> None:
-        for layer in self.layers:
-            layer.zero_grad()
-
-    @property
-    def n_params(self) -> int:
-        return sum(layer.params.data.size for layer in self.layers)
 
 
 class MDModel(RecurrentReadout):

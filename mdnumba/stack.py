@@ -55,7 +55,22 @@ class BlockSubsample:
         return f"BlockSubsample({self.block})"
 
 
-class Sequential:
+class LayerGroup:
+    """Base of everything that holds a ``layers`` list of parametrised layers."""
+
+    layers: list
+
+    def zero_grad(self) -> None:
+        """Set every gradient of every layer to zero (backward accumulates)."""
+        for layer in self.layers:
+            layer.zero_grad()
+
+    @property
+    def n_params(self) -> int:
+        return sum(layer.params.data.size for layer in self.layers)
+
+
+class Sequential(LayerGroup):
     """Stages applied in order; ``backward`` runs them in reverse.
 
     ``layers`` lists the stages that own parameters (what :class:`mdnumba.Adam`
@@ -80,10 +95,6 @@ class Sequential:
         for stage in reversed(self.stages):
             dy = stage.backward(dy)
         return dy
-
-    def zero_grad(self) -> None:
-        for layer in self.layers:
-            layer.zero_grad()
 
     def __repr__(self) -> str:
         return "Sequential(" + ", ".join(map(repr, self.stages)) + ")"
