@@ -49,10 +49,12 @@ SHAPES = [Shape((32, 32), 16, 32, 4), Shape((16, 16, 16), 8, 16, 1), Shape((16, 
 QUICK = [Shape((8, 8), 4, 8, 4), Shape((6, 6, 6), 2, 8, 8)]
 
 
-def build(shape: Shape, device: str):
-    """The mdnumba layer (host), its runner and the matching torch module with copied weights."""
-    layer = mdnumba.WavefrontLSTM(len(shape.dims), 1, shape.D, seed=0, directions=shape.directions)
-    model = TorchWavefrontLSTM(len(shape.dims), 1, shape.D, shape.directions)
+def build(shape: Shape, device: str, dtype=np.float32):
+    """The mdnumba layer (host) and the matching torch module with copied weights."""
+    layer = mdnumba.WavefrontLSTM(len(shape.dims), 1, shape.D, seed=0, directions=shape.directions,
+                                  dtype=dtype)
+    model = TorchWavefrontLSTM(len(shape.dims), 1, shape.D, shape.directions,
+                               dtype=torch.float64 if dtype == np.float64 else torch.float32)
     model.load_from_mdnumba(layer)
     return layer, model.to(device)
 
@@ -123,20 +125,22 @@ def torch_phases(model, x: np.ndarray, device: str) -> tuple[list[Phase], list[P
     return [("forward", forward), ("backward", backward), ("adam", adam)], [("forward", forward_only)]
 
 
-def verify(layer, model, x: np.ndarray, device: str) -> float:
-    """Max abs forward difference; stops if forward or gradients disagree."""
+def verify(shape: Shape, x: np.ndarray, device: str) -> float:
+    """Float64 copies of both implementations must agree (forward 1e-9 abs, gradients 1e-7 rel):
+    in float32 the graves state can reach ~1e8 on 3D grids and rounding alone differs by ~1e-4."""
+    layer, model = build(shape, device, np.float64)
+    x = x.astype(np.float64)
     h = layer.forward(x)
     ht = model(torch.from_numpy(x).to(device))
     fwd = float(np.abs(ht.detach().cpu().numpy() - h).max())
     (0.5 * ht.square().mean()).backward()
     layer.zero_grad()
-    layer.backward(h * np.float32(1.0 / h.size))
+    layer.backward(h / h.size)
     grad = 0.0
     for n in ("W", "U", "b"):
         a, t = layer.grads[n].reshape(-1), getattr(model, n).grad.cpu().numpy().reshape(-1)
         grad = max(grad, float(np.abs(t - a).max() / (np.abs(a).max() + 1e-30)))
-    model.zero_grad()
-    if not (fwd <= 1e-4 and grad <= 1e-3):
+    if not (fwd <= 1e-9 and grad <= 1e-7):
         raise SystemExit(f"torch baseline disagrees: forward {fwd:.2e}, gradient rel {grad:.2e}")
     return fwd
 
@@ -152,11 +156,11 @@ def main() -> None:
     out = args.out or (None if args.quick else HERE / "results" / f"family_{dev}.md")
     load0 = load_average()
     rows = ["| layer | train step mdnumba | PyTorch | ratio | forward mdnumba | PyTorch | ratio | "
-            "forward max abs diff |", "|---|---|---|---|---|---|---|---|"]
+            "float64 forward max abs diff |", "|---|---|---|---|---|---|---|---|"]
     for shape in (QUICK if args.quick else SHAPES):
-        layer, model = build(shape, dev)
         x = np.random.default_rng(0).random((shape.B,) + shape.dims + (1,), dtype=np.float32)
-        diff = verify(layer, model, x, dev)
+        diff = verify(shape, x, dev)
+        layer, model = build(shape, dev)
         mt, mf = mdnumba_phases(layer, x, dev)
         tt, tf = torch_phases(model, x, dev)
         budget = 0.5 if args.quick else 3.0
