@@ -128,6 +128,8 @@ def _train_options(f):
                      show_default=True),
         click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0,
                      show_default=True, help="char-lm: dropout on the non-recurrent connections"),
+        click.option("--tie-depth/--no-tie-depth", default=True, show_default=True,
+                     help="char-lm grid: share the weights of all depth levels"),
     ]
     for opt in reversed(opts):
         f = opt(f)

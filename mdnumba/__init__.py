@@ -1,7 +1,9 @@
 """mdnumba: multi-dimensional LSTMs with hand-written Numba kernels."""
 
-from .layers import LSTM1D, MDLSTM2D, MDLSTM3D, WavefrontLSTM
-from .optim import Adam
+from .layers import LSTM1D, MDLSTM2D, MDLSTM3D, GridLSTM2D, Linear, WavefrontLSTM
+from .optim import Adam, RMSprop
+from .stack import BlockSubsample, Sequential, mdlstm_stack
 
-__all__ = ["MDLSTM2D", "MDLSTM3D", "LSTM1D", "WavefrontLSTM", "Adam"]
+__all__ = ["MDLSTM2D", "MDLSTM3D", "LSTM1D", "GridLSTM2D", "WavefrontLSTM", "Linear", "Adam", "RMSprop",
+           "Sequential", "BlockSubsample", "mdlstm_stack"]
 __version__ = "0.1.0"

@@ -164,21 +164,23 @@ def softmax_xent(logits: np.ndarray, targets: np.ndarray) -> tuple[float, np.nda
 
 
 class CharLM(LayerGroup):
-    """``grid`` (one GridLSTM2D of depth ``layers``) or ``stacked`` (``layers`` LSTM1D) between an
-    embedding and a softmax readout; dropout ``dropout`` on the non-recurrent connections."""
+    """``grid`` (one GridLSTM2D of depth ``layers``, weights ``tied`` along depth or not) or
+    ``stacked`` (``layers`` LSTM1D) between an embedding and a softmax readout; dropout
+    ``dropout`` on the non-recurrent connections."""
 
     def __init__(self, kind: str, vocab: int, hidden: int, layers: int, dropout: float = 0.0,
-                 seed: int = 0, dtype=config.DEFAULT_DTYPE):
+                 seed: int = 0, dtype=config.DEFAULT_DTYPE, tied: bool = True, device: str = "cpu"):
         if kind not in ("grid", "stacked"):
             raise ValueError(f"char-lm model must be 'grid' or 'stacked', got {kind!r}")
         check_positive_int(layers, "layers")
         self.kind = kind
         self.embed = Embedding(vocab, hidden, seed=seed, dtype=dtype)
         if kind == "grid":
-            self.core = GridLSTM2D(hidden, layers, seed=seed + 1, dtype=dtype)
+            self.core = GridLSTM2D(hidden, layers, seed=seed + 1, dtype=dtype, tied=tied, device=device)
             core_layers, self.drops = [self.core], [Dropout(dropout), Dropout(dropout)]
         else:
-            self.core = mdlstm_stack(1, hidden, hidden, layers=layers, seed=seed + 1, dtype=dtype)
+            self.core = mdlstm_stack(1, hidden, hidden, layers=layers, seed=seed + 1, dtype=dtype,
+                                     device=device)
             core_layers, self.drops = self.core.layers, [Dropout(dropout) for _ in range(layers + 1)]
         self.head = Linear(hidden, vocab, seed=seed + 2, dtype=dtype)
         self.layers = [self.embed] + list(core_layers) + [self.head]

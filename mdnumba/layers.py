@@ -14,7 +14,6 @@ from .grid import from_skewed, to_skewed, wavefront
 from .kernels.cell import cell_code
 from .kernels.gemm import column_sums, matmul_at_b, matmul_rows
 from .kernels.gridlstm import gather_operands as gather_grid_operands
-from .kernels.gridlstm import grid_backward, grid_forward
 from .kernels.wavefront import gather_parents, wavefront_backward, wavefront_forward
 from .params import ParamLayout
 
@@ -321,8 +320,7 @@ class Linear:
 
 
 class GridLSTM2D:
-    """2D Grid LSTM (Kalchbrenner et al. 2015) over time x depth, weights tied along depth,
-    depth prioritised.
+    """2D Grid LSTM (Kalchbrenner et al. 2015) over time x depth, depth prioritised.
 
     ``forward(x)``: ``x`` (B, T, hidden) is the depth input of the bottom blocks (e.g. an
     embedding); returns the top blocks' depth output (B, T, hidden). Every block (t, l)
@@ -330,24 +328,34 @@ class GridLSTM2D:
     ``(h_L', m_L') = LSTM([h_T'; h_L] U_depth + b_depth, m_L)`` (gates ``[i | f | o | g]``,
     ``m = f·m_prev + i·g``, ``h = o·tanh m``); ``(h_T', m_T')`` go to (t+1, l) and
     ``(h_L', m_L')`` to (t, l+1). Views: ``U_time``, ``U_depth`` (2D, 4D), ``b_time``,
-    ``b_depth`` (4D,); forget biases start at ``forget_bias`` (+1).
+    ``b_depth`` (4D,), shared by every depth level (``tied=True``, the paper's best
+    set-up) or with a leading axis of ``layers`` (one set per level); forget biases
+    start at ``forget_bias`` (+1). ``device="cuda"`` runs the two sweeps as CUDA kernels.
     """
 
     def __init__(self, hidden: int, layers: int, seed: int = 0, dtype=config.DEFAULT_DTYPE,
-                 forget_bias: float = 1.0):
+                 forget_bias: float = 1.0, tied: bool = True, device: str = "cpu"):
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        if device == "cuda":
+            from .backend_cuda import require_cuda
+            require_cuda()
+        self.device = device
         self.hidden = check_positive_int(hidden, "hidden")
         self.depth = check_positive_int(layers, "layers")
         self.dtype = config.resolve_dtype(dtype)
-        D = self.hidden
-        self.layout = ParamLayout({"U_time": (2 * D, 4 * D), "U_depth": (2 * D, 4 * D),
-                                   "b_time": (4 * D,), "b_depth": (4 * D,)})
+        self.tied = bool(tied)
+        D, lead = self.hidden, (() if tied else (self.depth,))
+        self.layout = ParamLayout({"U_time": lead + (2 * D, 4 * D), "U_depth": lead + (2 * D, 4 * D),
+                                   "b_time": lead + (4 * D,), "b_depth": lead + (4 * D,)})
         self.params = self.layout.new(self.dtype)
         self.grads = self.layout.new(self.dtype)
         rng = np.random.default_rng(seed)
         for name in ("U_time", "U_depth"):
-            self.params[name][...] = rng.uniform(-1 / np.sqrt(2 * D), 1 / np.sqrt(2 * D), (2 * D, 4 * D))
-        self.params["b_time"][D:2 * D] = forget_bias
-        self.params["b_depth"][D:2 * D] = forget_bias
+            self.params[name][...] = rng.uniform(-1 / np.sqrt(2 * D), 1 / np.sqrt(2 * D),
+                                                 self.layout.shapes[name])
+        self.params["b_time"][..., D:2 * D] = forget_bias
+        self.params["b_depth"][..., D:2 * D] = forget_bias
         self._saved: dict | None = None
 
     @property
@@ -365,14 +373,14 @@ class GridLSTM2D:
         B, T = x.shape[:2]
         wf = wavefront((T, L))
         R = wf.n_cells * B
+        level = np.repeat(wf.perm % L, B) if not self.tied else slice(None)  # depth level per row
         act = np.empty((R, 8 * D), self.dtype)
-        act[:, :4 * D] = self.params["b_time"]
-        act[:, 4 * D:] = self.params["b_depth"]
+        act[:, :4 * D] = self.params["b_time"][level]
+        act[:, 4 * D:] = self.params["b_depth"][level]
         h, c = np.empty((R, 2 * D), self.dtype), np.empty((R, 2 * D), self.dtype)
         xt = np.ascontiguousarray(x.transpose(1, 0, 2)).reshape(T * B, D)
-        grid_forward(h, c, act, xt, self.params["U_time"], self.params["U_depth"], wf.diag_off,
-                     wf.parent, wf.perm, L, B, D)
-        self._saved = dict(h=h, c=c, act=act, x=xt, wf=wf, B=B, T=T)
+        self._sweeps().grid_forward(h, c, act, xt, *self._U(), wf.diag_off, wf.parent, wf.perm, L, B, D)
+        self._saved = dict(h=h, c=c, act=act, x=xt, wf=wf, B=B, T=T, level=level)
         top = wf.inv_perm[np.arange(T) * L + L - 1]
         return np.ascontiguousarray(h.reshape(-1, B, 2 * D)[top, :, D:].transpose(1, 0, 2))
 
@@ -389,16 +397,34 @@ class GridLSTM2D:
         dact, dc = np.empty((R, 10 * D), self.dtype), np.empty((R, 2 * D), self.dtype)
         dx = np.empty((T * B, D), self.dtype)
         dtop = np.ascontiguousarray(dh.transpose(1, 0, 2)).reshape(T * B, D)
-        U_t, U_d = self.params["U_time"], self.params["U_depth"]
-        grid_backward(dact, dc, dx, dtop, sv["act"], sv["c"], U_t, U_d, wf.diag_off, wf.parent,
-                      wf.child, wf.perm, L, B, D)
+        self._sweeps().grid_backward(dact, dc, dx, dtop, sv["act"], sv["c"], *self._U(), wf.diag_off,
+                                     wf.parent, wf.child, wf.perm, L, B, D)
         zt, zd = np.empty((R, 2 * D), self.dtype), np.empty((R, 2 * D), self.dtype)
         gather_grid_operands(zt, zd, sv["h"], sv["x"], wf.parent, wf.perm, L, B, D)
+        levels = [slice(None)] if self.tied else [np.nonzero(sv["level"] == lv)[0] for lv in range(L)]
         for z, lo, U, bias in ((zt, 0, "U_time", "b_time"), (zd, 4 * D, "U_depth", "b_depth")):
-            da = np.ascontiguousarray(dact[:, lo:lo + 4 * D])
-            matmul_at_b(self.grads[U], z, da)
-            column_sums(self.grads[bias], da)
+            for lv, rows in enumerate(levels):
+                da = np.ascontiguousarray(dact[rows, lo:lo + 4 * D])
+                gU, gb = (self.grads[U], self.grads[bias]) if self.tied else \
+                    (self.grads[U][lv], self.grads[bias][lv])
+                matmul_at_b(gU, np.ascontiguousarray(z[rows]), da)
+                column_sums(gb, da)
         return np.ascontiguousarray(dx.reshape(T, B, D).transpose(1, 0, 2))
 
+    def _sweeps(self):
+        """The sweep kernels: CPU, or their CUDA twins (arrays copied to the GPU and back; the
+        weight-gradient GEMMs stay on the CPU)."""
+        if self.device == "cuda":
+            from .kernels import gridlstm_cuda
+            return gridlstm_cuda
+        from .kernels import gridlstm
+        return gridlstm
+
+    def _U(self) -> tuple[np.ndarray, np.ndarray]:
+        """``U_time``, ``U_depth`` as (levels, 2D, 4D) for the kernels (levels = 1 when tied)."""
+        D = self.hidden
+        return tuple(self.params[n].reshape(-1, 2 * D, 4 * D) for n in ("U_time", "U_depth"))
+
     def __repr__(self) -> str:
-        return f"GridLSTM2D(hidden={self.hidden}, layers={self.depth}, dtype={self.dtype.name})"
+        return (f"GridLSTM2D(hidden={self.hidden}, layers={self.depth}, tied={self.tied}, "
+                f"dtype={self.dtype.name})")

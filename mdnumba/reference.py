@@ -211,9 +211,15 @@ def _lstm_transform_backward(dh, dm_out, m, m_prev, gates):
     return da, dm * f
 
 
+def _level(w, layer, tied_ndim):
+    """Weights of depth level ``layer``: ``w`` itself when tied, else ``w[layer]``."""
+    return w[layer] if w.ndim > tied_ndim else w
+
+
 def gridlstm_forward(x, U_time, U_depth, b_time, b_depth, layers):
-    """2D Grid LSTM (Kalchbrenner et al. 2015) over time x depth, weights tied along depth,
-    depth prioritised. ``x`` (B, T, D) is the depth input of the bottom blocks.
+    """2D Grid LSTM (Kalchbrenner et al. 2015) over time x depth, depth prioritised.
+    ``x`` (B, T, D) is the depth input of the bottom blocks. Weights tied along depth
+    (``U_*`` (2D, 4D), ``b_*`` (4D,)) or one set per level (a leading axis of ``layers``).
 
     Block (t, l) gets ``(h_T, m_T)`` from (t-1, l) and ``(h_L, m_L)`` from (t, l-1)
     (``(x_t, 0)`` at l = 0; zeros outside the grid), then
@@ -230,10 +236,12 @@ def gridlstm_forward(x, U_time, U_depth, b_time, b_depth, layers):
         for layer in range(layers):
             hT_in, mT_in = (hT[t - 1, layer], mT[t - 1, layer]) if t else (zero, zero)
             hL_in, mL_in = (hL[t, layer - 1], mL[t, layer - 1]) if layer else (x[:, t], zero)
+            Ut, Ud = _level(U_time, layer, 2), _level(U_depth, layer, 2)
+            bt, bd = _level(b_time, layer, 1), _level(b_depth, layer, 1)
             hT[t, layer], mT[t, layer], gT = _lstm_transform(
-                np.concatenate([hT_in, hL_in], 1) @ U_time + b_time, mT_in, D)
+                np.concatenate([hT_in, hL_in], 1) @ Ut + bt, mT_in, D)
             hL[t, layer], mL[t, layer], gL = _lstm_transform(
-                np.concatenate([hT[t, layer], hL_in], 1) @ U_depth + b_depth, mL_in, D)
+                np.concatenate([hT[t, layer], hL_in], 1) @ Ud + bd, mL_in, D)
             gates[t, layer] = (gT, gL)
     cache = dict(x=x, U_time=U_time, U_depth=U_depth, hT=hT, mT=mT, hL=hL, mL=mL, gates=gates)
     return hL[:, -1].transpose(1, 0, 2).copy(), cache
@@ -248,7 +256,8 @@ def gridlstm_backward(dout, cache):
     dhL[:, -1] += np.asarray(dout, dtype=np.float64).transpose(1, 0, 2)
     dx = np.zeros_like(x)
     dUt, dUd = np.zeros(U_time.shape), np.zeros(U_depth.shape)
-    dbt, dbd = np.zeros(U_time.shape[1]), np.zeros(U_depth.shape[1])
+    dbt = np.zeros(U_time.shape[:-2] + U_time.shape[-1:])
+    dbd = np.zeros(U_depth.shape[:-2] + U_depth.shape[-1:])
     zero = np.zeros((B, D))
     for t in reversed(range(T)):
         for layer in reversed(range(layers)):
@@ -257,14 +266,14 @@ def gridlstm_backward(dout, cache):
             gT, gL = gates[t, layer]
             daL, dmL_in = _lstm_transform_backward(dhL[t, layer], dmL[t, layer], mL[t, layer], mL_in, gL)
             HL = np.concatenate([hT[t, layer], hL_in], 1)
-            dUd += HL.T @ daL
-            dbd += daL.sum(0)
-            dHL = daL @ U_depth.T
+            _level(dUd, layer, 2)[...] += HL.T @ daL
+            _level(dbd, layer, 1)[...] += daL.sum(0)
+            dHL = daL @ _level(U_depth, layer, 2).T
             daT, dmT_in = _lstm_transform_backward(dhT[t, layer] + dHL[:, :D], dmT[t, layer],
                                                    mT[t, layer], mT_in, gT)
-            dUt += np.concatenate([hT_in, hL_in], 1).T @ daT
-            dbt += daT.sum(0)
-            dHT = daT @ U_time.T
+            _level(dUt, layer, 2)[...] += np.concatenate([hT_in, hL_in], 1).T @ daT
+            _level(dbt, layer, 1)[...] += daT.sum(0)
+            dHT = daT @ _level(U_time, layer, 2).T
             dhL_in = dHL[:, D:] + dHT[:, D:]
             if t:
                 dhT[t - 1, layer] += dHT[:, :D]

@@ -45,6 +45,7 @@ class TrainConfig:
     seq_len: int = 50            # char-lm: characters per training window
     optimizer: str = "adam"
     dropout: float = 0.0         # char-lm: on the non-recurrent connections
+    tie_depth: bool = True       # char-lm grid: one weight set for every depth level
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting and what is allowed."""

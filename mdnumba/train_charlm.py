@@ -33,7 +33,8 @@ class CharLMTrainer(Trainer):
         self.corpus = Corpus.from_file(cfg.data, vocab=vocab)
         self.corpus.check_seq_len(cfg.seq_len)
         self.model = CharLM(cfg.model, self.corpus.vocab_size, cfg.hidden, cfg.layers, cfg.dropout,
-                            seed=cfg.seed, dtype=np.dtype(cfg.dtype))
+                            seed=cfg.seed, dtype=np.dtype(cfg.dtype), tied=cfg.tie_depth,
+                            device=cfg.device)
         self.opt = OPTIMIZERS[cfg.optimizer](self.model, lr=cfg.lr, clip_norm=cfg.clip_norm)
         self.rng = np.random.default_rng(cfg.seed)
         self.loss_fn = softmax_xent

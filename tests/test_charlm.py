@@ -110,7 +110,7 @@ def test_cli_char_lm_train_resume_sample(tmp_path, textfile):
     runner = CliRunner()
     args = ["train", "--task", "char-lm", "--model", "grid", "--data", str(textfile), "--layers", "2",
             "--hidden", "6", "--seq-len", "10", "--batch", "4", "--optimizer", "rmsprop",
-            "--dropout", "0.25", "--checkpoint-every", "2"]
+            "--dropout", "0.25", "--checkpoint-every", "2", "--no-tie-depth"]
     full = runner.invoke(main, args + ["--steps", "4", "--out", str(tmp_path / "full")])
     assert full.exit_code == 0, full.output
     part = runner.invoke(main, args + ["--steps", "2", "--out", str(tmp_path / "part")])

@@ -22,6 +22,7 @@ from gradcheck import check_layer_gradients
 from refcheck import check_against_reference
 
 from mdnumba import LSTM1D, MDLSTM2D, WavefrontLSTM
+from mdnumba import reference as ref
 from mdnumba.backend_cuda import CudaUnavailableError, cuda_unavailable_reason
 
 IN_SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
@@ -86,7 +87,7 @@ def sim_grid_lstm_kernels_match_cpu(path, rng):
     T, L, B, D = 4, 3, 2, 2
     wf = wavefront((T, L))
     R = wf.n_cells * B
-    U_t, U_d = rng.uniform(-0.7, 0.7, (2, 2 * D, 4 * D))
+    U_t, U_d = rng.uniform(-0.7, 0.7, (2, L, 2 * D, 4 * D))  # one weight set per depth level
     x, dtop = rng.standard_normal((2, T * B, D))
     act0 = rng.standard_normal((R, 8 * D))
     results = []
@@ -99,6 +100,23 @@ def sim_grid_lstm_kernels_match_cpu(path, rng):
         results.append((h, c, act, dact[:, :8 * D], dc, dx))
     for name, a, b in zip(("h", "c", "act", "dact", "dc", "dx"), *results):
         np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-14, err_msg=name)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def sim_grid_lstm_layer_matches_reference(tied, rng):
+    """GridLSTM2D(device='cuda') vs the float64 reference: output, dx and every gradient."""
+    from mdnumba.layers import GridLSTM2D
+    layer = GridLSTM2D(2, 3, seed=1, dtype=np.float64, tied=tied, device="cuda")
+    x, dh = rng.standard_normal((2, 2, 4, 2))
+    y = layer.forward(x)
+    p = {k: np.asarray(v) for k, v in layer.params.items()}
+    yr, cache = ref.gridlstm_forward(x, p["U_time"], p["U_depth"], p["b_time"], p["b_depth"], 3)
+    np.testing.assert_allclose(y, yr, rtol=1e-12, atol=1e-12)
+    dx = layer.backward(dh)
+    rdx, *grads = ref.gridlstm_backward(dh, cache)
+    np.testing.assert_allclose(dx, rdx, rtol=1e-10, atol=1e-12)
+    for name, want in zip(("U_time", "U_depth", "b_time", "b_depth"), grads):
+        np.testing.assert_allclose(layer.grads[name], want, rtol=1e-10, atol=1e-12, err_msg=name)
 
 
 @pytest.mark.parametrize("path", ["cooperative", "per-diagonal"])

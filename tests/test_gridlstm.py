@@ -14,10 +14,12 @@ def ref_forward(layer, x):
                                 p["b_depth"], layer.depth)
 
 
-@pytest.mark.parametrize("B,T,L,D", [(2, 5, 3, 3), (1, 1, 1, 2), (3, 4, 1, 2), (2, 1, 4, 3), (1, 6, 6, 4)])
+@pytest.mark.parametrize("B,T,L,D,tied", [(2, 5, 3, 3, True), (1, 1, 1, 2, True), (3, 4, 1, 2, True),
+                                           (2, 1, 4, 3, True), (1, 6, 6, 4, True), (2, 5, 3, 3, False),
+                                           (1, 3, 1, 2, False)])
 @pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-12), (np.float32, 1e-5)])
-def test_matches_reference(B, T, L, D, dtype, rtol, rng):
-    layer = GridLSTM2D(D, L, seed=2, dtype=dtype)
+def test_matches_reference(B, T, L, D, tied, dtype, rtol, rng):
+    layer = GridLSTM2D(D, L, seed=2, dtype=dtype, tied=tied)
     layer.params.data[...] += rng.standard_normal(layer.params.data.shape).astype(dtype) * 0.3
     x = rng.standard_normal((B, T, D)).astype(dtype)
     y = layer.forward(x)
@@ -33,9 +35,9 @@ def test_matches_reference(B, T, L, D, dtype, rtol, rng):
         np.testing.assert_allclose(layer.grads[name], want, err_msg=name, **tol)
 
 
-@pytest.mark.parametrize("zeros", [False, True])
-def test_finite_differences(zeros, rng):
-    layer = GridLSTM2D(2, 3, seed=1, dtype=np.float64)
+@pytest.mark.parametrize("zeros,tied", [(False, True), (True, True), (False, False)])
+def test_finite_differences(zeros, tied, rng):
+    layer = GridLSTM2D(2, 3, seed=1, dtype=np.float64, tied=tied)
     layer.params.data[...] += rng.standard_normal(layer.params.data.shape) * 0.3
     x = np.zeros((2, 4, 2)) if zeros else rng.standard_normal((2, 4, 2))
     check_layer_gradients(layer, x, rng)
@@ -49,6 +51,12 @@ def test_output_at_t_ignores_later_inputs(rng):
     x2[0, 4] += 1.0
     y2 = layer.forward(x2)
     assert np.array_equal(y[0, :4], y2[0, :4]) and np.abs(y2[0, 4:] - y[0, 4:]).max() > 1e-6
+
+
+def test_untied_levels_have_their_own_weights():
+    tied, untied = GridLSTM2D(3, 4), GridLSTM2D(3, 4, tied=False)
+    assert tied.params.U_time.shape == (6, 12) and untied.params.U_time.shape == (4, 6, 12)
+    assert untied.params.data.size == 4 * tied.params.data.size
 
 
 def test_bad_input():

@@ -50,8 +50,9 @@ def run_metrics(steps=400, **kw):
     return {k: float(np.mean([h[k] for h in hist[-50:]])) for k in hist[0] if k != "time"}
 
 
-def test_stable_cell_and_stacked_layers_learn_the_diagonal():
+def test_stable_and_spatial_cells_and_stacked_layers_learn_the_diagonal():
     assert run_metrics(cell="stable")["relevant_loss"] < 0.1
+    assert run_metrics(cell="spatial", steps=800)["relevant_loss"] < 0.1
     assert run_metrics(layers=2)["relevant_loss"] < 0.1
 
 

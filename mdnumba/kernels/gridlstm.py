@@ -3,9 +3,10 @@
 Blocks (t, l) of a T x L grid in the skewed layout of :mod:`mdnumba.grid` (dimension
 0 = time, 1 = depth), row ``r = s*B + b``. Per row: ``h = [h_T' | h_L']`` and
 ``c = [m_T' | m_L']`` (2D columns), ``act = [a_T | a_L]`` (8D columns, gates
-``[i | f | o | g]`` each). Weights are tied along depth: ``U_time`` and ``U_depth``
-are (2D, 4D) and act on ``[h_T; h_L]`` resp. ``[h_T'; h_L]`` (depth prioritised:
-the depth transform sees the block's new time output). The bottom blocks' depth
+``[i | f | o | g]`` each). ``U_time`` and ``U_depth`` are (S, 2D, 4D) and act on
+``[h_T; h_L]`` resp. ``[h_T'; h_L]`` (depth prioritised: the depth transform sees
+the block's new time output); block (t, l) uses ``U[l % S]``: S = 1 ties the weights
+along depth, S = L gives every level its own. The bottom blocks' depth
 input is ``(x_t, 0)``; elsewhere an absent neighbour gives zeros.
 
 Same layering as :mod:`mdnumba.kernels.wavefront`: serial per-row functions ←
@@ -59,17 +60,19 @@ def build_rows(jit):
     def _block_forward(h, c, act, x, U_time, U_depth, parent, perm, L, s, b, B, D):
         """Block s, batch item b: time transform, then (depth prioritised) the depth transform."""
         r = s * B + b
+        lv = (perm[s] % L) % U_time.shape[0]
+        Ut, Ud = U_time[lv], U_depth[lv]
         tp, dp = parent[s, 0], parent[s, 1]
         tr = tp * B + b if tp >= 0 else -1
         dr = dp * B + b if dp >= 0 else -1
         xr = (perm[s] // L) * B + b if dp < 0 else -1  # bottom block: depth input x_t
-        _matvec_add(act, r, 0, h, tr, 0, U_time, 0, D)
-        _matvec_add(act, r, 0, h, dr, D, U_time, D, D)
-        _matvec_add(act, r, 0, x, xr, 0, U_time, D, D)
+        _matvec_add(act, r, 0, h, tr, 0, Ut, 0, D)
+        _matvec_add(act, r, 0, h, dr, D, Ut, D, D)
+        _matvec_add(act, r, 0, x, xr, 0, Ut, D, D)
         _lstm_forward(act, h, c, r, 0, tr, 0, D)
-        _matvec_add(act, r, 4 * D, h, r, 0, U_depth, 0, D)
-        _matvec_add(act, r, 4 * D, h, dr, D, U_depth, D, D)
-        _matvec_add(act, r, 4 * D, x, xr, 0, U_depth, D, D)
+        _matvec_add(act, r, 4 * D, h, r, 0, Ud, 0, D)
+        _matvec_add(act, r, 4 * D, h, dr, D, Ud, D, D)
+        _matvec_add(act, r, 4 * D, x, xr, 0, Ud, D, D)
         _lstm_forward(act, h, c, r, 4 * D, dr, D, D)
 
     @jit
@@ -108,24 +111,26 @@ def build_rows(jit):
         dcr = dch * B + b if dch >= 0 else -1
         tp, dp = parent[s, 0], parent[s, 1]
         row_t = (perm[s] // L) * B + b
+        S = U_time.shape[0]
+        lv, lv_up = (perm[s] % L) % S, (perm[s] % L + 1) % S  # own level, the depth child's
         dh, dm = dact[r, 8 * D:9 * D], dact[r, 9 * D:10 * D]  # per-row scratch columns
         for j in range(D):
             dh[j] = dtop[row_t, j] if dch < 0 else 0.0
             dm[j] = dc[dcr, D + j] * act[dcr, 5 * D + j] if dcr >= 0 else 0.0
-        _vec_mat_t(dh, dact, dcr, 0, U_time, D, D)        # child above used h_L' in both transforms
-        _vec_mat_t(dh, dact, dcr, 4 * D, U_depth, D, D)
+        _vec_mat_t(dh, dact, dcr, 0, U_time[lv_up], D, D)  # child above used h_L' in both transforms
+        _vec_mat_t(dh, dact, dcr, 4 * D, U_depth[lv_up], D, D)
         _lstm_backward(dact, dc, act, c, r, 4 * D, dp * B + b if dp >= 0 else -1, D, dh, dm, D)
         for j in range(D):
             dh[j] = 0.0
             dm[j] = dc[tcr, j] * act[tcr, D + j] if tcr >= 0 else 0.0
-        _vec_mat_t(dh, dact, r, 4 * D, U_depth, 0, D)     # own depth transform used h_T'
-        _vec_mat_t(dh, dact, tcr, 0, U_time, 0, D)        # next time step used h_T'
+        _vec_mat_t(dh, dact, r, 4 * D, U_depth[lv], 0, D)  # own depth transform used h_T'
+        _vec_mat_t(dh, dact, tcr, 0, U_time[lv], 0, D)     # next time step used h_T'
         _lstm_backward(dact, dc, act, c, r, 0, tp * B + b if tp >= 0 else -1, 0, dh, dm, D)
         if dp < 0:  # bottom block: gradient of the depth input x_t
             for j in range(D):
                 dx[row_t, j] = 0.0
-            _vec_mat_t(dx[row_t], dact, r, 0, U_time, D, D)
-            _vec_mat_t(dx[row_t], dact, r, 4 * D, U_depth, D, D)
+            _vec_mat_t(dx[row_t], dact, r, 0, U_time[lv], D, D)
+            _vec_mat_t(dx[row_t], dact, r, 4 * D, U_depth[lv], D, D)
 
     return dict(block_forward=_block_forward, block_backward=_block_backward)
 
