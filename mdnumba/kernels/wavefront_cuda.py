@@ -123,13 +123,13 @@ def _unit_forward(h, c, act, Uf, uo, parent, base, s, b, j, B, D, cell):
 
 
 @cuda.jit(device=True)
-def _scan_slab(t, n, MB, DNG):
-    """Work item t of a hyperplane with n items per scan: (scan, row offset, weight offset, item).
-
-    Scan g owns rows ``g*MB .. (g+1)*MB`` and weights ``g*DNG .. (g+1)*DNG`` (DNG = D*N*G).
-    """
+def _work_item(t, n, s0, B, D, MB, DNG):
+    """Item t of a hyperplane whose first cell is s0, n items per scan: (row offset, weight
+    offset, cell, batch item, unit). Scan g owns rows ``g*MB ..`` and weights ``g*DNG ..``."""
     grp = t // n
-    return grp, grp * MB, grp * DNG, t - grp * n
+    tt = t - grp * n
+    q = tt // D
+    return grp * MB, grp * DNG, s0 + q // B, q % B, tt % D
 
 
 @cuda.jit(device=True)
@@ -140,9 +140,8 @@ def _forward_plane(h, c, act, Uf, diag_off, parent, B, D, cell, k, start, stride
     MB = parent.shape[0] * B
     DNG = parent.shape[1] * (parent.shape[1] + 3) * D * D
     for t in range(start, n * (act.shape[0] // MB), stride):
-        grp, lo, uo, tt = _scan_slab(t, n, MB, DNG)
-        q = tt // D
-        _unit_forward(h, c, act, Uf, uo, parent, lo, s0 + q // B, q % B, tt % D, B, D, cell)
+        lo, uo, s, b, j = _work_item(t, n, s0, B, D, MB, DNG)
+        _unit_forward(h, c, act, Uf, uo, parent, lo, s, b, j, B, D, cell)
 
 
 @cuda.jit(device=True)
@@ -173,10 +172,8 @@ def _backward_plane(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, ce
     MB = parent.shape[0] * B
     DNG = parent.shape[1] * (parent.shape[1] + 3) * D * D
     for t in range(start, n * (act.shape[0] // MB), stride):
-        grp, lo, uo, tt = _scan_slab(t, n, MB, DNG)
-        q = tt // D
-        _unit_backward(dact, dc, dh, act, c, UTf, uo, parent, child, lo, s0 + q // B, q % B, tt % D,
-                       B, D, cell)
+        lo, uo, s, b, j = _work_item(t, n, s0, B, D, MB, DNG)
+        _unit_backward(dact, dc, dh, act, c, UTf, uo, parent, child, lo, s, b, j, B, D, cell)
 
 
 # ---------------------------------------------------------------- sweep kernels
