@@ -50,6 +50,12 @@ def build(jit):
         return 1.0 / (1.0 + math.exp(-x))
 
     @jit
+    def tanh(x):
+        """tanh(x) = 2σ(2x) − 1: one ``exp`` (libm ``tanh`` took 3x as long on the CPU).
+        Exact limits ±1 for large |x|; absolute (not relative) error ~1 ulp near 0."""
+        return 2.0 / (1.0 + math.exp(-(x + x))) - 1.0
+
+    @jit
     def mix_weight(act, row, j, d, N, D):
         """Stable cell: ``w_d`` (stored for d < N-1; ``w_N = 1 − Σ_{k<N} w_k``)."""
         if d < N - 1:
@@ -96,7 +102,7 @@ def build(jit):
         g_col = (N + 2) * D + j
         gi = sigmoid(act[r, j])
         go = sigmoid(act[r, o_col])
-        gg = math.tanh(act[r, g_col])
+        gg = tanh(act[r, g_col])
         act[r, j] = gi
         act[r, o_col] = go
         act[r, g_col] = gg
@@ -108,9 +114,9 @@ def build(jit):
                 cc += forget_factor(act, r, j, d, N, D, cell) * c[base + p * B + b, j]
         c[r, j] = cc
         if cell == SPATIAL:
-            h[r, j] = math.tanh(cc * go)
+            h[r, j] = tanh(cc * go)
         else:
-            h[r, j] = go * math.tanh(cc)
+            h[r, j] = go * tanh(cc)
 
     @jit
     def forget_backward(dact, act, c, parent, base, s, b, j, B, D, dcj, cell):
@@ -164,12 +170,12 @@ def build(jit):
         gg = act[r, g_col]
         cj = c[r, j]
         if cell == SPATIAL:
-            t = math.tanh(cj * go)
+            t = tanh(cj * go)
             dt = dhj * (1.0 - t * t)
             dcj += dt * go
             dact[r, o_col] = dt * cj * go * (1.0 - go)
         else:
-            t = math.tanh(cj)
+            t = tanh(cj)
             dcj += dhj * go * (1.0 - t * t)
             dact[r, o_col] = dhj * t * go * (1.0 - go)
         dc[r, j] = dcj
@@ -177,4 +183,4 @@ def build(jit):
         dact[r, g_col] = dcj * gi * (1.0 - gg * gg)
         forget_backward(dact, act, c, parent, base, s, b, j, B, D, dcj, cell)
 
-    return dict(sigmoid=sigmoid, unit_forward=unit_forward, unit_backward=unit_backward)
+    return dict(sigmoid=sigmoid, tanh=tanh, unit_forward=unit_forward, unit_backward=unit_backward)

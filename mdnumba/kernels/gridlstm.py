@@ -16,8 +16,6 @@ gradients are GEMMs outside the sweep (:func:`gather_operands`).
 
 from __future__ import annotations
 
-import math
-
 from numba import njit, prange
 
 from ..config import NJIT_OPTS, NJIT_PARALLEL_OPTS
@@ -27,7 +25,8 @@ from .cell import build
 def build_rows(jit):
     """Compile the per-row functions with ``jit`` (``njit`` here, ``cuda.jit(device=True)`` in
     :mod:`mdnumba.kernels.gridlstm_cuda`: one source for CPU and GPU); return them in a dict."""
-    _sigmoid = build(jit)["sigmoid"]
+    _cell = build(jit)
+    _sigmoid, _tanh = _cell["sigmoid"], _cell["tanh"]
 
     @jit
     def _lstm_forward(act, h, c, r, off, m_prev_row, m_col, D):
@@ -38,13 +37,13 @@ def build_rows(jit):
             gi = _sigmoid(act[r, off + j])
             gf = _sigmoid(act[r, off + D + j])
             go = _sigmoid(act[r, off + 2 * D + j])
-            gg = math.tanh(act[r, off + 3 * D + j])
+            gg = _tanh(act[r, off + 3 * D + j])
             mp = c[m_prev_row, m_col + j] if m_prev_row >= 0 else 0.0
             m = gf * mp + gi * gg
             act[r, off + j], act[r, off + D + j], act[r, off + 2 * D + j], act[r, off + 3 * D + j] = \
                 gi, gf, go, gg
             c[r, o_c + j] = m
-            h[r, o_c + j] = go * math.tanh(m)
+            h[r, o_c + j] = go * _tanh(m)
 
     @jit
     def _matvec_add(act, r, off, src, srow, scol, U, urow, D):
@@ -83,7 +82,7 @@ def build_rows(jit):
         for j in range(D):
             gi, gf, go, gg = act[r, off + j], act[r, off + D + j], act[r, off + 2 * D + j], \
                 act[r, off + 3 * D + j]
-            tm = math.tanh(c[r, o_c + j])
+            tm = _tanh(c[r, o_c + j])
             dm = dm_in[j] + dh[j] * go * (1.0 - tm * tm)
             mp = c[m_prev_row, m_col + j] if m_prev_row >= 0 else 0.0
             dc[r, o_c + j] = dm
