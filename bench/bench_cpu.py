@@ -221,29 +221,32 @@ def torch_cases(tb, layer: mdnumba.MDLSTM2D, x: np.ndarray) -> tuple[list[Phase]
         [("forward", forward_only)]
 
 
-def verify_torch(tb, cfg: Config, x: np.ndarray, tol: float = 1e-4) -> dict[str, float]:
-    """Check torch forward == mdnumba forward (max abs ≤ ``tol``) and compare gradients.
+def verify_torch(tb, cfg: Config, x: np.ndarray, fwd_tol: float = 1e-9, grad_tol: float = 1e-7) -> dict:
+    """Check torch forward == mdnumba forward and the gradients, both in float64.
 
-    Uses a fresh layer (seed 0, the one timed). Returns the max abs forward
-    difference and the max relative gradient difference; exits on failure.
+    (In float32, rounding alone differs by ~1e-4 after the 127 diagonals of a 64x64
+    grid, so the check would say nothing about correctness.) Uses fresh seed-0
+    layers of the timed shape. Returns the max abs forward difference and the max
+    relative gradient difference; exits on failure.
     """
     torch, TorchMDLSTM2D = tb
-    layer = mdnumba.MDLSTM2D(cfg.C, cfg.D, seed=0)
-    model = TorchMDLSTM2D(cfg.C, cfg.D)
+    layer = mdnumba.MDLSTM2D(cfg.C, cfg.D, seed=0, dtype=np.float64)
+    model = TorchMDLSTM2D(cfg.C, cfg.D, dtype=torch.float64)
     model.load_from_mdnumba(layer)
+    x = x.astype(np.float64)
     h = layer.forward(x)
     ht = model(torch.from_numpy(x))
     fwd = float(np.abs(ht.detach().numpy() - h).max())
     (0.5 * ht.square().mean()).backward()
     layer.zero_grad()
-    layer.backward(h * np.float32(1.0 / h.size))
+    layer.backward(h / h.size)
     g = layer.grads
     pairs = [(model.W.grad, g["W"]), (model.U.grad, np.concatenate([g["U_up"], g["U_left"]])),
              (model.b.grad, g["b"])]
     grad = max(float(np.abs(t.numpy() - a).max() / (np.abs(a).max() + 1e-30)) for t, a in pairs)
-    if not fwd <= tol or not grad <= 1e-3:
+    if not fwd <= fwd_tol or not grad <= grad_tol:
         raise SystemExit(f"torch baseline disagrees with mdnumba at {cfg.label}: forward max abs "
-                         f"{fwd:.2e} (tol {tol:g}), gradient max rel {grad:.2e}")
+                         f"{fwd:.2e} (tol {fwd_tol:g}), gradient max rel {grad:.2e}")
     return {"forward_max_abs": fwd, "grad_max_rel": grad}
 
 
@@ -493,7 +496,7 @@ def render(info: dict[str, str], results: list[dict], big: dict | None, quick: b
     if big is not None:
         out += ["## Big grid", ""] + big_lines(big) + [""]
     if verify:
-        out += ["## PyTorch baseline check (before timing, same weights)", "",
+        out += ["## PyTorch baseline check (before timing, same weights, both in float64)", "",
                 "| config | forward max abs diff | gradient max rel diff |", "|---|---|---|"]
         out += [f"| {k} | {v['forward_max_abs']:.1e} | {v['grad_max_rel']:.1e} |"
                 for k, v in verify.items()]
