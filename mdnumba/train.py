@@ -96,13 +96,18 @@ class Trainer:
         cfg.validate()
         self.cfg, self.out = cfg, Path(out) if out is not None else None
         self.task = get_task(cfg.task)
-        self.model = build_model(cfg.model, in_channels=self.task.in_channels, hidden=cfg.hidden,
-                                 seed=cfg.seed, dtype=np.dtype(cfg.dtype), cell=cfg.cell,
-                                 directions=cfg.directions, layers=cfg.layers, device=cfg.device)
+        self.model = self._build_model()
         self.opt = OPTIMIZERS[cfg.optimizer](self.model, lr=cfg.lr, clip_norm=cfg.clip_norm)
         self.rng = np.random.default_rng(cfg.seed)
-        self.loss_fn = LOSSES[cfg.loss]
         self.step = 0
+
+    def _build_model(self):
+        """The model of ``self.cfg`` (and the loss it trains with); subclass hook."""
+        cfg = self.cfg
+        self.loss_fn = LOSSES[cfg.loss]
+        return build_model(cfg.model, in_channels=self.task.in_channels, hidden=cfg.hidden,
+                           seed=cfg.seed, dtype=np.dtype(cfg.dtype), cell=cfg.cell,
+                           directions=cfg.directions, layers=cfg.layers, device=cfg.device)
 
     # ---------------------------------------------------------------- steps
     def sample(self, rng: np.random.Generator, size: int):

@@ -15,8 +15,6 @@ from pathlib import Path
 import numpy as np
 
 from .charlm import BITS_PER_NAT, CharLM, Corpus, sample_text, softmax_xent
-from .optim import OPTIMIZERS
-from .tasks import get_task
 from .train import TrainConfig, Trainer
 
 
@@ -27,19 +25,18 @@ class CharLMTrainer(Trainer):
     EVAL_BATCHES, EVAL_EVERY = 4, 50
 
     def __init__(self, cfg: TrainConfig, out: Path | None = None, vocab: list | None = None):
-        cfg.validate()
-        self.cfg, self.out = cfg, Path(out) if out is not None else None
-        self.task = get_task(cfg.task)
-        self.corpus = Corpus.from_file(cfg.data, vocab=vocab)
-        self.corpus.check_seq_len(cfg.seq_len)
-        self.model = CharLM(cfg.model, self.corpus.vocab_size, cfg.hidden, cfg.layers, cfg.dropout,
-                            seed=cfg.seed, dtype=np.dtype(cfg.dtype), tied=cfg.tie_depth,
-                            device=cfg.device)
-        self.opt = OPTIMIZERS[cfg.optimizer](self.model, lr=cfg.lr, clip_norm=cfg.clip_norm)
-        self.rng = np.random.default_rng(cfg.seed)
-        self.loss_fn = softmax_xent
-        self.step = 0
+        self._vocab = vocab  # a resumed run's vocabulary (None: build it from the text)
         self._val: dict[str, float] = {}
+        super().__init__(cfg, out)
+
+    def _build_model(self) -> CharLM:
+        """Read the corpus, then the grid or stacked model over its vocabulary."""
+        cfg = self.cfg
+        self.corpus = Corpus.from_file(cfg.data, vocab=self._vocab)
+        self.corpus.check_seq_len(cfg.seq_len)
+        self.loss_fn = softmax_xent
+        return CharLM(cfg.model, self.corpus.vocab_size, cfg.hidden, cfg.layers, cfg.dropout,
+                      seed=cfg.seed, dtype=np.dtype(cfg.dtype), tied=cfg.tie_depth, device=cfg.device)
 
     def train_step(self) -> dict[str, float]:
         """Random windows, forward with dropout, cross-entropy, backward, optimizer step."""
