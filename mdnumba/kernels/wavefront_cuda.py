@@ -251,39 +251,26 @@ def _gemm_small(out, a, bm, bias, M, N, K, ta, tb, mode):
 
 
 @cuda.jit(device=True)
-def _load_tile_a(As, a, m0, k0, M, k_end, ta):
-    """``As[kk, mm] = A[m0+mm, k0+kk]`` (0 outside), reading a coalesced where possible."""
-    for e in range(cuda.threadIdx.x, BK * BM, GEMM_THREADS):
-        if ta:
-            mm = e % BM
-            kk = e // BM
+def _load_tile(T, src, r0, k0, R, k_end, trans, width):
+    """``T[kk, rr] = S[r0+rr, k0+kk]`` (0 outside ``R`` rows / ``k_end``) with ``S = srcᵀ`` if
+    ``trans`` else ``src``; the fast-varying index follows src's last axis (coalesced).
+
+    A tile: ``_load_tile(As, a, m0, .., ta, BM)``; B tile (``op(B)[k, n]``, i.e. ``op(B)ᵀ`` by
+    rows n): ``_load_tile(Bs, bm, n0, .., not tb, BN)``.
+    """
+    for e in range(cuda.threadIdx.x, BK * width, GEMM_THREADS):
+        if trans:
+            rr = e % width
+            kk = e // width
         else:
             kk = e % BK
-            mm = e // BK
-        m = m0 + mm
+            rr = e // BK
+        r = r0 + rr
         k = k0 + kk
-        if m < M and k < k_end:
-            As[kk, mm] = a[k, m] if ta else a[m, k]
+        if r < R and k < k_end:
+            T[kk, rr] = src[k, r] if trans else src[r, k]
         else:
-            As[kk, mm] = 0
-
-
-@cuda.jit(device=True)
-def _load_tile_b(Bs, bm, n0, k0, N, k_end, tb):
-    """``Bs[kk, nn] = B[k0+kk, n0+nn]`` (0 outside)."""
-    for e in range(cuda.threadIdx.x, BK * BN, GEMM_THREADS):
-        if tb:
-            kk = e % BK
-            nn = e // BK
-        else:
-            nn = e % BN
-            kk = e // BN
-        n = n0 + nn
-        k = k0 + kk
-        if n < N and k < k_end:
-            Bs[kk, nn] = bm[n, k] if tb else bm[k, n]
-        else:
-            Bs[kk, nn] = 0
+            T[kk, rr] = 0
 
 
 @cuda.jit(**_JIT)
@@ -308,8 +295,8 @@ def _gemm_tiled(out, parts, a, bm, bias, M, N, K, ta, tb, mode, kchunk):
         for q in range(TN):
             acc[i, q] = 0
     for k0 in range(k_begin, k_end, BK):
-        _load_tile_a(As, a, m0, k0, M, k_end, ta)
-        _load_tile_b(Bs, bm, n0, k0, N, k_end, tb)
+        _load_tile(As, a, m0, k0, M, k_end, ta, BM)
+        _load_tile(Bs, bm, n0, k0, N, k_end, not tb, BN)
         cuda.syncthreads()
         for kk in range(BK):
             for i in range(TM):
