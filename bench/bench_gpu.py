@@ -33,15 +33,16 @@ import gc
 import importlib
 import importlib.metadata
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numba
 import numpy as np
+from bench_cpu import Config as CpuConfig
+from bench_cpu import Timing, make_input
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "gpu.md"
@@ -49,18 +50,8 @@ SYNC_FLOOR_US = 1.7  # grid.sync() on an H100 as quoted in the issue
 
 
 @dataclass(frozen=True)
-class Config:
-    """One benchmark shape: grid H x W, batch B, hidden D, C input channels."""
-
-    H: int
-    W: int
-    B: int
-    D: int
-    C: int = 1
-
-    @property
-    def label(self) -> str:
-        return f"{self.H}x{self.W} B{self.B} D{self.D}"
+class Config(CpuConfig):
+    """One benchmark shape (``bench_cpu.Config``) plus its number of anti-diagonals."""
 
     @property
     def diagonals(self) -> int:
@@ -81,21 +72,6 @@ def parse_config(text: str) -> Config:
     return Config(H, W, B, D)
 
 
-@dataclass
-class Timing:
-    """Seconds per call of one measured function."""
-
-    total: list[float] = field(default_factory=list)
-
-    @property
-    def best(self) -> float:
-        return min(self.total)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.total)
-
-
 def time_it(fn: Callable[[], None], sync: Callable[[], None], budget_s: float, min_reps: int = 3,
             max_reps: int = 200, warmup: int = 1) -> Timing:
     """Best-of-N wall-clock timing of ``fn(); sync()`` after ``warmup`` untimed calls."""
@@ -113,11 +89,6 @@ def time_it(fn: Callable[[], None], sync: Callable[[], None], budget_s: float, m
         sync()
         out.total.append(time.perf_counter() - t0)
     return out
-
-
-def make_input(cfg: Config, seed: int = 0) -> np.ndarray:
-    """Uniform [0, 1) float32 input of shape (B, H, W, C)."""
-    return np.random.default_rng(seed).random((cfg.B, cfg.H, cfg.W, cfg.C), dtype=np.float32)
 
 
 # ------------------------------------------------------------------- mdnumba on the GPU
@@ -145,25 +116,11 @@ def mdnumba_device_fns(cfg: Config, x: np.ndarray, path: str):
     return train, lambda: dev.forward(xd), dev
 
 
-def mdnumba_numpy_api_fns(cfg: Config, x: np.ndarray):
-    """(train step, forward) of ``MDLSTM2D(device="cuda")`` + the CPU ``Adam``."""
+def mdnumba_layer_fns(cfg: Config, x: np.ndarray, device: str):
+    """(train step, forward) of ``MDLSTM2D(device=device)`` + the CPU ``Adam`` (device="cuda":
+    the NumPy API, arrays copied in and out; "cpu": the CPU kernels)."""
     import mdnumba
-    layer = mdnumba.MDLSTM2D(cfg.C, cfg.D, seed=0, device="cuda")
-    opt = mdnumba.Adam(layer, lr=1e-3)
-
-    def train() -> None:
-        h = layer.forward(x)
-        layer.zero_grad()
-        layer.backward(h * np.float32(1.0 / h.size))
-        opt.step()
-
-    return train, lambda: layer.forward(x)
-
-
-def mdnumba_cpu_fns(cfg: Config, x: np.ndarray):
-    """(train step, forward) of the CPU kernels."""
-    import mdnumba
-    layer = mdnumba.MDLSTM2D(cfg.C, cfg.D, seed=0)
+    layer = mdnumba.MDLSTM2D(cfg.C, cfg.D, seed=0, device=device)
     opt = mdnumba.Adam(layer, lr=1e-3)
 
     def train() -> None:
@@ -409,7 +366,7 @@ def run_config(cfg: Config, tb, budget: float, cpu: bool, numpy_api: bool) -> di
             res["paths"].append(f"{path}: FAILED ({type(exc).__name__}: {exc})")
         print(f"  {cfg.label} {path}: {res['paths'][-1]}", flush=True)
     if numpy_api:
-        train, fwd = mdnumba_numpy_api_fns(cfg, x)
+        train, fwd = mdnumba_layer_fns(cfg, x, "cuda")
         res["train"]["numpy_api"] = time_it(train, sync, budget)
         res["forward"]["numpy_api"] = time_it(fwd, sync, budget)
     if tb is not None:
@@ -419,7 +376,7 @@ def run_config(cfg: Config, tb, budget: float, cpu: bool, numpy_api: bool) -> di
         res["forward"]["torch"] = time_it(fwd, tsync, budget)
         tb[0].cuda.empty_cache()
     if cpu:
-        train, fwd = mdnumba_cpu_fns(cfg, x)
+        train, fwd = mdnumba_layer_fns(cfg, x, "cpu")
         res["train"]["cpu"] = time_it(train, lambda: None, budget, min_reps=2, max_reps=20)
         res["forward"]["cpu"] = time_it(fwd, lambda: None, budget, min_reps=2, max_reps=20)
     from mdnumba import config
