@@ -113,7 +113,10 @@ def _train_options(f):
         click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
                      show_default=True),
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-                     help="cuda: the recurrent sweeps run as @cuda.jit kernels (needs mdnumba[cuda])"),
+                     help="cuda: model, gradients, optimiser and batches live on the GPU "
+                          "(@cuda.jit kernels; needs mdnumba[cuda])"),
+        click.option("--sync-every", type=click.IntRange(min=1), default=50, show_default=True,
+                     help="cuda: steps between host syncs (losses and metrics are read back then)"),
         click.option("--cell", type=click.Choice(["graves", "stable", "spatial"]), default="graves",
                      show_default=True, help="stable: Leifert et al. 2016, bounded state on large grids"),
         click.option("--directions", type=int, default=1, show_default=True,
@@ -167,13 +170,13 @@ def train(ctx, out, resume, checkpoint_every, plot, **kw) -> None:
     if resume is not None:
         from mdnumba.train import Trainer
         steps = kw["steps"] if ctx.get_parameter_source("steps").name != "DEFAULT" else None
+        from mdnumba.backend_cuda import CudaUnavailableError
         try:
             trainer = Trainer.load(resume, steps=steps)
         except CheckpointError as exc:
             raise click.ClickException(str(exc)) from None
-        except ValueError as exc:
-            raise click.UsageError(str(exc)) from None
-        _require_device(trainer.cfg.device)
+        except (ValueError, CudaUnavailableError) as exc:
+            raise click.UsageError(str(exc).replace("device='cpu'", "--device cpu")) from None
         _check_writable(resume)
         click.echo(f"resuming {resume} at step {trainer.step} of {trainer.cfg.steps}")
     else:

@@ -1,19 +1,21 @@
-"""CUDA backend: device-resident N-D LSTM forward/backward and Adam (numba-cuda).
+"""CUDA backend: device-resident layers and optimisers (numba-cuda).
 
 Nothing here imports ``numba.cuda`` at module import, so ``import mdnumba`` works
 without numba-cuda; :func:`require_cuda` says what is missing.
 
-:class:`CudaLSTM` keeps parameters, gradients, saved activations and workspaces
-on the GPU; ``forward``/``backward`` take NumPy arrays (result copied back to
-NumPy) or CUDA arrays (numba device arrays or anything with
-``__cuda_array_interface__``, e.g. a CUDA ``torch.Tensor``; the result stays a
-numba device array). A train step without host round trips::
+:class:`CudaLSTM` (N-D LSTM), :class:`CudaLinear` and :class:`CudaBlockSubsample`
+keep parameters, gradients, saved activations and workspaces on the GPU;
+``forward``/``backward`` take NumPy arrays (result copied back to NumPy) or CUDA
+arrays (numba device arrays or anything with ``__cuda_array_interface__``, e.g. a
+CUDA ``torch.Tensor``; the result stays a numba device array). :class:`CudaAdam`
+and :class:`CudaRMSprop` update them in place. A train step without host round trips::
 
     dev = CudaLSTM.from_layer(mdnumba.MDLSTM2D(1, 64))
     opt = CudaAdam([dev], lr=1e-3)
     h = dev.forward(x_dev)                    # device in, device out
-    dev.zero_grad(); dev.backward(dh_dev); opt.step()
+    dev.zero_grad(); dev.backward(dh_dev); opt.step(sync=False)
 
+(:mod:`mdnumba.train_device` runs whole models and training loops that way.)
 :func:`layer_forward` / :func:`layer_backward` serve ``WavefrontLSTM(device="cuda")``:
 host parameters are uploaded at each forward and the gradients added back to
 the host buffers after each backward, so the NumPy API (and the CPU Adam) is
@@ -22,6 +24,7 @@ unchanged. :func:`last_path` reports which sweep path ran.
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 from functools import lru_cache
@@ -30,7 +33,7 @@ import numpy as np
 
 from . import config
 from ._validate import check_array
-from .optim import Adam
+from .optim import NONFINITE_GRADIENT, Adam, RMSprop
 
 INSTALL_HINT = ("install the CUDA extra with `pip install 'mdnumba[cuda]'` (numba-cuda; it needs "
                 "numpy<2.5) on a machine with an NVIDIA GPU and driver, or use device='cpu'")
@@ -116,7 +119,71 @@ def device_tables(dims: tuple, batch: int, directions: int = 1) -> DeviceTables:
                         cuda.to_device(np.stack(unskew)))
 
 
-class CudaLSTM:
+class DeviceLayer:
+    """Flat device ``params`` and ``grads`` of one layer (its host layout) and device workspaces."""
+
+    def _init_buffers(self, host: np.ndarray, dtype, size: int, what: str) -> None:
+        from numba import cuda
+        self.k = _kernels()
+        self.dtype = config.resolve_dtype(dtype)
+        host = np.ascontiguousarray(host, dtype=self.dtype).reshape(-1)
+        if host.size != size:
+            raise ValueError(f"params must have {size} entries for {what}, got {host.size}")
+        self.size = size
+        self.params = cuda.to_device(host)
+        self.grads = cuda.to_device(np.zeros(size, self.dtype))
+        self._work: dict = {}
+
+    def set_params(self, host: np.ndarray) -> None:
+        """Upload a flat host parameter vector."""
+        self.params.copy_to_device(np.ascontiguousarray(host, dtype=self.dtype).reshape(-1))
+
+    def params_to_host(self) -> np.ndarray:
+        return self.params.copy_to_host()
+
+    def grads_to_host(self) -> np.ndarray:
+        return self.grads.copy_to_host()
+
+    def zero_grad(self) -> None:
+        """Set every gradient to zero (backward accumulates)."""
+        self.k.fill(self.grads, 0.0)
+
+    def _ws(self, name: str, shape: tuple, fill: float | None = None):
+        """A device workspace kept while its shape is unchanged (``fill``: its value when made)."""
+        buf = self._work.get(name)
+        if buf is None or tuple(buf.shape) != tuple(shape):
+            buf = self._work[name] = self._new(shape)
+            if fill is not None:
+                self.k.fill(buf.reshape(buf.size), fill)
+        return buf
+
+    def _new(self, shape: tuple):
+        from numba import cuda
+        return cuda.device_array(shape, dtype=self.dtype)
+
+    def _input(self, x, name: str, ndim: int | None, last: int | None,
+               layout: str = "(batch, grid axes.., channels)"):
+        """(device array, came-from-host) after the same checks as the CPU layer (ndim None: any)."""
+        k = self.k
+        if ndim is None:
+            ndim = len(x.shape) if k.is_device_array(x) else np.ndim(x)
+        if k.is_device_array(x):
+            xd = k.as_device(x)
+            shape = tuple(xd.shape)
+            if len(shape) != ndim or (last is not None and shape[-1] != last) or 0 in shape:
+                raise ValueError(f"{name} must have {ndim} dimensions with last axis {last}, "
+                                 f"got shape {shape}")
+            if np.dtype(xd.dtype) != self.dtype:
+                raise TypeError(f"{name} on the device has dtype {xd.dtype}, the layer uses "
+                                f"{self.dtype}; convert it first")
+            if not xd.is_c_contiguous():
+                raise ValueError(f"{name} on the device must be C-contiguous")
+            return xd, False
+        arr = check_array(x, name, ndim, last, self.dtype, layout)
+        return k.as_device(arr), True
+
+
+class CudaLSTM(DeviceLayer):
     """Device-resident N-D LSTM with the layout, cell and directions of ``WavefrontLSTM``.
 
     ``params`` and ``grads`` are flat device buffers in the host order
@@ -130,27 +197,17 @@ class CudaLSTM:
                  dtype=config.DEFAULT_DTYPE, *, cell: str = "graves", directions: int = 1,
                  path: str | None = None, use_shared: bool | None = None,
                  threads_per_block: int | None = None):
-        self.k = _kernels()
-        from numba import cuda
-
         from .kernels.cell import cell_code
         self.ndim, self.in_channels, self.hidden = int(ndim), int(in_channels), int(hidden)
         self.cell, self.cell_code, self.directions = cell, cell_code(cell), int(directions)
-        self.dtype = config.resolve_dtype(dtype)
         N, C, D, S = self.ndim, self.in_channels, self.hidden, self.directions
         G = (N + 3) * D
-        self.size = S * (C * G + D * N * G + G)
-        host = np.ascontiguousarray(params, dtype=self.dtype).reshape(-1)
-        if host.size != self.size:
-            raise ValueError(f"params must have {self.size} entries for ndim={N}, in={C}, hidden={D}, "
-                             f"directions={S}, got {host.size}")
-        self.params = cuda.to_device(host)
-        self.grads = cuda.to_device(np.zeros(self.size, self.dtype))
+        self._init_buffers(params, dtype, S * (C * G + D * N * G + G),
+                           f"ndim={N}, in={C}, hidden={D}, directions={S}")
         self.W, self.U, self.b = self._views(self.params)
         #: per direction: the gradient views (dW (C, G), dU (D*N, G), db (1, G))
         self.grad_views = list(zip(*self._views(self.grads, grads=True)))
         self.path, self.use_shared, self.tpb = path, use_shared, threads_per_block
-        self._work: dict = {}
         self._saved: dict | None = None
 
     def _views(self, flat, grads: bool = False):
@@ -170,21 +227,6 @@ class CudaLSTM:
         return cls(layer.ndim, layer.in_channels, layer.hidden, layer.params.data, layer.dtype,
                    cell=layer.cell, directions=layer.directions, **kw)
 
-    # ------------------------------------------------------------ parameters
-    def set_params(self, host: np.ndarray) -> None:
-        """Upload a flat host parameter vector."""
-        self.params.copy_to_device(np.ascontiguousarray(host, dtype=self.dtype).reshape(-1))
-
-    def params_to_host(self) -> np.ndarray:
-        return self.params.copy_to_host()
-
-    def grads_to_host(self) -> np.ndarray:
-        return self.grads.copy_to_host()
-
-    def zero_grad(self) -> None:
-        """Set every gradient to zero (backward accumulates)."""
-        self.k.fill(self.grads, 0.0)
-
     # ------------------------------------------------------------ passes
     def forward(self, x):
         """``h`` (B, *dims, S*D) for ``x`` (B, *dims, C); saves what backward needs.
@@ -193,7 +235,7 @@ class CudaLSTM:
         for all directions adds ``Σ_d h_parent_d U_qd`` and applies the cell.
         """
         k, N, C, D, S = self.k, self.ndim, self.in_channels, self.hidden, self.directions
-        xd, host_in = self._input(x, "x", N + 2, C)
+        xd, host_in = self._input(x, "x", N + 2, C, f"(batch, {N} grid axes, channels)")
         B, dims = xd.shape[0], tuple(xd.shape[1:-1])
         t = device_tables(dims, B, S)
         R, G = t.n_cells * B, (N + 3) * D
@@ -250,67 +292,179 @@ class CudaLSTM:
         dx = dx.reshape(want[:-1] + (C,))
         return dx.copy_to_host() if host_in else dx
 
-    # ------------------------------------------------------------ helpers
-    def _input(self, x, name: str, ndim: int, last: int | None):
-        """(device array, came-from-host) after the same checks as the CPU layer."""
-        k = self.k
-        if k.is_device_array(x):
-            xd = k.as_device(x)
-            shape = tuple(xd.shape)
-            if len(shape) != ndim or (last is not None and shape[-1] != last) or 0 in shape:
-                raise ValueError(f"{name} must have {ndim} dimensions with last axis {last}, "
-                                 f"got shape {shape}")
-            if np.dtype(xd.dtype) != self.dtype:
-                raise TypeError(f"{name} on the device has dtype {xd.dtype}, the layer uses "
-                                f"{self.dtype}; convert it first")
-            if not xd.is_c_contiguous():
-                raise ValueError(f"{name} on the device must be C-contiguous")
-            return xd, False
-        arr = check_array(x, name, ndim, last, self.dtype, f"(batch, {ndim - 2} grid axes, channels)")
-        return k.as_device(arr), True
-
-    def _ws(self, name: str, shape: tuple):
-        """A device workspace kept while its shape is unchanged."""
-        buf = self._work.get(name)
-        if buf is None or tuple(buf.shape) != tuple(shape):
-            buf = self._work[name] = self._new(shape)
-        return buf
-
-    def _new(self, shape: tuple):
-        from numba import cuda
-        return cuda.device_array(shape, dtype=self.dtype)
-
     def __repr__(self) -> str:
         return (f"CudaLSTM(ndim={self.ndim}, in={self.in_channels}, hidden={self.hidden}, "
                 f"dtype={self.dtype.name})")
 
 
-class CudaAdam(Adam):
-    """Adam on device buffers: :class:`mdnumba.optim.Adam`'s step and clipping, device kernels.
+class CudaLinear(DeviceLayer):
+    """Device twin of :class:`mdnumba.layers.Linear`: ``y = x W + b`` on the last axis,
+    parameters ``W (in, out) | b (out,)`` in one flat device buffer."""
 
-    ``modules``: objects with flat device ``params`` and ``grads`` (e.g. :class:`CudaLSTM`).
-    ``step()`` returns the pre-clipping global gradient norm (one small device→host copy).
-    """
+    def __init__(self, in_features: int, out_features: int, params: np.ndarray,
+                 dtype=config.DEFAULT_DTYPE):
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        C, F = self.in_features, self.out_features
+        self._init_buffers(params, dtype, C * F + F, f"in={C}, out={F}")
+        self.W, self.b = self.params[:C * F].reshape(C, F), self.params[C * F:]
+        self.gW, self.gb = self.grads[:C * F].reshape(C, F), self.grads[C * F:].reshape(1, F)
+        self._x = None
 
-    def __init__(self, modules, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 clip_norm: float | None = None):
+    @classmethod
+    def from_layer(cls, layer) -> CudaLinear:
+        """A device copy of a host :class:`mdnumba.layers.Linear`."""
+        return cls(layer.in_features, layer.out_features, layer.params.data, layer.dtype)
+
+    def forward(self, x):
+        """``y = x W + b`` for ``x (..., in)``; device or NumPy in, the same kind out."""
+        xd, host_in = self._input(x, "x", None, self.in_features, "(..., in_features)")
+        R = xd.size // self.in_features
+        self._x, self._shape = xd.reshape(R, self.in_features), tuple(xd.shape)
+        y = self._new((R, self.out_features))
+        self.k.gemm(y, self._x, self.W, self.b)
+        y = y.reshape(self._shape[:-1] + (self.out_features,))
+        return y.copy_to_host() if host_in else y
+
+    def backward(self, dy):
+        """``dW += xᵀ dy``, ``db += Σ_rows dy`` (a GEMM with a ones column); return ``dx = dy Wᵀ``."""
+        if self._x is None:
+            raise RuntimeError("backward() called before forward(); run forward(x) first")
+        want = self._shape[:-1] + (self.out_features,)
+        dyd, host_in = self._input(dy, "dy", len(want), self.out_features, "(..., out_features)")
+        if tuple(dyd.shape) != want:
+            raise ValueError(f"dy must have shape {want}, got {tuple(dyd.shape)}")
+        R = self._x.shape[0]
+        dy2 = dyd.reshape(R, self.out_features)
+        self.k.gemm(self.gW, self._x, dy2, ta=True, accumulate=True)
+        self.k.gemm(self.gb, self._ws("ones", (R, 1), fill=1.0), dy2, ta=True, accumulate=True)
+        dx = self._new((R, self.in_features))
+        self.k.gemm(dx, dy2, self.W, tb=True)
+        dx = dx.reshape(self._shape)
+        return dx.copy_to_host() if host_in else dx
+
+
+class CudaBlockSubsample:
+    """Device twin of :class:`mdnumba.stack.BlockSubsample`: each way is one row gather whose
+    index table comes from applying the host op to row numbers."""
+
+    def __init__(self, block: int, ndim: int = 2):
+        from .stack import BlockSubsample
         self.k = _kernels()
-        super().__init__(modules, lr=lr, betas=betas, eps=eps, clip_norm=clip_norm)
+        self.host = BlockSubsample(block, ndim)
+        self._tables: dict = {}
+        self._shape: tuple | None = None
+
+    def out_channels(self, in_channels: int) -> int:
+        return self.host.out_channels(in_channels)
+
+    def _table(self, shape: tuple):
+        """(gather for forward, gather for backward, output shape) for input ``shape``."""
+        if shape not in self._tables:
+            from numba import cuda
+            rows = np.arange(int(np.prod(shape[:-1]))).reshape(shape[:-1] + (1,))
+            src = self.host.forward(rows)                   # checks the shape, says what to fix
+            out_shape = src.shape[:-1] + (src.shape[-1] * shape[-1],)
+            src = src.reshape(-1)
+            self._tables[shape] = (cuda.to_device(src), cuda.to_device(np.argsort(src)), out_shape)
+        return self._tables[shape]
+
+    def _gather(self, x, index, shape: tuple):
+        """Rows of ``C`` = input channels: ``out[r] = x[index[r]]``, ``out`` of ``shape``."""
+        from numba import cuda
+        C = self._shape[-1]
+        xd = self.k.as_device(x)
+        out = cuda.device_array(shape, dtype=xd.dtype)
+        self.k.gather_rows(out.reshape(out.size // C, C), xd.reshape(xd.size // C, C), index)
+        return out
+
+    def forward(self, x):
+        """Blocks of cells → channels on the device (device array out)."""
+        shape = tuple(self.k.as_device(x).shape)
+        self._shape = shape
+        src, _, out_shape = self._table(shape)
+        return self._gather(x, src, out_shape)
+
+    def backward(self, dy):
+        """The inverse gather."""
+        if self._shape is None:
+            raise RuntimeError("backward() called before forward(); run forward(x) first")
+        return self._gather(dy, self._table(self._shape)[1], self._shape)
+
+
+class _DeviceOptimizer:
+    """Device ``step`` for :class:`~mdnumba.optim.Adam` and :class:`~mdnumba.optim.RMSprop`: the
+    gradient norm, the clip scale and the update stay on the GPU (``stats = [norm, scale]``)."""
+
+    def __init__(self, modules, **kw):
+        from .kernels import optim_cuda
+        require_cuda()
+        self.k = optim_cuda
+        super().__init__(modules, **kw)
+        self.stats = optim_cuda.scratch(3)
+        self.partials = optim_cuda.scratch(len(self.buffers) * optim_cuda.REDUCE_BLOCKS)
 
     @staticmethod
     def _collect(modules) -> list:
-        return [(m.params, m.grads) for m in modules]
+        return [(m.params, m.grads) for m in getattr(modules, "layers", modules)]
 
     @staticmethod
     def _zeros_like(p):
         from numba import cuda
         return cuda.to_device(np.zeros(p.shape, p.dtype))
 
-    def _sum_of_squares(self, g) -> float:
-        return self.k.sum_of_squares(g)
+    @staticmethod
+    def _to_host(a) -> np.ndarray:
+        return a.copy_to_host()
+
+    @staticmethod
+    def _assign(dst, src) -> None:
+        dst.copy_to_device(np.ascontiguousarray(src))
+
+    def _norm(self, record=None) -> None:
+        rec, slot = record if record is not None else (self.stats, 2)
+        self.k.global_norm(self.stats, self.partials, [g for _, g in self.buffers], self.clip_norm,
+                           rec, slot)
+
+    def grad_norm(self) -> float:
+        """Global L2 norm of all gradients (one device→host copy)."""
+        self._norm()
+        return float(self.stats.copy_to_host()[0])
+
+    def step(self, sync: bool = True, record=None) -> float | None:
+        """One update, all on the device; ``record=(device array, slot)`` also stores the norm there.
+
+        ``sync``: return the pre-clipping norm (one device→host copy) and raise
+        FloatingPointError if it is not finite (then nothing was updated). Without
+        ``sync`` nothing is copied and a non-finite norm leaves the parameters as they were.
+        """
+        self._norm(record)
+        self._apply(self.stats)
+        if not sync:
+            return None
+        norm = float(self.stats.copy_to_host()[0])
+        if not math.isfinite(norm):
+            self.t -= 1
+            raise FloatingPointError(NONFINITE_GRADIENT)
+        return norm
+
+
+class CudaAdam(_DeviceOptimizer, Adam):
+    """:class:`mdnumba.optim.Adam` on device buffers (``modules``: objects with flat device
+    ``params`` and ``grads``, e.g. :class:`CudaLSTM`, or a :class:`DeviceModel`'s ``layers``)."""
 
     def _update(self, *args) -> None:
         self.k.adam_update(*args)
+
+
+class CudaRMSprop(_DeviceOptimizer, RMSprop):
+    """:class:`mdnumba.optim.RMSprop` on device buffers."""
+
+    def _update(self, *args) -> None:
+        self.k.rmsprop_update(*args)
+
+
+#: device twins of :data:`mdnumba.optim.OPTIMIZERS`
+DEVICE_OPTIMIZERS = {"adam": CudaAdam, "rmsprop": CudaRMSprop}
 
 
 # ------------------------------------------------------------------ layer dispatch
@@ -324,15 +478,16 @@ def _state_for(layer) -> CudaLSTM:
     return st
 
 
-def layer_forward(layer, x: np.ndarray) -> np.ndarray:
-    """``WavefrontLSTM.forward`` on the GPU: upload params, run, return NumPy ``h``."""
+def layer_forward(layer, x):
+    """``WavefrontLSTM.forward`` on the GPU: upload params, run; NumPy or device ``h`` (as ``x``)."""
     st = _state_for(layer)
     st.set_params(layer.params.data)
     return st.forward(x)
 
 
-def layer_backward(layer, dh: np.ndarray) -> np.ndarray:
-    """``WavefrontLSTM.backward`` on the GPU: returns NumPy dx, adds the grads to ``layer.grads``."""
+def layer_backward(layer, dh):
+    """``WavefrontLSTM.backward`` on the GPU: returns dx (NumPy or device, as ``dh``) and adds
+    the gradients to the host ``layer.grads``."""
     st = _LAYER_STATE.get(layer)
     if st is None or st._saved is None:
         raise RuntimeError("backward() called before forward(); run forward(x) first")

@@ -88,11 +88,15 @@ class WavefrontLSTM:
         self.grads.data[...] = 0
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        """Run the forward sweep and save the activations needed by backward."""
-        x = check_array(x, "x", self.ndim + 2, self.in_channels, self.dtype, self._layout_str())
+        """Run the forward sweep and save the activations needed by backward.
+
+        With ``device="cuda"`` ``x`` may also be a CUDA array (numba device array or anything
+        with ``__cuda_array_interface__``); the output is then a numba device array.
+        """
         if self.device == "cuda":
             from .backend_cuda import layer_forward
             return layer_forward(self, x)
+        x = check_array(x, "x", self.ndim + 2, self.in_channels, self.dtype, self._layout_str())
         B, D, S = x.shape[0], self.hidden, self.directions
         wf = wavefront(x.shape[1:-1])
         xs = self._skew_directions(x, wf, per_direction=False)

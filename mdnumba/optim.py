@@ -10,6 +10,8 @@ from numba import njit
 from .config import NJIT_OPTS
 from .params import ParamBuffer
 
+NONFINITE_GRADIENT = "gradient norm is not finite; lower the learning rate or enable clip_norm"
+
 
 @njit(**NJIT_OPTS)
 def sum_of_squares(g):
@@ -91,11 +93,13 @@ class Adam:
         self.m = [self._zeros_like(p) for p, _ in self.buffers]
         self.v = [self._zeros_like(p) for p, _ in self.buffers]
 
-    # Per-buffer primitives; a device twin (backend_cuda.CudaAdam) overrides only these.
+    # Per-buffer primitives; a device twin (backend_cuda.CudaAdam) overrides them.
     _collect = staticmethod(collect_buffers)
     _zeros_like = staticmethod(np.zeros_like)
     _sum_of_squares = staticmethod(sum_of_squares)
     _update = staticmethod(adam_update)
+    _to_host = staticmethod(np.copy)
+    _assign = staticmethod(np.copyto)
 
     def grad_norm(self) -> float:
         """Global L2 norm of all gradients."""
@@ -105,21 +109,26 @@ class Adam:
         """Apply one update; return the (pre-clipping) global gradient norm."""
         norm = self.grad_norm()
         if not math.isfinite(norm):
-            raise FloatingPointError("gradient norm is not finite; lower the learning rate "
-                                     "or enable clip_norm")
+            raise FloatingPointError(NONFINITE_GRADIENT)
         scale = 1.0
         if self.clip_norm is not None and norm > self.clip_norm:
             scale = self.clip_norm / norm
+        self._apply(scale)
+        return norm
+
+    def _apply(self, scale) -> None:
+        """Advance t and update every buffer with gradients scaled by ``scale`` (the device
+        twin passes a device array holding it)."""
         self.t += 1
         b1, b2 = self.betas
         bc1, bc2 = 1.0 - b1**self.t, 1.0 - b2**self.t
         for (p, g), m, v in zip(self.buffers, self.m, self.v):
             self._update(p, g, m, v, self.lr, b1, b2, self.eps, bc1, bc2, scale)
-        return norm
 
     def state_dict(self) -> dict:
-        """Moments and step count (for checkpoints)."""
-        return {"t": self.t, "m": [m.copy() for m in self.m], "v": [v.copy() for v in self.v]}
+        """Moments and step count (for checkpoints), as host arrays."""
+        return {"t": self.t, "m": [self._to_host(m) for m in self.m],
+                "v": [self._to_host(v) for v in self.v]}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output; shapes must match."""
@@ -128,7 +137,7 @@ class Adam:
         for dst, src in zip(self.m + self.v, list(state["m"]) + list(state["v"])):
             if dst.shape != np.shape(src):
                 raise ValueError(f"optimizer state shape {np.shape(src)} does not match {dst.shape}")
-            dst[...] = src
+            self._assign(dst, np.asarray(src, dtype=dst.dtype))
         self.t = int(state["t"])
 
 

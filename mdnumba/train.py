@@ -46,6 +46,7 @@ class TrainConfig:
     optimizer: str = "adam"
     dropout: float = 0.0         # char-lm: on the non-recurrent connections
     tie_depth: bool = True       # char-lm grid: one weight set for every depth level
+    sync_every: int = 50         # cuda: steps between host syncs (losses/metrics read back)
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting and what is allowed."""
@@ -55,7 +56,8 @@ class TrainConfig:
                              f"use one of {list(task.models)}")
         checks = [(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {sorted(OPTIMIZERS)}"),
                   (0 <= self.dropout < 1, "--dropout must lie in [0, 1)"),
-                  (self.seq_len >= 1, "--seq-len must be >= 1")]
+                  (self.seq_len >= 1, "--seq-len must be >= 1"),
+                  (self.sync_every >= 1, "--sync-every must be >= 1")]
         if self.task == "char-lm":
             checks.append((bool(self.data), "--task char-lm needs --data FILE (a UTF-8 text file)"))
         for ok, msg in checks:
@@ -92,12 +94,17 @@ class TrainConfig:
 class Trainer:
     """Owns model, optimiser, data RNG and step counter; saves/restores all of them."""
 
+    #: the optimisers ``cfg.optimizer`` names (the device trainer uses their GPU twins)
+    optimizers = OPTIMIZERS
+    #: steps per :meth:`_train_block` call (the device trainer's host sync interval)
+    sync_every = 1
+
     def __init__(self, cfg: TrainConfig, out: Path | None = None):
         cfg.validate()
         self.cfg, self.out = cfg, Path(out) if out is not None else None
         self.task = get_task(cfg.task)
         self.model = self._build_model()
-        self.opt = OPTIMIZERS[cfg.optimizer](self.model, lr=cfg.lr, clip_norm=cfg.clip_norm)
+        self.opt = self.optimizers[cfg.optimizer](self.model, lr=cfg.lr, clip_norm=cfg.clip_norm)
         self.rng = np.random.default_rng(cfg.seed)
         self.step = 0
 
@@ -130,6 +137,10 @@ class Trainer:
         metrics["time"] = time.perf_counter() - t0
         return metrics
 
+    def _train_block(self, n: int) -> list[dict[str, float]]:
+        """Run ``n`` steps and return their metrics (the device trainer reads the GPU once per block)."""
+        return [self.train_step() for _ in range(n)]
+
     def run(self, on_step: Callable[[int, dict], None] | None = None) -> None:
         """Train to ``cfg.steps``, logging every step; checkpoint periodically, at the end
         and on Ctrl-C (then re-raise KeyboardInterrupt)."""
@@ -137,17 +148,23 @@ class Trainer:
         log = self._open_log()
         try:
             while self.step < self.cfg.steps:
-                m = self.train_step()
-                if not np.isfinite(m["loss"]):
-                    raise FloatingPointError(f"loss became {m['loss']} at step {self.step}; "
-                                             "lower --lr or set --clip-norm")
-                if log:
-                    log.write(self._log_line(m))
-                if on_step:
-                    on_step(self.step, m)
+                start = self.step
+                n = min(self.sync_every, self.cfg.steps - start)
+                if self.out:  # blocks end at checkpoints
+                    n = min(n, every - start % every)
+                for step, m in enumerate(self._train_block(n), start + 1):
+                    if not np.isfinite(m["loss"]):
+                        raise FloatingPointError(f"loss became {m['loss']} at step {step}; "
+                                                 "lower --lr or set --clip-norm")
+                    if log:
+                        log.write(self._log_line(step, m))
+                    if on_step:
+                        on_step(step, m)
                 if self.out and self.step % every == 0:
                     log.flush()
                     self.save()
+                if self.step - start < n:  # the block was cut short by Ctrl-C
+                    raise KeyboardInterrupt
         except KeyboardInterrupt:
             if self.out:
                 log.flush()
@@ -167,8 +184,8 @@ class Trainer:
         """Checkpoint metadata beyond config, step, optimizer step and RNG (subclass hook)."""
         return {}
 
-    def _log_line(self, m: dict) -> str:
-        vals = [str(self.step)] + [f"{m[c]:.6g}" for c in self._columns()[1:]]
+    def _log_line(self, step: int, m: dict) -> str:
+        vals = [str(step)] + [f"{m[c]:.6g}" for c in self._columns()[1:]]
         return "\t".join(vals) + "\n"
 
     def _open_log(self):
@@ -184,15 +201,21 @@ class Trainer:
     # --------------------------------------------------------- checkpoints
     def save(self) -> Path:
         """Write weights, Adam moments, RNG state and config atomically to ``out``."""
-        arrays = {}
-        for k, layer in enumerate(self.model.layers):
-            arrays[f"param_{k}"] = layer.params.data
+        arrays = {f"param_{k}": p for k, p in enumerate(self._host_params())}
         state = self.opt.state_dict()
         for k, (m, v) in enumerate(zip(state["m"], state["v"])):
             arrays[f"adam_m_{k}"], arrays[f"adam_v_{k}"] = m, v
         meta = {"config": dataclasses.asdict(self.cfg), "step": self.step, "adam_t": state["t"],
                 "rng": self.rng.bit_generator.state, **self._extra_meta()}
         return save_checkpoint(self.out, arrays, meta)
+
+    def _host_params(self) -> list[np.ndarray]:
+        """Every parametrised layer's flat parameters as host arrays, in checkpoint order."""
+        return [layer.params.data for layer in self.model.layers]
+
+    def _set_params(self, k: int, values: np.ndarray) -> None:
+        """Overwrite layer ``k``'s flat parameters."""
+        self.model.layers[k].params.data[...] = values
 
     @classmethod
     def load(cls, folder: Path, **overrides) -> Trainer:
@@ -204,13 +227,13 @@ class Trainer:
             raw["curriculum"] = tuple(raw.get("curriculum") or ())
             cfg = TrainConfig(**{**raw, **{k: v for k, v in overrides.items() if v is not None}})
             tr = make_trainer(cfg, folder, restore=meta)
-            for k, layer in enumerate(tr.model.layers):
-                src = arrays[f"param_{k}"]
-                if src.shape != layer.params.data.shape:
-                    raise CheckpointError(f"checkpoint layer {k} has {src.size} parameters, the "
-                                          f"model built from its config has {layer.params.data.size}")
-                layer.params.data[...] = src
             n = len(tr.model.layers)
+            for k, want in enumerate(tr._host_params()):
+                src = arrays[f"param_{k}"]
+                if src.shape != want.shape:
+                    raise CheckpointError(f"checkpoint layer {k} has {src.size} parameters, the "
+                                          f"model built from its config has {want.size}")
+                tr._set_params(k, src)
             tr.opt.load_state_dict({"t": meta["adam_t"], "m": [arrays[f"adam_m_{k}"] for k in range(n)],
                                     "v": [arrays[f"adam_v_{k}"] for k in range(n)]})
             tr.rng.bit_generator.state = meta["rng"]
@@ -237,9 +260,13 @@ class Trainer:
 
 
 def make_trainer(cfg: TrainConfig, out: Path | None = None, restore: dict | None = None) -> Trainer:
-    """The trainer for ``cfg.task``: :class:`Trainer`, or the char-LM one; ``restore`` is the
+    """The trainer for ``cfg``: :class:`Trainer`, the device-resident one for ``device="cuda"``
+    (:class:`mdnumba.train_device.DeviceTrainer`) or the char-LM one; ``restore`` is the
     metadata of a checkpoint being resumed (the char-LM trainer takes its vocabulary)."""
     if cfg.task == "char-lm":
         from .train_charlm import CharLMTrainer
         return CharLMTrainer(cfg, out, vocab=(restore or {}).get("vocab"))
+    if cfg.device == "cuda":
+        from .train_device import DeviceTrainer
+        return DeviceTrainer(cfg, out)
     return Trainer(cfg, out)

@@ -11,6 +11,7 @@ thread as a Python thread.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -229,6 +230,179 @@ def sim_errors_and_fallback(rng, monkeypatch):
     dev.path = "cooperative"
     with pytest.raises(RuntimeError, match="no cooperative launch"):
         dev.forward(np.ones((1, 2, 2, 2), np.float32))
+
+
+def sim_layer_accepts_device_arrays(rng):
+    """MDLSTM2D(device='cuda') takes a CUDA array and returns one, equal to the NumPy path."""
+    from numba import cuda
+    layer = MDLSTM2D(2, 3, seed=2, dtype=np.float64, device="cuda")
+    x, dh = rng.standard_normal((2, 2, 3, 2)), rng.standard_normal((2, 2, 3, 3))
+    h, dx = layer.forward(x), layer.backward(dh)
+    hd = layer.forward(cuda.to_device(x))
+    assert hasattr(hd, "copy_to_host")
+    np.testing.assert_array_equal(hd.copy_to_host(), h)
+    np.testing.assert_array_equal(layer.backward(cuda.to_device(dh)).copy_to_host(), dx)
+
+
+def sim_device_layers_match_host(rng):
+    """CudaLinear and CudaBlockSubsample == their host layers; DeviceModel of a 2-layer stable
+    4-direction model == the host model (float64: logits, dx, every gradient)."""
+    from mdnumba.backend_cuda import CudaBlockSubsample, CudaLinear
+    from mdnumba.layers import Linear
+    from mdnumba.models import MDModel
+    from mdnumba.stack import BlockSubsample
+    from mdnumba.train_device import DeviceModel
+    lin = Linear(3, 2, seed=1, dtype=np.float64)
+    dev = CudaLinear.from_layer(lin)
+    x, dy = rng.standard_normal((2, 3, 3)), rng.standard_normal((2, 3, 2))
+    np.testing.assert_allclose(dev.forward(x), lin.forward(x), rtol=1e-13)
+    np.testing.assert_allclose(dev.backward(dy), lin.backward(dy), rtol=1e-13)
+    np.testing.assert_allclose(dev.grads_to_host(), lin.grads.data, rtol=1e-13)
+    sub, dsub = BlockSubsample(2), CudaBlockSubsample(2)
+    x = rng.standard_normal((2, 4, 6, 3))
+    y = sub.forward(x)
+    np.testing.assert_array_equal(dsub.forward(x).copy_to_host(), y)
+    np.testing.assert_array_equal(dsub.backward(y).copy_to_host(), sub.backward(y))
+    with pytest.raises(ValueError, match="divisible"):
+        dsub.forward(np.zeros((1, 3, 4, 1)))
+    host = MDModel(1, 2, dtype=np.float64, seed=3, cell="stable", directions=4, layers=2)
+    model = DeviceModel(host)
+    x = rng.standard_normal((1, 3, 4, 1))
+    z = host.forward(x)
+    np.testing.assert_allclose(model.forward(x), z, rtol=1e-11)
+    host.zero_grad()
+    model.zero_grad()
+    np.testing.assert_allclose(model.backward(np.cos(z)), host.backward(np.cos(z)), rtol=1e-10, atol=1e-14)
+    for a, b in zip(model.layers, host.layers):
+        np.testing.assert_allclose(a.grads_to_host(), b.grads.data, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("loss", ["bce", "mse"])
+def sim_optim_kernels_match_cpu(loss, rng):
+    """Device loss == mdnumba.losses; CudaRMSprop == RMSprop; a non-finite gradient changes
+    nothing (sync: FloatingPointError; no sync: NaN recorded)."""
+    from numba import cuda
+
+    from mdnumba import RMSprop
+    from mdnumba.backend_cuda import CudaLinear, CudaRMSprop
+    from mdnumba.kernels import optim_cuda as k
+    from mdnumba.layers import Linear
+    from mdnumba.losses import LOSSES
+    z = rng.standard_normal((2, 3, 1)) * 30
+    y = (rng.random((2, 3, 1)) > 0.5).astype(float)
+    want, dz, p = LOSSES[loss](z, y)
+    prob, gz, rec = cuda.device_array_like(z), cuda.device_array_like(z), k.scratch(3)
+    k.sigmoid_loss(prob, gz, cuda.to_device(z), cuda.to_device(y), loss, rec, 1, k.scratch(k.REDUCE_BLOCKS))
+    np.testing.assert_allclose(rec.copy_to_host()[1], want, rtol=1e-12)
+    np.testing.assert_allclose(gz.copy_to_host(), dz, rtol=1e-12, atol=1e-300)
+    np.testing.assert_allclose(prob.copy_to_host(), p, rtol=1e-12)
+    lin = Linear(3, 2, seed=1, dtype=np.float64)
+    dev = CudaLinear.from_layer(lin)
+    opt_c, opt_d = RMSprop(lin, lr=1e-2, clip_norm=0.3), CudaRMSprop([dev], lr=1e-2, clip_norm=0.3)
+    for _ in range(2):
+        g = rng.standard_normal(lin.grads.data.shape)
+        lin.grads.data[...] = g
+        dev.grads.copy_to_device(g)
+        assert opt_d.step() == pytest.approx(opt_c.step(), rel=1e-12)
+        np.testing.assert_allclose(dev.params_to_host(), lin.params.data, rtol=1e-12)
+    before = dev.params_to_host()
+    dev.grads.copy_to_device(np.full(g.shape, np.nan))
+    with pytest.raises(FloatingPointError, match="not finite"):
+        opt_d.step()
+    assert opt_d.step(sync=False, record=(rec, 0)) is None and np.isnan(rec.copy_to_host()[0])
+    np.testing.assert_array_equal(dev.params_to_host(), before)
+
+
+def _train_both(cfg_kw, steps, sync_every):
+    from mdnumba.train import TrainConfig, Trainer, make_trainer
+    from mdnumba.train_device import DeviceTrainer
+    runs = []
+    for device in ("cpu", "cuda"):
+        cfg = TrainConfig(steps=steps, dtype="float64", device=device, sync_every=sync_every, **cfg_kw)
+        tr = make_trainer(cfg)
+        assert isinstance(tr, DeviceTrainer) == (device == "cuda") and isinstance(tr, Trainer)
+        hist = []
+        tr.run(lambda s, m, hist=hist: hist.append((s, m)))
+        runs.append((tr, hist))
+    return runs
+
+
+@pytest.mark.parametrize("cfg_kw", [
+    dict(size=4, batch=2, hidden=2),
+    dict(size=5, batch=2, hidden=2, cell="stable", directions=4, layers=2, loss="bce", clip_norm=0.05,
+         curriculum=(4,)),
+    dict(model="horizontal", size=4, batch=2, hidden=2, optimizer="rmsprop"),
+    dict(model="lstm", task="binary-addition", size=3, batch=2, hidden=2, loss="bce")])
+def sim_device_trainer_matches_cpu(cfg_kw):
+    """DeviceTrainer (blocks of 2 steps) == the CPU Trainer: every step's metrics, the final
+    parameters and optimiser moments (float64)."""
+    (cpu, hc), (dev, hd) = _train_both(cfg_kw, steps=5, sync_every=2)
+    assert [s for s, _ in hd] == [s for s, _ in hc] == [1, 2, 3, 4, 5]
+    for (_, a), (_, b) in zip(hc, hd):
+        assert set(a) == set(b)
+        for key in a:
+            if key != "time":
+                assert b[key] == pytest.approx(a[key], rel=1e-9, abs=1e-12), key
+    for a, b in zip(cpu._host_params(), dev._host_params()):
+        np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12)
+    sa, sb = cpu.opt.state_dict(), dev.opt.state_dict()
+    assert sa["t"] == sb["t"] == 5
+    for a, b in zip(sa["m"] + sa["v"], sb["m"] + sb["v"]):
+        np.testing.assert_allclose(b, a, rtol=1e-8, atol=1e-14)
+    ev_c, ev_d = cpu.evaluate(batches=2), dev.evaluate(batches=2)
+    assert ev_d == pytest.approx(ev_c, rel=1e-9)
+
+
+def sim_device_trainer_checkpoints(tmp_path, monkeypatch):
+    """A device run resumed from its checkpoint (on the device or on the CPU) == an unbroken run;
+    Ctrl-C inside a block saves exactly the steps done (RNG rewound, log rows kept)."""
+    from mdnumba.train import TrainConfig, Trainer, make_trainer
+    from mdnumba.train_device import DeviceTrainer
+    kw = dict(size=4, batch=2, hidden=2, dtype="float64", device="cuda", sync_every=3)
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+    full = make_trainer(TrainConfig(steps=4, **kw))
+    full.run()
+    make_trainer(TrainConfig(steps=2, **kw), tmp_path / "a").run()
+    shutil.copytree(tmp_path / "a", tmp_path / "cpu")
+    for device, run in (("cuda", "a"), ("cpu", "cpu")):
+        tr = Trainer.load(tmp_path / run, steps=4, device=device)
+        assert isinstance(tr, DeviceTrainer) == (device == "cuda") and tr.step == 2
+        tr.run()
+        for a, b in zip(full._host_params(), tr._host_params()):
+            np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-13)
+    calls = {"n": 0}
+    real = DeviceTrainer._device_step
+
+    def interrupted(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, *args)
+    monkeypatch.setattr(DeviceTrainer, "_device_step", interrupted)
+    tr = make_trainer(TrainConfig(steps=6, checkpoint_every=6, **kw), tmp_path / "b")
+    with pytest.raises(KeyboardInterrupt):
+        tr.run()
+    cpu = make_trainer(TrainConfig(steps=2, **{**kw, "device": "cpu"}))
+    cpu.run()
+    back = Trainer.load(tmp_path / "b")
+    assert back.step == 2 and back.rng.bit_generator.state == cpu.rng.bit_generator.state
+    assert len((tmp_path / "b" / "log.tsv").read_text().splitlines()) == 3
+    for a, b in zip(cpu._host_params(), back._host_params()):
+        np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-13)
+
+
+def sim_cli_trains_on_device(tmp_path):
+    """``mdnumba train --device cuda`` runs the device-resident trainer end to end and resumes."""
+    from click.testing import CliRunner
+    from mdnumba.cli.main import main
+    run = ["train", "--size", "4", "--batch", "2", "--hidden", "2", "--device", "cuda",
+           "--sync-every", "2", "--out", str(tmp_path)]
+    res = CliRunner().invoke(main, run + ["--steps", "3"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["train", "--resume", str(tmp_path), "--steps", "5"])
+    assert res.exit_code == 0 and "resuming" in res.output, res.output
+    assert len((tmp_path / "log.tsv").read_text().splitlines()) == 6
 
 
 SIM_CASES = sorted(name for name in list(globals()) if name.startswith("sim_"))

@@ -66,3 +66,17 @@ def test_snake_carries_state_across_rows(rng):
 def test_unknown_model():
     with pytest.raises(ValueError, match="choose one of"):
         build_model("transformer")
+
+
+@pytest.mark.parametrize("name", ["diagonal", "diagonal3d"])
+def test_task_probe_covers_what_metrics_read(name, rng):
+    """The device trainer copies back only ``task.probe`` of the probabilities: metrics computed
+    from those alone must equal metrics from the whole array."""
+    from mdnumba.tasks import get_task
+    task = get_task(name)
+    batch = task.sample(rng, 3, 6, np.float64)
+    prob = rng.random(batch.y.shape)
+    idx = task.probe(prob.shape, batch)
+    sparse = np.zeros_like(prob)
+    sparse.reshape(-1)[idx] = prob.reshape(-1)[idx]
+    assert len(idx) == 3 and task.metrics(sparse, 0.5, batch) == task.metrics(prob, 0.5, batch)

@@ -38,12 +38,11 @@ one-off use) or numba device arrays (no copies).
 
 from __future__ import annotations
 
-import math
 import os
 
 import numba
 import numpy as np
-from numba import cuda, float64
+from numba import cuda
 
 from .. import config
 from .cell import build
@@ -56,9 +55,6 @@ SHARED_BYTES_LIMIT = 48 * 1024
 COOP_MAX_BLOCKS = 4096
 #: grid cap for grid-stride bulk kernels (the simulator runs blocks one by one: keep it tiny)
 BULK_MAX_BLOCKS = 2 if SIMULATOR else 8192
-#: threads per block of the reduction kernel and blocks it uses (fixed: deterministic sums)
-REDUCE_TPB = 8 if SIMULATOR else 256
-REDUCE_BLOCKS = 2 if SIMULATOR else 128
 
 # Register-blocked GEMM tile: a block computes BM x BN outputs, each thread TM x TN of them
 # (rows tr + i*(BM/TM), columns tc + q*(BN/TN): conflict-free shared reads, coalesced writes).
@@ -392,37 +388,6 @@ def _transpose_recurrent(UT, U, N):
 
 
 @cuda.jit(**_JIT)
-def _adam_update(p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, scale):
-    """``g' = scale·g``; ``m ← β1 m + (1−β1) g'``; ``v ← β2 v + (1−β2) g'²``;
-    ``p ← p − lr · (m/bc1) / (sqrt(v/bc2) + ε)``."""
-    for k in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
-        gk = g[k] * scale
-        m[k] = beta1 * m[k] + (1.0 - beta1) * gk
-        v[k] = beta2 * v[k] + (1.0 - beta2) * gk * gk
-        p[k] -= lr * (m[k] / bc1) / (math.sqrt(v[k] / bc2) + eps)
-
-
-@cuda.jit(**_JIT)
-def _sumsq_partials(partials, g):
-    """``partials[block] = Σ g[k]²`` over the block's grid-stride share, in float64."""
-    buf = cuda.shared.array(REDUCE_TPB, float64)
-    acc = 0.0
-    for k in range(cuda.grid(1), g.shape[0], cuda.gridsize(1)):
-        acc += float64(g[k]) * float64(g[k])
-    tid = cuda.threadIdx.x
-    buf[tid] = acc
-    cuda.syncthreads()
-    width = REDUCE_TPB // 2
-    while width > 0:
-        if tid < width:
-            buf[tid] += buf[tid + width]
-        cuda.syncthreads()
-        width //= 2
-    if tid == 0:
-        partials[cuda.blockIdx.x] = buf[0]
-
-
-@cuda.jit(**_JIT)
 def _axpby(out, x, alpha, y, beta):
     """``out = alpha·x + beta·y`` elementwise (flat arrays; y may be x)."""
     for k in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
@@ -591,7 +556,7 @@ def gemm(out, a, bm, bias=None, *, ta: bool = False, tb: bool = False, accumulat
     """``out = init + op(a) @ op(bm)``, ``op(a) = aᵀ`` if ta, ``op(bm) = bmᵀ`` if tb.
 
     init is ``bias`` (broadcast over rows) if given, ``out`` if ``accumulate``,
-    else 0. ``method``: "small" (thread per output; best when K or N is small),
+    else 0. ``method``: "small" (thread per output; best when K is small),
     "tiled" (shared-memory tiles, K split into ``nsplit`` chunks reduced in a
     fixed order) or "auto".
     """
@@ -612,7 +577,9 @@ def gemm(out, a, bm, bias=None, *, ta: bool = False, tb: bool = False, accumulat
         raise TypeError("bias must have the dtype of out")
     mode = 0 if bias is not None else (1 if accumulate else 2)
     if method == "auto":
-        method = "small" if (K <= 32 or N <= 16) else "tiled"
+        # thread per output for a short K, or few columns with a K one thread can walk; long
+        # reductions into few outputs (bias / readout gradients) want the tiled K split
+        method = "small" if (K <= 32 or (N <= 16 and K <= 1024)) else "tiled"
     if method == "small":
         tpb = _tpb(None)
         _gemm_small[_blocks(M * N, tpb), tpb](dout, da, dbm, dbias, M, N, K, ta, tb, mode)
@@ -665,22 +632,6 @@ def transpose_recurrent(UT, U, N: int) -> None:
     tpb = _tpb(None)
     _transpose_recurrent[_blocks(x.dev[1].size, tpb), tpb](*x.dev, int(N))
     x.finish(0)
-
-
-def adam_update(p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, scale) -> None:
-    """CUDA twin of :func:`mdnumba.optim.adam_update` (flat arrays, in place)."""
-    x = _Args(p, g, m, v)
-    tpb = _tpb(None)
-    _adam_update[_blocks(x.dev[0].shape[0], tpb), tpb](*x.dev, lr, beta1, beta2, eps, bc1, bc2, scale)
-    x.finish(0, 2, 3)
-
-
-def sum_of_squares(g) -> float:
-    """``Σ g²`` in float64 with a fixed block split (same result every call)."""
-    dg = as_device(g)
-    partials = cuda.device_array(REDUCE_BLOCKS, dtype=np.float64)
-    _sumsq_partials[REDUCE_BLOCKS, REDUCE_TPB](partials, dg)
-    return float(np.sum(partials.copy_to_host()))
 
 
 def axpby(out, x, alpha: float, y, beta: float) -> None:

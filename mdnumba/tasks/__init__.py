@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .binary_addition import addition_metrics, sample_addition
-from .diagonal import diagonal_metrics, sample_diagonal, sample_diagonal3d
+from .diagonal import diagonal_metrics, diagonal_probe, sample_diagonal, sample_diagonal3d
 
 
 @dataclass(frozen=True)
@@ -23,14 +23,18 @@ class Task:
     in_channels: int
     size_name: str            # what --size means for this task
     min_size: int
+    #: (prob shape, batch) -> flat indices of the probabilities ``metrics`` reads (None: all);
+    #: the device trainer copies only those to the host
+    probe: Callable | None = None
 
 
 TASKS = {
     "diagonal": Task("diagonal", sample_diagonal, diagonal_metrics,
                      ("loss", "relevant_loss", "second_x_acc"), ("md", "horizontal", "snake"),
-                     1, "image side", 4),
+                     1, "image side", 4, diagonal_probe),
     "diagonal3d": Task("diagonal3d", sample_diagonal3d, diagonal_metrics,
-                       ("loss", "relevant_loss", "second_x_acc"), ("md3d",), 1, "volume side", 4),
+                       ("loss", "relevant_loss", "second_x_acc"), ("md3d",), 1, "volume side", 4,
+                       diagonal_probe),
     # char-lm reads a text file; its data and metrics live in mdnumba.train_charlm
     "char-lm": Task("char-lm", None, None, ("loss", "bpc", "val_loss", "val_bpc", "chars_per_s"),
                     ("grid", "stacked"), 0, "unused", 1),

@@ -50,9 +50,18 @@ def sample_diagonal3d(rng: np.random.Generator, batch: int, size: int, dtype=np.
     return sample_diagonal_nd(rng, batch, size, 3, dtype)
 
 
+def _second_index(batch: DiagonalBatch) -> tuple:
+    bi = np.arange(batch.second.shape[0])
+    return (bi,) + tuple(batch.second.T) + (np.zeros_like(bi),)
+
+
+def diagonal_probe(shape: tuple, batch: DiagonalBatch) -> np.ndarray:
+    """Flat indices (into ``prob`` of ``shape``) of what :func:`diagonal_metrics` reads."""
+    return np.ravel_multi_index(_second_index(batch), shape)
+
+
 def diagonal_metrics(prob: np.ndarray, loss: float, batch: DiagonalBatch) -> dict[str, float]:
     """overall loss, relevant loss (squared error at the second 1), second-x accuracy."""
-    bi = np.arange(prob.shape[0])
-    p = prob[(bi,) + tuple(batch.second.T) + (0,)].astype(np.float64)
+    p = prob[_second_index(batch)].astype(np.float64)
     return {"loss": loss, "relevant_loss": float(np.mean((p - 1.0) ** 2)),
             "second_x_acc": float(np.mean(p > 0.5))}

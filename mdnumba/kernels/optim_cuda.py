@@ -1,0 +1,187 @@
+"""CUDA kernels of a device-resident training step: sigmoid losses, the global gradient
+norm with clipping, and the Adam / RMSprop updates (twins of :mod:`mdnumba.losses` and
+:mod:`mdnumba.optim`).
+
+Nothing here copies to the host. A loss or a gradient norm lands in a slot of a device
+array (one slot per step), which the trainer reads once every few steps. Sums use a
+fixed number of blocks and a fixed reduction order, so a result is the same every run.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import cuda, float64
+
+from .wavefront_cuda import _JIT, SIMULATOR, _blocks, _tpb, as_device
+
+#: threads per block of the reduction kernels and blocks they use (fixed: deterministic sums)
+REDUCE_TPB = 8 if SIMULATOR else 256
+REDUCE_BLOCKS = 2 if SIMULATOR else 128
+
+#: loss codes of :func:`sigmoid_loss` (names as in :data:`mdnumba.losses.LOSSES`)
+LOSS_CODES = {"bce": 0, "mse": 1}
+
+
+# ---------------------------------------------------------------- kernels
+@cuda.jit(device=True)
+def _block_sum(acc, partials):
+    """Sum ``acc`` over the block's threads (tree in shared memory); thread 0 writes
+    ``partials[blockIdx.x]``. Every thread of the block must call it."""
+    buf = cuda.shared.array(REDUCE_TPB, float64)
+    tid = cuda.threadIdx.x
+    buf[tid] = acc
+    cuda.syncthreads()
+    width = REDUCE_TPB // 2
+    while width > 0:
+        if tid < width:
+            buf[tid] += buf[tid + width]
+        cuda.syncthreads()
+        width //= 2
+    if tid == 0:
+        partials[cuda.blockIdx.x] = buf[0]
+
+
+@cuda.jit(**_JIT)
+def _sumsq_partials(partials, g):
+    """``partials[block] = Σ g[k]²`` over the block's grid-stride share, in float64."""
+    acc = 0.0
+    for k in range(cuda.grid(1), g.shape[0], cuda.gridsize(1)):
+        acc += float64(g[k]) * float64(g[k])
+    _block_sum(acc, partials)
+
+
+@cuda.jit(**_JIT)
+def _norm_and_scale(stats, partials, clip, record, slot):
+    """One thread: ``norm = sqrt(Σ partials)``, ``scale = min(1, clip/norm)`` (1 if clip <= 0);
+    ``stats = [norm, scale]``, ``record[slot] = norm``."""
+    if cuda.grid(1) == 0:
+        acc = 0.0
+        for k in range(partials.shape[0]):
+            acc += partials[k]
+        norm = math.sqrt(acc)
+        scale = 1.0
+        if clip > 0 and norm > clip:
+            scale = clip / norm
+        stats[0] = norm
+        stats[1] = scale
+        record[slot] = norm
+
+
+@cuda.jit(**_JIT)
+def _adam_update(p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, stats):
+    """``g' = scale·g``; ``m ← β1 m + (1−β1) g'``; ``v ← β2 v + (1−β2) g'²``;
+    ``p ← p − lr · (m/bc1) / (sqrt(v/bc2) + ε)``, with ``[norm, scale] = stats``;
+    nothing changes when the norm is not finite (the trainer reports it)."""
+    if not abs(stats[0]) < math.inf:
+        return
+    scale = stats[1]
+    for k in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
+        gk = g[k] * scale
+        m[k] = beta1 * m[k] + (1.0 - beta1) * gk
+        v[k] = beta2 * v[k] + (1.0 - beta2) * gk * gk
+        p[k] -= lr * (m[k] / bc1) / (math.sqrt(v[k] / bc2) + eps)
+
+
+@cuda.jit(**_JIT)
+def _rmsprop_update(p, g, m, v, lr, beta1, rho, eps, bc1, bc2, stats):
+    """``g' = scale·g``; ``v ← ρ v + (1−ρ) g'²``; ``p ← p − lr · g' / (sqrt(v) + ε)``
+    (Adam's arguments; ``m``, ``beta1``, ``bc1``, ``bc2`` unused); skipped for a non-finite norm."""
+    if not abs(stats[0]) < math.inf:
+        return
+    scale = stats[1]
+    for k in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
+        gk = g[k] * scale
+        v[k] = rho * v[k] + (1.0 - rho) * gk * gk
+        p[k] -= lr * gk / (math.sqrt(v[k]) + eps)
+
+
+@cuda.jit(**_JIT)
+def _sigmoid_loss(prob, dz, partials, z, y, kind, inv_n):
+    """Per element ``p = σ(z)``; bce (kind 0): ``ℓ = softplus(z) − y z``, ``dz = (p − y)/n``;
+    mse (kind 1): ``ℓ = (p − y)²``, ``dz = 2 (p − y) p (1 − p)/n``. Block sums of ℓ (float64)
+    go to ``partials``. Flat arrays; σ and softplus written without overflow."""
+    acc = 0.0
+    for k in range(cuda.grid(1), z.shape[0], cuda.gridsize(1)):
+        zk = float64(z[k])
+        e = math.exp(-abs(zk))
+        p = 1.0 / (1.0 + e) if zk >= 0 else e / (1.0 + e)
+        err = p - float64(y[k])
+        if kind == 0:
+            acc += max(zk, 0.0) + math.log1p(e) - float64(y[k]) * zk
+            dz[k] = err * inv_n
+        else:
+            acc += err * err
+            dz[k] = 2.0 * err * p * (1.0 - p) * inv_n
+        prob[k] = p
+    _block_sum(acc, partials)
+
+
+@cuda.jit(**_JIT)
+def _sum_into(out, slot, partials, scale):
+    """One thread: ``out[slot] = scale · Σ partials`` (fixed order)."""
+    if cuda.grid(1) == 0:
+        acc = 0.0
+        for k in range(partials.shape[0]):
+            acc += partials[k]
+        out[slot] = scale * acc
+
+
+@cuda.jit(**_JIT)
+def _gather_flat(out, x, idx):
+    """``out[i] = x[idx[i]]`` (flat arrays)."""
+    for i in range(cuda.grid(1), idx.shape[0], cuda.gridsize(1)):
+        out[i] = x[idx[i]]
+
+
+# ---------------------------------------------------------------- launchers
+def _flat(a):
+    d = as_device(a)
+    return d.reshape(d.size)
+
+
+def global_norm(stats, partials, grads, clip: float | None, record, slot: int) -> None:
+    """``stats = [‖g‖₂, clip scale]`` over all flat buffers ``grads``; ``record[slot] = ‖g‖₂``.
+
+    ``partials`` is float64 scratch of ``len(grads) * REDUCE_BLOCKS`` entries.
+    """
+    for i, g in enumerate(grads):
+        _sumsq_partials[REDUCE_BLOCKS, REDUCE_TPB](partials[i * REDUCE_BLOCKS:(i + 1) * REDUCE_BLOCKS], g)
+    _norm_and_scale[1, 1](stats, partials[:len(grads) * REDUCE_BLOCKS], float(clip or 0.0), record,
+                          int(slot))
+
+
+def adam_update(p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, stats) -> None:
+    """CUDA twin of :func:`mdnumba.optim.adam_update`; the clip scale is ``stats[1]`` on the device."""
+    tpb = _tpb(None)
+    _adam_update[_blocks(p.shape[0], tpb), tpb](p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, stats)
+
+
+def rmsprop_update(p, g, m, v, lr, beta1, rho, eps, bc1, bc2, stats) -> None:
+    """CUDA twin of :func:`mdnumba.optim.rmsprop_update` (scale in ``stats[1]``)."""
+    tpb = _tpb(None)
+    _rmsprop_update[_blocks(p.shape[0], tpb), tpb](p, g, m, v, lr, beta1, rho, eps, bc1, bc2, stats)
+
+
+def sigmoid_loss(prob, dz, z, y, loss: str, out, slot: int, partials) -> None:
+    """Twin of :data:`mdnumba.losses.LOSSES` ``[loss]``: writes ``prob = σ(z)``, ``dz = dL/dz``
+    and the mean loss into ``out[slot]`` (all on the device; ``partials``: float64 scratch of
+    REDUCE_BLOCKS entries)."""
+    if loss not in LOSS_CODES:
+        raise ValueError(f"loss must be one of {sorted(LOSS_CODES)}, got {loss!r}")
+    zf = _flat(z)
+    _sigmoid_loss[REDUCE_BLOCKS, REDUCE_TPB](_flat(prob), _flat(dz), partials, zf, _flat(y),
+                                             LOSS_CODES[loss], 1.0 / zf.size)
+    _sum_into[1, 1](out, int(slot), partials, 1.0 / zf.size)
+
+
+def gather_flat(out, x, idx) -> None:
+    """``out[i] = x.flat[idx[i]]`` (device arrays; e.g. the probabilities a metric needs)."""
+    tpb = _tpb(None)
+    _gather_flat[_blocks(idx.shape[0], tpb), tpb](out, _flat(x), idx)
+
+
+def scratch(n: int):
+    """float64 device scratch for the sums above."""
+    return cuda.device_array(max(1, int(n)), dtype=np.float64)

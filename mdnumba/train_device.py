@@ -1,0 +1,204 @@
+"""Device-resident training (``--device cuda``): model, gradients, optimiser moments and
+task batches live on the GPU.
+
+:class:`DeviceModel` mirrors a host model of :mod:`mdnumba.models` (MD-LSTM stages,
+block subsampling, the Linear readout) with the device layers of
+:mod:`mdnumba.backend_cuda`. :class:`DeviceTrainer` runs the training loop of
+:class:`mdnumba.train.Trainer` on it in blocks of ``cfg.sync_every`` steps:
+
+1. the block's batches are drawn on the host with the run's RNG (the same batches
+   as a CPU run) and uploaded once (one copy per run of equal shapes);
+2. each step runs forward, loss (:func:`~mdnumba.kernels.optim_cuda.sigmoid_loss`),
+   backward and the optimiser on the device, writing its loss and gradient norm
+   into slots of a device array and gathering the few probabilities its metrics
+   need (:attr:`mdnumba.tasks.Task.probe`);
+3. after the block one copy brings losses, norms and probes back, and the task's
+   metrics are computed on the host exactly as on the CPU.
+
+So there is no host round trip inside a block. Checkpoints download parameters
+and moments (they are written at block ends).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ._validate import check_array
+from .backend_cuda import DEVICE_OPTIMIZERS, CudaLinear, CudaLSTM, require_cuda
+from .layers import WavefrontLSTM
+from .optim import NONFINITE_GRADIENT
+from .stack import LayerGroup
+from .train import Trainer
+
+
+class DeviceModel(LayerGroup):
+    """A host model's stages on the GPU: ``forward``/``backward`` take NumPy arrays (NumPy out)
+    or device arrays (device out). ``layers`` are the parametrised device layers, in the
+    host model's order (checkpoints and optimisers see the same layout)."""
+
+    def __init__(self, host):
+        require_cuda()
+        self.host = host
+        stages = getattr(host.recurrent, "stages", [host.recurrent])
+        self.stages = [self._device_stage(s) for s in stages]
+        self.readout = CudaLinear.from_layer(host.readout)
+        self.layers = [s for s in self.stages if hasattr(s, "params")] + [self.readout]
+        self.dtype = self.readout.dtype
+        self._in_shape: tuple | None = None
+
+    @staticmethod
+    def _device_stage(stage):
+        if isinstance(stage, WavefrontLSTM):
+            return CudaLSTM.from_layer(stage)
+        raise TypeError(f"{type(stage).__name__} has no device-resident model twin; run it with "
+                        "device='cuda' on the layer instead")
+
+    @property
+    def n_params(self) -> int:
+        return sum(layer.size for layer in self.layers)
+
+    def forward(self, x):
+        """Logits of the host model's shape; saves what backward needs on the device."""
+        k = self.readout.k
+        host_in = not k.is_device_array(x)
+        if host_in:
+            x = check_array(x, "x", np.ndim(x), None, self.dtype, "(batch, grid axes.., channels)")
+        xd = k.as_device(x)
+        self._in_shape = tuple(xd.shape)
+        h = self.host._to_recurrent(xd)
+        for stage in self.stages:
+            h = stage.forward(h)
+        self._h_shape = tuple(h.shape)
+        y = self.readout.forward(h)
+        y = y.reshape(self._in_shape[:-1] + (self.readout.out_features,))
+        return y.copy_to_host() if host_in else y
+
+    def backward(self, dlogits):
+        """Back-propagate dL/dlogits; returns dL/dx (NumPy or device, as ``dlogits``)."""
+        if self._in_shape is None:
+            raise RuntimeError("backward() called before forward(); run forward(x) first")
+        k = self.readout.k
+        host_in = not k.is_device_array(dlogits)
+        d = k.as_device(np.ascontiguousarray(dlogits, self.dtype) if host_in else dlogits)
+        d = self.readout.backward(d.reshape(self._h_shape[:-1] + (self.readout.out_features,)))
+        for stage in reversed(self.stages):
+            d = stage.backward(d)
+        d = d.reshape(self._in_shape)
+        return d.copy_to_host() if host_in else d
+
+    def __repr__(self) -> str:
+        return f"DeviceModel({self.host!r})"
+
+
+class DeviceTrainer(Trainer):
+    """:class:`~mdnumba.train.Trainer` with everything on the GPU; the host syncs once every
+    ``cfg.sync_every`` steps (and at checkpoints). Same batches, metrics, log and checkpoint
+    format as the CPU trainer; ``cfg.optimizer`` picks :data:`DEVICE_OPTIMIZERS`."""
+
+    optimizers = DEVICE_OPTIMIZERS
+
+    def __init__(self, cfg, out=None):
+        super().__init__(cfg, out)
+        from numba import cuda
+
+        from .kernels import optim_cuda
+        self.k, self._cuda = optim_cuda, cuda
+        self.sync_every = int(cfg.sync_every)
+        self._partials = optim_cuda.scratch(optim_cuda.REDUCE_BLOCKS)
+        self._outputs: dict = {}
+
+    def _build_model(self):
+        return DeviceModel(super()._build_model())
+
+    def _host_params(self) -> list[np.ndarray]:
+        return [layer.params_to_host() for layer in self.model.layers]
+
+    def _set_params(self, k: int, values: np.ndarray) -> None:
+        self.model.layers[k].set_params(values)
+
+    def train_step(self) -> dict[str, float]:
+        """One step (a block of one: syncs with the host)."""
+        return self._train_block(1)[0]
+
+    # ------------------------------------------------------------ a block of steps
+    def _train_block(self, n: int) -> list[dict[str, float]]:
+        """Run up to ``n`` steps on the device and sync once; Ctrl-C ends the block early
+        (the RNG is rewound to the steps done, so a checkpoint resumes exactly)."""
+        t0 = time.perf_counter()
+        start, rng_state = self.step, self.rng.bit_generator.state
+        batches = [self.sample(self.rng, self.cfg.size_at(start + i)) for i in range(n)]
+        xs, ys = self._upload([b.x for b in batches]), self._upload([b.y for b in batches])
+        index, offsets = self._probe_plan(batches)
+        probes = self._cuda.device_array(offsets[-1], dtype=self.model.dtype)
+        record = self.k.scratch(2 * n)  # [loss_0..loss_{n-1} | norm_0..norm_{n-1}]
+        done = 0
+        try:
+            for i in range(n):
+                prob = self._device_step(xs[i], ys[i], record, i, n)
+                self.k.gather_flat(probes[offsets[i]:offsets[i + 1]], prob,
+                                   index[offsets[i]:offsets[i + 1]])
+                self.step += 1
+                done += 1
+        except KeyboardInterrupt:
+            self.rng.bit_generator.state = rng_state
+            for i in range(done):
+                self.sample(self.rng, self.cfg.size_at(start + i))
+        rec, values = record.copy_to_host(), probes.copy_to_host()
+        per_step = (time.perf_counter() - t0) / max(done, 1)
+        return [self._metrics(batches[i], rec[i], rec[n + i], values[offsets[i]:offsets[i + 1]],
+                              start + i + 1, per_step) for i in range(done)]
+
+    def _device_step(self, x, y, record, i: int, n: int):
+        """Forward, loss into ``record[i]``, backward, optimiser (norm into ``record[n + i]``);
+        returns the device probabilities."""
+        logits = self.model.forward(x)
+        prob, dz = self._output_buffers(tuple(logits.shape))
+        self.k.sigmoid_loss(prob, dz, logits, y, self.cfg.loss, record, i, self._partials)
+        self.model.zero_grad()
+        self.model.backward(dz)
+        self.opt.step(sync=False, record=(record, n + i))
+        return prob
+
+    def _metrics(self, batch, loss: float, norm: float, values, step: int, seconds: float) -> dict:
+        """The task's metrics from the probed probabilities (placed into an otherwise empty array)."""
+        if not np.isfinite(norm):
+            raise FloatingPointError(f"{NONFINITE_GRADIENT} (step {step})")
+        prob = np.zeros(batch.y.shape, dtype=values.dtype)
+        prob.reshape(-1)[self._probe(batch)] = values
+        m = self.task.metrics(prob, float(loss), batch)
+        m["time"] = seconds
+        return m
+
+    # ------------------------------------------------------------ helpers
+    def _probe(self, batch) -> np.ndarray:
+        """Flat indices of the probabilities the task's metrics read (all if it names none)."""
+        if self.task.probe is None:
+            return np.arange(batch.y.size)
+        return self.task.probe(batch.y.shape, batch)
+
+    def _probe_plan(self, batches):
+        """(device index array of every step's probe, offsets of each step's slice)."""
+        idx = [self._probe(b) for b in batches]
+        offsets = np.concatenate([[0], np.cumsum([len(i) for i in idx])]).astype(int)
+        return self._cuda.to_device(np.concatenate(idx).astype(np.int64)), offsets
+
+    def _upload(self, arrays: list) -> list:
+        """One host→device copy per run of equal-shape arrays; returns per-step device views."""
+        out, i = [], 0
+        while i < len(arrays):
+            j = i
+            while j < len(arrays) and arrays[j].shape == arrays[i].shape:
+                j += 1
+            stacked = self._cuda.to_device(np.stack(arrays[i:j]).astype(self.model.dtype, copy=False))
+            out.extend(stacked[t] for t in range(j - i))
+            i = j
+        return out
+
+    def _output_buffers(self, shape: tuple):
+        """Device ``prob`` and ``dL/dlogits`` of ``shape`` (kept per shape)."""
+        if shape not in self._outputs:
+            new = self._cuda.device_array
+            self._outputs[shape] = (new(shape, self.model.dtype), new(shape, self.model.dtype))
+        return self._outputs[shape]
