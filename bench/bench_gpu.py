@@ -111,9 +111,20 @@ def mdnumba_device_fns(cfg: Config, x: np.ndarray, path: str):
         k.axpby(dh, hf, 1.0 / size, hf, 0.0)
         dev.zero_grad()
         dev.backward(dh.reshape(h.shape))
-        opt.step()
+        opt.step(sync=False)
 
     return train, lambda: dev.forward(xd), dev
+
+
+def trainer_step(cfg: Config, budget_s: float, block: int = 20) -> Timing:
+    """Per-step time of ``mdnumba train --device cuda`` (:class:`DeviceTrainer`, md model on the
+    diagonal task at side H, batch B, hidden D): host batch generation and upload, MD-LSTM,
+    readout, loss, Adam, one host sync per block of ``block`` steps."""
+    from mdnumba.train import TrainConfig, make_trainer
+    tr = make_trainer(TrainConfig(size=cfg.H, batch=cfg.B, hidden=cfg.D, device="cuda", steps=10**9,
+                                  sync_every=block))
+    t = time_it(lambda: tr._train_block(block), lambda: None, budget_s, min_reps=2, max_reps=20)
+    return Timing([s / block for s in t.total])
 
 
 def mdnumba_layer_fns(cfg: Config, x: np.ndarray, device: str):
@@ -258,6 +269,7 @@ def ratio(num: Timing | None, den: Timing | None) -> str:
 
 def speed_table(results: list[dict], mode: str) -> list[str]:
     cols = [("coop", "mdnumba GPU cooperative"), ("diag", "mdnumba GPU per-diagonal"),
+            ("trainer", "`train --device cuda` per step"),
             ("numpy_api", "MDLSTM2D(device='cuda') NumPy API"), ("torch", "PyTorch GPU"),
             ("cpu", "mdnumba CPU")]
     rows = ["| config | " + " | ".join(c[1] + " ms" for c in cols)
@@ -300,6 +312,9 @@ def render(info: dict[str, str], results: list[dict], quick: bool) -> str:
             "- *mdnumba GPU*: `CudaLSTM` + `CudaAdam`, all on the device (input already there); "
             "cooperative = one persistent kernel per sweep with `this_grid().sync()` between "
             "anti-diagonals, per-diagonal = one launch per anti-diagonal;",
+            "- *`train --device cuda`*: the CLI's device-resident trainer (`DeviceTrainer`) on the "
+            "diagonal task at the same H, B, D: host batch generation and upload, MD-LSTM, readout, "
+            "MSE loss and Adam on the device, one host sync per 20 steps; time per step;",
             "- *NumPy API*: `MDLSTM2D(device='cuda')` + `mdnumba.Adam` (CPU): includes host↔device "
             "copies of x, h, dh, dx, parameters and gradients every step;",
             "- *PyTorch GPU*: `bench/torch_wavefront.py` on CUDA tensors (one `addmm` per "
@@ -365,6 +380,8 @@ def run_config(cfg: Config, tb, budget: float, cpu: bool, numpy_api: bool) -> di
         except Exception as exc:  # e.g. no cooperative launch on this GPU/driver
             res["paths"].append(f"{path}: FAILED ({type(exc).__name__}: {exc})")
         print(f"  {cfg.label} {path}: {res['paths'][-1]}", flush=True)
+    if cfg.H == cfg.W and cfg.C == 1:
+        res["train"]["trainer"] = trainer_step(cfg, budget)
     if numpy_api:
         train, fwd = mdnumba_layer_fns(cfg, x, "cuda")
         res["train"]["numpy_api"] = time_it(train, sync, budget)

@@ -405,6 +405,14 @@ def sim_cli_trains_on_device(tmp_path):
     assert len((tmp_path / "log.tsv").read_text().splitlines()) == 6
 
 
+def sim_readme_gpu_example_runs():
+    """The README's device-resident NumPy example runs as written."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## GPU (CUDA)", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "README.md (GPU example)", "exec"), {})
+
+
 SIM_CASES = sorted(name for name in list(globals()) if name.startswith("sim_"))
 
 
