@@ -120,7 +120,14 @@ def device_tables(dims: tuple, batch: int, directions: int = 1) -> DeviceTables:
 
 
 class DeviceLayer:
-    """Flat device ``params`` and ``grads`` of one layer (its host layout) and device workspaces."""
+    """Flat device ``params`` and ``grads`` of one layer (its host layout) and device workspaces.
+
+    ``reuse_outputs``: forward/backward write their results into buffers kept between calls
+    (no allocation per step, whose frees make numba synchronise now and then); a result is
+    then valid until the next call. :class:`mdnumba.train_device.DeviceModel` sets it.
+    """
+
+    reuse_outputs = False
 
     def _init_buffers(self, host: np.ndarray, dtype, size: int, what: str) -> None:
         from numba import cuda
@@ -160,6 +167,10 @@ class DeviceLayer:
     def _new(self, shape: tuple):
         from numba import cuda
         return cuda.device_array(shape, dtype=self.dtype)
+
+    def _result(self, name: str, shape: tuple):
+        """A buffer for a returned result: kept (``reuse_outputs``) or new."""
+        return self._ws(name, shape) if self.reuse_outputs else self._new(shape)
 
     def _input(self, x, name: str, ndim: int | None, last: int | None,
                layout: str = "(batch, grid axes.., channels)"):
@@ -241,7 +252,7 @@ class CudaLSTM(DeviceLayer):
         R, G = t.n_cells * B, (N + 3) * D
         xs, act = self._ws("xs", (S * R, C)), self._ws("act", (S * R, G))
         h, c = self._ws("h", (S * R, D)), self._ws("c", (S * R, D))
-        out = self._new((R, S, D))
+        out = self._result("out", (R, S, D))
         for q in range(S):
             k.gather_rows(xs[q * R:(q + 1) * R], xd.reshape(R, C), t.skew_src[q])
             k.gemm(act[q * R:(q + 1) * R], xs[q * R:(q + 1) * R], self.W[q], self.b[q])
@@ -280,7 +291,7 @@ class CudaLSTM(DeviceLayer):
                              diag_off_host=t.diag_off_host)
         z = self._ws("z", (S * R, C + N * D + 1))
         k.gather_operands(z, xs, h, t.parent, B, D)
-        dxs, dxq, dx = self._ws("dxs", (R, C)), self._ws("dxq", (R, C)), self._new((R, C))
+        dxs, dxq, dx = self._ws("dxs", (R, C)), self._ws("dxq", (R, C)), self._result("dx", (R, C))
         for q, (gW, gU, gb) in enumerate(self.grad_views):
             zq, dq = z[q * R:(q + 1) * R], dact[q * R:(q + 1) * R]
             for g_view, lo, hi in ((gW, 0, C), (gU, C, C + N * D), (gb, C + N * D, C + N * D + 1)):
@@ -320,7 +331,7 @@ class CudaLinear(DeviceLayer):
         xd, host_in = self._input(x, "x", None, self.in_features, "(..., in_features)")
         R = xd.size // self.in_features
         self._x, self._shape = xd.reshape(R, self.in_features), tuple(xd.shape)
-        y = self._new((R, self.out_features))
+        y = self._result("y", (R, self.out_features))
         self.k.gemm(y, self._x, self.W, self.b)
         y = y.reshape(self._shape[:-1] + (self.out_features,))
         return y.copy_to_host() if host_in else y
@@ -337,7 +348,7 @@ class CudaLinear(DeviceLayer):
         dy2 = dyd.reshape(R, self.out_features)
         self.k.gemm(self.gW, self._x, dy2, ta=True, accumulate=True)
         self.k.gemm(self.gb, self._ws("ones", (R, 1), fill=1.0), dy2, ta=True, accumulate=True)
-        dx = self._new((R, self.in_features))
+        dx = self._result("dx", (R, self.in_features))
         self.k.gemm(dx, dy2, self.W, tb=True)
         dx = dx.reshape(self._shape)
         return dx.copy_to_host() if host_in else dx

@@ -45,6 +45,8 @@ class DeviceModel(LayerGroup):
         self.stages = [self._device_stage(s) for s in stages]
         self.readout = CudaLinear.from_layer(host.readout)
         self.layers = [s for s in self.stages if hasattr(s, "params")] + [self.readout]
+        for layer in self.layers:
+            layer.reuse_outputs = True  # each result is consumed within the step
         self.dtype = self.readout.dtype
         self._in_shape: tuple | None = None
 

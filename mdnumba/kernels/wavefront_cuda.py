@@ -71,7 +71,7 @@ PATHS = ("auto", "cooperative", "per-diagonal")
 
 _JIT = dict(fastmath=config.FASTMATH)
 
-_state: dict = {"last_path": None, "coop_error": None}
+_state: dict = {"last_path": None, "coop_error": None, "parts": {}}
 
 
 # ---------------------------------------------------------------- device functions
@@ -604,7 +604,12 @@ def _gemm_tiled_launch(out, a, bm, bias, M, N, K, ta, tb, mode, nsplit) -> None:
         _gemm_tiled[grid, GEMM_THREADS](out, out.reshape((1,) + out.shape), a, bm, bias, M, N, K,
                                         ta, tb, mode, kchunk)
         return
-    parts = cuda.device_array((nsplit, M, N), dtype=out.dtype)
+    key = (nsplit, M, N, out.dtype.str)
+    parts = _state["parts"].get(key)
+    if parts is None:  # kept: the same GEMM shapes recur every step (kernels run in stream order)
+        if len(_state["parts"]) >= 64:
+            _state["parts"].clear()
+        parts = _state["parts"][key] = cuda.device_array((nsplit, M, N), dtype=out.dtype)
     _gemm_tiled[grid, GEMM_THREADS](out, parts, a, bm, bias, M, N, K, ta, tb, mode, kchunk)
     tpb = _tpb(None)
     _reduce_parts[_blocks(M * N, tpb), tpb](out, parts, bias, mode)
