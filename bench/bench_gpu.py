@@ -152,7 +152,7 @@ def sweep_times(dev, cfg: Config, path: str, sync, budget_s: float) -> dict[str,
     kw = dict(path=path, use_shared=dev.use_shared, diag_off_host=t.diag_off_host)
     fwd = time_it(lambda: k.wavefront_forward(w["h"], w["c"], w["act"], dev.U, t.diag_off, t.parent,
                                               cfg.B, cfg.D, dev.cell_code, **kw), sync, budget_s)
-    bwd = time_it(lambda: k.wavefront_backward(w["dact"], w["dc"], w["dhs"], w["act"], w["c"], w["UT"],
+    bwd = time_it(lambda: k.wavefront_backward(w["dact"], w["dc"], w["dhs"], w["act"], w["c"], dev.U,
                                                t.diag_off, t.parent, t.child, cfg.B, cfg.D, dev.cell_code,
                                                **kw),
                   sync, budget_s)

@@ -279,14 +279,13 @@ class CudaLSTM(DeviceLayer):
         if tuple(dhd.shape) != want:
             raise ValueError(f"dh must have the shape of the forward output {want}, got {tuple(dhd.shape)}")
         B, R, G = t.batch, t.n_cells * t.batch, (N + 3) * D
-        dhs, UT = self._ws("dhs", (S * R, D)), self._ws("UT", (S, G, N * D))
+        dhs = self._ws("dhs", (S * R, D))
         dact, dc = self._ws("dact", (S * R, G)), self._ws("dc", (S * R, D))
         dh3 = dhd.reshape(R, S, D)
         for q in range(S):
             k.gather_rows(dhs[q * R:(q + 1) * R], dh3[:, q, :], t.skew_src[q])
-            k.transpose_recurrent(UT[q], self.U[q], N)
         act, c, h, xs = (self._work[n] for n in ("act", "c", "h", "xs"))
-        k.wavefront_backward(dact, dc, dhs, act, c, UT, t.diag_off, t.parent, t.child, B, D,
+        k.wavefront_backward(dact, dc, dhs, act, c, self.U, t.diag_off, t.parent, t.child, B, D,
                              self.cell_code, path=self.path, use_shared=self.use_shared, tpb=self.tpb,
                              diag_off_host=t.diag_off_host)
         z = self._ws("z", (S * R, C + N * D + 1))

@@ -22,7 +22,9 @@ CACHE: bool = os.environ.get("MDNUMBA_CACHE", "1") == "1"
 THREADS_PER_BLOCK: int = int(os.environ.get("MDNUMBA_THREADS_PER_BLOCK", "128"))
 
 #: keyword arguments shared by every serial CPU kernel
-NJIT_OPTS = dict(cache=CACHE, fastmath=FASTMATH, nogil=True)
+#: (error_model="numpy": float division by zero gives inf/NaN instead of raising, which lets
+#: LLVM vectorise loops that divide, e.g. σ in the cell math)
+NJIT_OPTS = dict(cache=CACHE, fastmath=FASTMATH, nogil=True, error_model="numpy")
 #: keyword arguments shared by every parallel CPU driver
 NJIT_PARALLEL_OPTS = dict(NJIT_OPTS, parallel=True)
 

@@ -130,8 +130,7 @@ class WavefrontLSTM:
         dhs = self._skew_directions(dh.reshape(dh.shape[:-1] + (S, D)), wf, per_direction=True)
         dact = self._workspace("dact", sv["act"].shape)
         dc = self._workspace("dc", sv["c"].shape)
-        UT = np.ascontiguousarray(self.params["U"].reshape(S, D, N, -1).transpose(0, 3, 2, 1))
-        wavefront_backward(dact, dc, dhs, sv["act"], sv["c"], UT.reshape(S, -1, N * D), wf.diag_off,
+        wavefront_backward(dact, dc, dhs, sv["act"], sv["c"], self.params["U"].reshape(S, D, -1), wf.diag_off,
                            wf.parent, wf.child, B, D, self.cell_code)
         hpar = self._workspace("hpar", (dact.shape[0], D * N))
         gather_parents(hpar, sv["h"], wf.parent, B, D)

@@ -44,18 +44,17 @@ def _cpu_sweep_inputs(dims, B, D, scans, rng):
     N = len(dims)
     G = (N + 3) * D
     U = rng.uniform(-0.5, 0.5, (scans, D, N * G))
-    UT = np.ascontiguousarray(U.reshape(scans, D, N, G).transpose(0, 3, 2, 1)).reshape(scans, G, N * D)
     act = rng.standard_normal((scans * wf.n_cells * B, G))
-    return wf, U, UT, act
+    return wf, U, act
 
 
-def _run_sweeps(mod, wf, U, UT, act0, B, D, cell, **kw):
+def _run_sweeps(mod, wf, U, act0, B, D, cell, **kw):
     R = act0.shape[0]
     h, c, act = np.zeros((R, D)), np.zeros((R, D)), act0.copy()
     mod.wavefront_forward(h, c, act, U, wf.diag_off, wf.parent, B, D, cell, **kw)
     dh = np.cos(3 * h)
     dact, dc = np.zeros_like(act), np.zeros_like(c)
-    mod.wavefront_backward(dact, dc, dh, act, c, UT, wf.diag_off, wf.parent, wf.child, B, D, cell, **kw)
+    mod.wavefront_backward(dact, dc, dh, act, c, U, wf.diag_off, wf.parent, wf.child, B, D, cell, **kw)
     return h, c, act, dact, dc, dh
 
 
@@ -71,9 +70,9 @@ def sim_sweep_kernels_match_cpu(dims, shared, cell, scans, path, rng):
     from mdnumba.kernels import wavefront_cuda as gpu
     from mdnumba.kernels.cell import cell_code
     B, D, code = 2, 3, cell_code(cell)
-    wf, U, UT, act0 = _cpu_sweep_inputs(dims, B, D, scans, rng)
-    want = _run_sweeps(cpu, wf, U, UT, act0, B, D, code)
-    got = _run_sweeps(gpu, wf, U, UT, act0, B, D, code, path=path, use_shared=shared, tpb=8)
+    wf, U, act0 = _cpu_sweep_inputs(dims, B, D, scans, rng)
+    want = _run_sweeps(cpu, wf, U, act0, B, D, code)
+    got = _run_sweeps(gpu, wf, U, act0, B, D, code, path=path, use_shared=shared, tpb=8)
     for name, a, b in zip(("h", "c", "act", "dact", "dc", "dh"), got, want):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14, err_msg=name)
     assert gpu.last_path().startswith(path)

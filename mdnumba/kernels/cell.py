@@ -41,114 +41,190 @@ def cell_code(name: str) -> int:
     return CELLS[name]
 
 
-def build(jit):
-    """Compile the unit functions with decorator ``jit``; return them in a namespace dict."""
+def build(jit, exp=math.exp):
+    """Compile the row functions with decorator ``jit`` and ``exp`` (the CPU passes the
+    vectorisable :func:`mdnumba.kernels.vexp.exp`); return them in a namespace dict.
+
+    ``row_forward`` / ``row_backward`` handle units ``j0 <= j < j1`` of one row: the CPU
+    passes the whole row (every stage an innermost loop over j, which LLVM vectorises),
+    a CUDA thread its own unit ``(j, j + 1)``.
+    """
 
     @jit
     def sigmoid(x):
         """σ(x) = 1 / (1 + e^{-x}); overflow of e^{-x} gives 0, never NaN."""
-        return 1.0 / (1.0 + math.exp(-x))
+        return 1.0 / (1.0 + exp(-x))
 
     @jit
     def tanh(x):
         """tanh(x) = 2σ(2x) − 1: one ``exp`` (libm ``tanh`` took 3x as long on the CPU).
         Exact limits ±1 for large |x|; absolute (not relative) error ~1 ulp near 0."""
-        return 2.0 / (1.0 + math.exp(-(x + x))) - 1.0
+        return 2.0 / (1.0 + exp(-(x + x))) - 1.0
 
     @jit
-    def mix_weight(act, row, j, d, N, D):
-        """Stable cell: ``w_d`` (stored for d < N-1; ``w_N = 1 − Σ_{k<N} w_k``)."""
-        if d < N - 1:
-            return act[row, (2 + d) * D + j]
-        w = 1.0
-        for k in range(N - 1):
-            w -= act[row, (2 + k) * D + j]
-        return w
+    def blk(block, D):
+        """First column of gate block ``block``: ``block·D``, clamped at 0 so LLVM knows the
+        column index is not negative, drops Numba's wrap-around check and vectorises the loop."""
+        return max(block * D, 0)
 
     @jit
-    def forget_factor(act, row, j, d, N, D, cell):
-        """``F_d``, the weight of parent d's state in ``c``: ``f_d``, or ``f·w_d`` (stable)."""
-        if cell != STABLE:
-            return act[row, (1 + d) * D + j]
-        return act[row, D + j] * mix_weight(act, row, j, d, N, D)
-
-    @jit
-    def activate_forget(act, r, j, N, D, cell):
+    def activate_forget(act, tmp, r, N, D, cell, j0, j1):
         """In place on row r: ``f_d = σ(a_fd)`` (graves, spatial) or ``f = σ(a_f)``,
-        ``w = softmax(l_1..l_{N-1}, 0)`` (stable; max subtracted, no overflow)."""
+        ``w = softmax(l_1..l_{N-1}, 0)`` (stable; max subtracted, no overflow; ``tmp[r]``
+        is scratch, its values are overwritten later)."""
         if cell != STABLE:
             for d in range(N):
-                act[r, (1 + d) * D + j] = sigmoid(act[r, (1 + d) * D + j])
+                for j in range(j0, j1):
+                    act[r, blk(1 + d, D) + j] = sigmoid(act[r, blk(1 + d, D) + j])
             return
-        act[r, D + j] = sigmoid(act[r, D + j])
-        m = 0.0
+        for j in range(j0, j1):
+            act[r, blk(1, D) + j] = sigmoid(act[r, blk(1, D) + j])
+        for j in range(j0, j1):
+            tmp[r, j] = 0.0
         for k in range(N - 1):
-            m = max(m, act[r, (2 + k) * D + j])
-        z = math.exp(-m)
+            for j in range(j0, j1):
+                tmp[r, j] = max(tmp[r, j], act[r, blk(2 + k, D) + j])
         for k in range(N - 1):
-            e = math.exp(act[r, (2 + k) * D + j] - m)
-            act[r, (2 + k) * D + j] = e
-            z += e
+            for j in range(j0, j1):
+                act[r, blk(2 + k, D) + j] = exp(act[r, blk(2 + k, D) + j] - tmp[r, j])
+        for j in range(j0, j1):
+            tmp[r, j] = exp(-tmp[r, j])
         for k in range(N - 1):
-            act[r, (2 + k) * D + j] /= z
+            for j in range(j0, j1):
+                tmp[r, j] += act[r, blk(2 + k, D) + j]
+        for k in range(N - 1):
+            for j in range(j0, j1):
+                act[r, blk(2 + k, D) + j] /= tmp[r, j]
 
     @jit
-    def unit_forward(h, c, act, parent, base, s, b, j, B, D, cell):
-        """Unit j of row ``r = base + s*B + b``: ``act[r]`` holds pre-activations on entry and
-        activations on exit; writes ``c = i·g + Σ_d F_d·c_d`` and h (see module doc)."""
+    def stable_mix(out, oblk, act, c, parent, base, s, b, r, B, D, j0, j1):
+        """Stable cell: ``out[r, oc + j] = Σ_d w_d·c_d`` (``oc = oblk·D``), written as
+        ``c_N + Σ_k w_k (c_k − c_N)`` (``w_N = 1 − Σ_k w_k``) so every loop runs over j; absent
+        neighbours have c = 0."""
         N = parent.shape[1]
-        r = base + s * B + b
-        o_col = (N + 1) * D + j
-        g_col = (N + 2) * D + j
-        gi = sigmoid(act[r, j])
-        go = sigmoid(act[r, o_col])
-        gg = tanh(act[r, g_col])
-        act[r, j] = gi
-        act[r, o_col] = go
-        act[r, g_col] = gg
-        activate_forget(act, r, j, N, D, cell)
-        cc = gi * gg
-        for d in range(N):
-            p = parent[s, d]
-            if p >= 0:
-                cc += forget_factor(act, r, j, d, N, D, cell) * c[base + p * B + b, j]
-        c[r, j] = cc
-        if cell == SPATIAL:
-            h[r, j] = tanh(cc * go)
+        oc = blk(oblk, D)
+        pl = parent[s, N - 1]
+        plr = base + pl * B + b
+        if pl >= 0:
+            for j in range(j0, j1):
+                out[r, oc + j] = c[plr, j]
         else:
-            h[r, j] = go * tanh(cc)
+            for j in range(j0, j1):
+                out[r, oc + j] = 0.0
+        for k in range(N - 1):
+            p = parent[s, k]
+            pr = base + p * B + b
+            w0 = blk(2 + k, D)
+            if p >= 0 and pl >= 0:
+                for j in range(j0, j1):
+                    out[r, oc + j] += act[r, w0 + j] * (c[pr, j] - c[plr, j])
+            elif p >= 0:
+                for j in range(j0, j1):
+                    out[r, oc + j] += act[r, w0 + j] * c[pr, j]
+            elif pl >= 0:
+                for j in range(j0, j1):
+                    out[r, oc + j] -= act[r, w0 + j] * c[plr, j]
 
     @jit
-    def forget_backward(dact, act, c, parent, base, s, b, j, B, D, dcj, cell):
-        """Gradients of the forget blocks of unit j, given its complete ``dc``.
-
-        graves/spatial: ``da_fd = dc·c_d·f_d(1−f_d)``. stable, with ``m = Σ_d w_d c_d``:
-        ``da_f = dc·m·f(1−f)``, ``da_lk = dc·f·w_k·(c_k − m)`` (softmax Jacobian).
-        """
+    def row_forward(h, c, act, parent, base, s, b, B, D, cell, j0, j1):
+        """Units j0..j1 of row ``r = base + s*B + b``: ``act[r]`` holds pre-activations on
+        entry and activations on exit; writes ``c = i·g + Σ_d F_d·c_d`` and h (module doc)."""
         N = parent.shape[1]
         r = base + s * B + b
+        o0 = blk(N + 1, D)
+        g0 = blk(N + 2, D)
+        for j in range(j0, j1):
+            act[r, j] = sigmoid(act[r, j])
+        for j in range(j0, j1):
+            act[r, o0 + j] = sigmoid(act[r, o0 + j])
+        for j in range(j0, j1):
+            act[r, g0 + j] = tanh(act[r, g0 + j])
+        activate_forget(act, c, r, N, D, cell, j0, j1)
+        for j in range(j0, j1):
+            c[r, j] = act[r, j] * act[r, g0 + j]
         if cell != STABLE:
             for d in range(N):
                 p = parent[s, d]
-                gf = act[r, (1 + d) * D + j]
-                cp = c[base + p * B + b, j] if p >= 0 else 0.0
-                dact[r, (1 + d) * D + j] = dcj * cp * gf * (1.0 - gf)
-            return
-        m = 0.0
-        for d in range(N):
-            p = parent[s, d]
-            if p >= 0:
-                m += mix_weight(act, r, j, d, N, D) * c[base + p * B + b, j]
-        gf = act[r, D + j]
-        dact[r, D + j] = dcj * m * gf * (1.0 - gf)
-        for k in range(N - 1):
-            p = parent[s, k]
-            cp = c[base + p * B + b, j] if p >= 0 else 0.0
-            dact[r, (2 + k) * D + j] = dcj * gf * act[r, (2 + k) * D + j] * (cp - m)
+                if p >= 0:
+                    pr = base + p * B + b
+                    for j in range(j0, j1):
+                        c[r, j] += act[r, blk(1 + d, D) + j] * c[pr, j]
+        else:  # c += f · Σ_d w_d c_d, the mix staged in h[r] (written last)
+            stable_mix(h, 0, act, c, parent, base, s, b, r, B, D, j0, j1)
+            for j in range(j0, j1):
+                c[r, j] += act[r, blk(1, D) + j] * h[r, j]
+        if cell == SPATIAL:
+            for j in range(j0, j1):
+                h[r, j] = tanh(c[r, j] * act[r, o0 + j])
+        else:
+            for j in range(j0, j1):
+                h[r, j] = act[r, o0 + j] * tanh(c[r, j])
 
     @jit
-    def unit_backward(dact, dc, act, c, parent, child, base, s, b, j, B, D, dhj, cell):
-        """Pull-form backward of unit j of row ``r = base + s*B + b`` given its complete ``dh = dhj``.
+    def forget_backward(dact, act, c, dc, parent, base, s, b, r, B, D, cell, j0, j1):
+        """Gradients of the forget blocks of row r given its complete ``dc``.
+
+        graves/spatial: ``da_fd = dc·c_d·f_d(1−f_d)``. stable, with ``m = Σ_d w_d c_d``
+        (staged in ``dact[r, D:2D]``): ``da_f = dc·m·f(1−f)``, ``da_lk = dc·f·w_k·(c_k − m)``
+        (softmax Jacobian).
+        """
+        N = parent.shape[1]
+        if cell != STABLE:
+            for d in range(N):
+                p = parent[s, d]
+                pr = base + p * B + b
+                f0 = blk(1 + d, D)
+                if p >= 0:
+                    for j in range(j0, j1):
+                        dact[r, f0 + j] = dc[r, j] * c[pr, j] * act[r, f0 + j] * (1.0 - act[r, f0 + j])
+                else:
+                    for j in range(j0, j1):
+                        dact[r, f0 + j] = 0.0
+            return
+        stable_mix(dact, 1, act, c, parent, base, s, b, r, B, D, j0, j1)
+        f0 = blk(1, D)
+        for k in range(N - 1):
+            p = parent[s, k]
+            pr = base + p * B + b
+            w0 = blk(2 + k, D)
+            if p >= 0:
+                for j in range(j0, j1):
+                    m = dact[r, f0 + j]
+                    dact[r, w0 + j] = dc[r, j] * act[r, f0 + j] * act[r, w0 + j] * (c[pr, j] - m)
+            else:
+                for j in range(j0, j1):
+                    dact[r, w0 + j] = -dc[r, j] * act[r, f0 + j] * act[r, w0 + j] * dact[r, f0 + j]
+        for j in range(j0, j1):
+            dact[r, f0 + j] = dc[r, j] * dact[r, f0 + j] * act[r, f0 + j] * (1.0 - act[r, f0 + j])
+
+    @jit
+    def child_state_grad(dc, act, child, base, s, b, r, B, D, cell, j0, j1):
+        """``dc[r] = Σ_d dc_child_d·F_d(child_d)``: each child's forget factor for this parent
+        (``f_d``, or stable ``f·w_d`` with ``w_N = 1 − Σ_k w_k``)."""
+        N = child.shape[1]
+        for j in range(j0, j1):
+            dc[r, j] = 0.0
+        for d in range(N):
+            ch = child[s, d]
+            if ch < 0:
+                continue
+            cr = base + ch * B + b
+            if cell != STABLE:
+                for j in range(j0, j1):
+                    dc[r, j] += dc[cr, j] * act[cr, blk(1 + d, D) + j]
+            elif d < N - 1:
+                for j in range(j0, j1):
+                    dc[r, j] += dc[cr, j] * act[cr, blk(1, D) + j] * act[cr, blk(2 + d, D) + j]
+            else:
+                for j in range(j0, j1):
+                    dc[r, j] += dc[cr, j] * act[cr, blk(1, D) + j]
+                for k in range(N - 1):
+                    for j in range(j0, j1):
+                        dc[r, j] -= dc[cr, j] * act[cr, blk(1, D) + j] * act[cr, blk(2 + k, D) + j]
+
+    @jit
+    def row_backward(dact, dc, dh, act, c, parent, child, base, s, b, B, D, cell, j0, j1):
+        """Pull-form backward of units j0..j1 of row ``r = base + s*B + b`` given complete ``dh[r]``.
 
         ``dc = Σ_d dc_child_d·F_d(child_d) + dh·∂h/∂c``; ``da_o = dh·∂h/∂o·o(1−o)``;
         ``da_i = dc·g·i(1−i)``, ``da_g = dc·i·(1−g²)``; forget blocks by :func:`forget_backward`.
@@ -157,30 +233,27 @@ def build(jit):
         """
         N = parent.shape[1]
         r = base + s * B + b
-        dcj = 0.0
-        for d in range(N):
-            ch = child[s, d]
-            if ch >= 0:
-                cr = base + ch * B + b
-                dcj += dc[cr, j] * forget_factor(act, cr, j, d, N, D, cell)
-        o_col = (N + 1) * D + j
-        g_col = (N + 2) * D + j
-        gi = act[r, j]
-        go = act[r, o_col]
-        gg = act[r, g_col]
-        cj = c[r, j]
+        o0 = blk(N + 1, D)
+        g0 = blk(N + 2, D)
+        child_state_grad(dc, act, child, base, s, b, r, B, D, cell, j0, j1)
         if cell == SPATIAL:
-            t = tanh(cj * go)
-            dt = dhj * (1.0 - t * t)
-            dcj += dt * go
-            dact[r, o_col] = dt * cj * go * (1.0 - go)
+            for j in range(j0, j1):
+                go = act[r, o0 + j]
+                t = tanh(c[r, j] * go)
+                dt = dh[r, j] * (1.0 - t * t)
+                dc[r, j] += dt * go
+                dact[r, o0 + j] = dt * c[r, j] * go * (1.0 - go)
         else:
-            t = tanh(cj)
-            dcj += dhj * go * (1.0 - t * t)
-            dact[r, o_col] = dhj * t * go * (1.0 - go)
-        dc[r, j] = dcj
-        dact[r, j] = dcj * gg * gi * (1.0 - gi)
-        dact[r, g_col] = dcj * gi * (1.0 - gg * gg)
-        forget_backward(dact, act, c, parent, base, s, b, j, B, D, dcj, cell)
+            for j in range(j0, j1):
+                go = act[r, o0 + j]
+                t = tanh(c[r, j])
+                dc[r, j] += dh[r, j] * go * (1.0 - t * t)
+                dact[r, o0 + j] = dh[r, j] * t * go * (1.0 - go)
+        for j in range(j0, j1):
+            gi = act[r, j]
+            gg = act[r, g0 + j]
+            dact[r, j] = dc[r, j] * gg * gi * (1.0 - gi)
+            dact[r, g0 + j] = dc[r, j] * gi * (1.0 - gg * gg)
+        forget_backward(dact, act, c, dc, parent, base, s, b, r, B, D, cell, j0, j1)
 
-    return dict(sigmoid=sigmoid, tanh=tanh, unit_forward=unit_forward, unit_backward=unit_backward)
+    return dict(sigmoid=sigmoid, tanh=tanh, row_forward=row_forward, row_backward=row_backward)

@@ -16,16 +16,19 @@ gradients are GEMMs outside the sweep (:func:`gather_operands`).
 
 from __future__ import annotations
 
+import math
+
 from numba import njit, prange
 
 from ..config import NJIT_OPTS, NJIT_PARALLEL_OPTS
+from . import vexp
 from .cell import build
 
 
-def build_rows(jit):
+def build_rows(jit, exp=math.exp):
     """Compile the per-row functions with ``jit`` (``njit`` here, ``cuda.jit(device=True)`` in
     :mod:`mdnumba.kernels.gridlstm_cuda`: one source for CPU and GPU); return them in a dict."""
-    _cell = build(jit)
+    _cell = build(jit, exp)
     _sigmoid, _tanh = _cell["sigmoid"], _cell["tanh"]
 
     @jit
@@ -134,7 +137,7 @@ def build_rows(jit):
     return dict(block_forward=_block_forward, block_backward=_block_backward)
 
 
-_ROWS = build_rows(njit(inline="always", **NJIT_OPTS))
+_ROWS = build_rows(njit(inline="always", **NJIT_OPTS), exp=vexp.exp)
 _block_forward = _ROWS["block_forward"]
 _block_backward = _ROWS["block_backward"]
 

@@ -3,7 +3,8 @@
 Same layout as :mod:`mdnumba.kernels.wavefront`: per-cell arrays are 2-D with row
 ``r = s*B + b`` (skewed cell s, batch item b), gate pre-activations have
 ``G = (N+3)*D`` columns in N+3 blocks (per cell, :mod:`mdnumba.kernels.cell`), ``U`` is
-``(S, D, N*G)`` and ``UT`` is ``(S, G, N*D)`` with ``UT[.., g, d*D + j] = U[.., j, d*G + g]``
+``(S, D, N*G)`` (the backward launcher transposes it into ``UT`` ``(S, G, N*D)``,
+``UT[.., g, d*D + j] = U[.., j, d*G + g]``)
 for S independent scans (directions) on consecutive slabs of M*B rows. The cell
 math is the same source as the CPU kernels' (:func:`mdnumba.kernels.cell.build`).
 
@@ -71,13 +72,13 @@ PATHS = ("auto", "cooperative", "per-diagonal")
 
 _JIT = dict(fastmath=config.FASTMATH)
 
-_state: dict = {"last_path": None, "coop_error": None, "parts": {}}
+_state: dict = {"last_path": None, "coop_error": None, "scratch": {}}
 
 
 # ---------------------------------------------------------------- device functions
-_UNIT = build(cuda.jit(device=True))
-_cell_unit_forward = _UNIT["unit_forward"]
-_cell_unit_backward = _UNIT["unit_backward"]
+_CELL = build(cuda.jit(device=True))
+_cell_row_forward = _CELL["row_forward"]
+_cell_row_backward = _CELL["row_backward"]
 
 
 @cuda.jit(device=True)
@@ -115,7 +116,7 @@ def _unit_forward(h, c, act, Uf, uo, parent, base, s, b, j, B, D, cell):
     for blk in range(N + 3):
         col = blk * D + j
         act[r, col] = _preact(act, h, Uf, uo, parent, base, s, r, b, col, B, D, G)
-    _cell_unit_forward(h, c, act, parent, base, s, b, j, B, D, cell)
+    _cell_row_forward(h, c, act, parent, base, s, b, B, D, cell, j, j + 1)
 
 
 @cuda.jit(device=True)
@@ -157,7 +158,7 @@ def _unit_backward(dact, dc, dh, act, c, UTf, uo, parent, child, base, s, b, j, 
             for g in range(G):
                 dhj += dact[cr, g] * UTf[g * ND + q]
     dh[r, j] = dhj
-    _cell_unit_backward(dact, dc, act, c, parent, child, base, s, b, j, B, D, dhj, cell)
+    _cell_row_backward(dact, dc, dh, act, c, parent, child, base, s, b, B, D, cell, j, j + 1)
 
 
 @cuda.jit(device=True)
@@ -496,6 +497,18 @@ def _sweep(coop, diag, args, diag_off_host, rows_per_cell: int, D: int, shmem: i
     return f"per-diagonal ({K} launches{why})"
 
 
+def _scratch(kind: str, shape: tuple, dtype):
+    """A device buffer kept per (kind, shape, dtype): the same shapes recur every step, and
+    kernels run in stream order, so reusing it between calls is safe (no allocation per call)."""
+    key = (kind, tuple(int(n) for n in shape), np.dtype(dtype).str)
+    buf = _state["scratch"].get(key)
+    if buf is None:
+        if len(_state["scratch"]) >= 64:
+            _state["scratch"].clear()
+        buf = _state["scratch"][key] = cuda.device_array(key[1], dtype=dtype)
+    return buf
+
+
 def _record(desc: str, shared: bool) -> None:
     _state["last_path"] = desc + (", weights in shared memory" if shared else ", weights in global memory")
 
@@ -529,16 +542,23 @@ def wavefront_forward(h, c, act, U, diag_off, parent, B: int, D: int, cell: int,
     a.finish(0, 1, 2)
 
 
-def wavefront_backward(dact, dc, dh, act, c, UT, diag_off, parent, child, B: int, D: int, cell: int, *,
+def wavefront_backward(dact, dc, dh, act, c, U, diag_off, parent, child, B: int, D: int, cell: int, *,
                        path: str | None = None, use_shared: bool | None = None, tpb: int | None = None,
                        diag_off_host: np.ndarray | None = None) -> None:
     """CUDA twin of :func:`mdnumba.kernels.wavefront.wavefront_backward` (same arguments).
 
     ``dh`` enters holding dL/dh from above and is completed in place; ``dact``
-    and ``dc`` are written. Keywords as in :func:`wavefront_forward`.
+    and ``dc`` are written. ``U`` (S, D, N*G) is transposed first into ``UT`` (S, G, N*D),
+    ``UT[.., g, d*D + j] = U[.., j, d*G + g]``, so that the threads of consecutive units read
+    consecutive weights. Keywords as in :func:`wavefront_forward`.
     """
     tpb = _tpb(tpb)
-    a = _Args(dact, dc, dh, act, c, UT, diag_off, parent, child)
+    a = _Args(dact, dc, dh, act, c, U, diag_off, parent, child)
+    U_, N = a.dev[5], a.dev[7].shape[1]
+    UT = _scratch("UT", (U_.shape[0], (N + 3) * D, N * D), U_.dtype)
+    for q in range(U_.shape[0]):
+        _transpose_recurrent[_blocks(U_[q].size, tpb), tpb](UT[q], U_[q], N)
+    a.dev[5] = UT
     shared = _use_shared(a.dev[5], use_shared)
     shmem = a.dev[5].nbytes if shared else 0
     host_off = _host_ints(diag_off if diag_off_host is None else diag_off_host)
@@ -604,12 +624,7 @@ def _gemm_tiled_launch(out, a, bm, bias, M, N, K, ta, tb, mode, nsplit) -> None:
         _gemm_tiled[grid, GEMM_THREADS](out, out.reshape((1,) + out.shape), a, bm, bias, M, N, K,
                                         ta, tb, mode, kchunk)
         return
-    key = (nsplit, M, N, out.dtype.str)
-    parts = _state["parts"].get(key)
-    if parts is None:  # kept: the same GEMM shapes recur every step (kernels run in stream order)
-        if len(_state["parts"]) >= 64:
-            _state["parts"].clear()
-        parts = _state["parts"][key] = cuda.device_array((nsplit, M, N), dtype=out.dtype)
+    parts = _scratch("gemm parts", (nsplit, M, N), out.dtype)
     _gemm_tiled[grid, GEMM_THREADS](out, parts, a, bm, bias, M, N, K, ta, tb, mode, kchunk)
     tpb = _tpb(None)
     _reduce_parts[_blocks(M * N, tpb), tpb](out, parts, bias, mode)
@@ -628,14 +643,6 @@ def gather_operands(z, xs, h, parent, B: int, D: int) -> None:
     x = _Args(z, xs, h, parent)
     tpb = _tpb(None)
     _gather_operands[_blocks(x.dev[0].size, tpb), tpb](*x.dev, int(B), int(D))
-    x.finish(0)
-
-
-def transpose_recurrent(UT, U, N: int) -> None:
-    """``UT[g, d*D + j] = U[j, d*G + g]`` (the backward sweep's weight layout; one scan's 2-D views)."""
-    x = _Args(UT, U)
-    tpb = _tpb(None)
-    _transpose_recurrent[_blocks(x.dev[1].size, tpb), tpb](*x.dev, int(N))
     x.finish(0)
 
 
