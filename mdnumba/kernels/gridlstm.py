@@ -25,38 +25,61 @@ from . import vexp
 from .cell import build
 
 
-def build_rows(jit, exp=math.exp):
+def build_rows(jit, exp=math.exp, jit_reduce=None):
     """Compile the per-row functions with ``jit`` (``njit`` here, ``cuda.jit(device=True)`` in
-    :mod:`mdnumba.kernels.gridlstm_cuda`: one source for CPU and GPU); return them in a dict."""
+    :mod:`mdnumba.kernels.gridlstm_cuda`: one source for CPU and GPU); return them in a dict.
+
+    ``exp`` as in :func:`mdnumba.kernels.cell.build`; ``jit_reduce`` (default ``jit``) compiles
+    the dot-product loop, which the CPU lets reassociate so that it vectorises. Column offsets
+    are clamped with ``max(.., 0)`` so the CPU loops carry no wrap-around check (see cell.py).
+    """
+    jit_reduce = jit_reduce or jit
     _cell = build(jit, exp)
     _sigmoid, _tanh = _cell["sigmoid"], _cell["tanh"]
+
+    @jit
+    def _gate_columns(off, D):
+        """First columns of the i, f, o, g blocks of the transform at ``off`` (clamped at 0)."""
+        return max(off, 0), max(off + D, 0), max(off + 2 * D, 0), max(off + 3 * D, 0)
 
     @jit
     def _lstm_forward(act, h, c, r, off, m_prev_row, m_col, D):
         """LSTM transform on ``act[r, off:off+4D]`` (pre-activations in, activations out):
         ``m = f·m_prev + i·g`` → ``c[r, off/4 + j]``, ``h = o·tanh m`` (m_prev row < 0: 0)."""
-        o_c = off // 4
+        i0, f0, o0, g0, m_col = _gate_columns(off, D) + (max(m_col, 0),)
+        o_c = i0 // 4
         for j in range(D):
-            gi = _sigmoid(act[r, off + j])
-            gf = _sigmoid(act[r, off + D + j])
-            go = _sigmoid(act[r, off + 2 * D + j])
-            gg = _tanh(act[r, off + 3 * D + j])
-            mp = c[m_prev_row, m_col + j] if m_prev_row >= 0 else 0.0
-            m = gf * mp + gi * gg
-            act[r, off + j], act[r, off + D + j], act[r, off + 2 * D + j], act[r, off + 3 * D + j] = \
-                gi, gf, go, gg
-            c[r, o_c + j] = m
-            h[r, o_c + j] = go * _tanh(m)
+            gi = _sigmoid(act[r, i0 + j])
+            gf = _sigmoid(act[r, f0 + j])
+            go = _sigmoid(act[r, o0 + j])
+            gg = _tanh(act[r, g0 + j])
+            act[r, i0 + j], act[r, f0 + j], act[r, o0 + j], act[r, g0 + j] = gi, gf, go, gg
+            c[r, o_c + j] = gi * gg
+        if m_prev_row >= 0:
+            for j in range(D):
+                c[r, o_c + j] += act[r, f0 + j] * c[m_prev_row, m_col + j]
+        for j in range(D):
+            h[r, o_c + j] = act[r, o0 + j] * _tanh(c[r, o_c + j])
 
     @jit
     def _matvec_add(act, r, off, src, srow, scol, U, urow, D):
-        """``act[r, off:off+4D] += src[srow, scol:scol+D] @ U[urow:urow+D]`` (srow < 0: nothing)."""
+        """``act[r, off:off+4D] += src[srow, scol:scol+D] @ U[urow:urow+D]`` (srow < 0: nothing);
+        four rows of U per pass over the gate row."""
         if srow < 0:
             return
-        for j in range(D):
-            v = src[srow, scol + j]
+        off, scol, urow = max(off, 0), max(scol, 0), max(urow, 0)
+        j = 0
+        while j + 4 <= D:
+            v0, v1, v2, v3 = src[srow, scol + j], src[srow, scol + j + 1], src[srow, scol + j + 2], \
+                src[srow, scol + j + 3]
+            q = urow + j
             for g in range(4 * D):
-                act[r, off + g] += v * U[urow + j, g]
+                act[r, off + g] += (v0 * U[q, g] + v1 * U[q + 1, g]) + (v2 * U[q + 2, g] + v3 * U[q + 3, g])
+            j += 4
+        for jj in range(j, D):
+            v = src[srow, scol + jj]
+            for g in range(4 * D):
+                act[r, off + g] += v * U[urow + jj, g]
 
     @jit
     def _block_forward(h, c, act, x, U_time, U_depth, parent, perm, L, s, b, B, D):
@@ -81,28 +104,36 @@ def build_rows(jit, exp=math.exp):
     def _lstm_backward(dact, dc, act, c, r, off, m_prev_row, m_col, dh, dm_in, D):
         """Backward of :func:`_lstm_forward` given ``dh`` (D,) and ``dm_in`` (D,) on its outputs:
         ``dm = dm_in + dh·o·(1−tanh²m)`` → ``dc[r, off/4 + j]``; gate gradients → ``dact[r, off:]``."""
-        o_c = off // 4
+        i0, f0, o0, g0, m_col = _gate_columns(off, D) + (max(m_col, 0),)
+        o_c = i0 // 4
         for j in range(D):
-            gi, gf, go, gg = act[r, off + j], act[r, off + D + j], act[r, off + 2 * D + j], \
-                act[r, off + 3 * D + j]
+            gi, go, gg = act[r, i0 + j], act[r, o0 + j], act[r, g0 + j]
             tm = _tanh(c[r, o_c + j])
             dm = dm_in[j] + dh[j] * go * (1.0 - tm * tm)
-            mp = c[m_prev_row, m_col + j] if m_prev_row >= 0 else 0.0
             dc[r, o_c + j] = dm
-            dact[r, off + j] = dm * gg * gi * (1.0 - gi)
-            dact[r, off + D + j] = dm * mp * gf * (1.0 - gf)
-            dact[r, off + 2 * D + j] = dh[j] * tm * go * (1.0 - go)
-            dact[r, off + 3 * D + j] = dm * gi * (1.0 - gg * gg)
+            dact[r, i0 + j] = dm * gg * gi * (1.0 - gi)
+            dact[r, o0 + j] = dh[j] * tm * go * (1.0 - go)
+            dact[r, g0 + j] = dm * gi * (1.0 - gg * gg)
+        if m_prev_row >= 0:  # forget gate: dm · m_prev · f(1−f)
+            for j in range(D):
+                gf = act[r, f0 + j]
+                dact[r, f0 + j] = dc[r, o_c + j] * c[m_prev_row, m_col + j] * gf * (1.0 - gf)
+        else:
+            for j in range(D):
+                dact[r, f0 + j] = 0.0
 
-    @jit
+    @jit_reduce
     def _vec_mat_t(out, dact, r, off, U, urow, D):
-        """``out += dact[r, off:off+4D] @ U[urow:urow+D]ᵀ`` (r < 0: nothing)."""
+        """``out += dact[r, off:off+4D] @ U[urow:urow+D]ᵀ`` (r < 0: nothing): per j a dot product
+        over the 4D contiguous gate columns of U's row."""
         if r < 0:
             return
-        for g in range(4 * D):
-            v = dact[r, off + g]
-            for j in range(D):
-                out[j] += v * U[urow + j, g]
+        off, urow = max(off, 0), max(urow, 0)
+        for j in range(D):
+            acc = out[j]
+            for g in range(4 * D):
+                acc += dact[r, off + g] * U[urow + j, g]
+            out[j] = acc
 
     @jit
     def _block_backward(dact, dc, dx, dtop, act, c, U_time, U_depth, parent, child, perm, L, s, b, B, D):
@@ -137,7 +168,8 @@ def build_rows(jit, exp=math.exp):
     return dict(block_forward=_block_forward, block_backward=_block_backward)
 
 
-_ROWS = build_rows(njit(inline="always", **NJIT_OPTS), exp=vexp.exp)
+_ROWS = build_rows(njit(inline="always", **NJIT_OPTS), exp=vexp.exp,
+                   jit_reduce=njit(**dict(NJIT_OPTS, fastmath={"reassoc", "contract"})))
 _block_forward = _ROWS["block_forward"]
 _block_backward = _ROWS["block_backward"]
 
