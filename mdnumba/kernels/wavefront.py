@@ -111,11 +111,22 @@ def _recurrent_backward(dh, dact, U, child, base, s, b, B, D):
         if ch >= 0:
             cr = base + ch * B + b
             off = max(d * G, 0)  # as in _recurrent_forward
-            for j in range(D):
-                acc = dh[r, j]
+            j = 0
+            while j + 4 <= D:  # four units per pass over the child's gate row
+                a0, a1, a2, a3 = dh[r, j], dh[r, j + 1], dh[r, j + 2], dh[r, j + 3]
                 for g in range(G):
-                    acc += dact[cr, g] * U[j, off + g]
-                dh[r, j] = acc
+                    x = dact[cr, g]
+                    a0 += x * U[j, off + g]
+                    a1 += x * U[j + 1, off + g]
+                    a2 += x * U[j + 2, off + g]
+                    a3 += x * U[j + 3, off + g]
+                dh[r, j], dh[r, j + 1], dh[r, j + 2], dh[r, j + 3] = a0, a1, a2, a3
+                j += 4
+            for jj in range(j, D):
+                acc = dh[r, jj]
+                for g in range(G):
+                    acc += dact[cr, g] * U[jj, off + g]
+                dh[r, jj] = acc
 
 
 @njit(**NJIT_OPTS)
