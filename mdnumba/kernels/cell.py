@@ -41,25 +41,28 @@ def cell_code(name: str) -> int:
     return CELLS[name]
 
 
-def build(jit, exp=math.exp):
-    """Compile the row functions with decorator ``jit`` and ``exp`` (the CPU passes the
-    vectorisable :func:`mdnumba.kernels.vexp.exp`); return them in a namespace dict.
+def build(jit, exp=math.exp, sigmoid=None, tanh=None):
+    """Compile the row functions with decorator ``jit`` and ``exp``, ``sigmoid``, ``tanh``
+    (default: σ and tanh from ``exp`` as below; the CPU passes the vectorisable, dtype-typed
+    ones of :mod:`mdnumba.kernels.vexp`); return them in a namespace dict.
 
     ``row_forward`` / ``row_backward`` handle units ``j0 <= j < j1`` of one row: the CPU
     passes the whole row (every stage an innermost loop over j, which LLVM vectorises),
     a CUDA thread its own unit ``(j, j + 1)``.
     """
 
-    @jit
-    def sigmoid(x):
-        """σ(x) = 1 / (1 + e^{-x}); overflow of e^{-x} gives 0, never NaN."""
-        return 1.0 / (1.0 + exp(-x))
+    if sigmoid is None:
+        @jit
+        def sigmoid(x):
+            """σ(x) = 1 / (1 + e^{-x}); overflow of e^{-x} gives 0, never NaN."""
+            return 1.0 / (1.0 + exp(-x))
 
-    @jit
-    def tanh(x):
-        """tanh(x) = 2σ(2x) − 1: one ``exp`` (libm ``tanh`` took 3x as long on the CPU).
-        Exact limits ±1 for large |x|; absolute (not relative) error ~1 ulp near 0."""
-        return 2.0 / (1.0 + exp(-(x + x))) - 1.0
+    if tanh is None:
+        @jit
+        def tanh(x):
+            """tanh(x) = 2σ(2x) − 1: one ``exp`` (libm ``tanh`` took 3x as long on the CPU).
+            Exact limits ±1 for large |x|; absolute (not relative) error ~1 ulp near 0."""
+            return 2.0 / (1.0 + exp(-(x + x))) - 1.0
 
     @jit
     def blk(block, D):

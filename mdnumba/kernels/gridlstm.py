@@ -25,16 +25,17 @@ from . import vexp
 from .cell import build
 
 
-def build_rows(jit, exp=math.exp, jit_reduce=None):
+def build_rows(jit, exp=math.exp, jit_reduce=None, sigmoid=None, tanh=None):
     """Compile the per-row functions with ``jit`` (``njit`` here, ``cuda.jit(device=True)`` in
     :mod:`mdnumba.kernels.gridlstm_cuda`: one source for CPU and GPU); return them in a dict.
 
-    ``exp`` as in :func:`mdnumba.kernels.cell.build`; ``jit_reduce`` (default ``jit``) compiles
-    the dot-product loop, which the CPU lets reassociate so that it vectorises. Column offsets
+    ``exp``, ``sigmoid``, ``tanh`` as in :func:`mdnumba.kernels.cell.build`; ``jit_reduce``
+    (default ``jit``) compiles the dot-product loop, which the CPU lets reassociate so that it
+    vectorises. Column offsets
     are clamped with ``max(.., 0)`` so the CPU loops carry no wrap-around check (see cell.py).
     """
     jit_reduce = jit_reduce or jit
-    _cell = build(jit, exp)
+    _cell = build(jit, exp, sigmoid, tanh)
     _sigmoid, _tanh = _cell["sigmoid"], _cell["tanh"]
 
     @jit
@@ -168,8 +169,8 @@ def build_rows(jit, exp=math.exp, jit_reduce=None):
     return dict(block_forward=_block_forward, block_backward=_block_backward)
 
 
-_ROWS = build_rows(njit(inline="always", **NJIT_OPTS), exp=vexp.exp,
-                   jit_reduce=njit(**dict(NJIT_OPTS, fastmath={"reassoc", "contract"})))
+_ROWS = build_rows(njit(inline="always", **NJIT_OPTS), exp=vexp.exp, sigmoid=vexp.sigmoid,
+                   tanh=vexp.tanh, jit_reduce=njit(**dict(NJIT_OPTS, fastmath={"reassoc", "contract"})))
 _block_forward = _ROWS["block_forward"]
 _block_backward = _ROWS["block_backward"]
 
