@@ -1,10 +1,12 @@
-"""Cell math of one hidden unit, shared by the CPU and the CUDA kernels.
+"""Cell math of a row's hidden units, shared by the CPU and the CUDA kernels.
 
 The functions are written once, as plain Python inside :func:`build`, and
 compiled twice: ``build(njit(...))`` for :mod:`mdnumba.kernels.wavefront` and
 ``build(cuda.jit(device=True))`` for :mod:`mdnumba.kernels.wavefront_cuda`. They
 use only scalar arithmetic, :mod:`math` and array indexing, which both targets
-compile, so CPU and GPU cannot drift apart.
+compile, so CPU and GPU cannot drift apart. They take a range of units ``j0 <= j < j1``
+and run every stage as a loop over it: the CPU passes the whole row (LLVM vectorises each
+loop), a CUDA thread its own unit.
 
 Rows follow :mod:`mdnumba.grid`: row ``r = base + s*B + b`` of skewed cell s, batch
 item b, in the slab of rows starting at ``base`` (one slab per scan direction); the
@@ -21,8 +23,8 @@ The ``cell`` argument is an int code (:data:`CELLS`):
   state is a convex mix of the neighbours' states, so it cannot grow along a diagonal.
 - ``SPATIAL`` (Theis & Bethge 2015): graves gates, ``h = tanh(c·σ(a_o))``.
 
-In every cell ``c = i·g + Σ_d F_d·c_d`` with a *forget factor* ``F_d``
-(:func:`forget_factor`), which is all the pull-form backward needs from a child.
+In every cell ``c = i·g + Σ_d F_d·c_d`` with a *forget factor* ``F_d`` (``f_d``, or
+``f·w_d``), which is all the pull-form backward needs from a child (``child_state_grad``).
 """
 
 from __future__ import annotations
@@ -45,10 +47,6 @@ def build(jit, exp=math.exp, sigmoid=None, tanh=None):
     """Compile the row functions with decorator ``jit`` and ``exp``, ``sigmoid``, ``tanh``
     (default: σ and tanh from ``exp`` as below; the CPU passes the vectorisable, dtype-typed
     ones of :mod:`mdnumba.kernels.vexp`); return them in a namespace dict.
-
-    ``row_forward`` / ``row_backward`` handle units ``j0 <= j < j1`` of one row: the CPU
-    passes the whole row (every stage an innermost loop over j, which LLVM vectorises),
-    a CUDA thread its own unit ``(j, j + 1)``.
     """
 
     if sigmoid is None:
