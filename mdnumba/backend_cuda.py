@@ -291,10 +291,13 @@ class CudaLSTM(DeviceLayer):
         z = self._ws("z", (S * R, C + N * D + 1))
         k.gather_operands(z, xs, h, t.parent, B, D)
         dxs, dxq, dx = self._ws("dxs", (R, C)), self._ws("dxq", (R, C)), self._result("dx", (R, C))
+        if S == 1:  # [dW; dU; db] is contiguous in the flat layout: one GEMM (fewer launches)
+            k.gemm(self.grads.reshape(C + N * D + 1, G), z, dact, ta=True, accumulate=True)
         for q, (gW, gU, gb) in enumerate(self.grad_views):
             zq, dq = z[q * R:(q + 1) * R], dact[q * R:(q + 1) * R]
-            for g_view, lo, hi in ((gW, 0, C), (gU, C, C + N * D), (gb, C + N * D, C + N * D + 1)):
-                k.gemm(g_view, zq[:, lo:hi], dq, ta=True, accumulate=True)
+            if S > 1:  # per direction the three blocks lie apart in the flat layout
+                for g_view, lo, hi in ((gW, 0, C), (gU, C, C + N * D), (gb, C + N * D, C + N * D + 1)):
+                    k.gemm(g_view, zq[:, lo:hi], dq, ta=True, accumulate=True)
             k.gemm(dxs, dq, self.W[q], tb=True)
             k.gather_rows(dxq if q else dx, dxs, t.unskew_src[q])
             if q:
