@@ -391,11 +391,11 @@ class CudaBlockSubsample:
         return out
 
     def forward(self, x):
-        """Blocks of cells → channels on the device (device array out)."""
-        shape = tuple(self.k.as_device(x).shape)
-        self._shape = shape
-        src, _, out_shape = self._table(shape)
-        return self._gather(x, src, out_shape)
+        """Blocks of cells → channels on the device (NumPy or device in, device array out)."""
+        xd = self.k.as_device(x)
+        self._shape = tuple(xd.shape)
+        src, _, out_shape = self._table(self._shape)
+        return self._gather(xd, src, out_shape)
 
     def backward(self, dy):
         """The inverse gather."""
