@@ -140,6 +140,18 @@ class DeviceLayer:
         self.params = cuda.to_device(host)
         self.grads = cuda.to_device(np.zeros(size, self.dtype))
         self._work: dict = {}
+        self._bind()
+
+    def _bind(self) -> None:
+        """Make the named views of ``params`` and ``grads`` (subclass hook)."""
+
+    def rebind(self, params, grads) -> None:
+        """Move parameters and gradients into the given flat device views (e.g. slices of one
+        model-wide buffer, so that zeroing and the optimiser run once over all layers)."""
+        params.copy_to_device(self.params)
+        grads.copy_to_device(self.grads)
+        self.params, self.grads = params, grads
+        self._bind()
 
     def set_params(self, host: np.ndarray) -> None:
         """Upload a flat host parameter vector."""
@@ -215,11 +227,13 @@ class CudaLSTM(DeviceLayer):
         G = (N + 3) * D
         self._init_buffers(params, dtype, S * (C * G + D * N * G + G),
                            f"ndim={N}, in={C}, hidden={D}, directions={S}")
+        self.path, self.use_shared, self.tpb = path, use_shared, threads_per_block
+        self._saved: dict | None = None
+
+    def _bind(self) -> None:
         self.W, self.U, self.b = self._views(self.params)
         #: per direction: the gradient views (dW (C, G), dU (D*N, G), db (1, G))
         self.grad_views = list(zip(*self._views(self.grads, grads=True)))
-        self.path, self.use_shared, self.tpb = path, use_shared, threads_per_block
-        self._saved: dict | None = None
 
     def _views(self, flat, grads: bool = False):
         """``W (S, C, G)``, ``U (S, D, N*G)`` (grads: ``(S, D*N, G)``), ``b (S, G)`` (grads: (S, 1, G))."""
@@ -319,9 +333,12 @@ class CudaLinear(DeviceLayer):
         self.in_features, self.out_features = int(in_features), int(out_features)
         C, F = self.in_features, self.out_features
         self._init_buffers(params, dtype, C * F + F, f"in={C}, out={F}")
+        self._x = None
+
+    def _bind(self) -> None:
+        C, F = self.in_features, self.out_features
         self.W, self.b = self.params[:C * F].reshape(C, F), self.params[C * F:]
         self.gW, self.gb = self.grads[:C * F].reshape(C, F), self.grads[C * F:].reshape(1, F)
-        self._x = None
 
     @classmethod
     def from_layer(cls, layer) -> CudaLinear:
@@ -412,13 +429,39 @@ class _DeviceOptimizer:
         from .kernels import optim_cuda
         require_cuda()
         self.k = optim_cuda
+        #: layer sizes when ``modules`` keeps every layer in one flat buffer (a DeviceModel): the
+        #: norm and the update then run once over it, the state is still saved per layer
+        self._sizes = [m.size for m in modules.layers] if self._is_flat(modules) else None
         super().__init__(modules, **kw)
         self.stats = optim_cuda.scratch(3)
         self.partials = optim_cuda.scratch(len(self.buffers) * optim_cuda.REDUCE_BLOCKS)
 
     @staticmethod
+    def _is_flat(modules) -> bool:
+        return hasattr(modules, "layers") and hasattr(modules, "grads")
+
+    @staticmethod
     def _collect(modules) -> list:
+        if _DeviceOptimizer._is_flat(modules):
+            return [(modules.params, modules.grads)]
         return [(m.params, m.grads) for m in getattr(modules, "layers", modules)]
+
+    def state_dict(self) -> dict:
+        """As the host optimiser's: host arrays, one pair of moments per layer."""
+        state = super().state_dict()
+        if self._sizes:
+            cut = np.cumsum(self._sizes)[:-1]
+            state["m"], state["v"] = np.split(state["m"][0], cut), np.split(state["v"][0], cut)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` output (per-layer moments, as the host optimiser saves them)."""
+        if self._sizes:
+            if len(state["m"]) != len(self._sizes):
+                raise ValueError("optimizer state has a different number of buffers")
+            state = dict(state, m=[np.concatenate([np.ravel(a) for a in state["m"]])],
+                         v=[np.concatenate([np.ravel(a) for a in state["v"]])])
+        super().load_state_dict(state)
 
     @staticmethod
     def _zeros_like(p):

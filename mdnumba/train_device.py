@@ -45,10 +45,26 @@ class DeviceModel(LayerGroup):
         self.stages = [self._device_stage(s) for s in stages]
         self.readout = CudaLinear.from_layer(host.readout)
         self.layers = [s for s in self.stages if hasattr(s, "params")] + [self.readout]
-        for layer in self.layers:
-            layer.reuse_outputs = True  # each result is consumed within the step
         self.dtype = self.readout.dtype
+        self._flat_buffers()
         self._in_shape: tuple | None = None
+
+    def _flat_buffers(self) -> None:
+        """One flat ``params`` and ``grads`` buffer for the whole model, each layer a slice (one
+        launch zeroes every gradient; the optimiser runs once over it)."""
+        from numba import cuda
+        n = sum(layer.size for layer in self.layers)
+        self.params, self.grads = cuda.device_array(n, self.dtype), cuda.device_array(n, self.dtype)
+        off = 0
+        for layer in self.layers:
+            layer.rebind(self.params[off:off + layer.size], self.grads[off:off + layer.size])
+            layer.reuse_outputs = True  # each result is consumed within the step
+            off += layer.size
+        self.zero_grad()
+
+    def zero_grad(self) -> None:
+        """Set every gradient to zero (one launch)."""
+        self.readout.k.fill(self.grads, 0.0)
 
     @staticmethod
     def _device_stage(stage):
@@ -59,7 +75,7 @@ class DeviceModel(LayerGroup):
 
     @property
     def n_params(self) -> int:
-        return sum(layer.size for layer in self.layers)
+        return self.params.size
 
     def forward(self, x):
         """Logits of the host model's shape; saves what backward needs on the device."""
