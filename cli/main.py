@@ -168,15 +168,13 @@ def _make_trainer(out: Path, **kw):
 def train(ctx, out, resume, checkpoint_every, plot, **kw) -> None:
     """Train a model on a generated task; writes log.tsv and a checkpoint."""
     if resume is not None:
-        from mdnumba.train import Trainer
-        steps = kw["steps"] if ctx.get_parameter_source("steps").name != "DEFAULT" else None
-        from mdnumba.backend_cuda import CudaUnavailableError
+        given = {k: kw[k] for k in ("steps", "device") if ctx.get_parameter_source(k).name != "DEFAULT"}
         try:
-            trainer = Trainer.load(resume, steps=steps)
+            trainer = _load_run(resume, **given)
         except CheckpointError as exc:
             raise click.ClickException(str(exc)) from None
-        except (ValueError, CudaUnavailableError) as exc:
-            raise click.UsageError(str(exc).replace("device='cpu'", "--device cpu")) from None
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
         _check_writable(resume)
         click.echo(f"resuming {resume} at step {trainer.step} of {trainer.cfg.steps}")
     else:
@@ -187,6 +185,18 @@ def train(ctx, out, resume, checkpoint_every, plot, **kw) -> None:
     _print_metrics(trainer.evaluate(batches=5))
     if plot:
         _plot_run(trainer)
+
+
+def _load_run(folder: Path, **overrides):
+    """``Trainer.load`` with overrides (e.g. device); a run trained on a GPU that this machine
+    cannot use says to pass ``--device cpu``."""
+    from mdnumba.backend_cuda import CudaUnavailableError
+    from mdnumba.train import Trainer
+    try:
+        return Trainer.load(folder, **overrides)
+    except CudaUnavailableError as exc:
+        raise click.UsageError(f"{folder} was trained with --device cuda: "
+                               + str(exc).replace("device='cpu'", "--device cpu")) from None
 
 
 def _plot_run(trainer) -> None:
@@ -211,12 +221,13 @@ def _plot_run(trainer) -> None:
 @click.option("--temperature", type=float, default=0.8, show_default=True)
 @click.option("--prime", default="", help="text to start from (characters of the vocabulary)")
 @click.option("--seed", type=int, default=0, show_default=True)
-def sample(run, length, temperature, prime, seed) -> None:
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="run on this device instead of the one RUN was trained on")
+def sample(run, length, temperature, prime, seed, device) -> None:
     """Generate text from RUN's char-lm checkpoint."""
     from mdnumba.charlm import CorpusError
-    from mdnumba.train import Trainer
     try:
-        trainer = Trainer.load(run)
+        trainer = _load_run(run, device=device)
         if trainer.cfg.task != "char-lm":
             raise click.UsageError(f"{run} holds a {trainer.cfg.task} run; sample needs a char-lm run")
         click.echo(trainer.sample(length, temperature, seed=seed, prime=prime))
@@ -231,11 +242,12 @@ def sample(run, length, temperature, prime, seed) -> None:
 @click.option("--size", type=click.IntRange(min=1), default=None, help="evaluate at another size")
 @click.option("--batches", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--seed", type=int, default=12345, show_default=True)
-def evaluate(run, size, batches, seed) -> None:
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="run on this device instead of the one RUN was trained on")
+def evaluate(run, size, batches, seed, device) -> None:
     """Reload RUN's checkpoint and report metrics on fresh data."""
-    from mdnumba.train import Trainer
     try:
-        trainer = Trainer.load(run)
+        trainer = _load_run(run, device=device)
         metrics = trainer.evaluate(size=size, batches=batches, seed=seed)
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from None

@@ -64,6 +64,29 @@ def test_evaluate_other_size(runner, tmp_path):
     assert "size 9" in res.output and "second_x_acc" in res.output
 
 
+def test_gpu_run_without_gpu_says_use_device_cpu(runner, tmp_path):
+    """A run trained with --device cuda, reopened where CUDA is unusable, names the fix;
+    --device cpu evaluates and resumes it on the CPU."""
+    from mdnumba.backend_cuda import cuda_available
+    from mdnumba.checkpoint import load_checkpoint, save_checkpoint
+    if cuda_available():
+        pytest.skip("CUDA is usable here")
+    run = tmp_path / "run"
+    assert train(runner, run).exit_code == 0
+    arrays, meta = load_checkpoint(run)
+    meta["config"]["device"] = "cuda"
+    save_checkpoint(run, arrays, meta)
+    for args in (["evaluate", str(run)], ["train", "--resume", str(run), "--steps", "8"]):
+        res = runner.invoke(main, args)
+        assert res.exit_code == 2, res.output
+        assert "--device cpu" in res.output and "trained with --device cuda" in res.output
+    res = runner.invoke(main, ["evaluate", str(run), "--device", "cpu", "--batches", "2"])
+    assert res.exit_code == 0 and "second_x_acc" in res.output, res.output
+    res = runner.invoke(main, ["train", "--resume", str(run), "--steps", "8", "--device", "cpu"])
+    assert res.exit_code == 0 and "resuming" in res.output, res.output
+    assert load_checkpoint(run)[1]["step"] == 8
+
+
 def test_corrupt_checkpoint_is_reported_and_kept(runner, tmp_path):
     assert train(runner, tmp_path / "run").exit_code == 0
     ck = tmp_path / "run" / "checkpoint.npz"
