@@ -96,3 +96,15 @@ def test_stable_layout_and_default_forget_bias():
     four = MDLSTM2D(1, 2, directions=4)
     assert four.params.W.shape == (4, 1, 10) and four.params.U_up.shape == (4, 2, 10)
     assert four.out_channels == 8
+
+
+@pytest.mark.parametrize("cell", ["graves", "stable", "spatial"])
+@pytest.mark.parametrize("ndim,shape,directions", [(2, (3, 3, 4, 2), 1), (2, (3, 2, 3, 1), 4),
+                                                    (3, (3, 2, 2, 3, 1), 1), (1, (5, 4, 2), 2)])
+def test_unrolled_kernel_paths_match_reference(cell, ndim, shape, directions, rng):
+    """hidden 6 (the products' four-unit passes plus a remainder of 2) and odd batches (pairs of
+    batch rows plus a single one) against the float64 reference."""
+    layer = WavefrontLSTM(ndim, shape[-1], 6, seed=4, dtype=np.float64, cell=cell, directions=directions)
+    layer.params.data[...] += rng.standard_normal(layer.params.data.shape) * 0.2
+    x = rng.standard_normal(shape)
+    check_against_reference(layer, x, rng.standard_normal(shape[:-1] + (layer.out_channels,)), 1e-12)

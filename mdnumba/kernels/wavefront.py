@@ -10,7 +10,7 @@ weights (a layer's directions) occupy consecutive slabs of M*B rows and are
 swept together.
 
 Layers, stumpy style: the unit math of :mod:`mdnumba.kernels.cell` ←
-``_recurrent_*`` and ``_cell_*`` (serial, one cell and batch item) ←
+``_recurrent_*`` and ``_cell_*`` (serial, one cell and a pair of batch items) ←
 ``wavefront_forward`` / ``wavefront_backward`` (parallel drivers: hyperplanes in
 order, a ``prange`` over each hyperplane's scans × cells × batch).
 The recurrent products are hand-written row-times-matrix loops rather than a
@@ -46,35 +46,54 @@ def _cell_forward(h, c, act, parent, base, s, b, B, D, cell):
 
 @njit(**NJIT_OPTS)
 def _work_item(t, s0, n, B):
-    """Item t of a hyperplane whose first cell is s0, n = cells*B items per scan: (scan, cell, batch)."""
-    return t // n, s0 + (t % n) // B, t % B
+    """Item t of a hyperplane whose first cell is s0, ``n = cells * ceil(B/2)`` items per scan:
+    (scan, cell, first batch item b, rows nb): a pair of batch items (b, b+1), or b alone at
+    the end of an odd batch."""
+    P = (B + 1) // 2
+    q = t % n
+    b = 2 * (q % P)
+    return t // n, s0 + q // P, b, min(2, B - b)
 
 
 @njit(**_PRODUCT_OPTS)
-def _recurrent_forward(act, h, U, parent, base, s, b, B, D):
-    """``act[r] += Σ_d h[parent_d] @ U_d`` for row ``r = base + s*B + b`` (a row of the plane's GEMM).
+def _product_rows(act, r, h, pr, U, off, G, D, nb):
+    """``act[r+i, :G] += h[pr+i] @ U[:, off:off+G]`` for the ``nb`` (1 or 2) consecutive rows i.
 
-    Four rows of ``U_d`` per pass over ``act[r]``: a quarter of the loads and stores of ``act[r]``
-    (each pass is a vectorised loop over the G gate columns)."""
+    Four rows of U per pass over the gate row (a quarter of its loads and stores), and the two
+    rows of a pair share every load of U; each pass is a vectorised loop over the G columns."""
+    off = max(off, 0)  # provably >= 0: no wrap-around check in the g loops, which then vectorise
+    j = 0
+    while j + 4 <= D:
+        h0, h1, h2, h3 = h[pr, j], h[pr, j + 1], h[pr, j + 2], h[pr, j + 3]
+        if nb == 2:
+            k0, k1, k2, k3 = h[pr + 1, j], h[pr + 1, j + 1], h[pr + 1, j + 2], h[pr + 1, j + 3]
+            for g in range(G):
+                u0, u1, u2, u3 = U[j, off + g], U[j + 1, off + g], U[j + 2, off + g], U[j + 3, off + g]
+                act[r, g] += (h0 * u0 + h1 * u1) + (h2 * u2 + h3 * u3)
+                act[r + 1, g] += (k0 * u0 + k1 * u1) + (k2 * u2 + k3 * u3)
+        else:
+            for g in range(G):
+                act[r, g] += ((h0 * U[j, off + g] + h1 * U[j + 1, off + g])
+                              + (h2 * U[j + 2, off + g] + h3 * U[j + 3, off + g]))
+        j += 4
+    for jj in range(j, D):
+        for i in range(nb):
+            hv = h[pr + i, jj]
+            for g in range(G):
+                act[r + i, g] += hv * U[jj, off + g]
+
+
+@njit(**NJIT_OPTS)
+def _recurrent_forward(act, h, U, parent, base, s, b, nb, B, D):
+    """``act[r] += Σ_d h[parent_d] @ U_d`` for the ``nb`` rows ``r = base + s*B + b (+1)`` (rows of
+    the plane's GEMM)."""
     N = parent.shape[1]
     G = (N + 3) * D
     r = base + s * B + b
     for d in range(N):
         p = parent[s, d]
         if p >= 0:
-            pr = base + p * B + b
-            off = max(d * G, 0)  # provably >= 0: no wrap-around check, the g loop vectorises
-            j = 0
-            while j + 4 <= D:
-                h0, h1, h2, h3 = h[pr, j], h[pr, j + 1], h[pr, j + 2], h[pr, j + 3]
-                for g in range(G):
-                    act[r, g] += ((h0 * U[j, off + g] + h1 * U[j + 1, off + g])
-                                  + (h2 * U[j + 2, off + g] + h3 * U[j + 3, off + g]))
-                j += 4
-            for jj in range(j, D):
-                hv = h[pr, jj]
-                for g in range(G):
-                    act[r, g] += hv * U[jj, off + g]
+            _product_rows(act, r, h, base + p * B + b, U, d * G, G, D, nb)
 
 
 @njit(**NJIT_PARALLEL_OPTS)
@@ -85,48 +104,63 @@ def wavefront_forward(h, c, act, U, diag_off, parent, B, D, cell):
     holding the gate activations; ``h``, ``c`` (S*M*B, D) are written. ``U`` is
     (S, D, N*G): S independent scans (e.g. the directions of a layer) with their
     own weights, each on its own slab of M*B rows, swept together. Hyperplanes run
-    in order; inside one, every (scan, cell, batch item) adds ``Σ_d h_parent_d U_d``
-    to its pre-activation and applies the cell, all in parallel.
+    in order; inside one, every (scan, cell, pair of batch items) adds ``Σ_d h_parent_d U_d``
+    to its pre-activations and applies the cell, all in parallel.
     """
     MB = parent.shape[0] * B
     for k in range(diag_off.shape[0] - 1):
         s0 = diag_off[k]
-        n = (diag_off[k + 1] - s0) * B
+        n = (diag_off[k + 1] - s0) * ((B + 1) // 2)
         for t in prange(U.shape[0] * n):
-            grp, s, b = _work_item(t, s0, n, B)
-            _recurrent_forward(act, h, U[grp], parent, grp * MB, s, b, B, D)
-            _cell_forward(h, c, act, parent, grp * MB, s, b, B, D, cell)
+            grp, s, b, nb = _work_item(t, s0, n, B)
+            _recurrent_forward(act, h, U[grp], parent, grp * MB, s, b, nb, B, D)
+            for bb in range(b, b + nb):
+                _cell_forward(h, c, act, parent, grp * MB, s, bb, B, D, cell)
 
 
 @njit(**_PRODUCT_OPTS)
-def _recurrent_backward(dh, dact, U, child, base, s, b, B, D):
-    """``dh[r] += Σ_d U_dᵀ da_child_d`` for row ``r = base + s*B + b`` (pulled from the children):
-    ``dh[r, j] += Σ_g da_child_d[g] · U_d[j, g]``, a dot product over the G contiguous gate
-    columns (a vectorised reduction)."""
+def _pull_rows(dh, r, dact, cr, U, off, G, D, nb):
+    """``dh[r+i, j] += Σ_g dact[cr+i, g] · U[j, off+g]`` for the ``nb`` (1 or 2) consecutive rows i:
+    dot products over the G contiguous gate columns (vectorised reductions), four units per
+    pass over the child's gate row, the two rows of a pair sharing every load of U."""
+    off = max(off, 0)  # as in _product_rows
+    j = 0
+    while j + 4 <= D:
+        a0, a1, a2, a3 = dh[r, j], dh[r, j + 1], dh[r, j + 2], dh[r, j + 3]
+        if nb == 2:
+            e0, e1, e2, e3 = dh[r + 1, j], dh[r + 1, j + 1], dh[r + 1, j + 2], dh[r + 1, j + 3]
+            for g in range(G):
+                x, y = dact[cr, g], dact[cr + 1, g]
+                u0, u1, u2, u3 = U[j, off + g], U[j + 1, off + g], U[j + 2, off + g], U[j + 3, off + g]
+                a0, a1, a2, a3 = a0 + x * u0, a1 + x * u1, a2 + x * u2, a3 + x * u3
+                e0, e1, e2, e3 = e0 + y * u0, e1 + y * u1, e2 + y * u2, e3 + y * u3
+            dh[r + 1, j], dh[r + 1, j + 1], dh[r + 1, j + 2], dh[r + 1, j + 3] = e0, e1, e2, e3
+        else:
+            for g in range(G):
+                x = dact[cr, g]
+                a0, a1, a2, a3 = (a0 + x * U[j, off + g], a1 + x * U[j + 1, off + g],
+                                  a2 + x * U[j + 2, off + g], a3 + x * U[j + 3, off + g])
+        dh[r, j], dh[r, j + 1], dh[r, j + 2], dh[r, j + 3] = a0, a1, a2, a3
+        j += 4
+    for jj in range(j, D):
+        for i in range(nb):
+            acc = dh[r + i, jj]
+            for g in range(G):
+                acc += dact[cr + i, g] * U[jj, off + g]
+            dh[r + i, jj] = acc
+
+
+@njit(**NJIT_OPTS)
+def _recurrent_backward(dh, dact, U, child, base, s, b, nb, B, D):
+    """``dh[r] += Σ_d U_dᵀ da_child_d`` for the ``nb`` rows ``r = base + s*B + b (+1)``, pulled from
+    the children on the finished hyperplane."""
     N = child.shape[1]
     G = (N + 3) * D
     r = base + s * B + b
     for d in range(N):
         ch = child[s, d]
         if ch >= 0:
-            cr = base + ch * B + b
-            off = max(d * G, 0)  # as in _recurrent_forward
-            j = 0
-            while j + 4 <= D:  # four units per pass over the child's gate row
-                a0, a1, a2, a3 = dh[r, j], dh[r, j + 1], dh[r, j + 2], dh[r, j + 3]
-                for g in range(G):
-                    x = dact[cr, g]
-                    a0 += x * U[j, off + g]
-                    a1 += x * U[j + 1, off + g]
-                    a2 += x * U[j + 2, off + g]
-                    a3 += x * U[j + 3, off + g]
-                dh[r, j], dh[r, j + 1], dh[r, j + 2], dh[r, j + 3] = a0, a1, a2, a3
-                j += 4
-            for jj in range(j, D):
-                acc = dh[r, jj]
-                for g in range(G):
-                    acc += dact[cr, g] * U[jj, off + g]
-                dh[r, jj] = acc
+            _pull_rows(dh, r, dact, base + ch * B + b, U, d * G, G, D, nb)
 
 
 @njit(**NJIT_OPTS)
@@ -147,11 +181,12 @@ def wavefront_backward(dact, dc, dh, act, c, U, diag_off, parent, child, B, D, c
     MB = parent.shape[0] * B
     for k in range(diag_off.shape[0] - 2, -1, -1):
         s0 = diag_off[k]
-        n = (diag_off[k + 1] - s0) * B
+        n = (diag_off[k + 1] - s0) * ((B + 1) // 2)
         for t in prange(U.shape[0] * n):
-            grp, s, b = _work_item(t, s0, n, B)
-            _recurrent_backward(dh, dact, U[grp], child, grp * MB, s, b, B, D)
-            _cell_backward(dact, dc, dh, act, c, parent, child, grp * MB, s, b, B, D, cell)
+            grp, s, b, nb = _work_item(t, s0, n, B)
+            _recurrent_backward(dh, dact, U[grp], child, grp * MB, s, b, nb, B, D)
+            for bb in range(b, b + nb):
+                _cell_backward(dact, dc, dh, act, c, parent, child, grp * MB, s, bb, B, D, cell)
 
 
 @njit(**NJIT_PARALLEL_OPTS)
