@@ -149,24 +149,25 @@ class DeviceTrainer(Trainer):
         batches = [self.sample(self.rng, self.cfg.size_at(start + i)) for i in range(n)]
         xs, ys = self._upload([b.x for b in batches]), self._upload([b.y for b in batches])
         index, offsets = self._probe_plan(batches)
+        index_dev = self._cuda.to_device(index)
         probes = self._cuda.device_array(offsets[-1], dtype=self.model.dtype)
         record = self.k.scratch(2 * n)  # [loss_0..loss_{n-1} | norm_0..norm_{n-1}]
-        done = 0
         try:
             for i in range(n):
                 prob = self._device_step(xs[i], ys[i], record, i, n)
                 self.k.gather_flat(probes[offsets[i]:offsets[i + 1]], prob,
-                                   index[offsets[i]:offsets[i + 1]])
+                                   index_dev[offsets[i]:offsets[i + 1]])
                 self.step += 1
-                done += 1
         except KeyboardInterrupt:
             self.rng.bit_generator.state = rng_state
-            for i in range(done):
+            for i in range(self.step - start):
                 self.sample(self.rng, self.cfg.size_at(start + i))
+        done = self.step - start
         rec, values = record.copy_to_host(), probes.copy_to_host()
         per_step = (time.perf_counter() - t0) / max(done, 1)
-        return [self._metrics(batches[i], rec[i], rec[n + i], values[offsets[i]:offsets[i + 1]],
-                              start + i + 1, per_step) for i in range(done)]
+        return [self._metrics(batches[i], rec[i], rec[n + i], index[offsets[i]:offsets[i + 1]],
+                              values[offsets[i]:offsets[i + 1]], start + i + 1, per_step)
+                for i in range(done)]
 
     def _device_step(self, x, y, record, i: int, n: int):
         """Forward, loss into ``record[i]``, backward, optimiser (norm into ``record[n + i]``);
@@ -179,12 +180,14 @@ class DeviceTrainer(Trainer):
         self.opt.step(sync=False, record=(record, n + i))
         return prob
 
-    def _metrics(self, batch, loss: float, norm: float, values, step: int, seconds: float) -> dict:
-        """The task's metrics from the probed probabilities (placed into an otherwise empty array)."""
+    def _metrics(self, batch, loss: float, norm: float, index, values, step: int,
+                 seconds: float) -> dict:
+        """The task's metrics from the probed probabilities ``values`` at flat ``index``
+        (placed into an otherwise empty array)."""
         if not np.isfinite(norm):
             raise FloatingPointError(f"{NONFINITE_GRADIENT} (step {step})")
         prob = np.zeros(batch.y.shape, dtype=values.dtype)
-        prob.reshape(-1)[self._probe(batch)] = values
+        prob.reshape(-1)[index] = values
         m = self.task.metrics(prob, float(loss), batch)
         m["time"] = seconds
         return m
@@ -197,10 +200,10 @@ class DeviceTrainer(Trainer):
         return self.task.probe(batch.y.shape, batch)
 
     def _probe_plan(self, batches):
-        """(device index array of every step's probe, offsets of each step's slice)."""
+        """(every step's probe indices, concatenated; offsets of each step's slice)."""
         idx = [self._probe(b) for b in batches]
         offsets = np.concatenate([[0], np.cumsum([len(i) for i in idx])]).astype(int)
-        return self._cuda.to_device(np.concatenate(idx).astype(np.int64)), offsets
+        return np.concatenate(idx).astype(np.int64), offsets
 
     def _upload(self, arrays: list) -> list:
         """One host→device copy per run of equal-shape arrays; returns per-step device views."""
