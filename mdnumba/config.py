@@ -6,6 +6,8 @@ place to change them. Environment variables override the defaults:
 - ``MDNUMBA_FASTMATH=1`` compiles the CPU kernels with ``fastmath=True``
   (slightly faster, loses the bit-exact agreement with the reference).
 - ``MDNUMBA_THREADS_PER_BLOCK`` sets the CUDA block size (default 128).
+- ``MDNUMBA_CUDA_ROWS_PER_THREAD`` sets how many batch rows one CUDA sweep thread
+  computes (default 4): each recurrent weight it loads serves that many rows.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ SUPPORTED_DTYPES = (np.float32, np.float64)
 FASTMATH: bool = os.environ.get("MDNUMBA_FASTMATH", "0") == "1"
 CACHE: bool = os.environ.get("MDNUMBA_CACHE", "1") == "1"
 THREADS_PER_BLOCK: int = int(os.environ.get("MDNUMBA_THREADS_PER_BLOCK", "128"))
+CUDA_ROWS_PER_THREAD: int = int(os.environ.get("MDNUMBA_CUDA_ROWS_PER_THREAD", "4"))
 
 #: keyword arguments shared by every serial CPU kernel
 #: (error_model="numpy": float division by zero gives inf/NaN instead of raising, which lets
