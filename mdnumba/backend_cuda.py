@@ -267,14 +267,12 @@ class CudaLSTM(DeviceLayer):
         xs, act = self._ws("xs", (S * R, C)), self._ws("act", (S * R, G))
         h, c = self._ws("h", (S * R, D)), self._ws("c", (S * R, D))
         out = self._result("out", (R, S, D))
+        k.skew_rows(xs, xd.reshape(R, 1, C), t.skew_src)
         for q in range(S):
-            k.gather_rows(xs[q * R:(q + 1) * R], xd.reshape(R, C), t.skew_src[q])
             k.gemm(act[q * R:(q + 1) * R], xs[q * R:(q + 1) * R], self.W[q], self.b[q])
         k.wavefront_forward(h, c, act, self.U, t.diag_off, t.parent, B, D, self.cell_code,
                             path=self.path, use_shared=self.use_shared, tpb=self.tpb,
-                            diag_off_host=t.diag_off_host)
-        for q in range(S):
-            k.gather_rows(out[:, q, :], h[q * R:(q + 1) * R], t.unskew_src[q])
+                            diag_off_host=t.diag_off_host, out=out, out_src=t.unskew_src)
         self._saved = dict(tables=t, shape=(B,) + dims + (S * D,))
         out = out.reshape((B,) + dims + (S * D,))
         return out.copy_to_host() if host_in else out
@@ -295,27 +293,23 @@ class CudaLSTM(DeviceLayer):
         B, R, G = t.batch, t.n_cells * t.batch, (N + 3) * D
         dhs = self._ws("dhs", (S * R, D))
         dact, dc = self._ws("dact", (S * R, G)), self._ws("dc", (S * R, D))
-        dh3 = dhd.reshape(R, S, D)
-        for q in range(S):
-            k.gather_rows(dhs[q * R:(q + 1) * R], dh3[:, q, :], t.skew_src[q])
         act, c, h, xs = (self._work[n] for n in ("act", "c", "h", "xs"))
+        z = self._ws("z", (S * R, C + N * D + 1))
         k.wavefront_backward(dact, dc, dhs, act, c, self.U, t.diag_off, t.parent, t.child, B, D,
                              self.cell_code, path=self.path, use_shared=self.use_shared, tpb=self.tpb,
-                             diag_off_host=t.diag_off_host)
-        z = self._ws("z", (S * R, C + N * D + 1))
-        k.gather_operands(z, xs, h, t.parent, B, D)
-        dxs, dxq, dx = self._ws("dxs", (R, C)), self._ws("dxq", (R, C)), self._result("dx", (R, C))
+                             diag_off_host=t.diag_off_host, dh_in=dhd.reshape(R, S, D), dh_src=t.skew_src,
+                             operands=(z, xs, h))
         if S == 1:  # [dW; dU; db] is contiguous in the flat layout: one GEMM (fewer launches)
             k.gemm(self.grads.reshape(C + N * D + 1, G), z, dact, ta=True, accumulate=True)
+        dxs = self._ws("dxs", (S * R, C))
         for q, (gW, gU, gb) in enumerate(self.grad_views):
             zq, dq = z[q * R:(q + 1) * R], dact[q * R:(q + 1) * R]
             if S > 1:  # per direction the three blocks lie apart in the flat layout
                 for g_view, lo, hi in ((gW, 0, C), (gU, C, C + N * D), (gb, C + N * D, C + N * D + 1)):
                     k.gemm(g_view, zq[:, lo:hi], dq, ta=True, accumulate=True)
-            k.gemm(dxs, dq, self.W[q], tb=True)
-            k.gather_rows(dxq if q else dx, dxs, t.unskew_src[q])
-            if q:
-                k.axpby(dx.reshape(dx.size), dx.reshape(dx.size), 1.0, dxq.reshape(dxq.size), 1.0)
+            k.gemm(dxs[q * R:(q + 1) * R], dq, self.W[q], tb=True)
+        dx = self._result("dx", (R, C))
+        k.unskew_rows(dx.reshape(R, 1, C), dxs, t.unskew_src)  # Σ_q unflip_q(dact_q W_qᵀ)
         dx = dx.reshape(want[:-1] + (C,))
         return dx.copy_to_host() if host_in else dx
 

@@ -216,10 +216,93 @@ def _backward_plane(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, ce
         _unit_backward(dact, dc, dh, act, c, UTf, uo, parent, child, lo, s, b0, nb, j, B, D, cell)
 
 
+# ---------------------------------------------------------------- around the sweeps
+@cuda.jit(device=True)
+def _skew(out, inp, src, start, stride):
+    """``out[q*R + r, f] = inp[src[q, r], q % inp.shape[1], f]`` (``R = src.shape[1]``): rows of
+    every direction q into skewed order; ``inp`` is (rows, S, F), or (rows, 1, F) when all
+    directions read the same rows (the layer input)."""
+    S, R = src.shape
+    F = inp.shape[2]
+    for t in range(start, S * R * F, stride):
+        qr = t // F
+        f = t - qr * F
+        q = qr // R
+        out[qr, f] = inp[src[q, qr - q * R], q % inp.shape[1], f]
+
+
+@cuda.jit(device=True)
+def _unskew(out, inp, src, start, stride):
+    """``out[r, p, f] = Σ_{q ≡ p mod P} inp[q*R + src[q, r], f]`` for ``out`` (R, P, F): P = S
+    puts direction q's rows back in grid order at channel block q, P = 1 sums the directions
+    (in the order q = 0, 1, ..)."""
+    S = src.shape[0]
+    R, P, F = out.shape
+    for t in range(start, R * P * F, stride):
+        rp = t // F
+        f = t - rp * F
+        r = rp // P
+        p = rp - r * P
+        acc = inp[p * R + src[p, r], f]
+        for q in range(p + P, S, P):
+            acc += inp[q * R + src[q, r], f]
+        out[r, p, f] = acc
+
+
+@cuda.jit(device=True)
+def _operands(z, xs, h, parent, B, D, start, stride):
+    """``z[r] = [xs[r] | hpar[r] | 1]`` with ``hpar[r, j*N + d] = h[parent_d(s)*B + b, j]`` (0 without
+    parent; within r's scan slab of M*B rows), so that ``zᵀ @ dact`` is ``[dW; dU; db]`` in the
+    flat parameter order."""
+    N = parent.shape[1]
+    C = xs.shape[1]
+    W = z.shape[1]
+    MB = parent.shape[0] * B
+    for t in range(start, z.shape[0] * W, stride):
+        r = t // W
+        col = t % W
+        lo = r - r % MB
+        if col < C:
+            z[r, col] = xs[r, col]
+        elif col == W - 1:
+            z[r, col] = 1
+        else:
+            j = (col - C) // N
+            d = (col - C) % N
+            p = parent[(r - lo) // B, d]
+            if p >= 0:
+                z[r, col] = h[lo + p * B + r % B, j]
+            else:
+                z[r, col] = 0
+
+
+@cuda.jit(device=True)
+def _backward_prologue(UTf, U, dh, dh_in, dh_src, z, xs, h, parent, B, D, start, stride):
+    """What the backward sweep needs and does not depend on: ``UT_q[g, d*D + j] = U_q[j, d*G + g]``
+    (into ``UTf``, flat), the skewed upstream gradient ``dh`` from ``dh_in`` (:func:`_skew`; skipped
+    when ``dh_src`` is empty) and the weight-gradient operands ``z`` (:func:`_operands`; skipped
+    when ``z`` is empty)."""
+    S, _, NG = U.shape
+    N = parent.shape[1]
+    G = NG // N
+    for t in range(start, U.size, stride):
+        q = t // (D * NG)
+        e = t - q * D * NG
+        j = e // NG
+        dg = e - j * NG
+        d = dg // G
+        UTf[q * D * NG + (dg - d * G) * N * D + d * D + j] = U[q, j, dg]
+    if dh_src.shape[0] > 0:
+        _skew(dh, dh_in, dh_src, start, stride)
+    if z.shape[0] > 0:
+        _operands(z, xs, h, parent, B, D, start, stride)
+
+
 # ---------------------------------------------------------------- sweep kernels
 @cuda.jit(**_JIT)
-def _forward_coop(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared):
-    """All hyperplanes k = 0..K-1 in one cooperative launch, grid sync in between (``Uf`` = U flat)."""
+def _forward_coop(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, out, out_src):
+    """All hyperplanes k = 0..K-1 in one cooperative launch, grid sync in between (``Uf`` = U
+    flat); then ``out`` = h in grid order (:func:`_unskew`) unless ``out_src`` is empty."""
     grid = cuda.cg.this_grid()
     shared = cuda.shared.array(0, Uf.dtype)
     _stage(shared, Uf, use_shared)
@@ -230,10 +313,12 @@ def _forward_coop(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared):
     for k in range(diag_off.shape[0] - 1):
         _forward_plane(h, c, act, Uf, diag_off, parent, B, D, cell, k, start, stride)
         grid.sync()
+    if out_src.shape[0] > 0:
+        _unskew(out, h, out_src, start, stride)
 
 
 @cuda.jit(**_JIT)
-def _forward_diag(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, k):
+def _forward_diag(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, out, out_src, k):
     """Hyperplane k only (one launch per hyperplane)."""
     shared = cuda.shared.array(0, Uf.dtype)
     _stage(shared, Uf, use_shared)
@@ -243,29 +328,47 @@ def _forward_diag(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, k):
 
 
 @cuda.jit(**_JIT)
-def _backward_coop(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, use_shared):
-    """All hyperplanes k = K-1..0 in one cooperative launch, grid sync in between (``UTf`` = UT flat)."""
+def _backward_coop(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, use_shared,
+                   U, dh_in, dh_src, z, xs, h):
+    """:func:`_backward_prologue`, a grid sync, then all hyperplanes k = K-1..0 in one
+    cooperative launch, grid sync in between (``UTf`` = UT flat)."""
     grid = cuda.cg.this_grid()
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    _backward_prologue(UTf, U, dh, dh_in, dh_src, z, xs, h, parent, B, D, start, stride)
+    grid.sync()
     shared = cuda.shared.array(0, UTf.dtype)
     _stage(shared, UTf, use_shared)
     if use_shared:
         UTf = shared
-    start = cuda.grid(1)
-    stride = cuda.gridsize(1)
     for k in range(diag_off.shape[0] - 2, -1, -1):
         _backward_plane(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, k, start, stride)
         grid.sync()
 
 
 @cuda.jit(**_JIT)
-def _backward_diag(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, use_shared, k):
-    """Hyperplane k only (one launch per hyperplane)."""
+def _backward_diag(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, use_shared,
+                   U, dh_in, dh_src, z, xs, h, k):
+    """Hyperplane k only (one launch per hyperplane; :func:`_backward_pre` ran before)."""
     shared = cuda.shared.array(0, UTf.dtype)
     _stage(shared, UTf, use_shared)
     if use_shared:
         UTf = shared
     _backward_plane(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, k,
                     cuda.grid(1), cuda.gridsize(1))
+
+
+@cuda.jit(**_JIT)
+def _forward_post(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, out, out_src):
+    """The epilogue of :func:`_forward_coop` as its own launch (per-diagonal path)."""
+    _unskew(out, h, out_src, cuda.grid(1), cuda.gridsize(1))
+
+
+@cuda.jit(**_JIT)
+def _backward_pre(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, use_shared,
+                  U, dh_in, dh_src, z, xs, h):
+    """:func:`_backward_prologue` as its own launch (per-diagonal path)."""
+    _backward_prologue(UTf, U, dh, dh_in, dh_src, z, xs, h, parent, B, D, cuda.grid(1), cuda.gridsize(1))
 
 
 # ---------------------------------------------------------------- bulk kernels
@@ -392,43 +495,15 @@ def _gather_rows(out, inp, src):
 
 
 @cuda.jit(**_JIT)
-def _gather_operands(z, xs, h, parent, B, D):
-    """``z[r] = [xs[r] | hpar[r] | 1]`` with ``hpar[r, j*N + d] = h[parent_d(s)*B + b, j]`` (0 without
-    parent; within r's scan slab of M*B rows), so that ``zᵀ @ dact`` is ``[dW; dU; db]`` in the
-    flat parameter order."""
-    N = parent.shape[1]
-    C = xs.shape[1]
-    W = z.shape[1]
-    MB = parent.shape[0] * B
-    for t in range(cuda.grid(1), z.shape[0] * W, cuda.gridsize(1)):
-        r = t // W
-        col = t % W
-        lo = r - r % MB
-        if col < C:
-            z[r, col] = xs[r, col]
-        elif col == W - 1:
-            z[r, col] = 1
-        else:
-            j = (col - C) // N
-            d = (col - C) % N
-            p = parent[(r - lo) // B, d]
-            if p >= 0:
-                z[r, col] = h[lo + p * B + r % B, j]
-            else:
-                z[r, col] = 0
+def _skew_rows(out, inp, src):
+    """:func:`_skew` as a kernel."""
+    _skew(out, inp, src, cuda.grid(1), cuda.gridsize(1))
 
 
 @cuda.jit(**_JIT)
-def _transpose_recurrent(UT, U, N):
-    """``UT[g, d*D + j] = U[j, d*G + g]`` (U viewed (D, N, G), UT viewed (G, N, D))."""
-    D = U.shape[0]
-    G = UT.shape[0]
-    for t in range(cuda.grid(1), U.size, cuda.gridsize(1)):
-        j = t // (N * G)
-        q = t % (N * G)
-        d = q // G
-        g = q % G
-        UT[g, d * D + j] = U[j, q]
+def _unskew_rows(out, inp, src):
+    """:func:`_unskew` as a kernel."""
+    _unskew(out, inp, src, cuda.grid(1), cuda.gridsize(1))
 
 
 @cuda.jit(**_JIT)
@@ -461,11 +536,12 @@ def as_device(x):
 
 
 class _Args:
-    """Device views of launcher arguments; NumPy outputs are copied back by :meth:`finish`."""
+    """Device views of launcher arguments (None stays None); NumPy outputs are copied back by
+    :meth:`finish`."""
 
     def __init__(self, *arrays):
         self.host = arrays
-        self.dev = [as_device(a) for a in arrays]
+        self.dev = [None if a is None else as_device(a) for a in arrays]
 
     def finish(self, *out_index: int) -> None:
         for i in out_index:
@@ -518,11 +594,13 @@ def _coop_grid(kernel, args, tpb: int, shmem: int, needed_blocks: int) -> int:
 
 
 def _sweep(coop, diag, args, diag_off_host, rows_per_cell: int, D: int, shmem: int, path: str | None,
-           tpb: int, reverse: bool) -> str:
+           tpb: int, reverse: bool, pre=None, post=None, extra_items: int = 0) -> str:
     """Run a sweep on the requested path; return a description of the path taken.
 
     A hyperplane of n cells has ``n * rows_per_cell * D`` work items (rows per cell: scans x
-    batch, or scans x row groups).
+    batch, or scans x row groups). ``pre`` / ``post``: kernels taking ``args`` that do what the
+    cooperative kernel does before / after its sweep (``extra_items`` grid-stride items),
+    launched around the per-diagonal launches.
     """
     path = path or DEFAULT_PATH
     if path not in PATHS:
@@ -531,17 +609,21 @@ def _sweep(coop, diag, args, diag_off_host, rows_per_cell: int, D: int, shmem: i
     K = len(items)
     if path != "per-diagonal" and not (path == "auto" and _state["coop_error"]):
         try:
-            grid = _coop_grid(coop, args, tpb, shmem, _blocks(items.max(), tpb, 1 << 30))
+            grid = _coop_grid(coop, args, tpb, shmem, _blocks(max(items.max(), extra_items), tpb, 1 << 30))
             coop[grid, tpb, 0, shmem](*args)
             return f"cooperative ({grid} blocks x {tpb} threads, {K} grid syncs)"
         except Exception as exc:  # missing cudadevrt, no cooperative launch, ...
             if path == "cooperative":
                 raise
             _state["coop_error"] = f"{type(exc).__name__}: {exc}"
+    if pre is not None:
+        pre[_blocks(extra_items, tpb), tpb](*args)
     order = range(K - 1, -1, -1) if reverse else range(K)
     launch = diag.specialize(*args, 0)  # resolve argument types once, not at each of the K launches
     for k in order:
         launch[_blocks(items[k], tpb), tpb, 0, shmem](*args, k)
+    if post is not None:
+        post[_blocks(extra_items, tpb), tpb](*args)
     why = f"; cooperative failed: {_state['coop_error']}" if path == "auto" else ""
     return f"per-diagonal ({K} launches{why})"
 
@@ -568,57 +650,70 @@ def last_path() -> str | None:
 
 
 # ---------------------------------------------------------------- host launchers
+def _none(dtype, ndim: int):
+    """An empty device array standing in for an unused optional kernel argument."""
+    return _scratch("none", (0,) * ndim, dtype)
+
+
 def wavefront_forward(h, c, act, U, diag_off, parent, B: int, D: int, cell: int, *,
                       path: str | None = None, use_shared: bool | None = None, tpb: int | None = None,
-                      diag_off_host: np.ndarray | None = None) -> None:
+                      diag_off_host: np.ndarray | None = None, out=None, out_src=None) -> None:
     """CUDA twin of :func:`mdnumba.kernels.wavefront.wavefront_forward` (same arguments).
 
     ``act`` enters holding ``W x + b`` and leaves holding the gate activations;
     ``h``, ``c`` are written. ``path``: "auto" (cooperative, else per-diagonal),
     "cooperative" or "per-diagonal"; ``use_shared``: stage U in shared memory
-    (None: when it fits).
+    (None: when it fits). With ``out`` (R, S, D) and ``out_src`` (S, R) the same launch
+    then writes ``out[r, q] = h[q*R + out_src[q, r]]`` (the output in grid order).
     """
     tpb = _tpb(tpb)
-    a = _Args(h, c, act, U, diag_off, parent)
+    a = _Args(h, c, act, U, diag_off, parent, out, out_src)
     shared = _use_shared(a.dev[3], use_shared)
     shmem = a.dev[3].nbytes if shared else 0
     host_off = _host_ints(diag_off if diag_off_host is None else diag_off_host)
-    h_, c_, act_, U_, off_, par_ = a.dev
-    args = (h_, c_, act_, U_.reshape(U_.size), off_, par_, int(B), int(D), int(cell), shared)
+    h_, c_, act_, U_, off_, par_, out_, src_ = a.dev
+    if out_ is None:
+        out_, src_ = _none(h_.dtype, 3), _none(np.int64, 2)
+    args = (h_, c_, act_, U_.reshape(U_.size), off_, par_, int(B), int(D), int(cell), shared, out_, src_)
     desc = _sweep(_forward_coop, _forward_diag, args, host_off, U_.shape[0] * _row_groups(B), D, shmem,
-                  path, tpb,
-                  reverse=False)
+                  path, tpb, reverse=False, post=_forward_post if src_.size else None,
+                  extra_items=out_.size)
     _record(desc, shared)
-    a.finish(0, 1, 2)
+    a.finish(0, 1, 2, 6)
 
 
 def wavefront_backward(dact, dc, dh, act, c, U, diag_off, parent, child, B: int, D: int, cell: int, *,
                        path: str | None = None, use_shared: bool | None = None, tpb: int | None = None,
-                       diag_off_host: np.ndarray | None = None) -> None:
+                       diag_off_host: np.ndarray | None = None, dh_in=None, dh_src=None,
+                       operands=None) -> None:
     """CUDA twin of :func:`mdnumba.kernels.wavefront.wavefront_backward` (same arguments).
 
     ``dh`` enters holding dL/dh from above and is completed in place; ``dact``
     and ``dc`` are written. ``U`` (S, D, N*G) is transposed first into ``UT`` (S, G, N*D),
     ``UT[.., g, d*D + j] = U[.., j, d*G + g]``, so that the threads of consecutive units read
-    consecutive weights. Keywords as in :func:`wavefront_forward`.
+    consecutive weights. Keywords as in :func:`wavefront_forward`. Done first in the same
+    launch: with ``dh_in`` (R, S, D) and ``dh_src`` (S, R), ``dh[q*R + r] = dh_in[dh_src[q, r], q]``
+    (so ``dh`` need not hold anything yet); with ``operands=(z, xs, h)``,
+    ``z = [xs | h_parents | 1]`` (:func:`_operands`).
     """
     tpb = _tpb(tpb)
-    a = _Args(dact, dc, dh, act, c, U, diag_off, parent, child)
-    U_, N = a.dev[5], a.dev[7].shape[1]
-    UT = _scratch("UT", (U_.shape[0], (N + 3) * D, N * D), U_.dtype)
-    for q in range(U_.shape[0]):
-        _transpose_recurrent[_blocks(U_[q].size, tpb), tpb](UT[q], U_[q], N)
-    a.dev[5] = UT
-    shared = _use_shared(a.dev[5], use_shared)
-    shmem = a.dev[5].nbytes if shared else 0
+    z, xs, h = operands if operands is not None else (None, None, None)
+    a = _Args(dact, dc, dh, act, c, U, diag_off, parent, child, dh_in, dh_src, z, xs, h)
+    dev = a.dev
+    U_, dt = dev[5], dev[0].dtype
+    for i, ndim in ((9, 3), (10, 2), (11, 2), (12, 2), (13, 2)):
+        if dev[i] is None:
+            dev[i] = _none(np.int64 if i == 10 else dt, ndim)
+    UT = _scratch("UT", (U_.size,), dt)
+    shared = _use_shared(UT, use_shared)
+    shmem = UT.nbytes if shared else 0
     host_off = _host_ints(diag_off if diag_off_host is None else diag_off_host)
-    dev = list(a.dev)
-    scans = dev[5].shape[0]
-    dev[5] = dev[5].reshape(dev[5].size)
-    desc = _sweep(_backward_coop, _backward_diag, (*dev, int(B), int(D), int(cell), shared), host_off,
-                  scans * _row_groups(B), D, shmem, path, tpb, reverse=True)
+    args = (*dev[:5], UT, *dev[6:9], int(B), int(D), int(cell), shared, U_, *dev[9:])
+    desc = _sweep(_backward_coop, _backward_diag, args, host_off, U_.shape[0] * _row_groups(B), D, shmem,
+                  path, tpb, reverse=True, pre=_backward_pre,
+                  extra_items=max(U_.size, dev[2].size, dev[11].size))
     _record(desc, shared)
-    a.finish(0, 1, 2)
+    a.finish(0, 1, 2, 11)
 
 
 def gemm(out, a, bm, bias=None, *, ta: bool = False, tb: bool = False, accumulate: bool = False,
@@ -680,19 +775,29 @@ def _gemm_tiled_launch(out, a, bm, bias, M, N, K, ta, tb, mode, nsplit) -> None:
     _reduce_parts[_blocks(M * N, tpb), tpb](out, parts, bias, mode)
 
 
+def skew_rows(out, inp, src) -> None:
+    """``out[q*R + r] = inp[src[q, r], q % inp.shape[1]]`` for ``inp`` (rows, S or 1, F) and
+    ``src`` (S, R): every direction's rows in skewed order, one launch."""
+    x = _Args(out, inp, src)
+    tpb = _tpb(None)
+    _skew_rows[_blocks(x.dev[0].size, tpb), tpb](*x.dev)
+    x.finish(0)
+
+
+def unskew_rows(out, inp, src) -> None:
+    """``out[r, p] = Σ_{q ≡ p mod P} inp[q*R + src[q, r]]`` for ``out`` (R, P, F), ``src`` (S, R):
+    P = S restores each direction's grid order, P = 1 also sums the directions; one launch."""
+    x = _Args(out, inp, src)
+    tpb = _tpb(None)
+    _unskew_rows[_blocks(x.dev[0].size, tpb), tpb](*x.dev)
+    x.finish(0)
+
+
 def gather_rows(out, inp, src) -> None:
     """``out[r, :F] = inp[src[r]]`` for every row r (``F = inp.shape[1]``)."""
     x = _Args(out, inp, src)
     tpb = _tpb(None)
     _gather_rows[_blocks(x.dev[0].shape[0] * x.dev[1].shape[1], tpb), tpb](*x.dev)
-    x.finish(0)
-
-
-def gather_operands(z, xs, h, parent, B: int, D: int) -> None:
-    """``z = [xs | hpar | 1]`` (R, C + N*D + 1); ``hpar`` as CPU :func:`gather_parents`."""
-    x = _Args(z, xs, h, parent)
-    tpb = _tpb(None)
-    _gather_operands[_blocks(x.dev[0].size, tpb), tpb](*x.dev, int(B), int(D))
     x.finish(0)
 
 
