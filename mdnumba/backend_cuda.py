@@ -277,11 +277,12 @@ class CudaLSTM(DeviceLayer):
         out = out.reshape((B,) + dims + (S * D,))
         return out.copy_to_host() if host_in else out
 
-    def backward(self, dh):
+    def backward(self, dh, input_grad: bool = True):
         """dL/dx for upstream ``dh`` = dL/dh; adds ``[dW; dU; db]_q += z_qᵀ dact_q`` into ``grads``.
 
         ``z = [x | h_parents | 1]`` per row, so a direction's weight gradients are
-        one GEMM (three column blocks); ``dx = Σ_q unflip_q(dact_q W_qᵀ)``.
+        one GEMM (three column blocks); ``dx = Σ_q unflip_q(dact_q W_qᵀ)``. ``input_grad=False``
+        skips dx (the layer reads the data: two launches fewer) and returns None.
         """
         if self._saved is None:
             raise RuntimeError("backward() called before forward(); run forward(x) first")
@@ -307,7 +308,10 @@ class CudaLSTM(DeviceLayer):
             if S > 1:  # per direction the three blocks lie apart in the flat layout
                 for g_view, lo, hi in ((gW, 0, C), (gU, C, C + N * D), (gb, C + N * D, C + N * D + 1)):
                     k.gemm(g_view, zq[:, lo:hi], dq, ta=True, accumulate=True)
-            k.gemm(dxs[q * R:(q + 1) * R], dq, self.W[q], tb=True)
+            if input_grad:
+                k.gemm(dxs[q * R:(q + 1) * R], dq, self.W[q], tb=True)
+        if not input_grad:
+            return None
         dx = self._result("dx", (R, C))
         k.unskew_rows(dx.reshape(R, 1, C), dxs, t.unskew_src)  # Σ_q unflip_q(dact_q W_qᵀ)
         dx = dx.reshape(want[:-1] + (C,))

@@ -1,8 +1,8 @@
 """Device-resident training (``--device cuda``): model, gradients, optimiser moments and
 task batches live on the GPU.
 
-:class:`DeviceModel` mirrors a host model of :mod:`mdnumba.models` (MD-LSTM stages,
-block subsampling, the Linear readout) with the device layers of
+:class:`DeviceModel` mirrors a host model of :mod:`mdnumba.models` (its stack of
+MD-LSTM / LSTM layers and the Linear readout) with the device layers of
 :mod:`mdnumba.backend_cuda`. :class:`DeviceTrainer` runs the training loop of
 :class:`mdnumba.train.Trainer` on it in blocks of ``cfg.sync_every`` steps:
 
@@ -93,16 +93,20 @@ class DeviceModel(LayerGroup):
         y = y.reshape(self._in_shape[:-1] + (self.readout.out_features,))
         return y.copy_to_host() if host_in else y
 
-    def backward(self, dlogits):
-        """Back-propagate dL/dlogits; returns dL/dx (NumPy or device, as ``dlogits``)."""
+    def backward(self, dlogits, input_grad: bool = True):
+        """Back-propagate dL/dlogits; returns dL/dx (NumPy or device, as ``dlogits``), or None
+        with ``input_grad=False`` (the first stage then skips it)."""
         if self._in_shape is None:
             raise RuntimeError("backward() called before forward(); run forward(x) first")
         k = self.readout.k
         host_in = not k.is_device_array(dlogits)
         d = k.as_device(np.ascontiguousarray(dlogits, self.dtype) if host_in else dlogits)
         d = self.readout.backward(d.reshape(self._h_shape[:-1] + (self.readout.out_features,)))
-        for stage in reversed(self.stages):
-            d = stage.backward(d)
+        for i in range(len(self.stages) - 1, -1, -1):
+            stage = self.stages[i]
+            d = stage.backward(d, input_grad) if i == 0 else stage.backward(d)
+        if d is None:
+            return None
         d = d.reshape(self._in_shape)
         return d.copy_to_host() if host_in else d
 
@@ -176,7 +180,7 @@ class DeviceTrainer(Trainer):
         prob, dz = self._output_buffers(tuple(logits.shape))
         self.k.sigmoid_loss(prob, dz, logits, y, self.cfg.loss, record, i, self._partials)
         self.model.zero_grad()
-        self.model.backward(dz)
+        self.model.backward(dz, input_grad=False)
         self.opt.step(sync=False, record=(record, n + i))
         return prob
 
