@@ -432,6 +432,8 @@ class _DeviceOptimizer:
         self._sizes = [m.size for m in modules.layers] if self._is_flat(modules) else None
         super().__init__(modules, **kw)
         self.stats = optim_cuda.scratch(3)
+        #: zero the gradients in the update kernel (the device trainer's zero_grad, no launch)
+        self.clear_grads = False
         self.partials = optim_cuda.scratch(len(self.buffers) * optim_cuda.REDUCE_BLOCKS)
 
     @staticmethod
@@ -474,25 +476,27 @@ class _DeviceOptimizer:
     def _assign(dst, src) -> None:
         dst.copy_to_device(np.ascontiguousarray(src))
 
-    def _norm(self, record=None) -> None:
-        rec, slot = record if record is not None else (self.stats, 2)
-        self.k.global_norm(self.stats, self.partials, [g for _, g in self.buffers], self.clip_norm,
-                           rec, slot)
-
     def grad_norm(self) -> float:
         """Global L2 norm of all gradients (one device→host copy)."""
-        self._norm()
+        self.k.global_norm(self.stats, self.partials, [g for _, g in self.buffers], self.clip_norm,
+                           self.stats, 2)
         return float(self.stats.copy_to_host()[0])
 
     def step(self, sync: bool = True, record=None) -> float | None:
-        """One update, all on the device; ``record=(device array, slot)`` also stores the norm there.
+        """One update, all on the device (two launches per buffer: sums of squares, then the
+        update, which finishes the norm itself); ``record=(device array, slot)`` also stores
+        the norm there. With :attr:`clear_grads` the update also zeroes the gradients.
 
         ``sync``: return the pre-clipping norm (one device→host copy) and raise
         FloatingPointError if it is not finite (then nothing was updated). Without
         ``sync`` nothing is copied and a non-finite norm leaves the parameters as they were.
         """
-        self._norm(record)
-        self._apply(self.stats)
+        grads = [g for _, g in self.buffers]
+        self.k.sumsq_partials(self.partials, grads)
+        rec, slot = record if record is not None else (self.stats, 2)
+        self._apply(self.k.NormArgs(self.partials[:len(grads) * self.k.REDUCE_BLOCKS],
+                                    float(self.clip_norm or 0.0), self.stats, rec, int(slot),
+                                    self.clear_grads))
         if not sync:
             return None
         norm = float(self.stats.copy_to_host()[0])

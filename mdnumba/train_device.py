@@ -128,11 +128,12 @@ class DeviceTrainer(Trainer):
         from .kernels import optim_cuda
         self.k, self._cuda = optim_cuda, cuda
         self.sync_every = int(cfg.sync_every)
+        self.opt.clear_grads = True  # the update zeroes the gradients: no zero_grad launch per step
         self._partials = optim_cuda.scratch(optim_cuda.REDUCE_BLOCKS)
         self._outputs: dict = {}
 
     def _build_model(self):
-        return DeviceModel(super()._build_model())
+        return DeviceModel(super()._build_model())  # gradients start zeroed
 
     def _host_params(self) -> list[np.ndarray]:
         return [layer.params_to_host() for layer in self.model.layers]
@@ -163,6 +164,7 @@ class DeviceTrainer(Trainer):
                                    index_dev[offsets[i]:offsets[i + 1]])
                 self.step += 1
         except KeyboardInterrupt:
+            self.model.zero_grad()  # a step cut short may have left gradients behind
             self.rng.bit_generator.state = rng_state
             for i in range(self.step - start):
                 self.sample(self.rng, self.cfg.size_at(start + i))
@@ -179,8 +181,7 @@ class DeviceTrainer(Trainer):
         logits = self.model.forward(x)
         prob, dz = self._output_buffers(tuple(logits.shape))
         self.k.sigmoid_loss(prob, dz, logits, y, self.cfg.loss, record, i, self._partials)
-        self.model.zero_grad()
-        self.model.backward(dz, input_grad=False)
+        self.model.backward(dz, input_grad=False)  # into zeroed gradients (see _build_model)
         self.opt.step(sync=False, record=(record, n + i))
         return prob
 

@@ -317,6 +317,10 @@ def sim_optim_kernels_match_cpu(loss, rng):
         opt_d.step()
     assert opt_d.step(sync=False, record=(rec, 0)) is None and np.isnan(rec.copy_to_host()[0])
     np.testing.assert_array_equal(dev.params_to_host(), before)
+    opt_d.clear_grads = True  # the device trainer's mode: the update zeroes the gradients ...
+    opt_d.step(sync=False)
+    np.testing.assert_array_equal(dev.params_to_host(), before)  # ... even when it skips the update
+    np.testing.assert_array_equal(dev.grads_to_host(), 0.0)
 
 
 def _train_both(cfg_kw, steps, sync_every):

@@ -10,6 +10,7 @@ fixed number of blocks and a fixed reduction order, so a result is the same ever
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from numba import cuda, float64
@@ -52,49 +53,71 @@ def _sumsq_partials(partials, g):
     _block_sum(acc, partials)
 
 
+@cuda.jit(device=True)
+def _norm_scale(partials, clip):
+    """``norm = sqrt(Σ partials)`` (fixed order), ``scale = min(1, clip/norm)`` (1 if clip <= 0)."""
+    acc = 0.0
+    for k in range(partials.shape[0]):
+        acc += partials[k]
+    norm = math.sqrt(acc)
+    scale = 1.0
+    if clip > 0 and norm > clip:
+        scale = clip / norm
+    return norm, scale
+
+
 @cuda.jit(**_JIT)
 def _norm_and_scale(stats, partials, clip, record, slot):
-    """One thread: ``norm = sqrt(Σ partials)``, ``scale = min(1, clip/norm)`` (1 if clip <= 0);
-    ``stats = [norm, scale]``, ``record[slot] = norm``."""
+    """One thread: ``stats = [norm, scale]`` (:func:`_norm_scale`), ``record[slot] = norm``."""
     if cuda.grid(1) == 0:
-        acc = 0.0
-        for k in range(partials.shape[0]):
-            acc += partials[k]
-        norm = math.sqrt(acc)
-        scale = 1.0
-        if clip > 0 and norm > clip:
-            scale = clip / norm
+        norm, scale = _norm_scale(partials, clip)
         stats[0] = norm
         stats[1] = scale
         record[slot] = norm
 
 
+@cuda.jit(device=True)
+def _update_scale(partials, clip, stats, record, slot):
+    """In an update kernel: every thread finishes the norm itself (:func:`_norm_scale`, the same
+    fixed-order sum, so no extra launch), thread 0 stores it as :func:`_norm_and_scale` does;
+    returns (norm is finite, scale)."""
+    norm, scale = _norm_scale(partials, clip)
+    if cuda.grid(1) == 0:
+        stats[0] = norm
+        stats[1] = scale
+        record[slot] = norm
+    return abs(norm) < math.inf, scale
+
+
 @cuda.jit(**_JIT)
-def _adam_update(p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, stats):
+def _adam_update(p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, partials, clip, stats, record, slot, clear):
     """``g' = scale·g``; ``m ← β1 m + (1−β1) g'``; ``v ← β2 v + (1−β2) g'²``;
-    ``p ← p − lr · (m/bc1) / (sqrt(v/bc2) + ε)``, with ``[norm, scale] = stats``;
-    nothing changes when the norm is not finite (the trainer reports it)."""
-    if not abs(stats[0]) < math.inf:
-        return
-    scale = stats[1]
+    ``p ← p − lr · (m/bc1) / (sqrt(v/bc2) + ε)``, with the norm and clip scale from the sum-of-
+    squares ``partials`` (:func:`_update_scale`); nothing changes when the norm is not finite (the
+    trainer reports it). ``clear``: also set ``g = 0`` (the next step's zero_grad)."""
+    ok, scale = _update_scale(partials, clip, stats, record, slot)
     for k in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
         gk = g[k] * scale
-        m[k] = beta1 * m[k] + (1.0 - beta1) * gk
-        v[k] = beta2 * v[k] + (1.0 - beta2) * gk * gk
-        p[k] -= lr * (m[k] / bc1) / (math.sqrt(v[k] / bc2) + eps)
+        if clear:
+            g[k] = 0
+        if ok:
+            m[k] = beta1 * m[k] + (1.0 - beta1) * gk
+            v[k] = beta2 * v[k] + (1.0 - beta2) * gk * gk
+            p[k] -= lr * (m[k] / bc1) / (math.sqrt(v[k] / bc2) + eps)
 
 
 @cuda.jit(**_JIT)
-def _rmsprop_update(p, g, m, v, lr, beta1, rho, eps, bc1, bc2, stats):
+def _rmsprop_update(p, g, m, v, lr, beta1, rho, eps, bc1, bc2, partials, clip, stats, record, slot, clear):
     """``g' = scale·g``; ``v ← ρ v + (1−ρ) g'²``; ``p ← p − lr · g' / (sqrt(v) + ε)``
-    (Adam's arguments; ``m``, ``beta1``, ``bc1``, ``bc2`` unused); skipped for a non-finite norm."""
-    if not abs(stats[0]) < math.inf:
-        return
-    scale = stats[1]
+    (Adam's arguments; ``m``, ``beta1``, ``bc1``, ``bc2`` unused); as :func:`_adam_update` otherwise."""
+    ok, scale = _update_scale(partials, clip, stats, record, slot)
     for k in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
         gk = g[k] * scale
-        v[k] = rho * v[k] + (1.0 - rho) * gk * gk
-        p[k] -= lr * gk / (math.sqrt(v[k]) + eps)
+        if clear:
+            g[k] = 0
+        if ok:
+            v[k] = rho * v[k] + (1.0 - rho) * gk * gk
+            p[k] -= lr * gk / (math.sqrt(v[k]) + eps)
 
 
 @cuda.jit(**_JIT)
@@ -141,27 +164,46 @@ def _flat(a):
     return d.reshape(d.size)
 
 
+class NormArgs(NamedTuple):
+    """Where an update kernel finds the gradient norm: the sum-of-squares ``partials`` of
+    :func:`sumsq_partials`, the clip norm (0: none), ``stats`` / ``record[slot]`` to store
+    ``[norm, scale]`` / the norm, and ``clear`` (zero the gradients after reading them)."""
+
+    partials: object
+    clip: float
+    stats: object
+    record: object
+    slot: int
+    clear: bool
+
+
+def sumsq_partials(partials, grads) -> None:
+    """Per-block sums of squares of the flat buffers ``grads`` into ``partials`` (float64 scratch
+    of ``len(grads) * REDUCE_BLOCKS`` entries), one launch per buffer."""
+    for i, g in enumerate(grads):
+        _sumsq_partials[REDUCE_BLOCKS, REDUCE_TPB](partials[i * REDUCE_BLOCKS:(i + 1) * REDUCE_BLOCKS], g)
+
+
 def global_norm(stats, partials, grads, clip: float | None, record, slot: int) -> None:
     """``stats = [‖g‖₂, clip scale]`` over all flat buffers ``grads``; ``record[slot] = ‖g‖₂``.
 
     ``partials`` is float64 scratch of ``len(grads) * REDUCE_BLOCKS`` entries.
     """
-    for i, g in enumerate(grads):
-        _sumsq_partials[REDUCE_BLOCKS, REDUCE_TPB](partials[i * REDUCE_BLOCKS:(i + 1) * REDUCE_BLOCKS], g)
+    sumsq_partials(partials, grads)
     _norm_and_scale[1, 1](stats, partials[:len(grads) * REDUCE_BLOCKS], float(clip or 0.0), record,
                           int(slot))
 
 
-def adam_update(p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, stats) -> None:
-    """CUDA twin of :func:`mdnumba.optim.adam_update`; the clip scale is ``stats[1]`` on the device."""
+def adam_update(p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, norm: NormArgs) -> None:
+    """CUDA twin of :func:`mdnumba.optim.adam_update`; the clip scale comes from ``norm``."""
     tpb = _tpb(None)
-    _adam_update[_blocks(p.shape[0], tpb), tpb](p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, stats)
+    _adam_update[_blocks(p.shape[0], tpb), tpb](p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, *norm)
 
 
-def rmsprop_update(p, g, m, v, lr, beta1, rho, eps, bc1, bc2, stats) -> None:
-    """CUDA twin of :func:`mdnumba.optim.rmsprop_update` (scale in ``stats[1]``)."""
+def rmsprop_update(p, g, m, v, lr, beta1, rho, eps, bc1, bc2, norm: NormArgs) -> None:
+    """CUDA twin of :func:`mdnumba.optim.rmsprop_update` (clip scale from ``norm``)."""
     tpb = _tpb(None)
-    _rmsprop_update[_blocks(p.shape[0], tpb), tpb](p, g, m, v, lr, beta1, rho, eps, bc1, bc2, stats)
+    _rmsprop_update[_blocks(p.shape[0], tpb), tpb](p, g, m, v, lr, beta1, rho, eps, bc1, bc2, *norm)
 
 
 def sigmoid_loss(prob, dz, z, y, loss: str, out, slot: int, partials) -> None:
