@@ -9,11 +9,12 @@ MD-LSTM / LSTM layers and the Linear readout) with the device layers of
 1. the block's batches are drawn on the host with the run's RNG (the same batches
    as a CPU run) and uploaded once (one copy per run of equal shapes);
 2. each step runs forward, loss (:func:`~mdnumba.kernels.optim_cuda.sigmoid_loss`),
-   backward and the optimiser on the device, writing its loss and gradient norm
-   into slots of a device array and gathering the few probabilities its metrics
-   need (:attr:`mdnumba.tasks.Task.probe`);
-3. after the block one copy brings losses, norms and probes back, and the task's
-   metrics are computed on the host exactly as on the CPU.
+   backward and the optimiser on the device, writing its gradient norm and its loss's
+   block sums into slots of a device array and gathering the few probabilities its
+   metrics need (:attr:`mdnumba.tasks.Task.probe`) — 14 kernel launches for the ``md``
+   model, nothing copied;
+3. after the block one copy brings norms, loss sums and probes back, the host
+   finishes the mean losses, and the task's metrics are computed exactly as on the CPU.
 
 So there is no host round trip inside a block. Checkpoints download parameters
 and moments (they are written at block ends).
@@ -129,7 +130,6 @@ class DeviceTrainer(Trainer):
         self.k, self._cuda = optim_cuda, cuda
         self.sync_every = int(cfg.sync_every)
         self.opt.clear_grads = True  # the update zeroes the gradients: no zero_grad launch per step
-        self._partials = optim_cuda.scratch(optim_cuda.REDUCE_BLOCKS)
         self._outputs: dict = {}
 
     def _build_model(self):
@@ -156,12 +156,13 @@ class DeviceTrainer(Trainer):
         index, offsets = self._probe_plan(batches)
         index_dev = self._cuda.to_device(index)
         probes = self._cuda.device_array(offsets[-1], dtype=self.model.dtype)
-        record = self.k.scratch(2 * n)  # [loss_0..loss_{n-1} | norm_0..norm_{n-1}]
+        RB = self.k.REDUCE_BLOCKS
+        record = self.k.scratch(n * (1 + RB))  # [norm_0..norm_{n-1} | loss block sums, RB per step]
         try:
             for i in range(n):
-                prob = self._device_step(xs[i], ys[i], record, i, n)
-                self.k.gather_flat(probes[offsets[i]:offsets[i + 1]], prob,
-                                   index_dev[offsets[i]:offsets[i + 1]])
+                lo, hi = offsets[i], offsets[i + 1]
+                self._device_step(xs[i], ys[i], record, i, record[n + i * RB:n + (i + 1) * RB],
+                                  (probes[lo:hi], index_dev[lo:hi]))
                 self.step += 1
         except KeyboardInterrupt:
             self.model.zero_grad()  # a step cut short may have left gradients behind
@@ -171,19 +172,19 @@ class DeviceTrainer(Trainer):
         done = self.step - start
         rec, values = record.copy_to_host(), probes.copy_to_host()
         per_step = (time.perf_counter() - t0) / max(done, 1)
-        return [self._metrics(batches[i], rec[i], rec[n + i], index[offsets[i]:offsets[i + 1]],
+        losses = [self.k.mean_loss(rec[n + i * RB:n + (i + 1) * RB], batches[i].y.size) for i in range(done)]
+        return [self._metrics(batches[i], losses[i], rec[i], index[offsets[i]:offsets[i + 1]],
                               values[offsets[i]:offsets[i + 1]], start + i + 1, per_step)
                 for i in range(done)]
 
-    def _device_step(self, x, y, record, i: int, n: int):
-        """Forward, loss into ``record[i]``, backward, optimiser (norm into ``record[n + i]``);
-        returns the device probabilities."""
+    def _device_step(self, x, y, record, i: int, loss_sums, probe) -> None:
+        """Forward, loss (block sums into ``loss_sums``, ``probe`` gathered), backward, optimiser
+        (norm into ``record[i]``)."""
         logits = self.model.forward(x)
         prob, dz = self._output_buffers(tuple(logits.shape))
-        self.k.sigmoid_loss(prob, dz, logits, y, self.cfg.loss, record, i, self._partials)
+        self.k.sigmoid_loss(prob, dz, logits, y, self.cfg.loss, loss_sums, probe)
         self.model.backward(dz, input_grad=False)  # into zeroed gradients (see _build_model)
-        self.opt.step(sync=False, record=(record, n + i))
-        return prob
+        self.opt.step(sync=False, record=(record, i))
 
     def _metrics(self, batch, loss: float, norm: float, index, values, step: int,
                  seconds: float) -> dict:

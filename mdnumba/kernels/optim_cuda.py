@@ -120,16 +120,23 @@ def _rmsprop_update(p, g, m, v, lr, beta1, rho, eps, bc1, bc2, partials, clip, s
             p[k] -= lr * gk / (math.sqrt(v[k]) + eps)
 
 
+@cuda.jit(device=True)
+def _sigmoid(zk):
+    """``(σ(z), e^{-|z|})`` in float64, without overflow."""
+    e = math.exp(-abs(zk))
+    return (1.0 / (1.0 + e) if zk >= 0 else e / (1.0 + e)), e
+
+
 @cuda.jit(**_JIT)
-def _sigmoid_loss(prob, dz, partials, z, y, kind, inv_n):
+def _sigmoid_loss(prob, dz, partials, z, y, kind, inv_n, probe, idx):
     """Per element ``p = σ(z)``; bce (kind 0): ``ℓ = softplus(z) − y z``, ``dz = (p − y)/n``;
     mse (kind 1): ``ℓ = (p − y)²``, ``dz = 2 (p − y) p (1 − p)/n``. Block sums of ℓ (float64)
-    go to ``partials``. Flat arrays; σ and softplus written without overflow."""
+    go to ``partials``; ``probe[i] = σ(z[idx[i]])`` (the same value as ``prob`` there). Flat
+    arrays."""
     acc = 0.0
     for k in range(cuda.grid(1), z.shape[0], cuda.gridsize(1)):
         zk = float64(z[k])
-        e = math.exp(-abs(zk))
-        p = 1.0 / (1.0 + e) if zk >= 0 else e / (1.0 + e)
+        p, e = _sigmoid(zk)
         err = p - float64(y[k])
         if kind == 0:
             acc += max(zk, 0.0) + math.log1p(e) - float64(y[k]) * zk
@@ -138,24 +145,9 @@ def _sigmoid_loss(prob, dz, partials, z, y, kind, inv_n):
             acc += err * err
             dz[k] = 2.0 * err * p * (1.0 - p) * inv_n
         prob[k] = p
-    _block_sum(acc, partials)
-
-
-@cuda.jit(**_JIT)
-def _sum_into(out, slot, partials, scale):
-    """One thread: ``out[slot] = scale · Σ partials`` (fixed order)."""
-    if cuda.grid(1) == 0:
-        acc = 0.0
-        for k in range(partials.shape[0]):
-            acc += partials[k]
-        out[slot] = scale * acc
-
-
-@cuda.jit(**_JIT)
-def _gather_flat(out, x, idx):
-    """``out[i] = x[idx[i]]`` (flat arrays)."""
     for i in range(cuda.grid(1), idx.shape[0], cuda.gridsize(1)):
-        out[i] = x[idx[i]]
+        probe[i] = _sigmoid(float64(z[idx[i]]))[0]
+    _block_sum(acc, partials)
 
 
 # ---------------------------------------------------------------- launchers
@@ -206,22 +198,22 @@ def rmsprop_update(p, g, m, v, lr, beta1, rho, eps, bc1, bc2, norm: NormArgs) ->
     _rmsprop_update[_blocks(p.shape[0], tpb), tpb](p, g, m, v, lr, beta1, rho, eps, bc1, bc2, *norm)
 
 
-def sigmoid_loss(prob, dz, z, y, loss: str, out, slot: int, partials) -> None:
-    """Twin of :data:`mdnumba.losses.LOSSES` ``[loss]``: writes ``prob = σ(z)``, ``dz = dL/dz``
-    and the mean loss into ``out[slot]`` (all on the device; ``partials``: float64 scratch of
-    REDUCE_BLOCKS entries)."""
+def sigmoid_loss(prob, dz, z, y, loss: str, partials, probe=None) -> None:
+    """Twin of :data:`mdnumba.losses.LOSSES` ``[loss]``: writes ``prob = σ(z)``, ``dz = dL/dz`` and
+    the loss's REDUCE_BLOCKS block sums into ``partials`` (float64; :func:`mean_loss` finishes
+    the mean on the host, so a step needs no second launch), all on the device. ``probe=(out,
+    index)``: also ``out[i] = prob.flat[index[i]]`` (the values a task's metrics read)."""
     if loss not in LOSS_CODES:
         raise ValueError(f"loss must be one of {sorted(LOSS_CODES)}, got {loss!r}")
     zf = _flat(z)
+    out, idx = probe if probe is not None else (zf[:0], cuda.device_array(0, np.int64))
     _sigmoid_loss[REDUCE_BLOCKS, REDUCE_TPB](_flat(prob), _flat(dz), partials, zf, _flat(y),
-                                             LOSS_CODES[loss], 1.0 / zf.size)
-    _sum_into[1, 1](out, int(slot), partials, 1.0 / zf.size)
+                                             LOSS_CODES[loss], 1.0 / zf.size, out, idx)
 
 
-def gather_flat(out, x, idx) -> None:
-    """``out[i] = x.flat[idx[i]]`` (device arrays; e.g. the probabilities a metric needs)."""
-    tpb = _tpb(None)
-    _gather_flat[_blocks(idx.shape[0], tpb), tpb](out, _flat(x), idx)
+def mean_loss(partials: np.ndarray, n: int) -> float:
+    """The mean loss over ``n`` elements from :func:`sigmoid_loss`'s block sums (host side)."""
+    return math.fsum(partials) / n
 
 
 def scratch(n: int):
