@@ -167,13 +167,11 @@ class DeviceLayer:
         """Set every gradient to zero (backward accumulates)."""
         self.k.fill(self.grads, 0.0)
 
-    def _ws(self, name: str, shape: tuple, fill: float | None = None):
-        """A device workspace kept while its shape is unchanged (``fill``: its value when made)."""
+    def _ws(self, name: str, shape: tuple):
+        """A device workspace kept while its shape is unchanged."""
         buf = self._work.get(name)
         if buf is None or tuple(buf.shape) != tuple(shape):
             buf = self._work[name] = self._new(shape)
-            if fill is not None:
-                self.k.fill(buf.reshape(buf.size), fill)
         return buf
 
     def _new(self, shape: tuple):
@@ -336,7 +334,6 @@ class CudaLinear(DeviceLayer):
     def _bind(self) -> None:
         C, F = self.in_features, self.out_features
         self.W, self.b = self.params[:C * F].reshape(C, F), self.params[C * F:]
-        self.gW, self.gb = self.grads[:C * F].reshape(C, F), self.grads[C * F:].reshape(1, F)
 
     @classmethod
     def from_layer(cls, layer) -> CudaLinear:
@@ -354,7 +351,7 @@ class CudaLinear(DeviceLayer):
         return y.copy_to_host() if host_in else y
 
     def backward(self, dy):
-        """``dW += xᵀ dy``, ``db += Σ_rows dy`` (a GEMM with a ones column); return ``dx = dy Wᵀ``."""
+        """``[dW; db] += [xᵀ; 1ᵀ] dy`` (one GEMM: W then b is the flat layout); return ``dx = dy Wᵀ``."""
         if self._x is None:
             raise RuntimeError("backward() called before forward(); run forward(x) first")
         want = self._shape[:-1] + (self.out_features,)
@@ -363,8 +360,8 @@ class CudaLinear(DeviceLayer):
             raise ValueError(f"dy must have shape {want}, got {tuple(dyd.shape)}")
         R = self._x.shape[0]
         dy2 = dyd.reshape(R, self.out_features)
-        self.k.gemm(self.gW, self._x, dy2, ta=True, accumulate=True)
-        self.k.gemm(self.gb, self._ws("ones", (R, 1), fill=1.0), dy2, ta=True, accumulate=True)
+        gWb = self.grads.reshape(self.in_features + 1, self.out_features)  # [dW; db], flat layout
+        self.k.gemm(gWb, self._x, dy2, ta=True, accumulate=True, ones_row=True)
         dx = self._result("dx", (R, self.in_features))
         self.k.gemm(dx, dy2, self.W, tb=True)
         dx = dx.reshape(self._shape)

@@ -152,7 +152,8 @@ def sim_gradients_finite_differences(ndim, shape, zeros, cell, rng):
 
 @pytest.mark.parametrize("method", ["small", "tiled"])
 def sim_gemm_matches_numpy(method, rng):
-    """``out = init + op(a) @ op(b)`` for every transpose flag and init mode, with K splits."""
+    """``out = init + op(a) @ op(b)`` for every transpose flag and init mode, with K splits, and
+    with the ones row appended to op(a)."""
     from mdnumba.kernels import wavefront_cuda as gpu
     M, N, K = 5, 6, 7
     for ta in (False, True):
@@ -171,6 +172,11 @@ def sim_gemm_matches_numpy(method, rng):
                 np.testing.assert_allclose(out, old + prod, rtol=1e-12, atol=1e-12)
                 gpu.gemm(out, a, b, **kw)
                 np.testing.assert_allclose(out, prod, rtol=1e-12, atol=1e-12)
+                ones = np.vstack([prod, (b.T if tb else b).sum(axis=0)])  # op(a) with a row of ones
+                out = rng.standard_normal((M + 1, N))
+                want = out + ones
+                gpu.gemm(out, a, b, accumulate=True, ones_row=True, **kw)
+                np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="shapes"):
         gpu.gemm(np.zeros((2, 2)), np.zeros((2, 3)), np.zeros((2, 2)))
 

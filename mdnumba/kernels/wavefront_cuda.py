@@ -372,19 +372,28 @@ def _backward_pre(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell
 
 
 # ---------------------------------------------------------------- bulk kernels
+@cuda.jit(device=True)
+def _a_at(a, m, k, ta, Ma):
+    """``A[m, k]``: ``a[k, m]`` if ta else ``a[m, k]`` for ``m < Ma``; 1 in the rows below (the
+    ones row that turns ``xᵀ dy`` into ``[xᵀ dy; Σ dy]``)."""
+    if m >= Ma:
+        return 1
+    return a[k, m] if ta else a[m, k]
+
+
 @cuda.jit(**_JIT)
-def _gemm_small(out, a, bm, bias, M, N, K, ta, tb, mode):
+def _gemm_small(out, a, bm, bias, M, N, K, ta, tb, mode, Ma):
     """One thread per output: ``out[m, n] = init + Σ_k A[m, k] B[k, n]`` (K >= 1).
 
-    ``A = aᵀ`` if ta else ``a``; ``B = bmᵀ`` if tb else ``bm``; init is ``bias[n]``
-    (mode 0), ``out[m, n]`` (mode 1) or 0 (mode 2).
+    ``A = aᵀ`` if ta else ``a`` (rows ``m >= Ma``: ones); ``B = bmᵀ`` if tb else ``bm``; init
+    is ``bias[n]`` (mode 0), ``out[m, n]`` (mode 1) or 0 (mode 2).
     """
     for t in range(cuda.grid(1), M * N, cuda.gridsize(1)):
         m = t // N
         n = t % N
-        acc = (a[0, m] if ta else a[m, 0]) * (bm[n, 0] if tb else bm[0, n])
+        acc = _a_at(a, m, 0, ta, Ma) * (bm[n, 0] if tb else bm[0, n])
         for k in range(1, K):
-            acc += (a[k, m] if ta else a[m, k]) * (bm[n, k] if tb else bm[k, n])
+            acc += _a_at(a, m, k, ta, Ma) * (bm[n, k] if tb else bm[k, n])
         if mode == 0:
             out[m, n] = bias[n] + acc
         elif mode == 1:
@@ -394,12 +403,13 @@ def _gemm_small(out, a, bm, bias, M, N, K, ta, tb, mode):
 
 
 @cuda.jit(device=True)
-def _load_tile(T, src, r0, k0, R, k_end, trans, width):
-    """``T[kk, rr] = S[r0+rr, k0+kk]`` (0 outside ``R`` rows / ``k_end``) with ``S = srcᵀ`` if
-    ``trans`` else ``src``; the fast-varying index follows src's last axis (coalesced).
+def _load_tile(T, src, r0, k0, R, R1, k_end, trans, width):
+    """``T[kk, rr] = S[r0+rr, k0+kk]`` (1 in rows ``R <= r < R1``, 0 outside ``R1`` rows /
+    ``k_end``) with ``S = srcᵀ`` if ``trans`` else ``src``; the fast-varying index follows
+    src's last axis (coalesced).
 
-    A tile: ``_load_tile(As, a, m0, .., ta, BM)``; B tile (``op(B)[k, n]``, i.e. ``op(B)ᵀ`` by
-    rows n): ``_load_tile(Bs, bm, n0, .., not tb, BN)``.
+    A tile: ``_load_tile(As, a, m0, k0, Ma, M, .., ta, BM)``; B tile (``op(B)[k, n]``, i.e.
+    ``op(B)ᵀ`` by rows n): ``_load_tile(Bs, bm, n0, k0, N, N, .., not tb, BN)``.
     """
     for e in range(cuda.threadIdx.x, BK * width, GEMM_THREADS):
         if trans:
@@ -412,12 +422,14 @@ def _load_tile(T, src, r0, k0, R, k_end, trans, width):
         k = k0 + kk
         if r < R and k < k_end:
             T[kk, rr] = src[k, r] if trans else src[r, k]
+        elif r < R1 and k < k_end:
+            T[kk, rr] = 1
         else:
             T[kk, rr] = 0
 
 
 @cuda.jit(**_JIT)
-def _gemm_tiled(out, parts, a, bm, bias, M, N, K, ta, tb, mode, kchunk):
+def _gemm_tiled(out, parts, a, bm, bias, M, N, K, ta, tb, mode, kchunk, Ma):
     """Block (x, y, z) computes the BM x BN tile (y, x) of ``Σ_{k ∈ chunk z} A[m, k] B[k, n]``.
 
     With one chunk (gridDim.z == 1) it writes ``out = init + tile`` (init as in
@@ -438,8 +450,8 @@ def _gemm_tiled(out, parts, a, bm, bias, M, N, K, ta, tb, mode, kchunk):
         for q in range(TN):
             acc[i, q] = 0
     for k0 in range(k_begin, k_end, BK):
-        _load_tile(As, a, m0, k0, M, k_end, ta, BM)
-        _load_tile(Bs, bm, n0, k0, N, k_end, not tb, BN)
+        _load_tile(As, a, m0, k0, Ma, M, k_end, ta, BM)
+        _load_tile(Bs, bm, n0, k0, N, N, k_end, not tb, BN)
         cuda.syncthreads()
         for kk in range(BK):
             for i in range(TM):
@@ -717,8 +729,9 @@ def wavefront_backward(dact, dc, dh, act, c, U, diag_off, parent, child, B: int,
 
 
 def gemm(out, a, bm, bias=None, *, ta: bool = False, tb: bool = False, accumulate: bool = False,
-         method: str = "auto", nsplit: int | None = None) -> None:
-    """``out = init + op(a) @ op(bm)``, ``op(a) = aᵀ`` if ta, ``op(bm) = bmᵀ`` if tb.
+         method: str = "auto", nsplit: int | None = None, ones_row: bool = False) -> None:
+    """``out = init + op(a) @ op(bm)``, ``op(a) = aᵀ`` if ta, ``op(bm) = bmᵀ`` if tb; with
+    ``ones_row`` op(a) gets a last row of ones (``[xᵀ; 1ᵀ] dy = [dW; db]`` in one launch).
 
     init is ``bias`` (broadcast over rows) if given, ``out`` if ``accumulate``,
     else 0. ``method``: "small" (thread per output; best when K is small),
@@ -732,9 +745,10 @@ def gemm(out, a, bm, bias=None, *, ta: bool = False, tb: bool = False, accumulat
     dbias = as_device(bias) if bias is not None else dout.reshape(dout.size)
     M, N = dout.shape
     K = da.shape[0] if ta else da.shape[1]
+    Ma = M - 1 if ones_row else M
     if K < 1:
         raise ValueError("gemm needs an inner dimension K >= 1")
-    if (da.shape[1] if ta else da.shape[0]) != M or (dbm.shape[1] if tb else dbm.shape[0]) != K \
+    if (da.shape[1] if ta else da.shape[0]) != Ma or (dbm.shape[1] if tb else dbm.shape[0]) != K \
             or (dbm.shape[0] if tb else dbm.shape[1]) != N:
         raise ValueError(f"gemm shapes do not match: out {dout.shape}, a {da.shape} (ta={ta}), "
                          f"b {dbm.shape} (tb={tb})")
@@ -747,15 +761,15 @@ def gemm(out, a, bm, bias=None, *, ta: bool = False, tb: bool = False, accumulat
         method = "small" if (K <= 32 or (N <= 16 and K <= 1024)) else "tiled"
     if method == "small":
         tpb = _tpb(None)
-        _gemm_small[_blocks(M * N, tpb), tpb](dout, da, dbm, dbias, M, N, K, ta, tb, mode)
+        _gemm_small[_blocks(M * N, tpb), tpb](dout, da, dbm, dbias, M, N, K, ta, tb, mode, Ma)
     elif method == "tiled":
-        _gemm_tiled_launch(dout, da, dbm, dbias, M, N, K, ta, tb, mode, nsplit)
+        _gemm_tiled_launch(dout, da, dbm, dbias, M, N, K, ta, tb, mode, nsplit, Ma)
     else:
         raise ValueError(f"method must be auto, small or tiled, got {method!r}")
     x.finish(0)
 
 
-def _gemm_tiled_launch(out, a, bm, bias, M, N, K, ta, tb, mode, nsplit) -> None:
+def _gemm_tiled_launch(out, a, bm, bias, M, N, K, ta, tb, mode, nsplit, Ma) -> None:
     """Pick the K split (enough blocks to fill the GPU) and launch tiles (+ reduction)."""
     tiles = (-(-N // BN)) * (-(-M // BM))
     ksteps = -(-K // BK)
@@ -767,10 +781,10 @@ def _gemm_tiled_launch(out, a, bm, bias, M, N, K, ta, tb, mode, nsplit) -> None:
     grid = (-(-N // BN), -(-M // BM), nsplit)
     if nsplit == 1:
         _gemm_tiled[grid, GEMM_THREADS](out, out.reshape((1,) + out.shape), a, bm, bias, M, N, K,
-                                        ta, tb, mode, kchunk)
+                                        ta, tb, mode, kchunk, Ma)
         return
     parts = _scratch("gemm parts", (nsplit, M, N), out.dtype)
-    _gemm_tiled[grid, GEMM_THREADS](out, parts, a, bm, bias, M, N, K, ta, tb, mode, kchunk)
+    _gemm_tiled[grid, GEMM_THREADS](out, parts, a, bm, bias, M, N, K, ta, tb, mode, kchunk, Ma)
     tpb = _tpb(None)
     _reduce_parts[_blocks(M * N, tpb), tpb](out, parts, bias, mode)
 
