@@ -372,34 +372,26 @@ def _backward_pre(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell
 
 
 # ---------------------------------------------------------------- bulk kernels
-@cuda.jit(device=True)
-def _a_at(a, m, k, ta, Ma):
-    """``A[m, k]``: ``a[k, m]`` if ta else ``a[m, k]`` for ``m < Ma``; 1 in the rows below (the
-    ones row that turns ``xᵀ dy`` into ``[xᵀ dy; Σ dy]``)."""
-    if m >= Ma:
-        return 1
-    return a[k, m] if ta else a[m, k]
-
-
 @cuda.jit(**_JIT)
 def _gemm_small(out, a, bm, bias, M, N, K, ta, tb, mode, Ma):
     """One thread per output: ``out[m, n] = init + Σ_k A[m, k] B[k, n]`` (K >= 1).
 
-    ``A = aᵀ`` if ta else ``a`` (rows ``m >= Ma``: ones); ``B = bmᵀ`` if tb else ``bm``; init
-    is ``bias[n]`` (mode 0), ``out[m, n]`` (mode 1) or 0 (mode 2).
+    ``A = aᵀ`` if ta else ``a``, with ones in rows ``m >= Ma`` (the row that turns ``xᵀ dy``
+    into ``[xᵀ dy; Σ dy]``); ``B = bmᵀ`` if tb else ``bm``; init is ``bias[n]`` (mode 0),
+    ``out[m, n]`` (mode 1) or 0 (mode 2).
     """
     for t in range(cuda.grid(1), M * N, cuda.gridsize(1)):
         m = t // N
         n = t % N
-        acc = _a_at(a, m, 0, ta, Ma) * (bm[n, 0] if tb else bm[0, n])
-        for k in range(1, K):
-            acc += _a_at(a, m, k, ta, Ma) * (bm[n, k] if tb else bm[k, n])
-        if mode == 0:
-            out[m, n] = bias[n] + acc
-        elif mode == 1:
-            out[m, n] += acc
+        if m < Ma:
+            acc = (a[0, m] if ta else a[m, 0]) * (bm[n, 0] if tb else bm[0, n])
+            for k in range(1, K):
+                acc += (a[k, m] if ta else a[m, k]) * (bm[n, k] if tb else bm[k, n])
         else:
-            out[m, n] = acc
+            acc = bm[n, 0] if tb else bm[0, n]
+            for k in range(1, K):
+                acc += bm[n, k] if tb else bm[k, n]
+        _store(out, bias, mode, m, n, acc)
 
 
 @cuda.jit(device=True)
@@ -429,11 +421,13 @@ def _load_tile(T, src, r0, k0, R, R1, k_end, trans, width):
 
 
 @cuda.jit(**_JIT)
-def _gemm_tiled(out, parts, a, bm, bias, M, N, K, ta, tb, mode, kchunk, Ma):
+def _gemm_tiled(out, parts, counters, a, bm, bias, M, N, K, ta, tb, mode, kchunk, Ma):
     """Block (x, y, z) computes the BM x BN tile (y, x) of ``Σ_{k ∈ chunk z} A[m, k] B[k, n]``.
 
     With one chunk (gridDim.z == 1) it writes ``out = init + tile`` (init as in
-    :func:`_gemm_small`); otherwise ``parts[z] = tile`` for :func:`_reduce_parts`.
+    :func:`_gemm_small`); otherwise ``parts[z] = tile`` and the block that finishes a tile
+    last (:func:`_last_block`) writes ``out = init + Σ_z parts[z]``, z in increasing order
+    (deterministic, and no second launch).
     """
     As = cuda.shared.array((BK, BM), dtype=a.dtype)
     Bs = cuda.shared.array((BK, BN), dtype=a.dtype)
@@ -470,30 +464,46 @@ def _gemm_tiled(out, parts, a, bm, bias, M, N, K, ta, tb, mode, kchunk, Ma):
             if m < M and n < N:
                 if split:
                     parts[cuda.blockIdx.z, m, n] = acc[i, q]
-                elif mode == 0:
-                    out[m, n] = bias[n] + acc[i, q]
-                elif mode == 1:
-                    out[m, n] += acc[i, q]
                 else:
-                    out[m, n] = acc[i, q]
+                    _store(out, bias, mode, m, n, acc[i, q])
+    if split and _last_block(counters):
+        for i in range(TM):
+            m = m0 + tr + i * _RM
+            for q in range(TN):
+                n = n0 + tc + q * _RN
+                if m < M and n < N:
+                    total = parts[0, m, n]
+                    for z in range(1, cuda.gridDim.z):
+                        total += parts[z, m, n]
+                    _store(out, bias, mode, m, n, total)
 
 
-@cuda.jit(**_JIT)
-def _reduce_parts(out, parts, bias, mode):
-    """``out[m, n] = init + Σ_z parts[z, m, n]``, z in increasing order (deterministic)."""
-    M, N = out.shape
-    for t in range(cuda.grid(1), M * N, cuda.gridsize(1)):
-        m = t // N
-        n = t % N
-        acc = parts[0, m, n]
-        for z in range(1, parts.shape[0]):
-            acc += parts[z, m, n]
-        if mode == 0:
-            out[m, n] = bias[n] + acc
-        elif mode == 1:
-            out[m, n] += acc
-        else:
-            out[m, n] = acc
+@cuda.jit(device=True)
+def _store(out, bias, mode, m, n, value):
+    """``out[m, n] = bias[n] + value`` (mode 0), ``+= value`` (mode 1) or ``= value`` (mode 2)."""
+    if mode == 0:
+        out[m, n] = bias[n] + value
+    elif mode == 1:
+        out[m, n] += value
+    else:
+        out[m, n] = value
+
+
+@cuda.jit(device=True)
+def _last_block(counters):
+    """Called by every thread of a block after it wrote its part of tile (y, x): True in the
+    block of the tile's gridDim.z that arrives last (it then resets the tile's counter)."""
+    flag = cuda.shared.array(1, numba.int32)
+    cuda.threadfence()  # this thread's parts are visible to every block before the count
+    cuda.syncthreads()
+    if cuda.threadIdx.x == 0:
+        tile = cuda.blockIdx.y * cuda.gridDim.x + cuda.blockIdx.x
+        last = cuda.atomic.add(counters, tile, 1) == cuda.gridDim.z - 1
+        flag[0] = 1 if last else 0
+        if last:
+            counters[tile] = 0
+    cuda.syncthreads()
+    return flag[0] == 1
 
 
 @cuda.jit(**_JIT)
@@ -779,14 +789,17 @@ def _gemm_tiled_launch(out, a, bm, bias, M, N, K, ta, tb, mode, nsplit, Ma) -> N
     kchunk = -(-ksteps // nsplit) * BK
     nsplit = -(-K // kchunk)
     grid = (-(-N // BN), -(-M // BM), nsplit)
-    if nsplit == 1:
-        _gemm_tiled[grid, GEMM_THREADS](out, out.reshape((1,) + out.shape), a, bm, bias, M, N, K,
-                                        ta, tb, mode, kchunk, Ma)
-        return
-    parts = _scratch("gemm parts", (nsplit, M, N), out.dtype)
-    _gemm_tiled[grid, GEMM_THREADS](out, parts, a, bm, bias, M, N, K, ta, tb, mode, kchunk, Ma)
-    tpb = _tpb(None)
-    _reduce_parts[_blocks(M * N, tpb), tpb](out, parts, bias, mode)
+    parts = _scratch("gemm parts", (nsplit, M, N), out.dtype) if nsplit > 1 else out.reshape((1,) + out.shape)
+    _gemm_tiled[grid, GEMM_THREADS](out, parts, _tile_counters(grid[0] * grid[1]), a, bm, bias, M, N, K,
+                                    ta, tb, mode, kchunk, Ma)
+
+
+def _tile_counters(n: int):
+    """int32 zeros, one per GEMM tile (each split-K launch leaves its counters at zero again)."""
+    c = _state.get("tile counters")
+    if c is None or c.shape[0] < n:
+        c = _state["tile counters"] = cuda.to_device(np.zeros(max(n, 1024), np.int32))
+    return c
 
 
 def skew_rows(out, inp, src) -> None:
