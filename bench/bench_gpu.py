@@ -361,6 +361,21 @@ def machine_info(tb) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------- main
+def _attempt(res: dict, what: str, fn: Callable[[], None]) -> None:
+    """Run one part of a config; a failure is reported (under "Sweep paths taken") instead of
+    ending the benchmark run."""
+    try:
+        fn()
+    except Exception as exc:
+        res["paths"].append(f"{what}: FAILED ({type(exc).__name__}: {exc})")
+        print(f"  {res['cfg'].label} {what}: FAILED ({type(exc).__name__}: {exc})", flush=True)
+
+
+def _time_pair(res: dict, key: str, train, fwd, sync, budget: float, **kw) -> None:
+    res["train"][key] = time_it(train, sync, budget, **kw)
+    res["forward"][key] = time_it(fwd, sync, budget, **kw)
+
+
 def run_config(cfg: Config, tb, budget: float, cpu: bool, numpy_api: bool) -> dict:
     from numba import cuda
 
@@ -380,22 +395,20 @@ def run_config(cfg: Config, tb, budget: float, cpu: bool, numpy_api: bool) -> di
         except Exception as exc:  # e.g. no cooperative launch on this GPU/driver
             res["paths"].append(f"{path}: FAILED ({type(exc).__name__}: {exc})")
         print(f"  {cfg.label} {path}: {res['paths'][-1]}", flush=True)
-    if cfg.H == cfg.W and cfg.C == 1:
-        res["train"]["trainer"] = trainer_step(cfg, budget)
+    if cfg.H == cfg.W and cfg.C == 1 and cfg.H >= 4:
+        _attempt(res, "train --device cuda", lambda: res["train"].update(trainer=trainer_step(cfg, budget)))
     if numpy_api:
-        train, fwd = mdnumba_layer_fns(cfg, x, "cuda")
-        res["train"]["numpy_api"] = time_it(train, sync, budget)
-        res["forward"]["numpy_api"] = time_it(fwd, sync, budget)
+        _attempt(res, "NumPy API", lambda: _time_pair(res, "numpy_api", *mdnumba_layer_fns(cfg, x, "cuda"),
+                                                      sync, budget))
     if tb is not None:
-        train, fwd, res["check"] = torch_fns(tb, cfg, x)
-        tsync = tb[0].cuda.synchronize
-        res["train"]["torch"] = time_it(train, tsync, budget)
-        res["forward"]["torch"] = time_it(fwd, tsync, budget)
-        tb[0].cuda.empty_cache()
+        def torch_part():
+            train, fwd, res["check"] = torch_fns(tb, cfg, x)
+            _time_pair(res, "torch", train, fwd, tb[0].cuda.synchronize, budget)
+            tb[0].cuda.empty_cache()
+        _attempt(res, "PyTorch", torch_part)
     if cpu:
-        train, fwd = mdnumba_layer_fns(cfg, x, "cpu")
-        res["train"]["cpu"] = time_it(train, lambda: None, budget, min_reps=2, max_reps=20)
-        res["forward"]["cpu"] = time_it(fwd, lambda: None, budget, min_reps=2, max_reps=20)
+        _attempt(res, "CPU", lambda: _time_pair(res, "cpu", *mdnumba_layer_fns(cfg, x, "cpu"), lambda: None,
+                                                budget, min_reps=2, max_reps=20))
     from mdnumba import config
     if not numba.config.ENABLE_CUDASIM:
         res["floors"] = sync_floors(cfg.diagonals, config.THREADS_PER_BLOCK, sync, budget / 4)
@@ -423,9 +436,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         results.append(run_config(cfg, tb, budget, not args.no_cpu, not args.no_numpy_api))
         print(f"{cfg.label} done in {time.perf_counter() - t0:.0f} s", flush=True)
-    report = render(machine_info(tb), results, args.quick)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
+        report = render(machine_info(tb), results, args.quick)  # after every config: a run cut
+        args.out.parent.mkdir(parents=True, exist_ok=True)      # short keeps what it measured
+        args.out.write_text(report)
     print(report)
     return 0
 

@@ -6,18 +6,20 @@
 # `pip download 'numpy>=2.4,<2.5' --only-binary=:all: -d .whl`); it is installed into /tmp/site
 # and put first on PYTHONPATH. mdnumba itself runs from the working tree (PYTHONPATH=.).
 #
-# Usage: bench/run_gpu.sh [--tests] [bench_gpu.py options, e.g. --quick --configs 32]
-#   --tests   also run tests/test_cuda.py (simulator cases + the same cases on the GPU)
+# Usage: bench/run_gpu.sh [--tests | --tests-only] [bench_gpu.py options, e.g. --quick --configs 32]
+#   --tests        also run tests/test_cuda.py (simulator cases + the same cases on the GPU)
+#   --tests-only   only the tests (the device tool allows 10 minutes per call: run the tests,
+#                  then the benchmarks, as two calls)
 # The report goes to $OUT/gpu.md when $OUT is set (the device tool's output folder), else to
 # bench/results/gpu.md (and family_cuda.md from bench_family.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 run_tests=0
-if [ "${1:-}" = "--tests" ]; then
-  run_tests=1
-  shift
-fi
+case "${1:-}" in
+  --tests) run_tests=1; shift ;;
+  --tests-only) run_tests=2; shift ;;
+esac
 
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
@@ -29,21 +31,29 @@ else
 fi
 export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-/tmp/numba_cache}"
 
-python3 - <<'EOF'
+if python3 - <<'EOF'
 import numpy, numba
 from numba import cuda
 print(f"numpy {numpy.__version__}, numba {numba.__version__}, cuda available: {cuda.is_available()}")
 cuda.detect()
 EOF
+then :; else echo "warning: the CUDA probe failed (see above)" >&2; fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
 
 out_dir="${OUT:-bench/results}"
 mkdir -p "$out_dir"
 
-if [ "$run_tests" = 1 ]; then
-  python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider 2>&1 | tee "$out_dir/test_cuda.log"
+# Each part runs even if an earlier one failed (a lent GPU is rare: measure what can be);
+# the script's exit status says whether all of them passed.
+status=0
+if [ "$run_tests" != 0 ]; then
+  python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider 2>&1 | tee "$out_dir/test_cuda.log" \
+    || { status=1; echo "CUDA tests FAILED (see $out_dir/test_cuda.log)" >&2; }
+  [ "$run_tests" = 2 ] && exit $status
 fi
 
-python3 bench/bench_gpu.py --out "$out_dir/gpu.md" "$@" 2>&1 | tee "$out_dir/bench_gpu.log"
+python3 bench/bench_gpu.py --out "$out_dir/gpu.md" "$@" 2>&1 | tee "$out_dir/bench_gpu.log" || status=1
 # issue 6: 4-direction 2D and 3D layers vs PyTorch autograd on the same GPU
-python3 bench/bench_family.py --device cuda --out "$out_dir/family_cuda.md" 2>&1 | tee "$out_dir/bench_family.log"
+python3 bench/bench_family.py --device cuda --out "$out_dir/family_cuda.md" 2>&1 \
+  | tee "$out_dir/bench_family.log" || status=1
+exit $status

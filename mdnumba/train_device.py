@@ -11,7 +11,7 @@ MD-LSTM / LSTM layers and the Linear readout) with the device layers of
 2. each step runs forward, loss (:func:`~mdnumba.kernels.optim_cuda.sigmoid_loss`),
    backward and the optimiser on the device, writing its gradient norm and its loss's
    block sums into slots of a device array and gathering the few probabilities its
-   metrics need (:attr:`mdnumba.tasks.Task.probe`) — 14 kernel launches for the ``md``
+   metrics need (:attr:`mdnumba.tasks.Task.probe`) — 11 kernel launches for the ``md``
    model, nothing copied;
 3. after the block one copy brings norms, loss sums and probes back, the host
    finishes the mean losses, and the task's metrics are computed exactly as on the CPU.

@@ -431,6 +431,31 @@ def sim_readme_gpu_example_runs():
     exec(compile(code, "README.md (GPU example)", "exec"), {})
 
 
+def sim_device_step_launches(monkeypatch):
+    """A device training step of the md model issues 11 kernel launches (README, "GPU (CUDA)");
+    counted by wrapping the simulator's kernel objects, so only under the simulator."""
+    from numba import config as numba_config
+    if not numba_config.ENABLE_CUDASIM:
+        pytest.skip("counts launches through the simulator's kernel class")
+    from numba.cuda.simulator import kernel as sim
+
+    from mdnumba.train import TrainConfig
+    from mdnumba.train_device import DeviceTrainer
+    tr = DeviceTrainer(TrainConfig(size=4, batch=2, hidden=3, device="cuda", sync_every=1))
+    tr.train_step()  # compile and allocate
+    launches = []
+    call = sim.FakeCUDAKernel.__call__
+
+    def counting(self, *args, **kw):
+        if not self._device:
+            launches.append(self.fn.__name__)
+        return call(self, *args, **kw)
+
+    monkeypatch.setattr(sim.FakeCUDAKernel, "__call__", counting)
+    tr.train_step()
+    assert len(launches) == 11, launches
+
+
 SIM_CASES = sorted(name for name in list(globals()) if name.startswith("sim_"))
 
 

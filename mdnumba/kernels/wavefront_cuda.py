@@ -28,6 +28,11 @@ Two ways to sweep the K hyperplanes:
   between hyperplanes (every block runs the same K syncs).
 - ``per-diagonal``: one launch per hyperplane (the kernel boundary is the sync).
 
+The sweep kernels also move the data around them (fewer launches): the forward one writes
+the output in grid order after its last sync (:func:`_unskew`), the backward one first
+transposes U, skews the upstream dh and builds the weight-gradient operands
+(:func:`_backward_prologue`); the per-diagonal path runs those as launches of their own.
+
 ``U``/``UT`` are staged into dynamic shared memory when they fit in
 :data:`SHARED_BYTES_LIMIT` (the default per-block limit without opt-in), else read
 from global memory (L1/L2-cached). Everything that needs no sweep (input
