@@ -134,9 +134,9 @@ def _rows_preact(act, h, Uf, uo, parent, base, s, b0, nb, j, B, D, g0):
                     for g in range(GATE_CHUNK):
                         if g < ng:
                             acc[i, g] += hv[i] * uv[g]
-    for i in range(min(nb, ROWS_PER_THREAD)):
+    for i in range(ROWS_PER_THREAD):  # constant trip counts everywhere: acc can live in registers
         for g in range(GATE_CHUNK):
-            if g < ng:
+            if i < nb and g < ng:
                 act[r + i, (g0 + g) * D + j] = acc[i, g]
 
 
@@ -194,8 +194,9 @@ def _rows_pull(dh, dact, UTf, uo, child, base, s, b0, nb, j, B, D, N):
                 u = UTf[g * ND + q]
                 for i in range(ROWS_PER_THREAD):
                     acc[i] += dact[cr + min(i, nb - 1), g] * u
-    for i in range(min(nb, ROWS_PER_THREAD)):
-        dh[r + i, j] = acc[i]
+    for i in range(ROWS_PER_THREAD):  # constant trip count: acc can live in registers
+        if i < nb:
+            dh[r + i, j] = acc[i]
 
 
 @cuda.jit(device=True)
