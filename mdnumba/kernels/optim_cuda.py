@@ -66,27 +66,23 @@ def _norm_scale(partials, clip):
     return norm, scale
 
 
-@cuda.jit(**_JIT)
-def _norm_and_scale(stats, partials, clip, record, slot):
-    """One thread: ``stats = [norm, scale]`` (:func:`_norm_scale`), ``record[slot] = norm``."""
-    if cuda.grid(1) == 0:
-        norm, scale = _norm_scale(partials, clip)
-        stats[0] = norm
-        stats[1] = scale
-        record[slot] = norm
-
-
 @cuda.jit(device=True)
 def _update_scale(partials, clip, stats, record, slot):
     """In an update kernel: every thread finishes the norm itself (:func:`_norm_scale`, the same
-    fixed-order sum, so no extra launch), thread 0 stores it as :func:`_norm_and_scale` does;
-    returns (norm is finite, scale)."""
+    fixed-order sum, so no extra launch), thread 0 stores ``stats = [norm, scale]`` and
+    ``record[slot] = norm``; returns (norm is finite, scale)."""
     norm, scale = _norm_scale(partials, clip)
     if cuda.grid(1) == 0:
         stats[0] = norm
         stats[1] = scale
         record[slot] = norm
     return abs(norm) < math.inf, scale
+
+
+@cuda.jit(**_JIT)
+def _norm_and_scale(stats, partials, clip, record, slot):
+    """Launched with one thread: the norm and clip scale alone (:func:`_update_scale`, no update)."""
+    _update_scale(partials, clip, stats, record, slot)
 
 
 @cuda.jit(**_JIT)

@@ -163,13 +163,19 @@ def _work_item(t, n, s0, nbg, B, D, MB, DNG):
 
 
 @cuda.jit(device=True)
-def _forward_plane(h, c, act, Uf, diag_off, parent, B, D, cell, k, start, stride):
-    """Grid-stride loop over the ``scans * cells * ceil(B/ROWS_PER_THREAD) * D`` items of hyperplane k."""
+def _plane(diag_off, parent, k, B, D):
+    """Hyperplane k's first cell s0, items per scan n, row groups per cell, rows per scan slab MB
+    and weights per scan DNG (the sizes :func:`_work_item` splits an item index with)."""
     s0 = diag_off[k]
     nbg = (B + ROWS_PER_THREAD - 1) // ROWS_PER_THREAD
-    n = (diag_off[k + 1] - s0) * nbg * D
-    MB = parent.shape[0] * B
-    DNG = parent.shape[1] * (parent.shape[1] + 3) * D * D
+    N = parent.shape[1]
+    return s0, (diag_off[k + 1] - s0) * nbg * D, nbg, parent.shape[0] * B, N * (N + 3) * D * D
+
+
+@cuda.jit(device=True)
+def _forward_plane(h, c, act, Uf, diag_off, parent, B, D, cell, k, start, stride):
+    """Grid-stride loop over the ``scans * cells * ceil(B/ROWS_PER_THREAD) * D`` items of hyperplane k."""
+    s0, n, nbg, MB, DNG = _plane(diag_off, parent, k, B, D)
     for t in range(start, n * (act.shape[0] // MB), stride):
         lo, uo, s, b0, nb, j = _work_item(t, n, s0, nbg, B, D, MB, DNG)
         _unit_forward(h, c, act, Uf, uo, parent, lo, s, b0, nb, j, B, D, cell)
@@ -212,11 +218,7 @@ def _unit_backward(dact, dc, dh, act, c, UTf, uo, parent, child, base, s, b0, nb
 @cuda.jit(device=True)
 def _backward_plane(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, k, start, stride):
     """Grid-stride loop over the ``scans * cells * ceil(B/ROWS_PER_THREAD) * D`` items of hyperplane k."""
-    s0 = diag_off[k]
-    nbg = (B + ROWS_PER_THREAD - 1) // ROWS_PER_THREAD
-    n = (diag_off[k + 1] - s0) * nbg * D
-    MB = parent.shape[0] * B
-    DNG = parent.shape[1] * (parent.shape[1] + 3) * D * D
+    s0, n, nbg, MB, DNG = _plane(diag_off, parent, k, B, D)
     for t in range(start, n * (act.shape[0] // MB), stride):
         lo, uo, s, b0, nb, j = _work_item(t, n, s0, nbg, B, D, MB, DNG)
         _unit_backward(dact, dc, dh, act, c, UTf, uo, parent, child, lo, s, b0, nb, j, B, D, cell)
