@@ -18,6 +18,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
+import ptxcheck
 import pytest
 from gradcheck import check_layer_gradients
 from refcheck import check_against_reference
@@ -27,6 +28,17 @@ from mdnumba import reference as ref
 from mdnumba.backend_cuda import CudaUnavailableError, cuda_unavailable_reason
 
 IN_SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _record_launches():
+    """Under the simulator, with MDNUMBA_PTX_RECORD=path: save every launch's argument types."""
+    path = os.environ.get("MDNUMBA_PTX_RECORD")
+    if IN_SIMULATOR and path:
+        ptxcheck.install_recorder()
+    yield
+    if IN_SIMULATOR and path:
+        ptxcheck.save(Path(path))
 
 
 # ----------------------------------------------------------------- helpers for the cases
@@ -177,6 +189,10 @@ def sim_gemm_matches_numpy(method, rng):
                 want = out + ones
                 gpu.gemm(out, a, b, accumulate=True, ones_row=True, **kw)
                 np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-12)
+    a32, b32 = (rng.standard_normal(sh).astype(np.float32) for sh in ((M, K), (K, N)))
+    out = np.zeros((M, N), np.float32)
+    gpu.gemm(out, a32, b32, method=method)  # the training dtype (and its compiled kernel)
+    np.testing.assert_allclose(out, a32.astype(float) @ b32, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="shapes"):
         gpu.gemm(np.zeros((2, 2)), np.zeros((2, 3)), np.zeros((2, 2)))
 
@@ -461,11 +477,13 @@ SIM_CASES = sorted(name for name in list(globals()) if name.startswith("sim_"))
 
 # ----------------------------------------------------------------- outer tests (plain pytest)
 def _run_cases(tmp_dir: Path, simulator: bool) -> dict[str, tuple[str, str]]:
-    """Run every sim_* case in a ``python -m pytest`` subprocess; return name -> (state, message)."""
+    """Run every sim_* case in a ``python -m pytest`` subprocess; return name -> (state, message).
+    Under the simulator the launches' argument types go to ``tmp_dir/launches.pkl``."""
     xml = tmp_dir / "report.xml"
     env = dict(os.environ)
     if simulator:
-        env.update(NUMBA_ENABLE_CUDASIM="1", MDNUMBA_THREADS_PER_BLOCK="8")
+        env.update(NUMBA_ENABLE_CUDASIM="1", MDNUMBA_THREADS_PER_BLOCK="8",
+                   MDNUMBA_PTX_RECORD=str(tmp_dir / "launches.pkl"))
     cmd = [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider",
            "-o", "python_functions=sim_*", f"--junitxml={xml}"]
     proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True,
@@ -491,8 +509,13 @@ def _check_case(case: str, report: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def simulator_report(tmp_path_factory):
-    return _run_cases(tmp_path_factory.mktemp("cudasim"), simulator=True)
+def simulator_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cudasim")
+
+
+@pytest.fixture(scope="module")
+def simulator_report(simulator_dir):
+    return _run_cases(simulator_dir, simulator=True)
 
 
 @pytest.fixture(scope="module")
@@ -512,6 +535,22 @@ def test_simulator(case, simulator_report):
 def test_gpu(case, gpu_report):
     """The same cases on a real GPU (one subprocess for all)."""
     _check_case(case, gpu_report)
+
+
+@pytest.mark.skipif(IN_SIMULATOR, reason="this process runs the simulator")
+def test_kernels_compile_for_gpu(simulator_report, simulator_dir):
+    """Every kernel signature the simulator cases launched compiles for an H100 (NVVM to PTX,
+    sm_90, the GPU's tile sizes) and needs no local-memory frame (tests/ptxcheck.py)."""
+    missing = ptxcheck.missing_toolchain()
+    if missing:
+        pytest.skip(missing)
+    record = simulator_dir / "launches.pkl"
+    assert record.exists(), "the simulator run recorded no launches"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NUMBA_ENABLE_CUDASIM", "MDNUMBA_THREADS_PER_BLOCK")}
+    proc = subprocess.run([sys.executable, ptxcheck.__file__, str(record)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
 
 
 @pytest.mark.skipif(cuda_unavailable_reason() is None, reason="CUDA is available here")

@@ -1,0 +1,150 @@
+"""Compile the CUDA kernels a simulator run launched for a real GPU, without a GPU.
+
+The CUDA simulator runs kernels as plain Python: it never types them, so a kernel that
+passes there can still fail to compile for a GPU (a call numba-cuda does not support, a
+variable that changes type, a local array of non-constant size), and the simulator's tiny
+GEMM tiles are not the ones a GPU builds. This module closes that gap:
+
+- :func:`install_recorder` (in a ``NUMBA_ENABLE_CUDASIM=1`` process) notes the numba
+  argument types of every kernel launch; :func:`save` writes them to a file.
+- ``python tests/ptxcheck.py RECORD [--ptx-dir DIR]`` (in a process *without* the
+  simulator) compiles every recorded (kernel, argument types) pair with NVVM to PTX for
+  compute capability 9.0 (H100) with the GPU's sizes (``config`` defaults), and reports,
+  per kernel, its local-memory frame (``.local`` bytes in the PTX: register-blocked arrays
+  that did not become registers show up here). It needs libnvvm and libnvrtc (the
+  ``nvidia-nvvm`` and ``nvidia-cuda-nvrtc`` wheels of the ``test`` extra), no driver.
+
+Exit status 0 when every pair compiled without a local-memory frame, 1 otherwise (the
+failures are printed). ``--ptxas PATH`` (the ``nvidia-cuda-nvcc`` wheel has one) also prints
+each kernel's registers, spills and shared memory, e.g. to size the cooperative grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pickle
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+#: compute capability the kernels are compiled for (H100: sm_90)
+TARGET_CC = (9, 0)
+_LOCAL = re.compile(r"\.local\s+\.align\s+\d+\s+\.b8\s+__local_depot\d+\[(\d+)\]")
+
+_records: set = set()
+
+
+def _arg_type(arg):
+    """numba type of a launch argument as a GPU launch would see it (simulator arrays unwrapped)."""
+    import numba
+
+    if isinstance(arg, tuple):
+        return numba.typeof(tuple(getattr(a, "_ary", a) for a in arg))
+    return numba.typeof(getattr(arg, "_ary", arg))
+
+
+def install_recorder() -> None:
+    """Record (module, kernel name, argument types) of every simulator kernel launch."""
+    from numba.cuda.simulator import kernel as sim
+
+    call = sim.FakeCUDAKernel.__call__
+    if getattr(call, "_ptxcheck", False):
+        return
+
+    def recording(self, *args):
+        if not self._device:
+            _records.add((self.fn.__module__, self.fn.__qualname__,
+                          tuple(_arg_type(a) for a in args)))
+        return call(self, *args)
+
+    recording._ptxcheck = True
+    sim.FakeCUDAKernel.__call__ = recording
+
+
+def save(path: Path) -> int:
+    """Write the recorded launches to ``path`` (pickle); return how many distinct ones."""
+    Path(path).write_bytes(pickle.dumps(sorted(_records, key=str)))
+    return len(_records)
+
+
+def _offline_device() -> None:
+    """Let device functions compile with no GPU: they ask the current device for its cc."""
+    import numba.cuda.dispatcher as dispatcher
+
+    dispatcher.get_current_device = lambda: SimpleNamespace(compute_capability=TARGET_CC)
+
+
+def missing_toolchain() -> str | None:
+    """Why the kernels cannot be compiled here (no numba-cuda, libnvvm or libnvrtc), or None."""
+    try:
+        from cuda.pathfinder import load_nvidia_dynamic_lib
+
+        for lib in ("nvvm", "nvrtc"):
+            load_nvidia_dynamic_lib(lib)
+    except Exception as exc:  # noqa: BLE001 - any failure means: cannot compile here
+        return (f"cannot compile CUDA kernels here ({type(exc).__name__}: {str(exc)[:200]}); "
+                "install the test extra: pip install -e '.[test]'")
+    return None
+
+
+def _ptxas_info(ptxas: Path, ptx: str, workdir: Path) -> str:
+    """``ptxas -v`` summary of one kernel: registers, spills, shared memory."""
+    src = workdir / "kernel.ptx"
+    src.write_text(ptx)
+    proc = subprocess.run([str(ptxas), f"-arch=sm_{TARGET_CC[0]}{TARGET_CC[1]}", "-c", "-v",
+                           str(src), "-o", str(workdir / "kernel.o")], capture_output=True, text=True)
+    lines = [ln.split(":", 1)[-1].strip() for ln in proc.stderr.splitlines()
+             if "Used" in ln or "spill" in ln or "error" in ln]
+    return "; ".join(lines)
+
+
+def compile_record(module: str, name: str, argtypes: tuple) -> str:
+    """PTX of kernel ``module.name`` for ``argtypes`` (its own jit options), for TARGET_CC."""
+    from numba import cuda
+
+    disp = getattr(importlib.import_module(module), name)
+    opts = disp.targetoptions
+    ptx, _ = cuda.compile_ptx(disp.py_func, argtypes, cc=TARGET_CC,
+                              fastmath=bool(opts.get("fastmath", False)))
+    return ptx
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("record", type=Path)
+    parser.add_argument("--ptx-dir", type=Path, help="also write each kernel's PTX here")
+    parser.add_argument("--ptxas", type=Path, help="ptxas binary: also print registers and spills")
+    args = parser.parse_args(argv)
+    _offline_device()
+    records = pickle.loads(args.record.read_bytes())
+    failures = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (module, name, argtypes) in enumerate(records):
+            label = f"{module}.{name}{argtypes}"
+            try:
+                ptx = compile_record(module, name, argtypes)
+            except Exception as exc:  # noqa: BLE001 - every failure is reported, the exit says so
+                failures.append(f"{label}\n  {type(exc).__name__}: {exc}")
+                continue
+            local = sum(int(n) for n in _LOCAL.findall(ptx))
+            if local:
+                failures.append(f"{label}\n  needs a {local}-byte local-memory frame (a local "
+                                "array indexed at run time, or too large for registers)")
+            info = _ptxas_info(args.ptxas, ptx, Path(tmp)) if args.ptxas else ""
+            print(f"ok  {module.rsplit('.', 1)[-1]}.{name:20s} {argtypes[0]}  local={local} B  {info}")
+            if args.ptx_dir:
+                args.ptx_dir.mkdir(parents=True, exist_ok=True)
+                (args.ptx_dir / f"{i:03d}_{name}.ptx").write_text(ptx)
+    for f in failures:
+        print(f"FAILED {f}")
+    print(f"{len(records)} kernel signatures compiled for sm_{TARGET_CC[0]}{TARGET_CC[1]}, "
+          f"{len(failures)} failures")
+    return 1 if failures or not records else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
