@@ -500,7 +500,12 @@ def _store(out, bias, mode, m, n, value):
 @cuda.jit(device=True)
 def _last_block(counters):
     """Called by every thread of a block after it wrote its part of tile (y, x): True in the
-    block of the tile's gridDim.z that arrives last (it then resets the tile's counter)."""
+    block of the tile's gridDim.z that arrives last (it then resets the tile's counter).
+
+    Fences on both sides of the count (release, then acquire): without the second one the
+    last block's loads of the other parts could be served from a stale L1 line (L1 is not
+    coherent between SMs; a GPU-scope fence invalidates it for the loads that follow).
+    """
     flag = cuda.shared.array(1, numba.int32)
     cuda.threadfence()  # this thread's parts are visible to every block before the count
     cuda.syncthreads()
@@ -511,7 +516,10 @@ def _last_block(counters):
         if last:
             counters[tile] = 0
     cuda.syncthreads()
-    return flag[0] == 1
+    if flag[0] == 1:
+        cuda.threadfence()  # every part written before the count is visible to this thread
+        return True
+    return False
 
 
 @cuda.jit(**_JIT)
