@@ -6,10 +6,11 @@
 # `pip download 'numpy>=2.4,<2.5' --only-binary=:all: -d .whl`); it is installed into /tmp/site
 # and put first on PYTHONPATH. mdnumba itself runs from the working tree (PYTHONPATH=.).
 #
-# Usage: bench/run_gpu.sh [--tests | --tests-only] [bench_gpu.py options, e.g. --quick --configs 32]
+# Usage: bench/run_gpu.sh [--tests | --tests-only | --tune] [bench_gpu.py / tune_gpu.py options]
 #   --tests        also run tests/test_cuda.py (simulator cases + the same cases on the GPU)
 #   --tests-only   only the tests (the device tool allows 10 minutes per call: run the tests,
 #                  then the benchmarks, as two calls)
+#   --tune         only bench/tune_gpu.py: rows per thread x threads per block -> tune_gpu.md
 # The report goes to $OUT/gpu.md when $OUT is set (the device tool's output folder), else to
 # bench/results/gpu.md (and family_cuda.md from bench_family.py).
 set -euo pipefail
@@ -19,6 +20,7 @@ run_tests=0
 case "${1:-}" in
   --tests) run_tests=1; shift ;;
   --tests-only) run_tests=2; shift ;;
+  --tune) run_tests=tune; shift ;;
 esac
 
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -46,6 +48,10 @@ mkdir -p "$out_dir"
 # Each part runs even if an earlier one failed (a lent GPU is rare: measure what can be);
 # the script's exit status says whether all of them passed.
 status=0
+if [ "$run_tests" = tune ]; then
+  python3 bench/tune_gpu.py --out "$out_dir/tune_gpu.md" "$@" 2>&1 | tee "$out_dir/tune_gpu.log" || status=1
+  exit $status
+fi
 if [ "$run_tests" != 0 ]; then
   python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider 2>&1 | tee "$out_dir/test_cuda.log" \
     || { status=1; echo "CUDA tests FAILED (see $out_dir/test_cuda.log)" >&2; }
