@@ -16,13 +16,16 @@ GEMM tiles are not the ones a GPU builds. This module closes that gap:
 
 Exit status 0 when every pair compiled without a local-memory frame, 1 otherwise (the
 failures are printed). ``--ptxas PATH`` (the ``nvidia-cuda-nvcc`` wheel has one) also prints
-each kernel's registers, spills and shared memory, e.g. to size the cooperative grid.
+each kernel's registers, spills and shared memory, e.g. to size the cooperative grid, and,
+with ``cuobjdump`` and ``nvdisasm`` beside it (``nvidia-cuda-cuobjdump``,
+``nvidia-cuda-nvdisasm``), the instructions per iteration of its hottest FMA loop.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pickle
 import re
 import subprocess
@@ -34,6 +37,9 @@ from types import SimpleNamespace
 #: compute capability the kernels are compiled for (H100: sm_90)
 TARGET_CC = (9, 0)
 _LOCAL = re.compile(r"\.local\s+\.align\s+\d+\s+\.b8\s+__local_depot\d+\[(\d+)\]")
+
+_SASS_OP = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)[^;]*;")
+_SASS_BRA = re.compile(r"/\*([0-9a-f]{4,})\*/[^;]*BRA[^;]*0x([0-9a-f]+)\s*;")
 
 _records: set = set()
 
@@ -99,7 +105,27 @@ def _ptxas_info(ptxas: Path, ptx: str, workdir: Path) -> str:
                            str(src), "-o", str(workdir / "kernel.o")], capture_output=True, text=True)
     lines = [ln.split(":", 1)[-1].strip() for ln in proc.stderr.splitlines()
              if "Used" in ln or "spill" in ln or "error" in ln]
+    cuobjdump = ptxas.parent / "cuobjdump"  # with nvdisasm beside it (nvidia-cuda-nvdisasm)
+    if cuobjdump.exists() and proc.returncode == 0:
+        lines.append(_hot_loop(cuobjdump, workdir / "kernel.o"))
     return "; ".join(lines)
+
+
+def _hot_loop(cuobjdump: Path, obj: Path) -> str:
+    """Instructions per iteration of the innermost SASS loop with the most FMAs: the cost of a
+    sweep's multiply-add loop (address arithmetic and loop control beside the FMAs)."""
+    sass = subprocess.run([str(cuobjdump), "-sass", str(obj)], capture_output=True, text=True,
+                          env={**os.environ, "PATH": f"{cuobjdump.parent}:{os.environ.get('PATH', '')}"})
+    code = [(int(a, 16), op) for a, op in _SASS_OP.findall(sass.stdout)]
+    back = [(int(t, 16), a) for a, t in _SASS_BRA.findall(sass.stdout)]
+    loops = [(lo, int(hi, 16)) for lo, hi in back if lo < int(hi, 16)]
+    inner = [(lo, hi) for lo, hi in loops if not any(lo <= a and b <= hi and (a, b) != (lo, hi)
+                                                     for a, b in loops)]
+    best = (0, 0)
+    for lo, hi in inner:
+        ops = [op for a, op in code if lo <= a <= hi]
+        best = max(best, (sum(op.startswith(("FFMA", "DFMA")) for op in ops), len(ops)))
+    return f"hot loop {best[1]} instructions / {best[0]} FMA" if best[0] else "no FMA loop"
 
 
 def compile_record(module: str, name: str, argtypes: tuple) -> str:
