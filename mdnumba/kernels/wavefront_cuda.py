@@ -454,7 +454,7 @@ def _load_tile(T, src, r0, k0, R, R1, k_end, trans, width):
 
 @cuda.jit(**_JIT)
 def _gemm_tiled(out, parts, counters, a, bm, bias, M, N, K, ta, tb, mode, kchunk, Ma):
-    """Block (x, y, z) computes the BM x BN tile (y, x) of ``Σ_{k ∈ chunk z} A[m, k] B[k, n]``.
+    """Block (x, y, z) computes the BM x BN tile (x, y) of ``Σ_{k ∈ chunk z} A[m, k] B[k, n]``.
 
     With one chunk (gridDim.z == 1) it writes ``out = init + tile`` (init as in
     :func:`_gemm_small`); otherwise ``parts[z] = tile`` and the block that finishes a tile
@@ -468,8 +468,8 @@ def _gemm_tiled(out, parts, counters, a, bm, bias, M, N, K, ta, tb, mode, kchunk
     rb = cuda.local.array(TN, dtype=a.dtype)
     tr = cuda.threadIdx.x // _RN
     tc = cuda.threadIdx.x % _RN
-    m0 = cuda.blockIdx.y * BM
-    n0 = cuda.blockIdx.x * BN
+    m0 = cuda.blockIdx.x * BM  # row tiles on x: a grid's y extent stops at 65535 (tall GEMMs)
+    n0 = cuda.blockIdx.y * BN
     k_begin = cuda.blockIdx.z * kchunk
     k_end = min(K, k_begin + kchunk)
     for i in range(TM):
@@ -523,7 +523,7 @@ def _store(out, bias, mode, m, n, value):
 
 @cuda.jit(device=True)
 def _last_block(counters):
-    """Called by every thread of a block after it wrote its part of tile (y, x): True in the
+    """Called by every thread of a block after it wrote its part of tile (x, y): True in the
     block of the tile's gridDim.z that arrives last (it then resets the tile's counter).
 
     Fences on both sides of the count (release, then acquire): without the second one the
@@ -828,7 +828,7 @@ def _gemm_tiled_launch(out, a, bm, bias, M, N, K, ta, tb, mode, nsplit, Ma) -> N
     nsplit = max(1, min(int(nsplit), ksteps))
     kchunk = -(-ksteps // nsplit) * BK
     nsplit = -(-K // kchunk)
-    grid = (-(-N // BN), -(-M // BM), nsplit)
+    grid = (-(-M // BM), -(-N // BN), nsplit)
     parts = _scratch("gemm parts", (nsplit, M, N), out.dtype) if nsplit > 1 else out.reshape((1,) + out.shape)
     _gemm_tiled[grid, GEMM_THREADS](out, parts, _tile_counters(grid[0] * grid[1]), a, bm, bias, M, N, K,
                                     ta, tb, mode, kchunk, Ma)
