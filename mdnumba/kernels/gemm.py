@@ -35,17 +35,29 @@ def matmul_rows(out, a, bmat, bias, accumulate):
 
 @njit(**NJIT_OPTS)
 def _at_b_block(part, a, bmat, r0, r1):
-    """``part = a[r0:r1]ᵀ @ bmat[r0:r1]`` (serial): four rows per pass over ``part`` (a quarter
-    of its loads and stores; each pass a vectorised loop over the N columns)."""
+    """``part = a[r0:r1]ᵀ @ bmat[r0:r1]`` (serial): four rows of ``bmat`` per pass over ``part``,
+    two rows of ``part`` at a time, so each loaded ``bmat`` value serves 8 multiply-adds (the
+    vectorised n loop runs over contiguous rows). Every ``part[k, n]`` adds
+    ``(a0·b0 + a1·b1) + (a2·b2 + a3·b3)`` per four rows, in row order."""
     part[...] = 0.0
     K, N = a.shape[1], bmat.shape[1]
     r = r0
     while r + 4 <= r1:
-        for k in range(K):
+        b0, b1, b2, b3 = bmat[r], bmat[r + 1], bmat[r + 2], bmat[r + 3]
+        for k in range(0, K - 1, 2):
             a0, a1, a2, a3 = a[r, k], a[r + 1, k], a[r + 2, k], a[r + 3, k]
+            c0, c1, c2, c3 = a[r, k + 1], a[r + 1, k + 1], a[r + 2, k + 1], a[r + 3, k + 1]
+            p0, p1 = part[k], part[k + 1]
             for n in range(N):
-                part[k, n] += ((a0 * bmat[r, n] + a1 * bmat[r + 1, n])
-                               + (a2 * bmat[r + 2, n] + a3 * bmat[r + 3, n]))
+                x0, x1, x2, x3 = b0[n], b1[n], b2[n], b3[n]
+                p0[n] += (a0 * x0 + a1 * x1) + (a2 * x2 + a3 * x3)
+                p1[n] += (c0 * x0 + c1 * x1) + (c2 * x2 + c3 * x3)
+        if K % 2:
+            k = K - 1
+            a0, a1, a2, a3 = a[r, k], a[r + 1, k], a[r + 2, k], a[r + 3, k]
+            p0 = part[k]
+            for n in range(N):
+                p0[n] += (a0 * b0[n] + a1 * b1[n]) + (a2 * b2[n] + a3 * b3[n])
         r += 4
     for rr in range(r, r1):
         for k in range(K):

@@ -1,0 +1,56 @@
+"""The CPU GEMM helpers (mdnumba/kernels/gemm.py) against float64 NumPy, on shapes that hit
+every branch: rows not a multiple of 4 or of the reduction block, odd and even K, K = 1."""
+
+import numba
+import numpy as np
+import pytest
+
+from mdnumba.kernels.gemm import REDUCE_BLOCK, column_sums, matmul_at_b, matmul_rows
+
+SHAPES = [(1, 1, 1), (3, 1, 5), (4, 2, 3), (7, 3, 4), (REDUCE_BLOCK + 5, 5, 6), (2 * REDUCE_BLOCK, 4, 9)]
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 2e-5)])
+@pytest.mark.parametrize("R,K,N", SHAPES)
+def test_matmul_at_b_and_column_sums(R, K, N, dtype, tol, rng):
+    a = rng.standard_normal((R, K)).astype(dtype)
+    b = rng.standard_normal((R, N)).astype(dtype)
+    out0 = rng.standard_normal((K, N)).astype(dtype)
+    out = out0.copy()
+    matmul_at_b(out, a, b)
+    want = out0.astype(float) + a.astype(float).T @ b.astype(float)
+    np.testing.assert_allclose(out, want, rtol=tol, atol=tol * np.sqrt(R))
+    s0 = rng.standard_normal(N).astype(dtype)
+    s = s0.copy()
+    column_sums(s, b)
+    np.testing.assert_allclose(s, s0 + b.astype(float).sum(0), rtol=tol, atol=tol * np.sqrt(R))
+
+
+@pytest.mark.parametrize("R,K,N", SHAPES)
+def test_matmul_rows(R, K, N, rng):
+    a, w, bias = rng.standard_normal((R, K)), rng.standard_normal((K, N)), rng.standard_normal(N)
+    out = np.full((R, N), np.nan)
+    matmul_rows(out, a, w, bias, False)
+    np.testing.assert_allclose(out, bias + a @ w, rtol=1e-12, atol=1e-12)
+    old = out.copy()
+    matmul_rows(out, a, w, bias, True)
+    np.testing.assert_allclose(out, old + a @ w, rtol=1e-12, atol=1e-12)
+
+
+def test_reductions_do_not_depend_on_thread_count(rng):
+    """Fixed blocks summed in a fixed order: bit-identical on 1 thread and on all of them."""
+    a = rng.standard_normal((3 * REDUCE_BLOCK + 7, 5)).astype(np.float32)
+    b = rng.standard_normal((a.shape[0], 6)).astype(np.float32)
+    results = []
+    n = numba.get_num_threads()
+    try:
+        for threads in sorted({1, n}):
+            numba.set_num_threads(threads)
+            out, s = np.zeros((5, 6), np.float32), np.zeros(6, np.float32)
+            matmul_at_b(out, a, b)
+            column_sums(s, b)
+            results.append((out, s))
+    finally:
+        numba.set_num_threads(n)
+    for out, s in results[1:]:
+        assert np.array_equal(out, results[0][0]) and np.array_equal(s, results[0][1])
