@@ -109,8 +109,8 @@ def _stage(Ws, Wf, use_shared):
 
 
 @cuda.jit(device=True)
-def _rows_preact(act, h, Uf, uo, parent, base, s, b0, nb, j, B, D, g0):
-    """Gate blocks ``g0 .. g0+GATE_CHUNK-1`` (those < N+3) of unit j for the ``nb`` rows
+def _rows_preact(act, h, Uf, uo, parent, base, s, b0, nb, j, B, D, g0, width):
+    """Gate blocks ``g0 .. g0+width-1`` (those < N+3) of unit j for the ``nb`` rows
     ``r_i = base + s*B + b0 + i``: ``act[r_i, col] += Σ_d Σ_k h[base + parent_d(s)*B + b0 + i, k] ·
     U[k, d*G + col]``, ``col = g*D + j`` (U at ``Uf[uo:]``). Each weight loaded is used for
     ROWS_PER_THREAD rows and each h value for every gate: accumulators stay in registers.
@@ -119,7 +119,8 @@ def _rows_preact(act, h, Uf, uo, parent, base, s, b0, nb, j, B, D, g0):
     instructions per FMA): row and column offsets hoisted out of it, unsigned indices
     (:func:`_at`), a ``while`` loop (numba's ``range`` iterator adds a count and sign checks to
     each iteration) and no per-gate branch (gates past ``ng`` and rows past ``nb`` repeat the
-    last real one and are not stored)."""
+    last real one and are not stored). ``width`` (<= GATE_CHUNK) is a constant at each call
+    site, so the loops over gates unroll to exactly that many accumulators."""
     N = parent.shape[1]
     G = (N + 3) * D
     NG = N * G
@@ -130,10 +131,10 @@ def _rows_preact(act, h, Uf, uo, parent, base, s, b0, nb, j, B, D, g0):
     uv = cuda.local.array(GATE_CHUNK, act.dtype)
     col = cuda.local.array(GATE_CHUNK, numba.int64)
     hrow = cuda.local.array(ROWS_PER_THREAD, numba.int64)
-    for g in range(GATE_CHUNK):
+    for g in range(width):
         col[g] = (g0 + min(g, ng - 1)) * D + j
     for i in range(ROWS_PER_THREAD):
-        for g in range(GATE_CHUNK):
+        for g in range(width):
             acc[i, g] = act[r + min(i, nb - 1), col[g]]
     for d in range(N):
         p = parent[s, d]
@@ -145,15 +146,15 @@ def _rows_preact(act, h, Uf, uo, parent, base, s, b0, nb, j, B, D, g0):
             while k < D:
                 for i in range(ROWS_PER_THREAD):
                     hv[i] = h[_at(hrow[i]), _at(k)]
-                for g in range(GATE_CHUNK):
+                for g in range(width):
                     uv[g] = Uf[_at(u + col[g])]
                 u += NG
                 k += 1
                 for i in range(ROWS_PER_THREAD):
-                    for g in range(GATE_CHUNK):
+                    for g in range(width):
                         acc[i, g] += hv[i] * uv[g]
     for i in range(ROWS_PER_THREAD):  # constant trip counts everywhere: acc can live in registers
-        for g in range(GATE_CHUNK):
+        for g in range(width):
             if i < nb and g < ng:
                 act[r + i, col[g]] = acc[i, g]
 
@@ -163,7 +164,13 @@ def _unit_forward(h, c, act, Uf, uo, parent, base, s, b0, nb, j, B, D, cell):
     """Unit j of the ``nb`` rows ``base + s*B + b0 + i``: the N+3 pre-activations from
     :func:`_rows_preact` into ``act``, then the shared cell math (:mod:`mdnumba.kernels.cell`)."""
     for g0 in range(0, parent.shape[1] + 3, GATE_CHUNK):
-        _rows_preact(act, h, Uf, uo, parent, base, s, b0, nb, j, B, D, g0)
+        ng = min(parent.shape[1] + 3 - g0, GATE_CHUNK)
+        if ng == 5:  # 2D: a constant gate count lets the compiler drop the unused accumulators
+            _rows_preact(act, h, Uf, uo, parent, base, s, b0, nb, j, B, D, g0, 5)
+        elif ng == 4:  # 1D
+            _rows_preact(act, h, Uf, uo, parent, base, s, b0, nb, j, B, D, g0, 4)
+        else:
+            _rows_preact(act, h, Uf, uo, parent, base, s, b0, nb, j, B, D, g0, GATE_CHUNK)
     for i in range(nb):
         _cell_row_forward(h, c, act, parent, base, s, b0 + i, B, D, cell, j, j + 1)
 
