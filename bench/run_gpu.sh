@@ -2,9 +2,12 @@
 # GPU benchmark + GPU tests on a lent GPU machine (no internet there).
 #
 # The image's numpy 2.5 breaks numba-cuda 0.30.4 (np.row_stack was removed), so a numpy 2.4.x
-# wheel must be carried in the ignored folder .whl/ (a wheel for the machine's Python, e.g.
-# `pip download 'numpy>=2.4,<2.5' --only-binary=:all: -d .whl`); it is installed into /tmp/site
-# and put first on PYTHONPATH. mdnumba itself runs from the working tree (PYTHONPATH=.).
+# wheel must be carried in the ignored folder .whl/ (name it in the device call's carry) for the
+# machine's Python (3.12 on the lent H100/H200 image):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl 'numpy==2.4.6'
+# The wheels for this interpreter are installed into /tmp/site and put first on PYTHONPATH.
+# mdnumba itself runs from the working tree (PYTHONPATH=.).
 #
 # Usage: bench/run_gpu.sh [--tests | --tests-only | --tune] [bench_gpu.py / tune_gpu.py options]
 #   --tests        also run tests/test_cuda.py (simulator cases + the same cases on the GPU)
@@ -23,12 +26,16 @@ case "${1:-}" in
   --tune) run_tests=tune; shift ;;
 esac
 
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
-    || { echo "could not install the carried wheels in .whl/ (wrong Python version?)" >&2; exit 1; }
+tag=$(python3 -c 'import sys; print("cp%d%d" % sys.version_info[:2])')
+wheels=$(ls .whl/*.whl 2>/dev/null | grep -E -- "-($tag|py3)-" || true)
+if [ -n "$wheels" ]; then
+  # shellcheck disable=SC2086  # one path per wheel, no spaces
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site $wheels \
+    || { echo "could not install the carried wheels: $wheels" >&2; exit 1; }
   export PYTHONPATH=/tmp/site:.
 else
-  echo "warning: no .whl/*.whl carried; using the image's numpy" >&2
+  echo "warning: no wheel for $tag in .whl/ ($(ls .whl 2>/dev/null | tr '\n' ' ')); using the image's" \
+       "numpy (numba-cuda 0.30.4 does not import with numpy 2.5)" >&2
   export PYTHONPATH=.
 fi
 export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-/tmp/numba_cache}"
