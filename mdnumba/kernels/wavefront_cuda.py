@@ -115,8 +115,8 @@ def _rows_preact(act, h, Uf, uo, parent, base, s, b0, nb, j, B, D, g0, width):
     U[k, d*G + col]``, ``col = g*D + j`` (U at ``Uf[uo:]``). Each weight loaded is used for
     ROWS_PER_THREAD rows and each h value for every gate: accumulators stay in registers.
 
-    The k loop is the hot loop and kept lean (compiled for sm_90 it went from ~9 to ~4
-    instructions per FMA): row and column offsets hoisted out of it, unsigned indices
+    The k loop is the hot loop and kept lean (compiled for sm_90 it went from ~9 to ~3.2
+    instructions per FMA in 2D): row and column offsets hoisted out of it, unsigned indices
     (:func:`_at`), a ``while`` loop (numba's ``range`` iterator adds a count and sign checks to
     each iteration) and no per-gate branch (gates past ``ng`` and rows past ``nb`` repeat the
     last real one and are not stored). ``width`` (<= GATE_CHUNK) is a constant at each call
@@ -165,7 +165,7 @@ def _unit_forward(h, c, act, Uf, uo, parent, base, s, b0, nb, j, B, D, cell):
     :func:`_rows_preact` into ``act``, then the shared cell math (:mod:`mdnumba.kernels.cell`)."""
     for g0 in range(0, parent.shape[1] + 3, GATE_CHUNK):
         ng = min(parent.shape[1] + 3 - g0, GATE_CHUNK)
-        if ng == 5:  # 2D: a constant gate count lets the compiler drop the unused accumulators
+        if ng == 5:  # 2D; a constant width lets the compiler drop unused accumulators (3D: 6)
             _rows_preact(act, h, Uf, uo, parent, base, s, b0, nb, j, B, D, g0, 5)
         elif ng == 4:  # 1D
             _rows_preact(act, h, Uf, uo, parent, base, s, b0, nb, j, B, D, g0, 4)
