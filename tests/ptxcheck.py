@@ -139,15 +139,32 @@ def compile_record(module: str, name: str, argtypes: tuple) -> str:
     return ptx
 
 
+def _write_markdown(path: Path, rows: list[tuple], failures: int) -> None:
+    """The per-kernel lines as a markdown table (what ``--ptxas`` found, for sm_90)."""
+    import numba
+
+    out = [f"# CUDA kernels compiled for sm_{TARGET_CC[0]}{TARGET_CC[1]} (no GPU needed)", "",
+           f"Produced by `python tests/ptxcheck.py RECORD --ptxas PATH --markdown {path.name}` "
+           f"(numba {numba.__version__}): every kernel signature the simulator cases launched, "
+           "compiled with NVVM and ptxas at the GPU's sizes (`config` defaults). *Hot loop*: "
+           "instructions in one iteration of the innermost SASS loop with the most FMAs. "
+           f"{failures} failures.", "",
+           "| kernel | float arrays | local bytes | ptxas / hot loop |", "|---|---|---|---|"]
+    out += [f"| `{k}` | {t} | {loc} | {info} |" for k, t, loc, info in rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(out) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("record", type=Path)
     parser.add_argument("--ptx-dir", type=Path, help="also write each kernel's PTX here")
     parser.add_argument("--ptxas", type=Path, help="ptxas binary: also print registers and spills")
+    parser.add_argument("--markdown", type=Path, help="also write the per-kernel lines as a table here")
     args = parser.parse_args(argv)
     _offline_device()
     records = pickle.loads(args.record.read_bytes())
-    failures = []
+    failures, rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (module, name, argtypes) in enumerate(records):
             label = f"{module}.{name}{argtypes}"
@@ -161,12 +178,16 @@ def main(argv: list[str] | None = None) -> int:
                 failures.append(f"{label}\n  needs a {local}-byte local-memory frame (a local "
                                 "array indexed at run time, or too large for registers)")
             info = _ptxas_info(args.ptxas, ptx, Path(tmp)) if args.ptxas else ""
-            print(f"ok  {module.rsplit('.', 1)[-1]}.{name:20s} {argtypes[0]}  local={local} B  {info}")
+            floats = {str(getattr(t, "dtype", "")) for t in argtypes} & {"float32", "float64"}
+            rows.append((f"{module.rsplit('.', 1)[-1]}.{name}", "/".join(sorted(floats)), local, info))
+            print(f"{'LOCAL' if local else 'ok':5s} {rows[-1][0]:30s} {rows[-1][1]}  local={local} B  {info}")
             if args.ptx_dir:
                 args.ptx_dir.mkdir(parents=True, exist_ok=True)
                 (args.ptx_dir / f"{i:03d}_{name}.ptx").write_text(ptx)
     for f in failures:
         print(f"FAILED {f}")
+    if args.markdown:
+        _write_markdown(args.markdown, rows, len(failures))
     print(f"{len(records)} kernel signatures compiled for sm_{TARGET_CC[0]}{TARGET_CC[1]}, "
           f"{len(failures)} failures")
     return 1 if failures or not records else 0
