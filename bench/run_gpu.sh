@@ -14,6 +14,8 @@
 #   --tests-only   only the tests (the device tool allows 10 minutes per call: run the tests,
 #                  then the benchmarks, as two calls)
 #   --tune         only bench/tune_gpu.py: rows per thread x threads per block -> tune_gpu.md
+#   --profile      only Nsight Compute on the sweep and GEMM kernels of bench/profile_gpu.py
+#                  (after 2 warm-up steps) at 32x32 B64 D64 and 256x256 B8 D128 -> ncu_*.csv
 # The report goes to $OUT/gpu.md when $OUT is set (the device tool's output folder), else to
 # bench/results/gpu.md (and family_cuda.md from bench_family.py).
 set -euo pipefail
@@ -24,6 +26,7 @@ case "${1:-}" in
   --tests) run_tests=1; shift ;;
   --tests-only) run_tests=2; shift ;;
   --tune) run_tests=tune; shift ;;
+  --profile) run_tests=profile; shift ;;
 esac
 
 tag=$(python3 -c 'import sys; print("cp%d%d" % sys.version_info[:2])')
@@ -55,6 +58,17 @@ mkdir -p "$out_dir"
 # Each part runs even if an earlier one failed (a lent GPU is rare: measure what can be);
 # the script's exit status says whether all of them passed.
 status=0
+if [ "$run_tests" = profile ]; then
+  command -v ncu > /dev/null || { echo "ncu (Nsight Compute) not found" >&2; exit 1; }
+  for cfg in 32 256; do  # 3 matching kernels per step: skip the 2 warm-up steps, profile one step
+    ncu --target-processes all --kernel-name regex:'_coop|_diag|_gemm_tiled' --launch-skip 6 \
+        --launch-count 3 --section SpeedOfLight --section Occupancy --section LaunchStats \
+        --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+        --csv --page details python3 bench/profile_gpu.py --config "$cfg" \
+        > "$out_dir/ncu_$cfg.csv" 2> "$out_dir/ncu_$cfg.log" || status=1
+  done
+  exit $status
+fi
 if [ "$run_tests" = tune ]; then
   python3 bench/tune_gpu.py --out "$out_dir/tune_gpu.md" "$@" 2>&1 | tee "$out_dir/tune_gpu.log" || status=1
   exit $status
