@@ -110,7 +110,7 @@ def mdnumba_device_fns(cfg: Config, x: np.ndarray, path: str):
         hf = h.reshape(size)
         k.axpby(dh, hf, 1.0 / size, hf, 0.0)
         dev.zero_grad()
-        dev.backward(dh.reshape(h.shape))
+        dev.backward(dh.reshape(h.shape), input_grad=False)  # x is data (PyTorch: no grad either)
         opt.step(sync=False)
 
     return train, lambda: dev.forward(xd), dev
@@ -307,7 +307,8 @@ def render(info: dict[str, str], results: list[dict], quick: bool) -> str:
     out += [f"- **{k}**: {v}" for k, v in info.items()]
     out += ["", "Produced by `bench/run_gpu.sh` → `python bench/bench_gpu.py`. 2D MD-LSTM, one "
             "direction, C=1, float32, loss `0.5 * mean(h**2)`; train step = forward + loss gradient "
-            "+ zero_grad + backward + Adam (lr 1e-3). Times: **best** of N in ms, (median); "
+            "+ zero_grad + backward (no dL/dx on the device paths and in PyTorch: x is data) + "
+            "Adam (lr 1e-3). Times: **best** of N in ms, (median); "
             "wall-clock including Python dispatch, with a device synchronize per call.", "",
             "- *mdnumba GPU*: `CudaLSTM` + `CudaAdam`, all on the device (input already there); "
             "cooperative = one persistent kernel per sweep with `this_grid().sync()` between "
