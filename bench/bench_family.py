@@ -74,8 +74,10 @@ def mdnumba_phases(layer, x: np.ndarray, device: str) -> tuple[list[Phase], list
             dh = cuda.device_array_like(h)
             scale(dh.reshape(dh.size), h.reshape(h.size), 1.0 / h.size, h.reshape(h.size), 0.0)
             return dh
+        no_dx = {"input_grad": False}  # x is data (PyTorch computes no dL/dx either)
     else:
         net, sync, opt, xin = layer, (lambda: None), mdnumba.Adam(layer, lr=1e-3), x
+        no_dx = {}  # the CPU layer always returns dL/dx
 
         def loss_grad(h):
             return h * np.float32(1.0 / h.size)
@@ -86,7 +88,7 @@ def mdnumba_phases(layer, x: np.ndarray, device: str) -> tuple[list[Phase], list
 
     def backward() -> None:
         net.zero_grad()
-        net.backward(st["dh"])
+        net.backward(st["dh"], **no_dx)
         sync()
 
     def adam() -> None:
