@@ -152,7 +152,7 @@ def mdnumba_cases(cfg: Config, x: np.ndarray) -> tuple[mdnumba.MDLSTM2D, list[Ph
 
     def backward() -> None:
         layer.zero_grad()
-        layer.backward(st["dh"])
+        layer.backward(st["dh"], input_grad=False)  # x is data (PyTorch computes no dL/dx either)
 
     train = [("forward", forward), ("backward", backward), ("adam", opt.step)]
     return layer, train, [("forward", lambda: layer.forward(x))]
@@ -477,7 +477,8 @@ def render(info: dict[str, str], results: list[dict], big: dict | None, quick: b
             "suite) at the same time; rerun the script for fresh numbers. Times are the **best** "
             "of N repeats in ms, (median) in brackets; ratios use the best times.", "",
             f"Set-up: 2D MD-LSTM, one direction, C=1 input channel, float32; loss `{LOSS}`; "
-            "train step = forward + loss gradient + zero_grad + backward + Adam step (lr 1e-3). "
+            "train step = forward + loss gradient + zero_grad + backward (no dL/dx in either: x "
+            "is data) + Adam step (lr 1e-3). "
             "mdnumba: `MDLSTM2D` + `mdnumba.Adam`. PyTorch: `bench/torch_wavefront.py`, eager "
             "autograd computing one anti-diagonal per step + `torch.optim.Adam`; its forward-only "
             "time is under `torch.no_grad()`. Reference: `mdnumba.reference` (row-major NumPy "

@@ -74,10 +74,8 @@ def mdnumba_phases(layer, x: np.ndarray, device: str) -> tuple[list[Phase], list
             dh = cuda.device_array_like(h)
             scale(dh.reshape(dh.size), h.reshape(h.size), 1.0 / h.size, h.reshape(h.size), 0.0)
             return dh
-        no_dx = {"input_grad": False}  # x is data (PyTorch computes no dL/dx either)
     else:
         net, sync, opt, xin = layer, (lambda: None), mdnumba.Adam(layer, lr=1e-3), x
-        no_dx = {}  # the CPU layer always returns dL/dx
 
         def loss_grad(h):
             return h * np.float32(1.0 / h.size)
@@ -88,7 +86,7 @@ def mdnumba_phases(layer, x: np.ndarray, device: str) -> tuple[list[Phase], list
 
     def backward() -> None:
         net.zero_grad()
-        net.backward(st["dh"], **no_dx)
+        net.backward(st["dh"], input_grad=False)  # x is data (PyTorch computes no dL/dx either)
         sync()
 
     def adam() -> None:
@@ -179,7 +177,8 @@ def main() -> None:
             f"{numba.get_num_threads()} numba threads = torch threads, numba {numba.__version__}, "
             f"torch {torch.__version__}; load average before {load0}, after {load_average()}.", "",
             "Graves cell, float32, C=1, loss 0.5*mean(h^2), best of N interleaved repeats; train step = "
-            "forward + backward + Adam. PyTorch: `bench/torch_wavefront_nd.py` (eager autograd, one "
+            "forward + backward (no dL/dx: x is data) + Adam. PyTorch: `bench/torch_wavefront_nd.py` "
+            "(eager autograd, one "
             "hyperplane per step, directions batched), checked equal to mdnumba first.", ""]
     text = "\n".join(head + rows) + "\n"
     if out is not None:

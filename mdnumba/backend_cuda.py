@@ -409,10 +409,12 @@ class CudaBlockSubsample:
         src, _, out_shape = self._table(self._shape)
         return self._gather(xd, src, out_shape)
 
-    def backward(self, dy):
-        """The inverse gather."""
+    def backward(self, dy, input_grad: bool = True):
+        """The inverse gather (None with ``input_grad=False``)."""
         if self._shape is None:
             raise RuntimeError("backward() called before forward(); run forward(x) first")
+        if not input_grad:
+            return None
         return self._gather(dy, self._table(self._shape)[1], self._shape)
 
 
@@ -540,13 +542,13 @@ def layer_forward(layer, x):
     return st.forward(x)
 
 
-def layer_backward(layer, dh):
-    """``WavefrontLSTM.backward`` on the GPU: returns dx (NumPy or device, as ``dh``) and adds
-    the gradients to the host ``layer.grads``."""
+def layer_backward(layer, dh, input_grad: bool = True):
+    """``WavefrontLSTM.backward`` on the GPU: returns dx (NumPy or device, as ``dh``; None with
+    ``input_grad=False``) and adds the gradients to the host ``layer.grads``."""
     st = _LAYER_STATE.get(layer)
     if st is None or st._saved is None:
         raise RuntimeError("backward() called before forward(); run forward(x) first")
     st.zero_grad()
-    dx = st.backward(dh)
+    dx = st.backward(dh, input_grad)
     layer.grads.data[...] += st.grads_to_host()
     return dx

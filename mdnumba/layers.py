@@ -114,11 +114,12 @@ class WavefrontLSTM:
         outs = [self._unskew(h[q * rows:(q + 1) * rows], wf, B, q) for q in range(S)]
         return outs[0] if S == 1 else np.concatenate(outs, axis=-1)
 
-    def backward(self, dh: np.ndarray) -> np.ndarray:
-        """Return dL/dx for upstream ``dh`` = dL/dh and accumulate parameter grads."""
+    def backward(self, dh: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
+        """Return dL/dx for upstream ``dh`` = dL/dh and accumulate parameter grads;
+        ``input_grad=False`` skips dL/dx (the layer reads the data) and returns None."""
         if self.device == "cuda":
             from .backend_cuda import layer_backward
-            return layer_backward(self, dh)
+            return layer_backward(self, dh, input_grad)
         if self._saved is None:
             raise RuntimeError("backward() called before forward(); run forward(x) first")
         sv = self._saved
@@ -144,11 +145,13 @@ class WavefrontLSTM:
             matmul_at_b(dW[q], sv["xs"][sl], dact[sl])
             matmul_at_b(dU[q].reshape(D * N, -1), hpar[sl], dact[sl])
             column_sums(db[q], dact[sl])
+            if not input_grad:
+                continue
             dxs[...] = 0
             matmul_rows(dxs, dact[sl], np.ascontiguousarray(W[q].T), db[q], True)
             dxq = self._unskew(dxs, wf, B, q)
             dx = dxq if dx is None else dx + dxq
-        return np.ascontiguousarray(dx)
+        return None if dx is None else np.ascontiguousarray(dx)
     def saved_bytes(self) -> int:
         """Bytes held by the activations saved for backward (0 before forward)."""
         if self._saved is None:

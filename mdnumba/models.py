@@ -39,10 +39,12 @@ class RecurrentReadout(LayerGroup):
         h = self.recurrent.forward(self._to_recurrent(x))
         return self._from_recurrent(self.readout.forward(h))
 
-    def backward(self, dlogits: np.ndarray) -> np.ndarray:
-        """Back-propagate dL/dlogits through readout and recurrent layer; return dL/dx."""
+    def backward(self, dlogits: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
+        """Back-propagate dL/dlogits through readout and recurrent layer; return dL/dx (None
+        with ``input_grad=False``: training needs only the parameter gradients)."""
         dy = self.readout.backward(np.reshape(dlogits, self.readout._shape[:-1] + (-1,)))
-        return self.recurrent.backward(dy).reshape(self._in_shape)
+        dx = self.recurrent.backward(dy, input_grad)
+        return None if dx is None else dx.reshape(self._in_shape)
 
 
 

@@ -41,10 +41,12 @@ class BlockSubsample:
         y = x.reshape(split).transpose(order)
         return np.ascontiguousarray(y).reshape((x.shape[0],) + tuple(n // k for n in dims) + (-1,))
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
-        """Inverse of :meth:`forward` applied to the gradient."""
+    def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
+        """Inverse of :meth:`forward` applied to the gradient (None with ``input_grad=False``)."""
         if self._in_shape is None:
             raise RuntimeError("backward() called before forward(); run forward(x) first")
+        if not input_grad:
+            return None
         N, k, shape = self.ndim, self.block, self._in_shape
         dims = shape[1:-1]
         blocks = (shape[0],) + tuple(n // k for n in dims) + (k,) * N + (shape[-1],)
@@ -91,9 +93,10 @@ class Sequential(LayerGroup):
             x = stage.forward(x)
         return x
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
-        for stage in reversed(self.stages):
-            dy = stage.backward(dy)
+    def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
+        """Stages in reverse; ``input_grad=False``: the first stage computes no dL/dx (None)."""
+        for i in range(len(self.stages) - 1, -1, -1):
+            dy = self.stages[i].backward(dy, input_grad or i > 0)
         return dy
 
     def __repr__(self) -> str:

@@ -130,7 +130,7 @@ class Trainer:
         logits = self.model.forward(batch.x)
         loss, dlogits, prob = self.loss_fn(logits, batch.y)
         self.model.zero_grad()
-        self.model.backward(dlogits)
+        self.model.backward(dlogits, input_grad=False)  # parameter gradients only
         self.opt.step()
         self.step += 1
         metrics = self.task.metrics(prob, loss, batch)

@@ -104,8 +104,7 @@ class DeviceModel(LayerGroup):
         d = k.as_device(np.ascontiguousarray(dlogits, self.dtype) if host_in else dlogits)
         d = self.readout.backward(d.reshape(self._h_shape[:-1] + (self.readout.out_features,)))
         for i in range(len(self.stages) - 1, -1, -1):
-            stage = self.stages[i]
-            d = stage.backward(d, input_grad) if i == 0 else stage.backward(d)
+            d = self.stages[i].backward(d, input_grad or i > 0)
         if d is None:
             return None
         d = d.reshape(self._in_shape)

@@ -80,3 +80,32 @@ def test_task_probe_covers_what_metrics_read(name, rng):
     sparse = np.zeros_like(prob)
     sparse.reshape(-1)[idx] = prob.reshape(-1)[idx]
     assert len(idx) == 3 and task.metrics(sparse, 0.5, batch) == task.metrics(prob, 0.5, batch)
+
+
+def _stack(**kw):
+    from mdnumba.stack import mdlstm_stack
+    return mdlstm_stack(2, 2, 3, dtype=np.float64, seed=1, **kw)
+
+
+def _model(kind, **kw):
+    return build_model(kind, in_channels=2, hidden=3, seed=1, dtype=np.float64, **kw)
+
+
+@pytest.mark.parametrize("build,shape", [
+    (lambda: _model("md", directions=4), (2, 4, 4, 2)),
+    (lambda: _model("lstm", directions=2), (2, 5, 2)),
+    (lambda: _stack(layers=2, subsample=2), (2, 4, 4, 2)),
+    (lambda: _stack(layers=1, directions=4), (2, 3, 4, 2))])
+def test_backward_without_input_grad(build, shape, rng):
+    """``input_grad=False`` (what training uses): the same parameter gradients, no dL/dx."""
+    model = build()
+    x = rng.uniform(0, 1, shape)
+    dz = rng.standard_normal(model.forward(x).shape)
+    grads = []
+    for input_grad in (True, False):
+        model.zero_grad()
+        model.forward(x)
+        dx = model.backward(dz, input_grad=input_grad)
+        assert (dx is None) == (not input_grad)
+        grads.append(np.concatenate([layer.grads.data.copy() for layer in model.layers]))
+    np.testing.assert_array_equal(grads[1], grads[0])
