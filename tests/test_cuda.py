@@ -476,16 +476,19 @@ SIM_CASES = sorted(name for name in list(globals()) if name.startswith("sim_"))
 
 
 # ----------------------------------------------------------------- outer tests (plain pytest)
-def _run_cases(tmp_dir: Path, simulator: bool) -> dict[str, tuple[str, str]]:
-    """Run every sim_* case in a ``python -m pytest`` subprocess; return name -> (state, message).
-    Under the simulator the launches' argument types go to ``tmp_dir/launches.pkl``."""
+def _run_cases(tmp_dir: Path, simulator: bool, env_extra: dict | None = None,
+               select: str | None = None) -> dict[str, tuple[str, str]]:
+    """Run the sim_* cases (all, or those ``-k select``) in a ``python -m pytest`` subprocess;
+    return name -> (state, message). Under the simulator the launches' argument types go to
+    ``tmp_dir/launches.pkl``."""
     xml = tmp_dir / "report.xml"
     env = dict(os.environ)
     if simulator:
         env.update(NUMBA_ENABLE_CUDASIM="1", MDNUMBA_THREADS_PER_BLOCK="8",
                    MDNUMBA_PTX_RECORD=str(tmp_dir / "launches.pkl"))
+    env.update(env_extra or {})
     cmd = [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider",
-           "-o", "python_functions=sim_*", f"--junitxml={xml}"]
+           "-o", "python_functions=sim_*", f"--junitxml={xml}"] + (["-k", select] if select else [])
     proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True,
                           text=True, timeout=900)
     if not xml.exists():
@@ -535,6 +538,18 @@ def test_simulator(case, simulator_report):
 def test_gpu(case, gpu_report):
     """The same cases on a real GPU (one subprocess for all)."""
     _check_case(case, gpu_report)
+
+
+@pytest.mark.skipif(IN_SIMULATOR, reason="this process already runs the simulator")
+@pytest.mark.parametrize("rows", [1, 3])
+def test_simulator_other_rows_per_thread(rows, tmp_path):
+    """The sweep cases with another MDNUMBA_CUDA_ROWS_PER_THREAD (compile-time; the GPU tuning
+    script tries 1, 2, 4 and 8): one row per thread, and 3 (B=2 and B=5 leave remainders)."""
+    report = _run_cases(tmp_path, simulator=True, env_extra={"MDNUMBA_CUDA_ROWS_PER_THREAD": str(rows)},
+                        select="sweep_kernels or layer_matches_reference")
+    assert len(report) >= 20, report
+    failed = {k: msg for k, (state, msg) in report.items() if state == "failed"}
+    assert not failed, "\n\n".join(f"{k}:\n{msg}" for k, msg in failed.items())
 
 
 @pytest.mark.skipif(IN_SIMULATOR, reason="this process runs the simulator")
