@@ -72,6 +72,9 @@ else:
     BM, BN, BK, TM, TN = 64, 64, 16, 4, 4
 GEMM_THREADS = (BM // TM) * (BN // TN)
 _RM, _RN = BM // TM, BN // TN
+# _load_tile walks a tile in fixed per-thread steps: the block must tile it evenly
+assert GEMM_THREADS % BM == 0 and GEMM_THREADS % BN == 0 and GEMM_THREADS % BK == 0
+assert (BK * BM) % GEMM_THREADS == 0 and (BK * BN) % GEMM_THREADS == 0
 
 #: sweep path used when none is given: auto (cooperative, falling back), cooperative, per-diagonal
 DEFAULT_PATH: str = os.environ.get("MDNUMBA_CUDA_PATH", "auto")
@@ -442,21 +445,29 @@ def _load_tile(T, src, r0, k0, R, R1, k_end, trans, width):
     A tile: ``_load_tile(As, a, m0, k0, Ma, M, .., ta, BM)``; B tile (``op(B)[k, n]``, i.e.
     ``op(B)ᵀ`` by rows n): ``_load_tile(Bs, bm, n0, k0, N, N, .., not tb, BN)``.
     """
-    for e in range(cuda.threadIdx.x, BK * width, GEMM_THREADS):
-        if trans:
-            rr = e % width
-            kk = e // width
-        else:
-            kk = e % BK
-            rr = e // BK
-        r = r0 + rr
-        k = k0 + kk
-        if r < R and k < k_end:
-            T[kk, rr] = src[k, r] if trans else src[r, k]
-        elif r < R1 and k < k_end:
-            T[kk, rr] = 1
-        else:
-            T[kk, rr] = 0
+    t = cuda.threadIdx.x  # each thread: fixed steps through the tile (no divisions per element)
+    if trans:  # fast index rr; GEMM_THREADS is a multiple of the tile width
+        kk, rr = t // width, t % width
+        while kk < BK:
+            _tile_store(T, kk, rr, src, k0 + kk, r0 + rr, R, R1, k_end, True)
+            kk += GEMM_THREADS // width
+    else:  # fast index kk; GEMM_THREADS is a multiple of BK
+        kk, rr = t % BK, t // BK
+        while rr < width:
+            _tile_store(T, kk, rr, src, k0 + kk, r0 + rr, R, R1, k_end, False)
+            rr += GEMM_THREADS // BK
+
+
+@cuda.jit(device=True)
+def _tile_store(T, kk, rr, src, k, r, R, R1, k_end, trans):
+    """``T[kk, rr] = S[r, k]`` (``S = srcᵀ`` if trans), 1 in rows ``R <= r < R1``, 0 past them
+    or past ``k_end`` (unsigned indices, as in :func:`_rows_preact`)."""
+    if k < k_end and r < R:
+        T[_at(kk), _at(rr)] = src[_at(k), _at(r)] if trans else src[_at(r), _at(k)]
+    elif k < k_end and r < R1:
+        T[_at(kk), _at(rr)] = 1
+    else:
+        T[_at(kk), _at(rr)] = 0
 
 
 @cuda.jit(**_JIT)
@@ -488,9 +499,9 @@ def _gemm_tiled(out, parts, counters, a, bm, bias, M, N, K, ta, tb, mode, kchunk
         cuda.syncthreads()
         for kk in range(BK):
             for i in range(TM):
-                ra[i] = As[kk, tr + i * _RM]
+                ra[i] = As[_at(kk), _at(tr + i * _RM)]
             for q in range(TN):
-                rb[q] = Bs[kk, tc + q * _RN]
+                rb[q] = Bs[_at(kk), _at(tc + q * _RN)]
             for i in range(TM):
                 for q in range(TN):
                     acc[i, q] += ra[i] * rb[q]
