@@ -244,6 +244,10 @@ def sim_errors_and_fallback(rng, monkeypatch):
         dev.backward(np.zeros((1, 2, 3, 3), np.float32))
     with pytest.raises(ValueError, match="path"):
         CudaLSTM.from_layer(MDLSTM2D(2, 3), path="diagonal").forward(np.ones((1, 2, 2, 2), np.float32))
+    with monkeypatch.context() as m:  # 32-bit index arithmetic: arrays of 2**32 elements are refused
+        m.setattr(gpu, "MAX_ELEMENTS", 12)
+        with pytest.raises(ValueError, match="32-bit arithmetic.*split the batch"):
+            dev.forward(np.ones((1, 2, 2, 2), np.float32))
 
     def broken(*args, **kw):
         raise RuntimeError("no cooperative launch here")

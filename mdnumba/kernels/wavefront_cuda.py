@@ -76,6 +76,9 @@ _RM, _RN = BM // TM, BN // TN
 assert GEMM_THREADS % BM == 0 and GEMM_THREADS % BN == 0 and GEMM_THREADS % BK == 0
 assert (BK * BM) % GEMM_THREADS == 0 and (BK * BN) % GEMM_THREADS == 0
 
+#: arrays passed to the kernels hold fewer elements than this (32-bit index arithmetic, :func:`_divmod`)
+MAX_ELEMENTS = 2 ** 32
+
 #: sweep path used when none is given: auto (cooperative, falling back), cooperative, per-diagonal
 DEFAULT_PATH: str = os.environ.get("MDNUMBA_CUDA_PATH", "auto")
 PATHS = ("auto", "cooperative", "per-diagonal")
@@ -100,6 +103,15 @@ def _at(index):
     """``index`` (known >= 0) as an unsigned array index: numba then skips the negative-index
     wraparound it adds to every signed index (a compare and add per load in hot loops)."""
     return numba.uint64(index)
+
+
+@cuda.jit(device=True)
+def _divmod(a, b):
+    """``(a // b, a % b)`` for ``0 <= a, b < 2**32`` (the launchers refuse arrays of
+    :data:`MAX_ELEMENTS` or more) in 32-bit unsigned arithmetic: a 64-bit division is a
+    ~70-instruction subroutine call on the GPU, a 32-bit one a few instructions inline."""
+    q = numba.int64(numba.uint32(a) // numba.uint32(b))
+    return q, a - q * b
 
 
 @cuda.jit(device=True)
@@ -183,11 +195,11 @@ def _work_item(t, n, s0, nbg, B, D, MB, DNG):
     """Item t of a hyperplane whose first cell is s0, n items per scan: (row offset, weight
     offset, cell, first batch item, rows, unit); ``nbg`` groups of ROWS_PER_THREAD batch items
     per cell. Scan g owns rows ``g*MB ..`` and weights ``g*DNG ..``."""
-    grp = t // n
-    tt = t - grp * n
-    q = tt // D
-    b0 = (q % nbg) * ROWS_PER_THREAD
-    return grp * MB, grp * DNG, s0 + q // nbg, b0, min(ROWS_PER_THREAD, B - b0), tt % D
+    grp, tt = _divmod(t, n)
+    q, j = _divmod(tt, D)
+    cell, g = _divmod(q, nbg)
+    b0 = g * ROWS_PER_THREAD
+    return grp * MB, grp * DNG, s0 + cell, b0, min(ROWS_PER_THREAD, B - b0), j
 
 
 @cuda.jit(device=True)
@@ -267,10 +279,9 @@ def _skew(out, inp, src, start, stride):
     S, R = src.shape
     F = inp.shape[2]
     for t in range(start, S * R * F, stride):
-        qr = t // F
-        f = t - qr * F
-        q = qr // R
-        out[qr, f] = inp[src[q, qr - q * R], q % inp.shape[1], f]
+        qr, f = _divmod(t, F)
+        q, r = _divmod(qr, R)
+        out[qr, f] = inp[src[q, r], _divmod(q, inp.shape[1])[1], f]
 
 
 @cuda.jit(device=True)
@@ -281,10 +292,8 @@ def _unskew(out, inp, src, start, stride):
     S = src.shape[0]
     R, P, F = out.shape
     for t in range(start, R * P * F, stride):
-        rp = t // F
-        f = t - rp * F
-        r = rp // P
-        p = rp - r * P
+        rp, f = _divmod(t, F)
+        r, p = _divmod(rp, P)
         acc = inp[p * R + src[p, r], f]
         for q in range(p + P, S, P):
             acc += inp[q * R + src[q, r], f]
@@ -301,19 +310,18 @@ def _operands(z, xs, h, parent, B, D, start, stride):
     W = z.shape[1]
     MB = parent.shape[0] * B
     for t in range(start, z.shape[0] * W, stride):
-        r = t // W
-        col = t % W
-        lo = r - r % MB
+        r, col = _divmod(t, W)
+        _, rr = _divmod(r, MB)  # row within its scan slab
         if col < C:
             z[r, col] = xs[r, col]
         elif col == W - 1:
             z[r, col] = 1
         else:
-            j = (col - C) // N
-            d = (col - C) % N
-            p = parent[(r - lo) // B, d]
+            j, d = _divmod(col - C, N)
+            s, b = _divmod(rr, B)
+            p = parent[s, d]
             if p >= 0:
-                z[r, col] = h[lo + p * B + r % B, j]
+                z[r, col] = h[r - rr + p * B + b, j]
             else:
                 z[r, col] = 0
 
@@ -328,12 +336,10 @@ def _backward_prologue(UTf, U, dh, dh_in, dh_src, z, xs, h, parent, B, D, start,
     N = parent.shape[1]
     G = NG // N
     for t in range(start, U.size, stride):
-        q = t // (D * NG)
-        e = t - q * D * NG
-        j = e // NG
-        dg = e - j * NG
-        d = dg // G
-        UTf[q * D * NG + (dg - d * G) * N * D + d * D + j] = U[q, j, dg]
+        q, e = _divmod(t, D * NG)
+        j, dg = _divmod(e, NG)
+        d, g = _divmod(dg, G)
+        UTf[q * D * NG + g * N * D + d * D + j] = U[q, j, dg]
     if dh_src.shape[0] > 0:
         _skew(dh, dh_in, dh_src, start, stride)
     if z.shape[0] > 0:
@@ -423,8 +429,7 @@ def _gemm_small(out, a, bm, bias, M, N, K, ta, tb, mode, Ma):
     ``out[m, n]`` (mode 1) or 0 (mode 2).
     """
     for t in range(cuda.grid(1), M * N, cuda.gridsize(1)):
-        m = t // N
-        n = t % N
+        m, n = _divmod(t, N)
         if m < Ma:
             acc = (a[0, m] if ta else a[m, 0]) * (bm[n, 0] if tb else bm[0, n])
             for k in range(1, K):
@@ -569,8 +574,7 @@ def _gather_rows(out, inp, src):
     """``out[r, f] = inp[src[r], f]`` for ``f < inp.shape[1]`` (skew / unskew permutations)."""
     F = inp.shape[1]
     for t in range(cuda.grid(1), out.shape[0] * F, cuda.gridsize(1)):
-        r = t // F
-        f = t % F
+        r, f = _divmod(t, F)
         out[r, f] = inp[src[r], f]
 
 
@@ -622,6 +626,11 @@ class _Args:
     def __init__(self, *arrays):
         self.host = arrays
         self.dev = [None if a is None else as_device(a) for a in arrays]
+        for a in self.dev:
+            if a is not None and a.size >= MAX_ELEMENTS:
+                raise ValueError(f"an array of shape {tuple(a.shape)} has {a.size} elements; the CUDA "
+                                 f"kernels index with 32-bit arithmetic and take fewer than {MAX_ELEMENTS} "
+                                 "(2**32) per array: split the batch")
 
     def finish(self, *out_index: int) -> None:
         for i in out_index:
