@@ -430,15 +430,30 @@ def _gemm_small(out, a, bm, bias, M, N, K, ta, tb, mode, Ma):
     """
     for t in range(cuda.grid(1), M * N, cuda.gridsize(1)):
         m, n = _divmod(t, N)
+        acc = _b_at(bm, 0, n, tb)
+        k = 1  # unsigned indices, while loops: see _rows_preact
         if m < Ma:
-            acc = (a[0, m] if ta else a[m, 0]) * (bm[n, 0] if tb else bm[0, n])
-            for k in range(1, K):
-                acc += (a[k, m] if ta else a[m, k]) * (bm[n, k] if tb else bm[k, n])
-        else:
-            acc = bm[n, 0] if tb else bm[0, n]
-            for k in range(1, K):
-                acc += bm[n, k] if tb else bm[k, n]
+            acc *= _a_at(a, m, 0, ta)
+            while k < K:
+                acc += _a_at(a, m, k, ta) * _b_at(bm, k, n, tb)
+                k += 1
+        else:  # the ones row: column sums of B
+            while k < K:
+                acc += _b_at(bm, k, n, tb)
+                k += 1
         _store(out, bias, mode, m, n, acc)
+
+
+@cuda.jit(device=True)
+def _a_at(a, m, k, ta):
+    """``A[m, k]`` with ``A = aᵀ`` if ta else ``a``."""
+    return a[_at(k), _at(m)] if ta else a[_at(m), _at(k)]
+
+
+@cuda.jit(device=True)
+def _b_at(bm, k, n, tb):
+    """``B[k, n]`` with ``B = bmᵀ`` if tb else ``bm``."""
+    return bm[_at(n), _at(k)] if tb else bm[_at(k), _at(n)]
 
 
 @cuda.jit(device=True)
