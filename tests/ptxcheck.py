@@ -14,9 +14,12 @@ GEMM tiles are not the ones a GPU builds. This module closes that gap:
   that did not become registers show up here). It needs libnvvm and libnvrtc (the
   ``nvidia-nvvm`` and ``nvidia-cuda-nvrtc`` wheels of the ``test`` extra), no driver.
 
-Exit status 0 when every pair compiled without a local-memory frame, 1 otherwise (the
-failures are printed). ``--ptxas PATH`` (the ``nvidia-cuda-nvcc`` wheel has one) also prints
-each kernel's registers, spills and shared memory, e.g. to size the cooperative grid, and,
+Exit status 0 when every pair compiled without a local-memory frame and, for kernels whose
+arrays are all float32, without float64 arithmetic (a Python float literal in float32 math
+promotes it: half rate or worse on a GPU); 1 otherwise (the failures are printed).
+
+``--ptxas PATH`` (the ``nvidia-cuda-nvcc`` wheel has one) also prints each kernel's
+registers, spills and shared memory, e.g. to size the cooperative grid, and,
 with ``cuobjdump`` and ``nvdisasm`` beside it (``nvidia-cuda-cuobjdump``,
 ``nvidia-cuda-nvdisasm``), the instructions per iteration of its hottest FMA loops.
 """
@@ -38,6 +41,7 @@ from types import SimpleNamespace
 TARGET_CC = (9, 0)
 _LOCAL = re.compile(r"\.local\s+\.align\s+\d+\s+\.b8\s+__local_depot\d+\[(\d+)\]")
 
+_F64_MATH = re.compile(r"\b(?:add|sub|mul|fma|div|rcp|sqrt)(?:\.\w+)*\.f64\b")
 _SASS_OP = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)[^;]*;")
 _SASS_BRA = re.compile(r"/\*([0-9a-f]{4,})\*/[^;]*BRA[^;]*0x([0-9a-f]+)\s*;")
 
@@ -181,8 +185,12 @@ def main(argv: list[str] | None = None) -> int:
             if local:
                 failures.append(f"{label}\n  needs a {local}-byte local-memory frame (a local "
                                 "array indexed at run time, or too large for registers)")
-            info = _ptxas_info(args.ptxas, ptx, Path(tmp)) if args.ptxas else ""
             floats = {str(getattr(t, "dtype", "")) for t in argtypes} & {"float32", "float64"}
+            f64 = len(_F64_MATH.findall(ptx)) if floats == {"float32"} else 0
+            if f64:
+                failures.append(f"{label}\n  float32 kernel with {f64} float64 operations (a Python "
+                                "float literal in float32 arithmetic? use cell.like(x, value))")
+            info = _ptxas_info(args.ptxas, ptx, Path(tmp)) if args.ptxas else ""
             rows.append((f"{module.rsplit('.', 1)[-1]}.{name}", "/".join(sorted(floats)), local, info))
             print(f"{'LOCAL' if local else 'ok':5s} {rows[-1][0]:30s} {rows[-1][1]}  local={local} B  {info}")
             if args.ptx_dir:

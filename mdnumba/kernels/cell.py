@@ -31,9 +31,28 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+from numba import types
+from numba.extending import overload
+
 GRAVES, STABLE, SPATIAL = 0, 1, 2
 #: cell name -> int code passed to the kernels
 CELLS = {"graves": GRAVES, "stable": STABLE, "spatial": SPATIAL}
+
+
+def like(x, value):
+    """``value`` as a constant of ``x``'s float type. Plain Python here (NumPy scalars, as in
+    the CUDA simulator); compiled code, CPU and CUDA, gets the overload below, so float32
+    arithmetic stays float32 (a Python float literal would promote it to float64)."""
+    return type(x)(value)
+
+
+@overload(like)
+def _like(x, value):
+    if isinstance(x, types.Float):
+        as_type = np.float32 if x.bitwidth == 32 else np.float64
+        return lambda x, value: as_type(value)
+    return lambda x, value: value
 
 
 def cell_code(name: str) -> int:
@@ -53,14 +72,21 @@ def build(jit, exp=math.exp, sigmoid=None, tanh=None):
         @jit
         def sigmoid(x):
             """σ(x) = 1 / (1 + e^{-x}); overflow of e^{-x} gives 0, never NaN."""
-            return 1.0 / (1.0 + exp(-x))
+            one = like(x, 1.0)
+            return one / (one + exp(-x))
 
     if tanh is None:
         @jit
         def tanh(x):
             """tanh(x) = 2σ(2x) − 1: one ``exp`` (libm ``tanh`` took 3x as long on the CPU).
             Exact limits ±1 for large |x|; absolute (not relative) error ~1 ulp near 0."""
-            return 2.0 / (1.0 + exp(-(x + x))) - 1.0
+            one = like(x, 1.0)
+            return (one + one) / (one + exp(-(x + x))) - one
+
+    @jit
+    def one_minus(x):
+        """``1 − x`` in x's float type (σ' = σ·(1 − σ), tanh' = 1 − tanh²)."""
+        return like(x, 1.0) - x
 
     @jit
     def blk(block, D):
@@ -177,7 +203,7 @@ def build(jit, exp=math.exp, sigmoid=None, tanh=None):
                 f0 = blk(1 + d, D)
                 if p >= 0:
                     for j in range(j0, j1):
-                        dact[r, f0 + j] = dc[r, j] * c[pr, j] * act[r, f0 + j] * (1.0 - act[r, f0 + j])
+                        dact[r, f0 + j] = dc[r, j] * c[pr, j] * act[r, f0 + j] * one_minus(act[r, f0 + j])
                 else:
                     for j in range(j0, j1):
                         dact[r, f0 + j] = 0.0
@@ -196,7 +222,7 @@ def build(jit, exp=math.exp, sigmoid=None, tanh=None):
                 for j in range(j0, j1):
                     dact[r, w0 + j] = -dc[r, j] * act[r, f0 + j] * act[r, w0 + j] * dact[r, f0 + j]
         for j in range(j0, j1):
-            dact[r, f0 + j] = dc[r, j] * dact[r, f0 + j] * act[r, f0 + j] * (1.0 - act[r, f0 + j])
+            dact[r, f0 + j] = dc[r, j] * dact[r, f0 + j] * act[r, f0 + j] * one_minus(act[r, f0 + j])
 
     @jit
     def child_state_grad(dc, act, child, base, s, b, r, B, D, cell, j0, j1):
@@ -241,20 +267,21 @@ def build(jit, exp=math.exp, sigmoid=None, tanh=None):
             for j in range(j0, j1):
                 go = act[r, o0 + j]
                 t = tanh(c[r, j] * go)
-                dt = dh[r, j] * (1.0 - t * t)
+                dt = dh[r, j] * one_minus(t * t)
                 dc[r, j] += dt * go
-                dact[r, o0 + j] = dt * c[r, j] * go * (1.0 - go)
+                dact[r, o0 + j] = dt * c[r, j] * go * one_minus(go)
         else:
             for j in range(j0, j1):
                 go = act[r, o0 + j]
                 t = tanh(c[r, j])
-                dc[r, j] += dh[r, j] * go * (1.0 - t * t)
-                dact[r, o0 + j] = dh[r, j] * t * go * (1.0 - go)
+                dc[r, j] += dh[r, j] * go * one_minus(t * t)
+                dact[r, o0 + j] = dh[r, j] * t * go * one_minus(go)
         for j in range(j0, j1):
             gi = act[r, j]
             gg = act[r, g0 + j]
-            dact[r, j] = dc[r, j] * gg * gi * (1.0 - gi)
-            dact[r, g0 + j] = dc[r, j] * gi * (1.0 - gg * gg)
+            dact[r, j] = dc[r, j] * gg * gi * one_minus(gi)
+            dact[r, g0 + j] = dc[r, j] * gi * one_minus(gg * gg)
         forget_backward(dact, act, c, dc, parent, base, s, b, r, B, D, cell, j0, j1)
 
-    return dict(sigmoid=sigmoid, tanh=tanh, row_forward=row_forward, row_backward=row_backward)
+    return dict(sigmoid=sigmoid, tanh=tanh, one_minus=one_minus, row_forward=row_forward,
+                row_backward=row_backward)

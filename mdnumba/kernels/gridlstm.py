@@ -36,7 +36,7 @@ def build_rows(jit, exp=math.exp, jit_reduce=None, sigmoid=None, tanh=None):
     """
     jit_reduce = jit_reduce or jit
     _cell = build(jit, exp, sigmoid, tanh)
-    _sigmoid, _tanh = _cell["sigmoid"], _cell["tanh"]
+    _sigmoid, _tanh, one_minus = _cell["sigmoid"], _cell["tanh"], _cell["one_minus"]
 
     @jit
     def _gate_columns(off, D):
@@ -110,15 +110,15 @@ def build_rows(jit, exp=math.exp, jit_reduce=None, sigmoid=None, tanh=None):
         for j in range(D):
             gi, go, gg = act[r, i0 + j], act[r, o0 + j], act[r, g0 + j]
             tm = _tanh(c[r, o_c + j])
-            dm = dm_in[j] + dh[j] * go * (1.0 - tm * tm)
+            dm = dm_in[j] + dh[j] * go * one_minus(tm * tm)
             dc[r, o_c + j] = dm
-            dact[r, i0 + j] = dm * gg * gi * (1.0 - gi)
-            dact[r, o0 + j] = dh[j] * tm * go * (1.0 - go)
-            dact[r, g0 + j] = dm * gi * (1.0 - gg * gg)
+            dact[r, i0 + j] = dm * gg * gi * one_minus(gi)
+            dact[r, o0 + j] = dh[j] * tm * go * one_minus(go)
+            dact[r, g0 + j] = dm * gi * one_minus(gg * gg)
         if m_prev_row >= 0:  # forget gate: dm · m_prev · f(1−f)
             for j in range(D):
                 gf = act[r, f0 + j]
-                dact[r, f0 + j] = dc[r, o_c + j] * c[m_prev_row, m_col + j] * gf * (1.0 - gf)
+                dact[r, f0 + j] = dc[r, o_c + j] * c[m_prev_row, m_col + j] * gf * one_minus(gf)
         else:
             for j in range(D):
                 dact[r, f0 + j] = 0.0
