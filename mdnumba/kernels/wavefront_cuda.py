@@ -430,30 +430,24 @@ def _gemm_small(out, a, bm, bias, M, N, K, ta, tb, mode, Ma):
     """
     for t in range(cuda.grid(1), M * N, cuda.gridsize(1)):
         m, n = _divmod(t, N)
-        acc = _b_at(bm, 0, n, tb)
+        acc = _op_at(bm, 0, n, tb)
         k = 1  # unsigned indices, while loops: see _rows_preact
         if m < Ma:
-            acc *= _a_at(a, m, 0, ta)
+            acc *= _op_at(a, m, 0, ta)
             while k < K:
-                acc += _a_at(a, m, k, ta) * _b_at(bm, k, n, tb)
+                acc += _op_at(a, m, k, ta) * _op_at(bm, k, n, tb)
                 k += 1
         else:  # the ones row: column sums of B
             while k < K:
-                acc += _b_at(bm, k, n, tb)
+                acc += _op_at(bm, k, n, tb)
                 k += 1
         _store(out, bias, mode, m, n, acc)
 
 
 @cuda.jit(device=True)
-def _a_at(a, m, k, ta):
-    """``A[m, k]`` with ``A = aᵀ`` if ta else ``a``."""
-    return a[_at(k), _at(m)] if ta else a[_at(m), _at(k)]
-
-
-@cuda.jit(device=True)
-def _b_at(bm, k, n, tb):
-    """``B[k, n]`` with ``B = bmᵀ`` if tb else ``bm``."""
-    return bm[_at(n), _at(k)] if tb else bm[_at(k), _at(n)]
+def _op_at(x, i, j, trans):
+    """Element ``(i, j)`` of ``op(x)``: ``x[j, i]`` if trans else ``x[i, j]`` (unsigned indices)."""
+    return x[_at(j), _at(i)] if trans else x[_at(i), _at(j)]
 
 
 @cuda.jit(device=True)
@@ -483,7 +477,7 @@ def _tile_store(T, kk, rr, src, k, r, R, R1, k_end, trans):
     """``T[kk, rr] = S[r, k]`` (``S = srcᵀ`` if trans), 1 in rows ``R <= r < R1``, 0 past them
     or past ``k_end`` (unsigned indices, as in :func:`_rows_preact`)."""
     if k < k_end and r < R:
-        T[_at(kk), _at(rr)] = src[_at(k), _at(r)] if trans else src[_at(r), _at(k)]
+        T[_at(kk), _at(rr)] = _op_at(src, r, k, trans)
     elif k < k_end and r < R1:
         T[_at(kk), _at(rr)] = 1
     else:
