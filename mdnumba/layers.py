@@ -138,20 +138,22 @@ class WavefrontLSTM:
         W, dW, dU, db = (self._per_direction(n, buf) for n, buf in
                          (("W", self.params), ("W", self.grads), ("U", self.grads), ("b", self.grads)))
         rows = dact.shape[0] // S
-        dx = None
-        dxs = self._workspace("dxs", (rows, self.in_channels))
         for q in range(S):
             sl = slice(q * rows, (q + 1) * rows)
             matmul_at_b(dW[q], sv["xs"][sl], dact[sl])
             matmul_at_b(dU[q].reshape(D * N, -1), hpar[sl], dact[sl])
             column_sums(db[q], dact[sl])
-            if not input_grad:
-                continue
+        if not input_grad:
+            return None
+        dx = None
+        dxs = self._workspace("dxs", (rows, self.in_channels))
+        for q in range(S):
             dxs[...] = 0
-            matmul_rows(dxs, dact[sl], np.ascontiguousarray(W[q].T), db[q], True)
+            matmul_rows(dxs, dact[q * rows:(q + 1) * rows], np.ascontiguousarray(W[q].T), db[q], True)
             dxq = self._unskew(dxs, wf, B, q)
             dx = dxq if dx is None else dx + dxq
-        return None if dx is None else np.ascontiguousarray(dx)
+        return np.ascontiguousarray(dx)
+
     def saved_bytes(self) -> int:
         """Bytes held by the activations saved for backward (0 before forward)."""
         if self._saved is None:

@@ -508,11 +508,15 @@ def _run_cases(tmp_dir: Path, simulator: bool, env_extra: dict | None = None,
     return cases
 
 
+def _assert_passed(results: dict) -> None:
+    failed = {k: msg for k, (state, msg) in results.items() if state == "failed"}
+    assert not failed, "\n\n".join(f"{k}:\n{msg}" for k, msg in failed.items())
+
+
 def _check_case(case: str, report: dict) -> None:
     results = {k: v for k, v in report.items() if k == case or k.startswith(case + "[")}
     assert results, f"{case} did not run in the subprocess"
-    failed = {k: msg for k, (state, msg) in results.items() if state == "failed"}
-    assert not failed, "\n\n".join(f"{k}:\n{msg}" for k, msg in failed.items())
+    _assert_passed(results)
 
 
 @pytest.fixture(scope="module")
@@ -552,8 +556,7 @@ def test_simulator_other_rows_per_thread(rows, tmp_path):
     report = _run_cases(tmp_path, simulator=True, env_extra={"MDNUMBA_CUDA_ROWS_PER_THREAD": str(rows)},
                         select="sweep_kernels or layer_matches_reference")
     assert len(report) >= 20, report
-    failed = {k: msg for k, (state, msg) in report.items() if state == "failed"}
-    assert not failed, "\n\n".join(f"{k}:\n{msg}" for k, msg in failed.items())
+    _assert_passed(report)
 
 
 @pytest.mark.skipif(IN_SIMULATOR, reason="this process runs the simulator")
