@@ -57,6 +57,14 @@ class BlockSubsample:
         return f"BlockSubsample({self.block})"
 
 
+def backward_stages(stages, dy, input_grad: bool = True):
+    """``dy`` back through ``stages`` in reverse; ``input_grad=False``: the first stage computes
+    no dL/dx (None is returned). Host stages or device stages alike."""
+    for i in range(len(stages) - 1, -1, -1):
+        dy = stages[i].backward(dy, input_grad or i > 0)
+    return dy
+
+
 class LayerGroup:
     """Base of everything that holds a ``layers`` list of parametrised layers."""
 
@@ -94,10 +102,7 @@ class Sequential(LayerGroup):
         return x
 
     def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
-        """Stages in reverse; ``input_grad=False``: the first stage computes no dL/dx (None)."""
-        for i in range(len(self.stages) - 1, -1, -1):
-            dy = self.stages[i].backward(dy, input_grad or i > 0)
-        return dy
+        return backward_stages(self.stages, dy, input_grad)
 
     def __repr__(self) -> str:
         return "Sequential(" + ", ".join(map(repr, self.stages)) + ")"

@@ -30,7 +30,7 @@ from ._validate import check_array
 from .backend_cuda import DEVICE_OPTIMIZERS, CudaLinear, CudaLSTM, require_cuda
 from .layers import WavefrontLSTM
 from .optim import NONFINITE_GRADIENT
-from .stack import LayerGroup
+from .stack import LayerGroup, backward_stages
 from .train import Trainer
 
 
@@ -103,8 +103,7 @@ class DeviceModel(LayerGroup):
         host_in = not k.is_device_array(dlogits)
         d = k.as_device(np.ascontiguousarray(dlogits, self.dtype) if host_in else dlogits)
         d = self.readout.backward(d.reshape(self._h_shape[:-1] + (self.readout.out_features,)))
-        for i in range(len(self.stages) - 1, -1, -1):
-            d = self.stages[i].backward(d, input_grad or i > 0)
+        d = backward_stages(self.stages, d, input_grad)
         if d is None:
             return None
         d = d.reshape(self._in_shape)
