@@ -93,7 +93,7 @@ class DeviceTables:
     diag_off: object
     parent: object
     child: object
-    skew_src: object     # [q, s*B + b] = dense row b*M + flip_q(perm[s])
+    skew_src: object     # grid.direction_tables: [q, s*B + b] = dense row b*M + flip_q(perm[s])
     unskew_src: object   # [q, b*M + m] = skewed row inv_perm[flip_q(m)]*B + b
 
 
@@ -102,21 +102,12 @@ def device_tables(dims: tuple, batch: int, directions: int = 1) -> DeviceTables:
     """Build (and cache) :class:`DeviceTables`; direction q mirrors the axes of q's set bits."""
     from numba import cuda
 
-    from .grid import wavefront
+    from .grid import direction_tables, wavefront
     wf = wavefront(tuple(dims))
-    M, B = wf.n_cells, int(batch)
-    s, b = np.divmod(np.arange(M * B), B)
-    bq, m = np.divmod(np.arange(M * B), M)
-    flat = np.arange(M).reshape(wf.dims)
-    skew, unskew = [], []
-    for q in range(directions):
-        axes = tuple(d for d in range(len(wf.dims)) if (q >> d) & 1)
-        mirror = np.flip(flat, axes).reshape(-1) if axes else flat.reshape(-1)
-        skew.append(b * M + mirror[wf.perm[s]])
-        unskew.append(wf.inv_perm[mirror[m]] * B + bq)
-    return DeviceTables(wf.dims, B, M, np.array(wf.diag_off), cuda.to_device(wf.diag_off),
-                        cuda.to_device(wf.parent), cuda.to_device(wf.child), cuda.to_device(np.stack(skew)),
-                        cuda.to_device(np.stack(unskew)))
+    skew, unskew = direction_tables(wf.dims, int(batch), directions)
+    return DeviceTables(wf.dims, int(batch), wf.n_cells, np.array(wf.diag_off), cuda.to_device(wf.diag_off),
+                        cuda.to_device(wf.parent), cuda.to_device(wf.child), cuda.to_device(skew),
+                        cuda.to_device(unskew))
 
 
 class DeviceLayer:

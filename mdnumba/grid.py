@@ -78,15 +78,30 @@ def wavefront(dims: tuple) -> Wavefront:
     return Wavefront(dims, perm, inv_perm, diag_off, parent, child)
 
 
-def to_skewed(x: np.ndarray, wf: Wavefront) -> np.ndarray:
-    """Dense ``(B, *dims, F)`` → skewed rows ``(M*B, F)``, row ``s*B + b``."""
-    B, F = x.shape[0], x.shape[-1]
-    xs = x.reshape(B, wf.n_cells, F).transpose(1, 0, 2)[wf.perm]
-    return np.ascontiguousarray(xs).reshape(wf.n_cells * B, F)
+@lru_cache(maxsize=64)
+def direction_tables(dims: tuple, batch: int, directions: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Row tables between dense ``(B, *dims)`` rows (``b*M + m``, M cells) and the skewed rows
+    ``s*B + b`` of each scan direction q (q mirrors the axes of its set bits), read-only int64:
 
+    - ``skew_src[q, s*B + b] = b*M + flip_q(perm[s])``: the dense row skewed row ``s*B + b`` of
+      direction q reads;
+    - ``unskew_src[q, b*M + m] = inv_perm[flip_q(m)]*B + b``: the skewed row (in q's slab) that
+      dense row ``b*M + m`` comes from.
 
-def from_skewed(xs: np.ndarray, wf: Wavefront, batch: int) -> np.ndarray:
-    """Skewed rows ``(M*B, F)`` → dense ``(B, *dims, F)`` (a new C-contiguous array)."""
-    F = xs.shape[-1]
-    dense = xs.reshape(wf.n_cells, batch, F)[wf.inv_perm]
-    return np.ascontiguousarray(dense.transpose(1, 0, 2)).reshape((batch,) + wf.dims + (F,))
+    ``flip_q`` is an involution on the cells, so the two are inverse permutations per q. Used by
+    the skew/unskew kernels of both backends (``kernels.wavefront``, ``kernels.wavefront_cuda``).
+    """
+    wf = wavefront(tuple(dims))
+    M, B = wf.n_cells, int(batch)
+    s, b = np.divmod(np.arange(M * B), B)
+    bq, m = np.divmod(np.arange(M * B), M)
+    flat = np.arange(M).reshape(wf.dims)
+    skew, unskew = [], []
+    for q in range(directions):
+        mirror = np.flip(flat, tuple(d for d in range(len(wf.dims)) if (q >> d) & 1)).reshape(-1)
+        skew.append(b * M + mirror[wf.perm[s]])
+        unskew.append(wf.inv_perm[mirror[m]] * B + bq)
+    tables = np.stack(skew).astype(np.int64), np.stack(unskew).astype(np.int64)
+    for arr in tables:
+        arr.setflags(write=False)
+    return tables

@@ -10,11 +10,11 @@ import numpy as np
 
 from . import config
 from ._validate import check_array, check_positive_int
-from .grid import from_skewed, to_skewed, wavefront
+from .grid import direction_tables, wavefront
 from .kernels.cell import cell_code
 from .kernels.gemm import column_sums, matmul_at_b, matmul_rows
 from .kernels.gridlstm import gather_operands as gather_grid_operands
-from .kernels.wavefront import gather_parents, wavefront_backward, wavefront_forward
+from .kernels.wavefront import gather_parents, skew_rows, unskew_rows, wavefront_backward, wavefront_forward
 from .params import ParamLayout
 
 
@@ -99,8 +99,10 @@ class WavefrontLSTM:
         x = check_array(x, "x", self.ndim + 2, self.in_channels, self.dtype, self._layout_str())
         B, D, S = x.shape[0], self.hidden, self.directions
         wf = wavefront(x.shape[1:-1])
-        xs = self._skew_directions(x, wf, per_direction=False)
-        rows = xs.shape[0] // S
+        skew_src, unskew_src = direction_tables(wf.dims, B, S)
+        rows = wf.n_cells * B
+        xs = self._workspace("xs", (S * rows, self.in_channels))
+        skew_rows(xs, x.reshape(rows, 1, -1), skew_src)
         act = self._workspace("act", (S * rows, self.layout.shapes["b"][-1]))
         h = self._workspace("h", (S * rows, D))
         c = self._workspace("c", (S * rows, D))
@@ -111,8 +113,9 @@ class WavefrontLSTM:
         U = self.params["U"].reshape(S, D, -1)
         wavefront_forward(h, c, act, U, wf.diag_off, wf.parent, B, D, self.cell_code)
         self._saved = dict(xs=xs, act=act, c=c, h=h, wf=wf, batch=B)
-        outs = [self._unskew(h[q * rows:(q + 1) * rows], wf, B, q) for q in range(S)]
-        return outs[0] if S == 1 else np.concatenate(outs, axis=-1)
+        out = np.empty((rows, S, D), dtype=self.dtype)
+        unskew_rows(out, h, unskew_src)  # grid order, direction q in channels q*D:(q+1)*D
+        return out.reshape((B,) + wf.dims + (S * D,))
 
     def backward(self, dh: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
         """Return dL/dx for upstream ``dh`` = dL/dh and accumulate parameter grads;
@@ -128,7 +131,10 @@ class WavefrontLSTM:
         dh = check_array(dh, "dh", self.ndim + 2, None, self.dtype, self._layout_str("D"))
         if dh.shape != want:
             raise ValueError(f"dh must have the shape of the forward output {want}, got {dh.shape}")
-        dhs = self._skew_directions(dh.reshape(dh.shape[:-1] + (S, D)), wf, per_direction=True)
+        skew_src, unskew_src = direction_tables(wf.dims, B, S)
+        rows = wf.n_cells * B
+        dhs = self._workspace("dhs", (S * rows, D))
+        skew_rows(dhs, dh.reshape(rows, S, D), skew_src)
         dact = self._workspace("dact", sv["act"].shape)
         dc = self._workspace("dc", sv["c"].shape)
         wavefront_backward(dact, dc, dhs, sv["act"], sv["c"], self.params["U"].reshape(S, D, -1), wf.diag_off,
@@ -137,7 +143,6 @@ class WavefrontLSTM:
         gather_parents(hpar, sv["h"], wf.parent, B, D)
         W, dW, dU, db = (self._per_direction(n, buf) for n, buf in
                          (("W", self.params), ("W", self.grads), ("U", self.grads), ("b", self.grads)))
-        rows = dact.shape[0] // S
         for q in range(S):
             sl = slice(q * rows, (q + 1) * rows)
             matmul_at_b(dW[q], sv["xs"][sl], dact[sl])
@@ -145,14 +150,14 @@ class WavefrontLSTM:
             column_sums(db[q], dact[sl])
         if not input_grad:
             return None
-        dx = None
-        dxs = self._workspace("dxs", (rows, self.in_channels))
+        dxs = self._workspace("dxs", (S * rows, self.in_channels))
+        dxs[...] = 0
         for q in range(S):
-            dxs[...] = 0
-            matmul_rows(dxs, dact[q * rows:(q + 1) * rows], np.ascontiguousarray(W[q].T), db[q], True)
-            dxq = self._unskew(dxs, wf, B, q)
-            dx = dxq if dx is None else dx + dxq
-        return np.ascontiguousarray(dx)
+            sl = slice(q * rows, (q + 1) * rows)
+            matmul_rows(dxs[sl], dact[sl], np.ascontiguousarray(W[q].T), db[q], True)
+        dx = np.empty((rows, 1, self.in_channels), dtype=self.dtype)
+        unskew_rows(dx, dxs, unskew_src)  # Σ_q unflip_q(dact_q W_qᵀ)
+        return dx.reshape((B,) + wf.dims + (self.in_channels,))
 
     def saved_bytes(self) -> int:
         """Bytes held by the activations saved for backward (0 before forward)."""
@@ -162,32 +167,13 @@ class WavefrontLSTM:
 
     def workspace_bytes(self) -> int:
         """Bytes of every buffer the layer keeps between calls (saved + scratch)."""
-        return sum(v.nbytes for v in self._work.values()) + self._saved["xs"].nbytes \
-            if self._saved else 0
+        return sum(v.nbytes for v in self._work.values()) if self._saved else 0
 
     # -------------------------------------------------------------- helpers
     def _per_direction(self, name: str, buf=None) -> np.ndarray:
         """View of parameter ``name`` with a leading direction axis (also when S = 1)."""
         view = (self.params if buf is None else buf)[name]
         return view if self.directions > 1 else view[None]
-
-    def _flip(self, x: np.ndarray, q: int) -> np.ndarray:
-        """``x`` (B, *dims, F) reversed along every axis d with bit d of direction q set."""
-        axes = tuple(1 + d for d in range(self.ndim) if (q >> d) & 1)
-        return np.flip(x, axes) if axes else x
-
-    def _skew_directions(self, x: np.ndarray, wf, per_direction: bool) -> np.ndarray:
-        """Stack the skewed, direction-flipped inputs: slab q = ``to_skewed(flip_q(x))``.
-
-        ``per_direction``: ``x`` is (B, *dims, S, F) and slab q uses ``x[..., q, :]``.
-        """
-        parts = [to_skewed(self._flip(x[..., q, :] if per_direction else x, q), wf)
-                 for q in range(self.directions)]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-    def _unskew(self, xs: np.ndarray, wf, batch: int, q: int) -> np.ndarray:
-        """Inverse of one slab of :meth:`_skew_directions`: dense, flipped back."""
-        return self._flip(from_skewed(xs, wf, batch), q)
 
     def _workspace(self, name: str, shape: tuple) -> np.ndarray:
         """A scratch/activation buffer reused across calls of the same shape.

@@ -6,6 +6,8 @@ from gradcheck import check_layer_gradients
 from refcheck import check_against_reference
 
 from mdnumba import LSTM1D, MDLSTM2D, MDLSTM3D, WavefrontLSTM
+from mdnumba.grid import direction_tables, wavefront
+from mdnumba.kernels.wavefront import skew_rows, unskew_rows
 
 CELLS = ["graves", "stable", "spatial"]
 
@@ -46,6 +48,27 @@ def test_directions_and_3d_finite_differences(ndim, shape, kw, rng):
     layer = make(ndim, shape[-1], 2, seed=4, dtype=np.float64, **kw)
     layer.params.b[...] = rng.standard_normal(layer.params.b.shape) * 0.5
     check_layer_gradients(layer, rng.standard_normal(shape), rng)
+
+
+@pytest.mark.parametrize("dims", [(5,), (3, 4), (2, 3, 2)])
+def test_skew_tables_flip_and_reorder(dims, rng):
+    """Slab q of ``skew_rows`` is flip_q(x) in skewed row order (``perm``); ``unskew_rows`` puts it
+    back (P = S) or sums the directions (P = 1). The same tables drive the CUDA kernels."""
+    B, F, S = 3, 2, 2 ** len(dims)
+    wf, (skew_src, unskew_src) = wavefront(dims), direction_tables(dims, B, S)
+    x = rng.standard_normal((B,) + dims + (F,))
+    xs = np.empty((S * wf.n_cells * B, F))
+    skew_rows(xs, x.reshape(-1, 1, F), skew_src)
+    for q in range(S):
+        flipped = np.flip(x, tuple(1 + d for d in range(len(dims)) if (q >> d) & 1)).reshape(B, -1, F)
+        want = flipped[:, wf.perm].transpose(1, 0, 2).reshape(-1, F)  # row s*B + b
+        np.testing.assert_array_equal(xs[q * wf.n_cells * B:(q + 1) * wf.n_cells * B], want)
+    back = np.empty((wf.n_cells * B, S, F))
+    unskew_rows(back, xs, unskew_src)
+    np.testing.assert_array_equal(back, np.repeat(x.reshape(-1, 1, F), S, axis=1))
+    total = np.empty((wf.n_cells * B, 1, F))
+    unskew_rows(total, xs, unskew_src)
+    np.testing.assert_allclose(total[:, 0], S * x.reshape(-1, F), rtol=1e-12)
 
 
 def test_direction_q_scans_from_its_corner(rng):

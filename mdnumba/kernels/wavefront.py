@@ -205,3 +205,36 @@ def gather_parents(hpar, h, parent, B, D):
             p = parent[s, d]
             for j in range(D):
                 hpar[t, j * N + d] = h[lo + p * B + b, j] if p >= 0 else 0.0
+
+
+@njit(**NJIT_PARALLEL_OPTS)
+def skew_rows(out, inp, src):
+    """``out[q*R + r, f] = inp[src[q, r], q % P, f]`` (``src`` (S, R) from
+    :func:`mdnumba.grid.direction_tables`): dense rows into the skewed order of every direction
+    q; ``inp`` is (rows, P, F) with P = S (one slab per direction, e.g. dL/dh) or P = 1 (all
+    directions read the same rows: the layer input)."""
+    S, R = src.shape
+    P = inp.shape[1]
+    for t in prange(S * R):
+        q = t // R
+        i, p = src[q, t - q * R], q % P
+        for f in range(out.shape[1]):
+            out[t, f] = inp[i, p, f]
+
+
+@njit(**NJIT_PARALLEL_OPTS)
+def unskew_rows(out, inp, src):
+    """``out[r, p, f] = Σ_{q ≡ p mod P} inp[q*R + src[q, r], f]`` for ``out`` (R, P, F), ``src``
+    (S, R): P = S puts direction q's rows back in grid order at channel block q (the layer
+    output), P = 1 sums the directions in the order q = 0, 1, .. (dL/dx)."""
+    S = src.shape[0]
+    R, P, F = out.shape
+    for t in prange(R * P):
+        r, p = t // P, t % P
+        i = p * R + src[p, r]
+        for f in range(F):
+            out[r, p, f] = inp[i, f]
+        for q in range(p + P, S, P):
+            i = q * R + src[q, r]
+            for f in range(F):
+                out[r, p, f] += inp[i, f]
