@@ -52,6 +52,21 @@ class ParamBuffer(Mapping):
             raise ValueError(f"alias {name!r} is not a view into the flat buffer")
         self._views[name] = view
 
+    def __getstate__(self) -> dict:
+        """Pickle and ``copy.deepcopy`` keep one buffer: ``data``, the layout and where each alias
+        lies in ``data``; the views are rebuilt from it. (NumPy copies every view on its own,
+        which would cut the views loose from ``data``: an optimiser updating ``data`` would no
+        longer move the weights the kernels read.)"""
+        base, size = self.data.__array_interface__["data"][0], self.data.itemsize
+        aliases = {name: ((v.__array_interface__["data"][0] - base) // size, v.shape, v.strides)
+                   for name, v in self._views.items() if name not in self.layout.shapes}
+        return dict(layout=self.layout, data=self.data, aliases=aliases)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["layout"], state["data"])
+        for name, (offset, shape, strides) in state["aliases"].items():
+            self.add_alias(name, np.lib.stride_tricks.as_strided(self.data[offset:], shape, strides))
+
     def __getitem__(self, name: str) -> np.ndarray:
         return self._views[name]
 

@@ -106,6 +106,30 @@ def test_named_views_share_one_flat_buffer():
     assert 42.0 in p.data
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_keep_views_into_their_own_flat_buffer(how, rng):
+    """A copied layer's views (aliases too) lie in its own ``data``, so its optimiser trains it."""
+    import copy
+    import pickle
+
+    from mdnumba import Adam
+    layer = MDLSTM2D(1, 3, seed=0)
+    x = rng.random((2, 3, 4, 1), dtype=np.float32)
+    y = layer.forward(x)
+    twin = copy.deepcopy(layer) if how == "deepcopy" else pickle.loads(pickle.dumps(layer))
+    for buf in (twin.params, twin.grads):
+        for name in ("W", "U", "U_up", "U_left", "b"):
+            assert np.shares_memory(buf[name], buf.data), name
+    assert not np.shares_memory(twin.params.data, layer.params.data)
+    np.testing.assert_array_equal(twin.params.U_left, layer.params.U_left)
+    np.testing.assert_array_equal(twin.forward(x), y)
+    twin.zero_grad()
+    twin.backward(np.ones_like(y), input_grad=False)
+    Adam(twin, lr=0.1).step()
+    assert np.abs(twin.forward(x) - y).max() > 1e-3   # the copy learnt
+    np.testing.assert_array_equal(layer.forward(x), y)  # the original did not move
+
+
 def test_non_contiguous_and_float64_input_accepted(rng):
     layer = MDLSTM2D(2, 3, dtype=np.float32)
     x = rng.standard_normal((2, 4, 6, 2))
