@@ -14,7 +14,9 @@ For a 2D MD-LSTM (C=1, float32) at 32x32 B64 D64, 128x128 B16 D64 and 256x256 B8
 - mdnumba on the CPU (all cores), for the GPU/CPU speed-up (few repeats);
 - the sweeps alone: µs per anti-diagonal for both paths, next to the floor of an
   empty cooperative kernel doing only grid syncs (~1.7 µs on an H100) and of an
-  empty kernel launch per diagonal.
+  empty kernel launch per diagonal;
+- the host time of one device train step without a synchronize (its launches'
+  dispatch), against the step: whether the step is dispatch-bound.
 
 Loss ``0.5 * mean(h**2)``, so ``dL/dh = h / h.size``. Times are wall-clock with
 a device synchronize, best (and median) of an adaptive number of repeats after a
@@ -88,6 +90,21 @@ def time_it(fn: Callable[[], None], sync: Callable[[], None], budget_s: float, m
         fn()
         sync()
         out.total.append(time.perf_counter() - t0)
+    return out
+
+
+def host_time(fn: Callable[[], None], sync: Callable[[], None], budget_s: float, reps: int = 50) -> Timing:
+    """Best-of-N host time of ``fn()`` alone, the device synchronised before and after but not
+    timed: the Python and driver dispatch of its launches while the GPU works behind them
+    (anything in ``fn`` that waits for the device shows up here too)."""
+    out = Timing([])
+    t_end = time.perf_counter() + budget_s
+    while len(out.total) < 3 or (len(out.total) < reps and time.perf_counter() < t_end):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        out.total.append(time.perf_counter() - t0)
+        sync()
     return out
 
 
@@ -300,6 +317,18 @@ def diagonal_table(results: list[dict]) -> list[str]:
     return rows
 
 
+def dispatch_table(results: list[dict]) -> list[str]:
+    rows = ["| config | path | train step ms | host time of its launches ms | host / step |",
+            "|---|---|---|---|---|"]
+    for res in results:
+        for key, path in (("coop", "cooperative"), ("diag", "per-diagonal")):
+            step, host = res["train"].get(key), res["dispatch"].get(key)
+            if step is not None and host is not None:
+                rows.append(f"| {res['cfg'].label} | {path} | {ms(step.best)} | {ms(host.best)} | "
+                            f"{host.best / step.best:.0%} |")
+    return rows
+
+
 def render(info: dict[str, str], results: list[dict], quick: bool) -> str:
     out = ["# GPU benchmark: mdnumba CUDA kernels vs. PyTorch autograd", ""]
     if quick:
@@ -330,6 +359,14 @@ def render(info: dict[str, str], results: list[dict], quick: bool) -> str:
             "cooperative kernel doing only K grid syncs at its largest co-resident grid, and K "
             f"empty launches (Python dispatch included). The issue quotes ~{SYNC_FLOOR_US} µs per "
             "grid sync on an H100.", ""] + diagonal_table(results)
+    out += ["", "## Host dispatch", "",
+            "Host time of one device train step with no synchronize inside it (best of N, the "
+            "device idle at its start): Python, numba and driver work to issue the step's launches "
+            "(9 on the cooperative path, counted under the simulator: skew, input GEMM, forward sweep, "
+            "loss gradient, zero_grad, backward sweep, weight-gradient GEMM, sum of squares, Adam) "
+            "while the GPU runs behind. Near 100% of the step, the step "
+            "is dispatch-bound: fewer launches or fewer arguments per launch help more than faster "
+            "kernels.", ""] + dispatch_table(results)
     out += ["", "## Sweep paths taken", ""]
     out += [f"- {r['cfg'].label}: {p}" for r in results for p in r["paths"]]
     checks = [(r["cfg"].label, r["check"]) for r in results if r.get("check")]
@@ -383,11 +420,12 @@ def run_config(cfg: Config, tb, budget: float, cpu: bool, numpy_api: bool) -> di
     from mdnumba.backend_cuda import last_path
     x = make_input(cfg)
     sync = cuda.synchronize
-    res: dict = {"cfg": cfg, "train": {}, "forward": {}, "sweeps": {}, "paths": []}
+    res: dict = {"cfg": cfg, "train": {}, "forward": {}, "sweeps": {}, "dispatch": {}, "paths": []}
     for key, path in (("coop", "cooperative"), ("diag", "per-diagonal")):
         try:
             train, fwd, dev = mdnumba_device_fns(cfg, x, path)
             res["train"][key] = time_it(train, sync, budget)
+            res["dispatch"][key] = host_time(train, sync, budget / 4)
             res["paths"].append(f"{path} (train): {last_path()}")
             res["forward"][key] = time_it(fwd, sync, budget)
             res["sweeps"][path] = sweep_times(dev, cfg, path, sync, budget / 2)
