@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
 
-def check_array(x, name: str, ndim: int, last: int | None, dtype: np.dtype,
+def check_array(x: npt.ArrayLike, name: str, ndim: int, last: int | None, dtype: np.dtype,
                 layout: str) -> np.ndarray:
     """Return ``x`` as a C-contiguous array of ``dtype`` after checking it.
 
@@ -34,7 +35,7 @@ def check_array(x, name: str, ndim: int, last: int | None, dtype: np.dtype,
     return arr
 
 
-def check_positive_int(value, name: str) -> int:
+def check_positive_int(value: object, name: str) -> int:
     """Return ``int(value)`` if it is an integer >= 1, else raise."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an integer, got {value!r}")

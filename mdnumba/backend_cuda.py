@@ -28,12 +28,23 @@ import math
 import weakref
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
 from . import config
 from ._validate import check_array
 from .optim import NONFINITE_GRADIENT, Adam, RMSprop
+
+if TYPE_CHECKING:
+    from .layers import Linear, WavefrontLSTM
+
+#: a numba device array or anything with ``__cuda_array_interface__`` (numba-cuda is optional,
+#: so its class is not named here)
+DeviceArray = Any
+#: a NumPy array or a :data:`DeviceArray`; results come back as the same kind
+HostOrDevice = Any
 
 INSTALL_HINT = ("install the CUDA extra with `pip install 'mdnumba[cuda]'` (numba-cuda; it needs "
                 "numpy<2.5) on a machine with an NVIDIA GPU and driver, or use device='cpu'")
@@ -136,7 +147,7 @@ class DeviceLayer:
     def _bind(self) -> None:
         """Make the named views of ``params`` and ``grads`` (subclass hook)."""
 
-    def rebind(self, params, grads) -> None:
+    def rebind(self, params: DeviceArray, grads: DeviceArray) -> None:
         """Move parameters and gradients into the given flat device views (e.g. slices of one
         model-wide buffer, so that zeroing and the optimiser run once over all layers)."""
         params.copy_to_device(self.params)
@@ -206,7 +217,7 @@ class CudaLSTM(DeviceLayer):
     """
 
     def __init__(self, ndim: int, in_channels: int, hidden: int, params: np.ndarray,
-                 dtype=config.DEFAULT_DTYPE, *, cell: str = "graves", directions: int = 1,
+                 dtype: npt.DTypeLike = config.DEFAULT_DTYPE, *, cell: str = "graves", directions: int = 1,
                  path: str | None = None, use_shared: bool | None = None,
                  threads_per_block: int | None = None):
         from .kernels.cell import cell_code
@@ -236,13 +247,13 @@ class CudaLSTM(DeviceLayer):
                 b.reshape(S, 1, G) if grads else b.reshape(S, G))
 
     @classmethod
-    def from_layer(cls, layer, **kw) -> CudaLSTM:
+    def from_layer(cls, layer: WavefrontLSTM, **kw) -> CudaLSTM:
         """A device copy of a host ``WavefrontLSTM`` (MDLSTM2D, LSTM1D, ...) and its parameters."""
         return cls(layer.ndim, layer.in_channels, layer.hidden, layer.params.data, layer.dtype,
                    cell=layer.cell, directions=layer.directions, **kw)
 
     # ------------------------------------------------------------ passes
-    def forward(self, x):
+    def forward(self, x: HostOrDevice) -> HostOrDevice:
         """``h`` (B, *dims, S*D) for ``x`` (B, *dims, C); saves what backward needs.
 
         Per direction q: ``act_q = flip_q(x) W_q + b_q`` (one GEMM), then one sweep
@@ -266,7 +277,7 @@ class CudaLSTM(DeviceLayer):
         out = out.reshape((B,) + dims + (S * D,))
         return out.copy_to_host() if host_in else out
 
-    def backward(self, dh, input_grad: bool = True):
+    def backward(self, dh: HostOrDevice, input_grad: bool = True) -> HostOrDevice | None:
         """dL/dx for upstream ``dh`` = dL/dh; adds ``[dW; dU; db]_q += z_qᵀ dact_q`` into ``grads``.
 
         ``z = [x | h_parents | 1]`` per row, so a direction's weight gradients are
@@ -316,7 +327,7 @@ class CudaLinear(DeviceLayer):
     parameters ``W (in, out) | b (out,)`` in one flat device buffer."""
 
     def __init__(self, in_features: int, out_features: int, params: np.ndarray,
-                 dtype=config.DEFAULT_DTYPE):
+                 dtype: npt.DTypeLike = config.DEFAULT_DTYPE):
         self.in_features, self.out_features = int(in_features), int(out_features)
         C, F = self.in_features, self.out_features
         self._init_buffers(params, dtype, C * F + F, f"in={C}, out={F}")
@@ -327,11 +338,11 @@ class CudaLinear(DeviceLayer):
         self.W, self.b = self.params[:C * F].reshape(C, F), self.params[C * F:]
 
     @classmethod
-    def from_layer(cls, layer) -> CudaLinear:
+    def from_layer(cls, layer: Linear) -> CudaLinear:
         """A device copy of a host :class:`mdnumba.layers.Linear`."""
         return cls(layer.in_features, layer.out_features, layer.params.data, layer.dtype)
 
-    def forward(self, x):
+    def forward(self, x: HostOrDevice) -> HostOrDevice:
         """``y = x W + b`` for ``x (..., in)``; device or NumPy in, the same kind out."""
         xd, host_in = self._input(x, "x", None, self.in_features, "(..., in_features)")
         R = xd.size // self.in_features
@@ -341,7 +352,7 @@ class CudaLinear(DeviceLayer):
         y = y.reshape(self._shape[:-1] + (self.out_features,))
         return y.copy_to_host() if host_in else y
 
-    def backward(self, dy):
+    def backward(self, dy: HostOrDevice) -> HostOrDevice:
         """``[dW; db] += [xᵀ; 1ᵀ] dy`` (one GEMM: W then b is the flat layout); return ``dx = dy Wᵀ``."""
         if self._x is None:
             raise RuntimeError("backward() called before forward(); run forward(x) first")
@@ -393,14 +404,14 @@ class CudaBlockSubsample:
         self.k.gather_rows(out.reshape(out.size // C, C), xd.reshape(xd.size // C, C), index)
         return out
 
-    def forward(self, x):
+    def forward(self, x: HostOrDevice) -> DeviceArray:
         """Blocks of cells → channels on the device (NumPy or device in, device array out)."""
         xd = self.k.as_device(x)
         self._shape = tuple(xd.shape)
         src, _, out_shape = self._table(self._shape)
         return self._gather(xd, src, out_shape)
 
-    def backward(self, dy, input_grad: bool = True):
+    def backward(self, dy: HostOrDevice, input_grad: bool = True) -> DeviceArray | None:
         """The inverse gather (None with ``input_grad=False``)."""
         if self._shape is None:
             raise RuntimeError("backward() called before forward(); run forward(x) first")
@@ -472,7 +483,7 @@ class _DeviceOptimizer:
                            self.stats, 2)
         return float(self.stats.copy_to_host()[0])
 
-    def step(self, sync: bool = True, record=None) -> float | None:
+    def step(self, sync: bool = True, record: tuple[DeviceArray, int] | None = None) -> float | None:
         """One update, all on the device (two launches per buffer: sums of squares, then the
         update, which finishes the norm itself); ``record=(device array, slot)`` also stores
         the norm there. With :attr:`clear_grads` the update also zeroes the gradients.
@@ -526,14 +537,14 @@ def _state_for(layer) -> CudaLSTM:
     return st
 
 
-def layer_forward(layer, x):
+def layer_forward(layer: WavefrontLSTM, x: HostOrDevice) -> HostOrDevice:
     """``WavefrontLSTM.forward`` on the GPU: upload params, run; NumPy or device ``h`` (as ``x``)."""
     st = _state_for(layer)
     st.set_params(layer.params.data)
     return st.forward(x)
 
 
-def layer_backward(layer, dh, input_grad: bool = True):
+def layer_backward(layer: WavefrontLSTM, dh: HostOrDevice, input_grad: bool = True) -> HostOrDevice | None:
     """``WavefrontLSTM.backward`` on the GPU: returns dx (NumPy or device, as ``dh``; None with
     ``input_grad=False``) and adds the gradients to the host ``layer.grads``."""
     st = _LAYER_STATE.get(layer)

@@ -10,10 +10,12 @@ only (training mode: a generator is passed to ``forward``).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from . import config
 from ._validate import check_positive_int
@@ -54,7 +56,7 @@ class Corpus:
         return cls(list(vocab), ids[:cut], ids[cut:])
 
     @classmethod
-    def from_file(cls, path, val_fraction: float = 0.1, vocab: list | None = None) -> Corpus:
+    def from_file(cls, path: str | Path, val_fraction: float = 0.1, vocab: list | None = None) -> Corpus:
         """Read a UTF-8 text file with clear errors for missing, binary or empty files."""
         path = Path(path)
         if not path.is_file():
@@ -81,7 +83,8 @@ class Corpus:
                               f"train and validation splits, the shorter has {shortest}; use a longer "
                               "text or a shorter --seq-len")
 
-    def batch(self, rng: np.random.Generator, split: str, batch: int, seq_len: int):
+    def batch(self, rng: np.random.Generator, split: str, batch: int,
+              seq_len: int) -> tuple[np.ndarray, np.ndarray]:
         """Random windows: inputs ``x`` (B, T) and next-character targets ``y`` (B, T)."""
         ids = self.train if split == "train" else self.val
         start = rng.integers(0, len(ids) - seq_len, size=batch)
@@ -96,14 +99,14 @@ class Corpus:
             raise CorpusError(f"characters not in the vocabulary: {''.join(missing)[:20]!r}")
         return np.array([index[ch] for ch in text], dtype=np.int32)
 
-    def decode(self, ids) -> str:
+    def decode(self, ids: Iterable[int]) -> str:
         return "".join(self.vocab[int(k)] for k in ids)
 
 
 class Embedding:
     """Lookup table ``W (V, D)``: ``forward(ids)`` → ``W[ids]``; backward scatter-adds into ``dW``."""
 
-    def __init__(self, vocab: int, dim: int, seed: int = 0, dtype=config.DEFAULT_DTYPE):
+    def __init__(self, vocab: int, dim: int, seed: int = 0, dtype: npt.DTypeLike = config.DEFAULT_DTYPE):
         from .params import ParamLayout
         self.layout = ParamLayout({"W": (vocab, dim)})
         self.dtype = config.resolve_dtype(dtype)
@@ -169,7 +172,8 @@ class CharLM(LayerGroup):
     ``dropout`` on the non-recurrent connections."""
 
     def __init__(self, kind: str, vocab: int, hidden: int, layers: int, dropout: float = 0.0,
-                 seed: int = 0, dtype=config.DEFAULT_DTYPE, tied: bool = True, device: str = "cpu"):
+                 seed: int = 0, dtype: npt.DTypeLike = config.DEFAULT_DTYPE, tied: bool = True,
+                 device: str = "cpu"):
         if kind not in ("grid", "stacked"):
             raise ValueError(f"char-lm model must be 'grid' or 'stacked', got {kind!r}")
         check_positive_int(layers, "layers")

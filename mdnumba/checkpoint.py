@@ -11,7 +11,9 @@ import json
 import os
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -23,7 +25,7 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt or does not match the model."""
 
 
-def atomic_write_bytes(path: Path, write) -> None:
+def atomic_write_bytes(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Call ``write(fileobj)`` on a temp file beside ``path``, fsync, rename over ``path``."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import numpy.typing as npt
 
 DEFAULT_DTYPE = np.float32
 SUPPORTED_DTYPES = (np.float32, np.float64)
@@ -32,7 +33,7 @@ NJIT_OPTS = dict(cache=CACHE, fastmath=FASTMATH, nogil=True, error_model="numpy"
 NJIT_PARALLEL_OPTS = dict(NJIT_OPTS, parallel=True)
 
 
-def resolve_dtype(dtype) -> np.dtype:
+def resolve_dtype(dtype: npt.DTypeLike) -> np.dtype:
     """Return ``np.dtype(dtype)`` if it is float32/float64, else raise TypeError."""
     dt = np.dtype(dtype)
     if dt not in [np.dtype(d) for d in SUPPORTED_DTYPES]:

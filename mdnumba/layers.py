@@ -7,6 +7,7 @@ and :class:`LSTM1D` (sequences) are its public faces with fixed names.
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
 from . import config
 from ._validate import check_array, check_positive_int
@@ -44,8 +45,8 @@ class WavefrontLSTM:
     """
 
     def __init__(self, ndim: int, in_channels: int, hidden: int, seed: int = 0,
-                 dtype=config.DEFAULT_DTYPE, forget_bias: float | None = None, device: str = "cpu",
-                 cell: str = "graves", directions: int = 1):
+                 dtype: npt.DTypeLike = config.DEFAULT_DTYPE, forget_bias: float | None = None,
+                 device: str = "cpu", cell: str = "graves", directions: int = 1):
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         self.ndim = check_positive_int(ndim, "ndim")
@@ -210,8 +211,8 @@ class MDLSTM2D(WavefrontLSTM):
     """
 
     def __init__(self, in_channels: int, hidden: int, directions: int = 1, seed: int = 0,
-                 dtype=config.DEFAULT_DTYPE, forget_bias: float | None = None, device: str = "cpu",
-                 cell: str = "graves"):
+                 dtype: npt.DTypeLike = config.DEFAULT_DTYPE, forget_bias: float | None = None,
+                 device: str = "cpu", cell: str = "graves"):
         super().__init__(2, in_channels, hidden, seed=seed, dtype=dtype, forget_bias=forget_bias,
                          device=device, cell=cell, directions=directions)
         for buf in (self.params, self.grads):
@@ -232,8 +233,8 @@ class MDLSTM3D(WavefrontLSTM):
     """
 
     def __init__(self, in_channels: int, hidden: int, directions: int = 1, seed: int = 0,
-                 dtype=config.DEFAULT_DTYPE, forget_bias: float | None = None, device: str = "cpu",
-                 cell: str = "graves"):
+                 dtype: npt.DTypeLike = config.DEFAULT_DTYPE, forget_bias: float | None = None,
+                 device: str = "cpu", cell: str = "graves"):
         super().__init__(3, in_channels, hidden, seed=seed, dtype=dtype, forget_bias=forget_bias,
                          device=device, cell=cell, directions=directions)
 
@@ -251,8 +252,8 @@ class LSTM1D(WavefrontLSTM):
     """
 
     def __init__(self, in_features: int, hidden: int, seed: int = 0,
-                 dtype=config.DEFAULT_DTYPE, forget_bias: float | None = None, device: str = "cpu",
-                 directions: int = 1, cell: str = "graves"):
+                 dtype: npt.DTypeLike = config.DEFAULT_DTYPE, forget_bias: float | None = None,
+                 device: str = "cpu", directions: int = 1, cell: str = "graves"):
         super().__init__(1, in_features, hidden, seed=seed, dtype=dtype, forget_bias=forget_bias,
                          device=device, directions=directions, cell=cell)
         for buf in (self.params, self.grads):
@@ -270,7 +271,7 @@ class Linear:
     """
 
     def __init__(self, in_features: int, out_features: int, seed: int = 0,
-                 dtype=config.DEFAULT_DTYPE):
+                 dtype: npt.DTypeLike = config.DEFAULT_DTYPE):
         self.in_features = check_positive_int(in_features, "in_features")
         self.out_features = check_positive_int(out_features, "out_features")
         self.dtype = config.resolve_dtype(dtype)
@@ -327,7 +328,7 @@ class GridLSTM2D:
     start at ``forget_bias`` (+1). ``device="cuda"`` runs the two sweeps as CUDA kernels.
     """
 
-    def __init__(self, hidden: int, layers: int, seed: int = 0, dtype=config.DEFAULT_DTYPE,
+    def __init__(self, hidden: int, layers: int, seed: int = 0, dtype: npt.DTypeLike = config.DEFAULT_DTYPE,
                  forget_bias: float = 1.0, tied: bool = True, device: str = "cpu"):
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")

@@ -9,10 +9,11 @@ the target's shape; the loss (``mdnumba.losses``) applies the sigmoid.
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
 from . import config
-from .layers import Linear
-from .stack import LayerGroup, mdlstm_stack
+from .layers import Linear, WavefrontLSTM
+from .stack import LayerGroup, Sequential, mdlstm_stack
 
 
 class RecurrentReadout(LayerGroup):
@@ -20,7 +21,8 @@ class RecurrentReadout(LayerGroup):
 
     kind = "base"
 
-    def __init__(self, recurrent, out_features: int, seed: int, dtype):
+    def __init__(self, recurrent: WavefrontLSTM | Sequential, out_features: int, seed: int,
+                 dtype: npt.DTypeLike):
         self.recurrent = recurrent
         self.readout = Linear(recurrent.out_channels, out_features, seed=seed + 1, dtype=dtype)
         self.layers = list(getattr(recurrent, "layers", [recurrent])) + [self.readout]
@@ -56,8 +58,9 @@ class MDModel(RecurrentReadout):
 
     ndim = 2
 
-    def __init__(self, in_channels=1, hidden=16, out_features=1, seed=0, dtype=config.DEFAULT_DTYPE,
-                 cell="graves", directions=1, layers=1, device="cpu"):
+    def __init__(self, in_channels: int = 1, hidden: int = 16, out_features: int = 1, seed: int = 0,
+                 dtype: npt.DTypeLike = config.DEFAULT_DTYPE, cell: str = "graves", directions: int = 1,
+                 layers: int = 1, device: str = "cpu"):
         stack = mdlstm_stack(self.ndim, in_channels, hidden, layers=layers, directions=directions,
                              cell=cell, seed=seed, dtype=dtype, device=device)
         super().__init__(stack if layers > 1 else stack.stages[0], out_features, seed, dtype)

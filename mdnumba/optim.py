@@ -43,7 +43,7 @@ def rmsprop_update(p, g, m, v, lr, beta1, rho, eps, bc1, bc2, scale):
         p[k] -= lr * gk / (math.sqrt(v[k]) + eps)
 
 
-def collect_buffers(obj) -> list[tuple[np.ndarray, np.ndarray]]:
+def collect_buffers(obj: object) -> list[tuple[np.ndarray, np.ndarray]]:
     """Flatten layers/models/(param, grad) pairs into a list of flat (param, grad) arrays.
 
     Accepts an object with ``params`` and ``grads`` :class:`ParamBuffer`s, an
@@ -77,7 +77,7 @@ class Adam:
     Moments ``m``, ``v`` use the same flat layout as the parameters.
     """
 
-    def __init__(self, layers_or_params, lr: float = 1e-3, betas=(0.9, 0.999),
+    def __init__(self, layers_or_params: object, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, clip_norm: float | None = None):
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
@@ -147,7 +147,7 @@ class RMSprop(Adam):
     Same buffers, clipping and checkpoint state as :class:`Adam` (its first moment stays 0).
     """
 
-    def __init__(self, layers_or_params, lr: float = 1e-3, rho: float = 0.95, eps: float = 1e-8,
+    def __init__(self, layers_or_params: object, lr: float = 1e-3, rho: float = 0.95, eps: float = 1e-8,
                  clip_norm: float | None = None):
         super().__init__(layers_or_params, lr=lr, betas=(0.0, rho), eps=eps, clip_norm=clip_norm)
 

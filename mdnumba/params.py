@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 
 import numpy as np
+import numpy.typing as npt
 
 
 class ParamLayout:
@@ -24,7 +25,7 @@ class ParamLayout:
             off += int(np.prod(shape))
         self.size = off
 
-    def new(self, dtype) -> ParamBuffer:
+    def new(self, dtype: npt.DTypeLike) -> ParamBuffer:
         """A zero-filled :class:`ParamBuffer` of this layout."""
         return ParamBuffer(self, np.zeros(self.size, dtype=dtype))
 

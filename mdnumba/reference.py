@@ -17,6 +17,10 @@ import itertools
 
 import numpy as np
 
+Arr = np.ndarray
+#: what a forward pass keeps for its backward (inputs, weights, activations by name)
+Cache = dict
+
 
 def _sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
@@ -61,7 +65,7 @@ def _cell_state(a, c_par, N, D, cell):
     return np.concatenate([gi] + mid + [go, gg], axis=1), c, F
 
 
-def mdlstm_forward(x, W, U, b, cell="graves"):
+def mdlstm_forward(x: Arr, W: Arr, U: list[Arr], b: Arr, cell: str = "graves") -> tuple[Arr, Cache]:
     """Return ``(h, cache)`` for an N-D LSTM, ``h`` of shape (B, *dims, D).
 
     a = W x + Σ_d U_d h_{parent d} + b;  i, o = σ(·), g = tanh(·);
@@ -110,7 +114,7 @@ def _forget_grads(dcell, gates, c_par, N, D, cell):
     return np.concatenate([da_f] + list(dl), axis=1), [dcell * f * w[d] for d in range(N)]
 
 
-def mdlstm_backward(dh_out, cache):
+def mdlstm_backward(dh_out: Arr, cache: Cache) -> tuple[Arr, Arr, list[Arr], Arr]:
     """Return ``(dx, dW, [dU_d], db)`` for upstream gradient ``dh_out`` (push form)."""
     x, W, U, h, c, gates, cell = (cache[k] for k in ("x", "W", "U", "h", "c", "gates", "cell"))
     B, dims, N = x.shape[0], x.shape[1:-1], x.ndim - 2
@@ -159,7 +163,8 @@ def _flip(x, q):
     return np.flip(x, axes) if axes else x
 
 
-def directions_forward(x, weights, cell="graves"):
+def directions_forward(x: Arr, weights: list[tuple[Arr, list[Arr], Arr]],
+                       cell: str = "graves") -> tuple[Arr, list[Cache]]:
     """All scan directions: ``weights[q] = (W, [U_d], b)`` of direction q; direction q runs
     :func:`mdlstm_forward` on x flipped along the axes of q's set bits and flips back.
     Returns the outputs concatenated on the last axis and the caches."""
@@ -171,7 +176,7 @@ def directions_forward(x, weights, cell="graves"):
     return np.concatenate(outs, axis=-1), caches
 
 
-def directions_backward(dh, caches):
+def directions_backward(dh: Arr, caches: list[Cache]) -> tuple[Arr, list[tuple[Arr, list[Arr], Arr]]]:
     """Backward of :func:`directions_forward`: ``(dx, [(dW, [dU_d], db)] per direction)``."""
     D = caches[0]["U"][0].shape[0]
     dx, grads = 0.0, []
@@ -182,12 +187,12 @@ def directions_backward(dh, caches):
     return dx, grads
 
 
-def lstm1d_forward(x, W, U, b):
+def lstm1d_forward(x: Arr, W: Arr, U: Arr, b: Arr) -> tuple[Arr, Cache]:
     """1D LSTM (gates [i | f | o | g]) = the N=1 case; ``x`` is (B, T, C)."""
     return mdlstm_forward(x, W, [U], b)
 
 
-def lstm1d_backward(dh_out, cache):
+def lstm1d_backward(dh_out: Arr, cache: Cache) -> tuple[Arr, Arr, Arr, Arr]:
     """Return ``(dx, dW, dU, db)`` of :func:`lstm1d_forward`."""
     dx, dW, dU, db = mdlstm_backward(dh_out, cache)
     return dx, dW, dU[0], db
@@ -216,7 +221,8 @@ def _level(w, layer, tied_ndim):
     return w[layer] if w.ndim > tied_ndim else w
 
 
-def gridlstm_forward(x, U_time, U_depth, b_time, b_depth, layers):
+def gridlstm_forward(x: Arr, U_time: Arr, U_depth: Arr, b_time: Arr, b_depth: Arr,
+                     layers: int) -> tuple[Arr, Cache]:
     """2D Grid LSTM (Kalchbrenner et al. 2015) over time x depth, depth prioritised.
     ``x`` (B, T, D) is the depth input of the bottom blocks. Weights tied along depth
     (``U_*`` (2D, 4D), ``b_*`` (4D,)) or one set per level (a leading axis of ``layers``).
@@ -247,7 +253,7 @@ def gridlstm_forward(x, U_time, U_depth, b_time, b_depth, layers):
     return hL[:, -1].transpose(1, 0, 2).copy(), cache
 
 
-def gridlstm_backward(dout, cache):
+def gridlstm_backward(dout: Arr, cache: Cache) -> tuple[Arr, Arr, Arr, Arr, Arr]:
     """Push-form backward of :func:`gridlstm_forward`: ``(dx, dU_time, dU_depth, db_time, db_depth)``."""
     x, U_time, U_depth = cache["x"], cache["U_time"], cache["U_depth"]
     hT, mT, hL, mL, gates = (cache[k] for k in ("hT", "mT", "hL", "mL", "gates"))
@@ -286,7 +292,8 @@ def gridlstm_backward(dout, cache):
     return dx, dUt, dUd, dbt, dbd
 
 
-def adam_step(p, g, m, v, t, lr, beta1, beta2, eps):
+def adam_step(p: Arr, g: Arr, m: Arr, v: Arr, t: int, lr: float, beta1: float, beta2: float,
+              eps: float) -> tuple[Arr, Arr, Arr]:
     """One Adam update (Kingma & Ba 2015), returning new ``(p, m, v)``.
 
     m ← β1 m + (1−β1) g;  v ← β2 v + (1−β2) g²;
@@ -299,7 +306,7 @@ def adam_step(p, g, m, v, t, lr, beta1, beta2, eps):
     return p - lr * mhat / (np.sqrt(vhat) + eps), m, v
 
 
-def rmsprop_step(p, g, v, lr, rho, eps):
+def rmsprop_step(p: Arr, g: Arr, v: Arr, lr: float, rho: float, eps: float) -> tuple[Arr, Arr]:
     """One RMSprop update, returning new ``(p, v)``: v ← ρ v + (1−ρ) g²; p ← p − lr · g / (sqrt(v) + ε)."""
     v = rho * v + (1 - rho) * g * g
     return p - lr * g / (np.sqrt(v) + eps), v

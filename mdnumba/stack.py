@@ -57,7 +57,7 @@ class BlockSubsample:
         return f"BlockSubsample({self.block})"
 
 
-def backward_stages(stages, dy, input_grad: bool = True):
+def backward_stages(stages: list, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
     """``dy`` back through ``stages`` in reverse; ``input_grad=False``: the first stage computes
     no dL/dx (None is returned). Host stages or device stages alike."""
     for i in range(len(stages) - 1, -1, -1):

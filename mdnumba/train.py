@@ -16,6 +16,8 @@ from .losses import LOSSES
 from .models import MODELS, build_model
 from .optim import OPTIMIZERS
 from .tasks import get_task
+from .tasks.binary_addition import AdditionBatch
+from .tasks.diagonal import DiagonalBatch
 
 LOG = "log.tsv"
 
@@ -117,7 +119,7 @@ class Trainer:
                            directions=cfg.directions, layers=cfg.layers, device=cfg.device)
 
     # ---------------------------------------------------------------- steps
-    def sample(self, rng: np.random.Generator, size: int):
+    def sample(self, rng: np.random.Generator, size: int) -> DiagonalBatch | AdditionBatch:
         """One batch of the task; binary addition varies its length per batch."""
         if self.task.name == "binary-addition":
             size = int(rng.integers(1, size + 1))

@@ -23,15 +23,17 @@ and moments (they are written at block ends).
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 
 from ._validate import check_array
-from .backend_cuda import DEVICE_OPTIMIZERS, CudaLinear, CudaLSTM, require_cuda
+from .backend_cuda import DEVICE_OPTIMIZERS, CudaLinear, CudaLSTM, HostOrDevice, require_cuda
 from .layers import WavefrontLSTM
+from .models import RecurrentReadout
 from .optim import NONFINITE_GRADIENT
 from .stack import LayerGroup, backward_stages
-from .train import Trainer
+from .train import TrainConfig, Trainer
 
 
 class DeviceModel(LayerGroup):
@@ -39,7 +41,7 @@ class DeviceModel(LayerGroup):
     or device arrays (device out). ``layers`` are the parametrised device layers, in the
     host model's order (checkpoints and optimisers see the same layout)."""
 
-    def __init__(self, host):
+    def __init__(self, host: RecurrentReadout):
         require_cuda()
         self.host = host
         stages = getattr(host.recurrent, "stages", [host.recurrent])
@@ -78,7 +80,7 @@ class DeviceModel(LayerGroup):
     def n_params(self) -> int:
         return self.params.size
 
-    def forward(self, x):
+    def forward(self, x: HostOrDevice) -> HostOrDevice:
         """Logits of the host model's shape; saves what backward needs on the device."""
         k = self.readout.k
         host_in = not k.is_device_array(x)
@@ -94,7 +96,7 @@ class DeviceModel(LayerGroup):
         y = y.reshape(self._in_shape[:-1] + (self.readout.out_features,))
         return y.copy_to_host() if host_in else y
 
-    def backward(self, dlogits, input_grad: bool = True):
+    def backward(self, dlogits: HostOrDevice, input_grad: bool = True) -> HostOrDevice | None:
         """Back-propagate dL/dlogits; returns dL/dx (NumPy or device, as ``dlogits``), or None
         with ``input_grad=False`` (the first stage then skips it)."""
         if self._in_shape is None:
@@ -120,7 +122,7 @@ class DeviceTrainer(Trainer):
 
     optimizers = DEVICE_OPTIMIZERS
 
-    def __init__(self, cfg, out=None):
+    def __init__(self, cfg: TrainConfig, out: Path | None = None):
         super().__init__(cfg, out)
         from numba import cuda
 
