@@ -207,7 +207,7 @@ def _plot_run(trainer) -> None:
                              trainer.out / "loss.png", f"{trainer.cfg.model} on {trainer.cfg.task}")]
         if trainer.task.name == "diagonal":
             import numpy as np
-            batch = trainer.sample(np.random.default_rng(99), trainer.cfg.size)
+            batch = trainer.sample_batch(np.random.default_rng(99), trainer.cfg.size)
             prob = trainer.loss_fn(trainer.model.forward(batch.x), batch.y)[2]
             paths.append(plot_predictions(batch.x, batch.y, prob, trainer.out / "predictions.png"))
     except RuntimeError as exc:
@@ -230,7 +230,7 @@ def sample(run, length, temperature, prime, seed, device) -> None:
         trainer = _load_run(run, device=device)
         if trainer.cfg.task != "char-lm":
             raise click.UsageError(f"{run} holds a {trainer.cfg.task} run; sample needs a char-lm run")
-        click.echo(trainer.sample(length, temperature, seed=seed, prime=prime))
+        click.echo(trainer.generate(length, temperature, seed=seed, prime=prime))
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from None
     except (CorpusError, ValueError) as exc:

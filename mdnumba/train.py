@@ -119,7 +119,7 @@ class Trainer:
                            directions=cfg.directions, layers=cfg.layers, device=cfg.device)
 
     # ---------------------------------------------------------------- steps
-    def sample(self, rng: np.random.Generator, size: int) -> DiagonalBatch | AdditionBatch:
+    def sample_batch(self, rng: np.random.Generator, size: int) -> DiagonalBatch | AdditionBatch:
         """One batch of the task; binary addition varies its length per batch."""
         if self.task.name == "binary-addition":
             size = int(rng.integers(1, size + 1))
@@ -128,7 +128,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """Sample, forward, loss, backward, Adam; return the step's metrics."""
         t0 = time.perf_counter()
-        batch = self.sample(self.rng, self.cfg.size_at(self.step))
+        batch = self.sample_batch(self.rng, self.cfg.size_at(self.step))
         logits = self.model.forward(batch.x)
         loss, dlogits, prob = self.loss_fn(logits, batch.y)
         self.model.zero_grad()

@@ -61,7 +61,7 @@ class CharLMTrainer(Trainer):
         val = float(np.mean(losses))
         return {"val_loss": val, "val_bpc": val * BITS_PER_NAT}
 
-    def sample(self, length: int, temperature: float, seed: int = 0, prime: str = "") -> str:
+    def generate(self, length: int, temperature: float, seed: int = 0, prime: str = "") -> str:
         """Generated text (see :func:`mdnumba.charlm.sample_text`)."""
         return sample_text(self.model, self.corpus, length, temperature, np.random.default_rng(seed),
                            prime, window=self.cfg.seq_len)

@@ -151,7 +151,7 @@ class DeviceTrainer(Trainer):
         (the RNG is rewound to the steps done, so a checkpoint resumes exactly)."""
         t0 = time.perf_counter()
         start, rng_state = self.step, self.rng.bit_generator.state
-        batches = [self.sample(self.rng, self.cfg.size_at(start + i)) for i in range(n)]
+        batches = [self.sample_batch(self.rng, self.cfg.size_at(start + i)) for i in range(n)]
         xs, ys = self._upload([b.x for b in batches]), self._upload([b.y for b in batches])
         index, offsets = self._probe_plan(batches)
         index_dev = self._cuda.to_device(index)
@@ -168,7 +168,7 @@ class DeviceTrainer(Trainer):
             self.model.zero_grad()  # a step cut short may have left gradients behind
             self.rng.bit_generator.state = rng_state
             for i in range(self.step - start):
-                self.sample(self.rng, self.cfg.size_at(start + i))
+                self.sample_batch(self.rng, self.cfg.size_at(start + i))
         done = self.step - start
         rec, values = record.copy_to_host(), probes.copy_to_host()
         per_step = (time.perf_counter() - t0) / max(done, 1)
