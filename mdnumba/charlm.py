@@ -127,6 +127,8 @@ class Embedding:
 
     def backward(self, dy: np.ndarray) -> None:
         """``dW[ids] += dy`` (repeated ids add up); the ids have no gradient."""
+        if self._ids is None:
+            raise RuntimeError("backward() called before forward(); run forward(ids) first")
         np.add.at(self.grads["W"], self._ids.reshape(-1), dy.reshape(-1, dy.shape[-1]))
 
 

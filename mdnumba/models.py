@@ -44,6 +44,8 @@ class RecurrentReadout(LayerGroup):
     def backward(self, dlogits: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
         """Back-propagate dL/dlogits through readout and recurrent layer; return dL/dx (None
         with ``input_grad=False``: training needs only the parameter gradients)."""
+        if self._in_shape is None:
+            raise RuntimeError("backward() called before forward(); run forward(x) first")
         dy = self.readout.backward(np.reshape(dlogits, self.readout._shape[:-1] + (-1,)))
         dx = self.recurrent.backward(dy, input_grad)
         return None if dx is None else dx.reshape(self._in_shape)

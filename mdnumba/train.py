@@ -203,6 +203,9 @@ class Trainer:
     # --------------------------------------------------------- checkpoints
     def save(self) -> Path:
         """Write weights, Adam moments, RNG state and config atomically to ``out``."""
+        if self.out is None:
+            raise ValueError("this trainer has no output folder to save to; create it with "
+                             "make_trainer(cfg, out=...) (CLI: --out DIR)")
         arrays = {f"param_{k}": p for k, p in enumerate(self._host_params())}
         state = self.opt.state_dict()
         for k, (m, v) in enumerate(zip(state["m"], state["v"])):

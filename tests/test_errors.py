@@ -3,7 +3,10 @@
 import numpy as np
 import pytest
 
-from mdnumba import LSTM1D, MDLSTM2D, Adam
+from mdnumba import LSTM1D, MDLSTM2D, Adam, BlockSubsample
+from mdnumba.charlm import Embedding
+from mdnumba.models import MDModel
+from mdnumba.train import TrainConfig, Trainer
 
 
 @pytest.fixture
@@ -31,6 +34,21 @@ def test_forward_rejects_non_finite(layer, bad):
     x[0, 1, 2, 0] = bad
     with pytest.raises(ValueError, match="NaN or infinite"):
         layer.forward(x)
+
+
+@pytest.mark.parametrize("make,dy", [
+    (MDModel, np.zeros((1, 3, 3, 1))),
+    (lambda: Embedding(5, 3), np.zeros((2, 3))),
+    (lambda: BlockSubsample(2), np.zeros((1, 2, 2, 4))),
+])
+def test_backward_before_forward_says_so(make, dy):
+    with pytest.raises(RuntimeError, match="before forward"):
+        make().backward(dy)
+
+
+def test_trainer_without_folder_cannot_save():
+    with pytest.raises(ValueError, match="no output folder"):
+        Trainer(TrainConfig(steps=1)).save()
 
 
 def test_backward_errors(layer):
