@@ -74,6 +74,8 @@ class WavefrontLSTM:
             self.params[name][...] = rng.uniform(-scale, scale, self.layout.shapes[name])
         if forget_bias is None:  # graves/spatial: the N forget gates start summing to 1
             forget_bias = 1.0 if (N == 1 or cell == "stable") else -float(np.log(N - 1))
+        elif not np.isfinite(forget_bias):
+            raise ValueError(f"forget_bias must be a finite number or None, got {forget_bias}")
         n_forget = 1 if cell == "stable" else N
         self.params["b"][..., D:(1 + n_forget) * D] = forget_bias
         self._saved: dict | None = None

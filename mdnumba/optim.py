@@ -132,6 +132,10 @@ class Adam:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output; shapes must match."""
+        missing = [k for k in ("t", "m", "v") if k not in state]
+        if missing:
+            raise ValueError(f"optimizer state lacks {missing}; pass what state_dict() returned "
+                             "(keys t, m, v)")
         if len(state["m"]) != len(self.m):
             raise ValueError("optimizer state has a different number of buffers")
         for dst, src in zip(self.m + self.v, list(state["m"]) + list(state["v"])):

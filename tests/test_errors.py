@@ -65,6 +65,7 @@ def test_backward_errors(layer):
     (dict(directions=3), ValueError, "directions must be 1 or 4"),
     (dict(directions=2), ValueError, "directions must be 1 or 4"),
     (dict(cell="lstm"), ValueError, "unknown cell"),
+    (dict(forget_bias=float("nan")), ValueError, "forget_bias must be a finite"),
     (dict(dtype=np.int32), TypeError, "float32 or float64"),
     (dict(dtype=np.float16), TypeError, "float32 or float64"),
 ])
@@ -98,6 +99,8 @@ def test_adam_errors():
     with pytest.raises(ValueError, match="no parameters"):
         Adam([])
     opt = Adam(layer)
+    with pytest.raises(ValueError, match="lacks"):
+        opt.load_state_dict({"t": 1})
     layer.grads.data[0] = np.nan
     with pytest.raises(FloatingPointError, match="not finite"):
         opt.step()
