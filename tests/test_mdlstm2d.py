@@ -108,7 +108,8 @@ def test_named_views_share_one_flat_buffer():
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_copies_keep_views_into_their_own_flat_buffer(how, rng):
-    """A copied layer's views (aliases too) lie in its own ``data``, so its optimiser trains it."""
+    """A layer copied with its optimiser: the copy's views (aliases too) lie in its own ``data``,
+    which the copied optimiser updates."""
     import copy
     import pickle
 
@@ -116,7 +117,8 @@ def test_copies_keep_views_into_their_own_flat_buffer(how, rng):
     layer = MDLSTM2D(1, 3, seed=0)
     x = rng.random((2, 3, 4, 1), dtype=np.float32)
     y = layer.forward(x)
-    twin = copy.deepcopy(layer) if how == "deepcopy" else pickle.loads(pickle.dumps(layer))
+    pair = (layer, Adam(layer, lr=0.1))
+    twin, twin_opt = copy.deepcopy(pair) if how == "deepcopy" else pickle.loads(pickle.dumps(pair))
     for buf in (twin.params, twin.grads):
         for name in ("W", "U", "U_up", "U_left", "b"):
             assert np.shares_memory(buf[name], buf.data), name
@@ -125,7 +127,7 @@ def test_copies_keep_views_into_their_own_flat_buffer(how, rng):
     np.testing.assert_array_equal(twin.forward(x), y)
     twin.zero_grad()
     twin.backward(np.ones_like(y), input_grad=False)
-    Adam(twin, lr=0.1).step()
+    twin_opt.step()
     assert np.abs(twin.forward(x) - y).max() > 1e-3   # the copy learnt
     np.testing.assert_array_equal(layer.forward(x), y)  # the original did not move
 
