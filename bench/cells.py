@@ -1,7 +1,7 @@
 """Graves vs stable cell on large grids (issue 6): state/gradient growth, 128x128 training, a 10k-step run.
 
 Writes bench/results/cells.md (quoted in the README). Not a test: it trains for
-minutes. Usage: ``python bench/cells.py [--quick] [--long-size 64] [--long-steps 10000]``.
+minutes. Usage: ``python bench/cells.py [--quick] [--long-size 64,128] [--long-steps 10000]``.
 """
 
 from __future__ import annotations
@@ -44,23 +44,25 @@ def growth(cell: str, checkpoints=(1, 10, 30, 60), size: int = 128) -> list[str]
     return rows
 
 
-def long_run(size: int, steps: int) -> list[str]:
-    """A long stable-cell run: NaN check over every step and the final state range."""
+LONG_HEADER = ["| set-up | steps | NaN-free | relevant loss (last 100) | second-x acc (last 100) | "
+               "max abs c (last step) | minutes |", "|---|---|---|---|---|---|---|"]
+
+
+def long_run(size: int, steps: int) -> str:
+    """A long stable-cell run (no curriculum): NaN check over every step and the final state range."""
     tr, hist, wall = run(TrainConfig(size=size, cell="stable", steps=steps, lr=1e-2))
     finite = all(np.isfinite(h["loss"]) for h in hist) and all(
         np.isfinite(layer.params.data).all() for layer in tr.model.layers)
     cmax = float(np.abs(tr.model.recurrent._saved["c"]).max())
-    return ["| set-up | steps | NaN-free | relevant loss (last 100) | second-x acc (last 100) | "
-            "max abs c (last step) | minutes |", "|---|---|---|---|---|---|---|",
-            f"| {size}x{size} stable, B16, D16, Adam 1e-2, MSE | {steps} | {finite} | "
+    return (f"| {size}x{size} stable, B16, D16, Adam 1e-2, MSE | {steps} | {finite} | "
             f"{last_mean(hist, 'relevant_loss'):.4f} | {last_mean(hist, 'second_x_acc'):.3f} | "
-            f"{cmax:.3g} | {wall / 60:.1f} |"]
+            f"{cmax:.3g} | {wall / 60:.1f} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--long-size", type=int, default=64)
+    ap.add_argument("--long-size", default="64,128", help="grid sides of the long runs (comma list)")
     ap.add_argument("--long-steps", type=int, default=10000)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cells.md")
     args = ap.parse_args()
@@ -79,7 +81,8 @@ def main() -> None:
            ("128x128 stable, no curriculum", TrainConfig(size=128, cell="stable", steps=20 if q else 300))]
     parts += ["", "## 128x128 training with the stable cell (B16, D16, Adam 1e-2, MSE)", ""]
     parts += large_experiment(big)
-    parts += ["", "## Long run", ""] + long_run(args.long_size, 200 if q else args.long_steps)
+    parts += ["", "## Long runs", ""] + LONG_HEADER
+    parts += [long_run(int(n), 200 if q else args.long_steps) for n in args.long_size.split(",")]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(parts) + "\n")
     print(f"wrote {args.out}")
