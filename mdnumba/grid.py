@@ -78,7 +78,7 @@ def wavefront(dims: tuple) -> Wavefront:
     return Wavefront(dims, perm, inv_perm, diag_off, parent, child)
 
 
-@lru_cache(maxsize=16)  # two int64 per row and direction: ~1/(2.5 D) of a layer's activations
+@lru_cache(maxsize=16)  # 16 B per row and direction (the 2D float32 activations: 28·D B)
 def direction_tables(dims: tuple, batch: int, directions: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Row tables between dense ``(B, *dims)`` rows (``b*M + m``, M cells) and the skewed rows
     ``s*B + b`` of each scan direction q (q mirrors the axes of its set bits), read-only int64:
