@@ -44,7 +44,7 @@ from pathlib import Path
 import numba
 import numpy as np
 from bench_cpu import Config as CpuConfig
-from bench_cpu import Timing, make_input
+from bench_cpu import Timing, make_input, ms, ratio
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "gpu.md"
@@ -270,18 +270,8 @@ def torch_fns(tb, cfg: Config, x: np.ndarray):
 
 
 # -------------------------------------------------------------------------- report
-def ms(t: float | None) -> str:
-    if t is None:
-        return "–"
-    return f"{t * 1e3:.3g}" if t < 1 else f"{t * 1e3:.0f}"
-
-
 def cell(tm: Timing | None) -> str:
     return "–" if tm is None else f"**{ms(tm.best)}** ({ms(tm.median)})"
-
-
-def ratio(num: Timing | None, den: Timing | None) -> str:
-    return "–" if num is None or den is None else f"{num.best / den.best:.1f}x"
 
 
 def speed_table(results: list[dict], mode: str) -> list[str]:
