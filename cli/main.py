@@ -65,15 +65,22 @@ class _Progress:
 
 
 def _run_with_progress(trainer) -> None:
+    from mdnumba.charlm import CorpusError
     remaining = trainer.cfg.steps - trainer.step
     with click.progressbar(length=remaining, label="training", show_pos=True) as bar:
         try:
             trainer.run(_Progress(bar, trainer.step))
         except KeyboardInterrupt:
-            raise click.ClickException(f"interrupted at step {trainer.step}; checkpoint saved in "
-                                       f"{trainer.out} (continue with --resume {trainer.out})") from None
+            if trainer.saved_step is None:
+                raise click.ClickException(f"interrupted at step {trainer.step}; no checkpoint "
+                                           "was saved yet") from None
+            raise click.ClickException(f"interrupted at step {trainer.step}; checkpoint of step "
+                                       f"{trainer.saved_step} in {trainer.out} (continue with "
+                                       f"--resume {trainer.out})") from None
         except FloatingPointError as exc:
             raise click.ClickException(str(exc)) from None
+        except CorpusError as exc:  # a resumed char-lm run whose text is gone
+            raise click.UsageError(str(exc)) from None
 
 
 def _print_metrics(metrics: dict) -> None:
@@ -167,24 +174,47 @@ def _make_trainer(out: Path, **kw):
 @click.pass_context
 def train(ctx, out, resume, checkpoint_every, plot, **kw) -> None:
     """Train a model on a generated task; writes log.tsv and a checkpoint."""
+    kw["checkpoint_every"] = checkpoint_every
+    given = {k: v for k, v in kw.items() if ctx.get_parameter_source(k).name != "DEFAULT"}
     if resume is not None:
-        given = {k: kw[k] for k in ("steps", "device") if ctx.get_parameter_source(k).name != "DEFAULT"}
-        try:
-            trainer = _load_run(resume, **given)
-        except CheckpointError as exc:
-            raise click.ClickException(str(exc)) from None
-        except ValueError as exc:
-            raise click.UsageError(str(exc)) from None
-        _check_writable(resume)
-        click.echo(f"resuming {resume} at step {trainer.step} of {trainer.cfg.steps}")
+        trainer = _resume_run(resume, given)
     else:
-        trainer = _make_trainer(out, checkpoint_every=checkpoint_every, **kw)
+        trainer = _make_trainer(out, **kw)
     _run_with_progress(trainer)
     click.echo(f"done: {trainer.step} steps; log {trainer.out / 'log.tsv'}, checkpoint "
                f"{trainer.out / 'checkpoint.npz'}")
     _print_metrics(trainer.evaluate(batches=5))
     if plot:
         _plot_run(trainer)
+
+
+#: options ``train --resume`` may change; the others define the run and must match it
+RESUME_OVERRIDES = ("steps", "device", "sync_every", "checkpoint_every", "data")
+
+
+def _resume_run(folder: Path, given: dict):
+    """Load the run in ``folder`` for ``train --resume`` with the explicitly ``given`` options:
+    those of :data:`RESUME_OVERRIDES` apply, the others must equal the run's settings."""
+    overrides = {k: v for k, v in given.items() if k in RESUME_OVERRIDES}
+    try:
+        trainer = _load_run(folder, **overrides)
+    except CheckpointError as exc:
+        raise click.ClickException(str(exc)) from None
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    for k, v in given.items():
+        have = getattr(trainer.cfg, k)
+        if k not in RESUME_OVERRIDES and have != v:
+            raise click.UsageError(f"--{k.replace('_', '-')} {v} differs from the run in {folder} "
+                                   f"({have}); --resume continues a run as it was (it may change "
+                                   f"only {', '.join('--' + o.replace('_', '-') for o in RESUME_OVERRIDES)}"
+                                   "); start a new run with --out for other settings")
+    if "steps" in given and trainer.step >= given["steps"]:
+        raise click.UsageError(f"the run in {folder} is at step {trainer.step}; --steps must be "
+                               f"> {trainer.step} to continue it")
+    _check_writable(folder)
+    click.echo(f"resuming {folder} at step {trainer.step} of {trainer.cfg.steps}")
+    return trainer
 
 
 def _load_run(folder: Path, **overrides):
@@ -195,8 +225,9 @@ def _load_run(folder: Path, **overrides):
     try:
         return Trainer.load(folder, **overrides)
     except CudaUnavailableError as exc:
-        raise click.UsageError(f"{folder} was trained with --device cuda: "
-                               + str(exc).replace("device='cpu'", "--device cpu")) from None
+        why = "--device cuda is not available" if overrides.get("device") else \
+            f"{folder} was trained with --device cuda"
+        raise click.UsageError(f"{why}: " + str(exc).replace("device='cpu'", "--device cpu")) from None
 
 
 def _plot_run(trainer) -> None:

@@ -29,11 +29,13 @@ class CorpusError(ValueError):
 
 @dataclass
 class Corpus:
-    """A text as int32 character ids with its vocabulary and a train/validation split."""
+    """A text as int32 character ids with its vocabulary and a train/validation split
+    (both empty for :meth:`from_vocab`: enough to encode, decode and sample)."""
 
     vocab: list
     train: np.ndarray
     val: np.ndarray
+    source: str = "the text"   # where the text came from, for messages
 
     @classmethod
     def from_text(cls, text: str, val_fraction: float = 0.1, vocab: list | None = None) -> Corpus:
@@ -69,7 +71,16 @@ class Corpus:
         except UnicodeDecodeError as exc:
             raise CorpusError(f"--data {path} is not valid UTF-8 ({exc.reason} at byte "
                               f"{exc.start})") from None
-        return cls.from_text(text, val_fraction, vocab)
+        corpus = cls.from_text(text, val_fraction, vocab)
+        corpus.source = str(path)
+        return corpus
+
+    @classmethod
+    def from_vocab(cls, vocab: list, source: str = "the text") -> Corpus:
+        """A corpus without text (a checkpoint's vocabulary when its text file is gone):
+        encodes, decodes and samples; :meth:`batch` says to give the text."""
+        empty = np.zeros(0, dtype=np.int32)
+        return cls(list(vocab), empty, empty.copy(), source)
 
     @property
     def vocab_size(self) -> int:
@@ -83,9 +94,16 @@ class Corpus:
                               f"train and validation splits, the shorter has {shortest}; use a longer "
                               "text or a shorter --seq-len")
 
+    def require_text(self) -> None:
+        """Raise :class:`CorpusError` for a corpus without text (see :meth:`from_vocab`)."""
+        if not len(self.train):
+            raise CorpusError(f"{self.source} is not available; pass --data FILE (the run's text, or "
+                              "one with the same characters)")
+
     def batch(self, rng: np.random.Generator, split: str, batch: int,
               seq_len: int) -> tuple[np.ndarray, np.ndarray]:
         """Random windows: inputs ``x`` (B, T) and next-character targets ``y`` (B, T)."""
+        self.require_text()
         ids = self.train if split == "train" else self.val
         start = rng.integers(0, len(ids) - seq_len, size=batch)
         idx = start[:, None] + np.arange(seq_len + 1)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +23,33 @@ from .tasks.binary_addition import AdditionBatch
 from .tasks.diagonal import DiagonalBatch
 
 LOG = "log.tsv"
+
+
+@contextlib.contextmanager
+def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
+    """Yield a "was Ctrl-C pressed?" callable. In the main thread the first SIGINT only sets
+    that flag and a second raises KeyboardInterrupt; elsewhere (no signal
+    handler possible) Ctrl-C raises KeyboardInterrupt as usual and the flag stays False."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    pressed: list[bool] = []
+
+    def on_sigint(signum, frame) -> None:
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(True)
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield lambda: bool(pressed)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def check_loss(loss: float, step: int) -> None:
+    """Raise FloatingPointError, saying what to change, when ``loss`` is NaN or infinite."""
+    if not np.isfinite(loss):
+        raise FloatingPointError(f"loss became {loss} at step {step}; lower --lr or set --clip-norm")
 
 
 @dataclass
@@ -49,6 +79,7 @@ class TrainConfig:
     dropout: float = 0.0         # char-lm: on the non-recurrent connections
     tie_depth: bool = True       # char-lm grid: one weight set for every depth level
     sync_every: int = 50         # cuda: steps between host syncs (losses/metrics read back)
+    curriculum_steps: int | None = None  # steps the curriculum phases span (None: steps)
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting and what is allowed."""
@@ -78,7 +109,9 @@ class TrainConfig:
                   (self.dtype in ("float32", "float64"), "--dtype must be float32 or float64"),
                   (self.device in ("cpu", "cuda"), "--device must be cpu or cuda"),
                   (self.cell in CELLS, f"--cell must be one of {sorted(CELLS)}"),
-                  (self.layers >= 1, "--layers must be >= 1")]
+                  (self.layers >= 1, "--layers must be >= 1"),
+                  (self.curriculum_steps is None or self.curriculum_steps >= 1,
+                   "curriculum_steps must be >= 1")]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
@@ -88,9 +121,12 @@ class TrainConfig:
                              f"(every corner of its {ndim}-D grid), got {self.directions}")
 
     def size_at(self, step: int) -> int:
-        """Training size at ``step`` (0-based): equal phases over curriculum + [size]."""
+        """Training size at ``step`` (0-based): equal phases over curriculum + [size] that
+        span ``curriculum_steps`` (set when a resumed run's steps are extended, so that the
+        extension trains at ``size``)."""
         sizes = list(self.curriculum) + [self.size]
-        return sizes[min(len(sizes) - 1, step * len(sizes) // self.steps)]
+        span = self.curriculum_steps or self.steps
+        return sizes[min(len(sizes) - 1, step * len(sizes) // span)]
 
 
 class Trainer:
@@ -109,6 +145,8 @@ class Trainer:
         self.opt = self.optimizers[cfg.optimizer](self.model, lr=cfg.lr, clip_norm=cfg.clip_norm)
         self.rng = np.random.default_rng(cfg.seed)
         self.step = 0
+        self.saved_step: int | None = None  # the step of the newest checkpoint in ``out``
+        self._stop_requested: Callable[[], bool] = lambda: False  # set by :meth:`run`
 
     def _build_model(self):
         """The model of ``self.cfg`` (and the loss it trains with); subclass hook."""
@@ -131,6 +169,7 @@ class Trainer:
         batch = self.sample_batch(self.rng, self.cfg.size_at(self.step))
         logits = self.model.forward(batch.x)
         loss, dlogits, prob = self.loss_fn(logits, batch.y)
+        check_loss(loss, self.step + 1)
         self.model.zero_grad()
         self.model.backward(dlogits, input_grad=False)  # parameter gradients only
         self.opt.step()
@@ -140,43 +179,48 @@ class Trainer:
         return metrics
 
     def _train_block(self, n: int) -> list[dict[str, float]]:
-        """Run ``n`` steps and return their metrics (the device trainer reads the GPU once per block)."""
-        return [self.train_step() for _ in range(n)]
+        """Run up to ``n`` steps and return their metrics (the device trainer reads the GPU
+        once per block); a Ctrl-C (see :meth:`run`) ends the block after the current step."""
+        out = []
+        while len(out) < n and not self._stop_requested():
+            out.append(self.train_step())
+        return out
 
     def run(self, on_step: Callable[[int, dict], None] | None = None) -> None:
         """Train to ``cfg.steps``, logging every step; checkpoint periodically, at the end
-        and on Ctrl-C (then re-raise KeyboardInterrupt)."""
+        and on Ctrl-C, then re-raise KeyboardInterrupt. In the main thread Ctrl-C lets the
+        current step finish, so that the checkpoint resumes bit-identically; a second
+        Ctrl-C stops at once and saves nothing (the last periodic checkpoint stays)."""
+        with _deferred_interrupt() as self._stop_requested:
+            self._run(on_step)
+
+    def _run(self, on_step: Callable[[int, dict], None] | None) -> None:
+        """The loop of :meth:`run`: blocks of steps that end at checkpoints."""
         every = self.cfg.checkpoint_every or max(1, self.cfg.steps // 10)
-        log = self._open_log()
+        log, stopped = self._open_log(), False
         try:
-            while self.step < self.cfg.steps:
+            while self.step < self.cfg.steps and not stopped:
                 start = self.step
                 n = min(self.sync_every, self.cfg.steps - start)
                 if self.out:  # blocks end at checkpoints
                     n = min(n, every - start % every)
                 for step, m in enumerate(self._train_block(n), start + 1):
-                    if not np.isfinite(m["loss"]):
-                        raise FloatingPointError(f"loss became {m['loss']} at step {step}; "
-                                                 "lower --lr or set --clip-norm")
+                    check_loss(m["loss"], step)
                     if log:
                         log.write(self._log_line(step, m))
                     if on_step:
                         on_step(step, m)
-                if self.out and self.step % every == 0:
+                stopped = self.step - start < n  # the block was cut short by Ctrl-C
+                if self.out and (stopped or self.step % every == 0):
                     log.flush()
                     self.save()
-                if self.step - start < n:  # the block was cut short by Ctrl-C
-                    raise KeyboardInterrupt
-        except KeyboardInterrupt:
-            if self.out:
-                log.flush()
-                self.save()
-            raise
-        finally:
+        finally:  # an exception inside a step (a second Ctrl-C) saves nothing
             if log:
                 log.close()
-        if self.out:
+        if self.out and self.saved_step != self.step:
             self.save()
+        if stopped:
+            raise KeyboardInterrupt
 
     # ------------------------------------------------------------- logging
     def _columns(self) -> list[str]:
@@ -212,7 +256,9 @@ class Trainer:
             arrays[f"adam_m_{k}"], arrays[f"adam_v_{k}"] = m, v
         meta = {"config": dataclasses.asdict(self.cfg), "step": self.step, "adam_t": state["t"],
                 "rng": self.rng.bit_generator.state, **self._extra_meta()}
-        return save_checkpoint(self.out, arrays, meta)
+        path = save_checkpoint(self.out, arrays, meta)
+        self.saved_step = self.step
+        return path
 
     def _host_params(self) -> list[np.ndarray]:
         """Every parametrised layer's flat parameters as host arrays, in checkpoint order."""
@@ -227,10 +273,8 @@ class Trainer:
         """Rebuild a trainer (of the class its task needs) from ``folder``; ``overrides`` may
         change e.g. ``steps``."""
         arrays, meta = load_checkpoint(folder)
+        cfg = _checkpoint_config(folder, meta, overrides)
         try:
-            raw = dict(meta["config"])
-            raw["curriculum"] = tuple(raw.get("curriculum") or ())
-            cfg = TrainConfig(**{**raw, **{k: v for k, v in overrides.items() if v is not None}})
             tr = make_trainer(cfg, folder, restore=meta)
             n = len(tr.model.layers)
             for k, want in enumerate(tr._host_params()):
@@ -242,7 +286,7 @@ class Trainer:
             tr.opt.load_state_dict({"t": meta["adam_t"], "m": [arrays[f"adam_m_{k}"] for k in range(n)],
                                     "v": [arrays[f"adam_v_{k}"] for k in range(n)]})
             tr.rng.bit_generator.state = meta["rng"]
-            tr.step = int(meta["step"])
+            tr.step = tr.saved_step = int(meta["step"])
         except (KeyError, TypeError) as exc:
             raise CheckpointError(f"checkpoint in {folder} is incomplete or from another "
                                   f"version (missing {exc}); start a new run") from None
@@ -262,6 +306,28 @@ class Trainer:
             for k, v in self.task.metrics(prob, loss, batch).items():
                 totals[k] = totals.get(k, 0.0) + v / batches
         return totals
+
+
+def _checkpoint_config(folder: Path, meta: dict, overrides: dict) -> TrainConfig:
+    """The checkpoint's config (a :class:`CheckpointError` if it is not a valid one) with
+    ``overrides`` (None values ignored) applied; extending a curriculum run's steps keeps
+    its phases where they were."""
+    raw = meta.get("config")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    if not isinstance(raw, dict) or set(raw) - known:
+        extra = sorted(set(raw) - known) if isinstance(raw, dict) else "not a mapping"
+        raise CheckpointError(f"checkpoint in {folder} has a config this mdnumba version does not "
+                              f"know ({extra}); use the version that wrote it or start a new run")
+    raw = dict(raw, curriculum=tuple(raw.get("curriculum") or ()))
+    try:
+        TrainConfig(**raw).validate()
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint in {folder} holds an invalid config ({exc}); "
+                              "start a new run") from None
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if raw["curriculum"] and "steps" in overrides and raw.get("curriculum_steps") is None:
+        overrides["curriculum_steps"] = raw["steps"]
+    return TrainConfig(**{**raw, **overrides})
 
 
 def make_trainer(cfg: TrainConfig, out: Path | None = None, restore: dict | None = None) -> Trainer:

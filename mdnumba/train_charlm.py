@@ -10,12 +10,13 @@ that has other characters fails with a clear message.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from .charlm import BITS_PER_NAT, CharLM, Corpus, sample_text, softmax_xent
-from .train import TrainConfig, Trainer
+from .train import TrainConfig, Trainer, check_loss
 
 
 class CharLMTrainer(Trainer):
@@ -30,19 +31,31 @@ class CharLMTrainer(Trainer):
         super().__init__(cfg, out)
 
     def _build_model(self) -> CharLM:
-        """Read the corpus, then the grid or stacked model over its vocabulary."""
+        """Read the corpus (its absolute path goes into the config, so that a resumed run
+        finds it from any folder; a resumed run whose text is gone keeps its vocabulary, to
+        sample), then the grid or stacked model over its vocabulary."""
         cfg = self.cfg
-        self.corpus = Corpus.from_file(cfg.data, vocab=self._vocab)
-        self.corpus.check_seq_len(cfg.seq_len)
+        cfg.data = str(Path(cfg.data).expanduser().resolve())
+        if self._vocab is not None and not Path(cfg.data).exists():
+            self.corpus = Corpus.from_vocab(self._vocab, source=f"--data {cfg.data}")
+        else:
+            self.corpus = Corpus.from_file(cfg.data, vocab=self._vocab)
+            self.corpus.check_seq_len(cfg.seq_len)
         self.loss_fn = softmax_xent
         return CharLM(cfg.model, self.corpus.vocab_size, cfg.hidden, cfg.layers, cfg.dropout,
                       seed=cfg.seed, dtype=np.dtype(cfg.dtype), tied=cfg.tie_depth, device=cfg.device)
+
+    def run(self, on_step: Callable[[int, dict], None] | None = None) -> None:
+        """:meth:`Trainer.run`, after checking that the text is there (a resumed run's may be gone)."""
+        self.corpus.require_text()
+        super().run(on_step)
 
     def train_step(self) -> dict[str, float]:
         """Random windows, forward with dropout, cross-entropy, backward, optimizer step."""
         t0 = time.perf_counter()
         x, y = self.corpus.batch(self.rng, "train", self.cfg.batch, self.cfg.seq_len)
         loss, dlogits, _ = softmax_xent(self.model.forward(x, self.rng if self.cfg.dropout else None), y)
+        check_loss(loss, self.step + 1)
         self.model.zero_grad()
         self.model.backward(dlogits)
         self.opt.step()

@@ -147,8 +147,9 @@ class DeviceTrainer(Trainer):
 
     # ------------------------------------------------------------ a block of steps
     def _train_block(self, n: int) -> list[dict[str, float]]:
-        """Run up to ``n`` steps on the device and sync once; Ctrl-C ends the block early
-        (the RNG is rewound to the steps done, so a checkpoint resumes exactly)."""
+        """Run up to ``n`` steps on the device and sync once; Ctrl-C (see :meth:`Trainer.run`)
+        ends the block early and rewinds the RNG to the steps done, so a checkpoint resumes
+        exactly."""
         t0 = time.perf_counter()
         start, rng_state = self.step, self.rng.bit_generator.state
         batches = [self.sample_batch(self.rng, self.cfg.size_at(start + i)) for i in range(n)]
@@ -158,14 +159,14 @@ class DeviceTrainer(Trainer):
         probes = self._cuda.device_array(offsets[-1], dtype=self.model.dtype)
         RB = self.k.REDUCE_BLOCKS
         record = self.k.scratch(n * (1 + RB))  # [norm_0..norm_{n-1} | loss block sums, RB per step]
-        try:
-            for i in range(n):
-                lo, hi = offsets[i], offsets[i + 1]
-                self._device_step(xs[i], ys[i], record, i, record[n + i * RB:n + (i + 1) * RB],
-                                  (probes[lo:hi], index_dev[lo:hi]))
-                self.step += 1
-        except KeyboardInterrupt:
-            self.model.zero_grad()  # a step cut short may have left gradients behind
+        for i in range(n):
+            if self._stop_requested():
+                break
+            lo, hi = offsets[i], offsets[i + 1]
+            self._device_step(xs[i], ys[i], record, i, record[n + i * RB:n + (i + 1) * RB],
+                              (probes[lo:hi], index_dev[lo:hi]))
+            self.step += 1
+        if self.step - start < n:
             self.rng.bit_generator.state = rng_state
             for i in range(self.step - start):
                 self.sample_batch(self.rng, self.cfg.size_at(start + i))

@@ -141,3 +141,30 @@ def test_cli_char_lm_bad_input(tmp_path, textfile, extra, message):
     res = CliRunner().invoke(main, ["train", "--task", "char-lm", *model, "--out", str(tmp_path / "r"),
                                     *extra])
     assert res.exit_code == 2 and message in res.output, res.output
+
+
+def test_char_lm_run_remembers_its_text_from_any_folder(tmp_path, textfile, monkeypatch):
+    """The run stores the text's absolute path; without the text it still samples (the
+    vocabulary is in the checkpoint), and training asks for --data."""
+    runner = CliRunner()
+    monkeypatch.chdir(textfile.parent)
+    args = ["train", "--task", "char-lm", "--model", "stacked", "--data", textfile.name,
+            "--hidden", "4", "--seq-len", "8", "--batch", "2", "--steps", "2", "--out", str(tmp_path / "r")]
+    assert runner.invoke(main, args).exit_code == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / textfile.name).write_text("other text entirely: xq")
+    monkeypatch.chdir(elsewhere)
+    res = runner.invoke(main, ["train", "--resume", str(tmp_path / "r"), "--steps", "3"])
+    assert res.exit_code == 0, res.output
+    moved = tmp_path / "moved.txt"
+    textfile.rename(moved)
+    res = runner.invoke(main, ["sample", str(tmp_path / "r"), "--length", "10", "--prime", "the"])
+    assert res.exit_code == 0 and res.output.startswith("the"), res.output
+    res = runner.invoke(main, ["train", "--resume", str(tmp_path / "r"), "--steps", "4"])
+    assert res.exit_code == 2 and "is not available; pass --data FILE" in res.output, res.output
+    res = runner.invoke(main, ["evaluate", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "pass --data FILE" in res.output, res.output
+    res = runner.invoke(main, ["train", "--resume", str(tmp_path / "r"), "--steps", "4",
+                               "--data", str(moved)])
+    assert res.exit_code == 0, res.output

@@ -171,3 +171,27 @@ def test_binary_addition_cli(runner, tmp_path):
                                "--steps", "3", "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
     assert "number_acc" in (tmp_path / "log.tsv").read_text().splitlines()[0]
+
+
+def test_resume_refuses_options_that_would_change_the_run(runner, tmp_path):
+    run = tmp_path / "run"
+    assert train(runner, run).exit_code == 0
+    res = runner.invoke(main, ["train", "--resume", str(run), "--steps", "8", "--lr", "0.5"])
+    assert res.exit_code == 2 and "--lr 0.5 differs from the run" in res.output, res.output
+    res = runner.invoke(main, ["train", "--resume", str(run), "--steps", "4"])
+    assert res.exit_code == 2 and "at step 6; --steps must be > 6" in res.output, res.output
+    assert json.loads((run / "config.json").read_text())["config"]["steps"] == 6
+    res = runner.invoke(main, ["train", "--resume", str(run), "--steps", "7", "--size", "5",
+                               "--checkpoint-every", "1"])  # the run's own value is no change
+    assert res.exit_code == 0 and "resuming" in res.output, res.output
+
+
+def test_resume_with_unusable_cuda_names_the_option(runner, tmp_path):
+    from mdnumba.backend_cuda import cuda_available
+    if cuda_available():
+        pytest.skip("CUDA is usable here")
+    assert train(runner, tmp_path / "run").exit_code == 0
+    res = runner.invoke(main, ["train", "--resume", str(tmp_path / "run"), "--steps", "8",
+                               "--device", "cuda"])
+    assert res.exit_code == 2 and "--device cuda is not available" in res.output, res.output
+    assert "trained with" not in res.output

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -412,20 +413,20 @@ def sim_device_trainer_checkpoints(tmp_path, monkeypatch):
     calls = {"n": 0}
     real = DeviceTrainer._device_step
 
-    def interrupted(self, *args):
+    def interrupted(self, *args):  # Ctrl-C during step 3: the step finishes, the block ends
         calls["n"] += 1
         if calls["n"] == 3:
-            raise KeyboardInterrupt
+            signal.raise_signal(signal.SIGINT)
         return real(self, *args)
     monkeypatch.setattr(DeviceTrainer, "_device_step", interrupted)
     tr = make_trainer(TrainConfig(steps=6, checkpoint_every=6, **kw), tmp_path / "b")
     with pytest.raises(KeyboardInterrupt):
         tr.run()
-    cpu = make_trainer(TrainConfig(steps=2, **{**kw, "device": "cpu"}))
+    cpu = make_trainer(TrainConfig(steps=3, **{**kw, "device": "cpu"}))
     cpu.run()
     back = Trainer.load(tmp_path / "b")
-    assert back.step == 2 and back.rng.bit_generator.state == cpu.rng.bit_generator.state
-    assert len((tmp_path / "b" / "log.tsv").read_text().splitlines()) == 3
+    assert back.step == 3 and back.rng.bit_generator.state == cpu.rng.bit_generator.state
+    assert len((tmp_path / "b" / "log.tsv").read_text().splitlines()) == 4
     for a, b in zip(cpu._host_params(), back._host_params()):
         np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-13)
 

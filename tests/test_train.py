@@ -1,0 +1,95 @@
+"""The training loop: Ctrl-C between steps, curriculum extension, non-finite losses, checkpoint configs."""
+
+import signal
+
+import numpy as np
+import pytest
+
+from mdnumba.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from mdnumba.train import TrainConfig, Trainer, make_trainer
+
+KW = dict(size=5, batch=3, hidden=3, seed=1)
+
+
+def assert_same_run(a: Trainer, b: Trainer) -> None:
+    assert a.step == b.step and a.rng.bit_generator.state == b.rng.bit_generator.state
+    for pa, pb in zip(a._host_params(), b._host_params()):
+        np.testing.assert_array_equal(pa, pb)
+    sa, sb = a.opt.state_dict(), b.opt.state_dict()
+    assert sa["t"] == sb["t"]
+    for ma, mb in zip(sa["m"] + sa["v"], sb["m"] + sb["v"]):
+        np.testing.assert_array_equal(ma, mb)
+
+
+def interrupt_at(monkeypatch, call: int, times: int = 1) -> None:
+    """Press Ctrl-C (a real SIGINT) ``times`` times inside train step number ``call``, after
+    its forward pass."""
+    real, count = Trainer.train_step, {"n": 0}
+
+    def step(self):
+        count["n"] += 1
+        if count["n"] == call:
+            self.model.forward(self.sample_batch(np.random.default_rng(0), 5).x)
+            for _ in range(times):
+                signal.raise_signal(signal.SIGINT)
+        return real(self)
+    monkeypatch.setattr(Trainer, "train_step", step)
+
+
+def test_ctrl_c_finishes_the_step_and_saves_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch):
+    interrupt_at(monkeypatch, 3)
+    tr = make_trainer(TrainConfig(steps=8, checkpoint_every=8, **KW), tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        tr.run()
+    assert tr.step == 3 and tr.saved_step == 3
+    assert len((tmp_path / "log.tsv").read_text().splitlines()) == 1 + 3
+    monkeypatch.undo()
+    clean = make_trainer(TrainConfig(steps=3, **KW))
+    clean.run()
+    assert_same_run(Trainer.load(tmp_path), clean)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_second_ctrl_c_stops_inside_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    interrupt_at(monkeypatch, 6, times=2)
+    tr = make_trainer(TrainConfig(steps=8, checkpoint_every=2, **KW), tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        tr.run()
+    assert tr.step == 5 and tr.saved_step == 4
+    monkeypatch.undo()
+    clean = make_trainer(TrainConfig(steps=4, **KW))
+    clean.run()
+    assert_same_run(Trainer.load(tmp_path), clean)
+
+
+def test_extending_a_curriculum_run_trains_the_extension_at_full_size(tmp_path):
+    cfg = TrainConfig(steps=4, curriculum=(4,), **KW)
+    assert [cfg.size_at(s) for s in range(4)] == [4, 4, 5, 5]
+    make_trainer(cfg, tmp_path).run()
+    tr = Trainer.load(tmp_path, steps=10)
+    assert tr.cfg.curriculum_steps == 4
+    assert [tr.cfg.size_at(s) for s in range(10)] == [4, 4] + [5] * 8
+    tr.run()
+    again = Trainer.load(tmp_path, steps=12)  # a second extension keeps the original phases
+    assert again.cfg.curriculum_steps == 4 and again.cfg.size_at(3) == 5
+
+
+def test_a_diverging_loss_stops_before_backward_with_advice():
+    tr = make_trainer(TrainConfig(steps=5, **KW))
+    tr.model.layers[0].params.data[...] = np.nan
+    with pytest.raises(FloatingPointError, match="loss became nan at step 1; lower --lr"):
+        tr.run()
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda c: c.update(hidden=-5), "invalid config.*--hidden must be >= 1"),
+    (lambda c: c.update(colour="red"), r"does not know \(\['colour'\]\)"),
+    (lambda c: c.update(size="big"), "invalid config"),
+])
+def test_bad_checkpoint_configs_are_checkpoint_errors(tmp_path, edit, match):
+    make_trainer(TrainConfig(steps=1, **KW), tmp_path).run()
+    arrays, meta = load_checkpoint(tmp_path)
+    edit(meta["config"])
+    save_checkpoint(tmp_path, arrays, meta)
+    with pytest.raises(CheckpointError, match=match):
+        Trainer.load(tmp_path)
