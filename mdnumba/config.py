@@ -8,6 +8,13 @@ place to change them. Environment variables override the defaults:
 - ``MDNUMBA_THREADS_PER_BLOCK`` sets the CUDA block size (default 128).
 - ``MDNUMBA_CUDA_ROWS_PER_THREAD`` sets how many batch rows one CUDA sweep thread
   computes (default 4): each recurrent weight it loads serves that many rows.
+
+Importing mdnumba sets ``GOMP_SPINCOUNT=3000`` unless the environment already has it:
+the CPU drivers open one OpenMP region per anti-diagonal, and with GNU OpenMP's default
+(threads spin 300,000 iterations before sleeping) two mdnumba processes on the same
+2 cores each ran a 32x32 fwd+bwd 105x slower than one alone, with 3000 3.6x, and alone
+both cost the same (bench/results/threads.md). It takes effect if GNU OpenMP is not
+loaded yet (e.g. by torch) when mdnumba's first parallel kernel runs.
 """
 
 from __future__ import annotations
@@ -16,6 +23,9 @@ import os
 
 import numpy as np
 import numpy.typing as npt
+
+#: GNU OpenMP spin iterations before a waiting thread sleeps (see the module docstring)
+os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 
 DEFAULT_DTYPE = np.float32
 SUPPORTED_DTYPES = (np.float32, np.float64)
