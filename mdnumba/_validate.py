@@ -6,6 +6,10 @@ import numpy as np
 import numpy.typing as npt
 
 
+class NonFiniteError(ValueError):
+    """An array holds NaN or infinite values (inside a model: the activations diverged)."""
+
+
 def check_array(x: npt.ArrayLike, name: str, ndim: int, last: int | None, dtype: np.dtype,
                 layout: str) -> np.ndarray:
     """Return ``x`` as a C-contiguous array of ``dtype`` after checking it.
@@ -28,11 +32,16 @@ def check_array(x: npt.ArrayLike, name: str, ndim: int, last: int | None, dtype:
     if last is not None and arr.shape[-1] != last:
         raise ValueError(f"{name} has {arr.shape[-1]} channels in its last axis, the layer "
                          f"expects {last} {layout}")
-    arr = np.ascontiguousarray(arr, dtype=dtype)
-    if not np.isfinite(arr).all():
-        bad = int(arr.size - np.isfinite(arr).sum())
-        raise ValueError(f"{name} contains {bad} NaN or infinite values; clean the input first")
-    return arr
+    finite = np.isfinite(arr)
+    if not finite.all():
+        bad = int(arr.size - finite.sum())
+        raise NonFiniteError(f"{name} contains {bad} NaN or infinite values; clean the input first")
+    if np.dtype(dtype).itemsize < arr.dtype.itemsize:
+        big = float(np.abs(arr).max())
+        if big > float(np.finfo(dtype).max):
+            raise ValueError(f"{name} holds values up to {big:.3g}, beyond {np.dtype(dtype)} "
+                             f"(max {np.finfo(dtype).max:.3g}); scale it or use a float64 layer")
+    return np.ascontiguousarray(arr, dtype=dtype)
 
 
 def check_positive_int(value: object, name: str) -> int:
@@ -42,3 +51,20 @@ def check_positive_int(value: object, name: str) -> int:
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     return int(value)
+
+
+def check_shape(a: object, want: tuple, name: str = "dy") -> None:
+    """Raise ValueError unless ``a`` has shape ``want`` (e.g. a gradient: the shape of the
+    output it belongs to, not just the same number of values)."""
+    if tuple(np.shape(a)) != tuple(want):
+        raise ValueError(f"{name} must have shape {tuple(want)} (the forward output's), got "
+                         f"{tuple(np.shape(a))}")
+
+
+def check_finite_number(value: object, name: str) -> float:
+    """Return ``float(value)`` for a finite real number (not a bool or string), else raise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)

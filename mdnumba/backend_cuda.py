@@ -34,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import config
-from ._validate import check_array
+from ._validate import check_array, check_shape
 from .optim import NONFINITE_GRADIENT, Adam, RMSprop
 
 if TYPE_CHECKING:
@@ -358,8 +358,7 @@ class CudaLinear(DeviceLayer):
             raise RuntimeError("backward() called before forward(); run forward(x) first")
         want = self._shape[:-1] + (self.out_features,)
         dyd, host_in = self._input(dy, "dy", len(want), self.out_features, "(..., out_features)")
-        if tuple(dyd.shape) != want:
-            raise ValueError(f"dy must have shape {want}, got {tuple(dyd.shape)}")
+        check_shape(dyd, want)
         R = self._x.shape[0]
         dy2 = dyd.reshape(R, self.out_features)
         gWb = self.grads.reshape(self.in_features + 1, self.out_features)  # [dW; db], flat layout

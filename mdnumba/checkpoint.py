@@ -57,6 +57,9 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, np.ndarray], dict]:
     path = Path(folder) / CHECKPOINT
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; train first with `mdnumba train --out {folder}`")
+    if not zipfile.is_zipfile(path):  # np.load would try to unpickle it and say allow_pickle
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint (not an .npz "
+                              "archive); delete it or use another run folder")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}

@@ -30,10 +30,35 @@ os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 DEFAULT_DTYPE = np.float32
 SUPPORTED_DTYPES = (np.float32, np.float64)
 
-FASTMATH: bool = os.environ.get("MDNUMBA_FASTMATH", "0") == "1"
-CACHE: bool = os.environ.get("MDNUMBA_CACHE", "1") == "1"
-THREADS_PER_BLOCK: int = int(os.environ.get("MDNUMBA_THREADS_PER_BLOCK", "128"))
-CUDA_ROWS_PER_THREAD: int = int(os.environ.get("MDNUMBA_CUDA_ROWS_PER_THREAD", "4"))
+
+def env_flag(name: str, default: bool) -> bool:
+    """``name`` as a boolean: 1/true/yes/on or 0/false/no/off (any case); unset: ``default``."""
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"environment variable {name}={os.environ[name]!r}: use 1 or 0")
+
+
+def env_int(name: str, default: int, low: int = 1, high: int = 1024) -> int:
+    """``name`` as an integer in [low, high]; unset: ``default``."""
+    raw = os.environ.get(name, "").strip()
+    try:
+        value = int(raw) if raw else default
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        raise ValueError(f"environment variable {name}={raw!r}: use an integer in [{low}, {high}]")
+    return value
+
+
+FASTMATH: bool = env_flag("MDNUMBA_FASTMATH", False)
+CACHE: bool = env_flag("MDNUMBA_CACHE", True)
+THREADS_PER_BLOCK: int = env_int("MDNUMBA_THREADS_PER_BLOCK", 128)
+CUDA_ROWS_PER_THREAD: int = env_int("MDNUMBA_CUDA_ROWS_PER_THREAD", 4, high=64)
 
 #: keyword arguments shared by every serial CPU kernel
 #: (error_model="numpy": float division by zero gives inf/NaN instead of raising, which lets

@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import config
-from ._validate import check_array, check_positive_int
+from ._validate import check_array, check_finite_number, check_positive_int, check_shape
 from .grid import direction_tables, wavefront
 from .kernels.cell import cell_code
 from .kernels.gemm import column_sums, matmul_at_b, matmul_rows
@@ -44,21 +44,22 @@ class WavefrontLSTM:
     sum 1.5 gave |c| ~ 6e8 at 16x16x16.
     """
 
-    def __init__(self, ndim: int, in_channels: int, hidden: int, seed: int = 0,
+    def __init__(self, ndim: int, in_channels: int, hidden: int, *, seed: int = 0,
                  dtype: npt.DTypeLike = config.DEFAULT_DTYPE, forget_bias: float | None = None,
                  device: str = "cpu", cell: str = "graves", directions: int = 1):
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         self.ndim = check_positive_int(ndim, "ndim")
         self.cell, self.cell_code = cell, cell_code(cell)
-        if directions not in (1, 2 ** self.ndim):
+        if isinstance(directions, bool) or not isinstance(directions, (int, np.integer)) or \
+                directions not in (1, 2 ** self.ndim):
             raise ValueError(f"directions must be 1 or {2 ** self.ndim} (every corner of a "
                              f"{self.ndim}-D grid), got {directions!r}")
         if device == "cuda":
             from .backend_cuda import require_cuda
             require_cuda()
         self.device = device
-        self.directions = directions
+        self.directions = int(directions)
         self.in_channels = check_positive_int(in_channels, "in_channels")
         self.hidden = check_positive_int(hidden, "hidden")
         self.dtype = config.resolve_dtype(dtype)
@@ -74,8 +75,7 @@ class WavefrontLSTM:
             self.params[name][...] = rng.uniform(-scale, scale, self.layout.shapes[name])
         if forget_bias is None:  # graves/spatial: the N forget gates start summing to 1
             forget_bias = 1.0 if (N == 1 or cell == "stable") else -float(np.log(N - 1))
-        elif not np.isfinite(forget_bias):
-            raise ValueError(f"forget_bias must be a finite number or None, got {forget_bias}")
+        forget_bias = check_finite_number(forget_bias, "forget_bias")
         n_forget = 1 if cell == "stable" else N
         self.params["b"][..., D:(1 + n_forget) * D] = forget_bias
         self._saved: dict | None = None
@@ -212,7 +212,7 @@ class MDLSTM2D(WavefrontLSTM):
     ``cell`` is "graves", "stable" or "spatial" (see :class:`WavefrontLSTM`).
     """
 
-    def __init__(self, in_channels: int, hidden: int, directions: int = 1, seed: int = 0,
+    def __init__(self, in_channels: int, hidden: int, *, directions: int = 1, seed: int = 0,
                  dtype: npt.DTypeLike = config.DEFAULT_DTYPE, forget_bias: float | None = None,
                  device: str = "cpu", cell: str = "graves"):
         super().__init__(2, in_channels, hidden, seed=seed, dtype=dtype, forget_bias=forget_bias,
@@ -234,7 +234,7 @@ class MDLSTM3D(WavefrontLSTM):
     ``W (C, 6D)``, ``U (D, 3, 6D)``, ``b (6D,)``.
     """
 
-    def __init__(self, in_channels: int, hidden: int, directions: int = 1, seed: int = 0,
+    def __init__(self, in_channels: int, hidden: int, *, directions: int = 1, seed: int = 0,
                  dtype: npt.DTypeLike = config.DEFAULT_DTYPE, forget_bias: float | None = None,
                  device: str = "cpu", cell: str = "graves"):
         super().__init__(3, in_channels, hidden, seed=seed, dtype=dtype, forget_bias=forget_bias,
@@ -253,7 +253,7 @@ class LSTM1D(WavefrontLSTM):
     ``cell``: "graves" (= "stable" in 1D: one neighbour) or "spatial" (h = tanh(c·o)).
     """
 
-    def __init__(self, in_features: int, hidden: int, seed: int = 0,
+    def __init__(self, in_features: int, hidden: int, *, seed: int = 0,
                  dtype: npt.DTypeLike = config.DEFAULT_DTYPE, forget_bias: float | None = None,
                  device: str = "cpu", directions: int = 1, cell: str = "graves"):
         super().__init__(1, in_features, hidden, seed=seed, dtype=dtype, forget_bias=forget_bias,
@@ -272,7 +272,7 @@ class Linear:
     ``backward(dy)`` → dL/dx, accumulating ``W (in, out)`` and ``b (out,)`` grads.
     """
 
-    def __init__(self, in_features: int, out_features: int, seed: int = 0,
+    def __init__(self, in_features: int, out_features: int, *, seed: int = 0,
                  dtype: npt.DTypeLike = config.DEFAULT_DTYPE):
         self.in_features = check_positive_int(in_features, "in_features")
         self.out_features = check_positive_int(out_features, "out_features")
@@ -291,10 +291,8 @@ class Linear:
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """``y = x @ W + b`` on the last axis."""
-        x = np.asarray(x)
-        if x.ndim < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(f"Linear expects last axis {self.in_features}, got shape {x.shape}")
-        x2 = np.ascontiguousarray(x, dtype=self.dtype).reshape(-1, self.in_features)
+        x = check_array(x, "x", max(np.ndim(x), 1), self.in_features, self.dtype, "(..., in_features)")
+        x2 = x.reshape(-1, self.in_features)
         y = np.empty((x2.shape[0], self.out_features), dtype=self.dtype)
         matmul_rows(y, x2, self.params["W"], self.params["b"], False)
         self._x = x2
@@ -305,9 +303,7 @@ class Linear:
         """``dW += xᵀ dy``, ``db += Σ dy``; return ``dx = dy Wᵀ``."""
         if self._x is None:
             raise RuntimeError("backward() called before forward(); run forward(x) first")
-        want = self._shape[:-1] + (self.out_features,)
-        if np.shape(dy) != want:
-            raise ValueError(f"dy must have shape {want}, got {np.shape(dy)}")
+        check_shape(dy, self._shape[:-1] + (self.out_features,))
         dy2 = np.ascontiguousarray(dy, dtype=self.dtype).reshape(-1, self.out_features)
         matmul_at_b(self.grads["W"], self._x, dy2)
         column_sums(self.grads["b"], dy2)
@@ -330,7 +326,8 @@ class GridLSTM2D:
     start at ``forget_bias`` (+1). ``device="cuda"`` runs the two sweeps as CUDA kernels.
     """
 
-    def __init__(self, hidden: int, layers: int, seed: int = 0, dtype: npt.DTypeLike = config.DEFAULT_DTYPE,
+    def __init__(self, hidden: int, layers: int, *, seed: int = 0,
+                 dtype: npt.DTypeLike = config.DEFAULT_DTYPE,
                  forget_bias: float = 1.0, tied: bool = True, device: str = "cpu"):
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
@@ -351,6 +348,7 @@ class GridLSTM2D:
         for name in ("U_time", "U_depth"):
             self.params[name][...] = rng.uniform(-1 / np.sqrt(2 * D), 1 / np.sqrt(2 * D),
                                                  self.layout.shapes[name])
+        forget_bias = check_finite_number(forget_bias, "forget_bias")
         self.params["b_time"][..., D:2 * D] = forget_bias
         self.params["b_depth"][..., D:2 * D] = forget_bias
         self._saved: dict | None = None
@@ -381,8 +379,9 @@ class GridLSTM2D:
         top = wf.inv_perm[np.arange(T) * L + L - 1]
         return np.ascontiguousarray(h.reshape(-1, B, 2 * D)[top, :, D:].transpose(1, 0, 2))
 
-    def backward(self, dh: np.ndarray) -> np.ndarray:
-        """dL/dx for ``dh`` = dL/d(output); accumulates the weight gradients."""
+    def backward(self, dh: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
+        """dL/dx for ``dh`` = dL/d(output) (None with ``input_grad=False``: the sweep computes
+        it anyway, it is just not returned); accumulates the weight gradients."""
         if self._saved is None:
             raise RuntimeError("backward() called before forward(); run forward(x) first")
         sv, D, L = self._saved, self.hidden, self.depth
@@ -406,6 +405,8 @@ class GridLSTM2D:
                     (self.grads[U][lv], self.grads[bias][lv])
                 matmul_at_b(gU, np.ascontiguousarray(z[rows]), da)
                 column_sums(gb, da)
+        if not input_grad:
+            return None
         return np.ascontiguousarray(dx.reshape(T, B, D).transpose(1, 0, 2))
 
     def _sweeps(self):

@@ -12,6 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import config
+from ._validate import check_shape
 from .layers import Linear, WavefrontLSTM
 from .stack import LayerGroup, Sequential, mdlstm_stack
 
@@ -46,6 +47,7 @@ class RecurrentReadout(LayerGroup):
         with ``input_grad=False``: training needs only the parameter gradients)."""
         if self._in_shape is None:
             raise RuntimeError("backward() called before forward(); run forward(x) first")
+        check_shape(dlogits, self._in_shape[:-1] + (self.readout.out_features,), "dlogits")
         dy = self.readout.backward(np.reshape(dlogits, self.readout._shape[:-1] + (-1,)))
         dx = self.recurrent.backward(dy, input_grad)
         return None if dx is None else dx.reshape(self._in_shape)

@@ -79,12 +79,14 @@ class Adam:
 
     def __init__(self, layers_or_params: object, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, clip_norm: float | None = None):
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        if not all(0.0 <= b < 1.0 for b in betas) or len(betas) != 2:
+        if not 0 < lr < np.inf:
+            raise ValueError(f"lr must be a finite number > 0, got {lr}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
-        if clip_norm is not None and not clip_norm > 0:
-            raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm}")
+        if not 0 < eps < np.inf:  # eps = 0 divides 0 by 0 where a gradient stays 0
+            raise ValueError(f"eps must be a finite number > 0, got {eps}")
+        if clip_norm is not None and not 0 < clip_norm < np.inf:
+            raise ValueError(f"clip_norm must be a finite number > 0 or None, got {clip_norm}")
         self.buffers = self._collect(layers_or_params)
         if not self.buffers:
             raise ValueError(f"{type(self).__name__} got no parameters")
@@ -153,6 +155,8 @@ class RMSprop(Adam):
 
     def __init__(self, layers_or_params: object, lr: float = 1e-3, rho: float = 0.95, eps: float = 1e-8,
                  clip_norm: float | None = None):
+        if not 0 <= rho < 1:
+            raise ValueError(f"rho must be a number in [0, 1), got {rho}")
         super().__init__(layers_or_params, lr=lr, betas=(0.0, rho), eps=eps, clip_norm=clip_norm)
 
     _update = staticmethod(rmsprop_update)

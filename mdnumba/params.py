@@ -7,6 +7,7 @@ only matter to people and checkpoints.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 
 import numpy as np
@@ -22,7 +23,10 @@ class ParamLayout:
         off = 0
         for name, shape in self.shapes.items():
             self.offsets[name] = off
-            off += int(np.prod(shape))
+            off += math.prod(shape)  # Python ints: no silent int64 overflow
+        if off >= 2 ** 40:
+            raise ValueError(f"{off:,} parameters ({dict(self.shapes)}) cannot be allocated; "
+                             "use a smaller hidden size")
         self.size = off
 
     def new(self, dtype: npt.DTypeLike) -> ParamBuffer:
@@ -43,7 +47,7 @@ class ParamBuffer(Mapping):
         self.layout = layout
         self.data = data
         self._views = {
-            name: data[off:off + int(np.prod(shape))].reshape(shape)
+            name: data[off:off + math.prod(shape)].reshape(shape)
             for (name, shape), off in zip(layout.shapes.items(), layout.offsets.values())
         }
 

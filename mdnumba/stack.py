@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import config
-from ._validate import check_positive_int
+from ._validate import check_positive_int, check_shape
 from .layers import LSTM1D, MDLSTM2D, MDLSTM3D, WavefrontLSTM
 
 _NAMED = {1: LSTM1D, 2: MDLSTM2D, 3: MDLSTM3D}
@@ -49,6 +49,7 @@ class BlockSubsample:
             return None
         N, k, shape = self.ndim, self.block, self._in_shape
         dims = shape[1:-1]
+        check_shape(dy, (shape[0],) + tuple(n // k for n in dims) + (self.out_channels(shape[-1]),))
         blocks = (shape[0],) + tuple(n // k for n in dims) + (k,) * N + (shape[-1],)
         inverse = (0,) + sum(((1 + d, 1 + N + d) for d in range(N)), ()) + (2 * N + 1,)
         return np.ascontiguousarray(np.reshape(dy, blocks).transpose(inverse)).reshape(shape)
@@ -108,12 +109,13 @@ class Sequential(LayerGroup):
         return "Sequential(" + ", ".join(map(repr, self.stages)) + ")"
 
 
-def mdlstm_stack(ndim: int, in_channels: int, hidden: int, layers: int = 1, directions: int = 1,
+def mdlstm_stack(ndim: int, in_channels: int, hidden: int, *, layers: int = 1, directions: int = 1,
                  cell: str = "graves", subsample: int = 1, seed: int = 0, dtype=config.DEFAULT_DTYPE,
                  device: str = "cpu") -> Sequential:
     """``layers`` N-D MD-LSTM layers (each ``directions`` scans, outputs concatenated), with a
     :class:`BlockSubsample` of ``subsample`` between consecutive layers when ``subsample > 1``."""
     check_positive_int(layers, "layers")
+    check_positive_int(subsample, "subsample")
     stages, channels = [], in_channels
     for k in range(layers):
         if k and subsample > 1:

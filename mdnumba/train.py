@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._validate import NonFiniteError
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .kernels.cell import CELLS
 from .losses import LOSSES
@@ -102,9 +103,11 @@ class TrainConfig:
             if not task.min_size <= s <= self.size:
                 raise ValueError(f"curriculum sizes must lie in [{task.min_size}, {self.size}], got {s}")
         checks = [(self.batch >= 1, "--batch must be >= 1"), (self.hidden >= 1, "--hidden must be >= 1"),
-                  (self.lr > 0, "--lr must be > 0"), (self.steps >= 1, "--steps must be >= 1"),
+                  (0 < self.lr < np.inf, "--lr must be a finite number > 0"),
+                  (self.steps >= 1, "--steps must be >= 1"),
                   (self.loss in LOSSES, f"--loss must be one of {sorted(LOSSES)}"),
-                  (self.clip_norm is None or self.clip_norm > 0, "--clip-norm must be > 0"),
+                  (self.clip_norm is None or 0 < self.clip_norm < np.inf,
+                   "--clip-norm must be a finite number > 0"),
                   (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
                   (self.dtype in ("float32", "float64"), "--dtype must be float32 or float64"),
                   (self.device in ("cpu", "cuda"), "--device must be cpu or cuda"),
@@ -119,6 +122,19 @@ class TrainConfig:
         if self.directions not in (1, 2 ** ndim):
             raise ValueError(f"--directions must be 1 or {2 ** ndim} for model {self.model!r} "
                              f"(every corner of its {ndim}-D grid), got {self.directions}")
+
+    def inapplicable(self, names) -> dict[str, str]:
+        """Of the settings ``names`` (e.g. those given on the command line), the ones this
+        run ignores, with the reason: ``{"dropout": "char-lm only", ...}``."""
+        charlm = self.task == "char-lm"
+        why = {k: "char-lm only" for k in ("data", "seq_len", "dropout") if not charlm}
+        why.update({k: "not for char-lm" for k in ("size", "curriculum", "loss", "cell", "directions")
+                    if charlm})
+        if self.model != "grid":
+            why["tie_depth"] = "char-lm --model grid only"
+        if self.device != "cuda":
+            why["sync_every"] = "--device cuda only"
+        return {k: why[k] for k in names if k in why}
 
     def size_at(self, step: int) -> int:
         """Training size at ``step`` (0-based): equal phases over curriculum + [size] that
@@ -167,7 +183,7 @@ class Trainer:
         """Sample, forward, loss, backward, Adam; return the step's metrics."""
         t0 = time.perf_counter()
         batch = self.sample_batch(self.rng, self.cfg.size_at(self.step))
-        logits = self.model.forward(batch.x)
+        logits = self._forward(batch.x)
         loss, dlogits, prob = self.loss_fn(logits, batch.y)
         check_loss(loss, self.step + 1)
         self.model.zero_grad()
@@ -177,6 +193,15 @@ class Trainer:
         metrics = self.task.metrics(prob, loss, batch)
         metrics["time"] = time.perf_counter() - t0
         return metrics
+
+    def _forward(self, *args):
+        """``model.forward(*args)`` on a training batch (finite by construction): a layer that
+        finds NaN/inf in its input found the activations of the layer before diverged."""
+        try:
+            return self.model.forward(*args)
+        except NonFiniteError:
+            raise FloatingPointError(f"the activations became NaN or infinite at step {self.step + 1}; "
+                                     "lower --lr or set --clip-norm") from None
 
     def _train_block(self, n: int) -> list[dict[str, float]]:
         """Run up to ``n`` steps and return their metrics (the device trainer reads the GPU

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._validate import check_array
+from ._validate import check_array, check_shape
 from .backend_cuda import DEVICE_OPTIMIZERS, CudaLinear, CudaLSTM, HostOrDevice, require_cuda
 from .layers import WavefrontLSTM
 from .models import RecurrentReadout
@@ -102,6 +102,7 @@ class DeviceModel(LayerGroup):
         if self._in_shape is None:
             raise RuntimeError("backward() called before forward(); run forward(x) first")
         k = self.readout.k
+        check_shape(dlogits, self._in_shape[:-1] + (self.readout.out_features,), "dlogits")
         host_in = not k.is_device_array(dlogits)
         d = k.as_device(np.ascontiguousarray(dlogits, self.dtype) if host_in else dlogits)
         d = self.readout.backward(d.reshape(self._h_shape[:-1] + (self.readout.out_features,)))

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mdnumba import LSTM1D, MDLSTM2D, Adam, BlockSubsample
+from mdnumba import LSTM1D, MDLSTM2D, Adam, BlockSubsample, GridLSTM2D, Linear, RMSprop
 from mdnumba.charlm import Embedding
 from mdnumba.models import MDModel
 from mdnumba.train import TrainConfig, Trainer
@@ -65,7 +65,10 @@ def test_backward_errors(layer):
     (dict(directions=3), ValueError, "directions must be 1 or 4"),
     (dict(directions=2), ValueError, "directions must be 1 or 4"),
     (dict(cell="lstm"), ValueError, "unknown cell"),
-    (dict(forget_bias=float("nan")), ValueError, "forget_bias must be a finite"),
+    (dict(forget_bias=float("nan")), ValueError, "forget_bias must be finite"),
+    (dict(forget_bias="1"), TypeError, "forget_bias must be a number"),
+    (dict(directions=4.0), ValueError, "directions must be 1 or 4"),
+    (dict(directions=True), ValueError, "directions must be 1 or 4"),
     (dict(dtype=np.int32), TypeError, "float32 or float64"),
     (dict(dtype=np.float16), TypeError, "float32 or float64"),
 ])
@@ -83,6 +86,86 @@ def test_size_errors(args, exc):
         LSTM1D(*args)
 
 
+def test_other_constructor_errors():
+    with pytest.raises(ValueError, match="forget_bias must be finite"):
+        GridLSTM2D(4, 2, forget_bias=np.nan)
+    with pytest.raises(ValueError, match="directions must be 1 or 2"):
+        LSTM1D(2, 3, directions=True)
+    from mdnumba.stack import mdlstm_stack
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match="subsample must be >= 1"):
+            mdlstm_stack(2, 1, 3, layers=2, subsample=bad)
+
+
+def test_arguments_after_the_sizes_are_keyword_only():
+    """``LSTM1D(1, 8, 2)`` would have meant seed=2 and ``MDLSTM2D(1, 8, 4)`` directions=4."""
+    for make in (lambda: LSTM1D(1, 8, 2), lambda: MDLSTM2D(1, 8, 4), lambda: Linear(2, 3, 1),
+                 lambda: GridLSTM2D(4, 2, 7)):
+        with pytest.raises(TypeError, match="positional argument"):
+            make()
+
+
+@pytest.mark.parametrize("x,exc,match", [
+    (np.zeros((2, 3), np.int64), TypeError, "floating-point"),
+    (np.zeros((2, 3), np.complex64), TypeError, "floating-point"),
+    (np.full((2, 3), np.nan), ValueError, "NaN"),
+    (np.zeros((2, 4)), ValueError, "expects 3"),
+])
+def test_linear_checks_its_input(x, exc, match):
+    with pytest.raises(exc, match=match):
+        Linear(3, 2).forward(x)
+
+
+def test_float64_input_beyond_float32_range_says_so(layer):
+    x = np.zeros((1, 2, 2, 3))
+    x[0, 0, 0, 0] = 1e39
+    with pytest.raises(ValueError, match="beyond float32"):
+        layer.forward(x)
+
+
+@pytest.mark.parametrize("make,x,dy", [
+    (lambda: MDModel(hidden=3), np.zeros((2, 3, 4, 1), np.float32), np.zeros((2, 4, 3, 1), np.float32)),
+    (lambda: BlockSubsample(2), np.zeros((1, 2, 4, 3)), np.zeros((1, 2, 1, 12))),
+])
+def test_backward_rejects_a_gradient_of_the_right_size_but_wrong_shape(make, x, dy):
+    m = make()
+    m.forward(x)
+    with pytest.raises(ValueError, match="must have shape"):
+        m.backward(dy)
+
+
+def test_grid_lstm_backward_without_input_grad():
+    grid = GridLSTM2D(3, 2, dtype=np.float64)
+    x = np.random.default_rng(0).standard_normal((2, 4, 3))
+    dh = np.ones((2, 4, 3))
+    grid.forward(x)
+    dx = grid.backward(dh)
+    grads = grid.grads.data.copy()
+    grid.zero_grad()
+    grid.forward(x)
+    assert grid.backward(dh, input_grad=False) is None and dx.shape == x.shape
+    np.testing.assert_array_equal(grid.grads.data, grads)
+
+
+@pytest.mark.parametrize("name,value,match", [
+    ("MDNUMBA_THREADS_PER_BLOCK", "abc", "use an integer in"),
+    ("MDNUMBA_THREADS_PER_BLOCK", "0", "use an integer in"),
+    ("MDNUMBA_FASTMATH", "maybe", "use 1 or 0"),
+])
+def test_bad_environment_settings(monkeypatch, name, value, match):
+    from mdnumba.config import env_flag, env_int
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=f"{name}=.*{match}"):
+        (env_flag if "FASTMATH" in name else env_int)(name, 1)
+
+
+def test_environment_flag_words(monkeypatch):
+    from mdnumba.config import env_flag
+    for word, want in (("yes", True), ("ON", True), ("0", False), ("false", False), ("", True)):
+        monkeypatch.setenv("MDNUMBA_FASTMATH", word)
+        assert env_flag("MDNUMBA_FASTMATH", True) is want
+
+
 def test_lstm1d_rejects_images():
     with pytest.raises(ValueError, match=r"\(batch, time, C\)"):
         LSTM1D(3, 4).forward(np.zeros((1, 2, 2, 3), np.float32))
@@ -94,6 +177,11 @@ def test_adam_errors():
         Adam(layer, lr=0)
     with pytest.raises(ValueError, match="clip_norm"):
         Adam(layer, clip_norm=-1)
+    for kw in (dict(lr=np.inf), dict(eps=0), dict(eps=-1e-8), dict(lr=np.nan)):
+        with pytest.raises(ValueError, match=next(iter(kw)) + " must be a finite number > 0"):
+            Adam(layer, **kw)
+    with pytest.raises(ValueError, match=r"rho must be a number in \[0, 1\), got 1.0"):
+        RMSprop(layer, rho=1.0)
     with pytest.raises(TypeError, match="Adam needs"):
         Adam(42)
     with pytest.raises(ValueError, match="no parameters"):

@@ -74,10 +74,15 @@ def test_extending_a_curriculum_run_trains_the_extension_at_full_size(tmp_path):
     assert again.cfg.curriculum_steps == 4 and again.cfg.size_at(3) == 5
 
 
-def test_a_diverging_loss_stops_before_backward_with_advice():
-    tr = make_trainer(TrainConfig(steps=5, **KW))
-    tr.model.layers[0].params.data[...] = np.nan
-    with pytest.raises(FloatingPointError, match="loss became nan at step 1; lower --lr"):
+@pytest.mark.parametrize("layers,broken,match", [
+    (1, -1, "loss became nan"),  # the readout: logits NaN
+    (1, 0, "activations became NaN or infinite"),  # the MD-LSTM: the readout's input NaN
+    (2, 0, "activations became NaN or infinite"),  # the second MD-LSTM's input NaN
+])
+def test_a_diverging_model_stops_before_backward_with_advice(layers, broken, match):
+    tr = make_trainer(TrainConfig(steps=5, layers=layers, **KW))
+    tr.model.layers[broken].params.data[...] = np.nan
+    with pytest.raises(FloatingPointError, match=match + " at step 1; lower --lr or set --clip-norm"):
         tr.run()
 
 

@@ -702,7 +702,7 @@ def _sweep(coop, diag, args, diag_off_host, rows_per_cell: int, D: int, shmem: i
     """
     path = path or DEFAULT_PATH
     if path not in PATHS:
-        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        raise ValueError(f"path (or MDNUMBA_CUDA_PATH) must be one of {PATHS}, got {path!r}")
     items = np.diff(diag_off_host) * rows_per_cell * D
     K = len(items)
     if path != "per-diagonal" and not (path == "auto" and _state["coop_error"]):
