@@ -107,12 +107,13 @@ def _train_options(f):
                      show_default=True, help="grid/stacked: char-lm models"),
         click.option("--task", type=click.Choice(sorted(TASKS)), default="diagonal", show_default=True),
         click.option("--size", type=click.IntRange(min=1), default=8, show_default=True,
-                     help="image side (diagonal) or number of bits (binary-addition)"),
+                     help="image side (diagonal), volume side (diagonal3d) or number of bits "
+                          "(binary-addition); not used by char-lm"),
         click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True),
         click.option("--hidden", type=click.IntRange(min=1), default=16, show_default=True),
         click.option("--lr", type=float, default=1e-2, show_default=True),
         click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True),
-        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True),
         click.option("--loss", type=click.Choice(["mse", "bce"]), default="mse", show_default=True),
         click.option("--clip-norm", type=float, default=None, help="global gradient-norm clip"),
         click.option("--curriculum", callback=_sizes, default="",
@@ -146,14 +147,42 @@ def _train_options(f):
     return f
 
 
-def _make_trainer(out: Path, **kw):
-    from mdnumba.charlm import CorpusError
-    from mdnumba.train import TrainConfig, make_trainer
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _config(given: dict | None = None, **kw):
+    """The TrainConfig of the options ``kw``: a UsageError for an invalid one, or for options
+    in ``given`` (those typed on the command line) that this run would ignore."""
+    from mdnumba.train import TrainConfig
     cfg = TrainConfig(**kw)
     try:
         cfg.validate()
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    _refuse_inapplicable(cfg, given or {})
+    return cfg
+
+
+def _refuse_inapplicable(cfg, given: dict) -> None:
+    unused = cfg.inapplicable(given)
+    if unused:
+        raise click.UsageError("not used by this run, leave out: " + ", ".join(
+            f"{_option(k)} ({why})" for k, why in unused.items()))
+
+
+def _check_fresh(out: Path, overwrite: bool, default_out: bool) -> None:
+    """Refuse to train over the checkpoint in ``out`` unless ``--overwrite`` (or ``out`` is
+    the default folder, whose name says it holds the latest run)."""
+    from mdnumba.checkpoint import CHECKPOINT
+    if (out / CHECKPOINT).exists() and not (overwrite or default_out):
+        raise click.UsageError(f"{out} already holds a run; continue it with --resume {out}, "
+                               "replace it with --overwrite, or choose another --out")
+
+
+def _make_trainer(out: Path, cfg):
+    from mdnumba.charlm import CorpusError
+    from mdnumba.train import make_trainer
     _require_device(cfg.device)
     _check_writable(out)
     try:
@@ -162,24 +191,44 @@ def _make_trainer(out: Path, **kw):
         raise click.UsageError(str(exc)) from None
 
 
+def _plot_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def _require_matplotlib(what: str) -> None:
+    if not _plot_available():
+        raise click.UsageError(f"{what} needs matplotlib: pip install 'mdnumba[plot]', or "
+                               "leave it out (--no-plot)")
+
+
 @main.command()
 @_train_options
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/latest"),
               show_default=True, help="run folder: log.tsv, checkpoint.npz, config.json, PNGs")
+@click.option("--overwrite", is_flag=True,
+              help="train over the run in --out (only runs/latest, the default, is replaced without it)")
 @click.option("--resume", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="continue the run in this folder (bit-identical); --steps may extend it")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=0,
               help="steps between checkpoints (0: every steps/10)")
 @click.option("--plot/--no-plot", default=False, help="write loss and prediction PNGs")
 @click.pass_context
-def train(ctx, out, resume, checkpoint_every, plot, **kw) -> None:
+def train(ctx, out, overwrite, resume, checkpoint_every, plot, **kw) -> None:
     """Train a model on a generated task; writes log.tsv and a checkpoint."""
     kw["checkpoint_every"] = checkpoint_every
     given = {k: v for k, v in kw.items() if ctx.get_parameter_source(k).name != "DEFAULT"}
+    if plot:
+        _require_matplotlib("--plot")
     if resume is not None:
+        if overwrite or ctx.get_parameter_source("out").name != "DEFAULT":
+            raise click.UsageError("--resume continues the run in its own folder; leave out "
+                                   "--out and --overwrite")
         trainer = _resume_run(resume, given)
     else:
-        trainer = _make_trainer(out, **kw)
+        cfg = _config(given, **kw)
+        _check_fresh(out, overwrite, ctx.get_parameter_source("out").name == "DEFAULT")
+        trainer = _make_trainer(out, cfg)
     _run_with_progress(trainer)
     click.echo(f"done: {trainer.step} steps; log {trainer.out / 'log.tsv'}, checkpoint "
                f"{trainer.out / 'checkpoint.npz'}")
@@ -205,10 +254,11 @@ def _resume_run(folder: Path, given: dict):
     for k, v in given.items():
         have = getattr(trainer.cfg, k)
         if k not in RESUME_OVERRIDES and have != v:
-            raise click.UsageError(f"--{k.replace('_', '-')} {v} differs from the run in {folder} "
-                                   f"({have}); --resume continues a run as it was (it may change "
-                                   f"only {', '.join('--' + o.replace('_', '-') for o in RESUME_OVERRIDES)}"
-                                   "); start a new run with --out for other settings")
+            raise click.UsageError(f"{_option(k)} {v} differs from the run in {folder} ({have}); "
+                                   "--resume continues a run as it was (it may change only "
+                                   f"{', '.join(map(_option, RESUME_OVERRIDES))}); start a new run "
+                                   "with --out for other settings")
+    _refuse_inapplicable(trainer.cfg, given)
     if "steps" in given and trainer.step >= given["steps"]:
         raise click.UsageError(f"the run in {folder} is at step {trainer.step}; --steps must be "
                                f"> {trainer.step} to continue it")
@@ -251,7 +301,7 @@ def _plot_run(trainer) -> None:
 @click.option("--length", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--temperature", type=float, default=0.8, show_default=True)
 @click.option("--prime", default="", help="text to start from (characters of the vocabulary)")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
               help="run on this device instead of the one RUN was trained on")
 def sample(run, length, temperature, prime, seed, device) -> None:
@@ -272,20 +322,24 @@ def sample(run, length, temperature, prime, seed, device) -> None:
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--size", type=click.IntRange(min=1), default=None, help="evaluate at another size")
 @click.option("--batches", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--seed", type=int, default=12345, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=12345, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
               help="run on this device instead of the one RUN was trained on")
 def evaluate(run, size, batches, seed, device) -> None:
     """Reload RUN's checkpoint and report metrics on fresh data."""
     try:
         trainer = _load_run(run, device=device)
+        if size is not None and trainer.cfg.task == "char-lm":
+            raise click.UsageError(f"--size does not apply to {run}, a char-lm run; leave it out")
         metrics = trainer.evaluate(size=size, batches=batches, seed=seed)
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from None
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    click.echo(f"{trainer.cfg.model} on {trainer.cfg.task} (size {size or trainer.cfg.size}, "
-               f"trained {trainer.step} steps at size {trainer.cfg.size})")
+    cfg = trainer.cfg
+    where = "" if cfg.task == "char-lm" else f"size {size or cfg.size}, "
+    trained = "" if cfg.task == "char-lm" else f" at size {cfg.size}"
+    click.echo(f"{cfg.model} on {cfg.task} ({where}trained {trainer.step} steps{trained})")
     _print_metrics(metrics)
 
 
@@ -297,22 +351,33 @@ def evaluate(run, size, batches, seed, device) -> None:
 @click.option("--hidden", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--lr", type=float, default=1e-2, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/compare"),
               show_default=True)
-@click.option("--plot/--no-plot", default=True, help="write compare.png (needs matplotlib)")
-def compare(task, models, out, plot, **kw) -> None:
+@click.option("--overwrite", is_flag=True, help="train over runs already in --out")
+@click.option("--plot/--no-plot", default=True,
+              help="write compare.png (needs matplotlib; by default only if it is installed)")
+@click.pass_context
+def compare(ctx, task, models, out, overwrite, plot, **kw) -> None:
     """Train several models with the same seed and plot their curves together."""
     names = [m.strip() for m in models.split(",") if m.strip()]
     bad = [m for m in names if m not in TASKS[task].models]
     if bad or not names:
         raise click.UsageError(f"--models: {bad or models!r} not valid for {task}; "
                                f"choose from {list(TASKS[task].models)}")
+    if len(set(names)) < len(names):
+        raise click.UsageError(f"--models {models}: each model once")
+    plot = plot and (ctx.get_parameter_source("plot").name != "DEFAULT" or _plot_available())
+    if plot:
+        _require_matplotlib("--plot")
+    configs = {name: _config(model=name, task=task, **kw) for name in names}
+    for name in names:
+        _check_fresh(out / name, overwrite, ctx.get_parameter_source("out").name == "DEFAULT")
     _check_writable(out)
     rows = []
     for name in names:
         click.echo(f"== {name}")
-        trainer = _make_trainer(out / name, model=name, task=task, **kw)
+        trainer = _make_trainer(out / name, configs[name])
         _run_with_progress(trainer)
         rows.append((name, trainer.evaluate(batches=10)))
     cols = list(rows[0][1])
@@ -329,3 +394,5 @@ def compare(task, models, out, plot, **kw) -> None:
         except RuntimeError as exc:
             raise click.ClickException(str(exc)) from None
         click.echo(f"plot: {path}")
+    elif ctx.get_parameter_source("plot").name == "DEFAULT":
+        click.echo("no compare.png: matplotlib is not installed (pip install 'mdnumba[plot]')")

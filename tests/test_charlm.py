@@ -134,6 +134,7 @@ def test_cli_char_lm_train_resume_sample(tmp_path, textfile):
     (["--data", "nope.txt"], "does not exist"),
     (["--data", "TEXT", "--seq-len", "5000"], "--seq-len 5000"),
     (["--data", "TEXT", "--model", "md"], "does not fit task"),
+    (["--data", "TEXT", "--size", "12", "--cell", "stable"], "--size (not for char-lm), --cell (not"),
 ])
 def test_cli_char_lm_bad_input(tmp_path, textfile, extra, message):
     extra = [str(textfile) if e == "TEXT" else e for e in extra]
@@ -165,6 +166,8 @@ def test_char_lm_run_remembers_its_text_from_any_folder(tmp_path, textfile, monk
     assert res.exit_code == 2 and "is not available; pass --data FILE" in res.output, res.output
     res = runner.invoke(main, ["evaluate", str(tmp_path / "r")])
     assert res.exit_code == 2 and "pass --data FILE" in res.output, res.output
+    res = runner.invoke(main, ["evaluate", str(tmp_path / "r"), "--size", "9"])
+    assert res.exit_code == 2 and "--size does not apply" in res.output, res.output
     res = runner.invoke(main, ["train", "--resume", str(tmp_path / "r"), "--steps", "4",
                                "--data", str(moved)])
     assert res.exit_code == 0, res.output

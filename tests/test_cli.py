@@ -94,7 +94,7 @@ def test_corrupt_checkpoint_is_reported_and_kept(runner, tmp_path):
     for args in (["evaluate", str(tmp_path / "run")], ["train", "--resume", str(tmp_path / "run")]):
         res = runner.invoke(main, args)
         assert res.exit_code != 0
-        assert "corrupt" in res.output
+        assert "corrupt" in res.output and "allow_pickle" not in res.output, res.output
     assert ck.read_bytes() == b"garbage"
 
 
@@ -118,8 +118,8 @@ def test_mismatched_checkpoint(runner, tmp_path):
     (["--task", "sudoku"], "'sudoku' is not one of"),
     (["--size", "3"], "must be >= 4"),
     (["--batch", "0"], "0 is not in the range x>=1"),
-    (["--lr", "0"], "--lr must be > 0"),
-    (["--lr", "-1"], "--lr must be > 0"),
+    (["--lr", "0"], "--lr must be a finite number > 0"),
+    (["--lr", "-1"], "--lr must be a finite number > 0"),
     (["--steps", "0"], "0 is not in the range x>=1"),
     (["--model", "lstm"], "does not fit task"),
     (["--curriculum", "8,x"], "comma-separated integers"),
@@ -128,6 +128,11 @@ def test_mismatched_checkpoint(runner, tmp_path):
     (["--model", "md3d"], "does not fit task"),
     (["--cell", "lstm"], "'lstm' is not one of"),
     (["--layers", "0"], "0 is not in the range x>=1"),
+    (["--seed", "-1"], "--seed"),
+    (["--dropout", "0.5"], "not used by this run, leave out: --dropout (char-lm only)"),
+    (["--seq-len", "9", "--data", "x.txt"], "--seq-len (char-lm only), --data (char-lm only)"),
+    (["--sync-every", "9"], "--sync-every (--device cuda only)"),
+    (["--no-tie-depth"], "--tie-depth (char-lm --model grid only)"),
 ])
 def test_bad_options(runner, tmp_path, args, message):
     res = runner.invoke(main, ["train", "--out", str(tmp_path / "r"), *args])
@@ -180,6 +185,8 @@ def test_resume_refuses_options_that_would_change_the_run(runner, tmp_path):
     assert res.exit_code == 2 and "--lr 0.5 differs from the run" in res.output, res.output
     res = runner.invoke(main, ["train", "--resume", str(run), "--steps", "4"])
     assert res.exit_code == 2 and "at step 6; --steps must be > 6" in res.output, res.output
+    res = runner.invoke(main, ["train", "--resume", str(run), "--steps", "8", "--out", str(tmp_path / "b")])
+    assert res.exit_code == 2 and "leave out --out" in res.output, res.output
     assert json.loads((run / "config.json").read_text())["config"]["steps"] == 6
     res = runner.invoke(main, ["train", "--resume", str(run), "--steps", "7", "--size", "5",
                                "--checkpoint-every", "1"])  # the run's own value is no change
@@ -195,3 +202,55 @@ def test_resume_with_unusable_cuda_names_the_option(runner, tmp_path):
                                "--device", "cuda"])
     assert res.exit_code == 2 and "--device cuda is not available" in res.output, res.output
     assert "trained with" not in res.output
+
+
+def test_train_refuses_to_overwrite_a_run(runner, tmp_path):
+    run = tmp_path / "run"
+    assert train(runner, run).exit_code == 0
+    before = (run / "checkpoint.npz").read_bytes()
+    res = train(runner, run, "--seed", "3")
+    assert res.exit_code == 2 and "already holds a run; continue it with --resume" in res.output
+    assert (run / "checkpoint.npz").read_bytes() == before
+    res = train(runner, run, "--seed", "3", "--overwrite")
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "config.json").read_text())["config"]["seed"] == 3
+
+
+def test_default_out_is_replaced(runner, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--size", "4", "--batch", "2", "--hidden", "2", "--steps", "2"]
+    for seed in ("1", "2"):
+        res = runner.invoke(main, args + ["--seed", seed])
+        assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "runs/latest/config.json").read_text())["config"]["seed"] == 2
+
+
+def test_plot_without_matplotlib_stops_before_training(runner, tmp_path, monkeypatch):
+    import mdnumba.cli.main as cli
+    monkeypatch.setattr(cli, "_plot_available", lambda: False)
+    res = train(runner, tmp_path / "run", "--plot")
+    assert res.exit_code == 2 and "--plot needs matplotlib" in res.output, res.output
+    assert not (tmp_path / "run" / "log.tsv").exists()
+    res = runner.invoke(main, ["compare", "--models", "md", "--size", "4", "--batch", "2", "--hidden", "2",
+                               "--steps", "2", "--out", str(tmp_path / "cmp")])
+    assert res.exit_code == 0 and "no compare.png: matplotlib is not installed" in res.output, res.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--lr", "-1"], "--lr must be a finite number > 0"),
+    (["--models", "md,md"], "each model once"),
+    (["--seed", "-2"], "--seed"),
+])
+def test_compare_checks_options_before_creating_anything(runner, tmp_path, args, message):
+    res = runner.invoke(main, ["compare", "--out", str(tmp_path / "cmp"), *args])
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert "==" not in res.output and not (tmp_path / "cmp").exists()
+
+
+def test_compare_refuses_to_overwrite(runner, tmp_path):
+    args = ["compare", "--models", "md", "--size", "4", "--batch", "2", "--hidden", "2", "--steps", "2",
+            "--no-plot", "--out", str(tmp_path)]
+    assert runner.invoke(main, args).exit_code == 0
+    res = runner.invoke(main, args)
+    assert res.exit_code == 2 and "already holds a run" in res.output, res.output
+    assert runner.invoke(main, args + ["--overwrite"]).exit_code == 0
