@@ -50,7 +50,8 @@ def collect_info() -> dict[str, str]:
         "numpy": np.__version__,
         "numba": numba.__version__,
         "numba threads": f"{numba.get_num_threads()} (threading layer: "
-                         f"{numba.config.THREADING_LAYER})",
+                         f"{numba.config.THREADING_LAYER}; GOMP_SPINCOUNT="
+                         f"{os.environ.get('GOMP_SPINCOUNT', 'unset')}, see README 'Two jobs')",
         "default dtype": np.dtype(config.DEFAULT_DTYPE).name,
         "fastmath": str(config.FASTMATH),
         "cuda": cuda_status(),
