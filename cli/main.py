@@ -14,6 +14,9 @@ from mdnumba.info import collect_info
 from mdnumba.models import MODELS
 from mdnumba.tasks import TASKS
 
+#: default run folders of train and compare: replaced without --overwrite (they hold "the latest")
+DEFAULT_OUT, COMPARE_OUT = Path("runs/latest"), Path("runs/compare")
+
 
 def _sizes(ctx, param, value):
     """Parse ``8,16`` into a tuple of ints."""
@@ -151,16 +154,21 @@ def _option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _value(v: object) -> str:
+    """An option's value as it is typed (``8,16`` for a curriculum)."""
+    return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+
 def _config(given: dict | None = None, **kw):
     """The TrainConfig of the options ``kw``: a UsageError for an invalid one, or for options
     in ``given`` (those typed on the command line) that this run would ignore."""
     from mdnumba.train import TrainConfig
     cfg = TrainConfig(**kw)
+    _refuse_inapplicable(cfg, given or {})  # first: an ignored option need not be valid
     try:
         cfg.validate()
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    _refuse_inapplicable(cfg, given or {})
     return cfg
 
 
@@ -171,24 +179,34 @@ def _refuse_inapplicable(cfg, given: dict) -> None:
             f"{_option(k)} ({why})" for k, why in unused.items()))
 
 
-def _check_fresh(out: Path, overwrite: bool, default_out: bool) -> None:
-    """Refuse to train over the checkpoint in ``out`` unless ``--overwrite`` (or ``out`` is
-    the default folder, whose name says it holds the latest run)."""
+#: files a run folder holds (besides the checkpoint); --overwrite removes them first
+RUN_FILES = ("log.tsv", "config.json", "loss.png", "predictions.png")
+
+
+def _check_fresh(out: Path, overwrite: bool, default: Path) -> None:
+    """Refuse to train over the run in ``out`` unless ``--overwrite`` (or ``out`` is the
+    command's ``default`` folder, whose name says it holds the latest run); the run's files
+    go first, so that none of the old run is left beside the new one."""
     from mdnumba.checkpoint import CHECKPOINT
-    if (out / CHECKPOINT).exists() and not (overwrite or default_out):
+    if not (out / CHECKPOINT).exists():
+        return
+    if not (overwrite or out.resolve() == default.resolve()):
         raise click.UsageError(f"{out} already holds a run; continue it with --resume {out}, "
                                "replace it with --overwrite, or choose another --out")
+    for name in (CHECKPOINT,) + RUN_FILES:
+        (out / name).unlink(missing_ok=True)
 
 
 def _make_trainer(out: Path, cfg):
     from mdnumba.charlm import CorpusError
     from mdnumba.train import make_trainer
     _require_device(cfg.device)
-    _check_writable(out)
     try:
-        return make_trainer(cfg, out)
+        trainer = make_trainer(cfg, out)  # reads a char-lm text: its errors come before mkdir
     except CorpusError as exc:
         raise click.UsageError(str(exc)) from None
+    _check_writable(out)
+    return trainer
 
 
 def _plot_available() -> bool:
@@ -204,10 +222,10 @@ def _require_matplotlib(what: str) -> None:
 
 @main.command()
 @_train_options
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/latest"),
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT,
               show_default=True, help="run folder: log.tsv, checkpoint.npz, config.json, PNGs")
 @click.option("--overwrite", is_flag=True,
-              help="train over the run in --out (only runs/latest, the default, is replaced without it)")
+              help="replace the run in --out (runs/latest is replaced without it)")
 @click.option("--resume", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="continue the run in this folder (bit-identical); --steps may extend it")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=0,
@@ -227,8 +245,8 @@ def train(ctx, out, overwrite, resume, checkpoint_every, plot, **kw) -> None:
         trainer = _resume_run(resume, given)
     else:
         cfg = _config(given, **kw)
-        _check_fresh(out, overwrite, ctx.get_parameter_source("out").name == "DEFAULT")
         trainer = _make_trainer(out, cfg)
+        _check_fresh(out, overwrite, DEFAULT_OUT)
     _run_with_progress(trainer)
     click.echo(f"done: {trainer.step} steps; log {trainer.out / 'log.tsv'}, checkpoint "
                f"{trainer.out / 'checkpoint.npz'}")
@@ -254,12 +272,13 @@ def _resume_run(folder: Path, given: dict):
     for k, v in given.items():
         have = getattr(trainer.cfg, k)
         if k not in RESUME_OVERRIDES and have != v:
-            raise click.UsageError(f"{_option(k)} {v} differs from the run in {folder} ({have}); "
+            raise click.UsageError(f"{_option(k)} {_value(v)} differs from the run in {folder} "
+                                   f"({_value(have)}); "
                                    "--resume continues a run as it was (it may change only "
                                    f"{', '.join(map(_option, RESUME_OVERRIDES))}); start a new run "
                                    "with --out for other settings")
     _refuse_inapplicable(trainer.cfg, given)
-    if "steps" in given and trainer.step >= given["steps"]:
+    if trainer.step >= trainer.cfg.steps:
         raise click.UsageError(f"the run in {folder} is at step {trainer.step}; --steps must be "
                                f"> {trainer.step} to continue it")
     _check_writable(folder)
@@ -275,9 +294,10 @@ def _load_run(folder: Path, **overrides):
     try:
         return Trainer.load(folder, **overrides)
     except CudaUnavailableError as exc:
-        why = "--device cuda is not available" if overrides.get("device") else \
-            f"{folder} was trained with --device cuda"
-        raise click.UsageError(f"{why}: " + str(exc).replace("device='cpu'", "--device cpu")) from None
+        msg = str(exc).replace("device='cuda'", "--device cuda").replace("device='cpu'", "--device cpu")
+        if not overrides.get("device"):
+            msg = f"{folder} was trained with --device cuda: {msg}"
+        raise click.UsageError(msg) from None
 
 
 def _plot_run(trainer) -> None:
@@ -308,7 +328,7 @@ def sample(run, length, temperature, prime, seed, device) -> None:
     """Generate text from RUN's char-lm checkpoint."""
     from mdnumba.charlm import CorpusError
     try:
-        trainer = _load_run(run, device=device)
+        trainer = _load_run(run, device=device, read_text=False)
         if trainer.cfg.task != "char-lm":
             raise click.UsageError(f"{run} holds a {trainer.cfg.task} run; sample needs a char-lm run")
         click.echo(trainer.generate(length, temperature, seed=seed, prime=prime))
@@ -325,12 +345,16 @@ def sample(run, length, temperature, prime, seed, device) -> None:
 @click.option("--seed", type=click.IntRange(min=0), default=12345, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
               help="run on this device instead of the one RUN was trained on")
-def evaluate(run, size, batches, seed, device) -> None:
+@click.option("--data", type=click.Path(path_type=str), default=None,
+              help="char-lm: validate on this text (default: the run's)")
+def evaluate(run, size, batches, seed, device, data) -> None:
     """Reload RUN's checkpoint and report metrics on fresh data."""
     try:
-        trainer = _load_run(run, device=device)
+        trainer = _load_run(run, device=device, data=data)
         if size is not None and trainer.cfg.task == "char-lm":
             raise click.UsageError(f"--size does not apply to {run}, a char-lm run; leave it out")
+        if data is not None and trainer.cfg.task != "char-lm":
+            raise click.UsageError(f"--data applies to char-lm runs only, {run} is a {trainer.cfg.task} run")
         metrics = trainer.evaluate(size=size, batches=batches, seed=seed)
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from None
@@ -352,9 +376,10 @@ def evaluate(run, size, batches, seed, device) -> None:
 @click.option("--lr", type=float, default=1e-2, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/compare"),
-              show_default=True)
-@click.option("--overwrite", is_flag=True, help="train over runs already in --out")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=COMPARE_OUT,
+              show_default=True, help="one run folder per model, summary.tsv, compare.png")
+@click.option("--overwrite", is_flag=True,
+              help="replace runs already in --out (runs/compare is replaced without it)")
 @click.option("--plot/--no-plot", default=True,
               help="write compare.png (needs matplotlib; by default only if it is installed)")
 @click.pass_context
@@ -371,13 +396,14 @@ def compare(ctx, task, models, out, overwrite, plot, **kw) -> None:
     if plot:
         _require_matplotlib("--plot")
     configs = {name: _config(model=name, task=task, **kw) for name in names}
-    for name in names:
-        _check_fresh(out / name, overwrite, ctx.get_parameter_source("out").name == "DEFAULT")
     _check_writable(out)
+    trainers = {name: _make_trainer(out / name, cfg) for name, cfg in configs.items()}
+    for name in names:
+        _check_fresh(out / name, overwrite, COMPARE_OUT / name)
     rows = []
     for name in names:
         click.echo(f"== {name}")
-        trainer = _make_trainer(out / name, configs[name])
+        trainer = trainers[name]
         _run_with_progress(trainer)
         rows.append((name, trainer.evaluate(batches=10)))
     cols = list(rows[0][1])

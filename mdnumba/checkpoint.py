@@ -25,6 +25,13 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt or does not match the model."""
 
 
+def _umask() -> int:
+    """The process umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Call ``write(fileobj)`` on a temp file beside ``path``, fsync, rename over ``path``."""
     path = Path(path)
@@ -33,6 +40,7 @@ def atomic_write_bytes(path: Path, write: Callable[[BinaryIO], None]) -> None:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
+            os.fchmod(fh.fileno(), 0o666 & ~_umask())  # mkstemp makes it 0600
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -7,6 +7,7 @@ import math
 import numpy as np
 from numba import njit
 
+from ._validate import check_finite_number
 from .config import NJIT_OPTS
 from .params import ParamBuffer
 
@@ -79,6 +80,8 @@ class Adam:
 
     def __init__(self, layers_or_params: object, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, clip_norm: float | None = None):
+        for name, value in (("lr", lr), ("eps", eps)) + ((("clip_norm", clip_norm),) if clip_norm else ()):
+            check_finite_number(value, name)  # a TypeError for strings and bools
         if not 0 < lr < np.inf:
             raise ValueError(f"lr must be a finite number > 0, got {lr}")
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):

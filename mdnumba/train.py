@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -40,17 +41,13 @@ def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
         if pressed:
             raise KeyboardInterrupt
         pressed.append(True)
+        sys.stderr.write("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again "
+                         "stops at once without saving)\n")
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         yield lambda: bool(pressed)
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def check_loss(loss: float, step: int) -> None:
-    """Raise FloatingPointError, saying what to change, when ``loss`` is NaN or infinite."""
-    if not np.isfinite(loss):
-        raise FloatingPointError(f"loss became {loss} at step {step}; lower --lr or set --clip-norm")
 
 
 @dataclass
@@ -185,10 +182,10 @@ class Trainer:
         batch = self.sample_batch(self.rng, self.cfg.size_at(self.step))
         logits = self._forward(batch.x)
         loss, dlogits, prob = self.loss_fn(logits, batch.y)
-        check_loss(loss, self.step + 1)
+        self._check_loss(loss, self.step + 1)
         self.model.zero_grad()
         self.model.backward(dlogits, input_grad=False)  # parameter gradients only
-        self.opt.step()
+        self._optimizer_step()
         self.step += 1
         metrics = self.task.metrics(prob, loss, batch)
         metrics["time"] = time.perf_counter() - t0
@@ -200,8 +197,29 @@ class Trainer:
         try:
             return self.model.forward(*args)
         except NonFiniteError:
-            raise FloatingPointError(f"the activations became NaN or infinite at step {self.step + 1}; "
-                                     "lower --lr or set --clip-norm") from None
+            raise self._diverged("the activations", self.step + 1) from None
+
+    def _optimizer_step(self) -> None:
+        """``opt.step()``; non-finite gradients stop the run with :meth:`_diverged`'s advice."""
+        try:
+            self.opt.step()
+        except FloatingPointError:
+            raise self._diverged("the gradients", self.step + 1) from None
+
+    def _check_loss(self, loss: float, step: int) -> None:
+        if not np.isfinite(loss):
+            raise self._diverged("the loss", step)
+
+    def _diverged(self, what: str, step: int) -> FloatingPointError:
+        """The error for a run whose ``what`` became NaN/inf at ``step``: which checkpoint is
+        kept and what to change (the settings that help, of those not in use)."""
+        cfg = self.cfg
+        tips = ["lower --lr"] + ([] if cfg.clip_norm else ["set --clip-norm"])
+        if cfg.cell == "graves" and cfg.model in ("md", "md3d"):
+            tips.append("use --cell stable (bounded state on large grids)")
+        kept = "" if self.saved_step is None else f" (the checkpoint of step {self.saved_step} is kept)"
+        advice = ", ".join(tips[:-1]) + (" or " if len(tips) > 1 else "") + tips[-1]
+        return FloatingPointError(f"{what} became NaN or infinite at step {step}{kept}; {advice}")
 
     def _train_block(self, n: int) -> list[dict[str, float]]:
         """Run up to ``n`` steps and return their metrics (the device trainer reads the GPU
@@ -230,7 +248,7 @@ class Trainer:
                 if self.out:  # blocks end at checkpoints
                     n = min(n, every - start % every)
                 for step, m in enumerate(self._train_block(n), start + 1):
-                    check_loss(m["loss"], step)
+                    self._check_loss(m["loss"], step)
                     if log:
                         log.write(self._log_line(step, m))
                     if on_step:
@@ -294,13 +312,14 @@ class Trainer:
         self.model.layers[k].params.data[...] = values
 
     @classmethod
-    def load(cls, folder: Path, **overrides) -> Trainer:
+    def load(cls, folder: Path, *, read_text: bool = True, **overrides) -> Trainer:
         """Rebuild a trainer (of the class its task needs) from ``folder``; ``overrides`` may
-        change e.g. ``steps``."""
+        change e.g. ``steps``. ``read_text=False``: a char-LM run keeps to its checkpoint's
+        vocabulary and does not read its text (enough to sample)."""
         arrays, meta = load_checkpoint(folder)
         cfg = _checkpoint_config(folder, meta, overrides)
+        tr = make_trainer(cfg, folder, restore=meta, read_text=read_text)
         try:
-            tr = make_trainer(cfg, folder, restore=meta)
             n = len(tr.model.layers)
             for k, want in enumerate(tr._host_params()):
                 src = arrays[f"param_{k}"]
@@ -312,9 +331,12 @@ class Trainer:
                                     "v": [arrays[f"adam_v_{k}"] for k in range(n)]})
             tr.rng.bit_generator.state = meta["rng"]
             tr.step = tr.saved_step = int(meta["step"])
-        except (KeyError, TypeError) as exc:
-            raise CheckpointError(f"checkpoint in {folder} is incomplete or from another "
-                                  f"version (missing {exc}); start a new run") from None
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            what = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise CheckpointError(f"checkpoint in {folder} is incomplete, damaged or from another "
+                                  f"version ({what}); start a new run") from None
         return tr
 
     # ------------------------------------------------------------ evaluate
@@ -343,8 +365,8 @@ def _checkpoint_config(folder: Path, meta: dict, overrides: dict) -> TrainConfig
         extra = sorted(set(raw) - known) if isinstance(raw, dict) else "not a mapping"
         raise CheckpointError(f"checkpoint in {folder} has a config this mdnumba version does not "
                               f"know ({extra}); use the version that wrote it or start a new run")
-    raw = dict(raw, curriculum=tuple(raw.get("curriculum") or ()))
     try:
+        raw = dict(raw, curriculum=tuple(raw.get("curriculum") or ()))
         TrainConfig(**raw).validate()
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"checkpoint in {folder} holds an invalid config ({exc}); "
@@ -355,13 +377,17 @@ def _checkpoint_config(folder: Path, meta: dict, overrides: dict) -> TrainConfig
     return TrainConfig(**{**raw, **overrides})
 
 
-def make_trainer(cfg: TrainConfig, out: Path | None = None, restore: dict | None = None) -> Trainer:
+def make_trainer(cfg: TrainConfig, out: Path | None = None, restore: dict | None = None,
+                 read_text: bool = True) -> Trainer:
     """The trainer for ``cfg``: :class:`Trainer`, the device-resident one for ``device="cuda"``
     (:class:`mdnumba.train_device.DeviceTrainer`) or the char-LM one; ``restore`` is the
-    metadata of a checkpoint being resumed (the char-LM trainer takes its vocabulary)."""
+    metadata of a checkpoint being resumed (the char-LM trainer takes its vocabulary and
+    last validation metrics; ``read_text=False``: it does not read the text)."""
     if cfg.task == "char-lm":
         from .train_charlm import CharLMTrainer
-        return CharLMTrainer(cfg, out, vocab=(restore or {}).get("vocab"))
+        restore = restore or {}
+        return CharLMTrainer(cfg, out, vocab=restore.get("vocab"), val=restore.get("val"),
+                             read_text=read_text)
     if cfg.device == "cuda":
         from .train_device import DeviceTrainer
         return DeviceTrainer(cfg, out)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .charlm import BITS_PER_NAT, CharLM, Corpus, sample_text, softmax_xent
-from .train import TrainConfig, Trainer, check_loss
+from .train import TrainConfig, Trainer
 
 
 class CharLMTrainer(Trainer):
@@ -25,9 +25,11 @@ class CharLMTrainer(Trainer):
     #: validation batches per evaluation and steps between evaluations
     EVAL_BATCHES, EVAL_EVERY = 4, 50
 
-    def __init__(self, cfg: TrainConfig, out: Path | None = None, vocab: list | None = None):
+    def __init__(self, cfg: TrainConfig, out: Path | None = None, vocab: list | None = None,
+                 val: dict | None = None, read_text: bool = True):
         self._vocab = vocab  # a resumed run's vocabulary (None: build it from the text)
-        self._val: dict[str, float] = {}
+        self._val: dict[str, float] = dict(val or {})  # the last validation metrics logged
+        self._read_text = read_text or vocab is None
         super().__init__(cfg, out)
 
     def _build_model(self) -> CharLM:
@@ -36,7 +38,7 @@ class CharLMTrainer(Trainer):
         sample), then the grid or stacked model over its vocabulary."""
         cfg = self.cfg
         cfg.data = str(Path(cfg.data).expanduser().resolve())
-        if self._vocab is not None and not Path(cfg.data).exists():
+        if not self._read_text or (self._vocab is not None and not Path(cfg.data).exists()):
             self.corpus = Corpus.from_vocab(self._vocab, source=f"--data {cfg.data}")
         else:
             self.corpus = Corpus.from_file(cfg.data, vocab=self._vocab)
@@ -55,10 +57,10 @@ class CharLMTrainer(Trainer):
         t0 = time.perf_counter()
         x, y = self.corpus.batch(self.rng, "train", self.cfg.batch, self.cfg.seq_len)
         loss, dlogits, _ = softmax_xent(self._forward(x, self.rng if self.cfg.dropout else None), y)
-        check_loss(loss, self.step + 1)
+        self._check_loss(loss, self.step + 1)
         self.model.zero_grad()
         self.model.backward(dlogits)
-        self.opt.step()
+        self._optimizer_step()
         self.step += 1
         if not self._val or self.step % self.EVAL_EVERY == 0 or self.step == self.cfg.steps:
             self._val = self.evaluate(batches=self.EVAL_BATCHES)
@@ -80,4 +82,6 @@ class CharLMTrainer(Trainer):
                            prime, window=self.cfg.seq_len)
 
     def _extra_meta(self) -> dict:
-        return {"vocab": self.corpus.vocab}
+        """The vocabulary and the validation metrics the log repeats until the next evaluation
+        (a resumed run logs what an uninterrupted one would)."""
+        return {"vocab": self.corpus.vocab, "val": self._val}

@@ -31,7 +31,6 @@ from ._validate import check_array, check_shape
 from .backend_cuda import DEVICE_OPTIMIZERS, CudaLinear, CudaLSTM, HostOrDevice, require_cuda
 from .layers import WavefrontLSTM
 from .models import RecurrentReadout
-from .optim import NONFINITE_GRADIENT
 from .stack import LayerGroup, backward_stages
 from .train import TrainConfig, Trainer
 
@@ -193,7 +192,7 @@ class DeviceTrainer(Trainer):
         """The task's metrics from the probed probabilities ``values`` at flat ``index``
         (placed into an otherwise empty array)."""
         if not np.isfinite(norm):
-            raise FloatingPointError(f"{NONFINITE_GRADIENT} (step {step})")
+            raise self._diverged("the gradients", step)
         prob = np.zeros(batch.y.shape, dtype=values.dtype)
         prob.reshape(-1)[index] = values
         m = self.task.metrics(prob, float(loss), batch)

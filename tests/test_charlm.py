@@ -158,6 +158,10 @@ def test_char_lm_run_remembers_its_text_from_any_folder(tmp_path, textfile, monk
     monkeypatch.chdir(elsewhere)
     res = runner.invoke(main, ["train", "--resume", str(tmp_path / "r"), "--steps", "3"])
     assert res.exit_code == 0, res.output
+    with textfile.open("a") as fh:  # sample reads only the checkpoint
+        fh.write("Ω€")
+    res = runner.invoke(main, ["sample", str(tmp_path / "r"), "--length", "10"])
+    assert res.exit_code == 0, res.output
     moved = tmp_path / "moved.txt"
     textfile.rename(moved)
     res = runner.invoke(main, ["sample", str(tmp_path / "r"), "--length", "10", "--prime", "the"])
@@ -168,6 +172,41 @@ def test_char_lm_run_remembers_its_text_from_any_folder(tmp_path, textfile, monk
     assert res.exit_code == 2 and "pass --data FILE" in res.output, res.output
     res = runner.invoke(main, ["evaluate", str(tmp_path / "r"), "--size", "9"])
     assert res.exit_code == 2 and "--size does not apply" in res.output, res.output
+    moved.write_text(TEXT)
+    res = runner.invoke(main, ["evaluate", str(tmp_path / "r"), "--data", str(moved)])
+    assert res.exit_code == 0 and "val_bpc" in res.output, res.output
     res = runner.invoke(main, ["train", "--resume", str(tmp_path / "r"), "--steps", "4",
                                "--data", str(moved)])
     assert res.exit_code == 0, res.output
+
+
+def test_char_lm_resumed_after_ctrl_c_logs_what_an_uninterrupted_run_logs(tmp_path, textfile, monkeypatch):
+    """The validation metrics the log repeats between evaluations are in the checkpoint."""
+    import signal
+
+    from mdnumba.train_charlm import CharLMTrainer
+    cfg = dict(model="stacked", task="char-lm", data=str(textfile), hidden=4, seq_len=8, batch=2,
+               steps=60, checkpoint_every=60)
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+    make_trainer(TrainConfig(**cfg), tmp_path / "a").run()
+    real = CharLMTrainer.train_step
+
+    def step(self):
+        if self.step == 29:
+            signal.raise_signal(signal.SIGINT)
+        return real(self)
+    monkeypatch.setattr(CharLMTrainer, "train_step", step)
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(TrainConfig(**cfg), tmp_path / "b").run()
+    monkeypatch.undo()
+    from mdnumba.train import Trainer
+    tr = Trainer.load(tmp_path / "b")
+    assert tr.step == 30
+    tr.run()
+
+    def logged(run):  # every column but the step time
+        rows = [r.split("\t") for r in (tmp_path / run / "log.tsv").read_text().splitlines()]
+        keep = [k for k, c in enumerate(rows[0]) if c not in ("time", "chars_per_s")]
+        return [[r[k] for k in keep] for r in rows]
+    assert logged("a") == logged("b")

@@ -35,6 +35,8 @@ def test_train_writes_log_and_checkpoint(runner, tmp_path):
     meta = json.loads((tmp_path / "run" / "config.json").read_text())
     assert meta["step"] == 6 and meta["config"]["size"] == 5
     assert not [p for p in os.listdir(tmp_path / "run") if p.endswith(".tmp")]
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "run").iterdir()}
+    assert modes["checkpoint.npz"] == modes["config.json"] == modes["log.tsv"], modes  # umask's
 
 
 @pytest.mark.parametrize("extra", [[], ["--cell", "stable", "--directions", "4", "--layers", "2"],
@@ -133,6 +135,7 @@ def test_mismatched_checkpoint(runner, tmp_path):
     (["--seq-len", "9", "--data", "x.txt"], "--seq-len (char-lm only), --data (char-lm only)"),
     (["--sync-every", "9"], "--sync-every (--device cuda only)"),
     (["--no-tie-depth"], "--tie-depth (char-lm --model grid only)"),
+    (["--task", "char-lm", "--model", "stacked", "--curriculum", "20"], "--curriculum (not for char-lm)"),
 ])
 def test_bad_options(runner, tmp_path, args, message):
     res = runner.invoke(main, ["train", "--out", str(tmp_path / "r"), *args])
@@ -254,3 +257,75 @@ def test_compare_refuses_to_overwrite(runner, tmp_path):
     res = runner.invoke(main, args)
     assert res.exit_code == 2 and "already holds a run" in res.output, res.output
     assert runner.invoke(main, args + ["--overwrite"]).exit_code == 0
+
+
+def test_resume_of_a_finished_run_asks_for_more_steps(runner, tmp_path):
+    assert train(runner, tmp_path / "run").exit_code == 0
+    res = runner.invoke(main, ["train", "--resume", str(tmp_path / "run")])
+    assert res.exit_code == 2 and "at step 6; --steps must be > 6" in res.output, res.output
+
+
+def test_resume_messages_show_values_as_typed(runner, tmp_path):
+    assert train(runner, tmp_path / "run", "--curriculum", "4").exit_code == 0
+    res = runner.invoke(main, ["train", "--resume", str(tmp_path / "run"), "--steps", "9",
+                               "--curriculum", "4,5"])
+    assert res.exit_code == 2 and "--curriculum 4,5 differs from the run in" in res.output, res.output
+    assert "(4); --resume" in res.output
+
+
+def test_overwrite_removes_the_old_runs_files(runner, tmp_path):
+    run = tmp_path / "run"
+    assert train(runner, run).exit_code == 0
+    (run / "predictions.png").write_bytes(b"old plot")
+    res = runner.invoke(main, ["train", "--model", "md3d", "--task", "diagonal3d", "--size", "4",
+                               "--batch", "2", "--hidden", "2", "--steps", "2", "--out", str(run),
+                               "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert not (run / "predictions.png").exists()
+    assert json.loads((run / "config.json").read_text())["config"]["model"] == "md3d"
+
+
+def test_the_default_out_given_explicitly_is_replaced_too(runner, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--size", "4", "--batch", "2", "--hidden", "2", "--steps", "2", "--out", "runs/latest"]
+    assert runner.invoke(main, args).exit_code == 0
+    res = runner.invoke(main, args)
+    assert res.exit_code == 0, res.output
+
+
+def test_compare_checks_every_run_folder_before_training(runner, tmp_path):
+    (tmp_path / "horizontal").write_text("a file where a run folder should go")
+    res = runner.invoke(main, ["compare", "--models", "md,horizontal", "--size", "4", "--batch", "2",
+                               "--hidden", "2", "--steps", "2", "--no-plot", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "not writable" in res.output, res.output
+    assert "==" not in res.output and not (tmp_path / "md" / "log.tsv").exists()
+
+
+def test_a_text_error_creates_no_run_folder(runner, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    res = runner.invoke(main, ["train", "--task", "char-lm", "--model", "stacked", "--data", str(empty),
+                               "--out", str(tmp_path / "lm")])
+    assert res.exit_code == 2 and "empty" in res.output, res.output
+    assert not (tmp_path / "lm").exists()
+
+
+@pytest.mark.parametrize("key,value", [("curriculum", 8), ("hidden", "many")])
+def test_a_hand_edited_checkpoint_config_is_reported(runner, tmp_path, key, value):
+    from mdnumba.checkpoint import load_checkpoint, save_checkpoint
+    assert train(runner, tmp_path / "run").exit_code == 0
+    arrays, meta = load_checkpoint(tmp_path / "run")
+    meta["config"][key] = value
+    save_checkpoint(tmp_path / "run", arrays, meta)
+    res = runner.invoke(main, ["evaluate", str(tmp_path / "run")])
+    assert res.exit_code == 1 and "invalid config" in res.output and "Traceback" not in res.output
+
+
+def test_a_hand_edited_checkpoint_step_is_reported(runner, tmp_path):
+    from mdnumba.checkpoint import load_checkpoint, save_checkpoint
+    assert train(runner, tmp_path / "run").exit_code == 0
+    arrays, meta = load_checkpoint(tmp_path / "run")
+    meta["step"] = "abc"
+    save_checkpoint(tmp_path / "run", arrays, meta)
+    res = runner.invoke(main, ["evaluate", str(tmp_path / "run")])
+    assert res.exit_code == 1 and "damaged" in res.output, res.output

@@ -178,7 +178,10 @@ def test_adam_errors():
     with pytest.raises(ValueError, match="clip_norm"):
         Adam(layer, clip_norm=-1)
     for kw in (dict(lr=np.inf), dict(eps=0), dict(eps=-1e-8), dict(lr=np.nan)):
-        with pytest.raises(ValueError, match=next(iter(kw)) + " must be a finite number > 0"):
+        with pytest.raises(ValueError, match=next(iter(kw)) + " must be .*finite"):
+            Adam(layer, **kw)
+    for kw in (dict(lr="0.1"), dict(lr=True), dict(eps="1e-8"), dict(clip_norm="1")):
+        with pytest.raises(TypeError, match=next(iter(kw)) + " must be a number"):
             Adam(layer, **kw)
     with pytest.raises(ValueError, match=r"rho must be a number in \[0, 1\), got 1.0"):
         RMSprop(layer, rho=1.0)

@@ -74,15 +74,30 @@ def test_extending_a_curriculum_run_trains_the_extension_at_full_size(tmp_path):
     assert again.cfg.curriculum_steps == 4 and again.cfg.size_at(3) == 5
 
 
-@pytest.mark.parametrize("layers,broken,match", [
-    (1, -1, "loss became nan"),  # the readout: logits NaN
-    (1, 0, "activations became NaN or infinite"),  # the MD-LSTM: the readout's input NaN
-    (2, 0, "activations became NaN or infinite"),  # the second MD-LSTM's input NaN
+@pytest.mark.parametrize("layers,broken,what", [
+    (1, -1, "loss"),  # the readout: logits NaN
+    (1, 0, "activations"),  # the MD-LSTM: the readout's input NaN
+    (2, 0, "activations"),  # the second MD-LSTM's input NaN
 ])
-def test_a_diverging_model_stops_before_backward_with_advice(layers, broken, match):
+def test_a_diverging_model_stops_before_backward_with_advice(layers, broken, what):
     tr = make_trainer(TrainConfig(steps=5, layers=layers, **KW))
     tr.model.layers[broken].params.data[...] = np.nan
-    with pytest.raises(FloatingPointError, match=match + " at step 1; lower --lr or set --clip-norm"):
+    with pytest.raises(FloatingPointError, match=f"the {what} became NaN or infinite at step 1; lower "
+                                                 r"--lr, set --clip-norm or use --cell stable \("):
+        tr.run()
+
+
+def test_non_finite_gradients_name_the_step_the_kept_checkpoint_and_unused_remedies(tmp_path):
+    tr = make_trainer(TrainConfig(steps=6, checkpoint_every=2, clip_norm=1.0, cell="stable", **KW), tmp_path)
+    real = tr.model.backward
+
+    def backward(*args, **kw):  # NaN gradients from step 3 on
+        real(*args, **kw)
+        if tr.step >= 2:
+            tr.model.layers[0].grads.data[0] = np.nan
+    tr.model.backward = backward
+    with pytest.raises(FloatingPointError, match=r"^the gradients became NaN or infinite at step 3 "
+                                                 r"\(the checkpoint of step 2 is kept\); lower --lr$"):
         tr.run()
 
 
