@@ -352,8 +352,9 @@ class CudaLinear(DeviceLayer):
         y = y.reshape(self._shape[:-1] + (self.out_features,))
         return y.copy_to_host() if host_in else y
 
-    def backward(self, dy: HostOrDevice) -> HostOrDevice:
-        """``[dW; db] += [xᵀ; 1ᵀ] dy`` (one GEMM: W then b is the flat layout); return ``dx = dy Wᵀ``."""
+    def backward(self, dy: HostOrDevice, input_grad: bool = True) -> HostOrDevice | None:
+        """``[dW; db] += [xᵀ; 1ᵀ] dy`` (one GEMM: W then b is the flat layout); return ``dx = dy Wᵀ``
+        (None with ``input_grad=False``)."""
         if self._x is None:
             raise RuntimeError("backward() called before forward(); run forward(x) first")
         want = self._shape[:-1] + (self.out_features,)
@@ -363,6 +364,8 @@ class CudaLinear(DeviceLayer):
         dy2 = dyd.reshape(R, self.out_features)
         gWb = self.grads.reshape(self.in_features + 1, self.out_features)  # [dW; db], flat layout
         self.k.gemm(gWb, self._x, dy2, ta=True, accumulate=True, ones_row=True)
+        if not input_grad:
+            return None
         dx = self._result("dx", (R, self.in_features))
         self.k.gemm(dx, dy2, self.W, tb=True)
         dx = dx.reshape(self._shape)

@@ -299,14 +299,22 @@ class Linear:
         self._shape = x.shape
         return y.reshape(x.shape[:-1] + (self.out_features,))
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
-        """``dW += xᵀ dy``, ``db += Σ dy``; return ``dx = dy Wᵀ``."""
+    @property
+    def out_channels(self) -> int:
+        """Channels of the output (= ``out_features``; what a following stage takes)."""
+        return self.out_features
+
+    def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
+        """``dW += xᵀ dy``, ``db += Σ dy``; return ``dx = dy Wᵀ`` (None with ``input_grad=False``)."""
         if self._x is None:
             raise RuntimeError("backward() called before forward(); run forward(x) first")
         check_shape(dy, self._shape[:-1] + (self.out_features,))
-        dy2 = np.ascontiguousarray(dy, dtype=self.dtype).reshape(-1, self.out_features)
+        dy2 = check_array(dy, "dy", len(self._shape), self.out_features, self.dtype,
+                          "(..., out_features)").reshape(-1, self.out_features)
         matmul_at_b(self.grads["W"], self._x, dy2)
         column_sums(self.grads["b"], dy2)
+        if not input_grad:
+            return None
         dx = np.zeros_like(self._x)
         matmul_rows(dx, dy2, np.ascontiguousarray(self.params["W"].T), self.params["b"], True)
         return dx.reshape(self._shape)

@@ -141,13 +141,21 @@ class Adam:
         if missing:
             raise ValueError(f"optimizer state lacks {missing}; pass what state_dict() returned "
                              "(keys t, m, v)")
-        if len(state["m"]) != len(self.m):
-            raise ValueError("optimizer state has a different number of buffers")
-        for dst, src in zip(self.m + self.v, list(state["m"]) + list(state["v"])):
-            if dst.shape != np.shape(src):
-                raise ValueError(f"optimizer state shape {np.shape(src)} does not match {dst.shape}")
-            self._assign(dst, np.asarray(src, dtype=dst.dtype))
-        self.t = int(state["t"])
+        if len(state["m"]) != len(self.m) or len(state["v"]) != len(self.v):
+            raise ValueError(f"optimizer state has {len(state['m'])} m and {len(state['v'])} v buffers, "
+                             f"this optimizer {len(self.m)} of each")
+        t = state["t"]
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0:
+            raise ValueError(f"optimizer state step t must be an integer >= 0, got {t!r}")
+        srcs = [np.asarray(src) for src in list(state["m"]) + list(state["v"])]
+        for dst, src in zip(self.m + self.v, srcs):
+            if dst.shape != src.shape:
+                raise ValueError(f"optimizer state shape {src.shape} does not match {dst.shape}")
+        if not all(np.isfinite(src).all() for src in srcs) or any((v < 0).any() for v in srcs[len(self.m):]):
+            raise ValueError("optimizer state holds NaN/inf or negative second moments v")
+        for dst, src in zip(self.m + self.v, srcs):
+            self._assign(dst, src.astype(dst.dtype))
+        self.t = int(t)
 
 
 class RMSprop(Adam):
@@ -158,7 +166,7 @@ class RMSprop(Adam):
 
     def __init__(self, layers_or_params: object, lr: float = 1e-3, rho: float = 0.95, eps: float = 1e-8,
                  clip_norm: float | None = None):
-        if not 0 <= rho < 1:
+        if not 0 <= check_finite_number(rho, "rho") < 1:
             raise ValueError(f"rho must be a number in [0, 1), got {rho}")
         super().__init__(layers_or_params, lr=lr, betas=(0.0, rho), eps=eps, clip_norm=clip_norm)
 

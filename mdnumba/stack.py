@@ -34,7 +34,9 @@ class BlockSubsample:
         dims = x.shape[1:-1]
         if x.ndim != N + 2 or any(n % k for n in dims):
             raise ValueError(f"BlockSubsample({k}) needs (batch, {N} grid axes, C) with every grid "
-                             f"side divisible by {k}, got shape {x.shape}; crop or pad the input")
+                             f"side divisible by {k}, got shape {x.shape}; crop or pad the input (in "
+                             f"mdlstm_stack(..., subsample={k}) every side of the stack's input must be "
+                             f"divisible by {k}**(layers-1))")
         self._in_shape = x.shape
         split = (x.shape[0],) + sum(((n // k, k) for n in dims), ()) + (x.shape[-1],)
         order = (0,) + tuple(1 + 2 * d for d in range(N)) + tuple(2 + 2 * d for d in range(N)) + (2 * N + 1,)
@@ -81,21 +83,43 @@ class LayerGroup:
         return sum(layer.params.data.size for layer in self.layers)
 
 
+def _all_stages(stages: list):
+    """``stages`` and, depth first, the stages of nested groups."""
+    for s in stages:
+        yield s
+        yield from _all_stages(getattr(s, "stages", []))
+
+
 class Sequential(LayerGroup):
     """Stages applied in order; ``backward`` runs them in reverse.
 
-    ``layers`` lists the stages that own parameters (what :class:`mdnumba.Adam`
-    and checkpoints see), in order.
+    ``layers`` lists the parametrised layers (what :class:`mdnumba.Adam` and checkpoints
+    see), in order, those of nested groups (a ``Sequential`` stage) included. A stage may
+    appear once: each saves its own activations for ``backward``, so sharing one layer's
+    weights between two stages this way would give wrong gradients.
     """
 
     def __init__(self, *stages):
         if not stages:
             raise ValueError("Sequential needs at least one stage")
+        for s in stages:
+            if not (hasattr(s, "forward") and hasattr(s, "backward")):
+                hint = "; pass the stages as arguments: Sequential(*stages)" \
+                    if isinstance(s, (list, tuple)) else ""
+                raise TypeError(f"a Sequential stage needs forward and backward, got "
+                                f"{type(s).__name__}{hint}")
         self.stages = list(stages)
+        ids = [id(s) for s in _all_stages(self.stages)]
+        if len(set(ids)) < len(ids):
+            raise ValueError("a stage appears twice in this Sequential: every stage saves its own "
+                             "activations for backward, so one layer cannot serve twice; use two layers")
 
     @property
     def layers(self) -> list:
-        return [s for s in self.stages if hasattr(s, "params")]
+        out = []
+        for s in self.stages:
+            out.extend([s] if hasattr(s, "params") else getattr(s, "layers", []))
+        return out
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         for stage in self.stages:

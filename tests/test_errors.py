@@ -195,3 +195,36 @@ def test_adam_errors():
     layer.grads.data[0] = np.nan
     with pytest.raises(FloatingPointError, match="not finite"):
         opt.step()
+
+
+def test_sequential_misuse_is_refused():
+    from mdnumba.stack import Sequential
+    layer = LSTM1D(2, 2)
+    with pytest.raises(TypeError, match=r"Sequential\(\*stages\)"):
+        Sequential([layer])
+    for stages in ((layer, layer), (Sequential(layer), LSTM1D(2, 2), layer)):
+        with pytest.raises(ValueError, match="appears twice"):
+            Sequential(*stages)
+
+
+def test_optimizer_state_is_checked_before_it_is_loaded():
+    layer = LSTM1D(2, 2)
+    opt = Adam(layer)
+    state = opt.state_dict()
+    for bad, match in ((dict(state, v=[]), "0 v buffers"), (dict(state, t=-1), "t must be an integer >= 0"),
+                       (dict(state, v=[-np.ones_like(v) for v in state["v"]]), "negative second moments")):
+        with pytest.raises(ValueError, match=match):
+            opt.load_state_dict(bad)
+    with pytest.raises(TypeError, match="rho must be a number"):
+        RMSprop(layer, rho="x")
+
+
+def test_linear_backward_checks_dy_and_skips_dx_on_request():
+    lin = Linear(3, 2)
+    lin.forward(np.ones((4, 3), np.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        lin.backward(np.full((4, 2), np.nan, np.float32))
+    with pytest.raises(TypeError, match="floating-point"):
+        lin.backward(np.ones((4, 2), np.int64))
+    assert lin.backward(np.ones((4, 2), np.float32), input_grad=False) is None
+    assert lin.grads["b"].tolist() == [4.0, 4.0]

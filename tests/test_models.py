@@ -109,3 +109,28 @@ def test_backward_without_input_grad(build, shape, rng):
         assert (dx is None) == (not input_grad)
         grads.append(np.concatenate([layer.grads.data.copy() for layer in model.layers]))
     np.testing.assert_array_equal(grads[1], grads[0])
+
+
+def test_nested_sequential_with_linear_trains_every_layer(rng):
+    """A Sequential stage inside a Sequential: its layers are the outer one's too (gradients
+    zeroed, checked against finite differences, updated by Adam); Linear takes input_grad."""
+    from mdnumba import Adam
+    from mdnumba.stack import Sequential
+    inner = _stack(layers=2, subsample=2)
+    net = Sequential(inner, Linear(3, 2, dtype=np.float64))
+    assert net.layers == inner.layers + [net.stages[1]]
+    x = rng.uniform(0, 1, (2, 4, 4, 2))
+    w = rng.standard_normal(net.forward(x).shape)
+
+    def loss():
+        return float(np.sum(w * net.forward(x)))
+    for layer in net.layers:
+        layer.grads.data[...] = 1.0  # zero_grad must reach the nested layers
+    net.zero_grad()
+    net.forward(x)
+    assert_grad_close(net.backward(w), numeric_grad(loss, x), name="dx")
+    for k, layer in enumerate(net.layers):
+        assert_grad_close(layer.grads.data, numeric_grad(loss, layer.params.data), name=f"layer {k}")
+    before = [layer.params.data.copy() for layer in net.layers]
+    Adam(net, lr=0.1).step()
+    assert all((b != layer.params.data).all() for b, layer in zip(before, net.layers))
