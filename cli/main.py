@@ -227,7 +227,8 @@ def _require_matplotlib(what: str) -> None:
 @click.option("--overwrite", is_flag=True,
               help="replace the run in --out (runs/latest is replaced without it)")
 @click.option("--resume", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="continue the run in this folder (bit-identical); --steps may extend it")
+              help="continue the run in this folder (bit-identical); only --steps (to extend it), "
+                   "--device, --sync-every, --checkpoint-every and --data may change")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=0,
               help="steps between checkpoints (0: every steps/10)")
 @click.option("--plot/--no-plot", default=False, help="write loss and prediction PNGs")
