@@ -10,7 +10,8 @@
 # mdnumba itself runs from the working tree (PYTHONPATH=.).
 #
 # Usage: bench/run_gpu.sh [--tests | --tests-only | --tune] [bench_gpu.py / tune_gpu.py options]
-#   --tests        also run tests/test_cuda.py (simulator cases + the same cases on the GPU)
+#   --tests        also run the real-GPU cases of tests/test_cuda.py (test_gpu: every simulator
+#                  case on the GPU; the simulator runs themselves are CI's)
 #   --tests-only   only the tests (the device tool allows 10 minutes per call: run the tests,
 #                  then the benchmarks, as two calls)
 #   --tune         only bench/tune_gpu.py: rows per thread x threads per block -> tune_gpu.md
