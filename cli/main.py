@@ -179,21 +179,22 @@ def _refuse_inapplicable(cfg, given: dict) -> None:
             f"{_option(k)} ({why})" for k, why in unused.items()))
 
 
-#: files a run folder holds (besides the checkpoint); --overwrite removes them first
-RUN_FILES = ("log.tsv", "config.json", "loss.png", "predictions.png")
+#: plots a run folder may hold (see _plot_run); --overwrite removes them with the run's files
+PLOTS = ("loss.png", "predictions.png")
 
 
 def _check_fresh(out: Path, overwrite: bool, default: Path) -> None:
     """Refuse to train over the run in ``out`` unless ``--overwrite`` (or ``out`` is the
     command's ``default`` folder, whose name says it holds the latest run); the run's files
     go first, so that none of the old run is left beside the new one."""
-    from mdnumba.checkpoint import CHECKPOINT
+    from mdnumba.checkpoint import CHECKPOINT, CONFIG_JSON
+    from mdnumba.train import LOG
     if not (out / CHECKPOINT).exists():
         return
     if not (overwrite or out.resolve() == default.resolve()):
         raise click.UsageError(f"{out} already holds a run; continue it with --resume {out}, "
                                "replace it with --overwrite, or choose another --out")
-    for name in (CHECKPOINT,) + RUN_FILES:
+    for name in (CHECKPOINT, CONFIG_JSON, LOG) + PLOTS:
         (out / name).unlink(missing_ok=True)
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 FORMAT = "mdnumba-checkpoint-1"
 CHECKPOINT = "checkpoint.npz"
+CONFIG_JSON = "config.json"
 
 
 class CheckpointError(ValueError):
@@ -56,7 +57,7 @@ def save_checkpoint(folder: Path, arrays: dict[str, np.ndarray], meta: dict) -> 
     text = json.dumps(meta, indent=2, sort_keys=True)
     payload = dict(arrays, meta=np.array(text))
     atomic_write_bytes(folder / CHECKPOINT, lambda fh: np.savez(fh, **payload))
-    atomic_write_bytes(folder / "config.json", lambda fh: fh.write(text.encode()))
+    atomic_write_bytes(folder / CONFIG_JSON, lambda fh: fh.write(text.encode()))
     return folder / CHECKPOINT
 
 

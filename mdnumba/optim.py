@@ -80,16 +80,13 @@ class Adam:
 
     def __init__(self, layers_or_params: object, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, clip_norm: float | None = None):
-        for name, value in (("lr", lr), ("eps", eps)) + ((("clip_norm", clip_norm),) if clip_norm else ()):
-            check_finite_number(value, name)  # a TypeError for strings and bools
-        if not 0 < lr < np.inf:
-            raise ValueError(f"lr must be a finite number > 0, got {lr}")
+        # eps = 0 would divide 0 by 0 where a gradient stays 0
+        for name, value in (("lr", lr), ("eps", eps)) + ((("clip_norm", clip_norm),) if clip_norm is not None
+                                                          else ()):
+            if check_finite_number(value, name) <= 0:  # a TypeError for strings and bools
+                raise ValueError(f"{name} must be a finite number > 0, got {value}")
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
-        if not 0 < eps < np.inf:  # eps = 0 divides 0 by 0 where a gradient stays 0
-            raise ValueError(f"eps must be a finite number > 0, got {eps}")
-        if clip_norm is not None and not 0 < clip_norm < np.inf:
-            raise ValueError(f"clip_norm must be a finite number > 0 or None, got {clip_norm}")
         self.buffers = self._collect(layers_or_params)
         if not self.buffers:
             raise ValueError(f"{type(self).__name__} got no parameters")

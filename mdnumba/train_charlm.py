@@ -10,7 +10,6 @@ that has other characters fails with a clear message.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -46,11 +45,6 @@ class CharLMTrainer(Trainer):
         self.loss_fn = softmax_xent
         return CharLM(cfg.model, self.corpus.vocab_size, cfg.hidden, cfg.layers, cfg.dropout,
                       seed=cfg.seed, dtype=np.dtype(cfg.dtype), tied=cfg.tie_depth, device=cfg.device)
-
-    def run(self, on_step: Callable[[int, dict], None] | None = None) -> None:
-        """:meth:`Trainer.run`, after checking that the text is there (a resumed run's may be gone)."""
-        self.corpus.require_text()
-        super().run(on_step)
 
     def train_step(self) -> dict[str, float]:
         """Random windows, forward with dropout, cross-entropy, backward, optimizer step."""
