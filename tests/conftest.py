@@ -1,7 +1,25 @@
+import os
+
 import numpy as np
 import pytest
+from shard import parse_shard
 
 
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+def pytest_collection_modifyitems(config, items):
+    """``MDNUMBA_TEST_SHARD=i/k``: keep every k-th collected test from the i-th on (0 <= i < k).
+    tests/test_cuda.py splits its simulator case run into concurrent shards this way;
+    round robin spreads a heavy test's parametrisations over the shards."""
+    shard = os.environ.get("MDNUMBA_TEST_SHARD")
+    if not shard:
+        return
+    try:
+        i, k = parse_shard(shard)
+    except ValueError as exc:
+        raise pytest.UsageError(f"MDNUMBA_TEST_SHARD: {exc}") from None
+    config.hook.pytest_deselected(items=[it for n, it in enumerate(items) if n % k != i])
+    items[:] = items[i::k]

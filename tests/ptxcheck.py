@@ -7,8 +7,8 @@ GEMM tiles are not the ones a GPU builds. This module closes that gap:
 
 - :func:`install_recorder` (in a ``NUMBA_ENABLE_CUDASIM=1`` process) notes the numba
   argument types of every kernel launch; :func:`save` writes them to a file.
-- ``python tests/ptxcheck.py RECORD [--ptx-dir DIR]`` (in a process *without* the
-  simulator) compiles every recorded (kernel, argument types) pair with NVVM to PTX for
+- ``python tests/ptxcheck.py RECORD [RECORD ...] [--ptx-dir DIR]`` (in a process *without*
+  the simulator) compiles every recorded (kernel, argument types) pair with NVVM to PTX for
   compute capability 9.0 (H100) with the GPU's sizes (``config`` defaults), and reports,
   per kernel, its local-memory frame (``.local`` bytes in the PTX: register-blocked arrays
   that did not become registers show up here). It needs libnvvm and libnvrtc (the
@@ -36,6 +36,8 @@ import sys
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
+
+from shard import parse_shard
 
 #: compute capability the kernels are compiled for (H100: sm_90)
 TARGET_CC = (9, 0)
@@ -163,18 +165,29 @@ def _write_markdown(path: Path, rows: list[tuple], failures: int) -> None:
     path.write_text("\n".join(out) + "\n")
 
 
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        return parse_shard(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("record", type=Path)
+    parser.add_argument("records", type=Path, nargs="+", help="launch records (their union is compiled)")
+    parser.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/K",
+                        help="compile only every K-th signature from the I-th on (0 <= I < K)")
     parser.add_argument("--ptx-dir", type=Path, help="also write each kernel's PTX here")
     parser.add_argument("--ptxas", type=Path, help="ptxas binary: also print registers and spills")
     parser.add_argument("--markdown", type=Path, help="also write the per-kernel lines as a table here")
     args = parser.parse_args(argv)
     _offline_device()
-    records = pickle.loads(args.record.read_bytes())
+    records = sorted(set().union(*(pickle.loads(p.read_bytes()) for p in args.records)), key=str)
+    first, step = args.shard
+    mine = list(enumerate(records))[first::step]
     failures, rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (module, name, argtypes) in enumerate(records):
+        for i, (module, name, argtypes) in mine:
             label = f"{module}.{name}{argtypes}"
             try:
                 ptx = compile_record(module, name, argtypes)
@@ -200,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FAILED {f}")
     if args.markdown:
         _write_markdown(args.markdown, rows, len(failures))
-    print(f"{len(records)} kernel signatures compiled for sm_{TARGET_CC[0]}{TARGET_CC[1]}, "
+    print(f"{len(mine)} of {len(records)} kernel signatures compiled for sm_{TARGET_CC[0]}{TARGET_CC[1]}, "
           f"{len(failures)} failures")
     return 1 if failures or not records else 0
 

@@ -481,23 +481,54 @@ SIM_CASES = sorted(name for name in list(globals()) if name.startswith("sim_"))
 
 
 # ----------------------------------------------------------------- outer tests (plain pytest)
-def _run_cases(tmp_dir: Path, simulator: bool, env_extra: dict | None = None,
-               select: str | None = None) -> dict[str, tuple[str, str]]:
-    """Run the sim_* cases (all, or those ``-k select``) in a ``python -m pytest`` subprocess;
-    return name -> (state, message). Under the simulator the launches' argument types go to
-    ``tmp_dir/launches.pkl``."""
-    xml = tmp_dir / "report.xml"
-    env = dict(os.environ)
-    if simulator:
-        env.update(NUMBA_ENABLE_CUDASIM="1", MDNUMBA_THREADS_PER_BLOCK="8",
-                   MDNUMBA_PTX_RECORD=str(tmp_dir / "launches.pkl"))
-    env.update(env_extra or {})
-    cmd = [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider",
-           "-o", "python_functions=sim_*", f"--junitxml={xml}"] + (["-k", select] if select else [])
-    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True,
-                          text=True, timeout=900)
-    if not xml.exists():
-        pytest.fail(f"case run produced no report (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+#: concurrent processes for the simulator cases (pure Python, one core each) and for ptxcheck
+SHARDS = max(2, min(4, os.cpu_count() or 1))
+#: the other MDNUMBA_CUDA_ROWS_PER_THREAD values test_simulator_other_rows_per_thread runs
+OTHER_ROWS = (1, 3)
+_TIMEOUT = 1200
+
+
+class _CaseRun:
+    """A ``python -m pytest`` subprocess running the sim_* cases (all, those ``-k select``, or
+    shard ``i/k`` of them), started at once so that the runs overlap; :meth:`report` waits.
+    Under the simulator the launches' argument types go to ``tmp_dir/launches.pkl``."""
+
+    def __init__(self, tmp_dir: Path, simulator: bool, env_extra: dict | None = None,
+                 select: str | None = None):
+        self.xml, self.out = tmp_dir / "report.xml", tmp_dir / "output.txt"
+        self.launches = tmp_dir / "launches.pkl"
+        env = dict(os.environ)
+        if simulator:  # one numba thread: the runs share the cores
+            env.update(NUMBA_ENABLE_CUDASIM="1", MDNUMBA_THREADS_PER_BLOCK="8", NUMBA_NUM_THREADS="1",
+                       MDNUMBA_PTX_RECORD=str(self.launches))
+        env.update(env_extra or {})
+        cmd = [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider",
+               "-o", "python_functions=sim_*", f"--junitxml={self.xml}"] + (["-k", select] if select else [])
+        with open(self.out, "w") as log:
+            self.proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], env=env,
+                                         stdout=log, stderr=subprocess.STDOUT)
+        self._report = None
+
+    def report(self) -> dict[str, tuple[str, str]]:
+        """name -> (state, message) of every case the run reported."""
+        if self._report is None:
+            try:
+                rc = self.proc.wait(timeout=_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.stop()
+                pytest.fail(f"case run still going after {_TIMEOUT} s:\n{self.out.read_text()[-6000:]}")
+            if not self.xml.exists():
+                pytest.fail(f"case run produced no report (rc={rc}):\n{self.out.read_text()[-6000:]}")
+            self._report = _parse_report(self.xml)
+        return self._report
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _parse_report(xml: Path) -> dict[str, tuple[str, str]]:
     cases = {}
     for tc in ET.parse(xml).getroot().iter("testcase"):
         bad = [el for el in tc if el.tag in ("failure", "error")]
@@ -521,24 +552,47 @@ def _check_case(case: str, report: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def simulator_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("cudasim")
+def simulator_runs(request, tmp_path_factory):
+    """Start every simulator run this session's selected tests need, all at once: the cases in
+    SHARDS shards ("all") and the OTHER_ROWS runs (by rows); stop what is left at the end."""
+    wanted = [it for it in request.session.items if it.module is request.module]
+    names = {it.originalname for it in wanted}
+    runs = {}
+    if names & {"test_simulator", "test_kernels_compile_for_gpu"}:
+        runs["all"] = [_CaseRun(tmp_path_factory.mktemp("cudasim"), simulator=True,
+                                env_extra={"MDNUMBA_TEST_SHARD": f"{i}/{SHARDS}"}) for i in range(SHARDS)]
+    for it in wanted:
+        if it.originalname == "test_simulator_other_rows_per_thread":
+            rows = it.callspec.params["rows"]
+            runs[rows] = _CaseRun(tmp_path_factory.mktemp(f"cudasim_rows{rows}"), simulator=True,
+                                  env_extra={"MDNUMBA_CUDA_ROWS_PER_THREAD": str(rows)},
+                                  select="sweep_kernels or layer_matches_reference")
+    yield runs
+    for run in runs.pop("all", []) + list(runs.values()):
+        run.stop()
 
 
 @pytest.fixture(scope="module")
-def simulator_report(simulator_dir):
-    return _run_cases(simulator_dir, simulator=True)
+def simulator_report(simulator_runs):
+    report = {}
+    for run in simulator_runs["all"]:
+        report.update(run.report())
+    return report
 
 
 @pytest.fixture(scope="module")
 def gpu_report(tmp_path_factory):
-    return _run_cases(tmp_path_factory.mktemp("cudagpu"), simulator=False)
+    run = _CaseRun(tmp_path_factory.mktemp("cudagpu"), simulator=False)
+    try:
+        return run.report()
+    finally:
+        run.stop()
 
 
 @pytest.mark.skipif(IN_SIMULATOR, reason="this process already runs the simulator")
 @pytest.mark.parametrize("case", SIM_CASES)
 def test_simulator(case, simulator_report):
-    """Every sim_* case under NUMBA_ENABLE_CUDASIM=1 (one subprocess for all)."""
+    """Every sim_* case under NUMBA_ENABLE_CUDASIM=1 (SHARDS concurrent subprocesses for all)."""
     _check_case(case, simulator_report)
 
 
@@ -550,30 +604,33 @@ def test_gpu(case, gpu_report):
 
 
 @pytest.mark.skipif(IN_SIMULATOR, reason="this process already runs the simulator")
-@pytest.mark.parametrize("rows", [1, 3])
-def test_simulator_other_rows_per_thread(rows, tmp_path):
+@pytest.mark.parametrize("rows", OTHER_ROWS)
+def test_simulator_other_rows_per_thread(rows, simulator_runs):
     """The sweep cases with another MDNUMBA_CUDA_ROWS_PER_THREAD (compile-time; the GPU tuning
     script tries 1, 2, 4 and 8): one row per thread, and 3 (B=2 and B=5 leave remainders)."""
-    report = _run_cases(tmp_path, simulator=True, env_extra={"MDNUMBA_CUDA_ROWS_PER_THREAD": str(rows)},
-                        select="sweep_kernels or layer_matches_reference")
+    report = simulator_runs[rows].report()
     assert len(report) >= 20, report
     _assert_passed(report)
 
 
 @pytest.mark.skipif(IN_SIMULATOR, reason="this process runs the simulator")
-def test_kernels_compile_for_gpu(simulator_report, simulator_dir):
+def test_kernels_compile_for_gpu(simulator_report, simulator_runs):
     """Every kernel signature the simulator cases launched compiles for an H100 (NVVM to PTX,
-    sm_90, the GPU's tile sizes) and needs no local-memory frame (tests/ptxcheck.py)."""
+    sm_90, the GPU's tile sizes) and needs no local-memory frame (tests/ptxcheck.py; SHARDS
+    concurrent processes)."""
     missing = ptxcheck.missing_toolchain()
     if missing:
         pytest.skip(missing)
-    record = simulator_dir / "launches.pkl"
-    assert record.exists(), "the simulator run recorded no launches"
+    records = [str(run.launches) for run in simulator_runs["all"] if run.launches.exists()]
+    assert records, "the simulator run recorded no launches"
     env = {k: v for k, v in os.environ.items()
            if k not in ("NUMBA_ENABLE_CUDASIM", "MDNUMBA_THREADS_PER_BLOCK")}
-    proc = subprocess.run([sys.executable, ptxcheck.__file__, str(record)], env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
+    procs = [subprocess.Popen([sys.executable, ptxcheck.__file__, *records, "--shard", f"{i}/{SHARDS}"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(SHARDS)]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=_TIMEOUT)
+        assert proc.returncode == 0, out[-6000:]
 
 
 @pytest.mark.skipif(cuda_unavailable_reason() is None, reason="CUDA is available here")
