@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
 # GPU benchmark + GPU tests on a lent GPU machine (no internet there).
 #
-# The image's numpy 2.5 breaks numba-cuda 0.30.4 (np.row_stack was removed), so a numpy 2.4.x
-# wheel must be carried in the ignored folder .whl/ (name it in the device call's carry) for the
-# machine's Python (3.12 on the lent H100/H200 image):
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl 'numpy==2.4.6'
+# The image's numpy 2.5 breaks numba-cuda 0.30.4 (np.row_stack was removed) and the tests need
+# hypothesis, so bench/fetch_gpu_wheels.sh (run where PyPI is reachable) puts a numpy 2.4.x wheel
+# and hypothesis's wheels for the machine's Python (3.12 on the lent H100/H200 image) in the
+# ignored folder .whl/; name it in the device call's carry.
 # The wheels for this interpreter are installed into /tmp/site and put first on PYTHONPATH.
 # mdnumba itself runs from the working tree (PYTHONPATH=.).
 #
@@ -31,7 +30,7 @@ case "${1:-}" in
 esac
 
 tag=$(python3 -c 'import sys; print("cp%d%d" % sys.version_info[:2])')
-wheels=$(ls .whl/*.whl 2>/dev/null | grep -E -- "-($tag|py3)-" || true)
+wheels=$(ls .whl/*.whl 2>/dev/null | grep -E -- "[-.]($tag|py3)-" || true)  # cp312, py3, py2.py3
 if [ -n "$wheels" ]; then
   # shellcheck disable=SC2086  # one path per wheel, no spaces
   python3 -m pip install -q --no-index --no-deps --target /tmp/site $wheels \
@@ -75,6 +74,8 @@ if [ "$run_tests" = tune ]; then
   exit $status
 fi
 if [ "$run_tests" != 0 ]; then
+  python3 -c "import hypothesis" 2> /dev/null \
+    || { echo "the tests need hypothesis: run bench/fetch_gpu_wheels.sh and carry .whl" >&2; exit 1; }
   # -k test_gpu: the real-GPU cases only (the simulator cases and ptxcheck run in CI)
   python3 -m pytest tests/test_cuda.py -k test_gpu -q -p no:cacheprovider 2>&1 | tee "$out_dir/test_cuda.log" \
     || { status=1; echo "CUDA tests FAILED (see $out_dir/test_cuda.log)" >&2; }

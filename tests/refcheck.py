@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from hypothesis import strategies as st
 
 from mdnumba import reference as ref
 
@@ -40,3 +41,29 @@ def check_against_reference(layer, x, dh, rtol) -> None:
         for d in range(layer.ndim):
             np.testing.assert_allclose(gU[:, d], dU[d], err_msg=f"dU[{q}][{d}]", **tol)
         np.testing.assert_allclose(gb, db, err_msg=f"db[{q}]", **tol)
+
+
+@st.composite
+def layers_and_inputs(draw, max_side: int = 5, max_hidden: int = 9):
+    """(ndim, input shape, WavefrontLSTM keywords incl. ``hidden``): 1-3 dimensions with sides
+    1..max_side (3 for 3D), batch 1-5, 1-4 channels, any cell, one scan or all, any seed."""
+    ndim = draw(st.integers(1, 3))
+    dims = tuple(draw(st.integers(1, max_side if ndim < 3 else min(max_side, 3))) for _ in range(ndim))
+    shape = (draw(st.integers(1, 5)),) + dims + (draw(st.integers(1, 4)),)
+    kw = dict(hidden=draw(st.integers(1, max_hidden)),
+              cell=draw(st.sampled_from(("graves", "stable", "spatial"))),
+              directions=draw(st.sampled_from([1, 2 ** ndim])), seed=draw(st.integers(0, 2 ** 16)))
+    return ndim, shape, kw
+
+
+def check_drawn_layer(case, dtype, rtol, device: str = "cpu") -> None:
+    """Build the layer of a :func:`layers_and_inputs` draw (parameters perturbed, so biases are
+    not all 0) and compare it with the reference on a random input and dL/dh."""
+    from mdnumba import WavefrontLSTM
+    ndim, shape, kw = case
+    kw = dict(kw)
+    layer = WavefrontLSTM(ndim, shape[-1], kw.pop("hidden"), dtype=dtype, device=device, **kw)
+    rng = np.random.default_rng(kw["seed"])
+    layer.params.data[...] += rng.standard_normal(layer.params.data.shape) * 0.3
+    x = rng.standard_normal(shape).astype(dtype)
+    check_against_reference(layer, x, rng.standard_normal(shape[:-1] + (layer.out_channels,)), rtol)

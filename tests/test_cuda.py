@@ -22,7 +22,9 @@ import numpy as np
 import ptxcheck
 import pytest
 from gradcheck import check_layer_gradients
-from refcheck import check_against_reference
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from refcheck import check_against_reference, check_drawn_layer, layers_and_inputs
 
 from mdnumba import LSTM1D, MDLSTM2D, WavefrontLSTM
 from mdnumba import reference as ref
@@ -116,6 +118,20 @@ def sim_grid_lstm_kernels_match_cpu(path, rng):
         results.append((h, c, act, dact[:, :8 * D], dc, dx))
     for name, a, b in zip(("h", "c", "act", "dact", "dc", "dx"), *results):
         np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-14, err_msg=name)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(case=layers_and_inputs(max_side=3, max_hidden=5),
+       path=st.sampled_from(["cooperative", "per-diagonal"]),
+       dtype_rtol=st.sampled_from([(np.float64, 1e-12), (np.float32, 1e-5)]))
+def sim_any_shape_matches_reference(case, path, dtype_rtol, monkeypatch):
+    """Drawn device='cuda' layers (tests/test_properties.py's draws, smaller) vs the reference."""
+    from mdnumba import backend_cuda
+    from mdnumba.kernels import wavefront_cuda
+    monkeypatch.setattr(wavefront_cuda, "DEFAULT_PATH", path)
+    check_drawn_layer(case, *dtype_rtol, device="cuda")
+    assert backend_cuda.last_path().startswith(path)
 
 
 @pytest.mark.parametrize("tied", [True, False])
