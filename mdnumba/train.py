@@ -20,7 +20,7 @@ from .kernels.cell import CELLS
 from .losses import LOSSES
 from .models import MODELS, build_model
 from .optim import OPTIMIZERS
-from .tasks import get_task
+from .tasks import TASKS, get_task
 from .tasks.binary_addition import AdditionBatch
 from .tasks.diagonal import DiagonalBatch
 
@@ -62,7 +62,7 @@ class TrainConfig:
     lr: float = 1e-2
     steps: int = 1000
     seed: int = 0
-    loss: str = "mse"
+    loss: str | None = None      # None: the task's (bce for binary-addition, else mse)
     clip_norm: float | None = None
     curriculum: tuple = field(default_factory=tuple)
     checkpoint_every: int = 0
@@ -78,6 +78,10 @@ class TrainConfig:
     tie_depth: bool = True       # char-lm grid: one weight set for every depth level
     sync_every: int = 50         # cuda: steps between host syncs (losses/metrics read back)
     curriculum_steps: int | None = None  # steps the curriculum phases span (None: steps)
+
+    def __post_init__(self) -> None:
+        if self.loss is None:
+            self.loss = TASKS[self.task].loss if self.task in TASKS else "mse"
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting and what is allowed."""

@@ -179,6 +179,19 @@ def test_binary_addition_cli(runner, tmp_path):
                                "--steps", "3", "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
     assert "number_acc" in (tmp_path / "log.tsv").read_text().splitlines()[0]
+    assert json.loads((tmp_path / "config.json").read_text())["config"]["loss"] == "bce"  # the task's
+
+
+ADDITION = ["--task", "binary-addition", "--model", "lstm"]
+
+
+@pytest.mark.parametrize("args,loss", [([], "mse"), (["--loss", "bce"], "bce"), (ADDITION, "bce"),
+                                       (ADDITION + ["--loss", "mse"], "mse")])
+def test_the_default_loss_is_the_tasks(runner, tmp_path, args, loss):
+    """DESIGN §3: the diagonal task trains with the seed's MSE, binary addition with BCE."""
+    res = runner.invoke(main, ["train", "--size", "4", "--steps", "1", "--out", str(tmp_path)] + args)
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "config.json").read_text())["config"]["loss"] == loss
 
 
 def test_resume_refuses_options_that_would_change_the_run(runner, tmp_path):
