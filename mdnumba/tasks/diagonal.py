@@ -3,7 +3,8 @@
 2D: ``x ~ U[0, 0.1]`` of shape (n, n); pick r, c uniformly in [1, n-2]; set
 ``x[r, c] = x[r+1, c+1] = 1``. Target ``y[r, c] = x[r, c+1]`` (every row shifted
 one column left, wrapping). The second 1 of ``y`` sits at (r+1, c): a top-left
-scan can predict it from the 1 above-left of it; nothing can predict the first.
+scan can predict it from the input's 1 at (r, c), directly above it; nothing can predict
+the first.
 
 N-D (``diagonal3d``): the same with a point p in [1, n-2]^N, ``x[p] = x[p + (1,..,1)] = 1``
 (a line parallel to the main space diagonal) and the target shifted one step back
