@@ -24,6 +24,8 @@ import os
 import numpy as np
 import numpy.typing as npt
 
+from . import kernel_cache
+
 #: GNU OpenMP spin iterations before a waiting thread sleeps (see the module docstring)
 os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 
@@ -56,7 +58,8 @@ def env_int(name: str, default: int, low: int = 1, high: int = 1024) -> int:
 
 
 FASTMATH: bool = env_flag("MDNUMBA_FASTMATH", False)
-CACHE: bool = env_flag("MDNUMBA_CACHE", True)
+#: Numba's on-disk cache, keyed also on the kernel sources and FASTMATH (mdnumba.kernel_cache)
+CACHE: bool = env_flag("MDNUMBA_CACHE", True) and kernel_cache.install("fastmath" if FASTMATH else "exact")
 THREADS_PER_BLOCK: int = env_int("MDNUMBA_THREADS_PER_BLOCK", 128)
 CUDA_ROWS_PER_THREAD: int = env_int("MDNUMBA_CUDA_ROWS_PER_THREAD", 4, high=64)
 

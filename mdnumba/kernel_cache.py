@@ -1,0 +1,85 @@
+"""Numba's on-disk kernel cache, told what it cannot see by itself.
+
+Numba keys a cached function on its own source file (a hash of the text) and its bytecode,
+not on the code it inlines from other files, nor on its compile options. Two ways that went
+wrong here: after an edit of ``kernels/cell.py`` (inlined into the sweeps of ``wavefront.py``
+and ``gridlstm.py``) the sweeps kept running the old cell code from the cache, and a kernel
+cached without ``MDNUMBA_FASTMATH`` was reused with it, and the other way round.
+
+:class:`KernelCacheLocator` wraps the locator Numba would pick for mdnumba's files (in-tree
+``__pycache__``, ``NUMBA_CACHE_DIR`` or the user-wide one): its freshness stamp adds a digest
+of every kernel source (``mdnumba/kernels/*.py`` and ``config.py``), so an edit of any of them
+recompiles every cached kernel, and each fastmath setting caches into its own sub-folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+from numba.core import caching as _caching
+
+# Numba internals (CacheImpl is _CacheImpl in older releases); without them mdnumba does not cache
+_CacheImpl = getattr(_caching, "CacheImpl", getattr(_caching, "_CacheImpl", None))
+_CacheLocator = getattr(_caching, "_CacheLocator", None)
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def sources_digest() -> str:
+    """SHA-256 over the names and bytes of the kernel sources (what cached kernels inline)."""
+    h = hashlib.sha256()
+    for path in sorted((_PACKAGE / "kernels").glob("*.py")) + [_PACKAGE / "config.py"]:
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+class KernelCacheLocator(_CacheLocator or object):
+    """Numba's own locator for the file, with the sources digest added to its stamp and the
+    compile-option variant to its path; only for files of the mdnumba package."""
+
+    variant = "default"
+    digest = ""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    @classmethod
+    def from_function(cls, py_func, py_file):
+        if not Path(py_file).resolve().is_relative_to(_PACKAGE):
+            return None
+        for other in _CacheImpl._locator_classes:
+            inner = None if other is cls else other.from_function(py_func, py_file)
+            if inner is not None:
+                self = cls(inner)
+                try:
+                    self.ensure_cache_path()
+                except OSError:
+                    return None
+                return self
+        return None
+
+    def get_cache_path(self):
+        return os.path.join(self._inner.get_cache_path(), self.variant)
+
+    def get_source_stamp(self):
+        return self._inner.get_source_stamp(), self.digest
+
+    def get_disambiguator(self):
+        return self._inner.get_disambiguator()
+
+
+def install(variant: str) -> bool:
+    """Put :class:`KernelCacheLocator` first among Numba's cache locators, caching into the
+    sub-folder ``variant`` (one per compile-option set). False, with a warning, when this
+    Numba's cache internals differ from the ones it was written for: then do not cache."""
+    if not isinstance(getattr(_CacheImpl, "_locator_classes", None), list) or _CacheLocator is None:
+        warnings.warn("mdnumba: unknown Numba cache internals; kernels are compiled in every process",
+                      stacklevel=2)
+        return False
+    KernelCacheLocator.variant, KernelCacheLocator.digest = variant, sources_digest()
+    if KernelCacheLocator not in _CacheImpl._locator_classes:
+        _CacheImpl._locator_classes.insert(0, KernelCacheLocator)
+    return True

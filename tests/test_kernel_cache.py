@@ -1,0 +1,71 @@
+"""The on-disk kernel cache recompiles when a kernel source it cannot see changes, and keeps
+the fastmath and exact builds apart (mdnumba/kernel_cache.py)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import mdnumba
+from mdnumba import config
+from mdnumba.kernel_cache import KernelCacheLocator
+
+PROBE = """
+import json, numpy as np
+from mdnumba.kernels.gemm import column_sums
+out = np.zeros(3)
+column_sums(out, np.ones((5, 3)))
+assert out.tolist() == [5.0, 5.0, 5.0]
+print(json.dumps([sum(column_sums.stats.cache_hits.values()), sum(column_sums.stats.cache_misses.values())]))
+"""
+
+
+def test_kernels_use_the_locator():
+    from mdnumba.kernels.wavefront import wavefront_forward
+    if not config.CACHE:
+        pytest.skip("MDNUMBA_CACHE=0")
+    locator = wavefront_forward._cache._impl.locator
+    assert isinstance(locator, KernelCacheLocator)
+    assert locator.get_cache_path().endswith("fastmath" if config.FASTMATH else "exact")
+    assert locator.get_source_stamp()[1] == KernelCacheLocator.digest != ""
+
+
+@pytest.fixture
+def package_copy(tmp_path):
+    """A copy of the mdnumba package (no caches) and a run(**env) of PROBE against it, which
+    returns (cache hits, cache misses) of the probed kernel."""
+    src = Path(mdnumba.__file__).parent
+    shutil.copytree(src, tmp_path / "mdnumba", ignore=shutil.ignore_patterns("__pycache__", "cli"))
+
+    def run(**env):
+        env = dict(os.environ, PYTHONPATH=str(tmp_path), NUMBA_CACHE_DIR=str(tmp_path / "cache"),
+                   MDNUMBA_CACHE="1", **env)
+        proc = subprocess.run([sys.executable, "-c", PROBE], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return tuple(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return tmp_path / "mdnumba", run
+
+
+def test_an_edit_of_another_kernel_file_recompiles(package_copy):
+    """gemm.py is unchanged, cell.py (inlined by the sweeps, not by gemm) is edited: Numba alone
+    would still load gemm's cached build; with the digest every kernel recompiles once."""
+    package, run = package_copy
+    assert run() == (0, 1)
+    assert run() == (1, 0)
+    with open(package / "kernels" / "cell.py", "a") as f:
+        f.write("\n# an edit\n")
+    assert run() == (0, 1)
+    assert run() == (1, 0)
+
+
+def test_fastmath_and_exact_builds_are_cached_apart(package_copy):
+    _, run = package_copy
+    assert run(MDNUMBA_FASTMATH="0") == (0, 1)
+    assert run(MDNUMBA_FASTMATH="1") == (0, 1)  # Numba alone: a hit on the exact build
+    assert run(MDNUMBA_FASTMATH="1") == (1, 0)
+    assert run(MDNUMBA_FASTMATH="0") == (1, 0)
