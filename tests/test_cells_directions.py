@@ -131,3 +131,31 @@ def test_unrolled_kernel_paths_match_reference(cell, ndim, shape, directions, rn
     layer.params.data[...] += rng.standard_normal(layer.params.data.shape) * 0.2
     x = rng.standard_normal(shape)
     check_against_reference(layer, x, rng.standard_normal(shape[:-1] + (layer.out_channels,)), 1e-12)
+
+
+@pytest.mark.parametrize("ndim,cell,bias", [(1, "graves", 1.0), (2, "graves", 0.0), (2, "spatial", 0.0),
+                                            (3, "graves", -np.log(2)), (3, "spatial", -np.log(2)),
+                                            (2, "stable", 1.0), (3, "stable", 1.0)])
+@pytest.mark.parametrize("directions", [1, "all"])
+def test_default_forget_biases(ndim, cell, bias, directions):
+    """README's initialisation note: graves/spatial forget gates start at 1/N each (bias
+    −ln(N−1)), the 1D LSTM's and the stable cell's single forget gate at σ(1); other biases 0."""
+    D = 4
+    layer = WavefrontLSTM(ndim, 1, D, cell=cell, dtype=np.float64,
+                          directions=2 ** ndim if directions == "all" else 1)
+    b = layer.params.b.reshape(-1, (ndim + 3) * D)
+    n_forget = 1 if cell == "stable" else ndim
+    np.testing.assert_allclose(b[:, D:(1 + n_forget) * D], bias, rtol=1e-15, atol=0)
+    assert not b[:, :D].any() and not b[:, (1 + n_forget) * D:].any()
+
+
+def test_3d_default_init_does_not_overflow_on_a_large_volume():
+    """The 3D counterpart of test_default_init_does_not_overflow_on_large_grids: with forget
+    biases 0 (σ = 1/2 each, three of them) the state grows ~1.5x per plane."""
+    x = np.random.default_rng(0).uniform(0, 1, (1, 16, 16, 16, 1)).astype(np.float32)
+    layer = MDLSTM3D(1, 4)
+    layer.forward(x)
+    assert np.abs(layer._saved["c"]).max() < 100
+    layer = MDLSTM3D(1, 4, forget_bias=0.0)
+    layer.forward(x)
+    assert np.abs(layer._saved["c"]).max() > 1e5

@@ -134,3 +134,20 @@ def test_nested_sequential_with_linear_trains_every_layer(rng):
     before = [layer.params.data.copy() for layer in net.layers]
     Adam(net, lr=0.1).step()
     assert all((b != layer.params.data).all() for b, layer in zip(before, net.layers))
+
+
+@pytest.mark.parametrize("ndim,k", [(1, 3), (2, 2), (3, 2)])
+def test_block_subsample_channel_order_and_inverse(ndim, k, rng):
+    """Output cell (b, i_1..i_N), channel (o_1..o_N, c) in row-major order holds input cell
+    (b, k·i_1 + o_1, .., k·i_N + o_N), channel c; backward puts every value back."""
+    from mdnumba import BlockSubsample
+    C, dims = 2, (2 * k, k, 3 * k)[:ndim]
+    x = rng.standard_normal((2,) + dims + (C,))
+    sub = BlockSubsample(k, ndim=ndim)
+    y = sub.forward(x)
+    assert y.shape == (2,) + tuple(n // k for n in dims) + (k ** ndim * C,)
+    for idx in np.ndindex(y.shape):
+        b, cell, ch = idx[0], idx[1:-1], idx[-1]
+        offsets, c = np.unravel_index(ch, (k,) * ndim + (C,))[:-1], ch % C
+        assert y[idx] == x[(b,) + tuple(k * i + o for i, o in zip(cell, offsets)) + (c,)]
+    np.testing.assert_array_equal(sub.backward(y), x)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mdnumba import LSTM1D, MDLSTM2D, Adam
+from mdnumba import LSTM1D, MDLSTM2D, Adam, RMSprop
 from mdnumba import reference as ref
 
 
@@ -40,6 +40,31 @@ def test_global_norm_clipping():
     # first Adam step moves every parameter by lr regardless of scale; moments reveal clipping
     np.testing.assert_allclose(opt.m[0], 0.1 * 3.0 / norm, rtol=1e-12)
     np.testing.assert_allclose(opt.m[1], 0.1 * 4.0 / norm, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["adam", "rmsprop"])
+def test_clipped_steps_match_the_reference_on_the_clipped_gradient(name, rng):
+    """With ``clip_norm`` below the global norm of two parameter groups, every step (update and
+    both moments) equals the reference's on ``g · clip/‖g‖``."""
+    ps = [rng.standard_normal(5), rng.standard_normal((2, 3))]
+    gs = [rng.standard_normal(5) * 3, rng.standard_normal((2, 3)) * 3]
+    norm = np.sqrt(sum((g ** 2).sum() for g in gs))
+    clip = 0.3 * norm
+    opt = (Adam(list(zip(ps, gs)), lr=0.1, betas=(0.8, 0.99), eps=1e-6, clip_norm=clip) if name == "adam"
+           else RMSprop(list(zip(ps, gs)), lr=0.1, rho=0.9, eps=1e-6, clip_norm=clip))
+    want = [(p.copy(), np.zeros_like(p), np.zeros_like(p)) for p in ps]
+
+    def ref_step(p, g, m, v, t):
+        if name == "adam":
+            return ref.adam_step(p, g, m, v, t, 0.1, 0.8, 0.99, 1e-6)
+        p, v = ref.rmsprop_step(p, g, v, 0.1, 0.9, 1e-6)
+        return p, m, v  # RMSprop's first moment stays 0
+    for t in range(1, 4):
+        assert opt.step() == pytest.approx(norm, rel=1e-12)  # the norm before clipping
+        for k, (p, m, v) in enumerate(want):
+            want[k] = ref_step(p, gs[k] * (clip / norm), m, v, t)
+            for what, got, w in zip("pmv", (ps[k], opt.m[k], opt.v[k]), want[k]):
+                np.testing.assert_allclose(got.reshape(w.shape), w, rtol=1e-12, err_msg=f"{what}{k} t={t}")
 
 
 def test_state_dict_roundtrip(rng):

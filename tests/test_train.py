@@ -101,6 +101,16 @@ def test_non_finite_gradients_name_the_step_the_kept_checkpoint_and_unused_remed
         tr.run()
 
 
+def test_a_resumed_run_knows_its_checkpoint_is_kept(tmp_path):
+    """After --resume, divergence at the first new step names the loaded checkpoint as kept."""
+    make_trainer(TrainConfig(steps=2, **KW), tmp_path).run()
+    tr = Trainer.load(tmp_path, steps=4)
+    assert tr.saved_step == tr.step == 2
+    tr.model.layers[0].params.data[...] = np.nan
+    with pytest.raises(FloatingPointError, match=r"at step 3 \(the checkpoint of step 2 is kept\)"):
+        tr.run()
+
+
 @pytest.mark.parametrize("edit,match", [
     (lambda c: c.update(hidden=-5), "invalid config.*--hidden must be >= 1"),
     (lambda c: c.update(colour="red"), r"does not know \(\['colour'\]\)"),
