@@ -8,7 +8,7 @@ import platform
 import numba
 import numpy as np
 
-from . import __version__, config
+from . import __version__, config, kernel_cache
 
 
 def cuda_status() -> str:
@@ -54,6 +54,7 @@ def collect_info() -> dict[str, str]:
                          f"{os.environ.get('GOMP_SPINCOUNT', 'unset')}, see README 'Two jobs')",
         "default dtype": np.dtype(config.DEFAULT_DTYPE).name,
         "fastmath": str(config.FASTMATH),
+        "kernel cache": kernel_cache.describe() if config.CACHE else "off (MDNUMBA_CACHE=0 or unknown Numba)",
         "cuda": cuda_status(),
         "cuda sweep path": cuda_sweep_path(),
     }

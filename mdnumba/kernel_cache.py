@@ -83,3 +83,12 @@ def install(variant: str) -> bool:
     if KernelCacheLocator not in _CacheImpl._locator_classes:
         _CacheImpl._locator_classes.insert(0, KernelCacheLocator)
     return True
+
+
+def describe() -> str:
+    """Where the kernels of ``kernels/wavefront.py`` are cached, the variant and the digest."""
+    from .kernels import wavefront
+    locator = KernelCacheLocator.from_function(wavefront.wavefront_forward.py_func, wavefront.__file__)
+    if locator is None:
+        return "no writable cache folder: kernels are compiled in every process"
+    return f"{locator.get_cache_path()} (sources {KernelCacheLocator.digest[:12]})"

@@ -24,6 +24,9 @@ def test_info(runner):
     res = runner.invoke(main, ["info"])
     assert res.exit_code == 0, res.output
     assert "numba" in res.output and "cuda" in res.output
+    from mdnumba import config
+    if config.CACHE:  # where the kernels are cached, per fastmath setting
+        assert "exact" in res.output or "fastmath" in res.output
 
 
 def test_train_writes_log_and_checkpoint(runner, tmp_path):
