@@ -210,3 +210,126 @@ def test_char_lm_resumed_after_ctrl_c_logs_what_an_uninterrupted_run_logs(tmp_pa
         keep = [k for k, c in enumerate(rows[0]) if c not in ("time", "chars_per_s")]
         return [[r[k] for k in keep] for r in rows]
     assert logged("a") == logged("b")
+
+
+# ---------------------------------------------------------------- values, not just running
+def test_softmax_xent_is_stable_for_large_logits():
+    loss, dz, p = softmax_xent(np.array([[1000.0, 0.0, -5.0]]), np.array([0]))
+    assert loss == pytest.approx(0.0, abs=1e-12) and np.isfinite(dz).all()
+    loss, dz, _ = softmax_xent(np.array([[-1000.0, 0.0, 0.0]]), np.array([1]))
+    assert loss == pytest.approx(np.log(2)) and np.isfinite(dz).all()
+
+
+class _StubLM:
+    """Logits from a rule on the context: ``rule(context ids) -> logits of the next char``;
+    records the context lengths it was given."""
+
+    def __init__(self, rule):
+        self.rule, self.contexts = rule, []
+
+    def forward(self, ids):
+        self.contexts.append(ids.shape[1])
+        out = np.zeros(ids.shape + (5,))
+        out[0, -1] = self.rule(ids[0])
+        return out
+
+
+def test_sampling_temperature_divides_the_logits():
+    corpus = Corpus.from_vocab(list("abcde"))
+    from mdnumba.charlm import sample_text
+    stub = _StubLM(lambda ids: np.array([2.0, 0, 0, 0, 0]))
+    cold = sample_text(stub, corpus, 300, 0.1, np.random.default_rng(0), prime="a")
+    assert cold == "a" * 301
+    hot = sample_text(stub, corpus, 4000, 10.0, np.random.default_rng(0), prime="a")[1:]
+    assert hot.count("a") / 4000 == pytest.approx(np.exp(0.2) / (np.exp(0.2) + 4), abs=0.03)
+
+
+def test_sampling_conditions_on_the_last_window_characters():
+    corpus = Corpus.from_vocab(list("abcde"))
+    from mdnumba.charlm import sample_text
+    stub = _StubLM(lambda ids: 50.0 * np.eye(5)[(ids[-1] + 1) % 5])  # next = last + 1
+    text = sample_text(stub, corpus, 12, 1.0, np.random.default_rng(0), prime="ab", window=3)
+    assert text == "abcdeabcdeabcd"
+    assert max(stub.contexts) == 3
+
+
+def test_batches_are_windows_and_next_character_targets():
+    alphabet = "abcdefghijklmnopqrstuvwxyz"
+    corpus = Corpus.from_text(alphabet * 8)
+    x, y = corpus.batch(np.random.default_rng(0), "train", 6, 7)
+    assert x.shape == y.shape == (6, 7)
+    np.testing.assert_array_equal(y, (x + 1) % 26)   # the character after each input
+    np.testing.assert_array_equal(np.diff(x, axis=1) % 26, 1)   # contiguous windows
+
+
+def test_the_last_tenth_is_held_out():
+    corpus = Corpus.from_text("a" * 90 + "b" * 10)
+    assert len(corpus.train) == 90 and corpus.decode(corpus.val) == "b" * 10
+
+
+def test_dropout_rate_and_scale(rng):
+    y = Dropout(0.2).forward(np.ones(100_000), rng)
+    assert (y == 0).mean() == pytest.approx(0.2, abs=0.01) and set(np.unique(y)) == {0.0, 1.25}
+
+
+def test_char_lm_trains_with_dropout_and_validates_on_the_held_out_text(textfile, monkeypatch):
+    """Training windows come from the train split with dropout active; evaluation reads the
+    validation split without dropout; bits per char = nats / ln 2."""
+    calls = {"batch": [], "dropout": []}
+    real_batch, real_drop = Corpus.batch, Dropout.forward
+
+    def batch(self, rng, split, *a):
+        calls["batch"].append(split)
+        return real_batch(self, rng, split, *a)
+
+    def drop(self, x, rng):
+        calls["dropout"].append(rng is not None)
+        return real_drop(self, x, rng)
+    monkeypatch.setattr(Corpus, "batch", batch)
+    monkeypatch.setattr(Dropout, "forward", drop)
+    tr = make_trainer(TrainConfig(model="stacked", task="char-lm", data=str(textfile), hidden=4, layers=1,
+                                  seq_len=8, batch=2, steps=1, dropout=0.5))
+    m = tr.train_step()
+    assert calls["batch"][0] == "train" and set(calls["batch"][1:]) == {"val"}
+    n_drop = len(tr.model.drops)
+    assert calls["dropout"][:n_drop] == [True] * n_drop and not any(calls["dropout"][n_drop:])
+    assert m["bpc"] == pytest.approx(m["loss"] / np.log(2), rel=1e-12)
+    ev = tr.evaluate(batches=2)
+    assert ev["val_bpc"] == pytest.approx(ev["val_loss"] / np.log(2), rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["grid", "stacked"])
+def test_gradients_with_dropout_finite_differences(kind, rng):
+    """With the dropout masks held fixed (the same seed on every call), backward is the
+    derivative of the dropped-out forward, the embedding included."""
+    model = CharLM(kind, vocab=5, hidden=3, layers=2, dropout=0.3, seed=1, dtype=np.float64)
+    x, y = rng.integers(0, 5, (2, 4)), rng.integers(0, 5, (2, 4))
+
+    def loss():
+        return softmax_xent(model.forward(x, np.random.default_rng(7)), y)[0]
+    model.zero_grad()
+    model.backward(softmax_xent(model.forward(x, np.random.default_rng(7)), y)[1])
+    for layer in model.layers:
+        for name in layer.layout.shapes:
+            assert_grad_close(layer.grads[name], numeric_grad(loss, layer.params[name]),
+                              name=f"{type(layer).__name__}.{name}")
+
+
+def test_cli_seeds_reach_sample_and_evaluate_and_tie_depth_is_the_default(tmp_path, textfile):
+    runner = CliRunner()
+    run = tmp_path / "run"
+    res = runner.invoke(main, ["train", "--task", "char-lm", "--model", "grid", "--data", str(textfile),
+                               "--hidden", "4", "--layers", "2", "--seq-len", "8", "--batch", "2",
+                               "--steps", "2", "--out", str(run)])
+    assert res.exit_code == 0, res.output
+    import json
+    assert json.loads((run / "config.json").read_text())["config"]["tie_depth"] is True
+
+    def out(*args):
+        r = runner.invoke(main, list(args))
+        assert r.exit_code == 0, r.output
+        return r.output
+    sample = ["sample", str(run), "--length", "60", "--temperature", "3"]
+    assert out(*sample, "--seed", "1") == out(*sample, "--seed", "1") != out(*sample, "--seed", "2")
+    assert out("evaluate", str(run), "--seed", "1") == out("evaluate", str(run), "--seed", "1") \
+        != out("evaluate", str(run), "--seed", "2")
