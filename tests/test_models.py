@@ -151,3 +151,40 @@ def test_block_subsample_channel_order_and_inverse(ndim, k, rng):
         offsets, c = np.unravel_index(ch, (k,) * ndim + (C,))[:-1], ch % C
         assert y[idx] == x[(b,) + tuple(k * i + o for i, o in zip(cell, offsets)) + (c,)]
     np.testing.assert_array_equal(sub.backward(y), x)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_diagonal_task_is_the_designed_one(ndim):
+    """DESIGN §3: x ~ U[0, 0.1] with 1s at p and p + (1,..,1), p uniform in [1, n-2]^N; y is x
+    shifted one step back along the last axis (wrapping); ``second`` is y's second 1."""
+    from mdnumba.tasks.diagonal import sample_diagonal_nd
+    n = 6
+    b = sample_diagonal_nd(np.random.default_rng(0), 400, n, ndim, np.float64)
+    x, y = b.x[..., 0], b.y[..., 0]
+    np.testing.assert_array_equal(y, np.roll(x, -1, axis=ndim))
+    p = b.second.copy()
+    p[:, :-1] -= 1  # second = p + (1, .., 1, 0)
+    assert p.min() == 1 and p.max() == n - 2 and all(len(np.unique(p[:, d])) == n - 2 for d in range(ndim))
+    bi = np.arange(400)
+    assert (x[(bi,) + tuple(p.T)] == 1).all() and (x[(bi,) + tuple(p.T + 1)] == 1).all()
+    assert (y[(bi,) + tuple(b.second.T)] == 1).all()
+    assert (x == 1).sum() == 800 and x[x != 1].max() < 0.1 and x.min() >= 0
+
+
+def test_task_metrics_values():
+    from mdnumba.tasks.binary_addition import AdditionBatch, addition_metrics, sample_addition
+    from mdnumba.tasks.diagonal import diagonal_metrics, sample_diagonal
+    batch = sample_diagonal(np.random.default_rng(0), 4, 5, np.float64)
+    prob = np.full(batch.y.shape, 0.9)
+    prob[(np.arange(4),) + tuple(batch.second.T) + (0,)] = [0.5, 0.5, 0.9, 0.2]
+    m = diagonal_metrics(prob, 1.5, batch)
+    assert m == pytest.approx({"loss": 1.5, "relevant_loss": (0.25 * 2 + 0.01 + 0.64) / 4,
+                               "second_x_acc": 0.25})
+    y = np.ones((2, 2, 1))
+    m = addition_metrics(np.array([[0.9, 0.1], [0.9, 0.9]])[..., None], 0.3, AdditionBatch(y, y))
+    assert m == pytest.approx({"loss": 0.3, "bit_acc": 0.75, "number_acc": 0.5})
+    add = sample_addition(np.random.default_rng(0), 50, 6)
+    weights = 2 ** np.arange(7)
+    a, b, s = add.x[..., 0] @ weights, add.x[..., 1] @ weights, add.y[..., 0] @ weights
+    np.testing.assert_array_equal(a + b, s)
+    assert a.max() < 64 and b.max() < 64   # 6-bit numbers, the 7th step holds the carry

@@ -123,3 +123,35 @@ def test_bad_checkpoint_configs_are_checkpoint_errors(tmp_path, edit, match):
     save_checkpoint(tmp_path, arrays, meta)
     with pytest.raises(CheckpointError, match=match):
         Trainer.load(tmp_path)
+
+
+def test_the_seed_chooses_the_data_and_evaluate_has_its_own():
+    """Different seeds train on different batches; evaluate draws from its own RNG (the same
+    numbers every call, the training stream untouched) at the size it is given."""
+    def first_batch(seed):
+        tr = make_trainer(TrainConfig(**dict(KW, seed=seed)))
+        return tr.sample_batch(tr.rng, 5).x
+    np.testing.assert_array_equal(first_batch(1), first_batch(1))
+    assert not np.array_equal(first_batch(1), first_batch(2))
+    tr = make_trainer(TrainConfig(**KW))
+    state = tr.rng.bit_generator.state
+    assert tr.evaluate(batches=2) == tr.evaluate(batches=2)
+    assert tr.rng.bit_generator.state == state
+    assert tr.evaluate(size=9, batches=2) != tr.evaluate(batches=2)
+
+
+def test_binary_addition_trains_on_every_length_up_to_size():
+    tr = make_trainer(TrainConfig(model="lstm", task="binary-addition", size=4, batch=2, hidden=2))
+    assert {tr.sample_batch(tr.rng, 4).x.shape[1] for _ in range(200)} == {2, 3, 4, 5}  # bits + carry
+
+
+def test_checkpoint_every_reaches_the_trainer(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from mdnumba.cli.main import main
+    saved = []
+    real = Trainer.save
+    monkeypatch.setattr(Trainer, "save", lambda self: saved.append(self.step) or real(self))
+    res = CliRunner().invoke(main, ["train", "--size", "5", "--batch", "2", "--hidden", "2", "--steps", "6",
+                                    "--checkpoint-every", "4", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    assert saved == [4, 6]
