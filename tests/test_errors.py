@@ -78,7 +78,8 @@ def test_constructor_errors(kwargs, exc, match):
 
 
 @pytest.mark.parametrize("args,exc", [((0, 4), ValueError), ((3, 0), ValueError),
-                                      ((3.5, 4), TypeError), ((3, -1), ValueError)])
+                                      ((3.5, 4), TypeError), ((3, -1), ValueError),
+                                      ((True, 4), TypeError), ((2, True), TypeError)])
 def test_size_errors(args, exc):
     with pytest.raises(exc):
         MDLSTM2D(*args)

@@ -106,16 +106,17 @@ def test_named_views_share_one_flat_buffer():
     assert 42.0 in p.data
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
-def test_copies_keep_views_into_their_own_flat_buffer(how, rng):
+def test_copies_keep_views_into_their_own_flat_buffer(how, dtype, rng):
     """A layer copied with its optimiser: the copy's views (aliases too) lie in its own ``data``,
     which the copied optimiser updates."""
     import copy
     import pickle
 
     from mdnumba import Adam
-    layer = MDLSTM2D(1, 3, seed=0)
-    x = rng.random((2, 3, 4, 1), dtype=np.float32)
+    layer = MDLSTM2D(1, 3, seed=0, dtype=dtype)
+    x = rng.random((2, 3, 4, 1)).astype(dtype)
     y = layer.forward(x)
     pair = (layer, Adam(layer, lr=0.1))
     twin, twin_opt = copy.deepcopy(pair) if how == "deepcopy" else pickle.loads(pickle.dumps(pair))

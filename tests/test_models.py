@@ -188,3 +188,13 @@ def test_task_metrics_values():
     a, b, s = add.x[..., 0] @ weights, add.x[..., 1] @ weights, add.y[..., 0] @ weights
     np.testing.assert_array_equal(a + b, s)
     assert a.max() < 64 and b.max() < 64   # 6-bit numbers, the 7th step holds the carry
+
+
+def test_sigmoid_readout_never_overflows():
+    """σ(z) for |z| up to 1e4 with no floating-point warning (exp only of −|z|)."""
+    import warnings
+
+    from mdnumba.losses import sigmoid
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(sigmoid(np.array([-1e4, 0.0, 1e4])), [0.0, 0.5, 1.0])

@@ -1,5 +1,6 @@
 """The training loop: Ctrl-C between steps, curriculum extension, non-finite losses, checkpoint configs."""
 
+import os
 import signal
 
 import numpy as np
@@ -155,3 +156,21 @@ def test_checkpoint_every_reaches_the_trainer(tmp_path, monkeypatch):
                                     "--checkpoint-every", "4", "--out", str(tmp_path / "run")])
     assert res.exit_code == 0, res.output
     assert saved == [4, 6]
+
+
+def test_checkpoint_files_are_atomic_typed_and_get_the_umasks_mode(tmp_path):
+    from mdnumba.checkpoint import CHECKPOINT, atomic_write_bytes
+    target = tmp_path / "file.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(ZeroDivisionError):
+        atomic_write_bytes(target, lambda fh: (fh.write(b"half"), 1 / 0))
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["file.bin"]
+    np.savez(tmp_path / CHECKPOINT, meta=np.array('{"format": "someone-else-1"}'))  # a foreign .npz
+    with pytest.raises(CheckpointError, match="not an mdnumba-checkpoint-1 file"):
+        load_checkpoint(tmp_path)
+    old = os.umask(0o002)
+    try:
+        save_checkpoint(tmp_path, {"a": np.zeros(2)}, {"step": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / CHECKPOINT).stat().st_mode & 0o777 == 0o664
