@@ -259,6 +259,7 @@ def test_plot_without_matplotlib_stops_before_training(runner, tmp_path, monkeyp
     (["--lr", "-1"], "--lr must be a finite number > 0"),
     (["--models", "md,md"], "each model once"),
     (["--seed", "-2"], "--seed"),
+    (["--models", ","], "not valid"),
 ])
 def test_compare_checks_options_before_creating_anything(runner, tmp_path, args, message):
     res = runner.invoke(main, ["compare", "--out", str(tmp_path / "cmp"), *args])
@@ -293,11 +294,12 @@ def test_overwrite_removes_the_old_runs_files(runner, tmp_path):
     run = tmp_path / "run"
     assert train(runner, run).exit_code == 0
     (run / "predictions.png").write_bytes(b"old plot")
+    (run / "loss.png").write_bytes(b"old plot")
     res = runner.invoke(main, ["train", "--model", "md3d", "--task", "diagonal3d", "--size", "4",
                                "--batch", "2", "--hidden", "2", "--steps", "2", "--out", str(run),
                                "--overwrite"])
     assert res.exit_code == 0, res.output
-    assert not (run / "predictions.png").exists()
+    assert not (run / "predictions.png").exists() and not (run / "loss.png").exists()
     assert json.loads((run / "config.json").read_text())["config"]["model"] == "md3d"
 
 
@@ -345,3 +347,27 @@ def test_a_hand_edited_checkpoint_step_is_reported(runner, tmp_path):
     save_checkpoint(tmp_path / "run", arrays, meta)
     res = runner.invoke(main, ["evaluate", str(tmp_path / "run")])
     assert res.exit_code == 1 and "damaged" in res.output, res.output
+
+
+def test_resume_and_evaluate_refuse_what_the_run_would_ignore(runner, tmp_path):
+    run = tmp_path / "run"
+    assert train(runner, run).exit_code == 0
+    text = tmp_path / "t.txt"
+    text.write_text("some text")
+    for extra, message in ((["--sync-every", "5"], "--sync-every (--device cuda only)"),
+                           (["--data", str(text)], "--data (char-lm only)"),
+                           (["--overwrite"], "leave out --out and --overwrite")):
+        res = runner.invoke(main, ["train", "--resume", str(run), "--steps", "8", *extra])
+        assert res.exit_code == 2 and message in res.output, (extra, res.output)
+    res = runner.invoke(main, ["evaluate", str(run), "--data", str(text)])
+    assert res.exit_code == 2 and "applies to char-lm runs only" in res.output, res.output
+
+
+def test_compare_replaces_its_default_folder(runner, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["compare", "--models", "md", "--size", "4", "--batch", "2", "--hidden", "2", "--steps", "2",
+            "--no-plot"]
+    for _ in range(2):
+        res = runner.invoke(main, args)
+        assert res.exit_code == 0, res.output
+    assert (tmp_path / "runs" / "compare" / "md" / "log.tsv").exists()

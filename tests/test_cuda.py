@@ -214,6 +214,20 @@ def sim_gemm_matches_numpy(method, rng):
         gpu.gemm(np.zeros((2, 2)), np.zeros((2, 3)), np.zeros((2, 2)))
 
 
+def sim_gemm_k_split_over_many_tiles(rng):
+    """The tiled GEMM with its K split over a grid of several row and column tiles, every tile
+    reducing its own chunks (on a GPU the blocks run at once: a counter shared between tiles
+    would race; at the GPU's 64x64 tiles this needs the larger shape)."""
+    from mdnumba.kernels import wavefront_cuda as gpu
+    M, N, K = (9, 10, 7) if gpu.SIMULATOR else (130, 200, 300)
+    for ta, tb in ((False, False), (True, True)):
+        a = rng.standard_normal((K, M) if ta else (M, K))
+        b = rng.standard_normal((N, K) if tb else (K, N))
+        out = np.zeros((M, N))
+        gpu.gemm(out, a, b, ta=ta, tb=tb, method="tiled", nsplit=4)
+        np.testing.assert_allclose(out, (a.T if ta else a) @ (b.T if tb else b), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("kw,clip,clipped", [({}, 0.5, False),
                                               ({"cell": "stable", "directions": 4}, 1e-3, True)])
 def sim_device_training_matches_cpu(kw, clip, clipped, rng):
@@ -327,6 +341,84 @@ def sim_device_layers_match_host(rng):
     assert model.backward(np.cos(z), input_grad=False) is None
     for a, b in zip(model.layers, host.layers):
         np.testing.assert_allclose(a.grads_to_host(), b.grads.data, rtol=1e-10, atol=1e-14)
+
+
+def sim_device_layer_contracts(rng):
+    """Across repeated calls: a returned h or dx is never overwritten by a later call; NumPy in
+    gives NumPy out (CudaLSTM, CudaLinear); the NumPy-API layer's gradients after zero_grad are
+    those of the last backward alone (the device buffers start from zero every time)."""
+    from numba import cuda
+
+    from mdnumba.backend_cuda import CudaLinear, CudaLSTM
+    from mdnumba.kernels import wavefront_cuda as gpu
+    from mdnumba.layers import Linear
+    x, dh = rng.standard_normal((2, 3, 4, 2)), rng.standard_normal((2, 3, 4, 3))
+    dev = CudaLSTM.from_layer(MDLSTM2D(2, 3, seed=1, dtype=np.float64))
+    h1 = dev.forward(cuda.to_device(x))
+    dx1 = dev.backward(cuda.to_device(dh))
+    kept = h1.copy_to_host(), dx1.copy_to_host()
+    dev.forward(cuda.to_device(2 * x))
+    dev.backward(cuda.to_device(2 * dh))
+    np.testing.assert_array_equal(h1.copy_to_host(), kept[0])
+    np.testing.assert_array_equal(dx1.copy_to_host(), kept[1])
+    lin = CudaLinear.from_layer(Linear(3, 2, seed=1, dtype=np.float64))
+    for out in (dev.forward(x), dev.backward(dh), lin.forward(dh), lin.backward(np.ones((2, 3, 4, 2)))):
+        assert isinstance(out, np.ndarray) and not gpu.is_device_array(out)
+    layer = MDLSTM2D(2, 3, seed=1, dtype=np.float64, device="cuda")
+    grads = []
+    for _ in range(2):
+        layer.zero_grad()
+        layer.forward(x)
+        layer.backward(dh)
+        grads.append(layer.grads.data.copy())
+    np.testing.assert_array_equal(grads[1], grads[0])
+
+
+def sim_device_adam_norm_and_a_skipped_step(rng):
+    """CudaAdam.grad_norm() is the current gradients' L2 norm; a step refused for a non-finite
+    gradient leaves t (Adam's bias correction) and the parameters as they were."""
+    from mdnumba.backend_cuda import CudaAdam, CudaLSTM
+    dev = CudaLSTM.from_layer(MDLSTM2D(2, 3, seed=1, dtype=np.float64))
+    opt = CudaAdam([dev], lr=0.1)
+    for _ in range(2):
+        g = rng.standard_normal(dev.grads.shape)
+        dev.grads.copy_to_device(g)
+        assert opt.grad_norm() == pytest.approx(np.linalg.norm(g), rel=1e-12)
+        opt.step()
+    before = dev.params_to_host()
+    g[3] = np.nan
+    dev.grads.copy_to_device(g)
+    with pytest.raises(FloatingPointError):
+        opt.step()
+    assert opt.t == 2
+    np.testing.assert_array_equal(dev.params_to_host(), before)
+
+
+def sim_device_divergence_and_ctrl_c_across_a_curriculum_switch(tmp_path, monkeypatch):
+    """A device run whose gradients turn NaN stops with the CPU trainer's message; Ctrl-C in a
+    block that crosses a curriculum switch rewinds the RNG over batches of both sizes."""
+    from mdnumba.train import TrainConfig, Trainer, make_trainer
+    from mdnumba.train_device import DeviceTrainer
+    kw = dict(size=5, batch=2, hidden=2, dtype="float64", curriculum=(4,))
+    tr = make_trainer(TrainConfig(steps=2, device="cuda", **kw))
+    tr.model.layers[0].set_params(np.full(tr.model.layers[0].params.shape, np.nan))
+    with pytest.raises(FloatingPointError, match="the gradients became NaN or infinite at step 1"):
+        tr.run()
+    calls, real = {"n": 0}, DeviceTrainer._device_step
+
+    def interrupted(self, *args):  # block of 5 = sizes 4, 4, 4, 5, 5: Ctrl-C in step 4
+        calls["n"] += 1
+        if calls["n"] == 4:
+            signal.raise_signal(signal.SIGINT)
+        return real(self, *args)
+    monkeypatch.setattr(DeviceTrainer, "_device_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(TrainConfig(steps=6, sync_every=5, checkpoint_every=6, device="cuda", **kw),
+                     tmp_path).run()
+    cpu = make_trainer(TrainConfig(steps=4, curriculum_steps=6, **kw))
+    cpu.run()
+    back = Trainer.load(tmp_path)
+    assert back.step == 4 and back.rng.bit_generator.state == cpu.rng.bit_generator.state
 
 
 @pytest.mark.parametrize("loss", ["bce", "mse"])
@@ -461,6 +553,8 @@ def sim_cli_trains_on_device(tmp_path):
     res = CliRunner().invoke(main, ["train", "--resume", str(tmp_path), "--steps", "5"])
     assert res.exit_code == 0 and "resuming" in res.output, res.output
     assert len((tmp_path / "log.tsv").read_text().splitlines()) == 6
+    res = CliRunner().invoke(main, ["train", "--resume", str(tmp_path), "--steps", "6", "--sync-every", "1"])
+    assert res.exit_code == 0, res.output  # --sync-every may change on resume (train --help)
 
 
 def sim_readme_gpu_example_runs():
