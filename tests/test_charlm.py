@@ -1,5 +1,7 @@
 """Char-level LM pieces: corpus errors, embedding, dropout, softmax loss, RMSprop, models, CLI."""
 
+import json
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -7,7 +9,7 @@ from gradcheck import assert_grad_close, numeric_grad
 from mdnumba.cli.main import main
 
 from mdnumba import reference as ref
-from mdnumba.charlm import CharLM, Corpus, CorpusError, Dropout, Embedding, softmax_xent
+from mdnumba.charlm import CharLM, Corpus, CorpusError, Dropout, Embedding, sample_text, softmax_xent
 from mdnumba.optim import RMSprop
 from mdnumba.train import TrainConfig, make_trainer
 
@@ -61,15 +63,21 @@ def test_rmsprop_matches_reference(rng):
     np.testing.assert_allclose(p, want, rtol=1e-12)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("kind", ["grid", "stacked"])
-def test_model_gradients_finite_differences(kind, rng):
-    model = CharLM(kind, vocab=5, hidden=3, layers=2, seed=1, dtype=np.float64)
+def test_model_gradients_finite_differences(kind, dropout, rng):
+    """backward == finite differences of forward; with dropout the masks are held fixed (the
+    same seed on every call), so the embedding's gradient goes through its mask too."""
+    model = CharLM(kind, vocab=5, hidden=3, layers=2, dropout=dropout, seed=1, dtype=np.float64)
     x, y = rng.integers(0, 5, (2, 4)), rng.integers(0, 5, (2, 4))
 
+    def forward():
+        return model.forward(x, np.random.default_rng(7) if dropout else None)
+
     def loss():
-        return softmax_xent(model.forward(x), y)[0]
+        return softmax_xent(forward(), y)[0]
     model.zero_grad()
-    model.backward(softmax_xent(model.forward(x), y)[1])
+    model.backward(softmax_xent(forward(), y)[1])
     for layer in model.layers:
         for name in layer.layout.shapes:
             assert_grad_close(layer.grads[name], numeric_grad(loss, layer.params[name]),
@@ -236,7 +244,6 @@ class _StubLM:
 
 def test_sampling_temperature_divides_the_logits():
     corpus = Corpus.from_vocab(list("abcde"))
-    from mdnumba.charlm import sample_text
     stub = _StubLM(lambda ids: np.array([2.0, 0, 0, 0, 0]))
     cold = sample_text(stub, corpus, 300, 0.1, np.random.default_rng(0), prime="a")
     assert cold == "a" * 301
@@ -246,7 +253,6 @@ def test_sampling_temperature_divides_the_logits():
 
 def test_sampling_conditions_on_the_last_window_characters():
     corpus = Corpus.from_vocab(list("abcde"))
-    from mdnumba.charlm import sample_text
     stub = _StubLM(lambda ids: 50.0 * np.eye(5)[(ids[-1] + 1) % 5])  # next = last + 1
     text = sample_text(stub, corpus, 12, 1.0, np.random.default_rng(0), prime="ab", window=3)
     assert text == "abcdeabcdeabcd"
@@ -298,23 +304,6 @@ def test_char_lm_trains_with_dropout_and_validates_on_the_held_out_text(textfile
     assert ev["val_bpc"] == pytest.approx(ev["val_loss"] / np.log(2), rel=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["grid", "stacked"])
-def test_gradients_with_dropout_finite_differences(kind, rng):
-    """With the dropout masks held fixed (the same seed on every call), backward is the
-    derivative of the dropped-out forward, the embedding included."""
-    model = CharLM(kind, vocab=5, hidden=3, layers=2, dropout=0.3, seed=1, dtype=np.float64)
-    x, y = rng.integers(0, 5, (2, 4)), rng.integers(0, 5, (2, 4))
-
-    def loss():
-        return softmax_xent(model.forward(x, np.random.default_rng(7)), y)[0]
-    model.zero_grad()
-    model.backward(softmax_xent(model.forward(x, np.random.default_rng(7)), y)[1])
-    for layer in model.layers:
-        for name in layer.layout.shapes:
-            assert_grad_close(layer.grads[name], numeric_grad(loss, layer.params[name]),
-                              name=f"{type(layer).__name__}.{name}")
-
-
 def test_cli_seeds_reach_sample_and_evaluate_and_tie_depth_is_the_default(tmp_path, textfile):
     runner = CliRunner()
     run = tmp_path / "run"
@@ -322,7 +311,6 @@ def test_cli_seeds_reach_sample_and_evaluate_and_tie_depth_is_the_default(tmp_pa
                                "--hidden", "4", "--layers", "2", "--seq-len", "8", "--batch", "2",
                                "--steps", "2", "--out", str(run)])
     assert res.exit_code == 0, res.output
-    import json
     assert json.loads((run / "config.json").read_text())["config"]["tie_depth"] is True
 
     def out(*args):
