@@ -1,0 +1,61 @@
+"""The benchmark reports' verdicts (bench/ is not a package: imported from its folder).
+
+The benchmarks themselves are not tests (speed is measured, not asserted); what is tested here
+is that a report states the issues' targets from the numbers it measured, on made-up timings.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import bench_cpu  # noqa: E402
+import bench_gpu  # noqa: E402
+
+T = bench_cpu.Timing
+
+
+def gpu_result(cfg: str, coop: float | None, diag: float | None, torch: float | None) -> dict:
+    train = {k: T([v, 2 * v]) for k, v in (("coop", coop), ("diag", diag), ("torch", torch)) if v}
+    return {"cfg": bench_gpu.parse_config(cfg), "train": train, "forward": {}, "sweeps": {},
+            "dispatch": {}, "paths": []}
+
+
+@pytest.mark.parametrize(("coop", "diag", "torch", "verdict"), [
+    (1.0, 2.0, 50.0, "50.0x (target ≥ 50x): **met**"),      # exactly the target
+    (1.0, 2.0, 49.0, "49.0x (target ≥ 50x): **NOT met**"),
+    (None, 1.0, 60.0, "(per-diagonal) = 60.0x"),               # no cooperative launch
+    (2.0, 1.0, 60.0, "(per-diagonal) = 60.0x"),               # the faster path counts
+])
+def test_gpu_target_32(coop, diag, torch, verdict):
+    (line,) = bench_gpu.targets([gpu_result("32", coop, diag, torch)])
+    assert line.startswith("- train step at 32x32 B64 D64: PyTorch / mdnumba")
+    assert verdict in line
+
+
+def test_gpu_targets_both_configs_and_missing_parts():
+    res = [gpu_result("32", 1.0, None, 10.0), gpu_result("128", 1.0, None, 99.0),
+           gpu_result("256", 1.0, None, 20.0)]
+    lines = bench_gpu.targets(res)
+    assert len(lines) == 2 and "NOT met" in lines[0] and "256x256 B8 D128" in lines[1]
+    assert "20.0x (target ≥ 20x): **met**" in lines[1]
+    assert bench_gpu.targets([gpu_result("32", 1.0, 1.0, None)]) == []       # no PyTorch
+    assert bench_gpu.targets([gpu_result("8x8x4x16", 1.0, 1.0, 9.0)]) == []  # no target
+    report = bench_gpu.render({"GPU": "test"}, [gpu_result("32", 1.0, None, None)], quick=True)
+    assert "## Targets (issue 5)\n\n- (not measured in this run" in report
+
+
+def test_cpu_targets():
+    def res(cfg, md, pt):
+        c = bench_cpu.Config(*cfg)
+        return {"cfg": c, "train": {"mdnumba": T([md]), "torch": T([pt])},
+                "forward": {"mdnumba": T([md]), "torch": T([3 * pt])}}
+    lines = bench_cpu.targets([res((32, 32, 16, 32), 0.010, 0.050), res((8, 8, 16, 16), 0.0009, 0.1)])
+    assert lines == [
+        "- train at 32x32 B16 D32: PyTorch / mdnumba = 5.00x (target ≥ 10x): **NOT met**",
+        "- forward at 32x32 B16 D32: PyTorch / mdnumba = 15.00x (target ≥ 5x): **met**",
+        "- train step at 8x8 B16 D16: 0.9 ms (target ≤ 1 ms): **met**",
+    ]
