@@ -5,17 +5,25 @@
 # hypothesis, so bench/fetch_gpu_wheels.sh (run where PyPI is reachable) puts a numpy 2.4.x wheel
 # and hypothesis's wheels for the machine's Python (3.12 on the lent H100/H200 image) in the
 # ignored folder .whl/; name it in the device call's carry.
-# The wheels for this interpreter are installed into /tmp/site and put first on PYTHONPATH.
+# The wheels for this interpreter are installed into a fresh temporary folder put first on PYTHONPATH.
 # mdnumba itself runs from the working tree (PYTHONPATH=.).
 #
-# Usage: bench/run_gpu.sh [--tests | --tests-only | --tune] [bench_gpu.py / tune_gpu.py options]
-#   --tests        also run the real-GPU cases of tests/test_cuda.py (test_gpu: every simulator
-#                  case on the GPU; the simulator runs themselves are CI's)
-#   --tests-only   only the tests (the device tool allows 10 minutes per call: run the tests,
-#                  then the benchmarks, as two calls)
+# Usage: bench/run_gpu.sh [--tests | --tests-only | --tune | --profile] [bench_gpu.py / tune_gpu.py options]
+#   (none)         the benchmarks: bench_gpu.py (-> gpu.md), then bench_family.py --device cuda
+#   --tests        first the real-GPU cases of tests/test_cuda.py (test_gpu: every simulator case
+#                  on the GPU, in concurrent shards; the simulator runs themselves are CI's), then
+#                  the benchmarks: everything in ONE device call (a session's device time is ~15
+#                  minutes, the machine's start included, and one call may run 10)
+#   --tests-only   only the tests (cut at the deadline only)
 #   --tune         only bench/tune_gpu.py: rows per thread x threads per block -> tune_gpu.md
 #   --profile      only Nsight Compute on the sweep and GEMM kernels of bench/profile_gpu.py
 #                  (after 2 warm-up steps) at 32x32 B64 D64 and 256x256 B8 D128 -> ncu_*.csv
+# RUN_GPU_DEADLINE_S (default 570): the seconds the whole script may take (give the device call
+# a timeout_s above it). Every part is cut (SIGINT) where it would run past the deadline, the
+# tests also at TESTS_MAX_S (default 270) so that the benchmarks get their turn, and the
+# benchmark at BENCH_MAX_S (default 300) so that the family benchmark gets one; the parts write
+# as they go (gpu.md after every config, the family table after every shape), so a cut part
+# keeps what it measured. bench_gpu.py times the two configs with targets (32, 256) first.
 # The report goes to $OUT/gpu.md when $OUT is set (the device tool's output folder), else to
 # bench/results/gpu.md (and family_cuda.md from bench_family.py).
 set -euo pipefail
@@ -33,9 +41,10 @@ tag=$(python3 -c 'import sys; print("cp%d%d" % sys.version_info[:2])')
 wheels=$(ls .whl/*.whl 2>/dev/null | grep -E -- "[-.]($tag|py3)-" || true)  # cp312, py3, py2.py3
 if [ -n "$wheels" ]; then
   # shellcheck disable=SC2086  # one path per wheel, no spaces
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site $wheels \
+  site=$(mktemp -d /tmp/mdnumba_site.XXXXXX)  # fresh: nothing left from another Python or run
+  python3 -m pip install -q --no-index --no-deps --target "$site" $wheels \
     || { echo "could not install the carried wheels: $wheels" >&2; exit 1; }
-  export PYTHONPATH=/tmp/site:.
+  export PYTHONPATH="$site:."
 else
   echo "warning: no wheel for $tag in .whl/ ($(ls .whl 2>/dev/null | tr '\n' ' ')); using the image's" \
        "numpy (numba-cuda 0.30.4 does not import with numpy 2.5)" >&2
@@ -58,6 +67,17 @@ mkdir -p "$out_dir"
 # Each part runs even if an earlier one failed (a lent GPU is rare: measure what can be);
 # the script's exit status says whether all of them passed.
 status=0
+deadline=${RUN_GPU_DEADLINE_S:-570}
+part() {  # part CAP_S CMD...: run CMD, cut at CAP_S or at the deadline, whichever comes first
+  local cap=$1 left=$((deadline - SECONDS))
+  shift
+  [ "$left" -lt "$cap" ] && cap=$left
+  if [ "$cap" -lt 15 ]; then
+    echo "SKIPPED (RUN_GPU_DEADLINE_S=$deadline reached): $*" >&2
+    return 1
+  fi
+  timeout --signal=INT --kill-after=20 "$cap" "$@" || { local rc=$?; [ $rc = 124 ] && echo "CUT after $cap s: $*" >&2; return $rc; }
+}
 if [ "$run_tests" = profile ]; then
   command -v ncu > /dev/null || { echo "ncu (Nsight Compute) not found" >&2; exit 1; }
   for cfg in 32 256; do  # 3 matching kernels per step: skip the 2 warm-up steps, profile one step
@@ -70,20 +90,26 @@ if [ "$run_tests" = profile ]; then
   exit $status
 fi
 if [ "$run_tests" = tune ]; then
-  python3 bench/tune_gpu.py --out "$out_dir/tune_gpu.md" "$@" 2>&1 | tee "$out_dir/tune_gpu.log" || status=1
+  part "$deadline" python3 bench/tune_gpu.py --out "$out_dir/tune_gpu.md" "$@" 2>&1 \
+    | tee "$out_dir/tune_gpu.log" || status=1
   exit $status
 fi
 if [ "$run_tests" != 0 ]; then
   python3 -c "import hypothesis" 2> /dev/null \
     || { echo "the tests need hypothesis: run bench/fetch_gpu_wheels.sh and carry .whl" >&2; exit 1; }
-  # -k test_gpu: the real-GPU cases only (the simulator cases and ptxcheck run in CI)
-  python3 -m pytest tests/test_cuda.py -k test_gpu -q -p no:cacheprovider 2>&1 | tee "$out_dir/test_cuda.log" \
+  # -k test_gpu: the real-GPU cases only (the simulator cases and ptxcheck run in CI); the shards'
+  # own logs and reports land in $out_dir/test_cuda_tmp (kept when the part is cut)
+  tests_cap=${TESTS_MAX_S:-270}
+  [ "$run_tests" = 2 ] && tests_cap=$deadline
+  part "$tests_cap" python3 -m pytest tests/test_cuda.py -k test_gpu -q -p no:cacheprovider \
+    --basetemp "$out_dir/test_cuda_tmp" 2>&1 | tee "$out_dir/test_cuda.log" \
     || { status=1; echo "CUDA tests FAILED (see $out_dir/test_cuda.log)" >&2; }
   [ "$run_tests" = 2 ] && exit $status
 fi
 
-python3 bench/bench_gpu.py --out "$out_dir/gpu.md" "$@" 2>&1 | tee "$out_dir/bench_gpu.log" || status=1
+part "${BENCH_MAX_S:-300}" python3 bench/bench_gpu.py --out "$out_dir/gpu.md" "$@" 2>&1 \
+  | tee "$out_dir/bench_gpu.log" || status=1
 # issue 6: 4-direction 2D and 3D layers vs PyTorch autograd on the same GPU
-python3 bench/bench_family.py --device cuda --out "$out_dir/family_cuda.md" 2>&1 \
+part "$deadline" python3 bench/bench_family.py --device cuda --out "$out_dir/family_cuda.md" 2>&1 \
   | tee "$out_dir/bench_family.log" || status=1
 exit $status

@@ -1,10 +1,10 @@
 """CUDA backend tests.
 
 The ``sim_*`` cases need CUDA kernels. ``NUMBA_ENABLE_CUDASIM`` must be set before
-``numba.cuda`` is first imported, so :func:`test_simulator` runs them all in one
-``python -m pytest`` subprocess under the simulator (one outer test per case, the
-rest of the suite stays on the CPU path). When a real GPU is present they also run
-in a second subprocess (:func:`test_gpu`). Shapes are tiny: the simulator runs every CUDA
+``numba.cuda`` is first imported, so :func:`test_simulator` runs them in ``python -m
+pytest`` subprocesses under the simulator (SHARDS concurrent shards; one outer test per
+case, the rest of the suite stays on the CPU path). When a real GPU is present they also run
+in further subprocesses (:func:`test_gpu`). Shapes are tiny: the simulator runs every CUDA
 thread as a Python thread.
 """
 
@@ -685,21 +685,31 @@ def simulator_runs(request, tmp_path_factory):
         run.stop()
 
 
-@pytest.fixture(scope="module")
-def simulator_report(simulator_runs):
+def _merged_report(runs: list[_CaseRun]) -> dict[str, tuple[str, str]]:
     report = {}
-    for run in simulator_runs["all"]:
+    for run in runs:
         report.update(run.report())
     return report
 
 
 @pytest.fixture(scope="module")
+def simulator_report(simulator_runs):
+    return _merged_report(simulator_runs["all"])
+
+
+@pytest.fixture(scope="module")
 def gpu_report(tmp_path_factory):
-    run = _CaseRun(tmp_path_factory.mktemp("cudagpu"), simulator=False)
+    """The cases on the GPU in SHARDS concurrent processes (their kernels compile in parallel;
+    the GPU time-slices between them), the CPU cores shared out between them."""
+    threads = str(max(1, (os.cpu_count() or 1) // SHARDS))
+    runs = [_CaseRun(tmp_path_factory.mktemp("cudagpu"), simulator=False,
+                     env_extra={"MDNUMBA_TEST_SHARD": f"{i}/{SHARDS}", "NUMBA_NUM_THREADS": threads})
+            for i in range(SHARDS)]
     try:
-        return run.report()
+        return _merged_report(runs)
     finally:
-        run.stop()
+        for run in runs:
+            run.stop()
 
 
 @pytest.mark.skipif(IN_SIMULATOR, reason="this process already runs the simulator")
@@ -712,7 +722,7 @@ def test_simulator(case, simulator_report):
 @pytest.mark.skipif(IN_SIMULATOR or cuda_unavailable_reason() is not None, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("case", SIM_CASES)
 def test_gpu(case, gpu_report):
-    """The same cases on a real GPU (one subprocess for all)."""
+    """The same cases on a real GPU (SHARDS concurrent subprocesses)."""
     _check_case(case, gpu_report)
 
 
