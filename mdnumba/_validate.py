@@ -22,7 +22,8 @@ def check_array(x: npt.ArrayLike, name: str, ndim: int, last: int | None, dtype:
     arr = np.asarray(x)
     if not np.issubdtype(arr.dtype, np.floating):
         raise TypeError(
-            f"{name} must hold floating-point values (float32 or float64), got dtype "
+            f"{name} must hold floating-point values (any float dtype: the layer computes in "
+            f"{np.dtype(dtype)}), got dtype "
             f"{arr.dtype}; convert with {name}.astype(np.float32)")
     if arr.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions {layout}, got shape {arr.shape}")
@@ -68,3 +69,12 @@ def check_finite_number(value: object, name: str) -> float:
     if not np.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return float(value)
+
+
+def seeded_rng(seed: object) -> np.random.Generator:
+    """``np.random.default_rng(seed)``, with an error that names the argument (NumPy's says only
+    "expected non-negative integer")."""
+    try:
+        return np.random.default_rng(seed)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"seed must be an integer >= 0 or None, got {seed!r} ({exc})") from None

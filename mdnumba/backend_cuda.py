@@ -35,7 +35,7 @@ import numpy.typing as npt
 
 from . import config
 from ._validate import check_array, check_shape
-from .optim import NONFINITE_GRADIENT, Adam, RMSprop
+from .optim import Adam, RMSprop, nonfinite_gradient
 
 if TYPE_CHECKING:
     from .layers import Linear, WavefrontLSTM
@@ -505,7 +505,7 @@ class _DeviceOptimizer:
         norm = float(self.stats.copy_to_host()[0])
         if not math.isfinite(norm):
             self.t -= 1
-            raise FloatingPointError(NONFINITE_GRADIENT)
+            raise FloatingPointError(nonfinite_gradient(self.clip_norm))
         return norm
 
 

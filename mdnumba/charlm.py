@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import config
-from ._validate import check_positive_int
+from ._validate import check_positive_int, seeded_rng
 from .layers import GridLSTM2D, Linear
 from .stack import LayerGroup, mdlstm_stack
 
@@ -51,7 +51,8 @@ class Corpus:
         elif set(chars) - set(vocab):
             extra = "".join(sorted(set(chars) - set(vocab)))[:20]
             raise CorpusError(f"vocabulary mismatch: the text has characters the model does not know "
-                              f"({extra!r}); resume with the original file or start a new run")
+                              f"({extra!r}); give the run's own text (or one using only its characters), "
+                              "or train a new run on this one")
         index = {ch: k for k, ch in enumerate(vocab)}
         ids = np.fromiter((index[ch] for ch in text), dtype=np.int32, count=len(text))
         cut = int(len(ids) * (1 - val_fraction))
@@ -92,7 +93,7 @@ class Corpus:
         if seq_len + 1 > shortest:
             raise CorpusError(f"--seq-len {seq_len} needs at least {seq_len + 1} characters in the "
                               f"train and validation splits, the shorter has {shortest}; use a longer "
-                              "text or a shorter --seq-len")
+                              "text (or, for a new run, a shorter --seq-len)")
 
     def require_text(self) -> None:
         """Raise :class:`CorpusError` for a corpus without text (see :meth:`from_vocab`)."""
@@ -129,7 +130,7 @@ class Embedding:
         self.layout = ParamLayout({"W": (vocab, dim)})
         self.dtype = config.resolve_dtype(dtype)
         self.params, self.grads = self.layout.new(self.dtype), self.layout.new(self.dtype)
-        self.params["W"][...] = np.random.default_rng(seed).normal(0, 0.1, (vocab, dim))
+        self.params["W"][...] = seeded_rng(seed).normal(0, 0.1, (vocab, dim))
         self._ids: np.ndarray | None = None
 
     def zero_grad(self) -> None:
@@ -231,8 +232,8 @@ def sample_text(model: CharLM, corpus: Corpus, length: int, temperature: float,
                 rng: np.random.Generator, prime: str = "", window: int = 50) -> str:
     """Generate ``length`` characters after ``prime``: softmax(logits/temperature) sampling,
     each step conditioned on the last ``window`` characters."""
-    if not temperature > 0:
-        raise ValueError(f"--temperature must be > 0, got {temperature}")
+    if not 0 < temperature < np.inf:  # inf would sample uniformly, ignoring the model
+        raise ValueError(f"--temperature must be a finite number > 0, got {temperature}")
     ids = list(corpus.encode(prime)) if prime else [int(rng.integers(corpus.vocab_size))]
     out = []
     for _ in range(length):

@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import config
-from ._validate import check_array, check_finite_number, check_positive_int, check_shape
+from ._validate import check_array, check_finite_number, check_positive_int, check_shape, seeded_rng
 from .grid import direction_tables, wavefront
 from .kernels.cell import cell_code
 from .kernels.gemm import column_sums, matmul_at_b, matmul_rows
@@ -69,7 +69,7 @@ class WavefrontLSTM:
         self.layout = ParamLayout({"W": lead + (C, G), "U": lead + (D, N, G), "b": lead + (G,)})
         self.params = self.layout.new(self.dtype)
         self.grads = self.layout.new(self.dtype)
-        rng = np.random.default_rng(seed)
+        rng = seeded_rng(seed)
         scale = 1.0 / np.sqrt(C + N * D)
         for name in ("W", "U"):
             self.params[name][...] = rng.uniform(-scale, scale, self.layout.shapes[name])
@@ -281,7 +281,7 @@ class Linear:
         self.params = self.layout.new(self.dtype)
         self.grads = self.layout.new(self.dtype)
         scale = 1.0 / np.sqrt(in_features)
-        self.params["W"][...] = np.random.default_rng(seed).uniform(-scale, scale,
+        self.params["W"][...] = seeded_rng(seed).uniform(-scale, scale,
                                                                     (in_features, out_features))
         self._x: np.ndarray | None = None
 
@@ -352,7 +352,7 @@ class GridLSTM2D:
                                    "b_time": lead + (4 * D,), "b_depth": lead + (4 * D,)})
         self.params = self.layout.new(self.dtype)
         self.grads = self.layout.new(self.dtype)
-        rng = np.random.default_rng(seed)
+        rng = seeded_rng(seed)
         for name in ("U_time", "U_depth"):
             self.params[name][...] = rng.uniform(-1 / np.sqrt(2 * D), 1 / np.sqrt(2 * D),
                                                  self.layout.shapes[name])

@@ -11,7 +11,11 @@ from ._validate import check_finite_number
 from .config import NJIT_OPTS
 from .params import ParamBuffer
 
-NONFINITE_GRADIENT = "gradient norm is not finite; lower the learning rate or enable clip_norm"
+
+def nonfinite_gradient(clip_norm: float | None) -> str:
+    """The message of a step refused for a NaN/inf gradient norm (clipping cannot rescale one)."""
+    return "gradient norm is not finite; lower the learning rate" + (
+        "" if clip_norm else " or enable clip_norm (it stops the growth that ends in overflow)")
 
 
 @njit(**NJIT_OPTS)
@@ -59,8 +63,12 @@ def collect_buffers(obj: object) -> list[tuple[np.ndarray, np.ndarray]]:
         p, g = obj
         if p.shape != g.shape or p.dtype != g.dtype:
             raise ValueError(f"parameter {p.shape}/{p.dtype} and gradient {g.shape}/{g.dtype} differ")
+        if p.dtype not in (np.float32, np.float64):
+            raise TypeError(f"parameter and gradient arrays must be float32 or float64, got {p.dtype}")
         if not (p.flags.c_contiguous and g.flags.c_contiguous):
             raise ValueError("parameter and gradient arrays must be C-contiguous")
+        if not p.flags.writeable:
+            raise ValueError("the parameter array is read-only; the optimiser updates it in place")
         return [(p.reshape(-1), g.reshape(-1))]
     if isinstance(obj, (list, tuple)):
         out = []
@@ -68,6 +76,23 @@ def collect_buffers(obj: object) -> list[tuple[np.ndarray, np.ndarray]]:
             out.extend(collect_buffers(item))
         return out
     raise TypeError(f"Adam needs layers, models or (param, grad) array pairs, got {type(obj).__name__}")
+
+
+def _span(a) -> tuple[int, int]:
+    """[first, last) byte address of a contiguous host or device array."""
+    iface = getattr(a, "__cuda_array_interface__", None) or a.__array_interface__
+    start = iface["data"][0]
+    return start, start + a.size * a.dtype.itemsize
+
+
+def check_distinct(buffers: list) -> None:
+    """ValueError if two parameter buffers share memory: a layer given twice (e.g.
+    ``Adam([net, net.layers[0]])``) would be updated twice per step and its gradient counted
+    twice in the norm."""
+    spans = sorted(_span(p) for p, _ in buffers)
+    if any(nxt[0] < cur[1] for cur, nxt in zip(spans, spans[1:])):
+        raise ValueError("the same parameters appear twice in this optimiser (a layer, or a model "
+                         "and one of its layers, given twice): give each layer once")
 
 
 class Adam:
@@ -90,6 +115,7 @@ class Adam:
         self.buffers = self._collect(layers_or_params)
         if not self.buffers:
             raise ValueError(f"{type(self).__name__} got no parameters")
+        check_distinct(self.buffers)
         self.lr, self.betas, self.eps, self.clip_norm = float(lr), tuple(betas), float(eps), clip_norm
         self.t = 0
         self.m = [self._zeros_like(p) for p, _ in self.buffers]
@@ -111,7 +137,7 @@ class Adam:
         """Apply one update; return the (pre-clipping) global gradient norm."""
         norm = self.grad_norm()
         if not math.isfinite(norm):
-            raise FloatingPointError(NONFINITE_GRADIENT)
+            raise FloatingPointError(nonfinite_gradient(self.clip_norm))
         scale = 1.0
         if self.clip_norm is not None and norm > self.clip_norm:
             scale = self.clip_norm / norm

@@ -37,8 +37,8 @@ class ParamLayout:
 class ParamBuffer(Mapping):
     """A flat vector ``data`` plus named views into it (``buf["W"]`` or ``buf.W``).
 
-    Writing into a view writes into ``data``; ``aliases`` adds derived views
-    (e.g. ``U_up`` = one slice of ``U``).
+    Writing into a view, or assigning to it (``buf.W = w``), writes into ``data``;
+    ``aliases`` adds derived views (e.g. ``U_up`` = one slice of ``U``).
     """
 
     def __init__(self, layout: ParamLayout, data: np.ndarray):
@@ -80,6 +80,29 @@ class ParamBuffer(Mapping):
             return self.__dict__["_views"][name]
         except KeyError:
             raise AttributeError(name) from None
+
+    _OWN = ("layout", "data", "_views")
+
+    def __setattr__(self, name: str, value: object) -> None:
+        """``buf.W = w`` writes ``w`` into the flat buffer, like ``buf.W[...] = w`` (an attribute
+        set beside the view would hide it and leave the weights the kernels read unchanged)."""
+        if name in self._OWN:
+            object.__setattr__(self, name, value)
+        else:
+            self._assign(name, value, AttributeError)
+
+    def __setitem__(self, name: str, value: object) -> None:
+        """``buf["W"] = w``: as ``buf.W = w``."""
+        self._assign(name, value, KeyError)
+
+    def _assign(self, name: str, value: object, missing: type[Exception]) -> None:
+        view = self._views.get(name)
+        if view is None:
+            raise missing(f"no parameter {name!r}; the names are {', '.join(self._views)}")
+        try:
+            np.copyto(view, value, casting="same_kind")
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"cannot assign to {name} {view.shape} {view.dtype}: {exc}") from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._views)

@@ -32,9 +32,12 @@ class BlockSubsample:
         x = np.asarray(x)
         N, k = self.ndim, self.block
         dims = x.shape[1:-1]
-        if x.ndim != N + 2 or any(n % k for n in dims):
-            raise ValueError(f"BlockSubsample({k}) needs (batch, {N} grid axes, C) with every grid "
-                             f"side divisible by {k}, got shape {x.shape}; crop or pad the input (in "
+        if x.ndim != N + 2:
+            raise ValueError(f"BlockSubsample({k}) needs a (batch, {N} grid axes, channels) array, "
+                             f"got shape {x.shape}")
+        if any(n % k for n in dims):
+            raise ValueError(f"BlockSubsample({k}) needs every grid side divisible by {k}, got "
+                             f"shape {x.shape}; crop or pad the input (in "
                              f"mdlstm_stack(..., subsample={k}) every side of the stack's input must be "
                              f"divisible by {k}**(layers-1))")
         self._in_shape = x.shape
@@ -122,11 +125,14 @@ class Sequential(LayerGroup):
         return out
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        """``x`` through every stage in order; each keeps what its backward needs."""
         for stage in self.stages:
             x = stage.forward(x)
         return x
 
     def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
+        """``dL/dy`` of the last forward back through the stages in reverse, accumulating every
+        layer's parameter gradients; returns dL/dx (None with ``input_grad=False``)."""
         return backward_stages(self.stages, dy, input_grad)
 
     def __repr__(self) -> str:

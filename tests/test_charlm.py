@@ -97,10 +97,11 @@ def test_corpus_errors(tmp_path, textfile):
     with pytest.raises(CorpusError, match="empty"):
         Corpus.from_file(tmp_path / "empty")
     corpus = Corpus.from_file(textfile)
-    with pytest.raises(CorpusError, match="--seq-len 500"):
+    with pytest.raises(CorpusError, match=r"--seq-len 500 .*; use a longer text \(or, for a new run, a "
+                                          r"shorter --seq-len\)$"):  # evaluate has no --seq-len
         corpus.check_seq_len(500)
-    with pytest.raises(CorpusError, match="vocabulary mismatch"):
-        Corpus.from_text("xyz!", vocab=corpus.vocab)
+    with pytest.raises(CorpusError, match="vocabulary mismatch.*give the run's own text .*or train a new run"):
+        Corpus.from_text("xyz!", vocab=corpus.vocab)  # not "resume": evaluate --data says it too
     assert corpus.decode(corpus.encode("the dog")) == "the dog"
 
 
@@ -249,6 +250,9 @@ def test_sampling_temperature_divides_the_logits():
     assert cold == "a" * 301
     hot = sample_text(stub, corpus, 4000, 10.0, np.random.default_rng(0), prime="a")[1:]
     assert hot.count("a") / 4000 == pytest.approx(np.exp(0.2) / (np.exp(0.2) + 4), abs=0.03)
+    for bad in (0.0, -1.0, np.inf, np.nan):  # inf would sample uniformly, ignoring the model
+        with pytest.raises(ValueError, match="--temperature must be a finite number > 0"):
+            sample_text(stub, corpus, 3, bad, np.random.default_rng(0), prime="a")
 
 
 def test_sampling_conditions_on_the_last_window_characters():

@@ -376,9 +376,13 @@ def sim_device_layer_contracts(rng):
 
 def sim_device_adam_norm_and_a_skipped_step(rng):
     """CudaAdam.grad_norm() is the current gradients' L2 norm; a step refused for a non-finite
-    gradient leaves t (Adam's bias correction) and the parameters as they were."""
+    gradient leaves t (Adam's bias correction) and the parameters as they were. A layer given
+    twice is refused."""
     from mdnumba.backend_cuda import CudaAdam, CudaLSTM
     dev = CudaLSTM.from_layer(MDLSTM2D(2, 3, seed=1, dtype=np.float64))
+    with pytest.raises(ValueError, match="the same parameters appear twice"):
+        CudaAdam([dev, dev])
+    CudaAdam([dev, CudaLSTM.from_layer(MDLSTM2D(2, 3, seed=1, dtype=np.float64))])
     opt = CudaAdam([dev], lr=0.1)
     for _ in range(2):
         g = rng.standard_normal(dev.grads.shape)

@@ -229,3 +229,76 @@ def test_linear_backward_checks_dy_and_skips_dx_on_request():
         lin.backward(np.ones((4, 2), np.int64))
     assert lin.backward(np.ones((4, 2), np.float32), input_grad=False) is None
     assert lin.grads["b"].tolist() == [4.0, 4.0]
+
+
+def test_an_optimiser_refuses_the_same_parameters_twice():
+    """A layer given twice would be updated twice per step and counted twice in the norm."""
+    from mdnumba.stack import Sequential
+    layer = MDLSTM2D(3, 4)
+    net = Sequential(layer, BlockSubsample(2), MDLSTM2D(16, 2))
+    p = np.zeros(10, np.float32)
+    for params in ([layer, layer], [net, net.layers[0]],
+                   [(p[:6], np.zeros(6, np.float32)), (p[4:], np.zeros(6, np.float32))]):
+        for opt in (Adam, RMSprop):
+            with pytest.raises(ValueError, match="the same parameters appear twice"):
+                opt(params)
+    Adam([(p[:5], np.zeros(5, np.float32)), (p[5:], np.zeros(5, np.float32))])  # adjacent: fine
+    Adam([net, MDLSTM2D(3, 4)])
+
+
+def test_optimiser_array_pairs_must_be_writable_floats():
+    p = np.ones(4, np.int64)
+    with pytest.raises(TypeError, match="float32 or float64, got int64"):
+        Adam([(p, p.copy())])
+    p = np.ones(4, np.float16)
+    with pytest.raises(TypeError, match="float32 or float64, got float16"):
+        Adam([(p, p.copy())])
+    p = np.ones(4, np.float32)
+    p.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        Adam([(p, p.copy())])
+
+
+@pytest.mark.parametrize("clip_norm,advice", [(None, "rate or enable clip_norm"), (1.0, "rate$")])
+def test_non_finite_gradient_advice_fits_the_clipping(clip_norm, advice):
+    layer = Linear(2, 2)
+    layer.grads.data[0] = np.inf
+    with pytest.raises(FloatingPointError, match="^gradient norm is not finite; lower the learning " + advice):
+        Adam(layer, clip_norm=clip_norm).step()
+
+
+def test_assigning_a_named_view_writes_the_weights():
+    layer = MDLSTM2D(3, 4, seed=0)
+    x = np.random.default_rng(0).random((1, 4, 4, 3), dtype=np.float32)
+    h0 = layer.forward(x).copy()
+    data = layer.params.data
+    layer.params.b = np.full(layer.params.b.shape, 5.0)    # float64 in, float32 buffer
+    assert layer.params.data is data and (layer.params.data[-layer.params.b.size:] == 5).all()
+    assert np.abs(layer.forward(x) - h0).max() > 0.1
+    layer.params["b"] = 0.0                                  # broadcast, like b[...] = 0
+    assert (layer.params.b == 0).all() and "b" not in vars(layer.params)
+    with pytest.raises(AttributeError, match="no parameter 'Wx'; the names are W, U, b"):
+        layer.params.Wx = 1.0
+    with pytest.raises(KeyError, match="no parameter 'Wx'"):
+        layer.params["Wx"] = 1.0
+    with pytest.raises(ValueError, match=r"cannot assign to b \(20,\) float32: could not broadcast"):
+        layer.params.b = np.ones(3)
+    with pytest.raises(ValueError, match="cannot assign to W"):
+        layer.params.W = 1j
+
+
+@pytest.mark.parametrize("seed,exc", [(-1, ValueError), ("a", TypeError), (1.5, TypeError)])
+def test_a_bad_seed_is_named(seed, exc):
+    for make in (lambda: MDLSTM2D(3, 4, seed=seed), lambda: Linear(2, 2, seed=seed),
+                 lambda: GridLSTM2D(4, 2, seed=seed), lambda: Embedding(5, 3, seed=seed)):
+        with pytest.raises(exc, match=f"seed must be an integer >= 0 or None, got {seed!r}"):
+            make()
+
+
+def test_block_subsample_says_which_rule_is_broken():
+    sub = BlockSubsample(2)
+    with pytest.raises(ValueError, match=r"needs a \(batch, 2 grid axes, channels\) array, got shape "
+                                         r"\(1, 4, 4, 4, 1\)$"):
+        sub.forward(np.zeros((1, 4, 4, 4, 1)))
+    with pytest.raises(ValueError, match=r"needs every grid side divisible by 2, got shape \(1, 5, 4, 1\)"):
+        sub.forward(np.zeros((1, 5, 4, 1)))
