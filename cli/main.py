@@ -28,15 +28,18 @@ def _sizes(ctx, param, value):
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
 
 
-def _check_writable(out: Path) -> None:
-    """Create ``out`` and prove we can write there, before any training starts."""
+def _check_writable(out: Path, resume: bool = False) -> None:
+    """Create ``out`` and prove we can write there, before any training starts (``resume``:
+    ``out`` is the run folder of ``--resume``, which cannot move)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=out)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        msg = f"--out {out} is not writable ({exc.strerror}); choose another folder"
+        fix = ("copy the run folder somewhere writable and resume that copy" if resume
+               else "choose another folder")
+        msg = f"{'the run folder' if resume else '--out'} {out} is not writable ({exc.strerror}); {fix}"
         raise click.UsageError(msg) from None
 
 
@@ -91,7 +94,19 @@ def _print_metrics(metrics: dict) -> None:
         click.echo(f"{k:>14}: {v:.6g}")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """The command group; running out of memory (e.g. ``--hidden 100000``) is an error
+    message that says what to shrink, not a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except MemoryError as exc:
+            raise click.ClickException(f"out of memory ({exc}); use a smaller --hidden, --batch, "
+                                       "--size or --layers") from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mdnumba")
 def main() -> None:
     """mdnumba: multi-dimensional LSTMs with hand-written Numba kernels."""
@@ -110,8 +125,8 @@ def _train_options(f):
                      show_default=True, help="grid/stacked: char-lm models"),
         click.option("--task", type=click.Choice(sorted(TASKS)), default="diagonal", show_default=True),
         click.option("--size", type=click.IntRange(min=1), default=8, show_default=True,
-                     help="image side (diagonal), volume side (diagonal3d) or number of bits "
-                          "(binary-addition); not used by char-lm"),
+                     help="image side (diagonal, >= 4), volume side (diagonal3d, >= 4) or number "
+                          "of bits (binary-addition); not used by char-lm"),
         click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True),
         click.option("--hidden", type=click.IntRange(min=1), default=16, show_default=True),
         click.option("--lr", type=float, default=1e-2, show_default=True),
@@ -184,17 +199,19 @@ def _refuse_inapplicable(cfg, given: dict) -> None:
 PLOTS = ("loss.png", "predictions.png")
 
 
-def _check_fresh(out: Path, overwrite: bool, default: Path) -> None:
+def _check_fresh(out: Path, overwrite: bool, default: Path, resumable: bool = True) -> None:
     """Refuse to train over the run in ``out`` unless ``--overwrite`` (or ``out`` is the
     command's ``default`` folder, whose name says it holds the latest run); the run's files
-    go first, so that none of the old run is left beside the new one."""
+    go first, so that none of the old run is left beside the new one. ``resumable``: whether
+    the command can continue it (compare cannot)."""
     from mdnumba.checkpoint import CHECKPOINT, CONFIG_JSON
     from mdnumba.train import LOG
     if not (out / CHECKPOINT).exists():
         return
     if not (overwrite or out.resolve() == default.resolve()):
-        raise click.UsageError(f"{out} already holds a run; continue it with --resume {out}, "
-                               "replace it with --overwrite, or choose another --out")
+        resume = f"continue it with --resume {out}, " if resumable else ""
+        raise click.UsageError(f"{out} already holds a run; {resume}replace it with --overwrite, "
+                               "or choose another --out")
     for name in (CHECKPOINT, CONFIG_JSON, LOG) + PLOTS:
         (out / name).unlink(missing_ok=True)
 
@@ -205,7 +222,7 @@ def _make_trainer(out: Path, cfg):
     _require_device(cfg.device)
     try:
         trainer = make_trainer(cfg, out)  # reads a char-lm text: its errors come before mkdir
-    except CorpusError as exc:
+    except (CorpusError, ValueError) as exc:  # e.g. a model too large to address
         raise click.UsageError(str(exc)) from None
     _check_writable(out)
     return trainer
@@ -251,8 +268,8 @@ def train(ctx, out, overwrite, resume, checkpoint_every, plot, **kw) -> None:
         trainer = _make_trainer(out, cfg)
         _check_fresh(out, overwrite, DEFAULT_OUT)
     _run_with_progress(trainer)
-    click.echo(f"done: {trainer.step} steps; log {trainer.out / 'log.tsv'}, checkpoint "
-               f"{trainer.out / 'checkpoint.npz'}")
+    click.echo(f"done: {trainer.step} step{'s' * (trainer.step != 1)}; log {trainer.out / 'log.tsv'}, "
+               f"checkpoint {trainer.out / 'checkpoint.npz'}")
     _print_metrics(trainer.evaluate(batches=5))
     if plot:
         _plot_run(trainer)
@@ -284,7 +301,7 @@ def _resume_run(folder: Path, given: dict):
     if trainer.step >= trainer.cfg.steps:
         raise click.UsageError(f"the run in {folder} is at step {trainer.step}; --steps must be "
                                f"> {trainer.step} to continue it")
-    _check_writable(folder)
+    _check_writable(folder, resume=True)
     click.echo(f"resuming {folder} at step {trainer.step} of {trainer.cfg.steps}")
     return trainer
 
@@ -343,7 +360,8 @@ def sample(run, length, temperature, prime, seed, device) -> None:
 
 @main.command()
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--size", type=click.IntRange(min=1), default=None, help="evaluate at another size")
+@click.option("--size", type=click.IntRange(min=1), default=None,
+              help="evaluate at another size (diagonal tasks: >= 4)")
 @click.option("--batches", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=12345, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
@@ -402,7 +420,7 @@ def compare(ctx, task, models, out, overwrite, plot, **kw) -> None:
     _check_writable(out)
     trainers = {name: _make_trainer(out / name, cfg) for name, cfg in configs.items()}
     for name in names:
-        _check_fresh(out / name, overwrite, COMPARE_OUT / name)
+        _check_fresh(out / name, overwrite, COMPARE_OUT / name, resumable=False)
     rows = []
     for name in names:
         click.echo(f"== {name}")

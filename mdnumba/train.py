@@ -330,6 +330,10 @@ class Trainer:
                 if src.shape != want.shape:
                     raise CheckpointError(f"checkpoint layer {k} has {src.size} parameters, the "
                                           f"model built from its config has {want.size}")
+                if not np.isfinite(src).all():  # training never saves them: a step that would
+                    raise CheckpointError(      # make them so is refused
+                        f"checkpoint in {folder} is damaged: layer {k}'s weights hold NaN or "
+                        "infinite values; delete it or use another run folder")
                 tr._set_params(k, src)
             tr.opt.load_state_dict({"t": meta["adam_t"], "m": [arrays[f"adam_m_{k}"] for k in range(n)],
                                     "v": [arrays[f"adam_v_{k}"] for k in range(n)]})

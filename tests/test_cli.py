@@ -371,3 +371,55 @@ def test_compare_replaces_its_default_folder(runner, tmp_path, monkeypatch):
         res = runner.invoke(main, args)
         assert res.exit_code == 0, res.output
     assert (tmp_path / "runs" / "compare" / "md" / "log.tsv").exists()
+
+
+def test_checkpoint_with_non_finite_weights_is_damaged(runner, tmp_path):
+    assert train(runner, tmp_path / "run").exit_code == 0
+    ck = tmp_path / "run" / "checkpoint.npz"
+    data = dict(np.load(ck))
+    data["param_0"] = np.full_like(data["param_0"], np.nan)
+    np.savez(ck, **data)
+    for args in (["evaluate", str(tmp_path / "run")], ["train", "--resume", str(tmp_path / "run"),
+                                                       "--steps", "9"]):
+        res = runner.invoke(main, args)
+        assert res.exit_code == 1, res.output
+        assert "damaged: layer 0's weights hold NaN or infinite values" in res.output, res.output
+
+
+@pytest.mark.parametrize("hidden,code,message", [
+    ("100000", 1, "out of memory (Unable to allocate"),                       # 373 GiB of weights
+    ("1000000", 2, "parameters ({'W': (1, 5000000), 'U': (1000000, 2, 5000000)"),  # > 2**40
+])
+def test_a_model_too_large_is_a_message(runner, tmp_path, hidden, code, message):
+    res = runner.invoke(main, ["train", "--hidden", hidden, "--steps", "1", "--out", str(tmp_path / "r")])
+    assert res.exit_code == code and isinstance(res.exception, SystemExit), res.output
+    assert message in res.output and ("smaller --hidden" in res.output or "smaller hidden" in res.output)
+    assert not (tmp_path / "r").exists()
+
+
+def test_unwritable_resume_folder_says_to_copy_it(runner, tmp_path, monkeypatch):
+    assert train(runner, tmp_path / "run").exit_code == 0
+
+    def read_only(*args, **kw):
+        raise PermissionError(13, "Read-only file system")
+    monkeypatch.setattr("tempfile.mkstemp", read_only)
+    res = runner.invoke(main, ["train", "--resume", str(tmp_path / "run"), "--steps", "9"])
+    assert res.exit_code == 2, res.output
+    assert f"the run folder {tmp_path / 'run'} is not writable (Read-only file system); copy the run" \
+        in " ".join(res.output.split()), res.output
+    assert "--out" not in res.output
+
+
+def test_compare_over_a_run_does_not_suggest_resume(runner, tmp_path):
+    args = ["compare", "--models", "md", "--size", "4", "--batch", "2", "--hidden", "2", "--steps", "2",
+            "--no-plot", "--out", str(tmp_path)]
+    assert runner.invoke(main, args).exit_code == 0
+    res = runner.invoke(main, args)
+    assert res.exit_code == 2 and "replace it with --overwrite, or choose another --out" in res.output
+    assert "--resume" not in res.output
+
+
+def test_done_line_counts_steps(runner, tmp_path):
+    res = runner.invoke(main, ["train", "--model", "md", "--size", "4", "--batch", "2", "--hidden", "2",
+                               "--steps", "1", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0 and "done: 1 step; log" in res.output, res.output
