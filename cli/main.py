@@ -28,6 +28,16 @@ def _sizes(ctx, param, value):
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
 
 
+def _folder(ctx, param, value: str | None) -> Path | None:
+    """A run folder option as a Path; an empty one (``--out ""``, e.g. an unset shell variable)
+    is refused rather than taken as the current folder."""
+    if value is None:
+        return None
+    if not str(value).strip():
+        raise click.BadParameter("is empty; give a folder (. for the current one)")
+    return Path(value)
+
+
 def _check_writable(out: Path, resume: bool = False) -> None:
     """Create ``out`` and prove we can write there, before any training starts (``resume``:
     ``out`` is the run folder of ``--resume``, which cannot move)."""
@@ -241,11 +251,11 @@ def _require_matplotlib(what: str) -> None:
 
 @main.command()
 @_train_options
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT,
+@click.option("--out", type=click.Path(file_okay=False), callback=_folder, default=DEFAULT_OUT,
               show_default=True, help="run folder: log.tsv, checkpoint.npz, config.json, PNGs")
 @click.option("--overwrite", is_flag=True,
               help="replace the run in --out (runs/latest is replaced without it)")
-@click.option("--resume", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--resume", type=click.Path(file_okay=False), callback=_folder, default=None,
               help="continue the run in this folder (bit-identical); only --steps (to extend it), "
                    "--device, --sync-every, --checkpoint-every and --data may change")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=0,
@@ -397,7 +407,7 @@ def evaluate(run, size, batches, seed, device, data) -> None:
 @click.option("--lr", type=float, default=1e-2, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=COMPARE_OUT,
+@click.option("--out", type=click.Path(file_okay=False), callback=_folder, default=COMPARE_OUT,
               show_default=True, help="one run folder per model, summary.tsv, compare.png")
 @click.option("--overwrite", is_flag=True,
               help="replace runs already in --out (runs/compare is replaced without it)")

@@ -139,6 +139,8 @@ def test_mismatched_checkpoint(runner, tmp_path):
     (["--sync-every", "9"], "--sync-every (--device cuda only)"),
     (["--no-tie-depth"], "--tie-depth (char-lm --model grid only)"),
     (["--task", "char-lm", "--model", "stacked", "--curriculum", "20"], "--curriculum (not for char-lm)"),
+    (["--out", ""], "Invalid value for '--out': is empty; give a folder"),  # not the current folder
+    (["--resume", " "], "Invalid value for '--resume': is empty"),
 ])
 def test_bad_options(runner, tmp_path, args, message):
     res = runner.invoke(main, ["train", "--out", str(tmp_path / "r"), *args])
@@ -260,6 +262,7 @@ def test_plot_without_matplotlib_stops_before_training(runner, tmp_path, monkeyp
     (["--models", "md,md"], "each model once"),
     (["--seed", "-2"], "--seed"),
     (["--models", ","], "not valid"),
+    (["--out", ""], "Invalid value for '--out': is empty"),
 ])
 def test_compare_checks_options_before_creating_anything(runner, tmp_path, args, message):
     res = runner.invoke(main, ["compare", "--out", str(tmp_path / "cmp"), *args])
