@@ -11,10 +11,11 @@ C=1 input channel in float32 for 8x8 B16 D16, 32x32 B16 D32 and 64x64 B16 D32:
   its forward and gradients are checked against mdnumba's for the same weights.
 
 Loss: ``L = 0.5 * mean(h**2)``, so ``dL/dh = h / h.size``. Every timing is the
-best (and median) of an adaptive number of repeats; the implementations are
-timed in interleaved rounds so a background load hits all of them alike.
-Optionally (``--big``, default on) one train step at 256x256 B8 D64 with its
-peak RSS increase. Writes a markdown report (default ``bench/results/cpu.md``).
+best (and median) of an adaptive number of repeats; mdnumba and PyTorch are
+timed in interleaved rounds so a background load hits both alike, the (slow)
+reference on its own afterwards. Optionally (``--big``, default on) two train
+steps at 256x256 B8 D64 (the first allocating) with the peak RSS increase.
+Writes a markdown report (default ``bench/results/cpu.md``).
 
 Usage: ``python bench/bench_cpu.py [--quick] [--no-big] [--out PATH]``.
 """

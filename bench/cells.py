@@ -1,4 +1,4 @@
-"""Graves vs stable cell on large grids (issue 6): state/gradient growth, 128x128 training, a 10k-step run.
+"""Graves vs stable cell on large grids (issue 6): state/gradient growth, 128x128 training, 10k-step runs.
 
 Writes bench/results/cells.md (quoted in the README). Not a test: it trains for
 minutes. Usage: ``python bench/cells.py [--quick] [--long-size 64,128] [--long-steps 10000]``.

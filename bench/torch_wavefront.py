@@ -1,6 +1,6 @@
 """PyTorch autograd baseline: a 2D MD-LSTM that computes one anti-diagonal per step.
 
-Same equations and gate order as :class:`mdnumba.MDLSTM2D` (see ``DESIGN.md`` §1)::
+Same equations and gate order as :class:`mdnumba.MDLSTM2D` (``mdnumba/reference.py``)::
 
     a = W x + U_up h_up + U_left h_left + b,   a = [a_i | a_fu | a_fl | a_o | a_g]
     c = σ(a_i)·tanh(a_g) + σ(a_fu)·c_up + σ(a_fl)·c_left,   h = σ(a_o)·tanh(c)

@@ -3,7 +3,7 @@
 Every kernel module reads its compile options from here so there is exactly one
 place to change them. Environment variables override the defaults:
 
-- ``MDNUMBA_FASTMATH=1`` compiles the CPU kernels with ``fastmath=True``
+- ``MDNUMBA_FASTMATH=1`` compiles the CPU and CUDA kernels with ``fastmath=True``
   (slightly faster, loses the bit-exact agreement with the reference).
 - ``MDNUMBA_THREADS_PER_BLOCK`` sets the CUDA block size (default 128).
 - ``MDNUMBA_CUDA_ROWS_PER_THREAD`` sets how many batch rows one CUDA sweep thread

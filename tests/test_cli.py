@@ -193,7 +193,7 @@ ADDITION = ["--task", "binary-addition", "--model", "lstm"]
 @pytest.mark.parametrize("args,loss", [([], "mse"), (["--loss", "bce"], "bce"), (ADDITION, "bce"),
                                        (ADDITION + ["--loss", "mse"], "mse")])
 def test_the_default_loss_is_the_tasks(runner, tmp_path, args, loss):
-    """DESIGN §3: the diagonal task trains with the seed's MSE, binary addition with BCE."""
+    """The diagonal task trains with the seed's MSE, binary addition with BCE."""
     res = runner.invoke(main, ["train", "--size", "4", "--steps", "1", "--out", str(tmp_path)] + args)
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "config.json").read_text())["config"]["loss"] == loss

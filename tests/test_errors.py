@@ -263,7 +263,8 @@ def test_optimiser_array_pairs_must_be_writable_floats():
 def test_non_finite_gradient_advice_fits_the_clipping(clip_norm, advice):
     layer = Linear(2, 2)
     layer.grads.data[0] = np.inf
-    with pytest.raises(FloatingPointError, match="^gradient norm is not finite; lower the learning " + advice):
+    with pytest.raises(FloatingPointError, match="^gradient norm is not finite; lower the learning "
+                       + advice):
         Adam(layer, clip_norm=clip_norm).step()
 
 

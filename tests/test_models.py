@@ -155,7 +155,7 @@ def test_block_subsample_channel_order_and_inverse(ndim, k, rng):
 
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_diagonal_task_is_the_designed_one(ndim):
-    """DESIGN §3: x ~ U[0, 0.1] with 1s at p and p + (1,..,1), p uniform in [1, n-2]^N; y is x
+    """The task as designed: x ~ U[0, 0.1] with 1s at p and p + (1,..,1), p uniform in [1, n-2]^N; y is x
     shifted one step back along the last axis (wrapping); ``second`` is y's second 1."""
     from mdnumba.tasks.diagonal import sample_diagonal_nd
     n = 6

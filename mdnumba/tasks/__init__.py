@@ -26,7 +26,7 @@ class Task:
     #: (prob shape, batch) -> flat indices of the probabilities ``metrics`` reads (None: all);
     #: the device trainer copies only those to the host
     probe: Callable | None = None
-    #: the loss a run uses unless it names one (DESIGN §3: the seed's MSE for the diagonal
+    #: the loss a run uses unless it names one (the seed's MSE for the diagonal
     #: task, sigmoid + BCE for binary addition)
     loss: str = "mse"
 
