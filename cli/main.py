@@ -260,7 +260,8 @@ def _require_matplotlib(what: str) -> None:
                    "--device, --sync-every, --checkpoint-every and --data may change")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=0,
               help="steps between checkpoints (0: every steps/10)")
-@click.option("--plot/--no-plot", default=False, help="write loss and prediction PNGs")
+@click.option("--plot/--no-plot", default=False,
+              help="write loss and prediction PNGs (a resumed run redraws those it has)")
 @click.pass_context
 def train(ctx, out, overwrite, resume, checkpoint_every, plot, **kw) -> None:
     """Train a model on a generated task; writes log.tsv and a checkpoint."""
@@ -273,6 +274,8 @@ def train(ctx, out, overwrite, resume, checkpoint_every, plot, **kw) -> None:
             raise click.UsageError("--resume continues the run in its own folder; leave out "
                                    "--out and --overwrite")
         trainer = _resume_run(resume, given)
+        if ctx.get_parameter_source("plot").name == "DEFAULT":  # its PNGs would go stale
+            plot = _plot_available() and any((resume / name).exists() for name in PLOTS)
     else:
         cfg = _config(given, **kw)
         trainer = _make_trainer(out, cfg)

@@ -172,11 +172,25 @@ def test_compare_writes_summary(runner, tmp_path):
 
 
 def test_plot(runner, tmp_path):
-    pytest.importorskip("matplotlib")
     res = train(runner, tmp_path / "run", "--plot")
     assert res.exit_code == 0, res.output
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
     assert (tmp_path / "run" / "predictions.png").stat().st_size > 1000
+
+
+def test_resume_redraws_the_runs_plots(runner, tmp_path):
+    run = tmp_path / "run"
+    assert train(runner, run, "--plot").exit_code == 0
+    (run / "loss.png").write_bytes(b"old plot")
+    res = runner.invoke(main, ["train", "--resume", str(run), "--steps", "8"])
+    assert res.exit_code == 0 and "plots: " in res.output, res.output
+    assert (run / "loss.png").stat().st_size > 1000
+    (run / "loss.png").write_bytes(b"old plot")
+    res = runner.invoke(main, ["train", "--resume", str(run), "--steps", "9", "--no-plot"])
+    assert res.exit_code == 0 and (run / "loss.png").read_bytes() == b"old plot"  # as asked
+    res = train(runner, tmp_path / "plain")
+    res = runner.invoke(main, ["train", "--resume", str(tmp_path / "plain"), "--steps", "8"])
+    assert res.exit_code == 0 and "plots: " not in res.output  # a run without plots gets none
 
 
 def test_binary_addition_cli(runner, tmp_path):
