@@ -135,15 +135,19 @@ def mdnumba_device_fns(cfg: Config, x: np.ndarray, path: str):
     return train, lambda: dev.forward(xd), dev
 
 
-def trainer_step(cfg: Config, budget_s: float, block: int = 20) -> Timing:
+def trainer_step(cfg: Config, budget_s: float, block: int = 20) -> tuple[Timing, Timing]:
     """Per-step time of ``mdnumba train --device cuda`` (:class:`DeviceTrainer`, md model on the
     diagonal task at side H, batch B, hidden D): host batch generation and upload, MD-LSTM,
-    readout, loss, Adam, one host sync per block of ``block`` steps."""
+    readout, loss, Adam, one host sync per block of ``block`` steps; and the host time of
+    generating one step's batch alone (done for the whole block before its launches, while the
+    GPU waits: the part of the step a prefetch during the previous block could hide)."""
     from mdnumba.train import TrainConfig, make_trainer
     tr = make_trainer(TrainConfig(size=cfg.H, batch=cfg.B, hidden=cfg.D, device="cuda", steps=10**9,
                                   sync_every=block))
     t = time_it(lambda: tr._train_block(block), lambda: None, budget_s, min_reps=2, max_reps=20)
-    return Timing([s / block for s in t.total])
+    rng = np.random.default_rng(0)
+    sampling = time_it(lambda: tr.sample_batch(rng, cfg.H), lambda: None, budget_s / 8)
+    return Timing([s / block for s in t.total]), sampling
 
 
 def mdnumba_layer_fns(cfg: Config, x: np.ndarray, device: str):
@@ -339,6 +343,10 @@ def dispatch_table(results: list[dict]) -> list[str]:
             if step is not None and host is not None:
                 rows.append(f"| {res['cfg'].label} | {path} | {ms(step.best)} | {ms(host.best)} | "
                             f"{host.best / step.best:.0%} |")
+        step, sampling = res["train"].get("trainer"), res.get("sampling")
+        if step is not None and sampling is not None:
+            rows.append(f"| {res['cfg'].label} | `train --device cuda` (host batch sampling) | "
+                        f"{ms(step.best)} | {ms(sampling.best)} | {sampling.best / step.best:.0%} |")
     return rows
 
 
@@ -381,7 +389,10 @@ def render(info: dict[str, str], results: list[dict], quick: bool) -> str:
             "loss gradient, zero_grad, backward sweep, weight-gradient GEMM, sum of squares, Adam) "
             "while the GPU runs behind. Near 100% of the step, the step "
             "is dispatch-bound: fewer launches or fewer arguments per launch help more than faster "
-            "kernels.", ""] + dispatch_table(results)
+            "kernels. The `train --device cuda` rows give the host time of drawing one step's task "
+            "batch instead: the trainer draws a block's batches before launching it, so the GPU "
+            "waits that long per step (a large share says: prefetch the next block's batches while "
+            "the GPU runs this one).", ""] + dispatch_table(results)
     out += ["", "## Sweep paths taken", ""]
     out += [f"- {r['cfg'].label}: {p}" for r in results for p in r["paths"]]
     checks = [(r["cfg"].label, r["check"]) for r in results if r.get("check")]
@@ -450,7 +461,9 @@ def run_config(cfg: Config, tb, budget: float, cpu: bool, numpy_api: bool) -> di
             res["paths"].append(f"{path}: FAILED ({type(exc).__name__}: {exc})")
         print(f"  {cfg.label} {path}: {res['paths'][-1]}", flush=True)
     if cfg.H == cfg.W and cfg.C == 1 and cfg.H >= 4:
-        _attempt(res, "train --device cuda", lambda: res["train"].update(trainer=trainer_step(cfg, budget)))
+        def trainer_part():
+            res["train"]["trainer"], res["sampling"] = trainer_step(cfg, budget)
+        _attempt(res, "train --device cuda", trainer_part)
     if numpy_api:
         _attempt(res, "NumPy API", lambda: _time_pair(res, "numpy_api", *mdnumba_layer_fns(cfg, x, "cuda"),
                                                       sync, budget))
