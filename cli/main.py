@@ -104,16 +104,33 @@ def _print_metrics(metrics: dict) -> None:
         click.echo(f"{k:>14}: {v:.6g}")
 
 
+#: CUresult CUDA_ERROR_OUT_OF_MEMORY (numba-cuda raises CudaAPIError with it as ``code``)
+CUDA_ERROR_OUT_OF_MEMORY = 2
+
+
+def _out_of_memory(exc: Exception) -> str | None:
+    """"out of memory" or "GPU out of memory" for the two ways an allocation fails, else None."""
+    if isinstance(exc, MemoryError):
+        return "out of memory"
+    code = getattr(exc, "code", None)
+    if type(exc).__name__ == "CudaAPIError" and getattr(code, "value", code) == CUDA_ERROR_OUT_OF_MEMORY:
+        return "GPU out of memory"
+    return None
+
+
 class _Group(click.Group):
-    """The command group; running out of memory (e.g. ``--hidden 100000``) is an error
-    message that says what to shrink, not a traceback."""
+    """The command group; running out of host or GPU memory (e.g. ``--hidden 100000``) is an
+    error message that says what to shrink, not a traceback."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except MemoryError as exc:
-            raise click.ClickException(f"out of memory ({exc}); use a smaller --hidden, --batch, "
-                                       "--size or --layers") from None
+        except Exception as exc:
+            what = _out_of_memory(exc)
+            if what is None:
+                raise
+            raise click.ClickException(f"{what} ({exc}); use a smaller --hidden, --batch, --size or "
+                                       "--layers") from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -414,6 +414,29 @@ def test_a_model_too_large_is_a_message(runner, tmp_path, hidden, code, message)
     assert not (tmp_path / "r").exists()
 
 
+def test_gpu_out_of_memory_is_a_message(runner, tmp_path, monkeypatch):
+    """numba-cuda's CudaAPIError with CUDA_ERROR_OUT_OF_MEMORY (a stand-in: no GPU here); its
+    other errors stay errors with their traceback."""
+    import mdnumba.cli.main as cli
+
+    class CudaAPIError(Exception):
+        def __init__(self, code, msg):
+            super().__init__(code, msg)
+            self.code = code
+
+    def fail(code):
+        def make(*args, **kw):
+            raise CudaAPIError(code, "cuMemAlloc results in CUDA_ERROR_OUT_OF_MEMORY")
+        return make
+    monkeypatch.setattr(cli, "_make_trainer", fail(2))
+    res = runner.invoke(main, ["train", "--steps", "1", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 1 and "Error: GPU out of memory (" in res.output, res.output
+    assert "use a smaller --hidden, --batch, --size or --layers" in " ".join(res.output.split())
+    monkeypatch.setattr(cli, "_make_trainer", fail(700))
+    res = runner.invoke(main, ["train", "--steps", "1", "--out", str(tmp_path / "r")])
+    assert isinstance(res.exception, CudaAPIError)
+
+
 def test_unwritable_resume_folder_says_to_copy_it(runner, tmp_path, monkeypatch):
     assert train(runner, tmp_path / "run").exit_code == 0
 
