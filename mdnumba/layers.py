@@ -281,8 +281,7 @@ class Linear:
         self.params = self.layout.new(self.dtype)
         self.grads = self.layout.new(self.dtype)
         scale = 1.0 / np.sqrt(in_features)
-        self.params["W"][...] = seeded_rng(seed).uniform(-scale, scale,
-                                                                    (in_features, out_features))
+        self.params["W"][...] = seeded_rng(seed).uniform(-scale, scale, (in_features, out_features))
         self._x: np.ndarray | None = None
 
     def zero_grad(self) -> None:
