@@ -20,6 +20,7 @@ loaded yet (e.g. by torch) when mdnumba's first parallel kernel runs.
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import numpy.typing as npt
@@ -33,6 +34,24 @@ DEFAULT_DTYPE = np.float32
 SUPPORTED_DTYPES = (np.float32, np.float64)
 
 
+class ConfigError(ValueError):
+    """A bad ``MDNUMBA_*`` environment variable (raised while mdnumba is imported)."""
+
+
+def _report_config_errors_briefly() -> None:
+    """Make an uncaught :class:`ConfigError` print ``Error: <what to fix>`` instead of a traceback
+    through mdnumba's import: the ``mdnumba`` command cannot catch an error raised while its own
+    package is imported. Other exceptions keep Python's display."""
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        if issubclass(kind, ConfigError):
+            print(f"Error: {value}", file=sys.stderr)
+        else:
+            previous(kind, value, tb)
+    sys.excepthook = hook
+
+
 def env_flag(name: str, default: bool) -> bool:
     """``name`` as a boolean: 1/true/yes/on or 0/false/no/off (any case); unset: ``default``."""
     raw = os.environ.get(name, "").strip().lower()
@@ -42,7 +61,7 @@ def env_flag(name: str, default: bool) -> bool:
         return True
     if raw in ("0", "false", "no", "off"):
         return False
-    raise ValueError(f"environment variable {name}={os.environ[name]!r}: use 1 or 0")
+    raise ConfigError(f"environment variable {name}={os.environ[name]!r}: use 1 or 0")
 
 
 def env_int(name: str, default: int, low: int = 1, high: int = 1024) -> int:
@@ -53,15 +72,20 @@ def env_int(name: str, default: int, low: int = 1, high: int = 1024) -> int:
     except ValueError:
         value = None
     if value is None or not low <= value <= high:
-        raise ValueError(f"environment variable {name}={raw!r}: use an integer in [{low}, {high}]")
+        raise ConfigError(f"environment variable {name}={raw!r}: use an integer in [{low}, {high}]")
     return value
 
 
-FASTMATH: bool = env_flag("MDNUMBA_FASTMATH", False)
-#: Numba's on-disk cache, keyed also on the kernel sources and FASTMATH (mdnumba.kernel_cache)
-CACHE: bool = env_flag("MDNUMBA_CACHE", True) and kernel_cache.install("fastmath" if FASTMATH else "exact")
-THREADS_PER_BLOCK: int = env_int("MDNUMBA_THREADS_PER_BLOCK", 128)
-CUDA_ROWS_PER_THREAD: int = env_int("MDNUMBA_CUDA_ROWS_PER_THREAD", 4, high=64)
+try:
+    FASTMATH: bool = env_flag("MDNUMBA_FASTMATH", False)
+    #: Numba's on-disk cache, keyed also on the kernel sources and FASTMATH (mdnumba.kernel_cache)
+    CACHE: bool = (env_flag("MDNUMBA_CACHE", True)
+                   and kernel_cache.install("fastmath" if FASTMATH else "exact"))
+    THREADS_PER_BLOCK: int = env_int("MDNUMBA_THREADS_PER_BLOCK", 128)
+    CUDA_ROWS_PER_THREAD: int = env_int("MDNUMBA_CUDA_ROWS_PER_THREAD", 4, high=64)
+except ConfigError:
+    _report_config_errors_briefly()
+    raise
 
 #: keyword arguments shared by every serial CPU kernel
 #: (error_model="numpy": float division by zero gives inf/NaN instead of raising, which lets

@@ -160,6 +160,25 @@ def test_bad_environment_settings(monkeypatch, name, value, match):
         (env_flag if "FASTMATH" in name else env_int)(name, 1)
 
 
+@pytest.mark.parametrize("code", ["import mdnumba", "from mdnumba.cli.main import main; main()"])
+def test_a_bad_environment_setting_is_one_line_not_a_traceback(code):
+    """Raised while mdnumba is imported, where the mdnumba command cannot catch it; a program
+    that catches it gets a ValueError."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, MDNUMBA_FASTMATH="2")
+    res = subprocess.run([sys.executable, "-c", code, "info"], env=env, capture_output=True, text=True)
+    assert res.returncode == 1
+    assert res.stderr == "Error: environment variable MDNUMBA_FASTMATH='2': use 1 or 0\n"
+    catch = "try:\n    import mdnumba\nexcept ValueError as e:\n    print(type(e).__name__)"
+    res = subprocess.run([sys.executable, "-c", catch], env=env, capture_output=True, text=True)
+    assert res.stdout == "ConfigError\n" and res.returncode == 0
+    res = subprocess.run([sys.executable, "-c", "import mdnumba; raise KeyError(3)"], capture_output=True,
+                         text=True)
+    assert "Traceback" in res.stderr  # other errors keep Python's display
+
+
 def test_environment_flag_words(monkeypatch):
     from mdnumba.config import env_flag
     for word, want in (("yes", True), ("ON", True), ("0", False), ("false", False), ("", True)):
