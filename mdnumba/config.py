@@ -76,6 +76,17 @@ def env_int(name: str, default: int, low: int = 1, high: int = 1024) -> int:
     return value
 
 
+def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    """``name`` as one of ``choices``; unset: ``default``."""
+    raw = os.environ.get(name, "").strip()
+    if raw and raw not in choices:
+        raise ConfigError(f"environment variable {name}={raw!r}: use one of {', '.join(choices)}")
+    return raw or default
+
+
+#: CUDA sweep paths: auto (cooperative, falling back), cooperative, per-diagonal
+CUDA_PATHS = ("auto", "cooperative", "per-diagonal")
+
 try:
     FASTMATH: bool = env_flag("MDNUMBA_FASTMATH", False)
     #: Numba's on-disk cache, keyed also on the kernel sources and FASTMATH (mdnumba.kernel_cache)
@@ -83,6 +94,7 @@ try:
                    and kernel_cache.install("fastmath" if FASTMATH else "exact"))
     THREADS_PER_BLOCK: int = env_int("MDNUMBA_THREADS_PER_BLOCK", 128)
     CUDA_ROWS_PER_THREAD: int = env_int("MDNUMBA_CUDA_ROWS_PER_THREAD", 4, high=64)
+    CUDA_PATH: str = env_choice("MDNUMBA_CUDA_PATH", "auto", CUDA_PATHS)
 except ConfigError:
     _report_config_errors_briefly()
     raise

@@ -152,12 +152,16 @@ def test_grid_lstm_backward_without_input_grad():
     ("MDNUMBA_THREADS_PER_BLOCK", "abc", "use an integer in"),
     ("MDNUMBA_THREADS_PER_BLOCK", "0", "use an integer in"),
     ("MDNUMBA_FASTMATH", "maybe", "use 1 or 0"),
+    ("MDNUMBA_CUDA_PATH", "fast", "use one of auto, cooperative, per-diagonal"),
 ])
 def test_bad_environment_settings(monkeypatch, name, value, match):
-    from mdnumba.config import env_flag, env_int
+    from mdnumba.config import CUDA_PATHS, env_choice, env_flag, env_int
     monkeypatch.setenv(name, value)
+    read = {"MDNUMBA_FASTMATH": lambda: env_flag(name, True),
+            "MDNUMBA_THREADS_PER_BLOCK": lambda: env_int(name, 1),
+            "MDNUMBA_CUDA_PATH": lambda: env_choice(name, "auto", CUDA_PATHS)}[name]
     with pytest.raises(ValueError, match=f"{name}=.*{match}"):
-        (env_flag if "FASTMATH" in name else env_int)(name, 1)
+        read()
 
 
 @pytest.mark.parametrize("code", ["import mdnumba", "from mdnumba.cli.main import main; main()"])

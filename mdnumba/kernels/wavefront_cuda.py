@@ -46,8 +46,6 @@ one-off use) or numba device arrays (no copies).
 
 from __future__ import annotations
 
-import os
-
 import numba
 import numpy as np
 from numba import cuda
@@ -80,8 +78,8 @@ assert (BK * BM) % GEMM_THREADS == 0 and (BK * BN) % GEMM_THREADS == 0
 MAX_ELEMENTS = 2 ** 32
 
 #: sweep path used when none is given: auto (cooperative, falling back), cooperative, per-diagonal
-DEFAULT_PATH: str = os.environ.get("MDNUMBA_CUDA_PATH", "auto")
-PATHS = ("auto", "cooperative", "per-diagonal")
+DEFAULT_PATH: str = config.CUDA_PATH
+PATHS = config.CUDA_PATHS
 
 _JIT = dict(fastmath=config.FASTMATH)
 #: batch rows per sweep thread (compile-time: sizes its register arrays)
