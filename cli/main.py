@@ -243,6 +243,21 @@ def _check_fresh(out: Path, overwrite: bool, default: Path, resumable: bool = Tr
         (out / name).unlink(missing_ok=True)
 
 
+def _check_memory(trainer) -> None:
+    """Refuse a CPU run whose training step would not fit in the available memory (a
+    MemoryError: the command group says what to shrink) before it starts. Its probe steps
+    read a char-lm run's text: a resumed run whose text is gone says so first, as training
+    would."""
+    from mdnumba.charlm import CorpusError
+    from mdnumba.train import check_step_memory
+    try:
+        if hasattr(trainer, "corpus"):
+            trainer.corpus.require_text()
+        check_step_memory(trainer.cfg)
+    except CorpusError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
 def _make_trainer(out: Path, cfg):
     from mdnumba.charlm import CorpusError
     from mdnumba.train import make_trainer
@@ -251,6 +266,7 @@ def _make_trainer(out: Path, cfg):
         trainer = make_trainer(cfg, out)  # reads a char-lm text: its errors come before mkdir
     except (CorpusError, ValueError) as exc:  # e.g. a model too large to address
         raise click.UsageError(str(exc)) from None
+    _check_memory(trainer)
     _check_writable(out)
     return trainer
 
@@ -331,6 +347,7 @@ def _resume_run(folder: Path, given: dict):
     if trainer.step >= trainer.cfg.steps:
         raise click.UsageError(f"the run in {folder} is at step {trainer.step}; --steps must be "
                                f"> {trainer.step} to continue it")
+    _check_memory(trainer)
     _check_writable(folder, resume=True)
     click.echo(f"resuming {folder} at step {trainer.step} of {trainer.cfg.steps}")
     return trainer

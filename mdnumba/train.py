@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -383,6 +384,56 @@ def _checkpoint_config(folder: Path, meta: dict, overrides: dict) -> TrainConfig
     if raw["curriculum"] and "steps" in overrides and raw.get("curriculum_steps") is None:
         overrides["curriculum_steps"] = raw["steps"]
     return TrainConfig(**{**raw, **overrides})
+
+
+def step_memory(cfg: TrainConfig) -> int:
+    """Estimated peak bytes of the host arrays one training step of ``cfg`` allocates (batch,
+    activations, gradients, scratch; not the parameters and optimiser moments, allocated
+    before), at its full size: ``m(1) + (B - 1)·(m(2) - m(1))`` from probe steps at batch 1
+    and 2 on throwaway CPU trainers (NumPy reports its allocations to tracemalloc; they grow
+    linearly with the batch), after an untraced one at batch 1 (the kernels compile there, and
+    compiling allocates too)."""
+    def probe(batch: int) -> Trainer:
+        return make_trainer(dataclasses.replace(cfg, batch=batch, steps=1, curriculum=(), device="cpu"))
+
+    probe(1).train_step()
+    peaks = []
+    for batch in (1, 2):
+        trainer = probe(batch)
+        tracemalloc.start()
+        try:
+            trainer.train_step()
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+    return peaks[0] + (cfg.batch - 1) * max(peaks[1] - peaks[0], 0)
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel can give to a process without swapping (Linux ``MemAvailable``), or None
+    where /proc/meminfo does not say."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_step_memory(cfg: TrainConfig) -> None:
+    """MemoryError if a CPU training step of ``cfg`` needs more memory than is available: Linux
+    would hand it out (overcommit) and then end the process without a message when it is used."""
+    free = available_memory()
+    if cfg.device != "cpu" or free is None:
+        return
+    need = step_memory(cfg)
+    if need > free:
+        def size(n: int) -> str:
+            return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+        raise MemoryError(f"a training step needs about {size(need)}, this machine has {size(free)} "
+                          "available")
 
 
 def make_trainer(cfg: TrainConfig, out: Path | None = None, restore: dict | None = None,

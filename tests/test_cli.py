@@ -414,6 +414,25 @@ def test_a_model_too_large_is_a_message(runner, tmp_path, hidden, code, message)
     assert not (tmp_path / "r").exists()
 
 
+def test_a_step_that_would_not_fit_is_refused_before_training(runner, tmp_path, monkeypatch):
+    """Linux would promise the memory and kill the run when it is touched, without a message."""
+    import mdnumba.train
+    assert train(runner, tmp_path / "run").exit_code == 0
+    monkeypatch.setattr(mdnumba.train, "available_memory", lambda: 0)
+    for args in (["train", "--out", str(tmp_path / "new"), "--hidden", "64", "--size", "16"],
+                 ["train", "--resume", str(tmp_path / "run"), "--steps", "9"]):
+        res = runner.invoke(main, args)
+        assert res.exit_code == 1, res.output
+        assert "Error: out of memory (a training step needs about " in res.output
+        assert "this machine has 0 MiB available); use a smaller --hidden" in " ".join(res.output.split())
+    assert not (tmp_path / "new").exists()
+    assert load_step(tmp_path / "run") == 6
+
+
+def load_step(run) -> int:
+    return int(json.loads((run / "config.json").read_text())["step"])
+
+
 def test_gpu_out_of_memory_is_a_message(runner, tmp_path, monkeypatch):
     """numba-cuda's CudaAPIError with CUDA_ERROR_OUT_OF_MEMORY (a stand-in: no GPU here); its
     other errors stay errors with their traceback."""

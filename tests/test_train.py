@@ -174,3 +174,38 @@ def test_checkpoint_files_are_atomic_typed_and_get_the_umasks_mode(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / CHECKPOINT).stat().st_mode & 0o777 == 0o664
+
+
+@pytest.mark.parametrize("kw", [dict(size=24, hidden=8), dict(model="md", directions=4, layers=2, size=8,
+                                                              cell="stable", hidden=4),
+                                dict(model="md3d", task="diagonal3d", size=6, hidden=4)])
+def test_step_memory_extrapolates_the_batch(kw):
+    """The estimate from batch-1 and batch-2 probes matches the traced first step (the one that
+    allocates the workspace kept between steps; NumPy reports its allocations to tracemalloc)
+    of a run at batch 12, and needs no curriculum to see the full size."""
+    import tracemalloc
+
+    from mdnumba.train import step_memory
+    cfg = TrainConfig(batch=12, steps=4, curriculum=(4,) if kw["size"] > 4 else (), **kw)
+    estimate = step_memory(cfg)  # also compiles
+    tr = make_trainer(TrainConfig(batch=12, steps=4, **kw))
+    tracemalloc.start()
+    tr.train_step()
+    real = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert real > 2**19 and abs(estimate - real) < 0.1 * real, (estimate, real)
+
+
+def test_check_step_memory_refuses_what_does_not_fit(monkeypatch):
+    import mdnumba.train as train
+    cfg = TrainConfig(size=16, batch=64, hidden=8, steps=2)
+    need = train.step_memory(cfg)
+    monkeypatch.setattr(train, "available_memory", lambda: need // 2)
+    with pytest.raises(MemoryError, match=r"^a training step needs about \d+ MiB, this machine has \d+ MiB "):
+        train.check_step_memory(cfg)
+    monkeypatch.setattr(train, "available_memory", lambda: need * 2)
+    train.check_step_memory(cfg)
+    monkeypatch.setattr(train, "available_memory", lambda: None)  # not Linux: no check
+    train.check_step_memory(cfg)
+    monkeypatch.setattr(train, "available_memory", lambda: 1)
+    train.check_step_memory(TrainConfig(size=16, batch=64, hidden=8, steps=2, device="cuda"))  # GPU: its own
