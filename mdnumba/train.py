@@ -398,14 +398,18 @@ def step_memory(cfg: TrainConfig) -> int:
 
     probe(1).train_step()
     peaks = []
+    tracing = tracemalloc.is_tracing()  # e.g. python -X tracemalloc: keep it going
     for batch in (1, 2):
         trainer = probe(batch)
         tracemalloc.start()
+        tracemalloc.reset_peak()
         try:
+            before = tracemalloc.get_traced_memory()[0]
             trainer.train_step()
-            peaks.append(tracemalloc.get_traced_memory()[1])
+            peaks.append(tracemalloc.get_traced_memory()[1] - before)
         finally:
-            tracemalloc.stop()
+            if not tracing:
+                tracemalloc.stop()
     return peaks[0] + (cfg.batch - 1) * max(peaks[1] - peaks[0], 0)
 
 
