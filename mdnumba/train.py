@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import signal
 import sys
 import threading
@@ -401,6 +402,7 @@ def step_memory(cfg: TrainConfig) -> int:
     tracing = tracemalloc.is_tracing()  # e.g. python -X tracemalloc: keep it going
     for batch in (1, 2):
         trainer = probe(batch)
+        gc.collect()  # the last probe's buffers go now, not (lowering the count) during the step
         tracemalloc.start()
         tracemalloc.reset_peak()
         try:

@@ -44,8 +44,12 @@ def test_gpu_targets_both_configs_and_missing_parts():
     assert "20.0x (target ≥ 20x): **met**" in lines[1]
     assert bench_gpu.targets([gpu_result("32", 1.0, 1.0, None)]) == []       # no PyTorch
     assert bench_gpu.targets([gpu_result("8x8x4x16", 1.0, 1.0, 9.0)]) == []  # no target
+    assert bench_gpu.targets([gpu_result("32", None, None, 60.0)]) == []   # neither path ran
     report = bench_gpu.render({"GPU": "test"}, [gpu_result("32", 1.0, None, None)], quick=True)
     assert "## Targets (issue 5)\n\n- (not measured in this run" in report
+    report = bench_gpu.render({"GPU": "test"}, [gpu_result("32", 1.0, None, 60.0)], quick=True)
+    assert "## Targets (issue 5)\n\n- train step at 32x32 B64 D64: PyTorch / mdnumba (cooperative) = " \
+           "60.0x (target ≥ 50x): **met**\n" in report
 
 
 def test_cpu_targets():

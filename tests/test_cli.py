@@ -191,6 +191,13 @@ def test_resume_redraws_the_runs_plots(runner, tmp_path):
     res = train(runner, tmp_path / "plain")
     res = runner.invoke(main, ["train", "--resume", str(tmp_path / "plain"), "--steps", "8"])
     assert res.exit_code == 0 and "plots: " not in res.output  # a run without plots gets none
+    add = tmp_path / "add"  # binary addition draws loss.png only
+    res = runner.invoke(main, ["train", "--task", "binary-addition", "--model", "lstm", "--size", "4",
+                               "--steps", "3", "--plot", "--out", str(add)])
+    assert res.exit_code == 0 and not (add / "predictions.png").exists(), res.output
+    (add / "loss.png").write_bytes(b"old plot")
+    res = runner.invoke(main, ["train", "--resume", str(add), "--steps", "5"])
+    assert res.exit_code == 0 and (add / "loss.png").stat().st_size > 1000, res.output
 
 
 def test_binary_addition_cli(runner, tmp_path):
@@ -394,7 +401,7 @@ def test_checkpoint_with_non_finite_weights_is_damaged(runner, tmp_path):
     assert train(runner, tmp_path / "run").exit_code == 0
     ck = tmp_path / "run" / "checkpoint.npz"
     data = dict(np.load(ck))
-    data["param_0"] = np.full_like(data["param_0"], np.nan)
+    data["param_0"][3] = np.nan  # one is enough
     np.savez(ck, **data)
     for args in (["evaluate", str(tmp_path / "run")], ["train", "--resume", str(tmp_path / "run"),
                                                        "--steps", "9"]):
@@ -436,24 +443,36 @@ def load_step(run) -> int:
 def test_gpu_out_of_memory_is_a_message(runner, tmp_path, monkeypatch):
     """numba-cuda's CudaAPIError with CUDA_ERROR_OUT_OF_MEMORY (a stand-in: no GPU here); its
     other errors stay errors with their traceback."""
+    import enum
+
     import mdnumba.cli.main as cli
+
+    class CUresult(enum.Enum):  # cuda-bindings' codes are enum members, not ints
+        CUDA_ERROR_OUT_OF_MEMORY = 2
+        CUDA_ERROR_ILLEGAL_ADDRESS = 700
 
     class CudaAPIError(Exception):
         def __init__(self, code, msg):
             super().__init__(code, msg)
             self.code = code
 
-    def fail(code):
+    class OtherError(CudaAPIError):
+        pass
+
+    def fail(error, code):
         def make(*args, **kw):
-            raise CudaAPIError(code, "cuMemAlloc results in CUDA_ERROR_OUT_OF_MEMORY")
+            raise error(code, "cuMemAlloc results in CUDA_ERROR_OUT_OF_MEMORY")
         return make
-    monkeypatch.setattr(cli, "_make_trainer", fail(2))
-    res = runner.invoke(main, ["train", "--steps", "1", "--out", str(tmp_path / "r")])
-    assert res.exit_code == 1 and "Error: GPU out of memory (" in res.output, res.output
-    assert "use a smaller --hidden, --batch, --size or --layers" in " ".join(res.output.split())
-    monkeypatch.setattr(cli, "_make_trainer", fail(700))
-    res = runner.invoke(main, ["train", "--steps", "1", "--out", str(tmp_path / "r")])
-    assert isinstance(res.exception, CudaAPIError)
+    for code in (2, CUresult.CUDA_ERROR_OUT_OF_MEMORY):
+        monkeypatch.setattr(cli, "_make_trainer", fail(CudaAPIError, code))
+        res = runner.invoke(main, ["train", "--steps", "1", "--out", str(tmp_path / "r")])
+        assert res.exit_code == 1 and "Error: GPU out of memory (" in res.output, res.output
+        assert "use a smaller --hidden, --batch, --size or --layers" in " ".join(res.output.split())
+    for error, code in ((CudaAPIError, 700), (CudaAPIError, CUresult.CUDA_ERROR_ILLEGAL_ADDRESS),
+                        (OtherError, 2)):  # only numba-cuda's CudaAPIError, only that code
+        monkeypatch.setattr(cli, "_make_trainer", fail(error, code))
+        res = runner.invoke(main, ["train", "--steps", "1", "--out", str(tmp_path / "r")])
+        assert isinstance(res.exception, error)
 
 
 def test_unwritable_resume_folder_says_to_copy_it(runner, tmp_path, monkeypatch):

@@ -181,6 +181,16 @@ def test_a_bad_environment_setting_is_one_line_not_a_traceback(code):
     res = subprocess.run([sys.executable, "-c", "import mdnumba; raise KeyError(3)"], capture_output=True,
                          text=True)
     assert "Traceback" in res.stderr  # other errors keep Python's display
+    other = catch.replace("print(type(e).__name__)", "pass") + "\nraise ValueError('mine')"
+    res = subprocess.run([sys.executable, "-c", other], env=env, capture_output=True, text=True)
+    assert "Traceback" in res.stderr and "ValueError: mine" in res.stderr  # even after the hook
+
+
+def test_environment_choice(monkeypatch):
+    from mdnumba.config import CUDA_PATHS, env_choice
+    for raw, want in ((" cooperative ", "cooperative"), ("per-diagonal", "per-diagonal"), ("", "auto")):
+        monkeypatch.setenv("MDNUMBA_CUDA_PATH", raw)
+        assert env_choice("MDNUMBA_CUDA_PATH", "auto", CUDA_PATHS) == want
 
 
 def test_environment_flag_words(monkeypatch):
