@@ -135,19 +135,21 @@ def mdnumba_device_fns(cfg: Config, x: np.ndarray, path: str):
     return train, lambda: dev.forward(xd), dev
 
 
-def trainer_step(cfg: Config, budget_s: float, block: int = 20) -> tuple[Timing, Timing]:
+def trainer_step(cfg: Config, budget_s: float, block: int = 20) -> tuple[Timing, Timing, Timing]:
     """Per-step time of ``mdnumba train --device cuda`` (:class:`DeviceTrainer`, md model on the
     diagonal task at side H, batch B, hidden D): host batch generation and upload, MD-LSTM,
-    readout, loss, Adam, one host sync per block of ``block`` steps; and the host time of
-    generating one step's batch alone (done for the whole block before its launches, while the
-    GPU waits: the part of the step a prefetch during the previous block could hide)."""
+    readout, loss, Adam, one host sync per block of ``block`` steps, with the next block's
+    batches drawn while the GPU runs this one (as in ``run``) and without (drawn after the
+    sync, while the GPU waits); and the host time of drawing one step's batch alone."""
     from mdnumba.train import TrainConfig, make_trainer
     tr = make_trainer(TrainConfig(size=cfg.H, batch=cfg.B, hidden=cfg.D, device="cuda", steps=10**9,
                                   sync_every=block))
-    t = time_it(lambda: tr._train_block(block), lambda: None, budget_s, min_reps=2, max_reps=20)
+    per_step = [Timing([s / block for s in time_it(lambda a=ahead: tr._train_block(block, a), lambda: None,
+                                                   budget_s / 2, min_reps=2, max_reps=20).total])
+                for ahead in (block, 0)]
     rng = np.random.default_rng(0)
     sampling = time_it(lambda: tr.sample_batch(rng, cfg.H), lambda: None, budget_s / 8)
-    return Timing([s / block for s in t.total]), sampling
+    return per_step[0], per_step[1], sampling
 
 
 def mdnumba_layer_fns(cfg: Config, x: np.ndarray, device: str):
@@ -343,10 +345,13 @@ def dispatch_table(results: list[dict]) -> list[str]:
             if step is not None and host is not None:
                 rows.append(f"| {res['cfg'].label} | {path} | {ms(step.best)} | {ms(host.best)} | "
                             f"{host.best / step.best:.0%} |")
-        step, sampling = res["train"].get("trainer"), res.get("sampling")
-        if step is not None and sampling is not None:
-            rows.append(f"| {res['cfg'].label} | `train --device cuda` (host batch sampling) | "
-                        f"{ms(step.best)} | {ms(sampling.best)} | {sampling.best / step.best:.0%} |")
+        sampling = res.get("sampling")
+        for key, what in (("trainer", "prefetch on, as `run`"), ("trainer_no_prefetch", "prefetch off")):
+            step = res["train"].get(key)
+            if step is not None and sampling is not None:
+                rows.append(f"| {res['cfg'].label} | `train --device cuda`, {what} (host batch "
+                            f"sampling) | {ms(step.best)} | {ms(sampling.best)} | "
+                            f"{sampling.best / step.best:.0%} |")
     return rows
 
 
@@ -365,7 +370,8 @@ def render(info: dict[str, str], results: list[dict], quick: bool) -> str:
             "anti-diagonals, per-diagonal = one launch per anti-diagonal;",
             "- *`train --device cuda`*: the CLI's device-resident trainer (`DeviceTrainer`) on the "
             "diagonal task at the same H, B, D: host batch generation and upload, MD-LSTM, readout, "
-            "MSE loss and Adam on the device, one host sync per 20 steps; time per step;",
+            "MSE loss and Adam on the device, one host sync per 20 steps, the next 20 batches "
+            "drawn while the GPU runs; time per step;",
             "- *NumPy API*: `MDLSTM2D(device='cuda')` + `mdnumba.Adam` (CPU): includes host↔device "
             "copies of x, h, dh, dx, parameters and gradients every step;",
             "- *PyTorch GPU*: `bench/torch_wavefront.py` on CUDA tensors (one `addmm` per "
@@ -390,9 +396,10 @@ def render(info: dict[str, str], results: list[dict], quick: bool) -> str:
             "while the GPU runs behind. Near 100% of the step, the step "
             "is dispatch-bound: fewer launches or fewer arguments per launch help more than faster "
             "kernels. The `train --device cuda` rows give the host time of drawing one step's task "
-            "batch instead: the trainer draws a block's batches before launching it, so the GPU "
-            "waits that long per step (a large share says: prefetch the next block's batches while "
-            "the GPU runs this one).", ""] + dispatch_table(results)
+            "batch instead, next to the trainer's step with the next block's batches drawn while "
+            "the GPU runs this one (`DeviceTrainer.prefetch`, what `run` does) and drawn after the "
+            "sync while the GPU waits: the difference is what the prefetch hides.", ""]
+    out += dispatch_table(results)
     out += ["", "## Sweep paths taken", ""]
     out += [f"- {r['cfg'].label}: {p}" for r in results for p in r["paths"]]
     checks = [(r["cfg"].label, r["check"]) for r in results if r.get("check")]
@@ -462,7 +469,8 @@ def run_config(cfg: Config, tb, budget: float, cpu: bool, numpy_api: bool) -> di
         print(f"  {cfg.label} {path}: {res['paths'][-1]}", flush=True)
     if cfg.H == cfg.W and cfg.C == 1 and cfg.H >= 4:
         def trainer_part():
-            res["train"]["trainer"], res["sampling"] = trainer_step(cfg, budget)
+            res["train"]["trainer"], res["train"]["trainer_no_prefetch"], res["sampling"] = \
+                trainer_step(cfg, budget)
         _attempt(res, "train --device cuda", trainer_part)
     if numpy_api:
         _attempt(res, "NumPy API", lambda: _time_pair(res, "numpy_api", *mdnumba_layer_fns(cfg, x, "cuda"),

@@ -227,9 +227,11 @@ class Trainer:
         advice = ", ".join(tips[:-1]) + (" or " if len(tips) > 1 else "") + tips[-1]
         return FloatingPointError(f"{what} became NaN or infinite at step {step}{kept}; {advice}")
 
-    def _train_block(self, n: int) -> list[dict[str, float]]:
+    def _train_block(self, n: int, ahead: int = 0) -> list[dict[str, float]]:
         """Run up to ``n`` steps and return their metrics (the device trainer reads the GPU
-        once per block); a Ctrl-C (see :meth:`run`) ends the block after the current step."""
+        once per block); a Ctrl-C (see :meth:`run`) ends the block after the current step.
+        ``ahead``: the size of the block that follows (the device trainer draws its batches
+        while the GPU runs this one)."""
         out = []
         while len(out) < n and not self._stop_requested():
             out.append(self.train_step())
@@ -245,15 +247,13 @@ class Trainer:
 
     def _run(self, on_step: Callable[[int, dict], None] | None) -> None:
         """The loop of :meth:`run`: blocks of steps that end at checkpoints."""
-        every = self.cfg.checkpoint_every or max(1, self.cfg.steps // 10)
+        every = self._checkpoint_every()
         log, stopped = self._open_log(), False
         try:
             while self.step < self.cfg.steps and not stopped:
                 start = self.step
-                n = min(self.sync_every, self.cfg.steps - start)
-                if self.out:  # blocks end at checkpoints
-                    n = min(n, every - start % every)
-                for step, m in enumerate(self._train_block(n), start + 1):
+                n = self._block_size(start)
+                for step, m in enumerate(self._train_block(n, self._block_size(start + n)), start + 1):
                     self._check_loss(m["loss"], step)
                     if log:
                         log.write(self._log_line(step, m))
@@ -270,6 +270,18 @@ class Trainer:
             self.save()
         if stopped:
             raise KeyboardInterrupt
+
+    def _checkpoint_every(self) -> int:
+        return self.cfg.checkpoint_every or max(1, self.cfg.steps // 10)
+
+    def _block_size(self, start: int) -> int:
+        """Steps in the block of :meth:`run` that starts after step ``start``: up to
+        ``sync_every``, ending at the last step and (with an output folder) at checkpoints."""
+        n = min(self.sync_every, self.cfg.steps - start)
+        if self.out:
+            every = self._checkpoint_every()
+            n = min(n, every - start % every)
+        return max(n, 0)
 
     # ------------------------------------------------------------- logging
     def _columns(self) -> list[str]:

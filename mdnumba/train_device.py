@@ -7,7 +7,9 @@ MD-LSTM / LSTM layers and the Linear readout) with the device layers of
 :class:`mdnumba.train.Trainer` on it in blocks of ``cfg.sync_every`` steps:
 
 1. the block's batches are drawn on the host with the run's RNG (the same batches
-   as a CPU run) and uploaded once (one copy per run of equal shapes);
+   as a CPU run) and uploaded once (one copy per run of equal shapes); in
+   :meth:`~mdnumba.train.Trainer.run` they were drawn while the GPU ran the block
+   before (:attr:`DeviceTrainer.prefetch`), so the GPU does not wait for them;
 2. each step runs forward, loss (:func:`~mdnumba.kernels.optim_cuda.sigmoid_loss`),
    backward and the optimiser on the device, writing its gradient norm and its loss's
    block sums into slots of a device array and gathering the few probabilities its
@@ -22,7 +24,9 @@ and moments (they are written at block ends).
 
 from __future__ import annotations
 
+import copy
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +37,21 @@ from .layers import WavefrontLSTM
 from .models import RecurrentReadout
 from .stack import LayerGroup, backward_stages
 from .train import TrainConfig, Trainer
+
+
+@dataclass
+class _HostBlock:
+    """A block's task batches drawn on the host: ``states[i]`` is the RNG state before the
+    batch of step ``start + i + 1`` (``states[-1]``: after the last); ``index``/``offsets``: the
+    probe plan (:meth:`DeviceTrainer._probe_plan`); ``x``/``y``: the batches stacked for upload."""
+
+    start: int
+    batches: list
+    states: list[dict]
+    index: np.ndarray
+    offsets: np.ndarray
+    x: list[np.ndarray]
+    y: list[np.ndarray]
 
 
 class DeviceModel(LayerGroup):
@@ -121,6 +140,8 @@ class DeviceTrainer(Trainer):
     format as the CPU trainer; ``cfg.optimizer`` picks :data:`DEVICE_OPTIMIZERS`."""
 
     optimizers = DEVICE_OPTIMIZERS
+    #: draw the next block's batches while the GPU runs this one (False: after the sync)
+    prefetch = True
 
     def __init__(self, cfg: TrainConfig, out: Path | None = None):
         super().__init__(cfg, out)
@@ -131,6 +152,7 @@ class DeviceTrainer(Trainer):
         self.sync_every = int(cfg.sync_every)
         self.opt.clear_grads = True  # the update zeroes the gradients: no zero_grad launch per step
         self._outputs: dict = {}
+        self._ahead: _HostBlock | None = None  # the next block's batches, drawn ahead
 
     def _build_model(self):
         return DeviceModel(super()._build_model())  # gradients start zeroed
@@ -146,18 +168,18 @@ class DeviceTrainer(Trainer):
         return self._train_block(1)[0]
 
     # ------------------------------------------------------------ a block of steps
-    def _train_block(self, n: int) -> list[dict[str, float]]:
+    def _train_block(self, n: int, ahead: int = 0) -> list[dict[str, float]]:
         """Run up to ``n`` steps on the device and sync once; Ctrl-C (see :meth:`Trainer.run`)
-        ends the block early and rewinds the RNG to the steps done, so a checkpoint resumes
-        exactly."""
+        ends the block early and leaves the RNG after the steps done, so a checkpoint resumes
+        exactly. With ``ahead`` > 0 (and :attr:`prefetch`), the next block's ``ahead`` batches
+        are drawn on the host after this block's launches, while the GPU runs them."""
         t0 = time.perf_counter()
-        start, rng_state = self.step, self.rng.bit_generator.state
-        batches = [self.sample_batch(self.rng, self.cfg.size_at(start + i)) for i in range(n)]
-        xs, ys = self._upload([b.x for b in batches]), self._upload([b.y for b in batches])
-        index, offsets = self._probe_plan(batches)
-        index_dev = self._cuda.to_device(index)
-        probes = self._cuda.device_array(offsets[-1], dtype=self.model.dtype)
-        RB = self.k.REDUCE_BLOCKS
+        start = self.step
+        draw = self._take_prefetched(start, n) or self._draw(start, n, self.rng.bit_generator.state)
+        xs, ys = self._upload(draw.x), self._upload(draw.y)
+        index_dev = self._cuda.to_device(draw.index)
+        probes = self._cuda.device_array(draw.offsets[-1], dtype=self.model.dtype)
+        RB, offsets = self.k.REDUCE_BLOCKS, draw.offsets
         record = self.k.scratch(n * (1 + RB))  # [norm_0..norm_{n-1} | loss block sums, RB per step]
         for i in range(n):
             if self._stop_requested():
@@ -166,17 +188,40 @@ class DeviceTrainer(Trainer):
             self._device_step(xs[i], ys[i], record, i, record[n + i * RB:n + (i + 1) * RB],
                               (probes[lo:hi], index_dev[lo:hi]))
             self.step += 1
-        if self.step - start < n:
-            self.rng.bit_generator.state = rng_state
-            for i in range(self.step - start):
-                self.sample_batch(self.rng, self.cfg.size_at(start + i))
         done = self.step - start
-        rec, values = record.copy_to_host(), probes.copy_to_host()
+        self.rng.bit_generator.state = draw.states[done]
+        if done == n and ahead > 0 and self.prefetch:
+            self._ahead = self._draw(self.step, ahead, draw.states[n])
+        rec, values = record.copy_to_host(), probes.copy_to_host()  # waits for the GPU
         per_step = (time.perf_counter() - t0) / max(done, 1)
+        batches, index = draw.batches, draw.index
         losses = [self.k.mean_loss(rec[n + i * RB:n + (i + 1) * RB], batches[i].y.size) for i in range(done)]
         return [self._metrics(batches[i], losses[i], rec[i], index[offsets[i]:offsets[i + 1]],
                               values[offsets[i]:offsets[i + 1]], start + i + 1, per_step)
                 for i in range(done)]
+
+    def _draw(self, start: int, n: int, state: dict) -> _HostBlock:
+        """The batches of steps ``start+1 .. start+n``, drawn on the host from a copy of the RNG
+        set to ``state`` (``self.rng`` itself is not touched), stacked for upload."""
+        rng = copy.deepcopy(self.rng)
+        rng.bit_generator.state = state
+        batches, states = [], []
+        for i in range(n):
+            states.append(rng.bit_generator.state)
+            batches.append(self.sample_batch(rng, self.cfg.size_at(start + i)))
+        states.append(rng.bit_generator.state)
+        index, offsets = self._probe_plan(batches)
+        return _HostBlock(start, batches, states, index, offsets,
+                          self._stack_runs([b.x for b in batches]), self._stack_runs([b.y for b in batches]))
+
+    def _take_prefetched(self, start: int, n: int) -> _HostBlock | None:
+        """The prefetched block if it is the one asked for (same start, size and RNG state);
+        it is used at most once."""
+        draw, self._ahead = self._ahead, None
+        if draw is not None and (draw.start, len(draw.batches)) == (start, n) \
+                and draw.states[0] == self.rng.bit_generator.state:
+            return draw
+        return None
 
     def _device_step(self, x, y, record, i: int, loss_sums, probe) -> None:
         """Forward, loss (block sums into ``loss_sums``, ``probe`` gathered), backward, optimiser
@@ -212,16 +257,23 @@ class DeviceTrainer(Trainer):
         offsets = np.concatenate([[0], np.cumsum([len(i) for i in idx])]).astype(int)
         return np.concatenate(idx).astype(np.int64), offsets
 
-    def _upload(self, arrays: list) -> list:
-        """One host→device copy per run of equal-shape arrays; returns per-step device views."""
+    def _stack_runs(self, arrays: list) -> list[np.ndarray]:
+        """Each run of equal-shape arrays stacked into one array of the model's dtype."""
         out, i = [], 0
         while i < len(arrays):
             j = i
             while j < len(arrays) and arrays[j].shape == arrays[i].shape:
                 j += 1
-            stacked = self._cuda.to_device(np.stack(arrays[i:j]).astype(self.model.dtype, copy=False))
-            out.extend(stacked[t] for t in range(j - i))
+            out.append(np.stack(arrays[i:j]).astype(self.model.dtype, copy=False))
             i = j
+        return out
+
+    def _upload(self, runs: list[np.ndarray]) -> list:
+        """One host→device copy per stacked run; returns per-step device views."""
+        out = []
+        for run in runs:
+            stacked = self._cuda.to_device(run)
+            out.extend(stacked[t] for t in range(len(run)))
         return out
 
     def _output_buffers(self, shape: tuple):

@@ -546,6 +546,51 @@ def sim_device_trainer_checkpoints(tmp_path, monkeypatch):
         np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-13)
 
 
+def sim_device_trainer_prefetches_next_block(monkeypatch):
+    """In ``run`` the next block's batches are drawn right after this block's launches, before
+    the host waits for the GPU and logs; each batch is drawn once, and the run equals one with
+    ``prefetch = False``. A prefetched block that is not the one asked for next is dropped."""
+    from mdnumba.train import TrainConfig, make_trainer
+    from mdnumba.train_device import DeviceTrainer
+    events, drawn, real_step, real_draw = [], [], DeviceTrainer._device_step, DeviceTrainer.sample_batch
+
+    def step(self, *args):
+        events.append("step")
+        return real_step(self, *args)
+
+    def draw(self, rng, size):
+        events.append("draw")
+        drawn.append(real_draw(self, rng, size))
+        return drawn[-1]
+    monkeypatch.setattr(DeviceTrainer, "_device_step", step)
+    monkeypatch.setattr(DeviceTrainer, "sample_batch", draw)
+    cfg = TrainConfig(steps=5, size=4, batch=2, hidden=2, dtype="float64", device="cuda", sync_every=2)
+    runs = {}
+    for prefetch in (True, False):
+        monkeypatch.setattr(DeviceTrainer, "prefetch", prefetch)
+        events.clear()
+        tr = make_trainer(cfg)
+        tr.run(lambda s, m: events.append("log"))
+        runs[prefetch] = tr, "".join(e[0] for e in events)
+    assert runs[True][1] == "ddssddllssdllsl"  # blocks of 2, 2, 1; d=draw, s=step, l=log
+    assert runs[False][1] == "ddssllddsslldsl"
+    (a, _), (b, _) = runs[True], runs[False]
+    assert a.rng.bit_generator.state == b.rng.bit_generator.state
+    for pa, pb in zip(a._host_params(), b._host_params()):
+        np.testing.assert_array_equal(pa, pb)
+    monkeypatch.setattr(DeviceTrainer, "prefetch", True)
+    tr = make_trainer(cfg)
+    s0 = tr.rng.bit_generator.state
+    tr._train_block(2, ahead=2)  # draws steps 1-2, then 3-4 ahead
+    tr.train_step()  # a block of 1: the prefetched block of 2 is dropped, step 3 drawn anew
+    assert len(drawn) - 10 == 5 and tr.step == 3
+    assert tr.rng.bit_generator.state == tr._draw(0, 3, s0).states[3]
+    tr._train_block(1, ahead=1)
+    tr.rng.bit_generator.state = s0  # the RNG moved: the block drawn ahead no longer applies
+    tr._train_block(1)
+    assert tr.rng.bit_generator.state == tr._draw(0, 1, s0).states[1]
+
+
 def sim_cli_trains_on_device(tmp_path):
     """``mdnumba train --device cuda`` runs the device-resident trainer end to end and resumes."""
     from click.testing import CliRunner
