@@ -105,6 +105,11 @@ except ConfigError:
 NJIT_OPTS = dict(cache=CACHE, fastmath=FASTMATH, nogil=True, error_model="numpy")
 #: keyword arguments shared by every parallel CPU driver
 NJIT_PARALLEL_OPTS = dict(NJIT_OPTS, parallel=True)
+#: serial kernels whose sums of products (recurrent products, GEMM blocks) may be reassociated
+#: and fused into multiply-adds: LLVM then keeps partial sums in vector registers (recurrent
+#: product 2x, weight-gradient GEMM 1.2x faster measured) at a rounding difference of ~1 ulp;
+#: the order stays fixed by the compiled code, so results still do not depend on the threads
+NJIT_SUM_OPTS = dict(NJIT_OPTS, fastmath=True if FASTMATH else {"reassoc", "contract"})
 
 
 def resolve_dtype(dtype: npt.DTypeLike) -> np.dtype:

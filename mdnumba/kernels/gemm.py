@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..config import NJIT_OPTS, NJIT_PARALLEL_OPTS
+from ..config import NJIT_PARALLEL_OPTS, NJIT_SUM_OPTS
 
 #: rows per partial sum in :func:`matmul_at_b`; fixed so results never depend on threads
 REDUCE_BLOCK = 1024
@@ -33,12 +33,13 @@ def matmul_rows(out, a, bmat, bias, accumulate):
                 out[r, n] += v * bmat[k, n]
 
 
-@njit(**NJIT_OPTS)
+@njit(**NJIT_SUM_OPTS)
 def _at_b_block(part, a, bmat, r0, r1):
     """``part = a[r0:r1]ᵀ @ bmat[r0:r1]`` (serial): four rows of ``bmat`` per pass over ``part``,
     two rows of ``part`` at a time, so each loaded ``bmat`` value serves 8 multiply-adds (the
     vectorised n loop runs over contiguous rows). Every ``part[k, n]`` adds
-    ``(a0·b0 + a1·b1) + (a2·b2 + a3·b3)`` per four rows, in row order."""
+    ``(a0·b0 + a1·b1) + (a2·b2 + a3·b3)`` per four rows, in row order (up to the fused
+    multiply-adds and reassociation of :data:`~mdnumba.config.NJIT_SUM_OPTS`)."""
     part[...] = 0.0
     K, N = a.shape[1], bmat.shape[1]
     r = r0

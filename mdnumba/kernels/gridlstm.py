@@ -20,7 +20,7 @@ import math
 
 from numba import njit, prange
 
-from ..config import NJIT_OPTS, NJIT_PARALLEL_OPTS
+from ..config import NJIT_OPTS, NJIT_PARALLEL_OPTS, NJIT_SUM_OPTS
 from . import vexp
 from .cell import build
 
@@ -170,7 +170,7 @@ def build_rows(jit, exp=math.exp, jit_reduce=None, sigmoid=None, tanh=None):
 
 
 _ROWS = build_rows(njit(inline="always", **NJIT_OPTS), exp=vexp.exp, sigmoid=vexp.sigmoid,
-                   tanh=vexp.tanh, jit_reduce=njit(**dict(NJIT_OPTS, fastmath={"reassoc", "contract"})))
+                   tanh=vexp.tanh, jit_reduce=njit(**NJIT_SUM_OPTS))
 _block_forward = _ROWS["block_forward"]
 _block_backward = _ROWS["block_backward"]
 
