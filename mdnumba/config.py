@@ -5,7 +5,8 @@ place to change them. Environment variables override the defaults:
 
 - ``MDNUMBA_FASTMATH=1`` compiles the CPU and CUDA kernels with ``fastmath=True``
   (slightly faster, loses the bit-exact agreement with the reference).
-- ``MDNUMBA_THREADS_PER_BLOCK`` sets the CUDA block size (default 128).
+- ``MDNUMBA_THREADS_PER_BLOCK`` sets the CUDA block size (default 128, at most 256: the
+  sweep kernels use up to ~250 registers per thread in float64, and an SM has 65,536).
 - ``MDNUMBA_CUDA_ROWS_PER_THREAD`` sets how many batch rows one CUDA sweep thread
   computes (default 4): each recurrent weight it loads serves that many rows.
 
@@ -92,7 +93,7 @@ try:
     #: Numba's on-disk cache, keyed also on the kernel sources and FASTMATH (mdnumba.kernel_cache)
     CACHE: bool = (env_flag("MDNUMBA_CACHE", True)
                    and kernel_cache.install("fastmath" if FASTMATH else "exact"))
-    THREADS_PER_BLOCK: int = env_int("MDNUMBA_THREADS_PER_BLOCK", 128)
+    THREADS_PER_BLOCK: int = env_int("MDNUMBA_THREADS_PER_BLOCK", 128, high=256)
     CUDA_ROWS_PER_THREAD: int = env_int("MDNUMBA_CUDA_ROWS_PER_THREAD", 4, high=64)
     CUDA_PATH: str = env_choice("MDNUMBA_CUDA_PATH", "auto", CUDA_PATHS)
 except ConfigError:

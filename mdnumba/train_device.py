@@ -172,7 +172,7 @@ class DeviceTrainer(Trainer):
         """Run up to ``n`` steps on the device and sync once; Ctrl-C (see :meth:`Trainer.run`)
         ends the block early and leaves the RNG after the steps done, so a checkpoint resumes
         exactly. With ``ahead`` > 0 (and :attr:`prefetch`), the next block's ``ahead`` batches
-        are drawn on the host after this block's launches, while the GPU runs them."""
+        are drawn on the host after this block's launches, while the GPU works through them."""
         t0 = time.perf_counter()
         start = self.step
         draw = self._take_prefetched(start, n) or self._draw(start, n, self.rng.bit_generator.state)

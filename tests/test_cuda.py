@@ -11,6 +11,7 @@ thread as a Python thread.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -166,6 +167,28 @@ def sim_layer_matches_reference(ndim, shape, kw, dtype, rtol, path, rng, monkeyp
     dh = rng.standard_normal(shape[:-1] + (layer.out_channels,))
     check_against_reference(layer, x, dh, rtol)
     assert backend_cuda.last_path().startswith(path)
+
+
+@pytest.mark.parametrize("cell", ["graves", "stable"])
+def sim_cooperative_sweeps_across_many_blocks(cell, rng, monkeypatch):
+    """On a GPU: a 40x40 B8 D32 layer (float64, 4 directions) whose cooperative sweeps span
+    many blocks equals the CPU layer: h, dx and every gradient. The simulator runs a
+    cooperative kernel as one block, so only here do grid syncs order work between blocks."""
+    from numba import config as numba_config
+    if numba_config.ENABLE_CUDASIM:
+        pytest.skip("the simulator runs a cooperative kernel as one block")
+    from mdnumba import backend_cuda
+    from mdnumba.kernels import wavefront_cuda
+    monkeypatch.setattr(wavefront_cuda, "DEFAULT_PATH", "cooperative")
+    x, dh = rng.standard_normal((8, 40, 40, 2)), rng.standard_normal((8, 40, 40, 128))
+    runs = []
+    for device in ("cpu", "cuda"):
+        layer = _layer(2, 2, 32, np.float64, device, cell=cell, directions=4)
+        runs.append((layer.forward(x), layer.backward(dh), np.array(layer.grads.data)))
+    for name, a, b in zip(("h", "dx", "grads"), *runs):
+        np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12, err_msg=name)
+    blocks = re.match(r"cooperative \((\d+) blocks", backend_cuda.last_path())
+    assert blocks and int(blocks.group(1)) > 1, backend_cuda.last_path()
 
 
 @pytest.mark.parametrize("ndim,shape,zeros,cell", [(2, (1, 2, 3, 1), False, "graves"),
@@ -746,14 +769,26 @@ def simulator_report(simulator_runs):
     return _merged_report(simulator_runs["all"])
 
 
+def _gpu_shards() -> int:
+    """SHARDS, or 1 where a GPU admits one process at a time (compute mode not Default, as
+    ``nvidia-smi`` says; without ``nvidia-smi``: SHARDS)."""
+    try:
+        modes = subprocess.run(["nvidia-smi", "--query-gpu=compute_mode", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=60).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return SHARDS
+    return SHARDS if all(m == "Default" for m in modes) else 1
+
+
 @pytest.fixture(scope="module")
 def gpu_report(tmp_path_factory):
-    """The cases on the GPU in SHARDS concurrent processes (their kernels compile in parallel;
-    the GPU time-slices between them), the CPU cores shared out between them."""
-    threads = str(max(1, (os.cpu_count() or 1) // SHARDS))
+    """The cases on the GPU in concurrent processes (:func:`_gpu_shards`: their kernels compile
+    in parallel; the GPU time-slices between them), the CPU cores shared out between them."""
+    shards = _gpu_shards()
+    threads = str(max(1, (os.cpu_count() or 1) // shards))
     runs = [_CaseRun(tmp_path_factory.mktemp("cudagpu"), simulator=False,
-                     env_extra={"MDNUMBA_TEST_SHARD": f"{i}/{SHARDS}", "NUMBA_NUM_THREADS": threads})
-            for i in range(SHARDS)]
+                     env_extra={"MDNUMBA_TEST_SHARD": f"{i}/{shards}", "NUMBA_NUM_THREADS": threads})
+            for i in range(shards)]
     try:
         return _merged_report(runs)
     finally:
@@ -819,3 +854,15 @@ def test_bad_device_name():
     with pytest.raises(ValueError, match="'cpu' or 'cuda'"):
         MDLSTM2D(2, 3, device="gpu")
     assert MDLSTM2D(2, 3).device == "cpu"
+
+
+def test_gpu_shards_follow_the_compute_mode(tmp_path, monkeypatch):
+    """One GPU test process where the GPU admits one process (Exclusive_Process), SHARDS where
+    it is shared (Default) or nvidia-smi is missing."""
+    smi = tmp_path / "nvidia-smi"
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert _gpu_shards() == SHARDS  # no nvidia-smi
+    for modes, want in (("Default", SHARDS), ("Exclusive_Process", 1), ("Default\nProhibited", 1)):
+        smi.write_text(f"#!/bin/sh\nprintf '{modes}\\n'\n")
+        smi.chmod(0o755)
+        assert _gpu_shards() == want, modes

@@ -186,6 +186,17 @@ def test_a_bad_environment_setting_is_one_line_not_a_traceback(code):
     assert "Traceback" in res.stderr and "ValueError: mine" in res.stderr  # even after the hook
 
 
+def test_threads_per_block_at_most_256():
+    """512 threads of the sweep kernels (~250 registers each in float64) do not fit an SM."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, MDNUMBA_THREADS_PER_BLOCK="512")
+    res = subprocess.run([sys.executable, "-c", "import mdnumba"], env=env, capture_output=True, text=True)
+    assert res.stderr == ("Error: environment variable MDNUMBA_THREADS_PER_BLOCK='512': "
+                          "use an integer in [1, 256]\n")
+
+
 def test_environment_choice(monkeypatch):
     from mdnumba.config import CUDA_PATHS, env_choice
     for raw, want in ((" cooperative ", "cooperative"), ("per-diagonal", "per-diagonal"), ("", "auto")):

@@ -711,6 +711,7 @@ def _sweep(coop, diag, args, diag_off_host, rows_per_cell: int, D: int, shmem: i
         except Exception as exc:  # missing cudadevrt, no cooperative launch, ...
             if path == "cooperative":
                 raise
+            cuda.synchronize()  # an error left by earlier work raises here, under its own name
             _state["coop_error"] = f"{type(exc).__name__}: {exc}"
     if pre is not None:
         pre[_blocks(extra_items, tpb), tpb](*args)
