@@ -281,7 +281,7 @@ class Trainer:
         if self.out:
             every = self._checkpoint_every()
             n = min(n, every - start % every)
-        return max(n, 0)
+        return n
 
     # ------------------------------------------------------------- logging
     def _columns(self) -> list[str]:

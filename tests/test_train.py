@@ -158,6 +158,22 @@ def test_checkpoint_every_reaches_the_trainer(tmp_path, monkeypatch):
     assert saved == [4, 6]
 
 
+def test_blocks_end_at_checkpoints_and_at_the_last_step(tmp_path, monkeypatch):
+    """Blocks of ``sync_every`` steps (the device trainer's) are cut at every checkpoint (with
+    an output folder) and at the last step; ``run`` passes each block the size of the next."""
+    cfg = TrainConfig(size=4, batch=2, hidden=2, steps=10, checkpoint_every=4)
+    blocks = []
+    real = Trainer._train_block
+    monkeypatch.setattr(Trainer, "sync_every", 3)
+    monkeypatch.setattr(Trainer, "_train_block",
+                        lambda self, n, ahead=0: blocks.append((n, ahead)) or real(self, n, ahead))
+    make_trainer(cfg, tmp_path).run()
+    assert blocks == [(3, 1), (1, 3), (3, 1), (1, 2), (2, 0)]  # checkpoints at 4, 8, 10
+    blocks.clear()
+    make_trainer(cfg).run()
+    assert blocks == [(3, 3), (3, 3), (3, 1), (1, 0)]
+
+
 def test_checkpoint_files_are_atomic_typed_and_get_the_umasks_mode(tmp_path):
     from mdnumba.checkpoint import CHECKPOINT, atomic_write_bytes
     target = tmp_path / "file.bin"
