@@ -144,9 +144,11 @@ def trainer_step(cfg: Config, budget_s: float, block: int = 20) -> tuple[Timing,
     from mdnumba.train import TrainConfig, make_trainer
     tr = make_trainer(TrainConfig(size=cfg.H, batch=cfg.B, hidden=cfg.D, device="cuda", steps=10**9,
                                   sync_every=block))
-    per_step = [Timing([s / block for s in time_it(lambda a=ahead: tr._train_block(block, a), lambda: None,
-                                                   budget_s / 2, min_reps=2, max_reps=20).total])
-                for ahead in (block, 0)]
+    per_step = []
+    for ahead in (block, 0):  # the next block drawn ahead (as in run), then not
+        t = time_it(lambda a=ahead: tr._train_block(block, a), lambda: None, budget_s / 2, min_reps=2,
+                    max_reps=20)
+        per_step.append(Timing([s / block for s in t.total]))
     rng = np.random.default_rng(0)
     sampling = time_it(lambda: tr.sample_batch(rng, cfg.H), lambda: None, budget_s / 8)
     return per_step[0], per_step[1], sampling
