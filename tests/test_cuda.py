@@ -25,6 +25,7 @@ import pytest
 from gradcheck import check_layer_gradients
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from numba import cuda
 from refcheck import check_against_reference, check_drawn_layer, layers_and_inputs
 
 from mdnumba import LSTM1D, MDLSTM2D, WavefrontLSTM
@@ -32,6 +33,18 @@ from mdnumba import reference as ref
 from mdnumba.backend_cuda import CudaUnavailableError, cuda_unavailable_reason
 
 IN_SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _concurrent_blocks():
+    """Under the simulator: a launch's blocks run at once, cooperative grids on up to 3 blocks,
+    and a sync some threads skip is an error (tests/simgrid.py)."""
+    if not IN_SIMULATOR:
+        yield
+        return
+    import simgrid
+    with simgrid.install(coop_blocks=3):
+        yield
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -171,19 +184,18 @@ def sim_layer_matches_reference(ndim, shape, kw, dtype, rtol, path, rng, monkeyp
 
 @pytest.mark.parametrize("cell", ["graves", "stable"])
 def sim_cooperative_sweeps_across_many_blocks(cell, rng, monkeypatch):
-    """On a GPU: a 40x40 B8 D32 layer (float64, 4 directions) whose cooperative sweeps span
-    many blocks equals the CPU layer: h, dx and every gradient. The simulator runs a
-    cooperative kernel as one block, so only here do grid syncs order work between blocks."""
-    from numba import config as numba_config
-    if numba_config.ENABLE_CUDASIM:
-        pytest.skip("the simulator runs a cooperative kernel as one block")
+    """A 4-direction float64 layer whose cooperative sweeps span several blocks equals the CPU
+    layer: h, dx and every gradient. On a GPU 40x40 B8 D32 (~40 blocks); under the simulator
+    (blocks run at once, tests/simgrid.py) 4x5 B2 D3 on 3 blocks, of which some have no work
+    on the first and last anti-diagonals but still take part in every grid sync."""
     from mdnumba import backend_cuda
     from mdnumba.kernels import wavefront_cuda
     monkeypatch.setattr(wavefront_cuda, "DEFAULT_PATH", "cooperative")
-    x, dh = rng.standard_normal((8, 40, 40, 2)), rng.standard_normal((8, 40, 40, 128))
+    B, H, W, D = (2, 4, 5, 3) if IN_SIMULATOR else (8, 40, 40, 32)
+    x, dh = rng.standard_normal((B, H, W, 2)), rng.standard_normal((B, H, W, 4 * D))
     runs = []
     for device in ("cpu", "cuda"):
-        layer = _layer(2, 2, 32, np.float64, device, cell=cell, directions=4)
+        layer = _layer(2, 2, D, np.float64, device, cell=cell, directions=4)
         runs.append((layer.forward(x), layer.backward(dh), np.array(layer.grads.data)))
     for name, a, b in zip(("h", "dx", "grads"), *runs):
         np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12, err_msg=name)
@@ -239,8 +251,9 @@ def sim_gemm_matches_numpy(method, rng):
 
 def sim_gemm_k_split_over_many_tiles(rng):
     """The tiled GEMM with its K split over a grid of several row and column tiles, every tile
-    reducing its own chunks (on a GPU the blocks run at once: a counter shared between tiles
-    would race; at the GPU's 64x64 tiles this needs the larger shape)."""
+    reducing its own chunks (blocks run at once and in any order, on a GPU and under
+    tests/simgrid.py: a counter shared between tiles races and fails here; at the GPU's 64x64
+    tiles this needs the larger shape)."""
     from mdnumba.kernels import wavefront_cuda as gpu
     M, N, K = (9, 10, 7) if gpu.SIMULATOR else (130, 200, 300)
     for ta, tb in ((False, False), (True, True)):
@@ -281,6 +294,48 @@ def sim_device_training_matches_cpu(kw, clip, clipped, rng):
         norm = opt_c.step()
         assert opt_d.step() == pytest.approx(norm, rel=1e-10) and (norm > clip) == clipped
         np.testing.assert_allclose(dev.params_to_host(), cpu.params.data, rtol=1e-10, atol=1e-13)
+
+
+def _exchange(out, a, skip_block):
+    """A kernel for :func:`sim_simulator_runs_blocks_at_once_and_checks_syncs`: each thread
+    reads, after a grid sync, what the next block wrote before it (``skip_block`` skips it)."""
+    grid = cuda.cg.this_grid()
+    i = cuda.grid(1)
+    a[i] = i + 1
+    if cuda.blockIdx.x == skip_block:
+        return
+    grid.sync()
+    out[i] = a[(i + cuda.blockDim.x) % a.shape[0]]
+
+
+def _block_ids(out):
+    """Thread 0 puts its block's index in shared memory; every thread copies it out."""
+    s = cuda.shared.array(1, np.int64)
+    if cuda.threadIdx.x == 0:
+        s[0] = cuda.blockIdx.x
+    cuda.syncthreads()
+    out[cuda.grid(1)] = s[0]
+
+
+def sim_simulator_runs_blocks_at_once_and_checks_syncs():
+    """tests/simgrid.py, which every simulator case runs under: a block reads what another
+    wrote before a grid sync, shared memory is per block, and a grid sync that a block skips
+    or a cooperative grid over the limit is an error instead of a hang or a pass."""
+    if not IN_SIMULATOR:
+        pytest.skip("checks the simulator; on a GPU the failing launches would hang")
+    import simgrid
+    exchange, block_ids = cuda.jit(_exchange), cuda.jit(_block_ids)
+    assert exchange.overloads[None].max_cooperative_grid_blocks(8) == 3
+    a, out = np.zeros(24, np.int64), np.zeros(24, np.int64)
+    exchange[3, 8](out, a, -1)
+    np.testing.assert_array_equal(out, np.roll(np.arange(1, 25), -8))
+    with pytest.raises(simgrid.DivergentSync, match="returned"):
+        exchange[3, 8](out, a, 1)
+    with pytest.raises(simgrid.DivergentSync, match="max_cooperative_grid_blocks"):
+        exchange[4, 8](np.zeros(32, np.int64), np.zeros(32, np.int64), -1)
+    ids = np.zeros(8 * 100, np.int64)  # more threads than a wave (WAVE_THREADS)
+    block_ids[100, 8](ids)
+    np.testing.assert_array_equal(ids, np.repeat(np.arange(100), 8))
 
 
 def sim_errors_and_fallback(rng, monkeypatch):

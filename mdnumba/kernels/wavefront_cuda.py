@@ -59,7 +59,7 @@ SIMULATOR: bool = bool(numba.config.ENABLE_CUDASIM)
 SHARED_BYTES_LIMIT = 48 * 1024
 #: upper bound on the cooperative grid (the device's co-residency limit is applied too)
 COOP_MAX_BLOCKS = 4096
-#: grid cap for grid-stride bulk kernels (the simulator runs blocks one by one: keep it tiny)
+#: grid cap for grid-stride bulk kernels (the simulator runs a CUDA thread as a Python thread: keep it tiny)
 BULK_MAX_BLOCKS = 2 if SIMULATOR else 8192
 
 # Register-blocked GEMM tile: a block computes BM x BN outputs, each thread TM x TN of them
