@@ -1,4 +1,4 @@
-"""A stricter CUDA simulator for the ``sim_*`` cases: a launch's blocks run concurrently.
+"""A stricter CUDA simulator for the ``sim_*`` cases: blocks run at once, races are errors.
 
 numba-cuda's simulator runs a launch's blocks one after another and lets a cooperative grid
 have one block only (``max_cooperative_grid_blocks`` is 1, ``this_grid().sync()`` is a
@@ -15,11 +15,19 @@ the GPU. :func:`install` makes every launch run like hardware would allow it to:
 - ``syncthreads()`` a barrier of the block's threads, shared memory one copy per block;
 - a barrier some threads skip (they return, or wait at another barrier) raises
   :class:`DivergentSync` naming both, instead of hanging or, as in numba's simulator,
-  releasing the others.
+  releasing the others;
+- every access to an element of a global or shared array is checked against the others
+  (:class:`_RaceCheck`): two threads touching one element, one of them writing, with no
+  barrier or atomic ordering them raise :class:`DataRace` naming both, whatever order the
+  threads happened to run in.
+
+Threads run one at a time under the GIL, so this checks the order the kernels ask for, not
+the GPU's memory model (caches, fences): the real-GPU run still has the last word.
 """
 
 from __future__ import annotations
 
+import operator
 import sys
 import threading
 from contextlib import contextmanager
@@ -29,17 +37,156 @@ from numba.cuda import types
 from numba.cuda.np import numpy_support
 from numba.cuda.simulator import kernel as simkernel
 from numba.cuda.simulator import kernelapi
+from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray, FakeWithinKernelCUDAArray
 
 #: threads of one wave of a launch too large to run all at once
 WAVE_THREADS = 512
+#: what :func:`install` replaced (the tracked versions call it)
+_ORIGINAL = {}
 
 
-class DivergentSync(RuntimeError):
+class SimulatorHazard(RuntimeError):
+    """Something a GPU may run differently from the simulator (the kernel's bug)."""
+
+
+class DivergentSync(SimulatorHazard):
     """Threads that must meet at a barrier do not: the kernel would hang or race on a GPU."""
+
+
+class DataRace(SimulatorHazard):
+    """Two threads access one element, at least one writes, and neither a barrier nor an
+    atomic orders them: the result depends on the GPU's scheduling."""
 
 
 class _Aborted(Exception):
     """Raised in the other threads of a launch once one thread failed."""
+
+
+class _RaceCheck:
+    """Happens-before between the threads of one launch, with vector clocks (the method of
+    ThreadSanitizer): ``clock[t, u]`` is the latest step of thread u that thread t is ordered
+    after. A barrier joins its threads' clocks; an atomic on an element acquires and releases
+    that element's clock (with the kernels' fences around their counters that is what they
+    rely on). Each element keeps its last write and the reads since, by thread and step; an
+    access conflicting with one its thread is not ordered after is a :class:`DataRace`.
+    Atomics themselves are not checked against plain accesses."""
+
+    def __init__(self, names: list):
+        self.names = names
+        self.clock = [{t: 1} for t in range(len(names))]  # sparse: threads never met are at 0
+        self.lock = threading.Lock()
+        self.shadow = {}  # address -> [(writer, step) or None, {reader: step}]
+        self.released = {}  # address -> clock released by the atomics on it
+        self.keep = []  # the launch's shared memory
+
+    @staticmethod
+    def _max(a: dict, b: dict) -> dict:
+        joined = dict(a)
+        for t, step in b.items():
+            if step > joined.get(t, 0):
+                joined[t] = step
+        return joined
+
+    def join(self, tids: list) -> None:
+        """A barrier of ``tids`` opened (called under the barrier's lock)."""
+        joined = {}
+        for t in tids:
+            joined = self._max(joined, self.clock[t])
+        for t in tids:
+            self.clock[t] = dict(joined)
+            self.clock[t][t] += 1
+
+    def atomic(self, tid: int, address: int) -> None:
+        with self.lock:
+            mine = self.clock[tid] = self._max(self.clock[tid], self.released.get(address, {}))
+            self.released[address] = dict(mine)
+            mine[tid] += 1
+
+    def access(self, tid: int, address: int, write: bool, what) -> None:
+        with self.lock:
+            seen = self.clock[tid]
+            entry = self.shadow.get(address)
+            if entry is None:
+                entry = self.shadow[address] = [None, {}]
+            last = entry[0]
+            if last is not None and last[0] != tid and seen.get(last[0], 0) < last[1]:
+                self._race(last[0], "wrote", tid, write, what)
+            if not write:
+                entry[1][tid] = seen[tid]
+                return
+            for other, step in entry[1].items():
+                if other != tid and seen.get(other, 0) < step:
+                    self._race(other, "read", tid, write, what)
+            entry[0], entry[1] = (tid, seen[tid]), {}
+
+    def _race(self, other: int, did: str, tid: int, write: bool, what) -> None:
+        ary, idx = what
+        raise DataRace(f"{self.names[other]} {did} element {idx} of a {ary.dtype}{list(ary.shape)} "
+                       f"array and {self.names[tid]} {'writes' if write else 'reads'} it, with no "
+                       "barrier or atomic ordering the two")
+
+
+def _address(item: FakeCUDAArray, idx):
+    """Byte address of ``item[idx]`` when ``idx`` picks one element, else None."""
+    layout = item.__dict__.get("_race_layout")
+    if layout is None:  # once per array or view
+        ary = item._ary
+        layout = item.__dict__["_race_layout"] = (ary.__array_interface__["data"][0], ary.shape, ary.strides)
+    address, shape, strides = layout
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if len(idx) != len(shape):
+        return None
+    for i, n, stride in zip(idx, shape, strides):
+        try:
+            i = operator.index(i)
+        except TypeError:  # a slice: a view, not an element
+            return None
+        address += (i + n if i < 0 else i) * stride
+    return address
+
+
+def _record(item: FakeCUDAArray, idx, write: bool) -> None:
+    thread = threading.current_thread()
+    race = getattr(thread, "race", None)
+    if race is not None and not thread.in_atomic:
+        address = _address(item, idx)
+        if address is not None:
+            race.access(thread.tid, address, write, (item._ary, idx))
+
+
+def _tracked_getitem(self, idx):
+    value = _ORIGINAL["getitem"](self, idx)
+    if not isinstance(value, FakeWithinKernelCUDAArray):
+        _record(self._item, idx, False)
+    elif "_race_layout" in self._item.__dict__:  # a view by leading integers (a row): derive its layout
+        address, shape, strides = self._item.__dict__["_race_layout"]
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if all(isinstance(i, int | np.integer) and i >= 0 for i in idx):
+            address += sum(int(i) * st for i, st in zip(idx, strides))
+            value._item.__dict__["_race_layout"] = (address, shape[len(idx):], strides[len(idx):])
+    return value
+
+
+def _tracked_setitem(self, idx, value):
+    _record(self._item, idx, True)
+    _ORIGINAL["setitem"](self, idx, value)
+
+
+def _tracked_atomic(name: str):
+    """FakeCUDAAtomic.<name>, ordered by :meth:`_RaceCheck.atomic` and not recorded as an access."""
+    def atomic(self, array, *args):
+        thread = threading.current_thread()
+        race = getattr(thread, "race", None)
+        if race is None:
+            return _ORIGINAL[name](self, array, *args)
+        index = 0 if name == "compare_and_swap" else args[0]
+        race.atomic(thread.tid, _address(array._item, index))
+        thread.in_atomic = True
+        try:
+            return _ORIGINAL[name](self, array, *args)
+        finally:
+            thread.in_atomic = False
+    return atomic
 
 
 class _Barriers:
@@ -48,8 +195,9 @@ class _Barriers:
     returned thread would have to reach, or the last running thread waiting while no barrier
     can open, is a :class:`DivergentSync`."""
 
-    def __init__(self, blocks: list, per_block: int, grid_sync_ok: bool):
+    def __init__(self, blocks: list, per_block: int, grid_sync_ok: bool, race: _RaceCheck, members: dict):
         self.cond = threading.Condition()
+        self.race, self.members = race, members  # ("block", b) -> its threads' ids, ("grid",) -> all
         self.parties = {("grid",): len(blocks) * per_block, **{("block", b): per_block for b in blocks}}
         self.arrived = dict.fromkeys(self.parties, 0)
         self.generation = dict.fromkeys(self.parties, 0)
@@ -75,6 +223,7 @@ class _Barriers:
                 self._fail(f"{who} waits at {key[0]} sync, but {gone} thread(s) it waits for returned")
             self.arrived[key] += 1
             if self.arrived[key] == self.parties[key]:
+                self.race.join(self.members[key])
                 self.waiting -= self.arrived[key] - 1
                 self.arrived[key] = 0
                 self.generation[key] += 1
@@ -125,21 +274,24 @@ class _BlockShared:
             dtype = numpy_support.as_dtype(dtype)
         dtype = np.dtype(dtype)
         if shape == 0:
-            return np.frombuffer(self._dynamic.data, dtype=dtype, count=self._dynamic.size // dtype.itemsize)
+            ary = np.frombuffer(self._dynamic.data, dtype=dtype, count=self._dynamic.size // dtype.itemsize)
+            return FakeWithinKernelCUDAArray(FakeCUDAArray(ary))  # accesses race-checked
         caller = sys._getframe(1)
         with self._lock:
             key = (caller.f_code.co_filename, caller.f_lineno)
             if key not in self._arrays:
-                self._arrays[key] = np.empty(shape, dtype)
+                self._arrays[key] = FakeWithinKernelCUDAArray(FakeCUDAArray(np.empty(shape, dtype)))
             return self._arrays[key]
 
 
 class _CudaThread(threading.Thread):
     """One CUDA thread: what numba's simulated ``cuda`` module asks ``current_thread()`` for."""
 
-    def __init__(self, fn, args, barriers: _Barriers, shared: _BlockShared, block, thread, block_dim):
+    def __init__(self, fn, args, barriers: _Barriers, shared: _BlockShared, block, thread, block_dim,
+                 tid: int):
         super().__init__(daemon=True)
         self._fn, self._args, self._barriers = fn, args, barriers
+        self.race, self.tid, self.in_atomic = barriers.race, tid, False
         self.block_shared = shared
         self.blockIdx, self.threadIdx = kernelapi.Dim3(*block), kernelapi.Dim3(*thread)
         self.thread_id = thread[0] + block_dim[0] * (thread[1] + block_dim[1] * thread[2])
@@ -158,7 +310,7 @@ class _CudaThread(threading.Thread):
             self._barriers.leave(tuple(self.blockIdx), self.who)
         except BaseException as exc:  # re-raised by the launching thread
             self.exception = exc
-            if not isinstance(exc, _Aborted | DivergentSync):
+            if not isinstance(exc, _Aborted):
                 self._barriers.abort(f"{self.who} raised {type(exc).__name__}")
 
 
@@ -177,26 +329,32 @@ class _ConcurrentGrid:
             return
         _ConcurrentGrid.launches += 1
         order = np.random.default_rng(_ConcurrentGrid.launches)  # reproducible from run to run
-        blocks = [tuple(b) for b in order.permutation(list(np.ndindex(*self._grid_dim)))]
-        per_block = int(np.prod(self._block_dim))
-        per_wave = max(1, WAVE_THREADS // per_block)
-        module = simkernel._get_kernel_context()
-        for w in range(0, len(blocks), per_wave):
-            self._run_wave(blocks[w:w + per_wave], per_block, len(blocks) <= self.coop_blocks,
-                           module._shared._dynshared_size, args, order)
+        blocks = [tuple(map(int, b)) for b in order.permutation(list(np.ndindex(*self._grid_dim)))]
+        threads = list(np.ndindex(*self._block_dim))
+        race = _RaceCheck([f"thread {list(t)} of block {list(b)}" for b in blocks for t in threads])
+        per_wave = max(1, WAVE_THREADS // len(threads))
+        dynshared_size = simkernel._get_kernel_context()._shared._dynshared_size
+        for w in range(0, len(blocks), per_wave):  # a later wave is not ordered after an earlier one
+            self._run_wave(blocks, w, min(len(blocks), w + per_wave), threads, race,
+                           len(blocks) <= self.coop_blocks, dynshared_size, args, order)
 
-    def _run_wave(self, blocks, per_block, grid_sync_ok, dynshared_size, args, order) -> None:
-        barriers = _Barriers(blocks, per_block, grid_sync_ok)
-        threads = []
-        for b in blocks:
+    def _run_wave(self, blocks, first, stop, threads, race, grid_sync_ok, dynshared_size, args, order):
+        """Blocks ``first..stop-1`` at once; thread t of block number i has id ``i * len(threads) + t``."""
+        n = len(threads)
+        members = {("grid",): list(range(first * n, stop * n))}
+        members.update({("block", blocks[i]): list(range(i * n, (i + 1) * n)) for i in range(first, stop)})
+        barriers = _Barriers(blocks[first:stop], n, grid_sync_ok, race, members)
+        wave = []
+        for i in range(first, stop):
             shared = _BlockShared(dynshared_size)
-            threads += [_CudaThread(self._fn, args, barriers, shared, b, t, self._block_dim)
-                        for t in np.ndindex(*self._block_dim)]
-        for i in order.permutation(len(threads)):
-            threads[i].start()
-        for t in threads:
+            race.keep.append(shared)  # alive to the launch's end: no other block gets its addresses
+            wave += [_CudaThread(self._fn, args, barriers, shared, blocks[i], t, self._block_dim, i * n + k)
+                     for k, t in enumerate(threads)]
+        for i in order.permutation(len(wave)):
+            wave[i].start()
+        for t in wave:
             t.join()
-        failed = sorted((t for t in threads if t.exception is not None),
+        failed = sorted((t for t in wave if t.exception is not None),
                         key=lambda t: isinstance(t.exception, _Aborted))  # the cause first
         if failed:
             if hasattr(failed[0].exception, "add_note"):  # Python >= 3.11
@@ -208,7 +366,14 @@ class _ConcurrentGrid:
 def install(coop_blocks: int = 3):
     """Run simulated launches with concurrent blocks (see the module docstring) inside the
     ``with``; cooperative grids get up to ``coop_blocks`` blocks."""
-    patches = [
+    atomics = [name for name, f in vars(kernelapi.FakeCUDAAtomic).items()
+               if callable(f) and not name.startswith("_")]
+    _ORIGINAL.update(getitem=FakeWithinKernelCUDAArray.__getitem__,
+                     setitem=FakeWithinKernelCUDAArray.__setitem__,
+                     **{name: getattr(kernelapi.FakeCUDAAtomic, name) for name in atomics})
+    patches = [(kernelapi.FakeCUDAAtomic, name, _tracked_atomic(name)) for name in atomics] + [
+        (FakeWithinKernelCUDAArray, "__getitem__", _tracked_getitem),
+        (FakeWithinKernelCUDAArray, "__setitem__", _tracked_setitem),
         (simkernel, "BlockManager", type("ConcurrentGrid", (_ConcurrentGrid,), {"coop_blocks": coop_blocks})),
         (simkernel.FakeOverload, "max_cooperative_grid_blocks", lambda self, blockdim: coop_blocks),
         (kernelapi.GridGroup, "sync", lambda self: threading.current_thread().grid_sync()),

@@ -317,10 +317,25 @@ def _block_ids(out):
     out[cuda.grid(1)] = s[0]
 
 
+def _count(out, data, atomic):
+    """Every thread writes ``data[i]`` and counts itself in ``out[0]``, atomically or (a race)
+    not; with atomics the thread counted last sums ``data`` into ``out[1]``."""
+    i = cuda.grid(1)
+    data[i] = i
+    if not atomic:
+        out[0] += 1
+    elif cuda.atomic.add(out, 0, 1) == data.shape[0] - 1:
+        total = 0
+        for k in range(data.shape[0]):
+            total += data[k]
+        out[1] = total
+
+
 def sim_simulator_runs_blocks_at_once_and_checks_syncs():
     """tests/simgrid.py, which every simulator case runs under: a block reads what another
-    wrote before a grid sync, shared memory is per block, and a grid sync that a block skips
-    or a cooperative grid over the limit is an error instead of a hang or a pass."""
+    wrote before a grid sync, shared memory is per block, a grid sync that a block skips or a
+    cooperative grid over the limit is an error instead of a hang or a pass, and so is an
+    access to an element another thread writes with no barrier or atomic between."""
     if not IN_SIMULATOR:
         pytest.skip("checks the simulator; on a GPU the failing launches would hang")
     import simgrid
@@ -336,6 +351,11 @@ def sim_simulator_runs_blocks_at_once_and_checks_syncs():
     ids = np.zeros(8 * 100, np.int64)  # more threads than a wave (WAVE_THREADS)
     block_ids[100, 8](ids)
     np.testing.assert_array_equal(ids, np.repeat(np.arange(100), 8))
+    count, counted = cuda.jit(_count), np.zeros(2, np.int64)
+    count[3, 8](counted, np.zeros(24, np.int64), True)  # ordered through the atomic counter
+    np.testing.assert_array_equal(counted, [24, sum(range(24))])
+    with pytest.raises(simgrid.DataRace, match="no barrier or atomic"):
+        count[3, 8](counted, np.zeros(24, np.int64), False)
 
 
 def sim_errors_and_fallback(rng, monkeypatch):
