@@ -16,6 +16,8 @@ the GPU. :func:`install` makes every launch run like hardware would allow it to:
 - a barrier some threads skip (they return, or wait at another barrier) raises
   :class:`DivergentSync` naming both, instead of hanging or, as in numba's simulator,
   releasing the others;
+- memory a GPU leaves uninitialised (``device_array``, shared and local arrays) holds NaN
+  or a huge integer, not numba's ``np.empty`` (often zeros);
 - every access to an element of a global or shared array is checked against the others
   (:class:`_RaceCheck`): two threads touching one element, one of them writing, with no
   barrier or atomic ordering them raise :class:`DataRace` naming both, whatever order the
@@ -33,10 +35,12 @@ import threading
 from contextlib import contextmanager
 
 import numpy as np
-from numba.cuda import types
+from numba import cuda
+from numba.cuda import simulator, types
 from numba.cuda.np import numpy_support
 from numba.cuda.simulator import kernel as simkernel
 from numba.cuda.simulator import kernelapi
+from numba.cuda.simulator.cudadrv import devicearray
 from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray, FakeWithinKernelCUDAArray
 
 #: threads of one wave of a launch too large to run all at once
@@ -267,7 +271,7 @@ class _BlockShared:
     def __init__(self, dynshared_size: int):
         self._lock = threading.Lock()
         self._arrays = {}
-        self._dynamic = np.zeros(dynshared_size, dtype=np.byte)
+        self._dynamic = np.full(dynshared_size, -1, dtype=np.int8)  # as float: NaN
 
     def array(self, shape, dtype, alignment=None):
         if isinstance(dtype, types.Type):
@@ -280,8 +284,28 @@ class _BlockShared:
         with self._lock:
             key = (caller.f_code.co_filename, caller.f_lineno)
             if key not in self._arrays:
-                self._arrays[key] = FakeWithinKernelCUDAArray(FakeCUDAArray(np.empty(shape, dtype)))
+                self._arrays[key] = FakeWithinKernelCUDAArray(FakeCUDAArray(_poison(np.empty(shape, dtype))))
             return self._arrays[key]
+
+
+def _poison(ary: np.ndarray) -> np.ndarray:
+    """Fill memory a GPU leaves uninitialised with what fails loudly when read: NaN, or an
+    integer far past any index (numba's simulator hands out ``np.empty``, often zeros)."""
+    if ary.dtype.kind in "fc":
+        ary.fill(np.nan)
+    elif ary.dtype.kind in "iu":
+        ary.fill(np.iinfo(ary.dtype).max // 2 + 1)
+    return ary
+
+
+def _poisoned_device_array(*args, **kwargs):
+    dev = _ORIGINAL["device_array"](*args, **kwargs)
+    _poison(dev._ary)
+    return dev
+
+
+def _poisoned_local_array(self, shape, dtype, alignment=None):
+    return _poison(_ORIGINAL["local"](self, shape, dtype, alignment))
 
 
 class _CudaThread(threading.Thread):
@@ -368,10 +392,15 @@ def install(coop_blocks: int = 3):
     ``with``; cooperative grids get up to ``coop_blocks`` blocks."""
     atomics = [name for name, f in vars(kernelapi.FakeCUDAAtomic).items()
                if callable(f) and not name.startswith("_")]
-    _ORIGINAL.update(getitem=FakeWithinKernelCUDAArray.__getitem__,
+    _ORIGINAL.update(device_array=devicearray.device_array, local=kernelapi.FakeCUDALocal.array,
+                     getitem=FakeWithinKernelCUDAArray.__getitem__,
                      setitem=FakeWithinKernelCUDAArray.__setitem__,
                      **{name: getattr(kernelapi.FakeCUDAAtomic, name) for name in atomics})
     patches = [(kernelapi.FakeCUDAAtomic, name, _tracked_atomic(name)) for name in atomics] + [
+        (devicearray, "device_array", _poisoned_device_array),  # device_array_like calls it
+        (simulator, "device_array", _poisoned_device_array),
+        (cuda, "device_array", _poisoned_device_array),  # under the simulator, the same function
+        (kernelapi.FakeCUDALocal, "array", _poisoned_local_array),
         (FakeWithinKernelCUDAArray, "__getitem__", _tracked_getitem),
         (FakeWithinKernelCUDAArray, "__setitem__", _tracked_setitem),
         (simkernel, "BlockManager", type("ConcurrentGrid", (_ConcurrentGrid,), {"coop_blocks": coop_blocks})),

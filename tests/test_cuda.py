@@ -335,7 +335,8 @@ def sim_simulator_runs_blocks_at_once_and_checks_syncs():
     """tests/simgrid.py, which every simulator case runs under: a block reads what another
     wrote before a grid sync, shared memory is per block, a grid sync that a block skips or a
     cooperative grid over the limit is an error instead of a hang or a pass, and so is an
-    access to an element another thread writes with no barrier or atomic between."""
+    access to an element another thread writes with no barrier or atomic between; fresh
+    device memory is NaN or a huge integer."""
     if not IN_SIMULATOR:
         pytest.skip("checks the simulator; on a GPU the failing launches would hang")
     import simgrid
@@ -351,6 +352,8 @@ def sim_simulator_runs_blocks_at_once_and_checks_syncs():
     ids = np.zeros(8 * 100, np.int64)  # more threads than a wave (WAVE_THREADS)
     block_ids[100, 8](ids)
     np.testing.assert_array_equal(ids, np.repeat(np.arange(100), 8))
+    assert np.isnan(cuda.device_array(3).copy_to_host()).all()  # what a GPU leaves unset
+    assert (cuda.device_array_like(np.zeros(2, np.int32)).copy_to_host() == 2**30).all()
     count, counted = cuda.jit(_count), np.zeros(2, np.int64)
     count[3, 8](counted, np.zeros(24, np.int64), True)  # ordered through the atomic counter
     np.testing.assert_array_equal(counted, [24, sum(range(24))])
