@@ -14,7 +14,7 @@ the GPU. :func:`install` makes every launch run like hardware would allow it to:
   error in a launch larger than that, as the driver refuses it);
 - ``syncthreads()`` a barrier of the block's threads, shared memory one copy per block;
 - a barrier some threads skip (they return, or wait at another barrier) raises
-  :class:`DivergentSync` naming both, instead of hanging or, as in numba's simulator,
+  :class:`DivergentSync` saying which thread, instead of hanging or, as in numba's simulator,
   releasing the others;
 - memory a GPU leaves uninitialised (``device_array``, shared and local arrays) holds NaN
   or a huge integer, not numba's ``np.empty`` (often zeros);
