@@ -163,7 +163,8 @@ def _train_options(f):
                      help="on the sigmoid readout  [default: bce for binary-addition, else mse]"),
         click.option("--clip-norm", type=float, default=None, help="global gradient-norm clip"),
         click.option("--curriculum", callback=_sizes, default="",
-                     help="smaller sizes to train on first, e.g. 8,16 (equal phases, then --size)"),
+                     help="increasing sizes below --size to train on first, e.g. 8,16 (equal phases, "
+                          "then --size)"),
         click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
                      show_default=True),
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
@@ -233,14 +234,18 @@ def _check_fresh(out: Path, overwrite: bool, default: Path, resumable: bool = Tr
     the command can continue it (compare cannot)."""
     from mdnumba.checkpoint import CHECKPOINT, CONFIG_JSON
     from mdnumba.train import LOG
-    if not (out / CHECKPOINT).exists():
+    present = [name for name in (CHECKPOINT, CONFIG_JSON, LOG) + PLOTS if (out / name).exists()]
+    if not present:
         return
     if not (overwrite or out.resolve() == default.resolve()):
+        if CHECKPOINT not in present:  # e.g. a project folder with a config.json of its own
+            raise click.UsageError(f"{out} holds {', '.join(present)}, which the run would write over; "
+                                   "replace them with --overwrite, or choose another --out")
         resume = f"continue it with --resume {out}, " if resumable else ""
         raise click.UsageError(f"{out} already holds a run; {resume}replace it with --overwrite, "
                                "or choose another --out")
-    for name in (CHECKPOINT, CONFIG_JSON, LOG) + PLOTS:
-        (out / name).unlink(missing_ok=True)
+    for name in present:
+        (out / name).unlink()
 
 
 def _check_memory(trainer) -> None:

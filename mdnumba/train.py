@@ -102,9 +102,11 @@ class TrainConfig:
                 raise ValueError(msg)
         if self.size < task.min_size:
             raise ValueError(f"--size ({task.size_name}) must be >= {task.min_size}, got {self.size}")
-        for s in self.curriculum:
-            if not task.min_size <= s <= self.size:
-                raise ValueError(f"curriculum sizes must lie in [{task.min_size}, {self.size}], got {s}")
+        sizes = list(self.curriculum) + [self.size]
+        if self.curriculum and (self.curriculum[0] < task.min_size
+                                or any(a >= b for a, b in zip(sizes, sizes[1:]))):
+            raise ValueError(f"curriculum sizes must increase from >= {task.min_size} to below --size "
+                             f"{self.size} (smaller sizes first), got {','.join(map(str, self.curriculum))}")
         checks = [(self.batch >= 1, "--batch must be >= 1"), (self.hidden >= 1, "--hidden must be >= 1"),
                   (0 < self.lr < np.inf, "--lr must be a finite number > 0"),
                   (self.steps >= 1, "--steps must be >= 1"),
@@ -352,7 +354,10 @@ class Trainer:
             tr.opt.load_state_dict({"t": meta["adam_t"], "m": [arrays[f"adam_m_{k}"] for k in range(n)],
                                     "v": [arrays[f"adam_v_{k}"] for k in range(n)]})
             tr.rng.bit_generator.state = meta["rng"]
-            tr.step = tr.saved_step = int(meta["step"])
+            step = meta["step"]
+            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+                raise ValueError(f"its step must be an integer >= 0, got {step!r}")
+            tr.step = tr.saved_step = step
         except CheckpointError:
             raise
         except (KeyError, TypeError, ValueError) as exc:

@@ -128,7 +128,11 @@ def test_mismatched_checkpoint(runner, tmp_path):
     (["--steps", "0"], "0 is not in the range x>=1"),
     (["--model", "lstm"], "does not fit task"),
     (["--curriculum", "8,x"], "comma-separated integers"),
-    (["--curriculum", "16"], "curriculum sizes must lie in"),
+    (["--curriculum", "16"], "curriculum sizes must increase from >= 4 to below --size 8"),
+    (["--curriculum", "8"], "curriculum sizes must increase"),
+    (["--curriculum", "6,5"], "(smaller sizes first), got 6,5"),
+    (["--curriculum", "4,4"], "curriculum sizes must increase"),
+    (["--curriculum", "3,5"], "curriculum sizes must increase from >= 4"),
     (["--directions", "3"], "--directions must be 1 or 4"),
     (["--model", "md3d"], "does not fit task"),
     (["--cell", "lstm"], "'lstm' is not one of"),
@@ -256,6 +260,23 @@ def test_train_refuses_to_overwrite_a_run(runner, tmp_path):
     res = train(runner, run, "--seed", "3", "--overwrite")
     assert res.exit_code == 0, res.output
     assert json.loads((run / "config.json").read_text())["config"]["seed"] == 3
+
+
+def test_train_refuses_to_write_over_files_that_are_not_a_run(runner, tmp_path):
+    """A folder with its own config.json or log.tsv but no checkpoint: kept unless --overwrite."""
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "config.json").write_text('{"mine": true}')
+    (out / "log.tsv").write_text("my notes")
+    res = train(runner, out)
+    assert res.exit_code == 2, res.output
+    assert "holds config.json, log.tsv, which the run would write over" in " ".join(res.output.split())
+    assert (out / "config.json").read_text() == '{"mine": true}'
+    assert (out / "log.tsv").read_text() == "my notes"
+    assert not (out / "checkpoint.npz").exists()
+    res = train(runner, out, "--overwrite")
+    assert res.exit_code == 0, res.output
+    assert "mine" not in (out / "config.json").read_text()
 
 
 def test_default_out_is_replaced(runner, tmp_path, monkeypatch):
@@ -408,6 +429,24 @@ def test_checkpoint_with_non_finite_weights_is_damaged(runner, tmp_path):
         res = runner.invoke(main, args)
         assert res.exit_code == 1, res.output
         assert "damaged: layer 0's weights hold NaN or infinite values" in res.output, res.output
+
+
+@pytest.mark.parametrize("step", [-5, 2.5, True])
+def test_checkpoint_with_a_bad_step_is_damaged(runner, tmp_path, step):
+    """Resuming at a negative step would rewrite log.tsv from there: refused like other damage."""
+    assert train(runner, tmp_path / "run").exit_code == 0
+    ck = tmp_path / "run" / "checkpoint.npz"
+    data = dict(np.load(ck))
+    meta = json.loads(str(data["meta"]))
+    data["meta"] = np.array(json.dumps(dict(meta, step=step)))
+    np.savez(ck, **data)
+    log = (tmp_path / "run" / "log.tsv").read_text()
+    for args in (["evaluate", str(tmp_path / "run")], ["train", "--resume", str(tmp_path / "run"),
+                                                       "--steps", "9"]):
+        res = runner.invoke(main, args)
+        assert res.exit_code == 1, res.output
+        assert f"its step must be an integer >= 0, got {step!r}" in res.output, res.output
+    assert (tmp_path / "run" / "log.tsv").read_text() == log
 
 
 @pytest.mark.parametrize("hidden,code,message", [
