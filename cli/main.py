@@ -104,6 +104,9 @@ def _print_metrics(metrics: dict) -> None:
         click.echo(f"{k:>14}: {v:.6g}")
 
 
+#: what a command that runs out of memory may shrink (train and compare: the model and batch)
+SHRINK = {"evaluate": "a smaller --size (the batch is the run's)", "sample": "a smaller --length"}
+
 #: CUresult CUDA_ERROR_OUT_OF_MEMORY (numba-cuda raises CudaAPIError with it as ``code``)
 CUDA_ERROR_OUT_OF_MEMORY = 2
 
@@ -129,8 +132,8 @@ class _Group(click.Group):
             what = _out_of_memory(exc)
             if what is None:
                 raise
-            raise click.ClickException(f"{what} ({exc}); use a smaller --hidden, --batch, --size or "
-                                       "--layers") from None
+            shrink = SHRINK.get(ctx.invoked_subcommand, "a smaller --hidden, --batch, --size or --layers")
+            raise click.ClickException(f"{what} ({exc}); use {shrink}") from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -321,9 +324,14 @@ def train(ctx, out, overwrite, resume, checkpoint_every, plot, **kw) -> None:
     _run_with_progress(trainer)
     click.echo(f"done: {trainer.step} step{'s' * (trainer.step != 1)}; log {trainer.out / 'log.tsv'}, "
                f"checkpoint {trainer.out / 'checkpoint.npz'}")
-    _print_metrics(trainer.evaluate(batches=5))
+    click.echo(f"on fresh data ({FINAL_BATCHES} batches; `mdnumba evaluate` takes 20 by default):")
+    _print_metrics(trainer.evaluate(batches=FINAL_BATCHES))
     if plot:
         _plot_run(trainer)
+
+
+#: batches of the evaluation train prints at its end
+FINAL_BATCHES = 5
 
 
 #: options ``train --resume`` may change; the others define the run and must match it
@@ -340,6 +348,7 @@ def _resume_run(folder: Path, given: dict):
         raise click.ClickException(str(exc)) from None
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    _refuse_inapplicable(trainer.cfg, given)  # before "differs": such an option fits no run like it
     for k, v in given.items():
         have = getattr(trainer.cfg, k)
         if k not in RESUME_OVERRIDES and have != v:
@@ -348,7 +357,6 @@ def _resume_run(folder: Path, given: dict):
                                    "--resume continues a run as it was (it may change only "
                                    f"{', '.join(map(_option, RESUME_OVERRIDES))}); start a new run "
                                    "with --out for other settings")
-    _refuse_inapplicable(trainer.cfg, given)
     if trainer.step >= trainer.cfg.steps:
         raise click.UsageError(f"the run in {folder} is at step {trainer.step}; --steps must be "
                                f"> {trainer.step} to continue it")

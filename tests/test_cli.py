@@ -401,6 +401,7 @@ def test_resume_and_evaluate_refuse_what_the_run_would_ignore(runner, tmp_path):
     text.write_text("some text")
     for extra, message in ((["--sync-every", "5"], "--sync-every (--device cuda only)"),
                            (["--data", str(text)], "--data (char-lm only)"),
+                           (["--dropout", "0.1"], "not used by this run, leave out: --dropout"),
                            (["--overwrite"], "leave out --out and --overwrite")):
         res = runner.invoke(main, ["train", "--resume", str(run), "--steps", "8", *extra])
         assert res.exit_code == 2 and message in res.output, (extra, res.output)
@@ -458,6 +459,13 @@ def test_a_model_too_large_is_a_message(runner, tmp_path, hidden, code, message)
     assert res.exit_code == code and isinstance(res.exception, SystemExit), res.output
     assert message in res.output and ("smaller --hidden" in res.output or "smaller hidden" in res.output)
     assert not (tmp_path / "r").exists()
+
+
+def test_evaluate_out_of_memory_names_its_own_options(runner, tmp_path):
+    assert train(runner, tmp_path / "run").exit_code == 0
+    res = runner.invoke(main, ["evaluate", str(tmp_path / "run"), "--size", "200000", "--batches", "1"])
+    assert res.exit_code == 1 and "out of memory (Unable to allocate" in res.output, res.output
+    assert "use a smaller --size (the batch is the run's)" in res.output and "--hidden" not in res.output
 
 
 def test_a_step_that_would_not_fit_is_refused_before_training(runner, tmp_path, monkeypatch):
@@ -532,7 +540,8 @@ def test_compare_over_a_run_does_not_suggest_resume(runner, tmp_path):
     assert "--resume" not in res.output
 
 
-def test_done_line_counts_steps(runner, tmp_path):
+def test_done_line_counts_steps_and_the_metrics_say_what_they_are(runner, tmp_path):
     res = runner.invoke(main, ["train", "--model", "md", "--size", "4", "--batch", "2", "--hidden", "2",
                                "--steps", "1", "--out", str(tmp_path / "r")])
     assert res.exit_code == 0 and "done: 1 step; log" in res.output, res.output
+    assert "on fresh data (5 batches; `mdnumba evaluate` takes 20 by default):\n" in res.output
