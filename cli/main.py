@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -64,29 +65,55 @@ def _require_device(device: str) -> None:
 
 
 class _Progress:
-    """Progress bar callback showing step, loss and steps/s."""
+    """Progress bar callback showing step, loss and steps/s. When the reader of stdout goes
+    away (``mdnumba train | head``) it stops the run as a first Ctrl-C does, so the steps
+    done are saved, instead of the write error ending it unsaved."""
 
-    def __init__(self, bar, start_step: int, every_s: float = 0.5):
-        self.bar, self.t0, self.s0 = bar, time.perf_counter(), start_step
-        self.every_s, self.last = every_s, 0.0
+    def __init__(self, bar, trainer, every_s: float = 0.5):
+        self.bar, self.trainer, self.t0, self.s0 = bar, trainer, time.perf_counter(), trainer.step
+        self.every_s, self.last, self.closed = every_s, 0.0, False
 
     def __call__(self, step: int, m: dict) -> None:
+        if self.closed:
+            return
         now = time.perf_counter()
-        if now - self.last >= self.every_s:  # a new label redraws (or, off a TTY, prints a line)
-            self.last = now
-            rate = (step - self.s0) / max(now - self.t0, 1e-9)
-            extra = f" {m['chars_per_s']:.0f} chars/s" if "chars_per_s" in m else ""
-            self.bar.label = f"step {step} loss {m['loss']:.4f} {rate:.1f} steps/s{extra}"
-        self.bar.update(1)
+        try:
+            if now - self.last >= self.every_s:  # a new label redraws (or, off a TTY, prints a line)
+                self.last = now
+                rate = (step - self.s0) / max(now - self.t0, 1e-9)
+                extra = f" {m['chars_per_s']:.0f} chars/s" if "chars_per_s" in m else ""
+                self.bar.label = f"step {step} loss {m['loss']:.4f} {rate:.1f} steps/s{extra}"
+            self.bar.update(1)
+        except BrokenPipeError:
+            self.closed = True
+            _silence_stdout()
+            self.trainer.request_stop()
+
+
+def _silence_stdout() -> None:
+    """Point stdout at the null device once its reader is gone, so that later writes (the
+    progress bar's last, Python's flush at exit) do not fail again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (e.g. captured in tests)
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, fd)
+    os.close(null)
 
 
 def _run_with_progress(trainer) -> None:
     from mdnumba.charlm import CorpusError
     remaining = trainer.cfg.steps - trainer.step
     with click.progressbar(length=remaining, label="training", show_pos=True) as bar:
+        progress = _Progress(bar, trainer)
         try:
-            trainer.run(_Progress(bar, trainer.step))
+            trainer.run(progress)
         except KeyboardInterrupt:
+            if progress.closed:
+                raise click.ClickException(f"stdout was closed: stopped at step {trainer.step}; "
+                                           f"checkpoint in {trainer.out} (continue with --resume "
+                                           f"{trainer.out})") from None
             if trainer.saved_step is None:
                 raise click.ClickException(f"interrupted at step {trainer.step}; no checkpoint "
                                            "was saved yet") from None
@@ -123,11 +150,15 @@ def _out_of_memory(exc: Exception) -> str | None:
 
 class _Group(click.Group):
     """The command group; running out of host or GPU memory (e.g. ``--hidden 100000``) is an
-    error message that says what to shrink, not a traceback."""
+    error message that says what to shrink, not a traceback, and a reader of stdout that went
+    away (``mdnumba sample RUN | head -c 100``) ends the command quietly."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:
+            _silence_stdout()
+            ctx.exit(1)
         except Exception as exc:
             what = _out_of_memory(exc)
             if what is None:

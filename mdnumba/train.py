@@ -167,7 +167,8 @@ class Trainer:
         self.rng = np.random.default_rng(cfg.seed)
         self.step = 0
         self.saved_step: int | None = None  # the step of the newest checkpoint in ``out``
-        self._stop_requested: Callable[[], bool] = lambda: False  # set by :meth:`run`
+        self._interrupted: Callable[[], bool] = lambda: False  # Ctrl-C, set by :meth:`run`
+        self._stop = False
 
     def _build_model(self):
         """The model of ``self.cfg`` (and the loss it trains with); subclass hook."""
@@ -244,8 +245,17 @@ class Trainer:
         and on Ctrl-C, then re-raise KeyboardInterrupt. In the main thread Ctrl-C lets the
         current step finish, so that the checkpoint resumes bit-identically; a second
         Ctrl-C stops at once and saves nothing (the last periodic checkpoint stays)."""
-        with _deferred_interrupt() as self._stop_requested:
+        self._stop = False
+        with _deferred_interrupt() as self._interrupted:
             self._run(on_step)
+
+    def request_stop(self) -> None:
+        """End :meth:`run` after the current step as a first Ctrl-C does (the steps done are
+        saved, then KeyboardInterrupt); e.g. ``on_step`` when the reader of its output is gone."""
+        self._stop = True
+
+    def _stop_requested(self) -> bool:
+        return self._stop or self._interrupted()
 
     def _run(self, on_step: Callable[[int, dict], None] | None) -> None:
         """The loop of :meth:`run`: blocks of steps that end at checkpoints."""

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -545,3 +547,22 @@ def test_done_line_counts_steps_and_the_metrics_say_what_they_are(runner, tmp_pa
                                "--steps", "1", "--out", str(tmp_path / "r")])
     assert res.exit_code == 0 and "done: 1 step; log" in res.output, res.output
     assert "on fresh data (5 batches; `mdnumba evaluate` takes 20 by default):\n" in res.output
+
+
+def test_a_closed_stdout_stops_training_with_the_steps_saved(tmp_path):
+    """``mdnumba train | head``: once the reader is gone the run stops as on Ctrl-C, saving the
+    steps done (before, the write error ended it without a checkpoint or a message)."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "mdnumba", "train", "--size", "4", "--batch", "2",
+                             "--hidden", "2", "--steps", "1000000", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.read(1)  # training has started
+    proc.stdout.close()
+    try:
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and "Error: stdout was closed: stopped at step" in err, err
+    step = json.loads((out / "config.json").read_text())["step"]
+    assert f"stopped at step {step};" in err and 1 <= step < 1000000
+    assert (out / "log.tsv").read_text().splitlines()[-1].split("\t")[0] == str(step)
