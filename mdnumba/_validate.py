@@ -45,6 +45,16 @@ def check_array(x: npt.ArrayLike, name: str, ndim: int, last: int | None, dtype:
     return np.ascontiguousarray(arr, dtype=dtype)
 
 
+def check_finite_params(params) -> None:
+    """Raise :class:`NonFiniteError` naming the weights of ``params`` (a ParamBuffer) that hold
+    NaN or infinite values: set by hand, or by an update of the user's own that diverged."""
+    if np.isfinite(params.data).all():
+        return
+    bad = [name for name in params.layout.shapes if not np.isfinite(params[name]).all()]
+    raise NonFiniteError(f"the layer's weights {', '.join(bad)} hold NaN or infinite values; give "
+                         "them finite values (e.g. those of a fresh layer or a checkpoint)")
+
+
 def check_positive_int(value: object, name: str) -> int:
     """Return ``int(value)`` if it is an integer >= 1, else raise."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):

@@ -10,7 +10,14 @@ import numpy as np
 import numpy.typing as npt
 
 from . import config
-from ._validate import check_array, check_finite_number, check_positive_int, check_shape, seeded_rng
+from ._validate import (
+    check_array,
+    check_finite_number,
+    check_finite_params,
+    check_positive_int,
+    check_shape,
+    seeded_rng,
+)
 from .grid import direction_tables, wavefront
 from .kernels.cell import cell_code
 from .kernels.gemm import column_sums, matmul_at_b, matmul_rows
@@ -96,6 +103,7 @@ class WavefrontLSTM:
         With ``device="cuda"`` ``x`` may also be a CUDA array (numba device array or anything
         with ``__cuda_array_interface__``); the output is then a numba device array.
         """
+        check_finite_params(self.params)
         if self.device == "cuda":
             from .backend_cuda import layer_forward
             return layer_forward(self, x)
@@ -290,6 +298,7 @@ class Linear:
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """``y = x @ W + b`` on the last axis."""
+        check_finite_params(self.params)
         x = check_array(x, "x", max(np.ndim(x), 1), self.in_features, self.dtype, "(..., in_features)")
         x2 = x.reshape(-1, self.in_features)
         y = np.empty((x2.shape[0], self.out_features), dtype=self.dtype)
@@ -371,6 +380,7 @@ class GridLSTM2D:
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Sweep the T x depth grid; save what backward needs."""
         D, L = self.hidden, self.depth
+        check_finite_params(self.params)
         x = check_array(x, "x", 3, D, self.dtype, f"(batch, time, hidden={D})")
         B, T = x.shape[:2]
         wf = wavefront((T, L))

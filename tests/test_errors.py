@@ -36,6 +36,23 @@ def test_forward_rejects_non_finite(layer, bad):
         layer.forward(x)
 
 
+@pytest.mark.parametrize("make,x,name", [
+    (lambda: MDLSTM2D(1, 4), np.ones((1, 3, 3, 1)), "b"),
+    (lambda: LSTM1D(2, 3), np.ones((1, 4, 2)), "U"),
+    (lambda: Linear(3, 2), np.ones((4, 3)), "W"),
+    (lambda: GridLSTM2D(4, 2), np.ones((1, 3, 4)), "U_depth"),
+])
+def test_forward_rejects_non_finite_weights(make, x, name):
+    """Weights set to NaN by hand (or by a diverged update of the user's own) are named, not
+    turned into an all-NaN output."""
+    layer = make()
+    layer.params[name].flat[0] = np.nan
+    with pytest.raises(ValueError, match=f"the layer's weights {name} hold NaN or infinite values"):
+        layer.forward(x)
+    layer.params[name].flat[0] = 0.0
+    assert np.isfinite(layer.forward(x)).all()
+
+
 @pytest.mark.parametrize("make,dy", [
     (MDModel, np.zeros((1, 3, 3, 1))),
     (lambda: Embedding(5, 3), np.zeros((2, 3))),
