@@ -431,7 +431,8 @@ def _plot_run(trainer) -> None:
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--length", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--temperature", type=float, default=0.8, show_default=True)
-@click.option("--prime", default="", help="text to start from (characters of the vocabulary)")
+@click.option("--prime", default="", help="text to start from (characters of the vocabulary; "
+                                         "default: one drawn at random, printed as the first)")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
               help="run on this device instead of the one RUN was trained on")

@@ -230,11 +230,15 @@ class CharLM(LayerGroup):
 
 def sample_text(model: CharLM, corpus: Corpus, length: int, temperature: float,
                 rng: np.random.Generator, prime: str = "", window: int = 50) -> str:
-    """Generate ``length`` characters after ``prime``: softmax(logits/temperature) sampling,
-    each step conditioned on the last ``window`` characters."""
+    """Return ``prime`` and ``length`` characters generated after it: softmax(logits/temperature)
+    sampling, each step conditioned on the last ``window`` characters. Without a prime the
+    text starts from a character drawn uniformly from the vocabulary, shown as the first of
+    the ``length`` (so every character shown is conditioned only on those before it)."""
     if not 0 < temperature < np.inf:  # inf would sample uniformly, ignoring the model
         raise ValueError(f"--temperature must be a finite number > 0, got {temperature}")
-    ids = list(corpus.encode(prime)) if prime else [int(rng.integers(corpus.vocab_size))]
+    if not prime:
+        prime, length = corpus.decode([int(rng.integers(corpus.vocab_size))]), length - 1
+    ids = list(corpus.encode(prime))
     out = []
     for _ in range(length):
         logits = model.forward(np.array([ids[-window:]], dtype=np.int32))[0, -1].astype(np.float64)

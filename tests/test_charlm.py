@@ -255,6 +255,15 @@ def test_sampling_temperature_divides_the_logits():
             sample_text(stub, corpus, 3, bad, np.random.default_rng(0), prime="a")
 
 
+def test_sampling_without_a_prime_shows_the_character_it_starts_from():
+    corpus = Corpus.from_vocab(list("abcde"))
+    stub = _StubLM(lambda ids: 50.0 * np.eye(5)[(ids[-1] + 1) % 5])  # next = last + 1
+    text = sample_text(stub, corpus, 7, 1.0, np.random.default_rng(3))
+    first = "abcde"[np.random.default_rng(3).integers(5)]
+    assert len(text) == 7 and text[0] == first
+    assert all("abcde".index(b) == ("abcde".index(a) + 1) % 5 for a, b in zip(text, text[1:]))
+
+
 def test_sampling_conditions_on_the_last_window_characters():
     corpus = Corpus.from_vocab(list("abcde"))
     stub = _StubLM(lambda ids: 50.0 * np.eye(5)[(ids[-1] + 1) % 5])  # next = last + 1
