@@ -321,6 +321,10 @@ def _require_matplotlib(what: str) -> None:
                                "leave it out (--no-plot)")
 
 
+#: batches of the evaluation train prints at its end, and evaluate's default
+FINAL_BATCHES, EVALUATE_BATCHES = 5, 20
+
+
 @main.command()
 @_train_options
 @click.option("--out", type=click.Path(file_okay=False), callback=_folder, default=DEFAULT_OUT,
@@ -355,14 +359,11 @@ def train(ctx, out, overwrite, resume, checkpoint_every, plot, **kw) -> None:
     _run_with_progress(trainer)
     click.echo(f"done: {trainer.step} step{'s' * (trainer.step != 1)}; log {trainer.out / 'log.tsv'}, "
                f"checkpoint {trainer.out / 'checkpoint.npz'}")
-    click.echo(f"on fresh data ({FINAL_BATCHES} batches; `mdnumba evaluate` takes 20 by default):")
+    click.echo(f"on fresh data ({FINAL_BATCHES} batches; `mdnumba evaluate` takes {EVALUATE_BATCHES} "
+               "by default):")
     _print_metrics(trainer.evaluate(batches=FINAL_BATCHES))
     if plot:
         _plot_run(trainer)
-
-
-#: batches of the evaluation train prints at its end
-FINAL_BATCHES = 5
 
 
 #: options ``train --resume`` may change; the others define the run and must match it
@@ -454,7 +455,7 @@ def sample(run, length, temperature, prime, seed, device) -> None:
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--size", type=click.IntRange(min=1), default=None,
               help="evaluate at another size (diagonal tasks: >= 4)")
-@click.option("--batches", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--batches", type=click.IntRange(min=1), default=EVALUATE_BATCHES, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=12345, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
               help="run on this device instead of the one RUN was trained on")

@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import config
-from ._validate import check_positive_int, seeded_rng
+from ._validate import check_finite_params, check_positive_int, seeded_rng
 from .layers import GridLSTM2D, Linear
 from .stack import LayerGroup, mdlstm_stack
 
@@ -137,6 +137,7 @@ class Embedding:
         self.grads.data[...] = 0
 
     def forward(self, ids: np.ndarray) -> np.ndarray:
+        check_finite_params(self.params)
         ids = np.asarray(ids)
         V = self.params["W"].shape[0]
         if not np.issubdtype(ids.dtype, np.integer) or ids.size and (ids.min() < 0 or ids.max() >= V):

@@ -41,6 +41,7 @@ def test_forward_rejects_non_finite(layer, bad):
     (lambda: LSTM1D(2, 3), np.ones((1, 4, 2)), "U"),
     (lambda: Linear(3, 2), np.ones((4, 3)), "W"),
     (lambda: GridLSTM2D(4, 2), np.ones((1, 3, 4)), "U_depth"),
+    (lambda: Embedding(5, 3), np.array([[0, 4]]), "W"),
 ])
 def test_forward_rejects_non_finite_weights(make, x, name):
     """Weights set to NaN by hand (or by a diverged update of the user's own) are named, not
