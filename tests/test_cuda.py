@@ -5,7 +5,7 @@ The ``sim_*`` cases need CUDA kernels. ``NUMBA_ENABLE_CUDASIM`` must be set befo
 pytest`` subprocesses under the simulator (SHARDS concurrent shards; one outer test per
 case, the rest of the suite stays on the CPU path). When a real GPU is present they also run
 in further subprocesses (:func:`test_gpu`). Shapes are tiny: the simulator runs every CUDA
-thread as a Python thread.
+thread as a Python thread (and, as tests/simgrid.py makes it, checks every array access).
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ IN_SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
 @pytest.fixture(scope="module", autouse=True)
 def _concurrent_blocks():
-    """Under the simulator: a launch's blocks run at once, cooperative grids on up to 3 blocks,
-    and a sync some threads skip is an error (tests/simgrid.py)."""
+    """Under the simulator, the stricter one of tests/simgrid.py: a launch's blocks run at once,
+    cooperative grids on up to 3 blocks, a sync some threads skip and a data race are errors,
+    memory a GPU leaves uninitialised is NaN."""
     if not IN_SIMULATOR:
         yield
         return
