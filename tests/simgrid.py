@@ -130,23 +130,30 @@ class _RaceCheck:
                        "barrier or atomic ordering the two")
 
 
-def _address(item: FakeCUDAArray, idx):
-    """Byte address of ``item[idx]`` when ``idx`` picks one element, else None."""
+def _locate(item: FakeCUDAArray, idx):
+    """``(address, shape, strides)`` of ``item[idx]`` when ``idx`` is leading integers (an
+    element, or a row view), else None (a slice: a view whose layout is read when needed)."""
     layout = item.__dict__.get("_race_layout")
-    if layout is None:  # once per array or view
+    if layout is None:  # once per array or view not derived from its parent's
         ary = item._ary
         layout = item.__dict__["_race_layout"] = (ary.__array_interface__["data"][0], ary.shape, ary.strides)
     address, shape, strides = layout
     idx = idx if isinstance(idx, tuple) else (idx,)
-    if len(idx) != len(shape):
+    if len(idx) > len(shape):
         return None
     for i, n, stride in zip(idx, shape, strides):
         try:
             i = operator.index(i)
-        except TypeError:  # a slice: a view, not an element
+        except TypeError:
             return None
         address += (i + n if i < 0 else i) * stride
-    return address
+    return address, shape[len(idx):], strides[len(idx):]
+
+
+def _address(item: FakeCUDAArray, idx):
+    """Byte address of ``item[idx]`` when ``idx`` picks one element, else None."""
+    where = _locate(item, idx)
+    return where[0] if where is not None and not where[1] else None
 
 
 def _record(item: FakeCUDAArray, idx, write: bool) -> None:
@@ -162,12 +169,10 @@ def _tracked_getitem(self, idx):
     value = _ORIGINAL["getitem"](self, idx)
     if not isinstance(value, FakeWithinKernelCUDAArray):
         _record(self._item, idx, False)
-    elif "_race_layout" in self._item.__dict__:  # a view by leading integers (a row): derive its layout
-        address, shape, strides = self._item.__dict__["_race_layout"]
-        idx = idx if isinstance(idx, tuple) else (idx,)
-        if all(isinstance(i, int | np.integer) and i >= 0 for i in idx):
-            address += sum(int(i) * st for i, st in zip(idx, strides))
-            value._item.__dict__["_race_layout"] = (address, shape[len(idx):], strides[len(idx):])
+    else:  # a view: a row's layout follows from its parent's (no __array_interface__ per row)
+        where = _locate(self._item, idx)
+        if where is not None:
+            value._item.__dict__["_race_layout"] = where
     return value
 
 
