@@ -55,6 +55,14 @@ def check_finite_params(params) -> None:
                          "them finite values (e.g. those of a fresh layer or a checkpoint)")
 
 
+def check_count(value: object, name: str) -> int:
+    """Return ``int(value)`` if it is an integer >= 0 (not a bool), else raise ValueError
+    (a count read from saved state, e.g. a step)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
 def check_positive_int(value: object, name: str) -> int:
     """Return ``int(value)`` if it is an integer >= 1, else raise."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):

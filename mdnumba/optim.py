@@ -7,7 +7,7 @@ import math
 import numpy as np
 from numba import njit
 
-from ._validate import check_finite_number
+from ._validate import check_count, check_finite_number
 from .config import NJIT_OPTS
 from .params import ParamBuffer
 
@@ -167,9 +167,7 @@ class Adam:
         if len(state["m"]) != len(self.m) or len(state["v"]) != len(self.v):
             raise ValueError(f"optimizer state has {len(state['m'])} m and {len(state['v'])} v buffers, "
                              f"this optimizer {len(self.m)} of each")
-        t = state["t"]
-        if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0:
-            raise ValueError(f"optimizer state step t must be an integer >= 0, got {t!r}")
+        t = check_count(state["t"], "optimizer state step t")
         srcs = [np.asarray(src) for src in list(state["m"]) + list(state["v"])]
         for dst, src in zip(self.m + self.v, srcs):
             if dst.shape != src.shape:
@@ -178,7 +176,7 @@ class Adam:
             raise ValueError("optimizer state holds NaN/inf or negative second moments v")
         for dst, src in zip(self.m + self.v, srcs):
             self._assign(dst, src.astype(dst.dtype))
-        self.t = int(t)
+        self.t = t
 
 
 class RMSprop(Adam):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._validate import NonFiniteError
+from ._validate import NonFiniteError, check_count
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .kernels.cell import CELLS
 from .losses import LOSSES
@@ -364,10 +364,7 @@ class Trainer:
             tr.opt.load_state_dict({"t": meta["adam_t"], "m": [arrays[f"adam_m_{k}"] for k in range(n)],
                                     "v": [arrays[f"adam_v_{k}"] for k in range(n)]})
             tr.rng.bit_generator.state = meta["rng"]
-            step = meta["step"]
-            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-                raise ValueError(f"its step must be an integer >= 0, got {step!r}")
-            tr.step = tr.saved_step = step
+            tr.step = tr.saved_step = check_count(meta["step"], "its step")
         except CheckpointError:
             raise
         except (KeyError, TypeError, ValueError) as exc:
