@@ -20,11 +20,14 @@ the GPU. :func:`install` makes every launch run like hardware would allow it to:
   or a huge integer, not numba's ``np.empty`` (often zeros);
 - every access to an element of a global or shared array is checked against the others
   (:class:`_RaceCheck`): two threads touching one element, one of them writing, with no
-  barrier or atomic ordering them raise :class:`DataRace` naming both, whatever order the
-  threads happened to run in.
+  barrier, or atomic between fences, ordering them raise :class:`DataRace` naming both,
+  whatever order the threads happened to run in;
+- atomics are relaxed, as on a GPU: a hand-off through an atomic counter orders the data
+  around it only with ``threadfence()`` on both sides (before the count to publish, after it
+  to read), the fences a GPU's caches need.
 
 Threads run one at a time under the GIL, so this checks the order the kernels ask for, not
-the GPU's memory model (caches, fences): the real-GPU run still has the last word.
+the GPU's caches themselves: the real-GPU run still has the last word.
 """
 
 from __future__ import annotations
@@ -69,15 +72,21 @@ class _Aborted(Exception):
 class _RaceCheck:
     """Happens-before between the threads of one launch, with vector clocks (the method of
     ThreadSanitizer): ``clock[t, u]`` is the latest step of thread u that thread t is ordered
-    after. A barrier joins its threads' clocks; an atomic on an element acquires and releases
-    that element's clock (with the kernels' fences around their counters that is what they
-    rely on). Each element keeps its last write and the reads since, by thread and step; an
-    access conflicting with one its thread is not ordered after is a :class:`DataRace`.
-    Atomics themselves are not checked against plain accesses."""
+    after. A barrier joins its threads' clocks. Atomics are relaxed, with fences as in C++:
+    ``threadfence()`` snapshots its thread's clock (``fenced``) and takes in what the thread's
+    atomics read since (``acquired``); an atomic on an element adds ``fenced`` to the clock
+    the element carries and reads that clock into ``acquired``. A barrier shares its threads'
+    ``fenced`` and ``acquired`` too (a fence is cumulative: it publishes what its thread has
+    seen, the block's writes before a barrier included), a grid sync fences. Each element
+    keeps its last write and the reads since, by thread and step; an access conflicting with
+    one its thread is not ordered after is a :class:`DataRace`. Atomics themselves are not
+    checked against plain accesses."""
 
     def __init__(self, names: list):
         self.names = names
         self.clock = [{t: 1} for t in range(len(names))]  # sparse: threads never met are at 0
+        self.fenced = [{} for _ in names]  # each thread's clock at its last fence (or grid sync)
+        self.acquired = [{} for _ in names]  # clocks its atomics read since its last fence
         self.lock = threading.Lock()
         self.shadow = {}  # address -> [(writer, step) or None, {reader: step}]
         self.released = {}  # address -> clock released by the atomics on it
@@ -91,20 +100,34 @@ class _RaceCheck:
                 joined[t] = step
         return joined
 
-    def join(self, tids: list) -> None:
-        """A barrier of ``tids`` opened (called under the barrier's lock)."""
-        joined = {}
+    def join(self, tids: list, fence: bool = False) -> None:
+        """A barrier of ``tids`` opened (called under the barrier's lock); ``fence``: a grid sync."""
+        joined, fenced, acquired = {}, {}, {}
         for t in tids:
             joined = self._max(joined, self.clock[t])
-        for t in tids:
+            fenced = self._max(fenced, self.fenced[t])
+            acquired = self._max(acquired, self.acquired[t])
+        if fence:
+            joined, acquired = self._max(joined, acquired), {}
+            fenced = joined
+        for t in tids:  # the shared dicts are replaced, never changed in place
             self.clock[t] = dict(joined)
             self.clock[t][t] += 1
+            self.fenced[t], self.acquired[t] = fenced, acquired
+
+    def fence(self, tid: int) -> None:
+        """``threadfence()``: acquire what the thread's atomics read, release what it has seen."""
+        with self.lock:
+            mine = self.clock[tid] = self._max(self.clock[tid], self.acquired[tid])
+            self.acquired[tid], self.fenced[tid] = {}, dict(mine)
+            mine[tid] += 1
 
     def atomic(self, tid: int, address: int) -> None:
+        """A relaxed read-modify-write: it carries the thread's fenced clock to whoever reads it."""
         with self.lock:
-            mine = self.clock[tid] = self._max(self.clock[tid], self.released.get(address, {}))
-            self.released[address] = dict(mine)
-            mine[tid] += 1
+            carried = self.released.get(address, {})
+            self.acquired[tid] = self._max(self.acquired[tid], carried)
+            self.released[address] = self._max(carried, self.fenced[tid])
 
     def access(self, tid: int, address: int, write: bool, what) -> None:
         with self.lock:
@@ -127,7 +150,7 @@ class _RaceCheck:
         ary, idx = what
         raise DataRace(f"{self.names[other]} {did} element {idx} of a {ary.dtype}{list(ary.shape)} "
                        f"array and {self.names[tid]} {'writes' if write else 'reads'} it, with no "
-                       "barrier or atomic ordering the two")
+                       "barrier, or atomic between fences, ordering the two")
 
 
 def _locate(item: FakeCUDAArray, idx):
@@ -198,6 +221,13 @@ def _tracked_atomic(name: str):
     return atomic
 
 
+def _fence(self) -> None:
+    """``cuda.threadfence()`` (and ``threadfence_system``) in a tracked thread: :meth:`_RaceCheck.fence`."""
+    thread = threading.current_thread()
+    if getattr(thread, "race", None) is not None:
+        thread.race.fence(thread.tid)
+
+
 class _Barriers:
     """The barriers of one wave of blocks under one lock: ``("grid",)`` needs every thread of
     the grid, ``("block", b)`` every thread of block b. A thread arriving at a barrier that a
@@ -232,7 +262,7 @@ class _Barriers:
                 self._fail(f"{who} waits at {key[0]} sync, but {gone} thread(s) it waits for returned")
             self.arrived[key] += 1
             if self.arrived[key] == self.parties[key]:
-                self.race.join(self.members[key])
+                self.race.join(self.members[key], fence=key == ("grid",))
                 self.waiting -= self.arrived[key] - 1
                 self.arrived[key] = 0
                 self.generation[key] += 1
@@ -411,6 +441,8 @@ def install(coop_blocks: int = 3):
         (simkernel, "BlockManager", type("ConcurrentGrid", (_ConcurrentGrid,), {"coop_blocks": coop_blocks})),
         (simkernel.FakeOverload, "max_cooperative_grid_blocks", lambda self, blockdim: coop_blocks),
         (kernelapi.GridGroup, "sync", lambda self: threading.current_thread().grid_sync()),
+        (kernelapi.FakeCUDAModule, "threadfence", _fence),  # threadfence_block: CTA scope, no release
+        (kernelapi.FakeCUDAModule, "threadfence_system", _fence),
         (kernelapi.FakeCUDAModule, "shared",
          property(lambda self: getattr(threading.current_thread(), "block_shared", self._shared))),
     ]

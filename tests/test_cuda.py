@@ -318,14 +318,20 @@ def _block_ids(out):
     out[cuda.grid(1)] = s[0]
 
 
-def _count(out, data, atomic):
-    """Every thread writes ``data[i]`` and counts itself in ``out[0]``, atomically or (a race)
-    not; with atomics the thread counted last sums ``data`` into ``out[1]``."""
+def _count(out, data, mode):
+    """Every thread writes ``data[i]`` and counts itself in ``out[0]``: plainly (mode 0, a
+    race), atomically (1) or atomically between fences (2); with atomics the thread counted
+    last sums ``data`` into ``out[1]``, a race without the fences (a GPU's atomics are relaxed)."""
     i = cuda.grid(1)
     data[i] = i
-    if not atomic:
+    if mode == 0:
         out[0] += 1
-    elif cuda.atomic.add(out, 0, 1) == data.shape[0] - 1:
+        return
+    if mode == 2:
+        cuda.threadfence()  # publishes data[i] before the count
+    if cuda.atomic.add(out, 0, 1) == data.shape[0] - 1:
+        if mode == 2:
+            cuda.threadfence()  # the others' data[k] are visible after the count
         total = 0
         for k in range(data.shape[0]):
             total += data[k]
@@ -336,8 +342,8 @@ def sim_simulator_runs_blocks_at_once_and_checks_syncs():
     """tests/simgrid.py, which every simulator case runs under: a block reads what another
     wrote before a grid sync, shared memory is per block, a grid sync that a block skips or a
     cooperative grid over the limit is an error instead of a hang or a pass, and so is an
-    access to an element another thread writes with no barrier or atomic between; fresh
-    device memory is NaN or a huge integer."""
+    access to an element another thread writes with no barrier, or atomic between fences, in
+    between; fresh device memory is NaN or a huge integer."""
     if not IN_SIMULATOR:
         pytest.skip("checks the simulator; on a GPU the failing launches would hang")
     import simgrid
@@ -356,10 +362,11 @@ def sim_simulator_runs_blocks_at_once_and_checks_syncs():
     assert np.isnan(cuda.device_array(3).copy_to_host()).all()  # what a GPU leaves unset
     assert (cuda.device_array_like(np.zeros(2, np.int32)).copy_to_host() == 2**30).all()
     count, counted = cuda.jit(_count), np.zeros(2, np.int64)
-    count[3, 8](counted, np.zeros(24, np.int64), True)  # ordered through the atomic counter
+    count[3, 8](counted, np.zeros(24, np.int64), 2)  # ordered through the fenced atomic counter
     np.testing.assert_array_equal(counted, [24, sum(range(24))])
-    with pytest.raises(simgrid.DataRace, match="no barrier or atomic"):
-        count[3, 8](counted, np.zeros(24, np.int64), False)
+    for mode in (0, 1):  # a plain counter; an atomic one without fences
+        with pytest.raises(simgrid.DataRace, match="no barrier, or atomic between fences"):
+            count[3, 8](np.zeros(2, np.int64), np.zeros(24, np.int64), mode)
 
 
 def sim_errors_and_fallback(rng, monkeypatch):
