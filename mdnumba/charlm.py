@@ -20,6 +20,7 @@ import numpy.typing as npt
 from . import config
 from ._validate import check_finite_params, check_positive_int, seeded_rng
 from .layers import GridLSTM2D, Linear
+from .params import OwnsParams
 from .stack import LayerGroup, mdlstm_stack
 
 
@@ -122,7 +123,7 @@ class Corpus:
         return "".join(self.vocab[int(k)] for k in ids)
 
 
-class Embedding:
+class Embedding(OwnsParams):
     """Lookup table ``W (V, D)``: ``forward(ids)`` → ``W[ids]``; backward scatter-adds into ``dW``."""
 
     def __init__(self, vocab: int, dim: int, seed: int = 0, dtype: npt.DTypeLike = config.DEFAULT_DTYPE):

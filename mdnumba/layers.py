@@ -23,10 +23,10 @@ from .kernels.cell import cell_code
 from .kernels.gemm import column_sums, matmul_at_b, matmul_rows
 from .kernels.gridlstm import gather_operands as gather_grid_operands
 from .kernels.wavefront import gather_parents, skew_rows, unskew_rows, wavefront_backward, wavefront_forward
-from .params import ParamLayout
+from .params import OwnsParams, ParamLayout
 
 
-class WavefrontLSTM:
+class WavefrontLSTM(OwnsParams):
     """N-dimensional LSTM over a grid (Graves 2007), 1 or 2**N scan directions.
 
     Input ``(B, n_1, ..., n_N, C)``, output ``(B, n_1, ..., n_N, S*D)`` for S
@@ -273,7 +273,7 @@ class LSTM1D(WavefrontLSTM):
         return f"(batch, time, {ch})"
 
 
-class Linear:
+class Linear(OwnsParams):
     """Per-position affine map ``y = x @ W + b`` over the last axis (the readout).
 
     ``forward(x)`` with x of shape (..., in_features) → (..., out_features);
@@ -328,7 +328,7 @@ class Linear:
         return dx.reshape(self._shape)
 
 
-class GridLSTM2D:
+class GridLSTM2D(OwnsParams):
     """2D Grid LSTM (Kalchbrenner et al. 2015) over time x depth, depth prioritised.
 
     ``forward(x)``: ``x`` (B, T, hidden) is the depth input of the bottom blocks (e.g. an

@@ -37,8 +37,10 @@ class ParamLayout:
 class ParamBuffer(Mapping):
     """A flat vector ``data`` plus named views into it (``buf["W"]`` or ``buf.W``).
 
-    Writing into a view, or assigning to it (``buf.W = w``), writes into ``data``;
-    ``aliases`` adds derived views (e.g. ``U_up`` = one slice of ``U``).
+    Writing into a view, or assigning to it (``buf.W = w``, ``buf.data = flat``), writes into
+    ``data``: the value must have the view's shape, or be a scalar. Iterating gives each
+    parameter once (the layout's names); :meth:`add_alias` adds derived views that are reached
+    by name only (e.g. ``U_up`` = one slice of ``U``).
     """
 
     def __init__(self, layout: ParamLayout, data: np.ndarray):
@@ -75,6 +77,11 @@ class ParamBuffer(Mapping):
     def __getitem__(self, name: str) -> np.ndarray:
         return self._views[name]
 
+    @property
+    def aliases(self) -> list[str]:
+        """The names of the derived views (not parameters of their own)."""
+        return [name for name in self._views if name not in self.layout.shapes]
+
     def __getattr__(self, name: str) -> np.ndarray:
         try:
             return self.__dict__["_views"][name]
@@ -84,9 +91,14 @@ class ParamBuffer(Mapping):
     _OWN = ("layout", "data", "_views")
 
     def __setattr__(self, name: str, value: object) -> None:
-        """``buf.W = w`` writes ``w`` into the flat buffer, like ``buf.W[...] = w`` (an attribute
-        set beside the view would hide it and leave the weights the kernels read unchanged)."""
-        if name in self._OWN:
+        """``buf.W = w`` writes ``w`` into the flat buffer, like ``buf.W[...] = w``, and so does
+        ``buf.data = flat`` (an attribute set beside the view, or a new ``data`` array, would
+        leave the weights the kernels read unchanged)."""
+        if name == "data" and "data" in self.__dict__:
+            self._copy_into(self.data, "data", value)
+        elif name in self._OWN:
+            if name in self.__dict__:
+                raise AttributeError(f"a parameter buffer's {name} cannot be replaced")
             object.__setattr__(self, name, value)
         else:
             self._assign(name, value, AttributeError)
@@ -99,17 +111,41 @@ class ParamBuffer(Mapping):
         view = self._views.get(name)
         if view is None:
             raise missing(f"no parameter {name!r}; the names are {', '.join(self._views)}")
+        self._copy_into(view, name, value)
+
+    @staticmethod
+    def _copy_into(view: np.ndarray, name: str, value: object) -> None:
+        """``view[...] = value`` for a value of the view's shape or a scalar, without a silent
+        broadcast (a one-direction matrix copied into every direction) or overflow to inf."""
+        shape = np.shape(value)
+        if shape and shape != view.shape:
+            raise ValueError(f"cannot assign a {shape} array to {name} {view.shape}: give the shape "
+                             "of the view, or a scalar")
         try:
-            np.copyto(view, value, casting="same_kind")
+            with np.errstate(over="raise"):
+                np.copyto(view, value, casting="same_kind")
+        except FloatingPointError:
+            raise ValueError(f"the values given for {name} overflow {view.dtype}") from None
         except (ValueError, TypeError) as exc:
             raise ValueError(f"cannot assign to {name} {view.shape} {view.dtype}: {exc}") from None
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._views)
+        return iter(self.layout.shapes)
 
     def __len__(self) -> int:
-        return len(self._views)
+        return len(self.layout.shapes)
 
     def __repr__(self) -> str:
         names = ", ".join(f"{k}{tuple(v.shape)}" for k, v in self._views.items())
         return f"ParamBuffer({names}; {self.data.size} x {self.data.dtype})"
+
+
+class OwnsParams:
+    """Base of a layer with its own ``params`` and ``grads`` buffers, bound once: rebinding one
+    (``layer.params = other.params``) would skip every shape check and share weights unseen."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in ("params", "grads") and name in self.__dict__:
+            raise AttributeError(f"a layer's {name} cannot be replaced; copy values into it: "
+                                 f"layer.{name}.data = other.{name}.data, or by name (layer.{name}.W = w)")
+        super().__setattr__(name, value)

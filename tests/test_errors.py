@@ -344,10 +344,32 @@ def test_assigning_a_named_view_writes_the_weights():
         layer.params.Wx = 1.0
     with pytest.raises(KeyError, match="no parameter 'Wx'"):
         layer.params["Wx"] = 1.0
-    with pytest.raises(ValueError, match=r"cannot assign to b \(20,\) float32: could not broadcast"):
+    with pytest.raises(ValueError, match=r"cannot assign a \(3,\) array to b \(20,\): give the shape"):
         layer.params.b = np.ones(3)
     with pytest.raises(ValueError, match="cannot assign to W"):
         layer.params.W = 1j
+    with pytest.raises(ValueError, match="values given for W overflow float32"):
+        layer.params.W = np.full(layer.params.W.shape, 1e300)
+    layer.params.data = np.zeros(layer.params.data.size)    # a saved flat vector: copied in
+    assert layer.params.data is data and not data.any() and not layer.forward(x).any()
+    with pytest.raises(ValueError, match=r"cannot assign a \(3,\) array to data"):
+        layer.params.data = np.zeros(3)
+    with pytest.raises(AttributeError, match="cannot be replaced"):
+        layer.params.layout = None
+    with pytest.raises(AttributeError, match="a layer's params cannot be replaced; copy values into it"):
+        layer.params = MDLSTM2D(2, 4).params
+
+
+def test_a_broadcast_into_every_direction_is_refused_and_aliases_are_not_parameters():
+    """A one-direction matrix is not copied into each of 4 directions; iterating the buffer
+    gives each parameter once (U_up, U_left are views of U, reached by name)."""
+    layer = MDLSTM2D(1, 4, directions=4)
+    with pytest.raises(ValueError, match=r"cannot assign a \(4, 20\) array to U_up \(4, 4, 20\)"):
+        layer.params.U_up = np.ones((4, 20))
+    assert list(layer.params) == ["W", "U", "b"] and len(layer.params) == 3
+    assert layer.params.aliases == ["U_up", "U_left"]
+    assert sum(v.size for v in layer.params.values()) == layer.params.data.size
+    assert layer.params.U_up.base is not None and "U_up" in repr(layer.params)
 
 
 @pytest.mark.parametrize("seed,exc", [(-1, ValueError), ("a", TypeError), (1.5, TypeError)])
