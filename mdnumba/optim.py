@@ -95,28 +95,67 @@ def check_distinct(buffers: list) -> None:
                          "and one of its layers, given twice): give each layer once")
 
 
+def _positive(value: object, name: str) -> float:
+    """A finite number > 0 (TypeError for strings and bools)."""
+    if check_finite_number(value, name) <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return float(value)
+
+
+def _clip_norm(value: object, name: str) -> float | None:
+    """None (no clipping) or a finite number > 0."""
+    return None if value is None else _positive(value, name)
+
+
+def _betas(value: object, name: str) -> tuple[float, float]:
+    """Two numbers in [0, 1)."""
+    pair = tuple(value) if isinstance(value, (tuple, list, np.ndarray)) else ()
+    if len(pair) != 2 or not all(0.0 <= check_finite_number(b, name) < 1.0 for b in pair):
+        raise ValueError(f"{name} must be two numbers in [0, 1), e.g. (0.9, 0.999), got {value!r}")
+    return float(pair[0]), float(pair[1])
+
+
+class _Setting:
+    """An optimiser setting checked whenever it is set, in ``__init__`` and later (a schedule
+    changing ``lr``, a new ``clip_norm``): ``check(value, name)`` returns what is stored."""
+
+    def __init__(self, check):
+        self.check = check
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: object, owner: type | None = None):
+        return self if obj is None else obj.__dict__[self.name]
+
+    def __set__(self, obj: object, value: object) -> None:
+        obj.__dict__[self.name] = self.check(value, self.name)
+
+
 class Adam:
     """Adam (Kingma & Ba 2015) over every flat buffer of the given layers.
 
     ``clip_norm``: if set, gradients are scaled by ``min(1, clip_norm/‖g‖₂)``
     where ‖g‖₂ is the global norm over all buffers. ``step()`` returns that norm.
-    Moments ``m``, ``v`` use the same flat layout as the parameters.
+    Moments ``m``, ``v`` use the same flat layout as the parameters. ``lr``, ``betas``,
+    ``eps`` and ``clip_norm`` may be changed between steps (e.g. a learning-rate schedule);
+    they are checked on every change.
     """
+
+    #: the name :meth:`state_dict` records (``OPTIMIZERS``' key; the device twins share it)
+    kind = "adam"
+    lr = _Setting(_positive)
+    eps = _Setting(_positive)  # eps = 0 would divide 0 by 0 where a gradient stays 0
+    clip_norm = _Setting(_clip_norm)
+    betas = _Setting(_betas)
 
     def __init__(self, layers_or_params: object, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, clip_norm: float | None = None):
-        # eps = 0 would divide 0 by 0 where a gradient stays 0
-        for name, value in (("lr", lr), ("eps", eps)) + ((("clip_norm", clip_norm),) if clip_norm is not None
-                                                          else ()):
-            if check_finite_number(value, name) <= 0:  # a TypeError for strings and bools
-                raise ValueError(f"{name} must be a finite number > 0, got {value}")
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+        self.lr, self.betas, self.eps, self.clip_norm = lr, betas, eps, clip_norm
         self.buffers = self._collect(layers_or_params)
         if not self.buffers:
             raise ValueError(f"{type(self).__name__} got no parameters")
         check_distinct(self.buffers)
-        self.lr, self.betas, self.eps, self.clip_norm = float(lr), tuple(betas), float(eps), clip_norm
         self.t = 0
         self.m = [self._zeros_like(p) for p, _ in self.buffers]
         self.v = [self._zeros_like(p) for p, _ in self.buffers]
@@ -154,16 +193,20 @@ class Adam:
             self._update(p, g, m, v, self.lr, b1, b2, self.eps, bc1, bc2, scale)
 
     def state_dict(self) -> dict:
-        """Moments and step count (for checkpoints), as host arrays."""
-        return {"t": self.t, "m": [self._to_host(m) for m in self.m],
+        """Moments, step count and the optimiser's kind (for checkpoints), as host values."""
+        return {"kind": self.kind, "t": self.t, "m": [self._to_host(m) for m in self.m],
                 "v": [self._to_host(v) for v in self.v]}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict` output; shapes must match."""
+        """Restore :meth:`state_dict` output (of the same kind of optimiser; a state without
+        ``kind`` is taken as it is); shapes must match."""
         missing = [k for k in ("t", "m", "v") if k not in state]
         if missing:
             raise ValueError(f"optimizer state lacks {missing}; pass what state_dict() returned "
                              "(keys t, m, v)")
+        kind = str(np.asarray(state.get("kind", self.kind)))  # np.load gives a 0-d array
+        if kind != self.kind:
+            raise ValueError(f"this optimizer state is {kind}'s, this optimizer is {self.kind}")
         if len(state["m"]) != len(self.m) or len(state["v"]) != len(self.v):
             raise ValueError(f"optimizer state has {len(state['m'])} m and {len(state['v'])} v buffers, "
                              f"this optimizer {len(self.m)} of each")
@@ -184,6 +227,8 @@ class RMSprop(Adam):
 
     Same buffers, clipping and checkpoint state as :class:`Adam` (its first moment stays 0).
     """
+
+    kind = "rmsprop"
 
     def __init__(self, layers_or_params: object, lr: float = 1e-3, rho: float = 0.95, eps: float = 1e-8,
                  clip_norm: float | None = None):

@@ -79,3 +79,44 @@ def test_state_dict_roundtrip(rng):
     np.testing.assert_array_equal(opt2.m[0], opt.m[0])
     with pytest.raises(ValueError, match="shape"):
         Adam(LSTM1D(2, 4)).load_state_dict(state)
+
+
+def test_a_state_saved_with_np_savez_loads_and_its_kind_must_match(tmp_path):
+    """``np.savez`` turns t and kind into 0-d arrays; an RMSprop state is not Adam's."""
+    layer = LSTM1D(2, 3)
+    opt = Adam(layer)
+    layer.grads.data[...] = 1.0
+    opt.step()
+    state = opt.state_dict()
+    np.savez(tmp_path / "opt.npz", kind=state["kind"], t=state["t"], m0=state["m"][0], v0=state["v"][0])
+    with np.load(tmp_path / "opt.npz") as f:
+        loaded = {"kind": f["kind"], "t": f["t"], "m": [f["m0"]], "v": [f["v0"]]}
+    again = Adam(LSTM1D(2, 3))
+    again.load_state_dict(loaded)
+    assert again.t == 1 and again.state_dict()["kind"] == "adam"
+    with pytest.raises(ValueError, match="this optimizer state is rmsprop's, this optimizer is adam"):
+        Adam(layer).load_state_dict(RMSprop(layer).state_dict())
+    del loaded["kind"]  # a state of an older mdnumba: taken as it is
+    RMSprop(layer).load_state_dict(loaded)
+
+
+@pytest.mark.parametrize("name,value,exc,match", [
+    ("lr", -1e-3, ValueError, "lr must be a finite number > 0, got -0.001"),
+    ("lr", "1e-3", TypeError, "lr must be a number, got '1e-3'"),
+    ("clip_norm", 0.0, ValueError, "clip_norm must be a finite number > 0"),
+    ("clip_norm", -1.0, ValueError, "clip_norm must be a finite number > 0"),
+    ("eps", float("nan"), ValueError, "eps must be finite"),
+    ("betas", 0.9, ValueError, r"betas must be two numbers in \[0, 1\), e.g. \(0.9, 0.999\), got 0.9"),
+    ("betas", (0.9, 1.0), ValueError, "betas must be two numbers"),
+])
+def test_settings_are_checked_when_set_later_too(name, value, exc, match):
+    """A schedule may change lr or clip_norm between steps: a bad value is refused then too
+    (a negative clip_norm would step up the gradient, 0 would not step at all)."""
+    layer = LSTM1D(2, 3)
+    with pytest.raises(exc, match=match):
+        Adam(layer, **{name: value})
+    opt = Adam(layer, clip_norm=1.0)
+    with pytest.raises(exc, match=match):
+        setattr(opt, name, value)
+    opt.lr, opt.clip_norm, opt.betas = 0.5, None, [0.8, 0.9]
+    assert (opt.lr, opt.clip_norm, opt.betas) == (0.5, None, (0.8, 0.9))
