@@ -299,11 +299,12 @@ class Linear(OwnsParams):
     def forward(self, x: np.ndarray) -> np.ndarray:
         """``y = x @ W + b`` on the last axis."""
         check_finite_params(self.params)
+        given = x
         x = check_array(x, "x", max(np.ndim(x), 1), self.in_features, self.dtype, "(..., in_features)")
         x2 = x.reshape(-1, self.in_features)
         y = np.empty((x2.shape[0], self.out_features), dtype=self.dtype)
         matmul_rows(y, x2, self.params["W"], self.params["b"], False)
-        self._x = x2
+        self._x = x2.copy() if np.may_share_memory(x2, given) else x2  # backward's, not the caller's
         self._shape = x.shape
         return y.reshape(x.shape[:-1] + (self.out_features,))
 

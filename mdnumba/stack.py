@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 
 from . import config
@@ -14,9 +16,10 @@ _NAMED = {1: LSTM1D, 2: MDLSTM2D, 3: MDLSTM3D}
 class BlockSubsample:
     """Non-overlapping ``block^N`` blocks of the grid become channels (space-to-depth).
 
-    ``forward``: ``(B, n_1, .., n_N, C)`` → ``(B, n_1/k, .., n_N/k, k^N·C)``, channel
-    order ``(offset_1, .., offset_N, c)``; ``backward`` is the exact inverse
-    (no parameters). Every grid side must be divisible by ``block``.
+    ``forward``: ``(B, n_1, .., n_N, C)`` → ``(B, n_1/k, .., n_N/k, k^N·C)`` for
+    ``k = block`` and ``N = ndim`` grid axes (2: images, 3: volumes), channel order
+    ``(offset_1, .., offset_N, c)``; ``backward`` is the exact inverse (no parameters). Every
+    grid side must be divisible by ``block``. Both return new arrays, never views of their input.
     """
 
     def __init__(self, block: int, ndim: int = 2):
@@ -33,8 +36,10 @@ class BlockSubsample:
         N, k = self.ndim, self.block
         dims = x.shape[1:-1]
         if x.ndim != N + 2:
+            hint = f"; for {x.ndim - 2} grid axes use BlockSubsample({k}, ndim={x.ndim - 2})" \
+                if x.ndim > 2 else ""
             raise ValueError(f"BlockSubsample({k}) needs a (batch, {N} grid axes, channels) array, "
-                             f"got shape {x.shape}")
+                             f"got shape {x.shape}{hint}")
         if any(n % k for n in dims):
             raise ValueError(f"BlockSubsample({k}) needs every grid side divisible by {k}, got "
                              f"shape {x.shape}; crop or pad the input (in "
@@ -44,7 +49,7 @@ class BlockSubsample:
         split = (x.shape[0],) + sum(((n // k, k) for n in dims), ()) + (x.shape[-1],)
         order = (0,) + tuple(1 + 2 * d for d in range(N)) + tuple(2 + 2 * d for d in range(N)) + (2 * N + 1,)
         y = x.reshape(split).transpose(order)
-        return np.ascontiguousarray(y).reshape((x.shape[0],) + tuple(n // k for n in dims) + (-1,))
+        return np.array(y, order="C").reshape((x.shape[0],) + tuple(n // k for n in dims) + (-1,))
 
     def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
         """Inverse of :meth:`forward` applied to the gradient (None with ``input_grad=False``)."""
@@ -57,17 +62,32 @@ class BlockSubsample:
         check_shape(dy, (shape[0],) + tuple(n // k for n in dims) + (self.out_channels(shape[-1]),))
         blocks = (shape[0],) + tuple(n // k for n in dims) + (k,) * N + (shape[-1],)
         inverse = (0,) + sum(((1 + d, 1 + N + d) for d in range(N)), ()) + (2 * N + 1,)
-        return np.ascontiguousarray(np.reshape(dy, blocks).transpose(inverse)).reshape(shape)
+        return np.array(np.reshape(dy, blocks).transpose(inverse), order="C").reshape(shape)
 
     def __repr__(self) -> str:
-        return f"BlockSubsample({self.block})"
+        return f"BlockSubsample({self.block}" + (f", ndim={self.ndim})" if self.ndim != 2 else ")")
+
+
+@contextmanager
+def _named_stage(i: int, stage: object, what: str):
+    """Re-raise a ValueError/TypeError of ``stage`` (number ``i``) with the stage named first,
+    as the same type (e.g. :class:`NonFiniteError`, which the trainers catch)."""
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
+        try:
+            named = type(exc)(f"stage {i} ({type(stage).__name__}) {what}: {exc}")
+        except Exception:  # an exception type with another signature: as it was
+            raise exc from None
+        raise named from exc
 
 
 def backward_stages(stages: list, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
     """``dy`` back through ``stages`` in reverse; ``input_grad=False``: the first stage computes
     no dL/dx (None is returned). Host stages or device stages alike."""
     for i in range(len(stages) - 1, -1, -1):
-        dy = stages[i].backward(dy, input_grad or i > 0)
+        with _named_stage(i, stages[i], "backward"):
+            dy = stages[i].backward(dy, input_grad or i > 0)
     return dy
 
 
@@ -99,7 +119,9 @@ class Sequential(LayerGroup):
     ``layers`` lists the parametrised layers (what :class:`mdnumba.Adam` and checkpoints
     see), in order, those of nested groups (a ``Sequential`` stage) included. A stage may
     appear once: each saves its own activations for ``backward``, so sharing one layer's
-    weights between two stages this way would give wrong gradients.
+    weights between two stages this way would give wrong gradients. ``stages`` is a tuple
+    (fixed once built); ``len(seq)`` and ``seq[i]`` give the stages. An error of a stage's
+    ``forward`` or ``backward`` names the stage.
     """
 
     def __init__(self, *stages):
@@ -111,7 +133,7 @@ class Sequential(LayerGroup):
                     if isinstance(s, (list, tuple)) else ""
                 raise TypeError(f"a Sequential stage needs forward and backward, got "
                                 f"{type(s).__name__}{hint}")
-        self.stages = list(stages)
+        self.stages = tuple(stages)
         ids = [id(s) for s in _all_stages(self.stages)]
         if len(set(ids)) < len(ids):
             raise ValueError("a stage appears twice in this Sequential: every stage saves its own "
@@ -124,10 +146,17 @@ class Sequential(LayerGroup):
             out.extend([s] if hasattr(s, "params") else getattr(s, "layers", []))
         return out
 
+    def __len__(self) -> int:
+        return len(self.stages)
+
+    def __getitem__(self, i: int):
+        return self.stages[i]
+
     def forward(self, x: np.ndarray) -> np.ndarray:
         """``x`` through every stage in order; each keeps what its backward needs."""
-        for stage in self.stages:
-            x = stage.forward(x)
+        for i, stage in enumerate(self.stages):
+            with _named_stage(i, stage, "forward"):
+                x = stage.forward(x)
         return x
 
     def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
@@ -151,7 +180,10 @@ def mdlstm_stack(ndim: int, in_channels: int, hidden: int, *, layers: int = 1, d
         if k and subsample > 1:
             stages.append(BlockSubsample(subsample, ndim))
             channels = stages[-1].out_channels(channels)
-        kw = dict(seed=seed + 7 * k, dtype=dtype, cell=cell, directions=directions, device=device)
+        # layer k > 0 draws from the stream (seed, k): no other seed's layer starts with its weights
+        # (a bad seed is refused by layer 0, built first)
+        layer_seed = seed if k == 0 or seed is None else np.random.SeedSequence([seed, k])
+        kw = dict(seed=layer_seed, dtype=dtype, cell=cell, directions=directions, device=device)
         if ndim in _NAMED:
             stages.append(_NAMED[ndim](channels, hidden, **kw))
         else:

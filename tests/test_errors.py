@@ -6,6 +6,7 @@ import pytest
 from mdnumba import LSTM1D, MDLSTM2D, Adam, BlockSubsample, GridLSTM2D, Linear, RMSprop
 from mdnumba.charlm import Embedding
 from mdnumba.models import MDModel
+from mdnumba.stack import mdlstm_stack
 from mdnumba.train import TrainConfig, Trainer
 
 
@@ -110,7 +111,6 @@ def test_other_constructor_errors():
         GridLSTM2D(4, 2, forget_bias=np.nan)
     with pytest.raises(ValueError, match="directions must be 1 or 2"):
         LSTM1D(2, 3, directions=True)
-    from mdnumba.stack import mdlstm_stack
     for bad in (0, -2):
         with pytest.raises(ValueError, match="subsample must be >= 1"):
             mdlstm_stack(2, 1, 3, layers=2, subsample=bad)
@@ -383,7 +383,47 @@ def test_a_bad_seed_is_named(seed, exc):
 def test_block_subsample_says_which_rule_is_broken():
     sub = BlockSubsample(2)
     with pytest.raises(ValueError, match=r"needs a \(batch, 2 grid axes, channels\) array, got shape "
-                                         r"\(1, 4, 4, 4, 1\)$"):
+                                         r"\(1, 4, 4, 4, 1\); for 3 grid axes use "
+                                         r"BlockSubsample\(2, ndim=3\)$"):
         sub.forward(np.zeros((1, 4, 4, 4, 1)))
     with pytest.raises(ValueError, match=r"needs every grid side divisible by 2, got shape \(1, 5, 4, 1\)"):
         sub.forward(np.zeros((1, 5, 4, 1)))
+    x = np.ones((1, 2, 2, 3))  # one block: the output is a new array all the same
+    assert not np.shares_memory(BlockSubsample(2).forward(x), x)
+    assert not np.shares_memory(BlockSubsample(1).forward(x), x)
+
+
+def test_a_stack_names_the_stage_that_failed():
+    """An error inside a Sequential names the stage, and keeps its type (NonFiniteError)."""
+    from mdnumba._validate import NonFiniteError
+    net = mdlstm_stack(2, 1, 3, layers=2, subsample=2)
+    assert len(net) == 3 and isinstance(net[1], BlockSubsample)
+    with pytest.raises(ValueError, match=r"^stage 1 \(BlockSubsample\) forward: BlockSubsample\(2\) needs "
+                                         "every grid side divisible by 2"):
+        net.forward(np.zeros((1, 5, 4, 1), np.float32))
+    with pytest.raises(NonFiniteError, match=r"^stage 0 \(MDLSTM2D\) forward: x contains 16 NaN"):
+        net.forward(np.full((1, 4, 4, 1), np.nan, np.float32))
+    net.forward(np.zeros((1, 4, 4, 1), np.float32))
+    with pytest.raises(ValueError, match=r"^stage 2 \(MDLSTM2D\) backward: dh must have the shape"):
+        net.backward(np.zeros((1, 2, 2, 4), np.float32))
+    with pytest.raises(AttributeError):
+        net.stages.append(net[0])  # fixed once built: a stage cannot be added twice this way
+
+
+def test_a_linear_layer_keeps_its_own_copy_of_the_input():
+    lin = Linear(4, 2, dtype=np.float64)
+    h = np.random.default_rng(0).random((2, 3, 4))
+    lin.forward(h)
+    want = h.reshape(-1, 4).T @ np.ones((6, 2))
+    h *= 0  # the caller reuses its buffer before backward
+    lin.backward(np.ones((2, 3, 2)))
+    np.testing.assert_allclose(lin.grads.W, want)
+
+
+def test_stacked_layers_of_different_seeds_start_apart():
+    """Layer k > 0 of a stack draws from (seed, k): seed 7's first layer is not seed 0's second."""
+    a, b = mdlstm_stack(2, 4, 4, layers=2, seed=0), mdlstm_stack(2, 4, 4, layers=2, seed=7)
+    assert not np.array_equal(a.layers[1].params.data, b.layers[0].params.data)
+    assert not np.array_equal(a.layers[0].params.data, a.layers[1].params.data)
+    np.testing.assert_array_equal(a.layers[1].params.data,
+                                  mdlstm_stack(2, 4, 4, layers=2, seed=0).layers[1].params.data)
