@@ -11,6 +11,7 @@ import numpy.typing as npt
 
 from . import config
 from ._validate import (
+    NonFiniteError,
     check_array,
     check_finite_number,
     check_finite_params,
@@ -142,6 +143,7 @@ class WavefrontLSTM(OwnsParams):
         dh = check_array(dh, "dh", self.ndim + 2, None, self.dtype, self._layout_str("D"))
         if dh.shape != want:
             raise ValueError(f"dh must have the shape of the forward output {want}, got {dh.shape}")
+        self._check_state(sv["c"])
         skew_src, unskew_src = direction_tables(wf.dims, B, S)
         rows = wf.n_cells * B
         dhs = self._workspace("dhs", (S * rows, D))
@@ -181,6 +183,19 @@ class WavefrontLSTM(OwnsParams):
         return sum(v.nbytes for v in self._work.values()) if self._saved else 0
 
     # -------------------------------------------------------------- helpers
+    def _check_state(self, c: np.ndarray) -> None:
+        """NonFiniteError if the forward's cell state overflowed: h = o·tanh(c) stays finite
+        there, but the gradients would be NaN (0·inf), so backward says so instead."""
+        finite = np.isfinite(c)
+        if finite.all():
+            return
+        advice = "lower the learning rate or set clip_norm"
+        if self.cell != "stable":
+            advice = (f"the {self.cell} cell's state can grow geometrically along the diagonals of a large "
+                      f"grid: use cell='stable', or {advice}")
+        raise NonFiniteError(f"the cell state overflowed to inf in forward ({c.size - int(finite.sum())} "
+                             f"values), so the gradients would be NaN; {advice}")
+
     def _per_direction(self, name: str, buf=None) -> np.ndarray:
         """View of parameter ``name`` with a leading direction axis (also when S = 1)."""
         view = (self.params if buf is None else buf)[name]

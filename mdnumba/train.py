@@ -193,7 +193,7 @@ class Trainer:
         loss, dlogits, prob = self.loss_fn(logits, batch.y)
         self._check_loss(loss, self.step + 1)
         self.model.zero_grad()
-        self.model.backward(dlogits, input_grad=False)  # parameter gradients only
+        self._backward(dlogits, input_grad=False)  # parameter gradients only
         self._optimizer_step()
         self.step += 1
         metrics = self.task.metrics(prob, loss, batch)
@@ -207,6 +207,14 @@ class Trainer:
             return self.model.forward(*args)
         except NonFiniteError:
             raise self._diverged("the activations", self.step + 1) from None
+
+    def _backward(self, *args, **kw) -> None:
+        """``model.backward(...)``; a layer whose cell state overflowed in forward (its gradients
+        would be NaN) stops the run with :meth:`_diverged`'s advice."""
+        try:
+            self.model.backward(*args, **kw)
+        except NonFiniteError:
+            raise self._diverged("the cell state", self.step + 1) from None
 
     def _optimizer_step(self) -> None:
         """``opt.step()``; non-finite gradients stop the run with :meth:`_diverged`'s advice."""

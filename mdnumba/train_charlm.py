@@ -53,7 +53,7 @@ class CharLMTrainer(Trainer):
         loss, dlogits, _ = softmax_xent(self._forward(x, self.rng if self.cfg.dropout else None), y)
         self._check_loss(loss, self.step + 1)
         self.model.zero_grad()
-        self.model.backward(dlogits)
+        self._backward(dlogits)
         self._optimizer_step()
         self.step += 1
         if not self._val or self.step % self.EVAL_EVERY == 0 or self.step == self.cfg.steps:

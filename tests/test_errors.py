@@ -410,6 +410,22 @@ def test_a_stack_names_the_stage_that_failed():
         net.stages.append(net[0])  # fixed once built: a stage cannot be added twice this way
 
 
+@pytest.mark.parametrize("cell,advice", [("graves", "; the graves cell.*use cell='stable', or lower"), ("stable", "; lower")])
+def test_backward_after_an_overflowing_cell_state_says_so(cell, advice):
+    """c overflowed to inf in forward (h stays finite): backward raises instead of returning
+    NaN gradients."""
+    from mdnumba._validate import NonFiniteError
+    layer = MDLSTM2D(1, 2, cell=cell)
+    x = np.ones((1, 6, 6, 1), np.float32)
+    h = layer.forward(x)
+    layer._saved["c"][-1, 0] = np.inf  # as a 128x128 graves state at lr 1e-2 does
+    with pytest.raises(NonFiniteError, match=r"the cell state overflowed to inf in forward \(1 values\), "
+                                             r"so the gradients would be NaN" + advice):
+        layer.backward(np.ones_like(h))
+    layer.forward(x)
+    layer.backward(np.ones_like(h))  # a finite state again
+
+
 def test_a_linear_layer_keeps_its_own_copy_of_the_input():
     lin = Linear(4, 2, dtype=np.float64)
     h = np.random.default_rng(0).random((2, 3, 4))

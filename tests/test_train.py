@@ -90,6 +90,18 @@ def test_a_diverging_model_stops_before_backward_with_advice(layers, broken, wha
         tr.run()
 
 
+def test_an_overflowing_cell_state_stops_the_run_at_backward_with_advice():
+    """Forget gates summing to ~2 double the graves state per diagonal: at 72x72 it overflows
+    float32 while h = o·tanh(c) stays finite; backward refuses (its gradients would be NaN)."""
+    tr = make_trainer(TrainConfig(steps=3, size=72, batch=1, hidden=2, seed=1))
+    layer = tr.model.layers[0]
+    layer.params.U = 0.0
+    layer.params.b[2:6] = 10.0  # f_up, f_left ≈ 1
+    with pytest.raises(FloatingPointError, match=r"^the cell state became NaN or infinite at step 1; "
+                                                 r"lower --lr, set --clip-norm or use --cell stable"):
+        tr.run()
+
+
 def test_non_finite_gradients_name_the_step_the_kept_checkpoint_and_unused_remedies(tmp_path):
     tr = make_trainer(TrainConfig(steps=6, checkpoint_every=2, clip_norm=1.0, cell="stable", **KW), tmp_path)
     real = tr.model.backward
