@@ -410,7 +410,8 @@ def test_a_stack_names_the_stage_that_failed():
         net.stages.append(net[0])  # fixed once built: a stage cannot be added twice this way
 
 
-@pytest.mark.parametrize("cell,advice", [("graves", "; the graves cell.*use cell='stable', or lower"), ("stable", "; lower")])
+@pytest.mark.parametrize("cell,advice", [("graves", "; the graves cell.*use cell='stable', or lower"),
+                                         ("stable", "; lower")])
 def test_backward_after_an_overflowing_cell_state_says_so(cell, advice):
     """c overflowed to inf in forward (h stays finite): backward raises instead of returning
     NaN gradients."""

@@ -170,7 +170,7 @@ def build_rows(jit, exp=math.exp, jit_reduce=None, sigmoid=None, tanh=None):
 
 
 _ROWS = build_rows(njit(inline="always", **NJIT_OPTS), exp=vexp.exp, sigmoid=vexp.sigmoid,
-                   tanh=vexp.tanh, jit_reduce=njit(**NJIT_SUM_OPTS))
+                   jit_reduce=njit(**NJIT_SUM_OPTS))
 _block_forward = _ROWS["block_forward"]
 _block_backward = _ROWS["block_backward"]
 

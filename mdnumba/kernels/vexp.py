@@ -1,4 +1,5 @@
-"""Vectorisable ``exp``, ``sigmoid`` and ``tanh`` for the CPU kernels.
+"""Vectorisable ``exp`` and ``sigmoid`` for the CPU kernels (their tanh is built from this
+``exp`` in :func:`mdnumba.kernels.cell.build`).
 
 libm's ``exp`` is an opaque call, so a loop that applies it cannot be vectorised
 (Numba's pip build has no SVML). These are plain arithmetic: ``x = n·ln2 + r`` with
@@ -30,7 +31,7 @@ LN2_LO = 1.9082149292705877e-10  # ln 2 − LN2_HI
 LOG2E_32 = _F(LOG2E)
 LN2_HI_32 = _F(0.693359375)      # 10 significant bits: n·LN2_HI_32 exact in float32
 LN2_LO_32 = _F(-2.12194440e-4)   # ln 2 − LN2_HI_32
-ONE_32, TWO_32, HALF_32 = _F(1.0), _F(2.0), _F(0.5)
+ONE_32, HALF_32 = _F(1.0), _F(0.5)
 LO_32, HI_32 = _F(-87.0), _F(87.0)
 
 
@@ -67,11 +68,6 @@ def exp(x):
 def sigmoid(x):
     """``σ(x) = 1 / (1 + e^{-x})``."""
     return 1.0 / (1.0 + np.exp(-x))
-
-
-def tanh(x):
-    """``tanh(x) = 2σ(2x) − 1`` (one exp)."""
-    return 2.0 / (1.0 + np.exp(-(x + x))) - 1.0
 
 
 @overload(exp)
@@ -111,10 +107,3 @@ def _sigmoid(x):
     if _is_f32(x):
         return lambda x: ONE_32 / (ONE_32 + exp(-x))
     return lambda x: 1.0 / (1.0 + exp(-x))
-
-
-@overload(tanh)
-def _tanh(x):
-    if _is_f32(x):
-        return lambda x: TWO_32 / (ONE_32 + exp(-(x + x))) - ONE_32
-    return lambda x: 2.0 / (1.0 + exp(-(x + x))) - 1.0

@@ -28,7 +28,7 @@ from ..config import NJIT_OPTS, NJIT_PARALLEL_OPTS, NJIT_SUM_OPTS
 from . import vexp
 from .cell import build
 
-_CELL = build(njit(inline="always", **NJIT_OPTS), exp=vexp.exp, sigmoid=vexp.sigmoid, tanh=vexp.tanh)
+_CELL = build(njit(inline="always", **NJIT_OPTS), exp=vexp.exp, sigmoid=vexp.sigmoid)
 _row_forward = _CELL["row_forward"]
 _row_backward = _CELL["row_backward"]
 
