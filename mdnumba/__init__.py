@@ -1,9 +1,11 @@
 """mdnumba: multi-dimensional LSTMs with hand-written Numba kernels."""
 
+from ._validate import NonFiniteError
+from .backend_cuda import CudaUnavailableError
 from .layers import LSTM1D, MDLSTM2D, MDLSTM3D, GridLSTM2D, Linear, WavefrontLSTM
 from .optim import Adam, RMSprop
 from .stack import BlockSubsample, Sequential, mdlstm_stack
 
 __all__ = ["MDLSTM2D", "MDLSTM3D", "LSTM1D", "GridLSTM2D", "WavefrontLSTM", "Linear", "Adam", "RMSprop",
-           "Sequential", "BlockSubsample", "mdlstm_stack"]
+           "Sequential", "BlockSubsample", "mdlstm_stack", "NonFiniteError", "CudaUnavailableError"]
 __version__ = "0.1.0"

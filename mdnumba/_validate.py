@@ -12,7 +12,8 @@ class NonFiniteError(ValueError):
 
 def check_array(x: npt.ArrayLike, name: str, ndim: int, last: int | None, dtype: np.dtype,
                 layout: str) -> np.ndarray:
-    """Return ``x`` as a C-contiguous array of ``dtype`` after checking it.
+    """Return ``x`` as a C-contiguous array of ``dtype`` after checking it (any float dtype is
+    cast to ``dtype``: the layer computes, and answers, in its own dtype).
 
     Raises TypeError for non-floating data and ValueError for a wrong number of
     dimensions, a wrong last axis, empty axes or NaN/inf values.
@@ -36,7 +37,9 @@ def check_array(x: npt.ArrayLike, name: str, ndim: int, last: int | None, dtype:
     finite = np.isfinite(arr)
     if not finite.all():
         bad = int(arr.size - finite.sum())
-        raise NonFiniteError(f"{name} contains {bad} NaN or infinite values; clean the input first")
+        fix = "the loss or the stages after this layer produced them" if name.startswith("d") else \
+            "clean the input first"
+        raise NonFiniteError(f"{name} contains {bad} NaN or infinite values; {fix}")
     if np.dtype(dtype).itemsize < arr.dtype.itemsize:
         big = float(np.abs(arr).max())
         if big > float(np.finfo(dtype).max):

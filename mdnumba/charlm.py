@@ -126,6 +126,8 @@ class Corpus:
 class Embedding(OwnsParams):
     """Lookup table ``W (V, D)``: ``forward(ids)`` → ``W[ids]``; backward scatter-adds into ``dW``."""
 
+    _BUFFERS = {"_ids": lambda: None}
+
     def __init__(self, vocab: int, dim: int, seed: int = 0, dtype: npt.DTypeLike = config.DEFAULT_DTYPE):
         from .params import ParamLayout
         self.layout = ParamLayout({"W": (vocab, dim)})
@@ -143,7 +145,7 @@ class Embedding(OwnsParams):
         V = self.params["W"].shape[0]
         if not np.issubdtype(ids.dtype, np.integer) or ids.size and (ids.min() < 0 or ids.max() >= V):
             raise ValueError(f"Embedding expects integer ids in [0, {V}), got dtype {ids.dtype}")
-        self._ids = ids
+        self._ids = ids.copy()  # backward's own: the caller may reuse its array
         return self.params["W"][ids]
 
     def backward(self, dy: np.ndarray) -> None:

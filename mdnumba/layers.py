@@ -52,6 +52,8 @@ class WavefrontLSTM(OwnsParams):
     sum 1.5 gave |c| ~ 6e8 at 16x16x16.
     """
 
+    _BUFFERS = {"_saved": lambda: None, "_work": dict}
+
     def __init__(self, ndim: int, in_channels: int, hidden: int, *, seed: int = 0,
                  dtype: npt.DTypeLike = config.DEFAULT_DTYPE, forget_bias: float | None = None,
                  device: str = "cpu", cell: str = "graves", directions: int = 1):
@@ -101,7 +103,8 @@ class WavefrontLSTM(OwnsParams):
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Run the forward sweep and save the activations needed by backward.
 
-        With ``device="cuda"`` ``x`` may also be a CUDA array (numba device array or anything
+        ``x`` of any float dtype is cast to the layer's (``self.dtype``), in which the output
+        comes back. With ``device="cuda"`` ``x`` may also be a CUDA array (numba device array or anything
         with ``__cuda_array_interface__``); the output is then a numba device array.
         """
         check_finite_params(self.params)
@@ -130,8 +133,9 @@ class WavefrontLSTM(OwnsParams):
         return out.reshape((B,) + wf.dims + (S * D,))
 
     def backward(self, dh: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
-        """Return dL/dx for upstream ``dh`` = dL/dh and accumulate parameter grads;
-        ``input_grad=False`` skips dL/dx (the layer reads the data) and returns None."""
+        """Return dL/dx for upstream ``dh`` = dL/dh (cast to the layer's dtype, as ``x``) and
+        accumulate parameter grads; ``input_grad=False`` skips dL/dx (the layer reads the data)
+        and returns None."""
         if self.device == "cuda":
             from .backend_cuda import layer_backward
             return layer_backward(self, dh, input_grad)
@@ -179,7 +183,8 @@ class WavefrontLSTM(OwnsParams):
         return sum(v.nbytes for v in self._saved.values() if isinstance(v, np.ndarray))
 
     def workspace_bytes(self) -> int:
-        """Bytes of every buffer the layer keeps between calls (saved + scratch)."""
+        """Bytes of every buffer the layer keeps between calls (saved + scratch; 0 after
+        :meth:`free_buffers`)."""
         return sum(v.nbytes for v in self._work.values()) if self._saved else 0
 
     # -------------------------------------------------------------- helpers
@@ -295,6 +300,8 @@ class Linear(OwnsParams):
     ``backward(dy)`` → dL/dx, accumulating ``W (in, out)`` and ``b (out,)`` grads.
     """
 
+    _BUFFERS = {"_x": lambda: None}
+
     def __init__(self, in_features: int, out_features: int, *, seed: int = 0,
                  dtype: npt.DTypeLike = config.DEFAULT_DTYPE):
         self.in_features = check_positive_int(in_features, "in_features")
@@ -343,6 +350,9 @@ class Linear(OwnsParams):
         matmul_rows(dx, dy2, np.ascontiguousarray(self.params["W"].T), self.params["b"], True)
         return dx.reshape(self._shape)
 
+    def __repr__(self) -> str:
+        return f"Linear(in={self.in_features}, out={self.out_features}, dtype={self.dtype.name})"
+
 
 class GridLSTM2D(OwnsParams):
     """2D Grid LSTM (Kalchbrenner et al. 2015) over time x depth, depth prioritised.
@@ -357,6 +367,8 @@ class GridLSTM2D(OwnsParams):
     set-up) or with a leading axis of ``layers`` (one set per level); forget biases
     start at ``forget_bias`` (+1). ``device="cuda"`` runs the two sweeps as CUDA kernels.
     """
+
+    _BUFFERS = {"_saved": lambda: None}
 
     def __init__(self, hidden: int, layers: int, *, seed: int = 0,
                  dtype: npt.DTypeLike = config.DEFAULT_DTYPE,

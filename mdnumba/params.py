@@ -142,7 +142,25 @@ class ParamBuffer(Mapping):
 
 class OwnsParams:
     """Base of a layer with its own ``params`` and ``grads`` buffers, bound once: rebinding one
-    (``layer.params = other.params``) would skip every shape check and share weights unseen."""
+    (``layer.params = other.params``) would skip every shape check and share weights unseen.
+
+    ``_BUFFERS`` names the attributes holding activations saved for backward and scratch
+    buffers, with the factory of their empty value: :meth:`free_buffers` empties them, and
+    pickles and ``copy.deepcopy`` leave them out (a copy runs ``forward`` before ``backward``).
+    """
+
+    _BUFFERS: dict = {}
+
+    def free_buffers(self) -> None:
+        """Drop the activations and scratch buffers kept between calls (``backward`` then needs a
+        new ``forward``); the next ``forward`` allocates them again."""
+        for name, empty in self._BUFFERS.items():
+            setattr(self, name, empty())
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.update({name: empty() for name, empty in self._BUFFERS.items()})
+        return state
 
     def __setattr__(self, name: str, value: object) -> None:
         if name in ("params", "grads") and name in self.__dict__:

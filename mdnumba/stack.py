@@ -101,6 +101,11 @@ class LayerGroup:
         for layer in self.layers:
             layer.zero_grad()
 
+    def free_buffers(self) -> None:
+        """Drop every layer's saved activations and scratch buffers (see ``OwnsParams``)."""
+        for layer in self.layers:
+            getattr(layer, "free_buffers", lambda: None)()
+
     @property
     def n_params(self) -> int:
         return sum(layer.params.data.size for layer in self.layers)

@@ -444,3 +444,13 @@ def test_stacked_layers_of_different_seeds_start_apart():
     assert not np.array_equal(a.layers[0].params.data, a.layers[1].params.data)
     np.testing.assert_array_equal(a.layers[1].params.data,
                                   mdlstm_stack(2, 4, 4, layers=2, seed=0).layers[1].params.data)
+
+
+def test_a_non_finite_gradient_is_blamed_on_what_comes_after():
+    import mdnumba
+    layer = MDLSTM2D(1, 2)
+    h = layer.forward(np.ones((1, 2, 2, 1), np.float32))
+    with pytest.raises(mdnumba.NonFiniteError, match="dh contains 1 NaN or infinite values; the loss or "
+                                                     "the stages after this layer produced them"):
+        layer.backward(np.where(np.arange(h.size).reshape(h.shape) == 0, np.nan, h))
+    assert issubclass(mdnumba.CudaUnavailableError, RuntimeError)

@@ -150,3 +150,27 @@ def test_default_init_does_not_overflow_on_large_grids():
     layer = MDLSTM2D(1, 4, forget_bias=1.0)
     layer.forward(x)
     assert not np.isfinite(layer._saved["c"]).all()
+
+
+def test_copies_and_free_buffers_leave_the_activations_out(rng):
+    """A pickle or deep copy carries weights, gradients and settings, not the activations and
+    scratch buffers of the last call (67 MB for a 64x64 B8 D32 layer); free_buffers drops them."""
+    import copy
+    import pickle
+
+    from mdnumba import Linear, Sequential
+    layer = MDLSTM2D(1, 8, seed=0)
+    empty = len(pickle.dumps(layer))
+    x = rng.random((4, 16, 16, 1)).astype(np.float32)
+    net = Sequential(layer, Linear(8, 2))
+    y = net.forward(x)
+    assert layer.workspace_bytes() > 10 * empty
+    assert len(pickle.dumps(net)) < 2 * (empty + len(pickle.dumps(Linear(8, 2))))
+    twin = copy.deepcopy(net)
+    np.testing.assert_array_equal(twin.forward(x), y)
+    net.free_buffers()
+    assert layer.workspace_bytes() == layer.saved_bytes() == 0
+    with pytest.raises(RuntimeError, match="backward\\(\\) called before forward\\(\\)"):
+        net.backward(np.ones_like(y))
+    np.testing.assert_array_equal(net.forward(x), y)
+    net.backward(np.ones_like(y))
