@@ -50,6 +50,17 @@ def test_directions_and_3d_finite_differences(ndim, shape, kw, rng):
     check_layer_gradients(layer, rng.standard_normal(shape), rng)
 
 
+@pytest.mark.parametrize("dims", [(5, 5), (3, 7), (2, 3, 4), (4, 1, 3)])
+def test_cells_of_a_hyperplane_stay_in_row_major_order(dims):
+    """``perm`` lists each hyperplane's cells in row-major order (mdnumba.grid's layout), and
+    the hyperplanes in order of their index sum."""
+    wf = wavefront(dims)
+    level = np.indices(dims).reshape(len(dims), -1).sum(axis=0)
+    for k in range(len(wf.diag_off) - 1):
+        cells = wf.perm[wf.diag_off[k]:wf.diag_off[k + 1]]
+        assert (np.diff(cells) > 0).all() and (level[cells] == k).all(), k
+
+
 @pytest.mark.parametrize("dims", [(5,), (3, 4), (2, 3, 2)])
 def test_skew_tables_flip_and_reorder(dims, rng):
     """Slab q of ``skew_rows`` is flip_q(x) in skewed row order (``perm``); ``unskew_rows`` puts it

@@ -183,6 +183,20 @@ def sim_layer_matches_reference(ndim, shape, kw, dtype, rtol, path, rng, monkeyp
     assert backend_cuda.last_path().startswith(path)
 
 
+@pytest.mark.parametrize("ndim", [2, 3])
+def sim_stable_mix_subtracts_the_largest_logit(ndim, rng):
+    """The stable cell's softmax over its neighbour logits subtracts the largest: with the last
+    logit at 100 (e^100 overflows float32; CUDA's exp, unlike the CPU's, does not clamp its
+    input) h, dx and the gradients stay finite and equal the reference, on CPU and CUDA."""
+    shape = (1, 3, 2, 1) if ndim == 2 else (1, 2, 2, 2, 1)
+    x = rng.standard_normal(shape).astype(np.float32)
+    for device in ("cpu", "cuda"):
+        layer = _layer(ndim, 1, 2, np.float32, device, cell="stable")
+        layer.params.b[2 * 2:ndim * 2] = 0.0
+        layer.params.b[ndim * 2:(ndim + 1) * 2] = 100.0  # [i | f | l_1 .. l_{N-1} | o | g], D = 2
+        check_against_reference(layer, x, rng.standard_normal(shape[:-1] + (2,)), 1e-5)
+
+
 @pytest.mark.parametrize("cell", ["graves", "stable"])
 def sim_cooperative_sweeps_across_many_blocks(cell, rng, monkeypatch):
     """A 4-direction float64 layer whose cooperative sweeps span several blocks equals the CPU

@@ -77,6 +77,7 @@ def test_state_dict_roundtrip(rng):
     opt2.load_state_dict(state)
     assert opt2.t == 1
     np.testing.assert_array_equal(opt2.m[0], opt.m[0])
+    np.testing.assert_array_equal(opt2.v[0], opt.v[0])
     with pytest.raises(ValueError, match="shape"):
         Adam(LSTM1D(2, 4)).load_state_dict(state)
 
@@ -120,3 +121,18 @@ def test_settings_are_checked_when_set_later_too(name, value, exc, match):
         setattr(opt, name, value)
     opt.lr, opt.clip_norm, opt.betas = 0.5, None, [0.8, 0.9]
     assert (opt.lr, opt.clip_norm, opt.betas) == (0.5, None, (0.8, 0.9))
+
+
+@pytest.mark.parametrize("kind", [Adam, RMSprop])
+def test_a_gradient_below_clip_norm_is_not_scaled(kind):
+    """clip_norm only ever scales down: a gradient of norm 0.5 under clip_norm 10 updates exactly
+    as without clipping (not scaled up to the norm 10)."""
+    runs = []
+    for clip in (None, 10.0):
+        p, g = np.zeros(3), np.array([0.3, 0.4, 0.0])
+        opt = kind([(p, g)], lr=0.1, clip_norm=clip)
+        assert opt.step() == pytest.approx(0.5)
+        runs.append((p, opt.m[0], opt.v[0]))
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(runs[0][2], (1 - opt.betas[1]) * np.array([0.09, 0.16, 0.0]))
