@@ -334,3 +334,24 @@ def test_cli_seeds_reach_sample_and_evaluate_and_tie_depth_is_the_default(tmp_pa
     assert out(*sample, "--seed", "1") == out(*sample, "--seed", "1") != out(*sample, "--seed", "2")
     assert out("evaluate", str(run), "--seed", "1") == out("evaluate", str(run), "--seed", "1") \
         != out("evaluate", str(run), "--seed", "2")
+
+
+def test_the_last_step_logs_a_fresh_validation(tmp_path, textfile):
+    """Validation runs every EVAL_EVERY steps and at the last: the log's last val_loss is the
+    trained model's, not one left from an earlier step."""
+    tr = make_trainer(TrainConfig(model="stacked", task="char-lm", data=str(textfile), hidden=4, seq_len=8,
+                                  batch=2, steps=3), tmp_path)
+    assert tr.cfg.steps % tr.EVAL_EVERY
+    tr.run()
+    rows = [line.split("\t") for line in (tmp_path / "log.tsv").read_text().splitlines()]
+    last = dict(zip(rows[0], rows[-1]))
+    fresh = tr.evaluate(batches=tr.EVAL_BATCHES)["val_loss"]
+    assert float(last["val_loss"]) == pytest.approx(fresh, rel=1e-5)
+
+
+def test_a_split_one_longer_than_the_window_gives_that_window():
+    corpus = Corpus.from_text("abcdefghij" * 10)
+    n = len(corpus.val) - 1
+    corpus.check_seq_len(n)
+    x, y = corpus.batch(np.random.default_rng(0), "val", 2, n)
+    assert (x == corpus.val[None, :-1]).all() and (y == corpus.val[None, 1:]).all()

@@ -71,6 +71,14 @@ def test_evaluate_other_size(runner, tmp_path):
     assert "size 9" in res.output and "second_x_acc" in res.output
 
 
+def test_evaluate_takes_20_batches_by_default(runner, tmp_path):
+    """What train's closing line promises ("mdnumba evaluate takes 20 by default")."""
+    assert train(runner, tmp_path / "run").exit_code == 0
+    outs = [runner.invoke(main, ["evaluate", str(tmp_path / "run")] + extra).output
+            for extra in ([], ["--batches", "20"], ["--batches", "5"])]
+    assert outs[0] == outs[1] != outs[2], outs
+
+
 def test_gpu_run_without_gpu_says_use_device_cpu(runner, tmp_path):
     """A run trained with --device cuda, reopened where CUDA is unusable, names the fix;
     --device cpu evaluates and resumes it on the CPU."""

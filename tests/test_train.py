@@ -272,3 +272,26 @@ def test_check_step_memory_refuses_what_does_not_fit(monkeypatch):
     train.check_step_memory(cfg)
     monkeypatch.setattr(train, "available_memory", lambda: 1)
     train.check_step_memory(TrainConfig(size=16, batch=64, hidden=8, steps=2, device="cuda"))  # GPU: its own
+
+
+def test_checkpoints_every_tenth_of_the_steps_by_default(tmp_path):
+    """``--checkpoint-every 0`` (the default): every steps/10 steps."""
+    tr = make_trainer(TrainConfig(steps=20, **KW), tmp_path)
+    saved, real = [], tr.save
+    tr.save = lambda: (saved.append(tr.step), real())
+    tr.run()
+    assert saved == list(range(2, 21, 2))
+
+
+def test_a_non_finite_loss_in_a_block_stops_the_run():
+    """The run checks every step's loss of a block (the device trainer's come back unchecked)."""
+    tr = make_trainer(TrainConfig(steps=4, **KW))
+    real = tr._train_block
+
+    def block(n, ahead=0):
+        metrics = real(n, ahead)
+        metrics[-1]["loss"] = float("nan")
+        return metrics
+    tr._train_block = block
+    with pytest.raises(FloatingPointError, match=r"^the loss became NaN or infinite at step [1-4]"):
+        tr.run()
