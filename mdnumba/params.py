@@ -157,6 +157,17 @@ class OwnsParams:
         for name, empty in self._BUFFERS.items():
             setattr(self, name, empty())
 
+    def saved_bytes(self) -> int:
+        """Bytes of the arrays kept between calls (0 before ``forward`` and after
+        :meth:`free_buffers`)."""
+        held = [getattr(self, name, None) for name in self._BUFFERS]
+        arrays = [a for h in held for a in (h.values() if isinstance(h, dict) else [h])]
+        return sum(a.nbytes for a in arrays if isinstance(a, np.ndarray))
+
+    def workspace_bytes(self) -> int:
+        """Bytes of every buffer kept between calls (here: what :meth:`saved_bytes` counts)."""
+        return self.saved_bytes()
+
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state.update({name: empty() for name, empty in self._BUFFERS.items()})

@@ -106,6 +106,14 @@ class LayerGroup:
         for layer in self.layers:
             getattr(layer, "free_buffers", lambda: None)()
 
+    def saved_bytes(self) -> int:
+        """Bytes of the activations every layer keeps for backward."""
+        return sum(getattr(layer, "saved_bytes", lambda: 0)() for layer in self.layers)
+
+    def workspace_bytes(self) -> int:
+        """Bytes of every buffer the layers keep between calls (saved + scratch)."""
+        return sum(getattr(layer, "workspace_bytes", lambda: 0)() for layer in self.layers)
+
     @property
     def n_params(self) -> int:
         return sum(layer.params.data.size for layer in self.layers)

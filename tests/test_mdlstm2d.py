@@ -165,11 +165,13 @@ def test_copies_and_free_buffers_leave_the_activations_out(rng):
     net = Sequential(layer, Linear(8, 2))
     y = net.forward(x)
     assert layer.workspace_bytes() > 10 * empty
+    assert net.saved_bytes() == layer.saved_bytes() + x.size * 8 * 4  # + the Linear's input
+    assert net.workspace_bytes() == layer.workspace_bytes() + x.size * 8 * 4
     assert len(pickle.dumps(net)) < 2 * (empty + len(pickle.dumps(Linear(8, 2))))
     twin = copy.deepcopy(net)
     np.testing.assert_array_equal(twin.forward(x), y)
     net.free_buffers()
-    assert layer.workspace_bytes() == layer.saved_bytes() == 0
+    assert layer.workspace_bytes() == layer.saved_bytes() == net.workspace_bytes() == 0
     with pytest.raises(RuntimeError, match="backward\\(\\) called before forward\\(\\)"):
         net.backward(np.ones_like(y))
     np.testing.assert_array_equal(net.forward(x), y)
