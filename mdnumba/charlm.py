@@ -20,7 +20,7 @@ import numpy.typing as npt
 from . import config
 from ._validate import check_finite_params, check_positive_int, seeded_rng
 from .layers import GridLSTM2D, Linear
-from .params import OwnsParams
+from .params import OwnsParams, ParamLayout
 from .stack import LayerGroup, mdlstm_stack
 
 
@@ -129,7 +129,6 @@ class Embedding(OwnsParams):
     _BUFFERS = {"_ids": lambda: None}
 
     def __init__(self, vocab: int, dim: int, seed: int = 0, dtype: npt.DTypeLike = config.DEFAULT_DTYPE):
-        from .params import ParamLayout
         self.layout = ParamLayout({"W": (vocab, dim)})
         self.dtype = config.resolve_dtype(dtype)
         self.params, self.grads = self.layout.new(self.dtype), self.layout.new(self.dtype)
