@@ -36,16 +36,31 @@ def check_array(x: npt.ArrayLike, name: str, ndim: int, last: int | None, dtype:
                          f"expects {last} {layout}")
     finite = np.isfinite(arr)
     if not finite.all():
-        bad = int(arr.size - finite.sum())
-        fix = "the loss or the stages after this layer produced them" if name.startswith("d") else \
-            "clean the input first"
-        raise NonFiniteError(f"{name} contains {bad} NaN or infinite values; {fix}")
+        raise nonfinite_input(name, int(arr.size - finite.sum()))
     if np.dtype(dtype).itemsize < arr.dtype.itemsize:
         big = float(np.abs(arr).max())
         if big > float(np.finfo(dtype).max):
             raise ValueError(f"{name} holds values up to {big:.3g}, beyond {np.dtype(dtype)} "
                              f"(max {np.finfo(dtype).max:.3g}); scale it or use a float64 layer")
     return np.ascontiguousarray(arr, dtype=dtype)
+
+
+def nonfinite_input(name: str, count: int) -> NonFiniteError:
+    """The error for ``count`` NaN/inf values in the input ``name`` (``d...``: a gradient)."""
+    fix = "the loss or the stages after this layer produced them" if name.startswith("d") else \
+        "clean the input first"
+    return NonFiniteError(f"{name} contains {count} NaN or infinite values; {fix}")
+
+
+def overflowed_state(cell: str, count: int) -> NonFiniteError:
+    """The error for ``count`` NaN/inf values in a forward's cell state c: h = o·tanh(c) stays
+    finite there, but the gradients would be NaN (0·inf), so backward says so instead."""
+    advice = "lower the learning rate or set clip_norm"
+    if cell != "stable":
+        advice = (f"the {cell} cell's state can grow geometrically along the diagonals of a large "
+                  f"grid: use cell='stable', or {advice}")
+    return NonFiniteError(f"the cell state overflowed to inf in forward ({count} values), so the "
+                          f"gradients would be NaN; {advice}")
 
 
 def check_finite_params(params) -> None:

@@ -34,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import config
-from ._validate import check_array, check_shape
+from ._validate import check_array, check_shape, nonfinite_input, overflowed_state
 from .optim import Adam, RMSprop, nonfinite_gradient
 
 if TYPE_CHECKING:
@@ -130,6 +130,10 @@ class DeviceLayer:
     """
 
     reuse_outputs = False
+    #: the checks that wait for the GPU, made for the NumPy API (``device="cuda"`` layers set it;
+    #: the device loop leaves it off): NaN/inf in a CUDA-array input, and in :class:`CudaLSTM`
+    #: an overflowed cell state before backward (host inputs are always checked)
+    checked = False
 
     def _init_buffers(self, host: np.ndarray, dtype, size: int, what: str) -> None:
         from numba import cuda
@@ -169,6 +173,11 @@ class DeviceLayer:
         """Set every gradient to zero (backward accumulates)."""
         self.k.fill(self.grads, 0.0)
 
+    def _nonfinite(self, a) -> int:
+        """How many values of the device array ``a`` are NaN or ±inf (waits for the GPU)."""
+        from .kernels.optim_cuda import count_nonfinite
+        return count_nonfinite(a)
+
     def _ws(self, name: str, shape: tuple):
         """A device workspace kept while its shape is unchanged."""
         buf = self._work.get(name)
@@ -201,6 +210,9 @@ class DeviceLayer:
                                 f"{self.dtype}; convert it first")
             if not xd.is_c_contiguous():
                 raise ValueError(f"{name} on the device must be C-contiguous")
+            bad = self._nonfinite(xd) if self.checked else 0
+            if bad:
+                raise nonfinite_input(name, bad)
             return xd, False
         arr = check_array(x, name, ndim, last, self.dtype, layout)
         return k.as_device(arr), True
@@ -291,6 +303,9 @@ class CudaLSTM(DeviceLayer):
         dhd, host_in = self._input(dh, "dh", N + 2, None)
         if tuple(dhd.shape) != want:
             raise ValueError(f"dh must have the shape of the forward output {want}, got {tuple(dhd.shape)}")
+        bad = self._nonfinite(self._work["c"]) if self.checked else 0
+        if bad:
+            raise overflowed_state(self.cell, bad)
         B, R, G = t.batch, t.n_cells * t.batch, (N + 3) * D
         dhs = self._ws("dhs", (S * R, D))
         dact, dc = self._ws("dact", (S * R, G)), self._ws("dc", (S * R, D))
@@ -536,6 +551,7 @@ def _state_for(layer) -> CudaLSTM:
     st = _LAYER_STATE.get(layer)
     if st is None:
         st = _LAYER_STATE[layer] = CudaLSTM.from_layer(layer)
+        st.checked = True
     return st
 
 

@@ -11,12 +11,12 @@ import numpy.typing as npt
 
 from . import config
 from ._validate import (
-    NonFiniteError,
     check_array,
     check_finite_number,
     check_finite_params,
     check_positive_int,
     check_shape,
+    overflowed_state,
     seeded_rng,
 )
 from .grid import direction_tables, wavefront
@@ -189,16 +189,9 @@ class WavefrontLSTM(OwnsParams):
 
     # -------------------------------------------------------------- helpers
     def _check_state(self, c: np.ndarray) -> None:
-        """NonFiniteError if the forward's cell state overflowed: h = o·tanh(c) stays finite
-        there, but the gradients would be NaN (0·inf), so backward says so instead."""
-        if np.isfinite(c.min()) and np.isfinite(c.max()):  # NaN propagates; no temporary array
-            return
-        advice = "lower the learning rate or set clip_norm"
-        if self.cell != "stable":
-            advice = (f"the {self.cell} cell's state can grow geometrically along the diagonals of a large "
-                      f"grid: use cell='stable', or {advice}")
-        raise NonFiniteError(f"the cell state overflowed to inf in forward ({c.size - np.isfinite(c).sum()} "
-                             f"values), so the gradients would be NaN; {advice}")
+        """NonFiniteError if the forward's cell state overflowed (:func:`overflowed_state`)."""
+        if not (np.isfinite(c.min()) and np.isfinite(c.max())):  # NaN propagates; no temporary array
+            raise overflowed_state(self.cell, c.size - int(np.isfinite(c).sum()))
 
     def _per_direction(self, name: str, buf=None) -> np.ndarray:
         """View of parameter ``name`` with a leading direction axis (also when S = 1)."""

@@ -429,6 +429,38 @@ def sim_layer_accepts_device_arrays(rng):
     np.testing.assert_array_equal(layer.backward(cuda.to_device(dh)).copy_to_host(), dx)
 
 
+def sim_numpy_api_checks_device_inputs_and_the_cell_state(rng):
+    """As on the CPU: the NumPy-API layer refuses NaN/inf in CUDA-array inputs, and a cell state
+    that overflowed in forward (h stays finite) makes backward raise NonFiniteError, counting
+    the bad values, before any gradient is touched; a finite state again trains on. The device
+    layers themselves skip these checks (they would wait for the GPU)."""
+    from numba import cuda
+
+    from mdnumba._validate import NonFiniteError
+    from mdnumba.backend_cuda import _LAYER_STATE, CudaLSTM
+    layer = MDLSTM2D(1, 2, seed=0, device="cuda")
+    x = np.ones((2, 3, 3, 1), np.float32)
+    bad_x = x.copy()
+    bad_x[1, 2, 0, 0] = np.nan
+    with pytest.raises(NonFiniteError, match="x contains 1 NaN or infinite values; clean the input"):
+        layer.forward(cuda.to_device(bad_x))
+    h = layer.forward(x)
+    bad_dh = np.ones_like(h)
+    bad_dh[0, 0, 1] = [np.nan, -np.inf]
+    with pytest.raises(NonFiniteError, match="dh contains 2 NaN or infinite values; the loss"):
+        layer.backward(cuda.to_device(bad_dh))
+    assert np.isnan(CudaLSTM.from_layer(layer).forward(cuda.to_device(bad_x)).copy_to_host()).any()
+    c = _LAYER_STATE[layer]._work["c"]
+    c[c.shape[0] - 1, 0] = np.inf  # as a 128x128 graves state at lr 1e-2 does
+    c[3, 1] = np.nan
+    with pytest.raises(NonFiniteError, match=r"overflowed to inf in forward \(2 values\).*use cell='stable'"):
+        layer.backward(np.ones_like(h))
+    assert not layer.grads.data.any()
+    layer.forward(x)
+    layer.backward(np.ones_like(h))
+    assert np.isfinite(layer.grads.data).all() and layer.grads.data.any()
+
+
 def sim_device_layers_match_host(rng):
     """CudaLinear and CudaBlockSubsample == their host layers; DeviceModel of a 2-layer stable
     4-direction model == the host model (float64: logits, dx, every gradient)."""

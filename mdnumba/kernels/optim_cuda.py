@@ -53,6 +53,16 @@ def _sumsq_partials(partials, g):
     _block_sum(acc, partials)
 
 
+@cuda.jit(**_JIT)
+def _nonfinite_partials(partials, a):
+    """``partials[block] =`` how many ``a[k]`` of the block's grid-stride share are NaN or ±inf."""
+    acc = 0.0
+    for k in range(cuda.grid(1), a.shape[0], cuda.gridsize(1)):
+        if not math.isfinite(a[k]):
+            acc += 1.0
+    _block_sum(acc, partials)
+
+
 @cuda.jit(device=True)
 def _norm_scale(partials, clip):
     """``norm = sqrt(Σ partials)`` (fixed order), ``scale = min(1, clip/norm)`` (1 if clip <= 0)."""
@@ -170,6 +180,14 @@ def sumsq_partials(partials, grads) -> None:
     of ``len(grads) * REDUCE_BLOCKS`` entries), one launch per buffer."""
     for i, g in enumerate(grads):
         _sumsq_partials[REDUCE_BLOCKS, REDUCE_TPB](partials[i * REDUCE_BLOCKS:(i + 1) * REDUCE_BLOCKS], g)
+
+
+def count_nonfinite(a) -> int:
+    """How many elements of the device array ``a`` are NaN or ±inf (one launch, then a copy of
+    REDUCE_BLOCKS partial counts to the host: it waits for the GPU)."""
+    partials = scratch(REDUCE_BLOCKS)
+    _nonfinite_partials[REDUCE_BLOCKS, REDUCE_TPB](partials, _flat(a))
+    return int(partials.copy_to_host().sum())
 
 
 def global_norm(stats, partials, grads, clip: float | None, record, slot: int) -> None:
