@@ -10,7 +10,10 @@ best-of-N rule are those of ``bench_cpu.py``.
 ``--device cuda`` times ``mdnumba.backend_cuda.CudaLSTM`` + ``CudaAdam`` (device-resident)
 against the same PyTorch module on the GPU (both synchronised after every phase).
 
-Usage: ``python bench/bench_family.py [--quick] [--device cpu|cuda] [--out PATH]``.
+``--smoke`` runs tiny shapes once each (CI runs it with ``--device cuda`` under the CUDA simulator,
+PyTorch on CPU tensors there, so the script works when a GPU comes).
+
+Usage: ``python bench/bench_family.py [--quick | --smoke] [--device cpu|cuda] [--out PATH]``.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class Shape:
 
 SHAPES = [Shape((32, 32), 16, 32, 4), Shape((16, 16, 16), 8, 16, 1), Shape((16, 16, 16), 8, 16, 8)]
 QUICK = [Shape((8, 8), 4, 8, 4), Shape((6, 6, 6), 2, 8, 8)]
+SMOKE = [Shape((3, 3), 1, 2, 4), Shape((2, 2, 2), 1, 2, 8)]
 
 
 def build_layer(shape: Shape, dtype=np.float32) -> mdnumba.WavefrontLSTM:
@@ -161,17 +165,20 @@ def _ms(timings: dict, name: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, every part once")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     dev = args.device
+    # the baseline's device: CPU tensors under the CUDA simulator (no GPU there)
+    tdev = "cpu" if dev == "cuda" and numba.config.ENABLE_CUDASIM else dev
     if torch is not None:
         torch.set_num_threads(numba.get_num_threads())
-    out = args.out or (None if args.quick else HERE / "results" / f"family_{dev}.md")
+    out = args.out or (None if args.quick or args.smoke else HERE / "results" / f"family_{dev}.md")
     load0 = load_average()
     rows = ["| layer | train step mdnumba | PyTorch | ratio | forward mdnumba | PyTorch | ratio | "
             "float64 forward max abs diff |", "|---|---|---|---|---|---|---|---|"]
-    for shape in (QUICK if args.quick else SHAPES):
+    for shape in (SMOKE if args.smoke else QUICK if args.quick else SHAPES):
         x = np.random.default_rng(0).random((shape.B,) + shape.dims + (1,), dtype=np.float32)
         layer = build_layer(shape)
         mt, mf = mdnumba_phases(layer, x, dev)
@@ -179,12 +186,15 @@ def main() -> None:
         try:  # a baseline that fails (e.g. torch without CUDA) leaves mdnumba's times
             if torch is None:
                 raise TORCH_ERROR
-            diff = f"{verify(shape, x, dev):.1e}"
-            train_fns["torch"], fwd_fns["torch"] = torch_phases(build_torch(layer, dev), x, dev)
+            diff = f"{verify(shape, x, tdev):.1e}"
+            train_fns["torch"], fwd_fns["torch"] = torch_phases(build_torch(layer, tdev), x, tdev)
         except Exception as exc:
+            if args.smoke and torch is not None:  # a smoke run checks that every part runs
+                raise
             diff = f"PyTorch failed: {type(exc).__name__}: {str(exc)[:120]}"
-        budget = 0.5 if args.quick else 3.0
-        train, fwd = time_interleaved(train_fns, budget), time_interleaved(fwd_fns, budget)
+        budget = 0.5 if args.quick or args.smoke else 3.0
+        reps = (1, 1) if args.smoke else (3, 500)  # min, max timed calls
+        train, fwd = (time_interleaved(fns, budget, *reps) for fns in (train_fns, fwd_fns))
         rows.append(f"| {shape.label} | {_ms(train, 'mdnumba')} | {_ms(train, 'torch')} | "
                     f"{ratio(train.get('torch'), train['mdnumba'])} | {_ms(fwd, 'mdnumba')} | "
                     f"{_ms(fwd, 'torch')} | {ratio(fwd.get('torch'), fwd['mdnumba'])} | {diff} |")

@@ -22,9 +22,11 @@ Loss ``0.5 * mean(h**2)``, so ``dL/dh = h / h.size``. Times are wall-clock with
 a device synchronize, best (and median) of an adaptive number of repeats after a
 warm-up. Writes a markdown report (default ``bench/results/gpu.md``).
 
-Usage: ``python bench/bench_gpu.py [--quick] [--configs 32,256,128] [--no-cpu] [--no-torch]
-[--out PATH]``. On a lent GPU machine use ``bench/run_gpu.sh`` (it installs a numpy<2.5
-wheel first: numba-cuda 0.30.4 does not import with numpy 2.5).
+Usage: ``python bench/bench_gpu.py [--quick | --smoke] [--configs 32,256,128] [--no-cpu]
+[--no-torch] [--out PATH]``. ``--smoke`` runs every part once (CI runs it under the CUDA
+simulator at a tiny size, PyTorch on CPU tensors there, so the script works when a GPU comes).
+On a lent GPU machine use ``bench/run_gpu.sh`` (it installs a numpy<2.5 wheel first:
+numba-cuda 0.30.4 does not import with numpy 2.5).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numba
 import numpy as np
@@ -62,6 +65,10 @@ class Config(CpuConfig):
         return self.H + self.W - 1
 
 
+#: --smoke: each timing runs its function twice (a warm-up and one timed call), a trainer block
+#: is 2 steps: every code path once, the numbers mean nothing
+SMOKE = False
+
 CONFIGS = {"32": Config(32, 32, 64, 64), "128": Config(128, 128, 16, 64), "256": Config(256, 256, 8, 128)}
 
 
@@ -79,6 +86,8 @@ def parse_config(text: str) -> Config:
 def time_it(fn: Callable[[], None], sync: Callable[[], None], budget_s: float, min_reps: int = 3,
             max_reps: int = 200, warmup: int = 1) -> Timing:
     """Best-of-N wall-clock timing of ``fn(); sync()`` after ``warmup`` untimed calls."""
+    if SMOKE:
+        min_reps = max_reps = 1
     for _ in range(warmup):
         fn()
         sync()
@@ -101,7 +110,7 @@ def host_time(fn: Callable[[], None], sync: Callable[[], None], budget_s: float,
     (anything in ``fn`` that waits for the device shows up here too)."""
     out = Timing([])
     t_end = time.perf_counter() + budget_s
-    while len(out.total) < 3 or (len(out.total) < reps and time.perf_counter() < t_end):
+    while len(out.total) < (1 if SMOKE else 3) or (len(out.total) < reps and time.perf_counter() < t_end):
         sync()
         t0 = time.perf_counter()
         fn()
@@ -142,6 +151,7 @@ def trainer_step(cfg: Config, budget_s: float, block: int = 20) -> tuple[Timing,
     batches drawn while the GPU runs this one (as in ``run``) and without (drawn after the
     sync, while the GPU waits); and the host time of drawing one step's batch alone."""
     from mdnumba.train import TrainConfig, make_trainer
+    block = 2 if SMOKE else block
     tr = make_trainer(TrainConfig(size=cfg.H, batch=cfg.B, hidden=cfg.D, device="cuda", steps=10**9,
                                   sync_every=block))
     per_step = []
@@ -215,13 +225,24 @@ def sync_floors(K: int, tpb: int, sync, budget_s: float) -> dict[str, object]:
 
 
 # ------------------------------------------------------------------------- PyTorch
-def load_torch():
-    """``(torch, TorchMDLSTM2D on device tensors)`` or None if torch/CUDA is missing."""
+class TorchBaseline(NamedTuple):
+    """PyTorch, the baseline module class, the device its tensors live on and its synchronize."""
+
+    torch: Any
+    Model: type
+    device: str
+    sync: Callable[[], None]
+
+
+def load_torch() -> TorchBaseline | None:
+    """The PyTorch baseline on CUDA tensors, or None if torch/CUDA is missing. Under the CUDA
+    simulator (a smoke run without a GPU) it runs on CPU tensors, so the same code is exercised."""
     try:
         import torch
     except ImportError:
         return None
-    if not torch.cuda.is_available():
+    simulated = bool(numba.config.ENABLE_CUDASIM)
+    if not (simulated or torch.cuda.is_available()):
         return None
     if str(HERE) not in sys.path:
         sys.path.insert(0, str(HERE))
@@ -240,19 +261,21 @@ def load_torch():
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    return torch, DeviceTorchMDLSTM2D
+    if simulated:
+        return TorchBaseline(torch, DeviceTorchMDLSTM2D, "cpu", lambda: None)
+    return TorchBaseline(torch, DeviceTorchMDLSTM2D, "cuda", torch.cuda.synchronize)
 
 
-def torch_fns(tb, cfg: Config, x: np.ndarray):
+def torch_fns(tb: TorchBaseline, cfg: Config, x: np.ndarray):
     """(train step, no-grad forward, check) of the PyTorch baseline on the GPU."""
     import mdnumba
-    torch, Model = tb
+    torch = tb.torch
     layer = mdnumba.MDLSTM2D(cfg.C, cfg.D, seed=0)
-    model = Model(cfg.C, cfg.D)
+    model = tb.Model(cfg.C, cfg.D)
     model.load_from_mdnumba(layer)
-    model = model.cuda()
+    model = model.to(tb.device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    xt = torch.from_numpy(x).cuda()
+    xt = torch.from_numpy(x).to(tb.device)
 
     def train() -> None:
         opt.zero_grad()
@@ -360,7 +383,7 @@ def dispatch_table(results: list[dict]) -> list[str]:
 def render(info: dict[str, str], results: list[dict], quick: bool) -> str:
     out = ["# GPU benchmark: mdnumba CUDA kernels vs. PyTorch autograd", ""]
     if quick:
-        out += ["**--quick smoke run: few repeats; not for quoting.**", ""]
+        out += ["**--quick or --smoke run: few repeats; not for quoting.**", ""]
     out += [f"- **{k}**: {v}" for k, v in info.items()]
     out += ["", "Produced by `bench/run_gpu.sh` → `python bench/bench_gpu.py`. 2D MD-LSTM, one "
             "direction, C=1, float32, loss `0.5 * mean(h**2)`; train step = forward + loss gradient "
@@ -412,7 +435,7 @@ def render(info: dict[str, str], results: list[dict], quick: bool) -> str:
     return "\n".join(out) + "\n"
 
 
-def machine_info(tb) -> dict[str, str]:
+def machine_info(tb: TorchBaseline | None) -> dict[str, str]:
     from numba import cuda
 
     import mdnumba
@@ -429,7 +452,7 @@ def machine_info(tb) -> dict[str, str]:
                               f"({numba.get_num_threads()} CPU threads)",
         "mdnumba": mdnumba.__version__,
     }
-    info["torch"] = tb[0].__version__ if tb else "not used"
+    info["torch"] = (f"{tb.torch.__version__} ({tb.device} tensors)" if tb else "not used")
     return info
 
 
@@ -449,7 +472,7 @@ def _time_pair(res: dict, key: str, train, fwd, sync, budget: float, **kw) -> No
     res["forward"][key] = time_it(fwd, sync, budget, **kw)
 
 
-def run_config(cfg: Config, tb, budget: float, cpu: bool, numpy_api: bool) -> dict:
+def run_config(cfg: Config, tb: TorchBaseline | None, budget: float, cpu: bool, numpy_api: bool) -> dict:
     from numba import cuda
 
     from mdnumba.backend_cuda import last_path
@@ -480,8 +503,9 @@ def run_config(cfg: Config, tb, budget: float, cpu: bool, numpy_api: bool) -> di
     if tb is not None:
         def torch_part():
             train, fwd, res["check"] = torch_fns(tb, cfg, x)
-            _time_pair(res, "torch", train, fwd, tb[0].cuda.synchronize, budget)
-            tb[0].cuda.empty_cache()
+            _time_pair(res, "torch", train, fwd, tb.sync, budget)
+            if tb.device == "cuda":
+                tb.torch.cuda.empty_cache()
         _attempt(res, "PyTorch", torch_part)
     if cpu:
         _attempt(res, "CPU", lambda: _time_pair(res, "cpu", *mdnumba_layer_fns(cfg, x, "cpu"), lambda: None,
@@ -495,7 +519,8 @@ def run_config(cfg: Config, tb, budget: float, cpu: bool, numpy_api: bool) -> di
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="few repeats (smoke run)")
+    ap.add_argument("--quick", action="store_true", help="few repeats")
+    ap.add_argument("--smoke", action="store_true", help="every part once (a check that the script runs)")
     ap.add_argument("--configs", default="32,256,128",  # the two with targets first: a run cut
                     help="comma list of 32, 128, 256 (the issue's configs) or HxWxBxD")  # short has them
     ap.add_argument("--no-cpu", action="store_true", help="skip the CPU timings")
@@ -503,6 +528,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-numpy-api", action="store_true", help="skip MDLSTM2D(device='cuda')")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
+    global SMOKE
+    SMOKE = args.smoke
+    args.quick |= args.smoke
 
     from mdnumba.backend_cuda import require_cuda
     require_cuda()
@@ -518,7 +546,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)      # short keeps what it measured
         args.out.write_text(report)
     print(report)
-    return 0
+    failed = [p for res in results for p in res["paths"] if "FAILED" in p]
+    return 1 if args.smoke and failed else 0  # a smoke run checks that every part runs
 
 
 if __name__ == "__main__":

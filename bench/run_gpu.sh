@@ -8,7 +8,7 @@
 # The wheels for this interpreter are installed into a fresh temporary folder put first on PYTHONPATH.
 # mdnumba itself runs from the working tree (PYTHONPATH=.).
 #
-# Usage: bench/run_gpu.sh [--tests | --tests-only | --tune | --profile] [bench_gpu.py / tune_gpu.py options]
+# Usage: bench/run_gpu.sh [--tests | --tests-only | --tune | --profile | --smoke] [bench_gpu.py / tune_gpu.py options]
 #   (none)         the benchmarks: bench_gpu.py (-> gpu.md), then bench_family.py --device cuda
 #   --tests        first the real-GPU cases of tests/test_cuda.py (test_gpu: every simulator case
 #                  on the GPU, in concurrent shards; the simulator runs themselves are CI's), then
@@ -18,6 +18,8 @@
 #   --tune         only bench/tune_gpu.py: rows per thread x threads per block -> tune_gpu.md
 #   --profile      only Nsight Compute on the sweep and GEMM kernels of bench/profile_gpu.py
 #                  (after 2 warm-up steps) at 32x32 B64 D64 and 256x256 B8 D128 -> ncu_*.csv
+#   --smoke        as --tests, with the benchmarks' --smoke at tiny sizes: a check that the whole
+#                  script runs (CI runs it under NUMBA_ENABLE_CUDASIM=1: the GPU tests skip there)
 # RUN_GPU_DEADLINE_S (default 570): the seconds the whole script may take (give the device call
 # a timeout_s above it). Every part is cut (SIGINT) where it would run past the deadline, the
 # tests also at TESTS_MAX_S (default 270) so that the benchmarks get their turn, and the
@@ -30,8 +32,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 run_tests=0
+bench_args=()
+family_args=()
 case "${1:-}" in
   --tests) run_tests=1; shift ;;
+  --smoke) run_tests=1; bench_args=(--smoke --configs 4x4x1x2); family_args=(--smoke); shift ;;
   --tests-only) run_tests=2; shift ;;
   --tune) run_tests=tune; shift ;;
   --profile) run_tests=profile; shift ;;
@@ -107,9 +112,10 @@ if [ "$run_tests" != 0 ]; then
   [ "$run_tests" = 2 ] && exit $status
 fi
 
-part "${BENCH_MAX_S:-300}" python3 bench/bench_gpu.py --out "$out_dir/gpu.md" "$@" 2>&1 \
+part "${BENCH_MAX_S:-300}" python3 bench/bench_gpu.py --out "$out_dir/gpu.md" ${bench_args[@]+"${bench_args[@]}"} "$@" 2>&1 \
   | tee "$out_dir/bench_gpu.log" || status=1
 # issue 6: 4-direction 2D and 3D layers vs PyTorch autograd on the same GPU
-part "$deadline" python3 bench/bench_family.py --device cuda --out "$out_dir/family_cuda.md" 2>&1 \
+part "$deadline" python3 bench/bench_family.py --device cuda ${family_args[@]+"${family_args[@]}"} \
+  --out "$out_dir/family_cuda.md" 2>&1 \
   | tee "$out_dir/bench_family.log" || status=1
 exit $status

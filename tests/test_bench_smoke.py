@@ -1,0 +1,43 @@
+"""The GPU benchmark scripts run end to end under the CUDA simulator.
+
+A lent GPU is rare and its time short, so ``bench/run_gpu.sh`` must work the first time it
+meets one. Its ``--smoke`` mode runs every part once at tiny sizes: the GPU test selection
+(skipped without a GPU), ``bench_gpu.py`` (both sweep paths, the device trainer, the NumPy
+API, PyTorch on CPU tensors when it is installed, the CPU) and ``bench_family.py --device
+cuda``; the benchmark scripts exit non-zero in a smoke run when a part fails. Nothing is
+timed here: the numbers a simulator gives mean nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_run_gpu_smoke_under_the_simulator(tmp_path):
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", MDNUMBA_THREADS_PER_BLOCK="8",
+               NUMBA_NUM_THREADS="1", OUT=str(tmp_path), PYTHONUNBUFFERED="1",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.pop("MDNUMBA_PTX_RECORD", None)
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "run_gpu.sh"), "--smoke"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "FAILED" not in proc.stdout + proc.stderr
+    gpu = (tmp_path / "gpu.md").read_text()
+    row = next(line for line in gpu.splitlines() if line.startswith("| 4x4 B1 D2 | **"))
+    cells = row.split(" | ")[1:7]  # cooperative, per-diagonal, trainer, NumPy API, PyTorch, CPU
+    has_torch = importlib.util.find_spec("torch") is not None
+    filled = [c.startswith("**") for c in cells]
+    assert filled == [True, True, True, True, has_torch, True], row
+    family = (tmp_path / "family_cuda.md").read_text()
+    assert "2D 3x3 B1 D2, 4 directions" in family and "3D 2x2x2 B1 D2, 8 directions" in family
+    assert "PyTorch failed" not in family if has_torch else True
+    assert (tmp_path / "test_cuda.log").exists()
