@@ -57,17 +57,24 @@ else
 fi
 export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-/tmp/numba_cache}"
 
-if python3 - <<'EOF'
-import numpy, numba
-from numba import cuda
-print(f"numpy {numpy.__version__}, numba {numba.__version__}, cuda available: {cuda.is_available()}")
-cuda.detect()
-EOF
-then :; else echo "warning: the CUDA probe failed (see above)" >&2; fi
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
-
 out_dir="${OUT:-bench/results}"
 mkdir -p "$out_dir"
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
+# Can numba-cuda compile and run a kernel (libNVVM, libdevice) and a cooperative one (cudadevrt)?
+# If not, try once more with the libNVVM carried in .whl/cuda_home_nvvm.tgz (fetch_gpu_wheels.sh).
+if ! python3 bench/gpu_probe.py 2>&1 | tee "$out_dir/probe.log"; then
+  if [ -f .whl/cuda_home_nvvm.tgz ]; then
+    CUDA_HOME=$(mktemp -d /tmp/mdnumba_cuda_home.XXXXXX)
+    export CUDA_HOME
+    tar xzf .whl/cuda_home_nvvm.tgz -C "$CUDA_HOME"
+    echo "the CUDA probe failed: again with the carried libNVVM (CUDA_HOME=$CUDA_HOME)" | tee -a "$out_dir/probe.log" >&2
+    python3 bench/gpu_probe.py 2>&1 | tee -a "$out_dir/probe.log" \
+      || echo "warning: the CUDA probe failed again (see above)" >&2
+  else
+    echo "warning: the CUDA probe failed (see above; no .whl/cuda_home_nvvm.tgz to try)" >&2
+  fi
+fi
 
 # Each part runs even if an earlier one failed (a lent GPU is rare: measure what can be);
 # the script's exit status says whether all of them passed.

@@ -1,7 +1,8 @@
 """The GPU benchmark scripts run end to end under the CUDA simulator.
 
 A lent GPU is rare and its time short, so ``bench/run_gpu.sh`` must work the first time it
-meets one. Its ``--smoke`` mode runs every part once at tiny sizes: the GPU test selection
+meets one. Its ``--smoke`` mode runs every part once at tiny sizes: the probe
+(``bench/gpu_probe.py``: can numba-cuda compile and run a kernel here?), the GPU test selection
 (skipped without a GPU), ``bench_gpu.py`` (both sweep paths, the device trainer, the NumPy
 API, PyTorch on CPU tensors when it is installed, the CPU) and ``bench_family.py --device
 cuda``; the benchmark scripts exit non-zero in a smoke run when a part fails. Nothing is
@@ -41,3 +42,5 @@ def test_run_gpu_smoke_under_the_simulator(tmp_path):
     assert "2D 3x3 B1 D2, 4 directions" in family and "3D 2x2x2 B1 D2, 8 directions" in family
     assert "PyTorch failed" not in family if has_torch else True
     assert (tmp_path / "test_cuda.log").exists()
+    probe = (tmp_path / "probe.log").read_text()
+    assert "libdevice kernel: ok" in probe and "cooperative kernel: ok" in probe, probe
