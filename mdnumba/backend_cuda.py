@@ -202,9 +202,12 @@ class DeviceLayer:
         if k.is_device_array(x):
             xd = k.as_device(x)
             shape = tuple(xd.shape)
-            if len(shape) != ndim or (last is not None and shape[-1] != last) or 0 in shape:
+            if len(shape) != ndim or (last is not None and shape[-1] != last):
                 raise ValueError(f"{name} must have {ndim} dimensions with last axis {last}, "
                                  f"got shape {shape}")
+            if 0 in shape:
+                raise ValueError(f"{name} has an empty axis, shape {shape}; every axis of {layout} "
+                                 "must be at least 1")
             if np.dtype(xd.dtype) != self.dtype:
                 raise TypeError(f"{name} on the device has dtype {xd.dtype}, the layer uses "
                                 f"{self.dtype}; convert it first")

@@ -396,6 +396,13 @@ def sim_errors_and_fallback(rng, monkeypatch):
         dev.forward(cuda.to_device(np.zeros((1, 2, 2, 2))))
     with pytest.raises(ValueError, match="channels"):
         dev.forward(np.zeros((1, 2, 2, 5), np.float32))
+    with pytest.raises(ValueError, match=r"x has an empty axis, shape \(1, 0, 2, 2\); every axis"):
+        dev.forward(cuda.to_device(np.zeros((1, 0, 2, 2), np.float32)))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        dev.forward(cuda.to_device(np.zeros((1, 2, 4, 2), np.float32))[:, :, ::2])
+    big = CudaLSTM.from_layer(MDLSTM2D(1, 32, dtype=np.float64), use_shared=True)  # U: 80 KiB
+    with pytest.raises(ValueError, match="do not fit in 49152 bytes of shared memory"):
+        big.forward(np.ones((1, 2, 2, 1)))
     y = dev.forward(np.ones((1, 2, 2, 2), np.float32))
     with pytest.raises(ValueError, match="shape of the forward output"):
         dev.backward(np.zeros((1, 2, 3, 3), np.float32))
@@ -406,12 +413,17 @@ def sim_errors_and_fallback(rng, monkeypatch):
         with pytest.raises(ValueError, match="32-bit arithmetic.*split the batch"):
             dev.forward(np.ones((1, 2, 2, 2), np.float32))
 
+    tries = []
+
     def broken(*args, **kw):
+        tries.append(1)
         raise RuntimeError("no cooperative launch here")
     monkeypatch.setattr(gpu, "_coop_grid", broken)
     monkeypatch.setitem(gpu._state, "coop_error", None)
-    np.testing.assert_array_equal(dev.forward(np.ones((1, 2, 2, 2), np.float32)), y)
-    assert last_path().startswith("per-diagonal") and "no cooperative launch here" in last_path()
+    for _ in range(2):  # 'auto' tries the cooperative launch once per process, then remembers
+        np.testing.assert_array_equal(dev.forward(np.ones((1, 2, 2, 2), np.float32)), y)
+        assert last_path().startswith("per-diagonal") and "no cooperative launch here" in last_path()
+    assert len(tries) == 1
     dev.path = "cooperative"
     with pytest.raises(RuntimeError, match="no cooperative launch"):
         dev.forward(np.ones((1, 2, 2, 2), np.float32))
@@ -456,6 +468,9 @@ def sim_numpy_api_checks_device_inputs_and_the_cell_state(rng):
     with pytest.raises(NonFiniteError, match=r"overflowed to inf in forward \(2 values\).*use cell='stable'"):
         layer.backward(np.ones_like(h))
     assert not layer.grads.data.any()
+    c.copy_to_device(np.full(c.shape, np.inf, c.dtype))  # several per thread of the count's grid
+    with pytest.raises(NonFiniteError, match=rf"\({c.size} values\)"):
+        layer.backward(np.ones_like(h))
     layer.forward(x)
     layer.backward(np.ones_like(h))
     assert np.isfinite(layer.grads.data).all() and layer.grads.data.any()
@@ -529,6 +544,34 @@ def sim_device_layer_contracts(rng):
     np.testing.assert_array_equal(grads[1], grads[0])
 
 
+def sim_backward_accumulates_gradients(rng):
+    """A second backward without zero_grad adds the same gradients again (device layers with one
+    and with four directions, CudaLinear, and the NumPy-API layer's host grads)."""
+    from numba import cuda
+
+    from mdnumba.backend_cuda import CudaLinear, CudaLSTM
+    from mdnumba.layers import Linear
+    x = rng.standard_normal((2, 2, 3, 2))
+    for dev in (CudaLSTM.from_layer(MDLSTM2D(2, 3, seed=1, dtype=np.float64)),
+                CudaLSTM.from_layer(MDLSTM2D(2, 2, seed=1, dtype=np.float64, directions=4)),
+                CudaLinear.from_layer(Linear(2, 3, seed=1, dtype=np.float64))):
+        h = dev.forward(cuda.to_device(x))
+        dh = cuda.to_device(np.cos(h.copy_to_host()))
+        dev.zero_grad()
+        dev.backward(dh)
+        once = dev.grads_to_host()
+        dev.backward(dh)
+        np.testing.assert_allclose(dev.grads_to_host(), 2 * once, rtol=1e-12, err_msg=repr(dev))
+    layer = MDLSTM2D(2, 3, seed=1, dtype=np.float64, device="cuda")
+    h = layer.forward(x)
+    layer.grads.data[...] = 1.0
+    layer.backward(np.cos(h))
+    once = layer.grads.data - 1.0
+    assert np.abs(once).max() > 1e-3
+    layer.backward(np.cos(h))
+    np.testing.assert_allclose(layer.grads.data, 1.0 + 2 * once, rtol=1e-12)
+
+
 def sim_device_adam_norm_and_a_skipped_step(rng):
     """CudaAdam.grad_norm() is the current gradients' L2 norm; a step refused for a non-finite
     gradient leaves t (Adam's bias correction) and the parameters as they were. A layer given
@@ -537,7 +580,11 @@ def sim_device_adam_norm_and_a_skipped_step(rng):
     dev = CudaLSTM.from_layer(MDLSTM2D(2, 3, seed=1, dtype=np.float64))
     with pytest.raises(ValueError, match="the same parameters appear twice"):
         CudaAdam([dev, dev])
-    CudaAdam([dev, CudaLSTM.from_layer(MDLSTM2D(2, 3, seed=1, dtype=np.float64))])
+    other = CudaLSTM.from_layer(MDLSTM2D(2, 3, seed=1, dtype=np.float64))
+    g1, g2 = rng.standard_normal(dev.grads.shape), rng.standard_normal(other.grads.shape)
+    dev.grads.copy_to_device(g1)
+    other.grads.copy_to_device(g2)  # two layers, two buffers: one norm over both
+    assert CudaAdam([dev, other]).grad_norm() == pytest.approx(np.sqrt(g1 @ g1 + g2 @ g2), rel=1e-12)
     opt = CudaAdam([dev], lr=0.1)
     for _ in range(2):
         g = rng.standard_normal(dev.grads.shape)
