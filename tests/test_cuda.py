@@ -544,6 +544,34 @@ def sim_device_layer_contracts(rng):
     np.testing.assert_array_equal(grads[1], grads[0])
 
 
+def sim_host_array_launchers_copy_results_back(rng):
+    """The launchers take NumPy arrays too (copied to the device and back): ``axpby``, ``fill``,
+    the forward sweep's output in grid order (``out``) and the backward sweep's weight-gradient
+    operands (``operands=(z, xs, h)``, checked against the CPU's gather_parents)."""
+    from mdnumba.grid import direction_tables
+    from mdnumba.kernels import wavefront as cpu
+    from mdnumba.kernels import wavefront_cuda as gpu
+    x, y, out = rng.standard_normal(7), rng.standard_normal(7), np.zeros(7)
+    gpu.axpby(out, x, 2.0, y, -3.0)
+    np.testing.assert_allclose(out, 2 * x - 3 * y, rtol=1e-15)
+    gpu.fill(out, 1.5)
+    assert (out == 1.5).all()
+    dims, B, D, C = (3, 4), 2, 3, 2
+    wf, U, act = _cpu_sweep_inputs(dims, B, D, 1, rng)
+    R = wf.n_cells * B
+    h, c, grid_out = np.zeros((R, D)), np.zeros((R, D)), np.zeros((R, 1, D))
+    _, unskew = direction_tables(dims, B, 1)
+    gpu.wavefront_forward(h, c, act, U, wf.diag_off, wf.parent, B, D, 0, out=grid_out, out_src=unskew)
+    assert np.abs(h).max() > 0.05
+    np.testing.assert_array_equal(grid_out[:, 0], h[unskew[0]])
+    xs, z = rng.standard_normal((R, C)), np.zeros((R, C + 2 * D + 1))
+    hpar = np.zeros((R, 2 * D))
+    cpu.gather_parents(hpar, h, wf.parent, B, D)
+    gpu.wavefront_backward(np.zeros_like(act), np.zeros_like(c), np.cos(h), act, c, U, wf.diag_off,
+                           wf.parent, wf.child, B, D, 0, operands=(z, xs, h))
+    np.testing.assert_array_equal(z, np.hstack([xs, hpar, np.ones((R, 1))]))
+
+
 def sim_backward_accumulates_gradients(rng):
     """A second backward without zero_grad adds the same gradients again (device layers with one
     and with four directions, CudaLinear, and the NumPy-API layer's host grads)."""
