@@ -409,9 +409,11 @@ def sim_errors_and_fallback(rng, monkeypatch):
     with pytest.raises(ValueError, match="path"):
         CudaLSTM.from_layer(MDLSTM2D(2, 3), path="diagonal").forward(np.ones((1, 2, 2, 2), np.float32))
     with monkeypatch.context() as m:  # 32-bit index arithmetic: arrays of 2**32 elements are refused
-        m.setattr(gpu, "MAX_ELEMENTS", 12)
-        with pytest.raises(ValueError, match="32-bit arithmetic.*split the batch"):
+        m.setattr(gpu, "MAX_ELEMENTS", 90)  # U (1, 3, 30), the largest array here, has 90
+        with pytest.raises(ValueError, match="has 90 elements.*32-bit arithmetic.*split the batch"):
             dev.forward(np.ones((1, 2, 2, 2), np.float32))
+        m.setattr(gpu, "MAX_ELEMENTS", 91)
+        dev.forward(np.ones((1, 2, 2, 2), np.float32))
 
     tries = []
 
