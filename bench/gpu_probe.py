@@ -58,14 +58,11 @@ def cooperative_kernel_runs() -> int:
         if cuda.threadIdx.x == 0:
             b[k] = a[(k + 1) % cuda.gridDim.x]
 
+    from mdnumba.kernels.wavefront_cuda import _coop_grid  # the sweeps' own co-residency sizing
     tpb = 64
     a = cuda.device_array(8, np.int64)
     b = cuda.device_array(8, np.int64)
-    if numba.config.ENABLE_CUDASIM:
-        limit = exchange.overloads[None].max_cooperative_grid_blocks(tpb)
-    else:
-        limit = exchange.compile((numba.typeof(a), numba.typeof(b))).max_cooperative_grid_blocks(tpb)
-    blocks = max(1, min(8, limit))
+    blocks = _coop_grid(exchange, (a, b), tpb, 0, 8)
     exchange[blocks, tpb](a, b)
     want = (np.arange(blocks) + 1) % blocks + 1
     np.testing.assert_array_equal(b.copy_to_host()[:blocks], want)

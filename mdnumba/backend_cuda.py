@@ -174,7 +174,10 @@ class DeviceLayer:
         self.k.fill(self.grads, 0.0)
 
     def _nonfinite(self, a) -> int:
-        """How many values of the device array ``a`` are NaN or ±inf (waits for the GPU)."""
+        """How many values of the device array ``a`` are NaN or ±inf (waits for the GPU); 0
+        without counting unless :attr:`checked`."""
+        if not self.checked:
+            return 0
         from .kernels.optim_cuda import count_nonfinite
         return count_nonfinite(a)
 
@@ -213,7 +216,7 @@ class DeviceLayer:
                                 f"{self.dtype}; convert it first")
             if not xd.is_c_contiguous():
                 raise ValueError(f"{name} on the device must be C-contiguous")
-            bad = self._nonfinite(xd) if self.checked else 0
+            bad = self._nonfinite(xd)
             if bad:
                 raise nonfinite_input(name, bad)
             return xd, False
@@ -306,7 +309,7 @@ class CudaLSTM(DeviceLayer):
         dhd, host_in = self._input(dh, "dh", N + 2, None)
         if tuple(dhd.shape) != want:
             raise ValueError(f"dh must have the shape of the forward output {want}, got {tuple(dhd.shape)}")
-        bad = self._nonfinite(self._work["c"]) if self.checked else 0
+        bad = self._nonfinite(self._work["c"])
         if bad:
             raise overflowed_state(self.cell, bad)
         B, R, G = t.batch, t.n_cells * t.batch, (N + 3) * D
