@@ -63,6 +63,30 @@ def overflowed_state(cell: str, count: int) -> NonFiniteError:
                           f"gradients would be NaN; {advice}")
 
 
+def check_state(state: object, name: str, batch: int, width: int, dtype: np.dtype | None = None,
+                check=None) -> tuple:
+    """Return ``state = (h, c)`` as two arrays ``(batch, width)`` after checking it: each with
+    ``check(array, name)`` (default: :func:`check_array` with ``dtype``: float values, finite)."""
+    if not isinstance(state, (tuple, list)) or len(state) != 2:
+        raise TypeError(f"{name} must be a pair (h, c) of arrays (batch, {width}), got "
+                        f"{type(state).__name__}")
+    if check is None:
+        def check(a, what):
+            return check_array(a, what, 2, width, dtype, f"(batch, {width})")
+    pair = tuple(check(a, f"{name}[{i}]") for i, a in enumerate(state))
+    for i, a in enumerate(pair):
+        if a.shape[0] != batch:
+            raise ValueError(f"{name}[{i}] is for a batch of {a.shape[0]}, the input's batch is {batch}")
+    return pair
+
+
+def check_stateful(stateful: bool, final_state_grad: object) -> None:
+    """ValueError for a ``final_state_grad`` given after a forward that took no ``state``."""
+    if final_state_grad is not None and not stateful:
+        raise ValueError("final_state_grad needs a forward from a state: run forward(x, "
+                         "state=layer.zero_state(batch)) for a zero initial state")
+
+
 def check_finite_params(params) -> None:
     """Raise :class:`NonFiniteError` naming the weights of ``params`` (a ParamBuffer) that hold
     NaN or infinite values: set by hand, or by an update of the user's own that diverged."""

@@ -34,7 +34,14 @@ import numpy as np
 import numpy.typing as npt
 
 from . import config
-from ._validate import check_array, check_shape, nonfinite_input, overflowed_state
+from ._validate import (
+    check_array,
+    check_shape,
+    check_state,
+    check_stateful,
+    nonfinite_input,
+    overflowed_state,
+)
 from .optim import Adam, RMSprop, nonfinite_gradient
 
 if TYPE_CHECKING:
@@ -109,16 +116,19 @@ class DeviceTables:
 
 
 @lru_cache(maxsize=32)
-def device_tables(dims: tuple, batch: int, directions: int = 1) -> DeviceTables:
-    """Build (and cache) :class:`DeviceTables`; direction q mirrors the axes of q's set bits."""
+def device_tables(dims: tuple, batch: int, directions: int = 1, stateful: bool = False) -> DeviceTables:
+    """Build (and cache) :class:`DeviceTables`; direction q mirrors the axes of q's set bits;
+    ``stateful`` (1D): the layout with state cells of :func:`mdnumba.grid.state_tables`."""
     from numba import cuda
 
-    from .grid import direction_tables, wavefront
-    wf = wavefront(tuple(dims))
-    skew, unskew = direction_tables(wf.dims, int(batch), directions)
-    return DeviceTables(wf.dims, int(batch), wf.n_cells, np.array(wf.diag_off), cuda.to_device(wf.diag_off),
-                        cuda.to_device(wf.parent), cuda.to_device(wf.child), cuda.to_device(skew),
-                        cuda.to_device(unskew))
+    from .grid import direction_tables, state_tables, wavefront
+    if stateful:
+        wf, skew, unskew = state_tables(dims[0], int(batch), directions)
+    else:
+        wf = wavefront(tuple(dims))
+        skew, unskew = direction_tables(wf.dims, int(batch), directions)
+    return DeviceTables(tuple(dims), int(batch), wf.n_cells, np.array(wf.diag_off),
+                        *(cuda.to_device(a) for a in (wf.diag_off, wf.parent, wf.child, skew, unskew)))
 
 
 class DeviceLayer:
@@ -271,41 +281,54 @@ class CudaLSTM(DeviceLayer):
                    cell=layer.cell, directions=layer.directions, **kw)
 
     # ------------------------------------------------------------ passes
-    def forward(self, x: HostOrDevice) -> HostOrDevice:
+    def forward(self, x: HostOrDevice, state: tuple | None = None) -> HostOrDevice:
         """``h`` (B, *dims, S*D) for ``x`` (B, *dims, C); saves what backward needs.
 
         Per direction q: ``act_q = flip_q(x) W_q + b_q`` (one GEMM), then one sweep
-        for all directions adds ``Σ_d h_parent_d U_qd`` and applies the cell.
+        for all directions adds ``Σ_d h_parent_d U_qd`` and applies the cell. 1D: from the
+        initial ``state = (h0, c0)`` (as :meth:`mdnumba.LSTM1D.forward`) if given.
         """
         k, N, C, D, S = self.k, self.ndim, self.in_channels, self.hidden, self.directions
         xd, host_in = self._input(x, "x", N + 2, C, f"(batch, {N} grid axes, channels)")
         B, dims = xd.shape[0], tuple(xd.shape[1:-1])
-        t = device_tables(dims, B, S)
-        R, G = t.n_cells * B, (N + 3) * D
+        if state is not None and N != 1:
+            raise ValueError(f"state is for 1D layers (LSTM1D), this layer has {N} grid axes")
+        t = device_tables(dims, B, S, state is not None)
+        R, G, dense = t.n_cells * B, (N + 3) * D, B * math.prod(dims)
         xs, act = self._ws("xs", (S * R, C)), self._ws("act", (S * R, G))
         h, c = self._ws("h", (S * R, D)), self._ws("c", (S * R, D))
-        out = self._result("out", (R, S, D))
-        k.skew_rows(xs, xd.reshape(R, 1, C), t.skew_src)
+        out = self._result("out", (dense, S, D))
+        k.skew_rows(xs, xd.reshape(dense, 1, C), t.skew_src)
         for q in range(S):
             k.gemm(act[q * R:(q + 1) * R], xs[q * R:(q + 1) * R], self.W[q], self.b[q])
-        k.wavefront_forward(h, c, act, self.U, t.diag_off, t.parent, B, D, self.cell_code,
+        sweep = slice(None)
+        if state is not None:
+            h0, c0 = check_state(state, "state", B, S * D, check=self._state_input)
+            k.seed_state(h, c, act, h0, c0, B)
+            sweep = slice(1, -1)  # cells 1..T; cell 0 holds (h0, c0)
+        k.wavefront_forward(h, c, act, self.U, t.diag_off[sweep], t.parent, B, D, self.cell_code,
                             path=self.path, use_shared=self.use_shared, tpb=self.tpb,
-                            diag_off_host=t.diag_off_host, out=out, out_src=t.unskew_src)
-        self._saved = dict(tables=t, shape=(B,) + dims + (S * D,))
+                            diag_off_host=t.diag_off_host[sweep], out=out, out_src=t.unskew_src)
+        self._saved = dict(tables=t, shape=(B,) + dims + (S * D,), stateful=state is not None,
+                           host_in=host_in)
         out = out.reshape((B,) + dims + (S * D,))
         return out.copy_to_host() if host_in else out
 
-    def backward(self, dh: HostOrDevice, input_grad: bool = True) -> HostOrDevice | None:
+    def backward(self, dh: HostOrDevice, input_grad: bool = True,
+                 final_state_grad: tuple | None = None) -> HostOrDevice | None:
         """dL/dx for upstream ``dh`` = dL/dh; adds ``[dW; dU; db]_q += z_qᵀ dact_q`` into ``grads``.
 
         ``z = [x | h_parents | 1]`` per row, so a direction's weight gradients are
         one GEMM (three column blocks); ``dx = Σ_q unflip_q(dact_q W_qᵀ)``. ``input_grad=False``
-        skips dx (the layer reads the data: two launches fewer) and returns None.
+        skips dx (the layer reads the data: two launches fewer) and returns None. After a
+        forward from a state: ``final_state_grad`` and :meth:`initial_state_grad` as in
+        :meth:`mdnumba.LSTM1D.backward`.
         """
         if self._saved is None:
             raise RuntimeError("backward() called before forward(); run forward(x) first")
         k, N, C, D, S = self.k, self.ndim, self.in_channels, self.hidden, self.directions
-        t, want = self._saved["tables"], self._saved["shape"]
+        t, want, stateful = self._saved["tables"], self._saved["shape"], self._saved["stateful"]
+        check_stateful(stateful, final_state_grad)
         dhd, host_in = self._input(dh, "dh", N + 2, None)
         if tuple(dhd.shape) != want:
             raise ValueError(f"dh must have the shape of the forward output {want}, got {tuple(dhd.shape)}")
@@ -313,14 +336,24 @@ class CudaLSTM(DeviceLayer):
         if bad:
             raise overflowed_state(self.cell, bad)
         B, R, G = t.batch, t.n_cells * t.batch, (N + 3) * D
+        dense = dhd.size // (S * D)
         dhs = self._ws("dhs", (S * R, D))
         dact, dc = self._ws("dact", (S * R, G)), self._ws("dc", (S * R, D))
         act, c, h, xs = (self._work[n] for n in ("act", "c", "h", "xs"))
         z = self._ws("z", (S * R, C + N * D + 1))
-        k.wavefront_backward(dact, dc, dhs, act, c, self.U, t.diag_off, t.parent, t.child, B, D,
+        sweep, dh_in, dh_src = slice(None), dhd.reshape(dense, S, D), t.skew_src
+        if stateful:  # skew dh here, then add dL/d(h_T, c_T) (the sweep's prologue would skew it)
+            k.skew_rows(dhs, dh_in, dh_src)
+            k.seed_state_grad(dhs, dc, dact, *self._final_grad(final_state_grad, B), B)
+            sweep, dh_in, dh_src = slice(None, -1), None, None  # cells T..0
+        k.wavefront_backward(dact, dc, dhs, act, c, self.U, t.diag_off[sweep], t.parent, t.child, B, D,
                              self.cell_code, path=self.path, use_shared=self.use_shared, tpb=self.tpb,
-                             diag_off_host=t.diag_off_host, dh_in=dhd.reshape(R, S, D), dh_src=t.skew_src,
+                             diag_off_host=t.diag_off_host[sweep], dh_in=dh_in, dh_src=dh_src,
                              operands=(z, xs, h))
+        if stateful:
+            grad = self._new((B, S * D)), self._new((B, S * D))
+            k.take_state_grad(*grad, dhs, dc, dact, B)
+            self._saved["state_grad"] = grad
         if S == 1:  # [dW; dU; db] is contiguous in the flat layout: one GEMM (fewer launches)
             k.gemm(self.grads.reshape(C + N * D + 1, G), z, dact, ta=True, accumulate=True)
         dxs = self._ws("dxs", (S * R, C))
@@ -333,10 +366,46 @@ class CudaLSTM(DeviceLayer):
                 k.gemm(dxs[q * R:(q + 1) * R], dq, self.W[q], tb=True)
         if not input_grad:
             return None
-        dx = self._result("dx", (R, C))
-        k.unskew_rows(dx.reshape(R, 1, C), dxs, t.unskew_src)  # Σ_q unflip_q(dact_q W_qᵀ)
+        dx = self._result("dx", (dense, C))
+        k.unskew_rows(dx.reshape(dense, 1, C), dxs, t.unskew_src)  # Σ_q unflip_q(dact_q W_qᵀ)
         dx = dx.reshape(want[:-1] + (C,))
         return dx.copy_to_host() if host_in else dx
+
+    def final_state(self) -> tuple:
+        """``(h_T, c_T)`` of the last forward (1D; as :meth:`mdnumba.LSTM1D.final_state`): NumPy
+        arrays after a forward of NumPy arrays, else device arrays."""
+        if self._saved is None:
+            raise RuntimeError("final_state() called before forward(); run forward(x) first")
+        t, S, D = self._saved["tables"], self.directions, self.hidden
+        pair = self._new((t.batch, S * D)), self._new((t.batch, S * D))
+        last = t.n_cells - (2 if self._saved["stateful"] else 1)
+        self.k.state_of_cell(*pair, self._work["h"], self._work["c"], last, t.batch)
+        return self._as_input(pair)
+
+    def initial_state_grad(self) -> tuple:
+        """``(dL/dh0, dL/dc0)`` of the last backward after a forward from a state."""
+        grad = (self._saved or {}).get("state_grad")
+        if grad is None:
+            raise RuntimeError("no initial-state gradient: run forward(x, state=...) and then backward(dh)")
+        return self._as_input(grad)
+
+    def _as_input(self, pair: tuple) -> tuple:
+        """``pair`` on the host if the last forward's input was, else on the device."""
+        return tuple(a.copy_to_host() for a in pair) if self._saved["host_in"] else pair
+
+    def _state_input(self, a, name: str):
+        """A state array checked as :meth:`_input` checks ``x`` (device array out)."""
+        width = self.directions * self.hidden
+        return self._input(a, name, 2, width, f"(batch, {width})")[0]
+
+    def _final_grad(self, final_state_grad, batch: int) -> tuple:
+        """``final_state_grad`` checked, on the device; zeros for None."""
+        if final_state_grad is not None:
+            return check_state(final_state_grad, "final_state_grad", batch, self.directions * self.hidden,
+                               check=self._state_input)
+        zero = self._ws("zero_state", (batch, self.directions * self.hidden))
+        self.k.fill(zero.reshape(zero.size), 0.0)
+        return zero, zero
 
     def __repr__(self) -> str:
         return (f"CudaLSTM(ndim={self.ndim}, in={self.in_channels}, hidden={self.hidden}, "
@@ -561,20 +630,36 @@ def _state_for(layer) -> CudaLSTM:
     return st
 
 
-def layer_forward(layer: WavefrontLSTM, x: HostOrDevice) -> HostOrDevice:
+def layer_forward(layer: WavefrontLSTM, x: HostOrDevice, state: tuple | None = None) -> HostOrDevice:
     """``WavefrontLSTM.forward`` on the GPU: upload params, run; NumPy or device ``h`` (as ``x``)."""
     st = _state_for(layer)
     st.set_params(layer.params.data)
-    return st.forward(x)
+    return st.forward(x, state)
 
 
-def layer_backward(layer: WavefrontLSTM, dh: HostOrDevice, input_grad: bool = True) -> HostOrDevice | None:
-    """``WavefrontLSTM.backward`` on the GPU: returns dx (NumPy or device, as ``dh``; None with
-    ``input_grad=False``) and adds the gradients to the host ``layer.grads``."""
+def _saved_state(layer: WavefrontLSTM, what: str = "backward()") -> CudaLSTM:
     st = _LAYER_STATE.get(layer)
     if st is None or st._saved is None:
-        raise RuntimeError("backward() called before forward(); run forward(x) first")
+        raise RuntimeError(f"{what} called before forward(); run forward(x) first")
+    return st
+
+
+def layer_backward(layer: WavefrontLSTM, dh: HostOrDevice, input_grad: bool = True,
+                   final_state_grad: tuple | None = None) -> HostOrDevice | None:
+    """``WavefrontLSTM.backward`` on the GPU: returns dx (NumPy or device, as ``dh``; None with
+    ``input_grad=False``) and adds the gradients to the host ``layer.grads``."""
+    st = _saved_state(layer)
     st.zero_grad()
-    dx = st.backward(dh, input_grad)
+    dx = st.backward(dh, input_grad, final_state_grad)
     layer.grads.data[...] += st.grads_to_host()
     return dx
+
+
+def layer_final_state(layer: WavefrontLSTM) -> tuple:
+    """``LSTM1D.final_state`` of a ``device="cuda"`` layer."""
+    return _saved_state(layer, "final_state()").final_state()
+
+
+def layer_state_grad(layer: WavefrontLSTM) -> tuple:
+    """``LSTM1D.initial_state_grad`` of a ``device="cuda"`` layer."""
+    return _saved_state(layer).initial_state_grad()

@@ -105,3 +105,25 @@ def direction_tables(dims: tuple, batch: int, directions: int = 1) -> tuple[np.n
     for arr in tables:
         arr.setflags(write=False)
     return tables
+
+
+@lru_cache(maxsize=16)
+def state_tables(steps: int, batch: int, directions: int = 1) -> tuple[Wavefront, np.ndarray, np.ndarray]:
+    """Tables of a 1D layer whose scans start from a given state: ``(wf, skew_src, unskew_src)``.
+
+    Every scan slab holds ``steps + 2`` skewed cells: cell 0 carries the initial state (h0, c0),
+    cells 1..steps are the sequence's steps in scan order, and cell ``steps + 1`` is a pad that
+    carries the gradient of the final state into the backward sweep (its forget gate is 1). ``wf``
+    is the grid of ``steps + 2`` cells; ``skew_src`` (S, (steps+2)*B) and ``unskew_src``
+    (S, steps*B) are :func:`direction_tables` for dense ``(B, steps)`` rows, with -1 (a row of
+    zeros) for the two state cells, which have no dense row.
+    """
+    wf = wavefront((int(steps) + 2,))
+    skew, unskew = direction_tables(wf.dims, batch, directions)
+    b, m = np.divmod(skew, steps + 2)
+    skew = np.where((m >= 1) & (m <= steps), b * steps + m - 1, -1)
+    unskew = unskew.reshape(directions, batch, steps + 2)[:, :, 1:-1].reshape(directions, -1)
+    tables = skew.astype(np.int64), np.ascontiguousarray(unskew, dtype=np.int64)
+    for arr in tables:
+        arr.setflags(write=False)
+    return (wf,) + tables

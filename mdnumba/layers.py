@@ -16,14 +16,26 @@ from ._validate import (
     check_finite_params,
     check_positive_int,
     check_shape,
+    check_state,
+    check_stateful,
     overflowed_state,
     seeded_rng,
 )
-from .grid import direction_tables, wavefront
+from .grid import direction_tables, state_tables, wavefront
 from .kernels.cell import cell_code
 from .kernels.gemm import column_sums, matmul_at_b, matmul_rows
 from .kernels.gridlstm import gather_operands as gather_grid_operands
-from .kernels.wavefront import gather_parents, skew_rows, unskew_rows, wavefront_backward, wavefront_forward
+from .kernels.wavefront import (
+    gather_parents,
+    seed_state,
+    seed_state_grad,
+    skew_rows,
+    state_of_cell,
+    take_state_grad,
+    unskew_rows,
+    wavefront_backward,
+    wavefront_forward,
+)
 from .params import OwnsParams, ParamLayout
 
 
@@ -107,17 +119,35 @@ class WavefrontLSTM(OwnsParams):
         comes back. With ``device="cuda"`` ``x`` may also be a CUDA array (numba device array or anything
         with ``__cuda_array_interface__``); the output is then a numba device array.
         """
+        return self._forward(x, None)
+
+    def backward(self, dh: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
+        """Return dL/dx for upstream ``dh`` = dL/dh (cast to the layer's dtype, as ``x``) and
+        accumulate parameter grads; ``input_grad=False`` skips dL/dx (the layer reads the data)
+        and returns None."""
+        return self._backward(dh, input_grad, None)
+
+    def _forward(self, x, state):
+        """:meth:`forward`; ``state = (h0, c0)`` (1D: :meth:`LSTM1D.forward`) or None (zero state,
+        the tables of :func:`direction_tables`)."""
         check_finite_params(self.params)
         if self.device == "cuda":
             from .backend_cuda import layer_forward
-            return layer_forward(self, x)
+            return layer_forward(self, x, state)
         x = check_array(x, "x", self.ndim + 2, self.in_channels, self.dtype, self._layout_str())
         B, D, S = x.shape[0], self.hidden, self.directions
-        wf = wavefront(x.shape[1:-1])
-        skew_src, unskew_src = direction_tables(wf.dims, B, S)
+        dims, dense = x.shape[1:-1], x[..., 0].size
+        if state is None:
+            wf = wavefront(dims)
+            tables, sweep = direction_tables(wf.dims, B, S), wf.diag_off
+        else:
+            h0, c0 = check_state(state, "state", B, S * D, self.dtype)
+            wf, *tables = state_tables(dims[0], B, S)
+            sweep = wf.diag_off[1:-1]  # cells 1..T; cell 0 holds (h0, c0)
+        skew_src, unskew_src = tables
         rows = wf.n_cells * B
         xs = self._workspace("xs", (S * rows, self.in_channels))
-        skew_rows(xs, x.reshape(rows, 1, -1), skew_src)
+        skew_rows(xs, x.reshape(dense, 1, -1), skew_src)
         act = self._workspace("act", (S * rows, self.layout.shapes["b"][-1]))
         h = self._workspace("h", (S * rows, D))
         c = self._workspace("c", (S * rows, D))
@@ -126,36 +156,46 @@ class WavefrontLSTM(OwnsParams):
             sl = slice(q * rows, (q + 1) * rows)
             matmul_rows(act[sl], xs[sl], W[q], b[q], False)
         U = self.params["U"].reshape(S, D, -1)
-        wavefront_forward(h, c, act, U, wf.diag_off, wf.parent, B, D, self.cell_code)
-        self._saved = dict(xs=xs, act=act, c=c, h=h, wf=wf, batch=B)
-        out = np.empty((rows, S, D), dtype=self.dtype)
+        if state is not None:
+            seed_state(h, c, act, h0, c0, B)
+        wavefront_forward(h, c, act, U, sweep, wf.parent, B, D, self.cell_code)
+        self._saved = dict(xs=xs, act=act, c=c, h=h, wf=wf, batch=B, dims=dims, tables=tables,
+                           stateful=state is not None)
+        out = np.empty((dense, S, D), dtype=self.dtype)
         unskew_rows(out, h, unskew_src)  # grid order, direction q in channels q*D:(q+1)*D
-        return out.reshape((B,) + wf.dims + (S * D,))
+        return out.reshape((B,) + dims + (S * D,))
 
-    def backward(self, dh: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
-        """Return dL/dx for upstream ``dh`` = dL/dh (cast to the layer's dtype, as ``x``) and
-        accumulate parameter grads; ``input_grad=False`` skips dL/dx (the layer reads the data)
-        and returns None."""
+    def _backward(self, dh, input_grad, final_state_grad):
+        """:meth:`backward`; after a forward from a state, ``final_state_grad = (dL/dh_T, dL/dc_T)``
+        or None (zeros), and the initial state's gradient is kept (:meth:`LSTM1D.initial_state_grad`)."""
         if self.device == "cuda":
             from .backend_cuda import layer_backward
-            return layer_backward(self, dh, input_grad)
-        if self._saved is None:
-            raise RuntimeError("backward() called before forward(); run forward(x) first")
-        sv = self._saved
+            return layer_backward(self, dh, input_grad, final_state_grad)
+        sv = self._require_saved(final_state_grad)
         wf, B, D, N, S = sv["wf"], sv["batch"], self.hidden, self.ndim, self.directions
-        want = (B,) + wf.dims + (S * D,)
+        want = (B,) + sv["dims"] + (S * D,)
         dh = check_array(dh, "dh", self.ndim + 2, None, self.dtype, self._layout_str("D"))
         if dh.shape != want:
             raise ValueError(f"dh must have the shape of the forward output {want}, got {dh.shape}")
         self._check_state(sv["c"])
-        skew_src, unskew_src = direction_tables(wf.dims, B, S)
-        rows = wf.n_cells * B
+        skew_src, unskew_src = sv["tables"]
+        rows, dense = wf.n_cells * B, dh[..., 0].size
         dhs = self._workspace("dhs", (S * rows, D))
-        skew_rows(dhs, dh.reshape(rows, S, D), skew_src)
+        skew_rows(dhs, dh.reshape(dense, S, D), skew_src)
         dact = self._workspace("dact", sv["act"].shape)
         dc = self._workspace("dc", sv["c"].shape)
-        wavefront_backward(dact, dc, dhs, sv["act"], sv["c"], self.params["U"].reshape(S, D, -1), wf.diag_off,
+        sweep = wf.diag_off
+        if sv["stateful"]:
+            dhT, dcT = (np.zeros((B, S * D), self.dtype),) * 2 if final_state_grad is None else \
+                check_state(final_state_grad, "final_state_grad", B, S * D, self.dtype)
+            seed_state_grad(dhs, dc, dact, dhT, dcT, B)
+            sweep = wf.diag_off[:-1]  # cells T..0: the pad T+1 holds dL/dc_T
+        wavefront_backward(dact, dc, dhs, sv["act"], sv["c"], self.params["U"].reshape(S, D, -1), sweep,
                            wf.parent, wf.child, B, D, self.cell_code)
+        if sv["stateful"]:
+            dh0, dc0 = np.empty((B, S * D), self.dtype), np.empty((B, S * D), self.dtype)
+            take_state_grad(dh0, dc0, dhs, dc, dact, B)
+            sv["state_grad"] = (dh0, dc0)
         hpar = self._workspace("hpar", (dact.shape[0], D * N))
         gather_parents(hpar, sv["h"], wf.parent, B, D)
         W, dW, dU, db = (self._per_direction(n, buf) for n, buf in
@@ -172,9 +212,9 @@ class WavefrontLSTM(OwnsParams):
         for q in range(S):
             sl = slice(q * rows, (q + 1) * rows)
             matmul_rows(dxs[sl], dact[sl], np.ascontiguousarray(W[q].T), db[q], True)
-        dx = np.empty((rows, 1, self.in_channels), dtype=self.dtype)
+        dx = np.empty((dense, 1, self.in_channels), dtype=self.dtype)
         unskew_rows(dx, dxs, unskew_src)  # Σ_q unflip_q(dact_q W_qᵀ)
-        return dx.reshape((B,) + wf.dims + (self.in_channels,))
+        return dx.reshape((B,) + sv["dims"] + (self.in_channels,))
 
     def saved_bytes(self) -> int:
         """Bytes held by the activations saved for backward (0 before forward)."""
@@ -188,6 +228,14 @@ class WavefrontLSTM(OwnsParams):
         return sum(v.nbytes for v in self._work.values()) if self._saved else 0
 
     # -------------------------------------------------------------- helpers
+    def _require_saved(self, final_state_grad=None, what: str = "backward()") -> dict:
+        """The saved activations of the last forward; RuntimeError before any, ValueError for a
+        ``final_state_grad`` after a forward without ``state``."""
+        if self._saved is None:
+            raise RuntimeError(f"{what} called before forward(); run forward(x) first")
+        check_stateful(self._saved["stateful"], final_state_grad)
+        return self._saved
+
     def _check_state(self, c: np.ndarray) -> None:
         """NonFiniteError if the forward's cell state overflowed (:func:`overflowed_state`)."""
         if not (np.isfinite(c.min()) and np.isfinite(c.max())):  # NaN propagates; no temporary array
@@ -280,6 +328,50 @@ class LSTM1D(WavefrontLSTM):
                          device=device, directions=directions, cell=cell)
         for buf in (self.params, self.grads):
             buf.add_alias("U_rec", buf["U"][..., 0, :])
+
+    def forward(self, x: np.ndarray, state: tuple | None = None) -> np.ndarray:
+        """:meth:`WavefrontLSTM.forward`, from the initial state ``state = (h0, c0)`` if given,
+        each ``(batch, directions*hidden)`` (direction q in columns ``q*hidden:(q+1)*hidden``, as
+        the output; a reversed scan starts at the last step), else from zeros. Continue a
+        sequence with ``forward(x2, state=layer.final_state())``."""
+        return self._forward(x, state)
+
+    def backward(self, dh: np.ndarray, input_grad: bool = True,
+                 final_state_grad: tuple | None = None) -> np.ndarray | None:
+        """:meth:`WavefrontLSTM.backward`. After a forward from a state it also takes
+        ``final_state_grad = (dL/dh_T, dL/dc_T)`` (the gradient reaching :meth:`final_state`, e.g.
+        from the next chunk's :meth:`initial_state_grad`; None: zeros) and computes the initial
+        state's gradient, :meth:`initial_state_grad`."""
+        return self._backward(dh, input_grad, final_state_grad)
+
+    def final_state(self) -> tuple:
+        """``(h_T, c_T)`` of the last forward, each ``(batch, directions*hidden)``: every scan's
+        state after its last step (time 0 for a reversed scan). NumPy arrays, or device arrays
+        after a forward of device arrays."""
+        if self.device == "cuda":
+            from .backend_cuda import layer_final_state
+            return layer_final_state(self)
+        sv = self._require_saved(what="final_state()")
+        B, width = sv["batch"], self.out_channels
+        hT, cT = np.empty((B, width), self.dtype), np.empty((B, width), self.dtype)
+        state_of_cell(hT, cT, sv["h"], sv["c"], sv["wf"].n_cells - (2 if sv["stateful"] else 1), B)
+        return hT, cT
+
+    def initial_state_grad(self) -> tuple:
+        """``(dL/dh0, dL/dc0)`` of the last backward, each ``(batch, directions*hidden)``; only
+        after a forward that took ``state`` (for a zero state pass :meth:`zero_state`)."""
+        if self.device == "cuda":
+            from .backend_cuda import layer_state_grad
+            return layer_state_grad(self)
+        grad = (self._saved or {}).get("state_grad")
+        if grad is None:
+            raise RuntimeError("no initial-state gradient: run forward(x, state=...) and then backward(dh)")
+        return grad
+
+    def zero_state(self, batch: int) -> tuple:
+        """A zero initial state ``(h0, c0)`` for ``batch`` sequences (the default of forward)."""
+        shape = (check_positive_int(batch, "batch"), self.out_channels)
+        return np.zeros(shape, self.dtype), np.zeros(shape, self.dtype)
 
     def _layout_str(self, ch: str = "C") -> str:
         return f"(batch, time, {ch})"

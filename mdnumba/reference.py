@@ -198,6 +198,53 @@ def lstm1d_backward(dh_out: Arr, cache: Cache) -> tuple[Arr, Arr, Arr, Arr]:
     return dx, dW, dU[0], db
 
 
+def lstm1d_state_forward(x: Arr, W: Arr, U: Arr, b: Arr, h0: Arr, c0: Arr,
+                         cell: str = "graves") -> tuple[Arr, Arr, Arr, Cache]:
+    """1D LSTM from the state ``(h0, c0)`` (B, D), one scan forward in time:
+    ``a_t = W x_t + U h_{t-1} + b``, ``c_t = i g + f c_{t-1}``, ``h_t = o tanh c_t`` (spatial:
+    ``tanh(c_t o)``). Returns ``(h (B, T, D), h_T, c_T, cache)``."""
+    x = np.asarray(x, dtype=np.float64)
+    T, D = x.shape[1], U.shape[0]
+    hs, cs = [np.array(h0, dtype=np.float64)], [np.array(c0, dtype=np.float64)]
+    gates = []
+    for t in range(T):
+        a = x[:, t] @ W + hs[-1] @ U + b
+        gi, gf, go = (_sigmoid(a[:, k * D:(k + 1) * D]) for k in range(3))
+        gg = np.tanh(a[:, 3 * D:])
+        cs.append(gi * gg + gf * cs[-1])
+        hs.append(np.tanh(cs[-1] * go) if cell == "spatial" else go * np.tanh(cs[-1]))
+        gates.append((gi, gf, go, gg))
+    h = np.stack(hs[1:], axis=1)
+    return h, hs[-1], cs[-1], dict(x=x, W=W, U=U, hs=hs, cs=cs, gates=gates, cell=cell)
+
+
+def lstm1d_state_backward(dh_out: Arr, dhT: Arr, dcT: Arr, cache: Cache) -> tuple[Arr, ...]:
+    """Backward of :func:`lstm1d_state_forward` for dL/dh (B, T, D) and dL/d(h_T, c_T):
+    ``(dx, dW, dU, db, dh0, dc0)`` (backpropagation through time, step by step)."""
+    x, W, U, hs, cs, gates, cell = (cache[k] for k in ("x", "W", "U", "hs", "cs", "gates", "cell"))
+    T = x.shape[1]
+    dx, dW, dU = np.zeros_like(x), np.zeros(W.shape), np.zeros(U.shape)
+    db = np.zeros(W.shape[1])
+    dh_next, dc_next = np.array(dhT, dtype=np.float64), np.array(dcT, dtype=np.float64)
+    for t in range(T - 1, -1, -1):
+        gi, gf, go, gg = gates[t]
+        dh = dh_out[:, t] + dh_next
+        c = cs[t + 1]
+        if cell == "spatial":
+            du = dh * (1 - np.tanh(c * go) ** 2)
+            dc, dgo = dc_next + du * go, du * c
+        else:
+            dc, dgo = dc_next + dh * go * (1 - np.tanh(c) ** 2), dh * np.tanh(c)
+        da = np.concatenate([dc * gg * gi * (1 - gi), dc * cs[t] * gf * (1 - gf),
+                             dgo * go * (1 - go), dc * gi * (1 - gg ** 2)], axis=1)
+        dx[:, t] = da @ W.T
+        dW += x[:, t].T @ da
+        dU += hs[t].T @ da
+        db += da.sum(axis=0)
+        dh_next, dc_next = da @ U.T, dc * gf
+    return dx, dW, dU, db, dh_next, dc_next
+
+
 def _lstm_transform(a, m_prev, D):
     """One LSTM transform, gates ``[i | f | o | g]``: ``m = f·m_prev + i·g``, ``h = o·tanh m``."""
     i, f, o = _sigmoid(a[:, :D]), _sigmoid(a[:, D:2 * D]), _sigmoid(a[:, 2 * D:3 * D])

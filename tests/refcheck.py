@@ -67,3 +67,39 @@ def check_drawn_layer(case, dtype, rtol, device: str = "cpu") -> None:
     layer.params.data[...] += rng.standard_normal(layer.params.data.shape) * 0.3
     x = rng.standard_normal(shape).astype(dtype)
     check_against_reference(layer, x, rng.standard_normal(shape[:-1] + (layer.out_channels,)), rtol)
+
+
+def check_state_against_reference(layer, x, state, dh, final_grad, rtol) -> None:
+    """An LSTM1D from ``state = (h0, c0)``: output, final state, dx, every weight gradient and the
+    initial state's gradient (for upstream ``dh`` and ``final_grad = (dL/dh_T, dL/dc_T)``) vs
+    :func:`mdnumba.reference.lstm1d_state_forward` per direction (a reversed scan: the reference
+    on the time-reversed sequence)."""
+    D, dt = layer.hidden, layer.dtype
+    layer.zero_grad()
+    def cast(pair):
+        return tuple(np.asarray(a, dt) for a in pair)
+    y = layer.forward(np.asarray(x, dt), state=cast(state))
+    got = dict(h=y, final=layer.final_state())
+    got["dx"] = layer.backward(np.asarray(dh, dt), final_state_grad=cast(final_grad))
+    got["init"] = layer.initial_state_grad()
+    tol = dict(rtol=rtol, atol=rtol)
+    dx = 0
+    for q, (W, (U,), b) in enumerate(reference_weights(layer)):
+        cols = slice(q * D, (q + 1) * D)
+
+        def rev(a, q=q):  # direction q's scan order <-> time order
+            return a[:, ::-1] if q else a
+        h, hT, cT, cache = ref.lstm1d_state_forward(rev(np.asarray(x, np.float64)), W, U, b,
+                                                    state[0][:, cols], state[1][:, cols], layer.cell)
+        dxq, dW, dU, db, dh0, dc0 = ref.lstm1d_state_backward(
+            rev(np.asarray(dh, np.float64)[..., cols]), final_grad[0][:, cols], final_grad[1][:, cols], cache)
+        dx = dx + rev(dxq)
+        np.testing.assert_allclose(got["h"][..., cols], rev(h), err_msg=f"h[{q}]", **tol)
+        for i, (name, want) in enumerate((("h_T", hT), ("c_T", cT))):
+            np.testing.assert_allclose(got["final"][i][:, cols], want, err_msg=f"{name}[{q}]", **tol)
+        lead = layer.directions > 1
+        G = {n: layer.grads[n][q] if lead else layer.grads[n] for n in ("W", "U", "b")}
+        for name, a, want in (("dW", G["W"], dW), ("dU", G["U"][:, 0], dU), ("db", G["b"], db),
+                              ("dh0", got["init"][0][:, cols], dh0), ("dc0", got["init"][1][:, cols], dc0)):
+            np.testing.assert_allclose(a, want, err_msg=f"{name}[{q}]", rtol=10 * rtol, atol=10 * rtol)
+    np.testing.assert_allclose(got["dx"], dx, err_msg="dx", rtol=10 * rtol, atol=10 * rtol)

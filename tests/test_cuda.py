@@ -26,7 +26,12 @@ from gradcheck import check_layer_gradients
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from numba import cuda
-from refcheck import check_against_reference, check_drawn_layer, layers_and_inputs
+from refcheck import (
+    check_against_reference,
+    check_drawn_layer,
+    check_state_against_reference,
+    layers_and_inputs,
+)
 
 from mdnumba import LSTM1D, MDLSTM2D, WavefrontLSTM
 from mdnumba import reference as ref
@@ -181,6 +186,55 @@ def sim_layer_matches_reference(ndim, shape, kw, dtype, rtol, path, rng, monkeyp
     dh = rng.standard_normal(shape[:-1] + (layer.out_channels,))
     check_against_reference(layer, x, dh, rtol)
     assert backend_cuda.last_path().startswith(path)
+
+
+@pytest.mark.parametrize("path", ["cooperative", "per-diagonal"])
+@pytest.mark.parametrize("directions,cell,dtype,rtol", [(1, "graves", np.float64, 1e-12),
+                                                        (2, "spatial", np.float32, 1e-5)])
+def sim_state_matches_reference(path, directions, cell, dtype, rtol, rng, monkeypatch):
+    """LSTM1D(device='cuda') from an initial state vs the float64 reference: h, the final state,
+    dx, every gradient and the initial state's gradient (with a final-state gradient)."""
+    from mdnumba.kernels import wavefront_cuda
+    monkeypatch.setattr(wavefront_cuda, "DEFAULT_PATH", path)
+    layer = _layer(1, 2, 3, dtype, "cuda", directions=directions, cell=cell)
+    B, T, W = 2, 4, directions * 3
+    pair = [(rng.standard_normal((B, W)), rng.standard_normal((B, W))) for _ in range(2)]
+    check_state_against_reference(layer, rng.standard_normal((B, T, 2)), pair[0],
+                                  rng.standard_normal((B, T, W)), pair[1], rtol)
+
+
+def sim_state_on_device_arrays(rng):
+    """Chunks chained on the device (CUDA arrays in, CUDA states out) equal the CPU layer's
+    chain; a state for a 2D layer and a final-state gradient without a state are refused."""
+    from numba import cuda
+
+    from mdnumba.backend_cuda import CudaLSTM
+    x, dh = rng.standard_normal((2, 5, 2)), rng.standard_normal((2, 5, 6))
+    runs = {}
+    for device in ("cpu", "cuda"):
+        a, b = (_layer(1, 2, 3, np.float64, device, directions=2) for _ in range(2))
+        def put(arr, device=device):
+            return cuda.to_device(np.ascontiguousarray(arr)) if device == "cuda" else arr
+        y1 = a.forward(put(x[:, :2]), state=tuple(put(s) for s in a.zero_state(2)))
+        y2 = b.forward(put(x[:, 2:]), state=a.final_state())
+        dx2 = b.backward(put(dh[:, 2:]))
+        dx1 = a.backward(put(dh[:, :2]), final_state_grad=b.initial_state_grad())
+        got = [y1, y2, dx1, dx2, *b.final_state(), *a.initial_state_grad()]
+        if device == "cuda":
+            assert all(hasattr(v, "copy_to_host") for v in got)
+            got = [v.copy_to_host() for v in got]
+        runs[device] = got + [a.grads.data + b.grads.data]
+    for i, (want, have) in enumerate(zip(runs["cpu"], runs["cuda"])):
+        np.testing.assert_allclose(have, want, rtol=1e-11, atol=1e-12, err_msg=str(i))
+    dev = CudaLSTM.from_layer(MDLSTM2D(1, 2, dtype=np.float64))
+    with pytest.raises(ValueError, match="state is for 1D layers"):
+        dev.forward(np.ones((1, 2, 2, 1)), state=(np.zeros((1, 2)), np.zeros((1, 2))))
+    layer = _layer(1, 2, 3, np.float64, "cuda")
+    y = layer.forward(x)
+    with pytest.raises(ValueError, match="final_state_grad needs a forward from a state"):
+        layer.backward(np.ones_like(y), final_state_grad=layer.zero_state(2))
+    with pytest.raises(ValueError, match=r"state\[1\] is for a batch of 3"):
+        layer.forward(x, state=(np.zeros((2, 3)), np.zeros((3, 3))))
 
 
 @pytest.mark.parametrize("ndim", [2, 3])

@@ -2,7 +2,8 @@
 
 import numpy as np
 import pytest
-from gradcheck import check_layer_gradients
+from gradcheck import assert_grad_close, check_layer_gradients, numeric_grad
+from refcheck import check_state_against_reference
 
 from mdnumba import LSTM1D
 from mdnumba import reference as ref
@@ -41,3 +42,96 @@ def test_causal_in_time(rng):
     y2 = layer.forward(x)
     np.testing.assert_array_equal(y[0, :5], y2[0, :5])
     assert np.abs(y[0, 5:] - y2[0, 5:]).min() > 0
+
+
+# ------------------------------------------------------------------ initial / final state
+def _state_case(rng, B=3, T=5, C=2, D=4, S=1):
+    x = rng.standard_normal((B, T, C))
+    state = (rng.standard_normal((B, S * D)), rng.standard_normal((B, S * D)))
+    final_grad = (rng.standard_normal((B, S * D)), rng.standard_normal((B, S * D)))
+    return x, state, rng.standard_normal((B, T, S * D)), final_grad
+
+
+@pytest.mark.parametrize("directions", [1, 2])
+@pytest.mark.parametrize("cell", ["graves", "spatial"])
+@pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+def test_state_matches_reference(directions, cell, dtype, rtol, rng):
+    layer = LSTM1D(2, 4, directions=directions, cell=cell, dtype=dtype, seed=3)
+    x, state, dh, final_grad = _state_case(rng, S=directions)
+    check_state_against_reference(layer, x, state, dh, final_grad, rtol)
+
+
+@pytest.mark.parametrize("T", [1, 4])
+def test_state_gradients_finite_differences(T, rng):
+    """dL/dx, the weights' and the initial state's gradients, with a loss on the output and on
+    the final state (h_T, c_T), against central differences."""
+    layer = LSTM1D(2, 3, directions=2, dtype=np.float64, seed=5)
+    x, (h0, c0), w, (wh, wc) = _state_case(rng, B=2, T=T, C=2, D=3, S=2)
+
+    def loss():
+        y = layer.forward(x, state=(h0, c0))
+        hT, cT = layer.final_state()
+        return float(np.sum(w * y) + np.sum(wh * hT) + np.sum(wc * cT))
+
+    loss()
+    layer.zero_grad()
+    dx = layer.backward(w, final_state_grad=(wh, wc))
+    dh0, dc0 = layer.initial_state_grad()
+    for name, got, arr in (("dx", dx, x), ("dh0", dh0, h0), ("dc0", dc0, c0)):
+        assert_grad_close(got, numeric_grad(loss, arr), name=name)
+    for name in layer.layout.shapes:
+        assert_grad_close(layer.grads[name], numeric_grad(loss, layer.params[name]), name=name)
+
+
+def test_chunks_chain_like_one_sequence(rng):
+    """Two chunks, the second starting from the first's final state and the first's backward
+    taking the second's initial-state gradient, give the one-sequence outputs and gradients."""
+    x, _, dh, _ = _state_case(rng, B=2, T=7)
+    whole, first, second = (LSTM1D(2, 4, dtype=np.float64, seed=2) for _ in range(3))
+    y = whole.forward(x)
+    dx = whole.backward(dh)
+    y1 = first.forward(x[:, :3], state=first.zero_state(2))
+    y2 = second.forward(x[:, 3:], state=first.final_state())
+    np.testing.assert_allclose(np.concatenate([y1, y2], axis=1), y, rtol=1e-13, atol=1e-13)
+    dx2 = second.backward(dh[:, 3:])
+    dx1 = first.backward(dh[:, :3], final_state_grad=second.initial_state_grad())
+    np.testing.assert_allclose(np.concatenate([dx1, dx2], axis=1), dx, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(first.grads.data + second.grads.data, whole.grads.data, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(second.final_state()[0], whole.final_state()[0], rtol=1e-13, atol=1e-13)
+
+
+def test_zero_state_is_the_default(rng):
+    layer = LSTM1D(2, 3, directions=2, seed=1)
+    x = rng.standard_normal((2, 4, 2)).astype(np.float32)
+    y, final = layer.forward(x), layer.final_state()
+    np.testing.assert_array_equal(layer.forward(x, state=layer.zero_state(2)), y)
+    for a, b in zip(layer.final_state(), final):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(final[0][:, :3], y[:, -1, :3])  # forward scan: its last step
+    np.testing.assert_array_equal(final[0][:, 3:], y[:, 0, 3:])   # reversed scan: time 0
+
+
+def test_state_errors(rng):
+    layer = LSTM1D(2, 3, seed=1)
+    x = rng.standard_normal((2, 4, 2))
+    with pytest.raises(TypeError, match=r"state must be a pair \(h, c\)"):
+        layer.forward(x, state=np.zeros((2, 3)))
+    with pytest.raises(ValueError, match=r"state\[1\] has 4 channels"):
+        layer.forward(x, state=(np.zeros((2, 3)), np.zeros((2, 4))))
+    with pytest.raises(ValueError, match=r"state\[0\] is for a batch of 3, the input's batch is 2"):
+        layer.forward(x, state=(np.zeros((3, 3)), np.zeros((3, 3))))
+    bad = np.zeros((2, 3))
+    bad[1, 2] = np.inf
+    with pytest.raises(ValueError, match=r"state\[0\] contains 1 NaN"):
+        layer.forward(x, state=(bad, np.zeros((2, 3))))
+    y = layer.forward(x)
+    with pytest.raises(ValueError, match="final_state_grad needs a forward from a state"):
+        layer.backward(np.ones_like(y), final_state_grad=layer.zero_state(2))
+    layer.backward(np.ones_like(y))
+    with pytest.raises(RuntimeError, match="no initial-state gradient"):
+        layer.initial_state_grad()
+    layer.forward(x, state=layer.zero_state(2))
+    with pytest.raises(ValueError, match=r"final_state_grad\[0\] is for a batch of 1"):
+        layer.backward(np.ones_like(y), final_state_grad=(np.zeros((1, 3)), np.zeros((1, 3))))
+    with pytest.raises(RuntimeError, match="before forward"):
+        LSTM1D(2, 3).final_state()

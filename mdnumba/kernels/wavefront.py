@@ -208,12 +208,16 @@ def skew_rows(out, inp, src):
     """``out[q*R + r, f] = inp[src[q, r], q % P, f]`` (``src`` (S, R) from
     :func:`mdnumba.grid.direction_tables`): dense rows into the skewed order of every direction
     q; ``inp`` is (rows, P, F) with P = S (one slab per direction, e.g. dL/dh) or P = 1 (all
-    directions read the same rows: the layer input)."""
+    directions read the same rows: the layer input). ``src = -1`` writes a row of zeros (the state
+    cells of :func:`mdnumba.grid.state_tables`)."""
     S, R = src.shape
     P = inp.shape[1]
     for t in prange(S * R):
         q = t // R
         i, p = src[q, t - q * R], q % P
+        if i < 0:
+            out[t, :] = 0
+            continue
         for f in range(out.shape[1]):
             out[t, f] = inp[i, p, f]
 
@@ -222,15 +226,87 @@ def skew_rows(out, inp, src):
 def unskew_rows(out, inp, src):
     """``out[r, p, f] = Σ_{q ≡ p mod P} inp[q*R + src[q, r], f]`` for ``out`` (R, P, F), ``src``
     (S, R): P = S puts direction q's rows back in grid order at channel block q (the layer
-    output), P = 1 sums the directions in the order q = 0, 1, .. (dL/dx)."""
+    output), P = 1 sums the directions in the order q = 0, 1, .. (dL/dx). Direction q's slab of
+    ``inp`` starts at row ``q * inp.shape[0] / S`` (R, or more with state cells)."""
     S = src.shape[0]
     R, P, F = out.shape
+    slab = inp.shape[0] // S
     for t in prange(R * P):
         r, p = t // P, t % P
-        i = p * R + src[p, r]
+        i = p * slab + src[p, r]
         for f in range(F):
             out[r, p, f] = inp[i, f]
         for q in range(p + P, S, P):
-            i = q * R + src[q, r]
+            i = q * slab + src[q, r]
             for f in range(F):
                 out[r, p, f] += inp[i, f]
+
+
+# ------------------------------------------------------------ 1D initial / final state
+# Layout of :func:`mdnumba.grid.state_tables`: scan slab q holds rows q*R .. (q+1)*R - 1,
+# R = (T+2)*B; skewed cell 0 carries the initial state, cells 1..T the steps, cell T+1 is a pad.
+# State arrays are (B, S*D), direction q in columns q*D:(q+1)*D (as the layer output).
+@njit(**NJIT_PARALLEL_OPTS)
+def seed_state(h, c, act, h0, c0, B):
+    """Before a forward sweep of cells 1..T: cell 0 gets ``h, c = h0, c0`` and gates 0 (so its
+    backward passes dL/dh, dL/dc through and adds nothing to the weight gradients); the pad
+    T+1 gets h = c = 0 and gates 0 except its forget gate, 1 (the path of dL/dc_T)."""
+    D = h.shape[1]
+    S = h0.shape[1] // D
+    R = h.shape[0] // S
+    for t in prange(S * B):
+        q, b = t // B, t % B
+        first, pad = q * R + b, q * R + R - B + b
+        for j in range(D):
+            h[first, j], c[first, j] = h0[b, q * D + j], c0[b, q * D + j]
+            h[pad, j], c[pad, j] = 0.0, 0.0
+        for g in range(act.shape[1]):
+            act[first, g] = 0.0
+            act[pad, g] = 1.0 if D <= g < 2 * D else 0.0
+
+
+@njit(**NJIT_PARALLEL_OPTS)
+def state_of_cell(hs, cs, h, c, cell, B):
+    """``hs, cs`` = h, c of skewed cell ``cell`` of every scan (the final state: the last step's
+    cell; time 0 for a reversed scan)."""
+    D = h.shape[1]
+    S = hs.shape[1] // D
+    R = h.shape[0] // S
+    for t in prange(S * B):
+        q, b = t // B, t % B
+        r = q * R + cell * B + b
+        for j in range(D):
+            hs[b, q * D + j], cs[b, q * D + j] = h[r, j], c[r, j]
+
+
+@njit(**NJIT_PARALLEL_OPTS)
+def seed_state_grad(dh, dc, dact, dhT, dcT, B):
+    """Before a backward sweep of cells T..0: ``dh`` of cell T += dL/dh_T; the pad T+1 gets
+    ``dc = dL/dc_T`` and ``dact = 0`` (so cell T pulls exactly dL/dc_T through its forget gate 1)."""
+    D = dh.shape[1]
+    S = dhT.shape[1] // D
+    R = dh.shape[0] // S
+    for t in prange(S * B):
+        q, b = t // B, t % B
+        last, pad = q * R + R - 2 * B + b, q * R + R - B + b
+        for j in range(D):
+            dh[last, j] += dhT[b, q * D + j]
+            dc[pad, j] = dcT[b, q * D + j]
+        for g in range(dact.shape[1]):
+            dact[pad, g] = 0.0
+
+
+@njit(**NJIT_PARALLEL_OPTS)
+def take_state_grad(dh0, dc0, dh, dc, dact, B):
+    """After the backward sweep: ``dh0, dc0`` = the completed dh, dc of cell 0; its ``dact`` is
+    zeroed (it has no gates: its row must add nothing to the weight gradients)."""
+    D = dh.shape[1]
+    S = dh0.shape[1] // D
+    R = dh.shape[0] // S
+    for t in prange(S * B):
+        q, b = t // B, t % B
+        r = q * R + b
+        for j in range(D):
+            dh0[b, q * D + j], dc0[b, q * D + j] = dh[r, j], dc[r, j]
+        for g in range(dact.shape[1]):
+            dact[r, g] = 0.0

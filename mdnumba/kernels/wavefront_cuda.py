@@ -273,28 +273,34 @@ def _backward_plane(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, ce
 def _skew(out, inp, src, start, stride):
     """``out[q*R + r, f] = inp[src[q, r], q % inp.shape[1], f]`` (``R = src.shape[1]``): rows of
     every direction q into skewed order; ``inp`` is (rows, S, F), or (rows, 1, F) when all
-    directions read the same rows (the layer input)."""
+    directions read the same rows (the layer input); ``src = -1`` writes zeros (state cells)."""
     S, R = src.shape
     F = inp.shape[2]
     for t in range(start, S * R * F, stride):
         qr, f = _divmod(t, F)
         q, r = _divmod(qr, R)
-        out[qr, f] = inp[src[q, r], _divmod(q, inp.shape[1])[1], f]
+        i = src[q, r]
+        if i >= 0:
+            out[qr, f] = inp[i, _divmod(q, inp.shape[1])[1], f]
+        else:
+            out[qr, f] = 0
 
 
 @cuda.jit(device=True)
 def _unskew(out, inp, src, start, stride):
     """``out[r, p, f] = Σ_{q ≡ p mod P} inp[q*R + src[q, r], f]`` for ``out`` (R, P, F): P = S
     puts direction q's rows back in grid order at channel block q, P = 1 sums the directions
-    (in the order q = 0, 1, ..)."""
+    (in the order q = 0, 1, ..). Direction q's slab of ``inp`` starts at row ``q * inp.shape[0] / S``
+    (R, or more with state cells)."""
     S = src.shape[0]
     R, P, F = out.shape
+    slab = _divmod(inp.shape[0], S)[0]
     for t in range(start, R * P * F, stride):
         rp, f = _divmod(t, F)
         r, p = _divmod(rp, P)
-        acc = inp[p * R + src[p, r], f]
+        acc = inp[p * slab + src[p, r], f]
         for q in range(p + P, S, P):
-            acc += inp[q * R + src[q, r], f]
+            acc += inp[q * slab + src[q, r], f]
         out[r, p, f] = acc
 
 
@@ -611,6 +617,68 @@ def _fill(out, value):
         out[k] = value
 
 
+@cuda.jit(device=True)
+def _state_item(t, h0, D, G):
+    """Item t of a state kernel over (scan q, batch item b, column g < G): ``(q, b, g, S)``."""
+    S = _divmod(h0.shape[1], D)[0]
+    qb, g = _divmod(t, G)
+    q, b = _divmod(qb, h0.shape[0])
+    return q, b, g, S
+
+
+@cuda.jit(**_JIT)
+def _seed_state(h, c, act, h0, c0, B):
+    """CUDA twin of :func:`mdnumba.kernels.wavefront.seed_state` (a thread per q, b, gate column)."""
+    D, G = h.shape[1], act.shape[1]
+    for t in range(cuda.grid(1), h0.shape[0] * _divmod(h0.shape[1], D)[0] * G, cuda.gridsize(1)):
+        q, b, g, S = _state_item(t, h0, D, G)
+        first = q * _divmod(h.shape[0], S)[0] + b
+        pad = first + _divmod(h.shape[0], S)[0] - B
+        act[first, g] = 0
+        if g >= D and g < 2 * D:
+            act[pad, g] = 1
+        else:
+            act[pad, g] = 0
+        if g < D:
+            h[first, g], c[first, g] = h0[b, q * D + g], c0[b, q * D + g]
+            h[pad, g], c[pad, g] = 0, 0
+
+
+@cuda.jit(**_JIT)
+def _state_of_cell(hs, cs, h, c, cell, B):
+    """CUDA twin of :func:`mdnumba.kernels.wavefront.state_of_cell`."""
+    D = h.shape[1]
+    for t in range(cuda.grid(1), hs.size, cuda.gridsize(1)):
+        q, b, j, S = _state_item(t, hs, D, D)
+        r = q * _divmod(h.shape[0], S)[0] + cell * B + b
+        hs[b, q * D + j], cs[b, q * D + j] = h[r, j], c[r, j]
+
+
+@cuda.jit(**_JIT)
+def _seed_state_grad(dh, dc, dact, dhT, dcT, B):
+    """CUDA twin of :func:`mdnumba.kernels.wavefront.seed_state_grad`."""
+    D, G = dh.shape[1], dact.shape[1]
+    for t in range(cuda.grid(1), dhT.shape[0] * _divmod(dhT.shape[1], D)[0] * G, cuda.gridsize(1)):
+        q, b, g, S = _state_item(t, dhT, D, G)
+        pad = (q + 1) * _divmod(dh.shape[0], S)[0] - B + b
+        dact[pad, g] = 0
+        if g < D:
+            dh[pad - B, g] += dhT[b, q * D + g]
+            dc[pad, g] = dcT[b, q * D + g]
+
+
+@cuda.jit(**_JIT)
+def _take_state_grad(dh0, dc0, dh, dc, dact, B):
+    """CUDA twin of :func:`mdnumba.kernels.wavefront.take_state_grad`."""
+    D, G = dh.shape[1], dact.shape[1]
+    for t in range(cuda.grid(1), dh0.shape[0] * _divmod(dh0.shape[1], D)[0] * G, cuda.gridsize(1)):
+        q, b, g, S = _state_item(t, dh0, D, G)
+        r = q * _divmod(dh.shape[0], S)[0] + b
+        if g < D:
+            dh0[b, q * D + g], dc0[b, q * D + g] = dh[r, g], dc[r, g]
+        dact[r, g] = 0
+
+
 # ---------------------------------------------------------------- host helpers
 def is_device_array(x) -> bool:
     """True for numba device arrays and objects exporting ``__cuda_array_interface__``."""
@@ -917,3 +985,34 @@ def fill(out, value: float) -> None:
     tpb = _tpb(None)
     _fill[_blocks(a.dev[0].shape[0], tpb), tpb](a.dev[0], value)
     a.finish(0)
+
+
+def _state_launch(kernel, items: int, out_index: tuple, arrays: tuple, *ints: int) -> None:
+    """Launch a state kernel on ``arrays`` and ``ints`` over ``items`` grid-stride items; copy
+    NumPy outputs back."""
+    a = _Args(*arrays)
+    tpb = _tpb(None)
+    kernel[_blocks(items, tpb), tpb](*a.dev, *(int(n) for n in ints))
+    a.finish(*out_index)
+
+
+def seed_state(h, c, act, h0, c0, B: int) -> None:
+    """CUDA twin of :func:`mdnumba.kernels.wavefront.seed_state` (same arguments)."""
+    _state_launch(_seed_state, h0.size // h.shape[1] * act.shape[1], (0, 1, 2), (h, c, act, h0, c0), B)
+
+
+def state_of_cell(hs, cs, h, c, cell: int, B: int) -> None:
+    """CUDA twin of :func:`mdnumba.kernels.wavefront.state_of_cell` (same arguments)."""
+    _state_launch(_state_of_cell, hs.size, (0, 1), (hs, cs, h, c), cell, B)
+
+
+def seed_state_grad(dh, dc, dact, dhT, dcT, B: int) -> None:
+    """CUDA twin of :func:`mdnumba.kernels.wavefront.seed_state_grad` (same arguments)."""
+    _state_launch(_seed_state_grad, dhT.size // dh.shape[1] * dact.shape[1], (0, 1, 2),
+                  (dh, dc, dact, dhT, dcT), B)
+
+
+def take_state_grad(dh0, dc0, dh, dc, dact, B: int) -> None:
+    """CUDA twin of :func:`mdnumba.kernels.wavefront.take_state_grad` (same arguments)."""
+    _state_launch(_take_state_grad, dh0.size // dh.shape[1] * dact.shape[1], (0, 1, 4),
+                  (dh0, dc0, dh, dc, dact), B)
