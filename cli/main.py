@@ -132,7 +132,8 @@ def _print_metrics(metrics: dict) -> None:
 
 
 #: what a command that runs out of memory may shrink (train and compare: the model and batch)
-SHRINK = {"evaluate": "a smaller --size (the batch is the run's)", "sample": "a smaller --length"}
+SHRINK = {"evaluate": "a smaller --size (the batch is the run's)", "sample": "a smaller --length",
+          "bench": "a smaller --size, --batch or --hidden"}
 
 #: CUresult CUDA_ERROR_OUT_OF_MEMORY (numba-cuda raises CudaAPIError with it as ``code``)
 CUDA_ERROR_OUT_OF_MEMORY = 2
@@ -536,3 +537,56 @@ def compare(ctx, task, models, out, overwrite, plot, **kw) -> None:
         click.echo(f"plot: {path}")
     elif ctx.get_parameter_source("plot").name == "DEFAULT":
         click.echo("no compare.png: matplotlib is not installed (pip install 'mdnumba[plot]')")
+
+
+#: ``mdnumba bench --model`` -> grid dimensions of its layer
+BENCH_MODELS = {"lstm": 1, "md": 2, "md3d": 3}
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g} ms"
+
+
+@main.command()
+@click.option("--model", type=click.Choice(list(BENCH_MODELS)), default="md", show_default=True,
+              help="the layer: lstm (1D), md (2D MD-LSTM), md3d (3D)")
+@click.option("--size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="grid side (lstm: sequence length)")
+@click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--hidden", type=click.IntRange(min=1), default=32, show_default=True,
+              help="units per scan direction")
+@click.option("--channels", type=click.IntRange(min=1), default=1, show_default=True, help="input channels")
+@click.option("--directions", type=int, default=1, show_default=True,
+              help="1 or 2**ndim (2 for lstm, 4 for md, 8 for md3d)")
+@click.option("--cell", type=click.Choice(["graves", "stable", "spatial"]), default="graves",
+              show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True,
+              help="timed calls of each (after one warm-up call)")
+def bench(model, size, batch, hidden, channels, directions, cell, dtype, device, repeats) -> None:
+    """Time one layer's forward and train step (forward, backward, Adam) on this machine.
+
+    For the side-by-side benchmarks against PyTorch see the repository's bench/ folder.
+    """
+    import numba
+
+    from mdnumba.microbench import bench_layer
+    _require_device(device)
+    ndim = BENCH_MODELS[model]
+    try:
+        r = bench_layer(ndim, size, batch=batch, hidden=hidden, channels=channels, directions=directions,
+                        cell=cell, dtype=dtype, device=device, repeats=repeats)
+    except (TypeError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None
+    where = f"cpu, {numba.get_num_threads()} threads" if device == "cpu" else "cuda"
+    grid = "x".join([str(size)] * ndim)
+    click.echo(f"{model} {grid}, batch {batch}, hidden {hidden}, {directions} direction"
+               f"{'s' if directions > 1 else ''}, {cell}, {dtype} ({where})")
+    click.echo(f"  forward     {_ms(r.forward_s):>10}  (median {_ms(r.forward_median_s)}, "
+               f"{r.cells / r.forward_s:.3g} cells/s)")
+    click.echo(f"  train step  {_ms(r.step_s):>10}  (median {_ms(r.step_median_s)}; forward, backward, Adam)")
+    click.echo(f"  first call  {r.first_s:>8.3g} s  (forward + step; compiles the kernels unless cached)")
+    if r.path:
+        click.echo(f"  sweep path  {r.path}")
+    click.echo(f"  best of {r.repeats} calls each")

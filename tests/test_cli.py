@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -173,6 +174,47 @@ def test_unwritable_out(runner, tmp_path):
 def test_cuda_device_message(runner, tmp_path):
     res = runner.invoke(main, ["train", "--device", "cuda", "--out", str(tmp_path / "r")])
     assert res.exit_code == 2 and "--device cpu" in res.output
+    res = runner.invoke(main, ["bench", "--device", "cuda"])
+    assert res.exit_code == 2 and "--device cpu" in res.output
+
+
+@pytest.mark.parametrize("args,head", [
+    (["--size", "3", "--batch", "2", "--hidden", "2"],
+     "md 3x3, batch 2, hidden 2, 1 direction, graves, float32"),
+    (["--model", "lstm", "--size", "4", "--directions", "2", "--dtype", "float64"],
+     "lstm 4, batch 16, hidden 32, 2 directions, graves, float64"),
+    (["--model", "md3d", "--size", "2", "--batch", "1", "--hidden", "2", "--cell", "stable",
+      "--channels", "3"],
+     "md3d 2x2x2, batch 1, hidden 2, 1 direction, stable, float32")])
+def test_bench_reports_times(runner, args, head):
+    res = runner.invoke(main, ["bench", *args, "--repeats", "2"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert lines[0].startswith(head) and "(cpu, " in lines[0]
+    for what in ("forward", "train step"):
+        ms = re.search(rf"^  {what} +([0-9.e+]+) ms  \(median ([0-9.e+]+) ms", res.output, re.M)
+        assert ms and 0 < float(ms.group(1)) <= float(ms.group(2)), res.output
+    assert lines[-1] == "  best of 2 calls each"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--directions", "3"], "directions must be 1 or 4"),
+    (["--model", "lstm", "--directions", "4"], "directions must be 1 or 2"),
+    (["--repeats", "0"], "--repeats"),
+    (["--model", "md4d"], "--model"),
+    (["--size", "0"], "--size")])
+def test_bench_bad_options(runner, args, message):
+    res = runner.invoke(main, ["bench", *args])
+    assert res.exit_code == 2 and message in res.output, res.output
+
+
+def test_bench_layer_result():
+    from mdnumba.microbench import bench_layer
+    r = bench_layer(2, 3, batch=2, hidden=2, channels=2, directions=4, repeats=3)
+    assert r.cells == 2 * 9 and r.repeats == 3 and r.path is None
+    assert 0 < r.forward_s <= r.forward_median_s and 0 < r.step_s <= r.step_median_s and r.first_s > 0
+    with pytest.raises(ValueError, match="repeats must be an integer >= 1"):
+        bench_layer(1, 3, batch=1, hidden=1, repeats=0)
 
 
 def test_compare_writes_summary(runner, tmp_path):

@@ -892,6 +892,17 @@ def sim_cli_trains_on_device(tmp_path):
     assert res.exit_code == 0, res.output  # --sync-every may change on resume (train --help)
 
 
+def sim_cli_bench_on_device():
+    """``mdnumba bench --device cuda`` times the device-resident layer and names the sweep path."""
+    from click.testing import CliRunner
+    from mdnumba.cli.main import main
+    res = CliRunner().invoke(main, ["bench", "--device", "cuda", "--size", "3", "--batch", "2",
+                                    "--hidden", "2", "--directions", "4", "--repeats", "1"])
+    assert res.exit_code == 0, res.output
+    assert "(cuda)" in res.output.splitlines()[0]
+    assert re.search(r"^  sweep path  (cooperative|per-diagonal) ", res.output, re.M), res.output
+
+
 def sim_readme_gpu_example_runs():
     """The README's device-resident NumPy example runs as written."""
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()

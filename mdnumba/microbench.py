@@ -1,0 +1,111 @@
+"""Time one recurrent layer on this machine (``mdnumba bench``): forward and a train step.
+
+A self-measurement for users of an installed package, CPU or GPU. The side-by-side
+benchmarks against PyTorch and the reference, with their results files, live in the
+repository's ``bench/``. No timing here is asserted anywhere: the numbers are reported.
+
+The layer is a :class:`mdnumba.layers.WavefrontLSTM` on random data; a *train step* is
+forward, ``dh = h`` (the gradient of ``0.5·Σh²``), zero_grad, backward without dL/dx (the
+layer reads data) and an Adam step: on the GPU all of it device-resident
+(:class:`mdnumba.backend_cuda.CudaLSTM`, :class:`~mdnumba.backend_cuda.CudaAdam`), each timed
+call ending with ``cuda.synchronize()``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from . import config
+from .layers import WavefrontLSTM
+from .optim import Adam
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """Seconds per call: best and median of ``repeats`` timed calls after one warm-up call,
+    ``first_s`` that warm-up (forward and train step; includes compiling the kernels unless the
+    kernel cache has them). ``path``: the CUDA sweep path taken (None on the CPU)."""
+
+    forward_s: float
+    forward_median_s: float
+    step_s: float
+    step_median_s: float
+    first_s: float
+    repeats: int
+    cells: int
+    path: str | None
+
+
+def _timed(fn: Callable[[], None], repeats: int) -> tuple[float, float]:
+    """(best, median) seconds of ``repeats`` calls of ``fn``."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), float(np.median(times))
+
+
+def _cpu_calls(layer: WavefrontLSTM, x: np.ndarray) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(forward, train step) on the CPU."""
+    opt = Adam(layer, lr=1e-3)
+
+    def step() -> None:
+        h = layer.forward(x)
+        layer.zero_grad()
+        layer.backward(h, input_grad=False)
+        opt.step()
+    return (lambda: layer.forward(x)), step
+
+
+def _cuda_calls(layer: WavefrontLSTM, x: np.ndarray) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(forward, train step) device-resident, each ending with a synchronize."""
+    from numba import cuda
+
+    from .backend_cuda import CudaAdam, CudaLSTM
+    dev = CudaLSTM.from_layer(layer)
+    opt = CudaAdam([dev], lr=1e-3)
+    xd = cuda.to_device(x)
+
+    def forward() -> None:
+        dev.forward(xd)
+        cuda.synchronize()
+
+    def step() -> None:
+        h = dev.forward(xd)
+        dev.zero_grad()
+        dev.backward(h, input_grad=False)
+        opt.step(sync=False)
+        cuda.synchronize()
+    return forward, step
+
+
+def bench_layer(ndim: int, size: int, *, batch: int, hidden: int, channels: int = 1,
+                directions: int = 1, cell: str = "graves", dtype: npt.DTypeLike = config.DEFAULT_DTYPE,
+                device: str = "cpu", repeats: int = 10, seed: int = 0) -> BenchResult:
+    """Time forward and train step of an ``ndim``-D layer over a grid of side ``size`` (1D: a
+    sequence of ``size`` steps), ``batch`` items of ``channels`` channels, ``hidden`` units per
+    direction. Errors as the layer's (bad sizes, cell, directions; ``device="cuda"`` without a
+    GPU: :class:`mdnumba.CudaUnavailableError`)."""
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
+    layer = WavefrontLSTM(ndim, channels, hidden, directions=directions, cell=cell, dtype=dtype,
+                          device=device, seed=seed)
+    x = np.random.default_rng(seed).random((batch,) + (size,) * ndim + (channels,)).astype(layer.dtype)
+    forward, step = (_cuda_calls if device == "cuda" else _cpu_calls)(layer, x)
+    t0 = time.perf_counter()
+    forward()
+    step()
+    first = time.perf_counter() - t0
+    fwd, fwd_med = _timed(forward, repeats)
+    stp, stp_med = _timed(step, repeats)
+    path = None
+    if device == "cuda":
+        from .backend_cuda import last_path
+        path = last_path()
+    return BenchResult(fwd, fwd_med, stp, stp_med, first, repeats, batch * size ** ndim, path)
