@@ -224,10 +224,10 @@ def skew_rows(out, inp, src):
 
 @njit(**NJIT_PARALLEL_OPTS)
 def unskew_rows(out, inp, src):
-    """``out[r, p, f] = Σ_{q ≡ p mod P} inp[q*R + src[q, r], f]`` for ``out`` (R, P, F), ``src``
-    (S, R): P = S puts direction q's rows back in grid order at channel block q (the layer
-    output), P = 1 sums the directions in the order q = 0, 1, .. (dL/dx). Direction q's slab of
-    ``inp`` starts at row ``q * inp.shape[0] / S`` (R, or more with state cells)."""
+    """``out[r, p, f] = Σ_{q ≡ p mod P} inp[q*M + src[q, r], f]`` for ``out`` (R, P, F), ``src``
+    (S, R), ``M = inp.shape[0] / S`` rows per direction (R, or R + 2B with the state cells of
+    :func:`mdnumba.grid.state_tables`): P = S puts direction q's rows back in grid order at
+    channel block q (the layer output), P = 1 sums the directions in the order q = 0, 1, .. (dL/dx)."""
     S = src.shape[0]
     R, P, F = out.shape
     slab = inp.shape[0] // S

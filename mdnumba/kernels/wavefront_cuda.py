@@ -288,10 +288,10 @@ def _skew(out, inp, src, start, stride):
 
 @cuda.jit(device=True)
 def _unskew(out, inp, src, start, stride):
-    """``out[r, p, f] = Σ_{q ≡ p mod P} inp[q*R + src[q, r], f]`` for ``out`` (R, P, F): P = S
-    puts direction q's rows back in grid order at channel block q, P = 1 sums the directions
-    (in the order q = 0, 1, ..). Direction q's slab of ``inp`` starts at row ``q * inp.shape[0] / S``
-    (R, or more with state cells)."""
+    """``out[r, p, f] = Σ_{q ≡ p mod P} inp[q*M + src[q, r], f]`` for ``out`` (R, P, F), ``M =
+    inp.shape[0] / S`` rows per direction (R, or R + 2B with state cells): P = S puts direction
+    q's rows back in grid order at channel block q, P = 1 sums the directions (in the order
+    q = 0, 1, ..)."""
     S = src.shape[0]
     R, P, F = out.shape
     slab = _divmod(inp.shape[0], S)[0]
@@ -955,8 +955,9 @@ def skew_rows(out, inp, src) -> None:
 
 
 def unskew_rows(out, inp, src) -> None:
-    """``out[r, p] = Σ_{q ≡ p mod P} inp[q*R + src[q, r]]`` for ``out`` (R, P, F), ``src`` (S, R):
-    P = S restores each direction's grid order, P = 1 also sums the directions; one launch."""
+    """``out[r, p] = Σ_{q ≡ p mod P} inp[q*M + src[q, r]]`` for ``out`` (R, P, F), ``src`` (S, R),
+    M = inp.shape[0] / S: P = S restores each direction's grid order, P = 1 also sums the
+    directions; one launch."""
     x = _Args(out, inp, src)
     tpb = _tpb(None)
     _unskew_rows[_blocks(x.dev[0].size, tpb), tpb](*x.dev)
