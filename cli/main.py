@@ -36,12 +36,16 @@ def _folder(ctx, param, value: str | None) -> Path | None:
         return None
     if not str(value).strip():
         raise click.BadParameter("is empty; give a folder (. for the current one)")
+    if Path(value).is_file():
+        run = " (the run folder, which holds checkpoint.npz)" if param.name != "out" else ""
+        raise click.BadParameter(f"{value} is a file; give a folder{run}")
     return Path(value)
 
 
 def _check_writable(out: Path, resume: bool = False) -> None:
     """Create ``out`` and prove we can write there, before any training starts (``resume``:
     ``out`` is the run folder of ``--resume``, which cannot move)."""
+    from mdnumba.train import LOG
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=out)
@@ -52,6 +56,12 @@ def _check_writable(out: Path, resume: bool = False) -> None:
                else "choose another folder")
         msg = f"{'the run folder' if resume else '--out'} {out} is not writable ({exc.strerror}); {fix}"
         raise click.UsageError(msg) from None
+    if resume and (out / LOG).exists():
+        try:
+            (out / LOG).open("a").close()
+        except OSError as exc:
+            raise click.UsageError(f"{out / LOG} is not writable ({exc.strerror}); fix its permissions "
+                                   "(the run appends to it)") from None
 
 
 def _require_device(device: str) -> None:
@@ -124,6 +134,13 @@ def _run_with_progress(trainer) -> None:
             raise click.ClickException(str(exc)) from None
         except CorpusError as exc:  # a resumed char-lm run whose text is gone
             raise click.UsageError(str(exc)) from None
+        except OSError as exc:  # a full disk, a log or checkpoint that cannot be written
+            kept = ("no checkpoint was saved yet" if trainer.saved_step is None else
+                    f"the checkpoint of step {trainer.saved_step} is kept")
+            raise click.ClickException(
+                f"could not write {exc.filename or 'to ' + str(trainer.out)} ({exc.strerror or exc}) at "
+                f"step {trainer.step}; {kept}. Free disk space or fix the permissions, then continue "
+                f"with --resume {trainer.out}") from None
 
 
 def _print_metrics(metrics: dict) -> None:
@@ -164,12 +181,13 @@ class _Group(click.Group):
             what = _out_of_memory(exc)
             if what is None:
                 raise
-            shrink = SHRINK.get(ctx.invoked_subcommand, "a smaller --hidden, --batch, --size or --layers")
+            shrink = SHRINK.get(ctx.invoked_subcommand,
+                                "a smaller --hidden, --batch, --size (char-lm: --seq-len) or --layers")
             raise click.ClickException(f"{what} ({exc}); use {shrink}") from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="mdnumba")
+@click.version_option(package_name="mdnumba", prog_name="mdnumba")
 def main() -> None:
     """mdnumba: multi-dimensional LSTMs with hand-written Numba kernels."""
 
@@ -189,15 +207,20 @@ def _train_options(f):
         click.option("--size", type=click.IntRange(min=1), default=8, show_default=True,
                      help="image side (diagonal, >= 4), volume side (diagonal3d, >= 4) or number "
                           "of bits (binary-addition); not used by char-lm"),
-        click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True),
-        click.option("--hidden", type=click.IntRange(min=1), default=16, show_default=True),
-        click.option("--lr", type=float, default=1e-2, show_default=True),
+        click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True,
+                     help="examples per step (char-lm: windows of --seq-len characters)"),
+        click.option("--hidden", type=click.IntRange(min=1), default=16, show_default=True,
+                     help="units per recurrent layer and scan direction (grid: per block)"),
+        click.option("--lr", type=float, default=1e-2, show_default=True,
+                     help="learning rate of --optimizer (> 0)"),
         click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True),
         click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True),
         click.option("--loss", type=click.Choice(["mse", "bce"]), default=None,
                      help="on the sigmoid readout  [default: bce for binary-addition, else mse]"),
-        click.option("--clip-norm", type=float, default=None, help="global gradient-norm clip"),
-        click.option("--curriculum", callback=_sizes, default="",
+        click.option("--clip-norm", type=float, default=None,
+                     help="rescale the gradients when their global norm exceeds this (> 0; default: "
+                          "no clipping)"),
+        click.option("--curriculum", callback=_sizes, default="", metavar="SIZES",
                      help="increasing sizes below --size to train on first, e.g. 8,16 (equal phases, "
                           "then --size)"),
         click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
@@ -218,7 +241,8 @@ def _train_options(f):
         click.option("--seq-len", type=click.IntRange(min=1), default=50, show_default=True,
                      help="char-lm: characters per training window"),
         click.option("--optimizer", type=click.Choice(["adam", "rmsprop"]), default="adam",
-                     show_default=True),
+                     show_default=True, help="adam (β 0.9, 0.999) or rmsprop (char-rnn's: ρ 0.95, "
+                                             "no bias correction)"),
         click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0,
                      show_default=True, help="char-lm: dropout on the non-recurrent connections"),
         click.option("--tie-depth/--no-tie-depth", default=True, show_default=True,
@@ -236,6 +260,13 @@ def _option(name: str) -> str:
 def _value(v: object) -> str:
     """An option's value as it is typed (``8,16`` for a curriculum)."""
     return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+
+def _setting(k: str, v: object) -> str:
+    """Option ``k`` with value ``v`` as typed: ``--size 8``, a flag ``--tie-depth`` / ``--no-tie-depth``."""
+    if isinstance(v, bool):
+        return _option(k) if v else "--no-" + _option(k)[2:]
+    return f"{_option(k)} {_value(v)}"
 
 
 def _config(given: dict | None = None, **kw):
@@ -328,20 +359,24 @@ FINAL_BATCHES, EVALUATE_BATCHES = 5, 20
 
 @main.command()
 @_train_options
-@click.option("--out", type=click.Path(file_okay=False), callback=_folder, default=DEFAULT_OUT,
+@click.option("--out", type=click.Path(), callback=_folder, default=DEFAULT_OUT,
               show_default=True, help="run folder: log.tsv, checkpoint.npz, config.json, PNGs")
 @click.option("--overwrite", is_flag=True,
               help="replace the run in --out (runs/latest is replaced without it)")
-@click.option("--resume", type=click.Path(file_okay=False), callback=_folder, default=None,
+@click.option("--resume", type=click.Path(), callback=_folder, default=None,
               help="continue the run in this folder (bit-identical); only --steps (to extend it), "
                    "--device, --sync-every, --checkpoint-every and --data may change")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=0,
-              help="steps between checkpoints (0: every steps/10)")
+              help="steps between checkpoints (0: every steps/10, and at least every 10 minutes)")
 @click.option("--plot/--no-plot", default=False,
               help="write loss and prediction PNGs (a resumed run redraws those it has)")
 @click.pass_context
 def train(ctx, out, overwrite, resume, checkpoint_every, plot, **kw) -> None:
-    """Train a model on a generated task; writes log.tsv and a checkpoint."""
+    """Train a model on a task; writes log.tsv and a checkpoint.
+
+    Models by --task: diagonal: md, horizontal, snake; diagonal3d: md3d; binary-addition: lstm;
+    char-lm (needs --data FILE): grid, stacked.
+    """
     kw["checkpoint_every"] = checkpoint_every
     given = {k: v for k, v in kw.items() if ctx.get_parameter_source(k).name != "DEFAULT"}
     if plot:
@@ -360,7 +395,8 @@ def train(ctx, out, overwrite, resume, checkpoint_every, plot, **kw) -> None:
     _run_with_progress(trainer)
     click.echo(f"done: {trainer.step} step{'s' * (trainer.step != 1)}; log {trainer.out / 'log.tsv'}, "
                f"checkpoint {trainer.out / 'checkpoint.npz'}")
-    click.echo(f"on fresh data ({FINAL_BATCHES} batches; `mdnumba evaluate` takes {EVALUATE_BATCHES} "
+    data = "validation text" if trainer.cfg.task == "char-lm" else "fresh data"
+    click.echo(f"on {data} ({FINAL_BATCHES} batches; `mdnumba evaluate` takes {EVALUATE_BATCHES} "
                "by default):")
     _print_metrics(trainer.evaluate(batches=FINAL_BATCHES))
     if plot:
@@ -385,8 +421,8 @@ def _resume_run(folder: Path, given: dict):
     for k, v in given.items():
         have = getattr(trainer.cfg, k)
         if k not in RESUME_OVERRIDES and have != v:
-            raise click.UsageError(f"{_option(k)} {_value(v)} differs from the run in {folder} "
-                                   f"({_value(have)}); "
+            raise click.UsageError(f"{_setting(k, v)} differs from the run in {folder} "
+                                   f"({_setting(k, have) if isinstance(have, bool) else _value(have)}); "
                                    "--resume continues a run as it was (it may change only "
                                    f"{', '.join(map(_option, RESUME_OVERRIDES))}); start a new run "
                                    "with --out for other settings")
@@ -430,9 +466,11 @@ def _plot_run(trainer) -> None:
 
 
 @main.command()
-@click.argument("run", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--length", type=click.IntRange(min=1), default=500, show_default=True)
-@click.option("--temperature", type=float, default=0.8, show_default=True)
+@click.argument("run", type=click.Path(), callback=_folder)
+@click.option("--length", type=click.IntRange(min=1), default=500, show_default=True,
+              help="characters to generate after --prime (without one: including the random first)")
+@click.option("--temperature", type=float, default=0.8, show_default=True,
+              help="> 0: below 1 more likely characters, above 1 more random")
 @click.option("--prime", default="", help="text to start from (characters of the vocabulary; "
                                          "default: one drawn at random, printed as the first)")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
@@ -453,17 +491,19 @@ def sample(run, length, temperature, prime, seed, device) -> None:
 
 
 @main.command()
-@click.argument("run", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("run", type=click.Path(), callback=_folder)
 @click.option("--size", type=click.IntRange(min=1), default=None,
               help="evaluate at another size (diagonal tasks: >= 4)")
-@click.option("--batches", type=click.IntRange(min=1), default=EVALUATE_BATCHES, show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=12345, show_default=True)
+@click.option("--batches", type=click.IntRange(min=1), default=EVALUATE_BATCHES, show_default=True,
+              help="batches of the run's --batch size to average over")
+@click.option("--seed", type=click.IntRange(min=0), default=12345, show_default=True,
+              help="seeds the generated batches (char-lm: which validation windows)")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
               help="run on this device instead of the one RUN was trained on")
 @click.option("--data", type=click.Path(path_type=str), default=None,
               help="char-lm: validate on this text (default: the run's)")
 def evaluate(run, size, batches, seed, device, data) -> None:
-    """Reload RUN's checkpoint and report metrics on fresh data."""
+    """Reload RUN's checkpoint and report metrics on fresh data (char-lm: validation text)."""
     try:
         trainer = _load_run(run, device=device, data=data)
         if size is not None and trainer.cfg.task == "char-lm":
@@ -484,14 +524,15 @@ def evaluate(run, size, batches, seed, device, data) -> None:
 
 @main.command()
 @click.option("--task", type=click.Choice(["diagonal"]), default="diagonal", show_default=True)
-@click.option("--models", default="md,horizontal,snake", show_default=True)
+@click.option("--models", default="md,horizontal,snake", show_default=True,
+              help="comma-separated, from md, horizontal, snake")
 @click.option("--size", type=click.IntRange(min=4), default=8, show_default=True)
 @click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--hidden", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--lr", type=float, default=1e-2, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--out", type=click.Path(file_okay=False), callback=_folder, default=COMPARE_OUT,
+@click.option("--out", type=click.Path(), callback=_folder, default=COMPARE_OUT,
               show_default=True, help="one run folder per model, summary.tsv, compare.png")
 @click.option("--overwrite", is_flag=True,
               help="replace runs already in --out (runs/compare is replaced without it)")

@@ -73,6 +73,8 @@ class Corpus:
         except UnicodeDecodeError as exc:
             raise CorpusError(f"--data {path} is not valid UTF-8 ({exc.reason} at byte "
                               f"{exc.start})") from None
+        if not text:
+            raise CorpusError(f"--data {path} is empty; give a file with some text in it")
         corpus = cls.from_text(text, val_fraction, vocab)
         corpus.source = str(path)
         return corpus
@@ -93,8 +95,9 @@ class Corpus:
         shortest = min(len(self.train), len(self.val))
         if seq_len + 1 > shortest:
             raise CorpusError(f"--seq-len {seq_len} needs at least {seq_len + 1} characters in the "
-                              f"train and validation splits, the shorter has {shortest}; use a longer "
-                              "text (or, for a new run, a shorter --seq-len)")
+                              f"train and validation splits (the last 10% of the text), the shorter "
+                              f"has {shortest}; use a longer text (or, training a new run, a shorter "
+                              "--seq-len)")
 
     def require_text(self) -> None:
         """Raise :class:`CorpusError` for a corpus without text (see :meth:`from_vocab`)."""

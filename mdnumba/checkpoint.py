@@ -61,11 +61,22 @@ def save_checkpoint(folder: Path, arrays: dict[str, np.ndarray], meta: dict) -> 
     return folder / CHECKPOINT
 
 
+def _missing_hint(folder: Path) -> str:
+    """What to do about a folder without a checkpoint: open the runs inside it (a ``compare``
+    folder), or train there (``--overwrite`` if files of a run that stopped before its first
+    checkpoint are in the way)."""
+    runs = sorted(p.parent.name for p in folder.glob(f"*/{CHECKPOINT}")) if folder.is_dir() else []
+    if runs:
+        return f"it holds runs in its sub-folders {', '.join(runs)}: give one, e.g. {folder / runs[0]}"
+    leftover = folder.is_dir() and any(folder.iterdir())
+    return f"train first with `mdnumba train --out {folder}{' --overwrite' if leftover else ''}`"
+
+
 def load_checkpoint(folder: Path) -> tuple[dict[str, np.ndarray], dict]:
     """Return ``(arrays, meta)`` from ``folder/checkpoint.npz`` or raise :class:`CheckpointError`."""
     path = Path(folder) / CHECKPOINT
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}; train first with `mdnumba train --out {folder}`")
+        raise CheckpointError(f"no checkpoint at {path}; {_missing_hint(Path(folder))}")
     if not zipfile.is_zipfile(path):  # np.load would try to unpickle it and say allow_pickle
         raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint (not an .npz "
                               "archive); delete it or use another run folder")
@@ -77,5 +88,6 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, np.ndarray], dict]:
         raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({exc}); "
                               "delete it or use another run folder") from None
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an {FORMAT} file (format={meta.get('format')!r})")
+        raise CheckpointError(f"{path} is not an {FORMAT} file (format={meta.get('format')!r}): it was "
+                              "not written by this version of mdnumba; train a new run")
     return arrays, meta

@@ -26,8 +26,6 @@ import sys
 import numpy as np
 import numpy.typing as npt
 
-from . import kernel_cache
-
 #: GNU OpenMP spin iterations before a waiting thread sleeps (see the module docstring)
 os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 
@@ -51,6 +49,20 @@ def _report_config_errors_briefly() -> None:
         else:
             previous(kind, value, tb)
     sys.excepthook = hook
+
+
+def _check_numba_threads() -> None:
+    """``NUMBA_NUM_THREADS``, read by Numba when it is first imported, must be an integer >= 1 if
+    set: Numba raises a traceback on 0 and ignores other text without a word."""
+    raw = os.environ.get("NUMBA_NUM_THREADS", "").strip()
+    if raw and not (raw.isdigit() and int(raw) >= 1):
+        _report_config_errors_briefly()
+        raise ConfigError(f"environment variable NUMBA_NUM_THREADS={raw!r}: use an integer >= 1 "
+                          "(the CPU threads; unset it to use every core)")
+
+
+_check_numba_threads()
+from . import kernel_cache  # noqa: E402  (imports Numba, which reads NUMBA_NUM_THREADS)
 
 
 def env_flag(name: str, default: bool) -> bool:

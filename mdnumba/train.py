@@ -27,29 +27,35 @@ from .tasks.binary_addition import AdditionBatch
 from .tasks.diagonal import DiagonalBatch
 
 LOG = "log.tsv"
+#: with the default --checkpoint-every, a run also saves once this long has passed since its
+#: last checkpoint (a run of very many steps would otherwise go hours without one)
+CHECKPOINT_SECONDS = 600.0
 
 
 @contextlib.contextmanager
 def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
     """Yield a "was Ctrl-C pressed?" callable. In the main thread the first SIGINT only sets
-    that flag and a second raises KeyboardInterrupt; elsewhere (no signal
-    handler possible) Ctrl-C raises KeyboardInterrupt as usual and the flag stays False."""
+    that flag and a second raises KeyboardInterrupt; SIGTERM (``kill``, ``timeout``, a batch
+    scheduler ending the job) counts as a Ctrl-C. Elsewhere (no signal handler possible) Ctrl-C
+    raises KeyboardInterrupt as usual and the flag stays False."""
     if threading.current_thread() is not threading.main_thread():
         yield lambda: False
         return
     pressed: list[bool] = []
 
-    def on_sigint(signum, frame) -> None:
+    def on_signal(signum, frame) -> None:
         if pressed:
             raise KeyboardInterrupt
         pressed.append(True)
-        sys.stderr.write("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again "
+        what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        sys.stderr.write(f"\n{what}: finishing this step, then saving a checkpoint (Ctrl-C again "
                          "stops at once without saving)\n")
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield lambda: bool(pressed)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclass
@@ -89,8 +95,10 @@ class TrainConfig:
         """Raise ValueError naming the first bad setting and what is allowed."""
         task = get_task(self.task)
         if self.model not in task.models:
-            raise ValueError(f"model {self.model!r} does not fit task {self.task!r}; "
-                             f"use one of {list(task.models)}")
+            fits = [name for name, t in TASKS.items() if self.model in t.models]
+            other = f", or --task {' / '.join(fits)}, which takes {self.model!r}" if fits else ""
+            raise ValueError(f"model {self.model!r} does not fit task {self.task!r}; use --model "
+                             f"{' / '.join(task.models)}{other}")
         checks = [(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {sorted(OPTIMIZERS)}"),
                   (0 <= self.dropout < 1, "--dropout must lie in [0, 1)"),
                   (self.seq_len >= 1, "--seq-len must be >= 1"),
@@ -107,6 +115,10 @@ class TrainConfig:
                                 or any(a >= b for a, b in zip(sizes, sizes[1:]))):
             raise ValueError(f"curriculum sizes must increase from >= {task.min_size} to below --size "
                              f"{self.size} (smaller sizes first), got {','.join(map(str, self.curriculum))}")
+        phases = len(self.curriculum) + 1
+        if self.curriculum and (self.curriculum_steps or self.steps) < phases:
+            raise ValueError(f"--steps {self.steps} is too few for {phases} curriculum phases "
+                             f"({','.join(map(str, sizes))}): give at least one step per phase")
         checks = [(self.batch >= 1, "--batch must be >= 1"), (self.hidden >= 1, "--hidden must be >= 1"),
                   (0 < self.lr < np.inf, "--lr must be a finite number > 0"),
                   (self.steps >= 1, "--steps must be >= 1"),
@@ -268,7 +280,7 @@ class Trainer:
     def _run(self, on_step: Callable[[int, dict], None] | None) -> None:
         """The loop of :meth:`run`: blocks of steps that end at checkpoints."""
         every = self._checkpoint_every()
-        log, stopped = self._open_log(), False
+        log, stopped, saved_at = self._open_log(), False, time.monotonic()
         try:
             while self.step < self.cfg.steps and not stopped:
                 start = self.step
@@ -280,9 +292,11 @@ class Trainer:
                     if on_step:
                         on_step(step, m)
                 stopped = self.step - start < n  # the block was cut short by Ctrl-C
-                if self.out and (stopped or self.step % every == 0):
+                overdue = not self.cfg.checkpoint_every and time.monotonic() - saved_at >= CHECKPOINT_SECONDS
+                if self.out and (stopped or overdue or self.step % every == 0):
                     log.flush()
                     self.save()
+                    saved_at = time.monotonic()
         finally:  # an exception inside a step (a second Ctrl-C) saves nothing
             if log:
                 log.close()
@@ -292,6 +306,8 @@ class Trainer:
             raise KeyboardInterrupt
 
     def _checkpoint_every(self) -> int:
+        """Steps between checkpoints: ``--checkpoint-every``, by default steps/10 (and then also
+        after every block that ends :data:`CHECKPOINT_SECONDS` after the last save)."""
         return self.cfg.checkpoint_every or max(1, self.cfg.steps // 10)
 
     def _block_size(self, start: int) -> int:
@@ -320,7 +336,7 @@ class Trainer:
         if self.out is None:
             return None
         path = self.out / LOG
-        rows = path.read_text().splitlines()[1:] if path.exists() else []
+        rows = path.read_text(errors="replace").splitlines()[1:] if path.exists() else []
         keep = [r for r in rows if r.split("\t")[0].isdigit() and int(r.split("\t")[0]) <= self.step]
         path.write_text("\t".join(self._columns()) + "\n" + "".join(r + "\n" for r in keep))
         return path.open("a")
@@ -362,8 +378,12 @@ class Trainer:
             for k, want in enumerate(tr._host_params()):
                 src = arrays[f"param_{k}"]
                 if src.shape != want.shape:
-                    raise CheckpointError(f"checkpoint layer {k} has {src.size} parameters, the "
-                                          f"model built from its config has {want.size}")
+                    raise CheckpointError(f"checkpoint in {folder} does not match its config: layer {k} "
+                                          f"has {src.size} parameters, the model built from the config "
+                                          f"{want.size} (was config or checkpoint edited?); start a new run")
+                if not np.issubdtype(src.dtype, np.floating):
+                    raise CheckpointError(f"checkpoint in {folder} is damaged: layer {k}'s weights are "
+                                          f"{src.dtype}, not floating point; start a new run")
                 if not np.isfinite(src).all():  # training never saves them: a step that would
                     raise CheckpointError(      # make them so is refused
                         f"checkpoint in {folder} is damaged: layer {k}'s weights hold NaN or "

@@ -94,10 +94,10 @@ def test_corpus_errors(tmp_path, textfile):
     with pytest.raises(CorpusError, match="UTF-8"):
         Corpus.from_file(tmp_path / "latin")
     (tmp_path / "empty").write_text("")
-    with pytest.raises(CorpusError, match="empty"):
+    with pytest.raises(CorpusError, match=f"--data {tmp_path / 'empty'} is empty; give a file"):
         Corpus.from_file(tmp_path / "empty")
     corpus = Corpus.from_file(textfile)
-    with pytest.raises(CorpusError, match=r"--seq-len 500 .*; use a longer text \(or, for a new run, a "
+    with pytest.raises(CorpusError, match=r"--seq-len 500 .*; use a longer text \(or, training a new run, a "
                                           r"shorter --seq-len\)$"):  # evaluate has no --seq-len
         corpus.check_seq_len(500)
     with pytest.raises(CorpusError, match="mismatch.*give the run's own text .*or train a new run"):

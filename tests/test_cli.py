@@ -562,7 +562,8 @@ def test_gpu_out_of_memory_is_a_message(runner, tmp_path, monkeypatch):
         monkeypatch.setattr(cli, "_make_trainer", fail(CudaAPIError, code))
         res = runner.invoke(main, ["train", "--steps", "1", "--out", str(tmp_path / "r")])
         assert res.exit_code == 1 and "Error: GPU out of memory (" in res.output, res.output
-        assert "use a smaller --hidden, --batch, --size or --layers" in " ".join(res.output.split())
+        assert "use a smaller --hidden, --batch, --size (char-lm: --seq-len) or --layers" in \
+            " ".join(res.output.split())
     for error, code in ((CudaAPIError, 700), (CudaAPIError, CUresult.CUDA_ERROR_ILLEGAL_ADDRESS),
                         (OtherError, 2)):  # only numba-cuda's CudaAPIError, only that code
         monkeypatch.setattr(cli, "_make_trainer", fail(error, code))
@@ -616,3 +617,97 @@ def test_a_closed_stdout_stops_training_with_the_steps_saved(tmp_path):
     step = json.loads((out / "config.json").read_text())["step"]
     assert f"stopped at step {step};" in err and 1 <= step < 1000000
     assert (out / "log.tsv").read_text().splitlines()[-1].split("\t")[0] == str(step)
+
+
+def test_model_task_mismatch_names_the_task(runner, tmp_path):
+    res = runner.invoke(main, ["train", "--model", "grid", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2, res.output
+    assert "use --model md / horizontal / snake, or --task char-lm, which takes 'grid'" in \
+        " ".join(res.output.split())
+
+
+def test_files_a_run_cannot_write_are_messages(runner, tmp_path, monkeypatch):
+    """A log that cannot be appended to is refused before training; a write that fails during
+    training (a full disk, a checkpoint that cannot be replaced) ends with what was kept."""
+    run = tmp_path / "run"
+    assert train(runner, run).exit_code == 0
+    (run / "log.tsv").unlink()
+    (run / "log.tsv").mkdir()  # cannot be opened for appending, even by root
+    res = runner.invoke(main, ["train", "--resume", str(run), "--steps", "9"])
+    assert res.exit_code == 2 and f"{run / 'log.tsv'} is not writable" in " ".join(res.output.split())
+    (run / "log.tsv").rmdir()
+
+    def disk_full(*args, **kw):
+        raise OSError(28, "No space left on device", str(run / "checkpoint.npz"))
+    monkeypatch.setattr("mdnumba.train.save_checkpoint", disk_full)
+    res = runner.invoke(main, ["train", "--resume", str(run), "--steps", "9"])
+    assert res.exit_code == 1 and res.exception.__class__ is SystemExit, res.output
+    assert (f"could not write {run / 'checkpoint.npz'} (No space left on device) at step 9; the "
+            f"checkpoint of step 6 is kept. Free disk space or fix the permissions, then continue with "
+            f"--resume {run}") in " ".join(res.output.split()), res.output
+
+
+def test_resume_reads_a_log_that_is_not_utf8(runner, tmp_path):
+    run = tmp_path / "run"
+    assert train(runner, run).exit_code == 0
+    (run / "log.tsv").write_bytes(bytes(range(128, 256)))
+    res = runner.invoke(main, ["train", "--resume", str(run), "--steps", "8"])
+    assert res.exit_code == 0, res.output
+    assert [r.split("\t")[0] for r in (run / "log.tsv").read_text().splitlines()[1:]] == ["7", "8"]
+
+
+def test_missing_checkpoint_hints_lead_somewhere(runner, tmp_path):
+    """A folder holding a run that stopped before its first checkpoint, and a compare folder."""
+    run = tmp_path / "early"
+    run.mkdir()
+    (run / "log.tsv").write_text("step\tloss\n1\t0.5\n")
+    res = runner.invoke(main, ["evaluate", str(run)])
+    assert res.exit_code == 1 and f"train first with `mdnumba train --out {run} --overwrite`" in res.output
+    args = ["compare", "--models", "md,snake", "--size", "4", "--batch", "2", "--hidden", "2",
+            "--steps", "2", "--no-plot", "--out", str(tmp_path / "cmp")]
+    assert runner.invoke(main, args).exit_code == 0
+    res = runner.invoke(main, ["evaluate", str(tmp_path / "cmp")])
+    assert res.exit_code == 1
+    assert f"it holds runs in its sub-folders md, snake: give one, e.g. {tmp_path / 'cmp' / 'md'}" in \
+        " ".join(res.output.split())
+
+
+def test_a_file_where_a_folder_belongs(runner, tmp_path):
+    assert train(runner, tmp_path / "run").exit_code == 0
+    ckpt = tmp_path / "run" / "checkpoint.npz"
+    for args in (["evaluate", str(ckpt)], ["train", "--resume", str(ckpt)]):
+        res = runner.invoke(main, args)
+        assert res.exit_code == 2 and f"{ckpt} is a file; give a folder (the run folder, which holds " \
+            "checkpoint.npz)" in " ".join(res.output.split()), res.output
+    res = runner.invoke(main, ["train", "--out", str(ckpt)])
+    assert res.exit_code == 2 and "is a file; give a folder" in res.output and "run folder" not in res.output
+
+
+def test_resume_shows_flags_as_typed(runner, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("hello world, " * 40)
+    run = tmp_path / "grid"
+    args = ["train", "--task", "char-lm", "--model", "grid", "--data", str(text), "--hidden", "4",
+            "--layers", "2", "--seq-len", "8", "--batch", "2", "--steps", "2", "--out", str(run)]
+    assert runner.invoke(main, args).exit_code == 0
+    res = runner.invoke(main, ["train", "--resume", str(run), "--steps", "4", "--no-tie-depth"])
+    assert res.exit_code == 2 and f"--no-tie-depth differs from the run in {run} (--tie-depth)" in \
+        " ".join(res.output.split()), res.output
+
+
+def test_curriculum_needs_a_step_per_phase(runner, tmp_path):
+    res = runner.invoke(main, ["train", "--size", "16", "--curriculum", "4,8", "--steps", "2",
+                               "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "--steps 2 is too few for 3 curriculum phases (4,8,16)" in res.output
+
+
+def test_checkpoint_with_integer_weights_is_refused(runner, tmp_path):
+    from mdnumba.checkpoint import load_checkpoint, save_checkpoint
+    run = tmp_path / "run"
+    assert train(runner, run).exit_code == 0
+    arrays, meta = load_checkpoint(run)
+    arrays["param_0"] = arrays["param_0"].astype(np.int64)
+    meta.pop("format")
+    save_checkpoint(run, arrays, meta)
+    res = runner.invoke(main, ["evaluate", str(run)])
+    assert res.exit_code == 1 and "layer 0's weights are int64, not floating point" in res.output, res.output

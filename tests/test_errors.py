@@ -196,6 +196,12 @@ def test_a_bad_environment_setting_is_one_line_not_a_traceback(code):
     catch = "try:\n    import mdnumba\nexcept ValueError as e:\n    print(type(e).__name__)"
     res = subprocess.run([sys.executable, "-c", catch], env=env, capture_output=True, text=True)
     assert res.stdout == "ConfigError\n" and res.returncode == 0
+    for value in ("0", "two"):  # read by Numba on import: checked first
+        env = dict(os.environ, NUMBA_NUM_THREADS=value)
+        res = subprocess.run([sys.executable, "-c", code, "info"], env=env, capture_output=True, text=True)
+        assert res.returncode == 1 and res.stderr == (
+            f"Error: environment variable NUMBA_NUM_THREADS={value!r}: use an integer >= 1 (the CPU "
+            "threads; unset it to use every core)\n")
     res = subprocess.run([sys.executable, "-c", "import mdnumba; raise KeyError(3)"], capture_output=True,
                          text=True)
     assert "Traceback" in res.stderr  # other errors keep Python's display

@@ -22,9 +22,9 @@ def assert_same_run(a: Trainer, b: Trainer) -> None:
         np.testing.assert_array_equal(ma, mb)
 
 
-def interrupt_at(monkeypatch, call: int, times: int = 1) -> None:
-    """Press Ctrl-C (a real SIGINT) ``times`` times inside train step number ``call``, after
-    its forward pass."""
+def interrupt_at(monkeypatch, call: int, times: int = 1, sig=signal.SIGINT) -> None:
+    """Press Ctrl-C (a real SIGINT, or send ``sig``) ``times`` times inside train step number
+    ``call``, after its forward pass."""
     real, count = Trainer.train_step, {"n": 0}
 
     def step(self):
@@ -32,7 +32,7 @@ def interrupt_at(monkeypatch, call: int, times: int = 1) -> None:
         if count["n"] == call:
             self.model.forward(self.sample_batch(np.random.default_rng(0), 5).x)
             for _ in range(times):
-                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(sig)
         return real(self)
     monkeypatch.setattr(Trainer, "train_step", step)
 
@@ -49,6 +49,18 @@ def test_ctrl_c_finishes_the_step_and_saves_a_checkpoint_that_resumes_exactly(tm
     clean.run()
     assert_same_run(Trainer.load(tmp_path), clean)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sigterm_saves_like_ctrl_c(tmp_path, monkeypatch, capfd):
+    """kill / timeout / a scheduler ending the job: the step finishes and a checkpoint is saved."""
+    before = signal.getsignal(signal.SIGTERM)
+    interrupt_at(monkeypatch, 3, sig=signal.SIGTERM)
+    tr = make_trainer(TrainConfig(steps=8, checkpoint_every=8, **KW), tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        tr.run()
+    assert tr.step == 3 and tr.saved_step == 3
+    assert "SIGTERM: finishing this step, then saving a checkpoint" in capfd.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_second_ctrl_c_stops_inside_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
@@ -295,3 +307,20 @@ def test_a_non_finite_loss_in_a_block_stops_the_run():
     tr._train_block = block
     with pytest.raises(FloatingPointError, match=r"^the loss became NaN or infinite at step [1-4]"):
         tr.run()
+
+
+@pytest.mark.parametrize("seconds,explicit,want", [
+    (1e9, 0, list(range(3, 31, 3))), (0.0, 0, list(range(1, 31))), (0.0, 5, list(range(5, 31, 5)))])
+def test_default_checkpoints_also_come_by_time(tmp_path, monkeypatch, seconds, explicit, want):
+    """With the default --checkpoint-every (steps/10) a run also saves after a step that ends
+    CHECKPOINT_SECONDS after the last save; an explicit --checkpoint-every is kept exactly."""
+    import mdnumba.train as train_mod
+    monkeypatch.setattr(train_mod, "CHECKPOINT_SECONDS", seconds)
+    saved, real = [], Trainer.save
+
+    def save(self):
+        saved.append(self.step)
+        return real(self)
+    monkeypatch.setattr(Trainer, "save", save)
+    make_trainer(TrainConfig(steps=30, checkpoint_every=explicit, **KW), tmp_path).run()
+    assert saved == want
