@@ -368,7 +368,7 @@ FINAL_BATCHES, EVALUATE_BATCHES = 5, 20
                    "--device, --sync-every, --checkpoint-every and --data may change")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=0,
               help="steps between checkpoints (0: every steps/10, and at least every 10 minutes)")
-@click.option("--plot/--no-plot", default=False,
+@click.option("--plot/--no-plot", default=False, show_default=True,
               help="write loss and prediction PNGs (a resumed run redraws those it has)")
 @click.pass_context
 def train(ctx, out, overwrite, resume, checkpoint_every, plot, **kw) -> None:
@@ -483,7 +483,10 @@ def sample(run, length, temperature, prime, seed, device) -> None:
         trainer = _load_run(run, device=device, read_text=False)
         if trainer.cfg.task != "char-lm":
             raise click.UsageError(f"{run} holds a {trainer.cfg.task} run; sample needs a char-lm run")
-        click.echo(trainer.generate(length, temperature, seed=seed, prime=prime))
+        pieces = trainer.iter_generate(length, temperature, seed=seed, prime=prime)
+        for piece in pieces:  # as they come: a long --length shows its progress
+            click.echo(piece, nl=False)
+        click.echo()
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from None
     except (CorpusError, ValueError) as exc:

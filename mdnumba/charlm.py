@@ -10,7 +10,7 @@ only (training mode: a generator is passed to ``forward``).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -240,20 +240,31 @@ def sample_text(model: CharLM, corpus: Corpus, length: int, temperature: float,
     sampling, each step conditioned on the last ``window`` characters. Without a prime the
     text starts from a character drawn uniformly from the vocabulary, shown as the first of
     the ``length`` (so every character shown is conditioned only on those before it)."""
+    return "".join(iter_sample(model, corpus, length, temperature, rng, prime, window))
+
+
+def iter_sample(model: CharLM, corpus: Corpus, length: int, temperature: float,
+                rng: np.random.Generator, prime: str = "", window: int = 50) -> Iterator[str]:
+    """:func:`sample_text` piece by piece: the prime (or the random first character), then each
+    generated character as soon as it is drawn (``mdnumba sample`` prints them as they come).
+    A bad temperature or prime raises here, before the first piece."""
     if not 0 < temperature < np.inf:  # inf would sample uniformly, ignoring the model
         raise ValueError(f"--temperature must be a finite number > 0, got {temperature}")
     if not prime:
         prime, length = corpus.decode([int(rng.integers(corpus.vocab_size))]), length - 1
-    ids = list(corpus.encode(prime))
-    out = []
+    return _sampled(model, corpus, list(corpus.encode(prime)), prime, length, temperature, rng, window)
+
+
+def _sampled(model, corpus, ids, prime, length, temperature, rng, window) -> Iterator[str]:
+    """The generator of :func:`iter_sample` (``ids``: the prime's, extended as it samples)."""
+    yield prime
     for _ in range(length):
         logits = model.forward(np.array([ids[-window:]], dtype=np.int32))[0, -1].astype(np.float64)
         z = logits / temperature
         p = np.exp(z - z.max())
         nxt = int(rng.choice(len(p), p=p / p.sum()))
         ids.append(nxt)
-        out.append(nxt)
-    return prime + corpus.decode(out)
+        yield corpus.decode([nxt])
 
 
 BITS_PER_NAT = 1.0 / math.log(2.0)

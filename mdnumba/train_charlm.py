@@ -10,11 +10,12 @@ that has other characters fails with a clear message.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from .charlm import BITS_PER_NAT, CharLM, Corpus, sample_text, softmax_xent
+from .charlm import BITS_PER_NAT, CharLM, Corpus, iter_sample, softmax_xent
 from .train import TrainConfig, Trainer
 
 
@@ -72,7 +73,11 @@ class CharLMTrainer(Trainer):
 
     def generate(self, length: int, temperature: float, seed: int = 0, prime: str = "") -> str:
         """Generated text (see :func:`mdnumba.charlm.sample_text`)."""
-        return sample_text(self.model, self.corpus, length, temperature, np.random.default_rng(seed),
+        return "".join(self.iter_generate(length, temperature, seed, prime))
+
+    def iter_generate(self, length: int, temperature: float, seed: int = 0, prime: str = "") -> Iterator[str]:
+        """:meth:`generate` piece by piece (:func:`mdnumba.charlm.iter_sample`)."""
+        return iter_sample(self.model, self.corpus, length, temperature, np.random.default_rng(seed),
                            prime, window=self.cfg.seq_len)
 
     def _extra_meta(self) -> dict:
