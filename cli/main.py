@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -314,6 +315,33 @@ def _check_fresh(out: Path, overwrite: bool, default: Path, resumable: bool = Tr
         (out / name).unlink()
 
 
+#: the table ``compare`` writes into its folder (its models' runs lie in sub-folders)
+SUMMARY = "summary.tsv"
+
+
+def _check_fresh_comparison(out: Path, names: list, overwrite: bool) -> None:
+    """``compare`` into ``out``: refuse a folder holding a ``train`` run, and one holding an
+    earlier comparison unless ``--overwrite`` (or the default folder), which then also removes
+    the runs of models not compared again, so that no stale run is left beside the new table."""
+    from mdnumba.checkpoint import CHECKPOINT
+    if (out / CHECKPOINT).exists():
+        raise click.UsageError(f"{out} holds a run of `mdnumba train` ({CHECKPOINT}); choose another "
+                               "--out for compare")
+    if not (out / SUMMARY).exists():
+        return
+    if not (overwrite or out.resolve() == COMPARE_OUT.resolve()):
+        raise click.UsageError(f"{out} already holds a comparison ({SUMMARY}); replace it with "
+                               "--overwrite, or choose another --out")
+    old = [row.split("\t")[0] for row in (out / SUMMARY).read_text(errors="replace").splitlines()[1:]]
+    for name in old:
+        if name and name not in names and (out / name).is_dir():
+            _check_fresh(out / name, True, COMPARE_OUT / name, resumable=False)
+            with contextlib.suppress(OSError):  # not empty: files of the user's own stay
+                (out / name).rmdir()
+    for name in (SUMMARY, "compare.png"):
+        (out / name).unlink(missing_ok=True)
+
+
 def _check_memory(trainer) -> None:
     """Refuse a CPU run whose training step would not fit in the available memory (a
     MemoryError: the command group says what to shrink) before it starts. Its probe steps
@@ -391,6 +419,9 @@ def train(ctx, out, overwrite, resume, checkpoint_every, plot, **kw) -> None:
     else:
         cfg = _config(given, **kw)
         trainer = _make_trainer(out, cfg)
+        if (out / SUMMARY).exists():
+            raise click.UsageError(f"{out} holds the runs of `mdnumba compare` ({SUMMARY}); choose "
+                                   "another --out")
         _check_fresh(out, overwrite, DEFAULT_OUT)
     _run_with_progress(trainer)
     click.echo(f"done: {trainer.step} step{'s' * (trainer.step != 1)}; log {trainer.out / 'log.tsv'}, "
@@ -557,6 +588,7 @@ def compare(ctx, task, models, out, overwrite, plot, **kw) -> None:
     configs = {name: _config(model=name, task=task, **kw) for name in names}
     _check_writable(out)
     trainers = {name: _make_trainer(out / name, cfg) for name, cfg in configs.items()}
+    _check_fresh_comparison(out, names, overwrite)
     for name in names:
         _check_fresh(out / name, overwrite, COMPARE_OUT / name, resumable=False)
     rows = []
@@ -568,7 +600,7 @@ def compare(ctx, task, models, out, overwrite, plot, **kw) -> None:
     cols = list(rows[0][1])
     table = "model\t" + "\t".join(cols) + "\n" + "".join(
         name + "\t" + "\t".join(f"{m[c]:.4g}" for c in cols) + "\n" for name, m in rows)
-    (out / "summary.tsv").write_text(table)
+    (out / SUMMARY).write_text(table)
     click.echo(table)
     if plot:
         from mdnumba.plotting import plot_curves, read_log

@@ -369,7 +369,7 @@ def test_compare_refuses_to_overwrite(runner, tmp_path):
             "--no-plot", "--out", str(tmp_path)]
     assert runner.invoke(main, args).exit_code == 0
     res = runner.invoke(main, args)
-    assert res.exit_code == 2 and "already holds a run" in res.output, res.output
+    assert res.exit_code == 2 and "already holds a comparison (summary.tsv)" in res.output, res.output
     assert runner.invoke(main, args + ["--overwrite"]).exit_code == 0
 
 
@@ -711,3 +711,21 @@ def test_checkpoint_with_integer_weights_is_refused(runner, tmp_path):
     save_checkpoint(run, arrays, meta)
     res = runner.invoke(main, ["evaluate", str(run)])
     assert res.exit_code == 1 and "layer 0's weights are int64, not floating point" in res.output, res.output
+
+
+def test_train_and_compare_folders_do_not_mix(runner, tmp_path):
+    run, cmp = tmp_path / "run", tmp_path / "cmp"
+    assert train(runner, run).exit_code == 0
+    args = ["compare", "--size", "4", "--batch", "2", "--hidden", "2", "--steps", "2", "--no-plot"]
+    res = runner.invoke(main, args + ["--out", str(run)])
+    assert res.exit_code == 2 and "holds a run of `mdnumba train` (checkpoint.npz)" in res.output
+    assert runner.invoke(main, args + ["--models", "md,snake", "--out", str(cmp)]).exit_code == 0
+    res = train(runner, cmp)
+    assert res.exit_code == 2 and "holds the runs of `mdnumba compare` (summary.tsv)" in res.output
+    (cmp / "snake" / "notes.txt").write_text("mine")
+    res = runner.invoke(main, args + ["--models", "horizontal", "--out", str(cmp), "--overwrite"])
+    assert res.exit_code == 0, res.output
+    # md's run is gone; snake's folder keeps only the user's own file
+    assert sorted(p.name for p in cmp.iterdir()) == ["horizontal", "snake", "summary.tsv"]
+    assert [p.name for p in (cmp / "snake").iterdir()] == ["notes.txt"]
+    assert [r.split("\t")[0] for r in (cmp / "summary.tsv").read_text().splitlines()[1:]] == ["horizontal"]
