@@ -618,22 +618,28 @@ def _fill(out, value):
 
 
 @cuda.jit(device=True)
-def _state_item(t, h0, D, G):
-    """Item t of a state kernel over (scan q, batch item b, column g < G): ``(q, b, g, S)``."""
-    S = _divmod(h0.shape[1], D)[0]
+def _state_items(state, D, G):
+    """Items of a state kernel: one per (scan q, batch item b, column g < G) of a state array
+    ``(B, S*D)``."""
+    return _divmod(state.size, D)[0] * G
+
+
+@cuda.jit(device=True)
+def _state_item(t, state, rows, D, G):
+    """Item t of :func:`_state_items`: ``(q, b, g, R)``, R the rows of a scan's slab of an array
+    of ``rows`` rows."""
     qb, g = _divmod(t, G)
-    q, b = _divmod(qb, h0.shape[0])
-    return q, b, g, S
+    q, b = _divmod(qb, state.shape[0])
+    return q, b, g, _divmod(rows, _divmod(state.shape[1], D)[0])[0]
 
 
 @cuda.jit(**_JIT)
 def _seed_state(h, c, act, h0, c0, B):
     """CUDA twin of :func:`mdnumba.kernels.wavefront.seed_state` (a thread per q, b, gate column)."""
     D, G = h.shape[1], act.shape[1]
-    for t in range(cuda.grid(1), h0.shape[0] * _divmod(h0.shape[1], D)[0] * G, cuda.gridsize(1)):
-        q, b, g, S = _state_item(t, h0, D, G)
-        first = q * _divmod(h.shape[0], S)[0] + b
-        pad = first + _divmod(h.shape[0], S)[0] - B
+    for t in range(cuda.grid(1), _state_items(h0, D, G), cuda.gridsize(1)):
+        q, b, g, R = _state_item(t, h0, h.shape[0], D, G)
+        first, pad = q * R + b, (q + 1) * R - B + b
         act[first, g] = 0
         if g >= D and g < 2 * D:
             act[pad, g] = 1
@@ -648,9 +654,9 @@ def _seed_state(h, c, act, h0, c0, B):
 def _state_of_cell(hs, cs, h, c, cell, B):
     """CUDA twin of :func:`mdnumba.kernels.wavefront.state_of_cell`."""
     D = h.shape[1]
-    for t in range(cuda.grid(1), hs.size, cuda.gridsize(1)):
-        q, b, j, S = _state_item(t, hs, D, D)
-        r = q * _divmod(h.shape[0], S)[0] + cell * B + b
+    for t in range(cuda.grid(1), _state_items(hs, D, D), cuda.gridsize(1)):
+        q, b, j, R = _state_item(t, hs, h.shape[0], D, D)
+        r = q * R + cell * B + b
         hs[b, q * D + j], cs[b, q * D + j] = h[r, j], c[r, j]
 
 
@@ -658,9 +664,9 @@ def _state_of_cell(hs, cs, h, c, cell, B):
 def _seed_state_grad(dh, dc, dact, dhT, dcT, B):
     """CUDA twin of :func:`mdnumba.kernels.wavefront.seed_state_grad`."""
     D, G = dh.shape[1], dact.shape[1]
-    for t in range(cuda.grid(1), dhT.shape[0] * _divmod(dhT.shape[1], D)[0] * G, cuda.gridsize(1)):
-        q, b, g, S = _state_item(t, dhT, D, G)
-        pad = (q + 1) * _divmod(dh.shape[0], S)[0] - B + b
+    for t in range(cuda.grid(1), _state_items(dhT, D, G), cuda.gridsize(1)):
+        q, b, g, R = _state_item(t, dhT, dh.shape[0], D, G)
+        pad = (q + 1) * R - B + b
         dact[pad, g] = 0
         if g < D:
             dh[pad - B, g] += dhT[b, q * D + g]
@@ -671,9 +677,9 @@ def _seed_state_grad(dh, dc, dact, dhT, dcT, B):
 def _take_state_grad(dh0, dc0, dh, dc, dact, B):
     """CUDA twin of :func:`mdnumba.kernels.wavefront.take_state_grad`."""
     D, G = dh.shape[1], dact.shape[1]
-    for t in range(cuda.grid(1), dh0.shape[0] * _divmod(dh0.shape[1], D)[0] * G, cuda.gridsize(1)):
-        q, b, g, S = _state_item(t, dh0, D, G)
-        r = q * _divmod(dh.shape[0], S)[0] + b
+    for t in range(cuda.grid(1), _state_items(dh0, D, G), cuda.gridsize(1)):
+        q, b, g, R = _state_item(t, dh0, dh.shape[0], D, G)
+        r = q * R + b
         if g < D:
             dh0[b, q * D + g], dc0[b, q * D + g] = dh[r, g], dc[r, g]
         dact[r, g] = 0
