@@ -135,6 +135,8 @@ def _run_with_progress(trainer) -> None:
             raise click.ClickException(str(exc)) from None
         except CorpusError as exc:  # a resumed char-lm run whose text is gone
             raise click.UsageError(str(exc)) from None
+        except BrokenPipeError:  # the reader of stdout went away: the command group's to handle
+            raise
         except OSError as exc:  # a full disk, a log or checkpoint that cannot be written
             kept = ("no checkpoint was saved yet" if trainer.saved_step is None else
                     f"the checkpoint of step {trainer.saved_step} is kept")
