@@ -652,6 +652,9 @@ def bench(model, size, batch, hidden, channels, directions, cell, dtype, device,
     from mdnumba.microbench import bench_layer
     _require_device(device)
     ndim = BENCH_MODELS[model]
+    if directions not in (1, 2 ** ndim):
+        raise click.BadParameter(f"must be 1 or {2 ** ndim} for --model {model} (every corner of its "
+                                 f"{ndim}-D grid), got {directions}", param_hint="'--directions'")
     try:
         r = bench_layer(ndim, size, batch=batch, hidden=hidden, channels=channels, directions=directions,
                         cell=cell, dtype=dtype, device=device, repeats=repeats)
@@ -662,9 +665,9 @@ def bench(model, size, batch, hidden, channels, directions, cell, dtype, device,
     click.echo(f"{model} {grid}, batch {batch}, hidden {hidden}, {directions} direction"
                f"{'s' if directions > 1 else ''}, {cell}, {dtype} ({where})")
     click.echo(f"  forward     {_ms(r.forward_s):>10}  (median {_ms(r.forward_median_s)}, "
-               f"{r.cells / r.forward_s:.3g} cells/s)")
+               f"{r.cells / r.forward_s:.3g} grid cells/s)")
     click.echo(f"  train step  {_ms(r.step_s):>10}  (median {_ms(r.step_median_s)}; forward, backward, Adam)")
     click.echo(f"  first call  {r.first_s:>8.3g} s  (forward + step; compiles the kernels unless cached)")
     if r.path:
         click.echo(f"  sweep path  {r.path}")
-    click.echo(f"  best of {r.repeats} calls each")
+    click.echo(f"  best of {r.repeats} call{'s each' if r.repeats > 1 else ''}")

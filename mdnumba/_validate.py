@@ -47,8 +47,8 @@ def check_array(x: npt.ArrayLike, name: str, ndim: int, last: int | None, dtype:
 
 def nonfinite_input(name: str, count: int) -> NonFiniteError:
     """The error for ``count`` NaN/inf values in the input ``name`` (``d...``: a gradient)."""
-    fix = "the loss or the stages after this layer produced them" if name.startswith("d") else \
-        "clean the input first"
+    gradient = name.startswith("d") or "_grad" in name  # dh, dy, final_state_grad[0], ...
+    fix = "the loss or the stages after this layer produced them" if gradient else "clean the input first"
     return NonFiniteError(f"{name} contains {count} NaN or infinite values; {fix}")
 
 

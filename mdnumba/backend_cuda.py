@@ -291,8 +291,10 @@ class CudaLSTM(DeviceLayer):
         k, N, C, D, S = self.k, self.ndim, self.in_channels, self.hidden, self.directions
         xd, host_in = self._input(x, "x", N + 2, C, f"(batch, {N} grid axes, channels)")
         B, dims = xd.shape[0], tuple(xd.shape[1:-1])
-        if state is not None and N != 1:
-            raise ValueError(f"state is for 1D layers (LSTM1D), this layer has {N} grid axes")
+        if state is not None:  # checked before any workspace of the last forward is written
+            self._require_1d("state")
+            h0, c0 = check_state(state, "state", B, S * D, check=self._state_input)
+        self._saved = None  # from here on the workspaces no longer hold the last forward's
         t = device_tables(dims, B, S, state is not None)
         R, G, dense = t.n_cells * B, (N + 3) * D, B * math.prod(dims)
         xs, act = self._ws("xs", (S * R, C)), self._ws("act", (S * R, G))
@@ -303,7 +305,6 @@ class CudaLSTM(DeviceLayer):
             k.gemm(act[q * R:(q + 1) * R], xs[q * R:(q + 1) * R], self.W[q], self.b[q])
         sweep = slice(None)
         if state is not None:
-            h0, c0 = check_state(state, "state", B, S * D, check=self._state_input)
             k.seed_state(h, c, act, h0, c0, B)
             sweep = slice(1, -1)  # cells 1..T; cell 0 holds (h0, c0)
         k.wavefront_forward(h, c, act, self.U, t.diag_off[sweep], t.parent, B, D, self.cell_code,
@@ -374,6 +375,7 @@ class CudaLSTM(DeviceLayer):
     def final_state(self) -> tuple:
         """``(h_T, c_T)`` of the last forward (1D; as :meth:`mdnumba.LSTM1D.final_state`): NumPy
         arrays after a forward of NumPy arrays, else device arrays."""
+        self._require_1d("final_state()")
         if self._saved is None:
             raise RuntimeError("final_state() called before forward(); run forward(x) first")
         t, S, D = self._saved["tables"], self.directions, self.hidden
@@ -388,6 +390,17 @@ class CudaLSTM(DeviceLayer):
         if grad is None:
             raise RuntimeError("no initial-state gradient: run forward(x, state=...) and then backward(dh)")
         return self._as_input(grad)
+
+    def zero_state(self, batch: int) -> tuple:
+        """A zero initial state ``(h0, c0)`` for ``batch`` sequences (NumPy; as
+        :meth:`mdnumba.LSTM1D.zero_state`)."""
+        self._require_1d("zero_state()")
+        shape = (int(batch), self.directions * self.hidden)
+        return np.zeros(shape, self.dtype), np.zeros(shape, self.dtype)
+
+    def _require_1d(self, what: str) -> None:
+        if self.ndim != 1:
+            raise ValueError(f"{what} is for 1D layers (LSTM1D), this layer has {self.ndim} grid axes")
 
     def _as_input(self, pair: tuple) -> tuple:
         """``pair`` on the host if the last forward's input was, else on the device."""
@@ -653,6 +666,24 @@ def layer_backward(layer: WavefrontLSTM, dh: HostOrDevice, input_grad: bool = Tr
     dx = st.backward(dh, input_grad, final_state_grad)
     layer.grads.data[...] += st.grads_to_host()
     return dx
+
+
+#: the device workspaces that hold a forward's activations (the rest is scratch)
+_SAVED = ("xs", "act", "h", "c")
+
+
+def layer_bytes(layer: WavefrontLSTM, saved: bool) -> int:
+    """Device bytes a ``device="cuda"`` layer keeps between calls: the activations saved for
+    backward (``saved``) or every workspace; 0 before a forward and after :func:`layer_free`."""
+    st = _LAYER_STATE.get(layer)
+    if st is None or st._saved is None:
+        return 0
+    return sum(a.nbytes for name, a in st._work.items() if name in _SAVED or not saved)
+
+
+def layer_free(layer: WavefrontLSTM) -> None:
+    """Drop a ``device="cuda"`` layer's device copy (weights, activations, workspaces)."""
+    _LAYER_STATE.pop(layer, None)
 
 
 def layer_final_state(layer: WavefrontLSTM) -> tuple:

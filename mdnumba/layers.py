@@ -145,6 +145,7 @@ class WavefrontLSTM(OwnsParams):
             wf, *tables = state_tables(dims[0], B, S)
             sweep = wf.diag_off[1:-1]  # cells 1..T; cell 0 holds (h0, c0)
         skew_src, unskew_src = tables
+        self._saved = None  # from here on the workspaces no longer hold the last forward's
         rows = wf.n_cells * B
         xs = self._workspace("xs", (S * rows, self.in_channels))
         skew_rows(xs, x.reshape(dense, 1, -1), skew_src)
@@ -217,15 +218,31 @@ class WavefrontLSTM(OwnsParams):
         return dx.reshape((B,) + sv["dims"] + (self.in_channels,))
 
     def saved_bytes(self) -> int:
-        """Bytes held by the activations saved for backward (0 before forward)."""
+        """Bytes held by the activations saved for backward (0 before forward; ``device="cuda"``:
+        device memory)."""
+        if self.device == "cuda":
+            from .backend_cuda import layer_bytes
+            return layer_bytes(self, saved=True)
         if self._saved is None:
             return 0
-        return sum(v.nbytes for v in self._saved.values() if isinstance(v, np.ndarray))
+        arrays = [a for v in self._saved.values() for a in (v if isinstance(v, tuple) else (v,))]
+        return sum(a.nbytes for a in arrays if isinstance(a, np.ndarray))
 
     def workspace_bytes(self) -> int:
         """Bytes of every buffer the layer keeps between calls (saved + scratch; 0 after
-        :meth:`free_buffers`)."""
+        :meth:`free_buffers`; ``device="cuda"``: device memory)."""
+        if self.device == "cuda":
+            from .backend_cuda import layer_bytes
+            return layer_bytes(self, saved=False)
         return sum(v.nbytes for v in self._work.values()) if self._saved else 0
+
+    def free_buffers(self) -> None:
+        """:meth:`OwnsParams.free_buffers`; ``device="cuda"``: also the device copy of the layer,
+        its activations and workspaces (made again by the next forward)."""
+        super().free_buffers()
+        if self.device == "cuda":
+            from .backend_cuda import layer_free
+            layer_free(self)
 
     # -------------------------------------------------------------- helpers
     def _require_saved(self, final_state_grad=None, what: str = "backward()") -> dict:
@@ -366,7 +383,7 @@ class LSTM1D(WavefrontLSTM):
         grad = (self._saved or {}).get("state_grad")
         if grad is None:
             raise RuntimeError("no initial-state gradient: run forward(x, state=...) and then backward(dh)")
-        return grad
+        return grad[0].copy(), grad[1].copy()
 
     def zero_state(self, batch: int) -> tuple:
         """A zero initial state ``(h0, c0)`` for ``batch`` sequences (the default of forward)."""

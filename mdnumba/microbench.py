@@ -92,20 +92,27 @@ def bench_layer(ndim: int, size: int, *, batch: int, hidden: int, channels: int 
     sequence of ``size`` steps), ``batch`` items of ``channels`` channels, ``hidden`` units per
     direction. Errors as the layer's (bad sizes, cell, directions; ``device="cuda"`` without a
     GPU: :class:`mdnumba.CudaUnavailableError`)."""
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+    if isinstance(repeats, bool) or not isinstance(repeats, (int, np.integer)) or repeats < 1:
         raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
     layer = WavefrontLSTM(ndim, channels, hidden, directions=directions, cell=cell, dtype=dtype,
                           device=device, seed=seed)
-    x = np.random.default_rng(seed).random((batch,) + (size,) * ndim + (channels,)).astype(layer.dtype)
+    x = np.random.default_rng(seed).random((batch,) + (size,) * ndim + (channels,), dtype=layer.dtype)
     forward, step = (_cuda_calls if device == "cuda" else _cpu_calls)(layer, x)
     t0 = time.perf_counter()
     forward()
     step()
     first = time.perf_counter() - t0
-    fwd, fwd_med = _timed(forward, repeats)
-    stp, stp_med = _timed(step, repeats)
-    path = None
-    if device == "cuda":
-        from .backend_cuda import last_path
-        path = last_path()
-    return BenchResult(fwd, fwd_med, stp, stp_med, first, repeats, batch * size ** ndim, path)
+    fwd, fwd_med = _timed(forward, int(repeats))
+    path = _sweep_path(device)
+    stp, stp_med = _timed(step, int(repeats))
+    if path != _sweep_path(device):  # the backward sweep took another path than the forward
+        path = f"forward {path}; backward {_sweep_path(device)}"
+    return BenchResult(fwd, fwd_med, stp, stp_med, first, int(repeats), batch * size ** ndim, path)
+
+
+def _sweep_path(device: str) -> str | None:
+    """The CUDA sweep path the last sweep took (None on the CPU)."""
+    if device != "cuda":
+        return None
+    from .backend_cuda import last_path
+    return last_path()

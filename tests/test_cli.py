@@ -198,8 +198,8 @@ def test_bench_reports_times(runner, args, head):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--directions", "3"], "directions must be 1 or 4"),
-    (["--model", "lstm", "--directions", "4"], "directions must be 1 or 2"),
+    (["--directions", "3"], "Invalid value for '--directions': must be 1 or 4 for --model md"),
+    (["--model", "lstm", "--directions", "4"], "must be 1 or 2 for --model lstm"),
     (["--repeats", "0"], "--repeats"),
     (["--model", "md4d"], "--model"),
     (["--size", "0"], "--size")])

@@ -229,12 +229,40 @@ def sim_state_on_device_arrays(rng):
     dev = CudaLSTM.from_layer(MDLSTM2D(1, 2, dtype=np.float64))
     with pytest.raises(ValueError, match="state is for 1D layers"):
         dev.forward(np.ones((1, 2, 2, 1)), state=(np.zeros((1, 2)), np.zeros((1, 2))))
+    dev.forward(np.ones((1, 2, 2, 1)))
+    for call in (dev.final_state, lambda: dev.zero_state(1)):
+        with pytest.raises(ValueError, match=r"is for 1D layers \(LSTM1D\), this layer has 2 grid axes"):
+            call()
     layer = _layer(1, 2, 3, np.float64, "cuda")
     y = layer.forward(x)
     with pytest.raises(ValueError, match="final_state_grad needs a forward from a state"):
         layer.backward(np.ones_like(y), final_state_grad=layer.zero_state(2))
     with pytest.raises(ValueError, match=r"state\[1\] is for a batch of 3"):
         layer.forward(x, state=(np.zeros((2, 3)), np.zeros((3, 3))))
+
+
+def sim_failed_forward_keeps_the_last_one_and_free_buffers(rng):
+    """A forward refused for its state leaves the last forward's activations intact (its backward
+    equals the CPU layer's); free_buffers() drops a device layer's device copy and activations."""
+    layers = [_layer(1, 1, 2, np.float64, device, directions=2) for device in ("cuda", "cpu")]
+    x, dh = rng.standard_normal((3, 2, 1)), rng.standard_normal((3, 2, 4))
+    state = (rng.standard_normal((3, 4)), rng.standard_normal((3, 4)))
+    for layer in layers:
+        layer.forward(x, state=state)
+        with pytest.raises(ValueError, match="is for a batch of 1"):
+            layer.forward(2 * x + 1, state=(state[0][:1], state[1][:1]))
+        layer.zero_grad()
+    gpu, cpu = layers
+    tol = dict(rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(gpu.backward(dh), cpu.backward(dh), **tol)
+    np.testing.assert_allclose(gpu.grads.data, cpu.grads.data, **tol)
+    np.testing.assert_allclose(gpu.initial_state_grad()[0], cpu.initial_state_grad()[0], **tol)
+    assert 0 < gpu.saved_bytes() < gpu.workspace_bytes()
+    gpu.free_buffers()
+    assert gpu.saved_bytes() == gpu.workspace_bytes() == 0
+    for call in (gpu.final_state, lambda: gpu.backward(dh)):
+        with pytest.raises(RuntimeError, match="before forward"):
+            call()
 
 
 @pytest.mark.parametrize("ndim", [2, 3])

@@ -135,3 +135,19 @@ def test_state_errors(rng):
         layer.backward(np.ones_like(y), final_state_grad=(np.zeros((1, 3)), np.zeros((1, 3))))
     with pytest.raises(RuntimeError, match="before forward"):
         LSTM1D(2, 3).final_state()
+
+
+def test_state_results_are_the_callers(rng):
+    """initial_state_grad() and final_state() hand out copies; a NaN in final_state_grad is
+    blamed on what produced the gradient."""
+    layer = LSTM1D(2, 3, dtype=np.float64, seed=1)
+    x, state, dh, final_grad = _state_case(rng, B=2, T=3, D=3)
+    layer.forward(x, state=state)
+    layer.backward(dh)
+    dh0 = layer.initial_state_grad()[0]
+    want = dh0.copy()
+    dh0[...] = 0
+    np.testing.assert_array_equal(layer.initial_state_grad()[0], want)
+    layer.forward(x, state=state)
+    with pytest.raises(ValueError, match=r"final_state_grad\[1\] contains 6 NaN .*the loss or the stages"):
+        layer.backward(dh, final_state_grad=(final_grad[0], final_grad[1] * np.nan))
