@@ -36,6 +36,7 @@ import numpy.typing as npt
 from . import config
 from ._validate import (
     check_array,
+    check_positive_int,
     check_shape,
     check_state,
     check_stateful,
@@ -395,7 +396,7 @@ class CudaLSTM(DeviceLayer):
         """A zero initial state ``(h0, c0)`` for ``batch`` sequences (NumPy; as
         :meth:`mdnumba.LSTM1D.zero_state`)."""
         self._require_1d("zero_state()")
-        shape = (int(batch), self.directions * self.hidden)
+        shape = (check_positive_int(batch, "batch"), self.directions * self.hidden)
         return np.zeros(shape, self.dtype), np.zeros(shape, self.dtype)
 
     def _require_1d(self, what: str) -> None:

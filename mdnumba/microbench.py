@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import config
+from ._validate import check_positive_int
 from .layers import WavefrontLSTM
 from .optim import Adam
 
@@ -92,8 +93,7 @@ def bench_layer(ndim: int, size: int, *, batch: int, hidden: int, channels: int 
     sequence of ``size`` steps), ``batch`` items of ``channels`` channels, ``hidden`` units per
     direction. Errors as the layer's (bad sizes, cell, directions; ``device="cuda"`` without a
     GPU: :class:`mdnumba.CudaUnavailableError`)."""
-    if isinstance(repeats, bool) or not isinstance(repeats, (int, np.integer)) or repeats < 1:
-        raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
+    repeats = check_positive_int(repeats, "repeats")
     layer = WavefrontLSTM(ndim, channels, hidden, directions=directions, cell=cell, dtype=dtype,
                           device=device, seed=seed)
     x = np.random.default_rng(seed).random((batch,) + (size,) * ndim + (channels,), dtype=layer.dtype)
@@ -102,12 +102,12 @@ def bench_layer(ndim: int, size: int, *, batch: int, hidden: int, channels: int 
     forward()
     step()
     first = time.perf_counter() - t0
-    fwd, fwd_med = _timed(forward, int(repeats))
+    fwd, fwd_med = _timed(forward, repeats)
     path = _sweep_path(device)
-    stp, stp_med = _timed(step, int(repeats))
+    stp, stp_med = _timed(step, repeats)
     if path != _sweep_path(device):  # the backward sweep took another path than the forward
         path = f"forward {path}; backward {_sweep_path(device)}"
-    return BenchResult(fwd, fwd_med, stp, stp_med, first, int(repeats), batch * size ** ndim, path)
+    return BenchResult(fwd, fwd_med, stp, stp_med, first, repeats, batch * size ** ndim, path)
 
 
 def _sweep_path(device: str) -> str | None:

@@ -213,7 +213,7 @@ def test_bench_layer_result():
     r = bench_layer(2, 3, batch=2, hidden=2, channels=2, directions=4, repeats=3)
     assert r.cells == 2 * 9 and r.repeats == 3 and r.path is None
     assert 0 < r.forward_s <= r.forward_median_s and 0 < r.step_s <= r.step_median_s and r.first_s > 0
-    with pytest.raises(ValueError, match="repeats must be an integer >= 1"):
+    with pytest.raises(ValueError, match="repeats must be >= 1, got 0"):
         bench_layer(1, 3, batch=1, hidden=1, repeats=0)
 
 
