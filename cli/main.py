@@ -491,7 +491,7 @@ def _plot_run(trainer) -> None:
         if trainer.task.name == "diagonal":
             import numpy as np
             batch = trainer.sample_batch(np.random.default_rng(99), trainer.cfg.size)
-            prob = trainer.loss_fn(trainer.model.forward(batch.x), batch.y)[2]
+            prob = trainer.loss_fn(trainer.model.forward(batch.x, save=False), batch.y)[2]
             paths.append(plot_predictions(batch.x, batch.y, prob, trainer.out / "predictions.png"))
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None

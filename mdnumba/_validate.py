@@ -68,8 +68,9 @@ def check_state(state: object, name: str, batch: int, width: int, dtype: np.dtyp
     """Return ``state = (h, c)`` as two arrays ``(batch, width)`` after checking it: each with
     ``check(array, name)`` (default: :func:`check_array` with ``dtype``: float values, finite)."""
     if not isinstance(state, (tuple, list)) or len(state) != 2:
-        raise TypeError(f"{name} must be a pair (h, c) of arrays (batch, {width}), got "
-                        f"{type(state).__name__}")
+        got = f"{len(state)} item" + "s" * (len(state) != 1) if isinstance(state, (tuple, list)) \
+            else type(state).__name__
+        raise TypeError(f"{name} must be a pair (h, c) of arrays (batch, {width}), got {got}")
     if check is None:
         def check(a, what):
             return check_array(a, what, 2, width, dtype, f"(batch, {width})")
@@ -78,6 +79,22 @@ def check_state(state: object, name: str, batch: int, width: int, dtype: np.dtyp
         if a.shape[0] != batch:
             raise ValueError(f"{name}[{i}] is for a batch of {a.shape[0]}, the input's batch is {batch}")
     return pair
+
+
+def missing_activations(what: str = "backward()", inference: bool = False) -> RuntimeError:
+    """The error of ``what`` without saved activations: before any forward, or (``inference``)
+    after a ``forward(x, save=False)``, which keeps none."""
+    if inference:
+        return RuntimeError(f"{what} needs the activations of a forward with save=True; the last "
+                            f"forward(x, save=False) kept none")
+    return RuntimeError(f"{what} called before forward(); run forward(x) first")
+
+
+def check_saved(saved: dict | None, what: str = "backward()") -> dict:
+    """The saved activations (a dict) of a layer's last forward, else :func:`missing_activations`."""
+    if saved is None or saved.get("inference"):
+        raise missing_activations(what, saved is not None)
+    return saved
 
 
 def check_stateful(stateful: bool, final_state_grad: object) -> None:

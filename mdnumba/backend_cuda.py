@@ -37,6 +37,7 @@ from . import config
 from ._validate import (
     check_array,
     check_positive_int,
+    check_saved,
     check_shape,
     check_state,
     check_stateful,
@@ -282,12 +283,14 @@ class CudaLSTM(DeviceLayer):
                    cell=layer.cell, directions=layer.directions, **kw)
 
     # ------------------------------------------------------------ passes
-    def forward(self, x: HostOrDevice, state: tuple | None = None) -> HostOrDevice:
+    def forward(self, x: HostOrDevice, state: tuple | None = None, save: bool = True) -> HostOrDevice:
         """``h`` (B, *dims, S*D) for ``x`` (B, *dims, C); saves what backward needs.
 
         Per direction q: ``act_q = flip_q(x) W_q + b_q`` (one GEMM), then one sweep
         for all directions adds ``Σ_d h_parent_d U_qd`` and applies the cell. 1D: from the
         initial ``state = (h0, c0)`` (as :meth:`mdnumba.LSTM1D.forward`) if given.
+        ``save=False``: the same sweep (its workspaces stay for the next call), but ``backward``
+        is refused, as after the CPU's saving-free forward.
         """
         k, N, C, D, S = self.k, self.ndim, self.in_channels, self.hidden, self.directions
         xd, host_in = self._input(x, "x", N + 2, C, f"(batch, {N} grid axes, channels)")
@@ -312,7 +315,7 @@ class CudaLSTM(DeviceLayer):
                             path=self.path, use_shared=self.use_shared, tpb=self.tpb,
                             diag_off_host=t.diag_off_host[sweep], out=out, out_src=t.unskew_src)
         self._saved = dict(tables=t, shape=(B,) + dims + (S * D,), stateful=state is not None,
-                           host_in=host_in)
+                           host_in=host_in, inference=not save)
         out = out.reshape((B,) + dims + (S * D,))
         return out.copy_to_host() if host_in else out
 
@@ -326,8 +329,7 @@ class CudaLSTM(DeviceLayer):
         forward from a state: ``final_state_grad`` and :meth:`initial_state_grad` as in
         :meth:`mdnumba.LSTM1D.backward`.
         """
-        if self._saved is None:
-            raise RuntimeError("backward() called before forward(); run forward(x) first")
+        check_saved(self._saved)
         k, N, C, D, S = self.k, self.ndim, self.in_channels, self.hidden, self.directions
         t, want, stateful = self._saved["tables"], self._saved["shape"], self._saved["stateful"]
         check_stateful(stateful, final_state_grad)
@@ -644,11 +646,12 @@ def _state_for(layer) -> CudaLSTM:
     return st
 
 
-def layer_forward(layer: WavefrontLSTM, x: HostOrDevice, state: tuple | None = None) -> HostOrDevice:
+def layer_forward(layer: WavefrontLSTM, x: HostOrDevice, state: tuple | None = None,
+                  save: bool = True) -> HostOrDevice:
     """``WavefrontLSTM.forward`` on the GPU: upload params, run; NumPy or device ``h`` (as ``x``)."""
     st = _state_for(layer)
     st.set_params(layer.params.data)
-    return st.forward(x, state)
+    return st.forward(x, state, save)
 
 
 def _saved_state(layer: WavefrontLSTM, what: str = "backward()") -> CudaLSTM:
@@ -675,9 +678,10 @@ _SAVED = ("xs", "act", "h", "c")
 
 def layer_bytes(layer: WavefrontLSTM, saved: bool) -> int:
     """Device bytes a ``device="cuda"`` layer keeps between calls: the activations saved for
-    backward (``saved``) or every workspace; 0 before a forward and after :func:`layer_free`."""
+    backward (``saved``; none after ``forward(x, save=False)``) or every workspace; 0 before a
+    forward and after :func:`layer_free`."""
     st = _LAYER_STATE.get(layer)
-    if st is None or st._saved is None:
+    if st is None or st._saved is None or (saved and st._saved["inference"]):
         return 0
     return sum(a.nbytes for name, a in st._work.items() if name in _SAVED or not saved)
 

@@ -15,9 +15,11 @@ from ._validate import (
     check_finite_number,
     check_finite_params,
     check_positive_int,
+    check_saved,
     check_shape,
     check_state,
     check_stateful,
+    missing_activations,
     overflowed_state,
     seeded_rng,
 )
@@ -35,6 +37,7 @@ from .kernels.wavefront import (
     unskew_rows,
     wavefront_backward,
     wavefront_forward,
+    wavefront_infer,
 )
 from .params import OwnsParams, ParamLayout
 
@@ -112,14 +115,17 @@ class WavefrontLSTM(OwnsParams):
         """Set every gradient to zero (backward accumulates)."""
         self.grads.data[...] = 0
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    def forward(self, x: np.ndarray, save: bool = True) -> np.ndarray:
         """Run the forward sweep and save the activations needed by backward.
 
         ``x`` of any float dtype is cast to the layer's (``self.dtype``), in which the output
         comes back. With ``device="cuda"`` ``x`` may also be a CUDA array (numba device array or anything
         with ``__cuda_array_interface__``); the output is then a numba device array.
+        ``save=False`` (inference) keeps nothing for backward: on the CPU the sweep then holds two
+        hyperplanes at a time instead of every cell's activations (the same output, a fraction of
+        the memory); ``device="cuda"`` runs its usual sweep.
         """
-        return self._forward(x, None)
+        return self._forward(x, None, save)
 
     def backward(self, dh: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
         """Return dL/dx for upstream ``dh`` = dL/dh (cast to the layer's dtype, as ``x``) and
@@ -127,13 +133,13 @@ class WavefrontLSTM(OwnsParams):
         and returns None."""
         return self._backward(dh, input_grad, None)
 
-    def _forward(self, x, state):
+    def _forward(self, x, state, save=True):
         """:meth:`forward`; ``state = (h0, c0)`` (1D: :meth:`LSTM1D.forward`) or None (zero state,
-        the tables of :func:`direction_tables`)."""
+        the tables of :func:`direction_tables`); ``save=False``: :meth:`_forward_rolling`."""
         check_finite_params(self.params)
         if self.device == "cuda":
             from .backend_cuda import layer_forward
-            return layer_forward(self, x, state)
+            return layer_forward(self, x, state, save)
         x = check_array(x, "x", self.ndim + 2, self.in_channels, self.dtype, self._layout_str())
         B, D, S = x.shape[0], self.hidden, self.directions
         dims, dense = x.shape[1:-1], x[..., 0].size
@@ -146,6 +152,8 @@ class WavefrontLSTM(OwnsParams):
             sweep = wf.diag_off[1:-1]  # cells 1..T; cell 0 holds (h0, c0)
         skew_src, unskew_src = tables
         self._saved = None  # from here on the workspaces no longer hold the last forward's
+        if not save:
+            return self._forward_rolling(x, wf, skew_src, None if state is None else (h0, c0))
         rows = wf.n_cells * B
         xs = self._workspace("xs", (S * rows, self.in_channels))
         skew_rows(xs, x.reshape(dense, 1, -1), skew_src)
@@ -165,6 +173,30 @@ class WavefrontLSTM(OwnsParams):
         out = np.empty((dense, S, D), dtype=self.dtype)
         unskew_rows(out, h, unskew_src)  # grid order, direction q in channels q*D:(q+1)*D
         return out.reshape((B,) + dims + (S * D,))
+
+    def _forward_rolling(self, x, wf, skew_src, state):
+        """:meth:`forward` with ``save=False``: :func:`wavefront_infer` in buffers of two
+        hyperplanes; keeps only the final state (1D, :meth:`LSTM1D.final_state`)."""
+        B, S, D = x.shape[0], self.directions, self.hidden
+        slots = 2 * wf.max_diag_cells
+        act = self._workspace("roll_act", (S * slots * B, self.layout.shapes["b"][-1]))
+        h = self._workspace("roll_h", (S * slots * B, D))
+        c = self._workspace("roll_c", (S * slots * B, D))
+        lp = np.empty((slots, self.ndim), np.int64)
+        first, last = (0, wf.n_diagonals) if state is None else (1, wf.n_diagonals - 1)
+        if state is not None:
+            seed_state(h, c, act, state[0], state[1], B)  # cell 0 (slot 0) holds (h0, c0)
+        out = np.empty((x[..., 0].size, S, D), dtype=self.dtype)
+        wavefront_infer(out, h, c, act, lp, x.reshape(-1, self.in_channels), skew_src,
+                        self._per_direction("W"), self._per_direction("b"),
+                        self.params["U"].reshape(S, D, -1), wf.diag_off, wf.parent, first, last,
+                        B, D, self.cell_code)
+        final = None
+        if self.ndim == 1:  # the last swept cell is in slot (last - 1) % 2 (one cell per plane)
+            final = np.empty((B, S * D), self.dtype), np.empty((B, S * D), self.dtype)
+            state_of_cell(final[0], final[1], h, c, (last - 1) % 2, B)
+        self._saved = dict(inference=True, final_state=final, stateful=state is not None)
+        return out.reshape(x.shape[:-1] + (S * D,))
 
     def _backward(self, dh, input_grad, final_state_grad):
         """:meth:`backward`; after a forward from a state, ``final_state_grad = (dL/dh_T, dL/dc_T)``
@@ -248,9 +280,7 @@ class WavefrontLSTM(OwnsParams):
     def _require_saved(self, final_state_grad=None, what: str = "backward()") -> dict:
         """The saved activations of the last forward; RuntimeError before any, ValueError for a
         ``final_state_grad`` after a forward without ``state``."""
-        if self._saved is None:
-            raise RuntimeError(f"{what} called before forward(); run forward(x) first")
-        check_stateful(self._saved["stateful"], final_state_grad)
+        check_stateful(check_saved(self._saved, what)["stateful"], final_state_grad)
         return self._saved
 
     def _check_state(self, c: np.ndarray) -> None:
@@ -346,12 +376,13 @@ class LSTM1D(WavefrontLSTM):
         for buf in (self.params, self.grads):
             buf.add_alias("U_rec", buf["U"][..., 0, :])
 
-    def forward(self, x: np.ndarray, state: tuple | None = None) -> np.ndarray:
+    def forward(self, x: np.ndarray, state: tuple | None = None, save: bool = True) -> np.ndarray:
         """:meth:`WavefrontLSTM.forward`, from the initial state ``state = (h0, c0)`` if given,
         each ``(batch, directions*hidden)`` (direction q in columns ``q*hidden:(q+1)*hidden``, as
         the output; a reversed scan starts at the last step), else from zeros. Continue a
-        sequence with ``forward(x2, state=layer.final_state())``."""
-        return self._forward(x, state)
+        sequence with ``forward(x2, state=layer.final_state())`` (also with ``save=False``:
+        streaming inference)."""
+        return self._forward(x, state, save)
 
     def backward(self, dh: np.ndarray, input_grad: bool = True,
                  final_state_grad: tuple | None = None) -> np.ndarray | None:
@@ -368,6 +399,8 @@ class LSTM1D(WavefrontLSTM):
         if self.device == "cuda":
             from .backend_cuda import layer_final_state
             return layer_final_state(self)
+        if self._saved is not None and self._saved.get("inference"):
+            return tuple(a.copy() for a in self._saved["final_state"])
         sv = self._require_saved(what="final_state()")
         B, width = sv["batch"], self.out_channels
         hT, cT = np.empty((B, width), self.dtype), np.empty((B, width), self.dtype)
@@ -414,21 +447,24 @@ class Linear(OwnsParams):
         scale = 1.0 / np.sqrt(in_features)
         self.params["W"][...] = seeded_rng(seed).uniform(-scale, scale, (in_features, out_features))
         self._x: np.ndarray | None = None
+        self._inference = False  # the last forward had save=False
 
     def zero_grad(self) -> None:
         """Set every gradient to zero (backward accumulates)."""
         self.grads.data[...] = 0
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """``y = x @ W + b`` on the last axis."""
+    def forward(self, x: np.ndarray, save: bool = True) -> np.ndarray:
+        """``y = x @ W + b`` on the last axis; ``save=False`` keeps no input for backward."""
         check_finite_params(self.params)
         given = x
         x = check_array(x, "x", max(np.ndim(x), 1), self.in_features, self.dtype, "(..., in_features)")
         x2 = x.reshape(-1, self.in_features)
         y = np.empty((x2.shape[0], self.out_features), dtype=self.dtype)
         matmul_rows(y, x2, self.params["W"], self.params["b"], False)
-        self._x = x2.copy() if np.may_share_memory(x2, given) else x2  # backward's, not the caller's
-        self._shape = x.shape
+        if save and np.may_share_memory(x2, given):
+            x2 = x2.copy()  # backward's own, not the caller's array
+        self._x = x2 if save else None
+        self._shape, self._inference = x.shape, not save
         return y.reshape(x.shape[:-1] + (self.out_features,))
 
     @property
@@ -439,7 +475,7 @@ class Linear(OwnsParams):
     def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
         """``dW += xᵀ dy``, ``db += Σ dy``; return ``dx = dy Wᵀ`` (None with ``input_grad=False``)."""
         if self._x is None:
-            raise RuntimeError("backward() called before forward(); run forward(x) first")
+            raise missing_activations(inference=self._inference)
         check_shape(dy, self._shape[:-1] + (self.out_features,))
         dy2 = check_array(dy, "dy", len(self._shape), self.out_features, self.dtype,
                           "(..., out_features)").reshape(-1, self.out_features)

@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import config
-from ._validate import check_shape
+from ._validate import check_shape, missing_activations
 from .layers import Linear, WavefrontLSTM
 from .stack import LayerGroup, Sequential, mdlstm_stack
 
@@ -28,6 +28,7 @@ class RecurrentReadout(LayerGroup):
         self.readout = Linear(recurrent.out_channels, out_features, seed=seed + 1, dtype=dtype)
         self.layers = list(getattr(recurrent, "layers", [recurrent])) + [self.readout]
         self._in_shape: tuple | None = None
+        self._inference = False  # the last forward had save=False
 
     def _to_recurrent(self, x: np.ndarray) -> np.ndarray:
         return x
@@ -35,18 +36,19 @@ class RecurrentReadout(LayerGroup):
     def _from_recurrent(self, y: np.ndarray) -> np.ndarray:
         return y.reshape(self._in_shape[:-1] + (y.shape[-1],))
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """Return logits with the input's shape except the last axis (out_features)."""
+    def forward(self, x: np.ndarray, save: bool = True) -> np.ndarray:
+        """Return logits with the input's shape except the last axis (out_features);
+        ``save=False`` (evaluation) keeps no activations for backward."""
         x = np.asarray(x)
-        self._in_shape = x.shape
-        h = self.recurrent.forward(self._to_recurrent(x))
-        return self._from_recurrent(self.readout.forward(h))
+        self._in_shape, self._inference = x.shape, not save
+        h = self.recurrent.forward(self._to_recurrent(x), save=save)
+        return self._from_recurrent(self.readout.forward(h, save=save))
 
     def backward(self, dlogits: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
         """Back-propagate dL/dlogits through readout and recurrent layer; return dL/dx (None
         with ``input_grad=False``: training needs only the parameter gradients)."""
-        if self._in_shape is None:
-            raise RuntimeError("backward() called before forward(); run forward(x) first")
+        if self._in_shape is None or self._inference:
+            raise missing_activations(inference=self._in_shape is not None)
         check_shape(dlogits, self._in_shape[:-1] + (self.readout.out_features,), "dlogits")
         dy = self.readout.backward(np.reshape(dlogits, self.readout._shape[:-1] + (-1,)))
         dx = self.recurrent.backward(dy, input_grad)

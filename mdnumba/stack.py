@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 
 import numpy as np
 
 from . import config
-from ._validate import check_positive_int, check_shape
+from ._validate import check_positive_int, check_shape, missing_activations
 from .layers import LSTM1D, MDLSTM2D, MDLSTM3D, WavefrontLSTM
 
 _NAMED = {1: LSTM1D, 2: MDLSTM2D, 3: MDLSTM3D}
@@ -30,8 +31,9 @@ class BlockSubsample:
     def out_channels(self, in_channels: int) -> int:
         return in_channels * self.block ** self.ndim
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """Move each block's cells into the channel axis."""
+    def forward(self, x: np.ndarray, save: bool = True) -> np.ndarray:
+        """Move each block's cells into the channel axis (``save`` is accepted like the layers';
+        backward needs only the input's shape, which is always kept)."""
         x = np.asarray(x)
         N, k = self.ndim, self.block
         dims = x.shape[1:-1]
@@ -119,6 +121,14 @@ class LayerGroup:
         return sum(layer.params.data.size for layer in self.layers)
 
 
+def _takes_save(stage: object) -> bool:
+    """Whether ``stage.forward`` takes ``save`` (the layers here do; a stage of the user's may not)."""
+    try:
+        return "save" in inspect.signature(stage.forward).parameters
+    except (TypeError, ValueError):  # no signature to read
+        return False
+
+
 def _all_stages(stages: list):
     """``stages`` and, depth first, the stages of nested groups."""
     for s in stages:
@@ -147,6 +157,7 @@ class Sequential(LayerGroup):
                 raise TypeError(f"a Sequential stage needs forward and backward, got "
                                 f"{type(s).__name__}{hint}")
         self.stages = tuple(stages)
+        self._inference = False  # the last forward had save=False
         ids = [id(s) for s in _all_stages(self.stages)]
         if len(set(ids)) < len(ids):
             raise ValueError("a stage appears twice in this Sequential: every stage saves its own "
@@ -165,16 +176,20 @@ class Sequential(LayerGroup):
     def __getitem__(self, i: int):
         return self.stages[i]
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """``x`` through every stage in order; each keeps what its backward needs."""
+    def forward(self, x: np.ndarray, save: bool = True) -> np.ndarray:
+        """``x`` through every stage in order; each keeps what its backward needs, or with
+        ``save=False`` (inference) nothing: the stages whose ``forward`` takes ``save`` get it."""
+        self._inference = not save
         for i, stage in enumerate(self.stages):
             with _named_stage(i, stage, "forward"):
-                x = stage.forward(x)
+                x = stage.forward(x) if save or not _takes_save(stage) else stage.forward(x, save=False)
         return x
 
     def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
         """``dL/dy`` of the last forward back through the stages in reverse, accumulating every
         layer's parameter gradients; returns dL/dx (None with ``input_grad=False``)."""
+        if self._inference:  # refused before any stage adds its gradients
+            raise missing_activations(inference=True)
         return backward_stages(self.stages, dy, input_grad)
 
     def __repr__(self) -> str:

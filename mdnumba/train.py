@@ -411,7 +411,7 @@ class Trainer:
         totals: dict[str, float] = {}
         for _ in range(batches):
             batch = self.task.sample(rng, self.cfg.batch, size, np.dtype(self.cfg.dtype))
-            loss, _, prob = self.loss_fn(self.model.forward(batch.x), batch.y)
+            loss, _, prob = self.loss_fn(self.model.forward(batch.x, save=False), batch.y)
             for k, v in self.task.metrics(prob, loss, batch).items():
                 totals[k] = totals.get(k, 0.0) + v / batches
         return totals

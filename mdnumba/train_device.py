@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._validate import check_array, check_shape
+from ._validate import check_array, check_shape, missing_activations
 from .backend_cuda import DEVICE_OPTIMIZERS, CudaLinear, CudaLSTM, HostOrDevice, require_cuda
 from .layers import WavefrontLSTM
 from .models import RecurrentReadout
@@ -69,6 +69,7 @@ class DeviceModel(LayerGroup):
         self.dtype = self.readout.dtype
         self._flat_buffers()
         self._in_shape: tuple | None = None
+        self._inference = False  # the last forward had save=False
 
     def _flat_buffers(self) -> None:
         """One flat ``params`` and ``grads`` buffer for the whole model, each layer a slice (one
@@ -98,14 +99,15 @@ class DeviceModel(LayerGroup):
     def n_params(self) -> int:
         return self.params.size
 
-    def forward(self, x: HostOrDevice) -> HostOrDevice:
-        """Logits of the host model's shape; saves what backward needs on the device."""
+    def forward(self, x: HostOrDevice, save: bool = True) -> HostOrDevice:
+        """Logits of the host model's shape; saves what backward needs on the device (with
+        ``save=False`` the same sweeps run, and ``backward`` is refused)."""
         k = self.readout.k
         host_in = not k.is_device_array(x)
         if host_in:
             x = check_array(x, "x", np.ndim(x), None, self.dtype, "(batch, grid axes.., channels)")
         xd = k.as_device(x)
-        self._in_shape = tuple(xd.shape)
+        self._in_shape, self._inference = tuple(xd.shape), not save
         h = self.host._to_recurrent(xd)
         for stage in self.stages:
             h = stage.forward(h)
@@ -117,8 +119,8 @@ class DeviceModel(LayerGroup):
     def backward(self, dlogits: HostOrDevice, input_grad: bool = True) -> HostOrDevice | None:
         """Back-propagate dL/dlogits; returns dL/dx (NumPy or device, as ``dlogits``), or None
         with ``input_grad=False`` (the first stage then skips it)."""
-        if self._in_shape is None:
-            raise RuntimeError("backward() called before forward(); run forward(x) first")
+        if self._in_shape is None or self._inference:
+            raise missing_activations(inference=self._in_shape is not None)
         k = self.readout.k
         check_shape(dlogits, self._in_shape[:-1] + (self.readout.out_features,), "dlogits")
         host_in = not k.is_device_array(dlogits)

@@ -265,6 +265,29 @@ def sim_failed_forward_keeps_the_last_one_and_free_buffers(rng):
             call()
 
 
+def sim_forward_without_saving(rng):
+    """``forward(x, save=False)`` on a device layer (a device model too): the CPU layer's output
+    and final state; backward is then refused, with nothing added to the gradients."""
+    from mdnumba.models import build_model
+    from mdnumba.train_device import DeviceModel
+    x, state = rng.standard_normal((2, 4, 2)), (rng.standard_normal((2, 6)), rng.standard_normal((2, 6)))
+    gpu, cpu = (_layer(1, 2, 3, np.float64, device, directions=2) for device in ("cuda", "cpu"))
+    tol = dict(rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(gpu.forward(x, state=state, save=False), cpu.forward(x, state=state), **tol)
+    for a, b in zip(gpu.final_state(), cpu.final_state()):
+        np.testing.assert_allclose(a, b, **tol)
+    assert gpu.saved_bytes() == 0 < gpu.workspace_bytes()
+    with pytest.raises(RuntimeError, match="save=False"):
+        gpu.backward(np.ones((2, 4, 6)))
+    assert not gpu.grads.data.any()
+    model = build_model("md", hidden=3, dtype=np.float64, seed=1)
+    dev = DeviceModel(model)
+    img = rng.random((2, 3, 4, 1))
+    np.testing.assert_allclose(dev.forward(img, save=False), model.forward(img, save=False), **tol)
+    with pytest.raises(RuntimeError, match="save=False"):
+        dev.backward(np.ones((2, 3, 4, 1)))
+
+
 @pytest.mark.parametrize("ndim", [2, 3])
 def sim_stable_mix_subtracts_the_largest_logit(ndim, rng):
     """The stable cell's softmax over its neighbour logits subtracts the largest: with the last

@@ -11,10 +11,24 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..config import NJIT_PARALLEL_OPTS, NJIT_SUM_OPTS
+from ..config import NJIT_OPTS, NJIT_PARALLEL_OPTS, NJIT_SUM_OPTS
 
 #: rows per partial sum in :func:`matmul_at_b`; fixed so results never depend on threads
 REDUCE_BLOCK = 1024
+
+
+@njit(**NJIT_OPTS)
+def row_product(out, r, a, ra, bmat, bias, accumulate):
+    """``out[r] = (out[r] if accumulate else bias) + a[ra] @ bmat`` (serial; one row of
+    :func:`matmul_rows`, also the input projection of the saving-free forward sweep, which thus
+    computes the same numbers)."""
+    if not accumulate:
+        for n in range(bmat.shape[1]):
+            out[r, n] = bias[n]
+    for k in range(a.shape[1]):
+        v = a[ra, k]
+        for n in range(bmat.shape[1]):
+            out[r, n] += v * bmat[k, n]
 
 
 @njit(**NJIT_PARALLEL_OPTS)
@@ -24,13 +38,7 @@ def matmul_rows(out, a, bmat, bias, accumulate):
     ``a`` (R, K), ``bmat`` (K, N), ``bias`` (N,) (ignored when accumulating).
     """
     for r in prange(a.shape[0]):
-        if not accumulate:
-            for n in range(bmat.shape[1]):
-                out[r, n] = bias[n]
-        for k in range(a.shape[1]):
-            v = a[r, k]
-            for n in range(bmat.shape[1]):
-                out[r, n] += v * bmat[k, n]
+        row_product(out, r, a, r, bmat, bias, accumulate)
 
 
 @njit(**NJIT_SUM_OPTS)

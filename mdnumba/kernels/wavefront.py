@@ -27,6 +27,7 @@ from numba import njit, prange
 from ..config import NJIT_OPTS, NJIT_PARALLEL_OPTS, NJIT_SUM_OPTS
 from . import vexp
 from .cell import build
+from .gemm import row_product
 
 _CELL = build(njit(inline="always", **NJIT_OPTS), exp=vexp.exp, sigmoid=vexp.sigmoid)
 _row_forward = _CELL["row_forward"]
@@ -112,6 +113,55 @@ def wavefront_forward(h, c, act, U, diag_off, parent, B, D, cell):
             _recurrent_forward(act, h, U[grp], parent, grp * MB, s, b, nb, B, D)
             for bb in range(b, b + nb):
                 _cell_forward(h, c, act, parent, grp * MB, s, bb, B, D, cell)
+
+
+@njit(**NJIT_OPTS)
+def _rolling_parents(lp, parent, diag_off, k):
+    """Rows of hyperplane k in the two-plane buffers of :func:`wavefront_infer`: its cells take
+    slots ``(k % 2)*M + i`` (M = ``lp.shape[0] // 2``, i-th cell of the plane), and ``lp`` gets
+    their parents' slots on plane k-1 (-1: none). Returns the plane's first slot."""
+    M = lp.shape[0] // 2
+    s0, cur, prev = diag_off[k], (k % 2) * M, ((k + 1) % 2) * M
+    p0 = diag_off[k - 1] if k > 0 else 0
+    for i in range(diag_off[k + 1] - s0):
+        for d in range(parent.shape[1]):
+            p = parent[s0 + i, d]
+            lp[cur + i, d] = prev + p - p0 if p >= 0 else -1
+    return cur
+
+
+@njit(**NJIT_PARALLEL_OPTS)
+def wavefront_infer(out, h, c, act, lp, x, src, W, bias, U, diag_off, parent, first, last, B, D, cell):
+    """Forward sweep that keeps no activations (outputs out, h, c, act; inputs; weights; sizes).
+
+    The same rows, products and cell as :func:`matmul_rows` + :func:`wavefront_forward` (so the
+    same numbers), but only two hyperplanes are held at a time: ``h``, ``c``, ``act``
+    (S*2*M*B, ·) with M the most cells of a plane, slots as in :func:`_rolling_parents`, ``lp``
+    (2*M, N) scratch. Per (scan q, cell, pair of batch items) of planes ``first .. last-1``: the
+    input projection ``act = bias_q + x[src] @ W_q`` (``src`` of :func:`mdnumba.grid.direction_tables`,
+    -1: a zero input), the recurrent products, the cell, and h into ``out[src, q]`` (dense rows
+    (R, S, D)). ``first = 1`` after :func:`seed_state` filled slot 0 (a 1D initial state).
+    """
+    L = lp.shape[0] * B  # rows of a scan's slab
+    for k in range(first, last):
+        cur = _rolling_parents(lp, parent, diag_off, k)
+        s0 = diag_off[k]
+        n = (diag_off[k + 1] - s0) * ((B + 1) // 2)
+        for t in prange(U.shape[0] * n):
+            grp, s, b, nb = _work_item(t, cur, n, B)
+            base, row = grp * L, (s0 + s - cur) * B + b  # row: the cell's row in src
+            for i in range(nb):
+                j = src[grp, row + i]
+                if j >= 0:
+                    row_product(act, base + s * B + b + i, x, j, W[grp], bias[grp], False)
+                else:
+                    act[base + s * B + b + i, :] = bias[grp]
+            _recurrent_forward(act, h, U[grp], lp, base, s, b, nb, B, D)
+            for i in range(nb):
+                _cell_forward(h, c, act, lp, base, s, b + i, B, D, cell)
+                j = src[grp, row + i]
+                if j >= 0:
+                    out[j, grp, :] = h[base + s * B + b + i]
 
 
 @njit(**NJIT_SUM_OPTS)

@@ -1,0 +1,142 @@
+"""``forward(x, save=False)``: the saving-free sweep of two hyperplanes at a time (inference)."""
+
+import numpy as np
+import pytest
+from refcheck import reference_weights
+
+from mdnumba import LSTM1D, MDLSTM2D, MDLSTM3D, WavefrontLSTM, reference
+from mdnumba.layers import Linear
+from mdnumba.models import build_model
+from mdnumba.stack import BlockSubsample, Sequential, mdlstm_stack
+
+CELLS = ["graves", "stable", "spatial"]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("ndim,shape,directions", [
+    (2, (3, 4, 5, 2), 1), (2, (2, 3, 2, 1), 4), (2, (1, 1, 1, 1), 1), (3, (3, 2, 3, 2, 2), 8),
+    (1, (5, 6, 2), 2), (4, (2, 2, 3, 1, 2, 1), 1)])
+def test_matches_the_saving_forward_and_the_reference(cell, ndim, shape, directions, rng):
+    """Odd and even batches, one-cell grids, every corner, N = 1..4: the same numbers as
+    ``forward(x)`` (the same products in the same order) and as the float64 reference."""
+    layer = WavefrontLSTM(ndim, shape[-1], 3, seed=5, dtype=np.float64, cell=cell, directions=directions)
+    layer.params.b[...] = rng.standard_normal(layer.params.b.shape)
+    x = rng.standard_normal(shape)
+    y = layer.forward(x, save=False)
+    np.testing.assert_allclose(y, layer.forward(x), rtol=1e-14, atol=1e-15)
+    yr, _ = reference.directions_forward(x, reference_weights(layer), cell)
+    np.testing.assert_allclose(y, yr, rtol=1e-12, atol=1e-12)
+
+
+def test_float32_matches_the_saving_forward(rng):
+    layer = MDLSTM2D(3, 8, directions=4, cell="stable", seed=1)
+    x = rng.standard_normal((3, 9, 6, 3)).astype(np.float32)
+    y = layer.forward(x, save=False)
+    assert y.dtype == np.float32
+    np.testing.assert_allclose(y, layer.forward(x), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("directions", [1, 2])
+@pytest.mark.parametrize("T", [1, 2, 7])
+def test_1d_state_and_final_state(directions, T, rng):
+    """From a given state, with the final state handed on: equal to the saving forward's."""
+    layer = LSTM1D(2, 4, directions=directions, dtype=np.float64, seed=3)
+    x = rng.standard_normal((3, T, 2))
+    state = tuple(rng.standard_normal((3, 4 * directions)) for _ in range(2))
+    for st in (state, None):
+        y = layer.forward(x, state=st)
+        final = layer.final_state()
+        np.testing.assert_allclose(layer.forward(x, state=st, save=False), y, rtol=1e-14, atol=1e-15)
+        for a, b in zip(layer.final_state(), final):
+            np.testing.assert_allclose(a, b, rtol=1e-14, atol=1e-15)
+
+
+def test_1d_streaming_in_chunks_is_one_sequence(rng):
+    layer = LSTM1D(2, 5, seed=2, dtype=np.float64)
+    x = rng.standard_normal((2, 12, 2))
+    whole = layer.forward(x, save=False)
+    state, parts = layer.zero_state(2), []
+    for lo in range(0, 12, 5):
+        parts.append(layer.forward(x[:, lo:lo + 5], state=state, save=False))
+        state = layer.final_state()
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), whole, rtol=1e-13, atol=1e-14)
+
+
+def test_buffers_grow_with_the_largest_hyperplane_not_the_grid(rng):
+    """8x8 and 8x64 grids have hyperplanes of at most 8 cells: the same buffers; the saving
+    forward's grow with the grid (8x more)."""
+    sizes = {}
+    for width in (8, 64):
+        x = rng.random((2, 8, width, 1), dtype=np.float32)
+        layer = MDLSTM2D(1, 4)
+        layer.forward(x, save=False)
+        assert layer.saved_bytes() == 0
+        sizes[width] = layer.workspace_bytes()
+        layer.forward(x)
+        sizes[width, "saved"] = layer.workspace_bytes() - sizes[width]
+    assert sizes[8] == sizes[64] > 0
+    assert sizes[64, "saved"] > 7 * sizes[8, "saved"] > 7 * sizes[8]
+
+
+def test_backward_after_it_is_refused_and_training_is_unharmed(rng):
+    layer = MDLSTM3D(2, 3, seed=1, dtype=np.float64)
+    x, x2 = rng.standard_normal((2, 3, 2, 4, 2)), rng.standard_normal((1, 5, 5, 5, 2))
+    dh = rng.standard_normal((2, 3, 2, 4, 3))
+    layer.forward(x)
+    dx = layer.backward(dh)
+    grads = layer.grads.data.copy()
+    layer.forward(x2, save=False)
+    with pytest.raises(RuntimeError, match=r"save=True; the last forward\(x, save=False\) kept none"):
+        layer.backward(dh)
+    np.testing.assert_array_equal(layer.grads.data, grads)  # nothing added
+    layer.zero_grad()
+    layer.forward(x)  # a saving forward between inference calls: backward as before
+    np.testing.assert_array_equal(layer.backward(dh), dx)
+    np.testing.assert_array_equal(layer.grads.data, grads)
+
+
+def test_refusals_and_the_state_api(rng):
+    layer = LSTM1D(2, 3)
+    with pytest.raises(ValueError, match="x must"):
+        layer.forward(np.ones((2, 3)), save=False)
+    with pytest.raises(TypeError, match="state must be a pair .* got 1 item$"):
+        layer.forward(np.ones((2, 3, 2)), state=(np.ones((2, 3)),), save=False)
+    layer.forward(np.ones((2, 3, 2), np.float32), save=False)
+    assert [a.shape for a in layer.final_state()] == [(2, 3), (2, 3)]
+    with pytest.raises(RuntimeError, match="no initial-state gradient"):
+        layer.initial_state_grad()
+    with pytest.raises(RuntimeError, match="save=True"):
+        layer.backward(np.ones((2, 3, 3)), final_state_grad=layer.zero_state(2))
+
+
+def test_models_and_stacks(rng):
+    """Models and stacks pass ``save`` to their stages (a stage of the user's without it is
+    called as before) and refuse backward before any stage adds a gradient."""
+    model = build_model("md", hidden=4, layers=2, directions=4, seed=1, dtype=np.float64)
+    x = rng.random((2, 6, 6, 1))
+    logits = model.forward(x)
+    np.testing.assert_allclose(model.forward(x, save=False), logits, rtol=1e-14, atol=1e-15)
+    model.zero_grad()
+    with pytest.raises(RuntimeError, match="save=False"):
+        model.backward(np.ones_like(logits))
+    assert not any(layer.grads.data.any() for layer in model.layers)
+
+    class Scale:  # no save parameter
+        def forward(self, x):
+            return 2 * x
+
+        def backward(self, dy, input_grad=True):
+            return 2 * dy
+
+    net = Sequential(mdlstm_stack(2, 1, 3, layers=2, subsample=2, seed=2), Scale(), BlockSubsample(1),
+                     Linear(3, 2))
+    y = net.forward(x)
+    np.testing.assert_array_equal(net.forward(x, save=False), y)
+    with pytest.raises(RuntimeError, match="save=False"):
+        net.backward(np.ones_like(y))
+    net.forward(x)
+    assert net.backward(np.ones_like(y)).shape == x.shape
+    lin = Linear(3, 2)
+    lin.forward(np.ones((4, 3)), save=False)
+    with pytest.raises(RuntimeError, match="save=False"):
+        lin.backward(np.ones((4, 2)))
