@@ -643,7 +643,8 @@ def _ms(seconds: float) -> str:
 @click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True,
               help="timed calls of each (after one warm-up call)")
 def bench(model, size, batch, hidden, channels, directions, cell, dtype, device, repeats) -> None:
-    """Time one layer's forward and train step (forward, backward, Adam) on this machine.
+    """Time one layer's forward, inference (forward keeping no activations) and train step
+    (forward, backward, Adam) on this machine.
 
     For the side-by-side benchmarks against PyTorch see the repository's bench/ folder.
     """
@@ -666,6 +667,8 @@ def bench(model, size, batch, hidden, channels, directions, cell, dtype, device,
                f"{'s' if directions > 1 else ''}, {cell}, {dtype} ({where})")
     click.echo(f"  forward     {_ms(r.forward_s):>10}  (median {_ms(r.forward_median_s)}, "
                f"{r.cells / r.forward_s:.3g} grid cells/s)")
+    click.echo(f"  inference   {_ms(r.inference_s):>10}  (median {_ms(r.inference_median_s)}; "
+               f"forward(x, save=False): no activations kept)")
     click.echo(f"  train step  {_ms(r.step_s):>10}  (median {_ms(r.step_median_s)}; forward, backward, Adam)")
     click.echo(f"  first call  {r.first_s:>8.3g} s  (forward + step; compiles the kernels unless cached)")
     if r.path:

@@ -1,10 +1,11 @@
-"""Time one recurrent layer on this machine (``mdnumba bench``): forward and a train step.
+"""Time one recurrent layer on this machine (``mdnumba bench``): forward, inference and a train step.
 
 A self-measurement for users of an installed package, CPU or GPU. The side-by-side
 benchmarks against PyTorch and the reference, with their results files, live in the
 repository's ``bench/``. No timing here is asserted anywhere: the numbers are reported.
 
-The layer is a :class:`mdnumba.layers.WavefrontLSTM` on random data; a *train step* is
+The layer is a :class:`mdnumba.layers.WavefrontLSTM` on random data; *inference* is
+``forward(x, save=False)`` (no activations kept); a *train step* is
 forward, ``dh = h`` (the gradient of ``0.5·Σh²``), zero_grad, backward without dL/dx (the
 layer reads data) and an Adam step: on the GPU all of it device-resident
 (:class:`mdnumba.backend_cuda.CudaLSTM`, :class:`~mdnumba.backend_cuda.CudaAdam`), each timed
@@ -34,6 +35,8 @@ class BenchResult:
 
     forward_s: float
     forward_median_s: float
+    inference_s: float
+    inference_median_s: float
     step_s: float
     step_median_s: float
     first_s: float
@@ -52,8 +55,8 @@ def _timed(fn: Callable[[], None], repeats: int) -> tuple[float, float]:
     return min(times), float(np.median(times))
 
 
-def _cpu_calls(layer: WavefrontLSTM, x: np.ndarray) -> tuple[Callable[[], None], Callable[[], None]]:
-    """(forward, train step) on the CPU."""
+def _cpu_calls(layer: WavefrontLSTM, x: np.ndarray) -> tuple[Callable[[], None], ...]:
+    """(forward, inference, train step) on the CPU."""
     opt = Adam(layer, lr=1e-3)
 
     def step() -> None:
@@ -61,11 +64,11 @@ def _cpu_calls(layer: WavefrontLSTM, x: np.ndarray) -> tuple[Callable[[], None],
         layer.zero_grad()
         layer.backward(h, input_grad=False)
         opt.step()
-    return (lambda: layer.forward(x)), step
+    return (lambda: layer.forward(x)), (lambda: layer.forward(x, save=False)), step
 
 
-def _cuda_calls(layer: WavefrontLSTM, x: np.ndarray) -> tuple[Callable[[], None], Callable[[], None]]:
-    """(forward, train step) device-resident, each ending with a synchronize."""
+def _cuda_calls(layer: WavefrontLSTM, x: np.ndarray) -> tuple[Callable[[], None], ...]:
+    """(forward, inference, train step) device-resident, each ending with a synchronize."""
     from numba import cuda
 
     from .backend_cuda import CudaAdam, CudaLSTM
@@ -73,8 +76,8 @@ def _cuda_calls(layer: WavefrontLSTM, x: np.ndarray) -> tuple[Callable[[], None]
     opt = CudaAdam([dev], lr=1e-3)
     xd = cuda.to_device(x)
 
-    def forward() -> None:
-        dev.forward(xd)
+    def forward(save: bool = True) -> None:
+        dev.forward(xd, save=save)
         cuda.synchronize()
 
     def step() -> None:
@@ -83,13 +86,13 @@ def _cuda_calls(layer: WavefrontLSTM, x: np.ndarray) -> tuple[Callable[[], None]
         dev.backward(h, input_grad=False)
         opt.step(sync=False)
         cuda.synchronize()
-    return forward, step
+    return forward, (lambda: forward(save=False)), step
 
 
 def bench_layer(ndim: int, size: int, *, batch: int, hidden: int, channels: int = 1,
                 directions: int = 1, cell: str = "graves", dtype: npt.DTypeLike = config.DEFAULT_DTYPE,
                 device: str = "cpu", repeats: int = 10, seed: int = 0) -> BenchResult:
-    """Time forward and train step of an ``ndim``-D layer over a grid of side ``size`` (1D: a
+    """Time forward, inference and train step of an ``ndim``-D layer over a grid of side ``size`` (1D: a
     sequence of ``size`` steps), ``batch`` items of ``channels`` channels, ``hidden`` units per
     direction. Errors as the layer's (bad sizes, cell, directions; ``device="cuda"`` without a
     GPU: :class:`mdnumba.CudaUnavailableError`)."""
@@ -97,17 +100,19 @@ def bench_layer(ndim: int, size: int, *, batch: int, hidden: int, channels: int 
     layer = WavefrontLSTM(ndim, channels, hidden, directions=directions, cell=cell, dtype=dtype,
                           device=device, seed=seed)
     x = np.random.default_rng(seed).random((batch,) + (size,) * ndim + (channels,), dtype=layer.dtype)
-    forward, step = (_cuda_calls if device == "cuda" else _cpu_calls)(layer, x)
+    forward, inference, step = (_cuda_calls if device == "cuda" else _cpu_calls)(layer, x)
     t0 = time.perf_counter()
     forward()
     step()
     first = time.perf_counter() - t0
+    inference()  # compiles the saving-free sweep (CPU)
+    inf, inf_med = _timed(inference, repeats)
     fwd, fwd_med = _timed(forward, repeats)
     path = _sweep_path(device)
     stp, stp_med = _timed(step, repeats)
     if path != _sweep_path(device):  # the backward sweep took another path than the forward
         path = f"forward {path}; backward {_sweep_path(device)}"
-    return BenchResult(fwd, fwd_med, stp, stp_med, first, repeats, batch * size ** ndim, path)
+    return BenchResult(fwd, fwd_med, inf, inf_med, stp, stp_med, first, repeats, batch * size ** ndim, path)
 
 
 def _sweep_path(device: str) -> str | None:

@@ -1,7 +1,8 @@
 """The benchmark reports' verdicts (bench/ is not a package: imported from its folder).
 
 The benchmarks themselves are not tests (speed is measured, not asserted); what is tested here
-is that a report states the issues' targets from the numbers it measured, on made-up timings.
+is that a report states the issues' targets from the numbers it measured, on made-up timings,
+and that a quick run of bench/inference.py writes its table.
 """
 
 from __future__ import annotations
@@ -63,3 +64,13 @@ def test_cpu_targets():
         "- forward at 32x32 B16 D32: PyTorch / mdnumba = 15.00x (target ≥ 5x): **met**",
         "- train step at 8x8 B16 D16: 0.9 ms (target ≤ 1 ms): **met**",
     ]
+
+
+def test_inference_bench_quick(tmp_path):
+    """bench/inference.py --quick runs and writes a row per shape with equal outputs."""
+    import inference
+    out = tmp_path / "inference.md"
+    inference.main(["--quick", "--no-torch", "--out", str(out)])
+    rows = [ln for ln in out.read_text().splitlines() if ln.startswith("| 2D") or ln.startswith("| 3D")]
+    assert len(rows) == len(inference.QUICK)
+    assert all(ln.rstrip(" |").endswith("| 0") for ln in rows), rows  # max abs difference

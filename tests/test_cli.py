@@ -191,7 +191,7 @@ def test_bench_reports_times(runner, args, head):
     assert res.exit_code == 0, res.output
     lines = res.output.splitlines()
     assert lines[0].startswith(head) and "(cpu, " in lines[0]
-    for what in ("forward", "train step"):
+    for what in ("forward", "inference", "train step"):
         ms = re.search(rf"^  {what} +([0-9.e+]+) ms  \(median ([0-9.e+]+) ms", res.output, re.M)
         assert ms and 0 < float(ms.group(1)) <= float(ms.group(2)), res.output
     assert lines[-1] == "  best of 2 calls each"
@@ -213,6 +213,7 @@ def test_bench_layer_result():
     r = bench_layer(2, 3, batch=2, hidden=2, channels=2, directions=4, repeats=3)
     assert r.cells == 2 * 9 and r.repeats == 3 and r.path is None
     assert 0 < r.forward_s <= r.forward_median_s and 0 < r.step_s <= r.step_median_s and r.first_s > 0
+    assert 0 < r.inference_s <= r.inference_median_s
     with pytest.raises(ValueError, match="repeats must be >= 1, got 0"):
         bench_layer(1, 3, batch=1, hidden=1, repeats=0)
 
