@@ -542,8 +542,9 @@ class GridLSTM2D(OwnsParams):
         """Set every gradient to zero (backward accumulates)."""
         self.grads.data[...] = 0
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """Sweep the T x depth grid; save what backward needs."""
+    def forward(self, x: np.ndarray, save: bool = True) -> np.ndarray:
+        """Sweep the T x depth grid; save what backward needs (``save=False``: nothing kept; the
+        sweep itself is the same)."""
         D, L = self.hidden, self.depth
         check_finite_params(self.params)
         x = check_array(x, "x", 3, D, self.dtype, f"(batch, time, hidden={D})")
@@ -557,16 +558,15 @@ class GridLSTM2D(OwnsParams):
         h, c = np.empty((R, 2 * D), self.dtype), np.empty((R, 2 * D), self.dtype)
         xt = np.ascontiguousarray(x.transpose(1, 0, 2)).reshape(T * B, D)
         self._sweeps().grid_forward(h, c, act, xt, *self._U(), wf.diag_off, wf.parent, wf.perm, L, B, D)
-        self._saved = dict(h=h, c=c, act=act, x=xt, wf=wf, B=B, T=T, level=level)
+        self._saved = dict(h=h, c=c, act=act, x=xt, wf=wf, B=B, T=T, level=level) if save else \
+            dict(inference=True)
         top = wf.inv_perm[np.arange(T) * L + L - 1]
         return np.ascontiguousarray(h.reshape(-1, B, 2 * D)[top, :, D:].transpose(1, 0, 2))
 
     def backward(self, dh: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
         """dL/dx for ``dh`` = dL/d(output) (None with ``input_grad=False``: the sweep computes
         it anyway, it is just not returned); accumulates the weight gradients."""
-        if self._saved is None:
-            raise RuntimeError("backward() called before forward(); run forward(x) first")
-        sv, D, L = self._saved, self.hidden, self.depth
+        sv, D, L = check_saved(self._saved), self.hidden, self.depth
         wf, B, T = sv["wf"], sv["B"], sv["T"]
         dh = check_array(dh, "dh", 3, D, self.dtype, f"(batch, time, hidden={D})")
         if dh.shape != (B, T, D):

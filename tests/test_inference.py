@@ -140,3 +140,14 @@ def test_models_and_stacks(rng):
     lin.forward(np.ones((4, 3)), save=False)
     with pytest.raises(RuntimeError, match="save=False"):
         lin.backward(np.ones((4, 2)))
+
+
+def test_grid_lstm_accepts_save(rng):
+    from mdnumba.layers import GridLSTM2D
+    layer = GridLSTM2D(3, 2, seed=1, dtype=np.float64)
+    x = rng.standard_normal((2, 4, 3))
+    y = layer.forward(x)
+    np.testing.assert_array_equal(layer.forward(x, save=False), y)
+    assert layer.saved_bytes() == 0
+    with pytest.raises(RuntimeError, match="save=False"):
+        layer.backward(np.ones_like(y))
