@@ -195,7 +195,7 @@ class WavefrontLSTM(OwnsParams):
         if self.ndim == 1:  # the last swept cell is in slot (last - 1) % 2 (one cell per plane)
             final = np.empty((B, S * D), self.dtype), np.empty((B, S * D), self.dtype)
             state_of_cell(final[0], final[1], h, c, (last - 1) % 2, B)
-        self._saved = dict(inference=True, final_state=final, stateful=state is not None)
+        self._saved = dict(inference=True, final_state=final)
         return out.reshape(x.shape[:-1] + (S * D,))
 
     def _backward(self, dh, input_grad, final_state_grad):
@@ -278,8 +278,9 @@ class WavefrontLSTM(OwnsParams):
 
     # -------------------------------------------------------------- helpers
     def _require_saved(self, final_state_grad=None, what: str = "backward()") -> dict:
-        """The saved activations of the last forward; RuntimeError before any, ValueError for a
-        ``final_state_grad`` after a forward without ``state``."""
+        """The saved activations of the last forward; RuntimeError before any (or after a
+        ``forward(x, save=False)``), ValueError for a ``final_state_grad`` after a forward without
+        ``state``."""
         check_stateful(check_saved(self._saved, what)["stateful"], final_state_grad)
         return self._saved
 
