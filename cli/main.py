@@ -526,6 +526,57 @@ def sample(run, length, temperature, prime, seed, device) -> None:
         raise click.UsageError(str(exc)) from None
 
 
+def _read_npy(path: Path):
+    """The array in the .npy file ``path`` (no pickles), or a UsageError saying what to fix."""
+    import numpy as np
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise click.UsageError(f"INPUT {path} is not a readable .npy array ({exc}); write one with "
+                               "numpy.save(path, x)") from None
+    if isinstance(data, np.lib.npyio.NpzFile):
+        names = ", ".join(data.files)
+        data.close()
+        raise click.UsageError(f"INPUT {path} is an .npz archive (arrays {names}); save the one to "
+                               "predict on with numpy.save(path, x)")
+    return data
+
+
+@main.command()
+@click.argument("run", type=click.Path(), callback=_folder)
+@click.argument("input", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help=".npy file for the probabilities (written atomically)")
+@click.option("--overwrite", is_flag=True, help="replace --out if it exists")
+@click.option("--batch", type=click.IntRange(min=1), default=None,
+              help="inputs per forward (default: the run's --batch)")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="run on this device instead of the one RUN was trained on")
+def predict(run, input, out, overwrite, batch, device) -> None:
+    """Apply RUN's model to the inputs in INPUT (.npy, laid out as its task's: e.g. (batch, height,
+    width, 1) for the diagonal task) and write the output probabilities to --out (.npy)."""
+    from mdnumba.checkpoint import atomic_write_bytes
+    if out.exists() and not overwrite:
+        raise click.UsageError(f"--out {out} exists; pass --overwrite to replace it")
+    if not out.parent.is_dir():
+        raise click.UsageError(f"--out {out}: its folder {out.parent} does not exist")
+    x = _read_npy(input)
+    try:
+        trainer = _load_run(run, device=device, read_text=False)
+        prob = trainer.predict(x, batch, name="INPUT")
+    except CheckpointError as exc:
+        raise click.ClickException(str(exc)) from None
+    except (TypeError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None
+    import numpy as np
+    try:
+        atomic_write_bytes(out, lambda fh: np.save(fh, prob))
+    except OSError as exc:
+        raise click.ClickException(f"cannot write --out {out} ({exc.strerror or exc})") from None
+    click.echo(f"{trainer.cfg.model} ({trainer.cfg.task}, step {trainer.step}): inputs {x.shape} -> "
+               f"probabilities {prob.shape} {prob.dtype}, written to {out}")
+
+
 @main.command()
 @click.argument("run", type=click.Path(), callback=_folder)
 @click.option("--size", type=click.IntRange(min=1), default=None,

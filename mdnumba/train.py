@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ._validate import NonFiniteError, check_count
+from ._validate import NonFiniteError, check_array, check_count, check_positive_int
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .kernels.cell import CELLS
-from .losses import LOSSES
+from .losses import LOSSES, sigmoid
 from .models import MODELS, build_model
 from .optim import OPTIMIZERS
 from .tasks import TASKS, get_task
@@ -400,6 +400,24 @@ class Trainer:
             raise CheckpointError(f"checkpoint in {folder} is incomplete, damaged or from another "
                                   f"version ({what}); start a new run") from None
         return tr
+
+    # ------------------------------------------------------------ predict
+    def predict(self, x: np.ndarray, batch: int | None = None, name: str = "x") -> np.ndarray:
+        """The model's output probabilities σ(logits) for inputs ``x`` laid out as the task's
+        (batch, grid axes.., channels), in chunks of ``batch`` items (default: the run's
+        ``--batch``), each a ``forward(save=False)``. Integer and boolean inputs are cast to the
+        run's dtype as they are (no scaling); errors as the layers' (shape, NaN/inf), naming the
+        input ``name``."""
+        like = self.task.sample(np.random.default_rng(0), 1, self.task.min_size, np.dtype(self.cfg.dtype)).x
+        axes = ", ".join(f"n{d + 1}" for d in range(like.ndim - 2))
+        x = np.asarray(x)
+        if x.dtype == bool or np.issubdtype(x.dtype, np.integer):
+            x = x.astype(self.cfg.dtype)
+        x = check_array(x, name, like.ndim, like.shape[-1], np.dtype(self.cfg.dtype),
+                        f"(batch, {axes}, {like.shape[-1]}) of the {self.task.name} task")
+        n = check_positive_int(self.cfg.batch if batch is None else batch, "batch")
+        return np.concatenate([sigmoid(self.model.forward(x[i:i + n], save=False))
+                               for i in range(0, x.shape[0], n)])
 
     # ------------------------------------------------------------ evaluate
     def evaluate(self, size: int | None = None, batches: int = 10, seed: int = 12345) -> dict:

@@ -63,6 +63,11 @@ class CharLMTrainer(Trainer):
         return {"loss": loss, "bpc": loss * BITS_PER_NAT, **self._val, "time": dt,
                 "chars_per_s": x.size / dt}
 
+    def predict(self, x: np.ndarray, batch: int | None = None, name: str = "x") -> np.ndarray:
+        """Not for a language model: text comes from :meth:`generate` (``mdnumba sample``)."""
+        raise ValueError("predict applies to the image and sequence tasks; a char-lm run generates "
+                         "text: use `mdnumba sample` (Trainer.generate)")
+
     def evaluate(self, size: int | None = None, batches: int = 10, seed: int = 12345) -> dict:
         """Mean validation loss (nats/char) and bits per char over fixed random windows."""
         rng = np.random.default_rng(seed)

@@ -132,6 +132,10 @@ def test_cli_char_lm_train_resume_sample(tmp_path, textfile):
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     res = runner.invoke(main, ["sample", str(tmp_path / "full"), "--length", "30", "--prime", "the "])
     assert res.exit_code == 0 and res.output.startswith("the ") and len(res.output.strip()) >= 30
+    np.save(tmp_path / "x.npy", np.zeros((1, 3, 6)))
+    res = runner.invoke(main, ["predict", str(tmp_path / "full"), str(tmp_path / "x.npy"), "--out",
+                               str(tmp_path / "p.npy")])
+    assert res.exit_code == 2 and "a char-lm run generates text: use `mdnumba sample`" in res.output
     assert "vocabulary" in runner.invoke(main, ["sample", str(tmp_path / "full"), "--prime", "XYZ"]).output
     textfile.write_text("completely different text with Q and Z! " * 40)
     res = runner.invoke(main, ["train", "--resume", str(tmp_path / "full"), "--steps", "6"])

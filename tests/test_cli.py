@@ -72,6 +72,67 @@ def test_evaluate_other_size(runner, tmp_path):
     assert "size 9" in res.output and "second_x_acc" in res.output
 
 
+def test_predict_writes_the_models_probabilities(runner, tmp_path):
+    """predict = σ(model.forward(x)) of the checkpoint's model, in any --batch chunks, integer
+    inputs cast; --out is not replaced without --overwrite."""
+    from mdnumba.losses import sigmoid
+    from mdnumba.train import Trainer
+    assert train(runner, tmp_path / "run").exit_code == 0
+    x = np.random.default_rng(0).random((5, 6, 7, 1)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    want = sigmoid(Trainer.load(tmp_path / "run").model.forward(x))
+    for extra in ([], ["--batch", "2", "--overwrite"]):
+        res = runner.invoke(main, ["predict", str(tmp_path / "run"), str(tmp_path / "x.npy"),
+                                   "--out", str(tmp_path / "p.npy"), *extra])
+        assert res.exit_code == 0, res.output
+        assert "inputs (5, 6, 7, 1) -> probabilities (5, 6, 7, 1) float32" in res.output
+        np.testing.assert_allclose(np.load(tmp_path / "p.npy"), want, rtol=1e-6)
+    res = runner.invoke(main, ["predict", str(tmp_path / "run"), str(tmp_path / "x.npy"), "--out",
+                               str(tmp_path / "p.npy")])
+    assert res.exit_code == 2 and "exists; pass --overwrite" in res.output
+    np.save(tmp_path / "b.npy", x > 0.5)
+    res = runner.invoke(main, ["predict", str(tmp_path / "run"), str(tmp_path / "b.npy"), "--out",
+                               str(tmp_path / "b_p.npy")])
+    assert res.exit_code == 0, res.output
+    np.testing.assert_allclose(np.load(tmp_path / "b_p.npy"),
+                               Trainer.load(tmp_path / "run").predict((x > 0.5).astype(np.float32)))
+
+
+def test_predict_refusals(runner, tmp_path):
+    assert train(runner, tmp_path / "run").exit_code == 0
+    x = np.random.default_rng(0).random((2, 4, 4, 1))
+    bad_nan = x.copy()
+    bad_nan[0, 1, 1, 0] = np.nan
+    files = {"x3.npy": x[..., 0], "x2c.npy": np.concatenate([x, x], -1), "nan.npy": bad_nan,
+             "obj.npy": np.array([1, "a"], dtype=object), "empty.npy": x[:0]}
+    for name, arr in files.items():
+        np.save(tmp_path / name, arr, allow_pickle=True)
+    np.savez(tmp_path / "a.npz", x=x)
+    (tmp_path / "t.npy").write_text("not numpy")
+    (tmp_path / "x.npy").write_bytes((tmp_path / "x3.npy").read_bytes())
+    run = str(tmp_path / "run")
+    for args, message in [
+            ([run, "x3.npy"], "INPUT must have 4 dimensions (batch, n1, n2, 1) of the diagonal task, "
+                              "got shape (2, 4, 4)"),
+            ([run, "x2c.npy"], "INPUT has 2 channels in its last axis, the layer expects 1"),
+            ([run, "nan.npy"], "INPUT contains 1 NaN or infinite values"),
+            ([run, "obj.npy"], "is not a readable .npy array"),
+            ([run, "t.npy"], "is not a readable .npy array"),
+            ([run, "empty.npy"], "INPUT has an empty axis"),
+            ([run, "a.npz"], "is an .npz archive (arrays x); save the one to predict on"),
+            ([run, "missing.npy"], "File 'missing.npy' does not exist"),
+            ([run, "x.npy", "--batch", "0"], "--batch"),
+            ([run, "x.npy", "--out", "no/p.npy"], "its folder no does not exist"),
+            ([str(tmp_path / "none"), "x.npy"], "no checkpoint")]:
+        out = ["--out", "p.npy"] if "--out" not in args else []
+        with runner.isolated_filesystem(temp_dir=tmp_path) as cwd:
+            for f in tmp_path.glob("*.np?"):
+                os.symlink(f, os.path.join(cwd, f.name))
+            res = runner.invoke(main, ["predict", *args, *out])
+            assert res.exit_code in (1, 2) and message in res.output, (args, res.output)
+            assert not os.path.exists("p.npy")
+
+
 def test_evaluate_takes_20_batches_by_default(runner, tmp_path):
     """What train's closing line promises ("mdnumba evaluate takes 20 by default")."""
     assert train(runner, tmp_path / "run").exit_code == 0

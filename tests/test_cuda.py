@@ -941,6 +941,15 @@ def sim_cli_trains_on_device(tmp_path):
     assert len((tmp_path / "log.tsv").read_text().splitlines()) == 6
     res = CliRunner().invoke(main, ["train", "--resume", str(tmp_path), "--steps", "6", "--sync-every", "1"])
     assert res.exit_code == 0, res.output  # --sync-every may change on resume (train --help)
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((3, 4, 5, 1)))
+    probs = {}
+    for device in ("cuda", "cpu"):  # predict on the device, and the same run on the CPU
+        out = tmp_path / f"p_{device}.npy"
+        res = CliRunner().invoke(main, ["predict", str(tmp_path), str(tmp_path / "x.npy"), "--out",
+                                        str(out), "--device", device, "--batch", "2"])
+        assert res.exit_code == 0, res.output
+        probs[device] = np.load(out)
+    np.testing.assert_allclose(probs["cuda"], probs["cpu"], rtol=1e-5, atol=1e-6)
 
 
 def sim_cli_bench_on_device():
