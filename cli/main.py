@@ -526,14 +526,23 @@ def sample(run, length, temperature, prime, seed, device) -> None:
         raise click.UsageError(str(exc)) from None
 
 
+def _out_file(ctx, param, value: str) -> Path:
+    """An output file option as a Path; an empty one is refused (it would name the current folder)."""
+    if not value.strip():
+        raise click.BadParameter("is empty; give the file to write")
+    return Path(value)
+
+
 def _read_npy(path: Path):
     """The array in the .npy file ``path`` (no pickles), or a UsageError saying what to fix."""
     import numpy as np
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
-        raise click.UsageError(f"INPUT {path} is not a readable .npy array ({exc}); write one with "
-                               "numpy.save(path, x)") from None
+        why = "not a .npy file, or one of Python objects, which predict does not unpickle" \
+            if "pickle" in str(exc) else str(exc)
+        raise click.UsageError(f"INPUT {path} is not a readable .npy array of numbers ({why}); "
+                               "write one with numpy.save(path, x)") from None
     if isinstance(data, np.lib.npyio.NpzFile):
         names = ", ".join(data.files)
         data.close()
@@ -545,7 +554,7 @@ def _read_npy(path: Path):
 @main.command()
 @click.argument("run", type=click.Path(), callback=_folder)
 @click.argument("input", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+@click.option("--out", "out", type=click.Path(dir_okay=False), callback=_out_file, required=True,
               help=".npy file for the probabilities (written atomically)")
 @click.option("--overwrite", is_flag=True, help="replace --out if it exists")
 @click.option("--batch", type=click.IntRange(min=1), default=None,

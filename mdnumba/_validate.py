@@ -52,13 +52,17 @@ def nonfinite_input(name: str, count: int) -> NonFiniteError:
     return NonFiniteError(f"{name} contains {count} NaN or infinite values; {fix}")
 
 
-def overflowed_state(cell: str, count: int) -> NonFiniteError:
+def overflowed_state(cell: str, count: int, output: bool = False) -> NonFiniteError:
     """The error for ``count`` NaN/inf values in a forward's cell state c: h = o·tanh(c) stays
-    finite there, but the gradients would be NaN (0·inf), so backward says so instead."""
+    finite there, but the gradients would be NaN (0·inf), so backward says so instead; or
+    (``output``) in the forward's output h itself, where an overflowed state met 0 or −inf."""
     advice = "lower the learning rate or set clip_norm"
     if cell != "stable":
         advice = (f"the {cell} cell's state can grow geometrically along the diagonals of a large "
                   f"grid: use cell='stable', or {advice}")
+    if output:
+        return NonFiniteError(f"the cell state overflowed in forward: {count} values of its output h "
+                              f"are NaN or inf; {advice}")
     return NonFiniteError(f"the cell state overflowed to inf in forward ({count} values), so the "
                           f"gradients would be NaN; {advice}")
 
@@ -79,6 +83,13 @@ def check_state(state: object, name: str, batch: int, width: int, dtype: np.dtyp
         if a.shape[0] != batch:
             raise ValueError(f"{name}[{i}] is for a batch of {a.shape[0]}, the input's batch is {batch}")
     return pair
+
+
+def check_flag(value: object, name: str) -> bool:
+    """``value`` as a bool; TypeError unless it is one (``save="no"`` must not mean True)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def missing_activations(what: str = "backward()", inference: bool = False) -> RuntimeError:

@@ -36,6 +36,7 @@ import numpy.typing as npt
 from . import config
 from ._validate import (
     check_array,
+    check_flag,
     check_positive_int,
     check_saved,
     check_shape,
@@ -283,7 +284,7 @@ class CudaLSTM(DeviceLayer):
                    cell=layer.cell, directions=layer.directions, **kw)
 
     # ------------------------------------------------------------ passes
-    def forward(self, x: HostOrDevice, state: tuple | None = None, save: bool = True) -> HostOrDevice:
+    def forward(self, x: HostOrDevice, state: tuple | None = None, *, save: bool = True) -> HostOrDevice:
         """``h`` (B, *dims, S*D) for ``x`` (B, *dims, C); saves what backward needs.
 
         Per direction q: ``act_q = flip_q(x) W_q + b_q`` (one GEMM), then one sweep
@@ -293,6 +294,7 @@ class CudaLSTM(DeviceLayer):
         is refused, as after the CPU's saving-free forward.
         """
         k, N, C, D, S = self.k, self.ndim, self.in_channels, self.hidden, self.directions
+        save = check_flag(save, "save")
         xd, host_in = self._input(x, "x", N + 2, C, f"(batch, {N} grid axes, channels)")
         B, dims = xd.shape[0], tuple(xd.shape[1:-1])
         if state is not None:  # checked before any workspace of the last forward is written
@@ -316,6 +318,9 @@ class CudaLSTM(DeviceLayer):
                             diag_off_host=t.diag_off_host[sweep], out=out, out_src=t.unskew_src)
         self._saved = dict(tables=t, shape=(B,) + dims + (S * D,), stateful=state is not None,
                            host_in=host_in, inference=not save)
+        bad = self._nonfinite(out)  # NaN/inf in h: an overflowed state (checked layers only)
+        if bad:
+            raise overflowed_state(self.cell, bad, output=True)
         out = out.reshape((B,) + dims + (S * D,))
         return out.copy_to_host() if host_in else out
 
@@ -651,7 +656,7 @@ def layer_forward(layer: WavefrontLSTM, x: HostOrDevice, state: tuple | None = N
     """``WavefrontLSTM.forward`` on the GPU: upload params, run; NumPy or device ``h`` (as ``x``)."""
     st = _state_for(layer)
     st.set_params(layer.params.data)
-    return st.forward(x, state, save)
+    return st.forward(x, state, save=save)
 
 
 def _saved_state(layer: WavefrontLSTM, what: str = "backward()") -> CudaLSTM:

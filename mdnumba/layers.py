@@ -14,6 +14,7 @@ from ._validate import (
     check_array,
     check_finite_number,
     check_finite_params,
+    check_flag,
     check_positive_int,
     check_saved,
     check_shape,
@@ -115,7 +116,7 @@ class WavefrontLSTM(OwnsParams):
         """Set every gradient to zero (backward accumulates)."""
         self.grads.data[...] = 0
 
-    def forward(self, x: np.ndarray, save: bool = True) -> np.ndarray:
+    def forward(self, x: np.ndarray, *, save: bool = True) -> np.ndarray:
         """Run the forward sweep and save the activations needed by backward.
 
         ``x`` of any float dtype is cast to the layer's (``self.dtype``), in which the output
@@ -137,6 +138,7 @@ class WavefrontLSTM(OwnsParams):
         """:meth:`forward`; ``state = (h0, c0)`` (1D: :meth:`LSTM1D.forward`) or None (zero state,
         the tables of :func:`direction_tables`); ``save=False``: :meth:`_forward_rolling`."""
         check_finite_params(self.params)
+        save = check_flag(save, "save")
         if self.device == "cuda":
             from .backend_cuda import layer_forward
             return layer_forward(self, x, state, save)
@@ -172,6 +174,7 @@ class WavefrontLSTM(OwnsParams):
                            stateful=state is not None)
         out = np.empty((dense, S, D), dtype=self.dtype)
         unskew_rows(out, h, unskew_src)  # grid order, direction q in channels q*D:(q+1)*D
+        self._check_state(out, output=True)
         return out.reshape((B,) + dims + (S * D,))
 
     def _forward_rolling(self, x, wf, skew_src, state):
@@ -196,6 +199,7 @@ class WavefrontLSTM(OwnsParams):
             final = np.empty((B, S * D), self.dtype), np.empty((B, S * D), self.dtype)
             state_of_cell(final[0], final[1], h, c, (last - 1) % 2, B)
         self._saved = dict(inference=True, final_state=final)
+        self._check_state(out, output=True)
         return out.reshape(x.shape[:-1] + (S * D,))
 
     def _backward(self, dh, input_grad, final_state_grad):
@@ -255,7 +259,7 @@ class WavefrontLSTM(OwnsParams):
         if self.device == "cuda":
             from .backend_cuda import layer_bytes
             return layer_bytes(self, saved=True)
-        if self._saved is None:
+        if self._saved is None or self._saved.get("inference"):  # forward(x, save=False) kept none
             return 0
         arrays = [a for v in self._saved.values() for a in (v if isinstance(v, tuple) else (v,))]
         return sum(a.nbytes for a in arrays if isinstance(a, np.ndarray))
@@ -284,10 +288,11 @@ class WavefrontLSTM(OwnsParams):
         check_stateful(check_saved(self._saved, what)["stateful"], final_state_grad)
         return self._saved
 
-    def _check_state(self, c: np.ndarray) -> None:
-        """NonFiniteError if the forward's cell state overflowed (:func:`overflowed_state`)."""
+    def _check_state(self, c: np.ndarray, output: bool = False) -> None:
+        """NonFiniteError if the forward's cell state ``c`` overflowed, or (``output``) its output
+        h holds NaN/inf from such a state (:func:`overflowed_state`)."""
         if not (np.isfinite(c.min()) and np.isfinite(c.max())):  # NaN propagates; no temporary array
-            raise overflowed_state(self.cell, c.size - int(np.isfinite(c).sum()))
+            raise overflowed_state(self.cell, c.size - int(np.isfinite(c).sum()), output)
 
     def _per_direction(self, name: str, buf=None) -> np.ndarray:
         """View of parameter ``name`` with a leading direction axis (also when S = 1)."""
@@ -377,7 +382,7 @@ class LSTM1D(WavefrontLSTM):
         for buf in (self.params, self.grads):
             buf.add_alias("U_rec", buf["U"][..., 0, :])
 
-    def forward(self, x: np.ndarray, state: tuple | None = None, save: bool = True) -> np.ndarray:
+    def forward(self, x: np.ndarray, state: tuple | None = None, *, save: bool = True) -> np.ndarray:
         """:meth:`WavefrontLSTM.forward`, from the initial state ``state = (h0, c0)`` if given,
         each ``(batch, directions*hidden)`` (direction q in columns ``q*hidden:(q+1)*hidden``, as
         the output; a reversed scan starts at the last step), else from zeros. Continue a
@@ -454,9 +459,10 @@ class Linear(OwnsParams):
         """Set every gradient to zero (backward accumulates)."""
         self.grads.data[...] = 0
 
-    def forward(self, x: np.ndarray, save: bool = True) -> np.ndarray:
+    def forward(self, x: np.ndarray, *, save: bool = True) -> np.ndarray:
         """``y = x @ W + b`` on the last axis; ``save=False`` keeps no input for backward."""
         check_finite_params(self.params)
+        save = check_flag(save, "save")
         given = x
         x = check_array(x, "x", max(np.ndim(x), 1), self.in_features, self.dtype, "(..., in_features)")
         x2 = x.reshape(-1, self.in_features)
@@ -543,10 +549,11 @@ class GridLSTM2D(OwnsParams):
         """Set every gradient to zero (backward accumulates)."""
         self.grads.data[...] = 0
 
-    def forward(self, x: np.ndarray, save: bool = True) -> np.ndarray:
+    def forward(self, x: np.ndarray, *, save: bool = True) -> np.ndarray:
         """Sweep the T x depth grid; save what backward needs (``save=False``: nothing kept; the
         sweep itself is the same)."""
         D, L = self.hidden, self.depth
+        save = check_flag(save, "save")
         check_finite_params(self.params)
         x = check_array(x, "x", 3, D, self.dtype, f"(batch, time, hidden={D})")
         B, T = x.shape[:2]

@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import config
-from ._validate import check_shape, missing_activations
+from ._validate import check_flag, check_shape, missing_activations
 from .layers import Linear, WavefrontLSTM
 from .stack import LayerGroup, Sequential, mdlstm_stack
 
@@ -36,11 +36,11 @@ class RecurrentReadout(LayerGroup):
     def _from_recurrent(self, y: np.ndarray) -> np.ndarray:
         return y.reshape(self._in_shape[:-1] + (y.shape[-1],))
 
-    def forward(self, x: np.ndarray, save: bool = True) -> np.ndarray:
+    def forward(self, x: np.ndarray, *, save: bool = True) -> np.ndarray:
         """Return logits with the input's shape except the last axis (out_features);
         ``save=False`` (evaluation) keeps no activations for backward."""
         x = np.asarray(x)
-        self._in_shape, self._inference = x.shape, not save
+        self._in_shape, self._inference = x.shape, not check_flag(save, "save")
         h = self.recurrent.forward(self._to_recurrent(x), save=save)
         return self._from_recurrent(self.readout.forward(h, save=save))
 

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from . import config
-from ._validate import check_positive_int, check_shape, missing_activations
+from ._validate import check_flag, check_positive_int, check_shape, missing_activations
 from .layers import LSTM1D, MDLSTM2D, MDLSTM3D, WavefrontLSTM
 
 _NAMED = {1: LSTM1D, 2: MDLSTM2D, 3: MDLSTM3D}
@@ -31,9 +31,10 @@ class BlockSubsample:
     def out_channels(self, in_channels: int) -> int:
         return in_channels * self.block ** self.ndim
 
-    def forward(self, x: np.ndarray, save: bool = True) -> np.ndarray:
+    def forward(self, x: np.ndarray, *, save: bool = True) -> np.ndarray:
         """Move each block's cells into the channel axis (``save`` is accepted like the layers';
         backward needs only the input's shape, which is always kept)."""
+        check_flag(save, "save")
         x = np.asarray(x)
         N, k = self.ndim, self.block
         dims = x.shape[1:-1]
@@ -122,11 +123,13 @@ class LayerGroup:
 
 
 def _takes_save(stage: object) -> bool:
-    """Whether ``stage.forward`` takes ``save`` (the layers here do; a stage of the user's may not)."""
+    """Whether ``stage.forward`` takes ``save`` (the layers here do; a stage of the user's may not),
+    by name or through ``**kwargs``."""
     try:
-        return "save" in inspect.signature(stage.forward).parameters
+        params = inspect.signature(stage.forward).parameters
     except (TypeError, ValueError):  # no signature to read
         return False
+    return "save" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def _all_stages(stages: list):
@@ -176,10 +179,10 @@ class Sequential(LayerGroup):
     def __getitem__(self, i: int):
         return self.stages[i]
 
-    def forward(self, x: np.ndarray, save: bool = True) -> np.ndarray:
+    def forward(self, x: np.ndarray, *, save: bool = True) -> np.ndarray:
         """``x`` through every stage in order; each keeps what its backward needs, or with
         ``save=False`` (inference) nothing: the stages whose ``forward`` takes ``save`` get it."""
-        self._inference = not save
+        self._inference = not check_flag(save, "save")
         for i, stage in enumerate(self.stages):
             with _named_stage(i, stage, "forward"):
                 x = stage.forward(x) if save or not _takes_save(stage) else stage.forward(x, save=False)

@@ -409,12 +409,11 @@ class Trainer:
         run's dtype as they are (no scaling); errors as the layers' (shape, NaN/inf), naming the
         input ``name``."""
         like = self.task.sample(np.random.default_rng(0), 1, self.task.min_size, np.dtype(self.cfg.dtype)).x
-        axes = ", ".join(f"n{d + 1}" for d in range(like.ndim - 2))
         x = np.asarray(x)
         if x.dtype == bool or np.issubdtype(x.dtype, np.integer):
             x = x.astype(self.cfg.dtype)
         x = check_array(x, name, like.ndim, like.shape[-1], np.dtype(self.cfg.dtype),
-                        f"(batch, {axes}, {like.shape[-1]}) of the {self.task.name} task")
+                        f"{self.task.layout} of the {self.task.name} task")
         n = check_positive_int(self.cfg.batch if batch is None else batch, "batch")
         return np.concatenate([sigmoid(self.model.forward(x[i:i + n], save=False))
                                for i in range(0, x.shape[0], n)])

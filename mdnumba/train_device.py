@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._validate import check_array, check_shape, missing_activations
+from ._validate import check_array, check_flag, check_shape, missing_activations
 from .backend_cuda import DEVICE_OPTIMIZERS, CudaLinear, CudaLSTM, HostOrDevice, require_cuda
 from .layers import WavefrontLSTM
 from .models import RecurrentReadout
@@ -99,7 +99,7 @@ class DeviceModel(LayerGroup):
     def n_params(self) -> int:
         return self.params.size
 
-    def forward(self, x: HostOrDevice, save: bool = True) -> HostOrDevice:
+    def forward(self, x: HostOrDevice, *, save: bool = True) -> HostOrDevice:
         """Logits of the host model's shape; saves what backward needs on the device (with
         ``save=False`` the same sweeps run, and ``backward`` is refused)."""
         k = self.readout.k
@@ -107,7 +107,7 @@ class DeviceModel(LayerGroup):
         if host_in:
             x = check_array(x, "x", np.ndim(x), None, self.dtype, "(batch, grid axes.., channels)")
         xd = k.as_device(x)
-        self._in_shape, self._inference = tuple(xd.shape), not save
+        self._in_shape, self._inference = tuple(xd.shape), not check_flag(save, "save")
         h = self.host._to_recurrent(xd)
         for stage in self.stages:
             h = stage.forward(h)

@@ -112,17 +112,20 @@ def test_predict_refusals(runner, tmp_path):
     (tmp_path / "x.npy").write_bytes((tmp_path / "x3.npy").read_bytes())
     run = str(tmp_path / "run")
     for args, message in [
-            ([run, "x3.npy"], "INPUT must have 4 dimensions (batch, n1, n2, 1) of the diagonal task, "
+            ([run, "x3.npy"], "INPUT must have 4 dimensions (batch, height, width, 1) of the diagonal task, "
                               "got shape (2, 4, 4)"),
             ([run, "x2c.npy"], "INPUT has 2 channels in its last axis, the layer expects 1"),
             ([run, "nan.npy"], "INPUT contains 1 NaN or infinite values"),
-            ([run, "obj.npy"], "is not a readable .npy array"),
-            ([run, "t.npy"], "is not a readable .npy array"),
+            ([run, "obj.npy"], "(not a .npy file, or one of Python objects, which predict does not "
+                               "unpickle)"),
+            ([run, "t.npy"], "is not a readable .npy array of numbers"),
             ([run, "empty.npy"], "INPUT has an empty axis"),
             ([run, "a.npz"], "is an .npz archive (arrays x); save the one to predict on"),
             ([run, "missing.npy"], "File 'missing.npy' does not exist"),
             ([run, "x.npy", "--batch", "0"], "--batch"),
             ([run, "x.npy", "--out", "no/p.npy"], "its folder no does not exist"),
+            ([run, "x.npy", "--out", ""], "'--out': is empty"),
+            ([run, "x.npy", "--out", "."], "is a directory"),
             ([str(tmp_path / "none"), "x.npy"], "no checkpoint")]:
         out = ["--out", "p.npy"] if "--out" not in args else []
         with runner.isolated_filesystem(temp_dir=tmp_path) as cwd:

@@ -265,7 +265,7 @@ def sim_failed_forward_keeps_the_last_one_and_free_buffers(rng):
             call()
 
 
-def sim_forward_without_saving(rng):
+def sim_forward_without_saving(rng, monkeypatch):
     """``forward(x, save=False)`` on a device layer (a device model too): the CPU layer's output
     and final state; backward is then refused, with nothing added to the gradients."""
     from mdnumba.models import build_model
@@ -286,6 +286,11 @@ def sim_forward_without_saving(rng):
     np.testing.assert_allclose(dev.forward(img, save=False), model.forward(img, save=False), **tol)
     with pytest.raises(RuntimeError, match="save=False"):
         dev.backward(np.ones((2, 3, 4, 1)))
+    from mdnumba.backend_cuda import CudaLSTM  # an output with NaN/inf (too big a grid to simulate)
+    monkeypatch.setattr(CudaLSTM, "_nonfinite", lambda self, a: 3 if self.checked else 0)
+    for save in (True, False):
+        with pytest.raises(ValueError, match="state overflowed in forward: 3 values of its output h"):
+            gpu.forward(x, save=save)
 
 
 @pytest.mark.parametrize("ndim", [2, 3])

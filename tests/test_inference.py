@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from refcheck import reference_weights
 
+import mdnumba
 from mdnumba import LSTM1D, MDLSTM2D, MDLSTM3D, WavefrontLSTM, reference
 from mdnumba.layers import Linear
 from mdnumba.models import build_model
@@ -86,6 +87,7 @@ def test_backward_after_it_is_refused_and_training_is_unharmed(rng):
     dx = layer.backward(dh)
     grads = layer.grads.data.copy()
     layer.forward(x2, save=False)
+    assert layer.saved_bytes() == 0
     with pytest.raises(RuntimeError, match=r"save=True; the last forward\(x, save=False\) kept none"):
         layer.backward(dh)
     np.testing.assert_array_equal(layer.grads.data, grads)  # nothing added
@@ -93,6 +95,24 @@ def test_backward_after_it_is_refused_and_training_is_unharmed(rng):
     layer.forward(x)  # a saving forward between inference calls: backward as before
     np.testing.assert_array_equal(layer.backward(dh), dx)
     np.testing.assert_array_equal(layer.grads.data, grads)
+
+
+@pytest.mark.parametrize("save", [False, True])
+def test_an_overflowed_state_in_the_output_is_named(save, rng):
+    """Forget gates near 1 on a large grid: the graves cell's state overflows and h holds NaN;
+    forward says so (not the next stage, which would blame its input)."""
+    layer = MDLSTM2D(1, 4, forget_bias=10.0)
+    with pytest.raises(mdnumba.NonFiniteError, match="state overflowed in forward: .* output h are NaN"):
+        layer.forward(rng.standard_normal((1, 200, 200, 1)).astype(np.float32), save=save)
+
+
+def test_save_is_a_keyword_and_a_bool():
+    layer, x = MDLSTM2D(1, 2), np.ones((1, 2, 2, 1))
+    for stage in (layer, Linear(1, 2), Sequential(layer), BlockSubsample(1)):
+        with pytest.raises(TypeError, match="save must be True or False, got 'no'"):
+            stage.forward(x, save="no")
+        with pytest.raises(TypeError, match="positional"):
+            stage.forward(x, False)
 
 
 def test_refusals_and_the_state_api(rng):
@@ -127,6 +147,15 @@ def test_models_and_stacks(rng):
 
         def backward(self, dy, input_grad=True):
             return 2 * dy
+
+    class Keywords(Scale):  # takes it through **kwargs
+        def forward(self, x, **kw):
+            self.kw = kw
+            return 2 * x
+
+    kw = Keywords()
+    Sequential(kw).forward(x, save=False)
+    assert kw.kw == {"save": False}
 
     net = Sequential(mdlstm_stack(2, 1, 3, layers=2, subsample=2, seed=2), Scale(), BlockSubsample(1),
                      Linear(3, 2))

@@ -198,3 +198,13 @@ def test_sigmoid_readout_never_overflows():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         np.testing.assert_array_equal(sigmoid(np.array([-1e4, 0.0, 1e4])), [0.0, 0.5, 1.0])
+
+
+def test_task_layouts_describe_their_batches(rng):
+    """What ``mdnumba predict`` tells a user to give: the rank and channels of the task's x."""
+    from mdnumba.tasks import TASKS
+    for task in TASKS.values():
+        if task.sample is None:  # char-lm reads text
+            continue
+        x = task.sample(rng, 2, task.min_size + 1).x
+        assert task.layout.count(",") + 1 == x.ndim and task.layout.endswith(f" {x.shape[-1]})"), task

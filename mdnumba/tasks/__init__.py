@@ -29,20 +29,23 @@ class Task:
     #: the loss a run uses unless it names one (the seed's MSE for the diagonal
     #: task, sigmoid + BCE for binary addition)
     loss: str = "mse"
+    #: the layout of an input batch ``x`` (what ``mdnumba predict`` takes)
+    layout: str = ""
 
 
 TASKS = {
     "diagonal": Task("diagonal", sample_diagonal, diagonal_metrics,
                      ("loss", "relevant_loss", "second_x_acc"), ("md", "horizontal", "snake"),
-                     1, "image side", 4, diagonal_probe),
+                     1, "image side", 4, diagonal_probe, layout="(batch, height, width, 1)"),
     "diagonal3d": Task("diagonal3d", sample_diagonal3d, diagonal_metrics,
                        ("loss", "relevant_loss", "second_x_acc"), ("md3d",), 1, "volume side", 4,
-                       diagonal_probe),
+                       diagonal_probe, layout="(batch, depth1, depth2, depth3, 1)"),
     # char-lm reads a text file; its data and metrics live in mdnumba.train_charlm
     "char-lm": Task("char-lm", None, None, ("loss", "bpc", "val_loss", "val_bpc", "chars_per_s"),
                     ("grid", "stacked"), 0, "unused", 1),
     "binary-addition": Task("binary-addition", sample_addition, addition_metrics,
-                            ("loss", "bit_acc", "number_acc"), ("lstm",), 2, "bits", 1, loss="bce"),
+                            ("loss", "bit_acc", "number_acc"), ("lstm",), 2, "bits", 1, loss="bce",
+                            layout="(batch, bits, 2)"),
 }
 
 
