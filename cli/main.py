@@ -359,10 +359,22 @@ def _check_memory(trainer) -> None:
         raise click.UsageError(str(exc)) from None
 
 
+def _compile_notice() -> None:
+    """Before a run's first step: say so on stderr when this process compiles the kernels (nothing
+    cached yet, or MDNUMBA_CACHE=0), which otherwise shows nothing for tens of seconds."""
+    from mdnumba import config, kernel_cache
+    if config.CACHE and kernel_cache.is_warm():
+        return
+    why = ("the first run on this machine takes about a minute; later ones load them from the cache"
+           if config.CACHE else "MDNUMBA_CACHE=0: every run compiles them")
+    click.echo(f"compiling the kernels ({why})", err=True)
+
+
 def _make_trainer(out: Path, cfg):
     from mdnumba.charlm import CorpusError
     from mdnumba.train import make_trainer
     _require_device(cfg.device)
+    _compile_notice()
     try:
         trainer = make_trainer(cfg, out)  # reads a char-lm text: its errors come before mkdir
     except (CorpusError, ValueError) as exc:  # e.g. a model too large to address
@@ -444,6 +456,7 @@ def _resume_run(folder: Path, given: dict):
     """Load the run in ``folder`` for ``train --resume`` with the explicitly ``given`` options:
     those of :data:`RESUME_OVERRIDES` apply, the others must equal the run's settings."""
     overrides = {k: v for k, v in given.items() if k in RESUME_OVERRIDES}
+    _compile_notice()
     try:
         trainer = _load_run(folder, **overrides)
     except CheckpointError as exc:

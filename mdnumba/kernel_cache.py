@@ -85,10 +85,24 @@ def install(variant: str) -> bool:
     return True
 
 
+def _sweep_locator() -> KernelCacheLocator | None:
+    """The cache locator of ``kernels/wavefront.py``'s forward sweep (None: no writable folder)."""
+    from .kernels import wavefront
+    return KernelCacheLocator.from_function(wavefront.wavefront_forward.py_func, wavefront.__file__)
+
+
+def is_warm() -> bool:
+    """Whether the cache folder holds a compiled forward sweep (from any earlier process; one
+    compiled from older sources also counts): False means this process compiles the kernels."""
+    locator = _sweep_locator()
+    if locator is None:
+        return False
+    return any(Path(locator.get_cache_path()).glob("wavefront.wavefront_forward-*.nbi"))
+
+
 def describe() -> str:
     """Where the kernels of ``kernels/wavefront.py`` are cached, the variant and the digest."""
-    from .kernels import wavefront
-    locator = KernelCacheLocator.from_function(wavefront.wavefront_forward.py_func, wavefront.__file__)
+    locator = _sweep_locator()
     if locator is None:
         return "no writable cache folder: kernels are compiled in every process"
     return f"{locator.get_cache_path()} (sources {KernelCacheLocator.digest[:12]})"

@@ -794,3 +794,27 @@ def test_train_and_compare_folders_do_not_mix(runner, tmp_path):
     assert sorted(p.name for p in cmp.iterdir()) == ["horizontal", "snake", "summary.tsv"]
     assert [p.name for p in (cmp / "snake").iterdir()] == ["notes.txt"]
     assert [r.split("\t")[0] for r in (cmp / "summary.tsv").read_text().splitlines()[1:]] == ["horizontal"]
+
+
+@pytest.mark.parametrize("warm,cache,notice", [
+    (False, True, "compiling the kernels (the first run on this machine takes about a minute"),
+    (True, False, "compiling the kernels (MDNUMBA_CACHE=0: every run compiles them)"),
+    (True, True, None)])
+def test_train_says_when_it_compiles_the_kernels(runner, tmp_path, monkeypatch, warm, cache, notice):
+    from mdnumba import config, kernel_cache
+    monkeypatch.setattr(kernel_cache, "is_warm", lambda: warm)
+    monkeypatch.setattr(config, "CACHE", cache)
+    res = train(runner, tmp_path / "run", "--steps", "1")
+    assert res.exit_code == 0, res.output
+    if notice:
+        assert notice in res.output
+    else:
+        assert "compiling" not in res.output
+
+
+def test_kernel_cache_is_warm_after_a_compiled_sweep(tmp_path, monkeypatch):
+    from mdnumba import kernel_cache
+    monkeypatch.setattr(kernel_cache.KernelCacheLocator, "get_cache_path", lambda self: str(tmp_path))
+    assert not kernel_cache.is_warm()
+    (tmp_path / "wavefront.wavefront_forward-95.py311.nbi").write_bytes(b"")
+    assert kernel_cache.is_warm()
