@@ -194,16 +194,16 @@ class DeviceLayer:
         from .kernels.optim_cuda import count_nonfinite
         return count_nonfinite(a)
 
-    def _ws(self, name: str, shape: tuple):
-        """A device workspace kept while its shape is unchanged."""
+    def _ws(self, name: str, shape: tuple, dtype=None):
+        """A device workspace kept while its shape is unchanged (of the layer's dtype, or ``dtype``)."""
         buf = self._work.get(name)
         if buf is None or tuple(buf.shape) != tuple(shape):
-            buf = self._work[name] = self._new(shape)
+            buf = self._work[name] = self._new(shape, dtype)
         return buf
 
-    def _new(self, shape: tuple):
+    def _new(self, shape: tuple, dtype=None):
         from numba import cuda
-        return cuda.device_array(shape, dtype=self.dtype)
+        return cuda.device_array(shape, dtype=self.dtype if dtype is None else dtype)
 
     def _result(self, name: str, shape: tuple):
         """A buffer for a returned result: kept (``reuse_outputs``) or new."""
@@ -290,8 +290,7 @@ class CudaLSTM(DeviceLayer):
         Per direction q: ``act_q = flip_q(x) W_q + b_q`` (one GEMM), then one sweep
         for all directions adds ``Σ_d h_parent_d U_qd`` and applies the cell. 1D: from the
         initial ``state = (h0, c0)`` (as :meth:`mdnumba.LSTM1D.forward`) if given.
-        ``save=False``: the same sweep (its workspaces stay for the next call), but ``backward``
-        is refused, as after the CPU's saving-free forward.
+        ``save=False``: :meth:`_forward_rolling`, nothing kept for ``backward`` (refused).
         """
         k, N, C, D, S = self.k, self.ndim, self.in_channels, self.hidden, self.directions
         save = check_flag(save, "save")
@@ -302,6 +301,8 @@ class CudaLSTM(DeviceLayer):
             h0, c0 = check_state(state, "state", B, S * D, check=self._state_input)
         self._saved = None  # from here on the workspaces no longer hold the last forward's
         t = device_tables(dims, B, S, state is not None)
+        if not save:
+            return self._forward_rolling(xd, host_in, t, None if state is None else (h0, c0))
         R, G, dense = t.n_cells * B, (N + 3) * D, B * math.prod(dims)
         xs, act = self._ws("xs", (S * R, C)), self._ws("act", (S * R, G))
         h, c = self._ws("h", (S * R, D)), self._ws("c", (S * R, D))
@@ -316,12 +317,38 @@ class CudaLSTM(DeviceLayer):
         k.wavefront_forward(h, c, act, self.U, t.diag_off[sweep], t.parent, B, D, self.cell_code,
                             path=self.path, use_shared=self.use_shared, tpb=self.tpb,
                             diag_off_host=t.diag_off_host[sweep], out=out, out_src=t.unskew_src)
-        self._saved = dict(tables=t, shape=(B,) + dims + (S * D,), stateful=state is not None,
-                           host_in=host_in, inference=not save)
-        bad = self._nonfinite(out)  # NaN/inf in h: an overflowed state (checked layers only)
+        return self._forward_result(out, t, dims, host_in, state is not None, inference=False)
+
+    def _forward_rolling(self, xd, host_in: bool, t: DeviceTables, state: tuple | None):
+        """:meth:`forward` with ``save=False``: :func:`~mdnumba.kernels.wavefront_cuda.wavefront_infer`
+        in buffers of two hyperplanes, as the CPU layer's; keeps where the final state is (1D)."""
+        k, N, C, D, S, B = self.k, self.ndim, self.in_channels, self.hidden, self.directions, t.batch
+        slots, K = 2 * int(np.diff(t.diag_off_host).max()), len(t.diag_off_host) - 1
+        act = self._ws("roll_act", (S * slots * B, (N + 3) * D))
+        h, c = self._ws("roll_h", (S * slots * B, D)), self._ws("roll_c", (S * slots * B, D))
+        lp = self._ws("roll_lp", (slots, N), np.int64)
+        first, last = (0, K) if state is None else (1, K - 1)
+        if state is not None:
+            k.seed_state(h, c, act, *state, B)  # cell 0 (slot 0) holds (h0, c0)
+        dense = xd.size // C
+        out = self._result("out", (dense, S, D))
+        k.wavefront_infer(out, h, c, act, lp, xd.reshape(dense, C), t.skew_src, self.W, self.b, self.U,
+                          t.diag_off, t.parent, first, last, B, D, self.cell_code, path=self.path,
+                          use_shared=self.use_shared, tpb=self.tpb, diag_off_host=t.diag_off_host)
+        return self._forward_result(out, t, tuple(xd.shape[1:-1]), host_in, state is not None,
+                                    inference=True, final_slot=(last - 1) % 2)
+
+    def _forward_result(self, out, t: DeviceTables, dims: tuple, host_in: bool, stateful: bool, **kept):
+        """Record the forward (``kept``: what the saving and the saving-free forward differ in),
+        refuse an output with NaN/inf (an overflowed state; checked layers only) and return it
+        shaped (B, *dims, S*D), on the host for a host input."""
+        S, D = self.directions, self.hidden
+        self._saved = dict(tables=t, shape=(t.batch,) + dims + (S * D,), stateful=stateful,
+                           host_in=host_in, **kept)
+        bad = self._nonfinite(out)
         if bad:
             raise overflowed_state(self.cell, bad, output=True)
-        out = out.reshape((B,) + dims + (S * D,))
+        out = out.reshape((t.batch,) + dims + (S * D,))
         return out.copy_to_host() if host_in else out
 
     def backward(self, dh: HostOrDevice, input_grad: bool = True,
@@ -386,10 +413,14 @@ class CudaLSTM(DeviceLayer):
         self._require_1d("final_state()")
         if self._saved is None:
             raise RuntimeError("final_state() called before forward(); run forward(x) first")
-        t, S, D = self._saved["tables"], self.directions, self.hidden
+        sv, S, D = self._saved, self.directions, self.hidden
+        t = sv["tables"]
         pair = self._new((t.batch, S * D)), self._new((t.batch, S * D))
-        last = t.n_cells - (2 if self._saved["stateful"] else 1)
-        self.k.state_of_cell(*pair, self._work["h"], self._work["c"], last, t.batch)
+        if sv["inference"]:  # the slot of the two-plane buffers the last step went to
+            h, c, last = self._work["roll_h"], self._work["roll_c"], sv["final_slot"]
+        else:
+            h, c, last = self._work["h"], self._work["c"], t.n_cells - (2 if sv["stateful"] else 1)
+        self.k.state_of_cell(*pair, h, c, last, t.batch)
         return self._as_input(pair)
 
     def initial_state_grad(self) -> tuple:

@@ -122,9 +122,9 @@ class WavefrontLSTM(OwnsParams):
         ``x`` of any float dtype is cast to the layer's (``self.dtype``), in which the output
         comes back. With ``device="cuda"`` ``x`` may also be a CUDA array (numba device array or anything
         with ``__cuda_array_interface__``); the output is then a numba device array.
-        ``save=False`` (inference) keeps nothing for backward: on the CPU the sweep then holds two
+        ``save=False`` (inference) keeps nothing for backward: the sweep then holds two
         hyperplanes at a time instead of every cell's activations (the same output, a fraction of
-        the memory); ``device="cuda"`` runs its usual sweep.
+        the memory), on the CPU and with ``device="cuda"``.
         """
         return self._forward(x, None, save)
 

@@ -31,6 +31,7 @@ from refcheck import (
     check_drawn_layer,
     check_state_against_reference,
     layers_and_inputs,
+    reference_weights,
 )
 
 from mdnumba import LSTM1D, MDLSTM2D, WavefrontLSTM
@@ -265,32 +266,54 @@ def sim_failed_forward_keeps_the_last_one_and_free_buffers(rng):
             call()
 
 
-def sim_forward_without_saving(rng, monkeypatch):
-    """``forward(x, save=False)`` on a device layer (a device model too): the CPU layer's output
-    and final state; backward is then refused, with nothing added to the gradients."""
+@pytest.mark.parametrize("path", ["cooperative", "per-diagonal"])
+@pytest.mark.parametrize("ndim,shape,kw,dtype", [
+    (2, (3, 3, 4, 2), {}, np.float64), (2, (2, 2, 3, 1), {"cell": "stable", "directions": 4}, np.float32),
+    (3, (1, 2, 3, 2, 1), {"cell": "spatial", "directions": 8}, np.float64),
+    (1, (2, 5, 2), {"directions": 2}, np.float32), (2, (1, 1, 1, 1), {}, np.float64)])
+def sim_forward_without_saving(ndim, shape, kw, dtype, path, rng, monkeypatch):
+    """``forward(x, save=False)`` on a device layer (its two-plane sweep, :func:`wavefront_infer`'s
+    CUDA twin) equals the CPU layer's and the float64 reference, 1D from a state with its final
+    state; backward is then refused with nothing added to the gradients."""
+    from mdnumba.kernels import wavefront_cuda
+    monkeypatch.setattr(wavefront_cuda, "DEFAULT_PATH", path)
+    gpu, cpu = (_layer(ndim, shape[-1], 3, dtype, device, **kw) for device in ("cuda", "cpu"))
+    x = rng.standard_normal(shape).astype(dtype)
+    yr, _ = ref.directions_forward(x.astype(np.float64), reference_weights(cpu), cpu.cell)
+    tol = dict(rtol=1e-12, atol=1e-13) if dtype == np.float64 else dict(rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gpu.forward(x, save=False), yr, **tol)
+    assert wavefront_cuda.last_path().startswith(path)
+    assert gpu.saved_bytes() == 0 < gpu.workspace_bytes()
+    if ndim == 1:
+        state = tuple(rng.standard_normal((shape[0], gpu.out_channels)).astype(dtype) for _ in range(2))
+        y = gpu.forward(x, state=state, save=False)
+        np.testing.assert_allclose(y, cpu.forward(x, state=state), **tol)
+        for a, b in zip(gpu.final_state(), cpu.final_state()):
+            np.testing.assert_allclose(a, b, **tol)
+    with pytest.raises(RuntimeError, match="save=False"):
+        gpu.backward(np.ones(yr.shape))
+    assert not gpu.grads.data.any()
+
+
+def sim_forward_without_saving_in_models_and_overflow(rng, monkeypatch):
+    """A device model's ``forward(save=False)`` equals the host model's; an output with NaN/inf
+    is refused in both modes (the counting kernel patched: an overflowing grid is too big to
+    simulate)."""
+    from mdnumba.backend_cuda import CudaLSTM
     from mdnumba.models import build_model
     from mdnumba.train_device import DeviceModel
-    x, state = rng.standard_normal((2, 4, 2)), (rng.standard_normal((2, 6)), rng.standard_normal((2, 6)))
-    gpu, cpu = (_layer(1, 2, 3, np.float64, device, directions=2) for device in ("cuda", "cpu"))
-    tol = dict(rtol=1e-12, atol=1e-13)
-    np.testing.assert_allclose(gpu.forward(x, state=state, save=False), cpu.forward(x, state=state), **tol)
-    for a, b in zip(gpu.final_state(), cpu.final_state()):
-        np.testing.assert_allclose(a, b, **tol)
-    assert gpu.saved_bytes() == 0 < gpu.workspace_bytes()
-    with pytest.raises(RuntimeError, match="save=False"):
-        gpu.backward(np.ones((2, 4, 6)))
-    assert not gpu.grads.data.any()
     model = build_model("md", hidden=3, dtype=np.float64, seed=1)
     dev = DeviceModel(model)
     img = rng.random((2, 3, 4, 1))
+    tol = dict(rtol=1e-12, atol=1e-13)
     np.testing.assert_allclose(dev.forward(img, save=False), model.forward(img, save=False), **tol)
     with pytest.raises(RuntimeError, match="save=False"):
         dev.backward(np.ones((2, 3, 4, 1)))
-    from mdnumba.backend_cuda import CudaLSTM  # an output with NaN/inf (too big a grid to simulate)
+    gpu = _layer(2, 1, 2, np.float64, "cuda")
     monkeypatch.setattr(CudaLSTM, "_nonfinite", lambda self, a: 3 if self.checked else 0)
     for save in (True, False):
         with pytest.raises(ValueError, match="state overflowed in forward: 3 values of its output h"):
-            gpu.forward(x, save=save)
+            gpu.forward(img, save=save)
 
 
 @pytest.mark.parametrize("ndim", [2, 3])

@@ -220,6 +220,65 @@ def _forward_plane(h, c, act, Uf, diag_off, parent, B, D, cell, k, start, stride
 
 
 @cuda.jit(device=True)
+def _fill_parents(lp, parent, diag_off, k, last, start, stride):
+    """Grid-stride: the slots of hyperplane k's parents into ``lp`` (CPU: ``_rolling_parents`` of
+    :mod:`mdnumba.kernels.wavefront`: plane k's cells take slots ``(k % 2)*M + i``, M =
+    ``lp.shape[0] / 2``); nothing for ``k >= last``."""
+    if k >= last:
+        return
+    N = parent.shape[1]
+    M = _divmod(lp.shape[0], 2)[0]
+    cur = _divmod(k, 2)[1] * M
+    s0 = diag_off[k]
+    p0 = s0
+    if k > 0:
+        p0 = diag_off[k - 1]
+    for t in range(start, (diag_off[k + 1] - s0) * N, stride):
+        i, d = _divmod(t, N)
+        p = parent[s0 + i, d]
+        if p >= 0:
+            lp[cur + i, d] = M - cur + p - p0
+        else:
+            lp[cur + i, d] = -1
+
+
+@cuda.jit(device=True)
+def _infer_plane(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, B, D, cell, k, start, stride):
+    """Grid-stride over hyperplane k's items in the two-plane buffers (slots of
+    :func:`_fill_parents`): per (scan q, cell, row group, unit j) the input projection
+    ``act[r, g*D + j] = bias_q + x[src[q, ·]] @ W_q`` (src -1: bias only), then
+    :func:`_unit_forward` (parents by ``lp``), then h into ``out[src, q, j]``."""
+    M = _divmod(lp.shape[0], 2)[0]
+    cur = _divmod(k, 2)[1] * M
+    s0 = diag_off[k]
+    N = lp.shape[1]
+    nbg = (B + ROWS_PER_THREAD - 1) // ROWS_PER_THREAD
+    n = (diag_off[k + 1] - s0) * nbg * D
+    MB = lp.shape[0] * B
+    DNG = N * (N + 3) * D * D
+    C = W.shape[1]
+    for t in range(start, n * W.shape[0], stride):
+        lo, uo, s, b0, nb, j = _work_item(t, n, cur, nbg, B, D, MB, DNG)
+        q = _divmod(lo, MB)[0]
+        row0 = (s0 + s - cur) * B + b0  # the cell's first row in src
+        for i in range(nb):
+            sr = src[q, row0 + i]
+            r = lo + s * B + b0 + i
+            for g in range(N + 3):
+                col = g * D + j
+                v = bias[q, col]
+                if sr >= 0:
+                    for cc in range(C):
+                        v += x[sr, cc] * W[q, cc, col]
+                act[r, col] = v
+        _unit_forward(h, c, act, Uf, uo, lp, lo, s, b0, nb, j, B, D, cell)
+        for i in range(nb):
+            sr = src[q, row0 + i]
+            if sr >= 0:
+                out[sr, q, j] = h[lo + s * B + b0 + i, j]
+
+
+@cuda.jit(device=True)
 def _rows_pull(dh, dact, UTf, uo, child, base, s, b0, nb, j, B, D, N):
     """``dh[r_i, j] += Σ_d Σ_g dact[base + child_d(s)*B + b0 + i, g] · UT[g, d*D + j]`` for the
     ``nb`` rows ``r_i = base + s*B + b0 + i`` (UT at ``UTf[uo:]``; each weight serves every row).
@@ -408,6 +467,47 @@ def _backward_diag(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cel
         UTf = shared
     _backward_plane(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, k,
                     cuda.grid(1), cuda.gridsize(1))
+
+
+@cuda.jit(**_JIT)
+def _infer_coop(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent, first, last, B, D, cell,
+                use_shared):
+    """Hyperplanes ``first .. last-1`` of the saving-free forward in one cooperative launch: each
+    step fills the next plane's parent slots (the half the current plane does not read) and
+    computes the current plane, grid sync in between."""
+    grid = cuda.cg.this_grid()
+    shared = cuda.shared.array(0, Uf.dtype)
+    _stage(shared, Uf, use_shared)
+    if use_shared:
+        Uf = shared
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    _fill_parents(lp, parent, diag_off, first, last, start, stride)
+    grid.sync()
+    for k in range(first, last):
+        _fill_parents(lp, parent, diag_off, k + 1, last, start, stride)
+        _infer_plane(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, B, D, cell, k, start, stride)
+        grid.sync()
+
+
+@cuda.jit(**_JIT)
+def _infer_pre(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent, first, last, B, D, cell,
+               use_shared):
+    """The first plane's parent slots (per-diagonal path of :func:`_infer_coop`)."""
+    _fill_parents(lp, parent, diag_off, first, last, cuda.grid(1), cuda.gridsize(1))
+
+
+@cuda.jit(**_JIT)
+def _infer_diag(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent, first, last, B, D, cell,
+                use_shared, k):
+    """Hyperplane ``first + k`` only, and the next plane's parent slots (one launch per plane)."""
+    shared = cuda.shared.array(0, Uf.dtype)
+    _stage(shared, Uf, use_shared)
+    if use_shared:
+        Uf = shared
+    start, stride = cuda.grid(1), cuda.gridsize(1)
+    _fill_parents(lp, parent, diag_off, first + k + 1, last, start, stride)
+    _infer_plane(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, B, D, cell, first + k, start, stride)
 
 
 @cuda.jit(**_JIT)
@@ -851,6 +951,25 @@ def wavefront_forward(h, c, act, U, diag_off, parent, B: int, D: int, cell: int,
                   extra_items=out_.size)
     _record(desc, shared)
     a.finish(0, 1, 2, 6)
+
+
+def wavefront_infer(out, h, c, act, lp, x, src, W, bias, U, diag_off, parent, first: int, last: int,
+                    B: int, D: int, cell: int, *, path: str | None = None, use_shared: bool | None = None,
+                    tpb: int | None = None, diag_off_host: np.ndarray | None = None) -> None:
+    """CUDA twin of :func:`mdnumba.kernels.wavefront.wavefront_infer` (same arguments; keywords
+    as in :func:`wavefront_forward`)."""
+    tpb = _tpb(tpb)
+    a = _Args(out, h, c, act, lp, x, src, W, bias, U, diag_off, parent)
+    out_, h_, c_, act_, lp_, x_, src_, W_, b_, U_, off_, par_ = a.dev
+    shared = _use_shared(U_, use_shared)
+    shmem = U_.nbytes if shared else 0
+    host_off = _host_ints(diag_off if diag_off_host is None else diag_off_host)
+    args = (out_, h_, c_, act_, U_.reshape(U_.size), lp_, x_, src_, W_, b_, off_, par_, int(first),
+            int(last), int(B), int(D), int(cell), shared)
+    desc = _sweep(_infer_coop, _infer_diag, args, host_off[first:last + 1], U_.shape[0] * _row_groups(B),
+                  D, shmem, path, tpb, reverse=False, pre=_infer_pre, extra_items=lp_.size)
+    _record(desc, shared)
+    a.finish(0, 1, 2, 3, 4)
 
 
 def wavefront_backward(dact, dc, dh, act, c, U, diag_off, parent, child, B: int, D: int, cell: int, *,
