@@ -101,7 +101,7 @@ class DeviceModel(LayerGroup):
 
     def forward(self, x: HostOrDevice, *, save: bool = True) -> HostOrDevice:
         """Logits of the host model's shape; saves what backward needs on the device (with
-        ``save=False`` the same sweeps run, and ``backward`` is refused)."""
+        ``save=False`` the recurrent layers run their two-plane sweep and ``backward`` is refused)."""
         k = self.readout.k
         host_in = not k.is_device_array(x)
         if host_in:
@@ -110,7 +110,7 @@ class DeviceModel(LayerGroup):
         self._in_shape, self._inference = tuple(xd.shape), not check_flag(save, "save")
         h = self.host._to_recurrent(xd)
         for stage in self.stages:
-            h = stage.forward(h)
+            h = stage.forward(h, save=save) if isinstance(stage, CudaLSTM) else stage.forward(h)
         self._h_shape = tuple(h.shape)
         y = self.readout.forward(h)
         y = y.reshape(self._in_shape[:-1] + (self.readout.out_features,))

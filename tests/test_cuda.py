@@ -302,11 +302,12 @@ def sim_forward_without_saving_in_models_and_overflow(rng, monkeypatch):
     from mdnumba.backend_cuda import CudaLSTM
     from mdnumba.models import build_model
     from mdnumba.train_device import DeviceModel
-    model = build_model("md", hidden=3, dtype=np.float64, seed=1)
+    model = build_model("md", hidden=3, dtype=np.float64, seed=1, layers=2, directions=4)
     dev = DeviceModel(model)
     img = rng.random((2, 3, 4, 1))
     tol = dict(rtol=1e-12, atol=1e-13)
     np.testing.assert_allclose(dev.forward(img, save=False), model.forward(img, save=False), **tol)
+    assert all(st._saved["inference"] for st in dev.stages)  # the two-plane sweep ran
     with pytest.raises(RuntimeError, match="save=False"):
         dev.backward(np.ones((2, 3, 4, 1)))
     gpu = _layer(2, 1, 2, np.float64, "cuda")
