@@ -360,8 +360,8 @@ def _check_memory(trainer) -> None:
 
 
 def _compile_notice() -> None:
-    """Before a run's first step: say so on stderr when this process compiles the kernels (nothing
-    cached yet, or MDNUMBA_CACHE=0), which otherwise shows nothing for tens of seconds."""
+    """Before a run is built or loaded: say so on stderr when this process compiles the kernels
+    (nothing cached yet, or MDNUMBA_CACHE=0), which otherwise shows nothing for tens of seconds."""
     from mdnumba import config, kernel_cache
     if config.CACHE and kernel_cache.is_warm():
         return
@@ -456,7 +456,6 @@ def _resume_run(folder: Path, given: dict):
     """Load the run in ``folder`` for ``train --resume`` with the explicitly ``given`` options:
     those of :data:`RESUME_OVERRIDES` apply, the others must equal the run's settings."""
     overrides = {k: v for k, v in given.items() if k in RESUME_OVERRIDES}
-    _compile_notice()
     try:
         trainer = _load_run(folder, **overrides)
     except CheckpointError as exc:
@@ -486,6 +485,7 @@ def _load_run(folder: Path, **overrides):
     cannot use says to pass ``--device cpu``."""
     from mdnumba.backend_cuda import CudaUnavailableError
     from mdnumba.train import Trainer
+    _compile_notice()
     try:
         return Trainer.load(folder, **overrides)
     except CudaUnavailableError as exc:

@@ -10,6 +10,14 @@ def rng():
     return np.random.default_rng(1234)
 
 
+@pytest.fixture(autouse=True)
+def _warm_kernel_cache(monkeypatch):
+    """The CLI's "compiling the kernels" notice depends on what the kernel cache holds (cold at
+    the first test that compiles): every test sees a warm cache unless it sets one itself."""
+    from mdnumba import kernel_cache
+    monkeypatch.setattr(kernel_cache, "is_warm", lambda: True)
+
+
 def pytest_collection_modifyitems(config, items):
     """``MDNUMBA_TEST_SHARD=i/k``: keep every k-th collected test from the i-th on (0 <= i < k).
     tests/test_cuda.py splits its simulator case run into concurrent shards this way;
