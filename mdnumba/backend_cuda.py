@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -45,6 +44,7 @@ from ._validate import (
     nonfinite_input,
     overflowed_state,
 )
+from .grid import table_cache
 from .optim import Adam, RMSprop, nonfinite_gradient
 
 if TYPE_CHECKING:
@@ -118,7 +118,7 @@ class DeviceTables:
     unskew_src: object   # [q, b*M + m] = skewed row inv_perm[flip_q(m)]*B + b
 
 
-@lru_cache(maxsize=32)
+@table_cache  # device memory, bounded as the host tables
 def device_tables(dims: tuple, batch: int, directions: int = 1, stateful: bool = False) -> DeviceTables:
     """Build (and cache) :class:`DeviceTables`; direction q mirrors the axes of q's set bits;
     ``stateful`` (1D): the layout with state cells of :func:`mdnumba.grid.state_tables`."""

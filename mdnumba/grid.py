@@ -11,10 +11,56 @@ hyperplane in parallel.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
+
+#: bytes the tables cached by each :func:`table_cache` function may hold; the most recent entry
+#: is kept even when larger (a 2048x2048 grid's :func:`wavefront` tables alone take 192 MiB)
+TABLE_CACHE_BYTES = 512 * 2**20
+
+
+def _nbytes(value: object) -> int:
+    """Bytes of the arrays in a table result: an array, or tuples and dataclasses of them."""
+    if hasattr(value, "nbytes"):
+        return int(value.nbytes)
+    if isinstance(value, tuple):
+        return sum(_nbytes(v) for v in value)
+    if dataclasses.is_dataclass(value):
+        return sum(_nbytes(getattr(value, f.name)) for f in dataclasses.fields(value))
+    return 0
+
+
+def table_cache(fn):
+    """``functools.lru_cache`` bounded by the bytes of what it holds, not by a count: images of
+    many sizes (e.g. inference on pages of different widths) must not pile up GiBs of tables.
+    Least recently used entries go first once the total passes :data:`TABLE_CACHE_BYTES`;
+    ``cache_clear()`` and ``cache_bytes()`` as the names say."""
+    entries: OrderedDict = OrderedDict()
+    lock = threading.Lock()
+
+    @functools.wraps(fn)
+    def cached(*args, **kwargs):
+        key = (args, tuple(sorted(kwargs.items())))
+        with lock:
+            if key in entries:
+                entries.move_to_end(key)
+                return entries[key][0]
+        value = fn(*args, **kwargs)
+        with lock:
+            entries[key] = (value, _nbytes(value))
+            total = sum(size for _, size in entries.values())
+            while total > TABLE_CACHE_BYTES and len(entries) > 1:
+                total -= entries.popitem(last=False)[1][1]
+        return value
+
+    cached.cache_clear = entries.clear
+    cached.cache_bytes = lambda: sum(size for _, size in entries.values())
+    return cached
 
 
 @dataclass(frozen=True)
@@ -50,7 +96,7 @@ class Wavefront:
         return int(np.diff(self.diag_off).max())
 
 
-@lru_cache(maxsize=64)
+@table_cache
 def wavefront(dims: tuple) -> Wavefront:
     """Build (and cache) the :class:`Wavefront` tables for grid shape ``dims``."""
     dims = tuple(int(n) for n in dims)
@@ -78,7 +124,7 @@ def wavefront(dims: tuple) -> Wavefront:
     return Wavefront(dims, perm, inv_perm, diag_off, parent, child)
 
 
-@lru_cache(maxsize=16)  # 16 B per row and direction (the 2D float32 activations: 28·D B)
+@table_cache  # 16 B per row and direction (the 2D float32 activations: 28·D B)
 def direction_tables(dims: tuple, batch: int, directions: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Row tables between dense ``(B, *dims)`` rows (``b*M + m``, M cells) and the skewed rows
     ``s*B + b`` of each scan direction q (q mirrors the axes of its set bits), read-only int64:
@@ -107,7 +153,7 @@ def direction_tables(dims: tuple, batch: int, directions: int = 1) -> tuple[np.n
     return tables
 
 
-@lru_cache(maxsize=16)
+@table_cache
 def state_tables(steps: int, batch: int, directions: int = 1) -> tuple[Wavefront, np.ndarray, np.ndarray]:
     """Tables of a 1D layer whose scans start from a given state: ``(wf, skew_src, unskew_src)``.
 

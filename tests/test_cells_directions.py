@@ -170,3 +170,22 @@ def test_3d_default_init_does_not_overflow_on_a_large_volume():
     layer = MDLSTM3D(1, 4, forget_bias=0.0)
     layer.forward(x)
     assert np.abs(layer._saved["c"]).max() > 1e5
+
+
+def test_table_caches_are_bounded_by_bytes(monkeypatch):
+    """Tables of many grid sizes do not pile up: least recently used ones go once the cache holds
+    more than TABLE_CACHE_BYTES; the newest stays even when larger; a hit returns the same object."""
+    from mdnumba import grid
+    grid.wavefront.cache_clear()
+    one, third = (grid._nbytes(grid.wavefront(dims)) for dims in ((6, 7), (2, 21)))
+    assert third > one  # more diagonals
+    monkeypatch.setattr(grid, "TABLE_CACHE_BYTES", one + third)
+    grid.wavefront.cache_clear()
+    a, b = grid.wavefront((6, 7)), grid.wavefront((7, 6))  # as many bytes as (6, 7)
+    assert grid.wavefront((6, 7)) is a and grid.wavefront.cache_bytes() == 2 * one  # a is now newest
+    grid.wavefront((2, 21))  # one + one + third > the budget: b, the least recently used, goes
+    assert grid.wavefront.cache_bytes() == one + third
+    assert grid.wavefront((6, 7)) is a and grid.wavefront((7, 6)) is not b
+    big = grid.wavefront((30, 30))
+    assert grid.wavefront.cache_bytes() == grid._nbytes(big) > one + third and grid.wavefront((30, 30)) is big
+    grid.wavefront.cache_clear()
