@@ -332,6 +332,8 @@ class CudaLSTM(DeviceLayer):
             k.seed_state(h, c, act, *state, B)  # cell 0 (slot 0) holds (h0, c0)
         dense = xd.size // C
         out = self._result("out", (dense, S, D))
+        if k.shares_memory(out, xd):  # a kept output fed back in: the sweep reads x as it writes out
+            out = self._new((dense, S, D))
         k.wavefront_infer(out, h, c, act, lp, xd.reshape(dense, C), t.skew_src, self.W, self.b, self.U,
                           t.diag_off, t.parent, first, last, B, D, self.cell_code, path=self.path,
                           use_shared=self.use_shared, tpb=self.tpb, diag_off_host=t.diag_off_host)

@@ -310,6 +310,15 @@ def sim_forward_without_saving_in_models_and_overflow(rng, monkeypatch):
     assert all(st._saved["inference"] for st in dev.stages)  # the two-plane sweep ran
     with pytest.raises(RuntimeError, match="save=False"):
         dev.backward(np.ones((2, 3, 4, 1)))
+    from numba import cuda
+    host = MDLSTM2D(2, 2, dtype=np.float64, seed=3)  # C = S*D: it can read its own output
+    own = CudaLSTM.from_layer(host)
+    own.reuse_outputs = True  # as in a device model: the output buffer is kept between calls
+    x0 = rng.random((1, 3, 3, 2))
+    y1 = own.forward(cuda.to_device(x0), save=False)
+    y2 = own.forward(y1, save=False)  # its kept output buffer as the input: not written while read
+    want = host.forward(host.forward(x0, save=False), save=False)
+    np.testing.assert_allclose(y2.copy_to_host(), want, **tol)
     gpu = _layer(2, 1, 2, np.float64, "cuda")
     monkeypatch.setattr(CudaLSTM, "_nonfinite", lambda self, a: 3 if self.checked else 0)
     for save in (True, False):

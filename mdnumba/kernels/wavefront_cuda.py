@@ -791,6 +791,15 @@ def is_device_array(x) -> bool:
     return hasattr(x, "copy_to_host") or hasattr(x, "__cuda_array_interface__")
 
 
+def shares_memory(a, b) -> bool:
+    """Whether the contiguous device arrays ``a`` and ``b`` overlap (the simulator's arrays: their
+    host buffers)."""
+    if SIMULATOR:
+        return bool(np.shares_memory(a._ary, b._ary))
+    lo_a, lo_b = (int(v.__cuda_array_interface__["data"][0]) for v in (a, b))
+    return lo_a < lo_b + b.nbytes and lo_b < lo_a + a.nbytes
+
+
 def as_device(x):
     """A numba device array viewing ``x`` (no copy) if it is one; NumPy arrays are copied over."""
     if hasattr(x, "copy_to_host"):
@@ -881,7 +890,8 @@ def _sweep(coop, diag, args, diag_off_host, rows_per_cell: int, D: int, shmem: i
         try:
             grid = _coop_grid(coop, args, tpb, shmem, _blocks(max(items.max(), extra_items), tpb, 1 << 30))
             coop[grid, tpb, 0, shmem](*args)
-            return f"cooperative ({grid} blocks x {tpb} threads, {K} grid syncs)"
+            syncs = K + (pre is not None)  # the cooperative kernel syncs once after its prologue too
+            return f"cooperative ({grid} blocks x {tpb} threads, {syncs} grid syncs)"
         except Exception as exc:  # missing cudadevrt, no cooperative launch, ...
             if path == "cooperative":
                 raise
