@@ -890,8 +890,7 @@ def _sweep(coop, diag, args, diag_off_host, rows_per_cell: int, D: int, shmem: i
         try:
             grid = _coop_grid(coop, args, tpb, shmem, _blocks(max(items.max(), extra_items), tpb, 1 << 30))
             coop[grid, tpb, 0, shmem](*args)
-            syncs = K + (pre is not None)  # the cooperative kernel syncs once after its prologue too
-            return f"cooperative ({grid} blocks x {tpb} threads, {syncs} grid syncs)"
+            return f"cooperative ({grid} blocks x {tpb} threads, {K} hyperplanes)"
         except Exception as exc:  # missing cudadevrt, no cooperative launch, ...
             if path == "cooperative":
                 raise
