@@ -41,6 +41,7 @@ from ._validate import (
     check_shape,
     check_state,
     check_stateful,
+    missing_activations,
     nonfinite_input,
     overflowed_state,
 )
@@ -414,7 +415,7 @@ class CudaLSTM(DeviceLayer):
         arrays after a forward of NumPy arrays, else device arrays."""
         self._require_1d("final_state()")
         if self._saved is None:
-            raise RuntimeError("final_state() called before forward(); run forward(x) first")
+            raise missing_activations("final_state()")
         sv, S, D = self._saved, self.directions, self.hidden
         t = sv["tables"]
         pair = self._new((t.batch, S * D)), self._new((t.batch, S * D))
@@ -500,7 +501,7 @@ class CudaLinear(DeviceLayer):
         """``[dW; db] += [xᵀ; 1ᵀ] dy`` (one GEMM: W then b is the flat layout); return ``dx = dy Wᵀ``
         (None with ``input_grad=False``)."""
         if self._x is None:
-            raise RuntimeError("backward() called before forward(); run forward(x) first")
+            raise missing_activations()
         want = self._shape[:-1] + (self.out_features,)
         dyd, host_in = self._input(dy, "dy", len(want), self.out_features, "(..., out_features)")
         check_shape(dyd, want)
@@ -560,7 +561,7 @@ class CudaBlockSubsample:
     def backward(self, dy: HostOrDevice, input_grad: bool = True) -> DeviceArray | None:
         """The inverse gather (None with ``input_grad=False``)."""
         if self._shape is None:
-            raise RuntimeError("backward() called before forward(); run forward(x) first")
+            raise missing_activations()
         if not input_grad:
             return None
         return self._gather(dy, self._table(self._shape)[1], self._shape)
@@ -695,7 +696,7 @@ def layer_forward(layer: WavefrontLSTM, x: HostOrDevice, state: tuple | None = N
 def _saved_state(layer: WavefrontLSTM, what: str = "backward()") -> CudaLSTM:
     st = _LAYER_STATE.get(layer)
     if st is None or st._saved is None:
-        raise RuntimeError(f"{what} called before forward(); run forward(x) first")
+        raise missing_activations(what)
     return st
 
 

@@ -57,7 +57,7 @@ class BlockSubsample:
     def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
         """Inverse of :meth:`forward` applied to the gradient (None with ``input_grad=False``)."""
         if self._in_shape is None:
-            raise RuntimeError("backward() called before forward(); run forward(x) first")
+            raise missing_activations()
         if not input_grad:
             return None
         N, k, shape = self.ndim, self.block, self._in_shape
