@@ -196,9 +196,9 @@ class DeviceLayer:
         return count_nonfinite(a)
 
     def _ws(self, name: str, shape: tuple, dtype=None):
-        """A device workspace kept while its shape is unchanged (of the layer's dtype, or ``dtype``)."""
-        buf = self._work.get(name)
-        if buf is None or tuple(buf.shape) != tuple(shape):
+        """A device workspace kept while its shape and dtype (the layer's, or ``dtype``) are unchanged."""
+        buf, dtype = self._work.get(name), self.dtype if dtype is None else np.dtype(dtype)
+        if buf is None or tuple(buf.shape) != tuple(shape) or buf.dtype != dtype:
             buf = self._work[name] = self._new(shape, dtype)
         return buf
 
@@ -327,7 +327,7 @@ class CudaLSTM(DeviceLayer):
         slots, K = 2 * int(np.diff(t.diag_off_host).max()), len(t.diag_off_host) - 1
         act = self._ws("roll_act", (S * slots * B, (N + 3) * D))
         h, c = self._ws("roll_h", (S * slots * B, D)), self._ws("roll_c", (S * slots * B, D))
-        lp = self._ws("roll_lp", (slots, N), np.int64)
+        lp = self._ws("roll_lp", (slots, N), t.parent.dtype)  # parents' slots
         first, last = (0, K) if state is None else (1, K - 1)
         if state is not None:
             k.seed_state(h, c, act, *state, B)  # cell 0 (slot 0) holds (h0, c0)
@@ -535,11 +535,15 @@ class CudaBlockSubsample:
         """(gather for forward, gather for backward, output shape) for input ``shape``."""
         if shape not in self._tables:
             from numba import cuda
-            rows = np.arange(int(np.prod(shape[:-1]))).reshape(shape[:-1] + (1,))
+
+            from .grid import index_dtype
+            n = int(np.prod(shape[:-1]))
+            rows = np.arange(n, dtype=index_dtype(n)).reshape(shape[:-1] + (1,))
             src = self.host.forward(rows)                   # checks the shape, says what to fix
             out_shape = src.shape[:-1] + (src.shape[-1] * shape[-1],)
             src = src.reshape(-1)
-            self._tables[shape] = (cuda.to_device(src), cuda.to_device(np.argsort(src)), out_shape)
+            inv = np.argsort(src).astype(src.dtype)
+            self._tables[shape] = (cuda.to_device(src), cuda.to_device(inv), out_shape)
         return self._tables[shape]
 
     def _gather(self, x, index, shape: tuple):

@@ -20,8 +20,15 @@ from dataclasses import dataclass
 import numpy as np
 
 #: bytes the tables cached by each :func:`table_cache` function may hold; the most recent entry
-#: is kept even when larger (a 2048x2048 grid's :func:`wavefront` tables alone take 192 MiB)
+#: is kept even when larger (a 2048x2048 grid's :func:`wavefront` tables alone take 96 MiB)
 TABLE_CACHE_BYTES = 512 * 2**20
+
+
+def index_dtype(bound: int) -> type:
+    """The dtype of index tables whose entries lie in ``[-1, bound)``: int32 (half the memory
+    of int64, and on the GPU half the loads and registers) unless ``bound`` passes 2**31 - 1.
+    The kernels widen every index to int64 before doing arithmetic with it."""
+    return np.int32 if int(bound) < 2**31 else np.int64
 
 
 def _nbytes(value: object) -> int:
@@ -65,7 +72,8 @@ def table_cache(fn):
 
 @dataclass(frozen=True)
 class Wavefront:
-    """Index tables of one grid shape (all arrays int64, read-only).
+    """Index tables of one grid shape (all arrays of :func:`index_dtype` ``(n_cells + 1)``:
+    int32 below 2**31 cells; read-only).
 
     Attributes:
         dims: grid shape.
@@ -104,9 +112,9 @@ def wavefront(dims: tuple) -> Wavefront:
         raise ValueError(f"grid dimensions must all be >= 1, got {dims}")
     coords = np.indices(dims).reshape(len(dims), -1)  # (N, M), row-major
     level = coords.sum(axis=0)
-    perm = np.argsort(level, kind="stable").astype(np.int64)
+    perm = np.argsort(level, kind="stable")
     inv_perm = np.empty_like(perm)
-    inv_perm[perm] = np.arange(perm.size, dtype=np.int64)
+    inv_perm[perm] = np.arange(perm.size)
     n_diag = int(sum(n - 1 for n in dims)) + 1
     diag_off = np.zeros(n_diag + 1, dtype=np.int64)
     diag_off[1:] = np.cumsum(np.bincount(level, minlength=n_diag))
@@ -119,15 +127,22 @@ def wavefront(dims: tuple) -> Wavefront:
         parent[has_parent, d] = inv_perm[perm[has_parent] - strides[d]]
         has_child = skew_coords[d] < dims[d] - 1
         child[has_child, d] = inv_perm[perm[has_child] + strides[d]]
-    for arr in (perm, inv_perm, diag_off, parent, child):
+    return Wavefront(dims, *_index_tables(perm.size + 1, perm, inv_perm, diag_off, parent, child))
+
+
+def _index_tables(bound: int, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``arrays`` (entries in ``[-1, bound)``) as read-only contiguous :func:`index_dtype` copies."""
+    out = tuple(np.ascontiguousarray(a, dtype=index_dtype(bound)) for a in arrays)
+    for arr in out:
         arr.setflags(write=False)
-    return Wavefront(dims, perm, inv_perm, diag_off, parent, child)
+    return out
 
 
-@table_cache  # 16 B per row and direction (the 2D float32 activations: 28·D B)
+@table_cache  # 8 B per row and direction (the 2D float32 activations: 28·D B)
 def direction_tables(dims: tuple, batch: int, directions: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Row tables between dense ``(B, *dims)`` rows (``b*M + m``, M cells) and the skewed rows
-    ``s*B + b`` of each scan direction q (q mirrors the axes of its set bits), read-only int64:
+    ``s*B + b`` of each scan direction q (q mirrors the axes of its set bits), read-only, of
+    :func:`index_dtype` ``(M*B)``:
 
     - ``skew_src[q, s*B + b] = b*M + flip_q(perm[s])``: the dense row skewed row ``s*B + b`` of
       direction q reads;
@@ -146,11 +161,8 @@ def direction_tables(dims: tuple, batch: int, directions: int = 1) -> tuple[np.n
     for q in range(directions):
         mirror = np.flip(flat, tuple(d for d in range(len(wf.dims)) if (q >> d) & 1)).reshape(-1)
         skew.append(b * M + mirror[wf.perm[s]])
-        unskew.append(wf.inv_perm[mirror[m]] * B + bq)
-    tables = np.stack(skew).astype(np.int64), np.stack(unskew).astype(np.int64)
-    for arr in tables:
-        arr.setflags(write=False)
-    return tables
+        unskew.append(wf.inv_perm[mirror[m]].astype(np.int64) * B + bq)
+    return _index_tables(M * B, np.stack(skew), np.stack(unskew))
 
 
 @table_cache
@@ -169,7 +181,4 @@ def state_tables(steps: int, batch: int, directions: int = 1) -> tuple[Wavefront
     b, m = np.divmod(skew, steps + 2)
     skew = np.where((m >= 1) & (m <= steps), b * steps + m - 1, -1)
     unskew = unskew.reshape(directions, batch, steps + 2)[:, :, 1:-1].reshape(directions, -1)
-    tables = skew.astype(np.int64), np.ascontiguousarray(unskew, dtype=np.int64)
-    for arr in tables:
-        arr.setflags(write=False)
-    return (wf,) + tables
+    return (wf,) + _index_tables((steps + 2) * batch, skew, unskew)

@@ -185,7 +185,7 @@ class WavefrontLSTM(OwnsParams):
         act = self._workspace("roll_act", (S * slots * B, self.layout.shapes["b"][-1]))
         h = self._workspace("roll_h", (S * slots * B, D))
         c = self._workspace("roll_c", (S * slots * B, D))
-        lp = np.empty((slots, self.ndim), np.int64)
+        lp = np.empty((slots, self.ndim), wf.parent.dtype)  # parents' slots
         first, last = (0, wf.n_diagonals) if state is None else (1, wf.n_diagonals - 1)
         if state is not None:
             seed_state(h, c, act, state[0], state[1], B)  # cell 0 (slot 0) holds (h0, c0)

@@ -953,7 +953,7 @@ def wavefront_forward(h, c, act, U, diag_off, parent, B: int, D: int, cell: int,
     host_off = _host_ints(diag_off if diag_off_host is None else diag_off_host)
     h_, c_, act_, U_, off_, par_, out_, src_ = a.dev
     if out_ is None:
-        out_, src_ = _none(h_.dtype, 3), _none(np.int64, 2)
+        out_, src_ = _none(h_.dtype, 3), _none(par_.dtype, 2)  # tables share a dtype
     args = (h_, c_, act_, U_.reshape(U_.size), off_, par_, int(B), int(D), int(cell), shared, out_, src_)
     desc = _sweep(_forward_coop, _forward_diag, args, host_off, U_.shape[0] * _row_groups(B), D, shmem,
                   path, tpb, reverse=False, post=_forward_post if src_.size else None,
@@ -1002,7 +1002,7 @@ def wavefront_backward(dact, dc, dh, act, c, U, diag_off, parent, child, B: int,
     U_, dt = dev[5], dev[0].dtype
     for i, ndim in ((9, 3), (10, 2), (11, 2), (12, 2), (13, 2)):
         if dev[i] is None:
-            dev[i] = _none(np.int64 if i == 10 else dt, ndim)
+            dev[i] = _none(dev[7].dtype if i == 10 else dt, ndim)  # 7: parent
     UT = _scratch("UT", (U_.size,), dt)
     shared = _use_shared(UT, use_shared)
     shmem = UT.nbytes if shared else 0
