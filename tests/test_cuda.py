@@ -295,6 +295,30 @@ def sim_forward_without_saving(ndim, shape, kw, dtype, path, rng, monkeypatch):
     assert not gpu.grads.data.any()
 
 
+def sim_saving_free_sweep_reads_src_minus_one_as_a_zero_input(rng):
+    """``wavefront_infer`` (CPU and CUDA twin) swept over the whole 1D state layout, whose first
+    and last cells have src -1, equals LSTM1D on x with a zero step before and after: -1 is a
+    zero input (the layers sweep only the real cells)."""
+    from mdnumba.grid import state_tables
+    from mdnumba.kernels import wavefront, wavefront_cuda
+    B, T, C, D, S = 3, 4, 2, 3, 2
+    layer = LSTM1D(C, D, directions=S, dtype=np.float64, seed=2)
+    layer.params.b = rng.standard_normal(layer.params.b.shape)  # a zero input's cell: h != 0
+    x = rng.standard_normal((B, T, C))
+    padded = np.zeros((B, T + 2, C))
+    padded[:, 1:-1] = x
+    want = layer.forward(padded)[:, 1:-1]
+    wf, skew_src, _ = state_tables(T, B, S)
+    for twin in (wavefront, wavefront_cuda):
+        h, c = np.zeros((S * 2 * B, D)), np.zeros((S * 2 * B, D))
+        act, lp = np.zeros((S * 2 * B, 4 * D)), np.zeros((2, 1), wf.parent.dtype)
+        out = np.full((B * T, S, D), np.nan)
+        twin.wavefront_infer(out, h, c, act, lp, x.reshape(-1, C), skew_src, layer._per_direction("W"),
+                             layer._per_direction("b"), layer.params["U"].reshape(S, D, -1), wf.diag_off,
+                             wf.parent, 0, wf.n_diagonals, B, D, layer.cell_code)
+        np.testing.assert_allclose(out.reshape(B, T, S * D), want, rtol=1e-12, atol=1e-13, err_msg=str(twin))
+
+
 def sim_forward_without_saving_in_models_and_overflow(rng, monkeypatch):
     """A device model's ``forward(save=False)`` equals the host model's; an output with NaN/inf
     is refused in both modes (the counting kernel patched: an overflowing grid is too big to

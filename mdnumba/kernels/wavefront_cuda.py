@@ -243,6 +243,37 @@ def _fill_parents(lp, parent, diag_off, k, last, start, stride):
 
 
 @cuda.jit(device=True)
+def _rows_project(act, x, src, W, bias, q, r, row0, nb, j, D, ng):
+    """The input projection of unit j for the ``nb`` rows ``r + i``: ``act[r + i, g*D + j] =
+    bias[q, g*D + j] + Σ_c x[src[q, row0 + i], c] · W[q, c, g*D + j]`` for the gates g < ng
+    (src -1, a state cell: the bias alone), summed over c in order. Each weight loaded serves
+    every row (it was loaded once per row). Rows past nb repeat the last one and are not stored
+    (constant trip counts: the accumulators stay in registers)."""
+    acc = cuda.local.array(ROWS_PER_THREAD, act.dtype)
+    xrow = cuda.local.array(ROWS_PER_THREAD, numba.int64)
+    for i in range(ROWS_PER_THREAD):
+        xrow[i] = max(src[q, row0 + min(i, nb - 1)], 0)  # any real row for a state cell's
+    C = W.shape[1]
+    for g in range(ng):
+        col = g * D + j
+        bv = bias[q, col]
+        for i in range(ROWS_PER_THREAD):
+            acc[i] = bv
+        cc = 0
+        while cc < C:
+            w = W[q, _at(cc), _at(col)]
+            for i in range(ROWS_PER_THREAD):
+                acc[i] += x[_at(xrow[i]), _at(cc)] * w
+            cc += 1
+        for i in range(ROWS_PER_THREAD):
+            if i < nb:
+                if src[q, row0 + i] >= 0:
+                    act[r + i, col] = acc[i]
+                else:
+                    act[r + i, col] = bv
+
+
+@cuda.jit(device=True)
 def _infer_plane(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, B, D, cell, k, start, stride):
     """Grid-stride over hyperplane k's items in the two-plane buffers (slots of
     :func:`_fill_parents`): per (scan q, cell, row group, unit j) the input projection
@@ -256,21 +287,11 @@ def _infer_plane(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, B, D, cell, 
     n = (diag_off[k + 1] - s0) * nbg * D
     MB = lp.shape[0] * B
     DNG = N * (N + 3) * D * D
-    C = W.shape[1]
     for t in range(start, n * W.shape[0], stride):
         lo, uo, s, b0, nb, j = _work_item(t, n, cur, nbg, B, D, MB, DNG)
         q = _divmod(lo, MB)[0]
         row0 = (s0 + s - cur) * B + b0  # the cell's first row in src
-        for i in range(nb):
-            sr = src[q, row0 + i]
-            r = lo + s * B + b0 + i
-            for g in range(N + 3):
-                col = g * D + j
-                v = bias[q, col]
-                if sr >= 0:
-                    for cc in range(C):
-                        v += x[sr, cc] * W[q, cc, col]
-                act[r, col] = v
+        _rows_project(act, x, src, W, bias, q, lo + s * B + b0, row0, nb, j, D, N + 3)
         _unit_forward(h, c, act, Uf, uo, lp, lo, s, b0, nb, j, B, D, cell)
         for i in range(nb):
             sr = src[q, row0 + i]
