@@ -2,7 +2,8 @@
 
 For a 2D MD-LSTM (C=1, float32) at 32x32 B64 D64, 128x128 B16 D64 and 256x256 B8 D128:
 
-- **train step** (forward, loss gradient, zero_grad, backward, Adam) and **forward**
+- **train step** (forward, loss gradient, zero_grad, backward, Adam), **forward** and
+  **inference** (``forward(x, save=False)``, no activations kept)
   of ``mdnumba.backend_cuda.CudaLSTM`` + ``CudaAdam`` (everything stays on the
   device), on the cooperative path (one persistent kernel per sweep, a grid
   sync between anti-diagonals) and on the per-diagonal path (one launch each);
@@ -121,7 +122,8 @@ def host_time(fn: Callable[[], None], sync: Callable[[], None], budget_s: float,
 
 # ------------------------------------------------------------------- mdnumba on the GPU
 def mdnumba_device_fns(cfg: Config, x: np.ndarray, path: str):
-    """(train step, forward, CudaLSTM) running fully on the device on ``path``."""
+    """(train step, forward, CudaLSTM) running fully on the device on ``path``; ``forward(save=False)``
+    runs the saving-free sweep (inference)."""
     from numba import cuda
 
     import mdnumba
@@ -141,7 +143,7 @@ def mdnumba_device_fns(cfg: Config, x: np.ndarray, path: str):
         dev.backward(dh.reshape(h.shape), input_grad=False)  # x is data (PyTorch: no grad either)
         opt.step(sync=False)
 
-    return train, lambda: dev.forward(xd), dev
+    return train, lambda save=True: dev.forward(xd, save=save), dev
 
 
 def trainer_step(cfg: Config, budget_s: float, block: int = 20) -> tuple[Timing, Timing, Timing]:
@@ -310,17 +312,24 @@ def cell(tm: Timing | None) -> str:
     return "–" if tm is None else f"**{ms(tm.best)}** ({ms(tm.median)})"
 
 
-def speed_table(results: list[dict], mode: str) -> list[str]:
-    cols = [("coop", "mdnumba GPU cooperative"), ("diag", "mdnumba GPU per-diagonal"),
-            ("trainer", "`train --device cuda` per step"),
-            ("numpy_api", "MDLSTM2D(device='cuda') NumPy API"), ("torch", "PyTorch GPU"),
-            ("cpu", "mdnumba CPU")]
-    rows = ["| config | " + " | ".join(c[1] + " ms" for c in cols)
-            + " | PyTorch / coop | CPU / coop |", "|" + "---|" * (len(cols) + 3)]
+SPEED_COLUMNS = [("coop", "mdnumba GPU cooperative"), ("diag", "mdnumba GPU per-diagonal"),
+                 ("trainer", "`train --device cuda` per step"),
+                 ("numpy_api", "MDLSTM2D(device='cuda') NumPy API"), ("torch", "PyTorch GPU"),
+                 ("cpu", "mdnumba CPU")]
+
+
+def speed_table(results: list[dict], mode: str, keys: tuple | None = None) -> list[str]:
+    """Times of ``mode`` per config for the columns ``keys`` of :data:`SPEED_COLUMNS` (None: all),
+    with PyTorch / coop (and CPU / coop when the CPU is a column)."""
+    cols = [c for c in SPEED_COLUMNS if keys is None or c[0] in keys]
+    with_cpu = keys is None or "cpu" in keys
+    extra = [("torch", "PyTorch / coop")] + ([("cpu", "CPU / coop")] if with_cpu else [])
+    rows = ["| config | " + " | ".join(c[1] + " ms" for c in cols) + "".join(f" | {e[1]}" for e in extra)
+            + " |", "|" + "---|" * (len(cols) + len(extra) + 1)]
     for res in results:
         t = res[mode]
         rows.append(f"| {res['cfg'].label} | " + " | ".join(cell(t.get(c)) for c, _ in cols)
-                    + f" | {ratio(t.get('torch'), t.get('coop'))} | {ratio(t.get('cpu'), t.get('coop'))} |")
+                    + "".join(f" | {ratio(t.get(k), t.get('coop'))}" for k, _ in extra) + " |")
     return rows
 
 
@@ -407,6 +416,11 @@ def render(info: dict[str, str], results: list[dict], quick: bool) -> str:
     out += targets(results) or ["- (not measured in this run: needs the 32 or 256 config and PyTorch)"]
     out += ["", "## Train step", ""] + speed_table(results, "train")
     out += ["", "## Forward only", ""] + speed_table(results, "forward")
+    out += ["", "## Inference: `forward(x, save=False)`", "",
+            "The saving-free sweep (`wavefront_infer`'s CUDA twin: two hyperplanes of buffers, the "
+            "input projection inside the sweep, h straight into the output) on each path; PyTorch: "
+            "its forward under `torch.no_grad()` (the column above).", ""]
+    out += speed_table(results, "inference", ("coop", "diag", "torch"))
     out += ["", "## Time per anti-diagonal", "",
             "Sweeps alone (recurrent part only, no GEMMs, no copies) divided by the number of "
             f"anti-diagonals, next to the synchronisation floors measured on this GPU: an empty "
@@ -478,7 +492,8 @@ def run_config(cfg: Config, tb: TorchBaseline | None, budget: float, cpu: bool, 
     from mdnumba.backend_cuda import last_path
     x = make_input(cfg)
     sync = cuda.synchronize
-    res: dict = {"cfg": cfg, "train": {}, "forward": {}, "sweeps": {}, "dispatch": {}, "paths": []}
+    res: dict = {"cfg": cfg, "train": {}, "forward": {}, "inference": {}, "sweeps": {}, "dispatch": {},
+                 "paths": []}
     for key, path in (("coop", "cooperative"), ("diag", "per-diagonal")):
         try:
             train, fwd, dev = mdnumba_device_fns(cfg, x, path)
@@ -486,6 +501,7 @@ def run_config(cfg: Config, tb: TorchBaseline | None, budget: float, cpu: bool, 
             res["dispatch"][key] = host_time(train, sync, budget / 4)
             res["paths"].append(f"{path} (train): {last_path()}")
             res["forward"][key] = time_it(fwd, sync, budget)
+            res["inference"][key] = time_it(lambda f=fwd: f(save=False), sync, budget)
             res["sweeps"][path] = sweep_times(dev, cfg, path, sync, budget / 2)
             del train, fwd, dev
             gc.collect()
@@ -504,6 +520,7 @@ def run_config(cfg: Config, tb: TorchBaseline | None, budget: float, cpu: bool, 
         def torch_part():
             train, fwd, res["check"] = torch_fns(tb, cfg, x)
             _time_pair(res, "torch", train, fwd, tb.sync, budget)
+            res["inference"]["torch"] = res["forward"]["torch"]  # its forward runs under no_grad
             if tb.device == "cuda":
                 tb.torch.cuda.empty_cache()
         _attempt(res, "PyTorch", torch_part)
