@@ -47,9 +47,12 @@ class Shape:
     directions: int = 1
     cell: str = "graves"
     big: bool = False  # timed once (its saving forward needs GiBs)
+    grid: bool = False  # a GridLSTM2D: dims = (time T, depth), input (B, T, D)
 
     @property
     def label(self) -> str:
+        if self.grid:
+            return f"Grid LSTM T{self.dims[0]} x depth {self.dims[1]} B{self.B} D{self.D}"
         d = f", {self.directions} directions" if self.directions > 1 else ""
         c = f", {self.cell}" if self.cell != "graves" else ""
         return f"{len(self.dims)}D {'x'.join(map(str, self.dims))} B{self.B} D{self.D}{d}{c}"
@@ -58,23 +61,24 @@ class Shape:
 SHAPES = [Shape((32, 32), 16, 32), Shape((32, 32), 16, 32, 4), Shape((64, 64), 16, 32),
           Shape((256, 256), 8, 64, cell="stable"), Shape((32, 32, 32), 2, 16),
           Shape((2048, 2048), 1, 32, cell="stable", big=True),
-          Shape((128, 128, 128), 1, 16, cell="stable", big=True)]
+          Shape((128, 128, 128), 1, 16, cell="stable", big=True),
+          Shape((100, 3), 32, 256, grid=True)]  # a char-LM's evaluation window (seq-len 100)
 BIG_ROUNDS = 2  # calls per mode of a big shape, alternating
-QUICK = [Shape((8, 8), 4, 8), Shape((8, 8), 4, 8, 4), Shape((6, 6, 6), 2, 8)]
+QUICK = [Shape((8, 8), 4, 8), Shape((8, 8), 4, 8, 4), Shape((6, 6, 6), 2, 8), Shape((10, 2), 4, 8, grid=True)]
 
 
 def table_bytes(shape: Shape) -> int:
     """Bytes of the index tables of the shape (built here; cached per shape, used by both modes)."""
     wf = wavefront(shape.dims)
-    tables = direction_tables(shape.dims, shape.B, shape.directions)
+    tables = () if shape.grid else direction_tables(shape.dims, shape.B, shape.directions)
     return sum(a.nbytes for a in (wf.perm, wf.inv_perm, wf.diag_off, wf.parent, wf.child) + tables)
 
 
 def peak_of_first_call(shape: Shape, x: np.ndarray, save: bool) -> tuple[int, int]:
     """Peak bytes NumPy allocates (tracemalloc) in one forward on a fresh layer, and the buffers
     it keeps; compiled and with the shape's index tables built beforehand."""
-    tiny = build(Shape((2,) * len(shape.dims), 1, 2, shape.directions, shape.cell))
-    tiny.forward(np.ones((1,) + (2,) * len(shape.dims) + (1,), np.float32), save=save)
+    tiny = build(Shape((2,) * len(shape.dims), 1, 2, shape.directions, shape.cell, grid=shape.grid))
+    tiny.forward(make_input(Shape((2,) * len(shape.dims), 1, 2, grid=shape.grid)), save=save)
     layer = build(shape)
     gc.collect()
     tracemalloc.start()
@@ -84,14 +88,24 @@ def peak_of_first_call(shape: Shape, x: np.ndarray, save: bool) -> tuple[int, in
     return peak, layer.workspace_bytes()
 
 
-def build(shape: Shape) -> mdnumba.WavefrontLSTM:
+def build(shape: Shape) -> mdnumba.WavefrontLSTM | mdnumba.GridLSTM2D:
+    if shape.grid:
+        return mdnumba.GridLSTM2D(shape.D, shape.dims[1], seed=0)
     cls = {2: mdnumba.MDLSTM2D, 3: mdnumba.MDLSTM3D}[len(shape.dims)]  # 2D: the named views torch reads
     return cls(1, shape.D, seed=0, directions=shape.directions, cell=shape.cell)
 
 
-def torch_forward(tb, layer: mdnumba.WavefrontLSTM, x: np.ndarray):
+def make_input(shape: Shape) -> np.ndarray:
+    """Uniform [0, 1) float32: (B, *dims, 1), or (B, T, D) for a Grid LSTM."""
+    tail = (shape.dims[0], shape.D) if shape.grid else shape.dims + (1,)
+    return np.random.default_rng(0).random((shape.B,) + tail, dtype=np.float32)
+
+
+def torch_forward(tb, layer, x: np.ndarray):
     """PyTorch's no-grad forward of the same 2D layer, or None where the baseline does not apply."""
-    if tb is None or layer.ndim != 2 or layer.directions != 1 or layer.cell != "graves":
+    if tb is None or not isinstance(layer, mdnumba.MDLSTM2D):
+        return None
+    if layer.directions != 1 or layer.cell != "graves":
         return None
     torch, TorchMDLSTM2D = tb
     model = TorchMDLSTM2D(layer.in_channels, layer.hidden)
@@ -106,7 +120,7 @@ def torch_forward(tb, layer: mdnumba.WavefrontLSTM, x: np.ndarray):
 
 def bench_shape(shape: Shape, tb, budget_s: float) -> dict:
     """Check, memory, then the interleaved timings of one shape."""
-    x = np.random.default_rng(0).random((shape.B,) + shape.dims + (1,), dtype=np.float32)
+    x = make_input(shape)
     tables = table_bytes(shape)
     mem = {save: peak_of_first_call(shape, x, save) for save in (False, True)}
     layer = build(shape)
@@ -140,6 +154,8 @@ def render(info: dict, results: list[dict], torch_used: bool) -> str:
               "`wavefront_infer`: per hyperplane the input projection, recurrent products and cell of "
               "every (direction, cell, batch item), in buffers of two hyperplanes, writing h straight "
               "into the output; `forward(x)` keeps every cell's input, gates, h and c for backward. "
+              "The Grid LSTM row (`GridLSTM2D(256, layers=3)`, a char-LM's evaluation batch) runs "
+              "`grid_infer`: the same blocks in buffers of two anti-diagonals of the time x depth grid. "
               f"Times are the best of N in ms (median in brackets; big grids: {BIG_ROUNDS} calls each, "
               "alternating, each allocating its buffers afresh as a one-off inference would). "
               "Peak = the most bytes NumPy held during the first call on a fresh layer "

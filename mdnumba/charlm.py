@@ -219,12 +219,14 @@ class CharLM(LayerGroup):
     def _cores(self) -> list:
         return [self.core] if self.kind == "grid" else list(self.core.layers)
 
-    def forward(self, ids: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
-        """Logits (B, T, V) for ids (B, T); ``rng`` switches dropout on (training)."""
+    def forward(self, ids: np.ndarray, rng: np.random.Generator | None = None, *,
+                save: bool = True) -> np.ndarray:
+        """Logits (B, T, V) for ids (B, T); ``rng`` switches dropout on (training); ``save=False``:
+        the recurrent core and the readout keep no activations (evaluation, sampling)."""
         h = self.drops[0].forward(self.embed.forward(ids), rng)
         for core, drop in zip(self._cores(), self.drops[1:]):
-            h = drop.forward(core.forward(h), rng)
-        return self.head.forward(h)
+            h = drop.forward(core.forward(h, save=save), rng)
+        return self.head.forward(h, save=save)
 
     def backward(self, dlogits: np.ndarray) -> None:
         dh = self.head.backward(dlogits)
@@ -259,7 +261,8 @@ def _sampled(model, corpus, ids, prime, length, temperature, rng, window) -> Ite
     """The generator of :func:`iter_sample` (``ids``: the prime's, extended as it samples)."""
     yield prime
     for _ in range(length):
-        logits = model.forward(np.array([ids[-window:]], dtype=np.int32))[0, -1].astype(np.float64)
+        logits = model.forward(np.array([ids[-window:]], dtype=np.int32), save=False)[0, -1]
+        logits = logits.astype(np.float64)
         z = logits / temperature
         p = np.exp(z - z.max())
         nxt = int(rng.choice(len(p), p=p / p.sum()))

@@ -550,26 +550,41 @@ class GridLSTM2D(OwnsParams):
         self.grads.data[...] = 0
 
     def forward(self, x: np.ndarray, *, save: bool = True) -> np.ndarray:
-        """Sweep the T x depth grid; save what backward needs (``save=False``: nothing kept; the
-        sweep itself is the same)."""
+        """Sweep the T x depth grid; save what backward needs (``save=False``: nothing kept, the
+        sweep holds two anti-diagonals at a time, :meth:`_forward_rolling`)."""
         D, L = self.hidden, self.depth
         save = check_flag(save, "save")
         check_finite_params(self.params)
         x = check_array(x, "x", 3, D, self.dtype, f"(batch, time, hidden={D})")
         B, T = x.shape[:2]
         wf = wavefront((T, L))
+        xt = np.ascontiguousarray(x.transpose(1, 0, 2)).reshape(T * B, D)
+        if not save:
+            return self._forward_rolling(xt, wf, B, T)
         R = wf.n_cells * B
         level = np.repeat(wf.perm % L, B) if not self.tied else slice(None)  # depth level per row
         act = np.empty((R, 8 * D), self.dtype)
         act[:, :4 * D] = self.params["b_time"][level]
         act[:, 4 * D:] = self.params["b_depth"][level]
         h, c = np.empty((R, 2 * D), self.dtype), np.empty((R, 2 * D), self.dtype)
-        xt = np.ascontiguousarray(x.transpose(1, 0, 2)).reshape(T * B, D)
         self._sweeps().grid_forward(h, c, act, xt, *self._U(), wf.diag_off, wf.parent, wf.perm, L, B, D)
-        self._saved = dict(h=h, c=c, act=act, x=xt, wf=wf, B=B, T=T, level=level) if save else \
-            dict(inference=True)
+        self._saved = dict(h=h, c=c, act=act, x=xt, wf=wf, B=B, T=T, level=level)
         top = wf.inv_perm[np.arange(T) * L + L - 1]
         return np.ascontiguousarray(h.reshape(-1, B, 2 * D)[top, :, D:].transpose(1, 0, 2))
+
+    def _forward_rolling(self, xt: np.ndarray, wf, B: int, T: int) -> np.ndarray:
+        """:meth:`forward` with ``save=False``: :func:`~mdnumba.kernels.gridlstm.grid_infer`, the
+        same blocks in buffers of two anti-diagonals (at most ``min(T, depth)`` blocks each)."""
+        D, L, slots = self.hidden, self.depth, 2 * wf.max_diag_cells
+        h, c = np.empty((slots * B, 2 * D), self.dtype), np.empty((slots * B, 2 * D), self.dtype)
+        act = np.empty((slots * B, 8 * D), self.dtype)
+        lp, lperm = np.empty((slots, 2), wf.parent.dtype), np.empty(slots, wf.perm.dtype)
+        out = np.empty((T * B, D), self.dtype)
+        bt, bd = (self.params[n].reshape(-1, 4 * D) for n in ("b_time", "b_depth"))
+        self._sweeps().grid_infer(out, h, c, act, lp, lperm, xt, *self._U(), bt, bd, wf.diag_off, wf.parent,
+                                  wf.perm, L, B, D)
+        self._saved = dict(inference=True)
+        return np.ascontiguousarray(out.reshape(T, B, D).transpose(1, 0, 2))
 
     def backward(self, dh: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
         """dL/dx for ``dh`` = dL/d(output) (None with ``input_grad=False``: the sweep computes

@@ -71,7 +71,7 @@ class CharLMTrainer(Trainer):
     def evaluate(self, size: int | None = None, batches: int = 10, seed: int = 12345) -> dict:
         """Mean validation loss (nats/char) and bits per char over fixed random windows."""
         rng = np.random.default_rng(seed)
-        losses = [softmax_xent(self.model.forward(x), y)[0] for x, y in
+        losses = [softmax_xent(self.model.forward(x, save=False), y)[0] for x, y in
                   (self.corpus.batch(rng, "val", self.cfg.batch, self.cfg.seq_len) for _ in range(batches))]
         val = float(np.mean(losses))
         return {"val_loss": val, "val_bpc": val * BITS_PER_NAT}

@@ -71,6 +71,6 @@ def test_inference_bench_quick(tmp_path):
     import inference
     out = tmp_path / "inference.md"
     inference.main(["--quick", "--no-torch", "--out", str(out)])
-    rows = [ln for ln in out.read_text().splitlines() if ln.startswith("| 2D") or ln.startswith("| 3D")]
+    rows = [ln for ln in out.read_text().splitlines() if ln.startswith(("| 2D", "| 3D", "| Grid LSTM"))]
     assert len(rows) == len(inference.QUICK)
     assert all(ln.rstrip(" |").endswith("| 0") for ln in rows), rows  # max abs difference

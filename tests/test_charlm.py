@@ -235,13 +235,14 @@ def test_softmax_xent_is_stable_for_large_logits():
 
 class _StubLM:
     """Logits from a rule on the context: ``rule(context ids) -> logits of the next char``;
-    records the context lengths it was given."""
+    records the context lengths it was given and whether it was asked to save activations."""
 
     def __init__(self, rule):
-        self.rule, self.contexts = rule, []
+        self.rule, self.contexts, self.saves = rule, [], set()
 
-    def forward(self, ids):
+    def forward(self, ids, *, save=True):
         self.contexts.append(ids.shape[1])
+        self.saves.add(save)
         out = np.zeros(ids.shape + (5,))
         out[0, -1] = self.rule(ids[0])
         return out
@@ -273,7 +274,7 @@ def test_sampling_conditions_on_the_last_window_characters():
     stub = _StubLM(lambda ids: 50.0 * np.eye(5)[(ids[-1] + 1) % 5])  # next = last + 1
     text = sample_text(stub, corpus, 12, 1.0, np.random.default_rng(0), prime="ab", window=3)
     assert text == "abcdeabcdeabcd"
-    assert max(stub.contexts) == 3
+    assert max(stub.contexts) == 3 and stub.saves == {False}  # sampling keeps no activations
 
 
 def test_batches_are_windows_and_next_character_targets():
@@ -359,3 +360,16 @@ def test_a_split_one_longer_than_the_window_gives_that_window():
     corpus.check_seq_len(n)
     x, y = corpus.batch(np.random.default_rng(0), "val", 2, n)
     assert (x == corpus.val[None, :-1]).all() and (y == corpus.val[None, 1:]).all()
+
+
+@pytest.mark.parametrize("kind,tied", [("grid", True), ("grid", False), ("stacked", True)])
+def test_char_lm_forward_without_saving(kind, tied, rng):
+    """``CharLM.forward(ids, save=False)`` (evaluation, sampling) gives the logits of
+    ``forward(ids)`` bit for bit and keeps no activations: backward is then refused."""
+    model = CharLM(kind, vocab=7, hidden=4, layers=2, seed=3, dtype=np.float64, tied=tied)
+    ids = rng.integers(0, 7, (3, 6))
+    logits = model.forward(ids)
+    np.testing.assert_array_equal(model.forward(ids, save=False), logits)
+    assert all(core.saved_bytes() == 0 for core in model._cores())
+    with pytest.raises(RuntimeError, match="save=False"):
+        model.backward(np.ones_like(logits))

@@ -173,6 +173,27 @@ def sim_grid_lstm_layer_matches_reference(tied, rng):
 
 
 @pytest.mark.parametrize("path", ["cooperative", "per-diagonal"])
+@pytest.mark.parametrize("tied", [True, False])
+def sim_grid_lstm_without_saving(path, tied, rng, monkeypatch):
+    """GridLSTM2D(device='cuda').forward(x, save=False) (``grid_infer``'s CUDA twin: two
+    anti-diagonals of buffers) equals the CPU layer's forward(x), with time longer and shorter
+    than the depth, float64 and float32."""
+    from mdnumba.kernels import wavefront_cuda
+    from mdnumba.layers import GridLSTM2D
+    monkeypatch.setattr(wavefront_cuda, "DEFAULT_PATH", path)
+    for (B, T, L), dtype, tol in (((2, 4, 3), np.float64, 1e-12), ((3, 2, 4), np.float64, 1e-12),
+                                  ((2, 3, 2), np.float32, 1e-5)):
+        gpu, cpu = (GridLSTM2D(2, L, seed=1, dtype=dtype, tied=tied, device=d) for d in ("cuda", "cpu"))
+        for name in ("b_time", "b_depth"):
+            cpu.params[name] = gpu.params[name] = rng.standard_normal(cpu.params[name].shape)
+        x = rng.standard_normal((B, T, 2)).astype(dtype)
+        np.testing.assert_allclose(gpu.forward(x, save=False), cpu.forward(x), rtol=tol, atol=tol / 10)
+        assert wavefront_cuda.last_path().startswith(path)
+        with pytest.raises(RuntimeError, match="save=False"):
+            gpu.backward(np.ones((B, T, 2)))
+
+
+@pytest.mark.parametrize("path", ["cooperative", "per-diagonal"])
 @pytest.mark.parametrize("ndim,shape,kw", [
     (2, (2, 3, 4, 2), {}), (1, (2, 5, 2), {"directions": 2}),
     (2, (1, 3, 2, 2), {"cell": "stable", "directions": 4}), (3, (1, 2, 2, 3, 1), {"cell": "spatial"})])

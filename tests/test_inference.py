@@ -171,12 +171,41 @@ def test_models_and_stacks(rng):
         lin.backward(np.ones((4, 2)))
 
 
-def test_grid_lstm_accepts_save(rng):
+@pytest.mark.parametrize("tied", [True, False])
+def test_grid_lstm_without_saving(tied, rng):
+    """``GridLSTM2D.forward(x, save=False)`` (``grid_infer``: the same blocks in buffers of two
+    anti-diagonals) equals ``forward(x)`` bit for bit and the float64 reference, with time longer
+    and shorter than the depth; backward is then refused."""
     from mdnumba.layers import GridLSTM2D
-    layer = GridLSTM2D(3, 2, seed=1, dtype=np.float64)
-    x = rng.standard_normal((2, 4, 3))
-    y = layer.forward(x)
-    np.testing.assert_array_equal(layer.forward(x, save=False), y)
-    assert layer.saved_bytes() == 0
-    with pytest.raises(RuntimeError, match="save=False"):
-        layer.backward(np.ones_like(y))
+    for B, T, L in ((3, 5, 3), (2, 1, 4), (1, 6, 1), (4, 3, 3)):
+        layer = GridLSTM2D(3, L, seed=1, dtype=np.float64, tied=tied)
+        for name in ("b_time", "b_depth"):  # biases that differ per level and gate
+            layer.params[name] = rng.standard_normal(layer.params[name].shape)
+        x = rng.standard_normal((B, T, 3))
+        y = layer.forward(x)
+        got = layer.forward(x, save=False)
+        np.testing.assert_array_equal(got, y)
+        p = {k: np.asarray(v) for k, v in layer.params.items()}
+        want, _ = reference.gridlstm_forward(x, p["U_time"], p["U_depth"], p["b_time"], p["b_depth"], L)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13)
+        assert layer.saved_bytes() == 0
+        with pytest.raises(RuntimeError, match="save=False"):
+            layer.backward(np.ones_like(y))
+
+
+def test_grid_lstm_without_saving_holds_two_diagonals():
+    """Beyond its output (and the time-major copies of input and output, each x's size) the
+    saving-free Grid LSTM forward allocates the same at T = 16 and T = 256: two anti-diagonals
+    of at most ``depth`` blocks, not T x depth."""
+    import tracemalloc
+
+    from mdnumba.layers import GridLSTM2D
+    layer, extra = GridLSTM2D(8, 2, dtype=np.float32), {}
+    for T in (16, 256):
+        x = np.ones((4, T, 8), np.float32)
+        layer.forward(x, save=False)  # compiled, tables cached
+        tracemalloc.start()
+        layer.forward(x, save=False)
+        extra[T] = tracemalloc.get_traced_memory()[1] - 3 * x.nbytes
+        tracemalloc.stop()
+    assert 0 < extra[256] <= extra[16] + 512, extra

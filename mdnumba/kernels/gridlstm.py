@@ -23,6 +23,7 @@ from numba import njit, prange
 from ..config import NJIT_OPTS, NJIT_PARALLEL_OPTS, NJIT_SUM_OPTS
 from . import vexp
 from .cell import build
+from .wavefront import _rolling_parents
 
 
 def build_rows(jit, exp=math.exp, jit_reduce=None, sigmoid=None, tanh=None):
@@ -186,6 +187,40 @@ def grid_forward(h, c, act, x, U_time, U_depth, diag_off, parent, perm, L, B, D)
         s0 = diag_off[k]
         for t in prange((diag_off[k + 1] - s0) * B):
             _block_forward(h, c, act, x, U_time, U_depth, parent, perm, L, s0 + t // B, t % B, B, D)
+
+
+@njit(**NJIT_OPTS)
+def _rolling_cells(lperm, perm, diag_off, k, cur):
+    """``lperm[cur + i] = perm[s0 + i]`` for the cells of plane k (their blocks' (t, l))."""
+    s0 = diag_off[k]
+    for i in range(diag_off[k + 1] - s0):
+        lperm[cur + i] = perm[s0 + i]
+
+
+@njit(**NJIT_PARALLEL_OPTS)
+def grid_infer(out, h, c, act, lp, lperm, x, U_time, U_depth, b_time, b_depth, diag_off, parent, perm,
+               L, B, D):
+    """Forward sweep that keeps no activations (outputs out, h, c, act; scratch lp, lperm; inputs;
+    weights; tables; sizes).
+
+    The blocks of :func:`grid_forward` (the same per-row functions, so the same numbers) in
+    buffers of two anti-diagonals: ``h``, ``c``, ``act`` (2*M*B, ·), M the most blocks of a
+    diagonal, slots as in :func:`mdnumba.kernels.wavefront._rolling_parents`; ``lp`` (2*M, 2)
+    holds the parents' slots, ``lperm`` (2*M,) the blocks' ``perm``. Each row's ``act`` starts
+    as ``[b_time | b_depth]`` of its level (``b_*`` (levels, 4D)); the top blocks' ``h_L'`` go
+    to ``out`` (T*B, D), row ``t*B + b``.
+    """
+    for k in range(diag_off.shape[0] - 1):
+        cur = _rolling_parents(lp, parent, diag_off, k)
+        _rolling_cells(lperm, perm, diag_off, k, cur)
+        for t in prange((diag_off[k + 1] - diag_off[k]) * B):
+            slot, b = cur + t // B, t % B
+            r, lv = slot * B + b, (lperm[slot] % L) % U_time.shape[0]
+            act[r, :4 * D] = b_time[lv]
+            act[r, 4 * D:] = b_depth[lv]
+            _block_forward(h, c, act, x, U_time, U_depth, lp, lperm, L, slot, b, B, D)
+            if lperm[slot] % L == L - 1:
+                out[(lperm[slot] // L) * B + b, :] = h[r, D:]
 
 
 @njit(**NJIT_PARALLEL_OPTS)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from numba import cuda
 
 from .gridlstm import build_rows
-from .wavefront_cuda import _JIT, _Args, _host_ints, _record, _sweep, _tpb
+from .wavefront_cuda import _JIT, _Args, _divmod, _fill_parents, _host_ints, _record, _sweep, _tpb
 
 _ROWS = build_rows(cuda.jit(device=True))
 _block_forward = _ROWS["block_forward"]
@@ -50,6 +50,71 @@ def _forward_diag(h, c, act, x, U_time, U_depth, diag_off, parent, perm, L, B, D
                    cuda.grid(1), cuda.gridsize(1))
 
 
+@cuda.jit(device=True)
+def _fill_plane(lp, lperm, parent, perm, diag_off, k, last, start, stride):
+    """Grid-stride: plane k's parent slots (:func:`~mdnumba.kernels.wavefront_cuda._fill_parents`)
+    and its blocks' ``perm`` into ``lperm`` (CPU: ``_rolling_cells``); nothing for ``k >= last``."""
+    _fill_parents(lp, parent, diag_off, k, last, start, stride)
+    if k < last:
+        cur = _divmod(k, 2)[1] * _divmod(lp.shape[0], 2)[0]
+        s0 = diag_off[k]
+        for i in range(start, diag_off[k + 1] - s0, stride):
+            lperm[cur + i] = perm[s0 + i]
+
+
+@cuda.jit(device=True)
+def _infer_plane(out, h, c, act, lp, lperm, x, U_time, U_depth, b_time, b_depth, diag_off, L, B, D, k,
+                 start, stride):
+    """Grid-stride over plane k's rows in the two-plane buffers: ``act`` = the level's biases,
+    the block, and a top block's ``h_L'`` into ``out`` (CPU: ``grid_infer``'s loop body)."""
+    cur = _divmod(k, 2)[1] * _divmod(lp.shape[0], 2)[0]
+    for t in range(start, (diag_off[k + 1] - diag_off[k]) * B, stride):
+        i, b = _divmod(t, B)
+        slot = cur + i
+        r = slot * B + b
+        lv = (lperm[slot] % L) % U_time.shape[0]
+        for g in range(4 * D):
+            act[r, g] = b_time[lv, g]
+            act[r, 4 * D + g] = b_depth[lv, g]
+        _block_forward(h, c, act, x, U_time, U_depth, lp, lperm, L, slot, b, B, D)
+        if lperm[slot] % L == L - 1:
+            for j in range(D):
+                out[(lperm[slot] // L) * B + b, j] = h[r, D + j]
+
+
+@cuda.jit(**_JIT)
+def _infer_coop(out, h, c, act, lp, lperm, x, U_time, U_depth, b_time, b_depth, diag_off, parent, perm,
+                L, B, D):
+    """The saving-free sweep in one cooperative launch: each step fills the next plane's slots
+    (the half the current plane does not read) and computes the current plane, grid sync in between."""
+    grid = cuda.cg.this_grid()
+    start, stride, K = cuda.grid(1), cuda.gridsize(1), diag_off.shape[0] - 1
+    _fill_plane(lp, lperm, parent, perm, diag_off, 0, K, start, stride)
+    grid.sync()
+    for k in range(K):
+        _fill_plane(lp, lperm, parent, perm, diag_off, k + 1, K, start, stride)
+        _infer_plane(out, h, c, act, lp, lperm, x, U_time, U_depth, b_time, b_depth, diag_off, L, B, D, k,
+                     start, stride)
+        grid.sync()
+
+
+@cuda.jit(**_JIT)
+def _infer_pre(out, h, c, act, lp, lperm, x, U_time, U_depth, b_time, b_depth, diag_off, parent, perm,
+               L, B, D):
+    """The first plane's slots (per-diagonal path of :func:`_infer_coop`)."""
+    _fill_plane(lp, lperm, parent, perm, diag_off, 0, diag_off.shape[0] - 1, cuda.grid(1), cuda.gridsize(1))
+
+
+@cuda.jit(**_JIT)
+def _infer_diag(out, h, c, act, lp, lperm, x, U_time, U_depth, b_time, b_depth, diag_off, parent, perm,
+                L, B, D, k):
+    """Plane k only, and the next plane's slots (one launch per plane)."""
+    start, stride = cuda.grid(1), cuda.gridsize(1)
+    _fill_plane(lp, lperm, parent, perm, diag_off, k + 1, diag_off.shape[0] - 1, start, stride)
+    _infer_plane(out, h, c, act, lp, lperm, x, U_time, U_depth, b_time, b_depth, diag_off, L, B, D, k,
+                 start, stride)
+
+
 @cuda.jit(**_JIT)
 def _backward_coop(dact, dc, dx, dtop, act, c, U_time, U_depth, diag_off, parent, child, perm, L, B, D):
     grid = cuda.cg.this_grid()
@@ -85,3 +150,13 @@ def grid_backward(dact, dc, dx, dtop, act, c, U_time, U_depth, diag_off, parent,
     _record(desc, False)
     a.finish(0, 1, 2)
 
+
+
+def grid_infer(out, h, c, act, lp, lperm, x, U_time, U_depth, b_time, b_depth, diag_off, parent, perm,
+               L: int, B: int, D: int, *, path: str | None = None, tpb: int | None = None) -> None:
+    """CUDA twin of :func:`mdnumba.kernels.gridlstm.grid_infer` (NumPy or device arrays)."""
+    a = _Args(out, h, c, act, lp, lperm, x, U_time, U_depth, b_time, b_depth, diag_off, parent, perm)
+    desc = _sweep(_infer_coop, _infer_diag, (*a.dev, int(L), int(B), int(D)), _host_ints(diag_off),
+                  B, 1, 0, path, _tpb(tpb), reverse=False, pre=_infer_pre, extra_items=a.dev[4].size)
+    _record(desc, False)
+    a.finish(0, 1, 2, 3, 4, 5)
