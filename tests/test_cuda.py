@@ -172,6 +172,24 @@ def sim_grid_lstm_layer_matches_reference(tied, rng):
         np.testing.assert_allclose(layer.grads[name], want, rtol=1e-10, atol=1e-12, err_msg=name)
 
 
+@pytest.mark.parametrize("kind", ["grid", "stacked"])
+def sim_char_lm_on_the_device_matches_the_cpu(kind, rng):
+    """``CharLM(device='cuda')`` (the char-LM of ``mdnumba train --device cuda``): logits with
+    and without saving, and every gradient, equal the CPU model's."""
+    from mdnumba.charlm import CharLM
+    gpu, cpu = (CharLM(kind, vocab=6, hidden=3, layers=2, seed=4, dtype=np.float64, device=d)
+                for d in ("cuda", "cpu"))
+    ids = rng.integers(0, 6, (2, 5))
+    tol = dict(rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(gpu.forward(ids, save=False), cpu.forward(ids, save=False), **tol)
+    dlogits = rng.standard_normal((2, 5, 6))
+    for model in (gpu, cpu):
+        model.forward(ids)
+        model.backward(dlogits)
+    for a, b in zip(gpu.layers, cpu.layers):
+        np.testing.assert_allclose(a.grads.data, b.grads.data, **tol, err_msg=repr(b))
+
+
 @pytest.mark.parametrize("path", ["cooperative", "per-diagonal"])
 @pytest.mark.parametrize("tied", [True, False])
 def sim_grid_lstm_without_saving(path, tied, rng, monkeypatch):
