@@ -108,6 +108,39 @@ def check_saved(saved: dict | None, what: str = "backward()") -> dict:
     return saved
 
 
+SIZES_WITH_STATE = ("sizes= cannot be combined with state=: a chunk of padded sequences would hand "
+                    "on the states of the padding; stream sequences of one length, or pass sizes "
+                    "without a state")
+FINAL_STATE_WITH_SIZES = ("final_state() is not defined after forward(x, sizes=...): the scans of "
+                          "the shorter items end in the padding (each item's last h is in the output)")
+
+
+def check_sizes(sizes: object, batch: int, dims: tuple) -> tuple | None:
+    """The extents of the items of a padded batch (``forward(x, sizes=...)``) as B tuples of N
+    Python ints (hashable: the tables are cached on them), or None when absent or when every
+    item fills the grid. 1D also takes lengths of shape (B,)."""
+    if sizes is None:
+        return None
+    arr, N = np.asarray(sizes), len(dims)
+    if arr.ndim == 1 and N == 1:
+        arr = arr[:, None]
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"sizes must be integers (each item's extent along each grid axis), got dtype "
+                        f"{arr.dtype}")
+    if arr.shape != (batch, N):
+        alt = " or (batch,) lengths" if N == 1 else ""
+        raise ValueError(f"sizes must have shape (batch, {N}) = {(batch, N)}{alt}: each item's extent "
+                         f"along each grid axis; got {arr.shape}")
+    bad = np.nonzero(((arr < 1) | (arr > np.array(dims))).any(axis=1))[0]
+    if bad.size:
+        b = int(bad[0])
+        raise ValueError(f"sizes[{b}] = {tuple(arr[b].tolist())} must lie between 1 and the padded "
+                         f"grid {tuple(dims)} on every axis")
+    if (arr == np.array(dims)).all():
+        return None
+    return tuple(tuple(row) for row in arr.tolist())
+
+
 def check_stateful(stateful: bool, final_state_grad: object) -> None:
     """ValueError for a ``final_state_grad`` given after a forward that took no ``state``."""
     if final_state_grad is not None and not stateful:

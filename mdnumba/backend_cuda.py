@@ -34,11 +34,14 @@ import numpy.typing as npt
 
 from . import config
 from ._validate import (
+    FINAL_STATE_WITH_SIZES,
+    SIZES_WITH_STATE,
     check_array,
     check_flag,
     check_positive_int,
     check_saved,
     check_shape,
+    check_sizes,
     check_state,
     check_stateful,
     missing_activations,
@@ -117,12 +120,15 @@ class DeviceTables:
     child: object
     skew_src: object     # grid.direction_tables: [q, s*B + b] = dense row b*M + flip_q(perm[s])
     unskew_src: object   # [q, b*M + m] = skewed row inv_perm[flip_q(m)]*B + b
+    sizes: tuple | None = None  # the items' extents of a padded batch (direction_tables' sizes)
 
 
 @table_cache  # device memory, bounded as the host tables
-def device_tables(dims: tuple, batch: int, directions: int = 1, stateful: bool = False) -> DeviceTables:
+def device_tables(dims: tuple, batch: int, directions: int = 1, stateful: bool = False,
+                  sizes: tuple | None = None) -> DeviceTables:
     """Build (and cache) :class:`DeviceTables`; direction q mirrors the axes of q's set bits;
-    ``stateful`` (1D): the layout with state cells of :func:`mdnumba.grid.state_tables`."""
+    ``stateful`` (1D): the layout with state cells of :func:`mdnumba.grid.state_tables`;
+    ``sizes``: a padded batch (:func:`mdnumba.grid.direction_tables`)."""
     from numba import cuda
 
     from .grid import direction_tables, state_tables, wavefront
@@ -130,9 +136,10 @@ def device_tables(dims: tuple, batch: int, directions: int = 1, stateful: bool =
         wf, skew, unskew = state_tables(dims[0], int(batch), directions)
     else:
         wf = wavefront(tuple(dims))
-        skew, unskew = direction_tables(wf.dims, int(batch), directions)
+        skew, unskew = direction_tables(wf.dims, int(batch), directions, sizes)
     return DeviceTables(tuple(dims), int(batch), wf.n_cells, np.array(wf.diag_off),
-                        *(cuda.to_device(a) for a in (wf.diag_off, wf.parent, wf.child, skew, unskew)))
+                        *(cuda.to_device(a) for a in (wf.diag_off, wf.parent, wf.child, skew, unskew)),
+                        sizes)
 
 
 class DeviceLayer:
@@ -285,23 +292,28 @@ class CudaLSTM(DeviceLayer):
                    cell=layer.cell, directions=layer.directions, **kw)
 
     # ------------------------------------------------------------ passes
-    def forward(self, x: HostOrDevice, state: tuple | None = None, *, save: bool = True) -> HostOrDevice:
+    def forward(self, x: HostOrDevice, state: tuple | None = None, *, save: bool = True,
+                sizes: object = None) -> HostOrDevice:
         """``h`` (B, *dims, S*D) for ``x`` (B, *dims, C); saves what backward needs.
 
         Per direction q: ``act_q = flip_q(x) W_q + b_q`` (one GEMM), then one sweep
         for all directions adds ``Σ_d h_parent_d U_qd`` and applies the cell. 1D: from the
         initial ``state = (h0, c0)`` (as :meth:`mdnumba.LSTM1D.forward`) if given.
         ``save=False``: :meth:`_forward_rolling`, nothing kept for ``backward`` (refused).
+        ``sizes``: a padded batch, as :meth:`mdnumba.WavefrontLSTM.forward` (its tables only).
         """
         k, N, C, D, S = self.k, self.ndim, self.in_channels, self.hidden, self.directions
         save = check_flag(save, "save")
         xd, host_in = self._input(x, "x", N + 2, C, f"(batch, {N} grid axes, channels)")
         B, dims = xd.shape[0], tuple(xd.shape[1:-1])
+        sizes = check_sizes(sizes, B, dims)
         if state is not None:  # checked before any workspace of the last forward is written
             self._require_1d("state")
+            if sizes is not None:
+                raise ValueError(SIZES_WITH_STATE)
             h0, c0 = check_state(state, "state", B, S * D, check=self._state_input)
         self._saved = None  # from here on the workspaces no longer hold the last forward's
-        t = device_tables(dims, B, S, state is not None)
+        t = device_tables(dims, B, S, state is not None, sizes)
         if not save:
             return self._forward_rolling(xd, host_in, t, None if state is None else (h0, c0))
         R, G, dense = t.n_cells * B, (N + 3) * D, B * math.prod(dims)
@@ -335,6 +347,8 @@ class CudaLSTM(DeviceLayer):
         out = self._result("out", (dense, S, D))
         if k.shares_memory(out, xd):  # a kept output fed back in: the sweep reads x as it writes out
             out = self._new((dense, S, D))
+        if t.sizes is not None:  # the sweep writes the items' cells only
+            k.fill(out.reshape(out.size), 0.0)
         k.wavefront_infer(out, h, c, act, lp, xd.reshape(dense, C), t.skew_src, self.W, self.b, self.U,
                           t.diag_off, t.parent, first, last, B, D, self.cell_code, path=self.path,
                           use_shared=self.use_shared, tpb=self.tpb, diag_off_host=t.diag_off_host)
@@ -416,6 +430,8 @@ class CudaLSTM(DeviceLayer):
         self._require_1d("final_state()")
         if self._saved is None:
             raise missing_activations("final_state()")
+        if self._saved["tables"].sizes is not None:
+            raise RuntimeError(FINAL_STATE_WITH_SIZES)
         sv, S, D = self._saved, self.directions, self.hidden
         t = sv["tables"]
         pair = self._new((t.batch, S * D)), self._new((t.batch, S * D))
@@ -690,11 +706,11 @@ def _state_for(layer) -> CudaLSTM:
 
 
 def layer_forward(layer: WavefrontLSTM, x: HostOrDevice, state: tuple | None = None,
-                  save: bool = True) -> HostOrDevice:
+                  save: bool = True, sizes: object = None) -> HostOrDevice:
     """``WavefrontLSTM.forward`` on the GPU: upload params, run; NumPy or device ``h`` (as ``x``)."""
     st = _state_for(layer)
     st.set_params(layer.params.data)
-    return st.forward(x, state, save=save)
+    return st.forward(x, state, save=save, sizes=sizes)
 
 
 def _saved_state(layer: WavefrontLSTM, what: str = "backward()") -> CudaLSTM:

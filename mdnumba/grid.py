@@ -139,7 +139,8 @@ def _index_tables(bound: int, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
 
 
 @table_cache  # 8 B per row and direction (the 2D float32 activations: 28·D B)
-def direction_tables(dims: tuple, batch: int, directions: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def direction_tables(dims: tuple, batch: int, directions: int = 1,
+                     sizes: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Row tables between dense ``(B, *dims)`` rows (``b*M + m``, M cells) and the skewed rows
     ``s*B + b`` of each scan direction q (q mirrors the axes of its set bits), read-only, of
     :func:`index_dtype` ``(M*B)``:
@@ -151,17 +152,34 @@ def direction_tables(dims: tuple, batch: int, directions: int = 1) -> tuple[np.n
 
     ``flip_q`` is an involution on the cells, so the two are inverse permutations per q. Used by
     the skew/unskew kernels of both backends (``kernels.wavefront``, ``kernels.wavefront_cuda``).
+
+    ``sizes`` (B tuples of N extents, ``1 <= sizes[b][d] <= dims[d]``; None: every item fills
+    the grid): item b occupies the box ``[0, sizes[b])`` and the rest is padding. ``flip_q``
+    then mirrors item b's axes within its box (``i -> sizes[b][d] - 1 - i``), so that each scan
+    starts at a corner of the item and meets the padding only after the item's cells (whose
+    parents all lie in the item): rows outside the box are -1 both ways (zero input, zero output).
     """
     wf = wavefront(tuple(dims))
-    M, B = wf.n_cells, int(batch)
-    s, b = np.divmod(np.arange(M * B), B)
-    bq, m = np.divmod(np.arange(M * B), M)
-    flat = np.arange(M).reshape(wf.dims)
+    M, B, N = wf.n_cells, int(batch), len(wf.dims)
+    strides = np.array([int(np.prod(wf.dims[d + 1:])) for d in range(N)], dtype=np.int64)
+    coords = np.indices(wf.dims).reshape(N, -1)  # row-major cell m -> its N coordinates
+    s, b = np.divmod(np.arange(M * B), B)  # skewed row s*B + b
+    bq, m = np.divmod(np.arange(M * B), M)  # dense row b*M + m
+    if sizes is None:  # (N, 1): every row's box is the grid
+        skew_e = dense_e = np.array(wf.dims, dtype=np.int64)[:, None]
+    else:  # (N, M*B): each row's item's box
+        ext = np.array(sizes, dtype=np.int64).reshape(B, N)
+        skew_e, dense_e = ext[b].T, ext[bq].T
+    skew_c, dense_c = coords[:, wf.perm[s]], coords[:, m]  # scan / grid coordinates of the rows
     skew, unskew = [], []
     for q in range(directions):
-        mirror = np.flip(flat, tuple(d for d in range(len(wf.dims)) if (q >> d) & 1)).reshape(-1)
-        skew.append(b * M + mirror[wf.perm[s]])
-        unskew.append(wf.inv_perm[mirror[m]].astype(np.int64) * B + bq)
+        flip = np.array([(q >> d) & 1 for d in range(N)], dtype=bool)[:, None]
+        inside = (skew_c < skew_e).all(axis=0)
+        src = np.where(flip, skew_e - 1 - skew_c, skew_c)  # the item's own mirror: an involution
+        skew.append(np.where(inside, b * M + strides @ np.where(inside, src, 0), -1))
+        inside = (dense_c < dense_e).all(axis=0)
+        scan = strides @ np.where(inside, np.where(flip, dense_e - 1 - dense_c, dense_c), 0)
+        unskew.append(np.where(inside, wf.inv_perm[scan].astype(np.int64) * B + bq, -1))
     return _index_tables(M * B, np.stack(skew), np.stack(unskew))
 
 

@@ -11,6 +11,8 @@ import numpy.typing as npt
 
 from . import config
 from ._validate import (
+    FINAL_STATE_WITH_SIZES,
+    SIZES_WITH_STATE,
     check_array,
     check_finite_number,
     check_finite_params,
@@ -18,6 +20,7 @@ from ._validate import (
     check_positive_int,
     check_saved,
     check_shape,
+    check_sizes,
     check_state,
     check_stateful,
     missing_activations,
@@ -116,7 +119,7 @@ class WavefrontLSTM(OwnsParams):
         """Set every gradient to zero (backward accumulates)."""
         self.grads.data[...] = 0
 
-    def forward(self, x: np.ndarray, *, save: bool = True) -> np.ndarray:
+    def forward(self, x: np.ndarray, *, save: bool = True, sizes: npt.ArrayLike | None = None) -> np.ndarray:
         """Run the forward sweep and save the activations needed by backward.
 
         ``x`` of any float dtype is cast to the layer's (``self.dtype``), in which the output
@@ -125,8 +128,13 @@ class WavefrontLSTM(OwnsParams):
         ``save=False`` (inference) keeps nothing for backward: the sweep then holds two
         hyperplanes at a time instead of every cell's activations (the same output, a fraction of
         the memory), on the CPU and with ``device="cuda"``.
+        ``sizes`` (batch, N) ints: a batch of items of different sizes, each padded at the end of
+        every axis to ``x``'s grid; item b is ``x[b, :sizes[b][0], :sizes[b][1], ...]``. Every scan
+        direction then starts at a corner of the item itself, so each item's output (and, in
+        backward, its dx and gradients) is what it alone would give; the padding of ``x`` is not
+        read, that of the output and dx is zero, and that of ``dh`` is ignored.
         """
-        return self._forward(x, None, save)
+        return self._forward(x, None, save, sizes)
 
     def backward(self, dh: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
         """Return dL/dx for upstream ``dh`` = dL/dh (cast to the layer's dtype, as ``x``) and
@@ -134,20 +142,24 @@ class WavefrontLSTM(OwnsParams):
         and returns None."""
         return self._backward(dh, input_grad, None)
 
-    def _forward(self, x, state, save=True):
+    def _forward(self, x, state, save=True, sizes=None):
         """:meth:`forward`; ``state = (h0, c0)`` (1D: :meth:`LSTM1D.forward`) or None (zero state,
-        the tables of :func:`direction_tables`); ``save=False``: :meth:`_forward_rolling`."""
+        the tables of :func:`direction_tables`, of ``sizes`` if given); ``save=False``:
+        :meth:`_forward_rolling`."""
         check_finite_params(self.params)
         save = check_flag(save, "save")
         if self.device == "cuda":
             from .backend_cuda import layer_forward
-            return layer_forward(self, x, state, save)
+            return layer_forward(self, x, state, save, sizes)
         x = check_array(x, "x", self.ndim + 2, self.in_channels, self.dtype, self._layout_str())
         B, D, S = x.shape[0], self.hidden, self.directions
         dims, dense = x.shape[1:-1], x[..., 0].size
+        sizes = check_sizes(sizes, B, dims)
+        if sizes is not None and state is not None:
+            raise ValueError(SIZES_WITH_STATE)
         if state is None:
             wf = wavefront(dims)
-            tables, sweep = direction_tables(wf.dims, B, S), wf.diag_off
+            tables, sweep = direction_tables(wf.dims, B, S, sizes), wf.diag_off
         else:
             h0, c0 = check_state(state, "state", B, S * D, self.dtype)
             wf, *tables = state_tables(dims[0], B, S)
@@ -155,7 +167,7 @@ class WavefrontLSTM(OwnsParams):
         skew_src, unskew_src = tables
         self._saved = None  # from here on the workspaces no longer hold the last forward's
         if not save:
-            return self._forward_rolling(x, wf, skew_src, None if state is None else (h0, c0))
+            return self._forward_rolling(x, wf, skew_src, None if state is None else (h0, c0), sizes)
         rows = wf.n_cells * B
         xs = self._workspace("xs", (S * rows, self.in_channels))
         skew_rows(xs, x.reshape(dense, 1, -1), skew_src)
@@ -171,15 +183,16 @@ class WavefrontLSTM(OwnsParams):
             seed_state(h, c, act, h0, c0, B)
         wavefront_forward(h, c, act, U, sweep, wf.parent, B, D, self.cell_code)
         self._saved = dict(xs=xs, act=act, c=c, h=h, wf=wf, batch=B, dims=dims, tables=tables,
-                           stateful=state is not None)
+                           stateful=state is not None, sizes=sizes)
         out = np.empty((dense, S, D), dtype=self.dtype)
         unskew_rows(out, h, unskew_src)  # grid order, direction q in channels q*D:(q+1)*D
         self._check_state(out, output=True)
         return out.reshape((B,) + dims + (S * D,))
 
-    def _forward_rolling(self, x, wf, skew_src, state):
+    def _forward_rolling(self, x, wf, skew_src, state, sizes):
         """:meth:`forward` with ``save=False``: :func:`wavefront_infer` in buffers of two
-        hyperplanes; keeps only the final state (1D, :meth:`LSTM1D.final_state`)."""
+        hyperplanes; keeps only the final state (1D, :meth:`LSTM1D.final_state`). The sweep
+        writes the items' cells only: with ``sizes`` the output starts as zeros."""
         B, S, D = x.shape[0], self.directions, self.hidden
         slots = 2 * wf.max_diag_cells
         act = self._workspace("roll_act", (S * slots * B, self.layout.shapes["b"][-1]))
@@ -189,7 +202,7 @@ class WavefrontLSTM(OwnsParams):
         first, last = (0, wf.n_diagonals) if state is None else (1, wf.n_diagonals - 1)
         if state is not None:
             seed_state(h, c, act, state[0], state[1], B)  # cell 0 (slot 0) holds (h0, c0)
-        out = np.empty((x[..., 0].size, S, D), dtype=self.dtype)
+        out = (np.empty if sizes is None else np.zeros)((x[..., 0].size, S, D), dtype=self.dtype)
         wavefront_infer(out, h, c, act, lp, x.reshape(-1, self.in_channels), skew_src,
                         self._per_direction("W"), self._per_direction("b"),
                         self.params["U"].reshape(S, D, -1), wf.diag_off, wf.parent, first, last,
@@ -198,7 +211,7 @@ class WavefrontLSTM(OwnsParams):
         if self.ndim == 1:  # the last swept cell is in slot (last - 1) % 2 (one cell per plane)
             final = np.empty((B, S * D), self.dtype), np.empty((B, S * D), self.dtype)
             state_of_cell(final[0], final[1], h, c, (last - 1) % 2, B)
-        self._saved = dict(inference=True, final_state=final)
+        self._saved = dict(inference=True, final_state=final, sizes=sizes)
         self._check_state(out, output=True)
         return out.reshape(x.shape[:-1] + (S * D,))
 
@@ -382,13 +395,15 @@ class LSTM1D(WavefrontLSTM):
         for buf in (self.params, self.grads):
             buf.add_alias("U_rec", buf["U"][..., 0, :])
 
-    def forward(self, x: np.ndarray, state: tuple | None = None, *, save: bool = True) -> np.ndarray:
+    def forward(self, x: np.ndarray, state: tuple | None = None, *, save: bool = True,
+                sizes: npt.ArrayLike | None = None) -> np.ndarray:
         """:meth:`WavefrontLSTM.forward`, from the initial state ``state = (h0, c0)`` if given,
         each ``(batch, directions*hidden)`` (direction q in columns ``q*hidden:(q+1)*hidden``, as
         the output; a reversed scan starts at the last step), else from zeros. Continue a
         sequence with ``forward(x2, state=layer.final_state())`` (also with ``save=False``:
-        streaming inference)."""
-        return self._forward(x, state, save)
+        streaming inference). ``sizes``: the lengths of padded sequences, (batch,) (a reversed
+        scan then starts at each sequence's own last step); not with ``state``."""
+        return self._forward(x, state, save, sizes)
 
     def backward(self, dh: np.ndarray, input_grad: bool = True,
                  final_state_grad: tuple | None = None) -> np.ndarray | None:
@@ -405,6 +420,8 @@ class LSTM1D(WavefrontLSTM):
         if self.device == "cuda":
             from .backend_cuda import layer_final_state
             return layer_final_state(self)
+        if self._saved is not None and self._saved.get("sizes") is not None:
+            raise RuntimeError(FINAL_STATE_WITH_SIZES)
         if self._saved is not None and self._saved.get("inference"):
             return tuple(a.copy() for a in self._saved["final_state"])
         sv = self._require_saved(what="final_state()")

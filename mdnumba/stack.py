@@ -6,6 +6,7 @@ import inspect
 from contextlib import contextmanager
 
 import numpy as np
+import numpy.typing as npt
 
 from . import config
 from ._validate import check_flag, check_positive_int, check_shape, missing_activations
@@ -30,6 +31,12 @@ class BlockSubsample:
 
     def out_channels(self, in_channels: int) -> int:
         return in_channels * self.block ** self.ndim
+
+    def out_sizes(self, sizes: npt.ArrayLike) -> np.ndarray:
+        """The items' sizes after the blocks (of a padded batch, ``Sequential.forward(x, sizes=...)``):
+        ``ceil(size / block)``, an item then being what it gives zero-padded to whole blocks (the
+        layers leave zeros in the padding)."""
+        return -(-np.asarray(sizes) // self.block)
 
     def forward(self, x: np.ndarray, *, save: bool = True) -> np.ndarray:
         """Move each block's cells into the channel axis (``save`` is accepted like the layers';
@@ -122,14 +129,14 @@ class LayerGroup:
         return sum(layer.params.data.size for layer in self.layers)
 
 
-def _takes_save(stage: object) -> bool:
-    """Whether ``stage.forward`` takes ``save`` (the layers here do; a stage of the user's may not),
-    by name or through ``**kwargs``."""
+def _takes(stage: object, name: str) -> bool:
+    """Whether ``stage.forward`` takes the keyword ``name`` (``save``, ``sizes``: the layers here
+    do; a stage of the user's may not), by name or through ``**kwargs``."""
     try:
         params = inspect.signature(stage.forward).parameters
     except (TypeError, ValueError):  # no signature to read
         return False
-    return "save" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def _all_stages(stages: list):
@@ -179,13 +186,20 @@ class Sequential(LayerGroup):
     def __getitem__(self, i: int):
         return self.stages[i]
 
-    def forward(self, x: np.ndarray, *, save: bool = True) -> np.ndarray:
+    def forward(self, x: np.ndarray, *, save: bool = True, sizes: npt.ArrayLike | None = None) -> np.ndarray:
         """``x`` through every stage in order; each keeps what its backward needs, or with
-        ``save=False`` (inference) nothing: the stages whose ``forward`` takes ``save`` get it."""
+        ``save=False`` (inference) nothing: the stages whose ``forward`` takes ``save`` get it.
+        ``sizes``: a padded batch (:meth:`mdnumba.WavefrontLSTM.forward`), given to the stages
+        that take it; a :class:`BlockSubsample` divides it by its block (:meth:`BlockSubsample.out_sizes`)."""
         self._inference = not check_flag(save, "save")
         for i, stage in enumerate(self.stages):
+            kw = {} if save or not _takes(stage, "save") else {"save": False}
+            if sizes is not None and _takes(stage, "sizes"):
+                kw["sizes"] = sizes
             with _named_stage(i, stage, "forward"):
-                x = stage.forward(x) if save or not _takes_save(stage) else stage.forward(x, save=False)
+                x = stage.forward(x, **kw)
+                if sizes is not None and isinstance(stage, BlockSubsample):
+                    sizes = stage.out_sizes(sizes)
         return x
 
     def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:

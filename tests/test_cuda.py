@@ -172,6 +172,28 @@ def sim_grid_lstm_layer_matches_reference(tied, rng):
         np.testing.assert_allclose(layer.grads[name], want, rtol=1e-10, atol=1e-12, err_msg=name)
 
 
+@pytest.mark.parametrize("path", ["cooperative", "per-diagonal"])
+@pytest.mark.parametrize("ndim,dims,sizes,kw", [
+    (1, (5,), [(5,), (2,), (3,)], {"directions": 2}),
+    (2, (3, 4), [(2, 4), (3, 1)], {"directions": 4, "cell": "stable"})])
+def sim_padded_batches(path, ndim, dims, sizes, kw, rng, monkeypatch):
+    """``forward(x, sizes=...)`` on a device layer (the padded batch's tables; the unskew and the
+    saving-free sweep leave zeros in the padding) equals the CPU layer: outputs with and without
+    saving, dx and the gradients."""
+    from mdnumba.kernels import wavefront_cuda
+    monkeypatch.setattr(wavefront_cuda, "DEFAULT_PATH", path)
+    gpu, cpu = (_layer(ndim, 2, 3, np.float64, d, **kw) for d in ("cuda", "cpu"))
+    x = rng.standard_normal((len(sizes),) + dims + (2,))
+    y = cpu.forward(x, sizes=sizes)
+    tol = dict(rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(gpu.forward(x, save=False, sizes=sizes), y, **tol)
+    np.testing.assert_allclose(gpu.forward(x, sizes=sizes), y, **tol)
+    assert wavefront_cuda.last_path().startswith(path)
+    dh = rng.standard_normal(y.shape)
+    np.testing.assert_allclose(gpu.backward(dh), cpu.backward(dh), **tol)
+    np.testing.assert_allclose(gpu.grads.data, cpu.grads.data, **tol)
+
+
 @pytest.mark.parametrize("kind", ["grid", "stacked"])
 def sim_char_lm_on_the_device_matches_the_cpu(kind, rng):
     """``CharLM(device='cuda')`` (the char-LM of ``mdnumba train --device cuda``): logits with

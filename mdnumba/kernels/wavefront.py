@@ -277,19 +277,25 @@ def unskew_rows(out, inp, src):
     """``out[r, p, f] = Σ_{q ≡ p mod P} inp[q*M + src[q, r], f]`` for ``out`` (R, P, F), ``src``
     (S, R), ``M = inp.shape[0] / S`` rows per direction (R, or R + 2B with the state cells of
     :func:`mdnumba.grid.state_tables`): P = S puts direction q's rows back in grid order at
-    channel block q (the layer output), P = 1 sums the directions in the order q = 0, 1, .. (dL/dx)."""
+    channel block q (the layer output), P = 1 sums the directions in the order q = 0, 1, .. (dL/dx).
+    ``src = -1`` adds nothing (padding of :func:`mdnumba.grid.direction_tables`' ``sizes``: zeros)."""
     S = src.shape[0]
     R, P, F = out.shape
     slab = inp.shape[0] // S
     for t in prange(R * P):
         r, p = t // P, t % P
-        i = p * slab + src[p, r]
-        for f in range(F):
-            out[r, p, f] = inp[i, f]
-        for q in range(p + P, S, P):
-            i = q * slab + src[q, r]
-            for f in range(F):
-                out[r, p, f] += inp[i, f]
+        first = True
+        for q in range(p, S, P):
+            if src[q, r] >= 0:
+                i = q * slab + src[q, r]
+                if first:
+                    out[r, p, :] = inp[i]
+                else:
+                    for f in range(F):
+                        out[r, p, f] += inp[i, f]
+                first = False
+        if first:
+            out[r, p, :] = 0
 
 
 # ------------------------------------------------------------ 1D initial / final state

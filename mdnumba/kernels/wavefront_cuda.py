@@ -371,17 +371,26 @@ def _unskew(out, inp, src, start, stride):
     """``out[r, p, f] = Σ_{q ≡ p mod P} inp[q*M + src[q, r], f]`` for ``out`` (R, P, F), ``M =
     inp.shape[0] / S`` rows per direction (R, or R + 2B with state cells): P = S puts direction
     q's rows back in grid order at channel block q, P = 1 sums the directions (in the order
-    q = 0, 1, ..)."""
+    q = 0, 1, ..); ``src = -1`` adds nothing (padding: zeros)."""
     S = src.shape[0]
     R, P, F = out.shape
     slab = _divmod(inp.shape[0], S)[0]
     for t in range(start, R * P * F, stride):
         rp, f = _divmod(t, F)
         r, p = _divmod(rp, P)
-        acc = inp[p * slab + src[p, r], f]
-        for q in range(p + P, S, P):
-            acc += inp[q * slab + src[q, r], f]
-        out[r, p, f] = acc
+        acc = inp[0, f]  # of inp's dtype; replaced by the first term
+        first = True
+        for q in range(p, S, P):
+            if src[q, r] >= 0:
+                if first:
+                    acc = inp[q * slab + src[q, r], f]
+                else:
+                    acc += inp[q * slab + src[q, r], f]
+                first = False
+        if first:
+            out[r, p, f] = 0
+        else:
+            out[r, p, f] = acc
 
 
 @cuda.jit(device=True)

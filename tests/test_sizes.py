@@ -1,0 +1,114 @@
+"""Padded batches: ``forward(x, sizes=...)`` gives every item what it alone would give."""
+
+import numpy as np
+import pytest
+
+from mdnumba import LSTM1D, MDLSTM2D, MDLSTM3D
+from mdnumba.grid import direction_tables
+
+CASES = [  # (layer, padded grid, the items' sizes)
+    (lambda: LSTM1D(2, 3, directions=2, seed=1, dtype=np.float64), (6,), [(6,), (2,), (4,)]),
+    (lambda: MDLSTM2D(2, 3, directions=4, seed=1, dtype=np.float64, cell="stable"), (4, 5),
+     [(3, 5), (4, 2), (1, 1)]),
+    (lambda: MDLSTM2D(2, 3, seed=1, dtype=np.float64), (3, 4), [(3, 4), (2, 3)]),
+    (lambda: MDLSTM3D(2, 2, directions=8, seed=1, dtype=np.float64), (3, 2, 3), [(2, 2, 3), (3, 1, 2)]),
+]
+
+
+def padded_batch(dims, sizes, rng, fill=7.0):
+    """Items of the given sizes, and the batch that holds them padded with ``fill``."""
+    items = [rng.standard_normal((1,) + tuple(sz) + (2,)) for sz in sizes]
+    x = np.full((len(sizes),) + dims + (2,), fill)
+    for b, item in enumerate(items):
+        x[(b,) + tuple(slice(0, n) for n in sizes[b])] = item[0]
+    return items, x
+
+
+def box(b, size):
+    return (b,) + tuple(slice(0, n) for n in size)
+
+
+@pytest.mark.parametrize("make,dims,sizes", CASES)
+def test_each_item_as_if_alone(make, dims, sizes, rng):
+    """Outputs, dx and gradients of a padded batch equal those of its items run one by one; the
+    output's and dx's padding is zero, dh's is ignored, x's is never read; save=False agrees."""
+    layer = make()
+    items, x = padded_batch(dims, sizes, rng)
+    y = layer.forward(x, sizes=sizes)
+    dh = rng.standard_normal(y.shape)
+    layer.zero_grad()
+    dx = layer.backward(dh)
+    grads = layer.grads.data.copy()
+    np.testing.assert_array_equal(layer.forward(x, save=False, sizes=sizes), y)
+    want_grads = np.zeros_like(grads)
+    for b, (item, size) in enumerate(zip(items, sizes)):
+        np.testing.assert_array_equal(y[box(b, size)], layer.forward(item)[0])
+        layer.zero_grad()
+        np.testing.assert_allclose(dx[box(b, size)], layer.backward(dh[box(b, size)][None])[0],
+                                   rtol=1e-12, atol=1e-14)
+        want_grads += layer.grads.data
+        pad = np.ones(y.shape[1:-1], bool)
+        pad[box(0, size)[1:]] = False
+        assert not y[b][pad].any() and not dx[b][pad].any()
+    np.testing.assert_allclose(grads, want_grads, rtol=1e-12, atol=1e-14)
+    x2, dh2 = x.copy(), dh.copy()
+    for b, size in enumerate(sizes):  # other padding: the same results
+        keep_x, keep_dh = x2[box(b, size)].copy(), dh2[box(b, size)].copy()
+        x2[b], dh2[b] = -3.0, 1e3
+        x2[box(b, size)], dh2[box(b, size)] = keep_x, keep_dh
+    np.testing.assert_array_equal(layer.forward(x2, sizes=sizes), y)
+    layer.zero_grad()
+    np.testing.assert_array_equal(layer.backward(dh2), dx)
+    np.testing.assert_array_equal(layer.grads.data, grads)
+
+
+def test_full_sizes_are_no_sizes(rng):
+    """Items that all fill the grid take the usual tables; 1D takes lengths (B,)."""
+    layer = LSTM1D(2, 3, directions=2, seed=1, dtype=np.float64)
+    x = rng.standard_normal((3, 5, 2))
+    np.testing.assert_array_equal(layer.forward(x, sizes=[5, 5, 5]), layer.forward(x))
+    np.testing.assert_array_equal(layer.forward(x, sizes=np.array([[5], [2], [3]])),
+                                  layer.forward(x, sizes=(5, 2, 3)))
+    skew, unskew = direction_tables((5,), 3, 2, ((5,), (2,), (3,)))
+    assert (skew == -1).sum() == (unskew == -1).sum() == 2 * (3 + 2)  # the padded cells, per direction
+
+
+@pytest.mark.parametrize("sizes,error,match", [
+    ([[3, 4]], ValueError, r"shape \(batch, 2\) = \(2, 2\)"),
+    ([[3, 4], [0, 2]], ValueError, r"sizes\[1\] = \(0, 2\) must lie between 1 and the padded grid \(3, 4\)"),
+    ([[3, 5], [1, 1]], ValueError, r"sizes\[0\] = \(3, 5\)"),
+    ([[3.0, 4.0], [1, 1]], TypeError, "must be integers"),
+    ([[True, True], [True, True]], TypeError, "must be integers"),
+])
+def test_bad_sizes_are_refused(sizes, error, match):
+    layer = MDLSTM2D(1, 2)
+    with pytest.raises(error, match=match):
+        layer.forward(np.zeros((2, 3, 4, 1), np.float32), sizes=sizes)
+
+
+def test_sizes_with_a_state_and_final_state_are_refused(rng):
+    layer = LSTM1D(2, 3, seed=1)
+    x = rng.standard_normal((2, 4, 2))
+    with pytest.raises(ValueError, match="sizes= cannot be combined with state="):
+        layer.forward(x, state=layer.zero_state(2), sizes=[4, 2])
+    for save in (True, False):
+        layer.forward(x, save=save, sizes=[4, 2])
+        with pytest.raises(RuntimeError, match="final_state.. is not defined after forward.x, sizes"):
+            layer.final_state()
+
+
+def test_stacks_pass_sizes_through_the_blocks(rng):
+    """A Sequential of 4-direction layers with 2x2 blocks between them gives each padded item
+    what the stack gives it alone, with and without saving; BlockSubsample divides the sizes
+    (rounding up); a stage that takes no sizes (Linear) keeps them for the next."""
+    from mdnumba.layers import Linear
+    from mdnumba.stack import BlockSubsample, Sequential, mdlstm_stack
+    stack = mdlstm_stack(2, 2, 2, layers=2, directions=4, subsample=2, seed=3, dtype=np.float64)
+    net = Sequential(stack, Linear(8, 3, dtype=np.float64))
+    sizes = [(4, 6), (2, 4), (4, 2)]
+    items, x = padded_batch((4, 6), sizes, rng)
+    y = net.forward(x, sizes=sizes)
+    np.testing.assert_array_equal(net.forward(x, save=False, sizes=sizes), y)
+    for b, (item, (h, w)) in enumerate(zip(items, sizes)):
+        np.testing.assert_array_equal(y[b, :h // 2, :w // 2], net.forward(item)[0])
+    np.testing.assert_array_equal(BlockSubsample(2).out_sizes([[5, 4], [1, 2]]), [[3, 2], [1, 1]])
