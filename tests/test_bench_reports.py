@@ -74,3 +74,13 @@ def test_inference_bench_quick(tmp_path):
     rows = [ln for ln in out.read_text().splitlines() if ln.startswith(("| 2D", "| 3D", "| Grid LSTM"))]
     assert len(rows) == len(inference.QUICK)
     assert all(ln.rstrip(" |").endswith("| 0") for ln in rows), rows  # max abs difference
+
+
+def test_padded_bench_quick(tmp_path):
+    """bench/padded.py --quick runs and writes a row per case, each item equal to itself alone."""
+    import padded
+    out = tmp_path / "padded.md"
+    padded.main(["--quick", "--out", str(out)])
+    rows = [ln for ln in out.read_text().splitlines() if ln.startswith(("| 1D", "| 2D"))]
+    assert len(rows) == len(padded.QUICK)
+    assert all(ln.rstrip(" |").endswith("| 0") for ln in rows), rows  # max abs difference

@@ -1,0 +1,136 @@
+"""Padded batches: ``forward(x, sizes=...)`` on one padded batch vs the items one by one.
+
+Items of different sizes (pages, text lines) can run as one batch padded to the largest, with
+their sizes (each item then gets what it gets alone, checked here first), or one call per
+item. Side by side in one process, interleaved, best of N (median in brackets), float32, on
+the CPU: forward + backward (``input_grad=False``: the items are data) and the saving-free
+forward. The padded batch computes the padding too (the "padded cells" column): batching wins
+where the per-call cost and the parallelism of a larger batch outweigh that.
+
+Usage: ``python bench/padded.py [--quick] [--out PATH]`` (default ``bench/results/padded.md``;
+``--quick`` prints small shapes only, unless ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from bench_cpu import load_average, machine_info, ms, time_interleaved
+
+import mdnumba
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "results" / "padded.md"
+
+
+@dataclass(frozen=True)
+class Case:
+    label: str
+    ndim: int
+    lows: tuple    # smallest item size per axis
+    highs: tuple   # largest (the padded grid)
+    B: int
+    D: int
+    directions: int
+
+    def layer(self):
+        cls = {1: mdnumba.LSTM1D, 2: mdnumba.MDLSTM2D}[self.ndim]
+        return cls(1, self.D, directions=self.directions, seed=0)
+
+    def items(self) -> list[np.ndarray]:
+        rng = np.random.default_rng(0)
+        sizes = [tuple(int(rng.integers(lo, hi + 1)) for lo, hi in zip(self.lows, self.highs))
+                 for _ in range(self.B)]
+        return [rng.random((1,) + s + (1,), dtype=np.float32) for s in sizes]
+
+
+CASES = [Case("2D pages 16..48 x 32..128, 4 directions", 2, (16, 32), (48, 128), 16, 16, 4),
+         Case("1D lines 20..200 steps, 2 directions", 1, (20,), (200,), 32, 64, 2)]
+QUICK = [Case("2D 3..8 x 3..8, 4 directions", 2, (3, 3), (8, 8), 4, 4, 4),
+         Case("1D 3..12 steps, 2 directions", 1, (3,), (12,), 4, 4, 2)]
+
+
+def padded(case: Case, items: list[np.ndarray]) -> tuple[np.ndarray, list[tuple]]:
+    x = np.zeros((case.B,) + case.highs + (1,), np.float32)
+    sizes = [it.shape[1:-1] for it in items]
+    for b, it in enumerate(items):
+        x[(b,) + tuple(slice(0, n) for n in sizes[b])] = it[0]
+    return x, sizes
+
+
+def check(layer, x, sizes, items) -> float:
+    """Largest difference between each item's part of the padded output and its own output."""
+    y = layer.forward(x, sizes=sizes)
+    return max(float(np.abs(y[(b,) + tuple(slice(0, n) for n in s)] - layer.forward(it)[0]).max())
+               for b, (s, it) in enumerate(zip(sizes, items)))
+
+
+def bench_case(case: Case, budget_s: float) -> dict:
+    layer, items = case.layer(), case.items()
+    x, sizes = padded(case, items)
+    diff = check(layer, x, sizes, items)
+
+    def batch_step() -> None:
+        h = layer.forward(x, sizes=sizes)
+        layer.backward(h, input_grad=False)
+
+    def items_step() -> None:
+        for it in items:
+            layer.backward(layer.forward(it), input_grad=False)
+
+    cases = {"batch": [("step", batch_step)], "items": [("step", items_step)],
+             "batch_infer": [("forward", lambda: layer.forward(x, save=False, sizes=sizes))],
+             "items_infer": [("forward", lambda: [layer.forward(it, save=False) for it in items])]}
+    times = time_interleaved(cases, budget_s)
+    cells = sum(int(np.prod(s)) for s in sizes)
+    return dict(case=case, times=times, diff=diff, pad=1 - cells / (case.B * int(np.prod(case.highs))))
+
+
+def render(info: dict, results: list[dict]) -> str:
+    lines = ["# Padded batches: `forward(x, sizes=...)` vs one call per item (CPU)", ""]
+    lines += [f"- **{k}**: {v}" for k, v in info.items()]
+    lines += ["", "Produced by `python bench/padded.py` (one process). " + __doc__.split("\n\n")[1]
+              .replace("\n", " ").replace("``", "`"), "",
+              "| items | padded cells | fwd+bwd batch ms | fwd+bwd one by one ms | ratio | "
+              "save=False batch ms | save=False one by one ms | ratio | max abs difference |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        t = r["times"]
+
+        def cell(name: str, t=t) -> str:
+            return f"**{ms(t[name].best)}** ({ms(t[name].median)})"
+
+        c = r["case"]
+        lines.append(f"| {c.label}, B{c.B} D{c.D} | {r['pad']:.0%} | {cell('batch')} | "
+                     f"{cell('items')} | {t['items'].best / t['batch'].best:.2f}x | {cell('batch_infer')} | "
+                     f"{cell('items_infer')} | {t['items_infer'].best / t['batch_infer'].best:.2f}x | "
+                     f"{r['diff']:.1g} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small shapes, prints only (unless --out)")
+    ap.add_argument("--out", type=Path, default=None, help=f"report file (default {DEFAULT_OUT})")
+    args = ap.parse_args(argv)
+    load_before = load_average()
+    results = []
+    for case in QUICK if args.quick else CASES:
+        print(f"... {case.label}", flush=True)
+        results.append(bench_case(case, 0.3 if args.quick else 4.0))
+    info = machine_info(None, load_before)
+    info.pop("torch", None)  # no PyTorch here
+    text = render(info, results)
+    print(text)
+    out = args.out or (None if args.quick else DEFAULT_OUT)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
