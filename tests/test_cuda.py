@@ -192,6 +192,11 @@ def sim_padded_batches(path, ndim, dims, sizes, kw, rng, monkeypatch):
     dh = rng.standard_normal(y.shape)
     np.testing.assert_allclose(gpu.backward(dh), cpu.backward(dh), **tol)
     np.testing.assert_allclose(gpu.grads.data, cpu.grads.data, **tol)
+    if ndim == 1:
+        with pytest.raises(RuntimeError, match="not defined after forward.x, sizes"):
+            gpu.final_state()
+        with pytest.raises(ValueError, match="sizes= cannot be combined with state="):
+            gpu.forward(x, state=gpu.zero_state(len(sizes)), sizes=sizes)
 
 
 @pytest.mark.parametrize("kind", ["grid", "stacked"])
