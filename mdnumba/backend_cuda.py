@@ -547,6 +547,9 @@ class CudaBlockSubsample:
     def out_channels(self, in_channels: int) -> int:
         return self.host.out_channels(in_channels)
 
+    def out_sizes(self, sizes) -> np.ndarray:
+        return self.host.out_sizes(sizes)
+
     def _table(self, shape: tuple):
         """(gather for forward, gather for backward, output shape) for input ``shape``."""
         if shape not in self._tables:

@@ -190,7 +190,7 @@ class Sequential(LayerGroup):
         """``x`` through every stage in order; each keeps what its backward needs, or with
         ``save=False`` (inference) nothing: the stages whose ``forward`` takes ``save`` get it.
         ``sizes``: a padded batch (:meth:`mdnumba.WavefrontLSTM.forward`), given to the stages
-        that take it; a :class:`BlockSubsample` divides it by its block (:meth:`BlockSubsample.out_sizes`)."""
+        that take it; a :class:`BlockSubsample` divides it by its block (a stage's ``out_sizes``)."""
         self._inference = not check_flag(save, "save")
         for i, stage in enumerate(self.stages):
             kw = {} if save or not _takes(stage, "save") else {"save": False}
@@ -198,7 +198,7 @@ class Sequential(LayerGroup):
                 kw["sizes"] = sizes
             with _named_stage(i, stage, "forward"):
                 x = stage.forward(x, **kw)
-                if sizes is not None and isinstance(stage, BlockSubsample):
+                if sizes is not None and hasattr(stage, "out_sizes"):  # BlockSubsample and its twin
                     sizes = stage.out_sizes(sizes)
         return x
 

@@ -199,6 +199,22 @@ def sim_padded_batches(path, ndim, dims, sizes, kw, rng, monkeypatch):
             gpu.forward(x, state=gpu.zero_state(len(sizes)), sizes=sizes)
 
 
+def sim_padded_batches_through_a_device_stack(rng):
+    """A Sequential of device stages (CudaLSTM, CudaBlockSubsample, CudaLSTM) passes ``sizes``
+    on and divides them at the blocks as the host stack does."""
+    from mdnumba.backend_cuda import CudaBlockSubsample, CudaLSTM
+    from mdnumba.stack import BlockSubsample, Sequential, mdlstm_stack
+    host = mdlstm_stack(2, 2, 2, layers=2, directions=4, subsample=2, seed=3, dtype=np.float64)
+    dev = Sequential(*(CudaBlockSubsample(2) if isinstance(s, BlockSubsample) else CudaLSTM.from_layer(s)
+                       for s in host.stages))
+    sizes = [(4, 6), (2, 4)]
+    x = rng.standard_normal((2, 4, 6, 2))
+    want = host.forward(x, sizes=sizes)
+    got = dev.forward(x, sizes=sizes)
+    np.testing.assert_allclose(got if isinstance(got, np.ndarray) else got.copy_to_host(), want,
+                               rtol=1e-12, atol=1e-13)
+
+
 @pytest.mark.parametrize("kind", ["grid", "stacked"])
 def sim_char_lm_on_the_device_matches_the_cpu(kind, rng):
     """``CharLM(device='cuda')`` (the char-LM of ``mdnumba train --device cuda``): logits with
