@@ -327,7 +327,7 @@ def speed_table(results: list[dict], mode: str, keys: tuple | None = None) -> li
     rows = ["| config | " + " | ".join(c[1] + " ms" for c in cols) + "".join(f" | {e[1]}" for e in extra)
             + " |", "|" + "---|" * (len(cols) + len(extra) + 1)]
     for res in results:
-        t = res[mode]
+        t = res.get(mode, {})  # a part that did not run: dashes
         rows.append(f"| {res['cfg'].label} | " + " | ".join(cell(t.get(c)) for c, _ in cols)
                     + "".join(f" | {ratio(t.get(k), t.get('coop'))}" for k, _ in extra) + " |")
     return rows
