@@ -115,18 +115,37 @@ FINAL_STATE_WITH_SIZES = ("final_state() is not defined after forward(x, sizes=.
                           "the shorter items end in the padding (each item's last h is in the output)")
 
 
+def check_size_values(sizes: object, positive: bool = False) -> np.ndarray:
+    """``sizes`` as an integer array of at least one entry (shape not checked): a TypeError for
+    bools (also mixed into a list of ints) and non-integers, a ValueError for a ragged or empty
+    list and (``positive``) for sizes below 1."""
+    what = "sizes must be integers >= 1 (each item's extent along each grid axis)"
+    try:
+        arr = np.asarray(sizes)
+    except ValueError as exc:  # ragged
+        raise ValueError(f"{what}, one row per item of equal length; got {sizes!r} ({exc})") from None
+    if arr.dtype == object or not isinstance(sizes, np.ndarray):
+        flat = np.asarray(sizes, dtype=object).ravel()
+        if any(isinstance(v, (bool, np.bool_)) for v in flat):
+            raise TypeError(f"{what}, not bools; got {sizes!r}")
+    if arr.size == 0:
+        raise ValueError(f"{what}; got none ({sizes!r})")
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{what}; got dtype {arr.dtype}")
+    if positive and (arr < 1).any():
+        raise ValueError(f"{what}; got {arr.min()}")
+    return arr
+
+
 def check_sizes(sizes: object, batch: int, dims: tuple) -> tuple | None:
     """The extents of the items of a padded batch (``forward(x, sizes=...)``) as B tuples of N
     Python ints (hashable: the tables are cached on them), or None when absent or when every
     item fills the grid. 1D also takes lengths of shape (B,)."""
     if sizes is None:
         return None
-    arr, N = np.asarray(sizes), len(dims)
+    arr, N = check_size_values(sizes), len(dims)
     if arr.ndim == 1 and N == 1:
         arr = arr[:, None]
-    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(f"sizes must be integers (each item's extent along each grid axis), got dtype "
-                        f"{arr.dtype}")
     if arr.shape != (batch, N):
         alt = " or (batch,) lengths" if N == 1 else ""
         raise ValueError(f"sizes must have shape (batch, {N}) = {(batch, N)}{alt}: each item's extent "

@@ -306,12 +306,12 @@ class CudaLSTM(DeviceLayer):
         save = check_flag(save, "save")
         xd, host_in = self._input(x, "x", N + 2, C, f"(batch, {N} grid axes, channels)")
         B, dims = xd.shape[0], tuple(xd.shape[1:-1])
-        sizes = check_sizes(sizes, B, dims)
         if state is not None:  # checked before any workspace of the last forward is written
             self._require_1d("state")
             if sizes is not None:
                 raise ValueError(SIZES_WITH_STATE)
             h0, c0 = check_state(state, "state", B, S * D, check=self._state_input)
+        sizes = check_sizes(sizes, B, dims)
         self._saved = None  # from here on the workspaces no longer hold the last forward's
         t = device_tables(dims, B, S, state is not None, sizes)
         if not save:
@@ -330,6 +330,8 @@ class CudaLSTM(DeviceLayer):
         k.wavefront_forward(h, c, act, self.U, t.diag_off[sweep], t.parent, B, D, self.cell_code,
                             path=self.path, use_shared=self.use_shared, tpb=self.tpb,
                             diag_off_host=t.diag_off_host[sweep], out=out, out_src=t.unskew_src)
+        if t.sizes is not None:  # the padding's cells: no state (it may have overflowed there)
+            k.zero_padding(h, c, t.skew_src)
         return self._forward_result(out, t, dims, host_in, state is not None, inference=False)
 
     def _forward_rolling(self, xd, host_in: bool, t: DeviceTables, state: tuple | None):

@@ -42,6 +42,7 @@ from .kernels.wavefront import (
     wavefront_backward,
     wavefront_forward,
     wavefront_infer,
+    zero_padding,
 )
 from .params import OwnsParams, ParamLayout
 
@@ -154,9 +155,9 @@ class WavefrontLSTM(OwnsParams):
         x = check_array(x, "x", self.ndim + 2, self.in_channels, self.dtype, self._layout_str())
         B, D, S = x.shape[0], self.hidden, self.directions
         dims, dense = x.shape[1:-1], x[..., 0].size
-        sizes = check_sizes(sizes, B, dims)
         if sizes is not None and state is not None:
             raise ValueError(SIZES_WITH_STATE)
+        sizes = check_sizes(sizes, B, dims)
         if state is None:
             wf = wavefront(dims)
             tables, sweep = direction_tables(wf.dims, B, S, sizes), wf.diag_off
@@ -182,6 +183,8 @@ class WavefrontLSTM(OwnsParams):
         if state is not None:
             seed_state(h, c, act, h0, c0, B)
         wavefront_forward(h, c, act, U, sweep, wf.parent, B, D, self.cell_code)
+        if sizes is not None:  # the padding's cells: no state (it may have overflowed there)
+            zero_padding(h, c, skew_src)
         self._saved = dict(xs=xs, act=act, c=c, h=h, wf=wf, batch=B, dims=dims, tables=tables,
                            stateful=state is not None, sizes=sizes)
         out = np.empty((dense, S, D), dtype=self.dtype)

@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import config
-from ._validate import check_flag, check_positive_int, check_shape, missing_activations
+from ._validate import check_flag, check_positive_int, check_shape, check_size_values, missing_activations
 from .layers import LSTM1D, MDLSTM2D, MDLSTM3D, WavefrontLSTM
 
 _NAMED = {1: LSTM1D, 2: MDLSTM2D, 3: MDLSTM3D}
@@ -36,7 +36,8 @@ class BlockSubsample:
         """The items' sizes after the blocks (of a padded batch, ``Sequential.forward(x, sizes=...)``):
         ``ceil(size / block)``, an item then being what it gives zero-padded to whole blocks (the
         layers leave zeros in the padding)."""
-        return -(-np.asarray(sizes) // self.block)
+        arr = check_size_values(sizes, positive=True)
+        return -(-arr // self.block)
 
     def forward(self, x: np.ndarray, *, save: bool = True) -> np.ndarray:
         """Move each block's cells into the channel axis (``save`` is accepted like the layers';
@@ -201,6 +202,13 @@ class Sequential(LayerGroup):
                 if sizes is not None and hasattr(stage, "out_sizes"):  # BlockSubsample and its twin
                     sizes = stage.out_sizes(sizes)
         return x
+
+    def out_sizes(self, sizes: npt.ArrayLike) -> npt.ArrayLike:
+        """The items' sizes after every stage (a nested stack divides them as its blocks do)."""
+        for stage in self.stages:
+            if hasattr(stage, "out_sizes"):
+                sizes = stage.out_sizes(sizes)
+        return sizes
 
     def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
         """``dL/dy`` of the last forward back through the stages in reverse, accumulating every

@@ -199,6 +199,22 @@ def sim_padded_batches(path, ndim, dims, sizes, kw, rng, monkeypatch):
             gpu.forward(x, state=gpu.zero_state(len(sizes)), sizes=sizes)
 
 
+def sim_zero_padding_twins(rng):
+    """``zero_padding`` (after a sized saving forward) zeroes h and c in exactly the padding's
+    rows, on both backends."""
+    from mdnumba.grid import direction_tables
+    from mdnumba.kernels import wavefront, wavefront_cuda
+    skew, _ = direction_tables((3, 4), 2, 4, ((2, 3), (3, 1)))
+    h0, c0 = rng.standard_normal((2, skew.size, 3))
+    pad = skew.reshape(-1) < 0
+    for twin in (wavefront, wavefront_cuda):
+        h, c = h0.copy(), c0.copy()
+        twin.zero_padding(h, c, skew)
+        for got, was in ((h, h0), (c, c0)):
+            assert not got[pad].any(), twin
+            np.testing.assert_array_equal(got[~pad], was[~pad])
+
+
 def sim_padded_batches_through_a_device_stack(rng):
     """A Sequential of device stages (CudaLSTM, CudaBlockSubsample, CudaLSTM) passes ``sizes``
     on and divides them at the blocks as the host stack does."""

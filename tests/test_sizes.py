@@ -79,6 +79,9 @@ def test_full_sizes_are_no_sizes(rng):
     ([[3, 5], [1, 1]], ValueError, r"sizes\[0\] = \(3, 5\)"),
     ([[3.0, 4.0], [1, 1]], TypeError, "must be integers"),
     ([[True, True], [True, True]], TypeError, "must be integers"),
+    ([[True, 4], [3, 4]], TypeError, "not bools"),
+    ([[3, 4], [2]], ValueError, "one row per item of equal length"),
+    ([], ValueError, "got none"),
 ])
 def test_bad_sizes_are_refused(sizes, error, match):
     layer = MDLSTM2D(1, 2)
@@ -89,8 +92,9 @@ def test_bad_sizes_are_refused(sizes, error, match):
 def test_sizes_with_a_state_and_final_state_are_refused(rng):
     layer = LSTM1D(2, 3, seed=1)
     x = rng.standard_normal((2, 4, 2))
-    with pytest.raises(ValueError, match="sizes= cannot be combined with state="):
-        layer.forward(x, state=layer.zero_state(2), sizes=[4, 2])
+    for sizes in ([4, 2], [4, 4]):  # also sizes that fill the grid
+        with pytest.raises(ValueError, match="sizes= cannot be combined with state="):
+            layer.forward(x, state=layer.zero_state(2), sizes=sizes)
     for save in (True, False):
         layer.forward(x, save=save, sizes=[4, 2])
         with pytest.raises(RuntimeError, match="final_state.. is not defined after forward.x, sizes"):
@@ -112,3 +116,37 @@ def test_stacks_pass_sizes_through_the_blocks(rng):
     for b, (item, (h, w)) in enumerate(zip(items, sizes)):
         np.testing.assert_array_equal(y[b, :h // 2, :w // 2], net.forward(item)[0])
     np.testing.assert_array_equal(BlockSubsample(2).out_sizes([[5, 4], [1, 2]]), [[3, 2], [1, 1]])
+
+
+def test_nested_stacks_divide_the_sizes(rng):
+    """A stack inside a Sequential divides the sizes for the stages after it (Sequential.out_sizes)."""
+    from mdnumba.stack import Sequential, mdlstm_stack
+    stack = mdlstm_stack(2, 2, 2, layers=2, directions=4, subsample=2, seed=3, dtype=np.float64)
+    top = MDLSTM2D(8, 2, directions=4, seed=5, dtype=np.float64)
+    sizes = [(4, 6), (2, 2)]
+    _, x = padded_batch((4, 6), sizes, rng)
+    flat = Sequential(*stack.stages, top).forward(x, sizes=sizes)
+    np.testing.assert_array_equal(Sequential(stack, top).forward(x, sizes=sizes), flat)
+    assert not flat[1, 1:].any() and not flat[1, :, 1:].any()  # item 1 is one cell after the blocks
+    np.testing.assert_array_equal(stack.out_sizes(sizes), [[2, 3], [1, 1]])
+
+
+def test_an_overflow_in_the_padding_does_not_stop_backward(rng):
+    """The padding's cells, which no item reads, may overflow (graves cell, forget gates summing
+    to 2, a long stretch of padding): the saving forward zeroes their state, so backward runs
+    and gives the items' own gradients (before, it refused the overflowed state)."""
+    n = 70
+    layer = MDLSTM2D(1, 2, cell="graves", forget_bias=8.0, dtype=np.float32)
+    sizes = [(n, 1), (1, n)]
+    items, x = padded_batch((n, n), sizes, rng)
+    items = [it[..., :1].astype(np.float32) for it in items]
+    x = x[..., :1].astype(np.float32)
+    y = layer.forward(x, sizes=sizes)
+    layer.zero_grad()
+    layer.backward(np.ones_like(y), input_grad=False)
+    grads, want = layer.grads.data.copy(), np.zeros_like(layer.grads.data)
+    for item in items:
+        layer.zero_grad()
+        layer.backward(np.ones_like(layer.forward(item)), input_grad=False)
+        want += layer.grads.data
+    np.testing.assert_allclose(grads, want, rtol=1e-4, atol=1e-5)

@@ -273,6 +273,19 @@ def skew_rows(out, inp, src):
 
 
 @njit(**NJIT_PARALLEL_OPTS)
+def zero_padding(h, c, src):
+    """``h[q*R + r] = c[q*R + r] = 0`` where ``src[q, r] = -1`` (``src`` (S, R): a padded batch's
+    ``skew_src``, :func:`mdnumba.grid.direction_tables`): after a saving forward, so that the
+    padding's cells, which no item reads, hold no state that overflowed (their gradients are
+    then exactly 0, and backward's overflow check sees the items' cells only)."""
+    S, R = src.shape
+    for t in prange(S * R):
+        if src[t // R, t % R] < 0:
+            h[t, :] = 0
+            c[t, :] = 0
+
+
+@njit(**NJIT_PARALLEL_OPTS)
 def unskew_rows(out, inp, src):
     """``out[r, p, f] = Σ_{q ≡ p mod P} inp[q*M + src[q, r], f]`` for ``out`` (R, P, F), ``src``
     (S, R), ``M = inp.shape[0] / S`` rows per direction (R, or R + 2B with the state cells of

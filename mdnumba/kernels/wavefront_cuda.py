@@ -734,6 +734,19 @@ def _unskew_rows(out, inp, src):
 
 
 @cuda.jit(**_JIT)
+def _zero_padding(h, c, src):
+    """CUDA twin of :func:`mdnumba.kernels.wavefront.zero_padding`, one thread per value."""
+    S, R = src.shape
+    D = h.shape[1]
+    for t in range(cuda.grid(1), S * R * D, cuda.gridsize(1)):
+        row, j = _divmod(t, D)
+        q, r = _divmod(row, R)
+        if src[q, r] < 0:
+            h[row, j] = 0
+            c[row, j] = 0
+
+
+@cuda.jit(**_JIT)
 def _axpby(out, x, alpha, y, beta):
     """``out = alpha·x + beta·y`` elementwise (flat arrays; y may be x)."""
     for k in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
@@ -1142,6 +1155,14 @@ def axpby(out, x, alpha: float, y, beta: float) -> None:
     tpb = _tpb(None)
     _axpby[_blocks(a.dev[0].shape[0], tpb), tpb](a.dev[0], a.dev[1], alpha, a.dev[2], beta)
     a.finish(0)
+
+
+def zero_padding(h, c, src) -> None:
+    """CUDA twin of :func:`mdnumba.kernels.wavefront.zero_padding` (NumPy or device arrays)."""
+    a = _Args(h, c, src)
+    tpb = _tpb(None)
+    _zero_padding[_blocks(a.dev[0].size, tpb), tpb](*a.dev)
+    a.finish(0, 1)
 
 
 def fill(out, value: float) -> None:
