@@ -593,11 +593,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{cfg.label}: {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
     big = big_run(Config(256, 256, 8, 64)) if args.big else None
     report = render(machine_info(tb, load_before), results, big, args.quick, verify)
-    print(report)
-    out = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
+    write_report(report, args.out if args.out is not None else (None if args.quick else DEFAULT_OUT))
+
+
+def write_report(text: str, out: Path | None) -> None:
+    """Print a benchmark's markdown report and write it to ``out`` (None: print only)."""
+    print(text)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(report)
+        out.write_text(text)
         print(f"wrote {out}", file=sys.stderr)
 
 

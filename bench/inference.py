@@ -30,6 +30,7 @@ from bench_cpu import (
     ms,
     run_phases,
     time_interleaved,
+    write_report,
 )
 
 import mdnumba
@@ -193,12 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"... {shape.label}", flush=True)
         results.append(bench_shape(shape, tb, 0.3 if args.quick else 4.0))
     text = render(machine_info(tb, load_before), results, tb is not None)
-    print(text)
-    out = args.out or (None if args.quick else DEFAULT_OUT)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        print(f"wrote {out}")
+    write_report(text, args.out or (None if args.quick else DEFAULT_OUT))
 
 
 if __name__ == "__main__":

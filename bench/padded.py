@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from bench_cpu import load_average, machine_info, ms, time_interleaved
+from bench_cpu import load_average, machine_info, ms, time_interleaved, write_report
 
 import mdnumba
 
@@ -124,12 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     info = machine_info(None, load_before)
     info.pop("torch", None)  # no PyTorch here
     text = render(info, results)
-    print(text)
-    out = args.out or (None if args.quick else DEFAULT_OUT)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        print(f"wrote {out}")
+    write_report(text, args.out or (None if args.quick else DEFAULT_OUT))
 
 
 if __name__ == "__main__":
