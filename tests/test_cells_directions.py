@@ -193,21 +193,20 @@ def test_table_caches_are_bounded_by_bytes(monkeypatch):
 
 def test_index_tables_are_int32_and_int64_past_two_to_the_31(monkeypatch, rng):
     """The tables are int32 (half the memory) below 2**31 entries and int64 beyond; a layer
-    whose tables are int64 (as a grid of 2**31 cells would get) computes the same outputs and
-    gradients, saving or not (the kernels widen every index before arithmetic)."""
+    whose tables are int64 (as a grid of 2**31 cells would get) computes the same output
+    (the kernels widen every index before arithmetic). Checked on the saving-free sweep, what a
+    grid that large runs; compiling every kernel for int64 too would cost CI half a minute."""
     from mdnumba import grid
     assert grid.index_dtype(2**31 - 1) is np.int32 and grid.index_dtype(2**31) is np.int64
     wf, (skew, unskew) = grid.wavefront((3, 4)), grid.direction_tables((3, 4), 2, 4)
     _, *state = grid.state_tables(5, 2, 2)
     arrays = (wf.perm, wf.inv_perm, wf.diag_off, wf.parent, wf.child, skew, unskew, *state)
     assert {a.dtype for a in arrays} == {np.dtype(np.int32)}
-    x, dh = rng.standard_normal((2, 3, 4, 2)), rng.standard_normal((2, 3, 4, 12))
+    x = rng.standard_normal((2, 3, 4, 2))
 
     def run():
         layer = MDLSTM2D(2, 3, directions=4, seed=1, dtype=np.float64)
-        out = layer.forward(x)
-        dx = layer.backward(dh)
-        return out, dx, layer.grads.data.copy(), layer.forward(x, save=False)
+        return layer.forward(x, save=False)
 
     def clear():
         for fn in (grid.wavefront, grid.direction_tables, grid.state_tables):
@@ -218,7 +217,6 @@ def test_index_tables_are_int32_and_int64_past_two_to_the_31(monkeypatch, rng):
     monkeypatch.setattr(grid, "index_dtype", lambda bound: np.int64)
     try:
         assert grid.wavefront((3, 4)).parent.dtype == direction_tables((3, 4), 2, 2)[0].dtype == np.int64
-        for got, ref in zip(run(), want):
-            np.testing.assert_array_equal(got, ref)
+        np.testing.assert_array_equal(run(), want)
     finally:
         clear()
