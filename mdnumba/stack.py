@@ -193,6 +193,8 @@ class Sequential(LayerGroup):
         ``sizes``: a padded batch (:meth:`mdnumba.WavefrontLSTM.forward`), given to the stages
         that take it; a :class:`BlockSubsample` divides it by its block (a stage's ``out_sizes``)."""
         self._inference = not check_flag(save, "save")
+        if sizes is not None:  # values checked here, before any stage divides them
+            sizes = check_size_values(sizes, positive=True)
         for i, stage in enumerate(self.stages):
             kw = {} if save or not _takes(stage, "save") else {"save": False}
             if sizes is not None and _takes(stage, "sizes"):

@@ -150,3 +150,13 @@ def test_an_overflow_in_the_padding_does_not_stop_backward(rng):
         layer.backward(np.ones_like(layer.forward(item)), input_grad=False)
         want += layer.grads.data
     np.testing.assert_allclose(grads, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("sizes,error,match", [
+    ([[True, True], [4, 4]], TypeError, "not bools"), ([[-3, 4], [4, 4]], ValueError, "got -3"),
+    ([[4.0, 4.0], [4, 4]], TypeError, "got dtype float64")])
+def test_a_stack_checks_the_sizes_before_its_blocks_divide_them(sizes, error, match):
+    from mdnumba.stack import BlockSubsample, Sequential
+    net = Sequential(BlockSubsample(2), MDLSTM2D(4, 2))
+    with pytest.raises(error, match=match):
+        net.forward(np.zeros((2, 4, 4, 1), np.float32), sizes=sizes)
