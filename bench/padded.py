@@ -4,8 +4,9 @@ Items of different sizes (pages, text lines) can run as one batch padded to the 
 their sizes (each item then gets what it gets alone, checked here first), or one call per
 item. Side by side in one process, interleaved, best of N (median in brackets), float32, on
 the CPU: forward + backward (``input_grad=False``: the items are data) and the saving-free
-forward. The padded batch computes the padding too (the "padded cells" column): batching wins
-where the per-call cost and the parallelism of a larger batch outweigh that.
+forward. The sweeps skip the padding (the "padded cells" column), but the bulk steps around
+them (input projection, weight-gradient GEMMs, skew and unskew copies) run over every row:
+batching wins where the per-call cost and the parallelism of a larger batch outweigh that.
 
 Usage: ``python bench/padded.py [--quick] [--out PATH]`` (default ``bench/results/padded.md``;
 ``--quick`` prints small shapes only, unless ``--out``).

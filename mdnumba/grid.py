@@ -183,6 +183,32 @@ def direction_tables(dims: tuple, batch: int, directions: int = 1,
     return _index_tables(M * B, np.stack(skew), np.stack(unskew))
 
 
+@table_cache  # 4 B per live (cell, pair of batch items)
+def live_items(dims: tuple, batch: int, sizes: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """The work of a padded batch's CPU sweeps without its padding: ``(offsets, items)``, read-only,
+    of :func:`index_dtype`. ``items[offsets[k]:offsets[k+1]]`` are hyperplane k's live rows as
+    work items ``2*(s*B + b) + (nb - 1)``: skewed cell s for batch items ``b .. b+nb-1`` (nb = 1
+    or 2, consecutive items that both have cell s: the kernels share each weight load between a
+    pair), every live row exactly once, in row order.
+
+    A cell is live for item b when its coordinates lie in the item's box ``[0, sizes[b])``: in
+    every scan direction alike, since :func:`direction_tables` mirrors the item within that box.
+    The kernels leave the other rows alone (no item's cell reads them)."""
+    wf = wavefront(tuple(dims))
+    M, B, N = wf.n_cells, int(batch), len(wf.dims)
+    ext = np.array(sizes, dtype=np.int64).reshape(B, N)
+    coords = np.indices(wf.dims).reshape(N, -1)[:, wf.perm]  # skewed cell -> coordinates
+    live = (coords[:, :, None] < ext.T[:, None, :]).all(axis=0)  # (M, B)
+    b = np.arange(B)
+    run_start = np.maximum.accumulate(np.where(live, 0, b + 1), axis=1)  # of each run of live items
+    head = live & ((b - run_start) % 2 == 0)  # pairs from each run's start; a last odd one alone
+    pair = head & np.pad(live[:, 1:], ((0, 0), (0, 1)))
+    s, first = np.nonzero(head)
+    items = 2 * (s * B + first) + pair[s, first]
+    offsets = np.concatenate([[0], np.cumsum(head.sum(axis=1))])[wf.diag_off]
+    return _index_tables(2 * M * B, offsets, items)
+
+
 @table_cache
 def state_tables(steps: int, batch: int, directions: int = 1) -> tuple[Wavefront, np.ndarray, np.ndarray]:
     """Tables of a 1D layer whose scans start from a given state: ``(wf, skew_src, unskew_src)``.

@@ -88,7 +88,7 @@ def install(variant: str) -> bool:
 def _sweep_locator() -> KernelCacheLocator | None:
     """The cache locator of ``kernels/wavefront.py``'s forward sweep (None: no writable folder)."""
     from .kernels import wavefront
-    return KernelCacheLocator.from_function(wavefront.wavefront_forward.py_func, wavefront.__file__)
+    return KernelCacheLocator.from_function(wavefront._sweep_forward.py_func, wavefront.__file__)
 
 
 def is_warm() -> bool:
@@ -97,7 +97,7 @@ def is_warm() -> bool:
     locator = _sweep_locator()
     if locator is None:
         return False
-    return any(Path(locator.get_cache_path()).glob("wavefront.wavefront_forward-*.nbi"))
+    return any(Path(locator.get_cache_path()).glob("wavefront._sweep_forward-*.nbi"))
 
 
 def describe() -> str:

@@ -27,7 +27,7 @@ from ._validate import (
     overflowed_state,
     seeded_rng,
 )
-from .grid import direction_tables, state_tables, wavefront
+from .grid import direction_tables, live_items, state_tables, wavefront
 from .kernels.cell import cell_code
 from .kernels.gemm import column_sums, matmul_at_b, matmul_rows
 from .kernels.gridlstm import gather_operands as gather_grid_operands
@@ -182,8 +182,9 @@ class WavefrontLSTM(OwnsParams):
         U = self.params["U"].reshape(S, D, -1)
         if state is not None:
             seed_state(h, c, act, h0, c0, B)
-        wavefront_forward(h, c, act, U, sweep, wf.parent, B, D, self.cell_code)
-        if sizes is not None:  # the padding's cells: no state (it may have overflowed there)
+        items = None if sizes is None else live_items(dims, B, sizes)
+        wavefront_forward(h, c, act, U, sweep, wf.parent, B, D, self.cell_code, items=items)
+        if sizes is not None:  # the padding's cells, not swept: zero state
             zero_padding(h, c, skew_src)
         self._saved = dict(xs=xs, act=act, c=c, h=h, wf=wf, batch=B, dims=dims, tables=tables,
                            stateful=state is not None, sizes=sizes)
@@ -209,7 +210,7 @@ class WavefrontLSTM(OwnsParams):
         wavefront_infer(out, h, c, act, lp, x.reshape(-1, self.in_channels), skew_src,
                         self._per_direction("W"), self._per_direction("b"),
                         self.params["U"].reshape(S, D, -1), wf.diag_off, wf.parent, first, last,
-                        B, D, self.cell_code)
+                        B, D, self.cell_code, items=None if sizes is None else live_items(wf.dims, B, sizes))
         final = None
         if self.ndim == 1:  # the last swept cell is in slot (last - 1) % 2 (one cell per plane)
             final = np.empty((B, S * D), self.dtype), np.empty((B, S * D), self.dtype)
@@ -237,14 +238,17 @@ class WavefrontLSTM(OwnsParams):
         skew_rows(dhs, dh.reshape(dense, S, D), skew_src)
         dact = self._workspace("dact", sv["act"].shape)
         dc = self._workspace("dc", sv["c"].shape)
-        sweep = wf.diag_off
+        sweep, items = wf.diag_off, None
+        if sv["sizes"] is not None:  # the padding's rows, not swept, pass zeros to the items' cells
+            zero_padding(dact, dc, skew_src)
+            items = live_items(sv["dims"], B, sv["sizes"])
         if sv["stateful"]:
             dhT, dcT = (np.zeros((B, S * D), self.dtype),) * 2 if final_state_grad is None else \
                 check_state(final_state_grad, "final_state_grad", B, S * D, self.dtype)
             seed_state_grad(dhs, dc, dact, dhT, dcT, B)
             sweep = wf.diag_off[:-1]  # cells T..0: the pad T+1 holds dL/dc_T
         wavefront_backward(dact, dc, dhs, sv["act"], sv["c"], self.params["U"].reshape(S, D, -1), sweep,
-                           wf.parent, wf.child, B, D, self.cell_code)
+                           wf.parent, wf.child, B, D, self.cell_code, items=items)
         if sv["stateful"]:
             dh0, dc0 = np.empty((B, S * D), self.dtype), np.empty((B, S * D), self.dtype)
             take_state_grad(dh0, dc0, dhs, dc, dact, B)

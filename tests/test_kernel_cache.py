@@ -25,11 +25,11 @@ print(json.dumps([sum(column_sums.stats.cache_hits.values()), sum(column_sums.st
 
 
 def test_kernels_use_the_locator():
-    from mdnumba.kernels.wavefront import wavefront_forward
+    from mdnumba.kernels.wavefront import _sweep_forward
     if not config.env_flag("MDNUMBA_CACHE", True):
         pytest.skip("MDNUMBA_CACHE=0")
     assert config.CACHE, "this Numba's cache internals are not the ones kernel_cache.py knows"
-    locator = wavefront_forward._cache._impl.locator
+    locator = _sweep_forward._cache._impl.locator
     assert isinstance(locator, KernelCacheLocator)
     assert locator.get_cache_path().endswith("fastmath" if config.FASTMATH else "exact")
     assert locator.get_source_stamp()[1] == KernelCacheLocator.digest != ""

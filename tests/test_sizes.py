@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from mdnumba import LSTM1D, MDLSTM2D, MDLSTM3D
-from mdnumba.grid import direction_tables
+from mdnumba.grid import direction_tables, live_items, wavefront
+from mdnumba.kernels.wavefront import wavefront_backward, wavefront_forward
 
 CASES = [  # (layer, padded grid, the items' sizes)
     (lambda: LSTM1D(2, 3, directions=2, seed=1, dtype=np.float64), (6,), [(6,), (2,), (4,)]),
@@ -131,10 +132,54 @@ def test_nested_stacks_divide_the_sizes(rng):
     np.testing.assert_array_equal(stack.out_sizes(sizes), [[2, 3], [1, 1]])
 
 
+@pytest.mark.parametrize("dims,B", [((4, 5), 5), ((3, 2, 3), 3), ((7,), 4)])
+def test_live_items_are_the_items_cells_each_once(dims, B, rng):
+    """``live_items``: every row of an item's cell exactly once, in row order, on its hyperplane;
+    a pair only on two consecutive items that both have the cell."""
+    sizes = tuple(tuple(int(rng.integers(1, n + 1)) for n in dims) for _ in range(B))
+    offsets, items = live_items(dims, B, sizes)
+    wf = wavefront(dims)
+    coords = np.indices(dims).reshape(len(dims), -1)[:, wf.perm]
+    rows = []
+    for k in range(wf.n_diagonals):
+        for e in items[offsets[k]:offsets[k + 1]].tolist():
+            s, b, nb = e // 2 // B, e // 2 % B, e % 2 + 1
+            assert wf.diag_off[k] <= s < wf.diag_off[k + 1]
+            rows += [s * B + b + i for i in range(nb)]
+    assert rows == [s * B + b for s in range(wf.n_cells) for b in range(B) if (coords[:, s] < sizes[b]).all()]
+    assert len(items) < len(rows)  # cell 0 belongs to every item: pairs are formed
+
+
+def test_the_sweeps_skip_the_padding(rng):
+    """With live items the CPU sweeps leave the padding's rows as they are (not computed), and
+    the items' rows equal those of a sweep over every row whose padding holds zeros."""
+    dims, B, D, sizes = (4, 5), 3, 2, ((4, 5), (2, 3), (1, 4))
+    wf, G = wavefront(dims), 5 * D
+    items = live_items(dims, B, sizes)
+    live = np.zeros(wf.n_cells * B, bool)
+    live[direction_tables(dims, B, 1, sizes)[0][0] >= 0] = True
+    U, act0 = rng.uniform(-0.5, 0.5, (1, D, 2 * G)), rng.standard_normal((wf.n_cells * B, G))
+    h, c, act = np.zeros((wf.n_cells * B, D)), np.zeros((wf.n_cells * B, D)), act0.copy()
+    wavefront_forward(h, c, act, U, wf.diag_off, wf.parent, B, D, 0)
+    h2, c2, act2 = np.full_like(h, 7.0), np.full_like(c, 7.0), act0.copy()
+    wavefront_forward(h2, c2, act2, U, wf.diag_off, wf.parent, B, D, 0, items=items)
+    np.testing.assert_array_equal(h2[live], h[live])
+    assert (h2[~live] == 7.0).all() and (c2[~live] == 7.0).all() and (act2[~live] == act0[~live]).all()
+    h[~live], c[~live] = 0.0, 0.0
+    dh = np.where(live[:, None], np.cos(3 * h), 0.0)
+    grads = []
+    for kw in ({}, dict(items=items)):
+        dact, dc = np.zeros_like(act), np.zeros_like(c)
+        wavefront_backward(dact, dc, dh.copy(), act, c, U, wf.diag_off, wf.parent, wf.child, B, D, 0, **kw)
+        grads.append(dact)
+    np.testing.assert_array_equal(grads[1], grads[0])
+    assert grads[0][live].any()
+
+
 def test_an_overflow_in_the_padding_does_not_stop_backward(rng):
-    """The padding's cells, which no item reads, may overflow (graves cell, forget gates summing
-    to 2, a long stretch of padding): the saving forward zeroes their state, so backward runs
-    and gives the items' own gradients (before, it refused the overflowed state)."""
+    """The padding's cells, which no item reads, could overflow (graves cell, forget gates summing
+    to 2, a long stretch of padding) if they were swept: the sweep skips them and the saving
+    forward zeroes their state, so backward runs and gives the items' own gradients."""
     n = 70
     layer = MDLSTM2D(1, 2, cell="graves", forget_bias=8.0, dtype=np.float32)
     sizes = [(n, 1), (1, n)]

@@ -11,8 +11,10 @@ swept together.
 
 Layers, stumpy style: the unit math of :mod:`mdnumba.kernels.cell` ←
 ``_recurrent_*`` and ``_cell_*`` (serial, one cell and a pair of batch items) ←
-``wavefront_forward`` / ``wavefront_backward`` (parallel drivers: hyperplanes in
-order, a ``prange`` over each hyperplane's scans × cells × batch).
+``_sweep_forward`` / ``_sweep_backward`` / ``_sweep_infer`` (parallel drivers: hyperplanes in
+order, a ``prange`` over each hyperplane's scans × cells × batch, or over a padded batch's live
+rows) ← ``wavefront_forward`` / ``wavefront_backward`` / ``wavefront_infer`` (public wrappers,
+the signatures of their CUDA twins).
 The recurrent products are hand-written row-times-matrix loops rather than a
 BLAS call per hyperplane: calling multi-threaded BLAS inside Numba's parallel
 sweep made the two thread pools fight (30x slower on 2 cores), and single-
@@ -22,6 +24,7 @@ weight gradients) is done with big GEMMs by the caller.
 
 from __future__ import annotations
 
+import numpy as np
 from numba import njit, prange
 
 from ..config import NJIT_OPTS, NJIT_PARALLEL_OPTS, NJIT_SUM_OPTS
@@ -42,14 +45,28 @@ def _cell_forward(h, c, act, parent, base, s, b, B, D, cell):
 
 
 @njit(**NJIT_OPTS)
-def _work_item(t, s0, n, B):
-    """Item t of a hyperplane whose first cell is s0, ``n = cells * ceil(B/2)`` items per scan:
-    (scan, cell, first batch item b, rows nb): a pair of batch items (b, b+1), or b alone at
-    the end of an odd batch."""
-    P = (B + 1) // 2
+def _plane(k, diag_off, items_off, B):
+    """Hyperplane k's work items per scan: ``(first, n)``. Without a live-items table (``items_off``
+    empty) every row: its cells from ``first = diag_off[k]`` on, ``n = cells * ceil(B/2)``; with
+    one (:func:`mdnumba.grid.live_items`, one offset per entry of ``diag_off``) its entries
+    ``first .. first + n - 1``."""
+    if items_off.shape[0] == 0:
+        return diag_off[k], (diag_off[k + 1] - diag_off[k]) * ((B + 1) // 2)
+    return items_off[k], items_off[k + 1] - items_off[k]
+
+
+@njit(**NJIT_OPTS)
+def _work_item(t, first, n, items, B):
+    """Item t of a hyperplane's ``(first, n)`` (:func:`_plane`): (scan, cell, first batch item b,
+    rows nb). Without a table, a pair of batch items (b, b+1), or b alone at the end of an odd
+    batch; with one, entry ``2*(s*B + b) + nb - 1``."""
     q = t % n
-    b = 2 * (q % P)
-    return t // n, s0 + q // P, b, min(2, B - b)
+    if items.shape[0] == 0:
+        P = (B + 1) // 2
+        b = 2 * (q % P)
+        return t // n, first + q // P, b, min(2, B - b)
+    e = items[first + q]
+    return t // n, (e // 2) // B, (e // 2) % B, e % 2 + 1
 
 
 @njit(**NJIT_SUM_OPTS)
@@ -93,8 +110,7 @@ def _recurrent_forward(act, h, U, parent, base, s, b, nb, B, D):
             _product_rows(act, r, h, base + p * B + b, U, d * G, G, D, nb)
 
 
-@njit(**NJIT_PARALLEL_OPTS)
-def wavefront_forward(h, c, act, U, diag_off, parent, B, D, cell):
+def wavefront_forward(h, c, act, U, diag_off, parent, B: int, D: int, cell: int, *, items=None) -> None:
     """Forward sweep over all hyperplanes (outputs h, c, act; inputs; weights; sizes; cell code).
 
     ``act`` (S*M*B, G) enters holding the input projection ``W x + b`` and leaves
@@ -102,14 +118,28 @@ def wavefront_forward(h, c, act, U, diag_off, parent, B, D, cell):
     (S, D, N*G): S independent scans (e.g. the directions of a layer) with their
     own weights, each on its own slab of M*B rows, swept together. Hyperplanes run
     in order; inside one, every (scan, cell, pair of batch items) adds ``Σ_d h_parent_d U_d``
-    to its pre-activations and applies the cell, all in parallel.
+    to its pre-activations and applies the cell, all in parallel. ``items`` (a padded batch's
+    :func:`mdnumba.grid.live_items`): those rows only; the others are left as they are.
     """
+    _sweep_forward(h, c, act, U, diag_off, *_items_or_all(items, diag_off), parent, B, D, cell)
+
+
+def _items_or_all(items, diag_off) -> tuple:
+    """``items`` as the sweeps take it: ``(offsets, entries)``, empty for every row."""
+    if items is None:
+        empty = np.empty(0, diag_off.dtype)
+        return empty, empty
+    return items
+
+
+@njit(**NJIT_PARALLEL_OPTS)
+def _sweep_forward(h, c, act, U, diag_off, items_off, items, parent, B, D, cell):
+    """:func:`wavefront_forward`."""
     MB = parent.shape[0] * B
     for k in range(diag_off.shape[0] - 1):
-        s0 = diag_off[k]
-        n = (diag_off[k + 1] - s0) * ((B + 1) // 2)
+        first, n = _plane(k, diag_off, items_off, B)
         for t in prange(U.shape[0] * n):
-            grp, s, b, nb = _work_item(t, s0, n, B)
+            grp, s, b, nb = _work_item(t, first, n, items, B)
             _recurrent_forward(act, h, U[grp], parent, grp * MB, s, b, nb, B, D)
             for bb in range(b, b + nb):
                 _cell_forward(h, c, act, parent, grp * MB, s, bb, B, D, cell)
@@ -130,8 +160,8 @@ def _rolling_parents(lp, parent, diag_off, k):
     return cur
 
 
-@njit(**NJIT_PARALLEL_OPTS)
-def wavefront_infer(out, h, c, act, lp, x, src, W, bias, U, diag_off, parent, first, last, B, D, cell):
+def wavefront_infer(out, h, c, act, lp, x, src, W, bias, U, diag_off, parent, first: int, last: int,
+                    B: int, D: int, cell: int, *, items=None) -> None:
     """Forward sweep that keeps no activations (outputs out, h, c, act; inputs; weights; sizes).
 
     The same rows, products and cell as :func:`matmul_rows` + :func:`wavefront_forward` (so the
@@ -141,15 +171,24 @@ def wavefront_infer(out, h, c, act, lp, x, src, W, bias, U, diag_off, parent, fi
     input projection ``act = bias_q + x[src] @ W_q`` (``src`` of :func:`mdnumba.grid.direction_tables`,
     -1: a zero input), the recurrent products, the cell, and h into ``out[src, q]`` (dense rows
     (R, S, D)). ``first = 1`` after :func:`seed_state` filled slot 0 (a 1D initial state).
+    ``items`` as in :func:`wavefront_forward` (``out``'s other rows are not written).
     """
+    _sweep_infer(out, h, c, act, lp, x, src, W, bias, U, diag_off, *_items_or_all(items, diag_off),
+                 parent, first, last, B, D, cell)
+
+
+@njit(**NJIT_PARALLEL_OPTS)
+def _sweep_infer(out, h, c, act, lp, x, src, W, bias, U, diag_off, items_off, items, parent,
+                 first, last, B, D, cell):
+    """:func:`wavefront_infer`."""
     L = lp.shape[0] * B  # rows of a scan's slab
     for k in range(first, last):
         cur = _rolling_parents(lp, parent, diag_off, k)
         s0 = diag_off[k]
-        n = (diag_off[k + 1] - s0) * ((B + 1) // 2)
+        start, n = _plane(k, diag_off, items_off, B)
         for t in prange(U.shape[0] * n):
-            grp, s, b, nb = _work_item(t, cur, n, B)
-            base, row = grp * L, (s0 + s - cur) * B + b  # row: the cell's row in src
+            grp, cell_k, b, nb = _work_item(t, start, n, items, B)
+            base, s, row = grp * L, cur + cell_k - s0, cell_k * B + b  # s: slot; row: in src
             for i in range(nb):
                 j = src[grp, row + i]
                 if j >= 0:
@@ -215,21 +254,29 @@ def _cell_backward(dact, dc, dh, act, c, parent, child, base, s, b, B, D, cell):
     _row_backward(dact, dc, dh, act, c, parent, child, base, s, b, B, D, cell, 0, D)
 
 
-@njit(**NJIT_PARALLEL_OPTS)
-def wavefront_backward(dact, dc, dh, act, c, U, diag_off, parent, child, B, D, cell):
+def wavefront_backward(dact, dc, dh, act, c, U, diag_off, parent, child, B: int, D: int, cell: int,
+                       *, items=None) -> None:
     """Backward sweep, hyperplanes in reverse (outputs dact, dc; inputs; weights; sizes; cell).
 
     ``dh`` (S*M*B, D) enters holding dL/dh from above and is completed in place
     with the recurrent terms. ``U`` (S, D, N*G) as in :func:`wavefront_forward`.
     Each cell *pulls* ``U_dᵀ da_child`` and ``dc_child·F_child`` from its
     children on the finished hyperplane k+1, so no two cells write the same row.
+    ``items`` as in :func:`wavefront_forward`: the other rows' ``dact`` and ``dc`` must hold
+    zeros, since a live cell pulls from children in the padding (:func:`zero_padding`).
     """
+    _sweep_backward(dact, dc, dh, act, c, U, diag_off, *_items_or_all(items, diag_off),
+                    parent, child, B, D, cell)
+
+
+@njit(**NJIT_PARALLEL_OPTS)
+def _sweep_backward(dact, dc, dh, act, c, U, diag_off, items_off, items, parent, child, B, D, cell):
+    """:func:`wavefront_backward`."""
     MB = parent.shape[0] * B
     for k in range(diag_off.shape[0] - 2, -1, -1):
-        s0 = diag_off[k]
-        n = (diag_off[k + 1] - s0) * ((B + 1) // 2)
+        first, n = _plane(k, diag_off, items_off, B)
         for t in prange(U.shape[0] * n):
-            grp, s, b, nb = _work_item(t, s0, n, B)
+            grp, s, b, nb = _work_item(t, first, n, items, B)
             _recurrent_backward(dh, dact, U[grp], child, grp * MB, s, b, nb, B, D)
             for bb in range(b, b + nb):
                 _cell_backward(dact, dc, dh, act, c, parent, child, grp * MB, s, bb, B, D, cell)
