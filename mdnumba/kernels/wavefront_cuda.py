@@ -981,7 +981,8 @@ def _none(dtype, ndim: int):
 def wavefront_forward(h, c, act, U, diag_off, parent, B: int, D: int, cell: int, *,
                       path: str | None = None, use_shared: bool | None = None, tpb: int | None = None,
                       diag_off_host: np.ndarray | None = None, out=None, out_src=None) -> None:
-    """CUDA twin of :func:`mdnumba.kernels.wavefront.wavefront_forward` (same arguments).
+    """CUDA twin of :func:`mdnumba.kernels.wavefront.wavefront_forward` (same arguments but ``items``:
+    the CUDA sweeps run a padded batch's padding rows too).
 
     ``act`` enters holding ``W x + b`` and leaves holding the gate activations;
     ``h``, ``c`` are written. ``path``: "auto" (cooperative, else per-diagonal),
@@ -1008,8 +1009,8 @@ def wavefront_forward(h, c, act, U, diag_off, parent, B: int, D: int, cell: int,
 def wavefront_infer(out, h, c, act, lp, x, src, W, bias, U, diag_off, parent, first: int, last: int,
                     B: int, D: int, cell: int, *, path: str | None = None, use_shared: bool | None = None,
                     tpb: int | None = None, diag_off_host: np.ndarray | None = None) -> None:
-    """CUDA twin of :func:`mdnumba.kernels.wavefront.wavefront_infer` (same arguments; keywords
-    as in :func:`wavefront_forward`)."""
+    """CUDA twin of :func:`mdnumba.kernels.wavefront.wavefront_infer` (same arguments but
+    ``items``; keywords as in :func:`wavefront_forward`)."""
     tpb = _tpb(tpb)
     a = _Args(out, h, c, act, lp, x, src, W, bias, U, diag_off, parent)
     out_, h_, c_, act_, lp_, x_, src_, W_, b_, U_, off_, par_ = a.dev
@@ -1028,7 +1029,8 @@ def wavefront_backward(dact, dc, dh, act, c, U, diag_off, parent, child, B: int,
                        path: str | None = None, use_shared: bool | None = None, tpb: int | None = None,
                        diag_off_host: np.ndarray | None = None, dh_in=None, dh_src=None,
                        operands=None) -> None:
-    """CUDA twin of :func:`mdnumba.kernels.wavefront.wavefront_backward` (same arguments).
+    """CUDA twin of :func:`mdnumba.kernels.wavefront.wavefront_backward` (same arguments but ``items``:
+    the CUDA sweeps run a padded batch's padding rows too).
 
     ``dh`` enters holding dL/dh from above and is completed in place; ``dact``
     and ``dc`` are written. ``U`` (S, D, N*G) is transposed first into ``UT`` (S, G, N*D),
