@@ -238,10 +238,11 @@ class WavefrontLSTM(OwnsParams):
         skew_rows(dhs, dh.reshape(dense, S, D), skew_src)
         dact = self._workspace("dact", sv["act"].shape)
         dc = self._workspace("dc", sv["c"].shape)
-        sweep, items = wf.diag_off, None
+        sweep, items, live = wf.diag_off, None, None
         if sv["sizes"] is not None:  # the padding's rows, not swept, pass zeros to the items' cells
             zero_padding(dact, dc, skew_src)
             items = live_items(sv["dims"], B, sv["sizes"])
+            live = np.flatnonzero(skew_src[0] >= 0)  # the items' rows of a slab: those of every q
         if sv["stateful"]:
             dhT, dcT = (np.zeros((B, S * D), self.dtype),) * 2 if final_state_grad is None else \
                 check_state(final_state_grad, "final_state_grad", B, S * D, self.dtype)
@@ -259,9 +260,9 @@ class WavefrontLSTM(OwnsParams):
                          (("W", self.params), ("W", self.grads), ("U", self.grads), ("b", self.grads)))
         for q in range(S):
             sl = slice(q * rows, (q + 1) * rows)
-            matmul_at_b(dW[q], sv["xs"][sl], dact[sl])
-            matmul_at_b(dU[q].reshape(D * N, -1), hpar[sl], dact[sl])
-            column_sums(db[q], dact[sl])
+            matmul_at_b(dW[q], sv["xs"][sl], dact[sl], live)  # the padding's dact rows are 0
+            matmul_at_b(dU[q].reshape(D * N, -1), hpar[sl], dact[sl], live)
+            column_sums(db[q], dact[sl], live)
         if not input_grad:
             return None
         dxs = self._workspace("dxs", (S * rows, self.in_channels))

@@ -27,6 +27,18 @@ def test_matmul_at_b_and_column_sums(R, K, N, dtype, tol, rng):
 
 
 @pytest.mark.parametrize("R,K,N", SHAPES)
+def test_matmul_at_b_and_column_sums_over_selected_rows(R, K, N, rng):
+    """``rows``: those rows only (a padded batch's items), in any order, or none."""
+    a, b = rng.standard_normal((R, K)), rng.standard_normal((R, N))
+    for rows in (np.flatnonzero(rng.random(R) < 0.6), np.arange(R)[::-1], np.empty(0, np.int64)):
+        out, s = np.ones((K, N)), np.ones(N)
+        matmul_at_b(out, a, b, rows)
+        column_sums(s, b, rows)
+        np.testing.assert_allclose(out, 1 + a[rows].T @ b[rows], rtol=1e-12, atol=1e-12 * np.sqrt(R))
+        np.testing.assert_allclose(s, 1 + b[rows].sum(0), rtol=1e-12, atol=1e-12 * np.sqrt(R))
+
+
+@pytest.mark.parametrize("R,K,N", SHAPES)
 def test_matmul_rows(R, K, N, rng):
     a, w, bias = rng.standard_normal((R, K)), rng.standard_normal((K, N)), rng.standard_normal(N)
     out = np.full((R, N), np.nan)

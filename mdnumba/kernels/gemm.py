@@ -41,21 +41,31 @@ def matmul_rows(out, a, bmat, bias, accumulate):
         row_product(out, r, a, r, bmat, bias, accumulate)
 
 
+@njit(**NJIT_OPTS)
+def _row(rows, i):
+    """Row i of a selection: ``rows[i]``, or i itself for ``rows=None`` (every row)."""
+    if rows is None:
+        return i
+    return rows[i]
+
+
 @njit(**NJIT_SUM_OPTS)
-def _at_b_block(part, a, bmat, r0, r1):
-    """``part = a[r0:r1]ᵀ @ bmat[r0:r1]`` (serial): four rows of ``bmat`` per pass over ``part``,
-    two rows of ``part`` at a time, so each loaded ``bmat`` value serves 8 multiply-adds (the
-    vectorised n loop runs over contiguous rows). Every ``part[k, n]`` adds
-    ``(a0·b0 + a1·b1) + (a2·b2 + a3·b3)`` per four rows, in row order (up to the fused
-    multiply-adds and reassociation of :data:`~mdnumba.config.NJIT_SUM_OPTS`)."""
+def _at_b_block(part, a, bmat, rows, r0, r1):
+    """``part = a[sel]ᵀ @ bmat[sel]`` (serial) for the rows ``sel`` = entries r0..r1-1 of ``rows``
+    (None: rows r0..r1-1): four rows of ``bmat`` per pass over ``part``, two rows of ``part`` at
+    a time, so each loaded ``bmat`` value serves 8 multiply-adds (the vectorised n loop runs
+    over contiguous rows). Every ``part[k, n]`` adds ``(a0·b0 + a1·b1) + (a2·b2 + a3·b3)`` per
+    four rows, in row order (up to the fused multiply-adds and reassociation of
+    :data:`~mdnumba.config.NJIT_SUM_OPTS`)."""
     part[...] = 0.0
     K, N = a.shape[1], bmat.shape[1]
-    r = r0
-    while r + 4 <= r1:
-        b0, b1, b2, b3 = bmat[r], bmat[r + 1], bmat[r + 2], bmat[r + 3]
+    i = r0
+    while i + 4 <= r1:
+        r, s, t, u = _row(rows, i), _row(rows, i + 1), _row(rows, i + 2), _row(rows, i + 3)
+        b0, b1, b2, b3 = bmat[r], bmat[s], bmat[t], bmat[u]
         for k in range(0, K - 1, 2):
-            a0, a1, a2, a3 = a[r, k], a[r + 1, k], a[r + 2, k], a[r + 3, k]
-            c0, c1, c2, c3 = a[r, k + 1], a[r + 1, k + 1], a[r + 2, k + 1], a[r + 3, k + 1]
+            a0, a1, a2, a3 = a[r, k], a[s, k], a[t, k], a[u, k]
+            c0, c1, c2, c3 = a[r, k + 1], a[s, k + 1], a[t, k + 1], a[u, k + 1]
             p0, p1 = part[k], part[k + 1]
             for n in range(N):
                 x0, x1, x2, x3 = b0[n], b1[n], b2[n], b3[n]
@@ -63,12 +73,13 @@ def _at_b_block(part, a, bmat, r0, r1):
                 p1[n] += (c0 * x0 + c1 * x1) + (c2 * x2 + c3 * x3)
         if K % 2:
             k = K - 1
-            a0, a1, a2, a3 = a[r, k], a[r + 1, k], a[r + 2, k], a[r + 3, k]
+            a0, a1, a2, a3 = a[r, k], a[s, k], a[t, k], a[u, k]
             p0 = part[k]
             for n in range(N):
                 p0[n] += (a0 * b0[n] + a1 * b1[n]) + (a2 * b2[n] + a3 * b3[n])
-        r += 4
-    for rr in range(r, r1):
+        i += 4
+    for ii in range(i, r1):
+        rr = _row(rows, ii)
         for k in range(K):
             v = a[rr, k]
             for n in range(N):
@@ -76,29 +87,31 @@ def _at_b_block(part, a, bmat, r0, r1):
 
 
 @njit(**NJIT_PARALLEL_OPTS)
-def matmul_at_b(out, a, bmat):
-    """``out += aᵀ @ bmat`` with ``a`` (R, K), ``bmat`` (R, N), ``out`` (K, N).
+def matmul_at_b(out, a, bmat, rows=None):
+    """``out += aᵀ @ bmat`` with ``a`` (R, K), ``bmat`` (R, N), ``out`` (K, N); ``rows`` (ints): over
+    those rows only (e.g. a padded batch's items, where the padding's rows add zeros).
 
     Rows are cut into blocks of :data:`REDUCE_BLOCK`; blocks run in parallel
     into private partials which are then added in block order.
     """
-    R = a.shape[0]
+    R = a.shape[0] if rows is None else rows.shape[0]
     nblk = (R + REDUCE_BLOCK - 1) // REDUCE_BLOCK
     parts = np.empty((nblk, a.shape[1], bmat.shape[1]), dtype=out.dtype)
     for q in prange(nblk):
-        _at_b_block(parts[q], a, bmat, q * REDUCE_BLOCK, min(R, (q + 1) * REDUCE_BLOCK))
+        _at_b_block(parts[q], a, bmat, rows, q * REDUCE_BLOCK, min(R, (q + 1) * REDUCE_BLOCK))
     for q in range(nblk):
         out += parts[q]
 
 
 @njit(**NJIT_PARALLEL_OPTS)
-def column_sums(out, a):
-    """``out += Σ_r a[r]`` with the same fixed blocking as :func:`matmul_at_b`."""
-    R = a.shape[0]
+def column_sums(out, a, rows=None):
+    """``out += Σ_r a[r]`` (over ``rows`` if given) with the same fixed blocking as :func:`matmul_at_b`."""
+    R = a.shape[0] if rows is None else rows.shape[0]
     nblk = (R + REDUCE_BLOCK - 1) // REDUCE_BLOCK
     parts = np.zeros((nblk, a.shape[1]), dtype=out.dtype)
     for q in prange(nblk):
-        for r in range(q * REDUCE_BLOCK, min(R, (q + 1) * REDUCE_BLOCK)):
+        for i in range(q * REDUCE_BLOCK, min(R, (q + 1) * REDUCE_BLOCK)):
+            r = _row(rows, i)
             for n in range(a.shape[1]):
                 parts[q, n] += a[r, n]
     for q in range(nblk):
