@@ -2,14 +2,14 @@
 
 Items of different sizes (pages, text lines) can run as one batch padded to the largest, with
 their sizes (each item then gets what it gets alone, checked here first), or one call per
-item. Side by side in one process, interleaved, best of N (median in brackets), float32, on
-the CPU: forward + backward (``input_grad=False``: the items are data) and the saving-free
-forward. The sweeps and the weight-gradient GEMMs skip the padding (the "padded cells"
+item. Side by side in one process, interleaved, best of N (median in brackets), float32 (or
+``--dtype``), on the CPU: forward + backward (``input_grad=False``: the items are data) and
+the saving-free forward. The sweeps and the weight-gradient GEMMs skip the padding (the "padded cells"
 column), but the input projection and the skew and unskew copies run over every row: batching
 wins where the per-call cost and the parallelism of a larger batch outweigh that.
 
-Usage: ``python bench/padded.py [--quick] [--out PATH]`` (default ``bench/results/padded.md``;
-``--quick`` prints small shapes only, unless ``--out``).
+Usage: ``python bench/padded.py [--quick] [--dtype float32|float64] [--out PATH]`` (default
+``bench/results/padded.md``; ``--quick`` prints small shapes only, unless ``--out``).
 """
 
 from __future__ import annotations
@@ -37,15 +37,15 @@ class Case:
     D: int
     directions: int
 
-    def layer(self):
+    def layer(self, dtype: str):
         cls = {1: mdnumba.LSTM1D, 2: mdnumba.MDLSTM2D}[self.ndim]
-        return cls(1, self.D, directions=self.directions, seed=0)
+        return cls(1, self.D, directions=self.directions, seed=0, dtype=dtype)
 
-    def items(self) -> list[np.ndarray]:
+    def items(self, dtype: str) -> list[np.ndarray]:
         rng = np.random.default_rng(0)
         sizes = [tuple(int(rng.integers(lo, hi + 1)) for lo, hi in zip(self.lows, self.highs))
                  for _ in range(self.B)]
-        return [rng.random((1,) + s + (1,), dtype=np.float32) for s in sizes]
+        return [rng.random((1,) + s + (1,)).astype(dtype) for s in sizes]
 
 
 CASES = [Case("2D pages 16..48 x 32..128, 4 directions", 2, (16, 32), (48, 128), 16, 16, 4),
@@ -55,7 +55,7 @@ QUICK = [Case("2D 3..8 x 3..8, 4 directions", 2, (3, 3), (8, 8), 4, 4, 4),
 
 
 def padded(case: Case, items: list[np.ndarray]) -> tuple[np.ndarray, list[tuple]]:
-    x = np.zeros((case.B,) + case.highs + (1,), np.float32)
+    x = np.zeros((case.B,) + case.highs + (1,), items[0].dtype)
     sizes = [it.shape[1:-1] for it in items]
     for b, it in enumerate(items):
         x[(b,) + tuple(slice(0, n) for n in sizes[b])] = it[0]
@@ -69,8 +69,8 @@ def check(layer, x, sizes, items) -> float:
                for b, (s, it) in enumerate(zip(sizes, items)))
 
 
-def bench_case(case: Case, budget_s: float) -> dict:
-    layer, items = case.layer(), case.items()
+def bench_case(case: Case, budget_s: float, dtype: str = "float32") -> dict:
+    layer, items = case.layer(dtype), case.items(dtype)
     x, sizes = padded(case, items)
     diff = check(layer, x, sizes, items)
 
@@ -122,13 +122,14 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small shapes, prints only (unless --out)")
     ap.add_argument("--out", type=Path, default=None, help=f"report file (default {DEFAULT_OUT})")
+    ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     args = ap.parse_args(argv)
     load_before = load_average()
     results = []
     for case in QUICK if args.quick else CASES:
         print(f"... {case.label}", flush=True)
-        results.append(bench_case(case, 0.3 if args.quick else 10.0))
-    info = machine_info(None, load_before)
+        results.append(bench_case(case, 0.3 if args.quick else 10.0, args.dtype))
+    info = dict(machine_info(None, load_before), dtype=args.dtype)
     info.pop("torch", None)  # no PyTorch here
     text = render(info, results)
     write_report(text, args.out or (None if args.quick else DEFAULT_OUT))
