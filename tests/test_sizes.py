@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mdnumba import LSTM1D, MDLSTM2D, MDLSTM3D
+from mdnumba import LSTM1D, MDLSTM2D, MDLSTM3D, pad_batch, unpad_batch
 from mdnumba.grid import direction_tables, live_items, wavefront
 from mdnumba.kernels.wavefront import wavefront_backward, wavefront_forward
 
@@ -17,11 +17,11 @@ CASES = [  # (layer, padded grid, the items' sizes)
 
 
 def padded_batch(dims, sizes, rng, fill=7.0):
-    """Items of the given sizes, and the batch that holds them padded with ``fill``."""
+    """Items (1, *size, 2) of the given sizes, and the batch (``pad_batch``) that holds them
+    padded to ``dims`` with ``fill``."""
     items = [rng.standard_normal((1,) + tuple(sz) + (2,)) for sz in sizes]
-    x = np.full((len(sizes),) + dims + (2,), fill)
-    for b, item in enumerate(items):
-        x[(b,) + tuple(slice(0, n) for n in sizes[b])] = item[0]
+    x, got = pad_batch([item[0] for item in items], shape=dims, fill=fill)
+    np.testing.assert_array_equal(got, sizes)
     return items, x
 
 
@@ -61,6 +61,39 @@ def test_each_item_as_if_alone(make, dims, sizes, rng):
     layer.zero_grad()
     np.testing.assert_array_equal(layer.backward(dh2), dx)
     np.testing.assert_array_equal(layer.grads.data, grads)
+
+
+def test_pad_batch_and_unpad_batch(rng):
+    """``pad_batch`` stacks items of different sizes at the start of every axis (default grid:
+    the largest per axis) and ``unpad_batch`` gives each item's part of a layer's output."""
+    items = [rng.standard_normal(s + (2,)).astype(np.float32) for s in ((3, 5), (4, 2), (1, 1))]
+    x, sizes = pad_batch(items)
+    assert x.shape == (3, 4, 5, 2) and x.dtype == np.float32 and sizes.tolist() == [[3, 5], [4, 2], [1, 1]]
+    assert (x[1, :, 2:] == 0).all() and (x[2, 1:] == 0).all()
+    assert all(np.array_equal(a, b) for a, b in zip(unpad_batch(x, sizes), items))
+    layer = MDLSTM2D(2, 3, directions=4, seed=2)
+    for item, out in zip(items, unpad_batch(layer.forward(x, sizes=sizes), sizes)):
+        np.testing.assert_array_equal(out, layer.forward(item[None])[0])
+    lines = [rng.standard_normal((n, 1)) for n in (4, 6)]  # 1D: lengths (B,) for unpad_batch too
+    x, _ = pad_batch(lines, shape=(8,))
+    y = LSTM1D(1, 2, directions=2).forward(x, sizes=[4, 6])
+    assert [a.shape for a in unpad_batch(y, [4, 6])] == [(4, 4), (6, 4)]
+    assert [a.shape for a in unpad_batch(y, None)] == [(8, 4)] * 2
+
+
+@pytest.mark.parametrize("items,kw,error,match", [
+    ([], {}, ValueError, "at least one item"),
+    (np.ones((2, 3, 1)), {}, TypeError, "list or tuple of arrays"),
+    ([np.ones((2, 2)), np.ones((2, 3))], {}, ValueError, r"items\[1\] \(2, 3\)"),
+    ([np.ones((2, 2, 1)), np.ones((2, 1))], {}, ValueError, "one N >= 1"),
+    ([np.ones(3)], {}, ValueError, "one N >= 1"),
+    ([np.ones((3, 5, 1))], dict(shape=(2, 5)), ValueError, r"give at least \(3, 5\)"),
+    ([np.ones((3, 5, 1))], dict(shape=(4,)), ValueError, "shape must be 2 integers"),
+    ([np.ones((3, 5, 1))], dict(shape=(4.5, 5)), TypeError, "shape must be 2 integers"),
+    ([np.ones((3, 1))], dict(fill=np.nan), ValueError, "fill must be a finite number")])
+def test_pad_batch_refusals(items, kw, error, match):
+    with pytest.raises(error, match=match):
+        pad_batch(items, **kw)
 
 
 def test_full_sizes_are_no_sizes(rng):
