@@ -63,12 +63,14 @@ def _padded_grid(shape: Sequence[int], sizes: np.ndarray) -> np.ndarray:
     return grid
 
 
-def unpad_batch(y: np.ndarray, sizes: npt.ArrayLike) -> list[np.ndarray]:
+def unpad_batch(y: npt.ArrayLike, sizes: npt.ArrayLike) -> list:
     """The items' parts of a padded batch's output ``y`` (B, *grid, F): ``y[b, :sizes[b][0], ..]``
-    for each b (views into ``y``). ``sizes`` as ``forward`` took them ((B, N), or lengths (B,)
-    for N = 1); after a stack with ``BlockSubsample`` stages, ``net.out_sizes(sizes)``."""
-    y = np.asarray(y)
-    if y.ndim < 3:
+    for each b (views into ``y``: a CUDA device array gives device views). ``sizes`` as ``forward``
+    took them ((B, N), or lengths (B,) for N = 1); after a stack with ``BlockSubsample`` stages,
+    ``net.out_sizes(sizes)``."""
+    if not hasattr(y, "shape") or not hasattr(y, "__getitem__"):
+        y = np.asarray(y)
+    if len(y.shape) < 3:
         raise ValueError(f"y must be a padded batch (batch, n_1, .., n_N, features), got shape {y.shape}")
     dims = y.shape[1:-1]
     full = check_sizes(sizes, y.shape[0], dims)
