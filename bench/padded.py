@@ -54,24 +54,15 @@ QUICK = [Case("2D 3..8 x 3..8, 4 directions", 2, (3, 3), (8, 8), 4, 4, 4),
          Case("1D 3..12 steps, 2 directions", 1, (3,), (12,), 4, 4, 2)]
 
 
-def padded(case: Case, items: list[np.ndarray]) -> tuple[np.ndarray, list[tuple]]:
-    x = np.zeros((case.B,) + case.highs + (1,), items[0].dtype)
-    sizes = [it.shape[1:-1] for it in items]
-    for b, it in enumerate(items):
-        x[(b,) + tuple(slice(0, n) for n in sizes[b])] = it[0]
-    return x, sizes
-
-
 def check(layer, x, sizes, items) -> float:
     """Largest difference between each item's part of the padded output and its own output."""
-    y = layer.forward(x, sizes=sizes)
-    return max(float(np.abs(y[(b,) + tuple(slice(0, n) for n in s)] - layer.forward(it)[0]).max())
-               for b, (s, it) in enumerate(zip(sizes, items)))
+    parts = mdnumba.unpad_batch(layer.forward(x, sizes=sizes), sizes)
+    return max(float(np.abs(part - layer.forward(it)[0]).max()) for part, it in zip(parts, items))
 
 
 def bench_case(case: Case, budget_s: float, dtype: str = "float32") -> dict:
     layer, items = case.layer(dtype), case.items(dtype)
-    x, sizes = padded(case, items)
+    x, sizes = mdnumba.pad_batch([it[0] for it in items], shape=case.highs)
     diff = check(layer, x, sizes, items)
 
     def batch_step() -> None:
