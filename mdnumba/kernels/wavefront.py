@@ -322,9 +322,11 @@ def skew_rows(out, inp, src):
 @njit(**NJIT_PARALLEL_OPTS)
 def zero_padding(h, c, src):
     """``h[q*R + r] = c[q*R + r] = 0`` where ``src[q, r] = -1`` (``src`` (S, R): a padded batch's
-    ``skew_src``, :func:`mdnumba.grid.direction_tables`): after a saving forward, so that the
-    padding's cells, which no item reads, hold no state that overflowed (their gradients are
-    then exactly 0, and backward's overflow check sees the items' cells only)."""
+    ``skew_src``, :func:`mdnumba.grid.direction_tables`; ``h``, ``c`` any two arrays of rows).
+    The sweeps skip the padding's rows, so they hold what the buffers held before: after a
+    saving forward this zeroes their h and c (the weight-gradient products and backward's
+    overflow check read them), before the backward sweep their dact and dc (the items' cells
+    pull from children in the padding)."""
     S, R = src.shape
     for t in prange(S * R):
         if src[t // R, t % R] < 0:
