@@ -2,6 +2,7 @@ import os
 
 import numpy as np
 import pytest
+import simruns
 from shard import parse_shard
 
 
@@ -18,10 +19,21 @@ def _warm_kernel_cache(monkeypatch):
     monkeypatch.setattr(kernel_cache, "is_warm", lambda: True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def simulator_runs(request, tmp_path_factory):
+    """The simulator runs tests/test_cuda.py's selected tests need (tests/simruns.py), started
+    with the session so that they overlap it; stopped at its end."""
+    runs = simruns.start(request.session.items, tmp_path_factory)
+    yield runs
+    simruns.stop(runs)
+
+
 def pytest_collection_modifyitems(config, items):
-    """``MDNUMBA_TEST_SHARD=i/k``: keep every k-th collected test from the i-th on (0 <= i < k).
-    tests/test_cuda.py splits its simulator case run into concurrent shards this way;
-    round robin spreads a heavy test's parametrisations over the shards."""
+    """The tests that wait for the simulator runs go last. ``MDNUMBA_TEST_SHARD=i/k``: keep
+    every k-th collected test from the i-th on (0 <= i < k). tests/test_cuda.py splits its
+    simulator case run into concurrent shards this way; round robin spreads a heavy test's
+    parametrisations over the shards."""
+    simruns.waiting_last(items)
     shard = os.environ.get("MDNUMBA_TEST_SHARD")
     if not shard:
         return

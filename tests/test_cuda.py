@@ -1,9 +1,10 @@
 """CUDA backend tests.
 
 The ``sim_*`` cases need CUDA kernels. ``NUMBA_ENABLE_CUDASIM`` must be set before
-``numba.cuda`` is first imported, so :func:`test_simulator` runs them in ``python -m
-pytest`` subprocesses under the simulator (SHARDS concurrent shards; one outer test per
-case, the rest of the suite stays on the CPU path). When a real GPU is present they also run
+``numba.cuda`` is first imported, so :func:`test_simulator` reads them from ``python -m
+pytest`` subprocesses under the simulator (tests/simruns.py: SHARDS concurrent shards, started
+with the session, read at its end; one outer test per case, the rest of the suite stays on
+the CPU path). When a real GPU is present they also run
 in further subprocesses (:func:`test_gpu`). Shapes are tiny: the simulator runs every CUDA
 thread as a Python thread (and, as tests/simgrid.py makes it, checks every array access).
 """
@@ -16,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ from refcheck import (
     layers_and_inputs,
     reference_weights,
 )
+from simruns import OTHER_ROWS, SHARDS, TIMEOUT, CaseRun, merged_report
 
 from mdnumba import LSTM1D, MDLSTM2D, WavefrontLSTM, unpad_batch
 from mdnumba import reference as ref
@@ -1164,65 +1165,6 @@ SIM_CASES = sorted(name for name in list(globals()) if name.startswith("sim_"))
 
 
 # ----------------------------------------------------------------- outer tests (plain pytest)
-#: concurrent processes for the simulator cases (pure Python, one core each) and for ptxcheck
-SHARDS = max(2, min(4, os.cpu_count() or 1))
-#: the other MDNUMBA_CUDA_ROWS_PER_THREAD values test_simulator_other_rows_per_thread runs
-OTHER_ROWS = (1, 3)
-_TIMEOUT = 1200
-
-
-class _CaseRun:
-    """A ``python -m pytest`` subprocess running the sim_* cases (all, those ``-k select``, or
-    shard ``i/k`` of them), started at once so that the runs overlap; :meth:`report` waits.
-    Under the simulator the launches' argument types go to ``tmp_dir/launches.pkl``."""
-
-    def __init__(self, tmp_dir: Path, simulator: bool, env_extra: dict | None = None,
-                 select: str | None = None):
-        self.xml, self.out = tmp_dir / "report.xml", tmp_dir / "output.txt"
-        self.launches = tmp_dir / "launches.pkl"
-        env = dict(os.environ)
-        if simulator:  # one numba thread: the runs share the cores
-            env.update(NUMBA_ENABLE_CUDASIM="1", MDNUMBA_THREADS_PER_BLOCK="8", NUMBA_NUM_THREADS="1",
-                       MDNUMBA_PTX_RECORD=str(self.launches))
-        env.update(env_extra or {})
-        cmd = [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider",
-               "-o", "python_functions=sim_*", f"--junitxml={self.xml}"] + (["-k", select] if select else [])
-        with open(self.out, "w") as log:
-            self.proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], env=env,
-                                         stdout=log, stderr=subprocess.STDOUT)
-        self._report = None
-
-    def report(self) -> dict[str, tuple[str, str]]:
-        """name -> (state, message) of every case the run reported."""
-        if self._report is None:
-            try:
-                rc = self.proc.wait(timeout=_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.stop()
-                pytest.fail(f"case run still going after {_TIMEOUT} s:\n{self.out.read_text()[-6000:]}")
-            if not self.xml.exists():
-                pytest.fail(f"case run produced no report (rc={rc}):\n{self.out.read_text()[-6000:]}")
-            self._report = _parse_report(self.xml)
-        return self._report
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def _parse_report(xml: Path) -> dict[str, tuple[str, str]]:
-    cases = {}
-    for tc in ET.parse(xml).getroot().iter("testcase"):
-        bad = [el for el in tc if el.tag in ("failure", "error")]
-        skip = [el for el in tc if el.tag == "skipped"]
-        if bad:
-            cases[tc.get("name")] = ("failed", bad[0].text or bad[0].get("message", ""))
-        else:
-            cases[tc.get("name")] = ("skipped", skip[0].get("message", "")) if skip else ("passed", "")
-    return cases
-
-
 def _assert_passed(results: dict) -> None:
     failed = {k: msg for k, (state, msg) in results.items() if state == "failed"}
     assert not failed, "\n\n".join(f"{k}:\n{msg}" for k, msg in failed.items())
@@ -1235,36 +1177,8 @@ def _check_case(case: str, report: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def simulator_runs(request, tmp_path_factory):
-    """Start every simulator run this session's selected tests need, all at once: the cases in
-    SHARDS shards ("all") and the OTHER_ROWS runs (by rows); stop what is left at the end."""
-    wanted = [it for it in request.session.items if it.module is request.module]
-    names = {it.originalname for it in wanted}
-    runs = {}
-    if names & {"test_simulator", "test_kernels_compile_for_gpu"}:
-        runs["all"] = [_CaseRun(tmp_path_factory.mktemp("cudasim"), simulator=True,
-                                env_extra={"MDNUMBA_TEST_SHARD": f"{i}/{SHARDS}"}) for i in range(SHARDS)]
-    for it in wanted:
-        if it.originalname == "test_simulator_other_rows_per_thread":
-            rows = it.callspec.params["rows"]
-            runs[rows] = _CaseRun(tmp_path_factory.mktemp(f"cudasim_rows{rows}"), simulator=True,
-                                  env_extra={"MDNUMBA_CUDA_ROWS_PER_THREAD": str(rows)},
-                                  select="sweep_kernels or layer_matches_reference")
-    yield runs
-    for run in runs.pop("all", []) + list(runs.values()):
-        run.stop()
-
-
-def _merged_report(runs: list[_CaseRun]) -> dict[str, tuple[str, str]]:
-    report = {}
-    for run in runs:
-        report.update(run.report())
-    return report
-
-
-@pytest.fixture(scope="module")
 def simulator_report(simulator_runs):
-    return _merged_report(simulator_runs["all"])
+    return merged_report(simulator_runs["all"])
 
 
 def _gpu_shards() -> int:
@@ -1284,11 +1198,11 @@ def gpu_report(tmp_path_factory):
     in parallel; the GPU time-slices between them), the CPU cores shared out between them."""
     shards = _gpu_shards()
     threads = str(max(1, (os.cpu_count() or 1) // shards))
-    runs = [_CaseRun(tmp_path_factory.mktemp("cudagpu"), simulator=False,
+    runs = [CaseRun(tmp_path_factory.mktemp("cudagpu"), simulator=False,
                      env_extra={"MDNUMBA_TEST_SHARD": f"{i}/{shards}", "NUMBA_NUM_THREADS": threads})
             for i in range(shards)]
     try:
-        return _merged_report(runs)
+        return merged_report(runs)
     finally:
         for run in runs:
             run.stop()
@@ -1334,7 +1248,7 @@ def test_kernels_compile_for_gpu(simulator_report, simulator_runs):
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(SHARDS)]
     for proc in procs:
-        out, _ = proc.communicate(timeout=_TIMEOUT)
+        out, _ = proc.communicate(timeout=TIMEOUT)
         assert proc.returncode == 0, out[-6000:]
 
 
