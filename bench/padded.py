@@ -3,10 +3,12 @@
 Items of different sizes (pages, text lines) can run as one batch padded to the largest, with
 their sizes (each item then gets what it gets alone, checked here first), or one call per
 item. Side by side in one process, interleaved, best of N (median in brackets), float32 (or
-``--dtype``), on the CPU: forward + backward (``input_grad=False``: the items are data) and
-the saving-free forward. The sweeps and the weight-gradient GEMMs skip the padding (the "padded cells"
-column), but the input projection and the skew and unskew copies run over every row: batching
-wins where the per-call cost and the parallelism of a larger batch outweigh that.
+``--dtype``), on the CPU: forward + backward (``input_grad=False``: the items are data; with
+64 input channels the layer is an upper one of a stack, and its dx is computed) and the
+saving-free forward. The input projection, the sweeps, the parents' gather, the weight-gradient
+GEMMs and the dx product skip the padding (the "padded cells" column); the skew and unskew
+copies and zeroing the padding's state run over every row: batching wins where the per-call
+cost and the parallelism of a larger batch outweigh that.
 
 Usage: ``python bench/padded.py [--quick] [--dtype float32|float64] [--out PATH]`` (default
 ``bench/results/padded.md``; ``--quick`` prints small shapes only, unless ``--out``).
@@ -36,19 +38,22 @@ class Case:
     B: int
     D: int
     directions: int
+    channels: int = 1  # input channels; above 1 an upper layer of a stack, whose dx is needed
 
     def layer(self, dtype: str):
         cls = {1: mdnumba.LSTM1D, 2: mdnumba.MDLSTM2D}[self.ndim]
-        return cls(1, self.D, directions=self.directions, seed=0, dtype=dtype)
+        return cls(self.channels, self.D, directions=self.directions, seed=0, dtype=dtype)
 
     def items(self, dtype: str) -> list[np.ndarray]:
         rng = np.random.default_rng(0)
         sizes = [tuple(int(rng.integers(lo, hi + 1)) for lo, hi in zip(self.lows, self.highs))
                  for _ in range(self.B)]
-        return [rng.random((1,) + s + (1,)).astype(dtype) for s in sizes]
+        return [rng.random((1,) + s + (self.channels,)).astype(dtype) for s in sizes]
 
 
 CASES = [Case("2D pages 16..48 x 32..128, 4 directions", 2, (16, 32), (48, 128), 16, 16, 4),
+         Case("2D pages 16..48 x 32..128, 4 directions, 64 input channels", 2, (16, 32), (48, 128),
+              16, 16, 4, channels=64),
          Case("1D lines 20..200 steps, 2 directions", 1, (20,), (200,), 32, 64, 2)]
 QUICK = [Case("2D 3..8 x 3..8, 4 directions", 2, (3, 3), (8, 8), 4, 4, 4),
          Case("1D 3..12 steps, 2 directions", 1, (3,), (12,), 4, 4, 2)]
@@ -65,13 +70,15 @@ def bench_case(case: Case, budget_s: float, dtype: str = "float32") -> dict:
     x, sizes = mdnumba.pad_batch([it[0] for it in items], shape=case.highs)
     diff = check(layer, x, sizes, items)
 
+    dx = case.channels > 1
+
     def batch_step() -> None:
         h = layer.forward(x, sizes=sizes)
-        layer.backward(h, input_grad=False)
+        layer.backward(h, input_grad=dx)
 
     def items_step() -> None:
         for it in items:
-            layer.backward(layer.forward(it), input_grad=False)
+            layer.backward(layer.forward(it), input_grad=dx)
 
     cases = {"batch": [("step", batch_step)], "items": [("step", items_step)],
              "batch_infer": [("forward", lambda: layer.forward(x, save=False, sizes=sizes))],

@@ -172,13 +172,16 @@ class WavefrontLSTM(OwnsParams):
         rows = wf.n_cells * B
         xs = self._workspace("xs", (S * rows, self.in_channels))
         skew_rows(xs, x.reshape(dense, 1, -1), skew_src)
-        act = self._workspace("act", (S * rows, self.layout.shapes["b"][-1]))
+        # zeroed when made: only the items' rows of a padded batch are ever written, and the
+        # backward sweep multiplies the padding's (forget gates) by zeros, so they must be finite
+        act = self._workspace("act", (S * rows, self.layout.shapes["b"][-1]), zeroed=True)
         h = self._workspace("h", (S * rows, D))
         c = self._workspace("c", (S * rows, D))
         W, b = self._per_direction("W"), self._per_direction("b")
-        for q in range(S):
+        live = None if sizes is None else np.flatnonzero(skew_src[0] >= 0)  # items' rows of a slab
+        for q in range(S):  # (a row is an item's in every direction or in none)
             sl = slice(q * rows, (q + 1) * rows)
-            matmul_rows(act[sl], xs[sl], W[q], b[q], False)
+            matmul_rows(act[sl], xs[sl], W[q], b[q], False, live)
         U = self.params["U"].reshape(S, D, -1)
         if state is not None:
             seed_state(h, c, act, h0, c0, B)
@@ -187,7 +190,7 @@ class WavefrontLSTM(OwnsParams):
         if sizes is not None:  # the padding's cells, not swept: zero state
             zero_padding(h, c, skew_src)
         self._saved = dict(xs=xs, act=act, c=c, h=h, wf=wf, batch=B, dims=dims, tables=tables,
-                           stateful=state is not None, sizes=sizes)
+                           stateful=state is not None, sizes=sizes, live=live)
         out = np.empty((dense, S, D), dtype=self.dtype)
         unskew_rows(out, h, unskew_src)  # grid order, direction q in channels q*D:(q+1)*D
         self._check_state(out, output=True)
@@ -238,11 +241,10 @@ class WavefrontLSTM(OwnsParams):
         skew_rows(dhs, dh.reshape(dense, S, D), skew_src)
         dact = self._workspace("dact", sv["act"].shape)
         dc = self._workspace("dc", sv["c"].shape)
-        sweep, items, live = wf.diag_off, None, None
+        sweep, items, live = wf.diag_off, None, sv["live"]
         if sv["sizes"] is not None:  # the padding's rows, not swept, pass zeros to the items' cells
             zero_padding(dact, dc, skew_src)
             items = live_items(sv["dims"], B, sv["sizes"])
-            live = np.flatnonzero(skew_src[0] >= 0)  # the items' rows of a slab: those of every q
         if sv["stateful"]:
             dhT, dcT = (np.zeros((B, S * D), self.dtype),) * 2 if final_state_grad is None else \
                 check_state(final_state_grad, "final_state_grad", B, S * D, self.dtype)
@@ -255,7 +257,7 @@ class WavefrontLSTM(OwnsParams):
             take_state_grad(dh0, dc0, dhs, dc, dact, B)
             sv["state_grad"] = (dh0, dc0)
         hpar = self._workspace("hpar", (dact.shape[0], D * N))
-        gather_parents(hpar, sv["h"], wf.parent, B, D)
+        gather_parents(hpar, sv["h"], wf.parent, B, D, live)
         W, dW, dU, db = (self._per_direction(n, buf) for n, buf in
                          (("W", self.params), ("W", self.grads), ("U", self.grads), ("b", self.grads)))
         for q in range(S):
@@ -269,7 +271,7 @@ class WavefrontLSTM(OwnsParams):
         dxs[...] = 0
         for q in range(S):
             sl = slice(q * rows, (q + 1) * rows)
-            matmul_rows(dxs[sl], dact[sl], np.ascontiguousarray(W[q].T), db[q], True)
+            matmul_rows(dxs[sl], dact[sl], np.ascontiguousarray(W[q].T), db[q], True, live)
         dx = np.empty((dense, 1, self.in_channels), dtype=self.dtype)
         unskew_rows(dx, dxs, unskew_src)  # Σ_q unflip_q(dact_q W_qᵀ)
         return dx.reshape((B,) + sv["dims"] + (self.in_channels,))
@@ -320,15 +322,16 @@ class WavefrontLSTM(OwnsParams):
         view = (self.params if buf is None else buf)[name]
         return view if self.directions > 1 else view[None]
 
-    def _workspace(self, name: str, shape: tuple) -> np.ndarray:
-        """A scratch/activation buffer reused across calls of the same shape.
+    def _workspace(self, name: str, shape: tuple, zeroed: bool = False) -> np.ndarray:
+        """A scratch/activation buffer reused across calls of the same shape (new ones hold
+        zeros if ``zeroed``, else whatever the memory held).
 
         Re-allocating tens of MB per step costs more in page faults than the
         kernels themselves; buffers are kept while the input shape is unchanged.
         """
         buf = self._work.get(name)
         if buf is None or buf.shape != tuple(shape):
-            buf = self._work[name] = np.empty(shape, dtype=self.dtype)
+            buf = self._work[name] = (np.zeros if zeroed else np.empty)(shape, dtype=self.dtype)
         return buf
 
     def _layout_str(self, ch: str = "C") -> str:

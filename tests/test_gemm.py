@@ -47,6 +47,12 @@ def test_matmul_rows(R, K, N, rng):
     old = out.copy()
     matmul_rows(out, a, w, bias, True)
     np.testing.assert_allclose(out, old + a @ w, rtol=1e-12, atol=1e-12)
+    rows = np.flatnonzero(rng.random(R) < 0.6)  # those rows only; the others keep what they held
+    for accumulate, want in ((False, bias + a @ w), (True, 1 + a @ w)):
+        out = np.ones((R, N))
+        matmul_rows(out, a, w, bias, accumulate, rows)
+        np.testing.assert_allclose(out[rows], want[rows], rtol=1e-12, atol=1e-12)
+        assert (np.delete(out, rows, axis=0) == 1).all()
 
 
 def test_reductions_do_not_depend_on_thread_count(rng):

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from mdnumba import LSTM1D, MDLSTM2D, MDLSTM3D, pad_batch, unpad_batch
+from mdnumba import LSTM1D, MDLSTM2D, MDLSTM3D, WavefrontLSTM, pad_batch, unpad_batch
 from mdnumba.grid import direction_tables, live_items, wavefront
-from mdnumba.kernels.wavefront import wavefront_backward, wavefront_forward
+from mdnumba.kernels.wavefront import gather_parents, wavefront_backward, wavefront_forward
 
 CASES = [  # (layer, padded grid, the items' sizes)
     (lambda: LSTM1D(2, 3, directions=2, seed=1, dtype=np.float64), (6,), [(6,), (2,), (4,)]),
@@ -61,6 +61,29 @@ def test_each_item_as_if_alone(make, dims, sizes, rng):
     layer.zero_grad()
     np.testing.assert_array_equal(layer.backward(dh2), dx)
     np.testing.assert_array_equal(layer.grads.data, grads)
+
+
+@pytest.mark.parametrize("make,dims,sizes", CASES)
+def test_workspaces_made_full_of_nan_change_nothing(make, dims, sizes, rng, monkeypatch):
+    """A padded batch computes only its items' rows (input projection, sweeps, gathers, GEMMs):
+    with every workspace made full of NaN (but those the layer asks to be zeroed) outputs, dx
+    and gradients are those of the usual run."""
+    items, x = padded_batch(dims, sizes, rng)
+    results = []
+    for poison in (False, True):
+        if poison:
+            def workspace(self, name, shape, zeroed=False):
+                buf = self._work.get(name)
+                if buf is None or buf.shape != tuple(shape):
+                    buf = self._work[name] = np.full(shape, 0.0 if zeroed else np.nan, self.dtype)
+                return buf
+            monkeypatch.setattr(WavefrontLSTM, "_workspace", workspace)
+        layer = make()
+        y = layer.forward(x, sizes=sizes)
+        layer.zero_grad()
+        results.append((y, layer.backward(np.cos(y)), layer.grads.data.copy()))
+    for usual, poisoned in zip(*results):
+        np.testing.assert_array_equal(poisoned, usual)
 
 
 def test_pad_batch_and_unpad_batch(rng):
@@ -185,7 +208,8 @@ def test_live_items_are_the_items_cells_each_once(dims, B, rng):
 
 def test_the_sweeps_skip_the_padding(rng):
     """With live items the CPU sweeps leave the padding's rows as they are (not computed), and
-    the items' rows equal those of a sweep over every row whose padding holds zeros."""
+    the items' rows equal those of a sweep over every row whose padding holds zeros; so does
+    the gather of the parents' h for the weight gradients."""
     dims, B, D, sizes = (4, 5), 3, 2, ((4, 5), (2, 3), (1, 4))
     wf, G = wavefront(dims), 5 * D
     items = live_items(dims, B, sizes)
@@ -207,6 +231,11 @@ def test_the_sweeps_skip_the_padding(rng):
         grads.append(dact)
     np.testing.assert_array_equal(grads[1], grads[0])
     assert grads[0][live].any()
+    hpar, hpar2 = np.zeros((len(h), 2 * D)), np.full((len(h), 2 * D), 7.0)
+    gather_parents(hpar, h, wf.parent, B, D)
+    gather_parents(hpar2, h, wf.parent, B, D, np.flatnonzero(live))  # the items' rows only
+    np.testing.assert_array_equal(hpar2[live], hpar[live])
+    assert (hpar2[~live] == 7.0).all() and hpar[live].any()
 
 
 def test_an_overflow_in_the_padding_does_not_stop_backward(rng):

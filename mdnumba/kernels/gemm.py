@@ -31,22 +31,28 @@ def row_product(out, r, a, ra, bmat, bias, accumulate):
             out[r, n] += v * bmat[k, n]
 
 
-@njit(**NJIT_PARALLEL_OPTS)
-def matmul_rows(out, a, bmat, bias, accumulate):
-    """``out[r] = (out[r] if accumulate else bias) + a[r] @ bmat`` for every row r.
-
-    ``a`` (R, K), ``bmat`` (K, N), ``bias`` (N,) (ignored when accumulating).
-    """
-    for r in prange(a.shape[0]):
-        row_product(out, r, a, r, bmat, bias, accumulate)
-
-
 @njit(**NJIT_OPTS)
-def _row(rows, i):
+def selected_row(rows, i):
     """Row i of a selection: ``rows[i]``, or i itself for ``rows=None`` (every row)."""
     if rows is None:
         return i
     return rows[i]
+
+
+@njit(**NJIT_PARALLEL_OPTS)
+def matmul_rows(out, a, bmat, bias, accumulate, rows=None):
+    """``out[r] = (out[r] if accumulate else bias) + a[r] @ bmat`` for every row r (or the
+    rows r in ``rows`` only: a padded batch's items; the others keep what they held).
+
+    ``a`` (R, K), ``bmat`` (K, N), ``bias`` (N,) (ignored when accumulating).
+    """
+    if rows is None:  # (one prange over a selection that may be None does not parallelise)
+        for r in prange(a.shape[0]):
+            row_product(out, r, a, r, bmat, bias, accumulate)
+    else:
+        for i in prange(rows.shape[0]):
+            r = rows[i]
+            row_product(out, r, a, r, bmat, bias, accumulate)
 
 
 @njit(**NJIT_SUM_OPTS)
@@ -61,7 +67,8 @@ def _at_b_block(part, a, bmat, rows, r0, r1):
     K, N = a.shape[1], bmat.shape[1]
     i = r0
     while i + 4 <= r1:
-        r, s, t, u = _row(rows, i), _row(rows, i + 1), _row(rows, i + 2), _row(rows, i + 3)
+        r, s = selected_row(rows, i), selected_row(rows, i + 1)
+        t, u = selected_row(rows, i + 2), selected_row(rows, i + 3)
         b0, b1, b2, b3 = bmat[r], bmat[s], bmat[t], bmat[u]
         for k in range(0, K - 1, 2):
             a0, a1, a2, a3 = a[r, k], a[s, k], a[t, k], a[u, k]
@@ -79,7 +86,7 @@ def _at_b_block(part, a, bmat, rows, r0, r1):
                 p0[n] += (a0 * b0[n] + a1 * b1[n]) + (a2 * b2[n] + a3 * b3[n])
         i += 4
     for ii in range(i, r1):
-        rr = _row(rows, ii)
+        rr = selected_row(rows, ii)
         for k in range(K):
             v = a[rr, k]
             for n in range(N):
@@ -111,7 +118,7 @@ def column_sums(out, a, rows=None):
     parts = np.zeros((nblk, a.shape[1]), dtype=out.dtype)
     for q in prange(nblk):
         for i in range(q * REDUCE_BLOCK, min(R, (q + 1) * REDUCE_BLOCK)):
-            r = _row(rows, i)
+            r = selected_row(rows, i)
             for n in range(a.shape[1]):
                 parts[q, n] += a[r, n]
     for q in range(nblk):

@@ -30,7 +30,7 @@ from numba import njit, prange
 from ..config import NJIT_OPTS, NJIT_PARALLEL_OPTS, NJIT_SUM_OPTS
 from . import vexp
 from .cell import build
-from .gemm import row_product
+from .gemm import row_product, selected_row
 
 _CELL = build(njit(inline="always", **NJIT_OPTS), exp=vexp.exp, sigmoid=vexp.sigmoid)
 _row_forward = _CELL["row_forward"]
@@ -283,15 +283,19 @@ def _sweep_backward(dact, dc, dh, act, c, U, diag_off, items_off, items, parent,
 
 
 @njit(**NJIT_PARALLEL_OPTS)
-def gather_parents(hpar, h, parent, B, D):
-    """``hpar[r, j*N + d] = h[parent_d(s)*B + b, j]`` (0 without parent), per scan slab.
+def gather_parents(hpar, h, parent, B, D, rows=None):
+    """``hpar[r, j*N + d] = h[parent_d(s)*B + b, j]`` (0 without parent), per scan slab; for
+    every row r of a slab, or the rows in ``rows`` only (a padded batch's items: their parents
+    are items' rows too; the padding's rows of ``hpar`` keep what they held).
 
     With this column order ``hparᵀ @ dact`` is directly dU in the (D, N, G) layout.
     """
     N = parent.shape[1]
     MB = parent.shape[0] * B
-    for t in prange(hpar.shape[0]):
-        lo = t - t % MB
+    n = MB if rows is None else rows.size
+    for i in prange(hpar.shape[0] // MB * n):
+        lo = i // n * MB
+        t = lo + selected_row(rows, i % n)
         s = (t - lo) // B
         b = t % B
         for d in range(N):
