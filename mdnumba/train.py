@@ -462,15 +462,26 @@ def step_memory(cfg: TrainConfig) -> int:
     before), at its full size: ``m(1) + (B - 1)·(m(2) - m(1))`` from probe steps at batch 1
     and 2 on throwaway CPU trainers (NumPy reports its allocations to tracemalloc; they grow
     linearly with the batch), after an untraced one at batch 1 (the kernels compile there, and
-    compiling allocates too)."""
-    def probe(batch: int) -> Trainer:
-        return make_trainer(dataclasses.replace(cfg, batch=batch, steps=1, curriculum=(), device="cpu"))
+    compiling allocates too). Above 3 layers the probes have 2 and 3 layers, and the estimate
+    grows by the third one's share per layer (the layers above the first are alike), so a deep
+    stack is sized in the time of a shallow one."""
+    def probe(batch: int, layers: int) -> Trainer:
+        return make_trainer(dataclasses.replace(cfg, batch=batch, layers=layers, steps=1, curriculum=(),
+                                                device="cpu"))
 
-    probe(1).train_step()
+    depths = (cfg.layers,) if cfg.layers <= 3 else (2, 3)
+    probe(1, depths[0]).train_step()
+    full = [_batch_estimate(probe, layers, cfg.batch) for layers in depths]
+    return full[0] + (cfg.layers - depths[0]) * max(full[-1] - full[0], 0)
+
+
+def _batch_estimate(probe, layers: int, batch: int) -> int:
+    """:func:`step_memory` at one depth: ``m(1) + (B - 1)·(m(2) - m(1))`` for ``B = batch``, the
+    traced peaks ``m(b)`` of a step of ``probe(b, layers)``."""
     peaks = []
     tracing = tracemalloc.is_tracing()  # e.g. python -X tracemalloc: keep it going
-    for batch in (1, 2):
-        trainer = probe(batch)
+    for b in (1, 2):
+        trainer = probe(b, layers)
         gc.collect()  # the last probe's buffers go now, not (lowering the count) during the step
         tracemalloc.start()
         tracemalloc.reset_peak()
@@ -481,7 +492,7 @@ def step_memory(cfg: TrainConfig) -> int:
         finally:
             if not tracing:
                 tracemalloc.stop()
-    return peaks[0] + (cfg.batch - 1) * max(peaks[1] - peaks[0], 0)
+    return peaks[0] + (batch - 1) * max(peaks[1] - peaks[0], 0)
 
 
 def available_memory() -> int | None:
