@@ -173,7 +173,7 @@ class WavefrontLSTM(OwnsParams):
         xs = self._workspace("xs", (S * rows, self.in_channels))
         skew_rows(xs, x.reshape(dense, 1, -1), skew_src)
         # zeroed when made: only the items' rows of a padded batch are ever written, and the
-        # backward sweep multiplies the padding's (forget gates) by zeros, so they must be finite
+        # backward sweep multiplies the padding's rows (forget gates) by zeros: they must be finite
         act = self._workspace("act", (S * rows, self.layout.shapes["b"][-1]), zeroed=True)
         h = self._workspace("h", (S * rows, D))
         c = self._workspace("c", (S * rows, D))
