@@ -7,7 +7,7 @@ import pytest
 
 from mdnumba.kernels.gemm import REDUCE_BLOCK, column_sums, matmul_at_b, matmul_rows
 
-SHAPES = [(1, 1, 1), (3, 1, 5), (4, 2, 3), (7, 3, 4), (6, 19, 7), (REDUCE_BLOCK + 5, 5, 6),
+SHAPES = [(1, 1, 1), (3, 1, 5), (4, 2, 3), (7, 3, 4), (6, 19, 7), (5, 15, 6), (REDUCE_BLOCK + 5, 5, 6),
           (2 * REDUCE_BLOCK, 4, 9)]
 
 

@@ -220,11 +220,14 @@ def test_checkpoint_files_are_atomic_typed_and_get_the_umasks_mode(tmp_path):
 
 @pytest.mark.parametrize("kw", [dict(size=24, hidden=8), dict(model="md", directions=4, layers=2, size=8,
                                                               cell="stable", hidden=4),
-                                dict(model="md3d", task="diagonal3d", size=6, hidden=4)])
+                                dict(model="md3d", task="diagonal3d", size=6, hidden=4),
+                                dict(size=24, hidden=8, layers=5),
+                                dict(model="md", directions=4, layers=5, size=8, cell="stable", hidden=4)])
 def test_step_memory_extrapolates_the_batch(kw):
-    """The estimate from batch-1 and batch-2 probes matches the traced first step (the one that
-    allocates the workspace kept between steps; NumPy reports its allocations to tracemalloc)
-    of a run at batch 12, and needs no curriculum to see the full size."""
+    """The estimate from batch-1 and batch-2 probes (with 2 and 3 layers for a deeper stack)
+    matches the traced first step (the one that allocates the workspace kept between steps;
+    NumPy reports its allocations to tracemalloc) of a run at batch 12, and needs no curriculum
+    to see the full size."""
     import tracemalloc
 
     from mdnumba.train import step_memory
