@@ -90,7 +90,7 @@ def merged_report(runs: list[CaseRun]) -> dict[str, tuple[str, str]]:
 
 
 def _waiting(item) -> bool:
-    return Path(str(item.fspath)) == _CASES_FILE and getattr(item, "originalname", None) in WAITING_TESTS
+    return Path(item.path) == _CASES_FILE and getattr(item, "originalname", None) in WAITING_TESTS
 
 
 def waiting_last(items: list) -> None:
