@@ -190,7 +190,7 @@ class WavefrontLSTM(OwnsParams):
         if sizes is not None:  # the padding's cells, not swept: zero state
             zero_padding(h, c, skew_src)
         self._saved = dict(xs=xs, act=act, c=c, h=h, wf=wf, batch=B, dims=dims, tables=tables,
-                           stateful=state is not None, sizes=sizes, live=live)
+                           stateful=state is not None, sizes=sizes, items=items, live=live)
         out = np.empty((dense, S, D), dtype=self.dtype)
         unskew_rows(out, h, unskew_src)  # grid order, direction q in channels q*D:(q+1)*D
         self._check_state(out, output=True)
@@ -241,10 +241,9 @@ class WavefrontLSTM(OwnsParams):
         skew_rows(dhs, dh.reshape(dense, S, D), skew_src)
         dact = self._workspace("dact", sv["act"].shape)
         dc = self._workspace("dc", sv["c"].shape)
-        sweep, items, live = wf.diag_off, None, sv["live"]
-        if sv["sizes"] is not None:  # the padding's rows, not swept, pass zeros to the items' cells
+        sweep, items, live = wf.diag_off, sv["items"], sv["live"]
+        if items is not None:  # the padding's rows, not swept, pass zeros to the items' cells
             zero_padding(dact, dc, skew_src)
-            items = live_items(sv["dims"], B, sv["sizes"])
         if sv["stateful"]:
             dhT, dcT = (np.zeros((B, S * D), self.dtype),) * 2 if final_state_grad is None else \
                 check_state(final_state_grad, "final_state_grad", B, S * D, self.dtype)
