@@ -33,13 +33,13 @@ from refcheck import (
     layers_and_inputs,
     reference_weights,
 )
-from simruns import OTHER_ROWS, SHARDS, TIMEOUT, CaseRun, merged_report
+from simruns import OTHER_ROWS, SHARDS, TIMEOUT, CaseRun, in_simulator, merged_report
 
 from mdnumba import LSTM1D, MDLSTM2D, WavefrontLSTM, unpad_batch
 from mdnumba import reference as ref
 from mdnumba.backend_cuda import CudaUnavailableError, cuda_unavailable_reason
 
-IN_SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+IN_SIMULATOR = in_simulator()
 
 
 @pytest.fixture(scope="module", autouse=True)
