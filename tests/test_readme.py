@@ -17,3 +17,17 @@ def test_readme_has_cpu_examples():
 def test_readme_example_runs(index, capsys):
     exec(compile(CPU_BLOCKS[index], f"README.md python block {index}", "exec"), {})
     assert capsys.readouterr().out  # every example prints what it shows
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_readme_links_resolve():
+    """Every ``](#anchor)`` names a heading and every relative ``](path)`` an existing file."""
+    root = Path(__file__).resolve().parents[1]
+    anchors = {_anchor(h) for h in re.findall(r"^#+ (.*)$", README, re.M)}
+    broken = [a for a in re.findall(r"\]\(#([^)]+)\)", README) if a not in anchors]
+    broken += [f for f in re.findall(r"\]\(([^)#:]+)\)", README) if not (root / f).exists()]
+    assert not broken
