@@ -179,15 +179,18 @@ class Dropout:
 
 def softmax_xent(logits: np.ndarray, targets: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
     """Mean cross-entropy (nats) of ``softmax(logits)`` against int ``targets``; returns
-    ``(L, dL/dlogits = (p − onehot)/n, p)``."""
+    ``(L, dL/dlogits = (p − onehot)/n, p)``. ``L`` from the log-softmax
+    ``z_t − max z − log Σ exp(z − max z)``, exact however unlikely the target."""
     z = logits.astype(np.float64)
     z -= z.max(axis=-1, keepdims=True)
     p = np.exp(z)
-    p /= p.sum(axis=-1, keepdims=True)
+    total = p.sum(axis=-1, keepdims=True)  # in [1, vocab]: its log is exact enough
+    p /= total
     flat = p.reshape(-1, p.shape[-1])
     t = np.asarray(targets).reshape(-1)
     n = t.size
-    loss = float(-np.mean(np.log(np.maximum(flat[np.arange(n), t], 1e-300))))
+    log_p = z.reshape(flat.shape)[np.arange(n), t] - np.log(total).reshape(-1)
+    loss = float(-np.mean(log_p))
     grad = flat.copy()
     grad[np.arange(n), t] -= 1.0
     return loss, (grad / n).reshape(p.shape).astype(logits.dtype), p

@@ -20,10 +20,12 @@ def nonfinite_gradient(clip_norm: float | None) -> str:
 
 @njit(**NJIT_OPTS)
 def sum_of_squares(g):
-    """Σ g² accumulated in float64 (no BLAS call: keeps one thread pool busy)."""
+    """Σ g² with each square and the sum in float64 (a float32 g of 2e19 squares to inf in
+    float32; no BLAS call: keeps one thread pool busy)."""
     acc = 0.0
     for k in range(g.shape[0]):
-        acc += float(g[k]) * float(g[k])
+        x = np.float64(g[k])  # Numba's float() of a float32 stays float32
+        acc += x * x
     return acc
 
 

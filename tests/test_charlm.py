@@ -231,6 +231,9 @@ def test_softmax_xent_is_stable_for_large_logits():
     assert loss == pytest.approx(0.0, abs=1e-12) and np.isfinite(dz).all()
     loss, dz, _ = softmax_xent(np.array([[-1000.0, 0.0, 0.0]]), np.array([1]))
     assert loss == pytest.approx(np.log(2)) and np.isfinite(dz).all()
+    # a target far below the rest: the loss is the logit gap (+ log 2), not cut at -log(1e-300)
+    loss, dz, _ = softmax_xent(np.array([[0.0, 0.0, -1000.0]]), np.array([2]))
+    assert loss == pytest.approx(1000.0 + np.log(2)) and np.isfinite(dz).all()
 
 
 class _StubLM:

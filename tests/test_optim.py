@@ -42,6 +42,16 @@ def test_global_norm_clipping():
     np.testing.assert_allclose(opt.m[1], 0.1 * 4.0 / norm, rtol=1e-12)
 
 
+def test_clipping_rescues_a_float32_gradient_whose_squares_overflow_float32():
+    """‖g‖ of a float32 g of 2e19 (squares 4e38 > float32's max 3.4e38) is finite: the squares
+    are taken in float64, so clipping scales the step instead of refusing it."""
+    layer = LSTM1D(1, 1)  # float32
+    layer.grads.data[...] = 2e19
+    opt = Adam(layer, lr=1e-3, clip_norm=1.0)
+    assert opt.step() == pytest.approx(2e19 * np.sqrt(layer.grads.data.size), rel=1e-7)
+    np.testing.assert_allclose(opt.m[0], 0.1 / np.sqrt(layer.grads.data.size), rtol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["adam", "rmsprop"])
 def test_clipped_steps_match_the_reference_on_the_clipped_gradient(name, rng):
     """With ``clip_norm`` below the global norm of two parameter groups, every step (update and
