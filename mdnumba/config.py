@@ -3,8 +3,9 @@
 Every kernel module reads its compile options from here so there is exactly one
 place to change them. Environment variables override the defaults:
 
-- ``MDNUMBA_FASTMATH=1`` compiles the CPU and CUDA kernels with ``fastmath=True``
-  (slightly faster, loses the bit-exact agreement with the reference).
+- ``MDNUMBA_FASTMATH=1`` compiles the CPU kernels with the fast-math flags of
+  :data:`FASTMATH_FLAGS` and the CUDA sweeps and GEMMs with ``fastmath=True`` (loses the
+  bit-exact agreement with the reference; the CUDA losses, norms and optimisers stay exact).
 - ``MDNUMBA_THREADS_PER_BLOCK`` sets the CUDA block size (default 128, at most 256: the
   sweep kernels use up to ~250 registers per thread in float64, and an SM has 65,536).
 - ``MDNUMBA_CUDA_ROWS_PER_THREAD`` sets how many batch rows one CUDA sweep thread
@@ -112,17 +113,24 @@ except ConfigError:
     _report_config_errors_briefly()
     raise
 
+#: the LLVM fast-math flags of ``MDNUMBA_FASTMATH=1`` on the CPU: ``fastmath=True`` less "nnan"
+#: and "ninf" (with them LLVM may assume no NaN/inf: the cell's tanh then turned the NaN of an
+#: overflowed state into 1, and forward's check of h saw nothing) and less "reassoc" outside
+#: sums of products (it regroups the exp's range reduction ``(x − t·ln2_hi) − t·ln2_lo``:
+#: 213 ulp at x = 707 instead of 1.1)
+FASTMATH_FLAGS = frozenset({"nsz", "arcp", "contract", "afn"})
 #: keyword arguments shared by every serial CPU kernel
 #: (error_model="numpy": float division by zero gives inf/NaN instead of raising, which lets
 #: LLVM vectorise loops that divide, e.g. σ in the cell math)
-NJIT_OPTS = dict(cache=CACHE, fastmath=FASTMATH, nogil=True, error_model="numpy")
+NJIT_OPTS = dict(cache=CACHE, fastmath=set(FASTMATH_FLAGS) if FASTMATH else False, nogil=True,
+                 error_model="numpy")
 #: keyword arguments shared by every parallel CPU driver
 NJIT_PARALLEL_OPTS = dict(NJIT_OPTS, parallel=True)
 #: serial kernels whose sums of products (recurrent products, GEMM blocks) may be reassociated
 #: and fused into multiply-adds: LLVM then keeps partial sums in vector registers (recurrent
 #: product 2x, weight-gradient GEMM 1.2x faster measured) at a rounding difference of ~1 ulp;
 #: the order stays fixed by the compiled code, so results still do not depend on the threads
-NJIT_SUM_OPTS = dict(NJIT_OPTS, fastmath=True if FASTMATH else {"reassoc", "contract"})
+NJIT_SUM_OPTS = dict(NJIT_OPTS, fastmath={"reassoc", "contract"} | (FASTMATH_FLAGS if FASTMATH else set()))
 
 
 def resolve_dtype(dtype: npt.DTypeLike) -> np.dtype:

@@ -5,6 +5,9 @@ norm with clipping, and the Adam / RMSprop updates (twins of :mod:`mdnumba.losse
 Nothing here copies to the host. A loss or a gradient norm lands in a slot of a device
 array (one slot per step), which the trainer reads once every few steps. Sums use a
 fixed number of blocks and a fixed reduction order, so a result is the same every run.
+None of them takes ``MDNUMBA_FASTMATH``: numba-cuda's fastmath lets LLVM assume no NaN or inf,
+which would fold the NaN/inf counts and the norm's finiteness test to "finite" (and these
+kernels are memory-bound: fastmath would gain nothing).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import cuda, float64
 
-from .wavefront_cuda import _JIT, SIMULATOR, _blocks, _tpb, as_device
+from .wavefront_cuda import SIMULATOR, _blocks, _tpb, as_device
 
 #: threads per block of the reduction kernels and blocks they use (fixed: deterministic sums)
 REDUCE_TPB = 8 if SIMULATOR else 256
@@ -44,7 +47,7 @@ def _block_sum(acc, partials):
         partials[cuda.blockIdx.x] = buf[0]
 
 
-@cuda.jit(**_JIT)
+@cuda.jit
 def _sumsq_partials(partials, g):
     """``partials[block] = Σ g[k]²`` over the block's grid-stride share, in float64."""
     acc = 0.0
@@ -53,7 +56,7 @@ def _sumsq_partials(partials, g):
     _block_sum(acc, partials)
 
 
-@cuda.jit(**_JIT)
+@cuda.jit
 def _nonfinite_partials(partials, a):
     """``partials[block] =`` how many ``a[k]`` of the block's grid-stride share are NaN or ±inf."""
     acc = 0.0
@@ -89,13 +92,13 @@ def _update_scale(partials, clip, stats, record, slot):
     return abs(norm) < math.inf, scale
 
 
-@cuda.jit(**_JIT)
+@cuda.jit
 def _norm_and_scale(stats, partials, clip, record, slot):
     """Launched with one thread: the norm and clip scale alone (:func:`_update_scale`, no update)."""
     _update_scale(partials, clip, stats, record, slot)
 
 
-@cuda.jit(**_JIT)
+@cuda.jit
 def _adam_update(p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, partials, clip, stats, record, slot, clear):
     """``g' = scale·g``; ``m ← β1 m + (1−β1) g'``; ``v ← β2 v + (1−β2) g'²``;
     ``p ← p − lr · (m/bc1) / (sqrt(v/bc2) + ε)``, with the norm and clip scale from the sum-of-
@@ -112,7 +115,7 @@ def _adam_update(p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, partials, clip, st
             p[k] -= lr * (m[k] / bc1) / (math.sqrt(v[k] / bc2) + eps)
 
 
-@cuda.jit(**_JIT)
+@cuda.jit
 def _rmsprop_update(p, g, m, v, lr, beta1, rho, eps, bc1, bc2, partials, clip, stats, record, slot, clear):
     """``g' = scale·g``; ``v ← ρ v + (1−ρ) g'²``; ``p ← p − lr · g' / (sqrt(v) + ε)``
     (Adam's arguments; ``m``, ``beta1``, ``bc1``, ``bc2`` unused); as :func:`_adam_update` otherwise."""
@@ -133,7 +136,7 @@ def _sigmoid(zk):
     return (1.0 / (1.0 + e) if zk >= 0 else e / (1.0 + e)), e
 
 
-@cuda.jit(**_JIT)
+@cuda.jit
 def _sigmoid_loss(prob, dz, partials, z, y, kind, inv_n, probe, idx):
     """Per element ``p = σ(z)``; bce (kind 0): ``ℓ = softplus(z) − y z``, ``dz = (p − y)/n``;
     mse (kind 1): ``ℓ = (p − y)²``, ``dz = 2 (p − y) p (1 − p)/n``. Block sums of ℓ (float64)
