@@ -178,12 +178,12 @@ def check_finite_params(params) -> None:
 
 
 def check_count(value: object, name: str) -> int:
-    """Return ``int(value)`` if it is an integer >= 0 (not a bool), else raise ValueError
+    """Return ``int(value)`` if it is an integer in [0, 2^63) (not a bool), else raise ValueError
     (a count read from saved state, e.g. a step; ``np.load`` gives it as a 0-d array)."""
     if isinstance(value, np.ndarray) and value.ndim == 0:
         value = value[()]
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < 2 ** 63:
+        raise ValueError(f"{name} must be an integer in [0, 2**63), got {value!r}")
     return int(value)
 
 

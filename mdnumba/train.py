@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import tracemalloc
+import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,18 @@ def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
             signal.signal(sig, handler)
 
 
+def _of_type(value: object, kind: type) -> bool:
+    """Whether ``value`` is a valid ``kind`` setting of :class:`TrainConfig`."""
+    if kind is type(None):
+        return value is None
+    if kind in (int, float):  # a bool is an int to Python, not a count or a rate to a user
+        numbers = (int, np.integer) if kind is int else (int, float, np.integer, np.floating)
+        return isinstance(value, numbers) and not isinstance(value, (bool, np.bool_))
+    if kind is tuple:
+        return isinstance(value, tuple) and all(_of_type(v, int) for v in value)
+    return isinstance(value, kind)
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a run; stored in the checkpoint."""
@@ -92,7 +105,9 @@ class TrainConfig:
             self.loss = TASKS[self.task].loss if self.task in TASKS else "mse"
 
     def validate(self) -> None:
-        """Raise ValueError naming the first bad setting and what is allowed."""
+        """Raise ValueError naming the first bad setting and what is allowed (TypeError for a
+        value of the wrong type, e.g. a hand-edited checkpoint's ``"hidden": 3.0``)."""
+        self._check_types()
         task = get_task(self.task)
         if self.model not in task.models:
             fits = [name for name, t in TASKS.items() if self.model in t.models]
@@ -120,6 +135,7 @@ class TrainConfig:
             raise ValueError(f"--steps {self.steps} is too few for {phases} curriculum phases "
                              f"({','.join(map(str, sizes))}): give at least one step per phase")
         checks = [(self.batch >= 1, "--batch must be >= 1"), (self.hidden >= 1, "--hidden must be >= 1"),
+                  (self.seed >= 0, "--seed must be >= 0"),
                   (0 < self.lr < np.inf, "--lr must be a finite number > 0"),
                   (self.steps >= 1, "--steps must be >= 1"),
                   (self.loss in LOSSES, f"--loss must be one of {sorted(LOSSES)}"),
@@ -139,6 +155,17 @@ class TrainConfig:
         if self.directions not in (1, 2 ** ndim):
             raise ValueError(f"--directions must be 1 or {2 ** ndim} for model {self.model!r} "
                              f"(every corner of its {ndim}-D grid), got {self.directions}")
+
+    def _check_types(self) -> None:
+        """TypeError for the first setting whose value is not of its annotated type (bools are
+        not numbers here; ints are floats; ``curriculum`` is a tuple of ints)."""
+        hints = typing.get_type_hints(TrainConfig)
+        for f in dataclasses.fields(self):
+            value, allowed = getattr(self, f.name), typing.get_args(hints[f.name]) or (hints[f.name],)
+            if not any(_of_type(value, kind) for kind in allowed):
+                names = " or ".join("None" if kind is type(None) else kind.__name__ for kind in allowed)
+                raise TypeError(f"setting {f.name} must be {names}"
+                                f"{' of int' if f.name == 'curriculum' else ''}, got {value!r}")
 
     def inapplicable(self, names) -> dict[str, str]:
         """Of the settings ``names`` (e.g. those given on the command line), the ones this
@@ -379,15 +406,18 @@ class Trainer:
                 src = arrays[f"param_{k}"]
                 if src.shape != want.shape:
                     raise CheckpointError(f"checkpoint in {folder} does not match its config: layer {k} "
-                                          f"has {src.size} parameters, the model built from the config "
-                                          f"{want.size} (was config or checkpoint edited?); start a new run")
+                                          f"has parameters of shape {src.shape}, the model built from the "
+                                          f"config {want.shape} (was config or checkpoint edited?); start a "
+                                          "new run")
                 if not np.issubdtype(src.dtype, np.floating):
                     raise CheckpointError(f"checkpoint in {folder} is damaged: layer {k}'s weights are "
                                           f"{src.dtype}, not floating point; start a new run")
+                with np.errstate(over="ignore"):
+                    src = src.astype(want.dtype)  # e.g. float64 values beyond float32 become inf
                 if not np.isfinite(src).all():  # training never saves them: a step that would
                     raise CheckpointError(      # make them so is refused
                         f"checkpoint in {folder} is damaged: layer {k}'s weights hold NaN or "
-                        "infinite values; delete it or use another run folder")
+                        f"infinite values (in {want.dtype}); delete it or use another run folder")
                 tr._set_params(k, src)
             tr.opt.load_state_dict({"t": meta["adam_t"], "m": [arrays[f"adam_m_{k}"] for k in range(n)],
                                     "v": [arrays[f"adam_v_{k}"] for k in range(n)]})
@@ -395,7 +425,7 @@ class Trainer:
             tr.step = tr.saved_step = check_count(meta["step"], "its step")
         except CheckpointError:
             raise
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:  # Overflow: e.g. the RNG state
             what = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
             raise CheckpointError(f"checkpoint in {folder} is incomplete, damaged or from another "
                                   f"version ({what}); start a new run") from None
@@ -445,7 +475,8 @@ def _checkpoint_config(folder: Path, meta: dict, overrides: dict) -> TrainConfig
         raise CheckpointError(f"checkpoint in {folder} has a config this mdnumba version does not "
                               f"know ({extra}); use the version that wrote it or start a new run")
     try:
-        raw = dict(raw, curriculum=tuple(raw.get("curriculum") or ()))
+        curriculum = raw.get("curriculum") or ()
+        raw = dict(raw, curriculum=tuple(curriculum) if isinstance(curriculum, list) else curriculum)  # JSON
         TrainConfig(**raw).validate()
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"checkpoint in {folder} holds an invalid config ({exc}); "

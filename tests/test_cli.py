@@ -3,8 +3,10 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -492,15 +494,51 @@ def test_a_text_error_creates_no_run_folder(runner, tmp_path):
     assert not (tmp_path / "lm").exists()
 
 
-@pytest.mark.parametrize("key,value", [("curriculum", 8), ("hidden", "many")])
-def test_a_hand_edited_checkpoint_config_is_reported(runner, tmp_path, key, value):
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A finished tiny run, for tests that damage copies of it."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    assert train(CliRunner(), run).exit_code == 0
+    return run
+
+
+def _edited_copy(run: Path, tmp_path: Path, edit) -> Path:
+    """A copy of ``run`` whose checkpoint went through ``edit(arrays, meta)``."""
     from mdnumba.checkpoint import load_checkpoint, save_checkpoint
-    assert train(runner, tmp_path / "run").exit_code == 0
-    arrays, meta = load_checkpoint(tmp_path / "run")
-    meta["config"][key] = value
-    save_checkpoint(tmp_path / "run", arrays, meta)
-    res = runner.invoke(main, ["evaluate", str(tmp_path / "run")])
-    assert res.exit_code == 1 and "invalid config" in res.output and "Traceback" not in res.output
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    arrays, meta = load_checkpoint(copy)
+    edit(arrays, meta)
+    save_checkpoint(copy, arrays, meta)
+    return copy
+
+
+@pytest.mark.parametrize("key,value", [("curriculum", 8), ("hidden", "many"), ("hidden", 3.0), ("size", 4.5),
+                                       ("lr", True), ("steps", True), ("tie_depth", "x"), ("seed", -1)])
+def test_a_hand_edited_checkpoint_config_is_reported(runner, tmp_path, trained_run, key, value):
+    """Values of the wrong type too (they reached NumPy or the layers as raw TypeErrors)."""
+    run = _edited_copy(trained_run, tmp_path, lambda arrays, meta: meta["config"].update({key: value}))
+    for args in (["evaluate", str(run)], ["train", "--resume", str(run), "--steps", "9"]):
+        res = runner.invoke(main, args)
+        assert res.exit_code == 1 and "invalid config" in res.output, res.output
+        assert f"{key} must be" in res.output and "Traceback" not in res.output, res.output
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda arrays, meta: meta.update(adam_t=10 ** 400), "optimizer state step t must be an integer"),
+    (lambda arrays, meta: meta["rng"]["state"].update(state=-1), "damaged"),
+    (lambda arrays, meta: arrays.update(param_0=np.full(arrays["param_0"].shape, 1e39)),
+     "layer 0's weights hold NaN or infinite values (in float32)"),  # finite in float64 only
+    (lambda arrays, meta: arrays.update(param_0=arrays["param_0"][None]),
+     "layer 0 has parameters of shape (1, 200), the model built from the config (200,)"),
+])
+def test_a_damaged_checkpoint_is_refused_before_any_step(runner, tmp_path, trained_run, edit, message):
+    run = _edited_copy(trained_run, tmp_path, edit)
+    log = (run / "log.tsv").read_text()
+    for args in (["evaluate", str(run)], ["train", "--resume", str(run), "--steps", "9"]):
+        res = runner.invoke(main, args)
+        assert res.exit_code == 1 and message in res.output, res.output
+    assert (run / "log.tsv").read_text() == log
 
 
 def test_a_hand_edited_checkpoint_step_is_reported(runner, tmp_path):
@@ -565,7 +603,7 @@ def test_checkpoint_with_a_bad_step_is_damaged(runner, tmp_path, step):
                                                        "--steps", "9"]):
         res = runner.invoke(main, args)
         assert res.exit_code == 1, res.output
-        assert f"its step must be an integer >= 0, got {step!r}" in res.output, res.output
+        assert f"its step must be an integer in [0, 2**63), got {step!r}" in res.output, res.output
     assert (tmp_path / "run" / "log.tsv").read_text() == log
 
 
