@@ -266,8 +266,8 @@ def _sampled(model, corpus, ids, prime, length, temperature, rng, window) -> Ite
     for _ in range(length):
         logits = model.forward(np.array([ids[-window:]], dtype=np.int32), save=False)[0, -1]
         logits = logits.astype(np.float64)
-        z = logits / temperature
-        p = np.exp(z - z.max())
+        with np.errstate(over="ignore"):  # shifted first: a tiny temperature gives -inf, not inf - inf
+            p = np.exp((logits - logits.max()) / temperature)
         nxt = int(rng.choice(len(p), p=p / p.sum()))
         ids.append(nxt)
         yield corpus.decode([nxt])

@@ -256,6 +256,8 @@ def test_sampling_temperature_divides_the_logits():
     stub = _StubLM(lambda ids: np.array([2.0, 0, 0, 0, 0]))
     cold = sample_text(stub, corpus, 300, 0.1, np.random.default_rng(0), prime="a")
     assert cold == "a" * 301
+    # a subnormal temperature: logits / T would be inf (and inf - inf NaN); it samples the argmax
+    assert sample_text(stub, corpus, 5, 1e-320, np.random.default_rng(0), prime="a") == "a" * 6
     hot = sample_text(stub, corpus, 4000, 10.0, np.random.default_rng(0), prime="a")[1:]
     assert hot.count("a") / 4000 == pytest.approx(np.exp(0.2) / (np.exp(0.2) + 4), abs=0.03)
     for bad in (0.0, -1.0, np.inf, np.nan):  # inf would sample uniformly, ignoring the model
