@@ -321,20 +321,28 @@ def _check_fresh(out: Path, overwrite: bool, default: Path, resumable: bool = Tr
 SUMMARY = "summary.tsv"
 
 
-def _check_fresh_comparison(out: Path, names: list, overwrite: bool) -> None:
+def _check_fresh_comparison(out: Path, overwrite: bool) -> list[str] | None:
     """``compare`` into ``out``: refuse a folder holding a ``train`` run, and one holding an
-    earlier comparison unless ``--overwrite`` (or the default folder), which then also removes
-    the runs of models not compared again, so that no stale run is left beside the new table."""
+    earlier comparison unless ``--overwrite`` (or the default folder); return the models of
+    that comparison (None if there is none) for :func:`_remove_old_comparison`."""
     from mdnumba.checkpoint import CHECKPOINT
     if (out / CHECKPOINT).exists():
         raise click.UsageError(f"{out} holds a run of `mdnumba train` ({CHECKPOINT}); choose another "
                                "--out for compare")
     if not (out / SUMMARY).exists():
-        return
+        return None
     if not (overwrite or out.resolve() == COMPARE_OUT.resolve()):
         raise click.UsageError(f"{out} already holds a comparison ({SUMMARY}); replace it with "
                                "--overwrite, or choose another --out")
-    old = [row.split("\t")[0] for row in (out / SUMMARY).read_text(errors="replace").splitlines()[1:]]
+    return [row.split("\t")[0] for row in (out / SUMMARY).read_text(errors="replace").splitlines()[1:]]
+
+
+def _remove_old_comparison(out: Path, old: list | None, names: list) -> None:
+    """Once the new comparison is ready to start: remove the earlier one's (``old``: its models;
+    None: there is none) table and plot, and the runs of its models not compared again, so that
+    no stale run is left beside the new table."""
+    if old is None:
+        return
     for name in old:
         if name and name not in names and (out / name).is_dir():
             _check_fresh(out / name, True, COMPARE_OUT / name, resumable=False)
@@ -662,8 +670,9 @@ def compare(ctx, task, models, out, overwrite, plot, **kw) -> None:
         _require_matplotlib("--plot")
     configs = {name: _config(model=name, task=task, **kw) for name in names}
     _check_writable(out)
+    old = _check_fresh_comparison(out, overwrite)  # before the models' folders are made
     trainers = {name: _make_trainer(out / name, cfg) for name, cfg in configs.items()}
-    _check_fresh_comparison(out, names, overwrite)
+    _remove_old_comparison(out, old, names)
     for name in names:
         _check_fresh(out / name, overwrite, COMPARE_OUT / name, resumable=False)
     rows = []

@@ -437,8 +437,9 @@ def test_compare_refuses_to_overwrite(runner, tmp_path):
     args = ["compare", "--models", "md", "--size", "4", "--batch", "2", "--hidden", "2", "--steps", "2",
             "--no-plot", "--out", str(tmp_path)]
     assert runner.invoke(main, args).exit_code == 0
-    res = runner.invoke(main, args)
+    res = runner.invoke(main, args + ["--models", "md,horizontal"])
     assert res.exit_code == 2 and "already holds a comparison (summary.tsv)" in res.output, res.output
+    assert not (tmp_path / "horizontal").exists()  # refused before the models' folders are made
     assert runner.invoke(main, args + ["--overwrite"]).exit_code == 0
 
 
