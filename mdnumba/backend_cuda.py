@@ -380,6 +380,7 @@ class CudaLSTM(DeviceLayer):
         forward from a state: ``final_state_grad`` and :meth:`initial_state_grad` as in
         :meth:`mdnumba.LSTM1D.backward`.
         """
+        input_grad = check_flag(input_grad, "input_grad")
         check_saved(self._saved)
         k, N, C, D, S = self.k, self.ndim, self.in_channels, self.hidden, self.directions
         t, want, stateful = self._saved["tables"], self._saved["shape"], self._saved["stateful"]
@@ -518,6 +519,7 @@ class CudaLinear(DeviceLayer):
     def backward(self, dy: HostOrDevice, input_grad: bool = True) -> HostOrDevice | None:
         """``[dW; db] += [xᵀ; 1ᵀ] dy`` (one GEMM: W then b is the flat layout); return ``dx = dy Wᵀ``
         (None with ``input_grad=False``)."""
+        input_grad = check_flag(input_grad, "input_grad")
         if self._x is None:
             raise missing_activations()
         want = self._shape[:-1] + (self.out_features,)
@@ -585,6 +587,7 @@ class CudaBlockSubsample:
 
     def backward(self, dy: HostOrDevice, input_grad: bool = True) -> DeviceArray | None:
         """The inverse gather (None with ``input_grad=False``)."""
+        input_grad = check_flag(input_grad, "input_grad")
         if self._shape is None:
             raise missing_activations()
         if not input_grad:

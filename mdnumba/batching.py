@@ -37,13 +37,30 @@ def pad_batch(items: Sequence[npt.ArrayLike], *, shape: Sequence[int] | None = N
                              f"items[{b}] {arr.shape}")
     sizes = np.array([arr.shape[:-1] for arr in arrays], dtype=np.int64)
     grid = sizes.max(axis=0) if shape is None else _padded_grid(shape, sizes)
-    if not isinstance(fill, (int, float, np.number)) or not np.isfinite(fill):
-        raise ValueError(f"fill must be a finite number (layers refuse NaN/inf anywhere in x), got {fill}")
-    x = np.full((len(arrays),) + tuple(int(n) for n in grid) + (channels,), fill,
-                dtype=np.result_type(*arrays))
+    dtype = np.result_type(*arrays)
+    x = np.full((len(arrays),) + tuple(int(n) for n in grid) + (channels,), _fill_value(fill, dtype),
+                dtype=dtype)
     for b, arr in enumerate(arrays):
         x[(b,) + tuple(slice(0, n) for n in arr.shape[:-1])] = arr
     return x, sizes
+
+
+def _fill_value(fill: object, dtype: np.dtype) -> np.generic:
+    """``fill`` as a ``dtype`` value: a number (not a bool) that ``dtype`` holds, finite (layers
+    refuse NaN/inf anywhere in x: 1e300 is inf in float32) and exact for an integer dtype
+    (-1 is 255 in uint8)."""
+    if isinstance(fill, (bool, np.bool_)) or not isinstance(fill, (int, float, np.integer, np.floating)):
+        raise TypeError(f"fill must be a number, got {fill!r}")
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            value = np.array(fill).astype(dtype)[()]
+        fits = bool(np.isfinite(value)) and (np.issubdtype(dtype, np.inexact) or value == fill)
+    except (OverflowError, TypeError, ValueError):  # e.g. 10**400
+        fits = False
+    if not fits:
+        raise ValueError(f"fill must be a finite number that the items' dtype {dtype} holds (layers "
+                         f"refuse NaN/inf anywhere in x), got {fill!r}")
+    return value
 
 
 def _padded_grid(shape: Sequence[int], sizes: np.ndarray) -> np.ndarray:

@@ -225,6 +225,7 @@ class WavefrontLSTM(OwnsParams):
     def _backward(self, dh, input_grad, final_state_grad):
         """:meth:`backward`; after a forward from a state, ``final_state_grad = (dL/dh_T, dL/dc_T)``
         or None (zeros), and the initial state's gradient is kept (:meth:`LSTM1D.initial_state_grad`)."""
+        input_grad = check_flag(input_grad, "input_grad")
         if self.device == "cuda":
             from .backend_cuda import layer_backward
             return layer_backward(self, dh, input_grad, final_state_grad)
@@ -508,6 +509,7 @@ class Linear(OwnsParams):
 
     def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
         """``dW += xᵀ dy``, ``db += Σ dy``; return ``dx = dy Wᵀ`` (None with ``input_grad=False``)."""
+        input_grad = check_flag(input_grad, "input_grad")
         if self._x is None:
             raise missing_activations(inference=self._inference)
         check_shape(dy, self._shape[:-1] + (self.out_features,))
@@ -553,7 +555,7 @@ class GridLSTM2D(OwnsParams):
         self.hidden = check_positive_int(hidden, "hidden")
         self.depth = check_positive_int(layers, "layers")
         self.dtype = config.resolve_dtype(dtype)
-        self.tied = bool(tied)
+        self.tied = check_flag(tied, "tied")
         D, lead = self.hidden, (() if tied else (self.depth,))
         self.layout = ParamLayout({"U_time": lead + (2 * D, 4 * D), "U_depth": lead + (2 * D, 4 * D),
                                    "b_time": lead + (4 * D,), "b_depth": lead + (4 * D,)})
@@ -616,6 +618,7 @@ class GridLSTM2D(OwnsParams):
     def backward(self, dh: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
         """dL/dx for ``dh`` = dL/d(output) (None with ``input_grad=False``: the sweep computes
         it anyway, it is just not returned); accumulates the weight gradients."""
+        input_grad = check_flag(input_grad, "input_grad")
         sv, D, L = check_saved(self._saved), self.hidden, self.depth
         wf, B, T = sv["wf"], sv["B"], sv["T"]
         dh = check_array(dh, "dh", 3, D, self.dtype, f"(batch, time, hidden={D})")

@@ -47,6 +47,7 @@ class RecurrentReadout(LayerGroup):
     def backward(self, dlogits: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
         """Back-propagate dL/dlogits through readout and recurrent layer; return dL/dx (None
         with ``input_grad=False``: training needs only the parameter gradients)."""
+        input_grad = check_flag(input_grad, "input_grad")
         if self._in_shape is None or self._inference:
             raise missing_activations(inference=self._in_shape is not None)
         check_shape(dlogits, self._in_shape[:-1] + (self.readout.out_features,), "dlogits")

@@ -9,7 +9,14 @@ import numpy as np
 import numpy.typing as npt
 
 from . import config
-from ._validate import check_flag, check_positive_int, check_shape, check_size_values, missing_activations
+from ._validate import (
+    check_flag,
+    check_positive_int,
+    check_shape,
+    check_size_values,
+    missing_activations,
+    seeded_rng,
+)
 from .layers import LSTM1D, MDLSTM2D, MDLSTM3D, WavefrontLSTM
 
 _NAMED = {1: LSTM1D, 2: MDLSTM2D, 3: MDLSTM3D}
@@ -64,6 +71,7 @@ class BlockSubsample:
 
     def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
         """Inverse of :meth:`forward` applied to the gradient (None with ``input_grad=False``)."""
+        input_grad = check_flag(input_grad, "input_grad")
         if self._in_shape is None:
             raise missing_activations()
         if not input_grad:
@@ -96,6 +104,7 @@ def _named_stage(i: int, stage: object, what: str):
 def backward_stages(stages: list, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
     """``dy`` back through ``stages`` in reverse; ``input_grad=False``: the first stage computes
     no dL/dx (None is returned). Host stages or device stages alike."""
+    input_grad = check_flag(input_grad, "input_grad")
     for i in range(len(stages) - 1, -1, -1):
         with _named_stage(i, stages[i], "backward"):
             dy = stages[i].backward(dy, input_grad or i > 0)
@@ -230,14 +239,16 @@ def mdlstm_stack(ndim: int, in_channels: int, hidden: int, *, layers: int = 1, d
     :class:`BlockSubsample` of ``subsample`` between consecutive layers when ``subsample > 1``."""
     check_positive_int(layers, "layers")
     check_positive_int(subsample, "subsample")
+    if seed is not None and not isinstance(seed, (int, np.integer)):
+        seed = seeded_rng(seed)  # a SeedSequence, Generator, ...: one stream, drawn from in turn
     stages, channels = [], in_channels
     for k in range(layers):
         if k and subsample > 1:
             stages.append(BlockSubsample(subsample, ndim))
             channels = stages[-1].out_channels(channels)
-        # layer k > 0 draws from the stream (seed, k): no other seed's layer starts with its weights
-        # (a bad seed is refused by layer 0, built first)
-        layer_seed = seed if k == 0 or seed is None else np.random.SeedSequence([seed, k])
+        # with an int seed, layer k > 0 draws from the stream (seed, k): no other seed's layer
+        # starts with its weights (a bad seed is refused by layer 0, built first)
+        layer_seed = np.random.SeedSequence([seed, k]) if k and isinstance(seed, (int, np.integer)) else seed
         kw = dict(seed=layer_seed, dtype=dtype, cell=cell, directions=directions, device=device)
         if ndim in _NAMED:
             stages.append(_NAMED[ndim](channels, hidden, **kw))

@@ -119,6 +119,7 @@ class DeviceModel(LayerGroup):
     def backward(self, dlogits: HostOrDevice, input_grad: bool = True) -> HostOrDevice | None:
         """Back-propagate dL/dlogits; returns dL/dx (NumPy or device, as ``dlogits``), or None
         with ``input_grad=False`` (the first stage then skips it)."""
+        input_grad = check_flag(input_grad, "input_grad")
         if self._in_shape is None or self._inference:
             raise missing_activations(inference=self._in_shape is not None)
         k = self.readout.k

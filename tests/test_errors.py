@@ -453,6 +453,18 @@ def test_stacked_layers_of_different_seeds_start_apart():
                                   mdlstm_stack(2, 4, 4, layers=2, seed=0).layers[1].params.data)
 
 
+@pytest.mark.parametrize("make", [lambda: np.random.SeedSequence(3), lambda: np.random.default_rng(3)])
+def test_a_stack_seeded_by_a_seed_sequence_or_generator(make):
+    """Layers take any NumPy seed; a stack then draws its layers from one stream in turn
+    (repeatable, layers apart), and a bad one is named."""
+    a, b = (mdlstm_stack(2, 4, 4, layers=2, seed=make()) for _ in range(2))
+    for la, lb in zip(a.layers, b.layers):
+        np.testing.assert_array_equal(la.params.data, lb.params.data)
+    assert not np.array_equal(a.layers[0].params.data, a.layers[1].params.data)
+    with pytest.raises(TypeError, match="seed must be an integer >= 0 or None, got 'x'"):
+        mdlstm_stack(2, 4, 4, layers=2, seed="x")
+
+
 def test_a_non_finite_gradient_is_blamed_on_what_comes_after():
     import mdnumba
     layer = MDLSTM2D(1, 2)

@@ -115,6 +115,21 @@ def test_save_is_a_keyword_and_a_bool():
             stage.forward(x, False)
 
 
+def test_input_grad_and_tied_are_bools():
+    """``input_grad="no"`` must not mean True (it returned dL/dx), nor ``tied="no"``."""
+    from mdnumba import GridLSTM2D
+    from mdnumba.models import build_model
+    x = np.ones((1, 2, 2, 1), np.float32)
+    grid = GridLSTM2D(2, 2)
+    for stage, inp in ((MDLSTM2D(1, 2), x), (Linear(1, 2), x), (Sequential(MDLSTM2D(1, 2)), x),
+                       (BlockSubsample(1), x), (build_model("md", hidden=2), x), (grid, np.ones((1, 3, 2)))):
+        y = stage.forward(inp)
+        with pytest.raises(TypeError, match="input_grad must be True or False, got 'no'"):
+            stage.backward(np.ones_like(y), input_grad="no")
+    with pytest.raises(TypeError, match="tied must be True or False, got 'no'"):
+        GridLSTM2D(2, 2, tied="no")
+
+
 def test_refusals_and_the_state_api(rng):
     layer = LSTM1D(2, 3)
     with pytest.raises(ValueError, match="x must"):
