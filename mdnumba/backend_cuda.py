@@ -664,7 +664,7 @@ class _DeviceOptimizer:
         the norm there. With :attr:`clear_grads` the update also zeroes the gradients.
 
         ``sync``: return the pre-clipping norm (one device→host copy) and raise
-        FloatingPointError if it is not finite (then nothing was updated). Without
+        :class:`~mdnumba.optim.NonFiniteGradientError` if it is not finite (then nothing was updated). Without
         ``sync`` nothing is copied and a non-finite norm leaves the parameters as they were.
         """
         grads = [g for _, g in self.buffers]
@@ -678,7 +678,7 @@ class _DeviceOptimizer:
         norm = float(self.stats.copy_to_host()[0])
         if not math.isfinite(norm):
             self.t -= 1
-            raise FloatingPointError(nonfinite_gradient(self.clip_norm))
+            raise nonfinite_gradient(self.clip_norm)
         return norm
 
 

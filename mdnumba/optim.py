@@ -7,15 +7,20 @@ import math
 import numpy as np
 from numba import njit
 
-from ._validate import check_count, check_finite_number
+from ._validate import NonFiniteError, check_count, check_finite_number
 from .config import NJIT_OPTS
 from .params import ParamBuffer
 
 
-def nonfinite_gradient(clip_norm: float | None) -> str:
-    """The message of a step refused for a NaN/inf gradient norm (clipping cannot rescale one)."""
-    return "gradient norm is not finite; lower the learning rate" + (
-        "" if clip_norm else " or enable clip_norm (it stops the growth that ends in overflow)")
+class NonFiniteGradientError(NonFiniteError, FloatingPointError):
+    """A step refused for a NaN/inf gradient norm: a :class:`mdnumba.NonFiniteError` like every
+    NaN/inf error of mdnumba, and a ``FloatingPointError`` (what the trainers catch)."""
+
+
+def nonfinite_gradient(clip_norm: float | None) -> NonFiniteGradientError:
+    """The error of a step refused for a NaN/inf gradient norm (clipping cannot rescale one)."""
+    return NonFiniteGradientError("gradient norm is not finite; lower the learning rate" + (
+        "" if clip_norm else " or enable clip_norm (it stops the growth that ends in overflow)"))
 
 
 @njit(**NJIT_OPTS)
@@ -178,7 +183,7 @@ class Adam:
         """Apply one update; return the (pre-clipping) global gradient norm."""
         norm = self.grad_norm()
         if not math.isfinite(norm):
-            raise FloatingPointError(nonfinite_gradient(self.clip_norm))
+            raise nonfinite_gradient(self.clip_norm)
         scale = 1.0
         if self.clip_norm is not None and norm > self.clip_norm:
             scale = self.clip_norm / norm

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mdnumba import LSTM1D, MDLSTM2D, Adam, BlockSubsample, GridLSTM2D, Linear, RMSprop
+from mdnumba import LSTM1D, MDLSTM2D, Adam, BlockSubsample, GridLSTM2D, Linear, NonFiniteError, RMSprop
 from mdnumba.charlm import Embedding
 from mdnumba.models import MDModel
 from mdnumba.stack import mdlstm_stack
@@ -262,8 +262,9 @@ def test_adam_errors():
     with pytest.raises(ValueError, match="lacks"):
         opt.load_state_dict({"t": 1})
     layer.grads.data[0] = np.nan
-    with pytest.raises(FloatingPointError, match="not finite"):
+    with pytest.raises(FloatingPointError, match="not finite") as err:
         opt.step()
+    assert isinstance(err.value, NonFiniteError)  # as every NaN/inf error (README)
 
 
 def test_sequential_misuse_is_refused():
