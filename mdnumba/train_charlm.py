@@ -57,10 +57,15 @@ class CharLMTrainer(Trainer):
         self._backward(dlogits)
         self._optimizer_step()
         self.step += 1
-        if not self._val or self.step % self.EVAL_EVERY == 0 or self.step == self.cfg.steps:
-            self._val = self.evaluate(batches=self.EVAL_BATCHES)
+        val = self._val
+        if not self._val or self.step % self.EVAL_EVERY == 0:
+            val = self._val = self.evaluate(batches=self.EVAL_BATCHES)
+        elif self.step == self.cfg.steps:
+            # the last row's own evaluation is neither carried on nor saved: a run resumed
+            # with more --steps then logs what one run of that length would
+            val = self.evaluate(batches=self.EVAL_BATCHES)
         dt = time.perf_counter() - t0
-        return {"loss": loss, "bpc": loss * BITS_PER_NAT, **self._val, "time": dt,
+        return {"loss": loss, "bpc": loss * BITS_PER_NAT, **val, "time": dt,
                 "chars_per_s": x.size / dt}
 
     def predict(self, x: np.ndarray, batch: int | None = None, name: str = "x") -> np.ndarray:

@@ -359,6 +359,28 @@ def test_the_last_step_logs_a_fresh_validation(tmp_path, textfile):
     assert float(last["val_loss"]) == pytest.approx(fresh, rel=1e-5)
 
 
+def test_a_run_extended_by_resume_logs_what_one_run_would(tmp_path, textfile, monkeypatch):
+    """The last row's fresh validation is not carried on: 5 steps, resumed to 9, log the
+    validation columns of 9 steps in one run (evaluations at steps 1, 4, 8), but for the row
+    of step 5, where the first run ended."""
+    from mdnumba.train import Trainer
+    from mdnumba.train_charlm import CharLMTrainer
+    monkeypatch.setattr(CharLMTrainer, "EVAL_EVERY", 4)
+    cfg = dict(model="stacked", task="char-lm", data=str(textfile), hidden=4, seq_len=8, batch=2)
+
+    def val_columns(run):
+        rows = [line.split("\t") for line in (run / "log.tsv").read_text().splitlines()]
+        return [[r[0]] + [v for name, v in zip(rows[0], r) if name.startswith("val")] for r in rows]
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+    make_trainer(TrainConfig(**cfg, steps=9), tmp_path / "one").run()
+    make_trainer(TrainConfig(**cfg, steps=5), tmp_path / "two").run()
+    Trainer.load(tmp_path / "two", steps=9).run()
+    one, two = val_columns(tmp_path / "one"), val_columns(tmp_path / "two")
+    assert [r[0] for r in two] == [r[0] for r in one] and two[5] != one[5]
+    assert two[:5] + two[6:] == one[:5] + one[6:]
+
+
 def test_a_split_one_longer_than_the_window_gives_that_window():
     corpus = Corpus.from_text("abcdefghij" * 10)
     n = len(corpus.val) - 1
