@@ -138,12 +138,13 @@ def _run_with_progress(trainer) -> None:
         except BrokenPipeError:  # the reader of stdout went away: the command group's to handle
             raise
         except OSError as exc:  # a full disk, a log or checkpoint that cannot be written
+            then = (f"continue with --resume {trainer.out}" if trainer.saved_step is not None else
+                    f"start the run again (--overwrite: {trainer.out} holds its first files)")
             kept = ("no checkpoint was saved yet" if trainer.saved_step is None else
                     f"the checkpoint of step {trainer.saved_step} is kept")
             raise click.ClickException(
                 f"could not write {exc.filename or 'to ' + str(trainer.out)} ({exc.strerror or exc}) at "
-                f"step {trainer.step}; {kept}. Free disk space or fix the permissions, then continue "
-                f"with --resume {trainer.out}") from None
+                f"step {trainer.step}; {kept}. Free disk space or fix the permissions, then {then}") from None
 
 
 def _print_metrics(metrics: dict) -> None:
@@ -296,6 +297,13 @@ def _refuse_inapplicable(cfg, given: dict) -> None:
 PLOTS = ("loss.png", "predictions.png")
 
 
+def _is_default_folder(out: Path, default: Path) -> bool:
+    """Whether ``out`` names the command's ``default`` folder (as the path is written: with
+    ``runs/latest -> md8``, ``--out runs/md8`` is not it, and a symlink there is not it either,
+    so the named run it points to is replaced only with ``--overwrite``)."""
+    return os.path.abspath(out) == os.path.abspath(default) and not default.is_symlink()
+
+
 def _check_fresh(out: Path, overwrite: bool, default: Path, resumable: bool = True) -> None:
     """Refuse to train over the run in ``out`` unless ``--overwrite`` (or ``out`` is the
     command's ``default`` folder, whose name says it holds the latest run); the run's files
@@ -306,7 +314,7 @@ def _check_fresh(out: Path, overwrite: bool, default: Path, resumable: bool = Tr
     present = [name for name in (CHECKPOINT, CONFIG_JSON, LOG) + PLOTS if (out / name).exists()]
     if not present:
         return
-    if not (overwrite or out.resolve() == default.resolve()):
+    if not (overwrite or _is_default_folder(out, default)):
         if CHECKPOINT not in present:  # e.g. a project folder with a config.json of its own
             raise click.UsageError(f"{out} holds {', '.join(present)}, which the run would write over; "
                                    "replace them with --overwrite, or choose another --out")
@@ -331,7 +339,7 @@ def _check_fresh_comparison(out: Path, overwrite: bool) -> list[str] | None:
                                "--out for compare")
     if not (out / SUMMARY).exists():
         return None
-    if not (overwrite or out.resolve() == COMPARE_OUT.resolve()):
+    if not (overwrite or _is_default_folder(out, COMPARE_OUT)):
         raise click.UsageError(f"{out} already holds a comparison ({SUMMARY}); replace it with "
                                "--overwrite, or choose another --out")
     return [row.split("\t")[0] for row in (out / SUMMARY).read_text(errors="replace").splitlines()[1:]]

@@ -7,11 +7,13 @@ A readable ``config.json`` copy of the metadata sits beside it.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import os
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -20,6 +22,8 @@ import numpy as np
 FORMAT = "mdnumba-checkpoint-1"
 CHECKPOINT = "checkpoint.npz"
 CONFIG_JSON = "config.json"
+#: the suffix of :func:`atomic_write_bytes`' temporary files
+TEMP_SUFFIX = ".tmp"
 
 
 class CheckpointError(ValueError):
@@ -34,20 +38,44 @@ def _umask() -> int:
 
 
 def atomic_write_bytes(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write(fileobj)`` on a temp file beside ``path``, fsync, rename over ``path``."""
+    """Call ``write(fileobj)`` on a temp file beside ``path``, fsync, rename over ``path``. An
+    OSError without a file name (a write to a full disk) gets ``path`` as its name."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with named_os_errors(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                write(fh)
+                fh.flush()
+                os.fchmod(fh.fileno(), 0o666 & ~_umask())  # mkstemp makes it 0600
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+
+@contextlib.contextmanager
+def named_os_errors(path: Path) -> Iterator[None]:
+    """Give an OSError raised inside without a file name (``write`` on a full disk) ``path``'s,
+    so that the message can say which file could not be written."""
     try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fchmod(fh.fileno(), 0o666 & ~_umask())  # mkstemp makes it 0600
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
         raise
+
+
+def remove_temp_files(folder: Path, names: tuple[str, ...]) -> None:
+    """Remove what :func:`atomic_write_bytes` left of ``folder/name`` for each of ``names`` when
+    its process was killed during a write (``.name.XXXX.tmp``: never read, but each as large as
+    the file). Only one run writes a folder at a time."""
+    for name in names:
+        for tmp in Path(folder).glob(f".{glob.escape(name)}.*{TEMP_SUFFIX}"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
 
 def save_checkpoint(folder: Path, arrays: dict[str, np.ndarray], meta: dict) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,17 @@ def _pyplot():
 
 
 def read_log(path: Path) -> dict[str, np.ndarray]:
-    """TSV log → column name → array."""
-    lines = Path(path).read_text().splitlines()
-    names = lines[0].split("\t")
-    data = np.array([[float(v) for v in ln.split("\t")] for ln in lines[1:]]).reshape(-1, len(names))
+    """TSV log → column name → array (rows that are not a number per column are skipped: a
+    row cut short by a crash or a full disk)."""
+    lines = Path(path).read_text(errors="replace").splitlines()
+    names = lines[0].split("\t") if lines else []
+    rows = []
+    for line in lines[1:]:
+        fields = line.split("\t")
+        if len(fields) == len(names):
+            with contextlib.suppress(ValueError):
+                rows.append([float(v) for v in fields])
+    data = np.array(rows, dtype=float).reshape(-1, len(names))
     return {n: data[:, k] for k, n in enumerate(names)}
 
 

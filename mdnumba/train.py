@@ -18,7 +18,16 @@ from pathlib import Path
 import numpy as np
 
 from ._validate import NonFiniteError, check_array, check_count, check_positive_int
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CHECKPOINT,
+    CONFIG_JSON,
+    CheckpointError,
+    atomic_write_bytes,
+    load_checkpoint,
+    named_os_errors,
+    remove_temp_files,
+    save_checkpoint,
+)
 from .kernels.cell import CELLS
 from .losses import LOSSES, sigmoid
 from .models import MODELS, build_model
@@ -49,8 +58,11 @@ def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
             raise KeyboardInterrupt
         pressed.append(True)
         what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        sys.stderr.write(f"\n{what}: finishing this step, then saving a checkpoint (Ctrl-C again "
-                         "stops at once without saving)\n")
+        # stderr's reader may be gone (`2>&1 | tee`: Ctrl-C stops tee too): the step and the save
+        # must still happen, so the message is best effort
+        with contextlib.suppress(OSError):
+            sys.stderr.write(f"\n{what}: finishing this step, then saving a checkpoint (Ctrl-C "
+                             "again stops at once without saving)\n")
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield lambda: bool(pressed)
@@ -315,13 +327,15 @@ class Trainer:
                 for step, m in enumerate(self._train_block(n, self._block_size(start + n)), start + 1):
                     self._check_loss(m["loss"], step)
                     if log:
-                        log.write(self._log_line(step, m))
+                        with named_os_errors(log.name):
+                            log.write(self._log_line(step, m))
                     if on_step:
                         on_step(step, m)
                 stopped = self.step - start < n  # the block was cut short by Ctrl-C
                 overdue = not self.cfg.checkpoint_every and time.monotonic() - saved_at >= CHECKPOINT_SECONDS
                 if self.out and (stopped or overdue or self.step % every == 0):
-                    log.flush()
+                    with named_os_errors(log.name):
+                        log.flush()
                     self.save()
                     saved_at = time.monotonic()
         finally:  # an exception inside a step (a second Ctrl-C) saves nothing
@@ -359,13 +373,19 @@ class Trainer:
         return "\t".join(vals) + "\n"
 
     def _open_log(self):
-        """Open the TSV log for appending, dropping rows newer than the current step."""
+        """Open the TSV log for appending, keeping (rewritten atomically) its whole rows up to
+        the current step: rows newer than the checkpoint go (a resume after a crash writes them
+        again), and so do a last row without its newline and rows with too few fields (cut
+        short by a crash or a full disk)."""
         if self.out is None:
             return None
-        path = self.out / LOG
-        rows = path.read_text(errors="replace").splitlines()[1:] if path.exists() else []
-        keep = [r for r in rows if r.split("\t")[0].isdigit() and int(r.split("\t")[0]) <= self.step]
-        path.write_text("\t".join(self._columns()) + "\n" + "".join(r + "\n" for r in keep))
+        path, columns = self.out / LOG, self._columns()
+        remove_temp_files(self.out, (CHECKPOINT, CONFIG_JSON, LOG))  # of a process killed mid-write
+        rows = path.read_text(errors="replace").split("\n")[1:-1] if path.exists() else []
+        keep = [r for r in rows if len(r.split("\t")) == len(columns) and r.split("\t")[0].isdigit()
+                and int(r.split("\t")[0]) <= self.step]
+        text = "\t".join(columns) + "\n" + "".join(r + "\n" for r in keep)
+        atomic_write_bytes(path, lambda fh: fh.write(text.encode()))
         return path.open("a")
 
     # --------------------------------------------------------- checkpoints

@@ -567,6 +567,19 @@ def test_resume_and_evaluate_refuse_what_the_run_would_ignore(runner, tmp_path):
     assert res.exit_code == 2 and "applies to char-lm runs only" in res.output, res.output
 
 
+def test_a_latest_symlink_does_not_make_a_named_run_replaceable(runner, tmp_path, monkeypatch):
+    """runs/latest is replaced without asking, but not through a symlink to a named run, and
+    the named run is not runs/latest because a symlink points there."""
+    monkeypatch.chdir(tmp_path)
+    assert train(runner, "runs/md8").exit_code == 0
+    (tmp_path / "runs" / "latest").symlink_to("md8")
+    weights = (tmp_path / "runs" / "md8" / "checkpoint.npz").read_bytes()
+    for out in ("runs/md8", "runs/latest", "./runs/../runs/md8"):
+        res = train(runner, out, "--seed", "5")
+        assert res.exit_code == 2 and "already holds a run" in res.output, (out, res.output)
+    assert (tmp_path / "runs" / "md8" / "checkpoint.npz").read_bytes() == weights
+
+
 def test_compare_replaces_its_default_folder(runner, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["compare", "--models", "md", "--size", "4", "--batch", "2", "--hidden", "2", "--steps", "2",
@@ -751,6 +764,29 @@ def test_files_a_run_cannot_write_are_messages(runner, tmp_path, monkeypatch):
     assert (f"could not write {run / 'checkpoint.npz'} (No space left on device) at step 9; the "
             f"checkpoint of step 6 is kept. Free disk space or fix the permissions, then continue with "
             f"--resume {run}") in " ".join(res.output.split()), res.output
+    monkeypatch.undo()
+
+    def log_full(*args, **kw):  # a write to a full disk: an OSError without a file name
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr("mdnumba.train.Trainer._log_line", log_full)
+    res = runner.invoke(main, ["train", "--out", str(tmp_path / "new"), "--size", "5", "--steps", "3"])
+    assert res.exit_code == 1, res.output
+    assert (f"could not write {tmp_path / 'new' / 'log.tsv'} (No space left on device) at step 1; no "
+            f"checkpoint was saved yet. Free disk space or fix the permissions, then start the run "
+            f"again (--overwrite: {tmp_path / 'new'} holds its first files)") in " ".join(res.output.split())
+
+
+def test_a_run_removes_the_temp_files_of_a_killed_write(runner, tmp_path):
+    """kill -9 during a checkpoint write leaves ``.checkpoint.npz.XXXX.tmp`` (never read, as
+    large as a checkpoint): the next run of the folder removes such files, and only those."""
+    run = tmp_path / "run"
+    assert train(runner, run).exit_code == 0
+    stale = [run / ".checkpoint.npz.k1ll3d.tmp", run / ".config.json.x.tmp", run / ".log.tsv.y.tmp"]
+    mine = [run / ".notes.tmp", run / "checkpoint.npz.tmp"]
+    for path in stale + mine:
+        path.write_text("x")
+    assert runner.invoke(main, ["train", "--resume", str(run), "--steps", "8"]).exit_code == 0
+    assert [p.exists() for p in stale + mine] == [False] * len(stale) + [True] * len(mine)
 
 
 def test_resume_reads_a_log_that_is_not_utf8(runner, tmp_path):

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import sys
 
 import numpy as np
 import pytest
@@ -61,6 +62,35 @@ def test_sigterm_saves_like_ctrl_c(tmp_path, monkeypatch, capfd):
     assert tr.step == 3 and tr.saved_step == 3
     assert "SIGTERM: finishing this step, then saving a checkpoint" in capfd.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_ctrl_c_saves_when_stderr_is_gone(tmp_path, monkeypatch):
+    """`mdnumba train 2>&1 | tee log`: Ctrl-C stops tee too, and the handler's message then
+    meets a broken pipe; the step must still finish and be saved."""
+    class Gone:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+    interrupt_at(monkeypatch, 3)
+    monkeypatch.setattr(sys, "stderr", Gone())
+    tr = make_trainer(TrainConfig(steps=8, checkpoint_every=8, **KW), tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        tr.run()
+    assert tr.step == 3 and tr.saved_step == 3
+
+
+def test_resume_drops_log_rows_cut_short(tmp_path):
+    """A crash or a full disk can leave a last row without its newline (or with fewer fields):
+    resume keeps whole rows only, so the log holds each step once and still plots."""
+    from mdnumba.plotting import read_log
+    make_trainer(TrainConfig(steps=4, **KW), tmp_path).run()
+    log = tmp_path / "log.tsv"
+    log.write_text(log.read_text() + "3\t0.5\n5\t0.1")  # a short row, a cut one (no newline)
+    Trainer.load(tmp_path, steps=6).run()
+    assert [r.split("\t")[0] for r in log.read_text().splitlines()[1:]] == ["1", "2", "3", "4", "5", "6"]
+    np.testing.assert_array_equal(read_log(log)["step"], np.arange(1, 7))
 
 
 def test_second_ctrl_c_stops_inside_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
