@@ -95,6 +95,69 @@ def test_direction_q_scans_from_its_corner(rng):
     assert d[3, 4, 0] > 0 and d[3, 0, 1] == 0 and d[3, 0, 2] > 0  # q=1 (bottom-left), q=2 (top-right)
 
 
+def _grads(layer, x, dh):
+    """``(h, dx, grads)`` of a fresh forward/backward."""
+    layer.zero_grad()
+    h = layer.forward(x)
+    return h, layer.backward(dh), {k: v.copy() for k, v in layer.grads.items()}
+
+
+@pytest.mark.parametrize("cell", ["graves", "spatial"])
+@pytest.mark.parametrize("directions", [1, 4])
+def test_a_2d_layer_on_one_row_is_a_1d_lstm(cell, directions, rng):
+    """Metamorphic, independent of the reference: on a (B, 1, W) grid no cell has an upper
+    neighbour, so a 2D layer is the 1D LSTM over W with its [i | f_left | o | g] weights; the
+    f_up and U_up gradients are 0. Four 2D directions = two 1D ones (bottom/top starts agree)."""
+    D, C = 3, 2
+    md = MDLSTM2D(C, D, cell=cell, directions=directions, seed=1, dtype=np.float64)
+    md.params.b = rng.standard_normal(md.params.b.shape)
+    one = LSTM1D(C, D, cell=cell, directions=max(1, directions // 2), dtype=np.float64)
+    cols = np.concatenate([np.arange(k * D, (k + 1) * D) for k in (0, 2, 3, 4)])  # i, f_left, o, g
+    up = np.arange(D, 2 * D)                                                       # f_up
+    first = (lambda a: a[0]) if directions > 1 else (lambda a: a)
+    for name in ("W", "U", "b") if directions > 1 else ():  # every direction: direction 0's weights
+        md.params[name][1:] = md.params[name][0]
+    one.params.W = np.broadcast_to(first(md.params.W)[..., cols], one.params.W.shape)
+    one.params.U = np.broadcast_to(first(md.params.U)[..., 1:, cols], one.params.U.shape)
+    one.params.b = np.broadcast_to(first(md.params.b)[..., cols], one.params.b.shape)
+    x = rng.standard_normal((3, 1, 5, C))
+    dh = rng.standard_normal((3, 1, 5, directions * D))
+    # 2D direction q is 1D direction q >> 1 (bit 1 reverses W; bit 0 reverses the one row)
+    pick = np.concatenate([np.arange((q >> 1) * D, ((q >> 1) + 1) * D) for q in range(directions)])
+    h2, dx2, g2 = _grads(md, x, dh)
+    dh1 = np.zeros((3, 5, one.directions * D))
+    np.add.at(dh1, (slice(None), slice(None), pick), dh[:, 0])  # 2D directions q, q^1 feed one 1D one
+    h1, dx1, g1 = _grads(one, x[:, 0], dh1)
+    np.testing.assert_allclose(h2[:, 0], h1[..., pick], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(dx2[:, 0], dx1, rtol=1e-12, atol=1e-14)
+    summed = (lambda a: a.sum(axis=0)) if directions > 1 else (lambda a: a)
+    np.testing.assert_allclose(summed(g2["W"])[..., cols], summed(g1["W"]), rtol=1e-11, atol=1e-14)
+    np.testing.assert_allclose(summed(g2["U"])[..., 1, cols], summed(g1["U"])[..., 0, :], rtol=1e-11,
+                               atol=1e-14)
+    assert not g2["W"][..., up].any() and not g2["U"][..., 0, :].any() and not g2["U"][..., up].any()
+
+
+@pytest.mark.parametrize("axis,bit", [(1, 1), (2, 2)])
+def test_flipping_the_input_permutes_the_directions(axis, bit, rng):
+    """Metamorphic: flipping x along an axis gives the flipped output of the layer whose
+    direction weights are swapped q <-> q ^ bit (the bit that reverses that axis), with the
+    output blocks swapped the same way; likewise dx and the (swapped) gradients."""
+    D = 2
+    a = MDLSTM2D(2, D, cell="stable", directions=4, seed=3, dtype=np.float64)
+    a.params.b = rng.standard_normal(a.params.b.shape)
+    b = MDLSTM2D(2, D, cell="stable", directions=4, dtype=np.float64)
+    swap = [q ^ bit for q in range(4)]
+    b.params.data = np.concatenate([a.params[k][swap].ravel() for k in ("W", "U", "b")])
+    blocks = np.concatenate([np.arange(q * D, (q + 1) * D) for q in swap])
+    x, dh = rng.standard_normal((2, 3, 4, 2)), rng.standard_normal((2, 3, 4, 4 * D))
+    ha, dxa, ga = _grads(a, x, dh)
+    hb, dxb, gb = _grads(b, np.flip(x, axis), np.flip(dh, axis)[..., blocks])
+    np.testing.assert_allclose(hb, np.flip(ha, axis)[..., blocks], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(dxb, np.flip(dxa, axis), rtol=1e-12, atol=1e-14)
+    for k in ("W", "U", "b"):
+        np.testing.assert_allclose(gb[k], ga[k][swap], rtol=1e-11, atol=1e-14)
+
+
 def test_stable_state_is_bounded_where_graves_grows():
     """With every gate saturated open, graves c doubles per diagonal, stable c stays <= 1/(1-f)."""
     x = np.ones((1, 40, 40, 1))
