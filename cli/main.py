@@ -364,7 +364,8 @@ def _check_memory(trainer) -> None:
     """Refuse a CPU run whose training step would not fit in the available memory (a
     MemoryError: the command group says what to shrink) before it starts. Its probe steps
     read a char-lm run's text: a resumed run whose text is gone says so first, as training
-    would."""
+    would; a probe step that diverges (the graves cell's state overflowing on a large grid)
+    stops with the advice the run's own first step would give."""
     from mdnumba.charlm import CorpusError
     from mdnumba.train import check_step_memory
     try:
@@ -373,6 +374,8 @@ def _check_memory(trainer) -> None:
         check_step_memory(trainer.cfg)
     except CorpusError as exc:
         raise click.UsageError(str(exc)) from None
+    except FloatingPointError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _compile_notice() -> None:

@@ -116,14 +116,17 @@ class ParamBuffer(Mapping):
     @staticmethod
     def _copy_into(view: np.ndarray, name: str, value: object) -> None:
         """``view[...] = value`` for a value of the view's shape or a scalar, without a silent
-        broadcast (a one-direction matrix copied into every direction) or overflow to inf."""
+        broadcast (a one-direction matrix copied into every direction) or overflow to inf. The
+        value is cast in a copy first, so a refused one leaves the weights as they were."""
         shape = np.shape(value)
         if shape and shape != view.shape:
             raise ValueError(f"cannot assign a {shape} array to {name} {view.shape}: give the shape "
                              "of the view, or a scalar")
         try:
+            staged = np.empty_like(view)
             with np.errstate(over="raise"):
-                np.copyto(view, value, casting="same_kind")
+                np.copyto(staged, value, casting="same_kind")
+            np.copyto(view, staged)
         except FloatingPointError:
             raise ValueError(f"the values given for {name} overflow {view.dtype}") from None
         except (ValueError, TypeError) as exc:

@@ -738,6 +738,17 @@ def test_a_closed_stdout_stops_training_with_the_steps_saved(tmp_path):
     assert (out / "log.tsv").read_text().splitlines()[-1].split("\t")[0] == str(step)
 
 
+def test_a_probe_step_that_diverges_gives_the_divergence_advice(runner, tmp_path):
+    """The memory probe's step of a graves cell on a 512x512 grid overflows (its state grows
+    along the diagonals): the run stops with the advice its own first step would give, not a
+    traceback, and creates nothing."""
+    res = runner.invoke(main, ["train", "--size", "512", "--batch", "1", "--hidden", "4", "--steps", "1",
+                               "--out", str(tmp_path / "big")])
+    assert res.exit_code == 1 and res.exception.__class__ is SystemExit, res.output
+    assert "became NaN or infinite at step 1; lower --lr, set --clip-norm or use --cell stable" in res.output
+    assert not (tmp_path / "big").exists()
+
+
 def test_model_task_mismatch_names_the_task(runner, tmp_path):
     res = runner.invoke(main, ["train", "--model", "grid", "--out", str(tmp_path / "r")])
     assert res.exit_code == 2, res.output

@@ -356,8 +356,12 @@ def test_assigning_a_named_view_writes_the_weights():
         layer.params.b = np.ones(3)
     with pytest.raises(ValueError, match="cannot assign to W"):
         layer.params.W = 1j
+    before = layer.params.data.copy()
     with pytest.raises(ValueError, match="values given for W overflow float32"):
         layer.params.W = np.full(layer.params.W.shape, 1e300)
+    with pytest.raises(ValueError, match="values given for data overflow float32"):  # partly
+        layer.params.data = np.where(np.arange(before.size) % 2, 1e300, 2.0)
+    np.testing.assert_array_equal(layer.params.data, before)  # a refused value writes nothing
     layer.params.data = np.zeros(layer.params.data.size)    # a saved flat vector: copied in
     assert layer.params.data is data and not data.any() and not layer.forward(x).any()
     with pytest.raises(ValueError, match=r"cannot assign a \(3,\) array to data"):
