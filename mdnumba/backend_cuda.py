@@ -592,7 +592,9 @@ class CudaBlockSubsample:
             raise missing_activations()
         if not input_grad:
             return None
-        return self._gather(dy, self._table(self._shape)[1], self._shape)
+        _, inverse, out_shape = self._table(self._shape)
+        check_shape(dy, out_shape)  # the gather would read past a smaller dy
+        return self._gather(dy, inverse, self._shape)
 
 
 class _DeviceOptimizer:
@@ -664,8 +666,11 @@ class _DeviceOptimizer:
         the norm there. With :attr:`clear_grads` the update also zeroes the gradients.
 
         ``sync``: return the pre-clipping norm (one device→host copy) and raise
-        :class:`~mdnumba.optim.NonFiniteGradientError` if it is not finite (then nothing was updated). Without
-        ``sync`` nothing is copied and a non-finite norm leaves the parameters as they were.
+        :class:`~mdnumba.optim.NonFiniteGradientError` if it is not finite (then nothing was
+        updated). Without ``sync`` nothing is copied and a non-finite norm leaves the parameters
+        and moments as they were, but the step count ``t`` (on the host, which has not seen the
+        norm) still counts the step: read the norms (``record``) before going on, as the
+        trainer does, which stops the run at such a step.
         """
         grads = [g for _, g in self.buffers]
         self.k.sumsq_partials(self.partials, grads)

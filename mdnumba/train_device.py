@@ -123,9 +123,13 @@ class DeviceModel(LayerGroup):
         if self._in_shape is None or self._inference:
             raise missing_activations(inference=self._in_shape is not None)
         k = self.readout.k
-        check_shape(dlogits, self._in_shape[:-1] + (self.readout.out_features,), "dlogits")
+        want = self._in_shape[:-1] + (self.readout.out_features,)
+        check_shape(dlogits, want, "dlogits")
         host_in = not k.is_device_array(dlogits)
-        d = k.as_device(np.ascontiguousarray(dlogits, self.dtype) if host_in else dlogits)
+        if host_in:  # as the host model checks it: float, finite
+            dlogits = check_array(dlogits, "dlogits", len(want), want[-1], self.dtype,
+                                  "(batch, grid axes.., outputs)")
+        d = k.as_device(dlogits)
         d = self.readout.backward(d.reshape(self._h_shape[:-1] + (self.readout.out_features,)))
         d = backward_stages(self.stages, d, input_grad)
         if d is None:

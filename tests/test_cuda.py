@@ -35,7 +35,7 @@ from refcheck import (
 )
 from simruns import OTHER_ROWS, SHARDS, TIMEOUT, CaseRun, in_simulator, merged_report
 
-from mdnumba import LSTM1D, MDLSTM2D, WavefrontLSTM, unpad_batch
+from mdnumba import LSTM1D, MDLSTM2D, NonFiniteError, WavefrontLSTM, unpad_batch
 from mdnumba import reference as ref
 from mdnumba.backend_cuda import CudaUnavailableError, cuda_unavailable_reason
 
@@ -767,6 +767,10 @@ def sim_device_layers_match_host(rng):
     y = sub.forward(x)
     np.testing.assert_array_equal(dsub.forward(x).copy_to_host(), y)
     np.testing.assert_array_equal(dsub.backward(y).copy_to_host(), sub.backward(y))
+    for bad in ((2, 3, 2, 12), (2, 2, 3, 6)):  # refused as on the host (the gather read past the
+        with pytest.raises(ValueError, match=r"dy must have shape \(2, 2, 3, 12\)"):  # end of the
+            dsub.backward(np.zeros(bad))                                            # smaller one)
+    dsub.forward(x)
     with pytest.raises(ValueError, match="divisible"):
         dsub.forward(np.zeros((1, 3, 4, 1)))
     host = MDModel(1, 2, dtype=np.float64, seed=3, cell="stable", directions=4, layers=2)
@@ -783,6 +787,9 @@ def sim_device_layers_match_host(rng):
     assert model.backward(np.cos(z), input_grad=False) is None
     for a, b in zip(model.layers, host.layers):
         np.testing.assert_allclose(a.grads_to_host(), b.grads.data, rtol=1e-10, atol=1e-14)
+    for bad, error in ((np.full(z.shape, np.nan), NonFiniteError), (np.ones(z.shape, int), TypeError)):
+        with pytest.raises(error, match="dlogits"):  # NumPy dlogits checked as the host model does
+            model.backward(bad)
 
 
 def sim_device_layer_contracts(rng):
