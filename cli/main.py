@@ -298,10 +298,12 @@ PLOTS = ("loss.png", "predictions.png")
 
 
 def _is_default_folder(out: Path, default: Path) -> bool:
-    """Whether ``out`` names the command's ``default`` folder (as the path is written: with
-    ``runs/latest -> md8``, ``--out runs/md8`` is not it, and a symlink there is not it either,
-    so the named run it points to is replaced only with ``--overwrite``)."""
-    return os.path.abspath(out) == os.path.abspath(default) and not default.is_symlink()
+    """Whether ``out`` names the command's ``default`` folder: the same name in the same parent
+    folder (reached by any path), and not a symlink (with ``runs/latest -> md8`` neither
+    ``--out runs/md8`` nor ``runs/latest`` is the default: the named run is replaced only with
+    ``--overwrite``)."""
+    return (out.name == default.name and out.parent.resolve() == default.parent.resolve()
+            and not default.is_symlink())
 
 
 def _check_fresh(out: Path, overwrite: bool, default: Path, resumable: bool = True) -> None:
@@ -365,7 +367,7 @@ def _check_memory(trainer) -> None:
     MemoryError: the command group says what to shrink) before it starts. Its probe steps
     read a char-lm run's text: a resumed run whose text is gone says so first, as training
     would; a probe step that diverges (the graves cell's state overflowing on a large grid)
-    stops with the advice the run's own first step would give."""
+    stops with the divergence advice."""
     from mdnumba.charlm import CorpusError
     from mdnumba.train import check_step_memory
     try:
@@ -375,7 +377,7 @@ def _check_memory(trainer) -> None:
     except CorpusError as exc:
         raise click.UsageError(str(exc)) from None
     except FloatingPointError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(f"a probe step (batch 1, fresh weights) diverged: {exc}") from None
 
 
 def _compile_notice() -> None:
@@ -683,9 +685,9 @@ def compare(ctx, task, models, out, overwrite, plot, **kw) -> None:
     _check_writable(out)
     old = _check_fresh_comparison(out, overwrite)  # before the models' folders are made
     trainers = {name: _make_trainer(out / name, cfg) for name, cfg in configs.items()}
-    _remove_old_comparison(out, old, names)
     for name in names:
         _check_fresh(out / name, overwrite, COMPARE_OUT / name, resumable=False)
+    _remove_old_comparison(out, old, names)  # the last refusal is behind: the new one starts
     rows = []
     for name in names:
         click.echo(f"== {name}")

@@ -48,9 +48,11 @@ def pad_batch(items: Sequence[npt.ArrayLike], *, shape: Sequence[int] | None = N
 def _fill_value(fill: object, dtype: np.dtype) -> np.generic:
     """``fill`` as a ``dtype`` value: a number (not a bool) that ``dtype`` holds, finite (layers
     refuse NaN/inf anywhere in x: 1e300 is inf in float32) and exact for an integer dtype
-    (-1 is 255 in uint8)."""
-    if isinstance(fill, (bool, np.bool_)) or not isinstance(fill, (int, float, np.integer, np.floating)):
-        raise TypeError(f"fill must be a number, got {fill!r}")
+    (-1 is 255 in uint8); a bool only for boolean items."""
+    flag = isinstance(fill, (bool, np.bool_))
+    if (flag and dtype != np.bool_) or not isinstance(fill, (int, float, np.integer, np.floating, np.bool_)):
+        raise ValueError(f"fill must be a number{' (a bool: boolean items only)' if flag else ''}, "
+                         f"got {fill!r}")
     try:
         with np.errstate(over="ignore", invalid="ignore"):
             value = np.array(fill).astype(dtype)[()]

@@ -11,6 +11,7 @@ import contextlib
 import glob
 import json
 import os
+import re
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
@@ -39,8 +40,9 @@ def _umask() -> int:
 
 def atomic_write_bytes(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Call ``write(fileobj)`` on a temp file beside ``path``, fsync, rename over ``path``. An
-    OSError without a file name (a write to a full disk) gets ``path`` as its name."""
-    path = Path(path)
+    OSError without a file name (a write to a full disk) gets ``path`` as its name. A symlink
+    stays one: its target is replaced."""
+    path = Path(path).resolve() if Path(path).is_symlink() else Path(path)
     with named_os_errors(path):
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
         try:
@@ -73,9 +75,11 @@ def remove_temp_files(folder: Path, names: tuple[str, ...]) -> None:
     its process was killed during a write (``.name.XXXX.tmp``: never read, but each as large as
     the file). Only one run writes a folder at a time."""
     for name in names:
+        pattern = re.compile(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}{re.escape(TEMP_SUFFIX)}")
         for tmp in Path(folder).glob(f".{glob.escape(name)}.*{TEMP_SUFFIX}"):
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+            if pattern.fullmatch(tmp.name):  # mkstemp's 8 characters: not a user's own file
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
 
 
 def save_checkpoint(folder: Path, arrays: dict[str, np.ndarray], meta: dict) -> Path:

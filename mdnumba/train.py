@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import os
 import signal
 import sys
 import threading
 import time
 import tracemalloc
+import types
 import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -58,9 +60,9 @@ def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
             raise KeyboardInterrupt
         pressed.append(True)
         what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        # stderr's reader may be gone (`2>&1 | tee`: Ctrl-C stops tee too): the step and the save
-        # must still happen, so the message is best effort
-        with contextlib.suppress(OSError):
+        # stderr's reader may be gone (`2>&1 | tee`: Ctrl-C stops tee too), or stderr closed or
+        # None (pythonw): the step and the save must still happen, so the message is best effort
+        with contextlib.suppress(OSError, ValueError, AttributeError):
             sys.stderr.write(f"\n{what}: finishing this step, then saving a checkpoint (Ctrl-C "
                              "again stops at once without saving)\n")
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -71,16 +73,33 @@ def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
             signal.signal(sig, handler)
 
 
-def _of_type(value: object, kind: type) -> bool:
+def _alternatives(hint: object) -> tuple:
+    """The types a :class:`TrainConfig` setting may have: a union's members (``str | None``),
+    else the annotation itself (``tuple[int, ...]`` too)."""
+    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+
+
+def _of_type(value: object, kind: object) -> bool:
     """Whether ``value`` is a valid ``kind`` setting of :class:`TrainConfig`."""
     if kind is type(None):
         return value is None
     if kind in (int, float):  # a bool is an int to Python, not a count or a rate to a user
         numbers = (int, np.integer) if kind is int else (int, float, np.integer, np.floating)
         return isinstance(value, numbers) and not isinstance(value, (bool, np.bool_))
-    if kind is tuple:
-        return isinstance(value, tuple) and all(_of_type(v, int) for v in value)
+    if kind is bool:
+        return isinstance(value, (bool, np.bool_))
+    if typing.get_origin(kind) is tuple:  # tuple[int, ...]
+        return isinstance(value, tuple) and all(_of_type(v, typing.get_args(kind)[0]) for v in value)
     return isinstance(value, kind)
+
+
+def _type_name(kind: object) -> str:
+    """``kind`` as an error message says it."""
+    if kind is type(None):
+        return "None"
+    if typing.get_origin(kind) is tuple:
+        return f"a tuple of {typing.get_args(kind)[0].__name__}"
+    return kind.__name__
 
 
 @dataclass
@@ -97,7 +116,7 @@ class TrainConfig:
     seed: int = 0
     loss: str | None = None      # None: the task's (bce for binary-addition, else mse)
     clip_norm: float | None = None
-    curriculum: tuple = field(default_factory=tuple)
+    curriculum: tuple[int, ...] = field(default_factory=tuple)
     checkpoint_every: int = 0
     dtype: str = "float32"
     device: str = "cpu"
@@ -115,6 +134,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.loss is None:
             self.loss = TASKS[self.task].loss if self.task in TASKS else "mse"
+        # the other forms callers give: sizes as a list (JSON too) or array, a Path, a NumPy dtype
+        if isinstance(self.curriculum, (list, np.ndarray)):
+            self.curriculum = tuple(self.curriculum)
+        if isinstance(self.data, os.PathLike):
+            self.data = os.fspath(self.data)
+        if isinstance(self.dtype, np.dtype) or (isinstance(self.dtype, type)
+                                                and issubclass(self.dtype, np.generic)):
+            self.dtype = np.dtype(self.dtype).name
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting and what is allowed (TypeError for a
@@ -170,14 +197,13 @@ class TrainConfig:
 
     def _check_types(self) -> None:
         """TypeError for the first setting whose value is not of its annotated type (bools are
-        not numbers here; ints are floats; ``curriculum`` is a tuple of ints)."""
+        not numbers here; ints are floats)."""
         hints = typing.get_type_hints(TrainConfig)
         for f in dataclasses.fields(self):
-            value, allowed = getattr(self, f.name), typing.get_args(hints[f.name]) or (hints[f.name],)
+            value, allowed = getattr(self, f.name), _alternatives(hints[f.name])
             if not any(_of_type(value, kind) for kind in allowed):
-                names = " or ".join("None" if kind is type(None) else kind.__name__ for kind in allowed)
-                raise TypeError(f"setting {f.name} must be {names}"
-                                f"{' of int' if f.name == 'curriculum' else ''}, got {value!r}")
+                raise TypeError(f"setting {f.name} must be {' or '.join(map(_type_name, allowed))}, "
+                                f"got {value!r}")
 
     def inapplicable(self, names) -> dict[str, str]:
         """Of the settings ``names`` (e.g. those given on the command line), the ones this
@@ -382,8 +408,8 @@ class Trainer:
         path, columns = self.out / LOG, self._columns()
         remove_temp_files(self.out, (CHECKPOINT, CONFIG_JSON, LOG))  # of a process killed mid-write
         rows = path.read_text(errors="replace").split("\n")[1:-1] if path.exists() else []
-        keep = [r for r in rows if len(r.split("\t")) == len(columns) and r.split("\t")[0].isdigit()
-                and int(r.split("\t")[0]) <= self.step]
+        keep = [r for r, fields in zip(rows, (r.split("\t") for r in rows))
+                if len(fields) == len(columns) and fields[0].isdigit() and int(fields[0]) <= self.step]
         text = "\t".join(columns) + "\n" + "".join(r + "\n" for r in keep)
         atomic_write_bytes(path, lambda fh: fh.write(text.encode()))
         return path.open("a")
@@ -495,16 +521,15 @@ def _checkpoint_config(folder: Path, meta: dict, overrides: dict) -> TrainConfig
         raise CheckpointError(f"checkpoint in {folder} has a config this mdnumba version does not "
                               f"know ({extra}); use the version that wrote it or start a new run")
     try:
-        curriculum = raw.get("curriculum") or ()
-        raw = dict(raw, curriculum=tuple(curriculum) if isinstance(curriculum, list) else curriculum)  # JSON
-        TrainConfig(**raw).validate()
+        cfg = TrainConfig(**raw)
+        cfg.validate()
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"checkpoint in {folder} holds an invalid config ({exc}); "
                               "start a new run") from None
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    if raw["curriculum"] and "steps" in overrides and raw.get("curriculum_steps") is None:
-        overrides["curriculum_steps"] = raw["steps"]
-    return TrainConfig(**{**raw, **overrides})
+    if cfg.curriculum and "steps" in overrides and cfg.curriculum_steps is None:
+        overrides["curriculum_steps"] = cfg.steps
+    return dataclasses.replace(cfg, **overrides)
 
 
 def step_memory(cfg: TrainConfig) -> int:

@@ -580,6 +580,17 @@ def test_a_latest_symlink_does_not_make_a_named_run_replaceable(runner, tmp_path
     assert (tmp_path / "runs" / "md8" / "checkpoint.npz").read_bytes() == weights
 
 
+def test_runs_latest_is_the_default_by_any_path(runner, tmp_path, monkeypatch):
+    """Reached through a symlinked working folder (the shell's $PWD is not getcwd()), given as
+    an absolute or a relative path: runs/latest is replaced without asking."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to("real")
+    monkeypatch.chdir(tmp_path / "link")
+    for out in ("runs/latest", str(tmp_path / "link" / "runs" / "latest"), "./runs/../runs/latest"):
+        res = train(runner, out)
+        assert res.exit_code == 0, (out, res.output)
+
+
 def test_compare_replaces_its_default_folder(runner, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["compare", "--models", "md", "--size", "4", "--batch", "2", "--hidden", "2", "--steps", "2",
@@ -792,8 +803,9 @@ def test_a_run_removes_the_temp_files_of_a_killed_write(runner, tmp_path):
     large as a checkpoint): the next run of the folder removes such files, and only those."""
     run = tmp_path / "run"
     assert train(runner, run).exit_code == 0
-    stale = [run / ".checkpoint.npz.k1ll3d.tmp", run / ".config.json.x.tmp", run / ".log.tsv.y.tmp"]
-    mine = [run / ".notes.tmp", run / "checkpoint.npz.tmp"]
+    stale = [run / ".checkpoint.npz.k1ll3d_8.tmp", run / ".config.json.a1b2c3d4.tmp",
+             run / ".log.tsv.x_y_z_w_.tmp"]  # mkstemp's 8 characters
+    mine = [run / ".notes.tmp", run / "checkpoint.npz.tmp", run / ".config.json.my backup.tmp"]
     for path in stale + mine:
         path.write_text("x")
     assert runner.invoke(main, ["train", "--resume", str(run), "--steps", "8"]).exit_code == 0

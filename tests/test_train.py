@@ -64,21 +64,37 @@ def test_sigterm_saves_like_ctrl_c(tmp_path, monkeypatch, capfd):
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_ctrl_c_saves_when_stderr_is_gone(tmp_path, monkeypatch):
-    """`mdnumba train 2>&1 | tee log`: Ctrl-C stops tee too, and the handler's message then
-    meets a broken pipe; the step must still finish and be saved."""
-    class Gone:
-        def write(self, text):
-            raise BrokenPipeError(32, "Broken pipe")
+class _BrokenPipe:
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
 
-        def flush(self):
-            raise BrokenPipeError(32, "Broken pipe")
+    def flush(self):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+@pytest.mark.parametrize("stderr", [_BrokenPipe(), None])
+def test_ctrl_c_saves_when_stderr_is_gone(tmp_path, monkeypatch, stderr):
+    """`mdnumba train 2>&1 | tee log`: Ctrl-C stops tee too, and the handler's message then
+    meets a broken pipe (or there is no stderr: pythonw); the step must still finish and be
+    saved."""
     interrupt_at(monkeypatch, 3)
-    monkeypatch.setattr(sys, "stderr", Gone())
+    monkeypatch.setattr(sys, "stderr", stderr)
     tr = make_trainer(TrainConfig(steps=8, checkpoint_every=8, **KW), tmp_path)
     with pytest.raises(KeyboardInterrupt):
         tr.run()
     assert tr.step == 3 and tr.saved_step == 3
+
+
+def test_a_config_takes_the_forms_python_callers_give(tmp_path):
+    """A list or array of curriculum sizes, a Path, a NumPy dtype and a NumPy bool are the
+    settings they stand for (the type checks of hand-edited checkpoints must not refuse them)."""
+    cfg = TrainConfig(size=8, curriculum=[4], dtype=np.dtype("float64"), tie_depth=np.bool_(False))
+    cfg.validate()
+    assert cfg.curriculum == (4,) and cfg.dtype == "float64"
+    assert TrainConfig(size=8, curriculum=np.array([4]), dtype=np.float32).dtype == "float32"
+    lm = TrainConfig(task="char-lm", model="grid", data=tmp_path / "t.txt")
+    lm.validate()
+    assert lm.data == str(tmp_path / "t.txt")
 
 
 def test_resume_drops_log_rows_cut_short(tmp_path):
