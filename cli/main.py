@@ -601,6 +601,8 @@ def predict(run, input, out, overwrite, batch, device) -> None:
     from mdnumba.checkpoint import atomic_write_bytes
     if out.exists() and not overwrite:
         raise click.UsageError(f"--out {out} exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_file():  # a FIFO, a device: the atomic rename would replace it
+        raise click.UsageError(f"--out {out} is not a regular file; give a .npy file's path")
     if not out.parent.is_dir():
         raise click.UsageError(f"--out {out}: its folder {out.parent} does not exist")
     x = _read_npy(input)

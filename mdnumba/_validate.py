@@ -213,6 +213,18 @@ def check_finite_number(value: object, name: str) -> float:
     return float(value)
 
 
+def shared_seed(seed: object) -> object:
+    """A model's seed for its parts: an int or None as it is (part k then takes
+    :func:`part_seed`), any other NumPy seed (a SeedSequence, a Generator) as one Generator the
+    parts draw from in turn (the same SeedSequence for each part would repeat its stream)."""
+    return seed if seed is None or isinstance(seed, (int, np.integer)) else seeded_rng(seed)
+
+
+def part_seed(seed: object, k: int) -> object:
+    """Part ``k``'s seed from a :func:`shared_seed`: ``seed + k`` for an int, else the seed."""
+    return seed + k if isinstance(seed, (int, np.integer)) else seed
+
+
 def seeded_rng(seed: object) -> np.random.Generator:
     """``np.random.default_rng(seed)``, with an error that names the argument (NumPy's says only
     "expected non-negative integer")."""

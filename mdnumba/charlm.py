@@ -18,7 +18,14 @@ import numpy as np
 import numpy.typing as npt
 
 from . import config
-from ._validate import check_finite_params, check_positive_int, seeded_rng
+from ._validate import (
+    check_finite_params,
+    check_positive_int,
+    check_shape,
+    part_seed,
+    seeded_rng,
+    shared_seed,
+)
 from .layers import GridLSTM2D, Linear
 from .params import OwnsParams, ParamLayout
 from .stack import LayerGroup, mdlstm_stack
@@ -145,8 +152,11 @@ class Embedding(OwnsParams):
         check_finite_params(self.params)
         ids = np.asarray(ids)
         V = self.params["W"].shape[0]
-        if not np.issubdtype(ids.dtype, np.integer) or ids.size and (ids.min() < 0 or ids.max() >= V):
-            raise ValueError(f"Embedding expects integer ids in [0, {V}), got dtype {ids.dtype}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"Embedding expects integer ids in [0, {V}), got dtype {ids.dtype}")
+        if ids.size and (ids.min() < 0 or ids.max() >= V):
+            raise ValueError(f"Embedding expects integer ids in [0, {V}), got ids from {ids.min()} to "
+                             f"{ids.max()}")
         self._ids = ids.copy()  # backward's own: the caller may reuse its array
         return self.params["W"][ids]
 
@@ -154,6 +164,7 @@ class Embedding(OwnsParams):
         """``dW[ids] += dy`` (repeated ids add up); the ids have no gradient."""
         if self._ids is None:
             raise RuntimeError("backward() called before forward(); run forward(ids) first")
+        check_shape(dy, self._ids.shape + self.params["W"].shape[1:])
         np.add.at(self.grads["W"], self._ids.reshape(-1), dy.reshape(-1, dy.shape[-1]))
 
 
@@ -208,15 +219,17 @@ class CharLM(LayerGroup):
             raise ValueError(f"char-lm model must be 'grid' or 'stacked', got {kind!r}")
         check_positive_int(layers, "layers")
         self.kind = kind
+        seed = shared_seed(seed)
         self.embed = Embedding(vocab, hidden, seed=seed, dtype=dtype)
         if kind == "grid":
-            self.core = GridLSTM2D(hidden, layers, seed=seed + 1, dtype=dtype, tied=tied, device=device)
+            self.core = GridLSTM2D(hidden, layers, seed=part_seed(seed, 1), dtype=dtype, tied=tied,
+                                   device=device)
             core_layers, self.drops = [self.core], [Dropout(dropout), Dropout(dropout)]
         else:
-            self.core = mdlstm_stack(1, hidden, hidden, layers=layers, seed=seed + 1, dtype=dtype,
+            self.core = mdlstm_stack(1, hidden, hidden, layers=layers, seed=part_seed(seed, 1), dtype=dtype,
                                      device=device)
             core_layers, self.drops = self.core.layers, [Dropout(dropout) for _ in range(layers + 1)]
-        self.head = Linear(hidden, vocab, seed=seed + 2, dtype=dtype)
+        self.head = Linear(hidden, vocab, seed=part_seed(seed, 2), dtype=dtype)
         self.layers = [self.embed] + list(core_layers) + [self.head]
 
     def _cores(self) -> list:

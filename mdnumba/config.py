@@ -56,7 +56,7 @@ def _check_numba_threads() -> None:
     """``NUMBA_NUM_THREADS``, read by Numba when it is first imported, must be an integer >= 1 if
     set: Numba raises a traceback on 0 and ignores other text without a word."""
     raw = os.environ.get("NUMBA_NUM_THREADS", "").strip()
-    if raw and not (raw.isdigit() and int(raw) >= 1):
+    if raw and not (raw.isdecimal() and raw.isascii() and int(raw) >= 1):
         _report_config_errors_briefly()
         raise ConfigError(f"environment variable NUMBA_NUM_THREADS={raw!r}: use an integer >= 1 "
                           "(the CPU threads; unset it to use every core)")

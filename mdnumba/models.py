@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import config
-from ._validate import check_flag, check_shape, missing_activations
+from ._validate import check_flag, check_shape, missing_activations, part_seed, shared_seed
 from .layers import Linear, WavefrontLSTM
 from .stack import LayerGroup, Sequential, mdlstm_stack
 
@@ -25,7 +25,7 @@ class RecurrentReadout(LayerGroup):
     def __init__(self, recurrent: WavefrontLSTM | Sequential, out_features: int, seed: int,
                  dtype: npt.DTypeLike):
         self.recurrent = recurrent
-        self.readout = Linear(recurrent.out_channels, out_features, seed=seed + 1, dtype=dtype)
+        self.readout = Linear(recurrent.out_channels, out_features, seed=part_seed(seed, 1), dtype=dtype)
         self.layers = list(getattr(recurrent, "layers", [recurrent])) + [self.readout]
         self._in_shape: tuple | None = None
         self._inference = False  # the last forward had save=False
@@ -40,9 +40,10 @@ class RecurrentReadout(LayerGroup):
         """Return logits with the input's shape except the last axis (out_features);
         ``save=False`` (evaluation) keeps no activations for backward."""
         x = np.asarray(x)
-        self._in_shape, self._inference = x.shape, not check_flag(save, "save")
-        h = self.recurrent.forward(self._to_recurrent(x), save=save)
-        return self._from_recurrent(self.readout.forward(h, save=save))
+        inference = not check_flag(save, "save")
+        y = self.readout.forward(self.recurrent.forward(self._to_recurrent(x), save=save), save=save)
+        self._in_shape, self._inference = x.shape, inference  # a refused x changes nothing
+        return self._from_recurrent(y)
 
     def backward(self, dlogits: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
         """Back-propagate dL/dlogits through readout and recurrent layer; return dL/dx (None
@@ -68,6 +69,7 @@ class MDModel(RecurrentReadout):
     def __init__(self, in_channels: int = 1, hidden: int = 16, out_features: int = 1, seed: int = 0,
                  dtype: npt.DTypeLike = config.DEFAULT_DTYPE, cell: str = "graves", directions: int = 1,
                  layers: int = 1, device: str = "cpu"):
+        seed = shared_seed(seed)
         stack = mdlstm_stack(self.ndim, in_channels, hidden, layers=layers, directions=directions,
                              cell=cell, seed=seed, dtype=dtype, device=device)
         super().__init__(stack if layers > 1 else stack.stages[0], out_features, seed, dtype)

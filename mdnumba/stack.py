@@ -15,7 +15,7 @@ from ._validate import (
     check_shape,
     check_size_values,
     missing_activations,
-    seeded_rng,
+    shared_seed,
 )
 from .layers import LSTM1D, MDLSTM2D, MDLSTM3D, WavefrontLSTM
 
@@ -103,12 +103,16 @@ def _named_stage(i: int, stage: object, what: str):
 
 def backward_stages(stages: list, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
     """``dy`` back through ``stages`` in reverse; ``input_grad=False``: the first stage computes
-    no dL/dx (None is returned). Host stages or device stages alike."""
+    no dL/dx (None is returned; a stage of the user's whose ``backward`` does not take
+    ``input_grad`` is called without it). Host stages or device stages alike."""
     input_grad = check_flag(input_grad, "input_grad")
     for i in range(len(stages) - 1, -1, -1):
         with _named_stage(i, stages[i], "backward"):
-            dy = stages[i].backward(dy, input_grad or i > 0)
-    return dy
+            if _takes(stages[i], "input_grad", "backward"):
+                dy = stages[i].backward(dy, input_grad or i > 0)
+            else:
+                dy = stages[i].backward(dy)
+    return dy if input_grad else None
 
 
 class LayerGroup:
@@ -139,11 +143,12 @@ class LayerGroup:
         return sum(layer.params.data.size for layer in self.layers)
 
 
-def _takes(stage: object, name: str) -> bool:
-    """Whether ``stage.forward`` takes the keyword ``name`` (``save``, ``sizes``: the layers here
-    do; a stage of the user's may not), by name or through ``**kwargs``."""
+def _takes(stage: object, name: str, method: str = "forward") -> bool:
+    """Whether ``stage.forward`` (or ``method``) takes the keyword ``name`` (``save``, ``sizes``,
+    backward's ``input_grad``: the layers here do; a stage of the user's may not), by name or
+    through ``**kwargs``."""
     try:
-        params = inspect.signature(stage.forward).parameters
+        params = inspect.signature(getattr(stage, method)).parameters
     except (TypeError, ValueError):  # no signature to read
         return False
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
@@ -201,7 +206,7 @@ class Sequential(LayerGroup):
         ``save=False`` (inference) nothing: the stages whose ``forward`` takes ``save`` get it.
         ``sizes``: a padded batch (:meth:`mdnumba.WavefrontLSTM.forward`), given to the stages
         that take it; a :class:`BlockSubsample` divides it by its block (a stage's ``out_sizes``)."""
-        self._inference = not check_flag(save, "save")
+        inference = not check_flag(save, "save")
         if sizes is not None:  # values checked here, before any stage divides them
             sizes = check_size_values(sizes, positive=True)
         for i, stage in enumerate(self.stages):
@@ -212,6 +217,7 @@ class Sequential(LayerGroup):
                 x = stage.forward(x, **kw)
                 if sizes is not None and hasattr(stage, "out_sizes"):  # BlockSubsample and its twin
                     sizes = stage.out_sizes(sizes)
+        self._inference = inference  # set once every stage ran: a refused x changes nothing
         return x
 
     def out_sizes(self, sizes: npt.ArrayLike) -> npt.ArrayLike:
@@ -239,8 +245,7 @@ def mdlstm_stack(ndim: int, in_channels: int, hidden: int, *, layers: int = 1, d
     :class:`BlockSubsample` of ``subsample`` between consecutive layers when ``subsample > 1``."""
     check_positive_int(layers, "layers")
     check_positive_int(subsample, "subsample")
-    if seed is not None and not isinstance(seed, (int, np.integer)):
-        seed = seeded_rng(seed)  # a SeedSequence, Generator, ...: one stream, drawn from in turn
+    seed = shared_seed(seed)
     stages, channels = [], in_channels
     for k in range(layers):
         if k and subsample > 1:

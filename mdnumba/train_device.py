@@ -107,12 +107,13 @@ class DeviceModel(LayerGroup):
         if host_in:
             x = check_array(x, "x", np.ndim(x), None, self.dtype, "(batch, grid axes.., channels)")
         xd = k.as_device(x)
-        self._in_shape, self._inference = tuple(xd.shape), not check_flag(save, "save")
+        inference = not check_flag(save, "save")
         h = self.host._to_recurrent(xd)
         for stage in self.stages:
             h = stage.forward(h, save=save) if isinstance(stage, CudaLSTM) else stage.forward(h)
-        self._h_shape = tuple(h.shape)
         y = self.readout.forward(h)
+        # set once every stage ran: a refused x changes nothing
+        self._in_shape, self._inference, self._h_shape = tuple(xd.shape), inference, tuple(h.shape)
         y = y.reshape(self._in_shape[:-1] + (self.readout.out_features,))
         return y.copy_to_host() if host_in else y
 

@@ -38,8 +38,24 @@ def test_embedding_backward_adds_repeated_ids(rng):
     emb.forward(ids)
     emb.backward(w)
     assert_grad_close(emb.grads.W, numeric_grad(lambda: float(np.sum(w * emb.forward(ids))), emb.params.W))
-    with pytest.raises(ValueError, match=r"integer ids in \[0, 4\)"):
-        emb.forward(np.array([4]))
+    with pytest.raises(ValueError, match=r"integer ids in \[0, 4\), got ids from -1 to 4"):
+        emb.forward(np.array([4, -1]))
+    with pytest.raises(TypeError, match=r"integer ids in \[0, 4\), got dtype float64"):
+        emb.forward(np.array([1.0]))
+    emb.forward(ids)
+    with pytest.raises(ValueError, match=r"dy must have shape \(1, 3, 3\)"):
+        emb.backward(np.ones((3, 3)))
+
+
+def test_models_take_any_numpy_seed():
+    """A Generator or SeedSequence seed (as the layers take), or None: one stream for every
+    part; the same SeedSequence twice gives the same model."""
+    from mdnumba.models import build_model
+    a, b = (build_model("md", hidden=2, seed=np.random.SeedSequence(5)) for _ in range(2))
+    np.testing.assert_array_equal(a.readout.params.data, b.readout.params.data)
+    build_model("snake", hidden=2, seed=None)
+    lm = CharLM("stacked", vocab=5, hidden=3, layers=2, seed=np.random.default_rng(1))
+    assert not np.array_equal(lm.layers[1].params.W[:, :3], lm.layers[2].params.W[:, :3])
 
 
 def test_dropout_scales_and_masks(rng):

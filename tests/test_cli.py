@@ -138,6 +138,10 @@ def test_predict_refusals(runner, tmp_path):
             res = runner.invoke(main, ["predict", *args, *out])
             assert res.exit_code in (1, 2) and message in res.output, (args, res.output)
             assert not os.path.exists("p.npy")
+    fifo = tmp_path / "fifo.npy"
+    os.mkfifo(fifo)  # --overwrite's atomic rename would have put a file in the FIFO's place
+    res = runner.invoke(main, ["predict", run, str(tmp_path / "x.npy"), "--out", str(fifo), "--overwrite"])
+    assert res.exit_code == 2 and "is not a regular file" in res.output and fifo.is_fifo(), res.output
 
 
 def test_evaluate_takes_20_batches_by_default(runner, tmp_path):

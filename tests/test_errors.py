@@ -6,7 +6,7 @@ import pytest
 from mdnumba import LSTM1D, MDLSTM2D, Adam, BlockSubsample, GridLSTM2D, Linear, NonFiniteError, RMSprop
 from mdnumba.charlm import Embedding
 from mdnumba.models import MDModel
-from mdnumba.stack import mdlstm_stack
+from mdnumba.stack import Sequential, mdlstm_stack
 from mdnumba.train import TrainConfig, Trainer
 
 
@@ -196,7 +196,7 @@ def test_a_bad_environment_setting_is_one_line_not_a_traceback(code):
     catch = "try:\n    import mdnumba\nexcept ValueError as e:\n    print(type(e).__name__)"
     res = subprocess.run([sys.executable, "-c", catch], env=env, capture_output=True, text=True)
     assert res.stdout == "ConfigError\n" and res.returncode == 0
-    for value in ("0", "two"):  # read by Numba on import: checked first
+    for value in ("0", "two", "²"):  # read by Numba on import: checked first ("²".isdigit())
         env = dict(os.environ, NUMBA_NUM_THREADS=value)
         res = subprocess.run([sys.executable, "-c", code, "info"], env=env, capture_output=True, text=True)
         assert res.returncode == 1 and res.stderr == (
@@ -420,6 +420,40 @@ def test_a_stack_names_the_stage_that_failed():
         net.backward(np.zeros((1, 2, 2, 4), np.float32))
     with pytest.raises(AttributeError):
         net.stages.append(net[0])  # fixed once built: a stage cannot be added twice this way
+
+
+@pytest.mark.parametrize("kind", ["md", "snake"])
+def test_a_refused_forward_leaves_a_model_as_it_was(kind, rng):
+    """A model (or stack) whose forward refuses x keeps the activations of the last good
+    forward: backward then works as if the refused call had not happened."""
+    from mdnumba.models import build_model
+    model = build_model(kind, hidden=2, dtype=np.float64)
+    x = rng.standard_normal((2, 3, 4, 1))
+    z = model.forward(x)
+    dx = model.backward(np.ones_like(z))
+    for bad in (np.ones((2, 3, 4, 2)), np.ones((1, 3, 1))):  # another channel count, another rank
+        with pytest.raises(ValueError):
+            model.forward(bad)
+        with pytest.raises(ValueError):
+            model.forward(bad, save=False)
+        np.testing.assert_array_equal(model.backward(np.ones_like(z)), dx)
+
+
+def test_a_stack_calls_a_users_backward_without_input_grad_if_it_takes_none(rng):
+    """A stage of the user's with ``backward(self, dy)``: called with dy alone (``save`` and
+    ``sizes`` are likewise passed only to forwards that take them)."""
+    class Double:
+        def forward(self, x):
+            return 2 * x
+
+        def backward(self, dy):
+            return 2 * dy
+    layer = MDLSTM2D(1, 2, dtype=np.float64)
+    net = Sequential(Double(), layer)
+    x = rng.standard_normal((1, 3, 3, 1))
+    h = net.forward(x)
+    np.testing.assert_array_equal(net.backward(np.ones_like(h)), 2 * layer.backward(np.ones_like(h)))
+    assert net.backward(np.ones_like(h), input_grad=False) is None
 
 
 @pytest.mark.parametrize("cell,advice", [("graves", "; the graves cell.*use cell='stable', or lower"),
