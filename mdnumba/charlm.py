@@ -187,6 +187,17 @@ class Dropout:
     def backward(self, dy: np.ndarray) -> np.ndarray:
         return dy if self._mask is None else dy * self._mask
 
+    def free_buffers(self) -> None:
+        """Drop the mask (backward's activations)."""
+        self._mask = None
+
+    def saved_bytes(self) -> int:
+        return 0 if self._mask is None else self._mask.nbytes
+
+    def __getstate__(self) -> dict:
+        """Copies carry no mask, as the layers' copies carry no activations."""
+        return dict(vars(self), _mask=None)
+
 
 def softmax_xent(logits: np.ndarray, targets: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
     """Mean cross-entropy (nats) of ``softmax(logits)`` against int ``targets``; returns
@@ -234,6 +245,18 @@ class CharLM(LayerGroup):
 
     def _cores(self) -> list:
         return [self.core] if self.kind == "grid" else list(self.core.layers)
+
+    def free_buffers(self) -> None:
+        """:meth:`LayerGroup.free_buffers`, and the dropout masks."""
+        super().free_buffers()
+        for drop in self.drops:
+            drop.free_buffers()
+
+    def saved_bytes(self) -> int:
+        return super().saved_bytes() + sum(drop.saved_bytes() for drop in self.drops)
+
+    def workspace_bytes(self) -> int:
+        return super().workspace_bytes() + sum(drop.saved_bytes() for drop in self.drops)
 
     def forward(self, ids: np.ndarray, rng: np.random.Generator | None = None, *,
                 save: bool = True) -> np.ndarray:

@@ -47,6 +47,22 @@ def test_embedding_backward_adds_repeated_ids(rng):
         emb.backward(np.ones((3, 3)))
 
 
+def test_dropout_masks_are_activations(rng):
+    """CharLM's dropout masks count in saved_bytes, go with free_buffers and stay out of copies,
+    like the layers' activations."""
+    import copy
+    import pickle
+    lm = CharLM("stacked", vocab=5, hidden=3, layers=1, dropout=0.5, dtype=np.float64)
+    ids = rng.integers(0, 5, (2, 6))
+    lm.forward(ids, rng)
+    masks = sum(d._mask.nbytes for d in lm.drops)
+    assert masks and lm.saved_bytes() >= masks
+    for twin in (copy.deepcopy(lm), pickle.loads(pickle.dumps(lm))):
+        assert all(d._mask is None for d in twin.drops)
+    lm.free_buffers()
+    assert all(d._mask is None for d in lm.drops) and lm.saved_bytes() == 0
+
+
 def test_models_take_any_numpy_seed():
     """A Generator or SeedSequence seed (as the layers take), or None: one stream for every
     part; the same SeedSequence twice gives the same model."""
