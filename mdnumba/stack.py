@@ -155,10 +155,14 @@ def _takes(stage: object, name: str, method: str = "forward") -> bool:
 
 
 def _all_stages(stages: list):
-    """``stages`` and, depth first, the stages of nested groups."""
+    """``stages`` and, depth first, the stages of nested groups (a ``Sequential``'s stages, a
+    model's parametrised ``layers``)."""
     for s in stages:
         yield s
-        yield from _all_stages(getattr(s, "stages", []))
+        children = getattr(s, "stages", None)
+        if children is None:
+            children = [] if hasattr(s, "params") else getattr(s, "layers", [])
+        yield from _all_stages(children)
 
 
 class Sequential(LayerGroup):

@@ -439,6 +439,14 @@ def test_a_refused_forward_leaves_a_model_as_it_was(kind, rng):
         np.testing.assert_array_equal(model.backward(np.ones_like(z)), dx)
 
 
+def test_a_layer_inside_a_model_counts_as_a_stage():
+    """``Sequential(model, model.recurrent)`` shares a layer (its backward gave a wrong dx)."""
+    from mdnumba.models import build_model
+    model = build_model("md", hidden=2)
+    with pytest.raises(ValueError, match="a stage appears twice"):
+        Sequential(model, model.recurrent)
+
+
 def test_a_stack_calls_a_users_backward_without_input_grad_if_it_takes_none(rng):
     """A stage of the user's with ``backward(self, dy)``: called with dy alone (``save`` and
     ``sizes`` are likewise passed only to forwards that take them)."""
