@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import config
-from ._validate import check_flag, check_shape, missing_activations, part_seed, shared_seed
+from ._validate import check_array, check_flag, check_shape, missing_activations, part_seed, shared_seed
 from .layers import Linear, WavefrontLSTM
 from .stack import LayerGroup, Sequential, mdlstm_stack
 
@@ -51,7 +51,10 @@ class RecurrentReadout(LayerGroup):
         input_grad = check_flag(input_grad, "input_grad")
         if self._in_shape is None or self._inference:
             raise missing_activations(inference=self._in_shape is not None)
-        check_shape(dlogits, self._in_shape[:-1] + (self.readout.out_features,), "dlogits")
+        want = self._in_shape[:-1] + (self.readout.out_features,)
+        check_shape(dlogits, want, "dlogits")
+        dlogits = check_array(dlogits, "dlogits", len(want), want[-1], self.readout.dtype,
+                              "(the logits' shape)")  # named as the caller knows it, not "dy"
         dy = self.readout.backward(np.reshape(dlogits, self.readout._shape[:-1] + (-1,)))
         dx = self.recurrent.backward(dy, input_grad)
         return None if dx is None else dx.reshape(self._in_shape)
@@ -94,10 +97,16 @@ class HorizontalModel(SequenceModel):
 
     kind = "horizontal"
 
+    def _image(self, x: np.ndarray) -> np.ndarray:
+        """``x`` checked as the image it is (the 1D layer would describe the reshaped array); a
+        device array (:class:`mdnumba.train_device.DeviceModel`, which checked it) as it is."""
+        if not isinstance(x, np.ndarray):
+            return x
+        return check_array(x, "x", 4, None, self.readout.dtype,
+                           f"(batch, height, width, C) of the {self.kind} model")
+
     def _to_recurrent(self, x):
-        if x.ndim != 4:
-            raise ValueError(f"horizontal model expects (batch, height, width, C), got {x.shape}")
-        B, H, W, C = x.shape
+        B, H, W, C = (x := self._image(x)).shape
         return x.reshape(B * H, W, C)
 
 
@@ -107,9 +116,7 @@ class SnakeModel(HorizontalModel):
     kind = "snake"
 
     def _to_recurrent(self, x):
-        if x.ndim != 4:
-            raise ValueError(f"snake model expects (batch, height, width, C), got {x.shape}")
-        B, H, W, C = x.shape
+        B, H, W, C = (x := self._image(x)).shape
         return x.reshape(B, H * W, C)
 
 

@@ -439,6 +439,20 @@ def test_a_refused_forward_leaves_a_model_as_it_was(kind, rng):
         np.testing.assert_array_equal(model.backward(np.ones_like(z)), dx)
 
 
+@pytest.mark.parametrize("kind", ["horizontal", "snake"])
+def test_image_models_name_the_image_not_the_rows(kind):
+    """The horizontal and snake models describe x as the user gave it (not the rows their 1D
+    layer sees), and NaN in dlogits as dlogits (not the readout's dy)."""
+    from mdnumba.models import build_model
+    model = build_model(kind, hidden=2)
+    with pytest.raises(ValueError, match=rf"x has an empty axis, shape \(2, 0, 4, 1\); every axis of "
+                                         rf"\(batch, height, width, C\) of the {kind} model"):
+        model.forward(np.ones((2, 0, 4, 1)))
+    z = model.forward(np.ones((2, 3, 4, 1), np.float32))
+    with pytest.raises(NonFiniteError, match="^dlogits contains 24 NaN"):
+        model.backward(np.full(z.shape, np.nan))
+
+
 def test_a_layer_inside_a_model_counts_as_a_stage():
     """``Sequential(model, model.recurrent)`` shares a layer (its backward gave a wrong dx)."""
     from mdnumba.models import build_model
