@@ -17,6 +17,15 @@ from .layers import Linear, WavefrontLSTM
 from .stack import LayerGroup, Sequential, mdlstm_stack
 
 
+def check_dlogits(dlogits, want: tuple, dtype: np.dtype, values: bool = True):
+    """``dlogits`` checked as dL/d(logits of shape ``want``), named as the caller knows it (not
+    the readout's ``dy``): its shape, and with ``values`` (a NumPy array) its dtype and NaN/inf,
+    returned cast to ``dtype``. Models and :class:`mdnumba.train_device.DeviceModel` alike."""
+    check_shape(dlogits, want, "dlogits")
+    return check_array(dlogits, "dlogits", len(want), want[-1], dtype, "(the logits' shape)") if values \
+        else dlogits
+
+
 class RecurrentReadout(LayerGroup):
     """``logits = Linear(recurrent(reshape_in(x)))`` reshaped back to the target shape."""
 
@@ -51,10 +60,8 @@ class RecurrentReadout(LayerGroup):
         input_grad = check_flag(input_grad, "input_grad")
         if self._in_shape is None or self._inference:
             raise missing_activations(inference=self._in_shape is not None)
-        want = self._in_shape[:-1] + (self.readout.out_features,)
-        check_shape(dlogits, want, "dlogits")
-        dlogits = check_array(dlogits, "dlogits", len(want), want[-1], self.readout.dtype,
-                              "(the logits' shape)")  # named as the caller knows it, not "dy"
+        dlogits = check_dlogits(dlogits, self._in_shape[:-1] + (self.readout.out_features,),
+                                self.readout.dtype)
         dy = self.readout.backward(np.reshape(dlogits, self.readout._shape[:-1] + (-1,)))
         dx = self.recurrent.backward(dy, input_grad)
         return None if dx is None else dx.reshape(self._in_shape)

@@ -31,10 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ._validate import check_array, check_flag, check_shape, missing_activations
+from ._validate import check_array, check_flag, missing_activations
 from .backend_cuda import DEVICE_OPTIMIZERS, CudaLinear, CudaLSTM, HostOrDevice, require_cuda
 from .layers import WavefrontLSTM
-from .models import RecurrentReadout
+from .models import RecurrentReadout, check_dlogits
 from .stack import LayerGroup, backward_stages
 from .train import TrainConfig, Trainer
 
@@ -124,13 +124,9 @@ class DeviceModel(LayerGroup):
         if self._in_shape is None or self._inference:
             raise missing_activations(inference=self._in_shape is not None)
         k = self.readout.k
-        want = self._in_shape[:-1] + (self.readout.out_features,)
-        check_shape(dlogits, want, "dlogits")
         host_in = not k.is_device_array(dlogits)
-        if host_in:  # as the host model checks it: float, finite
-            dlogits = check_array(dlogits, "dlogits", len(want), want[-1], self.dtype,
-                                  "(batch, grid axes.., outputs)")
-        d = k.as_device(dlogits)
+        d = k.as_device(check_dlogits(dlogits, self._in_shape[:-1] + (self.readout.out_features,),
+                                      self.dtype, values=host_in))  # as the host model checks it
         d = self.readout.backward(d.reshape(self._h_shape[:-1] + (self.readout.out_features,)))
         d = backward_stages(self.stages, d, input_grad)
         if d is None:
