@@ -1,15 +1,15 @@
 """Inference benchmark: ``forward(x, save=False)`` vs ``forward(x)``, side by side in one process.
 
-For each shape (graves cell unless noted, float32, C=1): the time of a forward that saves the
-activations for backward and of one that keeps none (:func:`mdnumba.kernels.wavefront.wavefront_infer`,
-two hyperplanes at a time), interleaved, best of N; the peak RSS increase of each one's first
-call on a fresh layer (buffers included); the buffers each keeps (``workspace_bytes``); and, for the
-2D one-direction shapes, PyTorch's ``torch.no_grad()`` forward of the same layer
-(``torch_wavefront.py``). The two mdnumba outputs are checked equal first. The last rows are
-grids whose saving forward needs GiBs: timed once each.
+For each shape (graves cell unless noted, float32 unless ``--dtype``, C=1): the time of a
+forward that saves the activations for backward and of one that keeps none
+(:func:`mdnumba.kernels.wavefront.wavefront_infer`, two hyperplanes at a time), interleaved, best
+of N; the peak RSS increase of each one's first call on a fresh layer (buffers included); the
+buffers each keeps (``workspace_bytes``); and, for the 2D one-direction shapes, PyTorch's
+``torch.no_grad()`` forward of the same layer (``torch_wavefront.py``). The two mdnumba outputs
+are checked equal first. The last rows are grids whose saving forward needs GiBs: timed once each.
 
-Usage: ``python bench/inference.py [--quick] [--no-torch] [--out PATH]`` (default
-``bench/results/inference.md``; ``--quick`` prints small shapes only).
+Usage: ``python bench/inference.py [--quick] [--no-torch] [--dtype float32|float64] [--out PATH]``
+(default ``bench/results/inference.md``; ``--quick`` prints small shapes only).
 """
 
 from __future__ import annotations
@@ -78,9 +78,9 @@ def table_bytes(shape: Shape) -> int:
 def peak_of_first_call(shape: Shape, x: np.ndarray, save: bool) -> tuple[int, int]:
     """Peak bytes NumPy allocates (tracemalloc) in one forward on a fresh layer, and the buffers
     it keeps; compiled and with the shape's index tables built beforehand."""
-    tiny = build(Shape((2,) * len(shape.dims), 1, 2, shape.directions, shape.cell, grid=shape.grid))
-    tiny.forward(make_input(Shape((2,) * len(shape.dims), 1, 2, grid=shape.grid)), save=save)
-    layer = build(shape)
+    tiny = build(Shape((2,) * len(shape.dims), 1, 2, shape.directions, shape.cell, grid=shape.grid), x.dtype)
+    tiny.forward(make_input(Shape((2,) * len(shape.dims), 1, 2, grid=shape.grid), x.dtype), save=save)
+    layer = build(shape, x.dtype)
     gc.collect()
     tracemalloc.start()
     layer.forward(x, save=save)
@@ -89,17 +89,17 @@ def peak_of_first_call(shape: Shape, x: np.ndarray, save: bool) -> tuple[int, in
     return peak, layer.workspace_bytes()
 
 
-def build(shape: Shape) -> mdnumba.WavefrontLSTM | mdnumba.GridLSTM2D:
+def build(shape: Shape, dtype: np.dtype) -> mdnumba.WavefrontLSTM | mdnumba.GridLSTM2D:
     if shape.grid:
-        return mdnumba.GridLSTM2D(shape.D, shape.dims[1], seed=0)
+        return mdnumba.GridLSTM2D(shape.D, shape.dims[1], seed=0, dtype=dtype)
     cls = {2: mdnumba.MDLSTM2D, 3: mdnumba.MDLSTM3D}[len(shape.dims)]  # 2D: the named views torch reads
-    return cls(1, shape.D, seed=0, directions=shape.directions, cell=shape.cell)
+    return cls(1, shape.D, seed=0, directions=shape.directions, cell=shape.cell, dtype=dtype)
 
 
-def make_input(shape: Shape) -> np.ndarray:
-    """Uniform [0, 1) float32: (B, *dims, 1), or (B, T, D) for a Grid LSTM."""
+def make_input(shape: Shape, dtype: np.dtype) -> np.ndarray:
+    """Uniform [0, 1): (B, *dims, 1), or (B, T, D) for a Grid LSTM."""
     tail = (shape.dims[0], shape.D) if shape.grid else shape.dims + (1,)
-    return np.random.default_rng(0).random((shape.B,) + tail, dtype=np.float32)
+    return np.random.default_rng(0).random((shape.B,) + tail, dtype=dtype)
 
 
 def torch_forward(tb, layer, x: np.ndarray):
@@ -119,12 +119,12 @@ def torch_forward(tb, layer, x: np.ndarray):
     return forward
 
 
-def bench_shape(shape: Shape, tb, budget_s: float) -> dict:
+def bench_shape(shape: Shape, tb, budget_s: float, dtype: np.dtype = np.float32) -> dict:
     """Check, memory, then the interleaved timings of one shape."""
-    x = make_input(shape)
+    x = make_input(shape, dtype)
     tables = table_bytes(shape)
     mem = {save: peak_of_first_call(shape, x, save) for save in (False, True)}
-    layer = build(shape)
+    layer = build(shape, dtype)
     diff = float(np.abs(layer.forward(x, save=False) - layer.forward(x)).max())
     cases = {"save": [("forward", lambda: layer.forward(x))],
              "nosave": [("forward", lambda: layer.forward(x, save=False))]}
@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small shapes, prints only (unless --out)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch column")
+    ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     ap.add_argument("--out", type=Path, default=None, help=f"report file (default {DEFAULT_OUT})")
     args = ap.parse_args(argv)
     tb = None if args.no_torch else load_torch_baseline()
@@ -192,8 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for shape in QUICK if args.quick else SHAPES:
         print(f"... {shape.label}", flush=True)
-        results.append(bench_shape(shape, tb, 0.3 if args.quick else 4.0))
-    text = render(machine_info(tb, load_before), results, tb is not None)
+        results.append(bench_shape(shape, tb, 0.3 if args.quick else 4.0, np.dtype(args.dtype)))
+    text = render(dict(machine_info(tb, load_before), dtype=args.dtype), results, tb is not None)
     write_report(text, args.out or (None if args.quick else DEFAULT_OUT))
 
 
