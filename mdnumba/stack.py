@@ -18,6 +18,7 @@ from ._validate import (
     shared_seed,
 )
 from .layers import LSTM1D, MDLSTM2D, MDLSTM3D, WavefrontLSTM
+from .params import ParamBuffer
 
 _NAMED = {1: LSTM1D, 2: MDLSTM2D, 3: MDLSTM3D}
 
@@ -140,7 +141,8 @@ class LayerGroup:
 
     @property
     def n_params(self) -> int:
-        return sum(layer.params.data.size for layer in self.layers)
+        return sum(layer.params.data.size if isinstance(layer.params, ParamBuffer) else layer.params.size
+                   for layer in self.layers)  # a ParamBuffer, or a device twin's flat device array
 
 
 def _takes(stage: object, name: str, method: str = "forward") -> bool:
@@ -171,7 +173,9 @@ class Sequential(LayerGroup):
     ``layers`` lists the parametrised layers (what :class:`mdnumba.Adam` and checkpoints
     see), in order, those of nested groups (a ``Sequential`` stage) included. A stage may
     appear once: each saves its own activations for ``backward``, so sharing one layer's
-    weights between two stages this way would give wrong gradients. ``stages`` is a tuple
+    weights between two stages this way would give wrong gradients. A stage with ``params`` (the
+    optimiser's :class:`~mdnumba.params.ParamBuffer`) also needs ``grads`` and ``zero_grad()``;
+    other stages need only ``forward`` and ``backward``. ``stages`` is a tuple
     (fixed once built); ``len(seq)`` and ``seq[i]`` give the stages. An error of a stage's
     ``forward`` or ``backward`` names the stage.
     """
@@ -187,6 +191,10 @@ class Sequential(LayerGroup):
                                 f"{type(s).__name__}{hint}")
         self.stages = tuple(stages)
         self._inference = False  # the last forward had save=False
+        for s in self.layers:
+            if not (hasattr(s, "grads") and callable(getattr(s, "zero_grad", None))):
+                raise TypeError(f"{type(s).__name__} has params, so the stack trains it: it also needs "
+                                "grads (where its backward accumulates) and zero_grad()")
         ids = [id(s) for s in _all_stages(self.stages)]
         if len(set(ids)) < len(ids):
             raise ValueError("a stage appears twice in this Sequential: every stage saves its own "

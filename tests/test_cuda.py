@@ -224,6 +224,7 @@ def sim_padded_batches_through_a_device_stack(rng):
     host = mdlstm_stack(2, 2, 2, layers=2, directions=4, subsample=2, seed=3, dtype=np.float64)
     dev = Sequential(*(CudaBlockSubsample(2) if isinstance(s, BlockSubsample) else CudaLSTM.from_layer(s)
                        for s in host.stages))
+    assert dev.n_params == host.n_params  # flat device arrays counted as the host's buffers
     sizes = [(4, 6), (2, 4)]
     x = rng.standard_normal((2, 4, 6, 2))
     want = host.forward(x, sizes=sizes)

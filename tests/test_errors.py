@@ -277,6 +277,33 @@ def test_sequential_misuse_is_refused():
             Sequential(*stages)
 
 
+def test_a_users_stage_with_params_needs_grads_and_zero_grad():
+    """The stack trains a stage with ``params``: without ``zero_grad`` its ``zero_grad`` failed
+    with an AttributeError at the first step."""
+    from mdnumba.params import ParamLayout
+
+    class Scale:
+        def __init__(self, zero_grad: bool):
+            layout = ParamLayout({"a": (1,)})
+            self.params, self.grads = layout.new(np.float64), layout.new(np.float64)
+            if zero_grad:
+                self.zero_grad = lambda: self.grads.data.fill(0)
+
+        def forward(self, x):
+            self._x = x
+            return self.params.a[0] * x
+
+        def backward(self, dy, input_grad=True):
+            self.grads.a[0] += np.sum(dy * self._x)
+            return self.params.a[0] * dy
+
+    with pytest.raises(TypeError, match=r"Scale has params, so the stack trains it: .* grads .*zero_grad"):
+        Sequential(LSTM1D(2, 2), Scale(zero_grad=False))
+    net = Sequential(LSTM1D(2, 2, dtype=np.float64), Scale(zero_grad=True))
+    net.zero_grad()
+    assert len(net.layers) == 2 and net.n_params == net.layers[0].params.data.size + 1
+
+
 def test_optimizer_state_is_checked_before_it_is_loaded():
     layer = LSTM1D(2, 2)
     opt = Adam(layer)
