@@ -85,6 +85,16 @@ def check_state(state: object, name: str, batch: int, width: int, dtype: np.dtyp
     return pair
 
 
+def check_device(device: object) -> str:
+    """``device`` as given when it is 'cpu' or 'cuda' (then with a usable GPU and numba-cuda)."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda":
+        from .backend_cuda import require_cuda
+        require_cuda()
+    return device
+
+
 def check_flag(value: object, name: str) -> bool:
     """``value`` as a bool; TypeError unless it is one (``save="no"`` must not mean True)."""
     if not isinstance(value, (bool, np.bool_)):

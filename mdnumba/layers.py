@@ -14,6 +14,7 @@ from ._validate import (
     FINAL_STATE_WITH_SIZES,
     SIZES_WITH_STATE,
     check_array,
+    check_device,
     check_finite_number,
     check_finite_params,
     check_flag,
@@ -77,18 +78,13 @@ class WavefrontLSTM(OwnsParams):
     def __init__(self, ndim: int, in_channels: int, hidden: int, *, seed: int = 0,
                  dtype: npt.DTypeLike = config.DEFAULT_DTYPE, forget_bias: float | None = None,
                  device: str = "cpu", cell: str = "graves", directions: int = 1):
-        if device not in ("cpu", "cuda"):
-            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         self.ndim = check_positive_int(ndim, "ndim")
         self.cell, self.cell_code = cell, cell_code(cell)
         if isinstance(directions, bool) or not isinstance(directions, (int, np.integer)) or \
                 directions not in (1, 2 ** self.ndim):
             raise ValueError(f"directions must be 1 or {2 ** self.ndim} (every corner of a "
                              f"{self.ndim}-D grid), got {directions!r}")
-        if device == "cuda":
-            from .backend_cuda import require_cuda
-            require_cuda()
-        self.device = device
+        self.device = check_device(device)
         self.directions = int(directions)
         self.in_channels = check_positive_int(in_channels, "in_channels")
         self.hidden = check_positive_int(hidden, "hidden")
@@ -546,12 +542,7 @@ class GridLSTM2D(OwnsParams):
     def __init__(self, hidden: int, layers: int, *, seed: int = 0,
                  dtype: npt.DTypeLike = config.DEFAULT_DTYPE,
                  forget_bias: float = 1.0, tied: bool = True, device: str = "cpu"):
-        if device not in ("cpu", "cuda"):
-            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-        if device == "cuda":
-            from .backend_cuda import require_cuda
-            require_cuda()
-        self.device = device
+        self.device = check_device(device)
         self.hidden = check_positive_int(hidden, "hidden")
         self.depth = check_positive_int(layers, "layers")
         self.dtype = config.resolve_dtype(dtype)

@@ -10,6 +10,7 @@ import numpy.typing as npt
 
 from . import config
 from ._validate import (
+    check_device,
     check_flag,
     check_positive_int,
     check_shape,
@@ -30,12 +31,18 @@ class BlockSubsample:
     ``k = block`` and ``N = ndim`` grid axes (2: images, 3: volumes), channel order
     ``(offset_1, .., offset_N, c)``; ``backward`` is the exact inverse (no parameters). Every
     grid side must be divisible by ``block``. Both return new arrays, never views of their input.
+    With ``device="cuda"`` (as the layers of ``mdlstm_stack(..., device="cuda")``) a CUDA array
+    in gives a device array out (:class:`~mdnumba.backend_cuda.CudaBlockSubsample`), a NumPy
+    array NumPy.
     """
 
-    def __init__(self, block: int, ndim: int = 2):
+    def __init__(self, block: int, ndim: int = 2, device: str = "cpu"):
         self.block = check_positive_int(block, "block")
         self.ndim = check_positive_int(ndim, "ndim")
+        self.device = check_device(device)
         self._in_shape: tuple | None = None
+        self._twin = None  # the CudaBlockSubsample for CUDA arrays (device="cuda"), made once needed
+        self._ran_on = None  # the twin when the last forward ran on the device
 
     def out_channels(self, in_channels: int) -> int:
         return in_channels * self.block ** self.ndim
@@ -47,24 +54,47 @@ class BlockSubsample:
         arr = check_size_values(sizes, positive=True)
         return -(-arr // self.block)
 
+    def _device_twin(self, x: object):
+        """The device twin that takes ``x`` when it is a CUDA array (``device="cuda"``), else None."""
+        if self.device != "cuda":
+            return None
+        from .backend_cuda import CudaBlockSubsample
+        from .kernels.wavefront_cuda import is_device_array
+        if not is_device_array(x):
+            return None
+        if self._twin is None:
+            self._twin = CudaBlockSubsample(self.block, self.ndim)
+        return self._twin
+
+    def _check_input(self, shape: tuple) -> None:
+        """(batch, ``ndim`` grid axes, channels), every grid side divisible by the block."""
+        N, k = self.ndim, self.block
+        if len(shape) != N + 2:
+            hint = f"; for {len(shape) - 2} grid axes use BlockSubsample({k}, ndim={len(shape) - 2})" \
+                if len(shape) > 2 else ""
+            raise ValueError(f"BlockSubsample({k}) needs a (batch, {N} grid axes, channels) array, "
+                             f"got shape {shape}{hint}")
+        if any(n % k for n in shape[1:-1]):
+            raise ValueError(f"BlockSubsample({k}) needs every grid side divisible by {k}, got "
+                             f"shape {shape}; crop or pad the input (in "
+                             f"mdlstm_stack(..., subsample={k}) every side of the stack's input must be "
+                             f"divisible by {k}**(layers-1))")
+
     def forward(self, x: np.ndarray, *, save: bool = True) -> np.ndarray:
         """Move each block's cells into the channel axis (``save`` is accepted like the layers';
         backward needs only the input's shape, which is always kept)."""
         check_flag(save, "save")
-        x = np.asarray(x)
-        N, k = self.ndim, self.block
-        dims = x.shape[1:-1]
-        if x.ndim != N + 2:
-            hint = f"; for {x.ndim - 2} grid axes use BlockSubsample({k}, ndim={x.ndim - 2})" \
-                if x.ndim > 2 else ""
-            raise ValueError(f"BlockSubsample({k}) needs a (batch, {N} grid axes, channels) array, "
-                             f"got shape {x.shape}{hint}")
-        if any(n % k for n in dims):
-            raise ValueError(f"BlockSubsample({k}) needs every grid side divisible by {k}, got "
-                             f"shape {x.shape}; crop or pad the input (in "
-                             f"mdlstm_stack(..., subsample={k}) every side of the stack's input must be "
-                             f"divisible by {k}**(layers-1))")
-        self._in_shape = x.shape
+        twin = self._device_twin(x)
+        x = x if twin is not None else np.asarray(x)
+        shape = tuple(x.shape)
+        self._check_input(shape)
+        y = twin.forward(x) if twin is not None else self._to_blocks(x)
+        self._in_shape, self._ran_on = shape, twin
+        return y
+
+    def _to_blocks(self, x: np.ndarray) -> np.ndarray:
+        """The host op: ``(B, .., n_d, .., C)`` → ``(B, .., n_d/k, .., (.., offset_d, .., c))``."""
+        N, k, dims = self.ndim, self.block, x.shape[1:-1]
         split = (x.shape[0],) + sum(((n // k, k) for n in dims), ()) + (x.shape[-1],)
         order = (0,) + tuple(1 + 2 * d for d in range(N)) + tuple(2 + 2 * d for d in range(N)) + (2 * N + 1,)
         y = x.reshape(split).transpose(order)
@@ -77,6 +107,8 @@ class BlockSubsample:
             raise missing_activations()
         if not input_grad:
             return None
+        if self._ran_on is not None:  # the last forward ran on the device
+            return self._ran_on.backward(dy)
         N, k, shape = self.ndim, self.block, self._in_shape
         dims = shape[1:-1]
         check_shape(dy, (shape[0],) + tuple(n // k for n in dims) + (self.out_channels(shape[-1]),))
@@ -85,7 +117,9 @@ class BlockSubsample:
         return np.array(np.reshape(dy, blocks).transpose(inverse), order="C").reshape(shape)
 
     def __repr__(self) -> str:
-        return f"BlockSubsample({self.block}" + (f", ndim={self.ndim})" if self.ndim != 2 else ")")
+        extra = (f", ndim={self.ndim}" if self.ndim != 2 else "") + \
+            (f", device={self.device!r}" if self.device != "cpu" else "")
+        return f"BlockSubsample({self.block}{extra})"
 
 
 @contextmanager
@@ -261,7 +295,7 @@ def mdlstm_stack(ndim: int, in_channels: int, hidden: int, *, layers: int = 1, d
     stages, channels = [], in_channels
     for k in range(layers):
         if k and subsample > 1:
-            stages.append(BlockSubsample(subsample, ndim))
+            stages.append(BlockSubsample(subsample, ndim, device=device))
             channels = stages[-1].out_channels(channels)
         # with an int seed, layer k > 0 draws from the stream (seed, k): no other seed's layer
         # starts with its weights (a bad seed is refused by layer 0, built first)

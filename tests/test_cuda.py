@@ -237,6 +237,33 @@ def sim_padded_batches_through_a_device_stack(rng):
                                    rtol=1e-12, atol=1e-13)
 
 
+def sim_a_cuda_stack_keeps_cuda_arrays_on_the_device(rng):
+    """``mdlstm_stack(..., subsample=2, device="cuda")``: CUDA arrays in, device arrays out of
+    forward and backward (its BlockSubsample ran the host op, so the stack gave NumPy), the CPU
+    stack's values and gradients; NumPy in still gives NumPy."""
+    from numba import cuda
+
+    from mdnumba.kernels.wavefront_cuda import is_device_array
+    from mdnumba.stack import mdlstm_stack
+    kw = dict(layers=2, subsample=2, seed=3, dtype=np.float64)
+    host, dev = mdlstm_stack(2, 2, 2, **kw), mdlstm_stack(2, 2, 2, device="cuda", **kw)
+    x = rng.standard_normal((2, 4, 2, 2))
+    want = host.forward(x)
+    dy = rng.standard_normal(want.shape)
+    want_dx = host.backward(dy)
+    got = dev.forward(cuda.to_device(x))
+    dx = dev.backward(cuda.to_device(dy))
+    assert is_device_array(got) and is_device_array(dx), (type(got), type(dx))
+    np.testing.assert_allclose(got.copy_to_host(), want, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(dx.copy_to_host(), want_dx, rtol=1e-12, atol=1e-13)
+    for a, b in zip(dev.layers, host.layers):
+        np.testing.assert_allclose(a.grads.data, b.grads.data, rtol=1e-12, atol=1e-13)
+    assert isinstance(dev.forward(x), np.ndarray)
+    np.testing.assert_allclose(dev.backward(dy), want_dx, rtol=1e-12, atol=1e-13)
+    with pytest.raises(ValueError, match=r"divisible by 2, got shape \(1, 5, 4, 3\)"):  # the array's own
+        dev[1].forward(cuda.to_device(np.zeros((1, 5, 4, 3))))
+
+
 @pytest.mark.parametrize("kind", ["grid", "stacked"])
 def sim_char_lm_on_the_device_matches_the_cpu(kind, rng):
     """``CharLM(device='cuda')`` (the char-LM of ``mdnumba train --device cuda``): logits with

@@ -430,6 +430,8 @@ def test_block_subsample_says_which_rule_is_broken():
     x = np.ones((1, 2, 2, 3))  # one block: the output is a new array all the same
     assert not np.shares_memory(BlockSubsample(2).forward(x), x)
     assert not np.shares_memory(BlockSubsample(1).forward(x), x)
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda', got 'gpu'"):
+        BlockSubsample(2, device="gpu")
 
 
 def test_a_stack_names_the_stage_that_failed():
