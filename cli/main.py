@@ -699,8 +699,13 @@ def compare(ctx, task, models, out, overwrite, plot, **kw) -> None:
     cols = list(rows[0][1])
     table = "model\t" + "\t".join(cols) + "\n" + "".join(
         name + "\t" + "\t".join(f"{m[c]:.4g}" for c in cols) + "\n" for name, m in rows)
-    (out / SUMMARY).write_text(table)
     click.echo(table)
+    from mdnumba.checkpoint import atomic_write_bytes
+    try:
+        atomic_write_bytes(out / SUMMARY, lambda fh: fh.write(table.encode()))
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {out / SUMMARY} ({exc.strerror or exc}); the "
+                                   f"models' runs are saved in their folders under {out}") from None
     if plot:
         from mdnumba.plotting import plot_curves, read_log
         try:

@@ -300,6 +300,24 @@ def test_compare_writes_summary(runner, tmp_path):
     assert res.exit_code == 2 and "not valid" in res.output
 
 
+def test_compare_that_cannot_write_its_summary_says_so(runner, tmp_path, monkeypatch):
+    """A full disk at the end: a message naming summary.tsv (not a traceback), the runs kept."""
+    import mdnumba.checkpoint
+
+    def full(path, write):
+        if path.name == "summary.tsv":
+            raise OSError(28, "No space left on device")
+        return real(path, write)
+    real = mdnumba.checkpoint.atomic_write_bytes
+    monkeypatch.setattr(mdnumba.checkpoint, "atomic_write_bytes", full)
+    res = runner.invoke(main, ["compare", "--size", "4", "--batch", "2", "--hidden", "3", "--steps", "2",
+                               "--models", "md", "--out", str(tmp_path), "--no-plot"])
+    assert res.exit_code == 1 and not isinstance(res.exception, OSError), res.output
+    assert (f"cannot write {tmp_path / 'summary.tsv'} (No space left on device); the models' runs are "
+            f"saved in their folders under {tmp_path}") in res.output
+    assert (tmp_path / "md" / "checkpoint.npz").exists() and not (tmp_path / "summary.tsv").exists()
+
+
 def test_plot(runner, tmp_path):
     res = train(runner, tmp_path / "run", "--plot")
     assert res.exit_code == 0, res.output
