@@ -44,6 +44,11 @@ class BlockSubsample:
         self._twin = None  # the CudaBlockSubsample for CUDA arrays (device="cuda"), made once needed
         self._ran_on = None  # the twin when the last forward ran on the device
 
+    def __getstate__(self) -> dict:
+        """Pickles and ``copy.deepcopy`` keep the settings, not the last call nor the device
+        twin (its index tables live on the GPU; a copy makes its own)."""
+        return dict(self.__dict__, _in_shape=None, _twin=None, _ran_on=None)
+
     def out_channels(self, in_channels: int) -> int:
         return in_channels * self.block ** self.ndim
 

@@ -12,6 +12,7 @@ thread as a Python thread (and, as tests/simgrid.py makes it, checks every array
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -258,6 +259,9 @@ def sim_a_cuda_stack_keeps_cuda_arrays_on_the_device(rng):
     np.testing.assert_allclose(dx.copy_to_host(), want_dx, rtol=1e-12, atol=1e-13)
     for a, b in zip(dev.layers, host.layers):
         np.testing.assert_allclose(a.grads.data, b.grads.data, rtol=1e-12, atol=1e-13)
+    copy = pickle.loads(pickle.dumps(dev))  # the copy leaves the device twin behind, makes its own
+    assert copy[1]._twin is None and dev[1]._twin is not None
+    assert is_device_array(copy.forward(cuda.to_device(x)))
     assert isinstance(dev.forward(x), np.ndarray)
     np.testing.assert_allclose(dev.backward(dy), want_dx, rtol=1e-12, atol=1e-13)
     with pytest.raises(ValueError, match=r"divisible by 2, got shape \(1, 5, 4, 3\)"):  # the array's own
