@@ -13,6 +13,8 @@ CELLS = ["graves", "stable", "spatial"]
 
 
 def make(ndim, C, D, **kw):
+    if ndim not in (1, 2, 3):  # N >= 4: the engine itself
+        return WavefrontLSTM(ndim, C, D, **kw)
     cls = {1: LSTM1D, 2: MDLSTM2D, 3: MDLSTM3D}[ndim]
     return cls(C, D, **kw)
 
@@ -20,7 +22,7 @@ def make(ndim, C, D, **kw):
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("ndim,shape,directions", [
     (2, (2, 3, 4, 2), 1), (2, (2, 3, 2, 1), 4), (3, (2, 2, 3, 2, 2), 1), (3, (1, 2, 2, 2, 1), 8),
-    (1, (2, 5, 2), 2)])
+    (1, (2, 5, 2), 2), (4, (3, 2, 1, 2, 2, 1), 1), (4, (1, 2, 1, 2, 1, 1), 16)])
 @pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-12), (np.float32, 1e-5)])
 def test_match_reference(cell, ndim, shape, directions, dtype, rtol, rng):
     layer = make(ndim, shape[-1], 3, seed=5, dtype=dtype, cell=cell, directions=directions)
@@ -47,6 +49,35 @@ def test_cells_finite_differences_2d(cell, zeros, rng):
 def test_directions_and_3d_finite_differences(ndim, shape, kw, rng):
     layer = make(ndim, shape[-1], 2, seed=4, dtype=np.float64, **kw)
     layer.params.b[...] = rng.standard_normal(layer.params.b.shape) * 0.5
+    check_layer_gradients(layer, rng.standard_normal(shape), rng)
+
+
+@pytest.mark.parametrize("ndim,shape,hidden,kw", [
+    (1, (2, 4, 2), 2, {"directions": 2, "cell": "stable"}),   # stable N = 1: f alone, no mixing logits
+    (3, (1, 2, 3, 2, 1), 2, {"cell": "spatial"}),
+    (3, (1, 2, 2, 2, 1), 1, {"directions": 8, "cell": "spatial"}),
+    (3, (1, 2, 2, 2, 1), 1, {"directions": 8, "cell": "stable"}),
+    (4, (2, 2, 1, 2, 2, 1), 2, {"cell": "graves"}),           # N = 4: four forget gates / parents
+    (4, (2, 2, 1, 2, 2, 1), 2, {"cell": "stable"}),           # softmax over three logits and 0
+    (4, (1, 2, 2, 1, 2, 1), 2, {"cell": "spatial"}),
+    (4, (1, 2, 1, 2, 1, 1), 1, {"directions": 16, "cell": "stable"})])
+def test_other_cells_dimensions_and_directions_finite_differences(ndim, shape, hidden, kw, rng):
+    """The cell x N x directions combinations the tests above leave out: the stable cell in 1D,
+    the spatial cell in 3D, every corner of a 3D grid with the stable and spatial cells, and
+    N = 4 (four parents; the stable cell's softmax over three logits), against central differences."""
+    layer = make(ndim, shape[-1], hidden, seed=4, dtype=np.float64, **kw)
+    layer.params.data[...] += rng.standard_normal(layer.params.data.shape) * 0.3
+    check_layer_gradients(layer, rng.standard_normal(shape), rng)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("ndim,shape", [(2, (3, 2, 3, 2)), (1, (3, 4, 2))])
+def test_unrolled_kernel_paths_finite_differences(cell, ndim, shape, rng):
+    """hidden 5 (a four-unit pass of the recurrent products and pulls plus a remainder of 1) with
+    an odd batch (a pair of rows and a single one): the paths the other finite-difference tests
+    (hidden <= 4, even batches) do not reach."""
+    layer = make(ndim, shape[-1], 5, seed=6, dtype=np.float64, cell=cell)
+    layer.params.data[...] += rng.standard_normal(layer.params.data.shape) * 0.3
     check_layer_gradients(layer, rng.standard_normal(shape), rng)
 
 

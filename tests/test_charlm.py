@@ -96,11 +96,13 @@ def test_rmsprop_matches_reference(rng):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-@pytest.mark.parametrize("kind", ["grid", "stacked"])
-def test_model_gradients_finite_differences(kind, dropout, rng):
+@pytest.mark.parametrize("kind,tied", [("grid", True), ("grid", False), ("stacked", True)])
+def test_model_gradients_finite_differences(kind, tied, dropout, rng):
     """backward == finite differences of forward; with dropout the masks are held fixed (the
-    same seed on every call), so the embedding's gradient goes through its mask too."""
-    model = CharLM(kind, vocab=5, hidden=3, layers=2, dropout=dropout, seed=1, dtype=np.float64)
+    same seed on every call), so the embedding's gradient goes through its mask too. The grid
+    model with weights tied along depth and with a set per level."""
+    model = CharLM(kind, vocab=5, hidden=3, layers=2, dropout=dropout, seed=1, dtype=np.float64,
+                   tied=tied)
     x, y = rng.integers(0, 5, (2, 4)), rng.integers(0, 5, (2, 4))
 
     def forward():

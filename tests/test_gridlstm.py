@@ -43,6 +43,16 @@ def test_finite_differences(zeros, tied, rng):
     check_layer_gradients(layer, x, rng)
 
 
+@pytest.mark.parametrize("B,T,L,D,tied", [(3, 3, 2, 4, True),    # hidden 4: the four-unit products
+                                           (1, 2, 3, 5, False),   # untied, time shorter than depth
+                                           (2, 1, 3, 2, True),    # one time step: no time neighbours
+                                           (3, 4, 1, 2, False)])  # one level: bottom and top at once
+def test_finite_differences_shapes(B, T, L, D, tied, rng):
+    layer = GridLSTM2D(D, L, seed=1, dtype=np.float64, tied=tied)
+    layer.params.data[...] += rng.standard_normal(layer.params.data.shape) * 0.3
+    check_layer_gradients(layer, rng.standard_normal((B, T, D)), rng)
+
+
 def test_output_at_t_ignores_later_inputs(rng):
     layer = GridLSTM2D(3, 2, dtype=np.float64)
     x = rng.standard_normal((1, 6, 3))

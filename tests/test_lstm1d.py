@@ -61,12 +61,17 @@ def test_state_matches_reference(directions, cell, dtype, rtol, rng):
     check_state_against_reference(layer, x, state, dh, final_grad, rtol)
 
 
-@pytest.mark.parametrize("T", [1, 4])
-def test_state_gradients_finite_differences(T, rng):
+@pytest.mark.parametrize("T,cell,directions,B,D", [
+    (1, "graves", 2, 2, 3), (4, "graves", 2, 2, 3),
+    (3, "spatial", 2, 2, 3),   # h = tanh(c·o): cell 0 (o = 0) and the pad pass dL/dc through
+    (3, "stable", 1, 2, 3),    # stable N = 1: the pad's forget gate is the only factor of dL/dc_T
+    (3, "graves", 1, 3, 5)])   # odd batch, hidden 5: the single-row four-unit pulls
+def test_state_gradients_finite_differences(T, cell, directions, B, D, rng):
     """dL/dx, the weights' and the initial state's gradients, with a loss on the output and on
     the final state (h_T, c_T), against central differences."""
-    layer = LSTM1D(2, 3, directions=2, dtype=np.float64, seed=5)
-    x, (h0, c0), w, (wh, wc) = _state_case(rng, B=2, T=T, C=2, D=3, S=2)
+    layer = LSTM1D(2, D, directions=directions, cell=cell, dtype=np.float64, seed=5)
+    layer.params.data[...] += rng.standard_normal(layer.params.data.shape) * 0.3
+    x, (h0, c0), w, (wh, wc) = _state_case(rng, B=B, T=T, C=2, D=D, S=directions)
 
     def loss():
         y = layer.forward(x, state=(h0, c0))

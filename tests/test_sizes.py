@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from gradcheck import assert_grad_close, numeric_grad
 
 from mdnumba import LSTM1D, MDLSTM2D, MDLSTM3D, WavefrontLSTM, pad_batch, unpad_batch
 from mdnumba.grid import direction_tables, live_items, wavefront
@@ -271,3 +272,60 @@ def test_a_stack_checks_the_sizes_before_its_blocks_divide_them(sizes, error, ma
     net = Sequential(BlockSubsample(2), MDLSTM2D(4, 2))
     with pytest.raises(error, match=match):
         net.forward(np.zeros((2, 4, 4, 1), np.float32), sizes=sizes)
+
+
+@pytest.mark.parametrize("make,dims,sizes", CASES + [
+    (lambda: LSTM1D(2, 2, directions=2, seed=1, dtype=np.float64, cell="spatial"), (5,), [(2,), (5,), (3,)]),
+    (lambda: MDLSTM2D(2, 2, directions=4, seed=1, dtype=np.float64, cell="spatial"), (3, 3),
+     [(3, 2), (1, 3), (2, 2)]),
+    # hidden 5, an odd batch: the four-unit products of single rows
+    (lambda: MDLSTM2D(2, 5, seed=1, dtype=np.float64), (3, 3), [(2, 3), (3, 3), (3, 1)]),
+    (lambda: MDLSTM3D(2, 2, directions=8, seed=1, dtype=np.float64, cell="stable"), (2, 2, 2),
+     [(2, 1, 2), (1, 2, 1)]),
+    (lambda: WavefrontLSTM(4, 2, 2, seed=1, dtype=np.float64, cell="stable"), (2, 2, 1, 2),
+     [(2, 1, 1, 2), (1, 2, 1, 1)])])
+def test_padded_batch_finite_differences(make, dims, sizes, rng):
+    """dL/dx and every gradient of a padded batch against central differences (the live-row
+    sweeps, gathers and GEMMs): dx is 0 on the padding, which the output ignores. The layer
+    first runs the whole grid once, so that the workspaces' padding rows hold that run's values,
+    not the zeros of new buffers."""
+    layer = make()
+    layer.params.data[...] += rng.standard_normal(layer.params.data.shape) * 0.3
+    _, x = padded_batch(dims, sizes, rng)
+    y = layer.forward(x)
+    layer.backward(np.cos(y))
+    w = rng.standard_normal(y.shape)
+
+    def loss():
+        return float(np.sum(w * layer.forward(x, sizes=sizes)))
+
+    layer.forward(x, sizes=sizes)
+    layer.zero_grad()
+    dx = layer.backward(w)
+    assert_grad_close(dx, numeric_grad(loss, x), name="dx")
+    for name in layer.layout.shapes:
+        assert_grad_close(layer.grads[name], numeric_grad(loss, layer.params[name]), name=name)
+
+
+def test_stack_with_blocks_and_sizes_finite_differences(rng):
+    """Backward of a padded batch through a stack (4-direction layers, 2x2 blocks, a Linear that
+    takes no sizes), with items whose sides the block does not divide, against central
+    differences: the first layer ignores dL/dh on its padding, where its output is 0."""
+    from mdnumba.layers import Linear
+    from mdnumba.stack import Sequential, mdlstm_stack
+    stack = mdlstm_stack(2, 2, 2, layers=2, directions=4, subsample=2, seed=3, dtype=np.float64)
+    net = Sequential(stack, Linear(8, 2, dtype=np.float64))
+    for layer in net.layers:
+        layer.params.data[...] += rng.standard_normal(layer.params.data.shape) * 0.3
+    sizes = [(4, 4), (3, 1), (2, 3)]
+    _, x = padded_batch((4, 4), sizes, rng)
+    w = rng.standard_normal(net.forward(x, sizes=sizes).shape)
+
+    def loss():
+        return float(np.sum(w * net.forward(x, sizes=sizes)))
+
+    net.zero_grad()
+    net.forward(x, sizes=sizes)
+    assert_grad_close(net.backward(w), numeric_grad(loss, x), name="dx")
+    for k, layer in enumerate(net.layers):
+        assert_grad_close(layer.grads.data, numeric_grad(loss, layer.params.data), name=f"layer {k}")
