@@ -177,7 +177,7 @@ def check_stateful(stateful: bool, final_state_grad: object) -> None:
                          "state=layer.zero_state(batch)) for a zero initial state")
 
 
-def check_finite_params(params) -> None:
+def check_finite_params(params: object) -> None:
     """Raise :class:`NonFiniteError` naming the weights of ``params`` (a ParamBuffer) that hold
     NaN or infinite values: set by hand, or by an update of the user's own that diverged."""
     if np.isfinite(params.data).all():

@@ -551,7 +551,7 @@ class CudaBlockSubsample:
     def out_channels(self, in_channels: int) -> int:
         return self.host.out_channels(in_channels)
 
-    def out_sizes(self, sizes) -> np.ndarray:
+    def out_sizes(self, sizes: npt.ArrayLike) -> np.ndarray:
         return self.host.out_sizes(sizes)
 
     def _table(self, shape: tuple):

@@ -17,7 +17,7 @@ from .layers import Linear, WavefrontLSTM
 from .stack import LayerGroup, Sequential, mdlstm_stack
 
 
-def check_dlogits(dlogits, want: tuple, dtype: np.dtype, values: bool = True):
+def check_dlogits(dlogits: object, want: tuple, dtype: np.dtype, values: bool = True) -> object:
     """``dlogits`` checked as dL/d(logits of shape ``want``), named as the caller knows it (not
     the readout's ``dy``): its shape, and with ``values`` (a NumPy array) its dtype and NaN/inf,
     returned cast to ``dtype``. Models and :class:`mdnumba.train_device.DeviceModel` alike."""

@@ -290,7 +290,8 @@ class Sequential(LayerGroup):
 
 
 def mdlstm_stack(ndim: int, in_channels: int, hidden: int, *, layers: int = 1, directions: int = 1,
-                 cell: str = "graves", subsample: int = 1, seed: int = 0, dtype=config.DEFAULT_DTYPE,
+                 cell: str = "graves", subsample: int = 1, seed: int = 0,
+                 dtype: npt.DTypeLike = config.DEFAULT_DTYPE,
                  device: str = "cpu") -> Sequential:
     """``layers`` N-D MD-LSTM layers (each ``directions`` scans, outputs concatenated), with a
     :class:`BlockSubsample` of ``subsample`` between consecutive layers when ``subsample > 1``."""

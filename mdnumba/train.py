@@ -13,7 +13,7 @@ import time
 import tracemalloc
 import types
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -205,7 +205,7 @@ class TrainConfig:
                 raise TypeError(f"setting {f.name} must be {' or '.join(map(_type_name, allowed))}, "
                                 f"got {value!r}")
 
-    def inapplicable(self, names) -> dict[str, str]:
+    def inapplicable(self, names: Iterable[str]) -> dict[str, str]:
         """Of the settings ``names`` (e.g. those given on the command line), the ones this
         run ignores, with the reason: ``{"dropout": "char-lm only", ...}``."""
         charlm = self.task == "char-lm"
