@@ -27,39 +27,25 @@ def test_bce_is_finite_for_extreme_logits():
     assert np.isfinite(loss) and np.isfinite(dz).all() and loss > 1e3
 
 
-@pytest.mark.parametrize("kind", ["md", "horizontal", "snake"])
-def test_model_gradients_end_to_end(kind, rng):
-    model = build_model(kind, in_channels=1, hidden=3, seed=2, dtype=np.float64)
-    x = rng.uniform(0, 1, (2, 3, 4, 1))
-    y = rng.uniform(0, 1, (2, 3, 4, 1))
-
-    def loss():
-        return mse_sigmoid(model.forward(x), y)[0]
-
-    model.zero_grad()
-    _, dz, _ = mse_sigmoid(model.forward(x), y)
-    dx = model.backward(dz)
-    assert_grad_close(dx, numeric_grad(loss, x), name="dx")
-    for layer in model.layers:
-        assert_grad_close(layer.grads.data, numeric_grad(loss, layer.params.data), name=kind)
-
-
-@pytest.mark.parametrize("kind,shape,kw", [
-    ("lstm", (2, 4, 2), dict(hidden=2, directions=2, layers=2, cell="spatial")),
-    ("md3d", (1, 2, 2, 2, 1), dict(hidden=2, cell="stable")),
-    ("md", (1, 2, 2, 1), dict(hidden=1, directions=4, layers=2, cell="stable"))])
-def test_other_model_gradients_end_to_end(kind, shape, kw, rng):
-    """The sequence and volume models and a stacked 4-direction image model (what the trainers
-    build from --layers/--directions/--cell), BCE loss, against central differences."""
+@pytest.mark.parametrize("kind,shape,loss_fn,kw", [
+    ("md", (2, 3, 4, 1), mse_sigmoid, dict(hidden=3)),
+    ("horizontal", (2, 3, 4, 1), mse_sigmoid, dict(hidden=3)),
+    ("snake", (2, 3, 4, 1), mse_sigmoid, dict(hidden=3)),
+    # what the trainers build from --layers/--directions/--cell
+    ("lstm", (2, 4, 2), bce_logits, dict(hidden=2, directions=2, layers=2, cell="spatial")),
+    ("md3d", (1, 2, 2, 2, 1), bce_logits, dict(hidden=2, cell="stable")),
+    ("md", (1, 2, 2, 1), bce_logits, dict(hidden=1, directions=4, layers=2, cell="stable"))])
+def test_model_gradients_end_to_end(kind, shape, loss_fn, kw, rng):
+    """dL/dx and every layer's gradients of a model with its loss against central differences."""
     model = build_model(kind, in_channels=shape[-1], seed=2, dtype=np.float64, **kw)
     x = rng.uniform(0, 1, shape)
     y = rng.uniform(0, 1, shape[:-1] + (1,))
 
     def loss():
-        return bce_logits(model.forward(x), y)[0]
+        return loss_fn(model.forward(x), y)[0]
 
     model.zero_grad()
-    _, dz, _ = bce_logits(model.forward(x), y)
+    _, dz, _ = loss_fn(model.forward(x), y)
     dx = model.backward(dz)
     assert_grad_close(dx, numeric_grad(loss, x), name="dx")
     for k, layer in enumerate(model.layers):
