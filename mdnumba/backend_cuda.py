@@ -581,8 +581,8 @@ class CudaBlockSubsample:
     def forward(self, x: HostOrDevice) -> DeviceArray:
         """Blocks of cells → channels on the device (NumPy or device in, device array out)."""
         xd = self.k.as_device(x)
+        src, _, out_shape = self._table(tuple(xd.shape))  # checks the shape: a refused x changes nothing
         self._shape = tuple(xd.shape)
-        src, _, out_shape = self._table(self._shape)
         return self._gather(xd, src, out_shape)
 
     def backward(self, dy: HostOrDevice, input_grad: bool = True) -> DeviceArray | None:

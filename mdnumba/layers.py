@@ -13,6 +13,7 @@ from . import config
 from ._validate import (
     FINAL_STATE_WITH_SIZES,
     SIZES_WITH_STATE,
+    NonFiniteError,
     check_array,
     check_device,
     check_finite_number,
@@ -189,7 +190,11 @@ class WavefrontLSTM(OwnsParams):
                            stateful=state is not None, sizes=sizes, items=items, live=live)
         out = np.empty((dense, S, D), dtype=self.dtype)
         unskew_rows(out, h, unskew_src)  # grid order, direction q in channels q*D:(q+1)*D
-        self._check_state(out, output=True)
+        try:
+            self._check_state(out, output=True)
+        except NonFiniteError:  # NaN gates (inf - inf): a later padded batch skips the padding's
+            del self._work["act"]  # rows, whose gates backward multiplies by 0; made anew, zeroed
+            raise
         return out.reshape((B,) + dims + (S * D,))
 
     def _forward_rolling(self, x, wf, skew_src, state, sizes):
@@ -575,10 +580,13 @@ class GridLSTM2D(OwnsParams):
         D, L = self.hidden, self.depth
         save = check_flag(save, "save")
         check_finite_params(self.params)
+        given = x
         x = check_array(x, "x", 3, D, self.dtype, f"(batch, time, hidden={D})")
         B, T = x.shape[:2]
         wf = wavefront((T, L))
         xt = np.ascontiguousarray(x.transpose(1, 0, 2)).reshape(T * B, D)
+        if save and np.may_share_memory(xt, given):  # B or T = 1: a view of the caller's array
+            xt = xt.copy()  # backward's own (the caller may reuse its array)
         if not save:
             return self._forward_rolling(xt, wf, B, T)
         R = wf.n_cells * B

@@ -14,7 +14,7 @@ import numpy.typing as npt
 from . import config
 from ._validate import check_array, check_flag, check_shape, missing_activations, part_seed, shared_seed
 from .layers import Linear, WavefrontLSTM
-from .stack import LayerGroup, Sequential, mdlstm_stack
+from .stack import LayerGroup, Sequential, check_not_refused_midway, mdlstm_stack, refused_midway
 
 
 def check_dlogits(dlogits: object, want: tuple, dtype: np.dtype, values: bool = True) -> object:
@@ -38,6 +38,7 @@ class RecurrentReadout(LayerGroup):
         self.layers = list(getattr(recurrent, "layers", [recurrent])) + [self.readout]
         self._in_shape: tuple | None = None
         self._inference = False  # the last forward had save=False
+        self._refused_at: int | None = None  # 1: the readout refused the last forward (stack.refused_midway)
 
     def _to_recurrent(self, x: np.ndarray) -> np.ndarray:
         return x
@@ -50,8 +51,19 @@ class RecurrentReadout(LayerGroup):
         ``save=False`` (evaluation) keeps no activations for backward."""
         x = np.asarray(x)
         inference = not check_flag(save, "save")
-        y = self.readout.forward(self.recurrent.forward(self._to_recurrent(x), save=save), save=save)
+        try:
+            h = self.recurrent.forward(self._to_recurrent(x), save=save)
+        except BaseException:
+            if refused_midway(self.recurrent):  # a stack's later layer refused it
+                self._refused_at = 0
+            raise
+        try:
+            y = self.readout.forward(h, save=save)
+        except BaseException:  # the recurrent layers ran on x, the readout holds the last forward's
+            self._refused_at = 1
+            raise
         self._in_shape, self._inference = x.shape, inference  # a refused x changes nothing
+        self._refused_at = None
         return self._from_recurrent(y)
 
     def backward(self, dlogits: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
@@ -60,6 +72,7 @@ class RecurrentReadout(LayerGroup):
         input_grad = check_flag(input_grad, "input_grad")
         if self._in_shape is None or self._inference:
             raise missing_activations(inference=self._in_shape is not None)
+        check_not_refused_midway(self)
         dlogits = check_dlogits(dlogits, self._in_shape[:-1] + (self.readout.out_features,),
                                 self.readout.dtype)
         dy = self.readout.backward(np.reshape(dlogits, self.readout._shape[:-1] + (-1,)))

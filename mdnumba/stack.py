@@ -206,6 +206,22 @@ def _all_stages(stages: list):
         yield from _all_stages(children)
 
 
+def refused_midway(group: object) -> bool:
+    """Whether the last forward of ``group`` (a :class:`Sequential`, a model) was refused by a stage
+    after earlier stages had run on its input: its stages then hold activations of two different
+    forwards, and ``backward`` is refused (:func:`check_not_refused_midway`) until a forward runs
+    through. (A forward refused by its first stage changes nothing: backward uses the last one.)"""
+    return getattr(group, "_refused_at", None) is not None
+
+
+def check_not_refused_midway(group: object) -> None:
+    """RuntimeError, before any stage adds a gradient, after a forward :func:`refused_midway`."""
+    if refused_midway(group):
+        raise RuntimeError(f"backward() after a forward that stage {group._refused_at} refused: the "
+                           "stages before it had already run on that input, so the saved activations "
+                           "belong to two different forwards; run forward(x) again first")
+
+
 class Sequential(LayerGroup):
     """Stages applied in order; ``backward`` runs them in reverse.
 
@@ -230,6 +246,7 @@ class Sequential(LayerGroup):
                                 f"{type(s).__name__}{hint}")
         self.stages = tuple(stages)
         self._inference = False  # the last forward had save=False
+        self._refused_at: int | None = None  # the stage that refused the last forward after others ran
         for s in self.layers:
             if not (hasattr(s, "grads") and callable(getattr(s, "zero_grad", None))):
                 raise TypeError(f"{type(s).__name__} has params, so the stack trains it: it also needs "
@@ -265,10 +282,18 @@ class Sequential(LayerGroup):
             if sizes is not None and _takes(stage, "sizes"):
                 kw["sizes"] = sizes
             with _named_stage(i, stage, "forward"):
-                x = stage.forward(x, **kw)
-                if sizes is not None and hasattr(stage, "out_sizes"):  # BlockSubsample and its twin
-                    sizes = stage.out_sizes(sizes)
+                try:
+                    x = stage.forward(x, **kw)
+                    if sizes is not None and hasattr(stage, "out_sizes"):  # BlockSubsample and its twin
+                        sizes = stage.out_sizes(sizes)
+                except BaseException as exc:  # the stages before it hold this x's activations, those
+                    # after it the last forward's (a first stage refuses x before changing anything,
+                    # unless it was interrupted or is itself a group refused midway)
+                    if i > 0 or refused_midway(stage) or not isinstance(exc, (ValueError, TypeError)):
+                        self._refused_at = i
+                    raise
         self._inference = inference  # set once every stage ran: a refused x changes nothing
+        self._refused_at = None
         return x
 
     def out_sizes(self, sizes: npt.ArrayLike) -> npt.ArrayLike:
@@ -283,6 +308,7 @@ class Sequential(LayerGroup):
         layer's parameter gradients; returns dL/dx (None with ``input_grad=False``)."""
         if self._inference:  # refused before any stage adds its gradients
             raise missing_activations(inference=True)
+        check_not_refused_midway(self)
         return backward_stages(self.stages, dy, input_grad)
 
     def __repr__(self) -> str:

@@ -805,6 +805,9 @@ def sim_device_layers_match_host(rng):
     dsub.forward(x)
     with pytest.raises(ValueError, match="divisible"):
         dsub.forward(np.zeros((1, 3, 4, 1)))
+    # a refused x changes nothing: backward inverts the last good forward (it kept the refused
+    # shape and raised its divisibility error again)
+    np.testing.assert_array_equal(dsub.backward(y).copy_to_host(), sub.backward(y))
     host = MDModel(1, 2, dtype=np.float64, seed=3, cell="stable", directions=4, layers=2)
     model = DeviceModel(host)
     x = rng.standard_normal((1, 3, 4, 1))

@@ -563,3 +563,106 @@ def test_a_non_finite_gradient_is_blamed_on_what_comes_after():
                                                      "the stages after this layer produced them"):
         layer.backward(np.where(np.arange(h.size).reshape(h.shape) == 0, np.nan, h))
     assert issubclass(mdnumba.CudaUnavailableError, RuntimeError)
+
+
+def _stack_refused_by_a_later_stage():
+    """A stack whose stage 1 refuses x after stage 0 ran on it (a block side of 3)."""
+    net = mdlstm_stack(2, 1, 2, layers=2, subsample=2, dtype=np.float64)
+
+    def refused():
+        with pytest.raises(ValueError, match=r"^stage 1 \(BlockSubsample\) forward"):
+            net.forward(np.ones((1, 3, 2, 1)))
+    return net, (1, 4, 4, 1), refused
+
+
+def _sequential_refused_by_a_later_stage():
+    """Same shapes: a Linear's output overflows to inf, which the layer after it refuses."""
+    net = Sequential(Linear(2, 3, dtype=np.float64), MDLSTM2D(3, 2, dtype=np.float64))
+    net.layers[0].params.W = 1.0
+
+    def refused():
+        with pytest.raises(NonFiniteError, match=r"^stage 1 \(MDLSTM2D\) forward: x contains"):
+            net.forward(np.full((1, 2, 2, 2), 1.7e308))
+    return net, (1, 2, 2, 2), refused
+
+
+def _model_refused_by_its_readout():
+    """The recurrent layer runs, the readout refuses (its weights set to NaN by hand)."""
+    model = MDModel(hidden=2, dtype=np.float64)
+
+    def refused():
+        w = model.readout.params.W.copy()
+        model.readout.params.W[0, 0] = np.nan
+        with pytest.raises(NonFiniteError, match="weights W hold NaN"):
+            model.forward(np.ones((1, 4, 4, 1)))
+        model.readout.params.W = w
+    return model, (1, 4, 4, 1), refused
+
+
+@pytest.mark.parametrize("make", [_stack_refused_by_a_later_stage, _sequential_refused_by_a_later_stage,
+                                  _model_refused_by_its_readout])
+def test_a_forward_refused_after_its_first_stage_ran_refuses_backward(make, rng):
+    """A stage after the first refuses x: the stages before it already hold that x's activations
+    and those after it the last forward's, so backward is refused (before any gradient is added)
+    until a forward runs through; it used to add the later stages' gradients, then raise, or
+    (same shapes) silently mix the two forwards."""
+    net, shape, refuse = make()
+    x = rng.standard_normal(shape)
+    y = net.forward(x)
+    dy = np.ones_like(y)
+    refuse()
+    grads = [layer.grads.data.copy() for layer in net.layers]
+    with pytest.raises(RuntimeError, match="after a forward that stage [0-9] refused"):
+        net.backward(dy)
+    for g, layer in zip(grads, net.layers):
+        np.testing.assert_array_equal(layer.grads.data, g)
+    net.forward(x)
+    net.backward(dy)  # a forward that ran through
+    for g, layer in zip(grads, net.layers):
+        assert not np.array_equal(layer.grads.data, g)
+
+
+def test_a_stack_refused_by_its_first_stage_keeps_the_last_forward(rng):
+    """The first stage checks x before changing anything: backward then works as if the refused
+    call had not happened (also after a stage-1 refusal was followed by a good forward)."""
+    net = mdlstm_stack(2, 1, 2, layers=2, subsample=2, dtype=np.float64)
+    x = rng.standard_normal((1, 4, 4, 1))
+    y = net.forward(x)
+    dx = net.backward(np.ones_like(y))
+    with pytest.raises(ValueError, match="^stage 0 "):
+        net.forward(np.ones((1, 4, 4, 2)))
+    np.testing.assert_array_equal(net.backward(np.ones_like(y)), dx)
+
+
+def test_a_grid_lstm_keeps_its_own_copy_of_the_input():
+    """With batch 1 (or T = 1) the time-major input is a view of the caller's array: backward
+    used to read the caller's array as it was at backward time."""
+    layer = GridLSTM2D(3, 2, dtype=np.float64)
+    x = np.random.default_rng(0).standard_normal((1, 4, 3))
+    y = layer.forward(x)
+    layer.backward(np.ones_like(y))
+    want = layer.grads.data.copy()
+    layer.zero_grad()
+    x *= 0  # the caller reuses its buffer before backward
+    layer.backward(np.ones_like(y))
+    np.testing.assert_array_equal(layer.grads.data, want)
+
+
+def test_a_refused_forward_leaves_no_nan_for_a_later_padded_batch(rng):
+    """A forward whose gates were NaN (finite weights and input whose product overflows) is
+    refused; a later padded batch of the same grid, whose sweep skips the padding's rows, must
+    not read that NaN back (its backward multiplied the padding's gates by zero: NaN)."""
+    layer = MDLSTM2D(2, 2, dtype=np.float64)
+    x, sizes = rng.standard_normal((2, 3, 3, 2)), [[3, 3], [2, 2]]
+    h = layer.forward(x, sizes=sizes)
+    dx = layer.backward(np.ones_like(h))
+    grads = layer.grads.data.copy()
+    w = layer.params.W.copy()
+    layer.params.W = np.array([[1e300] * 10, [-1e300] * 10])
+    with pytest.raises(NonFiniteError, match="overflowed in forward"):
+        layer.forward(np.full((2, 3, 3, 2), 1e10))
+    layer.params.W = w
+    layer.zero_grad()
+    np.testing.assert_array_equal(layer.forward(x, sizes=sizes), h)
+    np.testing.assert_array_equal(layer.backward(np.ones_like(h)), dx)
+    np.testing.assert_array_equal(layer.grads.data, grads)
