@@ -700,7 +700,7 @@ def compare(ctx, task, models, out, overwrite, plot, **kw) -> None:
     table = "model\t" + "\t".join(cols) + "\n" + "".join(
         name + "\t" + "\t".join(f"{m[c]:.4g}" for c in cols) + "\n" for name, m in rows)
     click.echo(table)
-    from mdnumba.checkpoint import atomic_write_bytes
+    from mdnumba.checkpoint import atomic_write_bytes  # at call time, as predict's
     try:
         atomic_write_bytes(out / SUMMARY, lambda fh: fh.write(table.encode()))
     except OSError as exc:

@@ -192,8 +192,9 @@ class WavefrontLSTM(OwnsParams):
         unskew_rows(out, h, unskew_src)  # grid order, direction q in channels q*D:(q+1)*D
         try:
             self._check_state(out, output=True)
-        except NonFiniteError:  # NaN gates (inf - inf): a later padded batch skips the padding's
-            del self._work["act"]  # rows, whose gates backward multiplies by 0; made anew, zeroed
+        except NonFiniteError:  # NaN gates (inf - inf): nothing to differentiate, and a later
+            self._saved = None  # padded batch skips the padding's rows, whose gates backward
+            self._work.pop("act", None)  # multiplies by 0: the buffer is made anew, zeroed
             raise
         return out.reshape((B,) + dims + (S * D,))
 
@@ -580,13 +581,12 @@ class GridLSTM2D(OwnsParams):
         D, L = self.hidden, self.depth
         save = check_flag(save, "save")
         check_finite_params(self.params)
-        given = x
         x = check_array(x, "x", 3, D, self.dtype, f"(batch, time, hidden={D})")
         B, T = x.shape[:2]
         wf = wavefront((T, L))
-        xt = np.ascontiguousarray(x.transpose(1, 0, 2)).reshape(T * B, D)
-        if save and np.may_share_memory(xt, given):  # B or T = 1: a view of the caller's array
-            xt = xt.copy()  # backward's own (the caller may reuse its array)
+        # time-major, always a copy (with B or T = 1 a contiguous transpose is a view of the
+        # caller's array, which it may reuse before backward)
+        xt = np.array(x.transpose(1, 0, 2), order="C").reshape(T * B, D)
         if not save:
             return self._forward_rolling(xt, wf, B, T)
         R = wf.n_cells * B

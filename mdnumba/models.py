@@ -14,7 +14,7 @@ import numpy.typing as npt
 from . import config
 from ._validate import check_array, check_flag, check_shape, missing_activations, part_seed, shared_seed
 from .layers import Linear, WavefrontLSTM
-from .stack import LayerGroup, Sequential, check_not_refused_midway, mdlstm_stack, refused_midway
+from .stack import LayerGroup, Sequential, check_not_refused_midway, left_partial, mdlstm_stack
 
 
 def check_dlogits(dlogits: object, want: tuple, dtype: np.dtype, values: bool = True) -> object:
@@ -38,7 +38,8 @@ class RecurrentReadout(LayerGroup):
         self.layers = list(getattr(recurrent, "layers", [recurrent])) + [self.readout]
         self._in_shape: tuple | None = None
         self._inference = False  # the last forward had save=False
-        self._refused_at: int | None = None  # 1: the readout refused the last forward (stack.refused_midway)
+        self._refused_at: int | None = None  # 0 / 1: the last forward failed partway in the recurrent
+        # part / the readout (stack.refused_midway)
 
     def _to_recurrent(self, x: np.ndarray) -> np.ndarray:
         return x
@@ -53,8 +54,8 @@ class RecurrentReadout(LayerGroup):
         inference = not check_flag(save, "save")
         try:
             h = self.recurrent.forward(self._to_recurrent(x), save=save)
-        except BaseException:
-            if refused_midway(self.recurrent):  # a stack's later layer refused it
+        except BaseException as exc:
+            if left_partial(self.recurrent, exc, first=True):
                 self._refused_at = 0
             raise
         try:

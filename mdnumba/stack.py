@@ -10,6 +10,7 @@ import numpy.typing as npt
 
 from . import config
 from ._validate import (
+    NonFiniteError,
     check_device,
     check_flag,
     check_positive_int,
@@ -207,19 +208,28 @@ def _all_stages(stages: list):
 
 
 def refused_midway(group: object) -> bool:
-    """Whether the last forward of ``group`` (a :class:`Sequential`, a model) was refused by a stage
-    after earlier stages had run on its input: its stages then hold activations of two different
-    forwards, and ``backward`` is refused (:func:`check_not_refused_midway`) until a forward runs
-    through. (A forward refused by its first stage changes nothing: backward uses the last one.)"""
+    """Whether the last forward of ``group`` (a :class:`Sequential`, a model) failed partway
+    (:func:`left_partial`): its stages then hold activations of two different forwards, and
+    ``backward`` is refused (:func:`check_not_refused_midway`) until a forward runs through."""
     return getattr(group, "_refused_at", None) is not None
+
+
+def left_partial(stage: object, exc: BaseException, first: bool) -> bool:
+    """Whether a forward that ``stage`` refused with ``exc`` leaves some stages holding that
+    input's activations: any stage after the first; the first one too when the forward was
+    interrupted, found NaN/inf in what it computed (a layer saves before it checks its output)
+    or is a group that failed partway. A first stage refusing x by its checks changes nothing,
+    and backward then uses the last forward."""
+    return (not first or refused_midway(stage) or isinstance(exc, NonFiniteError)
+            or not isinstance(exc, (ValueError, TypeError)))
 
 
 def check_not_refused_midway(group: object) -> None:
     """RuntimeError, before any stage adds a gradient, after a forward :func:`refused_midway`."""
     if refused_midway(group):
-        raise RuntimeError(f"backward() after a forward that stage {group._refused_at} refused: the "
-                           "stages before it had already run on that input, so the saved activations "
-                           "belong to two different forwards; run forward(x) again first")
+        raise RuntimeError(f"backward() after a forward that failed partway (at stage {group._refused_at}): "
+                           "some stages hold that input's activations, others the last good forward's; "
+                           "run forward(x) again first")
 
 
 class Sequential(LayerGroup):
@@ -287,9 +297,7 @@ class Sequential(LayerGroup):
                     if sizes is not None and hasattr(stage, "out_sizes"):  # BlockSubsample and its twin
                         sizes = stage.out_sizes(sizes)
                 except BaseException as exc:  # the stages before it hold this x's activations, those
-                    # after it the last forward's (a first stage refuses x before changing anything,
-                    # unless it was interrupted or is itself a group refused midway)
-                    if i > 0 or refused_midway(stage) or not isinstance(exc, (ValueError, TypeError)):
+                    if left_partial(stage, exc, first=i == 0):  # after it the last forward's
                         self._refused_at = i
                     raise
         self._inference = inference  # set once every stage ran: a refused x changes nothing

@@ -599,8 +599,34 @@ def _model_refused_by_its_readout():
     return model, (1, 4, 4, 1), refused
 
 
+def _nan_gates(layer: MDLSTM2D):
+    """A refusal for NaN in what ``layer`` computed (finite weights and input whose product is
+    inf - inf), after the layer has run: the weights restored afterwards."""
+    w = layer.params.W.copy()
+
+    def refused(forward):
+        layer.params.W = np.array([[1e300] * 10, [-1e300] * 10])
+        with pytest.raises(NonFiniteError, match="overflowed in forward"):
+            forward(np.full((1, 4, 4, 2), 1e10))
+        layer.params.W = w
+    return refused
+
+
+def _sequential_whose_first_layer_computes_nan():
+    net = Sequential(MDLSTM2D(2, 2, dtype=np.float64), MDLSTM2D(2, 2, dtype=np.float64))
+    nan = _nan_gates(net.layers[0])
+    return net, (1, 4, 4, 2), lambda: nan(net.forward)
+
+
+def _model_whose_layer_computes_nan():
+    model = MDModel(in_channels=2, hidden=2, dtype=np.float64)
+    nan = _nan_gates(model.recurrent)
+    return model, (1, 4, 4, 2), lambda: nan(model.forward)
+
+
 @pytest.mark.parametrize("make", [_stack_refused_by_a_later_stage, _sequential_refused_by_a_later_stage,
-                                  _model_refused_by_its_readout])
+                                  _model_refused_by_its_readout, _sequential_whose_first_layer_computes_nan,
+                                  _model_whose_layer_computes_nan])
 def test_a_forward_refused_after_its_first_stage_ran_refuses_backward(make, rng):
     """A stage after the first refuses x: the stages before it already hold that x's activations
     and those after it the last forward's, so backward is refused (before any gradient is added)
@@ -612,7 +638,7 @@ def test_a_forward_refused_after_its_first_stage_ran_refuses_backward(make, rng)
     dy = np.ones_like(y)
     refuse()
     grads = [layer.grads.data.copy() for layer in net.layers]
-    with pytest.raises(RuntimeError, match="after a forward that stage [0-9] refused"):
+    with pytest.raises(RuntimeError, match=r"after a forward that failed partway \(at stage [0-9]\)"):
         net.backward(dy)
     for g, layer in zip(grads, net.layers):
         np.testing.assert_array_equal(layer.grads.data, g)
@@ -624,7 +650,7 @@ def test_a_forward_refused_after_its_first_stage_ran_refuses_backward(make, rng)
 
 def test_a_stack_refused_by_its_first_stage_keeps_the_last_forward(rng):
     """The first stage checks x before changing anything: backward then works as if the refused
-    call had not happened (also after a stage-1 refusal was followed by a good forward)."""
+    call had not happened."""
     net = mdlstm_stack(2, 1, 2, layers=2, subsample=2, dtype=np.float64)
     x = rng.standard_normal((1, 4, 4, 1))
     y = net.forward(x)
@@ -635,7 +661,7 @@ def test_a_stack_refused_by_its_first_stage_keeps_the_last_forward(rng):
 
 
 def test_a_grid_lstm_keeps_its_own_copy_of_the_input():
-    """With batch 1 (or T = 1) the time-major input is a view of the caller's array: backward
+    """With batch 1 the time-major input was a view of the caller's array (so with T = 1): backward
     used to read the caller's array as it was at backward time."""
     layer = GridLSTM2D(3, 2, dtype=np.float64)
     x = np.random.default_rng(0).standard_normal((1, 4, 3))
