@@ -365,7 +365,8 @@ class CudaLSTM(DeviceLayer):
         self._saved = dict(tables=t, shape=(t.batch,) + dims + (S * D,), stateful=stateful,
                            host_in=host_in, **kept)
         bad = self._nonfinite(out)
-        if bad:
+        if bad:  # nothing to differentiate (as the CPU layer)
+            self._saved = None
             raise overflowed_state(self.cell, bad, output=True)
         out = out.reshape((t.batch,) + dims + (S * D,))
         return out.copy_to_host() if host_in else out

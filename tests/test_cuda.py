@@ -479,10 +479,13 @@ def sim_forward_without_saving_in_models_and_overflow(rng, monkeypatch):
     want = host.forward(host.forward(x0, save=False), save=False)
     np.testing.assert_allclose(y2.copy_to_host(), want, **tol)
     gpu = _layer(2, 1, 2, np.float64, "cuda")
+    gpu.forward(img)  # a good forward first: the refused one drops it
     monkeypatch.setattr(CudaLSTM, "_nonfinite", lambda self, a: 3 if self.checked else 0)
     for save in (True, False):
         with pytest.raises(ValueError, match="state overflowed in forward: 3 values of its output h"):
             gpu.forward(img, save=save)
+        with pytest.raises(RuntimeError, match="backward"):  # nothing kept to differentiate (as on the CPU)
+            gpu.backward(np.ones((2, 3, 4, 2)))
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
