@@ -28,7 +28,7 @@ from ._validate import (
 )
 from .layers import GridLSTM2D, Linear
 from .params import OwnsParams, ParamLayout
-from .stack import LayerGroup, mdlstm_stack
+from .stack import LayerGroup, check_not_refused_midway, left_partial, mdlstm_stack
 
 
 class CorpusError(ValueError):
@@ -242,6 +242,7 @@ class CharLM(LayerGroup):
             core_layers, self.drops = self.core.layers, [Dropout(dropout) for _ in range(layers + 1)]
         self.head = Linear(hidden, vocab, seed=part_seed(seed, 2), dtype=dtype)
         self.layers = [self.embed] + list(core_layers) + [self.head]
+        self._refused_at: int | None = None  # the last forward failed partway (stack.refused_midway)
 
     def _cores(self) -> list:
         return [self.core] if self.kind == "grid" else list(self.core.layers)
@@ -261,13 +262,27 @@ class CharLM(LayerGroup):
     def forward(self, ids: np.ndarray, rng: np.random.Generator | None = None, *,
                 save: bool = True) -> np.ndarray:
         """Logits (B, T, V) for ids (B, T); ``rng`` switches dropout on (training); ``save=False``:
-        the recurrent core and the readout keep no activations (evaluation, sampling)."""
-        h = self.drops[0].forward(self.embed.forward(ids), rng)
-        for core, drop in zip(self._cores(), self.drops[1:]):
-            h = drop.forward(core.forward(h, save=save), rng)
-        return self.head.forward(h, save=save)
+        the recurrent core and the readout keep no activations (evaluation, sampling). A forward
+        that fails after the embedding ran refuses ``backward`` until one runs through."""
+        try:
+            e = self.embed.forward(ids)
+        except BaseException as exc:
+            if left_partial(self.embed, exc, first=True):
+                self._refused_at = 0
+            raise
+        try:
+            h = self.drops[0].forward(e, rng)
+            for core, drop in zip(self._cores(), self.drops[1:]):
+                h = drop.forward(core.forward(h, save=save), rng)
+            logits = self.head.forward(h, save=save)
+        except BaseException:
+            self._refused_at = 1
+            raise
+        self._refused_at = None
+        return logits
 
     def backward(self, dlogits: np.ndarray) -> None:
+        check_not_refused_midway(self)
         dh = self.head.backward(dlogits)
         for core, drop in reversed(list(zip(self._cores(), self.drops[1:]))):
             dh = core.backward(drop.backward(dh))

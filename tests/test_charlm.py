@@ -434,3 +434,24 @@ def test_char_lm_forward_without_saving(kind, tied, rng):
     assert all(core.saved_bytes() == 0 for core in model._cores())
     with pytest.raises(RuntimeError, match="save=False"):
         model.backward(np.ones_like(logits))
+
+
+def test_a_forward_that_failed_after_the_embedding_refuses_backward():
+    """The embedding and core ran on the new ids, the head refused (NaN weights set by hand): the
+    model holds two forwards' activations, so backward is refused before adding a gradient."""
+    model = CharLM("grid", vocab=5, hidden=3, layers=2, dtype=np.float64)
+    ids = np.array([[0, 1, 2, 3]])
+    dlogits = np.ones(model.forward(ids).shape)
+    w = model.head.params.W.copy()
+    model.head.params.W[0, 0] = np.nan
+    with pytest.raises(ValueError, match="weights W hold NaN"):
+        model.forward(np.array([[4, 3, 2, 1]]))
+    model.head.params.W = w
+    with pytest.raises(RuntimeError, match=r"failed partway \(at stage 1\)"):
+        model.backward(dlogits)
+    assert not any(layer.grads.data.any() for layer in model.layers)
+    with pytest.raises(ValueError):
+        model.forward(np.array([[9]]))  # refused by the embedding's check: that changes nothing
+    model.forward(ids)
+    model.backward(dlogits)
+    assert all(layer.grads.data.any() for layer in model.layers)
