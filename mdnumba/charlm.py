@@ -28,7 +28,7 @@ from ._validate import (
 )
 from .layers import GridLSTM2D, Linear
 from .params import OwnsParams, ParamLayout
-from .stack import LayerGroup, check_not_refused_midway, left_partial, mdlstm_stack
+from .stack import LayerGroup, check_not_refused_midway, mdlstm_stack, run_tracked
 
 
 class CorpusError(ValueError):
@@ -264,22 +264,12 @@ class CharLM(LayerGroup):
         """Logits (B, T, V) for ids (B, T); ``rng`` switches dropout on (training); ``save=False``:
         the recurrent core and the readout keep no activations (evaluation, sampling). A forward
         that fails after the embedding ran refuses ``backward`` until one runs through."""
-        try:
-            e = self.embed.forward(ids)
-        except BaseException as exc:
-            if left_partial(self.embed, exc, first=True):
-                self._refused_at = 0
-            raise
-        try:
+        def rest(e: np.ndarray) -> np.ndarray:
             h = self.drops[0].forward(e, rng)
             for core, drop in zip(self._cores(), self.drops[1:]):
                 h = drop.forward(core.forward(h, save=save), rng)
-            logits = self.head.forward(h, save=save)
-        except BaseException:
-            self._refused_at = 1
-            raise
-        self._refused_at = None
-        return logits
+            return self.head.forward(h, save=save)
+        return run_tracked(self, self.embed, lambda: self.embed.forward(ids), rest)
 
     def backward(self, dlogits: np.ndarray) -> None:
         check_not_refused_midway(self)

@@ -14,7 +14,7 @@ import numpy.typing as npt
 from . import config
 from ._validate import check_array, check_flag, check_shape, missing_activations, part_seed, shared_seed
 from .layers import Linear, WavefrontLSTM
-from .stack import LayerGroup, Sequential, check_not_refused_midway, left_partial, mdlstm_stack
+from .stack import LayerGroup, Sequential, check_not_refused_midway, mdlstm_stack, run_tracked
 
 
 def check_dlogits(dlogits: object, want: tuple, dtype: np.dtype, values: bool = True) -> object:
@@ -52,19 +52,10 @@ class RecurrentReadout(LayerGroup):
         ``save=False`` (evaluation) keeps no activations for backward."""
         x = np.asarray(x)
         inference = not check_flag(save, "save")
-        try:
-            h = self.recurrent.forward(self._to_recurrent(x), save=save)
-        except BaseException as exc:
-            if left_partial(self.recurrent, exc, first=True):
-                self._refused_at = 0
-            raise
-        try:
-            y = self.readout.forward(h, save=save)
-        except BaseException:  # the recurrent layers ran on x, the readout holds the last forward's
-            self._refused_at = 1
-            raise
+        y = run_tracked(self, self.recurrent,
+                        lambda: self.recurrent.forward(self._to_recurrent(x), save=save),
+                        lambda h: self.readout.forward(h, save=save))
         self._in_shape, self._inference = x.shape, inference  # a refused x changes nothing
-        self._refused_at = None
         return self._from_recurrent(y)
 
     def backward(self, dlogits: np.ndarray, input_grad: bool = True) -> np.ndarray | None:

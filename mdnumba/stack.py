@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import numpy as np
@@ -222,6 +223,25 @@ def left_partial(stage: object, exc: BaseException, first: bool) -> bool:
     and backward then uses the last forward."""
     return (not first or refused_midway(stage) or isinstance(exc, NonFiniteError)
             or not isinstance(exc, (ValueError, TypeError)))
+
+
+def run_tracked(group: object, first_stage: object, first: Callable, rest: Callable) -> object:
+    """``rest(first())`` for a forward of ``group`` whose first stage is ``first_stage``, recording
+    in ``group._refused_at`` whether it failed partway (:func:`left_partial`; 0: in ``first``,
+    1: in ``rest``), or None once it ran through (the models' and CharLM's forwards)."""
+    try:
+        y = first()
+    except BaseException as exc:
+        if left_partial(first_stage, exc, first=True):
+            group._refused_at = 0
+        raise
+    try:
+        y = rest(y)
+    except BaseException:  # the first stage ran on this input, the later ones hold the last forward's
+        group._refused_at = 1
+        raise
+    group._refused_at = None
+    return y
 
 
 def check_not_refused_midway(group: object) -> None:
