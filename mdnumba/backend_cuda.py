@@ -362,12 +362,11 @@ class CudaLSTM(DeviceLayer):
         refuse an output with NaN/inf (an overflowed state; checked layers only) and return it
         shaped (B, *dims, S*D), on the host for a host input."""
         S, D = self.directions, self.hidden
+        bad = self._nonfinite(out)
+        if bad:  # nothing saved to differentiate (as the CPU layer)
+            raise overflowed_state(self.cell, bad, output=True)
         self._saved = dict(tables=t, shape=(t.batch,) + dims + (S * D,), stateful=stateful,
                            host_in=host_in, **kept)
-        bad = self._nonfinite(out)
-        if bad:  # nothing to differentiate (as the CPU layer)
-            self._saved = None
-            raise overflowed_state(self.cell, bad, output=True)
         out = out.reshape((t.batch,) + dims + (S * D,))
         return out.copy_to_host() if host_in else out
 

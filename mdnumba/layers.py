@@ -186,16 +186,15 @@ class WavefrontLSTM(OwnsParams):
         wavefront_forward(h, c, act, U, sweep, wf.parent, B, D, self.cell_code, items=items)
         if sizes is not None:  # the padding's cells, not swept: zero state
             zero_padding(h, c, skew_src)
-        self._saved = dict(xs=xs, act=act, c=c, h=h, wf=wf, batch=B, dims=dims, tables=tables,
-                           stateful=state is not None, sizes=sizes, items=items, live=live)
         out = np.empty((dense, S, D), dtype=self.dtype)
         unskew_rows(out, h, unskew_src)  # grid order, direction q in channels q*D:(q+1)*D
         try:
             self._check_state(out, output=True)
-        except NonFiniteError:  # NaN gates (inf - inf): nothing to differentiate, and a later
-            self._saved = None  # padded batch skips the padding's rows, whose gates backward
-            self._work.pop("act", None)  # multiplies by 0: the buffer is made anew, zeroed
-            raise
+        except NonFiniteError:  # NaN gates (inf - inf): nothing saved to differentiate, and a
+            self._work.pop("act", None)  # later padded batch skips the padding's rows, whose gates
+            raise  # backward multiplies by 0: the buffer is made anew, zeroed
+        self._saved = dict(xs=xs, act=act, c=c, h=h, wf=wf, batch=B, dims=dims, tables=tables,
+                           stateful=state is not None, sizes=sizes, items=items, live=live)
         return out.reshape((B,) + dims + (S * D,))
 
     def _forward_rolling(self, x, wf, skew_src, state, sizes):
@@ -220,8 +219,8 @@ class WavefrontLSTM(OwnsParams):
         if self.ndim == 1:  # the last swept cell is in slot (last - 1) % 2 (one cell per plane)
             final = np.empty((B, S * D), self.dtype), np.empty((B, S * D), self.dtype)
             state_of_cell(final[0], final[1], h, c, (last - 1) % 2, B)
-        self._saved = dict(inference=True, final_state=final, sizes=sizes)
         self._check_state(out, output=True)
+        self._saved = dict(inference=True, final_state=final, sizes=sizes)
         return out.reshape(x.shape[:-1] + (S * D,))
 
     def _backward(self, dh, input_grad, final_state_grad):
