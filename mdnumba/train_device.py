@@ -35,7 +35,7 @@ from ._validate import check_array, check_flag, missing_activations
 from .backend_cuda import DEVICE_OPTIMIZERS, CudaLinear, CudaLSTM, HostOrDevice, require_cuda
 from .layers import WavefrontLSTM
 from .models import RecurrentReadout, check_dlogits
-from .stack import LayerGroup, backward_stages
+from .stack import LayerGroup, backward_stages, check_not_refused_midway, run_tracked
 from .train import TrainConfig, Trainer
 
 
@@ -70,6 +70,7 @@ class DeviceModel(LayerGroup):
         self._flat_buffers()
         self._in_shape: tuple | None = None
         self._inference = False  # the last forward had save=False
+        self._refused_at: int | None = None  # the last forward failed partway (stack.refused_midway)
 
     def _flat_buffers(self) -> None:
         """One flat ``params`` and ``grads`` buffer for the whole model, each layer a slice (one
@@ -108,10 +109,17 @@ class DeviceModel(LayerGroup):
             x = check_array(x, "x", np.ndim(x), None, self.dtype, "(batch, grid axes.., channels)")
         xd = k.as_device(x)
         inference = not check_flag(save, "save")
-        h = self.host._to_recurrent(xd)
-        for stage in self.stages:
-            h = stage.forward(h, save=save) if isinstance(stage, CudaLSTM) else stage.forward(h)
-        y = self.readout.forward(h)
+
+        def run(stage, h):
+            return stage.forward(h, save=save) if isinstance(stage, CudaLSTM) else stage.forward(h)
+
+        def rest(h):
+            for stage in self.stages[1:]:
+                h = run(stage, h)
+            return h, self.readout.forward(h)
+
+        first = self.stages[0]  # a forward failing past it is recorded (as the host model's)
+        h, y = run_tracked(self, first, lambda: run(first, self.host._to_recurrent(xd)), rest)
         # set once every stage ran: a refused x changes nothing
         self._in_shape, self._inference, self._h_shape = tuple(xd.shape), inference, tuple(h.shape)
         y = y.reshape(self._in_shape[:-1] + (self.readout.out_features,))
@@ -123,6 +131,7 @@ class DeviceModel(LayerGroup):
         input_grad = check_flag(input_grad, "input_grad")
         if self._in_shape is None or self._inference:
             raise missing_activations(inference=self._in_shape is not None)
+        check_not_refused_midway(self)
         k = self.readout.k
         host_in = not k.is_device_array(dlogits)
         d = k.as_device(check_dlogits(dlogits, self._in_shape[:-1] + (self.readout.out_features,),

@@ -830,6 +830,32 @@ def sim_device_layers_match_host(rng):
             model.backward(bad)
 
 
+def sim_device_model_refuses_backward_after_a_forward_failed_partway(rng, monkeypatch):
+    """With its layers' checks on, a device model whose second layer refuses a forward (NaN/inf
+    in its input, the first layer's output) holds that input's activations in the first layer:
+    backward is refused, before any gradient is added, until a forward runs through (as the host
+    models)."""
+    from mdnumba.backend_cuda import CudaLSTM
+    from mdnumba.models import MDModel
+    from mdnumba.train_device import DeviceModel
+    model = DeviceModel(MDModel(1, 2, dtype=np.float64, seed=3, layers=2))
+    x = rng.standard_normal((1, 3, 3, 1))
+    dz = np.ones((1, 3, 3, 1))
+    model.forward(x)
+    model.stages[1].checked = True
+    monkeypatch.setattr(CudaLSTM, "_nonfinite", lambda self, a: 3 if self.checked else 0)
+    with pytest.raises(NonFiniteError, match="x contains 3 NaN"):
+        model.forward(x)
+    grads = model.grads.copy_to_host()
+    with pytest.raises(RuntimeError, match=r"failed partway \(at stage 1\)"):
+        model.backward(dz)
+    np.testing.assert_array_equal(model.grads.copy_to_host(), grads)
+    model.stages[1].checked = False
+    model.forward(x)  # a forward that ran through
+    model.backward(dz)
+    assert not np.array_equal(model.grads.copy_to_host(), grads)
+
+
 def sim_device_layer_contracts(rng):
     """Across repeated calls: a returned h or dx is never overwritten by a later call; NumPy in
     gives NumPy out (CudaLSTM, CudaLinear); the NumPy-API layer's gradients after zero_grad are
