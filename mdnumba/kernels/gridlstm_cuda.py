@@ -23,7 +23,8 @@ _block_backward = _ROWS["block_backward"]
 def _forward_plane(h, c, act, x, U_time, U_depth, diag_off, parent, perm, L, B, D, k, start, stride):
     s0 = diag_off[k]
     for t in range(start, (diag_off[k + 1] - s0) * B, stride):
-        _block_forward(h, c, act, x, U_time, U_depth, parent, perm, L, s0 + t // B, t % B, B, D)
+        s = s0 + t // B
+        _block_forward(h, c, act, x, U_time, U_depth, parent[s, 0], parent[s, 1], perm[s], L, s, t % B, B, D)
 
 
 @cuda.jit(device=True)
@@ -76,7 +77,7 @@ def _infer_plane(out, h, c, act, lp, lperm, x, U_time, U_depth, b_time, b_depth,
         for g in range(4 * D):
             act[r, g] = b_time[lv, g]
             act[r, 4 * D + g] = b_depth[lv, g]
-        _block_forward(h, c, act, x, U_time, U_depth, lp, lperm, L, slot, b, B, D)
+        _block_forward(h, c, act, x, U_time, U_depth, lp[slot, 0], lp[slot, 1], lperm[slot], L, slot, b, B, D)
         if lperm[slot] % L == L - 1:
             for j in range(D):
                 out[(lperm[slot] // L) * B + b, j] = h[r, D + j]
