@@ -496,7 +496,7 @@ class Linear(OwnsParams):
         x = check_array(x, "x", max(np.ndim(x), 1), self.in_features, self.dtype, "(..., in_features)")
         x2 = x.reshape(-1, self.in_features)
         y = np.empty((x2.shape[0], self.out_features), dtype=self.dtype)
-        matmul_rows(y, x2, self.params["W"], self.params["b"], False)
+        matmul_rows(y, x2, self.params["W"], self.params["b"], False, None)
         if save and np.may_share_memory(x2, given):
             x2 = x2.copy()  # backward's own, not the caller's array
         self._x = x2 if save else None
@@ -516,12 +516,12 @@ class Linear(OwnsParams):
         check_shape(dy, self._shape[:-1] + (self.out_features,))
         dy2 = check_array(dy, "dy", len(self._shape), self.out_features, self.dtype,
                           "(..., out_features)").reshape(-1, self.out_features)
-        matmul_at_b(self.grads["W"], self._x, dy2)
-        column_sums(self.grads["b"], dy2)
+        matmul_at_b(self.grads["W"], self._x, dy2, None)
+        column_sums(self.grads["b"], dy2, None)
         if not input_grad:
             return None
         dx = np.zeros_like(self._x)
-        matmul_rows(dx, dy2, np.ascontiguousarray(self.params["W"].T), self.params["b"], True)
+        matmul_rows(dx, dy2, np.ascontiguousarray(self.params["W"].T), self.params["b"], True, None)
         return dx.reshape(self._shape)
 
     def __repr__(self) -> str:
@@ -636,8 +636,8 @@ class GridLSTM2D(OwnsParams):
                 da = np.ascontiguousarray(dact[rows, lo:lo + 4 * D])
                 gU, gb = (self.grads[U], self.grads[bias]) if self.tied else \
                     (self.grads[U][lv], self.grads[bias][lv])
-                matmul_at_b(gU, np.ascontiguousarray(z[rows]), da)
-                column_sums(gb, da)
+                matmul_at_b(gU, np.ascontiguousarray(z[rows]), da, None)
+                column_sums(gb, da, None)
         if not input_grad:
             return None
         return np.ascontiguousarray(dx.reshape(T, B, D).transpose(1, 0, 2))

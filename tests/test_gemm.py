@@ -18,12 +18,12 @@ def test_matmul_at_b_and_column_sums(R, K, N, dtype, tol, rng):
     b = rng.standard_normal((R, N)).astype(dtype)
     out0 = rng.standard_normal((K, N)).astype(dtype)
     out = out0.copy()
-    matmul_at_b(out, a, b)
+    matmul_at_b(out, a, b, None)
     want = out0.astype(float) + a.astype(float).T @ b.astype(float)
     np.testing.assert_allclose(out, want, rtol=tol, atol=tol * np.sqrt(R))
     s0 = rng.standard_normal(N).astype(dtype)
     s = s0.copy()
-    column_sums(s, b)
+    column_sums(s, b, None)
     np.testing.assert_allclose(s, s0 + b.astype(float).sum(0), rtol=tol, atol=tol * np.sqrt(R))
 
 
@@ -31,7 +31,7 @@ def test_matmul_at_b_and_column_sums(R, K, N, dtype, tol, rng):
 def test_matmul_at_b_and_column_sums_over_selected_rows(R, K, N, rng):
     """``rows``: those rows only (a padded batch's items), in any order, or none."""
     a, b = rng.standard_normal((R, K)), rng.standard_normal((R, N))
-    for rows in (np.flatnonzero(rng.random(R) < 0.6), np.arange(R)[::-1], np.empty(0, np.int64)):
+    for rows in (np.flatnonzero(rng.random(R) < 0.6), np.arange(R)[::-1].copy(), np.empty(0, np.int64)):
         out, s = np.ones((K, N)), np.ones(N)
         matmul_at_b(out, a, b, rows)
         column_sums(s, b, rows)
@@ -43,10 +43,10 @@ def test_matmul_at_b_and_column_sums_over_selected_rows(R, K, N, rng):
 def test_matmul_rows(R, K, N, rng):
     a, w, bias = rng.standard_normal((R, K)), rng.standard_normal((K, N)), rng.standard_normal(N)
     out = np.full((R, N), np.nan)
-    matmul_rows(out, a, w, bias, False)
+    matmul_rows(out, a, w, bias, False, None)
     np.testing.assert_allclose(out, bias + a @ w, rtol=1e-12, atol=1e-12)
     old = out.copy()
-    matmul_rows(out, a, w, bias, True)
+    matmul_rows(out, a, w, bias, True, None)
     np.testing.assert_allclose(out, old + a @ w, rtol=1e-12, atol=1e-12)
     rows = np.flatnonzero(rng.random(R) < 0.6)  # those rows only; the others keep what they held
     for accumulate, want in ((False, bias + a @ w), (True, 1 + a @ w)):
@@ -66,8 +66,8 @@ def test_reductions_do_not_depend_on_thread_count(rng):
         for threads in sorted({1, n}):
             numba.set_num_threads(threads)
             out, s = np.zeros((5, 6), np.float32), np.zeros(6, np.float32)
-            matmul_at_b(out, a, b)
-            column_sums(s, b)
+            matmul_at_b(out, a, b, None)
+            column_sums(s, b, None)
             results.append((out, s))
     finally:
         numba.set_num_threads(n)

@@ -18,7 +18,7 @@ PROBE = """
 import json, numpy as np
 from mdnumba.kernels.gemm import column_sums
 out = np.zeros(3)
-column_sums(out, np.ones((5, 3)))
+column_sums(out, np.ones((5, 3)), None)
 assert out.tolist() == [5.0, 5.0, 5.0]
 print(json.dumps([sum(column_sums.stats.cache_hits.values()), sum(column_sums.stats.cache_misses.values())]))
 """

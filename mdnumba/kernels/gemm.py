@@ -54,9 +54,9 @@ def selected_row(rows, i):
 
 
 @njit(**NJIT_PARALLEL_OPTS)
-def matmul_rows(out, a, bmat, bias, accumulate, rows=None):
-    """``out[r] = (out[r] if accumulate else bias) + a[r] @ bmat`` for every row r (or the
-    rows r in ``rows`` only: a padded batch's items; the others keep what they held).
+def matmul_rows(out, a, bmat, bias, accumulate, rows):
+    """``out[r] = (out[r] if accumulate else bias) + a[r] @ bmat`` for every row r (``rows`` None) or
+    the rows r in ``rows`` only (a padded batch's items; the others keep what they held).
 
     ``a`` (R, K), ``bmat`` (K, N), ``bias`` (N,) (ignored when accumulating).
     """
@@ -108,9 +108,11 @@ def _at_b_block(part, a, bmat, rows, r0, r1):
 
 
 @njit(**NJIT_PARALLEL_OPTS)
-def matmul_at_b(out, a, bmat, rows=None):
-    """``out += aᵀ @ bmat`` with ``a`` (R, K), ``bmat`` (R, N), ``out`` (K, N); ``rows`` (ints): over
-    those rows only (e.g. a padded batch's items, where the padding's rows add zeros).
+def matmul_at_b(out, a, bmat, rows):
+    """``out += aᵀ @ bmat`` with ``a`` (R, K), ``bmat`` (R, N), ``out`` (K, N); over every row
+    (``rows`` None) or those in ``rows`` (ints; e.g. a padded batch's items, where the padding's
+    rows add zeros). ``rows`` has no default: an omitted argument and None would be two
+    specialisations, each compiled.
 
     Rows are cut into blocks of :data:`REDUCE_BLOCK`; blocks run in parallel
     into private partials which are then added in block order.
@@ -125,8 +127,8 @@ def matmul_at_b(out, a, bmat, rows=None):
 
 
 @njit(**NJIT_PARALLEL_OPTS)
-def column_sums(out, a, rows=None):
-    """``out += Σ_r a[r]`` (over ``rows`` if given) with the same fixed blocking as :func:`matmul_at_b`."""
+def column_sums(out, a, rows):
+    """``out += Σ_r a[r]`` (over ``rows`` unless None) with the same fixed blocking as :func:`matmul_at_b`."""
     R = a.shape[0] if rows is None else rows.shape[0]
     nblk = (R + REDUCE_BLOCK - 1) // REDUCE_BLOCK
     parts = np.zeros((nblk, a.shape[1]), dtype=out.dtype)

@@ -125,9 +125,11 @@ def wavefront_forward(h, c, act, U, diag_off, parent, B: int, D: int, cell: int,
 
 
 def _items_or_all(items, diag_off) -> tuple:
-    """``items`` as the sweeps take it: ``(offsets, entries)``, empty for every row."""
+    """``items`` as the sweeps take it: ``(offsets, entries)``, empty for every row; read-only as
+    :func:`mdnumba.grid.live_items`' tables, so that both calls share one compiled sweep."""
     if items is None:
         empty = np.empty(0, diag_off.dtype)
+        empty.setflags(write=False)
         return empty, empty
     return items
 
