@@ -75,6 +75,7 @@ class WavefrontLSTM(OwnsParams):
     """
 
     _BUFFERS = {"_saved": lambda: None, "_work": dict}
+    _FIXED = OwnsParams._FIXED + ("ndim", "cell", "cell_code", "directions", "in_channels", "hidden")
 
     def __init__(self, ndim: int, in_channels: int, hidden: int, *, seed: int = 0,
                  dtype: npt.DTypeLike = config.DEFAULT_DTYPE, forget_bias: float | None = None,
@@ -413,8 +414,10 @@ class LSTM1D(WavefrontLSTM):
         each ``(batch, directions*hidden)`` (direction q in columns ``q*hidden:(q+1)*hidden``, as
         the output; a reversed scan starts at the last step), else from zeros. Continue a
         sequence with ``forward(x2, state=layer.final_state())`` (also with ``save=False``:
-        streaming inference). ``sizes``: the lengths of padded sequences, (batch,) (a reversed
-        scan then starts at each sequence's own last step); not with ``state``."""
+        streaming inference) with one direction: a reversed scan of a chunk starts at the chunk's
+        end, so chunks of a bidirectional layer are not one sequence's scans. ``sizes``: the
+        lengths of padded sequences, (batch,) (a reversed scan then starts at each sequence's own
+        last step); not with ``state``."""
         return self._forward(x, state, save, sizes)
 
     def backward(self, dh: np.ndarray, input_grad: bool = True,
@@ -470,6 +473,7 @@ class Linear(OwnsParams):
     """
 
     _BUFFERS = {"_x": lambda: None}
+    _FIXED = OwnsParams._FIXED + ("in_features", "out_features")
 
     def __init__(self, in_features: int, out_features: int, *, seed: int = 0,
                  dtype: npt.DTypeLike = config.DEFAULT_DTYPE):
@@ -543,6 +547,7 @@ class GridLSTM2D(OwnsParams):
     """
 
     _BUFFERS = {"_saved": lambda: None}
+    _FIXED = OwnsParams._FIXED + ("hidden", "depth", "tied")
 
     def __init__(self, hidden: int, layers: int, *, seed: int = 0,
                  dtype: npt.DTypeLike = config.DEFAULT_DTYPE,

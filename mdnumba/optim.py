@@ -58,12 +58,18 @@ def rmsprop_update(p, g, m, v, lr, beta1, rho, eps, bc1, bc2, scale):
 def collect_buffers(obj: object) -> list[tuple[np.ndarray, np.ndarray]]:
     """Flatten layers/models/(param, grad) pairs into a list of flat (param, grad) arrays.
 
-    Accepts an object with ``params`` and ``grads`` :class:`ParamBuffer`s, an
-    object with a ``layers`` list, a ``(param, grad)`` pair of same-shape
-    arrays, or any list of those.
+    Accepts an object with ``params`` and ``grads`` :class:`ParamBuffer`s (or two same-shape
+    arrays: a stage of the user's), an object with a ``layers`` list, a ``(param, grad)`` pair of
+    same-shape arrays, or any list of those.
     """
     if isinstance(getattr(obj, "params", None), ParamBuffer):
         return [(obj.params.data, obj.grads.data)]
+    if isinstance(getattr(obj, "params", None), np.ndarray):
+        grads = getattr(obj, "grads", None)
+        if not isinstance(grads, np.ndarray):
+            raise TypeError(f"{type(obj).__name__}.params is an array, so its grads must be an array of "
+                            f"the same shape, got {type(grads).__name__}")
+        return collect_buffers((obj.params, grads))
     if hasattr(obj, "layers"):
         return collect_buffers(list(obj.layers))
     if (isinstance(obj, tuple) and len(obj) == 2 and all(isinstance(a, np.ndarray) for a in obj)):

@@ -83,10 +83,12 @@ class ParamBuffer(Mapping):
         return [name for name in self._views if name not in self.layout.shapes]
 
     def __getattr__(self, name: str) -> np.ndarray:
-        try:
-            return self.__dict__["_views"][name]
-        except KeyError:
-            raise AttributeError(name) from None
+        views = self.__dict__.get("_views")
+        if views is not None and name in views:
+            return views[name]
+        if views is None or name.startswith("__"):  # (copy and pickle probe for special methods)
+            raise AttributeError(name)
+        raise AttributeError(f"no parameter {name!r}; the names are {', '.join(views)}")
 
     _OWN = ("layout", "data", "_views")
 
@@ -153,6 +155,9 @@ class OwnsParams:
     """
 
     _BUFFERS: dict = {}
+    #: settings fixed when the layer is built: the weights' shapes, the kernels and the saved
+    #: activations follow them, so a new value would compute with the old ones (or fail deep inside)
+    _FIXED: tuple = ("layout", "dtype", "device")
 
     def free_buffers(self) -> None:
         """Drop the activations and scratch buffers kept between calls (``backward`` then needs a
@@ -180,4 +185,8 @@ class OwnsParams:
         if name in ("params", "grads") and name in self.__dict__:
             raise AttributeError(f"a layer's {name} cannot be replaced; copy values into it: "
                                  f"layer.{name}.data = other.{name}.data, or by name (layer.{name}.W = w)")
+        if name in self._FIXED and name in self.__dict__:
+            raise AttributeError(f"{type(self).__name__}.{name} is fixed when the layer is built (its "
+                                 f"weights and kernels follow it); build a new layer with the {name} you "
+                                 "want and copy the weights that still fit by name")
         super().__setattr__(name, value)

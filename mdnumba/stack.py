@@ -252,6 +252,28 @@ def check_not_refused_midway(group: object) -> None:
                            "run forward(x) again first")
 
 
+def _check_trainable(stage: object) -> None:
+    """TypeError/ValueError unless a stage with ``params`` (which the stack trains) also has
+    ``grads`` and ``zero_grad()``, and ``params`` an optimiser can update: a
+    :class:`~mdnumba.params.ParamBuffer`, a device twin's array, or a float array with ``grads``
+    an array of its shape and dtype (a stage of the user's)."""
+    name = type(stage).__name__
+    if not (hasattr(stage, "grads") and callable(getattr(stage, "zero_grad", None))):
+        raise TypeError(f"{name} has params, so the stack trains it: it also needs "
+                        "grads (where its backward accumulates) and zero_grad()")
+    params = stage.params
+    if isinstance(params, ParamBuffer) or hasattr(params, "__cuda_array_interface__"):
+        return
+    if not isinstance(params, np.ndarray):
+        raise TypeError(f"{name}.params must be one float32/float64 NumPy array (and grads one of its "
+                        f"shape), for the optimisers to update it in place; got {type(params).__name__}")
+    from .optim import collect_buffers
+    try:
+        collect_buffers(stage)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{name}: {exc}") from None
+
+
 class Sequential(LayerGroup):
     """Stages applied in order; ``backward`` runs them in reverse.
 
@@ -278,9 +300,7 @@ class Sequential(LayerGroup):
         self._inference = False  # the last forward had save=False
         self._refused_at: int | None = None  # the stage that refused the last forward after others ran
         for s in self.layers:
-            if not (hasattr(s, "grads") and callable(getattr(s, "zero_grad", None))):
-                raise TypeError(f"{type(s).__name__} has params, so the stack trains it: it also needs "
-                                "grads (where its backward accumulates) and zero_grad()")
+            _check_trainable(s)
         ids = [id(s) for s in _all_stages(self.stages)]
         if len(set(ids)) < len(ids):
             raise ValueError("a stage appears twice in this Sequential: every stage saves its own "
@@ -296,8 +316,9 @@ class Sequential(LayerGroup):
     def __len__(self) -> int:
         return len(self.stages)
 
-    def __getitem__(self, i: int):
-        return self.stages[i]
+    def __getitem__(self, i: int | slice):
+        """Stage ``i``; a slice gives a Sequential of those stages (the same objects)."""
+        return Sequential(*self.stages[i]) if isinstance(i, slice) else self.stages[i]
 
     def forward(self, x: np.ndarray, *, save: bool = True, sizes: npt.ArrayLike | None = None) -> np.ndarray:
         """``x`` through every stage in order; each keeps what its backward needs, or with

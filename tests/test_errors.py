@@ -1,5 +1,8 @@
 """Bad input gives a clear error that says what to fix."""
 
+import copy
+import pickle
+
 import numpy as np
 import pytest
 
@@ -302,6 +305,76 @@ def test_a_users_stage_with_params_needs_grads_and_zero_grad():
     net = Sequential(LSTM1D(2, 2, dtype=np.float64), Scale(zero_grad=True))
     net.zero_grad()
     assert len(net.layers) == 2 and net.n_params == net.layers[0].params.data.size + 1
+
+
+class _ArrayScale:
+    """A stage of the user's with plain arrays as params and grads."""
+
+    def __init__(self, params, grads):
+        self.params, self.grads = params, grads
+
+    def zero_grad(self):
+        self.grads[...] = 0
+
+    def forward(self, x):
+        self._x = x
+        return self.params[0] * x
+
+    def backward(self, dy, input_grad=True):
+        self.grads[0] += np.sum(dy * self._x)
+        return self.params[0] * dy
+
+
+def test_a_users_stage_with_array_params_trains_and_other_params_are_refused(rng):
+    """Plain arrays as a stage's params and grads: the stack counts them and Adam updates them
+    in place (Adam refused such a stage, and n_params failed on a dict, after Sequential had
+    accepted it); params an optimiser cannot update are refused when the stack is built."""
+    scale = _ArrayScale(np.ones(1), np.zeros(1))
+    net = Sequential(LSTM1D(2, 2, dtype=np.float64), scale)
+    assert net.n_params == net.layers[0].params.data.size + 1
+    opt = Adam(net, lr=0.1)
+    y = net.forward(rng.random((1, 3, 2)))
+    net.zero_grad()
+    net.backward(y)
+    assert scale.grads[0] > 0
+    opt.step()
+    assert scale.params[0] == pytest.approx(0.9)  # Adam's first step: lr against the gradient's sign
+    for params, grads, error, match in (
+            ({"a": np.ones(1)}, {"a": np.zeros(1)}, TypeError, "_ArrayScale.params must be one float32"),
+            (np.ones(2), np.zeros(1), ValueError, r"_ArrayScale: parameter \(2,\)/float64 and gradient"),
+            (np.ones(1), [0.0], TypeError, "its grads must be an array of the same shape, got list"),
+            (np.ones(1, int), np.zeros(1, int), TypeError, "must be float32 or float64")):
+        with pytest.raises(error, match=match):
+            Sequential(LSTM1D(2, 2), _ArrayScale(params, grads))
+
+
+def test_a_layers_settings_are_fixed_once_built():
+    """Setting a layer's size, dtype, cell or device after it is built computed with the old
+    weights (in_channels = 3 ran a 1-channel W on 3 channels, then backward failed inside a
+    kernel): refused, naming what to do; other attributes can still be set."""
+    for layer, names in ((MDLSTM2D(1, 2), ("in_channels", "hidden", "directions", "dtype", "cell", "device")),
+                         (Linear(2, 3), ("in_features", "out_features", "dtype")),
+                         (GridLSTM2D(2, 2), ("hidden", "depth", "tied", "layout"))):
+        for name in names:
+            with pytest.raises(AttributeError, match=f"{type(layer).__name__}.{name} is fixed when the "
+                                                     f"layer is built.*build a new layer"):
+                setattr(layer, name, 3)
+        layer.note = "mine"
+        assert pickle.loads(pickle.dumps(layer)).note == copy.deepcopy(layer).note == "mine"
+
+
+def test_a_missing_parameter_name_lists_the_names():
+    with pytest.raises(AttributeError, match="no parameter 'Q'; the names are W, U, b, U_up, U_left"):
+        _ = MDLSTM2D(1, 2).params.Q
+
+
+def test_a_slice_of_a_sequential_is_a_sequential(rng):
+    a, b = LSTM1D(2, 3, dtype=np.float64), LSTM1D(3, 2, dtype=np.float64, seed=1)
+    net = Sequential(a, b)
+    head = net[:1]
+    assert isinstance(head, Sequential) and head.stages == (a,) and net[1] is b
+    x = rng.random((1, 4, 2))
+    np.testing.assert_array_equal(head.forward(x), a.forward(x))
 
 
 def test_optimizer_state_is_checked_before_it_is_loaded():
