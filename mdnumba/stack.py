@@ -262,7 +262,8 @@ def _check_trainable(stage: object) -> None:
         raise TypeError(f"{name} has params, so the stack trains it: it also needs "
                         "grads (where its backward accumulates) and zero_grad()")
     params = stage.params
-    if isinstance(params, ParamBuffer) or hasattr(params, "__cuda_array_interface__"):
+    if isinstance(params, ParamBuffer) or hasattr(params, "copy_to_host") or \
+            hasattr(params, "__cuda_array_interface__"):  # (a device twin's: a numba device array)
         return
     if not isinstance(params, np.ndarray):
         raise TypeError(f"{name}.params must be one float32/float64 NumPy array (and grads one of its "
