@@ -85,6 +85,12 @@ def check_state(state: object, name: str, batch: int, width: int, dtype: np.dtyp
     return pair
 
 
+def is_device_array(x: object) -> bool:
+    """True for numba device arrays (the simulator's too) and objects exporting
+    ``__cuda_array_interface__``; imports no CUDA module."""
+    return hasattr(x, "copy_to_host") or hasattr(x, "__cuda_array_interface__")
+
+
 def check_device(device: object) -> str:
     """``device`` as given when it is 'cpu' or 'cuda' (then with a usable GPU and numba-cuda)."""
     if device not in ("cpu", "cuda"):

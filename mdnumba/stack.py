@@ -17,6 +17,7 @@ from ._validate import (
     check_positive_int,
     check_shape,
     check_size_values,
+    is_device_array,
     missing_activations,
     shared_seed,
 )
@@ -66,7 +67,6 @@ class BlockSubsample:
         if self.device != "cuda":
             return None
         from .backend_cuda import CudaBlockSubsample
-        from .kernels.wavefront_cuda import is_device_array
         if not is_device_array(x):
             return None
         if self._twin is None:
@@ -261,18 +261,15 @@ def _check_trainable(stage: object) -> None:
     if not (hasattr(stage, "grads") and callable(getattr(stage, "zero_grad", None))):
         raise TypeError(f"{name} has params, so the stack trains it: it also needs "
                         "grads (where its backward accumulates) and zero_grad()")
-    params = stage.params
-    if isinstance(params, ParamBuffer) or hasattr(params, "copy_to_host") or \
-            hasattr(params, "__cuda_array_interface__"):  # (a device twin's: a numba device array)
+    params, grads = stage.params, stage.grads
+    if isinstance(params, ParamBuffer) or is_device_array(params):
         return
-    if not isinstance(params, np.ndarray):
-        raise TypeError(f"{name}.params must be one float32/float64 NumPy array (and grads one of its "
-                        f"shape), for the optimisers to update it in place; got {type(params).__name__}")
-    from .optim import collect_buffers
-    try:
-        collect_buffers(stage)
-    except (TypeError, ValueError) as exc:
-        raise type(exc)(f"{name}: {exc}") from None
+    if not (isinstance(params, np.ndarray) and isinstance(grads, np.ndarray)):
+        raise TypeError(f"{name}.params and .grads must be ParamBuffers or NumPy arrays of one shape "
+                        "(an optimiser updates params in place), got "
+                        f"{type(params).__name__} and {type(grads).__name__}")
+    if params.shape != grads.shape:
+        raise ValueError(f"{name}.params {params.shape} and .grads {grads.shape} differ in shape")
 
 
 class Sequential(LayerGroup):
@@ -281,11 +278,12 @@ class Sequential(LayerGroup):
     ``layers`` lists the parametrised layers (what :class:`mdnumba.Adam` and checkpoints
     see), in order, those of nested groups (a ``Sequential`` stage) included. A stage may
     appear once: each saves its own activations for ``backward``, so sharing one layer's
-    weights between two stages this way would give wrong gradients. A stage with ``params`` (the
-    optimiser's :class:`~mdnumba.params.ParamBuffer`) also needs ``grads`` and ``zero_grad()``;
-    other stages need only ``forward`` and ``backward``. ``stages`` is a tuple
-    (fixed once built); ``len(seq)`` and ``seq[i]`` give the stages. An error of a stage's
-    ``forward`` or ``backward`` names the stage.
+    weights between two stages this way would give wrong gradients. A stage with ``params`` (a
+    :class:`~mdnumba.params.ParamBuffer`, a NumPy array or a device twin's array) also needs
+    ``grads`` of the same kind and shape and ``zero_grad()``; other stages need only ``forward``
+    and ``backward``. ``stages`` is a tuple (fixed once built); ``len(seq)`` and ``seq[i]`` give
+    the stages, ``seq[i:j]`` a Sequential of them. An error of a stage's ``forward`` or
+    ``backward`` names the stage.
     """
 
     def __init__(self, *stages):
@@ -319,7 +317,12 @@ class Sequential(LayerGroup):
 
     def __getitem__(self, i: int | slice):
         """Stage ``i``; a slice gives a Sequential of those stages (the same objects)."""
-        return Sequential(*self.stages[i]) if isinstance(i, slice) else self.stages[i]
+        if not isinstance(i, slice):
+            return self.stages[i]
+        if not self.stages[i]:
+            raise IndexError(f"the slice {i.start}:{i.stop}:{i.step} of a Sequential of "
+                             f"{len(self)} stages holds none (a Sequential needs one)")
+        return Sequential(*self.stages[i])
 
     def forward(self, x: np.ndarray, *, save: bool = True, sizes: npt.ArrayLike | None = None) -> np.ndarray:
         """``x`` through every stage in order; each keeps what its backward needs, or with

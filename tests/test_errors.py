@@ -340,12 +340,18 @@ def test_a_users_stage_with_array_params_trains_and_other_params_are_refused(rng
     opt.step()
     assert scale.params[0] == pytest.approx(0.9)  # Adam's first step: lr against the gradient's sign
     for params, grads, error, match in (
-            ({"a": np.ones(1)}, {"a": np.zeros(1)}, TypeError, "_ArrayScale.params must be one float32"),
-            (np.ones(2), np.zeros(1), ValueError, r"_ArrayScale: parameter \(2,\)/float64 and gradient"),
-            (np.ones(1), [0.0], TypeError, "its grads must be an array of the same shape, got list"),
-            (np.ones(1, int), np.zeros(1, int), TypeError, "must be float32 or float64")):
+            ({"a": np.ones(1)}, {"a": np.zeros(1)}, TypeError, "_ArrayScale.params and .grads must be Param"),
+            (np.ones(1), [0.0], TypeError, "NumPy arrays of one shape .*got ndarray and list"),
+            (np.ones(2), np.zeros(1), ValueError, r"_ArrayScale.params \(2,\) and .grads \(1,\) differ")):
         with pytest.raises(error, match=match):
             Sequential(LSTM1D(2, 2), _ArrayScale(params, grads))
+    frozen = _ArrayScale(np.ones(1), np.zeros(1))  # a stage nobody trains may be read-only
+    frozen.params.setflags(write=False)
+    net = Sequential(LSTM1D(2, 2), frozen)
+    with pytest.raises(ValueError, match="the parameter array is read-only"):  # what Adam says
+        Adam(net)
+    with pytest.raises(TypeError, match="its grads must be an array of the same shape, got list"):
+        Adam(_ArrayScale(np.ones(1), [0.0]))
 
 
 def test_a_layers_settings_are_fixed_once_built():
@@ -373,6 +379,8 @@ def test_a_slice_of_a_sequential_is_a_sequential(rng):
     net = Sequential(a, b)
     head = net[:1]
     assert isinstance(head, Sequential) and head.stages == (a,) and net[1] is b
+    with pytest.raises(IndexError, match="the slice 2:None:None of a Sequential of 2 stages holds none"):
+        net[2:]
     x = rng.random((1, 4, 2))
     np.testing.assert_array_equal(head.forward(x), a.forward(x))
 

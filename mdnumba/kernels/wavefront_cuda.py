@@ -51,6 +51,7 @@ import numpy as np
 from numba import cuda
 
 from .. import config
+from .._validate import is_device_array  # noqa: F401  (k.is_device_array for the backend)
 from .cell import build
 
 #: True when numba runs CUDA kernels in its CPU simulator (NUMBA_ENABLE_CUDASIM=1)
@@ -829,11 +830,6 @@ def _take_state_grad(dh0, dc0, dh, dc, dact, B):
 
 
 # ---------------------------------------------------------------- host helpers
-def is_device_array(x) -> bool:
-    """True for numba device arrays and objects exporting ``__cuda_array_interface__``."""
-    return hasattr(x, "copy_to_host") or hasattr(x, "__cuda_array_interface__")
-
-
 def shares_memory(a, b) -> bool:
     """Whether the contiguous device arrays ``a`` and ``b`` overlap (the simulator's arrays: their
     host buffers)."""
