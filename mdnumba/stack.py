@@ -218,9 +218,10 @@ def refused_midway(group: object) -> bool:
 def left_partial(stage: object, exc: BaseException, first: bool) -> bool:
     """Whether a forward that ``stage`` refused with ``exc`` leaves some stages holding that
     input's activations: any stage after the first; the first one too when the forward was
-    interrupted, found NaN/inf in what it computed (a layer saves before it checks its output)
-    or is a group that failed partway. A first stage refusing x by its checks changes nothing,
-    and backward then uses the last forward."""
+    interrupted, raised NonFiniteError (NaN/inf in what it computed: it then keeps nothing, while
+    the later stages hold the last forward's; NaN in x is refused the same way, conservatively)
+    or is a group that failed partway. A first stage refusing x by its other checks changes
+    nothing, and backward then uses the last forward."""
     return (not first or refused_midway(stage) or isinstance(exc, NonFiniteError)
             or not isinstance(exc, (ValueError, TypeError)))
 
@@ -254,9 +255,10 @@ def check_not_refused_midway(group: object) -> None:
 
 def _check_trainable(stage: object) -> None:
     """TypeError/ValueError unless a stage with ``params`` (which the stack trains) also has
-    ``grads`` and ``zero_grad()``, and ``params`` an optimiser can update: a
-    :class:`~mdnumba.params.ParamBuffer`, a device twin's array, or a float array with ``grads``
-    an array of its shape and dtype (a stage of the user's)."""
+    ``grads`` and ``zero_grad()``, and ``params`` of a kind an optimiser takes: a
+    :class:`~mdnumba.params.ParamBuffer`, a device twin's array, or a NumPy array with ``grads``
+    an array of its shape (a stage of the user's; its dtype, layout and writability are checked
+    by the optimiser that trains it)."""
     name = type(stage).__name__
     if not (hasattr(stage, "grads") and callable(getattr(stage, "zero_grad", None))):
         raise TypeError(f"{name} has params, so the stack trains it: it also needs "
