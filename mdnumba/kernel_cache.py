@@ -46,6 +46,13 @@ class KernelCacheLocator(_CacheLocator or object):
     def __init__(self, inner):
         self._inner = inner
 
+    def __getattr__(self, name):
+        """Anything else from Numba's locator (e.g. ``_py_file``, which Numba reads to warn that
+        a kernel cannot be cached)."""
+        if name == "_inner":  # not set yet (e.g. while unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
     @classmethod
     def from_function(cls, py_func, py_file):
         if not Path(py_file).resolve().is_relative_to(_PACKAGE):

@@ -70,3 +70,22 @@ def test_fastmath_and_exact_builds_are_cached_apart(package_copy):
     assert run(MDNUMBA_FASTMATH="1") == (0, 1)  # Numba alone: a hit on the exact build
     assert run(MDNUMBA_FASTMATH="1") == (1, 0)
     assert run(MDNUMBA_FASTMATH="0") == (1, 0)
+
+
+def test_a_kernel_numba_cannot_cache_still_runs(tmp_path):
+    """Numba refuses to cache a kernel with dynamic globals (e.g. a call of get_num_threads) with a
+    warning; to say so it reads its locator's ``_py_file``, which the wrapping locator passes on
+    (it raised AttributeError, and the kernel did not run)."""
+    src = Path(mdnumba.__file__).parent
+    shutil.copytree(src, tmp_path / "mdnumba", ignore=shutil.ignore_patterns("__pycache__", "cli"))
+    with open(tmp_path / "mdnumba" / "kernels" / "gemm.py", "a") as f:
+        f.write("\n\nimport numba\n\n\n@njit(**NJIT_OPTS)\ndef threads_probe():\n"
+                "    return numba.get_num_threads()\n")
+    probe = "from mdnumba.kernels.gemm import threads_probe\nprint(threads_probe())\n"
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), NUMBA_CACHE_DIR=str(tmp_path / "cache"),
+               MDNUMBA_CACHE="1")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert int(proc.stdout.split()[-1]) >= 1
+    assert "Cannot cache" in proc.stderr and "dynamic globals" in proc.stderr
