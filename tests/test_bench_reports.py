@@ -2,7 +2,7 @@
 
 The benchmarks themselves are not tests (speed is measured, not asserted); what is tested here
 is that a report states the issues' targets from the numbers it measured, on made-up timings,
-and that a quick run of bench/inference.py writes its table.
+and that quick runs of bench/inference.py, padded.py and lstm1d.py write their tables.
 """
 
 from __future__ import annotations
@@ -86,3 +86,20 @@ def test_padded_bench_quick(tmp_path):
     rows = [ln for ln in out.read_text().splitlines() if ln.startswith(("| 1D", "| 2D"))]
     assert len(rows) == len(padded.QUICK)
     assert all(ln.rstrip(" |").endswith("| 0") for ln in rows), rows  # max abs difference
+
+
+def test_lstm1d_bench_quick(tmp_path):
+    """bench/lstm1d.py --quick runs and writes a row per shape (the PyTorch columns need torch)."""
+    import lstm1d
+    out = tmp_path / "lstm1d.md"
+    lstm1d.main(["--quick", "--no-torch", "--out", str(out)])
+    rows = [ln for ln in out.read_text().splitlines() if ln.startswith("| T")]
+    assert [ln.split(" |")[0] for ln in rows] == [f"| {c.label}" for c in lstm1d.QUICK]
+
+
+def test_lstm1d_bench_torch_mapping():
+    """The torch.nn.LSTM baseline computes LSTM1D's function: the gate reordering is right."""
+    torch = pytest.importorskip("torch")
+    import lstm1d
+    fwd, grad = lstm1d.verify(torch, lstm1d.Case(5, 2, 3, 4))
+    assert fwd < 1e-12 and grad < 1e-10
