@@ -80,3 +80,29 @@ def test_batch_blocks_choice(monkeypatch):
     assert wfk.batch_blocks(1, 8, line, items, "batch") == 0  # a padded batch: per hyperplane
     with pytest.raises(ValueError, match="schedule must be one of auto, planes, batch"):
         wfk.batch_blocks(1, 8, line, None, "fast")
+
+
+def test_layer_with_state_same_under_both_schedules(rng, monkeypatch):
+    """A bidirectional LSTM1D run from an initial state (the sweep over cells 1..T of the state
+    layout, the saving-free sweep from plane 1), its gradients and final state: the same bits
+    with the batch in blocks (the default for 2 threads) and with a prange per time step."""
+    B, T, C, D, S = 6, 5, 2, 3, 2
+    layer = LSTM1D(C, D, directions=S, cell="stable", dtype=np.float64, seed=4)
+    x, dh = rng.standard_normal((B, T, C)), rng.standard_normal((B, T, S * D))
+    state = (rng.standard_normal((B, S * D)), rng.standard_normal((B, S * D)))
+    final_grad = (rng.standard_normal((B, S * D)), rng.standard_normal((B, S * D)))
+
+    def run():
+        y = layer.forward(x, state=state)
+        final = layer.final_state()
+        layer.zero_grad()
+        dx = layer.backward(dh, final_state_grad=final_grad)
+        return [y, *final, dx, *layer.initial_state_grad(), layer.grads.data.copy(),
+                layer.forward(x, state=state, save=False), *layer.final_state()]
+
+    monkeypatch.setattr(wfk, "numba", SimpleNamespace(get_num_threads=lambda: 2))  # any machine
+    assert wfk.batch_blocks(S, B, wavefront((T + 2,)).diag_off[1:-1], None) == 2
+    batched = run()
+    monkeypatch.setattr(wfk, "BATCH_MAX_CELLS", -1)  # every sweep a prange per time step
+    for a, b in zip(run(), batched):
+        np.testing.assert_array_equal(b, a)
