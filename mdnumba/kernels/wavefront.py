@@ -10,8 +10,8 @@ weights (a layer's directions) occupy consecutive slabs of M*B rows and are
 swept together.
 
 Layers, stumpy style: the unit math of :mod:`mdnumba.kernels.cell` ←
-``_recurrent_*`` and ``_cell_*`` (serial, one cell and a pair of batch items) ←
-``_forward_item`` / ``_backward_item`` / ``_infer_item`` (one work item) ← ``_sweep_*``
+``_recurrent_*`` and ``_cell_*`` (serial, one cell and a pair of batch items; ``_infer_item``
+adds the input projection) ← ``_sweep_*``
 (parallel drivers: hyperplanes in order, a ``prange`` over each hyperplane's scans × cells ×
 batch, or over a padded batch's live rows) and ``_sweep_*_batched`` (one ``prange`` over blocks
 of scans × batch, each sweeping every hyperplane: small hyperplanes, :func:`batch_blocks`) ←
@@ -179,15 +179,6 @@ def _items_or_all(items, diag_off) -> tuple:
     return items
 
 
-@njit(**NJIT_OPTS)
-def _forward_item(h, c, act, U, parent, base, s, b, nb, B, D, cell):
-    """Work item (cell s, batch rows b .. b+nb-1) of the scan whose slab starts at row ``base``:
-    the recurrent products, then the cell."""
-    _recurrent_forward(act, h, U, parent, base, s, b, nb, B, D)
-    for bb in range(b, b + nb):
-        _cell_forward(h, c, act, parent, base, s, bb, B, D, cell)
-
-
 @njit(**NJIT_PARALLEL_OPTS)
 def _sweep_forward(h, c, act, U, diag_off, items_off, items, parent, B, D, cell):
     """:func:`wavefront_forward`, a ``prange`` per hyperplane."""
@@ -196,7 +187,9 @@ def _sweep_forward(h, c, act, U, diag_off, items_off, items, parent, B, D, cell)
         first, n = _plane(k, diag_off, items_off, B)
         for t in prange(U.shape[0] * n):
             grp, s, b, nb = _work_item(t, first, n, items, B)
-            _forward_item(h, c, act, U[grp], parent, grp * MB, s, b, nb, B, D, cell)
+            _recurrent_forward(act, h, U[grp], parent, grp * MB, s, b, nb, B, D)
+            for bb in range(b, b + nb):
+                _cell_forward(h, c, act, parent, grp * MB, s, bb, B, D, cell)
 
 
 @njit(**NJIT_OPTS)
@@ -217,7 +210,9 @@ def _sweep_forward_batched(h, c, act, U, diag_off, parent, B, D, cell, nblk):
         for s in range(diag_off[0], diag_off[diag_off.shape[0] - 1]):
             for t in range(blk * n // nblk, (blk + 1) * n // nblk):
                 grp, b, nb = _stream(t, B)
-                _forward_item(h, c, act, U[grp], parent, grp * MB, s, b, nb, B, D, cell)
+                _recurrent_forward(act, h, U[grp], parent, grp * MB, s, b, nb, B, D)
+                for bb in range(b, b + nb):
+                    _cell_forward(h, c, act, parent, grp * MB, s, bb, B, D, cell)
 
 
 @njit(**NJIT_OPTS)
@@ -260,10 +255,10 @@ def wavefront_infer(out, h, c, act, lp, x, src, W, bias, U, diag_off, parent, fi
 
 
 @njit(**NJIT_OPTS)
-def _infer_item(out, h, c, act, lp, x, src, W, bias, U, base, slot, row, b, nb, B, D, cell):
+def _infer_item(out, h, c, act, lp, x, src, W, bias, U, grp, base, slot, row, b, nb, B, D, cell):
     """Work item (cell in two-plane ``slot``, batch rows b .. b+nb-1; ``row`` = cell*B + b in
-    ``src``) of the scan whose slab starts at row ``base``: input projection, recurrent
-    products, cell, h into ``out``."""
+    ``src``) of scan ``grp``, whose slab starts at row ``base``: input projection, recurrent
+    products, cell, h into ``out[:, grp]``."""
     for i in range(nb):
         j = src[row + i]
         if j >= 0:
@@ -275,7 +270,7 @@ def _infer_item(out, h, c, act, lp, x, src, W, bias, U, base, slot, row, b, nb, 
         _cell_forward(h, c, act, lp, base, slot, b + i, B, D, cell)
         j = src[row + i]
         if j >= 0:
-            out[j, :] = h[base + slot * B + b + i]
+            out[j, grp, :] = h[base + slot * B + b + i]
 
 
 @njit(**NJIT_PARALLEL_OPTS)
@@ -289,7 +284,7 @@ def _sweep_infer(out, h, c, act, lp, x, src, W, bias, U, diag_off, items_off, it
         start, n = _plane(k, diag_off, items_off, B)
         for t in prange(U.shape[0] * n):
             grp, cell_k, b, nb = _work_item(t, start, n, items, B)
-            _infer_item(out[:, grp], h, c, act, lp, x, src[grp], W[grp], bias[grp], U[grp], grp * L,
+            _infer_item(out, h, c, act, lp, x, src[grp], W[grp], bias[grp], U[grp], grp, grp * L,
                         cur + cell_k - s0, cell_k * B + b, b, nb, B, D, cell)
 
 
@@ -308,7 +303,7 @@ def _sweep_infer_batched(out, h, c, act, lps, x, src, W, bias, U, diag_off, pare
             for cell_k in range(diag_off[k], diag_off[k + 1]):
                 for t in range(blk * n // nblk, (blk + 1) * n // nblk):
                     grp, b, nb = _stream(t, B)
-                    _infer_item(out[:, grp], h, c, act, lp, x, src[grp], W[grp], bias[grp], U[grp],
+                    _infer_item(out, h, c, act, lp, x, src[grp], W[grp], bias[grp], U[grp], grp,
                                 grp * L, cur + cell_k - diag_off[k], cell_k * B + b, b, nb, B, D, cell)
 
 
@@ -383,14 +378,6 @@ def wavefront_backward(dact, dc, dh, act, c, U, diag_off, parent, child, B: int,
                         parent, child, B, D, cell)
 
 
-@njit(**NJIT_OPTS)
-def _backward_item(dact, dc, dh, act, c, U, parent, child, base, s, b, nb, B, D, cell):
-    """Work item (cell s, batch rows b .. b+nb-1): pull from the children, then the cell."""
-    _recurrent_backward(dh, dact, U, child, base, s, b, nb, B, D)
-    for bb in range(b, b + nb):
-        _cell_backward(dact, dc, dh, act, c, parent, child, base, s, bb, B, D, cell)
-
-
 @njit(**NJIT_PARALLEL_OPTS)
 def _sweep_backward(dact, dc, dh, act, c, U, diag_off, items_off, items, parent, child, B, D, cell):
     """:func:`wavefront_backward`, a ``prange`` per hyperplane."""
@@ -399,7 +386,9 @@ def _sweep_backward(dact, dc, dh, act, c, U, diag_off, items_off, items, parent,
         first, n = _plane(k, diag_off, items_off, B)
         for t in prange(U.shape[0] * n):
             grp, s, b, nb = _work_item(t, first, n, items, B)
-            _backward_item(dact, dc, dh, act, c, U[grp], parent, child, grp * MB, s, b, nb, B, D, cell)
+            _recurrent_backward(dh, dact, U[grp], child, grp * MB, s, b, nb, B, D)
+            for bb in range(b, b + nb):
+                _cell_backward(dact, dc, dh, act, c, parent, child, grp * MB, s, bb, B, D, cell)
 
 
 @njit(**NJIT_PARALLEL_OPTS)
@@ -411,8 +400,9 @@ def _sweep_backward_batched(dact, dc, dh, act, c, U, diag_off, parent, child, B,
         for s in range(diag_off[diag_off.shape[0] - 1] - 1, diag_off[0] - 1, -1):
             for t in range(blk * n // nblk, (blk + 1) * n // nblk):
                 grp, b, nb = _stream(t, B)
-                _backward_item(dact, dc, dh, act, c, U[grp], parent, child, grp * MB, s, b, nb,
-                               B, D, cell)
+                _recurrent_backward(dh, dact, U[grp], child, grp * MB, s, b, nb, B, D)
+                for bb in range(b, b + nb):
+                    _cell_backward(dact, dc, dh, act, c, parent, child, grp * MB, s, bb, B, D, cell)
 
 
 @njit(**NJIT_PARALLEL_OPTS)
