@@ -17,6 +17,7 @@ Usage: ``python bench/lstm1d.py [--quick] [--no-torch] [--out PATH]`` (default
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,7 +167,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"... {case.label}", flush=True)
         results.append(bench_case(case, torch, 0.3 if args.quick else 8.0))
     tb = None if torch is None else (torch, None)
-    text = render(machine_info(tb, load_before), results)
+    info = machine_info(tb, load_before)
+    info["GOMP_SPINCOUNT"] = (f"{os.environ.get('GOMP_SPINCOUNT')} (mdnumba sets 3000 on import unless "
+                              "given; PyTorch's OpenMP threads run under it too)")
+    text = render(info, results)
     write_report(text, args.out or (None if args.quick else DEFAULT_OUT))
 
 

@@ -99,12 +99,13 @@ def _sweep_locator() -> KernelCacheLocator | None:
 
 
 def is_warm() -> bool:
-    """Whether the cache folder holds a compiled forward sweep (from any earlier process; one
-    compiled from older sources also counts): False means this process compiles the kernels."""
+    """Whether the cache folder holds a compiled forward sweep, of either schedule (from any
+    earlier process; one compiled from older sources also counts): False means this process
+    compiles the kernels."""
     locator = _sweep_locator()
     if locator is None:
         return False
-    return any(Path(locator.get_cache_path()).glob("wavefront._sweep_forward-*.nbi"))
+    return any(Path(locator.get_cache_path()).glob("wavefront._sweep_forward*-*.nbi"))
 
 
 def describe() -> str:

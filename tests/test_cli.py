@@ -938,5 +938,10 @@ def test_kernel_cache_is_warm_after_a_compiled_sweep(tmp_path, monkeypatch):
     from mdnumba import kernel_cache
     monkeypatch.setattr(kernel_cache.KernelCacheLocator, "get_cache_path", lambda self: str(tmp_path))
     assert not real_is_warm()
+    (tmp_path / "wavefront._sweep_backward-95.py311.nbi").write_bytes(b"")
+    assert not real_is_warm()
+    (tmp_path / "wavefront._sweep_forward_batched-201.py311.nbi").write_bytes(b"")  # 1D, small grids
+    assert real_is_warm()
+    (tmp_path / "wavefront._sweep_forward_batched-201.py311.nbi").unlink()
     (tmp_path / "wavefront._sweep_forward-95.py311.nbi").write_bytes(b"")
     assert real_is_warm()

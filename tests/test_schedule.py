@@ -13,11 +13,12 @@ from mdnumba import LSTM1D, MDLSTM2D, MDLSTM3D
 from mdnumba.grid import direction_tables, live_items, wavefront
 from mdnumba.kernels import wavefront as wfk
 
-CASES = [  # layer class, grid, batch, directions, cell
-    (LSTM1D, (7,), 5, 2, "graves"),
-    (MDLSTM2D, (4, 5), 3, 4, "stable"),
-    (MDLSTM2D, (3, 6), 1, 1, "spatial"),
-    (MDLSTM3D, (2, 3, 2), 3, 8, "graves"),
+CASES = [  # layer class, grid, batch, directions, cell, hidden, dtype
+    (LSTM1D, (7,), 5, 2, "graves", 3, np.float64),
+    (LSTM1D, (6,), 7, 1, "stable", 6, np.float32),  # D >= 4: the four-unit product loops too
+    (MDLSTM2D, (4, 5), 3, 4, "stable", 6, np.float64),
+    (MDLSTM2D, (3, 6), 1, 1, "spatial", 3, np.float64),
+    (MDLSTM3D, (2, 3, 2), 3, 8, "graves", 5, np.float32),
 ]
 
 
@@ -29,49 +30,53 @@ def sweeps(layer, x, schedule: str) -> list[np.ndarray]:
     W, bias = layer._per_direction("W"), layer._per_direction("b")
     U = layer.params["U"].reshape(S, D, -1)
     rows, x2 = wf.n_cells * B, x.reshape(-1, x.shape[-1])
+    dt = layer.dtype
     act = np.concatenate([bias[q] + np.where(skew_src[q][:, None] >= 0, x2[skew_src[q]], 0) @ W[q]
-                          for q in range(S)])
-    h, c = np.zeros((S * rows, D)), np.zeros((S * rows, D))
+                          for q in range(S)]).astype(dt)
+    h, c = np.zeros((S * rows, D), dt), np.zeros((S * rows, D), dt)
     wfk.wavefront_forward(h, c, act, U, wf.diag_off, wf.parent, B, D, layer.cell_code, schedule=schedule)
     dact, dc, dh = np.zeros_like(act), np.zeros_like(c), np.cos(3 * h)
     wfk.wavefront_backward(dact, dc, dh, act, c, U, wf.diag_off, wf.parent, wf.child, B, D,
                            layer.cell_code, schedule=schedule)
     slots = 2 * wf.max_diag_cells
-    out = np.full((x2.shape[0], S, D), np.nan)
-    hr, cr, ar = (np.zeros((S * slots * B, n)) for n in (D, D, act.shape[1]))
+    out = np.full((x2.shape[0], S, D), np.nan, dt)
+    hr, cr, ar = (np.zeros((S * slots * B, n), dt) for n in (D, D, act.shape[1]))
     wfk.wavefront_infer(out, hr, cr, ar, np.empty((slots, len(dims)), wf.parent.dtype), x2, skew_src, W,
                         bias, U, wf.diag_off, wf.parent, 0, wf.n_diagonals, B, D, layer.cell_code,
                         schedule=schedule)
     return [h, c, act, dact, dc, dh, out]
 
 
-@pytest.mark.parametrize("cls,dims,B,S,cell", CASES)
+@pytest.mark.parametrize("cls,dims,B,S,cell,D,dtype", CASES)
 @pytest.mark.parametrize("threads", [1, 3, 1000])
-def test_batch_schedule_equals_plane_schedule(cls, dims, B, S, cell, threads, rng, monkeypatch):
+def test_batch_schedule_equals_plane_schedule(cls, dims, B, S, cell, D, dtype, threads, rng, monkeypatch):
     """Every array of the three sweeps is bit-identical under both schedules, with the streams in
     one block, in uneven blocks, or one stream per block (as many blocks as ``threads`` would
     get; the sweeps still run on Numba's threads)."""
     monkeypatch.setattr(wfk, "numba", SimpleNamespace(get_num_threads=lambda: threads))
-    layer = cls(2, 3, directions=S, cell=cell, dtype=np.float64, seed=1)
+    layer = cls(2, D, directions=S, cell=cell, dtype=dtype, seed=1)
     layer.params.data[:] = rng.uniform(-0.6, 0.6, layer.params.data.shape)
-    x = rng.standard_normal((B,) + dims + (2,))
+    x = rng.standard_normal((B,) + dims + (2,)).astype(dtype)
     assert wfk.batch_blocks(S, B, wavefront(dims).diag_off, None, "batch") == min(threads, S * ((B + 1) // 2))
     planes, batched = sweeps(layer, x, "planes"), sweeps(layer, x, "batch")
     for name, a, b in zip(["h", "c", "act", "dact", "dc", "dh", "out"], planes, batched):
         assert np.isfinite(a).all() and np.abs(a).max() > 0, name
         np.testing.assert_array_equal(b, a, err_msg=name)
-    np.testing.assert_array_equal(batched[-1].reshape(-1, S * 3), layer.forward(x).reshape(-1, S * 3))
+    np.testing.assert_array_equal(batched[-1].reshape(-1, S * D), layer.forward(x).reshape(-1, S * D))
 
 
 def test_batch_blocks_choice(monkeypatch):
-    """"auto" splits the batch only with enough streams per thread, small hyperplanes and no
-    padded batch; a block per thread, never more blocks than streams; a bad schedule is refused."""
+    """"auto" splits the batch only with small hyperplanes, enough streams per thread (but in 1D)
+    and no padded batch; a block per thread, never more blocks than streams; a bad schedule is
+    refused."""
     monkeypatch.setattr(wfk, "numba", SimpleNamespace(get_num_threads=lambda: 2))
     line, small, big = wavefront((50,)).diag_off, wavefront((8, 8)).diag_off, wavefront((16, 16)).diag_off
     assert wfk.batch_blocks(1, 8, line, None) == 2  # 4 pairs: 2 per thread
-    assert wfk.batch_blocks(1, 6, line, None) == 0  # 3 pairs
+    assert wfk.batch_blocks(1, 6, line, None) == 2  # 1D: a time step has no more items than streams
+    assert wfk.batch_blocks(1, 1, line, None) == 1
     assert wfk.batch_blocks(4, 1, line, None) == 2  # 4 scans of one item
     assert wfk.batch_blocks(1, 16, small, None) == 2  # 4.3 cells per hyperplane
+    assert wfk.batch_blocks(1, 6, small, None) == 0  # 3 pairs: fewer than 2 per thread
     assert wfk.batch_blocks(1, 16, big, None) == 0  # 8.3
     assert wfk.batch_blocks(1, 16, big, None, "batch") == 2
     assert wfk.batch_blocks(1, 2, line, None, "batch") == 1  # one stream: one block

@@ -39,9 +39,10 @@ _CELL = build(njit(inline="always", **NJIT_OPTS), exp=vexp.exp, sigmoid=vexp.sig
 _row_forward = _CELL["row_forward"]
 _row_backward = _CELL["row_backward"]
 
-#: :func:`batch_blocks`' "auto": a sweep in blocks of batch items needs this many work streams per
-#: thread and hyperplanes of at most this many cells on average (measured on 2 cores, a sweep:
-#: 1D 0.5-0.9x the time of one fork and join per hyperplane, 8x8 B16 0.9x; 16x16 to 32x32 B16 1.0-1.08x)
+#: :func:`batch_blocks`' "auto": a sweep in blocks of batch items needs hyperplanes of at most this
+#: many cells on average and (but in 1D) this many work streams per thread (measured on 2 cores, a
+#: sweep: 1D 0.5-0.9x the time of one fork and join per hyperplane, B=1 0.35x, 8x8 B16 0.9x; 16x16
+#: to 32x32 B16 1.0-1.08x)
 BATCH_STREAMS_PER_THREAD = 2
 BATCH_MAX_CELLS = 8
 
@@ -156,15 +157,18 @@ def batch_blocks(S: int, B: int, diag_off, items, schedule: str = "auto") -> int
     Both compute every row with the same operations in the same order: the results are
     identical. ``"auto"`` takes blocks where the hyperplanes are small (at most
     :data:`BATCH_MAX_CELLS` cells on average: 1D, small grids), the fork and join costing more
-    than a hyperplane's work, and there are at least :data:`BATCH_STREAMS_PER_THREAD` streams per
-    thread; never for a padded batch (``items``: its live cells differ per item)."""
+    than a hyperplane's work, and, unless each hyperplane is one cell (1D: then a hyperplane
+    has no more work items than there are streams), there are at least
+    :data:`BATCH_STREAMS_PER_THREAD` streams per thread. A padded batch (``items``: its live
+    cells differ per item) always runs a ``prange`` per hyperplane, whatever ``schedule`` says."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     if schedule == "planes" or items is not None:
         return 0
     streams, threads = S * ((B + 1) // 2), numba.get_num_threads()
     cells = (diag_off[-1] - diag_off[0]) / max(len(diag_off) - 1, 1)
-    if schedule == "auto" and (streams < BATCH_STREAMS_PER_THREAD * threads or cells > BATCH_MAX_CELLS):
+    enough = cells == 1 or streams >= BATCH_STREAMS_PER_THREAD * threads
+    if schedule == "auto" and not (enough and cells <= BATCH_MAX_CELLS):
         return 0
     return min(streams, threads)
 
