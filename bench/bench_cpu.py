@@ -366,6 +366,11 @@ def ms(t: float | None) -> str:
     return f"{t * 1e3:.3g}" if t < 1 else f"{t * 1e3:.0f}"
 
 
+def best_median(tm: Timing | None) -> str:
+    """A timing as table text: best ms in bold, median in brackets ('–' for missing)."""
+    return "–" if tm is None else f"**{ms(tm.best)}** ({ms(tm.median)})"
+
+
 def ratio(num: Timing | None, den: Timing | None) -> str:
     """``num.best / den.best`` as text ('–' if either is missing)."""
     return "–" if num is None or den is None else f"{num.best / den.best:.1f}x"
@@ -383,12 +388,8 @@ def speed_table(results: list[dict], mode: str) -> list[str]:
     for res in results:
         t = res[mode]
         md, pt, ref = t.get("mdnumba"), t.get("torch"), t.get("reference")
-
-        def cell(tm: Timing | None) -> str:
-            return "–" if tm is None else f"**{ms(tm.best)}** ({ms(tm.median)})"
-
         reps = "/".join(str(tm.reps) if tm else "–" for tm in (md, pt, ref))
-        rows.append(f"| {res['cfg'].label} | {cell(md)} | {cell(pt)} | {cell(ref)} | "
+        rows.append(f"| {res['cfg'].label} | {best_median(md)} | {best_median(pt)} | {best_median(ref)} | "
                     f"{ratio(pt, md)} | {ratio(ref, md)} | {reps} |")
     return rows
 

@@ -48,7 +48,7 @@ from typing import Any, NamedTuple
 import numba
 import numpy as np
 from bench_cpu import Config as CpuConfig
-from bench_cpu import Timing, make_input, ms, ratio
+from bench_cpu import Timing, best_median, make_input, ms, ratio
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "gpu.md"
@@ -308,10 +308,6 @@ def torch_fns(tb: TorchBaseline, cfg: Config, x: np.ndarray):
 
 
 # -------------------------------------------------------------------------- report
-def cell(tm: Timing | None) -> str:
-    return "–" if tm is None else f"**{ms(tm.best)}** ({ms(tm.median)})"
-
-
 SPEED_COLUMNS = [("coop", "mdnumba GPU cooperative"), ("diag", "mdnumba GPU per-diagonal"),
                  ("trainer", "`train --device cuda` per step"),
                  ("numpy_api", "MDLSTM2D(device='cuda') NumPy API"), ("torch", "PyTorch GPU"),
@@ -328,7 +324,7 @@ def speed_table(results: list[dict], mode: str, keys: tuple | None = None) -> li
             + " |", "|" + "---|" * (len(cols) + len(extra) + 1)]
     for res in results:
         t = res.get(mode, {})  # a part that did not run: dashes
-        rows.append(f"| {res['cfg'].label} | " + " | ".join(cell(t.get(c)) for c, _ in cols)
+        rows.append(f"| {res['cfg'].label} | " + " | ".join(best_median(t.get(c)) for c, _ in cols)
                     + "".join(f" | {ratio(t.get(k), t.get('coop'))}" for k, _ in extra) + " |")
     return rows
 

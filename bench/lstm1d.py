@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numba
 import numpy as np
-from bench_cpu import load_average, machine_info, ms, time_interleaved, write_report
+from bench_cpu import best_median, load_average, machine_info, time_interleaved, write_report
 
 import mdnumba
 
@@ -135,16 +135,15 @@ def render(info: dict, results: list[dict]) -> str:
     for r in results:
         t = r["times"]
 
-        def cell(name: str, t=t) -> str:
-            return f"**{ms(t[name].best)}** ({ms(t[name].median)})" if name in t else "–"
-
         def ratio(slow: str, fast: str, t=t) -> str:
             return f"{t[slow].best / t[fast].best:.2f}x" if slow in t else "–"
 
-        check = "–" if r["check"] is None else f"{r['check'][0]:.1e}, {r['check'][1]:.1e}"
-        lines.append(f"| {r['case'].label} | {cell('md_train')} | {cell('pt_train')} | "
-                     f"{ratio('pt_train', 'md_train')} | {cell('md_forward')} | {cell('pt_forward')} "
-                     f"| {ratio('pt_forward', 'md_forward')} | {check} |")
+        cells = [r["case"].label]
+        for what in ("train", "forward"):
+            cells += [best_median(t.get(f"md_{what}")), best_median(t.get(f"pt_{what}")),
+                      ratio(f"pt_{what}", f"md_{what}")]
+        cells.append("–" if r["check"] is None else f"{r['check'][0]:.1e}, {r['check'][1]:.1e}")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from bench_cpu import load_average, machine_info, ms, time_interleaved, write_report
+from bench_cpu import best_median, load_average, machine_info, time_interleaved, write_report
 
 import mdnumba
 
@@ -103,16 +103,11 @@ def render(info: dict, results: list[dict]) -> str:
               "save=False batch ms | save=False one by one ms | ratio | max abs difference |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        t = r["times"]
-
-        def cell(name: str, t=t) -> str:
-            return f"**{ms(t[name].best)}** ({ms(t[name].median)})"
-
-        c = r["case"]
-        lines.append(f"| {c.label}, B{c.B} D{c.D} | {r['pad']:.0%} | {cell('batch')} | "
-                     f"{cell('items')} | {ratio(t['items'], t['batch'])} | {cell('batch_infer')} | "
-                     f"{cell('items_infer')} | {ratio(t['items_infer'], t['batch_infer'])} | "
-                     f"{r['diff']:.1g} |")
+        t, c = r["times"], r["case"]
+        cells = [f"{c.label}, B{c.B} D{c.D}", f"{r['pad']:.0%}"]
+        for batch, items in (("batch", "items"), ("batch_infer", "items_infer")):
+            cells += [best_median(t[batch]), best_median(t[items]), ratio(t[items], t[batch])]
+        lines.append("| " + " | ".join(cells + [f"{r['diff']:.1g}"]) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -44,6 +44,7 @@ from ._validate import (
     check_sizes,
     check_state,
     check_stateful,
+    is_device_array,
     missing_activations,
     nonfinite_input,
     overflowed_state,
@@ -222,8 +223,8 @@ class DeviceLayer:
         """(device array, came-from-host) after the same checks as the CPU layer (ndim None: any)."""
         k = self.k
         if ndim is None:
-            ndim = len(x.shape) if k.is_device_array(x) else np.ndim(x)
-        if k.is_device_array(x):
+            ndim = len(x.shape) if is_device_array(x) else np.ndim(x)
+        if is_device_array(x):
             xd = k.as_device(x)
             shape = tuple(xd.shape)
             if len(shape) != ndim or (last is not None and shape[-1] != last):

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._validate import check_array, check_flag, missing_activations
+from ._validate import check_array, check_flag, is_device_array, missing_activations
 from .backend_cuda import DEVICE_OPTIMIZERS, CudaLinear, CudaLSTM, HostOrDevice, require_cuda
 from .layers import WavefrontLSTM
 from .models import RecurrentReadout, check_dlogits
@@ -104,7 +104,7 @@ class DeviceModel(LayerGroup):
         """Logits of the host model's shape; saves what backward needs on the device (with
         ``save=False`` the recurrent layers run their two-plane sweep and ``backward`` is refused)."""
         k = self.readout.k
-        host_in = not k.is_device_array(x)
+        host_in = not is_device_array(x)
         if host_in:
             x = check_array(x, "x", np.ndim(x), None, self.dtype, "(batch, grid axes.., channels)")
         xd = k.as_device(x)
@@ -133,7 +133,7 @@ class DeviceModel(LayerGroup):
             raise missing_activations(inference=self._in_shape is not None)
         check_not_refused_midway(self)
         k = self.readout.k
-        host_in = not k.is_device_array(dlogits)
+        host_in = not is_device_array(dlogits)
         d = k.as_device(check_dlogits(dlogits, self._in_shape[:-1] + (self.readout.out_features,),
                                       self.dtype, values=host_in))  # as the host model checks it
         d = self.readout.backward(d.reshape(self._h_shape[:-1] + (self.readout.out_features,)))

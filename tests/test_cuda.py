@@ -38,6 +38,7 @@ from simruns import OTHER_ROWS, SHARDS, TIMEOUT, CaseRun, in_simulator, merged_r
 
 from mdnumba import LSTM1D, MDLSTM2D, NonFiniteError, WavefrontLSTM, unpad_batch
 from mdnumba import reference as ref
+from mdnumba._validate import is_device_array
 from mdnumba.backend_cuda import CudaUnavailableError, cuda_unavailable_reason
 
 IN_SIMULATOR = in_simulator()
@@ -244,7 +245,6 @@ def sim_a_cuda_stack_keeps_cuda_arrays_on_the_device(rng):
     stack's values and gradients; NumPy in still gives NumPy."""
     from numba import cuda
 
-    from mdnumba.kernels.wavefront_cuda import is_device_array
     from mdnumba.stack import mdlstm_stack
     kw = dict(layers=2, subsample=2, seed=3, dtype=np.float64)
     host, dev = mdlstm_stack(2, 2, 2, **kw), mdlstm_stack(2, 2, 2, device="cuda", **kw)
@@ -593,7 +593,6 @@ def sim_device_training_matches_cpu(kw, clip, clipped, rng):
 
     from mdnumba import Adam
     from mdnumba.backend_cuda import CudaAdam, CudaLSTM
-    from mdnumba.kernels import wavefront_cuda as gpu
     cpu = MDLSTM2D(2, 3, seed=5, dtype=np.float64, **kw)
     dev = CudaLSTM.from_layer(cpu)
     opt_c = Adam(cpu, lr=1e-2, clip_norm=clip)
@@ -603,7 +602,7 @@ def sim_device_training_matches_cpu(kw, clip, clipped, rng):
     for _ in range(3):
         h = cpu.forward(x)
         hd = dev.forward(xd)
-        assert gpu.is_device_array(hd) and tuple(hd.shape) == h.shape
+        assert is_device_array(hd) and tuple(hd.shape) == h.shape
         np.testing.assert_allclose(hd.copy_to_host(), h, rtol=1e-12, atol=1e-12)
         cpu.zero_grad()
         dev.zero_grad()
@@ -863,7 +862,6 @@ def sim_device_layer_contracts(rng):
     from numba import cuda
 
     from mdnumba.backend_cuda import CudaLinear, CudaLSTM
-    from mdnumba.kernels import wavefront_cuda as gpu
     from mdnumba.layers import Linear
     x, dh = rng.standard_normal((2, 3, 4, 2)), rng.standard_normal((2, 3, 4, 3))
     dev = CudaLSTM.from_layer(MDLSTM2D(2, 3, seed=1, dtype=np.float64))
@@ -876,7 +874,7 @@ def sim_device_layer_contracts(rng):
     np.testing.assert_array_equal(dx1.copy_to_host(), kept[1])
     lin = CudaLinear.from_layer(Linear(3, 2, seed=1, dtype=np.float64))
     for out in (dev.forward(x), dev.backward(dh), lin.forward(dh), lin.backward(np.ones((2, 3, 4, 2)))):
-        assert isinstance(out, np.ndarray) and not gpu.is_device_array(out)
+        assert isinstance(out, np.ndarray) and not is_device_array(out)
     layer = MDLSTM2D(2, 3, seed=1, dtype=np.float64, device="cuda")
     grads = []
     for _ in range(2):

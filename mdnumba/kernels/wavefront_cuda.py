@@ -51,7 +51,6 @@ import numpy as np
 from numba import cuda
 
 from .. import config
-from .._validate import is_device_array  # noqa: F401  (k.is_device_array for the backend)
 from .cell import build
 
 #: True when numba runs CUDA kernels in its CPU simulator (NUMBA_ENABLE_CUDASIM=1)
