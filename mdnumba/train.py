@@ -48,8 +48,10 @@ CHECKPOINT_SECONDS = 600.0
 def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
     """Yield a "was Ctrl-C pressed?" callable. In the main thread the first SIGINT only sets
     that flag and a second raises KeyboardInterrupt; SIGTERM (``kill``, ``timeout``, a batch
-    scheduler ending the job) counts as a Ctrl-C. Elsewhere (no signal handler possible) Ctrl-C
-    raises KeyboardInterrupt as usual and the flag stays False."""
+    scheduler ending the job) counts as a Ctrl-C. A signal ignored when the run starts stays
+    ignored (a shell script's background job ignores SIGINT, so that Ctrl-C in the script's
+    terminal does not reach it). Elsewhere (no signal handler possible) Ctrl-C raises
+    KeyboardInterrupt as usual and the flag stays False."""
     if threading.current_thread() is not threading.main_thread():
         yield lambda: False
         return
@@ -65,7 +67,8 @@ def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
         with contextlib.suppress(OSError, ValueError, AttributeError):
             sys.stderr.write(f"\n{what}: finishing this step, then saving a checkpoint (Ctrl-C "
                              "again stops at once without saving)\n")
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield lambda: bool(pressed)
     finally:

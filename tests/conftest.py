@@ -1,4 +1,5 @@
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -17,6 +18,17 @@ def _warm_kernel_cache(monkeypatch):
     the first test that compiles): every test sees a warm cache unless it sets one itself."""
     from mdnumba import kernel_cache
     monkeypatch.setattr(kernel_cache, "is_warm", lambda: True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ctrl_c_as_in_a_terminal():
+    """The tests press Ctrl-C with a real SIGINT: give them Python's handler also where the
+    suite inherits SIGINT ignored (a shell script's background job), which a run respects."""
+    before = signal.getsignal(signal.SIGINT)
+    if before is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -52,6 +52,21 @@ def test_ctrl_c_finishes_the_step_and_saves_a_checkpoint_that_resumes_exactly(tm
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_ignored_at_the_start_stays_ignored(tmp_path, monkeypatch, sig):
+    """A background job of a shell script starts with SIGINT ignored: the run neither stops
+    nor saves early on it, and leaves it ignored."""
+    before = signal.signal(sig, signal.SIG_IGN)
+    try:
+        interrupt_at(monkeypatch, 3, sig=sig)
+        tr = make_trainer(TrainConfig(steps=5, checkpoint_every=5, **KW), tmp_path)
+        tr.run()
+        assert tr.step == 5 and tr.saved_step == 5
+        assert signal.getsignal(sig) is signal.SIG_IGN
+    finally:
+        signal.signal(sig, before)
+
+
 def test_sigterm_saves_like_ctrl_c(tmp_path, monkeypatch, capfd):
     """kill / timeout / a scheduler ending the job: the step finishes and a checkpoint is saved."""
     before = signal.getsignal(signal.SIGTERM)
