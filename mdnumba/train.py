@@ -31,6 +31,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .kernels.cell import CELLS
+from .kernels.wavefront import schedule_as_batch
 from .losses import LOSSES, sigmoid
 from .models import MODELS, build_model
 from .optim import OPTIMIZERS
@@ -543,14 +544,16 @@ def step_memory(cfg: TrainConfig) -> int:
     linearly with the batch), after an untraced one at batch 1 (the kernels compile there, and
     compiling allocates too). Above 3 layers the probes have 2 and 3 layers, and the estimate
     grows by the third one's share per layer (the layers above the first are alike), so a deep
-    stack is sized in the time of a shallow one."""
+    stack is sized in the time of a shallow one. The probes' sweeps take the schedule of the full
+    batch (:func:`~mdnumba.kernels.wavefront.schedule_as_batch`): those the run compiles anyway."""
     def probe(batch: int, layers: int) -> Trainer:
         return make_trainer(dataclasses.replace(cfg, batch=batch, layers=layers, steps=1, curriculum=(),
                                                 device="cpu"))
 
     depths = (cfg.layers,) if cfg.layers <= 3 else (2, 3)
-    probe(1, depths[0]).train_step()
-    full = [_batch_estimate(probe, layers, cfg.batch) for layers in depths]
+    with schedule_as_batch(cfg.batch):
+        probe(1, depths[0]).train_step()
+        full = [_batch_estimate(probe, layers, cfg.batch) for layers in depths]
     return full[0] + (cfg.layers - depths[0]) * max(full[-1] - full[0], 0)
 
 

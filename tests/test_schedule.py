@@ -85,6 +85,24 @@ def test_batch_blocks_choice(monkeypatch):
     assert wfk.batch_blocks(1, 8, line, items, "batch") == 0  # a padded batch: per hyperplane
     with pytest.raises(ValueError, match="schedule must be one of auto, planes, batch"):
         wfk.batch_blocks(1, 8, line, None, "fast")
+    with wfk.schedule_as_batch(16):  # the memory probes at batch 1 and 2 of a batch-16 run
+        assert wfk.batch_blocks(1, 1, small, None) == 1 and wfk.batch_blocks(1, 2, small, None) == 1
+        assert wfk.batch_blocks(1, 2, big, None) == 0
+    with wfk.schedule_as_batch(2):
+        assert wfk.batch_blocks(1, 16, small, None) == 0
+    assert wfk.batch_blocks(1, 1, small, None) == 0
+
+
+def test_memory_probes_compile_the_full_batchs_sweeps(monkeypatch):
+    """step_memory's probe steps at batch 1 and 2 run the sweeps of the run's batch (a batch-16
+    8x8 run: blocks), so a first run does not compile the other schedule too."""
+    from mdnumba.train import TrainConfig, step_memory
+    monkeypatch.setattr(wfk, "numba", SimpleNamespace(get_num_threads=lambda: 2))
+    seen = []
+    real = wfk.batch_blocks
+    monkeypatch.setattr(wfk, "batch_blocks", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    step_memory(TrainConfig(model="md", size=8, batch=16, hidden=4, dtype="float64"))
+    assert seen and all(n >= 1 for n in seen), seen
 
 
 def test_layer_with_state_same_under_both_schedules(rng, monkeypatch):

@@ -26,6 +26,9 @@ weight gradients) is done with big GEMMs by the caller.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -167,10 +170,26 @@ def batch_blocks(S: int, B: int, diag_off, items, schedule: str = "auto") -> int
         return 0
     streams, threads = S * ((B + 1) // 2), numba.get_num_threads()
     cells = (diag_off[-1] - diag_off[0]) / max(len(diag_off) - 1, 1)
-    enough = cells == 1 or streams >= BATCH_STREAMS_PER_THREAD * threads
+    planned = S * ((_PLANNED_BATCH.get(B) + 1) // 2)
+    enough = cells == 1 or planned >= BATCH_STREAMS_PER_THREAD * threads
     if schedule == "auto" and not (enough and cells <= BATCH_MAX_CELLS):
         return 0
     return min(streams, threads)
+
+
+_PLANNED_BATCH: contextvars.ContextVar = contextvars.ContextVar("planned_batch")
+
+
+@contextlib.contextmanager
+def schedule_as_batch(batch: int):
+    """Inside, ``"auto"`` (:func:`batch_blocks`) chooses as for batches of ``batch`` items,
+    whatever the batch: a probe step at a small batch (:func:`mdnumba.train.step_memory`) then
+    compiles and runs the sweeps the full batch will, not the other schedule's."""
+    token = _PLANNED_BATCH.set(int(batch))
+    try:
+        yield
+    finally:
+        _PLANNED_BATCH.reset(token)
 
 
 def _items_or_all(items, diag_off) -> tuple:
@@ -211,7 +230,7 @@ def _sweep_forward_batched(h, c, act, U, diag_off, parent, B, D, cell, nblk):
     MB = parent.shape[0] * B
     n = U.shape[0] * ((B + 1) // 2)
     for blk in prange(nblk):
-        for s in range(diag_off[0], diag_off[diag_off.shape[0] - 1]):
+        for s in range(np.int64(diag_off[0]), diag_off[diag_off.shape[0] - 1]):  # int64, as _sweep_forward
             for t in range(blk * n // nblk, (blk + 1) * n // nblk):
                 grp, b, nb = _stream(t, B)
                 _recurrent_forward(act, h, U[grp], parent, grp * MB, s, b, nb, B, D)
