@@ -1,9 +1,10 @@
 """The ``sim_*`` cases of tests/test_cuda.py in ``python -m pytest`` subprocesses.
 
 ``NUMBA_ENABLE_CUDASIM`` must be set before ``numba.cuda`` is first imported, so the simulator
-cases run in subprocesses. conftest.py starts them when the session starts (:func:`start`): they
-are pure Python on one core each, and overlap the rest of the suite, which mostly compiles on
-one core. The tests that wait for their reports run last (conftest.py orders them).
+cases run in subprocesses. conftest.py starts them when the session starts (:func:`start`), once
+tests/warmup.py has compiled the CPU kernels they and the suite share: they are pure Python on
+one core each, and overlap the rest of the suite. The tests that wait for their reports run
+last (conftest.py orders them).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+import warmup
 
 #: concurrent processes for the simulator cases (pure Python, one core each) and for ptxcheck
 SHARDS = max(2, min(4, os.cpu_count() or 1))
@@ -100,12 +102,15 @@ def waiting_last(items: list) -> None:
 
 def start(items: list, tmp_path_factory) -> dict:
     """Start every simulator run the selected ``items`` need, all at once: the cases in SHARDS
-    shards ("all") and the OTHER_ROWS runs (by rows). None under the simulator itself."""
+    shards ("all") and the OTHER_ROWS runs (by rows), after tests/warmup.py has filled the
+    kernel cache. None under the simulator itself."""
     if in_simulator():
         return {}
     wanted = [it for it in items if _waiting(it)]
     names = {it.originalname for it in wanted}
     runs = {}
+    if wanted:
+        warmup.fill_cache()  # the runs and the suite then load the CPU kernels they share
     if names & {"test_simulator", "test_kernels_compile_for_gpu"}:
         runs["all"] = [CaseRun(tmp_path_factory.mktemp("cudasim"), simulator=True,
                                env_extra={"MDNUMBA_TEST_SHARD": f"{i}/{SHARDS}"}) for i in range(SHARDS)]

@@ -1,0 +1,108 @@
+"""Fill Numba's kernel cache before a whole test session: ``python tests/warmup.py DTYPE``.
+
+Most of a cold suite's time goes to compiling (on one core per process), and the simulator
+runs of tests/simruns.py compile the same CPU kernels as the suite itself, at the same time.
+conftest.py therefore first runs this script once per dtype, the two at once (one core
+each), and starts everything else when they are done: the suite and the simulator runs
+then load the kernels from the cache. Tiny calls of every layer kind, both sweep
+schedules, padded batches, 1D states, the saving-free forward and both optimisers reach
+most compiled signatures; what they miss compiles where it is first needed, as before
+(this only saves time: no test depends on it).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+#: the dtypes warmed, one process each
+DTYPES = ("float32", "float64")
+TIMEOUT = 900
+
+
+def _layer_calls(layer, x, **kw) -> None:
+    """A saving forward, the backward with dx, and the saving-free forward."""
+    h = layer.forward(x, **kw)
+    layer.backward(np.ones_like(h))
+    layer.forward(x, save=False, **kw)
+
+
+def _schedules():
+    """Context managers forcing each sweep schedule of :func:`mdnumba.kernels.wavefront.batch_blocks`."""
+    import contextlib
+
+    from mdnumba.kernels import wavefront
+
+    @contextlib.contextmanager
+    def forced(max_cells, per_thread):
+        saved = wavefront.BATCH_MAX_CELLS, wavefront.BATCH_STREAMS_PER_THREAD
+        wavefront.BATCH_MAX_CELLS, wavefront.BATCH_STREAMS_PER_THREAD = max_cells, per_thread
+        try:
+            yield
+        finally:
+            wavefront.BATCH_MAX_CELLS, wavefront.BATCH_STREAMS_PER_THREAD = saved
+
+    return forced(-1, 0), forced(10**9, 0)  # a prange per hyperplane; blocks of batch items
+
+
+def warm(dtype: str) -> None:
+    """The calls above, in ``dtype`` (float32 or float64)."""
+    import mdnumba
+    from mdnumba import LSTM1D, MDLSTM2D, MDLSTM3D, GridLSTM2D
+
+    rng = np.random.default_rng(0)
+    dt = np.dtype(dtype)
+
+    def rand(*shape):
+        return rng.random(shape).astype(dt)
+
+    for schedule in _schedules():
+        with schedule:
+            _layer_calls(MDLSTM2D(2, 5, directions=4, dtype=dt, seed=0), rand(3, 3, 4, 2))
+            x, sizes = mdnumba.pad_batch([rand(2, 4, 2), rand(3, 3, 2)])
+            _layer_calls(MDLSTM2D(2, 5, dtype=dt, seed=0), x, sizes=sizes)
+            _layer_calls(MDLSTM3D(1, 4, dtype=dt, seed=0), rand(2, 2, 3, 2, 1))
+            lstm = LSTM1D(3, 6, directions=2, dtype=dt, seed=0)
+            _layer_calls(lstm, rand(3, 5, 3))
+            _layer_calls(lstm, rand(3, 5, 3), sizes=[5, 2, 4])
+            lstm = LSTM1D(3, 6, dtype=dt, seed=0)
+            h = lstm.forward(rand(3, 5, 3), state=lstm.zero_state(3))
+            lstm.final_state()
+            lstm.backward(np.ones_like(h), final_state_grad=lstm.final_state())
+            lstm.initial_state_grad()
+            lstm.forward(rand(3, 5, 3), state=lstm.zero_state(3), save=False)
+    for tied in (True, False):
+        _layer_calls(GridLSTM2D(2, 3, dtype=dt, tied=tied, seed=0), rand(2, 4, 2))
+    layer = MDLSTM2D(1, 4, dtype=dt, seed=0)
+    for opt in (mdnumba.Adam(layer, clip_norm=1.0), mdnumba.RMSprop(layer, clip_norm=1.0)):
+        _layer_calls(layer, rand(2, 3, 3, 1))
+        opt.step()
+
+
+def fill_cache() -> None:
+    """Run this script for every dtype at once and wait (skipped with MDNUMBA_TEST_WARMUP=0);
+    a failure or timeout only costs the time: the tests compile what they need."""
+    if os.environ.get("MDNUMBA_TEST_WARMUP") == "0":
+        return
+    env = dict(os.environ, NUMBA_NUM_THREADS="1")
+    env.pop("NUMBA_ENABLE_CUDASIM", None)
+    procs = [subprocess.Popen([sys.executable, __file__, dtype], cwd=Path(__file__).parents[1], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for dtype in DTYPES]
+    deadline = time.monotonic() + TIMEOUT
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+if __name__ == "__main__":
+    start = time.perf_counter()
+    warm(sys.argv[1])
+    print(f"warm-up {sys.argv[1]}: {time.perf_counter() - start:.1f} s")
