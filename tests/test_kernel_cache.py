@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import warmup
 
 import mdnumba
 from mdnumba import config
@@ -89,3 +90,13 @@ def test_a_kernel_numba_cannot_cache_still_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert int(proc.stdout.split()[-1]) >= 1
     assert "Cannot cache" in proc.stderr and "dynamic globals" in proc.stderr
+
+
+@pytest.mark.parametrize("dtype", warmup.DTYPES)
+def test_the_suites_kernel_warm_up_runs(dtype):
+    """tests/warmup.py fills the cache before the session: if it broke, nothing would fail, the
+    suite would only compile everything again (minutes), so its calls are run here too."""
+    from mdnumba.kernels import wavefront
+    before = wavefront.BATCH_MAX_CELLS, wavefront.BATCH_STREAMS_PER_THREAD
+    warmup.warm(dtype)
+    assert (wavefront.BATCH_MAX_CELLS, wavefront.BATCH_STREAMS_PER_THREAD) == before
