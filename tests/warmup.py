@@ -85,9 +85,12 @@ def warm(dtype: str) -> None:
 
 
 def fill_cache() -> None:
-    """Run this script for every dtype at once and wait (skipped with MDNUMBA_TEST_WARMUP=0);
-    a failure or timeout only costs the time: the tests compile what they need."""
-    if os.environ.get("MDNUMBA_TEST_WARMUP") == "0":
+    """Run this script for every dtype at once and wait (skipped with MDNUMBA_TEST_WARMUP=0, and
+    where nothing is cached: MDNUMBA_CACHE=0, NUMBA_DISABLE_JIT=1); a failure or timeout only
+    costs the time: the tests compile what they need."""
+    from mdnumba import config
+    off = os.environ.get("MDNUMBA_TEST_WARMUP") == "0" or os.environ.get("NUMBA_DISABLE_JIT") == "1"
+    if off or not config.CACHE:
         return
     env = dict(os.environ, NUMBA_NUM_THREADS="1")
     env.pop("NUMBA_ENABLE_CUDASIM", None)
