@@ -35,6 +35,7 @@ from refcheck import (
     reference_weights,
 )
 from simruns import OTHER_ROWS, SHARDS, TIMEOUT, CaseRun, in_simulator, merged_report
+from warmup import fill_cache
 
 from mdnumba import LSTM1D, MDLSTM2D, NonFiniteError, WavefrontLSTM, unpad_batch
 from mdnumba import reference as ref
@@ -1264,7 +1265,9 @@ def _gpu_shards() -> int:
 @pytest.fixture(scope="module")
 def gpu_report(tmp_path_factory):
     """The cases on the GPU in concurrent processes (:func:`_gpu_shards`: their kernels compile
-    in parallel; the GPU time-slices between them), the CPU cores shared out between them."""
+    in parallel; the GPU time-slices between them), the CPU cores shared out between them,
+    after tests/warmup.py has compiled their CPU oracle kernels (once, not once per process)."""
+    fill_cache()
     shards = _gpu_shards()
     threads = str(max(1, (os.cpu_count() or 1) // shards))
     runs = [CaseRun(tmp_path_factory.mktemp("cudagpu"), simulator=False,

@@ -92,11 +92,11 @@ def test_a_kernel_numba_cannot_cache_still_runs(tmp_path):
     assert "Cannot cache" in proc.stderr and "dynamic globals" in proc.stderr
 
 
-@pytest.mark.parametrize("dtype", warmup.DTYPES)
-def test_the_suites_kernel_warm_up_runs(dtype):
+@pytest.mark.parametrize("job", warmup.JOBS)
+def test_the_suites_kernel_warm_up_runs(job):
     """tests/warmup.py fills the cache before the session: if it broke, nothing would fail, the
     suite would only compile everything again (minutes), so its calls are run here too."""
     from mdnumba.kernels import wavefront
     before = wavefront.BATCH_MAX_CELLS, wavefront.BATCH_STREAMS_PER_THREAD
-    warmup.warm(dtype)
+    warmup.warm(job)
     assert (wavefront.BATCH_MAX_CELLS, wavefront.BATCH_STREAMS_PER_THREAD) == before

@@ -1,13 +1,14 @@
-"""Fill Numba's kernel cache before a whole test session: ``python tests/warmup.py DTYPE``.
+"""Fill Numba's kernel cache before a whole test session: ``python tests/warmup.py JOB ...``.
 
 Most of a cold suite's time goes to compiling (on one core per process), and the simulator
-runs of tests/simruns.py compile the same CPU kernels as the suite itself, at the same time.
-conftest.py therefore first runs this script once per dtype, the two at once (one core
-each), and starts everything else when they are done: the suite and the simulator runs
-then load the kernels from the cache. Tiny calls of every layer kind, both sweep
-schedules, padded batches, 1D states, the saving-free forward and both optimisers reach
-most compiled signatures; what they miss compiles where it is first needed, as before
-(this only saves time: no test depends on it).
+runs of tests/simruns.py (and on a GPU machine the GPU case runs of tests/test_cuda.py)
+compile the same CPU kernels, their oracle, as the suite itself, all at the same time.
+:func:`fill_cache` therefore runs this script first, its parts (:data:`JOBS`) split over one
+process per core (2 cores: one dtype each), and the runs start when it is done: they and the
+suite then load the kernels from the cache. Tiny calls of every layer kind, both sweep
+schedules, padded batches, 1D states, the saving-free forward and both optimisers reach most
+compiled signatures; what they miss compiles where it is first needed, as before (this only
+saves time: no test depends on it).
 """
 
 from __future__ import annotations
@@ -50,52 +51,70 @@ def _schedules():
     return forced(-1, 0), forced(10**9, 0)  # a prange per hyperplane; blocks of batch items
 
 
-def warm(dtype: str) -> None:
-    """The calls above, in ``dtype`` (float32 or float64)."""
+def _md(rand, dt) -> None:
+    """2D (4 directions; a padded batch) and 3D MD-LSTMs, both sweep schedules."""
     import mdnumba
-    from mdnumba import LSTM1D, MDLSTM2D, MDLSTM3D, GridLSTM2D
-
-    rng = np.random.default_rng(0)
-    dt = np.dtype(dtype)
-
-    def rand(*shape):
-        return rng.random(shape).astype(dt)
-
     for schedule in _schedules():
         with schedule:
-            _layer_calls(MDLSTM2D(2, 5, directions=4, dtype=dt, seed=0), rand(3, 3, 4, 2))
+            _layer_calls(mdnumba.MDLSTM2D(2, 5, directions=4, dtype=dt, seed=0), rand(3, 3, 4, 2))
             x, sizes = mdnumba.pad_batch([rand(2, 4, 2), rand(3, 3, 2)])
-            _layer_calls(MDLSTM2D(2, 5, dtype=dt, seed=0), x, sizes=sizes)
-            _layer_calls(MDLSTM3D(1, 4, dtype=dt, seed=0), rand(2, 2, 3, 2, 1))
+            _layer_calls(mdnumba.MDLSTM2D(2, 5, dtype=dt, seed=0), x, sizes=sizes)
+            _layer_calls(mdnumba.MDLSTM3D(1, 4, dtype=dt, seed=0), rand(2, 2, 3, 2, 1))
+
+
+def _lstm(rand, dt) -> None:
+    """1D LSTMs: bidirectional, padded, from a state with the state's gradients; both schedules."""
+    from mdnumba import LSTM1D
+    for schedule in _schedules():
+        with schedule:
             lstm = LSTM1D(3, 6, directions=2, dtype=dt, seed=0)
             _layer_calls(lstm, rand(3, 5, 3))
             _layer_calls(lstm, rand(3, 5, 3), sizes=[5, 2, 4])
             lstm = LSTM1D(3, 6, dtype=dt, seed=0)
             h = lstm.forward(rand(3, 5, 3), state=lstm.zero_state(3))
-            lstm.final_state()
             lstm.backward(np.ones_like(h), final_state_grad=lstm.final_state())
             lstm.initial_state_grad()
             lstm.forward(rand(3, 5, 3), state=lstm.zero_state(3), save=False)
+
+
+def _grid_and_optimisers(rand, dt) -> None:
+    """Grid LSTMs (tied and not), and a step of each optimiser with clipping."""
+    import mdnumba
     for tied in (True, False):
-        _layer_calls(GridLSTM2D(2, 3, dtype=dt, tied=tied, seed=0), rand(2, 4, 2))
-    layer = MDLSTM2D(1, 4, dtype=dt, seed=0)
+        _layer_calls(mdnumba.GridLSTM2D(2, 3, dtype=dt, tied=tied, seed=0), rand(2, 4, 2))
+    layer = mdnumba.MDLSTM2D(1, 4, dtype=dt, seed=0)
     for opt in (mdnumba.Adam(layer, clip_norm=1.0), mdnumba.RMSprop(layer, clip_norm=1.0)):
         _layer_calls(layer, rand(2, 3, 3, 1))
         opt.step()
 
 
-def fill_cache() -> None:
-    """Run this script for every dtype at once and wait (skipped with MDNUMBA_TEST_WARMUP=0, and
-    where nothing is cached: MDNUMBA_CACHE=0, NUMBA_DISABLE_JIT=1); a failure or timeout only
-    costs the time: the tests compile what they need."""
+KINDS = {"md": _md, "lstm": _lstm, "grid": _grid_and_optimisers}
+#: the warm-up's parts, "dtype:kind"; process i of n takes every n-th from the i-th on
+JOBS = tuple(f"{dtype}:{kind}" for kind in KINDS for dtype in DTYPES)
+
+
+def warm(job: str) -> None:
+    """One part of :data:`JOBS`."""
+    dtype, kind = job.split(":")
+    rng, dt = np.random.default_rng(0), np.dtype(dtype)
+    KINDS[kind](lambda *shape: rng.random(shape).astype(dt), dt)
+
+
+def fill_cache(processes: int | None = None) -> None:
+    """Run :data:`JOBS` in ``processes`` (default: one per core, at most one per job) at once
+    and wait (skipped with MDNUMBA_TEST_WARMUP=0, and where nothing is cached: MDNUMBA_CACHE=0,
+    NUMBA_DISABLE_JIT=1); a failure or timeout only costs the time: the tests compile what
+    they need. With 2 processes each takes one dtype."""
     from mdnumba import config
     off = os.environ.get("MDNUMBA_TEST_WARMUP") == "0" or os.environ.get("NUMBA_DISABLE_JIT") == "1"
     if off or not config.CACHE:
         return
     env = dict(os.environ, NUMBA_NUM_THREADS="1")
     env.pop("NUMBA_ENABLE_CUDASIM", None)
-    procs = [subprocess.Popen([sys.executable, __file__, dtype], cwd=Path(__file__).parents[1], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for dtype in DTYPES]
+    n = max(1, min(processes or os.cpu_count() or 1, len(JOBS)))
+    procs = [subprocess.Popen([sys.executable, __file__, *JOBS[i::n]], cwd=Path(__file__).parents[1],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for i in range(n)]
     deadline = time.monotonic() + TIMEOUT
     for proc in procs:
         try:
@@ -106,6 +125,7 @@ def fill_cache() -> None:
 
 
 if __name__ == "__main__":
-    start = time.perf_counter()
-    warm(sys.argv[1])
-    print(f"warm-up {sys.argv[1]}: {time.perf_counter() - start:.1f} s")
+    for name in sys.argv[1:]:
+        start = time.perf_counter()
+        warm(name)
+        print(f"warm-up {name}: {time.perf_counter() - start:.1f} s")
