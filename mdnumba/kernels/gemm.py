@@ -18,17 +18,15 @@ REDUCE_BLOCK = 1024
 
 
 @njit(**NJIT_OPTS)
-def row_product(out, r, a, ra, bmat, bias, accumulate):
-    """``out[r] = (out[r] if accumulate else bias) + a[ra] @ bmat`` (serial; one row of
-    :func:`matmul_rows`, also the input projection of the saving-free forward sweep, which thus
-    computes the same numbers). Eight rows of ``bmat`` per pass over ``out[r]`` (an eighth of
-    its loads and stores): each pass adds ``((a0·b0 + a1·b1) + (a2·b2 + a3·b3)) + ((a4·b4 +
-    a5·b5) + (a6·b6 + a7·b7))``, in k order; the last K % 8 one at a time."""
+def row_product(out, r, a, ra, bmat):
+    """``out[r] += a[ra] @ bmat`` (serial; one row of :func:`matmul_rows`, also the input
+    projection of the saving-free forward sweep, which thus computes the same numbers; ``r``,
+    ``ra`` int64 there and here: one compiled function per dtype). Eight rows of ``bmat`` per
+    pass over ``out[r]`` (an eighth of its loads and stores): each pass adds ``((a0·b0 + a1·b1)
+    + (a2·b2 + a3·b3)) + ((a4·b4 + a5·b5) + (a6·b6 + a7·b7))``, in k order; the last K % 8 one at
+    a time."""
     o, x = out[r], a[ra]
     K, N = x.shape[0], bmat.shape[1]
-    if not accumulate:
-        for n in range(N):
-            o[n] = bias[n]
     k = 0
     while k + 8 <= K:
         x0, x1, x2, x3 = x[k], x[k + 1], x[k + 2], x[k + 3]
@@ -61,12 +59,19 @@ def matmul_rows(out, a, bmat, bias, accumulate, rows):
     ``a`` (R, K), ``bmat`` (K, N), ``bias`` (N,) (ignored when accumulating).
     """
     if rows is None:  # (one prange over a selection that may be None does not parallelise)
-        for r in prange(a.shape[0]):
-            row_product(out, r, a, r, bmat, bias, accumulate)
+        for i in prange(a.shape[0]):
+            _bias_and_product(out, np.int64(i), a, bmat, bias, accumulate)
     else:
         for i in prange(rows.shape[0]):
-            r = rows[i]
-            row_product(out, r, a, r, bmat, bias, accumulate)
+            _bias_and_product(out, np.int64(rows[i]), a, bmat, bias, accumulate)
+
+
+@njit(**NJIT_OPTS)
+def _bias_and_product(out, r, a, bmat, bias, accumulate):
+    """Row r of :func:`matmul_rows`."""
+    if not accumulate:
+        out[r, :] = bias
+    row_product(out, r, a, r, bmat)
 
 
 @njit(**NJIT_SUM_OPTS)

@@ -284,10 +284,9 @@ def _infer_item(out, h, c, act, lp, x, src, W, bias, U, grp, base, slot, row, b,
     products, cell, h into ``out[:, grp]``."""
     for i in range(nb):
         j = src[row + i]
+        act[base + slot * B + b + i, :] = bias
         if j >= 0:
-            row_product(act, base + slot * B + b + i, x, j, W, bias, False)
-        else:
-            act[base + slot * B + b + i, :] = bias
+            row_product(act, base + slot * B + b + i, x, np.int64(j), W)
     _recurrent_forward(act, h, U, lp, base, slot, b, nb, B, D)
     for i in range(nb):
         _cell_forward(h, c, act, lp, base, slot, b + i, B, D, cell)
