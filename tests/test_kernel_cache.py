@@ -96,7 +96,34 @@ def test_a_kernel_numba_cannot_cache_still_runs(tmp_path):
 def test_the_suites_kernel_warm_up_runs(job):
     """tests/warmup.py fills the cache before the session: if it broke, nothing would fail, the
     suite would only compile everything again (minutes), so its calls are run here too."""
-    from mdnumba.kernels import wavefront
-    before = wavefront.BATCH_MAX_CELLS, wavefront.BATCH_STREAMS_PER_THREAD
     warmup.warm(job)
-    assert (wavefront.BATCH_MAX_CELLS, wavefront.BATCH_STREAMS_PER_THREAD) == before
+
+
+def test_the_warm_up_runs_as_the_session_starts_it():
+    """As :func:`warmup.fill_cache` starts it: a process of its own, with its environment."""
+    proc = subprocess.run(warmup.command(["float64:grid"]), cwd=warmup.ROOT, env=warmup.environment(),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "warm-up float64:grid:" in proc.stdout
+
+
+def test_the_warm_up_takes_both_sweep_schedules():
+    from mdnumba.grid import wavefront
+    from mdnumba.kernels import wavefront as wfk
+    small = wavefront((8, 8)).diag_off
+    planes, blocks = warmup.schedules()
+    with planes:
+        assert wfk.batch_blocks(1, 16, small, None) == 0
+        assert wfk.batch_blocks(1, 5, wavefront((9,)).diag_off, None) == 0
+    with blocks:
+        assert wfk.batch_blocks(1, 1, wavefront((20, 20)).diag_off, None) == 1
+    assert wfk.batch_blocks(1, 1, small, None) == 0  # the settings are back
+
+
+def test_a_failed_warm_up_is_a_warning_with_its_output(monkeypatch):
+    if not config.CACHE:
+        pytest.skip("no warm-up without the kernel cache")
+    monkeypatch.setattr(warmup, "JOBS", ("float64:nosuchkind",))
+    monkeypatch.delenv("MDNUMBA_TEST_WARMUP", raising=False)
+    with pytest.warns(UserWarning, match=r"(?s)kernel warm-up float64:nosuchkind failed \(1\).*KeyError"):
+        warmup.fill_cache(processes=1)

@@ -16,7 +16,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +35,7 @@ def _layer_calls(layer, x, **kw) -> None:
     layer.forward(x, save=False, **kw)
 
 
-def _schedules():
+def schedules():
     """Context managers forcing each sweep schedule of :func:`mdnumba.kernels.wavefront.batch_blocks`."""
     import contextlib
 
@@ -54,7 +56,7 @@ def _schedules():
 def _md(rand, dt) -> None:
     """2D (4 directions; a padded batch) and 3D MD-LSTMs, both sweep schedules."""
     import mdnumba
-    for schedule in _schedules():
+    for schedule in schedules():
         with schedule:
             _layer_calls(mdnumba.MDLSTM2D(2, 5, directions=4, dtype=dt, seed=0), rand(3, 3, 4, 2))
             x, sizes = mdnumba.pad_batch([rand(2, 4, 2), rand(3, 3, 2)])
@@ -65,7 +67,7 @@ def _md(rand, dt) -> None:
 def _lstm(rand, dt) -> None:
     """1D LSTMs: bidirectional, padded, from a state with the state's gradients; both schedules."""
     from mdnumba import LSTM1D
-    for schedule in _schedules():
+    for schedule in schedules():
         with schedule:
             lstm = LSTM1D(3, 6, directions=2, dtype=dt, seed=0)
             _layer_calls(lstm, rand(3, 5, 3))
@@ -100,28 +102,51 @@ def warm(job: str) -> None:
     KINDS[kind](lambda *shape: rng.random(shape).astype(dt), dt)
 
 
-def fill_cache(processes: int | None = None) -> None:
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def command(jobs) -> list[str]:
+    """The command line that runs ``jobs`` (parts of :data:`JOBS`) in one process."""
+    return [sys.executable, str(Path(__file__).resolve()), *jobs]
+
+
+def environment() -> dict:
+    """The warm-up processes' environment: one Numba thread each, the CPU target, and the
+    checkout on the path (where mdnumba is not installed, pytest still finds it from there)."""
+    env = dict(os.environ, NUMBA_NUM_THREADS="1")
+    env.pop("NUMBA_ENABLE_CUDASIM", None)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def fill_cache(processes: int | None = None, timeout: float = TIMEOUT) -> None:
     """Run :data:`JOBS` in ``processes`` (default: one per core, at most one per job) at once
-    and wait (skipped with MDNUMBA_TEST_WARMUP=0, and where nothing is cached: MDNUMBA_CACHE=0,
-    NUMBA_DISABLE_JIT=1); a failure or timeout only costs the time: the tests compile what
-    they need. With 2 processes each takes one dtype."""
+    and wait up to ``timeout`` s (skipped with MDNUMBA_TEST_WARMUP=0, and where nothing is
+    cached: MDNUMBA_CACHE=0, NUMBA_DISABLE_JIT=1). A failure or timeout only costs time, the
+    tests compiling what they need: it is a warning with the process's last output."""
     from mdnumba import config
     off = os.environ.get("MDNUMBA_TEST_WARMUP") == "0" or os.environ.get("NUMBA_DISABLE_JIT") == "1"
     if off or not config.CACHE:
         return
-    env = dict(os.environ, NUMBA_NUM_THREADS="1")
-    env.pop("NUMBA_ENABLE_CUDASIM", None)
     n = max(1, min(processes or os.cpu_count() or 1, len(JOBS)))
-    procs = [subprocess.Popen([sys.executable, __file__, *JOBS[i::n]], cwd=Path(__file__).parents[1],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for i in range(n)]
-    deadline = time.monotonic() + TIMEOUT
-    for proc in procs:
+    runs = []
+    for i in range(n):
+        log = tempfile.TemporaryFile()
+        runs.append((JOBS[i::n], log, subprocess.Popen(command(JOBS[i::n]), cwd=ROOT, env=environment(),
+                                                       stdout=log, stderr=subprocess.STDOUT)))
+    deadline = time.monotonic() + timeout
+    for jobs, log, proc in runs:
         try:
-            proc.wait(timeout=max(deadline - time.monotonic(), 1))
+            rc = proc.wait(timeout=max(deadline - time.monotonic(), 1))
         except subprocess.TimeoutExpired:
             proc.kill()
+            rc = f"stopped after {timeout:.0f} s"
             proc.wait()
+        if rc != 0:
+            log.seek(0)
+            warnings.warn(f"kernel warm-up {' '.join(jobs)} failed ({rc}); the tests compile as they go:\n"
+                          + log.read().decode(errors="replace")[-2000:], stacklevel=2)
+        log.close()
 
 
 if __name__ == "__main__":
