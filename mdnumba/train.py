@@ -57,19 +57,20 @@ def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
         yield lambda: False
         return
     pressed: list[bool] = []
+    handled = [sig for sig in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(sig) is not signal.SIG_IGN]
 
     def on_signal(signum, frame) -> None:
         if pressed:
             raise KeyboardInterrupt
         pressed.append(True)
         what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        again = "Ctrl-C" if signal.SIGINT in handled else what  # (an ignored SIGINT stays so)
         # stderr's reader may be gone (`2>&1 | tee`: Ctrl-C stops tee too), or stderr closed or
         # None (pythonw): the step and the save must still happen, so the message is best effort
         with contextlib.suppress(OSError, ValueError, AttributeError):
-            sys.stderr.write(f"\n{what}: finishing this step, then saving a checkpoint (Ctrl-C "
+            sys.stderr.write(f"\n{what}: finishing this step, then saving a checkpoint ({again} "
                              "again stops at once without saving)\n")
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
-                if signal.getsignal(sig) is not signal.SIG_IGN}
+    previous = {sig: signal.signal(sig, on_signal) for sig in handled}
     try:
         yield lambda: bool(pressed)
     finally:

@@ -21,14 +21,18 @@ def _warm_kernel_cache(monkeypatch):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _ctrl_c_as_in_a_terminal():
-    """The tests press Ctrl-C with a real SIGINT: give them Python's handler also where the
-    suite inherits SIGINT ignored (a shell script's background job), which a run respects."""
-    before = signal.getsignal(signal.SIGINT)
-    if before is signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+def _signals_as_in_a_terminal():
+    """The tests send real SIGINTs (Ctrl-C) and SIGTERMs, also in the simulator subprocesses:
+    give the session Python's handlers also where it inherits them ignored (a shell script's
+    background job ignores SIGINT), which a run respects."""
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    before = {sig: signal.getsignal(sig) for sig in defaults}
+    for sig, handler in defaults.items():
+        if before[sig] is signal.SIG_IGN:
+            signal.signal(sig, handler)
     yield
-    signal.signal(signal.SIGINT, before)
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
 
 
 @pytest.fixture(scope="session", autouse=True)

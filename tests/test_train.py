@@ -52,6 +52,17 @@ def test_ctrl_c_finishes_the_step_and_saves_a_checkpoint_that_resumes_exactly(tm
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_with_sigint_ignored_the_message_names_the_signal_that_stops(tmp_path, monkeypatch, capfd):
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        interrupt_at(monkeypatch, 2, sig=signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt):
+            make_trainer(TrainConfig(steps=5, checkpoint_every=5, **KW), tmp_path).run()
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert "(SIGTERM again stops at once without saving)" in capfd.readouterr().err
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_ignored_at_the_start_stays_ignored(tmp_path, monkeypatch, sig):
     """A background job of a shell script starts with SIGINT ignored: the run neither stops

@@ -20,8 +20,8 @@ REDUCE_BLOCK = 1024
 @njit(**NJIT_OPTS)
 def row_product(out, r, a, ra, bmat):
     """``out[r] += a[ra] @ bmat`` (serial; one row of :func:`matmul_rows`, also the input
-    projection of the saving-free forward sweep, which thus computes the same numbers; ``r``,
-    ``ra`` int64 there and here: one compiled function per dtype). Eight rows of ``bmat`` per
+    projection of the saving-free forward sweep, which thus computes the same numbers; both
+    pass ``r``, ``ra`` as int64, so that they share its compiled code). Eight rows of ``bmat`` per
     pass over ``out[r]`` (an eighth of its loads and stores): each pass adds ``((a0·b0 + a1·b1)
     + (a2·b2 + a3·b3)) + ((a4·b4 + a5·b5) + (a6·b6 + a7·b7))``, in k order; the last K % 8 one at
     a time."""

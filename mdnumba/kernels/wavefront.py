@@ -48,6 +48,8 @@ _row_backward = _CELL["row_backward"]
 #: to 32x32 B16 1.0-1.08x)
 BATCH_STREAMS_PER_THREAD = 2
 BATCH_MAX_CELLS = 8
+#: the batch "auto" plans for inside :func:`schedule_as_batch` (else the batch at hand)
+_PLANNED_BATCH: contextvars.ContextVar = contextvars.ContextVar("planned_batch")
 
 
 @njit(**NJIT_OPTS)
@@ -175,9 +177,6 @@ def batch_blocks(S: int, B: int, diag_off, items, schedule: str = "auto") -> int
     if schedule == "auto" and not (enough and cells <= BATCH_MAX_CELLS):
         return 0
     return min(streams, threads)
-
-
-_PLANNED_BATCH: contextvars.ContextVar = contextvars.ContextVar("planned_batch")
 
 
 @contextlib.contextmanager
