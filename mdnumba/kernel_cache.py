@@ -10,16 +10,24 @@ cached without ``MDNUMBA_FASTMATH`` was reused with it, and the other way round.
 ``__pycache__``, ``NUMBA_CACHE_DIR`` or the user-wide one): its freshness stamp adds a digest
 of every kernel source (``mdnumba/kernels/*.py`` and ``config.py``), so an edit of any of them
 recompiles every cached kernel, and each fastmath setting caches into its own sub-folder.
+In those folders Numba's index writes are locked (:func:`_locked_save`), so that processes
+compiling the same kernels at once (two first runs, the test suite's warm-up) keep every entry.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import warnings
 from pathlib import Path
 
 from numba.core import caching as _caching
+
+try:
+    import fcntl
+except ImportError:  # Windows: no index lock
+    fcntl = None
 
 # Numba internals (CacheImpl is _CacheImpl in older releases); without them mdnumba does not cache
 _CacheImpl = getattr(_caching, "CacheImpl", getattr(_caching, "_CacheImpl", None))
@@ -69,13 +77,36 @@ class KernelCacheLocator(_CacheLocator or object):
         return None
 
     def get_cache_path(self):
-        return os.path.join(self._inner.get_cache_path(), self.variant)
+        path = os.path.join(self._inner.get_cache_path(), self.variant)
+        _OUR_FOLDERS.add(path)
+        return path
 
     def get_source_stamp(self):
         return self._inner.get_source_stamp(), self.digest
 
     def get_disambiguator(self):
         return self._inner.get_disambiguator()
+
+
+#: the cache folders of mdnumba's kernels (their index writes are locked: :func:`_locked_save`)
+_OUR_FOLDERS: set = set()
+
+
+def _locked_save(save):
+    """Numba's ``IndexDataCacheFile.save`` under an exclusive lock (``<index>.nbi.lock``) in
+    mdnumba's folders. Numba reads a function's index, adds the new specialisation and writes
+    the index back, unlocked: two processes compiling the same kernel at once (two first runs,
+    the test suite's warm-up) could each write back an index without the other's entry, or
+    both name their data file 1, leaving one's index pointing at the other's code."""
+    @functools.wraps(save)
+    def locked_save(self, key, data):
+        if fcntl is None or getattr(self, "_cache_path", None) not in _OUR_FOLDERS:
+            return save(self, key, data)
+        with open(self._index_path + ".lock", "ab") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return save(self, key, data)  # unlocked as the file closes
+    locked_save.mdnumba_locked = True
+    return locked_save
 
 
 def install(variant: str) -> bool:
@@ -89,6 +120,9 @@ def install(variant: str) -> bool:
     KernelCacheLocator.variant, KernelCacheLocator.digest = variant, sources_digest()
     if KernelCacheLocator not in _CacheImpl._locator_classes:
         _CacheImpl._locator_classes.insert(0, KernelCacheLocator)
+    index_file = getattr(_caching, "IndexDataCacheFile", None)
+    if index_file is not None and not getattr(index_file.save, "mdnumba_locked", False):
+        index_file.save = _locked_save(index_file.save)
     return True
 
 

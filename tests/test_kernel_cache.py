@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,50 @@ def test_a_failed_warm_up_is_a_warning_with_its_output(monkeypatch):
     monkeypatch.delenv("MDNUMBA_TEST_WARMUP", raising=False)
     with pytest.warns(UserWarning, match=r"(?s)kernel warm-up float64:nosuchkind failed \(1\).*KeyError"):
         warmup.fill_cache(processes=1)
+
+
+def _save_concurrently(folder: Path, slow_load) -> dict:
+    """Two threads save one entry each into one index, both reading it before either writes."""
+    import threading
+
+    from numba.core.caching import IndexDataCacheFile
+    index = IndexDataCacheFile(str(folder), "kernel-1.py311", "stamp")
+    barrier = threading.Barrier(2)
+    threads = [threading.Thread(target=lambda k=k: (barrier.wait(), index.save(k, f"code {k}")))
+               for k in ("float32", "float64")]
+    with slow_load():
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    return {k: index.load(k) for k in ("float32", "float64")}
+
+
+def test_index_writes_are_locked_in_mdnumbas_folders(tmp_path, monkeypatch):
+    """Numba reads, extends and writes back a function's cache index without a lock: of two
+    processes (here threads) compiling one kernel at once, one entry was lost. In mdnumba's
+    folders the write is locked and both stay, each with its own code."""
+    import contextlib
+
+    from numba.core import caching
+
+    from mdnumba import kernel_cache
+    if not config.CACHE or kernel_cache.fcntl is None:
+        pytest.skip("no kernel cache, or no fcntl")
+    real_load = caching.IndexDataCacheFile._load_index
+
+    @contextlib.contextmanager
+    def slow_load():
+        def load(self):
+            out = real_load(self)
+            time.sleep(0.3)  # both threads hold the old index when the other writes
+            return out
+        with monkeypatch.context() as m:
+            m.setattr(caching.IndexDataCacheFile, "_load_index", load)
+            yield
+
+    theirs, ours = tmp_path / "theirs", tmp_path / "ours"
+    theirs.mkdir(), ours.mkdir()
+    monkeypatch.setattr(kernel_cache, "_OUR_FOLDERS", {str(ours)})
+    assert None in _save_concurrently(theirs, slow_load).values()  # the race, unlocked
+    assert _save_concurrently(ours, slow_load) == {"float32": "code float32", "float64": "code float64"}
