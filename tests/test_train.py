@@ -1,5 +1,6 @@
 """The training loop: Ctrl-C between steps, curriculum extension, non-finite losses, checkpoint configs."""
 
+import contextlib
 import os
 import signal
 import sys
@@ -52,14 +53,21 @@ def test_ctrl_c_finishes_the_step_and_saves_a_checkpoint_that_resumes_exactly(tm
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_with_sigint_ignored_the_message_names_the_signal_that_stops(tmp_path, monkeypatch, capfd):
-    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+@contextlib.contextmanager
+def ignoring(sig):
+    """``sig`` ignored inside (as a shell script's background job starts with SIGINT)."""
+    before = signal.signal(sig, signal.SIG_IGN)
     try:
+        yield
+    finally:
+        signal.signal(sig, before)
+
+
+def test_with_sigint_ignored_the_message_names_the_signal_that_stops(tmp_path, monkeypatch, capfd):
+    with ignoring(signal.SIGINT):
         interrupt_at(monkeypatch, 2, sig=signal.SIGTERM)
         with pytest.raises(KeyboardInterrupt):
             make_trainer(TrainConfig(steps=5, checkpoint_every=5, **KW), tmp_path).run()
-    finally:
-        signal.signal(signal.SIGINT, before)
     assert "(SIGTERM again stops at once without saving)" in capfd.readouterr().err
 
 
@@ -67,15 +75,12 @@ def test_with_sigint_ignored_the_message_names_the_signal_that_stops(tmp_path, m
 def test_a_signal_ignored_at_the_start_stays_ignored(tmp_path, monkeypatch, sig):
     """A background job of a shell script starts with SIGINT ignored: the run neither stops
     nor saves early on it, and leaves it ignored."""
-    before = signal.signal(sig, signal.SIG_IGN)
-    try:
+    with ignoring(sig):
         interrupt_at(monkeypatch, 3, sig=sig)
         tr = make_trainer(TrainConfig(steps=5, checkpoint_every=5, **KW), tmp_path)
         tr.run()
         assert tr.step == 5 and tr.saved_step == 5
         assert signal.getsignal(sig) is signal.SIG_IGN
-    finally:
-        signal.signal(sig, before)
 
 
 def test_sigterm_saves_like_ctrl_c(tmp_path, monkeypatch, capfd):

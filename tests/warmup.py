@@ -23,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-#: the dtypes warmed, one process each
+#: the dtypes warmed (with 2 processes, one each)
 DTYPES = ("float32", "float64")
 TIMEOUT = 900
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _layer_calls(layer, x, **kw) -> None:
@@ -100,9 +101,6 @@ def warm(job: str) -> None:
     dtype, kind = job.split(":")
     rng, dt = np.random.default_rng(0), np.dtype(dtype)
     KINDS[kind](lambda *shape: rng.random(shape).astype(dt), dt)
-
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def command(jobs) -> list[str]:
