@@ -5,7 +5,14 @@ import numba
 import numpy as np
 import pytest
 
-from mdnumba.kernels.gemm import REDUCE_BLOCK, column_sums, matmul_at_b, matmul_rows
+from mdnumba.kernels.gemm import (
+    REDUCE_BLOCK,
+    column_sums,
+    matmul_at_b,
+    matmul_rows,
+    row_pair_product,
+    row_product,
+)
 
 SHAPES = [(1, 1, 1), (3, 1, 5), (4, 2, 3), (7, 3, 4), (6, 19, 7), (5, 15, 6), (REDUCE_BLOCK + 5, 5, 6),
           (2 * REDUCE_BLOCK, 4, 9)]
@@ -54,6 +61,25 @@ def test_matmul_rows(R, K, N, rng):
         matmul_rows(out, a, w, bias, accumulate, rows)
         np.testing.assert_allclose(out[rows], want[rows], rtol=1e-12, atol=1e-12)
         assert (np.delete(out, rows, axis=0) == 1).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("K", [1, 7, 8, 19, 64])
+def test_row_pair_product_gives_each_row_what_it_gets_alone(K, dtype, rng):
+    """A pair of rows sharing the loads of ``bmat``: bit for bit the single-row sums (the
+    saving-free sweep projects pairs or single rows, matmul_rows an odd count's last row alone),
+    whichever rows of ``a`` and ``out`` they are."""
+    a = rng.standard_normal((5, K)).astype(dtype)
+    w = rng.standard_normal((K, 13)).astype(dtype)
+    start = rng.standard_normal((4, 13)).astype(dtype)
+    alone, pair = start.copy(), start.copy()
+    row_product(alone, np.int64(3), a, np.int64(4), w)
+    row_product(alone, np.int64(0), a, np.int64(1), w)
+    row_pair_product(pair, np.int64(3), np.int64(0), a, np.int64(4), np.int64(1), w)
+    assert np.array_equal(pair, alone)
+    np.testing.assert_allclose(pair[[3, 0]], start[[3, 0]] + a[[4, 1]].astype(float) @ w,
+                               rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-4)
+    assert np.array_equal(pair[1:3], start[1:3])
 
 
 def test_reductions_do_not_depend_on_thread_count(rng):

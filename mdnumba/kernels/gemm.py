@@ -19,12 +19,12 @@ REDUCE_BLOCK = 1024
 
 @njit(**NJIT_OPTS)
 def row_product(out, r, a, ra, bmat):
-    """``out[r] += a[ra] @ bmat`` (serial; one row of :func:`matmul_rows`, also the input
-    projection of the saving-free forward sweep, which thus computes the same numbers; both
-    pass ``r``, ``ra`` as int64, so that they share its compiled code). Eight rows of ``bmat`` per
-    pass over ``out[r]`` (an eighth of its loads and stores): each pass adds ``((a0·b0 + a1·b1)
-    + (a2·b2 + a3·b3)) + ((a4·b4 + a5·b5) + (a6·b6 + a7·b7))``, in k order; the last K % 8 one at
-    a time."""
+    """``out[r] += a[ra] @ bmat`` (serial): one row of :func:`matmul_rows` and of the input
+    projection of the saving-free forward sweep; :func:`row_pair_product` computes the same
+    numbers for two rows. Eight rows of ``bmat`` per pass over ``out[r]`` (an eighth of its loads
+    and stores): each pass adds ``((a0·b0 + a1·b1) + (a2·b2 + a3·b3)) + ((a4·b4 + a5·b5) +
+    (a6·b6 + a7·b7))``, in k order; the last K % 8 one at a time. Callers pass ``r``, ``ra`` as
+    int64, so that they share its compiled code."""
     o, x = out[r], a[ra]
     K, N = x.shape[0], bmat.shape[1]
     k = 0
@@ -37,9 +37,43 @@ def row_product(out, r, a, ra, bmat):
             o[n] += (((x0 * b0[n] + x1 * b1[n]) + (x2 * b2[n] + x3 * b3[n]))
                      + ((x4 * b4[n] + x5 * b5[n]) + (x6 * b6[n] + x7 * b7[n])))
         k += 8
-    for kk in range(k, K):
-        v, bk = x[kk], bmat[kk]
+    _tail_product(o, x, bmat, k)
+
+
+@njit(**NJIT_OPTS)
+def row_pair_product(out, r, s, a, ra, sa, bmat):
+    """``out[r] += a[ra] @ bmat`` and ``out[s] += a[sa] @ bmat`` (serial; rows r != s): the sums of
+    :func:`row_product`, operation for operation (the same numbers), with every load of ``bmat``
+    serving both rows (half the loads of the GEMM's largest operand: 1.35-1.6x on one core, K =
+    16..256, N = 80..1024). int64 indices, as for :func:`row_product`."""
+    o, p, x, y = out[r], out[s], a[ra], a[sa]
+    K, N = x.shape[0], bmat.shape[1]
+    k = 0
+    while k + 8 <= K:
+        x0, x1, x2, x3 = x[k], x[k + 1], x[k + 2], x[k + 3]
+        x4, x5, x6, x7 = x[k + 4], x[k + 5], x[k + 6], x[k + 7]
+        y0, y1, y2, y3 = y[k], y[k + 1], y[k + 2], y[k + 3]
+        y4, y5, y6, y7 = y[k + 4], y[k + 5], y[k + 6], y[k + 7]
+        b0, b1, b2, b3 = bmat[k], bmat[k + 1], bmat[k + 2], bmat[k + 3]
+        b4, b5, b6, b7 = bmat[k + 4], bmat[k + 5], bmat[k + 6], bmat[k + 7]
         for n in range(N):
+            c0, c1, c2, c3 = b0[n], b1[n], b2[n], b3[n]
+            c4, c5, c6, c7 = b4[n], b5[n], b6[n], b7[n]
+            o[n] += (((x0 * c0 + x1 * c1) + (x2 * c2 + x3 * c3))
+                     + ((x4 * c4 + x5 * c5) + (x6 * c6 + x7 * c7)))
+            p[n] += (((y0 * c0 + y1 * c1) + (y2 * c2 + y3 * c3))
+                     + ((y4 * c4 + y5 * c5) + (y6 * c6 + y7 * c7)))
+        k += 8
+    _tail_product(o, x, bmat, k)
+    _tail_product(p, y, bmat, k)
+
+
+@njit(**NJIT_OPTS)
+def _tail_product(o, x, bmat, k):
+    """``o += x[k:] @ bmat[k:]``, one row of ``bmat`` at a time (the K % 8 rows left over)."""
+    for kk in range(k, x.shape[0]):
+        v, bk = x[kk], bmat[kk]
+        for n in range(bmat.shape[1]):
             o[n] += v * bk[n]
 
 
@@ -56,22 +90,22 @@ def matmul_rows(out, a, bmat, bias, accumulate, rows):
     """``out[r] = (out[r] if accumulate else bias) + a[r] @ bmat`` for every row r (``rows`` None) or
     the rows r in ``rows`` only (a padded batch's items; the others keep what they held).
 
-    ``a`` (R, K), ``bmat`` (K, N), ``bias`` (N,) (ignored when accumulating).
+    ``a`` (R, K), ``bmat`` (K, N), ``bias`` (N,) (ignored when accumulating). A work item is a
+    pair of rows (:func:`row_pair_product`), the last one alone when their number is odd; each
+    row gets the same numbers as alone.
     """
-    if rows is None:  # (one prange over a selection that may be None does not parallelise)
-        for i in prange(a.shape[0]):
-            _bias_and_product(out, np.int64(i), a, bmat, bias, accumulate)
-    else:
-        for i in prange(rows.shape[0]):
-            _bias_and_product(out, np.int64(rows[i]), a, bmat, bias, accumulate)
-
-
-@njit(**NJIT_OPTS)
-def _bias_and_product(out, r, a, bmat, bias, accumulate):
-    """Row r of :func:`matmul_rows`."""
-    if not accumulate:
-        out[r, :] = bias
-    row_product(out, r, a, r, bmat)
+    n = a.shape[0] if rows is None else rows.shape[0]
+    for i in prange((n + 1) // 2):
+        r = np.int64(selected_row(rows, 2 * i))
+        if not accumulate:
+            out[r, :] = bias
+        if 2 * i + 1 == n:
+            row_product(out, r, a, r, bmat)
+            continue
+        s = np.int64(selected_row(rows, 2 * i + 1))
+        if not accumulate:
+            out[s, :] = bias
+        row_pair_product(out, r, s, a, r, s, bmat)
 
 
 @njit(**NJIT_SUM_OPTS)

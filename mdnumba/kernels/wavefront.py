@@ -36,7 +36,7 @@ from numba import njit, prange
 from ..config import NJIT_OPTS, NJIT_PARALLEL_OPTS, NJIT_SUM_OPTS
 from . import vexp
 from .cell import build
-from .gemm import row_product, selected_row
+from .gemm import row_pair_product, row_product, selected_row
 
 _CELL = build(njit(inline="always", **NJIT_OPTS), exp=vexp.exp, sigmoid=vexp.sigmoid)
 _row_forward = _CELL["row_forward"]
@@ -281,11 +281,16 @@ def _infer_item(out, h, c, act, lp, x, src, W, bias, U, grp, base, slot, row, b,
     """Work item (cell in two-plane ``slot``, batch rows b .. b+nb-1; ``row`` = cell*B + b in
     ``src``) of scan ``grp``, whose slab starts at row ``base``: input projection, recurrent
     products, cell, h into ``out[:, grp]``."""
+    r = base + slot * B + b
     for i in range(nb):
-        j = src[row + i]
-        act[base + slot * B + b + i, :] = bias
-        if j >= 0:
-            row_product(act, base + slot * B + b + i, x, np.int64(j), W)
+        act[r + i, :] = bias
+    if nb == 2 and src[row] >= 0 and src[row + 1] >= 0:  # the same numbers as one by one
+        row_pair_product(act, np.int64(r), np.int64(r + 1), x, np.int64(src[row]),
+                         np.int64(src[row + 1]), W)
+    else:
+        for i in range(nb):
+            if src[row + i] >= 0:
+                row_product(act, np.int64(r + i), x, np.int64(src[row + i]), W)
     _recurrent_forward(act, h, U, lp, base, slot, b, nb, B, D)
     for i in range(nb):
         _cell_forward(h, c, act, lp, base, slot, b + i, B, D, cell)
