@@ -22,6 +22,10 @@ import numpy as np
 #: bytes the tables cached by each :func:`table_cache` function may hold; the most recent entry
 #: is kept even when larger (a 2048x2048 grid's :func:`wavefront` tables alone take 96 MiB)
 TABLE_CACHE_BYTES = 512 * 2**20
+#: batch rows per work item of the CPU sweeps (consecutive items of one cell, whose recurrent
+#: products share every load of U: :mod:`mdnumba.kernels.wavefront`); :func:`live_items` groups
+#: a padded batch's live rows alike
+ROWS = 4
 
 
 def index_dtype(bound: int) -> type:
@@ -183,13 +187,14 @@ def direction_tables(dims: tuple, batch: int, directions: int = 1,
     return _index_tables(M * B, np.stack(skew), np.stack(unskew))
 
 
-@table_cache  # 4 B per live (cell, pair of batch items)
+@table_cache  # 4 B per live (cell, group of batch items)
 def live_items(dims: tuple, batch: int, sizes: tuple) -> tuple[np.ndarray, np.ndarray]:
     """The work of a padded batch's CPU sweeps without its padding: ``(offsets, items)``, read-only,
     of :func:`index_dtype`. ``items[offsets[k]:offsets[k+1]]`` are hyperplane k's live rows as
-    work items ``2*(s*B + b) + (nb - 1)``: skewed cell s for batch items ``b .. b+nb-1`` (nb = 1
-    or 2, consecutive items that both have cell s: the kernels share each weight load between a
-    pair), every live row exactly once, in row order.
+    work items ``ROWS*(s*B + b) + (nb - 1)``: skewed cell s for batch items ``b .. b+nb-1`` (1 <= nb
+    <= :data:`ROWS` consecutive items that all have cell s: the kernels share each weight load
+    within a group, taken from each run of such items' start), every live row exactly once, in
+    row order.
 
     A cell is live for item b when its coordinates lie in the item's box ``[0, sizes[b])``: in
     every scan direction alike, since :func:`direction_tables` mirrors the item within that box.
@@ -201,12 +206,12 @@ def live_items(dims: tuple, batch: int, sizes: tuple) -> tuple[np.ndarray, np.nd
     live = (coords[:, :, None] < ext.T[:, None, :]).all(axis=0)  # (M, B)
     b = np.arange(B)
     run_start = np.maximum.accumulate(np.where(live, 0, b + 1), axis=1)  # of each run of live items
-    head = live & ((b - run_start) % 2 == 0)  # pairs from each run's start; a last odd one alone
-    pair = head & np.pad(live[:, 1:], ((0, 0), (0, 1)))
+    run_end = np.minimum.accumulate(np.where(live, B, b)[:, ::-1], axis=1)[:, ::-1]  # first not live
+    head = live & ((b - run_start) % ROWS == 0)  # groups from each run's start; the last may be short
     s, first = np.nonzero(head)
-    items = 2 * (s * B + first) + pair[s, first]
+    items = ROWS * (s * B + first) + np.minimum(ROWS, run_end[s, first] - first) - 1
     offsets = np.concatenate([[0], np.cumsum(head.sum(axis=1))])[wf.diag_off]
-    return _index_tables(2 * M * B, offsets, items)
+    return _index_tables(ROWS * M * B, offsets, items)
 
 
 @table_cache

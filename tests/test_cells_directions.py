@@ -71,11 +71,11 @@ def test_other_cells_dimensions_and_directions_finite_differences(ndim, shape, h
 
 
 @pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("ndim,shape", [(2, (3, 2, 3, 2)), (1, (3, 4, 2))])
+@pytest.mark.parametrize("ndim,shape", [(2, (7, 2, 3, 2)), (1, (7, 4, 2))])
 def test_unrolled_kernel_paths_finite_differences(cell, ndim, shape, rng):
     """hidden 5 (a four-unit pass of the recurrent products and pulls plus a remainder of 1) with
-    an odd batch (a pair of rows and a single one): the paths the other finite-difference tests
-    (hidden <= 4, even batches) do not reach."""
+    a batch of 7 (work items of four, two and one rows): paths the other finite-difference tests
+    (hidden <= 4) do not reach."""
     layer = make(ndim, shape[-1], 5, seed=6, dtype=np.float64, cell=cell)
     layer.params.data[...] += rng.standard_normal(layer.params.data.shape) * 0.3
     check_layer_gradients(layer, rng.standard_normal(shape), rng)
@@ -227,11 +227,11 @@ def test_stable_layout_and_default_forget_bias():
 
 
 @pytest.mark.parametrize("cell", ["graves", "stable", "spatial"])
-@pytest.mark.parametrize("ndim,shape,directions", [(2, (3, 3, 4, 2), 1), (2, (3, 2, 3, 1), 4),
+@pytest.mark.parametrize("ndim,shape,directions", [(2, (7, 3, 4, 2), 1), (2, (3, 2, 3, 1), 4),
                                                     (3, (3, 2, 2, 3, 1), 1), (1, (5, 4, 2), 2)])
 def test_unrolled_kernel_paths_match_reference(cell, ndim, shape, directions, rng):
-    """hidden 6 (the products' four-unit passes plus a remainder of 2) and odd batches (pairs of
-    batch rows plus a single one) against the float64 reference."""
+    """hidden 6 (the products' four-unit passes plus a remainder of 2) and odd batches (work items
+    of four (batch 7), two and one rows) against the float64 reference."""
     layer = WavefrontLSTM(ndim, shape[-1], 6, seed=4, dtype=np.float64, cell=cell, directions=directions)
     layer.params.data[...] += rng.standard_normal(layer.params.data.shape) * 0.2
     x = rng.standard_normal(shape)

@@ -1,5 +1,5 @@
 """The CPU sweeps' two schedules (:func:`mdnumba.kernels.wavefront.batch_blocks`): one ``prange``
-per hyperplane, or blocks of (scan, pair of batch items) streams each sweeping every hyperplane,
+per hyperplane, or blocks of (scan, group of batch items) streams each sweeping every hyperplane,
 give bit-identical results, however the streams are cut into blocks."""
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def test_batch_schedule_equals_plane_schedule(cls, dims, B, S, cell, D, dtype, t
     layer = cls(2, D, directions=S, cell=cell, dtype=dtype, seed=1)
     layer.params.data[:] = rng.uniform(-0.6, 0.6, layer.params.data.shape)
     x = rng.standard_normal((B,) + dims + (2,)).astype(dtype)
-    assert wfk.batch_blocks(S, B, wavefront(dims).diag_off, None, "batch") == min(threads, S * ((B + 1) // 2))
+    assert wfk.batch_blocks(S, B, wavefront(dims).diag_off, None, "batch") == min(threads, S * wfk.groups(B))
     planes, batched = sweeps(layer, x, "planes"), sweeps(layer, x, "batch")
     for name, a, b in zip(["h", "c", "act", "dact", "dc", "dh", "out"], planes, batched):
         assert np.isfinite(a).all() and np.abs(a).max() > 0, name
@@ -76,7 +76,7 @@ def test_batch_blocks_choice(monkeypatch):
     assert wfk.batch_blocks(1, 1, line, None) == 1
     assert wfk.batch_blocks(4, 1, line, None) == 2  # 4 scans of one item
     assert wfk.batch_blocks(1, 16, small, None) == 2  # 4.3 cells per hyperplane
-    assert wfk.batch_blocks(1, 6, small, None) == 0  # 3 pairs: fewer than 2 per thread
+    assert wfk.batch_blocks(1, 6, small, None) == 0  # 2 groups of rows: fewer than 2 per thread
     assert wfk.batch_blocks(1, 16, big, None) == 0  # 8.3
     assert wfk.batch_blocks(1, 16, big, None, "batch") == 2
     assert wfk.batch_blocks(1, 2, line, None, "batch") == 1  # one stream: one block

@@ -5,7 +5,7 @@ import pytest
 from gradcheck import assert_grad_close, numeric_grad
 
 from mdnumba import LSTM1D, MDLSTM2D, MDLSTM3D, WavefrontLSTM, pad_batch, unpad_batch
-from mdnumba.grid import direction_tables, live_items, wavefront
+from mdnumba.grid import ROWS, direction_tables, live_items, wavefront
 from mdnumba.kernels.wavefront import gather_parents, wavefront_backward, wavefront_forward
 
 CASES = [  # (layer, padded grid, the items' sizes)
@@ -196,7 +196,7 @@ def test_nested_stacks_divide_the_sizes(rng):
 @pytest.mark.parametrize("dims,B", [((4, 5), 5), ((3, 2, 3), 3), ((7,), 4)])
 def test_live_items_are_the_items_cells_each_once(dims, B, rng):
     """``live_items``: every row of an item's cell exactly once, in row order, on its hyperplane;
-    a pair only on two consecutive items that both have the cell."""
+    a group of up to ROWS rows only on consecutive items that all have the cell."""
     sizes = tuple(tuple(int(rng.integers(1, n + 1)) for n in dims) for _ in range(B))
     offsets, items = live_items(dims, B, sizes)
     wf = wavefront(dims)
@@ -204,11 +204,11 @@ def test_live_items_are_the_items_cells_each_once(dims, B, rng):
     rows = []
     for k in range(wf.n_diagonals):
         for e in items[offsets[k]:offsets[k + 1]].tolist():
-            s, b, nb = e // 2 // B, e // 2 % B, e % 2 + 1
-            assert wf.diag_off[k] <= s < wf.diag_off[k + 1]
+            s, b, nb = e // ROWS // B, e // ROWS % B, e % ROWS + 1
+            assert wf.diag_off[k] <= s < wf.diag_off[k + 1] and b + nb <= B
             rows += [s * B + b + i for i in range(nb)]
     assert rows == [s * B + b for s in range(wf.n_cells) for b in range(B) if (coords[:, s] < sizes[b]).all()]
-    assert len(items) < len(rows)  # cell 0 belongs to every item: pairs are formed
+    assert len(items) < len(rows)  # cell 0 belongs to every item: groups are formed
 
 
 def test_the_sweeps_skip_the_padding(rng):

@@ -10,7 +10,8 @@ weights (a layer's directions) occupy consecutive slabs of M*B rows and are
 swept together.
 
 Layers, stumpy style: the unit math of :mod:`mdnumba.kernels.cell` ←
-``_recurrent_*`` and ``_cell_*`` (serial, one cell and a pair of batch items; ``_infer_item``
+``_recurrent_*`` and ``_cell_*`` (serial, one cell and a group of up to :data:`mdnumba.grid.ROWS` batch items;
+``_infer_item``
 adds the input projection) ← ``_sweep_*``
 (parallel drivers: hyperplanes in order, a ``prange`` over each hyperplane's scans × cells ×
 batch, or over a padded batch's live rows) and ``_sweep_*_batched`` (one ``prange`` over blocks
@@ -34,6 +35,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..config import NJIT_OPTS, NJIT_PARALLEL_OPTS, NJIT_SUM_OPTS
+from ..grid import ROWS
 from . import vexp
 from .cell import build
 from .gemm import row_pair_product, row_product, selected_row
@@ -53,6 +55,12 @@ _PLANNED_BATCH: contextvars.ContextVar = contextvars.ContextVar("planned_batch")
 
 
 @njit(**NJIT_OPTS)
+def groups(B):
+    """Work items per cell and scan: ``ceil(B / ROWS)``."""
+    return (B + ROWS - 1) // ROWS
+
+
+@njit(**NJIT_OPTS)
 def _cell_forward(h, c, act, parent, base, s, b, B, D, cell):
     """Row ``r = base + s*B + b``: all D units through :mod:`mdnumba.kernels.cell`'s ``row_forward``
     (loops over the units, vectorised)."""
@@ -62,54 +70,73 @@ def _cell_forward(h, c, act, parent, base, s, b, B, D, cell):
 @njit(**NJIT_OPTS)
 def _plane(k, diag_off, items_off, B):
     """Hyperplane k's work items per scan: ``(first, n)``. Without a live-items table (``items_off``
-    empty) every row: its cells from ``first = diag_off[k]`` on, ``n = cells * ceil(B/2)``; with
+    empty) every row: its cells from ``first = diag_off[k]`` on, ``n = cells * groups(B)``; with
     one (:func:`mdnumba.grid.live_items`, one offset per entry of ``diag_off``) its entries
     ``first .. first + n - 1``."""
     if items_off.shape[0] == 0:
-        return diag_off[k], (diag_off[k + 1] - diag_off[k]) * ((B + 1) // 2)
+        return diag_off[k], (diag_off[k + 1] - diag_off[k]) * groups(B)
     return items_off[k], items_off[k + 1] - items_off[k]
 
 
 @njit(**NJIT_OPTS)
 def _work_item(t, first, n, items, B):
     """Item t of a hyperplane's ``(first, n)`` (:func:`_plane`): (scan, cell, first batch item b,
-    rows nb). Without a table, a pair of batch items (b, b+1), or b alone at the end of an odd
-    batch; with one, entry ``2*(s*B + b) + nb - 1``."""
+    rows nb). Without a table, the batch items ``b = ROWS*i .. b + nb - 1`` (nb = ROWS, fewer at
+    the end of the batch); with one, entry ``ROWS*(s*B + b) + nb - 1``."""
     q = t % n
     if items.shape[0] == 0:
-        P = (B + 1) // 2
-        b = 2 * (q % P)
-        return t // n, first + q // P, b, min(2, B - b)
+        P = groups(B)
+        b = ROWS * (q % P)
+        return t // n, first + q // P, b, min(ROWS, B - b)
     e = items[first + q]
-    return t // n, (e // 2) // B, (e // 2) % B, e % 2 + 1
+    return t // n, (e // ROWS) // B, (e // ROWS) % B, e % ROWS + 1
 
 
 @njit(**NJIT_SUM_OPTS)
 def _product_rows(act, r, h, pr, U, off, G, D, nb):
-    """``act[r+i, :G] += h[pr+i] @ U[:, off:off+G]`` for the ``nb`` (1 or 2) consecutive rows i.
+    """``act[r+i, :G] += h[pr+i] @ U[:, off:off+G]`` for the ``nb`` (1 .. 4) consecutive rows i.
 
-    Four rows of U per pass over the gate row (a quarter of its loads and stores), and the two
-    rows of a pair share every load of U; each pass is a vectorised loop over the G columns."""
+    Four rows of U per pass over the gate row (a quarter of its loads and stores), each pass a
+    vectorised loop over the G columns; the rows go in groups of four, two or one (``m``), whose
+    rows share every load of U (four: 1.1-1.5x the rate of pairs on one core of an Intel Xeon, D
+    = 16..256). Each row's sums are the same whichever group computes them."""
     off = max(off, 0)  # provably >= 0: no wrap-around check in the g loops, which then vectorise
-    j = 0
-    while j + 4 <= D:
-        h0, h1, h2, h3 = h[pr, j], h[pr, j + 1], h[pr, j + 2], h[pr, j + 3]
-        if nb == 2:
-            k0, k1, k2, k3 = h[pr + 1, j], h[pr + 1, j + 1], h[pr + 1, j + 2], h[pr + 1, j + 3]
-            for g in range(G):
-                u0, u1, u2, u3 = U[j, off + g], U[j + 1, off + g], U[j + 2, off + g], U[j + 3, off + g]
-                act[r, g] += (h0 * u0 + h1 * u1) + (h2 * u2 + h3 * u3)
-                act[r + 1, g] += (k0 * u0 + k1 * u1) + (k2 * u2 + k3 * u3)
-        else:
-            for g in range(G):
-                act[r, g] += ((h0 * U[j, off + g] + h1 * U[j + 1, off + g])
-                              + (h2 * U[j + 2, off + g] + h3 * U[j + 3, off + g]))
-        j += 4
-    for jj in range(j, D):
-        for i in range(nb):
-            hv = h[pr + i, jj]
-            for g in range(G):
-                act[r + i, g] += hv * U[jj, off + g]
+    i = 0
+    while i < nb:
+        m = 4 if nb - i >= 4 else min(nb - i, 2)
+        a, p = r + i, pr + i
+        j = 0
+        while j + 4 <= D:
+            h0, h1, h2, h3 = h[p, j], h[p, j + 1], h[p, j + 2], h[p, j + 3]
+            if m == 1:
+                for g in range(G):
+                    act[a, g] += ((h0 * U[j, off + g] + h1 * U[j + 1, off + g])
+                                  + (h2 * U[j + 2, off + g] + h3 * U[j + 3, off + g]))
+            else:
+                k0, k1, k2, k3 = h[p + 1, j], h[p + 1, j + 1], h[p + 1, j + 2], h[p + 1, j + 3]
+                if m == 2:
+                    for g in range(G):
+                        e = off + g
+                        u0, u1, u2, u3 = U[j, e], U[j + 1, e], U[j + 2, e], U[j + 3, e]
+                        act[a, g] += (h0 * u0 + h1 * u1) + (h2 * u2 + h3 * u3)
+                        act[a + 1, g] += (k0 * u0 + k1 * u1) + (k2 * u2 + k3 * u3)
+                else:
+                    l0, l1, l2, l3 = h[p + 2, j], h[p + 2, j + 1], h[p + 2, j + 2], h[p + 2, j + 3]
+                    n0, n1, n2, n3 = h[p + 3, j], h[p + 3, j + 1], h[p + 3, j + 2], h[p + 3, j + 3]
+                    for g in range(G):
+                        e = off + g
+                        u0, u1, u2, u3 = U[j, e], U[j + 1, e], U[j + 2, e], U[j + 3, e]
+                        act[a, g] += (h0 * u0 + h1 * u1) + (h2 * u2 + h3 * u3)
+                        act[a + 1, g] += (k0 * u0 + k1 * u1) + (k2 * u2 + k3 * u3)
+                        act[a + 2, g] += (l0 * u0 + l1 * u1) + (l2 * u2 + l3 * u3)
+                        act[a + 3, g] += (n0 * u0 + n1 * u1) + (n2 * u2 + n3 * u3)
+            j += 4
+        for jj in range(j, D):  # the last D % 4 rows of U one at a time
+            for q in range(m):
+                hv = h[p + q, jj]
+                for g in range(G):
+                    act[a + q, g] += hv * U[jj, off + g]
+        i += m
 
 
 @njit(**NJIT_OPTS)
@@ -133,7 +160,7 @@ def wavefront_forward(h, c, act, U, diag_off, parent, B: int, D: int, cell: int,
     holding the gate activations; ``h``, ``c`` (S*M*B, D) are written. ``U`` is
     (S, D, N*G): S independent scans (e.g. the directions of a layer) with their
     own weights, each on its own slab of M*B rows, swept together. Hyperplanes run
-    in order; inside one, every (scan, cell, pair of batch items) adds ``Σ_d h_parent_d U_d``
+    in order; inside one, every (scan, cell, group of batch items) adds ``Σ_d h_parent_d U_d``
     to its pre-activations and applies the cell, all in parallel. ``items`` (a padded batch's
     :func:`mdnumba.grid.live_items`): those rows only; the others are left as they are.
     ``schedule`` (:func:`batch_blocks`): how the work is split over the threads; the numbers are
@@ -153,9 +180,9 @@ SCHEDULES = ("auto", "planes", "batch")
 def batch_blocks(S: int, B: int, diag_off, items, schedule: str = "auto") -> int:
     """How a sweep over the hyperplanes of ``diag_off`` splits its work over the threads:
 
-    - 0: a ``prange`` per hyperplane over its (scan, cell, pair of batch items) work items: a fork
+    - 0: a ``prange`` per hyperplane over its (scan, cell, group of batch items) work items: a fork
       and join of the threads per hyperplane;
-    - n > 0: one ``prange`` over n blocks of the S*ceil(B/2) (scan, pair) work streams, each block
+    - n > 0: one ``prange`` over n blocks of the S*groups(B) (scan, group) work streams, each block
       sweeping every hyperplane for its own streams (streams never read each other's rows): one
       fork and join per sweep.
 
@@ -170,9 +197,9 @@ def batch_blocks(S: int, B: int, diag_off, items, schedule: str = "auto") -> int
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     if schedule == "planes" or items is not None:
         return 0
-    streams, threads = S * ((B + 1) // 2), numba.get_num_threads()
+    streams, threads = S * groups(B), numba.get_num_threads()
     cells = (diag_off[-1] - diag_off[0]) / max(len(diag_off) - 1, 1)
-    planned = S * ((_PLANNED_BATCH.get(B) + 1) // 2)
+    planned = S * groups(_PLANNED_BATCH.get(B))
     enough = cells == 1 or planned >= BATCH_STREAMS_PER_THREAD * threads
     if schedule == "auto" and not (enough and cells <= BATCH_MAX_CELLS):
         return 0
@@ -216,10 +243,11 @@ def _sweep_forward(h, c, act, U, diag_off, items_off, items, parent, B, D, cell)
 
 @njit(**NJIT_OPTS)
 def _stream(t, B):
-    """(scan, first batch item b, rows nb) of (scan, pair) work stream t (:func:`batch_blocks`)."""
-    P = (B + 1) // 2
-    b = 2 * (t % P)
-    return t // P, b, min(2, B - b)
+    """(scan, first batch item b, rows nb) of (scan, group of rows) work stream t
+    (:func:`batch_blocks`)."""
+    P = groups(B)
+    b = ROWS * (t % P)
+    return t // P, b, min(ROWS, B - b)
 
 
 @njit(**NJIT_PARALLEL_OPTS)
@@ -227,7 +255,7 @@ def _sweep_forward_batched(h, c, act, U, diag_off, parent, B, D, cell, nblk):
     """:func:`wavefront_forward` in ``nblk`` blocks of work streams (:func:`batch_blocks`), each
     sweeping the cells in hyperplane order (the skewed order) for its streams."""
     MB = parent.shape[0] * B
-    n = U.shape[0] * ((B + 1) // 2)
+    n = U.shape[0] * groups(B)
     for blk in prange(nblk):
         for s in range(np.int64(diag_off[0]), diag_off[diag_off.shape[0] - 1]):  # int64, as _sweep_forward
             for t in range(blk * n // nblk, (blk + 1) * n // nblk):
@@ -259,7 +287,7 @@ def wavefront_infer(out, h, c, act, lp, x, src, W, bias, U, diag_off, parent, fi
     The same rows, products and cell as :func:`matmul_rows` + :func:`wavefront_forward` (so the
     same numbers), but only two hyperplanes are held at a time: ``h``, ``c``, ``act``
     (S*2*M*B, ·) with M the most cells of a plane, slots as in :func:`_rolling_parents`, ``lp``
-    (2*M, N) scratch. Per (scan q, cell, pair of batch items) of planes ``first .. last-1``: the
+    (2*M, N) scratch. Per (scan q, cell, group of batch items) of planes ``first .. last-1``: the
     input projection ``act = bias_q + x[src] @ W_q`` (``src`` of :func:`mdnumba.grid.direction_tables`,
     -1: a zero input), the recurrent products, the cell, and h into ``out[src, q]`` (dense rows
     (R, S, D)). ``first = 1`` after :func:`seed_state` filled slot 0 (a 1D initial state).
@@ -284,13 +312,16 @@ def _infer_item(out, h, c, act, lp, x, src, W, bias, U, grp, base, slot, row, b,
     r = base + slot * B + b
     for i in range(nb):
         act[r + i, :] = bias
-    if nb == 2 and src[row] >= 0 and src[row + 1] >= 0:  # the same numbers as one by one
-        row_pair_product(act, np.int64(r), np.int64(r + 1), x, np.int64(src[row]),
-                         np.int64(src[row + 1]), W)
-    else:
-        for i in range(nb):
-            if src[row + i] >= 0:
-                row_product(act, np.int64(r + i), x, np.int64(src[row + i]), W)
+    i = 0
+    while i < nb:  # pairs of rows, each with the numbers it gets alone
+        if i + 1 < nb and src[row + i] >= 0 and src[row + i + 1] >= 0:
+            row_pair_product(act, np.int64(r + i), np.int64(r + i + 1), x, np.int64(src[row + i]),
+                             np.int64(src[row + i + 1]), W)
+            i += 2
+            continue
+        if src[row + i] >= 0:
+            row_product(act, np.int64(r + i), x, np.int64(src[row + i]), W)
+        i += 1
     _recurrent_forward(act, h, U, lp, base, slot, b, nb, B, D)
     for i in range(nb):
         _cell_forward(h, c, act, lp, base, slot, b + i, B, D, cell)
@@ -321,7 +352,7 @@ def _sweep_infer_batched(out, h, c, act, lps, x, src, W, bias, U, diag_off, pare
     parents' slots ``lps[blk]``, sweeping planes ``first .. last-1`` for its streams."""
     nblk = lps.shape[0]
     L = lps.shape[1] * B
-    n = U.shape[0] * ((B + 1) // 2)
+    n = U.shape[0] * groups(B)
     for blk in prange(nblk):
         lp = lps[blk]
         for k in range(first, last):
@@ -335,34 +366,70 @@ def _sweep_infer_batched(out, h, c, act, lps, x, src, W, bias, U, diag_off, pare
 
 @njit(**NJIT_SUM_OPTS)
 def _pull_rows(dh, r, dact, cr, U, off, G, D, nb):
-    """``dh[r+i, j] += Σ_g dact[cr+i, g] · U[j, off+g]`` for the ``nb`` (1 or 2) consecutive rows i:
+    """``dh[r+i, j] += Σ_g dact[cr+i, g] · U[j, off+g]`` for the ``nb`` (1 .. 4) consecutive rows i:
     dot products over the G contiguous gate columns (vectorised reductions), four units per
-    pass over the child's gate row, the two rows of a pair sharing every load of U."""
+    pass over the child's gate row; the rows in groups of four or fewer (:func:`_product_rows`)
+    sharing every load of U (four rows: 16 partial sums in vector registers)."""
     off = max(off, 0)  # as in _product_rows
-    j = 0
-    while j + 4 <= D:
-        a0, a1, a2, a3 = dh[r, j], dh[r, j + 1], dh[r, j + 2], dh[r, j + 3]
-        if nb == 2:
-            e0, e1, e2, e3 = dh[r + 1, j], dh[r + 1, j + 1], dh[r + 1, j + 2], dh[r + 1, j + 3]
-            for g in range(G):
-                x, y = dact[cr, g], dact[cr + 1, g]
-                u0, u1, u2, u3 = U[j, off + g], U[j + 1, off + g], U[j + 2, off + g], U[j + 3, off + g]
-                a0, a1, a2, a3 = a0 + x * u0, a1 + x * u1, a2 + x * u2, a3 + x * u3
-                e0, e1, e2, e3 = e0 + y * u0, e1 + y * u1, e2 + y * u2, e3 + y * u3
-            dh[r + 1, j], dh[r + 1, j + 1], dh[r + 1, j + 2], dh[r + 1, j + 3] = e0, e1, e2, e3
-        else:
-            for g in range(G):
-                x = dact[cr, g]
-                a0, a1, a2, a3 = (a0 + x * U[j, off + g], a1 + x * U[j + 1, off + g],
-                                  a2 + x * U[j + 2, off + g], a3 + x * U[j + 3, off + g])
-        dh[r, j], dh[r, j + 1], dh[r, j + 2], dh[r, j + 3] = a0, a1, a2, a3
-        j += 4
-    for jj in range(j, D):
-        for i in range(nb):
-            acc = dh[r + i, jj]
-            for g in range(G):
-                acc += dact[cr + i, g] * U[jj, off + g]
-            dh[r + i, jj] = acc
+    i = 0
+    while i < nb:
+        m = 4 if nb - i >= 4 else min(nb - i, 2)
+        a, c = r + i, cr + i
+        j = 0
+        while j + 4 <= D:
+            if m == 4:
+                _pull4(dh, a, dact, c, U, off, G, j)
+            elif m == 2:
+                _pull2(dh, a, dact, c, U, off, G, j)
+            else:
+                a0, a1, a2, a3 = dh[a, j], dh[a, j + 1], dh[a, j + 2], dh[a, j + 3]
+                for g in range(G):
+                    x = dact[c, g]
+                    a0, a1, a2, a3 = (a0 + x * U[j, off + g], a1 + x * U[j + 1, off + g],
+                                      a2 + x * U[j + 2, off + g], a3 + x * U[j + 3, off + g])
+                dh[a, j], dh[a, j + 1], dh[a, j + 2], dh[a, j + 3] = a0, a1, a2, a3
+            j += 4
+        for jj in range(j, D):  # the last D % 4 units one at a time
+            for q in range(m):
+                acc = dh[a + q, jj]
+                for g in range(G):
+                    acc += dact[c + q, g] * U[jj, off + g]
+                dh[a + q, jj] = acc
+        i += m
+
+
+@njit(inline="always", **NJIT_SUM_OPTS)
+def _pull2(dh, a, dact, c, U, off, G, j):
+    """Units j .. j+3 of :func:`_pull_rows` for rows a, a+1 (children c, c+1)."""
+    a0, a1, a2, a3 = dh[a, j], dh[a, j + 1], dh[a, j + 2], dh[a, j + 3]
+    e0, e1, e2, e3 = dh[a + 1, j], dh[a + 1, j + 1], dh[a + 1, j + 2], dh[a + 1, j + 3]
+    for g in range(G):
+        x, y = dact[c, g], dact[c + 1, g]
+        u0, u1, u2, u3 = U[j, off + g], U[j + 1, off + g], U[j + 2, off + g], U[j + 3, off + g]
+        a0, a1, a2, a3 = a0 + x * u0, a1 + x * u1, a2 + x * u2, a3 + x * u3
+        e0, e1, e2, e3 = e0 + y * u0, e1 + y * u1, e2 + y * u2, e3 + y * u3
+    dh[a, j], dh[a, j + 1], dh[a, j + 2], dh[a, j + 3] = a0, a1, a2, a3
+    dh[a + 1, j], dh[a + 1, j + 1], dh[a + 1, j + 2], dh[a + 1, j + 3] = e0, e1, e2, e3
+
+
+@njit(inline="always", **NJIT_SUM_OPTS)
+def _pull4(dh, a, dact, c, U, off, G, j):
+    """Units j .. j+3 of :func:`_pull_rows` for rows a .. a+3 (children c .. c+3)."""
+    a0, a1, a2, a3 = dh[a, j], dh[a, j + 1], dh[a, j + 2], dh[a, j + 3]
+    e0, e1, e2, e3 = dh[a + 1, j], dh[a + 1, j + 1], dh[a + 1, j + 2], dh[a + 1, j + 3]
+    f0, f1, f2, f3 = dh[a + 2, j], dh[a + 2, j + 1], dh[a + 2, j + 2], dh[a + 2, j + 3]
+    k0, k1, k2, k3 = dh[a + 3, j], dh[a + 3, j + 1], dh[a + 3, j + 2], dh[a + 3, j + 3]
+    for g in range(G):
+        x, y, z, w = dact[c, g], dact[c + 1, g], dact[c + 2, g], dact[c + 3, g]
+        u0, u1, u2, u3 = U[j, off + g], U[j + 1, off + g], U[j + 2, off + g], U[j + 3, off + g]
+        a0, a1, a2, a3 = a0 + x * u0, a1 + x * u1, a2 + x * u2, a3 + x * u3
+        e0, e1, e2, e3 = e0 + y * u0, e1 + y * u1, e2 + y * u2, e3 + y * u3
+        f0, f1, f2, f3 = f0 + z * u0, f1 + z * u1, f2 + z * u2, f3 + z * u3
+        k0, k1, k2, k3 = k0 + w * u0, k1 + w * u1, k2 + w * u2, k3 + w * u3
+    dh[a, j], dh[a, j + 1], dh[a, j + 2], dh[a, j + 3] = a0, a1, a2, a3
+    dh[a + 1, j], dh[a + 1, j + 1], dh[a + 1, j + 2], dh[a + 1, j + 3] = e0, e1, e2, e3
+    dh[a + 2, j], dh[a + 2, j + 1], dh[a + 2, j + 2], dh[a + 2, j + 3] = f0, f1, f2, f3
+    dh[a + 3, j], dh[a + 3, j + 1], dh[a + 3, j + 2], dh[a + 3, j + 3] = k0, k1, k2, k3
 
 
 @njit(**NJIT_OPTS)
@@ -421,7 +488,7 @@ def _sweep_backward(dact, dc, dh, act, c, U, diag_off, items_off, items, parent,
 def _sweep_backward_batched(dact, dc, dh, act, c, U, diag_off, parent, child, B, D, cell, nblk):
     """:func:`wavefront_backward` in ``nblk`` blocks of work streams, cells in reverse order."""
     MB = parent.shape[0] * B
-    n = U.shape[0] * ((B + 1) // 2)
+    n = U.shape[0] * groups(B)
     for blk in prange(nblk):
         for s in range(diag_off[diag_off.shape[0] - 1] - 1, diag_off[0] - 1, -1):
             for t in range(blk * n // nblk, (blk + 1) * n // nblk):
