@@ -6,9 +6,10 @@ item. Side by side in one process, interleaved, best of N (median in brackets), 
 ``--dtype``), on the CPU: forward + backward (``input_grad=False``: the items are data; with
 64 input channels the layer is an upper one of a stack, and its dx is computed) and the
 saving-free forward. The input projection, the sweeps, the parents' gather, the weight-gradient
-GEMMs and the dx product skip the padding (the "padded cells" column); the skew and unskew
-copies and zeroing the padding's state run over every row: batching wins where the per-call
-cost and the parallelism of a larger batch outweigh that.
+GEMMs and the dx product skip the padding (the "padded cells" column), the backward zeroes only
+the padding next to the items; the skew and unskew copies and zeroing the padding's h and c
+run over every row: batching wins where the per-call cost and the parallelism of a larger batch
+outweigh that.
 
 Usage: ``python bench/padded.py [--quick] [--dtype float32|float64] [--out PATH]`` (default
 ``bench/results/padded.md``; ``--quick`` prints small shapes only, unless ``--out``).

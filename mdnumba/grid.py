@@ -214,6 +214,22 @@ def live_items(dims: tuple, batch: int, sizes: tuple) -> tuple[np.ndarray, np.nd
     return _index_tables(ROWS * M * B, offsets, items)
 
 
+@table_cache  # 4 B per padding row next to an item
+def padding_edge(dims: tuple, batch: int, sizes: tuple) -> np.ndarray:
+    """The padding's rows that the backward sweep of a padded batch reads: rows ``s*B + b``
+    (ascending, read-only, :func:`index_dtype`) of the cells s outside item b's box
+    ``[0, sizes[b])`` with a parent inside it, i.e. one coordinate equal to the item's size
+    along that axis and the others inside. In every scan direction alike (:func:`live_items`);
+    their ``dact`` and ``dc`` must hold zeros, the rest of the padding is never read."""
+    wf = wavefront(tuple(dims))
+    M, B, N = wf.n_cells, int(batch), len(wf.dims)
+    ext = np.array(sizes, dtype=np.int64).reshape(B, N).T[:, None, :]  # (N, 1, B)
+    coords = np.indices(wf.dims).reshape(N, -1)[:, wf.perm][:, :, None]  # (N, M, 1), skewed cells
+    inside, on_edge = coords < ext, coords == ext
+    edge = (on_edge & (inside.sum(axis=0) == N - 1)).any(axis=0)  # (M, B)
+    return _index_tables(M * B, np.flatnonzero(edge))[0]
+
+
 @table_cache
 def state_tables(steps: int, batch: int, directions: int = 1) -> tuple[Wavefront, np.ndarray, np.ndarray]:
     """Tables of a 1D layer whose scans start from a given state: ``(wf, skew_src, unskew_src)``.

@@ -29,7 +29,7 @@ from ._validate import (
     overflowed_state,
     seeded_rng,
 )
-from .grid import direction_tables, live_items, state_tables, wavefront
+from .grid import direction_tables, live_items, padding_edge, state_tables, wavefront
 from .kernels.cell import cell_code
 from .kernels.gemm import column_sums, matmul_at_b, matmul_rows
 from .kernels.gridlstm import gather_operands as gather_grid_operands
@@ -45,6 +45,7 @@ from .kernels.wavefront import (
     wavefront_forward,
     wavefront_infer,
     zero_padding,
+    zero_rows,
 )
 from .params import OwnsParams, ParamLayout
 
@@ -245,8 +246,8 @@ class WavefrontLSTM(OwnsParams):
         dact = self._workspace("dact", sv["act"].shape)
         dc = self._workspace("dc", sv["c"].shape)
         sweep, items, live = wf.diag_off, sv["items"], sv["live"]
-        if items is not None:  # the padding's rows, not swept, pass zeros to the items' cells
-            zero_padding(dact, dc, skew_src)
+        if items is not None:  # the padding's rows next to the items pass them zeros
+            zero_rows(dact, dc, padding_edge(sv["dims"], B, sv["sizes"]), rows)
         if sv["stateful"]:
             dhT, dcT = (np.zeros((B, S * D), self.dtype),) * 2 if final_state_grad is None else \
                 check_state(final_state_grad, "final_state_grad", B, S * D, self.dtype)

@@ -5,7 +5,7 @@ import pytest
 from gradcheck import assert_grad_close, numeric_grad
 
 from mdnumba import LSTM1D, MDLSTM2D, MDLSTM3D, WavefrontLSTM, pad_batch, unpad_batch
-from mdnumba.grid import ROWS, direction_tables, live_items, wavefront
+from mdnumba.grid import ROWS, direction_tables, live_items, padding_edge, wavefront
 from mdnumba.kernels.wavefront import gather_parents, wavefront_backward, wavefront_forward
 
 CASES = [  # (layer, padded grid, the items' sizes)
@@ -209,6 +209,21 @@ def test_live_items_are_the_items_cells_each_once(dims, B, rng):
             rows += [s * B + b + i for i in range(nb)]
     assert rows == [s * B + b for s in range(wf.n_cells) for b in range(B) if (coords[:, s] < sizes[b]).all()]
     assert len(items) < len(rows)  # cell 0 belongs to every item: groups are formed
+
+
+@pytest.mark.parametrize("dims,B", [((4, 5), 5), ((3, 2, 3), 3), ((7,), 4)])
+def test_padding_edge_is_the_padding_with_a_parent_in_the_item(dims, B, rng):
+    """``padding_edge``: exactly the rows outside their item with a parent inside it (what the
+    backward sweep of the item's cells pulls from), ascending."""
+    sizes = tuple(tuple(int(rng.integers(1, n + 1)) for n in dims) for _ in range(B))
+    wf = wavefront(dims)
+    coords = np.indices(dims).reshape(len(dims), -1)[:, wf.perm]
+    live = np.array([[(coords[:, s] < sizes[b]).all() for b in range(B)] for s in range(wf.n_cells)])
+    want = [s * B + b for s in range(wf.n_cells) for b in range(B)
+            if not live[s, b] and any(p >= 0 and live[p, b] for p in wf.parent[s])]
+    got = padding_edge(dims, B, sizes)
+    assert got.tolist() == want and not got.flags.writeable
+    assert padding_edge(dims, B, (dims,) * B).size == 0
 
 
 def test_the_sweeps_skip_the_padding(rng):

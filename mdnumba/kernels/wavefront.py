@@ -459,8 +459,9 @@ def wavefront_backward(dact, dc, dh, act, c, U, diag_off, parent, child, B: int,
     with the recurrent terms. ``U`` (S, D, N*G) as in :func:`wavefront_forward`.
     Each cell *pulls* ``U_dᵀ da_child`` and ``dc_child·F_child`` from its
     children on the finished hyperplane k+1, so no two cells write the same row.
-    ``items`` as in :func:`wavefront_forward`: the other rows' ``dact`` and ``dc`` must hold
-    zeros, since a live cell pulls from children in the padding (:func:`zero_padding`).
+    ``items`` as in :func:`wavefront_forward`: the ``dact`` and ``dc`` of the padding's rows next
+    to an item must hold zeros, since its edge cells pull from children there (:func:`zero_rows`
+    on :func:`mdnumba.grid.padding_edge`).
     ``schedule`` as in :func:`wavefront_forward`.
     """
     nblk = batch_blocks(U.shape[0], B, diag_off, items, schedule)
@@ -552,6 +553,18 @@ def zero_padding(h, c, src):
         if src[t // R, t % R] < 0:
             h[t, :] = 0
             c[t, :] = 0
+
+
+@njit(**NJIT_PARALLEL_OPTS)
+def zero_rows(a, c, rows, R):
+    """``a[q*R + r] = c[q*R + r] = 0`` for the rows r in ``rows`` of every slab q of R rows (a
+    padded batch's :func:`mdnumba.grid.padding_edge`, before the backward sweep: its
+    ``dact`` and ``dc``)."""
+    n = rows.shape[0]
+    for t in prange(a.shape[0] // R * n):
+        i = (t // n) * R + rows[t % n]
+        a[i, :] = 0
+        c[i, :] = 0
 
 
 @njit(**NJIT_PARALLEL_OPTS)
