@@ -325,18 +325,6 @@ class WavefrontLSTM(OwnsParams):
         view = (self.params if buf is None else buf)[name]
         return view if self.directions > 1 else view[None]
 
-    def _workspace(self, name: str, shape: tuple, zeroed: bool = False) -> np.ndarray:
-        """A scratch/activation buffer reused across calls of the same shape (new ones hold
-        zeros if ``zeroed``, else whatever the memory held).
-
-        Re-allocating tens of MB per step costs more in page faults than the
-        kernels themselves; buffers are kept while the input shape is unchanged.
-        """
-        buf = self._work.get(name)
-        if buf is None or buf.shape != tuple(shape):
-            buf = self._work[name] = (np.zeros if zeroed else np.empty)(shape, dtype=self.dtype)
-        return buf
-
     def _layout_str(self, ch: str = "C") -> str:
         axes = ", ".join(f"n{d + 1}" for d in range(self.ndim))
         return f"(batch, {axes}, {ch})"
@@ -547,7 +535,7 @@ class GridLSTM2D(OwnsParams):
     start at ``forget_bias`` (+1). ``device="cuda"`` runs the two sweeps as CUDA kernels.
     """
 
-    _BUFFERS = {"_saved": lambda: None}
+    _BUFFERS = {"_saved": lambda: None, "_work": dict}
     _FIXED = OwnsParams._FIXED + ("hidden", "depth", "tied")
 
     def __init__(self, hidden: int, layers: int, *, seed: int = 0,
@@ -571,6 +559,7 @@ class GridLSTM2D(OwnsParams):
         self.params["b_time"][..., D:2 * D] = forget_bias
         self.params["b_depth"][..., D:2 * D] = forget_bias
         self._saved: dict | None = None
+        self._work: dict[str, np.ndarray] = {}
 
     @property
     def out_channels(self) -> int:
@@ -589,17 +578,18 @@ class GridLSTM2D(OwnsParams):
         x = check_array(x, "x", 3, D, self.dtype, f"(batch, time, hidden={D})")
         B, T = x.shape[:2]
         wf = wavefront((T, L))
-        # time-major, always a copy (with B or T = 1 a contiguous transpose is a view of the
-        # caller's array, which it may reuse before backward)
-        xt = np.array(x.transpose(1, 0, 2), order="C").reshape(T * B, D)
-        if not save:
-            return self._forward_rolling(xt, wf, B, T)
+        if not save:  # time-major
+            return self._forward_rolling(np.ascontiguousarray(x.transpose(1, 0, 2)).reshape(T * B, D),
+                                         wf, B, T)
+        self._saved = None  # from here on the workspaces no longer hold the last forward's
+        xt = self._workspace("x", (T * B, D))  # a copy: the caller may reuse x before backward
+        xt.reshape(T, B, D)[...] = x.transpose(1, 0, 2)
         R = wf.n_cells * B
         level = np.repeat(wf.perm % L, B) if not self.tied else slice(None)  # depth level per row
-        act = np.empty((R, 8 * D), self.dtype)
+        act = self._workspace("act", (R, 8 * D))
         act[:, :4 * D] = self.params["b_time"][level]
         act[:, 4 * D:] = self.params["b_depth"][level]
-        h, c = np.empty((R, 2 * D), self.dtype), np.empty((R, 2 * D), self.dtype)
+        h, c = self._workspace("h", (R, 2 * D)), self._workspace("c", (R, 2 * D))
         self._sweeps().grid_forward(h, c, act, xt, *self._U(), wf.diag_off, wf.parent, wf.perm, L, B, D)
         self._saved = dict(h=h, c=c, act=act, x=xt, wf=wf, B=B, T=T, level=level)
         top = wf.inv_perm[np.arange(T) * L + L - 1]
@@ -629,24 +619,28 @@ class GridLSTM2D(OwnsParams):
         if dh.shape != (B, T, D):
             raise ValueError(f"dh must have the shape of the forward output {(B, T, D)}, got {dh.shape}")
         R = wf.n_cells * B
-        dact, dc = np.empty((R, 10 * D), self.dtype), np.empty((R, 2 * D), self.dtype)
-        dx = np.empty((T * B, D), self.dtype)
-        dtop = np.ascontiguousarray(dh.transpose(1, 0, 2)).reshape(T * B, D)
+        dact, dc = self._workspace("dact", (R, 10 * D)), self._workspace("dc", (R, 2 * D))
+        dx = self._workspace("dx", (T * B, D))
+        dtop = self._workspace("dtop", (T * B, D))
+        dtop.reshape(T, B, D)[...] = dh.transpose(1, 0, 2)
         self._sweeps().grid_backward(dact, dc, dx, dtop, sv["act"], sv["c"], *self._U(), wf.diag_off,
                                      wf.parent, wf.child, wf.perm, L, B, D)
-        zt, zd = np.empty((R, 2 * D), self.dtype), np.empty((R, 2 * D), self.dtype)
+        zt, zd = self._workspace("zt", (R, 2 * D)), self._workspace("zd", (R, 2 * D))
         gather_grid_operands(zt, zd, sv["h"], sv["x"], wf.parent, wf.perm, L, B, D)
         levels = [slice(None)] if self.tied else [np.nonzero(sv["level"] == lv)[0] for lv in range(L)]
         for z, lo, U, bias in ((zt, 0, "U_time", "b_time"), (zd, 4 * D, "U_depth", "b_depth")):
             for lv, rows in enumerate(levels):
-                da = np.ascontiguousarray(dact[rows, lo:lo + 4 * D])
-                gU, gb = (self.grads[U], self.grads[bias]) if self.tied else \
-                    (self.grads[U][lv], self.grads[bias][lv])
-                matmul_at_b(gU, np.ascontiguousarray(z[rows]), da, None)
+                if self.tied:  # the GEMMs take contiguous rows
+                    da, zr, gU, gb = self._workspace("da", (R, 4 * D)), z, self.grads[U], self.grads[bias]
+                    np.copyto(da, dact[:, lo:lo + 4 * D])
+                else:  # level lv's rows (copies)
+                    da, zr = dact[rows, lo:lo + 4 * D], z[rows]
+                    gU, gb = self.grads[U][lv], self.grads[bias][lv]
+                matmul_at_b(gU, zr, da, None)
                 column_sums(gb, da, None)
         if not input_grad:
             return None
-        return np.ascontiguousarray(dx.reshape(T, B, D).transpose(1, 0, 2))
+        return dx.reshape(T, B, D).transpose(1, 0, 2).copy()  # a copy: dx is a workspace
 
     def _sweeps(self):
         """The sweep kernels: CPU, or their CUDA twins (arrays copied to the GPU and back; the

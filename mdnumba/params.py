@@ -166,15 +166,33 @@ class OwnsParams:
             setattr(self, name, empty())
 
     def saved_bytes(self) -> int:
-        """Bytes of the arrays kept between calls (0 before ``forward`` and after
-        :meth:`free_buffers`)."""
-        held = [getattr(self, name, None) for name in self._BUFFERS]
-        arrays = [a for h in held for a in (h.values() if isinstance(h, dict) else [h])]
-        return sum(a.nbytes for a in arrays if isinstance(a, np.ndarray))
+        """Bytes of the arrays kept between calls for ``backward`` (0 before ``forward`` and after
+        :meth:`free_buffers`; not the scratch buffers of ``_work``)."""
+        return sum(a.nbytes for a in self._held_arrays(exclude=("_work",)))
 
     def workspace_bytes(self) -> int:
-        """Bytes of every buffer kept between calls (here: what :meth:`saved_bytes` counts)."""
-        return self.saved_bytes()
+        """Bytes of every buffer kept between calls: the saved activations and the scratch
+        buffers (``_work``), each array once."""
+        return sum(a.nbytes for a in self._held_arrays())
+
+    def _held_arrays(self, exclude: tuple = ()) -> list:
+        """The distinct arrays of the ``_BUFFERS`` attributes (dict values too) but ``exclude``."""
+        held = [getattr(self, name, None) for name in self._BUFFERS if name not in exclude]
+        arrays = [a for h in held for a in (h.values() if isinstance(h, dict) else [h])]
+        return list({id(a): a for a in arrays if isinstance(a, np.ndarray)}.values())
+
+    def _workspace(self, name: str, shape: tuple, zeroed: bool = False) -> np.ndarray:
+        """A scratch/activation buffer of ``self._work`` (a layer with ``"_work"`` in its
+        ``_BUFFERS``) reused across calls of the same shape (new ones hold zeros if ``zeroed``,
+        else whatever the memory held), in the layer's dtype.
+
+        Re-allocating tens of MB per step costs more in page faults than the
+        kernels themselves; buffers are kept while the input shape is unchanged.
+        """
+        buf = self._work.get(name)
+        if buf is None or buf.shape != tuple(shape):
+            buf = self._work[name] = (np.zeros if zeroed else np.empty)(shape, dtype=self.dtype)
+        return buf
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

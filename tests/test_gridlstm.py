@@ -75,3 +75,30 @@ def test_bad_input():
         layer.forward(np.zeros((1, 4, 2), np.float32))
     with pytest.raises(RuntimeError, match="before forward"):
         layer.backward(np.zeros((1, 4, 3), np.float32))
+
+
+@pytest.mark.parametrize("B,T,tied", [(1, 4, True), (2, 1, True), (3, 4, False)])
+def test_buffers_are_kept_and_results_are_the_callers(B, T, tied, rng):
+    """Activations and scratch buffers are made once per shape and reused by the next step (no
+    fresh tens of MB per step); the returned output and dx are the caller's (also with B or T =
+    1, where a transpose of a buffer is contiguous), a later step leaves them as they were; the
+    buffer counts: saved (for backward) within workspace, 0 after free_buffers."""
+    layer = GridLSTM2D(3, 2, seed=1, tied=tied)
+    x1, x2 = rng.standard_normal((2, B, T, 3)).astype(np.float32)
+    y1 = layer.forward(x1)
+    dx1 = layer.backward(np.ones_like(y1))
+    kept = dict(layer._work)
+    y1c, dx1c = y1.copy(), dx1.copy()
+    y2 = layer.forward(x2)
+    dx2 = layer.backward(np.cos(y2))
+    assert layer._work.keys() == kept.keys() and all(layer._work[n] is buf for n, buf in kept.items())
+    np.testing.assert_array_equal(y1, y1c)
+    np.testing.assert_array_equal(dx1, dx1c)
+    fresh = GridLSTM2D(3, 2, seed=1, tied=tied)
+    np.testing.assert_array_equal(fresh.forward(x2), y2)
+    np.testing.assert_array_equal(fresh.backward(np.cos(y2)), dx2)
+    assert 0 < layer.saved_bytes() < layer.workspace_bytes()
+    layer.free_buffers()
+    assert layer.saved_bytes() == layer.workspace_bytes() == 0
+    with pytest.raises(RuntimeError):
+        layer.backward(np.cos(y2))
