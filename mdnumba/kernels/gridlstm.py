@@ -21,9 +21,10 @@ import math
 from numba import njit, prange
 
 from ..config import NJIT_OPTS, NJIT_PARALLEL_OPTS, NJIT_SUM_OPTS
+from ..grid import ROWS
 from . import vexp
 from .cell import build
-from .wavefront import _rolling_parents
+from .wavefront import _rolling_parents, groups
 
 
 def build_rows(jit, exp=math.exp, jit_reduce=None, sigmoid=None, tanh=None, jit_block=None):
@@ -169,7 +170,7 @@ def build_rows(jit, exp=math.exp, jit_reduce=None, sigmoid=None, tanh=None, jit_
             _vec_mat_t(dx[row_t], dact, r, 0, U_time[lv], D, D)
             _vec_mat_t(dx[row_t], dact, r, 4 * D, U_depth[lv], D, D)
 
-    return dict(block_forward=_block_forward, block_backward=_block_backward)
+    return dict(block_forward=_block_forward, block_backward=_block_backward, lstm_forward=_lstm_forward)
 
 
 # the row functions are inlined into the blocks (Numba IR), the drivers call the blocks: inlined
@@ -178,8 +179,70 @@ def build_rows(jit, exp=math.exp, jit_reduce=None, sigmoid=None, tanh=None, jit_
 # the same run time (the same numbers, bit for bit)
 _ROWS = build_rows(njit(inline="always", **NJIT_OPTS), exp=vexp.exp, sigmoid=vexp.sigmoid,
                    jit_reduce=njit(**NJIT_SUM_OPTS), jit_block=njit(**NJIT_OPTS))
-_block_forward = _ROWS["block_forward"]
 _block_backward = _ROWS["block_backward"]
+_lstm_forward = _ROWS["lstm_forward"]
+
+
+@njit(**NJIT_OPTS)
+def _matvec_rows(act, r, off, src, srow, scol, U, urow, D, nb):
+    """``act[r+i, off:off+4D] += src[srow+i, scol:scol+D] @ U[urow:urow+D]`` for the ``nb`` (1 .. 4)
+    consecutive rows i (srow < 0: nothing): the sums of the per-row ``_matvec_add`` (the CUDA
+    twin's), operation for operation, with the rows of a group of four, two or one sharing every
+    load of U, as :func:`mdnumba.kernels.wavefront._product_rows` does for the MD-LSTM."""
+    if srow < 0:
+        return
+    off, scol, urow = max(off, 0), max(scol, 0), max(urow, 0)
+    i = 0
+    while i < nb:
+        m = 4 if nb - i >= 4 else min(nb - i, 2)
+        a, p, q1, q2, q3 = r + i, srow + i, min(1, m - 1), min(2, m - 1), min(3, m - 1)
+        o0, o1, o2, o3 = act[a], act[a + q1], act[a + q2], act[a + q3]  # rows past m: unused
+        x0, x1, x2, x3 = src[p], src[p + q1], src[p + q2], src[p + q3]
+        j = 0
+        while j + 4 <= D:
+            c, v0, v1, v2, v3 = scol + j, U[urow + j], U[urow + j + 1], U[urow + j + 2], U[urow + j + 3]
+            h0, h1, h2, h3 = x0[c], x0[c + 1], x0[c + 2], x0[c + 3]
+            k0, k1, k2, k3 = x1[c], x1[c + 1], x1[c + 2], x1[c + 3]
+            l0, l1, l2, l3 = x2[c], x2[c + 1], x2[c + 2], x2[c + 3]
+            n0, n1, n2, n3 = x3[c], x3[c + 1], x3[c + 2], x3[c + 3]
+            for g in range(4 * D):
+                u0, u1, u2, u3 = v0[g], v1[g], v2[g], v3[g]
+                o0[off + g] += (h0 * u0 + h1 * u1) + (h2 * u2 + h3 * u3)
+                if m > 1:
+                    o1[off + g] += (k0 * u0 + k1 * u1) + (k2 * u2 + k3 * u3)
+                if m > 2:
+                    o2[off + g] += (l0 * u0 + l1 * u1) + (l2 * u2 + l3 * u3)
+                    o3[off + g] += (n0 * u0 + n1 * u1) + (n2 * u2 + n3 * u3)
+            j += 4
+        for jj in range(j, D):  # the last D % 4 rows of U one at a time
+            for q in range(m):
+                v = src[p + q, scol + jj]
+                for g in range(4 * D):
+                    act[a + q, off + g] += v * U[urow + jj, g]
+        i += m
+
+
+@njit(**NJIT_OPTS)
+def _block_forward(h, c, act, x, U_time, U_depth, tp, dp, cell, L, s, b, nb, B, D):
+    """The ``_block_forward`` of :func:`build_rows` (the CUDA twin's, one row) for the ``nb``
+    batch items b .. b+nb-1 of block s: each transform's products for the group
+    (:func:`_matvec_rows`), then its LSTM step row by row; every row gets the same numbers."""
+    r = s * B + b
+    lv = (cell % L) % U_time.shape[0]
+    Ut, Ud = U_time[lv], U_depth[lv]
+    tr = tp * B + b if tp >= 0 else -1
+    dr = dp * B + b if dp >= 0 else -1
+    xr = (cell // L) * B + b if dp < 0 else -1  # bottom block: depth input x_t
+    _matvec_rows(act, r, 0, h, tr, 0, Ut, 0, D, nb)
+    _matvec_rows(act, r, 0, h, dr, D, Ut, D, D, nb)
+    _matvec_rows(act, r, 0, x, xr, 0, Ut, D, D, nb)
+    for i in range(nb):
+        _lstm_forward(act, h, c, r + i, 0, tr + i if tr >= 0 else -1, 0, D)
+    _matvec_rows(act, r, 4 * D, h, r, 0, Ud, 0, D, nb)
+    _matvec_rows(act, r, 4 * D, h, dr, D, Ud, D, D, nb)
+    _matvec_rows(act, r, 4 * D, x, xr, 0, Ud, D, D, nb)
+    for i in range(nb):
+        _lstm_forward(act, h, c, r + i, 4 * D, dr + i if dr >= 0 else -1, D, D)
 
 
 @njit(**NJIT_PARALLEL_OPTS)
@@ -189,12 +252,13 @@ def grid_forward(h, c, act, x, U_time, U_depth, diag_off, parent, perm, L, B, D)
     ``act`` (M*B, 8D) enters holding ``[b_time | b_depth]`` per row and leaves
     holding the gate activations; ``x`` is (T*B, D), row ``t*B + b``.
     """
+    P = groups(B)  # work items: (block, group of up to ROWS batch items)
     for k in range(diag_off.shape[0] - 1):
         s0 = diag_off[k]
-        for t in prange((diag_off[k + 1] - s0) * B):
-            s = s0 + t // B
+        for t in prange((diag_off[k + 1] - s0) * P):
+            s, b = s0 + t // P, ROWS * (t % P)
             _block_forward(h, c, act, x, U_time, U_depth, parent[s, 0], parent[s, 1], perm[s], L, s,
-                           t % B, B, D)
+                           b, min(ROWS, B - b), B, D)
 
 
 @njit(**NJIT_OPTS)
@@ -218,18 +282,21 @@ def grid_infer(out, h, c, act, lp, lperm, x, U_time, U_depth, b_time, b_depth, d
     as ``[b_time | b_depth]`` of its level (``b_*`` (levels, 4D)); the top blocks' ``h_L'`` go
     to ``out`` (T*B, D), row ``t*B + b``.
     """
+    P = groups(B)
     for k in range(diag_off.shape[0] - 1):
         cur = _rolling_parents(lp, parent, diag_off, k)
         _rolling_cells(lperm, perm, diag_off, k, cur)
-        for t in prange((diag_off[k + 1] - diag_off[k]) * B):
-            slot, b = cur + t // B, t % B
-            r, lv = slot * B + b, (lperm[slot] % L) % U_time.shape[0]
-            act[r, :4 * D] = b_time[lv]
-            act[r, 4 * D:] = b_depth[lv]
+        for t in prange((diag_off[k + 1] - diag_off[k]) * P):
+            slot, b = cur + t // P, ROWS * (t % P)
+            nb, lv = min(ROWS, B - b), (lperm[slot] % L) % U_time.shape[0]
+            for r in range(slot * B + b, slot * B + b + nb):
+                act[r, :4 * D] = b_time[lv]
+                act[r, 4 * D:] = b_depth[lv]
             _block_forward(h, c, act, x, U_time, U_depth, lp[slot, 0], lp[slot, 1], lperm[slot], L,
-                           slot, b, B, D)
+                           slot, b, nb, B, D)
             if lperm[slot] % L == L - 1:
-                out[(lperm[slot] // L) * B + b, :] = h[r, D:]
+                for i in range(nb):
+                    out[(lperm[slot] // L) * B + b + i, :] = h[slot * B + b + i, D:]
 
 
 @njit(**NJIT_PARALLEL_OPTS)
