@@ -9,9 +9,11 @@ the block's new time output); block (t, l) uses ``U[l % S]``: S = 1 ties the wei
 along depth, S = L gives every level its own. The bottom blocks' depth
 input is ``(x_t, 0)``; elsewhere an absent neighbour gives zeros.
 
-Same layering as :mod:`mdnumba.kernels.wavefront`: serial per-row functions ←
-parallel drivers (anti-diagonals in order, ``prange`` over blocks x batch). Weight
-gradients are GEMMs outside the sweep (:func:`gather_operands`).
+Same layering as :mod:`mdnumba.kernels.wavefront`: serial per-row functions (:func:`build_rows`,
+one source for CPU and GPU) ← on the CPU, blocks for a group of up to :data:`mdnumba.grid.ROWS`
+batch items, whose products share every load of U (:func:`_block_forward`,
+:func:`_block_backward`) ← parallel drivers (anti-diagonals in order, ``prange`` over blocks x
+groups). Weight gradients are GEMMs outside the sweep (:func:`gather_operands`).
 """
 
 from __future__ import annotations
@@ -27,16 +29,15 @@ from .cell import build
 from .wavefront import _rolling_parents, groups
 
 
-def build_rows(jit, exp=math.exp, jit_reduce=None, sigmoid=None, tanh=None, jit_block=None):
+def build_rows(jit, exp=math.exp, sigmoid=None, tanh=None):
     """Compile the per-row functions with ``jit`` (``njit`` here, ``cuda.jit(device=True)`` in
     :mod:`mdnumba.kernels.gridlstm_cuda`: one source for CPU and GPU); return them in a dict.
+    The CPU takes the two LSTM steps (its blocks group the products of several rows:
+    :func:`_block_forward`, :func:`_block_backward`), the GPU the blocks of one row.
 
-    ``exp``, ``sigmoid``, ``tanh`` as in :func:`mdnumba.kernels.cell.build`; ``jit_reduce``
-    (default ``jit``) compiles the dot-product loop, which the CPU lets reassociate so that it
-    vectorises; ``jit_block`` (default ``jit``) the two block functions the drivers call. Column
-    offsets are clamped with ``max(.., 0)`` so the CPU loops carry no wrap-around check (see cell.py).
+    ``exp``, ``sigmoid``, ``tanh`` as in :func:`mdnumba.kernels.cell.build`. Column offsets are
+    clamped with ``max(.., 0)`` so the CPU loops carry no wrap-around check (see cell.py).
     """
-    jit_reduce, jit_block = jit_reduce or jit, jit_block or jit
     _cell = build(jit, exp, sigmoid, tanh)
     _sigmoid, _tanh, one_minus = _cell["sigmoid"], _cell["tanh"], _cell["one_minus"]
 
@@ -84,7 +85,7 @@ def build_rows(jit, exp=math.exp, jit_reduce=None, sigmoid=None, tanh=None, jit_
             for g in range(4 * D):
                 act[r, off + g] += v * U[urow + jj, g]
 
-    @jit_block
+    @jit
     def _block_forward(h, c, act, x, U_time, U_depth, tp, dp, cell, L, s, b, B, D):
         """Block s (grid cell ``cell = t*L + l``, its parents' blocks ``tp``, ``dp``; -1: none),
         batch item b: time transform, then (depth prioritised) the depth transform. The drivers
@@ -127,7 +128,7 @@ def build_rows(jit, exp=math.exp, jit_reduce=None, sigmoid=None, tanh=None, jit_
             for j in range(D):
                 dact[r, f0 + j] = 0.0
 
-    @jit_reduce
+    @jit
     def _vec_mat_t(out, dact, r, off, U, urow, D):
         """``out += dact[r, off:off+4D] @ U[urow:urow+D]ᵀ`` (r < 0: nothing): per j a dot product
         over the 4D contiguous gate columns of U's row."""
@@ -140,7 +141,7 @@ def build_rows(jit, exp=math.exp, jit_reduce=None, sigmoid=None, tanh=None, jit_
                 acc += dact[r, off + g] * U[urow + j, g]
             out[j] = acc
 
-    @jit_block
+    @jit
     def _block_backward(dact, dc, dx, dtop, act, c, U_time, U_depth, parent, child, perm, L, s, b, B, D):
         """Pull-form backward of block s, batch item b (children on the finished diagonal)."""
         r = s * B + b
@@ -170,17 +171,15 @@ def build_rows(jit, exp=math.exp, jit_reduce=None, sigmoid=None, tanh=None, jit_
             _vec_mat_t(dx[row_t], dact, r, 0, U_time[lv], D, D)
             _vec_mat_t(dx[row_t], dact, r, 4 * D, U_depth[lv], D, D)
 
-    return dict(block_forward=_block_forward, block_backward=_block_backward, lstm_forward=_lstm_forward)
+    return dict(block_forward=_block_forward, block_backward=_block_backward, lstm_forward=_lstm_forward,
+                lstm_backward=_lstm_backward)
 
 
-# the row functions are inlined into the blocks (Numba IR), the drivers call the blocks: inlined
-# into the three sweeps too, the IR copies made a Grid LSTM's first forward, backward and
-# saving-free forward compile for 18, 19 and 19 s (float64, 2-core Xeon), now 11, 17 and 6 s;
-# the same run time (the same numbers, bit for bit)
-_ROWS = build_rows(njit(inline="always", **NJIT_OPTS), exp=vexp.exp, sigmoid=vexp.sigmoid,
-                   jit_reduce=njit(**NJIT_SUM_OPTS), jit_block=njit(**NJIT_OPTS))
-_block_backward = _ROWS["block_backward"]
-_lstm_forward = _ROWS["lstm_forward"]
+# the LSTM steps are inlined into the blocks (Numba IR), the drivers call the blocks (blocks
+# inlined into the three sweeps too made a first forward, backward and saving-free forward
+# compile for 18, 19 and 19 s instead of 11, 17 and 6 s; float64, 2-core Xeon)
+_ROWS = build_rows(njit(inline="always", **NJIT_OPTS), exp=vexp.exp, sigmoid=vexp.sigmoid)
+_lstm_forward, _lstm_backward = _ROWS["lstm_forward"], _ROWS["lstm_backward"]
 
 
 @njit(**NJIT_OPTS)
@@ -245,6 +244,89 @@ def _block_forward(h, c, act, x, U_time, U_depth, tp, dp, cell, L, s, b, nb, B, 
         _lstm_forward(act, h, c, r + i, 4 * D, dr + i if dr >= 0 else -1, D, D)
 
 
+@njit(**NJIT_SUM_OPTS)
+def _vec_mat_t_rows(out, orow, ocol, dact, srow, off, U, urow, D, nb):
+    """``out[orow+i, ocol:ocol+D] += dact[srow+i, off:off+4D] @ U[urow:urow+D]ᵀ`` for the ``nb`` (1 ..
+    4) consecutive rows i (srow < 0: nothing): dot products over the 4D contiguous gate columns,
+    four units per pass; the rows of a group of four, two or one share every load of U (four:
+    16 partial sums in vector registers, as :func:`mdnumba.kernels.wavefront._pull_rows`)."""
+    if srow < 0:
+        return
+    off, ocol, urow = max(off, 0), max(ocol, 0), max(urow, 0)
+    i = 0
+    while i < nb:
+        m = 4 if nb - i >= 4 else min(nb - i, 2)
+        a, p, q1, q2, q3 = orow + i, srow + i, min(1, m - 1), min(2, m - 1), min(3, m - 1)
+        o0, o1, o2, o3 = out[a], out[a + q1], out[a + q2], out[a + q3]  # rows past m: not written
+        d0, d1, d2, d3 = dact[p], dact[p + q1], dact[p + q2], dact[p + q3]
+        j = 0
+        while j + 4 <= D:
+            c, v0, v1, v2, v3 = ocol + j, U[urow + j], U[urow + j + 1], U[urow + j + 2], U[urow + j + 3]
+            a0, a1, a2, a3 = o0[c], o0[c + 1], o0[c + 2], o0[c + 3]
+            e0, e1, e2, e3 = o1[c], o1[c + 1], o1[c + 2], o1[c + 3]
+            f0, f1, f2, f3 = o2[c], o2[c + 1], o2[c + 2], o2[c + 3]
+            k0, k1, k2, k3 = o3[c], o3[c + 1], o3[c + 2], o3[c + 3]
+            for g in range(4 * D):
+                u0, u1, u2, u3, x = v0[g], v1[g], v2[g], v3[g], d0[off + g]
+                a0, a1, a2, a3 = a0 + x * u0, a1 + x * u1, a2 + x * u2, a3 + x * u3
+                if m > 1:
+                    y = d1[off + g]
+                    e0, e1, e2, e3 = e0 + y * u0, e1 + y * u1, e2 + y * u2, e3 + y * u3
+                if m > 2:
+                    z, w = d2[off + g], d3[off + g]
+                    f0, f1, f2, f3 = f0 + z * u0, f1 + z * u1, f2 + z * u2, f3 + z * u3
+                    k0, k1, k2, k3 = k0 + w * u0, k1 + w * u1, k2 + w * u2, k3 + w * u3
+            o0[c], o0[c + 1], o0[c + 2], o0[c + 3] = a0, a1, a2, a3
+            if m > 1:
+                o1[c], o1[c + 1], o1[c + 2], o1[c + 3] = e0, e1, e2, e3
+            if m > 2:
+                o2[c], o2[c + 1], o2[c + 2], o2[c + 3] = f0, f1, f2, f3
+                o3[c], o3[c + 1], o3[c + 2], o3[c + 3] = k0, k1, k2, k3
+            j += 4
+        for jj in range(j, D):  # the last D % 4 units one at a time
+            for q in range(m):
+                acc = out[a + q, ocol + jj]
+                for g in range(4 * D):
+                    acc += dact[p + q, off + g] * U[urow + jj, g]
+                out[a + q, ocol + jj] = acc
+        i += m
+
+
+@njit(**NJIT_OPTS)
+def _block_backward(dact, dc, dx, dtop, act, c, U_time, U_depth, parent, child, perm, L, s, b, nb, B, D):
+    """The ``_block_backward`` of :func:`build_rows` (the CUDA twin's, one row) for the ``nb``
+    batch items b .. b+nb-1 of block s: each pull of gate gradients for the group
+    (:func:`_vec_mat_t_rows`), each LSTM step's backward row by row."""
+    r, S = s * B + b, U_time.shape[0]
+    tc, dch, tp, dp = child[s, 0], child[s, 1], parent[s, 0], parent[s, 1]
+    tcr = tc * B + b if tc >= 0 else -1
+    dcr = dch * B + b if dch >= 0 else -1
+    row_t = (perm[s] // L) * B + b
+    lv, lv_up = (perm[s] % L) % S, (perm[s] % L + 1) % S  # own level, the depth child's
+    H, M = 8 * D, 9 * D  # per-row scratch columns: dh, dm
+    for i in range(nb):
+        for j in range(D):
+            dact[r + i, H + j] = dtop[row_t + i, j] if dch < 0 else 0.0
+            dact[r + i, M + j] = dc[dcr + i, D + j] * act[dcr + i, 5 * D + j] if dcr >= 0 else 0.0
+    _vec_mat_t_rows(dact, r, H, dact, dcr, 0, U_time[lv_up], D, D, nb)  # the child above used h_L'
+    _vec_mat_t_rows(dact, r, H, dact, dcr, 4 * D, U_depth[lv_up], D, D, nb)  # in both transforms
+    for i in range(nb):
+        _lstm_backward(dact, dc, act, c, r + i, 4 * D, dp * B + b + i if dp >= 0 else -1, D,
+                       dact[r + i, H:M], dact[r + i, M:], D)
+        for j in range(D):
+            dact[r + i, H + j] = 0.0
+            dact[r + i, M + j] = dc[tcr + i, j] * act[tcr + i, D + j] if tcr >= 0 else 0.0
+    _vec_mat_t_rows(dact, r, H, dact, r, 4 * D, U_depth[lv], 0, D, nb)  # own depth transform used h_T'
+    _vec_mat_t_rows(dact, r, H, dact, tcr, 0, U_time[lv], 0, D, nb)     # next time step used h_T'
+    for i in range(nb):
+        _lstm_backward(dact, dc, act, c, r + i, 0, tp * B + b + i if tp >= 0 else -1, 0,
+                       dact[r + i, H:M], dact[r + i, M:], D)
+    if dp < 0:  # bottom block: gradient of the depth input x_t
+        dx[row_t:row_t + nb] = 0.0
+        _vec_mat_t_rows(dx, row_t, 0, dact, r, 0, U_time[lv], D, D, nb)
+        _vec_mat_t_rows(dx, row_t, 0, dact, r, 4 * D, U_depth[lv], D, D, nb)
+
+
 @njit(**NJIT_PARALLEL_OPTS)
 def grid_forward(h, c, act, x, U_time, U_depth, diag_off, parent, perm, L, B, D):
     """Forward sweep (outputs h, c, act; inputs x; weights; tables; sizes).
@@ -306,11 +388,13 @@ def grid_backward(dact, dc, dx, dtop, act, c, U_time, U_depth, diag_off, parent,
     ``dtop`` (T*B, D) is dL/d(top blocks' h_L'); ``dact`` is (M*B, 10D): gate
     gradients in its first 8D columns, the last 2D are per-row scratch.
     """
+    P = groups(B)  # work items as in grid_forward
     for k in range(diag_off.shape[0] - 2, -1, -1):
         s0 = diag_off[k]
-        for t in prange((diag_off[k + 1] - s0) * B):
+        for t in prange((diag_off[k + 1] - s0) * P):
+            b = ROWS * (t % P)
             _block_backward(dact, dc, dx, dtop, act, c, U_time, U_depth, parent, child, perm, L,
-                            s0 + t // B, t % B, B, D)
+                            s0 + t // P, b, min(ROWS, B - b), B, D)
 
 
 @njit(**NJIT_PARALLEL_OPTS)
