@@ -10,9 +10,8 @@ weights (a layer's directions) occupy consecutive slabs of M*B rows and are
 swept together.
 
 Layers, stumpy style: the unit math of :mod:`mdnumba.kernels.cell` ←
-``_recurrent_*`` and ``_cell_*`` (serial, one cell and a group of up to :data:`mdnumba.grid.ROWS` batch items;
-``_infer_item``
-adds the input projection) ← ``_sweep_*``
+``_recurrent_*`` and ``_cell_*`` (serial, one cell and a group of up to
+:data:`mdnumba.grid.ROWS` batch items; ``_infer_item`` adds the input projection) ← ``_sweep_*``
 (parallel drivers: hyperplanes in order, a ``prange`` over each hyperplane's scans × cells ×
 batch, or over a padded batch's live rows) and ``_sweep_*_batched`` (one ``prange`` over blocks
 of scans × batch, each sweeping every hyperplane: small hyperplanes, :func:`batch_blocks`) ←
@@ -141,7 +140,7 @@ def _product_rows(act, r, h, pr, U, off, G, D, nb):
 
 @njit(**NJIT_OPTS)
 def _recurrent_forward(act, h, U, parent, base, s, b, nb, B, D):
-    """``act[r] += Σ_d h[parent_d] @ U_d`` for the ``nb`` rows ``r = base + s*B + b (+1)`` (rows of
+    """``act[r] += Σ_d h[parent_d] @ U_d`` for the ``nb`` rows ``r = base + s*B + b + i`` (rows of
     the plane's GEMM)."""
     N = parent.shape[1]
     G = (N + 3) * D
@@ -434,7 +433,7 @@ def _pull4(dh, a, dact, c, U, off, G, j):
 
 @njit(**NJIT_OPTS)
 def _recurrent_backward(dh, dact, U, child, base, s, b, nb, B, D):
-    """``dh[r] += Σ_d U_dᵀ da_child_d`` for the ``nb`` rows ``r = base + s*B + b (+1)``, pulled from
+    """``dh[r] += Σ_d U_dᵀ da_child_d`` for the ``nb`` rows ``r = base + s*B + b + i``, pulled from
     the children on the finished hyperplane."""
     N = child.shape[1]
     G = (N + 3) * D
@@ -545,9 +544,8 @@ def zero_padding(h, c, src):
     """``h[q*R + r] = c[q*R + r] = 0`` where ``src[q, r] = -1`` (``src`` (S, R): a padded batch's
     ``skew_src``, :func:`mdnumba.grid.direction_tables`; ``h``, ``c`` any two arrays of rows).
     The sweeps skip the padding's rows, so they hold what the buffers held before: after a
-    saving forward this zeroes their h and c (the weight-gradient products and backward's
-    overflow check read them), before the backward sweep their dact and dc (the items' cells
-    pull from children in the padding)."""
+    saving forward this zeroes their h and c (backward's overflow check reads every row).
+    Before the backward sweep only the rows next to the items need zeros: :func:`zero_rows`."""
     S, R = src.shape
     for t in prange(S * R):
         if src[t // R, t % R] < 0:
