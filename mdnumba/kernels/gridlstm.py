@@ -26,7 +26,7 @@ from ..config import NJIT_OPTS, NJIT_PARALLEL_OPTS, NJIT_SUM_OPTS
 from ..grid import ROWS
 from . import vexp
 from .cell import build
-from .wavefront import _rolling_parents, groups
+from .wavefront import _rolling_parents, group_rows, group_size, groups
 
 
 def build_rows(jit, exp=math.exp, sigmoid=None, tanh=None):
@@ -193,10 +193,9 @@ def _matvec_rows(act, r, off, src, srow, scol, U, urow, D, nb):
     off, scol, urow = max(off, 0), max(scol, 0), max(urow, 0)
     i = 0
     while i < nb:
-        m = 4 if nb - i >= 4 else min(nb - i, 2)
-        a, p, q1, q2, q3 = r + i, srow + i, min(1, m - 1), min(2, m - 1), min(3, m - 1)
-        o0, o1, o2, o3 = act[a], act[a + q1], act[a + q2], act[a + q3]  # rows past m: unused
-        x0, x1, x2, x3 = src[p], src[p + q1], src[p + q2], src[p + q3]
+        m, a, p = group_size(nb - i), r + i, srow + i
+        o0, o1, o2, o3 = group_rows(act, a, m)
+        x0, x1, x2, x3 = group_rows(src, p, m)
         j = 0
         while j + 4 <= D:
             c, v0, v1, v2, v3 = scol + j, U[urow + j], U[urow + j + 1], U[urow + j + 2], U[urow + j + 3]
@@ -255,10 +254,9 @@ def _vec_mat_t_rows(out, orow, ocol, dact, srow, off, U, urow, D, nb):
     off, ocol, urow = max(off, 0), max(ocol, 0), max(urow, 0)
     i = 0
     while i < nb:
-        m = 4 if nb - i >= 4 else min(nb - i, 2)
-        a, p, q1, q2, q3 = orow + i, srow + i, min(1, m - 1), min(2, m - 1), min(3, m - 1)
-        o0, o1, o2, o3 = out[a], out[a + q1], out[a + q2], out[a + q3]  # rows past m: not written
-        d0, d1, d2, d3 = dact[p], dact[p + q1], dact[p + q2], dact[p + q3]
+        m, a, p = group_size(nb - i), orow + i, srow + i
+        o0, o1, o2, o3 = group_rows(out, a, m)
+        d0, d1, d2, d3 = group_rows(dact, p, m)
         j = 0
         while j + 4 <= D:
             c, v0, v1, v2, v3 = ocol + j, U[urow + j], U[urow + j + 1], U[urow + j + 2], U[urow + j + 3]

@@ -59,6 +59,20 @@ def groups(B):
     return (B + ROWS - 1) // ROWS
 
 
+@njit(inline="always", **NJIT_OPTS)
+def group_size(left):
+    """Rows of the next group inside a work item with ``left`` rows to go: 4, 2 or 1 (a group's
+    rows share each load of the weights; loops unrolled for these sizes)."""
+    return 4 if left >= 4 else min(left, 2)
+
+
+@njit(inline="always", **NJIT_OPTS)
+def group_rows(a, first, m):
+    """Rows ``first .. first+3`` of ``a`` (views) for a group of ``m`` rows; those past m repeat
+    its last row and are not to be written."""
+    return a[first], a[first + min(1, m - 1)], a[first + min(2, m - 1)], a[first + min(3, m - 1)]
+
+
 @njit(**NJIT_OPTS)
 def _cell_forward(h, c, act, parent, base, s, b, B, D, cell):
     """Row ``r = base + s*B + b``: all D units through :mod:`mdnumba.kernels.cell`'s ``row_forward``
@@ -102,7 +116,7 @@ def _product_rows(act, r, h, pr, U, off, G, D, nb):
     off = max(off, 0)  # provably >= 0: no wrap-around check in the g loops, which then vectorise
     i = 0
     while i < nb:
-        m = 4 if nb - i >= 4 else min(nb - i, 2)
+        m = group_size(nb - i)
         a, p = r + i, pr + i
         j = 0
         while j + 4 <= D:
@@ -372,7 +386,7 @@ def _pull_rows(dh, r, dact, cr, U, off, G, D, nb):
     off = max(off, 0)  # as in _product_rows
     i = 0
     while i < nb:
-        m = 4 if nb - i >= 4 else min(nb - i, 2)
+        m = group_size(nb - i)
         a, c = r + i, cr + i
         j = 0
         while j + 4 <= D:
