@@ -24,7 +24,8 @@ import numpy as np
 TABLE_CACHE_BYTES = 512 * 2**20
 #: batch rows per work item of the CPU sweeps (consecutive items of one cell, whose recurrent
 #: products share every load of U: :mod:`mdnumba.kernels.wavefront`); :func:`live_items` groups
-#: a padded batch's live rows alike
+#: a padded batch's live rows alike. A constant, not a setting: the kernels compile it in (and
+#: unroll their loops for groups of 4, 2 and 1 rows)
 ROWS = 4
 
 
