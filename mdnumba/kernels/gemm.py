@@ -97,15 +97,14 @@ def matmul_rows(out, a, bmat, bias, accumulate, rows):
     n = a.shape[0] if rows is None else rows.shape[0]
     for i in prange((n + 1) // 2):
         r = np.int64(selected_row(rows, 2 * i))
+        s = np.int64(selected_row(rows, min(2 * i + 1, n - 1)))  # = r: an odd count's last row
         if not accumulate:
             out[r, :] = bias
-        if 2 * i + 1 == n:
-            row_product(out, r, a, r, bmat)
-            continue
-        s = np.int64(selected_row(rows, 2 * i + 1))
-        if not accumulate:
             out[s, :] = bias
-        row_pair_product(out, r, s, a, r, s, bmat)
+        if s == r:
+            row_product(out, r, a, r, bmat)
+        else:
+            row_pair_product(out, r, s, a, r, s, bmat)
 
 
 @njit(**NJIT_SUM_OPTS)
