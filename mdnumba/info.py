@@ -52,6 +52,7 @@ def collect_info() -> dict[str, str]:
         "numba threads": f"{numba.get_num_threads()} (threading layer: "
                          f"{numba.config.THREADING_LAYER}; GOMP_SPINCOUNT="
                          f"{os.environ.get('GOMP_SPINCOUNT', 'unset')}, see README 'Two jobs')",
+        "malloc tuning": config.MALLOC_TUNING,
         "default dtype": np.dtype(config.DEFAULT_DTYPE).name,
         "fastmath": str(config.FASTMATH),
         "kernel cache": kernel_cache.describe() if config.CACHE else "off (MDNUMBA_CACHE=0 or unknown Numba)",
