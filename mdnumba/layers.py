@@ -170,7 +170,7 @@ class WavefrontLSTM(OwnsParams):
             return self._forward_rolling(x, wf, skew_src, None if state is None else (h0, c0), sizes)
         rows = wf.n_cells * B
         xs = self._workspace("xs", (S * rows, self.in_channels))
-        skew_rows(xs, x.reshape(dense, 1, -1), skew_src)
+        skew_rows(xs, x.reshape(dense, 1, -1), skew_src, unskew_src, B)
         # zeroed when made: only the items' rows of a padded batch are ever written, and the
         # backward sweep multiplies the padding's rows (forget gates) by zeros: they must be finite
         act = self._workspace("act", (S * rows, self.layout.shapes["b"][-1]), zeroed=True)
@@ -189,7 +189,7 @@ class WavefrontLSTM(OwnsParams):
         if sizes is not None:  # the padding's cells, not swept: zero state
             zero_padding(h, c, skew_src)
         out = np.empty((dense, S, D), dtype=self.dtype)
-        unskew_rows(out, h, unskew_src)  # grid order, direction q in channels q*D:(q+1)*D
+        unskew_rows(out, h, skew_src, unskew_src)  # grid order, direction q in channels q*D:(q+1)*D
         try:
             self._check_state(out, output=True)
         except NonFiniteError:  # NaN gates (inf - inf): nothing saved to differentiate, and a
@@ -242,7 +242,7 @@ class WavefrontLSTM(OwnsParams):
         skew_src, unskew_src = sv["tables"]
         rows, dense = wf.n_cells * B, dh[..., 0].size
         dhs = self._workspace("dhs", (S * rows, D))
-        skew_rows(dhs, dh.reshape(dense, S, D), skew_src)
+        skew_rows(dhs, dh.reshape(dense, S, D), skew_src, unskew_src, B)
         dact = self._workspace("dact", sv["act"].shape)
         dc = self._workspace("dc", sv["c"].shape)
         sweep, items, live = wf.diag_off, sv["items"], sv["live"]
@@ -276,7 +276,7 @@ class WavefrontLSTM(OwnsParams):
             sl = slice(q * rows, (q + 1) * rows)
             matmul_rows(dxs[sl], dact[sl], np.ascontiguousarray(W[q].T), db[q], True, live)
         dx = np.empty((dense, 1, self.in_channels), dtype=self.dtype)
-        unskew_rows(dx, dxs, unskew_src)  # Σ_q unflip_q(dact_q W_qᵀ)
+        unskew_rows(dx, dxs, skew_src, unskew_src)  # Σ_q unflip_q(dact_q W_qᵀ)
         return dx.reshape((B,) + sv["dims"] + (self.in_channels,))
 
     def saved_bytes(self) -> int:

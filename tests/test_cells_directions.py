@@ -6,7 +6,7 @@ from gradcheck import check_layer_gradients
 from refcheck import check_against_reference
 
 from mdnumba import LSTM1D, MDLSTM2D, MDLSTM3D, WavefrontLSTM
-from mdnumba.grid import direction_tables, wavefront
+from mdnumba.grid import direction_tables, state_tables, wavefront
 from mdnumba.kernels.wavefront import skew_rows, unskew_rows
 
 CELLS = ["graves", "stable", "spatial"]
@@ -100,17 +100,44 @@ def test_skew_tables_flip_and_reorder(dims, rng):
     wf, (skew_src, unskew_src) = wavefront(dims), direction_tables(dims, B, S)
     x = rng.standard_normal((B,) + dims + (F,))
     xs = np.empty((S * wf.n_cells * B, F))
-    skew_rows(xs, x.reshape(-1, 1, F), skew_src)
+    skew_rows(xs, x.reshape(-1, 1, F), skew_src, unskew_src, B)
     for q in range(S):
         flipped = np.flip(x, tuple(1 + d for d in range(len(dims)) if (q >> d) & 1)).reshape(B, -1, F)
         want = flipped[:, wf.perm].transpose(1, 0, 2).reshape(-1, F)  # row s*B + b
         np.testing.assert_array_equal(xs[q * wf.n_cells * B:(q + 1) * wf.n_cells * B], want)
     back = np.empty((wf.n_cells * B, S, F))
-    unskew_rows(back, xs, unskew_src)
+    unskew_rows(back, xs, skew_src, unskew_src)
     np.testing.assert_array_equal(back, np.repeat(x.reshape(-1, 1, F), S, axis=1))
     total = np.empty((wf.n_cells * B, 1, F))
-    unskew_rows(total, xs, unskew_src)
+    unskew_rows(total, xs, skew_src, unskew_src)
     np.testing.assert_allclose(total[:, 0], S * x.reshape(-1, F), rtol=1e-12)
+
+
+@pytest.mark.parametrize("tables", ["sizes", "state"])
+@pytest.mark.parametrize("P", ["S", 1])
+def test_skew_and_unskew_follow_their_formulas_with_minus_ones(tables, P, rng):
+    """The scatter kernels write every row of their formulas (written as gathers here), zeros
+    where a table has -1: a padded batch's padding, the state cells of a stateful 1D layer."""
+    B, F = 3, 2
+    if tables == "sizes":
+        dims, S = (3, 4), 4
+        skew_src, unskew_src = direction_tables(dims, B, S, ((3, 4), (1, 2), (2, 3)))
+    else:
+        dims, S = (5,), 2
+        skew_src, unskew_src = state_tables(dims[0], B, S)[1:]
+    P = S if P == "S" else 1
+    R, n = skew_src.shape[1], unskew_src.shape[1]
+    assert (skew_src < 0).any() and (R == n) == (tables == "sizes")
+    x = rng.standard_normal((n, P, F))
+    xs = np.full((S * R, F), np.nan)
+    skew_rows(xs, x, skew_src, unskew_src, B)
+    want = np.concatenate([np.where(skew_src[q, :, None] >= 0, x[skew_src[q], q % P], 0) for q in range(S)])
+    np.testing.assert_array_equal(xs, want)
+    out = np.full((n, P, F), np.nan)
+    unskew_rows(out, xs, skew_src, unskew_src)
+    terms = [np.where(unskew_src[q, :, None] >= 0, xs[q * R + unskew_src[q]], 0) for q in range(S)]
+    want = np.stack(terms, axis=1) if P == S else sum(terms)[:, None]
+    np.testing.assert_array_equal(out, want)
 
 
 def test_direction_q_scans_from_its_corner(rng):
