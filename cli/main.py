@@ -464,7 +464,7 @@ def train(ctx, out, overwrite, resume, checkpoint_every, plot, **kw) -> None:
     data = "validation text" if trainer.cfg.task == "char-lm" else "fresh data"
     click.echo(f"on {data} ({FINAL_BATCHES} batches; `mdnumba evaluate` takes {EVALUATE_BATCHES} "
                "by default):")
-    _print_metrics(trainer.evaluate(batches=FINAL_BATCHES))
+    _print_metrics(trainer.evaluate(batches=FINAL_BATCHES, save=True))  # kernels compiled already
     if plot:
         _plot_run(trainer)
 
@@ -695,7 +695,7 @@ def compare(ctx, task, models, out, overwrite, plot, **kw) -> None:
         click.echo(f"== {name}")
         trainer = trainers[name]
         _run_with_progress(trainer)
-        rows.append((name, trainer.evaluate(batches=10)))
+        rows.append((name, trainer.evaluate(batches=10, save=True)))
     cols = list(rows[0][1])
     table = "model\t" + "\t".join(cols) + "\n" + "".join(
         name + "\t" + "\t".join(f"{m[c]:.4g}" for c in cols) + "\n" for name, m in rows)

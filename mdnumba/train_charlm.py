@@ -59,11 +59,11 @@ class CharLMTrainer(Trainer):
         self.step += 1
         val = self._val
         if not self._val or self.step % self.EVAL_EVERY == 0:
-            val = self._val = self.evaluate(batches=self.EVAL_BATCHES)
+            val = self._val = self.evaluate(batches=self.EVAL_BATCHES, save=True)
         elif self.step == self.cfg.steps:
             # the last row's own evaluation is neither carried on nor saved: a run resumed
             # with more --steps then logs what one run of that length would
-            val = self.evaluate(batches=self.EVAL_BATCHES)
+            val = self.evaluate(batches=self.EVAL_BATCHES, save=True)
         dt = time.perf_counter() - t0
         return {"loss": loss, "bpc": loss * BITS_PER_NAT, **val, "time": dt,
                 "chars_per_s": x.size / dt}
@@ -73,10 +73,12 @@ class CharLMTrainer(Trainer):
         raise ValueError("predict applies to the image and sequence tasks; a char-lm run generates "
                          "text: use `mdnumba sample` (Trainer.generate)")
 
-    def evaluate(self, size: int | None = None, batches: int = 10, seed: int = 12345) -> dict:
-        """Mean validation loss (nats/char) and bits per char over fixed random windows."""
+    def evaluate(self, size: int | None = None, batches: int = 10, seed: int = 12345, *,
+                 save: bool = False) -> dict:
+        """Mean validation loss (nats/char) and bits per char over fixed random windows
+        (``save`` as in :meth:`Trainer.evaluate`)."""
         rng = np.random.default_rng(seed)
-        losses = [softmax_xent(self.model.forward(x, save=False), y)[0] for x, y in
+        losses = [softmax_xent(self.model.forward(x, save=save), y)[0] for x, y in
                   (self.corpus.batch(rng, "val", self.cfg.batch, self.cfg.seq_len) for _ in range(batches))]
         val = float(np.mean(losses))
         return {"val_loss": val, "val_bpc": val * BITS_PER_NAT}

@@ -391,6 +391,7 @@ def test_the_last_step_logs_a_fresh_validation(tmp_path, textfile):
     last = dict(zip(rows[0], rows[-1]))
     fresh = tr.evaluate(batches=tr.EVAL_BATCHES)["val_loss"]
     assert float(last["val_loss"]) == pytest.approx(fresh, rel=1e-5)
+    assert tr.evaluate(batches=2, save=True) == tr.evaluate(batches=2)  # the run's own: saving forward
 
 
 def test_a_run_extended_by_resume_logs_what_one_run_would(tmp_path, textfile, monkeypatch):

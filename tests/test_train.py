@@ -242,6 +242,7 @@ def test_the_seed_chooses_the_data_and_evaluate_has_its_own():
     assert tr.evaluate(batches=2) == tr.evaluate(batches=2)
     assert tr.rng.bit_generator.state == state
     assert tr.evaluate(size=9, batches=2) != tr.evaluate(batches=2)
+    assert tr.evaluate(batches=2, save=True) == tr.evaluate(batches=2)  # train's closing one
 
 
 def test_binary_addition_trains_on_every_length_up_to_size():
