@@ -544,7 +544,7 @@ def skew_rows(out, inp, skew_src, unskew_src, B):
 
     Done as a scatter: cell m's B rows are read once, in order, and written to rows
     ``q*R + unskew_src[q, b*M + m]``, adjacent for consecutive b (a gather reads rows spread over
-    ``inp`` instead: 1.2x slower for one direction, 3.5x for 8, measured on 2 cores). Iteration t
+    ``inp`` instead: 1.2-2x slower for one direction, 3.5x for 8, measured on 2 cores). Iteration t
     also zeroes the rows t of every slab with ``skew_src = -1`` (R >= B*M: every t has one).
     The CUDA twin (``kernels.wavefront_cuda``) gathers, a thread per output element: there the
     writes are what must be contiguous, so it takes ``skew_src`` only."""
@@ -600,7 +600,7 @@ def unskew_rows(out, inp, skew_src, unskew_src):
     q = 0, 1, .. (dL/dx). ``unskew_src = -1`` adds nothing (padding of a padded batch: zeros).
 
     P = S is a scatter: skewed rows are read in order and written to ``out[skew_src[q, t], q]``
-    (a gather, which reads them spread over ``inp``, took 1.5x as long for one direction, 4x for
+    (a gather, which reads them spread over ``inp``, took 1-2x as long for one direction, 4x for
     4 and 6x for 8, measured on 2 cores). P = 1 gathers, to add the directions in a fixed order."""
     S, M = skew_src.shape
     R, P, F = out.shape
