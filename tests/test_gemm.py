@@ -7,6 +7,7 @@ import pytest
 
 from mdnumba.kernels.gemm import (
     REDUCE_BLOCK,
+    _matmul_at_b,
     column_sums,
     matmul_at_b,
     matmul_rows,
@@ -82,16 +83,18 @@ def test_row_pair_product_gives_each_row_what_it_gets_alone(K, dtype, rng):
     assert np.array_equal(pair[1:3], start[1:3])
 
 
-def test_reductions_do_not_depend_on_thread_count(rng):
-    """Fixed blocks summed in a fixed order: bit-identical on 1 thread and on all of them."""
-    a = rng.standard_normal((3 * REDUCE_BLOCK + 7, 5)).astype(np.float32)
+@pytest.mark.parametrize("R,K", [(3 * REDUCE_BLOCK + 7, 5), (REDUCE_BLOCK - 3, 9)])
+def test_reductions_do_not_depend_on_thread_count(R, K, rng):
+    """Fixed blocks summed in a fixed order: bit-identical on 1 thread and on all of them (one
+    block: cut along K on several threads, not on one)."""
+    a = rng.standard_normal((R, K)).astype(np.float32)
     b = rng.standard_normal((a.shape[0], 6)).astype(np.float32)
     results = []
     n = numba.get_num_threads()
     try:
         for threads in sorted({1, n}):
             numba.set_num_threads(threads)
-            out, s = np.zeros((5, 6), np.float32), np.zeros(6, np.float32)
+            out, s = np.zeros((K, 6), np.float32), np.zeros(6, np.float32)
             matmul_at_b(out, a, b, None)
             column_sums(s, b, None)
             results.append((out, s))
@@ -99,3 +102,18 @@ def test_reductions_do_not_depend_on_thread_count(rng):
         numba.set_num_threads(n)
     for out, s in results[1:]:
         assert np.array_equal(out, results[0][0]) and np.array_equal(s, results[0][1])
+
+
+@pytest.mark.parametrize("K", [1, 2, 7, 10])
+def test_weight_gradient_slices_along_k_change_no_sum(K, rng):
+    """Any number of K slices (even bounds, the last to K) gives every element the same sum."""
+    R = 2 * REDUCE_BLOCK + 6  # a tail of rows beyond the groups of four in the last block
+    a = rng.standard_normal((R, K)).astype(np.float32)
+    b = rng.standard_normal((R, 5)).astype(np.float32)
+    for rows in (None, np.flatnonzero(rng.random(R) < 0.7)):
+        want = np.zeros((K, 5), np.float32)
+        _matmul_at_b(want, a, b, rows, 1)
+        for nk in range(2, max(K // 2, 1) + 1):
+            got = np.zeros((K, 5), np.float32)
+            _matmul_at_b(got, a, b, rows, nk)
+            assert np.array_equal(got, want), nk
