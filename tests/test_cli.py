@@ -34,6 +34,7 @@ def test_info(runner):
     from mdnumba import config
     if config.CACHE:  # where the kernels are cached, per fastmath setting
         assert "exact" in res.output or "fastmath" in res.output
+    assert f"malloc tuning: {config.MALLOC_TUNING}" in res.output
 
 
 def test_train_writes_log_and_checkpoint(runner, tmp_path):
