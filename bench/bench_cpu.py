@@ -267,14 +267,19 @@ def proc_status_kb(key: str) -> int:
     return 0
 
 
-def reset_peak_rss() -> bool:
-    """Hand free heap memory back to the OS (glibc ``malloc_trim``: mdnumba keeps freed arrays
-    for reuse, ``mdnumba.config.tune_malloc``, which would hide part of the next run's needs),
-    then reset VmHWM to the current RSS (Linux ``clear_refs`` 5); False if not possible."""
+def trim_heap() -> None:
+    """Hand free heap memory back to the OS (glibc ``malloc_trim``), as a fresh process would
+    not have it: mdnumba keeps freed arrays for reuse (``mdnumba.config.tune_malloc``)."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def reset_peak_rss() -> bool:
+    """:func:`trim_heap` (reused memory would hide part of the next run's needs), then reset
+    VmHWM to the current RSS (Linux ``clear_refs`` 5); False if not possible."""
+    trim_heap()
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")

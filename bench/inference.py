@@ -30,6 +30,7 @@ from bench_cpu import (
     ms,
     run_phases,
     time_interleaved,
+    trim_heap,
     write_report,
 )
 
@@ -136,6 +137,7 @@ def bench_shape(shape: Shape, tb, budget_s: float, dtype: np.dtype = np.float32)
         for _ in range(BIG_ROUNDS):
             for name, phases in cases.items():
                 layer.free_buffers()
+                trim_heap()  # the freed buffers go back to the OS, as for a one-off process
                 run_phases(phases, times[name])
         layer.free_buffers()
     else:
