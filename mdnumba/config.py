@@ -171,6 +171,10 @@ NJIT_PARALLEL_OPTS = dict(NJIT_OPTS, parallel=True)
 #: the order stays fixed by the compiled code, so results still do not depend on the threads
 NJIT_SUM_OPTS = dict(NJIT_OPTS, fastmath={"reassoc", "contract"} | (FASTMATH_FLAGS if FASTMATH else set()))
 
+#: serial GEMM kernels whose sums are chains in a fixed order, ``o + a_0·b_0 + a_1·b_1 + …``:
+#: "contract" alone fuses each term into one multiply-add (no reassociation), so a row's numbers
+#: are the same in every kernel and group that computes them (:func:`~mdnumba.kernels.gemm.quad_product`)
+NJIT_CHAIN_OPTS = dict(NJIT_OPTS, fastmath={"contract"} | (FASTMATH_FLAGS if FASTMATH else set()))
 
 def resolve_dtype(dtype: npt.DTypeLike) -> np.dtype:
     """Return ``np.dtype(dtype)`` if it is float32/float64, else raise TypeError."""

@@ -680,28 +680,42 @@ def _model_refused_by_its_readout():
     return model, (1, 4, 4, 1), refused
 
 
-def _nan_gates(layer: MDLSTM2D):
-    """A refusal for NaN in what ``layer`` computed (finite weights and input whose product is
-    inf - inf), after the layer has run: the weights restored afterwards."""
-    w = layer.params.W.copy()
+def _overflow_state(layer: MDLSTM2D, x: np.ndarray) -> None:
+    """Set ``layer`` (graves cell, one direction, float32) so that its cell state overflows to
+    +inf and to -inf on ``x``'s 80x80 grid, which meet (NaN): i = f = o = 1 (biases 30), U = 0,
+    g = tanh(100·x0) with x0 = 1 down the first column and -1 along the first row (0
+    elsewhere), so c grows like binomial coefficients, one sign on each side of the diagonal."""
+    D = layer.hidden
+    layer.params.data[...] = 0
+    layer.params.b[:4 * D] = 30
+    layer.params.W[0, 4 * D:] = 100
+    x[:] = 0
+    x[:, 1:, 0, 0], x[:, 0, 1:, 0] = 1, -1
+
+
+def _nan_state(layer: MDLSTM2D):
+    """A refusal for NaN in what ``layer`` computed (:func:`_overflow_state`), after the layer
+    has run: the parameters restored afterwards."""
+    params = layer.params.data.copy()
 
     def refused(forward):
-        layer.params.W = np.array([[1e300] * 10, [-1e300] * 10])
+        x = np.empty((1, 80, 80, layer.in_channels), np.float32)
+        _overflow_state(layer, x)
         with pytest.raises(NonFiniteError, match="overflowed in forward"):
-            forward(np.full((1, 4, 4, 2), 1e10))
-        layer.params.W = w
+            forward(x)
+        layer.params.data[...] = params
     return refused
 
 
 def _sequential_whose_first_layer_computes_nan():
-    net = Sequential(MDLSTM2D(2, 2, dtype=np.float64), MDLSTM2D(2, 2, dtype=np.float64))
-    nan = _nan_gates(net.layers[0])
+    net = Sequential(MDLSTM2D(2, 2), MDLSTM2D(2, 2))
+    nan = _nan_state(net.layers[0])
     return net, (1, 4, 4, 2), lambda: nan(net.forward)
 
 
 def _model_whose_layer_computes_nan():
-    model = MDModel(in_channels=2, hidden=2, dtype=np.float64)
-    nan = _nan_gates(model.recurrent)
+    model = MDModel(in_channels=2, hidden=2)
+    nan = _nan_state(model.recurrent)
     return model, (1, 4, 4, 2), lambda: nan(model.forward)
 
 
@@ -756,19 +770,20 @@ def test_a_grid_lstm_keeps_its_own_copy_of_the_input():
 
 
 def test_a_refused_forward_leaves_no_nan_for_a_later_padded_batch(rng):
-    """A forward whose gates were NaN (finite weights and input whose product overflows) is
-    refused; a later padded batch of the same grid, whose sweep skips the padding's rows, must
-    not read that NaN back (its backward multiplied the padding's gates by zero: NaN)."""
-    layer = MDLSTM2D(2, 2, dtype=np.float64)
-    x, sizes = rng.standard_normal((2, 3, 3, 2)), [[3, 3], [2, 2]]
+    """A forward whose cell state overflowed to NaN is refused; a later padded batch of the same
+    grid, whose sweep skips the padding's rows, must not read that NaN back (its backward
+    multiplied the padding's gates by zero: NaN)."""
+    layer = MDLSTM2D(2, 2)
+    x, sizes = rng.standard_normal((2, 80, 80, 2)).astype(np.float32), [[80, 80], [40, 40]]
     h = layer.forward(x, sizes=sizes)
     dx = layer.backward(np.ones_like(h))
     grads = layer.grads.data.copy()
-    w = layer.params.W.copy()
-    layer.params.W = np.array([[1e300] * 10, [-1e300] * 10])
+    params = layer.params.data.copy()
+    bad = np.empty_like(x)
+    _overflow_state(layer, bad)
     with pytest.raises(NonFiniteError, match="overflowed in forward"):
-        layer.forward(np.full((2, 3, 3, 2), 1e10))
-    layer.params.W = w
+        layer.forward(bad)
+    layer.params.data[...] = params
     layer.zero_grad()
     np.testing.assert_array_equal(layer.forward(x, sizes=sizes), h)
     np.testing.assert_array_equal(layer.backward(np.ones_like(h)), dx)

@@ -9,10 +9,10 @@ from mdnumba.kernels.gemm import (
     REDUCE_BLOCK,
     _matmul_at_b,
     column_sums,
+    four_rows,
     matmul_at_b,
     matmul_rows,
-    row_pair_product,
-    row_product,
+    rows_product,
 )
 
 SHAPES = [(1, 1, 1), (3, 1, 5), (4, 2, 3), (7, 3, 4), (6, 19, 7), (5, 15, 6), (REDUCE_BLOCK + 5, 5, 6),
@@ -65,22 +65,29 @@ def test_matmul_rows(R, K, N, rng):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("K", [1, 7, 8, 19, 64])
-def test_row_pair_product_gives_each_row_what_it_gets_alone(K, dtype, rng):
-    """A pair of rows sharing the loads of ``bmat``: bit for bit the single-row sums (the
-    saving-free sweep projects pairs or single rows, matmul_rows an odd count's last row alone),
-    whichever rows of ``a`` and ``out`` they are."""
-    a = rng.standard_normal((5, K)).astype(dtype)
-    w = rng.standard_normal((K, 13)).astype(dtype)
-    start = rng.standard_normal((4, 13)).astype(dtype)
-    alone, pair = start.copy(), start.copy()
-    row_product(alone, np.int64(3), a, np.int64(4), w)
-    row_product(alone, np.int64(0), a, np.int64(1), w)
-    row_pair_product(pair, np.int64(3), np.int64(0), a, np.int64(4), np.int64(1), w)
-    assert np.array_equal(pair, alone)
-    np.testing.assert_allclose(pair[[3, 0]], start[[3, 0]] + a[[4, 1]].astype(float) @ w,
-                               rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-4)
-    assert np.array_equal(pair[1:3], start[1:3])
+@pytest.mark.parametrize("K", [1, 3, 4, 7, 8, 19, 64])
+def test_rows_product_gives_each_row_what_it_gets_alone(K, dtype, rng):
+    """Groups of 4, 3, 2 rows sharing the loads of ``bmat``: bit for bit the single-row sums
+    (the saving-free sweep projects an item's rows, matmul_rows four rows at a time, the last
+    group shorter), whichever rows of ``a`` and ``out`` they are; the other rows untouched."""
+    a = rng.standard_normal((6, K)).astype(dtype)
+    w = rng.standard_normal((K, 21)).astype(dtype)
+    start = rng.standard_normal((7, 21)).astype(dtype)
+    pick_out, pick_a = (5, 0, 3, 6), (4, 1, 1, 0)
+    alone = start.copy()
+    for r, s in zip(pick_out, pick_a):
+        rows_product(alone, four_rows(r, 1), a, four_rows(s, 1), 1, w)
+    rows, srcs = list(pick_out), list(pick_a)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(alone[rows], start[rows] + a[srcs].astype(float) @ w, rtol=tol, atol=1e-4)
+    for n in (2, 3, 4):
+        group = start.copy()
+        r = tuple(np.int64(pick_out[min(i, n - 1)]) for i in range(4))
+        s = tuple(np.int64(pick_a[min(i, n - 1)]) for i in range(4))
+        rows_product(group, r, a, s, n, w)
+        done = list(pick_out[:n])
+        assert np.array_equal(group[done], alone[done])
+        assert np.array_equal(np.delete(group, done, axis=0), np.delete(start, done, axis=0))
 
 
 @pytest.mark.parametrize("R,K", [(3 * REDUCE_BLOCK + 7, 5), (REDUCE_BLOCK - 3, 9)])

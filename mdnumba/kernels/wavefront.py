@@ -37,7 +37,7 @@ from ..config import NJIT_OPTS, NJIT_PARALLEL_OPTS, NJIT_SUM_OPTS
 from ..grid import ROWS
 from . import vexp
 from .cell import build
-from .gemm import row_pair_product, row_product, selected_row
+from .gemm import four_rows, rows_product, selected_row
 
 _CELL = build(njit(inline="always", **NJIT_OPTS), exp=vexp.exp, sigmoid=vexp.sigmoid)
 _row_forward = _CELL["row_forward"]
@@ -323,18 +323,19 @@ def _infer_item(out, h, c, act, lp, x, src, W, bias, U, grp, base, slot, row, b,
     ``src``) of scan ``grp``, whose slab starts at row ``base``: input projection, recurrent
     products, cell, h into ``out[:, grp]``."""
     r = base + slot * B + b
+    live = 0
     for i in range(nb):
         act[r + i, :] = bias
-    i = 0
-    while i < nb:  # pairs of rows, each with the numbers it gets alone
-        if i + 1 < nb and src[row + i] >= 0 and src[row + i + 1] >= 0:
-            row_pair_product(act, np.int64(r + i), np.int64(r + i + 1), x, np.int64(src[row + i]),
-                             np.int64(src[row + i + 1]), W)
-            i += 2
-            continue
-        if src[row + i] >= 0:
-            row_product(act, np.int64(r + i), x, np.int64(src[row + i]), W)
-        i += 1
+        live += src[row + i] >= 0
+    if live == nb:  # the input projection of all nb rows at once
+        q = four_rows(row, nb)
+        ss = (np.int64(src[q[0]]), np.int64(src[q[1]]), np.int64(src[q[2]]), np.int64(src[q[3]]))
+        rows_product(act, four_rows(r, nb), x, ss, nb, W)
+    else:  # rows of zero input (src -1) among them: the others one at a time, the same numbers
+        for i in range(nb):
+            j = np.int64(src[row + i])
+            if j >= 0:
+                rows_product(act, four_rows(r + i, 1), x, (j, j, j, j), 1, W)
     _recurrent_forward(act, h, U, lp, base, slot, b, nb, B, D)
     for i in range(nb):
         _cell_forward(h, c, act, lp, base, slot, b + i, B, D, cell)
