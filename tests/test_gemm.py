@@ -90,6 +90,35 @@ def test_rows_product_gives_each_row_what_it_gets_alone(K, dtype, rng):
         assert np.array_equal(np.delete(group, done, axis=0), np.delete(start, done, axis=0))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("R,K,N", [(37, 13, 77), (16, 4, 64), (5, 1, 33), (70, 40, 200)])
+def test_matmul_rows_tiles_give_the_numbers_of_single_rows(R, K, N, dtype, rng):
+    """The register tiles of fma_tile (whole panels of columns; rows in fours, repeated at a
+    block's end) and quad_product (the last columns): bit for bit the chains of a row alone,
+    over every row or a selection, C-contiguous or not; close to float64 NumPy."""
+    a, w = rng.standard_normal((R, K)).astype(dtype), rng.standard_normal((K, N)).astype(dtype)
+    bias = rng.standard_normal(N).astype(dtype)
+    alone = np.empty((R, N), dtype)
+    for r in range(R):
+        alone[r] = bias
+        rows_product(alone, four_rows(r, 1), a, four_rows(r, 1), 1, w)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(alone, bias + a.astype(float) @ w, rtol=tol, atol=tol * np.sqrt(K))
+    out = np.full((R, N), np.nan, dtype)
+    matmul_rows(out, a, w, bias, False, None)
+    assert np.array_equal(out, alone)
+    rows = np.flatnonzero(rng.random(R) < 0.6)
+    out = np.ones((R, N), dtype)
+    matmul_rows(out, a, w, bias, False, rows)
+    assert np.array_equal(out[rows], alone[rows]) and (np.delete(out, rows, axis=0) == 1).all()
+    wide = np.zeros((R, 2 * N), dtype)
+    matmul_rows(wide[:, ::2], a, w, bias, False, None)  # not C-contiguous: rows_product only
+    assert np.array_equal(wide[:, ::2], alone)
+    out = alone.copy()
+    matmul_rows(out, a, w, bias, True, None)
+    np.testing.assert_allclose(out, alone + a.astype(float) @ w, rtol=tol, atol=tol * np.sqrt(K))
+
+
 @pytest.mark.parametrize("R,K", [(3 * REDUCE_BLOCK + 7, 5), (REDUCE_BLOCK - 3, 9)])
 def test_reductions_do_not_depend_on_thread_count(R, K, rng):
     """Fixed blocks summed in a fixed order: bit-identical on 1 thread and on all of them (one

@@ -13,26 +13,31 @@ import numpy as np
 from numba import njit, prange
 
 from ..config import NJIT_CHAIN_OPTS, NJIT_OPTS, NJIT_PARALLEL_OPTS, NJIT_SUM_OPTS
+from .simd import fma_tile, pack_panels
 
 #: rows per partial sum in :func:`matmul_at_b`; fixed so results never depend on threads
 REDUCE_BLOCK = 1024
+#: rows per work item of :func:`matmul_rows` (each panel of the weights passes over them all)
+MATMUL_BLOCK = 16
 
 
 @njit(**NJIT_CHAIN_OPTS)
-def quad_product(out, r, a, s, m, bmat):
-    """``out[r[i]] += a[s[i]] @ bmat`` for the first ``m`` (1, 2 or 4) entries of the 4-tuples
-    ``r``, ``s`` of int64 row indices (serial; distinct output rows; the unused entries must be
-    valid rows, e.g. repeats).
+def quad_product(out, r, a, s, m, bmat, n0):
+    """``out[r[i], n0:] += a[s[i]] @ bmat[:, n0:]`` for the first ``m`` (1, 2 or 4) entries of
+    the 4-tuples ``r``, ``s`` of int64 row indices (serial; distinct output rows; the unused
+    entries must be valid rows, e.g. repeats).
 
     Every element is the chain ``o + a_0·b_0 + a_1·b_1 + … + a_{K-1}·b_{K-1}`` in k order, one
     fused multiply-add per term (:data:`~mdnumba.config.NJIT_CHAIN_OPTS`), so a row gets the
-    same numbers in any group and at any position. Four rows of ``bmat`` per pass over the
-    output rows, the m rows sharing every load of ``bmat`` (four rows: 1.26-1.85x the rate of
-    the pairs of rows with separate multiplies and adds this replaced, K = 32..256, N =
-    160..1024, 2 threads of a Zen 5; 1.0-1.1x on narrow products, N = 80)."""
+    same numbers in any group, at any position and from :func:`~mdnumba.kernels.simd.fma_tile`.
+    Four rows of ``bmat`` per pass over the output rows, the m rows sharing every load of
+    ``bmat`` (four rows: 1.26-1.85x the rate of the pairs of rows with separate multiplies and
+    adds this replaced, K = 32..256, N = 160..1024, 2 threads of a Zen 5; 1.0-1.1x on narrow
+    products, N = 80)."""
     o0, o1, o2, o3 = out[r[0]], out[r[1]], out[r[2]], out[r[3]]
     x, y, z, w = a[s[0]], a[s[1]], a[s[2]], a[s[3]]
-    K, N = bmat.shape
+    K, n0 = bmat.shape[0], max(n0, 0)  # provably >= 0: no wrap-around check, the loops vectorise
+    N = bmat.shape[1] - n0
     k = 0
     while k + 4 <= K:
         b0, b1, b2, b3 = bmat[k], bmat[k + 1], bmat[k + 2], bmat[k + 3]
@@ -41,27 +46,30 @@ def quad_product(out, r, a, s, m, bmat):
         if m == 4:
             z0, z1, z2, z3 = z[k], z[k + 1], z[k + 2], z[k + 3]
             w0, w1, w2, w3 = w[k], w[k + 1], w[k + 2], w[k + 3]
-            for n in range(N):
+            for g in range(N):
+                n = n0 + g
                 c0, c1, c2, c3 = b0[n], b1[n], b2[n], b3[n]
                 o0[n] = o0[n] + x0 * c0 + x1 * c1 + x2 * c2 + x3 * c3
                 o1[n] = o1[n] + y0 * c0 + y1 * c1 + y2 * c2 + y3 * c3
                 o2[n] = o2[n] + z0 * c0 + z1 * c1 + z2 * c2 + z3 * c3
                 o3[n] = o3[n] + w0 * c0 + w1 * c1 + w2 * c2 + w3 * c3
         elif m == 2:
-            for n in range(N):
+            for g in range(N):
+                n = n0 + g
                 c0, c1, c2, c3 = b0[n], b1[n], b2[n], b3[n]
                 o0[n] = o0[n] + x0 * c0 + x1 * c1 + x2 * c2 + x3 * c3
                 o1[n] = o1[n] + y0 * c0 + y1 * c1 + y2 * c2 + y3 * c3
         else:
-            for n in range(N):
+            for g in range(N):
+                n = n0 + g
                 o0[n] = o0[n] + x0 * b0[n] + x1 * b1[n] + x2 * b2[n] + x3 * b3[n]
         k += 4
     for kk in range(k, K):  # the last K % 4 rows of bmat one at a time
         bk = bmat[kk]
         for i in range(m):
             o, v = out[r[i]], a[s[i], kk]
-            for n in range(N):
-                o[n] = o[n] + v * bk[n]
+            for g in range(N):
+                o[n0 + g] = o[n0 + g] + v * bk[n0 + g]
 
 
 @njit(inline="always", **NJIT_OPTS)
@@ -73,14 +81,14 @@ def four_rows(first, n):
 
 
 @njit(**NJIT_OPTS)
-def rows_product(out, r, a, s, n, bmat):
-    """``out[r[i]] += a[s[i]] @ bmat`` for the first ``n`` (1 .. 4) entries of the 4-tuples
-    ``r``, ``s``: :func:`quad_product` on all of them, or on two and then one (n = 3)."""
+def rows_product(out, r, a, s, n, bmat, n0=0):
+    """``out[r[i], n0:] += a[s[i]] @ bmat[:, n0:]`` for the first ``n`` (1 .. 4) entries of the
+    4-tuples ``r``, ``s``: :func:`quad_product` on all of them, or on two and then one (n = 3)."""
     if n == 3:
-        quad_product(out, r, a, s, 2, bmat)
-        quad_product(out, (r[2], r[2], r[2], r[2]), a, (s[2], s[2], s[2], s[2]), 1, bmat)
+        quad_product(out, r, a, s, 2, bmat, n0)
+        quad_product(out, (r[2], r[2], r[2], r[2]), a, (s[2], s[2], s[2], s[2]), 1, bmat, n0)
     else:
-        quad_product(out, r, a, s, n, bmat)
+        quad_product(out, r, a, s, n, bmat, n0)
 
 
 @njit(**NJIT_OPTS)
@@ -91,24 +99,49 @@ def selected_row(rows, i):
     return rows[i]
 
 
-@njit(**NJIT_PARALLEL_OPTS)
-def matmul_rows(out, a, bmat, bias, accumulate, rows):
+def matmul_rows(out, a, bmat, bias, accumulate: bool, rows) -> None:
     """``out[r] = (out[r] if accumulate else bias) + a[r] @ bmat`` for every row r (``rows`` None) or
     the rows r in ``rows`` only (a padded batch's items; the others keep what they held).
 
-    ``a`` (R, K), ``bmat`` (K, N), ``bias`` (N,) (ignored when accumulating). A work item is four
-    rows (:func:`rows_product`), fewer at the end; each row gets the same numbers in any group.
+    ``a`` (R, K), ``bmat`` (K, N), ``bias`` (N,) (ignored when accumulating). ``bmat`` is packed
+    into column panels (:func:`~mdnumba.kernels.simd.pack_panels`) for
+    :func:`~mdnumba.kernels.simd.fma_tile`; the last N % W columns, and everything when ``out``
+    or ``a`` is not C-contiguous, go through :func:`rows_product`. The numbers are the same.
     """
-    n = a.shape[0] if rows is None else rows.shape[0]
-    for i in prange((n + 3) // 4):
-        c = min(4, n - 4 * i)
-        q = four_rows(4 * i, c)
-        r = (np.int64(selected_row(rows, q[0])), np.int64(selected_row(rows, q[1])),
-             np.int64(selected_row(rows, q[2])), np.int64(selected_row(rows, q[3])))
+    tiled = out.flags.c_contiguous and a.flags.c_contiguous
+    panels = pack_panels(bmat) if tiled else np.empty((0, bmat.shape[0], 1), bmat.dtype)
+    _matmul_rows(out, a, bmat, panels, bias, accumulate, rows)
+
+
+@njit(**NJIT_PARALLEL_OPTS)
+def _matmul_rows(out, a, bmat, panels, bias, accumulate, rows):
+    """:func:`matmul_rows`; a work item is :data:`MATMUL_BLOCK` rows, in tiles of four (fewer
+    at the end: repeated rows), each panel of ``bmat`` passing over the whole block."""
+    n, K, N = (a.shape[0] if rows is None else rows.shape[0]), a.shape[1], out.shape[1]
+    P, W = panels.shape[0], panels.shape[2]
+    for blk in prange((n + MATMUL_BLOCK - 1) // MATMUL_BLOCK):
+        first, last = blk * MATMUL_BLOCK, min(n, (blk + 1) * MATMUL_BLOCK)
         if not accumulate:
-            for j in range(c):
-                out[r[j], :] = bias
-        rows_product(out, r, a, r, c, bmat)
+            for i in range(first, last):
+                out[selected_row(rows, i), :] = bias
+        for p in range(P):
+            for i in range(first, last, 4):
+                r = _selected_four(rows, i, min(4, last - i))
+                fma_tile(out, (r[0] * N + p * W, r[1] * N + p * W, r[2] * N + p * W, r[3] * N + p * W),
+                         a, (r[0] * K, r[1] * K, r[2] * K, r[3] * K), 1, panels, p * K * W, K)
+        if P * W < N:
+            for i in range(first, last, 4):
+                c = min(4, last - i)
+                r = _selected_four(rows, i, c)
+                rows_product(out, r, a, r, c, bmat, P * W)
+
+
+@njit(inline="always", **NJIT_OPTS)
+def _selected_four(rows, i, c):
+    """Rows i .. i+c-1 of a selection (:func:`selected_row`) as a 4-tuple of int64 (:func:`four_rows`)."""
+    q = four_rows(i, c)
+    return (np.int64(selected_row(rows, q[0])), np.int64(selected_row(rows, q[1])),
+            np.int64(selected_row(rows, q[2])), np.int64(selected_row(rows, q[3])))
 
 
 @njit(**NJIT_SUM_OPTS)

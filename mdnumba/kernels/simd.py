@@ -1,0 +1,116 @@
+"""An explicit SIMD micro-kernel for the CPU GEMMs: a 4-row tile of the output held in vector
+registers while the reduction runs.
+
+LLVM does not keep a tile of ``out`` in registers across the k loop by itself (the output
+rows may alias the operands, so each pass loads and stores them: :func:`gemm.quad_product`).
+:func:`fma_tile` writes that loop in LLVM IR through a Numba intrinsic: 4 rows x 2 vectors of
+accumulators (8 registers), per step ``t`` two vector loads of a packed panel of ``b``, four
+broadcasts of ``a`` and eight fused multiply-adds (``llvm.fma``), no load or store of the
+output. Every element is the chain ``c + a_0·b_0 + a_1·b_1 + …`` in t order, one fused
+multiply-add per term: the numbers of :func:`gemm.quad_product`, bit for bit.
+
+Vectors are :data:`VECTOR_BYTES` wide: 64 with AVX-512 (16 float32), else 32, so that the
+8 accumulators, 2 operands and a broadcast fit in the 16 registers of AVX2. A tile is
+:func:`tile_width` columns; :func:`pack_panels` lays ``b`` out as such column panels,
+contiguous along t.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import binding as llvm_binding
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ..config import NJIT_OPTS, NJIT_PARALLEL_OPTS
+
+
+def _host_vector_bytes() -> int:
+    """64 where the host CPU has AVX-512F, else 32."""
+    try:
+        return 64 if llvm_binding.get_host_cpu_features().get("avx512f", False) else 32
+    except RuntimeError:  # features unknown
+        return 32
+
+
+#: bytes per vector register of :func:`fma_tile`
+VECTOR_BYTES = _host_vector_bytes()
+#: rows of a tile
+TILE_ROWS = 4
+
+
+@njit(inline="always", **NJIT_OPTS)
+def tile_width(x):
+    """Columns of a tile for arrays of ``x``'s dtype: two vectors (32 float32 with AVX-512)."""
+    return 2 * VECTOR_BYTES // x.itemsize
+
+
+@intrinsic
+def fma_tile(typingctx, c, crow, a, arow, a_cs, b, b0, T):
+    """``c[crow[i] + n] += Σ_{t<T} a[arow[i] + t·a_cs] · b[b0 + t·W + n]`` for the 4 rows i and
+    the W = :func:`tile_width` columns n: element offsets into the arrays' data (C order, no
+    bounds checks: the caller's), ``b`` a packed panel (row t at ``b0 + t·W``). A repeated row
+    gets the same numbers each time (all loads happen before the stores)."""
+    if not all(isinstance(x, types.Array) for x in (c, a, b)) or not (c.dtype == a.dtype == b.dtype):
+        return None
+    dtype = c.dtype
+    sig = types.void(c, crow, a, arow, a_cs, b, b0, T)
+
+    def codegen(context, builder, sig, args):
+        ft = context.get_value_type(dtype)
+        size = dtype.bitwidth // 8
+        lanes = VECTOR_BYTES // size
+        vt, i64 = ir.VectorType(ft, lanes), ir.IntType(64)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt] * 3),
+                                             f"llvm.fma.v{lanes}f{dtype.bitwidth}")
+        cp, ap, bp = (cgutils.create_struct_proxy(sig.args[i])(context, builder, value=args[i]).data
+                      for i in (0, 2, 5))
+        crows = [builder.extract_value(args[1], i) for i in range(TILE_ROWS)]
+        arows = [builder.extract_value(args[3], i) for i in range(TILE_ROWS)]
+        acs, b0_, steps = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (4, 6, 7))
+
+        def vec(base, off):
+            return builder.bitcast(builder.gep(base, [off]), vt.as_pointer())
+
+        acc = []
+        for i in range(TILE_ROWS):
+            for v in range(2):
+                slot = cgutils.alloca_once(builder, vt)  # promoted to a register by LLVM
+                builder.store(builder.load(vec(cp, builder.add(crows[i], i64(v * lanes))), align=size), slot)
+                acc.append(slot)
+        undef, zeros = ir.Constant(vt, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), lanes), None)
+        with cgutils.for_range(builder, steps) as loop:
+            t = loop.index
+            brow = builder.add(b0_, builder.mul(t, i64(2 * lanes)))
+            bv = [builder.load(vec(bp, builder.add(brow, i64(v * lanes))), align=size) for v in range(2)]
+            at = builder.mul(t, acs)
+            for i in range(TILE_ROWS):
+                s = builder.load(builder.gep(ap, [builder.add(arows[i], at)]))
+                s = builder.insert_element(undef, s, ir.IntType(32)(0))
+                splat = builder.shuffle_vector(s, undef, zeros)
+                for v in range(2):
+                    slot = acc[2 * i + v]
+                    builder.store(builder.call(fma, [splat, bv[v], builder.load(slot)]), slot)
+        for i in range(TILE_ROWS):
+            for v in range(2):
+                builder.store(builder.load(acc[2 * i + v]), vec(cp, builder.add(crows[i], i64(v * lanes))),
+                              align=size)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(**NJIT_PARALLEL_OPTS)
+def pack_panels(b):
+    """``b`` (K, N) as panels (N // W, K, W) of W = :func:`tile_width` columns, each contiguous
+    along K (the last N % W columns are left out)."""
+    K, W = b.shape[0], tile_width(b)
+    P = b.shape[1] // W
+    out = np.empty((P, K, W), b.dtype)
+    for p in prange(P):
+        for k in range(K):
+            for n in range(W):
+                out[p, k, n] = b[k, p * W + n]
+    return out
