@@ -17,10 +17,12 @@ CELLS = ["graves", "stable", "spatial"]
 @pytest.mark.parametrize("ndim,shape,directions", [
     (2, (3, 4, 5, 2), 1), (2, (2, 3, 2, 1), 4), (2, (1, 1, 1, 1), 1), (3, (3, 2, 3, 2, 2), 8),
     (1, (5, 6, 2), 2), (4, (2, 2, 3, 1, 2, 1), 1)])
-def test_matches_the_saving_forward_and_the_reference(cell, ndim, shape, directions, rng):
+@pytest.mark.parametrize("hidden", [3, 7])
+def test_matches_the_saving_forward_and_the_reference(cell, ndim, shape, directions, hidden, rng):
     """Odd and even batches, one-cell grids, every corner, N = 1..4: the same numbers as
-    ``forward(x)`` (the same products in the same order) and as the float64 reference."""
-    layer = WavefrontLSTM(ndim, shape[-1], 3, seed=5, dtype=np.float64, cell=cell, directions=directions)
+    ``forward(x)`` (the same products in the same order) and as the float64 reference. Hidden
+    7: gate rows of 7(N+3) columns, register tiles of 16 float64 and the columns past them."""
+    layer = WavefrontLSTM(ndim, shape[-1], hidden, seed=5, dtype=np.float64, cell=cell, directions=directions)
     layer.params.b[...] = rng.standard_normal(layer.params.b.shape)
     x = rng.standard_normal(shape)
     y = layer.forward(x, save=False)

@@ -20,11 +20,11 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import binding as llvm_binding
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ..config import NJIT_OPTS, NJIT_PARALLEL_OPTS
+from ..config import NJIT_OPTS
 
 
 def _host_vector_bytes() -> int:
@@ -55,6 +55,8 @@ def fma_tile(typingctx, c, crow, a, arow, a_cs, b, b0, T):
     gets the same numbers each time (all loads happen before the stores)."""
     if not all(isinstance(x, types.Array) for x in (c, a, b)) or not (c.dtype == a.dtype == b.dtype):
         return None
+    if not all(isinstance(x, types.BaseTuple) and len(x) == TILE_ROWS for x in (crow, arow)):
+        return None
     dtype = c.dtype
     sig = types.void(c, crow, a, arow, a_cs, b, b0, T)
 
@@ -67,8 +69,10 @@ def fma_tile(typingctx, c, crow, a, arow, a_cs, b, b0, T):
                                              f"llvm.fma.v{lanes}f{dtype.bitwidth}")
         cp, ap, bp = (cgutils.create_struct_proxy(sig.args[i])(context, builder, value=args[i]).data
                       for i in (0, 2, 5))
-        crows = [builder.extract_value(args[1], i) for i in range(TILE_ROWS)]
-        arows = [builder.extract_value(args[3], i) for i in range(TILE_ROWS)]
+        def int64(j, i):  # entry i of tuple argument j
+            return context.cast(builder, builder.extract_value(args[j], i), sig.args[j].types[i], types.int64)
+
+        crows, arows = ([int64(j, i) for i in range(TILE_ROWS)] for j in (1, 3))
         acs, b0_, steps = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (4, 6, 7))
 
         def vec(base, off):
@@ -102,15 +106,34 @@ def fma_tile(typingctx, c, crow, a, arow, a_cs, b, b0, T):
     return sig, codegen
 
 
-@njit(**NJIT_PARALLEL_OPTS)
+@njit(**NJIT_OPTS)
 def pack_panels(b):
     """``b`` (K, N) as panels (N // W, K, W) of W = :func:`tile_width` columns, each contiguous
-    along K (the last N % W columns are left out)."""
-    K, W = b.shape[0], tile_width(b)
-    P = b.shape[1] // W
-    out = np.empty((P, K, W), b.dtype)
-    for p in prange(P):
-        for k in range(K):
-            for n in range(W):
-                out[p, k, n] = b[k, p * W + n]
+    along K (the last N % W columns are left out). Serial: a copy of the weights, no fork."""
+    out = np.empty((b.shape[1] // tile_width(b), b.shape[0], tile_width(b)), b.dtype)
+    fill_panels(out, b, 0)
     return out
+
+
+@njit(**NJIT_OPTS)
+def fill_panels(out, b, n0):
+    """``out[p, k, n] = b[k, n0 + p·W + n]``: the panels of ``b``'s columns from ``n0`` on."""
+    W = out.shape[2]
+    for p in range(out.shape[0]):
+        for k in range(out.shape[1]):
+            for n in range(W):
+                out[p, k, n] = b[k, n0 + p * W + n]
+
+
+@njit(**NJIT_OPTS)
+def tile_rows(out, r, a, s, nb, panels):
+    """``out[r+i, :P·W] += a[s+i] @ B`` for the ``nb`` (1 .. 4) consecutive rows i, B the panels
+    (P, K, W) (:func:`fill_panels`), ``out`` and ``a`` C-contiguous: one :func:`fma_tile` per
+    panel, rows past nb repeating the last."""
+    N, K = out.shape[1], a.shape[1]
+    ro, ra = (r, r + min(1, nb - 1), r + min(2, nb - 1), r + min(3, nb - 1)), \
+        (s, s + min(1, nb - 1), s + min(2, nb - 1), s + min(3, nb - 1))
+    P, T, W = panels.shape
+    for p in range(P):
+        fma_tile(out, (ro[0] * N + p * W, ro[1] * N + p * W, ro[2] * N + p * W, ro[3] * N + p * W),
+                 a, (ra[0] * K, ra[1] * K, ra[2] * K, ra[3] * K), 1, panels, p * T * W, T)

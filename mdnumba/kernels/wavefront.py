@@ -35,9 +35,10 @@ from numba import njit, prange
 
 from ..config import NJIT_OPTS, NJIT_PARALLEL_OPTS, NJIT_SUM_OPTS
 from ..grid import ROWS
-from . import vexp
+from . import simd, vexp
 from .cell import build
 from .gemm import four_rows, rows_product, selected_row
+from .simd import tile_rows
 
 _CELL = build(njit(inline="always", **NJIT_OPTS), exp=vexp.exp, sigmoid=vexp.sigmoid)
 _row_forward = _CELL["row_forward"]
@@ -106,14 +107,17 @@ def _work_item(t, first, n, items, B):
 
 
 @njit(**NJIT_SUM_OPTS)
-def _product_rows(act, r, h, pr, U, off, G, D, nb):
-    """``act[r+i, :G] += h[pr+i] @ U[:, off:off+G]`` for the ``nb`` (1 .. 4) consecutive rows i.
+def _product_rows(act, r, h, pr, U, off, col, G, D, nb):
+    """``act[r+i, col:G] += h[pr+i] @ U[:, off+col:off+G]`` for the ``nb`` (1 .. 4) consecutive
+    rows i (the columns past :func:`_recurrent_forward`'s tiles).
 
     Four rows of U per pass over the gate row (a quarter of its loads and stores), each pass a
     vectorised loop over the G columns; the rows go in groups of four, two or one (``m``), whose
     rows share every load of U (four: 1.1-1.5x the rate of pairs on one core of an Intel Xeon, D
     = 16..256). Each row's sums are the same whichever group computes them."""
-    off = max(off, 0)  # provably >= 0: no wrap-around check in the g loops, which then vectorise
+    off, col = max(off, 0), max(col, 0)  # provably >= 0: no wrap-around check, the g loops vectorise
+    off += col
+    G -= col
     i = 0
     while i < nb:
         m = group_size(nb - i)
@@ -123,7 +127,7 @@ def _product_rows(act, r, h, pr, U, off, G, D, nb):
             h0, h1, h2, h3 = h[p, j], h[p, j + 1], h[p, j + 2], h[p, j + 3]
             if m == 1:
                 for g in range(G):
-                    act[a, g] += ((h0 * U[j, off + g] + h1 * U[j + 1, off + g])
+                    act[a, col + g] += ((h0 * U[j, off + g] + h1 * U[j + 1, off + g])
                                   + (h2 * U[j + 2, off + g] + h3 * U[j + 3, off + g]))
             else:
                 k0, k1, k2, k3 = h[p + 1, j], h[p + 1, j + 1], h[p + 1, j + 2], h[p + 1, j + 3]
@@ -131,38 +135,70 @@ def _product_rows(act, r, h, pr, U, off, G, D, nb):
                     for g in range(G):
                         e = off + g
                         u0, u1, u2, u3 = U[j, e], U[j + 1, e], U[j + 2, e], U[j + 3, e]
-                        act[a, g] += (h0 * u0 + h1 * u1) + (h2 * u2 + h3 * u3)
-                        act[a + 1, g] += (k0 * u0 + k1 * u1) + (k2 * u2 + k3 * u3)
+                        act[a, col + g] += (h0 * u0 + h1 * u1) + (h2 * u2 + h3 * u3)
+                        act[a + 1, col + g] += (k0 * u0 + k1 * u1) + (k2 * u2 + k3 * u3)
                 else:
                     l0, l1, l2, l3 = h[p + 2, j], h[p + 2, j + 1], h[p + 2, j + 2], h[p + 2, j + 3]
                     n0, n1, n2, n3 = h[p + 3, j], h[p + 3, j + 1], h[p + 3, j + 2], h[p + 3, j + 3]
                     for g in range(G):
                         e = off + g
                         u0, u1, u2, u3 = U[j, e], U[j + 1, e], U[j + 2, e], U[j + 3, e]
-                        act[a, g] += (h0 * u0 + h1 * u1) + (h2 * u2 + h3 * u3)
-                        act[a + 1, g] += (k0 * u0 + k1 * u1) + (k2 * u2 + k3 * u3)
-                        act[a + 2, g] += (l0 * u0 + l1 * u1) + (l2 * u2 + l3 * u3)
-                        act[a + 3, g] += (n0 * u0 + n1 * u1) + (n2 * u2 + n3 * u3)
+                        act[a, col + g] += (h0 * u0 + h1 * u1) + (h2 * u2 + h3 * u3)
+                        act[a + 1, col + g] += (k0 * u0 + k1 * u1) + (k2 * u2 + k3 * u3)
+                        act[a + 2, col + g] += (l0 * u0 + l1 * u1) + (l2 * u2 + l3 * u3)
+                        act[a + 3, col + g] += (n0 * u0 + n1 * u1) + (n2 * u2 + n3 * u3)
             j += 4
         for jj in range(j, D):  # the last D % 4 rows of U one at a time
             for q in range(m):
                 hv = h[p + q, jj]
                 for g in range(G):
-                    act[a + q, g] += hv * U[jj, off + g]
+                    act[a + q, col + g] += hv * U[jj, off + g]
         i += m
 
 
 @njit(**NJIT_OPTS)
-def _recurrent_forward(act, h, U, parent, base, s, b, nb, B, D):
+def _recurrent_forward(act, h, U, Up, parent, base, s, b, nb, B, D):
     """``act[r] += Σ_d h[parent_d] @ U_d`` for the ``nb`` rows ``r = base + s*B + b + i`` (rows of
-    the plane's GEMM)."""
+    the plane's GEMM): the whole panels of ``Up[d]`` (:func:`pack_recurrent`) as register tiles
+    (:func:`~mdnumba.kernels.simd.tile_rows`: every element a chain of fused multiply-adds over
+    the D units), the last G % W columns by :func:`_product_rows`."""
     N = parent.shape[1]
     G = (N + 3) * D
     r = base + s * B + b
+    done = Up.shape[1] * Up.shape[3]
     for d in range(N):
         p = parent[s, d]
         if p >= 0:
-            _product_rows(act, r, h, base + p * B + b, U, d * G, G, D, nb)
+            tile_rows(act, r, h, base + p * B + b, nb, Up[d])
+            if done < G:
+                _product_rows(act, r, h, base + p * B + b, U, d * G, done, G, D, nb)
+
+
+def pack_recurrent(U, N: int):
+    """``U`` (S, D, N*G) as the register-tile panels of each scan and parent, (S, N, G // W, D, W)
+    (:func:`~mdnumba.kernels.simd.fill_panels`); C-contiguous ``act`` and ``h`` are the sweeps'
+    other condition for them."""
+    S, D = U.shape[:2]
+    G = U.shape[2] // N
+    W = 2 * simd.VECTOR_BYTES // U.dtype.itemsize
+    Up = np.empty((S, N, G // W, D, W), U.dtype)
+    _pack_recurrent(Up, U)
+    return Up
+
+
+@njit(**NJIT_OPTS)
+def _pack_recurrent(Up, U):
+    """:func:`pack_recurrent` (serial: a copy of the weights)."""
+    G = U.shape[2] // Up.shape[1]
+    for q in range(Up.shape[0]):
+        for d in range(Up.shape[1]):
+            simd.fill_panels(Up[q, d], U[q], d * G)
+
+
+def _tiled(*arrays) -> None:
+    """ValueError unless every array is C-contiguous (the register tiles index them flat)."""
+    if not all(a.flags.c_contiguous for a in arrays):
+        raise ValueError("the sweep buffers must be C-contiguous")
 
 
 def wavefront_forward(h, c, act, U, diag_off, parent, B: int, D: int, cell: int, *, items=None,
@@ -179,11 +215,13 @@ def wavefront_forward(h, c, act, U, diag_off, parent, B: int, D: int, cell: int,
     ``schedule`` (:func:`batch_blocks`): how the work is split over the threads; the numbers are
     the same either way.
     """
+    _tiled(h, act)
+    Up = pack_recurrent(U, parent.shape[1])
     nblk = batch_blocks(U.shape[0], B, diag_off, items, schedule)
     if nblk:
-        _sweep_forward_batched(h, c, act, U, diag_off, parent, B, D, cell, nblk)
+        _sweep_forward_batched(h, c, act, U, Up, diag_off, parent, B, D, cell, nblk)
     else:
-        _sweep_forward(h, c, act, U, diag_off, *_items_or_all(items, diag_off), parent, B, D, cell)
+        _sweep_forward(h, c, act, U, Up, diag_off, *_items_or_all(items, diag_off), parent, B, D, cell)
 
 
 #: :func:`batch_blocks`' choices
@@ -242,14 +280,14 @@ def _items_or_all(items, diag_off) -> tuple:
 
 
 @njit(**NJIT_PARALLEL_OPTS)
-def _sweep_forward(h, c, act, U, diag_off, items_off, items, parent, B, D, cell):
+def _sweep_forward(h, c, act, U, Up, diag_off, items_off, items, parent, B, D, cell):
     """:func:`wavefront_forward`, a ``prange`` per hyperplane."""
     MB = parent.shape[0] * B
     for k in range(diag_off.shape[0] - 1):
         first, n = _plane(k, diag_off, items_off, B)
         for t in prange(U.shape[0] * n):
             grp, s, b, nb = _work_item(t, first, n, items, B)
-            _recurrent_forward(act, h, U[grp], parent, grp * MB, s, b, nb, B, D)
+            _recurrent_forward(act, h, U[grp], Up[grp], parent, grp * MB, s, b, nb, B, D)
             for bb in range(b, b + nb):
                 _cell_forward(h, c, act, parent, grp * MB, s, bb, B, D, cell)
 
@@ -264,7 +302,7 @@ def _stream(t, B):
 
 
 @njit(**NJIT_PARALLEL_OPTS)
-def _sweep_forward_batched(h, c, act, U, diag_off, parent, B, D, cell, nblk):
+def _sweep_forward_batched(h, c, act, U, Up, diag_off, parent, B, D, cell, nblk):
     """:func:`wavefront_forward` in ``nblk`` blocks of work streams (:func:`batch_blocks`), each
     sweeping the cells in hyperplane order (the skewed order) for its streams."""
     MB = parent.shape[0] * B
@@ -273,7 +311,7 @@ def _sweep_forward_batched(h, c, act, U, diag_off, parent, B, D, cell, nblk):
         for s in range(np.int64(diag_off[0]), diag_off[diag_off.shape[0] - 1]):  # int64, as _sweep_forward
             for t in range(blk * n // nblk, (blk + 1) * n // nblk):
                 grp, b, nb = _stream(t, B)
-                _recurrent_forward(act, h, U[grp], parent, grp * MB, s, b, nb, B, D)
+                _recurrent_forward(act, h, U[grp], Up[grp], parent, grp * MB, s, b, nb, B, D)
                 for bb in range(b, b + nb):
                     _cell_forward(h, c, act, parent, grp * MB, s, bb, B, D, cell)
 
@@ -307,18 +345,20 @@ def wavefront_infer(out, h, c, act, lp, x, src, W, bias, U, diag_off, parent, fi
     ``items`` and ``schedule`` as in :func:`wavefront_forward` (``out``'s other rows are not
     written; split into blocks, each block keeps its own parents' slots, ``lp`` is not used).
     """
+    _tiled(h, act)
+    Up = pack_recurrent(U, parent.shape[1])
     nblk = batch_blocks(U.shape[0], B, diag_off, items, schedule)
     if nblk:
         lps = np.empty((nblk,) + lp.shape, lp.dtype)
-        _sweep_infer_batched(out, h, c, act, lps, x, src, W, bias, U, diag_off, parent, first, last,
+        _sweep_infer_batched(out, h, c, act, lps, x, src, W, bias, U, Up, diag_off, parent, first, last,
                              B, D, cell)
     else:
-        _sweep_infer(out, h, c, act, lp, x, src, W, bias, U, diag_off, *_items_or_all(items, diag_off),
+        _sweep_infer(out, h, c, act, lp, x, src, W, bias, U, Up, diag_off, *_items_or_all(items, diag_off),
                      parent, first, last, B, D, cell)
 
 
 @njit(**NJIT_OPTS)
-def _infer_item(out, h, c, act, lp, x, src, W, bias, U, grp, base, slot, row, b, nb, B, D, cell):
+def _infer_item(out, h, c, act, lp, x, src, W, bias, U, Up, grp, base, slot, row, b, nb, B, D, cell):
     """Work item (cell in two-plane ``slot``, batch rows b .. b+nb-1; ``row`` = cell*B + b in
     ``src``) of scan ``grp``, whose slab starts at row ``base``: input projection, recurrent
     products, cell, h into ``out[:, grp]``."""
@@ -336,7 +376,7 @@ def _infer_item(out, h, c, act, lp, x, src, W, bias, U, grp, base, slot, row, b,
             j = np.int64(src[row + i])
             if j >= 0:
                 rows_product(act, four_rows(r + i, 1), x, (j, j, j, j), 1, W)
-    _recurrent_forward(act, h, U, lp, base, slot, b, nb, B, D)
+    _recurrent_forward(act, h, U, Up, lp, base, slot, b, nb, B, D)
     for i in range(nb):
         _cell_forward(h, c, act, lp, base, slot, b + i, B, D, cell)
         j = src[row + i]
@@ -345,7 +385,7 @@ def _infer_item(out, h, c, act, lp, x, src, W, bias, U, grp, base, slot, row, b,
 
 
 @njit(**NJIT_PARALLEL_OPTS)
-def _sweep_infer(out, h, c, act, lp, x, src, W, bias, U, diag_off, items_off, items, parent,
+def _sweep_infer(out, h, c, act, lp, x, src, W, bias, U, Up, diag_off, items_off, items, parent,
                  first, last, B, D, cell):
     """:func:`wavefront_infer`, a ``prange`` per hyperplane."""
     L = lp.shape[0] * B  # rows of a scan's slab
@@ -355,12 +395,12 @@ def _sweep_infer(out, h, c, act, lp, x, src, W, bias, U, diag_off, items_off, it
         start, n = _plane(k, diag_off, items_off, B)
         for t in prange(U.shape[0] * n):
             grp, cell_k, b, nb = _work_item(t, start, n, items, B)
-            _infer_item(out, h, c, act, lp, x, src[grp], W[grp], bias[grp], U[grp], grp, grp * L,
+            _infer_item(out, h, c, act, lp, x, src[grp], W[grp], bias[grp], U[grp], Up[grp], grp, grp * L,
                         cur + cell_k - s0, cell_k * B + b, b, nb, B, D, cell)
 
 
 @njit(**NJIT_PARALLEL_OPTS)
-def _sweep_infer_batched(out, h, c, act, lps, x, src, W, bias, U, diag_off, parent, first, last,
+def _sweep_infer_batched(out, h, c, act, lps, x, src, W, bias, U, Up, diag_off, parent, first, last,
                          B, D, cell):
     """:func:`wavefront_infer` in ``lps.shape[0]`` blocks of work streams, each with its own
     parents' slots ``lps[blk]``, sweeping planes ``first .. last-1`` for its streams."""
@@ -374,7 +414,7 @@ def _sweep_infer_batched(out, h, c, act, lps, x, src, W, bias, U, diag_off, pare
             for cell_k in range(diag_off[k], diag_off[k + 1]):
                 for t in range(blk * n // nblk, (blk + 1) * n // nblk):
                     grp, b, nb = _stream(t, B)
-                    _infer_item(out, h, c, act, lp, x, src[grp], W[grp], bias[grp], U[grp], grp,
+                    _infer_item(out, h, c, act, lp, x, src[grp], W[grp], bias[grp], U[grp], Up[grp], grp,
                                 grp * L, cur + cell_k - diag_off[k], cell_k * B + b, b, nb, B, D, cell)
 
 
