@@ -16,7 +16,7 @@ from mdnumba.kernels.gemm import (
 )
 
 SHAPES = [(1, 1, 1), (3, 1, 5), (4, 2, 3), (7, 3, 4), (6, 19, 7), (5, 15, 6), (REDUCE_BLOCK + 5, 5, 6),
-          (2 * REDUCE_BLOCK, 4, 9)]
+          (2 * REDUCE_BLOCK, 4, 9), (37, 9, 45), (REDUCE_BLOCK + 3, 8, 70)]  # the last two: tiles
 
 
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 2e-5)])
@@ -140,16 +140,19 @@ def test_reductions_do_not_depend_on_thread_count(R, K, rng):
         assert np.array_equal(out, results[0][0]) and np.array_equal(s, results[0][1])
 
 
-@pytest.mark.parametrize("K", [1, 2, 7, 10])
-def test_weight_gradient_slices_along_k_change_no_sum(K, rng):
-    """Any number of K slices (even bounds, the last to K) gives every element the same sum."""
+@pytest.mark.parametrize("K,N", [(1, 5), (2, 5), (7, 5), (10, 5), (13, 70), (8, 40)])
+def test_weight_gradient_slices_along_k_change_no_sum(K, N, rng):
+    """Any number of K slices (bounds at multiples of 4, the last to K) gives every element the
+    same sum, in register tiles (K, N past a tile) or not (selected rows, not tiled)."""
     R = 2 * REDUCE_BLOCK + 6  # a tail of rows beyond the groups of four in the last block
     a = rng.standard_normal((R, K)).astype(np.float32)
-    b = rng.standard_normal((R, 5)).astype(np.float32)
-    for rows in (None, np.flatnonzero(rng.random(R) < 0.7)):
-        want = np.zeros((K, 5), np.float32)
-        _matmul_at_b(want, a, b, rows, 1)
-        for nk in range(2, max(K // 2, 1) + 1):
-            got = np.zeros((K, 5), np.float32)
-            _matmul_at_b(got, a, b, rows, nk)
+    b = rng.standard_normal((R, N)).astype(np.float32)
+    for rows, tiled in ((None, True), (None, False), (np.flatnonzero(rng.random(R) < 0.7), True)):
+        want = np.zeros((K, N), np.float32)
+        _matmul_at_b(want, a, b, rows, 1, tiled)
+        np.testing.assert_allclose(want, a[rows if rows is not None else slice(None)].astype(float).T
+                                   @ b[rows if rows is not None else slice(None)], rtol=1e-4, atol=1e-3)
+        for nk in range(2, max(K // 4, 1) + 1):
+            got = np.zeros((K, N), np.float32)
+            _matmul_at_b(got, a, b, rows, nk, tiled)
             assert np.array_equal(got, want), nk

@@ -13,10 +13,14 @@ import numpy as np
 from numba import njit, prange
 
 from ..config import NJIT_CHAIN_OPTS, NJIT_OPTS, NJIT_PARALLEL_OPTS, NJIT_SUM_OPTS
-from .simd import fma_tile, pack_panels
+from .simd import fma_tile, pack_panels, tile_width
 
 #: rows per partial sum in :func:`matmul_at_b`; fixed so results never depend on threads
 REDUCE_BLOCK = 1024
+#: :func:`_at_b_block`'s register tiles read the rows of ``bmat`` where they are, which pays
+#: while they are less than AT_B_TILE_BYTES apart (N = 160 float32: 1.3-1.5x); at N = 1024 the
+#: tiles, 4 KB per step apart, ran at half the rate of its other loops
+AT_B_TILE_BYTES = 2048
 #: rows per work item of :func:`matmul_rows` (each panel of the weights passes over them all)
 MATMUL_BLOCK = 16
 
@@ -128,7 +132,7 @@ def _matmul_rows(out, a, bmat, panels, bias, accumulate, rows):
             for i in range(first, last, 4):
                 r = _selected_four(rows, i, min(4, last - i))
                 fma_tile(out, (r[0] * N + p * W, r[1] * N + p * W, r[2] * N + p * W, r[3] * N + p * W),
-                         a, (r[0] * K, r[1] * K, r[2] * K, r[3] * K), 1, panels, p * K * W, K)
+                         a, (r[0] * K, r[1] * K, r[2] * K, r[3] * K), 1, panels, p * K * W, W, K)
         if P * W < N:
             for i in range(first, last, 4):
                 c = min(4, last - i)
@@ -144,25 +148,60 @@ def _selected_four(rows, i, c):
             np.int64(selected_row(rows, q[2])), np.int64(selected_row(rows, q[3])))
 
 
-@njit(**NJIT_SUM_OPTS)
-def _at_b_block(part, a, bmat, rows, r0, r1, k0, k1):
+@njit(**NJIT_OPTS)
+def _at_b_block(part, a, bmat, rows, r0, r1, k0, k1, tiled):
     """``part[k0:k1] = (a[sel]ᵀ @ bmat[sel])[k0:k1]`` (serial) for the rows ``sel`` = entries
-    r0..r1-1 of ``rows`` (None: rows r0..r1-1); k0 even, k1 even or K: four rows of ``bmat`` per
-    pass over ``part``, two rows of ``part`` at a time, so each loaded ``bmat`` value serves 8
+    r0..r1-1 of ``rows`` (None: rows r0..r1-1); k0 a multiple of 4, k1 too or K.
+
+    ``tiled`` (every row, C-contiguous ``a``, ``bmat``, ``part``; rows of ``bmat`` under
+    :data:`AT_B_TILE_BYTES`): the rows k < 4·(K // 4) and whole panels of W =
+    :func:`~mdnumba.kernels.simd.tile_width` columns as register tiles,
+    :func:`~mdnumba.kernels.simd.fma_tile` over the rows of ``bmat`` in place (each element a
+    chain of fused multiply-adds in row order); the rest by :func:`_at_b_rows`. Which elements
+    go which way depends on K and N only, so the numbers do not depend on the slicing."""
+    part[k0:k1] = 0.0
+    K, N = a.shape[1], bmat.shape[1]
+    kt, nt = k0, 0
+    if tiled and rows is None and N * part.itemsize < AT_B_TILE_BYTES:
+        W = tile_width(part)
+        kt, nt = max(k0, min(k1, 4 * (K // 4))), N // W * W
+        _at_b_tiles(part, a, r0, k0, kt, nt // W, bmat, r0 * N, W, N, r1 - r0)
+    if nt < N:
+        _at_b_rows(part, a, bmat, rows, r0, r1, k0, kt, nt)
+    _at_b_rows(part, a, bmat, rows, r0, r1, kt, k1, 0)
+
+
+@njit(**NJIT_OPTS)
+def _at_b_tiles(part, a, r0, k0, k1, P, b, b0, b_ps, b_rs, T):
+    """``part[k0:k1, :P·W] += a[r0:r0+T, k0:k1]ᵀ @ B`` as register tiles (k0, k1 multiples of 4),
+    B's panel p starting at element ``b0 + p·b_ps`` of ``b``, its row t ``t·b_rs`` further."""
+    K, N, W = a.shape[1], part.shape[1], tile_width(part)
+    for p in range(P):
+        for k in range(k0, k1, 4):
+            fma_tile(part, (k * N + p * W, (k + 1) * N + p * W, (k + 2) * N + p * W, (k + 3) * N + p * W),
+                     a, (r0 * K + k, r0 * K + k + 1, r0 * K + k + 2, r0 * K + k + 3), K,
+                     b, b0 + p * b_ps, b_rs, T)
+
+
+@njit(**NJIT_SUM_OPTS)
+def _at_b_rows(part, a, bmat, rows, r0, r1, k0, k1, n0):
+    """``part[k0:k1, n0:] += (a[sel]ᵀ @ bmat[sel])[k0:k1, n0:]`` (:func:`_at_b_block`'s rows
+    and columns past its tiles; k0 even, k1 even or K): four rows of ``bmat`` per pass over
+    ``part``, two rows of ``part`` at a time, so each loaded ``bmat`` value serves 8
     multiply-adds (the vectorised n loop runs over contiguous rows). Every ``part[k, n]`` adds
     ``(a0·b0 + a1·b1) + (a2·b2 + a3·b3)`` per four rows, in row order (up to the fused
     multiply-adds and reassociation of :data:`~mdnumba.config.NJIT_SUM_OPTS`), whatever k0, k1."""
-    part[k0:k1] = 0.0
-    N = bmat.shape[1]
+    n0 = max(n0, 0)  # provably >= 0: no wrap-around check, the n loops vectorise
+    N = bmat.shape[1] - n0
     i = r0
     while i + 4 <= r1:
         r, s = selected_row(rows, i), selected_row(rows, i + 1)
         t, u = selected_row(rows, i + 2), selected_row(rows, i + 3)
-        b0, b1, b2, b3 = bmat[r], bmat[s], bmat[t], bmat[u]
+        b0, b1, b2, b3 = bmat[r, n0:], bmat[s, n0:], bmat[t, n0:], bmat[u, n0:]
         for k in range(k0, k1 - 1, 2):
             a0, a1, a2, a3 = a[r, k], a[s, k], a[t, k], a[u, k]
             c0, c1, c2, c3 = a[r, k + 1], a[s, k + 1], a[t, k + 1], a[u, k + 1]
-            p0, p1 = part[k], part[k + 1]
+            p0, p1 = part[k, n0:], part[k + 1, n0:]
             for n in range(N):
                 x0, x1, x2, x3 = b0[n], b1[n], b2[n], b3[n]
                 p0[n] += (a0 * x0 + a1 * x1) + (a2 * x2 + a3 * x3)
@@ -170,7 +209,7 @@ def _at_b_block(part, a, bmat, rows, r0, r1, k0, k1):
         if (k1 - k0) % 2:  # K odd and k1 = K
             k = k1 - 1
             a0, a1, a2, a3 = a[r, k], a[s, k], a[t, k], a[u, k]
-            p0 = part[k]
+            p0 = part[k, n0:]
             for n in range(N):
                 p0[n] += (a0 * b0[n] + a1 * b1[n]) + (a2 * b2[n] + a3 * b3[n])
         i += 4
@@ -179,15 +218,15 @@ def _at_b_block(part, a, bmat, rows, r0, r1, k0, k1):
         for k in range(k0, k1):
             v = a[rr, k]
             for n in range(N):
-                part[k, n] += v * bmat[rr, n]
+                part[k, n0 + n] += v * bmat[rr, n0 + n]
 
 
 @njit(**NJIT_OPTS)
 def _k_slice(j, nk, K):
-    """Slice j of ``nk`` of the K rows of a weight gradient: even bounds (whole pairs of rows
-    for :func:`_at_b_block`), the last one up to K."""
-    pairs = K // 2
-    return 2 * (j * pairs // nk), (K if j == nk - 1 else 2 * ((j + 1) * pairs // nk))
+    """Slice j of ``nk`` of the K rows of a weight gradient: bounds at multiples of 4 (whole
+    register tiles for :func:`_at_b_block`), the last one up to K."""
+    quads = K // 4
+    return 4 * (j * quads // nk), (K if j == nk - 1 else 4 * ((j + 1) * quads // nk))
 
 
 def matmul_at_b(out, a, bmat, rows) -> None:
@@ -203,12 +242,12 @@ def matmul_at_b(out, a, bmat, rows) -> None:
     the numbers do not depend on the thread count.
     """
     nblk = -(-(a.shape[0] if rows is None else rows.shape[0]) // REDUCE_BLOCK)
-    nk = max(1, min(a.shape[1] // 2, -(-2 * numba.get_num_threads() // max(nblk, 1))))
-    _matmul_at_b(out, a, bmat, rows, nk)
+    nk = max(1, min(a.shape[1] // 4, -(-2 * numba.get_num_threads() // max(nblk, 1))))
+    _matmul_at_b(out, a, bmat, rows, nk, a.flags.c_contiguous and bmat.flags.c_contiguous)
 
 
 @njit(**NJIT_PARALLEL_OPTS)
-def _matmul_at_b(out, a, bmat, rows, nk):
+def _matmul_at_b(out, a, bmat, rows, nk, tiled):
     """:func:`matmul_at_b` with its row blocks cut into ``nk`` slices along K each."""
     R, K = (a.shape[0] if rows is None else rows.shape[0]), a.shape[1]
     nblk = (R + REDUCE_BLOCK - 1) // REDUCE_BLOCK
@@ -216,7 +255,7 @@ def _matmul_at_b(out, a, bmat, rows, nk):
     for t in prange(nblk * nk):
         q = t // nk
         k0, k1 = _k_slice(t % nk, nk, K)
-        _at_b_block(parts[q], a, bmat, rows, q * REDUCE_BLOCK, min(R, (q + 1) * REDUCE_BLOCK), k0, k1)
+        _at_b_block(parts[q], a, bmat, rows, q * REDUCE_BLOCK, min(R, (q + 1) * REDUCE_BLOCK), k0, k1, tiled)
     for q in range(nblk):
         out += parts[q]
 

@@ -48,17 +48,17 @@ def tile_width(x):
 
 
 @intrinsic
-def fma_tile(typingctx, c, crow, a, arow, a_cs, b, b0, T):
-    """``c[crow[i] + n] += Σ_{t<T} a[arow[i] + t·a_cs] · b[b0 + t·W + n]`` for the 4 rows i and
-    the W = :func:`tile_width` columns n: element offsets into the arrays' data (C order, no
-    bounds checks: the caller's), ``b`` a packed panel (row t at ``b0 + t·W``). A repeated row
-    gets the same numbers each time (all loads happen before the stores)."""
+def fma_tile(typingctx, c, crow, a, arow, a_cs, b, b0, b_rs, T):
+    """``c[crow[i] + n] += Σ_{t<T} a[arow[i] + t·a_cs] · b[b0 + t·b_rs + n]`` for the 4 rows i and
+    the W = :func:`tile_width` columns n: element offsets into the arrays' data (no bounds
+    checks: the caller's), ``b`` e.g. a packed panel (``b_rs`` = W, :func:`fill_panels`). A
+    repeated row gets the same numbers each time (all loads happen before the stores)."""
     if not all(isinstance(x, types.Array) for x in (c, a, b)) or not (c.dtype == a.dtype == b.dtype):
         return None
     if not all(isinstance(x, types.BaseTuple) and len(x) == TILE_ROWS for x in (crow, arow)):
         return None
     dtype = c.dtype
-    sig = types.void(c, crow, a, arow, a_cs, b, b0, T)
+    sig = types.void(c, crow, a, arow, a_cs, b, b0, b_rs, T)
 
     def codegen(context, builder, sig, args):
         ft = context.get_value_type(dtype)
@@ -73,7 +73,8 @@ def fma_tile(typingctx, c, crow, a, arow, a_cs, b, b0, T):
             return context.cast(builder, builder.extract_value(args[j], i), sig.args[j].types[i], types.int64)
 
         crows, arows = ([int64(j, i) for i in range(TILE_ROWS)] for j in (1, 3))
-        acs, b0_, steps = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (4, 6, 7))
+        acs, b0_, brs, steps = (context.cast(builder, args[i], sig.args[i], types.int64)
+                                for i in (4, 6, 7, 8))
 
         def vec(base, off):
             return builder.bitcast(builder.gep(base, [off]), vt.as_pointer())
@@ -87,7 +88,7 @@ def fma_tile(typingctx, c, crow, a, arow, a_cs, b, b0, T):
         undef, zeros = ir.Constant(vt, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), lanes), None)
         with cgutils.for_range(builder, steps) as loop:
             t = loop.index
-            brow = builder.add(b0_, builder.mul(t, i64(2 * lanes)))
+            brow = builder.add(b0_, builder.mul(t, brs))
             bv = [builder.load(vec(bp, builder.add(brow, i64(v * lanes))), align=size) for v in range(2)]
             at = builder.mul(t, acs)
             for i in range(TILE_ROWS):
@@ -136,4 +137,4 @@ def tile_rows(out, r, a, s, nb, panels):
     P, T, W = panels.shape
     for p in range(P):
         fma_tile(out, (ro[0] * N + p * W, ro[1] * N + p * W, ro[2] * N + p * W, ro[3] * N + p * W),
-                 a, (ra[0] * K, ra[1] * K, ra[2] * K, ra[3] * K), 1, panels, p * T * W, T)
+                 a, (ra[0] * K, ra[1] * K, ra[2] * K, ra[3] * K), 1, panels, p * T * W, W, T)
