@@ -13,7 +13,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..config import NJIT_CHAIN_OPTS, NJIT_OPTS, NJIT_PARALLEL_OPTS, NJIT_SUM_OPTS
-from .simd import fma_tile, pack_panels, tile_width
+from .simd import fma_tile, pack_panels, tile_width, tiles_pay
 
 #: rows per partial sum in :func:`matmul_at_b`; fixed so results never depend on threads
 REDUCE_BLOCK = 1024
@@ -110,9 +110,10 @@ def matmul_rows(out, a, bmat, bias, accumulate: bool, rows) -> None:
     ``a`` (R, K), ``bmat`` (K, N), ``bias`` (N,) (ignored when accumulating). ``bmat`` is packed
     into column panels (:func:`~mdnumba.kernels.simd.pack_panels`) for
     :func:`~mdnumba.kernels.simd.fma_tile`; the last N % W columns, and everything when ``out``
-    or ``a`` is not C-contiguous, go through :func:`rows_product`. The numbers are the same.
+    or ``a`` is not C-contiguous or K < 4 (a tile's loads and stores of ``out`` would outweigh
+    its few steps), go through :func:`rows_product`. The numbers are the same.
     """
-    tiled = out.flags.c_contiguous and a.flags.c_contiguous
+    tiled = out.flags.c_contiguous and a.flags.c_contiguous and a.shape[1] >= 4
     panels = pack_panels(bmat) if tiled else np.empty((0, bmat.shape[0], 1), bmat.dtype)
     _matmul_rows(out, a, bmat, panels, bias, accumulate, rows)
 
@@ -154,19 +155,19 @@ def _at_b_block(part, a, bmat, rows, r0, r1, k0, k1, tiled):
     r0..r1-1 of ``rows`` (None: rows r0..r1-1); k0 a multiple of 4, k1 too or K.
 
     ``tiled`` (every row, C-contiguous ``a``, ``bmat``, ``part``; rows of ``bmat`` under
-    :data:`AT_B_TILE_BYTES`): the rows k < 4·(K // 4) and whole panels of W =
-    :func:`~mdnumba.kernels.simd.tile_width` columns as register tiles,
-    :func:`~mdnumba.kernels.simd.fma_tile` over the rows of ``bmat`` in place (each element a
-    chain of fused multiply-adds in row order); the rest by :func:`_at_b_rows`. Which elements
-    go which way depends on K and N only, so the numbers do not depend on the slicing."""
+    :data:`AT_B_TILE_BYTES` where :func:`~mdnumba.kernels.simd.tiles_pay`): the rows k <
+    4·(K // 4) and whole panels of W = :func:`~mdnumba.kernels.simd.tile_width` columns as
+    register tiles, :func:`~mdnumba.kernels.simd.fma_tile` over the rows of ``bmat`` in place
+    (each element a chain of fused multiply-adds in row order); the rest by :func:`_at_b_rows`.
+    Which elements go which way depends on K and N only: the numbers do not depend on slicing."""
     part[k0:k1] = 0.0
     K, N = a.shape[1], bmat.shape[1]
     kt, nt = k0, 0
-    if tiled and rows is None and N * part.itemsize < AT_B_TILE_BYTES:
-        W = tile_width(part)
+    W = tile_width(part)
+    if tiled and rows is None and N * part.itemsize < AT_B_TILE_BYTES and tiles_pay(N, W):
         kt, nt = max(k0, min(k1, 4 * (K // 4))), N // W * W
         _at_b_tiles(part, a, r0, k0, kt, nt // W, bmat, r0 * N, W, N, r1 - r0)
-    if nt < N:
+    if kt > k0 and nt < N:
         _at_b_rows(part, a, bmat, rows, r0, r1, k0, kt, nt)
     _at_b_rows(part, a, bmat, rows, r0, r1, kt, k1, 0)
 

@@ -169,19 +169,20 @@ def _recurrent_forward(act, h, U, Up, parent, base, s, b, nb, B, D):
     for d in range(N):
         p = parent[s, d]
         if p >= 0:
-            tile_rows(act, r, h, base + p * B + b, nb, Up[d])
+            if done > 0:
+                tile_rows(act, r, h, base + p * B + b, nb, Up[d])
             if done < G:
                 _product_rows(act, r, h, base + p * B + b, U, d * G, done, G, D, nb)
 
 
 def pack_recurrent(U, N: int):
     """``U`` (S, D, N*G) as the register-tile panels of each scan and parent, (S, N, G // W, D, W)
-    (:func:`~mdnumba.kernels.simd.fill_panels`); C-contiguous ``act`` and ``h`` are the sweeps'
-    other condition for them."""
+    (:func:`~mdnumba.kernels.simd.fill_panels`; none unless :func:`~mdnumba.kernels.simd.tiles_pay`);
+    C-contiguous ``act`` and ``h`` are the sweeps' other condition for them."""
     S, D = U.shape[:2]
     G = U.shape[2] // N
     W = 2 * simd.VECTOR_BYTES // U.dtype.itemsize
-    Up = np.empty((S, N, G // W, D, W), U.dtype)
+    Up = np.empty((S, N, G // W if simd.tiles_pay(G, W) else 0, D, W), U.dtype)
     _pack_recurrent(Up, U)
     return Up
 
