@@ -81,6 +81,20 @@ def test_unrolled_kernel_paths_finite_differences(cell, ndim, shape, rng):
     check_layer_gradients(layer, rng.standard_normal(shape), rng)
 
 
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("ndim,shape,kw", [(2, (7, 2, 3, 2), {}), (1, (7, 4, 2), {"directions": 2}),
+                                           (3, (1, 2, 2, 2, 1), {"directions": 8})])
+def test_register_tile_paths_match_reference_and_finite_differences(cell, ndim, shape, kw, rng):
+    """hidden 16 in float64: whole register tiles (16 columns with AVX-512, else 8) of the gate
+    rows in the forward products and of dh in the backward pulls; a batch of 7: tiles of four
+    rows, the last one repeating its last row."""
+    layer = make(ndim, shape[-1], 16, seed=6, dtype=np.float64, cell=cell, **kw)
+    layer.params.data[...] += rng.standard_normal(layer.params.data.shape) * 0.3
+    x = rng.standard_normal(shape)
+    check_against_reference(layer, x, rng.standard_normal(layer.forward(x).shape), 1e-12)
+    check_layer_gradients(layer, x, rng)
+
+
 @pytest.mark.parametrize("dims", [(5, 5), (3, 7), (2, 3, 4), (4, 1, 3)])
 def test_cells_of_a_hyperplane_stay_in_row_major_order(dims):
     """``perm`` lists each hyperplane's cells in row-major order (mdnumba.grid's layout), and

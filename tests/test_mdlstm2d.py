@@ -14,10 +14,10 @@ SHAPES = [(2, 3, 4, 3), (1, 1, 5, 2), (2, 4, 1, 2), (3, 3, 7, 1), (2, 5, 5, 4), 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-12), (np.float32, 1e-5)])
-@pytest.mark.parametrize("hidden", [3, 9])
+@pytest.mark.parametrize("hidden", [3, 9, 16])
 def test_forward_backward_match_reference(shape, dtype, rtol, hidden, rng):
     """Hidden 9: 45 gate columns, register tiles (16 float64 or 32 float32 columns with
-    AVX-512) and the columns past them."""
+    AVX-512) and the columns past them; hidden 16: float64 tiles of dh in the backward sweep."""
     layer = MDLSTM2D(shape[-1], hidden, seed=7, dtype=dtype)
     x = rng.standard_normal(shape).astype(dtype)
     check_against_reference(layer, x, rng.standard_normal(shape[:-1] + (hidden,)), rtol)
@@ -34,8 +34,10 @@ def test_named_views_are_up_and_left(rng):
 
 @pytest.mark.parametrize("shape", [(2, 3, 4, 2), (1, 2, 3, 1)])
 @pytest.mark.parametrize("zeros", [False, True])
-def test_gradients_finite_differences(shape, zeros, rng):
-    layer = MDLSTM2D(shape[-1], 3, seed=3, dtype=np.float64)
+@pytest.mark.parametrize("hidden", [3, 16])
+def test_gradients_finite_differences(shape, zeros, hidden, rng):
+    """Hidden 16: register tiles in both sweeps (float64, 16 columns)."""
+    layer = MDLSTM2D(shape[-1], hidden, seed=3, dtype=np.float64)
     layer.params.b[...] = rng.standard_normal(layer.params.b.shape) * 0.5
     x = np.zeros(shape) if zeros else rng.standard_normal(shape)
     check_layer_gradients(layer, x, rng)

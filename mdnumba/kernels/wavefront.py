@@ -420,8 +420,9 @@ def _sweep_infer_batched(out, h, c, act, lps, x, src, W, bias, U, Up, diag_off, 
 
 
 @njit(**NJIT_SUM_OPTS)
-def _pull_rows(dh, r, dact, cr, U, off, G, D, nb):
-    """``dh[r+i, j] += Σ_g dact[cr+i, g] · U[j, off+g]`` for the ``nb`` (1 .. 4) consecutive rows i:
+def _pull_rows(dh, r, dact, cr, U, off, G, D, nb, j0):
+    """``dh[r+i, j] += Σ_g dact[cr+i, g] · U[j, off+g]`` for the ``nb`` (1 .. 4) consecutive rows i
+    and the units j0 <= j < D (those past :func:`_recurrent_backward`'s tiles; j0 a multiple of 4):
     dot products over the G contiguous gate columns (vectorised reductions), four units per
     pass over the child's gate row; the rows in groups of four or fewer (:func:`_product_rows`)
     sharing every load of U (four rows: 16 partial sums in vector registers)."""
@@ -430,7 +431,7 @@ def _pull_rows(dh, r, dact, cr, U, off, G, D, nb):
     while i < nb:
         m = group_size(nb - i)
         a, c = r + i, cr + i
-        j = 0
+        j = j0
         while j + 4 <= D:
             if m == 4:
                 _pull4(dh, a, dact, c, U, off, G, j)
@@ -488,16 +489,46 @@ def _pull4(dh, a, dact, c, U, off, G, j):
 
 
 @njit(**NJIT_OPTS)
-def _recurrent_backward(dh, dact, U, child, base, s, b, nb, B, D):
+def _recurrent_backward(dh, dact, U, Ut, child, base, s, b, nb, B, D):
     """``dh[r] += Σ_d U_dᵀ da_child_d`` for the ``nb`` rows ``r = base + s*B + b + i``, pulled from
-    the children on the finished hyperplane."""
+    the children on the finished hyperplane: the whole panels of ``Ut[d]``
+    (:func:`pack_recurrent_t`) as register tiles (every element a chain of fused multiply-adds
+    over the G gate columns), the last D % W units by :func:`_pull_rows`."""
     N = child.shape[1]
     G = (N + 3) * D
     r = base + s * B + b
+    done = Ut.shape[1] * Ut.shape[3]
     for d in range(N):
         ch = child[s, d]
         if ch >= 0:
-            _pull_rows(dh, r, dact, base + ch * B + b, U, d * G, G, D, nb)
+            if done > 0:
+                tile_rows(dh, r, dact, base + ch * B + b, nb, Ut[d])
+            if done < D:
+                _pull_rows(dh, r, dact, base + ch * B + b, U, d * G, G, D, nb, done)
+
+
+def pack_recurrent_t(U, N: int):
+    """``U`` (S, D, N*G) transposed into the register-tile panels of each scan and parent, (S, N,
+    D // W, G, W): panel p holds units ``p*W .. p*W + W - 1`` of ``U_dᵀ`` (G, D); none unless
+    :func:`~mdnumba.kernels.simd.tiles_pay` on D."""
+    S, D = U.shape[:2]
+    G = U.shape[2] // N
+    W = 2 * simd.VECTOR_BYTES // U.dtype.itemsize
+    Ut = np.empty((S, N, D // W if simd.tiles_pay(D, W) else 0, G, W), U.dtype)
+    _pack_recurrent_t(Ut, U)
+    return Ut
+
+
+@njit(**NJIT_OPTS)
+def _pack_recurrent_t(Ut, U):
+    """:func:`pack_recurrent_t` (serial: a copy of the weights)."""
+    N, P, G, W = Ut.shape[1:]
+    for q in range(Ut.shape[0]):
+        for d in range(N):
+            for p in range(P):
+                for g in range(G):
+                    for n in range(W):
+                        Ut[q, d, p, g, n] = U[q, p * W + n, d * G + g]
 
 
 @njit(**NJIT_OPTS)
@@ -519,29 +550,31 @@ def wavefront_backward(dact, dc, dh, act, c, U, diag_off, parent, child, B: int,
     on :func:`mdnumba.grid.padding_edge`).
     ``schedule`` as in :func:`wavefront_forward`.
     """
+    _tiled(dh, dact)
+    Ut = pack_recurrent_t(U, parent.shape[1])
     nblk = batch_blocks(U.shape[0], B, diag_off, items, schedule)
     if nblk:
-        _sweep_backward_batched(dact, dc, dh, act, c, U, diag_off, parent, child, B, D, cell, nblk)
+        _sweep_backward_batched(dact, dc, dh, act, c, U, Ut, diag_off, parent, child, B, D, cell, nblk)
     else:
-        _sweep_backward(dact, dc, dh, act, c, U, diag_off, *_items_or_all(items, diag_off),
+        _sweep_backward(dact, dc, dh, act, c, U, Ut, diag_off, *_items_or_all(items, diag_off),
                         parent, child, B, D, cell)
 
 
 @njit(**NJIT_PARALLEL_OPTS)
-def _sweep_backward(dact, dc, dh, act, c, U, diag_off, items_off, items, parent, child, B, D, cell):
+def _sweep_backward(dact, dc, dh, act, c, U, Ut, diag_off, items_off, items, parent, child, B, D, cell):
     """:func:`wavefront_backward`, a ``prange`` per hyperplane."""
     MB = parent.shape[0] * B
     for k in range(diag_off.shape[0] - 2, -1, -1):
         first, n = _plane(k, diag_off, items_off, B)
         for t in prange(U.shape[0] * n):
             grp, s, b, nb = _work_item(t, first, n, items, B)
-            _recurrent_backward(dh, dact, U[grp], child, grp * MB, s, b, nb, B, D)
+            _recurrent_backward(dh, dact, U[grp], Ut[grp], child, grp * MB, s, b, nb, B, D)
             for bb in range(b, b + nb):
                 _cell_backward(dact, dc, dh, act, c, parent, child, grp * MB, s, bb, B, D, cell)
 
 
 @njit(**NJIT_PARALLEL_OPTS)
-def _sweep_backward_batched(dact, dc, dh, act, c, U, diag_off, parent, child, B, D, cell, nblk):
+def _sweep_backward_batched(dact, dc, dh, act, c, U, Ut, diag_off, parent, child, B, D, cell, nblk):
     """:func:`wavefront_backward` in ``nblk`` blocks of work streams, cells in reverse order."""
     MB = parent.shape[0] * B
     n = U.shape[0] * groups(B)
@@ -549,7 +582,7 @@ def _sweep_backward_batched(dact, dc, dh, act, c, U, diag_off, parent, child, B,
         for s in range(diag_off[diag_off.shape[0] - 1] - 1, diag_off[0] - 1, -1):
             for t in range(blk * n // nblk, (blk + 1) * n // nblk):
                 grp, b, nb = _stream(t, B)
-                _recurrent_backward(dh, dact, U[grp], child, grp * MB, s, b, nb, B, D)
+                _recurrent_backward(dh, dact, U[grp], Ut[grp], child, grp * MB, s, b, nb, B, D)
                 for bb in range(b, b + nb):
                     _cell_backward(dact, dc, dh, act, c, parent, child, grp * MB, s, bb, B, D, cell)
 
