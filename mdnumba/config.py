@@ -135,14 +135,28 @@ def tune_malloc() -> str:
     return ", ".join(done) or "off (mallopt refused)"
 
 
+def host_vector_bytes() -> int:
+    """Bytes per vector register of the host CPU for the register tiles: 64 with AVX-512F, else 32."""
+    try:
+        from llvmlite import binding
+        return 64 if binding.get_host_cpu_features().get("avx512f", False) else 32
+    except RuntimeError:  # features unknown
+        return 32
+
+
 #: CUDA sweep paths: auto (cooperative, falling back), cooperative, per-diagonal
 CUDA_PATHS = ("auto", "cooperative", "per-diagonal")
 
 try:
     FASTMATH: bool = env_flag("MDNUMBA_FASTMATH", False)
-    #: Numba's on-disk cache, keyed also on the kernel sources and FASTMATH (mdnumba.kernel_cache)
-    CACHE: bool = (env_flag("MDNUMBA_CACHE", True)
-                   and kernel_cache.install("fastmath" if FASTMATH else "exact"))
+    #: bytes per vector of the CPU register tiles (:mod:`mdnumba.kernels.simd`): the host's
+    #: (:func:`host_vector_bytes`) unless ``MDNUMBA_VECTOR_BYTES`` says 32 or 64
+    VECTOR_BYTES: int = int(env_choice("MDNUMBA_VECTOR_BYTES", str(host_vector_bytes()), ("32", "64")))
+    #: Numba's on-disk cache, keyed also on the kernel sources, FASTMATH and a VECTOR_BYTES that
+    #: is not the host's (mdnumba.kernel_cache; the CPU itself is in Numba's key)
+    _VARIANT = ("fastmath" if FASTMATH else "exact") + \
+        ("" if VECTOR_BYTES == host_vector_bytes() else f"-v{VECTOR_BYTES}")
+    CACHE: bool = env_flag("MDNUMBA_CACHE", True) and kernel_cache.install(_VARIANT)
     THREADS_PER_BLOCK: int = env_int("MDNUMBA_THREADS_PER_BLOCK", 128, high=256)
     CUDA_ROWS_PER_THREAD: int = env_int("MDNUMBA_CUDA_ROWS_PER_THREAD", 4, high=64)
     CUDA_PATH: str = env_choice("MDNUMBA_CUDA_PATH", "auto", CUDA_PATHS)

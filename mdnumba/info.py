@@ -55,6 +55,8 @@ def collect_info() -> dict[str, str]:
         "malloc tuning": config.MALLOC_TUNING,
         "default dtype": np.dtype(config.DEFAULT_DTYPE).name,
         "fastmath": str(config.FASTMATH),
+        "cpu register tiles": f"{config.VECTOR_BYTES}-byte vectors (host: {config.host_vector_bytes()}; "
+                              "MDNUMBA_VECTOR_BYTES)",
         "kernel cache": kernel_cache.describe() if config.CACHE else "off (MDNUMBA_CACHE=0 or unknown Numba)",
         "cuda": cuda_status(),
         "cuda sweep path": cuda_sweep_path(),

@@ -35,6 +35,7 @@ def test_info(runner):
     if config.CACHE:  # where the kernels are cached, per fastmath setting
         assert "exact" in res.output or "fastmath" in res.output
     assert f"malloc tuning: {config.MALLOC_TUNING}" in res.output
+    assert f"cpu register tiles: {config.VECTOR_BYTES}-byte vectors" in res.output
 
 
 def test_train_writes_log_and_checkpoint(runner, tmp_path):

@@ -10,7 +10,8 @@ output. Every element is the chain ``c + a_0·b_0 + a_1·b_1 + …`` in t order,
 multiply-add per term: the numbers of :func:`gemm.quad_product`, bit for bit.
 
 Vectors are :data:`VECTOR_BYTES` wide: 64 with AVX-512 (16 float32), else 32, so that the
-8 accumulators, 2 operands and a broadcast fit in the 16 registers of AVX2. A tile is
+8 accumulators, 2 operands and a broadcast fit in the 16 registers of AVX2
+(``MDNUMBA_VECTOR_BYTES`` chooses; LLVM splits wider vectors than the CPU has). A tile is
 :func:`tile_width` columns; :func:`pack_panels` lays ``b`` out as such column panels,
 contiguous along t.
 """
@@ -18,25 +19,16 @@ contiguous along t.
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import binding as llvm_binding
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .. import config
 from ..config import NJIT_OPTS
 
-
-def _host_vector_bytes() -> int:
-    """64 where the host CPU has AVX-512F, else 32."""
-    try:
-        return 64 if llvm_binding.get_host_cpu_features().get("avx512f", False) else 32
-    except RuntimeError:  # features unknown
-        return 32
-
-
-#: bytes per vector register of :func:`fma_tile`
-VECTOR_BYTES = _host_vector_bytes()
+#: bytes per vector register of :func:`fma_tile` (:data:`mdnumba.config.VECTOR_BYTES`)
+VECTOR_BYTES = config.VECTOR_BYTES
 #: rows of a tile
 TILE_ROWS = 4
 

@@ -181,7 +181,7 @@ def pack_recurrent(U, N: int):
     C-contiguous ``act`` and ``h`` are the sweeps' other condition for them."""
     S, D = U.shape[:2]
     G = U.shape[2] // N
-    W = 2 * simd.VECTOR_BYTES // U.dtype.itemsize
+    W = simd.tile_width(U)
     Up = np.empty((S, N, G // W if simd.tiles_pay(G, W) else 0, D, W), U.dtype)
     _pack_recurrent(Up, U)
     return Up
@@ -513,7 +513,7 @@ def pack_recurrent_t(U, N: int):
     :func:`~mdnumba.kernels.simd.tiles_pay` on D."""
     S, D = U.shape[:2]
     G = U.shape[2] // N
-    W = 2 * simd.VECTOR_BYTES // U.dtype.itemsize
+    W = simd.tile_width(U)
     Ut = np.empty((S, N, D // W if simd.tiles_pay(D, W) else 0, G, W), U.dtype)
     _pack_recurrent_t(Ut, U)
     return Ut
