@@ -51,7 +51,7 @@ def tiles_pay(N, W):
 def fma_tile(typingctx, c, crow, a, arow, a_cs, b, b0, b_rs, T):
     """``c[crow[i] + n] += Σ_{t<T} a[arow[i] + t·a_cs] · b[b0 + t·b_rs + n]`` for the 4 rows i and
     the W = :func:`tile_width` columns n: element offsets into the arrays' data (no bounds
-    checks: the caller's), ``b`` e.g. a packed panel (``b_rs`` = W, :func:`fill_panels`). A
+    checks: the caller's), ``b`` e.g. a packed panel (``b_rs`` = W, :func:`pack_panels`). A
     repeated row gets the same numbers each time (all loads happen before the stores)."""
     if not all(isinstance(x, types.Array) for x in (c, a, b)) or not (c.dtype == a.dtype == b.dtype):
         return None
@@ -111,25 +111,19 @@ def fma_tile(typingctx, c, crow, a, arow, a_cs, b, b0, b_rs, T):
 def pack_panels(b):
     """``b`` (K, N) as panels (N // W, K, W) of W = :func:`tile_width` columns, each contiguous
     along K (the last N % W columns are left out). Serial: a copy of the weights, no fork."""
-    out = np.empty((b.shape[1] // tile_width(b), b.shape[0], tile_width(b)), b.dtype)
-    fill_panels(out, b, 0)
-    return out
-
-
-@njit(**NJIT_OPTS)
-def fill_panels(out, b, n0):
-    """``out[p, k, n] = b[k, n0 + p·W + n]``: the panels of ``b``'s columns from ``n0`` on."""
-    W = out.shape[2]
+    W = tile_width(b)
+    out = np.empty((b.shape[1] // W, b.shape[0], W), b.dtype)
     for p in range(out.shape[0]):
         for k in range(out.shape[1]):
             for n in range(W):
-                out[p, k, n] = b[k, n0 + p * W + n]
+                out[p, k, n] = b[k, p * W + n]
+    return out
 
 
 @njit(**NJIT_OPTS)
 def tile_rows(out, r, a, s, nb, panels):
     """``out[r+i, :P·W] += a[s+i] @ B`` for the ``nb`` (1 .. 4) consecutive rows i, B the panels
-    (P, K, W) (:func:`fill_panels`), ``out`` and ``a`` C-contiguous: one :func:`fma_tile` per
+    (P, K, W) (:func:`pack_panels`), ``out`` and ``a`` C-contiguous: one :func:`fma_tile` per
     panel, rows past nb repeating the last."""
     N, K = out.shape[1], a.shape[1]
     ro, ra = (r, r + min(1, nb - 1), r + min(2, nb - 1), r + min(3, nb - 1)), \

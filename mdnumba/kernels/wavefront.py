@@ -175,25 +175,33 @@ def _recurrent_forward(act, h, U, Up, parent, base, s, b, nb, B, D):
                 _product_rows(act, r, h, base + p * B + b, U, d * G, done, G, D, nb)
 
 
-def pack_recurrent(U, N: int):
-    """``U`` (S, D, N*G) as the register-tile panels of each scan and parent, (S, N, G // W, D, W)
-    (:func:`~mdnumba.kernels.simd.fill_panels`; none unless :func:`~mdnumba.kernels.simd.tiles_pay`);
-    C-contiguous ``act`` and ``h`` are the sweeps' other condition for them."""
+def pack_recurrent(U, N: int, transposed: bool = False):
+    """``U`` (S, D, N*G) as the register-tile panels (:func:`~mdnumba.kernels.simd.tile_rows`) of
+    each scan and parent: (S, N, G // W, D, W) of ``U_d`` for the forward products, or
+    ``transposed`` (S, N, D // W, G, W) of ``U_dᵀ`` for the backward pulls (panel p: units
+    ``p*W .. p*W + W - 1``); none unless :func:`~mdnumba.kernels.simd.tiles_pay` on the panels'
+    rows (G, or D). C-contiguous ``act`` and ``h`` are the sweeps' other condition for them."""
     S, D = U.shape[:2]
     G = U.shape[2] // N
     W = simd.tile_width(U)
-    Up = np.empty((S, N, G // W if simd.tiles_pay(G, W) else 0, D, W), U.dtype)
-    _pack_recurrent(Up, U)
-    return Up
+    cols, steps = (D, G) if transposed else (G, D)
+    panels = np.empty((S, N, cols // W if simd.tiles_pay(cols, W) else 0, steps, W), U.dtype)
+    _pack_recurrent(panels, U, transposed)
+    return panels
 
 
 @njit(**NJIT_OPTS)
-def _pack_recurrent(Up, U):
+def _pack_recurrent(panels, U, transposed):
     """:func:`pack_recurrent` (serial: a copy of the weights)."""
-    G = U.shape[2] // Up.shape[1]
-    for q in range(Up.shape[0]):
-        for d in range(Up.shape[1]):
-            simd.fill_panels(Up[q, d], U[q], d * G)
+    N, P, T, W = panels.shape[1:]
+    G = U.shape[2] // N
+    for q in range(panels.shape[0]):
+        for d in range(N):
+            for p in range(P):
+                for t in range(T):
+                    for n in range(W):
+                        panels[q, d, p, t, n] = (U[q, p * W + n, d * G + t] if transposed
+                                                 else U[q, t, d * G + p * W + n])
 
 
 def _tiled(*arrays) -> None:
@@ -492,7 +500,7 @@ def _pull4(dh, a, dact, c, U, off, G, j):
 def _recurrent_backward(dh, dact, U, Ut, child, base, s, b, nb, B, D):
     """``dh[r] += Σ_d U_dᵀ da_child_d`` for the ``nb`` rows ``r = base + s*B + b + i``, pulled from
     the children on the finished hyperplane: the whole panels of ``Ut[d]``
-    (:func:`pack_recurrent_t`) as register tiles (every element a chain of fused multiply-adds
+    (:func:`pack_recurrent`) as register tiles (every element a chain of fused multiply-adds
     over the G gate columns), the last D % W units by :func:`_pull_rows`."""
     N = child.shape[1]
     G = (N + 3) * D
@@ -505,30 +513,6 @@ def _recurrent_backward(dh, dact, U, Ut, child, base, s, b, nb, B, D):
                 tile_rows(dh, r, dact, base + ch * B + b, nb, Ut[d])
             if done < D:
                 _pull_rows(dh, r, dact, base + ch * B + b, U, d * G, G, D, nb, done)
-
-
-def pack_recurrent_t(U, N: int):
-    """``U`` (S, D, N*G) transposed into the register-tile panels of each scan and parent, (S, N,
-    D // W, G, W): panel p holds units ``p*W .. p*W + W - 1`` of ``U_dᵀ`` (G, D); none unless
-    :func:`~mdnumba.kernels.simd.tiles_pay` on D."""
-    S, D = U.shape[:2]
-    G = U.shape[2] // N
-    W = simd.tile_width(U)
-    Ut = np.empty((S, N, D // W if simd.tiles_pay(D, W) else 0, G, W), U.dtype)
-    _pack_recurrent_t(Ut, U)
-    return Ut
-
-
-@njit(**NJIT_OPTS)
-def _pack_recurrent_t(Ut, U):
-    """:func:`pack_recurrent_t` (serial: a copy of the weights)."""
-    N, P, G, W = Ut.shape[1:]
-    for q in range(Ut.shape[0]):
-        for d in range(N):
-            for p in range(P):
-                for g in range(G):
-                    for n in range(W):
-                        Ut[q, d, p, g, n] = U[q, p * W + n, d * G + g]
 
 
 @njit(**NJIT_OPTS)
@@ -551,7 +535,7 @@ def wavefront_backward(dact, dc, dh, act, c, U, diag_off, parent, child, B: int,
     ``schedule`` as in :func:`wavefront_forward`.
     """
     _tiled(dh, dact)
-    Ut = pack_recurrent_t(U, parent.shape[1])
+    Ut = pack_recurrent(U, parent.shape[1], transposed=True)
     nblk = batch_blocks(U.shape[0], B, diag_off, items, schedule)
     if nblk:
         _sweep_backward_batched(dact, dc, dh, act, c, U, Ut, diag_off, parent, child, B, D, cell, nblk)
