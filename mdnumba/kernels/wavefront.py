@@ -128,7 +128,7 @@ def _product_rows(act, r, h, pr, U, off, col, G, D, nb):
             if m == 1:
                 for g in range(G):
                     act[a, col + g] += ((h0 * U[j, off + g] + h1 * U[j + 1, off + g])
-                                  + (h2 * U[j + 2, off + g] + h3 * U[j + 3, off + g]))
+                                        + (h2 * U[j + 2, off + g] + h3 * U[j + 3, off + g]))
             else:
                 k0, k1, k2, k3 = h[p + 1, j], h[p + 1, j + 1], h[p + 1, j + 2], h[p + 1, j + 3]
                 if m == 2:
