@@ -122,12 +122,18 @@ def pack_panels(b):
 
 @njit(**NJIT_OPTS)
 def tile_rows(out, r, a, s, nb, panels):
-    """``out[r+i, :P·W] += a[s+i] @ B`` for the ``nb`` (1 .. 4) consecutive rows i, B the panels
-    (P, K, W) (:func:`pack_panels`), ``out`` and ``a`` C-contiguous: one :func:`fma_tile` per
-    panel, rows past nb repeating the last."""
+    """``out[r+i, :P·W] += a[s+i] @ B`` for the ``nb`` (1 .. 4) consecutive rows i
+    (:func:`tile_quad`, rows past nb repeating the last)."""
+    tile_quad(out, (r, r + min(1, nb - 1), r + min(2, nb - 1), r + min(3, nb - 1)), a,
+              (s, s + min(1, nb - 1), s + min(2, nb - 1), s + min(3, nb - 1)), panels)
+
+
+@njit(**NJIT_OPTS)
+def tile_quad(out, ro, a, ra, panels):
+    """``out[ro[i], :P·W] += a[ra[i]] @ B`` for the 4-tuples of rows ``ro``, ``ra`` (repeats
+    allowed), B the panels (P, K, W) (:func:`pack_panels`), ``out`` and ``a`` C-contiguous: one
+    :func:`fma_tile` per panel."""
     N, K = out.shape[1], a.shape[1]
-    ro, ra = (r, r + min(1, nb - 1), r + min(2, nb - 1), r + min(3, nb - 1)), \
-        (s, s + min(1, nb - 1), s + min(2, nb - 1), s + min(3, nb - 1))
     P, T, W = panels.shape
     for p in range(P):
         fma_tile(out, (ro[0] * N + p * W, ro[1] * N + p * W, ro[2] * N + p * W, ro[3] * N + p * W),

@@ -38,7 +38,7 @@ from ..grid import ROWS
 from . import simd, vexp
 from .cell import build
 from .gemm import four_rows, rows_product, selected_row
-from .simd import tile_rows
+from .simd import tile_quad, tile_rows
 
 _CELL = build(njit(inline="always", **NJIT_OPTS), exp=vexp.exp, sigmoid=vexp.sigmoid)
 _row_forward = _CELL["row_forward"]
@@ -356,18 +356,21 @@ def wavefront_infer(out, h, c, act, lp, x, src, W, bias, U, diag_off, parent, fi
     """
     _tiled(h, act)
     Up = pack_recurrent(U, parent.shape[1])
+    Wp = pack_recurrent(W, 1)[:, 0]  # the input weights' panels, as matmul_rows': K >= 4
+    if W.shape[1] < 4 or not x.flags.c_contiguous:
+        Wp = Wp[:, :0]
     nblk = batch_blocks(U.shape[0], B, diag_off, items, schedule)
     if nblk:
         lps = np.empty((nblk,) + lp.shape, lp.dtype)
-        _sweep_infer_batched(out, h, c, act, lps, x, src, W, bias, U, Up, diag_off, parent, first, last,
+        _sweep_infer_batched(out, h, c, act, lps, x, src, W, Wp, bias, U, Up, diag_off, parent, first, last,
                              B, D, cell)
     else:
-        _sweep_infer(out, h, c, act, lp, x, src, W, bias, U, Up, diag_off, *_items_or_all(items, diag_off),
-                     parent, first, last, B, D, cell)
+        _sweep_infer(out, h, c, act, lp, x, src, W, Wp, bias, U, Up, diag_off,
+                     *_items_or_all(items, diag_off), parent, first, last, B, D, cell)
 
 
 @njit(**NJIT_OPTS)
-def _infer_item(out, h, c, act, lp, x, src, W, bias, U, Up, grp, base, slot, row, b, nb, B, D, cell):
+def _infer_item(out, h, c, act, lp, x, src, W, Wp, bias, U, Up, grp, base, slot, row, b, nb, B, D, cell):
     """Work item (cell in two-plane ``slot``, batch rows b .. b+nb-1; ``row`` = cell*B + b in
     ``src``) of scan ``grp``, whose slab starts at row ``base``: input projection, recurrent
     products, cell, h into ``out[:, grp]``."""
@@ -376,10 +379,14 @@ def _infer_item(out, h, c, act, lp, x, src, W, bias, U, Up, grp, base, slot, row
     for i in range(nb):
         act[r + i, :] = bias
         live += src[row + i] >= 0
-    if live == nb:  # the input projection of all nb rows at once
-        q = four_rows(row, nb)
+    if live == nb:  # the input projection of all nb rows at once: tiles, then the last columns
+        q, rr = four_rows(row, nb), four_rows(r, nb)
         ss = (np.int64(src[q[0]]), np.int64(src[q[1]]), np.int64(src[q[2]]), np.int64(src[q[3]]))
-        rows_product(act, four_rows(r, nb), x, ss, nb, W)
+        done = Wp.shape[0] * Wp.shape[2]
+        if done > 0:
+            tile_quad(act, rr, x, ss, Wp)
+        if done < act.shape[1]:
+            rows_product(act, rr, x, ss, nb, W, done)
     else:  # rows of zero input (src -1) among them: the others one at a time, the same numbers
         for i in range(nb):
             j = np.int64(src[row + i])
@@ -394,7 +401,7 @@ def _infer_item(out, h, c, act, lp, x, src, W, bias, U, Up, grp, base, slot, row
 
 
 @njit(**NJIT_PARALLEL_OPTS)
-def _sweep_infer(out, h, c, act, lp, x, src, W, bias, U, Up, diag_off, items_off, items, parent,
+def _sweep_infer(out, h, c, act, lp, x, src, W, Wp, bias, U, Up, diag_off, items_off, items, parent,
                  first, last, B, D, cell):
     """:func:`wavefront_infer`, a ``prange`` per hyperplane."""
     L = lp.shape[0] * B  # rows of a scan's slab
@@ -404,12 +411,12 @@ def _sweep_infer(out, h, c, act, lp, x, src, W, bias, U, Up, diag_off, items_off
         start, n = _plane(k, diag_off, items_off, B)
         for t in prange(U.shape[0] * n):
             grp, cell_k, b, nb = _work_item(t, start, n, items, B)
-            _infer_item(out, h, c, act, lp, x, src[grp], W[grp], bias[grp], U[grp], Up[grp], grp, grp * L,
-                        cur + cell_k - s0, cell_k * B + b, b, nb, B, D, cell)
+            _infer_item(out, h, c, act, lp, x, src[grp], W[grp], Wp[grp], bias[grp], U[grp], Up[grp], grp,
+                        grp * L, cur + cell_k - s0, cell_k * B + b, b, nb, B, D, cell)
 
 
 @njit(**NJIT_PARALLEL_OPTS)
-def _sweep_infer_batched(out, h, c, act, lps, x, src, W, bias, U, Up, diag_off, parent, first, last,
+def _sweep_infer_batched(out, h, c, act, lps, x, src, W, Wp, bias, U, Up, diag_off, parent, first, last,
                          B, D, cell):
     """:func:`wavefront_infer` in ``lps.shape[0]`` blocks of work streams, each with its own
     parents' slots ``lps[blk]``, sweeping planes ``first .. last-1`` for its streams."""
@@ -423,8 +430,8 @@ def _sweep_infer_batched(out, h, c, act, lps, x, src, W, bias, U, Up, diag_off, 
             for cell_k in range(diag_off[k], diag_off[k + 1]):
                 for t in range(blk * n // nblk, (blk + 1) * n // nblk):
                     grp, b, nb = _stream(t, B)
-                    _infer_item(out, h, c, act, lp, x, src[grp], W[grp], bias[grp], U[grp], Up[grp], grp,
-                                grp * L, cur + cell_k - diag_off[k], cell_k * B + b, b, nb, B, D, cell)
+                    _infer_item(out, h, c, act, lp, x, src[grp], W[grp], Wp[grp], bias[grp], U[grp], Up[grp],
+                                grp, grp * L, cur + cell_k - diag_off[k], cell_k * B + b, b, nb, B, D, cell)
 
 
 @njit(**NJIT_SUM_OPTS)
