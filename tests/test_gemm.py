@@ -13,11 +13,11 @@ from mdnumba.kernels.gemm import (
     REDUCE_BLOCK,
     _matmul_at_b,
     column_sums,
-    four_rows,
     matmul_at_b,
     matmul_rows,
     rows_product,
 )
+from mdnumba.kernels.simd import four_rows
 
 SHAPES = [(1, 1, 1), (3, 1, 5), (4, 2, 3), (7, 3, 4), (6, 19, 7), (5, 15, 6), (REDUCE_BLOCK + 5, 5, 6),
           (2 * REDUCE_BLOCK, 4, 9), (37, 9, 45), (REDUCE_BLOCK + 3, 8, 70)]  # the last two: tiles

@@ -13,7 +13,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..config import NJIT_CHAIN_OPTS, NJIT_OPTS, NJIT_PARALLEL_OPTS, NJIT_SUM_OPTS
-from .simd import fma_tile, pack_panels, tile_width, tiles_pay
+from .simd import TILE_MIN_STEPS, fma_tile, four_rows, pack_panels, row_offsets, tile_width, tiles_pay
 
 #: rows per partial sum in :func:`matmul_at_b`; fixed so results never depend on threads
 REDUCE_BLOCK = 1024
@@ -76,14 +76,6 @@ def quad_product(out, r, a, s, m, bmat, n0):
                 o[n0 + g] = o[n0 + g] + v * bk[n0 + g]
 
 
-@njit(inline="always", **NJIT_OPTS)
-def four_rows(first, n):
-    """The 4-tuple ``first, first+1, …`` of int64 for a group of ``n`` (1 .. 4) rows, the last
-    one repeated to fill it (the unused entries of :func:`quad_product`)."""
-    return (np.int64(first), np.int64(first + min(1, n - 1)), np.int64(first + min(2, n - 1)),
-            np.int64(first + min(3, n - 1)))
-
-
 @njit(**NJIT_OPTS)
 def rows_product(out, r, a, s, n, bmat, n0=0):
     """``out[r[i], n0:] += a[s[i]] @ bmat[:, n0:]`` for the first ``n`` (1 .. 4) entries of the
@@ -110,10 +102,10 @@ def matmul_rows(out, a, bmat, bias, accumulate: bool, rows) -> None:
     ``a`` (R, K), ``bmat`` (K, N), ``bias`` (N,) (ignored when accumulating). ``bmat`` is packed
     into column panels (:func:`~mdnumba.kernels.simd.pack_panels`) for
     :func:`~mdnumba.kernels.simd.fma_tile`; the last N % W columns, and everything when ``out``
-    or ``a`` is not C-contiguous or K < 4 (a tile's loads and stores of ``out`` would outweigh
-    its few steps), go through :func:`rows_product`. The numbers are the same.
+    or ``a`` is not C-contiguous or K < :data:`~mdnumba.kernels.simd.TILE_MIN_STEPS`, go through
+    :func:`rows_product`. The numbers are the same.
     """
-    tiled = out.flags.c_contiguous and a.flags.c_contiguous and a.shape[1] >= 4
+    tiled = out.flags.c_contiguous and a.flags.c_contiguous and a.shape[1] >= TILE_MIN_STEPS
     panels = pack_panels(bmat) if tiled else np.empty((0, bmat.shape[0], 1), bmat.dtype)
     _matmul_rows(out, a, bmat, panels, bias, accumulate, rows)
 
@@ -132,8 +124,7 @@ def _matmul_rows(out, a, bmat, panels, bias, accumulate, rows):
         for p in range(P):
             for i in range(first, last, 4):
                 r = _selected_four(rows, i, min(4, last - i))
-                fma_tile(out, (r[0] * N + p * W, r[1] * N + p * W, r[2] * N + p * W, r[3] * N + p * W),
-                         a, (r[0] * K, r[1] * K, r[2] * K, r[3] * K), 1, panels, p * K * W, W, K)
+                fma_tile(out, row_offsets(r, N, p * W), a, row_offsets(r, K, 0), 1, panels, p * K * W, W, K)
         if P * W < N:
             for i in range(first, last, 4):
                 c = min(4, last - i)
@@ -179,8 +170,7 @@ def _at_b_tiles(part, a, r0, k0, k1, P, b, b0, b_ps, b_rs, T):
     K, N, W = a.shape[1], part.shape[1], tile_width(part)
     for p in range(P):
         for k in range(k0, k1, 4):
-            fma_tile(part, (k * N + p * W, (k + 1) * N + p * W, (k + 2) * N + p * W, (k + 3) * N + p * W),
-                     a, (r0 * K + k, r0 * K + k + 1, r0 * K + k + 2, r0 * K + k + 3), K,
+            fma_tile(part, row_offsets(four_rows(k, 4), N, p * W), a, four_rows(r0 * K + k, 4), K,
                      b, b0 + p * b_ps, b_rs, T)
 
 

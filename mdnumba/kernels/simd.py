@@ -31,6 +31,9 @@ from ..config import NJIT_OPTS
 VECTOR_BYTES = config.VECTOR_BYTES
 #: rows of a tile
 TILE_ROWS = 4
+#: fewest steps (K) for which a tile pays: below, its loads and stores of the output outweigh
+#: the few multiply-adds between them
+TILE_MIN_STEPS = 4
 
 
 @njit(inline="always", **NJIT_OPTS)
@@ -120,12 +123,26 @@ def pack_panels(b):
     return out
 
 
+@njit(inline="always", **NJIT_OPTS)
+def four_rows(first, n):
+    """The 4-tuple ``first, first+1, …`` of int64 for a group of ``n`` (1 .. 4) rows, the last
+    one repeated to fill it (the unused entries of a tile or of :func:`gemm.quad_product`)."""
+    return (np.int64(first), np.int64(first + min(1, n - 1)), np.int64(first + min(2, n - 1)),
+            np.int64(first + min(3, n - 1)))
+
+
+@njit(inline="always", **NJIT_OPTS)
+def row_offsets(rows, stride, col):
+    """Element offsets ``rows[i]·stride + col`` of a 4-tuple of rows (the row starts of
+    :func:`fma_tile`'s arguments)."""
+    return (rows[0] * stride + col, rows[1] * stride + col, rows[2] * stride + col, rows[3] * stride + col)
+
+
 @njit(**NJIT_OPTS)
 def tile_rows(out, r, a, s, nb, panels):
     """``out[r+i, :P·W] += a[s+i] @ B`` for the ``nb`` (1 .. 4) consecutive rows i
     (:func:`tile_quad`, rows past nb repeating the last)."""
-    tile_quad(out, (r, r + min(1, nb - 1), r + min(2, nb - 1), r + min(3, nb - 1)), a,
-              (s, s + min(1, nb - 1), s + min(2, nb - 1), s + min(3, nb - 1)), panels)
+    tile_quad(out, four_rows(r, nb), a, four_rows(s, nb), panels)
 
 
 @njit(**NJIT_OPTS)
@@ -133,8 +150,7 @@ def tile_quad(out, ro, a, ra, panels):
     """``out[ro[i], :P·W] += a[ra[i]] @ B`` for the 4-tuples of rows ``ro``, ``ra`` (repeats
     allowed), B the panels (P, K, W) (:func:`pack_panels`), ``out`` and ``a`` C-contiguous: one
     :func:`fma_tile` per panel."""
-    N, K = out.shape[1], a.shape[1]
     P, T, W = panels.shape
     for p in range(P):
-        fma_tile(out, (ro[0] * N + p * W, ro[1] * N + p * W, ro[2] * N + p * W, ro[3] * N + p * W),
-                 a, (ra[0] * K, ra[1] * K, ra[2] * K, ra[3] * K), 1, panels, p * T * W, W, T)
+        fma_tile(out, row_offsets(ro, out.shape[1], p * W), a, row_offsets(ra, a.shape[1], 0), 1,
+                 panels, p * T * W, W, T)

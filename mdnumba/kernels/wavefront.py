@@ -37,8 +37,8 @@ from ..config import NJIT_OPTS, NJIT_PARALLEL_OPTS, NJIT_SUM_OPTS
 from ..grid import ROWS
 from . import simd, vexp
 from .cell import build
-from .gemm import four_rows, rows_product, selected_row
-from .simd import tile_quad, tile_rows
+from .gemm import rows_product, selected_row
+from .simd import four_rows, tile_quad, tile_rows
 
 _CELL = build(njit(inline="always", **NJIT_OPTS), exp=vexp.exp, sigmoid=vexp.sigmoid)
 _row_forward = _CELL["row_forward"]
@@ -356,8 +356,8 @@ def wavefront_infer(out, h, c, act, lp, x, src, W, bias, U, diag_off, parent, fi
     """
     _tiled(h, act)
     Up = pack_recurrent(U, parent.shape[1])
-    Wp = pack_recurrent(W, 1)[:, 0]  # the input weights' panels, as matmul_rows': K >= 4
-    if W.shape[1] < 4 or not x.flags.c_contiguous:
+    Wp = pack_recurrent(W, 1)[:, 0]  # the input weights' panels, where matmul_rows takes them
+    if W.shape[1] < simd.TILE_MIN_STEPS or not x.flags.c_contiguous:
         Wp = Wp[:, :0]
     nblk = batch_blocks(U.shape[0], B, diag_off, items, schedule)
     if nblk:
