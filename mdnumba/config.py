@@ -149,13 +149,15 @@ CUDA_PATHS = ("auto", "cooperative", "per-diagonal")
 
 try:
     FASTMATH: bool = env_flag("MDNUMBA_FASTMATH", False)
+    #: the host CPU's vector bytes (:func:`host_vector_bytes`, asked once)
+    HOST_VECTOR_BYTES: int = host_vector_bytes()
     #: bytes per vector of the CPU register tiles (:mod:`mdnumba.kernels.simd`): the host's
-    #: (:func:`host_vector_bytes`) unless ``MDNUMBA_VECTOR_BYTES`` says 32 or 64
-    VECTOR_BYTES: int = int(env_choice("MDNUMBA_VECTOR_BYTES", str(host_vector_bytes()), ("32", "64")))
+    #: unless ``MDNUMBA_VECTOR_BYTES`` says 32 or 64
+    VECTOR_BYTES: int = int(env_choice("MDNUMBA_VECTOR_BYTES", str(HOST_VECTOR_BYTES), ("32", "64")))
     #: Numba's on-disk cache, keyed also on the kernel sources, FASTMATH and a VECTOR_BYTES that
     #: is not the host's (mdnumba.kernel_cache; the CPU itself is in Numba's key)
     _VARIANT = ("fastmath" if FASTMATH else "exact") + \
-        ("" if VECTOR_BYTES == host_vector_bytes() else f"-v{VECTOR_BYTES}")
+        ("" if VECTOR_BYTES == HOST_VECTOR_BYTES else f"-v{VECTOR_BYTES}")
     CACHE: bool = env_flag("MDNUMBA_CACHE", True) and kernel_cache.install(_VARIANT)
     THREADS_PER_BLOCK: int = env_int("MDNUMBA_THREADS_PER_BLOCK", 128, high=256)
     CUDA_ROWS_PER_THREAD: int = env_int("MDNUMBA_CUDA_ROWS_PER_THREAD", 4, high=64)

@@ -55,7 +55,7 @@ def collect_info() -> dict[str, str]:
         "malloc tuning": config.MALLOC_TUNING,
         "default dtype": np.dtype(config.DEFAULT_DTYPE).name,
         "fastmath": str(config.FASTMATH),
-        "cpu register tiles": f"{config.VECTOR_BYTES}-byte vectors (host: {config.host_vector_bytes()}; "
+        "cpu register tiles": f"{config.VECTOR_BYTES}-byte vectors (host: {config.HOST_VECTOR_BYTES}; "
                               "MDNUMBA_VECTOR_BYTES)",
         "kernel cache": kernel_cache.describe() if config.CACHE else "off (MDNUMBA_CACHE=0 or unknown Numba)",
         "cuda": cuda_status(),
