@@ -10,17 +10,20 @@ import numpy as np
 import pytest
 
 from mdnumba.kernels.gemm import (
+    PACK_ROWS,
     REDUCE_BLOCK,
     _matmul_at_b,
+    _matmul_at_b_wide,
     column_sums,
     matmul_at_b,
     matmul_rows,
     rows_product,
 )
-from mdnumba.kernels.simd import four_rows
+from mdnumba.kernels.simd import four_rows, tile_width
 
 SHAPES = [(1, 1, 1), (3, 1, 5), (4, 2, 3), (7, 3, 4), (6, 19, 7), (5, 15, 6), (REDUCE_BLOCK + 5, 5, 6),
-          (2 * REDUCE_BLOCK, 4, 9), (37, 9, 45), (REDUCE_BLOCK + 3, 8, 70)]  # the last two: tiles
+          (2 * REDUCE_BLOCK, 4, 9), (37, 9, 45), (REDUCE_BLOCK + 3, 8, 70),  # these two: tiles
+          (2 * PACK_ROWS + 3, 6, 517), (37, 9, 1024)]  # wide rows of bmat: packed, a partial panel or none
 
 
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 2e-5)])
@@ -162,6 +165,25 @@ def test_weight_gradient_slices_along_k_change_no_sum(K, N, rng):
             assert np.array_equal(got, want), nk
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_wide_weight_gradient_does_not_depend_on_the_tasks(dtype, rng):
+    """Wide rows of ``bmat`` (packed panels): one chain per element over the rows in order,
+    bit-identical whichever tasks own which panels (a partial last panel, a last quad of K
+    repeating its row, selected rows gathered while packing)."""
+    R, K, N = PACK_ROWS + 9, 7, 600
+    a, b = rng.standard_normal((R, K)).astype(dtype), rng.standard_normal((R, N)).astype(dtype)
+    panels = -(-N // tile_width(b))
+    for rows in (None, np.flatnonzero(rng.random(R) < 0.5)):
+        got = []
+        for ntask in (1, 2, 3, panels):
+            out = np.ones((K, N), dtype)
+            _matmul_at_b_wide(out, a, b, rows, ntask)
+            got.append(out)
+        sel = slice(None) if rows is None else rows
+        np.testing.assert_allclose(got[0], 1 + a[sel].astype(float).T @ b[sel], rtol=1e-4, atol=1e-4)
+        assert all(np.array_equal(g, got[0]) for g in got[1:])
+
+
 def test_register_tiles_of_the_other_vector_width():
     """``MDNUMBA_VECTOR_BYTES`` 32 or 64, whichever the host does not choose (AVX2's width runs
     on a CPU without AVX-512; 64 on one without is split by LLVM): the tile tests, in a fresh
@@ -175,6 +197,7 @@ def test_register_tiles_of_the_other_vector_width():
     assert subprocess.run([sys.executable, "-c", check], env=env).returncode == 0
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                            f"{here}/test_gemm.py::test_matmul_rows_tiles_give_the_numbers_of_single_rows",
-                           f"{here}/test_gemm.py::test_weight_gradient_slices_along_k_change_no_sum"],
+                           f"{here}/test_gemm.py::test_weight_gradient_slices_along_k_change_no_sum",
+                           f"{here}/test_gemm.py::test_wide_weight_gradient_does_not_depend_on_the_tasks"],
                           env=env, capture_output=True, text=True, cwd=os.path.dirname(here))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

@@ -19,8 +19,12 @@ from .simd import TILE_MIN_STEPS, fma_tile, four_rows, pack_panels, row_offsets,
 REDUCE_BLOCK = 1024
 #: :func:`_at_b_block`'s register tiles read the rows of ``bmat`` where they are, which pays
 #: while they are less than AT_B_TILE_BYTES apart (N = 160 float32: 1.3-1.5x); at N = 1024 the
-#: tiles, 4 KB per step apart, ran at half the rate of its other loops
+#: tiles, 4 KB per step apart, ran at half the rate of its other loops: wider rows take
+#: :func:`_matmul_at_b_wide`, which packs them
 AT_B_TILE_BYTES = 2048
+#: rows of ``a`` and ``bmat`` that :func:`_at_b_panels` packs per pass (a panel of them: 16 KB
+#: float32 with AVX-512, read by K/4 tiles from L1)
+PACK_ROWS = 128
 #: rows per work item of :func:`matmul_rows` (each panel of the weights passes over them all)
 MATMUL_BLOCK = 16
 
@@ -226,12 +230,18 @@ def matmul_at_b(out, a, bmat, rows) -> None:
     rows add zeros). ``rows`` has no default: an omitted argument and None would be two
     specialisations, each compiled.
 
-    Rows are cut into blocks of :data:`REDUCE_BLOCK`; blocks run in parallel
-    into private partials which are then added in block order. Fewer blocks than two per
-    thread are also cut along K (:func:`_k_slice`: an 8x8 B16 D16 layer's dU has 1024 rows,
-    one block: 0.068 ms on one thread, 0.047 cut in two); each sum is the same either way, so
-    the numbers do not depend on the thread count.
+    Rows of ``bmat`` of :data:`AT_B_TILE_BYTES` or more (and a C-contiguous ``out``): the threads
+    split ``out``'s columns, each element a chain over all rows in order
+    (:func:`_matmul_at_b_wide`). Else rows are cut into blocks of :data:`REDUCE_BLOCK`; blocks
+    run in parallel into private partials which are then added in block order. Fewer blocks
+    than two per thread are also cut along K (:func:`_k_slice`: an 8x8 B16 D16 layer's dU has
+    1024 rows, one block: 0.068 ms on one thread, 0.047 cut in two); each sum is the same
+    either way, so the numbers do not depend on the thread count.
     """
+    if bmat.shape[1] * bmat.itemsize >= AT_B_TILE_BYTES and out.flags.c_contiguous:
+        panels = -(-bmat.shape[1] // tile_width(out))
+        _matmul_at_b_wide(out, a, bmat, rows, min(numba.get_num_threads(), panels))
+        return
     nblk = -(-(a.shape[0] if rows is None else rows.shape[0]) // REDUCE_BLOCK)
     nk = max(1, min(a.shape[1] // 4, -(-2 * numba.get_num_threads() // max(nblk, 1))))
     _matmul_at_b(out, a, bmat, rows, nk, a.flags.c_contiguous and bmat.flags.c_contiguous)
@@ -249,6 +259,69 @@ def _matmul_at_b(out, a, bmat, rows, nk, tiled):
         _at_b_block(parts[q], a, bmat, rows, q * REDUCE_BLOCK, min(R, (q + 1) * REDUCE_BLOCK), k0, k1, tiled)
     for q in range(nblk):
         out += parts[q]
+
+
+@njit(**NJIT_PARALLEL_OPTS)
+def _matmul_at_b_wide(out, a, bmat, rows, ntask):
+    """:func:`matmul_at_b` for wide rows of ``bmat``: ``ntask`` tasks, each owning a run of the
+    column panels of ``out`` (W = :func:`~mdnumba.kernels.simd.tile_width` columns; the last one
+    partial if W does not divide N) and every row of it (:func:`_at_b_panels`). No partial sums:
+    every element is one chain of fused multiply-adds over the rows in order, whatever the tasks
+    (rows of ``bmat`` 4 KB apart: 1.5-1.6x :func:`_at_b_rows`, K = 128..256, N = 512..1024, 2
+    threads of a Xeon)."""
+    K, N = out.shape
+    W = tile_width(out)
+    P = (N + W - 1) // W
+    for j in prange(ntask):
+        p0, p1 = j * P // ntask, (j + 1) * P // ntask
+        ap = np.empty(((K + 3) // 4, PACK_ROWS, 4), out.dtype)
+        bp = np.zeros((p1 - p0, PACK_ROWS, W), out.dtype)  # zeros: a partial panel's columns past N
+        tail = np.zeros((K, W), out.dtype)  # a partial panel's columns of out, padded
+        n0 = N // W * W
+        partial = p1 == P and n0 < N
+        if partial:
+            tail[:, :N - n0] = out[:, n0:]
+        _at_b_panels(out, tail, a, bmat, rows, p0, p1, ap, bp)
+        if partial:
+            out[:, n0:] = tail[:, :N - n0]
+
+
+@njit(**NJIT_OPTS)
+def _at_b_panels(out, tail, a, bmat, rows, p0, p1, ap, bp):
+    """``out[:, p0·W : p1·W] += (a[sel]ᵀ @ bmat[sel])[:, p0·W : p1·W]``, the columns past N in
+    ``tail`` (K, W) instead: per :data:`PACK_ROWS` rows, ``a``'s packed as ``ap[q, t, i]`` (k =
+    4q + i, the last quad repeating row K-1) and ``bmat``'s panels as ``bp`` (:func:`_pack_at_b`),
+    then a register tile (:func:`~mdnumba.kernels.simd.fma_tile`) per quad of rows and panel."""
+    R = a.shape[0] if rows is None else rows.shape[0]
+    K, N = out.shape
+    Q, RC, W = ap.shape[0], ap.shape[1], bp.shape[2]
+    for c0 in range(0, R, RC):
+        T = min(R, c0 + RC) - c0
+        _pack_at_b(ap, bp, a, bmat, rows, c0, T, p0)
+        for p in range(p0, p1):
+            c, ld, col = (out, N, p * W) if (p + 1) * W <= N else (tail, W, 0)
+            for q in range(Q):
+                o = q * RC * 4
+                fma_tile(c, row_offsets(four_rows(4 * q, K - 4 * q), ld, col), ap, four_rows(o, 4), 4,
+                         bp, (p - p0) * RC * W, W, T)
+
+
+@njit(**NJIT_OPTS)
+def _pack_at_b(ap, bp, a, bmat, rows, c0, T, p0):
+    """Rows ``c0 .. c0+T-1`` of the selection (:func:`selected_row`) packed for :func:`_at_b_panels`:
+    ``ap[q, t, i] = a[r_t, min(4q + i, K-1)]``, ``bp[p, t, n] = bmat[r_t, (p0 + p)·W + n]`` for the
+    columns below N (the others keep their zeros)."""
+    K, N = a.shape[1], bmat.shape[1]
+    W = bp.shape[2]
+    for t in range(T):
+        r = selected_row(rows, c0 + t)
+        for q in range(ap.shape[0]):
+            for i in range(4):
+                ap[q, t, i] = a[r, min(4 * q + i, K - 1)]
+        for p in range(bp.shape[0]):
+            n0 = (p0 + p) * W
+            for n in range(min(W, N - n0)):
+                bp[p, t, n] = bmat[r, n0 + n]
 
 
 @njit(**NJIT_PARALLEL_OPTS)
