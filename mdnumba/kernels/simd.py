@@ -34,6 +34,8 @@ TILE_ROWS = 4
 #: fewest steps (K) for which a tile pays: below, its loads and stores of the output outweigh
 #: the few multiply-adds between them
 TILE_MIN_STEPS = 4
+#: bytes of a panel's steps that a pass over several groups of rows reads from L1 (:func:`chunk_steps`)
+PANEL_CHUNK_BYTES = 32768
 
 
 @njit(inline="always", **NJIT_OPTS)
@@ -150,7 +152,20 @@ def tile_quad(out, ro, a, ra, panels):
     """``out[ro[i], :P·W] += a[ra[i]] @ B`` for the 4-tuples of rows ``ro``, ``ra`` (repeats
     allowed), B the panels (P, K, W) (:func:`pack_panels`), ``out`` and ``a`` C-contiguous: one
     :func:`fma_tile` per panel."""
-    P, T, W = panels.shape
-    for p in range(P):
-        fma_tile(out, row_offsets(ro, out.shape[1], p * W), a, row_offsets(ra, a.shape[1], 0), 1,
-                 panels, p * T * W, W, T)
+    for p in range(panels.shape[0]):
+        tile_panel(out, ro, a, ra, panels, p, 0, panels.shape[1])
+
+
+@njit(inline="always", **NJIT_OPTS)
+def tile_panel(out, ro, a, ra, panels, p, k0, k1):
+    """``out[ro[i], p·W : (p+1)·W] += a[ra[i], k0:k1] @ panels[p, k0:k1]`` (:func:`tile_quad`'s
+    panel p, its steps k0 .. k1-1): one :func:`fma_tile`."""
+    T, W = panels.shape[1], panels.shape[2]
+    fma_tile(out, row_offsets(ro, out.shape[1], p * W), a, row_offsets(ra, a.shape[1], k0), 1,
+             panels, (p * T + k0) * W, W, k1 - k0)
+
+
+@njit(inline="always", **NJIT_OPTS)
+def chunk_steps(panels):
+    """Steps of a panel of ``panels`` in :data:`PANEL_CHUNK_BYTES` (256 float32 with AVX-512)."""
+    return PANEL_CHUNK_BYTES // (panels.shape[-1] * panels.itemsize)

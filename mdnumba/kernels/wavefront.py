@@ -38,7 +38,7 @@ from ..grid import ROWS
 from . import simd, vexp
 from .cell import build
 from .gemm import rows_product, selected_row
-from .simd import four_rows, tile_quad, tile_rows
+from .simd import chunk_steps, four_rows, tile_panel, tile_quad, tile_rows
 
 _CELL = build(njit(inline="always", **NJIT_OPTS), exp=vexp.exp, sigmoid=vexp.sigmoid)
 _row_forward = _CELL["row_forward"]
@@ -157,11 +157,12 @@ def _product_rows(act, r, h, pr, U, off, col, G, D, nb):
 
 
 @njit(**NJIT_OPTS)
-def _recurrent_forward(act, h, U, Up, parent, base, s, b, nb, B, D):
+def _recurrent_forward(act, h, U, Up, parent, base, s, b, nb, B, D, tiles=True):
     """``act[r] += Σ_d h[parent_d] @ U_d`` for the ``nb`` rows ``r = base + s*B + b + i`` (rows of
     the plane's GEMM): the whole panels of ``Up[d]`` (:func:`pack_recurrent`) as register tiles
     (:func:`~mdnumba.kernels.simd.tile_rows`: every element a chain of fused multiply-adds over
-    the D units), the last G % W columns by :func:`_product_rows`."""
+    the D units; ``tiles=False``: done already, :func:`_tiles_streams`), the last G % W columns
+    by :func:`_product_rows`."""
     N = parent.shape[1]
     G = (N + 3) * D
     r = base + s * B + b
@@ -169,7 +170,7 @@ def _recurrent_forward(act, h, U, Up, parent, base, s, b, nb, B, D):
     for d in range(N):
         p = parent[s, d]
         if p >= 0:
-            if done > 0:
+            if done > 0 and tiles:
                 tile_rows(act, r, h, base + p * B + b, nb, Up[d])
             if done < G:
                 _product_rows(act, r, h, base + p * B + b, U, d * G, done, G, D, nb)
@@ -317,12 +318,37 @@ def _sweep_forward_batched(h, c, act, U, Up, diag_off, parent, B, D, cell, nblk)
     MB = parent.shape[0] * B
     n = U.shape[0] * groups(B)
     for blk in prange(nblk):
+        t0, t1 = blk * n // nblk, (blk + 1) * n // nblk
         for s in range(np.int64(diag_off[0]), diag_off[diag_off.shape[0] - 1]):  # int64, as _sweep_forward
-            for t in range(blk * n // nblk, (blk + 1) * n // nblk):
+            _tiles_streams(act, h, Up, parent, MB, s, t0, t1, B)
+            for t in range(t0, t1):
                 grp, b, nb = _stream(t, B)
-                _recurrent_forward(act, h, U[grp], Up[grp], parent, grp * MB, s, b, nb, B, D)
+                _recurrent_forward(act, h, U[grp], Up[grp], parent, grp * MB, s, b, nb, B, D, False)
                 for bb in range(b, b + nb):
                     _cell_forward(h, c, act, parent, grp * MB, s, bb, B, D, cell)
+
+
+@njit(**NJIT_OPTS)
+def _tiles_streams(out, src, panels, links, MB, s, t0, t1, B):
+    """The register tiles of :func:`_recurrent_forward` (``out, src, panels, links`` = act, h,
+    Up, parent) or of :func:`_recurrent_backward` (dh, dact, Ut, child) for the work streams
+    t0 .. t1-1 (:func:`_stream`) at cell s of their slabs of MB rows, chunk by chunk: each
+    :func:`~mdnumba.kernels.simd.chunk_steps` steps of a panel pass over every stream's rows
+    while in L1 (one stream after the other re-read all of U from L2 per row group: 1D D256
+    B64 forward sweep ...). Each element's chain is the same."""
+    P, T = panels.shape[2], panels.shape[3]
+    step = chunk_steps(panels)
+    for d in range(links.shape[1]):
+        link = links[s, d]
+        if link < 0:
+            continue
+        for q in range(P):
+            for k0 in range(0, T, step):
+                for t in range(t0, t1):
+                    grp, b, nb = _stream(t, B)
+                    r = grp * MB + b
+                    tile_panel(out, four_rows(r + s * B, nb), src, four_rows(r + link * B, nb),
+                               panels[grp, d], q, k0, min(T, k0 + step))
 
 
 @njit(**NJIT_OPTS)
@@ -504,11 +530,12 @@ def _pull4(dh, a, dact, c, U, off, G, j):
 
 
 @njit(**NJIT_OPTS)
-def _recurrent_backward(dh, dact, U, Ut, child, base, s, b, nb, B, D):
+def _recurrent_backward(dh, dact, U, Ut, child, base, s, b, nb, B, D, tiles=True):
     """``dh[r] += Σ_d U_dᵀ da_child_d`` for the ``nb`` rows ``r = base + s*B + b + i``, pulled from
     the children on the finished hyperplane: the whole panels of ``Ut[d]``
     (:func:`pack_recurrent`) as register tiles (every element a chain of fused multiply-adds
-    over the G gate columns), the last D % W units by :func:`_pull_rows`."""
+    over the G gate columns; ``tiles=False``: done already, :func:`_tiles_streams`), the last
+    D % W units by :func:`_pull_rows`."""
     N = child.shape[1]
     G = (N + 3) * D
     r = base + s * B + b
@@ -516,7 +543,7 @@ def _recurrent_backward(dh, dact, U, Ut, child, base, s, b, nb, B, D):
     for d in range(N):
         ch = child[s, d]
         if ch >= 0:
-            if done > 0:
+            if done > 0 and tiles:
                 tile_rows(dh, r, dact, base + ch * B + b, nb, Ut[d])
             if done < D:
                 _pull_rows(dh, r, dact, base + ch * B + b, U, d * G, G, D, nb, done)
@@ -570,10 +597,12 @@ def _sweep_backward_batched(dact, dc, dh, act, c, U, Ut, diag_off, parent, child
     MB = parent.shape[0] * B
     n = U.shape[0] * groups(B)
     for blk in prange(nblk):
+        t0, t1 = blk * n // nblk, (blk + 1) * n // nblk
         for s in range(diag_off[diag_off.shape[0] - 1] - 1, diag_off[0] - 1, -1):
-            for t in range(blk * n // nblk, (blk + 1) * n // nblk):
+            _tiles_streams(dh, dact, Ut, child, MB, s, t0, t1, B)
+            for t in range(t0, t1):
                 grp, b, nb = _stream(t, B)
-                _recurrent_backward(dh, dact, U[grp], Ut[grp], child, grp * MB, s, b, nb, B, D)
+                _recurrent_backward(dh, dact, U[grp], Ut[grp], child, grp * MB, s, b, nb, B, D, False)
                 for bb in range(b, b + nb):
                     _cell_backward(dact, dc, dh, act, c, parent, child, grp * MB, s, bb, B, D, cell)
 
