@@ -396,11 +396,25 @@ def wavefront_infer(out, h, c, act, lp, x, src, W, bias, U, diag_off, parent, fi
 
 
 @njit(**NJIT_OPTS)
-def _infer_item(out, h, c, act, lp, x, src, W, Wp, bias, U, Up, grp, base, slot, row, b, nb, B, D, cell):
+def _infer_item(out, h, c, act, lp, x, src, W, Wp, bias, U, Up, grp, base, slot, row, b, nb, B, D, cell,
+                tiles=True):
     """Work item (cell in two-plane ``slot``, batch rows b .. b+nb-1; ``row`` = cell*B + b in
-    ``src``) of scan ``grp``, whose slab starts at row ``base``: input projection, recurrent
-    products, cell, h into ``out[:, grp]``."""
-    r = base + slot * B + b
+    ``src``) of scan ``grp``, whose slab starts at row ``base``: input projection
+    (:func:`_infer_inputs`), recurrent products, cell, h into ``out[:, grp]``. ``tiles=False``:
+    the projection and the recurrent register tiles are done already (:func:`_tiles_streams`)."""
+    if tiles:
+        _infer_inputs(act, x, src, W, Wp, bias, base + slot * B + b, row, nb)
+    _recurrent_forward(act, h, U, Up, lp, base, slot, b, nb, B, D, tiles)
+    for i in range(nb):
+        _cell_forward(h, c, act, lp, base, slot, b + i, B, D, cell)
+        j = src[row + i]
+        if j >= 0:
+            out[j, grp, :] = h[base + slot * B + b + i]
+
+
+@njit(**NJIT_OPTS)
+def _infer_inputs(act, x, src, W, Wp, bias, r, row, nb):
+    """``act[r+i] = bias + x[src[row+i]] @ W`` for the nb rows i (a row of ``src`` -1: bias only)."""
     live = 0
     for i in range(nb):
         act[r + i, :] = bias
@@ -418,12 +432,6 @@ def _infer_item(out, h, c, act, lp, x, src, W, Wp, bias, U, Up, grp, base, slot,
             j = np.int64(src[row + i])
             if j >= 0:
                 rows_product(act, four_rows(r + i, 1), x, (j, j, j, j), 1, W)
-    _recurrent_forward(act, h, U, Up, lp, base, slot, b, nb, B, D)
-    for i in range(nb):
-        _cell_forward(h, c, act, lp, base, slot, b + i, B, D, cell)
-        j = src[row + i]
-        if j >= 0:
-            out[j, grp, :] = h[base + slot * B + b + i]
 
 
 @njit(**NJIT_PARALLEL_OPTS)
@@ -451,13 +459,20 @@ def _sweep_infer_batched(out, h, c, act, lps, x, src, W, Wp, bias, U, Up, diag_o
     n = U.shape[0] * groups(B)
     for blk in prange(nblk):
         lp = lps[blk]
+        t0, t1 = blk * n // nblk, (blk + 1) * n // nblk
         for k in range(first, last):
             cur = _rolling_parents(lp, parent, diag_off, k)
             for cell_k in range(diag_off[k], diag_off[k + 1]):
-                for t in range(blk * n // nblk, (blk + 1) * n // nblk):
+                slot = cur + cell_k - diag_off[k]
+                for t in range(t0, t1):
+                    grp, b, nb = _stream(t, B)
+                    _infer_inputs(act, x, src[grp], W[grp], Wp[grp], bias[grp], grp * L + slot * B + b,
+                                  cell_k * B + b, nb)
+                _tiles_streams(act, h, Up, lp, L, slot, t0, t1, B)
+                for t in range(t0, t1):
                     grp, b, nb = _stream(t, B)
                     _infer_item(out, h, c, act, lp, x, src[grp], W[grp], Wp[grp], bias[grp], U[grp], Up[grp],
-                                grp, grp * L, cur + cell_k - diag_off[k], cell_k * B + b, b, nb, B, D, cell)
+                                grp, grp * L, slot, cell_k * B + b, b, nb, B, D, cell, False)
 
 
 @njit(**NJIT_SUM_OPTS)
