@@ -334,8 +334,9 @@ def _tiles_streams(out, src, panels, links, MB, s, t0, t1, B):
     Up, parent) or of :func:`_recurrent_backward` (dh, dact, Ut, child) for the work streams
     t0 .. t1-1 (:func:`_stream`) at cell s of their slabs of MB rows, chunk by chunk: each
     :func:`~mdnumba.kernels.simd.chunk_steps` steps of a panel pass over every stream's rows
-    while in L1 (one stream after the other re-read all of U from L2 per row group: 1D D256
-    B64 forward sweep ...). Each element's chain is the same."""
+    while in L1 (stream after stream re-read all of U, 1 MB at D256, from L2 per group of rows:
+    ``LSTM1D`` T200 B64 D256 train step 1.22x, ``save=False`` forward 1.17x on 2 threads of a
+    Xeon). Each element's chain is the same."""
     P, T = panels.shape[2], panels.shape[3]
     step = chunk_steps(panels)
     for d in range(links.shape[1]):
