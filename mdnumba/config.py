@@ -146,6 +146,8 @@ def host_vector_bytes() -> int:
 
 #: CUDA sweep paths: auto (cooperative, falling back), cooperative, per-diagonal
 CUDA_PATHS = ("auto", "cooperative", "per-diagonal")
+#: ``MDNUMBA_VECTOR_BYTES`` settings: AVX2's 32, AVX-512's 64
+VECTOR_CHOICES = ("32", "64")
 
 try:
     FASTMATH: bool = env_flag("MDNUMBA_FASTMATH", False)
@@ -153,7 +155,7 @@ try:
     HOST_VECTOR_BYTES: int = host_vector_bytes()
     #: bytes per vector of the CPU register tiles (:mod:`mdnumba.kernels.simd`): the host's
     #: unless ``MDNUMBA_VECTOR_BYTES`` says 32 or 64
-    VECTOR_BYTES: int = int(env_choice("MDNUMBA_VECTOR_BYTES", str(HOST_VECTOR_BYTES), ("32", "64")))
+    VECTOR_BYTES: int = int(env_choice("MDNUMBA_VECTOR_BYTES", str(HOST_VECTOR_BYTES), VECTOR_CHOICES))
     #: Numba's on-disk cache, keyed also on the kernel sources, FASTMATH and a VECTOR_BYTES that
     #: is not the host's (mdnumba.kernel_cache; the CPU itself is in Numba's key)
     _VARIANT = ("fastmath" if FASTMATH else "exact") + \

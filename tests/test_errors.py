@@ -174,13 +174,15 @@ def test_grid_lstm_backward_without_input_grad():
     ("MDNUMBA_THREADS_PER_BLOCK", "0", "use an integer in"),
     ("MDNUMBA_FASTMATH", "maybe", "use 1 or 0"),
     ("MDNUMBA_CUDA_PATH", "fast", "use one of auto, cooperative, per-diagonal"),
+    ("MDNUMBA_VECTOR_BYTES", "16", "use one of 32, 64"),
 ])
 def test_bad_environment_settings(monkeypatch, name, value, match):
-    from mdnumba.config import CUDA_PATHS, env_choice, env_flag, env_int
+    from mdnumba.config import CUDA_PATHS, VECTOR_CHOICES, env_choice, env_flag, env_int
     monkeypatch.setenv(name, value)
     read = {"MDNUMBA_FASTMATH": lambda: env_flag(name, True),
             "MDNUMBA_THREADS_PER_BLOCK": lambda: env_int(name, 1),
-            "MDNUMBA_CUDA_PATH": lambda: env_choice(name, "auto", CUDA_PATHS)}[name]
+            "MDNUMBA_CUDA_PATH": lambda: env_choice(name, "auto", CUDA_PATHS),
+            "MDNUMBA_VECTOR_BYTES": lambda: env_choice(name, "64", VECTOR_CHOICES)}[name]
     with pytest.raises(ValueError, match=f"{name}=.*{match}"):
         read()
 
