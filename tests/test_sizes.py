@@ -15,6 +15,9 @@ CASES = [  # (layer, padded grid, the items' sizes)
     (lambda: MDLSTM2D(2, 3, seed=1, dtype=np.float64), (3, 4), [(3, 4), (2, 3)]),
     (lambda: MDLSTM3D(2, 2, directions=8, seed=1, dtype=np.float64), (3, 2, 3), [(2, 2, 3), (3, 1, 2)]),
 ]
+#: register tiles: the padded backward's pulls chunk by chunk over blocks of items (panels of 288
+#: steps), the weight gradients' rows (288 columns) packed from the items' rows
+TILED = (lambda: LSTM1D(2, 72, directions=2, seed=1, dtype=np.float64), (5,), [(5,), (2,), (4,), (1,), (3,)])
 
 
 def padded_batch(dims, sizes, rng, fill=7.0):
@@ -30,7 +33,7 @@ def box(b, size):
     return (b,) + tuple(slice(0, n) for n in size)
 
 
-@pytest.mark.parametrize("make,dims,sizes", CASES)
+@pytest.mark.parametrize("make,dims,sizes", CASES + [TILED])
 def test_each_item_as_if_alone(make, dims, sizes, rng):
     """Outputs, dx and gradients of a padded batch equal those of its items run one by one; the
     output's and dx's padding is zero, dh's is ignored, x's is never read; save=False agrees."""

@@ -50,6 +50,9 @@ _row_backward = _CELL["row_backward"]
 #: to 32x32 B16 1.0-1.08x)
 BATCH_STREAMS_PER_THREAD = 2
 BATCH_MAX_CELLS = 8
+#: most work items (groups of ROWS rows) per block of a per-hyperplane backward sweep whose
+#: tiles go chunk by chunk (:func:`_sweep_backward`)
+BLOCK_ITEMS = 8
 #: the batch "auto" plans for inside :func:`schedule_as_batch` (else the batch at hand)
 _PLANNED_BATCH: contextvars.ContextVar = contextvars.ContextVar("planned_batch")
 
@@ -161,7 +164,7 @@ def _recurrent_forward(act, h, U, Up, parent, base, s, b, nb, B, D, tiles=True):
     """``act[r] += Σ_d h[parent_d] @ U_d`` for the ``nb`` rows ``r = base + s*B + b + i`` (rows of
     the plane's GEMM): the whole panels of ``Up[d]`` (:func:`pack_recurrent`) as register tiles
     (:func:`~mdnumba.kernels.simd.tile_rows`: every element a chain of fused multiply-adds over
-    the D units; ``tiles=False``: done already, :func:`_tiles_streams`), the last G % W columns
+    the D units; ``tiles=False``: done already, :func:`_tiles_items`), the last G % W columns
     by :func:`_product_rows`."""
     N = parent.shape[1]
     G = (N + 3) * D
@@ -320,7 +323,7 @@ def _sweep_forward_batched(h, c, act, U, Up, diag_off, parent, B, D, cell, nblk)
     for blk in prange(nblk):
         t0, t1 = blk * n // nblk, (blk + 1) * n // nblk
         for s in range(np.int64(diag_off[0]), diag_off[diag_off.shape[0] - 1]):  # int64, as _sweep_forward
-            _tiles_streams(act, h, Up, parent, MB, s, t0, t1, B)
+            _tiles_items(act, h, Up, parent, MB, s, groups(B), diag_off[:0], B, t0, t1)
             for t in range(t0, t1):
                 grp, b, nb = _stream(t, B)
                 _recurrent_forward(act, h, U[grp], Up[grp], parent, grp * MB, s, b, nb, B, D, False)
@@ -329,27 +332,27 @@ def _sweep_forward_batched(h, c, act, U, Up, diag_off, parent, B, D, cell, nblk)
 
 
 @njit(**NJIT_OPTS)
-def _tiles_streams(out, src, panels, links, MB, s, t0, t1, B):
+def _tiles_items(out, src, panels, links, MB, first, n, items, B, t0, t1):
     """The register tiles of :func:`_recurrent_forward` (``out, src, panels, links`` = act, h,
-    Up, parent) or of :func:`_recurrent_backward` (dh, dact, Ut, child) for the work streams
-    t0 .. t1-1 (:func:`_stream`) at cell s of their slabs of MB rows, chunk by chunk: each
-    :func:`~mdnumba.kernels.simd.chunk_steps` steps of a panel pass over every stream's rows
-    while in L1 (stream after stream re-read all of U, 1 MB at D256, from L2 per group of rows:
-    ``LSTM1D`` T200 B64 D256 train step 1.22x, ``save=False`` forward 1.17x on 2 threads of a
-    Xeon). Each element's chain is the same."""
+    Up, parent) or of :func:`_recurrent_backward` (dh, dact, Ut, child) for the work items
+    t0 .. t1-1 of a hyperplane's ``(first, n)`` (:func:`_work_item`; slabs of MB rows; the batch
+    schedule's streams at cell s are the items of ``(s, groups(B))``), chunk by chunk: each
+    :func:`~mdnumba.kernels.simd.chunk_steps` steps of a panel pass over every item's rows while
+    in L1 (item after item re-read all of U, 1 MB at D256, from L2 per group of rows: ``LSTM1D``
+    T200 B64 D256 train step 1.22x, ``save=False`` forward 1.17x on 2 threads of a Xeon). Each
+    element's chain is the same."""
     P, T = panels.shape[2], panels.shape[3]
     step = chunk_steps(panels)
     for d in range(links.shape[1]):
-        link = links[s, d]
-        if link < 0:
-            continue
         for q in range(P):
             for k0 in range(0, T, step):
                 for t in range(t0, t1):
-                    grp, b, nb = _stream(t, B)
-                    r = grp * MB + b
-                    tile_panel(out, four_rows(r + s * B, nb), src, four_rows(r + link * B, nb),
-                               panels[grp, d], q, k0, min(T, k0 + step))
+                    grp, s, b, nb = _work_item(t, first, n, items, B)
+                    link = links[s, d]
+                    if link >= 0:
+                        r = grp * MB + b
+                        tile_panel(out, four_rows(r + s * B, nb), src, four_rows(r + link * B, nb),
+                                   panels[grp, d], q, k0, min(T, k0 + step))
 
 
 @njit(**NJIT_OPTS)
@@ -402,7 +405,7 @@ def _infer_item(out, h, c, act, lp, x, src, W, Wp, bias, U, Up, grp, base, slot,
     """Work item (cell in two-plane ``slot``, batch rows b .. b+nb-1; ``row`` = cell*B + b in
     ``src``) of scan ``grp``, whose slab starts at row ``base``: input projection
     (:func:`_infer_inputs`), recurrent products, cell, h into ``out[:, grp]``. ``tiles=False``:
-    the projection and the recurrent register tiles are done already (:func:`_tiles_streams`)."""
+    the projection and the recurrent register tiles are done already (:func:`_tiles_items`)."""
     if tiles:
         _infer_inputs(act, x, src, W, Wp, bias, base + slot * B + b, row, nb)
     _recurrent_forward(act, h, U, Up, lp, base, slot, b, nb, B, D, tiles)
@@ -469,7 +472,7 @@ def _sweep_infer_batched(out, h, c, act, lps, x, src, W, Wp, bias, U, Up, diag_o
                     grp, b, nb = _stream(t, B)
                     _infer_inputs(act, x, src[grp], W[grp], Wp[grp], bias[grp], grp * L + slot * B + b,
                                   cell_k * B + b, nb)
-                _tiles_streams(act, h, Up, lp, L, slot, t0, t1, B)
+                _tiles_items(act, h, Up, lp, L, slot, groups(B), diag_off[:0], B, t0, t1)
                 for t in range(t0, t1):
                     grp, b, nb = _stream(t, B)
                     _infer_item(out, h, c, act, lp, x, src[grp], W[grp], Wp[grp], bias[grp], U[grp], Up[grp],
@@ -550,7 +553,7 @@ def _recurrent_backward(dh, dact, U, Ut, child, base, s, b, nb, B, D, tiles=True
     """``dh[r] += Σ_d U_dᵀ da_child_d`` for the ``nb`` rows ``r = base + s*B + b + i``, pulled from
     the children on the finished hyperplane: the whole panels of ``Ut[d]``
     (:func:`pack_recurrent`) as register tiles (every element a chain of fused multiply-adds
-    over the G gate columns; ``tiles=False``: done already, :func:`_tiles_streams`), the last
+    over the G gate columns; ``tiles=False``: done already, :func:`_tiles_items`), the last
     D % W units by :func:`_pull_rows`."""
     N = child.shape[1]
     G = (N + 3) * D
@@ -591,20 +594,32 @@ def wavefront_backward(dact, dc, dh, act, c, U, diag_off, parent, child, B: int,
         _sweep_backward_batched(dact, dc, dh, act, c, U, Ut, diag_off, parent, child, B, D, cell, nblk)
     else:
         _sweep_backward(dact, dc, dh, act, c, U, Ut, diag_off, *_items_or_all(items, diag_off),
-                        parent, child, B, D, cell)
+                        parent, child, B, D, cell, numba.get_num_threads())
 
 
 @njit(**NJIT_PARALLEL_OPTS)
-def _sweep_backward(dact, dc, dh, act, c, U, Ut, diag_off, items_off, items, parent, child, B, D, cell):
-    """:func:`wavefront_backward`, a ``prange`` per hyperplane."""
+def _sweep_backward(dact, dc, dh, act, c, U, Ut, diag_off, items_off, items, parent, child, B, D, cell,
+                    threads):
+    """:func:`wavefront_backward`, a ``prange`` per hyperplane; where a panel of ``Ut`` holds more
+    than a chunk of steps, over blocks of up to :data:`BLOCK_ITEMS` work items (at least
+    ``threads`` blocks where there are as many items), whose tiles go chunk by chunk
+    (:func:`_tiles_items`: 64x64 B8 D128 train step 1.05-1.06x; the forward's panels, D steps,
+    gained nothing this way, 0.82-1.03x)."""
     MB = parent.shape[0] * B
+    chunked = Ut.shape[2] > 0 and Ut.shape[3] > chunk_steps(Ut)
     for k in range(diag_off.shape[0] - 2, -1, -1):
         first, n = _plane(k, diag_off, items_off, B)
-        for t in prange(U.shape[0] * n):
-            grp, s, b, nb = _work_item(t, first, n, items, B)
-            _recurrent_backward(dh, dact, U[grp], Ut[grp], child, grp * MB, s, b, nb, B, D)
-            for bb in range(b, b + nb):
-                _cell_backward(dact, dc, dh, act, c, parent, child, grp * MB, s, bb, B, D, cell)
+        m = U.shape[0] * n
+        per = max(1, min(BLOCK_ITEMS, m // threads)) if chunked else 1
+        for blk in prange((m + per - 1) // per):
+            t0, t1 = blk * per, min(m, (blk + 1) * per)
+            if chunked:
+                _tiles_items(dh, dact, Ut, child, MB, first, n, items, B, t0, t1)
+            for t in range(t0, t1):
+                grp, s, b, nb = _work_item(t, first, n, items, B)
+                _recurrent_backward(dh, dact, U[grp], Ut[grp], child, grp * MB, s, b, nb, B, D, not chunked)
+                for bb in range(b, b + nb):
+                    _cell_backward(dact, dc, dh, act, c, parent, child, grp * MB, s, bb, B, D, cell)
 
 
 @njit(**NJIT_PARALLEL_OPTS)
@@ -615,7 +630,7 @@ def _sweep_backward_batched(dact, dc, dh, act, c, U, Ut, diag_off, parent, child
     for blk in prange(nblk):
         t0, t1 = blk * n // nblk, (blk + 1) * n // nblk
         for s in range(diag_off[diag_off.shape[0] - 1] - 1, diag_off[0] - 1, -1):
-            _tiles_streams(dh, dact, Ut, child, MB, s, t0, t1, B)
+            _tiles_items(dh, dact, Ut, child, MB, s, groups(B), diag_off[:0], B, t0, t1)
             for t in range(t0, t1):
                 grp, b, nb = _stream(t, B)
                 _recurrent_backward(dh, dact, U[grp], Ut[grp], child, grp * MB, s, b, nb, B, D, False)
