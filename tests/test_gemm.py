@@ -167,10 +167,10 @@ def test_weight_gradient_slices_along_k_change_no_sum(K, N, rng):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_wide_weight_gradient_does_not_depend_on_the_tasks(dtype, rng):
-    """Wide rows of ``bmat`` (packed panels): one chain per element over the rows in order,
-    bit-identical whichever tasks own which panels (a partial last panel, a last quad of K
-    repeating its row, selected rows gathered while packing)."""
-    R, K, N = PACK_ROWS + 9, 7, 600
+    """Wide rows of ``bmat`` (packed panels): per block of rows one chain per element, the blocks'
+    sums added in order, bit-identical whichever tasks own which panels (a partial last panel,
+    a last quad of K repeating its row, selected rows gathered while packing)."""
+    R, K, N = REDUCE_BLOCK + PACK_ROWS + 9, 7, 600
     a, b = rng.standard_normal((R, K)).astype(dtype), rng.standard_normal((R, N)).astype(dtype)
     panels = -(-N // tile_width(b))
     for rows in (None, np.flatnonzero(rng.random(R) < 0.5)):

@@ -230,15 +230,15 @@ def matmul_at_b(out, a, bmat, rows) -> None:
     rows add zeros). ``rows`` has no default: an omitted argument and None would be two
     specialisations, each compiled.
 
-    Rows of ``bmat`` of :data:`AT_B_TILE_BYTES` or more (and a C-contiguous ``out``): the threads
-    split ``out``'s columns, each element a chain over all rows in order
-    (:func:`_matmul_at_b_wide`). Else rows are cut into blocks of :data:`REDUCE_BLOCK`; blocks
-    run in parallel into private partials which are then added in block order. Fewer blocks
-    than two per thread are also cut along K (:func:`_k_slice`: an 8x8 B16 D16 layer's dU has
-    1024 rows, one block: 0.068 ms on one thread, 0.047 cut in two); each sum is the same
-    either way, so the numbers do not depend on the thread count.
+    Rows are cut into blocks of :data:`REDUCE_BLOCK`, each summed into a private partial, and the
+    partials are added in block order. Rows of ``bmat`` of :data:`AT_B_TILE_BYTES` or more: the
+    threads split ``out``'s columns and go through the blocks in turn (:func:`_matmul_at_b_wide`).
+    Else the blocks run in parallel, and fewer blocks than two per thread are also cut along K
+    (:func:`_k_slice`: an 8x8 B16 D16 layer's dU has 1024 rows, one block: 0.068 ms on one
+    thread, 0.047 cut in two). Each sum is the same either way, so the numbers do not depend on
+    the thread count.
     """
-    if bmat.shape[1] * bmat.itemsize >= AT_B_TILE_BYTES and out.flags.c_contiguous:
+    if bmat.shape[1] * bmat.itemsize >= AT_B_TILE_BYTES:
         panels = -(-bmat.shape[1] // tile_width(out))
         _matmul_at_b_wide(out, a, bmat, rows, min(numba.get_num_threads(), panels))
         return
@@ -265,45 +265,43 @@ def _matmul_at_b(out, a, bmat, rows, nk, tiled):
 def _matmul_at_b_wide(out, a, bmat, rows, ntask):
     """:func:`matmul_at_b` for wide rows of ``bmat``: ``ntask`` tasks, each owning a run of the
     column panels of ``out`` (W = :func:`~mdnumba.kernels.simd.tile_width` columns; the last one
-    partial if W does not divide N) and every row of it (:func:`_at_b_panels`). No partial sums:
-    every element is one chain of fused multiply-adds over the rows in order, whatever the tasks
-    (rows of ``bmat`` 4 KB apart: 1.5-1.6x :func:`_at_b_rows`, K = 128..256, N = 512..1024, 2
-    threads of a Xeon)."""
+    partial if W does not divide N) and every row of it. Per block of :data:`REDUCE_BLOCK` rows
+    a task's tiles sum into its zeroed partial (:func:`_at_b_panels`), which is then added to
+    ``out``: the blocks and the order of their sums of :func:`_matmul_at_b`, whatever the tasks
+    (one chain over all rows was 20x less precise at 524288 rows). Rows of ``bmat`` 4 KB apart:
+    1.5-1.6x :func:`_at_b_rows`, K = 128..256, N = 512..1024, 2 threads of a Xeon."""
+    R = a.shape[0] if rows is None else rows.shape[0]
     K, N = out.shape
     W = tile_width(out)
     P = (N + W - 1) // W
     for j in prange(ntask):
         p0, p1 = j * P // ntask, (j + 1) * P // ntask
+        n0, n1 = p0 * W, min(N, p1 * W)
         ap = np.empty(((K + 3) // 4, PACK_ROWS, 4), out.dtype)
         bp = np.zeros((p1 - p0, PACK_ROWS, W), out.dtype)  # zeros: a partial panel's columns past N
-        tail = np.zeros((K, W), out.dtype)  # a partial panel's columns of out, padded
-        n0 = N // W * W
-        partial = p1 == P and n0 < N
-        if partial:
-            tail[:, :N - n0] = out[:, n0:]
-        _at_b_panels(out, tail, a, bmat, rows, p0, p1, ap, bp)
-        if partial:
-            out[:, n0:] = tail[:, :N - n0]
+        part = np.empty((K, (p1 - p0) * W), out.dtype)
+        for r0 in range(0, R, REDUCE_BLOCK):
+            part[:] = 0.0
+            _at_b_panels(part, a, bmat, rows, r0, min(R, r0 + REDUCE_BLOCK), p0, ap, bp)
+            out[:, n0:n1] += part[:, :n1 - n0]
 
 
 @njit(**NJIT_OPTS)
-def _at_b_panels(out, tail, a, bmat, rows, p0, p1, ap, bp):
-    """``out[:, p0·W : p1·W] += (a[sel]ᵀ @ bmat[sel])[:, p0·W : p1·W]``, the columns past N in
-    ``tail`` (K, W) instead: per :data:`PACK_ROWS` rows, ``a``'s packed as ``ap[q, t, i]`` (k =
-    4q + i, the last quad repeating row K-1) and ``bmat``'s panels as ``bp`` (:func:`_pack_at_b`),
-    then a register tile (:func:`~mdnumba.kernels.simd.fma_tile`) per quad of rows and panel."""
-    R = a.shape[0] if rows is None else rows.shape[0]
-    K, N = out.shape
+def _at_b_panels(part, a, bmat, rows, r0, r1, p0, ap, bp):
+    """``part += (a[sel]ᵀ @ bmat[sel])[:, p0·W : p0·W + part's columns]`` over the entries r0 ..
+    r1-1 of the selection (:func:`selected_row`): per :data:`PACK_ROWS` rows, ``a``'s packed as
+    ``ap[q, t, i]`` (k = 4q + i, the last quad repeating row K-1) and ``bmat``'s panels as ``bp``
+    (:func:`_pack_at_b`), then a register tile (:func:`~mdnumba.kernels.simd.fma_tile`) per quad
+    of rows and panel, each element a chain of fused multiply-adds in row order."""
+    K, C = part.shape
     Q, RC, W = ap.shape[0], ap.shape[1], bp.shape[2]
-    for c0 in range(0, R, RC):
-        T = min(R, c0 + RC) - c0
+    for c0 in range(r0, r1, RC):
+        T = min(r1, c0 + RC) - c0
         _pack_at_b(ap, bp, a, bmat, rows, c0, T, p0)
-        for p in range(p0, p1):
-            c, ld, col = (out, N, p * W) if (p + 1) * W <= N else (tail, W, 0)
+        for p in range(bp.shape[0]):
             for q in range(Q):
-                o = q * RC * 4
-                fma_tile(c, row_offsets(four_rows(4 * q, K - 4 * q), ld, col), ap, four_rows(o, 4), 4,
-                         bp, (p - p0) * RC * W, W, T)
+                fma_tile(part, row_offsets(four_rows(4 * q, K - 4 * q), C, p * W), ap,
+                         four_rows(q * RC * 4, 4), 4, bp, p * RC * W, W, T)
 
 
 @njit(**NJIT_OPTS)
