@@ -20,7 +20,7 @@ CASES = [  # layer class, grid, batch, directions, cell, hidden, dtype
     (MDLSTM2D, (3, 6), 1, 1, "spatial", 3, np.float64),
     (MDLSTM3D, (2, 3, 2), 3, 8, "graves", 5, np.float32),
     # register tiles: the batch schedule runs them chunk by chunk over a block's streams
-    # (_tiles_streams; D = 264: chunks of the forward's D steps and the backward's G, units past the tiles)
+    # (_tiles_items; D = 264: chunks of the forward's D steps and the backward's G, units past the tiles)
     (LSTM1D, (4,), 9, 2, "graves", 264, np.float32),
     (MDLSTM2D, (3, 4), 5, 4, "graves", 32, np.float32),
 ]

@@ -149,8 +149,9 @@ def _at_b_block(part, a, bmat, rows, r0, r1, k0, k1, tiled):
     """``part[k0:k1] = (a[sel]ᵀ @ bmat[sel])[k0:k1]`` (serial) for the rows ``sel`` = entries
     r0..r1-1 of ``rows`` (None: rows r0..r1-1); k0 a multiple of 4, k1 too or K.
 
-    ``tiled`` (every row, C-contiguous ``a``, ``bmat``, ``part``; rows of ``bmat`` under
-    :data:`AT_B_TILE_BYTES` where :func:`~mdnumba.kernels.simd.tiles_pay`): the rows k <
+    ``tiled`` (every row, C-contiguous ``a``, ``bmat``, ``part``, where
+    :func:`~mdnumba.kernels.simd.tiles_pay`; :func:`matmul_at_b` sends rows of ``bmat`` of
+    :data:`AT_B_TILE_BYTES` or more to :func:`_matmul_at_b_wide` instead): the rows k <
     4·(K // 4) and whole panels of W = :func:`~mdnumba.kernels.simd.tile_width` columns as
     register tiles, :func:`~mdnumba.kernels.simd.fma_tile` over the rows of ``bmat`` in place
     (each element a chain of fused multiply-adds in row order); the rest by :func:`_at_b_rows`.
@@ -159,7 +160,7 @@ def _at_b_block(part, a, bmat, rows, r0, r1, k0, k1, tiled):
     K, N = a.shape[1], bmat.shape[1]
     kt, nt = k0, 0
     W = tile_width(part)
-    if tiled and rows is None and N * part.itemsize < AT_B_TILE_BYTES and tiles_pay(N, W):
+    if tiled and rows is None and tiles_pay(N, W):
         kt, nt = max(k0, min(k1, 4 * (K // 4))), N // W * W
         _at_b_tiles(part, a, r0, k0, kt, nt // W, bmat, r0 * N, W, N, r1 - r0)
     if kt > k0 and nt < N:
@@ -239,8 +240,7 @@ def matmul_at_b(out, a, bmat, rows) -> None:
     the thread count.
     """
     if bmat.shape[1] * bmat.itemsize >= AT_B_TILE_BYTES:
-        panels = -(-bmat.shape[1] // tile_width(out))
-        _matmul_at_b_wide(out, a, bmat, rows, min(numba.get_num_threads(), panels))
+        _matmul_at_b_wide(out, a, bmat, rows, numba.get_num_threads())
         return
     nblk = -(-(a.shape[0] if rows is None else rows.shape[0]) // REDUCE_BLOCK)
     nk = max(1, min(a.shape[1] // 4, -(-2 * numba.get_num_threads() // max(nblk, 1))))
@@ -263,17 +263,19 @@ def _matmul_at_b(out, a, bmat, rows, nk, tiled):
 
 @njit(**NJIT_PARALLEL_OPTS)
 def _matmul_at_b_wide(out, a, bmat, rows, ntask):
-    """:func:`matmul_at_b` for wide rows of ``bmat``: ``ntask`` tasks, each owning a run of the
-    column panels of ``out`` (W = :func:`~mdnumba.kernels.simd.tile_width` columns; the last one
-    partial if W does not divide N) and every row of it. Per block of :data:`REDUCE_BLOCK` rows
-    a task's tiles sum into its zeroed partial (:func:`_at_b_panels`), which is then added to
-    ``out``: the blocks and the order of their sums of :func:`_matmul_at_b`, whatever the tasks
-    (one chain over all rows was 20x less precise at 524288 rows). Rows of ``bmat`` 4 KB apart:
-    1.5-1.6x :func:`_at_b_rows`, K = 128..256, N = 512..1024, 2 threads of a Xeon."""
+    """:func:`matmul_at_b` for wide rows of ``bmat``: ``ntask`` tasks (at most one per panel),
+    each owning a run of the column panels of ``out`` (W = :func:`~mdnumba.kernels.simd.tile_width`
+    columns; the last one partial if W does not divide N) and every row of it. Per block of
+    :data:`REDUCE_BLOCK` rows a task's tiles sum into its zeroed partial (:func:`_at_b_panels`),
+    which is then added to ``out``: the blocks and the order of their sums of
+    :func:`_matmul_at_b`, whatever the tasks (one chain over all rows was 20x less precise at
+    524288 rows). Rows of ``bmat`` 4 KB apart: 1.5-1.6x :func:`_at_b_rows`, K = 128..256, N =
+    512..1024, 2 threads of a Xeon."""
     R = a.shape[0] if rows is None else rows.shape[0]
     K, N = out.shape
     W = tile_width(out)
     P = (N + W - 1) // W
+    ntask = min(ntask, P)
     for j in prange(ntask):
         p0, p1 = j * P // ntask, (j + 1) * P // ntask
         n0, n1 = p0 * W, min(N, p1 * W)
