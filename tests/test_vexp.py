@@ -12,10 +12,12 @@ from mdnumba.kernels.cell import build
 
 def _applier(fastmath):
     """``apply(out, x, which)``: exp (0), σ (1) or the cell's tanh (2) elementwise, compiled with
-    ``fastmath`` as the sweeps are (the cell functions inlined into a loop)."""
+    ``fastmath`` as the sweeps are (the cell functions inlined into a loop; tanh's series with
+    fused multiply-adds, :data:`mdnumba.kernels.vexp.CPU_MATH`)."""
     jit = njit(fastmath=fastmath, error_model="numpy")
-    tanh = build(njit(inline="always", fastmath=fastmath, error_model="numpy"), exp=vexp.exp,
-                 sigmoid=vexp.sigmoid)["tanh"]
+    fused = njit(inline="always", fastmath={"contract"} | set(fastmath or ()), error_model="numpy")
+    tanh = build(njit(inline="always", fastmath=fastmath, error_model="numpy"),
+                 **dict(vexp.CPU_MATH, math_jit=fused))["tanh"]
 
     @jit
     def apply(out, x, which):

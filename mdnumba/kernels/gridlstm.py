@@ -29,16 +29,16 @@ from .cell import build
 from .wavefront import _rolling_parents, group_rows, group_size, groups
 
 
-def build_rows(jit, exp=math.exp, sigmoid=None, tanh=None):
+def build_rows(jit, exp=math.exp, sigmoid=None, tanh=None, math_jit=None):
     """Compile the per-row functions with ``jit`` (``njit`` here, ``cuda.jit(device=True)`` in
     :mod:`mdnumba.kernels.gridlstm_cuda`: one source for CPU and GPU); return them in a dict.
     The CPU takes the two LSTM steps (its blocks group the products of several rows:
     :func:`_block_forward`, :func:`_block_backward`), the GPU the blocks of one row.
 
-    ``exp``, ``sigmoid``, ``tanh`` as in :func:`mdnumba.kernels.cell.build`. Column offsets are
+    ``exp``, ``sigmoid``, ``tanh``, ``math_jit`` as in :func:`mdnumba.kernels.cell.build`. Column offsets are
     clamped with ``max(.., 0)`` so the CPU loops carry no wrap-around check (see cell.py).
     """
-    _cell = build(jit, exp, sigmoid, tanh)
+    _cell = build(jit, exp, sigmoid, tanh, math_jit)
     _sigmoid, _tanh, one_minus = _cell["sigmoid"], _cell["tanh"], _cell["one_minus"]
 
     @jit
@@ -178,7 +178,7 @@ def build_rows(jit, exp=math.exp, sigmoid=None, tanh=None):
 # the LSTM steps are inlined into the blocks (Numba IR), the drivers call the blocks (blocks
 # inlined into the three sweeps too made a first forward, backward and saving-free forward
 # compile for 18, 19 and 19 s instead of 11, 17 and 6 s; float64, 2-core Xeon)
-_ROWS = build_rows(njit(inline="always", **NJIT_OPTS), exp=vexp.exp, sigmoid=vexp.sigmoid)
+_ROWS = build_rows(njit(inline="always", **NJIT_OPTS), **vexp.CPU_MATH)
 _lstm_forward, _lstm_backward = _ROWS["lstm_forward"], _ROWS["lstm_backward"]
 
 

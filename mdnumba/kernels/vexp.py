@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.extending import intrinsic, overload
+
+from ..config import NJIT_CHAIN_OPTS
 
 _F = np.float32
 LOG2E = 1.4426950408889634
@@ -70,7 +72,7 @@ def sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
-@overload(exp)
+@overload(exp, jit_options={"fastmath": NJIT_CHAIN_OPTS["fastmath"]})
 def _exp(x):
     if _is_f32(x):
         def exp32(x):
@@ -107,3 +109,8 @@ def _sigmoid(x):
     if _is_f32(x):
         return lambda x: ONE_32 / (ONE_32 + exp(-x))
     return lambda x: 1.0 / (1.0 + exp(-x))
+
+
+#: the math of the CPU kernels' cells (:func:`mdnumba.kernels.cell.build`'s keyword arguments):
+#: these ``exp`` and ``sigmoid``, and tanh's series compiled with fused multiply-adds
+CPU_MATH = dict(exp=exp, sigmoid=sigmoid, math_jit=njit(inline="always", **NJIT_CHAIN_OPTS))

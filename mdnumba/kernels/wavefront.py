@@ -40,7 +40,7 @@ from .cell import build
 from .gemm import rows_product, selected_row
 from .simd import chunk_steps, four_rows, tile_panel, tile_quad, tile_rows
 
-_CELL = build(njit(inline="always", **NJIT_OPTS), exp=vexp.exp, sigmoid=vexp.sigmoid)
+_CELL = build(njit(inline="always", **NJIT_OPTS), **vexp.CPU_MATH)
 _row_forward = _CELL["row_forward"]
 _row_backward = _CELL["row_backward"]
 
