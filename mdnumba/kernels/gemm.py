@@ -25,6 +25,10 @@ AT_B_TILE_BYTES = 2048
 #: rows of ``a`` and ``bmat`` that :func:`_at_b_panels` packs per pass (a panel of them: 16 KB
 #: float32 with AVX-512, read by K/4 tiles from L1)
 PACK_ROWS = 128
+#: rows of a block that :func:`_at_b_tiles` passes over all its tiles at a time: their slices of
+#: ``a`` and of a panel of ``bmat`` stay in L1 for every tile (a whole block of 1024 rows at once
+#: streamed both from L2 once per tile)
+AT_B_CHUNK = 64
 #: rows per work item of :func:`matmul_rows` (each panel of the weights passes over them all)
 MATMUL_BLOCK = 16
 
@@ -173,10 +177,13 @@ def _at_b_tiles(part, a, r0, k0, k1, P, b, b0, b_ps, b_rs, T):
     """``part[k0:k1, :P·W] += a[r0:r0+T, k0:k1]ᵀ @ B`` as register tiles (k0, k1 multiples of 4),
     B's panel p starting at element ``b0 + p·b_ps`` of ``b``, its row t ``t·b_rs`` further."""
     K, N, W = a.shape[1], part.shape[1], tile_width(part)
-    for p in range(P):
-        for k in range(k0, k1, 4):
-            fma_tile(part, row_offsets(four_rows(k, 4), N, p * W), a, four_rows(r0 * K + k, 4), K,
-                     b, b0 + p * b_ps, b_rs, T)
+    step = AT_B_CHUNK
+    for t0 in range(0, T, step):
+        t1 = min(T, t0 + step)
+        for p in range(P):
+            for k in range(k0, k1, 4):
+                fma_tile(part, row_offsets(four_rows(k, 4), N, p * W), a, four_rows((r0 + t0) * K + k, 4), K,
+                         b, b0 + p * b_ps + t0 * b_rs, b_rs, t1 - t0)
 
 
 @njit(**NJIT_SUM_OPTS)
