@@ -26,6 +26,7 @@ from ..config import NJIT_OPTS, NJIT_PARALLEL_OPTS, NJIT_SUM_OPTS
 from ..grid import ROWS
 from . import vexp
 from .cell import build
+from .gemm import assign
 from .wavefront import _rolling_parents, group_rows, group_size, groups
 
 
@@ -370,13 +371,13 @@ def grid_infer(out, h, c, act, lp, lperm, x, U_time, U_depth, b_time, b_depth, d
             slot, b = cur + t // P, ROWS * (t % P)
             nb, lv = min(ROWS, B - b), (lperm[slot] % L) % U_time.shape[0]
             for r in range(slot * B + b, slot * B + b + nb):
-                act[r, :4 * D] = b_time[lv]
-                act[r, 4 * D:] = b_depth[lv]
+                assign(act[r, :4 * D], b_time[lv])
+                assign(act[r, 4 * D:], b_depth[lv])
             _block_forward(h, c, act, x, U_time, U_depth, lp[slot, 0], lp[slot, 1], lperm[slot], L,
                            slot, b, nb, B, D)
             if lperm[slot] % L == L - 1:
                 for i in range(nb):
-                    out[(lperm[slot] // L) * B + b + i, :] = h[slot * B + b + i, D:]
+                    assign(out[(lperm[slot] // L) * B + b + i], h[slot * B + b + i, D:])
 
 
 @njit(**NJIT_PARALLEL_OPTS)

@@ -37,7 +37,7 @@ from ..config import NJIT_OPTS, NJIT_PARALLEL_OPTS, NJIT_SUM_OPTS
 from ..grid import ROWS
 from . import simd, vexp
 from .cell import build
-from .gemm import rows_product, selected_row
+from .gemm import assign, rows_product, selected_row
 from .simd import chunk_steps, four_rows, tile_panel, tile_quad, tile_rows
 
 _CELL = build(njit(inline="always", **NJIT_OPTS), **vexp.CPU_MATH)
@@ -413,7 +413,7 @@ def _infer_item(out, h, c, act, lp, x, src, W, Wp, bias, U, Up, grp, base, slot,
         _cell_forward(h, c, act, lp, base, slot, b + i, B, D, cell)
         j = src[row + i]
         if j >= 0:
-            out[j, grp, :] = h[base + slot * B + b + i]
+            assign(out[j, grp], h[base + slot * B + b + i])
 
 
 @njit(**NJIT_OPTS)
@@ -421,7 +421,7 @@ def _infer_inputs(act, x, src, W, Wp, bias, r, row, nb):
     """``act[r+i] = bias + x[src[row+i]] @ W`` for the nb rows i (a row of ``src`` -1: bias only)."""
     live = 0
     for i in range(nb):
-        act[r + i, :] = bias
+        assign(act[r + i], bias)
         live += src[row + i] >= 0
     if live == nb:  # the input projection of all nb rows at once: tiles, then the last columns
         q, rr = four_rows(row, nb), four_rows(r, nb)
