@@ -13,16 +13,17 @@ from mdnumba import LSTM1D, MDLSTM2D, MDLSTM3D
 from mdnumba.grid import direction_tables, live_items, wavefront
 from mdnumba.kernels import wavefront as wfk
 
-CASES = [  # layer class, grid, batch, directions, cell, hidden, dtype
-    (LSTM1D, (7,), 5, 2, "graves", 3, np.float64),
-    (LSTM1D, (6,), 7, 1, "stable", 6, np.float32),  # D >= 4: the four-unit product loops too
-    (MDLSTM2D, (4, 5), 3, 4, "stable", 6, np.float64),
-    (MDLSTM2D, (3, 6), 1, 1, "spatial", 3, np.float64),
-    (MDLSTM3D, (2, 3, 2), 3, 8, "graves", 5, np.float32),
+CASES = [  # layer class, grid, batch, directions, cell, hidden, input channels, dtype
+    (LSTM1D, (7,), 5, 2, "graves", 3, 2, np.float64),
+    (LSTM1D, (6,), 7, 1, "stable", 6, 2, np.float32),  # D >= 4: the four-unit product loops too
+    (MDLSTM2D, (4, 5), 3, 4, "stable", 6, 2, np.float64),
+    (MDLSTM2D, (3, 6), 1, 1, "spatial", 3, 2, np.float64),
+    (MDLSTM3D, (2, 3, 2), 3, 8, "graves", 5, 2, np.float32),
     # register tiles: the batch schedule runs them chunk by chunk over a block's streams
-    # (_tiles_items; D = 264: chunks of the forward's D steps and the backward's G, units past the tiles)
-    (LSTM1D, (4,), 9, 2, "graves", 264, np.float32),
-    (MDLSTM2D, (3, 4), 5, 4, "graves", 32, np.float32),
+    # (_tiles_items; D = 264: chunks of the forward's D steps and the backward's G, units past the
+    # tiles), and the saving-free sweep's input projection a panel at a time (_input_tiles: C >= 4)
+    (LSTM1D, (4,), 9, 2, "graves", 264, 6, np.float32),
+    (MDLSTM2D, (3, 4), 5, 4, "graves", 32, 5, np.float32),
 ]
 
 
@@ -51,16 +52,16 @@ def sweeps(layer, x, schedule: str) -> list[np.ndarray]:
     return [h, c, act, dact, dc, dh, out]
 
 
-@pytest.mark.parametrize("cls,dims,B,S,cell,D,dtype", CASES)
+@pytest.mark.parametrize("cls,dims,B,S,cell,D,C,dtype", CASES)
 @pytest.mark.parametrize("threads", [1, 3, 1000])
-def test_batch_schedule_equals_plane_schedule(cls, dims, B, S, cell, D, dtype, threads, rng, monkeypatch):
+def test_batch_schedule_equals_plane_schedule(cls, dims, B, S, cell, D, C, dtype, threads, rng, monkeypatch):
     """Every array of the three sweeps is bit-identical under both schedules, with the streams in
     one block, in uneven blocks, or one stream per block (as many blocks as ``threads`` would
     get; the sweeps still run on Numba's threads)."""
     monkeypatch.setattr(wfk, "numba", SimpleNamespace(get_num_threads=lambda: threads))
-    layer = cls(2, D, directions=S, cell=cell, dtype=dtype, seed=1)
+    layer = cls(C, D, directions=S, cell=cell, dtype=dtype, seed=1)
     layer.params.data[:] = rng.uniform(-0.6, 0.6, layer.params.data.shape)
-    x = rng.standard_normal((B,) + dims + (2,)).astype(dtype)
+    x = rng.standard_normal((B,) + dims + (C,)).astype(dtype)
     assert wfk.batch_blocks(S, B, wavefront(dims).diag_off, None, "batch") == min(threads, S * wfk.groups(B))
     planes, batched = sweeps(layer, x, "planes"), sweeps(layer, x, "batch")
     for name, a, b in zip(["h", "c", "act", "dact", "dc", "dh", "out"], planes, batched):

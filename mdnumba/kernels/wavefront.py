@@ -417,17 +417,17 @@ def _infer_item(out, h, c, act, lp, x, src, W, Wp, bias, U, Up, grp, base, slot,
 
 
 @njit(**NJIT_OPTS)
-def _infer_inputs(act, x, src, W, Wp, bias, r, row, nb):
-    """``act[r+i] = bias + x[src[row+i]] @ W`` for the nb rows i (a row of ``src`` -1: bias only)."""
-    live = 0
+def _infer_inputs(act, x, src, W, Wp, bias, r, row, nb, tiles=True):
+    """``act[r+i] = bias + x[src[row+i]] @ W`` for the nb rows i (a row of ``src`` -1: bias only).
+    ``tiles=False``: where every row has an input, the columns of the panels ``Wp`` are left to
+    :func:`_input_tiles`."""
     for i in range(nb):
         assign(act[r + i], bias)
-        live += src[row + i] >= 0
-    if live == nb:  # the input projection of all nb rows at once: tiles, then the last columns
-        q, rr = four_rows(row, nb), four_rows(r, nb)
-        ss = (np.int64(src[q[0]]), np.int64(src[q[1]]), np.int64(src[q[2]]), np.int64(src[q[3]]))
+    live, ss = _sources(src, row, nb)
+    if live:  # the input projection of all nb rows at once: tiles, then the last columns
+        rr = four_rows(r, nb)
         done = Wp.shape[0] * Wp.shape[2]
-        if done > 0:
+        if done > 0 and tiles:
             tile_quad(act, rr, x, ss, Wp)
         if done < act.shape[1]:
             rows_product(act, rr, x, ss, nb, W, done)
@@ -436,6 +436,29 @@ def _infer_inputs(act, x, src, W, Wp, bias, r, row, nb):
             j = np.int64(src[row + i])
             if j >= 0:
                 rows_product(act, four_rows(r + i, 1), x, (j, j, j, j), 1, W)
+
+
+@njit(inline="always", **NJIT_OPTS)
+def _sources(src, row, nb):
+    """Whether the nb rows ``row ..`` of ``src`` all have an input (not -1), and their input rows
+    as a 4-tuple (:func:`~mdnumba.kernels.simd.four_rows`)."""
+    q = four_rows(row, nb)
+    ss = (np.int64(src[q[0]]), np.int64(src[q[1]]), np.int64(src[q[2]]), np.int64(src[q[3]]))
+    return min(min(ss[0], ss[1]), min(ss[2], ss[3])) >= 0, ss
+
+
+@njit(**NJIT_OPTS)
+def _input_tiles(act, x, src, Wp, L, slot, cell_k, B, t0, t1):
+    """The register tiles of :func:`_infer_inputs` (``tiles=False``) for the work streams t0 ..
+    t1-1 (:func:`_stream`) at cell ``cell_k`` in ``slot`` (scan slabs of L rows): each panel of
+    ``Wp`` passes over every stream's rows while in L1 (per stream, item after item read all of
+    ``W`` from L2: 1D D256 projection 1.14x). Each element's chain is the same."""
+    for p in range(Wp.shape[1]):
+        for t in range(t0, t1):
+            grp, b, nb = _stream(t, B)
+            live, ss = _sources(src[grp], cell_k * B + b, nb)
+            if live:
+                tile_panel(act, four_rows(grp * L + slot * B + b, nb), x, ss, Wp[grp], p, 0, Wp.shape[2])
 
 
 @njit(**NJIT_PARALLEL_OPTS)
@@ -471,7 +494,8 @@ def _sweep_infer_batched(out, h, c, act, lps, x, src, W, Wp, bias, U, Up, diag_o
                 for t in range(t0, t1):
                     grp, b, nb = _stream(t, B)
                     _infer_inputs(act, x, src[grp], W[grp], Wp[grp], bias[grp], grp * L + slot * B + b,
-                                  cell_k * B + b, nb)
+                                  cell_k * B + b, nb, False)
+                _input_tiles(act, x, src, Wp, L, slot, cell_k, B, t0, t1)
                 _tiles_items(act, h, Up, lp, L, slot, groups(B), diag_off[:0], B, t0, t1)
                 for t in range(t0, t1):
                     grp, b, nb = _stream(t, B)
