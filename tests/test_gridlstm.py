@@ -16,7 +16,10 @@ def ref_forward(layer, x):
 
 @pytest.mark.parametrize("B,T,L,D,tied", [(2, 5, 3, 3, True), (1, 1, 1, 2, True), (3, 4, 1, 2, True),
                                            (2, 1, 4, 3, True), (1, 6, 6, 4, True), (2, 5, 3, 3, False),
-                                           (1, 3, 1, 2, False), (7, 3, 2, 6, True), (9, 2, 3, 4, False)])
+                                           (1, 3, 1, 2, False), (7, 3, 2, 6, True), (9, 2, 3, 4, False),
+                                           # register tiles (16 float64 / 32 float32 columns) of the
+                                           # products and pulls, with columns and units past them
+                                           (6, 3, 2, 17, False), (5, 2, 3, 33, True)])
 @pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-12), (np.float32, 1e-5)])
 def test_matches_reference(B, T, L, D, tied, dtype, rtol, rng):
     layer = GridLSTM2D(D, L, seed=2, dtype=dtype, tied=tied)
@@ -47,7 +50,8 @@ def test_finite_differences(zeros, tied, rng):
                                            (1, 2, 3, 5, False),   # untied, time shorter than depth
                                            (2, 1, 3, 2, True),    # one time step: no time neighbours
                                            (3, 4, 1, 2, False),   # one level: bottom and top at once
-                                           (7, 3, 2, 5, True)])   # work items of 4, 2 and 1 rows
+                                           (7, 3, 2, 5, True),    # work items of 4, 2 and 1 rows
+                                           (2, 2, 2, 17, True)])  # register tiles, and columns past them
 def test_finite_differences_shapes(B, T, L, D, tied, rng):
     layer = GridLSTM2D(D, L, seed=1, dtype=np.float64, tied=tied)
     layer.params.data[...] += rng.standard_normal(layer.params.data.shape) * 0.3

@@ -27,7 +27,8 @@ from ..grid import ROWS
 from . import vexp
 from .cell import build
 from .gemm import assign
-from .wavefront import _rolling_parents, group_rows, group_size, groups
+from .simd import four_rows, tile_quad
+from .wavefront import _rolling_parents, _tiled, group_rows, group_size, groups, pack_recurrent
 
 
 def build_rows(jit, exp=math.exp, sigmoid=None, tanh=None, math_jit=None):
@@ -184,14 +185,22 @@ _lstm_forward, _lstm_backward = _ROWS["lstm_forward"], _ROWS["lstm_backward"]
 
 
 @njit(**NJIT_OPTS)
-def _matvec_rows(act, r, off, src, srow, scol, U, urow, D, nb):
+def _matvec_rows(act, r, off, src, srow, scol, U, urow, D, nb, panels):
     """``act[r+i, off:off+4D] += src[srow+i, scol:scol+D] @ U[urow:urow+D]`` for the ``nb`` (1 .. 4)
-    consecutive rows i (srow < 0: nothing): the sums of the per-row ``_matvec_add`` (the CUDA
-    twin's), operation for operation, with the rows of a group of four, two or one sharing every
-    load of U, as :func:`mdnumba.kernels.wavefront._product_rows` does for the MD-LSTM."""
+    consecutive rows i (srow < 0: nothing): the gate columns of ``panels``, these D rows of U
+    packed (:func:`pack_halves`), as register tiles (each element a chain of fused multiply-adds,
+    :func:`~mdnumba.kernels.simd.tile_quad`); the others as sums of the per-row ``_matvec_add``
+    (the CUDA twin's), with the rows of a group of four, two or one sharing every load of U."""
     if srow < 0:
         return
-    off, scol, urow = max(off, 0), max(scol, 0), max(urow, 0)
+    g0 = panels.shape[0] * panels.shape[2]
+    if g0 > 0:
+        tile_quad(act, four_rows(r, nb), src, four_rows(srow, nb), panels, off, scol)
+        if g0 == 4 * D:
+            return
+    # provably >= 0: no wrap-around check; the g loops run from 0 (from g0 they were not vectorised)
+    off, scol, urow, g0 = max(off + g0, 0), max(scol, 0), max(urow, 0), max(g0, 0)
+    G = 4 * D - g0
     i = 0
     while i < nb:
         m, a, p = group_size(nb - i), r + i, srow + i
@@ -204,8 +213,8 @@ def _matvec_rows(act, r, off, src, srow, scol, U, urow, D, nb):
             k0, k1, k2, k3 = x1[c], x1[c + 1], x1[c + 2], x1[c + 3]
             l0, l1, l2, l3 = x2[c], x2[c + 1], x2[c + 2], x2[c + 3]
             n0, n1, n2, n3 = x3[c], x3[c + 1], x3[c + 2], x3[c + 3]
-            for g in range(4 * D):
-                u0, u1, u2, u3 = v0[g], v1[g], v2[g], v3[g]
+            for g in range(G):
+                u0, u1, u2, u3 = v0[g0 + g], v1[g0 + g], v2[g0 + g], v3[g0 + g]
                 o0[off + g] += (h0 * u0 + h1 * u1) + (h2 * u2 + h3 * u3)
                 if m > 1:
                     o1[off + g] += (k0 * u0 + k1 * u1) + (k2 * u2 + k3 * u3)
@@ -216,49 +225,55 @@ def _matvec_rows(act, r, off, src, srow, scol, U, urow, D, nb):
         for jj in range(j, D):  # the last D % 4 rows of U one at a time
             for q in range(m):
                 v = src[p + q, scol + jj]
-                for g in range(4 * D):
-                    act[a + q, off + g] += v * U[urow + jj, g]
+                for g in range(G):
+                    act[a + q, off + g] += v * U[urow + jj, g0 + g]
         i += m
 
 
 @njit(**NJIT_OPTS)
-def _block_forward(h, c, act, x, U_time, U_depth, tp, dp, cell, L, s, b, nb, B, D):
+def _block_forward(h, c, act, x, U_time, U_depth, Pt, Pd, tp, dp, cell, L, s, b, nb, B, D):
     """The ``_block_forward`` of :func:`build_rows` (the CUDA twin's, one row) for the ``nb``
     batch items b .. b+nb-1 of block s: each transform's products for the group
-    (:func:`_matvec_rows`), then its LSTM step row by row; every row gets the same numbers."""
+    (:func:`_matvec_rows`; ``Pt``, ``Pd``: :func:`pack_halves` of ``U_time``, ``U_depth``), then
+    its LSTM step row by row; every row gets the same numbers."""
     r = s * B + b
     lv = (cell % L) % U_time.shape[0]
     Ut, Ud = U_time[lv], U_depth[lv]
     tr = tp * B + b if tp >= 0 else -1
     dr = dp * B + b if dp >= 0 else -1
     xr = (cell // L) * B + b if dp < 0 else -1  # bottom block: depth input x_t
-    _matvec_rows(act, r, 0, h, tr, 0, Ut, 0, D, nb)
-    _matvec_rows(act, r, 0, h, dr, D, Ut, D, D, nb)
-    _matvec_rows(act, r, 0, x, xr, 0, Ut, D, D, nb)
+    _matvec_rows(act, r, 0, h, tr, 0, Ut, 0, D, nb, Pt[2 * lv])
+    _matvec_rows(act, r, 0, h, dr, D, Ut, D, D, nb, Pt[2 * lv + 1])
+    _matvec_rows(act, r, 0, x, xr, 0, Ut, D, D, nb, Pt[2 * lv + 1])
     for i in range(nb):
         _lstm_forward(act, h, c, r + i, 0, tr + i if tr >= 0 else -1, 0, D)
-    _matvec_rows(act, r, 4 * D, h, r, 0, Ud, 0, D, nb)
-    _matvec_rows(act, r, 4 * D, h, dr, D, Ud, D, D, nb)
-    _matvec_rows(act, r, 4 * D, x, xr, 0, Ud, D, D, nb)
+    _matvec_rows(act, r, 4 * D, h, r, 0, Ud, 0, D, nb, Pd[2 * lv])
+    _matvec_rows(act, r, 4 * D, h, dr, D, Ud, D, D, nb, Pd[2 * lv + 1])
+    _matvec_rows(act, r, 4 * D, x, xr, 0, Ud, D, D, nb, Pd[2 * lv + 1])
     for i in range(nb):
         _lstm_forward(act, h, c, r + i, 4 * D, dr + i if dr >= 0 else -1, D, D)
 
 
 @njit(**NJIT_SUM_OPTS)
-def _vec_mat_t_rows(out, orow, ocol, dact, srow, off, U, urow, D, nb):
+def _vec_mat_t_rows(out, orow, ocol, dact, srow, off, U, urow, D, nb, panels):
     """``out[orow+i, ocol:ocol+D] += dact[srow+i, off:off+4D] @ U[urow:urow+D]ᵀ`` for the ``nb`` (1 ..
-    4) consecutive rows i (srow < 0: nothing): dot products over the 4D contiguous gate columns,
-    four units per pass; the rows of a group of four, two or one share every load of U (four:
-    16 partial sums in vector registers, as :func:`mdnumba.kernels.wavefront._pull_rows`)."""
+    4) consecutive rows i (srow < 0: nothing): the units of ``panels`` (these D rows of U
+    transposed, :func:`pack_halves`) as register tiles over the 4D gate columns; the others as
+    dot products over them, four units per pass, the rows of a group of four, two or one sharing
+    every load of U (four: 16 partial sums in vector registers, as
+    :func:`mdnumba.kernels.wavefront._pull_rows`)."""
     if srow < 0:
         return
+    j0 = panels.shape[0] * panels.shape[2]  # a multiple of 4
+    if j0 > 0:
+        tile_quad(out, four_rows(orow, nb), dact, four_rows(srow, nb), panels, ocol, off)
     off, ocol, urow = max(off, 0), max(ocol, 0), max(urow, 0)
     i = 0
     while i < nb:
         m, a, p = group_size(nb - i), orow + i, srow + i
         o0, o1, o2, o3 = group_rows(out, a, m)
         d0, d1, d2, d3 = group_rows(dact, p, m)
-        j = 0
+        j = j0
         while j + 4 <= D:
             c, v0, v1, v2, v3 = ocol + j, U[urow + j], U[urow + j + 1], U[urow + j + 2], U[urow + j + 3]
             a0, a1, a2, a3 = o0[c], o0[c + 1], o0[c + 2], o0[c + 3]
@@ -292,10 +307,12 @@ def _vec_mat_t_rows(out, orow, ocol, dact, srow, off, U, urow, D, nb):
 
 
 @njit(**NJIT_OPTS)
-def _block_backward(dact, dc, dx, dtop, act, c, U_time, U_depth, parent, child, perm, L, s, b, nb, B, D):
+def _block_backward(dact, dc, dx, dtop, act, c, U_time, U_depth, Qt, Qd, parent, child, perm, L, s, b, nb,
+                    B, D):
     """The ``_block_backward`` of :func:`build_rows` (the CUDA twin's, one row) for the ``nb``
     batch items b .. b+nb-1 of block s: each pull of gate gradients for the group
-    (:func:`_vec_mat_t_rows`), each LSTM step's backward row by row."""
+    (:func:`_vec_mat_t_rows`; ``Qt``, ``Qd``: :func:`pack_halves` of ``U_time``, ``U_depth``
+    transposed), each LSTM step's backward row by row."""
     r, S = s * B + b, U_time.shape[0]
     tc, dch, tp, dp = child[s, 0], child[s, 1], parent[s, 0], parent[s, 1]
     tcr = tc * B + b if tc >= 0 else -1
@@ -307,39 +324,58 @@ def _block_backward(dact, dc, dx, dtop, act, c, U_time, U_depth, parent, child, 
         for j in range(D):
             dact[r + i, H + j] = dtop[row_t + i, j] if dch < 0 else 0.0
             dact[r + i, M + j] = dc[dcr + i, D + j] * act[dcr + i, 5 * D + j] if dcr >= 0 else 0.0
-    _vec_mat_t_rows(dact, r, H, dact, dcr, 0, U_time[lv_up], D, D, nb)  # the child above used h_L'
-    _vec_mat_t_rows(dact, r, H, dact, dcr, 4 * D, U_depth[lv_up], D, D, nb)  # in both transforms
+    _vec_mat_t_rows(dact, r, H, dact, dcr, 0, U_time[lv_up], D, D, nb, Qt[2 * lv_up + 1])  # the child
+    _vec_mat_t_rows(dact, r, H, dact, dcr, 4 * D, U_depth[lv_up], D, D, nb, Qd[2 * lv_up + 1])  # above
+    # used h_L' in both transforms
     for i in range(nb):
         _lstm_backward(dact, dc, act, c, r + i, 4 * D, dp * B + b + i if dp >= 0 else -1, D,
                        dact[r + i, H:M], dact[r + i, M:], D)
         for j in range(D):
             dact[r + i, H + j] = 0.0
             dact[r + i, M + j] = dc[tcr + i, j] * act[tcr + i, D + j] if tcr >= 0 else 0.0
-    _vec_mat_t_rows(dact, r, H, dact, r, 4 * D, U_depth[lv], 0, D, nb)  # own depth transform used h_T'
-    _vec_mat_t_rows(dact, r, H, dact, tcr, 0, U_time[lv], 0, D, nb)     # next time step used h_T'
+    _vec_mat_t_rows(dact, r, H, dact, r, 4 * D, U_depth[lv], 0, D, nb, Qd[2 * lv])  # own depth transform
+    _vec_mat_t_rows(dact, r, H, dact, tcr, 0, U_time[lv], 0, D, nb, Qt[2 * lv])     # and next time step
+    # used h_T'
     for i in range(nb):
         _lstm_backward(dact, dc, act, c, r + i, 0, tp * B + b + i if tp >= 0 else -1, 0,
                        dact[r + i, H:M], dact[r + i, M:], D)
     if dp < 0:  # bottom block: gradient of the depth input x_t
         dx[row_t:row_t + nb] = 0.0
-        _vec_mat_t_rows(dx, row_t, 0, dact, r, 0, U_time[lv], D, D, nb)
-        _vec_mat_t_rows(dx, row_t, 0, dact, r, 4 * D, U_depth[lv], D, D, nb)
+        _vec_mat_t_rows(dx, row_t, 0, dact, r, 0, U_time[lv], D, D, nb, Qt[2 * lv + 1])
+        _vec_mat_t_rows(dx, row_t, 0, dact, r, 4 * D, U_depth[lv], D, D, nb, Qd[2 * lv + 1])
 
 
-@njit(**NJIT_PARALLEL_OPTS)
-def grid_forward(h, c, act, x, U_time, U_depth, diag_off, parent, perm, L, B, D):
+def pack_halves(U, transposed: bool = False):
+    """``U`` (levels, 2D, 4D) as the register-tile panels of its two halves of D rows (the weights
+    of ``h_T`` and of ``h_L``; :func:`mdnumba.kernels.wavefront.pack_recurrent`): (2·levels, P,
+    D, W) for the forward products, ``transposed`` (2·levels, P, 4D, W) for the backward pulls;
+    entry ``2·level + half``."""
+    S, D2, G = U.shape
+    return pack_recurrent(U.reshape(2 * S, D2 // 2, G), 1, transposed)[:, 0]
+
+
+def grid_forward(h, c, act, x, U_time, U_depth, diag_off, parent, perm, L: int, B: int, D: int) -> None:
     """Forward sweep (outputs h, c, act; inputs x; weights; tables; sizes).
 
     ``act`` (M*B, 8D) enters holding ``[b_time | b_depth]`` per row and leaves
     holding the gate activations; ``x`` is (T*B, D), row ``t*B + b``.
     """
-    P = groups(B)  # work items: (block, group of up to ROWS batch items)
+    _tiled(h, act, x)
+    _grid_forward(h, c, act, x, U_time, U_depth, pack_halves(U_time), pack_halves(U_depth), diag_off, parent,
+                  perm, L, B, D)
+
+
+@njit(**NJIT_PARALLEL_OPTS)
+def _grid_forward(h, c, act, x, U_time, U_depth, Pt, Pd, diag_off, parent, perm, L, B, D):
+    """:func:`grid_forward`: diagonals in order, a ``prange`` over (block, group of up to ROWS batch
+    items) in each."""
+    P = groups(B)
     for k in range(diag_off.shape[0] - 1):
         s0 = diag_off[k]
         for t in prange((diag_off[k + 1] - s0) * P):
             s, b = s0 + t // P, ROWS * (t % P)
-            _block_forward(h, c, act, x, U_time, U_depth, parent[s, 0], parent[s, 1], perm[s], L, s,
-                           b, min(ROWS, B - b), B, D)
+            _block_forward(h, c, act, x, U_time, U_depth, Pt, Pd, parent[s, 0], parent[s, 1], perm[s], L,
+                           s, b, min(ROWS, B - b), B, D)
 
 
 @njit(**NJIT_OPTS)
@@ -350,9 +386,8 @@ def _rolling_cells(lperm, perm, diag_off, k, cur):
         lperm[cur + i] = perm[s0 + i]
 
 
-@njit(**NJIT_PARALLEL_OPTS)
 def grid_infer(out, h, c, act, lp, lperm, x, U_time, U_depth, b_time, b_depth, diag_off, parent, perm,
-               L, B, D):
+               L: int, B: int, D: int) -> None:
     """Forward sweep that keeps no activations (outputs out, h, c, act; scratch lp, lperm; inputs;
     weights; tables; sizes).
 
@@ -363,6 +398,15 @@ def grid_infer(out, h, c, act, lp, lperm, x, U_time, U_depth, b_time, b_depth, d
     as ``[b_time | b_depth]`` of its level (``b_*`` (levels, 4D)); the top blocks' ``h_L'`` go
     to ``out`` (T*B, D), row ``t*B + b``.
     """
+    _tiled(h, act, x)
+    _grid_infer(out, h, c, act, lp, lperm, x, U_time, U_depth, pack_halves(U_time), pack_halves(U_depth),
+                b_time, b_depth, diag_off, parent, perm, L, B, D)
+
+
+@njit(**NJIT_PARALLEL_OPTS)
+def _grid_infer(out, h, c, act, lp, lperm, x, U_time, U_depth, Pt, Pd, b_time, b_depth, diag_off, parent,
+                perm, L, B, D):
+    """:func:`grid_infer`."""
     P = groups(B)
     for k in range(diag_off.shape[0] - 1):
         cur = _rolling_parents(lp, parent, diag_off, k)
@@ -373,26 +417,35 @@ def grid_infer(out, h, c, act, lp, lperm, x, U_time, U_depth, b_time, b_depth, d
             for r in range(slot * B + b, slot * B + b + nb):
                 assign(act[r, :4 * D], b_time[lv])
                 assign(act[r, 4 * D:], b_depth[lv])
-            _block_forward(h, c, act, x, U_time, U_depth, lp[slot, 0], lp[slot, 1], lperm[slot], L,
+            _block_forward(h, c, act, x, U_time, U_depth, Pt, Pd, lp[slot, 0], lp[slot, 1], lperm[slot], L,
                            slot, b, nb, B, D)
             if lperm[slot] % L == L - 1:
                 for i in range(nb):
                     assign(out[(lperm[slot] // L) * B + b + i], h[slot * B + b + i, D:])
 
 
-@njit(**NJIT_PARALLEL_OPTS)
-def grid_backward(dact, dc, dx, dtop, act, c, U_time, U_depth, diag_off, parent, child, perm, L, B, D):
+def grid_backward(dact, dc, dx, dtop, act, c, U_time, U_depth, diag_off, parent, child, perm, L: int, B: int,
+                  D: int) -> None:
     """Backward sweep, diagonals in reverse (outputs dact, dc, dx; inputs; weights; tables; sizes).
 
     ``dtop`` (T*B, D) is dL/d(top blocks' h_L'); ``dact`` is (M*B, 10D): gate
     gradients in its first 8D columns, the last 2D are per-row scratch.
     """
+    _tiled(dact, dx)
+    _grid_backward(dact, dc, dx, dtop, act, c, U_time, U_depth, pack_halves(U_time, True),
+                   pack_halves(U_depth, True), diag_off, parent, child, perm, L, B, D)
+
+
+@njit(**NJIT_PARALLEL_OPTS)
+def _grid_backward(dact, dc, dx, dtop, act, c, U_time, U_depth, Qt, Qd, diag_off, parent, child, perm, L, B,
+                   D):
+    """:func:`grid_backward`."""
     P = groups(B)  # work items as in grid_forward
     for k in range(diag_off.shape[0] - 2, -1, -1):
         s0 = diag_off[k]
         for t in prange((diag_off[k + 1] - s0) * P):
             b = ROWS * (t % P)
-            _block_backward(dact, dc, dx, dtop, act, c, U_time, U_depth, parent, child, perm, L,
+            _block_backward(dact, dc, dx, dtop, act, c, U_time, U_depth, Qt, Qd, parent, child, perm, L,
                             s0 + t // P, b, min(ROWS, B - b), B, D)
 
 

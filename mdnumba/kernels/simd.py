@@ -148,20 +148,20 @@ def tile_rows(out, r, a, s, nb, panels):
 
 
 @njit(**NJIT_OPTS)
-def tile_quad(out, ro, a, ra, panels):
-    """``out[ro[i], :P·W] += a[ra[i]] @ B`` for the 4-tuples of rows ``ro``, ``ra`` (repeats
-    allowed), B the panels (P, K, W) (:func:`pack_panels`), ``out`` and ``a`` C-contiguous: one
-    :func:`fma_tile` per panel."""
+def tile_quad(out, ro, a, ra, panels, ocol=0, acol=0):
+    """``out[ro[i], ocol : ocol + P·W] += a[ra[i], acol : acol + K] @ B`` for the 4-tuples of rows
+    ``ro``, ``ra`` (repeats allowed), B the panels (P, K, W) (:func:`pack_panels`), ``out`` and
+    ``a`` C-contiguous: one :func:`fma_tile` per panel."""
     for p in range(panels.shape[0]):
-        tile_panel(out, ro, a, ra, panels, p, 0, panels.shape[1])
+        tile_panel(out, ro, a, ra, panels, p, 0, panels.shape[1], ocol, acol)
 
 
 @njit(inline="always", **NJIT_OPTS)
-def tile_panel(out, ro, a, ra, panels, p, k0, k1):
-    """``out[ro[i], p·W : (p+1)·W] += a[ra[i], k0:k1] @ panels[p, k0:k1]`` (:func:`tile_quad`'s
-    panel p, its steps k0 .. k1-1): one :func:`fma_tile`."""
+def tile_panel(out, ro, a, ra, panels, p, k0, k1, ocol=0, acol=0):
+    """``out[ro[i], ocol + p·W : ocol + (p+1)·W] += a[ra[i], acol + k0 : acol + k1] @ panels[p,
+    k0:k1]`` (:func:`tile_quad`'s panel p, its steps k0 .. k1-1): one :func:`fma_tile`."""
     T, W = panels.shape[1], panels.shape[2]
-    fma_tile(out, row_offsets(ro, out.shape[1], p * W), a, row_offsets(ra, a.shape[1], k0), 1,
+    fma_tile(out, row_offsets(ro, out.shape[1], ocol + p * W), a, row_offsets(ra, a.shape[1], acol + k0), 1,
              panels, (p * T + k0) * W, W, k1 - k0)
 
 
