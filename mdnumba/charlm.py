@@ -26,6 +26,7 @@ from ._validate import (
     seeded_rng,
     shared_seed,
 )
+from .kernels.gemm import scatter_add_rows
 from .layers import GridLSTM2D, Linear
 from .params import OwnsParams, ParamLayout
 from .stack import LayerGroup, check_not_refused_midway, mdlstm_stack, run_tracked
@@ -165,7 +166,7 @@ class Embedding(OwnsParams):
         if self._ids is None:
             raise RuntimeError("backward() called before forward(); run forward(ids) first")
         check_shape(dy, self._ids.shape + self.params["W"].shape[1:])
-        np.add.at(self.grads["W"], self._ids.reshape(-1), dy.reshape(-1, dy.shape[-1]))
+        scatter_add_rows(self.grads["W"], self._ids.reshape(-1), dy.reshape(-1, dy.shape[-1]))
 
 
 class Dropout:

@@ -355,3 +355,13 @@ def column_sums(out, a, rows):
                 parts[q, n] += a[r, n]
     for q in range(nblk):
         out += parts[q]
+
+
+@njit(**NJIT_OPTS)
+def scatter_add_rows(out, ids, rows):
+    """``out[ids[i]] += rows[i]`` for every i in order (repeated ids add up: ``np.add.at``, whose
+    rows took 65x as long, 0.79 ms of a char-LM step at B32 T50 D78; the same sums)."""
+    for i in range(ids.shape[0]):
+        k = ids[i]
+        for d in range(rows.shape[1]):
+            out[k, d] += rows[i, d]
