@@ -325,18 +325,18 @@ def _block_backward(dact, dc, dx, dtop, act, c, U_time, U_depth, Qt, Qd, parent,
         for j in range(D):
             dact[r + i, H + j] = dtop[row_t + i, j] if dch < 0 else 0.0
             dact[r + i, M + j] = dc[dcr + i, D + j] * act[dcr + i, 5 * D + j] if dcr >= 0 else 0.0
-    _vec_mat_t_rows(dact, r, H, dact, dcr, 0, U_time[lv_up], D, D, nb, Qt[2 * lv_up + 1])  # the child
-    _vec_mat_t_rows(dact, r, H, dact, dcr, 4 * D, U_depth[lv_up], D, D, nb, Qd[2 * lv_up + 1])  # above
-    # used h_L' in both transforms
+    # the child above used h_L' in both transforms
+    _vec_mat_t_rows(dact, r, H, dact, dcr, 0, U_time[lv_up], D, D, nb, Qt[2 * lv_up + 1])
+    _vec_mat_t_rows(dact, r, H, dact, dcr, 4 * D, U_depth[lv_up], D, D, nb, Qd[2 * lv_up + 1])
     for i in range(nb):
         _lstm_backward(dact, dc, act, c, r + i, 4 * D, dp * B + b + i if dp >= 0 else -1, D,
                        dact[r + i, H:M], dact[r + i, M:], D)
         for j in range(D):
             dact[r + i, H + j] = 0.0
             dact[r + i, M + j] = dc[tcr + i, j] * act[tcr + i, D + j] if tcr >= 0 else 0.0
-    _vec_mat_t_rows(dact, r, H, dact, r, 4 * D, U_depth[lv], 0, D, nb, Qd[2 * lv])  # own depth transform
-    _vec_mat_t_rows(dact, r, H, dact, tcr, 0, U_time[lv], 0, D, nb, Qt[2 * lv])     # and next time step
-    # used h_T'
+    # the own depth transform and the next time step used h_T'
+    _vec_mat_t_rows(dact, r, H, dact, r, 4 * D, U_depth[lv], 0, D, nb, Qd[2 * lv])
+    _vec_mat_t_rows(dact, r, H, dact, tcr, 0, U_time[lv], 0, D, nb, Qt[2 * lv])
     for i in range(nb):
         _lstm_backward(dact, dc, act, c, r + i, 0, tp * B + b + i if tp >= 0 else -1, 0,
                        dact[r + i, H:M], dact[r + i, M:], D)
