@@ -126,10 +126,12 @@ def test_matmul_rows_tiles_give_the_numbers_of_single_rows(R, K, N, dtype, rng):
     np.testing.assert_allclose(out, alone + a.astype(float) @ w, rtol=tol, atol=tol * np.sqrt(K))
 
 
-@pytest.mark.parametrize("R,K", [(3 * REDUCE_BLOCK + 7, 5), (REDUCE_BLOCK - 3, 9)])
+@pytest.mark.parametrize("R,K", [(3 * REDUCE_BLOCK + 7, 5), (REDUCE_BLOCK - 3, 9),
+                                 (4 * REDUCE_BLOCK + 7, 12)])
 def test_reductions_do_not_depend_on_thread_count(R, K, rng):
     """Fixed blocks summed in a fixed order: bit-identical on 1 thread and on all of them (one
-    block: cut along K on several threads, not on one)."""
+    block: cut along K on several threads, not on one; five blocks: cut so that every thread
+    gets as many tasks)."""
     a = rng.standard_normal((R, K)).astype(np.float32)
     b = rng.standard_normal((a.shape[0], 6)).astype(np.float32)
     results = []
