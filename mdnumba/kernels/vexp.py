@@ -11,7 +11,10 @@ They are typed on their argument (Numba ``overload``): float64 in float64 (degre
 relative error ~2e-16 measured against ``np.exp`` on [-708, 708]), float32 in float32
 (degree 7, ~1e-7, i.e. about one float32 ulp) — so a float32 layer runs 16 lanes per
 AVX-512 instruction instead of converting to float64. Measured per sigmoid: libm
-5.8 ns, float64 1.4 ns, float32 0.44 ns. The input is clamped to [-708, 708] / [-87, 87],
+5.8 ns, float64 1.4 ns, float32 0.44 ns (AMD EPYC). ``exp`` compiles with fused multiply-adds
+(``contract``; LLVM did not fuse the polynomial and the range reduction by itself): σ 0.51 →
+0.31 ns in float32, 1.78 → 1.06 ns in float64 on an Intel Xeon, max error 1.15 → 0.87 ulp.
+The input is clamped to [-708, 708] / [-87, 87],
 so neither ``e^x`` nor ``σ(x) = 1/(1 + e^{-x})`` is ever inf or subnormal (σ(−∞) is
 ~3e-308 / ~2e-38 instead of 0; subnormals would slow every later product); NaN stays
 NaN. Called from Python they fall back to NumPy.
