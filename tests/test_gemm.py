@@ -126,20 +126,20 @@ def test_matmul_rows_tiles_give_the_numbers_of_single_rows(R, K, N, dtype, rng):
     np.testing.assert_allclose(out, alone + a.astype(float) @ w, rtol=tol, atol=tol * np.sqrt(K))
 
 
-@pytest.mark.parametrize("R,K", [(3 * REDUCE_BLOCK + 7, 5), (REDUCE_BLOCK - 3, 9),
-                                 (4 * REDUCE_BLOCK + 7, 12)])
-def test_reductions_do_not_depend_on_thread_count(R, K, rng):
+@pytest.mark.parametrize("R,K,N", [(3 * REDUCE_BLOCK + 7, 5, 6), (REDUCE_BLOCK - 3, 9, 6),
+                                   (4 * REDUCE_BLOCK + 7, 12, 64)])
+def test_reductions_do_not_depend_on_thread_count(R, K, N, rng):
     """Fixed blocks summed in a fixed order: bit-identical on 1 thread and on all of them (one
-    block: cut along K on several threads, not on one; five blocks: cut so that every thread
-    gets as many tasks)."""
+    block: cut along K on several threads, not on one; five blocks, in register tiles (N = 64)
+    and chunks of rows: cut so that every thread gets as many tasks on 2 to 4 threads)."""
     a = rng.standard_normal((R, K)).astype(np.float32)
-    b = rng.standard_normal((a.shape[0], 6)).astype(np.float32)
+    b = rng.standard_normal((a.shape[0], N)).astype(np.float32)
     results = []
     n = numba.get_num_threads()
     try:
         for threads in sorted({1, n}):
             numba.set_num_threads(threads)
-            out, s = np.zeros((K, 6), np.float32), np.zeros(6, np.float32)
+            out, s = np.zeros((K, N), np.float32), np.zeros(N, np.float32)
             matmul_at_b(out, a, b, None)
             column_sums(s, b, None)
             results.append((out, s))

@@ -12,12 +12,10 @@ from mdnumba.kernels.cell import build
 
 def _applier(fastmath):
     """``apply(out, x, which)``: exp (0), σ (1) or the cell's tanh (2) elementwise, compiled with
-    ``fastmath`` as the sweeps are (the cell functions inlined into a loop; tanh's series with
-    fused multiply-adds, :data:`mdnumba.kernels.vexp.CPU_MATH`)."""
+    ``fastmath`` as the sweeps are (the cell functions inlined into a loop,
+    :data:`mdnumba.kernels.vexp.CPU_MATH`)."""
     jit = njit(fastmath=fastmath, error_model="numpy")
-    fused = njit(inline="always", fastmath={"contract"} | set(fastmath or ()), error_model="numpy")
-    tanh = build(njit(inline="always", fastmath=fastmath, error_model="numpy"),
-                 **dict(vexp.CPU_MATH, math_jit=fused))["tanh"]
+    tanh = build(njit(inline="always", fastmath=fastmath, error_model="numpy"), **vexp.CPU_MATH)["tanh"]
 
     @jit
     def apply(out, x, which):

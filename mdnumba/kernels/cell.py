@@ -64,24 +64,21 @@ def cell_code(name: str) -> int:
     return CELLS[name]
 
 
-def build(jit, exp=math.exp, sigmoid=None, tanh=None, math_jit=None):
+def build(jit, exp=math.exp, sigmoid=None, tanh=None):
     """Compile the row functions with decorator ``jit`` and ``exp``, ``sigmoid``, ``tanh``
-    (default: σ and tanh from ``exp`` as below, compiled with ``math_jit``, default ``jit``; the
-    CPU passes the vectorisable, dtype-typed ``exp`` and ``sigmoid`` of :mod:`mdnumba.kernels.vexp`
-    and a ``math_jit`` that fuses multiply-adds, tanh's series 1.3x faster); return them in a
-    namespace dict.
+    (default: σ and tanh from ``exp`` as below; the CPU passes the vectorisable, dtype-typed
+    ``exp`` and ``sigmoid`` of :mod:`mdnumba.kernels.vexp`); return them in a namespace dict.
     """
-    math_jit = math_jit or jit
 
     if sigmoid is None:
-        @math_jit
+        @jit
         def sigmoid(x):
             """σ(x) = 1 / (1 + e^{-x}); overflow of e^{-x} gives 0, never NaN."""
             one = like(x, 1.0)
             return one / (one + exp(-x))
 
     if tanh is None:
-        @math_jit
+        @jit
         def tanh(x):
             """tanh(x) = 2σ(2x) − 1: one ``exp`` (libm ``tanh`` took 3x as long on the CPU),
             exact limits ±1. Near 0 that loses relative precision (1 − 1 cancels: float32

@@ -97,7 +97,8 @@ def rows_product(out, r, a, s, n, bmat, n0=0):
 
 @njit(inline="always", **NJIT_OPTS)
 def assign(dst, src):
-    """``dst[:] = src`` for 1-D arrays of one length, as a plain (vectorised) loop: Numba's slice
+    """``dst[:] = src`` for 1-D arrays of one length (the caller's check: none here), as a plain
+    (vectorised) loop: Numba's slice
     assignment of an array goes element by element through its broadcasting, 3.5-10x slower per
     row of 16..1024 float32 (a 3D ``save=False`` forward with C = 1 spent 0.5 ms of 4.2 in it)."""
     for n in range(src.shape[0]):
@@ -252,9 +253,9 @@ def matmul_at_b(out, a, bmat, rows) -> None:
     threads split ``out``'s columns and go through the blocks in turn (:func:`_matmul_at_b_wide`).
     Else the blocks run in parallel, and fewer blocks than two per thread are also cut along K
     (:func:`_k_slice`: an 8x8 B16 D16 layer's dU has 1024 rows, one block: 0.068 ms on one
-    thread, 0.047 cut in two), as are blocks that the threads cannot share evenly (5 blocks on 2
-    threads: 10 tasks, 1.14-1.21x for 5 or 7 blocks). Each sum is the same either way, so the
-    numbers do not depend on the thread count.
+    thread, 0.047 cut in two), as are blocks that the threads cannot share to within 5% (5 blocks
+    on 2 threads: 10 tasks, 1.14-1.21x for 5 or 7 blocks). Each sum is the same either way, so
+    the numbers do not depend on the thread count.
     """
     if bmat.shape[1] * bmat.itemsize >= AT_B_TILE_BYTES:
         _matmul_at_b_wide(out, a, bmat, rows, numba.get_num_threads())
@@ -262,8 +263,8 @@ def matmul_at_b(out, a, bmat, rows) -> None:
     nblk = -(-(a.shape[0] if rows is None else rows.shape[0]) // REDUCE_BLOCK)
     threads, most = numba.get_num_threads(), max(1, a.shape[1] // 4)
     nk = min(most, -(-2 * threads // max(nblk, 1)))
-    while nk < most and (nblk * nk) % threads:  # as many tasks for every thread
-        nk += 1
+    while nk < most and -(-nblk * nk // threads) * threads > 1.05 * nblk * nk:  # the threads' shares
+        nk += 1  # within 5% of each other
     _matmul_at_b(out, a, bmat, rows, nk, a.flags.c_contiguous and bmat.flags.c_contiguous)
 
 

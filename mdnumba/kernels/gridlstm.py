@@ -32,16 +32,16 @@ from .simd import four_rows, tile_quad
 from .wavefront import _rolling_parents, _tiled, group_rows, group_size, groups, pack_recurrent
 
 
-def build_rows(jit, exp=math.exp, sigmoid=None, tanh=None, math_jit=None):
+def build_rows(jit, exp=math.exp, sigmoid=None, tanh=None):
     """Compile the per-row functions with ``jit`` (``njit`` here, ``cuda.jit(device=True)`` in
     :mod:`mdnumba.kernels.gridlstm_cuda`: one source for CPU and GPU); return them in a dict.
     The CPU takes the two LSTM steps (its blocks group the products of several rows:
     :func:`_block_forward`, :func:`_block_backward`), the GPU the blocks of one row.
 
-    ``exp``, ``sigmoid``, ``tanh``, ``math_jit`` as in :func:`mdnumba.kernels.cell.build`. Column offsets are
+    ``exp``, ``sigmoid``, ``tanh`` as in :func:`mdnumba.kernels.cell.build`. Column offsets are
     clamped with ``max(.., 0)`` so the CPU loops carry no wrap-around check (see cell.py).
     """
-    _cell = build(jit, exp, sigmoid, tanh, math_jit)
+    _cell = build(jit, exp, sigmoid, tanh)
     _sigmoid, _tanh, one_minus = _cell["sigmoid"], _cell["tanh"], _cell["one_minus"]
 
     @jit

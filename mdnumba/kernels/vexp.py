@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import types
 from numba.extending import intrinsic, overload
 
 from ..config import NJIT_CHAIN_OPTS
@@ -115,5 +115,7 @@ def _sigmoid(x):
 
 
 #: the math of the CPU kernels' cells (:func:`mdnumba.kernels.cell.build`'s keyword arguments):
-#: these ``exp`` and ``sigmoid``, and tanh's series compiled with fused multiply-adds
-CPU_MATH = dict(exp=exp, sigmoid=sigmoid, math_jit=njit(inline="always", **NJIT_CHAIN_OPTS))
+#: these ``exp`` and ``sigmoid`` (tanh is built from this ``exp``). Fused multiply-adds for the
+#: tanh series too would need a separate function: one with ``inline="always"`` compiles with its
+#: caller's flags, and one without is a call in float64 (3.6x slower)
+CPU_MATH = dict(exp=exp, sigmoid=sigmoid)

@@ -408,7 +408,8 @@ def _infer_item(out, h, c, act, lp, x, src, W, Wp, bias, U, Up, grp, base, slot,
     """Work item (cell in two-plane ``slot``, batch rows b .. b+nb-1; ``row`` = cell*B + b in
     ``src``) of scan ``grp``, whose slab starts at row ``base``: input projection
     (:func:`_infer_inputs`), recurrent products, cell, h into ``out[:, grp]``. ``tiles=False``:
-    the projection and the recurrent register tiles are done already (:func:`_tiles_items`)."""
+    the projection and the recurrent register tiles are done already (the batch schedule's
+    :func:`_infer_inputs` with ``tiles=False``, :func:`_input_tiles`, :func:`_tiles_items`)."""
     if tiles:
         _infer_inputs(act, x, src, W, Wp, bias, base + slot * B + b, row, nb)
     _recurrent_forward(act, h, U, Up, lp, base, slot, b, nb, B, D, tiles)
