@@ -98,9 +98,9 @@ def rows_product(out, r, a, s, n, bmat, n0=0):
 @njit(inline="always", **NJIT_OPTS)
 def assign(dst, src):
     """``dst[:] = src`` for 1-D arrays of one length (the caller's check: none here), as a plain
-    (vectorised) loop: Numba's slice
-    assignment of an array goes element by element through its broadcasting, 3.5-10x slower per
-    row of 16..1024 float32 (a 3D ``save=False`` forward with C = 1 spent 0.5 ms of 4.2 in it)."""
+    (vectorised) loop: Numba's slice assignment of an array goes element by element through its
+    broadcasting, 3.5-10x slower per row of 16..1024 float32 (a 3D ``save=False`` forward with
+    C = 1 spent 0.5 ms of 4.2 in it)."""
     for n in range(src.shape[0]):
         dst[n] = src[n]
 
@@ -141,17 +141,17 @@ def _matmul_rows(out, a, bmat, panels, bias, accumulate, rows):
                 assign(out[selected_row(rows, i)], bias)
         for p in range(P):
             for i in range(first, last, 4):
-                r = _selected_four(rows, i, min(4, last - i))
+                r = selected_four(rows, i, min(4, last - i))
                 fma_tile(out, row_offsets(r, N, p * W), a, row_offsets(r, K, 0), 1, panels, p * K * W, W, K)
         if P * W < N:
             for i in range(first, last, 4):
                 c = min(4, last - i)
-                r = _selected_four(rows, i, c)
+                r = selected_four(rows, i, c)
                 rows_product(out, r, a, r, c, bmat, P * W)
 
 
 @njit(inline="always", **NJIT_OPTS)
-def _selected_four(rows, i, c):
+def selected_four(rows, i, c):
     """Rows i .. i+c-1 of a selection (:func:`selected_row`) as a 4-tuple of int64 (:func:`four_rows`)."""
     q = four_rows(i, c)
     return (np.int64(selected_row(rows, q[0])), np.int64(selected_row(rows, q[1])),

@@ -141,10 +141,10 @@ def row_offsets(rows, stride, col):
 
 
 @njit(**NJIT_OPTS)
-def tile_rows(out, r, a, s, nb, panels):
-    """``out[r+i, :P·W] += a[s+i] @ B`` for the ``nb`` (1 .. 4) consecutive rows i
-    (:func:`tile_quad`, rows past nb repeating the last)."""
-    tile_quad(out, four_rows(r, nb), a, four_rows(s, nb), panels)
+def tile_rows(out, r, a, s, nb, panels, ocol=0, acol=0):
+    """``out[r+i, ocol : ocol + P·W] += a[s+i, acol : acol + K] @ B`` for the ``nb`` (1 .. 4)
+    consecutive rows i (:func:`tile_quad`, rows past nb repeating the last)."""
+    tile_quad(out, four_rows(r, nb), a, four_rows(s, nb), panels, ocol, acol)
 
 
 @njit(**NJIT_OPTS)

@@ -37,7 +37,7 @@ from ..config import NJIT_OPTS, NJIT_PARALLEL_OPTS, NJIT_SUM_OPTS
 from ..grid import ROWS
 from . import simd, vexp
 from .cell import build
-from .gemm import assign, rows_product, selected_row
+from .gemm import assign, rows_product, selected_four, selected_row
 from .simd import chunk_steps, four_rows, tile_panel, tile_quad, tile_rows
 
 _CELL = build(njit(inline="always", **NJIT_OPTS), **vexp.CPU_MATH)
@@ -445,9 +445,8 @@ def _infer_inputs(act, x, src, W, Wp, bias, r, row, nb, tiles=True):
 @njit(inline="always", **NJIT_OPTS)
 def _sources(src, row, nb):
     """Whether the nb rows ``row ..`` of ``src`` all have an input (not -1), and their input rows
-    as a 4-tuple (:func:`~mdnumba.kernels.simd.four_rows`)."""
-    q = four_rows(row, nb)
-    ss = (np.int64(src[q[0]]), np.int64(src[q[1]]), np.int64(src[q[2]]), np.int64(src[q[3]]))
+    as a 4-tuple (:func:`~mdnumba.kernels.gemm.selected_four`)."""
+    ss = selected_four(src, row, nb)
     return min(min(ss[0], ss[1]), min(ss[2], ss[3])) >= 0, ss
 
 
