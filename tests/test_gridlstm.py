@@ -19,7 +19,10 @@ def ref_forward(layer, x):
                                            (1, 3, 1, 2, False), (7, 3, 2, 6, True), (9, 2, 3, 4, False),
                                            # register tiles (16 float64 / 32 float32 columns) of the
                                            # products and pulls, with columns and units past them
-                                           (6, 3, 2, 17, False), (5, 2, 3, 33, True)])
+                                           (6, 3, 2, 17, False), (5, 2, 3, 33, True),
+                                           # tall tiles (8 rows of a batch, 64-byte vectors) and
+                                           # the 3 or 1 rows past them
+                                           (11, 2, 2, 17, True), (9, 2, 2, 33, False)])
 @pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-12), (np.float32, 1e-5)])
 def test_matches_reference(B, T, L, D, tied, dtype, rtol, rng):
     layer = GridLSTM2D(D, L, seed=2, dtype=dtype, tied=tied)

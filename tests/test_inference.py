@@ -211,9 +211,10 @@ def test_models_and_stacks(rng):
 def test_grid_lstm_without_saving(tied, rng):
     """``GridLSTM2D.forward(x, save=False)`` (``grid_infer``: the same blocks in buffers of two
     anti-diagonals) equals ``forward(x)`` bit for bit and the float64 reference, with time longer
-    and shorter than the depth, and at hidden 17 with register tiles; backward is then refused."""
+    and shorter than the depth, and at hidden 17 with register tiles (batch 9: a tall one); backward
+    is then refused."""
     from mdnumba.layers import GridLSTM2D
-    for B, T, L, D in ((3, 5, 3, 3), (2, 1, 4, 3), (1, 6, 1, 3), (4, 3, 3, 3), (5, 3, 2, 17)):
+    for B, T, L, D in ((3, 5, 3, 3), (2, 1, 4, 3), (1, 6, 1, 3), (4, 3, 3, 3), (5, 3, 2, 17), (9, 2, 2, 17)):
         layer = GridLSTM2D(D, L, seed=1, dtype=np.float64, tied=tied)
         for name in ("b_time", "b_depth"):  # biases that differ per level and gate
             layer.params[name] = rng.standard_normal(layer.params[name].shape)

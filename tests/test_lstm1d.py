@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 from gradcheck import assert_grad_close, check_layer_gradients, numeric_grad
-from refcheck import check_state_against_reference
+from refcheck import check_against_reference, check_state_against_reference
 
 from mdnumba import LSTM1D
 from mdnumba import reference as ref
@@ -25,6 +25,17 @@ def test_matches_reference(shape, dtype, rtol, rng):
     for got, want in [(dx, rdx), (layer.grads.W, rdW), (layer.grads.U_rec, rdU),
                       (layer.grads.b, rdb)]:
         np.testing.assert_allclose(got, want, rtol=10 * rtol, atol=10 * rtol)
+
+
+@pytest.mark.parametrize("directions", [1, 2])
+def test_tall_tiles_match_reference(directions, rng):
+    """Batch 13: pairs of groups of 4 rows in tall register tiles (the batch schedule's chunks and
+    input panels, the weight gradients' rows of K), the lone group of 1 row in a small one;
+    float64 tiles of hidden 18 (72 gate columns: 4 panels and 8 past them)."""
+    layer = LSTM1D(5, 18, directions=directions, seed=2, dtype=np.float64)
+    x = rng.standard_normal((13, 6, 5))
+    check_against_reference(layer, x, rng.standard_normal((13, 6, directions * 18)), 1e-12)
+    np.testing.assert_array_equal(layer.forward(x, save=False), layer.forward(x))
 
 
 @pytest.mark.parametrize("zeros", [False, True])

@@ -25,6 +25,18 @@ def test_forward_backward_match_reference(shape, dtype, rtol, hidden, rng):
     check_against_reference(layer, x, rng.standard_normal(shape[:-1] + (hidden,)), rtol)
 
 
+@pytest.mark.parametrize("directions", [1, 4])
+@pytest.mark.parametrize("hidden", [16, 18])
+def test_tall_tiles_match_reference(directions, hidden, rng):
+    """Batch 13 (groups of 4, 4, 4 and 1 rows): two groups of a cell share a tall register tile
+    (8 rows, with 64-byte vectors) in the saving forward, the backward pulls and the saving-free
+    forward; a lone group and the scans' boundaries do not."""
+    layer = MDLSTM2D(2, hidden, directions=directions, seed=3, dtype=np.float64)
+    x = rng.standard_normal((13, 3, 4, 2))
+    check_against_reference(layer, x, rng.standard_normal((13, 3, 4, directions * hidden)), 1e-12)
+    np.testing.assert_array_equal(layer.forward(x, save=False), layer.forward(x))
+
+
 def test_named_views_are_up_and_left(rng):
     """U_up acts on the neighbour above (axis 0), U_left on the one to the left."""
     layer = MDLSTM2D(2, 3, seed=1, dtype=np.float64)

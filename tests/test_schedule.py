@@ -24,6 +24,8 @@ CASES = [  # layer class, grid, batch, directions, cell, hidden, input channels,
     # tiles), and the saving-free sweep's input projection a panel at a time (_input_tiles: C >= 4)
     (LSTM1D, (4,), 9, 2, "graves", 264, 6, np.float32),
     (MDLSTM2D, (3, 4), 5, 4, "graves", 32, 5, np.float32),
+    # tall tiles: two groups of rows of a cell in one (batch 12: groups 0-1 paired, 2 alone)
+    (MDLSTM2D, (3, 4), 12, 4, "stable", 32, 5, np.float32),
 ]
 
 

@@ -13,7 +13,18 @@ import numpy as np
 from numba import njit, prange
 
 from ..config import NJIT_CHAIN_OPTS, NJIT_OPTS, NJIT_PARALLEL_OPTS, NJIT_SUM_OPTS
-from .simd import TILE_MIN_STEPS, fma_tile, four_rows, pack_panels, row_offsets, tile_width, tiles_pay
+from .simd import (
+    TALL_ROWS,
+    TALL_TILES,
+    TILE_MIN_STEPS,
+    fma_tile,
+    four_rows,
+    pack_panels,
+    row_offsets,
+    tall_offsets,
+    tile_width,
+    tiles_pay,
+)
 
 #: rows per partial sum in :func:`matmul_at_b`; fixed so results never depend on threads
 REDUCE_BLOCK = 1024
@@ -139,8 +150,13 @@ def _matmul_rows(out, a, bmat, panels, bias, accumulate, rows):
         if not accumulate:
             for i in range(first, last):
                 assign(out[selected_row(rows, i)], bias)
+        tall = first  # the rows before ``tall`` in tall tiles: consecutive rows, not a selection
+        if TALL_TILES and rows is None:
+            tall = last - (last - first) % TALL_ROWS
         for p in range(P):
-            for i in range(first, last, 4):
+            for i in range(first, tall, TALL_ROWS):
+                fma_tile(out, tall_offsets(i, N, p * W), a, tall_offsets(i, K, 0), 1, panels, p * K * W, W, K)
+            for i in range(tall, last, 4):
                 r = selected_four(rows, i, min(4, last - i))
                 fma_tile(out, row_offsets(r, N, p * W), a, row_offsets(r, K, 0), 1, panels, p * K * W, W, K)
         if P * W < N:
@@ -187,11 +203,14 @@ def _at_b_tiles(part, a, r0, k0, k1, P, b, b0, b_ps, b_rs, T):
     """``part[k0:k1, :P·W] += a[r0:r0+T, k0:k1]ᵀ @ B`` as register tiles (k0, k1 multiples of 4),
     B's panel p starting at element ``b0 + p·b_ps`` of ``b``, its row t ``t·b_rs`` further."""
     K, N, W = a.shape[1], part.shape[1], tile_width(part)
-    step = AT_B_CHUNK
+    step, kt = AT_B_CHUNK, (k1 - (k1 - k0) % TALL_ROWS) if TALL_TILES else k0  # k0 .. kt-1: tall tiles
     for t0 in range(0, T, step):
         t1 = min(T, t0 + step)
         for p in range(P):
-            for k in range(k0, k1, 4):
+            for k in range(k0, kt, TALL_ROWS):
+                fma_tile(part, tall_offsets(k, N, p * W), a, tall_offsets((r0 + t0) * K + k, 1, 0), K,
+                         b, b0 + p * b_ps + t0 * b_rs, b_rs, t1 - t0)
+            for k in range(kt, k1, 4):
                 fma_tile(part, row_offsets(four_rows(k, 4), N, p * W), a, four_rows((r0 + t0) * K + k, 4), K,
                          b, b0 + p * b_ps + t0 * b_rs, b_rs, t1 - t0)
 
@@ -320,11 +339,16 @@ def _at_b_panels(part, a, bmat, rows, r0, r1, p0, ap, bp):
     of rows and panel, each element a chain of fused multiply-adds in row order."""
     K, C = part.shape
     Q, RC, W = ap.shape[0], ap.shape[1], bp.shape[2]
+    qt = Q - Q % 2 if TALL_TILES else 0  # quads before qt in pairs
     for c0 in range(r0, r1, RC):
         T = min(r1, c0 + RC) - c0
         _pack_at_b(ap, bp, a, bmat, rows, c0, T, p0)
         for p in range(bp.shape[0]):
-            for q in range(Q):
+            for q in range(0, qt, 2):  # two quads in one tall tile
+                fma_tile(part, row_offsets(four_rows(4 * q, K - 4 * q), C, p * W) +
+                         row_offsets(four_rows(4 * q + 4, K - 4 * q - 4), C, p * W), ap,
+                         four_rows(q * RC * 4, 4) + four_rows((q + 1) * RC * 4, 4), 4, bp, p * RC * W, W, T)
+            for q in range(qt, Q):
                 fma_tile(part, row_offsets(four_rows(4 * q, K - 4 * q), C, p * W), ap,
                          four_rows(q * RC * 4, 4), 4, bp, p * RC * W, W, T)
 

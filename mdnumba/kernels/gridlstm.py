@@ -10,7 +10,7 @@ along depth, S = L gives every level its own. The bottom blocks' depth
 input is ``(x_t, 0)``; elsewhere an absent neighbour gives zeros.
 
 Same layering as :mod:`mdnumba.kernels.wavefront`: serial per-row functions (:func:`build_rows`,
-one source for CPU and GPU) ← on the CPU, blocks for a group of up to :data:`mdnumba.grid.ROWS`
+one source for CPU and GPU) ← on the CPU, blocks for a group of up to :data:`ITEM_ROWS`
 batch items, whose products run as register tiles over packed halves of U
 (:func:`pack_halves`) and share every load of U past them (:func:`_block_forward`,
 :func:`_block_backward`) ← parallel drivers (anti-diagonals in order, ``prange`` over blocks x
@@ -28,8 +28,8 @@ from ..grid import ROWS
 from . import vexp
 from .cell import build
 from .gemm import assign
-from .simd import tile_rows
-from .wavefront import _rolling_parents, _tiled, group_rows, group_size, groups, pack_recurrent
+from .simd import TALL_ROWS, TALL_TILES, tile_rows
+from .wavefront import _rolling_parents, _tiled, group_rows, group_size, pack_recurrent
 
 
 def build_rows(jit, exp=math.exp, sigmoid=None, tanh=None):
@@ -181,13 +181,24 @@ def build_rows(jit, exp=math.exp, sigmoid=None, tanh=None):
 # the LSTM steps are inlined into the blocks (Numba IR), the drivers call the blocks (blocks
 # inlined into the three sweeps too made a first forward, backward and saving-free forward
 # compile for 18, 19 and 19 s instead of 11, 17 and 6 s; float64, 2-core Xeon)
+#: batch rows per work item: a tall register tile's (:data:`~mdnumba.kernels.simd.TALL_ROWS` where
+#: :data:`~mdnumba.kernels.simd.TALL_TILES`: T50 B32 D78 depth 3 train step and forward 1.13x)
+ITEM_ROWS = TALL_ROWS if TALL_TILES else ROWS
+
+
+@njit(inline="always", **NJIT_OPTS)
+def _groups(B):
+    """Work items per block: ``ceil(B / ITEM_ROWS)``."""
+    return (B + ITEM_ROWS - 1) // ITEM_ROWS
+
+
 _ROWS = build_rows(njit(inline="always", **NJIT_OPTS), **vexp.CPU_MATH)
 _lstm_forward, _lstm_backward = _ROWS["lstm_forward"], _ROWS["lstm_backward"]
 
 
 @njit(**NJIT_OPTS)
 def _matvec_rows(act, r, off, src, srow, scol, U, urow, D, nb, panels):
-    """``act[r+i, off:off+4D] += src[srow+i, scol:scol+D] @ U[urow:urow+D]`` for the ``nb`` (1 .. 4)
+    """``act[r+i, off:off+4D] += src[srow+i, scol:scol+D] @ U[urow:urow+D]`` for the ``nb`` (1 .. 8)
     consecutive rows i (srow < 0: nothing): the gate columns of ``panels``, these D rows of U
     packed (:func:`pack_halves`), as register tiles (each element a chain of fused multiply-adds,
     :func:`~mdnumba.kernels.simd.tile_rows`); the others as sums of the per-row ``_matvec_add``
@@ -258,7 +269,7 @@ def _block_forward(h, c, act, x, U_time, U_depth, Pt, Pd, tp, dp, cell, L, s, b,
 @njit(**NJIT_SUM_OPTS)
 def _vec_mat_t_rows(out, orow, ocol, dact, srow, off, U, urow, D, nb, panels):
     """``out[orow+i, ocol:ocol+D] += dact[srow+i, off:off+4D] @ U[urow:urow+D]ᵀ`` for the ``nb`` (1 ..
-    4) consecutive rows i (srow < 0: nothing): the units of ``panels`` (these D rows of U
+    8) consecutive rows i (srow < 0: nothing): the units of ``panels`` (these D rows of U
     transposed, :func:`pack_halves`) as register tiles over the 4D gate columns; the others as
     dot products over them, four units per pass, the rows of a group of four, two or one sharing
     every load of U (four: 16 partial sums in vector registers, as
@@ -368,15 +379,15 @@ def grid_forward(h, c, act, x, U_time, U_depth, diag_off, parent, perm, L: int, 
 
 @njit(**NJIT_PARALLEL_OPTS)
 def _grid_forward(h, c, act, x, U_time, U_depth, Pt, Pd, diag_off, parent, perm, L, B, D):
-    """:func:`grid_forward`: diagonals in order, a ``prange`` over (block, group of up to ROWS batch
+    """:func:`grid_forward`: diagonals in order, a ``prange`` over (block, group of up to ITEM_ROWS batch
     items) in each."""
-    P = groups(B)
+    P = _groups(B)
     for k in range(diag_off.shape[0] - 1):
         s0 = diag_off[k]
         for t in prange((diag_off[k + 1] - s0) * P):
-            s, b = s0 + t // P, ROWS * (t % P)
+            s, b = s0 + t // P, ITEM_ROWS * (t % P)
             _block_forward(h, c, act, x, U_time, U_depth, Pt, Pd, parent[s, 0], parent[s, 1], perm[s], L,
-                           s, b, min(ROWS, B - b), B, D)
+                           s, b, min(ITEM_ROWS, B - b), B, D)
 
 
 @njit(**NJIT_OPTS)
@@ -408,13 +419,13 @@ def grid_infer(out, h, c, act, lp, lperm, x, U_time, U_depth, b_time, b_depth, d
 def _grid_infer(out, h, c, act, lp, lperm, x, U_time, U_depth, Pt, Pd, b_time, b_depth, diag_off, parent,
                 perm, L, B, D):
     """:func:`grid_infer`."""
-    P = groups(B)
+    P = _groups(B)
     for k in range(diag_off.shape[0] - 1):
         cur = _rolling_parents(lp, parent, diag_off, k)
         _rolling_cells(lperm, perm, diag_off, k, cur)
         for t in prange((diag_off[k + 1] - diag_off[k]) * P):
-            slot, b = cur + t // P, ROWS * (t % P)
-            nb, lv = min(ROWS, B - b), (lperm[slot] % L) % U_time.shape[0]
+            slot, b = cur + t // P, ITEM_ROWS * (t % P)
+            nb, lv = min(ITEM_ROWS, B - b), (lperm[slot] % L) % U_time.shape[0]
             for r in range(slot * B + b, slot * B + b + nb):
                 assign(act[r, :4 * D], b_time[lv])
                 assign(act[r, 4 * D:], b_depth[lv])
@@ -441,13 +452,13 @@ def grid_backward(dact, dc, dx, dtop, act, c, U_time, U_depth, diag_off, parent,
 def _grid_backward(dact, dc, dx, dtop, act, c, U_time, U_depth, Qt, Qd, diag_off, parent, child, perm, L, B,
                    D):
     """:func:`grid_backward`."""
-    P = groups(B)  # work items as in grid_forward
+    P = _groups(B)  # work items as in grid_forward
     for k in range(diag_off.shape[0] - 2, -1, -1):
         s0 = diag_off[k]
         for t in prange((diag_off[k + 1] - s0) * P):
-            b = ROWS * (t % P)
+            b = ITEM_ROWS * (t % P)
             _block_backward(dact, dc, dx, dtop, act, c, U_time, U_depth, Qt, Qd, parent, child, perm, L,
-                            s0 + t // P, b, min(ROWS, B - b), B, D)
+                            s0 + t // P, b, min(ITEM_ROWS, B - b), B, D)
 
 
 @njit(**NJIT_PARALLEL_OPTS)

@@ -1,5 +1,5 @@
-"""An explicit SIMD micro-kernel for the CPU GEMMs: a 4-row tile of the output held in vector
-registers while the reduction runs.
+"""An explicit SIMD micro-kernel for the CPU GEMMs: a 4- or 8-row tile of the output held in
+vector registers while the reduction runs.
 
 LLVM does not keep a tile of ``out`` in registers across the k loop by itself (the output
 rows may alias the operands, so each pass loads and stores them: :func:`gemm.quad_product`).
@@ -13,7 +13,9 @@ Vectors are :data:`VECTOR_BYTES` wide: 64 with AVX-512 (16 float32), else 32, so
 8 accumulators, 2 operands and a broadcast fit in the 16 registers of AVX2
 (``MDNUMBA_VECTOR_BYTES`` chooses; LLVM splits wider vectors than the CPU has). A tile is
 :func:`tile_width` columns; :func:`pack_panels` lays ``b`` out as such column panels,
-contiguous along t.
+contiguous along t. With 64-byte vectors the kernels also take tall tiles of 8 rows
+(:data:`TALL_TILES`: 16 accumulators of AVX-512's 32 registers, each load of ``b`` serving 16
+fused multiply-adds instead of 8) wherever 8 rows share the step's operands.
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ from ..config import NJIT_OPTS
 VECTOR_BYTES = config.VECTOR_BYTES
 #: rows of a tile
 TILE_ROWS = 4
+#: rows of a tall tile (:func:`tall_offsets`, :func:`tall_panel`)
+TALL_ROWS = 8
+#: whether the kernels take tall tiles where they can: with 64-byte vectors, whose 32 registers
+#: (AVX-512) hold their 16 accumulators (each panel load then serves 16 fused multiply-adds:
+#: 1.1x the rate of 4 rows in L1, one core of a Xeon); AVX2's 16 registers would spill
+TALL_TILES = VECTOR_BYTES == 64
 #: fewest steps (K) for which a tile pays: below, its loads and stores of the output outweigh
 #: the few multiply-adds between them
 TILE_MIN_STEPS = 4
@@ -54,14 +62,17 @@ def tiles_pay(N, W):
 
 @intrinsic
 def fma_tile(typingctx, c, crow, a, arow, a_cs, b, b0, b_rs, T):
-    """``c[crow[i] + n] += Σ_{t<T} a[arow[i] + t·a_cs] · b[b0 + t·b_rs + n]`` for the 4 rows i and
-    the W = :func:`tile_width` columns n: element offsets into the arrays' data (no bounds
-    checks: the caller's), ``b`` e.g. a packed panel (``b_rs`` = W, :func:`pack_panels`). A
-    repeated row gets the same numbers each time (all loads happen before the stores)."""
+    """``c[crow[i] + n] += Σ_{t<T} a[arow[i] + t·a_cs] · b[b0 + t·b_rs + n]`` for the rows i (4, or
+    :data:`TALL_ROWS`: the tuples' length) and the W = :func:`tile_width` columns n: element
+    offsets into the arrays' data (no bounds checks: the caller's), ``b`` e.g. a packed panel
+    (``b_rs`` = W, :func:`pack_panels`). A repeated row gets the same numbers each time (all
+    loads happen before the stores)."""
     if not all(isinstance(x, types.Array) for x in (c, a, b)) or not (c.dtype == a.dtype == b.dtype):
         return None
-    if not all(isinstance(x, types.BaseTuple) and len(x) == TILE_ROWS for x in (crow, arow)):
+    if not all(isinstance(x, types.BaseTuple) for x in (crow, arow)) or not \
+            len(crow) == len(arow) in (TILE_ROWS, TALL_ROWS):  # (8: compiled also where not taken)
         return None
+    R = len(crow)
     dtype = c.dtype
     sig = types.void(c, crow, a, arow, a_cs, b, b0, b_rs, T)
 
@@ -77,7 +88,7 @@ def fma_tile(typingctx, c, crow, a, arow, a_cs, b, b0, b_rs, T):
         def int64(j, i):  # entry i of tuple argument j
             return context.cast(builder, builder.extract_value(args[j], i), sig.args[j].types[i], types.int64)
 
-        crows, arows = ([int64(j, i) for i in range(TILE_ROWS)] for j in (1, 3))
+        crows, arows = ([int64(j, i) for i in range(R)] for j in (1, 3))
         acs, b0_, brs, steps = (context.cast(builder, args[i], sig.args[i], types.int64)
                                 for i in (4, 6, 7, 8))
 
@@ -85,7 +96,7 @@ def fma_tile(typingctx, c, crow, a, arow, a_cs, b, b0, b_rs, T):
             return builder.bitcast(builder.gep(base, [off]), vt.as_pointer())
 
         acc = []
-        for i in range(TILE_ROWS):
+        for i in range(R):
             for v in range(2):
                 slot = cgutils.alloca_once(builder, vt)  # promoted to a register by LLVM
                 builder.store(builder.load(vec(cp, builder.add(crows[i], i64(v * lanes))), align=size), slot)
@@ -96,14 +107,14 @@ def fma_tile(typingctx, c, crow, a, arow, a_cs, b, b0, b_rs, T):
             brow = builder.add(b0_, builder.mul(t, brs))
             bv = [builder.load(vec(bp, builder.add(brow, i64(v * lanes))), align=size) for v in range(2)]
             at = builder.mul(t, acs)
-            for i in range(TILE_ROWS):
+            for i in range(R):
                 s = builder.load(builder.gep(ap, [builder.add(arows[i], at)]))
                 s = builder.insert_element(undef, s, ir.IntType(32)(0))
                 splat = builder.shuffle_vector(s, undef, zeros)
                 for v in range(2):
                     slot = acc[2 * i + v]
                     builder.store(builder.call(fma, [splat, bv[v], builder.load(slot)]), slot)
-        for i in range(TILE_ROWS):
+        for i in range(R):
             for v in range(2):
                 builder.store(builder.load(acc[2 * i + v]), vec(cp, builder.add(crows[i], i64(v * lanes))),
                               align=size)
@@ -140,11 +151,28 @@ def row_offsets(rows, stride, col):
     return (rows[0] * stride + col, rows[1] * stride + col, rows[2] * stride + col, rows[3] * stride + col)
 
 
+@njit(inline="always", **NJIT_OPTS)
+def tall_offsets(first, stride, col):
+    """Element offsets ``(first + i)·stride + col`` of the :data:`TALL_ROWS` consecutive rows of
+    a tall tile (:func:`fma_tile`'s row starts)."""
+    o = first * stride + col
+    return (o, o + stride, o + 2 * stride, o + 3 * stride, o + 4 * stride, o + 5 * stride,
+            o + 6 * stride, o + 7 * stride)
+
+
 @njit(**NJIT_OPTS)
 def tile_rows(out, r, a, s, nb, panels, ocol=0, acol=0):
-    """``out[r+i, ocol : ocol + P·W] += a[s+i, acol : acol + K] @ B`` for the ``nb`` (1 .. 4)
-    consecutive rows i (:func:`tile_quad`, rows past nb repeating the last)."""
-    tile_quad(out, four_rows(r, nb), a, four_rows(s, nb), panels, ocol, acol)
+    """``out[r+i, ocol : ocol + P·W] += a[s+i, acol : acol + K] @ B`` for the ``nb`` (1 ..
+    :data:`TALL_ROWS`) consecutive rows i: one tall tile per panel for TALL_ROWS rows (where
+    :data:`TALL_TILES`), else :func:`tile_quad` per four (rows past nb repeating the last)."""
+    if TALL_TILES and nb == TALL_ROWS:
+        K = panels.shape[1]
+        for p in range(panels.shape[0]):
+            tall_panel(out, r, a, s, panels, p, 0, K, ocol, acol)
+    else:
+        for i in range(0, nb, 4):
+            m = min(4, nb - i)
+            tile_quad(out, four_rows(r + i, m), a, four_rows(s + i, m), panels, ocol, acol)
 
 
 @njit(**NJIT_OPTS)
@@ -162,6 +190,15 @@ def tile_panel(out, ro, a, ra, panels, p, k0, k1, ocol=0, acol=0):
     k0:k1]`` (:func:`tile_quad`'s panel p, its steps k0 .. k1-1): one :func:`fma_tile`."""
     T, W = panels.shape[1], panels.shape[2]
     fma_tile(out, row_offsets(ro, out.shape[1], ocol + p * W), a, row_offsets(ra, a.shape[1], acol + k0), 1,
+             panels, (p * T + k0) * W, W, k1 - k0)
+
+
+@njit(inline="always", **NJIT_OPTS)
+def tall_panel(out, ro, a, ra, panels, p, k0, k1, ocol=0, acol=0):
+    """:func:`tile_panel` for the :data:`TALL_ROWS` consecutive rows ``ro ..`` of ``out`` and
+    ``ra ..`` of ``a``: one tall :func:`fma_tile`."""
+    T, W = panels.shape[1], panels.shape[2]
+    fma_tile(out, tall_offsets(ro, out.shape[1], ocol + p * W), a, tall_offsets(ra, a.shape[1], acol + k0), 1,
              panels, (p * T + k0) * W, W, k1 - k0)
 
 

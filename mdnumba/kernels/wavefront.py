@@ -38,7 +38,19 @@ from ..grid import ROWS
 from . import simd, vexp
 from .cell import build
 from .gemm import assign, rows_product, selected_four, selected_row
-from .simd import chunk_steps, four_rows, tile_panel, tile_quad, tile_rows
+from .simd import (
+    TALL_ROWS,
+    TALL_TILES,
+    chunk_steps,
+    fma_tile,
+    four_rows,
+    row_offsets,
+    tall_offsets,
+    tall_panel,
+    tile_panel,
+    tile_quad,
+    tile_rows,
+)
 
 _CELL = build(njit(inline="always", **NJIT_OPTS), **vexp.CPU_MATH)
 _row_forward = _CELL["row_forward"]
@@ -53,6 +65,9 @@ BATCH_MAX_CELLS = 8
 #: most work items (groups of ROWS rows) per block of a per-hyperplane backward sweep whose
 #: tiles go chunk by chunk (:func:`_sweep_backward`)
 BLOCK_ITEMS = 8
+#: work items per task of the other per-hyperplane sweeps: two where their rows make one tall
+#: tile (:func:`_tall_item`; 32x32 B64 D64 ``save=False`` forward 1.15x, 64x64 B8 D128 1.24x)
+TASK_ITEMS = TALL_ROWS // ROWS if TALL_TILES else 1
 #: the batch "auto" plans for inside :func:`schedule_as_batch` (else the batch at hand)
 _PLANNED_BATCH: contextvars.ContextVar = contextvars.ContextVar("planned_batch")
 
@@ -297,15 +312,20 @@ def _items_or_all(items, diag_off) -> tuple:
 
 @njit(**NJIT_PARALLEL_OPTS)
 def _sweep_forward(h, c, act, U, Up, diag_off, items_off, items, parent, B, D, cell):
-    """:func:`wavefront_forward`, a ``prange`` per hyperplane."""
+    """:func:`wavefront_forward`, a ``prange`` per hyperplane over tasks of :data:`TASK_ITEMS`
+    work items."""
     MB = parent.shape[0] * B
     for k in range(diag_off.shape[0] - 1):
         first, n = _plane(k, diag_off, items_off, B)
-        for t in prange(U.shape[0] * n):
-            grp, s, b, nb = _work_item(t, first, n, items, B)
-            _recurrent_forward(act, h, U[grp], Up[grp], parent, grp * MB, s, b, nb, B, D)
-            for bb in range(b, b + nb):
-                _cell_forward(h, c, act, parent, grp * MB, s, bb, B, D, cell)
+        m = U.shape[0] * n
+        for task in prange((m + TASK_ITEMS - 1) // TASK_ITEMS):
+            t, t1 = task * TASK_ITEMS, min(m, (task + 1) * TASK_ITEMS)
+            while t < t1:
+                grp, s, b, nb, taken = _tall_item(t, t1, first, n, items, B)
+                _recurrent_forward(act, h, U[grp], Up[grp], parent, grp * MB, s, b, nb, B, D)
+                for bb in range(b, b + nb):
+                    _cell_forward(h, c, act, parent, grp * MB, s, bb, B, D, cell)
+                t += taken
 
 
 @njit(**NJIT_OPTS)
@@ -342,20 +362,38 @@ def _tiles_items(out, src, panels, links, MB, first, n, items, B, t0, t1):
     schedule's streams at cell s are the items of ``(s, groups(B))``), chunk by chunk: each
     :func:`~mdnumba.kernels.simd.chunk_steps` steps of a panel pass over every item's rows while
     in L1 (item after item re-read all of U, 1 MB at D256, from L2 per group of rows: ``LSTM1D``
-    T200 B64 D256 train step 1.22x, ``save=False`` forward 1.17x on 2 threads of a Xeon). Each
-    element's chain is the same."""
+    T200 B64 D256 train step 1.22x, ``save=False`` forward 1.17x on 2 threads of a Xeon); two
+    items whose rows continue each other in one tall tile (:func:`_tall_item`). Each element's
+    chain is the same."""
     P, T = panels.shape[2], panels.shape[3]
     step = chunk_steps(panels)
     for d in range(links.shape[1]):
         for q in range(P):
             for k0 in range(0, T, step):
-                for t in range(t0, t1):
-                    grp, s, b, nb = _work_item(t, first, n, items, B)
-                    link = links[s, d]
-                    if link >= 0:
-                        r = grp * MB + b
+                k1 = min(T, k0 + step)
+                t = t0
+                while t < t1:
+                    grp, s, b, nb, taken = _tall_item(t, t1, first, n, items, B)
+                    link, r = links[s, d], grp * MB + b
+                    if link >= 0 and nb == TALL_ROWS:
+                        tall_panel(out, r + s * B, src, r + link * B, panels[grp, d], q, k0, k1)
+                    elif link >= 0:
                         tile_panel(out, four_rows(r + s * B, nb), src, four_rows(r + link * B, nb),
-                                   panels[grp, d], q, k0, min(T, k0 + step))
+                                   panels[grp, d], q, k0, k1)
+                    t += taken
+
+
+@njit(inline="always", **NJIT_OPTS)
+def _tall_item(t, t1, first, n, items, B):
+    """Work item t of a hyperplane's ``(first, n)`` (:func:`_work_item`) as ``(scan, cell, b, nb,
+    items taken)``: with item t+1 (below t1) when that continues its rows, 2·ROWS = 8 consecutive
+    rows of one scan and cell (one tall tile for both: :data:`~mdnumba.kernels.simd.TALL_ROWS`)."""
+    grp, s, b, nb = _work_item(t, first, n, items, B)
+    if TALL_TILES and nb == ROWS and t + 1 < t1:
+        g2, s2, b2, nb2 = _work_item(t + 1, first, n, items, B)
+        if nb2 == ROWS and g2 == grp and s2 == s and b2 == b + ROWS:
+            return grp, s, b, 2 * ROWS, 2
+    return grp, s, b, nb, 1
 
 
 @njit(**NJIT_OPTS)
@@ -411,7 +449,8 @@ def _infer_item(out, h, c, act, lp, x, src, W, Wp, bias, U, Up, grp, base, slot,
     the projection and the recurrent register tiles are done already (the batch schedule's
     :func:`_infer_inputs` with ``tiles=False``, :func:`_input_tiles`, :func:`_tiles_items`)."""
     if tiles:
-        _infer_inputs(act, x, src, W, Wp, bias, base + slot * B + b, row, nb)
+        for i in range(0, nb, ROWS):
+            _infer_inputs(act, x, src, W, Wp, bias, base + slot * B + b + i, row + i, min(ROWS, nb - i))
     _recurrent_forward(act, h, U, Up, lp, base, slot, b, nb, B, D, tiles)
     for i in range(nb):
         _cell_forward(h, c, act, lp, base, slot, b + i, B, D, cell)
@@ -455,28 +494,46 @@ def _input_tiles(act, x, src, Wp, L, slot, cell_k, B, t0, t1):
     """The register tiles of :func:`_infer_inputs` (``tiles=False``) for the work streams t0 ..
     t1-1 (:func:`_stream`) at cell ``cell_k`` in ``slot`` (scan slabs of L rows): each panel of
     ``Wp`` passes over every stream's rows while in L1 (per stream, item after item read all of
-    ``W`` from L2: 1D D256 projection 1.14x). Each element's chain is the same."""
+    ``W`` from L2: 1D D256 projection 1.14x); two streams' 8 consecutive rows, all with an
+    input, in one tall tile. Each element's chain is the same."""
+    K, W = Wp.shape[2], Wp.shape[3]
     for p in range(Wp.shape[1]):
-        for t in range(t0, t1):
+        t = t0
+        while t < t1:
             grp, b, nb = _stream(t, B)
             live, ss = _sources(src[grp], cell_k * B + b, nb)
+            r = grp * L + slot * B + b
+            if TALL_TILES and nb == ROWS and t + 1 < t1 and _stream(t + 1, B) == (grp, b + ROWS, ROWS):
+                live2, ss2 = _sources(src[grp], cell_k * B + b + ROWS, ROWS)
+                if live and live2:  # both streams' 8 rows in one tall tile
+                    fma_tile(act, tall_offsets(r, act.shape[1], p * W), x,
+                             row_offsets(ss, x.shape[1], 0) + row_offsets(ss2, x.shape[1], 0), 1,
+                             Wp[grp], p * K * W, W, K)
+                    t += 2
+                    continue
             if live:
-                tile_panel(act, four_rows(grp * L + slot * B + b, nb), x, ss, Wp[grp], p, 0, Wp.shape[2])
+                tile_panel(act, four_rows(r, nb), x, ss, Wp[grp], p, 0, K)
+            t += 1
 
 
 @njit(**NJIT_PARALLEL_OPTS)
 def _sweep_infer(out, h, c, act, lp, x, src, W, Wp, bias, U, Up, diag_off, items_off, items, parent,
                  first, last, B, D, cell):
-    """:func:`wavefront_infer`, a ``prange`` per hyperplane."""
+    """:func:`wavefront_infer`, a ``prange`` per hyperplane over tasks of :data:`TASK_ITEMS` work
+    items (their input projections in fours of rows, :func:`_infer_inputs`)."""
     L = lp.shape[0] * B  # rows of a scan's slab
     for k in range(first, last):
         cur = _rolling_parents(lp, parent, diag_off, k)
         s0 = diag_off[k]
         start, n = _plane(k, diag_off, items_off, B)
-        for t in prange(U.shape[0] * n):
-            grp, cell_k, b, nb = _work_item(t, start, n, items, B)
-            _infer_item(out, h, c, act, lp, x, src[grp], W[grp], Wp[grp], bias[grp], U[grp], Up[grp], grp,
-                        grp * L, cur + cell_k - s0, cell_k * B + b, b, nb, B, D, cell)
+        m = U.shape[0] * n
+        for task in prange((m + TASK_ITEMS - 1) // TASK_ITEMS):
+            t, t1 = task * TASK_ITEMS, min(m, (task + 1) * TASK_ITEMS)
+            while t < t1:
+                grp, cell_k, b, nb, taken = _tall_item(t, t1, start, n, items, B)
+                _infer_item(out, h, c, act, lp, x, src[grp], W[grp], Wp[grp], bias[grp], U[grp], Up[grp],
+                            grp, grp * L, cur + cell_k - s0, cell_k * B + b, b, nb, B, D, cell)
+                t += taken
 
 
 @njit(**NJIT_PARALLEL_OPTS)
@@ -631,22 +688,23 @@ def _sweep_backward(dact, dc, dh, act, c, U, Ut, diag_off, items_off, items, par
     than a chunk of steps, over blocks of up to :data:`BLOCK_ITEMS` work items (at least
     ``threads`` blocks where there are as many items), whose tiles go chunk by chunk
     (:func:`_tiles_items`: 64x64 B8 D128 train step 1.05-1.06x; the forward's panels, D steps,
-    gained nothing this way, 0.82-1.03x)."""
+    gained nothing this way, 0.82-1.03x), else over tasks of :data:`TASK_ITEMS` work items."""
     MB = parent.shape[0] * B
     chunked = Ut.shape[2] > 0 and Ut.shape[3] > chunk_steps(Ut)
     for k in range(diag_off.shape[0] - 2, -1, -1):
         first, n = _plane(k, diag_off, items_off, B)
         m = U.shape[0] * n
-        per = max(1, min(BLOCK_ITEMS, m // threads)) if chunked else 1
+        per = max(1, min(BLOCK_ITEMS, m // threads)) if chunked else TASK_ITEMS
         for blk in prange((m + per - 1) // per):
-            t0, t1 = blk * per, min(m, (blk + 1) * per)
+            t, t1 = blk * per, min(m, (blk + 1) * per)
             if chunked:
-                _tiles_items(dh, dact, Ut, child, MB, first, n, items, B, t0, t1)
-            for t in range(t0, t1):
-                grp, s, b, nb = _work_item(t, first, n, items, B)
+                _tiles_items(dh, dact, Ut, child, MB, first, n, items, B, t, t1)
+            while t < t1:
+                grp, s, b, nb, taken = _tall_item(t, t1, first, n, items, B)
                 _recurrent_backward(dh, dact, U[grp], Ut[grp], child, grp * MB, s, b, nb, B, D, not chunked)
                 for bb in range(b, b + nb):
                     _cell_backward(dact, dc, dh, act, c, parent, child, grp * MB, s, bb, B, D, cell)
+                t += taken
 
 
 @njit(**NJIT_PARALLEL_OPTS)
