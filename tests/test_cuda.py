@@ -889,7 +889,7 @@ def sim_device_layer_contracts(rng):
 def sim_host_array_launchers_copy_results_back(rng):
     """The launchers take NumPy arrays too (copied to the device and back): ``axpby``, ``fill``,
     the forward sweep's output in grid order (``out``) and the backward sweep's weight-gradient
-    operands (``operands=(z, xs, h)``, checked against the CPU's gather_parents)."""
+    operands (``operands=(z, xs, h)``, checked against the CPU's weight_operands)."""
     from mdnumba.grid import direction_tables
     from mdnumba.kernels import wavefront as cpu
     from mdnumba.kernels import wavefront_cuda as gpu
@@ -906,12 +906,12 @@ def sim_host_array_launchers_copy_results_back(rng):
     gpu.wavefront_forward(h, c, act, U, wf.diag_off, wf.parent, B, D, 0, out=grid_out, out_src=unskew)
     assert np.abs(h).max() > 0.05
     np.testing.assert_array_equal(grid_out[:, 0], h[unskew[0]])
-    xs, z = rng.standard_normal((R, C)), np.zeros((R, C + 2 * D + 1))
-    hpar = np.zeros((R, 2 * D))
-    cpu.gather_parents(hpar, h, wf.parent, B, D)
+    xs, z, want = rng.standard_normal((R, C)), np.zeros((R, C + 2 * D + 1)), np.zeros((R, C + 2 * D + 1))
+    cpu.weight_operands(want, xs, h, wf.parent, B, D)
     gpu.wavefront_backward(np.zeros_like(act), np.zeros_like(c), np.cos(h), act, c, U, wf.diag_off,
                            wf.parent, wf.child, B, D, 0, operands=(z, xs, h))
-    np.testing.assert_array_equal(z, np.hstack([xs, hpar, np.ones((R, 1))]))
+    np.testing.assert_array_equal(z, want)
+    assert (want[:, :C] == xs).all() and (want[:, -1] == 1).all() and want[:, C:-1].any()
 
 
 def sim_backward_accumulates_gradients(rng):

@@ -6,7 +6,7 @@ from gradcheck import assert_grad_close, numeric_grad
 
 from mdnumba import LSTM1D, MDLSTM2D, MDLSTM3D, WavefrontLSTM, pad_batch, unpad_batch
 from mdnumba.grid import ROWS, direction_tables, live_items, padding_edge, wavefront
-from mdnumba.kernels.wavefront import gather_parents, wavefront_backward, wavefront_forward
+from mdnumba.kernels.wavefront import wavefront_backward, wavefront_forward, weight_operands
 
 CASES = [  # (layer, padded grid, the items' sizes)
     (lambda: LSTM1D(2, 3, directions=2, seed=1, dtype=np.float64), (6,), [(6,), (2,), (4,)]),
@@ -232,7 +232,7 @@ def test_padding_edge_is_the_padding_with_a_parent_in_the_item(dims, B, rng):
 def test_the_sweeps_skip_the_padding(rng):
     """With live items the CPU sweeps leave the padding's rows as they are (not computed), and
     the items' rows equal those of a sweep over every row whose padding holds zeros; so does
-    the gather of the parents' h for the weight gradients."""
+    the gather of the weight gradients' operands."""
     dims, B, D, sizes = (4, 5), 3, 2, ((4, 5), (2, 3), (1, 4))
     wf, G = wavefront(dims), 5 * D
     items = live_items(dims, B, sizes)
@@ -254,11 +254,12 @@ def test_the_sweeps_skip_the_padding(rng):
         grads.append(dact)
     np.testing.assert_array_equal(grads[1], grads[0])
     assert grads[0][live].any()
-    hpar, hpar2 = np.zeros((len(h), 2 * D)), np.full((len(h), 2 * D), 7.0)
-    gather_parents(hpar, h, wf.parent, B, D)
-    gather_parents(hpar2, h, wf.parent, B, D, np.flatnonzero(live))  # the items' rows only
-    np.testing.assert_array_equal(hpar2[live], hpar[live])
-    assert (hpar2[~live] == 7.0).all() and hpar[live].any()
+    xs = rng.standard_normal((len(h), 3))
+    z, z2 = np.zeros((len(h), 3 + 2 * D + 1)), np.full((len(h), 3 + 2 * D + 1), 7.0)
+    weight_operands(z, xs, h, wf.parent, B, D)
+    weight_operands(z2, xs, h, wf.parent, B, D, np.flatnonzero(live))  # the items' rows only
+    np.testing.assert_array_equal(z2[live], z[live])
+    assert (z2[~live] == 7.0).all() and z[live, 3:-1].any()
 
 
 def test_an_overflow_in_the_padding_does_not_stop_backward(rng):

@@ -724,25 +724,28 @@ def _sweep_backward_batched(dact, dc, dh, act, c, U, Ut, diag_off, parent, child
 
 
 @njit(**NJIT_PARALLEL_OPTS)
-def gather_parents(hpar, h, parent, B, D, rows=None):
-    """``hpar[r, j*N + d] = h[parent_d(s)*B + b, j]`` (0 without parent), per scan slab; for
-    every row r of a slab, or the rows in ``rows`` only (a padded batch's items: their parents
-    are items' rows too; the padding's rows of ``hpar`` keep what they held).
-
-    With this column order ``hparᵀ @ dact`` is directly dU in the (D, N, G) layout.
+def weight_operands(z, xs, h, parent, B, D, rows=None):
+    """``z[r] = [xs[r] | hpar[r] | 1]`` with ``hpar[r, j*N + d] = h[parent_d(s)*B + b, j]`` (0
+    without parent), per scan slab: the operand of the one weight-gradient GEMM ``zᵀ @ dact =
+    [dW; dU; db]`` (the CUDA twin's, :func:`mdnumba.kernels.wavefront_cuda.wavefront_backward`'s
+    ``operands``; ``dact`` is read once, not once each for dW, dU and db), in the layers' (C,
+    D, N, G) order. For every row r of a slab, or the rows in ``rows`` only (a padded batch's
+    items: their parents are items' rows too; the padding's rows of ``z`` keep what they held).
     """
-    N = parent.shape[1]
+    N, C = parent.shape[1], xs.shape[1]
     MB = parent.shape[0] * B
     n = MB if rows is None else rows.size
-    for i in prange(hpar.shape[0] // MB * n):
+    for i in prange(z.shape[0] // MB * n):
         lo = i // n * MB
         t = lo + selected_row(rows, i % n)
         s = (t - lo) // B
         b = t % B
+        assign(z[t, :C], xs[t])
         for d in range(N):
             p = parent[s, d]
             for j in range(D):
-                hpar[t, j * N + d] = h[lo + p * B + b, j] if p >= 0 else 0.0
+                z[t, C + j * N + d] = h[lo + p * B + b, j] if p >= 0 else 0.0
+        z[t, C + N * D] = 1.0
 
 
 @njit(**NJIT_PARALLEL_OPTS)
