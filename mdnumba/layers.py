@@ -267,7 +267,7 @@ class WavefrontLSTM(OwnsParams):
         W = self._per_direction("W")
         for q in range(S):
             sl = slice(q * rows, (q + 1) * rows)
-            matmul_rows(dxs[sl], dact[sl], np.ascontiguousarray(W[q].T), W[q, 0], True, live)
+            matmul_rows(dxs[sl], dact[sl], np.ascontiguousarray(W[q].T), W[q, 0], True, live)  # (no bias)
         dx = np.empty((dense, 1, self.in_channels), dtype=self.dtype)
         unskew_rows(dx, dxs, skew_src, unskew_src)  # Σ_q unflip_q(dact_q W_qᵀ)
         return dx.reshape((B,) + sv["dims"] + (self.in_channels,))
