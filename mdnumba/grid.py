@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -51,13 +52,19 @@ def table_cache(fn):
     """``functools.lru_cache`` bounded by the bytes of what it holds, not by a count: images of
     many sizes (e.g. inference on pages of different widths) must not pile up GiBs of tables.
     Least recently used entries go first once the total passes :data:`TABLE_CACHE_BYTES`;
-    ``cache_clear()`` and ``cache_bytes()`` as the names say."""
+    ``cache_clear()`` and ``cache_bytes()`` as the names say. A call is keyed on its arguments
+    with the defaults filled in, however passed: ``direction_tables(dims, B, S)`` and
+    ``direction_tables(dims, B, S, None)`` share one entry (as two, a layer's first call built
+    tables the caller had built already, and both stayed in the cache)."""
     entries: OrderedDict = OrderedDict()
     lock = threading.Lock()
+    signature = inspect.signature(fn)
 
     @functools.wraps(fn)
     def cached(*args, **kwargs):
-        key = (args, tuple(sorted(kwargs.items())))
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        key = tuple(bound.arguments.values())
         with lock:
             if key in entries:
                 entries.move_to_end(key)

@@ -326,6 +326,20 @@ def test_table_caches_are_bounded_by_bytes(monkeypatch):
     grid.wavefront.cache_clear()
 
 
+def test_table_cache_keys_fill_in_the_defaults():
+    """One entry however the arguments are passed (positional, keyword, a default left out or
+    given): a layer's call with ``sizes=None`` finds the tables a caller built without it."""
+    from mdnumba import grid
+    grid.direction_tables.cache_clear()
+    a = grid.direction_tables((3, 4), 2)
+    assert grid.direction_tables((3, 4), 2, 1) is a and grid.direction_tables((3, 4), 2, 1, None) is a
+    assert grid.direction_tables(dims=(3, 4), batch=2, sizes=None) is a
+    assert grid.direction_tables((3, 4), 2, 4) is not a and grid.direction_tables((3, 4), 3) is not a
+    assert grid.direction_tables.cache_bytes() == grid._nbytes(a) + sum(
+        grid._nbytes(grid.direction_tables(*k)) for k in (((3, 4), 2, 4), ((3, 4), 3)))
+    grid.direction_tables.cache_clear()
+
+
 def test_index_tables_are_int32_and_int64_past_two_to_the_31(monkeypatch, rng):
     """The tables are int32 (half the memory) below 2**31 entries and int64 beyond; a layer
     whose tables are int64 (as a grid of 2**31 cells would get) computes the same output
