@@ -28,7 +28,7 @@ from ..grid import ROWS
 from . import vexp
 from .cell import build
 from .gemm import assign
-from .simd import TALL_ROWS, TALL_TILES, tile_rows
+from .simd import TALL_ROWS, TALL_TILES, group_tiles
 from .wavefront import _rolling_parents, _tiled, group_rows, group_size, pack_recurrent
 
 
@@ -201,13 +201,13 @@ def _matvec_rows(act, r, off, src, srow, scol, U, urow, D, nb, panels):
     """``act[r+i, off:off+4D] += src[srow+i, scol:scol+D] @ U[urow:urow+D]`` for the ``nb`` (1 .. 8)
     consecutive rows i (srow < 0: nothing): the gate columns of ``panels``, these D rows of U
     packed (:func:`pack_halves`), as register tiles (each element a chain of fused multiply-adds,
-    :func:`~mdnumba.kernels.simd.tile_rows`); the others as sums of the per-row ``_matvec_add``
+    :func:`~mdnumba.kernels.simd.group_tiles`); the others as sums of the per-row ``_matvec_add``
     (the CUDA twin's), with the rows of a group of four, two or one sharing every load of U."""
     if srow < 0:
         return
     g0 = panels.shape[0] * panels.shape[2]
     if g0 > 0:
-        tile_rows(act, r, src, srow, nb, panels, off, scol)
+        group_tiles(act, r, src, srow, nb, panels, off, scol)
         if g0 == 4 * D:
             return
     # provably >= 0: no wrap-around check; the g loops run from 0 (from g0 they were not vectorised)
@@ -278,7 +278,7 @@ def _vec_mat_t_rows(out, orow, ocol, dact, srow, off, U, urow, D, nb, panels):
         return
     j0 = panels.shape[0] * panels.shape[2]  # a multiple of 4
     if j0 > 0:
-        tile_rows(out, orow, dact, srow, nb, panels, ocol, off)
+        group_tiles(out, orow, dact, srow, nb, panels, ocol, off)
     off, ocol, urow = max(off, 0), max(ocol, 0), max(urow, 0)
     i = 0
     while i < nb:

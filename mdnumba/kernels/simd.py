@@ -162,17 +162,31 @@ def tall_offsets(first, stride, col):
 
 @njit(**NJIT_OPTS)
 def tile_rows(out, r, a, s, nb, panels, ocol=0, acol=0):
-    """``out[r+i, ocol : ocol + P·W] += a[s+i, acol : acol + K] @ B`` for the ``nb`` (1 ..
-    :data:`TALL_ROWS`) consecutive rows i: one tall tile per panel for TALL_ROWS rows (where
-    :data:`TALL_TILES`), else :func:`tile_quad` per four (rows past nb repeating the last)."""
-    if TALL_TILES and nb == TALL_ROWS:
-        K = panels.shape[1]
-        for p in range(panels.shape[0]):
-            tall_panel(out, r, a, s, panels, p, 0, K, ocol, acol)
+    """``out[r+i, ocol : ocol + P·W] += a[s+i, acol : acol + K] @ B`` for the ``nb`` (1 .. 4)
+    consecutive rows i (:func:`tile_quad`, rows past nb repeating the last)."""
+    tile_quad(out, four_rows(r, nb), a, four_rows(s, nb), panels, ocol, acol)
+
+
+@njit(**NJIT_OPTS)
+def tall_rows(out, r, a, s, panels, ocol=0, acol=0):
+    """:func:`tile_rows` for the :data:`TALL_ROWS` consecutive rows ``r ..`` of ``out`` and
+    ``s ..`` of ``a``: one tall tile per panel (:func:`tall_panel`)."""
+    for p in range(panels.shape[0]):
+        tall_panel(out, r, a, s, panels, p, 0, panels.shape[1], ocol, acol)
+
+
+@njit(**NJIT_OPTS)
+def group_tiles(out, r, a, s, nb, panels, ocol=0, acol=0):
+    """:func:`tile_rows` for ``nb`` (1 .. :data:`TALL_ROWS`) consecutive rows: :func:`tall_rows`
+    for TALL_ROWS rows where :data:`TALL_TILES`, else fours and the rest (the Grid LSTM's work
+    items; the wavefront sweeps, whose groups are 4 rows or a pair of them, branch themselves)."""
+    if nb <= 4:
+        tile_rows(out, r, a, s, nb, panels, ocol, acol)
+    elif TALL_TILES and nb == TALL_ROWS:
+        tall_rows(out, r, a, s, panels, ocol, acol)
     else:
-        for i in range(0, nb, 4):
-            m = min(4, nb - i)
-            tile_quad(out, four_rows(r + i, m), a, four_rows(s + i, m), panels, ocol, acol)
+        tile_rows(out, r, a, s, 4, panels, ocol, acol)
+        tile_rows(out, r + 4, a, s + 4, nb - 4, panels, ocol, acol)
 
 
 @njit(**NJIT_OPTS)

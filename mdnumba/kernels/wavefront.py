@@ -47,6 +47,7 @@ from .simd import (
     row_offsets,
     tall_offsets,
     tall_panel,
+    tall_rows,
     tile_panel,
     tile_quad,
     tile_rows,
@@ -65,11 +66,19 @@ BATCH_MAX_CELLS = 8
 #: most work items (groups of ROWS rows) per block of a per-hyperplane backward sweep whose
 #: tiles go chunk by chunk (:func:`_sweep_backward`)
 BLOCK_ITEMS = 8
-#: work items per task of the other per-hyperplane sweeps: two where their rows make one tall
-#: tile (:func:`_tall_item`; 32x32 B64 D64 ``save=False`` forward 1.15x, 64x64 B8 D128 1.24x)
+#: work items per task of the other per-hyperplane sweeps: two where their rows can make one
+#: tall tile (:func:`_tall_item`; 32x32 B64 D64 ``save=False`` forward 1.15x, 64x64 B8 D128
+#: 1.24x); :func:`task_items`
 TASK_ITEMS = TALL_ROWS // ROWS if TALL_TILES else 1
 #: the batch "auto" plans for inside :func:`schedule_as_batch` (else the batch at hand)
 _PLANNED_BATCH: contextvars.ContextVar = contextvars.ContextVar("planned_batch")
+
+
+@njit(inline="always", **NJIT_OPTS)
+def task_items(B):
+    """Work items per task of a per-hyperplane sweep over a batch of B: :data:`TASK_ITEMS` where
+    a cell has two full groups of rows (B >= 2·ROWS), else 1 (no two items can make a tall tile)."""
+    return TASK_ITEMS if B >= 2 * ROWS else 1
 
 
 @njit(**NJIT_OPTS)
@@ -176,11 +185,12 @@ def _product_rows(act, r, h, pr, U, off, col, G, D, nb):
 
 @njit(**NJIT_OPTS)
 def _recurrent_forward(act, h, U, Up, parent, base, s, b, nb, B, D, tiles=True):
-    """``act[r] += Σ_d h[parent_d] @ U_d`` for the ``nb`` rows ``r = base + s*B + b + i`` (rows of
-    the plane's GEMM): the whole panels of ``Up[d]`` (:func:`pack_recurrent`) as register tiles
-    (:func:`~mdnumba.kernels.simd.tile_rows`: every element a chain of fused multiply-adds over
-    the D units; ``tiles=False``: done already, :func:`_tiles_items`), the last G % W columns
-    by :func:`_product_rows`."""
+    """``act[r] += Σ_d h[parent_d] @ U_d`` for the ``nb`` (1 .. 4, or a pair of groups: 8) rows
+    ``r = base + s*B + b + i`` (rows of the plane's GEMM): the whole panels of ``Up[d]``
+    (:func:`pack_recurrent`) as register tiles (:func:`~mdnumba.kernels.simd.tile_rows` or
+    ``tall_rows``: every element a chain of fused multiply-adds over the D units;
+    ``tiles=False``: done already, :func:`_tiles_items`), the last G % W columns by
+    :func:`_product_rows`."""
     N = parent.shape[1]
     G = (N + 3) * D
     r = base + s * B + b
@@ -188,7 +198,9 @@ def _recurrent_forward(act, h, U, Up, parent, base, s, b, nb, B, D, tiles=True):
     for d in range(N):
         p = parent[s, d]
         if p >= 0:
-            if done > 0 and tiles:
+            if done > 0 and tiles and nb == TALL_ROWS:
+                tall_rows(act, r, h, base + p * B + b, Up[d])
+            elif done > 0 and tiles:
                 tile_rows(act, r, h, base + p * B + b, nb, Up[d])
             if done < G:
                 _product_rows(act, r, h, base + p * B + b, U, d * G, done, G, D, nb)
@@ -312,14 +324,15 @@ def _items_or_all(items, diag_off) -> tuple:
 
 @njit(**NJIT_PARALLEL_OPTS)
 def _sweep_forward(h, c, act, U, Up, diag_off, items_off, items, parent, B, D, cell):
-    """:func:`wavefront_forward`, a ``prange`` per hyperplane over tasks of :data:`TASK_ITEMS`
+    """:func:`wavefront_forward`, a ``prange`` per hyperplane over tasks of :func:`task_items`
     work items."""
     MB = parent.shape[0] * B
     for k in range(diag_off.shape[0] - 1):
         first, n = _plane(k, diag_off, items_off, B)
         m = U.shape[0] * n
-        for task in prange((m + TASK_ITEMS - 1) // TASK_ITEMS):
-            t, t1 = task * TASK_ITEMS, min(m, (task + 1) * TASK_ITEMS)
+        per = task_items(B)
+        for task in prange((m + per - 1) // per):
+            t, t1 = task * per, min(m, (task + 1) * per)
             while t < t1:
                 grp, s, b, nb, taken = _tall_item(t, t1, first, n, items, B)
                 _recurrent_forward(act, h, U[grp], Up[grp], parent, grp * MB, s, b, nb, B, D)
@@ -449,8 +462,10 @@ def _infer_item(out, h, c, act, lp, x, src, W, Wp, bias, U, Up, grp, base, slot,
     the projection and the recurrent register tiles are done already (the batch schedule's
     :func:`_infer_inputs` with ``tiles=False``, :func:`_input_tiles`, :func:`_tiles_items`)."""
     if tiles:
-        for i in range(0, nb, ROWS):
-            _infer_inputs(act, x, src, W, Wp, bias, base + slot * B + b + i, row + i, min(ROWS, nb - i))
+        r = base + slot * B + b
+        _infer_inputs(act, x, src, W, Wp, bias, r, row, min(ROWS, nb))
+        if nb > ROWS:  # a pair of groups (:func:`_tall_item`)
+            _infer_inputs(act, x, src, W, Wp, bias, r + ROWS, row + ROWS, nb - ROWS)
     _recurrent_forward(act, h, U, Up, lp, base, slot, b, nb, B, D, tiles)
     for i in range(nb):
         _cell_forward(h, c, act, lp, base, slot, b + i, B, D, cell)
@@ -519,7 +534,7 @@ def _input_tiles(act, x, src, Wp, L, slot, cell_k, B, t0, t1):
 @njit(**NJIT_PARALLEL_OPTS)
 def _sweep_infer(out, h, c, act, lp, x, src, W, Wp, bias, U, Up, diag_off, items_off, items, parent,
                  first, last, B, D, cell):
-    """:func:`wavefront_infer`, a ``prange`` per hyperplane over tasks of :data:`TASK_ITEMS` work
+    """:func:`wavefront_infer`, a ``prange`` per hyperplane over tasks of :func:`task_items` work
     items (their input projections in fours of rows, :func:`_infer_inputs`)."""
     L = lp.shape[0] * B  # rows of a scan's slab
     for k in range(first, last):
@@ -527,8 +542,9 @@ def _sweep_infer(out, h, c, act, lp, x, src, W, Wp, bias, U, Up, diag_off, items
         s0 = diag_off[k]
         start, n = _plane(k, diag_off, items_off, B)
         m = U.shape[0] * n
-        for task in prange((m + TASK_ITEMS - 1) // TASK_ITEMS):
-            t, t1 = task * TASK_ITEMS, min(m, (task + 1) * TASK_ITEMS)
+        per = task_items(B)
+        for task in prange((m + per - 1) // per):
+            t, t1 = task * per, min(m, (task + 1) * per)
             while t < t1:
                 grp, cell_k, b, nb, taken = _tall_item(t, t1, start, n, items, B)
                 _infer_item(out, h, c, act, lp, x, src[grp], W[grp], Wp[grp], bias[grp], U[grp], Up[grp],
@@ -646,7 +662,9 @@ def _recurrent_backward(dh, dact, U, Ut, child, base, s, b, nb, B, D, tiles=True
     for d in range(N):
         ch = child[s, d]
         if ch >= 0:
-            if done > 0 and tiles:
+            if done > 0 and tiles and nb == TALL_ROWS:
+                tall_rows(dh, r, dact, base + ch * B + b, Ut[d])
+            elif done > 0 and tiles:
                 tile_rows(dh, r, dact, base + ch * B + b, nb, Ut[d])
             if done < D:
                 _pull_rows(dh, r, dact, base + ch * B + b, U, d * G, G, D, nb, done)
@@ -688,13 +706,13 @@ def _sweep_backward(dact, dc, dh, act, c, U, Ut, diag_off, items_off, items, par
     than a chunk of steps, over blocks of up to :data:`BLOCK_ITEMS` work items (at least
     ``threads`` blocks where there are as many items), whose tiles go chunk by chunk
     (:func:`_tiles_items`: 64x64 B8 D128 train step 1.05-1.06x; the forward's panels, D steps,
-    gained nothing this way, 0.82-1.03x), else over tasks of :data:`TASK_ITEMS` work items."""
+    gained nothing this way, 0.82-1.03x), else over tasks of :func:`task_items` work items."""
     MB = parent.shape[0] * B
     chunked = Ut.shape[2] > 0 and Ut.shape[3] > chunk_steps(Ut)
     for k in range(diag_off.shape[0] - 2, -1, -1):
         first, n = _plane(k, diag_off, items_off, B)
         m = U.shape[0] * n
-        per = max(1, min(BLOCK_ITEMS, m // threads)) if chunked else TASK_ITEMS
+        per = max(1, min(BLOCK_ITEMS, m // threads)) if chunked else task_items(B)
         for blk in prange((m + per - 1) // per):
             t, t1 = blk * per, min(m, (blk + 1) * per)
             if chunked:
