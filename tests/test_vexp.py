@@ -83,12 +83,14 @@ def test_python_fallback_is_numpy():
     assert vexp.exp(1.0) == np.exp(1.0) and vexp.sigmoid(0.0) == 0.5
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("lo,hi,ulps", [(0.0, 0.1, 1), (0.1, 0.5, 16), (0.5, 20.0, 6)])
+@pytest.mark.parametrize("dtype,lo,hi,ulps", [
+    (np.float64, 0.0, 0.1, 1), (np.float64, 0.1, 0.5, 16), (np.float64, 0.5, 20.0, 6),
+    (np.float32, 0.0, 0.1, 3), (np.float32, 0.1, 0.5, 4), (np.float32, 0.5, 20.0, 6)])
 @pytest.mark.parametrize("sign", [1, -1])
 def test_tanh_ulps(dtype, lo, hi, ulps, sign):
-    """The cell's tanh in units in the last place (the README's figures): its Taylor series for
-    |x| < 0.1, ``2σ(2x) − 1`` from there on, which cancels most just above 0.1 (~15.5 ulp)."""
+    """The cell's tanh in units in the last place (the README's figures). float64: its Taylor
+    series for |x| < 0.1, ``2σ(2x) − 1`` from there on, which cancels most just above 0.1
+    (~15.5 ulp). float32: the rational ``x·P(x²)/Q(x²)`` (measured max 2.8, 3.2, 5.3 ulp)."""
     x = np.linspace(lo, hi, 200_001).astype(dtype)[1:]
     x = x[x < 0.1] if hi == 0.1 else x
     out = np.empty_like(x)
