@@ -33,6 +33,7 @@ from .grid import direction_tables, live_items, padding_edge, state_tables, wave
 from .kernels.cell import cell_code
 from .kernels.gemm import column_sums, matmul_at_b, matmul_rows
 from .kernels.gridlstm import gather_operands as gather_grid_operands
+from .kernels.simd import TILE_MIN_STEPS
 from .kernels.wavefront import (
     seed_state,
     seed_state_grad,
@@ -178,14 +179,16 @@ class WavefrontLSTM(OwnsParams):
         c = self._workspace("c", (S * rows, D))
         W, b = self._per_direction("W"), self._per_direction("b")
         live = None if sizes is None else np.flatnonzero(skew_src[0] >= 0)  # items' rows of a slab
-        for q in range(S):  # (a row is an item's in every direction or in none)
+        few = self.in_channels < TILE_MIN_STEPS  # the sweep projects its rows itself
+        for q in range(0 if few else S):  # (a row is an item's in every direction or in none)
             sl = slice(q * rows, (q + 1) * rows)
             matmul_rows(act[sl], xs[sl], W[q], b[q], False, live)
         U = self.params["U"].reshape(S, D, -1)
         if state is not None:
             seed_state(h, c, act, h0, c0, B)
         items = None if sizes is None else live_items(dims, B, sizes)
-        wavefront_forward(h, c, act, U, sweep, wf.parent, B, D, self.cell_code, items=items)
+        wavefront_forward(h, c, act, U, sweep, wf.parent, B, D, self.cell_code, items=items,
+                          inputs=(xs, W, b) if few else None)
         if sizes is not None:  # the padding's cells, not swept: zero state
             zero_padding(h, c, skew_src)
         out = np.empty((dense, S, D), dtype=self.dtype)

@@ -12,6 +12,7 @@ import pytest
 from mdnumba import LSTM1D, MDLSTM2D, MDLSTM3D
 from mdnumba.grid import direction_tables, live_items, wavefront
 from mdnumba.kernels import wavefront as wfk
+from mdnumba.kernels.gemm import matmul_rows
 
 CASES = [  # layer class, grid, batch, directions, cell, hidden, input channels, dtype
     (LSTM1D, (7,), 5, 2, "graves", 3, 2, np.float64),
@@ -136,3 +137,44 @@ def test_layer_with_state_same_under_both_schedules(rng, monkeypatch):
     monkeypatch.setattr(wfk, "BATCH_MAX_CELLS", -1)  # every sweep a prange per time step
     for a, b in zip(run(), batched):
         np.testing.assert_array_equal(b, a)
+
+
+@pytest.mark.parametrize("cls,dims,B,S,C,padded,schedule", [
+    (LSTM1D, (7,), 5, 2, 1, False, "batch"),
+    (LSTM1D, (7,), 9, 1, 3, True, "planes"),
+    (MDLSTM2D, (4, 5), 9, 4, 3, False, "planes"),
+    (MDLSTM2D, (4, 5), 12, 1, 1, False, "batch"),  # tall pairs of groups
+    (MDLSTM2D, (5, 4), 6, 4, 2, True, "planes"),
+    (MDLSTM3D, (2, 3, 2), 3, 1, 2, False, "batch"),
+])
+def test_sweep_projects_the_inputs_itself(cls, dims, B, S, C, padded, schedule, rng):
+    """``wavefront_forward(inputs=(xs, W, b))`` (each swept row gets ``act = b + xs @ W`` just
+    before its recurrent products, as the layers do for fewer than 4 input channels) gives
+    exactly the numbers of ``matmul_rows`` before the sweep, under either schedule and for a
+    padded batch's items (the padding's rows untouched in both)."""
+    D, dt = 8, np.float32
+    layer = cls(C, D, directions=S, dtype=dt, seed=1)
+    layer.params.data[:] = rng.uniform(-0.6, 0.6, layer.params.data.shape)
+    wf = wavefront(dims)
+    sizes = rng.integers(1, np.array(dims) + 1, (B, len(dims))).tolist() if padded else None
+    sizes = sizes and tuple(map(tuple, sizes))  # hashable, as the layers pass them
+    skew_src, _ = direction_tables(dims, B, S, sizes)
+    live = np.flatnonzero(skew_src[0] >= 0) if padded else None
+    items = live_items(dims, B, sizes) if padded else None
+    x2 = rng.standard_normal((B * wf.n_cells, C)).astype(dt)  # dense rows; skewed below
+    xs = np.concatenate([np.where(skew_src[q][:, None] >= 0, x2[skew_src[q]], 0) for q in range(S)])
+    W, bias = layer._per_direction("W"), layer._per_direction("b")
+    U, rows = layer.params["U"].reshape(S, D, -1), wf.n_cells * B
+    out = []
+    for fused in (False, True):
+        act = np.zeros((S * rows, W.shape[2]), dt)
+        h, c = np.zeros((S * rows, D), dt), np.zeros((S * rows, D), dt)
+        for q in range(0 if fused else S):
+            sl = slice(q * rows, (q + 1) * rows)
+            matmul_rows(act[sl], xs[sl], W[q], bias[q], False, live)
+        wfk.wavefront_forward(h, c, act, U, wf.diag_off, wf.parent, B, D, layer.cell_code, items=items,
+                              schedule=schedule, inputs=(xs, W, bias) if fused else None)
+        out.append((h, c, act))
+    for name, a, b in zip("hca", *out):
+        assert np.abs(a).max() > 0, name
+        np.testing.assert_array_equal(b, a, err_msg=name)

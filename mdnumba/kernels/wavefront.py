@@ -246,7 +246,7 @@ def _tiled(*arrays) -> None:
 
 
 def wavefront_forward(h, c, act, U, diag_off, parent, B: int, D: int, cell: int, *, items=None,
-                      schedule: str = "auto") -> None:
+                      schedule: str = "auto", inputs: tuple | None = None) -> None:
     """Forward sweep over all hyperplanes (outputs h, c, act; inputs; weights; sizes; cell code).
 
     ``act`` (S*M*B, G) enters holding the input projection ``W x + b`` and leaves
@@ -257,15 +257,36 @@ def wavefront_forward(h, c, act, U, diag_off, parent, B: int, D: int, cell: int,
     to its pre-activations and applies the cell, all in parallel. ``items`` (a padded batch's
     :func:`mdnumba.grid.live_items`): those rows only; the others are left as they are.
     ``schedule`` (:func:`batch_blocks`): how the work is split over the threads; the numbers are
-    the same either way.
+    the same either way. ``inputs = (xs, W, bias)``: ``act`` need not hold the input projection,
+    each swept row gets ``act = bias_q + xs @ W_q`` (``xs`` (S*M*B, C) in act's rows, ``W``
+    (S, C, G), ``bias`` (S, G)) just before its recurrent products, the numbers of
+    :func:`~mdnumba.kernels.gemm.matmul_rows`: one pass over ``act`` instead of two. Row by row,
+    no register tiles: for a few input channels (C < :data:`~mdnumba.kernels.simd.TILE_MIN_STEPS`,
+    an image's 1 to 3), where the projection is all memory traffic.
     """
     _tiled(h, act)
     Up = pack_recurrent(U, parent.shape[1])
+    xs, W, bias = _no_inputs(act) if inputs is None else inputs
     nblk = batch_blocks(U.shape[0], B, diag_off, items, schedule)
     if nblk:
-        _sweep_forward_batched(h, c, act, U, Up, diag_off, parent, B, D, cell, nblk)
+        _sweep_forward_batched(h, c, act, xs, W, bias, U, Up, diag_off, parent, B, D, cell, nblk)
     else:
-        _sweep_forward(h, c, act, U, Up, diag_off, *_items_or_all(items, diag_off), parent, B, D, cell)
+        _sweep_forward(h, c, act, xs, W, bias, U, Up, diag_off, *_items_or_all(items, diag_off), parent,
+                       B, D, cell)
+
+
+def _no_inputs(act) -> tuple:
+    """Empty ``(xs, W, bias)`` for a sweep whose ``act`` holds the input projection already."""
+    return np.empty((0, 0), act.dtype), np.empty((0, 0, 0), act.dtype), np.empty((0, 0), act.dtype)
+
+
+@njit(**NJIT_OPTS)
+def _project_rows(act, xs, W, bias, grp, r, nb):
+    """``act[r+i] = bias_grp + xs[r+i] @ W_grp`` for the nb rows i (:func:`_few_inputs`); nothing
+    where ``xs`` is empty (:func:`_no_inputs`)."""
+    if xs.shape[0] > 0:
+        for i in range(nb):
+            _few_inputs(act, r + i, xs, r + i, W[grp], bias[grp])
 
 
 #: :func:`batch_blocks`' choices
@@ -324,7 +345,7 @@ def _items_or_all(items, diag_off) -> tuple:
 
 
 @njit(**NJIT_PARALLEL_OPTS)
-def _sweep_forward(h, c, act, U, Up, diag_off, items_off, items, parent, B, D, cell):
+def _sweep_forward(h, c, act, xs, W, bias, U, Up, diag_off, items_off, items, parent, B, D, cell):
     """:func:`wavefront_forward`, a ``prange`` per hyperplane over tasks of :func:`task_items`
     work items."""
     MB = parent.shape[0] * B
@@ -336,6 +357,7 @@ def _sweep_forward(h, c, act, U, Up, diag_off, items_off, items, parent, B, D, c
             t, t1 = task * per, min(m, (task + 1) * per)
             while t < t1:
                 grp, s, b, nb, taken = _tall_item(t, t1, first, n, items, B)
+                _project_rows(act, xs, W, bias, grp, grp * MB + s * B + b, nb)
                 _recurrent_forward(act, h, U[grp], Up[grp], parent, grp * MB, s, b, nb, B, D)
                 for bb in range(b, b + nb):
                     _cell_forward(h, c, act, parent, grp * MB, s, bb, B, D, cell)
@@ -352,7 +374,7 @@ def _stream(t, B):
 
 
 @njit(**NJIT_PARALLEL_OPTS)
-def _sweep_forward_batched(h, c, act, U, Up, diag_off, parent, B, D, cell, nblk):
+def _sweep_forward_batched(h, c, act, xs, W, bias, U, Up, diag_off, parent, B, D, cell, nblk):
     """:func:`wavefront_forward` in ``nblk`` blocks of work streams (:func:`batch_blocks`), each
     sweeping the cells in hyperplane order (the skewed order) for its streams."""
     MB = parent.shape[0] * B
@@ -360,6 +382,9 @@ def _sweep_forward_batched(h, c, act, U, Up, diag_off, parent, B, D, cell, nblk)
     for blk in prange(nblk):
         t0, t1 = blk * n // nblk, (blk + 1) * n // nblk
         for s in range(np.int64(diag_off[0]), diag_off[diag_off.shape[0] - 1]):  # int64, as _sweep_forward
+            for t in range(t0, t1):
+                grp, b, nb = _stream(t, B)
+                _project_rows(act, xs, W, bias, grp, grp * MB + s * B + b, nb)
             _tiles_items(act, h, Up, parent, MB, s, groups(B), diag_off[:0], B, t0, t1)
             for t in range(t0, t1):
                 grp, b, nb = _stream(t, B)
