@@ -5,6 +5,9 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from . import config  # noqa: F401  (checks the environment before Numba reads it)
+from .kernels.gemm import count_nonfinite
+
 
 class NonFiniteError(ValueError):
     """An array holds NaN or infinite values (inside a model: the activations diverged)."""
@@ -34,9 +37,9 @@ def check_array(x: npt.ArrayLike, name: str, ndim: int, last: int | None, dtype:
     if last is not None and arr.shape[-1] != last:
         raise ValueError(f"{name} has {arr.shape[-1]} channels in its last axis, the layer "
                          f"expects {last} {layout}")
-    finite = np.isfinite(arr)
-    if not finite.all():
-        raise nonfinite_input(name, int(arr.size - finite.sum()))
+    bad = count_nonfinite(arr)
+    if bad:
+        raise nonfinite_input(name, bad)
     if np.dtype(dtype).itemsize < arr.dtype.itemsize:
         big = float(np.abs(arr).max())
         if big > float(np.finfo(dtype).max):
@@ -186,7 +189,7 @@ def check_stateful(stateful: bool, final_state_grad: object) -> None:
 def check_finite_params(params: object) -> None:
     """Raise :class:`NonFiniteError` naming the weights of ``params`` (a ParamBuffer) that hold
     NaN or infinite values: set by hand, or by an update of the user's own that diverged."""
-    if np.isfinite(params.data).all():
+    if not count_nonfinite(params.data):
         return
     bad = [name for name in params.layout.shapes if not np.isfinite(params[name]).all()]
     raise NonFiniteError(f"the layer's weights {', '.join(bad)} hold NaN or infinite values; give "

@@ -31,7 +31,7 @@ from ._validate import (
 )
 from .grid import direction_tables, live_items, padding_edge, state_tables, wavefront
 from .kernels.cell import cell_code
-from .kernels.gemm import column_sums, matmul_at_b, matmul_rows
+from .kernels.gemm import column_sums, count_nonfinite, matmul_at_b, matmul_rows
 from .kernels.gridlstm import gather_operands as gather_grid_operands
 from .kernels.simd import TILE_MIN_STEPS
 from .kernels.wavefront import (
@@ -313,8 +313,9 @@ class WavefrontLSTM(OwnsParams):
     def _check_state(self, c: np.ndarray, output: bool = False) -> None:
         """NonFiniteError if the forward's cell state ``c`` overflowed, or (``output``) its output
         h holds NaN/inf from such a state (:func:`overflowed_state`)."""
-        if not (np.isfinite(c.min()) and np.isfinite(c.max())):  # NaN propagates; no temporary array
-            raise overflowed_state(self.cell, c.size - int(np.isfinite(c).sum()), output)
+        bad = count_nonfinite(c)
+        if bad:
+            raise overflowed_state(self.cell, bad, output)
 
     def _weight_grads(self, dact: np.ndarray, sv: dict, live) -> None:
         """``[dW; dU; db] += zᵀ @ dact`` per direction, ``z = [xs | h of the parents | 1]``

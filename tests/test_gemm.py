@@ -15,6 +15,7 @@ from mdnumba.kernels.gemm import (
     _matmul_at_b,
     _matmul_at_b_wide,
     column_sums,
+    count_nonfinite,
     matmul_at_b,
     matmul_rows,
     rows_product,
@@ -203,3 +204,17 @@ def test_register_tiles_of_the_other_vector_width():
                            f"{here}/test_gemm.py::test_wide_weight_gradient_does_not_depend_on_the_tasks"],
                           env=env, capture_output=True, text=True, cwd=os.path.dirname(here))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("n", [1, REDUCE_BLOCK - 1, 3 * REDUCE_BLOCK + 7])
+def test_count_nonfinite(dtype, n, rng):
+    """NaN, +inf and -inf each counted once, anywhere (first and last element, across the
+    reduction blocks), in a C-contiguous array, a strided view and float16 (the NumPy fallback);
+    none in a finite array, however large its values."""
+    a = rng.standard_normal((n, 3)).astype(dtype) * (np.finfo(dtype).max / 16)
+    assert count_nonfinite(a) == 0
+    bad = np.unique(np.concatenate([[0, a.size - 1], rng.integers(0, a.size, 5)]))
+    a.reshape(-1)[bad] = np.resize(np.array([np.nan, np.inf, -np.inf], dtype), bad.size)
+    assert count_nonfinite(a) == bad.size == a.size - np.isfinite(a).sum()
+    assert count_nonfinite(a[:, 1:]) == np.count_nonzero(~np.isfinite(a[:, 1:]))
