@@ -397,23 +397,19 @@ def scatter_add_rows(out, ids, rows):
 
 
 def count_nonfinite(a: np.ndarray) -> int:
-    """How many elements of ``a`` are NaN or ±inf: one pass on every thread for a C-contiguous
-    float32/float64 array (``np.isfinite(c.min()) and np.isfinite(c.max())``, the state check of
-    every forward and backward, took two passes on one thread: 2.6 ms of a 32x32 B64 D64 train
-    step), NumPy otherwise."""
+    """How many elements of ``a`` are NaN or ±inf: one pass over a C-contiguous float32/float64
+    array, NumPy otherwise. ``np.isfinite(c.min()) and np.isfinite(c.max())``, the state check of
+    every forward and backward, took two (1.08 vs 0.61 ms over 16 MiB on a Xeon; ``np.isfinite``
+    makes a temporary). Serial: the pass is memory-bound, and on 2 threads it took 1.03 ms."""
     if a.dtype not in (np.float32, np.float64) or not a.flags.c_contiguous:
         return int(a.size - np.count_nonzero(np.isfinite(a)))
     return int(_count_nonfinite(a.reshape(-1)))
 
 
-@njit(**NJIT_PARALLEL_OPTS)
+@njit(**NJIT_OPTS)
 def _count_nonfinite(a):
-    """:func:`count_nonfinite` of a 1D array, in blocks of :data:`REDUCE_BLOCK` elements."""
-    n = a.shape[0]
-    total = 0
-    for q in prange((n + REDUCE_BLOCK - 1) // REDUCE_BLOCK):
-        bad = 0
-        for i in range(q * REDUCE_BLOCK, min(n, (q + 1) * REDUCE_BLOCK)):
-            bad += 0 if np.isfinite(a[i]) else 1
-        total += bad
-    return total
+    """:func:`count_nonfinite` of a 1D array."""
+    bad = 0
+    for i in range(a.shape[0]):
+        bad += not np.isfinite(a[i])
+    return bad
