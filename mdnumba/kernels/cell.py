@@ -100,7 +100,7 @@ def build(jit, exp=math.exp, sigmoid=None, tanh=None):
         @jit
         def tanh_single(x):
             """float32 tanh: ``x·P(x²)/Q(x²)`` (``_P*``, ``_Q*``) for |x| < 9, ±1 from there on
-            (float32 tanh rounds to ±1 above 9.01); within 4.5 ulp of tanh, odd, exact for tiny x
+            (float32 tanh rounds to ±1 above 9.01); within 5.3 ulp of tanh, odd, exact for tiny x
             (P(0) = Q(0) = 1), NaN stays NaN. Half the time of ``2σ(2x) − 1`` with a series."""
             one, lim = like(x, 1.0), like(x, 9.0)
             x = -lim if x < -lim else x
@@ -143,7 +143,8 @@ def build(jit, exp=math.exp, sigmoid=None, tanh=None):
     def sigmoid_blocks(act, r, first, count, D, j0, j1):
         """In place on row r: σ of gate blocks ``first .. first+count-1``, units j0..j1. For the
         whole row (j0 = 0, j1 = D) the blocks are one contiguous run of columns, taken as one loop
-        (a loop per block cost the CPU ~40 ns of set-up per row at D = 32)."""
+        (a loop per block: the CPU's forward cell 6.05 instead of 5.13 ns per unit at D = 16, the
+        same at D = 32)."""
         if j0 == 0 and j1 == D:
             for q in range(blk(first, D), blk(first + count, D)):
                 act[r, q] = sigmoid(act[r, q])
