@@ -209,9 +209,9 @@ def test_register_tiles_of_the_other_vector_width():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 @pytest.mark.parametrize("n", [1, REDUCE_BLOCK - 1, 3 * REDUCE_BLOCK + 7])
 def test_count_nonfinite(dtype, n, rng):
-    """NaN, +inf and -inf each counted once, anywhere (first and last element, across the
-    reduction blocks), in a C-contiguous array, a strided view and float16 (the NumPy fallback);
-    none in a finite array, however large its values."""
+    """NaN, +inf and -inf each counted once, anywhere (first and last element too), in a
+    C-contiguous array, a strided view and float16 (both through NumPy); none in a finite array,
+    however large its values."""
     a = rng.standard_normal((n, 3)).astype(dtype) * (np.finfo(dtype).max / 16)
     assert count_nonfinite(a) == 0
     bad = np.unique(np.concatenate([[0, a.size - 1], rng.integers(0, a.size, 5)]))
