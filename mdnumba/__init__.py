@@ -1,5 +1,6 @@
 """mdnumba: multi-dimensional LSTMs with hand-written Numba kernels."""
 
+from . import config  # noqa: F401  (first: it checks the environment before Numba reads it)
 from ._validate import NonFiniteError
 from .backend_cuda import CudaUnavailableError
 from .batching import pad_batch, unpad_batch

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from . import config  # noqa: F401  (checks the environment before Numba reads it)
 from .kernels.gemm import count_nonfinite
 
 

@@ -179,10 +179,11 @@ class WavefrontLSTM(OwnsParams):
         c = self._workspace("c", (S * rows, D))
         W, b = self._per_direction("W"), self._per_direction("b")
         live = None if sizes is None else np.flatnonzero(skew_src[0] >= 0)  # items' rows of a slab
-        few = self.in_channels < TILE_MIN_STEPS  # the sweep projects its rows itself
-        for q in range(0 if few else S):  # (a row is an item's in every direction or in none)
-            sl = slice(q * rows, (q + 1) * rows)
-            matmul_rows(act[sl], xs[sl], W[q], b[q], False, live)
+        few = self.in_channels < TILE_MIN_STEPS  # then the sweep projects its rows itself
+        if not few:
+            for q in range(S):  # (a row is an item's in every direction or in none)
+                sl = slice(q * rows, (q + 1) * rows)
+                matmul_rows(act[sl], xs[sl], W[q], b[q], False, live)
         U = self.params["U"].reshape(S, D, -1)
         if state is not None:
             seed_state(h, c, act, h0, c0, B)
