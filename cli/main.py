@@ -7,6 +7,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import click
@@ -170,12 +171,18 @@ def _out_of_memory(exc: Exception) -> str | None:
     return None
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python warnings (e.g. the library's notes on a resumed run's log) as one line on stderr."""
+    click.echo(f"warning: {message}", err=True)
+
+
 class _Group(click.Group):
     """The command group; running out of host or GPU memory (e.g. ``--hidden 100000``) is an
     error message that says what to shrink, not a traceback, and a reader of stdout that went
     away (``mdnumba sample RUN | head -c 100``) ends the command quietly."""
 
     def invoke(self, ctx: click.Context):
+        warnings.showwarning = _show_warning
         try:
             return super().invoke(ctx)
         except BrokenPipeError:
@@ -469,13 +476,10 @@ def train(ctx, out, overwrite, resume, checkpoint_every, plot, **kw) -> None:
         _plot_run(trainer)
 
 
-#: options ``train --resume`` may change; the others define the run and must match it
-RESUME_OVERRIDES = ("steps", "device", "sync_every", "checkpoint_every", "data")
-
-
 def _resume_run(folder: Path, given: dict):
     """Load the run in ``folder`` for ``train --resume`` with the explicitly ``given`` options:
-    those of :data:`RESUME_OVERRIDES` apply, the others must equal the run's settings."""
+    those of :data:`mdnumba.train.RESUME_OVERRIDES` apply, the others must equal the run's settings."""
+    from mdnumba.train import RESUME_OVERRIDES
     overrides = {k: v for k, v in given.items() if k in RESUME_OVERRIDES}
     try:
         trainer = _load_run(folder, **overrides)

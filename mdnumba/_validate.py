@@ -60,8 +60,10 @@ def overflowed_state(cell: str, count: int, output: bool = False) -> NonFiniteEr
     (``output``) in the forward's output h itself, where an overflowed state met 0 or −inf."""
     advice = "lower the learning rate or set clip_norm"
     if cell != "stable":
-        advice = (f"the {cell} cell's state can grow geometrically along the diagonals of a large "
-                  f"grid: use cell='stable', or {advice}")
+        advice = (f"the {cell} cell's state grows geometrically along the diagonals of a large "
+                  "grid when its forget gates sum above 1 (from the start with a forget_bias above "
+                  "the default, or after training): use cell='stable', keep the default "
+                  f"forget_bias, or {advice}")
     if output:
         return NonFiniteError(f"the cell state overflowed in forward: {count} values of its output h "
                               f"are NaN or inf; {advice}")
@@ -110,13 +112,17 @@ def check_flag(value: object, name: str) -> bool:
     return bool(value)
 
 
-def missing_activations(what: str = "backward()", inference: bool = False) -> RuntimeError:
-    """The error of ``what`` without saved activations: before any forward, or (``inference``)
-    after a ``forward(x, save=False)``, which keeps none."""
+def missing_activations(what: str = "backward()", inference: bool = False,
+                        run: str = "forward(x)") -> RuntimeError:
+    """The error of ``what`` without saved activations: before any forward, after
+    ``free_buffers()``, in a copy, or (``inference``) after a ``forward(x, save=False)``, which
+    keeps none."""
     if inference:
         return RuntimeError(f"{what} needs the activations of a forward with save=True; the last "
                             f"forward(x, save=False) kept none")
-    return RuntimeError(f"{what} called before forward(); run forward(x) first")
+    return RuntimeError(f"{what} has no saved activations; run {run} first (a layer keeps "
+                        "those of its last forward until free_buffers(); copies and pickles start "
+                        "without them)")
 
 
 def check_saved(saved: dict | None, what: str = "backward()") -> dict:

@@ -22,6 +22,7 @@ from ._validate import (
     check_finite_params,
     check_positive_int,
     check_shape,
+    missing_activations,
     part_seed,
     seeded_rng,
     shared_seed,
@@ -164,7 +165,7 @@ class Embedding(OwnsParams):
     def backward(self, dy: np.ndarray) -> None:
         """``dW[ids] += dy`` (repeated ids add up); the ids have no gradient."""
         if self._ids is None:
-            raise RuntimeError("backward() called before forward(); run forward(ids) first")
+            raise missing_activations(run="forward(ids)")
         check_shape(dy, self._ids.shape + self.params["W"].shape[1:])
         scatter_add_rows(self.grads["W"], self._ids.reshape(-1), dy.reshape(-1, dy.shape[-1]))
 

@@ -195,8 +195,9 @@ NJIT_SUM_OPTS = dict(NJIT_OPTS, fastmath={"reassoc", "contract"} | (FASTMATH_FLA
 NJIT_CHAIN_OPTS = dict(NJIT_OPTS, fastmath={"contract"} | (FASTMATH_FLAGS if FASTMATH else set()))
 
 def resolve_dtype(dtype: npt.DTypeLike) -> np.dtype:
-    """Return ``np.dtype(dtype)`` if it is float32/float64, else raise TypeError."""
-    dt = np.dtype(dtype)
+    """Return ``np.dtype(dtype)`` if it is float32/float64, else raise TypeError; None is the
+    default, :data:`DEFAULT_DTYPE` (NumPy would read it as float64)."""
+    dt = np.dtype(DEFAULT_DTYPE if dtype is None else dtype)
     if dt not in [np.dtype(d) for d in SUPPORTED_DTYPES]:
         raise TypeError(f"dtype must be float32 or float64, got {dt}")
     return dt

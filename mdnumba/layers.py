@@ -591,8 +591,8 @@ class GridLSTM2D(OwnsParams):
         self.grads.data[...] = 0
 
     def forward(self, x: np.ndarray, *, save: bool = True) -> np.ndarray:
-        """Sweep the T x depth grid; save what backward needs (``save=False``: nothing kept, the
-        sweep holds two anti-diagonals at a time, :meth:`_forward_rolling`)."""
+        """Sweep the T x depth grid; save what backward needs (``save=False``: inference, nothing
+        kept for backward; the sweep holds only two anti-diagonals at a time)."""
         D, L = self.hidden, self.depth
         save = check_flag(save, "save")
         check_finite_params(self.params)

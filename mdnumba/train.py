@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import json
 import os
 import signal
 import sys
@@ -13,6 +14,7 @@ import time
 import tracemalloc
 import types
 import typing
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +42,8 @@ from .tasks.binary_addition import AdditionBatch
 from .tasks.diagonal import DiagonalBatch
 
 LOG = "log.tsv"
+#: the settings ``train --resume`` may change; the others define the run and must match it
+RESUME_OVERRIDES = ("steps", "device", "sync_every", "checkpoint_every", "data")
 #: with the default --checkpoint-every, a run also saves once this long has passed since its
 #: last checkpoint (a run of very many steps would otherwise go hours without one)
 CHECKPOINT_SECONDS = 600.0
@@ -406,18 +410,37 @@ class Trainer:
     def _open_log(self):
         """Open the TSV log for appending, keeping (rewritten atomically) its whole rows up to
         the current step: rows newer than the checkpoint go (a resume after a crash writes them
-        again), and so do a last row without its newline and rows with too few fields (cut
-        short by a crash or a full disk)."""
+        again), and so does a last row without its newline (cut short by a crash). A log with
+        other unreadable rows or another header is copied aside first, and a resumed run
+        without its log says so (warnings)."""
         if self.out is None:
             return None
         path, columns = self.out / LOG, self._columns()
         remove_temp_files(self.out, (CHECKPOINT, CONFIG_JSON, LOG))  # of a process killed mid-write
-        rows = path.read_text(errors="replace").split("\n")[1:-1] if path.exists() else []
-        keep = [r for r, fields in zip(rows, (r.split("\t") for r in rows))
-                if len(fields) == len(columns) and fields[0].isdigit() and int(fields[0]) <= self.step]
+        raw = path.read_bytes() if path.exists() else b""
+        old = raw.decode(errors="replace")
+        rows = old.split("\n")[1:-1]
+        whole = [r for r, fields in zip(rows, (r.split("\t") for r in rows))
+                 if len(fields) == len(columns) and fields[0].isdigit()]
+        keep = [r for r in whole if int(r.split("\t", 1)[0]) <= self.step]
         text = "\t".join(columns) + "\n" + "".join(r + "\n" for r in keep)
+        if old and (len(whole) < len(rows) or not old.startswith(text.split("\n")[0] + "\n")):
+            self._keep_unreadable_log(path, raw, len(rows) - len(whole))
+        elif not old and self.step:
+            warnings.warn(f"{path} is missing or empty: the log restarts at step {self.step + 1}",
+                          stacklevel=3)
         atomic_write_bytes(path, lambda fh: fh.write(text.encode()))
         return path.open("a")
+
+    def _keep_unreadable_log(self, path: Path, old: bytes, bad_rows: int) -> None:
+        """Copy a log that has another header or unreadable rows (not written by this run as
+        it is: edited, or from another run) aside before :meth:`_open_log` keeps only its rows
+        that fit, and say so."""
+        spare = path.with_name(f"{path.stem}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}")
+        atomic_write_bytes(spare, lambda fh: fh.write(old))
+        what = f"{bad_rows} unreadable row{'s' * (bad_rows != 1)}" if bad_rows else "another header"
+        warnings.warn(f"{path} had {what}: it continues with the rows that fit this run; the "
+                      f"old file is kept as {spare.name}", stacklevel=3)
 
     # --------------------------------------------------------- checkpoints
     def save(self) -> Path:
@@ -450,6 +473,7 @@ class Trainer:
         vocabulary and does not read its text (enough to sample)."""
         arrays, meta = load_checkpoint(folder)
         cfg = _checkpoint_config(folder, meta, overrides)
+        _check_config_copy(folder, meta)
         tr = make_trainer(cfg, folder, restore=meta, read_text=read_text)
         try:
             n = len(tr.model.layers)
@@ -518,6 +542,27 @@ class Trainer:
             for k, v in self.task.metrics(prob, loss, batch).items():
                 totals[k] = totals.get(k, 0.0) + v / batches
         return totals
+
+
+def _check_config_copy(folder: Path, meta: dict) -> None:
+    """CheckpointError if the folder's ``config.json`` (the readable copy written with each
+    checkpoint) describes another run than ``checkpoint.npz``: a checkpoint copied in from
+    another run's folder would else be trained on, its log appended to this run's. Settings
+    a resume may change (:data:`RESUME_OVERRIDES`) are not compared, and an unreadable copy
+    is ignored (the next save rewrites it)."""
+    try:
+        copy = json.loads((Path(folder) / CONFIG_JSON).read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    ignore = (*RESUME_OVERRIDES, "curriculum_steps")
+    differ = [f"{k}: {meta['config'].get(k)!r} in {CHECKPOINT}, {copy.get(k)!r} in {CONFIG_JSON}"
+              for k in sorted(set(meta["config"]) | set(copy))
+              if k not in ignore and meta["config"].get(k) != copy.get(k)]
+    if differ:
+        raise CheckpointError(f"{CHECKPOINT} and {CONFIG_JSON} in {folder} belong to different runs "
+                              f"({'; '.join(differ[:3])}{'; ...' if len(differ) > 3 else ''}): was the "
+                              "checkpoint copied from another run? Put back this run's own checkpoint, "
+                              f"or delete {CONFIG_JSON} to use the checkpoint as it is")
 
 
 def _checkpoint_config(folder: Path, meta: dict, overrides: dict) -> TrainConfig:

@@ -843,6 +843,8 @@ def test_resume_reads_a_log_that_is_not_utf8(runner, tmp_path):
     res = runner.invoke(main, ["train", "--resume", str(run), "--steps", "8"])
     assert res.exit_code == 0, res.output
     assert [r.split("\t")[0] for r in (run / "log.tsv").read_text().splitlines()[1:]] == ["7", "8"]
+    assert f"warning: {run / 'log.tsv'} had another header" in res.output  # one line, no source
+    assert [p.read_bytes() for p in run.glob("log.unreadable-*.tsv")] == [bytes(range(128, 256))]
 
 
 def test_missing_checkpoint_hints_lead_somewhere(runner, tmp_path):

@@ -398,7 +398,7 @@ def sim_failed_forward_keeps_the_last_one_and_free_buffers(rng):
     gpu.free_buffers()
     assert gpu.saved_bytes() == gpu.workspace_bytes() == 0
     for call in (gpu.final_state, lambda: gpu.backward(dh)):
-        with pytest.raises(RuntimeError, match="before forward"):
+        with pytest.raises(RuntimeError, match="no saved activations; run forward"):
             call()
 
 
@@ -695,7 +695,7 @@ def sim_errors_and_fallback(rng, monkeypatch):
     from mdnumba.backend_cuda import CudaLSTM, last_path
     from mdnumba.kernels import wavefront_cuda as gpu
     dev = CudaLSTM.from_layer(MDLSTM2D(2, 3, dtype=np.float32))
-    with pytest.raises(RuntimeError, match="before forward"):
+    with pytest.raises(RuntimeError, match="no saved activations; run forward"):
         dev.backward(np.zeros((1, 2, 2, 3), np.float32))
     with pytest.raises(TypeError, match="dtype"):
         dev.forward(cuda.to_device(np.zeros((1, 2, 2, 2))))

@@ -64,7 +64,7 @@ def test_forward_rejects_non_finite_weights(make, x, name):
     (lambda: BlockSubsample(2), np.zeros((1, 2, 2, 4))),
 ])
 def test_backward_before_forward_says_so(make, dy):
-    with pytest.raises(RuntimeError, match="before forward"):
+    with pytest.raises(RuntimeError, match="no saved activations; run forward"):
         make().backward(dy)
 
 
@@ -74,7 +74,7 @@ def test_trainer_without_folder_cannot_save():
 
 
 def test_backward_errors(layer):
-    with pytest.raises(RuntimeError, match="before forward"):
+    with pytest.raises(RuntimeError, match="no saved activations; run forward"):
         layer.backward(np.zeros((1, 3, 3, 4), np.float32))
     layer.forward(np.zeros((1, 3, 3, 3), np.float32))
     with pytest.raises(ValueError, match="shape of the forward output"):
@@ -97,6 +97,12 @@ def test_backward_errors(layer):
 def test_constructor_errors(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         MDLSTM2D(3, 4, **kwargs)
+
+
+def test_dtype_none_is_the_default():
+    """``dtype=None`` means the default float32, not NumPy's reading of None (float64)."""
+    for layer in (MDLSTM2D(3, 4, dtype=None), LSTM1D(3, 4, dtype=None), GridLSTM2D(3, 4, dtype=None)):
+        assert layer.dtype == np.float32 and layer.params.data.dtype == np.float32
 
 
 @pytest.mark.parametrize("args,exc", [((0, 4), ValueError), ((3, 0), ValueError),
@@ -590,8 +596,10 @@ def test_a_stack_calls_a_users_backward_without_input_grad_if_it_takes_none(rng)
     assert net.backward(np.ones_like(h), input_grad=False) is None
 
 
-@pytest.mark.parametrize("cell,advice", [("graves", "; the graves cell.*use cell='stable', or lower"),
-                                         ("stable", "; lower")])
+@pytest.mark.parametrize("cell,advice", [
+    ("graves", "; the graves cell.*use cell='stable', keep the default forget_bias, or lower"),
+    ("stable", "; lower"),
+])
 def test_backward_after_an_overflowing_cell_state_says_so(cell, advice):
     """c overflowed to inf in forward (h stays finite): backward raises instead of returning
     NaN gradients."""

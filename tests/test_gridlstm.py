@@ -81,7 +81,7 @@ def test_bad_input():
     layer = GridLSTM2D(3, 2)
     with pytest.raises(ValueError, match="hidden=3"):
         layer.forward(np.zeros((1, 4, 2), np.float32))
-    with pytest.raises(RuntimeError, match="before forward"):
+    with pytest.raises(RuntimeError, match="no saved activations; run forward"):
         layer.backward(np.zeros((1, 4, 3), np.float32))
 
 

@@ -149,7 +149,7 @@ def test_state_errors(rng):
     layer.forward(x, state=layer.zero_state(2))
     with pytest.raises(ValueError, match=r"final_state_grad\[0\] is for a batch of 1"):
         layer.backward(np.ones_like(y), final_state_grad=(np.zeros((1, 3)), np.zeros((1, 3))))
-    with pytest.raises(RuntimeError, match="before forward"):
+    with pytest.raises(RuntimeError, match="no saved activations; run forward"):
         LSTM1D(2, 3).final_state()
 
 

@@ -4,6 +4,7 @@ import contextlib
 import os
 import signal
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -129,15 +130,62 @@ def test_a_config_takes_the_forms_python_callers_give(tmp_path):
 
 
 def test_resume_drops_log_rows_cut_short(tmp_path):
-    """A crash or a full disk can leave a last row without its newline (or with fewer fields):
-    resume keeps whole rows only, so the log holds each step once and still plots."""
+    """A crash can leave a last row without its newline: resume keeps whole rows only, so the
+    log holds each step once and still plots, and says nothing (it is what a crash leaves)."""
     from mdnumba.plotting import read_log
     make_trainer(TrainConfig(steps=4, **KW), tmp_path).run()
     log = tmp_path / "log.tsv"
-    log.write_text(log.read_text() + "3\t0.5\n5\t0.1")  # a short row, a cut one (no newline)
-    Trainer.load(tmp_path, steps=6).run()
+    log.write_text(log.read_text() + "5\t0.1")  # a row cut short (no newline)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trainer.load(tmp_path, steps=6).run()
     assert [r.split("\t")[0] for r in log.read_text().splitlines()[1:]] == ["1", "2", "3", "4", "5", "6"]
     np.testing.assert_array_equal(read_log(log)["step"], np.arange(1, 7))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.npz", "config.json", "log.tsv"]
+
+
+@pytest.mark.parametrize("edit,what", [
+    (lambda text: text.replace("\n2\t", "\nnot a row\n2\t"), "1 unreadable row"),
+    (lambda text: text.replace("\n3\t", "\n3\t0.5\n3\t"), "1 unreadable row"),  # too few fields
+    (lambda text: "step\tloss\n" + text.split("\n", 1)[1], "another header"),
+])
+def test_resume_keeps_a_log_it_cannot_read_and_says_so(tmp_path, edit, what):
+    """A log edited, or from another run: its readable rows continue, the old file is kept aside."""
+    make_trainer(TrainConfig(steps=4, **KW), tmp_path).run()
+    log = tmp_path / "log.tsv"
+    old = edit(log.read_text())
+    log.write_text(old)
+    with pytest.warns(UserWarning, match=f"log.tsv had {what}: .* kept as log.unreadable-"):
+        Trainer.load(tmp_path, steps=5).run()
+    [spare] = tmp_path.glob("log.unreadable-*.tsv")
+    assert spare.read_text() == old
+    assert log.read_text().splitlines()[-1].split("\t")[0] == "5"
+
+
+def test_resume_without_its_log_says_where_the_log_restarts(tmp_path):
+    make_trainer(TrainConfig(steps=4, **KW), tmp_path).run()
+    (tmp_path / "log.tsv").unlink()
+    with pytest.warns(UserWarning, match="log.tsv is missing or empty: the log restarts at step 5"):
+        Trainer.load(tmp_path, steps=5).run()
+
+
+def test_a_checkpoint_copied_from_another_run_is_refused(tmp_path):
+    """checkpoint.npz and config.json of different runs: refused, naming the settings that
+    differ; without config.json the checkpoint loads as it is. A config.json behind in the
+    settings a resume may change (a crash between the two writes) is no conflict."""
+    for run in "ab":
+        (tmp_path / run).mkdir()
+    make_trainer(TrainConfig(steps=1, **KW), tmp_path / "a").run()
+    make_trainer(TrainConfig(steps=1, **dict(KW, hidden=2, cell="stable")), tmp_path / "b").run()
+    (tmp_path / "b" / "checkpoint.npz").write_bytes((tmp_path / "a" / "checkpoint.npz").read_bytes())
+    with pytest.raises(CheckpointError, match=r"belong to different runs \(cell: 'graves' in checkpoint.npz, "
+                       r"'stable' in config.json; hidden: 3 in checkpoint.npz, 2 in config.json\)"):
+        Trainer.load(tmp_path / "b")
+    (tmp_path / "b" / "config.json").unlink()
+    assert Trainer.load(tmp_path / "b").cfg.hidden == 3
+    copy = tmp_path / "a" / "config.json"
+    copy.write_text(copy.read_text().replace('"steps": 1', '"steps": 7'))
+    assert Trainer.load(tmp_path / "a").cfg.steps == 1
 
 
 def test_second_ctrl_c_stops_inside_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
