@@ -726,11 +726,13 @@ def sim_errors_and_fallback(rng, monkeypatch):
         tries.append(1)
         raise RuntimeError("no cooperative launch here")
     monkeypatch.setattr(gpu, "_coop_grid", broken)
-    monkeypatch.setitem(gpu._state, "coop_error", None)
-    for _ in range(2):  # 'auto' tries the cooperative launch once per process, then remembers
+    monkeypatch.setitem(gpu._state, "coop_error", {})
+    for _ in range(2):  # 'auto' tries a kernel's cooperative launch once per process, then remembers
         np.testing.assert_array_equal(dev.forward(np.ones((1, 2, 2, 2), np.float32)), y)
         assert last_path().startswith("per-diagonal") and "no cooperative launch here" in last_path()
     assert len(tries) == 1
+    dev.backward(np.ones_like(y))  # another kernel: tried on its own
+    assert len(tries) == 2 and last_path().startswith("per-diagonal")
     dev.path = "cooperative"
     with pytest.raises(RuntimeError, match="no cooperative launch"):
         dev.forward(np.ones((1, 2, 2, 2), np.float32))

@@ -69,6 +69,11 @@ if SIMULATOR:
 else:
     BM, BN, BK, TM, TN = 64, 64, 16, 4, 4
 GEMM_THREADS = (BM // TM) * (BN // TN)
+#: extra column of the shared tiles: a load walking a tile column (its fast index kk) stores
+#: with a stride of BM + 1 words instead of BM, a different bank per thread (with BM = 64 the
+#: 16 threads of a column hit one bank: a 16-way conflict)
+TILE_PAD = 1
+_AS_COLS, _BS_COLS = BM + TILE_PAD, BN + TILE_PAD  # globals: a shared array's shape must be constants
 _RM, _RN = BM // TM, BN // TN
 # _load_tile walks a tile in fixed per-thread steps: the block must tile it evenly
 assert GEMM_THREADS % BM == 0 and GEMM_THREADS % BN == 0 and GEMM_THREADS % BK == 0
@@ -87,7 +92,10 @@ ROWS_PER_THREAD: int = max(1, config.CUDA_ROWS_PER_THREAD)
 #: gate blocks a forward thread accumulates at once (N + 3 <= 6, i.e. N <= 3: one pass)
 GATE_CHUNK = 6
 
-_state: dict = {"last_path": None, "coop_error": None, "scratch": {}}
+#: "coop_error": why a cooperative launch failed on the 'auto' path, per sweep kernel (``id``),
+#: block shape and dtypes (one that cannot be resident, e.g. float64 with more registers, leaves
+#: the others cooperative)
+_state: dict = {"last_path": None, "coop_error": {}, "scratch": {}}
 
 
 # ---------------------------------------------------------------- device functions
@@ -627,8 +635,8 @@ def _gemm_tiled(out, parts, counters, a, bm, bias, M, N, K, ta, tb, mode, kchunk
     last (:func:`_last_block`) writes ``out = init + Σ_z parts[z]``, z in increasing order
     (deterministic, and no second launch).
     """
-    As = cuda.shared.array((BK, BM), dtype=a.dtype)
-    Bs = cuda.shared.array((BK, BN), dtype=a.dtype)
+    As = cuda.shared.array((BK, _AS_COLS), dtype=a.dtype)
+    Bs = cuda.shared.array((BK, _BS_COLS), dtype=a.dtype)
     acc = cuda.local.array((TM, TN), dtype=a.dtype)
     ra = cuda.local.array(TM, dtype=a.dtype)
     rb = cuda.local.array(TN, dtype=a.dtype)
@@ -924,7 +932,9 @@ def _sweep(coop, diag, args, diag_off_host, rows_per_cell: int, D: int, shmem: i
         raise ValueError(f"path (or MDNUMBA_CUDA_PATH) must be one of {PATHS}, got {path!r}")
     items = np.diff(diag_off_host) * rows_per_cell * D
     K = len(items)
-    if path != "per-diagonal" and not (path == "auto" and _state["coop_error"]):
+    key = (id(coop), tpb, shmem, *(str(a.dtype) for a in args if hasattr(a, "dtype")))
+    failed = _state["coop_error"].get(key)
+    if path != "per-diagonal" and not (path == "auto" and failed):
         try:
             grid = _coop_grid(coop, args, tpb, shmem, _blocks(max(items.max(), extra_items), tpb, 1 << 30))
             coop[grid, tpb, 0, shmem](*args)
@@ -933,7 +943,7 @@ def _sweep(coop, diag, args, diag_off_host, rows_per_cell: int, D: int, shmem: i
             if path == "cooperative":
                 raise
             cuda.synchronize()  # an error left by earlier work raises here, under its own name
-            _state["coop_error"] = f"{type(exc).__name__}: {exc}"
+            failed = _state["coop_error"][key] = f"{type(exc).__name__}: {exc}"
     if pre is not None:
         pre[_blocks(extra_items, tpb), tpb](*args)
     order = range(K - 1, -1, -1) if reverse else range(K)
@@ -942,7 +952,7 @@ def _sweep(coop, diag, args, diag_off_host, rows_per_cell: int, D: int, shmem: i
         launch[_blocks(items[k], tpb), tpb, 0, shmem](*args, k)
     if post is not None:
         post[_blocks(extra_items, tpb), tpb](*args)
-    why = f"; cooperative failed: {_state['coop_error']}" if path == "auto" else ""
+    why = f"; cooperative failed: {failed}" if path == "auto" else ""
     return f"per-diagonal ({K} launches{why})"
 
 
