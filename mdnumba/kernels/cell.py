@@ -157,16 +157,19 @@ def build(jit, exp=math.exp, sigmoid=None, tanh=None):
     def activate_gates(act, tmp, r, N, D, cell, j0, j1):
         """In place on row r: ``σ`` of the input, forget and output gates, ``tanh`` of g; the
         stable cell's ``w = softmax(l_1..l_{N-1}, 0)`` (max subtracted, no overflow; ``tmp[r]``
-        is scratch, its values are overwritten later)."""
+        is scratch, its values are overwritten later). In 2D that is ``w_1 = σ(l_1)`` (Leifert's
+        λ), so the blocks ``[i | f | l_1 | o]`` take one σ loop as graves' ``[i | f_1 f_2 | o]``
+        (half the stable cell's forward time)."""
         g0 = blk(N + 2, D)
-        if cell != STABLE:
-            sigmoid_blocks(act, r, 0, N + 2, D, j0, j1)   # [i | f_1..f_N | o]
+        mix = cell == STABLE and N > 2
+        if not mix:
+            sigmoid_blocks(act, r, 0, N + 2, D, j0, j1)   # [i | f_1..f_N | o], stable [i | f | (l_1) | o]
         else:
             sigmoid_blocks(act, r, 0, 2, D, j0, j1)       # [i | f]
             sigmoid_blocks(act, r, N + 1, 1, D, j0, j1)   # o
         for j in range(j0, j1):
             act[r, g0 + j] = tanh(act[r, g0 + j])
-        if cell != STABLE:
+        if not mix:
             return
         for j in range(j0, j1):
             tmp[r, j] = 0.0
