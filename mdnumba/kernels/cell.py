@@ -154,6 +154,20 @@ def build(jit, exp=math.exp, sigmoid=None, tanh=None):
                 act[r, blk(k, D) + j] = sigmoid(act[r, blk(k, D) + j])
 
     @jit
+    def softmax_pair(act, r, D, j0, j1):
+        """3D stable cell, in place on row r: ``(w_1, w_2) = softmax(l_1, l_2, 0)[:2]`` in one
+        loop, the same operations in the same order as :func:`activate_gates`' N-D passes
+        (bit-identical; on the CPU 1.5 instead of 2.0x a graves forward cell's time at D = 16,
+        1.7 instead of 2.5x at D = 32)."""
+        a0, b0 = blk(2, D), blk(3, D)
+        for j in range(j0, j1):
+            m = max(max(like(act[r, a0 + j], 0.0), act[r, a0 + j]), act[r, b0 + j])
+            ea, eb = exp(act[r, a0 + j] - m), exp(act[r, b0 + j] - m)
+            total = exp(-m) + ea + eb
+            act[r, a0 + j] = ea / total
+            act[r, b0 + j] = eb / total
+
+    @jit
     def activate_gates(act, tmp, r, N, D, cell, j0, j1):
         """In place on row r: ``σ`` of the input, forget and output gates, ``tanh`` of g; the
         stable cell's ``w = softmax(l_1..l_{N-1}, 0)`` (max subtracted, no overflow; ``tmp[r]``
@@ -170,6 +184,9 @@ def build(jit, exp=math.exp, sigmoid=None, tanh=None):
         for j in range(j0, j1):
             act[r, g0 + j] = tanh(act[r, g0 + j])
         if not mix:
+            return
+        if N == 3:
+            softmax_pair(act, r, D, j0, j1)
             return
         for j in range(j0, j1):
             tmp[r, j] = 0.0
