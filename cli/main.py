@@ -182,9 +182,10 @@ class _Group(click.Group):
     away (``mdnumba sample RUN | head -c 100``) ends the command quietly."""
 
     def invoke(self, ctx: click.Context):
-        warnings.showwarning = _show_warning
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                return super().invoke(ctx)
         except BrokenPipeError:
             _silence_stdout()
             ctx.exit(1)

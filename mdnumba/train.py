@@ -411,8 +411,8 @@ class Trainer:
         """Open the TSV log for appending, keeping (rewritten atomically) its whole rows up to
         the current step: rows newer than the checkpoint go (a resume after a crash writes them
         again), and so does a last row without its newline (cut short by a crash). A log with
-        other unreadable rows or another header is copied aside first, and a resumed run
-        without its log says so (warnings)."""
+        other unreadable rows or another header (whose rows all go) is copied aside first, and
+        a resumed run without its log says so (warnings)."""
         if self.out is None:
             return None
         path, columns = self.out / LOG, self._columns()
@@ -420,27 +420,30 @@ class Trainer:
         raw = path.read_bytes() if path.exists() else b""
         old = raw.decode(errors="replace")
         rows = old.split("\n")[1:-1]
+        header = "\t".join(columns) + "\n"
+        same = old.startswith(header)
         whole = [r for r, fields in zip(rows, (r.split("\t") for r in rows))
-                 if len(fields) == len(columns) and fields[0].isdigit()]
-        keep = [r for r in whole if int(r.split("\t", 1)[0]) <= self.step]
-        text = "\t".join(columns) + "\n" + "".join(r + "\n" for r in keep)
-        if old and (len(whole) < len(rows) or not old.startswith(text.split("\n")[0] + "\n")):
-            self._keep_unreadable_log(path, raw, len(rows) - len(whole))
+                 if len(fields) == len(columns) and fields[0].isdecimal()]
+        keep = [r for r in whole if same and int(r.split("\t", 1)[0]) <= self.step]
+        text = header + "".join(r + "\n" for r in keep)
+        if old and (len(whole) < len(rows) or not same):
+            self._keep_unreadable_log(path, raw, len(rows) - len(whole), same)
         elif not old and self.step:
             warnings.warn(f"{path} is missing or empty: the log restarts at step {self.step + 1}",
-                          stacklevel=3)
+                          stacklevel=4)  # at run()'s caller
         atomic_write_bytes(path, lambda fh: fh.write(text.encode()))
         return path.open("a")
 
-    def _keep_unreadable_log(self, path: Path, old: bytes, bad_rows: int) -> None:
+    def _keep_unreadable_log(self, path: Path, old: bytes, bad_rows: int, same_header: bool) -> None:
         """Copy a log that has another header or unreadable rows (not written by this run as
         it is: edited, or from another run) aside before :meth:`_open_log` keeps only its rows
         that fit, and say so."""
         spare = path.with_name(f"{path.stem}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}")
         atomic_write_bytes(spare, lambda fh: fh.write(old))
-        what = f"{bad_rows} unreadable row{'s' * (bad_rows != 1)}" if bad_rows else "another header"
-        warnings.warn(f"{path} had {what}: it continues with the rows that fit this run; the "
-                      f"old file is kept as {spare.name}", stacklevel=3)
+        what = f"{bad_rows} unreadable row{'s' * (bad_rows != 1)}" if same_header else "another header"
+        kept = "the rows that fit this run" if same_header else "no rows"
+        warnings.warn(f"{path} had {what}: it continues with {kept}; the old file is kept as "
+                      f"{spare.name}", stacklevel=5)  # at run()'s caller
 
     # --------------------------------------------------------- checkpoints
     def save(self) -> Path:
@@ -553,6 +556,8 @@ def _check_config_copy(folder: Path, meta: dict) -> None:
     try:
         copy = json.loads((Path(folder) / CONFIG_JSON).read_text())["config"]
     except (OSError, ValueError, KeyError, TypeError):
+        return
+    if not isinstance(copy, dict):
         return
     ignore = (*RESUME_OVERRIDES, "curriculum_steps")
     differ = [f"{k}: {meta['config'].get(k)!r} in {CHECKPOINT}, {copy.get(k)!r} in {CONFIG_JSON}"

@@ -137,7 +137,7 @@ def test_resume_drops_log_rows_cut_short(tmp_path):
     log = tmp_path / "log.tsv"
     log.write_text(log.read_text() + "5\t0.1")  # a row cut short (no newline)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", UserWarning)
         Trainer.load(tmp_path, steps=6).run()
     assert [r.split("\t")[0] for r in log.read_text().splitlines()[1:]] == ["1", "2", "3", "4", "5", "6"]
     np.testing.assert_array_equal(read_log(log)["step"], np.arange(1, 7))
@@ -147,6 +147,7 @@ def test_resume_drops_log_rows_cut_short(tmp_path):
 @pytest.mark.parametrize("edit,what", [
     (lambda text: text.replace("\n2\t", "\nnot a row\n2\t"), "1 unreadable row"),
     (lambda text: text.replace("\n3\t", "\n3\t0.5\n3\t"), "1 unreadable row"),  # too few fields
+    (lambda text: text.replace("\n2\t", "\n\u00b2\t"), "1 unreadable row"),  # a digit, not a decimal
     (lambda text: "step\tloss\n" + text.split("\n", 1)[1], "another header"),
 ])
 def test_resume_keeps_a_log_it_cannot_read_and_says_so(tmp_path, edit, what):
@@ -181,6 +182,9 @@ def test_a_checkpoint_copied_from_another_run_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"belong to different runs \(cell: 'graves' in checkpoint.npz, "
                        r"'stable' in config.json; hidden: 3 in checkpoint.npz, 2 in config.json\)"):
         Trainer.load(tmp_path / "b")
+    for unreadable in ('{"config": [1]}', "{", ""):  # ignored: the next save rewrites it
+        (tmp_path / "b" / "config.json").write_text(unreadable)
+        assert Trainer.load(tmp_path / "b").cfg.hidden == 3
     (tmp_path / "b" / "config.json").unlink()
     assert Trainer.load(tmp_path / "b").cfg.hidden == 3
     copy = tmp_path / "a" / "config.json"

@@ -173,7 +173,7 @@ def build(jit, exp=math.exp, sigmoid=None, tanh=None):
         stable cell's ``w = softmax(l_1..l_{N-1}, 0)`` (max subtracted, no overflow; ``tmp[r]``
         is scratch, its values are overwritten later). In 2D that is ``w_1 = σ(l_1)`` (Leifert's
         λ), so the blocks ``[i | f | l_1 | o]`` take one σ loop as graves' ``[i | f_1 f_2 | o]``
-        (half the stable cell's forward time)."""
+        (half the stable cell's σ/softmax time)."""
         g0 = blk(N + 2, D)
         mix = cell == STABLE and N > 2
         if not mix:

@@ -70,8 +70,8 @@ else:
     BM, BN, BK, TM, TN = 64, 64, 16, 4, 4
 GEMM_THREADS = (BM // TM) * (BN // TN)
 #: extra column of the shared tiles: a load walking a tile column (its fast index kk) stores
-#: with a stride of BM + 1 words instead of BM, a different bank per thread (with BM = 64 the
-#: 16 threads of a column hit one bank: a 16-way conflict)
+#: with a stride of BM + 1 words instead of BM (with BM = 64 the 16 threads of a column hit one
+#: bank: a 16-way conflict; padded, a warp's two columns leave a 2-way one in float32, none in float64)
 TILE_PAD = 1
 _AS_COLS, _BS_COLS = BM + TILE_PAD, BN + TILE_PAD  # globals: a shared array's shape must be constants
 _RM, _RN = BM // TM, BN // TN
@@ -93,8 +93,8 @@ ROWS_PER_THREAD: int = max(1, config.CUDA_ROWS_PER_THREAD)
 GATE_CHUNK = 6
 
 #: "coop_error": why a cooperative launch failed on the 'auto' path, per sweep kernel (``id``),
-#: block shape and dtypes (one that cannot be resident, e.g. float64 with more registers, leaves
-#: the others cooperative)
+#: block shape, shared memory and dtypes (one that cannot be resident, e.g. float64 with more
+#: registers, leaves the others cooperative)
 _state: dict = {"last_path": None, "coop_error": {}, "scratch": {}}
 
 
