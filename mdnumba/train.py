@@ -437,7 +437,7 @@ class Trainer:
     def _keep_unreadable_log(self, path: Path, old: bytes, bad_rows: int, same_header: bool) -> None:
         """Copy a log that has another header or unreadable rows (not written by this run as
         it is: edited, or from another run) aside before :meth:`_open_log` keeps only its rows
-        that fit, and say so."""
+        that fit (none under another header), and say so."""
         spare = path.with_name(f"{path.stem}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}")
         atomic_write_bytes(spare, lambda fh: fh.write(old))
         what = f"{bad_rows} unreadable row{'s' * (bad_rows != 1)}" if same_header else "another header"
