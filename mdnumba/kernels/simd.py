@@ -61,6 +61,29 @@ def tiles_pay(N, W):
 
 
 @intrinsic
+def prefetch_row(typingctx, a, start, stop):
+    """Ask for the cache lines of elements ``start`` and ``stop - 1`` of ``a``'s data (a row
+    that may straddle two lines) for writing (``llvm.prefetch``: a hint, nothing is read or
+    written; no bounds check, the caller's)."""
+    if not isinstance(a, types.Array):
+        return None
+    sig = types.void(a, start, stop)
+
+    def codegen(context, builder, sig, args):
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+        data = cgutils.create_struct_proxy(sig.args[0])(context, builder, value=args[0]).data
+        one = ir.Constant(args[2].type, 1)
+        for index in (args[1], builder.sub(args[2], one)):  # rw = 1 (write), locality 3, data cache
+            ptr = builder.bitcast(builder.gep(data, [index]), i8p)
+            builder.call(fn, [ptr, ir.Constant(i32, 1), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
 def fma_tile(typingctx, c, crow, a, arow, a_cs, b, b0, b_rs, T):
     """``c[crow[i] + n] += Σ_{t<T} a[arow[i] + t·a_cs] · b[b0 + t·b_rs + n]`` for the rows i (4, or
     :data:`TALL_ROWS`: the tuples' length) and the W = :func:`tile_width` columns n: element
