@@ -422,9 +422,9 @@ class Trainer:
         rows = old.split("\n")[1:-1]
         header = "\t".join(columns) + "\n"
         same = old.startswith(header)
-        whole = [r for r, fields in zip(rows, (r.split("\t") for r in rows))
+        whole = [(r, int(fields[0])) for r, fields in zip(rows, (r.split("\t") for r in rows))
                  if len(fields) == len(columns) and fields[0].isdecimal()]
-        keep = [r for r in whole if same and int(r.split("\t", 1)[0]) <= self.step]
+        keep = [r for r, step in whole if same and step <= self.step]
         text = header + "".join(r + "\n" for r in keep)
         if old and (len(whole) < len(rows) or not same):
             self._keep_unreadable_log(path, raw, len(rows) - len(whole), same)
