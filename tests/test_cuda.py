@@ -1352,3 +1352,41 @@ def test_gpu_shards_follow_the_compute_mode(tmp_path, monkeypatch):
         smi.write_text(f"#!/bin/sh\nprintf '{modes}\\n'\n")
         smi.chmod(0o755)
         assert _gpu_shards() == want, modes
+
+
+def test_cooperative_grid_limit_is_asked_once_per_kernel_types_block_and_device(monkeypatch):
+    """On a GPU the co-residency limit is remembered: typing the arguments and asking the driver
+    at every sweep would cost tens of µs a step. A fake kernel stands in for a compiled one."""
+    from types import SimpleNamespace
+
+    from mdnumba.kernels import wavefront_cuda as gpu
+
+    asked = []
+
+    class Kernel:
+        def typeof_pyval(self, a):
+            return (a.dtype.str, a.ndim, a.flags["C_CONTIGUOUS"]) if hasattr(a, "dtype") else type(a)
+
+        def compile(self, types):
+            limit = 2 * len(asked) + 4
+            return SimpleNamespace(max_cooperative_grid_blocks=lambda tpb, shmem: asked.append(
+                (types, tpb, shmem)) or (0 if tpb > 1024 else limit))
+
+    device = SimpleNamespace(id=0)
+    monkeypatch.setattr(gpu, "SIMULATOR", False)
+    monkeypatch.setattr(gpu, "cuda", SimpleNamespace(get_current_device=lambda: device))
+    monkeypatch.setitem(gpu._state, "coop_limit", {})
+    kernel, a = Kernel(), np.zeros((4, 6), np.float32)
+    assert [gpu._coop_grid(kernel, (a, 3), 128, 0, 100) for _ in range(3)] == [4, 4, 4]
+    assert gpu._coop_grid(kernel, (np.ones((4, 6), np.float32), 5), 128, 0, 3) == 3  # same types
+    assert len(asked) == 1
+    for args, tpb, shmem in [((a.astype(np.float64), 3), 128, 0), ((a[:, ::2], 3), 128, 0),
+                             ((a[0], 3), 128, 0), ((a, 3.0), 128, 0), ((a, 3), 256, 0), ((a, 3), 128, 64)]:
+        n = len(asked)
+        assert gpu._coop_grid(kernel, args, tpb, shmem, 100) == 2 * n + 4  # asked anew
+        assert gpu._coop_grid(kernel, args, tpb, shmem, 100) == 2 * n + 4 and len(asked) == n + 1
+    device.id = 1  # another GPU: asked anew
+    assert gpu._coop_grid(kernel, (a, 3), 128, 0, 100) == 2 * 7 + 4 and len(asked) == 8
+    assert gpu._coop_grid(Kernel(), (a, 3), 128, 0, 100) == 2 * 8 + 4  # another kernel too
+    with pytest.raises(RuntimeError, match="cannot be resident with 2048 threads and 0 B"):
+        gpu._coop_grid(kernel, (a, 3), 2048, 0, 100)

@@ -94,8 +94,9 @@ GATE_CHUNK = 6
 
 #: "coop_error": why a cooperative launch failed on the 'auto' path, per sweep kernel (``id``),
 #: block shape, shared memory and dtypes (one that cannot be resident, e.g. float64 with more
-#: registers, leaves the others cooperative)
-_state: dict = {"last_path": None, "coop_error": {}, "scratch": {}}
+#: registers, leaves the others cooperative); "coop_limit": the co-residency limit per kernel,
+#: argument types, block shape, shared memory and device (:func:`_coop_grid`)
+_state: dict = {"last_path": None, "coop_error": {}, "coop_limit": {}, "scratch": {}}
 
 
 # ---------------------------------------------------------------- device functions
@@ -905,13 +906,30 @@ def _use_shared(W, use_shared: bool | None) -> bool:
     return bool(use_shared)
 
 
+def _arg_key(a) -> tuple:
+    """What of an argument selects the compiled kernel: dtype, rank, layout (else its type)."""
+    if hasattr(a, "dtype") and hasattr(a, "flags"):
+        return a.dtype.str, a.ndim, bool(a.flags["C_CONTIGUOUS"])
+    return (type(a),)
+
+
+def _coop_limit(kernel, args, tpb: int, shmem: int) -> int:
+    """Blocks of ``tpb`` threads and ``shmem`` B that can be resident at once, for the kernel
+    compiled for ``args``; on a GPU remembered per kernel, argument types, block and device
+    (typing a dozen arguments and asking the driver costs tens of µs, paid once, not per sweep)."""
+    if SIMULATOR:  # cheap, and tests/simgrid.py changes it between cases
+        return kernel.overloads[None].max_cooperative_grid_blocks(tpb)
+    key = (id(kernel), tpb, shmem, cuda.get_current_device().id, *map(_arg_key, args))
+    limit = _state["coop_limit"].get(key)
+    if limit is None:
+        compiled = kernel.compile(tuple(kernel.typeof_pyval(a) for a in args))
+        limit = _state["coop_limit"][key] = compiled.max_cooperative_grid_blocks(tpb, shmem)
+    return limit
+
+
 def _coop_grid(kernel, args, tpb: int, shmem: int, needed_blocks: int) -> int:
     """Blocks for a cooperative launch: co-residency limit ∧ work ∧ :data:`COOP_MAX_BLOCKS`."""
-    if SIMULATOR:
-        limit = kernel.overloads[None].max_cooperative_grid_blocks(tpb)
-    else:
-        compiled = kernel.compile(tuple(kernel.typeof_pyval(a) for a in args))
-        limit = compiled.max_cooperative_grid_blocks(tpb, shmem)
+    limit = _coop_limit(kernel, args, tpb, shmem)
     if limit < 1:
         raise RuntimeError(f"cooperative kernel cannot be resident with {tpb} threads and {shmem} B "
                            "of shared memory per block")
