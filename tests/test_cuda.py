@@ -1356,7 +1356,7 @@ def test_gpu_shards_follow_the_compute_mode(tmp_path, monkeypatch):
 
 def test_cooperative_grid_limit_is_asked_once_per_kernel_types_block_and_device(monkeypatch):
     """On a GPU the co-residency limit is remembered: typing the arguments and asking the driver
-    at every sweep would cost tens of µs a step. A fake kernel stands in for a compiled one."""
+    at every sweep would cost ~20 µs a sweep. A fake kernel stands in for a compiled one."""
     from types import SimpleNamespace
 
     from mdnumba.kernels import wavefront_cuda as gpu
@@ -1365,12 +1365,16 @@ def test_cooperative_grid_limit_is_asked_once_per_kernel_types_block_and_device(
 
     class Kernel:
         def typeof_pyval(self, a):
-            return (a.dtype.str, a.ndim, a.flags["C_CONTIGUOUS"]) if hasattr(a, "dtype") else type(a)
+            return getattr(a, "_numba_type_", None) or getattr(a, "dtype", type(a))
 
         def compile(self, types):
-            limit = 2 * len(asked) + 4
+            limit = 4 + len(asked)  # another answer each time it is asked
             return SimpleNamespace(max_cooperative_grid_blocks=lambda tpb, shmem: asked.append(
                 (types, tpb, shmem)) or (0 if tpb > 1024 else limit))
+
+    class DeviceArray:  # numba-cuda's device arrays carry their numba type
+        def __init__(self, numba_type):
+            self._numba_type_ = numba_type
 
     device = SimpleNamespace(id=0)
     monkeypatch.setattr(gpu, "SIMULATOR", False)
@@ -1380,13 +1384,15 @@ def test_cooperative_grid_limit_is_asked_once_per_kernel_types_block_and_device(
     assert [gpu._coop_grid(kernel, (a, 3), 128, 0, 100) for _ in range(3)] == [4, 4, 4]
     assert gpu._coop_grid(kernel, (np.ones((4, 6), np.float32), 5), 128, 0, 3) == 3  # same types
     assert len(asked) == 1
-    for args, tpb, shmem in [((a.astype(np.float64), 3), 128, 0), ((a[:, ::2], 3), 128, 0),
-                             ((a[0], 3), 128, 0), ((a, 3.0), 128, 0), ((a, 3), 256, 0), ((a, 3), 128, 64)]:
-        n = len(asked)
-        assert gpu._coop_grid(kernel, args, tpb, shmem, 100) == 2 * n + 4  # asked anew
-        assert gpu._coop_grid(kernel, args, tpb, shmem, 100) == 2 * n + 4 and len(asked) == n + 1
-    device.id = 1  # another GPU: asked anew
-    assert gpu._coop_grid(kernel, (a, 3), 128, 0, 100) == 2 * 7 + 4 and len(asked) == 8
-    assert gpu._coop_grid(Kernel(), (a, 3), 128, 0, 100) == 2 * 8 + 4  # another kernel too
+    others = [((a.astype(np.float64), 3), 128, 0), ((a[:, ::2], 3), 128, 0), ((a[0], 3), 128, 0),
+              ((a, 3.0), 128, 0), ((a, True), 128, 0), ((DeviceArray("f4 2d C"), 3), 128, 0),
+              ((DeviceArray("f8 2d C"), 3), 128, 0), ((a, 3), 256, 0), ((a, 3), 128, 64)]
+    for n, (args, tpb, shmem) in enumerate(others, start=1):
+        assert [gpu._coop_grid(kernel, args, tpb, shmem, 100) for _ in range(2)] == [4 + n] * 2
+        assert len(asked) == n + 1  # asked anew, once
+    assert gpu._coop_grid(kernel, (DeviceArray("f4 2d C"), 7), 128, 0, 100) == 10  # as before
+    device.id = 1  # another GPU, another kernel: asked anew
+    assert gpu._coop_grid(kernel, (a, 3), 128, 0, 100) == 14
+    assert gpu._coop_grid(Kernel(), (a, 3), 128, 0, 100) == 15 and len(asked) == 12
     with pytest.raises(RuntimeError, match="cannot be resident with 2048 threads and 0 B"):
         gpu._coop_grid(kernel, (a, 3), 2048, 0, 100)

@@ -906,11 +906,15 @@ def _use_shared(W, use_shared: bool | None) -> bool:
     return bool(use_shared)
 
 
-def _arg_key(a) -> tuple:
-    """What of an argument selects the compiled kernel: dtype, rank, layout (else its type)."""
-    if hasattr(a, "dtype") and hasattr(a, "flags"):
-        return a.dtype.str, a.ndim, bool(a.flags["C_CONTIGUOUS"])
-    return (type(a),)
+def _arg_key(a) -> object:
+    """What of an argument selects the compiled kernel: a device array's numba type (which
+    numba-cuda keeps on the array), a NumPy array's dtype, rank and layout, else its type."""
+    numba_type = getattr(a, "_numba_type_", None)
+    if numba_type is not None:
+        return numba_type
+    if isinstance(a, np.ndarray):
+        return a.dtype.str, a.ndim, a.flags.c_contiguous
+    return type(a)
 
 
 def _coop_limit(kernel, args, tpb: int, shmem: int) -> int:
