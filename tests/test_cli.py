@@ -104,7 +104,7 @@ def test_predict_writes_the_models_probabilities(runner, tmp_path):
                                Trainer.load(tmp_path / "run").predict((x > 0.5).astype(np.float32)))
 
 
-def test_predict_refusals(runner, tmp_path):
+def test_predict_refusals(runner, tmp_path, monkeypatch):
     assert train(runner, tmp_path / "run").exit_code == 0
     x = np.random.default_rng(0).random((2, 4, 4, 1))
     bad_nan = x.copy()
@@ -117,7 +117,7 @@ def test_predict_refusals(runner, tmp_path):
     (tmp_path / "t.npy").write_text("not numpy")
     (tmp_path / "x.npy").write_bytes((tmp_path / "x3.npy").read_bytes())
     run = str(tmp_path / "run")
-    for args, message in [
+    for case, (args, message) in enumerate([
             ([run, "x3.npy"], "INPUT must have 4 dimensions (batch, height, width, 1) of the diagonal task, "
                               "got shape (2, 4, 4)"),
             ([run, "x2c.npy"], "INPUT has 2 channels in its last axis, the layer expects 1"),
@@ -132,14 +132,16 @@ def test_predict_refusals(runner, tmp_path):
             ([run, "x.npy", "--out", "no/p.npy"], "its folder no does not exist"),
             ([run, "x.npy", "--out", ""], "'--out': is empty"),
             ([run, "x.npy", "--out", "."], "is a directory"),
-            ([str(tmp_path / "none"), "x.npy"], "no checkpoint")]:
+            ([str(tmp_path / "none"), "x.npy"], "no checkpoint")]):
         out = ["--out", "p.npy"] if "--out" not in args else []
-        with runner.isolated_filesystem(temp_dir=tmp_path) as cwd:
-            for f in tmp_path.glob("*.np?"):
-                os.symlink(f, os.path.join(cwd, f.name))
-            res = runner.invoke(main, ["predict", *args, *out])
-            assert res.exit_code in (1, 2) and message in res.output, (args, res.output)
-            assert not os.path.exists("p.npy")
+        cwd = tmp_path / f"case{case}"  # a folder of its own holding the inputs, as the working one
+        cwd.mkdir()
+        for f in tmp_path.glob("*.np?"):
+            os.symlink(f, cwd / f.name)
+        monkeypatch.chdir(cwd)
+        res = runner.invoke(main, ["predict", *args, *out])
+        assert res.exit_code in (1, 2) and message in res.output, (args, res.output)
+        assert not os.path.exists("p.npy")
     fifo = tmp_path / "fifo.npy"
     os.mkfifo(fifo)  # --overwrite's atomic rename would have put a file in the FIFO's place
     res = runner.invoke(main, ["predict", run, str(tmp_path / "x.npy"), "--out", str(fifo), "--overwrite"])
