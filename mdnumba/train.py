@@ -499,7 +499,7 @@ class Trainer:
                 tr._set_params(k, src)
             tr.opt.load_state_dict({"t": meta["adam_t"], "m": [arrays[f"adam_m_{k}"] for k in range(n)],
                                     "v": [arrays[f"adam_v_{k}"] for k in range(n)]})
-            tr.rng.bit_generator.state = meta["rng"]
+            tr.rng.bit_generator.state = _checked_rng_state(meta["rng"], tr.rng.bit_generator.state)
             tr.step = tr.saved_step = check_count(meta["step"], "its step")
         except CheckpointError:
             raise
@@ -545,6 +545,24 @@ class Trainer:
             for k, v in self.task.metrics(prob, loss, batch).items():
                 totals[k] = totals.get(k, 0.0) + v / batches
         return totals
+
+
+def _checked_rng_state(state: object, like: dict, where: str = "RNG state") -> object:
+    """``state`` if it has ``like``'s layout (a fresh generator's state) with integers in
+    0 ≤ n < 2**128 (``has_uint32`` 0 or 1), else ValueError: NumPy 1.x wraps a negative
+    one with only a warning, and every version takes any ``has_uint32``."""
+    if isinstance(like, dict):
+        if not isinstance(state, dict) or state.keys() != like.keys():
+            raise ValueError(f"{where} is not laid out as a {like.get('bit_generator')} state")
+        for key, value in like.items():
+            _checked_rng_state(state[key], value, f"{where} {key!r}")
+    elif isinstance(like, int):
+        top = 2 if where.endswith("'has_uint32'") else 2 ** 128
+        if type(state) is not int or not 0 <= state < top:
+            raise ValueError(f"{where} must be an integer from 0 to {top - 1}, got {state!r}")
+    elif state != like:
+        raise ValueError(f"{where} is {state!r}, not {like!r}")
+    return state
 
 
 def _check_config_copy(folder: Path, meta: dict) -> None:

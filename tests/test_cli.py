@@ -553,7 +553,12 @@ def test_a_hand_edited_checkpoint_config_is_reported(runner, tmp_path, trained_r
 
 @pytest.mark.parametrize("edit,message", [
     (lambda arrays, meta: meta.update(adam_t=10 ** 400), "optimizer state step t must be an integer"),
-    (lambda arrays, meta: meta["rng"]["state"].update(state=-1), "damaged"),
+    (lambda arrays, meta: meta["rng"]["state"].update(state=-1), "damaged"),  # NumPy 1.x wrapped it
+    (lambda arrays, meta: meta["rng"].update(has_uint32=-1),
+     "damaged or from another version (RNG state 'has_uint32' must be an integer from 0 to 1, got -1)"),
+    (lambda arrays, meta: meta["rng"].update(bit_generator="MT19937"),
+     "(RNG state 'bit_generator' is 'MT19937', not 'PCG64')"),
+    (lambda arrays, meta: meta["rng"].pop("uinteger"), "(RNG state is not laid out as a PCG64 state)"),
     (lambda arrays, meta: arrays.update(param_0=np.full(arrays["param_0"].shape, 1e39)),
      "layer 0's weights hold NaN or infinite values (in float32)"),  # finite in float64 only
     (lambda arrays, meta: arrays.update(param_0=arrays["param_0"][None]),
