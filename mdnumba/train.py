@@ -547,17 +547,21 @@ class Trainer:
         return totals
 
 
-def _checked_rng_state(state: object, like: dict, where: str = "RNG state") -> object:
+#: bounds of the integers in a PCG64 state other than the 128-bit ``state`` and ``inc``
+_RNG_INT_TOP = {"has_uint32": 2, "uinteger": 2 ** 32}
+
+
+def _checked_rng_state(state: object, like: object, where: str = "RNG state", key: str = "") -> object:
     """``state`` if it has ``like``'s layout (a fresh generator's state) with integers in
-    0 ≤ n < 2**128 (``has_uint32`` 0 or 1), else ValueError: NumPy 1.x wraps a negative
+    range (0 ≤ n < 2**128, :data:`_RNG_INT_TOP`), else ValueError: NumPy 1.x wraps a negative
     one with only a warning, and every version takes any ``has_uint32``."""
     if isinstance(like, dict):
         if not isinstance(state, dict) or state.keys() != like.keys():
             raise ValueError(f"{where} is not laid out as a {like.get('bit_generator')} state")
-        for key, value in like.items():
-            _checked_rng_state(state[key], value, f"{where} {key!r}")
+        for k, value in like.items():
+            _checked_rng_state(state[k], value, f"{where} {k!r}", k)
     elif isinstance(like, int):
-        top = 2 if where.endswith("'has_uint32'") else 2 ** 128
+        top = _RNG_INT_TOP.get(key, 2 ** 128)
         if type(state) is not int or not 0 <= state < top:
             raise ValueError(f"{where} must be an integer from 0 to {top - 1}, got {state!r}")
     elif state != like:

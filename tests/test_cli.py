@@ -559,6 +559,8 @@ def test_a_hand_edited_checkpoint_config_is_reported(runner, tmp_path, trained_r
     (lambda arrays, meta: meta["rng"].update(bit_generator="MT19937"),
      "(RNG state 'bit_generator' is 'MT19937', not 'PCG64')"),
     (lambda arrays, meta: meta["rng"].pop("uinteger"), "(RNG state is not laid out as a PCG64 state)"),
+    (lambda arrays, meta: meta["rng"].update(uinteger=2 ** 32),
+     "(RNG state 'uinteger' must be an integer from 0 to 4294967295, got 4294967296)"),
     (lambda arrays, meta: arrays.update(param_0=np.full(arrays["param_0"].shape, 1e39)),
      "layer 0's weights hold NaN or infinite values (in float32)"),  # finite in float64 only
     (lambda arrays, meta: arrays.update(param_0=arrays["param_0"][None]),
