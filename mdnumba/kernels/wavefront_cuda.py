@@ -92,10 +92,10 @@ ROWS_PER_THREAD: int = max(1, config.CUDA_ROWS_PER_THREAD)
 #: gate blocks a forward thread accumulates at once (N + 3 <= 6, i.e. N <= 3: one pass)
 GATE_CHUNK = 6
 
-#: "coop_error": why a cooperative launch failed on the 'auto' path, per sweep kernel (``id``),
-#: block shape, shared memory and dtypes (one that cannot be resident, e.g. float64 with more
-#: registers, leaves the others cooperative); "coop_limit": the co-residency limit per kernel,
-#: argument types, block shape, shared memory and device (:func:`_coop_grid`)
+#: "coop_error": why a cooperative launch failed on the 'auto' path, per sweep kernel, block
+#: shape, shared memory and argument types (:func:`_launch_key`; one that cannot be resident,
+#: e.g. float64 with more registers, leaves the others cooperative); "coop_limit": the
+#: co-residency limit per the same and device (:func:`_coop_limit`)
 _state: dict = {"last_path": None, "coop_error": {}, "coop_limit": {}, "scratch": {}}
 
 
@@ -917,13 +917,19 @@ def _arg_key(a) -> object:
     return type(a)
 
 
+def _launch_key(kernel, args, tpb: int, shmem: int) -> tuple:
+    """A kernel launch's kernel, block shape, shared memory and argument types (:func:`_arg_key`):
+    what the cooperative grid's limit and a failed cooperative launch are remembered by."""
+    return (id(kernel), tpb, shmem, *map(_arg_key, args))
+
+
 def _coop_limit(kernel, args, tpb: int, shmem: int) -> int:
     """Blocks of ``tpb`` threads and ``shmem`` B that can be resident at once, for the kernel
     compiled for ``args``; on a GPU remembered per kernel, argument types, block and device
     (typing a dozen arguments and asking the driver costs tens of µs, paid once, not per sweep)."""
     if SIMULATOR:  # cheap, and tests/simgrid.py changes it between cases
         return kernel.overloads[None].max_cooperative_grid_blocks(tpb)
-    key = (id(kernel), tpb, shmem, cuda.get_current_device().id, *map(_arg_key, args))
+    key = (*_launch_key(kernel, args, tpb, shmem), cuda.get_current_device().id)
     limit = _state["coop_limit"].get(key)
     if limit is None:
         compiled = kernel.compile(tuple(kernel.typeof_pyval(a) for a in args))
@@ -954,7 +960,7 @@ def _sweep(coop, diag, args, diag_off_host, rows_per_cell: int, D: int, shmem: i
         raise ValueError(f"path (or MDNUMBA_CUDA_PATH) must be one of {PATHS}, got {path!r}")
     items = np.diff(diag_off_host) * rows_per_cell * D
     K = len(items)
-    key = (id(coop), tpb, shmem, *(str(a.dtype) for a in args if hasattr(a, "dtype")))
+    key = _launch_key(coop, args, tpb, shmem)
     failed = _state["coop_error"].get(key)
     if path != "per-diagonal" and not (path == "auto" and failed):
         try:
