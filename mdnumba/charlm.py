@@ -1,7 +1,8 @@
 """Character-level language modelling: corpus, embedding, dropout, softmax loss, grid/stacked models.
 
 Kalchbrenner et al. 2015 compare a 2D Grid LSTM (time x depth, weights tied along
-depth, depth prioritised) with a stacked LSTM on next-character prediction. Both
+depth) with a stacked LSTM on next-character prediction; the grid here is depth prioritised
+(:class:`mdnumba.layers.GridLSTM2D`), as in the public Torch reproduction. Both
 models here share the head: ``Embedding(V, D)`` → dropout → recurrent core →
 dropout → ``Linear(D, V)`` → softmax; dropout acts on the non-recurrent connections
 only (training mode: a generator is passed to ``forward``).

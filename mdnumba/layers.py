@@ -62,7 +62,7 @@ class WavefrontLSTM(OwnsParams):
     along dimension d), ``b (G,)``, ``G = (N+3)*D`` gate columns; with S > 1 each
     gets a leading direction axis (``W (S, C, G)`` ...).
 
-    ``cell``: "graves" (``[i | f_1..f_N | o | g]``, c = i·g + Σ f_d·c_d,
+    ``cell``: "graves" (Graves 2007 without peepholes: ``[i | f_1..f_N | o | g]``, c = i·g + Σ f_d·c_d,
     h = o·tanh c), "stable" (Leifert et al. 2016: ``[i | f | l_1..l_{N-1} | o | g]``,
     c = i·g + f·Σ w_d·c_d with w = softmax(l, 0): a convex mix, bounded state) or
     "spatial" (Theis & Bethge 2015: graves with h = tanh(c·o)); equations in

@@ -14,7 +14,7 @@ parent along dimension d is row ``base + parent[s, d]*B + b`` (absent: h = c = 0
 ``act`` holds N+3 gate blocks of D columns; unit j uses column ``blk*D + j``.
 The ``cell`` argument is an int code (:data:`CELLS`):
 
-- ``GRAVES`` (Graves 2007), blocks ``[i | f_1..f_N | o | g]``:
+- ``GRAVES`` (Graves 2007, without its peephole weights from c), blocks ``[i | f_1..f_N | o | g]``:
   ``c = σ(a_i)·tanh(a_g) + Σ_d σ(a_fd)·c_d``, ``h = σ(a_o)·tanh(c)``.
 - ``STABLE`` (Leifert et al. 2016), blocks ``[i | f | l_1..l_{N-1} | o | g]``:
   ``w = softmax(l_1, .., l_{N-1}, 0)``, ``c = σ(a_i)·tanh(a_g) + σ(a_f)·Σ_d w_d·c_d``,
