@@ -245,9 +245,20 @@ class RMSprop(Adam):
 
     def __init__(self, layers_or_params: object, lr: float = 1e-3, rho: float = 0.95, eps: float = 1e-8,
                  clip_norm: float | None = None):
-        if not 0 <= check_finite_number(rho, "rho") < 1:
-            raise ValueError(f"rho must be a number in [0, 1), got {rho}")
-        super().__init__(layers_or_params, lr=lr, betas=(0.0, rho), eps=eps, clip_norm=clip_norm)
+        self.rho = rho
+        super().__init__(layers_or_params, lr=lr, betas=self.betas, eps=eps, clip_norm=clip_norm)
+
+    @property
+    def rho(self) -> float:
+        """ρ, the decay of the mean square: ``betas[1]`` (``betas[0]`` stays 0); may be changed
+        between steps like ``lr`` and is checked when set."""
+        return self.betas[1]
+
+    @rho.setter
+    def rho(self, value: float) -> None:
+        if not 0 <= check_finite_number(value, "rho") < 1:
+            raise ValueError(f"rho must be a number in [0, 1), got {value}")
+        self.betas = (0.0, value)
 
     _update = staticmethod(rmsprop_update)
 

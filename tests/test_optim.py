@@ -133,6 +133,23 @@ def test_settings_are_checked_when_set_later_too(name, value, exc, match):
     assert (opt.lr, opt.clip_norm, opt.betas) == (0.5, None, (0.8, 0.9))
 
 
+def test_rmsprop_rho_is_checked_and_used_when_changed_later():
+    """``opt.rho = ...`` between steps (a schedule) changes the decay the next step uses, and a
+    bad value is refused as in the constructor (it used to be a plain attribute nothing read)."""
+    p, g = np.zeros(2), np.array([0.3, -0.4])
+    opt = RMSprop([(p, g)], lr=0.1, rho=0.9)
+    for bad, exc in ((1.0, ValueError), (-0.1, ValueError), (float("nan"), ValueError), ("0.5", TypeError)):
+        with pytest.raises(exc, match="rho"):
+            opt.rho = bad
+        with pytest.raises(exc, match="rho"):
+            RMSprop([(p, g)], rho=bad)
+    assert opt.rho == 0.9 and opt.betas == (0.0, 0.9)
+    opt.rho = 0.5
+    opt.step()
+    np.testing.assert_allclose(opt.v[0], 0.5 * g**2)
+    assert opt.rho == 0.5 and opt.betas == (0.0, 0.5)
+
+
 @pytest.mark.parametrize("kind", [Adam, RMSprop])
 def test_a_gradient_below_clip_norm_is_not_scaled(kind):
     """clip_norm only ever scales down: a gradient of norm 0.5 under clip_norm 10 updates exactly
