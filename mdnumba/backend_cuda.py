@@ -643,6 +643,11 @@ class _DeviceOptimizer:
         super().load_state_dict(state)
 
     @staticmethod
+    def _as_1d(a):
+        """Device buffers are 1-D already (flat ``params``/``grads``)."""
+        return a
+
+    @staticmethod
     def _zeros_like(p):
         from numba import cuda
         return cuda.to_device(np.zeros(p.shape, p.dtype))

@@ -82,7 +82,7 @@ def collect_buffers(obj: object) -> list[tuple[np.ndarray, np.ndarray]]:
             raise ValueError("parameter and gradient arrays must be C-contiguous")
         if not p.flags.writeable:
             raise ValueError("the parameter array is read-only; the optimiser updates it in place")
-        return [(p.reshape(-1), g.reshape(-1))]
+        return [(p, g)]  # not reshape(-1) views: a deepcopy or pickle with the stage keeps them linked
     if isinstance(obj, (list, tuple)):
         out = []
         for item in obj:
@@ -128,6 +128,15 @@ def _betas(value: object, name: str) -> tuple[float, float]:
     return float(pair[0]), float(pair[1])
 
 
+def _no_first_moment(value: object, name: str) -> tuple[float, float]:
+    """RMSprop's betas: ``(0, ρ)`` (it keeps no first moment, so a β1 would do nothing)."""
+    b1, rho = _betas(value, name)
+    if b1 != 0.0:
+        raise ValueError(f"RMSprop keeps no first moment: {name}[0] must be 0, got {b1}; "
+                         f"its decay is rho ({name}[1])")
+    return b1, rho
+
+
 class _Setting:
     """An optimiser setting checked whenever it is set, in ``__init__`` and later (a schedule
     changing ``lr``, a new ``clip_norm``): ``check(value, name)`` returns what is stored."""
@@ -170,8 +179,8 @@ class Adam:
             raise ValueError(f"{type(self).__name__} got no parameters")
         check_distinct(self.buffers)
         self.t = 0
-        self.m = [self._zeros_like(p) for p, _ in self.buffers]
-        self.v = [self._zeros_like(p) for p, _ in self.buffers]
+        self.m = [self._zeros_like(self._as_1d(p)) for p, _ in self.buffers]
+        self.v = [self._zeros_like(self._as_1d(p)) for p, _ in self.buffers]
 
     # Per-buffer primitives; a device twin (backend_cuda.CudaAdam) overrides them.
     _collect = staticmethod(collect_buffers)
@@ -181,9 +190,15 @@ class Adam:
     _to_host = staticmethod(np.copy)
     _assign = staticmethod(np.copyto)
 
+    @staticmethod
+    def _as_1d(a):
+        """A buffer as 1-D (a view; the buffers are C-contiguous). Made at each use: the optimiser
+        keeps the arrays it was given, so that copies of it and of its stages stay linked."""
+        return a.reshape(-1)
+
     def grad_norm(self) -> float:
         """Global L2 norm of all gradients."""
-        return math.sqrt(sum(self._sum_of_squares(g) for _, g in self.buffers))
+        return math.sqrt(sum(self._sum_of_squares(self._as_1d(g)) for _, g in self.buffers))
 
     def step(self) -> float:
         """Apply one update; return the (pre-clipping) global gradient norm."""
@@ -203,7 +218,7 @@ class Adam:
         b1, b2 = self.betas
         bc1, bc2 = 1.0 - b1**self.t, 1.0 - b2**self.t
         for (p, g), m, v in zip(self.buffers, self.m, self.v):
-            self._update(p, g, m, v, self.lr, b1, b2, self.eps, bc1, bc2, scale)
+            self._update(self._as_1d(p), self._as_1d(g), m, v, self.lr, b1, b2, self.eps, bc1, bc2, scale)
 
     def state_dict(self) -> dict:
         """Moments, step count and the optimiser's kind (for checkpoints), as host values."""
@@ -242,6 +257,7 @@ class RMSprop(Adam):
     """
 
     kind = "rmsprop"
+    betas = _Setting(_no_first_moment)
 
     def __init__(self, layers_or_params: object, lr: float = 1e-3, rho: float = 0.95, eps: float = 1e-8,
                  clip_norm: float | None = None):

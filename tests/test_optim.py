@@ -133,6 +133,44 @@ def test_settings_are_checked_when_set_later_too(name, value, exc, match):
     assert (opt.lr, opt.clip_norm, opt.betas) == (0.5, None, (0.8, 0.9))
 
 
+class ArrayStage:
+    """A stage of the user's: ``params`` and ``grads`` are plain arrays (module level: picklable)."""
+
+    def __init__(self, params, grads):
+        self.params, self.grads = params, grads
+
+
+def test_rmsprop_refuses_a_first_moment_decay():
+    """RMSprop keeps no first moment: a β1 in ``betas`` would do nothing, so it is refused."""
+    opt = RMSprop(LSTM1D(2, 3))
+    with pytest.raises(ValueError, match=r"no first moment: betas\[0\] must be 0, got 0.9"):
+        opt.betas = (0.9, 0.8)
+    opt.betas = (0.0, 0.8)
+    assert opt.rho == 0.8
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("shape", [(4,), (2, 3)])
+def test_copies_of_an_optimiser_over_arrays_update_the_copied_arrays(how, shape):
+    """A stage with array ``params`` (and a bare (param, grad) pair) copied with its optimiser:
+    the copied optimiser updates the copied arrays and reads the copied gradients (it kept
+    reshape views, which a copy cut loose from the arrays they viewed)."""
+    import copy
+    import pickle
+
+    stage = ArrayStage(np.ones(shape), np.full(shape, 0.5))
+    pair = (np.ones(shape), np.full(shape, 0.5))
+    bundle = (stage, pair, Adam([stage, pair], lr=0.1))
+    copied = copy.deepcopy(bundle) if how == "deepcopy" else pickle.loads(pickle.dumps(bundle))
+    twin, twin_pair, twin_opt = copied
+    twin.grads[...] = -1.0  # the copied gradients: the update must follow them
+    twin_opt.step()
+    np.testing.assert_allclose(twin.params, 1.1)
+    np.testing.assert_allclose(twin_pair[0], 0.9)
+    np.testing.assert_array_equal(stage.params, 1.0)  # the original did not move
+    assert twin_opt.m[0].shape == (int(np.prod(shape)),)  # moments stay flat (checkpoint layout)
+
+
 def test_rmsprop_rho_is_checked_and_used_when_changed_later():
     """``opt.rho = ...`` between steps (a schedule) changes the decay the next step uses, and a
     bad value is refused as in the constructor (it used to be a plain attribute nothing read)."""
