@@ -6,7 +6,10 @@ import numpy as np
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
-    """σ(z) computed without overflow warnings."""
+    """σ(z) computed without overflow warnings, in z's float type (float64 for integers)."""
+    z = np.asarray(z)
+    if not np.issubdtype(z.dtype, np.floating):
+        z = z.astype(np.float64)
     out = np.empty_like(z)
     pos = z >= 0
     out[pos] = 1.0 / (1.0 + np.exp(-z[pos]))
@@ -15,8 +18,19 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     return out
 
 
+def _same_shape(z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(z, y)`` as arrays; ValueError unless their shapes are equal (NumPy would broadcast a
+    (B,) target against (B, 1) logits into a (B, B) loss, a wrong number without an error)."""
+    z, y = np.asarray(z), np.asarray(y)
+    if z.shape != y.shape:
+        raise ValueError(f"targets y of shape {y.shape} do not match the logits z of shape {z.shape}; "
+                         "give one target per logit (reshape y, e.g. y.reshape(z.shape))")
+    return z, y
+
+
 def mse_sigmoid(z: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
     """L = mean((σ(z) − y)²); dL/dz = 2(p − y)·p(1 − p) / n. Returns (L, dL/dz, p)."""
+    z, y = _same_shape(z, y)
     p = sigmoid(z)
     err = p - y
     loss = float(np.mean(err.astype(np.float64) ** 2))
@@ -25,6 +39,7 @@ def mse_sigmoid(z: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray, np.nda
 
 def bce_logits(z: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
     """L = mean(softplus(z) − y·z) (binary cross-entropy of σ(z)); dL/dz = (p − y)/n."""
+    z, y = _same_shape(z, y)
     p = sigmoid(z)
     z64 = z.astype(np.float64)
     loss = float(np.mean(np.logaddexp(0.0, z64) - y * z64))

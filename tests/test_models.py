@@ -5,7 +5,7 @@ import pytest
 from gradcheck import assert_grad_close, check_layer_gradients, numeric_grad
 
 from mdnumba.layers import Linear
-from mdnumba.losses import bce_logits, mse_sigmoid
+from mdnumba.losses import bce_logits, mse_sigmoid, sigmoid
 from mdnumba.models import build_model
 
 
@@ -20,6 +20,17 @@ def test_loss_gradients(loss_fn, rng):
     _, dz, p = loss_fn(z, y)
     assert_grad_close(dz, numeric_grad(lambda: loss_fn(z, y)[0], z), name=loss_fn.__name__)
     np.testing.assert_allclose(p, 1 / (1 + np.exp(-z)))
+
+
+@pytest.mark.parametrize("loss_fn", [mse_sigmoid, bce_logits])
+def test_a_loss_refuses_targets_of_another_shape(loss_fn):
+    """A (3,) target against (3, 1) logits would broadcast to a (3, 3) loss: a wrong number."""
+    with pytest.raises(ValueError, match=r"y of shape \(3,\) do not match the logits z of shape \(3, 1\)"):
+        loss_fn(np.zeros((3, 1)), np.ones(3))
+
+
+def test_sigmoid_of_integers_is_a_float():
+    np.testing.assert_allclose(sigmoid(np.array([-2, 0, 3])), 1 / (1 + np.exp(-np.array([-2.0, 0.0, 3.0]))))
 
 
 def test_bce_is_finite_for_extreme_logits():
