@@ -83,8 +83,16 @@ def remove_temp_files(folder: Path, names: tuple[str, ...]) -> None:
 
 
 def save_checkpoint(folder: Path, arrays: dict[str, np.ndarray], meta: dict) -> Path:
-    """Write ``arrays`` and ``meta`` (JSON-serialisable) to ``folder/checkpoint.npz``."""
+    """Write ``arrays`` and ``meta`` (JSON-serialisable) to ``folder/checkpoint.npz``. Refused
+    before anything is written: an array named ``meta`` (the key of ``meta`` itself) and object
+    arrays (:func:`load_checkpoint` reads no pickles, so the checkpoint would be unreadable)."""
     folder = Path(folder)
+    if "meta" in arrays:
+        raise ValueError("a checkpoint array may not be named 'meta' (it holds the metadata); rename it")
+    for name, a in arrays.items():
+        if np.asarray(a).dtype.hasobject:
+            raise TypeError(f"checkpoint array {name!r} holds Python objects, which would not load back "
+                            "(no pickles); give numeric or string arrays")
     meta = dict(meta, format=FORMAT)
     text = json.dumps(meta, indent=2, sort_keys=True)
     payload = dict(arrays, meta=np.array(text))

@@ -343,6 +343,14 @@ def test_checkpoint_files_are_atomic_typed_and_get_the_umasks_mode(tmp_path):
     old = os.umask(0o002)
     try:
         save_checkpoint(tmp_path, {"a": np.zeros(2)}, {"step": 1})
+        # refused before writing: the good checkpoint stays (a "meta" array was overwritten by the
+        # metadata; an object array was written, then unreadable without pickles)
+        objects = np.array({"t": 1}, dtype=object)
+        for arrays, exc, match in (({"meta": np.zeros(1)}, ValueError, "may not be named 'meta'"),
+                                   ({"o": objects}, TypeError, "'o' holds Python objects")):
+            with pytest.raises(exc, match=match):
+                save_checkpoint(tmp_path, arrays, {"step": 2})
+            assert load_checkpoint(tmp_path)[1]["step"] == 1
     finally:
         os.umask(old)
     assert (tmp_path / CHECKPOINT).stat().st_mode & 0o777 == 0o664
