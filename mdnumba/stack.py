@@ -384,8 +384,9 @@ def mdlstm_stack(ndim: int, in_channels: int, hidden: int, *, layers: int = 1, d
         if k and subsample > 1:
             stages.append(BlockSubsample(subsample, ndim, device=device))
             channels = stages[-1].out_channels(channels)
-        # with an int seed, layer k > 0 draws from the stream (seed, k): no other seed's layer
-        # starts with its weights (a bad seed is refused by layer 0, built first)
+        # with an int seed, layer k > 0 draws from the stream (seed, k): no other seed below 2**32
+        # has a layer that starts with its weights (layer 0 of seed 1 + 2**32 reads the words
+        # (1, 1), as layer 1 of seed 1 does); a bad seed is refused by layer 0, built first
         layer_seed = np.random.SeedSequence([seed, k]) if k and isinstance(seed, (int, np.integer)) else seed
         kw = dict(seed=layer_seed, dtype=dtype, cell=cell, directions=directions, device=device)
         if ndim in _NAMED:
