@@ -12,9 +12,9 @@ from __future__ import annotations
 from numba import cuda
 
 from .gridlstm import build_rows
-from .wavefront_cuda import _JIT, _Args, _divmod, _fill_parents, _host_ints, _record, _sweep, _tpb
+from .wavefront_cuda import _JIT, CUDA_MATH, _Args, _divmod, _fill_parents, _host_ints, _record, _sweep, _tpb
 
-_ROWS = build_rows(cuda.jit(device=True))
+_ROWS = build_rows(cuda.jit(device=True), **CUDA_MATH)
 _block_forward = _ROWS["block_forward"]
 _block_backward = _ROWS["block_backward"]
 

@@ -46,6 +46,8 @@ one-off use) or numba device arrays (no copies).
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 from numba import cuda
@@ -100,7 +102,25 @@ _state: dict = {"last_path": None, "coop_error": {}, "coop_limit": {}, "scratch"
 
 
 # ---------------------------------------------------------------- device functions
-_CELL = build(cuda.jit(device=True))
+def _simulated_exp(x):
+    """``exp`` under the simulator: in x's float type, inf past its range (``ln`` of its largest
+    value), as the GPU's ``expf`` / ``exp``. The simulator's own is Python's ``math.exp``: it
+    computes a float32 in float64 (an overflow of float32, e.g. an unshifted softmax's, went
+    unseen) and raises on overflow. (NumPy's ``exp`` of a scalar under ``errstate`` took 7x the
+    simulated layers' time.)"""
+    kind = type(x)
+    if x > (_LN_MAX32 if kind is np.float32 else _LN_MAX64):
+        return kind(math.inf)
+    return kind(math.exp(x))
+
+
+_LN_MAX32, _LN_MAX64 = math.log(float(np.finfo(np.float32).max)), math.log(float(np.finfo(np.float64).max))
+
+
+#: how the CUDA cell math is built (:func:`mdnumba.kernels.cell.build`): the GPU's own ``exp``,
+#: or under the simulator one as faithful to float32 as it
+CUDA_MATH = {"exp": _simulated_exp} if SIMULATOR else {}
+_CELL = build(cuda.jit(device=True), **CUDA_MATH)
 _cell_row_forward = _CELL["row_forward"]
 _cell_row_backward = _CELL["row_backward"]
 
