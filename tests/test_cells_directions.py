@@ -22,7 +22,7 @@ def make(ndim, C, D, **kw):
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("ndim,shape,directions", [
     (2, (2, 3, 4, 2), 1), (2, (2, 3, 2, 1), 4), (3, (2, 2, 3, 2, 2), 1), (3, (1, 2, 2, 2, 1), 8),
-    (1, (2, 5, 2), 2), (4, (3, 2, 1, 2, 2, 1), 1), (4, (1, 2, 1, 2, 1, 1), 16)])
+    (1, (2, 5, 2), 2), (4, (3, 2, 1, 2, 2, 1), 1), (4, (2, 2, 2, 2, 2, 1), 1), (4, (1, 2, 2, 2, 2, 1), 16)])
 @pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-12), (np.float32, 1e-5)])
 def test_match_reference(cell, ndim, shape, directions, dtype, rtol, rng):
     layer = make(ndim, shape[-1], 3, seed=5, dtype=dtype, cell=cell, directions=directions)
@@ -57,14 +57,15 @@ def test_directions_and_3d_finite_differences(ndim, shape, kw, rng):
     (3, (1, 2, 3, 2, 1), 2, {"cell": "spatial"}),
     (3, (1, 2, 2, 2, 1), 1, {"directions": 8, "cell": "spatial"}),
     (3, (1, 2, 2, 2, 1), 1, {"directions": 8, "cell": "stable"}),
-    (4, (2, 2, 1, 2, 2, 1), 2, {"cell": "graves"}),           # N = 4: four forget gates / parents
-    (4, (2, 2, 1, 2, 2, 1), 2, {"cell": "stable"}),           # softmax over three logits and 0
+    (4, (1, 2, 2, 2, 2, 1), 2, {"cell": "graves"}),           # N = 4: four forget gates / parents
+    (4, (1, 2, 2, 2, 2, 1), 2, {"cell": "stable"}),           # softmax over three logits and 0
     (4, (1, 2, 2, 1, 2, 1), 2, {"cell": "spatial"}),
-    (4, (1, 2, 1, 2, 1, 1), 1, {"directions": 16, "cell": "stable"})])
+    (4, (1, 2, 2, 2, 2, 1), 1, {"directions": 16, "cell": "stable"})])
 def test_other_cells_dimensions_and_directions_finite_differences(ndim, shape, hidden, kw, rng):
     """The cell x N x directions combinations the tests above leave out: the stable cell in 1D,
     the spatial cell in 3D, every corner of a 3D grid with the stable and spatial cells, and
-    N = 4 (four parents; the stable cell's softmax over three logits), against central differences."""
+    N = 4 (a 2x2x2x2 grid: its last cell has all four parents; the stable cell's softmax over three
+    logits), against central differences."""
     layer = make(ndim, shape[-1], hidden, seed=4, dtype=np.float64, **kw)
     layer.params.data[...] += rng.standard_normal(layer.params.data.shape) * 0.3
     check_layer_gradients(layer, rng.standard_normal(shape), rng)
