@@ -95,11 +95,14 @@ def test_causality(rng):
 
 
 def test_same_result_with_one_or_two_threads(rng):
+    """Bit-identical on one thread and on two (README: results do not depend on the threads)."""
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one thread only (NUMBA_NUM_THREADS): nothing to compare")
     x = rng.standard_normal((4, 9, 7, 3)).astype(np.float32)
     results = []
     old = numba.get_num_threads()
     try:
-        for n in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+        for n in (1, 2):
             numba.set_num_threads(n)
             layer = MDLSTM2D(3, 8, seed=2)
             y = layer.forward(x)
@@ -107,8 +110,8 @@ def test_same_result_with_one_or_two_threads(rng):
             results.append((y, dx, layer.grads.data.copy()))
     finally:
         numba.set_num_threads(old)
-    for a, b in zip(results[0], results[1]):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    for name, a, b in zip(("h", "dx", "grads"), *results):
+        np.testing.assert_array_equal(a, b, err_msg=name)
 
 
 def test_named_views_share_one_flat_buffer():
