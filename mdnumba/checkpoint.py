@@ -14,6 +14,7 @@ import os
 import re
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -40,8 +41,8 @@ def _umask() -> int:
 
 def atomic_write_bytes(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Call ``write(fileobj)`` on a temp file beside ``path``, fsync, rename over ``path``. An
-    OSError without a file name (a write to a full disk) gets ``path`` as its name. A symlink
-    stays one: its target is replaced."""
+    OSError without a file name (a write to a full disk), or the rename's (which names the
+    hidden temp file), gets ``path`` as its name. A symlink stays one: its target is replaced."""
     path = Path(path).resolve() if Path(path).is_symlink() else Path(path)
     with named_os_errors(path):
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
@@ -51,7 +52,11 @@ def atomic_write_bytes(path: Path, write: Callable[[BinaryIO], None]) -> None:
                 fh.flush()
                 os.fchmod(fh.fileno(), 0o666 & ~_umask())  # mkstemp makes it 0600
                 os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except OSError as exc:
+                exc.filename, exc.filename2 = str(path), None
+                raise
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -96,8 +101,10 @@ def save_checkpoint(folder: Path, arrays: dict[str, np.ndarray], meta: dict) -> 
     meta = dict(meta, format=FORMAT)
     text = json.dumps(meta, indent=2, sort_keys=True)
     payload = dict(arrays, meta=np.array(text))
-    atomic_write_bytes(folder / CHECKPOINT, lambda fh: np.savez(fh, **payload))
+    # the readable copy first: if it cannot be written, the checkpoint is still the previous one
+    # (what an error message says is kept); the other way round only the copy is newer
     atomic_write_bytes(folder / CONFIG_JSON, lambda fh: fh.write(text.encode()))
+    atomic_write_bytes(folder / CHECKPOINT, lambda fh: np.savez(fh, **payload))
     return folder / CHECKPOINT
 
 
@@ -124,9 +131,12 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, np.ndarray], dict]:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
         meta = json.loads(str(arrays.pop("meta")))
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, zlib.error) as exc:
         raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({exc}); "
                               "delete it or use another run folder") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {path} is damaged: its metadata is a JSON "
+                              f"{type(meta).__name__}, not an object; delete it or use another run folder")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an {FORMAT} file (format={meta.get('format')!r}): it was "
                               "not written by this version of mdnumba; train a new run")

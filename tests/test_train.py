@@ -465,3 +465,38 @@ def test_default_checkpoints_also_come_by_time(tmp_path, monkeypatch, seconds, e
     monkeypatch.setattr(Trainer, "save", save)
     make_trainer(TrainConfig(steps=30, checkpoint_every=explicit, **KW), tmp_path).run()
     assert saved == want
+
+
+def test_damaged_checkpoint_metadata_or_compression_is_a_checkpoint_error(tmp_path):
+    """Metadata that is valid JSON but not an object, and damaged deflate data (np.savez_compressed),
+    are CheckpointErrors (they were an AttributeError and a zlib.error)."""
+    import zipfile
+
+    save_checkpoint(tmp_path, {"a": np.zeros(2)}, {"step": 1})
+    path = tmp_path / "checkpoint.npz"
+    np.savez(path, meta=np.array("[1, 2]"))
+    with pytest.raises(CheckpointError, match="its metadata is a JSON list, not an object"):
+        load_checkpoint(tmp_path)
+    np.savez_compressed(path, meta=np.array('{"format": "x"}'), a=np.arange(4096.0))
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo("a.npy")
+    raw = bytearray(path.read_bytes())
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    raw[start + 40:start + 80] = b"\xff" * 40  # inside a.npy's compressed data
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="corrupt or unreadable"):
+        load_checkpoint(tmp_path)
+
+
+def test_a_failed_config_copy_leaves_the_previous_checkpoint(tmp_path):
+    """config.json is written first: if it fails, checkpoint.npz is still the previous step (what
+    the error message says is kept), and the error names config.json, not the hidden temp file."""
+    save_checkpoint(tmp_path, {"a": np.zeros(2)}, {"step": 1})
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "config.json").mkdir()  # the rename over it fails
+    with pytest.raises(OSError) as err:
+        save_checkpoint(tmp_path, {"a": np.ones(2)}, {"step": 2})
+    assert err.value.filename == str(tmp_path / "config.json")
+    arrays, meta = load_checkpoint(tmp_path)
+    assert meta["step"] == 1 and not arrays["a"].any()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.npz", "config.json"]  # no temp files
