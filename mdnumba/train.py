@@ -689,10 +689,9 @@ def make_trainer(cfg: TrainConfig, out: Path | None = None, restore: dict | None
     metadata of a checkpoint being resumed (the char-LM trainer takes its vocabulary and
     last validation metrics; ``read_text=False``: it does not read the text)."""
     if cfg.task == "char-lm":
-        from .train_charlm import CharLMTrainer
-        restore = restore or {}
-        return CharLMTrainer(cfg, out, vocab=restore.get("vocab"), val=restore.get("val"),
-                             read_text=read_text)
+        from .train_charlm import CharLMTrainer, restored_state
+        vocab, val = restored_state(restore or {}, out)
+        return CharLMTrainer(cfg, out, vocab=vocab, val=val, read_text=read_text)
     if cfg.device == "cuda":
         from .train_device import DeviceTrainer
         return DeviceTrainer(cfg, out)

@@ -16,7 +16,39 @@ from pathlib import Path
 import numpy as np
 
 from .charlm import BITS_PER_NAT, CharLM, Corpus, iter_sample, softmax_xent
+from .checkpoint import CheckpointError
 from .train import TrainConfig, Trainer
+
+#: the validation metrics a char-LM checkpoint keeps (:meth:`CharLMTrainer.evaluate`)
+VAL_KEYS = ("val_loss", "val_bpc")
+
+
+def _is_vocab(vocab: object) -> bool:
+    """A non-empty list of distinct one-character strings."""
+    return (isinstance(vocab, list) and bool(vocab) and len(set(map(str, vocab))) == len(vocab)
+            and all(isinstance(ch, str) and len(ch) == 1 for ch in vocab))
+
+
+def _is_metrics(val: object) -> bool:
+    """``{}`` or :data:`VAL_KEYS` with finite numbers."""
+    def finite(v: object) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
+    if not isinstance(val, dict):
+        return False
+    return not val or (sorted(val) == sorted(VAL_KEYS) and all(map(finite, val.values())))
+
+
+def restored_state(meta: dict, folder: Path | None) -> tuple[list | None, dict]:
+    """A char-LM checkpoint's vocabulary and last validation metrics, or :class:`CheckpointError`
+    naming what is damaged (a damaged one failed with a TypeError, or once training had begun)."""
+    vocab, val = meta.get("vocab"), meta.get("val") or {}
+    bad = ("its vocabulary is not a list of distinct characters" if vocab is not None and not _is_vocab(vocab)
+           else None if _is_metrics(val) else f"its validation metrics are not {' and '.join(VAL_KEYS)} "
+           "as finite numbers")
+    if bad:
+        raise CheckpointError(f"checkpoint in {folder} is damaged: {bad}; delete it or use another "
+                              "run folder")
+    return vocab, dict(val)
 
 
 class CharLMTrainer(Trainer):

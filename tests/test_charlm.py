@@ -456,3 +456,19 @@ def test_a_forward_that_failed_after_the_embedding_refuses_backward():
     model.forward(ids)
     model.backward(dlogits)
     assert all(layer.grads.data.any() for layer in model.layers)
+
+
+@pytest.mark.parametrize("restore,what", [
+    ({"vocab": 5}, "its vocabulary is not a list of distinct characters"),
+    ({"vocab": ["a", "a"]}, "its vocabulary"), ({"vocab": ["ab"]}, "its vocabulary"),
+    ({"vocab": []}, "its vocabulary"),
+    ({"vocab": ["a"], "val": "abc"}, "its validation metrics are not val_loss and val_bpc as finite numbers"),
+    ({"vocab": ["a"], "val": {"val_loss": "x", "val_bpc": 1.0}}, "its validation metrics"),
+    ({"vocab": ["a"], "val": {"val_loss": 1.0}}, "its validation metrics")])
+def test_a_damaged_char_lm_checkpoint_state_is_refused_before_training(tmp_path, restore, what):
+    """A vocabulary or validation metrics edited in a checkpoint: a CheckpointError before the
+    trainer is built (a TypeError; or the run started and failed at its first log line)."""
+    from mdnumba.checkpoint import CheckpointError
+    cfg = TrainConfig(task="char-lm", model="grid", data=str(tmp_path / "absent.txt"))
+    with pytest.raises(CheckpointError, match=f"checkpoint in {tmp_path} is damaged: {what}"):
+        make_trainer(cfg, tmp_path, restore=restore)
