@@ -609,6 +609,11 @@ def _checkpoint_config(folder: Path, meta: dict, overrides: dict) -> TrainConfig
         raise CheckpointError(f"checkpoint in {folder} holds an invalid config ({exc}); "
                               "start a new run") from None
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    span = cfg.curriculum_steps or cfg.steps
+    if cfg.curriculum and overrides.get("steps", span) < span:
+        raise ValueError(f"--steps {overrides['steps']} would end the run in {folder} inside its "
+                         f"curriculum, whose phases span {span} steps (it would never train at --size "
+                         f"{cfg.size}); give --steps >= {span}")
     if cfg.curriculum and "steps" in overrides and cfg.curriculum_steps is None:
         overrides["curriculum_steps"] = cfg.steps
     return dataclasses.replace(cfg, **overrides)

@@ -216,6 +216,19 @@ def test_extending_a_curriculum_run_trains_the_extension_at_full_size(tmp_path):
     assert again.cfg.curriculum_steps == 4 and again.cfg.size_at(3) == 5
 
 
+def test_a_resume_cannot_end_a_run_inside_its_curriculum(tmp_path):
+    """--steps below the phases' span would train every step at a curriculum size and report
+    the final evaluation at --size, which the run never saw."""
+    cfg = TrainConfig(steps=40, curriculum=(4,), **KW)
+    tr = make_trainer(cfg, tmp_path)
+    tr.train_step()
+    tr.save()
+    match = r"--steps 30 would end the run in .* inside its curriculum, whose phases span 40 steps \(it "
+    with pytest.raises(ValueError, match=match + r"would never train at --size 5\); give --steps >= 40"):
+        Trainer.load(tmp_path, steps=30)
+    assert Trainer.load(tmp_path, steps=40).cfg.size_at(39) == 5
+
+
 @pytest.mark.parametrize("layers,broken,what", [
     (1, -1, "loss"),  # the readout: logits NaN
     (1, 0, "activations"),  # the MD-LSTM: the readout's input NaN
