@@ -589,7 +589,8 @@ def _check_config_copy(folder: Path, meta: dict) -> None:
         raise CheckpointError(f"{CHECKPOINT} and {CONFIG_JSON} in {folder} belong to different runs "
                               f"({'; '.join(differ[:3])}{'; ...' if len(differ) > 3 else ''}): was the "
                               "checkpoint copied from another run? Put back this run's own checkpoint, "
-                              f"or delete {CONFIG_JSON} to use the checkpoint as it is")
+                              f"or delete {CONFIG_JSON} and log.tsv (this run's log, whose rows would be "
+                              "kept up to the checkpoint's step) to use the checkpoint as it is")
 
 
 def _checkpoint_config(folder: Path, meta: dict, overrides: dict) -> TrainConfig:
