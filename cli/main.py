@@ -155,7 +155,7 @@ def _print_metrics(metrics: dict) -> None:
 
 #: what a command that runs out of memory may shrink (train and compare: the model and batch)
 SHRINK = {"evaluate": "a smaller --size (the batch is the run's)", "sample": "a smaller --length",
-          "bench": "a smaller --size, --batch or --hidden"}
+          "bench": "a smaller --size, --batch or --hidden", "predict": "a smaller INPUT or --batch"}
 
 #: CUresult CUDA_ERROR_OUT_OF_MEMORY (numba-cuda raises CudaAPIError with it as ``code``)
 CUDA_ERROR_OUT_OF_MEMORY = 2

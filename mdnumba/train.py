@@ -682,10 +682,13 @@ def check_step_memory(cfg: TrainConfig) -> None:
         return
     need = step_memory(cfg)
     if need > free:
-        def size(n: int) -> str:
-            return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
-        raise MemoryError(f"a training step needs about {size(need)}, this machine has {size(free)} "
-                          "available")
+        raise MemoryError(f"a training step needs about {format_bytes(need)}, this machine has "
+                          f"{format_bytes(free)} available")
+
+
+def format_bytes(n: int) -> str:
+    """``n`` bytes in GiB (from 1 GiB on) or MiB."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 def make_trainer(cfg: TrainConfig, out: Path | None = None, restore: dict | None = None,

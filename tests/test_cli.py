@@ -284,6 +284,31 @@ def test_bench_bad_options(runner, args, message):
     assert res.exit_code == 2 and message in res.output, res.output
 
 
+def test_bench_refuses_a_layer_that_does_not_fit_in_memory(runner, monkeypatch):
+    """Before allocating (Linux would hand the memory out, then kill the process, or another one,
+    without a message): at least the input, the saved activations and their gradients."""
+    import tracemalloc
+
+    import mdnumba.train
+    from mdnumba.microbench import _cpu_calls, step_bytes
+    monkeypatch.setattr(mdnumba.train, "available_memory", lambda: 2**20)
+    res = runner.invoke(main, ["bench", "--size", "64", "--batch", "16", "--hidden", "16"])
+    assert res.exit_code == 1, res.output
+    assert ("out of memory (a train step of this layer needs at least 56 MiB (input, saved activations, "
+            "their gradients), this machine has 1 MiB available); use a smaller --size, --batch or "
+            "--hidden") in res.output
+    from mdnumba import WavefrontLSTM
+    x = np.random.default_rng(0).random((2, 6, 6, 3), dtype=np.float32)
+    step = _cpu_calls(WavefrontLSTM(2, 3, 4, directions=4), x)[2]
+    tracemalloc.start()
+    try:
+        step()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert step_bytes(2, 6, 2, 4, 3, 4, 4) < peak  # a lower bound: a fresh layer's first step
+
+
 def test_bench_layer_result():
     from mdnumba.microbench import bench_layer
     r = bench_layer(2, 3, batch=2, hidden=2, channels=2, directions=4, repeats=3)
