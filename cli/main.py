@@ -114,8 +114,11 @@ def _silence_stdout() -> None:
     os.close(null)
 
 
-def _run_with_progress(trainer) -> None:
+def _run_with_progress(trainer, resume: str | None = None) -> None:
+    """``trainer.run`` under a progress bar; a stop (Ctrl-C, a closed stdout, a failed write)
+    says which checkpoint is kept and how to go on: ``resume``, or ``--resume`` of the run."""
     from mdnumba.charlm import CorpusError
+    resume = resume or f"continue with --resume {trainer.out}"
     remaining = trainer.cfg.steps - trainer.step
     with click.progressbar(length=remaining, label="training", show_pos=True) as bar:
         progress = _Progress(bar, trainer)
@@ -124,14 +127,12 @@ def _run_with_progress(trainer) -> None:
         except KeyboardInterrupt:
             if progress.closed:
                 raise click.ClickException(f"stdout was closed: stopped at step {trainer.step}; "
-                                           f"checkpoint in {trainer.out} (continue with --resume "
-                                           f"{trainer.out})") from None
+                                           f"checkpoint in {trainer.out} ({resume})") from None
             if trainer.saved_step is None:
                 raise click.ClickException(f"interrupted at step {trainer.step}; no checkpoint "
                                            "was saved yet") from None
             raise click.ClickException(f"interrupted at step {trainer.step}; checkpoint of step "
-                                       f"{trainer.saved_step} in {trainer.out} (continue with "
-                                       f"--resume {trainer.out})") from None
+                                       f"{trainer.saved_step} in {trainer.out} ({resume})") from None
         except FloatingPointError as exc:
             raise click.ClickException(str(exc)) from None
         except CorpusError as exc:  # a resumed char-lm run whose text is gone
@@ -139,7 +140,7 @@ def _run_with_progress(trainer) -> None:
         except BrokenPipeError:  # the reader of stdout went away: the command group's to handle
             raise
         except OSError as exc:  # a full disk, a log or checkpoint that cannot be written
-            then = (f"continue with --resume {trainer.out}" if trainer.saved_step is not None else
+            then = (resume if trainer.saved_step is not None else
                     f"start the run again (--overwrite: {trainer.out} holds its first files)")
             kept = ("no checkpoint was saved yet" if trainer.saved_step is None else
                     f"the checkpoint of step {trainer.saved_step} is kept")
@@ -286,7 +287,11 @@ def _config(given: dict | None = None, **kw):
     in ``given`` (those typed on the command line) that this run would ignore."""
     from mdnumba.train import TrainConfig
     cfg = TrainConfig(**kw)
-    _refuse_inapplicable(cfg, given or {})  # first: an ignored option need not be valid
+    try:  # first: with --model grid, --data is ignored because --task char-lm is missing
+        cfg.check_model_fits_task()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    _refuse_inapplicable(cfg, given or {})  # then: an ignored option need not be valid
     try:
         cfg.validate()
     except ValueError as exc:
@@ -699,7 +704,8 @@ def compare(ctx, task, models, out, overwrite, plot, **kw) -> None:
     for name in names:
         click.echo(f"== {name}")
         trainer = trainers[name]
-        _run_with_progress(trainer)
+        _run_with_progress(trainer, f"compare cannot resume: run it again with --overwrite, or continue "
+                                    f"this model alone with `mdnumba train --resume {trainer.out}`")
         rows.append((name, trainer.evaluate(batches=10, save=True)))
     cols = list(rows[0][1])
     table = "model\t" + "\t".join(cols) + "\n" + "".join(

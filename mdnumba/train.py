@@ -152,16 +152,22 @@ class TrainConfig:
                                                 and issubclass(self.dtype, np.generic)):
             self.dtype = np.dtype(self.dtype).name
 
-    def validate(self) -> None:
-        """Raise ValueError naming the first bad setting and what is allowed (TypeError for a
-        value of the wrong type, e.g. a hand-edited checkpoint's ``"hidden": 3.0``)."""
-        self._check_types()
+    def check_model_fits_task(self) -> None:
+        """ValueError naming the models of ``task`` (and the tasks of ``model``) if it has not
+        ``model``."""
         task = get_task(self.task)
         if self.model not in task.models:
             fits = [name for name, t in TASKS.items() if self.model in t.models]
             other = f", or --task {' / '.join(fits)}, which takes {self.model!r}" if fits else ""
             raise ValueError(f"model {self.model!r} does not fit task {self.task!r}; use --model "
                              f"{' / '.join(task.models)}{other}")
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad setting and what is allowed (TypeError for a
+        value of the wrong type, e.g. a hand-edited checkpoint's ``"hidden": 3.0``)."""
+        self._check_types()
+        self.check_model_fits_task()
+        task = get_task(self.task)
         checks = [(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {sorted(OPTIMIZERS)}"),
                   (0 <= self.dropout < 1, "--dropout must lie in [0, 1)"),
                   (self.seq_len >= 1, "--seq-len must be >= 1"),

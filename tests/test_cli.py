@@ -230,6 +230,7 @@ def test_mismatched_checkpoint(runner, tmp_path):
     (["--sync-every", "9"], "--sync-every (--device cuda only)"),
     (["--no-tie-depth"], "--tie-depth (char-lm --model grid only)"),
     (["--task", "char-lm", "--model", "stacked", "--curriculum", "20"], "--curriculum (not for char-lm)"),
+    (["--model", "grid", "--data", "x.txt"], "or --task char-lm, which takes 'grid'"),  # not "leave out"
     (["--out", ""], "Invalid value for '--out': is empty; give a folder"),  # not the current folder
     (["--resume", " "], "Invalid value for '--resume': is empty"),
 ])
@@ -317,6 +318,22 @@ def test_bench_layer_result():
     assert 0 < r.inference_s <= r.inference_median_s
     with pytest.raises(ValueError, match="repeats must be >= 1, got 0"):
         bench_layer(1, 3, batch=1, hidden=1, repeats=0)
+
+
+def test_an_interrupted_compare_says_how_to_go_on(runner, tmp_path, monkeypatch):
+    """compare has no --resume: the message says to run it again, or to train that model on."""
+    from mdnumba.train import Trainer
+
+    def interrupted(self, progress=None):
+        self.step = self.saved_step = 1
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Trainer, "run", interrupted)
+    res = runner.invoke(main, ["compare", "--size", "4", "--batch", "2", "--hidden", "3", "--steps", "3",
+                               "--out", str(tmp_path), "--no-plot"])
+    assert res.exit_code == 1, res.output
+    assert (f"interrupted at step 1; checkpoint of step 1 in {tmp_path / 'md'} (compare cannot resume: run "
+            f"it again with --overwrite, or continue this model alone with `mdnumba train --resume "
+            f"{tmp_path / 'md'}`)") in res.output.replace("\n", " ")
 
 
 def test_compare_writes_summary(runner, tmp_path):
