@@ -271,8 +271,8 @@ def _option(name: str) -> str:
 
 
 def _value(v: object) -> str:
-    """An option's value as it is typed (``8,16`` for a curriculum)."""
-    return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+    """An option's value as it is typed (``8,16`` for a curriculum; ``none`` for no curriculum)."""
+    return (",".join(map(str, v)) or "none") if isinstance(v, tuple) else str(v)
 
 
 def _setting(k: str, v: object) -> str:

@@ -127,9 +127,11 @@ class Corpus:
 
     def encode(self, text: str) -> np.ndarray:
         index = {ch: k for k, ch in enumerate(self.vocab)}
-        missing = sorted(set(text) - set(index))
+        missing = "".join(dict.fromkeys(ch for ch in text if ch not in index))  # in the order typed
         if missing:
-            raise CorpusError(f"characters not in the vocabulary: {''.join(missing)[:20]!r}")
+            known = "".join(self.vocab)
+            raise CorpusError(f"--prime has characters not in the model's vocabulary: {missing[:20]!r} (it "
+                              f"knows {known[:60]!r}{'...' if len(known) > 60 else ''})")
         return np.array([index[ch] for ch in text], dtype=np.int32)
 
     def decode(self, ids: Iterable[int]) -> str:

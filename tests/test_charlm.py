@@ -299,6 +299,14 @@ def test_sampling_temperature_divides_the_logits():
             sample_text(stub, corpus, 3, bad, np.random.default_rng(0), prime="a")
 
 
+def test_a_prime_outside_the_vocabulary_is_named_with_what_the_model_knows():
+    corpus = Corpus.from_vocab(list("abcde"))
+    stub = _StubLM(lambda ids: np.zeros(5))
+    with pytest.raises(CorpusError, match=r"--prime has characters not in the model's vocabulary: 'THE' "
+                                          r"\(it knows 'abcde'\)"):
+        sample_text(stub, corpus, 3, 1.0, np.random.default_rng(0), prime="aTHEa")
+
+
 def test_sampling_without_a_prime_shows_the_character_it_starts_from():
     corpus = Corpus.from_vocab(list("abcde"))
     stub = _StubLM(lambda ids: 50.0 * np.eye(5)[(ids[-1] + 1) % 5])  # next = last + 1

@@ -523,6 +523,11 @@ def test_resume_messages_show_values_as_typed(runner, tmp_path):
                                "--curriculum", "4,5"])
     assert res.exit_code == 2 and "--curriculum 4,5 differs from the run in" in res.output, res.output
     assert "(4); --resume" in res.output
+    assert train(runner, tmp_path / "plain").exit_code == 0
+    res = runner.invoke(main, ["train", "--resume", str(tmp_path / "plain"), "--steps", "9",
+                               "--curriculum", "4"])
+    assert res.exit_code == 2 and "--curriculum 4 differs from the run in" in res.output, res.output
+    assert "(none); --resume" in res.output  # not "()"
 
 
 def test_overwrite_removes_the_old_runs_files(runner, tmp_path):
