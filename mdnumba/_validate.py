@@ -34,7 +34,8 @@ def check_array(x: npt.ArrayLike, name: str, ndim: int, last: int | None, dtype:
         raise ValueError(f"{name} has an empty axis, shape {arr.shape}; every axis of {layout} "
                          "must be at least 1")
     if last is not None and arr.shape[-1] != last:
-        raise ValueError(f"{name} has {arr.shape[-1]} channels in its last axis, the layer "
+        plural = "s" * (arr.shape[-1] != 1)
+        raise ValueError(f"{name} has {arr.shape[-1]} channel{plural} in its last axis, the layer "
                          f"expects {last} {layout}")
     bad = count_nonfinite(arr)
     if bad:

@@ -82,7 +82,7 @@ class Corpus:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise CorpusError(f"--data {path} is not valid UTF-8 ({exc.reason} at byte "
-                              f"{exc.start})") from None
+                              f"{exc.start}); convert it, e.g. iconv -f latin1 -t utf-8") from None
         if not text:
             raise CorpusError(f"--data {path} is empty; give a file with some text in it")
         corpus = cls.from_text(text, val_fraction, vocab)
