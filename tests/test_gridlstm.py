@@ -108,5 +108,5 @@ def test_buffers_are_kept_and_results_are_the_callers(B, T, tied, rng):
     assert 0 < layer.saved_bytes() < layer.workspace_bytes()
     layer.free_buffers()
     assert layer.saved_bytes() == layer.workspace_bytes() == 0
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=r"backward\(\) has no saved activations; run forward"):
         layer.backward(np.cos(y2))
