@@ -159,10 +159,13 @@ def sim_any_shape_matches_reference(case, path, dtype_rtol, monkeypatch):
     assert backend_cuda.last_path().startswith(path)
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def sim_grid_lstm_layer_matches_reference(tied, rng):
-    """GridLSTM2D(device='cuda') vs the float64 reference: output, dx and every gradient."""
+@pytest.mark.parametrize("tied,path", [(True, "cooperative"), (False, "per-diagonal")])
+def sim_grid_lstm_layer_matches_reference(tied, path, rng, monkeypatch):
+    """GridLSTM2D(device='cuda') vs the float64 reference: output, dx and every gradient, on
+    each sweep path."""
+    from mdnumba.kernels import wavefront_cuda
     from mdnumba.layers import GridLSTM2D
+    monkeypatch.setattr(wavefront_cuda, "DEFAULT_PATH", path)
     layer = GridLSTM2D(2, 3, seed=1, dtype=np.float64, tied=tied, device="cuda")
     x, dh = rng.standard_normal((2, 2, 4, 2))
     y = layer.forward(x)
@@ -174,6 +177,7 @@ def sim_grid_lstm_layer_matches_reference(tied, rng):
     np.testing.assert_allclose(dx, rdx, rtol=1e-10, atol=1e-12)
     for name, want in zip(("U_time", "U_depth", "b_time", "b_depth"), grads):
         np.testing.assert_allclose(layer.grads[name], want, rtol=1e-10, atol=1e-12, err_msg=name)
+    assert wavefront_cuda.last_path().startswith(path)
 
 
 @pytest.mark.parametrize("path", ["cooperative", "per-diagonal"])
