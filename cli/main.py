@@ -48,6 +48,10 @@ def _check_writable(out: Path, resume: bool = False) -> None:
     """Create ``out`` and prove we can write there, before any training starts (``resume``:
     ``out`` is the run folder of ``--resume``, which cannot move)."""
     from mdnumba.train import LOG
+    if out.is_symlink() and not out.exists():
+        raise click.UsageError(f"{'the run folder' if resume else '--out'} {out} is a symlink to "
+                               f"{os.readlink(out)}, which does not exist; create that folder or "
+                               "remove the link")
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=out)
@@ -338,6 +342,8 @@ def _check_fresh(out: Path, overwrite: bool, default: Path, resumable: bool = Tr
                                "or choose another --out")
     for name in present:
         (out / name).unlink()
+    for spare in out.glob(f"{Path(LOG).stem}.unreadable-*{Path(LOG).suffix}"):  # the old run's log, set aside
+        spare.unlink()
 
 
 #: the table ``compare`` writes into its folder (its models' runs lie in sub-folders)

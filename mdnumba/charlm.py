@@ -79,7 +79,7 @@ class Corpus:
         if b"\0" in raw[:1 << 20]:
             raise CorpusError(f"--data {path} looks binary (NUL bytes); give a UTF-8 text file")
         try:
-            text = raw.decode("utf-8")
+            text = raw.decode("utf-8-sig")  # a byte-order mark is not text: not a character to learn
         except UnicodeDecodeError as exc:
             raise CorpusError(f"--data {path} is not valid UTF-8 ({exc.reason} at byte "
                               f"{exc.start}); convert it, e.g. iconv -f latin1 -t utf-8") from None

@@ -125,8 +125,10 @@ def test_corpus_errors(tmp_path, textfile):
     with pytest.raises(CorpusError, match="binary"):
         Corpus.from_file(tmp_path / "bin")
     (tmp_path / "latin").write_bytes("caf\xe9".encode("latin-1"))
-    with pytest.raises(CorpusError, match="UTF-8"):
+    with pytest.raises(CorpusError, match="not valid UTF-8 .*; convert it, e.g. iconv -f latin1 -t utf-8"):
         Corpus.from_file(tmp_path / "latin")
+    (tmp_path / "bom").write_bytes("\ufeffabcab".encode())  # a byte-order mark is not a character
+    assert Corpus.from_file(tmp_path / "bom").vocab == list("abc")
     (tmp_path / "empty").write_text("")
     with pytest.raises(CorpusError, match=f"--data {tmp_path / 'empty'} is empty; give a file"):
         Corpus.from_file(tmp_path / "empty")

@@ -248,6 +248,14 @@ def test_unwritable_out(runner, tmp_path):
     assert res.exit_code == 2 and "not writable" in res.output
 
 
+def test_out_as_a_dangling_symlink_is_named_so(runner, tmp_path):
+    (tmp_path / "link").symlink_to(tmp_path / "gone")
+    res = runner.invoke(main, ["train", "--out", str(tmp_path / "link"), "--steps", "2"])
+    assert res.exit_code == 2, res.output
+    link, gone = tmp_path / "link", tmp_path / "gone"
+    assert f"--out {link} is a symlink to {gone}, which does not exist" in res.output
+
+
 def test_cuda_device_message(runner, tmp_path):
     res = runner.invoke(main, ["train", "--device", "cuda", "--out", str(tmp_path / "r")])
     assert res.exit_code == 2 and "--device cpu" in res.output
@@ -535,11 +543,14 @@ def test_overwrite_removes_the_old_runs_files(runner, tmp_path):
     assert train(runner, run).exit_code == 0
     (run / "predictions.png").write_bytes(b"old plot")
     (run / "loss.png").write_bytes(b"old plot")
+    (run / "log.unreadable-20261203-120000.tsv").write_text("step\tloss\n")  # the old run's log set aside
+    (run / "notes.txt").write_text("mine")  # not a run's file: kept
     res = runner.invoke(main, ["train", "--model", "md3d", "--task", "diagonal3d", "--size", "4",
                                "--batch", "2", "--hidden", "2", "--steps", "2", "--out", str(run),
                                "--overwrite"])
     assert res.exit_code == 0, res.output
     assert not (run / "predictions.png").exists() and not (run / "loss.png").exists()
+    assert not list(run.glob("log.unreadable-*")) and (run / "notes.txt").read_text() == "mine"
     assert json.loads((run / "config.json").read_text())["config"]["model"] == "md3d"
 
 
