@@ -122,6 +122,9 @@ def _missing_hint(folder: Path) -> str:
 def load_checkpoint(folder: Path) -> tuple[dict[str, np.ndarray], dict]:
     """Return ``(arrays, meta)`` from ``folder/checkpoint.npz`` or raise :class:`CheckpointError`."""
     path = Path(folder) / CHECKPOINT
+    if path.exists() and not path.is_file():
+        raise CheckpointError(f"{path} is a folder (or another non-file), not a checkpoint; move it "
+                              "away or use another run folder")
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; {_missing_hint(Path(folder))}")
     if not zipfile.is_zipfile(path):  # np.load would try to unpickle it and say allow_pickle

@@ -502,6 +502,12 @@ def test_damaged_checkpoint_metadata_or_compression_is_a_checkpoint_error(tmp_pa
         load_checkpoint(tmp_path)
 
 
+def test_a_folder_named_like_the_checkpoint_is_named_so(tmp_path):
+    (tmp_path / "checkpoint.npz").mkdir()
+    with pytest.raises(CheckpointError, match="checkpoint.npz is a folder .*, not a checkpoint; move it"):
+        load_checkpoint(tmp_path)
+
+
 def test_a_failed_config_copy_leaves_the_previous_checkpoint(tmp_path):
     """config.json is written first: if it fails, checkpoint.npz is still the previous step (what
     the error message says is kept), and the error names config.json, not the hidden temp file."""
