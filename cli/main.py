@@ -341,7 +341,10 @@ def _check_fresh(out: Path, overwrite: bool, default: Path, resumable: bool = Tr
         raise click.UsageError(f"{out} already holds a run; {resume}replace it with --overwrite, "
                                "or choose another --out")
     for name in present:
-        (out / name).unlink()
+        try:
+            (out / name).unlink()
+        except OSError as exc:  # e.g. a folder of that name
+            raise click.UsageError(f"cannot replace {out / name} ({exc.strerror}); move it away") from None
     for spare in out.glob(f"{Path(LOG).stem}.unreadable-*{Path(LOG).suffix}"):  # the old run's log, set aside
         spare.unlink()
 

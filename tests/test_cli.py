@@ -554,6 +554,12 @@ def test_overwrite_removes_the_old_runs_files(runner, tmp_path):
     assert json.loads((run / "config.json").read_text())["config"]["model"] == "md3d"
 
 
+def test_overwrite_of_a_folder_named_like_a_run_file_is_refused(runner, tmp_path):
+    (tmp_path / "checkpoint.npz").mkdir()
+    res = runner.invoke(main, ["train", "--out", str(tmp_path), "--overwrite", "--steps", "2"])
+    assert res.exit_code == 2 and f"cannot replace {tmp_path / 'checkpoint.npz'}" in res.output
+
+
 def test_the_default_out_given_explicitly_is_replaced_too(runner, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["train", "--size", "4", "--batch", "2", "--hidden", "2", "--steps", "2", "--out", "runs/latest"]
