@@ -148,7 +148,8 @@ class DeviceLayer:
 
     ``reuse_outputs``: forward/backward write their results into buffers kept between calls
     (no allocation per step, whose frees make numba synchronise now and then); a result is
-    then valid until the next call. :class:`mdnumba.train_device.DeviceModel` sets it.
+    then valid until the next call. The device trainer's :class:`mdnumba.train_device.DeviceModel`
+    sets it.
     """
 
     reuse_outputs = False

@@ -59,9 +59,12 @@ class DeviceModel(LayerGroup):
     or device arrays (device out). ``layers`` are the parametrised device layers, in the
     host model's order (checkpoints and optimisers see the same layout)."""
 
-    def __init__(self, host: RecurrentReadout):
+    def __init__(self, host: RecurrentReadout, *, reuse_outputs: bool = False):
         require_cuda()
         self.host = host
+        #: results (logits, dx) written into buffers kept between calls, each valid until the next
+        #: call (the trainer's, which consumes them within the step); else new arrays each call
+        self.reuse_outputs = check_flag(reuse_outputs, "reuse_outputs")
         stages = getattr(host.recurrent, "stages", [host.recurrent])
         self.stages = [self._device_stage(s) for s in stages]
         self.readout = CudaLinear.from_layer(host.readout)
@@ -81,7 +84,7 @@ class DeviceModel(LayerGroup):
         off = 0
         for layer in self.layers:
             layer.rebind(self.params[off:off + layer.size], self.grads[off:off + layer.size])
-            layer.reuse_outputs = True  # each result is consumed within the step
+            layer.reuse_outputs = self.reuse_outputs
             off += layer.size
         self.zero_grad()
 
@@ -168,7 +171,8 @@ class DeviceTrainer(Trainer):
         self._ahead: _HostBlock | None = None  # the next block's batches, drawn ahead
 
     def _build_model(self):
-        return DeviceModel(super()._build_model())  # gradients start zeroed
+        # gradients start zeroed; every result is consumed within its step: buffers are kept
+        return DeviceModel(super()._build_model(), reuse_outputs=True)
 
     def _host_params(self) -> list[np.ndarray]:
         return [layer.params_to_host() for layer in self.model.layers]

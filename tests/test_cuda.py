@@ -857,6 +857,27 @@ def sim_device_layers_match_host(rng):
             model.backward(bad)
 
 
+def sim_device_model_results_stay_the_callers(rng):
+    """A DeviceModel given CUDA arrays returns new arrays: a second call leaves the first call's
+    logits and dx as they were (the trainer's model, ``reuse_outputs=True``, writes them into
+    kept buffers instead)."""
+    from numba import cuda
+
+    from mdnumba.models import MDModel
+    from mdnumba.train_device import DeviceModel
+    model = DeviceModel(MDModel(1, 2, dtype=np.float64, seed=3))
+    xa, xb = (cuda.to_device(rng.standard_normal((1, 3, 3, 1))) for _ in range(2))
+    ya = model.forward(xa)
+    dxa = model.backward(cuda.to_device(np.ones((1, 3, 3, 1))))
+    keep = ya.copy_to_host(), dxa.copy_to_host()
+    model.forward(xb)
+    model.backward(cuda.to_device(np.full((1, 3, 3, 1), 2.0)))
+    np.testing.assert_array_equal(ya.copy_to_host(), keep[0])
+    np.testing.assert_array_equal(dxa.copy_to_host(), keep[1])
+    with pytest.raises(TypeError, match="reuse_outputs must be True or False"):
+        DeviceModel(MDModel(1, 2), reuse_outputs="yes")
+
+
 def sim_device_model_refuses_backward_after_a_forward_failed_partway(rng, monkeypatch):
     """With its layers' checks on, a device model whose second layer refuses a forward (NaN/inf
     in its input, the first layer's output) holds that input's activations in the first layer:
