@@ -637,8 +637,11 @@ class _DeviceOptimizer:
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output (per-layer moments, as the host optimiser saves them)."""
         if self._sizes:
-            if len(state["m"]) != len(self._sizes):
+            if len(state["m"]) != len(self._sizes) or len(state["v"]) != len(self._sizes):
                 raise ValueError("optimizer state has a different number of buffers")
+            for src, size in zip(list(state["m"]) + list(state["v"]), self._sizes * 2):
+                if np.shape(src) != (size,):  # as the host optimiser checks each layer's
+                    raise ValueError(f"optimizer state shape {np.shape(src)} does not match {(size,)}")
             state = dict(state, m=[np.concatenate([np.ravel(a) for a in state["m"]])],
                          v=[np.concatenate([np.ravel(a) for a in state["v"]])])
         super().load_state_dict(state)

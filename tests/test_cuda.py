@@ -1166,6 +1166,19 @@ def sim_device_trainer_checkpoints(tmp_path, monkeypatch):
         np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-13)
 
 
+def sim_device_optimizer_checks_each_layers_moments():
+    """A state whose per-layer moments are reshaped, or shifted between layers with the same total
+    length, is refused as the host optimiser refuses it (it was joined into one buffer and loaded)."""
+    from mdnumba.train import TrainConfig, make_trainer
+    opt = make_trainer(TrainConfig(size=4, batch=2, hidden=2, dtype="float64", device="cuda")).opt
+    state = opt.state_dict()
+    m0, m1 = state["m"][0], state["m"][1]
+    for m in ([m0.reshape(1, -1), m1], [m0[:-1], np.concatenate([m0[-1:], m1])]):
+        with pytest.raises(ValueError, match="optimizer state shape .* does not match"):
+            opt.load_state_dict(dict(state, m=m))
+    opt.load_state_dict(state)
+
+
 def sim_device_trainer_prefetches_next_block(monkeypatch):
     """In ``run`` the next block's batches are drawn right after this block's launches, before
     the host waits for the GPU and logs; each batch is drawn once, and the run equals one with
