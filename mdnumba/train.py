@@ -231,6 +231,8 @@ class TrainConfig:
             why["tie_depth"] = "char-lm --model grid only"
         if self.device != "cuda":
             why["sync_every"] = "--device cuda only"
+        elif charlm:  # its trainer reads the losses every step
+            why["sync_every"] = "not for char-lm, which syncs every step"
         return {k: why[k] for k in names if k in why}
 
     def size_at(self, step: int) -> int:

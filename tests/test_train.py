@@ -217,6 +217,15 @@ def test_extending_a_curriculum_run_trains_the_extension_at_full_size(tmp_path):
     assert again.cfg.curriculum_steps == 4 and again.cfg.size_at(3) == 5
 
 
+def test_sync_every_is_inapplicable_where_nothing_reads_it():
+    """Only the device trainer syncs in blocks: the char-LM trainer reads its losses every step,
+    on the GPU too."""
+    def why(**kw):
+        return TrainConfig(**kw).inapplicable(["sync_every"]).get("sync_every")
+    assert why() == "--device cuda only" and why(device="cuda") is None
+    assert why(task="char-lm", model="grid", device="cuda") == "not for char-lm, which syncs every step"
+
+
 def test_a_resume_cannot_end_a_run_inside_its_curriculum(tmp_path):
     """--steps below the phases' span would train every step at a curriculum size and report
     the final evaluation at --size, which the run never saw."""
