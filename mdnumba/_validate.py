@@ -28,15 +28,7 @@ def check_array(x: npt.ArrayLike, name: str, ndim: int, last: int | None, dtype:
             f"{name} must hold floating-point values (any float dtype: the layer computes in "
             f"{np.dtype(dtype)}), got dtype "
             f"{arr.dtype}; convert with {name}.astype(np.float32)")
-    if arr.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions {layout}, got shape {arr.shape}")
-    if 0 in arr.shape:
-        raise ValueError(f"{name} has an empty axis, shape {arr.shape}; every axis of {layout} "
-                         "must be at least 1")
-    if last is not None and arr.shape[-1] != last:
-        plural = "s" * (arr.shape[-1] != 1)
-        raise ValueError(f"{name} has {arr.shape[-1]} channel{plural} in its last axis, the layer "
-                         f"expects {last} {layout}")
+    check_layout(arr.shape, name, ndim, last, layout)
     bad = count_nonfinite(arr)
     if bad:
         raise nonfinite_input(name, bad)
@@ -46,6 +38,21 @@ def check_array(x: npt.ArrayLike, name: str, ndim: int, last: int | None, dtype:
             raise ValueError(f"{name} holds values up to {big:.3g}, beyond {np.dtype(dtype)} "
                              f"(max {np.finfo(dtype).max:.3g}); scale it or use a float64 layer")
     return np.ascontiguousarray(arr, dtype=dtype)
+
+
+def check_layout(shape: tuple, name: str, ndim: int, last: int | None, layout: str) -> None:
+    """ValueError for a wrong number of dimensions, an empty axis or a wrong last axis (NumPy and
+    CUDA arrays alike)."""
+    shape = tuple(shape)
+    if len(shape) != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions {layout}, got shape {shape}")
+    if 0 in shape:
+        raise ValueError(f"{name} has an empty axis, shape {shape}; every axis of {layout} "
+                         "must be at least 1")
+    if last is not None and shape[-1] != last:
+        plural = "s" * (shape[-1] != 1)
+        raise ValueError(f"{name} has {shape[-1]} channel{plural} in its last axis, the layer "
+                         f"expects {last} {layout}")
 
 
 def nonfinite_input(name: str, count: int) -> NonFiniteError:

@@ -38,6 +38,7 @@ from ._validate import (
     SIZES_WITH_STATE,
     check_array,
     check_flag,
+    check_layout,
     check_positive_int,
     check_saved,
     check_shape,
@@ -227,13 +228,7 @@ class DeviceLayer:
             ndim = len(x.shape) if is_device_array(x) else np.ndim(x)
         if is_device_array(x):
             xd = k.as_device(x)
-            shape = tuple(xd.shape)
-            if len(shape) != ndim or (last is not None and shape[-1] != last):
-                raise ValueError(f"{name} must have {ndim} dimensions with last axis {last}, "
-                                 f"got shape {shape}")
-            if 0 in shape:
-                raise ValueError(f"{name} has an empty axis, shape {shape}; every axis of {layout} "
-                                 "must be at least 1")
+            check_layout(xd.shape, name, ndim, last, layout)
             if np.dtype(xd.dtype) != self.dtype:
                 raise TypeError(f"{name} on the device has dtype {xd.dtype}, the layer uses "
                                 f"{self.dtype}; convert it first")

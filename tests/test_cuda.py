@@ -722,10 +722,11 @@ def sim_errors_and_fallback(rng, monkeypatch):
     dev = CudaLSTM.from_layer(MDLSTM2D(2, 3, dtype=np.float32))
     with pytest.raises(RuntimeError, match="no saved activations; run forward"):
         dev.backward(np.zeros((1, 2, 2, 3), np.float32))
-    with pytest.raises(TypeError, match="dtype"):
+    with pytest.raises(TypeError, match="x on the device has dtype float64, the layer uses float32; convert"):
         dev.forward(cuda.to_device(np.zeros((1, 2, 2, 2))))
-    with pytest.raises(ValueError, match="channels"):
-        dev.forward(np.zeros((1, 2, 2, 5), np.float32))
+    for x in (np.zeros((1, 2, 2, 5), np.float32), cuda.to_device(np.zeros((1, 2, 2, 5), np.float32))):
+        with pytest.raises(ValueError, match="x has 5 channels in its last axis, the layer expects 2"):
+            dev.forward(x)  # a CUDA array too (it said "must have 4 dimensions" of a 4-D array)
     with pytest.raises(ValueError, match=r"x has an empty axis, shape \(1, 0, 2, 2\); every axis"):
         dev.forward(cuda.to_device(np.zeros((1, 0, 2, 2), np.float32)))
     with pytest.raises(ValueError, match="C-contiguous"):
