@@ -79,11 +79,15 @@ def mdnumba_phases(layer, x: np.ndarray, device: str) -> tuple[list[Phase], list
 
         from mdnumba.backend_cuda import CudaAdam, CudaLSTM
         net, sync = CudaLSTM.from_layer(layer), cuda.synchronize
+        net.reuse_outputs = True  # no allocation (and deferred frees) per call: each h is used at once
         opt, xin = CudaAdam([net], lr=1e-3), cuda.to_device(x)
         scale = mdnumba.backend_cuda._kernels().axpby
+        kept: dict = {}
 
         def loss_grad(h):
-            dh = cuda.device_array_like(h)
+            dh = kept.get(h.shape)
+            if dh is None:
+                dh = kept[h.shape] = cuda.device_array_like(h)
             scale(dh.reshape(dh.size), h.reshape(h.size), 1.0 / h.size, h.reshape(h.size), 0.0)
             return dh
     else:
@@ -102,7 +106,7 @@ def mdnumba_phases(layer, x: np.ndarray, device: str) -> tuple[list[Phase], list
         sync()
 
     def adam() -> None:
-        opt.step()
+        opt.step(**({"sync": False} if device == "cuda" else {}))  # the device's: no norm read back
         sync()
 
     def forward_only() -> None:

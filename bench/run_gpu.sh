@@ -23,7 +23,8 @@
 # RUN_GPU_DEADLINE_S (default 570): the seconds the whole script may take (give the device call
 # a timeout_s above it). Every part is cut (SIGINT) where it would run past the deadline, the
 # tests also at TESTS_MAX_S (default 270) so that the benchmarks get their turn, and the
-# benchmark at BENCH_MAX_S (default 300) so that the family benchmark gets one; the parts write
+# benchmark at BENCH_MAX_S (default 300) and FAMILY_MIN_S (default 90) before the deadline so
+# that the family benchmark gets one; the parts write
 # as they go (gpu.md after every config, the family table after every shape), so a cut part
 # keeps what it measured. bench_gpu.py times the two configs with targets (32, 256) first.
 # The report goes to $OUT/gpu.md when $OUT is set (the device tool's output folder), else to
@@ -107,19 +108,29 @@ if [ "$run_tests" = tune ]; then
   exit $status
 fi
 if [ "$run_tests" != 0 ]; then
-  python3 -c "import hypothesis" 2> /dev/null \
-    || { echo "the tests need hypothesis: run bench/fetch_gpu_wheels.sh and carry .whl" >&2; exit 1; }
   # -k test_gpu: the real-GPU cases only (the simulator cases and ptxcheck run in CI); the shards'
-  # own logs and reports land in $out_dir/test_cuda_tmp (kept when the part is cut)
+  # own logs and reports go to a temp folder, packed into ONE file of $out_dir (kept when the part
+  # is cut): the device tool brings back at most 8 files, and the shards alone write 9
   tests_cap=${TESTS_MAX_S:-270}
   [ "$run_tests" = 2 ] && tests_cap=$deadline
-  part "$tests_cap" python3 -m pytest tests/test_cuda.py -k test_gpu -q -p no:cacheprovider \
-    --basetemp "$out_dir/test_cuda_tmp" 2>&1 | tee "$out_dir/test_cuda.log" \
-    || { status=1; echo "CUDA tests FAILED (see $out_dir/test_cuda.log)" >&2; }
+  tmp_tests=$(mktemp -d /tmp/mdnumba_test_cuda.XXXXXX)
+  if ! python3 -c "import hypothesis" 2> /dev/null; then  # only the tests need it: measure anyway
+    status=1
+    echo "the tests need hypothesis: run bench/fetch_gpu_wheels.sh and carry .whl (tests SKIPPED)" \
+      | tee "$out_dir/test_cuda.log" >&2
+  else
+    part "$tests_cap" python3 -m pytest tests/test_cuda.py -k test_gpu -q -p no:cacheprovider \
+      --basetemp "$tmp_tests/test_cuda_tmp" 2>&1 | tee "$out_dir/test_cuda.log" \
+      || { status=1; echo "CUDA tests FAILED (see $out_dir/test_cuda.log)" >&2; }
+    tar czf "$out_dir/test_cuda_tmp.tgz" -C "$tmp_tests" test_cuda_tmp 2> /dev/null || true
+  fi
   [ "$run_tests" = 2 ] && exit $status
 fi
 
-part "${BENCH_MAX_S:-300}" python3 bench/bench_gpu.py --out "$out_dir/gpu.md" ${bench_args[@]+"${bench_args[@]}"} "$@" 2>&1 \
+# the family benchmark (issue 6) keeps FAMILY_MIN_S (default 90) of the deadline for itself
+bench_cap=$(( deadline - SECONDS - ${FAMILY_MIN_S:-90} ))
+[ "$bench_cap" -gt "${BENCH_MAX_S:-300}" ] && bench_cap=${BENCH_MAX_S:-300}
+part "$bench_cap" python3 bench/bench_gpu.py --out "$out_dir/gpu.md" ${bench_args[@]+"${bench_args[@]}"} "$@" 2>&1 \
   | tee "$out_dir/bench_gpu.log" || status=1
 # issue 6: 4-direction 2D and 3D layers vs PyTorch autograd on the same GPU
 part "$deadline" python3 bench/bench_family.py --device cuda ${family_args[@]+"${family_args[@]}"} \

@@ -42,9 +42,12 @@ class TorchWavefrontLSTM(torch.nn.Module):
                                                         (1,) + layer.params[name].shape)
             getattr(self, name).copy_(torch.from_numpy(arr))
 
-    def _plane_tables(self, dims: tuple):
-        """Skew permutation, inverse, and per plane: cell count and parent gather indices."""
-        if dims not in self._tables:
+    def _plane_tables(self, dims: tuple, device):
+        """Skew permutation, inverse, and per plane: cell count and parent gather indices (one
+        index row per dimension), on ``device``: CPU index tensors into CUDA data would be copied
+        to the GPU, with a stream sync, at every use (2N per plane and pass)."""
+        key = (dims, str(device))
+        if key not in self._tables:
             wf = wavefront(dims)
             planes = []
             for k in range(wf.n_diagonals):
@@ -53,16 +56,16 @@ class TorchWavefrontLSTM(torch.nn.Module):
                 n_prev = lo - plo
                 par = wf.parent[lo:hi]
                 idx = np.where(par >= 0, par - plo, n_prev)  # n_prev = the zero row
-                planes.append((hi - lo, torch.from_numpy(idx.T.copy())))
-            self._tables[dims] = (torch.from_numpy(np.array(wf.perm)),
-                                  torch.from_numpy(np.array(wf.inv_perm)), planes)
-        return self._tables[dims]
+                planes.append((hi - lo, [torch.from_numpy(row.copy()).to(device) for row in idx.T]))
+            self._tables[key] = (torch.from_numpy(np.array(wf.perm)).to(device),
+                                 torch.from_numpy(np.array(wf.inv_perm)).to(device), planes)
+        return self._tables[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``h`` of shape (B, *dims, S*D) for ``x`` of shape (B, *dims, C)."""
         B, dims, C = x.shape[0], tuple(x.shape[1:-1]), x.shape[-1]
         N, D, S = self.ndim, self.hidden, self.directions
-        perm, inv, planes = self._plane_tables(dims)
+        perm, inv, planes = self._plane_tables(dims, x.device)
         flips = [tuple(1 + d for d in range(N) if (q >> d) & 1) for q in range(S)]
         xq = torch.stack([x.flip(f) if f else x for f in flips])            # (S, B, *dims, C)
         xs = xq.reshape(S, B, -1, C)[:, :, perm]                             # (S, B, M, C) skewed

@@ -47,3 +47,7 @@ def test_run_gpu_smoke_under_the_simulator(tmp_path):
     assert (tmp_path / "test_cuda.log").exists()
     probe = (tmp_path / "probe.log").read_text()
     assert "libdevice kernel: ok" in probe and "cooperative kernel: ok" in probe, probe
+    # the device tool brings back at most 8 files, at most 2 folders down: all of them must come
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) <= 8 and all(len(p.relative_to(tmp_path).parts) <= 3 for p in files), files
+    assert (tmp_path / "test_cuda_tmp.tgz").exists()  # the test shards' reports, packed
