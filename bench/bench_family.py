@@ -31,7 +31,7 @@ from bench_cpu import Phase, load_average, ms, ratio, time_interleaved
 try:  # without torch the table keeps mdnumba's timings and says why the baseline is missing
     import torch
     from torch_wavefront_nd import TorchWavefrontLSTM
-except ImportError as exc:
+except Exception as exc:  # not only ImportError: a torch at odds with the carried numpy or CUDA
     torch, TORCH_ERROR = None, exc
 
 import mdnumba
@@ -88,7 +88,8 @@ def mdnumba_phases(layer, x: np.ndarray, device: str) -> tuple[list[Phase], list
             dh = kept.get(h.shape)
             if dh is None:
                 dh = kept[h.shape] = cuda.device_array_like(h)
-            scale(dh.reshape(dh.size), h.reshape(h.size), 1.0 / h.size, h.reshape(h.size), 0.0)
+            scale(dh.reshape(dh.size), h.reshape(h.size), np.float32(1.0 / h.size), h.reshape(h.size),
+                  np.float32(0.0))
             return dh
     else:
         net, sync, opt, xin = layer, (lambda: None), mdnumba.Adam(layer, lr=1e-3), x

@@ -37,6 +37,7 @@ import datetime
 import gc
 import importlib
 import importlib.metadata
+import os
 import platform
 import sys
 import time
@@ -151,7 +152,7 @@ def mdnumba_device_fns(cfg: Config, x: np.ndarray, path: str):
     def train() -> None:
         h = dev.forward(xd)
         hf = h.reshape(size)
-        k.axpby(dh, hf, 1.0 / size, hf, 0.0)
+        k.axpby(dh, hf, np.float32(1.0 / size), hf, np.float32(0.0))  # float32 (Python floats: float64)
         dev.zero_grad()
         dev.backward(dh.reshape(h.shape), input_grad=False)  # x is data (PyTorch: no grad either)
         opt.step(sync=False)
@@ -189,7 +190,7 @@ def mdnumba_layer_fns(cfg: Config, x: np.ndarray, device: str):
     def train() -> None:
         h = layer.forward(x)
         layer.zero_grad()
-        layer.backward(h * np.float32(1.0 / h.size))
+        layer.backward(h * np.float32(1.0 / h.size), input_grad=False)  # x is data, as on the GPU
         opt.step()
 
     return train, lambda: layer.forward(x)
@@ -254,7 +255,8 @@ def load_torch() -> TorchBaseline | None:
     simulator (a smoke run without a GPU) it runs on CPU tensors, so the same code is exercised."""
     try:
         import torch
-    except ImportError:
+    except Exception as exc:  # not only ImportError: a torch at odds with the carried numpy or CUDA
+        print(f"no PyTorch baseline: import torch failed ({type(exc).__name__}: {exc})", flush=True)
         return None
     simulated = bool(numba.config.ENABLE_CUDASIM)
     if not (simulated or torch.cuda.is_available()):
@@ -500,14 +502,20 @@ def _time_pair(res: dict, key: str, train, fwd, sync, budget: float, **kw) -> No
     res["forward"][key] = time_it(fwd, sync, budget, **kw)
 
 
-def run_config(cfg: Config, tb: TorchBaseline | None, budget: float, cpu: bool, numpy_api: bool) -> dict:
+def new_result(cfg: Config) -> dict:
+    """The empty result of ``cfg`` that :func:`run_config` fills part by part."""
+    return {"cfg": cfg, "train": {}, "forward": {}, "inference": {}, "sweeps": {}, "dispatch": {},
+            "paths": []}
+
+
+def run_config(res: dict, tb: TorchBaseline | None, budget: float, cpu: bool, numpy_api: bool) -> dict:
+    """Measure ``res["cfg"]`` into ``res`` as it goes (a run cut midway keeps the parts done)."""
     from numba import cuda
 
     from mdnumba.backend_cuda import last_path
+    cfg = res["cfg"]
     x = make_input(cfg)
     sync = cuda.synchronize
-    res: dict = {"cfg": cfg, "train": {}, "forward": {}, "inference": {}, "sweeps": {}, "dispatch": {},
-                 "paths": []}
     for key, path in (("coop", "cooperative"), ("diag", "per-diagonal")):
         try:
             train, fwd, dev = mdnumba_device_fns(cfg, x, path)
@@ -548,6 +556,15 @@ def run_config(cfg: Config, tb: TorchBaseline | None, budget: float, cpu: bool, 
     return res
 
 
+def write_report(path: Path, report: str) -> str:
+    """Write ``report`` to ``path`` through a temp file (a cut never leaves half a table)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(report)
+    os.replace(tmp, path)
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="few repeats")
@@ -567,15 +584,21 @@ def main(argv: list[str] | None = None) -> int:
     require_cuda()
     tb = None if args.no_torch else load_torch()
     budget = 0.5 if args.quick else 2.0
-    results = []
+    results, report = [], ""
     for cfg in [parse_config(c) for c in args.configs.split(",")]:
         print(f"{cfg.label} ...", flush=True)
         t0 = time.perf_counter()
-        results.append(run_config(cfg, tb, budget, not args.no_cpu, not args.no_numpy_api))
+        results.append(new_result(cfg))
+        try:
+            run_config(results[-1], tb, budget, not args.no_cpu, not args.no_numpy_api)
+        except KeyboardInterrupt:  # cut at the deadline (run_gpu.sh): keep the parts measured
+            results[-1]["paths"].append("CUT at the deadline")
+            report = write_report(args.out, render(machine_info(tb), results, args.quick))
+            print(report)
+            return 1
         print(f"{cfg.label} done in {time.perf_counter() - t0:.0f} s", flush=True)
-        report = render(machine_info(tb), results, args.quick)  # after every config: a run cut
-        args.out.parent.mkdir(parents=True, exist_ok=True)      # short keeps what it measured
-        args.out.write_text(report)
+        # after every config: a run cut short keeps what it measured
+        report = write_report(args.out, render(machine_info(tb), results, args.quick))
     print(report)
     failed = [p for res in results for p in res["paths"] if "FAILED" in p]
     return 1 if args.smoke and failed else 0  # a smoke run checks that every part runs

@@ -57,6 +57,7 @@ else
   export PYTHONPATH=.
 fi
 export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-/tmp/numba_cache}"
+export PYTHONUNBUFFERED=1  # a part killed after its cut keeps every line it printed
 
 out_dir="${OUT:-bench/results}"
 mkdir -p "$out_dir"
@@ -64,13 +65,13 @@ mkdir -p "$out_dir"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
 # Can numba-cuda compile and run a kernel (libNVVM, libdevice) and a cooperative one (cudadevrt)?
 # If not, try once more with the libNVVM carried in .whl/cuda_home_nvvm.tgz (fetch_gpu_wheels.sh).
-if ! python3 bench/gpu_probe.py 2>&1 | tee "$out_dir/probe.log"; then
+if ! timeout 180 python3 bench/gpu_probe.py 2>&1 | tee "$out_dir/probe.log"; then
   if [ -f .whl/cuda_home_nvvm.tgz ]; then
     CUDA_HOME=$(mktemp -d /tmp/mdnumba_cuda_home.XXXXXX)
     export CUDA_HOME
     tar xzf .whl/cuda_home_nvvm.tgz -C "$CUDA_HOME"
     echo "the CUDA probe failed: again with the carried libNVVM (CUDA_HOME=$CUDA_HOME)" | tee -a "$out_dir/probe.log" >&2
-    python3 bench/gpu_probe.py 2>&1 | tee -a "$out_dir/probe.log" \
+    timeout 180 python3 bench/gpu_probe.py 2>&1 | tee -a "$out_dir/probe.log" \
       || echo "warning: the CUDA probe failed again (see above)" >&2
   else
     echo "warning: the CUDA probe failed (see above; no .whl/cuda_home_nvvm.tgz to try)" >&2

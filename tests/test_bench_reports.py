@@ -19,10 +19,22 @@ import bench_gpu  # noqa: E402
 T = bench_cpu.Timing
 
 
-def gpu_result(cfg: str, coop: float | None, diag: float | None, torch: float | None) -> dict:
+def gpu_result(cfg: str, coop: float | None, diag: float | None, torch: float | None,
+               check: dict | None = None) -> dict:
     train = {k: T([v, 2 * v]) for k, v in (("coop", coop), ("diag", diag), ("torch", torch)) if v}
-    return {"cfg": bench_gpu.parse_config(cfg), "train": train, "forward": {}, "sweeps": {},
-            "dispatch": {}, "paths": []}
+    res = {"cfg": bench_gpu.parse_config(cfg), "train": train, "forward": {}, "sweeps": {},
+           "dispatch": {}, "paths": []}
+    if torch:  # the PyTorch baseline's parity check (a smoke run's figures)
+        res["check"] = check or {"forward_max_abs": 1.5e-8, "grad_max_rel": 1.1e-7}
+    return res
+
+
+@pytest.mark.parametrize("check", [{"forward_max_abs": 1e-2, "grad_max_rel": 1e-7},
+                                   {"forward_max_abs": 1e-8, "grad_max_rel": float("nan")}])
+def test_gpu_target_needs_a_baseline_that_matches(check):
+    """PyTorch's time says nothing when it computed something else (or NaN): no verdict."""
+    (line,) = bench_gpu.targets([gpu_result("32", 1.0, None, 60.0, check)])
+    assert "**BASELINE MISMATCH" in line and "met" not in line
 
 
 @pytest.mark.parametrize(("coop", "diag", "torch", "verdict"), [
