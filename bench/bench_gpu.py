@@ -216,8 +216,9 @@ def sweep_times(dev, cfg: Config, path: str, sync, budget_s: float) -> dict[str,
 
 
 def sync_floors(K: int, tpb: int, sync, budget_s: float) -> dict[str, object]:
-    """Per-diagonal cost of an empty cooperative kernel with K grid syncs (at the largest
-    co-resident grid) and of K empty launches."""
+    """Per-diagonal cost of an empty cooperative kernel's K grid syncs (at the largest
+    co-resident grid; the same kernel with none, i.e. its launch, subtracted) and of K empty
+    launches."""
     from numba import cuda
 
     @cuda.jit
@@ -236,8 +237,10 @@ def sync_floors(K: int, tpb: int, sync, budget_s: float) -> dict[str, object]:
     out = cuda.device_array(1, dtype=np.int64)
     blocks = grid_syncs.compile((numba.int64, numba.int64[::1])).max_cooperative_grid_blocks(tpb)
     coop = time_it(lambda: grid_syncs[blocks, tpb](K, out), sync, budget_s)
+    bare = time_it(lambda: grid_syncs[blocks, tpb](0, out), sync, budget_s)  # its launch alone
     launches = time_it(lambda: [empty[1, tpb](out) for _ in range(K)], sync, budget_s)
-    return {"blocks": blocks, "sync_us": coop.best / K * 1e6, "launch_us": launches.best / K * 1e6}
+    return {"blocks": blocks, "sync_us": max(coop.best - bare.best, 0.0) / K * 1e6,
+            "launch_us": launches.best / K * 1e6}
 
 
 # ------------------------------------------------------------------------- PyTorch
