@@ -125,12 +125,14 @@ class Corpus:
         win = ids[idx]
         return win[:, :-1], win[:, 1:]
 
-    def encode(self, text: str) -> np.ndarray:
+    def encode(self, text: str, what: str = "the text") -> np.ndarray:
+        """``text`` as vocabulary ids; CorpusError naming ``what`` and the characters the model
+        does not know (in the order typed) otherwise."""
         index = {ch: k for k, ch in enumerate(self.vocab)}
-        missing = "".join(dict.fromkeys(ch for ch in text if ch not in index))  # in the order typed
+        missing = "".join(dict.fromkeys(ch for ch in text if ch not in index))
         if missing:
             known = "".join(self.vocab)
-            raise CorpusError(f"--prime has characters not in the model's vocabulary: {missing[:20]!r} (it "
+            raise CorpusError(f"{what} has characters not in the model's vocabulary: {missing[:20]!r} (it "
                               f"knows {known[:60]!r}{'...' if len(known) > 60 else ''})")
         return np.array([index[ch] for ch in text], dtype=np.int32)
 
@@ -303,7 +305,8 @@ def iter_sample(model: CharLM, corpus: Corpus, length: int, temperature: float,
         raise ValueError(f"--temperature must be a finite number > 0, got {temperature}")
     if not prime:
         prime, length = corpus.decode([int(rng.integers(corpus.vocab_size))]), length - 1
-    return _sampled(model, corpus, list(corpus.encode(prime)), prime, length, temperature, rng, window)
+    ids = list(corpus.encode(prime, "--prime"))
+    return _sampled(model, corpus, ids, prime, length, temperature, rng, window)
 
 
 def _sampled(model, corpus, ids, prime, length, temperature, rng, window) -> Iterator[str]:
