@@ -42,13 +42,13 @@ def restored_state(meta: dict, folder: Path | None) -> tuple[list | None, dict]:
     """A char-LM checkpoint's vocabulary and last validation metrics, or :class:`CheckpointError`
     naming what is damaged (a damaged one failed with a TypeError, or once training had begun)."""
     vocab, val = meta.get("vocab"), meta.get("val") or {}
-    bad = ("its vocabulary is not a list of distinct characters" if vocab is not None and not _is_vocab(vocab)
-           else None if _is_metrics(val) else f"its validation metrics are not {' and '.join(VAL_KEYS)} "
-           "as finite numbers")
-    if bad:
-        raise CheckpointError(f"checkpoint in {folder} is damaged: {bad}; delete it or use another "
-                              "run folder")
-    return vocab, dict(val)
+    if vocab is not None and not _is_vocab(vocab):
+        bad = "its vocabulary is not a list of distinct characters"
+    elif not _is_metrics(val):
+        bad = f"its validation metrics are not {' and '.join(VAL_KEYS)} as finite numbers"
+    else:
+        return vocab, dict(val)
+    raise CheckpointError(f"checkpoint in {folder} is damaged: {bad}; delete it or use another run folder")
 
 
 class CharLMTrainer(Trainer):
