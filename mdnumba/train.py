@@ -185,7 +185,7 @@ class TrainConfig:
             raise ValueError(f"curriculum sizes must increase from >= {task.min_size} to below --size "
                              f"{self.size} (smaller sizes first), got {','.join(map(str, self.curriculum))}")
         phases = len(self.curriculum) + 1
-        if self.curriculum and (self.curriculum_steps or self.steps) < phases:
+        if self.curriculum and self.curriculum_span < phases:
             raise ValueError(f"--steps {self.steps} is too few for {phases} curriculum phases "
                              f"({','.join(map(str, sizes))}): give at least one step per phase")
         checks = [(self.batch >= 1, "--batch must be >= 1"), (self.hidden >= 1, "--hidden must be >= 1"),
@@ -240,8 +240,13 @@ class TrainConfig:
         span ``curriculum_steps`` (set when a resumed run's steps are extended, so that the
         extension trains at ``size``)."""
         sizes = list(self.curriculum) + [self.size]
-        span = self.curriculum_steps or self.steps
-        return sizes[min(len(sizes) - 1, step * len(sizes) // span)]
+        return sizes[min(len(sizes) - 1, step * len(sizes) // self.curriculum_span)]
+
+    @property
+    def curriculum_span(self) -> int:
+        """Steps the curriculum phases (and the last one, at ``size``) span: ``curriculum_steps``,
+        else ``steps``."""
+        return self.curriculum_steps or self.steps
 
 
 class Trainer:
@@ -618,7 +623,7 @@ def _checkpoint_config(folder: Path, meta: dict, overrides: dict) -> TrainConfig
         raise CheckpointError(f"checkpoint in {folder} holds an invalid config ({exc}); "
                               "start a new run") from None
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    span = cfg.curriculum_steps or cfg.steps
+    span = cfg.curriculum_span
     if cfg.curriculum and overrides.get("steps", span) < span:
         raise ValueError(f"--steps {overrides['steps']} would end the run in {folder} inside its "
                          f"curriculum, whose phases span {span} steps (it would never train at --size "
