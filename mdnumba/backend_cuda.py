@@ -51,7 +51,7 @@ from ._validate import (
     overflowed_state,
 )
 from .grid import table_cache
-from .optim import Adam, RMSprop, nonfinite_gradient
+from .optim import Adam, RMSprop, check_state_shapes, nonfinite_gradient
 
 if TYPE_CHECKING:
     from .layers import Linear, WavefrontLSTM
@@ -634,9 +634,8 @@ class _DeviceOptimizer:
         if self._sizes:
             if len(state["m"]) != len(self._sizes) or len(state["v"]) != len(self._sizes):
                 raise ValueError("optimizer state has a different number of buffers")
-            for src, size in zip(list(state["m"]) + list(state["v"]), self._sizes * 2):
-                if np.shape(src) != (size,):  # as the host optimiser checks each layer's
-                    raise ValueError(f"optimizer state shape {np.shape(src)} does not match {(size,)}")
+            # each layer's, as the host optimiser checks them (not only the joined length)
+            check_state_shapes(list(state["m"]) + list(state["v"]), [(n,) for n in self._sizes] * 2)
             state = dict(state, m=[np.concatenate([np.ravel(a) for a in state["m"]])],
                          v=[np.concatenate([np.ravel(a) for a in state["v"]])])
         super().load_state_dict(state)

@@ -91,6 +91,13 @@ def collect_buffers(obj: object) -> list[tuple[np.ndarray, np.ndarray]]:
     raise TypeError(f"Adam needs layers, models or (param, grad) array pairs, got {type(obj).__name__}")
 
 
+def check_state_shapes(srcs: list, shapes: list) -> None:
+    """ValueError naming the first optimiser-state array whose shape is not its buffer's."""
+    for src, shape in zip(srcs, shapes):
+        if np.shape(src) != tuple(shape):
+            raise ValueError(f"optimizer state shape {np.shape(src)} does not match {tuple(shape)}")
+
+
 def _span(a) -> tuple[int, int]:
     """[first, last) byte address of a contiguous host or device array."""
     iface = getattr(a, "__cuda_array_interface__", None) or a.__array_interface__
@@ -240,9 +247,7 @@ class Adam:
                              f"this optimizer {len(self.m)} of each")
         t = check_count(state["t"], "optimizer state step t")
         srcs = [np.asarray(src) for src in list(state["m"]) + list(state["v"])]
-        for dst, src in zip(self.m + self.v, srcs):
-            if dst.shape != src.shape:
-                raise ValueError(f"optimizer state shape {src.shape} does not match {dst.shape}")
+        check_state_shapes(srcs, [dst.shape for dst in self.m + self.v])
         if not all(np.isfinite(src).all() for src in srcs) or any((v < 0).any() for v in srcs[len(self.m):]):
             raise ValueError("optimizer state holds NaN/inf or negative second moments v")
         for dst, src in zip(self.m + self.v, srcs):
