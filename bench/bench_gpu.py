@@ -511,7 +511,7 @@ def new_result(cfg: Config) -> dict:
             "paths": []}
 
 
-def run_config(res: dict, tb: TorchBaseline | None, budget: float, cpu: bool, numpy_api: bool) -> dict:
+def run_config(res: dict, tb: TorchBaseline | None, budget: float, cpu: bool, numpy_api: bool) -> None:
     """Measure ``res["cfg"]`` into ``res`` as it goes (a run cut midway keeps the parts done)."""
     from numba import cuda
 
@@ -556,7 +556,6 @@ def run_config(res: dict, tb: TorchBaseline | None, budget: float, cpu: bool, nu
     if not numba.config.ENABLE_CUDASIM:
         _attempt(res, "sync floors", lambda: res.update(
             floors=sync_floors(cfg.diagonals, config.THREADS_PER_BLOCK, sync, budget / 4)))
-    return res
 
 
 def write_report(path: Path, report: str) -> str:
@@ -587,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     require_cuda()
     tb = None if args.no_torch else load_torch()
     budget = 0.5 if args.quick else 2.0
-    results, report = [], ""
+    results, report, cut = [], "", False
     for cfg in [parse_config(c) for c in args.configs.split(",")]:
         print(f"{cfg.label} ...", flush=True)
         t0 = time.perf_counter()
@@ -596,13 +595,15 @@ def main(argv: list[str] | None = None) -> int:
             run_config(results[-1], tb, budget, not args.no_cpu, not args.no_numpy_api)
         except KeyboardInterrupt:  # cut at the deadline (run_gpu.sh): keep the parts measured
             results[-1]["paths"].append("CUT at the deadline")
-            report = write_report(args.out, render(machine_info(tb), results, args.quick))
-            print(report)
-            return 1
-        print(f"{cfg.label} done in {time.perf_counter() - t0:.0f} s", flush=True)
+            cut = True
+        print(f"{cfg.label} {'cut' if cut else 'done'} in {time.perf_counter() - t0:.0f} s", flush=True)
         # after every config: a run cut short keeps what it measured
         report = write_report(args.out, render(machine_info(tb), results, args.quick))
+        if cut:
+            break
     print(report)
+    if cut:
+        return 1
     failed = [p for res in results for p in res["paths"] if "FAILED" in p]
     return 1 if args.smoke and failed else 0  # a smoke run checks that every part runs
 
