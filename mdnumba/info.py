@@ -9,6 +9,7 @@ import numba
 import numpy as np
 
 from . import __version__, config, kernel_cache
+from .kernels import parallel
 
 
 def cuda_status() -> str:
@@ -42,6 +43,14 @@ def cuda_sweep_path() -> str:
     return str(last_path())
 
 
+def threading_layer() -> str:
+    """The threading layer Numba chose (starting its thread pool), and what that means for
+    calls from several Python threads (:mod:`mdnumba.kernels.parallel`)."""
+    if parallel.serial_lock():
+        return "workqueue, so calls from several Python threads take turns"
+    return numba.threading_layer()
+
+
 def collect_info() -> dict[str, str]:
     """Versions, threading and device facts as ``name -> text``."""
     return {
@@ -49,8 +58,7 @@ def collect_info() -> dict[str, str]:
         "python": platform.python_version(),
         "numpy": np.__version__,
         "numba": numba.__version__,
-        "numba threads": f"{numba.get_num_threads()} (threading layer: "
-                         f"{numba.config.THREADING_LAYER}; GOMP_SPINCOUNT="
+        "numba threads": f"{numba.get_num_threads()} (threading layer: {threading_layer()}; GOMP_SPINCOUNT="
                          f"{os.environ.get('GOMP_SPINCOUNT', 'unset')}, see README 'Two jobs')",
         "malloc tuning": config.MALLOC_TUNING,
         "default dtype": np.dtype(config.DEFAULT_DTYPE).name,

@@ -1,5 +1,9 @@
 """2D MD-LSTM kernels vs the float64 reference, finite differences, causality."""
 
+import os
+import subprocess
+import sys
+
 import numba
 import numpy as np
 import pytest
@@ -112,6 +116,44 @@ def test_same_result_with_one_or_two_threads(rng):
         numba.set_num_threads(old)
     for name, a, b in zip(("h", "dx", "grads"), *results):
         np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+THREADED_LAYERS = """
+import threading, numpy as np, numba
+from mdnumba import LSTM1D, MDLSTM2D, GridLSTM2D, Linear
+rng = np.random.default_rng(0)
+cases = [(MDLSTM2D(3, 5, directions=4, seed=1), rng.standard_normal((3, 4, 5, 3))),
+         (GridLSTM2D(5, 2, seed=2), rng.standard_normal((3, 6, 5))),
+         (LSTM1D(3, 5, seed=3), rng.standard_normal((3, 6, 3))),
+         (Linear(3, 5, seed=4), rng.standard_normal((3, 7, 3)))]
+cases = [(layer, x.astype(np.float32)) for layer, x in cases]
+def run(layer, x, out):
+    for _ in range(30):
+        layer.grads.data[:] = 0
+        h = layer.forward(x)
+        out.append((h, layer.backward(np.cos(h)), layer.grads.data.copy()))
+alone = [[] for _ in cases]
+for (layer, x), out in zip(cases, alone):
+    run(layer, x, out)
+together = [[] for _ in cases]
+threads = [threading.Thread(target=run, args=(layer, x, out)) for (layer, x), out in zip(cases, together)]
+for t in threads: t.start()
+for t in threads: t.join()
+same = all(np.array_equal(a, b) for r1, r2 in zip(alone, together)
+           for t1, t2 in zip(r1, r2) for a, b in zip(t1, t2))
+print(numba.threading_layer(), len(together[0]), same)
+"""
+
+
+def test_layers_run_in_python_threads_under_workqueue():
+    """Layers release the GIL, so a thread pool may run several at once. Numba's workqueue
+    layer (its fallback without OpenMP or TBB) aborted the process on such concurrent calls;
+    the drivers now take turns there (mdnumba/kernels/parallel.py), with the same results."""
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue")
+    run = subprocess.run([sys.executable, "-c", THREADED_LAYERS], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["workqueue", "30", "True"], run.stdout
 
 
 def test_named_views_share_one_flat_buffer():

@@ -12,7 +12,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ..config import NJIT_CHAIN_OPTS, NJIT_OPTS, NJIT_PARALLEL_OPTS, NJIT_SUM_OPTS
+from ..config import NJIT_CHAIN_OPTS, NJIT_OPTS, NJIT_SUM_OPTS
+from .parallel import parallel_njit
 from .simd import (
     TALL_ROWS,
     TALL_TILES,
@@ -139,7 +140,7 @@ def matmul_rows(out, a, bmat, bias, accumulate: bool, rows) -> None:
     _matmul_rows(out, a, bmat, panels, bias, accumulate, rows)
 
 
-@njit(**NJIT_PARALLEL_OPTS)
+@parallel_njit
 def _matmul_rows(out, a, bmat, panels, bias, accumulate, rows):
     """:func:`matmul_rows`; a work item is :data:`MATMUL_BLOCK` rows, in tiles of four (fewer
     at the end: repeated rows), each panel of ``bmat`` passing over the whole block."""
@@ -287,7 +288,7 @@ def matmul_at_b(out, a, bmat, rows) -> None:
     _matmul_at_b(out, a, bmat, rows, nk, a.flags.c_contiguous and bmat.flags.c_contiguous)
 
 
-@njit(**NJIT_PARALLEL_OPTS)
+@parallel_njit
 def _matmul_at_b(out, a, bmat, rows, nk, tiled):
     """:func:`matmul_at_b` with its row blocks cut into ``nk`` slices along K each."""
     R, K = (a.shape[0] if rows is None else rows.shape[0]), a.shape[1]
@@ -301,7 +302,7 @@ def _matmul_at_b(out, a, bmat, rows, nk, tiled):
         out += parts[q]
 
 
-@njit(**NJIT_PARALLEL_OPTS)
+@parallel_njit
 def _matmul_at_b_wide(out, a, bmat, rows, ntask):
     """:func:`matmul_at_b` for wide rows of ``bmat``: ``ntask`` tasks (at most one per panel),
     each owning a run of the column panels of ``out`` (W = :func:`~mdnumba.kernels.simd.tile_width`
@@ -371,7 +372,7 @@ def _pack_at_b(ap, bp, a, bmat, rows, c0, T, p0):
                 bp[p, t, n] = bmat[r, n0 + n]
 
 
-@njit(**NJIT_PARALLEL_OPTS)
+@parallel_njit
 def column_sums(out, a, rows):
     """``out += Σ_r a[r]`` (over ``rows`` unless None) with the same fixed blocking as :func:`matmul_at_b`."""
     R = a.shape[0] if rows is None else rows.shape[0]

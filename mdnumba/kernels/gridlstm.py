@@ -23,11 +23,12 @@ import math
 
 from numba import njit, prange
 
-from ..config import NJIT_OPTS, NJIT_PARALLEL_OPTS, NJIT_SUM_OPTS
+from ..config import NJIT_OPTS, NJIT_SUM_OPTS
 from ..grid import ROWS
 from . import vexp
 from .cell import build
 from .gemm import assign
+from .parallel import parallel_njit
 from .simd import TALL_ROWS, TALL_TILES, group_tiles
 from .wavefront import _rolling_parents, _tiled, group_rows, group_size, pack_recurrent
 
@@ -377,7 +378,7 @@ def grid_forward(h, c, act, x, U_time, U_depth, diag_off, parent, perm, L: int, 
                   perm, L, B, D)
 
 
-@njit(**NJIT_PARALLEL_OPTS)
+@parallel_njit
 def _grid_forward(h, c, act, x, U_time, U_depth, Pt, Pd, diag_off, parent, perm, L, B, D):
     """:func:`grid_forward`: diagonals in order, a ``prange`` over (block, group of up to ITEM_ROWS batch
     items) in each."""
@@ -415,7 +416,7 @@ def grid_infer(out, h, c, act, lp, lperm, x, U_time, U_depth, b_time, b_depth, d
                 b_time, b_depth, diag_off, parent, perm, L, B, D)
 
 
-@njit(**NJIT_PARALLEL_OPTS)
+@parallel_njit
 def _grid_infer(out, h, c, act, lp, lperm, x, U_time, U_depth, Pt, Pd, b_time, b_depth, diag_off, parent,
                 perm, L, B, D):
     """:func:`grid_infer`."""
@@ -448,7 +449,7 @@ def grid_backward(dact, dc, dx, dtop, act, c, U_time, U_depth, diag_off, parent,
                    pack_halves(U_depth, True), diag_off, parent, child, perm, L, B, D)
 
 
-@njit(**NJIT_PARALLEL_OPTS)
+@parallel_njit
 def _grid_backward(dact, dc, dx, dtop, act, c, U_time, U_depth, Qt, Qd, diag_off, parent, child, perm, L, B,
                    D):
     """:func:`grid_backward`."""
@@ -461,7 +462,7 @@ def _grid_backward(dact, dc, dx, dtop, act, c, U_time, U_depth, Qt, Qd, diag_off
                             s0 + t // P, b, min(ITEM_ROWS, B - b), B, D)
 
 
-@njit(**NJIT_PARALLEL_OPTS)
+@parallel_njit
 def gather_operands(zt, zd, h, x, parent, perm, L, B, D):
     """Per row: ``zt = [h_T in | h_L in]`` and ``zd = [h_T' | h_L in]`` (the GEMM operands of
     ``dU_time = ztᵀ da_T`` and ``dU_depth = zdᵀ da_L``)."""

@@ -33,11 +33,12 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ..config import NJIT_CHAIN_OPTS, NJIT_OPTS, NJIT_PARALLEL_OPTS, NJIT_SUM_OPTS
+from ..config import NJIT_CHAIN_OPTS, NJIT_OPTS, NJIT_SUM_OPTS
 from ..grid import ROWS
 from . import simd, vexp
 from .cell import build
 from .gemm import assign, rows_product, selected_four, selected_row
+from .parallel import parallel_njit
 from .simd import (
     TALL_ROWS,
     TALL_TILES,
@@ -348,7 +349,7 @@ def _items_or_all(items, diag_off) -> tuple:
     return items
 
 
-@njit(**NJIT_PARALLEL_OPTS)
+@parallel_njit
 def _sweep_forward(h, c, act, xs, W, bias, U, Up, diag_off, items_off, items, parent, B, D, cell):
     """:func:`wavefront_forward`, a ``prange`` per hyperplane over tasks of :func:`task_items`
     work items."""
@@ -377,7 +378,7 @@ def _stream(t, B):
     return t // P, b, min(ROWS, B - b)
 
 
-@njit(**NJIT_PARALLEL_OPTS)
+@parallel_njit
 def _sweep_forward_batched(h, c, act, xs, W, bias, U, Up, diag_off, parent, B, D, cell, nblk):
     """:func:`wavefront_forward` in ``nblk`` blocks of work streams (:func:`batch_blocks`), each
     sweeping the cells in hyperplane order (the skewed order) for its streams."""
@@ -586,7 +587,7 @@ def _input_tiles(act, x, src, Wp, L, slot, cell_k, B, t0, t1):
             t += 1
 
 
-@njit(**NJIT_PARALLEL_OPTS)
+@parallel_njit
 def _sweep_infer(out, h, c, act, lp, x, src, W, Wp, bias, U, Up, diag_off, items_off, items, parent,
                  first, last, B, D, cell):
     """:func:`wavefront_infer`, a ``prange`` per hyperplane over tasks of :func:`task_items` work
@@ -623,7 +624,7 @@ def _prefetch_output(out, src, t, m, first, n, items, B):
             prefetch_row(out, row, row + out.shape[2])
 
 
-@njit(**NJIT_PARALLEL_OPTS)
+@parallel_njit
 def _sweep_infer_batched(out, h, c, act, lps, x, src, W, Wp, bias, U, Up, diag_off, parent, first, last,
                          B, D, cell):
     """:func:`wavefront_infer` in ``lps.shape[0]`` blocks of work streams, each with its own
@@ -770,7 +771,7 @@ def wavefront_backward(dact, dc, dh, act, c, U, diag_off, parent, child, B: int,
                         parent, child, B, D, cell, numba.get_num_threads())
 
 
-@njit(**NJIT_PARALLEL_OPTS)
+@parallel_njit
 def _sweep_backward(dact, dc, dh, act, c, U, Ut, diag_off, items_off, items, parent, child, B, D, cell,
                     threads):
     """:func:`wavefront_backward`, a ``prange`` per hyperplane; where a panel of ``Ut`` holds more
@@ -796,7 +797,7 @@ def _sweep_backward(dact, dc, dh, act, c, U, Ut, diag_off, items_off, items, par
                 t += taken
 
 
-@njit(**NJIT_PARALLEL_OPTS)
+@parallel_njit
 def _sweep_backward_batched(dact, dc, dh, act, c, U, Ut, diag_off, parent, child, B, D, cell, nblk):
     """:func:`wavefront_backward` in ``nblk`` blocks of work streams, cells in reverse order."""
     MB = parent.shape[0] * B
@@ -812,7 +813,7 @@ def _sweep_backward_batched(dact, dc, dh, act, c, U, Ut, diag_off, parent, child
                     _cell_backward(dact, dc, dh, act, c, parent, child, grp * MB, s, bb, B, D, cell)
 
 
-@njit(**NJIT_PARALLEL_OPTS)
+@parallel_njit
 def weight_operands(z, xs, h, parent, B, D, rows=None):
     """``z[r] = [xs[r] | hpar[r] | 1]`` with ``hpar[r, j*N + d] = h[parent_d(s)*B + b, j]`` (0
     without parent), per scan slab: the operand of the one weight-gradient GEMM ``zᵀ @ dact =
@@ -837,7 +838,7 @@ def weight_operands(z, xs, h, parent, B, D, rows=None):
         z[t, C + N * D] = 1.0
 
 
-@njit(**NJIT_PARALLEL_OPTS)
+@parallel_njit
 def skew_rows(out, inp, skew_src, unskew_src, B):
     """``out[q*R + r, f] = inp[skew_src[q, r], q % P, f]``, zeros where ``skew_src = -1``: dense
     rows ``b*M + m`` of ``inp`` (B*M, P, F) into the skewed order of every direction q, with the
@@ -868,7 +869,7 @@ def skew_rows(out, inp, skew_src, unskew_src, B):
                         out[o, f] = inp[i, p, f]
 
 
-@njit(**NJIT_PARALLEL_OPTS)
+@parallel_njit
 def zero_padding(h, c, src):
     """``h[q*R + r] = c[q*R + r] = 0`` where ``src[q, r] = -1`` (``src`` (S, R): a padded batch's
     ``skew_src``, :func:`mdnumba.grid.direction_tables`; ``h``, ``c`` any two arrays of rows).
@@ -882,7 +883,7 @@ def zero_padding(h, c, src):
             c[t, :] = 0
 
 
-@njit(**NJIT_PARALLEL_OPTS)
+@parallel_njit
 def zero_rows(a, c, rows, R):
     """``a[q*R + r] = c[q*R + r] = 0`` for the rows r in ``rows`` of every slab q of R rows (a
     padded batch's :func:`mdnumba.grid.padding_edge`, before the backward sweep: its
@@ -894,7 +895,7 @@ def zero_rows(a, c, rows, R):
         c[i, :] = 0
 
 
-@njit(**NJIT_PARALLEL_OPTS)
+@parallel_njit
 def unskew_rows(out, inp, skew_src, unskew_src):
     """``out[r, p, f] = Σ_{q ≡ p mod P} inp[q*M + unskew_src[q, r], f]`` for ``out`` (R, P, F),
     the tables (S, M) and (S, R) of :func:`mdnumba.grid.direction_tables` (M = R, or R + 2B with
@@ -930,7 +931,7 @@ def unskew_rows(out, inp, skew_src, unskew_src):
 # Layout of :func:`mdnumba.grid.state_tables`: scan slab q holds rows q*R .. (q+1)*R - 1,
 # R = (T+2)*B; skewed cell 0 carries the initial state, cells 1..T the steps, cell T+1 is a pad.
 # State arrays are (B, S*D), direction q in columns q*D:(q+1)*D (as the layer output).
-@njit(**NJIT_PARALLEL_OPTS)
+@parallel_njit
 def seed_state(h, c, act, h0, c0, B):
     """Before a forward sweep of cells 1..T: cell 0 gets ``h, c = h0, c0`` and gates 0 (so its
     backward passes dL/dh, dL/dc through and adds nothing to the weight gradients); the pad
@@ -949,7 +950,7 @@ def seed_state(h, c, act, h0, c0, B):
             act[pad, g] = 1.0 if D <= g < 2 * D else 0.0
 
 
-@njit(**NJIT_PARALLEL_OPTS)
+@parallel_njit
 def state_of_cell(hs, cs, h, c, cell, B):
     """``hs, cs`` = h, c of skewed cell ``cell`` of every scan (the final state: the last step's
     cell; time 0 for a reversed scan)."""
@@ -963,7 +964,7 @@ def state_of_cell(hs, cs, h, c, cell, B):
             hs[b, q * D + j], cs[b, q * D + j] = h[r, j], c[r, j]
 
 
-@njit(**NJIT_PARALLEL_OPTS)
+@parallel_njit
 def seed_state_grad(dh, dc, dact, dhT, dcT, B):
     """Before a backward sweep of cells T..0: ``dh`` of cell T += dL/dh_T; the pad T+1 gets
     ``dc = dL/dc_T`` and ``dact = 0`` (so cell T pulls exactly dL/dc_T through its forget gate 1)."""
@@ -980,7 +981,7 @@ def seed_state_grad(dh, dc, dact, dhT, dcT, B):
             dact[pad, g] = 0.0
 
 
-@njit(**NJIT_PARALLEL_OPTS)
+@parallel_njit
 def take_state_grad(dh0, dc0, dh, dc, dact, B):
     """After the backward sweep: ``dh0, dc0`` = the completed dh, dc of cell 0; its ``dact`` is
     zeroed (it has no gates: its row must add nothing to the weight gradients)."""
