@@ -20,14 +20,12 @@ def check_array(x: npt.ArrayLike, name: str, ndim: int, last: int | None, dtype:
     Raises TypeError for non-floating data and ValueError for a wrong number of
     dimensions, a wrong last axis, empty axes or NaN/inf values.
     """
-    if not hasattr(x, "__array__") and not isinstance(x, (list, tuple)):
-        raise TypeError(f"{name} must be a NumPy array of shape {layout}, got {type(x).__name__}")
-    arr = np.asarray(x)
+    arr = as_array(x, name, layout)
     if not np.issubdtype(arr.dtype, np.floating):
         raise TypeError(
             f"{name} must hold floating-point values (any float dtype: the layer computes in "
-            f"{np.dtype(dtype)}), got dtype "
-            f"{arr.dtype}; convert with {name}.astype(np.float32)")
+            f"{np.dtype(dtype)}), got dtype {arr.dtype}; convert with "
+            f"np.asarray({name}, dtype=np.{np.dtype(dtype).name})")
     check_layout(arr.shape, name, ndim, last, layout)
     bad = count_nonfinite(arr)
     if bad:
@@ -38,6 +36,23 @@ def check_array(x: npt.ArrayLike, name: str, ndim: int, last: int | None, dtype:
             raise ValueError(f"{name} holds values up to {big:.3g}, beyond {np.dtype(dtype)} "
                              f"(max {np.finfo(dtype).max:.3g}); scale it or use a float64 layer")
     return np.ascontiguousarray(arr, dtype=dtype)
+
+
+def as_array(x: npt.ArrayLike, name: str, layout: str) -> np.ndarray:
+    """``np.asarray(x)`` for an array, array-like, buffer, list or tuple, else TypeError; also
+    refuses a masked array with masked values (the layers would read the values under the
+    mask) and a ragged list, saying what to do."""
+    if not hasattr(x, "__array__") and not isinstance(x, (list, tuple, memoryview)):
+        raise TypeError(f"{name} must be a NumPy array of shape {layout}, got {type(x).__name__}")
+    if np.ma.is_masked(x):
+        n = int(np.ma.count_masked(x))
+        raise ValueError(f"{name} is a masked array with {n} masked value{'s' * (n != 1)}, "
+                         f"which would be read like any other: fill them ({name}.filled(0)); for items of "
+                         "different sizes in one batch see pad_batch")
+    try:
+        return np.asarray(x)
+    except ValueError as exc:  # e.g. a ragged list
+        raise ValueError(f"{name} must be an array of shape {layout}: {exc}") from None
 
 
 def check_layout(shape: tuple, name: str, ndim: int, last: int | None, layout: str) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-from ._validate import check_sizes
+from ._validate import as_array, check_sizes
 
 
 def pad_batch(items: Sequence[npt.ArrayLike], *, shape: Sequence[int] | None = None,
@@ -26,7 +26,7 @@ def pad_batch(items: Sequence[npt.ArrayLike], *, shape: Sequence[int] | None = N
     if isinstance(items, np.ndarray) or not isinstance(items, Sequence):
         raise TypeError(f"items must be a list or tuple of arrays (n_1, .., n_N, channels), got "
                         f"{type(items).__name__}")
-    arrays = [np.asarray(item) for item in items]
+    arrays = [as_array(item, f"items[{b}]", "(n_1, .., n_N, channels)") for b, item in enumerate(items)]
     if not arrays:
         raise ValueError("items is empty: pad_batch needs at least one item")
     ndim, channels = arrays[0].ndim, arrays[0].shape[-1] if arrays[0].ndim else None

@@ -12,6 +12,7 @@ import numpy.typing as npt
 from . import config
 from ._validate import (
     NonFiniteError,
+    as_array,
     check_device,
     check_flag,
     check_positive_int,
@@ -81,6 +82,9 @@ class BlockSubsample:
                 if len(shape) > 2 else ""
             raise ValueError(f"BlockSubsample({k}) needs a (batch, {N} grid axes, channels) array, "
                              f"got shape {shape}{hint}")
+        if 0 in shape:
+            raise ValueError(f"BlockSubsample({k}) got an empty axis, shape {shape}; every axis must "
+                             "be at least 1")
         if any(n % k for n in shape[1:-1]):
             raise ValueError(f"BlockSubsample({k}) needs every grid side divisible by {k}, got "
                              f"shape {shape}; crop or pad the input (in "
@@ -92,7 +96,7 @@ class BlockSubsample:
         backward needs only the input's shape, which is always kept)."""
         check_flag(save, "save")
         twin = self._device_twin(x)
-        x = x if twin is not None else np.asarray(x)
+        x = x if twin is not None else as_array(x, "x", f"(batch, {self.ndim} grid axes, channels)")
         shape = tuple(x.shape)
         self._check_input(shape)
         y = twin.forward(x) if twin is not None else self._to_blocks(x)

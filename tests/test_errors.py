@@ -6,7 +6,17 @@ import pickle
 import numpy as np
 import pytest
 
-from mdnumba import LSTM1D, MDLSTM2D, Adam, BlockSubsample, GridLSTM2D, Linear, NonFiniteError, RMSprop
+from mdnumba import (
+    LSTM1D,
+    MDLSTM2D,
+    Adam,
+    BlockSubsample,
+    GridLSTM2D,
+    Linear,
+    NonFiniteError,
+    RMSprop,
+    pad_batch,
+)
 from mdnumba.charlm import Embedding
 from mdnumba.models import MDModel
 from mdnumba.stack import Sequential, mdlstm_stack
@@ -26,10 +36,35 @@ def layer():
     (np.zeros((2, 4, 4, 3), np.int64), TypeError, "floating-point"),
     (np.zeros((2, 4, 4, 3), bool), TypeError, "floating-point"),
     ("not an array", TypeError, "NumPy array"),
+    ([[[[0.0] * 3] * 4] * 4, [[[0.0] * 3] * 4]], ValueError, r"x must be an array of shape \(batch, "),
 ])
 def test_forward_rejects(layer, x, exc, match):
     with pytest.raises(exc, match=match):
         layer.forward(x)
+
+
+def test_int_input_is_told_the_layers_dtype():
+    with pytest.raises(TypeError, match=r"convert with np.asarray\(x, dtype=np.float64\)$"):
+        MDLSTM2D(3, 4, dtype=np.float64).forward(np.zeros((2, 4, 4, 3), np.int64))
+
+
+def test_masked_values_are_refused_not_read():
+    """A masked array's masked cells would be read as their values: refused, by the layers,
+    pad_batch and BlockSubsample; a masked array with nothing masked is an array like any other."""
+    m = np.ma.masked_array(np.ones((1, 2, 2, 3)), mask=False)
+    assert MDLSTM2D(3, 4).forward(m).shape == (1, 2, 2, 4)
+    m[0, 0, 0, 0] = np.ma.masked
+    for call, name in ((lambda: MDLSTM2D(3, 4).forward(m), "x"), (lambda: pad_batch([m[0]]), r"items\[0\]"),
+                       (lambda: BlockSubsample(2).forward(m), "x")):
+        with pytest.raises(ValueError, match=rf"^{name} is a masked array with 1 masked value, .*"
+                                             rf"\({name}.filled\(0\)\)"):
+            call()
+
+
+def test_a_memoryview_is_an_array_like():
+    x = np.random.default_rng(0).random((1, 2, 3, 3))
+    layer = MDLSTM2D(3, 4, dtype=np.float64)
+    np.testing.assert_array_equal(layer.forward(memoryview(x)), layer.forward(x))
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -516,6 +551,8 @@ def test_block_subsample_says_which_rule_is_broken():
         sub.forward(np.zeros((1, 4, 4, 4, 1)))
     with pytest.raises(ValueError, match=r"needs every grid side divisible by 2, got shape \(1, 5, 4, 1\)"):
         sub.forward(np.zeros((1, 5, 4, 1)))
+    with pytest.raises(ValueError, match=r"got an empty axis, shape \(1, 0, 4, 1\)"):
+        sub.forward(np.zeros((1, 0, 4, 1)))
     x = np.ones((1, 2, 2, 3))  # one block: the output is a new array all the same
     assert not np.shares_memory(BlockSubsample(2).forward(x), x)
     assert not np.shares_memory(BlockSubsample(1).forward(x), x)
