@@ -329,7 +329,7 @@ def _check_fresh(out: Path, overwrite: bool, default: Path, resumable: bool = Tr
     go first, so that none of the old run is left beside the new one. ``resumable``: whether
     the command can continue it (compare cannot)."""
     from mdnumba.checkpoint import CHECKPOINT, CONFIG_JSON
-    from mdnumba.train import LOG
+    from mdnumba.train import LOG, set_aside_log
     present = [name for name in (CHECKPOINT, CONFIG_JSON, LOG) + PLOTS if (out / name).exists()]
     if not present:
         return
@@ -345,7 +345,7 @@ def _check_fresh(out: Path, overwrite: bool, default: Path, resumable: bool = Tr
             (out / name).unlink()
         except OSError as exc:  # e.g. a folder of that name
             raise click.UsageError(f"cannot replace {out / name} ({exc.strerror}); move it away") from None
-    for spare in out.glob(f"{Path(LOG).stem}.unreadable-*{Path(LOG).suffix}"):  # the old run's log, set aside
+    for spare in out.glob(set_aside_log()):  # the old run's log, set aside
         spare.unlink()
 
 

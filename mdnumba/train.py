@@ -42,6 +42,14 @@ from .tasks.binary_addition import AdditionBatch
 from .tasks.diagonal import DiagonalBatch
 
 LOG = "log.tsv"
+
+
+def set_aside_log(stamp: str = "*") -> str:
+    """The name of a log copied aside (another header, unreadable rows),
+    ``log.unreadable-<stamp>.tsv``; with ``stamp="*"``, the glob of every such copy."""
+    return f"{Path(LOG).stem}.unreadable-{stamp}{Path(LOG).suffix}"
+
+
 #: the settings ``train --resume`` may change; the others define the run and must match it
 RESUME_OVERRIDES = ("steps", "device", "sync_every", "checkpoint_every", "data")
 #: with the default --checkpoint-every, a run also saves once this long has passed since its
@@ -451,7 +459,7 @@ class Trainer:
         """Copy a log that has another header or unreadable rows (not written by this run as
         it is: edited, or from another run) aside before :meth:`_open_log` keeps only its rows
         that fit (none under another header), and say so."""
-        spare = path.with_name(f"{path.stem}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}")
+        spare = path.with_name(set_aside_log(time.strftime('%Y%m%d-%H%M%S')))
         atomic_write_bytes(spare, lambda fh: fh.write(old))
         what = f"{bad_rows} unreadable row{'s' * (bad_rows != 1)}" if same_header else "another header"
         kept = "the rows that fit this run" if same_header else "no rows"
