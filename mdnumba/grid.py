@@ -16,6 +16,7 @@ import functools
 import inspect
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,9 @@ import numpy as np
 #: bytes the tables cached by each :func:`table_cache` function may hold; the most recent entry
 #: is kept even when larger (a 2048x2048 grid's :func:`wavefront` tables alone take 96 MiB)
 TABLE_CACHE_BYTES = 512 * 2**20
+#: of which the tables of padded batches (a call with ``sizes``) may hold at most this much: their
+#: items' sizes seldom repeat (random pages padded to one shape added ~3 MiB of tables per batch)
+PADDED_TABLE_CACHE_BYTES = 64 * 2**20
 #: batch rows per work item of the CPU sweeps (consecutive items of one cell, whose recurrent
 #: products share every load of U: :mod:`mdnumba.kernels.wavefront`); :func:`live_items` groups
 #: a padded batch's live rows alike. A constant, not a setting: the kernels compile it in (and
@@ -51,12 +55,13 @@ def _nbytes(value: object) -> int:
 def table_cache(fn):
     """``functools.lru_cache`` bounded by the bytes of what it holds, not by a count: images of
     many sizes (e.g. inference on pages of different widths) must not pile up GiBs of tables.
-    Least recently used entries go first once the total passes :data:`TABLE_CACHE_BYTES`;
+    Least recently used entries go first once the total passes :data:`TABLE_CACHE_BYTES`, or
+    that of the calls with ``sizes`` (padded batches) :data:`PADDED_TABLE_CACHE_BYTES`;
     ``cache_clear()`` and ``cache_bytes()`` as the names say. A call is keyed on its arguments
     with the defaults filled in, however passed: ``direction_tables(dims, B, S)`` and
     ``direction_tables(dims, B, S, None)`` share one entry (as two, a layer's first call built
     tables the caller had built already, and both stayed in the cache)."""
-    entries: OrderedDict = OrderedDict()
+    entries: OrderedDict = OrderedDict()  # key -> (value, bytes, padded)
     lock = threading.Lock()
     signature = inspect.signature(fn)
 
@@ -71,15 +76,25 @@ def table_cache(fn):
                 return entries[key][0]
         value = fn(*args, **kwargs)
         with lock:
-            entries[key] = (value, _nbytes(value))
-            total = sum(size for _, size in entries.values())
-            while total > TABLE_CACHE_BYTES and len(entries) > 1:
-                total -= entries.popitem(last=False)[1][1]
+            entries[key] = (value, _nbytes(value), bound.arguments.get("sizes") is not None)
+            _evict(entries, lambda padded: True, TABLE_CACHE_BYTES)
+            _evict(entries, lambda padded: padded, PADDED_TABLE_CACHE_BYTES)
         return value
 
     cached.cache_clear = entries.clear
-    cached.cache_bytes = lambda: sum(size for _, size in entries.values())
+    cached.cache_bytes = lambda: sum(size for _, size, _ in entries.values())
     return cached
+
+
+def _evict(entries: OrderedDict, which: Callable[[bool], bool], budget: int) -> None:
+    """Drop the least recently used of the entries ``which(padded)`` selects until they hold at
+    most ``budget`` bytes, keeping the newest entry however large."""
+    chosen = [key for key, (_, _, padded) in entries.items() if which(padded)]
+    total = sum(entries[key][1] for key in chosen)
+    for key in chosen:
+        if total <= budget or key == next(reversed(entries)):
+            break
+        total -= entries.pop(key)[1]
 
 
 @dataclass(frozen=True)

@@ -327,6 +327,24 @@ def test_table_caches_are_bounded_by_bytes(monkeypatch):
     grid.wavefront.cache_clear()
 
 
+def test_padded_batches_tables_have_a_smaller_budget(monkeypatch):
+    """Padded batches' items seldom repeat their sizes: their tables (calls with ``sizes``) stay
+    within PADDED_TABLE_CACHE_BYTES, least recently used first, and leave the unpadded ones be
+    (random pages padded to one shape used to add tables at every batch, up to 512 MiB each)."""
+    from mdnumba import grid
+    padded = [((8, 8), 2, 1, ((k, 8), (8, k))) for k in range(1, 9)]
+    one = grid._nbytes(grid.direction_tables(*padded[0]))  # the same for each: same grid and batch
+    monkeypatch.setattr(grid, "PADDED_TABLE_CACHE_BYTES", 3 * one)
+    grid.direction_tables.cache_clear()
+    dense = grid.direction_tables((8, 8), 2)
+    tables = [grid.direction_tables(*p) for p in padded]
+    assert grid.direction_tables.cache_bytes() == grid._nbytes(dense) + 3 * one
+    assert grid.direction_tables((8, 8), 2) is dense
+    assert all(grid.direction_tables(*p) is t for p, t in zip(padded[-3:], tables[-3:]))
+    assert grid.direction_tables(*padded[0]) is not tables[0]
+    grid.direction_tables.cache_clear()
+
+
 def test_table_cache_keys_fill_in_the_defaults():
     """One entry however the arguments are passed (positional, keyword, a default left out or
     given): a layer's call with ``sizes=None`` finds the tables a caller built without it."""
