@@ -89,25 +89,12 @@ def _cuda_calls(layer: WavefrontLSTM, x: np.ndarray) -> tuple[Callable[[], None]
     return forward, (lambda: forward(save=False)), step
 
 
-def step_bytes(ndim: int, size: int, batch: int, hidden: int, channels: int, directions: int,
+def step_bytes(ndim: int, cells: int, batch: int, hidden: int, channels: int, directions: int,
                itemsize: int) -> int:
-    """At least what a train step of the layer holds: the input and, per cell, batch item and
-    direction, the saved gates, c and h (``(N+3)·D + 2·D`` values) and as many gradients."""
-    return itemsize * batch * size ** ndim * (channels + 2 * directions * (ndim + 5) * hidden)
-
-
-def check_memory(ndim: int, size: int, batch: int, hidden: int, channels: int, directions: int,
-                 itemsize: int) -> None:
-    """MemoryError if :func:`step_bytes` exceeds the memory available (Linux would hand it out,
-    then end the process without a message when it is used; and on a shared machine, maybe
-    another one)."""
-    from . import train
-    free = train.available_memory()
-    need = step_bytes(ndim, size, batch, hidden, channels, directions, itemsize)
-    if free is not None and need > free:
-        raise MemoryError(f"a train step of this layer needs at least {train.format_bytes(need)} (input, "
-                          f"saved activations, their gradients), this machine has "
-                          f"{train.format_bytes(free)} available")
+    """At least what a train step of an ``ndim``-D layer over ``cells`` cells per item holds: the
+    input and, per cell, batch item and direction, the saved gates, c and h (``(N+3)·D + 2·D``
+    values) and as many gradients."""
+    return itemsize * batch * cells * (channels + 2 * directions * (ndim + 5) * hidden)
 
 
 def bench_layer(ndim: int, size: int, *, batch: int, hidden: int, channels: int = 1,
@@ -121,7 +108,9 @@ def bench_layer(ndim: int, size: int, *, batch: int, hidden: int, channels: int 
     layer = WavefrontLSTM(ndim, channels, hidden, directions=directions, cell=cell, dtype=dtype,
                           device=device, seed=seed)
     if device == "cpu":
-        check_memory(ndim, size, batch, hidden, channels, directions, layer.dtype.itemsize)
+        from .train import FLOOR_PARTS, require_memory
+        need = step_bytes(ndim, size**ndim, batch, hidden, channels, directions, layer.dtype.itemsize)
+        require_memory(need, "a train step of this layer needs at least", FLOOR_PARTS)
     x = np.random.default_rng(seed).random((batch,) + (size,) * ndim + (channels,), dtype=layer.dtype)
     forward, inference, step = (_cuda_calls if device == "cuda" else _cpu_calls)(layer, x)
     t0 = time.perf_counter()

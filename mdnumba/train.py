@@ -35,6 +35,7 @@ from .checkpoint import (
 from .kernels.cell import CELLS
 from .kernels.wavefront import schedule_as_batch
 from .losses import LOSSES, sigmoid
+from .microbench import step_bytes
 from .models import MODELS, build_model
 from .optim import OPTIMIZERS
 from .tasks import TASKS, get_task
@@ -264,6 +265,9 @@ class Trainer:
     optimizers = OPTIMIZERS
     #: steps per :meth:`_train_block` call (the device trainer's host sync interval)
     sync_every = 1
+    #: binary addition at every batch's full ``size`` instead of a length drawn up to it (the
+    #: memory probes of :func:`step_memory`, which must size the longest batch)
+    full_length = False
 
     def __init__(self, cfg: TrainConfig, out: Path | None = None):
         cfg.validate()
@@ -287,8 +291,9 @@ class Trainer:
 
     # ---------------------------------------------------------------- steps
     def sample_batch(self, rng: np.random.Generator, size: int) -> DiagonalBatch | AdditionBatch:
-        """One batch of the task; binary addition varies its length per batch."""
-        if self.task.name == "binary-addition":
+        """One batch of the task; binary addition varies its length per batch, up to ``size``
+        (always ``size`` with :attr:`full_length`)."""
+        if self.task.name == "binary-addition" and not self.full_length:
             size = int(rng.integers(1, size + 1))
         return self.task.sample(rng, self.cfg.batch, size, np.dtype(self.cfg.dtype))
 
@@ -652,8 +657,10 @@ def step_memory(cfg: TrainConfig) -> int:
     stack is sized in the time of a shallow one. The probes' sweeps take the schedule of the full
     batch (:func:`~mdnumba.kernels.wavefront.schedule_as_batch`): those the run compiles anyway."""
     def probe(batch: int, layers: int) -> Trainer:
-        return make_trainer(dataclasses.replace(cfg, batch=batch, layers=layers, steps=1, curriculum=(),
-                                                device="cpu"))
+        trainer = make_trainer(dataclasses.replace(cfg, batch=batch, layers=layers, steps=1, curriculum=(),
+                                                   device="cpu"))
+        trainer.full_length = True
+        return trainer
 
     depths = (cfg.layers,) if cfg.layers <= 3 else (2, 3)
     with schedule_as_batch(cfg.batch):
@@ -695,15 +702,40 @@ def available_memory() -> int | None:
     return None
 
 
+#: what :func:`~mdnumba.microbench.step_bytes` counts, as the memory errors say it
+FLOOR_PARTS = "(input, saved activations, their gradients)"
+
+
+def step_floor(cfg: TrainConfig) -> int | None:
+    """At least what a training step of ``cfg`` holds, known without running one: its first
+    layer's :func:`~mdnumba.microbench.step_bytes` at the full batch and size (None for char-lm,
+    whose steps take a window of ``seq_len`` characters whatever the settings)."""
+    if cfg.task == "char-lm":
+        return None
+    task, layer = get_task(cfg.task), MODELS[cfg.model]
+    return step_bytes(layer.ndim, cfg.size**task.ndim, cfg.batch, cfg.hidden, task.in_channels,
+                      cfg.directions, np.dtype(cfg.dtype).itemsize)
+
+
 def check_step_memory(cfg: TrainConfig) -> None:
     """MemoryError if a CPU training step of ``cfg`` needs more memory than is available: Linux
-    would hand it out (overcommit) and then end the process without a message when it is used."""
-    free = available_memory()
-    if cfg.device != "cpu" or free is None:
+    would hand it out (overcommit) and then end the process without a message when it is used.
+    A step whose :func:`step_floor` is too much already is refused before any probe step runs
+    (the probes keep the grid: on a 2048x2048 one they took 10 GiB before refusing)."""
+    if cfg.device != "cpu" or available_memory() is None:
         return
-    need = step_memory(cfg)
-    if need > free:
-        raise MemoryError(f"a training step needs about {format_bytes(need)}, this machine has "
+    floor = step_floor(cfg)
+    if floor is not None:
+        require_memory(floor, "a training step needs at least", FLOOR_PARTS)
+    require_memory(step_memory(cfg), "a training step needs about")
+
+
+def require_memory(need: int, what: str, parts: str = "") -> None:
+    """MemoryError ``<what> <need> <parts>, this machine has <free> available`` if ``need`` bytes
+    exceed :func:`available_memory`."""
+    free = available_memory()
+    if free is not None and need > free:
+        raise MemoryError(f"{what} {format_bytes(need)}{' ' + parts if parts else ''}, this machine has "
                           f"{format_bytes(free)} available")
 
 

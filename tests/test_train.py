@@ -421,6 +421,42 @@ def test_step_memory_under_a_tracing_started_before():
         tracemalloc.stop()
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(size=6, directions=4, cell="stable", layers=2),
+                                dict(model="md3d", task="diagonal3d", size=5),
+                                dict(model="horizontal"), dict(model="snake", directions=2),
+                                dict(model="lstm", task="binary-addition", size=30, directions=2)])
+def test_step_floor_is_a_lower_bound_of_the_estimate(kw):
+    """The floor (no step run) of every model kind is below the probes' estimate, but not far:
+    the saved activations and their gradients are most of a step."""
+    from mdnumba.train import step_floor, step_memory
+    cfg = TrainConfig(**{**dict(size=12, batch=6, hidden=8, steps=2), **kw})
+    floor, estimate = step_floor(cfg), step_memory(cfg)
+    assert 0.25 * estimate < floor < estimate, (floor, estimate)
+
+
+def test_a_step_beyond_its_floor_is_refused_without_a_probe(monkeypatch):
+    """A grid whose floor is more than the machine has is refused at once: the probes keep the
+    grid, and on a 2048x2048 one they took 10 GiB before the refusal."""
+    import mdnumba.train as train
+    cfg = TrainConfig(size=2048, batch=16, hidden=16, steps=2)
+    floor = train.step_floor(cfg)
+    assert floor == 4 * 16 * 2048**2 * (1 + 2 * 7 * 16)
+    monkeypatch.setattr(train, "step_memory", lambda cfg: pytest.fail("probed"))
+    monkeypatch.setattr(train, "available_memory", lambda: floor - 1)
+    with pytest.raises(MemoryError, match=r"^a training step needs at least 56.2 GiB \(input, saved "
+                                          r"activations, their gradients\), this machine has 56.2 GiB"):
+        train.check_step_memory(cfg)
+
+
+def test_binary_addition_is_probed_at_its_full_length():
+    """Its batches draw a length up to --size: the probes take the full one, so the estimate does
+    not depend on the seed's draw (it did: up to 2.2x apart)."""
+    from mdnumba.train import step_memory
+    estimates = [step_memory(TrainConfig(model="lstm", task="binary-addition", size=60, batch=8,
+                                         hidden=8, seed=seed, steps=2)) for seed in range(5)][1:]
+    assert max(estimates) < 1.02 * min(estimates), estimates
+
+
 def test_available_memory_reads_memavailable(monkeypatch):
     import io
 
@@ -435,13 +471,15 @@ def test_available_memory_reads_memavailable(monkeypatch):
 def test_check_step_memory_refuses_what_does_not_fit(monkeypatch):
     import mdnumba.train as train
     cfg = TrainConfig(size=16, batch=64, hidden=8, steps=2)
-    need = train.step_memory(cfg)
-    monkeypatch.setattr(train, "available_memory", lambda: need // 2)
+    need, floor = train.step_memory(cfg), train.step_floor(cfg)
+    assert floor < need
+    monkeypatch.setattr(train, "available_memory", lambda: (floor + need) // 2)
     with pytest.raises(MemoryError, match=r"^a training step needs about \d+ MiB, this machine has \d+ MiB "):
         train.check_step_memory(cfg)
     monkeypatch.setattr(train, "available_memory", lambda: need * 2)
     train.check_step_memory(cfg)
     monkeypatch.setattr(train, "step_memory", lambda cfg: 1000)
+    monkeypatch.setattr(train, "step_floor", lambda cfg: 1000)
     monkeypatch.setattr(train, "available_memory", lambda: 1000)  # exactly fits
     train.check_step_memory(cfg)
     monkeypatch.setattr(train, "available_memory", lambda: None)  # not Linux: no check

@@ -31,15 +31,17 @@ class Task:
     loss: str = "mse"
     #: the layout of an input batch ``x`` (what ``mdnumba predict`` takes)
     layout: str = ""
+    #: grid axes of one item: ``--size`` gives each (an item has ``size**ndim`` cells)
+    ndim: int = 1
 
 
 TASKS = {
     "diagonal": Task("diagonal", sample_diagonal, diagonal_metrics,
                      ("loss", "relevant_loss", "second_x_acc"), ("md", "horizontal", "snake"),
-                     1, "image side", 4, diagonal_probe, layout="(batch, height, width, 1)"),
+                     1, "image side", 4, diagonal_probe, layout="(batch, height, width, 1)", ndim=2),
     "diagonal3d": Task("diagonal3d", sample_diagonal3d, diagonal_metrics,
                        ("loss", "relevant_loss", "second_x_acc"), ("md3d",), 1, "volume side", 4,
-                       diagonal_probe, layout="(batch, depth1, depth2, depth3, 1)"),
+                       diagonal_probe, layout="(batch, depth1, depth2, depth3, 1)", ndim=3),
     # char-lm reads a text file; its data and metrics live in mdnumba.train_charlm
     "char-lm": Task("char-lm", None, None, ("loss", "bpc", "val_loss", "val_bpc", "chars_per_s"),
                     ("grid", "stacked"), 0, "unused", 1),
