@@ -137,17 +137,18 @@ def wavefront(dims: tuple) -> Wavefront:
     dims = tuple(int(n) for n in dims)
     if not dims or min(dims) < 1:
         raise ValueError(f"grid dimensions must all be >= 1, got {dims}")
-    coords = np.indices(dims).reshape(len(dims), -1)  # (N, M), row-major
-    level = coords.sum(axis=0)
-    perm = np.argsort(level, kind="stable")
+    it = index_dtype(int(np.prod(dims)) + 1)  # also for the temporaries: half the peak in int32
+    coords = np.indices(dims, dtype=it).reshape(len(dims), -1)  # (N, M), row-major
+    level = coords.sum(axis=0, dtype=it)
+    perm = np.argsort(level, kind="stable").astype(it)
     inv_perm = np.empty_like(perm)
-    inv_perm[perm] = np.arange(perm.size)
+    inv_perm[perm] = np.arange(perm.size, dtype=it)
     n_diag = int(sum(n - 1 for n in dims)) + 1
     diag_off = np.zeros(n_diag + 1, dtype=np.int64)
     diag_off[1:] = np.cumsum(np.bincount(level, minlength=n_diag))
-    strides = np.array([int(np.prod(dims[d + 1:])) for d in range(len(dims))], dtype=np.int64)
-    parent = np.full((perm.size, len(dims)), -1, dtype=np.int64)
-    child = np.full((perm.size, len(dims)), -1, dtype=np.int64)
+    strides = _strides(dims, it)
+    parent = np.full((perm.size, len(dims)), -1, dtype=it)
+    child = np.full((perm.size, len(dims)), -1, dtype=it)
     skew_coords = coords[:, perm]
     for d in range(len(dims)):
         has_parent = skew_coords[d] > 0
@@ -155,6 +156,11 @@ def wavefront(dims: tuple) -> Wavefront:
         has_child = skew_coords[d] < dims[d] - 1
         child[has_child, d] = inv_perm[perm[has_child] + strides[d]]
     return Wavefront(dims, *_index_tables(perm.size + 1, perm, inv_perm, diag_off, parent, child))
+
+
+def _strides(dims: tuple, dtype: type) -> np.ndarray:
+    """Row-major strides of a grid ``dims``, in cells."""
+    return np.array([int(np.prod(dims[d + 1:])) for d in range(len(dims))], dtype=dtype)
 
 
 def _index_tables(bound: int, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -188,26 +194,34 @@ def direction_tables(dims: tuple, batch: int, directions: int = 1,
     """
     wf = wavefront(tuple(dims))
     M, B, N = wf.n_cells, int(batch), len(wf.dims)
-    strides = np.array([int(np.prod(wf.dims[d + 1:])) for d in range(N)], dtype=np.int64)
-    coords = np.indices(wf.dims).reshape(N, -1)  # row-major cell m -> its N coordinates
-    s, b = np.divmod(np.arange(M * B), B)  # skewed row s*B + b
-    bq, m = np.divmod(np.arange(M * B), M)  # dense row b*M + m
-    if sizes is None:  # (N, 1): every row's box is the grid
-        skew_e = dense_e = np.array(wf.dims, dtype=np.int64)[:, None]
-    else:  # (N, M*B): each row's item's box
-        ext = np.array(sizes, dtype=np.int64).reshape(B, N)
-        skew_e, dense_e = ext[b].T, ext[bq].T
-    skew_c, dense_c = coords[:, wf.perm[s]], coords[:, m]  # scan / grid coordinates of the rows
-    skew, unskew = [], []
+    it = index_dtype(M * B)  # also for the temporaries, which are one item's (M,) at a time
+    strides, rows = _strides(wf.dims, it), np.arange(B, dtype=it)
+    grid_c = np.indices(wf.dims, dtype=it).reshape(N, -1)  # row-major cell m -> its N coordinates
+    scan_c = grid_c[:, wf.perm]  # skewed cell s -> its coordinates
+    skew, unskew = np.empty((directions, M, B), it), np.empty((directions, B, M), it)  # [q, s, b], [q, b, m]
+    boxes = [wf.dims] if sizes is None else np.reshape(np.asarray(sizes, dtype=it), (B, N))
     for q in range(directions):
         flip = np.array([(q >> d) & 1 for d in range(N)], dtype=bool)[:, None]
-        inside = (skew_c < skew_e).all(axis=0)
-        src = np.where(flip, skew_e - 1 - skew_c, skew_c)  # the item's own mirror: an involution
-        skew.append(np.where(inside, b * M + strides @ np.where(inside, src, 0), -1))
-        inside = (dense_c < dense_e).all(axis=0)
-        scan = strides @ np.where(inside, np.where(flip, dense_e - 1 - dense_c, dense_c), 0)
-        unskew.append(np.where(inside, wf.inv_perm[scan].astype(np.int64) * B + bq, -1))
-    return _index_tables(M * B, np.stack(skew), np.stack(unskew))
+        for b, box in enumerate(boxes):  # sizes None: one box, every item's
+            inside, src = _mirrored(scan_c, box, flip, strides)
+            inside_d, scan = _mirrored(grid_c, box, flip, strides)
+            back = wf.inv_perm[np.where(inside_d, scan, 0)]
+            if sizes is None:
+                skew[q] = src[:, None] + rows * it(M)
+                unskew[q] = back * it(B) + rows[:, None]
+            else:
+                skew[q, :, b] = np.where(inside, src + it(b * M), -1)
+                unskew[q, b] = np.where(inside_d, back * it(B) + it(b), -1)
+    return _index_tables(M * B, skew.reshape(directions, -1), unskew.reshape(directions, -1))
+
+
+def _mirrored(coords: np.ndarray, box: tuple | np.ndarray, flip: np.ndarray,
+              strides: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For cells at ``coords`` (N, M): whether each lies in the item's box ``[0, box)``, and the
+    row-major cell of its mirror within that box along the ``flip`` axes (outside the box: any)."""
+    box = np.asarray(box, dtype=coords.dtype)[:, None]
+    inside = (coords < box).all(axis=0)
+    return inside, strides @ np.where(flip, box - 1 - coords, coords)
 
 
 @table_cache  # 4 B per live (cell, group of batch items)
