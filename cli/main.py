@@ -9,6 +9,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -457,7 +458,8 @@ FINAL_BATCHES, EVALUATE_BATCHES = 5, 20
 @click.option("--plot/--no-plot", default=False, show_default=True,
               help="write loss and prediction PNGs (a resumed run redraws those it has)")
 @click.pass_context
-def train(ctx, out, overwrite, resume, checkpoint_every, plot, **kw) -> None:
+def train(ctx: click.Context, out: Path, overwrite: bool, resume: Path | None, checkpoint_every: int,
+          plot: bool, **kw: Any) -> None:
     """Train a model on a task; writes log.tsv and a checkpoint.
 
     Models by --task: diagonal: md, horizontal, snake; diagonal3d: md3d; binary-addition: lstm;
@@ -691,7 +693,8 @@ def evaluate(run, size, batches, seed, device, data) -> None:
 @click.option("--plot/--no-plot", default=True,
               help="write compare.png (needs matplotlib; by default only if it is installed)")
 @click.pass_context
-def compare(ctx, task, models, out, overwrite, plot, **kw) -> None:
+def compare(ctx: click.Context, task: str, models: str, out: Path, overwrite: bool, plot: bool,
+            **kw: int | float) -> None:
     """Train several models with the same seed and plot their curves together."""
     names = [m.strip() for m in models.split(",") if m.strip()]
     bad = [m for m in names if m not in TASKS[task].models]

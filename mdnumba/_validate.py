@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 
@@ -95,7 +98,7 @@ def overflowed_state(cell: str, count: int, output: bool = False) -> NonFiniteEr
 
 
 def check_state(state: object, name: str, batch: int, width: int, dtype: np.dtype | None = None,
-                check=None) -> tuple:
+                check: Callable[[Any, str], Any] | None = None) -> tuple:
     """Return ``state = (h, c)`` as two arrays ``(batch, width)`` after checking it: each with
     ``check(array, name)`` (default: :func:`check_array` with ``dtype``: float values, finite)."""
     if not isinstance(state, (tuple, list)) or len(state) != 2:

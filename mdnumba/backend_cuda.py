@@ -188,9 +188,11 @@ class DeviceLayer:
         self.params.copy_to_device(np.ascontiguousarray(host, dtype=self.dtype).reshape(-1))
 
     def params_to_host(self) -> np.ndarray:
+        """A host copy of the flat parameter vector."""
         return self.params.copy_to_host()
 
     def grads_to_host(self) -> np.ndarray:
+        """A host copy of the flat gradient vector."""
         return self.grads.copy_to_host()
 
     def zero_grad(self) -> None:
@@ -546,9 +548,11 @@ class CudaBlockSubsample:
         self._shape: tuple | None = None
 
     def out_channels(self, in_channels: int) -> int:
+        """As :meth:`mdnumba.stack.BlockSubsample.out_channels`."""
         return self.host.out_channels(in_channels)
 
     def out_sizes(self, sizes: npt.ArrayLike) -> np.ndarray:
+        """As :meth:`mdnumba.stack.BlockSubsample.out_sizes`."""
         return self.host.out_sizes(sizes)
 
     def _table(self, shape: tuple):

@@ -98,6 +98,7 @@ class Corpus:
 
     @property
     def vocab_size(self) -> int:
+        """Number of characters in the vocabulary."""
         return len(self.vocab)
 
     def check_seq_len(self, seq_len: int) -> None:
@@ -137,6 +138,7 @@ class Corpus:
         return np.array([index[ch] for ch in text], dtype=np.int32)
 
     def decode(self, ids: Iterable[int]) -> str:
+        """The text of vocabulary ids ``ids`` (the inverse of :meth:`encode`)."""
         return "".join(self.vocab[int(k)] for k in ids)
 
 
@@ -153,9 +155,11 @@ class Embedding(OwnsParams):
         self._ids: np.ndarray | None = None
 
     def zero_grad(self) -> None:
+        """Set every gradient to zero (backward accumulates)."""
         self.grads.data[...] = 0
 
     def forward(self, ids: np.ndarray) -> np.ndarray:
+        """``W[ids]`` for integer ``ids`` in [0, V); keeps a copy of the ids for backward."""
         check_finite_params(self.params)
         ids = np.asarray(ids)
         V = self.params["W"].shape[0]
@@ -185,6 +189,7 @@ class Dropout:
         self._mask: np.ndarray | None = None
 
     def forward(self, x: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+        """``x`` with dropout applied when ``rng`` is given (training) and p > 0, else ``x`` itself."""
         if rng is None or self.p == 0:
             self._mask = None
             return x
@@ -192,6 +197,7 @@ class Dropout:
         return x * self._mask
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
+        """``dy`` through the last forward's mask (``dy`` itself when none was applied)."""
         return dy if self._mask is None else dy * self._mask
 
     def free_buffers(self) -> None:
@@ -199,6 +205,7 @@ class Dropout:
         self._mask = None
 
     def saved_bytes(self) -> int:
+        """Bytes of the mask kept for backward (0 without one)."""
         return 0 if self._mask is None else self._mask.nbytes
 
     def __getstate__(self) -> dict:
@@ -261,9 +268,11 @@ class CharLM(LayerGroup):
             drop.free_buffers()
 
     def saved_bytes(self) -> int:
+        """Bytes of the activations kept for backward: the layers' and the dropout masks."""
         return super().saved_bytes() + sum(drop.saved_bytes() for drop in self.drops)
 
     def workspace_bytes(self) -> int:
+        """Bytes of every buffer kept between calls: the layers' (saved + scratch) and the dropout masks."""
         return super().workspace_bytes() + sum(drop.saved_bytes() for drop in self.drops)
 
     def forward(self, ids: np.ndarray, rng: np.random.Generator | None = None, *,
@@ -279,6 +288,7 @@ class CharLM(LayerGroup):
         return run_tracked(self, self.embed, lambda: self.embed.forward(ids), rest)
 
     def backward(self, dlogits: np.ndarray) -> None:
+        """Accumulate the gradients of every layer from ``dlogits`` (B, T, V) of the last forward."""
         check_not_refused_midway(self)
         dh = self.head.backward(dlogits)
         for core, drop in reversed(list(zip(self._cores(), self.drops[1:]))):

@@ -18,8 +18,14 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from typing import TypeVar
+
+    _T = TypeVar("_T")
 
 #: bytes the tables cached by each :func:`table_cache` function may hold; the most recent entry
 #: is kept even when larger (a 2048x2048 grid's :func:`wavefront` tables alone take 96 MiB)
@@ -52,7 +58,7 @@ def _nbytes(value: object) -> int:
     return 0
 
 
-def table_cache(fn):
+def table_cache(fn: Callable[..., _T]) -> Callable[..., _T]:
     """``functools.lru_cache`` bounded by the bytes of what it holds, not by a count: images of
     many sizes (e.g. inference on pages of different widths) must not pile up GiBs of tables.
     Least recently used entries go first once the total passes :data:`TABLE_CACHE_BYTES`, or
@@ -120,14 +126,17 @@ class Wavefront:
 
     @property
     def n_cells(self) -> int:
+        """Cells of the grid (``prod(dims)``)."""
         return int(self.perm.shape[0])
 
     @property
     def n_diagonals(self) -> int:
+        """Anti-diagonal hyperplanes K (``sum(n_d - 1) + 1``)."""
         return int(self.diag_off.shape[0] - 1)
 
     @property
     def max_diag_cells(self) -> int:
+        """Cells of the largest hyperplane."""
         return int(np.diff(self.diag_off).max())
 
 

@@ -114,6 +114,7 @@ class WavefrontLSTM(OwnsParams):
     # ------------------------------------------------------------------ API
     @property
     def out_channels(self) -> int:
+        """Channels of the output: ``hidden`` units per scan direction (``directions * hidden``)."""
         return self.directions * self.hidden
 
     def zero_grad(self) -> None:
@@ -584,6 +585,7 @@ class GridLSTM2D(OwnsParams):
 
     @property
     def out_channels(self) -> int:
+        """Channels of the output (= ``hidden``: the top blocks' depth output)."""
         return self.hidden
 
     def zero_grad(self) -> None:

@@ -277,6 +277,7 @@ class RMSprop(Adam):
 
     @rho.setter
     def rho(self, value: float) -> None:
+        """Set ρ (a number in [0, 1)): ``betas`` becomes ``(0, value)``."""
         if not 0 <= check_finite_number(value, "rho") < 1:
             raise ValueError(f"rho must be a number in [0, 1), got {value}")
         self.betas = (0.0, value)

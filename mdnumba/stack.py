@@ -54,6 +54,7 @@ class BlockSubsample:
         return dict(self.__dict__, _in_shape=None, _twin=None, _ran_on=None)
 
     def out_channels(self, in_channels: int) -> int:
+        """Channels of the output for ``in_channels`` input channels (``in_channels * block**ndim``)."""
         return in_channels * self.block ** self.ndim
 
     def out_sizes(self, sizes: npt.ArrayLike) -> np.ndarray:
@@ -186,6 +187,7 @@ class LayerGroup:
 
     @property
     def n_params(self) -> int:
+        """Number of parameters of all layers together."""
         return sum(layer.params.data.size if isinstance(layer.params, ParamBuffer) else layer.params.size
                    for layer in self.layers)  # a ParamBuffer, or a device twin's flat device array
 
@@ -313,6 +315,7 @@ class Sequential(LayerGroup):
 
     @property
     def layers(self) -> list:
+        """The parametrised layers of the stages, in order (those of nested groups included)."""
         out = []
         for s in self.stages:
             out.extend([s] if hasattr(s, "params") else getattr(s, "layers", []))

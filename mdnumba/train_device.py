@@ -101,6 +101,7 @@ class DeviceModel(LayerGroup):
 
     @property
     def n_params(self) -> int:
+        """Number of parameters (the entries of the flat device ``params`` buffer)."""
         return self.params.size
 
     def forward(self, x: HostOrDevice, *, save: bool = True) -> HostOrDevice:

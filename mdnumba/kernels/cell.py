@@ -30,6 +30,8 @@ In every cell ``c = i·g + Σ_d F_d·c_d`` with a *forget factor* ``F_d`` (``f_d
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from numba import types
@@ -49,7 +51,7 @@ _Q3, _Q4 = 0.00032910604732608653, 7.804847418425369e-07
 CELLS = {"graves": GRAVES, "stable": STABLE, "spatial": SPATIAL}
 
 
-def like(x, value):
+def like(x: float | np.floating, value: float) -> float | np.floating:
     """``value`` as a constant of ``x``'s float type. Plain Python here (NumPy scalars, as in
     the CUDA simulator); compiled code, CPU and CUDA, gets the overload below, so float32
     arithmetic stays float32 (a Python float literal would promote it to float64)."""
@@ -64,7 +66,7 @@ def _like(x, value):
     return lambda x, value: value
 
 
-def single(x) -> bool:
+def single(x: float | np.floating) -> bool:
     """Whether x is a float32 (NumPy scalar here, as in the CUDA simulator); a constant in compiled
     code, so the branch it selects is the only one left after inlining."""
     return isinstance(x, np.float32)
@@ -83,7 +85,9 @@ def cell_code(name: str) -> int:
     return CELLS[name]
 
 
-def build(jit, exp=math.exp, sigmoid=None, tanh=None):
+def build(jit: Callable[[Callable[..., Any]], Callable[..., Any]], exp: Callable[..., Any] = math.exp,
+          sigmoid: Callable[..., Any] | None = None,
+          tanh: Callable[..., Any] | None = None) -> dict[str, Callable[..., Any]]:
     """Compile the row functions with decorator ``jit`` and ``exp``, ``sigmoid``, ``tanh``
     (default: σ and tanh from ``exp`` as below; the CPU passes the vectorisable, dtype-typed
     ``exp`` and ``sigmoid`` of :mod:`mdnumba.kernels.vexp`); return them in a namespace dict.

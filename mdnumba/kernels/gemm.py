@@ -125,7 +125,8 @@ def selected_row(rows, i):
     return rows[i]
 
 
-def matmul_rows(out, a, bmat, bias, accumulate: bool, rows) -> None:
+def matmul_rows(out: np.ndarray, a: np.ndarray, bmat: np.ndarray, bias: np.ndarray, accumulate: bool,
+                rows: np.ndarray | None) -> None:
     """``out[r] = (out[r] if accumulate else bias) + a[r] @ bmat`` for every row r (``rows`` None) or
     the rows r in ``rows`` only (a padded batch's items; the others keep what they held).
 
@@ -262,7 +263,7 @@ def _k_slice(j, nk, K):
     return 4 * (j * quads // nk), (K if j == nk - 1 else 4 * ((j + 1) * quads // nk))
 
 
-def matmul_at_b(out, a, bmat, rows) -> None:
+def matmul_at_b(out: np.ndarray, a: np.ndarray, bmat: np.ndarray, rows: np.ndarray | None) -> None:
     """``out += aᵀ @ bmat`` with ``a`` (R, K), ``bmat`` (R, N), ``out`` (K, N); over every row
     (``rows`` None) or those in ``rows`` (ints; e.g. a padded batch's items, where the padding's
     rows add zeros). ``rows`` has no default: an omitted argument and None would be two

@@ -20,7 +20,10 @@ groups). Weight gradients are GEMMs outside the sweep (:func:`gather_operands`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
+import numpy as np
 from numba import njit, prange
 
 from ..config import NJIT_OPTS, NJIT_SUM_OPTS
@@ -33,7 +36,9 @@ from .simd import TALL_ROWS, TALL_TILES, group_tiles
 from .wavefront import _rolling_parents, _tiled, group_rows, group_size, pack_recurrent
 
 
-def build_rows(jit, exp=math.exp, sigmoid=None, tanh=None):
+def build_rows(jit: Callable[[Callable[..., Any]], Callable[..., Any]], exp: Callable[..., Any] = math.exp,
+               sigmoid: Callable[..., Any] | None = None,
+               tanh: Callable[..., Any] | None = None) -> dict[str, Callable[..., Any]]:
     """Compile the per-row functions with ``jit`` (``njit`` here, ``cuda.jit(device=True)`` in
     :mod:`mdnumba.kernels.gridlstm_cuda`: one source for CPU and GPU); return them in a dict.
     The CPU takes the two LSTM steps (its blocks group the products of several rows:
@@ -358,7 +363,7 @@ def _block_backward(dact, dc, dx, dtop, act, c, U_time, U_depth, Qt, Qd, parent,
         _vec_mat_t_rows(dx, row_t, 0, dact, r, 4 * D, U_depth[lv], D, D, nb, Qd[2 * lv + 1])
 
 
-def pack_halves(U, transposed: bool = False):
+def pack_halves(U: np.ndarray, transposed: bool = False) -> np.ndarray:
     """``U`` (levels, 2D, 4D) as the register-tile panels of its two halves of D rows (the weights
     of ``h_T`` and of ``h_L``; :func:`mdnumba.kernels.wavefront.pack_recurrent`): (2·levels, P,
     D, W) for the forward products, ``transposed`` (2·levels, P, 4D, W) for the backward pulls;
@@ -367,7 +372,9 @@ def pack_halves(U, transposed: bool = False):
     return pack_recurrent(U.reshape(2 * S, D2 // 2, G), 1, transposed)[:, 0]
 
 
-def grid_forward(h, c, act, x, U_time, U_depth, diag_off, parent, perm, L: int, B: int, D: int) -> None:
+def grid_forward(h: np.ndarray, c: np.ndarray, act: np.ndarray, x: np.ndarray, U_time: np.ndarray,
+                 U_depth: np.ndarray, diag_off: np.ndarray, parent: np.ndarray, perm: np.ndarray, L: int,
+                 B: int, D: int) -> None:
     """Forward sweep (outputs h, c, act; inputs x; weights; tables; sizes).
 
     ``act`` (M*B, 8D) enters holding ``[b_time | b_depth]`` per row and leaves
@@ -399,8 +406,10 @@ def _rolling_cells(lperm, perm, diag_off, k, cur):
         lperm[cur + i] = perm[s0 + i]
 
 
-def grid_infer(out, h, c, act, lp, lperm, x, U_time, U_depth, b_time, b_depth, diag_off, parent, perm,
-               L: int, B: int, D: int) -> None:
+def grid_infer(out: np.ndarray, h: np.ndarray, c: np.ndarray, act: np.ndarray, lp: np.ndarray,
+               lperm: np.ndarray, x: np.ndarray, U_time: np.ndarray, U_depth: np.ndarray,
+               b_time: np.ndarray, b_depth: np.ndarray, diag_off: np.ndarray, parent: np.ndarray,
+               perm: np.ndarray, L: int, B: int, D: int) -> None:
     """Forward sweep that keeps no activations (outputs out, h, c, act; scratch lp, lperm; inputs;
     weights; tables; sizes).
 
@@ -437,7 +446,9 @@ def _grid_infer(out, h, c, act, lp, lperm, x, U_time, U_depth, Pt, Pd, b_time, b
                     assign(out[(lperm[slot] // L) * B + b + i], h[slot * B + b + i, D:])
 
 
-def grid_backward(dact, dc, dx, dtop, act, c, U_time, U_depth, diag_off, parent, child, perm, L: int, B: int,
+def grid_backward(dact: np.ndarray, dc: np.ndarray, dx: np.ndarray, dtop: np.ndarray, act: np.ndarray,
+                  c: np.ndarray, U_time: np.ndarray, U_depth: np.ndarray, diag_off: np.ndarray,
+                  parent: np.ndarray, child: np.ndarray, perm: np.ndarray, L: int, B: int,
                   D: int) -> None:
     """Backward sweep, diagonals in reverse (outputs dact, dc, dx; inputs; weights; tables; sizes).
 

@@ -9,10 +9,15 @@ or one launch per diagonal).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from numba import cuda
 
 from .gridlstm import build_rows
 from .wavefront_cuda import _JIT, CUDA_MATH, _Args, _divmod, _fill_parents, _host_ints, _record, _sweep, _tpb
+
+if TYPE_CHECKING:
+    from ..backend_cuda import HostOrDevice
 
 _ROWS = build_rows(cuda.jit(device=True), **CUDA_MATH)
 _block_forward = _ROWS["block_forward"]
@@ -132,7 +137,9 @@ def _backward_diag(dact, dc, dx, dtop, act, c, U_time, U_depth, diag_off, parent
                     k, cuda.grid(1), cuda.gridsize(1))
 
 
-def grid_forward(h, c, act, x, U_time, U_depth, diag_off, parent, perm, L: int, B: int, D: int, *,
+def grid_forward(h: HostOrDevice, c: HostOrDevice, act: HostOrDevice, x: HostOrDevice,
+                 U_time: HostOrDevice, U_depth: HostOrDevice, diag_off: HostOrDevice,
+                 parent: HostOrDevice, perm: HostOrDevice, L: int, B: int, D: int, *,
                  path: str | None = None, tpb: int | None = None) -> None:
     """CUDA twin of :func:`mdnumba.kernels.gridlstm.grid_forward` (NumPy or device arrays)."""
     a = _Args(h, c, act, x, U_time, U_depth, diag_off, parent, perm)
@@ -142,8 +149,10 @@ def grid_forward(h, c, act, x, U_time, U_depth, diag_off, parent, perm, L: int, 
     a.finish(0, 1, 2)
 
 
-def grid_backward(dact, dc, dx, dtop, act, c, U_time, U_depth, diag_off, parent, child, perm, L: int,
-                  B: int, D: int, *, path: str | None = None, tpb: int | None = None) -> None:
+def grid_backward(dact: HostOrDevice, dc: HostOrDevice, dx: HostOrDevice, dtop: HostOrDevice,
+                  act: HostOrDevice, c: HostOrDevice, U_time: HostOrDevice, U_depth: HostOrDevice,
+                  diag_off: HostOrDevice, parent: HostOrDevice, child: HostOrDevice, perm: HostOrDevice,
+                  L: int, B: int, D: int, *, path: str | None = None, tpb: int | None = None) -> None:
     """CUDA twin of :func:`mdnumba.kernels.gridlstm.grid_backward` (NumPy or device arrays)."""
     a = _Args(dact, dc, dx, dtop, act, c, U_time, U_depth, diag_off, parent, child, perm)
     desc = _sweep(_backward_coop, _backward_diag, (*a.dev, int(L), int(B), int(D)),
@@ -153,8 +162,11 @@ def grid_backward(dact, dc, dx, dtop, act, c, U_time, U_depth, diag_off, parent,
 
 
 
-def grid_infer(out, h, c, act, lp, lperm, x, U_time, U_depth, b_time, b_depth, diag_off, parent, perm,
-               L: int, B: int, D: int, *, path: str | None = None, tpb: int | None = None) -> None:
+def grid_infer(out: HostOrDevice, h: HostOrDevice, c: HostOrDevice, act: HostOrDevice, lp: HostOrDevice,
+               lperm: HostOrDevice, x: HostOrDevice, U_time: HostOrDevice, U_depth: HostOrDevice,
+               b_time: HostOrDevice, b_depth: HostOrDevice, diag_off: HostOrDevice, parent: HostOrDevice,
+               perm: HostOrDevice, L: int, B: int, D: int, *, path: str | None = None,
+               tpb: int | None = None) -> None:
     """CUDA twin of :func:`mdnumba.kernels.gridlstm.grid_infer` (NumPy or device arrays)."""
     a = _Args(out, h, c, act, lp, lperm, x, U_time, U_depth, b_time, b_depth, diag_off, parent, perm)
     desc = _sweep(_infer_coop, _infer_diag, (*a.dev, int(L), int(B), int(D)), _host_ints(diag_off),

@@ -13,12 +13,16 @@ kernels are memory-bound: fastmath would gain nothing).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from numba import cuda, float64
 
 from .wavefront_cuda import SIMULATOR, _blocks, _tpb, as_device
+
+if TYPE_CHECKING:
+    from ..backend_cuda import DeviceArray, HostOrDevice
 
 #: threads per block of the reduction kernels and blocks they use (fixed: deterministic sums)
 REDUCE_TPB = 8 if SIMULATOR else 256
@@ -178,14 +182,14 @@ class NormArgs(NamedTuple):
     clear: bool
 
 
-def sumsq_partials(partials, grads) -> None:
+def sumsq_partials(partials: DeviceArray, grads: Sequence[DeviceArray]) -> None:
     """Per-block sums of squares of the flat buffers ``grads`` into ``partials`` (float64 scratch
     of ``len(grads) * REDUCE_BLOCKS`` entries), one launch per buffer."""
     for i, g in enumerate(grads):
         _sumsq_partials[REDUCE_BLOCKS, REDUCE_TPB](partials[i * REDUCE_BLOCKS:(i + 1) * REDUCE_BLOCKS], g)
 
 
-def count_nonfinite(a) -> int:
+def count_nonfinite(a: DeviceArray) -> int:
     """How many elements of the device array ``a`` are NaN or ±inf (one launch, then a copy of
     REDUCE_BLOCKS partial counts to the host: it waits for the GPU)."""
     partials = scratch(REDUCE_BLOCKS)
@@ -193,7 +197,8 @@ def count_nonfinite(a) -> int:
     return int(partials.copy_to_host().sum())
 
 
-def global_norm(stats, partials, grads, clip: float | None, record, slot: int) -> None:
+def global_norm(stats: DeviceArray, partials: DeviceArray, grads: Sequence[DeviceArray], clip: float | None,
+                record: DeviceArray, slot: int) -> None:
     """``stats = [‖g‖₂, clip scale]`` over all flat buffers ``grads``; ``record[slot] = ‖g‖₂``.
 
     ``partials`` is float64 scratch of ``len(grads) * REDUCE_BLOCKS`` entries.
@@ -203,19 +208,22 @@ def global_norm(stats, partials, grads, clip: float | None, record, slot: int) -
                           int(slot))
 
 
-def adam_update(p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, norm: NormArgs) -> None:
+def adam_update(p: DeviceArray, g: DeviceArray, m: DeviceArray, v: DeviceArray, lr: float, beta1: float,
+                beta2: float, eps: float, bc1: float, bc2: float, norm: NormArgs) -> None:
     """CUDA twin of :func:`mdnumba.optim.adam_update`; the clip scale comes from ``norm``."""
     tpb = _tpb(None)
     _adam_update[_blocks(p.shape[0], tpb), tpb](p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, *norm)
 
 
-def rmsprop_update(p, g, m, v, lr, beta1, rho, eps, bc1, bc2, norm: NormArgs) -> None:
+def rmsprop_update(p: DeviceArray, g: DeviceArray, m: DeviceArray, v: DeviceArray, lr: float, beta1: float,
+                   rho: float, eps: float, bc1: float, bc2: float, norm: NormArgs) -> None:
     """CUDA twin of :func:`mdnumba.optim.rmsprop_update` (clip scale from ``norm``)."""
     tpb = _tpb(None)
     _rmsprop_update[_blocks(p.shape[0], tpb), tpb](p, g, m, v, lr, beta1, rho, eps, bc1, bc2, *norm)
 
 
-def sigmoid_loss(prob, dz, z, y, loss: str, partials, probe=None) -> None:
+def sigmoid_loss(prob: DeviceArray, dz: DeviceArray, z: HostOrDevice, y: HostOrDevice, loss: str,
+                 partials: DeviceArray, probe: tuple[DeviceArray, DeviceArray] | None = None) -> None:
     """Twin of :data:`mdnumba.losses.LOSSES` ``[loss]``: writes ``prob = σ(z)``, ``dz = dL/dz`` and
     the loss's REDUCE_BLOCKS block sums into ``partials`` (float64; :func:`mean_loss` finishes
     the mean on the host, so a step needs no second launch), all on the device. ``probe=(out,
@@ -233,6 +241,6 @@ def mean_loss(partials: np.ndarray, n: int) -> float:
     return math.fsum(partials) / n
 
 
-def scratch(n: int):
+def scratch(n: int) -> DeviceArray:
     """float64 device scratch for the sums above."""
     return cuda.device_array(max(1, int(n)), dtype=np.float64)

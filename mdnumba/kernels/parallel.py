@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import numba
 from numba import njit
@@ -55,6 +57,6 @@ class ParallelKernel:
         return getattr(self.dispatcher, name)
 
 
-def parallel_njit(fn) -> ParallelKernel:
+def parallel_njit(fn: Callable[..., Any]) -> ParallelKernel:
     """``@njit(**NJIT_PARALLEL_OPTS)`` behind :class:`ParallelKernel`."""
     return ParallelKernel(njit(**NJIT_PARALLEL_OPTS)(fn))

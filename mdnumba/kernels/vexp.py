@@ -65,12 +65,12 @@ def _is_f32(x) -> bool:
     return isinstance(x, types.Float) and x.bitwidth == 32
 
 
-def exp(x):
+def exp(x: float | np.floating | np.ndarray) -> np.floating | np.ndarray:
     """``e^x`` (NumPy when called from Python; the polynomial inside jitted code)."""
     return np.exp(x)
 
 
-def sigmoid(x):
+def sigmoid(x: float | np.floating | np.ndarray) -> np.floating | np.ndarray:
     """``σ(x) = 1 / (1 + e^{-x})``."""
     return 1.0 / (1.0 + np.exp(-x))
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from collections.abc import Iterator
 
 import numba
 import numpy as np
@@ -212,7 +213,7 @@ def _recurrent_forward(act, h, U, Up, parent, base, s, b, nb, B, D, tiles=True):
                 _product_rows(act, r, h, base + p * B + b, U, d * G, done, G, D, nb)
 
 
-def pack_recurrent(U, N: int, transposed: bool = False):
+def pack_recurrent(U: np.ndarray, N: int, transposed: bool = False) -> np.ndarray:
     """``U`` (S, D, N*G) as the register-tile panels (:func:`~mdnumba.kernels.simd.tile_rows`) of
     each scan and parent: (S, N, G // W, D, W) of ``U_d`` for the forward products, or
     ``transposed`` (S, N, D // W, G, W) of ``U_dᵀ`` for the backward pulls (panel p: units
@@ -250,8 +251,10 @@ def _tiled(*arrays) -> None:
         raise ValueError("the sweep buffers must be C-contiguous")
 
 
-def wavefront_forward(h, c, act, U, diag_off, parent, B: int, D: int, cell: int, *, items=None,
-                      schedule: str = "auto", inputs: tuple | None = None) -> None:
+def wavefront_forward(h: np.ndarray, c: np.ndarray, act: np.ndarray, U: np.ndarray, diag_off: np.ndarray,
+                      parent: np.ndarray, B: int, D: int, cell: int, *,
+                      items: tuple[np.ndarray, np.ndarray] | None = None, schedule: str = "auto",
+                      inputs: tuple | None = None) -> None:
     """Forward sweep over all hyperplanes (outputs h, c, act; inputs; weights; sizes; cell code).
 
     ``act`` (S*M*B, G) enters holding the input projection ``W x + b`` and leaves
@@ -298,7 +301,8 @@ def _project_rows(act, xs, W, bias, grp, r, nb):
 SCHEDULES = ("auto", "planes", "batch")
 
 
-def batch_blocks(S: int, B: int, diag_off, items, schedule: str = "auto") -> int:
+def batch_blocks(S: int, B: int, diag_off: np.ndarray, items: tuple[np.ndarray, np.ndarray] | None,
+                 schedule: str = "auto") -> int:
     """How a sweep over the hyperplanes of ``diag_off`` splits its work over the threads:
 
     - 0: a ``prange`` per hyperplane over its (scan, cell, group of batch items) work items: a fork
@@ -328,7 +332,7 @@ def batch_blocks(S: int, B: int, diag_off, items, schedule: str = "auto") -> int
 
 
 @contextlib.contextmanager
-def schedule_as_batch(batch: int):
+def schedule_as_batch(batch: int) -> Iterator[None]:
     """Inside, ``"auto"`` (:func:`batch_blocks`) chooses as for batches of ``batch`` items,
     whatever the batch: a probe step at a small batch (:func:`mdnumba.train.step_memory`) then
     compiles and runs the sweeps the full batch will, not the other schedule's."""
@@ -455,8 +459,11 @@ def _rolling_parents(lp, parent, diag_off, k):
     return cur
 
 
-def wavefront_infer(out, h, c, act, lp, x, src, W, bias, U, diag_off, parent, first: int, last: int,
-                    B: int, D: int, cell: int, *, items=None, schedule: str = "auto") -> None:
+def wavefront_infer(out: np.ndarray, h: np.ndarray, c: np.ndarray, act: np.ndarray, lp: np.ndarray,
+                    x: np.ndarray, src: np.ndarray, W: np.ndarray, bias: np.ndarray, U: np.ndarray,
+                    diag_off: np.ndarray, parent: np.ndarray, first: int, last: int, B: int, D: int,
+                    cell: int, *, items: tuple[np.ndarray, np.ndarray] | None = None,
+                    schedule: str = "auto") -> None:
     """Forward sweep that keeps no activations (outputs out, h, c, act; inputs; weights; sizes).
 
     The same rows, products and cell as :func:`matmul_rows` + :func:`wavefront_forward` (so the
@@ -748,8 +755,10 @@ def _cell_backward(dact, dc, dh, act, c, parent, child, base, s, b, B, D, cell):
     _row_backward(dact, dc, dh, act, c, parent, child, base, s, b, B, D, cell, 0, D)
 
 
-def wavefront_backward(dact, dc, dh, act, c, U, diag_off, parent, child, B: int, D: int, cell: int,
-                       *, items=None, schedule: str = "auto") -> None:
+def wavefront_backward(dact: np.ndarray, dc: np.ndarray, dh: np.ndarray, act: np.ndarray, c: np.ndarray,
+                       U: np.ndarray, diag_off: np.ndarray, parent: np.ndarray, child: np.ndarray, B: int,
+                       D: int, cell: int, *, items: tuple[np.ndarray, np.ndarray] | None = None,
+                       schedule: str = "auto") -> None:
     """Backward sweep, hyperplanes in reverse (outputs dact, dc; inputs; weights; sizes; cell).
 
     ``dh`` (S*M*B, D) enters holding dL/dh from above and is completed in place

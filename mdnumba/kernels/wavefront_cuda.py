@@ -47,6 +47,7 @@ one-off use) or numba device arrays (no copies).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numba
 import numpy as np
@@ -54,6 +55,9 @@ from numba import cuda
 
 from .. import config
 from .cell import build
+
+if TYPE_CHECKING:
+    from ..backend_cuda import DeviceArray, HostOrDevice
 
 #: True when numba runs CUDA kernels in its CPU simulator (NUMBA_ENABLE_CUDASIM=1)
 SIMULATOR: bool = bool(numba.config.ENABLE_CUDASIM)
@@ -858,7 +862,7 @@ def _take_state_grad(dh0, dc0, dh, dc, dact, B):
 
 
 # ---------------------------------------------------------------- host helpers
-def shares_memory(a, b) -> bool:
+def shares_memory(a: DeviceArray, b: DeviceArray) -> bool:
     """Whether the contiguous device arrays ``a`` and ``b`` overlap (the simulator's arrays: their
     host buffers)."""
     if SIMULATOR:
@@ -867,7 +871,7 @@ def shares_memory(a, b) -> bool:
     return lo_a < lo_b + b.nbytes and lo_b < lo_a + a.nbytes
 
 
-def as_device(x):
+def as_device(x: HostOrDevice) -> DeviceArray:
     """A numba device array viewing ``x`` (no copy) if it is one; NumPy arrays are copied over."""
     if hasattr(x, "copy_to_host"):
         return x
@@ -1031,9 +1035,11 @@ def _none(dtype, ndim: int):
     return _scratch("none", (0,) * ndim, dtype)
 
 
-def wavefront_forward(h, c, act, U, diag_off, parent, B: int, D: int, cell: int, *,
+def wavefront_forward(h: HostOrDevice, c: HostOrDevice, act: HostOrDevice, U: HostOrDevice,
+                      diag_off: HostOrDevice, parent: HostOrDevice, B: int, D: int, cell: int, *,
                       path: str | None = None, use_shared: bool | None = None, tpb: int | None = None,
-                      diag_off_host: np.ndarray | None = None, out=None, out_src=None) -> None:
+                      diag_off_host: np.ndarray | None = None, out: HostOrDevice | None = None,
+                      out_src: HostOrDevice | None = None) -> None:
     """CUDA twin of :func:`mdnumba.kernels.wavefront.wavefront_forward` (same arguments but ``items``:
     the CUDA sweeps run a padded batch's padding rows too).
 
@@ -1059,9 +1065,12 @@ def wavefront_forward(h, c, act, U, diag_off, parent, B: int, D: int, cell: int,
     a.finish(0, 1, 2, 6)
 
 
-def wavefront_infer(out, h, c, act, lp, x, src, W, bias, U, diag_off, parent, first: int, last: int,
-                    B: int, D: int, cell: int, *, path: str | None = None, use_shared: bool | None = None,
-                    tpb: int | None = None, diag_off_host: np.ndarray | None = None) -> None:
+def wavefront_infer(out: HostOrDevice, h: HostOrDevice, c: HostOrDevice, act: HostOrDevice,
+                    lp: HostOrDevice, x: HostOrDevice, src: HostOrDevice, W: HostOrDevice,
+                    bias: HostOrDevice, U: HostOrDevice, diag_off: HostOrDevice, parent: HostOrDevice,
+                    first: int, last: int, B: int, D: int, cell: int, *, path: str | None = None,
+                    use_shared: bool | None = None, tpb: int | None = None,
+                    diag_off_host: np.ndarray | None = None) -> None:
     """CUDA twin of :func:`mdnumba.kernels.wavefront.wavefront_infer` (same arguments but
     ``items``; keywords as in :func:`wavefront_forward`)."""
     tpb = _tpb(tpb)
@@ -1078,10 +1087,13 @@ def wavefront_infer(out, h, c, act, lp, x, src, W, bias, U, diag_off, parent, fi
     a.finish(0, 1, 2, 3, 4)
 
 
-def wavefront_backward(dact, dc, dh, act, c, U, diag_off, parent, child, B: int, D: int, cell: int, *,
+def wavefront_backward(dact: HostOrDevice, dc: HostOrDevice, dh: HostOrDevice, act: HostOrDevice,
+                       c: HostOrDevice, U: HostOrDevice, diag_off: HostOrDevice, parent: HostOrDevice,
+                       child: HostOrDevice, B: int, D: int, cell: int, *,
                        path: str | None = None, use_shared: bool | None = None, tpb: int | None = None,
-                       diag_off_host: np.ndarray | None = None, dh_in=None, dh_src=None,
-                       operands=None) -> None:
+                       diag_off_host: np.ndarray | None = None, dh_in: HostOrDevice | None = None,
+                       dh_src: HostOrDevice | None = None,
+                       operands: tuple[HostOrDevice, HostOrDevice, HostOrDevice] | None = None) -> None:
     """CUDA twin of :func:`mdnumba.kernels.wavefront.wavefront_backward` (same arguments but ``items``:
     the CUDA sweeps run a padded batch's padding rows too).
 
@@ -1113,8 +1125,9 @@ def wavefront_backward(dact, dc, dh, act, c, U, diag_off, parent, child, B: int,
     a.finish(0, 1, 2, 11)
 
 
-def gemm(out, a, bm, bias=None, *, ta: bool = False, tb: bool = False, accumulate: bool = False,
-         method: str = "auto", nsplit: int | None = None, ones_row: bool = False) -> None:
+def gemm(out: HostOrDevice, a: HostOrDevice, bm: HostOrDevice, bias: HostOrDevice | None = None, *,
+         ta: bool = False, tb: bool = False, accumulate: bool = False, method: str = "auto",
+         nsplit: int | None = None, ones_row: bool = False) -> None:
     """``out = init + op(a) @ op(bm)``, ``op(a) = aᵀ`` if ta, ``op(bm) = bmᵀ`` if tb; with
     ``ones_row`` op(a) gets a last row of ones (``[xᵀ; 1ᵀ] dy = [dW; db]`` in one launch).
 
@@ -1177,7 +1190,7 @@ def _tile_counters(n: int):
     return c
 
 
-def skew_rows(out, inp, src) -> None:
+def skew_rows(out: HostOrDevice, inp: HostOrDevice, src: HostOrDevice) -> None:
     """``out[q*R + r] = inp[src[q, r], q % inp.shape[1]]`` for ``inp`` (rows, S or 1, F) and
     ``src`` (S, R): every direction's rows in skewed order, one launch."""
     x = _Args(out, inp, src)
@@ -1186,7 +1199,7 @@ def skew_rows(out, inp, src) -> None:
     x.finish(0)
 
 
-def unskew_rows(out, inp, src) -> None:
+def unskew_rows(out: HostOrDevice, inp: HostOrDevice, src: HostOrDevice) -> None:
     """``out[r, p] = Σ_{q ≡ p mod P} inp[q*M + src[q, r]]`` for ``out`` (R, P, F), ``src`` (S, R),
     M = inp.shape[0] / S: P = S restores each direction's grid order, P = 1 also sums the
     directions; one launch."""
@@ -1196,7 +1209,7 @@ def unskew_rows(out, inp, src) -> None:
     x.finish(0)
 
 
-def gather_rows(out, inp, src) -> None:
+def gather_rows(out: HostOrDevice, inp: HostOrDevice, src: HostOrDevice) -> None:
     """``out[r, :F] = inp[src[r]]`` for every row r (``F = inp.shape[1]``)."""
     x = _Args(out, inp, src)
     tpb = _tpb(None)
@@ -1204,7 +1217,7 @@ def gather_rows(out, inp, src) -> None:
     x.finish(0)
 
 
-def axpby(out, x, alpha: float, y, beta: float) -> None:
+def axpby(out: HostOrDevice, x: HostOrDevice, alpha: float, y: HostOrDevice, beta: float) -> None:
     """``out = alpha·x + beta·y`` on flat arrays of one dtype."""
     a = _Args(out, x, y)
     tpb = _tpb(None)
@@ -1212,7 +1225,7 @@ def axpby(out, x, alpha: float, y, beta: float) -> None:
     a.finish(0)
 
 
-def zero_padding(h, c, src) -> None:
+def zero_padding(h: HostOrDevice, c: HostOrDevice, src: HostOrDevice) -> None:
     """CUDA twin of :func:`mdnumba.kernels.wavefront.zero_padding` (NumPy or device arrays)."""
     a = _Args(h, c, src)
     tpb = _tpb(None)
@@ -1220,7 +1233,7 @@ def zero_padding(h, c, src) -> None:
     a.finish(0, 1)
 
 
-def fill(out, value: float) -> None:
+def fill(out: HostOrDevice, value: float) -> None:
     """``out[:] = value`` on a flat array."""
     a = _Args(out)
     tpb = _tpb(None)
@@ -1237,23 +1250,27 @@ def _state_launch(kernel, items: int, out_index: tuple, arrays: tuple, *ints: in
     a.finish(*out_index)
 
 
-def seed_state(h, c, act, h0, c0, B: int) -> None:
+def seed_state(h: HostOrDevice, c: HostOrDevice, act: HostOrDevice, h0: HostOrDevice, c0: HostOrDevice,
+               B: int) -> None:
     """CUDA twin of :func:`mdnumba.kernels.wavefront.seed_state` (same arguments)."""
     _state_launch(_seed_state, h0.size // h.shape[1] * act.shape[1], (0, 1, 2), (h, c, act, h0, c0), B)
 
 
-def state_of_cell(hs, cs, h, c, cell: int, B: int) -> None:
+def state_of_cell(hs: HostOrDevice, cs: HostOrDevice, h: HostOrDevice, c: HostOrDevice, cell: int,
+                  B: int) -> None:
     """CUDA twin of :func:`mdnumba.kernels.wavefront.state_of_cell` (same arguments)."""
     _state_launch(_state_of_cell, hs.size, (0, 1), (hs, cs, h, c), cell, B)
 
 
-def seed_state_grad(dh, dc, dact, dhT, dcT, B: int) -> None:
+def seed_state_grad(dh: HostOrDevice, dc: HostOrDevice, dact: HostOrDevice, dhT: HostOrDevice,
+                    dcT: HostOrDevice, B: int) -> None:
     """CUDA twin of :func:`mdnumba.kernels.wavefront.seed_state_grad` (same arguments)."""
     _state_launch(_seed_state_grad, dhT.size // dh.shape[1] * dact.shape[1], (0, 1, 2),
                   (dh, dc, dact, dhT, dcT), B)
 
 
-def take_state_grad(dh0, dc0, dh, dc, dact, B: int) -> None:
+def take_state_grad(dh0: HostOrDevice, dc0: HostOrDevice, dh: HostOrDevice, dc: HostOrDevice,
+                    dact: HostOrDevice, B: int) -> None:
     """CUDA twin of :func:`mdnumba.kernels.wavefront.take_state_grad` (same arguments)."""
     _state_launch(_take_state_grad, dh0.size // dh.shape[1] * dact.shape[1], (0, 1, 4),
                   (dh0, dc0, dh, dc, dact), B)

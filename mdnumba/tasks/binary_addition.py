@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 
 @dataclass
@@ -17,7 +18,8 @@ class AdditionBatch:
     y: np.ndarray   # (B, T, 1)
 
 
-def sample_addition(rng: np.random.Generator, batch: int, bits: int, dtype=np.float32) -> AdditionBatch:
+def sample_addition(rng: np.random.Generator, batch: int, bits: int,
+                    dtype: npt.DTypeLike = np.float32) -> AdditionBatch:
     """Draw one batch of ``bits``-bit additions (vectorised, any length)."""
     if bits < 1:
         raise ValueError(f"binary addition needs bits >= 1, got {bits}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 
 @dataclass
@@ -26,7 +27,7 @@ class DiagonalBatch:
 
 
 def sample_diagonal_nd(rng: np.random.Generator, batch: int, size: int, ndim: int,
-                       dtype=np.float32) -> DiagonalBatch:
+                       dtype: npt.DTypeLike = np.float32) -> DiagonalBatch:
     """Draw one batch of the N-D task (vectorised)."""
     if size < 4:
         raise ValueError(f"diagonal task needs size >= 4, got {size}")
@@ -41,12 +42,14 @@ def sample_diagonal_nd(rng: np.random.Generator, batch: int, size: int, ndim: in
     return DiagonalBatch(x[..., None], y[..., None], second)
 
 
-def sample_diagonal(rng: np.random.Generator, batch: int, size: int, dtype=np.float32) -> DiagonalBatch:
+def sample_diagonal(rng: np.random.Generator, batch: int, size: int,
+                    dtype: npt.DTypeLike = np.float32) -> DiagonalBatch:
     """The seed's 2D task."""
     return sample_diagonal_nd(rng, batch, size, 2, dtype)
 
 
-def sample_diagonal3d(rng: np.random.Generator, batch: int, size: int, dtype=np.float32) -> DiagonalBatch:
+def sample_diagonal3d(rng: np.random.Generator, batch: int, size: int,
+                      dtype: npt.DTypeLike = np.float32) -> DiagonalBatch:
     """The 3D task on (size, size, size) volumes."""
     return sample_diagonal_nd(rng, batch, size, 3, dtype)
 
