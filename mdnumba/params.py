@@ -161,7 +161,9 @@ class OwnsParams:
 
     def free_buffers(self) -> None:
         """Drop the activations and scratch buffers kept between calls (``backward`` then needs a
-        new ``forward``); the next ``forward`` allocates them again."""
+        new ``forward``); the next ``forward`` allocates them again. NumPy gets the memory back;
+        the process keeps up to 512 MiB of it for reuse unless ``MDNUMBA_MALLOC_TUNING=0``
+        (:func:`mdnumba.config.tune_malloc`)."""
         for name, empty in self._BUFFERS.items():
             setattr(self, name, empty())
 
