@@ -565,7 +565,7 @@ def _plot_run(trainer) -> None:
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
               help="run on this device instead of the one RUN was trained on")
-def sample(run, length, temperature, prime, seed, device) -> None:
+def sample(run: Path, length: int, temperature: float, prime: str, seed: int, device: str | None) -> None:
     """Generate text from RUN's char-lm checkpoint."""
     from mdnumba.charlm import CorpusError
     try:
@@ -617,7 +617,8 @@ def _read_npy(path: Path):
               help="inputs per forward (default: the run's --batch)")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
               help="run on this device instead of the one RUN was trained on")
-def predict(run, input, out, overwrite, batch, device) -> None:
+def predict(run: Path, input: Path, out: Path, overwrite: bool, batch: int | None,
+            device: str | None) -> None:
     """Apply RUN's model to the inputs in INPUT (.npy, laid out as its task's: e.g. (batch, height,
     width, 1) for the diagonal task) and write the output probabilities to --out (.npy)."""
     from mdnumba.checkpoint import atomic_write_bytes
@@ -656,7 +657,8 @@ def predict(run, input, out, overwrite, batch, device) -> None:
               help="run on this device instead of the one RUN was trained on")
 @click.option("--data", type=click.Path(path_type=str), default=None,
               help="char-lm: validate on this text (default: the run's)")
-def evaluate(run, size, batches, seed, device, data) -> None:
+def evaluate(run: Path, size: int | None, batches: int, seed: int, device: str | None,
+             data: str | None) -> None:
     """Reload RUN's checkpoint and report metrics on fresh data (char-lm: validation text)."""
     try:
         trainer = _load_run(run, device=device, data=data)
@@ -768,7 +770,8 @@ def _ms(seconds: float) -> str:
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True,
               help="timed calls of each (after one warm-up call)")
-def bench(model, size, batch, hidden, channels, directions, cell, dtype, device, repeats) -> None:
+def bench(model: str, size: int, batch: int, hidden: int, channels: int, directions: int, cell: str,
+          dtype: str, device: str, repeats: int) -> None:
     """Time one layer's forward, inference (forward keeping no activations) and train step
     (forward, backward, Adam) on this machine.
 
