@@ -93,7 +93,7 @@ def fma_tile(typingctx, c, crow, a, arow, a_cs, b, b0, b_rs, T):
     if not all(isinstance(x, types.Array) for x in (c, a, b)) or not (c.dtype == a.dtype == b.dtype):
         return None
     if not all(isinstance(x, types.BaseTuple) for x in (crow, arow)) or not \
-            len(crow) == len(arow) in (TILE_ROWS, TALL_ROWS):  # (8: compiled also where not taken)
+            len(crow) == len(arow) in (1, 2, TILE_ROWS, TALL_ROWS):  # (8: compiled also where not taken)
         return None
     R = len(crow)
     dtype = c.dtype
@@ -186,8 +186,26 @@ def tall_offsets(first, stride, col):
 @njit(**NJIT_OPTS)
 def tile_rows(out, r, a, s, nb, panels, ocol=0, acol=0):
     """``out[r+i, ocol : ocol + P·W] += a[s+i, acol : acol + K] @ B`` for the ``nb`` (1 .. 4)
-    consecutive rows i (:func:`tile_quad`, rows past nb repeating the last)."""
-    tile_quad(out, four_rows(r, nb), a, four_rows(s, nb), panels, ocol, acol)
+    consecutive rows i: one :func:`group_panel` per panel."""
+    for p in range(panels.shape[0]):
+        group_panel(out, r, a, s, nb, panels, p, 0, panels.shape[1], ocol, acol)
+
+
+@njit(inline="always", **NJIT_OPTS)
+def group_panel(out, r, a, s, nb, panels, p, k0, k1, ocol=0, acol=0):
+    """:func:`tile_panel` for the ``nb`` (1 .. 4) consecutive rows ``r ..`` of ``out`` and ``s ..``
+    of ``a``: a tile of 1, 2 or 4 rows (3: the last repeated), so that a lone row or a pair does
+    its own multiply-adds, not a whole tile's (batch 1, a 512x512 image: each row took 4 rows'
+    work). Every element's chain is the same in each."""
+    T, W = panels.shape[1], panels.shape[2]
+    oc, ac, b0 = out.shape[1], a.shape[1], (p * T + k0) * W
+    o, i = r * oc + ocol + p * W, s * ac + acol + k0
+    if nb == 1:
+        fma_tile(out, (o,), a, (i,), 1, panels, b0, W, k1 - k0)
+    elif nb == 2:
+        fma_tile(out, (o, o + oc), a, (i, i + ac), 1, panels, b0, W, k1 - k0)
+    else:
+        tile_panel(out, four_rows(r, nb), a, four_rows(s, nb), panels, p, k0, k1, ocol, acol)
 
 
 @njit(**NJIT_OPTS)

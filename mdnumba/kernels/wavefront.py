@@ -47,6 +47,7 @@ from .simd import (
     chunk_steps,
     fma_tile,
     four_rows,
+    group_panel,
     prefetch_row,
     row_offsets,
     tall_offsets,
@@ -426,8 +427,7 @@ def _tiles_items(out, src, panels, links, MB, first, n, items, B, t0, t1):
                     if link >= 0 and nb == TALL_ROWS:
                         tall_panel(out, r + s * B, src, r + link * B, panels[grp, d], q, k0, k1)
                     elif link >= 0:
-                        tile_panel(out, four_rows(r + s * B, nb), src, four_rows(r + link * B, nb),
-                                   panels[grp, d], q, k0, k1)
+                        group_panel(out, r + s * B, src, r + link * B, nb, panels[grp, d], q, k0, k1)
                     t += taken
 
 
