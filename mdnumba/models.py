@@ -12,7 +12,15 @@ import numpy as np
 import numpy.typing as npt
 
 from . import config
-from ._validate import check_array, check_flag, check_shape, missing_activations, part_seed, shared_seed
+from ._validate import (
+    as_array,
+    check_array,
+    check_flag,
+    check_shape,
+    missing_activations,
+    part_seed,
+    shared_seed,
+)
 from .layers import Linear, WavefrontLSTM
 from .stack import LayerGroup, Sequential, check_not_refused_midway, mdlstm_stack, run_tracked
 
@@ -50,7 +58,7 @@ class RecurrentReadout(LayerGroup):
     def forward(self, x: np.ndarray, *, save: bool = True) -> np.ndarray:
         """Return logits with the input's shape except the last axis (out_features);
         ``save=False`` (evaluation) keeps no activations for backward."""
-        x = np.asarray(x)
+        x = as_array(x, "x", "(batch, grid axes.., channels)")  # masked values: refused
         inference = not check_flag(save, "save")
         y = run_tracked(self, self.recurrent,
                         lambda: self.recurrent.forward(self._to_recurrent(x), save=save),

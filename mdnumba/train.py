@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._validate import NonFiniteError, check_array, check_count, check_positive_int
+from ._validate import NonFiniteError, as_array, check_array, check_count, check_positive_int
 from .checkpoint import (
     CHECKPOINT,
     CONFIG_JSON,
@@ -543,7 +543,7 @@ class Trainer:
         run's dtype as they are (no scaling); errors as the layers' (shape, NaN/inf), naming the
         input ``name``."""
         like = self.task.sample(np.random.default_rng(0), 1, self.task.min_size, np.dtype(self.cfg.dtype)).x
-        x = np.asarray(x)
+        x = as_array(x, name, f"{self.task.layout} of the {self.task.name} task")
         if x.dtype == bool or np.issubdtype(x.dtype, np.integer):
             x = x.astype(self.cfg.dtype)
         x = check_array(x, name, like.ndim, like.shape[-1], np.dtype(self.cfg.dtype),

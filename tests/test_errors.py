@@ -18,7 +18,7 @@ from mdnumba import (
     pad_batch,
 )
 from mdnumba.charlm import Embedding
-from mdnumba.models import MDModel
+from mdnumba.models import MDModel, build_model
 from mdnumba.stack import Sequential, mdlstm_stack
 from mdnumba.train import TrainConfig, Trainer
 
@@ -59,6 +59,19 @@ def test_masked_values_are_refused_not_read():
         with pytest.raises(ValueError, match=rf"^{name} is a masked array with 1 masked value, .*"
                                              rf"\({name}.filled\(0\)\)"):
             call()
+
+
+@pytest.mark.parametrize("kind,shape", [("md", (1, 4, 4, 1)), ("horizontal", (1, 4, 4, 1)),
+                                        ("lstm", (1, 4, 2))])
+def test_models_and_predict_refuse_masked_values(kind, shape):
+    """Models and Trainer.predict converted x before the layers' check, dropping the mask."""
+    m = np.ma.masked_array(np.ones(shape), mask=False)
+    m[(0,) * len(shape)] = np.ma.masked
+    with pytest.raises(ValueError, match="^x is a masked array with 1 masked value"):
+        build_model(kind, in_channels=shape[-1]).forward(m)
+    if kind == "md":
+        with pytest.raises(ValueError, match="^x is a masked array"):
+            Trainer(TrainConfig(size=4, steps=1)).predict(m)
 
 
 def test_a_memoryview_is_an_array_like():

@@ -156,6 +156,51 @@ def test_layers_run_in_python_threads_under_workqueue():
     assert run.stdout.split() == ["workqueue", "30", "True"], run.stdout
 
 
+def test_threads_starting_together_share_one_lock(monkeypatch):
+    """Threads whose first kernel calls come at once all get the one workqueue lock (each made
+    its own, and their kernels ran side by side: the abort again)."""
+    import threading
+    import time
+
+    from mdnumba.kernels import parallel
+
+    def slow_workqueue():
+        time.sleep(0.01)  # widens the window between the check and the set
+        return "workqueue"
+    monkeypatch.setattr(parallel, "_serial_lock", None)
+    monkeypatch.setattr(parallel.numba, "threading_layer", slow_workqueue)
+    start, locks = threading.Barrier(8), []
+
+    def first_call():
+        start.wait()
+        locks.append(parallel.serial_lock())
+    threads = [threading.Thread(target=first_call) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(locks) == 8 and all(lock is locks[0] for lock in locks) and locks[0]
+
+
+def test_a_parallel_kernel_copies_pickles_and_takes_keywords():
+    """The wrapped drivers behave as the functions they were: a copy is the kernel itself, a
+    pickle names it, keyword arguments pass through; and mdnumba imports with the JIT off."""
+    import copy
+    import pickle
+
+    from mdnumba.kernels.gemm import column_sums
+    assert copy.copy(column_sums) is column_sums and copy.deepcopy(column_sums) is column_sums
+    assert pickle.loads(pickle.dumps(column_sums)) is column_sums
+    out = np.zeros(3, np.float32)
+    column_sums(out=out, a=np.ones((5, 3), np.float32), rows=None)
+    assert out.tolist() == [5, 5, 5]
+    run = subprocess.run([sys.executable, "-c", "import mdnumba, numpy as np; "
+                          "print(mdnumba.MDLSTM2D(1, 2).forward(np.ones((1, 2, 2, 1))).shape)"],
+                         env=dict(os.environ, NUMBA_DISABLE_JIT="1"), capture_output=True, text=True,
+                         timeout=300)
+    assert run.stdout.strip() == "(1, 2, 2, 2)", run.stderr[-2000:]
+
+
 def test_named_views_share_one_flat_buffer():
     layer = MDLSTM2D(3, 4)
     p = layer.params

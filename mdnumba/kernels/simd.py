@@ -85,8 +85,8 @@ def prefetch_row(typingctx, a, start, stop):
 
 @intrinsic
 def fma_tile(typingctx, c, crow, a, arow, a_cs, b, b0, b_rs, T):
-    """``c[crow[i] + n] += Σ_{t<T} a[arow[i] + t·a_cs] · b[b0 + t·b_rs + n]`` for the rows i (4, or
-    :data:`TALL_ROWS`: the tuples' length) and the W = :func:`tile_width` columns n: element
+    """``c[crow[i] + n] += Σ_{t<T} a[arow[i] + t·a_cs] · b[b0 + t·b_rs + n]`` for the rows i (1, 2,
+    4 or :data:`TALL_ROWS`: the tuples' length) and the W = :func:`tile_width` columns n: element
     offsets into the arrays' data (no bounds checks: the caller's), ``b`` e.g. a packed panel
     (``b_rs`` = W, :func:`pack_panels`). A repeated row gets the same numbers each time (all
     loads happen before the stores)."""
