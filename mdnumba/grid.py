@@ -203,24 +203,26 @@ def direction_tables(dims: tuple, batch: int, directions: int = 1,
     """
     wf = wavefront(tuple(dims))
     M, B, N = wf.n_cells, int(batch), len(wf.dims)
-    it = index_dtype(M * B)  # also for the temporaries, which are one item's (M,) at a time
+    it = index_dtype(M * B)  # also for the temporaries, one box's at a time
     strides, rows = _strides(wf.dims, it), np.arange(B, dtype=it)
     grid_c = np.indices(wf.dims, dtype=it).reshape(N, -1)  # row-major cell m -> its N coordinates
     scan_c = grid_c[:, wf.perm]  # skewed cell s -> its coordinates
     skew, unskew = np.empty((directions, M, B), it), np.empty((directions, B, M), it)  # [q, s, b], [q, b, m]
-    boxes = [wf.dims] if sizes is None else np.reshape(np.asarray(sizes, dtype=it), (B, N))
+    ext = np.broadcast_to(np.asarray(wf.dims if sizes is None else sizes, dtype=it).reshape(-1, N), (B, N))
+    boxes, which = np.unique(ext, axis=0, return_inverse=True)  # items of one box share its rows
     for q in range(directions):
         flip = np.array([(q >> d) & 1 for d in range(N)], dtype=bool)[:, None]
-        for b, box in enumerate(boxes):  # sizes None: one box, every item's
+        for u, box in enumerate(boxes):
+            items = rows[which.reshape(-1) == u]
+            sel = slice(items[0], items[0] + 1) if len(items) == 1 else items  # a view where it can
             inside, src = _mirrored(scan_c, box, flip, strides)
             inside_d, scan = _mirrored(grid_c, box, flip, strides)
-            back = wf.inv_perm[np.where(inside_d, scan, 0)]
-            if sizes is None:
-                skew[q] = src[:, None] + rows * it(M)
-                unskew[q] = back * it(B) + rows[:, None]
-            else:
-                skew[q, :, b] = np.where(inside, src + it(b * M), -1)
-                unskew[q, b] = np.where(inside_d, back * it(B) + it(b), -1)
+            block = src[:, None] + items * it(M)  # skewed rows (s, the items) <- dense rows
+            block[~inside] = -1
+            skew[q][:, sel] = block
+            block = wf.inv_perm[np.where(inside_d, scan, 0)] * it(B) + items[:, None]
+            block[:, ~inside_d] = -1
+            unskew[q][sel] = block
     return _index_tables(M * B, skew.reshape(directions, -1), unskew.reshape(directions, -1))
 
 
