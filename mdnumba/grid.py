@@ -83,8 +83,8 @@ def table_cache(fn: Callable[..., _T]) -> Callable[..., _T]:
         value = fn(*args, **kwargs)
         with lock:
             entries[key] = (value, _nbytes(value), bound.arguments.get("sizes") is not None)
-            _evict(entries, lambda padded: True, TABLE_CACHE_BYTES)
-            _evict(entries, lambda padded: padded, PADDED_TABLE_CACHE_BYTES)
+            _evict(entries, TABLE_CACHE_BYTES)
+            _evict(entries, PADDED_TABLE_CACHE_BYTES, padded_only=True)
         return value
 
     cached.cache_clear = entries.clear
@@ -92,10 +92,10 @@ def table_cache(fn: Callable[..., _T]) -> Callable[..., _T]:
     return cached
 
 
-def _evict(entries: OrderedDict, which: Callable[[bool], bool], budget: int) -> None:
-    """Drop the least recently used of the entries ``which(padded)`` selects until they hold at
-    most ``budget`` bytes, keeping the newest entry however large."""
-    chosen = [key for key, (_, _, padded) in entries.items() if which(padded)]
+def _evict(entries: OrderedDict, budget: int, padded_only: bool = False) -> None:
+    """Drop the least recently used entries (``padded_only``: of padded batches' tables) until
+    they hold at most ``budget`` bytes, keeping the newest entry however large."""
+    chosen = [key for key, (_, _, padded) in entries.items() if padded or not padded_only]
     total = sum(entries[key][1] for key in chosen)
     for key in chosen:
         if total <= budget or key == next(reversed(entries)):
@@ -206,7 +206,6 @@ def direction_tables(dims: tuple, batch: int, directions: int = 1,
     it = index_dtype(M * B)  # also for the temporaries, one box's at a time
     strides, rows = _strides(wf.dims, it), np.arange(B, dtype=it)
     grid_c = np.indices(wf.dims, dtype=it).reshape(N, -1)  # row-major cell m -> its N coordinates
-    scan_c = grid_c[:, wf.perm]  # skewed cell s -> its coordinates
     skew, unskew = np.empty((directions, M, B), it), np.empty((directions, B, M), it)  # [q, s, b], [q, b, m]
     ext = np.broadcast_to(np.asarray(wf.dims if sizes is None else sizes, dtype=it).reshape(-1, N), (B, N))
     boxes, which = np.unique(ext, axis=0, return_inverse=True)  # items of one box share its rows
@@ -214,15 +213,13 @@ def direction_tables(dims: tuple, batch: int, directions: int = 1,
         flip = np.array([(q >> d) & 1 for d in range(N)], dtype=bool)[:, None]
         for u, box in enumerate(boxes):
             items = rows[which.reshape(-1) == u]
-            sel = slice(items[0], items[0] + 1) if len(items) == 1 else items  # a view where it can
-            inside, src = _mirrored(scan_c, box, flip, strides)
-            inside_d, scan = _mirrored(grid_c, box, flip, strides)
-            block = src[:, None] + items * it(M)  # skewed rows (s, the items) <- dense rows
-            block[~inside] = -1
-            skew[q][:, sel] = block
-            block = wf.inv_perm[np.where(inside_d, scan, 0)] * it(B) + items[:, None]
-            block[:, ~inside_d] = -1
-            unskew[q][sel] = block
+            inside, mirror = _mirrored(grid_c, box, flip, strides)  # of row-major cell m
+            block = mirror[wf.perm][:, None] + items * it(M)  # skewed rows (s, the items) <- dense rows
+            block[~inside[wf.perm]] = -1
+            skew[q][:, items] = block
+            block = wf.inv_perm[np.where(inside, mirror, 0)] * it(B) + items[:, None]
+            block[:, ~inside] = -1
+            unskew[q][items] = block
     return _index_tables(M * B, skew.reshape(directions, -1), unskew.reshape(directions, -1))
 
 
