@@ -8,6 +8,7 @@ import sys
 import numba
 import numpy as np
 import pytest
+from numba import njit
 
 from mdnumba.kernels.gemm import (
     PACK_ROWS,
@@ -20,7 +21,7 @@ from mdnumba.kernels.gemm import (
     matmul_rows,
     rows_product,
 )
-from mdnumba.kernels.simd import four_rows, tile_width
+from mdnumba.kernels.simd import TALL_ROWS, fma_tile, four_rows, pack_panels, tile_width
 
 SHAPES = [(1, 1, 1), (3, 1, 5), (4, 2, 3), (7, 3, 4), (6, 19, 7), (5, 15, 6), (REDUCE_BLOCK + 5, 5, 6),
           (2 * REDUCE_BLOCK, 4, 9), (37, 9, 45), (REDUCE_BLOCK + 3, 8, 70),  # these two: tiles
@@ -96,6 +97,52 @@ def test_rows_product_gives_each_row_what_it_gets_alone(K, dtype, rng):
         done = list(pick_out[:n])
         assert np.array_equal(group[done], alone[done])
         assert np.array_equal(np.delete(group, done, axis=0), np.delete(start, done, axis=0))
+
+
+@njit
+def _last_panel_tile(c, a, panels, rows, cols):
+    """fma_tile of ``rows`` (1, 2, 4 or TALL_ROWS) rows of ``a`` onto the last ``cols`` columns
+    of the last rows of ``c`` (so that the W - cols columns it may not write lie past the end of
+    ``c``'s data), the last panel of ``panels``."""
+    P, K, W = panels.shape
+    n = c.shape[1]
+    o = c.shape[0] * n - cols - (rows - 1) * n  # the first row's first column
+    b0 = (P - 1) * K * W
+    if rows == 1:
+        fma_tile(c, (o,), a, (0,), 1, panels, b0, W, K, cols)
+    elif rows == 2:
+        fma_tile(c, (o, o + n), a, (0, K), 1, panels, b0, W, K, cols)
+    elif rows == 4:
+        fma_tile(c, (o, o + n, o + 2 * n, o + 3 * n), a, (0, K, 2 * K, 3 * K), 1, panels, b0, W, K, cols)
+    else:
+        fma_tile(c, (o, o + n, o + 2 * n, o + 3 * n, o + 4 * n, o + 5 * n, o + 6 * n, o + 7 * n), a,
+                 (0, K, 2 * K, 3 * K, 4 * K, 5 * K, 6 * K, 7 * K), 1, panels, b0, W, K, cols)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rows", [1, 2, 4, TALL_ROWS])
+def test_fma_tile_writes_only_the_columns_of_a_partial_panel(rows, dtype, rng):
+    """A partial last panel (pack_panels pads it with zeros) adds a @ B to its ``cols`` columns
+    and leaves every other element as it was: the columns past them in the same row (another
+    thread's, or the next row's), and the memory past the end of the array."""
+    W = tile_width(np.empty(0, dtype))
+    for cols in sorted({1, W // 2 - 1, W // 2, W // 2 + 1, W - 1, W}):
+        N, K = W + cols, 5  # two panels, the last one holding cols columns
+        b = rng.standard_normal((K, N)).astype(dtype)
+        panels = pack_panels(b)
+        assert panels.shape == (2, K, W) and (panels[1, :, cols:] == 0).all()
+        a = rng.standard_normal((rows, K)).astype(dtype)
+        store = rng.standard_normal((rows + 1) * N + W).astype(dtype)  # W canaries past c's end
+        before = store.copy()
+        c = store[:(rows + 1) * N].reshape(rows + 1, N)
+        _last_panel_tile(c, a, panels, rows, cols)
+        want = before[:(rows + 1) * N].reshape(rows + 1, N).astype(float)
+        want[1:, W:] += a.astype(float) @ b[:, W:].astype(float)
+        tol = 1e-5 if dtype == np.float32 else 1e-12
+        np.testing.assert_allclose(c, want, rtol=tol, atol=tol)
+        untouched = np.ones(store.shape, bool)
+        untouched[:(rows + 1) * N].reshape(rows + 1, N)[1:, W:] = False
+        assert np.array_equal(store[untouched], before[untouched]), cols
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -21,6 +21,7 @@ from .simd import (
     fma_tile,
     four_rows,
     pack_panels,
+    panel_cols,
     row_offsets,
     tall_offsets,
     tile_width,
@@ -132,9 +133,10 @@ def matmul_rows(out: np.ndarray, a: np.ndarray, bmat: np.ndarray, bias: np.ndarr
 
     ``a`` (R, K), ``bmat`` (K, N), ``bias`` (N,) (ignored when accumulating). ``bmat`` is packed
     into column panels (:func:`~mdnumba.kernels.simd.pack_panels`) for
-    :func:`~mdnumba.kernels.simd.fma_tile`; the last N % W columns, and everything when ``out``
-    or ``a`` is not C-contiguous or K < :data:`~mdnumba.kernels.simd.TILE_MIN_STEPS`, go through
-    :func:`rows_product`. The numbers are the same.
+    :func:`~mdnumba.kernels.simd.fma_tile` (the last one partial where W does not divide N);
+    everything when ``out`` or ``a`` is not C-contiguous or K <
+    :data:`~mdnumba.kernels.simd.TILE_MIN_STEPS` goes through :func:`rows_product`. The numbers
+    are the same.
     """
     tiled = out.flags.c_contiguous and a.flags.c_contiguous and a.shape[1] >= TILE_MIN_STEPS
     panels = pack_panels(bmat) if tiled else np.empty((0, bmat.shape[0], 1), bmat.dtype)
@@ -157,10 +159,12 @@ def _matmul_rows(out, a, bmat, panels, bias, accumulate, rows):
             tall = last - (last - first) % TALL_ROWS
         for p in range(P):
             for i in range(first, tall, TALL_ROWS):
-                fma_tile(out, tall_offsets(i, N, p * W), a, tall_offsets(i, K, 0), 1, panels, p * K * W, W, K)
+                fma_tile(out, tall_offsets(i, N, p * W), a, tall_offsets(i, K, 0), 1, panels, p * K * W, W, K,
+                         panel_cols(out, 0, N, p, W))
             for i in range(tall, last, 4):
                 r = selected_four(rows, i, min(4, last - i))
-                fma_tile(out, row_offsets(r, N, p * W), a, row_offsets(r, K, 0), 1, panels, p * K * W, W, K)
+                fma_tile(out, row_offsets(r, N, p * W), a, row_offsets(r, K, 0), 1, panels, p * K * W, W, K,
+                         panel_cols(out, 0, N, p, W))
         if P * W < N:
             for i in range(first, last, 4):
                 c = min(4, last - i)
@@ -211,10 +215,10 @@ def _at_b_tiles(part, a, r0, k0, k1, P, b, b0, b_ps, b_rs, T):
         for p in range(P):
             for k in range(k0, kt, TALL_ROWS):
                 fma_tile(part, tall_offsets(k, N, p * W), a, tall_offsets((r0 + t0) * K + k, 1, 0), K,
-                         b, b0 + p * b_ps + t0 * b_rs, b_rs, t1 - t0)
+                         b, b0 + p * b_ps + t0 * b_rs, b_rs, t1 - t0, W)
             for k in range(kt, k1, 4):
                 fma_tile(part, row_offsets(four_rows(k, 4), N, p * W), a, four_rows((r0 + t0) * K + k, 4), K,
-                         b, b0 + p * b_ps + t0 * b_rs, b_rs, t1 - t0)
+                         b, b0 + p * b_ps + t0 * b_rs, b_rs, t1 - t0, W)
 
 
 @njit(**NJIT_SUM_OPTS)
@@ -349,10 +353,11 @@ def _at_b_panels(part, a, bmat, rows, r0, r1, p0, ap, bp):
             for q in range(0, qt, 2):  # two quads in one tall tile
                 fma_tile(part, row_offsets(four_rows(4 * q, K - 4 * q), C, p * W) +
                          row_offsets(four_rows(4 * q + 4, K - 4 * q - 4), C, p * W), ap,
-                         four_rows(q * RC * 4, 4) + four_rows((q + 1) * RC * 4, 4), 4, bp, p * RC * W, W, T)
+                         four_rows(q * RC * 4, 4) + four_rows((q + 1) * RC * 4, 4), 4, bp, p * RC * W, W, T,
+                         W)
             for q in range(qt, Q):
                 fma_tile(part, row_offsets(four_rows(4 * q, K - 4 * q), C, p * W), ap,
-                         four_rows(q * RC * 4, 4), 4, bp, p * RC * W, W, T)
+                         four_rows(q * RC * 4, 4), 4, bp, p * RC * W, W, T, W)
 
 
 @njit(**NJIT_OPTS)

@@ -12,8 +12,7 @@ input is ``(x_t, 0)``; elsewhere an absent neighbour gives zeros.
 Same layering as :mod:`mdnumba.kernels.wavefront`: serial per-row functions (:func:`build_rows`,
 one source for CPU and GPU) ← on the CPU, blocks for a group of up to :data:`ITEM_ROWS`
 batch items, whose products run as register tiles over packed halves of U
-(:func:`pack_halves`) and share every load of U past them (:func:`_block_forward`,
-:func:`_block_backward`) ← parallel drivers (anti-diagonals in order, ``prange`` over blocks x
+(:func:`pack_halves`; :func:`_block_forward`, :func:`_block_backward`) ← parallel drivers (anti-diagonals in order, ``prange`` over blocks x
 groups). Weight gradients are GEMMs outside the sweep (:func:`gather_operands`).
 """
 
@@ -26,14 +25,14 @@ from typing import Any
 import numpy as np
 from numba import njit, prange
 
-from ..config import NJIT_OPTS, NJIT_SUM_OPTS
+from ..config import NJIT_OPTS
 from ..grid import ROWS
 from . import vexp
 from .cell import build
 from .gemm import assign
 from .parallel import parallel_njit
 from .simd import TALL_ROWS, TALL_TILES, group_tiles
-from .wavefront import _rolling_parents, _tiled, group_rows, group_size, pack_recurrent
+from .wavefront import _rolling_parents, _tiled, pack_recurrent
 
 
 def build_rows(jit: Callable[[Callable[..., Any]], Callable[..., Any]], exp: Callable[..., Any] = math.exp,
@@ -203,49 +202,13 @@ _lstm_forward, _lstm_backward = _ROWS["lstm_forward"], _ROWS["lstm_backward"]
 
 
 @njit(**NJIT_OPTS)
-def _matvec_rows(act, r, off, src, srow, scol, U, urow, D, nb, panels):
-    """``act[r+i, off:off+4D] += src[srow+i, scol:scol+D] @ U[urow:urow+D]`` for the ``nb`` (1 .. 8)
-    consecutive rows i (srow < 0: nothing): the gate columns of ``panels``, these D rows of U
-    packed (:func:`pack_halves`), as register tiles (each element a chain of fused multiply-adds,
-    :func:`~mdnumba.kernels.simd.group_tiles`); the others as sums of the per-row ``_matvec_add``
-    (the CUDA twin's), with the rows of a group of four, two or one sharing every load of U."""
-    if srow < 0:
-        return
-    g0 = panels.shape[0] * panels.shape[2]
-    if g0 > 0:
-        group_tiles(act, r, src, srow, nb, panels, off, scol)
-        if g0 == 4 * D:
-            return
-    # provably >= 0: no wrap-around check; the g loops run from 0 (from g0 they were not vectorised)
-    off, scol, urow, g0 = max(off + g0, 0), max(scol, 0), max(urow, 0), max(g0, 0)
-    G = 4 * D - g0
-    i = 0
-    while i < nb:
-        m, a, p = group_size(nb - i), r + i, srow + i
-        o0, o1, o2, o3 = group_rows(act, a, m)
-        x0, x1, x2, x3 = group_rows(src, p, m)
-        j = 0
-        while j + 4 <= D:
-            c, v0, v1, v2, v3 = scol + j, U[urow + j], U[urow + j + 1], U[urow + j + 2], U[urow + j + 3]
-            h0, h1, h2, h3 = x0[c], x0[c + 1], x0[c + 2], x0[c + 3]
-            k0, k1, k2, k3 = x1[c], x1[c + 1], x1[c + 2], x1[c + 3]
-            l0, l1, l2, l3 = x2[c], x2[c + 1], x2[c + 2], x2[c + 3]
-            n0, n1, n2, n3 = x3[c], x3[c + 1], x3[c + 2], x3[c + 3]
-            for g in range(G):
-                u0, u1, u2, u3 = v0[g0 + g], v1[g0 + g], v2[g0 + g], v3[g0 + g]
-                o0[off + g] += (h0 * u0 + h1 * u1) + (h2 * u2 + h3 * u3)
-                if m > 1:
-                    o1[off + g] += (k0 * u0 + k1 * u1) + (k2 * u2 + k3 * u3)
-                if m > 2:
-                    o2[off + g] += (l0 * u0 + l1 * u1) + (l2 * u2 + l3 * u3)
-                    o3[off + g] += (n0 * u0 + n1 * u1) + (n2 * u2 + n3 * u3)
-            j += 4
-        for jj in range(j, D):  # the last D % 4 rows of U one at a time
-            for q in range(m):
-                v = src[p + q, scol + jj]
-                for g in range(G):
-                    act[a + q, off + g] += v * U[urow + jj, g0 + g]
-        i += m
+def _matvec_rows(act, r, off, src, srow, scol, D, nb, panels):
+    """``act[r+i, off:off+4D] += src[srow+i, scol:scol+D] @ U`` for the ``nb`` (1 .. 8) consecutive
+    rows i (srow < 0: nothing), U's D rows packed in ``panels`` (:func:`pack_halves`): register
+    tiles (:func:`~mdnumba.kernels.simd.group_tiles`; each element a chain of fused multiply-adds
+    over the D rows)."""
+    if srow >= 0:
+        group_tiles(act, r, src, srow, nb, panels, off, scol, 4 * D)
 
 
 @njit(**NJIT_OPTS)
@@ -256,72 +219,29 @@ def _block_forward(h, c, act, x, U_time, U_depth, Pt, Pd, tp, dp, cell, L, s, b,
     its LSTM step row by row; every row gets the same numbers."""
     r = s * B + b
     lv = (cell % L) % U_time.shape[0]
-    Ut, Ud = U_time[lv], U_depth[lv]
     tr = tp * B + b if tp >= 0 else -1
     dr = dp * B + b if dp >= 0 else -1
     xr = (cell // L) * B + b if dp < 0 else -1  # bottom block: depth input x_t
-    _matvec_rows(act, r, 0, h, tr, 0, Ut, 0, D, nb, Pt[2 * lv])
-    _matvec_rows(act, r, 0, h, dr, D, Ut, D, D, nb, Pt[2 * lv + 1])
-    _matvec_rows(act, r, 0, x, xr, 0, Ut, D, D, nb, Pt[2 * lv + 1])
+    _matvec_rows(act, r, 0, h, tr, 0, D, nb, Pt[2 * lv])
+    _matvec_rows(act, r, 0, h, dr, D, D, nb, Pt[2 * lv + 1])
+    _matvec_rows(act, r, 0, x, xr, 0, D, nb, Pt[2 * lv + 1])
     for i in range(nb):
         _lstm_forward(act, h, c, r + i, 0, tr + i if tr >= 0 else -1, 0, D)
-    _matvec_rows(act, r, 4 * D, h, r, 0, Ud, 0, D, nb, Pd[2 * lv])
-    _matvec_rows(act, r, 4 * D, h, dr, D, Ud, D, D, nb, Pd[2 * lv + 1])
-    _matvec_rows(act, r, 4 * D, x, xr, 0, Ud, D, D, nb, Pd[2 * lv + 1])
+    _matvec_rows(act, r, 4 * D, h, r, 0, D, nb, Pd[2 * lv])
+    _matvec_rows(act, r, 4 * D, h, dr, D, D, nb, Pd[2 * lv + 1])
+    _matvec_rows(act, r, 4 * D, x, xr, 0, D, nb, Pd[2 * lv + 1])
     for i in range(nb):
         _lstm_forward(act, h, c, r + i, 4 * D, dr + i if dr >= 0 else -1, D, D)
 
 
-@njit(**NJIT_SUM_OPTS)
-def _vec_mat_t_rows(out, orow, ocol, dact, srow, off, U, urow, D, nb, panels):
-    """``out[orow+i, ocol:ocol+D] += dact[srow+i, off:off+4D] @ U[urow:urow+D]ᵀ`` for the ``nb`` (1 ..
-    8) consecutive rows i (srow < 0: nothing): the units of ``panels`` (these D rows of U
-    transposed, :func:`pack_halves`) as register tiles over the 4D gate columns; the others as
-    dot products over them, four units per pass, the rows of a group of four, two or one sharing
-    every load of U (four: 16 partial sums in vector registers, as
-    :func:`mdnumba.kernels.wavefront._pull_rows`)."""
-    if srow < 0:
-        return
-    j0 = panels.shape[0] * panels.shape[2]  # a multiple of 4
-    if j0 > 0:
-        group_tiles(out, orow, dact, srow, nb, panels, ocol, off)
-    off, ocol, urow = max(off, 0), max(ocol, 0), max(urow, 0)
-    i = 0
-    while i < nb:
-        m, a, p = group_size(nb - i), orow + i, srow + i
-        o0, o1, o2, o3 = group_rows(out, a, m)
-        d0, d1, d2, d3 = group_rows(dact, p, m)
-        j = j0
-        while j + 4 <= D:
-            c, v0, v1, v2, v3 = ocol + j, U[urow + j], U[urow + j + 1], U[urow + j + 2], U[urow + j + 3]
-            a0, a1, a2, a3 = o0[c], o0[c + 1], o0[c + 2], o0[c + 3]
-            e0, e1, e2, e3 = o1[c], o1[c + 1], o1[c + 2], o1[c + 3]
-            f0, f1, f2, f3 = o2[c], o2[c + 1], o2[c + 2], o2[c + 3]
-            k0, k1, k2, k3 = o3[c], o3[c + 1], o3[c + 2], o3[c + 3]
-            for g in range(4 * D):
-                u0, u1, u2, u3, x = v0[g], v1[g], v2[g], v3[g], d0[off + g]
-                a0, a1, a2, a3 = a0 + x * u0, a1 + x * u1, a2 + x * u2, a3 + x * u3
-                if m > 1:
-                    y = d1[off + g]
-                    e0, e1, e2, e3 = e0 + y * u0, e1 + y * u1, e2 + y * u2, e3 + y * u3
-                if m > 2:
-                    z, w = d2[off + g], d3[off + g]
-                    f0, f1, f2, f3 = f0 + z * u0, f1 + z * u1, f2 + z * u2, f3 + z * u3
-                    k0, k1, k2, k3 = k0 + w * u0, k1 + w * u1, k2 + w * u2, k3 + w * u3
-            o0[c], o0[c + 1], o0[c + 2], o0[c + 3] = a0, a1, a2, a3
-            if m > 1:
-                o1[c], o1[c + 1], o1[c + 2], o1[c + 3] = e0, e1, e2, e3
-            if m > 2:
-                o2[c], o2[c + 1], o2[c + 2], o2[c + 3] = f0, f1, f2, f3
-                o3[c], o3[c + 1], o3[c + 2], o3[c + 3] = k0, k1, k2, k3
-            j += 4
-        for jj in range(j, D):  # the last D % 4 units one at a time
-            for q in range(m):
-                acc = out[a + q, ocol + jj]
-                for g in range(4 * D):
-                    acc += dact[p + q, off + g] * U[urow + jj, g]
-                out[a + q, ocol + jj] = acc
-        i += m
+@njit(**NJIT_OPTS)
+def _vec_mat_t_rows(out, orow, ocol, dact, srow, off, D, nb, panels):
+    """``out[orow+i, ocol:ocol+D] += dact[srow+i, off:off+4D] @ Uᵀ`` for the ``nb`` (1 .. 8)
+    consecutive rows i (srow < 0: nothing), U's D rows transposed in ``panels``
+    (:func:`pack_halves`): register tiles over the 4D gate columns (each element a chain of fused
+    multiply-adds)."""
+    if srow >= 0:
+        group_tiles(out, orow, dact, srow, nb, panels, ocol, off, D)
 
 
 @njit(**NJIT_OPTS)
@@ -343,8 +263,8 @@ def _block_backward(dact, dc, dx, dtop, act, c, U_time, U_depth, Qt, Qd, parent,
             dact[r + i, H + j] = dtop[row_t + i, j] if dch < 0 else 0.0
             dact[r + i, M + j] = dc[dcr + i, D + j] * act[dcr + i, 5 * D + j] if dcr >= 0 else 0.0
     # the child above used h_L' in both transforms
-    _vec_mat_t_rows(dact, r, H, dact, dcr, 0, U_time[lv_up], D, D, nb, Qt[2 * lv_up + 1])
-    _vec_mat_t_rows(dact, r, H, dact, dcr, 4 * D, U_depth[lv_up], D, D, nb, Qd[2 * lv_up + 1])
+    _vec_mat_t_rows(dact, r, H, dact, dcr, 0, D, nb, Qt[2 * lv_up + 1])
+    _vec_mat_t_rows(dact, r, H, dact, dcr, 4 * D, D, nb, Qd[2 * lv_up + 1])
     for i in range(nb):
         _lstm_backward(dact, dc, act, c, r + i, 4 * D, dp * B + b + i if dp >= 0 else -1, D,
                        dact[r + i, H:M], dact[r + i, M:], D)
@@ -352,15 +272,15 @@ def _block_backward(dact, dc, dx, dtop, act, c, U_time, U_depth, Qt, Qd, parent,
             dact[r + i, H + j] = 0.0
             dact[r + i, M + j] = dc[tcr + i, j] * act[tcr + i, D + j] if tcr >= 0 else 0.0
     # the own depth transform and the next time step used h_T'
-    _vec_mat_t_rows(dact, r, H, dact, r, 4 * D, U_depth[lv], 0, D, nb, Qd[2 * lv])
-    _vec_mat_t_rows(dact, r, H, dact, tcr, 0, U_time[lv], 0, D, nb, Qt[2 * lv])
+    _vec_mat_t_rows(dact, r, H, dact, r, 4 * D, D, nb, Qd[2 * lv])
+    _vec_mat_t_rows(dact, r, H, dact, tcr, 0, D, nb, Qt[2 * lv])
     for i in range(nb):
         _lstm_backward(dact, dc, act, c, r + i, 0, tp * B + b + i if tp >= 0 else -1, 0,
                        dact[r + i, H:M], dact[r + i, M:], D)
     if dp < 0:  # bottom block: gradient of the depth input x_t
         dx[row_t:row_t + nb] = 0.0
-        _vec_mat_t_rows(dx, row_t, 0, dact, r, 0, U_time[lv], D, D, nb, Qt[2 * lv + 1])
-        _vec_mat_t_rows(dx, row_t, 0, dact, r, 4 * D, U_depth[lv], D, D, nb, Qd[2 * lv + 1])
+        _vec_mat_t_rows(dx, row_t, 0, dact, r, 0, D, nb, Qt[2 * lv + 1])
+        _vec_mat_t_rows(dx, row_t, 0, dact, r, 4 * D, D, nb, Qd[2 * lv + 1])
 
 
 def pack_halves(U: np.ndarray, transposed: bool = False) -> np.ndarray:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
+from numba import config as numba_config
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -54,9 +55,11 @@ def tile_width(x):
 
 @njit(inline="always", **NJIT_OPTS)
 def tiles_pay(N, W):
-    """Whether register tiles of W columns pay on rows of N: whole panels cover them, or at
-    least four do (the last N % W columns take a second, narrow pass of the old loops: at N =
-    80, W = 32, the two passes were slower than one, 8x8 B16 D16 train step 0.92x)."""
+    """Whether the weight gradients' register tiles of W columns (whole panels of ``bmat`` read
+    in place, :func:`~mdnumba.kernels.gemm.matmul_at_b`) pay on rows of N: whole panels cover
+    them, or at least four do (the last N % W columns take a second, narrow pass of the old
+    loops: at N = 80, W = 32, the two passes were slower than one, 8x8 B16 D16 train step
+    0.92x)."""
     return N % W == 0 or N >= 4 * W
 
 
@@ -84,12 +87,15 @@ def prefetch_row(typingctx, a, start, stop):
 
 
 @intrinsic
-def fma_tile(typingctx, c, crow, a, arow, a_cs, b, b0, b_rs, T):
+def fma_tile(typingctx, c, crow, a, arow, a_cs, b, b0, b_rs, T, cols):
     """``c[crow[i] + n] += Σ_{t<T} a[arow[i] + t·a_cs] · b[b0 + t·b_rs + n]`` for the rows i (1, 2,
-    4 or :data:`TALL_ROWS`: the tuples' length) and the W = :func:`tile_width` columns n: element
-    offsets into the arrays' data (no bounds checks: the caller's), ``b`` e.g. a packed panel
-    (``b_rs`` = W, :func:`pack_panels`). A repeated row gets the same numbers each time (all
-    loads happen before the stores)."""
+    4 or :data:`TALL_ROWS`: the tuples' length) and the columns ``n < min(cols, W)``, W =
+    :func:`tile_width`: element offsets into the arrays' data (no bounds checks: the caller's),
+    ``b`` e.g. a packed panel (``b_rs`` = W, :func:`pack_panels`). ``c`` is read and written
+    through a mask of those columns (``llvm.masked.load``/``store``: a panel's last columns past
+    the end of a row are not touched, so another thread may own them), ``b`` in full: W columns
+    of every step must be readable (a packed panel's padding). A repeated row gets the same
+    numbers each time (all loads happen before the stores)."""
     if not all(isinstance(x, types.Array) for x in (c, a, b)) or not (c.dtype == a.dtype == b.dtype):
         return None
     if not all(isinstance(x, types.BaseTuple) for x in (crow, arow)) or not \
@@ -97,34 +103,55 @@ def fma_tile(typingctx, c, crow, a, arow, a_cs, b, b0, b_rs, T):
         return None
     R = len(crow)
     dtype = c.dtype
-    sig = types.void(c, crow, a, arow, a_cs, b, b0, b_rs, T)
+    sig = types.void(c, crow, a, arow, a_cs, b, b0, b_rs, T, cols)
 
     def codegen(context, builder, sig, args):
         ft = context.get_value_type(dtype)
         size = dtype.bitwidth // 8
         lanes = VECTOR_BYTES // size
-        vt, i64 = ir.VectorType(ft, lanes), ir.IntType(64)
+        vt, i64, i32 = ir.VectorType(ft, lanes), ir.IntType(64), ir.IntType(32)
+        mt = ir.VectorType(ir.IntType(1), lanes)
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt] * 3),
                                              f"llvm.fma.v{lanes}f{dtype.bitwidth}")
         cp, ap, bp = (cgutils.create_struct_proxy(sig.args[i])(context, builder, value=args[i]).data
                       for i in (0, 2, 5))
+        vp = vt.as_pointer()
+        suffix = f"v{lanes}f{dtype.bitwidth}"
+        mload = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vp, i32, mt, vt]),
+                                               f"llvm.masked.load.{suffix}")
+        void = ir.VoidType()
+        mstore = cgutils.get_or_insert_function(builder.module, ir.FunctionType(void, [vt, vp, i32, mt]),
+                                                f"llvm.masked.store.{suffix}")
+
         def int64(j, i):  # entry i of tuple argument j
             return context.cast(builder, builder.extract_value(args[j], i), sig.args[j].types[i], types.int64)
 
         crows, arows = ([int64(j, i) for i in range(R)] for j in (1, 3))
-        acs, b0_, brs, steps = (context.cast(builder, args[i], sig.args[i], types.int64)
-                                for i in (4, 6, 7, 8))
+        acs, b0_, brs, steps, ncols = (context.cast(builder, args[i], sig.args[i], types.int64)
+                                       for i in (4, 6, 7, 8, 9))
 
         def vec(base, off):
-            return builder.bitcast(builder.gep(base, [off]), vt.as_pointer())
+            return builder.bitcast(builder.gep(base, [off]), vp)
 
-        acc = []
-        for i in range(R):
-            for v in range(2):
-                slot = cgutils.alloca_once(builder, vt)  # promoted to a register by LLVM
-                builder.store(builder.load(vec(cp, builder.add(crows[i], i64(v * lanes))), align=size), slot)
-                acc.append(slot)
-        undef, zeros = ir.Constant(vt, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), lanes), None)
+        undef, zeros = ir.Constant(vt, ir.Undefined), ir.Constant(ir.VectorType(i32, lanes), None)
+        lane = ir.Constant(ir.VectorType(i64, lanes), list(range(lanes)))
+        masks = []  # lane n of vector v: column v·lanes + n < cols
+        for v in range(2):
+            left = builder.insert_element(ir.Constant(ir.VectorType(i64, lanes), ir.Undefined),
+                                          builder.sub(ncols, i64(v * lanes)), i32(0))
+            left = builder.shuffle_vector(left, left, zeros)
+            masks.append(builder.icmp_signed("<", lane, left))
+        full = builder.icmp_signed(">=", ncols, i64(2 * lanes))  # plain loads and stores (masked: 1.1x the
+        acc = [cgutils.alloca_once(builder, vt) for _ in range(2 * R)]  # time of 1D D32 T200 B16 inference)
+        with builder.if_else(full, likely=True) as (whole, part):
+            for masked in (False, True):
+                with part if masked else whole:
+                    for i in range(R):
+                        for v in range(2):
+                            ptr = vec(cp, builder.add(crows[i], i64(v * lanes)))
+                            value = (builder.call(mload, [ptr, i32(size), masks[v], undef]) if masked
+                                     else builder.load(ptr, align=size))
+                            builder.store(value, acc[2 * i + v])  # promoted to registers by LLVM
         with cgutils.for_range(builder, steps) as loop:
             t = loop.index
             brow = builder.add(b0_, builder.mul(t, brs))
@@ -132,31 +159,62 @@ def fma_tile(typingctx, c, crow, a, arow, a_cs, b, b0, b_rs, T):
             at = builder.mul(t, acs)
             for i in range(R):
                 s = builder.load(builder.gep(ap, [builder.add(arows[i], at)]))
-                s = builder.insert_element(undef, s, ir.IntType(32)(0))
+                s = builder.insert_element(undef, s, i32(0))
                 splat = builder.shuffle_vector(s, undef, zeros)
                 for v in range(2):
                     slot = acc[2 * i + v]
                     builder.store(builder.call(fma, [splat, bv[v], builder.load(slot)]), slot)
-        for i in range(R):
-            for v in range(2):
-                builder.store(builder.load(acc[2 * i + v]), vec(cp, builder.add(crows[i], i64(v * lanes))),
-                              align=size)
+        with builder.if_else(full, likely=True) as (whole, part):
+            for masked in (False, True):
+                with part if masked else whole:
+                    for i in range(R):
+                        for v in range(2):
+                            ptr = vec(cp, builder.add(crows[i], i64(v * lanes)))
+                            value = builder.load(acc[2 * i + v])
+                            if masked:
+                                builder.call(mstore, [value, ptr, i32(size), masks[v]])
+                            else:
+                                builder.store(value, ptr, align=size)
         return context.get_dummy_value()
 
     return sig, codegen
 
 
+if numba_config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1: intrinsics do not run as Python; these do
+    def prefetch_row(a, start, stop):  # noqa: F811 (a hint: nothing to do)
+        """:func:`prefetch_row` in Python: nothing."""
+
+    def fma_tile(c, crow, a, arow, a_cs, b, b0, b_rs, T, cols):  # noqa: F811
+        """:func:`fma_tile` in Python, on flat views of the C-contiguous arrays (the same sums,
+        not fused)."""
+        cf, af, bf = c.reshape(-1), a.reshape(-1), b.reshape(-1)
+        n = min(cols, 2 * VECTOR_BYTES // c.itemsize)
+        sums = [cf[o:o + n] + sum(af[q + t * a_cs] * bf[b0 + t * b_rs:b0 + t * b_rs + n] for t in range(T))
+                for o, q in zip(crow, arow)]
+        for o, v in zip(crow, sums):
+            cf[o:o + n] = v
+
+
 @njit(**NJIT_OPTS)
 def pack_panels(b):
-    """``b`` (K, N) as panels (N // W, K, W) of W = :func:`tile_width` columns, each contiguous
-    along K (the last N % W columns are left out). Serial: a copy of the weights, no fork."""
+    """``b`` (K, N) as panels (ceil(N / W), K, W) of W = :func:`tile_width` columns, each
+    contiguous along K; the last one's columns past N are zeros. Serial: a copy of the weights,
+    no fork."""
     W = tile_width(b)
-    out = np.empty((b.shape[1] // W, b.shape[0], W), b.dtype)
+    out = np.zeros(((b.shape[1] + W - 1) // W, b.shape[0], W), b.dtype)
     for p in range(out.shape[0]):
         for k in range(out.shape[1]):
-            for n in range(W):
+            for n in range(min(W, b.shape[1] - p * W)):
                 out[p, k, n] = b[k, p * W + n]
     return out
+
+
+@njit(inline="always", **NJIT_OPTS)
+def panel_cols(out, ocol, ncol, p, W):
+    """Columns of panel p (width W) that :func:`fma_tile` writes in a product whose columns are
+    ``ocol .. ocol + ncol - 1`` of ``out`` (``ncol`` < 0: to the end of its rows)."""
+    end = out.shape[1] if ncol < 0 else ocol + ncol
+    return min(W, end - ocol - p * W)
 
 
 @njit(inline="always", **NJIT_OPTS)
@@ -184,15 +242,16 @@ def tall_offsets(first, stride, col):
 
 
 @njit(**NJIT_OPTS)
-def tile_rows(out, r, a, s, nb, panels, ocol=0, acol=0):
-    """``out[r+i, ocol : ocol + P·W] += a[s+i, acol : acol + K] @ B`` for the ``nb`` (1 .. 4)
-    consecutive rows i: one :func:`group_panel` per panel."""
+def tile_rows(out, r, a, s, nb, panels, ocol=0, acol=0, ncol=-1):
+    """``out[r+i, ocol : ocol + N] += a[s+i, acol : acol + K] @ B`` for the ``nb`` (1 .. 4)
+    consecutive rows i, B's N columns packed in the panels (P, K, W) (:func:`pack_panels`; N =
+    ``ncol``, < 0: to the end of ``out``'s rows): one :func:`group_panel` per panel."""
     for p in range(panels.shape[0]):
-        group_panel(out, r, a, s, nb, panels, p, 0, panels.shape[1], ocol, acol)
+        group_panel(out, r, a, s, nb, panels, p, 0, panels.shape[1], ocol, acol, ncol)
 
 
 @njit(inline="always", **NJIT_OPTS)
-def group_panel(out, r, a, s, nb, panels, p, k0, k1, ocol=0, acol=0):
+def group_panel(out, r, a, s, nb, panels, p, k0, k1, ocol=0, acol=0, ncol=-1):
     """:func:`tile_panel` for the ``nb`` (1 .. 4) consecutive rows ``r ..`` of ``out`` and ``s ..``
     of ``a``: a tile of 1, 2 or 4 rows (3: the last repeated), so that a lone row or a pair does
     its own multiply-adds, not a whole tile's (batch 1, a 512x512 image: each row took 4 rows'
@@ -200,61 +259,62 @@ def group_panel(out, r, a, s, nb, panels, p, k0, k1, ocol=0, acol=0):
     T, W = panels.shape[1], panels.shape[2]
     oc, ac, b0 = out.shape[1], a.shape[1], (p * T + k0) * W
     o, i = r * oc + ocol + p * W, s * ac + acol + k0
+    cols = panel_cols(out, ocol, ncol, p, W)
     if nb == 1:
-        fma_tile(out, (o,), a, (i,), 1, panels, b0, W, k1 - k0)
+        fma_tile(out, (o,), a, (i,), 1, panels, b0, W, k1 - k0, cols)
     elif nb == 2:
-        fma_tile(out, (o, o + oc), a, (i, i + ac), 1, panels, b0, W, k1 - k0)
+        fma_tile(out, (o, o + oc), a, (i, i + ac), 1, panels, b0, W, k1 - k0, cols)
     else:
-        tile_panel(out, four_rows(r, nb), a, four_rows(s, nb), panels, p, k0, k1, ocol, acol)
+        tile_panel(out, four_rows(r, nb), a, four_rows(s, nb), panels, p, k0, k1, ocol, acol, ncol)
 
 
 @njit(**NJIT_OPTS)
-def tall_rows(out, r, a, s, panels, ocol=0, acol=0):
+def tall_rows(out, r, a, s, panels, ocol=0, acol=0, ncol=-1):
     """:func:`tile_rows` for the :data:`TALL_ROWS` consecutive rows ``r ..`` of ``out`` and
     ``s ..`` of ``a``: one tall tile per panel (:func:`tall_panel`)."""
     for p in range(panels.shape[0]):
-        tall_panel(out, r, a, s, panels, p, 0, panels.shape[1], ocol, acol)
+        tall_panel(out, r, a, s, panels, p, 0, panels.shape[1], ocol, acol, ncol)
 
 
 @njit(**NJIT_OPTS)
-def group_tiles(out, r, a, s, nb, panels, ocol=0, acol=0):
+def group_tiles(out, r, a, s, nb, panels, ocol=0, acol=0, ncol=-1):
     """:func:`tile_rows` for ``nb`` (1 .. :data:`TALL_ROWS`) consecutive rows: :func:`tall_rows`
     for TALL_ROWS rows where :data:`TALL_TILES`, else fours and the rest (the Grid LSTM's work
     items; the wavefront sweeps, whose groups are 4 rows or a pair of them, branch themselves)."""
     if nb <= 4:
-        tile_rows(out, r, a, s, nb, panels, ocol, acol)
+        tile_rows(out, r, a, s, nb, panels, ocol, acol, ncol)
     elif TALL_TILES and nb == TALL_ROWS:
-        tall_rows(out, r, a, s, panels, ocol, acol)
+        tall_rows(out, r, a, s, panels, ocol, acol, ncol)
     else:
-        tile_rows(out, r, a, s, 4, panels, ocol, acol)
-        tile_rows(out, r + 4, a, s + 4, nb - 4, panels, ocol, acol)
+        tile_rows(out, r, a, s, 4, panels, ocol, acol, ncol)
+        tile_rows(out, r + 4, a, s + 4, nb - 4, panels, ocol, acol, ncol)
 
 
 @njit(**NJIT_OPTS)
-def tile_quad(out, ro, a, ra, panels, ocol=0, acol=0):
-    """``out[ro[i], ocol : ocol + P·W] += a[ra[i], acol : acol + K] @ B`` for the 4-tuples of rows
-    ``ro``, ``ra`` (repeats allowed), B the panels (P, K, W) (:func:`pack_panels`), ``out`` and
-    ``a`` C-contiguous: one :func:`fma_tile` per panel."""
+def tile_quad(out, ro, a, ra, panels, ocol=0, acol=0, ncol=-1):
+    """``out[ro[i], ocol : ocol + N] += a[ra[i], acol : acol + K] @ B`` for the 4-tuples of rows
+    ``ro``, ``ra`` (repeats allowed), B the panels (P, K, W) (:func:`pack_panels`; N as in
+    :func:`tile_rows`), ``out`` and ``a`` C-contiguous: one :func:`fma_tile` per panel."""
     for p in range(panels.shape[0]):
-        tile_panel(out, ro, a, ra, panels, p, 0, panels.shape[1], ocol, acol)
+        tile_panel(out, ro, a, ra, panels, p, 0, panels.shape[1], ocol, acol, ncol)
 
 
 @njit(inline="always", **NJIT_OPTS)
-def tile_panel(out, ro, a, ra, panels, p, k0, k1, ocol=0, acol=0):
+def tile_panel(out, ro, a, ra, panels, p, k0, k1, ocol=0, acol=0, ncol=-1):
     """``out[ro[i], ocol + p·W : ocol + (p+1)·W] += a[ra[i], acol + k0 : acol + k1] @ panels[p,
     k0:k1]`` (:func:`tile_quad`'s panel p, its steps k0 .. k1-1): one :func:`fma_tile`."""
     T, W = panels.shape[1], panels.shape[2]
     fma_tile(out, row_offsets(ro, out.shape[1], ocol + p * W), a, row_offsets(ra, a.shape[1], acol + k0), 1,
-             panels, (p * T + k0) * W, W, k1 - k0)
+             panels, (p * T + k0) * W, W, k1 - k0, panel_cols(out, ocol, ncol, p, W))
 
 
 @njit(inline="always", **NJIT_OPTS)
-def tall_panel(out, ro, a, ra, panels, p, k0, k1, ocol=0, acol=0):
+def tall_panel(out, ro, a, ra, panels, p, k0, k1, ocol=0, acol=0, ncol=-1):
     """:func:`tile_panel` for the :data:`TALL_ROWS` consecutive rows ``ro ..`` of ``out`` and
     ``ra ..`` of ``a``: one tall :func:`fma_tile`."""
     T, W = panels.shape[1], panels.shape[2]
     fma_tile(out, tall_offsets(ro, out.shape[1], ocol + p * W), a, tall_offsets(ra, a.shape[1], acol + k0), 1,
-             panels, (p * T + k0) * W, W, k1 - k0)
+             panels, (p * T + k0) * W, W, k1 - k0, panel_cols(out, ocol, ncol, p, W))
 
 
 @njit(inline="always", **NJIT_OPTS)

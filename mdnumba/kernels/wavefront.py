@@ -34,7 +34,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ..config import NJIT_CHAIN_OPTS, NJIT_OPTS, NJIT_SUM_OPTS
+from ..config import NJIT_CHAIN_OPTS, NJIT_OPTS
 from ..grid import ROWS
 from . import simd, vexp
 from .cell import build
@@ -48,6 +48,7 @@ from .simd import (
     fma_tile,
     four_rows,
     group_panel,
+    panel_cols,
     prefetch_row,
     row_offsets,
     tall_offsets,
@@ -95,20 +96,6 @@ def groups(B):
     return (B + ROWS - 1) // ROWS
 
 
-@njit(inline="always", **NJIT_OPTS)
-def group_size(left):
-    """Rows of the next group inside a work item with ``left`` rows to go: 4, 2 or 1 (a group's
-    rows share each load of the weights; loops unrolled for these sizes)."""
-    return 4 if left >= 4 else min(left, 2)
-
-
-@njit(inline="always", **NJIT_OPTS)
-def group_rows(a, first, m):
-    """Rows ``first .. first+3`` of ``a`` (views) for a group of ``m`` rows; those past m repeat
-    its last row and are not to be written."""
-    return a[first], a[first + min(1, m - 1)], a[first + min(2, m - 1)], a[first + min(3, m - 1)]
-
-
 @njit(**NJIT_OPTS)
 def _cell_forward(h, c, act, parent, base, s, b, B, D, cell):
     """Row ``r = base + s*B + b``: all D units through :mod:`mdnumba.kernels.cell`'s ``row_forward``
@@ -141,93 +128,34 @@ def _work_item(t, first, n, items, B):
     return t // n, (e // ROWS) // B, (e // ROWS) % B, e % ROWS + 1
 
 
-@njit(**NJIT_SUM_OPTS)
-def _product_rows(act, r, h, pr, U, off, col, G, D, nb):
-    """``act[r+i, col:G] += h[pr+i] @ U[:, off+col:off+G]`` for the ``nb`` (1 .. 4) consecutive
-    rows i (the columns past :func:`_recurrent_forward`'s tiles).
-
-    Four rows of U per pass over the gate row (a quarter of its loads and stores), each pass a
-    vectorised loop over the G columns; the rows go in groups of four, two or one (``m``), whose
-    rows share every load of U (four: 1.1-1.5x the rate of pairs on one core of an Intel Xeon, D
-    = 16..256). Each row's sums are the same whichever group computes them."""
-    off, col = max(off, 0), max(col, 0)  # provably >= 0: no wrap-around check, the g loops vectorise
-    off += col
-    G -= col
-    i = 0
-    while i < nb:
-        m = group_size(nb - i)
-        a, p = r + i, pr + i
-        j = 0
-        while j + 4 <= D:
-            h0, h1, h2, h3 = h[p, j], h[p, j + 1], h[p, j + 2], h[p, j + 3]
-            if m == 1:
-                for g in range(G):
-                    act[a, col + g] += ((h0 * U[j, off + g] + h1 * U[j + 1, off + g])
-                                        + (h2 * U[j + 2, off + g] + h3 * U[j + 3, off + g]))
-            else:
-                k0, k1, k2, k3 = h[p + 1, j], h[p + 1, j + 1], h[p + 1, j + 2], h[p + 1, j + 3]
-                if m == 2:
-                    for g in range(G):
-                        e = off + g
-                        u0, u1, u2, u3 = U[j, e], U[j + 1, e], U[j + 2, e], U[j + 3, e]
-                        act[a, col + g] += (h0 * u0 + h1 * u1) + (h2 * u2 + h3 * u3)
-                        act[a + 1, col + g] += (k0 * u0 + k1 * u1) + (k2 * u2 + k3 * u3)
-                else:
-                    l0, l1, l2, l3 = h[p + 2, j], h[p + 2, j + 1], h[p + 2, j + 2], h[p + 2, j + 3]
-                    n0, n1, n2, n3 = h[p + 3, j], h[p + 3, j + 1], h[p + 3, j + 2], h[p + 3, j + 3]
-                    for g in range(G):
-                        e = off + g
-                        u0, u1, u2, u3 = U[j, e], U[j + 1, e], U[j + 2, e], U[j + 3, e]
-                        act[a, col + g] += (h0 * u0 + h1 * u1) + (h2 * u2 + h3 * u3)
-                        act[a + 1, col + g] += (k0 * u0 + k1 * u1) + (k2 * u2 + k3 * u3)
-                        act[a + 2, col + g] += (l0 * u0 + l1 * u1) + (l2 * u2 + l3 * u3)
-                        act[a + 3, col + g] += (n0 * u0 + n1 * u1) + (n2 * u2 + n3 * u3)
-            j += 4
-        for jj in range(j, D):  # the last D % 4 rows of U one at a time
-            for q in range(m):
-                hv = h[p + q, jj]
-                for g in range(G):
-                    act[a + q, col + g] += hv * U[jj, off + g]
-        i += m
-
-
 @njit(**NJIT_OPTS)
-def _recurrent_forward(act, h, U, Up, parent, base, s, b, nb, B, D, tiles=True):
+def _recurrent_forward(act, h, Up, parent, base, s, b, nb, B):
     """``act[r] += Σ_d h[parent_d] @ U_d`` for the ``nb`` (1 .. 4, or a pair of groups: 8) rows
-    ``r = base + s*B + b + i`` (rows of the plane's GEMM): the whole panels of ``Up[d]``
+    ``r = base + s*B + b + i`` (rows of the plane's GEMM): the panels of ``Up[d]``
     (:func:`pack_recurrent`) as register tiles (:func:`~mdnumba.kernels.simd.tile_rows` or
-    ``tall_rows``: every element a chain of fused multiply-adds over the D units;
-    ``tiles=False``: done already, :func:`_tiles_items`), the last G % W columns by
-    :func:`_product_rows`."""
-    N = parent.shape[1]
-    G = (N + 3) * D
+    ``tall_rows``: every element a chain of fused multiply-adds over the D units)."""
     r = base + s * B + b
-    done = Up.shape[1] * Up.shape[3]
-    for d in range(N):
+    for d in range(parent.shape[1]):
         p = parent[s, d]
-        if p >= 0:
-            if done > 0 and tiles and nb == TALL_ROWS:
-                tall_rows(act, r, h, base + p * B + b, Up[d])
-            elif done > 0 and tiles:
-                tile_rows(act, r, h, base + p * B + b, nb, Up[d])
-            if done < G:
-                _product_rows(act, r, h, base + p * B + b, U, d * G, done, G, D, nb)
+        if p >= 0 and nb == TALL_ROWS:
+            tall_rows(act, r, h, base + p * B + b, Up[d])
+        elif p >= 0:
+            tile_rows(act, r, h, base + p * B + b, nb, Up[d])
 
 
 def pack_recurrent(U: np.ndarray, N: int, transposed: bool = False) -> np.ndarray:
     """``U`` (S, D, N*G) as the register-tile panels (:func:`~mdnumba.kernels.simd.tile_rows`) of
-    each scan and parent: (S, N, G // W, D, W) of ``U_d`` for the forward products, or
-    ``transposed`` (S, N, D // W, G, W) of ``U_dᵀ`` for the backward pulls (panel p: units
-    ``p*W .. p*W + W - 1``). Forward panels only where :func:`~mdnumba.kernels.simd.tiles_pay` on
-    G; pulls wherever D holds a whole panel (the units past the panels are dot products, each as
-    costly as without tiles: Grid LSTM D78 backward sweep 1.17x, MD-LSTM D40..D100 unchanged).
-    C-contiguous ``act`` and ``h`` are the sweeps' other condition for them."""
+    each scan and parent: (S, N, ceil(G / W), D, W) of ``U_d`` for the forward products, or
+    ``transposed`` (S, N, ceil(D / W), G, W) of ``U_dᵀ`` for the backward pulls (panel p: units
+    ``p*W .. p*W + W - 1``); the last panel's columns past G (D) are zeros, and the tiles write
+    only the columns below (:func:`~mdnumba.kernels.simd.fma_tile`'s mask). Partial panels, not
+    the old per-row loops past the whole ones: Grid LSTM T32 L3 B16 D31 inference 1.5x, train
+    step 1.3x; 1D and 3D D15..D31 1.1-1.4x; whole panels as before (one process, interleaved,
+    2 threads of a Xeon). The sweeps need C-contiguous ``act`` and ``h`` for them."""
     S, D = U.shape[:2]
-    G = U.shape[2] // N
     W = simd.tile_width(U)
-    cols, steps = (D, G) if transposed else (G, D)
-    pays = cols >= W if transposed else simd.tiles_pay(cols, W)
-    panels = np.empty((S, N, cols // W if pays else 0, steps, W), U.dtype)
+    cols, steps = (D, U.shape[2] // N) if transposed else (U.shape[2] // N, D)
+    panels = np.zeros((S, N, -(-cols // W), steps, W), U.dtype)
     _pack_recurrent(panels, U, transposed)
     return panels
 
@@ -237,11 +165,12 @@ def _pack_recurrent(panels, U, transposed):
     """:func:`pack_recurrent` (serial: a copy of the weights)."""
     N, P, T, W = panels.shape[1:]
     G = U.shape[2] // N
+    cols = U.shape[1] if transposed else G
     for q in range(panels.shape[0]):
         for d in range(N):
             for p in range(P):
                 for t in range(T):
-                    for n in range(W):
+                    for n in range(min(W, cols - p * W)):
                         panels[q, d, p, t, n] = (U[q, p * W + n, d * G + t] if transposed
                                                  else U[q, t, d * G + p * W + n])
 
@@ -368,7 +297,7 @@ def _sweep_forward(h, c, act, xs, W, bias, U, Up, diag_off, items_off, items, pa
             while t < t1:
                 grp, s, b, nb, taken = _tall_item(t, t1, first, n, items, B)
                 _project_rows(act, xs, W, bias, grp, grp * MB + s * B + b, nb)
-                _recurrent_forward(act, h, U[grp], Up[grp], parent, grp * MB, s, b, nb, B, D)
+                _recurrent_forward(act, h, Up[grp], parent, grp * MB, s, b, nb, B)
                 for bb in range(b, b + nb):
                     _cell_forward(h, c, act, parent, grp * MB, s, bb, B, D, cell)
                 t += taken
@@ -398,7 +327,6 @@ def _sweep_forward_batched(h, c, act, xs, W, bias, U, Up, diag_off, parent, B, D
             _tiles_items(act, h, Up, parent, MB, s, groups(B), diag_off[:0], B, t0, t1)
             for t in range(t0, t1):
                 grp, b, nb = _stream(t, B)
-                _recurrent_forward(act, h, U[grp], Up[grp], parent, grp * MB, s, b, nb, B, D, False)
                 for bb in range(b, b + nb):
                     _cell_forward(h, c, act, parent, grp * MB, s, bb, B, D, cell)
 
@@ -492,7 +420,7 @@ def wavefront_infer(out: np.ndarray, h: np.ndarray, c: np.ndarray, act: np.ndarr
 
 
 @njit(**NJIT_OPTS)
-def _infer_item(out, h, c, act, lp, x, src, W, Wp, bias, U, Up, grp, base, slot, row, b, nb, B, D, cell,
+def _infer_item(out, h, c, act, lp, x, src, W, Wp, bias, Up, grp, base, slot, row, b, nb, B, D, cell,
                 tiles=True):
     """Work item (cell in two-plane ``slot``, batch rows b .. b+nb-1; ``row`` = cell*B + b in
     ``src``) of scan ``grp``, whose slab starts at row ``base``: input projection
@@ -504,7 +432,7 @@ def _infer_item(out, h, c, act, lp, x, src, W, Wp, bias, U, Up, grp, base, slot,
         _infer_inputs(act, x, src, W, Wp, bias, r, row, min(ROWS, nb))
         if nb > ROWS:  # a pair of groups (:func:`_tall_item`)
             _infer_inputs(act, x, src, W, Wp, bias, r + ROWS, row + ROWS, nb - ROWS)
-    _recurrent_forward(act, h, U, Up, lp, base, slot, b, nb, B, D, tiles)
+        _recurrent_forward(act, h, Up, lp, base, slot, b, nb, B)
     for i in range(nb):
         _cell_forward(h, c, act, lp, base, slot, b + i, B, D, cell)
         j = src[row + i]
@@ -586,7 +514,7 @@ def _input_tiles(act, x, src, Wp, L, slot, cell_k, B, t0, t1):
                 if live and live2:  # both streams' 8 rows in one tall tile
                     fma_tile(act, tall_offsets(r, act.shape[1], p * W), x,
                              row_offsets(ss, x.shape[1], 0) + row_offsets(ss2, x.shape[1], 0), 1,
-                             Wp[grp], p * K * W, W, K)
+                             Wp[grp], p * K * W, W, K, panel_cols(act, 0, -1, p, W))
                     t += 2
                     continue
             if live:
@@ -611,7 +539,7 @@ def _sweep_infer(out, h, c, act, lp, x, src, W, Wp, bias, U, Up, diag_off, items
             while t < t1:
                 grp, cell_k, b, nb, taken = _tall_item(t, t1, start, n, items, B)
                 _prefetch_output(out, src, t + PREFETCH_ITEMS, m, start, n, items, B)
-                _infer_item(out, h, c, act, lp, x, src[grp], W[grp], Wp[grp], bias[grp], U[grp], Up[grp],
+                _infer_item(out, h, c, act, lp, x, src[grp], W[grp], Wp[grp], bias[grp], Up[grp],
                             grp, grp * L, cur + cell_k - s0, cell_k * B + b, b, nb, B, D, cell)
                 t += taken
 
@@ -654,99 +582,22 @@ def _sweep_infer_batched(out, h, c, act, lps, x, src, W, Wp, bias, U, Up, diag_o
                 _tiles_items(act, h, Up, lp, L, slot, groups(B), diag_off[:0], B, t0, t1)
                 for t in range(t0, t1):
                     grp, b, nb = _stream(t, B)
-                    _infer_item(out, h, c, act, lp, x, src[grp], W[grp], Wp[grp], bias[grp], U[grp], Up[grp],
+                    _infer_item(out, h, c, act, lp, x, src[grp], W[grp], Wp[grp], bias[grp], Up[grp],
                                 grp, grp * L, slot, cell_k * B + b, b, nb, B, D, cell, False)
 
 
-@njit(**NJIT_SUM_OPTS)
-def _pull_rows(dh, r, dact, cr, U, off, G, D, nb, j0):
-    """``dh[r+i, j] += Σ_g dact[cr+i, g] · U[j, off+g]`` for the ``nb`` (1 .. 4) consecutive rows i
-    and the units j0 <= j < D (those past :func:`_recurrent_backward`'s tiles; j0 a multiple of 4):
-    dot products over the G contiguous gate columns (vectorised reductions), four units per
-    pass over the child's gate row; the rows in groups of four or fewer (:func:`_product_rows`)
-    sharing every load of U (four rows: 16 partial sums in vector registers)."""
-    off = max(off, 0)  # as in _product_rows
-    i = 0
-    while i < nb:
-        m = group_size(nb - i)
-        a, c = r + i, cr + i
-        j = j0
-        while j + 4 <= D:
-            if m == 4:
-                _pull4(dh, a, dact, c, U, off, G, j)
-            elif m == 2:
-                _pull2(dh, a, dact, c, U, off, G, j)
-            else:
-                a0, a1, a2, a3 = dh[a, j], dh[a, j + 1], dh[a, j + 2], dh[a, j + 3]
-                for g in range(G):
-                    x = dact[c, g]
-                    a0, a1, a2, a3 = (a0 + x * U[j, off + g], a1 + x * U[j + 1, off + g],
-                                      a2 + x * U[j + 2, off + g], a3 + x * U[j + 3, off + g])
-                dh[a, j], dh[a, j + 1], dh[a, j + 2], dh[a, j + 3] = a0, a1, a2, a3
-            j += 4
-        for jj in range(j, D):  # the last D % 4 units one at a time
-            for q in range(m):
-                acc = dh[a + q, jj]
-                for g in range(G):
-                    acc += dact[c + q, g] * U[jj, off + g]
-                dh[a + q, jj] = acc
-        i += m
-
-
-@njit(inline="always", **NJIT_SUM_OPTS)
-def _pull2(dh, a, dact, c, U, off, G, j):
-    """Units j .. j+3 of :func:`_pull_rows` for rows a, a+1 (children c, c+1)."""
-    a0, a1, a2, a3 = dh[a, j], dh[a, j + 1], dh[a, j + 2], dh[a, j + 3]
-    e0, e1, e2, e3 = dh[a + 1, j], dh[a + 1, j + 1], dh[a + 1, j + 2], dh[a + 1, j + 3]
-    for g in range(G):
-        x, y = dact[c, g], dact[c + 1, g]
-        u0, u1, u2, u3 = U[j, off + g], U[j + 1, off + g], U[j + 2, off + g], U[j + 3, off + g]
-        a0, a1, a2, a3 = a0 + x * u0, a1 + x * u1, a2 + x * u2, a3 + x * u3
-        e0, e1, e2, e3 = e0 + y * u0, e1 + y * u1, e2 + y * u2, e3 + y * u3
-    dh[a, j], dh[a, j + 1], dh[a, j + 2], dh[a, j + 3] = a0, a1, a2, a3
-    dh[a + 1, j], dh[a + 1, j + 1], dh[a + 1, j + 2], dh[a + 1, j + 3] = e0, e1, e2, e3
-
-
-@njit(inline="always", **NJIT_SUM_OPTS)
-def _pull4(dh, a, dact, c, U, off, G, j):
-    """Units j .. j+3 of :func:`_pull_rows` for rows a .. a+3 (children c .. c+3)."""
-    a0, a1, a2, a3 = dh[a, j], dh[a, j + 1], dh[a, j + 2], dh[a, j + 3]
-    e0, e1, e2, e3 = dh[a + 1, j], dh[a + 1, j + 1], dh[a + 1, j + 2], dh[a + 1, j + 3]
-    f0, f1, f2, f3 = dh[a + 2, j], dh[a + 2, j + 1], dh[a + 2, j + 2], dh[a + 2, j + 3]
-    k0, k1, k2, k3 = dh[a + 3, j], dh[a + 3, j + 1], dh[a + 3, j + 2], dh[a + 3, j + 3]
-    for g in range(G):
-        x, y, z, w = dact[c, g], dact[c + 1, g], dact[c + 2, g], dact[c + 3, g]
-        u0, u1, u2, u3 = U[j, off + g], U[j + 1, off + g], U[j + 2, off + g], U[j + 3, off + g]
-        a0, a1, a2, a3 = a0 + x * u0, a1 + x * u1, a2 + x * u2, a3 + x * u3
-        e0, e1, e2, e3 = e0 + y * u0, e1 + y * u1, e2 + y * u2, e3 + y * u3
-        f0, f1, f2, f3 = f0 + z * u0, f1 + z * u1, f2 + z * u2, f3 + z * u3
-        k0, k1, k2, k3 = k0 + w * u0, k1 + w * u1, k2 + w * u2, k3 + w * u3
-    dh[a, j], dh[a, j + 1], dh[a, j + 2], dh[a, j + 3] = a0, a1, a2, a3
-    dh[a + 1, j], dh[a + 1, j + 1], dh[a + 1, j + 2], dh[a + 1, j + 3] = e0, e1, e2, e3
-    dh[a + 2, j], dh[a + 2, j + 1], dh[a + 2, j + 2], dh[a + 2, j + 3] = f0, f1, f2, f3
-    dh[a + 3, j], dh[a + 3, j + 1], dh[a + 3, j + 2], dh[a + 3, j + 3] = k0, k1, k2, k3
-
-
 @njit(**NJIT_OPTS)
-def _recurrent_backward(dh, dact, U, Ut, child, base, s, b, nb, B, D, tiles=True):
+def _recurrent_backward(dh, dact, Ut, child, base, s, b, nb, B):
     """``dh[r] += Σ_d U_dᵀ da_child_d`` for the ``nb`` rows ``r = base + s*B + b + i``, pulled from
-    the children on the finished hyperplane: the whole panels of ``Ut[d]``
-    (:func:`pack_recurrent`) as register tiles (every element a chain of fused multiply-adds
-    over the G gate columns; ``tiles=False``: done already, :func:`_tiles_items`), the last
-    D % W units by :func:`_pull_rows`."""
-    N = child.shape[1]
-    G = (N + 3) * D
+    the children on the finished hyperplane: the panels of ``Ut[d]`` (:func:`pack_recurrent`) as
+    register tiles (every element a chain of fused multiply-adds over the G gate columns)."""
     r = base + s * B + b
-    done = Ut.shape[1] * Ut.shape[3]
-    for d in range(N):
+    for d in range(child.shape[1]):
         ch = child[s, d]
-        if ch >= 0:
-            if done > 0 and tiles and nb == TALL_ROWS:
-                tall_rows(dh, r, dact, base + ch * B + b, Ut[d])
-            elif done > 0 and tiles:
-                tile_rows(dh, r, dact, base + ch * B + b, nb, Ut[d])
-            if done < D:
-                _pull_rows(dh, r, dact, base + ch * B + b, U, d * G, G, D, nb, done)
+        if ch >= 0 and nb == TALL_ROWS:
+            tall_rows(dh, r, dact, base + ch * B + b, Ut[d])
+        elif ch >= 0:
+            tile_rows(dh, r, dact, base + ch * B + b, nb, Ut[d])
 
 
 @njit(**NJIT_OPTS)
@@ -800,7 +651,8 @@ def _sweep_backward(dact, dc, dh, act, c, U, Ut, diag_off, items_off, items, par
                 _tiles_items(dh, dact, Ut, child, MB, first, n, items, B, t, t1)
             while t < t1:
                 grp, s, b, nb, taken = _tall_item(t, t1, first, n, items, B)
-                _recurrent_backward(dh, dact, U[grp], Ut[grp], child, grp * MB, s, b, nb, B, D, not chunked)
+                if not chunked:
+                    _recurrent_backward(dh, dact, Ut[grp], child, grp * MB, s, b, nb, B)
                 for bb in range(b, b + nb):
                     _cell_backward(dact, dc, dh, act, c, parent, child, grp * MB, s, bb, B, D, cell)
                 t += taken
@@ -817,7 +669,6 @@ def _sweep_backward_batched(dact, dc, dh, act, c, U, Ut, diag_off, parent, child
             _tiles_items(dh, dact, Ut, child, MB, s, groups(B), diag_off[:0], B, t0, t1)
             for t in range(t0, t1):
                 grp, b, nb = _stream(t, B)
-                _recurrent_backward(dh, dact, U[grp], Ut[grp], child, grp * MB, s, b, nb, B, D, False)
                 for bb in range(b, b + nb):
                     _cell_backward(dact, dc, dh, act, c, parent, child, grp * MB, s, bb, B, D, cell)
 
