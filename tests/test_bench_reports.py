@@ -2,7 +2,7 @@
 
 The benchmarks themselves are not tests (speed is measured, not asserted); what is tested here
 is that a report states the issues' targets from the numbers it measured, on made-up timings,
-and that quick runs of bench/inference.py, padded.py and lstm1d.py write their tables.
+and that quick runs of bench/inference.py, padded.py, lstm1d.py and shapes.py write their tables.
 """
 
 from __future__ import annotations
@@ -107,6 +107,18 @@ def test_lstm1d_bench_quick(tmp_path):
     lstm1d.main(["--quick", "--no-torch", "--out", str(out)])
     rows = [ln for ln in out.read_text().splitlines() if ln.startswith("| T")]
     assert [ln.split(" |")[0] for ln in rows] == [f"| {c.label}" for c in lstm1d.QUICK]
+
+
+def test_shapes_bench_quick(tmp_path):
+    """bench/shapes.py --quick runs and writes a row per layer kind and hidden size, each compared
+    with its kind's whole-tile size (1.00x for that one)."""
+    import shapes
+    out = tmp_path / "shapes.md"
+    shapes.main(["--quick", "--out", str(out)])
+    rows = [ln.split(" | ") for ln in out.read_text().splitlines() if ln.startswith(("| LSTM1D", "| 2D"))]
+    assert [(r[0], r[2]) for r in rows] == [("| LSTM1D T8", "3"), ("| LSTM1D T8", "4 (ref)"),
+                                            ("| 2D 4x4", "3"), ("| 2D 4x4", "4 (ref)")]
+    assert all(r[5] == "1.00x" and r[8] == "1.00x |" for r in rows if "(ref)" in r[2])
 
 
 def test_lstm1d_bench_torch_mapping():
