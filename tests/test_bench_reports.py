@@ -111,7 +111,7 @@ def test_lstm1d_bench_quick(tmp_path):
 
 def test_shapes_bench_quick(tmp_path):
     """bench/shapes.py --quick runs and writes a row per layer kind and hidden size, each compared
-    with its kind's whole-tile size (1.00x for that one)."""
+    with its kind's whole-tile size (1.00x for that one), and a row per batch size."""
     import shapes
     out = tmp_path / "shapes.md"
     shapes.main(["--quick", "--out", str(out)])
@@ -119,6 +119,9 @@ def test_shapes_bench_quick(tmp_path):
     assert [(r[0], r[2]) for r in rows] == [("| LSTM1D T8", "3"), ("| LSTM1D T8", "4 (ref)"),
                                             ("| 2D 4x4", "3"), ("| 2D 4x4", "4 (ref)")]
     assert all(r[5] == "1.00x" and r[8] == "1.00x |" for r in rows if "(ref)" in r[2])
+    rows = [ln.split(" | ") for ln in out.read_text().splitlines() if ln.startswith(("| 8x8", "| 4x4"))]
+    assert [r[:3] for r in rows] == [["| 8x8", "B1", "4"], ["| 4x4", "B4", "4"]]
+    assert rows[1][5] == "1.00x" and rows[1][8] == "1.00x |"  # the largest batch is the reference
 
 
 def test_lstm1d_bench_torch_mapping():

@@ -12,8 +12,9 @@ input is ``(x_t, 0)``; elsewhere an absent neighbour gives zeros.
 Same layering as :mod:`mdnumba.kernels.wavefront`: serial per-row functions (:func:`build_rows`,
 one source for CPU and GPU) ← on the CPU, blocks for a group of up to :data:`ITEM_ROWS`
 batch items, whose products run as register tiles over packed halves of U
-(:func:`pack_halves`; :func:`_block_forward`, :func:`_block_backward`) ← parallel drivers (anti-diagonals in order, ``prange`` over blocks x
-groups). Weight gradients are GEMMs outside the sweep (:func:`gather_operands`).
+(:func:`pack_halves`; :func:`_block_forward`, :func:`_block_backward`) ← parallel drivers
+(anti-diagonals in order, ``prange`` over blocks x groups). Weight gradients are GEMMs outside
+the sweep (:func:`gather_operands`).
 """
 
 from __future__ import annotations
