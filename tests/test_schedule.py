@@ -28,8 +28,9 @@ CASES = [  # layer class, grid, batch, directions, cell, hidden, input channels,
     # tall tiles: two groups of rows of a cell in one (batch 12: groups 0-1 paired, 2 alone)
     (MDLSTM2D, (3, 4), 12, 4, "stable", 32, 5, np.float32),
     # shared tiles (wfk.shared_tiles): the plane schedule puts the rows of 4 cells (batch 1) or
-    # 2 (batch 2) in one tile, skipping the cells without that parent (child), per scan
-    (MDLSTM2D, (5, 7), 1, 4, "graves", 33, 2, np.float32),
+    # 2 (batch 2) in one tile, skipping the cells without that parent (child), per scan; the
+    # saving-free sweep's input projections too (C >= 4)
+    (MDLSTM2D, (5, 7), 1, 4, "graves", 33, 6, np.float32),
     (MDLSTM2D, (4, 6), 2, 4, "stable", 8, 3, np.float64),
     (MDLSTM3D, (3, 3, 4), 1, 1, "graves", 5, 2, np.float32),
 ]

@@ -38,7 +38,7 @@ from ..config import NJIT_CHAIN_OPTS, NJIT_OPTS
 from ..grid import ROWS
 from . import simd, vexp
 from .cell import build
-from .gemm import assign, rows_product, selected_four, selected_row
+from .gemm import assign, rows_product, selected_row
 from .parallel import parallel_njit
 from .simd import (
     TALL_ROWS,
@@ -393,14 +393,15 @@ def _tall_item(t, t1, first, n, items, B):
 @njit(inline="always", **NJIT_OPTS)
 def _linked_rows(t, t1, first, n, items, B, links, d, shift):
     """The rows of work items t, t+1, … (below t1) whose link d exists (``links[s + shift, d]``
-    >= 0, s the item's cell), up to :data:`ROWS` of them, whole items of one scan: ``(scan, rows,
-    their links' rows, count, next t)``, rows as 4-tuples of slab rows (``(s + shift)·B + b + i``
-    and ``link·B + b + i``; the unused entries repeat the last one)."""
+    >= 0, s the item's cell; d < 0: every item), up to :data:`ROWS` of them, whole items of one
+    scan: ``(scan, rows, their links' rows, count, next t)``, rows as 4-tuples of slab rows
+    (``(s + shift)·B + b + i`` and ``link·B + b + i``, for d < 0 the items' own ``s·B + b + i``;
+    the unused entries repeat the last one)."""
     o0 = o1 = o2 = o3 = a0 = a1 = a2 = a3 = 0
     scan, count = -1, 0
     while t < t1:
         grp, s, b, nb = _work_item(t, first, n, items, B)
-        link = links[s + shift, d]
+        link = links[s + shift, d] if d >= 0 else s
         if link >= 0 and (count + nb > ROWS or (count > 0 and grp != scan)):
             break
         if link >= 0:
@@ -426,6 +427,12 @@ def _linked_rows(t, t1, first, n, items, B, links, d, shift):
     return scan, (o0, o1, o2, o3), (a0, a1, a2, a3), count, t
 
 
+@njit(inline="always", **NJIT_OPTS)
+def _add4(rows, base):
+    """A 4-tuple of rows shifted by ``base``."""
+    return rows[0] + base, rows[1] + base, rows[2] + base, rows[3] + base
+
+
 @njit(**NJIT_OPTS)
 def _cell_tiles(out, src, panels, links, MB, shift, first, n, items, B, t0, t1):
     """The register tiles of :func:`_recurrent_forward` (``out, src, panels, links`` = act, h,
@@ -442,8 +449,7 @@ def _cell_tiles(out, src, panels, links, MB, shift, first, n, items, B, t0, t1):
             grp, o, a, count, t = _linked_rows(t, t1, first, n, items, B, links, d, shift)
             if count == 0:
                 continue
-            o, a = (o[0] + grp * MB, o[1] + grp * MB, o[2] + grp * MB, o[3] + grp * MB), \
-                (a[0] + grp * MB, a[1] + grp * MB, a[2] + grp * MB, a[3] + grp * MB)
+            o, a = _add4(o, grp * MB), _add4(a, grp * MB)
             pan = panels[grp, d]
             for p in range(P):
                 cols = panel_cols(out, 0, -1, p, W)
@@ -527,18 +533,23 @@ def _infer_item(out, h, c, act, lp, x, src, W, Wp, bias, Up, grp, base, slot, ro
 
 @njit(**NJIT_OPTS)
 def _infer_inputs(act, x, src, W, Wp, bias, r, row, nb, tiles=True):
-    """``act[r+i] = bias + x[src[row+i]] @ W`` for the nb rows i (a row of ``src`` -1: bias only).
-    ``tiles=False``: where every row has an input, the columns of the panels ``Wp`` are left to
-    :func:`_input_tiles`."""
+    """``act[r+i] = bias + x[src[row+i]] @ W`` for the nb (1 .. 4) rows i: :func:`_input_rows`."""
+    _input_rows(act, x, src, W, Wp, bias, four_rows(r, nb), four_rows(row, nb), nb, tiles)
+
+
+@njit(**NJIT_OPTS)
+def _input_rows(act, x, src, W, Wp, bias, rr, rows, nb, tiles=True):
+    """``act[rr[i]] = bias + x[src[rows[i]]] @ W`` for the first nb (1 .. 4) entries i of the
+    4-tuples (the others repeat the last; a row of ``src`` -1: bias only). ``tiles=False``: where
+    every row has an input, the columns of the panels ``Wp`` are left to :func:`_input_tiles`."""
     if W.shape[0] < TILE_MIN_STEPS:  # a few input channels (an image's 1 to 3): one pass per row
         for i in range(nb):
-            _few_inputs(act, r + i, x, np.int64(src[row + i]), W, bias)
+            _few_inputs(act, rr[i], x, np.int64(src[rows[i]]), W, bias)
         return
     for i in range(nb):
-        assign(act[r + i], bias)
-    live, ss = _sources(src, row, nb)
+        assign(act[rr[i]], bias)
+    live, ss = _sources(src, rows)
     if live:  # the input projection of all nb rows at once: tiles, then the last columns
-        rr = four_rows(r, nb)
         done = Wp.shape[0] * Wp.shape[2]
         if done > 0 and tiles:
             tile_quad(act, rr, x, ss, Wp)
@@ -546,9 +557,9 @@ def _infer_inputs(act, x, src, W, Wp, bias, r, row, nb, tiles=True):
             rows_product(act, rr, x, ss, nb, W, done)
     else:  # rows of zero input (src -1) among them: the others one at a time, the same numbers
         for i in range(nb):
-            j = np.int64(src[row + i])
+            j = ss[i]
             if j >= 0:
-                rows_product(act, four_rows(r + i, 1), x, (j, j, j, j), 1, W)
+                rows_product(act, (rr[i], rr[i], rr[i], rr[i]), x, (j, j, j, j), 1, W)
 
 
 @njit(**NJIT_CHAIN_OPTS)
@@ -572,11 +583,23 @@ def _few_inputs(act, r, x, j, W, bias):
             act[r, g] = act[r, g] + v * W[k, g]
 
 
+@njit(**NJIT_OPTS)
+def _cell_inputs(act, x, src, W, Wp, bias, lp, L, shift, first, n, items, B, t0, t1):
+    """The input projections (:func:`_input_rows`) of the work items t0 .. t1-1 of a hyperplane
+    of the saving-free sweep (cell s in slot ``s + shift``, scan slabs of L rows) where cells
+    share tiles (:func:`shared_tiles`): the rows of several cells in one tile (batch 1: a lone
+    row's tile repeated it 4 times)."""
+    t = t0
+    while t < t1:
+        grp, rr, rows, count, t = _linked_rows(t, t1, first, n, items, B, lp, -1, shift)
+        _input_rows(act, x, src[grp], W[grp], Wp[grp], bias[grp], _add4(rr, grp * L), rows, count)
+
+
 @njit(inline="always", **NJIT_OPTS)
-def _sources(src, row, nb):
-    """Whether the nb rows ``row ..`` of ``src`` all have an input (not -1), and their input rows
-    as a 4-tuple (:func:`~mdnumba.kernels.gemm.selected_four`)."""
-    ss = selected_four(src, row, nb)
+def _sources(src, rows):
+    """Whether the rows ``rows`` (a 4-tuple) of ``src`` all have an input (not -1), and their
+    input rows as a 4-tuple."""
+    ss = (np.int64(src[rows[0]]), np.int64(src[rows[1]]), np.int64(src[rows[2]]), np.int64(src[rows[3]]))
     return min(min(ss[0], ss[1]), min(ss[2], ss[3])) >= 0, ss
 
 
@@ -592,10 +615,10 @@ def _input_tiles(act, x, src, Wp, L, slot, cell_k, B, t0, t1):
         t = t0
         while t < t1:
             grp, b, nb = _stream(t, B)
-            live, ss = _sources(src[grp], cell_k * B + b, nb)
+            live, ss = _sources(src[grp], four_rows(cell_k * B + b, nb))
             r = grp * L + slot * B + b
             if TALL_TILES and nb == ROWS and t + 1 < t1 and _stream(t + 1, B) == (grp, b + ROWS, ROWS):
-                live2, ss2 = _sources(src[grp], cell_k * B + b + ROWS, ROWS)
+                live2, ss2 = _sources(src[grp], four_rows(cell_k * B + b + ROWS, ROWS))
                 if live and live2:  # both streams' 8 rows in one tall tile
                     fma_tile(act, tall_offsets(r, act.shape[1], p * W), x,
                              row_offsets(ss, x.shape[1], 0) + row_offsets(ss2, x.shape[1], 0), 1,
@@ -621,11 +644,8 @@ def _sweep_infer(out, h, c, act, lp, x, src, W, Wp, bias, U, Up, diag_off, items
         per = task_items(B)
         for task in prange((m + per - 1) // per):
             t, t1 = task * per, min(m, (task + 1) * per)
-            if shared_tiles(B):  # the rows of the task's cells in shared tiles
-                for tt in range(t, t1):
-                    grp, cell_k, b, nb = _work_item(tt, start, n, items, B)
-                    r = grp * L + (cur + cell_k - s0) * B + b
-                    _infer_inputs(act, x, src[grp], W[grp], Wp[grp], bias[grp], r, cell_k * B + b, nb)
+            if shared_tiles(B):  # the rows of the task's cells in shared tiles, input projections too
+                _cell_inputs(act, x, src, W, Wp, bias, lp, L, cur - s0, start, n, items, B, t, t1)
                 _cell_tiles(act, h, Up, lp, L, cur - s0, start, n, items, B, t, t1)
             while t < t1:
                 grp, cell_k, b, nb, taken = _tall_item(t, t1, start, n, items, B)
