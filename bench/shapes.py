@@ -5,8 +5,8 @@ AVX2); a gate row of (N+3)·D columns that W does not divide ends in a partial t
 kind (LSTM1D, 2D and 3D MD-LSTM, Grid LSTM), hidden sizes around multiples of W are timed side
 by side in one process, interleaved, best of N: a training step (forward + backward,
 ``input_grad=False``) and the saving-free forward, as ns per cell-unit (time / (batch · cells ·
-D)), and each size's cost per unit against the whole-tile size W (D = W / 2 too for the
-3D layer, whose gate row 6D fills whole tiles there). Small sizes cost more per unit anyway
+D)), and each size's cost per unit against a whole-tile size: W (for the 3D layer W / 2, where
+its gate row of 6D fills whole tiles). Small sizes cost more per unit anyway
 (the cell math and the sweep's fixed costs weigh more), so the column to read is how far an odd
 size sits from its neighbours.
 

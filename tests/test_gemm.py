@@ -148,9 +148,10 @@ def test_fma_tile_writes_only_the_columns_of_a_partial_panel(rows, dtype, rng):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("R,K,N", [(37, 13, 77), (16, 4, 64), (5, 1, 33), (70, 40, 200)])
 def test_matmul_rows_tiles_give_the_numbers_of_single_rows(R, K, N, dtype, rng):
-    """The register tiles of fma_tile (whole panels of columns; rows in fours, repeated at a
-    block's end) and quad_product (the last columns): bit for bit the chains of a row alone,
-    over every row or a selection, C-contiguous or not; close to float64 NumPy."""
+    """The register tiles of fma_tile (panels of columns, the last one partial; rows in fours,
+    repeated at a block's end) and quad_product (untiled: not C-contiguous, or K < 4): bit for
+    bit the chains of a row alone, over every row or a selection, C-contiguous or not; close to
+    float64 NumPy."""
     a, w = rng.standard_normal((R, K)).astype(dtype), rng.standard_normal((K, N)).astype(dtype)
     bias = rng.standard_normal(N).astype(dtype)
     alone = np.empty((R, N), dtype)
@@ -172,6 +173,28 @@ def test_matmul_rows_tiles_give_the_numbers_of_single_rows(R, K, N, dtype, rng):
     out = alone.copy()
     matmul_rows(out, a, w, bias, True, None)
     np.testing.assert_allclose(out, alone + a.astype(float) @ w, rtol=tol, atol=tol * np.sqrt(K))
+
+
+def test_python_twin_of_fma_tile_gives_the_numbers_of_single_rows():
+    """Under NUMBA_DISABLE_JIT=1 the intrinsics' pure-Python twins run: matmul_rows' tiles (a
+    partial last panel too) give rows_product's numbers bit for bit there as well (the same
+    chain in t order, neither fused)."""
+    code = """if True:
+        import numpy as np
+        from mdnumba.kernels.gemm import matmul_rows, rows_product
+        from mdnumba.kernels.simd import four_rows
+        rng = np.random.default_rng(0)
+        a, w, b = rng.standard_normal((9, 13)), rng.standard_normal((13, 21)), rng.standard_normal(21)
+        out, alone = np.empty((9, 21)), np.empty((9, 21))
+        matmul_rows(out, a, w, b, False, None)
+        for r in range(9):
+            alone[r] = b
+            rows_product(alone, four_rows(r, 1), a, four_rows(r, 1), 1, w)
+        assert np.array_equal(out, alone) and np.allclose(out, b + a @ w)
+        print("ok")"""
+    run = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, NUMBA_DISABLE_JIT="1"),
+                         capture_output=True, text=True, timeout=300)
+    assert run.stdout.strip() == "ok", run.stderr[-2000:]
 
 
 @pytest.mark.parametrize("R,K,N", [(3 * REDUCE_BLOCK + 7, 5, 6), (REDUCE_BLOCK - 3, 9, 6),

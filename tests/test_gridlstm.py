@@ -18,7 +18,7 @@ def ref_forward(layer, x):
                                            (2, 1, 4, 3, True), (1, 6, 6, 4, True), (2, 5, 3, 3, False),
                                            (1, 3, 1, 2, False), (7, 3, 2, 6, True), (9, 2, 3, 4, False),
                                            # register tiles (16 float64 / 32 float32 columns) of the
-                                           # products and pulls, with columns and units past them
+                                           # products and pulls, the last panels partial
                                            (6, 3, 2, 17, False), (5, 2, 3, 33, True),
                                            # tall tiles (8 rows of a batch, 64-byte vectors) and
                                            # the 3 or 1 rows past them
@@ -54,7 +54,7 @@ def test_finite_differences(zeros, tied, rng):
                                            (2, 1, 3, 2, True),    # one time step: no time neighbours
                                            (3, 4, 1, 2, False),   # one level: bottom and top at once
                                            (7, 3, 2, 5, True),    # work items of 4, 2 and 1 rows
-                                           (2, 2, 2, 17, True)])  # register tiles, and columns past them
+                                           (2, 2, 2, 17, True)])  # register tiles, a partial last panel
 def test_finite_differences_shapes(B, T, L, D, tied, rng):
     layer = GridLSTM2D(D, L, seed=1, dtype=np.float64, tied=tied)
     layer.params.data[...] += rng.standard_normal(layer.params.data.shape) * 0.3

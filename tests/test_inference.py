@@ -21,7 +21,7 @@ CELLS = ["graves", "stable", "spatial"]
 def test_matches_the_saving_forward_and_the_reference(cell, ndim, shape, directions, hidden, rng):
     """Odd and even batches, one-cell grids, every corner, N = 1..4: the same numbers as
     ``forward(x)`` (the same products in the same order) and as the float64 reference. Hidden
-    7: gate rows of 7(N+3) columns, register tiles of 16 float64 and the columns past them."""
+    7: gate rows of 7(N+3) columns, register tiles of 16 float64, the last one partial."""
     layer = WavefrontLSTM(ndim, shape[-1], hidden, seed=5, dtype=np.float64, cell=cell, directions=directions)
     layer.params.b[...] = rng.standard_normal(layer.params.b.shape)
     x = rng.standard_normal(shape)

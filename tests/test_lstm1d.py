@@ -31,7 +31,7 @@ def test_matches_reference(shape, dtype, rtol, rng):
 def test_tall_tiles_match_reference(directions, rng):
     """Batch 13: pairs of groups of 4 rows in tall register tiles (the batch schedule's chunks and
     input panels, the weight gradients' rows of K), the lone group of 1 row in a small one;
-    float64 tiles of hidden 18 (72 gate columns: 4 panels and 8 past them)."""
+    float64 tiles of hidden 18 (72 gate columns: 4 whole panels and a partial one of 8)."""
     layer = LSTM1D(5, 18, directions=directions, seed=2, dtype=np.float64)
     x = rng.standard_normal((13, 6, 5))
     check_against_reference(layer, x, rng.standard_normal((13, 6, directions * 18)), 1e-12)

@@ -21,9 +21,9 @@ SHAPES = [(2, 3, 4, 3), (1, 1, 5, 2), (2, 4, 1, 2), (3, 3, 7, 1), (2, 5, 5, 4), 
 @pytest.mark.parametrize("hidden", [3, 9, 16, 18])
 def test_forward_backward_match_reference(shape, dtype, rtol, hidden, rng):
     """Hidden 9: 45 gate columns, register tiles (16 float64 or 32 float32 columns with
-    AVX-512) and the columns past them; hidden 16: float64 tiles of dh in the backward sweep;
-    hidden 18: float64 tiles of 16 of its units in the backward sweep, the 2 past them pulled
-    by dot products (and 90 gate columns: 5 forward panels and 10 columns past them)."""
+    AVX-512) ending in a partial panel; hidden 16: whole float64 tiles of dh in the backward
+    sweep; hidden 18: a whole and a partial (2 units) float64 panel in the backward sweep, and
+    90 gate columns: 5 whole forward panels and a partial one of 10 columns."""
     layer = MDLSTM2D(shape[-1], hidden, seed=7, dtype=dtype)
     x = rng.standard_normal(shape).astype(dtype)
     check_against_reference(layer, x, rng.standard_normal(shape[:-1] + (hidden,)), rtol)
@@ -54,8 +54,8 @@ def test_named_views_are_up_and_left(rng):
 @pytest.mark.parametrize("zeros", [False, True])
 @pytest.mark.parametrize("hidden", [3, 16, 18])
 def test_gradients_finite_differences(shape, zeros, hidden, rng):
-    """Hidden 16: register tiles in both sweeps (float64, 16 columns); 18: units and columns past
-    them too."""
+    """Hidden 16: whole register tiles in both sweeps (float64, 16 columns); 18: partial last
+    panels of units and columns too."""
     layer = MDLSTM2D(shape[-1], hidden, seed=3, dtype=np.float64)
     layer.params.b[...] = rng.standard_normal(layer.params.b.shape) * 0.5
     x = np.zeros(shape) if zeros else rng.standard_normal(shape)

@@ -16,13 +16,13 @@ from mdnumba.kernels.gemm import matmul_rows
 
 CASES = [  # layer class, grid, batch, directions, cell, hidden, input channels, dtype
     (LSTM1D, (7,), 5, 2, "graves", 3, 2, np.float64),
-    (LSTM1D, (6,), 7, 1, "stable", 6, 2, np.float32),  # D >= 4: the four-unit product loops too
+    (LSTM1D, (6,), 7, 1, "stable", 6, 2, np.float32),
     (MDLSTM2D, (4, 5), 3, 4, "stable", 6, 2, np.float64),
     (MDLSTM2D, (3, 6), 1, 1, "spatial", 3, 2, np.float64),
     (MDLSTM3D, (2, 3, 2), 3, 8, "graves", 5, 2, np.float32),
     # register tiles: the batch schedule runs them chunk by chunk over a block's streams
-    # (_tiles_items; D = 264: chunks of the forward's D steps and the backward's G, units past the
-    # tiles), and the saving-free sweep's input projection a panel at a time (_input_tiles: C >= 4)
+    # (_tiles_items; D = 264: chunks of the forward's D steps and the backward's G, a partial last
+    # panel), and the saving-free sweep's input projection a panel at a time (_input_tiles: C >= 4)
     (LSTM1D, (4,), 9, 2, "graves", 264, 6, np.float32),
     (MDLSTM2D, (3, 4), 5, 4, "graves", 32, 5, np.float32),
     # tall tiles: two groups of rows of a cell in one (batch 12: groups 0-1 paired, 2 alone)
@@ -31,8 +31,8 @@ CASES = [  # layer class, grid, batch, directions, cell, hidden, input channels,
     # 2 (batch 2) in one tile, skipping the cells without that parent (child), per scan; the
     # saving-free sweep's input projections too (C >= 4)
     (MDLSTM2D, (5, 7), 1, 4, "graves", 33, 6, np.float32),
-    (MDLSTM2D, (4, 6), 2, 4, "stable", 8, 3, np.float64),
-    (MDLSTM3D, (3, 3, 4), 1, 1, "graves", 5, 2, np.float32),
+    (MDLSTM2D, (4, 6), 2, 4, "stable", 8, 5, np.float64),
+    (MDLSTM3D, (3, 3, 4), 1, 1, "graves", 5, 4, np.float32),
 ]
 
 

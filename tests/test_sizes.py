@@ -18,12 +18,14 @@ CASES = [  # (layer, padded grid, the items' sizes)
 #: register tiles: the padded backward's pulls chunk by chunk over blocks of items (panels of 288
 #: steps), the weight gradients' rows (288 columns) packed from the items' rows
 TILED = (lambda: LSTM1D(2, 72, directions=2, seed=1, dtype=np.float64), (5,), [(5,), (2,), (4,), (1,), (3,)])
+#: shared tiles at batch 2 (two cells' rows in one tile), input projections too (5 channels)
+SHARED = (lambda: MDLSTM2D(5, 6, directions=4, seed=1, dtype=np.float64), (6, 7), [(6, 7), (3, 5)])
 
 
-def padded_batch(dims, sizes, rng, fill=7.0):
-    """Items (1, *size, 2) of the given sizes, and the batch (``pad_batch``) that holds them
+def padded_batch(dims, sizes, rng, fill=7.0, channels=2):
+    """Items (1, *size, channels) of the given sizes, and the batch (``pad_batch``) that holds them
     padded to ``dims`` with ``fill``."""
-    items = [rng.standard_normal((1,) + tuple(sz) + (2,)) for sz in sizes]
+    items = [rng.standard_normal((1,) + tuple(sz) + (channels,)) for sz in sizes]
     x, got = pad_batch([item[0] for item in items], shape=dims, fill=fill)
     np.testing.assert_array_equal(got, sizes)
     return items, x
@@ -33,12 +35,12 @@ def box(b, size):
     return (b,) + tuple(slice(0, n) for n in size)
 
 
-@pytest.mark.parametrize("make,dims,sizes", CASES + [TILED])
+@pytest.mark.parametrize("make,dims,sizes", CASES + [TILED, SHARED])
 def test_each_item_as_if_alone(make, dims, sizes, rng):
     """Outputs, dx and gradients of a padded batch equal those of its items run one by one; the
     output's and dx's padding is zero, dh's is ignored, x's is never read; save=False agrees."""
     layer = make()
-    items, x = padded_batch(dims, sizes, rng)
+    items, x = padded_batch(dims, sizes, rng, channels=layer.in_channels)
     y = layer.forward(x, sizes=sizes)
     dh = rng.standard_normal(y.shape)
     layer.zero_grad()

@@ -165,7 +165,7 @@ def _matmul_rows(out, a, bmat, panels, bias, accumulate, rows):
                 r = selected_four(rows, i, min(4, last - i))
                 fma_tile(out, row_offsets(r, N, p * W), a, row_offsets(r, K, 0), 1, panels, p * K * W, W, K,
                          panel_cols(out, 0, N, p, W))
-        if P * W < N:
+        if P == 0:  # untiled (the panels cover every column)
             for i in range(first, last, 4):
                 c = min(4, last - i)
                 r = selected_four(rows, i, c)

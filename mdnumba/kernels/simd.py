@@ -57,9 +57,9 @@ def tile_width(x):
 def tiles_pay(N, W):
     """Whether the weight gradients' register tiles of W columns (whole panels of ``bmat`` read
     in place, :func:`~mdnumba.kernels.gemm.matmul_at_b`) pay on rows of N: whole panels cover
-    them, or at least four do (the last N % W columns take a second, narrow pass of the old
-    loops: at N = 80, W = 32, the two passes were slower than one, 8x8 B16 D16 train step
-    0.92x)."""
+    them, or at least four do (the last N % W columns take a second, narrow pass,
+    :func:`~mdnumba.kernels.gemm._at_b_rows`: at N = 80, W = 32, the two passes were slower than
+    one, 8x8 B16 D16 train step 0.92x)."""
     return N % W == 0 or N >= 4 * W
 
 
@@ -185,12 +185,14 @@ if numba_config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1: intrinsics do not run as Py
         """:func:`prefetch_row` in Python: nothing."""
 
     def fma_tile(c, crow, a, arow, a_cs, b, b0, b_rs, T, cols):  # noqa: F811
-        """:func:`fma_tile` in Python, on flat views of the C-contiguous arrays (the same sums,
-        not fused)."""
+        """:func:`fma_tile` in Python, on flat views of the C-contiguous arrays: the same chain
+        ``c + a_0·b_0 + a_1·b_1 + …`` in t order (not fused), all loads before the stores."""
         cf, af, bf = c.reshape(-1), a.reshape(-1), b.reshape(-1)
         n = min(cols, 2 * VECTOR_BYTES // c.itemsize)
-        sums = [cf[o:o + n] + sum(af[q + t * a_cs] * bf[b0 + t * b_rs:b0 + t * b_rs + n] for t in range(T))
-                for o, q in zip(crow, arow)]
+        sums = [cf[o:o + n].copy() for o in crow]
+        for t in range(T):
+            for acc, q in zip(sums, arow):
+                acc += af[q + t * a_cs] * bf[b0 + t * b_rs:b0 + t * b_rs + n]
         for o, v in zip(crow, sums):
             cf[o:o + n] = v
 
@@ -252,20 +254,28 @@ def tile_rows(out, r, a, s, nb, panels, ocol=0, acol=0, ncol=-1):
 
 @njit(inline="always", **NJIT_OPTS)
 def group_panel(out, r, a, s, nb, panels, p, k0, k1, ocol=0, acol=0, ncol=-1):
-    """:func:`tile_panel` for the ``nb`` (1 .. 4) consecutive rows ``r ..`` of ``out`` and ``s ..``
-    of ``a``: a tile of 1, 2 or 4 rows (3: the last repeated), so that a lone row or a pair does
-    its own multiply-adds, not a whole tile's (batch 1, a 512x512 image: each row took 4 rows'
-    work). Every element's chain is the same in each."""
+    """:func:`quad_panel` for the ``nb`` (1 .. 4) consecutive rows ``r ..`` of ``out`` and ``s ..``
+    of ``a``."""
+    quad_panel(out, four_rows(r, nb), a, four_rows(s, nb), nb, panels, p, k0, k1, ocol, acol, ncol)
+
+
+@njit(inline="always", **NJIT_OPTS)
+def quad_panel(out, ro, a, ra, nb, panels, p, k0, k1, ocol=0, acol=0, ncol=-1):
+    """:func:`tile_panel` for the first ``nb`` (1 .. 4) rows of the 4-tuples ``ro`` (of ``out``)
+    and ``ra`` (of ``a``): a tile of 1, 2 or 4 rows (3: the last repeated), so that a lone row or
+    a pair does its own multiply-adds, not a whole tile's (batch 1, a 512x512 image: each row
+    took 4 rows' work). Every element's chain is the same in each."""
     T, W = panels.shape[1], panels.shape[2]
     oc, ac, b0 = out.shape[1], a.shape[1], (p * T + k0) * W
-    o, i = r * oc + ocol + p * W, s * ac + acol + k0
+    o, i = ocol + p * W, acol + k0
     cols = panel_cols(out, ocol, ncol, p, W)
     if nb == 1:
-        fma_tile(out, (o,), a, (i,), 1, panels, b0, W, k1 - k0, cols)
+        fma_tile(out, (ro[0] * oc + o,), a, (ra[0] * ac + i,), 1, panels, b0, W, k1 - k0, cols)
     elif nb == 2:
-        fma_tile(out, (o, o + oc), a, (i, i + ac), 1, panels, b0, W, k1 - k0, cols)
+        fma_tile(out, (ro[0] * oc + o, ro[1] * oc + o), a, (ra[0] * ac + i, ra[1] * ac + i), 1, panels, b0, W,
+                 k1 - k0, cols)
     else:
-        tile_panel(out, four_rows(r, nb), a, four_rows(s, nb), panels, p, k0, k1, ocol, acol, ncol)
+        tile_panel(out, ro, a, ra, panels, p, k0, k1, ocol, acol, ncol)
 
 
 @njit(**NJIT_OPTS)
@@ -291,18 +301,20 @@ def group_tiles(out, r, a, s, nb, panels, ocol=0, acol=0, ncol=-1):
 
 
 @njit(**NJIT_OPTS)
-def tile_quad(out, ro, a, ra, panels, ocol=0, acol=0, ncol=-1):
-    """``out[ro[i], ocol : ocol + N] += a[ra[i], acol : acol + K] @ B`` for the 4-tuples of rows
-    ``ro``, ``ra`` (repeats allowed), B the panels (P, K, W) (:func:`pack_panels`; N as in
-    :func:`tile_rows`), ``out`` and ``a`` C-contiguous: one :func:`fma_tile` per panel."""
+def tile_quad(out, ro, a, ra, nb, panels, ocol=0, acol=0, ncol=-1):
+    """``out[ro[i], ocol : ocol + N] += a[ra[i], acol : acol + K] @ B`` for the first ``nb`` (1 ..
+    4) entries of the 4-tuples of rows ``ro``, ``ra`` (the others repeat the last), B the panels
+    (P, K, W) (:func:`pack_panels`; N as in :func:`tile_rows`), ``out`` and ``a`` C-contiguous:
+    one :func:`quad_panel` per panel."""
     for p in range(panels.shape[0]):
-        tile_panel(out, ro, a, ra, panels, p, 0, panels.shape[1], ocol, acol, ncol)
+        quad_panel(out, ro, a, ra, nb, panels, p, 0, panels.shape[1], ocol, acol, ncol)
 
 
 @njit(inline="always", **NJIT_OPTS)
 def tile_panel(out, ro, a, ra, panels, p, k0, k1, ocol=0, acol=0, ncol=-1):
-    """``out[ro[i], ocol + p·W : ocol + (p+1)·W] += a[ra[i], acol + k0 : acol + k1] @ panels[p,
-    k0:k1]`` (:func:`tile_quad`'s panel p, its steps k0 .. k1-1): one :func:`fma_tile`."""
+    """``out[ro[i], ocol + p·W : ocol + p·W + w] += a[ra[i], acol + k0 : acol + k1] @ panels[p,
+    k0:k1, :w]`` (panel p of a product over ``ncol`` columns, its steps k0 .. k1-1; w =
+    :func:`panel_cols`, less than W in a partial last panel): one :func:`fma_tile`."""
     T, W = panels.shape[1], panels.shape[2]
     fma_tile(out, row_offsets(ro, out.shape[1], ocol + p * W), a, row_offsets(ra, a.shape[1], acol + k0), 1,
              panels, (p * T + k0) * W, W, k1 - k0, panel_cols(out, ocol, ncol, p, W))

@@ -50,6 +50,7 @@ from .simd import (
     group_panel,
     panel_cols,
     prefetch_row,
+    quad_panel,
     row_offsets,
     tall_offsets,
     tall_panel,
@@ -93,13 +94,15 @@ def shared_tiles(B):
 
 
 @njit(inline="always", **NJIT_OPTS)
-def task_items(B):
-    """Work items per task of a per-hyperplane sweep over a batch of B: :data:`TASK_ITEMS` where
-    a cell has two full groups of rows (B >= 2·ROWS, two items can make a tall tile), the cells
-    of one tile where they share tiles (:func:`shared_tiles`), else 1."""
+def task_items(B, m, threads):
+    """Work items per task of a per-hyperplane sweep over m items of a batch of B on ``threads``
+    threads: :data:`TASK_ITEMS` where a cell has two full groups of rows (B >= 2·ROWS, two items
+    can make a tall tile), the cells of one tile where they share tiles (:func:`shared_tiles`)
+    but no fewer tasks than threads (a padded bidirectional LSTM1D at batch 1 has 2 items per
+    step), else 1."""
     if B >= 2 * ROWS:
         return TASK_ITEMS
-    return ROWS // B if shared_tiles(B) else 1
+    return max(1, min(ROWS // B, m // threads)) if shared_tiles(B) else 1
 
 
 @njit(**NJIT_OPTS)
@@ -161,8 +164,8 @@ def pack_recurrent(U: np.ndarray, N: int, transposed: bool = False) -> np.ndarra
     ``transposed`` (S, N, ceil(D / W), G, W) of ``U_dᵀ`` for the backward pulls (panel p: units
     ``p*W .. p*W + W - 1``); the last panel's columns past G (D) are zeros, and the tiles write
     only the columns below (:func:`~mdnumba.kernels.simd.fma_tile`'s mask). Partial panels, not
-    the old per-row loops past the whole ones: Grid LSTM T32 L3 B16 D31 inference 1.5x, train
-    step 1.3x; 1D and 3D D15..D31 1.1-1.4x; whole panels as before (one process, interleaved,
+    the old per-row loops past the whole ones: Grid LSTM T32 L3 B16 D31 inference 1.5-1.6x,
+    train step 1.3x; 1D and 3D D15..D31 1.1-1.4x; whole panels as before (one process, interleaved,
     2 threads of a Xeon). The sweeps need C-contiguous ``act`` and ``h`` for them."""
     S, D = U.shape[:2]
     W = simd.tile_width(U)
@@ -222,7 +225,7 @@ def wavefront_forward(h: np.ndarray, c: np.ndarray, act: np.ndarray, U: np.ndarr
         _sweep_forward_batched(h, c, act, xs, W, bias, U, Up, diag_off, parent, B, D, cell, nblk)
     else:
         _sweep_forward(h, c, act, xs, W, bias, U, Up, diag_off, *_items_or_all(items, diag_off), parent,
-                       B, D, cell)
+                       B, D, cell, numba.get_num_threads())
 
 
 def _no_inputs(act) -> tuple:
@@ -296,14 +299,14 @@ def _items_or_all(items, diag_off) -> tuple:
 
 
 @parallel_njit
-def _sweep_forward(h, c, act, xs, W, bias, U, Up, diag_off, items_off, items, parent, B, D, cell):
+def _sweep_forward(h, c, act, xs, W, bias, U, Up, diag_off, items_off, items, parent, B, D, cell, threads):
     """:func:`wavefront_forward`, a ``prange`` per hyperplane over tasks of :func:`task_items`
     work items."""
     MB = parent.shape[0] * B
     for k in range(diag_off.shape[0] - 1):
         first, n = _plane(k, diag_off, items_off, B)
         m = U.shape[0] * n
-        per = task_items(B)
+        per = task_items(B, m, threads)
         for task in prange((m + per - 1) // per):
             t, t1 = task * per, min(m, (task + 1) * per)
             if shared_tiles(B):  # the rows of the task's cells in shared tiles
@@ -441,8 +444,6 @@ def _cell_tiles(out, src, panels, links, MB, shift, first, n, items, B, t0, t1):
     ``s + shift`` of ``links`` and of its slab) where cells share tiles (:func:`shared_tiles`):
     several cells' rows in one tile (:func:`_linked_rows`), not a tile per cell. Each element's
     chain is the same."""
-    P, T, W = panels.shape[2], panels.shape[3], panels.shape[4]
-    oc, ac = out.shape[1], src.shape[1]
     for d in range(links.shape[1]):
         t = t0
         while t < t1:
@@ -450,17 +451,8 @@ def _cell_tiles(out, src, panels, links, MB, shift, first, n, items, B, t0, t1):
             if count == 0:
                 continue
             o, a = _add4(o, grp * MB), _add4(a, grp * MB)
-            pan = panels[grp, d]
-            for p in range(P):
-                cols = panel_cols(out, 0, -1, p, W)
-                if count == 1:
-                    fma_tile(out, (o[0] * oc + p * W,), src, (a[0] * ac,), 1, pan, p * T * W, W, T, cols)
-                elif count == 2:
-                    fma_tile(out, (o[0] * oc + p * W, o[1] * oc + p * W), src, (a[0] * ac, a[1] * ac), 1,
-                             pan, p * T * W, W, T, cols)
-                else:
-                    fma_tile(out, row_offsets(o, oc, p * W), src, row_offsets(a, ac, 0), 1, pan, p * T * W, W,
-                             T, cols)
+            for p in range(panels.shape[2]):
+                quad_panel(out, o, src, a, count, panels[grp, d], p, 0, panels.shape[3])
 
 
 @njit(**NJIT_OPTS)
@@ -506,8 +498,9 @@ def wavefront_infer(out: np.ndarray, h: np.ndarray, c: np.ndarray, act: np.ndarr
         _sweep_infer_batched(out, h, c, act, lps, x, src, W, Wp, bias, U, Up, diag_off, parent, first, last,
                              B, D, cell)
     else:
-        _sweep_infer(out, h, c, act, lp, x, src, W, Wp, bias, U, Up, diag_off,
-                     *_items_or_all(items, diag_off), parent, first, last, B, D, cell)
+        items_off, entries = _items_or_all(items, diag_off)
+        _sweep_infer(out, h, c, act, lp, x, src, W, Wp, bias, U, Up, diag_off, items_off, entries, parent,
+                     first, last, B, D, cell, numba.get_num_threads())
 
 
 @njit(**NJIT_OPTS)
@@ -516,8 +509,9 @@ def _infer_item(out, h, c, act, lp, x, src, W, Wp, bias, Up, grp, base, slot, ro
     """Work item (cell in two-plane ``slot``, batch rows b .. b+nb-1; ``row`` = cell*B + b in
     ``src``) of scan ``grp``, whose slab starts at row ``base``: input projection
     (:func:`_infer_inputs`), recurrent products, cell, h into ``out[:, grp]``. ``tiles=False``:
-    the projection and the recurrent register tiles are done already (the batch schedule's
-    :func:`_infer_inputs` with ``tiles=False``, :func:`_input_tiles`, :func:`_tiles_items`)."""
+    the projection and the recurrent products are done already (the batch schedule's
+    :func:`_infer_inputs` with ``tiles=False``, :func:`_input_tiles`, :func:`_tiles_items`; cells
+    that share tiles: :func:`_cell_inputs`, :func:`_cell_tiles`)."""
     if tiles:
         r = base + slot * B + b
         _infer_inputs(act, x, src, W, Wp, bias, r, row, min(ROWS, nb))
@@ -549,12 +543,11 @@ def _input_rows(act, x, src, W, Wp, bias, rr, rows, nb, tiles=True):
     for i in range(nb):
         assign(act[rr[i]], bias)
     live, ss = _sources(src, rows)
-    if live:  # the input projection of all nb rows at once: tiles, then the last columns
-        done = Wp.shape[0] * Wp.shape[2]
-        if done > 0 and tiles:
-            tile_quad(act, rr, x, ss, Wp)
-        if done < act.shape[1]:
-            rows_product(act, rr, x, ss, nb, W, done)
+    if live:  # the input projection of all nb rows at once: tiles (none: x not C-contiguous)
+        if Wp.shape[0] == 0:
+            rows_product(act, rr, x, ss, nb, W)
+        elif tiles:
+            tile_quad(act, rr, x, ss, nb, Wp)
     else:  # rows of zero input (src -1) among them: the others one at a time, the same numbers
         for i in range(nb):
             j = ss[i]
@@ -632,16 +625,18 @@ def _input_tiles(act, x, src, Wp, L, slot, cell_k, B, t0, t1):
 
 @parallel_njit
 def _sweep_infer(out, h, c, act, lp, x, src, W, Wp, bias, U, Up, diag_off, items_off, items, parent,
-                 first, last, B, D, cell):
+                 first, last, B, D, cell, threads):
     """:func:`wavefront_infer`, a ``prange`` per hyperplane over tasks of :func:`task_items` work
-    items (their input projections in fours of rows, :func:`_infer_inputs`)."""
+    items (their input projections in fours of rows, :func:`_infer_inputs`; where cells share
+    tiles, a task's projections and recurrent tiles first: :func:`_cell_inputs`,
+    :func:`_cell_tiles`)."""
     L = lp.shape[0] * B  # rows of a scan's slab
     for k in range(first, last):
         cur = _rolling_parents(lp, parent, diag_off, k)
         s0 = diag_off[k]
         start, n = _plane(k, diag_off, items_off, B)
         m = U.shape[0] * n
-        per = task_items(B)
+        per = task_items(B, m, threads)
         for task in prange((m + per - 1) // per):
             t, t1 = task * per, min(m, (task + 1) * per)
             if shared_tiles(B):  # the rows of the task's cells in shared tiles, input projections too
@@ -750,13 +745,15 @@ def _sweep_backward(dact, dc, dh, act, c, U, Ut, diag_off, items_off, items, par
     than a chunk of steps, over blocks of up to :data:`BLOCK_ITEMS` work items (at least
     ``threads`` blocks where there are as many items), whose tiles go chunk by chunk
     (:func:`_tiles_items`: 64x64 B8 D128 train step 1.05-1.06x; the forward's panels, D steps,
-    gained nothing this way, 0.82-1.03x), else over tasks of :func:`task_items` work items."""
+    gained nothing this way, 0.82-1.03x), else over tasks of :func:`task_items` work items; where
+    cells share tiles (:func:`shared_tiles`), a task's tiles go through :func:`_cell_tiles`,
+    not chunked."""
     MB = parent.shape[0] * B
-    chunked = Ut.shape[2] > 0 and Ut.shape[3] > chunk_steps(Ut)
+    chunked = Ut.shape[3] > chunk_steps(Ut)
     for k in range(diag_off.shape[0] - 2, -1, -1):
         first, n = _plane(k, diag_off, items_off, B)
         m = U.shape[0] * n
-        per = max(1, min(BLOCK_ITEMS, m // threads)) if chunked else task_items(B)
+        per = max(1, min(BLOCK_ITEMS, m // threads)) if chunked else task_items(B, m, threads)
         for blk in prange((m + per - 1) // per):
             t, t1 = blk * per, min(m, (blk + 1) * per)
             if chunked and not shared_tiles(B):
