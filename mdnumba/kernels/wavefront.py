@@ -50,7 +50,6 @@ from .simd import (
     group_panel,
     panel_cols,
     prefetch_row,
-    quad_panel,
     row_offsets,
     tall_offsets,
     tall_panel,
@@ -451,8 +450,7 @@ def _cell_tiles(out, src, panels, links, MB, shift, first, n, items, B, t0, t1):
             if count == 0:
                 continue
             o, a = _add4(o, grp * MB), _add4(a, grp * MB)
-            for p in range(panels.shape[2]):
-                quad_panel(out, o, src, a, count, panels[grp, d], p, 0, panels.shape[3])
+            tile_quad(out, o, src, a, count, panels[grp, d])
 
 
 @njit(**NJIT_OPTS)
