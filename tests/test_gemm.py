@@ -24,7 +24,7 @@ from mdnumba.kernels.gemm import (
 from mdnumba.kernels.simd import TALL_ROWS, fma_tile, four_rows, pack_panels, tile_width
 
 SHAPES = [(1, 1, 1), (3, 1, 5), (4, 2, 3), (7, 3, 4), (6, 19, 7), (5, 15, 6), (REDUCE_BLOCK + 5, 5, 6),
-          (2 * REDUCE_BLOCK, 4, 9), (37, 9, 45), (REDUCE_BLOCK + 3, 8, 70),  # these two: tiles
+          (2 * REDUCE_BLOCK, 4, 9), (37, 9, 45), (REDUCE_BLOCK + 3, 8, 70),
           (2 * PACK_ROWS + 3, 6, 517), (37, 9, 1024)]  # wide rows of bmat: packed, a partial panel or none
 
 
@@ -143,6 +143,41 @@ def test_fma_tile_writes_only_the_columns_of_a_partial_panel(rows, dtype, rng):
         untouched = np.ones(store.shape, bool)
         untouched[:(rows + 1) * N].reshape(rows + 1, N)[1:, W:] = False
         assert np.array_equal(store[untouched], before[untouched]), cols
+
+
+_GUARDED_AT_B = """
+import ctypes, mmap, sys
+import numpy as np
+from mdnumba.kernels.gemm import matmul_at_b
+R, K, N, dtype = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), np.dtype(sys.argv[4])
+page = mmap.PAGESIZE
+data = -(-R * N * dtype.itemsize // page) * page
+buf = mmap.mmap(-1, data + page)
+start = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+assert ctypes.CDLL(None).mprotect(ctypes.c_void_p(start + data), page, 0) == 0  # PROT_NONE
+b = np.frombuffer(buf, dtype, R * N, data - R * N * dtype.itemsize).reshape(R, N)
+rng = np.random.default_rng(0)
+b[:] = rng.standard_normal((R, N))
+a = rng.standard_normal((R, K)).astype(dtype)
+out = np.zeros((K, N), dtype)
+matmul_at_b(out, a, b, None)
+np.testing.assert_allclose(out, a.astype(float).T @ b, rtol=1e-4, atol=1e-4)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_weight_gradient_tiles_read_nothing_past_the_array(dtype):
+    """The weight gradient's partial last panel reads W columns of each row of ``bmat`` in
+    place (the next rows' first ones, ignored) but not past the array: ``bmat`` ends at a page
+    that may not be read (``mprotect``), in a process of its own (a read there kills it), for
+    rows of N < W, just under W and past it, one row to several blocks."""
+    W = tile_width(np.empty(0, dtype))
+    for R, K, N in ((1, 3, 5), (3, 4, 1), (70, 9, W - 1), (REDUCE_BLOCK + 3, 8, W + 5), (30, 5, 3 * W + 2)):
+        run = subprocess.run([sys.executable, "-c", _GUARDED_AT_B, str(R), str(K), str(N), dtype],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0 and run.stdout.strip() == "ok", (R, K, N, run.returncode,
+                                                                    run.stderr[-2000:])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -271,7 +306,8 @@ def test_register_tiles_of_the_other_vector_width():
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                            f"{here}/test_gemm.py::test_matmul_rows_tiles_give_the_numbers_of_single_rows",
                            f"{here}/test_gemm.py::test_weight_gradient_slices_along_k_change_no_sum",
-                           f"{here}/test_gemm.py::test_wide_weight_gradient_does_not_depend_on_the_tasks"],
+                           f"{here}/test_gemm.py::test_wide_weight_gradient_does_not_depend_on_the_tasks",
+                           f"{here}/test_gemm.py::test_weight_gradient_tiles_read_nothing_past_the_array"],
                           env=env, capture_output=True, text=True, cwd=os.path.dirname(here))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 

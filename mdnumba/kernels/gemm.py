@@ -25,7 +25,6 @@ from .simd import (
     row_offsets,
     tall_offsets,
     tile_width,
-    tiles_pay,
 )
 
 #: rows per partial sum in :func:`matmul_at_b`; fixed so results never depend on threads
@@ -185,40 +184,74 @@ def _at_b_block(part, a, bmat, rows, r0, r1, k0, k1, tiled):
     """``part[k0:k1] = (a[sel]ᵀ @ bmat[sel])[k0:k1]`` (serial) for the rows ``sel`` = entries
     r0..r1-1 of ``rows`` (None: rows r0..r1-1); k0 a multiple of 4, k1 too or K.
 
-    ``tiled`` (every row, C-contiguous ``a``, ``bmat``, ``part``, where
-    :func:`~mdnumba.kernels.simd.tiles_pay`; :func:`matmul_at_b` sends rows of ``bmat`` of
-    :data:`AT_B_TILE_BYTES` or more to :func:`_matmul_at_b_wide` instead): the rows k <
-    4·(K // 4) and whole panels of W = :func:`~mdnumba.kernels.simd.tile_width` columns as
-    register tiles, :func:`~mdnumba.kernels.simd.fma_tile` over the rows of ``bmat`` in place
-    (each element a chain of fused multiply-adds in row order); the rest by :func:`_at_b_rows`.
-    Which elements go which way depends on K and N only: the numbers do not depend on slicing."""
+    ``tiled`` (every row, C-contiguous ``a``, ``bmat``, ``part``; :func:`matmul_at_b` sends rows
+    of ``bmat`` of :data:`AT_B_TILE_BYTES` or more to :func:`_matmul_at_b_wide` instead): every
+    element by register tiles (:func:`_at_b_tiles`, each element a chain of fused multiply-adds
+    in row order), else by :func:`_at_b_rows`. Which way depends on the arrays, not on the
+    slicing: the numbers do not depend on the threads."""
     part[k0:k1] = 0.0
-    K, N = a.shape[1], bmat.shape[1]
-    kt, nt = k0, 0
     W = tile_width(part)
-    if tiled and rows is None and tiles_pay(N, W):
-        kt, nt = max(k0, min(k1, 4 * (K // 4))), N // W * W
-        _at_b_tiles(part, a, r0, k0, kt, nt // W, bmat, r0 * N, W, N, r1 - r0)
-    if kt > k0 and nt < N:
-        _at_b_rows(part, a, bmat, rows, r0, r1, k0, kt, nt)
-    _at_b_rows(part, a, bmat, rows, r0, r1, kt, k1, 0)
+    if tiled and rows is None:
+        tail = np.zeros((tail_rows(bmat.shape[1], W), W), part.dtype)
+        _at_b_tiles(part, a, bmat, r0, r1 - r0, k0, k1, tail)
+    else:
+        _at_b_rows(part, a, bmat, rows, r0, r1, k0, k1, 0)
 
 
 @njit(**NJIT_OPTS)
-def _at_b_tiles(part, a, r0, k0, k1, P, b, b0, b_ps, b_rs, T):
-    """``part[k0:k1, :P·W] += a[r0:r0+T, k0:k1]ᵀ @ B`` as register tiles (k0, k1 multiples of 4),
-    B's panel p starting at element ``b0 + p·b_ps`` of ``b``, its row t ``t·b_rs`` further."""
-    K, N, W = a.shape[1], part.shape[1], tile_width(part)
-    step, kt = AT_B_CHUNK, (k1 - (k1 - k0) % TALL_ROWS) if TALL_TILES else k0  # k0 .. kt-1: tall tiles
-    for t0 in range(0, T, step):
-        t1 = min(T, t0 + step)
+def _at_b_tiles(part, a, bmat, r0, T, k0, k1, tail):
+    """``part[k0:k1] += a[r0:r0+T, k0:k1]ᵀ @ bmat[r0:r0+T]`` as register tiles, :data:`AT_B_CHUNK`
+    rows at a time, over panels of W = :func:`~mdnumba.kernels.simd.tile_width` columns of
+    ``bmat`` read in place. A partial last panel's tile reads W columns of each step (the next
+    rows' first ones, ignored) and writes only its own; the last rows of ``bmat``, where that
+    would read past the array (:func:`tail_rows`), have their last N % W columns copied into
+    ``tail`` (zeros past them), and their steps come last, as in place."""
+    K, N, W = a.shape[1], bmat.shape[1], tile_width(part)
+    P, rest = N // W, N % W
+    safe = bmat.shape[0] - tail_rows(N, W)  # rows before it read in place
+    for t0 in range(0, T, AT_B_CHUNK):
+        n = min(T, t0 + AT_B_CHUNK) - t0
+        r = r0 + t0
         for p in range(P):
-            for k in range(k0, kt, TALL_ROWS):
-                fma_tile(part, tall_offsets(k, N, p * W), a, tall_offsets((r0 + t0) * K + k, 1, 0), K,
-                         b, b0 + p * b_ps + t0 * b_rs, b_rs, t1 - t0, W)
-            for k in range(kt, k1, 4):
-                fma_tile(part, row_offsets(four_rows(k, 4), N, p * W), a, four_rows((r0 + t0) * K + k, 4), K,
-                         b, b0 + p * b_ps + t0 * b_rs, b_rs, t1 - t0, W)
+            _at_b_panel(part, p * W, W, a, r * K, k0, k1, bmat, r * N + p * W, N, n)
+        if rest:
+            m = max(0, min(n, safe - r))
+            _at_b_panel(part, P * W, rest, a, r * K, k0, k1, bmat, r * N + P * W, N, m)
+            for t in range(m, n):
+                for j in range(rest):
+                    tail[t - m, j] = bmat[r + t, P * W + j]
+            _at_b_panel(part, P * W, rest, a, (r + m) * K, k0, k1, tail, 0, W, n - m)
+
+
+@njit(inline="always", **NJIT_OPTS)
+def tail_rows(N, W):
+    """The last rows of a C-contiguous array of rows of N whose partial last panel of W columns
+    (:func:`_at_b_tiles`; N % W columns) read past the array's end: ``ceil((W − N % W) / N)``, at
+    most :data:`AT_B_CHUNK` (0 where W divides N)."""
+    rest = N % W
+    return min(AT_B_CHUNK, (W - rest + N - 1) // N) if rest else 0
+
+
+@njit(**NJIT_OPTS)
+def _at_b_panel(part, col, cols, a, a0, k0, k1, b, b0, b_rs, T):
+    """``part[k, col : col + cols] += Σ_{t<T} a_flat[a0 + t·K + k] · b_flat[b0 + t·b_rs : …]``
+    for the rows k0 <= k < k1 of ``part`` (K = ``a``'s columns): tall tiles where
+    :data:`~mdnumba.kernels.simd.TALL_TILES`, then fours, the last 1 .. 3 rows a tile of their own."""
+    K, N = a.shape[1], part.shape[1]
+    k = k0
+    if TALL_TILES:
+        while k + TALL_ROWS <= k1:
+            fma_tile(part, tall_offsets(k, N, col), a, tall_offsets(a0 + k, 1, 0), K, b, b0, b_rs, T, cols)
+            k += TALL_ROWS
+    while k + 4 <= k1:
+        fma_tile(part, row_offsets(four_rows(k, 4), N, col), a, four_rows(a0 + k, 4), K, b, b0, b_rs, T, cols)
+        k += 4
+    if k1 - k == 1:
+        fma_tile(part, (k * N + col,), a, (a0 + k,), K, b, b0, b_rs, T, cols)
+    elif k1 - k == 2:
+        fma_tile(part, (k * N + col, (k + 1) * N + col), a, (a0 + k, a0 + k + 1), K, b, b0, b_rs, T, cols)
+    elif k1 - k == 3:
+        fma_tile(part, row_offsets(four_rows(k, 3), N, col), a, four_rows(a0 + k, 3), K, b, b0, b_rs, T, cols)
 
 
 @njit(**NJIT_SUM_OPTS)

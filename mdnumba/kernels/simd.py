@@ -53,16 +53,6 @@ def tile_width(x):
     return 2 * VECTOR_BYTES // x.itemsize
 
 
-@njit(inline="always", **NJIT_OPTS)
-def tiles_pay(N, W):
-    """Whether the weight gradients' register tiles of W columns (whole panels of ``bmat`` read
-    in place, :func:`~mdnumba.kernels.gemm.matmul_at_b`) pay on rows of N: whole panels cover
-    them, or at least four do (the last N % W columns take a second, narrow pass,
-    :func:`~mdnumba.kernels.gemm._at_b_rows`: at N = 80, W = 32, the two passes were slower than
-    one, 8x8 B16 D16 train step 0.92x)."""
-    return N % W == 0 or N >= 4 * W
-
-
 @intrinsic
 def prefetch_row(typingctx, a, start, stop):
     """Ask for the cache lines of elements ``start`` and ``stop - 1`` of ``a``'s data (a row
