@@ -183,12 +183,6 @@ NJIT_OPTS = dict(cache=CACHE, fastmath=set(FASTMATH_FLAGS) if FASTMATH else Fals
                  error_model="numpy")
 #: keyword arguments shared by every parallel CPU driver
 NJIT_PARALLEL_OPTS = dict(NJIT_OPTS, parallel=True)
-#: serial kernels whose sums of products (recurrent products, GEMM blocks) may be reassociated
-#: and fused into multiply-adds: LLVM then keeps partial sums in vector registers (recurrent
-#: product 2x, weight-gradient GEMM 1.2x faster measured) at a rounding difference of ~1 ulp;
-#: the order stays fixed by the compiled code, so results still do not depend on the threads
-NJIT_SUM_OPTS = dict(NJIT_OPTS, fastmath={"reassoc", "contract"} | (FASTMATH_FLAGS if FASTMATH else set()))
-
 #: serial GEMM kernels whose sums are chains in a fixed order, ``o + a_0·b_0 + a_1·b_1 + …``:
 #: "contract" alone fuses each term into one multiply-add (no reassociation), so a row's numbers
 #: are the same in every kernel and group that computes them (:func:`~mdnumba.kernels.gemm.quad_product`)

@@ -56,6 +56,21 @@ def test_matmul_at_b_and_column_sums_over_selected_rows(R, K, N, rng):
         np.testing.assert_allclose(s, 1 + b[rows].sum(0), rtol=1e-12, atol=1e-12 * np.sqrt(R))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("R,K,N", [(REDUCE_BLOCK + 70, 9, 45), (130, 33, 80), (5, 3, 17)])
+def test_weight_gradient_gathered_rows_give_the_numbers_in_place(R, K, N, dtype, rng):
+    """Rows read where they are (C-contiguous, every row) and rows copied first (a selection,
+    arrays of another layout) go through the same tiles in the same order: every row selected
+    in order, or a Fortran-ordered ``a``, gives the in-place numbers bit for bit."""
+    a, b = rng.standard_normal((R, K)).astype(dtype), rng.standard_normal((R, N)).astype(dtype)
+    want = np.ones((K, N), dtype)
+    matmul_at_b(want, a, b, None)
+    for x, rows in ((a, np.arange(R)), (np.asfortranarray(a), None)):
+        got = np.ones((K, N), dtype)
+        matmul_at_b(got, x, b, rows)
+        assert np.array_equal(got, want)
+
+
 @pytest.mark.parametrize("R,K,N", SHAPES)
 def test_matmul_rows(R, K, N, rng):
     a, w, bias = rng.standard_normal((R, K)), rng.standard_normal((K, N)), rng.standard_normal(N)
