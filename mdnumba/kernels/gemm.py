@@ -190,8 +190,7 @@ def _at_b_block(part, a, bmat, rows, r0, r1, k0, k1, tiled):
     (:func:`_at_b_gathered`). The same numbers either way, whatever the slicing."""
     part[k0:k1] = 0.0
     if tiled and rows is None:
-        tail = np.zeros((tail_rows(bmat.shape[1], tile_width(part)), tile_width(part)), part.dtype)
-        _at_b_tiles(part, a, bmat, r0, r1 - r0, k0, k1, tail)
+        _at_b_tiles(part, a, bmat, r0, r1 - r0, k0, k1)
     else:
         _at_b_gathered(part, a, bmat, rows, r0, r1, k0, k1)
 
@@ -221,7 +220,7 @@ def _at_b_gathered(part, a, bmat, rows, r0, r1, k0, k1):
 
 
 @njit(**NJIT_OPTS)
-def _at_b_tiles(part, a, bmat, r0, T, k0, k1, tail):
+def _at_b_tiles(part, a, bmat, r0, T, k0, k1):
     """``part[k0:k1] += a[r0:r0+T, k0:k1]ᵀ @ bmat[r0:r0+T]`` as register tiles, :data:`AT_B_CHUNK`
     rows at a time, over panels of W = :func:`~mdnumba.kernels.simd.tile_width` columns of
     ``bmat`` read in place. A partial last panel's tile reads W columns of each step (the next
@@ -230,15 +229,17 @@ def _at_b_tiles(part, a, bmat, r0, T, k0, k1, tail):
     ``tail`` (zeros past them), and their steps come last, as in place."""
     K, N, W = a.shape[1], bmat.shape[1], tile_width(part)
     P, rest = N // W, N % W
-    safe = bmat.shape[0] - tail_rows(N, W)  # rows before it read in place
+    tail = np.zeros((tail_rows(N, W), W), part.dtype)
+    safe = bmat.shape[0] - tail.shape[0]  # rows before it read in place
     for t0 in range(0, T, AT_B_CHUNK):
         n = min(T, t0 + AT_B_CHUNK) - t0
         r = r0 + t0
         for p in range(P):
             _at_b_panel(part, p * W, W, a, r * K, k0, k1, bmat, r * N + p * W, N, n)
-        if rest:
-            m = max(0, min(n, safe - r))
+        m = max(0, min(n, safe - r))
+        if rest and m:
             _at_b_panel(part, P * W, rest, a, r * K, k0, k1, bmat, r * N + P * W, N, m)
+        if rest and m < n:
             for t in range(m, n):
                 for j in range(rest):
                     tail[t - m, j] = bmat[r + t, P * W + j]
