@@ -1,5 +1,6 @@
 """The CPU GEMM helpers (mdnumba/kernels/gemm.py) against float64 NumPy, on shapes that hit
-every branch: rows not a multiple of 4 or of the reduction block, odd and even K, K = 1."""
+every branch: rows not a multiple of a chunk or of the reduction block, K not a multiple of 4
+or 8, K = 1, N below, at and past the register tile's width."""
 
 import os
 import subprocess
@@ -57,18 +58,22 @@ def test_matmul_at_b_and_column_sums_over_selected_rows(R, K, N, rng):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("R,K,N", [(REDUCE_BLOCK + 70, 9, 45), (130, 33, 80), (5, 3, 17)])
+@pytest.mark.parametrize("R,K,N", [(REDUCE_BLOCK + 70, 9, 45), (130, 33, 80), (5, 3, 17),
+                                   (2 * REDUCE_BLOCK + 9, 6, 5)])
 def test_weight_gradient_gathered_rows_give_the_numbers_in_place(R, K, N, dtype, rng):
     """Rows read where they are (C-contiguous, every row) and rows copied first (a selection,
-    arrays of another layout) go through the same tiles in the same order: every row selected
-    in order, or a Fortran-ordered ``a``, gives the in-place numbers bit for bit."""
+    arrays of another layout) go through the same tiles in the same order: a selection gives
+    bit for bit the in-place numbers of its rows taken out, and Fortran-ordered ``a`` or
+    ``bmat`` those of the C-ordered ones."""
     a, b = rng.standard_normal((R, K)).astype(dtype), rng.standard_normal((R, N)).astype(dtype)
-    want = np.ones((K, N), dtype)
-    matmul_at_b(want, a, b, None)
-    for x, rows in ((a, np.arange(R)), (np.asfortranarray(a), None)):
-        got = np.ones((K, N), dtype)
-        matmul_at_b(got, x, b, rows)
+    rows = np.flatnonzero(rng.random(R) < 0.6)
+    for x, y, sel, like in ((a, b, rows, (a[rows], b[rows])), (np.asfortranarray(a), b, None, (a, b)),
+                            (a, np.asfortranarray(b), None, (a, b))):
+        want, got = np.ones((K, N), dtype), np.ones((K, N), dtype)
+        matmul_at_b(want, *like, None)
+        matmul_at_b(got, x, y, sel)
         assert np.array_equal(got, want)
+    np.testing.assert_allclose(got, 1 + a.astype(float).T @ b, rtol=1e-4, atol=1e-4 * np.sqrt(R))
 
 
 @pytest.mark.parametrize("R,K,N", SHAPES)
@@ -164,19 +169,20 @@ _GUARDED_AT_B = """
 import ctypes, mmap, sys
 import numpy as np
 from mdnumba.kernels.gemm import matmul_at_b
-R, K, N, dtype = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), np.dtype(sys.argv[4])
-page = mmap.PAGESIZE
-data = -(-R * N * dtype.itemsize // page) * page
-buf = mmap.mmap(-1, data + page)
-start = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-assert ctypes.CDLL(None).mprotect(ctypes.c_void_p(start + data), page, 0) == 0  # PROT_NONE
-b = np.frombuffer(buf, dtype, R * N, data - R * N * dtype.itemsize).reshape(R, N)
+dtype = np.dtype(sys.argv[1])
 rng = np.random.default_rng(0)
-b[:] = rng.standard_normal((R, N))
-a = rng.standard_normal((R, K)).astype(dtype)
-out = np.zeros((K, N), dtype)
-matmul_at_b(out, a, b, None)
-np.testing.assert_allclose(out, a.astype(float).T @ b, rtol=1e-4, atol=1e-4)
+for R, K, N in eval(sys.argv[2]):
+    page = mmap.PAGESIZE
+    data = -(-R * N * dtype.itemsize // page) * page
+    buf = mmap.mmap(-1, data + page)
+    start = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    assert ctypes.CDLL(None).mprotect(ctypes.c_void_p(start + data), page, 0) == 0  # PROT_NONE
+    b = np.frombuffer(buf, dtype, R * N, data - R * N * dtype.itemsize).reshape(R, N)
+    b[:] = rng.standard_normal((R, N))
+    a = rng.standard_normal((R, K)).astype(dtype)
+    out = np.zeros((K, N), dtype)
+    matmul_at_b(out, a, b, None)
+    np.testing.assert_allclose(out, a.astype(float).T @ b, rtol=1e-4, atol=1e-4)
 print("ok")
 """
 
@@ -186,13 +192,14 @@ def test_weight_gradient_tiles_read_nothing_past_the_array(dtype):
     """The weight gradient's partial last panel reads W columns of each row of ``bmat`` in
     place (the next rows' first ones, ignored) but not past the array: ``bmat`` ends at a page
     that may not be read (``mprotect``), in a process of its own (a read there kills it), for
-    rows of N < W, just under W and past it, one row to several blocks."""
+    rows of N < W, just under W and past it, one row to several blocks, the rows read from a
+    copy spread over two chunks of rows or two blocks."""
     W = tile_width(np.empty(0, dtype))
-    for R, K, N in ((1, 3, 5), (3, 4, 1), (70, 9, W - 1), (REDUCE_BLOCK + 3, 8, W + 5), (30, 5, 3 * W + 2)):
-        run = subprocess.run([sys.executable, "-c", _GUARDED_AT_B, str(R), str(K), str(N), dtype],
-                             capture_output=True, text=True, timeout=300)
-        assert run.returncode == 0 and run.stdout.strip() == "ok", (R, K, N, run.returncode,
-                                                                    run.stderr[-2000:])
+    shapes = [(1, 3, 5), (3, 4, 1), (70, 9, W - 1), (REDUCE_BLOCK + 3, 8, W + 5), (30, 5, 3 * W + 2),
+              (70, 3, 2), (REDUCE_BLOCK + 4, 3, 1)]
+    run = subprocess.run([sys.executable, "-c", _GUARDED_AT_B, dtype, repr(shapes)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", (run.returncode, run.stderr[-2000:])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -273,8 +280,8 @@ def test_reductions_do_not_depend_on_thread_count(R, K, N, rng):
 @pytest.mark.parametrize("K,N", [(1, 5), (2, 5), (7, 5), (10, 5), (13, 70), (8, 40)])
 def test_weight_gradient_slices_along_k_change_no_sum(K, N, rng):
     """Any number of K slices (bounds at multiples of 4, the last to K) gives every element the
-    same sum, in register tiles (K, N past a tile) or not (selected rows, not tiled)."""
-    R = 2 * REDUCE_BLOCK + 6  # a tail of rows beyond the groups of four in the last block
+    same sum, over the rows in place or copied (selected rows, or ``tiled`` False)."""
+    R = 2 * REDUCE_BLOCK + 6  # a last block of 6 rows
     a = rng.standard_normal((R, K)).astype(np.float32)
     b = rng.standard_normal((R, N)).astype(np.float32)
     for rows, tiled in ((None, True), (None, False), (np.flatnonzero(rng.random(R) < 0.7), True)):
@@ -322,7 +329,8 @@ def test_register_tiles_of_the_other_vector_width():
                            f"{here}/test_gemm.py::test_matmul_rows_tiles_give_the_numbers_of_single_rows",
                            f"{here}/test_gemm.py::test_weight_gradient_slices_along_k_change_no_sum",
                            f"{here}/test_gemm.py::test_wide_weight_gradient_does_not_depend_on_the_tasks",
-                           f"{here}/test_gemm.py::test_weight_gradient_tiles_read_nothing_past_the_array"],
+                           f"{here}/test_gemm.py::test_weight_gradient_tiles_read_nothing_past_the_array",
+                           f"{here}/test_gemm.py::test_weight_gradient_gathered_rows_give_the_numbers_in_place"],
                           env=env, capture_output=True, text=True, cwd=os.path.dirname(here))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 

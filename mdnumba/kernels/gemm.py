@@ -31,15 +31,15 @@ from .simd import (
 REDUCE_BLOCK = 1024
 #: :func:`_at_b_block`'s register tiles read the rows of ``bmat`` where they are, which pays
 #: while they are less than AT_B_TILE_BYTES apart (N = 160 float32: 1.3-1.5x); at N = 1024 the
-#: tiles, 4 KB per step apart, ran at half the rate of its other loops: wider rows take
+#: tiles, 4 KB per step apart, ran at half the rate of the untiled loops then: wider rows take
 #: :func:`_matmul_at_b_wide`, which packs them
 AT_B_TILE_BYTES = 2048
 #: rows of ``a`` and ``bmat`` that :func:`_at_b_panels` packs per pass (a panel of them: 16 KB
 #: float32 with AVX-512, read by K/4 tiles from L1)
 PACK_ROWS = 128
-#: rows of a block that :func:`_at_b_tiles` passes over all its tiles at a time: their slices of
-#: ``a`` and of a panel of ``bmat`` stay in L1 for every tile (a whole block of 1024 rows at once
-#: streamed both from L2 once per tile)
+#: rows of a block that :func:`_at_b_tiles` (:func:`_at_b_gathered`: copies of them) passes over
+#: all its tiles at a time: their slices of ``a`` and of a panel of ``bmat`` stay in L1 for every
+#: tile (a whole block of 1024 rows at once streamed both from L2 once per tile)
 AT_B_CHUNK = 64
 #: rows per work item of :func:`matmul_rows` (each panel of the weights passes over them all)
 MATMUL_BLOCK = 16
@@ -182,7 +182,7 @@ def selected_four(rows, i, c):
 @njit(**NJIT_OPTS)
 def _at_b_block(part, a, bmat, rows, r0, r1, k0, k1, tiled):
     """``part[k0:k1] = (a[sel]ᵀ @ bmat[sel])[k0:k1]`` (serial) for the rows ``sel`` = entries
-    r0..r1-1 of ``rows`` (None: rows r0..r1-1); k0 a multiple of 4, k1 too or K.
+    r0..r1-1 of ``rows`` (None: rows r0..r1-1).
 
     Every element by register tiles, a chain of fused multiply-adds over the rows in order:
     with ``tiled`` (every row, C-contiguous ``a`` and ``bmat``) over the rows where they are
@@ -190,7 +190,7 @@ def _at_b_block(part, a, bmat, rows, r0, r1, k0, k1, tiled):
     (:func:`_at_b_gathered`). The same numbers either way, whatever the slicing."""
     part[k0:k1] = 0.0
     if tiled and rows is None:
-        _at_b_tiles(part, a, bmat, r0, r1 - r0, k0, k1)
+        _at_b_tiles(part, a, bmat, r0, r1, k0, k1)
     else:
         _at_b_gathered(part, a, bmat, rows, r0, r1, k0, k1)
 
@@ -198,30 +198,39 @@ def _at_b_block(part, a, bmat, rows, r0, r1, k0, k1, tiled):
 @njit(**NJIT_OPTS)
 def _at_b_gathered(part, a, bmat, rows, r0, r1, k0, k1):
     """:func:`_at_b_block` over copies of :data:`AT_B_CHUNK` rows of the selection at a time
-    (:func:`selected_row`), ``bmat``'s padded with zeros to whole panels of W =
-    :func:`~mdnumba.kernels.simd.tile_width` columns, by the tiles of :func:`_at_b_panel` (a
-    padded batch's live rows, or arrays that are not C-contiguous). Against the untiled loops
-    it replaced, 55% of 16k rows: K = 97, N = 80 1.12x, K = 34 1.19x, K = 129, N = 256 1.25x,
-    K = 33, N = 256 0.9x, K = 3 0.94x (2 threads of an AMD EPYC)."""
-    K, N, W = a.shape[1], bmat.shape[1], tile_width(part)
+    (:func:`selected_row`): ``a``'s columns k0 .. k1-1, and ``bmat``'s rows padded with zeros to
+    whole panels of W = :func:`~mdnumba.kernels.simd.tile_width` columns, through the tiles of
+    :func:`_at_b_panel` (a padded batch's live rows, or arrays that are not C-contiguous).
+    Against the untiled loops it replaced, 55% of 16k rows: K = 97, N = 80 1.12x, K = 34 1.19x,
+    K = 129, N = 256 1.25x, K = 33, N = 256 0.9x, K = 3 0.94x (2 threads of an AMD EPYC)."""
+    N, W = bmat.shape[1], tile_width(part)
     P = (N + W - 1) // W
-    ga = np.empty((AT_B_CHUNK, K), part.dtype)
+    ga = np.empty((AT_B_CHUNK, k1 - k0), part.dtype)
     gb = np.zeros((AT_B_CHUNK, P * W), part.dtype)
     for c0 in range(r0, r1, AT_B_CHUNK):
-        n = min(r1, c0 + AT_B_CHUNK) - c0
-        for t in range(n):
+        steps = min(r1, c0 + AT_B_CHUNK) - c0
+        for t in range(steps):
             r = selected_row(rows, c0 + t)
-            for k in range(K):
-                ga[t, k] = a[r, k]
+            for k in range(k0, k1):
+                ga[t, k - k0] = a[r, k]
             for j in range(N):
                 gb[t, j] = bmat[r, j]
-        for p in range(P):
-            _at_b_panel(part, p * W, min(W, N - p * W), ga, 0, k0, k1, gb, p * W, P * W, n)
+        for p in range(P):  # ga's column k - k0 holds a's column k: offset -k0
+            _at_b_panel(part, p * W, min(W, N - p * W), ga, -k0, k0, k1, gb, p * W, P * W, steps)
+
+
+@njit(inline="always", **NJIT_OPTS)
+def tail_rows(N, W):
+    """How many last rows of a C-contiguous array of rows of N would have a read of W columns
+    from the start of their partial last panel (N % W columns, :func:`_at_b_tiles`) pass the
+    array's end: ``ceil((W − N % W) / N)`` (< W), 0 where W divides N."""
+    rest = N % W
+    return (W - rest + N - 1) // N if rest else 0
 
 
 @njit(**NJIT_OPTS)
-def _at_b_tiles(part, a, bmat, r0, T, k0, k1):
-    """``part[k0:k1] += a[r0:r0+T, k0:k1]ᵀ @ bmat[r0:r0+T]`` as register tiles, :data:`AT_B_CHUNK`
+def _at_b_tiles(part, a, bmat, r0, r1, k0, k1):
+    """``part[k0:k1] += a[r0:r1, k0:k1]ᵀ @ bmat[r0:r1]`` as register tiles, :data:`AT_B_CHUNK`
     rows at a time, over panels of W = :func:`~mdnumba.kernels.simd.tile_width` columns of
     ``bmat`` read in place. A partial last panel's tile reads W columns of each step (the next
     rows' first ones, ignored) and writes only its own; the last rows of ``bmat``, where that
@@ -231,34 +240,25 @@ def _at_b_tiles(part, a, bmat, r0, T, k0, k1):
     P, rest = N // W, N % W
     tail = np.zeros((tail_rows(N, W), W), part.dtype)
     safe = bmat.shape[0] - tail.shape[0]  # rows before it read in place
-    for t0 in range(0, T, AT_B_CHUNK):
-        n = min(T, t0 + AT_B_CHUNK) - t0
-        r = r0 + t0
+    for r in range(r0, r1, AT_B_CHUNK):
+        steps = min(r1, r + AT_B_CHUNK) - r
         for p in range(P):
-            _at_b_panel(part, p * W, W, a, r * K, k0, k1, bmat, r * N + p * W, N, n)
-        m = max(0, min(n, safe - r))
-        if rest and m:
-            _at_b_panel(part, P * W, rest, a, r * K, k0, k1, bmat, r * N + P * W, N, m)
-        if rest and m < n:
-            for t in range(m, n):
+            _at_b_panel(part, p * W, W, a, r * K, k0, k1, bmat, r * N + p * W, N, steps)
+        inplace = max(0, min(steps, safe - r))  # of them, read in place in the last panel
+        if rest and inplace:
+            _at_b_panel(part, P * W, rest, a, r * K, k0, k1, bmat, r * N + P * W, N, inplace)
+        if rest and inplace < steps:
+            for t in range(inplace, steps):
                 for j in range(rest):
-                    tail[t - m, j] = bmat[r + t, P * W + j]
-            _at_b_panel(part, P * W, rest, a, (r + m) * K, k0, k1, tail, 0, W, n - m)
-
-
-@njit(inline="always", **NJIT_OPTS)
-def tail_rows(N, W):
-    """The last rows of a C-contiguous array of rows of N whose partial last panel of W columns
-    (:func:`_at_b_tiles`; N % W columns) read past the array's end: ``ceil((W − N % W) / N)``, at
-    most :data:`AT_B_CHUNK` (0 where W divides N)."""
-    rest = N % W
-    return min(AT_B_CHUNK, (W - rest + N - 1) // N) if rest else 0
+                    tail[t - inplace, j] = bmat[r + t, P * W + j]
+            _at_b_panel(part, P * W, rest, a, (r + inplace) * K, k0, k1, tail, 0, W, steps - inplace)
 
 
 @njit(**NJIT_OPTS)
 def _at_b_panel(part, col, cols, a, a0, k0, k1, b, b0, b_rs, T):
     """``part[k, col : col + cols] += Σ_{t<T} a_flat[a0 + t·K + k] · b_flat[b0 + t·b_rs : …]``
-    for the rows k0 <= k < k1 of ``part`` (K = ``a``'s columns): tall tiles where
+    for the rows k0 <= k < k1 of ``part`` (K = ``a``'s columns; W columns of every step of ``b``
+    readable, W = :func:`~mdnumba.kernels.simd.tile_width`): tall tiles where
     :data:`~mdnumba.kernels.simd.TALL_TILES`, then fours, the last 1 .. 3 rows a tile of their own."""
     K, N = a.shape[1], part.shape[1]
     k = k0
@@ -300,6 +300,9 @@ def matmul_at_b(out: np.ndarray, a: np.ndarray, bmat: np.ndarray, rows: np.ndarr
     on 2 threads: 10 tasks, 1.14-1.21x for 5 or 7 blocks). Each sum is the same either way, so
     the numbers do not depend on the thread count.
     """
+    if a.shape[0] != bmat.shape[0] or out.shape != (a.shape[1], bmat.shape[1]):  # (tiles check no bounds)
+        raise ValueError(f"matmul_at_b: out {out.shape} += aᵀ @ bmat needs out (K, N), a (R, K), "
+                         f"bmat (R, N); got a {a.shape}, bmat {bmat.shape}")
     if bmat.shape[1] * bmat.itemsize >= AT_B_TILE_BYTES:
         _matmul_at_b_wide(out, a, bmat, rows, numba.get_num_threads())
         return
