@@ -22,6 +22,7 @@ from .simd import (
     four_rows,
     pack_panels,
     panel_cols,
+    quad_tile,
     row_offsets,
     tall_offsets,
     tile_width,
@@ -259,22 +260,19 @@ def _at_b_panel(part, col, cols, a, a0, k0, k1, b, b0, b_rs, T):
     """``part[k, col : col + cols] += Σ_{t<T} a_flat[a0 + t·K + k] · b_flat[b0 + t·b_rs : …]``
     for the rows k0 <= k < k1 of ``part`` (K = ``a``'s columns; W columns of every step of ``b``
     readable, W = :func:`~mdnumba.kernels.simd.tile_width`): tall tiles where
-    :data:`~mdnumba.kernels.simd.TALL_TILES`, then fours, the last 1 .. 3 rows a tile of their own."""
+    :data:`~mdnumba.kernels.simd.TALL_TILES`, then fours, the last 1 .. 3 rows a tile of their own
+    (:func:`~mdnumba.kernels.simd.quad_tile`)."""
     K, N = a.shape[1], part.shape[1]
     k = k0
     if TALL_TILES:
         while k + TALL_ROWS <= k1:
             fma_tile(part, tall_offsets(k, N, col), a, tall_offsets(a0 + k, 1, 0), K, b, b0, b_rs, T, cols)
             k += TALL_ROWS
-    while k + 4 <= k1:
-        fma_tile(part, row_offsets(four_rows(k, 4), N, col), a, four_rows(a0 + k, 4), K, b, b0, b_rs, T, cols)
+    while k < k1:
+        nb = min(4, k1 - k)
+        quad_tile(part, row_offsets(four_rows(k, nb), N, col), a, four_rows(a0 + k, nb), K, nb, b, b0, b_rs,
+                  T, cols)
         k += 4
-    if k1 - k == 1:
-        fma_tile(part, (k * N + col,), a, (a0 + k,), K, b, b0, b_rs, T, cols)
-    elif k1 - k == 2:
-        fma_tile(part, (k * N + col, (k + 1) * N + col), a, (a0 + k, a0 + k + 1), K, b, b0, b_rs, T, cols)
-    elif k1 - k == 3:
-        fma_tile(part, row_offsets(four_rows(k, 3), N, col), a, four_rows(a0 + k, 3), K, b, b0, b_rs, T, cols)
 
 
 @njit(**NJIT_OPTS)

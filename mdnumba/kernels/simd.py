@@ -249,21 +249,26 @@ def group_panel(out, r, a, s, nb, panels, p, k0, k1, ocol=0, acol=0, ncol=-1):
 
 @njit(inline="always", **NJIT_OPTS)
 def quad_panel(out, ro, a, ra, nb, panels, p, k0, k1, ocol=0, acol=0, ncol=-1):
-    """:func:`tile_panel` for the first ``nb`` (1 .. 4) rows of the 4-tuples ``ro`` (of ``out``)
-    and ``ra`` (of ``a``): a tile of 1, 2 or 4 rows (3: the last repeated), so that a lone row or
-    a pair does its own multiply-adds, not a whole tile's (batch 1, a 512x512 image: each row
-    took 4 rows' work). Every element's chain is the same in each."""
+    """:func:`tile_panel`'s product for the first ``nb`` (1 .. 4) rows of the 4-tuples ``ro`` (of
+    ``out``) and ``ra`` (of ``a``): one :func:`quad_tile`."""
     T, W = panels.shape[1], panels.shape[2]
-    oc, ac, b0 = out.shape[1], a.shape[1], (p * T + k0) * W
-    o, i = ocol + p * W, acol + k0
-    cols = panel_cols(out, ocol, ncol, p, W)
+    quad_tile(out, row_offsets(ro, out.shape[1], ocol + p * W), a, row_offsets(ra, a.shape[1], acol + k0), 1,
+              nb, panels, (p * T + k0) * W, W, k1 - k0, panel_cols(out, ocol, ncol, p, W))
+
+
+@njit(inline="always", **NJIT_OPTS)
+def quad_tile(c, co, a, ao, a_cs, nb, b, b0, b_rs, T, cols):
+    """:func:`fma_tile` for the first ``nb`` (1 .. 4) entries of the 4-tuples of element offsets
+    ``co`` (rows of ``c``) and ``ao`` (of ``a``): a tile of 1, 2 or 4 rows (3: the last
+    repeated), so that a lone row or a pair does its own multiply-adds, not a whole tile's
+    (batch 1, a 512x512 image: each row took 4 rows' work). Every element's chain is the same
+    in each."""
     if nb == 1:
-        fma_tile(out, (ro[0] * oc + o,), a, (ra[0] * ac + i,), 1, panels, b0, W, k1 - k0, cols)
+        fma_tile(c, (co[0],), a, (ao[0],), a_cs, b, b0, b_rs, T, cols)
     elif nb == 2:
-        fma_tile(out, (ro[0] * oc + o, ro[1] * oc + o), a, (ra[0] * ac + i, ra[1] * ac + i), 1, panels, b0, W,
-                 k1 - k0, cols)
+        fma_tile(c, (co[0], co[1]), a, (ao[0], ao[1]), a_cs, b, b0, b_rs, T, cols)
     else:
-        tile_panel(out, ro, a, ra, panels, p, k0, k1, ocol, acol, ncol)
+        fma_tile(c, co, a, ao, a_cs, b, b0, b_rs, T, cols)
 
 
 @njit(**NJIT_OPTS)
