@@ -37,15 +37,24 @@ def _signals_as_in_a_terminal():
 
 @pytest.fixture(scope="session", autouse=True)
 def simulator_runs(request, tmp_path_factory):
-    """The simulator runs tests/test_cuda.py's selected tests need (tests/simruns.py), started
-    with the session so that they overlap it; stopped at its end."""
+    """The simulator runs tests/test_cuda.py's selected tests need and the background runs of
+    the selected ``@pytest.mark.background`` tests (tests/simruns.py), started with the session
+    so that they overlap it; stopped at its end."""
     runs = simruns.start(request.session.items, tmp_path_factory)
     yield runs
     simruns.stop(runs)
 
 
+@pytest.fixture
+def background_run(request, simulator_runs, tmp_path_factory) -> simruns.Background:
+    """This ``@pytest.mark.background`` test's subprocess, started with the session (or now,
+    where the session started none: under the simulator)."""
+    run = simulator_runs.get(request.node.nodeid)
+    return run if run is not None else simruns.start_background(request.node, tmp_path_factory)
+
+
 def pytest_collection_modifyitems(config, items):
-    """The tests that wait for the simulator runs go last. ``MDNUMBA_TEST_SHARD=i/k``: keep
+    """The tests that wait for the simulator or background runs go last. ``MDNUMBA_TEST_SHARD=i/k``: keep
     every k-th collected test from the i-th on (0 <= i < k). tests/test_cuda.py splits its
     simulator case run into concurrent shards this way; round robin spreads a heavy test's
     parametrisations over the shards."""

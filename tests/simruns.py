@@ -1,10 +1,14 @@
-"""The ``sim_*`` cases of tests/test_cuda.py in ``python -m pytest`` subprocesses.
+"""The ``sim_*`` cases of tests/test_cuda.py in ``python -m pytest`` subprocesses, and the
+subprocesses of other slow tests (``@pytest.mark.background``), started with the session.
 
 ``NUMBA_ENABLE_CUDASIM`` must be set before ``numba.cuda`` is first imported, so the simulator
 cases run in subprocesses. conftest.py starts them when the session starts (:func:`start`), once
 tests/warmup.py has compiled the CPU kernels they and the suite share: they are pure Python on
-one core each, and overlap the rest of the suite. The tests that wait for their reports run
-last (conftest.py orders them).
+one core each, and overlap the rest of the suite. A slow test that runs a subprocess of its
+own (the tile tests at the other vector width, the GPU scripts' smoke run) is marked
+``@pytest.mark.background``: its subprocess starts with them, and the test reads what it gave
+(the ``background_run`` fixture). The tests that wait for these runs go last (conftest.py
+orders them).
 """
 
 from __future__ import annotations
@@ -32,6 +36,31 @@ def in_simulator() -> bool:
     return os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
 
+class Background:
+    """A subprocess started now, its output (stdout and stderr) in ``out``: :meth:`wait` waits up
+    to :data:`TIMEOUT` s for it and fails the test that waits if it is still going."""
+
+    def __init__(self, cmd: list[str], env: dict, out: Path, cwd: Path = _CASES_FILE.parents[1]):
+        self.cmd, self.out = cmd, out
+        with open(out, "w") as log:
+            self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def wait(self) -> int:
+        try:
+            return self.proc.wait(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            pytest.fail(f"{' '.join(self.cmd)} still going after {TIMEOUT} s:\n{self.output()[-6000:]}")
+
+    def output(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
 class CaseRun:
     """A ``python -m pytest`` subprocess running the sim_* cases (all, those ``-k select``, or
     shard ``i/k`` of them), started at once so that the runs overlap; :meth:`report` waits.
@@ -39,7 +68,7 @@ class CaseRun:
 
     def __init__(self, tmp_dir: Path, simulator: bool, env_extra: dict | None = None,
                  select: str | None = None):
-        self.xml, self.out = tmp_dir / "report.xml", tmp_dir / "output.txt"
+        self.xml = tmp_dir / "report.xml"
         self.launches = tmp_dir / "launches.pkl"
         env = dict(os.environ)
         if simulator:  # one numba thread: the runs share the cores
@@ -48,28 +77,20 @@ class CaseRun:
         env.update(env_extra or {})
         cmd = [sys.executable, "-m", "pytest", str(_CASES_FILE), "-q", "-p", "no:cacheprovider",
                "-o", "python_functions=sim_*", f"--junitxml={self.xml}"] + (["-k", select] if select else [])
-        with open(self.out, "w") as log:
-            self.proc = subprocess.Popen(cmd, cwd=_CASES_FILE.parents[1], env=env,
-                                         stdout=log, stderr=subprocess.STDOUT)
+        self.run = Background(cmd, env, tmp_dir / "output.txt")
         self._report = None
 
     def report(self) -> dict[str, tuple[str, str]]:
         """name -> (state, message) of every case the run reported."""
         if self._report is None:
-            try:
-                rc = self.proc.wait(timeout=TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.stop()
-                pytest.fail(f"case run still going after {TIMEOUT} s:\n{self.out.read_text()[-6000:]}")
+            rc = self.run.wait()
             if not self.xml.exists():
-                pytest.fail(f"case run produced no report (rc={rc}):\n{self.out.read_text()[-6000:]}")
+                pytest.fail(f"case run produced no report (rc={rc}):\n{self.run.output()[-6000:]}")
             self._report = _parse_report(self.xml)
         return self._report
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        self.run.stop()
 
 
 def _parse_report(xml: Path) -> dict[str, tuple[str, str]]:
@@ -95,21 +116,40 @@ def _waiting(item) -> bool:
     return Path(item.path) == _CASES_FILE and getattr(item, "originalname", None) in WAITING_TESTS
 
 
+def _background(item):
+    """The test's ``@pytest.mark.background(command=..., warm=...)`` marker, or None (a keyword:
+    a marker's lone callable argument would be taken for the function it marks)."""
+    return item.get_closest_marker("background")
+
+
 def waiting_last(items: list) -> None:
-    """Move the tests that wait for the simulator runs to the end (stable otherwise)."""
-    items.sort(key=_waiting)
+    """Move the tests that wait for the simulator runs or a background run to the end (stable
+    otherwise)."""
+    items.sort(key=lambda it: _waiting(it) or _background(it) is not None)
+
+
+def start_background(item, tmp_path_factory) -> Background:
+    """The subprocess of a test marked ``@pytest.mark.background(command=..., warm=False)``:
+    ``command(folder)`` gives its command line and environment (``folder``: a fresh temporary
+    folder, e.g. for its output files). ``warm=True``: it loads the CPU kernels tests/warmup.py
+    compiles."""
+    folder = tmp_path_factory.mktemp("background")
+    cmd, env = _background(item).kwargs["command"](folder)
+    return Background(cmd, env, folder / "output.txt")
 
 
 def start(items: list, tmp_path_factory) -> dict:
-    """Start every simulator run the selected ``items`` need, all at once: the cases in SHARDS
-    shards ("all") and the OTHER_ROWS runs (by rows), after tests/warmup.py has filled the
-    kernel cache. None under the simulator itself."""
+    """Start every subprocess the selected ``items`` wait for, all at once: the simulator cases
+    in SHARDS shards ("all"), the OTHER_ROWS runs (by rows) and the background runs of slow
+    tests (by node id), after tests/warmup.py has filled the kernel cache where they use it.
+    None under the simulator itself."""
     if in_simulator():
         return {}
     wanted = [it for it in items if _waiting(it)]
+    background = [it for it in items if _background(it) is not None]
     names = {it.originalname for it in wanted}
     runs = {}
-    if wanted:
+    if wanted or any(_background(it).kwargs.get("warm") for it in background):
         warmup.fill_cache()  # the runs and the suite then load the CPU kernels they share
     if names & {"test_simulator", "test_kernels_compile_for_gpu"}:
         runs["all"] = [CaseRun(tmp_path_factory.mktemp("cudasim"), simulator=True,
@@ -120,6 +160,8 @@ def start(items: list, tmp_path_factory) -> dict:
             runs[rows] = CaseRun(tmp_path_factory.mktemp(f"cudasim_rows{rows}"), simulator=True,
                                  env_extra={"MDNUMBA_CUDA_ROWS_PER_THREAD": str(rows)},
                                  select="sweep_kernels or layer_matches_reference")
+    for it in background:
+        runs[it.nodeid] = start_background(it, tmp_path_factory)
     return runs
 
 

@@ -314,25 +314,39 @@ def test_wide_weight_gradient_does_not_depend_on_the_tasks(dtype, rng):
         assert all(np.array_equal(g, got[0]) for g in got[1:])
 
 
-def test_register_tiles_of_the_other_vector_width():
+def _other_vector_width() -> str:
+    from mdnumba import config
+    return "32" if config.VECTOR_BYTES == 64 else "64"
+
+
+def _other_width_run(folder):
+    """The tile tests in a ``python -m pytest`` subprocess at the other vector width."""
+    here = os.path.dirname(__file__)
+    tests = ["test_matmul_rows_tiles_give_the_numbers_of_single_rows",
+             "test_weight_gradient_slices_along_k_change_no_sum",
+             "test_wide_weight_gradient_does_not_depend_on_the_tasks",
+             "test_weight_gradient_tiles_read_nothing_past_the_array",
+             "test_weight_gradient_gathered_rows_give_the_numbers_in_place"]
+    return ([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+             *(f"{here}/test_gemm.py::{t}" for t in tests)],
+            dict(os.environ, MDNUMBA_VECTOR_BYTES=_other_vector_width()))
+
+
+@pytest.mark.background(command=_other_width_run)
+def test_register_tiles_of_the_other_vector_width(background_run):
     """``MDNUMBA_VECTOR_BYTES`` 32 or 64, whichever the host does not choose (AVX2's width runs
     on a CPU without AVX-512; 64 on one without is split by LLVM): the tile tests, in a fresh
-    process, against single rows and float64 NumPy (the sweeps call the same tiles, with the
-    same width from ``tile_width``; a whole layer here would add a minute of compiling to CI)."""
-    from mdnumba import config
-    other = "32" if config.VECTOR_BYTES == 64 else "64"
-    here = os.path.dirname(__file__)
-    env = dict(os.environ, MDNUMBA_VECTOR_BYTES=other)
+    process started with the session (it compiles for 1-2 minutes), against single rows and
+    float64 NumPy (the sweeps call the same tiles, with the same width from ``tile_width``; a
+    whole layer here would add a minute of compiling to CI)."""
+    other = _other_vector_width()
     check = f"import mdnumba.kernels.simd as s; assert s.VECTOR_BYTES == {other}, s.VECTOR_BYTES"
+    env = dict(os.environ, MDNUMBA_VECTOR_BYTES=other)
     assert subprocess.run([sys.executable, "-c", check], env=env).returncode == 0
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                           f"{here}/test_gemm.py::test_matmul_rows_tiles_give_the_numbers_of_single_rows",
-                           f"{here}/test_gemm.py::test_weight_gradient_slices_along_k_change_no_sum",
-                           f"{here}/test_gemm.py::test_wide_weight_gradient_does_not_depend_on_the_tasks",
-                           f"{here}/test_gemm.py::test_weight_gradient_tiles_read_nothing_past_the_array",
-                           f"{here}/test_gemm.py::test_weight_gradient_gathered_rows_give_the_numbers_in_place"],
-                          env=env, capture_output=True, text=True, cwd=os.path.dirname(here))
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    rc = background_run.wait()
+    out = background_run.output()
+    assert rc == 0, out[-6000:]
+    assert " passed" in out and " failed" not in out, out[-6000:]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
