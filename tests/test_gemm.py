@@ -314,9 +314,10 @@ def test_wide_weight_gradient_does_not_depend_on_the_tasks(dtype, rng):
         assert all(np.array_equal(g, got[0]) for g in got[1:])
 
 
-def _other_vector_width() -> str:
+def _other_width_env() -> dict:
+    """This process's environment with ``MDNUMBA_VECTOR_BYTES`` the width the host does not take."""
     from mdnumba import config
-    return "32" if config.VECTOR_BYTES == 64 else "64"
+    return dict(os.environ, MDNUMBA_VECTOR_BYTES="32" if config.VECTOR_BYTES == 64 else "64")
 
 
 def _other_width_run(folder):
@@ -329,7 +330,7 @@ def _other_width_run(folder):
              "test_weight_gradient_gathered_rows_give_the_numbers_in_place"]
     return ([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
              *(f"{here}/test_gemm.py::{t}" for t in tests)],
-            dict(os.environ, MDNUMBA_VECTOR_BYTES=_other_vector_width()))
+            _other_width_env())
 
 
 @pytest.mark.background(command=_other_width_run)
@@ -339,9 +340,9 @@ def test_register_tiles_of_the_other_vector_width(background_run):
     process started with the session (it compiles for 1-2 minutes), against single rows and
     float64 NumPy (the sweeps call the same tiles, with the same width from ``tile_width``; a
     whole layer here would add a minute of compiling to CI)."""
-    other = _other_vector_width()
+    env = _other_width_env()
+    other = env["MDNUMBA_VECTOR_BYTES"]
     check = f"import mdnumba.kernels.simd as s; assert s.VECTOR_BYTES == {other}, s.VECTOR_BYTES"
-    env = dict(os.environ, MDNUMBA_VECTOR_BYTES=other)
     assert subprocess.run([sys.executable, "-c", check], env=env).returncode == 0
     rc = background_run.wait()
     out = background_run.output()
