@@ -248,18 +248,27 @@ def check_positive_int(value: object, name: str) -> int:
 
 def check_shape(a: object, want: tuple, name: str = "dy") -> None:
     """Raise ValueError unless ``a`` has shape ``want`` (e.g. a gradient: the shape of the
-    output it belongs to, not just the same number of values)."""
+    output it belongs to, not just the same number of values); TypeError unless ``a`` is an
+    array or array-like (NumPy or CUDA)."""
+    if not (hasattr(a, "__array__") or is_device_array(a) or isinstance(a, (list, tuple, memoryview))):
+        raise TypeError(f"{name} must be an array of shape {tuple(want)} (the forward output's), "
+                        f"got {type(a).__name__}")
     if tuple(np.shape(a)) != tuple(want):
         raise ValueError(f"{name} must have shape {tuple(want)} (the forward output's), got "
                          f"{tuple(np.shape(a))}")
 
 
-def check_finite_number(value: object, name: str) -> float:
-    """Return ``float(value)`` for a finite real number (not a bool or string), else raise."""
+def check_finite_number(value: object, name: str, dtype: npt.DTypeLike | None = None) -> float:
+    """Return ``float(value)`` for a finite real number (not a bool or string; finite in
+    ``dtype`` too, if given: a float32 layer's 1e39 would be inf), else raise."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a number, got {value!r}")
     if not np.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
+    if dtype is not None:
+        with np.errstate(over="ignore"):
+            if not np.isfinite(np.dtype(dtype).type(value)):
+                raise ValueError(f"{name}={value} overflows the layer's {np.dtype(dtype)}")
     return float(value)
 
 

@@ -105,7 +105,7 @@ class WavefrontLSTM(OwnsParams):
             self.params[name][...] = rng.uniform(-scale, scale, self.layout.shapes[name])
         if forget_bias is None:  # graves/spatial: the N forget gates start summing to 1
             forget_bias = 1.0 if (N == 1 or cell == "stable") else -float(np.log(N - 1))
-        forget_bias = check_finite_number(forget_bias, "forget_bias")
+        forget_bias = check_finite_number(forget_bias, "forget_bias", self.dtype)
         n_forget = 1 if cell == "stable" else N
         self.params["b"][..., D:(1 + n_forget) * D] = forget_bias
         self._saved: dict | None = None
@@ -577,7 +577,7 @@ class GridLSTM2D(OwnsParams):
         for name in ("U_time", "U_depth"):
             self.params[name][...] = rng.uniform(-1 / np.sqrt(2 * D), 1 / np.sqrt(2 * D),
                                                  self.layout.shapes[name])
-        forget_bias = check_finite_number(forget_bias, "forget_bias")
+        forget_bias = check_finite_number(forget_bias, "forget_bias", self.dtype)
         self.params["b_time"][..., D:2 * D] = forget_bias
         self.params["b_depth"][..., D:2 * D] = forget_bias
         self._saved: dict | None = None

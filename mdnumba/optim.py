@@ -63,7 +63,11 @@ def collect_buffers(obj: object) -> list[tuple[np.ndarray, np.ndarray]]:
     same-shape arrays, or any list of those.
     """
     if isinstance(getattr(obj, "params", None), ParamBuffer):
-        return [(obj.params.data, obj.grads.data)]
+        grads = getattr(obj, "grads", None)
+        if not isinstance(grads, ParamBuffer):
+            raise TypeError(f"{type(obj).__name__}.params is a ParamBuffer, so its grads must be one "
+                            f"of the same layout, got {type(grads).__name__}")
+        return collect_buffers((obj.params.data, grads.data))  # the pair's checks: shape, dtype
     if isinstance(getattr(obj, "params", None), np.ndarray):
         grads = getattr(obj, "grads", None)
         if not isinstance(grads, np.ndarray):
@@ -246,12 +250,16 @@ class Adam:
             raise ValueError(f"optimizer state has {len(state['m'])} m and {len(state['v'])} v buffers, "
                              f"this optimizer {len(self.m)} of each")
         t = check_count(state["t"], "optimizer state step t")
+        dsts = self.m + self.v
         srcs = [np.asarray(src) for src in list(state["m"]) + list(state["v"])]
-        check_state_shapes(srcs, [dst.shape for dst in self.m + self.v])
+        check_state_shapes(srcs, [dst.shape for dst in dsts])
+        with np.errstate(over="ignore"):  # checked below: a float64 1e300 is inf in float32
+            srcs = [src.astype(dst.dtype) for src, dst in zip(srcs, dsts)]
         if not all(np.isfinite(src).all() for src in srcs) or any((v < 0).any() for v in srcs[len(self.m):]):
-            raise ValueError("optimizer state holds NaN/inf or negative second moments v")
-        for dst, src in zip(self.m + self.v, srcs):
-            self._assign(dst, src.astype(dst.dtype))
+            raise ValueError("optimizer state holds NaN/inf (or values too large for the optimizer's "
+                             "dtype) or negative second moments v")
+        for dst, src in zip(dsts, srcs):
+            self._assign(dst, src)
         self.t = t
 
 

@@ -123,6 +123,7 @@ class BlockSubsample:
             return self._ran_on.backward(dy)
         N, k, shape = self.ndim, self.block, self._in_shape
         dims = shape[1:-1]
+        dy = as_array(dy, "dy", f"(batch, {N} grid axes, channels)")  # refuses masked values
         check_shape(dy, (shape[0],) + tuple(n // k for n in dims) + (self.out_channels(shape[-1]),))
         blocks = (shape[0],) + tuple(n // k for n in dims) + (k,) * N + (shape[-1],)
         inverse = (0,) + sum(((1 + d, 1 + N + d) for d in range(N)), ()) + (2 * N + 1,)
@@ -270,12 +271,14 @@ def _check_trainable(stage: object) -> None:
         raise TypeError(f"{name} has params, so the stack trains it: it also needs "
                         "grads (where its backward accumulates) and zero_grad()")
     params, grads = stage.params, stage.grads
-    if isinstance(params, ParamBuffer) or is_device_array(params):
+    if is_device_array(params):
         return
-    if not (isinstance(params, np.ndarray) and isinstance(grads, np.ndarray)):
-        raise TypeError(f"{name}.params and .grads must be ParamBuffers or NumPy arrays of one shape "
-                        "(an optimiser updates params in place), got "
+    if not any(isinstance(params, kind) and isinstance(grads, kind) for kind in (ParamBuffer, np.ndarray)):
+        raise TypeError(f"{name}.params and .grads must be two ParamBuffers or two NumPy arrays of one "
+                        "shape (an optimiser updates params in place), got "
                         f"{type(params).__name__} and {type(grads).__name__}")
+    if isinstance(params, ParamBuffer):
+        params, grads = params.data, grads.data
     if params.shape != grads.shape:
         raise ValueError(f"{name}.params {params.shape} and .grads {grads.shape} differ in shape")
 
@@ -303,7 +306,7 @@ class Sequential(LayerGroup):
                     if isinstance(s, (list, tuple)) else ""
                 raise TypeError(f"a Sequential stage needs forward and backward, got "
                                 f"{type(s).__name__}{hint}")
-        self.stages = tuple(stages)
+        self._stages = tuple(stages)
         self._inference = False  # the last forward had save=False
         self._refused_at: int | None = None  # the stage that refused the last forward after others ran
         for s in self.layers:
@@ -312,6 +315,16 @@ class Sequential(LayerGroup):
         if len(set(ids)) < len(ids):
             raise ValueError("a stage appears twice in this Sequential: every stage saves its own "
                              "activations for backward, so one layer cannot serve twice; use two layers")
+
+    @property
+    def stages(self) -> tuple:
+        """The stages, in order (fixed once built: a new tuple would skip the checks above)."""
+        return self._stages
+
+    @stages.setter
+    def stages(self, value: object) -> None:
+        raise AttributeError("a Sequential's stages are fixed when it is built (each is checked "
+                             "then); build a new one: Sequential(*stages)")
 
     @property
     def layers(self) -> list:

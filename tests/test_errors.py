@@ -54,11 +54,28 @@ def test_masked_values_are_refused_not_read():
     m = np.ma.masked_array(np.ones((1, 2, 2, 3)), mask=False)
     assert MDLSTM2D(3, 4).forward(m).shape == (1, 2, 2, 4)
     m[0, 0, 0, 0] = np.ma.masked
+    sub = BlockSubsample(2)
+    sub.forward(np.ones((1, 2, 2, 3)))  # backward read the masked values of dy (as the data)
+    dy = np.ma.masked_array(np.ones((1, 1, 1, 12)), mask=False)
+    dy[0, 0, 0, 5] = np.ma.masked
     for call, name in ((lambda: MDLSTM2D(3, 4).forward(m), "x"), (lambda: pad_batch([m[0]]), r"items\[0\]"),
-                       (lambda: BlockSubsample(2).forward(m), "x")):
+                       (lambda: BlockSubsample(2).forward(m), "x"),
+                       (lambda: sub.backward(dy), "dy")):
         with pytest.raises(ValueError, match=rf"^{name} is a masked array with 1 masked value, .*"
                                              rf"\({name}.filled\(0\)\)"):
             call()
+
+
+def test_a_gradient_that_is_not_an_array_is_a_type_error():
+    """``None`` or a string as dy: 'must have shape (4, 2), got ()' was a ValueError."""
+    lin, sub = Linear(3, 2), BlockSubsample(2)
+    lin.forward(np.ones((4, 3), np.float32))
+    sub.forward(np.ones((1, 2, 2, 1)))
+    for stage in (lin, sub):
+        for dy in (None, "dy", {}):
+            match = f"^dy must be a.* array of shape .*, got {type(dy).__name__}$"
+            with pytest.raises(TypeError, match=match):
+                stage.backward(dy)
 
 
 @pytest.mark.parametrize("kind,shape", [("md", (1, 4, 4, 1)), ("horizontal", (1, 4, 4, 1)),
@@ -137,6 +154,7 @@ def test_backward_errors(layer):
     (dict(cell="lstm"), ValueError, "unknown cell"),
     (dict(forget_bias=float("nan")), ValueError, "forget_bias must be finite"),
     (dict(forget_bias="1"), TypeError, "forget_bias must be a number"),
+    (dict(forget_bias=1e39), ValueError, r"^forget_bias=1e\+39 overflows the layer's float32$"),
     (dict(directions=4.0), ValueError, "directions must be 1 or 4"),
     (dict(directions=True), ValueError, "directions must be 1 or 4"),
     (dict(dtype=np.int32), TypeError, "float32 or float64"),
@@ -334,6 +352,10 @@ def test_sequential_misuse_is_refused():
     for stages in ((layer, layer), (Sequential(layer), LSTM1D(2, 2), layer)):
         with pytest.raises(ValueError, match="appears twice"):
             Sequential(*stages)
+    net = Sequential(layer)  # assigning stages skipped those checks: (layer, layer) trained wrong
+    with pytest.raises(AttributeError, match=r"stages are fixed when it is built .*Sequential\(\*stages\)"):
+        net.stages = (layer, layer)
+    assert net.stages == (layer,)
 
 
 def test_a_users_stage_with_params_needs_grads_and_zero_grad():
@@ -396,7 +418,7 @@ def test_a_users_stage_with_array_params_trains_and_other_params_are_refused(rng
     opt.step()
     assert scale.params[0] == pytest.approx(0.9)  # Adam's first step: lr against the gradient's sign
     for params, grads, error, match in (
-            ({"a": np.ones(1)}, {"a": np.zeros(1)}, TypeError, "_ArrayScale.params and .grads must be Param"),
+            ({"a": np.ones(1)}, {"a": np.zeros(1)}, TypeError, "_ArrayScale.params and .grads must be two"),
             (np.ones(1), [0.0], TypeError, "NumPy arrays of one shape .*got ndarray and list"),
             (np.ones(2), np.zeros(1), ValueError, r"_ArrayScale.params \(2,\) and .grads \(1,\) differ")):
         with pytest.raises(error, match=match):
@@ -408,6 +430,19 @@ def test_a_users_stage_with_array_params_trains_and_other_params_are_refused(rng
         Adam(net)
     with pytest.raises(TypeError, match="its grads must be an array of the same shape, got list"):
         Adam(_ArrayScale(np.ones(1), [0.0]))
+
+
+def test_a_users_stage_with_a_param_buffer_needs_grads_of_its_size():
+    """ParamBuffer params with grads of another size or kind: accepted, then the update read
+    past the end of the gradients (or failed with an AttributeError)."""
+    from mdnumba.params import ParamLayout
+    params = ParamLayout({"w": (6,)}).new(np.float32)
+    for grads, error, match in ((ParamLayout({"w": (2,)}).new(np.float32), ValueError, r"\(6,\).* \(2,\)"),
+                                (np.zeros(6, np.float32), TypeError, "ParamBuffer.*ndarray")):
+        with pytest.raises(error, match=match):
+            Sequential(_ArrayScale(params, grads))
+        with pytest.raises(error, match=match):
+            RMSprop(_ArrayScale(params, grads))
 
 
 def test_a_layers_settings_are_fixed_once_built():
@@ -447,7 +482,9 @@ def test_optimizer_state_is_checked_before_it_is_loaded():
     state = opt.state_dict()
     for bad, match in ((dict(state, v=[]), "0 v buffers"),
                        (dict(state, t=-1), r"t must be an integer in \[0, 2\*\*63\)"),
-                       (dict(state, v=[-np.ones_like(v) for v in state["v"]]), "negative second moments")):
+                       (dict(state, v=[-np.ones_like(v) for v in state["v"]]), "negative second moments"),
+                       # finite in float64, inf in the float32 moments (then -inf weights)
+                       (dict(state, m=[np.full(m.shape, 1e300) for m in state["m"]]), "too large")):
         with pytest.raises(ValueError, match=match):
             opt.load_state_dict(bad)
     with pytest.raises(TypeError, match="rho must be a number"):
