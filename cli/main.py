@@ -48,6 +48,7 @@ def _folder(ctx, param, value: str | None) -> Path | None:
 def _check_writable(out: Path, resume: bool = False) -> None:
     """Create ``out`` and prove we can write there, before any training starts (``resume``:
     ``out`` is the run folder of ``--resume``, which cannot move)."""
+    from mdnumba.checkpoint import CONFIG_JSON
     from mdnumba.train import LOG
     if out.is_symlink() and not out.exists():
         raise click.UsageError(f"{'the run folder' if resume else '--out'} {out} is a symlink to "
@@ -63,6 +64,11 @@ def _check_writable(out: Path, resume: bool = False) -> None:
                else "choose another folder")
         msg = f"{'the run folder' if resume else '--out'} {out} is not writable ({exc.strerror}); {fix}"
         raise click.UsageError(msg) from None
+    # a resumed run replaces these by renamed temp files (a new run: _check_fresh)
+    for name in (LOG, CONFIG_JSON) if resume else ():
+        if (out / name).is_dir():
+            raise click.UsageError(f"{out / name} is a folder, where the run writes its {name}; "
+                                   "move that folder away")
     if resume and (out / LOG).exists():
         try:
             (out / LOG).open("a").close()

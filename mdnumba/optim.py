@@ -253,6 +253,9 @@ class Adam:
         dsts = self.m + self.v
         srcs = [np.asarray(src) for src in list(state["m"]) + list(state["v"])]
         check_state_shapes(srcs, [dst.shape for dst in dsts])
+        kinds = sorted({str(src.dtype) for src in srcs if not np.issubdtype(src.dtype, np.floating)})
+        if kinds:
+            raise ValueError(f"optimizer state moments must be floating point, got {', '.join(kinds)}")
         with np.errstate(over="ignore"):  # checked below: a float64 1e300 is inf in float32
             srcs = [src.astype(dst.dtype) for src, dst in zip(srcs, dsts)]
         if not all(np.isfinite(src).all() for src in srcs) or any((v < 0).any() for v in srcs[len(self.m):]):

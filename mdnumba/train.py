@@ -33,6 +33,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .kernels.cell import CELLS
+from .kernels.gemm import count_nonfinite
 from .kernels.wavefront import schedule_as_batch
 from .losses import LOSSES, sigmoid
 from .microbench import step_bytes
@@ -318,7 +319,14 @@ class Trainer:
         try:
             return self.model.forward(*args)
         except NonFiniteError:
+            if self.step and self._weights_overflowed():  # the last update did it
+                raise self._diverged("the weights", self.step) from None
             raise self._diverged("the activations", self.step + 1) from None
+
+    def _weights_overflowed(self, params: list[np.ndarray] | None = None) -> bool:
+        """Whether a weight (of ``params``, by default :meth:`_host_params`) is NaN or infinite:
+        an update of finite gradients with a huge learning rate can overflow one."""
+        return any(count_nonfinite(p) for p in (self._host_params() if params is None else params))
 
     def _backward(self, *args, **kw) -> None:
         """``model.backward(...)``; a layer whose cell state overflowed in forward (its gradients
@@ -457,6 +465,11 @@ class Trainer:
         elif not old and self.step:
             warnings.warn(f"{path} is missing or empty: the log restarts at step {self.step + 1}",
                           stacklevel=4)  # at run()'s caller
+        last = max((step for _, step in whole if step <= self.step), default=0)
+        if same and old and last < self.step:  # the log is flushed before every checkpoint
+            warnings.warn(f"{path} ends at step {last}, the checkpoint is of step {self.step}: "
+                          f"steps {last + 1} to {self.step} have no rows (files of two runs?)",
+                          stacklevel=4)
         atomic_write_bytes(path, lambda fh: fh.write(text.encode()))
         return path.open("a")
 
@@ -477,7 +490,10 @@ class Trainer:
         if self.out is None:
             raise ValueError("this trainer has no output folder to save to; create it with "
                              "make_trainer(cfg, out=...) (CLI: --out DIR)")
-        arrays = {f"param_{k}": p for k, p in enumerate(self._host_params())}
+        params = self._host_params()
+        if self._weights_overflowed(params):  # a checkpoint that could not be loaded: keep the last
+            raise self._diverged("the weights", self.step)
+        arrays = {f"param_{k}": p for k, p in enumerate(params)}
         state = self.opt.state_dict()
         for k, (m, v) in enumerate(zip(state["m"], state["v"])):
             arrays[f"adam_m_{k}"], arrays[f"adam_v_{k}"] = m, v
@@ -518,8 +534,8 @@ class Trainer:
                                           f"{src.dtype}, not floating point; start a new run")
                 with np.errstate(over="ignore"):
                     src = src.astype(want.dtype)  # e.g. float64 values beyond float32 become inf
-                if not np.isfinite(src).all():  # training never saves them: a step that would
-                    raise CheckpointError(      # make them so is refused
+                if not np.isfinite(src).all():  # training never saves them (save() refuses)
+                    raise CheckpointError(
                         f"checkpoint in {folder} is damaged: layer {k}'s weights hold NaN or "
                         f"infinite values (in {want.dtype}); delete it or use another run folder")
                 tr._set_params(k, src)

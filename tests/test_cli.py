@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 from mdnumba.cli.main import main
 
+from mdnumba.checkpoint import load_checkpoint
 from mdnumba.kernel_cache import is_warm as real_is_warm  # conftest stands in a warm cache
 
 
@@ -872,7 +873,8 @@ def test_files_a_run_cannot_write_are_messages(runner, tmp_path, monkeypatch):
     (run / "log.tsv").unlink()
     (run / "log.tsv").mkdir()  # cannot be opened for appending, even by root
     res = runner.invoke(main, ["train", "--resume", str(run), "--steps", "9"])
-    assert res.exit_code == 2 and f"{run / 'log.tsv'} is not writable" in " ".join(res.output.split())
+    assert res.exit_code == 2 and f"{run / 'log.tsv'} is a folder, where the run writes its log.tsv" \
+        in " ".join(res.output.split())
     (run / "log.tsv").rmdir()
 
     def disk_full(*args, **kw):
@@ -927,6 +929,10 @@ def test_missing_checkpoint_hints_lead_somewhere(runner, tmp_path):
     (run / "log.tsv").write_text("step\tloss\n1\t0.5\n")
     res = runner.invoke(main, ["evaluate", str(run)])
     assert res.exit_code == 1 and f"train first with `mdnumba train --out {run} --overwrite`" in res.output
+    assert train(runner, tmp_path / "moved").exit_code == 0  # a run whose checkpoint was moved away
+    (tmp_path / "moved" / "checkpoint.npz").rename(tmp_path / "checkpoint.npz")
+    res = runner.invoke(main, ["evaluate", str(tmp_path / "moved")])
+    assert res.exit_code == 1 and "if it was moved, put it back; `mdnumba train --out" in res.output
     args = ["compare", "--models", "md,snake", "--size", "4", "--batch", "2", "--hidden", "2",
             "--steps", "2", "--no-plot", "--out", str(tmp_path / "cmp")]
     assert runner.invoke(main, args).exit_code == 0
@@ -934,6 +940,17 @@ def test_missing_checkpoint_hints_lead_somewhere(runner, tmp_path):
     assert res.exit_code == 1
     assert f"it holds runs in its sub-folders md, snake: give one, e.g. {tmp_path / 'cmp' / 'md'}" in \
         " ".join(res.output.split())
+
+
+def test_a_folder_named_config_json_is_refused_before_a_resumed_run_trains(runner, tmp_path):
+    """It stopped the run two steps in, advising permissions (log.tsv: the test below)."""
+    assert train(runner, tmp_path / "run").exit_code == 0
+    (tmp_path / "run" / "config.json").unlink()
+    (tmp_path / "run" / "config.json").mkdir()
+    res = runner.invoke(main, ["train", "--resume", str(tmp_path / "run"), "--steps", "9"])
+    assert res.exit_code == 2 and f"{tmp_path / 'run' / 'config.json'} is a folder, where the run " \
+        "writes its config.json; move that folder away" in " ".join(res.output.split()), res.output
+    assert load_checkpoint(tmp_path / "run")[1]["step"] == 6  # nothing trained
 
 
 def test_a_file_where_a_folder_belongs(runner, tmp_path):

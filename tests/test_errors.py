@@ -484,7 +484,9 @@ def test_optimizer_state_is_checked_before_it_is_loaded():
                        (dict(state, t=-1), r"t must be an integer in \[0, 2\*\*63\)"),
                        (dict(state, v=[-np.ones_like(v) for v in state["v"]]), "negative second moments"),
                        # finite in float64, inf in the float32 moments (then -inf weights)
-                       (dict(state, m=[np.full(m.shape, 1e300) for m in state["m"]]), "too large")):
+                       (dict(state, m=[np.full(m.shape, 1e300) for m in state["m"]]), "too large"),
+                       (dict(state, m=[np.zeros(m.shape, np.int32) for m in state["m"]]),
+                        "moments must be floating point, got int32")):
         with pytest.raises(ValueError, match=match):
             opt.load_state_dict(bad)
     with pytest.raises(TypeError, match="rho must be a number"):

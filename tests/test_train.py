@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import re
 import signal
 import sys
 import warnings
@@ -170,6 +171,32 @@ def test_resume_without_its_log_says_where_the_log_restarts(tmp_path):
         Trainer.load(tmp_path, steps=5).run()
 
 
+def test_a_log_that_ends_before_the_checkpoint_says_which_steps_it_lacks(tmp_path):
+    """A checkpoint of a later step beside a run's log (files of two runs of the same settings):
+    the rows between went missing without a word."""
+    for run, steps in (("a", 4), ("b", 6)):
+        (tmp_path / run).mkdir()
+        make_trainer(TrainConfig(steps=steps, **KW), tmp_path / run).run()
+    (tmp_path / "a" / "checkpoint.npz").write_bytes((tmp_path / "b" / "checkpoint.npz").read_bytes())
+    with pytest.warns(UserWarning, match="log.tsv ends at step 4, the checkpoint is of step 6: steps 5 "
+                                         "to 6 have no rows"):
+        Trainer.load(tmp_path / "a", steps=7).run()
+
+
+@pytest.mark.parametrize("every,kept", [(1, True), (100, False)])
+def test_an_update_that_overflows_the_weights_is_not_saved(tmp_path, every, kept):
+    """Finite gradients times lr 1e38 overflow float32 weights: that step's checkpoint could not be
+    loaded (it was saved, then refused as damaged). The run stops at the step that did it, when
+    it would save it or at the next forward, and the checkpoint kept loads."""
+    tr = make_trainer(TrainConfig(steps=20, lr=1e38, checkpoint_every=every, **KW), tmp_path)
+    with pytest.raises(FloatingPointError, match=r"^the weights became NaN or infinite at step \d+") as err:
+        tr.run()
+    step = int(re.match(r"\D*(\d+)", str(err.value)).group(1))
+    assert step < 20 and (f"(the checkpoint of step {step - 1} is kept)" in str(err.value)) == kept
+    if kept:
+        assert Trainer.load(tmp_path).step == step - 1
+
+
 def test_a_checkpoint_copied_from_another_run_is_refused(tmp_path):
     """checkpoint.npz and config.json of different runs: refused, naming the settings that
     differ; without config.json the checkpoint loads as it is. A config.json other in the
@@ -247,6 +274,7 @@ def test_a_resume_cannot_end_a_run_inside_its_curriculum(tmp_path):
 def test_a_diverging_model_stops_before_backward_with_advice(layers, broken, what, monkeypatch):
     import mdnumba.layers
     monkeypatch.setattr(mdnumba.layers, "check_finite_params", lambda params: None)
+    monkeypatch.setattr(Trainer, "_weights_overflowed", lambda self, params=None: False)
     tr = make_trainer(TrainConfig(steps=5, layers=layers, **KW))
     tr.model.layers[broken].params.data[...] = np.nan  # stands in for a layer whose output diverged
     with pytest.raises(FloatingPointError, match=f"the {what} became NaN or infinite at step 1; lower "
@@ -280,12 +308,13 @@ def test_non_finite_gradients_name_the_step_the_kept_checkpoint_and_unused_remed
         tr.run()
 
 
-def test_a_resumed_run_knows_its_checkpoint_is_kept(tmp_path):
+def test_a_resumed_run_knows_its_checkpoint_is_kept(tmp_path, monkeypatch):
     """After --resume, divergence at the first new step names the loaded checkpoint as kept."""
     make_trainer(TrainConfig(steps=2, **KW), tmp_path).run()
     tr = Trainer.load(tmp_path, steps=4)
     assert tr.saved_step == tr.step == 2
-    tr.model.layers[0].params.data[...] = np.nan
+    monkeypatch.setattr(Trainer, "_weights_overflowed", lambda self, params=None: False)
+    tr.model.layers[0].params.data[...] = np.nan  # stands in for activations that overflow
     with pytest.raises(FloatingPointError, match=r"at step 3 \(the checkpoint of step 2 is kept\)"):
         tr.run()
 
