@@ -292,7 +292,7 @@ class CudaLSTM(DeviceLayer):
 
     # ------------------------------------------------------------ passes
     def forward(self, x: HostOrDevice, state: tuple | None = None, *, save: bool = True,
-                sizes: object = None) -> HostOrDevice:
+                sizes: object = None, upload: np.ndarray | None = None) -> HostOrDevice:
         """``h`` (B, *dims, S*D) for ``x`` (B, *dims, C); saves what backward needs.
 
         Per direction q: ``act_q = flip_q(x) W_q + b_q`` (one GEMM), then one sweep
@@ -300,6 +300,8 @@ class CudaLSTM(DeviceLayer):
         initial ``state = (h0, c0)`` (as :meth:`mdnumba.LSTM1D.forward`) if given.
         ``save=False``: :meth:`_forward_rolling`, nothing kept for ``backward`` (refused).
         ``sizes``: a padded batch, as :meth:`mdnumba.WavefrontLSTM.forward` (its tables only).
+        ``upload``: flat host parameters to upload first, once the inputs are checked (a refused
+        forward keeps the weights of the last forward, which its backward uses).
         """
         k, N, C, D, S = self.k, self.ndim, self.in_channels, self.hidden, self.directions
         save = check_flag(save, "save")
@@ -312,6 +314,8 @@ class CudaLSTM(DeviceLayer):
             h0, c0 = check_state(state, "state", B, S * D, check=self._state_input)
         sizes = check_sizes(sizes, B, dims)
         self._saved = None  # from here on the workspaces no longer hold the last forward's
+        if upload is not None:
+            self.set_params(upload)
         t = device_tables(dims, B, S, state is not None, sizes)
         if not save:
             return self._forward_rolling(xd, host_in, t, None if state is None else (h0, c0))
@@ -729,9 +733,7 @@ def _state_for(layer) -> CudaLSTM:
 def layer_forward(layer: WavefrontLSTM, x: HostOrDevice, state: tuple | None = None,
                   save: bool = True, sizes: object = None) -> HostOrDevice:
     """``WavefrontLSTM.forward`` on the GPU: upload params, run; NumPy or device ``h`` (as ``x``)."""
-    st = _state_for(layer)
-    st.set_params(layer.params.data)
-    return st.forward(x, state, save=save, sizes=sizes)
+    return _state_for(layer).forward(x, state, save=save, sizes=sizes, upload=layer.params.data)
 
 
 def _saved_state(layer: WavefrontLSTM, what: str = "backward()") -> CudaLSTM:

@@ -399,13 +399,16 @@ def sim_state_on_device_arrays(rng):
 
 
 def sim_failed_forward_keeps_the_last_one_and_free_buffers(rng):
-    """A forward refused for its state leaves the last forward's activations intact (its backward
-    equals the CPU layer's); free_buffers() drops a device layer's device copy and activations."""
+    """A forward refused for its state leaves the last forward's activations and the weights it
+    uploaded intact (its backward equals the CPU layer's; the refused forward uploaded the
+    weights changed since); free_buffers() drops a device layer's device copy and activations."""
     layers = [_layer(1, 1, 2, np.float64, device, directions=2) for device in ("cuda", "cpu")]
     x, dh = rng.standard_normal((3, 2, 1)), rng.standard_normal((3, 2, 4))
     state = (rng.standard_normal((3, 4)), rng.standard_normal((3, 4)))
     for layer in layers:
         layer.forward(x, state=state)
+        if layer.device == "cuda":  # its backward takes the weights of its forward, not these
+            layer.params.data[...] *= 2
         with pytest.raises(ValueError, match="is for a batch of 1"):
             layer.forward(2 * x + 1, state=(state[0][:1], state[1][:1]))
         layer.zero_grad()
