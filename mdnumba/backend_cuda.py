@@ -36,6 +36,7 @@ from . import config
 from ._validate import (
     FINAL_STATE_WITH_SIZES,
     SIZES_WITH_STATE,
+    as_array,
     check_array,
     check_flag,
     check_layout,
@@ -574,18 +575,27 @@ class CudaBlockSubsample:
             self._tables[shape] = (cuda.to_device(src), cuda.to_device(inv), out_shape)
         return self._tables[shape]
 
-    def _gather(self, x, index, shape: tuple):
-        """Rows of ``C`` = input channels: ``out[r] = x[index[r]]``, ``out`` of ``shape``."""
+    def _device(self, x: HostOrDevice, name: str) -> DeviceArray:
+        """``x`` on the device: a CUDA array as it is (C-contiguous: the gather reads it as rows),
+        a NumPy one copied there (no masked values: as the host op's)."""
+        if not is_device_array(x):
+            return self.k.as_device(as_array(x, name, f"(batch, {self.host.ndim} grid axes, channels)"))
+        xd = self.k.as_device(x)
+        if not xd.is_c_contiguous():
+            raise ValueError(f"{name} on the device must be C-contiguous")
+        return xd
+
+    def _gather(self, xd, index, shape: tuple):
+        """Rows of ``C`` = input channels: ``out[r] = xd[index[r]]``, ``out`` of ``shape``."""
         from numba import cuda
         C = self._shape[-1]
-        xd = self.k.as_device(x)
         out = cuda.device_array(shape, dtype=xd.dtype)
         self.k.gather_rows(out.reshape(out.size // C, C), xd.reshape(xd.size // C, C), index)
         return out
 
     def forward(self, x: HostOrDevice) -> DeviceArray:
         """Blocks of cells → channels on the device (NumPy or device in, device array out)."""
-        xd = self.k.as_device(x)
+        xd = self._device(x, "x")
         src, _, out_shape = self._table(tuple(xd.shape))  # checks the shape: a refused x changes nothing
         self._shape = tuple(xd.shape)
         return self._gather(xd, src, out_shape)
@@ -599,7 +609,7 @@ class CudaBlockSubsample:
             return None
         _, inverse, out_shape = self._table(self._shape)
         check_shape(dy, out_shape)  # the gather would read past a smaller dy
-        return self._gather(dy, inverse, self._shape)
+        return self._gather(self._device(dy, "dy"), inverse, self._shape)
 
 
 class _DeviceOptimizer:

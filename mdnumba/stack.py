@@ -119,8 +119,9 @@ class BlockSubsample:
             raise missing_activations()
         if not input_grad:
             return None
-        if self._ran_on is not None:  # the last forward ran on the device
-            return self._ran_on.backward(dy)
+        if self._ran_on is not None:  # the last forward ran on the device: NumPy in, NumPy out
+            dx = self._ran_on.backward(dy)
+            return dx if is_device_array(dy) else dx.copy_to_host()
         N, k, shape = self.ndim, self.block, self._in_shape
         dims = shape[1:-1]
         dy = as_array(dy, "dy", f"(batch, {N} grid axes, channels)")  # refuses masked values

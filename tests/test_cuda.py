@@ -271,6 +271,18 @@ def sim_a_cuda_stack_keeps_cuda_arrays_on_the_device(rng):
     np.testing.assert_allclose(dev.backward(dy), want_dx, rtol=1e-12, atol=1e-13)
     with pytest.raises(ValueError, match=r"divisible by 2, got shape \(1, 5, 4, 3\)"):  # the array's own
         dev[1].forward(cuda.to_device(np.zeros((1, 5, 4, 3))))
+    sub = dev[1]  # after a forward of a CUDA array: a NumPy dy gives NumPy, a masked one is refused
+    h = sub.forward(cuda.to_device(rng.standard_normal((1, 4, 2, 4))))
+    dy = rng.standard_normal(h.shape)
+    dx = sub.backward(dy)
+    assert isinstance(dx, np.ndarray) and dx.shape == (1, 4, 2, 4)
+    np.testing.assert_array_equal(dx, sub.backward(cuda.to_device(dy)).copy_to_host())
+    masked = np.ma.masked_array(dy, mask=False)
+    masked[0, 0, 0, 0] = np.ma.masked
+    with pytest.raises(ValueError, match="^dy is a masked array with 1 masked value"):
+        sub.backward(masked)
+    with pytest.raises(ValueError, match="^x on the device must be C-contiguous"):  # a GPU's reshape
+        sub.forward(cuda.to_device(rng.standard_normal((1, 4, 4, 4)))[:, :, ::2])  # would raise
 
 
 @pytest.mark.parametrize("kind", ["grid", "stacked"])
