@@ -16,6 +16,7 @@ from ._validate import (
     as_array,
     check_array,
     check_flag,
+    check_layout,
     check_shape,
     missing_activations,
     part_seed,
@@ -118,12 +119,13 @@ class HorizontalModel(SequenceModel):
     kind = "horizontal"
 
     def _image(self, x: np.ndarray) -> np.ndarray:
-        """``x`` checked as the image it is (the 1D layer would describe the reshaped array); a
-        device array (:class:`mdnumba.train_device.DeviceModel`, which checked it) as it is."""
+        """``x`` checked as the image it is (the 1D layer would describe the reshaped array); of a
+        device array (:class:`mdnumba.train_device.DeviceModel`, which checked its values) the shape."""
+        layout = f"(batch, height, width, C) of the {self.kind} model"
         if not isinstance(x, np.ndarray):
+            check_layout(x.shape, "x", 4, None, layout)
             return x
-        return check_array(x, "x", 4, None, self.readout.dtype,
-                           f"(batch, height, width, C) of the {self.kind} model")
+        return check_array(x, "x", 4, None, self.readout.dtype, layout)
 
     def _to_recurrent(self, x):
         B, H, W, C = (x := self._image(x)).shape

@@ -894,6 +894,20 @@ def sim_device_model_results_stay_the_callers(rng):
         DeviceModel(MDModel(1, 2), reuse_outputs="yes")
 
 
+@pytest.mark.parametrize("kind", ["horizontal", "snake"])
+def sim_device_image_models_name_the_image(kind):
+    """A DeviceModel of the row models given x of the wrong rank: 'not enough values to unpack'."""
+    from numba import cuda
+
+    from mdnumba.models import build_model
+    from mdnumba.train_device import DeviceModel
+    model = DeviceModel(build_model(kind, hidden=2))
+    for x in (np.ones((2, 3, 1), np.float32), cuda.to_device(np.ones((1, 2, 3, 4, 1), np.float32))):
+        with pytest.raises(ValueError, match=rf"^x must have 4 dimensions \(batch, height, width, C\) "
+                                             rf"of the {kind} model, got shape"):
+            model.forward(x)
+
+
 def sim_device_model_refuses_backward_after_a_forward_failed_partway(rng, monkeypatch):
     """With its layers' checks on, a device model whose second layer refuses a forward (NaN/inf
     in its input, the first layer's output) holds that input's activations in the first layer:
