@@ -163,6 +163,7 @@ SIZES_WITH_STATE = ("sizes= cannot be combined with state=: a chunk of padded se
                     "without a state")
 FINAL_STATE_WITH_SIZES = ("final_state() is not defined after forward(x, sizes=...): the scans of "
                           "the shorter items end in the padding (each item's last h is in the output)")
+NO_STATE_GRAD = "no initial-state gradient: run forward(x, state=...) and then backward(dh)"
 
 
 def check_size_values(sizes: object, positive: bool = False) -> np.ndarray:
@@ -256,6 +257,16 @@ def check_shape(a: object, want: tuple, name: str = "dy") -> None:
     if tuple(np.shape(a)) != tuple(want):
         raise ValueError(f"{name} must have shape {tuple(want)} (the forward output's), got "
                          f"{tuple(np.shape(a))}")
+
+
+def check_directions(directions: object, ndim: int) -> int:
+    """Return ``directions`` as an int if it is 1 or 2**ndim (one scan, or one from every corner
+    of the grid), else raise ValueError."""
+    if isinstance(directions, bool) or not isinstance(directions, (int, np.integer)) or \
+            directions not in (1, 2 ** ndim):
+        raise ValueError(f"directions must be 1 or {2 ** ndim} (every corner of a {ndim}-D grid), "
+                         f"got {directions!r}")
+    return int(directions)
 
 
 def check_finite_number(value: object, name: str, dtype: npt.DTypeLike | None = None) -> float:

@@ -35,9 +35,11 @@ import numpy.typing as npt
 from . import config
 from ._validate import (
     FINAL_STATE_WITH_SIZES,
+    NO_STATE_GRAD,
     SIZES_WITH_STATE,
     as_array,
     check_array,
+    check_directions,
     check_flag,
     check_layout,
     check_positive_int,
@@ -145,7 +147,17 @@ def device_tables(dims: tuple, batch: int, directions: int = 1, stateful: bool =
                         sizes)
 
 
-class DeviceLayer:
+class OnTheDevice:
+    """Base of the device twins: they hold GPU memory and kernel modules, so a pickle or copy is
+    refused with what to copy instead (the failure was "cannot pickle 'module' object")."""
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(f"a {type(self).__name__} holds GPU memory and is not pickled or copied: copy "
+                        "the host layer or model it was made from (device='cuda' layers copy) and make "
+                        "a twin of the copy, e.g. CudaLSTM.from_layer(layer)")
+
+
+class DeviceLayer(OnTheDevice):
     """Flat device ``params`` and ``grads`` of one layer (its host layout) and device workspaces.
 
     ``reuse_outputs``: forward/backward write their results into buffers kept between calls
@@ -225,10 +237,11 @@ class DeviceLayer:
 
     def _input(self, x, name: str, ndim: int | None, last: int | None,
                layout: str = "(batch, grid axes.., channels)"):
-        """(device array, came-from-host) after the same checks as the CPU layer (ndim None: any)."""
+        """(device array, came-from-host) after the same checks as the CPU layer (ndim None: any
+        but 0)."""
         k = self.k
-        if ndim is None:
-            ndim = len(x.shape) if is_device_array(x) else np.ndim(x)
+        if ndim is None:  # at least 1: the last axis is the channels
+            ndim = max(len(x.shape) if is_device_array(x) else np.ndim(x), 1)
         if is_device_array(x):
             xd = k.as_device(x)
             check_layout(xd.shape, name, ndim, last, layout)
@@ -260,8 +273,11 @@ class CudaLSTM(DeviceLayer):
                  path: str | None = None, use_shared: bool | None = None,
                  threads_per_block: int | None = None):
         from .kernels.cell import cell_code
-        self.ndim, self.in_channels, self.hidden = int(ndim), int(in_channels), int(hidden)
-        self.cell, self.cell_code, self.directions = cell, cell_code(cell), int(directions)
+        self.ndim = check_positive_int(ndim, "ndim")  # the host layer's checks
+        self.in_channels = check_positive_int(in_channels, "in_channels")
+        self.hidden = check_positive_int(hidden, "hidden")
+        self.cell, self.cell_code = cell, cell_code(cell)
+        self.directions = check_directions(directions, self.ndim)
         N, C, D, S = self.ndim, self.in_channels, self.hidden, self.directions
         G = (N + 3) * D
         self._init_buffers(params, dtype, S * (C * G + D * N * G + G),
@@ -453,7 +469,7 @@ class CudaLSTM(DeviceLayer):
         """``(dL/dh0, dL/dc0)`` of the last backward after a forward from a state."""
         grad = (self._saved or {}).get("state_grad")
         if grad is None:
-            raise RuntimeError("no initial-state gradient: run forward(x, state=...) and then backward(dh)")
+            raise RuntimeError(NO_STATE_GRAD)
         return self._as_input(grad)
 
     def zero_state(self, batch: int) -> tuple:
@@ -541,7 +557,7 @@ class CudaLinear(DeviceLayer):
         return dx.copy_to_host() if host_in else dx
 
 
-class CudaBlockSubsample:
+class CudaBlockSubsample(OnTheDevice):
     """Device twin of :class:`mdnumba.stack.BlockSubsample`: each way is one row gather whose
     index table comes from applying the host op to row numbers."""
 
@@ -612,7 +628,7 @@ class CudaBlockSubsample:
         return self._gather(self._device(dy, "dy"), inverse, self._shape)
 
 
-class _DeviceOptimizer:
+class _DeviceOptimizer(OnTheDevice):
     """Device ``step`` for :class:`~mdnumba.optim.Adam` and :class:`~mdnumba.optim.RMSprop`: the
     gradient norm, the clip scale and the update stay on the GPU (``stats = [norm, scale]``)."""
 
@@ -635,9 +651,21 @@ class _DeviceOptimizer:
 
     @staticmethod
     def _collect(modules) -> list:
+        """(params, grads) of a DeviceModel (its flat buffers), of a device layer, or of each of a
+        list of them (or of ``modules.layers``); TypeError for anything else, e.g. host layers."""
         if _DeviceOptimizer._is_flat(modules):
             return [(modules.params, modules.grads)]
-        return [(m.params, m.grads) for m in getattr(modules, "layers", modules)]
+        layers = getattr(modules, "layers", [modules] if hasattr(modules, "params") else modules)
+        try:
+            layers = list(layers)
+        except TypeError:  # not iterable: refused below
+            layers = [layers]
+        pairs = [(getattr(m, "params", None), getattr(m, "grads", None)) for m in layers]
+        if not pairs or not all(is_device_array(p) and is_device_array(g) for p, g in pairs):
+            raise TypeError("a device optimiser takes device layers (CudaLSTM, CudaLinear, ...), a "
+                            "DeviceModel or a list of them; for host layers, device='cuda' ones "
+                            "included, use mdnumba.Adam or mdnumba.RMSprop")
+        return pairs
 
     def state_dict(self) -> dict:
         """As the host optimiser's: host arrays, one pair of moments per layer."""
@@ -790,4 +818,7 @@ def layer_final_state(layer: WavefrontLSTM) -> tuple:
 
 def layer_state_grad(layer: WavefrontLSTM) -> tuple:
     """``LSTM1D.initial_state_grad`` of a ``device="cuda"`` layer."""
-    return _saved_state(layer).initial_state_grad()
+    st = _LAYER_STATE.get(layer)
+    if st is None:  # no forward yet
+        raise RuntimeError(NO_STATE_GRAD)
+    return st.initial_state_grad()

@@ -12,10 +12,12 @@ import numpy.typing as npt
 from . import config
 from ._validate import (
     FINAL_STATE_WITH_SIZES,
+    NO_STATE_GRAD,
     SIZES_WITH_STATE,
     NonFiniteError,
     check_array,
     check_device,
+    check_directions,
     check_finite_number,
     check_finite_params,
     check_flag,
@@ -84,12 +86,8 @@ class WavefrontLSTM(OwnsParams):
                  device: str = "cpu", cell: str = "graves", directions: int = 1):
         self.ndim = check_positive_int(ndim, "ndim")
         self.cell, self.cell_code = cell, cell_code(cell)
-        if isinstance(directions, bool) or not isinstance(directions, (int, np.integer)) or \
-                directions not in (1, 2 ** self.ndim):
-            raise ValueError(f"directions must be 1 or {2 ** self.ndim} (every corner of a "
-                             f"{self.ndim}-D grid), got {directions!r}")
+        self.directions = check_directions(directions, self.ndim)
         self.device = check_device(device)
-        self.directions = int(directions)
         self.in_channels = check_positive_int(in_channels, "in_channels")
         self.hidden = check_positive_int(hidden, "hidden")
         self.dtype = config.resolve_dtype(dtype)
@@ -285,8 +283,13 @@ class WavefrontLSTM(OwnsParams):
             return layer_bytes(self, saved=True)
         if self._saved is None or self._saved.get("inference"):  # forward(x, save=False) kept none
             return 0
-        arrays = [a for v in self._saved.values() for a in (v if isinstance(v, tuple) else (v,))]
-        return sum(a.nbytes for a in arrays if isinstance(a, np.ndarray))
+        return sum(a.nbytes for a in self._saved_arrays())
+
+    def _saved_arrays(self) -> list[np.ndarray]:
+        """The arrays of the last forward's saved activations (workspaces and index tables)."""
+        values = (self._saved or {}).values()
+        arrays = [a for v in values for a in (v if isinstance(v, tuple) else (v,))]
+        return [a for a in arrays if isinstance(a, np.ndarray)]
 
     def workspace_bytes(self) -> int:
         """Bytes of every buffer the layer keeps between calls (saved + scratch; 0 after
@@ -294,7 +297,11 @@ class WavefrontLSTM(OwnsParams):
         if self.device == "cuda":
             from .backend_cuda import layer_bytes
             return layer_bytes(self, saved=False)
-        return sum(v.nbytes for v in self._work.values()) if self._saved else 0
+        if not self._saved:
+            return 0
+        work = {id(v) for v in self._work.values()}  # + the saved index tables, kept too
+        return sum(v.nbytes for v in self._work.values()) + \
+            sum(a.nbytes for a in self._saved_arrays() if id(a) not in work)
 
     def free_buffers(self) -> None:
         """:meth:`OwnsParams.free_buffers`; ``device="cuda"``: also the device copy of the layer,
@@ -464,7 +471,7 @@ class LSTM1D(WavefrontLSTM):
             return layer_state_grad(self)
         grad = (self._saved or {}).get("state_grad")
         if grad is None:
-            raise RuntimeError("no initial-state gradient: run forward(x, state=...) and then backward(dh)")
+            raise RuntimeError(NO_STATE_GRAD)
         return grad[0].copy(), grad[1].copy()
 
     def zero_state(self, batch: int) -> tuple:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ._validate import check_array, check_flag, is_device_array, missing_activations
-from .backend_cuda import DEVICE_OPTIMIZERS, CudaLinear, CudaLSTM, HostOrDevice, require_cuda
+from .backend_cuda import DEVICE_OPTIMIZERS, CudaLinear, CudaLSTM, HostOrDevice, OnTheDevice, require_cuda
 from .layers import WavefrontLSTM
 from .models import RecurrentReadout, check_dlogits
 from .stack import LayerGroup, backward_stages, check_not_refused_midway, run_tracked
@@ -54,7 +54,7 @@ class _HostBlock:
     y: list[np.ndarray]
 
 
-class DeviceModel(LayerGroup):
+class DeviceModel(LayerGroup, OnTheDevice):
     """A host model's stages on the GPU: ``forward``/``backward`` take NumPy arrays (NumPy out)
     or device arrays (device out). ``layers`` are the parametrised device layers, in the
     host model's order (checkpoints and optimisers see the same layout)."""

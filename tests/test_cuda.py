@@ -11,6 +11,7 @@ thread as a Python thread (and, as tests/simgrid.py makes it, checks every array
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 import re
@@ -1207,6 +1208,35 @@ def sim_device_optimizer_checks_each_layers_moments():
         with pytest.raises(ValueError, match="optimizer state shape .* does not match"):
             opt.load_state_dict(dict(state, m=m))
     opt.load_state_dict(state)
+
+
+def sim_device_twins_refuse_what_their_host_twins_refuse(rng):
+    """A device optimiser of one device layer (was 'not iterable') or of host layers (was
+    AttributeError); settings the host layer refuses; pickles and copies (were "cannot pickle
+    'module' object"); a 0-d input (IndexError); a state gradient before any forward."""
+    from mdnumba.backend_cuda import CudaAdam, CudaLinear, CudaLSTM, CudaRMSprop
+    from mdnumba.layers import Linear
+    from mdnumba.models import build_model
+    from mdnumba.train_device import DeviceModel
+    dev = CudaLSTM.from_layer(MDLSTM2D(1, 2, dtype=np.float64))
+    assert len(CudaAdam(dev).buffers) == len(CudaRMSprop([dev]).buffers) == 1
+    for host in (MDLSTM2D(1, 2), [MDLSTM2D(1, 2, device="cuda")], 3, []):
+        with pytest.raises(TypeError, match="takes device layers .* use mdnumba.Adam or mdnumba.RMSprop"):
+            CudaAdam(host)
+    for kw, match in ((dict(directions=3), "directions must be 1 or 4"), (dict(hidden=0), "hidden")):
+        args = dict(dict(ndim=2, in_channels=1, hidden=2, params=np.zeros(60)), **kw)
+        with pytest.raises(ValueError, match=match):
+            CudaLSTM(**args)
+    model = DeviceModel(build_model("md", hidden=2))
+    for twin in (dev, CudaAdam(dev), model, CudaLinear.from_layer(Linear(2, 3))):
+        for copy_it in (copy.deepcopy, pickle.dumps):
+            with pytest.raises(TypeError, match=f"^a {type(twin).__name__} holds GPU memory and is not "
+                                                "pickled or copied: copy the host layer"):
+                copy_it(twin)
+    with pytest.raises(ValueError, match=r"x must have 1 dimensions \(\.\.\., in_features\), got shape \(\)"):
+        CudaLinear.from_layer(Linear(2, 3)).forward(np.float32(1))
+    with pytest.raises(RuntimeError, match="^no initial-state gradient: run forward"):
+        LSTM1D(1, 2, device="cuda").initial_state_grad()
 
 
 def sim_device_trainer_prefetches_next_block(monkeypatch):

@@ -275,6 +275,9 @@ def test_copies_and_free_buffers_leave_the_activations_out(rng):
     net = Sequential(layer, Linear(8, 2))
     y = net.forward(x)
     assert layer.workspace_bytes() > 10 * empty
+    assert layer.workspace_bytes() >= layer.saved_bytes()  # the saved index tables count in both
+    net.backward(np.ones_like(y))
+    assert layer.workspace_bytes() > layer.saved_bytes()  # + backward's scratch
     assert net.saved_bytes() == layer.saved_bytes() + x.size * 8 * 4  # + the Linear's input
     assert net.workspace_bytes() == layer.workspace_bytes() + x.size * 8 * 4
     assert len(pickle.dumps(net)) < 2 * (empty + len(pickle.dumps(Linear(8, 2))))
