@@ -533,6 +533,14 @@ def run_config(res: dict, tb: TorchBaseline | None, budget: float, cpu: bool, nu
         except Exception as exc:  # e.g. no cooperative launch on this GPU/driver
             res["paths"].append(f"{path}: FAILED ({type(exc).__name__}: {exc})")
         print(f"  {cfg.label} {path}: {res['paths'][-1]}", flush=True)
+    if tb is not None:  # next: the targets need it (a run cut later keeps it)
+        def torch_part():
+            train, fwd, res["check"] = torch_fns(tb, cfg, x)
+            _time_pair(res, "torch", train, fwd, tb.sync, budget)
+            res["inference"]["torch"] = res["forward"]["torch"]  # its forward runs under no_grad
+            if tb.device == "cuda":
+                tb.torch.cuda.empty_cache()
+        _attempt(res, "PyTorch", torch_part)
     if cfg.H == cfg.W and cfg.C == 1 and cfg.H >= 4:
         def trainer_part():
             res["train"]["trainer"], res["train"]["trainer_no_prefetch"], res["sampling"] = \
@@ -541,14 +549,6 @@ def run_config(res: dict, tb: TorchBaseline | None, budget: float, cpu: bool, nu
     if numpy_api:
         _attempt(res, "NumPy API", lambda: _time_pair(res, "numpy_api", *mdnumba_layer_fns(cfg, x, "cuda"),
                                                       sync, budget))
-    if tb is not None:
-        def torch_part():
-            train, fwd, res["check"] = torch_fns(tb, cfg, x)
-            _time_pair(res, "torch", train, fwd, tb.sync, budget)
-            res["inference"]["torch"] = res["forward"]["torch"]  # its forward runs under no_grad
-            if tb.device == "cuda":
-                tb.torch.cuda.empty_cache()
-        _attempt(res, "PyTorch", torch_part)
     if cpu:
         _attempt(res, "CPU", lambda: _time_pair(res, "cpu", *mdnumba_layer_fns(cfg, x, "cpu"), lambda: None,
                                                 budget, min_reps=2, max_reps=20))

@@ -12,6 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py="${1:-3.12}"
+rm -f .whl/*.whl  # two numpy wheels (an older fetch's) would make run_gpu.sh's install fail
 python3 -m pip download -q --only-binary=:all: --python-version "$py" --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
   'numpy>=2.4,<2.5' 'hypothesis>=6'

@@ -43,7 +43,7 @@ def libdevice_kernel_runs() -> None:
     x = np.linspace(-2.0, 2.0, 300)
     out = cuda.device_array_like(x)
     exp_kernel[3, 128](out, cuda.to_device(x))
-    np.testing.assert_allclose(out.copy_to_host(), np.exp(x), rtol=1e-15)
+    np.testing.assert_allclose(out.copy_to_host(), np.exp(x), rtol=1e-13)  # libdevice vs SIMD: ulps
 
 
 def cooperative_kernel_runs() -> int:

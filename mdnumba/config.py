@@ -18,6 +18,11 @@ the CPU drivers open one OpenMP region per anti-diagonal, and with GNU OpenMP's 
 both cost the same (bench/results/threads.md). It takes effect if GNU OpenMP is not
 loaded yet (e.g. by torch) when mdnumba's first parallel kernel runs.
 
+It also sets ``NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS=0`` unless given: numba-cuda warns at every
+launch of a grid under 128 blocks, which the per-diagonal sweeps, the reductions and the
+small layers launch by design (a message per launch, and its cost, several µs, in every
+timed per-diagonal sweep). It takes effect if ``numba.cuda`` is not imported before mdnumba.
+
 Importing mdnumba also keeps freed arrays of up to 256 MiB in the process's heap for reuse
 (glibc ``mallopt``, :func:`tune_malloc`), unless ``MDNUMBA_MALLOC_TUNING=0`` or the
 environment sets glibc's thresholds itself: by default glibc hands such blocks back to the
@@ -37,6 +42,8 @@ import numpy.typing as npt
 
 #: GNU OpenMP spin iterations before a waiting thread sleeps (see the module docstring)
 os.environ.setdefault("GOMP_SPINCOUNT", "3000")
+#: numba-cuda's warning at each launch of fewer than 128 blocks (see the module docstring)
+os.environ.setdefault("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "0")
 
 DEFAULT_DTYPE = np.float32
 SUPPORTED_DTYPES = (np.float32, np.float64)

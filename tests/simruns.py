@@ -13,6 +13,7 @@ orders them).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -55,7 +56,12 @@ class Background:
     def output(self) -> str:
         return self.out.read_text(errors="replace")
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 0.0) -> None:
+        """Kill the subprocess if it is still going, after ``grace`` s to end by itself (a run cut
+        by SIGINT, which its process group got too, then writes its report)."""
+        if grace and self.proc.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=grace)
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
@@ -75,8 +81,10 @@ class CaseRun:
             env.update(NUMBA_ENABLE_CUDASIM="1", MDNUMBA_THREADS_PER_BLOCK="8", NUMBA_NUM_THREADS="1",
                        MDNUMBA_PTX_RECORD=str(self.launches))
         env.update(env_extra or {})
-        cmd = [sys.executable, "-m", "pytest", str(_CASES_FILE), "-q", "-p", "no:cacheprovider",
-               "-o", "python_functions=sim_*", f"--junitxml={self.xml}"] + (["-k", select] if select else [])
+        # on a GPU each case's name and outcome as it ends (-v): a run cut short keeps them
+        cmd = [sys.executable, "-m", "pytest", str(_CASES_FILE), "-q" if simulator else "-v", "-p",
+               "no:cacheprovider", "-o", "python_functions=sim_*", f"--junitxml={self.xml}"] + \
+            (["-k", select] if select else [])
         self.run = Background(cmd, env, tmp_dir / "output.txt")
         self._report = None
 
@@ -89,8 +97,8 @@ class CaseRun:
             self._report = _parse_report(self.xml)
         return self._report
 
-    def stop(self) -> None:
-        self.run.stop()
+    def stop(self, grace: float = 0.0) -> None:
+        self.run.stop(grace)
 
 
 def _parse_report(xml: Path) -> dict[str, tuple[str, str]]:

@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -1405,9 +1406,10 @@ def gpu_report(tmp_path_factory):
             for i in range(shards)]
     try:
         return merged_report(runs)
-    finally:
+    finally:  # cut by run_gpu.sh's SIGINT: the shards get 10 s in all to write their reports
+        end = time.monotonic() + 10  # (it kills 20 s after the SIGINT)
         for run in runs:
-            run.stop()
+            run.stop(grace=max(0.0, end - time.monotonic()))
 
 
 @pytest.mark.skipif(IN_SIMULATOR, reason="this process already runs the simulator")
@@ -1480,6 +1482,21 @@ def test_gpu_shards_follow_the_compute_mode(tmp_path, monkeypatch):
         smi.write_text(f"#!/bin/sh\nprintf '{modes}\\n'\n")
         smi.chmod(0o755)
         assert _gpu_shards() == want, modes
+
+
+def test_case_runs_cut_short_get_time_to_write_their_reports(tmp_path):
+    """A shard cut by run_gpu.sh's SIGINT was killed at once, before it wrote its report: the
+    cases it had run were lost. ``stop(grace)`` lets a run end by itself first; GPU runs list
+    each case as it ends (-v)."""
+    from simruns import Background
+    done = tmp_path / "done"
+    cmd = [sys.executable, "-c", f"import time; time.sleep(0.5); open({str(done)!r}, 'w').close()"]
+    for grace, ends in ((0.0, False), (30.0, True)):
+        Background(cmd, dict(os.environ), tmp_path / "out.txt").stop(grace)
+        assert done.exists() == ends
+    run = CaseRun(tmp_path, simulator=False, select="nothing")
+    run.stop()
+    assert "-v" in run.run.cmd
 
 
 def test_cooperative_grid_limit_is_asked_once_per_kernel_types_block_and_device(monkeypatch):

@@ -259,6 +259,21 @@ def test_bad_environment_settings(monkeypatch, name, value, match):
         read()
 
 
+def test_numba_cudas_low_occupancy_warning_is_off_unless_asked_for():
+    """numba-cuda warns at every launch of fewer than 128 blocks, which mdnumba's per-diagonal
+    sweeps and small layers make by design; a setting of the user's is kept."""
+    import os
+    import subprocess
+    import sys
+    code = "import os, mdnumba, numba.core.config as c; print(c.CUDA_LOW_OCCUPANCY_WARNINGS)"
+    for given, want in ((None, "0"), ("1", "1")):
+        env = {k: v for k, v in os.environ.items() if k != "NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS"}
+        if given is not None:
+            env["NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS"] = given
+        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert res.returncode == 0 and res.stdout == want + "\n", res.stderr
+
+
 @pytest.mark.parametrize("code", ["import mdnumba", "from mdnumba.cli.main import main; main()"])
 def test_a_bad_environment_setting_is_one_line_not_a_traceback(code):
     """Raised while mdnumba is imported, where the mdnumba command cannot catch it; a program
