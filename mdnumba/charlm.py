@@ -313,6 +313,9 @@ def iter_sample(model: CharLM, corpus: Corpus, length: int, temperature: float,
     A bad temperature or prime raises here, before the first piece."""
     if not 0 < temperature < np.inf:  # inf would sample uniformly, ignoring the model
         raise ValueError(f"--temperature must be a finite number > 0, got {temperature}")
+    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < (0 if prime else 1):
+        raise ValueError(f"--length must be an integer >= {0 if prime else 1} (without a prime the random "
+                         f"first character is the first of them), got {length!r}")
     if not prime:
         prime, length = corpus.decode([int(rng.integers(corpus.vocab_size))]), length - 1
     ids = list(corpus.encode(prime, "--prime"))

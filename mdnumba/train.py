@@ -579,7 +579,7 @@ class Trainer:
         size = self.cfg.size if size is None else size
         if size < self.task.min_size:
             raise ValueError(f"--size must be >= {self.task.min_size}, got {size}")
-        rng = np.random.default_rng(seed)
+        rng, batches = np.random.default_rng(seed), check_positive_int(batches, "batches")
         totals: dict[str, float] = {}
         for _ in range(batches):
             batch = self.task.sample(rng, self.cfg.batch, size, np.dtype(self.cfg.dtype))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._validate import check_positive_int
 from .charlm import BITS_PER_NAT, CharLM, Corpus, iter_sample, softmax_xent
 from .checkpoint import CheckpointError
 from .train import TrainConfig, Trainer
@@ -89,6 +90,7 @@ class CharLMTrainer(Trainer):
         self._backward(dlogits)
         self._optimizer_step()
         self.step += 1
+        dt = time.perf_counter() - t0  # the step's own time: not the validation below
         val = self._val
         if not self._val or self.step % self.EVAL_EVERY == 0:
             val = self._val = self.evaluate(batches=self.EVAL_BATCHES, save=True)
@@ -96,7 +98,6 @@ class CharLMTrainer(Trainer):
             # the last row's own evaluation is neither carried on nor saved: a run resumed
             # with more --steps then logs what one run of that length would
             val = self.evaluate(batches=self.EVAL_BATCHES, save=True)
-        dt = time.perf_counter() - t0
         return {"loss": loss, "bpc": loss * BITS_PER_NAT, **val, "time": dt,
                 "chars_per_s": x.size / dt}
 
@@ -109,7 +110,7 @@ class CharLMTrainer(Trainer):
                  save: bool = False) -> dict:
         """Mean validation loss (nats/char) and bits per char over fixed random windows
         (``save`` as in :meth:`Trainer.evaluate`)."""
-        rng = np.random.default_rng(seed)
+        rng, batches = np.random.default_rng(seed), check_positive_int(batches, "batches")
         losses = [softmax_xent(self.model.forward(x, save=save), y)[0] for x, y in
                   (self.corpus.batch(rng, "val", self.cfg.batch, self.cfg.seq_len) for _ in range(batches))]
         val = float(np.mean(losses))

@@ -318,6 +318,17 @@ def test_sampling_without_a_prime_shows_the_character_it_starts_from():
     assert all("abcde".index(b) == ("abcde".index(a) + 1) % 5 for a, b in zip(text, text[1:]))
 
 
+def test_a_sample_length_below_its_first_character_is_refused():
+    """Without a prime the random first character is the first of ``length``: 0 gave it anyway,
+    and a negative length gave the prime alone."""
+    corpus = Corpus.from_vocab(list("abcde"))
+    stub = _StubLM(lambda ids: np.zeros(5))
+    for length, prime in ((0, ""), (-2, ""), (-1, "ab"), (2.5, "ab")):
+        with pytest.raises(ValueError, match=f"^--length must be an integer >= {0 if prime else 1}"):
+            sample_text(stub, corpus, length, 1.0, np.random.default_rng(0), prime=prime)
+    assert sample_text(stub, corpus, 0, 1.0, np.random.default_rng(0), prime="ab") == "ab"
+
+
 def test_sampling_conditions_on_the_last_window_characters():
     corpus = Corpus.from_vocab(list("abcde"))
     stub = _StubLM(lambda ids: 50.0 * np.eye(5)[(ids[-1] + 1) % 5])  # next = last + 1
@@ -402,6 +413,19 @@ def test_the_last_step_logs_a_fresh_validation(tmp_path, textfile):
     fresh = tr.evaluate(batches=tr.EVAL_BATCHES)["val_loss"]
     assert float(last["val_loss"]) == pytest.approx(fresh, rel=1e-5)
     assert tr.evaluate(batches=2, save=True) == tr.evaluate(batches=2)  # the run's own: saving forward
+
+
+def test_a_steps_time_leaves_its_validation_out(textfile, monkeypatch):
+    """The rows that validate logged a third of the real chars/s: their time counted it."""
+    import time
+    tr = make_trainer(TrainConfig(model="stacked", task="char-lm", data=str(textfile), hidden=4, seq_len=8,
+                                  batch=2, steps=2))
+    tr.train_step()  # compiles; step 2, the last, validates
+    monkeypatch.setattr(tr, "evaluate", lambda **kw: (time.sleep(1.0), {"val_loss": 1.0, "val_bpc": 1.0})[1])
+    m = tr.train_step()
+    assert m["val_loss"] == 1.0 and m["time"] < 1.0 and m["chars_per_s"] == pytest.approx(16 / m["time"])
+    with pytest.raises(ValueError, match="batches must be"):
+        type(tr).evaluate(tr, batches=0)
 
 
 def test_a_run_extended_by_resume_logs_what_one_run_would(tmp_path, textfile, monkeypatch):

@@ -333,6 +333,14 @@ def test_bad_checkpoint_configs_are_checkpoint_errors(tmp_path, edit, match):
         Trainer.load(tmp_path)
 
 
+def test_evaluate_needs_a_batch():
+    """batches=0 returned {} (no metrics), as if evaluated."""
+    tr = make_trainer(TrainConfig(steps=1, **KW))
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="batches must be"):
+            tr.evaluate(batches=bad)
+
+
 def test_the_seed_chooses_the_data_and_evaluate_has_its_own():
     """Different seeds train on different batches; evaluate draws from its own RNG (the same
     numbers every call, the training stream untouched) at the size it is given."""
