@@ -20,6 +20,7 @@ import numpy.typing as npt
 
 from . import config
 from ._validate import (
+    check_array,
     check_finite_params,
     check_positive_int,
     check_shape,
@@ -47,6 +48,11 @@ class Corpus:
     train: np.ndarray
     val: np.ndarray
     source: str = "the text"   # where the text came from, for messages
+
+    def __post_init__(self) -> None:
+        if len(set(self.vocab)) < len(self.vocab):  # encode would map a character to its last id
+            text = "".join(map(str, self.vocab))
+            raise CorpusError(f"a vocabulary holds each character once, got {text!r}")
 
     @classmethod
     def from_text(cls, text: str, val_fraction: float = 0.1, vocab: list | None = None) -> Corpus:
@@ -120,6 +126,9 @@ class Corpus:
               seq_len: int) -> tuple[np.ndarray, np.ndarray]:
         """Random windows: inputs ``x`` (B, T) and next-character targets ``y`` (B, T)."""
         self.require_text()
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        self.check_seq_len(check_positive_int(seq_len, "seq_len"))
         ids = self.train if split == "train" else self.val
         start = rng.integers(0, len(ids) - seq_len, size=batch)
         idx = start[:, None] + np.arange(seq_len + 1)
@@ -139,6 +148,11 @@ class Corpus:
 
     def decode(self, ids: Iterable[int]) -> str:
         """The text of vocabulary ids ``ids`` (the inverse of :meth:`encode`)."""
+        V, ids = len(self.vocab), list(ids)
+        bad = [k for k in ids if isinstance(k, bool) or not isinstance(k, (int, np.integer))
+               or not 0 <= k < V]
+        if bad:
+            raise ValueError(f"decode takes vocabulary ids, integers in [0, {V}), got {bad[0]!r}")
         return "".join(self.vocab[int(k)] for k in ids)
 
 
@@ -148,6 +162,7 @@ class Embedding(OwnsParams):
     _BUFFERS = {"_ids": lambda: None}
 
     def __init__(self, vocab: int, dim: int, seed: int = 0, dtype: npt.DTypeLike = config.DEFAULT_DTYPE):
+        vocab, dim = check_positive_int(vocab, "vocab"), check_positive_int(dim, "dim")
         self.layout = ParamLayout({"W": (vocab, dim)})
         self.dtype = config.resolve_dtype(dtype)
         self.params, self.grads = self.layout.new(self.dtype), self.layout.new(self.dtype)
@@ -175,7 +190,9 @@ class Embedding(OwnsParams):
         """``dW[ids] += dy`` (repeated ids add up); the ids have no gradient."""
         if self._ids is None:
             raise missing_activations(run="forward(ids)")
-        check_shape(dy, self._ids.shape + self.params["W"].shape[1:])
+        want = self._ids.shape + self.params["W"].shape[1:]
+        check_shape(dy, want)
+        dy = check_array(dy, "dy", len(want), want[-1], self.dtype, "(the output's shape)")  # NaN, dtype
         scatter_add_rows(self.grads["W"], self._ids.reshape(-1), dy.reshape(-1, dy.shape[-1]))
 
 
@@ -187,9 +204,11 @@ class Dropout:
             raise ValueError(f"dropout must lie in [0, 1), got {p}")
         self.p = float(p)
         self._mask: np.ndarray | None = None
+        self._shape: tuple | None = None  # of the last forward's x (backward's dy)
 
     def forward(self, x: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
         """``x`` with dropout applied when ``rng`` is given (training) and p > 0, else ``x`` itself."""
+        self._shape = np.shape(x)
         if rng is None or self.p == 0:
             self._mask = None
             return x
@@ -198,6 +217,8 @@ class Dropout:
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
         """``dy`` through the last forward's mask (``dy`` itself when none was applied)."""
+        if self._shape is not None:
+            check_shape(dy, self._shape)  # a mask would broadcast over another shape
         return dy if self._mask is None else dy * self._mask
 
     def free_buffers(self) -> None:
@@ -217,13 +238,21 @@ def softmax_xent(logits: np.ndarray, targets: np.ndarray) -> tuple[float, np.nda
     """Mean cross-entropy (nats) of ``softmax(logits)`` against int ``targets``; returns
     ``(L, dL/dlogits = (p − onehot)/n, p)``. ``L`` from the log-softmax
     ``z_t − max z − log Σ exp(z − max z)``, exact however unlikely the target."""
+    t = np.asarray(targets)
+    V = logits.shape[-1]
+    if t.shape != logits.shape[:-1] or not t.size:
+        raise ValueError(f"targets must have the logits' shape without the vocabulary axis, "
+                         f"{logits.shape[:-1]}, and hold some, got {t.shape}")
+    if not np.issubdtype(t.dtype, np.integer) or t.min() < 0 or t.max() >= V:  # -1 would wrap
+        raise ValueError(f"targets must be integer ids in [0, {V}), got {t.dtype} "
+                         f"from {t.min()} to {t.max()}")
     z = logits.astype(np.float64)
     z -= z.max(axis=-1, keepdims=True)
     p = np.exp(z)
     total = p.sum(axis=-1, keepdims=True)  # in [1, vocab]: its log is exact enough
     p /= total
     flat = p.reshape(-1, p.shape[-1])
-    t = np.asarray(targets).reshape(-1)
+    t = t.reshape(-1)
     n = t.size
     log_p = z.reshape(flat.shape)[np.arange(n), t] - np.log(total).reshape(-1)
     loss = float(-np.mean(log_p))
@@ -242,7 +271,8 @@ class CharLM(LayerGroup):
                  device: str = "cpu"):
         if kind not in ("grid", "stacked"):
             raise ValueError(f"char-lm model must be 'grid' or 'stacked', got {kind!r}")
-        check_positive_int(layers, "layers")
+        for value, name in ((vocab, "vocab"), (hidden, "hidden"), (layers, "layers")):
+            check_positive_int(value, name)
         self.kind = kind
         seed = shared_seed(seed)
         self.embed = Embedding(vocab, hidden, seed=seed, dtype=dtype)
@@ -313,6 +343,7 @@ def iter_sample(model: CharLM, corpus: Corpus, length: int, temperature: float,
     A bad temperature or prime raises here, before the first piece."""
     if not 0 < temperature < np.inf:  # inf would sample uniformly, ignoring the model
         raise ValueError(f"--temperature must be a finite number > 0, got {temperature}")
+    check_positive_int(window, "window")
     if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < (0 if prime else 1):
         raise ValueError(f"--length must be an integer >= {0 if prime else 1} (without a prime the random "
                          f"first character is the first of them), got {length!r}")

@@ -329,6 +329,46 @@ def test_a_sample_length_below_its_first_character_is_refused():
     assert sample_text(stub, corpus, 0, 1.0, np.random.default_rng(0), prime="ab") == "ab"
 
 
+def test_the_language_model_helpers_refuse_what_they_cannot_use(rng):
+    """Found by a review: a target of -1 wrapped to the last class (a wrong loss), a NaN dy went
+    into the embedding's gradient, a vocabulary with a character twice encoded it as its last
+    id, decode(-1) gave the last character, and sizes, splits and windows went unchecked."""
+    from mdnumba import NonFiniteError
+    lg = rng.standard_normal((2, 3, 4))
+    for targets in ([[-1, 1, 2], [3, 0, 1]], [[4, 1, 2], [3, 0, 1]], np.zeros((3, 2), int),
+                    np.zeros((2, 3)), np.zeros((2, 0), int)):
+        with pytest.raises(ValueError, match="^targets must"):
+            softmax_xent(lg, np.asarray(targets))
+    emb = Embedding(5, 3, dtype=np.float64)
+    emb.forward(np.array([[1, 2]]))
+    with pytest.raises(NonFiniteError, match="^dy contains 1 NaN"):
+        emb.backward(np.array([[[np.nan, 0, 0], [0, 0, 0]]]))
+    emb.backward([[[1.0, 0, 0], [0, 0, 0]]])  # array-likes as everywhere
+    assert emb.grads.W[1, 0] == 1.0
+    for make, match in ((lambda: Embedding(0, 3), "vocab must be"), (lambda: Embedding(3, 0), "dim must be"),
+                        (lambda: CharLM("grid", 2.5, 3, 2), "vocab must be"),
+                        (lambda: CharLM("stacked", 5, -1, 2), "hidden must be")):
+        with pytest.raises((TypeError, ValueError), match=match):
+            make()
+    with pytest.raises(CorpusError, match="each character once, got 'abca'"):
+        Corpus.from_vocab(list("abca"))
+    corpus = Corpus.from_text("abcdefghij" * 3)
+    for ids in ([-1], [1.7], [10], [True]):
+        with pytest.raises(ValueError, match=r"^decode takes vocabulary ids, integers in \[0, 10\)"):
+            corpus.decode(ids)
+    assert corpus.decode(iter([0, 1])) == "ab"
+    for split, seq_len, match in (("valid", 2, "split must be"), ("train", -1, "seq_len must be"),
+                                  ("val", 3, "needs at least 4 characters")):
+        with pytest.raises(ValueError, match=match):
+            corpus.batch(rng, split, 2, seq_len)
+    with pytest.raises(ValueError, match="window must be"):
+        sample_text(_StubLM(lambda ids: np.zeros(10)), corpus, 3, 1.0, rng, prime="ab", window=0)
+    drop = Dropout(0.5)
+    drop.forward(np.ones((2, 3)), rng)
+    with pytest.raises(ValueError, match=r"dy must have shape \(2, 3\)"):
+        drop.backward(np.ones(3))
+
+
 def test_sampling_conditions_on_the_last_window_characters():
     corpus = Corpus.from_vocab(list("abcde"))
     stub = _StubLM(lambda ids: 50.0 * np.eye(5)[(ids[-1] + 1) % 5])  # next = last + 1
