@@ -41,11 +41,17 @@ def check_array(x: npt.ArrayLike, name: str, ndim: int, last: int | None, dtype:
     return np.ascontiguousarray(arr, dtype=dtype)
 
 
+def is_array_like(x: object) -> bool:
+    """Whether ``np.asarray(x)`` gives an array of ``x``'s values: an array, an object with
+    ``__array__``, a list, tuple or buffer (not None, a string or a dict)."""
+    return hasattr(x, "__array__") or isinstance(x, (list, tuple, memoryview))
+
+
 def as_array(x: npt.ArrayLike, name: str, layout: str) -> np.ndarray:
     """``np.asarray(x)`` for an array, array-like, buffer, list or tuple, else TypeError; also
     refuses a masked array with masked values (the layers would read the values under the
     mask) and a ragged list, saying what to do."""
-    if not hasattr(x, "__array__") and not isinstance(x, (list, tuple, memoryview)):
+    if not is_array_like(x):
         raise TypeError(f"{name} must be a NumPy array of shape {layout}, got {type(x).__name__}")
     if np.ma.is_masked(x):
         n = int(np.ma.count_masked(x))
@@ -251,7 +257,7 @@ def check_shape(a: object, want: tuple, name: str = "dy") -> None:
     """Raise ValueError unless ``a`` has shape ``want`` (e.g. a gradient: the shape of the
     output it belongs to, not just the same number of values); TypeError unless ``a`` is an
     array or array-like (NumPy or CUDA)."""
-    if not (hasattr(a, "__array__") or is_device_array(a) or isinstance(a, (list, tuple, memoryview))):
+    if not (is_array_like(a) or is_device_array(a)):
         raise TypeError(f"{name} must be an array of shape {tuple(want)} (the forward output's), "
                         f"got {type(a).__name__}")
     if tuple(np.shape(a)) != tuple(want):
