@@ -196,7 +196,7 @@ class DeviceTrainer(Trainer):
         draw = self._take_prefetched(start, n) or self._draw(start, n, self.rng.bit_generator.state)
         xs, ys = self._upload(draw.x), self._upload(draw.y)
         index_dev = self._cuda.to_device(draw.index)
-        probes = self._cuda.device_array(draw.offsets[-1], dtype=self.model.dtype)
+        probes = self._cuda.device_array(int(draw.offsets[-1]), dtype=self.model.dtype)
         RB, offsets = self.k.REDUCE_BLOCKS, draw.offsets
         record = self.k.scratch(n * (1 + RB))  # [norm_0..norm_{n-1} | loss block sums, RB per step]
         for i in range(n):

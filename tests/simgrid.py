@@ -16,6 +16,7 @@ the GPU. :func:`install` makes every launch run like hardware would allow it to:
 - a barrier some threads skip (they return, or wait at another barrier) raises
   :class:`DivergentSync` saying which thread, instead of hanging or, as in numba's simulator,
   releasing the others;
+- ``device_array`` checks its shape as the GPU's does (a NumPy integer is refused there);
 - memory a GPU leaves uninitialised (``device_array``, shared and local arrays) holds NaN
   or a huge integer, not numba's ``np.empty`` (often zeros);
 - every access to an element of a global or shared array is checked against the others
@@ -39,7 +40,7 @@ from contextlib import contextmanager
 
 import numpy as np
 from numba import cuda
-from numba.cuda import simulator, types
+from numba.cuda import api_util, simulator, types
 from numba.cuda.np import numpy_support
 from numba.cuda.simulator import kernel as simkernel
 from numba.cuda.simulator import kernelapi
@@ -333,8 +334,11 @@ def _poison(ary: np.ndarray) -> np.ndarray:
     return ary
 
 
-def _poisoned_device_array(*args, **kwargs):
-    dev = _ORIGINAL["device_array"](*args, **kwargs)
+def _poisoned_device_array(shape, dtype=np.float64, strides=None, order="C", stream=0):
+    # the GPU's check of the shape first: it takes a Python int or a tuple, and refuses a NumPy
+    # integer ("'numpy.int64' object is not iterable"), which the simulator's np.ndarray accepts
+    api_util.prepare_shape_strides_dtype(shape, strides, dtype, order)
+    dev = _ORIGINAL["device_array"](shape=shape, dtype=dtype, strides=strides, order=order, stream=stream)
     _poison(dev._ary)
     return dev
 
