@@ -1427,10 +1427,11 @@ def test_gpu(case, gpu_report):
 
 
 @pytest.mark.skipif(IN_SIMULATOR, reason="this process already runs the simulator")
-@pytest.mark.parametrize("rows", OTHER_ROWS)
+@pytest.mark.parametrize("rows", sorted(OTHER_ROWS))
 def test_simulator_other_rows_per_thread(rows, simulator_runs):
-    """The sweep cases with another MDNUMBA_CUDA_ROWS_PER_THREAD (compile-time; the GPU tuning
-    script tries 1, 2, 4 and 8): one row per thread, and 3 (B=2 and B=5 leave remainders)."""
+    """The sweep cases with another MDNUMBA_CUDA_ROWS_PER_THREAD and MDNUMBA_CUDA_UNROLL
+    (compile-time; the GPU tuning script tries others): one row per thread without unrolling,
+    and 3 rows, 3 steps (B=2 and B=5 leave remainders, as D and (N+3)*D do)."""
     report = simulator_runs[rows].report()
     assert len(report) >= 20, report
     _assert_passed(report)

@@ -95,6 +95,9 @@ PATHS = config.CUDA_PATHS
 _JIT = dict(fastmath=config.FASTMATH)
 #: batch rows per sweep thread (compile-time: sizes its register arrays)
 ROWS_PER_THREAD: int = max(1, config.CUDA_ROWS_PER_THREAD)
+#: steps of a sweep thread's inner sum whose loads are issued together (compile-time: sizes the
+#: register arrays); a thread's sum is a chain of memory round trips, this many per trip
+UNROLL: int = max(1, config.CUDA_UNROLL)
 #: gate blocks a forward thread accumulates at once (N + 3 <= 6, i.e. N <= 3: one pass)
 GATE_CHUNK = 6
 
@@ -162,7 +165,8 @@ def _rows_preact(act, h, Uf, uo, parent, base, s, b0, nb, j, B, D, g0, width):
     ROWS_PER_THREAD rows and each h value for every gate: accumulators stay in registers.
 
     The k loop is the hot loop and kept lean (compiled for sm_90 it went from ~9 to ~3.2
-    instructions per FMA in 2D): row and column offsets hoisted out of it, unsigned indices
+    instructions per FMA in 2D): :data:`UNROLL` steps' loads issued before their FMAs (memory
+    latency, not arithmetic, bounds a sweep thread), offsets hoisted out of it, unsigned indices
     (:func:`_at`), a ``while`` loop (numba's ``range`` iterator adds a count and sign checks to
     each iteration) and no per-gate branch (gates past ``ng`` and rows past ``nb`` repeat the
     last real one and are not stored). ``width`` (<= GATE_CHUNK) is a constant at each call
@@ -173,8 +177,8 @@ def _rows_preact(act, h, Uf, uo, parent, base, s, b0, nb, j, B, D, g0, width):
     ng = min(N + 3 - g0, GATE_CHUNK)
     r = base + s * B + b0
     acc = cuda.local.array((ROWS_PER_THREAD, GATE_CHUNK), act.dtype)
-    hv = cuda.local.array(ROWS_PER_THREAD, act.dtype)
-    uv = cuda.local.array(GATE_CHUNK, act.dtype)
+    hv = cuda.local.array((UNROLL, ROWS_PER_THREAD), act.dtype)
+    uv = cuda.local.array((UNROLL, GATE_CHUNK), act.dtype)
     col = cuda.local.array(GATE_CHUNK, numba.int64)
     hrow = cuda.local.array(ROWS_PER_THREAD, numba.int64)
     for g in range(width):
@@ -189,16 +193,28 @@ def _rows_preact(act, h, Uf, uo, parent, base, s, b0, nb, j, B, D, g0, width):
                 hrow[i] = base + p * B + b0 + min(i, nb - 1)
             u = uo + d * G
             k = 0
-            while k < D:
+            while k + UNROLL <= D:  # UNROLL steps' loads first, then their FMAs
+                for q in range(UNROLL):
+                    for i in range(ROWS_PER_THREAD):
+                        hv[q, i] = h[_at(hrow[i]), _at(k + q)]
+                    for g in range(width):
+                        uv[q, g] = Uf[_at(u + q * NG + col[g])]
+                for q in range(UNROLL):
+                    for i in range(ROWS_PER_THREAD):
+                        for g in range(width):
+                            acc[i, g] += hv[q, i] * uv[q, g]
+                u += UNROLL * NG
+                k += UNROLL
+            while k < D:  # the last D % UNROLL steps
                 for i in range(ROWS_PER_THREAD):
-                    hv[i] = h[_at(hrow[i]), _at(k)]
+                    hv[0, i] = h[_at(hrow[i]), _at(k)]
                 for g in range(width):
-                    uv[g] = Uf[_at(u + col[g])]
+                    uv[0, g] = Uf[_at(u + col[g])]
                 u += NG
                 k += 1
                 for i in range(ROWS_PER_THREAD):
                     for g in range(width):
-                        acc[i, g] += hv[i] * uv[g]
+                        acc[i, g] += hv[0, i] * uv[0, g]
     for i in range(ROWS_PER_THREAD):  # constant trip counts everywhere: acc can live in registers
         for g in range(width):
             if i < nb and g < ng:
@@ -336,11 +352,14 @@ def _infer_plane(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, B, D, cell, 
 def _rows_pull(dh, dact, UTf, uo, child, base, s, b0, nb, j, B, D, N):
     """``dh[r_i, j] += Σ_d Σ_g dact[base + child_d(s)*B + b0 + i, g] · UT[g, d*D + j]`` for the
     ``nb`` rows ``r_i = base + s*B + b0 + i`` (UT at ``UTf[uo:]``; each weight serves every row).
-    The g loop is kept lean as in :func:`_rows_preact` (~17 -> ~5 instructions per FMA)."""
+    The g loop is kept lean as in :func:`_rows_preact` (~17 -> ~5 instructions per FMA), :data:`UNROLL`
+    steps' loads before their FMAs."""
     G = (N + 3) * D
     ND = N * D
     r = base + s * B + b0
     acc = cuda.local.array(ROWS_PER_THREAD, dh.dtype)
+    uv = cuda.local.array(UNROLL, dh.dtype)
+    dv = cuda.local.array((UNROLL, ROWS_PER_THREAD), dh.dtype)
     for i in range(ROWS_PER_THREAD):  # rows past nb repeat the last one and are not stored
         acc[i] = dh[r + min(i, nb - 1), j]
     crow = cuda.local.array(ROWS_PER_THREAD, numba.int64)
@@ -351,7 +370,17 @@ def _rows_pull(dh, dact, UTf, uo, child, base, s, b0, nb, j, B, D, N):
                 crow[i] = base + ch * B + b0 + min(i, nb - 1)
             q = uo + d * D + j
             g = 0
-            while g < G:
+            while g + UNROLL <= G:  # UNROLL steps' loads first, then their FMAs
+                for p in range(UNROLL):
+                    uv[p] = UTf[_at(q + p * ND)]
+                    for i in range(ROWS_PER_THREAD):
+                        dv[p, i] = dact[_at(crow[i]), _at(g + p)]
+                for p in range(UNROLL):
+                    for i in range(ROWS_PER_THREAD):
+                        acc[i] += dv[p, i] * uv[p]
+                q += UNROLL * ND
+                g += UNROLL
+            while g < G:  # the last G % UNROLL steps
                 u = UTf[_at(q)]
                 for i in range(ROWS_PER_THREAD):
                     acc[i] += dact[_at(crow[i]), _at(g)] * u
