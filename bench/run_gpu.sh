@@ -8,14 +8,16 @@
 # The wheels for this interpreter are installed into a fresh temporary folder put first on PYTHONPATH.
 # mdnumba itself runs from the working tree (PYTHONPATH=.).
 #
-# Usage: bench/run_gpu.sh [--tests | --tests-only | --tune | --profile | --smoke] [bench_gpu.py / tune_gpu.py options]
+# Usage: bench/run_gpu.sh [--tests | --tests-only | --tune | --family | --profile | --smoke]
+#                         [bench_gpu.py / tune_gpu.py options]
 #   (none)         the benchmarks: bench_gpu.py (-> gpu.md), then bench_family.py --device cuda
 #   --tests        first the real-GPU cases of tests/test_cuda.py (test_gpu: every simulator case
 #                  on the GPU, in concurrent shards; the simulator runs themselves are CI's), then
 #                  the benchmarks: everything in ONE device call (a session's device time is ~15
 #                  minutes, the machine's start included, and one call may run 10)
 #   --tests-only   only the tests (cut at the deadline only)
-#   --tune         only bench/tune_gpu.py: rows per thread x threads per block -> tune_gpu.md
+#   --tune         only bench/tune_gpu.py: rows per thread x unrolled steps x threads per block -> tune_gpu.md
+#   --family       only bench_family.py --device cuda (-> family_cuda.md, with the launcher breakdown)
 #   --profile      only Nsight Compute on the sweep and GEMM kernels of bench/profile_gpu.py
 #                  (after 2 warm-up steps) at 32x32 B64 D64 and 256x256 B8 D128 -> ncu_*.csv
 #   --smoke        as --tests, with the benchmarks' --smoke at tiny sizes: a check that the whole
@@ -40,6 +42,7 @@ case "${1:-}" in
   --smoke) run_tests=1; bench_args=(--smoke --configs 4x4x1x2); family_args=(--smoke); shift ;;
   --tests-only) run_tests=2; shift ;;
   --tune) run_tests=tune; shift ;;
+  --family) run_tests=family; shift ;;
   --profile) run_tests=profile; shift ;;
 esac
 
@@ -108,7 +111,7 @@ if [ "$run_tests" = tune ]; then
     | tee "$out_dir/tune_gpu.log" || status=1
   exit $status
 fi
-if [ "$run_tests" != 0 ]; then
+if [ "$run_tests" != 0 ] && [ "$run_tests" != family ]; then
   # -k test_gpu: the real-GPU cases only (the simulator cases and ptxcheck run in CI); the shards'
   # own logs and reports go to a temp folder, packed into ONE file of $out_dir (kept when the part
   # is cut): the device tool brings back at most 8 files, and the shards alone write 9
@@ -135,11 +138,13 @@ if [ "$run_tests" != 0 ]; then
   [ "$run_tests" = 2 ] && exit $status
 fi
 
-# the family benchmark (issue 6) keeps FAMILY_MIN_S (default 90) of the deadline for itself
-bench_cap=$(( deadline - SECONDS - ${FAMILY_MIN_S:-90} ))
-[ "$bench_cap" -gt "${BENCH_MAX_S:-300}" ] && bench_cap=${BENCH_MAX_S:-300}
-part "$bench_cap" python3 bench/bench_gpu.py --out "$out_dir/gpu.md" ${bench_args[@]+"${bench_args[@]}"} "$@" 2>&1 \
-  | tee "$out_dir/bench_gpu.log" || status=1
+if [ "$run_tests" != family ]; then
+  # the family benchmark (issue 6) keeps FAMILY_MIN_S (default 90) of the deadline for itself
+  bench_cap=$(( deadline - SECONDS - ${FAMILY_MIN_S:-90} ))
+  [ "$bench_cap" -gt "${BENCH_MAX_S:-300}" ] && bench_cap=${BENCH_MAX_S:-300}
+  part "$bench_cap" python3 bench/bench_gpu.py --out "$out_dir/gpu.md" ${bench_args[@]+"${bench_args[@]}"} "$@" 2>&1 \
+    | tee "$out_dir/bench_gpu.log" || status=1
+fi
 # issue 6: 4-direction 2D and 3D layers vs PyTorch autograd on the same GPU
 part "$deadline" python3 bench/bench_family.py --device cuda ${family_args[@]+"${family_args[@]}"} \
   --out "$out_dir/family_cuda.md" 2>&1 \

@@ -1,14 +1,16 @@
-"""GPU tuning sweep (issue 5): sweep time per anti-diagonal vs. rows per thread and block size.
+"""GPU tuning sweep (issue 5): sweep time per anti-diagonal vs. rows per thread, unrolled steps
+and block size.
 
-``MDNUMBA_CUDA_ROWS_PER_THREAD`` (batch rows a sweep thread computes, compile-time: it sizes
-the register arrays) and ``MDNUMBA_THREADS_PER_BLOCK`` are read when mdnumba is imported, so
+``MDNUMBA_CUDA_ROWS_PER_THREAD`` (batch rows a sweep thread computes), ``MDNUMBA_CUDA_UNROLL``
+(steps of its inner sum whose loads go out together; both compile-time: they size the register
+arrays) and ``MDNUMBA_THREADS_PER_BLOCK`` are read when mdnumba is imported, so
 each combination runs in a child process of its own (``--child``), which builds a
 ``CudaLSTM`` on the cooperative path, times the forward and backward sweeps alone and a
 device train step (``bench_gpu.mdnumba_device_fns``) and prints one JSON line. The parent
 collects them into a markdown table (default ``bench/results/tune_gpu.md``): the fastest
 combination per config is the default to pick in ``mdnumba/config.py``.
 
-Usage: ``python bench/tune_gpu.py [--rows 1,2,4,8] [--tpb 64,128,256] [--configs 32,256]
+Usage: ``python bench/tune_gpu.py [--rows 1,2,4,8] [--unroll 1,4,8] [--tpb 64,128,256] [--configs 32,256]
 [--quick] [--out PATH]``; on a lent GPU machine ``bench/run_gpu.sh --tune``.
 """
 
@@ -42,42 +44,45 @@ def child(configs: list[str], budget: float) -> None:
         path = last_path()
         sweeps = sweep_times(dev, cfg, "cooperative", cuda.synchronize, budget)
         print(json.dumps({"config": cfg.label, "rows": config.CUDA_ROWS_PER_THREAD,
-                          "tpb": config.THREADS_PER_BLOCK, "train_ms": step.best * 1e3,
+                          "unroll": config.CUDA_UNROLL, "tpb": config.THREADS_PER_BLOCK,
+                          "train_ms": step.best * 1e3,
                           "fwd_us_diag": sweeps["forward"].best / cfg.diagonals * 1e6,
                           "bwd_us_diag": sweeps["backward"].best / cfg.diagonals * 1e6,
                           "path": path}), flush=True)
 
 
-def run_combo(rows: int, tpb: int, configs: str, quick: bool) -> list[dict]:
-    """Run :func:`child` with ``rows`` per thread and ``tpb`` threads per block."""
-    env = dict(os.environ, MDNUMBA_CUDA_ROWS_PER_THREAD=str(rows), MDNUMBA_THREADS_PER_BLOCK=str(tpb))
+def run_combo(rows: int, unroll: int, tpb: int, configs: str, quick: bool) -> list[dict]:
+    """Run :func:`child` with ``rows`` per thread, ``unroll`` steps and ``tpb`` threads per block."""
+    env = dict(os.environ, MDNUMBA_CUDA_ROWS_PER_THREAD=str(rows), MDNUMBA_CUDA_UNROLL=str(unroll),
+               MDNUMBA_THREADS_PER_BLOCK=str(tpb))
     cmd = [sys.executable, __file__, "--child", "--configs", configs] + (["--quick"] if quick else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     found = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0:
-        found.append({"config": "?", "rows": rows, "tpb": tpb,
+        found.append({"config": "?", "rows": rows, "unroll": unroll, "tpb": tpb,
                       "error": (proc.stderr.strip().splitlines() or ["no output"])[-1]})
     return found
 
 
 def render(rows: list[dict]) -> str:
-    out = ["# GPU tuning: rows per thread x threads per block (cooperative path)", "",
+    out = ["# GPU tuning: rows per thread x unrolled steps x threads per block (cooperative path)", "",
            "Produced by `python bench/tune_gpu.py` (one process per combination). Best of N; sweeps "
            "alone per anti-diagonal, train step = `CudaLSTM` forward + backward + `CudaAdam`. "
            "**Bold**: fastest train step per config.", "",
-           "| config | rows/thread | threads/block | train step ms | forward µs/diag | "
-           "backward µs/diag | path |", "|---|---|---|---|---|---|---|"]
+           "| config | rows/thread | unroll | threads/block | train step ms | forward µs/diag | "
+           "backward µs/diag | path |", "|---|---|---|---|---|---|---|---|"]
     best = {}
     for r in rows:
         if "train_ms" in r and r["train_ms"] < best.get(r["config"], float("inf")):
             best[r["config"]] = r["train_ms"]
-    for r in sorted(rows, key=lambda r: (r["config"], r["rows"], r["tpb"])):
+    for r in sorted(rows, key=lambda r: (r["config"], r["rows"], r["unroll"], r["tpb"])):
+        setting = f"| {r['config']} | {r['rows']} | {r['unroll']} | {r['tpb']} |"
         if "error" in r:
-            out.append(f"| {r['config']} | {r['rows']} | {r['tpb']} | FAILED: {r['error']} | | | |")
+            out.append(f"{setting} FAILED: {r['error']} | | | |")
             continue
         t = f"{r['train_ms']:.3g}"
         t = f"**{t}**" if r["train_ms"] == best[r["config"]] else t
-        out.append(f"| {r['config']} | {r['rows']} | {r['tpb']} | {t} | {r['fwd_us_diag']:.1f} | "
+        out.append(f"{setting} {t} | {r['fwd_us_diag']:.1f} | "
                    f"{r['bwd_us_diag']:.1f} | {r['path']} |")
     return "\n".join(out) + "\n"
 
@@ -85,6 +90,7 @@ def render(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default="1,2,4,8", help="rows per thread to try (comma list)")
+    ap.add_argument("--unroll", default="1,4,8", help="unrolled steps to try (comma list)")
     ap.add_argument("--tpb", default="64,128,256", help="threads per block to try (comma list)")
     ap.add_argument("--configs", default="32,256", help="as bench_gpu.py --configs")
     ap.add_argument("--quick", action="store_true", help="few repeats (smoke run)")
@@ -96,13 +102,14 @@ def main(argv: list[str] | None = None) -> int:
         child(args.configs.split(","), budget)
         return 0
     rows: list[dict] = []
-    for r in (int(v) for v in args.rows.split(",")):
-        for t in (int(v) for v in args.tpb.split(",")):
-            t0 = time.perf_counter()
-            rows += run_combo(r, t, args.configs, args.quick)
-            print(f"rows/thread {r}, threads/block {t}: {time.perf_counter() - t0:.0f} s", flush=True)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(render(rows))  # after every combination: a cut-off run keeps its rows
+    combos = [(int(r), int(u), int(t)) for r in args.rows.split(",") for u in args.unroll.split(",")
+              for t in args.tpb.split(",")]
+    for r, u, t in combos:
+        t0 = time.perf_counter()
+        rows += run_combo(r, u, t, args.configs, args.quick)
+        print(f"rows/thread {r}, unroll {u}, threads/block {t}: {time.perf_counter() - t0:.0f} s", flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(render(rows))  # after every combination: a cut-off run keeps its rows
     print(render(rows))
     return 0 if rows and all("error" not in r for r in rows) else 1
 
