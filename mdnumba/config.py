@@ -9,9 +9,10 @@ place to change them. Environment variables override the defaults:
 - ``MDNUMBA_THREADS_PER_BLOCK`` sets the CUDA block size (default 128, at most 256: the
   sweep kernels use up to ~250 registers per thread in float64, and an SM has 65,536).
 - ``MDNUMBA_CUDA_ROWS_PER_THREAD`` sets how many batch rows one CUDA sweep thread
-  computes (default 4): each recurrent weight it loads serves that many rows.
+  computes (default 2, the fastest on an H200, bench/results/tune_gpu.md): each recurrent
+  weight it loads serves that many rows.
 - ``MDNUMBA_CUDA_UNROLL`` sets how many steps of a CUDA sweep thread's inner sum load
-  their operands together before multiplying (default 4): more loads in flight per thread.
+  their operands together before multiplying (default 8): more loads in flight per thread.
 
 Importing mdnumba sets ``GOMP_SPINCOUNT=3000`` unless the environment already has it:
 the CPU drivers open one OpenMP region per anti-diagonal, and with GNU OpenMP's default
@@ -171,8 +172,8 @@ try:
         ("" if VECTOR_BYTES == HOST_VECTOR_BYTES else f"-v{VECTOR_BYTES}")
     CACHE: bool = env_flag("MDNUMBA_CACHE", True) and kernel_cache.install(_VARIANT)
     THREADS_PER_BLOCK: int = env_int("MDNUMBA_THREADS_PER_BLOCK", 128, high=256)
-    CUDA_ROWS_PER_THREAD: int = env_int("MDNUMBA_CUDA_ROWS_PER_THREAD", 4, high=64)
-    CUDA_UNROLL: int = env_int("MDNUMBA_CUDA_UNROLL", 4, high=16)
+    CUDA_ROWS_PER_THREAD: int = env_int("MDNUMBA_CUDA_ROWS_PER_THREAD", 2, high=64)
+    CUDA_UNROLL: int = env_int("MDNUMBA_CUDA_UNROLL", 8, high=16)
     CUDA_PATH: str = env_choice("MDNUMBA_CUDA_PATH", "auto", CUDA_PATHS)
     #: what :func:`tune_malloc` did at import
     MALLOC_TUNING: str = tune_malloc()

@@ -102,18 +102,19 @@ def _run_sweeps(mod, wf, U, act0, B, D, cell, **kw):
 
 # ----------------------------------------------------------------- simulator / GPU cases
 @pytest.mark.parametrize("path", ["cooperative", "per-diagonal"])
-@pytest.mark.parametrize("dims,shared,cell,scans,B", [
-    ((3, 4), True, "graves", 1, 2), ((3, 4), False, "stable", 2, 2), ((3, 4), None, "spatial", 1, 2),
-    ((5,), None, "graves", 2, 2), ((2, 2, 3), None, "stable", 1, 2), ((2, 3), None, "graves", 1, 5),
-    ((2, 1, 2, 2), None, "spatial", 1, 1)])
-def sim_sweep_kernels_match_cpu(dims, shared, cell, scans, B, path, rng):
-    """Kernel twins vs the CPU kernels in float64 (D=3), both paths, U shared or global,
-    every cell, one or several scans (directions) per sweep; B=5 fills a whole group of
-    ROWS_PER_THREAD=4 (default) rows plus one, 4-D needs two passes over the gate blocks."""
+@pytest.mark.parametrize("dims,shared,cell,scans,B,D", [
+    ((3, 4), True, "graves", 1, 2, 3), ((3, 4), False, "stable", 2, 2, 3), ((3, 4), None, "spatial", 1, 2, 9),
+    ((5,), None, "graves", 2, 2, 3), ((2, 2, 3), None, "stable", 1, 2, 3), ((2, 3), None, "graves", 1, 5, 9),
+    ((2, 1, 2, 2), None, "spatial", 1, 1, 3)])
+def sim_sweep_kernels_match_cpu(dims, shared, cell, scans, B, D, path, rng):
+    """Kernel twins vs the CPU kernels in float64, both paths, U shared or global, every cell,
+    one or several scans (directions) per sweep; B=5 leaves a remainder of ROWS_PER_THREAD rows
+    (2 by default, 1 and 3 in the other settings' runs), D=9 one of UNROLL (8) steps in the
+    forward's sums as (N+3)*D in the backward's, 4-D needs two passes over the gate blocks."""
     from mdnumba.kernels import wavefront as cpu
     from mdnumba.kernels import wavefront_cuda as gpu
     from mdnumba.kernels.cell import cell_code
-    D, code = 3, cell_code(cell)
+    code = cell_code(cell)
     assert gpu.GATE_CHUNK < 4 + 3  # the 4-D case covers a second pass
     wf, U, act0 = _cpu_sweep_inputs(dims, B, D, scans, rng)
     want = _run_sweeps(cpu, wf, U, act0, B, D, code)
