@@ -287,19 +287,13 @@ class CudaLSTM(DeviceLayer):
 
     def _bind(self) -> None:
         self.W, self.U, self.b = self._views(self.params)
-        #: per direction: the gradient views (dW (C, G), dU (D*N, G), db (1, G))
-        self.grad_views = list(zip(*self._views(self.grads, grads=True)))
 
-    def _views(self, flat, grads: bool = False):
-        """``W (S, C, G)``, ``U (S, D, N*G)`` (grads: ``(S, D*N, G)``), ``b (S, G)`` (grads: (S, 1, G))."""
+    def _views(self, flat):
+        """``W (S, C, G)``, ``U (S, D, N*G)``, ``b (S, G)`` of the flat parameters."""
         N, C, D, S = self.ndim, self.in_channels, self.hidden, self.directions
         G = (N + 3) * D
         nW, nU = S * C * G, S * D * N * G
-        U = flat[nW:nW + nU]
-        b = flat[nW + nU:]
-        return (flat[:nW].reshape(S, C, G),
-                U.reshape(S, D * N, G) if grads else U.reshape(S, D, N * G),
-                b.reshape(S, 1, G) if grads else b.reshape(S, G))
+        return flat[:nW].reshape(S, C, G), flat[nW:nW + nU].reshape(S, D, N * G), flat[nW + nU:].reshape(S, G)
 
     @classmethod
     def from_layer(cls, layer: WavefrontLSTM, **kw) -> CudaLSTM:
@@ -430,18 +424,19 @@ class CudaLSTM(DeviceLayer):
             grad = self._new((B, S * D)), self._new((B, S * D))
             k.take_state_grad(*grad, dhs, dc, dact, B)
             self._saved["state_grad"] = grad
+        Z = C + N * D + 1
         if S == 1:  # [dW; dU; db] is contiguous in the flat layout: one GEMM (fewer launches)
-            k.gemm(self.grads.reshape(C + N * D + 1, G), z, dact, ta=True, accumulate=True)
-        dxs = self._ws("dxs", (S * R, C))
-        for q, (gW, gU, gb) in enumerate(self.grad_views):
-            zq, dq = z[q * R:(q + 1) * R], dact[q * R:(q + 1) * R]
-            if S > 1:  # per direction the three blocks lie apart in the flat layout
-                for g_view, lo, hi in ((gW, 0, C), (gU, C, C + N * D), (gb, C + N * D, C + N * D + 1)):
-                    k.gemm(g_view, zq[:, lo:hi], dq, ta=True, accumulate=True)
-            if input_grad:
-                k.gemm(dxs[q * R:(q + 1) * R], dq, self.W[q], tb=True)
+            k.gemm(self.grads.reshape(Z, G), z, dact, ta=True, accumulate=True)
+        else:  # per direction the three blocks lie apart in the flat layout: a GEMM each, then one add
+            parts = self._ws("grad_parts", (S, Z, G))
+            for q in range(S):
+                k.gemm(parts[q], z[q * R:(q + 1) * R], dact[q * R:(q + 1) * R], ta=True)
+            k.add_direction_grads(self.grads, parts, C, N * D)
         if not input_grad:
             return None
+        dxs = self._ws("dxs", (S * R, C))
+        for q in range(S):
+            k.gemm(dxs[q * R:(q + 1) * R], dact[q * R:(q + 1) * R], self.W[q], tb=True)
         dx = self._result("dx", (dense, C))
         k.unskew_rows(dx.reshape(dense, 1, C), dxs, t.unskew_src)  # Σ_q unflip_q(dact_q W_qᵀ)
         dx = dx.reshape(want[:-1] + (C,))
