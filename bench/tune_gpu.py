@@ -10,7 +10,7 @@ device train step (``bench_gpu.mdnumba_device_fns``) and prints one JSON line. T
 collects them into a markdown table (default ``bench/results/tune_gpu.md``): the fastest
 combination per config is the default to pick in ``mdnumba/config.py``.
 
-Usage: ``python bench/tune_gpu.py [--rows 1,2,4,8] [--unroll 1,4,8] [--tpb 64,128,256] [--configs 32,256]
+Usage: ``python bench/tune_gpu.py [--rows 1,2,4,8] [--unroll 4,8,16] [--tpb 64,128,256] [--configs 32,256]
 [--quick] [--out PATH]``; on a lent GPU machine ``bench/run_gpu.sh --tune``.
 """
 
@@ -90,7 +90,7 @@ def render(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default="1,2,4,8", help="rows per thread to try (comma list)")
-    ap.add_argument("--unroll", default="1,4,8", help="unrolled steps to try (comma list)")
+    ap.add_argument("--unroll", default="4,8,16", help="unrolled steps to try (comma list)")
     ap.add_argument("--tpb", default="64,128,256", help="threads per block to try (comma list)")
     ap.add_argument("--configs", default="32,256", help="as bench_gpu.py --configs")
     ap.add_argument("--quick", action="store_true", help="few repeats (smoke run)")
