@@ -147,6 +147,18 @@ def device_tables(dims: tuple, batch: int, directions: int = 1, stateful: bool =
                         sizes)
 
 
+def contiguous_device_array(x: object, name: str) -> DeviceArray:
+    """The CUDA array ``x`` as a numba device array, refused unless C-contiguous: the layers read
+    it as rows and reshape it, which numba-cuda cannot do without a copy (NotImplementedError
+    on a GPU; the simulator copies silently)."""
+    from .kernels.wavefront_cuda import as_device
+    xd = as_device(x)
+    if not xd.is_c_contiguous():
+        raise ValueError(f"{name} on the device must be C-contiguous, with C-order strides (copy it "
+                         "first, e.g. cuda.to_device(x.copy_to_host().copy()))")
+    return xd
+
+
 class OnTheDevice:
     """Base of the device twins: they hold GPU memory and kernel modules, so a pickle or copy is
     refused with what to copy instead (the failure was "cannot pickle 'module' object")."""
@@ -248,8 +260,7 @@ class DeviceLayer(OnTheDevice):
             if np.dtype(xd.dtype) != self.dtype:
                 raise TypeError(f"{name} on the device has dtype {xd.dtype}, the layer uses "
                                 f"{self.dtype}; convert it first")
-            if not xd.is_c_contiguous():
-                raise ValueError(f"{name} on the device must be C-contiguous")
+            xd = contiguous_device_array(xd, name)
             bad = self._nonfinite(xd)
             if bad:
                 raise nonfinite_input(name, bad)
@@ -591,10 +602,7 @@ class CudaBlockSubsample(OnTheDevice):
         a NumPy one copied there (no masked values: as the host op's)."""
         if not is_device_array(x):
             return self.k.as_device(as_array(x, name, f"(batch, {self.host.ndim} grid axes, channels)"))
-        xd = self.k.as_device(x)
-        if not xd.is_c_contiguous():
-            raise ValueError(f"{name} on the device must be C-contiguous")
-        return xd
+        return contiguous_device_array(x, name)
 
     def _gather(self, xd, index, shape: tuple):
         """Rows of ``C`` = input channels: ``out[r] = xd[index[r]]``, ``out`` of ``shape``."""

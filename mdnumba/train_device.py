@@ -32,7 +32,15 @@ from pathlib import Path
 import numpy as np
 
 from ._validate import check_array, check_flag, is_device_array, missing_activations
-from .backend_cuda import DEVICE_OPTIMIZERS, CudaLinear, CudaLSTM, HostOrDevice, OnTheDevice, require_cuda
+from .backend_cuda import (
+    DEVICE_OPTIMIZERS,
+    CudaLinear,
+    CudaLSTM,
+    HostOrDevice,
+    OnTheDevice,
+    contiguous_device_array,
+    require_cuda,
+)
 from .layers import WavefrontLSTM
 from .models import RecurrentReadout, check_dlogits
 from .stack import LayerGroup, backward_stages, check_not_refused_midway, run_tracked
@@ -111,7 +119,7 @@ class DeviceModel(LayerGroup, OnTheDevice):
         host_in = not is_device_array(x)
         if host_in:
             x = check_array(x, "x", np.ndim(x), None, self.dtype, "(batch, grid axes.., channels)")
-        xd = k.as_device(x)
+        xd = k.as_device(x) if host_in else contiguous_device_array(x, "x")  # reshaped below
         inference = not check_flag(save, "save")
 
         def run(stage, h):
@@ -138,8 +146,9 @@ class DeviceModel(LayerGroup, OnTheDevice):
         check_not_refused_midway(self)
         k = self.readout.k
         host_in = not is_device_array(dlogits)
-        d = k.as_device(check_dlogits(dlogits, self._in_shape[:-1] + (self.readout.out_features,),
-                                      self.dtype, values=host_in))  # as the host model checks it
+        d = check_dlogits(dlogits, self._in_shape[:-1] + (self.readout.out_features,), self.dtype,
+                          values=host_in)  # as the host model checks it
+        d = k.as_device(d) if host_in else contiguous_device_array(d, "dlogits")  # reshaped below
         d = self.readout.backward(d.reshape(self._h_shape[:-1] + (self.readout.out_features,)))
         d = backward_stages(self.stages, d, input_grad)
         if d is None:

@@ -18,7 +18,8 @@ the GPU. :func:`install` makes every launch run like hardware would allow it to:
   releasing the others;
 - ``device_array`` checks its shape as the GPU's does (a NumPy integer is refused there), and
   mdnumba's host code may not slice a device array into a strided view (:class:`StridedDeviceView`:
-  numba-cuda builds one in Python piece by piece, 12 ms for 16k rows);
+  numba-cuda builds one in Python piece by piece, 12 ms for 16k rows); ``reshape`` of a strided
+  device array raises NotImplementedError, as numba-cuda's (the simulator's copies);
 - memory a GPU leaves uninitialised (``device_array``, shared and local arrays) holds NaN
   or a huge integer, not numba's ``np.empty`` (often zeros);
 - every access to an element of a global or shared array is checked against the others
@@ -35,10 +36,12 @@ the GPU's caches themselves: the real-GPU run still has the last word.
 
 from __future__ import annotations
 
+import importlib.util
 import operator
 import sys
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 from numba import cuda
@@ -357,11 +360,36 @@ def _contiguous_getitem(self, idx):
     # mdnumba's host code only: a kernel slices freely on a GPU, a test may hand over such a view
     in_kernel = isinstance(threading.current_thread(), _CudaThread)
     by_mdnumba = sys._getframe(1).f_globals.get("__name__", "").startswith("mdnumba")
-    if by_mdnumba and not in_kernel and ary is not None and ary.ndim > 1 and \
+    if by_mdnumba and not in_kernel and ary is not None and ary.ndim >= 1 and \
             not (ary.flags.c_contiguous or ary.flags.f_contiguous):
         raise StridedDeviceView(f"a strided view {ary.shape} of a device array {self._ary.shape} "
                                 f"(index {idx!r}); numba-cuda builds it in Python, piece by piece")
     return view
+
+
+def _real_dummyarray():
+    """numba-cuda's own ``cudadrv/dummyarray.py`` (pure Python and NumPy), loaded from its file: the
+    simulator puts a stub (``Array = None``) in its place."""
+    if "dummyarray" not in _ORIGINAL:
+        path = Path(simulator.__file__).parents[1] / "cudadrv" / "dummyarray.py"
+        spec = importlib.util.spec_from_file_location("_numba_cuda_real_dummyarray", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _ORIGINAL["dummyarray"] = module
+    return _ORIGINAL["dummyarray"]
+
+
+def _faithful_reshape(self, *newshape, **kws):
+    """``reshape`` as numba-cuda's ``DeviceNDArray.reshape`` decides it (the same dummy-array
+    code): NotImplementedError where it needs a copy (a strided array), which the simulator's
+    NumPy reshape makes silently."""
+    shape = tuple(newshape[0]) if len(newshape) == 1 and isinstance(newshape[0], (tuple, list)) else newshape
+    if shape != self._ary.shape:
+        dummy = _real_dummyarray().Array.from_desc(0, self._ary.shape, self._ary.strides, self._ary.itemsize)
+        _, extents = dummy.reshape(*shape, **kws)  # raises NotImplementedError as on a GPU
+        if extents != [dummy.extent]:
+            raise NotImplementedError("operation requires copying")
+    return _ORIGINAL["reshape"](self, *newshape, **kws)
 
 
 def _poisoned_local_array(self, shape, dtype, alignment=None):
@@ -454,6 +482,7 @@ def install(coop_blocks: int = 3):
                if callable(f) and not name.startswith("_")]
     _ORIGINAL.update(device_array=devicearray.device_array, local=kernelapi.FakeCUDALocal.array,
                      getitem=FakeWithinKernelCUDAArray.__getitem__, host_getitem=FakeCUDAArray.__getitem__,
+                     reshape=FakeCUDAArray.reshape,
                      setitem=FakeWithinKernelCUDAArray.__setitem__,
                      **{name: getattr(kernelapi.FakeCUDAAtomic, name) for name in atomics})
     patches = [(kernelapi.FakeCUDAAtomic, name, _tracked_atomic(name)) for name in atomics] + [
@@ -462,6 +491,7 @@ def install(coop_blocks: int = 3):
         (cuda, "device_array", _poisoned_device_array),  # under the simulator, the same function
         (kernelapi.FakeCUDALocal, "array", _poisoned_local_array),
         (FakeCUDAArray, "__getitem__", _contiguous_getitem),
+        (FakeCUDAArray, "reshape", _faithful_reshape),
         (FakeWithinKernelCUDAArray, "__getitem__", _tracked_getitem),
         (FakeWithinKernelCUDAArray, "__setitem__", _tracked_setitem),
         (simkernel, "BlockManager", type("ConcurrentGrid", (_ConcurrentGrid,), {"coop_blocks": coop_blocks})),

@@ -899,7 +899,9 @@ def sim_device_model_results_stay_the_callers(rng):
 
 @pytest.mark.parametrize("kind", ["horizontal", "snake"])
 def sim_device_image_models_name_the_image(kind):
-    """A DeviceModel of the row models given x of the wrong rank: 'not enough values to unpack'."""
+    """A DeviceModel of the row models given x of the wrong rank ('not enough values to unpack'),
+    a strided CUDA x or dlogits (NotImplementedError on a GPU: its reshape would copy), and an
+    x[..., None] (a stride of 0 that numba-cuda's device copy kept: it could not be reshaped)."""
     from numba import cuda
 
     from mdnumba.models import build_model
@@ -909,6 +911,12 @@ def sim_device_image_models_name_the_image(kind):
         with pytest.raises(ValueError, match=rf"^x must have 4 dimensions \(batch, height, width, C\) "
                                              rf"of the {kind} model, got shape"):
             model.forward(x)
+    strided = cuda.to_device(np.ones((1, 2, 6, 1), np.float32))[:, :, ::2]  # numba-cuda cannot reshape it
+    with pytest.raises(ValueError, match="^x on the device must be C-contiguous"):
+        model.forward(strided)
+    y = model.forward(np.ones((1, 2, 3), np.float32)[..., None])  # stride 0 on its last axis
+    with pytest.raises(ValueError, match="^dlogits on the device must be C-contiguous"):
+        model.backward(cuda.to_device(np.ones(y.shape[:-1] + (2 * y.shape[-1],), np.float32))[..., ::2])
 
 
 def sim_device_model_refuses_backward_after_a_forward_failed_partway(rng, monkeypatch):

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING
 
 import numba
 import numpy as np
+import numpy.typing as npt
 from numba import cuda
 
 from .. import config
@@ -918,13 +919,27 @@ def shares_memory(a: DeviceArray, b: DeviceArray) -> bool:
     return lo_a < lo_b + b.nbytes and lo_b < lo_a + a.nbytes
 
 
+def c_order(x: npt.ArrayLike) -> np.ndarray:
+    """``x`` as a NumPy array with the strides of a fresh C-order array (copied only if needed).
+    NumPy calls ``x[..., None]`` C-contiguous whatever the stride of its length-1 axis (0 there);
+    numba-cuda's device copy keeps that stride, calls the array non-contiguous and cannot reshape
+    it (NotImplementedError on a GPU)."""
+    x = np.ascontiguousarray(x)
+    want, step = [], x.itemsize
+    for n in reversed(x.shape):
+        want.append(step)
+        step *= n
+    return x if x.strides == tuple(reversed(want)) else np.array(x, order="C")
+
+
 def as_device(x: HostOrDevice) -> DeviceArray:
-    """A numba device array viewing ``x`` (no copy) if it is one; NumPy arrays are copied over."""
+    """A numba device array viewing ``x`` (no copy) if it is one; NumPy arrays are copied over
+    (:func:`c_order`)."""
     if hasattr(x, "copy_to_host"):
         return x
     if hasattr(x, "__cuda_array_interface__"):
         return cuda.as_cuda_array(x)
-    return cuda.to_device(np.ascontiguousarray(x))
+    return cuda.to_device(c_order(x))
 
 
 class _Args:
