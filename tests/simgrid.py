@@ -19,7 +19,8 @@ the GPU. :func:`install` makes every launch run like hardware would allow it to:
 - ``device_array`` checks its shape as the GPU's does (a NumPy integer is refused there), and
   mdnumba's host code may not slice a device array into a strided view (:class:`StridedDeviceView`:
   numba-cuda builds one in Python piece by piece, 12 ms for 16k rows); ``reshape`` of a strided
-  device array raises NotImplementedError, as numba-cuda's (the simulator's copies);
+  device array raises NotImplementedError and ``is_c_contiguous`` is False for a stride of 0,
+  as numba-cuda's (the simulator's copies, and asks NumPy);
 - memory a GPU leaves uninitialised (``device_array``, shared and local arrays) holds NaN
   or a huge integer, not numba's ``np.empty`` (often zeros);
 - every access to an element of a global or shared array is checked against the others
@@ -379,13 +380,24 @@ def _real_dummyarray():
     return _ORIGINAL["dummyarray"]
 
 
+def _dummy_of(self):
+    """numba-cuda's description of the device array ``self`` (its ``_dummy``)."""
+    return _real_dummyarray().Array.from_desc(0, self._ary.shape, self._ary.strides, self._ary.itemsize)
+
+
+def _faithful_is_c_contiguous(self):
+    """As numba-cuda's: False for a length-1 axis of stride 0 (``x[..., None]``), which NumPy calls
+    C-contiguous."""
+    return _dummy_of(self).is_c_contig
+
+
 def _faithful_reshape(self, *newshape, **kws):
     """``reshape`` as numba-cuda's ``DeviceNDArray.reshape`` decides it (the same dummy-array
     code): NotImplementedError where it needs a copy (a strided array), which the simulator's
     NumPy reshape makes silently."""
     shape = tuple(newshape[0]) if len(newshape) == 1 and isinstance(newshape[0], (tuple, list)) else newshape
     if shape != self._ary.shape:
-        dummy = _real_dummyarray().Array.from_desc(0, self._ary.shape, self._ary.strides, self._ary.itemsize)
+        dummy = _dummy_of(self)
         _, extents = dummy.reshape(*shape, **kws)  # raises NotImplementedError as on a GPU
         if extents != [dummy.extent]:
             raise NotImplementedError("operation requires copying")
@@ -492,6 +504,7 @@ def install(coop_blocks: int = 3):
         (kernelapi.FakeCUDALocal, "array", _poisoned_local_array),
         (FakeCUDAArray, "__getitem__", _contiguous_getitem),
         (FakeCUDAArray, "reshape", _faithful_reshape),
+        (FakeCUDAArray, "is_c_contiguous", _faithful_is_c_contiguous),
         (FakeWithinKernelCUDAArray, "__getitem__", _tracked_getitem),
         (FakeWithinKernelCUDAArray, "__setitem__", _tracked_setitem),
         (simkernel, "BlockManager", type("ConcurrentGrid", (_ConcurrentGrid,), {"coop_blocks": coop_blocks})),

@@ -900,8 +900,8 @@ def sim_device_model_results_stay_the_callers(rng):
 @pytest.mark.parametrize("kind", ["horizontal", "snake"])
 def sim_device_image_models_name_the_image(kind):
     """A DeviceModel of the row models given x of the wrong rank ('not enough values to unpack'),
-    a strided CUDA x or dlogits (NotImplementedError on a GPU: its reshape would copy), and an
-    x[..., None] (a stride of 0 that numba-cuda's device copy kept: it could not be reshaped)."""
+    a strided CUDA x or dlogits, or one with a stride of 0 (NotImplementedError on a GPU: its
+    reshape would copy), and a NumPy x[..., None] (that stride of 0 went up with it)."""
     from numba import cuda
 
     from mdnumba.models import build_model
@@ -912,8 +912,10 @@ def sim_device_image_models_name_the_image(kind):
                                              rf"of the {kind} model, got shape"):
             model.forward(x)
     strided = cuda.to_device(np.ones((1, 2, 6, 1), np.float32))[:, :, ::2]  # numba-cuda cannot reshape it
-    with pytest.raises(ValueError, match="^x on the device must be C-contiguous"):
-        model.forward(strided)
+    zero_stride = cuda.to_device(np.ones((1, 2, 3), np.float32)[..., None])  # nor this one
+    for x in (strided, zero_stride):
+        with pytest.raises(ValueError, match="^x on the device must be C-contiguous"):
+            model.forward(x)
     y = model.forward(np.ones((1, 2, 3), np.float32)[..., None])  # stride 0 on its last axis
     with pytest.raises(ValueError, match="^dlogits on the device must be C-contiguous"):
         model.backward(cuda.to_device(np.ones(y.shape[:-1] + (2 * y.shape[-1],), np.float32))[..., ::2])
