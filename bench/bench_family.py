@@ -235,8 +235,8 @@ def report(dev: str, load0: str, rows: list[str], breakdown: list[str]) -> str:
     if breakdown:
         rows = rows + ["", "## Where the device train step goes", "",
                        "Each launcher call of one train step alone, a device synchronize before and after "
-                       "(`bench/launch_times.py`; fastest of 5 steps): the sum is above the table's "
-                       "pipelined step.", ""] + HEADER + breakdown
+                       "(`bench/launch_times.py`; fastest of 5 steps, 1 with --smoke): the sum is above "
+                       "the table's pipelined step.", ""] + HEADER + breakdown
     return "\n".join(head + rows) + "\n"
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 from numba import cuda, float64
 
-from .wavefront_cuda import SIMULATOR, _blocks, _tpb, as_device
+from .wavefront_cuda import SIMULATOR, _blocks, _scratch, _tpb, as_device
 
 if TYPE_CHECKING:
     from ..backend_cuda import DeviceArray, HostOrDevice
@@ -189,17 +189,11 @@ def sumsq_partials(partials: DeviceArray, grads: Sequence[DeviceArray]) -> None:
         _sumsq_partials[REDUCE_BLOCKS, REDUCE_TPB](partials[i * REDUCE_BLOCKS:(i + 1) * REDUCE_BLOCKS], g)
 
 
-#: count_nonfinite's partial counts (one buffer: each count waits for its copy before returning)
-_COUNT_SCRATCH: dict = {}
-
-
 def count_nonfinite(a: DeviceArray) -> int:
     """How many elements of the device array ``a`` are NaN or ±inf (one launch, then a copy of
     REDUCE_BLOCKS partial counts to the host: it waits for the GPU). Its scratch is kept: an
     allocation on a GPU is a cuMemAlloc, and a checked layer counts at every forward and backward."""
-    partials = _COUNT_SCRATCH.get("partials")
-    if partials is None:
-        partials = _COUNT_SCRATCH["partials"] = scratch(REDUCE_BLOCKS)
+    partials = _scratch("nonfinite partials", (REDUCE_BLOCKS,), np.float64)
     _nonfinite_partials[REDUCE_BLOCKS, REDUCE_TPB](partials, _flat(a))
     return int(partials.copy_to_host().sum())
 
