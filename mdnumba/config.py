@@ -13,6 +13,12 @@ place to change them. Environment variables override the defaults:
   weight it loads serves that many rows.
 - ``MDNUMBA_CUDA_UNROLL`` sets how many steps of a CUDA sweep thread's inner sum load
   their operands together before multiplying (default 8): more loads in flight per thread.
+- ``MDNUMBA_CUDA_LAYOUT`` sets how the CUDA sweeps share out a hyperplane's work: ``flat``
+  (default: work items spread over the whole grid, the recurrent weights read from global
+  memory unless all of them fit in shared memory) or ``sliced`` (each block owns a fixed slice
+  of hidden units of one scan and keeps just those units' weights in shared memory for the
+  whole sweep; see :mod:`mdnumba.kernels.wavefront_cuda`). ``MDNUMBA_CUDA_SLICE_UNITS`` sets
+  the units per slice (default 8; compile-time).
 
 Importing mdnumba sets ``GOMP_SPINCOUNT=3000`` unless the environment already has it:
 the CPU drivers open one OpenMP region per anti-diagonal, and with GNU OpenMP's default
@@ -156,6 +162,8 @@ def host_vector_bytes() -> int:
 
 #: CUDA sweep paths: auto (cooperative, falling back), cooperative, per-diagonal
 CUDA_PATHS = ("auto", "cooperative", "per-diagonal")
+#: CUDA sweep layouts: flat (items over the whole grid), sliced (a block per slice of units)
+CUDA_LAYOUTS = ("flat", "sliced")
 #: ``MDNUMBA_VECTOR_BYTES`` settings: AVX2's 32, AVX-512's 64
 VECTOR_CHOICES = ("32", "64")
 
@@ -175,6 +183,8 @@ try:
     CUDA_ROWS_PER_THREAD: int = env_int("MDNUMBA_CUDA_ROWS_PER_THREAD", 2, high=64)
     CUDA_UNROLL: int = env_int("MDNUMBA_CUDA_UNROLL", 8, high=16)
     CUDA_PATH: str = env_choice("MDNUMBA_CUDA_PATH", "auto", CUDA_PATHS)
+    CUDA_LAYOUT: str = env_choice("MDNUMBA_CUDA_LAYOUT", "flat", CUDA_LAYOUTS)
+    CUDA_SLICE_UNITS: int = env_int("MDNUMBA_CUDA_SLICE_UNITS", 8, high=64)
     #: what :func:`tune_malloc` did at import
     MALLOC_TUNING: str = tune_malloc()
 except ConfigError:

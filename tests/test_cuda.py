@@ -125,6 +125,33 @@ def sim_sweep_kernels_match_cpu(dims, shared, cell, scans, B, D, path, rng):
 
 
 @pytest.mark.parametrize("path", ["cooperative", "per-diagonal"])
+@pytest.mark.parametrize("dims,cell,scans,B,D,blocks", [
+    ((3, 4), "graves", 1, 2, 9, 1), ((3, 4), "stable", 1, 5, 3, 3), ((5,), "graves", 2, 2, 3, 1),
+    ((2, 2, 3), "stable", 1, 2, 9, 1), ((2, 1, 2, 2), "spatial", 1, 1, 3, 3), ((2, 3), "graves", 2, 2, 9, 0)])
+def sim_sliced_sweeps_match_cpu(dims, cell, scans, B, D, blocks, path, rng):
+    """The sliced layout (a block per slice of SLICE units, their weights in shared memory) vs
+    the CPU kernels in float64: slices with units past D, ``blocks`` blocks sharing a slice's
+    cells on the cooperative path (up to 3 there), 1-D to 4-D, several scans. The last case's
+    4 slices exceed the simulator's cooperative grid of 3 blocks: the flat layout there (said in
+    the path), sliced per diagonal."""
+    from mdnumba.kernels import wavefront as cpu
+    from mdnumba.kernels import wavefront_cuda as gpu
+    from mdnumba.kernels.cell import cell_code
+    code = cell_code(cell)
+    wf, U, act0 = _cpu_sweep_inputs(dims, B, D, scans, rng)
+    want = _run_sweeps(cpu, wf, U, act0, B, D, code)
+    got = _run_sweeps(gpu, wf, U, act0, B, D, code, path=path, tpb=8, layout="sliced")
+    for name, a, b in zip(("h", "c", "act", "dact", "dc", "dh"), got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14, err_msg=name)
+    slices = f"{scans * -(-D // gpu.SLICE)} slices of {gpu.SLICE} units x "
+    if path == "cooperative":
+        slices = f"flat layout: {slices.split()[0]} unit slices, 3 co-resident" if not blocks \
+            else f"{slices}{blocks} blocks"
+    desc = gpu.last_path()
+    assert desc.startswith(path) and slices in desc, desc
+
+
+@pytest.mark.parametrize("path", ["cooperative", "per-diagonal"])
 def sim_grid_lstm_kernels_match_cpu(path, rng):
     """Grid LSTM sweep twins vs the CPU kernels in float64 (T=4, depth 3, B=2, D=2)."""
     from mdnumba.grid import wavefront

@@ -92,6 +92,9 @@ MAX_ELEMENTS = 2 ** 32
 #: sweep path used when none is given: auto (cooperative, falling back), cooperative, per-diagonal
 DEFAULT_PATH: str = config.CUDA_PATH
 PATHS = config.CUDA_PATHS
+#: sweep layout used when none is given (MDNUMBA_CUDA_LAYOUT): flat or sliced
+DEFAULT_LAYOUT: str = config.CUDA_LAYOUT
+LAYOUTS = config.CUDA_LAYOUTS
 
 _JIT = dict(fastmath=config.FASTMATH)
 #: batch rows per sweep thread (compile-time: sizes its register arrays)
@@ -99,6 +102,8 @@ ROWS_PER_THREAD: int = max(1, config.CUDA_ROWS_PER_THREAD)
 #: steps of a sweep thread's inner sum whose loads are issued together (compile-time: sizes the
 #: register arrays); a thread's sum is a chain of memory round trips, this many per trip
 UNROLL: int = max(1, config.CUDA_UNROLL)
+#: hidden units per block of the sliced layout (compile-time: the hot loops' steps; :func:`_stage_slice`)
+SLICE: int = max(1, config.CUDA_SLICE_UNITS)
 #: gate blocks a forward thread accumulates at once (N + 3 <= 6, i.e. N <= 3: one pass)
 GATE_CHUNK = 6
 
@@ -159,10 +164,67 @@ def _stage(Ws, Wf, use_shared):
 
 
 @cuda.jit(device=True)
-def _rows_preact(act, h, Uf, uo, parent, base, s, b0, nb, j, B, D, g0, width):
+def _stage_slice(Ws, Wf, nO, N, D, transposed):
+    """Fill the shared array ``Ws`` with this block's unit slice (:func:`_block_slice`) of the flat
+    weights ``Wf`` (the whole block calls it), in :func:`_slice_weights`' layout:
+    ``Ws[((d*(N+3) + g)*D + k)*SLICE + jj] = U[q, k, d*G + g*D + j0 + jj]``, or when ``transposed``
+    ``Ws[(d*G + g)*SLICE + jj] = UT[q, g, d*D + j0 + jj]``; zeros past unit D-1 and in a block
+    past the last scan."""
+    G = (N + 3) * D
+    DNG = N * G * D
+    q, j0, _ = _block_slice(nO, D)
+    for e in range(cuda.threadIdx.x, N * G * SLICE, cuda.blockDim.x):
+        rest, jj = _divmod(e, SLICE)
+        if transposed:
+            d, g = _divmod(rest, G)
+            src = q * DNG + g * N * D + d * D + j0 + jj
+        else:
+            dg, k = _divmod(rest, D)
+            src = q * DNG + k * N * G + dg * D + j0 + jj
+        if j0 + jj < D and q * DNG < Wf.shape[0]:
+            Ws[e] = Wf[src]
+        else:
+            Ws[e] = 0
+    cuda.syncthreads()
+
+
+@cuda.jit(device=True)
+def _block_slice(nO, D):
+    """This block's (scan q, first unit j0, share o) in the sliced layout: block
+    ``(q*nJ + slice)*nO + o`` owns units ``j0 = slice*SLICE .. j0+SLICE-1`` of scan q and the
+    (cell, row group) pairs ``o, o + nO, ..`` of every hyperplane (``nJ = ceil(D / SLICE)``)."""
+    qs, o = _divmod(cuda.blockIdx.x, nO)
+    q, sl = _divmod(qs, (D + SLICE - 1) // SLICE)
+    return q, sl * SLICE, o
+
+
+@cuda.jit(device=True)
+def _flat_weights(uo, j, N, D, transposed):
+    """Where unit j's weights are in the flat U (UT when ``transposed``) of the scan at ``uo``:
+    ``(uo, k step, d step, gate step, unit column)``; U's element (k, d, g) of unit j is at
+    ``uo + k*ks + d*ds + g*gs + uc``, UT's (g, d) at ``uo + d*ds + g*gs + uc``."""
+    G = (N + 3) * D
+    if transposed:
+        return (uo, 0, D, N * D, j)
+    return (uo, N * G, G, D, j)
+
+
+@cuda.jit(device=True)
+def _slice_weights(jj, N, D, transposed):
+    """As :func:`_flat_weights` for unit jj of a staged slice (:func:`_stage_slice`): the steps of
+    the hot loops (k, or g when ``transposed``) are the constant SLICE, so each unrolled load's
+    address is a base plus a constant."""
+    if transposed:
+        return (0, 0, (N + 3) * D * SLICE, SLICE, jj)
+    return (0, SLICE, (N + 3) * D * SLICE, D * SLICE, jj)
+
+
+@cuda.jit(device=True)
+def _rows_preact(act, h, Uf, wl, parent, base, s, b0, nb, j, B, D, g0, width):
     """Gate blocks ``g0 .. g0+width-1`` (those < N+3) of unit j for the ``nb`` rows
     ``r_i = base + s*B + b0 + i``: ``act[r_i, col] += Σ_d Σ_k h[base + parent_d(s)*B + b0 + i, k] ·
-    U[k, d*G + col]``, ``col = g*D + j`` (U at ``Uf[uo:]``). Each weight loaded is used for
+    U[k, d*G + col]``, ``col = g*D + j`` (U's elements where ``wl`` says, :func:`_flat_weights`,
+    :func:`_slice_weights`). Each weight loaded is used for
     ROWS_PER_THREAD rows and each h value for every gate: accumulators stay in registers.
 
     The k loop is the hot loop and kept lean (compiled for sm_90 it went from ~9 to ~3.2
@@ -173,17 +235,18 @@ def _rows_preact(act, h, Uf, uo, parent, base, s, b0, nb, j, B, D, g0, width):
     last real one and are not stored). ``width`` (<= GATE_CHUNK) is a constant at each call
     site, so the loops over gates unroll to exactly that many accumulators."""
     N = parent.shape[1]
-    G = (N + 3) * D
-    NG = N * G
+    uo, ks, ds, gs, uc = wl
     ng = min(N + 3 - g0, GATE_CHUNK)
     r = base + s * B + b0
     acc = cuda.local.array((ROWS_PER_THREAD, GATE_CHUNK), act.dtype)
     hv = cuda.local.array((UNROLL, ROWS_PER_THREAD), act.dtype)
     uv = cuda.local.array((UNROLL, GATE_CHUNK), act.dtype)
     col = cuda.local.array(GATE_CHUNK, numba.int64)
+    ucol = cuda.local.array(GATE_CHUNK, numba.int64)
     hrow = cuda.local.array(ROWS_PER_THREAD, numba.int64)
     for g in range(width):
         col[g] = (g0 + min(g, ng - 1)) * D + j
+        ucol[g] = (g0 + min(g, ng - 1)) * gs + uc
     for i in range(ROWS_PER_THREAD):
         for g in range(width):
             acc[i, g] = act[r + min(i, nb - 1), col[g]]
@@ -192,26 +255,26 @@ def _rows_preact(act, h, Uf, uo, parent, base, s, b0, nb, j, B, D, g0, width):
         if p >= 0:
             for i in range(ROWS_PER_THREAD):
                 hrow[i] = base + p * B + b0 + min(i, nb - 1)
-            u = uo + d * G
+            u = uo + d * ds
             k = 0
             while k + UNROLL <= D:  # UNROLL steps' loads first, then their FMAs
                 for q in range(UNROLL):
                     for i in range(ROWS_PER_THREAD):
                         hv[q, i] = h[_at(hrow[i]), _at(k + q)]
                     for g in range(width):
-                        uv[q, g] = Uf[_at(u + q * NG + col[g])]
+                        uv[q, g] = Uf[_at(u + q * ks + ucol[g])]
                 for q in range(UNROLL):
                     for i in range(ROWS_PER_THREAD):
                         for g in range(width):
                             acc[i, g] += hv[q, i] * uv[q, g]
-                u += UNROLL * NG
+                u += UNROLL * ks
                 k += UNROLL
             while k < D:  # the last D % UNROLL steps
                 for i in range(ROWS_PER_THREAD):
                     hv[0, i] = h[_at(hrow[i]), _at(k)]
                 for g in range(width):
-                    uv[0, g] = Uf[_at(u + col[g])]
-                u += NG
+                    uv[0, g] = Uf[_at(u + ucol[g])]
+                u += ks
                 k += 1
                 for i in range(ROWS_PER_THREAD):
                     for g in range(width):
@@ -223,17 +286,17 @@ def _rows_preact(act, h, Uf, uo, parent, base, s, b0, nb, j, B, D, g0, width):
 
 
 @cuda.jit(device=True)
-def _unit_forward(h, c, act, Uf, uo, parent, base, s, b0, nb, j, B, D, cell):
+def _unit_forward(h, c, act, Uf, wl, parent, base, s, b0, nb, j, B, D, cell):
     """Unit j of the ``nb`` rows ``base + s*B + b0 + i``: the N+3 pre-activations from
     :func:`_rows_preact` into ``act``, then the shared cell math (:mod:`mdnumba.kernels.cell`)."""
     for g0 in range(0, parent.shape[1] + 3, GATE_CHUNK):
         ng = min(parent.shape[1] + 3 - g0, GATE_CHUNK)
         if ng == 5:  # 2D; a constant width lets the compiler drop unused accumulators (3D: 6)
-            _rows_preact(act, h, Uf, uo, parent, base, s, b0, nb, j, B, D, g0, 5)
+            _rows_preact(act, h, Uf, wl, parent, base, s, b0, nb, j, B, D, g0, 5)
         elif ng == 4:  # 1D
-            _rows_preact(act, h, Uf, uo, parent, base, s, b0, nb, j, B, D, g0, 4)
+            _rows_preact(act, h, Uf, wl, parent, base, s, b0, nb, j, B, D, g0, 4)
         else:
-            _rows_preact(act, h, Uf, uo, parent, base, s, b0, nb, j, B, D, g0, GATE_CHUNK)
+            _rows_preact(act, h, Uf, wl, parent, base, s, b0, nb, j, B, D, g0, GATE_CHUNK)
     for i in range(nb):
         _cell_row_forward(h, c, act, parent, base, s, b0 + i, B, D, cell, j, j + 1)
 
@@ -261,12 +324,49 @@ def _plane(diag_off, parent, k, B, D):
 
 
 @cuda.jit(device=True)
-def _forward_plane(h, c, act, Uf, diag_off, parent, B, D, cell, k, start, stride):
-    """Grid-stride loop over the ``scans * cells * ceil(B/ROWS_PER_THREAD) * D`` items of hyperplane k."""
+def _plane_items(diag_off, parent, k, B, D, nO, rows, start, stride, sliced):
+    """``(first, end, step)`` of this thread's items of hyperplane k (:func:`_item` decodes them).
+    Flat layout: grid-stride over the plane's ``scans * cells * ceil(B/ROWS_PER_THREAD) * D``
+    items (``rows``: the sweep's rows, scans * cells * B). ``sliced`` (a constant at each call
+    site): block-stride over its share of the plane's (cell, row group) pairs times SLICE units."""
+    s0, n, nbg, MB, _ = _plane(diag_off, parent, k, B, D)
+    S = _divmod(rows, MB)[0]
+    if not sliced:
+        return start, n * S, stride
+    q, _, o = _block_slice(nO, D)
+    pairs = (diag_off[k + 1] - s0) * nbg
+    m = 0
+    if pairs > o and q < S:
+        m = _divmod(pairs - o + nO - 1, nO)[0]
+    return cuda.threadIdx.x, m * SLICE, cuda.blockDim.x
+
+
+@cuda.jit(device=True)
+def _item(t, k, diag_off, parent, B, D, nO, transposed, sliced):
+    """Item t of :func:`_plane_items`: (whether the unit exists, the scan's row offset, cell, first
+    batch item, rows, unit j, where its weights are: :func:`_flat_weights` / :func:`_slice_weights`)."""
     s0, n, nbg, MB, DNG = _plane(diag_off, parent, k, B, D)
-    for t in range(start, n * (act.shape[0] // MB), stride):
+    N = parent.shape[1]
+    if not sliced:
         lo, uo, s, b0, nb, j = _work_item(t, n, s0, nbg, B, D, MB, DNG)
-        _unit_forward(h, c, act, Uf, uo, parent, lo, s, b0, nb, j, B, D, cell)
+        return True, lo, s, b0, nb, j, _flat_weights(uo, j, N, D, transposed)
+    q, j0, o = _block_slice(nO, D)
+    m, jj = _divmod(t, SLICE)
+    cell, g = _divmod(o + m * nO, nbg)
+    b0 = g * ROWS_PER_THREAD
+    j = j0 + jj
+    return (j < D, q * MB, s0 + cell, b0, min(ROWS_PER_THREAD, B - b0), j,
+            _slice_weights(jj, N, D, transposed))
+
+
+@cuda.jit(device=True)
+def _forward_plane(h, c, act, Uf, diag_off, parent, B, D, cell, k, start, stride, nO, sliced):
+    """This thread's items of hyperplane k (:func:`_plane_items`)."""
+    first, end, step = _plane_items(diag_off, parent, k, B, D, nO, act.shape[0], start, stride, sliced)
+    for t in range(first, end, step):
+        ok, lo, s, b0, nb, j, wl = _item(t, k, diag_off, parent, B, D, nO, False, sliced)
+        if ok:
+            _unit_forward(h, c, act, Uf, wl, parent, lo, s, b0, nb, j, B, D, cell)
 
 
 @cuda.jit(device=True)
@@ -342,7 +442,7 @@ def _infer_plane(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, B, D, cell, 
         q = _divmod(lo, MB)[0]
         row0 = (s0 + s - cur) * B + b0  # the cell's first row in src
         _rows_project(act, x, src, W, bias, q, lo + s * B + b0, row0, nb, j, D, N + 3)
-        _unit_forward(h, c, act, Uf, uo, lp, lo, s, b0, nb, j, B, D, cell)
+        _unit_forward(h, c, act, Uf, _flat_weights(uo, j, N, D, False), lp, lo, s, b0, nb, j, B, D, cell)
         for i in range(nb):
             sr = src[q, row0 + i]
             if sr >= 0:
@@ -350,13 +450,14 @@ def _infer_plane(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, B, D, cell, 
 
 
 @cuda.jit(device=True)
-def _rows_pull(dh, dact, UTf, uo, child, base, s, b0, nb, j, B, D, N):
+def _rows_pull(dh, dact, UTf, wl, child, base, s, b0, nb, j, B, D, N):
     """``dh[r_i, j] += Σ_d Σ_g dact[base + child_d(s)*B + b0 + i, g] · UT[g, d*D + j]`` for the
-    ``nb`` rows ``r_i = base + s*B + b0 + i`` (UT at ``UTf[uo:]``; each weight serves every row).
+    ``nb`` rows ``r_i = base + s*B + b0 + i`` (UT's elements where ``wl`` says, :func:`_flat_weights`;
+    each weight serves every row).
     The g loop is kept lean as in :func:`_rows_preact` (~17 -> ~5 instructions per FMA), :data:`UNROLL`
     steps' loads before their FMAs."""
     G = (N + 3) * D
-    ND = N * D
+    uo, _, ds, gs, uc = wl
     r = base + s * B + b0
     acc = cuda.local.array(ROWS_PER_THREAD, dh.dtype)
     uv = cuda.local.array(UNROLL, dh.dtype)
@@ -369,23 +470,23 @@ def _rows_pull(dh, dact, UTf, uo, child, base, s, b0, nb, j, B, D, N):
         if ch >= 0:
             for i in range(ROWS_PER_THREAD):
                 crow[i] = base + ch * B + b0 + min(i, nb - 1)
-            q = uo + d * D + j
+            q = uo + d * ds + uc
             g = 0
             while g + UNROLL <= G:  # UNROLL steps' loads first, then their FMAs
                 for p in range(UNROLL):
-                    uv[p] = UTf[_at(q + p * ND)]
+                    uv[p] = UTf[_at(q + p * gs)]
                     for i in range(ROWS_PER_THREAD):
                         dv[p, i] = dact[_at(crow[i]), _at(g + p)]
                 for p in range(UNROLL):
                     for i in range(ROWS_PER_THREAD):
                         acc[i] += dv[p, i] * uv[p]
-                q += UNROLL * ND
+                q += UNROLL * gs
                 g += UNROLL
             while g < G:  # the last G % UNROLL steps
                 u = UTf[_at(q)]
                 for i in range(ROWS_PER_THREAD):
                     acc[i] += dact[_at(crow[i]), _at(g)] * u
-                q += ND
+                q += gs
                 g += 1
     for i in range(ROWS_PER_THREAD):  # constant trip count: acc can live in registers
         if i < nb:
@@ -393,22 +494,24 @@ def _rows_pull(dh, dact, UTf, uo, child, base, s, b0, nb, j, B, D, N):
 
 
 @cuda.jit(device=True)
-def _unit_backward(dact, dc, dh, act, c, UTf, uo, parent, child, base, s, b0, nb, j, B, D, cell):
+def _unit_backward(dact, dc, dh, act, c, UTf, wl, parent, child, base, s, b0, nb, j, B, D, cell):
     """Pull-form backward of unit j of the ``nb`` rows ``base + s*B + b0 + i``:
     ``dh += Σ_d U_dᵀ da_child_d`` (:func:`_rows_pull`), then the shared cell math (``dc``,
     ``dact`` of unit j only)."""
-    _rows_pull(dh, dact, UTf, uo, child, base, s, b0, nb, j, B, D, parent.shape[1])
+    _rows_pull(dh, dact, UTf, wl, child, base, s, b0, nb, j, B, D, parent.shape[1])
     for i in range(nb):
         _cell_row_backward(dact, dc, dh, act, c, parent, child, base, s, b0 + i, B, D, cell, j, j + 1)
 
 
 @cuda.jit(device=True)
-def _backward_plane(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, k, start, stride):
-    """Grid-stride loop over the ``scans * cells * ceil(B/ROWS_PER_THREAD) * D`` items of hyperplane k."""
-    s0, n, nbg, MB, DNG = _plane(diag_off, parent, k, B, D)
-    for t in range(start, n * (act.shape[0] // MB), stride):
-        lo, uo, s, b0, nb, j = _work_item(t, n, s0, nbg, B, D, MB, DNG)
-        _unit_backward(dact, dc, dh, act, c, UTf, uo, parent, child, lo, s, b0, nb, j, B, D, cell)
+def _backward_plane(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, k, start, stride,
+                    nO, sliced):
+    """This thread's items of hyperplane k (:func:`_plane_items`)."""
+    first, end, step = _plane_items(diag_off, parent, k, B, D, nO, act.shape[0], start, stride, sliced)
+    for t in range(first, end, step):
+        ok, lo, s, b0, nb, j, wl = _item(t, k, diag_off, parent, B, D, nO, True, sliced)
+        if ok:
+            _unit_backward(dact, dc, dh, act, c, UTf, wl, parent, child, lo, s, b0, nb, j, B, D, cell)
 
 
 # ---------------------------------------------------------------- around the sweeps
@@ -504,9 +607,10 @@ def _backward_prologue(UTf, U, dh, dh_in, dh_src, z, xs, h, parent, B, D, start,
 
 # ---------------------------------------------------------------- sweep kernels
 @cuda.jit(**_JIT)
-def _forward_coop(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, out, out_src):
+def _forward_coop(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, nO, out, out_src):
     """All hyperplanes k = 0..K-1 in one cooperative launch, grid sync in between (``Uf`` = U
-    flat); then ``out`` = h in grid order (:func:`_unskew`) unless ``out_src`` is empty."""
+    flat); then ``out`` = h in grid order (:func:`_unskew`) unless ``out_src`` is empty. ``nO``:
+    the sliced twin's (:func:`_forward_coop_sliced`; its launch arguments are the same)."""
     grid = cuda.cg.this_grid()
     shared = cuda.shared.array(0, Uf.dtype)
     _stage(shared, Uf, use_shared)
@@ -515,27 +619,51 @@ def _forward_coop(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, out, 
     start = cuda.grid(1)
     stride = cuda.gridsize(1)
     for k in range(diag_off.shape[0] - 1):
-        _forward_plane(h, c, act, Uf, diag_off, parent, B, D, cell, k, start, stride)
+        _forward_plane(h, c, act, Uf, diag_off, parent, B, D, cell, k, start, stride, nO, False)
         grid.sync()
     if out_src.shape[0] > 0:
         _unskew(out, h, out_src, start, stride)
 
 
 @cuda.jit(**_JIT)
-def _forward_diag(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, out, out_src, k):
+def _forward_coop_sliced(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, nO, out, out_src):
+    """:func:`_forward_coop` in the sliced layout: the block's unit slice of U staged in shared
+    memory once (:func:`_stage_slice`), its items per hyperplane (:func:`_plane_items`)."""
+    grid = cuda.cg.this_grid()
+    Ws = cuda.shared.array(0, Uf.dtype)
+    _stage_slice(Ws, Uf, nO, parent.shape[1], D, False)
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    for k in range(diag_off.shape[0] - 1):
+        _forward_plane(h, c, act, Ws, diag_off, parent, B, D, cell, k, start, stride, nO, True)
+        grid.sync()
+    if out_src.shape[0] > 0:
+        _unskew(out, h, out_src, start, stride)
+
+
+@cuda.jit(**_JIT)
+def _forward_diag(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, nO, out, out_src, k):
     """Hyperplane k only (one launch per hyperplane)."""
     shared = cuda.shared.array(0, Uf.dtype)
     _stage(shared, Uf, use_shared)
     if use_shared:
         Uf = shared
-    _forward_plane(h, c, act, Uf, diag_off, parent, B, D, cell, k, cuda.grid(1), cuda.gridsize(1))
+    _forward_plane(h, c, act, Uf, diag_off, parent, B, D, cell, k, cuda.grid(1), cuda.gridsize(1), nO, False)
 
 
 @cuda.jit(**_JIT)
-def _backward_coop(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, use_shared,
+def _forward_diag_sliced(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, nO, out, out_src, k):
+    """Hyperplane k only in the sliced layout (the slice staged at each launch)."""
+    Ws = cuda.shared.array(0, Uf.dtype)
+    _stage_slice(Ws, Uf, nO, parent.shape[1], D, False)
+    _forward_plane(h, c, act, Ws, diag_off, parent, B, D, cell, k, cuda.grid(1), cuda.gridsize(1), nO, True)
+
+
+@cuda.jit(**_JIT)
+def _backward_coop(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, use_shared, nO,
                    U, dh_in, dh_src, z, xs, h):
     """:func:`_backward_prologue`, a grid sync, then all hyperplanes k = K-1..0 in one
-    cooperative launch, grid sync in between (``UTf`` = UT flat)."""
+    cooperative launch, grid sync in between (``UTf`` = UT flat; ``nO`` as in :func:`_forward_coop`)."""
     grid = cuda.cg.this_grid()
     start = cuda.grid(1)
     stride = cuda.gridsize(1)
@@ -546,12 +674,30 @@ def _backward_coop(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cel
     if use_shared:
         UTf = shared
     for k in range(diag_off.shape[0] - 2, -1, -1):
-        _backward_plane(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, k, start, stride)
+        _backward_plane(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, k, start, stride,
+                        nO, False)
         grid.sync()
 
 
 @cuda.jit(**_JIT)
-def _backward_diag(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, use_shared,
+def _backward_coop_sliced(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, use_shared, nO,
+                          U, dh_in, dh_src, z, xs, h):
+    """:func:`_backward_coop` in the sliced layout (the block's unit slice of UT in shared memory)."""
+    grid = cuda.cg.this_grid()
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    _backward_prologue(UTf, U, dh, dh_in, dh_src, z, xs, h, parent, B, D, start, stride)
+    grid.sync()
+    Ws = cuda.shared.array(0, UTf.dtype)
+    _stage_slice(Ws, UTf, nO, parent.shape[1], D, True)
+    for k in range(diag_off.shape[0] - 2, -1, -1):
+        _backward_plane(dact, dc, dh, act, c, Ws, diag_off, parent, child, B, D, cell, k, start, stride,
+                        nO, True)
+        grid.sync()
+
+
+@cuda.jit(**_JIT)
+def _backward_diag(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, use_shared, nO,
                    U, dh_in, dh_src, z, xs, h, k):
     """Hyperplane k only (one launch per hyperplane; :func:`_backward_pre` ran before)."""
     shared = cuda.shared.array(0, UTf.dtype)
@@ -559,7 +705,17 @@ def _backward_diag(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cel
     if use_shared:
         UTf = shared
     _backward_plane(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, k,
-                    cuda.grid(1), cuda.gridsize(1))
+                    cuda.grid(1), cuda.gridsize(1), nO, False)
+
+
+@cuda.jit(**_JIT)
+def _backward_diag_sliced(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, use_shared, nO,
+                          U, dh_in, dh_src, z, xs, h, k):
+    """Hyperplane k only in the sliced layout (the slice staged at each launch)."""
+    Ws = cuda.shared.array(0, UTf.dtype)
+    _stage_slice(Ws, UTf, nO, parent.shape[1], D, True)
+    _backward_plane(dact, dc, dh, act, c, Ws, diag_off, parent, child, B, D, cell, k,
+                    cuda.grid(1), cuda.gridsize(1), nO, True)
 
 
 @cuda.jit(**_JIT)
@@ -604,13 +760,13 @@ def _infer_diag(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent, first
 
 
 @cuda.jit(**_JIT)
-def _forward_post(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, out, out_src):
+def _forward_post(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, nO, out, out_src):
     """The epilogue of :func:`_forward_coop` as its own launch (per-diagonal path)."""
     _unskew(out, h, out_src, cuda.grid(1), cuda.gridsize(1))
 
 
 @cuda.jit(**_JIT)
-def _backward_pre(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, use_shared,
+def _backward_pre(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, use_shared, nO,
                   U, dh_in, dh_src, z, xs, h):
     """:func:`_backward_prologue` as its own launch (per-diagonal path)."""
     _backward_prologue(UTf, U, dh, dh_in, dh_src, z, xs, h, parent, B, D, cuda.grid(1), cuda.gridsize(1))
@@ -1033,13 +1189,14 @@ def _coop_grid(kernel, args, tpb: int, shmem: int, needed_blocks: int) -> int:
 
 
 def _sweep(coop, diag, args, diag_off_host, rows_per_cell: int, D: int, shmem: int, path: str | None,
-           tpb: int, reverse: bool, pre=None, post=None, extra_items: int = 0) -> str:
+           tpb: int, reverse: bool, pre=None, post=None, extra_items: int = 0, blocks: int = 0) -> str:
     """Run a sweep on the requested path; return a description of the path taken.
 
     A hyperplane of n cells has ``n * rows_per_cell * D`` work items (rows per cell: scans x
     batch, or scans x row groups). ``pre`` / ``post``: kernels taking ``args`` that do what the
     cooperative kernel does before / after its sweep (``extra_items`` grid-stride items),
-    launched around the per-diagonal launches.
+    launched around the per-diagonal launches. ``blocks``: the grid of every sweep launch (the
+    sliced layout's, :func:`_plan_slices`), else sized to the work.
     """
     path = path or DEFAULT_PATH
     if path not in PATHS:
@@ -1050,7 +1207,8 @@ def _sweep(coop, diag, args, diag_off_host, rows_per_cell: int, D: int, shmem: i
     failed = _state["coop_error"].get(key)
     if path != "per-diagonal" and not (path == "auto" and failed):
         try:
-            grid = _coop_grid(coop, args, tpb, shmem, _blocks(max(items.max(), extra_items), tpb, 1 << 30))
+            need = blocks or _blocks(max(items.max(), extra_items), tpb, 1 << 30)
+            grid = _coop_grid(coop, args, tpb, shmem, need)
             coop[grid, tpb, 0, shmem](*args)
             return f"cooperative ({grid} blocks x {tpb} threads, {K} hyperplanes)"
         except Exception as exc:  # missing cudadevrt, no cooperative launch, ...
@@ -1063,7 +1221,7 @@ def _sweep(coop, diag, args, diag_off_host, rows_per_cell: int, D: int, shmem: i
     order = range(K - 1, -1, -1) if reverse else range(K)
     launch = diag.specialize(*args, 0)  # resolve argument types once, not at each of the K launches
     for k in order:
-        launch[_blocks(items[k], tpb), tpb, 0, shmem](*args, k)
+        launch[blocks or _blocks(items[k], tpb), tpb, 0, shmem](*args, k)
     if post is not None:
         post[_blocks(extra_items, tpb), tpb](*args)
     why = f"; cooperative failed: {failed}" if path == "auto" else ""
@@ -1082,8 +1240,38 @@ def _scratch(kind: str, shape: tuple, dtype):
     return buf
 
 
-def _record(desc: str, shared: bool) -> None:
-    _state["last_path"] = desc + (", weights in shared memory" if shared else ", weights in global memory")
+def _record(desc: str, shared: bool | str) -> None:
+    """Remember the path taken; ``shared``: whether the weights were in shared memory, or how."""
+    if not isinstance(shared, str):
+        shared = "weights in shared memory" if shared else "weights in global memory"
+    _state["last_path"] = f"{desc}, {shared}"
+
+
+def _plan_slices(coop, args, S: int, N: int, D: int, pairs: int, itemsize: int, layout: str | None,
+                 path: str | None, tpb: int) -> tuple[int, int, int, str]:
+    """The sliced layout of a sweep (``coop``: its cooperative kernel, for ``args``), or why not:
+    ``(nO, blocks, shared bytes, note)``; nO blocks per slice of SLICE units (as many as the
+    cooperative grid holds, at most ``pairs``, the largest hyperplane's (cell, row group) pairs
+    per scan), blocks = S * nJ * nO with nJ = ceil(D / SLICE). nO = 0 (flat layout) when the
+    layout is flat, the slice does not fit in :data:`SHARED_BYTES_LIMIT` or, off the per-diagonal
+    path, the S * nJ slices cannot all be co-resident; ``note`` then says why."""
+    layout = layout or DEFAULT_LAYOUT
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout (or MDNUMBA_CUDA_LAYOUT) must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "flat":
+        return 0, 0, 0, ""
+    shmem = N * (N + 3) * D * SLICE * itemsize
+    if shmem > SHARED_BYTES_LIMIT:
+        return 0, 0, 0, f"flat layout: a slice's weights take {shmem} B, over {SHARED_BYTES_LIMIT} B"
+    nJ = -(-D // SLICE)
+    if (path or DEFAULT_PATH) == "per-diagonal":
+        cap = 4 * _sm_count()
+    else:
+        cap = min(_coop_limit(coop, args, tpb, shmem), COOP_MAX_BLOCKS)
+        if S * nJ > cap:
+            return 0, 0, 0, f"flat layout: {S * nJ} unit slices, {cap} co-resident blocks"
+    nO = max(1, min(pairs, cap // (S * nJ)))
+    return nO, S * nJ * nO, shmem, f"weights in shared memory, {S * nJ} slices of {SLICE} units x {nO} blocks"
 
 
 def last_path() -> str | None:
@@ -1101,7 +1289,7 @@ def wavefront_forward(h: HostOrDevice, c: HostOrDevice, act: HostOrDevice, U: Ho
                       diag_off: HostOrDevice, parent: HostOrDevice, B: int, D: int, cell: int, *,
                       path: str | None = None, use_shared: bool | None = None, tpb: int | None = None,
                       diag_off_host: np.ndarray | None = None, out: HostOrDevice | None = None,
-                      out_src: HostOrDevice | None = None) -> None:
+                      out_src: HostOrDevice | None = None, layout: str | None = None) -> None:
     """CUDA twin of :func:`mdnumba.kernels.wavefront.wavefront_forward` (same arguments but ``items``:
     the CUDA sweeps run a padded batch's padding rows too).
 
@@ -1110,20 +1298,27 @@ def wavefront_forward(h: HostOrDevice, c: HostOrDevice, act: HostOrDevice, U: Ho
     "cooperative" or "per-diagonal"; ``use_shared``: stage U in shared memory
     (None: when it fits). With ``out`` (R, S, D) and ``out_src`` (S, R) the same launch
     then writes ``out[r, q] = h[q*R + out_src[q, r]]`` (the output in grid order).
+    ``layout``: "flat" or "sliced" (None: :data:`DEFAULT_LAYOUT`; sliced ignores ``use_shared``;
+    :func:`_plan_slices` says when it falls back to flat).
     """
     tpb = _tpb(tpb)
     a = _Args(h, c, act, U, diag_off, parent, out, out_src)
-    shared = _use_shared(a.dev[3], use_shared)
-    shmem = a.dev[3].nbytes if shared else 0
     host_off = _host_ints(diag_off if diag_off_host is None else diag_off_host)
     h_, c_, act_, U_, off_, par_, out_, src_ = a.dev
     if out_ is None:
         out_, src_ = _none(h_.dtype, 3), _none(par_.dtype, 2)  # tables share a dtype
-    args = (h_, c_, act_, U_.reshape(U_.size), off_, par_, int(B), int(D), int(cell), shared, out_, src_)
-    desc = _sweep(_forward_coop, _forward_diag, args, host_off, U_.shape[0] * _row_groups(B), D, shmem,
+    head, tail = (h_, c_, act_, U_.reshape(U_.size), off_, par_, int(B), int(D), int(cell)), (out_, src_)
+    nO, blocks, shmem, note = _plan_slices(
+        _forward_coop_sliced, (*head, False, 1, *tail), U_.shape[0], par_.shape[1], D,
+        int(np.diff(host_off).max()) * _row_groups(B), U_.dtype.itemsize, layout, path, tpb)
+    kernels = (_forward_coop_sliced, _forward_diag_sliced) if nO else (_forward_coop, _forward_diag)
+    shared = not nO and _use_shared(U_, use_shared)
+    if not nO:
+        shmem = U_.nbytes if shared else 0
+    desc = _sweep(*kernels, (*head, shared, nO, *tail), host_off, U_.shape[0] * _row_groups(B), D, shmem,
                   path, tpb, reverse=False, post=_forward_post if src_.size else None,
-                  extra_items=out_.size)
-    _record(desc, shared)
+                  extra_items=out_.size, blocks=blocks)
+    _record(desc, note or shared)
     a.finish(0, 1, 2, 6)
 
 
@@ -1142,7 +1337,7 @@ def wavefront_infer(out: HostOrDevice, h: HostOrDevice, c: HostOrDevice, act: Ho
     shmem = U_.nbytes if shared else 0
     host_off = _host_ints(diag_off if diag_off_host is None else diag_off_host)
     args = (out_, h_, c_, act_, U_.reshape(U_.size), lp_, x_, src_, W_, b_, off_, par_, int(first),
-            int(last), int(B), int(D), int(cell), shared)
+            int(last), int(B), int(D), int(cell), shared)  # the flat layout
     desc = _sweep(_infer_coop, _infer_diag, args, host_off[first:last + 1], U_.shape[0] * _row_groups(B),
                   D, shmem, path, tpb, reverse=False, pre=_infer_pre, extra_items=lp_.size)
     _record(desc, shared)
@@ -1155,12 +1350,14 @@ def wavefront_backward(dact: HostOrDevice, dc: HostOrDevice, dh: HostOrDevice, a
                        path: str | None = None, use_shared: bool | None = None, tpb: int | None = None,
                        diag_off_host: np.ndarray | None = None, dh_in: HostOrDevice | None = None,
                        dh_src: HostOrDevice | None = None,
-                       operands: tuple[HostOrDevice, HostOrDevice, HostOrDevice] | None = None) -> None:
+                       operands: tuple[HostOrDevice, HostOrDevice, HostOrDevice] | None = None,
+                       layout: str | None = None) -> None:
     """CUDA twin of :func:`mdnumba.kernels.wavefront.wavefront_backward` (same arguments but ``items``:
     the CUDA sweeps run a padded batch's padding rows too).
 
-    ``dh`` enters holding dL/dh from above and is completed in place; ``dact``
-    and ``dc`` are written. ``U`` (S, D, N*G) is transposed first into ``UT`` (S, G, N*D),
+    ``dh`` enters holding dL/dh from above and is completed in place; ``dact`` and ``dc`` are
+    written (``layout`` as in :func:`wavefront_forward`). ``U`` (S, D, N*G) is
+    transposed first into ``UT`` (S, G, N*D),
     ``UT[.., g, d*D + j] = U[.., j, d*G + g]``, so that the threads of consecutive units read
     consecutive weights. Keywords as in :func:`wavefront_forward`. Done first in the same
     launch: with ``dh_in`` (R, S, D) and ``dh_src`` (S, R), ``dh[q*R + r] = dh_in[dh_src[q, r], q]``
@@ -1176,14 +1373,19 @@ def wavefront_backward(dact: HostOrDevice, dc: HostOrDevice, dh: HostOrDevice, a
         if dev[i] is None:
             dev[i] = _none(dev[7].dtype if i == 10 else dt, ndim)  # 7: parent
     UT = _scratch("UT", (U_.size,), dt)
-    shared = _use_shared(UT, use_shared)
-    shmem = UT.nbytes if shared else 0
     host_off = _host_ints(diag_off if diag_off_host is None else diag_off_host)
-    args = (*dev[:5], UT, *dev[6:9], int(B), int(D), int(cell), shared, U_, *dev[9:])
-    desc = _sweep(_backward_coop, _backward_diag, args, host_off, U_.shape[0] * _row_groups(B), D, shmem,
+    head, tail = (*dev[:5], UT, *dev[6:9], int(B), int(D), int(cell)), (U_, *dev[9:])
+    nO, blocks, shmem, note = _plan_slices(
+        _backward_coop_sliced, (*head, False, 1, *tail), U_.shape[0], dev[7].shape[1], D,
+        int(np.diff(host_off).max()) * _row_groups(B), dt.itemsize, layout, path, tpb)
+    kernels = (_backward_coop_sliced, _backward_diag_sliced) if nO else (_backward_coop, _backward_diag)
+    shared = not nO and _use_shared(UT, use_shared)
+    if not nO:
+        shmem = UT.nbytes if shared else 0
+    desc = _sweep(*kernels, (*head, shared, nO, *tail), host_off, U_.shape[0] * _row_groups(B), D, shmem,
                   path, tpb, reverse=True, pre=_backward_pre,
-                  extra_items=max(U_.size, dev[2].size, dev[11].size))
-    _record(desc, shared)
+                  extra_items=max(U_.size, dev[2].size, dev[11].size), blocks=blocks)
+    _record(desc, note or shared)
     a.finish(0, 1, 2, 11)
 
 
