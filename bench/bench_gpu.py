@@ -6,14 +6,15 @@ For a 2D MD-LSTM (C=1, float32) at 32x32 B64 D64, 128x128 B16 D64 and 256x256 B8
   **inference** (``forward(x, save=False)``, no activations kept)
   of ``mdnumba.backend_cuda.CudaLSTM`` + ``CudaAdam`` (everything stays on the
   device), on the cooperative path (one persistent kernel per sweep, a grid
-  sync between anti-diagonals) and on the per-diagonal path (one launch each);
+  sync between anti-diagonals) in the flat and the sliced layout
+  (``MDNUMBA_CUDA_LAYOUT``) and on the per-diagonal path (one launch each);
 - the same through the NumPy API, ``MDLSTM2D(device="cuda")`` (host↔device
   copies of x, h, dh, dx, parameters and gradients each step, CPU Adam);
 - :class:`torch_wavefront.TorchMDLSTM2D` + ``torch.optim.Adam`` on the same GPU
   (eager autograd, one ``addmm`` + elementwise ops per anti-diagonal; TF32 off),
   checked against mdnumba's forward and gradients before timing;
 - mdnumba on the CPU (all cores), for the GPU/CPU speed-up (few repeats);
-- the sweeps alone: µs per anti-diagonal for both paths, next to the floor of an
+- the sweeps alone: µs per anti-diagonal for each path, next to the floor of an
   empty cooperative kernel doing only grid syncs (~1.7 µs on an H100) and of an
   empty kernel launch per diagonal;
 - the host time of one device train step without a synchronize (its launches'
@@ -135,14 +136,14 @@ def host_time(fn: Callable[[], None], sync: Callable[[], None], budget_s: float,
 
 
 # ------------------------------------------------------------------- mdnumba on the GPU
-def mdnumba_device_fns(cfg: Config, x: np.ndarray, path: str):
-    """(train step, forward, CudaLSTM) running fully on the device on ``path``; ``forward(save=False)``
-    runs the saving-free sweep (inference)."""
+def mdnumba_device_fns(cfg: Config, x: np.ndarray, path: str, layout: str | None = None):
+    """(train step, forward, CudaLSTM) running fully on the device on ``path`` in ``layout`` (None:
+    the default); ``forward(save=False)`` runs the saving-free sweep (inference, flat layout)."""
     from numba import cuda
 
     from mdnumba.backend_cuda import CudaAdam, CudaLSTM
     from mdnumba.kernels import wavefront_cuda as k
-    dev = CudaLSTM.from_layer(bench_layer(cfg), path=path)
+    dev = CudaLSTM.from_layer(bench_layer(cfg), path=path, layout=layout)
     dev.reuse_outputs = True  # as the trainer's layers: no allocation (and deferred frees) per call
     opt = CudaAdam([dev], lr=1e-3)
     xd = cuda.to_device(x)
@@ -205,7 +206,7 @@ def sweep_times(dev, cfg: Config, path: str, sync, budget_s: float) -> dict[str,
     from mdnumba.kernels import wavefront_cuda as k
     t = device_tables((cfg.H, cfg.W), cfg.B)
     w = dev._work
-    kw = dict(path=path, use_shared=dev.use_shared, diag_off_host=t.diag_off_host)
+    kw = dict(path=path, use_shared=dev.use_shared, layout=dev.layout, diag_off_host=t.diag_off_host)
     fwd = time_it(lambda: k.wavefront_forward(w["h"], w["c"], w["act"], dev.U, t.diag_off, t.parent,
                                               cfg.B, cfg.D, dev.cell_code, **kw), sync, budget_s)
     bwd = time_it(lambda: k.wavefront_backward(w["dact"], w["dc"], w["dhs"], w["act"], w["c"], dev.U,
@@ -325,7 +326,12 @@ def torch_fns(tb: TorchBaseline, cfg: Config, x: np.ndarray):
 
 
 # -------------------------------------------------------------------------- report
-SPEED_COLUMNS = [("coop", "mdnumba GPU cooperative"), ("diag", "mdnumba GPU per-diagonal"),
+#: the device paths timed side by side: result key, sweep path, layout, label
+DEVICE_PATHS = [("coop", "cooperative", "flat", "cooperative"),
+                ("sliced", "cooperative", "sliced", "cooperative sliced"),
+                ("diag", "per-diagonal", "flat", "per-diagonal")]
+SPEED_COLUMNS = [("coop", "mdnumba GPU cooperative"), ("sliced", "mdnumba GPU cooperative sliced"),
+                 ("diag", "mdnumba GPU per-diagonal"),
                  ("trainer", "`train --device cuda` per step"),
                  ("numpy_api", "MDLSTM2D(device='cuda') NumPy API"), ("torch", "PyTorch GPU"),
                  ("cpu", "mdnumba CPU")]
@@ -333,16 +339,19 @@ SPEED_COLUMNS = [("coop", "mdnumba GPU cooperative"), ("diag", "mdnumba GPU per-
 
 def speed_table(results: list[dict], mode: str, keys: tuple | None = None) -> list[str]:
     """Times of ``mode`` per config for the columns ``keys`` of :data:`SPEED_COLUMNS` (None: all),
-    with PyTorch / coop (and CPU / coop when the CPU is a column)."""
+    with PyTorch / coop (and / sliced, and CPU / coop, when those are columns)."""
     cols = [c for c in SPEED_COLUMNS if keys is None or c[0] in keys]
-    with_cpu = keys is None or "cpu" in keys
-    extra = [("torch", "PyTorch / coop")] + ([("cpu", "CPU / coop")] if with_cpu else [])
-    rows = ["| config | " + " | ".join(c[1] + " ms" for c in cols) + "".join(f" | {e[1]}" for e in extra)
+    have = {c[0] for c in cols}
+    extra = [(a, b, f"{na} / {nb}") for a, b, na, nb in (("torch", "coop", "PyTorch", "coop"),
+                                                          ("torch", "sliced", "PyTorch", "sliced"),
+                                                          ("cpu", "coop", "CPU", "coop"))
+             if {a, b} <= have]
+    rows = ["| config | " + " | ".join(c[1] + " ms" for c in cols) + "".join(f" | {e[2]}" for e in extra)
             + " |", "|" + "---|" * (len(cols) + len(extra) + 1)]
     for res in results:
         t = res.get(mode, {})  # a part that did not run: dashes
         rows.append(f"| {res['cfg'].label} | " + " | ".join(best_median(t.get(c)) for c, _ in cols)
-                    + "".join(f" | {ratio(t.get(k), t.get('coop'))}" for k, _ in extra) + " |")
+                    + "".join(f" | {ratio(t.get(a), t.get(b))}" for a, b, _ in extra) + " |")
     return rows
 
 
@@ -353,8 +362,7 @@ def targets(results: list[dict]) -> list[str]:
     for res in results:
         cfg, t = res["cfg"], res["train"]
         goal = TARGETS.get((cfg.H, cfg.W, cfg.B, cfg.D))
-        paths = [(t[k].best, name) for k, name in (("coop", "cooperative"), ("diag", "per-diagonal"))
-                 if k in t]
+        paths = [(t[k].best, name) for k, _, _, name in DEVICE_PATHS if k in t]
         if goal is None or "torch" not in t or not paths:
             continue
         best, name = min(paths)
@@ -368,21 +376,22 @@ def targets(results: list[dict]) -> list[str]:
 
 
 def diagonal_table(results: list[dict]) -> list[str]:
-    rows = ["| config | diagonals K | forward sweep coop µs/diag | forward sweep per-diag µs/diag | "
-            "backward sweep coop µs/diag | backward sweep per-diag µs/diag | empty grid.sync µs "
-            "(blocks) | empty launch µs |", "|---|---|---|---|---|---|---|---|"]
+    names = [name for _, _, _, name in DEVICE_PATHS]
+    rows = ["| config | diagonals K | " + " | ".join(f"{d} sweep {n} µs/diag" for d in ("forward", "backward")
+                                                   for n in names)
+            + " | empty grid.sync µs (blocks) | empty launch µs |", "|---" * (2 * len(names) + 4) + "|"]
     for res in results:
         K, sw, fl = res["cfg"].diagonals, res["sweeps"], res.get("floors") or {}
 
-        def us(path: str, d: str, sw=sw, K=K) -> str:
-            tm = sw.get(path, {}).get(d)
+        def us(name: str, d: str, sw=sw, K=K) -> str:
+            tm = sw.get(name, {}).get(d)
             return "–" if tm is None else f"{tm.best / K * 1e6:.1f}"
 
         sync = f"{fl['sync_us']:.2f} ({fl['blocks']})" if fl else "–"
         launch = f"{fl['launch_us']:.2f}" if fl else "–"
-        rows.append(f"| {res['cfg'].label} | {K} | {us('cooperative', 'forward')} | "
-                    f"{us('per-diagonal', 'forward')} | {us('cooperative', 'backward')} | "
-                    f"{us('per-diagonal', 'backward')} | {sync} | {launch} |")
+        rows.append(f"| {res['cfg'].label} | {K} | "
+                    + " | ".join(us(n, d) for d in ("forward", "backward") for n in names)
+                    + f" | {sync} | {launch} |")
     return rows
 
 
@@ -390,7 +399,7 @@ def dispatch_table(results: list[dict]) -> list[str]:
     rows = ["| config | path | train step ms | host time of its launches ms | host / step |",
             "|---|---|---|---|---|"]
     for res in results:
-        for key, path in (("coop", "cooperative"), ("diag", "per-diagonal")):
+        for key, _, _, path in DEVICE_PATHS:
             step, host = res["train"].get(key), res["dispatch"].get(key)
             if step is not None and host is not None:
                 rows.append(f"| {res['cfg'].label} | {path} | {ms(step.best)} | {ms(host.best)} | "
@@ -419,7 +428,10 @@ def render(info: dict[str, str], results: list[dict], quick: bool) -> str:
             "wall-clock including Python dispatch, with a device synchronize per call.", "",
             "- *mdnumba GPU*: `CudaLSTM` + `CudaAdam`, all on the device (input already there); "
             "cooperative = one persistent kernel per sweep with `this_grid().sync()` between "
-            "anti-diagonals, per-diagonal = one launch per anti-diagonal;",
+            "anti-diagonals, per-diagonal = one launch per anti-diagonal; sliced = the cooperative "
+            "path in the sliced layout (`MDNUMBA_CUDA_LAYOUT=sliced`: each block owns a slice of "
+            "hidden units and keeps their recurrent weights in shared memory), the others flat "
+            "(the work of each anti-diagonal spread over the grid, weights read from global memory);",
             "- *`train --device cuda`*: the CLI's device-resident trainer (`DeviceTrainer`) on the "
             "diagonal task at the same H, B, D, stable cell (graves diverges at 256x256 in the first "
             "step): host batch generation and upload, MD-LSTM, readout, "
@@ -519,20 +531,21 @@ def run_config(res: dict, tb: TorchBaseline | None, budget: float, cpu: bool, nu
     cfg = res["cfg"]
     x = make_input(cfg)
     sync = cuda.synchronize
-    for key, path in (("coop", "cooperative"), ("diag", "per-diagonal")):
+    for key, path, layout, name in DEVICE_PATHS:
         try:
-            train, fwd, dev = mdnumba_device_fns(cfg, x, path)
+            train, fwd, dev = mdnumba_device_fns(cfg, x, path, layout)
             res["train"][key] = time_it(train, sync, budget)
             res["dispatch"][key] = host_time(train, sync, budget / 4)
-            res["paths"].append(f"{path} (train): {last_path()}")
+            res["paths"].append(f"{name} (train): {last_path()}")
             res["forward"][key] = time_it(fwd, sync, budget)
-            res["inference"][key] = time_it(lambda f=fwd: f(save=False), sync, budget)
-            res["sweeps"][path] = sweep_times(dev, cfg, path, sync, budget / 2)
+            if layout == "flat":  # the saving-free sweep has the flat layout only
+                res["inference"][key] = time_it(lambda f=fwd: f(save=False), sync, budget)
+            res["sweeps"][name] = sweep_times(dev, cfg, path, sync, budget / 2)
             del train, fwd, dev
             gc.collect()
         except Exception as exc:  # e.g. no cooperative launch on this GPU/driver
-            res["paths"].append(f"{path}: FAILED ({type(exc).__name__}: {exc})")
-        print(f"  {cfg.label} {path}: {res['paths'][-1]}", flush=True)
+            res["paths"].append(f"{name}: FAILED ({type(exc).__name__}: {exc})")
+        print(f"  {cfg.label} {name}: {res['paths'][-1]}", flush=True)
     if tb is not None:  # next: the targets need it (a run cut later keeps it)
         def torch_part():
             train, fwd, res["check"] = torch_fns(tb, cfg, x)

@@ -1,17 +1,20 @@
-"""GPU tuning sweep (issue 5): sweep time per anti-diagonal vs. rows per thread, unrolled steps
-and block size.
+"""GPU tuning sweep (issue 5): sweep time per anti-diagonal vs. rows per thread, unrolled steps,
+block size and sweep layout.
 
 ``MDNUMBA_CUDA_ROWS_PER_THREAD`` (batch rows a sweep thread computes), ``MDNUMBA_CUDA_UNROLL``
 (steps of its inner sum whose loads go out together; both compile-time: they size the register
-arrays) and ``MDNUMBA_THREADS_PER_BLOCK`` are read when mdnumba is imported, so
+arrays), ``MDNUMBA_THREADS_PER_BLOCK``, ``MDNUMBA_CUDA_LAYOUT`` (flat or sliced) and
+``MDNUMBA_CUDA_SLICE_UNITS`` (the sliced layout's units per block, compile-time) are read when
+mdnumba is imported, so
 each combination runs in a child process of its own (``--child``), which builds a
 ``CudaLSTM`` on the cooperative path, times the forward and backward sweeps alone and a
 device train step (``bench_gpu.mdnumba_device_fns``) and prints one JSON line. The parent
 collects them into a markdown table (default ``bench/results/tune_gpu.md``): the fastest
 combination per config is the default to pick in ``mdnumba/config.py``.
 
-Usage: ``python bench/tune_gpu.py [--rows 1,2,4,8] [--unroll 4,8,16] [--tpb 64,128,256] [--configs 32,256]
-[--quick] [--out PATH]``; on a lent GPU machine ``bench/run_gpu.sh --tune``.
+Usage: ``python bench/tune_gpu.py [--rows 1,2,4,8] [--unroll 4,8,16] [--tpb 64,128,256]
+[--layout flat,sliced] [--slice 4,8,16] [--configs 32,256] [--quick] [--out PATH]`` (the slice
+sizes apply to the sliced layout); on a lent GPU machine ``bench/run_gpu.sh --tune``.
 """
 
 from __future__ import annotations
@@ -43,40 +46,46 @@ def child(configs: list[str], budget: float) -> None:
         step = time_it(train, cuda.synchronize, budget)
         path = last_path()
         sweeps = sweep_times(dev, cfg, "cooperative", cuda.synchronize, budget)
+        sliced = config.CUDA_LAYOUT == "sliced"
+        layout = config.CUDA_LAYOUT + (f" {config.CUDA_SLICE_UNITS}" if sliced else "")
         print(json.dumps({"config": cfg.label, "rows": config.CUDA_ROWS_PER_THREAD,
-                          "unroll": config.CUDA_UNROLL, "tpb": config.THREADS_PER_BLOCK,
+                          "unroll": config.CUDA_UNROLL, "tpb": config.THREADS_PER_BLOCK, "layout": layout,
                           "train_ms": step.best * 1e3,
                           "fwd_us_diag": sweeps["forward"].best / cfg.diagonals * 1e6,
                           "bwd_us_diag": sweeps["backward"].best / cfg.diagonals * 1e6,
                           "path": path}), flush=True)
 
 
-def run_combo(rows: int, unroll: int, tpb: int, configs: str, quick: bool) -> list[dict]:
-    """Run :func:`child` with ``rows`` per thread, ``unroll`` steps and ``tpb`` threads per block."""
+def run_combo(rows: int, unroll: int, tpb: int, layout: str, configs: str, quick: bool) -> list[dict]:
+    """Run :func:`child` with ``rows`` per thread, ``unroll`` steps, ``tpb`` threads per block and
+    ``layout`` ("flat", or "sliced N": N units per slice)."""
+    name, _, units = layout.partition(" ")
     env = dict(os.environ, MDNUMBA_CUDA_ROWS_PER_THREAD=str(rows), MDNUMBA_CUDA_UNROLL=str(unroll),
-               MDNUMBA_THREADS_PER_BLOCK=str(tpb))
+               MDNUMBA_THREADS_PER_BLOCK=str(tpb), MDNUMBA_CUDA_LAYOUT=name,
+               **({"MDNUMBA_CUDA_SLICE_UNITS": units} if units else {}))
     cmd = [sys.executable, __file__, "--child", "--configs", configs] + (["--quick"] if quick else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     found = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0:
-        found.append({"config": "?", "rows": rows, "unroll": unroll, "tpb": tpb,
+        found.append({"config": "?", "rows": rows, "unroll": unroll, "tpb": tpb, "layout": layout,
                       "error": (proc.stderr.strip().splitlines() or ["no output"])[-1]})
     return found
 
 
 def render(rows: list[dict]) -> str:
-    out = ["# GPU tuning: rows per thread x unrolled steps x threads per block (cooperative path)", "",
+    out = ["# GPU tuning: rows per thread x unrolled steps x threads per block x layout (cooperative path)",
+           "",
            "Produced by `python bench/tune_gpu.py` (one process per combination). Best of N; sweeps "
            "alone per anti-diagonal, train step = `CudaLSTM` forward + backward + `CudaAdam`. "
            "**Bold**: fastest train step per config.", "",
-           "| config | rows/thread | unroll | threads/block | train step ms | forward µs/diag | "
-           "backward µs/diag | path |", "|---|---|---|---|---|---|---|---|"]
+           "| config | rows/thread | unroll | threads/block | layout | train step ms | forward µs/diag | "
+           "backward µs/diag | path |", "|---|---|---|---|---|---|---|---|---|"]
     best = {}
     for r in rows:
         if "train_ms" in r and r["train_ms"] < best.get(r["config"], float("inf")):
             best[r["config"]] = r["train_ms"]
-    for r in sorted(rows, key=lambda r: (r["config"], r["rows"], r["unroll"], r["tpb"])):
-        setting = f"| {r['config']} | {r['rows']} | {r['unroll']} | {r['tpb']} |"
+    for r in sorted(rows, key=lambda r: (r["config"], r["rows"], r["unroll"], r["tpb"], r["layout"])):
+        setting = f"| {r['config']} | {r['rows']} | {r['unroll']} | {r['tpb']} | {r['layout']} |"
         if "error" in r:
             out.append(f"{setting} FAILED: {r['error']} | | | |")
             continue
@@ -92,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", default="1,2,4,8", help="rows per thread to try (comma list)")
     ap.add_argument("--unroll", default="4,8,16", help="unrolled steps to try (comma list)")
     ap.add_argument("--tpb", default="64,128,256", help="threads per block to try (comma list)")
+    ap.add_argument("--layout", default="flat,sliced", help="sweep layouts to try (comma list)")
+    ap.add_argument("--slice", default="8", help="units per slice to try in the sliced layout (comma list)")
     ap.add_argument("--configs", default="32,256", help="as bench_gpu.py --configs")
     ap.add_argument("--quick", action="store_true", help="few repeats (smoke run)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -102,12 +113,15 @@ def main(argv: list[str] | None = None) -> int:
         child(args.configs.split(","), budget)
         return 0
     rows: list[dict] = []
-    combos = [(int(r), int(u), int(t)) for r in args.rows.split(",") for u in args.unroll.split(",")
-              for t in args.tpb.split(",")]
-    for r, u, t in combos:
+    layouts = [f"sliced {n}" if lay == "sliced" else lay for lay in args.layout.split(",")
+               for n in (args.slice.split(",") if lay == "sliced" else [""])]
+    combos = [(int(r), int(u), int(t), lay) for r in args.rows.split(",") for u in args.unroll.split(",")
+              for t in args.tpb.split(",") for lay in layouts]
+    for r, u, t, lay in combos:
         t0 = time.perf_counter()
-        rows += run_combo(r, u, t, args.configs, args.quick)
-        print(f"rows/thread {r}, unroll {u}, threads/block {t}: {time.perf_counter() - t0:.0f} s", flush=True)
+        rows += run_combo(r, u, t, lay, args.configs, args.quick)
+        print(f"rows/thread {r}, unroll {u}, threads/block {t}, {lay}: {time.perf_counter() - t0:.0f} s",
+              flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(render(rows))  # after every combination: a cut-off run keeps its rows
     print(render(rows))

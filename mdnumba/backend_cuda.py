@@ -276,13 +276,14 @@ class CudaLSTM(DeviceLayer):
     ``W (S, C, G) | U (S, D, N, G) | b (S, G)`` for S directions, ``G = (N+3)*D``.
     ``path`` picks the sweep ("auto", "cooperative", "per-diagonal"),
     ``use_shared`` whether the recurrent weights go to shared memory (None: when
-    they fit).
+    they fit), ``layout`` how a sweep shares out its work ("flat", "sliced"; None:
+    ``MDNUMBA_CUDA_LAYOUT``, :func:`mdnumba.kernels.wavefront_cuda.wavefront_forward`).
     """
 
     def __init__(self, ndim: int, in_channels: int, hidden: int, params: np.ndarray,
                  dtype: npt.DTypeLike = config.DEFAULT_DTYPE, *, cell: str = "graves", directions: int = 1,
                  path: str | None = None, use_shared: bool | None = None,
-                 threads_per_block: int | None = None):
+                 threads_per_block: int | None = None, layout: str | None = None):
         from .kernels.cell import cell_code
         self.ndim = check_positive_int(ndim, "ndim")  # the host layer's checks
         self.in_channels = check_positive_int(in_channels, "in_channels")
@@ -293,7 +294,7 @@ class CudaLSTM(DeviceLayer):
         G = (N + 3) * D
         self._init_buffers(params, dtype, S * (C * G + D * N * G + G),
                            f"ndim={N}, in={C}, hidden={D}, directions={S}")
-        self.path, self.use_shared, self.tpb = path, use_shared, threads_per_block
+        self.path, self.use_shared, self.tpb, self.layout = path, use_shared, threads_per_block, layout
         self._saved: dict | None = None
 
     def _bind(self) -> None:
@@ -353,7 +354,7 @@ class CudaLSTM(DeviceLayer):
             k.seed_state(h, c, act, h0, c0, B)
             sweep = slice(1, -1)  # cells 1..T; cell 0 holds (h0, c0)
         k.wavefront_forward(h, c, act, self.U, t.diag_off[sweep], t.parent, B, D, self.cell_code,
-                            path=self.path, use_shared=self.use_shared, tpb=self.tpb,
+                            path=self.path, use_shared=self.use_shared, tpb=self.tpb, layout=self.layout,
                             diag_off_host=t.diag_off_host[sweep], out=out, out_src=t.unskew_src)
         if t.sizes is not None:  # the padding's cells: no state (it may have overflowed there)
             k.zero_padding(h, c, t.skew_src)
@@ -429,8 +430,8 @@ class CudaLSTM(DeviceLayer):
             sweep, dh_in, dh_src = slice(None, -1), None, None  # cells T..0
         k.wavefront_backward(dact, dc, dhs, act, c, self.U, t.diag_off[sweep], t.parent, t.child, B, D,
                              self.cell_code, path=self.path, use_shared=self.use_shared, tpb=self.tpb,
-                             diag_off_host=t.diag_off_host[sweep], dh_in=dh_in, dh_src=dh_src,
-                             operands=(z, xs, h))
+                             layout=self.layout, diag_off_host=t.diag_off_host[sweep], dh_in=dh_in,
+                             dh_src=dh_src, operands=(z, xs, h))
         if stateful:
             grad = self._new((B, S * D)), self._new((B, S * D))
             k.take_state_grad(*grad, dhs, dc, dact, B)

@@ -41,10 +41,11 @@ def test_run_gpu_smoke_under_the_simulator(background_run):
     tmp_path = background_run.out.parent / "out"
     gpu = (tmp_path / "gpu.md").read_text()
     row = next(line for line in gpu.splitlines() if line.startswith("| 4x4 B1 D2 | **"))
-    cells = row.split(" | ")[1:7]  # cooperative, per-diagonal, trainer, NumPy API, PyTorch, CPU
+    cells = row.split(" | ")[1:8]  # cooperative, sliced, per-diagonal, trainer, NumPy API, PyTorch, CPU
     has_torch = importlib.util.find_spec("torch") is not None
     filled = [c.startswith("**") for c in cells]
-    assert filled == [True, True, True, True, has_torch, True], row
+    assert filled == [True, True, True, True, True, has_torch, True], row
+    assert "cooperative sliced (train): cooperative" in gpu and "slices of" in gpu, gpu[-3000:]
     inference = gpu[gpu.index("## Inference"):].splitlines()
     row = next(line for line in inference if line.startswith("| 4x4 B1 D2 | **"))
     assert [c.startswith("**") for c in row.split(" | ")[1:4]] == [True, True, has_torch], row

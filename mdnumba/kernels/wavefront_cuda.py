@@ -20,6 +20,18 @@ hyperplane: unit j of up to :data:`ROWS_PER_THREAD` batch rows ``r_i`` of one ce
   from the children on the finished hyperplane, then writes ``dc[r_i, j]`` and
   ``dact[r_i, g*D + j]`` for its own j only: no two threads write the same place.
 
+Two layouts share out a hyperplane's items (``layout``, ``MDNUMBA_CUDA_LAYOUT``):
+
+- ``flat``: over the whole grid (grid-stride), so every block reads all of U (from shared
+  memory when all of it fits, else through L1/L2).
+- ``sliced``: block ``(q*nJ + slice)*nO + o`` owns the :data:`SLICE` units ``slice*SLICE ..``
+  of scan q for the (cell, row group) pairs ``o, o + nO, ..`` of every hyperplane
+  (:func:`_block_slice`); it stages just those units' weights in shared memory once per sweep
+  (:func:`_stage_slice`), laid out so that the hot loops step by the constant SLICE (shared
+  loads at constant offsets). Its own kernels (``*_sliced``): the weights array they read is
+  the shared one alone, so the compiler emits shared-memory loads. :func:`_plan_slices` falls
+  back to flat when the slices cannot all be co-resident or a slice does not fit.
+
 Two ways to sweep the K hyperplanes:
 
 - ``cooperative``: one persistent kernel, a 1-D grid no larger than
