@@ -67,5 +67,9 @@ def collect_info() -> dict[str, str]:
                               "MDNUMBA_VECTOR_BYTES)",
         "kernel cache": kernel_cache.describe() if config.CACHE else "off (MDNUMBA_CACHE=0 or unknown Numba)",
         "cuda": cuda_status(),
+        "cuda sweep settings": f"{config.CUDA_LAYOUT} layout ({config.CUDA_SLICE_UNITS} units per slice "
+                               f"when sliced), {config.CUDA_ROWS_PER_THREAD} rows per thread, "
+                               f"{config.CUDA_UNROLL} unrolled steps, {config.THREADS_PER_BLOCK} threads "
+                               f"per block, path {config.CUDA_PATH} (MDNUMBA_CUDA_* settings)",
         "cuda sweep path": cuda_sweep_path(),
     }

@@ -786,6 +786,13 @@ def sim_errors_and_fallback(rng, monkeypatch):
         dev.backward(np.zeros((1, 2, 3, 3), np.float32))
     with pytest.raises(ValueError, match="path"):
         CudaLSTM.from_layer(MDLSTM2D(2, 3), path="diagonal").forward(np.ones((1, 2, 2, 2), np.float32))
+    with pytest.raises(ValueError, match=r"layout \(or MDNUMBA_CUDA_LAYOUT\) must be one of \('flat', 'sli"):
+        CudaLSTM.from_layer(MDLSTM2D(2, 3), layout="tiled").forward(np.ones((1, 2, 2, 2), np.float32))
+    with monkeypatch.context() as m:  # a slice over the shared-memory limit: the flat layout, said
+        m.setattr(gpu, "SHARED_BYTES_LIMIT", 100)
+        sliced = CudaLSTM.from_layer(MDLSTM2D(2, 3, dtype=np.float32), layout="sliced")
+        np.testing.assert_array_equal(sliced.forward(np.ones((1, 2, 2, 2), np.float32)), y)
+        assert f"flat layout: a slice's weights take {2 * 5 * 3 * gpu.SLICE * 4} B, over 100 B" in last_path()
     with monkeypatch.context() as m:  # 32-bit index arithmetic: arrays of 2**32 elements are refused
         m.setattr(gpu, "MAX_ELEMENTS", 90)  # U (1, 3, 30), the largest array here, has 90
         with pytest.raises(ValueError, match="has 90 elements.*32-bit arithmetic.*split the batch"):
