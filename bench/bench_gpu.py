@@ -138,7 +138,7 @@ def host_time(fn: Callable[[], None], sync: Callable[[], None], budget_s: float,
 # ------------------------------------------------------------------- mdnumba on the GPU
 def mdnumba_device_fns(cfg: Config, x: np.ndarray, path: str, layout: str | None = None):
     """(train step, forward, CudaLSTM) running fully on the device on ``path`` in ``layout`` (None:
-    the default); ``forward(save=False)`` runs the saving-free sweep (inference, flat layout)."""
+    the default); ``forward(save=False)`` runs the saving-free sweep (inference)."""
     from numba import cuda
 
     from mdnumba.backend_cuda import CudaAdam, CudaLSTM
@@ -451,7 +451,7 @@ def render(info: dict[str, str], results: list[dict], quick: bool) -> str:
             "The saving-free sweep (`wavefront_infer`'s CUDA twin: two hyperplanes of buffers, the "
             "input projection inside the sweep, h straight into the output) on each path; PyTorch: "
             "its forward under `torch.no_grad()` (the column above).", ""]
-    out += speed_table(results, "inference", ("coop", "diag", "torch"))
+    out += speed_table(results, "inference", ("coop", "sliced", "diag", "torch"))
     out += ["", "## Time per anti-diagonal", "",
             "Sweeps alone (recurrent part only, no GEMMs, no copies) divided by the number of "
             f"anti-diagonals, next to the synchronisation floors measured on this GPU: an empty "
@@ -538,8 +538,7 @@ def run_config(res: dict, tb: TorchBaseline | None, budget: float, cpu: bool, nu
             res["dispatch"][key] = host_time(train, sync, budget / 4)
             res["paths"].append(f"{name} (train): {last_path()}")
             res["forward"][key] = time_it(fwd, sync, budget)
-            if layout == "flat":  # the saving-free sweep has the flat layout only
-                res["inference"][key] = time_it(lambda f=fwd: f(save=False), sync, budget)
+            res["inference"][key] = time_it(lambda f=fwd: f(save=False), sync, budget)
             res["sweeps"][name] = sweep_times(dev, cfg, path, sync, budget / 2)
             del train, fwd, dev
             gc.collect()

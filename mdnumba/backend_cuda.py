@@ -379,7 +379,8 @@ class CudaLSTM(DeviceLayer):
             k.fill(out.reshape(out.size), 0.0)
         k.wavefront_infer(out, h, c, act, lp, xd.reshape(dense, C), t.skew_src, self.W, self.b, self.U,
                           t.diag_off, t.parent, first, last, B, D, self.cell_code, path=self.path,
-                          use_shared=self.use_shared, tpb=self.tpb, diag_off_host=t.diag_off_host)
+                          use_shared=self.use_shared, tpb=self.tpb, diag_off_host=t.diag_off_host,
+                          layout=self.layout)
         return self._forward_result(out, t, tuple(xd.shape[1:-1]), host_in, state is not None,
                                     inference=True, final_slot=(last - 1) % 2)
 

@@ -336,17 +336,15 @@ def _plane(diag_off, parent, k, B, D):
 
 
 @cuda.jit(device=True)
-def _plane_items(diag_off, parent, k, B, D, nO, rows, start, stride, sliced):
-    """``(first, end, step)`` of this thread's items of hyperplane k (:func:`_item` decodes them).
-    Flat layout: grid-stride over the plane's ``scans * cells * ceil(B/ROWS_PER_THREAD) * D``
-    items (``rows``: the sweep's rows, scans * cells * B). ``sliced`` (a constant at each call
-    site): block-stride over its share of the plane's (cell, row group) pairs times SLICE units."""
-    s0, n, nbg, MB, _ = _plane(diag_off, parent, k, B, D)
-    S = _divmod(rows, MB)[0]
+def _plane_items(n, D, S, nO, start, stride, sliced):
+    """``(first, end, step)`` of this thread's items of a hyperplane with ``n`` items per scan
+    (cells * row groups * D) in each of S scans (:func:`_item` decodes them). Flat layout:
+    grid-stride over all of them. ``sliced`` (a constant at each call site): block-stride over
+    its share of the plane's (cell, row group) pairs times SLICE units."""
     if not sliced:
         return start, n * S, stride
     q, _, o = _block_slice(nO, D)
-    pairs = (diag_off[k + 1] - s0) * nbg
+    pairs = _divmod(n, D)[0]
     m = 0
     if pairs > o and q < S:
         m = _divmod(pairs - o + nO - 1, nO)[0]
@@ -354,11 +352,10 @@ def _plane_items(diag_off, parent, k, B, D, nO, rows, start, stride, sliced):
 
 
 @cuda.jit(device=True)
-def _item(t, k, diag_off, parent, B, D, nO, transposed, sliced):
-    """Item t of :func:`_plane_items`: (whether the unit exists, the scan's row offset, cell, first
-    batch item, rows, unit j, where its weights are: :func:`_flat_weights` / :func:`_slice_weights`)."""
-    s0, n, nbg, MB, DNG = _plane(diag_off, parent, k, B, D)
-    N = parent.shape[1]
+def _item(t, n, s0, nbg, B, D, MB, DNG, N, nO, transposed, sliced):
+    """Item t of :func:`_plane_items` (sizes as :func:`_work_item`'s): (whether the unit exists,
+    the scan's row offset, cell, first batch item, rows, unit j, where its weights are:
+    :func:`_flat_weights` / :func:`_slice_weights`)."""
     if not sliced:
         lo, uo, s, b0, nb, j = _work_item(t, n, s0, nbg, B, D, MB, DNG)
         return True, lo, s, b0, nb, j, _flat_weights(uo, j, N, D, transposed)
@@ -374,9 +371,10 @@ def _item(t, k, diag_off, parent, B, D, nO, transposed, sliced):
 @cuda.jit(device=True)
 def _forward_plane(h, c, act, Uf, diag_off, parent, B, D, cell, k, start, stride, nO, sliced):
     """This thread's items of hyperplane k (:func:`_plane_items`)."""
-    first, end, step = _plane_items(diag_off, parent, k, B, D, nO, act.shape[0], start, stride, sliced)
+    s0, n, nbg, MB, DNG = _plane(diag_off, parent, k, B, D)
+    first, end, step = _plane_items(n, D, _divmod(act.shape[0], MB)[0], nO, start, stride, sliced)
     for t in range(first, end, step):
-        ok, lo, s, b0, nb, j, wl = _item(t, k, diag_off, parent, B, D, nO, False, sliced)
+        ok, lo, s, b0, nb, j, wl = _item(t, n, s0, nbg, B, D, MB, DNG, parent.shape[1], nO, False, sliced)
         if ok:
             _unit_forward(h, c, act, Uf, wl, parent, lo, s, b0, nb, j, B, D, cell)
 
@@ -436,8 +434,9 @@ def _rows_project(act, x, src, W, bias, q, r, row0, nb, j, D, ng):
 
 
 @cuda.jit(device=True)
-def _infer_plane(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, B, D, cell, k, start, stride):
-    """Grid-stride over hyperplane k's items in the two-plane buffers (slots of
+def _infer_plane(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, B, D, cell, k, start, stride, nO,
+                 sliced):
+    """This thread's items (:func:`_plane_items`) of hyperplane k in the two-plane buffers (slots of
     :func:`_fill_parents`): per (scan q, cell, row group, unit j) the input projection
     ``act[r, g*D + j] = bias_q + x[src[q, ·]] @ W_q`` (src -1: bias only), then
     :func:`_unit_forward` (parents by ``lp``), then h into ``out[src, q, j]``."""
@@ -449,12 +448,15 @@ def _infer_plane(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, B, D, cell, 
     n = (diag_off[k + 1] - s0) * nbg * D
     MB = lp.shape[0] * B
     DNG = N * (N + 3) * D * D
-    for t in range(start, n * W.shape[0], stride):
-        lo, uo, s, b0, nb, j = _work_item(t, n, cur, nbg, B, D, MB, DNG)
+    first, end, step = _plane_items(n, D, W.shape[0], nO, start, stride, sliced)
+    for t in range(first, end, step):
+        ok, lo, s, b0, nb, j, wl = _item(t, n, cur, nbg, B, D, MB, DNG, N, nO, False, sliced)
+        if not ok:
+            continue
         q = _divmod(lo, MB)[0]
         row0 = (s0 + s - cur) * B + b0  # the cell's first row in src
         _rows_project(act, x, src, W, bias, q, lo + s * B + b0, row0, nb, j, D, N + 3)
-        _unit_forward(h, c, act, Uf, _flat_weights(uo, j, N, D, False), lp, lo, s, b0, nb, j, B, D, cell)
+        _unit_forward(h, c, act, Uf, wl, lp, lo, s, b0, nb, j, B, D, cell)
         for i in range(nb):
             sr = src[q, row0 + i]
             if sr >= 0:
@@ -519,9 +521,10 @@ def _unit_backward(dact, dc, dh, act, c, UTf, wl, parent, child, base, s, b0, nb
 def _backward_plane(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, k, start, stride,
                     nO, sliced):
     """This thread's items of hyperplane k (:func:`_plane_items`)."""
-    first, end, step = _plane_items(diag_off, parent, k, B, D, nO, act.shape[0], start, stride, sliced)
+    s0, n, nbg, MB, DNG = _plane(diag_off, parent, k, B, D)
+    first, end, step = _plane_items(n, D, _divmod(act.shape[0], MB)[0], nO, start, stride, sliced)
     for t in range(first, end, step):
-        ok, lo, s, b0, nb, j, wl = _item(t, k, diag_off, parent, B, D, nO, True, sliced)
+        ok, lo, s, b0, nb, j, wl = _item(t, n, s0, nbg, B, D, MB, DNG, parent.shape[1], nO, True, sliced)
         if ok:
             _unit_backward(dact, dc, dh, act, c, UTf, wl, parent, child, lo, s, b0, nb, j, B, D, cell)
 
@@ -730,37 +733,56 @@ def _backward_diag_sliced(dact, dc, dh, act, c, UTf, diag_off, parent, child, B,
                     cuda.grid(1), cuda.gridsize(1), nO, True)
 
 
-@cuda.jit(**_JIT)
-def _infer_coop(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent, first, last, B, D, cell,
-                use_shared):
-    """Hyperplanes ``first .. last-1`` of the saving-free forward in one cooperative launch: each
-    step fills the next plane's parent slots (the half the current plane does not read) and
-    computes the current plane, grid sync in between."""
+@cuda.jit(device=True)
+def _infer_sweep(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent, first, last, B, D, cell, nO,
+                 sliced):
+    """Hyperplanes ``first .. last-1`` of the saving-free forward, grid sync in between: each step
+    fills the next plane's parent slots (the half the current plane does not read) and computes
+    the current plane."""
     grid = cuda.cg.this_grid()
-    shared = cuda.shared.array(0, Uf.dtype)
-    _stage(shared, Uf, use_shared)
-    if use_shared:
-        Uf = shared
     start = cuda.grid(1)
     stride = cuda.gridsize(1)
     _fill_parents(lp, parent, diag_off, first, last, start, stride)
     grid.sync()
     for k in range(first, last):
         _fill_parents(lp, parent, diag_off, k + 1, last, start, stride)
-        _infer_plane(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, B, D, cell, k, start, stride)
+        _infer_plane(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, B, D, cell, k, start, stride, nO,
+                     sliced)
         grid.sync()
 
 
 @cuda.jit(**_JIT)
+def _infer_coop(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent, first, last, B, D, cell,
+                use_shared, nO):
+    """:func:`_infer_sweep` in one cooperative launch (flat layout)."""
+    shared = cuda.shared.array(0, Uf.dtype)
+    _stage(shared, Uf, use_shared)
+    if use_shared:
+        Uf = shared
+    _infer_sweep(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent, first, last, B, D, cell, nO,
+                 False)
+
+
+@cuda.jit(**_JIT)
+def _infer_coop_sliced(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent, first, last, B, D, cell,
+                       use_shared, nO):
+    """:func:`_infer_sweep` in one cooperative launch, sliced layout."""
+    Ws = cuda.shared.array(0, Uf.dtype)
+    _stage_slice(Ws, Uf, nO, lp.shape[1], D, False)
+    _infer_sweep(out, h, c, act, Ws, lp, x, src, W, bias, diag_off, parent, first, last, B, D, cell, nO,
+                 True)
+
+
+@cuda.jit(**_JIT)
 def _infer_pre(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent, first, last, B, D, cell,
-               use_shared):
+               use_shared, nO):
     """The first plane's parent slots (per-diagonal path of :func:`_infer_coop`)."""
     _fill_parents(lp, parent, diag_off, first, last, cuda.grid(1), cuda.gridsize(1))
 
 
 @cuda.jit(**_JIT)
 def _infer_diag(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent, first, last, B, D, cell,
-                use_shared, k):
+                use_shared, nO, k):
     """Hyperplane ``first + k`` only, and the next plane's parent slots (one launch per plane)."""
     shared = cuda.shared.array(0, Uf.dtype)
     _stage(shared, Uf, use_shared)
@@ -768,7 +790,20 @@ def _infer_diag(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent, first
         Uf = shared
     start, stride = cuda.grid(1), cuda.gridsize(1)
     _fill_parents(lp, parent, diag_off, first + k + 1, last, start, stride)
-    _infer_plane(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, B, D, cell, first + k, start, stride)
+    _infer_plane(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, B, D, cell, first + k, start, stride,
+                 nO, False)
+
+
+@cuda.jit(**_JIT)
+def _infer_diag_sliced(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent, first, last, B, D, cell,
+                       use_shared, nO, k):
+    """:func:`_infer_diag` in the sliced layout (the slice staged at each launch)."""
+    Ws = cuda.shared.array(0, Uf.dtype)
+    _stage_slice(Ws, Uf, nO, lp.shape[1], D, False)
+    start, stride = cuda.grid(1), cuda.gridsize(1)
+    _fill_parents(lp, parent, diag_off, first + k + 1, last, start, stride)
+    _infer_plane(out, h, c, act, Ws, lp, x, src, W, bias, diag_off, B, D, cell, first + k, start, stride,
+                 nO, True)
 
 
 @cuda.jit(**_JIT)
@@ -1339,20 +1374,25 @@ def wavefront_infer(out: HostOrDevice, h: HostOrDevice, c: HostOrDevice, act: Ho
                     bias: HostOrDevice, U: HostOrDevice, diag_off: HostOrDevice, parent: HostOrDevice,
                     first: int, last: int, B: int, D: int, cell: int, *, path: str | None = None,
                     use_shared: bool | None = None, tpb: int | None = None,
-                    diag_off_host: np.ndarray | None = None) -> None:
+                    diag_off_host: np.ndarray | None = None, layout: str | None = None) -> None:
     """CUDA twin of :func:`mdnumba.kernels.wavefront.wavefront_infer` (same arguments but
     ``items``; keywords as in :func:`wavefront_forward`)."""
     tpb = _tpb(tpb)
     a = _Args(out, h, c, act, lp, x, src, W, bias, U, diag_off, parent)
     out_, h_, c_, act_, lp_, x_, src_, W_, b_, U_, off_, par_ = a.dev
-    shared = _use_shared(U_, use_shared)
-    shmem = U_.nbytes if shared else 0
-    host_off = _host_ints(diag_off if diag_off_host is None else diag_off_host)
-    args = (out_, h_, c_, act_, U_.reshape(U_.size), lp_, x_, src_, W_, b_, off_, par_, int(first),
-            int(last), int(B), int(D), int(cell), shared)  # the flat layout
-    desc = _sweep(_infer_coop, _infer_diag, args, host_off[first:last + 1], U_.shape[0] * _row_groups(B),
-                  D, shmem, path, tpb, reverse=False, pre=_infer_pre, extra_items=lp_.size)
-    _record(desc, shared)
+    host_off = _host_ints(diag_off if diag_off_host is None else diag_off_host)[first:last + 1]
+    head = (out_, h_, c_, act_, U_.reshape(U_.size), lp_, x_, src_, W_, b_, off_, par_, int(first),
+            int(last), int(B), int(D), int(cell))
+    nO, blocks, shmem, note = _plan_slices(
+        _infer_coop_sliced, (*head, False, 1), U_.shape[0], par_.shape[1], D,
+        int(np.diff(host_off).max()) * _row_groups(B), U_.dtype.itemsize, layout, path, tpb)
+    kernels = (_infer_coop_sliced, _infer_diag_sliced) if nO else (_infer_coop, _infer_diag)
+    shared = not nO and _use_shared(U_, use_shared)
+    if not nO:
+        shmem = U_.nbytes if shared else 0
+    desc = _sweep(*kernels, (*head, shared, nO), host_off, U_.shape[0] * _row_groups(B), D, shmem, path,
+                  tpb, reverse=False, pre=_infer_pre, extra_items=lp_.size, blocks=blocks)
+    _record(desc, note or shared)
     a.finish(0, 1, 2, 3, 4)
 
 
