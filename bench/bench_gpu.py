@@ -40,6 +40,7 @@ import importlib
 import importlib.metadata
 import os
 import platform
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -216,10 +217,10 @@ def sweep_times(dev, cfg: Config, path: str, sync, budget_s: float) -> dict[str,
     return {"forward": fwd, "backward": bwd}
 
 
-def sync_floors(K: int, tpb: int, sync, budget_s: float) -> dict[str, object]:
+def sync_floors(K: int, tpb: int, sync, budget_s: float, grids: tuple = ()) -> dict[str, object]:
     """Per-diagonal cost of an empty cooperative kernel's K grid syncs (at the largest
-    co-resident grid; the same kernel with none, i.e. its launch, subtracted) and of K empty
-    launches."""
+    co-resident grid, and at each ``(blocks, threads)`` of ``grids``, the sweeps' own; the same
+    kernel with none, i.e. its launch, subtracted) and of K empty launches."""
     from numba import cuda
 
     @cuda.jit
@@ -236,12 +237,22 @@ def sync_floors(K: int, tpb: int, sync, budget_s: float) -> dict[str, object]:
             out[0] = 1
 
     out = cuda.device_array(1, dtype=np.int64)
+
+    def per_sync(blocks: int, threads: int) -> float:
+        coop = time_it(lambda: grid_syncs[blocks, threads](K, out), sync, budget_s)
+        bare = time_it(lambda: grid_syncs[blocks, threads](0, out), sync, budget_s)  # its launch alone
+        return max(coop.best - bare.best, 0.0) / K * 1e6
+
     blocks = grid_syncs.compile((numba.int64, numba.int64[::1])).max_cooperative_grid_blocks(tpb)
-    coop = time_it(lambda: grid_syncs[blocks, tpb](K, out), sync, budget_s)
-    bare = time_it(lambda: grid_syncs[blocks, tpb](0, out), sync, budget_s)  # its launch alone
     launches = time_it(lambda: [empty[1, tpb](out) for _ in range(K)], sync, budget_s)
-    return {"blocks": blocks, "sync_us": max(coop.best - bare.best, 0.0) / K * 1e6,
-            "launch_us": launches.best / K * 1e6}
+    return {"blocks": blocks, "sync_us": per_sync(blocks, tpb), "launch_us": launches.best / K * 1e6,
+            "at_grids": {g: per_sync(*g) for g in sorted(set(grids)) if g[0] <= blocks}}
+
+
+def coop_grids(paths: list[str]) -> tuple:
+    """The ``(blocks, threads)`` of the cooperative sweeps in the "paths taken" lines."""
+    return tuple((int(b), int(t)) for p in paths
+                 for b, t in re.findall(r"cooperative \((\d+) blocks x (\d+) threads", p))
 
 
 # ------------------------------------------------------------------------- PyTorch
@@ -387,7 +398,8 @@ def diagonal_table(results: list[dict]) -> list[str]:
             tm = sw.get(name, {}).get(d)
             return "–" if tm is None else f"{tm.best / K * 1e6:.1f}"
 
-        sync = f"{fl['sync_us']:.2f} ({fl['blocks']})" if fl else "–"
+        sync = "; ".join(f"{us:.2f} ({b})" for b, us in [(fl["blocks"], fl["sync_us"])]
+                         + [(f"{g[0]}x{g[1]}", v) for g, v in fl.get("at_grids", {}).items()]) if fl else "–"
         launch = f"{fl['launch_us']:.2f}" if fl else "–"
         rows.append(f"| {res['cfg'].label} | {K} | "
                     + " | ".join(us(n, d) for d in ("forward", "backward") for n in names)
@@ -455,7 +467,8 @@ def render(info: dict[str, str], results: list[dict], quick: bool) -> str:
     out += ["", "## Time per anti-diagonal", "",
             "Sweeps alone (recurrent part only, no GEMMs, no copies) divided by the number of "
             f"anti-diagonals, next to the synchronisation floors measured on this GPU: an empty "
-            "cooperative kernel doing only K grid syncs at its largest co-resident grid, and K "
+            "cooperative kernel doing only K grid syncs at its largest co-resident grid (blocks) and "
+            "at the sweeps' own grids (blocks x threads), and K "
             f"empty launches (Python dispatch included). The issue quotes ~{SYNC_FLOOR_US} µs per "
             "grid sync on an H100.", ""] + diagonal_table(results)
     out += ["", "## Host dispatch", "",
@@ -567,7 +580,8 @@ def run_config(res: dict, tb: TorchBaseline | None, budget: float, cpu: bool, nu
     from mdnumba import config
     if not numba.config.ENABLE_CUDASIM:
         _attempt(res, "sync floors", lambda: res.update(
-            floors=sync_floors(cfg.diagonals, config.THREADS_PER_BLOCK, sync, budget / 4)))
+            floors=sync_floors(cfg.diagonals, config.THREADS_PER_BLOCK, sync, budget / 4,
+                               coop_grids(res["paths"]))))
 
 
 def write_report(path: Path, report: str) -> str:

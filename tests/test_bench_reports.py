@@ -65,6 +65,27 @@ def test_gpu_targets_both_configs_and_missing_parts():
            "60.0x (target ≥ 50x): **met**\n" in report
 
 
+def test_gpu_sliced_column_and_sync_floors_at_the_sweeps_grids():
+    """The sliced layout's train step is a target candidate and a column with its own PyTorch
+    ratio; the per-diagonal table gives the grid-sync floor at the largest grid and at the
+    sweeps' own grids (read from the paths taken)."""
+    res = gpu_result("32", 2.0, None, 60.0)
+    res["train"]["sliced"] = T([1.0, 1.5])
+    assert "(cooperative sliced) = 60.0x" in bench_gpu.targets([res])[0]
+    table = bench_gpu.speed_table([res], "train", ("coop", "sliced", "torch"))
+    assert table[0].endswith("| PyTorch / coop | PyTorch / sliced |")
+    assert table[2].endswith("| 30.0x | 60.0x |")
+    res["paths"] = ["cooperative (train): cooperative (396 blocks x 128 threads, 63 hyperplanes), weights in "
+                    "global memory", "cooperative sliced (train): cooperative (264 blocks x 128 threads, 63 "
+                    "hyperplanes), weights in shared memory, 8 slices of 8 units x 33 blocks"]
+    grids = bench_gpu.coop_grids(res["paths"])
+    assert grids == ((396, 128), (264, 128))
+    res["floors"] = {"blocks": 2112, "sync_us": 8.72, "launch_us": 28.7,
+                     "at_grids": {(264, 128): 2.5, (396, 128): 3.25}}
+    row = bench_gpu.diagonal_table([res])[2]
+    assert "| 8.72 (2112); 2.50 (264x128); 3.25 (396x128) | 28.70 |" in row, row
+
+
 def test_cpu_targets():
     def res(cfg, md, pt):
         c = bench_cpu.Config(*cfg)
