@@ -621,39 +621,38 @@ def _backward_prologue(UTf, U, dh, dh_in, dh_src, z, xs, h, parent, B, D, start,
 
 
 # ---------------------------------------------------------------- sweep kernels
+@cuda.jit(device=True)
+def _forward_sweep(h, c, act, Uf, diag_off, parent, B, D, cell, nO, out, out_src, sliced):
+    """All hyperplanes k = 0..K-1, grid sync in between; then ``out`` = h in grid order
+    (:func:`_unskew`) unless ``out_src`` is empty."""
+    grid = cuda.cg.this_grid()
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    for k in range(diag_off.shape[0] - 1):
+        _forward_plane(h, c, act, Uf, diag_off, parent, B, D, cell, k, start, stride, nO, sliced)
+        grid.sync()
+    if out_src.shape[0] > 0:
+        _unskew(out, h, out_src, start, stride)
+
+
 @cuda.jit(**_JIT)
 def _forward_coop(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, nO, out, out_src):
-    """All hyperplanes k = 0..K-1 in one cooperative launch, grid sync in between (``Uf`` = U
-    flat); then ``out`` = h in grid order (:func:`_unskew`) unless ``out_src`` is empty. ``nO``:
-    the sliced twin's (:func:`_forward_coop_sliced`; its launch arguments are the same)."""
-    grid = cuda.cg.this_grid()
+    """:func:`_forward_sweep` in one cooperative launch (``Uf`` = U flat). ``nO``: the sliced
+    twin's (:func:`_forward_coop_sliced`; its launch arguments are the same)."""
     shared = cuda.shared.array(0, Uf.dtype)
     _stage(shared, Uf, use_shared)
     if use_shared:
         Uf = shared
-    start = cuda.grid(1)
-    stride = cuda.gridsize(1)
-    for k in range(diag_off.shape[0] - 1):
-        _forward_plane(h, c, act, Uf, diag_off, parent, B, D, cell, k, start, stride, nO, False)
-        grid.sync()
-    if out_src.shape[0] > 0:
-        _unskew(out, h, out_src, start, stride)
+    _forward_sweep(h, c, act, Uf, diag_off, parent, B, D, cell, nO, out, out_src, False)
 
 
 @cuda.jit(**_JIT)
 def _forward_coop_sliced(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, nO, out, out_src):
     """:func:`_forward_coop` in the sliced layout: the block's unit slice of U staged in shared
     memory once (:func:`_stage_slice`), its items per hyperplane (:func:`_plane_items`)."""
-    grid = cuda.cg.this_grid()
     Ws = cuda.shared.array(0, Uf.dtype)
     _stage_slice(Ws, Uf, nO, parent.shape[1], D, False)
-    start = cuda.grid(1)
-    stride = cuda.gridsize(1)
-    for k in range(diag_off.shape[0] - 1):
-        _forward_plane(h, c, act, Ws, diag_off, parent, B, D, cell, k, start, stride, nO, True)
-        grid.sync()
-    if out_src.shape[0] > 0:
-        _unskew(out, h, out_src, start, stride)
+    _forward_sweep(h, c, act, Ws, diag_off, parent, B, D, cell, nO, out, out_src, True)
 
 
 @cuda.jit(**_JIT)
@@ -674,41 +673,46 @@ def _forward_diag_sliced(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared
     _forward_plane(h, c, act, Ws, diag_off, parent, B, D, cell, k, cuda.grid(1), cuda.gridsize(1), nO, True)
 
 
-@cuda.jit(**_JIT)
-def _backward_coop(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, use_shared, nO,
-                   U, dh_in, dh_src, z, xs, h):
-    """:func:`_backward_prologue`, a grid sync, then all hyperplanes k = K-1..0 in one
-    cooperative launch, grid sync in between (``UTf`` = UT flat; ``nO`` as in :func:`_forward_coop`)."""
+@cuda.jit(device=True)
+def _backward_prologue_synced(UTf, U, dh, dh_in, dh_src, z, xs, h, parent, B, D):
+    """:func:`_backward_prologue` over the grid, then a grid sync."""
+    _backward_prologue(UTf, U, dh, dh_in, dh_src, z, xs, h, parent, B, D, cuda.grid(1), cuda.gridsize(1))
+    cuda.cg.this_grid().sync()
+
+
+@cuda.jit(device=True)
+def _backward_sweep(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, nO, sliced):
+    """All hyperplanes k = K-1..0, grid sync in between."""
     grid = cuda.cg.this_grid()
     start = cuda.grid(1)
     stride = cuda.gridsize(1)
-    _backward_prologue(UTf, U, dh, dh_in, dh_src, z, xs, h, parent, B, D, start, stride)
-    grid.sync()
+    for k in range(diag_off.shape[0] - 2, -1, -1):
+        _backward_plane(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, k, start, stride,
+                        nO, sliced)
+        grid.sync()
+
+
+@cuda.jit(**_JIT)
+def _backward_coop(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, use_shared, nO,
+                   U, dh_in, dh_src, z, xs, h):
+    """:func:`_backward_prologue` and :func:`_backward_sweep` in one cooperative launch (``UTf`` =
+    UT flat; ``nO`` as in :func:`_forward_coop`)."""
+    _backward_prologue_synced(UTf, U, dh, dh_in, dh_src, z, xs, h, parent, B, D)
     shared = cuda.shared.array(0, UTf.dtype)
     _stage(shared, UTf, use_shared)
     if use_shared:
         UTf = shared
-    for k in range(diag_off.shape[0] - 2, -1, -1):
-        _backward_plane(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, k, start, stride,
-                        nO, False)
-        grid.sync()
+    _backward_sweep(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, nO, False)
 
 
 @cuda.jit(**_JIT)
 def _backward_coop_sliced(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, use_shared, nO,
                           U, dh_in, dh_src, z, xs, h):
     """:func:`_backward_coop` in the sliced layout (the block's unit slice of UT in shared memory)."""
-    grid = cuda.cg.this_grid()
-    start = cuda.grid(1)
-    stride = cuda.gridsize(1)
-    _backward_prologue(UTf, U, dh, dh_in, dh_src, z, xs, h, parent, B, D, start, stride)
-    grid.sync()
+    _backward_prologue_synced(UTf, U, dh, dh_in, dh_src, z, xs, h, parent, B, D)
     Ws = cuda.shared.array(0, UTf.dtype)
     _stage_slice(Ws, UTf, nO, parent.shape[1], D, True)
-    for k in range(diag_off.shape[0] - 2, -1, -1):
-        _backward_plane(dact, dc, dh, act, c, Ws, diag_off, parent, child, B, D, cell, k, start, stride,
-                        nO, True)
-        grid.sync()
+    _backward_sweep(dact, dc, dh, act, c, Ws, diag_off, parent, child, B, D, cell, nO, True)
 
 
 @cuda.jit(**_JIT)
