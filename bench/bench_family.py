@@ -7,8 +7,9 @@ Adam) and a forward pass of the same layer (graves cell, float32, C=1, loss
 that both compute the same forward and gradients. Timing, interleaving and the
 best-of-N rule are those of ``bench_cpu.py``.
 
-``--device cuda`` times ``mdnumba.backend_cuda.CudaLSTM`` + ``CudaAdam`` (device-resident)
-against the same PyTorch module on the GPU (both synchronised after every phase).
+``--device cuda`` times ``mdnumba.backend_cuda.CudaLSTM`` + ``CudaAdam`` (device-resident), in
+the flat and the sliced sweep layout (``MDNUMBA_CUDA_LAYOUT``), against the same PyTorch module
+on the GPU (all synchronised after every phase).
 
 ``--smoke`` runs tiny shapes once each (CI runs it with ``--device cuda`` under the CUDA simulator,
 PyTorch on CPU tensors there, so the script works when a GPU comes).
@@ -72,14 +73,16 @@ def build_torch(layer: mdnumba.WavefrontLSTM, device: str) -> TorchWavefrontLSTM
     return model.to(device)
 
 
-def mdnumba_phases(layer, x: np.ndarray, device: str) -> tuple[list[Phase], list[Phase]]:
-    """Train-step phases (forward, backward, adam) and the forward-only phase."""
+def mdnumba_phases(layer, x: np.ndarray, device: str, layout: str | None = None
+                   ) -> tuple[list[Phase], list[Phase]]:
+    """Train-step phases (forward, backward, adam) and the forward-only phase (``layout``: the
+    CUDA sweep layout)."""
     st: dict = {}
     if device == "cuda":
         from numba import cuda
 
         from mdnumba.backend_cuda import CudaAdam, CudaLSTM
-        net, sync = CudaLSTM.from_layer(layer), cuda.synchronize
+        net, sync = CudaLSTM.from_layer(layer, layout=layout), cuda.synchronize
         net.reuse_outputs = True  # no allocation (and deferred frees) per call: each h is used at once
         opt, xin = CudaAdam([net], lr=1e-3), cuda.to_device(x)
         scale = mdnumba.backend_cuda._kernels().axpby
@@ -182,14 +185,20 @@ def main() -> None:
         torch.set_num_threads(numba.get_num_threads())
     out = args.out or (None if args.quick or args.smoke else HERE / "results" / f"family_{dev}.md")
     load0 = load_average()
-    rows = ["| layer | train step mdnumba | PyTorch | ratio | forward mdnumba | PyTorch | ratio | "
-            "float64 forward max abs diff |", "|---|---|---|---|---|---|---|---|"]
+    names = ["mdnumba", "sliced"] if dev == "cuda" else ["mdnumba"]  # sliced: the CUDA sliced layout
+    per = ["mdnumba", "mdnumba sliced", "PyTorch", "PyTorch / mdnumba (flat / sliced)"] if dev == "cuda" \
+        else ["mdnumba", "PyTorch", "PyTorch / mdnumba"]
+    cols = [f"{what} {n}" for what in ("train step", "forward") for n in per]
+    rows = ["| layer | " + " | ".join(cols) + " | float64 forward max abs diff |",
+            "|---" * (len(cols) + 2) + "|"]
     breakdown: list[str] = []
     for shape in (SMOKE if args.smoke else QUICK if args.quick else SHAPES):
         x = np.random.default_rng(0).random((shape.B,) + shape.dims + (1,), dtype=np.float32)
         layer = build_layer(shape)
-        mt, mf = mdnumba_phases(layer, x, dev)
+        mt, mf = mdnumba_phases(layer, x, dev, "flat" if dev == "cuda" else None)
         train_fns, fwd_fns = {"mdnumba": mt}, {"mdnumba": mf}
+        if dev == "cuda":
+            train_fns["sliced"], fwd_fns["sliced"] = mdnumba_phases(layer, x, dev, "sliced")
         try:  # a baseline that fails (e.g. torch without CUDA) leaves mdnumba's times
             if torch is None:
                 raise TORCH_ERROR
@@ -202,9 +211,10 @@ def main() -> None:
         budget = 0.5 if args.quick or args.smoke else 3.0
         reps = (1, 1) if args.smoke else (3, 500)  # min, max timed calls
         train, fwd = (time_interleaved(fns, budget, *reps) for fns in (train_fns, fwd_fns))
-        rows.append(f"| {shape.label} | {_ms(train, 'mdnumba')} | {_ms(train, 'torch')} | "
-                    f"{ratio(train.get('torch'), train['mdnumba'])} | {_ms(fwd, 'mdnumba')} | "
-                    f"{_ms(fwd, 'torch')} | {ratio(fwd.get('torch'), fwd['mdnumba'])} | {diff} |")
+        rows.append(f"| {shape.label} | " + " | ".join(
+            " | ".join([*(_ms(t, n) for n in names), _ms(t, "torch"),
+                        " / ".join(ratio(t.get("torch"), t[n]) for n in names)]) for t in (train, fwd))
+            + f" | {diff} |")
         print(rows[-1], flush=True)
         if dev == "cuda":  # where the device step's time goes, launcher by launcher
             from numba import cuda
