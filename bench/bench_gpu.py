@@ -398,7 +398,7 @@ def diagonal_table(results: list[dict]) -> list[str]:
             tm = sw.get(name, {}).get(d)
             return "–" if tm is None else f"{tm.best / K * 1e6:.1f}"
 
-        sync = "; ".join(f"{us:.2f} ({b})" for b, us in [(fl["blocks"], fl["sync_us"])]
+        sync = "; ".join(f"{t_us:.2f} ({b})" for b, t_us in [(fl["blocks"], fl["sync_us"])]
                          + [(f"{g[0]}x{g[1]}", v) for g, v in fl.get("at_grids", {}).items()]) if fl else "–"
         launch = f"{fl['launch_us']:.2f}" if fl else "–"
         rows.append(f"| {res['cfg'].label} | {K} | "

@@ -1298,12 +1298,12 @@ def _record(desc: str, shared: bool | str) -> None:
     _state["last_path"] = f"{desc}, {shared}"
 
 
-def _plan_slices(coop, args, S: int, N: int, D: int, pairs: int, itemsize: int, layout: str | None,
-                 path: str | None, tpb: int) -> tuple[int, int, int, str]:
+def _plan_slices(coop, args, S: int, N: int, D: int, B: int, diag_off_host: np.ndarray, itemsize: int,
+                 layout: str | None, path: str | None, tpb: int) -> tuple[int, int, int, str]:
     """The sliced layout of a sweep (``coop``: its cooperative kernel, for ``args``), or why not:
     ``(nO, blocks, shared bytes, note)``; nO blocks per slice of SLICE units (as many as the
-    cooperative grid holds, at most ``pairs``, the largest hyperplane's (cell, row group) pairs
-    per scan), blocks = S * nJ * nO with nJ = ceil(D / SLICE). nO = 0 (flat layout) when the
+    cooperative grid holds, at most the largest hyperplane's (cell, row group) pairs per scan),
+    blocks = S * nJ * nO with nJ = ceil(D / SLICE). nO = 0 (flat layout) when the
     layout is flat, the slice does not fit in :data:`SHARED_BYTES_LIMIT` or, off the per-diagonal
     path, the S * nJ slices cannot all be co-resident; ``note`` then says why."""
     layout = layout or DEFAULT_LAYOUT
@@ -1321,8 +1321,26 @@ def _plan_slices(coop, args, S: int, N: int, D: int, pairs: int, itemsize: int, 
         cap = min(_coop_limit(coop, args, tpb, shmem), COOP_MAX_BLOCKS)
         if S * nJ > cap:
             return 0, 0, 0, f"flat layout: {S * nJ} unit slices, {cap} co-resident blocks"
+    pairs = int(np.diff(diag_off_host).max()) * _row_groups(B)
     nO = max(1, min(pairs, cap // (S * nJ)))
     return nO, S * nJ * nO, shmem, f"weights in shared memory, {S * nJ} slices of {SLICE} units x {nO} blocks"
+
+
+def _layout_sweep(flat: tuple, sliced: tuple, head: tuple, tail: tuple, W, S: int, N: int, D: int, B: int,
+                  diag_off_host: np.ndarray, layout: str | None, use_shared: bool | None, path: str | None,
+                  tpb: int, **sweep_kw) -> None:
+    """Run a sweep in its layout: the ``sliced`` (coop, diag) kernels where :func:`_plan_slices`
+    allows, else the ``flat`` ones with the weights ``W`` in shared memory when
+    :func:`_use_shared` says so; their arguments are ``(*head, use_shared, nO, *tail)``.
+    Records the path taken (:func:`last_path`)."""
+    nO, blocks, shmem, note = _plan_slices(sliced[0], (*head, False, 1, *tail), S, N, D, B, diag_off_host,
+                                           W.dtype.itemsize, layout, path, tpb)
+    shared = not nO and _use_shared(W, use_shared)
+    if not nO:
+        shmem = W.nbytes if shared else 0
+    desc = _sweep(*(sliced if nO else flat), (*head, shared, nO, *tail), diag_off_host, S * _row_groups(B),
+                  D, shmem, path, tpb, blocks=blocks, **sweep_kw)
+    _record(desc, note or shared)
 
 
 def last_path() -> str | None:
@@ -1359,17 +1377,9 @@ def wavefront_forward(h: HostOrDevice, c: HostOrDevice, act: HostOrDevice, U: Ho
     if out_ is None:
         out_, src_ = _none(h_.dtype, 3), _none(par_.dtype, 2)  # tables share a dtype
     head, tail = (h_, c_, act_, U_.reshape(U_.size), off_, par_, int(B), int(D), int(cell)), (out_, src_)
-    nO, blocks, shmem, note = _plan_slices(
-        _forward_coop_sliced, (*head, False, 1, *tail), U_.shape[0], par_.shape[1], D,
-        int(np.diff(host_off).max()) * _row_groups(B), U_.dtype.itemsize, layout, path, tpb)
-    kernels = (_forward_coop_sliced, _forward_diag_sliced) if nO else (_forward_coop, _forward_diag)
-    shared = not nO and _use_shared(U_, use_shared)
-    if not nO:
-        shmem = U_.nbytes if shared else 0
-    desc = _sweep(*kernels, (*head, shared, nO, *tail), host_off, U_.shape[0] * _row_groups(B), D, shmem,
-                  path, tpb, reverse=False, post=_forward_post if src_.size else None,
-                  extra_items=out_.size, blocks=blocks)
-    _record(desc, note or shared)
+    _layout_sweep((_forward_coop, _forward_diag), (_forward_coop_sliced, _forward_diag_sliced), head, tail,
+                  U_, U_.shape[0], par_.shape[1], D, B, host_off, layout, use_shared, path, tpb,
+                  reverse=False, post=_forward_post if src_.size else None, extra_items=out_.size)
     a.finish(0, 1, 2, 6)
 
 
@@ -1387,16 +1397,9 @@ def wavefront_infer(out: HostOrDevice, h: HostOrDevice, c: HostOrDevice, act: Ho
     host_off = _host_ints(diag_off if diag_off_host is None else diag_off_host)[first:last + 1]
     head = (out_, h_, c_, act_, U_.reshape(U_.size), lp_, x_, src_, W_, b_, off_, par_, int(first),
             int(last), int(B), int(D), int(cell))
-    nO, blocks, shmem, note = _plan_slices(
-        _infer_coop_sliced, (*head, False, 1), U_.shape[0], par_.shape[1], D,
-        int(np.diff(host_off).max()) * _row_groups(B), U_.dtype.itemsize, layout, path, tpb)
-    kernels = (_infer_coop_sliced, _infer_diag_sliced) if nO else (_infer_coop, _infer_diag)
-    shared = not nO and _use_shared(U_, use_shared)
-    if not nO:
-        shmem = U_.nbytes if shared else 0
-    desc = _sweep(*kernels, (*head, shared, nO), host_off, U_.shape[0] * _row_groups(B), D, shmem, path,
-                  tpb, reverse=False, pre=_infer_pre, extra_items=lp_.size, blocks=blocks)
-    _record(desc, note or shared)
+    _layout_sweep((_infer_coop, _infer_diag), (_infer_coop_sliced, _infer_diag_sliced), head, (), U_,
+                  U_.shape[0], par_.shape[1], D, B, host_off, layout, use_shared, path, tpb, reverse=False,
+                  pre=_infer_pre, extra_items=lp_.size)
     a.finish(0, 1, 2, 3, 4)
 
 
@@ -1431,17 +1434,9 @@ def wavefront_backward(dact: HostOrDevice, dc: HostOrDevice, dh: HostOrDevice, a
     UT = _scratch("UT", (U_.size,), dt)
     host_off = _host_ints(diag_off if diag_off_host is None else diag_off_host)
     head, tail = (*dev[:5], UT, *dev[6:9], int(B), int(D), int(cell)), (U_, *dev[9:])
-    nO, blocks, shmem, note = _plan_slices(
-        _backward_coop_sliced, (*head, False, 1, *tail), U_.shape[0], dev[7].shape[1], D,
-        int(np.diff(host_off).max()) * _row_groups(B), dt.itemsize, layout, path, tpb)
-    kernels = (_backward_coop_sliced, _backward_diag_sliced) if nO else (_backward_coop, _backward_diag)
-    shared = not nO and _use_shared(UT, use_shared)
-    if not nO:
-        shmem = UT.nbytes if shared else 0
-    desc = _sweep(*kernels, (*head, shared, nO, *tail), host_off, U_.shape[0] * _row_groups(B), D, shmem,
-                  path, tpb, reverse=True, pre=_backward_pre,
-                  extra_items=max(U_.size, dev[2].size, dev[11].size), blocks=blocks)
-    _record(desc, note or shared)
+    _layout_sweep((_backward_coop, _backward_diag), (_backward_coop_sliced, _backward_diag_sliced), head,
+                  tail, UT, U_.shape[0], dev[7].shape[1], D, B, host_off, layout, use_shared, path, tpb,
+                  reverse=True, pre=_backward_pre, extra_items=max(U_.size, dev[2].size, dev[11].size))
     a.finish(0, 1, 2, 11)
 
 
