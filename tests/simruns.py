@@ -26,10 +26,11 @@ import warmup
 #: concurrent processes for the simulator cases (pure Python, one core each) and for ptxcheck
 SHARDS = max(2, min(4, os.cpu_count() or 1))
 #: the other MDNUMBA_CUDA_ROWS_PER_THREAD values test_simulator_other_rows_per_thread runs, each
-#: with its MDNUMBA_CUDA_UNROLL (1: no unrolled steps; 3: the sums' lengths leave remainders) and
-#: other settings: with 3 rows, everything in the sliced layout with 2 units per slice
-OTHER_ROWS = {1: 1, 3: 3}
-OTHER_ENV = {1: {}, 3: {"MDNUMBA_CUDA_LAYOUT": "sliced", "MDNUMBA_CUDA_SLICE_UNITS": "2"}}
+#: with its other settings: MDNUMBA_CUDA_UNROLL (1: no unrolled steps; 3: the sums' lengths leave
+#: remainders), and with 3 rows everything in the sliced layout with 2 units per slice
+OTHER_ROWS = {1: {"MDNUMBA_CUDA_UNROLL": "1"},
+              3: {"MDNUMBA_CUDA_UNROLL": "3", "MDNUMBA_CUDA_LAYOUT": "sliced",
+                  "MDNUMBA_CUDA_SLICE_UNITS": "2"}}
 TIMEOUT = 1200
 #: the tests of tests/test_cuda.py that read the simulator runs' reports
 WAITING_TESTS = ("test_simulator", "test_simulator_other_rows_per_thread", "test_kernels_compile_for_gpu")
@@ -169,8 +170,7 @@ def start(items: list, tmp_path_factory) -> dict:
         if it.originalname == "test_simulator_other_rows_per_thread":
             rows = it.callspec.params["rows"]
             runs[rows] = CaseRun(tmp_path_factory.mktemp(f"cudasim_rows{rows}"), simulator=True,
-                                 env_extra={"MDNUMBA_CUDA_ROWS_PER_THREAD": str(rows),
-                                            "MDNUMBA_CUDA_UNROLL": str(OTHER_ROWS[rows]), **OTHER_ENV[rows]},
+                                 env_extra={"MDNUMBA_CUDA_ROWS_PER_THREAD": str(rows), **OTHER_ROWS[rows]},
                                  select="sweep_kernels or sliced_sweeps or layer_matches_reference")
     for it in background:
         runs[it.nodeid] = start_background(it, tmp_path_factory)

@@ -1485,7 +1485,7 @@ def test_simulator_other_rows_per_thread(rows, simulator_runs):
     """The sweep cases with another MDNUMBA_CUDA_ROWS_PER_THREAD and MDNUMBA_CUDA_UNROLL
     (compile-time; the GPU tuning script tries others): one row per thread without unrolling,
     and 3 rows, 3 steps (B=2 and B=5 leave remainders, as D and (N+3)*D do), that one with
-    every layer in the sliced layout at 2 units per slice (tests/simruns.py OTHER_ENV)."""
+    every layer in the sliced layout at 2 units per slice (tests/simruns.py OTHER_ROWS)."""
     report = simulator_runs[rows].report()
     assert len(report) >= 20, report
     _assert_passed(report)
