@@ -3,7 +3,7 @@
 Nothing here imports ``numba.cuda`` at module import, so ``import mdnumba`` works
 without numba-cuda; :func:`require_cuda` says what is missing.
 
-:class:`CudaLSTM` (N-D LSTM), :class:`CudaLinear` and :class:`CudaBlockSubsample`
+:class:`CudaLSTM` (N-D LSTM), :class:`CudaLinear`, :class:`CudaEmbedding` and :class:`CudaBlockSubsample`
 keep parameters, gradients, saved activations and workspaces on the GPU;
 ``forward``/``backward`` take NumPy arrays (result copied back to NumPy) or CUDA
 arrays (numba device arrays or anything with ``__cuda_array_interface__``, e.g. a
@@ -563,6 +563,49 @@ class CudaLinear(DeviceLayer):
         self.k.gemm(dx, dy2, self.W, tb=True)
         dx = dx.reshape(self._shape)
         return dx.copy_to_host() if host_in else dx
+
+
+class CudaEmbedding(DeviceLayer):
+    """Device twin of :class:`mdnumba.charlm.Embedding`: ``forward(ids) = W[ids]``; backward adds
+    the rows of ``dy`` into ``dW`` in the CPU's order (the same sums). ``W (V, D)`` is the flat
+    buffer. Host ids are checked as the host layer checks them, device ids are not."""
+
+    def __init__(self, vocab: int, dim: int, params: np.ndarray, dtype: npt.DTypeLike = config.DEFAULT_DTYPE):
+        self.vocab, self.dim = check_positive_int(vocab, "vocab"), check_positive_int(dim, "dim")
+        self._init_buffers(params, dtype, self.vocab * self.dim, f"vocab={vocab}, dim={dim}")
+        self._ids = None
+
+    def _bind(self) -> None:
+        self.W, self.dW = (a.reshape(self.vocab, self.dim) for a in (self.params, self.grads))
+
+    @classmethod
+    def from_layer(cls, layer) -> CudaEmbedding:
+        """A device copy of a host :class:`mdnumba.charlm.Embedding`."""
+        return cls(*layer.params["W"].shape, layer.params.data, layer.dtype)
+
+    def forward(self, ids: HostOrDevice) -> HostOrDevice:
+        """``W[ids]`` (``ids`` (...) integers, out (..., D)); NumPy or device, as ``ids``."""
+        from .charlm import check_ids
+        from .kernels.charlm_cuda import gather_rows
+        host_in = not is_device_array(ids)
+        idd = self.k.as_device(check_ids(ids, self.vocab)) if host_in else contiguous_device_array(ids, "ids")
+        if not np.issubdtype(np.dtype(idd.dtype), np.integer):
+            raise TypeError(f"Embedding expects integer ids, got a device array of {idd.dtype}")
+        self._ids, self._shape = idd.reshape(idd.size), tuple(idd.shape)
+        out = self._result("y", (idd.size, self.dim))
+        gather_rows(out, self.W, self._ids)
+        out = out.reshape(self._shape + (self.dim,))
+        return out.copy_to_host() if host_in else out
+
+    def backward(self, dy: HostOrDevice) -> None:
+        """``dW[ids] += dy`` (repeated ids add up); the ids have no gradient."""
+        from .kernels.charlm_cuda import scatter_add_rows
+        if self._ids is None:
+            raise missing_activations(run="forward(ids)")
+        want = self._shape + (self.dim,)
+        dyd, _ = self._input(dy, "dy", len(want), self.dim, "(the output's shape)")
+        check_shape(dyd, want)
+        scatter_add_rows(self.dW, self._ids, dyd.reshape(self._ids.size, self.dim))
 
 
 class CudaBlockSubsample(OnTheDevice):

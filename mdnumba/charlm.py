@@ -156,6 +156,17 @@ class Corpus:
         return "".join(self.vocab[int(k)] for k in ids)
 
 
+def check_ids(ids: npt.ArrayLike, vocab: int) -> np.ndarray:
+    """``ids`` as an integer array of vocabulary ids in [0, ``vocab``), else TypeError/ValueError."""
+    ids = np.asarray(ids)
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"Embedding expects integer ids in [0, {vocab}), got dtype {ids.dtype}")
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        raise ValueError(f"Embedding expects integer ids in [0, {vocab}), got ids from {ids.min()} to "
+                         f"{ids.max()}")
+    return ids
+
+
 class Embedding(OwnsParams):
     """Lookup table ``W (V, D)``: ``forward(ids)`` → ``W[ids]``; backward scatter-adds into ``dW``."""
 
@@ -176,13 +187,7 @@ class Embedding(OwnsParams):
     def forward(self, ids: np.ndarray) -> np.ndarray:
         """``W[ids]`` for integer ``ids`` in [0, V); keeps a copy of the ids for backward."""
         check_finite_params(self.params)
-        ids = np.asarray(ids)
-        V = self.params["W"].shape[0]
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise TypeError(f"Embedding expects integer ids in [0, {V}), got dtype {ids.dtype}")
-        if ids.size and (ids.min() < 0 or ids.max() >= V):
-            raise ValueError(f"Embedding expects integer ids in [0, {V}), got ids from {ids.min()} to "
-                             f"{ids.max()}")
+        ids = check_ids(ids, self.params["W"].shape[0])
         self._ids = ids.copy()  # backward's own: the caller may reuse its array
         return self.params["W"][ids]
 

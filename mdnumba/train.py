@@ -241,8 +241,8 @@ class TrainConfig:
             why["tie_depth"] = "char-lm --model grid only"
         if self.device != "cuda":
             why["sync_every"] = "--device cuda only"
-        elif charlm:  # its trainer reads the losses every step
-            why["sync_every"] = "not for char-lm, which syncs every step"
+        elif charlm and self.model == "grid":  # its trainer reads the losses every step
+            why["sync_every"] = "not for char-lm --model grid, which syncs every step"
         return {k: why[k] for k in names if k in why}
 
     def size_at(self, step: int) -> int:
@@ -763,13 +763,17 @@ def format_bytes(n: int) -> str:
 def make_trainer(cfg: TrainConfig, out: Path | None = None, restore: dict | None = None,
                  read_text: bool = True) -> Trainer:
     """The trainer for ``cfg``: :class:`Trainer`, the device-resident one for ``device="cuda"``
-    (:class:`mdnumba.train_device.DeviceTrainer`) or the char-LM one; ``restore`` is the
-    metadata of a checkpoint being resumed (the char-LM trainer takes its vocabulary and
-    last validation metrics; ``read_text=False``: it does not read the text)."""
+    (:class:`mdnumba.train_device.DeviceTrainer`) or the char-LM one (for the stacked model on
+    cuda its device-resident twin, :class:`mdnumba.train_charlm_device.DeviceCharLMTrainer`);
+    ``restore`` is the metadata of a checkpoint being resumed (the char-LM trainer takes its
+    vocabulary and last validation metrics; ``read_text=False``: it does not read the text)."""
     if cfg.task == "char-lm":
         from .train_charlm import CharLMTrainer, restored_state
         vocab, val = restored_state(restore or {}, out)
-        return CharLMTrainer(cfg, out, vocab=vocab, val=val, read_text=read_text)
+        cls = CharLMTrainer
+        if cfg.device == "cuda" and cfg.model == "stacked":
+            from .train_charlm_device import DeviceCharLMTrainer as cls
+        return cls(cfg, out, vocab=vocab, val=val, read_text=read_text)
     if cfg.device == "cuda":
         from .train_device import DeviceTrainer
         return DeviceTrainer(cfg, out)

@@ -62,7 +62,48 @@ class _HostBlock:
     y: list[np.ndarray]
 
 
-class DeviceModel(LayerGroup, OnTheDevice):
+class FlatDeviceGroup(LayerGroup, OnTheDevice):
+    """Device layers (``layers``) whose parameters and gradients are slices of one flat device
+    ``params`` and ``grads`` buffer: one launch zeroes every gradient, and the optimiser runs once
+    over it (checkpoints and optimiser states still see them layer by layer)."""
+
+    reuse_outputs = False
+    dtype: np.dtype
+
+    def _flat_buffers(self) -> None:
+        """Move every layer's parameters and gradients into the flat buffers (gradients zeroed)
+        and pass it :attr:`reuse_outputs`."""
+        from numba import cuda
+        n = sum(layer.size for layer in self.layers)
+        self.params, self.grads = cuda.device_array(n, self.dtype), cuda.device_array(n, self.dtype)
+        off = 0
+        for layer in self.layers:
+            layer.rebind(self.params[off:off + layer.size], self.grads[off:off + layer.size])
+            layer.reuse_outputs = self.reuse_outputs
+            off += layer.size
+        self.zero_grad()
+
+    def zero_grad(self) -> None:
+        """Set every gradient to zero (one launch)."""
+        self.layers[0].k.fill(self.grads, 0.0)
+
+    @property
+    def n_params(self) -> int:
+        """Number of parameters (the entries of the flat device ``params`` buffer)."""
+        return self.params.size
+
+
+class DeviceParams:
+    """Checkpoint hooks of a trainer whose ``model.layers`` are device layers."""
+
+    def _host_params(self) -> list[np.ndarray]:
+        return [layer.params_to_host() for layer in self.model.layers]
+
+    def _set_params(self, k: int, values: np.ndarray) -> None:
+        self.model.layers[k].set_params(values)
+
+
+class DeviceModel(FlatDeviceGroup):
     """A host model's stages on the GPU: ``forward``/``backward`` take NumPy arrays (NumPy out)
     or device arrays (device out). ``layers`` are the parametrised device layers, in the
     host model's order (checkpoints and optimisers see the same layout)."""
@@ -83,34 +124,12 @@ class DeviceModel(LayerGroup, OnTheDevice):
         self._inference = False  # the last forward had save=False
         self._refused_at: int | None = None  # the last forward failed partway (stack.refused_midway)
 
-    def _flat_buffers(self) -> None:
-        """One flat ``params`` and ``grads`` buffer for the whole model, each layer a slice (one
-        launch zeroes every gradient; the optimiser runs once over it)."""
-        from numba import cuda
-        n = sum(layer.size for layer in self.layers)
-        self.params, self.grads = cuda.device_array(n, self.dtype), cuda.device_array(n, self.dtype)
-        off = 0
-        for layer in self.layers:
-            layer.rebind(self.params[off:off + layer.size], self.grads[off:off + layer.size])
-            layer.reuse_outputs = self.reuse_outputs
-            off += layer.size
-        self.zero_grad()
-
-    def zero_grad(self) -> None:
-        """Set every gradient to zero (one launch)."""
-        self.readout.k.fill(self.grads, 0.0)
-
     @staticmethod
     def _device_stage(stage):
         if isinstance(stage, WavefrontLSTM):
             return CudaLSTM.from_layer(stage)
         raise TypeError(f"{type(stage).__name__} has no device-resident model twin; run it with "
                         "device='cuda' on the layer instead")
-
-    @property
-    def n_params(self) -> int:
-        """Number of parameters (the entries of the flat device ``params`` buffer)."""
-        return self.params.size
 
     def forward(self, x: HostOrDevice, *, save: bool = True) -> HostOrDevice:
         """Logits of the host model's shape; saves what backward needs on the device (with
@@ -160,7 +179,7 @@ class DeviceModel(LayerGroup, OnTheDevice):
         return f"DeviceModel({self.host!r})"
 
 
-class DeviceTrainer(Trainer):
+class DeviceTrainer(DeviceParams, Trainer):
     """:class:`~mdnumba.train.Trainer` with everything on the GPU; the host syncs once every
     ``cfg.sync_every`` steps (and at checkpoints). Same batches, metrics, log and checkpoint
     format as the CPU trainer; ``cfg.optimizer`` picks :data:`DEVICE_OPTIMIZERS`."""
@@ -183,12 +202,6 @@ class DeviceTrainer(Trainer):
     def _build_model(self):
         # gradients start zeroed; every result is consumed within its step: buffers are kept
         return DeviceModel(super()._build_model(), reuse_outputs=True)
-
-    def _host_params(self) -> list[np.ndarray]:
-        return [layer.params_to_host() for layer in self.model.layers]
-
-    def _set_params(self, k: int, values: np.ndarray) -> None:
-        self.model.layers[k].set_params(values)
 
     def train_step(self) -> dict[str, float]:
         """One step (a block of one: syncs with the host)."""

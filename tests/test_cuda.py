@@ -337,6 +337,41 @@ def sim_char_lm_on_the_device_matches_the_cpu(kind, rng):
         np.testing.assert_allclose(a.grads.data, b.grads.data, **tol, err_msg=repr(b))
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def sim_char_lm_kernels_match_numpy(dtype, rng):
+    """The device char-LM's pieces against the NumPy ones: CudaEmbedding forward and its
+    gradient (repeated ids, the CPU's order: equal), dropout with given masks (equal), softmax
+    cross-entropy (loss and dL/dlogits)."""
+    from mdnumba.backend_cuda import CudaEmbedding
+    from mdnumba.charlm import Dropout, Embedding, softmax_xent
+    from mdnumba.kernels import charlm_cuda, optim_cuda
+    host = Embedding(5, 3, seed=2, dtype=dtype)
+    dev = CudaEmbedding.from_layer(host)
+    ids = np.array([[0, 4, 4, 1], [4, 2, 0, 4]])
+    np.testing.assert_array_equal(dev.forward(ids), host.forward(ids))
+    dy = rng.standard_normal((2, 4, 3)).astype(dtype)
+    for _ in range(2):  # accumulates
+        host.backward(dy)
+        dev.backward(cuda.to_device(dy))
+    np.testing.assert_array_equal(dev.grads_to_host(), host.grads.data)
+    assert is_device_array(dev.forward(cuda.to_device(ids.astype(np.int32))))
+    drop, x = Dropout(0.3), rng.standard_normal((2, 4, 3)).astype(dtype)
+    want = drop.forward(x, np.random.default_rng(5))
+    keep = (np.random.default_rng(5).random(x.shape) >= 0.3).astype(np.uint8)
+    scale = float(np.asarray(1, dtype) / np.asarray(0.7, dtype))
+    out = cuda.device_array_like(x)
+    charlm_cuda.masked_scale(out, cuda.to_device(x), cuda.to_device(keep), scale)
+    np.testing.assert_array_equal(out.copy_to_host(), want)
+    z = (rng.standard_normal((2, 3, 7)) * 30).astype(dtype)  # far apart: exp would overflow unshifted
+    t = rng.integers(0, 7, (2, 3)).astype(np.int32)
+    loss, grad, _ = softmax_xent(z, t)
+    dz, sums = cuda.device_array_like(z), optim_cuda.scratch(optim_cuda.REDUCE_BLOCKS)
+    charlm_cuda.softmax_xent(dz, sums, cuda.to_device(z), cuda.to_device(t))
+    assert optim_cuda.mean_loss(sums.copy_to_host(), t.size) == pytest.approx(loss, rel=1e-12)
+    tol = 1e-12 if dtype == np.float64 else 1e-6
+    np.testing.assert_allclose(dz.copy_to_host(), grad, rtol=tol, atol=tol * 1e-3)
+
+
 @pytest.mark.parametrize("path", ["cooperative", "per-diagonal"])
 @pytest.mark.parametrize("tied", [True, False])
 def sim_grid_lstm_without_saving(path, tied, rng, monkeypatch):
@@ -1360,6 +1395,119 @@ def sim_cli_trains_on_device(tmp_path):
         assert res.exit_code == 0, res.output
         probs[device] = np.load(out)
     np.testing.assert_allclose(probs["cuda"], probs["cpu"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def small_text(tmp_path, monkeypatch):
+    """A short text file, and the char-LM trainers validating every 2nd step."""
+    from mdnumba.train_charlm import CharLMTrainer
+    monkeypatch.setattr(CharLMTrainer, "EVAL_EVERY", 2)
+    path = tmp_path / "text.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog. " * 8)
+    return path
+
+
+def _char_lm_config(text, device, **kw):
+    from mdnumba.train import TrainConfig
+    base = dict(task="char-lm", model="stacked", data=str(text), batch=2, hidden=3, layers=2, seq_len=5,
+                steps=5, dtype="float64", sync_every=2)
+    return TrainConfig(**dict(base, device=device, **kw))
+
+
+def _assert_same_run(cpu, dev, rtol=1e-10):
+    """Final parameters and optimiser moments of two trainers agree."""
+    for a, b in zip(cpu._host_params(), dev._host_params()):
+        np.testing.assert_allclose(b, a, rtol=rtol, atol=1e-13)
+    sa, sb = cpu.opt.state_dict(), dev.opt.state_dict()
+    assert sa["t"] == sb["t"]
+    for a, b in zip(sa["m"] + sa["v"], sb["m"] + sb["v"]):
+        np.testing.assert_allclose(b, a, rtol=1e-8, atol=1e-14)
+
+
+@pytest.mark.parametrize("kw", [dict(dropout=0.3), dict(dropout=0.0, optimizer="rmsprop", clip_norm=0.05,
+                                                        layers=1, steps=4)])
+def sim_device_char_lm_trainer_matches_cpu(kw, small_text):
+    """``--task char-lm --model stacked --device cuda`` trains device-resident
+    (DeviceCharLMTrainer, blocks of 2 steps) exactly as the CPU trainer: the same windows and
+    dropout masks, every step's loss and validation, final parameters and moments; evaluate
+    and sample agree too."""
+    from mdnumba.train import make_trainer
+    from mdnumba.train_charlm_device import DeviceCharLMTrainer
+    runs = []
+    for device in ("cpu", "cuda"):
+        tr = make_trainer(_char_lm_config(small_text, device, **kw))
+        assert isinstance(tr, DeviceCharLMTrainer) == (device == "cuda")
+        hist = []
+        tr.run(lambda s, m, hist=hist: hist.append((s, m)))
+        runs.append((tr, hist))
+    (cpu, hc), (dev, hd) = runs
+    assert [s for s, _ in hd] == [s for s, _ in hc] == list(range(1, cpu.cfg.steps + 1))
+    for (_, a), (_, b) in zip(hc, hd):
+        assert set(a) == set(b) == {"loss", "bpc", "val_loss", "val_bpc", "time", "chars_per_s"}
+        for key in ("loss", "bpc", "val_loss", "val_bpc"):
+            assert b[key] == pytest.approx(a[key], rel=1e-12), key
+    _assert_same_run(cpu, dev)
+    assert dev.evaluate(batches=2) == pytest.approx(cpu.evaluate(batches=2), rel=1e-12)
+    assert dev.generate(12, 0.8, prime="the") == cpu.generate(12, 0.8, prime="the")
+
+
+def sim_device_char_lm_trainer_checkpoints(small_text, tmp_path, monkeypatch):
+    """A device char-LM run resumed from its checkpoint (on the device or the CPU) equals an unbroken
+    run; Ctrl-C inside a block saves exactly the steps done."""
+    from mdnumba.train import Trainer, make_trainer
+    from mdnumba.train_charlm_device import DeviceCharLMTrainer
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+    full = make_trainer(_char_lm_config(small_text, "cuda", steps=4, dropout=0.2))
+    full.run()
+    make_trainer(_char_lm_config(small_text, "cuda", steps=2, dropout=0.2), tmp_path / "a").run()
+    shutil.copytree(tmp_path / "a", tmp_path / "cpu")
+    for device, run in (("cuda", "a"), ("cpu", "cpu")):
+        tr = Trainer.load(tmp_path / run, steps=4, device=device)
+        assert isinstance(tr, DeviceCharLMTrainer) == (device == "cuda") and tr.step == 2
+        tr.run()
+        _assert_same_run(full, tr)
+    calls = {"n": 0}
+    real = DeviceCharLMTrainer._device_eval
+
+    def interrupted(self, *args):  # Ctrl-C during step 2's validation: the block ends after it
+        calls["n"] += 1
+        if calls["n"] == 2:
+            signal.raise_signal(signal.SIGINT)
+        return real(self, *args)
+    monkeypatch.setattr(DeviceCharLMTrainer, "_device_eval", interrupted)
+    tr = make_trainer(_char_lm_config(small_text, "cuda", steps=6, checkpoint_every=6, sync_every=4),
+                      tmp_path / "b")
+    with pytest.raises(KeyboardInterrupt):
+        tr.run()
+    cpu = make_trainer(_char_lm_config(small_text, "cpu", steps=2))
+    cpu.run()
+    back = Trainer.load(tmp_path / "b")
+    assert back.step == 2 and back.rng.bit_generator.state == cpu.rng.bit_generator.state
+    assert len((tmp_path / "b" / "log.tsv").read_text().splitlines()) == 3
+    _assert_same_run(cpu, back)
+
+
+def sim_device_char_lm_refuses_what_the_host_model_refuses(rng):
+    """DeviceCharLM: the grid model (TypeError naming the way that runs it), backward before a
+    forward or after one with save=False, ids out of the vocabulary, a copy."""
+    from mdnumba.charlm import CharLM
+    from mdnumba.train_charlm_device import DeviceCharLM
+    with pytest.raises(TypeError, match="runs the stacked char-LM; the grid one"):
+        DeviceCharLM(CharLM("grid", vocab=5, hidden=2, layers=1))
+    model = DeviceCharLM(CharLM("stacked", vocab=5, hidden=2, layers=1, dtype=np.float64))
+    with pytest.raises(RuntimeError, match=r"no saved activations; run forward\(ids\) first"):
+        model.backward(np.zeros((1, 3, 5)))
+    model.forward(np.array([[1, 2, 3]]), save=False)
+    with pytest.raises(RuntimeError, match="the last forward.x, save=False. kept none"):
+        model.backward(np.zeros((1, 3, 5)))
+    with pytest.raises(ValueError, match=r"integer ids in \[0, 5\), got ids from 1 to 5"):
+        model.forward(np.array([[1, 5]]))
+    model.forward(np.array([[1, 2, 3]]))
+    with pytest.raises(ValueError, match="dlogits must have 3 dimensions"):
+        model.backward(np.zeros((3, 5)))
+    with pytest.raises(TypeError, match="holds GPU memory and is not pickled"):
+        copy.deepcopy(model)
 
 
 def sim_cli_bench_on_device():

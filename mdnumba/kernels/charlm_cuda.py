@@ -1,0 +1,104 @@
+"""CUDA kernels of the device-resident char-LM step: embedding lookup and its gradient,
+dropout with a given keep mask, and the softmax cross-entropy loss (twins of
+:class:`mdnumba.charlm.Embedding`, :class:`~mdnumba.charlm.Dropout` and
+:func:`~mdnumba.charlm.softmax_xent`, the NumPy code the tests compare them with).
+
+Nothing here copies to the host: the loss lands as block sums in a float64 device array
+(:func:`mdnumba.kernels.optim_cuda.mean_loss` finishes it), and every sum has a fixed
+order, so a result is the same every run (the embedding gradient adds the rows in the
+order of the CPU's :func:`~mdnumba.kernels.gemm.scatter_add_rows`, no atomics).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from numba import cuda, float64
+
+from .optim_cuda import REDUCE_BLOCKS, REDUCE_TPB, _block_sum, _flat
+from .wavefront_cuda import _blocks, _tpb
+
+if TYPE_CHECKING:
+    from ..backend_cuda import DeviceArray
+
+
+@cuda.jit
+def _gather_rows(out, W, ids):
+    """``out[n, d] = W[ids[n], d]`` (out (N, D), W (V, D), ids (N,))."""
+    D = W.shape[1]
+    for k in range(cuda.grid(1), out.shape[0] * D, cuda.gridsize(1)):
+        n = k // D
+        out[n, k - n * D] = W[ids[n], k - n * D]
+
+
+@cuda.jit
+def _scatter_add_rows(dW, ids, dy):
+    """``dW[v, d] += Σ_{n: ids[n] = v} dy[n, d]``, one thread per (v, d) adding the rows in
+    order n = 0, 1, .. (the CPU's order: the same float sums)."""
+    D = dW.shape[1]
+    for k in range(cuda.grid(1), dW.shape[0] * D, cuda.gridsize(1)):
+        v = k // D
+        d = k - v * D
+        acc = dW[v, d]
+        for n in range(ids.shape[0]):
+            if ids[n] == v:
+                acc += dy[n, d]
+        dW[v, d] = acc
+
+
+@cuda.jit
+def _masked_scale(out, x, keep, scale):
+    """Inverted dropout with a given mask: ``out = x · (keep ? scale : 0)`` (flat arrays)."""
+    for k in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
+        out[k] = x[k] * (scale if keep[k] else 0.0)
+
+
+@cuda.jit
+def _softmax_xent(dz, partials, z, targets, n):
+    """Per row r of ``z`` (R, V), in float64: ``m = max z``, ``s = Σ exp(z − m)``,
+    ``ℓ_r = log s − (z_t − m)`` (``t = targets[r]``), ``dz = (exp(z − m)/s − onehot_t)/n``.
+    Block sums of ℓ go to ``partials``."""
+    V = z.shape[1]
+    acc = 0.0
+    for r in range(cuda.grid(1), z.shape[0], cuda.gridsize(1)):
+        m = float64(z[r, 0])
+        for j in range(1, V):
+            m = max(m, float64(z[r, j]))
+        s = 0.0
+        for j in range(V):
+            s += math.exp(float64(z[r, j]) - m)
+        t = targets[r]
+        acc += math.log(s) - (float64(z[r, t]) - m)
+        for j in range(V):
+            p = math.exp(float64(z[r, j]) - m) / s
+            dz[r, j] = ((p - 1.0) if j == t else p) / n
+    _block_sum(acc, partials)
+
+
+# ---------------------------------------------------------------- launchers
+def gather_rows(out: DeviceArray, W: DeviceArray, ids: DeviceArray) -> None:
+    """``out = W[ids]`` for flat ``ids`` (N,) and ``out`` (N, D), on the device."""
+    tpb = _tpb(None)
+    _gather_rows[_blocks(out.size, tpb), tpb](out, W, ids)
+
+
+def scatter_add_rows(dW: DeviceArray, ids: DeviceArray, dy: DeviceArray) -> None:
+    """``dW[ids[n]] += dy[n]`` for every n in order (repeated ids add up), on the device."""
+    tpb = _tpb(None)
+    _scatter_add_rows[_blocks(dW.size, tpb), tpb](dW, ids, dy)
+
+
+def masked_scale(out: DeviceArray, x: DeviceArray, keep: DeviceArray, scale: float) -> None:
+    """``out = x · (keep ? scale : 0)`` elementwise (any equal shapes; ``keep`` of 0/1 bytes)."""
+    tpb, xf = _tpb(None), _flat(x)
+    _masked_scale[_blocks(xf.size, tpb), tpb](_flat(out), xf, _flat(keep), scale)
+
+
+def softmax_xent(dz: DeviceArray, partials: DeviceArray, z: DeviceArray, targets: DeviceArray) -> None:
+    """Twin of :func:`mdnumba.charlm.softmax_xent` for logits ``z`` (..., V) and integer
+    ``targets`` (...): writes ``dz = dL/dz`` and the loss's REDUCE_BLOCKS block sums (float64)
+    into ``partials``; ``mean_loss(partials, targets.size)`` is the mean loss in nats."""
+    V = tuple(z.shape)[-1]
+    z2, t = z.reshape(z.size // V, V), _flat(targets)
+    _softmax_xent[REDUCE_BLOCKS, REDUCE_TPB](dz.reshape(z2.shape), partials, z2, t, float(t.size))

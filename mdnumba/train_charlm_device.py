@@ -1,0 +1,220 @@
+"""Device-resident char-LM training (``--task char-lm --model stacked --device cuda``).
+
+:class:`DeviceCharLM` mirrors a stacked :class:`mdnumba.charlm.CharLM` with device layers
+(:class:`~mdnumba.backend_cuda.CudaEmbedding`, one :class:`~mdnumba.backend_cuda.CudaLSTM`
+per LSTM1D layer, :class:`~mdnumba.backend_cuda.CudaLinear`) in one flat parameter buffer.
+:class:`DeviceCharLMTrainer` runs :class:`mdnumba.train_charlm.CharLMTrainer`'s steps in
+blocks of ``cfg.sync_every``:
+
+1. the block's windows and dropout keep masks are drawn on the host with the run's RNG, in
+   the CPU trainer's order (so the very numbers a CPU run draws), and uploaded in one copy
+   each (masks as bytes);
+2. each step runs embedding, dropout, the LSTM sweeps, readout, softmax cross-entropy
+   (:func:`mdnumba.kernels.charlm_cuda.softmax_xent`), backward and the optimiser on the
+   device, its loss block sums and gradient norm landing in a device record; the
+   validation the CPU trainer runs after some steps (the first, every ``EVAL_EVERY``-th, the
+   last) runs there too, on validation windows uploaded once;
+3. after the block one copy brings the record back and the host logs every step.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ._validate import check_flag, is_device_array, missing_activations
+from .backend_cuda import DEVICE_OPTIMIZERS, CudaEmbedding, CudaLinear, CudaLSTM, HostOrDevice, require_cuda
+from .charlm import BITS_PER_NAT, CharLM, check_ids
+from .train import TrainConfig
+from .train_charlm import CharLMTrainer
+from .train_device import DeviceParams, FlatDeviceGroup
+
+
+class DeviceCharLM(FlatDeviceGroup):
+    """A stacked :class:`~mdnumba.charlm.CharLM` on the GPU. ``forward(ids, keep)`` takes NumPy ids
+    (NumPy logits out) or device ids (device out); ``keep`` (device, uint8, one (B, T, D) mask per
+    dropout, stacked) applies the host model's dropout with the given masks, None none."""
+
+    def __init__(self, host: CharLM, *, reuse_outputs: bool = False):
+        require_cuda()
+        if host.kind != "stacked":
+            raise TypeError("DeviceCharLM runs the stacked char-LM; the grid one runs its sweeps on the "
+                            "GPU with GridLSTM2D(device='cuda')")
+        self.host = host
+        self.reuse_outputs = check_flag(reuse_outputs, "reuse_outputs")
+        self.embed = CudaEmbedding.from_layer(host.embed)
+        self.cores = [CudaLSTM.from_layer(layer) for layer in host.core.layers]
+        self.head = CudaLinear.from_layer(host.head)
+        self.layers = [self.embed, *self.cores, self.head]
+        self.dtype = self.head.dtype
+        p = host.drops[0].p
+        #: the host dropout's factor 1/(1-p), in the model's dtype (the same products)
+        self.scale = float(np.asarray(1, self.dtype) / np.asarray(1 - p, self.dtype))
+        self._flat_buffers()
+        self._work: dict = {}
+        self._keep = None
+        self._saved: bool | None = None  # whether the last forward saved activations (None: none yet)
+
+    def forward(self, ids: HostOrDevice, keep: HostOrDevice | None = None, *,
+                save: bool = True) -> HostOrDevice:
+        """Logits (B, T, V) for ids (B, T); ``save=False`` keeps no activations (sampling)."""
+        host_in = not is_device_array(ids)
+        if host_in:
+            ids = self.head.k.as_device(np.ascontiguousarray(check_ids(ids, self.embed.vocab)))
+        h = self._dropout(0, self.embed.forward(ids), keep)
+        for i, core in enumerate(self.cores, 1):
+            h = self._dropout(i, core.forward(h, save=save), keep)
+        y = self.head.forward(h)
+        self._keep, self._saved = keep, check_flag(save, "save")
+        return y.copy_to_host() if host_in else y
+
+    def backward(self, dlogits: HostOrDevice) -> None:
+        """Accumulate every layer's gradients from ``dlogits`` (B, T, V) of the last forward."""
+        if not self._saved:
+            raise missing_activations(inference=self._saved is not None, run="forward(ids)")
+        V = self.head.out_features
+        d, _ = self.head._input(dlogits, "dlogits", 3, V, f"(batch, time, vocab={V})")
+        d = self.head.backward(d)
+        for i in range(len(self.cores), 0, -1):
+            d = self.cores[i - 1].backward(self._dropout(i, d, self._keep, "d"))
+        self.embed.backward(self._dropout(0, d, self._keep, "d"))
+
+    def _dropout(self, i: int, x, keep, kind: str = ""):
+        """Dropout ``i`` with its mask ``keep[i]`` on ``x`` (a forward's output, or with ``kind`` "d"
+        a gradient), into a buffer of its own; ``x`` itself without masks."""
+        if keep is None:
+            return x
+        from .kernels.charlm_cuda import masked_scale
+        out = self._work.get(kind + str(i))
+        if out is None or tuple(out.shape) != tuple(x.shape):
+            out = self._work[kind + str(i)] = self.head._new(x.shape)
+        masked_scale(out, x, keep[i], self.scale)
+        return out
+
+    def __repr__(self) -> str:
+        return (f"DeviceCharLM({len(self.cores)} LSTM1D layers, hidden={self.embed.dim}, "
+                f"vocab={self.embed.vocab})")
+
+
+class DeviceCharLMTrainer(DeviceParams, CharLMTrainer):
+    """:class:`~mdnumba.train_charlm.CharLMTrainer` with model, gradients, optimiser moments,
+    windows and masks on the GPU; the host syncs once every ``cfg.sync_every`` steps. Same
+    windows, masks, log and checkpoints as the CPU trainer."""
+
+    optimizers = DEVICE_OPTIMIZERS
+
+    def __init__(self, cfg: TrainConfig, out: Path | None = None, **kw):
+        super().__init__(cfg, out, **kw)
+        from numba import cuda
+
+        from .kernels import charlm_cuda, optim_cuda
+        self._cuda, self.k, self.ck = cuda, optim_cuda, charlm_cuda
+        self.sync_every = int(cfg.sync_every)
+        self.opt.clear_grads = True  # the update zeroes the gradients: no zero_grad launch per step
+        self._dz: dict = {}
+        self._val_windows: tuple | None = None
+
+    def _build_model(self) -> DeviceCharLM:
+        return DeviceCharLM(super()._build_model(), reuse_outputs=True)
+
+    def train_step(self) -> dict[str, float]:
+        """One step (a block of one: syncs with the host)."""
+        return self._train_block(1)[0]
+
+    def _train_block(self, n: int, ahead: int = 0) -> list[dict[str, float]]:
+        """Up to ``n`` steps on the device, one sync; Ctrl-C ends the block after the current
+        step, the RNG left after the steps done (a checkpoint resumes exactly)."""
+        t0, start, RB = time.perf_counter(), self.step, self.k.REDUCE_BLOCKS
+        x, y, keep, states = self._draw(n)
+        xs, ys = self._cuda.to_device(x), self._cuda.to_device(y)
+        masks = None if keep is None else self._cuda.to_device(keep)
+        evals = self._eval_plan(start, n)
+        E = self.EVAL_BATCHES
+        record = self.k.scratch(n * (1 + RB) + len(evals) * E * RB)  # [norms | loss sums | val sums]
+        for i in range(n):
+            if self._stop_requested():
+                break
+            logits = self.model.forward(xs[i], None if masks is None else masks[i])
+            self.ck.softmax_xent(self._dz_like(logits), record[n + i * RB:n + (i + 1) * RB], logits, ys[i])
+            self.model.backward(self._dz_like(logits))
+            self.opt.step(sync=False, record=(record, i))
+            self.step += 1
+            if i in evals:
+                self._device_eval(record, n * (1 + RB) + evals[i][0] * E * RB)
+        done = self.step - start
+        self.rng.bit_generator.state = states[done]
+        rec = record.copy_to_host()  # waits for the GPU
+        per_step = (time.perf_counter() - t0) / max(done, 1)
+        rows = []
+        for i in range(done):
+            loss = self.k.mean_loss(rec[n + i * RB:n + (i + 1) * RB], y[i].size)
+            self._check_loss(loss, start + i + 1)
+            if not np.isfinite(rec[i]):
+                raise self._diverged("the gradients", start + i + 1)
+            val = self._val
+            if i in evals:
+                slot, stored = evals[i]
+                val = self._val_metrics(rec[n * (1 + RB) + slot * E * RB:], y[0].size)
+                if stored:
+                    self._val = val
+            rows.append({"loss": loss, "bpc": loss * BITS_PER_NAT, **val, "time": per_step,
+                         "chars_per_s": x[i].size / per_step})
+        return rows
+
+    def _draw(self, n: int):
+        """Steps ``step+1 .. step+n``'s windows ``x``, ``y`` (n, B, T) and dropout keep masks (n, k,
+        B, T, D) as uint8 (None without dropout), drawn from a copy of the run's RNG in the CPU
+        trainer's order; ``states[i]``: the RNG state after i steps."""
+        cfg, rng = self.cfg, copy.deepcopy(self.rng)
+        drops = len(self.model.host.drops) if cfg.dropout else 0
+        xs, ys, keeps, states = [], [], [], [rng.bit_generator.state]
+        for _ in range(n):
+            x, y = self.corpus.batch(rng, "train", cfg.batch, cfg.seq_len)
+            xs.append(x)
+            ys.append(y)
+            keeps.append([rng.random(x.shape + (cfg.hidden,)) >= cfg.dropout for _ in range(drops)])
+            states.append(rng.bit_generator.state)
+        keep = np.array(keeps, dtype=np.uint8) if drops else None
+        return np.array(xs, dtype=np.int32), np.array(ys, dtype=np.int32), keep, states
+
+    def _eval_plan(self, start: int, n: int) -> dict[int, tuple[int, bool]]:
+        """``{i: (slot, stored)}``: after step ``start+i+1`` the CPU trainer evaluates (its first
+        step, every EVAL_EVERY-th, the last: that one is not kept for the next rows)."""
+        plan, have = {}, bool(self._val)
+        for i in range(n):
+            step = start + i + 1
+            if not have or step % self.EVAL_EVERY == 0:
+                plan[i], have = (len(plan), True), True
+            elif step == self.cfg.steps:
+                plan[i] = (len(plan), False)
+        return plan
+
+    def _device_eval(self, record, at: int) -> None:
+        """The validation of :meth:`evaluate` (its fixed windows, forward with save=True), loss
+        block sums into ``record[at:]``."""
+        if self._val_windows is None:
+            rng = np.random.default_rng(12345)
+            wins = [self.corpus.batch(rng, "val", self.cfg.batch, self.cfg.seq_len)
+                    for _ in range(self.EVAL_BATCHES)]
+            self._val_windows = tuple(self._cuda.to_device(np.array(w, dtype=np.int32)) for w in zip(*wins))
+        RB, (xs, ys) = self.k.REDUCE_BLOCKS, self._val_windows
+        for j in range(self.EVAL_BATCHES):
+            logits = self.model.forward(xs[j])
+            self.ck.softmax_xent(self._dz_like(logits), record[at + j * RB:at + (j + 1) * RB], logits, ys[j])
+
+    def _val_metrics(self, sums: np.ndarray, size: int) -> dict[str, float]:
+        """:meth:`evaluate`'s metrics from :meth:`_device_eval`'s block sums."""
+        RB = self.k.REDUCE_BLOCKS
+        val = float(np.mean([self.k.mean_loss(sums[j * RB:(j + 1) * RB], size)
+                             for j in range(self.EVAL_BATCHES)]))
+        return {"val_loss": val, "val_bpc": val * BITS_PER_NAT}
+
+    def _dz_like(self, logits):
+        """The device dL/dlogits buffer of ``logits``' shape (kept per shape)."""
+        shape = tuple(logits.shape)
+        if shape not in self._dz:
+            self._dz[shape] = self._cuda.device_array(shape, self.model.dtype)
+        return self._dz[shape]
