@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,23 @@ from .backend_cuda import DEVICE_OPTIMIZERS, CudaEmbedding, CudaLinear, CudaLSTM
 from .charlm import BITS_PER_NAT, CharLM, check_ids
 from .train import TrainConfig
 from .train_charlm import CharLMTrainer
-from .train_device import DeviceParams, FlatDeviceGroup
+from .train_device import DeviceResident, FlatDeviceGroup
+
+#: bytes of dropout masks a block of steps may upload at once (it is cut shorter to fit)
+MASK_BYTES = 256 * 2**20
+
+
+@dataclass
+class _CharBlock:
+    """A block's training windows ``x``, ``y`` (n, B, T) int32 and dropout keep masks ``keep``
+    (n, masks, B, T, D) uint8 (None without dropout), drawn on the host; ``states[i]``: the RNG
+    state before step ``start + i + 1`` (``states[-1]``: after the last)."""
+
+    start: int
+    states: list
+    x: np.ndarray
+    y: np.ndarray
+    keep: np.ndarray | None
 
 
 class DeviceCharLM(FlatDeviceGroup):
@@ -99,7 +116,7 @@ class DeviceCharLM(FlatDeviceGroup):
                 f"vocab={self.embed.vocab})")
 
 
-class DeviceCharLMTrainer(DeviceParams, CharLMTrainer):
+class DeviceCharLMTrainer(DeviceResident, CharLMTrainer):
     """:class:`~mdnumba.train_charlm.CharLMTrainer` with model, gradients, optimiser moments,
     windows and masks on the GPU; the host syncs once every ``cfg.sync_every`` steps. Same
     windows, masks, log and checkpoints as the CPU trainer."""
@@ -128,9 +145,10 @@ class DeviceCharLMTrainer(DeviceParams, CharLMTrainer):
         """Up to ``n`` steps on the device, one sync; Ctrl-C ends the block after the current
         step, the RNG left after the steps done (a checkpoint resumes exactly)."""
         t0, start, RB = time.perf_counter(), self.step, self.k.REDUCE_BLOCKS
-        x, y, keep, states = self._draw(n)
+        draw = self._block(start, n)
+        x, y = draw.x, draw.y
         xs, ys = self._cuda.to_device(x), self._cuda.to_device(y)
-        masks = None if keep is None else self._cuda.to_device(keep)
+        masks = None if draw.keep is None else self._cuda.to_device(draw.keep)
         evals = self._eval_plan(start, n)
         E = self.EVAL_BATCHES
         record = self.k.scratch(n * (1 + RB) + len(evals) * E * RB)  # [norms | loss sums | val sums]
@@ -145,7 +163,8 @@ class DeviceCharLMTrainer(DeviceParams, CharLMTrainer):
             if i in evals:
                 self._device_eval(record, n * (1 + RB) + evals[i][0] * E * RB)
         done = self.step - start
-        self.rng.bit_generator.state = states[done]
+        self.rng.bit_generator.state = draw.states[done]
+        self._draw_ahead(draw, done, ahead)
         rec = record.copy_to_host()  # waits for the GPU
         per_step = (time.perf_counter() - t0) / max(done, 1)
         rows = []
@@ -164,13 +183,13 @@ class DeviceCharLMTrainer(DeviceParams, CharLMTrainer):
                          "chars_per_s": x[i].size / per_step})
         return rows
 
-    def _draw(self, n: int):
-        """Steps ``step+1 .. step+n``'s windows ``x``, ``y`` (n, B, T) and dropout keep masks (n, k,
-        B, T, D) as uint8 (None without dropout), drawn from a copy of the run's RNG in the CPU
-        trainer's order; ``states[i]``: the RNG state after i steps."""
+    def _draw(self, start: int, n: int, state: dict) -> _CharBlock:
+        """Steps ``start+1 .. start+n``'s windows and dropout keep masks, drawn from a copy of the
+        run's RNG set to ``state`` in the CPU trainer's order (``self.rng`` is not touched)."""
         cfg, rng = self.cfg, copy.deepcopy(self.rng)
+        rng.bit_generator.state = state
         drops = len(self.model.host.drops) if cfg.dropout else 0
-        xs, ys, keeps, states = [], [], [], [rng.bit_generator.state]
+        xs, ys, keeps, states = [], [], [], [state]
         for _ in range(n):
             x, y = self.corpus.batch(rng, "train", cfg.batch, cfg.seq_len)
             xs.append(x)
@@ -178,7 +197,14 @@ class DeviceCharLMTrainer(DeviceParams, CharLMTrainer):
             keeps.append([rng.random(x.shape + (cfg.hidden,)) >= cfg.dropout for _ in range(drops)])
             states.append(rng.bit_generator.state)
         keep = np.array(keeps, dtype=np.uint8) if drops else None
-        return np.array(xs, dtype=np.int32), np.array(ys, dtype=np.int32), keep, states
+        return _CharBlock(start, states, np.array(xs, dtype=np.int32), np.array(ys, dtype=np.int32), keep)
+
+    def _block_size(self, start: int) -> int:
+        """:meth:`~mdnumba.train.Trainer._block_size`, and at most as many steps as have their
+        dropout masks in :data:`MASK_BYTES`."""
+        per_step = (len(self.model.host.drops) if self.cfg.dropout else 0) * \
+            self.cfg.batch * self.cfg.seq_len * self.cfg.hidden
+        return min(super()._block_size(start), max(1, MASK_BYTES // max(per_step, 1)))
 
     def _eval_plan(self, start: int, n: int) -> dict[int, tuple[int, bool]]:
         """``{i: (slot, stored)}``: after step ``start+i+1`` the CPU trainer evaluates (its first

@@ -93,14 +93,39 @@ class FlatDeviceGroup(LayerGroup, OnTheDevice):
         return self.params.size
 
 
-class DeviceParams:
-    """Checkpoint hooks of a trainer whose ``model.layers`` are device layers."""
+class DeviceResident:
+    """What the device trainers share: checkpoint hooks for device layers (``model.layers``) and
+    the block drawn ahead (``_draw(start, n, state)`` of a subclass returns a block with ``start``
+    and ``states``, the RNG state before each of its steps and after the last)."""
+
+    #: draw the next block's batches while the GPU runs this one (False: after the sync)
+    prefetch = True
+    _ahead = None  # the next block, drawn ahead
 
     def _host_params(self) -> list[np.ndarray]:
         return [layer.params_to_host() for layer in self.model.layers]
 
     def _set_params(self, k: int, values: np.ndarray) -> None:
         self.model.layers[k].set_params(values)
+
+    def _take_prefetched(self, start: int, n: int):
+        """The prefetched block if it is the one asked for (same start, size and RNG state);
+        it is used at most once."""
+        draw, self._ahead = self._ahead, None
+        if draw is not None and (draw.start, len(draw.states) - 1) == (start, n) \
+                and draw.states[0] == self.rng.bit_generator.state:
+            return draw
+        return None
+
+    def _block(self, start: int, n: int):
+        """The block of steps ``start+1 .. start+n``: the one drawn ahead, else drawn now."""
+        return self._take_prefetched(start, n) or self._draw(start, n, self.rng.bit_generator.state)
+
+    def _draw_ahead(self, draw, done: int, ahead: int) -> None:
+        """After a block's launches (``done`` of its steps run): draw the next block's ``ahead``
+        steps now, while the GPU works (with :attr:`prefetch`, and only after a whole block)."""
+        if done == len(draw.states) - 1 and ahead > 0 and self.prefetch:
+            self._ahead = self._draw(self.step, ahead, draw.states[done])
 
 
 class DeviceModel(FlatDeviceGroup):
@@ -179,14 +204,12 @@ class DeviceModel(FlatDeviceGroup):
         return f"DeviceModel({self.host!r})"
 
 
-class DeviceTrainer(DeviceParams, Trainer):
+class DeviceTrainer(DeviceResident, Trainer):
     """:class:`~mdnumba.train.Trainer` with everything on the GPU; the host syncs once every
     ``cfg.sync_every`` steps (and at checkpoints). Same batches, metrics, log and checkpoint
     format as the CPU trainer; ``cfg.optimizer`` picks :data:`DEVICE_OPTIMIZERS`."""
 
     optimizers = DEVICE_OPTIMIZERS
-    #: draw the next block's batches while the GPU runs this one (False: after the sync)
-    prefetch = True
 
     def __init__(self, cfg: TrainConfig, out: Path | None = None):
         super().__init__(cfg, out)
@@ -197,7 +220,6 @@ class DeviceTrainer(DeviceParams, Trainer):
         self.sync_every = int(cfg.sync_every)
         self.opt.clear_grads = True  # the update zeroes the gradients: no zero_grad launch per step
         self._outputs: dict = {}
-        self._ahead: _HostBlock | None = None  # the next block's batches, drawn ahead
 
     def _build_model(self):
         # gradients start zeroed; every result is consumed within its step: buffers are kept
@@ -215,7 +237,7 @@ class DeviceTrainer(DeviceParams, Trainer):
         are drawn on the host after this block's launches, while the GPU works through them."""
         t0 = time.perf_counter()
         start = self.step
-        draw = self._take_prefetched(start, n) or self._draw(start, n, self.rng.bit_generator.state)
+        draw = self._block(start, n)
         xs, ys = self._upload(draw.x), self._upload(draw.y)
         index_dev = self._cuda.to_device(draw.index)
         probes = self._cuda.device_array(int(draw.offsets[-1]), dtype=self.model.dtype)
@@ -230,8 +252,7 @@ class DeviceTrainer(DeviceParams, Trainer):
             self.step += 1
         done = self.step - start
         self.rng.bit_generator.state = draw.states[done]
-        if done == n and ahead > 0 and self.prefetch:
-            self._ahead = self._draw(self.step, ahead, draw.states[n])
+        self._draw_ahead(draw, done, ahead)
         rec, values = record.copy_to_host(), probes.copy_to_host()  # waits for the GPU
         per_step = (time.perf_counter() - t0) / max(done, 1)
         batches, index = draw.batches, draw.index
@@ -253,15 +274,6 @@ class DeviceTrainer(DeviceParams, Trainer):
         index, offsets = self._probe_plan(batches)
         return _HostBlock(start, batches, states, index, offsets,
                           self._stack_runs([b.x for b in batches]), self._stack_runs([b.y for b in batches]))
-
-    def _take_prefetched(self, start: int, n: int) -> _HostBlock | None:
-        """The prefetched block if it is the one asked for (same start, size and RNG state);
-        it is used at most once."""
-        draw, self._ahead = self._ahead, None
-        if draw is not None and (draw.start, len(draw.batches)) == (start, n) \
-                and draw.states[0] == self.rng.bit_generator.state:
-            return draw
-        return None
 
     def _device_step(self, x, y, record, i: int, loss_sums, probe) -> None:
         """Forward, loss (block sums into ``loss_sums``, ``probe`` gathered), backward, optimiser

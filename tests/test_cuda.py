@@ -1426,7 +1426,7 @@ def _assert_same_run(cpu, dev, rtol=1e-10):
 
 @pytest.mark.parametrize("kw", [dict(dropout=0.3), dict(dropout=0.0, optimizer="rmsprop", clip_norm=0.05,
                                                         layers=1, steps=4)])
-def sim_device_char_lm_trainer_matches_cpu(kw, small_text):
+def sim_device_char_lm_trainer_matches_cpu(kw, small_text, monkeypatch):
     """``--task char-lm --model stacked --device cuda`` trains device-resident
     (DeviceCharLMTrainer, blocks of 2 steps) exactly as the CPU trainer: the same windows and
     dropout masks, every step's loss and validation, final parameters and moments; evaluate
@@ -1444,6 +1444,12 @@ def sim_device_char_lm_trainer_matches_cpu(kw, small_text):
     assert [s for s, _ in hd] == [s for s, _ in hc] == list(range(1, cpu.cfg.steps + 1))
     for (_, a), (_, b) in zip(hc, hd):
         assert set(a) == set(b) == {"loss", "bpc", "val_loss", "val_bpc", "time", "chars_per_s"}
+    if dev.cfg.dropout:  # a block holds as many steps as have their masks in MASK_BYTES
+        from mdnumba import train_charlm_device
+        assert dev._block_size(0) == 2
+        masks = 3 * 2 * 5 * 3  # (layers + 1) x batch x seq_len x hidden
+        monkeypatch.setattr(train_charlm_device, "MASK_BYTES", 2 * masks - 1)
+        assert dev._block_size(0) == 1
         for key in ("loss", "bpc", "val_loss", "val_bpc"):
             assert b[key] == pytest.approx(a[key], rel=1e-12), key
     _assert_same_run(cpu, dev)
@@ -1508,6 +1514,28 @@ def sim_device_char_lm_refuses_what_the_host_model_refuses(rng):
         model.backward(np.zeros((3, 5)))
     with pytest.raises(TypeError, match="holds GPU memory and is not pickled"):
         copy.deepcopy(model)
+
+
+def sim_cli_trains_char_lm_on_device(small_text, tmp_path):
+    """``mdnumba train --task char-lm --model stacked --device cuda --sync-every N`` runs the
+    device-resident char-LM trainer, resumes, and samples on the device as on the CPU."""
+    from click.testing import CliRunner
+    from mdnumba.cli.main import main
+    out = tmp_path / "run"
+    run = ["train", "--task", "char-lm", "--model", "stacked", "--data", str(small_text), "--batch", "2",
+           "--hidden", "3", "--seq-len", "5", "--dropout", "0.2", "--device", "cuda", "--sync-every", "2",
+           "--out", str(out)]
+    res = CliRunner().invoke(main, run + ["--steps", "3"])
+    assert res.exit_code == 0 and "leave out" not in res.output, res.output
+    res = CliRunner().invoke(main, ["train", "--resume", str(out), "--steps", "4", "--sync-every", "3"])
+    assert res.exit_code == 0 and "resuming" in res.output, res.output
+    assert len((out / "log.tsv").read_text().splitlines()) == 5
+    texts = {}
+    for device in ("cuda", "cpu"):
+        res = CliRunner().invoke(main, ["sample", str(out), "--length", "8", "--device", device])
+        assert res.exit_code == 0, res.output
+        texts[device] = res.output
+    assert texts["cuda"] == texts["cpu"]
 
 
 def sim_cli_bench_on_device():
