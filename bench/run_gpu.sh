@@ -8,9 +8,10 @@
 # The wheels for this interpreter are installed into a fresh temporary folder put first on PYTHONPATH.
 # mdnumba itself runs from the working tree (PYTHONPATH=.).
 #
-# Usage: bench/run_gpu.sh [--tests | --tests-only | --tune | --family | --profile | --smoke]
+# Usage: bench/run_gpu.sh [--tests | --tests-only | --tune | --family | --charlm | --profile | --smoke]
 #                         [bench_gpu.py / tune_gpu.py options]
-#   (none)         the benchmarks: bench_gpu.py (-> gpu.md), then bench_family.py --device cuda
+#   (none)         the benchmarks: bench_gpu.py (-> gpu.md), bench_family.py --device cuda, then in
+#                  what time is left charlm_gpu.py (-> charlm_gpu.md, log appended to bench_gpu.log)
 #   --tests        first the real-GPU cases of tests/test_cuda.py (test_gpu: every simulator case
 #                  on the GPU, in concurrent shards; the simulator runs themselves are CI's), then
 #                  the benchmarks: everything in ONE device call (a session's device time is ~15
@@ -18,6 +19,7 @@
 #   --tests-only   only the tests (cut at the deadline only)
 #   --tune         only bench/tune_gpu.py: rows per thread x unrolled steps x threads per block -> tune_gpu.md
 #   --family       only bench_family.py --device cuda (-> family_cuda.md, with the launcher breakdown)
+#   --charlm       only charlm_gpu.py: the device-resident char-LM trainer vs the copying one and the CPU
 #   --profile      only Nsight Compute on the sweep and GEMM kernels of bench/profile_gpu.py
 #                  (after 2 warm-up steps) at 32x32 B64 D64 and 256x256 B8 D128 -> ncu_*.csv
 #   --smoke        as --tests, with the benchmarks' --smoke at tiny sizes: a check that the whole
@@ -26,7 +28,7 @@
 # a timeout_s above it). Every part is cut (SIGINT) where it would run past the deadline, the
 # tests also at TESTS_MAX_S (default 270) so that the benchmarks get their turn, and the
 # benchmark at BENCH_MAX_S (default 300) and FAMILY_MIN_S (default 90) before the deadline so
-# that the family benchmark gets one; the parts write
+# that the family benchmark gets one (the char-LM one gets what is left); the parts write
 # as they go (gpu.md after every config, the family table after every shape), so a cut part
 # keeps what it measured. bench_gpu.py times the two configs with targets (32, 256) first.
 # The report goes to $OUT/gpu.md when $OUT is set (the device tool's output folder), else to
@@ -37,12 +39,14 @@ cd "$(dirname "$0")/.."
 run_tests=0
 bench_args=()
 family_args=()
+charlm_args=()
 case "${1:-}" in
   --tests) run_tests=1; shift ;;
-  --smoke) run_tests=1; bench_args=(--smoke --configs 4x4x1x2); family_args=(--smoke); shift ;;
+  --smoke) run_tests=1; bench_args=(--smoke --configs 4x4x1x2); family_args=(--smoke); charlm_args=(--smoke); shift ;;
   --tests-only) run_tests=2; shift ;;
   --tune) run_tests=tune; shift ;;
   --family) run_tests=family; shift ;;
+  --charlm) run_tests=charlm; shift ;;
   --profile) run_tests=profile; shift ;;
 esac
 
@@ -111,6 +115,11 @@ if [ "$run_tests" = tune ]; then
     | tee "$out_dir/tune_gpu.log" || status=1
   exit $status
 fi
+if [ "$run_tests" = charlm ]; then
+  part "$deadline" python3 bench/charlm_gpu.py --out "$out_dir/charlm_gpu.md" "$@" 2>&1 \
+    | tee "$out_dir/charlm_gpu.log" || status=1
+  exit $status
+fi
 if [ "$run_tests" != 0 ] && [ "$run_tests" != family ]; then
   # -k test_gpu: the real-GPU cases only (the simulator cases and ptxcheck run in CI); the shards'
   # own logs and reports go to a temp folder, packed into ONE file of $out_dir (kept when the part
@@ -149,4 +158,13 @@ fi
 part "$deadline" python3 bench/bench_family.py --device cuda ${family_args[@]+"${family_args[@]}"} \
   --out "$out_dir/family_cuda.md" 2>&1 \
   | tee "$out_dir/bench_family.log" || status=1
+# the device-resident char-LM trainer, in what is left (at most CHARLM_S, default 90; with less
+# than 30 s left it is not started, which is no failure); its log joins bench_gpu.log (the
+# device tool brings back at most 8 files)
+if [ "$run_tests" != family ] && [ $((deadline - SECONDS)) -ge 30 ]; then
+  part "${CHARLM_S:-90}" python3 bench/charlm_gpu.py --budget 3 ${charlm_args[@]+"${charlm_args[@]}"} \
+    --out "$out_dir/charlm_gpu.md" 2>&1 | tee -a "$out_dir/bench_gpu.log" || status=1
+elif [ "$run_tests" != family ]; then
+  echo "charlm_gpu.py not started: under 30 s left (bench/run_gpu.sh --charlm runs it alone)" >&2
+fi
 exit $status

@@ -4,9 +4,9 @@ A lent GPU is rare and its time short, so ``bench/run_gpu.sh`` must work the fir
 meets one. Its ``--smoke`` mode runs every part once at tiny sizes: the probe
 (``bench/gpu_probe.py``: can numba-cuda compile and run a kernel here?), the GPU test selection
 (skipped without a GPU), ``bench_gpu.py`` (both sweep paths, the device trainer, the NumPy
-API, PyTorch on CPU tensors when it is installed, the CPU) and ``bench_family.py --device
-cuda``; the benchmark scripts exit non-zero in a smoke run when a part fails. Nothing is
-timed here: the numbers a simulator gives mean nothing.
+API, PyTorch on CPU tensors when it is installed, the CPU), ``bench_family.py --device
+cuda`` and ``charlm_gpu.py`` (the device-resident char-LM trainer); the benchmark scripts exit
+non-zero in a smoke run when a part fails. Nothing is timed here: the numbers a simulator gives mean nothing.
 """
 
 from __future__ import annotations
@@ -52,6 +52,9 @@ def test_run_gpu_smoke_under_the_simulator(background_run):
     family = (tmp_path / "family_cuda.md").read_text()
     assert "2D 3x3 B1 D2, 4 directions" in family and "3D 2x2x2 B1 D2, 1 direction" in family
     assert "PyTorch failed" not in family if has_torch else True
+    charlm = (tmp_path / "charlm_gpu.md").read_text()
+    rows = [line for line in charlm.splitlines() if line.startswith("| ") and "per step" not in line]
+    assert len(rows) == 3 and all(" | **" in line for line in rows), charlm
     assert (tmp_path / "test_cuda.log").exists()
     probe = (tmp_path / "probe.log").read_text()
     assert "libdevice kernel: ok" in probe and "cooperative kernel: ok" in probe, probe
