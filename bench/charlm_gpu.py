@@ -1,23 +1,23 @@
 """Char-LM training on the GPU: the device-resident trainer against the copying path and the CPU.
 
-One process, the same stacked char-LM (embedding, dropout, LSTM1D layers, softmax readout,
-Adam) on the standard-library corpus of ``charlm_compare.py``, a block of steps timed per
-case, the cases interleaved (``bench_cpu.time_interleaved``, best of N):
+One process; per model (stacked LSTM1D layers, and a tied Grid LSTM; embedding, dropout,
+softmax readout, Adam) on the standard-library corpus of ``charlm_compare.py``, a block of
+steps timed per case, the cases interleaved (``bench_cpu.time_interleaved``, best of N):
 
-- *device-resident*: ``mdnumba train --task char-lm --model stacked --device cuda``
+- *device-resident*: ``mdnumba train --task char-lm --model M --device cuda``
   (:class:`mdnumba.train_charlm_device.DeviceCharLMTrainer`), blocks of ``--block`` steps
   with one host sync each, the next block's windows and masks drawn while the GPU runs;
 - *copying*: the char-LM trainer on ``CharLM(device="cuda")`` layers, what ``--device
   cuda`` ran before: each layer uploads its parameters and downloads its gradients at every
-  call, the loss and Adam on the CPU;
+  call (the grid's weight-gradient GEMMs on the CPU), the loss and Adam on the CPU;
 - *CPU*: the CPU trainer on every core of this machine.
 
 Validation is off (``EVAL_EVERY`` past the run), so every timed step is a training step.
 Writes ``bench/results/charlm_gpu.md`` (``--out``). ``--smoke``: tiny sizes, each case once
 (CI runs it under the CUDA simulator).
 
-Usage: ``python bench/charlm_gpu.py [--batch 32] [--seq-len 100] [--hidden 256] [--layers 2]
-[--smoke] [--out PATH]``.
+Usage: ``python bench/charlm_gpu.py [--models stacked,grid] [--batch 32] [--seq-len 100]
+[--hidden 256] [--layers 2] [--smoke] [--out PATH]``.
 """
 
 from __future__ import annotations
@@ -39,14 +39,14 @@ CASES = [("device", "device-resident (`DeviceCharLMTrainer`)"),
          ("cpu", "CPU trainer")]
 
 
-def trainers(args, data: Path) -> dict:
+def trainers(args, model: str, data: Path) -> dict:
     """The three trainers of the same config (validation off)."""
     from mdnumba.train import TrainConfig, make_trainer
     from mdnumba.train_charlm import CharLMTrainer
     CharLMTrainer.EVAL_EVERY = 10**9  # after the first step's validation, none
 
     def cfg(device: str) -> TrainConfig:
-        return TrainConfig(task="char-lm", model="stacked", data=str(data), batch=args.batch,
+        return TrainConfig(task="char-lm", model=model, data=str(data), batch=args.batch,
                            seq_len=args.seq_len, hidden=args.hidden, layers=args.layers,
                            dropout=args.dropout, steps=10**9, device=device, sync_every=args.block)
     out = {"device": make_trainer(cfg("cuda")), "copying": CharLMTrainer(cfg("cuda")),
@@ -67,23 +67,26 @@ def time_cases(trs: dict, block: int, budget_s: float, smoke: bool) -> dict[str,
     return {k: Timing([t / block for t in tm.total]) for k, tm in timed.items()}
 
 
-def render(info: dict, times: dict[str, Timing], args, chars: int) -> str:
+def render(info: dict, results: dict[str, dict[str, Timing]], args, chars: int) -> str:
     out = ["# Char-LM training on the GPU: device-resident vs copying vs CPU", ""]
     if args.smoke:
         out += ["**--smoke run: tiny sizes, one repeat; not for quoting.**", ""]
     out += [f"- **{k}**: {v}" for k, v in info.items()]
-    out += ["", f"Produced by `python bench/charlm_gpu.py` (also part of `bench/run_gpu.sh`). Stacked "
-            f"char-LM: LSTM1D layers {args.layers}, hidden {args.hidden}, batch {args.batch}, windows "
-            f"of {args.seq_len} characters, dropout {args.dropout:g}, Adam, float32, on {chars} "
-            f"characters of standard-library source; per training step, blocks of {args.block} "
-            "steps (validation off). Best of N in ms (median).", "",
-            "| trainer | ms per step | characters per s | vs device-resident |", "|---|---|---|---|"]
-    dev = times.get("device")
-    for key, label in CASES:
-        tm = times.get(key)
-        per_s = "–" if tm is None else f"{args.batch * args.seq_len / tm.best:,.0f}"
-        vs = "–" if tm is None or dev is None else f"{tm.best / dev.best:.1f}x"
-        out.append(f"| {label} | {best_median(tm)} | {per_s} | {vs} |")
+    out += ["", "Produced by `python bench/charlm_gpu.py` (also part of `bench/run_gpu.sh`). Char-LM "
+            f"with {args.layers} layers (stacked: LSTM1D layers; grid: a tied Grid LSTM of that "
+            f"depth), hidden {args.hidden}, batch {args.batch}, windows of {args.seq_len} "
+            f"characters, dropout {args.dropout:g}, Adam, float32, on {chars} characters of "
+            f"standard-library source; per training step, blocks of {args.block} steps "
+            "(validation off). Best of N in ms (median).", "",
+            "| model | trainer | ms per step | characters per s | vs device-resident |",
+            "|---|---|---|---|---|"]
+    for model, times in results.items():
+        dev = times.get("device")
+        for key, label in CASES:
+            tm = times.get(key)
+            per_s = "–" if tm is None else f"{args.batch * args.seq_len / tm.best:,.0f}"
+            vs = "–" if tm is None or dev is None else f"{tm.best / dev.best:.1f}x"
+            out.append(f"| {model} | {label} | {best_median(tm)} | {per_s} | {vs} |")
     return "\n".join(out) + "\n"
 
 
@@ -93,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=100)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--models", default="stacked,grid", help="comma list of stacked, grid")
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--block", type=int, default=20, help="steps per timed block (the device sync interval)")
     ap.add_argument("--budget", type=float, default=20.0, help="seconds of timing per case")
@@ -105,19 +109,22 @@ def main(argv: list[str] | None = None) -> int:
 
     from mdnumba.backend_cuda import require_cuda
     require_cuda()
-    with tempfile.TemporaryDirectory() as tmp:
-        data = build_corpus(Path(tmp) / "corpus.txt", 0.02 if args.smoke else 1.0)
-        trs = trainers(args, data)
-        chars = len(trs["cpu"].corpus.train)
-        times = time_cases(trs, args.block, args.budget, args.smoke)
     name = getattr(cuda.get_current_device(), "name", "CUDA simulator")
     info = {"date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
             "GPU": name.decode() if isinstance(name, bytes) else str(name),
             "CPU threads": str(numba.get_num_threads())}
-    report = write_report(args.out, render(info, times, args, chars))
+    results: dict[str, dict[str, Timing]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = build_corpus(Path(tmp) / "corpus.txt", 0.02 if args.smoke else 1.0)
+        for model in args.models.split(","):
+            trs = trainers(args, model, data)
+            chars = len(trs["cpu"].corpus.train)
+            results[model] = time_cases(trs, args.block, args.budget, args.smoke)
+            del trs
+            for key, _ in CASES:
+                print(f"{model} {key}: {ms(results[model][key].best)} ms per step", flush=True)
+            report = write_report(args.out, render(info, results, args, chars))  # a cut run keeps it
     print(report)
-    for key, _ in CASES:
-        print(f"{key}: {ms(times[key].best)} ms per step")
     return 0
 
 

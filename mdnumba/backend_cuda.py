@@ -3,8 +3,9 @@
 Nothing here imports ``numba.cuda`` at module import, so ``import mdnumba`` works
 without numba-cuda; :func:`require_cuda` says what is missing.
 
-:class:`CudaLSTM` (N-D LSTM), :class:`CudaLinear`, :class:`CudaEmbedding` and :class:`CudaBlockSubsample`
-keep parameters, gradients, saved activations and workspaces on the GPU;
+:class:`CudaLSTM` (N-D LSTM), :class:`CudaGridLSTM`, :class:`CudaLinear`,
+:class:`CudaEmbedding` and :class:`CudaBlockSubsample` keep parameters, gradients, saved
+activations and workspaces on the GPU;
 ``forward``/``backward`` take NumPy arrays (result copied back to NumPy) or CUDA
 arrays (numba device arrays or anything with ``__cuda_array_interface__``, e.g. a
 CUDA ``torch.Tensor``; the result stays a numba device array). :class:`CudaAdam`
@@ -563,6 +564,112 @@ class CudaLinear(DeviceLayer):
         self.k.gemm(dx, dy2, self.W, tb=True)
         dx = dx.reshape(self._shape)
         return dx.copy_to_host() if host_in else dx
+
+
+class CudaGridLSTM(DeviceLayer):
+    """Device twin of :class:`mdnumba.layers.GridLSTM2D` with tied weights (one set for every
+    depth level): ``forward(x)`` (B, T, D) → the top blocks' depth output (B, T, D); backward
+    accumulates the weight gradients (two GEMMs per transform) and returns dL/dx. Parameters
+    ``U_time | U_depth | b_time | b_depth`` in one flat buffer (the host layout)."""
+
+    def __init__(self, hidden: int, layers: int, params: np.ndarray,
+                 dtype: npt.DTypeLike = config.DEFAULT_DTYPE):
+        self.hidden, self.depth = check_positive_int(hidden, "hidden"), check_positive_int(layers, "layers")
+        D = self.hidden
+        self._init_buffers(params, dtype, 16 * D * D + 8 * D, f"hidden={D} (tied)")
+        self._saved: dict | None = None
+        self._tables: dict = {}
+
+    def _bind(self) -> None:
+        D, n = self.hidden, 8 * self.hidden * self.hidden
+        for buf, pre in ((self.params, ""), (self.grads, "d")):
+            setattr(self, pre + "U_time", buf[:n].reshape(1, 2 * D, 4 * D))
+            setattr(self, pre + "U_depth", buf[n:2 * n].reshape(1, 2 * D, 4 * D))
+            setattr(self, pre + "b_time", buf[2 * n:2 * n + 4 * D].reshape(1, 4 * D))
+            setattr(self, pre + "b_depth", buf[2 * n + 4 * D:].reshape(1, 4 * D))
+
+    @classmethod
+    def from_layer(cls, layer) -> CudaGridLSTM:
+        """A device copy of a host :class:`mdnumba.layers.GridLSTM2D` (tied weights only)."""
+        if not layer.tied:
+            raise TypeError("CudaGridLSTM takes a GridLSTM2D with tied weights (tied=True); an untied "
+                            "one runs its sweeps on the GPU with GridLSTM2D(device='cuda')")
+        return cls(layer.hidden, layer.depth, layer.params.data, layer.dtype)
+
+    def _grid(self, T: int) -> dict:
+        """The T x depth wavefront's tables on the device (kept per T), ``diag_off`` also on the host."""
+        from numba import cuda
+
+        from .grid import wavefront
+        if T not in self._tables:
+            wf = wavefront((T, self.depth))
+            top = wf.inv_perm[np.arange(T) * self.depth + self.depth - 1]
+            self._tables[T] = dict(wf=wf, host_diag=np.asarray(wf.diag_off), **{
+                k: cuda.to_device(np.ascontiguousarray(v)) for k, v in
+                (("diag_off", wf.diag_off), ("parent", wf.parent), ("child", wf.child), ("perm", wf.perm),
+                 ("top", top))})
+        return self._tables[T]
+
+    def forward(self, x: HostOrDevice, *, save: bool = True) -> HostOrDevice:
+        """The top blocks' output for ``x`` (B, T, D); ``save=False``: the two-plane sweep, nothing
+        kept for backward. NumPy or device, as ``x``."""
+        from .kernels import gridlstm_cuda as g
+        save, D, L = check_flag(save, "save"), self.hidden, self.depth
+        xd, host_in = self._input(x, "x", 3, D, f"(batch, time, hidden={D})")
+        B, T = xd.shape[:2]
+        t = self._grid(T)
+        self._saved = None
+        xt = self._ws("x", (T * B, D))
+        g.swap01(xt.reshape(T, B, D), xd)
+        y = self._result("y", (B, T, D))
+        if save:
+            R = t["wf"].n_cells * B
+            act, h, c = self._ws("act", (R, 8 * D)), self._ws("h", (R, 2 * D)), self._ws("c", (R, 2 * D))
+            g.init_gates(act, self.b_time, self.b_depth, t["perm"], L, B)
+            g.grid_forward(h, c, act, xt, self.U_time, self.U_depth, t["diag_off"], t["parent"], t["perm"],
+                           L, B, D, host_diag=t["host_diag"])
+            g.gather_top(y, h, t["top"], D)
+            self._saved = dict(B=B, T=T)
+        else:
+            slots = 2 * t["wf"].max_diag_cells
+            h, c = self._ws("ih", (slots * B, 2 * D)), self._ws("ic", (slots * B, 2 * D))
+            act, out = self._ws("iact", (slots * B, 8 * D)), self._ws("out", (T * B, D))
+            lp = self._ws("lp", (slots, 2), t["parent"].dtype)
+            lperm = self._ws("lperm", (slots,), t["perm"].dtype)
+            g.grid_infer(out, h, c, act, lp, lperm, xt, self.U_time, self.U_depth, self.b_time, self.b_depth,
+                         t["diag_off"], t["parent"], t["perm"], L, B, D, host_diag=t["host_diag"])
+            g.swap01(y, out.reshape(T, B, D))
+            self._saved = dict(inference=True)
+        return y.copy_to_host() if host_in else y
+
+    def backward(self, dh: HostOrDevice, input_grad: bool = True) -> HostOrDevice | None:
+        """``dU += zᵀ da``, ``db += 1ᵀ da`` for both transforms; dL/dx (None with ``input_grad=False``)."""
+        from .kernels import gridlstm_cuda as g
+        input_grad = check_flag(input_grad, "input_grad")
+        sv, D, L = check_saved(self._saved), self.hidden, self.depth
+        B, T = sv["B"], sv["T"]
+        t = self._grid(T)
+        dhd, host_in = self._input(dh, "dh", 3, D, f"(batch, time, hidden={D})")
+        check_shape(dhd, (B, T, D), "dh")
+        R = t["wf"].n_cells * B
+        dact, dc = self._ws("dact", (R, 10 * D)), self._ws("dc", (R, 2 * D))
+        dx, dtop = self._ws("dx", (T * B, D)), self._ws("dtop", (T * B, D))
+        g.swap01(dtop.reshape(T, B, D), dhd)
+        g.grid_backward(dact, dc, dx, dtop, self._work["act"], self._work["c"], self.U_time, self.U_depth,
+                        t["diag_off"], t["parent"], t["child"], t["perm"], L, B, D, host_diag=t["host_diag"])
+        zt, zd = self._ws("zt", (R, 2 * D)), self._ws("zd", (R, 2 * D))
+        g.gather_operands(zt, zd, self._work["h"], self._work["x"], t["parent"], t["perm"], L, B, D)
+        da, ones = self._ws("da", (R, 4 * D)), self._ws("ones", (R, 1))
+        self.k.fill(ones.reshape(R), 1.0)
+        for z, lo, dU, db in ((zt, 0, self.dU_time, self.db_time), (zd, 4 * D, self.dU_depth, self.db_depth)):
+            g.copy_columns(da, dact, lo)
+            self.k.gemm(dU.reshape(2 * D, 4 * D), z, da, ta=True, accumulate=True)
+            self.k.gemm(db, ones, da, ta=True, accumulate=True)
+        if not input_grad:
+            return None
+        out = self._result("dx_out", (B, T, D))
+        g.swap01(out, dx.reshape(T, B, D))
+        return out.copy_to_host() if host_in else out
 
 
 class CudaEmbedding(DeviceLayer):

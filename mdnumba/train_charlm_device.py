@@ -27,7 +27,15 @@ from pathlib import Path
 import numpy as np
 
 from ._validate import check_flag, is_device_array, missing_activations
-from .backend_cuda import DEVICE_OPTIMIZERS, CudaEmbedding, CudaLinear, CudaLSTM, HostOrDevice, require_cuda
+from .backend_cuda import (
+    DEVICE_OPTIMIZERS,
+    CudaEmbedding,
+    CudaGridLSTM,
+    CudaLinear,
+    CudaLSTM,
+    HostOrDevice,
+    require_cuda,
+)
 from .charlm import BITS_PER_NAT, CharLM, check_ids
 from .train import TrainConfig
 from .train_charlm import CharLMTrainer
@@ -51,19 +59,18 @@ class _CharBlock:
 
 
 class DeviceCharLM(FlatDeviceGroup):
-    """A stacked :class:`~mdnumba.charlm.CharLM` on the GPU. ``forward(ids, keep)`` takes NumPy ids
-    (NumPy logits out) or device ids (device out); ``keep`` (device, uint8, one (B, T, D) mask per
-    dropout, stacked) applies the host model's dropout with the given masks, None none."""
+    """A :class:`~mdnumba.charlm.CharLM` on the GPU (stacked, or grid with tied weights).
+    ``forward(ids, keep)`` takes NumPy ids (NumPy logits out) or device ids (device out); ``keep``
+    (device, uint8, one (B, T, D) mask per dropout, stacked) applies the host model's dropout with
+    the given masks, None none."""
 
     def __init__(self, host: CharLM, *, reuse_outputs: bool = False):
         require_cuda()
-        if host.kind != "stacked":
-            raise TypeError("DeviceCharLM runs the stacked char-LM; the grid one runs its sweeps on the "
-                            "GPU with GridLSTM2D(device='cuda')")
         self.host = host
         self.reuse_outputs = check_flag(reuse_outputs, "reuse_outputs")
         self.embed = CudaEmbedding.from_layer(host.embed)
-        self.cores = [CudaLSTM.from_layer(layer) for layer in host.core.layers]
+        self.cores = [CudaGridLSTM.from_layer(host.core)] if host.kind == "grid" else \
+            [CudaLSTM.from_layer(layer) for layer in host.core.layers]
         self.head = CudaLinear.from_layer(host.head)
         self.layers = [self.embed, *self.cores, self.head]
         self.dtype = self.head.dtype
@@ -78,14 +85,14 @@ class DeviceCharLM(FlatDeviceGroup):
     def forward(self, ids: HostOrDevice, keep: HostOrDevice | None = None, *,
                 save: bool = True) -> HostOrDevice:
         """Logits (B, T, V) for ids (B, T); ``save=False`` keeps no activations (sampling)."""
-        host_in = not is_device_array(ids)
+        save, host_in = check_flag(save, "save"), not is_device_array(ids)
         if host_in:
             ids = self.head.k.as_device(np.ascontiguousarray(check_ids(ids, self.embed.vocab)))
         h = self._dropout(0, self.embed.forward(ids), keep)
         for i, core in enumerate(self.cores, 1):
             h = self._dropout(i, core.forward(h, save=save), keep)
         y = self.head.forward(h)
-        self._keep, self._saved = keep, check_flag(save, "save")
+        self._keep, self._saved = keep, save
         return y.copy_to_host() if host_in else y
 
     def backward(self, dlogits: HostOrDevice) -> None:
@@ -112,7 +119,7 @@ class DeviceCharLM(FlatDeviceGroup):
         return out
 
     def __repr__(self) -> str:
-        return (f"DeviceCharLM({len(self.cores)} LSTM1D layers, hidden={self.embed.dim}, "
+        return (f"DeviceCharLM({self.host.kind}, layers={self.host.layers[1:-1]!r}, "
                 f"vocab={self.embed.vocab})")
 
 

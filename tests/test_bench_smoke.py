@@ -54,7 +54,7 @@ def test_run_gpu_smoke_under_the_simulator(background_run):
     assert "PyTorch failed" not in family if has_torch else True
     charlm = (tmp_path / "charlm_gpu.md").read_text()
     rows = [line for line in charlm.splitlines() if line.startswith("| ") and "per step" not in line]
-    assert len(rows) == 3 and all(" | **" in line for line in rows), charlm
+    assert len(rows) == 6 and all(" | **" in line for line in rows), charlm  # 2 models x 3 trainers
     assert (tmp_path / "test_cuda.log").exists()
     probe = (tmp_path / "probe.log").read_text()
     assert "libdevice kernel: ok" in probe and "cooperative kernel: ok" in probe, probe

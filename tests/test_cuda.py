@@ -372,6 +372,33 @@ def sim_char_lm_kernels_match_numpy(dtype, rng):
     np.testing.assert_allclose(dz.copy_to_host(), grad, rtol=tol, atol=tol * 1e-3)
 
 
+@pytest.mark.parametrize("T,L", [(4, 3), (2, 4)])
+def sim_grid_lstm_device_layer_matches_cpu(T, L, rng):
+    """CudaGridLSTM (the device char-LM's grid) == GridLSTM2D on the CPU in float64: forward with
+    and without saving, dL/dx and every weight gradient (accumulated over two backwards), NumPy
+    and device arrays in."""
+    from mdnumba.backend_cuda import CudaGridLSTM
+    from mdnumba.layers import GridLSTM2D
+    cpu = GridLSTM2D(3, L, seed=2, dtype=np.float64)
+    cpu.params.data[...] += 0.1 * rng.standard_normal(cpu.params.data.shape)  # biases too
+    dev = CudaGridLSTM.from_layer(cpu)
+    x, dh = rng.standard_normal((2, T, 3)), rng.standard_normal((2, T, 3))
+    tol = dict(rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(dev.forward(x, save=False), cpu.forward(x, save=False), **tol)
+    with pytest.raises(RuntimeError, match="save=False"):
+        dev.backward(dh)
+    want = cpu.forward(x)
+    np.testing.assert_allclose(dev.forward(cuda.to_device(x)).copy_to_host(), want, **tol)
+    for _ in range(2):
+        want_dx = cpu.backward(dh)
+        got_dx = dev.backward(dh)
+    np.testing.assert_allclose(got_dx, want_dx, **tol)
+    np.testing.assert_allclose(dev.grads_to_host(), cpu.grads.data, **tol)
+    assert dev.backward(cuda.to_device(dh), input_grad=False) is None
+    with pytest.raises(ValueError, match="dh must have shape"):
+        dev.backward(np.zeros((1, T, 3)))
+
+
 @pytest.mark.parametrize("path", ["cooperative", "per-diagonal"])
 @pytest.mark.parametrize("tied", [True, False])
 def sim_grid_lstm_without_saving(path, tied, rng, monkeypatch):
@@ -1425,9 +1452,10 @@ def _assert_same_run(cpu, dev, rtol=1e-10):
 
 
 @pytest.mark.parametrize("kw", [dict(dropout=0.3), dict(dropout=0.0, optimizer="rmsprop", clip_norm=0.05,
-                                                        layers=1, steps=4)])
+                                                        layers=1, steps=4),
+                                dict(model="grid", dropout=0.2, layers=3)])
 def sim_device_char_lm_trainer_matches_cpu(kw, small_text, monkeypatch):
-    """``--task char-lm --model stacked --device cuda`` trains device-resident
+    """``--task char-lm --device cuda`` (stacked, or grid) trains device-resident
     (DeviceCharLMTrainer, blocks of 2 steps) exactly as the CPU trainer: the same windows and
     dropout masks, every step's loss and validation, final parameters and moments; evaluate
     and sample agree too."""
@@ -1444,7 +1472,7 @@ def sim_device_char_lm_trainer_matches_cpu(kw, small_text, monkeypatch):
     assert [s for s, _ in hd] == [s for s, _ in hc] == list(range(1, cpu.cfg.steps + 1))
     for (_, a), (_, b) in zip(hc, hd):
         assert set(a) == set(b) == {"loss", "bpc", "val_loss", "val_bpc", "time", "chars_per_s"}
-    if dev.cfg.dropout:  # a block holds as many steps as have their masks in MASK_BYTES
+    if dev.cfg.dropout and dev.cfg.model == "stacked":  # a block: the steps whose masks fit
         from mdnumba import train_charlm_device
         assert dev._block_size(0) == 2
         masks = 3 * 2 * 5 * 3  # (layers + 1) x batch x seq_len x hidden
@@ -1495,12 +1523,12 @@ def sim_device_char_lm_trainer_checkpoints(small_text, tmp_path, monkeypatch):
 
 
 def sim_device_char_lm_refuses_what_the_host_model_refuses(rng):
-    """DeviceCharLM: the grid model (TypeError naming the way that runs it), backward before a
+    """DeviceCharLM: an untied grid (TypeError naming the way that runs it), backward before a
     forward or after one with save=False, ids out of the vocabulary, a copy."""
     from mdnumba.charlm import CharLM
     from mdnumba.train_charlm_device import DeviceCharLM
-    with pytest.raises(TypeError, match="runs the stacked char-LM; the grid one"):
-        DeviceCharLM(CharLM("grid", vocab=5, hidden=2, layers=1))
+    with pytest.raises(TypeError, match=r"GridLSTM2D with tied weights \(tied=True\); an untied one"):
+        DeviceCharLM(CharLM("grid", vocab=5, hidden=2, layers=1, tied=False))
     model = DeviceCharLM(CharLM("stacked", vocab=5, hidden=2, layers=1, dtype=np.float64))
     with pytest.raises(RuntimeError, match=r"no saved activations; run forward\(ids\) first"):
         model.backward(np.zeros((1, 3, 5)))

@@ -245,14 +245,15 @@ def test_extending_a_curriculum_run_trains_the_extension_at_full_size(tmp_path):
 
 
 def test_sync_every_is_inapplicable_where_nothing_reads_it():
-    """Only the device trainers sync in blocks: the grid char-LM's trainer reads its losses every
-    step, on the GPU too."""
+    """Only the device trainers sync in blocks: the untied grid char-LM's trainer reads its losses
+    every step, on the GPU too."""
     def why(**kw):
         return TrainConfig(**kw).inapplicable(["sync_every"]).get("sync_every")
     assert why() == "--device cuda only" and why(device="cuda") is None
     assert why(task="char-lm", model="stacked", device="cuda") is None
-    grid = why(task="char-lm", model="grid", device="cuda")
-    assert grid == "not for char-lm --model grid, which syncs every step"
+    assert why(task="char-lm", model="grid", device="cuda") is None
+    untied = why(task="char-lm", model="grid", device="cuda", tie_depth=False)
+    assert untied == "not for char-lm --no-tie-depth, which syncs every step"
 
 
 def test_a_resume_cannot_end_a_run_inside_its_curriculum(tmp_path):

@@ -11,10 +11,22 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 from numba import cuda
 
 from .gridlstm import build_rows
-from .wavefront_cuda import _JIT, CUDA_MATH, _Args, _divmod, _fill_parents, _host_ints, _record, _sweep, _tpb
+from .wavefront_cuda import (
+    _JIT,
+    CUDA_MATH,
+    _Args,
+    _blocks,
+    _divmod,
+    _fill_parents,
+    _host_ints,
+    _record,
+    _sweep,
+    _tpb,
+)
 
 if TYPE_CHECKING:
     from ..backend_cuda import HostOrDevice
@@ -137,13 +149,20 @@ def _backward_diag(dact, dc, dx, dtop, act, c, U_time, U_depth, diag_off, parent
                     k, cuda.grid(1), cuda.gridsize(1))
 
 
+def _diag(diag_off, host_diag):
+    """``diag_off`` on the host (a copy of a device array waits for the GPU: give ``host_diag``)."""
+    return _host_ints(diag_off) if host_diag is None else host_diag
+
+
 def grid_forward(h: HostOrDevice, c: HostOrDevice, act: HostOrDevice, x: HostOrDevice,
                  U_time: HostOrDevice, U_depth: HostOrDevice, diag_off: HostOrDevice,
                  parent: HostOrDevice, perm: HostOrDevice, L: int, B: int, D: int, *,
-                 path: str | None = None, tpb: int | None = None) -> None:
-    """CUDA twin of :func:`mdnumba.kernels.gridlstm.grid_forward` (NumPy or device arrays)."""
+                 path: str | None = None, tpb: int | None = None,
+                 host_diag: np.ndarray | None = None) -> None:
+    """CUDA twin of :func:`mdnumba.kernels.gridlstm.grid_forward` (NumPy or device arrays;
+    ``host_diag``: ``diag_off`` on the host, when it is given as a device array)."""
     a = _Args(h, c, act, x, U_time, U_depth, diag_off, parent, perm)
-    desc = _sweep(_forward_coop, _forward_diag, (*a.dev, int(L), int(B), int(D)), _host_ints(diag_off),
+    desc = _sweep(_forward_coop, _forward_diag, (*a.dev, int(L), int(B), int(D)), _diag(diag_off, host_diag),
                   B, 1, 0, path, _tpb(tpb), reverse=False)
     _record(desc, False)
     a.finish(0, 1, 2)
@@ -152,11 +171,12 @@ def grid_forward(h: HostOrDevice, c: HostOrDevice, act: HostOrDevice, x: HostOrD
 def grid_backward(dact: HostOrDevice, dc: HostOrDevice, dx: HostOrDevice, dtop: HostOrDevice,
                   act: HostOrDevice, c: HostOrDevice, U_time: HostOrDevice, U_depth: HostOrDevice,
                   diag_off: HostOrDevice, parent: HostOrDevice, child: HostOrDevice, perm: HostOrDevice,
-                  L: int, B: int, D: int, *, path: str | None = None, tpb: int | None = None) -> None:
-    """CUDA twin of :func:`mdnumba.kernels.gridlstm.grid_backward` (NumPy or device arrays)."""
+                  L: int, B: int, D: int, *, path: str | None = None, tpb: int | None = None,
+                  host_diag: np.ndarray | None = None) -> None:
+    """CUDA twin of :func:`mdnumba.kernels.gridlstm.grid_backward` (as :func:`grid_forward`)."""
     a = _Args(dact, dc, dx, dtop, act, c, U_time, U_depth, diag_off, parent, child, perm)
     desc = _sweep(_backward_coop, _backward_diag, (*a.dev, int(L), int(B), int(D)),
-                  _host_ints(diag_off), B, 1, 0, path, _tpb(tpb), reverse=True)
+                  _diag(diag_off, host_diag), B, 1, 0, path, _tpb(tpb), reverse=True)
     _record(desc, False)
     a.finish(0, 1, 2)
 
@@ -166,10 +186,100 @@ def grid_infer(out: HostOrDevice, h: HostOrDevice, c: HostOrDevice, act: HostOrD
                lperm: HostOrDevice, x: HostOrDevice, U_time: HostOrDevice, U_depth: HostOrDevice,
                b_time: HostOrDevice, b_depth: HostOrDevice, diag_off: HostOrDevice, parent: HostOrDevice,
                perm: HostOrDevice, L: int, B: int, D: int, *, path: str | None = None,
-               tpb: int | None = None) -> None:
-    """CUDA twin of :func:`mdnumba.kernels.gridlstm.grid_infer` (NumPy or device arrays)."""
+               tpb: int | None = None, host_diag: np.ndarray | None = None) -> None:
+    """CUDA twin of :func:`mdnumba.kernels.gridlstm.grid_infer` (as :func:`grid_forward`)."""
     a = _Args(out, h, c, act, lp, lperm, x, U_time, U_depth, b_time, b_depth, diag_off, parent, perm)
-    desc = _sweep(_infer_coop, _infer_diag, (*a.dev, int(L), int(B), int(D)), _host_ints(diag_off),
+    desc = _sweep(_infer_coop, _infer_diag, (*a.dev, int(L), int(B), int(D)), _diag(diag_off, host_diag),
                   B, 1, 0, path, _tpb(tpb), reverse=False, pre=_infer_pre, extra_items=a.dev[4].size)
     _record(desc, False)
     a.finish(0, 1, 2, 3, 4, 5)
+
+
+# ---------------------------------------------------------------- the device layer's glue
+@cuda.jit
+def _swap01(out, x):
+    """``out[i, j, d] = x[j, i, d]`` (time-major ↔ batch-major)."""
+    n1, D = out.shape[1], out.shape[2]
+    for k in range(cuda.grid(1), out.size, cuda.gridsize(1)):
+        i = k // (n1 * D)
+        j = (k - i * n1 * D) // D
+        d = k - (i * n1 + j) * D
+        out[i, j, d] = x[j, i, d]
+
+
+@cuda.jit
+def _init_gates(act, b_time, b_depth, perm, L, B):
+    """Row r = s·B + b: ``act[r] = [b_time[lv] | b_depth[lv]]``, lv = perm[s] mod L the block's
+    depth level (0 with tied weights: one set of biases)."""
+    G = b_time.shape[1]
+    for k in range(cuda.grid(1), act.shape[0] * 2 * G, cuda.gridsize(1)):
+        r = k // (2 * G)
+        col = k - r * 2 * G
+        lv = perm[r // B] % L if b_time.shape[0] > 1 else 0
+        act[r, col] = b_time[lv, col] if col < G else b_depth[lv, col - G]
+
+
+@cuda.jit
+def _gather_top(out, h, top, D):
+    """``out[b, t] = h[top[t]·B + b, D:2D]``: the top blocks' depth output, batch-major."""
+    B, T = out.shape[0], out.shape[1]
+    for k in range(cuda.grid(1), out.size, cuda.gridsize(1)):
+        b = k // (T * D)
+        t = (k - b * T * D) // D
+        j = k - (b * T + t) * D
+        out[b, t, j] = h[top[t] * B + b, D + j]
+
+
+@cuda.jit
+def _gather_operands(zt, zd, h, x, parent, perm, L, B, D):
+    """CUDA twin of :func:`mdnumba.kernels.gridlstm.gather_operands`, a thread per (row, j)."""
+    for k in range(cuda.grid(1), zt.shape[0] * D, cuda.gridsize(1)):
+        r = k // D
+        j = k - r * D
+        s = r // B
+        b = r - s * B
+        tp, dp = parent[s, 0], parent[s, 1]
+        zt[r, j] = h[tp * B + b, j] if tp >= 0 else 0.0
+        hl = h[dp * B + b, D + j] if dp >= 0 else x[(perm[s] // L) * B + b, j]
+        zt[r, D + j] = hl
+        zd[r, j] = h[r, j]
+        zd[r, D + j] = hl
+
+
+@cuda.jit
+def _copy_columns(out, a, lo):
+    """``out = a[:, lo:lo + out.shape[1]]`` (a contiguous GEMM operand)."""
+    W = out.shape[1]
+    for k in range(cuda.grid(1), out.size, cuda.gridsize(1)):
+        r = k // W
+        out[r, k - r * W] = a[r, lo + k - r * W]
+
+
+def _bulk(kernel, n: int, *args) -> None:
+    tpb = _tpb(None)
+    kernel[_blocks(n, tpb), tpb](*args)
+
+
+def swap01(out, x) -> None:
+    """``out = x.transpose(1, 0, 2)`` for 3-D device arrays."""
+    _bulk(_swap01, out.size, out, x)
+
+
+def init_gates(act, b_time, b_depth, perm, L: int, B: int) -> None:
+    """Every row's gate pre-activations start at its biases (``GridLSTM2D.forward``'s first step)."""
+    _bulk(_init_gates, act.size, act, b_time, b_depth, perm, int(L), int(B))
+
+
+def gather_top(out, h, top, D: int) -> None:
+    """The layer's output (B, T, D) from the swept ``h``."""
+    _bulk(_gather_top, out.size, out, h, top, int(D))
+
+
+def gather_operands(zt, zd, h, x, parent, perm, L: int, B: int, D: int) -> None:
+    """The weight-gradient GEMMs' operands (see :func:`mdnumba.kernels.gridlstm.gather_operands`)."""
+    _bulk(_gather_operands, zt.shape[0] * int(D), zt, zd, h, x, parent, perm, int(L), int(B), int(D))
+
+
+def copy_columns(out, a, lo: int) -> None:
+    """``out = a[:, lo:lo + out.shape[1]]``."""
+    _bulk(_copy_columns, out.size, out, a, int(lo))
