@@ -566,6 +566,53 @@ class CudaLinear(DeviceLayer):
         return dx.copy_to_host() if host_in else dx
 
 
+@dataclass(frozen=True)
+class GridTables:
+    """A :class:`CudaGridLSTM`'s T x depth wavefront on the device (``diag_off`` also on the host)
+    and the row tables of its gathers (``wavefront_cuda.gather_rows``, ``out[r] = in[src[r]]``)
+    for a batch of B, R = n_cells·B rows:
+
+    ``to_time`` x (B, T, D) → time-major (T·B, D); ``to_batch`` back; ``top`` the top blocks'
+    depth output from ``h`` (R, 2D) read as (2R, D) rows; ``biases`` the gate pre-activations
+    ``act`` (R, 8D) read as (2R, 4D) rows from ``[b_time; b_depth]``; ``da_time`` / ``da_depth``
+    the columns 0:4D / 4D:8D of ``dact`` (R, 10D) read as (5R, 2D) rows, as (2R, 2D) rows."""
+
+    diag_off_host: np.ndarray
+    n_cells: int
+    max_diag_cells: int
+    diag_off: DeviceArray
+    parent: DeviceArray
+    child: DeviceArray
+    perm: DeviceArray
+    to_time: DeviceArray
+    to_batch: DeviceArray
+    top: DeviceArray
+    biases: DeviceArray
+    da_time: DeviceArray
+    da_depth: DeviceArray
+
+
+@table_cache  # device memory, bounded as the host tables
+def grid_tables(T: int, L: int, B: int) -> GridTables:
+    """Build (and cache) the :class:`GridTables` of a T x L grid and batch B."""
+    from numba import cuda
+
+    from .grid import index_dtype, wavefront
+    wf = wavefront((T, L))
+    R = wf.n_cells * B
+    it = index_dtype(5 * R)
+    t, b = np.divmod(np.arange(T * B), B)          # time-major row t·B + b
+    bb, tt = np.divmod(np.arange(B * T), T)        # batch-major row b·T + t
+    top = wf.inv_perm[np.arange(T) * L + L - 1]
+    r, i = np.divmod(np.arange(2 * R), 2)
+    rows = dict(to_time=b * T + t, to_batch=tt * B + bb, top=2 * (top[tt] * B + bb) + 1,
+                biases=i, da_time=5 * r + i, da_depth=5 * r + 2 + i)
+    dev = {k: cuda.to_device(np.ascontiguousarray(v, dtype=it)) for k, v in rows.items()}
+    return GridTables(np.asarray(wf.diag_off), wf.n_cells, wf.max_diag_cells,
+                      *(cuda.to_device(np.ascontiguousarray(a)) for a in (wf.diag_off, wf.parent, wf.child,
+                                                                          wf.perm)), **dev)
+
+
 class CudaGridLSTM(DeviceLayer):
     """Device twin of :class:`mdnumba.layers.GridLSTM2D` with tied weights (one set for every
     depth level): ``forward(x)`` (B, T, D) → the top blocks' depth output (B, T, D); backward
@@ -578,7 +625,6 @@ class CudaGridLSTM(DeviceLayer):
         D = self.hidden
         self._init_buffers(params, dtype, 16 * D * D + 8 * D, f"hidden={D} (tied)")
         self._saved: dict | None = None
-        self._tables: dict = {}
 
     def _bind(self) -> None:
         D, n = self.hidden, 8 * self.hidden * self.hidden
@@ -587,6 +633,7 @@ class CudaGridLSTM(DeviceLayer):
             setattr(self, pre + "U_depth", buf[n:2 * n].reshape(1, 2 * D, 4 * D))
             setattr(self, pre + "b_time", buf[2 * n:2 * n + 4 * D].reshape(1, 4 * D))
             setattr(self, pre + "b_depth", buf[2 * n + 4 * D:].reshape(1, 4 * D))
+        self.biases = self.params[2 * n:].reshape(2, 4 * D)  # [b_time; b_depth]
 
     @classmethod
     def from_layer(cls, layer) -> CudaGridLSTM:
@@ -596,20 +643,6 @@ class CudaGridLSTM(DeviceLayer):
                             "one runs its sweeps on the GPU with GridLSTM2D(device='cuda')")
         return cls(layer.hidden, layer.depth, layer.params.data, layer.dtype)
 
-    def _grid(self, T: int) -> dict:
-        """The T x depth wavefront's tables on the device (kept per T), ``diag_off`` also on the host."""
-        from numba import cuda
-
-        from .grid import wavefront
-        if T not in self._tables:
-            wf = wavefront((T, self.depth))
-            top = wf.inv_perm[np.arange(T) * self.depth + self.depth - 1]
-            self._tables[T] = dict(wf=wf, host_diag=np.asarray(wf.diag_off), **{
-                k: cuda.to_device(np.ascontiguousarray(v)) for k, v in
-                (("diag_off", wf.diag_off), ("parent", wf.parent), ("child", wf.child), ("perm", wf.perm),
-                 ("top", top))})
-        return self._tables[T]
-
     def forward(self, x: HostOrDevice, *, save: bool = True) -> HostOrDevice:
         """The top blocks' output for ``x`` (B, T, D); ``save=False``: the two-plane sweep, nothing
         kept for backward. NumPy or device, as ``x``."""
@@ -617,28 +650,26 @@ class CudaGridLSTM(DeviceLayer):
         save, D, L = check_flag(save, "save"), self.hidden, self.depth
         xd, host_in = self._input(x, "x", 3, D, f"(batch, time, hidden={D})")
         B, T = xd.shape[:2]
-        t = self._grid(T)
+        t = grid_tables(T, L, B)
         self._saved = None
-        xt = self._ws("x", (T * B, D))
-        g.swap01(xt.reshape(T, B, D), xd)
-        y = self._result("y", (B, T, D))
+        xt, y = self._ws("x", (T * B, D)), self._result("y", (B, T, D))
+        self.k.gather_rows(xt, xd.reshape(B * T, D), t.to_time)
         if save:
-            R = t["wf"].n_cells * B
+            R = t.n_cells * B
             act, h, c = self._ws("act", (R, 8 * D)), self._ws("h", (R, 2 * D)), self._ws("c", (R, 2 * D))
-            g.init_gates(act, self.b_time, self.b_depth, t["perm"], L, B)
-            g.grid_forward(h, c, act, xt, self.U_time, self.U_depth, t["diag_off"], t["parent"], t["perm"],
-                           L, B, D, host_diag=t["host_diag"])
-            g.gather_top(y, h, t["top"], D)
+            self.k.gather_rows(act.reshape(2 * R, 4 * D), self.biases, t.biases)
+            g.grid_forward(h, c, act, xt, self.U_time, self.U_depth, t.diag_off, t.parent, t.perm, L, B, D,
+                           host_diag=t.diag_off_host)
+            self.k.gather_rows(y.reshape(B * T, D), h.reshape(2 * R, D), t.top)
             self._saved = dict(B=B, T=T)
         else:
-            slots = 2 * t["wf"].max_diag_cells
+            slots = 2 * t.max_diag_cells
             h, c = self._ws("ih", (slots * B, 2 * D)), self._ws("ic", (slots * B, 2 * D))
             act, out = self._ws("iact", (slots * B, 8 * D)), self._ws("out", (T * B, D))
-            lp = self._ws("lp", (slots, 2), t["parent"].dtype)
-            lperm = self._ws("lperm", (slots,), t["perm"].dtype)
+            lp, lperm = self._ws("lp", (slots, 2), t.parent.dtype), self._ws("lperm", (slots,), t.perm.dtype)
             g.grid_infer(out, h, c, act, lp, lperm, xt, self.U_time, self.U_depth, self.b_time, self.b_depth,
-                         t["diag_off"], t["parent"], t["perm"], L, B, D, host_diag=t["host_diag"])
-            g.swap01(y, out.reshape(T, B, D))
+                         t.diag_off, t.parent, t.perm, L, B, D, host_diag=t.diag_off_host)
+            self.k.gather_rows(y.reshape(B * T, D), out, t.to_batch)
             self._saved = dict(inference=True)
         return y.copy_to_host() if host_in else y
 
@@ -646,29 +677,30 @@ class CudaGridLSTM(DeviceLayer):
         """``dU += zᵀ da``, ``db += 1ᵀ da`` for both transforms; dL/dx (None with ``input_grad=False``)."""
         from .kernels import gridlstm_cuda as g
         input_grad = check_flag(input_grad, "input_grad")
-        sv, D, L = check_saved(self._saved), self.hidden, self.depth
+        sv, D, L, w = check_saved(self._saved), self.hidden, self.depth, self._work
         B, T = sv["B"], sv["T"]
-        t = self._grid(T)
+        t = grid_tables(T, L, B)
+        R = t.n_cells * B
         dhd, host_in = self._input(dh, "dh", 3, D, f"(batch, time, hidden={D})")
         check_shape(dhd, (B, T, D), "dh")
-        R = t["wf"].n_cells * B
         dact, dc = self._ws("dact", (R, 10 * D)), self._ws("dc", (R, 2 * D))
         dx, dtop = self._ws("dx", (T * B, D)), self._ws("dtop", (T * B, D))
-        g.swap01(dtop.reshape(T, B, D), dhd)
-        g.grid_backward(dact, dc, dx, dtop, self._work["act"], self._work["c"], self.U_time, self.U_depth,
-                        t["diag_off"], t["parent"], t["child"], t["perm"], L, B, D, host_diag=t["host_diag"])
+        self.k.gather_rows(dtop, dhd.reshape(B * T, D), t.to_time)
+        g.grid_backward(dact, dc, dx, dtop, w["act"], w["c"], self.U_time, self.U_depth, t.diag_off, t.parent,
+                        t.child, t.perm, L, B, D, host_diag=t.diag_off_host)
         zt, zd = self._ws("zt", (R, 2 * D)), self._ws("zd", (R, 2 * D))
-        g.gather_operands(zt, zd, self._work["h"], self._work["x"], t["parent"], t["perm"], L, B, D)
+        g.gather_operands(zt, zd, w["h"], w["x"], t.parent, t.perm, L, B, D)
         da, ones = self._ws("da", (R, 4 * D)), self._ws("ones", (R, 1))
         self.k.fill(ones.reshape(R), 1.0)
-        for z, lo, dU, db in ((zt, 0, self.dU_time, self.db_time), (zd, 4 * D, self.dU_depth, self.db_depth)):
-            g.copy_columns(da, dact, lo)
+        for z, cols, dU, db in ((zt, t.da_time, self.dU_time, self.db_time),
+                                (zd, t.da_depth, self.dU_depth, self.db_depth)):
+            self.k.gather_rows(da.reshape(2 * R, 2 * D), dact.reshape(5 * R, 2 * D), cols)
             self.k.gemm(dU.reshape(2 * D, 4 * D), z, da, ta=True, accumulate=True)
             self.k.gemm(db, ones, da, ta=True, accumulate=True)
         if not input_grad:
             return None
         out = self._result("dx_out", (B, T, D))
-        g.swap01(out, dx.reshape(T, B, D))
+        self.k.gather_rows(out.reshape(B * T, D), dx, t.to_batch)
         return out.copy_to_host() if host_in else out
 
 
@@ -693,14 +725,13 @@ class CudaEmbedding(DeviceLayer):
     def forward(self, ids: HostOrDevice) -> HostOrDevice:
         """``W[ids]`` (``ids`` (...) integers, out (..., D)); NumPy or device, as ``ids``."""
         from .charlm import check_ids
-        from .kernels.charlm_cuda import gather_rows
         host_in = not is_device_array(ids)
         idd = self.k.as_device(check_ids(ids, self.vocab)) if host_in else contiguous_device_array(ids, "ids")
         if not np.issubdtype(np.dtype(idd.dtype), np.integer):
             raise TypeError(f"Embedding expects integer ids, got a device array of {idd.dtype}")
         self._ids, self._shape = idd.reshape(idd.size), tuple(idd.shape)
         out = self._result("y", (idd.size, self.dim))
-        gather_rows(out, self.W, self._ids)
+        self.k.gather_rows(out, self.W, self._ids)
         out = out.reshape(self._shape + (self.dim,))
         return out.copy_to_host() if host_in else out
 

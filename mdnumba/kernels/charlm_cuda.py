@@ -1,6 +1,6 @@
-"""CUDA kernels of the device-resident char-LM step: embedding lookup and its gradient,
-dropout with a given keep mask, and the softmax cross-entropy loss (twins of
-:class:`mdnumba.charlm.Embedding`, :class:`~mdnumba.charlm.Dropout` and
+"""CUDA kernels of the device-resident char-LM step: the embedding's gradient (its lookup is
+``wavefront_cuda.gather_rows``), dropout with a given keep mask, and the softmax cross-entropy
+loss (twins of :class:`mdnumba.charlm.Embedding`, :class:`~mdnumba.charlm.Dropout` and
 :func:`~mdnumba.charlm.softmax_xent`, the NumPy code the tests compare them with).
 
 Nothing here copies to the host: the loss lands as block sums in a float64 device array
@@ -21,15 +21,6 @@ from .wavefront_cuda import _blocks, _tpb
 
 if TYPE_CHECKING:
     from ..backend_cuda import DeviceArray
-
-
-@cuda.jit
-def _gather_rows(out, W, ids):
-    """``out[n, d] = W[ids[n], d]`` (out (N, D), W (V, D), ids (N,))."""
-    D = W.shape[1]
-    for k in range(cuda.grid(1), out.shape[0] * D, cuda.gridsize(1)):
-        n = k // D
-        out[n, k - n * D] = W[ids[n], k - n * D]
 
 
 @cuda.jit
@@ -77,12 +68,6 @@ def _softmax_xent(dz, partials, z, targets, n):
 
 
 # ---------------------------------------------------------------- launchers
-def gather_rows(out: DeviceArray, W: DeviceArray, ids: DeviceArray) -> None:
-    """``out = W[ids]`` for flat ``ids`` (N,) and ``out`` (N, D), on the device."""
-    tpb = _tpb(None)
-    _gather_rows[_blocks(out.size, tpb), tpb](out, W, ids)
-
-
 def scatter_add_rows(dW: DeviceArray, ids: DeviceArray, dy: DeviceArray) -> None:
     """``dW[ids[n]] += dy[n]`` for every n in order (repeated ids add up), on the device."""
     tpb = _tpb(None)

@@ -197,40 +197,6 @@ def grid_infer(out: HostOrDevice, h: HostOrDevice, c: HostOrDevice, act: HostOrD
 
 # ---------------------------------------------------------------- the device layer's glue
 @cuda.jit
-def _swap01(out, x):
-    """``out[i, j, d] = x[j, i, d]`` (time-major ↔ batch-major)."""
-    n1, D = out.shape[1], out.shape[2]
-    for k in range(cuda.grid(1), out.size, cuda.gridsize(1)):
-        i = k // (n1 * D)
-        j = (k - i * n1 * D) // D
-        d = k - (i * n1 + j) * D
-        out[i, j, d] = x[j, i, d]
-
-
-@cuda.jit
-def _init_gates(act, b_time, b_depth, perm, L, B):
-    """Row r = s·B + b: ``act[r] = [b_time[lv] | b_depth[lv]]``, lv = perm[s] mod L the block's
-    depth level (0 with tied weights: one set of biases)."""
-    G = b_time.shape[1]
-    for k in range(cuda.grid(1), act.shape[0] * 2 * G, cuda.gridsize(1)):
-        r = k // (2 * G)
-        col = k - r * 2 * G
-        lv = perm[r // B] % L if b_time.shape[0] > 1 else 0
-        act[r, col] = b_time[lv, col] if col < G else b_depth[lv, col - G]
-
-
-@cuda.jit
-def _gather_top(out, h, top, D):
-    """``out[b, t] = h[top[t]·B + b, D:2D]``: the top blocks' depth output, batch-major."""
-    B, T = out.shape[0], out.shape[1]
-    for k in range(cuda.grid(1), out.size, cuda.gridsize(1)):
-        b = k // (T * D)
-        t = (k - b * T * D) // D
-        j = k - (b * T + t) * D
-        out[b, t, j] = h[top[t] * B + b, D + j]
-
-
-@cuda.jit
 def _gather_operands(zt, zd, h, x, parent, perm, L, B, D):
     """CUDA twin of :func:`mdnumba.kernels.gridlstm.gather_operands`, a thread per (row, j)."""
     for k in range(cuda.grid(1), zt.shape[0] * D, cuda.gridsize(1)):
@@ -246,40 +212,8 @@ def _gather_operands(zt, zd, h, x, parent, perm, L, B, D):
         zd[r, D + j] = hl
 
 
-@cuda.jit
-def _copy_columns(out, a, lo):
-    """``out = a[:, lo:lo + out.shape[1]]`` (a contiguous GEMM operand)."""
-    W = out.shape[1]
-    for k in range(cuda.grid(1), out.size, cuda.gridsize(1)):
-        r = k // W
-        out[r, k - r * W] = a[r, lo + k - r * W]
-
-
-def _bulk(kernel, n: int, *args) -> None:
-    tpb = _tpb(None)
-    kernel[_blocks(n, tpb), tpb](*args)
-
-
-def swap01(out, x) -> None:
-    """``out = x.transpose(1, 0, 2)`` for 3-D device arrays."""
-    _bulk(_swap01, out.size, out, x)
-
-
-def init_gates(act, b_time, b_depth, perm, L: int, B: int) -> None:
-    """Every row's gate pre-activations start at its biases (``GridLSTM2D.forward``'s first step)."""
-    _bulk(_init_gates, act.size, act, b_time, b_depth, perm, int(L), int(B))
-
-
-def gather_top(out, h, top, D: int) -> None:
-    """The layer's output (B, T, D) from the swept ``h``."""
-    _bulk(_gather_top, out.size, out, h, top, int(D))
-
-
 def gather_operands(zt, zd, h, x, parent, perm, L: int, B: int, D: int) -> None:
     """The weight-gradient GEMMs' operands (see :func:`mdnumba.kernels.gridlstm.gather_operands`)."""
-    _bulk(_gather_operands, zt.shape[0] * int(D), zt, zd, h, x, parent, perm, int(L), int(B), int(D))
-
-
-def copy_columns(out, a, lo: int) -> None:
-    """``out = a[:, lo:lo + out.shape[1]]``."""
-    _bulk(_copy_columns, out.size, out, a, int(lo))
+    tpb = _tpb(None)
+    _gather_operands[_blocks(zt.shape[0] * int(D), tpb), tpb](zt, zd, h, x, parent, perm, int(L), int(B),
+                                                              int(D))
