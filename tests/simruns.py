@@ -25,6 +25,10 @@ import warmup
 
 #: concurrent processes for the simulator cases (pure Python, one core each) and for ptxcheck
 SHARDS = max(2, min(4, os.cpu_count() or 1))
+#: concurrent processes for the cases on a real GPU: each compiles its kernels (NVVM, one core)
+#: while the GPU time-slices between them; the lent machines have 16 cores, and at 4 shards the
+#: first GPU runs reached only part of the cases in their 270 s
+GPU_SHARDS = max(SHARDS, min(8, (os.cpu_count() or 1) // 2))
 #: the other MDNUMBA_CUDA_ROWS_PER_THREAD values test_simulator_other_rows_per_thread runs, each
 #: with its other settings: MDNUMBA_CUDA_UNROLL (1: no unrolled steps; 3: the sums' lengths leave
 #: remainders), and with 3 rows everything in the sliced layout with 2 units per slice
