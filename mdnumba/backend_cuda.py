@@ -574,8 +574,10 @@ class GridTables:
 
     ``to_time`` x (B, T, D) → time-major (T·B, D); ``to_batch`` back; ``top`` the top blocks'
     depth output from ``h`` (R, 2D) read as (2R, D) rows; ``biases`` the gate pre-activations
-    ``act`` (R, 8D) read as (2R, 4D) rows from ``[b_time; b_depth]``; ``da_time`` / ``da_depth``
-    the columns 0:4D / 4D:8D of ``dact`` (R, 10D) read as (5R, 2D) rows, as (2R, 2D) rows."""
+    ``act`` (R, 8D) read as (2R, 4D) rows from ``[b_time; b_depth]`` (levels rows each: the
+    row's depth level, or 0 when ``tied``); ``da_time`` / ``da_depth`` the columns 0:4D / 4D:8D
+    of ``dact`` (R, 10D) read as (5R, 2D) rows, as (2R, 2D) rows; ``level_rows`` (untied) the
+    rows of each depth level."""
 
     diag_off_host: np.ndarray
     n_cells: int
@@ -590,10 +592,11 @@ class GridTables:
     biases: DeviceArray
     da_time: DeviceArray
     da_depth: DeviceArray
+    level_rows: tuple = ()
 
 
 @table_cache  # device memory, bounded as the host tables
-def grid_tables(T: int, L: int, B: int) -> GridTables:
+def grid_tables(T: int, L: int, B: int, tied: bool = True) -> GridTables:
     """Build (and cache) the :class:`GridTables` of a T x L grid and batch B."""
     from numba import cuda
 
@@ -605,43 +608,48 @@ def grid_tables(T: int, L: int, B: int) -> GridTables:
     bb, tt = np.divmod(np.arange(B * T), T)        # batch-major row b·T + t
     top = wf.inv_perm[np.arange(T) * L + L - 1]
     r, i = np.divmod(np.arange(2 * R), 2)
+    level = np.zeros(R, int) if tied else np.repeat(wf.perm % L, B)  # of each row
     rows = dict(to_time=b * T + t, to_batch=tt * B + bb, top=2 * (top[tt] * B + bb) + 1,
-                biases=i, da_time=5 * r + i, da_depth=5 * r + 2 + i)
-    dev = {k: cuda.to_device(np.ascontiguousarray(v, dtype=it)) for k, v in rows.items()}
+                biases=level[r] + i * (1 if tied else L), da_time=5 * r + i, da_depth=5 * r + 2 + i)
+
+    def dev(a):
+        return cuda.to_device(np.ascontiguousarray(a, dtype=it))
+    per_level = () if tied else tuple(dev(np.nonzero(level == lv)[0]) for lv in range(L))
     return GridTables(np.asarray(wf.diag_off), wf.n_cells, wf.max_diag_cells,
                       *(cuda.to_device(np.ascontiguousarray(a)) for a in (wf.diag_off, wf.parent, wf.child,
-                                                                          wf.perm)), **dev)
+                                                                          wf.perm)),
+                      **{k: dev(v) for k, v in rows.items()}, level_rows=per_level)
 
 
 class CudaGridLSTM(DeviceLayer):
-    """Device twin of :class:`mdnumba.layers.GridLSTM2D` with tied weights (one set for every
-    depth level): ``forward(x)`` (B, T, D) → the top blocks' depth output (B, T, D); backward
-    accumulates the weight gradients (two GEMMs per transform) and returns dL/dx. Parameters
+    """Device twin of :class:`mdnumba.layers.GridLSTM2D`: ``forward(x)`` (B, T, D) → the top
+    blocks' depth output (B, T, D); backward accumulates the weight gradients (two GEMMs per
+    transform, and depth level when the weights are not ``tied``) and returns dL/dx. Parameters
     ``U_time | U_depth | b_time | b_depth`` in one flat buffer (the host layout)."""
 
     def __init__(self, hidden: int, layers: int, params: np.ndarray,
-                 dtype: npt.DTypeLike = config.DEFAULT_DTYPE):
+                 dtype: npt.DTypeLike = config.DEFAULT_DTYPE, *, tied: bool = True):
         self.hidden, self.depth = check_positive_int(hidden, "hidden"), check_positive_int(layers, "layers")
-        D = self.hidden
-        self._init_buffers(params, dtype, 16 * D * D + 8 * D, f"hidden={D} (tied)")
+        self.tied = check_flag(tied, "tied")
+        self.levels, D = 1 if self.tied else self.depth, self.hidden
+        self._init_buffers(params, dtype, self.levels * (16 * D * D + 8 * D),
+                           f"hidden={D}, layers={layers}, tied={tied}")
         self._saved: dict | None = None
 
     def _bind(self) -> None:
-        D, n = self.hidden, 8 * self.hidden * self.hidden
+        D, S = self.hidden, self.levels
+        n, nb = 8 * D * D * S, 4 * D * S
         for buf, pre in ((self.params, ""), (self.grads, "d")):
-            setattr(self, pre + "U_time", buf[:n].reshape(1, 2 * D, 4 * D))
-            setattr(self, pre + "U_depth", buf[n:2 * n].reshape(1, 2 * D, 4 * D))
-            setattr(self, pre + "b_time", buf[2 * n:2 * n + 4 * D].reshape(1, 4 * D))
-            setattr(self, pre + "b_depth", buf[2 * n + 4 * D:].reshape(1, 4 * D))
-        self.biases = self.params[2 * n:].reshape(2, 4 * D)  # [b_time; b_depth]
+            setattr(self, pre + "U_time", buf[:n].reshape(S, 2 * D, 4 * D))
+            setattr(self, pre + "U_depth", buf[n:2 * n].reshape(S, 2 * D, 4 * D))
+            setattr(self, pre + "b_time", buf[2 * n:2 * n + nb].reshape(S, 4 * D))
+            setattr(self, pre + "b_depth", buf[2 * n + nb:].reshape(S, 4 * D))
+        self.biases = self.params[2 * n:].reshape(2 * S, 4 * D)  # [b_time; b_depth]
 
     @classmethod
     def from_layer(cls, layer) -> CudaGridLSTM:
-        """A device copy of a host :class:`mdnumba.layers.GridLSTM2D` (tied weights only)."""
-        if not layer.tied:
-            raise TypeError("CudaGridLSTM takes a GridLSTM2D with tied weights (tied=True); an untied "
-                            "one runs its sweeps on the GPU with GridLSTM2D(device='cuda')")
-        return cls(layer.hidden, layer.depth, layer.params.data, layer.dtype)
+        """A device copy of a host :class:`mdnumba.layers.GridLSTM2D`."""
+        return cls(layer.hidden, layer.depth, layer.params.data, layer.dtype, tied=layer.tied)
 
     def forward(self, x: HostOrDevice, *, save: bool = True) -> HostOrDevice:
         """The top blocks' output for ``x`` (B, T, D); ``save=False``: the two-plane sweep, nothing
@@ -650,7 +658,7 @@ class CudaGridLSTM(DeviceLayer):
         save, D, L = check_flag(save, "save"), self.hidden, self.depth
         xd, host_in = self._input(x, "x", 3, D, f"(batch, time, hidden={D})")
         B, T = xd.shape[:2]
-        t = grid_tables(T, L, B)
+        t = grid_tables(T, L, B, self.tied)
         self._saved = None
         xt, y = self._ws("x", (T * B, D)), self._result("y", (B, T, D))
         self.k.gather_rows(xt, xd.reshape(B * T, D), t.to_time)
@@ -679,7 +687,7 @@ class CudaGridLSTM(DeviceLayer):
         input_grad = check_flag(input_grad, "input_grad")
         sv, D, L, w = check_saved(self._saved), self.hidden, self.depth, self._work
         B, T = sv["B"], sv["T"]
-        t = grid_tables(T, L, B)
+        t = grid_tables(T, L, B, self.tied)
         R = t.n_cells * B
         dhd, host_in = self._input(dh, "dh", 3, D, f"(batch, time, hidden={D})")
         check_shape(dhd, (B, T, D), "dh")
@@ -690,18 +698,33 @@ class CudaGridLSTM(DeviceLayer):
                         t.child, t.perm, L, B, D, host_diag=t.diag_off_host)
         zt, zd = self._ws("zt", (R, 2 * D)), self._ws("zd", (R, 2 * D))
         g.gather_operands(zt, zd, w["h"], w["x"], t.parent, t.perm, L, B, D)
-        da, ones = self._ws("da", (R, 4 * D)), self._ws("ones", (R, 1))
-        self.k.fill(ones.reshape(R), 1.0)
+        da = self._ws("da", (R, 4 * D))
         for z, cols, dU, db in ((zt, t.da_time, self.dU_time, self.db_time),
                                 (zd, t.da_depth, self.dU_depth, self.db_depth)):
             self.k.gather_rows(da.reshape(2 * R, 2 * D), dact.reshape(5 * R, 2 * D), cols)
-            self.k.gemm(dU.reshape(2 * D, 4 * D), z, da, ta=True, accumulate=True)
-            self.k.gemm(db, ones, da, ta=True, accumulate=True)
+            self._weight_grads(dU, db, z, da, t.level_rows)
         if not input_grad:
             return None
         out = self._result("dx_out", (B, T, D))
         self.k.gather_rows(out.reshape(B * T, D), dx, t.to_batch)
         return out.copy_to_host() if host_in else out
+
+    def _weight_grads(self, dU, db, z, da, level_rows: tuple) -> None:
+        """``dU[lv] += zᵀ da``, ``db[lv] += 1ᵀ da`` over the rows of each depth level (all rows,
+        level 0, when tied; else gathered into workspaces first, as the host layer does)."""
+        R = z.shape[0]
+        ones = self._ws("ones", (R, 1))
+        self.k.fill(ones.reshape(R), 1.0)
+        for lv, rows in enumerate(level_rows or [None]):
+            if rows is None:
+                zr, dr = z, da
+            else:
+                m = rows.size
+                zr, dr = self._ws("zr", z.shape)[:m], self._ws("dr", da.shape)[:m]
+                self.k.gather_rows(zr, z, rows)
+                self.k.gather_rows(dr, da, rows)
+            self.k.gemm(dU[lv], zr, dr, ta=True, accumulate=True)
+            self.k.gemm(db[lv:lv + 1], ones[:zr.shape[0]], dr, ta=True, accumulate=True)
 
 
 class CudaEmbedding(DeviceLayer):

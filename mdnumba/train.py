@@ -241,8 +241,6 @@ class TrainConfig:
             why["tie_depth"] = "char-lm --model grid only"
         if self.device != "cuda":
             why["sync_every"] = "--device cuda only"
-        elif charlm and self.model == "grid" and not self.tie_depth:  # its trainer syncs every step
-            why["sync_every"] = "not for char-lm --no-tie-depth, which syncs every step"
         return {k: why[k] for k in names if k in why}
 
     def size_at(self, step: int) -> int:
@@ -764,14 +762,14 @@ def make_trainer(cfg: TrainConfig, out: Path | None = None, restore: dict | None
                  read_text: bool = True) -> Trainer:
     """The trainer for ``cfg``: :class:`Trainer`, the device-resident one for ``device="cuda"``
     (:class:`mdnumba.train_device.DeviceTrainer`) or the char-LM one (on cuda its device-resident
-    twin, :class:`mdnumba.train_charlm_device.DeviceCharLMTrainer`, unless the grid is untied);
+    twin, :class:`mdnumba.train_charlm_device.DeviceCharLMTrainer`);
     ``restore`` is the metadata of a checkpoint being resumed (the char-LM trainer takes its
     vocabulary and last validation metrics; ``read_text=False``: it does not read the text)."""
     if cfg.task == "char-lm":
         from .train_charlm import CharLMTrainer, restored_state
         vocab, val = restored_state(restore or {}, out)
         cls = CharLMTrainer
-        if cfg.device == "cuda" and (cfg.model == "stacked" or cfg.tie_depth):
+        if cfg.device == "cuda":
             from .train_charlm_device import DeviceCharLMTrainer as cls
         return cls(cfg, out, vocab=vocab, val=val, read_text=read_text)
     if cfg.device == "cuda":

@@ -1,8 +1,9 @@
-"""Device-resident char-LM training (``--task char-lm --model stacked --device cuda``).
+"""Device-resident char-LM training (``--task char-lm --device cuda``).
 
-:class:`DeviceCharLM` mirrors a stacked :class:`mdnumba.charlm.CharLM` with device layers
+:class:`DeviceCharLM` mirrors a :class:`mdnumba.charlm.CharLM` with device layers
 (:class:`~mdnumba.backend_cuda.CudaEmbedding`, one :class:`~mdnumba.backend_cuda.CudaLSTM`
-per LSTM1D layer, :class:`~mdnumba.backend_cuda.CudaLinear`) in one flat parameter buffer.
+per LSTM1D layer or a :class:`~mdnumba.backend_cuda.CudaGridLSTM`,
+:class:`~mdnumba.backend_cuda.CudaLinear`) in one flat parameter buffer.
 :class:`DeviceCharLMTrainer` runs :class:`mdnumba.train_charlm.CharLMTrainer`'s steps in
 blocks of ``cfg.sync_every``:
 
@@ -59,7 +60,7 @@ class _CharBlock:
 
 
 class DeviceCharLM(FlatDeviceGroup):
-    """A :class:`~mdnumba.charlm.CharLM` on the GPU (stacked, or grid with tied weights).
+    """A :class:`~mdnumba.charlm.CharLM` on the GPU (stacked or grid).
     ``forward(ids, keep)`` takes NumPy ids (NumPy logits out) or device ids (device out); ``keep``
     (device, uint8, one (B, T, D) mask per dropout, stacked) applies the host model's dropout with
     the given masks, None none."""

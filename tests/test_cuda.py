@@ -372,14 +372,14 @@ def sim_char_lm_kernels_match_numpy(dtype, rng):
     np.testing.assert_allclose(dz.copy_to_host(), grad, rtol=tol, atol=tol * 1e-3)
 
 
-@pytest.mark.parametrize("T,L", [(4, 3), (2, 4)])
-def sim_grid_lstm_device_layer_matches_cpu(T, L, rng):
-    """CudaGridLSTM (the device char-LM's grid) == GridLSTM2D on the CPU in float64: forward with
-    and without saving, dL/dx and every weight gradient (accumulated over two backwards), NumPy
-    and device arrays in."""
+@pytest.mark.parametrize("T,L,tied", [(4, 3, True), (2, 4, True), (3, 3, False)])
+def sim_grid_lstm_device_layer_matches_cpu(T, L, tied, rng):
+    """CudaGridLSTM (the device char-LM's grid) == GridLSTM2D on the CPU in float64, weights tied
+    or one set per depth level: forward with and without saving, dL/dx and every weight gradient
+    (accumulated over two backwards), NumPy and device arrays in."""
     from mdnumba.backend_cuda import CudaGridLSTM
     from mdnumba.layers import GridLSTM2D
-    cpu = GridLSTM2D(3, L, seed=2, dtype=np.float64)
+    cpu = GridLSTM2D(3, L, seed=2, dtype=np.float64, tied=tied)
     cpu.params.data[...] += 0.1 * rng.standard_normal(cpu.params.data.shape)  # biases too
     dev = CudaGridLSTM.from_layer(cpu)
     x, dh = rng.standard_normal((2, T, 3)), rng.standard_normal((2, T, 3))
@@ -1453,7 +1453,8 @@ def _assert_same_run(cpu, dev, rtol=1e-10):
 
 @pytest.mark.parametrize("kw", [dict(dropout=0.3), dict(dropout=0.0, optimizer="rmsprop", clip_norm=0.05,
                                                         layers=1, steps=4),
-                                dict(model="grid", dropout=0.2, layers=3)])
+                                dict(model="grid", dropout=0.2, layers=3),
+                                dict(model="grid", tie_depth=False, steps=3)])
 def sim_device_char_lm_trainer_matches_cpu(kw, small_text, monkeypatch):
     """``--task char-lm --device cuda`` (stacked, or grid) trains device-resident
     (DeviceCharLMTrainer, blocks of 2 steps) exactly as the CPU trainer: the same windows and
@@ -1523,12 +1524,10 @@ def sim_device_char_lm_trainer_checkpoints(small_text, tmp_path, monkeypatch):
 
 
 def sim_device_char_lm_refuses_what_the_host_model_refuses(rng):
-    """DeviceCharLM: an untied grid (TypeError naming the way that runs it), backward before a
-    forward or after one with save=False, ids out of the vocabulary, a copy."""
+    """DeviceCharLM: backward before a forward or after one with save=False, ids out of the
+    vocabulary, dlogits of another shape, a copy."""
     from mdnumba.charlm import CharLM
     from mdnumba.train_charlm_device import DeviceCharLM
-    with pytest.raises(TypeError, match=r"GridLSTM2D with tied weights \(tied=True\); an untied one"):
-        DeviceCharLM(CharLM("grid", vocab=5, hidden=2, layers=1, tied=False))
     model = DeviceCharLM(CharLM("stacked", vocab=5, hidden=2, layers=1, dtype=np.float64))
     with pytest.raises(RuntimeError, match=r"no saved activations; run forward\(ids\) first"):
         model.backward(np.zeros((1, 3, 5)))
