@@ -29,7 +29,6 @@ import numpy as np
 
 from ._validate import check_flag, is_device_array, missing_activations
 from .backend_cuda import (
-    DEVICE_OPTIMIZERS,
     CudaEmbedding,
     CudaGridLSTM,
     CudaLinear,
@@ -129,25 +128,15 @@ class DeviceCharLMTrainer(DeviceResident, CharLMTrainer):
     windows and masks on the GPU; the host syncs once every ``cfg.sync_every`` steps. Same
     windows, masks, log and checkpoints as the CPU trainer."""
 
-    optimizers = DEVICE_OPTIMIZERS
-
     def __init__(self, cfg: TrainConfig, out: Path | None = None, **kw):
         super().__init__(cfg, out, **kw)
-        from numba import cuda
-
-        from .kernels import charlm_cuda, optim_cuda
-        self._cuda, self.k, self.ck = cuda, optim_cuda, charlm_cuda
-        self.sync_every = int(cfg.sync_every)
-        self.opt.clear_grads = True  # the update zeroes the gradients: no zero_grad launch per step
+        from .kernels import charlm_cuda
+        self.ck = charlm_cuda
         self._dz: dict = {}
         self._val_windows: tuple | None = None
 
     def _build_model(self) -> DeviceCharLM:
         return DeviceCharLM(super()._build_model(), reuse_outputs=True)
-
-    def train_step(self) -> dict[str, float]:
-        """One step (a block of one: syncs with the host)."""
-        return self._train_block(1)[0]
 
     def _train_block(self, n: int, ahead: int = 0) -> list[dict[str, float]]:
         """Up to ``n`` steps on the device, one sync; Ctrl-C ends the block after the current

@@ -94,13 +94,29 @@ class FlatDeviceGroup(LayerGroup, OnTheDevice):
 
 
 class DeviceResident:
-    """What the device trainers share: checkpoint hooks for device layers (``model.layers``) and
+    """What the device trainers share (before the trainer class in their bases): the device
+    optimisers, updates that zero the gradients, blocks of ``cfg.sync_every`` steps (a
+    ``train_step`` is a block of one), checkpoint hooks for device layers (``model.layers``) and
     the block drawn ahead (``_draw(start, n, state)`` of a subclass returns a block with ``start``
     and ``states``, the RNG state before each of its steps and after the last)."""
 
+    optimizers = DEVICE_OPTIMIZERS
     #: draw the next block's batches while the GPU runs this one (False: after the sync)
     prefetch = True
     _ahead = None  # the next block, drawn ahead
+
+    def __init__(self, cfg: TrainConfig, out: Path | None = None, **kw):
+        super().__init__(cfg, out, **kw)
+        from numba import cuda
+
+        from .kernels import optim_cuda
+        self.k, self._cuda = optim_cuda, cuda
+        self.sync_every = int(cfg.sync_every)
+        self.opt.clear_grads = True  # the update zeroes the gradients: no zero_grad launch per step
+
+    def train_step(self) -> dict[str, float]:
+        """One step (a block of one: syncs with the host)."""
+        return self._train_block(1)[0]
 
     def _host_params(self) -> list[np.ndarray]:
         return [layer.params_to_host() for layer in self.model.layers]
@@ -209,25 +225,13 @@ class DeviceTrainer(DeviceResident, Trainer):
     ``cfg.sync_every`` steps (and at checkpoints). Same batches, metrics, log and checkpoint
     format as the CPU trainer; ``cfg.optimizer`` picks :data:`DEVICE_OPTIMIZERS`."""
 
-    optimizers = DEVICE_OPTIMIZERS
-
     def __init__(self, cfg: TrainConfig, out: Path | None = None):
         super().__init__(cfg, out)
-        from numba import cuda
-
-        from .kernels import optim_cuda
-        self.k, self._cuda = optim_cuda, cuda
-        self.sync_every = int(cfg.sync_every)
-        self.opt.clear_grads = True  # the update zeroes the gradients: no zero_grad launch per step
         self._outputs: dict = {}
 
     def _build_model(self):
         # gradients start zeroed; every result is consumed within its step: buffers are kept
         return DeviceModel(super()._build_model(), reuse_outputs=True)
-
-    def train_step(self) -> dict[str, float]:
-        """One step (a block of one: syncs with the host)."""
-        return self._train_block(1)[0]
 
     # ------------------------------------------------------------ a block of steps
     def _train_block(self, n: int, ahead: int = 0) -> list[dict[str, float]]:
