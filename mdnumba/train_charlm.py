@@ -22,6 +22,8 @@ from .train import TrainConfig, Trainer
 
 #: the validation metrics a char-LM checkpoint keeps (:meth:`CharLMTrainer.evaluate`)
 VAL_KEYS = ("val_loss", "val_bpc")
+#: the seed of :meth:`CharLMTrainer.evaluate`'s windows (the same windows at every evaluation)
+VAL_SEED = 12345
 
 
 def _is_vocab(vocab: object) -> bool:
@@ -106,7 +108,7 @@ class CharLMTrainer(Trainer):
         raise ValueError("predict applies to the image and sequence tasks; a char-lm run generates "
                          "text: use `mdnumba sample` (Trainer.generate)")
 
-    def evaluate(self, size: int | None = None, batches: int = 10, seed: int = 12345, *,
+    def evaluate(self, size: int | None = None, batches: int = 10, seed: int = VAL_SEED, *,
                  save: bool = False) -> dict:
         """Mean validation loss (nats/char) and bits per char over fixed random windows
         (``save`` as in :meth:`Trainer.evaluate`)."""

@@ -38,7 +38,7 @@ from .backend_cuda import (
 )
 from .charlm import BITS_PER_NAT, CharLM, check_ids
 from .train import TrainConfig
-from .train_charlm import CharLMTrainer
+from .train_charlm import VAL_SEED, CharLMTrainer
 from .train_device import DeviceResident, FlatDeviceGroup
 
 #: bytes of dropout masks a block of steps may upload at once (it is cut shorter to fit)
@@ -219,7 +219,7 @@ class DeviceCharLMTrainer(DeviceResident, CharLMTrainer):
         """The validation of :meth:`evaluate` (its fixed windows, forward with save=True), loss
         block sums into ``record[at:]``."""
         if self._val_windows is None:
-            rng = np.random.default_rng(12345)
+            rng = np.random.default_rng(VAL_SEED)
             wins = [self.corpus.batch(rng, "val", self.cfg.batch, self.cfg.seq_len)
                     for _ in range(self.EVAL_BATCHES)]
             self._val_windows = tuple(self._cuda.to_device(np.array(w, dtype=np.int32)) for w in zip(*wins))
