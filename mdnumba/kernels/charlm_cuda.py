@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+import numpy as np
 from numba import cuda, float64
 
 from .optim_cuda import REDUCE_BLOCKS, REDUCE_TPB, _block_sum, _flat
@@ -39,10 +40,11 @@ def _scatter_add_rows(dW, ids, dy):
 
 
 @cuda.jit
-def _masked_scale(out, x, keep, scale):
-    """Inverted dropout with a given mask: ``out = x · (keep ? scale : 0)`` (flat arrays)."""
+def _masked_scale(out, x, keep, scale, zero):
+    """Inverted dropout with a given mask: ``out = x · (keep ? scale : 0)`` (flat arrays; ``scale``
+    and ``zero`` of ``x``'s dtype, so float32 stays float32)."""
     for k in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
-        out[k] = x[k] * (scale if keep[k] else 0.0)
+        out[k] = x[k] * (scale if keep[k] else zero)
 
 
 @cuda.jit
@@ -77,7 +79,8 @@ def scatter_add_rows(dW: DeviceArray, ids: DeviceArray, dy: DeviceArray) -> None
 def masked_scale(out: DeviceArray, x: DeviceArray, keep: DeviceArray, scale: float) -> None:
     """``out = x · (keep ? scale : 0)`` elementwise (any equal shapes; ``keep`` of 0/1 bytes)."""
     tpb, xf = _tpb(None), _flat(x)
-    _masked_scale[_blocks(xf.size, tpb), tpb](_flat(out), xf, _flat(keep), scale)
+    like = np.dtype(xf.dtype).type
+    _masked_scale[_blocks(xf.size, tpb), tpb](_flat(out), xf, _flat(keep), like(scale), like(0))
 
 
 def softmax_xent(dz: DeviceArray, partials: DeviceArray, z: DeviceArray, targets: DeviceArray) -> None:
