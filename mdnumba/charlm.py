@@ -29,6 +29,7 @@ from ._validate import (
     seeded_rng,
     shared_seed,
 )
+from .kernels.dropout import draw_seed, keep_mask, threshold
 from .kernels.gemm import scatter_add_rows
 from .layers import GridLSTM2D, Linear
 from .params import OwnsParams, ParamLayout
@@ -202,11 +203,12 @@ class Embedding(OwnsParams):
 
 
 class Dropout:
-    """Inverted dropout: training (a generator given) zeroes with probability p and scales by 1/(1−p)."""
+    """Inverted dropout: training (a generator given) zeroes with probability p and scales by 1/(1−p).
+    The mask is counter-based (:mod:`mdnumba.kernels.dropout`): one seed drawn from the generator
+    per forward, so the device trainer draws the same mask on the GPU from that seed."""
 
     def __init__(self, p: float):
-        if not 0 <= p < 1:
-            raise ValueError(f"dropout must lie in [0, 1), got {p}")
+        threshold(p)  # checks p
         self.p = float(p)
         self._mask: np.ndarray | None = None
         self._shape: tuple | None = None  # of the last forward's x (backward's dy)
@@ -217,7 +219,8 @@ class Dropout:
         if rng is None or self.p == 0:
             self._mask = None
             return x
-        self._mask = (rng.random(x.shape) >= self.p).astype(x.dtype) / np.asarray(1 - self.p, x.dtype)
+        keep = keep_mask(np.shape(x), draw_seed(rng), self.p)
+        self._mask = keep.astype(x.dtype) / np.asarray(1 - self.p, x.dtype)
         return x * self._mask
 
     def backward(self, dy: np.ndarray) -> np.ndarray:

@@ -7,9 +7,10 @@ per LSTM1D layer or a :class:`~mdnumba.backend_cuda.CudaGridLSTM`,
 :class:`DeviceCharLMTrainer` runs :class:`mdnumba.train_charlm.CharLMTrainer`'s steps in
 blocks of ``cfg.sync_every``:
 
-1. the block's windows and dropout keep masks are drawn on the host with the run's RNG, in
-   the CPU trainer's order (so the very numbers a CPU run draws), and uploaded in one copy
-   each (masks as bytes);
+1. the block's windows are drawn on the host with the run's RNG, in the CPU trainer's order
+   (so the very windows a CPU run trains on), and uploaded in one copy; the seeds of its
+   dropout masks, one integer per mask, are drawn with them and passed to the kernels as
+   arguments: the GPU draws the CPU's masks from them (:mod:`mdnumba.kernels.dropout`);
 2. each step runs embedding, dropout, the LSTM sweeps, readout, softmax cross-entropy
    (:func:`mdnumba.kernels.charlm_cuda.softmax_xent`), backward and the optimiser on the
    device, its loss block sums and gradient norm landing in a device record; the
@@ -37,32 +38,30 @@ from .backend_cuda import (
     require_cuda,
 )
 from .charlm import BITS_PER_NAT, CharLM, check_ids
+from .kernels.dropout import draw_seed
 from .train import TrainConfig
 from .train_charlm import VAL_SEED, CharLMTrainer
 from .train_device import DeviceResident, FlatDeviceGroup
 
-#: bytes of dropout masks a block of steps may upload at once (it is cut shorter to fit)
-MASK_BYTES = 256 * 2**20
-
 
 @dataclass
 class _CharBlock:
-    """A block's training windows ``x``, ``y`` (n, B, T) int32 and dropout keep masks ``keep``
-    (n, masks, B, T, D) uint8 (None without dropout), drawn on the host; ``states[i]``: the RNG
-    state before step ``start + i + 1`` (``states[-1]``: after the last)."""
+    """A block's training windows ``x``, ``y`` (n, B, T) int32 and its steps' dropout mask seeds
+    (n lists, one seed per dropout; empty without dropout), drawn on the host; ``states[i]``:
+    the RNG state before step ``start + i + 1`` (``states[-1]``: after the last)."""
 
     start: int
     states: list
     x: np.ndarray
     y: np.ndarray
-    keep: np.ndarray | None
+    seeds: list
 
 
 class DeviceCharLM(FlatDeviceGroup):
     """A :class:`~mdnumba.charlm.CharLM` on the GPU (stacked or grid).
-    ``forward(ids, keep)`` takes NumPy ids (NumPy logits out) or device ids (device out); ``keep``
-    (device, uint8, one (B, T, D) mask per dropout, stacked) applies the host model's dropout with
-    the given masks, None none."""
+    ``forward(ids, seeds)`` takes NumPy ids (NumPy logits out) or device ids (device out);
+    ``seeds`` (one per dropout, :func:`mdnumba.kernels.dropout.draw_seed`) applies the host
+    model's dropout with the masks of those seeds (the host's masks for the same seeds), None none."""
 
     def __init__(self, host: CharLM, *, reuse_outputs: bool = False):
         require_cuda()
@@ -74,25 +73,22 @@ class DeviceCharLM(FlatDeviceGroup):
         self.head = CudaLinear.from_layer(host.head)
         self.layers = [self.embed, *self.cores, self.head]
         self.dtype = self.head.dtype
-        p = host.drops[0].p
-        #: the host dropout's factor 1/(1-p), in the model's dtype (the same products)
-        self.scale = float(np.asarray(1, self.dtype) / np.asarray(1 - p, self.dtype))
+        self.p = host.drops[0].p  # the dropout rate
         self._flat_buffers()
         self._work: dict = {}
-        self._keep = None
+        self._seeds = None
         self._saved: bool | None = None  # whether the last forward saved activations (None: none yet)
 
-    def forward(self, ids: HostOrDevice, keep: HostOrDevice | None = None, *,
-                save: bool = True) -> HostOrDevice:
+    def forward(self, ids: HostOrDevice, seeds: list | None = None, *, save: bool = True) -> HostOrDevice:
         """Logits (B, T, V) for ids (B, T); ``save=False`` keeps no activations (sampling)."""
         save, host_in = check_flag(save, "save"), not is_device_array(ids)
         if host_in:
             ids = self.head.k.as_device(np.ascontiguousarray(check_ids(ids, self.embed.vocab)))
-        h = self._dropout(0, self.embed.forward(ids), keep)
+        h = self._dropout(0, self.embed.forward(ids), seeds)
         for i, core in enumerate(self.cores, 1):
-            h = self._dropout(i, core.forward(h, save=save), keep)
+            h = self._dropout(i, core.forward(h, save=save), seeds)
         y = self.head.forward(h)
-        self._keep, self._saved = keep, save
+        self._seeds, self._saved = seeds, save
         return y.copy_to_host() if host_in else y
 
     def backward(self, dlogits: HostOrDevice) -> None:
@@ -103,19 +99,19 @@ class DeviceCharLM(FlatDeviceGroup):
         d, _ = self.head._input(dlogits, "dlogits", 3, V, f"(batch, time, vocab={V})")
         d = self.head.backward(d)
         for i in range(len(self.cores), 0, -1):
-            d = self.cores[i - 1].backward(self._dropout(i, d, self._keep, "d"))
-        self.embed.backward(self._dropout(0, d, self._keep, "d"))
+            d = self.cores[i - 1].backward(self._dropout(i, d, self._seeds, "d"))
+        self.embed.backward(self._dropout(0, d, self._seeds, "d"))
 
-    def _dropout(self, i: int, x, keep, kind: str = ""):
-        """Dropout ``i`` with its mask ``keep[i]`` on ``x`` (a forward's output, or with ``kind`` "d"
-        a gradient), into a buffer of its own; ``x`` itself without masks."""
-        if keep is None:
+    def _dropout(self, i: int, x, seeds, kind: str = ""):
+        """Dropout ``i`` with the mask of ``seeds[i]`` on ``x`` (a forward's output, or with
+        ``kind`` "d" a gradient), into a buffer of its own; ``x`` itself without seeds."""
+        if not seeds:
             return x
-        from .kernels.charlm_cuda import masked_scale
+        from .kernels.charlm_cuda import dropout
         out = self._work.get(kind + str(i))
         if out is None or tuple(out.shape) != tuple(x.shape):
             out = self._work[kind + str(i)] = self.head._new(x.shape)
-        masked_scale(out, x, keep[i], self.scale)
+        dropout(out, x, seeds[i], self.p)
         return out
 
     def __repr__(self) -> str:
@@ -145,14 +141,13 @@ class DeviceCharLMTrainer(DeviceResident, CharLMTrainer):
         draw = self._block(start, n)
         x, y = draw.x, draw.y
         xs, ys = self._cuda.to_device(x), self._cuda.to_device(y)
-        masks = None if draw.keep is None else self._cuda.to_device(draw.keep)
         evals = self._eval_plan(start, n)
         E = self.EVAL_BATCHES
         record = self.k.scratch(n * (1 + RB) + len(evals) * E * RB)  # [norms | loss sums | val sums]
         for i in range(n):
             if self._stop_requested():
                 break
-            logits = self.model.forward(xs[i], None if masks is None else masks[i])
+            logits = self.model.forward(xs[i], draw.seeds[i])
             self.ck.softmax_xent(self._dz_like(logits), record[n + i * RB:n + (i + 1) * RB], logits, ys[i])
             self.model.backward(self._dz_like(logits))
             self.opt.step(sync=False, record=(record, i))
@@ -181,27 +176,19 @@ class DeviceCharLMTrainer(DeviceResident, CharLMTrainer):
         return rows
 
     def _draw(self, start: int, n: int, state: dict) -> _CharBlock:
-        """Steps ``start+1 .. start+n``'s windows and dropout keep masks, drawn from a copy of the
+        """Steps ``start+1 .. start+n``'s windows and dropout mask seeds, drawn from a copy of the
         run's RNG set to ``state`` in the CPU trainer's order (``self.rng`` is not touched)."""
         cfg, rng = self.cfg, copy.deepcopy(self.rng)
         rng.bit_generator.state = state
         drops = len(self.model.host.drops) if cfg.dropout else 0
-        xs, ys, keeps, states = [], [], [], [state]
+        xs, ys, seeds, states = [], [], [], [state]
         for _ in range(n):
             x, y = self.corpus.batch(rng, "train", cfg.batch, cfg.seq_len)
             xs.append(x)
             ys.append(y)
-            keeps.append([rng.random(x.shape + (cfg.hidden,)) >= cfg.dropout for _ in range(drops)])
+            seeds.append([draw_seed(rng) for _ in range(drops)])
             states.append(rng.bit_generator.state)
-        keep = np.array(keeps, dtype=np.uint8) if drops else None
-        return _CharBlock(start, states, np.array(xs, dtype=np.int32), np.array(ys, dtype=np.int32), keep)
-
-    def _block_size(self, start: int) -> int:
-        """:meth:`~mdnumba.train.Trainer._block_size`, and at most as many steps as have their
-        dropout masks in :data:`MASK_BYTES`."""
-        per_step = (len(self.model.host.drops) if self.cfg.dropout else 0) * \
-            self.cfg.batch * self.cfg.seq_len * self.cfg.hidden
-        return min(super()._block_size(start), max(1, MASK_BYTES // max(per_step, 1)))
+        return _CharBlock(start, states, np.array(xs, dtype=np.int32), np.array(ys, dtype=np.int32), seeds)
 
     def _eval_plan(self, start: int, n: int) -> dict[int, tuple[int, bool]]:
         """``{i: (slot, stored)}``: after step ``start+i+1`` the CPU trainer evaluates (its first

@@ -391,6 +391,34 @@ def test_the_last_tenth_is_held_out():
     assert len(corpus.train) == 90 and corpus.decode(corpus.val) == "b" * 10
 
 
+def _splitmix64(seed: int, i: int) -> int:
+    """SplitMix64's (i+1)-th output from ``seed`` in Python integers (the oracle)."""
+    m = 2**64 - 1
+    z = (seed + (i + 1) * 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return z ^ (z >> 31)
+
+
+def test_dropout_masks_are_counter_based_splitmix64():
+    """Element i of a mask is kept iff u_i = (top 53 bits of SplitMix64's (i+1)-th output) / 2^53
+    >= p, exactly (the CUDA twin draws the same mask from the same seed); one seed draw per mask;
+    the uniforms look uniform and uncorrelated, and other seeds give other masks."""
+    from mdnumba.kernels.dropout import draw_seed, keep_mask, threshold
+    seed, p = 0xDEADBEEF12345, 0.3
+    keep = keep_mask((50, 40), seed, p)
+    u = np.array([(_splitmix64(seed, i) >> 11) / 2.0**53 for i in range(2000)])
+    np.testing.assert_array_equal(keep.reshape(-1), u >= p)
+    assert int(threshold(0.0)) == 0 and int(threshold(0.5)) == 2**52  # p = 0 keeps everything
+    rng, again = np.random.default_rng(3), np.random.default_rng(3)
+    assert draw_seed(rng) == np.uint64(again.integers(2**63))  # a single draw from the stream
+    big = keep_mask((400_000,), draw_seed(rng), 0.5)
+    assert big.mean() == pytest.approx(0.5, abs=0.005)
+    lag = np.corrcoef(big[:-1], big[1:])[0, 1]
+    assert abs(lag) < 0.01, lag
+    assert (keep_mask((1000,), seed + 1, p) != keep_mask((1000,), seed, p)).mean() > 0.3
+
+
 def test_dropout_rate_and_scale(rng):
     y = Dropout(0.2).forward(np.ones(100_000), rng)
     assert (y == 0).mean() == pytest.approx(0.2, abs=0.01) and set(np.unique(y)) == {0.0, 1.25}

@@ -339,12 +339,13 @@ def sim_char_lm_on_the_device_matches_the_cpu(kind, rng):
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def sim_char_lm_kernels_match_numpy(dtype, rng):
-    """The device char-LM's pieces against the NumPy ones: CudaEmbedding forward and its
-    gradient (repeated ids, the CPU's order: equal), dropout with given masks (equal), softmax
-    cross-entropy (loss and dL/dlogits)."""
+    """The device char-LM's pieces against the host ones: CudaEmbedding forward and its gradient
+    (repeated ids, the CPU's order: equal), dropout from the host mask's seed (equal, forward and
+    backward), softmax cross-entropy (loss and dL/dlogits)."""
     from mdnumba.backend_cuda import CudaEmbedding
     from mdnumba.charlm import Dropout, Embedding, softmax_xent
     from mdnumba.kernels import charlm_cuda, optim_cuda
+    from mdnumba.kernels.dropout import draw_seed
     host = Embedding(5, 3, seed=2, dtype=dtype)
     dev = CudaEmbedding.from_layer(host)
     ids = np.array([[0, 4, 4, 1], [4, 2, 0, 4]])
@@ -356,12 +357,12 @@ def sim_char_lm_kernels_match_numpy(dtype, rng):
     np.testing.assert_array_equal(dev.grads_to_host(), host.grads.data)
     assert is_device_array(dev.forward(cuda.to_device(ids.astype(np.int32))))
     drop, x = Dropout(0.3), rng.standard_normal((2, 4, 3)).astype(dtype)
-    want = drop.forward(x, np.random.default_rng(5))
-    keep = (np.random.default_rng(5).random(x.shape) >= 0.3).astype(np.uint8)
-    scale = float(np.asarray(1, dtype) / np.asarray(0.7, dtype))
+    want, dy = drop.forward(x, np.random.default_rng(5)), rng.standard_normal(x.shape).astype(dtype)
+    seed = draw_seed(np.random.default_rng(5))  # the mask's seed, as the host drew it
     out = cuda.device_array_like(x)
-    charlm_cuda.masked_scale(out, cuda.to_device(x), cuda.to_device(keep), scale)
-    np.testing.assert_array_equal(out.copy_to_host(), want)
+    for a, b in ((x, want), (dy, drop.backward(dy))):  # the host's mask, forward and backward
+        charlm_cuda.dropout(out, cuda.to_device(a), seed, 0.3)
+        np.testing.assert_array_equal(out.copy_to_host(), b)
     z = (rng.standard_normal((2, 3, 7)) * 30).astype(dtype)  # far apart: exp would overflow unshifted
     t = rng.integers(0, 7, (2, 3)).astype(np.int32)
     loss, grad, _ = softmax_xent(z, t)
@@ -1455,7 +1456,7 @@ def _assert_same_run(cpu, dev, rtol=1e-10):
                                                         layers=1, steps=4),
                                 dict(model="grid", dropout=0.2, layers=3),
                                 dict(model="grid", tie_depth=False, steps=3)])
-def sim_device_char_lm_trainer_matches_cpu(kw, small_text, monkeypatch):
+def sim_device_char_lm_trainer_matches_cpu(kw, small_text):
     """``--task char-lm --device cuda`` (stacked, or grid) trains device-resident
     (DeviceCharLMTrainer, blocks of 2 steps) exactly as the CPU trainer: the same windows and
     dropout masks, every step's loss and validation, final parameters and moments; evaluate
@@ -1473,12 +1474,6 @@ def sim_device_char_lm_trainer_matches_cpu(kw, small_text, monkeypatch):
     assert [s for s, _ in hd] == [s for s, _ in hc] == list(range(1, cpu.cfg.steps + 1))
     for (_, a), (_, b) in zip(hc, hd):
         assert set(a) == set(b) == {"loss", "bpc", "val_loss", "val_bpc", "time", "chars_per_s"}
-    if dev.cfg.dropout and dev.cfg.model == "stacked":  # a block: the steps whose masks fit
-        from mdnumba import train_charlm_device
-        assert dev._block_size(0) == 2
-        masks = 3 * 2 * 5 * 3  # (layers + 1) x batch x seq_len x hidden
-        monkeypatch.setattr(train_charlm_device, "MASK_BYTES", 2 * masks - 1)
-        assert dev._block_size(0) == 1
         for key in ("loss", "bpc", "val_loss", "val_bpc"):
             assert b[key] == pytest.approx(a[key], rel=1e-12), key
     _assert_same_run(cpu, dev)

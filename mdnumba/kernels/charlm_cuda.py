@@ -1,5 +1,6 @@
 """CUDA kernels of the device-resident char-LM step: the embedding's gradient (its lookup is
-``wavefront_cuda.gather_rows``), dropout with a given keep mask, and the softmax cross-entropy
+``wavefront_cuda.gather_rows``), dropout with the counter-based mask of a seed (the CPU's mask:
+:mod:`mdnumba.kernels.dropout`), and the softmax cross-entropy
 loss (twins of :class:`mdnumba.charlm.Embedding`, :class:`~mdnumba.charlm.Dropout` and
 :func:`~mdnumba.charlm.softmax_xent`, the NumPy code the tests compare them with).
 
@@ -17,11 +18,21 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numba import cuda, float64
 
+from .dropout import bits53, threshold
 from .optim_cuda import REDUCE_BLOCKS, REDUCE_TPB, _block_sum, _flat
-from .wavefront_cuda import _blocks, _tpb
+from .wavefront_cuda import SIMULATOR, _blocks, _tpb
 
 if TYPE_CHECKING:
     from ..backend_cuda import DeviceArray
+
+
+def _wrapping(fn):
+    """``fn`` with NumPy's integer overflow warnings off (the simulator runs device functions as
+    Python on NumPy scalars; uint64 arithmetic wraps on the GPU by design)."""
+    def run(*args):
+        with np.errstate(over="ignore"):
+            return fn(*args)
+    return run
 
 
 @cuda.jit
@@ -39,12 +50,16 @@ def _scatter_add_rows(dW, ids, dy):
         dW[v, d] = acc
 
 
+_bits53 = cuda.jit(device=True)(_wrapping(bits53) if SIMULATOR else bits53)
+
+
 @cuda.jit
-def _masked_scale(out, x, keep, scale, zero):
-    """Inverted dropout with a given mask: ``out = x · (keep ? scale : 0)`` (flat arrays; ``scale``
-    and ``zero`` of ``x``'s dtype, so float32 stays float32)."""
+def _dropout(out, x, seed, thr, scale, zero):
+    """Inverted dropout with the counter-based mask of ``seed``: ``out = x · (kept ? scale : 0)``,
+    element k kept iff ``bits53(seed, k) ≥ thr`` (flat arrays; ``scale`` and ``zero`` of ``x``'s
+    dtype, so float32 stays float32)."""
     for k in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
-        out[k] = x[k] * (scale if keep[k] else zero)
+        out[k] = x[k] * (scale if _bits53(seed, np.uint64(k)) >= thr else zero)
 
 
 @cuda.jit
@@ -76,11 +91,13 @@ def scatter_add_rows(dW: DeviceArray, ids: DeviceArray, dy: DeviceArray) -> None
     _scatter_add_rows[_blocks(dW.size, tpb), tpb](dW, ids, dy)
 
 
-def masked_scale(out: DeviceArray, x: DeviceArray, keep: DeviceArray, scale: float) -> None:
-    """``out = x · (keep ? scale : 0)`` elementwise (any equal shapes; ``keep`` of 0/1 bytes)."""
+def dropout(out: DeviceArray, x: DeviceArray, seed: int, p: float) -> None:
+    """Twin of :class:`mdnumba.charlm.Dropout`'s forward (and, on dL/dy, its backward) with the
+    mask of ``seed`` (:func:`mdnumba.kernels.dropout.keep_mask`): ``out = x · mask / (1 − p)``."""
     tpb, xf = _tpb(None), _flat(x)
     like = np.dtype(xf.dtype).type
-    _masked_scale[_blocks(xf.size, tpb), tpb](_flat(out), xf, _flat(keep), like(scale), like(0))
+    scale = like(1) / like(1 - p)  # the host's factor, in the same dtype
+    _dropout[_blocks(xf.size, tpb), tpb](_flat(out), xf, np.uint64(seed), threshold(p), scale, like(0))
 
 
 def softmax_xent(dz: DeviceArray, partials: DeviceArray, z: DeviceArray, targets: DeviceArray) -> None:
