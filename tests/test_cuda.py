@@ -373,18 +373,19 @@ def sim_char_lm_kernels_match_numpy(dtype, rng):
     np.testing.assert_allclose(dz.copy_to_host(), grad, rtol=tol, atol=tol * 1e-3)
 
 
-@pytest.mark.parametrize("T,L,tied", [(4, 3, True), (2, 4, True), (3, 3, False)])
-def sim_grid_lstm_device_layer_matches_cpu(T, L, tied, rng):
-    """CudaGridLSTM (the device char-LM's grid) == GridLSTM2D on the CPU in float64, weights tied
-    or one set per depth level: forward with and without saving, dL/dx and every weight gradient
+@pytest.mark.parametrize("T,L,tied,dtype", [(4, 3, True, np.float64), (2, 4, True, np.float64),
+                                            (3, 3, False, np.float64), (3, 2, True, np.float32)])
+def sim_grid_lstm_device_layer_matches_cpu(T, L, tied, dtype, rng):
+    """CudaGridLSTM (the device char-LM's grid) == GridLSTM2D on the CPU, weights tied or one set
+    per depth level: forward with and without saving, dL/dx and every weight gradient
     (accumulated over two backwards), NumPy and device arrays in."""
     from mdnumba.backend_cuda import CudaGridLSTM
     from mdnumba.layers import GridLSTM2D
-    cpu = GridLSTM2D(3, L, seed=2, dtype=np.float64, tied=tied)
+    cpu = GridLSTM2D(3, L, seed=2, dtype=dtype, tied=tied)
     cpu.params.data[...] += 0.1 * rng.standard_normal(cpu.params.data.shape)  # biases too
     dev = CudaGridLSTM.from_layer(cpu)
-    x, dh = rng.standard_normal((2, T, 3)), rng.standard_normal((2, T, 3))
-    tol = dict(rtol=1e-12, atol=1e-13)
+    x, dh = (rng.standard_normal((2, T, 3)).astype(dtype) for _ in range(2))
+    tol = dict(rtol=1e-12, atol=1e-13) if dtype == np.float64 else dict(rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(dev.forward(x, save=False), cpu.forward(x, save=False), **tol)
     with pytest.raises(RuntimeError, match="save=False"):
         dev.backward(dh)
