@@ -667,7 +667,7 @@ class CudaGridLSTM(DeviceLayer):
             act, h, c = self._ws("act", (R, 8 * D)), self._ws("h", (R, 2 * D)), self._ws("c", (R, 2 * D))
             self.k.gather_rows(act.reshape(2 * R, 4 * D), self.biases, t.biases)
             g.grid_forward(h, c, act, xt, self.U_time, self.U_depth, t.diag_off, t.parent, t.perm, L, B, D,
-                           host_diag=t.diag_off_host)
+                           diag_off_host=t.diag_off_host)
             self.k.gather_rows(y.reshape(B * T, D), h.reshape(2 * R, D), t.top)
             self._saved = dict(B=B, T=T)
         else:
@@ -676,7 +676,7 @@ class CudaGridLSTM(DeviceLayer):
             act, out = self._ws("iact", (slots * B, 8 * D)), self._ws("out", (T * B, D))
             lp, lperm = self._ws("lp", (slots, 2), t.parent.dtype), self._ws("lperm", (slots,), t.perm.dtype)
             g.grid_infer(out, h, c, act, lp, lperm, xt, self.U_time, self.U_depth, self.b_time, self.b_depth,
-                         t.diag_off, t.parent, t.perm, L, B, D, host_diag=t.diag_off_host)
+                         t.diag_off, t.parent, t.perm, L, B, D, diag_off_host=t.diag_off_host)
             self.k.gather_rows(y.reshape(B * T, D), out, t.to_batch)
             self._saved = dict(inference=True)
         return y.copy_to_host() if host_in else y
@@ -695,7 +695,7 @@ class CudaGridLSTM(DeviceLayer):
         dx, dtop = self._ws("dx", (T * B, D)), self._ws("dtop", (T * B, D))
         self.k.gather_rows(dtop, dhd.reshape(B * T, D), t.to_time)
         g.grid_backward(dact, dc, dx, dtop, w["act"], w["c"], self.U_time, self.U_depth, t.diag_off, t.parent,
-                        t.child, t.perm, L, B, D, host_diag=t.diag_off_host)
+                        t.child, t.perm, L, B, D, diag_off_host=t.diag_off_host)
         zt, zd = self._ws("zt", (R, 2 * D)), self._ws("zd", (R, 2 * D))
         g.gather_operands(zt, zd, w["h"], w["x"], t.parent, t.perm, L, B, D)
         da = self._ws("da", (R, 4 * D))

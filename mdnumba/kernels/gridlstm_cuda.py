@@ -149,20 +149,17 @@ def _backward_diag(dact, dc, dx, dtop, act, c, U_time, U_depth, diag_off, parent
                     k, cuda.grid(1), cuda.gridsize(1))
 
 
-def _diag(diag_off, host_diag):
-    """``diag_off`` on the host (a copy of a device array waits for the GPU: give ``host_diag``)."""
-    return _host_ints(diag_off) if host_diag is None else host_diag
-
-
 def grid_forward(h: HostOrDevice, c: HostOrDevice, act: HostOrDevice, x: HostOrDevice,
                  U_time: HostOrDevice, U_depth: HostOrDevice, diag_off: HostOrDevice,
                  parent: HostOrDevice, perm: HostOrDevice, L: int, B: int, D: int, *,
                  path: str | None = None, tpb: int | None = None,
-                 host_diag: np.ndarray | None = None) -> None:
+                 diag_off_host: np.ndarray | None = None) -> None:
     """CUDA twin of :func:`mdnumba.kernels.gridlstm.grid_forward` (NumPy or device arrays;
-    ``host_diag``: ``diag_off`` on the host, when it is given as a device array)."""
+    ``diag_off_host`` as in :func:`~mdnumba.kernels.wavefront_cuda.wavefront_forward`: a device
+    ``diag_off`` is otherwise copied back, which waits for the GPU)."""
     a = _Args(h, c, act, x, U_time, U_depth, diag_off, parent, perm)
-    desc = _sweep(_forward_coop, _forward_diag, (*a.dev, int(L), int(B), int(D)), _diag(diag_off, host_diag),
+    host_off = _host_ints(diag_off if diag_off_host is None else diag_off_host)
+    desc = _sweep(_forward_coop, _forward_diag, (*a.dev, int(L), int(B), int(D)), host_off,
                   B, 1, 0, path, _tpb(tpb), reverse=False)
     _record(desc, False)
     a.finish(0, 1, 2)
@@ -172,11 +169,12 @@ def grid_backward(dact: HostOrDevice, dc: HostOrDevice, dx: HostOrDevice, dtop: 
                   act: HostOrDevice, c: HostOrDevice, U_time: HostOrDevice, U_depth: HostOrDevice,
                   diag_off: HostOrDevice, parent: HostOrDevice, child: HostOrDevice, perm: HostOrDevice,
                   L: int, B: int, D: int, *, path: str | None = None, tpb: int | None = None,
-                  host_diag: np.ndarray | None = None) -> None:
+                  diag_off_host: np.ndarray | None = None) -> None:
     """CUDA twin of :func:`mdnumba.kernels.gridlstm.grid_backward` (as :func:`grid_forward`)."""
     a = _Args(dact, dc, dx, dtop, act, c, U_time, U_depth, diag_off, parent, child, perm)
-    desc = _sweep(_backward_coop, _backward_diag, (*a.dev, int(L), int(B), int(D)),
-                  _diag(diag_off, host_diag), B, 1, 0, path, _tpb(tpb), reverse=True)
+    host_off = _host_ints(diag_off if diag_off_host is None else diag_off_host)
+    desc = _sweep(_backward_coop, _backward_diag, (*a.dev, int(L), int(B), int(D)), host_off, B, 1, 0, path,
+                  _tpb(tpb), reverse=True)
     _record(desc, False)
     a.finish(0, 1, 2)
 
@@ -186,10 +184,11 @@ def grid_infer(out: HostOrDevice, h: HostOrDevice, c: HostOrDevice, act: HostOrD
                lperm: HostOrDevice, x: HostOrDevice, U_time: HostOrDevice, U_depth: HostOrDevice,
                b_time: HostOrDevice, b_depth: HostOrDevice, diag_off: HostOrDevice, parent: HostOrDevice,
                perm: HostOrDevice, L: int, B: int, D: int, *, path: str | None = None,
-               tpb: int | None = None, host_diag: np.ndarray | None = None) -> None:
+               tpb: int | None = None, diag_off_host: np.ndarray | None = None) -> None:
     """CUDA twin of :func:`mdnumba.kernels.gridlstm.grid_infer` (as :func:`grid_forward`)."""
     a = _Args(out, h, c, act, lp, lperm, x, U_time, U_depth, b_time, b_depth, diag_off, parent, perm)
-    desc = _sweep(_infer_coop, _infer_diag, (*a.dev, int(L), int(B), int(D)), _diag(diag_off, host_diag),
+    host_off = _host_ints(diag_off if diag_off_host is None else diag_off_host)
+    desc = _sweep(_infer_coop, _infer_diag, (*a.dev, int(L), int(B), int(D)), host_off,
                   B, 1, 0, path, _tpb(tpb), reverse=False, pre=_infer_pre, extra_items=a.dev[4].size)
     _record(desc, False)
     a.finish(0, 1, 2, 3, 4, 5)
