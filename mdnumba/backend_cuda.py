@@ -160,6 +160,15 @@ def contiguous_device_array(x: object, name: str) -> DeviceArray:
     return xd
 
 
+def kept_buffer(store: dict, key: object, shape: tuple, dtype: npt.DTypeLike) -> DeviceArray:
+    """``store[key]``, a device array kept while its shape and dtype are unchanged (else a new one)."""
+    from numba import cuda
+    buf, dtype = store.get(key), np.dtype(dtype)
+    if buf is None or tuple(buf.shape) != tuple(shape) or buf.dtype != dtype:
+        buf = store[key] = cuda.device_array(tuple(shape), dtype=dtype)
+    return buf
+
+
 class OnTheDevice:
     """Base of the device twins: they hold GPU memory and kernel modules, so a pickle or copy is
     refused with what to copy instead (the failure was "cannot pickle 'module' object")."""
@@ -235,10 +244,7 @@ class DeviceLayer(OnTheDevice):
 
     def _ws(self, name: str, shape: tuple, dtype=None):
         """A device workspace kept while its shape and dtype (the layer's, or ``dtype``) are unchanged."""
-        buf, dtype = self._work.get(name), self.dtype if dtype is None else np.dtype(dtype)
-        if buf is None or tuple(buf.shape) != tuple(shape) or buf.dtype != dtype:
-            buf = self._work[name] = self._new(shape, dtype)
-        return buf
+        return kept_buffer(self._work, name, shape, self.dtype if dtype is None else dtype)
 
     def _new(self, shape: tuple, dtype=None):
         from numba import cuda
@@ -712,9 +718,10 @@ class CudaGridLSTM(DeviceLayer):
     def _weight_grads(self, dU, db, z, da, level_rows: tuple) -> None:
         """``dU[lv] += zᵀ da``, ``db[lv] += 1ᵀ da`` over the rows of each depth level (all rows,
         level 0, when tied; else gathered into workspaces first, as the host layer does)."""
-        R = z.shape[0]
-        ones = self._ws("ones", (R, 1))
-        self.k.fill(ones.reshape(R), 1.0)
+        R, ones = z.shape[0], self._work.get("ones")
+        if ones is None or ones.shape[0] != R:  # filled once per size, not at every backward
+            ones = self._ws("ones", (R, 1))
+            self.k.fill(ones.reshape(R), 1.0)
         for lv, rows in enumerate(level_rows or [None]):
             if rows is None:
                 zr, dr = z, da

@@ -35,6 +35,7 @@ from .backend_cuda import (
     CudaLinear,
     CudaLSTM,
     HostOrDevice,
+    kept_buffer,
     require_cuda,
 )
 from .charlm import BITS_PER_NAT, CharLM, check_ids
@@ -108,9 +109,7 @@ class DeviceCharLM(FlatDeviceGroup):
         if not seeds:
             return x
         from .kernels.charlm_cuda import dropout
-        out = self._work.get(kind + str(i))
-        if out is None or tuple(out.shape) != tuple(x.shape):
-            out = self._work[kind + str(i)] = self.head._new(x.shape)
+        out = kept_buffer(self._work, kind + str(i), x.shape, self.dtype)
         dropout(out, x, seeds[i], self.p)
         return out
 
@@ -148,8 +147,9 @@ class DeviceCharLMTrainer(DeviceResident, CharLMTrainer):
             if self._stop_requested():
                 break
             logits = self.model.forward(xs[i], draw.seeds[i])
-            self.ck.softmax_xent(self._dz_like(logits), record[n + i * RB:n + (i + 1) * RB], logits, ys[i])
-            self.model.backward(self._dz_like(logits))
+            dz = self._dz_like(logits)
+            self.ck.softmax_xent(dz, record[n + i * RB:n + (i + 1) * RB], logits, ys[i])
+            self.model.backward(dz)
             self.opt.step(sync=False, record=(record, i))
             self.step += 1
             if i in evals:
@@ -224,7 +224,4 @@ class DeviceCharLMTrainer(DeviceResident, CharLMTrainer):
 
     def _dz_like(self, logits):
         """The device dL/dlogits buffer of ``logits``' shape (kept per shape)."""
-        shape = tuple(logits.shape)
-        if shape not in self._dz:
-            self._dz[shape] = self._cuda.device_array(shape, self.model.dtype)
-        return self._dz[shape]
+        return kept_buffer(self._dz, tuple(logits.shape), logits.shape, self.model.dtype)
