@@ -17,8 +17,9 @@ place to change them. Environment variables override the defaults:
   (default: work items spread over the whole grid, the recurrent weights read from global
   memory unless all of them fit in shared memory) or ``sliced`` (each block owns a fixed slice
   of hidden units of one scan and keeps just those units' weights in shared memory for the
-  whole sweep; see :mod:`mdnumba.kernels.wavefront_cuda`). ``MDNUMBA_CUDA_SLICE_UNITS`` sets
-  the units per slice (default 8; compile-time).
+  whole sweep; see :mod:`mdnumba.kernels.wavefront_cuda`); on an H200 their train steps came
+  within 5% of each other (bench/results/gpu.md). ``MDNUMBA_CUDA_SLICE_UNITS`` sets the units
+  per slice (default 8; compile-time).
 
 Importing mdnumba sets ``GOMP_SPINCOUNT=3000`` unless the environment already has it:
 the CPU drivers open one OpenMP region per anti-diagonal, and with GNU OpenMP's default
