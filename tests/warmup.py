@@ -1,8 +1,8 @@
 """Fill Numba's kernel cache before a whole test session: ``python tests/warmup.py JOB ...``.
 
 Most of a cold suite's time goes to compiling (on one core per process), and the simulator
-runs of tests/simruns.py (and on a GPU machine the GPU case runs of tests/test_cuda.py)
-compile the same CPU kernels, their oracle, as the suite itself, all at the same time.
+runs of tests/simruns.py compile the same CPU kernels, their oracle, as the suite itself, all
+at the same time. (Not before the GPU case runs of tests/test_cuda.py: see its ``gpu_report``.)
 :func:`fill_cache` therefore runs this script first, its parts (:data:`JOBS`) split over one
 process per core (2 cores: one dtype each), and the runs start when it is done: they and the
 suite then load the kernels from the cache. Tiny calls of every layer kind, both sweep
