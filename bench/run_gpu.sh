@@ -17,11 +17,14 @@
 #                  the benchmarks: everything in ONE device call (a session's device time is ~15
 #                  minutes, the machine's start included, and one call may run 10)
 #   --tests-only   only the tests (cut at the deadline only)
-#   --tune         only bench/tune_gpu.py: rows per thread x unrolled steps x threads per block -> tune_gpu.md
+#   --tune         only bench/tune_gpu.py: rows per thread x unrolled steps x threads per block x layout
+#                  (x --variants full,no-sum: the sweeps with and without their recurrent sums) -> tune_gpu.md
 #   --family       only bench_family.py --device cuda (-> family_cuda.md, with the launcher breakdown)
 #   --charlm       only charlm_gpu.py: the device-resident char-LM trainer vs the copying one and the CPU
 #   --profile      only Nsight Compute on the sweep and GEMM kernels of bench/profile_gpu.py
 #                  (after 2 warm-up steps) at 32x32 B64 D64 and 256x256 B8 D128 -> ncu_*.csv
+#                  (clocks left alone; on a gVisor machine ncu reads no counters: then --tune
+#                  --variants full,no-sum places the time without them)
 #   --smoke        as --tests, with the benchmarks' --smoke at tiny sizes: a check that the whole
 #                  script runs (CI runs it under NUMBA_ENABLE_CUDASIM=1: the GPU tests skip there)
 # RUN_GPU_DEADLINE_S (default 570): the seconds the whole script may take (give the device call
@@ -102,7 +105,7 @@ part() {  # part CAP_S CMD...: run CMD, cut at CAP_S or at the deadline, whichev
 if [ "$run_tests" = profile ]; then
   command -v ncu > /dev/null || { echo "ncu (Nsight Compute) not found" >&2; exit 1; }
   for cfg in 32 256; do  # 3 matching kernels per step: skip the 2 warm-up steps, profile one step
-    ncu --target-processes all --kernel-name regex:'_coop|_diag|_gemm_tiled' --launch-skip 6 \
+    ncu --clock-control none --target-processes all --kernel-name regex:'_coop|_diag|_gemm_tiled' --launch-skip 6 \
         --launch-count 3 --section SpeedOfLight --section Occupancy --section LaunchStats \
         --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
         --csv --page details python3 bench/profile_gpu.py --config "$cfg" \

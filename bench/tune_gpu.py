@@ -1,11 +1,14 @@
 """GPU tuning sweep (issue 5): sweep time per anti-diagonal vs. rows per thread, unrolled steps,
-block size and sweep layout.
+block size and sweep layout, with or without the sweeps' recurrent sums.
 
 ``MDNUMBA_CUDA_ROWS_PER_THREAD`` (batch rows a sweep thread computes), ``MDNUMBA_CUDA_UNROLL``
 (steps of its inner sum whose loads go out together; both compile-time: they size the register
 arrays), ``MDNUMBA_THREADS_PER_BLOCK``, ``MDNUMBA_CUDA_LAYOUT`` (flat or sliced) and
 ``MDNUMBA_CUDA_SLICE_UNITS`` (the sliced layout's units per block, compile-time) are read when
-mdnumba is imported, so
+mdnumba is imported, as is the diagnostic ``MDNUMBA_CUDA_SKIP_RECURRENT_SUM`` (``--variants
+full,no-sum``: the sweeps without their recurrent sums, i.e. computing as if U = 0, so the
+difference is the sums' share of a sweep and the rest is the cells' math, loads, stores and
+syncs; its train steps are no candidate defaults), so
 each combination runs in a child process of its own (``--child``), which builds a
 ``CudaLSTM`` on the cooperative path, times the forward and backward sweeps alone and a
 device train step (``bench_gpu.mdnumba_device_fns``) and prints one JSON line. The parent
@@ -13,7 +16,8 @@ collects them into a markdown table (default ``bench/results/tune_gpu.md``): the
 combination per config is the default to pick in ``mdnumba/config.py``.
 
 Usage: ``python bench/tune_gpu.py [--rows 1,2,4,8] [--unroll 4,8,16] [--tpb 64,128,256]
-[--layout flat,sliced] [--slice 4,8,16] [--configs 32,256] [--quick] [--out PATH]`` (the slice
+[--layout flat,sliced] [--slice 4,8,16] [--variants full,no-sum] [--configs 32,256] [--quick]
+[--out PATH]`` (the slice
 sizes apply to the sliced layout); on a lent GPU machine ``bench/run_gpu.sh --tune``.
 """
 
@@ -32,6 +36,8 @@ from bench_gpu import mdnumba_device_fns, parse_config, sweep_times, time_it
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "tune_gpu.md"
+#: "full" sweeps, and "no-sum": without their recurrent sums (MDNUMBA_CUDA_SKIP_RECURRENT_SUM=1)
+VARIANTS = ("full", "no-sum")
 
 
 def child(configs: list[str], budget: float) -> None:
@@ -48,27 +54,34 @@ def child(configs: list[str], budget: float) -> None:
         sweeps = sweep_times(dev, cfg, "cooperative", cuda.synchronize, budget)
         sliced = config.CUDA_LAYOUT == "sliced"
         layout = config.CUDA_LAYOUT + (f" {config.CUDA_SLICE_UNITS}" if sliced else "")
+        variant = "no-sum" if config.CUDA_SKIP_RECURRENT_SUM else "full"
         print(json.dumps({"config": cfg.label, "rows": config.CUDA_ROWS_PER_THREAD,
                           "unroll": config.CUDA_UNROLL, "tpb": config.THREADS_PER_BLOCK, "layout": layout,
+                          "variant": variant,
                           "train_ms": step.best * 1e3,
                           "fwd_us_diag": sweeps["forward"].best / cfg.diagonals * 1e6,
                           "bwd_us_diag": sweeps["backward"].best / cfg.diagonals * 1e6,
                           "path": path}), flush=True)
 
 
-def run_combo(rows: int, unroll: int, tpb: int, layout: str, configs: str, quick: bool) -> list[dict]:
-    """Run :func:`child` with ``rows`` per thread, ``unroll`` steps, ``tpb`` threads per block and
-    ``layout`` ("flat", or "sliced N": N units per slice)."""
+def run_combo(rows: int, unroll: int, tpb: int, layout: str, configs: str, quick: bool,
+              variant: str = "full") -> list[dict]:
+    """Run :func:`child` with ``rows`` per thread, ``unroll`` steps, ``tpb`` threads per block,
+    ``layout`` ("flat", or "sliced N": N units per slice) and ``variant`` ("full", or "no-sum":
+    the sweeps without their recurrent sums)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     name, _, units = layout.partition(" ")
     env = dict(os.environ, MDNUMBA_CUDA_ROWS_PER_THREAD=str(rows), MDNUMBA_CUDA_UNROLL=str(unroll),
                MDNUMBA_THREADS_PER_BLOCK=str(tpb), MDNUMBA_CUDA_LAYOUT=name,
+               MDNUMBA_CUDA_SKIP_RECURRENT_SUM="1" if variant == "no-sum" else "0",
                **({"MDNUMBA_CUDA_SLICE_UNITS": units} if units else {}))
     cmd = [sys.executable, __file__, "--child", "--configs", configs] + (["--quick"] if quick else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     found = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0:
         found.append({"config": "?", "rows": rows, "unroll": unroll, "tpb": tpb, "layout": layout,
-                      "error": (proc.stderr.strip().splitlines() or ["no output"])[-1]})
+                      "variant": variant, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1]})
     return found
 
 
@@ -77,20 +90,25 @@ def render(rows: list[dict]) -> str:
            "",
            "Produced by `python bench/tune_gpu.py` (one process per combination). Best of N; sweeps "
            "alone per anti-diagonal, train step = `CudaLSTM` forward + backward + `CudaAdam`. "
-           "**Bold**: fastest train step per config.", "",
-           "| config | rows/thread | unroll | threads/block | layout | train step ms | forward µs/diag | "
-           "backward µs/diag | path |", "|---|---|---|---|---|---|---|---|---|"]
+           "**Bold**: fastest train step per config (of the full sweeps). Variant no-sum: the sweeps "
+           "without their recurrent sums (`MDNUMBA_CUDA_SKIP_RECURRENT_SUM=1`, as if U = 0): what "
+           "the rest of a sweep costs.", "",
+           "| config | rows/thread | unroll | threads/block | layout | variant | train step ms | "
+           "forward µs/diag | backward µs/diag | path |", "|---|---|---|---|---|---|---|---|---|---|"]
     best = {}
     for r in rows:
-        if "train_ms" in r and r["train_ms"] < best.get(r["config"], float("inf")):
+        full = r.get("variant", "full") == "full"
+        if full and "train_ms" in r and r["train_ms"] < best.get(r["config"], float("inf")):
             best[r["config"]] = r["train_ms"]
-    for r in sorted(rows, key=lambda r: (r["config"], r["rows"], r["unroll"], r["tpb"], r["layout"])):
-        setting = f"| {r['config']} | {r['rows']} | {r['unroll']} | {r['tpb']} | {r['layout']} |"
+    for r in sorted(rows, key=lambda r: (r["config"], r["rows"], r["unroll"], r["tpb"], r["layout"],
+                                         r.get("variant", "full"))):
+        setting = (f"| {r['config']} | {r['rows']} | {r['unroll']} | {r['tpb']} | {r['layout']} | "
+                   f"{r.get('variant', 'full')} |")
         if "error" in r:
             out.append(f"{setting} FAILED: {r['error']} | | | |")
             continue
         t = f"{r['train_ms']:.3g}"
-        t = f"**{t}**" if r["train_ms"] == best[r["config"]] else t
+        t = f"**{t}**" if r["train_ms"] == best.get(r["config"]) else t
         out.append(f"{setting} {t} | {r['fwd_us_diag']:.1f} | "
                    f"{r['bwd_us_diag']:.1f} | {r['path']} |")
     return "\n".join(out) + "\n"
@@ -103,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tpb", default="64,128,256", help="threads per block to try (comma list)")
     ap.add_argument("--layout", default="flat,sliced", help="sweep layouts to try (comma list)")
     ap.add_argument("--slice", default="8", help="units per slice to try in the sliced layout (comma list)")
+    ap.add_argument("--variants", default="full",
+                    help="full, no-sum (the sweeps without their recurrent sums) or both (comma list)")
     ap.add_argument("--configs", default="32,256", help="as bench_gpu.py --configs")
     ap.add_argument("--quick", action="store_true", help="few repeats (smoke run)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -115,13 +135,16 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     layouts = [f"sliced {n}" if lay == "sliced" else lay for lay in args.layout.split(",")
                for n in (args.slice.split(",") if lay == "sliced" else [""])]
-    combos = [(int(r), int(u), int(t), lay) for r in args.rows.split(",") for u in args.unroll.split(",")
-              for t in args.tpb.split(",") for lay in layouts]
-    for r, u, t, lay in combos:
+    variants = args.variants.split(",")
+    if not set(variants) <= set(VARIANTS):
+        ap.error(f"--variants takes a comma list of {', '.join(VARIANTS)}, got {args.variants!r}")
+    combos = [(int(r), int(u), int(t), lay, v) for r in args.rows.split(",") for u in args.unroll.split(",")
+              for t in args.tpb.split(",") for lay in layouts for v in variants]
+    for r, u, t, lay, v in combos:
         t0 = time.perf_counter()
-        rows += run_combo(r, u, t, lay, args.configs, args.quick)
-        print(f"rows/thread {r}, unroll {u}, threads/block {t}, {lay}: {time.perf_counter() - t0:.0f} s",
-              flush=True)
+        rows += run_combo(r, u, t, lay, args.configs, args.quick, v)
+        print(f"rows/thread {r}, unroll {u}, threads/block {t}, {lay}, {v}: "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(render(rows))  # after every combination: a cut-off run keeps its rows
     print(render(rows))

@@ -20,6 +20,11 @@ place to change them. Environment variables override the defaults:
   whole sweep; see :mod:`mdnumba.kernels.wavefront_cuda`); on an H200 their train steps came
   within 5% of each other (bench/results/gpu.md). ``MDNUMBA_CUDA_SLICE_UNITS`` sets the units
   per slice (default 8; compile-time).
+- ``MDNUMBA_CUDA_SKIP_RECURRENT_SUM=1`` is a **diagnostic** for timing the CUDA sweeps: their
+  threads skip the recurrent sum (forward ``Σ h·U``, backward ``Σ δ·Uᵀ``), so every result is
+  that of recurrent weights U = 0; the rest of a sweep (the cells' gate math, loads and stores,
+  grid syncs) is unchanged. A sweep's time with and without it gives the sum's share
+  (``bench/tune_gpu.py --variants``); mdnumba warns when it is set, and ``mdnumba info`` says so.
 
 Importing mdnumba sets ``GOMP_SPINCOUNT=3000`` unless the environment already has it:
 the CPU drivers open one OpenMP region per anti-diagonal, and with GNU OpenMP's default
@@ -186,6 +191,8 @@ try:
     CUDA_PATH: str = env_choice("MDNUMBA_CUDA_PATH", "auto", CUDA_PATHS)
     CUDA_LAYOUT: str = env_choice("MDNUMBA_CUDA_LAYOUT", "flat", CUDA_LAYOUTS)
     CUDA_SLICE_UNITS: int = env_int("MDNUMBA_CUDA_SLICE_UNITS", 8, high=64)
+    #: diagnostic only: the CUDA sweeps skip the recurrent sum (results as if U = 0)
+    CUDA_SKIP_RECURRENT_SUM: bool = env_flag("MDNUMBA_CUDA_SKIP_RECURRENT_SUM", False)
     #: what :func:`tune_malloc` did at import
     MALLOC_TUNING: str = tune_malloc()
 except ConfigError:

@@ -70,6 +70,8 @@ def collect_info() -> dict[str, str]:
         "cuda sweep settings": f"{config.CUDA_LAYOUT} layout ({config.CUDA_SLICE_UNITS} units per slice "
                                f"when sliced), {config.CUDA_ROWS_PER_THREAD} rows per thread, "
                                f"{config.CUDA_UNROLL} unrolled steps, {config.THREADS_PER_BLOCK} threads "
-                               f"per block, path {config.CUDA_PATH} (MDNUMBA_CUDA_* settings)",
+                               f"per block, path {config.CUDA_PATH} (MDNUMBA_CUDA_* settings)"
+                               + ("; DIAGNOSTIC: recurrent sum skipped, results as if U = 0 (MDNUMBA_CUDA_"
+                                  "SKIP_RECURRENT_SUM=1)" if config.CUDA_SKIP_RECURRENT_SUM else ""),
         "cuda sweep path": cuda_sweep_path(),
     }

@@ -37,7 +37,10 @@ OTHER_ROWS = {1: {"MDNUMBA_CUDA_UNROLL": "1"},
                   "MDNUMBA_CUDA_SLICE_UNITS": "2"}}
 TIMEOUT = 1200
 #: the tests of tests/test_cuda.py that read the simulator runs' reports
-WAITING_TESTS = ("test_simulator", "test_simulator_other_rows_per_thread", "test_kernels_compile_for_gpu")
+WAITING_TESTS = ("test_simulator", "test_simulator_other_rows_per_thread", "test_kernels_compile_for_gpu",
+                 "test_simulator_skipping_the_recurrent_sum")
+#: the environment and cases of the run of test_simulator_skipping_the_recurrent_sum
+SKIP_SUM_RUN = ({"MDNUMBA_CUDA_SKIP_RECURRENT_SUM": "1"}, "recurrent_sum_as_configured")
 _CASES_FILE = Path(__file__).with_name("test_cuda.py")
 
 
@@ -156,9 +159,9 @@ def start_background(item, tmp_path_factory) -> Background:
 
 def start(items: list, tmp_path_factory) -> dict:
     """Start every subprocess the selected ``items`` wait for, all at once: the simulator cases
-    in SHARDS shards ("all"), the OTHER_ROWS runs (by rows) and the background runs of slow
-    tests (by node id), after tests/warmup.py has filled the kernel cache where they use it.
-    None under the simulator itself."""
+    in SHARDS shards ("all"), the OTHER_ROWS runs (by rows), the SKIP_SUM_RUN ("skip-sum") and
+    the background runs of slow tests (by node id), after tests/warmup.py has filled the kernel
+    cache where they use it. None under the simulator itself."""
     if in_simulator():
         return {}
     wanted = [it for it in items if _waiting(it)]
@@ -176,6 +179,9 @@ def start(items: list, tmp_path_factory) -> dict:
             runs[rows] = CaseRun(tmp_path_factory.mktemp(f"cudasim_rows{rows}"), simulator=True,
                                  env_extra={"MDNUMBA_CUDA_ROWS_PER_THREAD": str(rows), **OTHER_ROWS[rows]},
                                  select="sweep_kernels or sliced_sweeps or layer_matches_reference")
+    if "test_simulator_skipping_the_recurrent_sum" in names:
+        runs["skip-sum"] = CaseRun(tmp_path_factory.mktemp("cudasim_skipsum"), simulator=True,
+                                   env_extra=SKIP_SUM_RUN[0], select=SKIP_SUM_RUN[1])
     for it in background:
         runs[it.nodeid] = start_background(it, tmp_path_factory)
     return runs

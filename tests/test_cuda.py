@@ -152,6 +152,28 @@ def sim_sliced_sweeps_match_cpu(dims, cell, scans, B, D, path, rng):
     assert desc.startswith(path) and want_path in desc, desc
 
 
+@pytest.mark.parametrize("layout", ["flat", "sliced"])
+def sim_recurrent_sum_as_configured(layout, rng):
+    """The sweeps' recurrent sums as this process's MDNUMBA_CUDA_SKIP_RECURRENT_SUM says: with
+    them (the default) the CPU kernels' numbers; without (the timing diagnostic, run by
+    test_simulator_skipping_the_recurrent_sum) those of U = 0 and nothing else changed (graves
+    cell, 2-D, both layouts, the cooperative path; U itself is not 0)."""
+    from mdnumba import config
+    from mdnumba.kernels import wavefront as cpu
+    from mdnumba.kernels import wavefront_cuda as gpu
+    from mdnumba.kernels.cell import cell_code
+    assert gpu.RECURRENT_SUM == (os.environ.get("MDNUMBA_CUDA_SKIP_RECURRENT_SUM", "0") != "1")
+    assert gpu.RECURRENT_SUM != config.CUDA_SKIP_RECURRENT_SUM
+    code, B, D = cell_code("graves"), 2, 3
+    wf, U, act0 = _cpu_sweep_inputs((3, 4), B, D, 1, rng)
+    want = _run_sweeps(cpu, wf, U if gpu.RECURRENT_SUM else np.zeros_like(U), act0, B, D, code)
+    got = _run_sweeps(gpu, wf, U, act0, B, D, code, path="cooperative", tpb=8, layout=layout)
+    for name, a, b in zip(("h", "c", "act", "dact", "dc", "dh"), got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14, err_msg=name)
+    with_u = _run_sweeps(cpu, wf, U, act0, B, D, code)
+    assert not np.allclose(with_u[0], _run_sweeps(cpu, wf, 0 * U, act0, B, D, code)[0])  # U matters
+
+
 @pytest.mark.parametrize("path", ["cooperative", "per-diagonal"])
 def sim_grid_lstm_kernels_match_cpu(path, rng):
     """Grid LSTM sweep twins vs the CPU kernels in float64 (T=4, depth 3, B=2, D=2)."""
@@ -1688,6 +1710,16 @@ def test_simulator_other_rows_per_thread(rows, simulator_runs):
     every layer in the sliced layout at 2 units per slice (tests/simruns.py OTHER_ROWS)."""
     report = simulator_runs[rows].report()
     assert len(report) >= 20, report
+    _assert_passed(report)
+
+
+@pytest.mark.skipif(IN_SIMULATOR, reason="this process already runs the simulator")
+def test_simulator_skipping_the_recurrent_sum(simulator_runs):
+    """The timing diagnostic MDNUMBA_CUDA_SKIP_RECURRENT_SUM=1 (bench/tune_gpu.py --variants):
+    sim_recurrent_sum_as_configured in a simulator run with it set, i.e. the sweeps give the
+    numbers of U = 0, in both layouts."""
+    report = simulator_runs["skip-sum"].report()
+    assert len(report) == 2, report
     _assert_passed(report)
 
 

@@ -59,6 +59,7 @@ one-off use) or numba device arrays (no copies).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import TYPE_CHECKING
 
 import numba
@@ -118,6 +119,13 @@ UNROLL: int = max(1, config.CUDA_UNROLL)
 SLICE: int = max(1, config.CUDA_SLICE_UNITS)
 #: gate blocks a forward thread accumulates at once (N + 3 <= 6, i.e. N <= 3: one pass)
 GATE_CHUNK = 6
+#: diagnostic (MDNUMBA_CUDA_SKIP_RECURRENT_SUM, compile-time): the sweeps skip the recurrent sums
+#: of :func:`_rows_preact` and :func:`_rows_pull`, i.e. compute as if U = 0, to time the rest
+RECURRENT_SUM: bool = not config.CUDA_SKIP_RECURRENT_SUM
+if config.CUDA_SKIP_RECURRENT_SUM:
+    warnings.warn("MDNUMBA_CUDA_SKIP_RECURRENT_SUM=1: the CUDA sweeps skip the recurrent sum, so every "
+                  "CUDA result is that of recurrent weights U = 0 (a diagnostic for timing; unset it)",
+                  stacklevel=2)
 
 #: "coop_error": why a cooperative launch failed on the 'auto' path, per sweep kernel, block
 #: shape, shared memory and argument types (:func:`_launch_key`; one that cannot be resident,
@@ -262,7 +270,7 @@ def _rows_preact(act, h, Uf, wl, parent, base, s, b0, nb, j, B, D, g0, width):
     for i in range(ROWS_PER_THREAD):
         for g in range(width):
             acc[i, g] = act[r + min(i, nb - 1), col[g]]
-    for d in range(N):
+    for d in range(N if RECURRENT_SUM else 0):
         p = parent[s, d]
         if p >= 0:
             for i in range(ROWS_PER_THREAD):
@@ -479,7 +487,7 @@ def _rows_pull(dh, dact, UTf, wl, child, base, s, b0, nb, j, B, D, N):
     for i in range(ROWS_PER_THREAD):  # rows past nb repeat the last one and are not stored
         acc[i] = dh[r + min(i, nb - 1), j]
     crow = cuda.local.array(ROWS_PER_THREAD, numba.int64)
-    for d in range(N):
+    for d in range(N if RECURRENT_SUM else 0):
         ch = child[s, d]
         if ch >= 0:
             for i in range(ROWS_PER_THREAD):
