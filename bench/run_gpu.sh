@@ -18,13 +18,13 @@
 #                  minutes, the machine's start included, and one call may run 10)
 #   --tests-only   only the tests (cut at the deadline only)
 #   --tune         only bench/tune_gpu.py: rows per thread x unrolled steps x threads per block x layout
-#                  (x --variants full,no-sum: the sweeps with and without their recurrent sums) -> tune_gpu.md
+#                  (x --variants full,no-sum,no-cell,neither: sweep stages left out) -> tune_gpu.md
 #   --family       only bench_family.py --device cuda (-> family_cuda.md, with the launcher breakdown)
 #   --charlm       only charlm_gpu.py: the device-resident char-LM trainer vs the copying one and the CPU
 #   --profile      only Nsight Compute on the sweep and GEMM kernels of bench/profile_gpu.py
 #                  (after 2 warm-up steps) at 32x32 B64 D64 and 256x256 B8 D128 -> ncu_*.csv
 #                  (clocks left alone; on a gVisor machine ncu reads no counters: then --tune
-#                  --variants full,no-sum places the time without them)
+#                  --variants full,no-sum,no-cell,neither places the time without them)
 #   --smoke        as --tests, with the benchmarks' --smoke at tiny sizes: a check that the whole
 #                  script runs (CI runs it under NUMBA_ENABLE_CUDASIM=1: the GPU tests skip there)
 # RUN_GPU_DEADLINE_S (default 570): the seconds the whole script may take (give the device call

@@ -1,14 +1,15 @@
 """GPU tuning sweep (issue 5): sweep time per anti-diagonal vs. rows per thread, unrolled steps,
-block size and sweep layout, with or without the sweeps' recurrent sums.
+block size and sweep layout, with or without stages of the sweeps.
 
 ``MDNUMBA_CUDA_ROWS_PER_THREAD`` (batch rows a sweep thread computes), ``MDNUMBA_CUDA_UNROLL``
 (steps of its inner sum whose loads go out together; both compile-time: they size the register
 arrays), ``MDNUMBA_THREADS_PER_BLOCK``, ``MDNUMBA_CUDA_LAYOUT`` (flat or sliced) and
 ``MDNUMBA_CUDA_SLICE_UNITS`` (the sliced layout's units per block, compile-time) are read when
-mdnumba is imported, as is the diagnostic ``MDNUMBA_CUDA_SKIP_RECURRENT_SUM`` (``--variants
-full,no-sum``: the sweeps without their recurrent sums, i.e. computing as if U = 0, so the
-difference is the sums' share of a sweep and the rest is the cells' math, loads, stores and
-syncs; its train steps are no candidate defaults), so
+mdnumba is imported, as is the diagnostic ``MDNUMBA_CUDA_SKIP`` (``--variants``: ``no-sum``,
+the sweeps without their recurrent sums; ``no-cell``, without the cells' gate math;
+``neither``, without both: what is left is the pre-activations' loads and stores, the item
+bookkeeping and the grid syncs; the differences place a sweep's time without a profiler; their
+results are wrong and their train steps no candidate defaults), so
 each combination runs in a child process of its own (``--child``), which builds a
 ``CudaLSTM`` on the cooperative path, times the forward and backward sweeps alone and a
 device train step (``bench_gpu.mdnumba_device_fns``) and prints one JSON line. The parent
@@ -16,7 +17,7 @@ collects them into a markdown table (default ``bench/results/tune_gpu.md``): the
 combination per config is the default to pick in ``mdnumba/config.py``.
 
 Usage: ``python bench/tune_gpu.py [--rows 1,2,4,8] [--unroll 4,8,16] [--tpb 64,128,256]
-[--layout flat,sliced] [--slice 4,8,16] [--variants full,no-sum] [--configs 32,256] [--quick]
+[--layout flat,sliced] [--slice 4,8,16] [--variants full,no-sum,no-cell,neither] [--configs 32,256] [--quick]
 [--out PATH]`` (the slice
 sizes apply to the sliced layout); on a lent GPU machine ``bench/run_gpu.sh --tune``.
 """
@@ -36,8 +37,8 @@ from bench_gpu import mdnumba_device_fns, parse_config, sweep_times, time_it
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "tune_gpu.md"
-#: "full" sweeps, and "no-sum": without their recurrent sums (MDNUMBA_CUDA_SKIP_RECURRENT_SUM=1)
-VARIANTS = ("full", "no-sum")
+#: variant -> the sweep stages it skips (MDNUMBA_CUDA_SKIP)
+VARIANTS = {"full": (), "no-sum": ("sum",), "no-cell": ("cell",), "neither": ("sum", "cell")}
 
 
 def child(configs: list[str], budget: float) -> None:
@@ -54,7 +55,7 @@ def child(configs: list[str], budget: float) -> None:
         sweeps = sweep_times(dev, cfg, "cooperative", cuda.synchronize, budget)
         sliced = config.CUDA_LAYOUT == "sliced"
         layout = config.CUDA_LAYOUT + (f" {config.CUDA_SLICE_UNITS}" if sliced else "")
-        variant = "no-sum" if config.CUDA_SKIP_RECURRENT_SUM else "full"
+        variant = next(v for v, skip in VARIANTS.items() if skip == config.CUDA_SKIP)
         print(json.dumps({"config": cfg.label, "rows": config.CUDA_ROWS_PER_THREAD,
                           "unroll": config.CUDA_UNROLL, "tpb": config.THREADS_PER_BLOCK, "layout": layout,
                           "variant": variant,
@@ -67,14 +68,13 @@ def child(configs: list[str], budget: float) -> None:
 def run_combo(rows: int, unroll: int, tpb: int, layout: str, configs: str, quick: bool,
               variant: str = "full") -> list[dict]:
     """Run :func:`child` with ``rows`` per thread, ``unroll`` steps, ``tpb`` threads per block,
-    ``layout`` ("flat", or "sliced N": N units per slice) and ``variant`` ("full", or "no-sum":
-    the sweeps without their recurrent sums)."""
+    ``layout`` ("flat", or "sliced N": N units per slice) and ``variant`` (of :data:`VARIANTS`)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     name, _, units = layout.partition(" ")
     env = dict(os.environ, MDNUMBA_CUDA_ROWS_PER_THREAD=str(rows), MDNUMBA_CUDA_UNROLL=str(unroll),
                MDNUMBA_THREADS_PER_BLOCK=str(tpb), MDNUMBA_CUDA_LAYOUT=name,
-               MDNUMBA_CUDA_SKIP_RECURRENT_SUM="1" if variant == "no-sum" else "0",
+               MDNUMBA_CUDA_SKIP=",".join(VARIANTS[variant]),
                **({"MDNUMBA_CUDA_SLICE_UNITS": units} if units else {}))
     cmd = [sys.executable, __file__, "--child", "--configs", configs] + (["--quick"] if quick else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -90,9 +90,9 @@ def render(rows: list[dict]) -> str:
            "",
            "Produced by `python bench/tune_gpu.py` (one process per combination). Best of N; sweeps "
            "alone per anti-diagonal, train step = `CudaLSTM` forward + backward + `CudaAdam`. "
-           "**Bold**: fastest train step per config (of the full sweeps). Variant no-sum: the sweeps "
-           "without their recurrent sums (`MDNUMBA_CUDA_SKIP_RECURRENT_SUM=1`, as if U = 0): what "
-           "the rest of a sweep costs.", "",
+           "**Bold**: fastest train step per config (of the full sweeps). Variants (`MDNUMBA_CUDA_SKIP`, "
+           "wrong results, for timing only): no-sum, the sweeps without their recurrent sums; no-cell, "
+           "without the cells' gate math; neither, without both.", "",
            "| config | rows/thread | unroll | threads/block | layout | variant | train step ms | "
            "forward µs/diag | backward µs/diag | path |", "|---|---|---|---|---|---|---|---|---|---|"]
     best = {}
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layout", default="flat,sliced", help="sweep layouts to try (comma list)")
     ap.add_argument("--slice", default="8", help="units per slice to try in the sliced layout (comma list)")
     ap.add_argument("--variants", default="full",
-                    help="full, no-sum (the sweeps without their recurrent sums) or both (comma list)")
+                    help="comma list of full, no-sum, no-cell, neither (sweep stages left out)")
     ap.add_argument("--configs", default="32,256", help="as bench_gpu.py --configs")
     ap.add_argument("--quick", action="store_true", help="few repeats (smoke run)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -20,11 +20,13 @@ place to change them. Environment variables override the defaults:
   whole sweep; see :mod:`mdnumba.kernels.wavefront_cuda`); on an H200 their train steps came
   within 5% of each other (bench/results/gpu.md). ``MDNUMBA_CUDA_SLICE_UNITS`` sets the units
   per slice (default 8; compile-time).
-- ``MDNUMBA_CUDA_SKIP_RECURRENT_SUM=1`` is a **diagnostic** for timing the CUDA sweeps: their
-  threads skip the recurrent sum (forward ``Σ h·U``, backward ``Σ δ·Uᵀ``), so every result is
-  that of recurrent weights U = 0; the rest of a sweep (the cells' gate math, loads and stores,
-  grid syncs) is unchanged. A sweep's time with and without it gives the sum's share
-  (``bench/tune_gpu.py --variants``); mdnumba warns when it is set, and ``mdnumba info`` says so.
+- ``MDNUMBA_CUDA_SKIP`` is a **diagnostic** for timing the CUDA sweeps, a comma list of stages
+  their threads skip: ``sum`` (the recurrent sums, forward ``Σ h·U`` and backward ``Σ δ·Uᵀ``:
+  every result is then that of recurrent weights U = 0) and ``cell`` (the cells' gate math:
+  h, c and the gradients stay as they were). Loads, stores of the pre-activations and grid
+  syncs stay, so a sweep's time with and without each stage places it (``bench/tune_gpu.py
+  --variants``, for a GPU whose profiler reads no counters); mdnumba warns when it is set, and
+  ``mdnumba info`` says so.
 
 Importing mdnumba sets ``GOMP_SPINCOUNT=3000`` unless the environment already has it:
 the CPU drivers open one OpenMP region per anti-diagonal, and with GNU OpenMP's default
@@ -108,6 +110,15 @@ def env_flag(name: str, default: bool) -> bool:
     raise ConfigError(f"environment variable {name}={os.environ[name]!r}: use 1 or 0")
 
 
+def env_subset(name: str, choices: tuple[str, ...]) -> tuple[str, ...]:
+    """``name`` as a comma list of some of ``choices`` (in their order); unset or empty: ()."""
+    parts = {p.strip() for p in os.environ.get(name, "").lower().split(",") if p.strip()}
+    if not parts <= set(choices):
+        raise ConfigError(f"environment variable {name}={os.environ[name]!r}: use a comma list of "
+                          f"{', '.join(choices)}, or leave it unset")
+    return tuple(c for c in choices if c in parts)
+
+
 def env_int(name: str, default: int, low: int = 1, high: int = 1024) -> int:
     """``name`` as an integer in [low, high]; unset: ``default``."""
     raw = os.environ.get(name, "").strip()
@@ -170,6 +181,8 @@ def host_vector_bytes() -> int:
 CUDA_PATHS = ("auto", "cooperative", "per-diagonal")
 #: CUDA sweep layouts: flat (items over the whole grid), sliced (a block per slice of units)
 CUDA_LAYOUTS = ("flat", "sliced")
+#: sweep stages the timing diagnostic ``MDNUMBA_CUDA_SKIP`` can leave out
+CUDA_SKIP_STAGES = ("sum", "cell")
 #: ``MDNUMBA_VECTOR_BYTES`` settings: AVX2's 32, AVX-512's 64
 VECTOR_CHOICES = ("32", "64")
 
@@ -191,8 +204,8 @@ try:
     CUDA_PATH: str = env_choice("MDNUMBA_CUDA_PATH", "auto", CUDA_PATHS)
     CUDA_LAYOUT: str = env_choice("MDNUMBA_CUDA_LAYOUT", "flat", CUDA_LAYOUTS)
     CUDA_SLICE_UNITS: int = env_int("MDNUMBA_CUDA_SLICE_UNITS", 8, high=64)
-    #: diagnostic only: the CUDA sweeps skip the recurrent sum (results as if U = 0)
-    CUDA_SKIP_RECURRENT_SUM: bool = env_flag("MDNUMBA_CUDA_SKIP_RECURRENT_SUM", False)
+    #: diagnostic only: the stages of CUDA_SKIP_STAGES the CUDA sweeps skip (wrong results)
+    CUDA_SKIP: tuple[str, ...] = env_subset("MDNUMBA_CUDA_SKIP", CUDA_SKIP_STAGES)
     #: what :func:`tune_malloc` did at import
     MALLOC_TUNING: str = tune_malloc()
 except ConfigError:

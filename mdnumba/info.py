@@ -71,7 +71,7 @@ def collect_info() -> dict[str, str]:
                                f"when sliced), {config.CUDA_ROWS_PER_THREAD} rows per thread, "
                                f"{config.CUDA_UNROLL} unrolled steps, {config.THREADS_PER_BLOCK} threads "
                                f"per block, path {config.CUDA_PATH} (MDNUMBA_CUDA_* settings)"
-                               + ("; DIAGNOSTIC: recurrent sum skipped, results as if U = 0 (MDNUMBA_CUDA_"
-                                  "SKIP_RECURRENT_SUM=1)" if config.CUDA_SKIP_RECURRENT_SUM else ""),
+                               + (f"; DIAGNOSTIC: the sweeps skip {' and '.join(config.CUDA_SKIP)}, their "
+                                  "results are wrong (MDNUMBA_CUDA_SKIP)" if config.CUDA_SKIP else ""),
         "cuda sweep path": cuda_sweep_path(),
     }

@@ -38,9 +38,11 @@ OTHER_ROWS = {1: {"MDNUMBA_CUDA_UNROLL": "1"},
 TIMEOUT = 1200
 #: the tests of tests/test_cuda.py that read the simulator runs' reports
 WAITING_TESTS = ("test_simulator", "test_simulator_other_rows_per_thread", "test_kernels_compile_for_gpu",
-                 "test_simulator_skipping_the_recurrent_sum")
-#: the environment and cases of the run of test_simulator_skipping_the_recurrent_sum
-SKIP_SUM_RUN = ({"MDNUMBA_CUDA_SKIP_RECURRENT_SUM": "1"}, "recurrent_sum_as_configured")
+                 "test_simulator_skipping_a_sweep_stage")
+#: the MDNUMBA_CUDA_SKIP stages test_simulator_skipping_a_sweep_stage runs its case with, each in
+#: a simulator run of its own; and that case
+SKIP_RUNS = ("sum", "cell")
+SKIP_CASE = "sweep_stages_as_configured"
 _CASES_FILE = Path(__file__).with_name("test_cuda.py")
 
 
@@ -159,7 +161,7 @@ def start_background(item, tmp_path_factory) -> Background:
 
 def start(items: list, tmp_path_factory) -> dict:
     """Start every subprocess the selected ``items`` wait for, all at once: the simulator cases
-    in SHARDS shards ("all"), the OTHER_ROWS runs (by rows), the SKIP_SUM_RUN ("skip-sum") and
+    in SHARDS shards ("all"), the OTHER_ROWS runs (by rows), the SKIP_RUNS ("skip <stage>") and
     the background runs of slow tests (by node id), after tests/warmup.py has filled the kernel
     cache where they use it. None under the simulator itself."""
     if in_simulator():
@@ -179,9 +181,9 @@ def start(items: list, tmp_path_factory) -> dict:
             runs[rows] = CaseRun(tmp_path_factory.mktemp(f"cudasim_rows{rows}"), simulator=True,
                                  env_extra={"MDNUMBA_CUDA_ROWS_PER_THREAD": str(rows), **OTHER_ROWS[rows]},
                                  select="sweep_kernels or sliced_sweeps or layer_matches_reference")
-    if "test_simulator_skipping_the_recurrent_sum" in names:
-        runs["skip-sum"] = CaseRun(tmp_path_factory.mktemp("cudasim_skipsum"), simulator=True,
-                                   env_extra=SKIP_SUM_RUN[0], select=SKIP_SUM_RUN[1])
+    for stage in SKIP_RUNS if "test_simulator_skipping_a_sweep_stage" in names else ():
+        runs[f"skip {stage}"] = CaseRun(tmp_path_factory.mktemp(f"cudasim_skip_{stage}"), simulator=True,
+                                        env_extra={"MDNUMBA_CUDA_SKIP": stage}, select=SKIP_CASE)
     for it in background:
         runs[it.nodeid] = start_background(it, tmp_path_factory)
     return runs

@@ -65,17 +65,17 @@ def test_run_gpu_smoke_under_the_simulator(background_run):
     assert (tmp_path / "test_cuda_tmp.tgz").exists()  # the test shards' reports, packed
 
 
-def test_tune_gpu_times_the_sweeps_with_and_without_their_sums(tmp_path):
-    """``bench/tune_gpu.py --variants full,no-sum`` under the simulator: one child process per
-    variant (the no-sum one with MDNUMBA_CUDA_SKIP_RECURRENT_SUM=1), a row each, none failed."""
+def test_tune_gpu_times_the_sweeps_without_some_stages(tmp_path):
+    """``bench/tune_gpu.py --variants full,no-sum,neither`` under the simulator: one child process
+    per variant (MDNUMBA_CUDA_SKIP unset, sum, sum and cell), a row each, none failed."""
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", NUMBA_NUM_THREADS="1")
     env.pop("MDNUMBA_PTX_RECORD", None)
     out = tmp_path / "tune.md"
-    args = ["--rows", "2", "--unroll", "8", "--tpb", "8", "--layout", "flat", "--variants", "full,no-sum",
-            "--configs", "4x4x1x2", "--quick", "--out", str(out)]
+    args = ["--rows", "2", "--unroll", "8", "--tpb", "8", "--layout", "flat", "--variants",
+            "full,no-sum,neither", "--configs", "4x4x1x2", "--quick", "--out", str(out)]
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "tune_gpu.py"), *args], env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [ln for ln in out.read_text().splitlines() if ln.startswith("| 4x4 B1 D2 |")]
-    assert [ln.split(" | ")[5] for ln in rows] == ["full", "no-sum"], rows
+    assert [ln.split(" | ")[5] for ln in rows] == ["full", "neither", "no-sum"], rows
     assert all("cooperative" in ln and "FAILED" not in ln for ln in rows), rows

@@ -36,7 +36,7 @@ from refcheck import (
     layers_and_inputs,
     reference_weights,
 )
-from simruns import GPU_SHARDS, OTHER_ROWS, SHARDS, TIMEOUT, CaseRun, in_simulator, merged_report
+from simruns import GPU_SHARDS, OTHER_ROWS, SHARDS, SKIP_RUNS, TIMEOUT, CaseRun, in_simulator, merged_report
 
 from mdnumba import LSTM1D, MDLSTM2D, NonFiniteError, WavefrontLSTM, unpad_batch
 from mdnumba import reference as ref
@@ -153,21 +153,28 @@ def sim_sliced_sweeps_match_cpu(dims, cell, scans, B, D, path, rng):
 
 
 @pytest.mark.parametrize("layout", ["flat", "sliced"])
-def sim_recurrent_sum_as_configured(layout, rng):
-    """The sweeps' recurrent sums as this process's MDNUMBA_CUDA_SKIP_RECURRENT_SUM says: with
-    them (the default) the CPU kernels' numbers; without (the timing diagnostic, run by
-    test_simulator_skipping_the_recurrent_sum) those of U = 0 and nothing else changed (graves
-    cell, 2-D, both layouts, the cooperative path; U itself is not 0)."""
+def sim_sweep_stages_as_configured(layout, rng):
+    """The sweeps' stages as this process's MDNUMBA_CUDA_SKIP (the timing diagnostic, run with
+    each stage skipped by test_simulator_skipping_a_sweep_stage) says, graves cell, 2-D, both
+    layouts, cooperative path: every stage (the default), the CPU kernels' numbers; without the
+    recurrent sums those of U = 0 (U itself is not 0); without the cells' math h, c, dact and dc
+    stay 0, act the pre-activations given and dh the upstream gradient."""
     from mdnumba import config
     from mdnumba.kernels import wavefront as cpu
     from mdnumba.kernels import wavefront_cuda as gpu
     from mdnumba.kernels.cell import cell_code
-    assert gpu.RECURRENT_SUM == (os.environ.get("MDNUMBA_CUDA_SKIP_RECURRENT_SUM", "0") != "1")
-    assert gpu.RECURRENT_SUM != config.CUDA_SKIP_RECURRENT_SUM
+    skipped = config.CUDA_SKIP
+    asked = os.environ.get("MDNUMBA_CUDA_SKIP", "").split(",")
+    assert skipped == tuple(st for st in ("sum", "cell") if st in asked)
+    assert (gpu.RECURRENT_SUM, gpu.CELL_MATH) == ("sum" not in skipped, "cell" not in skipped)
     code, B, D = cell_code("graves"), 2, 3
     wf, U, act0 = _cpu_sweep_inputs((3, 4), B, D, 1, rng)
-    want = _run_sweeps(cpu, wf, U if gpu.RECURRENT_SUM else np.zeros_like(U), act0, B, D, code)
     got = _run_sweeps(gpu, wf, U, act0, B, D, code, path="cooperative", tpb=8, layout=layout)
+    if gpu.CELL_MATH:
+        want = _run_sweeps(cpu, wf, U if gpu.RECURRENT_SUM else np.zeros_like(U), act0, B, D, code)
+    else:
+        zero = np.zeros((act0.shape[0], D))
+        want = (zero, zero, act0, np.zeros_like(act0), zero, np.ones_like(zero))
     for name, a, b in zip(("h", "c", "act", "dact", "dc", "dh"), got, want):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14, err_msg=name)
     with_u = _run_sweeps(cpu, wf, U, act0, B, D, code)
@@ -1714,11 +1721,11 @@ def test_simulator_other_rows_per_thread(rows, simulator_runs):
 
 
 @pytest.mark.skipif(IN_SIMULATOR, reason="this process already runs the simulator")
-def test_simulator_skipping_the_recurrent_sum(simulator_runs):
-    """The timing diagnostic MDNUMBA_CUDA_SKIP_RECURRENT_SUM=1 (bench/tune_gpu.py --variants):
-    sim_recurrent_sum_as_configured in a simulator run with it set, i.e. the sweeps give the
-    numbers of U = 0, in both layouts."""
-    report = simulator_runs["skip-sum"].report()
+@pytest.mark.parametrize("stage", sorted(SKIP_RUNS))
+def test_simulator_skipping_a_sweep_stage(stage, simulator_runs):
+    """The timing diagnostic MDNUMBA_CUDA_SKIP=sum and =cell (bench/tune_gpu.py --variants):
+    sim_sweep_stages_as_configured in a simulator run with it set (tests/simruns.py SKIP_RUNS)."""
+    report = simulator_runs[f"skip {stage}"].report()
     assert len(report) == 2, report
     _assert_passed(report)
 

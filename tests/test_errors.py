@@ -247,14 +247,24 @@ def test_grid_lstm_backward_without_input_grad():
     ("MDNUMBA_FASTMATH", "maybe", "use 1 or 0"),
     ("MDNUMBA_CUDA_PATH", "fast", "use one of auto, cooperative, per-diagonal"),
     ("MDNUMBA_VECTOR_BYTES", "16", "use one of 32, 64"),
+    ("MDNUMBA_CUDA_SKIP", "sum,cells", "use a comma list of sum, cell, or leave it unset"),
 ])
 def test_bad_environment_settings(monkeypatch, name, value, match):
-    from mdnumba.config import CUDA_PATHS, VECTOR_CHOICES, env_choice, env_flag, env_int
+    from mdnumba.config import (
+        CUDA_PATHS,
+        CUDA_SKIP_STAGES,
+        VECTOR_CHOICES,
+        env_choice,
+        env_flag,
+        env_int,
+        env_subset,
+    )
     monkeypatch.setenv(name, value)
     read = {"MDNUMBA_FASTMATH": lambda: env_flag(name, True),
             "MDNUMBA_THREADS_PER_BLOCK": lambda: env_int(name, 1),
             "MDNUMBA_CUDA_PATH": lambda: env_choice(name, "auto", CUDA_PATHS),
-            "MDNUMBA_VECTOR_BYTES": lambda: env_choice(name, "64", VECTOR_CHOICES)}[name]
+            "MDNUMBA_VECTOR_BYTES": lambda: env_choice(name, "64", VECTOR_CHOICES),
+            "MDNUMBA_CUDA_SKIP": lambda: env_subset(name, CUDA_SKIP_STAGES)}[name]
     with pytest.raises(ValueError, match=f"{name}=.*{match}"):
         read()
 
@@ -318,6 +328,16 @@ def test_environment_choice(monkeypatch):
     for raw, want in ((" cooperative ", "cooperative"), ("per-diagonal", "per-diagonal"), ("", "auto")):
         monkeypatch.setenv("MDNUMBA_CUDA_PATH", raw)
         assert env_choice("MDNUMBA_CUDA_PATH", "auto", CUDA_PATHS) == want
+
+
+def test_environment_subset(monkeypatch):
+    """A comma list, any case and spacing, in the choices' order; empty or unset: none."""
+    from mdnumba.config import CUDA_SKIP_STAGES, env_subset
+    for raw, want in ((" Cell , sum", ("sum", "cell")), ("cell", ("cell",)), ("", ()), (",", ())):
+        monkeypatch.setenv("MDNUMBA_CUDA_SKIP", raw)
+        assert env_subset("MDNUMBA_CUDA_SKIP", CUDA_SKIP_STAGES) == want
+    monkeypatch.delenv("MDNUMBA_CUDA_SKIP")
+    assert env_subset("MDNUMBA_CUDA_SKIP", CUDA_SKIP_STAGES) == ()
 
 
 def test_environment_flag_words(monkeypatch):

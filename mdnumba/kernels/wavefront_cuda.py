@@ -119,13 +119,14 @@ UNROLL: int = max(1, config.CUDA_UNROLL)
 SLICE: int = max(1, config.CUDA_SLICE_UNITS)
 #: gate blocks a forward thread accumulates at once (N + 3 <= 6, i.e. N <= 3: one pass)
 GATE_CHUNK = 6
-#: diagnostic (MDNUMBA_CUDA_SKIP_RECURRENT_SUM, compile-time): the sweeps skip the recurrent sums
-#: of :func:`_rows_preact` and :func:`_rows_pull`, i.e. compute as if U = 0, to time the rest
-RECURRENT_SUM: bool = not config.CUDA_SKIP_RECURRENT_SUM
-if config.CUDA_SKIP_RECURRENT_SUM:
-    warnings.warn("MDNUMBA_CUDA_SKIP_RECURRENT_SUM=1: the CUDA sweeps skip the recurrent sum, so every "
-                  "CUDA result is that of recurrent weights U = 0 (a diagnostic for timing; unset it)",
-                  stacklevel=2)
+#: diagnostic (MDNUMBA_CUDA_SKIP, compile-time): the sweeps compute the recurrent sums of
+#: :func:`_rows_preact` and :func:`_rows_pull` (else as if U = 0), and the cells' gate math of
+#: :func:`_unit_forward` and :func:`_unit_backward` (else h, c and the gradients stay as they were)
+RECURRENT_SUM: bool = "sum" not in config.CUDA_SKIP
+CELL_MATH: bool = "cell" not in config.CUDA_SKIP
+if config.CUDA_SKIP:
+    warnings.warn(f"MDNUMBA_CUDA_SKIP={','.join(config.CUDA_SKIP)}: the CUDA sweeps skip these stages, so "
+                  "their results are wrong (a diagnostic for timing them; unset it)", stacklevel=2)
 
 #: "coop_error": why a cooperative launch failed on the 'auto' path, per sweep kernel, block
 #: shape, shared memory and argument types (:func:`_launch_key`; one that cannot be resident,
@@ -317,7 +318,7 @@ def _unit_forward(h, c, act, Uf, wl, parent, base, s, b0, nb, j, B, D, cell):
             _rows_preact(act, h, Uf, wl, parent, base, s, b0, nb, j, B, D, g0, 4)
         else:
             _rows_preact(act, h, Uf, wl, parent, base, s, b0, nb, j, B, D, g0, GATE_CHUNK)
-    for i in range(nb):
+    for i in range(nb if CELL_MATH else 0):
         _cell_row_forward(h, c, act, parent, base, s, b0 + i, B, D, cell, j, j + 1)
 
 
@@ -521,7 +522,7 @@ def _unit_backward(dact, dc, dh, act, c, UTf, wl, parent, child, base, s, b0, nb
     ``dh += Σ_d U_dᵀ da_child_d`` (:func:`_rows_pull`), then the shared cell math (``dc``,
     ``dact`` of unit j only)."""
     _rows_pull(dh, dact, UTf, wl, child, base, s, b0, nb, j, B, D, parent.shape[1])
-    for i in range(nb):
+    for i in range(nb if CELL_MATH else 0):
         _cell_row_backward(dact, dc, dh, act, c, parent, child, base, s, b0 + i, B, D, cell, j, j + 1)
 
 
