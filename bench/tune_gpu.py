@@ -70,7 +70,7 @@ def run_combo(rows: int, unroll: int, tpb: int, layout: str, configs: str, quick
     """Run :func:`child` with ``rows`` per thread, ``unroll`` steps, ``tpb`` threads per block,
     ``layout`` ("flat", or "sliced N": N units per slice) and ``variant`` (of :data:`VARIANTS`)."""
     if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        raise ValueError(f"variant must be one of {tuple(VARIANTS)}, got {variant!r}")
     name, _, units = layout.partition(" ")
     env = dict(os.environ, MDNUMBA_CUDA_ROWS_PER_THREAD=str(rows), MDNUMBA_CUDA_UNROLL=str(unroll),
                MDNUMBA_THREADS_PER_BLOCK=str(tpb), MDNUMBA_CUDA_LAYOUT=name,
