@@ -185,9 +185,12 @@ def main() -> None:
         torch.set_num_threads(numba.get_num_threads())
     out = args.out or (None if args.quick or args.smoke else HERE / "results" / f"family_{dev}.md")
     load0 = load_average()
-    names = ["mdnumba", "sliced"] if dev == "cuda" else ["mdnumba"]  # sliced: the CUDA sliced layout
-    per = ["mdnumba", "mdnumba sliced", "PyTorch", "PyTorch / mdnumba (flat / sliced)"] if dev == "cuda" \
-        else ["mdnumba", "PyTorch", "PyTorch / mdnumba"]
+    # on CUDA mdnumba in its default sweep layout (auto) and in the flat and the sliced one
+    names = ["mdnumba", "flat", "sliced"] if dev == "cuda" else ["mdnumba"]
+    per = ["mdnumba", "PyTorch", "PyTorch / mdnumba"]
+    if dev == "cuda":
+        per = ["mdnumba", "mdnumba flat", "mdnumba sliced", "PyTorch",
+               "PyTorch / mdnumba (auto / flat / sliced)"]
     cols = [f"{what} {n}" for what in ("train step", "forward") for n in per]
     rows = ["| layer | " + " | ".join(cols) + " | float64 forward max abs diff |",
             "|---" * (len(cols) + 2) + "|"]
@@ -195,10 +198,10 @@ def main() -> None:
     for shape in (SMOKE if args.smoke else QUICK if args.quick else SHAPES):
         x = np.random.default_rng(0).random((shape.B,) + shape.dims + (1,), dtype=np.float32)
         layer = build_layer(shape)
-        mt, mf = mdnumba_phases(layer, x, dev, "flat" if dev == "cuda" else None)
+        mt, mf = mdnumba_phases(layer, x, dev)
         train_fns, fwd_fns = {"mdnumba": mt}, {"mdnumba": mf}
-        if dev == "cuda":
-            train_fns["sliced"], fwd_fns["sliced"] = mdnumba_phases(layer, x, dev, "sliced")
+        for layout in names[1:]:
+            train_fns[layout], fwd_fns[layout] = mdnumba_phases(layer, x, dev, layout)
         try:  # a baseline that fails (e.g. torch without CUDA) leaves mdnumba's times
             if torch is None:
                 raise TORCH_ERROR

@@ -6,8 +6,9 @@ For a 2D MD-LSTM (C=1, float32) at 32x32 B64 D64, 128x128 B16 D64 and 256x256 B8
   **inference** (``forward(x, save=False)``, no activations kept)
   of ``mdnumba.backend_cuda.CudaLSTM`` + ``CudaAdam`` (everything stays on the
   device), on the cooperative path (one persistent kernel per sweep, a grid
-  sync between anti-diagonals) in the flat and the sliced layout
-  (``MDNUMBA_CUDA_LAYOUT``) and on the per-diagonal path (one launch each);
+  sync between anti-diagonals) in the default layout (auto: the forward sweeps flat, the
+  backward sliced), the flat and the sliced one (``MDNUMBA_CUDA_LAYOUT``) and on the
+  per-diagonal path (one launch each, flat);
 - the same through the NumPy API, ``MDLSTM2D(device="cuda")`` (host↔device
   copies of x, h, dh, dx, parameters and gradients each step, CPU Adam);
 - :class:`torch_wavefront.TorchMDLSTM2D` + ``torch.optim.Adam`` on the same GPU
@@ -338,10 +339,12 @@ def torch_fns(tb: TorchBaseline, cfg: Config, x: np.ndarray):
 
 # -------------------------------------------------------------------------- report
 #: the device paths timed side by side: result key, sweep path, layout, label
-DEVICE_PATHS = [("coop", "cooperative", "flat", "cooperative"),
+DEVICE_PATHS = [("coop", "cooperative", None, "cooperative"),
+                ("flat", "cooperative", "flat", "cooperative flat"),
                 ("sliced", "cooperative", "sliced", "cooperative sliced"),
                 ("diag", "per-diagonal", "flat", "per-diagonal")]
-SPEED_COLUMNS = [("coop", "mdnumba GPU cooperative"), ("sliced", "mdnumba GPU cooperative sliced"),
+SPEED_COLUMNS = [("coop", "mdnumba GPU cooperative"), ("flat", "mdnumba GPU cooperative flat"),
+                 ("sliced", "mdnumba GPU cooperative sliced"),
                  ("diag", "mdnumba GPU per-diagonal"),
                  ("trainer", "`train --device cuda` per step"),
                  ("numpy_api", "MDLSTM2D(device='cuda') NumPy API"), ("torch", "PyTorch GPU"),
@@ -350,10 +353,11 @@ SPEED_COLUMNS = [("coop", "mdnumba GPU cooperative"), ("sliced", "mdnumba GPU co
 
 def speed_table(results: list[dict], mode: str, keys: tuple | None = None) -> list[str]:
     """Times of ``mode`` per config for the columns ``keys`` of :data:`SPEED_COLUMNS` (None: all),
-    with PyTorch / coop (and / sliced, and CPU / coop, when those are columns)."""
+    with PyTorch / coop (and / flat, / sliced, and CPU / coop, when those are columns)."""
     cols = [c for c in SPEED_COLUMNS if keys is None or c[0] in keys]
     have = {c[0] for c in cols}
     extra = [(a, b, f"{na} / {nb}") for a, b, na, nb in (("torch", "coop", "PyTorch", "coop"),
+                                                          ("torch", "flat", "PyTorch", "flat"),
                                                           ("torch", "sliced", "PyTorch", "sliced"),
                                                           ("cpu", "coop", "CPU", "coop"))
              if {a, b} <= have]
@@ -440,10 +444,12 @@ def render(info: dict[str, str], results: list[dict], quick: bool) -> str:
             "wall-clock including Python dispatch, with a device synchronize per call.", "",
             "- *mdnumba GPU*: `CudaLSTM` + `CudaAdam`, all on the device (input already there); "
             "cooperative = one persistent kernel per sweep with `this_grid().sync()` between "
-            "anti-diagonals, per-diagonal = one launch per anti-diagonal; sliced = the cooperative "
-            "path in the sliced layout (`MDNUMBA_CUDA_LAYOUT=sliced`: each block owns a slice of "
-            "hidden units and keeps their recurrent weights in shared memory), the others flat "
-            "(the work of each anti-diagonal spread over the grid, weights read from global memory);",
+            "anti-diagonals, per-diagonal = one launch per anti-diagonal (flat layout); cooperative "
+            "flat / sliced = the cooperative path in the flat layout (the work of each anti-diagonal "
+            "spread over the grid, weights read from global memory) / in the sliced one (each block "
+            "owns a slice of hidden units and keeps their recurrent weights in shared memory); "
+            "cooperative = in the default layout, `MDNUMBA_CUDA_LAYOUT=auto`: the backward sweep "
+            "sliced, the forward ones flat;",
             "- *`train --device cuda`*: the CLI's device-resident trainer (`DeviceTrainer`) on the "
             "diagonal task at the same H, B, D, stable cell (graves diverges at 256x256 in the first "
             "step): host batch generation and upload, MD-LSTM, readout, "
@@ -463,7 +469,7 @@ def render(info: dict[str, str], results: list[dict], quick: bool) -> str:
             "The saving-free sweep (`wavefront_infer`'s CUDA twin: two hyperplanes of buffers, the "
             "input projection inside the sweep, h straight into the output) on each path; PyTorch: "
             "its forward under `torch.no_grad()` (the column above).", ""]
-    out += speed_table(results, "inference", ("coop", "sliced", "diag", "torch"))
+    out += speed_table(results, "inference", ("coop", "flat", "sliced", "diag", "torch"))
     out += ["", "## Time per anti-diagonal", "",
             "Sweeps alone (recurrent part only, no GEMMs, no copies) divided by the number of "
             f"anti-diagonals, next to the synchronisation floors measured on this GPU: an empty "

@@ -14,12 +14,13 @@ place to change them. Environment variables override the defaults:
 - ``MDNUMBA_CUDA_UNROLL`` sets how many steps of a CUDA sweep thread's inner sum load
   their operands together before multiplying (default 8): more loads in flight per thread.
 - ``MDNUMBA_CUDA_LAYOUT`` sets how the CUDA sweeps share out a hyperplane's work: ``flat``
-  (default: work items spread over the whole grid, the recurrent weights read from global
-  memory unless all of them fit in shared memory) or ``sliced`` (each block owns a fixed slice
-  of hidden units of one scan and keeps just those units' weights in shared memory for the
-  whole sweep; see :mod:`mdnumba.kernels.wavefront_cuda`); on an H200 their train steps came
-  within 5% of each other (bench/results/gpu.md). ``MDNUMBA_CUDA_SLICE_UNITS`` sets the units
-  per slice (default 8; compile-time).
+  (work items spread over the whole grid, the recurrent weights read from global memory
+  unless all of them fit in shared memory), ``sliced`` (each block owns a fixed slice of
+  hidden units of one scan and keeps just those units' weights in shared memory for the whole
+  sweep; see :mod:`mdnumba.kernels.wavefront_cuda`) or ``auto`` (default: the faster of the two
+  per sweep on an H200, bench/results/gpu.md: the backward sweep sliced, the forward ones flat;
+  ``wavefront_cuda.AUTO_LAYOUT``). ``MDNUMBA_CUDA_SLICE_UNITS`` sets the units per slice
+  (default 8; compile-time).
 - ``MDNUMBA_CUDA_SKIP`` is a **diagnostic** for timing the CUDA sweeps, a comma list of stages
   their threads skip: ``sum`` (the recurrent sums, forward ``Σ h·U`` and backward ``Σ δ·Uᵀ``:
   every result is then that of recurrent weights U = 0) and ``cell`` (the cells' gate math:
@@ -179,8 +180,8 @@ def host_vector_bytes() -> int:
 
 #: CUDA sweep paths: auto (cooperative, falling back), cooperative, per-diagonal
 CUDA_PATHS = ("auto", "cooperative", "per-diagonal")
-#: CUDA sweep layouts: flat (items over the whole grid), sliced (a block per slice of units)
-CUDA_LAYOUTS = ("flat", "sliced")
+#: CUDA sweep layouts: auto (per sweep), flat (items over the whole grid), sliced (a block per slice of units)
+CUDA_LAYOUTS = ("auto", "flat", "sliced")
 #: sweep stages the timing diagnostic ``MDNUMBA_CUDA_SKIP`` can leave out
 CUDA_SKIP_STAGES = ("sum", "cell")
 #: ``MDNUMBA_VECTOR_BYTES`` settings: AVX2's 32, AVX-512's 64
@@ -202,7 +203,7 @@ try:
     CUDA_ROWS_PER_THREAD: int = env_int("MDNUMBA_CUDA_ROWS_PER_THREAD", 2, high=64)
     CUDA_UNROLL: int = env_int("MDNUMBA_CUDA_UNROLL", 8, high=16)
     CUDA_PATH: str = env_choice("MDNUMBA_CUDA_PATH", "auto", CUDA_PATHS)
-    CUDA_LAYOUT: str = env_choice("MDNUMBA_CUDA_LAYOUT", "flat", CUDA_LAYOUTS)
+    CUDA_LAYOUT: str = env_choice("MDNUMBA_CUDA_LAYOUT", "auto", CUDA_LAYOUTS)
     CUDA_SLICE_UNITS: int = env_int("MDNUMBA_CUDA_SLICE_UNITS", 8, high=64)
     #: diagnostic only: the stages of CUDA_SKIP_STAGES the CUDA sweeps skip (wrong results)
     CUDA_SKIP: tuple[str, ...] = env_subset("MDNUMBA_CUDA_SKIP", CUDA_SKIP_STAGES)

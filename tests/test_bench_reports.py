@@ -65,16 +65,18 @@ def test_gpu_targets_both_configs_and_missing_parts():
            "60.0x (target ≥ 50x): **met**\n" in report
 
 
-def test_gpu_sliced_column_and_sync_floors_at_the_sweeps_grids():
-    """The sliced layout's train step is a target candidate and a column with its own PyTorch
-    ratio; the per-diagonal table gives the grid-sync floor at the largest grid and at the
-    sweeps' own grids (read from the paths taken)."""
+def test_gpu_layout_columns_and_sync_floors_at_the_sweeps_grids():
+    """The flat and sliced layouts' train steps are target candidates and columns with their own
+    PyTorch ratios next to the default layout's; the per-diagonal table gives the grid-sync floor
+    at the largest grid and at the sweeps' own grids (read from the paths taken)."""
     res = gpu_result("32", 2.0, None, 60.0)
-    res["train"]["sliced"] = T([1.0, 1.5])
+    res["train"]["sliced"], res["train"]["flat"] = T([1.0, 1.5]), T([3.0, 3.5])
     assert "(cooperative sliced) = 60.0x" in bench_gpu.targets([res])[0]
-    table = bench_gpu.speed_table([res], "train", ("coop", "sliced", "torch"))
-    assert table[0].endswith("| PyTorch / coop | PyTorch / sliced |")
-    assert table[2].endswith("| 30.0x | 60.0x |")
+    table = bench_gpu.speed_table([res], "train", ("coop", "flat", "sliced", "torch"))
+    assert table[0].startswith("| config | mdnumba GPU cooperative ms | mdnumba GPU cooperative flat ms | "
+                               "mdnumba GPU cooperative sliced ms |")
+    assert table[0].endswith("| PyTorch / coop | PyTorch / flat | PyTorch / sliced |")
+    assert table[2].endswith("| 30.0x | 20.0x | 60.0x |")
     res["paths"] = ["cooperative (train): cooperative (396 blocks x 128 threads, 63 hyperplanes), weights in "
                     "global memory", "cooperative sliced (train): cooperative (264 blocks x 128 threads, 63 "
                     "hyperplanes), weights in shared memory, 8 slices of 8 units x 33 blocks"]

@@ -42,14 +42,14 @@ def test_run_gpu_smoke_under_the_simulator(background_run):
     tmp_path = background_run.out.parent / "out"
     gpu = (tmp_path / "gpu.md").read_text()
     row = next(line for line in gpu.splitlines() if line.startswith("| 4x4 B1 D2 | **"))
-    cells = row.split(" | ")[1:8]  # cooperative, sliced, per-diagonal, trainer, NumPy API, PyTorch, CPU
-    has_torch = importlib.util.find_spec("torch") is not None
+    cells = row.split(" | ")[1:9]  # cooperative (auto, flat, sliced), per-diagonal, trainer, NumPy API,
+    has_torch = importlib.util.find_spec("torch") is not None  # PyTorch, CPU
     filled = [c.startswith("**") for c in cells]
-    assert filled == [True, True, True, True, True, has_torch, True], row
+    assert filled == [True, True, True, True, True, True, has_torch, True], row
     assert "cooperative sliced (train): cooperative" in gpu and "slices of" in gpu, gpu[-3000:]
     inference = gpu[gpu.index("## Inference"):].splitlines()
     row = next(line for line in inference if line.startswith("| 4x4 B1 D2 | **"))
-    assert [c.startswith("**") for c in row.split(" | ")[1:5]] == [True, True, True, has_torch], row
+    assert [c.startswith("**") for c in row.split(" | ")[1:6]] == [True] * 4 + [has_torch], row
     family = (tmp_path / "family_cuda.md").read_text()
     assert "2D 3x3 B1 D2, 4 directions" in family and "3D 2x2x2 B1 D2, 1 direction" in family
     assert "PyTorch failed" not in family if has_torch else True

@@ -106,7 +106,7 @@ def _run_sweeps(mod, wf, U, act0, B, D, cell, **kw):
     ((5,), None, "graves", 2, 2, 3), ((2, 2, 3), None, "stable", 1, 2, 3), ((2, 3), None, "graves", 1, 5, 9),
     ((2, 1, 2, 2), None, "spatial", 1, 1, 3)])
 def sim_sweep_kernels_match_cpu(dims, shared, cell, scans, B, D, path, rng):
-    """Kernel twins vs the CPU kernels in float64, both paths, U shared or global, every cell,
+    """Kernel twins (flat layout) vs the CPU kernels in float64, both paths, U shared or global, every cell,
     one or several scans (directions) per sweep; B=5 leaves a remainder of ROWS_PER_THREAD rows
     (2 by default, 1 and 3 in the other settings' runs), D=9 one of UNROLL (8) steps in the
     forward's sums as (N+3)*D in the backward's, 4-D needs two passes over the gate blocks."""
@@ -117,7 +117,7 @@ def sim_sweep_kernels_match_cpu(dims, shared, cell, scans, B, D, path, rng):
     assert gpu.GATE_CHUNK < 4 + 3  # the 4-D case covers a second pass
     wf, U, act0 = _cpu_sweep_inputs(dims, B, D, scans, rng)
     want = _run_sweeps(cpu, wf, U, act0, B, D, code)
-    got = _run_sweeps(gpu, wf, U, act0, B, D, code, path=path, use_shared=shared, tpb=8)
+    got = _run_sweeps(gpu, wf, U, act0, B, D, code, path=path, use_shared=shared, tpb=8, layout="flat")
     for name, a, b in zip(("h", "c", "act", "dact", "dc", "dh"), got, want):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14, err_msg=name)
     assert gpu.last_path().startswith(path)
@@ -150,6 +150,32 @@ def sim_sliced_sweeps_match_cpu(dims, cell, scans, B, D, path, rng):
             f"{want_path}{min(pairs, 3 // slices)} blocks"
     desc = gpu.last_path()
     assert desc.startswith(path) and want_path in desc, desc
+
+
+@pytest.mark.parametrize("path", ["cooperative", "per-diagonal"])
+def sim_auto_layout_sweeps_forward_flat_and_backward_sliced(path, rng, monkeypatch):
+    """The layout "auto" (the default, wavefront_cuda.AUTO_LAYOUT: the faster per sweep on an
+    H200): a layer's saving and saving-free forward sweeps run flat, its backward sweep sliced;
+    h, dx and the gradients are the CPU layer's (float64)."""
+    from mdnumba import config
+    from mdnumba.kernels import wavefront_cuda as gpu
+    assert config.CUDA_LAYOUTS[0] == "auto" and gpu.AUTO_LAYOUT == dict(forward="flat", infer="flat",
+                                                                         backward="sliced")
+    monkeypatch.setattr(gpu, "DEFAULT_PATH", path)
+    monkeypatch.setattr(gpu, "DEFAULT_LAYOUT", "auto")
+    dev, host = (_layer(2, 2, 3, np.float64, device) for device in ("cuda", "cpu"))
+    x = rng.standard_normal((2, 3, 4, 2))
+    dh = rng.standard_normal((2, 3, 4, 3))
+    paths, results = [], []
+    for layer in (dev, host):
+        results.append((layer.forward(x), layer.backward(dh), layer.grads.data.copy()))
+        paths.append(gpu.last_path())  # the backward's (the host layer's leaves it)
+    for got, want in zip(*results):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+    dev.forward(x)
+    assert "slices of" not in gpu.last_path() and "slices of" in paths[0], (gpu.last_path(), paths[0])
+    dev.forward(x, save=False)
+    assert gpu.last_path().startswith(path) and "slices of" not in gpu.last_path(), gpu.last_path()
 
 
 @pytest.mark.parametrize("layout", ["flat", "sliced"])
@@ -884,7 +910,7 @@ def sim_errors_and_fallback(rng, monkeypatch):
         dev.backward(np.zeros((1, 2, 3, 3), np.float32))
     with pytest.raises(ValueError, match="path"):
         CudaLSTM.from_layer(MDLSTM2D(2, 3), path="diagonal").forward(np.ones((1, 2, 2, 2), np.float32))
-    with pytest.raises(ValueError, match=r"layout \(or MDNUMBA_CUDA_LAYOUT\) must be one of \('flat', 'sli"):
+    with pytest.raises(ValueError, match=r"must be one of \('auto', 'flat', 'sliced'\), got 'tiled'"):
         CudaLSTM.from_layer(MDLSTM2D(2, 3), layout="tiled").forward(np.ones((1, 2, 2, 2), np.float32))
     with monkeypatch.context() as m:  # a slice over the shared-memory limit: the flat layout, said
         m.setattr(gpu, "SHARED_BYTES_LIMIT", 100)

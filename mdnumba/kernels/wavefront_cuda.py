@@ -20,7 +20,8 @@ hyperplane: unit j of up to :data:`ROWS_PER_THREAD` batch rows ``r_i`` of one ce
   from the children on the finished hyperplane, then writes ``dc[r_i, j]`` and
   ``dact[r_i, g*D + j]`` for its own j only: no two threads write the same place.
 
-Two layouts share out a hyperplane's items (``layout``, ``MDNUMBA_CUDA_LAYOUT``):
+Two layouts share out a hyperplane's items (``layout``, ``MDNUMBA_CUDA_LAYOUT``; the default
+``auto`` takes :data:`AUTO_LAYOUT`'s per sweep):
 
 - ``flat``: over the whole grid (grid-stride), so every block reads all of U (from shared
   memory when all of it fits, else through L1/L2).
@@ -105,7 +106,7 @@ MAX_ELEMENTS = 2 ** 32
 #: sweep path used when none is given: auto (cooperative, falling back), cooperative, per-diagonal
 DEFAULT_PATH: str = config.CUDA_PATH
 PATHS = config.CUDA_PATHS
-#: sweep layout used when none is given (MDNUMBA_CUDA_LAYOUT): flat or sliced
+#: sweep layout used when none is given (MDNUMBA_CUDA_LAYOUT): auto, flat or sliced
 DEFAULT_LAYOUT: str = config.CUDA_LAYOUT
 LAYOUTS = config.CUDA_LAYOUTS
 
@@ -119,6 +120,11 @@ UNROLL: int = max(1, config.CUDA_UNROLL)
 SLICE: int = max(1, config.CUDA_SLICE_UNITS)
 #: gate blocks a forward thread accumulates at once (N + 3 <= 6, i.e. N <= 3: one pass)
 GATE_CHUNK = 6
+#: the layout "auto" takes per sweep, the faster on an H200 (bench/results/gpu.md, 2026-12-04):
+#: the backward sweep sliced (7-9% less time per anti-diagonal than flat at 32x32 B64 D64,
+#: 128x128 B16 D64 and 256x256 B8 D128), the forward and the saving-free forward flat (sliced
+#: 11% and 10% slower at 32x32, within 1-7% either way at the larger sizes)
+AUTO_LAYOUT = {"forward": "flat", "infer": "flat", "backward": "sliced"}
 #: diagnostic (MDNUMBA_CUDA_SKIP, compile-time): the sweeps compute the recurrent sums of
 #: :func:`_rows_preact` and :func:`_rows_pull` (else as if U = 0), and the cells' gate math of
 #: :func:`_unit_forward` and :func:`_unit_backward` (else h, c and the gradients stay as they were)
@@ -1307,17 +1313,23 @@ def _record(desc: str, shared: bool | str) -> None:
     _state["last_path"] = f"{desc}, {shared}"
 
 
+def _resolve_layout(layout: str | None, sweep: str) -> str:
+    """``layout`` (None: :data:`DEFAULT_LAYOUT`) of a ``sweep`` (a key of :data:`AUTO_LAYOUT`),
+    "auto" resolved; ValueError for an unknown one."""
+    layout = layout or DEFAULT_LAYOUT
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout (or MDNUMBA_CUDA_LAYOUT) must be one of {LAYOUTS}, got {layout!r}")
+    return AUTO_LAYOUT[sweep] if layout == "auto" else layout
+
+
 def _plan_slices(coop, args, S: int, N: int, D: int, B: int, diag_off_host: np.ndarray, itemsize: int,
-                 layout: str | None, path: str | None, tpb: int) -> tuple[int, int, int, str]:
+                 layout: str, path: str | None, tpb: int) -> tuple[int, int, int, str]:
     """The sliced layout of a sweep (``coop``: its cooperative kernel, for ``args``), or why not:
     ``(nO, blocks, shared bytes, note)``; nO blocks per slice of SLICE units (as many as the
     cooperative grid holds, at most the largest hyperplane's (cell, row group) pairs per scan),
     blocks = S * nJ * nO with nJ = ceil(D / SLICE). nO = 0 (flat layout) when the
     layout is flat, the slice does not fit in :data:`SHARED_BYTES_LIMIT` or, off the per-diagonal
     path, the S * nJ slices cannot all be co-resident; ``note`` then says why."""
-    layout = layout or DEFAULT_LAYOUT
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout (or MDNUMBA_CUDA_LAYOUT) must be one of {LAYOUTS}, got {layout!r}")
     if layout == "flat":
         return 0, 0, 0, ""
     shmem = N * (N + 3) * D * SLICE * itemsize
@@ -1335,15 +1347,15 @@ def _plan_slices(coop, args, S: int, N: int, D: int, B: int, diag_off_host: np.n
     return nO, S * nJ * nO, shmem, f"weights in shared memory, {S * nJ} slices of {SLICE} units x {nO} blocks"
 
 
-def _layout_sweep(flat: tuple, sliced: tuple, head: tuple, tail: tuple, W, S: int, N: int, D: int, B: int,
-                  diag_off_host: np.ndarray, layout: str | None, use_shared: bool | None, path: str | None,
-                  tpb: int, **sweep_kw) -> None:
-    """Run a sweep in its layout: the ``sliced`` (coop, diag) kernels where :func:`_plan_slices`
-    allows, else the ``flat`` ones with the weights ``W`` in shared memory when
-    :func:`_use_shared` says so; their arguments are ``(*head, use_shared, nO, *tail)``.
-    Records the path taken (:func:`last_path`)."""
+def _layout_sweep(sweep: str, flat: tuple, sliced: tuple, head: tuple, tail: tuple, W, S: int, N: int, D: int,
+                  B: int, diag_off_host: np.ndarray, layout: str | None, use_shared: bool | None,
+                  path: str | None, tpb: int, **sweep_kw) -> None:
+    """Run a ``sweep`` ("forward", "infer", "backward") in its layout (:func:`_resolve_layout`):
+    the ``sliced`` (coop, diag) kernels where :func:`_plan_slices` allows, else the ``flat`` ones
+    with the weights ``W`` in shared memory when :func:`_use_shared` says so; their arguments
+    are ``(*head, use_shared, nO, *tail)``. Records the path taken (:func:`last_path`)."""
     nO, blocks, shmem, note = _plan_slices(sliced[0], (*head, False, 1, *tail), S, N, D, B, diag_off_host,
-                                           W.dtype.itemsize, layout, path, tpb)
+                                           W.dtype.itemsize, _resolve_layout(layout, sweep), path, tpb)
     shared = not nO and _use_shared(W, use_shared)
     if not nO:
         shmem = W.nbytes if shared else 0
@@ -1376,8 +1388,8 @@ def wavefront_forward(h: HostOrDevice, c: HostOrDevice, act: HostOrDevice, U: Ho
     "cooperative" or "per-diagonal"; ``use_shared``: stage U in shared memory
     (None: when it fits). With ``out`` (R, S, D) and ``out_src`` (S, R) the same launch
     then writes ``out[r, q] = h[q*R + out_src[q, r]]`` (the output in grid order).
-    ``layout``: "flat" or "sliced" (None: :data:`DEFAULT_LAYOUT`; sliced ignores ``use_shared``;
-    :func:`_plan_slices` says when it falls back to flat).
+    ``layout``: "auto" (:data:`AUTO_LAYOUT`), "flat" or "sliced" (None: :data:`DEFAULT_LAYOUT`;
+    sliced ignores ``use_shared``; :func:`_plan_slices` says when it falls back to flat).
     """
     tpb = _tpb(tpb)
     a = _Args(h, c, act, U, diag_off, parent, out, out_src)
@@ -1386,8 +1398,8 @@ def wavefront_forward(h: HostOrDevice, c: HostOrDevice, act: HostOrDevice, U: Ho
     if out_ is None:
         out_, src_ = _none(h_.dtype, 3), _none(par_.dtype, 2)  # tables share a dtype
     head, tail = (h_, c_, act_, U_.reshape(U_.size), off_, par_, int(B), int(D), int(cell)), (out_, src_)
-    _layout_sweep((_forward_coop, _forward_diag), (_forward_coop_sliced, _forward_diag_sliced), head, tail,
-                  U_, U_.shape[0], par_.shape[1], D, B, host_off, layout, use_shared, path, tpb,
+    _layout_sweep("forward", (_forward_coop, _forward_diag), (_forward_coop_sliced, _forward_diag_sliced),
+                  head, tail, U_, U_.shape[0], par_.shape[1], D, B, host_off, layout, use_shared, path, tpb,
                   reverse=False, post=_forward_post if src_.size else None, extra_items=out_.size)
     a.finish(0, 1, 2, 6)
 
@@ -1406,7 +1418,7 @@ def wavefront_infer(out: HostOrDevice, h: HostOrDevice, c: HostOrDevice, act: Ho
     host_off = _host_ints(diag_off if diag_off_host is None else diag_off_host)[first:last + 1]
     head = (out_, h_, c_, act_, U_.reshape(U_.size), lp_, x_, src_, W_, b_, off_, par_, int(first),
             int(last), int(B), int(D), int(cell))
-    _layout_sweep((_infer_coop, _infer_diag), (_infer_coop_sliced, _infer_diag_sliced), head, (), U_,
+    _layout_sweep("infer", (_infer_coop, _infer_diag), (_infer_coop_sliced, _infer_diag_sliced), head, (), U_,
                   U_.shape[0], par_.shape[1], D, B, host_off, layout, use_shared, path, tpb, reverse=False,
                   pre=_infer_pre, extra_items=lp_.size)
     a.finish(0, 1, 2, 3, 4)
@@ -1443,9 +1455,10 @@ def wavefront_backward(dact: HostOrDevice, dc: HostOrDevice, dh: HostOrDevice, a
     UT = _scratch("UT", (U_.size,), dt)
     host_off = _host_ints(diag_off if diag_off_host is None else diag_off_host)
     head, tail = (*dev[:5], UT, *dev[6:9], int(B), int(D), int(cell)), (U_, *dev[9:])
-    _layout_sweep((_backward_coop, _backward_diag), (_backward_coop_sliced, _backward_diag_sliced), head,
-                  tail, UT, U_.shape[0], dev[7].shape[1], D, B, host_off, layout, use_shared, path, tpb,
-                  reverse=True, pre=_backward_pre, extra_items=max(U_.size, dev[2].size, dev[11].size))
+    kernels = (_backward_coop, _backward_diag), (_backward_coop_sliced, _backward_diag_sliced)
+    _layout_sweep("backward", *kernels, head, tail, UT, U_.shape[0], dev[7].shape[1], D, B, host_off, layout,
+                  use_shared, path, tpb, reverse=True, pre=_backward_pre,
+                  extra_items=max(U_.size, dev[2].size, dev[11].size))
     a.finish(0, 1, 2, 11)
 
 
