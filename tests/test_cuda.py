@@ -1616,14 +1616,17 @@ def sim_cli_trains_char_lm_on_device(small_text, tmp_path):
 
 
 def sim_cli_bench_on_device():
-    """``mdnumba bench --device cuda`` times the device-resident layer and names the sweep path."""
+    """``mdnumba bench --device cuda`` times the device-resident layer and names the sweep path,
+    the forward's and the backward's where they differ (the default layout runs them differently)."""
     from click.testing import CliRunner
     from mdnumba.cli.main import main
     res = CliRunner().invoke(main, ["bench", "--device", "cuda", "--size", "3", "--batch", "2",
                                     "--hidden", "2", "--directions", "4", "--repeats", "1"])
     assert res.exit_code == 0, res.output
     assert "(cuda)" in res.output.splitlines()[0]
-    assert re.search(r"^  sweep path  (cooperative|per-diagonal) ", res.output, re.M), res.output
+    path = r"(cooperative|per-diagonal) \("
+    line = rf"^  sweep path  ({path}|forward {path}.*; backward {path})"
+    assert re.search(line, res.output, re.M), res.output
 
 
 def sim_readme_gpu_example_runs():
