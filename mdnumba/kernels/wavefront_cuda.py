@@ -123,7 +123,8 @@ GATE_CHUNK = 6
 #: the layout "auto" takes per sweep, the faster on an H200 (bench/results/gpu.md, 2026-12-04):
 #: the backward sweep sliced (7-9% less time per anti-diagonal than flat at 32x32 B64 D64,
 #: 128x128 B16 D64 and 256x256 B8 D128), the forward and the saving-free forward flat (sliced
-#: 12% and 10% slower per anti-diagonal at 32x32, within 1-7% either way at the larger sizes)
+#: 12% slower per anti-diagonal and 10% per saving-free call at 32x32, within 1-7% either way at
+#: the larger sizes)
 AUTO_LAYOUT = {"forward": "flat", "infer": "flat", "backward": "sliced"}
 #: diagnostic (MDNUMBA_CUDA_SKIP, compile-time): the sweeps compute the recurrent sums of
 #: :func:`_rows_preact` and :func:`_rows_pull` (else as if U = 0), and the cells' gate math of
