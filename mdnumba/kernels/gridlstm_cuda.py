@@ -22,7 +22,7 @@ from .wavefront_cuda import (
     _blocks,
     _divmod,
     _fill_parents,
-    _host_ints,
+    _host_offsets,
     _record,
     _sweep,
     _tpb,
@@ -158,7 +158,7 @@ def grid_forward(h: HostOrDevice, c: HostOrDevice, act: HostOrDevice, x: HostOrD
     ``diag_off_host`` as in :func:`~mdnumba.kernels.wavefront_cuda.wavefront_forward`: a device
     ``diag_off`` is otherwise copied back, which waits for the GPU)."""
     a = _Args(h, c, act, x, U_time, U_depth, diag_off, parent, perm)
-    host_off = _host_ints(diag_off if diag_off_host is None else diag_off_host)
+    host_off = _host_offsets(diag_off, diag_off_host)
     desc = _sweep(_forward_coop, _forward_diag, (*a.dev, int(L), int(B), int(D)), host_off,
                   B, 1, 0, path, _tpb(tpb), reverse=False)
     _record(desc, False)
@@ -172,7 +172,7 @@ def grid_backward(dact: HostOrDevice, dc: HostOrDevice, dx: HostOrDevice, dtop: 
                   diag_off_host: np.ndarray | None = None) -> None:
     """CUDA twin of :func:`mdnumba.kernels.gridlstm.grid_backward` (as :func:`grid_forward`)."""
     a = _Args(dact, dc, dx, dtop, act, c, U_time, U_depth, diag_off, parent, child, perm)
-    host_off = _host_ints(diag_off if diag_off_host is None else diag_off_host)
+    host_off = _host_offsets(diag_off, diag_off_host)
     desc = _sweep(_backward_coop, _backward_diag, (*a.dev, int(L), int(B), int(D)), host_off, B, 1, 0, path,
                   _tpb(tpb), reverse=True)
     _record(desc, False)
@@ -187,7 +187,7 @@ def grid_infer(out: HostOrDevice, h: HostOrDevice, c: HostOrDevice, act: HostOrD
                tpb: int | None = None, diag_off_host: np.ndarray | None = None) -> None:
     """CUDA twin of :func:`mdnumba.kernels.gridlstm.grid_infer` (as :func:`grid_forward`)."""
     a = _Args(out, h, c, act, lp, lperm, x, U_time, U_depth, b_time, b_depth, diag_off, parent, perm)
-    host_off = _host_ints(diag_off if diag_off_host is None else diag_off_host)
+    host_off = _host_offsets(diag_off, diag_off_host)
     desc = _sweep(_infer_coop, _infer_diag, (*a.dev, int(L), int(B), int(D)), host_off,
                   B, 1, 0, path, _tpb(tpb), reverse=False, pre=_infer_pre, extra_items=a.dev[4].size)
     _record(desc, False)

@@ -1184,7 +1184,10 @@ class _Args:
                 self.dev[i].copy_to_host(self.host[i])
 
 
-def _host_ints(arr) -> np.ndarray:
+def _host_offsets(diag_off, diag_off_host: np.ndarray | None) -> np.ndarray:
+    """The hyperplane offsets on the host: ``diag_off_host`` when given, else ``diag_off`` (a
+    device one copied back, which waits for the GPU)."""
+    arr = diag_off if diag_off_host is None else diag_off_host
     return arr.copy_to_host() if hasattr(arr, "copy_to_host") else np.asarray(arr)
 
 
@@ -1354,14 +1357,15 @@ def _layout_sweep(sweep: str, flat: tuple, sliced: tuple, head: tuple, tail: tup
     """Run a ``sweep`` ("forward", "infer", "backward") in its layout (:func:`_resolve_layout`):
     the ``sliced`` (coop, diag) kernels where :func:`_plan_slices` allows, else the ``flat`` ones
     with the weights ``W`` in shared memory when :func:`_use_shared` says so; their arguments
-    are ``(*head, use_shared, nO, *tail)``. Records the path taken (:func:`last_path`)."""
+    are ``(*head, use_shared, nO, *tail)``; the backward sweeps the hyperplanes in reverse.
+    Records the path taken (:func:`last_path`)."""
     nO, blocks, shmem, note = _plan_slices(sliced[0], (*head, False, 1, *tail), S, N, D, B, diag_off_host,
                                            W.dtype.itemsize, _resolve_layout(layout, sweep), path, tpb)
     shared = not nO and _use_shared(W, use_shared)
     if not nO:
         shmem = W.nbytes if shared else 0
     desc = _sweep(*(sliced if nO else flat), (*head, shared, nO, *tail), diag_off_host, S * _row_groups(B),
-                  D, shmem, path, tpb, blocks=blocks, **sweep_kw)
+                  D, shmem, path, tpb, sweep == "backward", blocks=blocks, **sweep_kw)
     _record(desc, note or shared)
 
 
@@ -1394,14 +1398,14 @@ def wavefront_forward(h: HostOrDevice, c: HostOrDevice, act: HostOrDevice, U: Ho
     """
     tpb = _tpb(tpb)
     a = _Args(h, c, act, U, diag_off, parent, out, out_src)
-    host_off = _host_ints(diag_off if diag_off_host is None else diag_off_host)
+    host_off = _host_offsets(diag_off, diag_off_host)
     h_, c_, act_, U_, off_, par_, out_, src_ = a.dev
     if out_ is None:
         out_, src_ = _none(h_.dtype, 3), _none(par_.dtype, 2)  # tables share a dtype
     head, tail = (h_, c_, act_, U_.reshape(U_.size), off_, par_, int(B), int(D), int(cell)), (out_, src_)
     _layout_sweep("forward", (_forward_coop, _forward_diag), (_forward_coop_sliced, _forward_diag_sliced),
                   head, tail, U_, U_.shape[0], par_.shape[1], D, B, host_off, layout, use_shared, path, tpb,
-                  reverse=False, post=_forward_post if src_.size else None, extra_items=out_.size)
+                  post=_forward_post if src_.size else None, extra_items=out_.size)
     a.finish(0, 1, 2, 6)
 
 
@@ -1416,12 +1420,12 @@ def wavefront_infer(out: HostOrDevice, h: HostOrDevice, c: HostOrDevice, act: Ho
     tpb = _tpb(tpb)
     a = _Args(out, h, c, act, lp, x, src, W, bias, U, diag_off, parent)
     out_, h_, c_, act_, lp_, x_, src_, W_, b_, U_, off_, par_ = a.dev
-    host_off = _host_ints(diag_off if diag_off_host is None else diag_off_host)[first:last + 1]
+    host_off = _host_offsets(diag_off, diag_off_host)[first:last + 1]
     head = (out_, h_, c_, act_, U_.reshape(U_.size), lp_, x_, src_, W_, b_, off_, par_, int(first),
             int(last), int(B), int(D), int(cell))
     _layout_sweep("infer", (_infer_coop, _infer_diag), (_infer_coop_sliced, _infer_diag_sliced), head, (), U_,
-                  U_.shape[0], par_.shape[1], D, B, host_off, layout, use_shared, path, tpb, reverse=False,
-                  pre=_infer_pre, extra_items=lp_.size)
+                  U_.shape[0], par_.shape[1], D, B, host_off, layout, use_shared, path, tpb, pre=_infer_pre,
+                  extra_items=lp_.size)
     a.finish(0, 1, 2, 3, 4)
 
 
@@ -1454,11 +1458,11 @@ def wavefront_backward(dact: HostOrDevice, dc: HostOrDevice, dh: HostOrDevice, a
         if dev[i] is None:
             dev[i] = _none(dev[7].dtype if i == 10 else dt, ndim)  # 7: parent
     UT = _scratch("UT", (U_.size,), dt)
-    host_off = _host_ints(diag_off if diag_off_host is None else diag_off_host)
+    host_off = _host_offsets(diag_off, diag_off_host)
     head, tail = (*dev[:5], UT, *dev[6:9], int(B), int(D), int(cell)), (U_, *dev[9:])
     kernels = (_backward_coop, _backward_diag), (_backward_coop_sliced, _backward_diag_sliced)
     _layout_sweep("backward", *kernels, head, tail, UT, U_.shape[0], dev[7].shape[1], D, B, host_off, layout,
-                  use_shared, path, tpb, reverse=True, pre=_backward_pre,
+                  use_shared, path, tpb, pre=_backward_pre,
                   extra_items=max(U_.size, dev[2].size, dev[11].size))
     a.finish(0, 1, 2, 11)
 
