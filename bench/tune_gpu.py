@@ -1,15 +1,18 @@
 """GPU tuning sweep (issue 5): sweep time per anti-diagonal vs. rows per thread, unrolled steps,
-block size and sweep layout, with or without stages of the sweeps.
+block size, sweep layout and launch bounds, with or without stages of the sweeps.
 
 ``MDNUMBA_CUDA_ROWS_PER_THREAD`` (batch rows a sweep thread computes), ``MDNUMBA_CUDA_UNROLL``
 (steps of its inner sum whose loads go out together; both compile-time: they size the register
 arrays), ``MDNUMBA_THREADS_PER_BLOCK``, ``MDNUMBA_CUDA_LAYOUT`` (flat or sliced) and
 ``MDNUMBA_CUDA_SLICE_UNITS`` (the sliced layout's units per block, compile-time) are read when
-mdnumba is imported, as is the diagnostic ``MDNUMBA_CUDA_SKIP`` (``--variants``: ``no-sum``,
-the sweeps without their recurrent sums; ``no-cell``, without the cells' gate math;
-``neither``, without both: what is left is the pre-activations' loads and stores, the item
-bookkeeping and the grid syncs; the differences place a sweep's time without a profiler; their
-results are wrong and their train steps no candidate defaults), so
+mdnumba is imported, as are ``MDNUMBA_CUDA_MIN_BLOCKS`` (``--min-blocks``: the sweep kernels
+compiled for that many blocks per SM, registers capped to fit, 0 none), the diagnostic
+``MDNUMBA_CUDA_SKIP`` (``--variants``: ``no-sum``, the sweeps without their recurrent sums;
+``no-cell``, without the cells' gate math; ``neither``, without both: what is left is the
+pre-activations' loads and stores, the item bookkeeping and the grid syncs; the differences
+place a sweep's time without a profiler; their results are wrong and their train steps no
+candidate defaults) and ``MDNUMBA_CUDA_CELL_REGISTERS`` (variant ``memory-cell``: the cell math
+on global memory instead of registers, the same results), so
 each combination runs in a child process of its own (``--child``), which builds a
 ``CudaLSTM`` on the cooperative path, times the forward and backward sweeps alone and a
 device train step (``bench_gpu.mdnumba_device_fns``) and prints one JSON line. The parent
@@ -17,8 +20,8 @@ collects them into a markdown table (default ``bench/results/tune_gpu.md``): the
 combination per config is the default to pick in ``mdnumba/config.py``.
 
 Usage: ``python bench/tune_gpu.py [--rows 1,2,4,8] [--unroll 4,8,16] [--tpb 64,128,256]
-[--layout flat,sliced] [--slice 4,8,16] [--variants full,no-sum,no-cell,neither] [--configs 32,256] [--quick]
-[--out PATH]`` (the slice
+[--layout flat,sliced] [--slice 4,8,16] [--min-blocks 0,3,4]
+[--variants full,memory-cell,no-sum,no-cell,neither] [--configs 32,256] [--quick] [--out PATH]`` (the slice
 sizes apply to the sliced layout); on a lent GPU machine ``bench/run_gpu.sh --tune``.
 """
 
@@ -37,12 +40,18 @@ from bench_gpu import mdnumba_device_fns, parse_config, sweep_times, time_it
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "tune_gpu.md"
-#: variant -> the sweep stages it skips (MDNUMBA_CUDA_SKIP)
-VARIANTS = {"full": (), "no-sum": ("sum",), "no-cell": ("cell",), "neither": ("sum", "cell")}
+#: variant -> its environment: the sweep stages it skips (MDNUMBA_CUDA_SKIP), the cell math on
+#: global memory (MDNUMBA_CUDA_CELL_REGISTERS=0)
+VARIANTS = {"full": {}, "memory-cell": {"MDNUMBA_CUDA_CELL_REGISTERS": "0"},
+            "no-sum": {"MDNUMBA_CUDA_SKIP": "sum"}, "no-cell": {"MDNUMBA_CUDA_SKIP": "cell"},
+            "neither": {"MDNUMBA_CUDA_SKIP": "sum,cell"}}
+#: the variants whose results are right: their train steps are candidate defaults
+CANDIDATES = ("full", "memory-cell")
 
 
-def child(configs: list[str], budget: float) -> None:
-    """Time every config with this process's settings; one JSON line each on stdout."""
+def child(configs: list[str], budget: float, variant: str) -> None:
+    """Time every config with this process's settings (those of ``variant`` among them); one JSON
+    line each on stdout."""
     from numba import cuda
 
     from mdnumba import config
@@ -55,10 +64,9 @@ def child(configs: list[str], budget: float) -> None:
         sweeps = sweep_times(dev, cfg, "cooperative", cuda.synchronize, budget)
         sliced = config.CUDA_LAYOUT == "sliced"
         layout = config.CUDA_LAYOUT + (f" {config.CUDA_SLICE_UNITS}" if sliced else "")
-        variant = next(v for v, skip in VARIANTS.items() if skip == config.CUDA_SKIP)
         print(json.dumps({"config": cfg.label, "rows": config.CUDA_ROWS_PER_THREAD,
                           "unroll": config.CUDA_UNROLL, "tpb": config.THREADS_PER_BLOCK, "layout": layout,
-                          "variant": variant,
+                          "min_blocks": config.CUDA_MIN_BLOCKS, "variant": variant,
                           "train_ms": step.best * 1e3,
                           "fwd_us_diag": sweeps["forward"].best / cfg.diagonals * 1e6,
                           "bwd_us_diag": sweeps["backward"].best / cfg.diagonals * 1e6,
@@ -66,44 +74,51 @@ def child(configs: list[str], budget: float) -> None:
 
 
 def run_combo(rows: int, unroll: int, tpb: int, layout: str, configs: str, quick: bool,
-              variant: str = "full") -> list[dict]:
+              variant: str = "full", min_blocks: int = 0) -> list[dict]:
     """Run :func:`child` with ``rows`` per thread, ``unroll`` steps, ``tpb`` threads per block,
-    ``layout`` ("flat", or "sliced N": N units per slice) and ``variant`` (of :data:`VARIANTS`)."""
+    ``layout`` ("flat", or "sliced N": N units per slice), ``variant`` (of :data:`VARIANTS`) and
+    the sweep kernels compiled for ``min_blocks`` blocks per SM (0: no bound)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {tuple(VARIANTS)}, got {variant!r}")
     name, _, units = layout.partition(" ")
     env = dict(os.environ, MDNUMBA_CUDA_ROWS_PER_THREAD=str(rows), MDNUMBA_CUDA_UNROLL=str(unroll),
-               MDNUMBA_THREADS_PER_BLOCK=str(tpb), MDNUMBA_CUDA_LAYOUT=name,
-               MDNUMBA_CUDA_SKIP=",".join(VARIANTS[variant]),
+               MDNUMBA_THREADS_PER_BLOCK=str(tpb), MDNUMBA_CUDA_LAYOUT=name, MDNUMBA_CUDA_SKIP="",
+               MDNUMBA_CUDA_CELL_REGISTERS="1", MDNUMBA_CUDA_MIN_BLOCKS=str(min_blocks),
                **({"MDNUMBA_CUDA_SLICE_UNITS": units} if units else {}))
-    cmd = [sys.executable, __file__, "--child", "--configs", configs] + (["--quick"] if quick else [])
+    env.update(VARIANTS[variant])
+    cmd = [sys.executable, __file__, "--child", "--variant", variant, "--configs", configs] + \
+        (["--quick"] if quick else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     found = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0:
         found.append({"config": "?", "rows": rows, "unroll": unroll, "tpb": tpb, "layout": layout,
-                      "variant": variant, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1]})
+                      "min_blocks": min_blocks, "variant": variant,
+                      "error": (proc.stderr.strip().splitlines() or ["no output"])[-1]})
     return found
 
 
 def render(rows: list[dict]) -> str:
-    out = ["# GPU tuning: rows per thread x unrolled steps x threads per block x layout (cooperative path)",
-           "",
+    out = ["# GPU tuning: rows per thread x unrolled steps x threads per block x layout x launch bounds "
+           "(cooperative path)", "",
            "Produced by `python bench/tune_gpu.py` (one process per combination). Best of N; sweeps "
            "alone per anti-diagonal, train step = `CudaLSTM` forward + backward + `CudaAdam`. "
-           "**Bold**: fastest train step per config (of the full sweeps). Variants (`MDNUMBA_CUDA_SKIP`, "
-           "wrong results, for timing only): no-sum, the sweeps without their recurrent sums; no-cell, "
-           "without the cells' gate math; neither, without both.", "",
-           "| config | rows/thread | unroll | threads/block | layout | variant | train step ms | "
-           "forward µs/diag | backward µs/diag | path |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "Blocks/SM: the sweep kernels compiled for that many blocks of the row's threads per SM "
+           "(`MDNUMBA_CUDA_MIN_BLOCKS`, registers capped to fit; 0 none). **Bold**: fastest train step "
+           "per config (of the variants with right results: full, memory-cell, the cell math on global "
+           "memory). The other variants (`MDNUMBA_CUDA_SKIP`, wrong results, for timing only): no-sum, "
+           "the sweeps without their recurrent sums; no-cell, without the cells' gate math; neither, "
+           "without both.", "",
+           "| config | rows/thread | unroll | threads/block | layout | blocks/SM | variant | train step ms | "
+           "forward µs/diag | backward µs/diag | path |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     best = {}
     for r in rows:
-        full = r.get("variant", "full") == "full"
-        if full and "train_ms" in r and r["train_ms"] < best.get(r["config"], float("inf")):
+        right = r.get("variant", "full") in CANDIDATES
+        if right and "train_ms" in r and r["train_ms"] < best.get(r["config"], float("inf")):
             best[r["config"]] = r["train_ms"]
     for r in sorted(rows, key=lambda r: (r["config"], r["rows"], r["unroll"], r["tpb"], r["layout"],
-                                         r.get("variant", "full"))):
+                                         r.get("min_blocks", 0), r.get("variant", "full"))):
         setting = (f"| {r['config']} | {r['rows']} | {r['unroll']} | {r['tpb']} | {r['layout']} | "
-                   f"{r.get('variant', 'full')} |")
+                   f"{r.get('min_blocks', 0)} | {r.get('variant', 'full')} |")
         if "error" in r:
             out.append(f"{setting} FAILED: {r['error']} | | | |")
             continue
@@ -121,8 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tpb", default="64,128,256", help="threads per block to try (comma list)")
     ap.add_argument("--layout", default="flat,sliced", help="sweep layouts to try (comma list)")
     ap.add_argument("--slice", default="8", help="units per slice to try in the sliced layout (comma list)")
+    ap.add_argument("--min-blocks", default="0",
+                    help="blocks per SM to compile the sweep kernels for (comma list; 0: no bound)")
     ap.add_argument("--variants", default="full",
-                    help="comma list of full, no-sum, no-cell, neither (sweep stages left out)")
+                    help="comma list of full, memory-cell (the cell math on global memory), no-sum, no-cell, "
+                         "neither (sweep stages left out)")
+    ap.add_argument("--variant", default="full", help=argparse.SUPPRESS)
     ap.add_argument("--configs", default="32,256", help="as bench_gpu.py --configs")
     ap.add_argument("--quick", action="store_true", help="few repeats (smoke run)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -130,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     budget = 0.3 if args.quick else 1.0
     if args.child:
-        child(args.configs.split(","), budget)
+        child(args.configs.split(","), budget, args.variant)
         return 0
     rows: list[dict] = []
     layouts = [f"sliced {n}" if lay == "sliced" else lay for lay in args.layout.split(",")
@@ -138,12 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     variants = args.variants.split(",")
     if not set(variants) <= set(VARIANTS):
         ap.error(f"--variants takes a comma list of {', '.join(VARIANTS)}, got {args.variants!r}")
-    combos = [(int(r), int(u), int(t), lay, v) for r in args.rows.split(",") for u in args.unroll.split(",")
-              for t in args.tpb.split(",") for lay in layouts for v in variants]
-    for r, u, t, lay, v in combos:
+    combos = [(int(r), int(u), int(t), lay, int(m), v) for r in args.rows.split(",")
+              for u in args.unroll.split(",") for t in args.tpb.split(",") for lay in layouts
+              for m in args.min_blocks.split(",") for v in variants]
+    for r, u, t, lay, m, v in combos:
         t0 = time.perf_counter()
-        rows += run_combo(r, u, t, lay, args.configs, args.quick, v)
-        print(f"rows/thread {r}, unroll {u}, threads/block {t}, {lay}, {v}: "
+        rows += run_combo(r, u, t, lay, args.configs, args.quick, v, m)
+        print(f"rows/thread {r}, unroll {u}, threads/block {t}, {lay}, {m} blocks/SM, {v}: "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(render(rows))  # after every combination: a cut-off run keeps its rows

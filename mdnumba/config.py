@@ -28,6 +28,15 @@ place to change them. Environment variables override the defaults:
   syncs stay, so a sweep's time with and without each stage places it (``bench/tune_gpu.py
   --variants``, for a GPU whose profiler reads no counters); mdnumba warns when it is set, and
   ``mdnumba info`` says so.
+- ``MDNUMBA_CUDA_MIN_BLOCKS`` compiles the CUDA sweep kernels for at least that many blocks of
+  ``MDNUMBA_THREADS_PER_BLOCK`` threads per SM (launch bounds: ptxas caps their registers at
+  65,536 / (blocks x threads) and spills the rest to local memory); default 0, no bound (the
+  2-D flat forward sweep then takes ~250 registers: 2 blocks of 128 per SM). Compile-time; for
+  ``bench/tune_gpu.py --min-blocks``.
+- ``MDNUMBA_CUDA_CELL_REGISTERS=0`` makes the CUDA sweeps of 1- to 3-D layers run the cell
+  math on global memory, as 4-D and larger ones always do, instead of on the thread's
+  registers (default 1; compile-time): a timing comparison (``bench/tune_gpu.py --variants``),
+  the results are the same.
 
 Importing mdnumba sets ``GOMP_SPINCOUNT=3000`` unless the environment already has it:
 the CPU drivers open one OpenMP region per anti-diagonal, and with GNU OpenMP's default
@@ -207,6 +216,10 @@ try:
     CUDA_SLICE_UNITS: int = env_int("MDNUMBA_CUDA_SLICE_UNITS", 8, high=64)
     #: diagnostic only: the stages of CUDA_SKIP_STAGES the CUDA sweeps skip (wrong results)
     CUDA_SKIP: tuple[str, ...] = env_subset("MDNUMBA_CUDA_SKIP", CUDA_SKIP_STAGES)
+    #: blocks per SM the CUDA sweep kernels are compiled for (launch bounds; 0: none)
+    CUDA_MIN_BLOCKS: int = env_int("MDNUMBA_CUDA_MIN_BLOCKS", 0, low=0, high=32)
+    #: the CUDA sweeps run the cell math of N <= 3 dimensions on registers (wavefront_cuda)
+    CUDA_CELL_REGISTERS: bool = env_flag("MDNUMBA_CUDA_CELL_REGISTERS", True)
     #: what :func:`tune_malloc` did at import
     MALLOC_TUNING: str = tune_malloc()
 except ConfigError:

@@ -51,6 +51,21 @@ def threading_layer() -> str:
     return numba.threading_layer()
 
 
+def cuda_sweep_settings() -> str:
+    """The compile-time and default settings of the CUDA sweeps (``MDNUMBA_CUDA_*``)."""
+    cell = "registers (1- to 3-D)" if config.CUDA_CELL_REGISTERS else "global memory"
+    bound = f"compiled for {config.CUDA_MIN_BLOCKS} blocks per SM" if config.CUDA_MIN_BLOCKS else \
+        "no launch bounds"
+    text = (f"{config.CUDA_LAYOUT} layout ({config.CUDA_SLICE_UNITS} units per slice when sliced), "
+            f"{config.CUDA_ROWS_PER_THREAD} rows per thread, {config.CUDA_UNROLL} unrolled steps, "
+            f"{config.THREADS_PER_BLOCK} threads per block, path {config.CUDA_PATH}, cell math on {cell}, "
+            f"{bound} (MDNUMBA_CUDA_* settings)")
+    if config.CUDA_SKIP:
+        text += (f"; DIAGNOSTIC: the sweeps skip {' and '.join(config.CUDA_SKIP)}, their results are wrong "
+                 "(MDNUMBA_CUDA_SKIP)")
+    return text
+
+
 def collect_info() -> dict[str, str]:
     """Versions, threading and device facts as ``name -> text``."""
     return {
@@ -67,11 +82,6 @@ def collect_info() -> dict[str, str]:
                               "MDNUMBA_VECTOR_BYTES)",
         "kernel cache": kernel_cache.describe() if config.CACHE else "off (MDNUMBA_CACHE=0 or unknown Numba)",
         "cuda": cuda_status(),
-        "cuda sweep settings": f"{config.CUDA_LAYOUT} layout ({config.CUDA_SLICE_UNITS} units per slice "
-                               f"when sliced), {config.CUDA_ROWS_PER_THREAD} rows per thread, "
-                               f"{config.CUDA_UNROLL} unrolled steps, {config.THREADS_PER_BLOCK} threads "
-                               f"per block, path {config.CUDA_PATH} (MDNUMBA_CUDA_* settings)"
-                               + (f"; DIAGNOSTIC: the sweeps skip {' and '.join(config.CUDA_SKIP)}, their "
-                                  "results are wrong (MDNUMBA_CUDA_SKIP)" if config.CUDA_SKIP else ""),
+        "cuda sweep settings": cuda_sweep_settings(),
         "cuda sweep path": cuda_sweep_path(),
     }

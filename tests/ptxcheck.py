@@ -140,13 +140,15 @@ def _hot_loop(cuobjdump: Path, obj: Path) -> str:
 
 
 def compile_record(module: str, name: str, argtypes: tuple) -> str:
-    """PTX of kernel ``module.name`` for ``argtypes`` (its own jit options), for TARGET_CC."""
+    """PTX of kernel ``module.name`` for ``argtypes`` (its own jit options: fastmath, launch
+    bounds), for TARGET_CC."""
     from numba import cuda
 
     disp = getattr(importlib.import_module(module), name)
     opts = disp.targetoptions
     ptx, _ = cuda.compile_ptx(disp.py_func, argtypes, cc=TARGET_CC,
-                              fastmath=bool(opts.get("fastmath", False)))
+                              fastmath=bool(opts.get("fastmath", False)),
+                              launch_bounds=opts.get("launch_bounds"))
     return ptx
 
 

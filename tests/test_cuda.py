@@ -109,12 +109,15 @@ def sim_sweep_kernels_match_cpu(dims, shared, cell, scans, B, D, path, rng):
     """Kernel twins (flat layout) vs the CPU kernels in float64, both paths, U shared or global, every cell,
     one or several scans (directions) per sweep; B=5 leaves a remainder of ROWS_PER_THREAD rows
     (2 by default, 1 and 3 in the other settings' runs), D=9 one of UNROLL (8) steps in the
-    forward's sums as (N+3)*D in the backward's, 4-D needs two passes over the gate blocks."""
+    forward's sums as (N+3)*D in the backward's, 4-D needs two passes over the gate blocks and
+    runs the cell math on global memory (1- to 3-D on registers, unless MDNUMBA_CUDA_CELL_REGISTERS=0,
+    as in one of test_simulator_other_rows_per_thread's runs)."""
     from mdnumba.kernels import wavefront as cpu
     from mdnumba.kernels import wavefront_cuda as gpu
     from mdnumba.kernels.cell import cell_code
     code = cell_code(cell)
     assert gpu.GATE_CHUNK < 4 + 3  # the 4-D case covers a second pass
+    assert gpu.REGISTER_CELL_MAX_N == (0 if os.environ.get("MDNUMBA_CUDA_CELL_REGISTERS") == "0" else 3)
     wf, U, act0 = _cpu_sweep_inputs(dims, B, D, scans, rng)
     want = _run_sweeps(cpu, wf, U, act0, B, D, code)
     got = _run_sweeps(gpu, wf, U, act0, B, D, code, path=path, use_shared=shared, tpb=8, layout="flat")
@@ -1742,8 +1745,9 @@ def test_gpu(case, gpu_report):
 def test_simulator_other_rows_per_thread(rows, simulator_runs):
     """The sweep cases with another MDNUMBA_CUDA_ROWS_PER_THREAD and MDNUMBA_CUDA_UNROLL
     (compile-time; the GPU tuning script tries others): one row per thread without unrolling,
-    and 3 rows, 3 steps (B=2 and B=5 leave remainders, as D and (N+3)*D do), that one with
-    every layer in the sliced layout at 2 units per slice (tests/simruns.py OTHER_ROWS)."""
+    that one with the cell math on global memory (MDNUMBA_CUDA_CELL_REGISTERS=0), and 3 rows,
+    3 steps (B=2 and B=5 leave remainders, as D and (N+3)*D do), that one with every layer in
+    the sliced layout at 2 units per slice (tests/simruns.py OTHER_ROWS)."""
     report = simulator_runs[rows].report()
     assert len(report) >= 20, report
     _assert_passed(report)

@@ -111,6 +111,10 @@ DEFAULT_LAYOUT: str = config.CUDA_LAYOUT
 LAYOUTS = config.CUDA_LAYOUTS
 
 _JIT = dict(fastmath=config.FASTMATH)
+#: the sweep kernels' options: with MDNUMBA_CUDA_MIN_BLOCKS, launch bounds (THREADS_PER_BLOCK threads,
+#: that many blocks per SM: ptxas caps the registers to fit them; the simulator takes no bounds)
+_SWEEP_JIT = dict(_JIT, launch_bounds=(config.THREADS_PER_BLOCK, config.CUDA_MIN_BLOCKS)) \
+    if config.CUDA_MIN_BLOCKS and not SIMULATOR else _JIT
 #: batch rows per sweep thread (compile-time: sizes its register arrays)
 ROWS_PER_THREAD: int = max(1, config.CUDA_ROWS_PER_THREAD)
 #: steps of a sweep thread's inner sum whose loads are issued together (compile-time: sizes the
@@ -131,6 +135,9 @@ AUTO_LAYOUT = {"forward": "flat", "infer": "flat", "backward": "sliced"}
 #: :func:`_unit_forward` and :func:`_unit_backward` (else h, c and the gradients stay as they were)
 RECURRENT_SUM: bool = "sum" not in config.CUDA_SKIP
 CELL_MATH: bool = "cell" not in config.CUDA_SKIP
+#: the largest N whose sweeps run the cell math on the thread's registers (:func:`_register_cells`;
+#: larger ones on global memory, :func:`_unit_forward`); 0 with MDNUMBA_CUDA_CELL_REGISTERS=0
+REGISTER_CELL_MAX_N: int = 3 if config.CUDA_CELL_REGISTERS else 0
 if config.CUDA_SKIP:
     warnings.warn(f"MDNUMBA_CUDA_SKIP={','.join(config.CUDA_SKIP)}: the CUDA sweeps skip these stages, so "
                   "their results are wrong (a diagnostic for timing them; unset it)", stacklevel=2)
@@ -164,6 +171,91 @@ CUDA_MATH = {"exp": _simulated_exp} if SIMULATOR else {}
 _CELL = build(cuda.jit(device=True), **CUDA_MATH)
 _cell_row_forward = _CELL["row_forward"]
 _cell_row_backward = _CELL["row_backward"]
+
+
+@cuda.jit(device=True)
+def _next_row(acc):
+    """Shift the rows of the accumulators ``acc`` (ROWS_PER_THREAD, width) up by one: a loop over
+    rows that is not unrolled (its body, the cell math, is large) reads row 0 each time, a
+    constant index (a local array indexed at run time lives in local memory, not in registers)."""
+    for q in range(ROWS_PER_THREAD - 1):
+        for g in range(acc.shape[1]):
+            acc[q, g] = acc[q + 1, g]
+
+
+def _register_cells(N: int) -> tuple:
+    """``(forward, backward)``: the cell math of unit j of one row on the thread's registers for
+    N-D (N a constant here: local arrays of constant shape, indexed by constants once the calls
+    are inlined, become registers). They run the shared row functions of
+    :mod:`mdnumba.kernels.cell` with D = 1 on local arrays whose rows are the row itself (0), its
+    children (1..N) and its parents (N+1..2N): the global loads (parents' c; in the backward the
+    row's act and c, the children's dc and act) are issued together up front, and each result
+    is stored once. On global memory the row functions are a chain of ~10 dependent round trips
+    per row (each load waits for the store before it: the arrays may alias).
+
+    Every neighbour is passed as present, an absent one with zeros (c, dc, act): a data-dependent
+    row index would put the arrays in local memory. The cell math then adds ``F·0`` or ``w·(0 −
+    c)`` where it skipped a term or subtracted ``w·c``: the same numbers, up to the sign of a zero."""
+    G, N1, R = N + 3, N + 1, 2 * N + 1
+
+    @cuda.jit(device=True)
+    def neighbours(lp, lc, c, parent, base, s, b, B, j):
+        """Parent d of the row at local row N+1+d: its c (0 if absent) into ``lc``."""
+        for d in range(N):
+            p = parent[s, d]
+            lp[0, d] = N1 + d
+            lc[N1 + d, 0] = c[base + p * B + b, j] if p >= 0 else 0
+
+    @cuda.jit(device=True)
+    def forward(h, c, act, parent, acc, r, base, s, b, B, D, j, cell):
+        """Row r's unit j from its pre-activations ``acc[0, 0..N+2]``: act (the gates), c and h
+        stored as :func:`mdnumba.kernels.cell.build`'s ``row_forward`` computes them."""
+        la = cuda.local.array((1, G), act.dtype)
+        lc = cuda.local.array((R, 1), act.dtype)
+        lh = cuda.local.array((1, 1), act.dtype)
+        lp = cuda.local.array((1, N), numba.int64)
+        for g in range(G):
+            la[0, g] = acc[0, g]
+        neighbours(lp, lc, c, parent, base, s, b, B, j)
+        _cell_row_forward(lh, lc, la, lp, 0, 0, 0, 1, 1, cell, 0, 1)
+        for g in range(G):
+            act[r, g * D + j] = la[0, g]
+        c[r, j] = lc[0, 0]
+        h[r, j] = lh[0, 0]
+
+    @cuda.jit(device=True)
+    def backward(dact, dc, act, c, parent, child, dhv, r, base, s, b, B, D, j, cell):
+        """Row r's unit j given its complete ``dh`` value ``dhv``: dc and dact stored as
+        ``row_backward`` computes them (child d at local row 1+d: its dc and act, 0 if absent)."""
+        la = cuda.local.array((N1, G), act.dtype)
+        lda = cuda.local.array((1, G), act.dtype)
+        ldc = cuda.local.array((N1, 1), act.dtype)
+        ldh = cuda.local.array((1, 1), act.dtype)
+        lc = cuda.local.array((R, 1), act.dtype)
+        lp = cuda.local.array((1, N), numba.int64)
+        lch = cuda.local.array((1, N), numba.int64)
+        for g in range(G):
+            la[0, g] = act[r, g * D + j]
+        lc[0, 0] = c[r, j]
+        ldh[0, 0] = dhv
+        for d in range(N):
+            ch = child[s, d]
+            lch[0, d] = 1 + d
+            cr = base + ch * B + b
+            ldc[1 + d, 0] = dc[cr, j] if ch >= 0 else 0
+            for g in range(G):
+                la[1 + d, g] = act[cr, g * D + j] if ch >= 0 else 0
+        neighbours(lp, lc, c, parent, base, s, b, B, j)
+        _cell_row_backward(lda, ldc, ldh, la, lc, lp, lch, 0, 0, 0, 1, 1, cell, 0, 1)
+        for g in range(G):
+            dact[r, g * D + j] = lda[0, g]
+        dc[r, j] = ldc[0, 0]
+
+    return forward, backward
+
+
+(_cell1_forward, _cell1_backward), (_cell2_forward, _cell2_backward), (_cell3_forward, _cell3_backward) = \
+    (_register_cells(n) for n in (1, 2, 3))
 
 
 @cuda.jit(device=True)
@@ -248,12 +340,14 @@ def _slice_weights(jj, N, D, transposed):
 
 
 @cuda.jit(device=True)
-def _rows_preact(act, h, Uf, wl, parent, base, s, b0, nb, j, B, D, g0, width):
+def _rows_preact(act, h, c, Uf, wl, parent, base, s, b0, nb, j, B, D, g0, width, cell):
     """Gate blocks ``g0 .. g0+width-1`` (those < N+3) of unit j for the ``nb`` rows
     ``r_i = base + s*B + b0 + i``: ``act[r_i, col] += Σ_d Σ_k h[base + parent_d(s)*B + b0 + i, k] ·
     U[k, d*G + col]``, ``col = g*D + j`` (U's elements where ``wl`` says, :func:`_flat_weights`,
     :func:`_slice_weights`). Each weight loaded is used for
     ROWS_PER_THREAD rows and each h value for every gate: accumulators stay in registers.
+    For N <= :data:`REGISTER_CELL_MAX_N` (all gates in this one call) the cell math follows on
+    them (:func:`_register_cells`): act, c and h of unit j are stored, not the pre-activations.
 
     The k loop is the hot loop and kept lean (compiled for sm_90 it went from ~9 to ~3.2
     instructions per FMA in 2D): :data:`UNROLL` steps' loads issued before their FMAs (memory
@@ -307,25 +401,36 @@ def _rows_preact(act, h, Uf, wl, parent, base, s, b0, nb, j, B, D, g0, width):
                 for i in range(ROWS_PER_THREAD):
                     for g in range(width):
                         acc[i, g] += hv[0, i] * uv[0, g]
-    for i in range(ROWS_PER_THREAD):  # constant trip counts everywhere: acc can live in registers
-        for g in range(width):
-            if i < nb and g < ng:
-                act[r + i, col[g]] = acc[i, g]
+    fused = CELL_MATH and N <= REGISTER_CELL_MAX_N
+    for i in range(ROWS_PER_THREAD):  # row i in acc[0] (_next_row): acc can live in registers
+        if i < nb and not fused:
+            for g in range(width):
+                if g < ng:
+                    act[r + i, col[g]] = acc[0, g]
+        elif i < nb and width == 4:  # N = 1
+            _cell1_forward(h, c, act, parent, acc, r + i, base, s, b0 + i, B, D, j, cell)
+        elif i < nb and width == 5:  # N = 2
+            _cell2_forward(h, c, act, parent, acc, r + i, base, s, b0 + i, B, D, j, cell)
+        elif i < nb:
+            _cell3_forward(h, c, act, parent, acc, r + i, base, s, b0 + i, B, D, j, cell)
+        _next_row(acc)
 
 
 @cuda.jit(device=True)
 def _unit_forward(h, c, act, Uf, wl, parent, base, s, b0, nb, j, B, D, cell):
     """Unit j of the ``nb`` rows ``base + s*B + b0 + i``: the N+3 pre-activations from
-    :func:`_rows_preact` into ``act``, then the shared cell math (:mod:`mdnumba.kernels.cell`)."""
-    for g0 in range(0, parent.shape[1] + 3, GATE_CHUNK):
-        ng = min(parent.shape[1] + 3 - g0, GATE_CHUNK)
+    :func:`_rows_preact`, then the shared cell math (:mod:`mdnumba.kernels.cell`), there on
+    registers for N <= :data:`REGISTER_CELL_MAX_N`, else here on ``act``."""
+    N = parent.shape[1]
+    for g0 in range(0, N + 3, GATE_CHUNK):
+        ng = min(N + 3 - g0, GATE_CHUNK)
         if ng == 5:  # 2D; a constant width lets the compiler drop unused accumulators (3D: 6)
-            _rows_preact(act, h, Uf, wl, parent, base, s, b0, nb, j, B, D, g0, 5)
+            _rows_preact(act, h, c, Uf, wl, parent, base, s, b0, nb, j, B, D, g0, 5, cell)
         elif ng == 4:  # 1D
-            _rows_preact(act, h, Uf, wl, parent, base, s, b0, nb, j, B, D, g0, 4)
+            _rows_preact(act, h, c, Uf, wl, parent, base, s, b0, nb, j, B, D, g0, 4, cell)
         else:
-            _rows_preact(act, h, Uf, wl, parent, base, s, b0, nb, j, B, D, g0, GATE_CHUNK)
-    for i in range(nb if CELL_MATH else 0):
+            _rows_preact(act, h, c, Uf, wl, parent, base, s, b0, nb, j, B, D, g0, GATE_CHUNK, cell)
+    for i in range(nb if CELL_MATH and N > REGISTER_CELL_MAX_N else 0):
         _cell_row_forward(h, c, act, parent, base, s, b0 + i, B, D, cell, j, j + 1)
 
 
@@ -480,20 +585,22 @@ def _infer_plane(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, B, D, cell, 
 
 
 @cuda.jit(device=True)
-def _rows_pull(dh, dact, UTf, wl, child, base, s, b0, nb, j, B, D, N):
+def _rows_pull(dh, dact, dc, act, c, UTf, wl, parent, child, base, s, b0, nb, j, B, D, cell):
     """``dh[r_i, j] += Σ_d Σ_g dact[base + child_d(s)*B + b0 + i, g] · UT[g, d*D + j]`` for the
     ``nb`` rows ``r_i = base + s*B + b0 + i`` (UT's elements where ``wl`` says, :func:`_flat_weights`;
-    each weight serves every row).
+    each weight serves every row); for N <= :data:`REGISTER_CELL_MAX_N` then the cell math on
+    registers (:func:`_register_cells`: dc, dact of unit j).
     The g loop is kept lean as in :func:`_rows_preact` (~17 -> ~5 instructions per FMA), :data:`UNROLL`
     steps' loads before their FMAs."""
+    N = parent.shape[1]
     G = (N + 3) * D
     uo, _, ds, gs, uc = wl
     r = base + s * B + b0
-    acc = cuda.local.array(ROWS_PER_THREAD, dh.dtype)
+    acc = cuda.local.array((ROWS_PER_THREAD, 1), dh.dtype)
     uv = cuda.local.array(UNROLL, dh.dtype)
     dv = cuda.local.array((UNROLL, ROWS_PER_THREAD), dh.dtype)
     for i in range(ROWS_PER_THREAD):  # rows past nb repeat the last one and are not stored
-        acc[i] = dh[r + min(i, nb - 1), j]
+        acc[i, 0] = dh[r + min(i, nb - 1), j]
     crow = cuda.local.array(ROWS_PER_THREAD, numba.int64)
     for d in range(N if RECURRENT_SUM else 0):
         ch = child[s, d]
@@ -509,27 +616,39 @@ def _rows_pull(dh, dact, UTf, wl, child, base, s, b0, nb, j, B, D, N):
                         dv[p, i] = dact[_at(crow[i]), _at(g + p)]
                 for p in range(UNROLL):
                     for i in range(ROWS_PER_THREAD):
-                        acc[i] += dv[p, i] * uv[p]
+                        acc[i, 0] += dv[p, i] * uv[p]
                 q += UNROLL * gs
                 g += UNROLL
             while g < G:  # the last G % UNROLL steps
                 u = UTf[_at(q)]
                 for i in range(ROWS_PER_THREAD):
-                    acc[i] += dact[_at(crow[i]), _at(g)] * u
+                    acc[i, 0] += dact[_at(crow[i]), _at(g)] * u
                 q += gs
                 g += 1
-    for i in range(ROWS_PER_THREAD):  # constant trip count: acc can live in registers
-        if i < nb:
-            dh[r + i, j] = acc[i]
+    fused = CELL_MATH and N <= REGISTER_CELL_MAX_N
+    for i in range(ROWS_PER_THREAD):  # row i in acc[0] (_next_row): acc can live in registers
+        dhv = acc[0, 0]
+        _next_row(acc)
+        if i >= nb:
+            continue
+        dh[r + i, j] = dhv
+        if not fused:
+            continue
+        if N == 1:
+            _cell1_backward(dact, dc, act, c, parent, child, dhv, r + i, base, s, b0 + i, B, D, j, cell)
+        elif N == 2:
+            _cell2_backward(dact, dc, act, c, parent, child, dhv, r + i, base, s, b0 + i, B, D, j, cell)
+        else:
+            _cell3_backward(dact, dc, act, c, parent, child, dhv, r + i, base, s, b0 + i, B, D, j, cell)
 
 
 @cuda.jit(device=True)
 def _unit_backward(dact, dc, dh, act, c, UTf, wl, parent, child, base, s, b0, nb, j, B, D, cell):
     """Pull-form backward of unit j of the ``nb`` rows ``base + s*B + b0 + i``:
     ``dh += Σ_d U_dᵀ da_child_d`` (:func:`_rows_pull`), then the shared cell math (``dc``,
-    ``dact`` of unit j only)."""
-    _rows_pull(dh, dact, UTf, wl, child, base, s, b0, nb, j, B, D, parent.shape[1])
-    for i in range(nb if CELL_MATH else 0):
+    ``dact`` of unit j only), there on registers for N <= :data:`REGISTER_CELL_MAX_N`."""
+    _rows_pull(dh, dact, dc, act, c, UTf, wl, parent, child, base, s, b0, nb, j, B, D, cell)
+    for i in range(nb if CELL_MATH and parent.shape[1] > REGISTER_CELL_MAX_N else 0):
         _cell_row_backward(dact, dc, dh, act, c, parent, child, base, s, b0 + i, B, D, cell, j, j + 1)
 
 
@@ -651,7 +770,7 @@ def _forward_sweep(h, c, act, Uf, diag_off, parent, B, D, cell, nO, out, out_src
         _unskew(out, h, out_src, start, stride)
 
 
-@cuda.jit(**_JIT)
+@cuda.jit(**_SWEEP_JIT)
 def _forward_coop(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, nO, out, out_src):
     """:func:`_forward_sweep` in one cooperative launch (``Uf`` = U flat). ``nO``: the sliced
     twin's (:func:`_forward_coop_sliced`; its launch arguments are the same)."""
@@ -662,7 +781,7 @@ def _forward_coop(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, nO, o
     _forward_sweep(h, c, act, Uf, diag_off, parent, B, D, cell, nO, out, out_src, False)
 
 
-@cuda.jit(**_JIT)
+@cuda.jit(**_SWEEP_JIT)
 def _forward_coop_sliced(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, nO, out, out_src):
     """:func:`_forward_coop` in the sliced layout: the block's unit slice of U staged in shared
     memory once (:func:`_stage_slice`), its items per hyperplane (:func:`_plane_items`)."""
@@ -671,7 +790,7 @@ def _forward_coop_sliced(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared
     _forward_sweep(h, c, act, Ws, diag_off, parent, B, D, cell, nO, out, out_src, True)
 
 
-@cuda.jit(**_JIT)
+@cuda.jit(**_SWEEP_JIT)
 def _forward_diag(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, nO, out, out_src, k):
     """Hyperplane k only (one launch per hyperplane)."""
     shared = cuda.shared.array(0, Uf.dtype)
@@ -681,7 +800,7 @@ def _forward_diag(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, nO, o
     _forward_plane(h, c, act, Uf, diag_off, parent, B, D, cell, k, cuda.grid(1), cuda.gridsize(1), nO, False)
 
 
-@cuda.jit(**_JIT)
+@cuda.jit(**_SWEEP_JIT)
 def _forward_diag_sliced(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, nO, out, out_src, k):
     """Hyperplane k only in the sliced layout (the slice staged at each launch)."""
     Ws = cuda.shared.array(0, Uf.dtype)
@@ -708,7 +827,7 @@ def _backward_sweep(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, ce
         grid.sync()
 
 
-@cuda.jit(**_JIT)
+@cuda.jit(**_SWEEP_JIT)
 def _backward_coop(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, use_shared, nO,
                    U, dh_in, dh_src, z, xs, h):
     """:func:`_backward_prologue` and :func:`_backward_sweep` in one cooperative launch (``UTf`` =
@@ -721,7 +840,7 @@ def _backward_coop(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cel
     _backward_sweep(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, nO, False)
 
 
-@cuda.jit(**_JIT)
+@cuda.jit(**_SWEEP_JIT)
 def _backward_coop_sliced(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, use_shared, nO,
                           U, dh_in, dh_src, z, xs, h):
     """:func:`_backward_coop` in the sliced layout (the block's unit slice of UT in shared memory)."""
@@ -731,7 +850,7 @@ def _backward_coop_sliced(dact, dc, dh, act, c, UTf, diag_off, parent, child, B,
     _backward_sweep(dact, dc, dh, act, c, Ws, diag_off, parent, child, B, D, cell, nO, True)
 
 
-@cuda.jit(**_JIT)
+@cuda.jit(**_SWEEP_JIT)
 def _backward_diag(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, use_shared, nO,
                    U, dh_in, dh_src, z, xs, h, k):
     """Hyperplane k only (one launch per hyperplane; :func:`_backward_pre` ran before)."""
@@ -743,7 +862,7 @@ def _backward_diag(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cel
                     cuda.grid(1), cuda.gridsize(1), nO, False)
 
 
-@cuda.jit(**_JIT)
+@cuda.jit(**_SWEEP_JIT)
 def _backward_diag_sliced(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, use_shared, nO,
                           U, dh_in, dh_src, z, xs, h, k):
     """Hyperplane k only in the sliced layout (the slice staged at each launch)."""
@@ -771,7 +890,7 @@ def _infer_sweep(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent, firs
         grid.sync()
 
 
-@cuda.jit(**_JIT)
+@cuda.jit(**_SWEEP_JIT)
 def _infer_coop(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent, first, last, B, D, cell,
                 use_shared, nO):
     """:func:`_infer_sweep` in one cooperative launch (flat layout)."""
@@ -783,7 +902,7 @@ def _infer_coop(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent, first
                  False)
 
 
-@cuda.jit(**_JIT)
+@cuda.jit(**_SWEEP_JIT)
 def _infer_coop_sliced(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent, first, last, B, D, cell,
                        use_shared, nO):
     """:func:`_infer_sweep` in one cooperative launch, sliced layout."""
@@ -800,7 +919,7 @@ def _infer_pre(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent, first,
     _fill_parents(lp, parent, diag_off, first, last, cuda.grid(1), cuda.gridsize(1))
 
 
-@cuda.jit(**_JIT)
+@cuda.jit(**_SWEEP_JIT)
 def _infer_diag(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent, first, last, B, D, cell,
                 use_shared, nO, k):
     """Hyperplane ``first + k`` only, and the next plane's parent slots (one launch per plane)."""
@@ -814,7 +933,7 @@ def _infer_diag(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent, first
                  nO, False)
 
 
-@cuda.jit(**_JIT)
+@cuda.jit(**_SWEEP_JIT)
 def _infer_diag_sliced(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent, first, last, B, D, cell,
                        use_shared, nO, k):
     """:func:`_infer_diag` in the sliced layout (the slice staged at each launch)."""
@@ -1271,6 +1390,9 @@ def _sweep(coop, diag, args, diag_off_host, rows_per_cell: int, D: int, shmem: i
     path = path or DEFAULT_PATH
     if path not in PATHS:
         raise ValueError(f"path (or MDNUMBA_CUDA_PATH) must be one of {PATHS}, got {path!r}")
+    if _SWEEP_JIT is not _JIT and tpb > config.THREADS_PER_BLOCK:
+        raise ValueError(f"{tpb} threads per block: with MDNUMBA_CUDA_MIN_BLOCKS set the sweep kernels are "
+                         f"compiled for at most MDNUMBA_THREADS_PER_BLOCK={config.THREADS_PER_BLOCK}")
     items = np.diff(diag_off_host) * rows_per_cell * D
     K = len(items)
     key = _launch_key(coop, args, tpb, shmem)
