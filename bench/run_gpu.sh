@@ -18,7 +18,8 @@
 #                  minutes, the machine's start included, and one call may run 10)
 #   --tests-only   only the tests (cut at the deadline only)
 #   --tune         only bench/tune_gpu.py: rows per thread x unrolled steps x threads per block x layout
-#                  (x --variants full,no-sum,no-cell,neither: sweep stages left out) -> tune_gpu.md
+#                  (x --min-blocks 0,3,4: launch bounds; x --variants full,memory-cell,no-sum,no-cell,neither:
+#                  the cell math on global memory, sweep stages left out) -> tune_gpu.md
 #   --family       only bench_family.py --device cuda (-> family_cuda.md, with the launcher breakdown)
 #   --charlm       only charlm_gpu.py: the device-resident char-LM trainer vs the copying one and the CPU
 #   --profile      only Nsight Compute on the sweep and GEMM kernels of bench/profile_gpu.py
