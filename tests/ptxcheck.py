@@ -119,9 +119,11 @@ def _ptxas_info(ptxas: Path, ptx: str, workdir: Path) -> str:
 
 
 def _hot_loop(cuobjdump: Path, obj: Path) -> str:
-    """Instructions per iteration of the (up to 3) innermost SASS loops with the most FMAs: the
-    cost of a sweep's multiply-add loops (address arithmetic and loop control beside the FMAs;
-    the forward sweep has one per gate-block width: 6, 5 for 2D, 4 for 1D)."""
+    """Instructions per iteration of the (up to 3) innermost SASS loops with the most FMAs, of those
+    where at least one instruction in 8 is an FMA: the cost of a sweep's multiply-add loops
+    (address arithmetic and loop control beside the FMAs; the forward sweep has one per gate-block
+    width: 6, 5 for 2D, 4 for 1D), not a loop over rows running the cell math (~100 FMAs in
+    ~1,500 instructions)."""
     sass = subprocess.run([str(cuobjdump), "-sass", str(obj)], capture_output=True, text=True,
                           env={**os.environ, "PATH": f"{cuobjdump.parent}:{os.environ.get('PATH', '')}"})
     code = [(int(a, 16), op) for a, op in _SASS_OP.findall(sass.stdout)]
@@ -133,7 +135,7 @@ def _hot_loop(cuobjdump: Path, obj: Path) -> str:
     for lo, hi in inner:
         ops = [op for a, op in code if lo <= a <= hi]
         fma = sum(op.startswith(("FFMA", "DFMA")) for op in ops)
-        if fma:
+        if fma and 8 * fma >= len(ops):
             found.append((fma, len(ops)))
     top = sorted(found, reverse=True)[:3]
     return ("FMA loops " + ", ".join(f"{n} instructions / {f} FMA" for f, n in top)) if top else "no FMA loop"
