@@ -403,16 +403,17 @@ def _rows_preact(act, h, c, Uf, wl, parent, base, s, b0, nb, j, B, D, g0, width,
                         acc[i, g] += hv[0, i] * uv[0, g]
     fused = CELL_MATH and N <= REGISTER_CELL_MAX_N
     for i in range(ROWS_PER_THREAD):  # row i in acc[0] (_next_row): acc can live in registers
-        if i < nb and not fused:
-            for g in range(width):
-                if g < ng:
-                    act[r + i, col[g]] = acc[0, g]
-        elif i < nb and width == 4:  # N = 1
-            _cell1_forward(h, c, act, parent, acc, r + i, base, s, b0 + i, B, D, j, cell)
-        elif i < nb and width == 5:  # N = 2
-            _cell2_forward(h, c, act, parent, acc, r + i, base, s, b0 + i, B, D, j, cell)
-        elif i < nb:
-            _cell3_forward(h, c, act, parent, acc, r + i, base, s, b0 + i, B, D, j, cell)
+        if i < nb:
+            if not fused:
+                for g in range(width):
+                    if g < ng:
+                        act[r + i, col[g]] = acc[0, g]
+            elif width == 4:  # N = 1
+                _cell1_forward(h, c, act, parent, acc, r + i, base, s, b0 + i, B, D, j, cell)
+            elif width == 5:  # N = 2
+                _cell2_forward(h, c, act, parent, acc, r + i, base, s, b0 + i, B, D, j, cell)
+            else:
+                _cell3_forward(h, c, act, parent, acc, r + i, base, s, b0 + i, B, D, j, cell)
         _next_row(acc)
 
 
@@ -1390,9 +1391,10 @@ def _sweep(coop, diag, args, diag_off_host, rows_per_cell: int, D: int, shmem: i
     path = path or DEFAULT_PATH
     if path not in PATHS:
         raise ValueError(f"path (or MDNUMBA_CUDA_PATH) must be one of {PATHS}, got {path!r}")
-    if _SWEEP_JIT is not _JIT and tpb > config.THREADS_PER_BLOCK:
+    bounds = getattr(coop, "targetoptions", {}).get("launch_bounds")  # none in the simulator
+    if bounds and tpb > bounds[0]:
         raise ValueError(f"{tpb} threads per block: with MDNUMBA_CUDA_MIN_BLOCKS set the sweep kernels are "
-                         f"compiled for at most MDNUMBA_THREADS_PER_BLOCK={config.THREADS_PER_BLOCK}")
+                         f"compiled for at most MDNUMBA_THREADS_PER_BLOCK={bounds[0]}")
     items = np.diff(diag_off_host) * rows_per_cell * D
     K = len(items)
     key = _launch_key(coop, args, tpb, shmem)
