@@ -3,8 +3,8 @@ block size, sweep layout and launch bounds, with or without stages of the sweeps
 
 ``MDNUMBA_CUDA_ROWS_PER_THREAD`` (batch rows a sweep thread computes), ``MDNUMBA_CUDA_UNROLL``
 (steps of its inner sum whose loads go out together; both compile-time: they size the register
-arrays), ``MDNUMBA_THREADS_PER_BLOCK``, ``MDNUMBA_CUDA_LAYOUT`` (flat or sliced) and
-``MDNUMBA_CUDA_SLICE_UNITS`` (the sliced layout's units per block, compile-time) are read when
+arrays), ``MDNUMBA_THREADS_PER_BLOCK``, ``MDNUMBA_CUDA_LAYOUT`` (flat, sliced or staged) and
+``MDNUMBA_CUDA_SLICE_UNITS`` (the sliced and staged layouts' units per block, compile-time) are read when
 mdnumba is imported, as are ``MDNUMBA_CUDA_MIN_BLOCKS`` (``--min-blocks``: the sweep kernels
 compiled for that many blocks per SM, registers capped to fit, 0 none), the diagnostic
 ``MDNUMBA_CUDA_SKIP`` (``--variants``: ``no-sum``, the sweeps without their recurrent sums;
@@ -20,9 +20,9 @@ collects them into a markdown table (default ``bench/results/tune_gpu.md``): the
 combination per config is the default to pick in ``mdnumba/config.py``.
 
 Usage: ``python bench/tune_gpu.py [--rows 1,2,4,8] [--unroll 4,8,16] [--tpb 64,128,256]
-[--layout flat,sliced] [--slice 4,8,16] [--min-blocks 0,3,4]
+[--layout flat,sliced,staged] [--slice 4,8,16] [--min-blocks 0,3,4]
 [--variants full,memory-cell,no-sum,no-cell,neither] [--configs 32,256] [--quick] [--out PATH]`` (the slice
-sizes apply to the sliced layout); on a lent GPU machine ``bench/run_gpu.sh --tune``.
+sizes apply to the sliced and staged layouts); on a lent GPU machine ``bench/run_gpu.sh --tune``.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def child(configs: list[str], budget: float, variant: str) -> None:
         step = time_it(train, cuda.synchronize, budget)
         path = last_path()
         sweeps = sweep_times(dev, cfg, "cooperative", cuda.synchronize, budget)
-        sliced = config.CUDA_LAYOUT == "sliced"
+        sliced = config.CUDA_LAYOUT in ("sliced", "staged")
         layout = config.CUDA_LAYOUT + (f" {config.CUDA_SLICE_UNITS}" if sliced else "")
         print(json.dumps({"config": cfg.label, "rows": config.CUDA_ROWS_PER_THREAD,
                           "unroll": config.CUDA_UNROLL, "tpb": config.THREADS_PER_BLOCK, "layout": layout,
@@ -76,7 +76,7 @@ def child(configs: list[str], budget: float, variant: str) -> None:
 def run_combo(rows: int, unroll: int, tpb: int, layout: str, configs: str, quick: bool,
               variant: str = "full", min_blocks: int = 0) -> list[dict]:
     """Run :func:`child` with ``rows`` per thread, ``unroll`` steps, ``tpb`` threads per block,
-    ``layout`` ("flat", or "sliced N": N units per slice), ``variant`` (of :data:`VARIANTS`) and
+    ``layout`` ("flat", or "sliced N" / "staged N": N units per slice), ``variant`` (of :data:`VARIANTS`) and
     the sweep kernels compiled for ``min_blocks`` blocks per SM (0: no bound)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {tuple(VARIANTS)}, got {variant!r}")
@@ -134,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", default="1,2,4,8", help="rows per thread to try (comma list)")
     ap.add_argument("--unroll", default="4,8,16", help="unrolled steps to try (comma list)")
     ap.add_argument("--tpb", default="64,128,256", help="threads per block to try (comma list)")
-    ap.add_argument("--layout", default="flat,sliced", help="sweep layouts to try (comma list)")
-    ap.add_argument("--slice", default="8", help="units per slice to try in the sliced layout (comma list)")
+    ap.add_argument("--layout", default="flat,sliced,staged", help="sweep layouts to try (comma list)")
+    ap.add_argument("--slice", default="8", help="units per slice to try in the sliced and staged layouts "
+                                                   "(comma list)")
     ap.add_argument("--min-blocks", default="0",
                     help="blocks per SM to compile the sweep kernels for (comma list; 0: no bound)")
     ap.add_argument("--variants", default="full",
@@ -152,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         child(args.configs.split(","), budget, args.variant)
         return 0
     rows: list[dict] = []
-    layouts = [f"sliced {n}" if lay == "sliced" else lay for lay in args.layout.split(",")
-               for n in (args.slice.split(",") if lay == "sliced" else [""])]
+    sliced = ("sliced", "staged")
+    layouts = [f"{lay} {n}" if lay in sliced else lay for lay in args.layout.split(",")
+               for n in (args.slice.split(",") if lay in sliced else [""])]
     variants = args.variants.split(",")
     if not set(variants) <= set(VARIANTS):
         ap.error(f"--variants takes a comma list of {', '.join(VARIANTS)}, got {args.variants!r}")

@@ -17,7 +17,10 @@ place to change them. Environment variables override the defaults:
   (work items spread over the whole grid, the recurrent weights read from global memory
   unless all of them fit in shared memory), ``sliced`` (each block owns a fixed slice of
   hidden units of one scan and keeps just those units' weights in shared memory for the whole
-  sweep; see :mod:`mdnumba.kernels.wavefront_cuda`) or ``auto`` (default: the faster of the two
+  sweep; see :mod:`mdnumba.kernels.wavefront_cuda`), ``staged`` (sliced, and each block reads the
+  rows of h (forward) and of the gate gradients (backward) its threads sum over through tiles it
+  loads into shared memory together; the saving-free forward runs sliced; not yet timed on a
+  GPU) or ``auto`` (default: the faster of flat and sliced
   per sweep on an H200, bench/results/gpu.md: the backward sweep sliced, the forward ones flat;
   ``wavefront_cuda.AUTO_LAYOUT``). ``MDNUMBA_CUDA_SLICE_UNITS`` sets the units per slice
   (default 8; compile-time).
@@ -189,8 +192,9 @@ def host_vector_bytes() -> int:
 
 #: CUDA sweep paths: auto (cooperative, falling back), cooperative, per-diagonal
 CUDA_PATHS = ("auto", "cooperative", "per-diagonal")
-#: CUDA sweep layouts: auto (per sweep), flat (items over the whole grid), sliced (a block per slice of units)
-CUDA_LAYOUTS = ("auto", "flat", "sliced")
+#: CUDA sweep layouts: auto (per sweep), flat (items over the whole grid), sliced (a block per slice of
+#: units), staged (sliced, the neighbours' rows read through shared-memory tiles)
+CUDA_LAYOUTS = ("auto", "flat", "sliced", "staged")
 #: sweep stages the timing diagnostic ``MDNUMBA_CUDA_SKIP`` can leave out
 CUDA_SKIP_STAGES = ("sum", "cell")
 #: ``MDNUMBA_VECTOR_BYTES`` settings: AVX2's 32, AVX-512's 64

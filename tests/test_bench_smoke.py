@@ -42,11 +42,12 @@ def test_run_gpu_smoke_under_the_simulator(background_run):
     tmp_path = background_run.out.parent / "out"
     gpu = (tmp_path / "gpu.md").read_text()
     row = next(line for line in gpu.splitlines() if line.startswith("| 4x4 B1 D2 | **"))
-    cells = row.split(" | ")[1:9]  # cooperative (auto, flat, sliced), per-diagonal, trainer, NumPy API,
-    has_torch = importlib.util.find_spec("torch") is not None  # PyTorch, CPU
+    cells = row.split(" | ")[1:10]  # cooperative (auto, flat, sliced, staged), per-diagonal, trainer,
+    has_torch = importlib.util.find_spec("torch") is not None  # NumPy API, PyTorch, CPU
     filled = [c.startswith("**") for c in cells]
-    assert filled == [True, True, True, True, True, True, has_torch, True], row
+    assert filled == [True] * 7 + [has_torch, True], row
     assert "cooperative sliced (train): cooperative" in gpu and "slices of" in gpu, gpu[-3000:]
+    assert "cooperative staged (train): cooperative" in gpu and "rows staged in" in gpu, gpu[-3000:]
     inference = gpu[gpu.index("## Inference"):].splitlines()
     row = next(line for line in inference if line.startswith("| 4x4 B1 D2 | **"))
     assert [c.startswith("**") for c in row.split(" | ")[1:6]] == [True] * 4 + [has_torch], row

@@ -126,12 +126,15 @@ def sim_sweep_kernels_match_cpu(dims, shared, cell, scans, B, D, path, rng):
     assert gpu.last_path().startswith(path)
 
 
+@pytest.mark.parametrize("layout", ["sliced", "staged"])
 @pytest.mark.parametrize("path", ["cooperative", "per-diagonal"])
 @pytest.mark.parametrize("dims,cell,scans,B,D", [
     ((3, 4), "graves", 1, 2, 9), ((3, 4), "stable", 1, 5, 3), ((5,), "graves", 2, 2, 3),
     ((2, 2, 3), "stable", 1, 2, 9), ((2, 1, 2, 2), "spatial", 1, 1, 3), ((2, 3), "graves", 2, 2, 9)])
-def sim_sliced_sweeps_match_cpu(dims, cell, scans, B, D, path, rng):
-    """The sliced layout (a block per slice of SLICE units, their weights in shared memory) vs
+def sim_sliced_sweeps_match_cpu(dims, cell, scans, B, D, path, layout, rng):
+    """The sliced layout (a block per slice of SLICE units, their weights in shared memory) and
+    the staged one (sliced, the neighbours' rows of h and dact read through shared tiles of
+    STAGE_K steps: the simulator's 4 leave a partial tile at D = 9 and (N+3)*D = 45) vs
     the CPU kernels in float64: slices with units past D, several blocks sharing a slice's cells
     (the simulator's cooperative grid holds 3 blocks), 1-D to 4-D, several scans. With 8 units
     per slice, the last case's 4 slices exceed that grid: in the simulator the flat layout on
@@ -142,17 +145,19 @@ def sim_sliced_sweeps_match_cpu(dims, cell, scans, B, D, path, rng):
     code = cell_code(cell)
     wf, U, act0 = _cpu_sweep_inputs(dims, B, D, scans, rng)
     want = _run_sweeps(cpu, wf, U, act0, B, D, code)
-    got = _run_sweeps(gpu, wf, U, act0, B, D, code, path=path, tpb=8, layout="sliced")
+    got = _run_sweeps(gpu, wf, U, act0, B, D, code, path=path, tpb=8, layout=layout)
     for name, a, b in zip(("h", "c", "act", "dact", "dc", "dh"), got, want):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14, err_msg=name)
     slices = scans * -(-D // gpu.SLICE)
     want_path = f"{slices} slices of {gpu.SLICE} units x "
+    sliced = not (path == "cooperative" and IN_SIMULATOR and slices > 3)
     if path == "cooperative" and IN_SIMULATOR:  # a GPU holds more blocks
         pairs = int(np.diff(wf.diag_off).max()) * gpu._row_groups(B)
-        want_path = f"flat layout: {slices} unit slices, 3 co-resident" if slices > 3 else \
-            f"{want_path}{min(pairs, 3 // slices)} blocks"
+        want_path = f"{want_path}{min(pairs, 3 // slices)} blocks" if sliced else \
+            f"flat layout: {slices} unit slices, 3 co-resident"
     desc = gpu.last_path()
     assert desc.startswith(path) and want_path in desc, desc
+    assert ("rows staged in" in desc) == (layout == "staged" and sliced), desc
 
 
 @pytest.mark.parametrize("path", ["cooperative", "per-diagonal"])
@@ -181,11 +186,11 @@ def sim_auto_layout_sweeps_forward_flat_and_backward_sliced(path, rng, monkeypat
     assert gpu.last_path().startswith(path) and "slices of" not in gpu.last_path(), gpu.last_path()
 
 
-@pytest.mark.parametrize("layout", ["flat", "sliced"])
+@pytest.mark.parametrize("layout", ["flat", "sliced", "staged"])
 def sim_sweep_stages_as_configured(layout, rng):
     """The sweeps' stages as this process's MDNUMBA_CUDA_SKIP (the timing diagnostic, run with
-    each stage skipped by test_simulator_skipping_a_sweep_stage) says, graves cell, 2-D, both
-    layouts, cooperative path: every stage (the default), the CPU kernels' numbers; without the
+    each stage skipped by test_simulator_skipping_a_sweep_stage) says, graves cell, 2-D, every
+    layout, cooperative path: every stage (the default), the CPU kernels' numbers; without the
     recurrent sums those of U = 0 (U itself is not 0); without the cells' math h, c, dact and dc
     stay 0, act the pre-activations given and dh the upstream gradient."""
     from mdnumba import config
@@ -237,7 +242,8 @@ def sim_grid_lstm_kernels_match_cpu(path, rng):
 @settings(max_examples=30, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(case=layers_and_inputs(max_side=3, max_hidden=5),
-       path=st.sampled_from(["cooperative", "per-diagonal"]), layout=st.sampled_from(["flat", "sliced"]),
+       path=st.sampled_from(["cooperative", "per-diagonal"]),
+       layout=st.sampled_from(["flat", "sliced", "staged"]),
        dtype_rtol=st.sampled_from([(np.float64, 1e-12), (np.float32, 1e-5)]))
 def sim_any_shape_matches_reference(case, path, layout, dtype_rtol, monkeypatch):
     """Drawn device='cuda' layers (tests/test_properties.py's draws, smaller) vs the reference,
@@ -592,7 +598,7 @@ def sim_failed_forward_keeps_the_last_one_and_free_buffers(rng):
             call()
 
 
-@pytest.mark.parametrize("layout", ["flat", "sliced"])
+@pytest.mark.parametrize("layout", ["flat", "sliced", "staged"])
 @pytest.mark.parametrize("path", ["cooperative", "per-diagonal"])
 @pytest.mark.parametrize("ndim,shape,kw,dtype", [
     (2, (3, 3, 4, 2), {}, np.float64), (2, (2, 2, 3, 1), {"cell": "stable", "directions": 4}, np.float32),
@@ -601,7 +607,8 @@ def sim_failed_forward_keeps_the_last_one_and_free_buffers(rng):
 def sim_forward_without_saving(ndim, shape, kw, dtype, path, layout, rng, monkeypatch):
     """``forward(x, save=False)`` on a device layer (its two-plane sweep, :func:`wavefront_infer`'s
     CUDA twin) equals the CPU layer's and the float64 reference, 1D from a state with its final
-    state, in either layout; backward is then refused with nothing added to the gradients."""
+    state, in each layout (staged: sliced, there is no staged saving-free sweep); backward is then
+    refused with nothing added to the gradients."""
     from mdnumba.kernels import wavefront_cuda
     monkeypatch.setattr(wavefront_cuda, "DEFAULT_PATH", path)
     monkeypatch.setattr(wavefront_cuda, "DEFAULT_LAYOUT", layout)
@@ -612,7 +619,7 @@ def sim_forward_without_saving(ndim, shape, kw, dtype, path, layout, rng, monkey
     np.testing.assert_allclose(gpu.forward(x, save=False), yr, **tol)
     desc = wavefront_cuda.last_path()
     sliced = "slices of" in desc or "flat layout: " in desc  # too many slices for the grid: flat, said
-    assert desc.startswith(path) and sliced == (layout == "sliced"), desc
+    assert desc.startswith(path) and sliced == (layout != "flat") and "staged" not in desc, desc
     assert gpu.saved_bytes() == 0 < gpu.workspace_bytes()
     if ndim == 1:
         state = tuple(rng.standard_normal((shape[0], gpu.out_channels)).astype(dtype) for _ in range(2))

@@ -122,6 +122,16 @@ ROWS_PER_THREAD: int = max(1, config.CUDA_ROWS_PER_THREAD)
 UNROLL: int = max(1, config.CUDA_UNROLL)
 #: hidden units per block of the sliced layout (compile-time: the hot loops' steps; :func:`_stage_slice`)
 SLICE: int = max(1, config.CUDA_SLICE_UNITS)
+#: steps (forward: of k, over D; backward: of the gate columns, over (N+3)*D) of the tile the
+#: staged layout's block loads from global memory at once (compile-time; the simulator's small
+#: enough that its cases take several tiles and a partial one)
+STAGE_K: int = 4 if SIMULATOR else 32
+#: (cell, row group) pairs a staged round touches at most: a round is one item per thread of a
+#: block of at most THREADS_PER_BLOCK threads, SLICE items per pair, starting anywhere in a pair
+STAGE_PAIRS: int = (config.THREADS_PER_BLOCK - 1) // SLICE + 2
+#: the staged layout's tile (static shared memory): a row per (pair, batch row) of a round, its
+#: STAGE_K steps padded by one (rows of one warp's reads fall on different banks)
+STAGE_SHAPE = (STAGE_PAIRS * ROWS_PER_THREAD, STAGE_K + TILE_PAD)
 #: gate blocks a forward thread accumulates at once (N + 3 <= 6, i.e. N <= 3: one pass)
 GATE_CHUNK = 6
 #: the layout "auto" takes per sweep, the faster on an H200 (bench/results/gpu.md, 2026-12-04):
@@ -340,7 +350,69 @@ def _slice_weights(jj, N, D, transposed):
 
 
 @cuda.jit(device=True)
-def _rows_preact(act, h, c, Uf, wl, parent, base, s, b0, nb, j, B, D, g0, width, cell):
+def _preact_steps(acc, src, hrow, k, Uf, u, ks, ucol, n, width):
+    """``acc[i, g] += Σ_{q<n} src[hrow[i], k + q] · Uf[u + q*ks + ucol[g]]`` for the gates g < ``width``
+    (the hot loop of :func:`_rows_preact`): :data:`UNROLL` steps' loads issued before their FMAs
+    (memory latency, not arithmetic, bounds a sweep thread), unsigned indices (:func:`_at`) and a
+    ``while`` loop (numba's ``range`` iterator adds a count and sign checks to each iteration)."""
+    hv = cuda.local.array((UNROLL, ROWS_PER_THREAD), acc.dtype)
+    uv = cuda.local.array((UNROLL, GATE_CHUNK), acc.dtype)
+    end = k + n
+    while k + UNROLL <= end:  # UNROLL steps' loads first, then their FMAs
+        for q in range(UNROLL):
+            for i in range(ROWS_PER_THREAD):
+                hv[q, i] = src[_at(hrow[i]), _at(k + q)]
+            for g in range(width):
+                uv[q, g] = Uf[_at(u + q * ks + ucol[g])]
+        for q in range(UNROLL):
+            for i in range(ROWS_PER_THREAD):
+                for g in range(width):
+                    acc[i, g] += hv[q, i] * uv[q, g]
+        u += UNROLL * ks
+        k += UNROLL
+    while k < end:  # the last n % UNROLL steps
+        for i in range(ROWS_PER_THREAD):
+            hv[0, i] = src[_at(hrow[i]), _at(k)]
+        for g in range(width):
+            uv[0, g] = Uf[_at(u + ucol[g])]
+        u += ks
+        k += 1
+        for i in range(ROWS_PER_THREAD):
+            for g in range(width):
+                acc[i, g] += hv[0, i] * uv[0, g]
+
+
+@cuda.jit(device=True)
+def _stage_rows(src, nbr, d, k0, kc, base, B, st):
+    """The block's staged tile (staged layout; the whole block calls it): for the (cell, row
+    group) pairs ``pair0 + pp < npairs`` of its share of the hyperplane (:func:`_block_slice`),
+    ``Hs[pp*R + i, kk] = src[base + nbr[s, d]*B + b0 + i, k0 + kk]`` for kk < kc, R =
+    :data:`ROWS_PER_THREAD` (nothing where the neighbour or the row is absent). Coalesced loads,
+    all of a thread's in flight at once: one memory round trip per tile instead of one per
+    :data:`UNROLL` steps of every thread. ``st``: :func:`_staged_item`. A barrier on each side
+    (the tile's last readers are done; the tile is complete)."""
+    Hs, _, _, s0, o, nO, nbg, pair0, npairs = st
+    cuda.syncthreads()
+    for e in range(cuda.threadIdx.x, Hs.shape[0] * kc, cuda.blockDim.x):
+        slot, kk = _divmod(e, kc)
+        pp, i = _divmod(slot, ROWS_PER_THREAD)
+        if pair0 + pp < npairs:
+            cell, g = _divmod(o + (pair0 + pp) * nO, nbg)
+            b = g * ROWS_PER_THREAD + i
+            p = nbr[s0 + cell, d]
+            if p >= 0 and b < B:
+                Hs[slot, kk] = src[_at(base + p * B + b), _at(k0 + kk)]
+    cuda.syncthreads()
+
+
+@cuda.jit(device=True)
+def _unstaged(h):
+    """The staging context of a thread that reads global memory (``live``, nothing staged)."""
+    return h, True, 0, 0, 0, 0, 0, 0, 0
+
+
+@cuda.jit(device=True)
+def _rows_preact(act, h, c, Uf, wl, parent, base, s, b0, nb, j, B, D, g0, width, cell, staged, st):
     """Gate blocks ``g0 .. g0+width-1`` (those < N+3) of unit j for the ``nb`` rows
     ``r_i = base + s*B + b0 + i``: ``act[r_i, col] += Σ_d Σ_k h[base + parent_d(s)*B + b0 + i, k] ·
     U[k, d*G + col]``, ``col = g*D + j`` (U's elements where ``wl`` says, :func:`_flat_weights`,
@@ -348,21 +420,22 @@ def _rows_preact(act, h, c, Uf, wl, parent, base, s, b0, nb, j, B, D, g0, width,
     ROWS_PER_THREAD rows and each h value for every gate: accumulators stay in registers.
     For N <= :data:`REGISTER_CELL_MAX_N` (all gates in this one call) the cell math follows on
     them (:func:`_register_cells`): act, c and h of unit j are stored, not the pre-activations.
+    ``staged`` (a constant at each call site): the parents' rows of h are read from the block's
+    shared tile, :data:`STAGE_K` steps at a time (:func:`_stage_rows`, ``st``:
+    :func:`_staged_item`; a thread not ``live`` stages and stores nothing), else from global memory
+    (``st``: :func:`_unstaged`).
 
-    The k loop is the hot loop and kept lean (compiled for sm_90 it went from ~9 to ~3.2
-    instructions per FMA in 2D): :data:`UNROLL` steps' loads issued before their FMAs (memory
-    latency, not arithmetic, bounds a sweep thread), offsets hoisted out of it, unsigned indices
-    (:func:`_at`), a ``while`` loop (numba's ``range`` iterator adds a count and sign checks to
-    each iteration) and no per-gate branch (gates past ``ng`` and rows past ``nb`` repeat the
-    last real one and are not stored). ``width`` (<= GATE_CHUNK) is a constant at each call
-    site, so the loops over gates unroll to exactly that many accumulators."""
+    The k loop (:func:`_preact_steps`) is the hot loop and kept lean (compiled for sm_90 it went
+    from ~9 to ~3.2 instructions per FMA in 2D): offsets hoisted out of it and no per-gate branch
+    (gates past ``ng`` and rows past ``nb`` repeat the last real one and are not stored).
+    ``width`` (<= GATE_CHUNK) is a constant at each call site, so the loops over gates unroll
+    to exactly that many accumulators."""
     N = parent.shape[1]
     uo, ks, ds, gs, uc = wl
     ng = min(N + 3 - g0, GATE_CHUNK)
     r = base + s * B + b0
+    live = st[1]
     acc = cuda.local.array((ROWS_PER_THREAD, GATE_CHUNK), act.dtype)
-    hv = cuda.local.array((UNROLL, ROWS_PER_THREAD), act.dtype)
-    uv = cuda.local.array((UNROLL, GATE_CHUNK), act.dtype)
     col = cuda.local.array(GATE_CHUNK, numba.int64)
     ucol = cuda.local.array(GATE_CHUNK, numba.int64)
     hrow = cuda.local.array(ROWS_PER_THREAD, numba.int64)
@@ -374,36 +447,22 @@ def _rows_preact(act, h, c, Uf, wl, parent, base, s, b0, nb, j, B, D, g0, width,
             acc[i, g] = act[r + min(i, nb - 1), col[g]]
     for d in range(N if RECURRENT_SUM else 0):
         p = parent[s, d]
-        if p >= 0:
-            for i in range(ROWS_PER_THREAD):
-                hrow[i] = base + p * B + b0 + min(i, nb - 1)
-            u = uo + d * ds
-            k = 0
-            while k + UNROLL <= D:  # UNROLL steps' loads first, then their FMAs
-                for q in range(UNROLL):
-                    for i in range(ROWS_PER_THREAD):
-                        hv[q, i] = h[_at(hrow[i]), _at(k + q)]
-                    for g in range(width):
-                        uv[q, g] = Uf[_at(u + q * ks + ucol[g])]
-                for q in range(UNROLL):
-                    for i in range(ROWS_PER_THREAD):
-                        for g in range(width):
-                            acc[i, g] += hv[q, i] * uv[q, g]
-                u += UNROLL * ks
-                k += UNROLL
-            while k < D:  # the last D % UNROLL steps
+        if not staged:
+            if p >= 0:
                 for i in range(ROWS_PER_THREAD):
-                    hv[0, i] = h[_at(hrow[i]), _at(k)]
-                for g in range(width):
-                    uv[0, g] = Uf[_at(u + ucol[g])]
-                u += ks
-                k += 1
-                for i in range(ROWS_PER_THREAD):
-                    for g in range(width):
-                        acc[i, g] += hv[0, i] * uv[0, g]
+                    hrow[i] = base + p * B + b0 + min(i, nb - 1)
+                _preact_steps(acc, h, hrow, 0, Uf, uo + d * ds, ks, ucol, D, width)
+            continue
+        for i in range(ROWS_PER_THREAD):
+            hrow[i] = st[2] + min(i, nb - 1)
+        for k0 in range(0, D, STAGE_K):
+            kc = min(STAGE_K, D - k0)
+            _stage_rows(h, parent, d, k0, kc, base, B, st)
+            if live and p >= 0:
+                _preact_steps(acc, st[0], hrow, 0, Uf, uo + d * ds + k0 * ks, ks, ucol, kc, width)
     fused = CELL_MATH and N <= REGISTER_CELL_MAX_N
     for i in range(ROWS_PER_THREAD):  # row i in acc[0] (_next_row): acc can live in registers
-        if i < nb:
+        if live and i < nb:
             if not fused:
                 for g in range(width):
                     if g < ng:
@@ -418,20 +477,22 @@ def _rows_preact(act, h, c, Uf, wl, parent, base, s, b0, nb, j, B, D, g0, width,
 
 
 @cuda.jit(device=True)
-def _unit_forward(h, c, act, Uf, wl, parent, base, s, b0, nb, j, B, D, cell):
+def _unit_forward(h, c, act, Uf, wl, parent, base, s, b0, nb, j, B, D, cell, staged, st):
     """Unit j of the ``nb`` rows ``base + s*B + b0 + i``: the N+3 pre-activations from
-    :func:`_rows_preact`, then the shared cell math (:mod:`mdnumba.kernels.cell`), there on
-    registers for N <= :data:`REGISTER_CELL_MAX_N`, else here on ``act``."""
+    :func:`_rows_preact` (``staged``, ``st`` as there), then the shared cell math
+    (:mod:`mdnumba.kernels.cell`), there on registers for N <= :data:`REGISTER_CELL_MAX_N`, else
+    here on ``act``."""
     N = parent.shape[1]
     for g0 in range(0, N + 3, GATE_CHUNK):
         ng = min(N + 3 - g0, GATE_CHUNK)
         if ng == 5:  # 2D; a constant width lets the compiler drop unused accumulators (3D: 6)
-            _rows_preact(act, h, c, Uf, wl, parent, base, s, b0, nb, j, B, D, g0, 5, cell)
+            _rows_preact(act, h, c, Uf, wl, parent, base, s, b0, nb, j, B, D, g0, 5, cell, staged, st)
         elif ng == 4:  # 1D
-            _rows_preact(act, h, c, Uf, wl, parent, base, s, b0, nb, j, B, D, g0, 4, cell)
+            _rows_preact(act, h, c, Uf, wl, parent, base, s, b0, nb, j, B, D, g0, 4, cell, staged, st)
         else:
-            _rows_preact(act, h, c, Uf, wl, parent, base, s, b0, nb, j, B, D, g0, GATE_CHUNK, cell)
-    for i in range(nb if CELL_MATH and N > REGISTER_CELL_MAX_N else 0):
+            _rows_preact(act, h, c, Uf, wl, parent, base, s, b0, nb, j, B, D, g0, GATE_CHUNK, cell, staged,
+                         st)
+    for i in range(nb if CELL_MATH and N > REGISTER_CELL_MAX_N and st[1] else 0):
         _cell_row_forward(h, c, act, parent, base, s, b0 + i, B, D, cell, j, j + 1)
 
 
@@ -491,14 +552,40 @@ def _item(t, n, s0, nbg, B, D, MB, DNG, N, nO, transposed, sliced):
 
 
 @cuda.jit(device=True)
-def _forward_plane(h, c, act, Uf, diag_off, parent, B, D, cell, k, start, stride, nO, sliced):
-    """This thread's items of hyperplane k (:func:`_plane_items`)."""
+def _staged_item(Hs, t0, first, end, n, s0, nbg, B, D, MB, DNG, N, nO, transposed):
+    """Item ``t0 + first`` of the staged round that starts at item ``t0`` (sliced layout's items,
+    :func:`_plane_items`), clamped to the last one (a thread past it, or on a unit past D, takes
+    part in the staging only): :func:`_item`'s row offset, cell, first batch item, rows, unit j
+    (within D) and weights, and what :func:`_stage_rows` and its reader need: ``(Hs, live, the
+    item's first tile row, s0, o, nO, nbg, the round's first pair, the block's pairs on the
+    hyperplane)``."""
+    t = min(t0 + first, end - 1)
+    ok, lo, s, b0, nb, j, wl = _item(t, n, s0, nbg, B, D, MB, DNG, N, nO, transposed, True)
+    pair0 = _divmod(t0, SLICE)[0]
+    slot0 = (_divmod(t, SLICE)[0] - pair0) * ROWS_PER_THREAD
+    live = ok and t0 + first < end
+    st = (Hs, live, slot0, s0, _block_slice(nO, D)[2], nO, nbg, pair0, _divmod(end, SLICE)[0])
+    return lo, s, b0, nb, min(j, D - 1), wl, st
+
+
+@cuda.jit(device=True)
+def _forward_plane(h, c, act, Uf, Hs, diag_off, parent, B, D, cell, k, start, stride, nO, sliced, staged):
+    """This thread's items of hyperplane k (:func:`_plane_items`); ``staged`` (sliced layout, the
+    parents' h through the block's tile ``Hs``): in rounds of one item per thread of the block, every
+    thread in each (:func:`_staged_item`)."""
     s0, n, nbg, MB, DNG = _plane(diag_off, parent, k, B, D)
     first, end, step = _plane_items(n, D, _divmod(act.shape[0], MB)[0], nO, start, stride, sliced)
+    N = parent.shape[1]
+    if staged:
+        for t0 in range(0, end, step):
+            lo, s, b0, nb, j, wl, st = _staged_item(Hs, t0, first, end, n, s0, nbg, B, D, MB, DNG, N, nO,
+                                                    False)
+            _unit_forward(h, c, act, Uf, wl, parent, lo, s, b0, nb, j, B, D, cell, True, st)
+        return
     for t in range(first, end, step):
-        ok, lo, s, b0, nb, j, wl = _item(t, n, s0, nbg, B, D, MB, DNG, parent.shape[1], nO, False, sliced)
+        ok, lo, s, b0, nb, j, wl = _item(t, n, s0, nbg, B, D, MB, DNG, N, nO, False, sliced)
         if ok:
-            _unit_forward(h, c, act, Uf, wl, parent, lo, s, b0, nb, j, B, D, cell)
+            _unit_forward(h, c, act, Uf, wl, parent, lo, s, b0, nb, j, B, D, cell, False, _unstaged(h))
 
 
 @cuda.jit(device=True)
@@ -578,7 +665,7 @@ def _infer_plane(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, B, D, cell, 
         q = _divmod(lo, MB)[0]
         row0 = (s0 + s - cur) * B + b0  # the cell's first row in src
         _rows_project(act, x, src, W, bias, q, lo + s * B + b0, row0, nb, j, D, N + 3)
-        _unit_forward(h, c, act, Uf, wl, lp, lo, s, b0, nb, j, B, D, cell)
+        _unit_forward(h, c, act, Uf, wl, lp, lo, s, b0, nb, j, B, D, cell, False, _unstaged(h))
         for i in range(nb):
             sr = src[q, row0 + i]
             if sr >= 0:
@@ -586,51 +673,68 @@ def _infer_plane(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, B, D, cell, 
 
 
 @cuda.jit(device=True)
-def _rows_pull(dh, dact, dc, act, c, UTf, wl, parent, child, base, s, b0, nb, j, B, D, cell):
+def _pull_steps(acc, src, crow, g, UTf, q, gs, n):
+    """``acc[i, 0] += Σ_{p<n} src[crow[i], g + p] · UTf[q + p*gs]`` (the hot loop of :func:`_rows_pull`),
+    :data:`UNROLL` steps' loads before their FMAs, as :func:`_preact_steps`."""
+    uv = cuda.local.array(UNROLL, acc.dtype)
+    dv = cuda.local.array((UNROLL, ROWS_PER_THREAD), acc.dtype)
+    end = g + n
+    while g + UNROLL <= end:  # UNROLL steps' loads first, then their FMAs
+        for p in range(UNROLL):
+            uv[p] = UTf[_at(q + p * gs)]
+            for i in range(ROWS_PER_THREAD):
+                dv[p, i] = src[_at(crow[i]), _at(g + p)]
+        for p in range(UNROLL):
+            for i in range(ROWS_PER_THREAD):
+                acc[i, 0] += dv[p, i] * uv[p]
+        q += UNROLL * gs
+        g += UNROLL
+    while g < end:  # the last n % UNROLL steps
+        u = UTf[_at(q)]
+        for i in range(ROWS_PER_THREAD):
+            acc[i, 0] += src[_at(crow[i]), _at(g)] * u
+        q += gs
+        g += 1
+
+
+@cuda.jit(device=True)
+def _rows_pull(dh, dact, dc, act, c, UTf, wl, parent, child, base, s, b0, nb, j, B, D, cell, staged, st):
     """``dh[r_i, j] += Σ_d Σ_g dact[base + child_d(s)*B + b0 + i, g] · UT[g, d*D + j]`` for the
     ``nb`` rows ``r_i = base + s*B + b0 + i`` (UT's elements where ``wl`` says, :func:`_flat_weights`;
     each weight serves every row); for N <= :data:`REGISTER_CELL_MAX_N` then the cell math on
-    registers (:func:`_register_cells`: dc, dact of unit j).
-    The g loop is kept lean as in :func:`_rows_preact` (~17 -> ~5 instructions per FMA), :data:`UNROLL`
-    steps' loads before their FMAs."""
+    registers (:func:`_register_cells`: dc, dact of unit j). ``staged``, ``st``: the children's
+    rows of dact through the block's tile, as in :func:`_rows_preact`.
+    The g loop (:func:`_pull_steps`) is kept lean as in :func:`_rows_preact` (~17 -> ~5
+    instructions per FMA)."""
     N = parent.shape[1]
     G = (N + 3) * D
     uo, _, ds, gs, uc = wl
     r = base + s * B + b0
+    live = st[1]
     acc = cuda.local.array((ROWS_PER_THREAD, 1), dh.dtype)
-    uv = cuda.local.array(UNROLL, dh.dtype)
-    dv = cuda.local.array((UNROLL, ROWS_PER_THREAD), dh.dtype)
     for i in range(ROWS_PER_THREAD):  # rows past nb repeat the last one and are not stored
         acc[i, 0] = dh[r + min(i, nb - 1), j]
     crow = cuda.local.array(ROWS_PER_THREAD, numba.int64)
     for d in range(N if RECURRENT_SUM else 0):
         ch = child[s, d]
-        if ch >= 0:
-            for i in range(ROWS_PER_THREAD):
-                crow[i] = base + ch * B + b0 + min(i, nb - 1)
-            q = uo + d * ds + uc
-            g = 0
-            while g + UNROLL <= G:  # UNROLL steps' loads first, then their FMAs
-                for p in range(UNROLL):
-                    uv[p] = UTf[_at(q + p * gs)]
-                    for i in range(ROWS_PER_THREAD):
-                        dv[p, i] = dact[_at(crow[i]), _at(g + p)]
-                for p in range(UNROLL):
-                    for i in range(ROWS_PER_THREAD):
-                        acc[i, 0] += dv[p, i] * uv[p]
-                q += UNROLL * gs
-                g += UNROLL
-            while g < G:  # the last G % UNROLL steps
-                u = UTf[_at(q)]
+        if not staged:
+            if ch >= 0:
                 for i in range(ROWS_PER_THREAD):
-                    acc[i, 0] += dact[_at(crow[i]), _at(g)] * u
-                q += gs
-                g += 1
+                    crow[i] = base + ch * B + b0 + min(i, nb - 1)
+                _pull_steps(acc, dact, crow, 0, UTf, uo + d * ds + uc, gs, G)
+            continue
+        for i in range(ROWS_PER_THREAD):
+            crow[i] = st[2] + min(i, nb - 1)
+        for g0 in range(0, G, STAGE_K):
+            kc = min(STAGE_K, G - g0)
+            _stage_rows(dact, child, d, g0, kc, base, B, st)
+            if live and ch >= 0:
+                _pull_steps(acc, st[0], crow, 0, UTf, uo + d * ds + uc + g0 * gs, gs, kc)
     fused = CELL_MATH and N <= REGISTER_CELL_MAX_N
     for i in range(ROWS_PER_THREAD):  # row i in acc[0] (_next_row): acc can live in registers
         dhv = acc[0, 0]
         _next_row(acc)
-        if i >= nb:
+        if i >= nb or not live:
             continue
         dh[r + i, j] = dhv
         if not fused:
@@ -644,25 +748,34 @@ def _rows_pull(dh, dact, dc, act, c, UTf, wl, parent, child, base, s, b0, nb, j,
 
 
 @cuda.jit(device=True)
-def _unit_backward(dact, dc, dh, act, c, UTf, wl, parent, child, base, s, b0, nb, j, B, D, cell):
+def _unit_backward(dact, dc, dh, act, c, UTf, wl, parent, child, base, s, b0, nb, j, B, D, cell, staged, st):
     """Pull-form backward of unit j of the ``nb`` rows ``base + s*B + b0 + i``:
-    ``dh += Σ_d U_dᵀ da_child_d`` (:func:`_rows_pull`), then the shared cell math (``dc``,
-    ``dact`` of unit j only), there on registers for N <= :data:`REGISTER_CELL_MAX_N`."""
-    _rows_pull(dh, dact, dc, act, c, UTf, wl, parent, child, base, s, b0, nb, j, B, D, cell)
-    for i in range(nb if CELL_MATH and parent.shape[1] > REGISTER_CELL_MAX_N else 0):
+    ``dh += Σ_d U_dᵀ da_child_d`` (:func:`_rows_pull`; ``staged``, ``st`` as there), then the shared
+    cell math (``dc``, ``dact`` of unit j only), there on registers for N <= :data:`REGISTER_CELL_MAX_N`."""
+    _rows_pull(dh, dact, dc, act, c, UTf, wl, parent, child, base, s, b0, nb, j, B, D, cell, staged, st)
+    for i in range(nb if CELL_MATH and parent.shape[1] > REGISTER_CELL_MAX_N and st[1] else 0):
         _cell_row_backward(dact, dc, dh, act, c, parent, child, base, s, b0 + i, B, D, cell, j, j + 1)
 
 
 @cuda.jit(device=True)
-def _backward_plane(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, k, start, stride,
-                    nO, sliced):
-    """This thread's items of hyperplane k (:func:`_plane_items`)."""
+def _backward_plane(dact, dc, dh, act, c, UTf, Hs, diag_off, parent, child, B, D, cell, k, start, stride,
+                    nO, sliced, staged):
+    """This thread's items of hyperplane k (:func:`_plane_items`; ``staged`` as in :func:`_forward_plane`)."""
     s0, n, nbg, MB, DNG = _plane(diag_off, parent, k, B, D)
     first, end, step = _plane_items(n, D, _divmod(act.shape[0], MB)[0], nO, start, stride, sliced)
+    N = parent.shape[1]
+    if staged:
+        for t0 in range(0, end, step):
+            lo, s, b0, nb, j, wl, st = _staged_item(Hs, t0, first, end, n, s0, nbg, B, D, MB, DNG, N, nO,
+                                                    True)
+            _unit_backward(dact, dc, dh, act, c, UTf, wl, parent, child, lo, s, b0, nb, j, B, D, cell, True,
+                           st)
+        return
     for t in range(first, end, step):
-        ok, lo, s, b0, nb, j, wl = _item(t, n, s0, nbg, B, D, MB, DNG, parent.shape[1], nO, True, sliced)
+        ok, lo, s, b0, nb, j, wl = _item(t, n, s0, nbg, B, D, MB, DNG, N, nO, True, sliced)
         if ok:
-            _unit_backward(dact, dc, dh, act, c, UTf, wl, parent, child, lo, s, b0, nb, j, B, D, cell)
+            _unit_backward(dact, dc, dh, act, c, UTf, wl, parent, child, lo, s, b0, nb, j, B, D, cell, False,
+                           _unstaged(dact))
 
 
 # ---------------------------------------------------------------- around the sweeps
@@ -758,14 +871,14 @@ def _backward_prologue(UTf, U, dh, dh_in, dh_src, z, xs, h, parent, B, D, start,
 
 # ---------------------------------------------------------------- sweep kernels
 @cuda.jit(device=True)
-def _forward_sweep(h, c, act, Uf, diag_off, parent, B, D, cell, nO, out, out_src, sliced):
+def _forward_sweep(h, c, act, Uf, Hs, diag_off, parent, B, D, cell, nO, out, out_src, sliced, staged):
     """All hyperplanes k = 0..K-1, grid sync in between; then ``out`` = h in grid order
-    (:func:`_unskew`) unless ``out_src`` is empty."""
+    (:func:`_unskew`) unless ``out_src`` is empty (``Hs``, ``staged``: :func:`_forward_plane`)."""
     grid = cuda.cg.this_grid()
     start = cuda.grid(1)
     stride = cuda.gridsize(1)
     for k in range(diag_off.shape[0] - 1):
-        _forward_plane(h, c, act, Uf, diag_off, parent, B, D, cell, k, start, stride, nO, sliced)
+        _forward_plane(h, c, act, Uf, Hs, diag_off, parent, B, D, cell, k, start, stride, nO, sliced, staged)
         grid.sync()
     if out_src.shape[0] > 0:
         _unskew(out, h, out_src, start, stride)
@@ -779,7 +892,7 @@ def _forward_coop(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, nO, o
     _stage(shared, Uf, use_shared)
     if use_shared:
         Uf = shared
-    _forward_sweep(h, c, act, Uf, diag_off, parent, B, D, cell, nO, out, out_src, False)
+    _forward_sweep(h, c, act, Uf, h, diag_off, parent, B, D, cell, nO, out, out_src, False, False)
 
 
 @cuda.jit(**_SWEEP_JIT)
@@ -788,7 +901,16 @@ def _forward_coop_sliced(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared
     memory once (:func:`_stage_slice`), its items per hyperplane (:func:`_plane_items`)."""
     Ws = cuda.shared.array(0, Uf.dtype)
     _stage_slice(Ws, Uf, nO, parent.shape[1], D, False)
-    _forward_sweep(h, c, act, Ws, diag_off, parent, B, D, cell, nO, out, out_src, True)
+    _forward_sweep(h, c, act, Ws, h, diag_off, parent, B, D, cell, nO, out, out_src, True, False)
+
+
+@cuda.jit(**_SWEEP_JIT)
+def _forward_coop_staged(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, nO, out, out_src):
+    """:func:`_forward_coop_sliced` with the parents' rows of h staged in the block's tile."""
+    Ws = cuda.shared.array(0, Uf.dtype)
+    Hs = cuda.shared.array(STAGE_SHAPE, Uf.dtype)
+    _stage_slice(Ws, Uf, nO, parent.shape[1], D, False)
+    _forward_sweep(h, c, act, Ws, Hs, diag_off, parent, B, D, cell, nO, out, out_src, True, True)
 
 
 @cuda.jit(**_SWEEP_JIT)
@@ -798,7 +920,8 @@ def _forward_diag(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, nO, o
     _stage(shared, Uf, use_shared)
     if use_shared:
         Uf = shared
-    _forward_plane(h, c, act, Uf, diag_off, parent, B, D, cell, k, cuda.grid(1), cuda.gridsize(1), nO, False)
+    _forward_plane(h, c, act, Uf, h, diag_off, parent, B, D, cell, k, cuda.grid(1), cuda.gridsize(1), nO,
+                   False, False)
 
 
 @cuda.jit(**_SWEEP_JIT)
@@ -806,7 +929,18 @@ def _forward_diag_sliced(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared
     """Hyperplane k only in the sliced layout (the slice staged at each launch)."""
     Ws = cuda.shared.array(0, Uf.dtype)
     _stage_slice(Ws, Uf, nO, parent.shape[1], D, False)
-    _forward_plane(h, c, act, Ws, diag_off, parent, B, D, cell, k, cuda.grid(1), cuda.gridsize(1), nO, True)
+    _forward_plane(h, c, act, Ws, h, diag_off, parent, B, D, cell, k, cuda.grid(1), cuda.gridsize(1), nO,
+                   True, False)
+
+
+@cuda.jit(**_SWEEP_JIT)
+def _forward_diag_staged(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, nO, out, out_src, k):
+    """Hyperplane k only in the staged layout."""
+    Ws = cuda.shared.array(0, Uf.dtype)
+    Hs = cuda.shared.array(STAGE_SHAPE, Uf.dtype)
+    _stage_slice(Ws, Uf, nO, parent.shape[1], D, False)
+    _forward_plane(h, c, act, Ws, Hs, diag_off, parent, B, D, cell, k, cuda.grid(1), cuda.gridsize(1), nO,
+                   True, True)
 
 
 @cuda.jit(device=True)
@@ -817,14 +951,14 @@ def _backward_prologue_synced(UTf, U, dh, dh_in, dh_src, z, xs, h, parent, B, D)
 
 
 @cuda.jit(device=True)
-def _backward_sweep(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, nO, sliced):
-    """All hyperplanes k = K-1..0, grid sync in between."""
+def _backward_sweep(dact, dc, dh, act, c, UTf, Hs, diag_off, parent, child, B, D, cell, nO, sliced, staged):
+    """All hyperplanes k = K-1..0, grid sync in between (``Hs``, ``staged``: :func:`_backward_plane`)."""
     grid = cuda.cg.this_grid()
     start = cuda.grid(1)
     stride = cuda.gridsize(1)
     for k in range(diag_off.shape[0] - 2, -1, -1):
-        _backward_plane(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, k, start, stride,
-                        nO, sliced)
+        _backward_plane(dact, dc, dh, act, c, UTf, Hs, diag_off, parent, child, B, D, cell, k, start, stride,
+                        nO, sliced, staged)
         grid.sync()
 
 
@@ -838,7 +972,7 @@ def _backward_coop(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cel
     _stage(shared, UTf, use_shared)
     if use_shared:
         UTf = shared
-    _backward_sweep(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, nO, False)
+    _backward_sweep(dact, dc, dh, act, c, UTf, dact, diag_off, parent, child, B, D, cell, nO, False, False)
 
 
 @cuda.jit(**_SWEEP_JIT)
@@ -848,7 +982,18 @@ def _backward_coop_sliced(dact, dc, dh, act, c, UTf, diag_off, parent, child, B,
     _backward_prologue_synced(UTf, U, dh, dh_in, dh_src, z, xs, h, parent, B, D)
     Ws = cuda.shared.array(0, UTf.dtype)
     _stage_slice(Ws, UTf, nO, parent.shape[1], D, True)
-    _backward_sweep(dact, dc, dh, act, c, Ws, diag_off, parent, child, B, D, cell, nO, True)
+    _backward_sweep(dact, dc, dh, act, c, Ws, dact, diag_off, parent, child, B, D, cell, nO, True, False)
+
+
+@cuda.jit(**_SWEEP_JIT)
+def _backward_coop_staged(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, use_shared, nO,
+                          U, dh_in, dh_src, z, xs, h):
+    """:func:`_backward_coop_sliced` with the children's rows of dact staged in the block's tile."""
+    _backward_prologue_synced(UTf, U, dh, dh_in, dh_src, z, xs, h, parent, B, D)
+    Ws = cuda.shared.array(0, UTf.dtype)
+    Hs = cuda.shared.array(STAGE_SHAPE, UTf.dtype)
+    _stage_slice(Ws, UTf, nO, parent.shape[1], D, True)
+    _backward_sweep(dact, dc, dh, act, c, Ws, Hs, diag_off, parent, child, B, D, cell, nO, True, True)
 
 
 @cuda.jit(**_SWEEP_JIT)
@@ -859,8 +1004,8 @@ def _backward_diag(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cel
     _stage(shared, UTf, use_shared)
     if use_shared:
         UTf = shared
-    _backward_plane(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, k,
-                    cuda.grid(1), cuda.gridsize(1), nO, False)
+    _backward_plane(dact, dc, dh, act, c, UTf, dact, diag_off, parent, child, B, D, cell, k,
+                    cuda.grid(1), cuda.gridsize(1), nO, False, False)
 
 
 @cuda.jit(**_SWEEP_JIT)
@@ -869,8 +1014,19 @@ def _backward_diag_sliced(dact, dc, dh, act, c, UTf, diag_off, parent, child, B,
     """Hyperplane k only in the sliced layout (the slice staged at each launch)."""
     Ws = cuda.shared.array(0, UTf.dtype)
     _stage_slice(Ws, UTf, nO, parent.shape[1], D, True)
-    _backward_plane(dact, dc, dh, act, c, Ws, diag_off, parent, child, B, D, cell, k,
-                    cuda.grid(1), cuda.gridsize(1), nO, True)
+    _backward_plane(dact, dc, dh, act, c, Ws, dact, diag_off, parent, child, B, D, cell, k,
+                    cuda.grid(1), cuda.gridsize(1), nO, True, False)
+
+
+@cuda.jit(**_SWEEP_JIT)
+def _backward_diag_staged(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, use_shared, nO,
+                          U, dh_in, dh_src, z, xs, h, k):
+    """Hyperplane k only in the staged layout."""
+    Ws = cuda.shared.array(0, UTf.dtype)
+    Hs = cuda.shared.array(STAGE_SHAPE, UTf.dtype)
+    _stage_slice(Ws, UTf, nO, parent.shape[1], D, True)
+    _backward_plane(dact, dc, dh, act, c, Ws, Hs, diag_off, parent, child, B, D, cell, k,
+                    cuda.grid(1), cuda.gridsize(1), nO, True, True)
 
 
 @cuda.jit(device=True)
@@ -1443,11 +1599,13 @@ def _record(desc: str, shared: bool | str) -> None:
 
 def _resolve_layout(layout: str | None, sweep: str) -> str:
     """``layout`` (None: :data:`DEFAULT_LAYOUT`) of a ``sweep`` (a key of :data:`AUTO_LAYOUT`),
-    "auto" resolved; ValueError for an unknown one."""
+    "auto" resolved, "staged" sliced for the saving-free forward (no staged kernel); ValueError
+    for an unknown one."""
     layout = layout or DEFAULT_LAYOUT
     if layout not in LAYOUTS:
         raise ValueError(f"layout (or MDNUMBA_CUDA_LAYOUT) must be one of {LAYOUTS}, got {layout!r}")
-    return AUTO_LAYOUT[sweep] if layout == "auto" else layout
+    layout = AUTO_LAYOUT[sweep] if layout == "auto" else layout
+    return "sliced" if layout == "staged" and sweep == "infer" else layout
 
 
 def _plan_slices(coop, args, S: int, N: int, D: int, B: int, diag_off_host: np.ndarray, itemsize: int,
@@ -1456,13 +1614,19 @@ def _plan_slices(coop, args, S: int, N: int, D: int, B: int, diag_off_host: np.n
     ``(nO, blocks, shared bytes, note)``; nO blocks per slice of SLICE units (as many as the
     cooperative grid holds, at most the largest hyperplane's (cell, row group) pairs per scan),
     blocks = S * nJ * nO with nJ = ceil(D / SLICE). nO = 0 (flat layout) when the
-    layout is flat, the slice does not fit in :data:`SHARED_BYTES_LIMIT` or, off the per-diagonal
-    path, the S * nJ slices cannot all be co-resident; ``note`` then says why."""
+    layout is flat, the slice (and in the staged layout its tile, :data:`STAGE_SHAPE`) does not fit
+    in :data:`SHARED_BYTES_LIMIT`, the staged tile is too small for ``tpb`` threads or, off the
+    per-diagonal path, the S * nJ slices cannot all be co-resident; ``note`` then says why."""
     if layout == "flat":
         return 0, 0, 0, ""
     shmem = N * (N + 3) * D * SLICE * itemsize
-    if shmem > SHARED_BYTES_LIMIT:
-        return 0, 0, 0, f"flat layout: a slice's weights take {shmem} B, over {SHARED_BYTES_LIMIT} B"
+    tile = math.prod(STAGE_SHAPE) * itemsize if layout == "staged" else 0
+    if shmem + tile > SHARED_BYTES_LIMIT:
+        what = "weights and staged tile take" if tile else "weights take"
+        return 0, 0, 0, f"flat layout: a slice's {what} {shmem + tile} B, over {SHARED_BYTES_LIMIT} B"
+    if tile and tpb > config.THREADS_PER_BLOCK:
+        return 0, 0, 0, (f"flat layout: {tpb} threads per block, the staged tile holds the rows of "
+                         f"MDNUMBA_THREADS_PER_BLOCK={config.THREADS_PER_BLOCK}")
     nJ = -(-D // SLICE)
     if (path or DEFAULT_PATH) == "per-diagonal":
         cap = 4 * _sm_count()
@@ -1472,19 +1636,25 @@ def _plan_slices(coop, args, S: int, N: int, D: int, B: int, diag_off_host: np.n
             return 0, 0, 0, f"flat layout: {S * nJ} unit slices, {cap} co-resident blocks"
     pairs = int(np.diff(diag_off_host).max()) * _row_groups(B)
     nO = max(1, min(pairs, cap // (S * nJ)))
-    return nO, S * nJ * nO, shmem, f"weights in shared memory, {S * nJ} slices of {SLICE} units x {nO} blocks"
+    staged = f", rows staged in {tile} B tiles" if tile else ""
+    return nO, S * nJ * nO, shmem, (f"weights in shared memory, {S * nJ} slices of {SLICE} units x {nO} "
+                                     f"blocks{staged}")
 
 
 def _layout_sweep(sweep: str, flat: tuple, sliced: tuple, head: tuple, tail: tuple, W, S: int, N: int, D: int,
                   B: int, diag_off_host: np.ndarray, layout: str | None, use_shared: bool | None,
-                  path: str | None, tpb: int, **sweep_kw) -> None:
+                  path: str | None, tpb: int, staged: tuple = (), **sweep_kw) -> None:
     """Run a ``sweep`` ("forward", "infer", "backward") in its layout (:func:`_resolve_layout`):
-    the ``sliced`` (coop, diag) kernels where :func:`_plan_slices` allows, else the ``flat`` ones
+    the ``sliced`` (coop, diag) kernels, or in the staged layout the ``staged`` ones, where
+    :func:`_plan_slices` allows, else the ``flat`` ones
     with the weights ``W`` in shared memory when :func:`_use_shared` says so; their arguments
     are ``(*head, use_shared, nO, *tail)``; the backward sweeps the hyperplanes in reverse.
     Records the path taken (:func:`last_path`)."""
+    layout = _resolve_layout(layout, sweep)
+    if layout == "staged":
+        sliced = staged
     nO, blocks, shmem, note = _plan_slices(sliced[0], (*head, False, 1, *tail), S, N, D, B, diag_off_host,
-                                           W.dtype.itemsize, _resolve_layout(layout, sweep), path, tpb)
+                                           W.dtype.itemsize, layout, path, tpb)
     shared = not nO and _use_shared(W, use_shared)
     if not nO:
         shmem = W.nbytes if shared else 0
@@ -1529,6 +1699,7 @@ def wavefront_forward(h: HostOrDevice, c: HostOrDevice, act: HostOrDevice, U: Ho
     head, tail = (h_, c_, act_, U_.reshape(U_.size), off_, par_, int(B), int(D), int(cell)), (out_, src_)
     _layout_sweep("forward", (_forward_coop, _forward_diag), (_forward_coop_sliced, _forward_diag_sliced),
                   head, tail, U_, U_.shape[0], par_.shape[1], D, B, host_off, layout, use_shared, path, tpb,
+                  staged=(_forward_coop_staged, _forward_diag_staged),
                   post=_forward_post if src_.size else None, extra_items=out_.size)
     a.finish(0, 1, 2, 6)
 
@@ -1586,8 +1757,8 @@ def wavefront_backward(dact: HostOrDevice, dc: HostOrDevice, dh: HostOrDevice, a
     head, tail = (*dev[:5], UT, *dev[6:9], int(B), int(D), int(cell)), (U_, *dev[9:])
     kernels = (_backward_coop, _backward_diag), (_backward_coop_sliced, _backward_diag_sliced)
     _layout_sweep("backward", *kernels, head, tail, UT, U_.shape[0], dev[7].shape[1], D, B, host_off, layout,
-                  use_shared, path, tpb, pre=_backward_pre,
-                  extra_items=max(U_.size, dev[2].size, dev[11].size))
+                  use_shared, path, tpb, staged=(_backward_coop_staged, _backward_diag_staged),
+                  pre=_backward_pre, extra_items=max(U_.size, dev[2].size, dev[11].size))
     a.finish(0, 1, 2, 11)
 
 
