@@ -56,7 +56,7 @@ def cuda_sweep_settings() -> str:
     cell = "registers (1- to 3-D)" if config.CUDA_CELL_REGISTERS else "global memory"
     bound = f"compiled for {config.CUDA_MIN_BLOCKS} blocks per SM" if config.CUDA_MIN_BLOCKS else \
         "no launch bounds"
-    text = (f"{config.CUDA_LAYOUT} layout ({config.CUDA_SLICE_UNITS} units per slice when sliced), "
+    text = (f"{config.CUDA_LAYOUT} layout ({config.CUDA_SLICE_UNITS} units per slice when sliced or staged), "
             f"{config.CUDA_ROWS_PER_THREAD} rows per thread, {config.CUDA_UNROLL} unrolled steps, "
             f"{config.THREADS_PER_BLOCK} threads per block, path {config.CUDA_PATH}, cell math on {cell}, "
             f"{bound} (MDNUMBA_CUDA_* settings)")

@@ -12,6 +12,7 @@ thread as a Python thread (and, as tests/simgrid.py makes it, checks every array
 from __future__ import annotations
 
 import copy
+import math
 import os
 import pickle
 import re
@@ -920,13 +921,25 @@ def sim_errors_and_fallback(rng, monkeypatch):
         dev.backward(np.zeros((1, 2, 3, 3), np.float32))
     with pytest.raises(ValueError, match="path"):
         CudaLSTM.from_layer(MDLSTM2D(2, 3), path="diagonal").forward(np.ones((1, 2, 2, 2), np.float32))
-    with pytest.raises(ValueError, match=r"must be one of \('auto', 'flat', 'sliced'\), got 'tiled'"):
+    with pytest.raises(ValueError, match=r"must be one of \('auto', 'flat', 'sliced', 'staged'\), got 'tiled'"):
         CudaLSTM.from_layer(MDLSTM2D(2, 3), layout="tiled").forward(np.ones((1, 2, 2, 2), np.float32))
     with monkeypatch.context() as m:  # a slice over the shared-memory limit: the flat layout, said
         m.setattr(gpu, "SHARED_BYTES_LIMIT", 100)
         sliced = CudaLSTM.from_layer(MDLSTM2D(2, 3, dtype=np.float32), layout="sliced")
         np.testing.assert_array_equal(sliced.forward(np.ones((1, 2, 2, 2), np.float32)), y)
         assert f"flat layout: a slice's weights take {2 * 5 * 3 * gpu.SLICE * 4} B, over 100 B" in last_path()
+        weights, tile = 2 * 5 * 3 * gpu.SLICE * 4, math.prod(gpu.STAGE_SHAPE) * 4
+        m.setattr(gpu, "SHARED_BYTES_LIMIT", weights + tile - 1)  # the staged layout's tile counts too
+        staged = CudaLSTM.from_layer(MDLSTM2D(2, 3, dtype=np.float32), layout="staged")
+        np.testing.assert_array_equal(staged.forward(np.ones((1, 2, 2, 2), np.float32)), y)
+        assert (f"flat layout: a slice's weights and staged tile take {weights + tile} B, over "
+                f"{weights + tile - 1} B") in last_path()
+    from mdnumba import config  # the tile holds the rows of MDNUMBA_THREADS_PER_BLOCK threads' items
+    staged = CudaLSTM.from_layer(MDLSTM2D(2, 3, dtype=np.float32), layout="staged",
+                                 threads_per_block=2 * config.THREADS_PER_BLOCK)
+    np.testing.assert_array_equal(staged.forward(np.ones((1, 2, 2, 2), np.float32)), y)
+    assert (f"flat layout: {2 * config.THREADS_PER_BLOCK} threads per block, the staged tile holds the rows "
+            f"of MDNUMBA_THREADS_PER_BLOCK={config.THREADS_PER_BLOCK}") in last_path()
     with monkeypatch.context() as m:  # 32-bit index arithmetic: arrays of 2**32 elements are refused
         m.setattr(gpu, "MAX_ELEMENTS", 90)  # U (1, 3, 30), the largest array here, has 90
         with pytest.raises(ValueError, match="has 90 elements.*32-bit arithmetic.*split the batch"):
