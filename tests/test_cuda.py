@@ -1767,7 +1767,7 @@ def test_simulator_other_rows_per_thread(rows, simulator_runs):
     (compile-time; the GPU tuning script tries others): one row per thread without unrolling,
     that one with the cell math on global memory (MDNUMBA_CUDA_CELL_REGISTERS=0), and 3 rows,
     3 steps (B=2 and B=5 leave remainders, as D and (N+3)*D do), that one with every layer in
-    the sliced layout at 2 units per slice (tests/simruns.py OTHER_ROWS)."""
+    the staged layout at 2 units per slice (tests/simruns.py OTHER_ROWS)."""
     report = simulator_runs[rows].report()
     assert len(report) >= 20, report
     _assert_passed(report)
@@ -1779,7 +1779,7 @@ def test_simulator_skipping_a_sweep_stage(stage, simulator_runs):
     """The timing diagnostic MDNUMBA_CUDA_SKIP=sum and =cell (bench/tune_gpu.py --variants):
     sim_sweep_stages_as_configured in a simulator run with it set (tests/simruns.py SKIP_RUNS)."""
     report = simulator_runs[f"skip {stage}"].report()
-    assert len(report) == 2, report
+    assert len(report) == 3, report  # flat, sliced, staged
     _assert_passed(report)
 
 

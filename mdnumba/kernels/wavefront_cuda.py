@@ -442,9 +442,11 @@ def _rows_preact(act, h, c, Uf, wl, parent, base, s, b0, nb, j, B, D, g0, width,
     for g in range(width):
         col[g] = (g0 + min(g, ng - 1)) * D + j
         ucol[g] = (g0 + min(g, ng - 1)) * gs + uc
-    for i in range(ROWS_PER_THREAD):
+    for i in range(ROWS_PER_THREAD):  # not live: the row's owner writes it (no barrier between, without sums)
         for g in range(width):
-            acc[i, g] = act[r + min(i, nb - 1), col[g]]
+            acc[i, g] = 0
+            if live:
+                acc[i, g] = act[r + min(i, nb - 1), col[g]]
     for d in range(N if RECURRENT_SUM else 0):
         p = parent[s, d]
         if not staged:
@@ -713,7 +715,9 @@ def _rows_pull(dh, dact, dc, act, c, UTf, wl, parent, child, base, s, b0, nb, j,
     live = st[1]
     acc = cuda.local.array((ROWS_PER_THREAD, 1), dh.dtype)
     for i in range(ROWS_PER_THREAD):  # rows past nb repeat the last one and are not stored
-        acc[i, 0] = dh[r + min(i, nb - 1), j]
+        acc[i, 0] = 0
+        if live:
+            acc[i, 0] = dh[r + min(i, nb - 1), j]
     crow = cuda.local.array(ROWS_PER_THREAD, numba.int64)
     for d in range(N if RECURRENT_SUM else 0):
         ch = child[s, d]
