@@ -473,7 +473,7 @@ def render(info: dict[str, str], results: list[dict], quick: bool) -> str:
             "The saving-free sweep (`wavefront_infer`'s CUDA twin: two hyperplanes of buffers, the "
             "input projection inside the sweep, h straight into the output) on each path; PyTorch: "
             "its forward under `torch.no_grad()` (the column above).", ""]
-    out += speed_table(results, "inference", ("coop", "flat", "sliced", "diag", "torch"))
+    out += speed_table(results, "inference", ("coop", "flat", "sliced", "staged", "diag", "torch"))
     out += ["", "## Time per anti-diagonal", "",
             "Sweeps alone (recurrent part only, no GEMMs, no copies) divided by the number of "
             f"anti-diagonals, next to the synchronisation floors measured on this GPU: an empty "

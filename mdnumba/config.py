@@ -19,10 +19,9 @@ place to change them. Environment variables override the defaults:
   hidden units of one scan and keeps just those units' weights in shared memory for the whole
   sweep; see :mod:`mdnumba.kernels.wavefront_cuda`), ``staged`` (sliced, and each block reads the
   rows of h (forward) and of the gate gradients (backward) its threads sum over through tiles it
-  loads into shared memory together; the saving-free forward runs sliced; not yet timed on a
-  GPU) or ``auto`` (default: the faster of flat and sliced
-  per sweep on an H200, bench/results/gpu.md: the backward sweep sliced, the forward ones flat;
-  ``wavefront_cuda.AUTO_LAYOUT``). ``MDNUMBA_CUDA_SLICE_UNITS`` sets the units per slice
+  loads into shared memory together; not yet timed on a GPU) or ``auto`` (default: the faster of
+  flat and sliced per sweep on an H200, bench/results/gpu.md: the backward sweep sliced, the
+  forward ones flat; ``wavefront_cuda.AUTO_LAYOUT``). ``MDNUMBA_CUDA_SLICE_UNITS`` sets the units per slice
   (default 8; compile-time).
 - ``MDNUMBA_CUDA_SKIP`` is a **diagnostic** for timing the CUDA sweeps, a comma list of stages
   their threads skip: ``sum`` (the recurrent sums, forward ``Σ h·U`` and backward ``Σ δ·Uᵀ``:

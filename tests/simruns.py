@@ -32,8 +32,8 @@ GPU_SHARDS = max(SHARDS, min(8, (os.cpu_count() or 1) // 2))
 #: the other MDNUMBA_CUDA_ROWS_PER_THREAD values test_simulator_other_rows_per_thread runs, each
 #: with its other settings: MDNUMBA_CUDA_UNROLL (1: no unrolled steps; 3: the sums' lengths leave
 #: remainders); with 1 row the cell math on global memory for every N (MDNUMBA_CUDA_CELL_REGISTERS=0),
-#: with 3 rows every layer in the staged layout (its saving-free forward sliced) with 2 units per
-#: slice (the sweep cases run flat, sliced and staged there: their own layouts)
+#: with 3 rows every layer in the staged layout with 2 units per slice (the sweep cases run flat,
+#: sliced and staged there: their own layouts)
 OTHER_ROWS = {1: {"MDNUMBA_CUDA_UNROLL": "1", "MDNUMBA_CUDA_CELL_REGISTERS": "0"},
               3: {"MDNUMBA_CUDA_UNROLL": "3", "MDNUMBA_CUDA_LAYOUT": "staged",
                   "MDNUMBA_CUDA_SLICE_UNITS": "2"}}

@@ -50,7 +50,7 @@ def test_run_gpu_smoke_under_the_simulator(background_run):
     assert "cooperative staged (train): cooperative" in gpu and "rows staged in" in gpu, gpu[-3000:]
     inference = gpu[gpu.index("## Inference"):].splitlines()
     row = next(line for line in inference if line.startswith("| 4x4 B1 D2 | **"))
-    assert [c.startswith("**") for c in row.split(" | ")[1:6]] == [True] * 4 + [has_torch], row
+    assert [c.startswith("**") for c in row.split(" | ")[1:7]] == [True] * 5 + [has_torch], row
     family = (tmp_path / "family_cuda.md").read_text()
     assert "2D 3x3 B1 D2, 4 directions" in family and "3D 2x2x2 B1 D2, 1 direction" in family
     assert "PyTorch failed" not in family if has_torch else True

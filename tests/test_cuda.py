@@ -599,7 +599,7 @@ def sim_failed_forward_keeps_the_last_one_and_free_buffers(rng):
             call()
 
 
-@pytest.mark.parametrize("layout", ["flat", "sliced"])
+@pytest.mark.parametrize("layout", ["flat", "sliced", "staged"])
 @pytest.mark.parametrize("path", ["cooperative", "per-diagonal"])
 @pytest.mark.parametrize("ndim,shape,kw,dtype", [
     (2, (3, 3, 4, 2), {}, np.float64), (2, (2, 2, 3, 1), {"cell": "stable", "directions": 4}, np.float32),
@@ -608,7 +608,7 @@ def sim_failed_forward_keeps_the_last_one_and_free_buffers(rng):
 def sim_forward_without_saving(ndim, shape, kw, dtype, path, layout, rng, monkeypatch):
     """``forward(x, save=False)`` on a device layer (its two-plane sweep, :func:`wavefront_infer`'s
     CUDA twin) equals the CPU layer's and the float64 reference, 1D from a state with its final
-    state, in either layout; backward is then refused with nothing added to the gradients."""
+    state, in each layout; backward is then refused with nothing added to the gradients."""
     from mdnumba.kernels import wavefront_cuda
     monkeypatch.setattr(wavefront_cuda, "DEFAULT_PATH", path)
     monkeypatch.setattr(wavefront_cuda, "DEFAULT_LAYOUT", layout)
@@ -619,7 +619,8 @@ def sim_forward_without_saving(ndim, shape, kw, dtype, path, layout, rng, monkey
     np.testing.assert_allclose(gpu.forward(x, save=False), yr, **tol)
     desc = wavefront_cuda.last_path()
     sliced = "slices of" in desc or "flat layout: " in desc  # too many slices for the grid: flat, said
-    assert desc.startswith(path) and sliced == (layout == "sliced"), desc
+    assert desc.startswith(path) and sliced == (layout != "flat"), desc
+    assert ("rows staged in" in desc) == (layout == "staged" and "slices of" in desc), desc
     assert gpu.saved_bytes() == 0 < gpu.workspace_bytes()
     if ndim == 1:
         state = tuple(rng.standard_normal((shape[0], gpu.out_channels)).astype(dtype) for _ in range(2))
@@ -630,22 +631,6 @@ def sim_forward_without_saving(ndim, shape, kw, dtype, path, layout, rng, monkey
     with pytest.raises(RuntimeError, match="save=False"):
         gpu.backward(np.ones(yr.shape))
     assert not gpu.grads.data.any()
-
-
-@pytest.mark.parametrize("path", ["cooperative", "per-diagonal"])
-def sim_staged_layout_runs_the_saving_free_forward_sliced(path, rng, monkeypatch):
-    """The staged layout has no saving-free sweep of its own: ``forward(x, save=False)`` runs sliced
-    (said in the path), with the numbers of the saving forward, which runs staged."""
-    from mdnumba.kernels import wavefront_cuda
-    monkeypatch.setattr(wavefront_cuda, "DEFAULT_PATH", path)
-    monkeypatch.setattr(wavefront_cuda, "DEFAULT_LAYOUT", "staged")
-    layer = _layer(2, 2, 3, np.float64, "cuda")
-    x = rng.standard_normal((2, 3, 4, 2))
-    saved = layer.forward(x)
-    assert "rows staged in" in wavefront_cuda.last_path(), wavefront_cuda.last_path()
-    np.testing.assert_allclose(layer.forward(x, save=False), saved, rtol=1e-12, atol=1e-14)
-    desc = wavefront_cuda.last_path()
-    assert desc.startswith(path) and "slices of" in desc and "staged" not in desc, desc
 
 
 def sim_saving_free_sweep_reads_src_minus_one_as_a_zero_input(rng):

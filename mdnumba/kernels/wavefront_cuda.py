@@ -20,7 +20,7 @@ hyperplane: unit j of up to :data:`ROWS_PER_THREAD` batch rows ``r_i`` of one ce
   from the children on the finished hyperplane, then writes ``dc[r_i, j]`` and
   ``dact[r_i, g*D + j]`` for its own j only: no two threads write the same place.
 
-Two layouts share out a hyperplane's items (``layout``, ``MDNUMBA_CUDA_LAYOUT``; the default
+Three layouts share out a hyperplane's items (``layout``, ``MDNUMBA_CUDA_LAYOUT``; the default
 ``auto`` takes :data:`AUTO_LAYOUT`'s per sweep):
 
 - ``flat``: over the whole grid (grid-stride), so every block reads all of U (from shared
@@ -32,6 +32,9 @@ Two layouts share out a hyperplane's items (``layout``, ``MDNUMBA_CUDA_LAYOUT``;
   loads at constant offsets). Its own kernels (``*_sliced``): the weights array they read is
   the shared one alone, so the compiler emits shared-memory loads. :func:`_plan_slices` falls
   back to flat when the slices cannot all be co-resident or a slice does not fit.
+- ``staged``: sliced, and the rows a thread sums over (h of the parents, forward; the gate
+  gradients of the children, backward) come from a shared tile its block loads for each round
+  of items, :data:`STAGE_K` steps at a time (:func:`_stage_rows`; kernels ``*_staged``).
 
 Two ways to sweep the K hyperplanes:
 
@@ -645,12 +648,13 @@ def _rows_project(act, x, src, W, bias, q, r, row0, nb, j, D, ng):
 
 
 @cuda.jit(device=True)
-def _infer_plane(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, B, D, cell, k, start, stride, nO,
-                 sliced):
+def _infer_plane(out, h, c, act, Uf, Hs, lp, x, src, W, bias, diag_off, B, D, cell, k, start, stride, nO,
+                 sliced, staged):
     """This thread's items (:func:`_plane_items`) of hyperplane k in the two-plane buffers (slots of
     :func:`_fill_parents`): per (scan q, cell, row group, unit j) the input projection
     ``act[r, g*D + j] = bias_q + x[src[q, ·]] @ W_q`` (src -1: bias only), then
-    :func:`_unit_forward` (parents by ``lp``), then h into ``out[src, q, j]``."""
+    :func:`_unit_forward` (parents by ``lp``), then h into ``out[src, q, j]``; ``staged`` as in
+    :func:`_forward_plane`."""
     M = _divmod(lp.shape[0], 2)[0]
     cur = _divmod(k, 2)[1] * M
     s0 = diag_off[k]
@@ -660,15 +664,21 @@ def _infer_plane(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, B, D, cell, 
     MB = lp.shape[0] * B
     DNG = N * (N + 3) * D * D
     first, end, step = _plane_items(n, D, W.shape[0], nO, start, stride, sliced)
-    for t in range(first, end, step):
-        ok, lo, s, b0, nb, j, wl = _item(t, n, cur, nbg, B, D, MB, DNG, N, nO, False, sliced)
-        if not ok:
-            continue
+    for t in range(first if not staged else 0, end, step):
+        if staged:  # rounds of the block (t is the round's first item), every thread in each
+            lo, s, b0, nb, j, wl, st = _staged_item(Hs, t, first, end, n, cur, nbg, B, D, MB, DNG, N, nO,
+                                                    False)
+        else:
+            ok, lo, s, b0, nb, j, wl = _item(t, n, cur, nbg, B, D, MB, DNG, N, nO, False, sliced)
+            if not ok:
+                continue
+            st = _unstaged(h)
         q = _divmod(lo, MB)[0]
         row0 = (s0 + s - cur) * B + b0  # the cell's first row in src
-        _rows_project(act, x, src, W, bias, q, lo + s * B + b0, row0, nb, j, D, N + 3)
-        _unit_forward(h, c, act, Uf, wl, lp, lo, s, b0, nb, j, B, D, cell, False, _unstaged(h))
-        for i in range(nb):
+        if st[1]:
+            _rows_project(act, x, src, W, bias, q, lo + s * B + b0, row0, nb, j, D, N + 3)
+        _unit_forward(h, c, act, Uf, wl, lp, lo, s, b0, nb, j, B, D, cell, staged, st)
+        for i in range(nb if st[1] else 0):
             sr = src[q, row0 + i]
             if sr >= 0:
                 out[sr, q, j] = h[lo + s * B + b0 + i, j]
@@ -1034,11 +1044,11 @@ def _backward_diag_staged(dact, dc, dh, act, c, UTf, diag_off, parent, child, B,
 
 
 @cuda.jit(device=True)
-def _infer_sweep(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent, first, last, B, D, cell, nO,
-                 sliced):
+def _infer_sweep(out, h, c, act, Uf, Hs, lp, x, src, W, bias, diag_off, parent, first, last, B, D, cell, nO,
+                 sliced, staged):
     """Hyperplanes ``first .. last-1`` of the saving-free forward, grid sync in between: each step
     fills the next plane's parent slots (the half the current plane does not read) and computes
-    the current plane."""
+    the current plane (``Hs``, ``staged``: :func:`_infer_plane`)."""
     grid = cuda.cg.this_grid()
     start = cuda.grid(1)
     stride = cuda.gridsize(1)
@@ -1046,8 +1056,8 @@ def _infer_sweep(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent, firs
     grid.sync()
     for k in range(first, last):
         _fill_parents(lp, parent, diag_off, k + 1, last, start, stride)
-        _infer_plane(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, B, D, cell, k, start, stride, nO,
-                     sliced)
+        _infer_plane(out, h, c, act, Uf, Hs, lp, x, src, W, bias, diag_off, B, D, cell, k, start, stride, nO,
+                     sliced, staged)
         grid.sync()
 
 
@@ -1059,8 +1069,8 @@ def _infer_coop(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent, first
     _stage(shared, Uf, use_shared)
     if use_shared:
         Uf = shared
-    _infer_sweep(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent, first, last, B, D, cell, nO,
-                 False)
+    _infer_sweep(out, h, c, act, Uf, h, lp, x, src, W, bias, diag_off, parent, first, last, B, D, cell, nO,
+                 False, False)
 
 
 @cuda.jit(**_SWEEP_JIT)
@@ -1069,8 +1079,19 @@ def _infer_coop_sliced(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent
     """:func:`_infer_sweep` in one cooperative launch, sliced layout."""
     Ws = cuda.shared.array(0, Uf.dtype)
     _stage_slice(Ws, Uf, nO, lp.shape[1], D, False)
-    _infer_sweep(out, h, c, act, Ws, lp, x, src, W, bias, diag_off, parent, first, last, B, D, cell, nO,
-                 True)
+    _infer_sweep(out, h, c, act, Ws, h, lp, x, src, W, bias, diag_off, parent, first, last, B, D, cell, nO,
+                 True, False)
+
+
+@cuda.jit(**_SWEEP_JIT)
+def _infer_coop_staged(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent, first, last, B, D, cell,
+                       use_shared, nO):
+    """:func:`_infer_coop_sliced` with the parents' rows of h staged in the block's tile."""
+    Ws = cuda.shared.array(0, Uf.dtype)
+    Hs = cuda.shared.array(STAGE_SHAPE, Uf.dtype)
+    _stage_slice(Ws, Uf, nO, lp.shape[1], D, False)
+    _infer_sweep(out, h, c, act, Ws, Hs, lp, x, src, W, bias, diag_off, parent, first, last, B, D, cell, nO,
+                 True, True)
 
 
 @cuda.jit(**_JIT)
@@ -1090,8 +1111,8 @@ def _infer_diag(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent, first
         Uf = shared
     start, stride = cuda.grid(1), cuda.gridsize(1)
     _fill_parents(lp, parent, diag_off, first + k + 1, last, start, stride)
-    _infer_plane(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, B, D, cell, first + k, start, stride,
-                 nO, False)
+    _infer_plane(out, h, c, act, Uf, h, lp, x, src, W, bias, diag_off, B, D, cell, first + k, start, stride,
+                 nO, False, False)
 
 
 @cuda.jit(**_SWEEP_JIT)
@@ -1102,8 +1123,21 @@ def _infer_diag_sliced(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent
     _stage_slice(Ws, Uf, nO, lp.shape[1], D, False)
     start, stride = cuda.grid(1), cuda.gridsize(1)
     _fill_parents(lp, parent, diag_off, first + k + 1, last, start, stride)
-    _infer_plane(out, h, c, act, Ws, lp, x, src, W, bias, diag_off, B, D, cell, first + k, start, stride,
-                 nO, True)
+    _infer_plane(out, h, c, act, Ws, h, lp, x, src, W, bias, diag_off, B, D, cell, first + k, start, stride,
+                 nO, True, False)
+
+
+@cuda.jit(**_SWEEP_JIT)
+def _infer_diag_staged(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent, first, last, B, D, cell,
+                       use_shared, nO, k):
+    """:func:`_infer_diag` in the staged layout."""
+    Ws = cuda.shared.array(0, Uf.dtype)
+    Hs = cuda.shared.array(STAGE_SHAPE, Uf.dtype)
+    _stage_slice(Ws, Uf, nO, lp.shape[1], D, False)
+    start, stride = cuda.grid(1), cuda.gridsize(1)
+    _fill_parents(lp, parent, diag_off, first + k + 1, last, start, stride)
+    _infer_plane(out, h, c, act, Ws, Hs, lp, x, src, W, bias, diag_off, B, D, cell, first + k, start, stride,
+                 nO, True, True)
 
 
 @cuda.jit(**_JIT)
@@ -1603,13 +1637,11 @@ def _record(desc: str, shared: bool | str) -> None:
 
 def _resolve_layout(layout: str | None, sweep: str) -> str:
     """``layout`` (None: :data:`DEFAULT_LAYOUT`) of a ``sweep`` (a key of :data:`AUTO_LAYOUT`),
-    "auto" resolved, "staged" sliced for the saving-free forward (no staged kernel); ValueError
-    for an unknown one."""
+    "auto" resolved; ValueError for an unknown one."""
     layout = layout or DEFAULT_LAYOUT
     if layout not in LAYOUTS:
         raise ValueError(f"layout (or MDNUMBA_CUDA_LAYOUT) must be one of {LAYOUTS}, got {layout!r}")
-    layout = AUTO_LAYOUT[sweep] if layout == "auto" else layout
-    return "sliced" if layout == "staged" and sweep == "infer" else layout
+    return AUTO_LAYOUT[sweep] if layout == "auto" else layout
 
 
 def _plan_slices(coop, args, S: int, N: int, D: int, B: int, diag_off_host: np.ndarray, itemsize: int,
@@ -1647,7 +1679,7 @@ def _plan_slices(coop, args, S: int, N: int, D: int, B: int, diag_off_host: np.n
 
 def _layout_sweep(sweep: str, flat: tuple, sliced: tuple, head: tuple, tail: tuple, W, S: int, N: int, D: int,
                   B: int, diag_off_host: np.ndarray, layout: str | None, use_shared: bool | None,
-                  path: str | None, tpb: int, staged: tuple = (), **sweep_kw) -> None:
+                  path: str | None, tpb: int, staged: tuple, **sweep_kw) -> None:
     """Run a ``sweep`` ("forward", "infer", "backward") in its layout (:func:`_resolve_layout`):
     the ``sliced`` (coop, diag) kernels, or in the staged layout the ``staged`` ones, where
     :func:`_plan_slices` allows, else the ``flat`` ones
@@ -1655,8 +1687,7 @@ def _layout_sweep(sweep: str, flat: tuple, sliced: tuple, head: tuple, tail: tup
     are ``(*head, use_shared, nO, *tail)``; the backward sweeps the hyperplanes in reverse.
     Records the path taken (:func:`last_path`)."""
     layout = _resolve_layout(layout, sweep)
-    if layout == "staged":
-        sliced = staged
+    sliced = staged if layout == "staged" else sliced
     nO, blocks, shmem, note = _plan_slices(sliced[0], (*head, False, 1, *tail), S, N, D, B, diag_off_host,
                                            W.dtype.itemsize, layout, path, tpb)
     shared = not nO and _use_shared(W, use_shared)
@@ -1723,8 +1754,8 @@ def wavefront_infer(out: HostOrDevice, h: HostOrDevice, c: HostOrDevice, act: Ho
     head = (out_, h_, c_, act_, U_.reshape(U_.size), lp_, x_, src_, W_, b_, off_, par_, int(first),
             int(last), int(B), int(D), int(cell))
     _layout_sweep("infer", (_infer_coop, _infer_diag), (_infer_coop_sliced, _infer_diag_sliced), head, (), U_,
-                  U_.shape[0], par_.shape[1], D, B, host_off, layout, use_shared, path, tpb, pre=_infer_pre,
-                  extra_items=lp_.size)
+                  U_.shape[0], par_.shape[1], D, B, host_off, layout, use_shared, path, tpb,
+                  staged=(_infer_coop_staged, _infer_diag_staged), pre=_infer_pre, extra_items=lp_.size)
     a.finish(0, 1, 2, 3, 4)
 
 
