@@ -45,6 +45,8 @@ DEFAULT_OUT = HERE / "results" / "tune_gpu.md"
 VARIANTS = {"full": {}, "memory-cell": {"MDNUMBA_CUDA_CELL_REGISTERS": "0"},
             "no-sum": {"MDNUMBA_CUDA_SKIP": "sum"}, "no-cell": {"MDNUMBA_CUDA_SKIP": "cell"},
             "neither": {"MDNUMBA_CUDA_SKIP": "sum,cell"}}
+#: the layouts with units per slice (MDNUMBA_CUDA_SLICE_UNITS)
+SLICED_LAYOUTS = ("sliced", "staged")
 #: the variants whose results are right: their train steps are candidate defaults
 CANDIDATES = ("full", "memory-cell")
 
@@ -62,7 +64,7 @@ def child(configs: list[str], budget: float, variant: str) -> None:
         step = time_it(train, cuda.synchronize, budget)
         path = last_path()
         sweeps = sweep_times(dev, cfg, "cooperative", cuda.synchronize, budget)
-        sliced = config.CUDA_LAYOUT in ("sliced", "staged")
+        sliced = config.CUDA_LAYOUT in SLICED_LAYOUTS
         layout = config.CUDA_LAYOUT + (f" {config.CUDA_SLICE_UNITS}" if sliced else "")
         print(json.dumps({"config": cfg.label, "rows": config.CUDA_ROWS_PER_THREAD,
                           "unroll": config.CUDA_UNROLL, "tpb": config.THREADS_PER_BLOCK, "layout": layout,
@@ -153,9 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         child(args.configs.split(","), budget, args.variant)
         return 0
     rows: list[dict] = []
-    sliced = ("sliced", "staged")
-    layouts = [f"{lay} {n}" if lay in sliced else lay for lay in args.layout.split(",")
-               for n in (args.slice.split(",") if lay in sliced else [""])]
+    layouts = [f"{lay} {n}" if lay in SLICED_LAYOUTS else lay for lay in args.layout.split(",")
+               for n in (args.slice.split(",") if lay in SLICED_LAYOUTS else [""])]
     variants = args.variants.split(",")
     if not set(variants) <= set(VARIANTS):
         ap.error(f"--variants takes a comma list of {', '.join(VARIANTS)}, got {args.variants!r}")

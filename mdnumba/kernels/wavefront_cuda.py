@@ -109,7 +109,7 @@ MAX_ELEMENTS = 2 ** 32
 #: sweep path used when none is given: auto (cooperative, falling back), cooperative, per-diagonal
 DEFAULT_PATH: str = config.CUDA_PATH
 PATHS = config.CUDA_PATHS
-#: sweep layout used when none is given (MDNUMBA_CUDA_LAYOUT): auto, flat or sliced
+#: sweep layout used when none is given (MDNUMBA_CUDA_LAYOUT): auto, flat, sliced or staged
 DEFAULT_LAYOUT: str = config.CUDA_LAYOUT
 LAYOUTS = config.CUDA_LAYOUTS
 
@@ -353,15 +353,15 @@ def _slice_weights(jj, N, D, transposed):
 
 
 @cuda.jit(device=True)
-def _preact_steps(acc, src, hrow, k, Uf, u, ks, ucol, n, width):
-    """``acc[i, g] += Σ_{q<n} src[hrow[i], k + q] · Uf[u + q*ks + ucol[g]]`` for the gates g < ``width``
+def _preact_steps(acc, src, hrow, Uf, u, ks, ucol, n, width):
+    """``acc[i, g] += Σ_{k<n} src[hrow[i], k] · Uf[u + k*ks + ucol[g]]`` for the gates g < ``width``
     (the hot loop of :func:`_rows_preact`): :data:`UNROLL` steps' loads issued before their FMAs
     (memory latency, not arithmetic, bounds a sweep thread), unsigned indices (:func:`_at`) and a
     ``while`` loop (numba's ``range`` iterator adds a count and sign checks to each iteration)."""
     hv = cuda.local.array((UNROLL, ROWS_PER_THREAD), acc.dtype)
     uv = cuda.local.array((UNROLL, GATE_CHUNK), acc.dtype)
-    end = k + n
-    while k + UNROLL <= end:  # UNROLL steps' loads first, then their FMAs
+    k = 0
+    while k + UNROLL <= n:  # UNROLL steps' loads first, then their FMAs
         for q in range(UNROLL):
             for i in range(ROWS_PER_THREAD):
                 hv[q, i] = src[_at(hrow[i]), _at(k + q)]
@@ -373,7 +373,7 @@ def _preact_steps(acc, src, hrow, k, Uf, u, ks, ucol, n, width):
                     acc[i, g] += hv[q, i] * uv[q, g]
         u += UNROLL * ks
         k += UNROLL
-    while k < end:  # the last n % UNROLL steps
+    while k < n:  # the last n % UNROLL steps
         for i in range(ROWS_PER_THREAD):
             hv[0, i] = src[_at(hrow[i]), _at(k)]
         for g in range(width):
@@ -456,7 +456,7 @@ def _rows_preact(act, h, c, Uf, wl, parent, base, s, b0, nb, j, B, D, g0, width,
             if p >= 0:
                 for i in range(ROWS_PER_THREAD):
                     hrow[i] = base + p * B + b0 + min(i, nb - 1)
-                _preact_steps(acc, h, hrow, 0, Uf, uo + d * ds, ks, ucol, D, width)
+                _preact_steps(acc, h, hrow, Uf, uo + d * ds, ks, ucol, D, width)
             continue
         for i in range(ROWS_PER_THREAD):
             hrow[i] = st[2] + min(i, nb - 1)
@@ -464,7 +464,7 @@ def _rows_preact(act, h, c, Uf, wl, parent, base, s, b0, nb, j, B, D, g0, width,
             kc = min(STAGE_K, D - k0)
             _stage_rows(h, parent, d, k0, kc, base, B, st)
             if live and p >= 0:
-                _preact_steps(acc, st[0], hrow, 0, Uf, uo + d * ds + k0 * ks, ks, ucol, kc, width)
+                _preact_steps(acc, st[0], hrow, Uf, uo + d * ds + k0 * ks, ks, ucol, kc, width)
     fused = CELL_MATH and N <= REGISTER_CELL_MAX_N
     for i in range(ROWS_PER_THREAD):  # row i in acc[0] (_next_row): acc can live in registers
         if live and i < nb:
@@ -685,13 +685,13 @@ def _infer_plane(out, h, c, act, Uf, Hs, lp, x, src, W, bias, diag_off, B, D, ce
 
 
 @cuda.jit(device=True)
-def _pull_steps(acc, src, crow, g, UTf, q, gs, n):
-    """``acc[i, 0] += Σ_{p<n} src[crow[i], g + p] · UTf[q + p*gs]`` (the hot loop of :func:`_rows_pull`),
+def _pull_steps(acc, src, crow, UTf, q, gs, n):
+    """``acc[i, 0] += Σ_{g<n} src[crow[i], g] · UTf[q + g*gs]`` (the hot loop of :func:`_rows_pull`),
     :data:`UNROLL` steps' loads before their FMAs, as :func:`_preact_steps`."""
     uv = cuda.local.array(UNROLL, acc.dtype)
     dv = cuda.local.array((UNROLL, ROWS_PER_THREAD), acc.dtype)
-    end = g + n
-    while g + UNROLL <= end:  # UNROLL steps' loads first, then their FMAs
+    g = 0
+    while g + UNROLL <= n:  # UNROLL steps' loads first, then their FMAs
         for p in range(UNROLL):
             uv[p] = UTf[_at(q + p * gs)]
             for i in range(ROWS_PER_THREAD):
@@ -701,7 +701,7 @@ def _pull_steps(acc, src, crow, g, UTf, q, gs, n):
                 acc[i, 0] += dv[p, i] * uv[p]
         q += UNROLL * gs
         g += UNROLL
-    while g < end:  # the last n % UNROLL steps
+    while g < n:  # the last n % UNROLL steps
         u = UTf[_at(q)]
         for i in range(ROWS_PER_THREAD):
             acc[i, 0] += src[_at(crow[i]), _at(g)] * u
@@ -735,7 +735,7 @@ def _rows_pull(dh, dact, dc, act, c, UTf, wl, parent, child, base, s, b0, nb, j,
             if ch >= 0:
                 for i in range(ROWS_PER_THREAD):
                     crow[i] = base + ch * B + b0 + min(i, nb - 1)
-                _pull_steps(acc, dact, crow, 0, UTf, uo + d * ds + uc, gs, G)
+                _pull_steps(acc, dact, crow, UTf, uo + d * ds + uc, gs, G)
             continue
         for i in range(ROWS_PER_THREAD):
             crow[i] = st[2] + min(i, nb - 1)
@@ -743,7 +743,7 @@ def _rows_pull(dh, dact, dc, act, c, UTf, wl, parent, child, base, s, b0, nb, j,
             kc = min(STAGE_K, G - g0)
             _stage_rows(dact, child, d, g0, kc, base, B, st)
             if live and ch >= 0:
-                _pull_steps(acc, st[0], crow, 0, UTf, uo + d * ds + uc + g0 * gs, gs, kc)
+                _pull_steps(acc, st[0], crow, UTf, uo + d * ds + uc + g0 * gs, gs, kc)
     fused = CELL_MATH and N <= REGISTER_CELL_MAX_N
     for i in range(ROWS_PER_THREAD):  # row i in acc[0] (_next_row): acc can live in registers
         dhv = acc[0, 0]
@@ -1722,8 +1722,9 @@ def wavefront_forward(h: HostOrDevice, c: HostOrDevice, act: HostOrDevice, U: Ho
     "cooperative" or "per-diagonal"; ``use_shared``: stage U in shared memory
     (None: when it fits). With ``out`` (R, S, D) and ``out_src`` (S, R) the same launch
     then writes ``out[r, q] = h[q*R + out_src[q, r]]`` (the output in grid order).
-    ``layout``: "auto" (:data:`AUTO_LAYOUT`), "flat" or "sliced" (None: :data:`DEFAULT_LAYOUT`;
-    sliced ignores ``use_shared``; :func:`_plan_slices` says when it falls back to flat).
+    ``layout``: "auto" (:data:`AUTO_LAYOUT`), "flat", "sliced" or "staged" (None:
+    :data:`DEFAULT_LAYOUT`; sliced and staged ignore ``use_shared``; :func:`_plan_slices` says when
+    they fall back to flat).
     """
     tpb = _tpb(tpb)
     a = _Args(h, c, act, U, diag_off, parent, out, out_src)
