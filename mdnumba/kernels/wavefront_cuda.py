@@ -287,6 +287,47 @@ def _divmod(a, b):
     return q, a - q * b
 
 
+if SIMULATOR:
+    @cuda.jit(device=True)
+    def _opaque(x):
+        """``x`` itself (the simulator compiles nothing; on a GPU, an opaque copy)."""
+        return x
+else:
+    from llvmlite import ir as llvm_ir
+    from numba.cuda.extending import intrinsic
+
+    @intrinsic
+    def _opaque(typingctx, x):
+        """The integer ``x`` through an inline-assembly ``mov`` with a side effect: the same
+        number, but LLVM can neither see what it is nor hoist it out of a loop."""
+        if not isinstance(x, numba.types.Integer):
+            return None
+
+        def codegen(context, builder, signature, args):
+            kind = args[0].type
+            reg = "l" if kind.width == 64 else "r"
+            move = llvm_ir.InlineAsm(llvm_ir.FunctionType(kind, [kind]), f"mov.b{kind.width} $0, $1;",
+                                     f"={reg},{reg}", side_effect=True)
+            return builder.call(move, [args[0]])
+
+        return x(x), codegen
+
+
+@cuda.jit(device=True)
+def _per_plane(x, sliced):
+    """The size ``x`` as the sweeps' hyperplane loops pass it on: opaque (:func:`_opaque`) in the
+    sliced and staged layouts (``sliced``, a constant at each call site), so that what a plane
+    works out from the sizes (offsets, counts, their clamps) is worked out per plane instead of
+    hoisted out of the loop by LLVM and held in registers through the whole sweep. Compiled for
+    sm_90 in float32, the sliced and staged forward and saving-free sweeps went from 255
+    registers and 88-192 spilled bytes to 222-238 and none, the backward from 135 and 168 to 130
+    and 138; their hot loops are unchanged. Not in the flat layout: there it spared no register
+    (its unrolled global loads hold 255) and its hot loops issued 20% more instructions."""
+    if sliced:
+        return _opaque(x)
+    return x
+
+
 @cuda.jit(device=True)
 def _stage(Ws, Wf, use_shared):
     """Copy flat weights ``Wf`` into the shared array ``Ws`` when ``use_shared`` (whole block calls it)."""
@@ -892,7 +933,8 @@ def _forward_sweep(h, c, act, Uf, Hs, diag_off, parent, B, D, cell, nO, out, out
     start = cuda.grid(1)
     stride = cuda.gridsize(1)
     for k in range(diag_off.shape[0] - 1):
-        _forward_plane(h, c, act, Uf, Hs, diag_off, parent, B, D, cell, k, start, stride, nO, sliced, staged)
+        _forward_plane(h, c, act, Uf, Hs, diag_off, parent, _per_plane(B, sliced), _per_plane(D, sliced),
+                       cell, k, start, stride, _per_plane(nO, sliced), sliced, staged)
         grid.sync()
     if out_src.shape[0] > 0:
         _unskew(out, h, out_src, start, stride)
@@ -971,8 +1013,8 @@ def _backward_sweep(dact, dc, dh, act, c, UTf, Hs, diag_off, parent, child, B, D
     start = cuda.grid(1)
     stride = cuda.gridsize(1)
     for k in range(diag_off.shape[0] - 2, -1, -1):
-        _backward_plane(dact, dc, dh, act, c, UTf, Hs, diag_off, parent, child, B, D, cell, k, start, stride,
-                        nO, sliced, staged)
+        _backward_plane(dact, dc, dh, act, c, UTf, Hs, diag_off, parent, child, _per_plane(B, sliced),
+                        _per_plane(D, sliced), cell, k, start, stride, _per_plane(nO, sliced), sliced, staged)
         grid.sync()
 
 
@@ -1056,8 +1098,8 @@ def _infer_sweep(out, h, c, act, Uf, Hs, lp, x, src, W, bias, diag_off, parent, 
     grid.sync()
     for k in range(first, last):
         _fill_parents(lp, parent, diag_off, k + 1, last, start, stride)
-        _infer_plane(out, h, c, act, Uf, Hs, lp, x, src, W, bias, diag_off, B, D, cell, k, start, stride, nO,
-                     sliced, staged)
+        _infer_plane(out, h, c, act, Uf, Hs, lp, x, src, W, bias, diag_off, _per_plane(B, sliced),
+                     _per_plane(D, sliced), cell, k, start, stride, _per_plane(nO, sliced), sliced, staged)
         grid.sync()
 
 
