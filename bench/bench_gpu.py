@@ -19,7 +19,9 @@ For a 2D MD-LSTM (C=1, float32) at 32x32 B64 D64, 128x128 B16 D64 and 256x256 B8
   empty cooperative kernel doing only grid syncs (~1.7 µs on an H100) and of an
   empty kernel launch per diagonal;
 - the host time of one device train step without a synchronize (its launches'
-  dispatch), against the step: whether the step is dispatch-bound.
+  dispatch), against the step: whether the step is dispatch-bound;
+- the train step's floors on the GPU: its float32 multiply-adds at the FP32 peak plus its
+  grid syncs, against the fastest step and the targets' step times.
 
 Loss ``0.5 * mean(h**2)``, so ``dL/dh = h / h.size``. Times are wall-clock with
 a device synchronize, best (and median) of an adaptive number of repeats after a
@@ -413,6 +415,60 @@ def diagonal_table(results: list[dict]) -> list[str]:
     return rows
 
 
+#: FP32 lanes (FMA units) per SM where not 128 (H100/H200, Ada, GA10x: 128), by compute capability
+FP32_LANES = {(6, 0): 64, (7, 0): 64, (7, 5): 64, (8, 0): 64}
+
+
+def step_multiply_adds(cfg: Config) -> int:
+    """Multiply-adds of one train step's recurrent products (2D, one direction): the forward
+    sweep's sums, the backward sweep's dh through U and the weight-gradient GEMM, each
+    (N+3)·D gates x N·D inputs = 10·D² per cell and batch row (the input projection and dx,
+    with C = 1 and no dL/dx, are negligible)."""
+    return 3 * 10 * cfg.D ** 2 * cfg.H * cfg.W * cfg.B
+
+
+def fp32_peak() -> float | None:
+    """The GPU's float32 multiply-adds per second (SMs x FP32 lanes x clock; no tensor cores: the
+    kernels and the baseline compute in float32, TF32 off), or None where the device does not
+    say (the simulator)."""
+    from numba import cuda
+    try:
+        dev = cuda.get_current_device()
+        sms, khz, cc = dev.MULTIPROCESSOR_COUNT, dev.CLOCK_RATE, tuple(dev.compute_capability)
+        return float(sms) * FP32_LANES.get(cc, 128) * float(khz) * 1e3
+    except Exception:  # any attribute the simulator or an old driver lacks
+        return None
+
+
+def floors_table(results: list[dict]) -> list[str]:
+    """Per config: the train step's floors on this GPU (its float32 multiply-adds at the FP32
+    peak; 2K grid syncs at the sweeps' grids), the fastest device path's step against them, and
+    what a target's step time would need."""
+    rows = ["| config | multiply-adds per step | FP32 floor ms | grid-sync floor ms | floor ms | "
+            "fastest mdnumba step ms | floor / step | target step ms | floor / target |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        cfg, t, peak, fl = res["cfg"], res["train"], res.get("peak"), res.get("floors") or {}
+        fmas = step_multiply_adds(cfg)
+        compute = fmas / peak if peak else None
+        syncs = list(fl.get("at_grids", {}).values()) or ([fl["sync_us"]] if fl else [])
+        sync = 2 * cfg.diagonals * min(syncs) * 1e-6 if syncs else None
+        floor = compute + sync if compute is not None and sync is not None else None
+        steps = [t[k].best for k, _, _, _ in DEVICE_PATHS if k in t]
+        step = min(steps) if steps else None
+        goal = TARGETS.get((cfg.H, cfg.W, cfg.B, cfg.D))
+        target = t["torch"].best / goal if goal and "torch" in t else None
+
+        def cell(v, scale=1e3, fmt="{:.3g}"):
+            return "–" if v is None else fmt.format(v * scale)
+
+        def frac(a, b):
+            return "–" if a is None or not b else f"{a / b:.0%}"
+        rows.append(f"| {cfg.label} | {fmas / 1e9:.3g} G | {cell(compute)} | {cell(sync)} | {cell(floor)} | "
+                    f"{cell(step)} | {frac(floor, step)} | {cell(target)} | {frac(floor, target)} |")
+    return rows
+
+
 def dispatch_table(results: list[dict]) -> list[str]:
     rows = ["| config | path | train step ms | host time of its launches ms | host / step |",
             "|---|---|---|---|---|"]
@@ -467,6 +523,14 @@ def render(info: dict[str, str], results: list[dict], quick: bool) -> str:
             "- *mdnumba CPU*: the CPU kernels on every core of this machine (few repeats).", "",
             "## Targets (issue 5)", ""]
     out += targets(results) or ["- (not measured in this run: needs the 32 or 256 config and PyTorch)"]
+    out += ["", "## Floors", "",
+            "How far a train step is from what this GPU can do at all: its float32 multiply-adds "
+            "(`step_multiply_adds`) at the FP32 peak (SMs x FP32 lanes x clock, no tensor cores: "
+            "the kernels and PyTorch compute in float32, TF32 off), plus its 2K grid syncs (forward "
+            "and backward sweeps) at the empty-kernel cost measured below at the sweeps' grids. "
+            "*floor / step*: the fraction of that the fastest device path reaches; *floor / "
+            "target*: the fraction a step at the target (PyTorch's best / the target ratio) would "
+            "need.", ""] + floors_table(results)
     out += ["", "## Train step", ""] + speed_table(results, "train")
     out += ["", "## Forward only", ""] + speed_table(results, "forward")
     out += ["", "## Inference: `forward(x, save=False)`", "",
@@ -589,6 +653,7 @@ def run_config(res: dict, tb: TorchBaseline | None, budget: float, cpu: bool, nu
                                                 budget, min_reps=2, max_reps=20))
     from mdnumba import config
     if not numba.config.ENABLE_CUDASIM:
+        res["peak"] = fp32_peak()
         _attempt(res, "sync floors", lambda: res.update(
             floors=sync_floors(cfg.diagonals, config.THREADS_PER_BLOCK, sync, budget / 4,
                                coop_grids(res["paths"]))))

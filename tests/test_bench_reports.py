@@ -153,3 +153,21 @@ def test_lstm1d_bench_torch_mapping():
     import lstm1d
     fwd, grad = lstm1d.verify(torch, lstm1d.Case(5, 2, 3, 4))
     assert fwd < 1e-12 and grad < 1e-10
+
+
+def test_gpu_floors_table():
+    """The train step's floors: its multiply-adds at the FP32 peak plus 2K grid syncs at the
+    sweeps' grids (the cheapest), against the fastest device path and the target's step time;
+    a dash for what the run did not measure (the simulator: no peak, no sync floor)."""
+    res = gpu_result("32", 6.4e-3, 12e-3, 43e-3)
+    res["peak"] = 1e13  # multiply-adds per second
+    res["floors"] = {"blocks": 2112, "sync_us": 8.0, "launch_us": 18.0, "at_grids": {(396, 128): 2.5,
+                                                                                      (392, 128): 2.0}}
+    assert bench_gpu.step_multiply_adds(res["cfg"]) == 30 * 64 ** 2 * 32 * 32 * 64
+    head, _, row = bench_gpu.floors_table([res])
+    assert head.startswith("| config | multiply-adds per step | FP32 floor ms | grid-sync floor ms |")
+    # 8.05 G / 1e13 = 0.805 ms; 2 x 63 x 2.0 µs = 0.252 ms; 43 ms / 50 = 0.86 ms
+    assert row == "| 32x32 B64 D64 | 8.05 G | 0.805 | 0.252 | 1.06 | 6.4 | 17% | 0.86 | 123% |", row
+    bare = gpu_result("8x8x4x16", 1e-3, None, None)
+    assert bench_gpu.floors_table([bare])[2] == "| 8x8 B4 D16 | 0.00197 G | – | – | – | 1 | – | – | – |"
+    assert "## Floors" in bench_gpu.render({"GPU": "test"}, [res], quick=True)
