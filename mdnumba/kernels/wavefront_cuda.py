@@ -132,9 +132,19 @@ STAGE_K: int = 4 if SIMULATOR else 32
 #: (cell, row group) pairs a staged round touches at most: a round is one item per thread of a
 #: block of at most THREADS_PER_BLOCK threads, SLICE items per pair, starting anywhere in a pair
 STAGE_PAIRS: int = (config.THREADS_PER_BLOCK - 1) // SLICE + 2
+#: steps per load of the staged layout's hot loops: its slice's weights and tile rows come in
+#: 16-byte aligned runs of VEC (:func:`_stage_slice`, :func:`_stage_rows`), each read with one
+#: vector load (:func:`_load4`, :func:`_load4_row`)
+VEC = 4
+#: byte alignment of the staged layout's shared arrays (the simulator takes none)
+SHARED_ALIGN = None if SIMULATOR else 16
 #: the staged layout's tile (static shared memory): a row per (pair, batch row) of a round, its
-#: STAGE_K steps padded by one (rows of one warp's reads fall on different banks)
-STAGE_SHAPE = (STAGE_PAIRS * ROWS_PER_THREAD, STAGE_K + TILE_PAD)
+#: STAGE_K steps padded by VEC words (rows stay aligned, and a warp's reads of different rows
+#: fall on different banks)
+STAGE_SHAPE = (STAGE_PAIRS * ROWS_PER_THREAD, STAGE_K + VEC)
+#: runs of VEC steps the staged layout's hot loops load before their FMAs (UNROLL steps' worth)
+RUNS: int = max(1, UNROLL // VEC)
+assert STAGE_K % VEC == 0
 #: gate blocks a forward thread accumulates at once (N + 3 <= 6, i.e. N <= 3: one pass)
 GATE_CHUNK = 6
 #: the layout "auto" takes per sweep, the faster on an H200 (bench/results/gpu.md, 2026-12-04):
@@ -294,6 +304,7 @@ if SIMULATOR:
         return x
 else:
     from llvmlite import ir as llvm_ir
+    from numba.cuda import cgutils
     from numba.cuda.extending import intrinsic
 
     @intrinsic
@@ -311,6 +322,54 @@ else:
             return builder.call(move, [args[0]])
 
         return x(x), codegen
+
+
+if SIMULATOR:
+    @cuda.jit(device=True)
+    def _load4(a, i):
+        """``a[i .. i+3]`` of the 1-D array ``a`` (checked: i a multiple of 4, as a GPU's 16-byte
+        load needs)."""
+        assert i % VEC == 0, "misaligned vector load"
+        return a[i], a[i + 1], a[i + 2], a[i + 3]
+
+    @cuda.jit(device=True)
+    def _load4_row(a, r, k):
+        """``a[r, k .. k+3]`` of the 2-D array ``a`` (checked aligned, as :func:`_load4`)."""
+        assert (r * a.shape[1] + k) % VEC == 0, "misaligned vector load"
+        return a[r, k], a[r, k + 1], a[r, k + 2], a[r, k + 3]
+else:
+    def _vector_load(context, builder, aryty, ary, indices):
+        """The 4 elements from ``indices`` on of the C-contiguous array ``ary`` as one load of a
+        4-vector, 16-byte aligned (one ``LDS.128`` from shared memory in float32, two in float64)."""
+        arr = context.make_array(aryty)(context, builder, ary)
+        ptr = cgutils.get_item_pointer(context, builder, aryty, arr, indices, wraparound=False)
+        vec = llvm_ir.VectorType(context.get_data_type(aryty.dtype), VEC)
+        value = builder.load(builder.bitcast(ptr, vec.as_pointer(ptr.type.addrspace)), align=16)
+        return [builder.extract_element(value, llvm_ir.Constant(llvm_ir.IntType(32), e)) for e in range(VEC)]
+
+    @intrinsic
+    def _load4(typingctx, a, i):
+        """``(a[i], .., a[i+3])`` of the 1-D shared array ``a``, i a multiple of 4 and ``a`` 16-byte
+        aligned (else the GPU faults), in one vector load."""
+        ret = numba.types.UniTuple(a.dtype, VEC)
+
+        def codegen(context, builder, signature, args):
+            vals = _vector_load(context, builder, a, args[0], [args[1]])
+            return context.make_tuple(builder, ret, vals)
+
+        return ret(a, i), codegen
+
+    @intrinsic
+    def _load4_row(typingctx, a, r, k):
+        """``(a[r, k], .., a[r, k+3])`` of the 2-D shared array ``a`` in one vector load, as
+        :func:`_load4` (its rows a multiple of 4 long, k a multiple of 4)."""
+        ret = numba.types.UniTuple(a.dtype, VEC)
+
+        def codegen(context, builder, signature, args):
+            vals = _vector_load(context, builder, a, args[0], [args[1], args[2]])
+            return context.make_tuple(builder, ret, vals)
+
+        return ret(a, r, k), codegen
 
 
 @cuda.jit(device=True)
@@ -338,24 +397,27 @@ def _stage(Ws, Wf, use_shared):
 
 
 @cuda.jit(device=True)
-def _stage_slice(Ws, Wf, nO, N, D, transposed):
+def _stage_slice(Ws, Wf, nO, N, D, transposed, V):
     """Fill the shared array ``Ws`` with this block's unit slice (:func:`_block_slice`) of the flat
-    weights ``Wf`` (the whole block calls it), in :func:`_slice_weights`' layout:
-    ``Ws[((d*(N+3) + g)*D + k)*SLICE + jj] = U[q, k, d*G + g*D + j0 + jj]``, or when ``transposed``
-    ``Ws[(d*G + g)*SLICE + jj] = UT[q, g, d*D + j0 + jj]``; zeros past unit D-1 and in a block
-    past the last scan."""
+    weights ``Wf`` (the whole block calls it), in :func:`_slice_weights`' layout: runs of V (1, or
+    :data:`VEC` in the staged layout; a constant at each call site) steps of each unit, the steps
+    of each block padded with zeros to a multiple of V,
+    ``Ws[((b*P/V + kq)*SLICE + jj)*V + kk] = U[q, V*kq + kk, d*G + g*D + j0 + jj]`` with
+    ``b = d*(N+3) + g`` and P = D rounded up to V, or when ``transposed``
+    ``= UT[q, V*kq + kk, d*D + j0 + jj]`` with ``b = d`` and P = G rounded up; zeros past unit D-1
+    and in a block past the last scan. With V = 1: ``Ws[((d*(N+3) + g)*D + k)*SLICE + jj]``."""
     G = (N + 3) * D
     DNG = N * G * D
     q, j0, _ = _block_slice(nO, D)
-    for e in range(cuda.threadIdx.x, N * G * SLICE, cuda.blockDim.x):
-        rest, jj = _divmod(e, SLICE)
-        if transposed:
-            d, g = _divmod(rest, G)
-            src = q * DNG + g * N * D + d * D + j0 + jj
-        else:
-            dg, k = _divmod(rest, D)
-            src = q * DNG + k * N * G + dg * D + j0 + jj
-        if j0 + jj < D and q * DNG < Wf.shape[0]:
+    steps = G if transposed else D
+    Q = (steps + V - 1) // V
+    for e in range(cuda.threadIdx.x, (N if transposed else N * (N + 3)) * Q * V * SLICE, cuda.blockDim.x):
+        rest, kk = _divmod(e, V)
+        rest, jj = _divmod(rest, SLICE)
+        b, kq = _divmod(rest, Q)
+        k = kq * V + kk
+        src = q * DNG + k * (N * D if transposed else N * G) + b * D + j0 + jj
+        if k < steps and j0 + jj < D and q * DNG < Wf.shape[0]:
             Ws[e] = Wf[src]
         else:
             Ws[e] = 0
@@ -384,13 +446,16 @@ def _flat_weights(uo, j, N, D, transposed):
 
 
 @cuda.jit(device=True)
-def _slice_weights(jj, N, D, transposed):
-    """As :func:`_flat_weights` for unit jj of a staged slice (:func:`_stage_slice`): the steps of
-    the hot loops (k, or g when ``transposed``) are the constant SLICE, so each unrolled load's
-    address is a base plus a constant."""
+def _slice_weights(jj, N, D, transposed, V):
+    """As :func:`_flat_weights` for unit jj of a staged slice (:func:`_stage_slice`, runs of V
+    steps): the steps of the hot loops (k, or g when ``transposed``) are the constant SLICE, so
+    each unrolled load's address is a base plus a constant; a step k that is a multiple of V is at
+    ``k*SLICE`` from its block, its run's V weights of unit jj at ``jj*V`` from there."""
+    P = ((N + 3) * D if transposed else D) + V - 1
+    P -= P % V
     if transposed:
-        return (0, 0, (N + 3) * D * SLICE, SLICE, jj)
-    return (0, SLICE, (N + 3) * D * SLICE, D * SLICE, jj)
+        return (0, 0, P * SLICE, SLICE, jj * V)
+    return (0, SLICE, (N + 3) * P * SLICE, P * SLICE, jj * V)
 
 
 @cuda.jit(device=True)
@@ -427,25 +492,75 @@ def _preact_steps(acc, src, hrow, Uf, u, ks, ucol, n, width):
 
 
 @cuda.jit(device=True)
+def _load_run(hv, wv, q, Hs, rows, Ws, w, k, wcol, width):
+    """Run q of a staged hot loop's loads: ``hv[q, e, i] = Hs[rows[i], k + e]`` and ``wv[q, e, g] =
+    Ws[w + wcol[g] + e]`` for e < :data:`VEC`, one vector load per row and per column."""
+    for i in range(ROWS_PER_THREAD):
+        x0, x1, x2, x3 = _load4_row(Hs, _at(rows[i]), _at(k))
+        hv[q, 0, i], hv[q, 1, i], hv[q, 2, i], hv[q, 3, i] = x0, x1, x2, x3
+    for g in range(width):
+        x0, x1, x2, x3 = _load4(Ws, _at(w + wcol[g]))
+        wv[q, 0, g], wv[q, 1, g], wv[q, 2, g], wv[q, 3, g] = x0, x1, x2, x3
+
+
+@cuda.jit(device=True)
+def _fma_run(acc, hv, wv, q, width):
+    """``acc[i, g] += Σ_e hv[q, e, i] · wv[q, e, g]``, e in order (the scalar loop's order)."""
+    for e in range(VEC):
+        for i in range(ROWS_PER_THREAD):
+            for g in range(width):
+                acc[i, g] += hv[q, e, i] * wv[q, e, g]
+
+
+@cuda.jit(device=True)
+def _run_steps(acc, Hs, rows, Ws, w, ks, wcol, n, width):
+    """The staged layout's hot loop, for the forward's sums and the backward's pull alike:
+    ``acc[i, g] += Σ_{k<n} Hs[rows[i], k] · Ws[w + (k - k%VEC)*ks + wcol[g] + k%VEC]`` over the
+    block's tile and slice (:func:`_stage_rows`, :func:`_stage_slice` with runs of
+    :data:`VEC`); n a multiple of VEC. :data:`RUNS` runs' vector loads (:func:`_load_run`) before
+    their FMAs; the sum's order is the scalar loops'."""
+    hv = cuda.local.array((RUNS, VEC, ROWS_PER_THREAD), acc.dtype)
+    wv = cuda.local.array((RUNS, VEC, GATE_CHUNK), acc.dtype)
+    k = 0
+    while k + RUNS * VEC <= n:
+        for q in range(RUNS):
+            _load_run(hv, wv, q, Hs, rows, Ws, w + q * VEC * ks, k + q * VEC, wcol, width)
+        for q in range(RUNS):
+            _fma_run(acc, hv, wv, q, width)
+        w += RUNS * VEC * ks
+        k += RUNS * VEC
+    while k < n:  # the last runs, one at a time
+        _load_run(hv, wv, 0, Hs, rows, Ws, w, k, wcol, width)
+        _fma_run(acc, hv, wv, 0, width)
+        w += VEC * ks
+        k += VEC
+
+
+@cuda.jit(device=True)
 def _stage_rows(src, nbr, d, k0, kc, base, B, st):
     """The block's staged tile (staged layout; the whole block calls it): for the (cell, row
     group) pairs ``pair0 + pp < npairs`` of its share of the hyperplane (:func:`_block_slice`),
-    ``Hs[pp*R + i, kk] = src[base + nbr[s, d]*B + b0 + i, k0 + kk]`` for kk < kc, R =
-    :data:`ROWS_PER_THREAD` (nothing where the neighbour or the row is absent). Coalesced loads,
+    ``Hs[pp*R + i, kk] = src[base + nbr[s, d]*B + b0 + i, k0 + kk]`` for kk < kc and 0 up to kc
+    rounded up to :data:`VEC` (the hot loops read whole runs of VEC), R = :data:`ROWS_PER_THREAD`
+    (nothing where the neighbour or the row is absent). Coalesced loads,
     all of a thread's in flight at once: one memory round trip per tile instead of one per
     :data:`UNROLL` steps of every thread. ``st``: :func:`_staged_item`. A barrier on each side
     (the tile's last readers are done; the tile is complete)."""
     Hs, _, _, s0, o, nO, nbg, pair0, npairs = st
+    width = _divmod(kc + VEC - 1, VEC)[0] * VEC
     cuda.syncthreads()
-    for e in range(cuda.threadIdx.x, Hs.shape[0] * kc, cuda.blockDim.x):
-        slot, kk = _divmod(e, kc)
+    for e in range(cuda.threadIdx.x, Hs.shape[0] * width, cuda.blockDim.x):
+        slot, kk = _divmod(e, width)
         pp, i = _divmod(slot, ROWS_PER_THREAD)
         if pair0 + pp < npairs:
             cell, g = _divmod(o + (pair0 + pp) * nO, nbg)
             b = g * ROWS_PER_THREAD + i
             p = nbr[s0 + cell, d]
             if p >= 0 and b < B:
-                Hs[slot, kk] = src[_at(base + p * B + b), _at(k0 + kk)]
+                if kk < kc:
+                    Hs[slot, kk] = src[_at(base + p * B + b), _at(k0 + kk)]
+                else:
+                    Hs[slot, kk] = 0
     cuda.syncthreads()
 
 
@@ -505,7 +620,7 @@ def _rows_preact(act, h, c, Uf, wl, parent, base, s, b0, nb, j, B, D, g0, width,
             kc = min(STAGE_K, D - k0)
             _stage_rows(h, parent, d, k0, kc, base, B, st)
             if live and p >= 0:
-                _preact_steps(acc, st[0], hrow, Uf, uo + d * ds + k0 * ks, ks, ucol, kc, width)
+                _run_steps(acc, st[0], hrow, Uf, uo + d * ds + k0 * ks, ks, ucol, kc + (-kc) % VEC, width)
     fused = CELL_MATH and N <= REGISTER_CELL_MAX_N
     for i in range(ROWS_PER_THREAD):  # row i in acc[0] (_next_row): acc can live in registers
         if live and i < nb:
@@ -581,10 +696,10 @@ def _plane_items(n, D, S, nO, start, stride, sliced):
 
 
 @cuda.jit(device=True)
-def _item(t, n, s0, nbg, B, D, MB, DNG, N, nO, transposed, sliced):
+def _item(t, n, s0, nbg, B, D, MB, DNG, N, nO, transposed, sliced, V):
     """Item t of :func:`_plane_items` (sizes as :func:`_work_item`'s): (whether the unit exists,
     the scan's row offset, cell, first batch item, rows, unit j, where its weights are:
-    :func:`_flat_weights` / :func:`_slice_weights`)."""
+    :func:`_flat_weights` / :func:`_slice_weights` with runs of V)."""
     if not sliced:
         lo, uo, s, b0, nb, j = _work_item(t, n, s0, nbg, B, D, MB, DNG)
         return True, lo, s, b0, nb, j, _flat_weights(uo, j, N, D, transposed)
@@ -594,7 +709,7 @@ def _item(t, n, s0, nbg, B, D, MB, DNG, N, nO, transposed, sliced):
     b0 = g * ROWS_PER_THREAD
     j = j0 + jj
     return (j < D, q * MB, s0 + cell, b0, min(ROWS_PER_THREAD, B - b0), j,
-            _slice_weights(jj, N, D, transposed))
+            _slice_weights(jj, N, D, transposed, V))
 
 
 @cuda.jit(device=True)
@@ -606,7 +721,7 @@ def _staged_item(Hs, t0, first, end, n, s0, nbg, B, D, MB, DNG, N, nO, transpose
     item's first tile row, s0, o, nO, nbg, the round's first pair, the block's pairs on the
     hyperplane)``."""
     t = min(t0 + first, end - 1)
-    ok, lo, s, b0, nb, j, wl = _item(t, n, s0, nbg, B, D, MB, DNG, N, nO, transposed, True)
+    ok, lo, s, b0, nb, j, wl = _item(t, n, s0, nbg, B, D, MB, DNG, N, nO, transposed, True, VEC)
     pair0 = _divmod(t0, SLICE)[0]
     slot0 = (_divmod(t, SLICE)[0] - pair0) * ROWS_PER_THREAD
     live = ok and t0 + first < end
@@ -629,7 +744,7 @@ def _forward_plane(h, c, act, Uf, Hs, diag_off, parent, B, D, cell, k, start, st
             _unit_forward(h, c, act, Uf, wl, parent, lo, s, b0, nb, j, B, D, cell, True, st)
         return
     for t in range(first, end, step):
-        ok, lo, s, b0, nb, j, wl = _item(t, n, s0, nbg, B, D, MB, DNG, N, nO, False, sliced)
+        ok, lo, s, b0, nb, j, wl = _item(t, n, s0, nbg, B, D, MB, DNG, N, nO, False, sliced, 1)
         if ok:
             _unit_forward(h, c, act, Uf, wl, parent, lo, s, b0, nb, j, B, D, cell, False, _unstaged(h))
 
@@ -710,7 +825,7 @@ def _infer_plane(out, h, c, act, Uf, Hs, lp, x, src, W, bias, diag_off, B, D, ce
             lo, s, b0, nb, j, wl, st = _staged_item(Hs, t, first, end, n, cur, nbg, B, D, MB, DNG, N, nO,
                                                     False)
         else:
-            ok, lo, s, b0, nb, j, wl = _item(t, n, cur, nbg, B, D, MB, DNG, N, nO, False, sliced)
+            ok, lo, s, b0, nb, j, wl = _item(t, n, cur, nbg, B, D, MB, DNG, N, nO, False, sliced, 1)
             if not ok:
                 continue
             st = _unstaged(h)
@@ -770,6 +885,8 @@ def _rows_pull(dh, dact, dc, act, c, UTf, wl, parent, child, base, s, b0, nb, j,
         if live:
             acc[i, 0] = dh[r + min(i, nb - 1), j]
     crow = cuda.local.array(ROWS_PER_THREAD, numba.int64)
+    wcol = cuda.local.array(1, numba.int64)  # the staged loop's one column (:func:`_run_steps`)
+    wcol[0] = uc
     for d in range(N if RECURRENT_SUM else 0):
         ch = child[s, d]
         if not staged:
@@ -784,7 +901,7 @@ def _rows_pull(dh, dact, dc, act, c, UTf, wl, parent, child, base, s, b0, nb, j,
             kc = min(STAGE_K, G - g0)
             _stage_rows(dact, child, d, g0, kc, base, B, st)
             if live and ch >= 0:
-                _pull_steps(acc, st[0], crow, UTf, uo + d * ds + uc + g0 * gs, gs, kc)
+                _run_steps(acc, st[0], crow, UTf, uo + d * ds + g0 * gs, gs, wcol, kc + (-kc) % VEC, 1)
     fused = CELL_MATH and N <= REGISTER_CELL_MAX_N
     for i in range(ROWS_PER_THREAD):  # row i in acc[0] (_next_row): acc can live in registers
         dhv = acc[0, 0]
@@ -827,7 +944,7 @@ def _backward_plane(dact, dc, dh, act, c, UTf, Hs, diag_off, parent, child, B, D
                            st)
         return
     for t in range(first, end, step):
-        ok, lo, s, b0, nb, j, wl = _item(t, n, s0, nbg, B, D, MB, DNG, N, nO, True, sliced)
+        ok, lo, s, b0, nb, j, wl = _item(t, n, s0, nbg, B, D, MB, DNG, N, nO, True, sliced, 1)
         if ok:
             _unit_backward(dact, dc, dh, act, c, UTf, wl, parent, child, lo, s, b0, nb, j, B, D, cell, False,
                            _unstaged(dact))
@@ -956,16 +1073,16 @@ def _forward_coop_sliced(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared
     """:func:`_forward_coop` in the sliced layout: the block's unit slice of U staged in shared
     memory once (:func:`_stage_slice`), its items per hyperplane (:func:`_plane_items`)."""
     Ws = cuda.shared.array(0, Uf.dtype)
-    _stage_slice(Ws, Uf, nO, parent.shape[1], D, False)
+    _stage_slice(Ws, Uf, nO, parent.shape[1], D, False, 1)
     _forward_sweep(h, c, act, Ws, h, diag_off, parent, B, D, cell, nO, out, out_src, True, False)
 
 
 @cuda.jit(**_SWEEP_JIT)
 def _forward_coop_staged(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, nO, out, out_src):
     """:func:`_forward_coop_sliced` with the parents' rows of h staged in the block's tile."""
-    Ws = cuda.shared.array(0, Uf.dtype)
-    Hs = cuda.shared.array(STAGE_SHAPE, Uf.dtype)
-    _stage_slice(Ws, Uf, nO, parent.shape[1], D, False)
+    Ws = cuda.shared.array(0, Uf.dtype, alignment=SHARED_ALIGN)
+    Hs = cuda.shared.array(STAGE_SHAPE, Uf.dtype, alignment=SHARED_ALIGN)
+    _stage_slice(Ws, Uf, nO, parent.shape[1], D, False, VEC)
     _forward_sweep(h, c, act, Ws, Hs, diag_off, parent, B, D, cell, nO, out, out_src, True, True)
 
 
@@ -984,7 +1101,7 @@ def _forward_diag(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, nO, o
 def _forward_diag_sliced(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, nO, out, out_src, k):
     """Hyperplane k only in the sliced layout (the slice staged at each launch)."""
     Ws = cuda.shared.array(0, Uf.dtype)
-    _stage_slice(Ws, Uf, nO, parent.shape[1], D, False)
+    _stage_slice(Ws, Uf, nO, parent.shape[1], D, False, 1)
     _forward_plane(h, c, act, Ws, h, diag_off, parent, B, D, cell, k, cuda.grid(1), cuda.gridsize(1), nO,
                    True, False)
 
@@ -992,9 +1109,9 @@ def _forward_diag_sliced(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared
 @cuda.jit(**_SWEEP_JIT)
 def _forward_diag_staged(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, nO, out, out_src, k):
     """Hyperplane k only in the staged layout."""
-    Ws = cuda.shared.array(0, Uf.dtype)
-    Hs = cuda.shared.array(STAGE_SHAPE, Uf.dtype)
-    _stage_slice(Ws, Uf, nO, parent.shape[1], D, False)
+    Ws = cuda.shared.array(0, Uf.dtype, alignment=SHARED_ALIGN)
+    Hs = cuda.shared.array(STAGE_SHAPE, Uf.dtype, alignment=SHARED_ALIGN)
+    _stage_slice(Ws, Uf, nO, parent.shape[1], D, False, VEC)
     _forward_plane(h, c, act, Ws, Hs, diag_off, parent, B, D, cell, k, cuda.grid(1), cuda.gridsize(1), nO,
                    True, True)
 
@@ -1037,7 +1154,7 @@ def _backward_coop_sliced(dact, dc, dh, act, c, UTf, diag_off, parent, child, B,
     """:func:`_backward_coop` in the sliced layout (the block's unit slice of UT in shared memory)."""
     _backward_prologue_synced(UTf, U, dh, dh_in, dh_src, z, xs, h, parent, B, D)
     Ws = cuda.shared.array(0, UTf.dtype)
-    _stage_slice(Ws, UTf, nO, parent.shape[1], D, True)
+    _stage_slice(Ws, UTf, nO, parent.shape[1], D, True, 1)
     _backward_sweep(dact, dc, dh, act, c, Ws, dact, diag_off, parent, child, B, D, cell, nO, True, False)
 
 
@@ -1046,9 +1163,9 @@ def _backward_coop_staged(dact, dc, dh, act, c, UTf, diag_off, parent, child, B,
                           U, dh_in, dh_src, z, xs, h):
     """:func:`_backward_coop_sliced` with the children's rows of dact staged in the block's tile."""
     _backward_prologue_synced(UTf, U, dh, dh_in, dh_src, z, xs, h, parent, B, D)
-    Ws = cuda.shared.array(0, UTf.dtype)
-    Hs = cuda.shared.array(STAGE_SHAPE, UTf.dtype)
-    _stage_slice(Ws, UTf, nO, parent.shape[1], D, True)
+    Ws = cuda.shared.array(0, UTf.dtype, alignment=SHARED_ALIGN)
+    Hs = cuda.shared.array(STAGE_SHAPE, UTf.dtype, alignment=SHARED_ALIGN)
+    _stage_slice(Ws, UTf, nO, parent.shape[1], D, True, VEC)
     _backward_sweep(dact, dc, dh, act, c, Ws, Hs, diag_off, parent, child, B, D, cell, nO, True, True)
 
 
@@ -1069,7 +1186,7 @@ def _backward_diag_sliced(dact, dc, dh, act, c, UTf, diag_off, parent, child, B,
                           U, dh_in, dh_src, z, xs, h, k):
     """Hyperplane k only in the sliced layout (the slice staged at each launch)."""
     Ws = cuda.shared.array(0, UTf.dtype)
-    _stage_slice(Ws, UTf, nO, parent.shape[1], D, True)
+    _stage_slice(Ws, UTf, nO, parent.shape[1], D, True, 1)
     _backward_plane(dact, dc, dh, act, c, Ws, dact, diag_off, parent, child, B, D, cell, k,
                     cuda.grid(1), cuda.gridsize(1), nO, True, False)
 
@@ -1078,9 +1195,9 @@ def _backward_diag_sliced(dact, dc, dh, act, c, UTf, diag_off, parent, child, B,
 def _backward_diag_staged(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, use_shared, nO,
                           U, dh_in, dh_src, z, xs, h, k):
     """Hyperplane k only in the staged layout."""
-    Ws = cuda.shared.array(0, UTf.dtype)
-    Hs = cuda.shared.array(STAGE_SHAPE, UTf.dtype)
-    _stage_slice(Ws, UTf, nO, parent.shape[1], D, True)
+    Ws = cuda.shared.array(0, UTf.dtype, alignment=SHARED_ALIGN)
+    Hs = cuda.shared.array(STAGE_SHAPE, UTf.dtype, alignment=SHARED_ALIGN)
+    _stage_slice(Ws, UTf, nO, parent.shape[1], D, True, VEC)
     _backward_plane(dact, dc, dh, act, c, Ws, Hs, diag_off, parent, child, B, D, cell, k,
                     cuda.grid(1), cuda.gridsize(1), nO, True, True)
 
@@ -1120,7 +1237,7 @@ def _infer_coop_sliced(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent
                        use_shared, nO):
     """:func:`_infer_sweep` in one cooperative launch, sliced layout."""
     Ws = cuda.shared.array(0, Uf.dtype)
-    _stage_slice(Ws, Uf, nO, lp.shape[1], D, False)
+    _stage_slice(Ws, Uf, nO, lp.shape[1], D, False, 1)
     _infer_sweep(out, h, c, act, Ws, h, lp, x, src, W, bias, diag_off, parent, first, last, B, D, cell, nO,
                  True, False)
 
@@ -1129,9 +1246,9 @@ def _infer_coop_sliced(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent
 def _infer_coop_staged(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent, first, last, B, D, cell,
                        use_shared, nO):
     """:func:`_infer_coop_sliced` with the parents' rows of h staged in the block's tile."""
-    Ws = cuda.shared.array(0, Uf.dtype)
-    Hs = cuda.shared.array(STAGE_SHAPE, Uf.dtype)
-    _stage_slice(Ws, Uf, nO, lp.shape[1], D, False)
+    Ws = cuda.shared.array(0, Uf.dtype, alignment=SHARED_ALIGN)
+    Hs = cuda.shared.array(STAGE_SHAPE, Uf.dtype, alignment=SHARED_ALIGN)
+    _stage_slice(Ws, Uf, nO, lp.shape[1], D, False, VEC)
     _infer_sweep(out, h, c, act, Ws, Hs, lp, x, src, W, bias, diag_off, parent, first, last, B, D, cell, nO,
                  True, True)
 
@@ -1162,7 +1279,7 @@ def _infer_diag_sliced(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent
                        use_shared, nO, k):
     """:func:`_infer_diag` in the sliced layout (the slice staged at each launch)."""
     Ws = cuda.shared.array(0, Uf.dtype)
-    _stage_slice(Ws, Uf, nO, lp.shape[1], D, False)
+    _stage_slice(Ws, Uf, nO, lp.shape[1], D, False, 1)
     start, stride = cuda.grid(1), cuda.gridsize(1)
     _fill_parents(lp, parent, diag_off, first + k + 1, last, start, stride)
     _infer_plane(out, h, c, act, Ws, h, lp, x, src, W, bias, diag_off, B, D, cell, first + k, start, stride,
@@ -1173,9 +1290,9 @@ def _infer_diag_sliced(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent
 def _infer_diag_staged(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent, first, last, B, D, cell,
                        use_shared, nO, k):
     """:func:`_infer_diag` in the staged layout."""
-    Ws = cuda.shared.array(0, Uf.dtype)
-    Hs = cuda.shared.array(STAGE_SHAPE, Uf.dtype)
-    _stage_slice(Ws, Uf, nO, lp.shape[1], D, False)
+    Ws = cuda.shared.array(0, Uf.dtype, alignment=SHARED_ALIGN)
+    Hs = cuda.shared.array(STAGE_SHAPE, Uf.dtype, alignment=SHARED_ALIGN)
+    _stage_slice(Ws, Uf, nO, lp.shape[1], D, False, VEC)
     start, stride = cuda.grid(1), cuda.gridsize(1)
     _fill_parents(lp, parent, diag_off, first + k + 1, last, start, stride)
     _infer_plane(out, h, c, act, Ws, Hs, lp, x, src, W, bias, diag_off, B, D, cell, first + k, start, stride,
@@ -1697,7 +1814,8 @@ def _plan_slices(coop, args, S: int, N: int, D: int, B: int, diag_off_host: np.n
     per-diagonal path, the S * nJ slices cannot all be co-resident; ``note`` then says why."""
     if layout == "flat":
         return 0, 0, 0, ""
-    shmem = N * (N + 3) * D * SLICE * itemsize
+    run = VEC if layout == "staged" else 1  # the slice's steps in runs of VEC (_stage_slice)
+    shmem = N * (N + 3) * -(-D // run) * run * SLICE * itemsize
     tile = math.prod(STAGE_SHAPE) * itemsize if layout == "staged" else 0
     if shmem + tile > SHARED_BYTES_LIMIT:
         what = "weights and staged tile take" if tile else "weights take"
