@@ -162,6 +162,23 @@ def sim_sliced_sweeps_match_cpu(dims, cell, scans, B, D, path, layout, rng):
 
 
 @pytest.mark.parametrize("path", ["cooperative", "per-diagonal"])
+def sim_staged_tile_loaded_by_fewer_threads_than_its_columns(path, rng):
+    """A block with fewer threads than the staged tile's STAGE_K columns (on a GPU: 8 threads and
+    32 columns) loads several columns of each row per thread: the sweeps are the CPU kernels'
+    (float64; D = 9 and (N+3)*D = 45: partial tiles and zero-padded runs of VEC)."""
+    from mdnumba.kernels import wavefront as cpu
+    from mdnumba.kernels import wavefront_cuda as gpu
+    from mdnumba.kernels.cell import cell_code
+    code, B, D = cell_code("graves"), 3, 9
+    wf, U, act0 = _cpu_sweep_inputs((3, 4), B, D, 1, rng)
+    want = _run_sweeps(cpu, wf, U, act0, B, D, code)
+    got = _run_sweeps(gpu, wf, U, act0, B, D, code, path=path, tpb=gpu.STAGE_K // 2, layout="staged")
+    for name, a, b in zip(("h", "c", "act", "dact", "dc", "dh"), got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14, err_msg=name)
+    assert "rows staged in" in gpu.last_path(), gpu.last_path()
+
+
+@pytest.mark.parametrize("path", ["cooperative", "per-diagonal"])
 def sim_auto_layout_sweeps_forward_flat_and_backward_sliced(path, rng, monkeypatch):
     """The layout "auto" (the default, wavefront_cuda.AUTO_LAYOUT: the faster per sweep on an
     H200): a layer's saving and saving-free forward sweeps run flat, its backward sweep sliced;
@@ -941,6 +958,11 @@ def sim_errors_and_fallback(rng, monkeypatch):
     np.testing.assert_array_equal(staged.forward(np.ones((1, 2, 2, 2), np.float32)), y)
     assert (f"flat layout: {2 * config.THREADS_PER_BLOCK} threads per block, the staged tile holds the rows "
             f"of MDNUMBA_THREADS_PER_BLOCK={config.THREADS_PER_BLOCK}") in last_path()
+    tpb = gpu.STAGE_K + 2  # each thread stages the same columns of every row: whole rows per block
+    staged = CudaLSTM.from_layer(MDLSTM2D(2, 3, dtype=np.float32), layout="staged", threads_per_block=tpb)
+    np.testing.assert_array_equal(staged.forward(np.ones((1, 2, 2, 2), np.float32)), y)
+    assert (f"flat layout: {tpb} threads per block, neither a multiple nor a divisor of the staged tile's "
+            f"{gpu.STAGE_K} columns") in last_path()
     with monkeypatch.context() as m:  # 32-bit index arithmetic: arrays of 2**32 elements are refused
         m.setattr(gpu, "MAX_ELEMENTS", 90)  # U (1, 3, 30), the largest array here, has 90
         with pytest.raises(ValueError, match="has 90 elements.*32-bit arithmetic.*split the batch"):

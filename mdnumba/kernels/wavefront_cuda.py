@@ -540,34 +540,46 @@ def _run_steps(acc, Hs, rows, Ws, w, ks, wcol, n, width):
 def _stage_rows(src, nbr, d, k0, kc, base, B, st):
     """The block's staged tile (staged layout; the whole block calls it): for the (cell, row
     group) pairs ``pair0 + pp < npairs`` of its share of the hyperplane (:func:`_block_slice`),
-    ``Hs[pp*R + i, kk] = src[base + nbr[s, d]*B + b0 + i, k0 + kk]`` for kk < kc and 0 up to kc
-    rounded up to :data:`VEC` (the hot loops read whole runs of VEC), R = :data:`ROWS_PER_THREAD`
-    (nothing where the neighbour or the row is absent). Coalesced loads,
-    all of a thread's in flight at once: one memory round trip per tile instead of one per
-    :data:`UNROLL` steps of every thread. ``st``: :func:`_staged_item`. A barrier on each side
+    ``Hs[pp*R + i, kk] = src[base + nbr[s, d]*B + b0 + i, k0 + kk]`` for kk < kc and 0 past it
+    (the hot loops read whole runs of :data:`VEC`), R = :data:`ROWS_PER_THREAD` (nothing where the
+    neighbour or the row is absent). Coalesced loads, all of a thread's in flight at once: one
+    memory round trip per tile instead of one per :data:`UNROLL` steps of every thread. The
+    tile's source rows are worked out once per round and neighbour d (k0 = 0) into the shared
+    ``rows`` (-1: none), not per element; a thread loads the same columns of every row it loads (the
+    block's threads divide :data:`STAGE_K` or are a multiple of it, :func:`_plan_slices`). ``st``:
+    :func:`_staged_item`. A barrier on each side
     (the tile's last readers are done; the tile is complete)."""
-    Hs, _, _, s0, o, nO, nbg, pair0, npairs = st
-    width = _divmod(kc + VEC - 1, VEC)[0] * VEC
+    Hs, _, _, s0, o, nO, nbg, pair0, npairs, rows = st
     cuda.syncthreads()
-    for e in range(cuda.threadIdx.x, Hs.shape[0] * width, cuda.blockDim.x):
-        slot, kk = _divmod(e, width)
-        pp, i = _divmod(slot, ROWS_PER_THREAD)
-        if pair0 + pp < npairs:
-            cell, g = _divmod(o + (pair0 + pp) * nO, nbg)
-            b = g * ROWS_PER_THREAD + i
-            p = nbr[s0 + cell, d]
-            if p >= 0 and b < B:
+    if k0 == 0:
+        for slot in range(cuda.threadIdx.x, STAGE_SHAPE[0], cuda.blockDim.x):
+            pp, i = _divmod(slot, ROWS_PER_THREAD)
+            rows[slot] = -1
+            if pair0 + pp < npairs:
+                cell, g = _divmod(o + (pair0 + pp) * nO, nbg)
+                b = g * ROWS_PER_THREAD + i
+                p = nbr[s0 + cell, d]
+                if p >= 0 and b < B:
+                    rows[slot] = base + p * B + b
+        cuda.syncthreads()
+    cols = min(cuda.blockDim.x, STAGE_K)  # one divides the other (_plan_slices)
+    first, kk0 = _divmod(cuda.threadIdx.x, cols)  # a thread's columns: the same in every row
+    for slot in range(first, STAGE_SHAPE[0], max(1, _divmod(cuda.blockDim.x, STAGE_K)[0])):
+        row = rows[slot]
+        if row >= 0:
+            for kk in range(kk0, STAGE_K, cols):
                 if kk < kc:
-                    Hs[slot, kk] = src[_at(base + p * B + b), _at(k0 + kk)]
+                    Hs[slot, kk] = src[_at(row), _at(k0 + kk)]
                 else:
                     Hs[slot, kk] = 0
     cuda.syncthreads()
 
 
 @cuda.jit(device=True)
-def _unstaged(h):
-    """The staging context of a thread that reads global memory (``live``, nothing staged)."""
-    return h, True, 0, 0, 0, 0, 0, 0, 0
+def _unstaged(tile):
+    """The staging context of a thread that reads global memory (``live``, nothing staged;
+    ``tile``: the kernel's stand-in, of the staged one's types)."""
+    return tile[0], True, 0, 0, 0, 0, 0, 0, 0, tile[1]
 
 
 @cuda.jit(device=True)
@@ -713,40 +725,40 @@ def _item(t, n, s0, nbg, B, D, MB, DNG, N, nO, transposed, sliced, V):
 
 
 @cuda.jit(device=True)
-def _staged_item(Hs, t0, first, end, n, s0, nbg, B, D, MB, DNG, N, nO, transposed):
+def _staged_item(tile, t0, first, end, n, s0, nbg, B, D, MB, DNG, N, nO, transposed):
     """Item ``t0 + first`` of the staged round that starts at item ``t0`` (sliced layout's items,
     :func:`_plane_items`), clamped to the last one (a thread past it, or on a unit past D, takes
     part in the staging only): :func:`_item`'s row offset, cell, first batch item, rows, unit j
-    (within D) and weights, and what :func:`_stage_rows` and its reader need: ``(Hs, live, the
-    item's first tile row, s0, o, nO, nbg, the round's first pair, the block's pairs on the
-    hyperplane)``."""
+    (within D) and weights, and what :func:`_stage_rows` and its reader need: ``(the tile, live,
+    the item's first tile row, s0, o, nO, nbg, the round's first pair, the block's pairs on the
+    hyperplane, the tile rows' sources)``; ``tile``: the block's ``(Hs, rows)``."""
     t = min(t0 + first, end - 1)
     ok, lo, s, b0, nb, j, wl = _item(t, n, s0, nbg, B, D, MB, DNG, N, nO, transposed, True, VEC)
     pair0 = _divmod(t0, SLICE)[0]
     slot0 = (_divmod(t, SLICE)[0] - pair0) * ROWS_PER_THREAD
     live = ok and t0 + first < end
-    st = (Hs, live, slot0, s0, _block_slice(nO, D)[2], nO, nbg, pair0, _divmod(end, SLICE)[0])
+    st = (tile[0], live, slot0, s0, _block_slice(nO, D)[2], nO, nbg, pair0, _divmod(end, SLICE)[0], tile[1])
     return lo, s, b0, nb, min(j, D - 1), wl, st
 
 
 @cuda.jit(device=True)
-def _forward_plane(h, c, act, Uf, Hs, diag_off, parent, B, D, cell, k, start, stride, nO, sliced, staged):
+def _forward_plane(h, c, act, Uf, tile, diag_off, parent, B, D, cell, k, start, stride, nO, sliced, staged):
     """This thread's items of hyperplane k (:func:`_plane_items`); ``staged`` (sliced layout, the
-    parents' h through the block's tile ``Hs``): in rounds of one item per thread of the block, every
+    parents' h through the block's ``tile``): in rounds of one item per thread of the block, every
     thread in each (:func:`_staged_item`)."""
     s0, n, nbg, MB, DNG = _plane(diag_off, parent, k, B, D)
     first, end, step = _plane_items(n, D, _divmod(act.shape[0], MB)[0], nO, start, stride, sliced)
     N = parent.shape[1]
     if staged:
         for t0 in range(0, end, step):
-            lo, s, b0, nb, j, wl, st = _staged_item(Hs, t0, first, end, n, s0, nbg, B, D, MB, DNG, N, nO,
+            lo, s, b0, nb, j, wl, st = _staged_item(tile, t0, first, end, n, s0, nbg, B, D, MB, DNG, N, nO,
                                                     False)
             _unit_forward(h, c, act, Uf, wl, parent, lo, s, b0, nb, j, B, D, cell, True, st)
         return
     for t in range(first, end, step):
         ok, lo, s, b0, nb, j, wl = _item(t, n, s0, nbg, B, D, MB, DNG, N, nO, False, sliced, 1)
         if ok:
-            _unit_forward(h, c, act, Uf, wl, parent, lo, s, b0, nb, j, B, D, cell, False, _unstaged(h))
+            _unit_forward(h, c, act, Uf, wl, parent, lo, s, b0, nb, j, B, D, cell, False, _unstaged(tile))
 
 
 @cuda.jit(device=True)
@@ -804,7 +816,7 @@ def _rows_project(act, x, src, W, bias, q, r, row0, nb, j, D, ng):
 
 
 @cuda.jit(device=True)
-def _infer_plane(out, h, c, act, Uf, Hs, lp, x, src, W, bias, diag_off, B, D, cell, k, start, stride, nO,
+def _infer_plane(out, h, c, act, Uf, tile, lp, x, src, W, bias, diag_off, B, D, cell, k, start, stride, nO,
                  sliced, staged):
     """This thread's items (:func:`_plane_items`) of hyperplane k in the two-plane buffers (slots of
     :func:`_fill_parents`): per (scan q, cell, row group, unit j) the input projection
@@ -822,13 +834,13 @@ def _infer_plane(out, h, c, act, Uf, Hs, lp, x, src, W, bias, diag_off, B, D, ce
     first, end, step = _plane_items(n, D, W.shape[0], nO, start, stride, sliced)
     for t in range(first if not staged else 0, end, step):
         if staged:  # rounds of the block (t is the round's first item), every thread in each
-            lo, s, b0, nb, j, wl, st = _staged_item(Hs, t, first, end, n, cur, nbg, B, D, MB, DNG, N, nO,
+            lo, s, b0, nb, j, wl, st = _staged_item(tile, t, first, end, n, cur, nbg, B, D, MB, DNG, N, nO,
                                                     False)
         else:
             ok, lo, s, b0, nb, j, wl = _item(t, n, cur, nbg, B, D, MB, DNG, N, nO, False, sliced, 1)
             if not ok:
                 continue
-            st = _unstaged(h)
+            st = _unstaged(tile)
         q = _divmod(lo, MB)[0]
         row0 = (s0 + s - cur) * B + b0  # the cell's first row in src
         if st[1]:
@@ -930,7 +942,7 @@ def _unit_backward(dact, dc, dh, act, c, UTf, wl, parent, child, base, s, b0, nb
 
 
 @cuda.jit(device=True)
-def _backward_plane(dact, dc, dh, act, c, UTf, Hs, diag_off, parent, child, B, D, cell, k, start, stride,
+def _backward_plane(dact, dc, dh, act, c, UTf, tile, diag_off, parent, child, B, D, cell, k, start, stride,
                     nO, sliced, staged):
     """This thread's items of hyperplane k (:func:`_plane_items`; ``staged`` as in :func:`_forward_plane`)."""
     s0, n, nbg, MB, DNG = _plane(diag_off, parent, k, B, D)
@@ -938,7 +950,7 @@ def _backward_plane(dact, dc, dh, act, c, UTf, Hs, diag_off, parent, child, B, D
     N = parent.shape[1]
     if staged:
         for t0 in range(0, end, step):
-            lo, s, b0, nb, j, wl, st = _staged_item(Hs, t0, first, end, n, s0, nbg, B, D, MB, DNG, N, nO,
+            lo, s, b0, nb, j, wl, st = _staged_item(tile, t0, first, end, n, s0, nbg, B, D, MB, DNG, N, nO,
                                                     True)
             _unit_backward(dact, dc, dh, act, c, UTf, wl, parent, child, lo, s, b0, nb, j, B, D, cell, True,
                            st)
@@ -947,7 +959,7 @@ def _backward_plane(dact, dc, dh, act, c, UTf, Hs, diag_off, parent, child, B, D
         ok, lo, s, b0, nb, j, wl = _item(t, n, s0, nbg, B, D, MB, DNG, N, nO, True, sliced, 1)
         if ok:
             _unit_backward(dact, dc, dh, act, c, UTf, wl, parent, child, lo, s, b0, nb, j, B, D, cell, False,
-                           _unstaged(dact))
+                           _unstaged(tile))
 
 
 # ---------------------------------------------------------------- around the sweeps
@@ -1043,14 +1055,14 @@ def _backward_prologue(UTf, U, dh, dh_in, dh_src, z, xs, h, parent, B, D, start,
 
 # ---------------------------------------------------------------- sweep kernels
 @cuda.jit(device=True)
-def _forward_sweep(h, c, act, Uf, Hs, diag_off, parent, B, D, cell, nO, out, out_src, sliced, staged):
+def _forward_sweep(h, c, act, Uf, tile, diag_off, parent, B, D, cell, nO, out, out_src, sliced, staged):
     """All hyperplanes k = 0..K-1, grid sync in between; then ``out`` = h in grid order
-    (:func:`_unskew`) unless ``out_src`` is empty (``Hs``, ``staged``: :func:`_forward_plane`)."""
+    (:func:`_unskew`) unless ``out_src`` is empty (``tile``, ``staged``: :func:`_forward_plane`)."""
     grid = cuda.cg.this_grid()
     start = cuda.grid(1)
     stride = cuda.gridsize(1)
     for k in range(diag_off.shape[0] - 1):
-        _forward_plane(h, c, act, Uf, Hs, diag_off, parent, _per_plane(B, sliced), _per_plane(D, sliced),
+        _forward_plane(h, c, act, Uf, tile, diag_off, parent, _per_plane(B, sliced), _per_plane(D, sliced),
                        cell, k, start, stride, _per_plane(nO, sliced), sliced, staged)
         grid.sync()
     if out_src.shape[0] > 0:
@@ -1065,7 +1077,7 @@ def _forward_coop(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, nO, o
     _stage(shared, Uf, use_shared)
     if use_shared:
         Uf = shared
-    _forward_sweep(h, c, act, Uf, h, diag_off, parent, B, D, cell, nO, out, out_src, False, False)
+    _forward_sweep(h, c, act, Uf, (h, diag_off), diag_off, parent, B, D, cell, nO, out, out_src, False, False)
 
 
 @cuda.jit(**_SWEEP_JIT)
@@ -1074,16 +1086,17 @@ def _forward_coop_sliced(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared
     memory once (:func:`_stage_slice`), its items per hyperplane (:func:`_plane_items`)."""
     Ws = cuda.shared.array(0, Uf.dtype)
     _stage_slice(Ws, Uf, nO, parent.shape[1], D, False, 1)
-    _forward_sweep(h, c, act, Ws, h, diag_off, parent, B, D, cell, nO, out, out_src, True, False)
+    _forward_sweep(h, c, act, Ws, (h, diag_off), diag_off, parent, B, D, cell, nO, out, out_src, True, False)
 
 
 @cuda.jit(**_SWEEP_JIT)
 def _forward_coop_staged(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, nO, out, out_src):
     """:func:`_forward_coop_sliced` with the parents' rows of h staged in the block's tile."""
     Ws = cuda.shared.array(0, Uf.dtype, alignment=SHARED_ALIGN)
-    Hs = cuda.shared.array(STAGE_SHAPE, Uf.dtype, alignment=SHARED_ALIGN)
+    tile = (cuda.shared.array(STAGE_SHAPE, Uf.dtype, alignment=SHARED_ALIGN),
+            cuda.shared.array(STAGE_SHAPE[0], numba.int32))
     _stage_slice(Ws, Uf, nO, parent.shape[1], D, False, VEC)
-    _forward_sweep(h, c, act, Ws, Hs, diag_off, parent, B, D, cell, nO, out, out_src, True, True)
+    _forward_sweep(h, c, act, Ws, tile, diag_off, parent, B, D, cell, nO, out, out_src, True, True)
 
 
 @cuda.jit(**_SWEEP_JIT)
@@ -1093,8 +1106,8 @@ def _forward_diag(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, nO, o
     _stage(shared, Uf, use_shared)
     if use_shared:
         Uf = shared
-    _forward_plane(h, c, act, Uf, h, diag_off, parent, B, D, cell, k, cuda.grid(1), cuda.gridsize(1), nO,
-                   False, False)
+    _forward_plane(h, c, act, Uf, (h, diag_off), diag_off, parent, B, D, cell, k, cuda.grid(1),
+                   cuda.gridsize(1), nO, False, False)
 
 
 @cuda.jit(**_SWEEP_JIT)
@@ -1102,17 +1115,18 @@ def _forward_diag_sliced(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared
     """Hyperplane k only in the sliced layout (the slice staged at each launch)."""
     Ws = cuda.shared.array(0, Uf.dtype)
     _stage_slice(Ws, Uf, nO, parent.shape[1], D, False, 1)
-    _forward_plane(h, c, act, Ws, h, diag_off, parent, B, D, cell, k, cuda.grid(1), cuda.gridsize(1), nO,
-                   True, False)
+    _forward_plane(h, c, act, Ws, (h, diag_off), diag_off, parent, B, D, cell, k, cuda.grid(1),
+                   cuda.gridsize(1), nO, True, False)
 
 
 @cuda.jit(**_SWEEP_JIT)
 def _forward_diag_staged(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, nO, out, out_src, k):
     """Hyperplane k only in the staged layout."""
     Ws = cuda.shared.array(0, Uf.dtype, alignment=SHARED_ALIGN)
-    Hs = cuda.shared.array(STAGE_SHAPE, Uf.dtype, alignment=SHARED_ALIGN)
+    tile = (cuda.shared.array(STAGE_SHAPE, Uf.dtype, alignment=SHARED_ALIGN),
+            cuda.shared.array(STAGE_SHAPE[0], numba.int32))
     _stage_slice(Ws, Uf, nO, parent.shape[1], D, False, VEC)
-    _forward_plane(h, c, act, Ws, Hs, diag_off, parent, B, D, cell, k, cuda.grid(1), cuda.gridsize(1), nO,
+    _forward_plane(h, c, act, Ws, tile, diag_off, parent, B, D, cell, k, cuda.grid(1), cuda.gridsize(1), nO,
                    True, True)
 
 
@@ -1124,13 +1138,13 @@ def _backward_prologue_synced(UTf, U, dh, dh_in, dh_src, z, xs, h, parent, B, D)
 
 
 @cuda.jit(device=True)
-def _backward_sweep(dact, dc, dh, act, c, UTf, Hs, diag_off, parent, child, B, D, cell, nO, sliced, staged):
-    """All hyperplanes k = K-1..0, grid sync in between (``Hs``, ``staged``: :func:`_backward_plane`)."""
+def _backward_sweep(dact, dc, dh, act, c, UTf, tile, diag_off, parent, child, B, D, cell, nO, sliced, staged):
+    """All hyperplanes k = K-1..0, grid sync in between (``tile``, ``staged``: :func:`_backward_plane`)."""
     grid = cuda.cg.this_grid()
     start = cuda.grid(1)
     stride = cuda.gridsize(1)
     for k in range(diag_off.shape[0] - 2, -1, -1):
-        _backward_plane(dact, dc, dh, act, c, UTf, Hs, diag_off, parent, child, _per_plane(B, sliced),
+        _backward_plane(dact, dc, dh, act, c, UTf, tile, diag_off, parent, child, _per_plane(B, sliced),
                         _per_plane(D, sliced), cell, k, start, stride, _per_plane(nO, sliced), sliced, staged)
         grid.sync()
 
@@ -1145,7 +1159,8 @@ def _backward_coop(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cel
     _stage(shared, UTf, use_shared)
     if use_shared:
         UTf = shared
-    _backward_sweep(dact, dc, dh, act, c, UTf, dact, diag_off, parent, child, B, D, cell, nO, False, False)
+    _backward_sweep(dact, dc, dh, act, c, UTf, (dact, diag_off), diag_off, parent, child, B, D, cell, nO,
+                    False, False)
 
 
 @cuda.jit(**_SWEEP_JIT)
@@ -1155,7 +1170,8 @@ def _backward_coop_sliced(dact, dc, dh, act, c, UTf, diag_off, parent, child, B,
     _backward_prologue_synced(UTf, U, dh, dh_in, dh_src, z, xs, h, parent, B, D)
     Ws = cuda.shared.array(0, UTf.dtype)
     _stage_slice(Ws, UTf, nO, parent.shape[1], D, True, 1)
-    _backward_sweep(dact, dc, dh, act, c, Ws, dact, diag_off, parent, child, B, D, cell, nO, True, False)
+    _backward_sweep(dact, dc, dh, act, c, Ws, (dact, diag_off), diag_off, parent, child, B, D, cell, nO,
+                    True, False)
 
 
 @cuda.jit(**_SWEEP_JIT)
@@ -1164,9 +1180,10 @@ def _backward_coop_staged(dact, dc, dh, act, c, UTf, diag_off, parent, child, B,
     """:func:`_backward_coop_sliced` with the children's rows of dact staged in the block's tile."""
     _backward_prologue_synced(UTf, U, dh, dh_in, dh_src, z, xs, h, parent, B, D)
     Ws = cuda.shared.array(0, UTf.dtype, alignment=SHARED_ALIGN)
-    Hs = cuda.shared.array(STAGE_SHAPE, UTf.dtype, alignment=SHARED_ALIGN)
+    tile = (cuda.shared.array(STAGE_SHAPE, UTf.dtype, alignment=SHARED_ALIGN),
+            cuda.shared.array(STAGE_SHAPE[0], numba.int32))
     _stage_slice(Ws, UTf, nO, parent.shape[1], D, True, VEC)
-    _backward_sweep(dact, dc, dh, act, c, Ws, Hs, diag_off, parent, child, B, D, cell, nO, True, True)
+    _backward_sweep(dact, dc, dh, act, c, Ws, tile, diag_off, parent, child, B, D, cell, nO, True, True)
 
 
 @cuda.jit(**_SWEEP_JIT)
@@ -1177,7 +1194,7 @@ def _backward_diag(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cel
     _stage(shared, UTf, use_shared)
     if use_shared:
         UTf = shared
-    _backward_plane(dact, dc, dh, act, c, UTf, dact, diag_off, parent, child, B, D, cell, k,
+    _backward_plane(dact, dc, dh, act, c, UTf, (dact, diag_off), diag_off, parent, child, B, D, cell, k,
                     cuda.grid(1), cuda.gridsize(1), nO, False, False)
 
 
@@ -1187,7 +1204,7 @@ def _backward_diag_sliced(dact, dc, dh, act, c, UTf, diag_off, parent, child, B,
     """Hyperplane k only in the sliced layout (the slice staged at each launch)."""
     Ws = cuda.shared.array(0, UTf.dtype)
     _stage_slice(Ws, UTf, nO, parent.shape[1], D, True, 1)
-    _backward_plane(dact, dc, dh, act, c, Ws, dact, diag_off, parent, child, B, D, cell, k,
+    _backward_plane(dact, dc, dh, act, c, Ws, (dact, diag_off), diag_off, parent, child, B, D, cell, k,
                     cuda.grid(1), cuda.gridsize(1), nO, True, False)
 
 
@@ -1196,18 +1213,19 @@ def _backward_diag_staged(dact, dc, dh, act, c, UTf, diag_off, parent, child, B,
                           U, dh_in, dh_src, z, xs, h, k):
     """Hyperplane k only in the staged layout."""
     Ws = cuda.shared.array(0, UTf.dtype, alignment=SHARED_ALIGN)
-    Hs = cuda.shared.array(STAGE_SHAPE, UTf.dtype, alignment=SHARED_ALIGN)
+    tile = (cuda.shared.array(STAGE_SHAPE, UTf.dtype, alignment=SHARED_ALIGN),
+            cuda.shared.array(STAGE_SHAPE[0], numba.int32))
     _stage_slice(Ws, UTf, nO, parent.shape[1], D, True, VEC)
-    _backward_plane(dact, dc, dh, act, c, Ws, Hs, diag_off, parent, child, B, D, cell, k,
+    _backward_plane(dact, dc, dh, act, c, Ws, tile, diag_off, parent, child, B, D, cell, k,
                     cuda.grid(1), cuda.gridsize(1), nO, True, True)
 
 
 @cuda.jit(device=True)
-def _infer_sweep(out, h, c, act, Uf, Hs, lp, x, src, W, bias, diag_off, parent, first, last, B, D, cell, nO,
+def _infer_sweep(out, h, c, act, Uf, tile, lp, x, src, W, bias, diag_off, parent, first, last, B, D, cell, nO,
                  sliced, staged):
     """Hyperplanes ``first .. last-1`` of the saving-free forward, grid sync in between: each step
     fills the next plane's parent slots (the half the current plane does not read) and computes
-    the current plane (``Hs``, ``staged``: :func:`_infer_plane`)."""
+    the current plane (``tile``, ``staged``: :func:`_infer_plane`)."""
     grid = cuda.cg.this_grid()
     start = cuda.grid(1)
     stride = cuda.gridsize(1)
@@ -1215,7 +1233,7 @@ def _infer_sweep(out, h, c, act, Uf, Hs, lp, x, src, W, bias, diag_off, parent, 
     grid.sync()
     for k in range(first, last):
         _fill_parents(lp, parent, diag_off, k + 1, last, start, stride)
-        _infer_plane(out, h, c, act, Uf, Hs, lp, x, src, W, bias, diag_off, _per_plane(B, sliced),
+        _infer_plane(out, h, c, act, Uf, tile, lp, x, src, W, bias, diag_off, _per_plane(B, sliced),
                      _per_plane(D, sliced), cell, k, start, stride, _per_plane(nO, sliced), sliced, staged)
         grid.sync()
 
@@ -1228,8 +1246,8 @@ def _infer_coop(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent, first
     _stage(shared, Uf, use_shared)
     if use_shared:
         Uf = shared
-    _infer_sweep(out, h, c, act, Uf, h, lp, x, src, W, bias, diag_off, parent, first, last, B, D, cell, nO,
-                 False, False)
+    _infer_sweep(out, h, c, act, Uf, (h, diag_off), lp, x, src, W, bias, diag_off, parent, first, last, B, D,
+                 cell, nO, False, False)
 
 
 @cuda.jit(**_SWEEP_JIT)
@@ -1238,8 +1256,8 @@ def _infer_coop_sliced(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent
     """:func:`_infer_sweep` in one cooperative launch, sliced layout."""
     Ws = cuda.shared.array(0, Uf.dtype)
     _stage_slice(Ws, Uf, nO, lp.shape[1], D, False, 1)
-    _infer_sweep(out, h, c, act, Ws, h, lp, x, src, W, bias, diag_off, parent, first, last, B, D, cell, nO,
-                 True, False)
+    _infer_sweep(out, h, c, act, Ws, (h, diag_off), lp, x, src, W, bias, diag_off, parent, first, last, B, D,
+                 cell, nO, True, False)
 
 
 @cuda.jit(**_SWEEP_JIT)
@@ -1247,9 +1265,10 @@ def _infer_coop_staged(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent
                        use_shared, nO):
     """:func:`_infer_coop_sliced` with the parents' rows of h staged in the block's tile."""
     Ws = cuda.shared.array(0, Uf.dtype, alignment=SHARED_ALIGN)
-    Hs = cuda.shared.array(STAGE_SHAPE, Uf.dtype, alignment=SHARED_ALIGN)
+    tile = (cuda.shared.array(STAGE_SHAPE, Uf.dtype, alignment=SHARED_ALIGN),
+            cuda.shared.array(STAGE_SHAPE[0], numba.int32))
     _stage_slice(Ws, Uf, nO, lp.shape[1], D, False, VEC)
-    _infer_sweep(out, h, c, act, Ws, Hs, lp, x, src, W, bias, diag_off, parent, first, last, B, D, cell, nO,
+    _infer_sweep(out, h, c, act, Ws, tile, lp, x, src, W, bias, diag_off, parent, first, last, B, D, cell, nO,
                  True, True)
 
 
@@ -1270,8 +1289,8 @@ def _infer_diag(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent, first
         Uf = shared
     start, stride = cuda.grid(1), cuda.gridsize(1)
     _fill_parents(lp, parent, diag_off, first + k + 1, last, start, stride)
-    _infer_plane(out, h, c, act, Uf, h, lp, x, src, W, bias, diag_off, B, D, cell, first + k, start, stride,
-                 nO, False, False)
+    _infer_plane(out, h, c, act, Uf, (h, diag_off), lp, x, src, W, bias, diag_off, B, D, cell, first + k,
+                 start, stride, nO, False, False)
 
 
 @cuda.jit(**_SWEEP_JIT)
@@ -1282,8 +1301,8 @@ def _infer_diag_sliced(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent
     _stage_slice(Ws, Uf, nO, lp.shape[1], D, False, 1)
     start, stride = cuda.grid(1), cuda.gridsize(1)
     _fill_parents(lp, parent, diag_off, first + k + 1, last, start, stride)
-    _infer_plane(out, h, c, act, Ws, h, lp, x, src, W, bias, diag_off, B, D, cell, first + k, start, stride,
-                 nO, True, False)
+    _infer_plane(out, h, c, act, Ws, (h, diag_off), lp, x, src, W, bias, diag_off, B, D, cell, first + k,
+                 start, stride, nO, True, False)
 
 
 @cuda.jit(**_SWEEP_JIT)
@@ -1291,12 +1310,13 @@ def _infer_diag_staged(out, h, c, act, Uf, lp, x, src, W, bias, diag_off, parent
                        use_shared, nO, k):
     """:func:`_infer_diag` in the staged layout."""
     Ws = cuda.shared.array(0, Uf.dtype, alignment=SHARED_ALIGN)
-    Hs = cuda.shared.array(STAGE_SHAPE, Uf.dtype, alignment=SHARED_ALIGN)
+    tile = (cuda.shared.array(STAGE_SHAPE, Uf.dtype, alignment=SHARED_ALIGN),
+            cuda.shared.array(STAGE_SHAPE[0], numba.int32))
     _stage_slice(Ws, Uf, nO, lp.shape[1], D, False, VEC)
     start, stride = cuda.grid(1), cuda.gridsize(1)
     _fill_parents(lp, parent, diag_off, first + k + 1, last, start, stride)
-    _infer_plane(out, h, c, act, Ws, Hs, lp, x, src, W, bias, diag_off, B, D, cell, first + k, start, stride,
-                 nO, True, True)
+    _infer_plane(out, h, c, act, Ws, tile, lp, x, src, W, bias, diag_off, B, D, cell, first + k, start,
+                 stride, nO, True, True)
 
 
 @cuda.jit(**_JIT)
@@ -1810,7 +1830,8 @@ def _plan_slices(coop, args, S: int, N: int, D: int, B: int, diag_off_host: np.n
     cooperative grid holds, at most the largest hyperplane's (cell, row group) pairs per scan),
     blocks = S * nJ * nO with nJ = ceil(D / SLICE). nO = 0 (flat layout) when the
     layout is flat, the slice (and in the staged layout its tile, :data:`STAGE_SHAPE`) does not fit
-    in :data:`SHARED_BYTES_LIMIT`, the staged tile is too small for ``tpb`` threads or, off the
+    in :data:`SHARED_BYTES_LIMIT`, the staged tile is too small for ``tpb`` threads or they neither
+    divide its :data:`STAGE_K` columns nor are a multiple of them or, off the
     per-diagonal path, the S * nJ slices cannot all be co-resident; ``note`` then says why."""
     if layout == "flat":
         return 0, 0, 0, ""
@@ -1823,6 +1844,9 @@ def _plan_slices(coop, args, S: int, N: int, D: int, B: int, diag_off_host: np.n
     if tile and tpb > config.THREADS_PER_BLOCK:
         return 0, 0, 0, (f"flat layout: {tpb} threads per block, the staged tile holds the rows of "
                          f"MDNUMBA_THREADS_PER_BLOCK={config.THREADS_PER_BLOCK}")
+    if tile and tpb % STAGE_K and STAGE_K % tpb:
+        return 0, 0, 0, (f"flat layout: {tpb} threads per block, neither a multiple nor a divisor of the "
+                         f"staged tile's {STAGE_K} columns")
     nJ = -(-D // SLICE)
     if (path or DEFAULT_PATH) == "per-diagonal":
         cap = 4 * _sm_count()
