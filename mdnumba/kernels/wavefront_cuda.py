@@ -564,10 +564,10 @@ def _stage_rows(src, nbr, d, k0, kc, base, B, st):
         cuda.syncthreads()
     cols = min(cuda.blockDim.x, STAGE_K)  # one divides the other (_plan_slices)
     first, kk0 = _divmod(cuda.threadIdx.x, cols)  # a thread's columns: the same in every row
-    for slot in range(first, STAGE_SHAPE[0], max(1, _divmod(cuda.blockDim.x, STAGE_K)[0])):
-        row = rows[slot]
-        if row >= 0:
-            for kk in range(kk0, STAGE_K, cols):
+    for kk in range(kk0, STAGE_K, cols):  # once, unless the block has fewer threads than columns
+        for slot in range(first, STAGE_SHAPE[0], max(1, _divmod(cuda.blockDim.x, STAGE_K)[0])):
+            row = rows[slot]
+            if row >= 0:
                 if kk < kc:
                     Hs[slot, kk] = src[_at(row), _at(k0 + kk)]
                 else:
