@@ -378,10 +378,12 @@ def _per_plane(x, sliced):
     sliced and staged layouts (``sliced``, a constant at each call site), so that what a plane
     works out from the sizes (offsets, counts, their clamps) is worked out per plane instead of
     hoisted out of the loop by LLVM and held in registers through the whole sweep. Compiled for
-    sm_90 in float32, the sliced and staged forward and saving-free sweeps went from 255
-    registers and 88-192 spilled bytes to 222-238 and none, the backward from 135 and 168 to 130
-    and 138; their hot loops are unchanged. Not in the flat layout: there it spared no register
-    (its unrolled global loads hold 255) and its hot loops issued 20% more instructions."""
+    sm_90 in float32, the sliced forward and saving-free kernels went from 255 registers and
+    112-180 spilled bytes to 232 and 238 and none, the backward from 135 to 130 (the staged ones
+    likewise, from 255 and 164-192 bytes to 222-231 and none, before their vector loads took them
+    back to 255 and 32-48 bytes, none in a hot loop); their hot loops are unchanged. Not in the
+    flat layout: there it spared no register (its unrolled global loads hold 255) and its hot
+    loops issued 20% more instructions."""
     if sliced:
         return _opaque(x)
     return x
