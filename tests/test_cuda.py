@@ -946,7 +946,8 @@ def sim_errors_and_fallback(rng, monkeypatch):
         np.testing.assert_array_equal(sliced.forward(np.ones((1, 2, 2, 2), np.float32)), y)
         assert f"flat layout: a slice's weights take {2 * 5 * 3 * gpu.SLICE * 4} B, over 100 B" in last_path()
         # the staged layout's tile counts too, and its slice's D = 3 steps are padded to a run of 4
-        weights, tile = 2 * 5 * 4 * gpu.SLICE * 4, math.prod(gpu.STAGE_SHAPE) * 4
+        weights = 2 * 5 * 4 * gpu.SLICE * 4  # the tile, and a 16-byte aligned int32 per tile row
+        tile = math.prod(gpu.STAGE_SHAPE) * 4 + -(-gpu.STAGE_SHAPE[0] // 4) * 16
         m.setattr(gpu, "SHARED_BYTES_LIMIT", weights + tile - 1)
         staged = CudaLSTM.from_layer(MDLSTM2D(2, 3, dtype=np.float32), layout="staged")
         np.testing.assert_array_equal(staged.forward(np.ones((1, 2, 2, 2), np.float32)), y)

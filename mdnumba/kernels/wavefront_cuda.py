@@ -1839,7 +1839,8 @@ def _plan_slices(coop, args, S: int, N: int, D: int, B: int, diag_off_host: np.n
         return 0, 0, 0, ""
     run = VEC if layout == "staged" else 1  # the slice's steps in runs of VEC (_stage_slice)
     shmem = N * (N + 3) * -(-D // run) * run * SLICE * itemsize
-    tile = math.prod(STAGE_SHAPE) * itemsize if layout == "staged" else 0
+    # the staged tile, and its rows' sources (int32), 16-byte aligned like the slice after them
+    tile = math.prod(STAGE_SHAPE) * itemsize + -(-STAGE_SHAPE[0] * 4 // 16) * 16 if layout == "staged" else 0
     if shmem + tile > SHARED_BYTES_LIMIT:
         what = "weights and staged tile take" if tile else "weights take"
         return 0, 0, 0, f"flat layout: a slice's {what} {shmem + tile} B, over {SHARED_BYTES_LIMIT} B"
