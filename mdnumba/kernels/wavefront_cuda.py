@@ -302,6 +302,19 @@ if SIMULATOR:
     def _opaque(x):
         """``x`` itself (the simulator compiles nothing; on a GPU, an opaque copy)."""
         return x
+
+    @cuda.jit(device=True)
+    def _load4(a, i):
+        """``a[i .. i+3]`` of the 1-D array ``a`` (checked: i a multiple of 4, as a GPU's 16-byte
+        load needs)."""
+        assert i % VEC == 0, "misaligned vector load"
+        return a[i], a[i + 1], a[i + 2], a[i + 3]
+
+    @cuda.jit(device=True)
+    def _load4_row(a, r, k):
+        """``a[r, k .. k+3]`` of the 2-D array ``a`` (checked aligned, as :func:`_load4`)."""
+        assert (r * a.shape[1] + k) % VEC == 0, "misaligned vector load"
+        return a[r, k], a[r, k + 1], a[r, k + 2], a[r, k + 3]
 else:
     from llvmlite import ir as llvm_ir
     from numba.cuda import cgutils
@@ -323,21 +336,6 @@ else:
 
         return x(x), codegen
 
-
-if SIMULATOR:
-    @cuda.jit(device=True)
-    def _load4(a, i):
-        """``a[i .. i+3]`` of the 1-D array ``a`` (checked: i a multiple of 4, as a GPU's 16-byte
-        load needs)."""
-        assert i % VEC == 0, "misaligned vector load"
-        return a[i], a[i + 1], a[i + 2], a[i + 3]
-
-    @cuda.jit(device=True)
-    def _load4_row(a, r, k):
-        """``a[r, k .. k+3]`` of the 2-D array ``a`` (checked aligned, as :func:`_load4`)."""
-        assert (r * a.shape[1] + k) % VEC == 0, "misaligned vector load"
-        return a[r, k], a[r, k + 1], a[r, k + 2], a[r, k + 3]
-else:
     def _vector_load(context, builder, aryty, ary, indices):
         """The 4 elements from ``indices`` on of the C-contiguous array ``ary`` as one load of a
         4-vector, 16-byte aligned (one ``LDS.128`` from shared memory in float32, two in float64)."""
