@@ -19,7 +19,11 @@ place to change them. Environment variables override the defaults:
   hidden units of one scan and keeps just those units' weights in shared memory for the whole
   sweep; see :mod:`mdnumba.kernels.wavefront_cuda`), ``staged`` (sliced, and each block reads the
   rows of h (forward) and of the gate gradients (backward) its threads sum over through tiles it
-  loads into shared memory together; not yet timed on a GPU) or ``auto`` (default: the faster of
+  loads into shared memory together; not yet timed on a GPU), ``item`` (a block per batch item
+  and scan, holding all of U and one hyperplane's rows in opt-in shared memory, with block
+  barriers instead of grid syncs between hyperplanes: one plain launch per sweep, for small
+  hidden sizes, e.g. D = 64 in float32; ``MDNUMBA_CUDA_ITEM_THREADS`` threads per block, default
+  512; not yet timed on a GPU) or ``auto`` (default: the faster of
   flat and sliced per sweep on an H200, bench/results/gpu.md: the backward sweep sliced, the
   forward ones flat; ``wavefront_cuda.AUTO_LAYOUT``). ``MDNUMBA_CUDA_SLICE_UNITS`` sets the units per slice
   (default 8; compile-time).
@@ -193,7 +197,7 @@ def host_vector_bytes() -> int:
 CUDA_PATHS = ("auto", "cooperative", "per-diagonal")
 #: CUDA sweep layouts: auto (per sweep), flat (items over the whole grid), sliced (a block per slice of
 #: units), staged (sliced, the neighbours' rows read through shared-memory tiles)
-CUDA_LAYOUTS = ("auto", "flat", "sliced", "staged")
+CUDA_LAYOUTS = ("auto", "flat", "sliced", "staged", "item")
 #: sweep stages the timing diagnostic ``MDNUMBA_CUDA_SKIP`` can leave out
 CUDA_SKIP_STAGES = ("sum", "cell")
 #: ``MDNUMBA_VECTOR_BYTES`` settings: AVX2's 32, AVX-512's 64
@@ -217,6 +221,7 @@ try:
     CUDA_PATH: str = env_choice("MDNUMBA_CUDA_PATH", "auto", CUDA_PATHS)
     CUDA_LAYOUT: str = env_choice("MDNUMBA_CUDA_LAYOUT", "auto", CUDA_LAYOUTS)
     CUDA_SLICE_UNITS: int = env_int("MDNUMBA_CUDA_SLICE_UNITS", 8, high=64)
+    CUDA_ITEM_THREADS: int = env_int("MDNUMBA_CUDA_ITEM_THREADS", 512, high=1024)
     #: diagnostic only: the stages of CUDA_SKIP_STAGES the CUDA sweeps skip (wrong results)
     CUDA_SKIP: tuple[str, ...] = env_subset("MDNUMBA_CUDA_SKIP", CUDA_SKIP_STAGES)
     #: blocks per SM the CUDA sweep kernels are compiled for (launch bounds; 0: none)

@@ -37,6 +37,8 @@ GPU_SHARDS = max(SHARDS, min(8, (os.cpu_count() or 1) // 2))
 OTHER_ROWS = {1: {"MDNUMBA_CUDA_UNROLL": "1", "MDNUMBA_CUDA_CELL_REGISTERS": "0"},
               3: {"MDNUMBA_CUDA_UNROLL": "3", "MDNUMBA_CUDA_LAYOUT": "staged",
                   "MDNUMBA_CUDA_SLICE_UNITS": "2"}}
+#: the cases the OTHER_ROWS runs select (-k)
+OTHER_ROWS_CASES = "sweep_kernels or sliced_sweeps or item_sweeps or layer_matches_reference"
 TIMEOUT = 1200
 #: the tests of tests/test_cuda.py that read the simulator runs' reports
 WAITING_TESTS = ("test_simulator", "test_simulator_other_rows_per_thread", "test_kernels_compile_for_gpu",
@@ -182,7 +184,7 @@ def start(items: list, tmp_path_factory) -> dict:
             rows = it.callspec.params["rows"]
             runs[rows] = CaseRun(tmp_path_factory.mktemp(f"cudasim_rows{rows}"), simulator=True,
                                  env_extra={"MDNUMBA_CUDA_ROWS_PER_THREAD": str(rows), **OTHER_ROWS[rows]},
-                                 select="sweep_kernels or sliced_sweeps or layer_matches_reference")
+                                 select=OTHER_ROWS_CASES)
     for stage in SKIP_RUNS if "test_simulator_skipping_a_sweep_stage" in names else ():
         runs[f"skip {stage}"] = CaseRun(tmp_path_factory.mktemp(f"cudasim_skip_{stage}"), simulator=True,
                                         env_extra={"MDNUMBA_CUDA_SKIP": stage}, select=SKIP_CASE)

@@ -161,6 +161,33 @@ def sim_sliced_sweeps_match_cpu(dims, cell, scans, B, D, path, layout, rng):
     assert ("rows staged in" in desc) == (layout == "staged" and sliced), desc
 
 
+@pytest.mark.parametrize("dims,cell,scans,B,D", [
+    ((3, 4), "graves", 1, 2, 9), ((3, 4), "stable", 1, 5, 3), ((5,), "graves", 2, 2, 3),
+    ((2, 2, 3), "stable", 1, 2, 9), ((2, 3), "graves", 2, 3, 9), ((2, 1, 2, 2), "spatial", 1, 1, 3)])
+def sim_item_sweeps_match_cpu(dims, cell, scans, B, D, rng):
+    """The item layout (a block per scan and batch item, all of U and a hyperplane's rows in its
+    shared memory, block barriers between hyperplanes, one plain launch) vs the CPU kernels in
+    float64: 1-D to 3-D, several scans and items, D = 9 (a partial slice of units and runs of
+    VEC padded with zeros), cells per hyperplane not a multiple of the rows per thread; a 4-D
+    layer runs flat, said."""
+    from mdnumba.kernels import wavefront as cpu
+    from mdnumba.kernels import wavefront_cuda as gpu
+    from mdnumba.kernels.cell import cell_code
+    code = cell_code(cell)
+    wf, U, act0 = _cpu_sweep_inputs(dims, B, D, scans, rng)
+    want = _run_sweeps(cpu, wf, U, act0, B, D, code)
+    got = _run_sweeps(gpu, wf, U, act0, B, D, code, path="cooperative", tpb=8, layout="item")
+    for name, a, b in zip(("h", "c", "act", "dact", "dc", "dh"), got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14, err_msg=name)
+    desc = gpu.last_path()
+    if len(dims) > 3:
+        assert desc.startswith("cooperative") and "the item layout sweeps at most 3-D layers" in desc, desc
+    else:
+        K = len(wf.diag_off) - 1
+        want = f"item ({scans * B} blocks x {gpu.ITEM_THREADS} threads, {K} hyperplanes"
+        assert desc.startswith(want), desc
+
+
 @pytest.mark.parametrize("path", ["cooperative", "per-diagonal"])
 def sim_staged_tile_loaded_by_fewer_threads_than_its_columns(path, rng):
     """A block with fewer threads than the staged tile's STAGE_K columns (on a GPU: 8 threads and
@@ -204,7 +231,7 @@ def sim_auto_layout_sweeps_forward_flat_and_backward_sliced(path, rng, monkeypat
     assert gpu.last_path().startswith(path) and "slices of" not in gpu.last_path(), gpu.last_path()
 
 
-@pytest.mark.parametrize("layout", ["flat", "sliced", "staged"])
+@pytest.mark.parametrize("layout", ["flat", "sliced", "staged", "item"])
 def sim_sweep_stages_as_configured(layout, rng):
     """The sweeps' stages as this process's MDNUMBA_CUDA_SKIP (the timing diagnostic, run with
     each stage skipped by test_simulator_skipping_a_sweep_stage) says, graves cell, 2-D, every
@@ -261,17 +288,18 @@ def sim_grid_lstm_kernels_match_cpu(path, rng):
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(case=layers_and_inputs(max_side=3, max_hidden=5),
        path=st.sampled_from(["cooperative", "per-diagonal"]),
-       layout=st.sampled_from(["flat", "sliced", "staged"]),
+       layout=st.sampled_from(["flat", "sliced", "staged", "item"]),
        dtype_rtol=st.sampled_from([(np.float64, 1e-12), (np.float32, 1e-5)]))
 def sim_any_shape_matches_reference(case, path, layout, dtype_rtol, monkeypatch):
     """Drawn device='cuda' layers (tests/test_properties.py's draws, smaller) vs the reference,
-    on each path and layout."""
+    on each path and layout (the item layout's sweeps take no path)."""
     from mdnumba import backend_cuda
     from mdnumba.kernels import wavefront_cuda
     monkeypatch.setattr(wavefront_cuda, "DEFAULT_PATH", path)
     monkeypatch.setattr(wavefront_cuda, "DEFAULT_LAYOUT", layout)
     check_drawn_layer(case, *dtype_rtol, device="cuda")
-    assert backend_cuda.last_path().startswith(path)
+    desc = backend_cuda.last_path()
+    assert desc.startswith("item (" if layout == "item" else path), desc
 
 
 @pytest.mark.parametrize("tied,path", [(True, "cooperative"), (False, "per-diagonal")])
@@ -616,7 +644,7 @@ def sim_failed_forward_keeps_the_last_one_and_free_buffers(rng):
             call()
 
 
-@pytest.mark.parametrize("layout", ["flat", "sliced", "staged"])
+@pytest.mark.parametrize("layout", ["flat", "sliced", "staged", "item"])
 @pytest.mark.parametrize("path", ["cooperative", "per-diagonal"])
 @pytest.mark.parametrize("ndim,shape,kw,dtype", [
     (2, (3, 3, 4, 2), {}, np.float64), (2, (2, 2, 3, 1), {"cell": "stable", "directions": 4}, np.float32),
@@ -938,7 +966,7 @@ def sim_errors_and_fallback(rng, monkeypatch):
         dev.backward(np.zeros((1, 2, 3, 3), np.float32))
     with pytest.raises(ValueError, match="path"):
         CudaLSTM.from_layer(MDLSTM2D(2, 3), path="diagonal").forward(np.ones((1, 2, 2, 2), np.float32))
-    with pytest.raises(ValueError, match=r"one of \('auto', 'flat', 'sliced', 'staged'\), got 'tiled'"):
+    with pytest.raises(ValueError, match=r"'staged', 'item'\), got 'tiled'"):
         CudaLSTM.from_layer(MDLSTM2D(2, 3), layout="tiled").forward(np.ones((1, 2, 2, 2), np.float32))
     with monkeypatch.context() as m:  # a slice over the shared-memory limit: the flat layout, said
         m.setattr(gpu, "SHARED_BYTES_LIMIT", 100)
@@ -953,6 +981,14 @@ def sim_errors_and_fallback(rng, monkeypatch):
         np.testing.assert_array_equal(staged.forward(np.ones((1, 2, 2, 2), np.float32)), y)
         assert (f"flat layout: a slice's weights and staged tile take {weights + tile} B, over "
                 f"{weights + tile - 1} B") in last_path()
+        # the item layout: D = 3 steps padded to 4, 2 * 5 gate blocks of a slice of SLICE units, and the
+        # tile: a row per cell of the largest hyperplane (2) and a zero row
+        item = (2 * 5 * 4 * gpu.SLICE + 3 * 4) * 4
+        m.setattr(gpu, "ITEM_SHARED_LIMIT", item - 1)
+        per_item = CudaLSTM.from_layer(MDLSTM2D(2, 3, dtype=np.float32), layout="item")
+        np.testing.assert_array_equal(per_item.forward(np.ones((1, 2, 2, 2), np.float32)), y)
+        assert (f"flat layout: all weights and a hyperplane's rows take {item} B, over the {item - 1} B of "
+                "shared memory a block can have") in last_path()
     from mdnumba import config  # the tile holds the rows of MDNUMBA_THREADS_PER_BLOCK threads' items
     staged = CudaLSTM.from_layer(MDLSTM2D(2, 3, dtype=np.float32), layout="staged",
                                  threads_per_block=2 * config.THREADS_PER_BLOCK)

@@ -153,6 +153,13 @@ GATE_CHUNK = 6
 #: 12% slower per anti-diagonal and 10% per saving-free call at 32x32, within 1-7% either way at
 #: the larger sizes)
 AUTO_LAYOUT = {"forward": "flat", "infer": "flat", "backward": "sliced"}
+#: threads per block of the item layout (a block per batch item, :func:`_forward_item`; compile-time:
+#: its kernels' launch bounds, one block per SM), MDNUMBA_CUDA_ITEM_THREADS (the simulator's 8)
+ITEM_THREADS: int = 8 if SIMULATOR else config.CUDA_ITEM_THREADS
+_ITEM_JIT = _JIT if SIMULATOR else dict(_JIT, launch_bounds=(ITEM_THREADS, 1))
+#: dynamic shared memory a block may opt in to when the device is not asked (the simulator):
+#: an H100's or H200's 227 KiB
+ITEM_SHARED_LIMIT = 227 * 1024
 #: diagnostic (MDNUMBA_CUDA_SKIP, compile-time): the sweeps compute the recurrent sums of
 #: :func:`_rows_preact` and :func:`_rows_pull` (else as if U = 0), and the cells' gate math of
 #: :func:`_unit_forward` and :func:`_unit_backward` (else h, c and the gradients stay as they were)
@@ -168,8 +175,9 @@ if config.CUDA_SKIP:
 #: "coop_error": why a cooperative launch failed on the 'auto' path, per sweep kernel, block
 #: shape, shared memory and argument types (:func:`_launch_key`; one that cannot be resident,
 #: e.g. float64 with more registers, leaves the others cooperative); "coop_limit": the
-#: co-residency limit per the same and device (:func:`_coop_limit`)
-_state: dict = {"last_path": None, "coop_error": {}, "coop_limit": {}, "scratch": {}}
+#: co-residency limit per the same and device (:func:`_coop_limit`); "opt_in": the kernels, argument
+#: types, shared sizes and devices whose opt-in to more shared memory is set (:func:`_opt_in_shared`)
+_state: dict = {"last_path": None, "coop_error": {}, "coop_limit": {}, "scratch": {}, "opt_in": set()}
 
 
 # ---------------------------------------------------------------- device functions
@@ -406,12 +414,26 @@ def _stage_slice(Ws, Wf, nO, N, D, transposed, V):
     ``b = d*(N+3) + g`` and P = D rounded up to V, or when ``transposed``
     ``= UT[q, V*kq + kk, d*D + j0 + jj]`` with ``b = d`` and P = G rounded up; zeros past unit D-1
     and in a block past the last scan. With V = 1: ``Ws[((d*(N+3) + g)*D + k)*SLICE + jj]``."""
+    q, j0, _ = _block_slice(nO, D)
+    _fill_slice(Ws, Wf, q, j0, N, D, transposed, V)
+    cuda.syncthreads()
+
+
+@cuda.jit(device=True)
+def _slice_size(N, D, transposed, V):
+    """Elements of a unit slice of :func:`_fill_slice`'s layout."""
+    steps = (N + 3) * D if transposed else D
+    return (N if transposed else N * (N + 3)) * ((steps + V - 1) // V) * V * SLICE
+
+
+@cuda.jit(device=True)
+def _fill_slice(Ws, Wf, q, j0, N, D, transposed, V):
+    """:func:`_stage_slice`'s work for the slice of units ``j0 ..`` of scan q (no barrier)."""
     G = (N + 3) * D
     DNG = N * G * D
-    q, j0, _ = _block_slice(nO, D)
     steps = G if transposed else D
     Q = (steps + V - 1) // V
-    for e in range(cuda.threadIdx.x, (N if transposed else N * (N + 3)) * Q * V * SLICE, cuda.blockDim.x):
+    for e in range(cuda.threadIdx.x, _slice_size(N, D, transposed, V), cuda.blockDim.x):
         rest, kk = _divmod(e, V)
         rest, jj = _divmod(rest, SLICE)
         b, kq = _divmod(rest, Q)
@@ -421,7 +443,6 @@ def _stage_slice(Ws, Wf, nO, N, D, transposed, V):
             Ws[e] = Wf[src]
         else:
             Ws[e] = 0
-    cuda.syncthreads()
 
 
 @cuda.jit(device=True)
@@ -962,6 +983,181 @@ def _backward_plane(dact, dc, dh, act, c, UTf, tile, diag_off, parent, child, B,
                            _unstaged(tile))
 
 
+# ---------------------------------------------------------------- item layout
+@cuda.jit(device=True)
+def _item_shared(sh, Wf, diag_off, q, N, D, transposed):
+    """The item layout's block ``q*B + b``: its dynamic shared memory ``sh``
+    as ``(Ws, T)``. ``Ws``: all of scan q's weights (UT when ``transposed``), slice after slice of
+    :data:`SLICE` units in :func:`_fill_slice`'s layout (runs of :data:`VEC`); ``T``: the tile of
+    one hyperplane's rows (h forward, dact backward: D or (N+3)*D steps rounded up to VEC), a row
+    per cell of the largest hyperplane and a last row of zeros (an absent neighbour's). The
+    whole block calls it; T starts all zeros."""
+    size = _slice_size(N, D, transposed, VEC)
+    nW = _divmod(D + SLICE - 1, SLICE)[0] * size
+    for sl in range(_divmod(nW, size)[0]):
+        _fill_slice(sh[sl * size:(sl + 1) * size], Wf, q, sl * SLICE, N, D, transposed, VEC)
+    rows = 0
+    for k in range(diag_off.shape[0] - 1):
+        rows = max(rows, diag_off[k + 1] - diag_off[k])
+    steps = (N + 3) * D if transposed else D
+    width = steps + (-steps) % VEC
+    T = sh[nW:nW + (rows + 1) * width].reshape((rows + 1, width))
+    for e in range(cuda.threadIdx.x, T.size, cuda.blockDim.x):
+        r, kk = _divmod(e, width)
+        T[r, kk] = 0
+    cuda.syncthreads()
+    return sh[:nW], T
+
+
+@cuda.jit(device=True)
+def _item_refill(T, src, diag_off, k, base, b, B, steps):
+    """After hyperplane k (a barrier on each side): its cells' rows of ``src`` for the block's
+    batch item b into the tile, ``T[s - s0, kk] = src[base + s*B + b, kk]`` (0 for kk >= steps)."""
+    cuda.syncthreads()
+    s0 = diag_off[k]
+    width = T.shape[1]
+    for e in range(cuda.threadIdx.x, (diag_off[k + 1] - s0) * width, cuda.blockDim.x):
+        slot, kk = _divmod(e, width)
+        if kk < steps:
+            T[slot, kk] = src[_at(base + (s0 + slot) * B + b), _at(kk)]
+        else:
+            T[slot, kk] = 0
+    cuda.syncthreads()
+
+
+@cuda.jit(device=True)
+def _item_rows(rows, nbr, d, s, nb, first, zero):
+    """``rows[i]``: the tile row of neighbour d of cell ``s + min(i, nb - 1)``, its skewed index
+    minus ``first`` (the first cell of its hyperplane), or the zero row ``zero``."""
+    for i in range(ROWS_PER_THREAD):
+        p = nbr[s + min(i, nb - 1), d]
+        rows[i] = p - first if p >= 0 else zero
+
+
+@cuda.jit(device=True)
+def _item_unit_forward(h, c, act, Ws, T, parent, base, s, nb, b, B, D, j, prev, cell, width):
+    """Unit j of the ``nb`` cells ``s + i`` of batch item b (item layout): ``a_g = act[r_i, g*D + j]
+    + Σ_d Σ_k T[parent_d(s+i) - prev, k] · U[k, d*G + g*D + j]`` (T: h of the previous
+    hyperplane, whose first cell is ``prev``; :func:`_run_steps` on the slices of Ws), then the
+    cell math as in :func:`_rows_preact`, row by row."""
+    N = parent.shape[1]
+    sl, jj = _divmod(j, SLICE)
+    _, ks, ds, gs, uc = _slice_weights(jj, N, D, False, VEC)
+    w0 = sl * _slice_size(N, D, False, VEC)
+    acc = cuda.local.array((ROWS_PER_THREAD, GATE_CHUNK), act.dtype)
+    ucol = cuda.local.array(GATE_CHUNK, numba.int64)
+    hrow = cuda.local.array(ROWS_PER_THREAD, numba.int64)
+    for g in range(width):
+        ucol[g] = g * gs + uc
+    for i in range(ROWS_PER_THREAD):
+        for g in range(width):
+            acc[i, g] = act[base + (s + min(i, nb - 1)) * B + b, g * D + j]
+    for d in range(N if RECURRENT_SUM else 0):
+        _item_rows(hrow, parent, d, s, nb, prev, T.shape[0] - 1)
+        _run_steps(acc, T, hrow, Ws, w0 + d * ds, ks, ucol, T.shape[1], width)
+    for i in range(ROWS_PER_THREAD):  # row i in acc[0] (_next_row)
+        r = base + (s + i) * B + b
+        if i < nb:
+            if not (CELL_MATH and N <= REGISTER_CELL_MAX_N):
+                for g in range(width):
+                    act[r, g * D + j] = acc[0, g]
+                if CELL_MATH:
+                    _cell_row_forward(h, c, act, parent, base, s + i, b, B, D, cell, j, j + 1)
+            elif width == 4:
+                _cell1_forward(h, c, act, parent, acc, r, base, s + i, b, B, D, j, cell)
+            elif width == 5:
+                _cell2_forward(h, c, act, parent, acc, r, base, s + i, b, B, D, j, cell)
+            else:
+                _cell3_forward(h, c, act, parent, acc, r, base, s + i, b, B, D, j, cell)
+        _next_row(acc)
+
+
+@cuda.jit(device=True)
+def _item_unit_backward(dact, dc, dh, act, c, Ws, T, parent, child, base, s, nb, b, B, D, j, nxt, cell):
+    """Unit j of the ``nb`` cells ``s + i`` of batch item b (item layout, pull form):
+    ``dh[r_i, j] += Σ_d Σ_g T[child_d(s+i) - nxt, g] · UT[g, d*D + j]`` (T: dact of the next
+    hyperplane, whose first cell is ``nxt``), then the cell math as in :func:`_rows_pull`."""
+    N = parent.shape[1]
+    sl, jj = _divmod(j, SLICE)
+    _, _, ds, gs, uc = _slice_weights(jj, N, D, True, VEC)
+    w0 = sl * _slice_size(N, D, True, VEC)
+    acc = cuda.local.array((ROWS_PER_THREAD, 1), dh.dtype)
+    crow = cuda.local.array(ROWS_PER_THREAD, numba.int64)
+    wcol = cuda.local.array(1, numba.int64)
+    wcol[0] = uc
+    for i in range(ROWS_PER_THREAD):
+        acc[i, 0] = dh[base + (s + min(i, nb - 1)) * B + b, j]
+    for d in range(N if RECURRENT_SUM else 0):
+        _item_rows(crow, child, d, s, nb, nxt, T.shape[0] - 1)
+        _run_steps(acc, T, crow, Ws, w0 + d * ds, gs, wcol, T.shape[1], 1)
+    for i in range(ROWS_PER_THREAD):
+        dhv = acc[0, 0]
+        _next_row(acc)
+        r = base + (s + i) * B + b
+        if i >= nb:
+            continue
+        dh[r, j] = dhv
+        if not (CELL_MATH and N <= REGISTER_CELL_MAX_N):
+            if CELL_MATH:
+                _cell_row_backward(dact, dc, dh, act, c, parent, child, base, s + i, b, B, D, cell, j, j + 1)
+        elif N == 1:
+            _cell1_backward(dact, dc, act, c, parent, child, dhv, r, base, s + i, b, B, D, j, cell)
+        elif N == 2:
+            _cell2_backward(dact, dc, act, c, parent, child, dhv, r, base, s + i, b, B, D, j, cell)
+        else:
+            _cell3_backward(dact, dc, act, c, parent, child, dhv, r, base, s + i, b, B, D, j, cell)
+
+
+@cuda.jit(device=True)
+def _item_block(parent, B):
+    """The item layout's block: (row offset of its scan's slab, its batch item b)."""
+    q, b = _divmod(cuda.blockIdx.x, B)
+    return q * parent.shape[0] * B, b
+
+
+@cuda.jit(device=True)
+def _item_forward_sweep(h, c, act, Ws, T, diag_off, parent, B, D, cell):
+    """The forward sweep of the block's batch item (item layout): hyperplanes k = 0..K-1, the
+    items (group of ROWS_PER_THREAD cells, unit j) block-stride, j fastest, a tile refill
+    (:func:`_item_refill`) between hyperplanes."""
+    N = parent.shape[1]
+    base, b = _item_block(parent, B)
+    for k in range(diag_off.shape[0] - 1):
+        s0 = diag_off[k]
+        n = diag_off[k + 1] - s0
+        prev = diag_off[k - 1] if k > 0 else s0
+        for t in range(cuda.threadIdx.x, _divmod(n + ROWS_PER_THREAD - 1, ROWS_PER_THREAD)[0] * D,
+                       cuda.blockDim.x):
+            grp, j = _divmod(t, D)
+            s = s0 + grp * ROWS_PER_THREAD
+            nb = min(ROWS_PER_THREAD, s0 + n - s)
+            if N == 1:  # the gates' count a constant: the accumulators stay in registers
+                _item_unit_forward(h, c, act, Ws, T, parent, base, s, nb, b, B, D, j, prev, cell, 4)
+            elif N == 2:
+                _item_unit_forward(h, c, act, Ws, T, parent, base, s, nb, b, B, D, j, prev, cell, 5)
+            else:
+                _item_unit_forward(h, c, act, Ws, T, parent, base, s, nb, b, B, D, j, prev, cell, GATE_CHUNK)
+        _item_refill(T, h, diag_off, k, base, b, B, D)
+
+
+@cuda.jit(device=True)
+def _item_backward_sweep(dact, dc, dh, act, c, Ws, T, diag_off, parent, child, B, D, cell):
+    """The backward sweep of the block's batch item (item layout): hyperplanes k = K-1..0 as
+    :func:`_item_forward_sweep`, the tile holding the dact rows of hyperplane k+1."""
+    base, b = _item_block(parent, B)
+    K = diag_off.shape[0] - 1
+    for k in range(K - 1, -1, -1):
+        s0 = diag_off[k]
+        n = diag_off[k + 1] - s0
+        for t in range(cuda.threadIdx.x, _divmod(n + ROWS_PER_THREAD - 1, ROWS_PER_THREAD)[0] * D,
+                       cuda.blockDim.x):
+            grp, j = _divmod(t, D)
+            s = s0 + grp * ROWS_PER_THREAD
+            _item_unit_backward(dact, dc, dh, act, c, Ws, T, parent, child, base, s,
+                                min(ROWS_PER_THREAD, s0 + n - s), b, B, D, j, s0 + n, cell)
+        _item_refill(T, dact, diag_off, k, base, b, B, (parent.shape[1] + 3) * D)
+
+
 # ---------------------------------------------------------------- around the sweeps
 @cuda.jit(device=True)
 def _skew(out, inp, src, start, stride):
@@ -1330,6 +1526,27 @@ def _backward_pre(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell
                   U, dh_in, dh_src, z, xs, h):
     """:func:`_backward_prologue` as its own launch (per-diagonal path)."""
     _backward_prologue(UTf, U, dh, dh_in, dh_src, z, xs, h, parent, B, D, cuda.grid(1), cuda.gridsize(1))
+
+
+@cuda.jit(**_ITEM_JIT)
+def _forward_item(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, nO, out, out_src):
+    """The forward sweep in the item layout (one plain launch of S*B blocks, block ``q*B + b`` on
+    batch item b of scan q: :func:`_item_shared`, :func:`_item_forward_sweep`); the output in grid
+    order is :func:`_forward_post`'s launch after it. Arguments as :func:`_forward_coop`'s."""
+    Ws, T = _item_shared(cuda.shared.array(0, Uf.dtype, alignment=SHARED_ALIGN), Uf, diag_off,
+                         _divmod(cuda.blockIdx.x, B)[0], parent.shape[1], D, False)
+    _item_forward_sweep(h, c, act, Ws, T, diag_off, parent, B, D, cell)
+
+
+@cuda.jit(**_ITEM_JIT)
+def _backward_item(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, use_shared, nO,
+                   U, dh_in, dh_src, z, xs, h):
+    """The backward sweep in the item layout (as :func:`_forward_item`), after
+    :func:`_backward_pre`'s launch (UT, the skewed dh, the operands). Arguments as
+    :func:`_backward_coop`'s."""
+    Ws, T = _item_shared(cuda.shared.array(0, UTf.dtype, alignment=SHARED_ALIGN), UTf, diag_off,
+                         _divmod(cuda.blockIdx.x, B)[0], parent.shape[1], D, True)
+    _item_backward_sweep(dact, dc, dh, act, c, Ws, T, diag_off, parent, child, B, D, cell)
 
 
 # ---------------------------------------------------------------- bulk kernels
@@ -1872,6 +2089,16 @@ def _layout_sweep(sweep: str, flat: tuple, sliced: tuple, head: tuple, tail: tup
     are ``(*head, use_shared, nO, *tail)``; the backward sweeps the hyperplanes in reverse.
     Records the path taken (:func:`last_path`)."""
     layout = _resolve_layout(layout, sweep)
+    item_note = ""
+    if layout == "item":
+        shmem, item_note = _plan_items(sweep, S, N, D, diag_off_host, W.dtype.itemsize)
+        if not item_note:
+            args = (*head, False, 0, *tail)
+            desc = _item_sweep(_forward_item if sweep == "forward" else _backward_item, args, S * B, shmem,
+                               len(diag_off_host) - 1, tpb, **sweep_kw)
+            _record(desc, f"weights and a hyperplane's rows in {shmem} B of shared memory per block")
+            return
+        layout = "flat"
     sliced = staged if layout == "staged" else sliced
     nO, blocks, shmem, note = _plan_slices(sliced[0], (*head, False, 1, *tail), S, N, D, B, diag_off_host,
                                            W.dtype.itemsize, layout, path, tpb)
@@ -1880,7 +2107,68 @@ def _layout_sweep(sweep: str, flat: tuple, sliced: tuple, head: tuple, tail: tup
         shmem = W.nbytes if shared else 0
     desc = _sweep(*(sliced if nO else flat), (*head, shared, nO, *tail), diag_off_host, S * _row_groups(B),
                   D, shmem, path, tpb, sweep == "backward", blocks=blocks, **sweep_kw)
-    _record(desc, note or shared)
+    _record(desc, item_note or note or shared)
+
+
+def _plan_items(sweep: str, S: int, N: int, D: int, diag_off_host: np.ndarray,
+                itemsize: int) -> tuple[int, str]:
+    """The item layout of a ``sweep``: ``(shared bytes per block, "")``, or ``(0, why not)`` (the flat
+    layout then runs): all of a scan's U (UT backward) in :func:`_fill_slice`'s runs of VEC, and the
+    tile of :func:`_item_shared`, must fit in the shared memory a block can opt in to
+    (:func:`_item_shared_limit`); the threads' accumulators hold at most 3-D cells' gates; the
+    saving-free forward has no item twin."""
+    if sweep == "infer":
+        return 0, "flat layout: the item layout has no saving-free sweep"
+    if N + 3 > GATE_CHUNK:
+        return 0, f"flat layout: the item layout sweeps at most {GATE_CHUNK - 3}-D layers, this one is {N}-D"
+    backward = sweep == "backward"
+    steps = (N + 3) * D if backward else D
+    weights = (N if backward else N * (N + 3)) * -(-steps // VEC) * VEC * -(-D // SLICE) * SLICE
+    tile = (int(np.diff(diag_off_host).max()) + 1) * -(-steps // VEC) * VEC
+    shmem = (weights + tile) * itemsize
+    limit = _item_shared_limit()
+    if shmem > limit:
+        return 0, (f"flat layout: all weights and a hyperplane's rows take {shmem} B, over the {limit} B of "
+                   "shared memory a block can have")
+    return shmem, ""
+
+
+def _item_shared_limit() -> int:
+    """Bytes of dynamic shared memory a block can opt in to on this device (the simulator:
+    :data:`ITEM_SHARED_LIMIT`)."""
+    if SIMULATOR:
+        return ITEM_SHARED_LIMIT
+    return int(cuda.get_current_device().MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+
+
+def _opt_in_shared(kernel, args, shmem: int) -> None:
+    """Let ``kernel`` (compiled for ``args``) take ``shmem`` bytes of dynamic shared memory: past
+    :data:`SHARED_BYTES_LIMIT` a launch needs the function's opt-in attribute, set once per kernel,
+    argument types, size and device."""
+    if SIMULATOR or shmem <= SHARED_BYTES_LIMIT:
+        return
+    key = ("opt_in", *_launch_key(kernel, args, 0, shmem), cuda.get_current_device().id)
+    if key in _state["opt_in"]:
+        return
+    from numba.cuda.cudadrv.driver import binding, driver
+    compiled = kernel.compile(tuple(kernel.typeof_pyval(a) for a in args))
+    cufunc = compiled._codelibrary.get_cufunc()
+    attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    driver.cuKernelSetAttribute(attr, shmem, cufunc.handle, cufunc.device.id)
+    _state["opt_in"].add(key)
+
+
+def _item_sweep(kernel, args, blocks: int, shmem: int, K: int, tpb: int, pre=None, post=None,
+                extra_items: int = 0) -> str:
+    """A sweep in the item layout: ``pre``, one plain launch of ``kernel`` (``blocks`` blocks of
+    :data:`ITEM_THREADS`), ``post`` (as :func:`_sweep`'s); a description of the path taken."""
+    if pre is not None:
+        pre[_blocks(extra_items, tpb), tpb](*args)
+    _opt_in_shared(kernel, args, shmem)
+    kernel[blocks, ITEM_THREADS, 0, shmem](*args)
+    if post is not None:
+        post[_blocks(extra_items, tpb), tpb](*args)
+    return f"item ({blocks} blocks x {ITEM_THREADS} threads, {K} hyperplanes, block barriers)"
 
 
 def last_path() -> str | None:
