@@ -7,8 +7,9 @@ For a 2D MD-LSTM (C=1, float32) at 32x32 B64 D64, 128x128 B16 D64 and 256x256 B8
   of ``mdnumba.backend_cuda.CudaLSTM`` + ``CudaAdam`` (everything stays on the
   device), on the cooperative path (one persistent kernel per sweep, a grid
   sync between anti-diagonals) in the default layout (auto: the forward sweeps flat, the
-  backward sliced), the flat, the sliced and the staged one (``MDNUMBA_CUDA_LAYOUT``) and on
-  the per-diagonal path (one launch each, flat);
+  backward sliced), the flat, the sliced and the staged one (``MDNUMBA_CUDA_LAYOUT``), in the
+  item layout (a block per batch item, block barriers: no grid syncs) and on the per-diagonal
+  path (one launch each, flat);
 - the same through the NumPy API, ``MDLSTM2D(device="cuda")`` (host↔device
   copies of x, h, dh, dx, parameters and gradients each step, CPU Adam);
 - :class:`torch_wavefront.TorchMDLSTM2D` + ``torch.optim.Adam`` on the same GPU
@@ -345,9 +346,11 @@ DEVICE_PATHS = [("coop", "cooperative", None, "cooperative"),
                 ("flat", "cooperative", "flat", "cooperative flat"),
                 ("sliced", "cooperative", "sliced", "cooperative sliced"),
                 ("staged", "cooperative", "staged", "cooperative staged"),
+                ("item", "cooperative", "item", "item"),
                 ("diag", "per-diagonal", "flat", "per-diagonal")]
 SPEED_COLUMNS = [("coop", "mdnumba GPU cooperative"), ("flat", "mdnumba GPU cooperative flat"),
                  ("sliced", "mdnumba GPU cooperative sliced"), ("staged", "mdnumba GPU cooperative staged"),
+                 ("item", "mdnumba GPU item"),
                  ("diag", "mdnumba GPU per-diagonal"),
                  ("trainer", "`train --device cuda` per step"),
                  ("numpy_api", "MDLSTM2D(device='cuda') NumPy API"), ("torch", "PyTorch GPU"),
@@ -356,13 +359,14 @@ SPEED_COLUMNS = [("coop", "mdnumba GPU cooperative"), ("flat", "mdnumba GPU coop
 
 def speed_table(results: list[dict], mode: str, keys: tuple | None = None) -> list[str]:
     """Times of ``mode`` per config for the columns ``keys`` of :data:`SPEED_COLUMNS` (None: all),
-    with PyTorch / coop (and / flat, / sliced, / staged, and CPU / coop, when those are columns)."""
+    with PyTorch / coop (and / flat, / sliced, / staged, / item, and CPU / coop, when those are columns)."""
     cols = [c for c in SPEED_COLUMNS if keys is None or c[0] in keys]
     have = {c[0] for c in cols}
     extra = [(a, b, f"{na} / {nb}") for a, b, na, nb in (("torch", "coop", "PyTorch", "coop"),
                                                           ("torch", "flat", "PyTorch", "flat"),
                                                           ("torch", "sliced", "PyTorch", "sliced"),
                                                           ("torch", "staged", "PyTorch", "staged"),
+                                                          ("torch", "item", "PyTorch", "item"),
                                                           ("cpu", "coop", "CPU", "coop"))
              if {a, b} <= have]
     rows = ["| config | " + " | ".join(c[1] + " ms" for c in cols) + "".join(f" | {e[2]}" for e in extra)
@@ -508,6 +512,9 @@ def render(info: dict[str, str], results: list[dict], quick: bool) -> str:
             "owns a slice of hidden units and keeps their recurrent weights in shared memory); "
             "cooperative staged = sliced, and each block loads the rows of h (forward) and of the "
             "gate gradients (backward) its threads sum over into shared memory in tiles; "
+            "item = the item layout (a block per batch item holding all of U and one "
+            "anti-diagonal's rows in shared memory, block barriers instead of grid syncs, one plain "
+            "launch per sweep; its saving-free forward runs flat, so it has no inference column); "
             "cooperative = in the default layout, `MDNUMBA_CUDA_LAYOUT=auto`: the backward sweep "
             "sliced, the forward ones flat;",
             "- *`train --device cuda`*: the CLI's device-resident trainer (`DeviceTrainer`) on the "

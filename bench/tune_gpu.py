@@ -4,7 +4,8 @@ block size, sweep layout and launch bounds, with or without stages of the sweeps
 ``MDNUMBA_CUDA_ROWS_PER_THREAD`` (batch rows a sweep thread computes), ``MDNUMBA_CUDA_UNROLL``
 (steps of its inner sum whose loads go out together; both compile-time: they size the register
 arrays), ``MDNUMBA_THREADS_PER_BLOCK``, ``MDNUMBA_CUDA_LAYOUT`` (flat, sliced or staged) and
-``MDNUMBA_CUDA_SLICE_UNITS`` (the sliced and staged layouts' units per block, compile-time) are read when
+``MDNUMBA_CUDA_SLICE_UNITS`` (the sliced and staged layouts' units per block, compile-time),
+``MDNUMBA_CUDA_ITEM_THREADS`` (the item layout's threads per block, compile-time) are read when
 mdnumba is imported, as are ``MDNUMBA_CUDA_MIN_BLOCKS`` (``--min-blocks``: the sweep kernels
 compiled for that many blocks per SM, registers capped to fit, 0 none), the diagnostic
 ``MDNUMBA_CUDA_SKIP`` (``--variants``: ``no-sum``, the sweeps without their recurrent sums;
@@ -20,9 +21,10 @@ collects them into a markdown table (default ``bench/results/tune_gpu.md``): the
 combination per config is the default to pick in ``mdnumba/config.py``.
 
 Usage: ``python bench/tune_gpu.py [--rows 1,2,4,8] [--unroll 4,8,16] [--tpb 64,128,256]
-[--layout flat,sliced,staged] [--slice 4,8,16] [--min-blocks 0,3,4]
-[--variants full,memory-cell,no-sum,no-cell,neither] [--configs 32,256] [--quick] [--out PATH]`` (the slice
-sizes apply to the sliced and staged layouts); on a lent GPU machine ``bench/run_gpu.sh --tune``.
+[--layout flat,sliced,staged,item] [--slice 4,8,16] [--item-threads 256,512,1024] [--min-blocks 0,3,4]
+[--variants full,memory-cell,no-sum,no-cell,neither] [--configs 32,256] [--quick] [--out PATH]`` (the
+slice sizes apply to the sliced and staged layouts, the item threads to the item layout); on a lent
+GPU machine ``bench/run_gpu.sh --tune``.
 """
 
 from __future__ import annotations
@@ -45,8 +47,9 @@ DEFAULT_OUT = HERE / "results" / "tune_gpu.md"
 VARIANTS = {"full": {}, "memory-cell": {"MDNUMBA_CUDA_CELL_REGISTERS": "0"},
             "no-sum": {"MDNUMBA_CUDA_SKIP": "sum"}, "no-cell": {"MDNUMBA_CUDA_SKIP": "cell"},
             "neither": {"MDNUMBA_CUDA_SKIP": "sum,cell"}}
-#: the layouts with units per slice (MDNUMBA_CUDA_SLICE_UNITS)
-SLICED_LAYOUTS = ("sliced", "staged")
+#: per layout with a size of its own: that size's environment variable (a layout spec is "name N")
+LAYOUT_SIZES = {"sliced": "MDNUMBA_CUDA_SLICE_UNITS", "staged": "MDNUMBA_CUDA_SLICE_UNITS",
+                "item": "MDNUMBA_CUDA_ITEM_THREADS"}
 #: the variants whose results are right: their train steps are candidate defaults
 CANDIDATES = ("full", "memory-cell")
 
@@ -64,8 +67,8 @@ def child(configs: list[str], budget: float, variant: str) -> None:
         step = time_it(train, cuda.synchronize, budget)
         path = last_path()
         sweeps = sweep_times(dev, cfg, "cooperative", cuda.synchronize, budget)
-        sliced = config.CUDA_LAYOUT in SLICED_LAYOUTS
-        layout = config.CUDA_LAYOUT + (f" {config.CUDA_SLICE_UNITS}" if sliced else "")
+        size = {"item": config.CUDA_ITEM_THREADS}.get(config.CUDA_LAYOUT, config.CUDA_SLICE_UNITS)
+        layout = config.CUDA_LAYOUT + (f" {size}" if config.CUDA_LAYOUT in LAYOUT_SIZES else "")
         print(json.dumps({"config": cfg.label, "rows": config.CUDA_ROWS_PER_THREAD,
                           "unroll": config.CUDA_UNROLL, "tpb": config.THREADS_PER_BLOCK, "layout": layout,
                           "min_blocks": config.CUDA_MIN_BLOCKS, "variant": variant,
@@ -78,7 +81,8 @@ def child(configs: list[str], budget: float, variant: str) -> None:
 def run_combo(rows: int, unroll: int, tpb: int, layout: str, configs: str, quick: bool,
               variant: str = "full", min_blocks: int = 0) -> list[dict]:
     """Run :func:`child` with ``rows`` per thread, ``unroll`` steps, ``tpb`` threads per block,
-    ``layout`` ("flat", or "sliced N" / "staged N": N units per slice), ``variant`` (of :data:`VARIANTS`) and
+    ``layout`` ("flat", "sliced N" / "staged N": N units per slice, "item N": N threads per block),
+    ``variant`` (of :data:`VARIANTS`) and
     the sweep kernels compiled for ``min_blocks`` blocks per SM (0: no bound)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {tuple(VARIANTS)}, got {variant!r}")
@@ -86,7 +90,7 @@ def run_combo(rows: int, unroll: int, tpb: int, layout: str, configs: str, quick
     env = dict(os.environ, MDNUMBA_CUDA_ROWS_PER_THREAD=str(rows), MDNUMBA_CUDA_UNROLL=str(unroll),
                MDNUMBA_THREADS_PER_BLOCK=str(tpb), MDNUMBA_CUDA_LAYOUT=name, MDNUMBA_CUDA_SKIP="",
                MDNUMBA_CUDA_CELL_REGISTERS="1", MDNUMBA_CUDA_MIN_BLOCKS=str(min_blocks),
-               **({"MDNUMBA_CUDA_SLICE_UNITS": units} if units else {}))
+               **({LAYOUT_SIZES[name]: units} if units else {}))
     env.update(VARIANTS[variant])
     cmd = [sys.executable, __file__, "--child", "--variant", variant, "--configs", configs] + \
         (["--quick"] if quick else [])
@@ -139,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layout", default="flat,sliced,staged", help="sweep layouts to try (comma list)")
     ap.add_argument("--slice", default="8", help="units per slice to try in the sliced and staged layouts "
                                                    "(comma list)")
+    ap.add_argument("--item-threads", default="512", help="threads per block to try in the item layout "
+                                                          "(comma list)")
     ap.add_argument("--min-blocks", default="0",
                     help="blocks per SM to compile the sweep kernels for (comma list; 0: no bound)")
     ap.add_argument("--variants", default="full",
@@ -155,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         child(args.configs.split(","), budget, args.variant)
         return 0
     rows: list[dict] = []
-    layouts = [f"{lay} {n}" if lay in SLICED_LAYOUTS else lay for lay in args.layout.split(",")
-               for n in (args.slice.split(",") if lay in SLICED_LAYOUTS else [""])]
+    sizes = {"item": args.item_threads.split(",")}
+    layouts = [f"{lay} {n}".strip() for lay in args.layout.split(",")
+               for n in (sizes.get(lay, args.slice.split(",")) if lay in LAYOUT_SIZES else [""])]
     variants = args.variants.split(",")
     if not set(variants) <= set(VARIANTS):
         ap.error(f"--variants takes a comma list of {', '.join(VARIANTS)}, got {args.variants!r}")

@@ -283,8 +283,8 @@ class CudaLSTM(DeviceLayer):
     ``W (S, C, G) | U (S, D, N, G) | b (S, G)`` for S directions, ``G = (N+3)*D``.
     ``path`` picks the sweep ("auto", "cooperative", "per-diagonal"),
     ``use_shared`` whether the recurrent weights go to shared memory (None: when
-    they fit), ``layout`` how a sweep shares out its work ("auto": per sweep, "flat", "sliced", "staged";
-    None: ``MDNUMBA_CUDA_LAYOUT``, :func:`mdnumba.kernels.wavefront_cuda.wavefront_forward`).
+    they fit), ``layout`` how a sweep shares out its work ("auto": per sweep, "flat", "sliced", "staged",
+    "item"; None: ``MDNUMBA_CUDA_LAYOUT``, :func:`mdnumba.kernels.wavefront_cuda.wavefront_forward`).
     """
 
     def __init__(self, ndim: int, in_channels: int, hidden: int, params: np.ndarray,

@@ -35,6 +35,10 @@ Three layouts share out a hyperplane's items (``layout``, ``MDNUMBA_CUDA_LAYOUT`
 - ``staged``: sliced, and the rows a thread sums over (h of the parents, forward; the gate
   gradients of the children, backward) come from a shared tile its block loads for each round
   of items, :data:`STAGE_K` steps at a time (:func:`_stage_rows`; kernels ``*_staged``).
+- ``item``: block ``q*B + b`` owns batch item b of scan q for the whole sweep, with all of the
+  scan's U (UT) and one hyperplane's rows in (opt-in) shared memory and block barriers between
+  hyperplanes: one plain launch per sweep, no grid sync (:func:`_forward_item`,
+  :func:`_backward_item`; :func:`_plan_items` falls back to flat where it does not fit).
 
 Two ways to sweep the K hyperplanes:
 
@@ -2195,9 +2199,10 @@ def wavefront_forward(h: HostOrDevice, c: HostOrDevice, act: HostOrDevice, U: Ho
     "cooperative" or "per-diagonal"; ``use_shared``: stage U in shared memory
     (None: when it fits). With ``out`` (R, S, D) and ``out_src`` (S, R) the same launch
     then writes ``out[r, q] = h[q*R + out_src[q, r]]`` (the output in grid order).
-    ``layout``: "auto" (:data:`AUTO_LAYOUT`), "flat", "sliced" or "staged" (None:
-    :data:`DEFAULT_LAYOUT`; sliced and staged ignore ``use_shared``; :func:`_plan_slices` says when
-    they fall back to flat).
+    ``layout``: "auto" (:data:`AUTO_LAYOUT`), "flat", "sliced", "staged" or "item" (None:
+    :data:`DEFAULT_LAYOUT`; sliced, staged and item ignore ``use_shared``, item also ``path`` and
+    ``tpb`` for its sweep; :func:`_plan_slices` and :func:`_plan_items` say when they fall back to
+    flat).
     """
     tpb = _tpb(tpb)
     a = _Args(h, c, act, U, diag_off, parent, out, out_src)
