@@ -564,6 +564,27 @@ def _check_layer_against_reference(ndim, shape, kw, dtype, rtol, path, rng, monk
     assert backend_cuda.last_path().startswith(path)
 
 
+@pytest.mark.parametrize("ndim,shape,kw,dtype,rtol", [
+    (2, (2, 3, 4, 2), {"directions": 4, "cell": "stable"}, np.float64, 1e-12),
+    (3, (1, 2, 2, 3, 1), {}, np.float32, 1e-5)])
+def sim_item_layer_matches_reference(ndim, shape, kw, dtype, rtol, rng, monkeypatch):
+    """device='cuda' layers in the item layout vs the float64 reference (output, dx, every gradient),
+    the backward sweep's prologue (the skewed upstream gradient, the weight-gradient operands) on
+    each block's own rows; and a 1-D one from an initial state (its final state, the state's
+    gradient)."""
+    from mdnumba.kernels import wavefront_cuda
+    monkeypatch.setattr(wavefront_cuda, "DEFAULT_LAYOUT", "item")
+    layer = _layer(ndim, shape[-1], 3, dtype, "cuda", **kw)
+    check_against_reference(layer, rng.standard_normal(shape).astype(dtype),
+                            rng.standard_normal(shape[:-1] + (layer.out_channels,)), rtol)
+    assert wavefront_cuda.last_path().startswith("item ("), wavefront_cuda.last_path()
+    layer = _layer(1, 2, 3, dtype, "cuda", directions=2)
+    pair = [(rng.standard_normal((2, 6)), rng.standard_normal((2, 6))) for _ in range(2)]
+    x, dh = rng.standard_normal((2, 4, 2)), rng.standard_normal((2, 4, 6))
+    check_state_against_reference(layer, x, pair[0], dh, pair[1], rtol)
+    assert wavefront_cuda.last_path().startswith("item ("), wavefront_cuda.last_path()
+
+
 @pytest.mark.parametrize("path", ["cooperative", "per-diagonal"])
 @pytest.mark.parametrize("directions,cell,dtype,rtol", [(1, "graves", np.float64, 1e-12),
                                                         (2, "spatial", np.float32, 1e-5)])

@@ -161,6 +161,8 @@ AUTO_LAYOUT = {"forward": "flat", "infer": "flat", "backward": "sliced"}
 #: its kernels' launch bounds, one block per SM), MDNUMBA_CUDA_ITEM_THREADS (the simulator's 8)
 ITEM_THREADS: int = 8 if SIMULATOR else config.CUDA_ITEM_THREADS
 _ITEM_JIT = _JIT if SIMULATOR else dict(_JIT, launch_bounds=(ITEM_THREADS, 1))
+#: elements of the item layout's tile a thread loads before storing them (:func:`_item_refill`)
+REFILL_LOADS = 8
 #: dynamic shared memory a block may opt in to when the device is not asked (the simulator):
 #: an H100's or H200's 227 KiB
 ITEM_SHARED_LIMIT = 227 * 1024
@@ -431,8 +433,9 @@ def _slice_size(N, D, transposed, V):
 
 
 @cuda.jit(device=True)
-def _fill_slice(Ws, Wf, q, j0, N, D, transposed, V):
-    """:func:`_stage_slice`'s work for the slice of units ``j0 ..`` of scan q (no barrier)."""
+def _fill_slice(Ws, Wf, q, j0, N, D, transposed, V, from_u=False):
+    """:func:`_stage_slice`'s work for the slice of units ``j0 ..`` of scan q (no barrier); with
+    ``from_u`` (and ``transposed``) UT's elements are read from U itself, ``U[q, j, d*G + g]``."""
     G = (N + 3) * D
     DNG = N * G * D
     steps = G if transposed else D
@@ -443,6 +446,8 @@ def _fill_slice(Ws, Wf, q, j0, N, D, transposed, V):
         b, kq = _divmod(rest, Q)
         k = kq * V + kk
         src = q * DNG + k * (N * D if transposed else N * G) + b * D + j0 + jj
+        if from_u:
+            src = q * DNG + (j0 + jj) * N * G + b * G + k
         if k < steps and j0 + jj < D and q * DNG < Wf.shape[0]:
             Ws[e] = Wf[src]
         else:
@@ -991,15 +996,16 @@ def _backward_plane(dact, dc, dh, act, c, UTf, tile, diag_off, parent, child, B,
 @cuda.jit(device=True)
 def _item_shared(sh, Wf, diag_off, q, N, D, transposed):
     """The item layout's block ``q*B + b``: its dynamic shared memory ``sh``
-    as ``(Ws, T)``. ``Ws``: all of scan q's weights (UT when ``transposed``), slice after slice of
-    :data:`SLICE` units in :func:`_fill_slice`'s layout (runs of :data:`VEC`); ``T``: the tile of
+    as ``(Ws, T)``. ``Ws``: all of scan q's weights (U flat ``Wf``, read as UT when ``transposed``),
+    slice after slice of :data:`SLICE` units in :func:`_fill_slice`'s layout (runs of :data:`VEC`);
+    ``T``: the tile of
     one hyperplane's rows (h forward, dact backward: D or (N+3)*D steps rounded up to VEC), a row
     per cell of the largest hyperplane and a last row of zeros (an absent neighbour's). The
     whole block calls it; T starts all zeros."""
     size = _slice_size(N, D, transposed, VEC)
     nW = _divmod(D + SLICE - 1, SLICE)[0] * size
     for sl in range(_divmod(nW, size)[0]):
-        _fill_slice(sh[sl * size:(sl + 1) * size], Wf, q, sl * SLICE, N, D, transposed, VEC)
+        _fill_slice(sh[sl * size:(sl + 1) * size], Wf, q, sl * SLICE, N, D, transposed, VEC, transposed)
     rows = 0
     for k in range(diag_off.shape[0] - 1):
         rows = max(rows, diag_off[k + 1] - diag_off[k])
@@ -1014,19 +1020,47 @@ def _item_shared(sh, Wf, diag_off, q, N, D, transposed):
 
 
 @cuda.jit(device=True)
-def _item_refill(T, src, diag_off, k, base, b, B, steps):
-    """After hyperplane k (a barrier on each side): its cells' rows of ``src`` for the block's
-    batch item b into the tile, ``T[s - s0, kk] = src[base + s*B + b, kk]`` (0 for kk >= steps)."""
+def _item_refill(T, src, s0, n, base, b, B, steps):
+    """The rows of ``src`` of the n cells ``s0 ..`` (a hyperplane's) for the block's batch item b
+    into the tile, ``T[s - s0, kk] = src[base + s*B + b, kk]`` (0 for kk >= steps), a barrier on
+    each side."""
     cuda.syncthreads()
-    s0 = diag_off[k]
     width = T.shape[1]
-    for e in range(cuda.threadIdx.x, (diag_off[k + 1] - s0) * width, cuda.blockDim.x):
-        slot, kk = _divmod(e, width)
-        if kk < steps:
-            T[slot, kk] = src[_at(base + (s0 + slot) * B + b), _at(kk)]
-        else:
-            T[slot, kk] = 0
+    total = n * width
+    vals = cuda.local.array(REFILL_LOADS, T.dtype)
+    step = cuda.blockDim.x
+    for e0 in range(cuda.threadIdx.x, total, step * REFILL_LOADS):
+        for u in range(REFILL_LOADS):  # the loads first: one memory round trip per REFILL_LOADS
+            slot, kk = _divmod(e0 + u * step, width)
+            vals[u] = 0
+            if e0 + u * step < total and kk < steps:
+                vals[u] = src[_at(base + (s0 + slot) * B + b), _at(kk)]
+        for u in range(REFILL_LOADS):
+            if e0 + u * step < total:
+                slot, kk = _divmod(e0 + u * step, width)
+                T[slot, kk] = vals[u]
     cuda.syncthreads()
+
+
+@cuda.jit(device=True)
+def _item_edge(T, src, diag_off, nbr, k, base, b, B, steps):
+    """Before the first hyperplane k of a sweep: the neighbours (``nbr``: parents forward, k = 0;
+    children backward, k = K-1) of its cells that lie outside the swept hyperplanes (a layer's
+    state cells, seeded before the sweep: one per scan and item, as few as any hyperplane's cells,
+    so they fit in the tile) into the tile (:func:`_item_refill`); returns the first cell of the
+    tile's rows (the first cell after k's when there are none)."""
+    s0 = diag_off[k]
+    lo, hi = s0, diag_off[k + 1]
+    for s in range(s0, diag_off[k + 1]):
+        for d in range(nbr.shape[1]):
+            p = nbr[s, d]
+            if p >= 0:
+                lo, hi = min(lo, p), max(hi, p + 1)
+    first = lo if lo < s0 else diag_off[k + 1]
+    n = s0 - lo if lo < s0 else hi - diag_off[k + 1]
+    if n > 0:
+        _item_refill(T, src, first, n, base, b, B, steps)
+    return first
 
 
 @cuda.jit(device=True)
@@ -1113,6 +1147,22 @@ def _item_unit_backward(dact, dc, dh, act, c, Ws, T, parent, child, base, s, nb,
 
 
 @cuda.jit(device=True)
+def _item_prologue(dh, dh_in, dh_src, z, xs, h, parent, B):
+    """:func:`_backward_prologue` but UT on the block's own rows ``base + s*B + b`` (item layout):
+    the skewed upstream dh (:func:`_skew_at`) and the operands z (:func:`_operand_at`); a barrier."""
+    base, b = _item_block(parent, B)
+    M = parent.shape[0]
+    F, W = dh.shape[1], z.shape[1]
+    for t in range(cuda.threadIdx.x, M * F if dh_src.shape[0] > 0 else 0, cuda.blockDim.x):
+        s, f = _divmod(t, F)
+        _skew_at(dh, dh_in, dh_src, base + s * B + b, f)
+    for t in range(cuda.threadIdx.x, M * W if z.shape[0] > 0 else 0, cuda.blockDim.x):
+        s, col = _divmod(t, W)
+        _operand_at(z, xs, h, parent, B, base + s * B + b, col)
+    cuda.syncthreads()
+
+
+@cuda.jit(device=True)
 def _item_block(parent, B):
     """The item layout's block: (row offset of its scan's slab, its batch item b)."""
     q, b = _divmod(cuda.blockIdx.x, B)
@@ -1126,10 +1176,12 @@ def _item_forward_sweep(h, c, act, Ws, T, diag_off, parent, B, D, cell):
     (:func:`_item_refill`) between hyperplanes."""
     N = parent.shape[1]
     base, b = _item_block(parent, B)
+    prev = _item_edge(T, h, diag_off, parent, 0, base, b, B, D)
     for k in range(diag_off.shape[0] - 1):
         s0 = diag_off[k]
         n = diag_off[k + 1] - s0
-        prev = diag_off[k - 1] if k > 0 else s0
+        if k > 0:
+            prev = diag_off[k - 1]
         for t in range(cuda.threadIdx.x, _divmod(n + ROWS_PER_THREAD - 1, ROWS_PER_THREAD)[0] * D,
                        cuda.blockDim.x):
             grp, j = _divmod(t, D)
@@ -1141,7 +1193,7 @@ def _item_forward_sweep(h, c, act, Ws, T, diag_off, parent, B, D, cell):
                 _item_unit_forward(h, c, act, Ws, T, parent, base, s, nb, b, B, D, j, prev, cell, 5)
             else:
                 _item_unit_forward(h, c, act, Ws, T, parent, base, s, nb, b, B, D, j, prev, cell, GATE_CHUNK)
-        _item_refill(T, h, diag_off, k, base, b, B, D)
+        _item_refill(T, h, s0, n, base, b, B, D)
 
 
 @cuda.jit(device=True)
@@ -1150,6 +1202,7 @@ def _item_backward_sweep(dact, dc, dh, act, c, Ws, T, diag_off, parent, child, B
     :func:`_item_forward_sweep`, the tile holding the dact rows of hyperplane k+1."""
     base, b = _item_block(parent, B)
     K = diag_off.shape[0] - 1
+    _item_edge(T, dact, diag_off, child, K - 1, base, b, B, (parent.shape[1] + 3) * D)
     for k in range(K - 1, -1, -1):
         s0 = diag_off[k]
         n = diag_off[k + 1] - s0
@@ -1159,7 +1212,7 @@ def _item_backward_sweep(dact, dc, dh, act, c, Ws, T, diag_off, parent, child, B
             s = s0 + grp * ROWS_PER_THREAD
             _item_unit_backward(dact, dc, dh, act, c, Ws, T, parent, child, base, s,
                                 min(ROWS_PER_THREAD, s0 + n - s), b, B, D, j, s0 + n, cell)
-        _item_refill(T, dact, diag_off, k, base, b, B, (parent.shape[1] + 3) * D)
+        _item_refill(T, dact, s0, n, base, b, B, (parent.shape[1] + 3) * D)
 
 
 # ---------------------------------------------------------------- around the sweeps
@@ -1172,12 +1225,18 @@ def _skew(out, inp, src, start, stride):
     F = inp.shape[2]
     for t in range(start, S * R * F, stride):
         qr, f = _divmod(t, F)
-        q, r = _divmod(qr, R)
-        i = src[q, r]
-        if i >= 0:
-            out[qr, f] = inp[i, _divmod(q, inp.shape[1])[1], f]
-        else:
-            out[qr, f] = 0
+        _skew_at(out, inp, src, qr, f)
+
+
+@cuda.jit(device=True)
+def _skew_at(out, inp, src, qr, f):
+    """Element ``(qr, f)`` of :func:`_skew`."""
+    q, r = _divmod(qr, src.shape[1])
+    i = src[q, r]
+    if i >= 0:
+        out[qr, f] = inp[i, _divmod(q, inp.shape[1])[1], f]
+    else:
+        out[qr, f] = 0
 
 
 @cuda.jit(device=True)
@@ -1212,25 +1271,29 @@ def _operands(z, xs, h, parent, B, D, start, stride):
     """``z[r] = [xs[r] | hpar[r] | 1]`` with ``hpar[r, j*N + d] = h[parent_d(s)*B + b, j]`` (0 without
     parent; within r's scan slab of M*B rows), so that ``zᵀ @ dact`` is ``[dW; dU; db]`` in the
     flat parameter order."""
-    N = parent.shape[1]
-    C = xs.shape[1]
     W = z.shape[1]
-    MB = parent.shape[0] * B
     for t in range(start, z.shape[0] * W, stride):
         r, col = _divmod(t, W)
-        _, rr = _divmod(r, MB)  # row within its scan slab
-        if col < C:
-            z[r, col] = xs[r, col]
-        elif col == W - 1:
-            z[r, col] = 1
+        _operand_at(z, xs, h, parent, B, r, col)
+
+
+@cuda.jit(device=True)
+def _operand_at(z, xs, h, parent, B, r, col):
+    """Element ``(r, col)`` of :func:`_operands`."""
+    C = xs.shape[1]
+    _, rr = _divmod(r, parent.shape[0] * B)  # row within its scan slab
+    if col < C:
+        z[r, col] = xs[r, col]
+    elif col == z.shape[1] - 1:
+        z[r, col] = 1
+    else:
+        j, d = _divmod(col - C, parent.shape[1])
+        s, b = _divmod(rr, B)
+        p = parent[s, d]
+        if p >= 0:
+            z[r, col] = h[r - rr + p * B + b, j]
         else:
-            j, d = _divmod(col - C, N)
-            s, b = _divmod(rr, B)
-            p = parent[s, d]
-            if p >= 0:
-                z[r, col] = h[r - rr + p * B + b, j]
-            else:
-                z[r, col] = 0
+            z[r, col] = 0
 
 
 @cuda.jit(device=True)
@@ -1545,11 +1608,12 @@ def _forward_item(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, nO, o
 @cuda.jit(**_ITEM_JIT)
 def _backward_item(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, use_shared, nO,
                    U, dh_in, dh_src, z, xs, h):
-    """The backward sweep in the item layout (as :func:`_forward_item`), after
-    :func:`_backward_pre`'s launch (UT, the skewed dh, the operands). Arguments as
+    """The backward sweep in the item layout (as :func:`_forward_item`), its prologue on the block's
+    own rows (:func:`_item_prologue`) and UT staged from U itself (``UTf`` unused). Arguments as
     :func:`_backward_coop`'s."""
-    Ws, T = _item_shared(cuda.shared.array(0, UTf.dtype, alignment=SHARED_ALIGN), UTf, diag_off,
+    Ws, T = _item_shared(cuda.shared.array(0, U.dtype, alignment=SHARED_ALIGN), U.reshape(U.size), diag_off,
                          _divmod(cuda.blockIdx.x, B)[0], parent.shape[1], D, True)
+    _item_prologue(dh, dh_in, dh_src, z, xs, h, parent, B)
     _item_backward_sweep(dact, dc, dh, act, c, Ws, T, diag_off, parent, child, B, D, cell)
 
 
@@ -2099,7 +2163,7 @@ def _layout_sweep(sweep: str, flat: tuple, sliced: tuple, head: tuple, tail: tup
         if not item_note:
             args = (*head, False, 0, *tail)
             desc = _item_sweep(_forward_item if sweep == "forward" else _backward_item, args, S * B, shmem,
-                               len(diag_off_host) - 1, tpb, **sweep_kw)
+                               len(diag_off_host) - 1, tpb, sweep_kw.get("post"), sweep_kw["extra_items"])
             _record(desc, f"weights and a hyperplane's rows in {shmem} B of shared memory per block")
             return
         layout = "flat"
@@ -2162,12 +2226,10 @@ def _opt_in_shared(kernel, args, shmem: int) -> None:
     _state["opt_in"].add(key)
 
 
-def _item_sweep(kernel, args, blocks: int, shmem: int, K: int, tpb: int, pre=None, post=None,
-                extra_items: int = 0) -> str:
-    """A sweep in the item layout: ``pre``, one plain launch of ``kernel`` (``blocks`` blocks of
-    :data:`ITEM_THREADS`), ``post`` (as :func:`_sweep`'s); a description of the path taken."""
-    if pre is not None:
-        pre[_blocks(extra_items, tpb), tpb](*args)
+def _item_sweep(kernel, args, blocks: int, shmem: int, K: int, tpb: int, post, extra_items: int) -> str:
+    """A sweep in the item layout: one plain launch of ``kernel`` (``blocks`` blocks of
+    :data:`ITEM_THREADS`), then ``post`` (as :func:`_sweep`'s; the backward's prologue is the
+    kernel's own); a description of the path taken."""
     _opt_in_shared(kernel, args, shmem)
     kernel[blocks, ITEM_THREADS, 0, shmem](*args)
     if post is not None:
