@@ -323,16 +323,20 @@ def sim_grid_lstm_layer_matches_reference(tied, path, rng, monkeypatch):
     assert wavefront_cuda.last_path().startswith(path)
 
 
-@pytest.mark.parametrize("path", ["cooperative", "per-diagonal"])
+@pytest.mark.parametrize("path", ["cooperative", "per-diagonal", "item"])
 @pytest.mark.parametrize("ndim,dims,sizes,kw", [
     (1, (5,), [(5,), (2,), (3,)], {"directions": 2}),
     (2, (3, 4), [(2, 4), (3, 1)], {"directions": 4, "cell": "stable"})])
 def sim_padded_batches(path, ndim, dims, sizes, kw, rng, monkeypatch):
     """``forward(x, sizes=...)`` on a device layer (the padded batch's tables; the unskew and the
     saving-free sweep leave zeros in the padding) equals the CPU layer: outputs with and without
-    saving, dx and the gradients."""
+    saving, dx and the gradients; on each path, and in the item layout ("item": its sweeps write
+    the output and read the upstream gradient on each block's own rows)."""
     from mdnumba.kernels import wavefront_cuda
-    monkeypatch.setattr(wavefront_cuda, "DEFAULT_PATH", path)
+    if path == "item":
+        monkeypatch.setattr(wavefront_cuda, "DEFAULT_LAYOUT", "item")
+    else:
+        monkeypatch.setattr(wavefront_cuda, "DEFAULT_PATH", path)
     gpu, cpu = (_layer(ndim, 2, 3, np.float64, d, **kw) for d in ("cuda", "cpu"))
     x = rng.standard_normal((len(sizes),) + dims + (2,))
     y = cpu.forward(x, sizes=sizes)

@@ -1163,6 +1163,24 @@ def _item_prologue(dh, dh_in, dh_src, z, xs, h, parent, B):
 
 
 @cuda.jit(device=True)
+def _item_unskew(out, h, out_src, parent, B):
+    """:func:`_unskew` with P = S (``out`` (R, S, F)) for the block's own rows, after its sweep: the
+    dense rows ``b*M + m`` are batch item b's (:func:`mdnumba.grid.direction_tables`), so
+    ``out[b*M + m, q, f] = h[base + out_src[q, b*M + m], f]`` (0 where it is -1, padding)."""
+    base, b = _item_block(parent, B)
+    q = _divmod(cuda.blockIdx.x, B)[0]
+    M = _divmod(out.shape[0], B)[0]
+    F = out.shape[2]
+    for t in range(cuda.threadIdx.x, M * F, cuda.blockDim.x):
+        m, f = _divmod(t, F)
+        i = out_src[q, b * M + m]
+        if i >= 0:
+            out[b * M + m, q, f] = h[base + i, f]
+        else:
+            out[b * M + m, q, f] = 0
+
+
+@cuda.jit(device=True)
 def _item_block(parent, B):
     """The item layout's block: (row offset of its scan's slab, its batch item b)."""
     q, b = _divmod(cuda.blockIdx.x, B)
@@ -1598,11 +1616,13 @@ def _backward_pre(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell
 @cuda.jit(**_ITEM_JIT)
 def _forward_item(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, nO, out, out_src):
     """The forward sweep in the item layout (one plain launch of S*B blocks, block ``q*B + b`` on
-    batch item b of scan q: :func:`_item_shared`, :func:`_item_forward_sweep`); the output in grid
-    order is :func:`_forward_post`'s launch after it. Arguments as :func:`_forward_coop`'s."""
+    batch item b of scan q: :func:`_item_shared`, :func:`_item_forward_sweep`), then the block's
+    rows of the output in grid order (:func:`_item_unskew`). Arguments as :func:`_forward_coop`'s."""
     Ws, T = _item_shared(cuda.shared.array(0, Uf.dtype, alignment=SHARED_ALIGN), Uf, diag_off,
                          _divmod(cuda.blockIdx.x, B)[0], parent.shape[1], D, False)
     _item_forward_sweep(h, c, act, Ws, T, diag_off, parent, B, D, cell)
+    if out_src.shape[0] > 0:
+        _item_unskew(out, h, out_src, parent, B)
 
 
 @cuda.jit(**_ITEM_JIT)
@@ -2163,7 +2183,7 @@ def _layout_sweep(sweep: str, flat: tuple, sliced: tuple, head: tuple, tail: tup
         if not item_note:
             args = (*head, False, 0, *tail)
             desc = _item_sweep(_forward_item if sweep == "forward" else _backward_item, args, S * B, shmem,
-                               len(diag_off_host) - 1, tpb, sweep_kw.get("post"), sweep_kw["extra_items"])
+                               len(diag_off_host) - 1)
             _record(desc, f"weights and a hyperplane's rows in {shmem} B of shared memory per block")
             return
         layout = "flat"
@@ -2226,14 +2246,12 @@ def _opt_in_shared(kernel, args, shmem: int) -> None:
     _state["opt_in"].add(key)
 
 
-def _item_sweep(kernel, args, blocks: int, shmem: int, K: int, tpb: int, post, extra_items: int) -> str:
+def _item_sweep(kernel, args, blocks: int, shmem: int, K: int) -> str:
     """A sweep in the item layout: one plain launch of ``kernel`` (``blocks`` blocks of
-    :data:`ITEM_THREADS`), then ``post`` (as :func:`_sweep`'s; the backward's prologue is the
-    kernel's own); a description of the path taken."""
+    :data:`ITEM_THREADS`; what the other layouts' sweeps do before or after, the kernel does on
+    each block's own rows); a description of the path taken."""
     _opt_in_shared(kernel, args, shmem)
     kernel[blocks, ITEM_THREADS, 0, shmem](*args)
-    if post is not None:
-        post[_blocks(extra_items, tpb), tpb](*args)
     return f"item ({blocks} blocks x {ITEM_THREADS} threads, {K} hyperplanes, block barriers)"
 
 
