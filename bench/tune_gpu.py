@@ -1,7 +1,8 @@
 """GPU tuning sweep (issue 5): sweep time per anti-diagonal vs. rows per thread, unrolled steps,
 block size, sweep layout and launch bounds, with or without stages of the sweeps.
 
-``MDNUMBA_CUDA_ROWS_PER_THREAD`` (batch rows a sweep thread computes), ``MDNUMBA_CUDA_UNROLL``
+``MDNUMBA_CUDA_ROWS_PER_THREAD`` (batch rows a sweep thread computes; ``MDNUMBA_CUDA_ITEM_ROWS``, the
+item layout's cells per thread, is set to the same), ``MDNUMBA_CUDA_UNROLL``
 (steps of its inner sum whose loads go out together; both compile-time: they size the register
 arrays), ``MDNUMBA_THREADS_PER_BLOCK``, ``MDNUMBA_CUDA_LAYOUT`` (flat, sliced or staged) and
 ``MDNUMBA_CUDA_SLICE_UNITS`` (the sliced and staged layouts' units per block, compile-time),
@@ -87,7 +88,8 @@ def run_combo(rows: int, unroll: int, tpb: int, layout: str, configs: str, quick
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {tuple(VARIANTS)}, got {variant!r}")
     name, _, units = layout.partition(" ")
-    env = dict(os.environ, MDNUMBA_CUDA_ROWS_PER_THREAD=str(rows), MDNUMBA_CUDA_UNROLL=str(unroll),
+    env = dict(os.environ, MDNUMBA_CUDA_ROWS_PER_THREAD=str(rows), MDNUMBA_CUDA_ITEM_ROWS=str(rows),
+               MDNUMBA_CUDA_UNROLL=str(unroll),
                MDNUMBA_THREADS_PER_BLOCK=str(tpb), MDNUMBA_CUDA_LAYOUT=name, MDNUMBA_CUDA_SKIP="",
                MDNUMBA_CUDA_CELL_REGISTERS="1", MDNUMBA_CUDA_MIN_BLOCKS=str(min_blocks),
                **({LAYOUT_SIZES[name]: units} if units else {}))

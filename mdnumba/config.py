@@ -23,7 +23,8 @@ place to change them. Environment variables override the defaults:
   and scan, holding all of U and one hyperplane's rows in opt-in shared memory, with block
   barriers instead of grid syncs between hyperplanes: one plain launch per sweep, for small
   hidden sizes, e.g. D = 64 in float32; ``MDNUMBA_CUDA_ITEM_THREADS`` threads per block, default
-  512; not yet timed on a GPU) or ``auto`` (default: the faster of
+  512, each on ``MDNUMBA_CUDA_ITEM_ROWS`` cells of an anti-diagonal, default 4; not yet timed on a
+  GPU) or ``auto`` (default: the faster of
   flat and sliced per sweep on an H200, bench/results/gpu.md: the backward sweep sliced, the
   forward ones flat; ``wavefront_cuda.AUTO_LAYOUT``). ``MDNUMBA_CUDA_SLICE_UNITS`` sets the units per slice
   (default 8; compile-time).
@@ -222,6 +223,7 @@ try:
     CUDA_LAYOUT: str = env_choice("MDNUMBA_CUDA_LAYOUT", "auto", CUDA_LAYOUTS)
     CUDA_SLICE_UNITS: int = env_int("MDNUMBA_CUDA_SLICE_UNITS", 8, high=64)
     CUDA_ITEM_THREADS: int = env_int("MDNUMBA_CUDA_ITEM_THREADS", 512, high=1024)
+    CUDA_ITEM_ROWS: int = env_int("MDNUMBA_CUDA_ITEM_ROWS", 4, high=64)
     #: diagnostic only: the stages of CUDA_SKIP_STAGES the CUDA sweeps skip (wrong results)
     CUDA_SKIP: tuple[str, ...] = env_subset("MDNUMBA_CUDA_SKIP", CUDA_SKIP_STAGES)
     #: blocks per SM the CUDA sweep kernels are compiled for (launch bounds; 0: none)

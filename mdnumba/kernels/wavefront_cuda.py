@@ -157,6 +157,9 @@ GATE_CHUNK = 6
 #: 12% slower per anti-diagonal and 10% per saving-free call at 32x32, within 1-7% either way at
 #: the larger sizes)
 AUTO_LAYOUT = {"forward": "flat", "infer": "flat", "backward": "sliced"}
+#: cells of an anti-diagonal per thread of the item layout (compile-time: sizes its register arrays),
+#: MDNUMBA_CUDA_ITEM_ROWS: each weight it loads from shared memory serves that many cells
+ITEM_ROWS: int = max(1, config.CUDA_ITEM_ROWS)
 #: threads per block of the item layout (a block per batch item, :func:`_forward_item`; compile-time:
 #: its kernels' launch bounds, one block per SM), MDNUMBA_CUDA_ITEM_THREADS (the simulator's 8)
 ITEM_THREADS: int = 8 if SIMULATOR else config.CUDA_ITEM_THREADS
@@ -208,16 +211,6 @@ CUDA_MATH = {"exp": _simulated_exp} if SIMULATOR else {}
 _CELL = build(cuda.jit(device=True), **CUDA_MATH)
 _cell_row_forward = _CELL["row_forward"]
 _cell_row_backward = _CELL["row_backward"]
-
-
-@cuda.jit(device=True)
-def _next_row(acc):
-    """Shift the rows of the accumulators ``acc`` (ROWS_PER_THREAD, width) up by one: a loop over
-    rows that is not unrolled (its body, the cell math, is large) reads row 0 each time, a
-    constant index (a local array indexed at run time lives in local memory, not in registers)."""
-    for q in range(ROWS_PER_THREAD - 1):
-        for g in range(acc.shape[1]):
-            acc[q, g] = acc[q + 1, g]
 
 
 def _register_cells(N: int) -> tuple:
@@ -521,49 +514,67 @@ def _preact_steps(acc, src, hrow, Uf, u, ks, ucol, n, width):
                 acc[i, g] += hv[0, i] * uv[0, g]
 
 
-@cuda.jit(device=True)
-def _load_run(hv, wv, q, Hs, rows, Ws, w, k, wcol, width):
-    """Run q of a staged hot loop's loads: ``hv[q, e, i] = Hs[rows[i], k + e]`` and ``wv[q, e, g] =
-    Ws[w + wcol[g] + e]`` for e < :data:`VEC`, one vector load per row and per column."""
-    for i in range(ROWS_PER_THREAD):
-        x0, x1, x2, x3 = _load4_row(Hs, _at(rows[i]), _at(k))
-        hv[q, 0, i], hv[q, 1, i], hv[q, 2, i], hv[q, 3, i] = x0, x1, x2, x3
-    for g in range(width):
-        x0, x1, x2, x3 = _load4(Ws, _at(w + wcol[g]))
-        wv[q, 0, g], wv[q, 1, g], wv[q, 2, g], wv[q, 3, g] = x0, x1, x2, x3
+def _row_loops(R: int) -> tuple:
+    """``(next_row, run_steps)`` for threads of R rows (a constant here: their loops unroll and
+    their local arrays become registers): the sweeps' with :data:`ROWS_PER_THREAD` batch rows,
+    the item layout's with :data:`ITEM_ROWS` cells."""
+
+    @cuda.jit(device=True)
+    def next_row(acc):
+        """Shift the rows of the accumulators ``acc`` (R, width) up by one: a loop over rows that
+        is not unrolled (its body, the cell math, is large) reads row 0 each time, a constant
+        index (a local array indexed at run time lives in local memory, not in registers)."""
+        for q in range(R - 1):
+            for g in range(acc.shape[1]):
+                acc[q, g] = acc[q + 1, g]
+
+    @cuda.jit(device=True)
+    def load_run(hv, wv, q, Hs, rows, Ws, w, k, wcol, width):
+        """Run q of a staged hot loop's loads: ``hv[q, e, i] = Hs[rows[i], k + e]`` and ``wv[q, e, g] =
+        Ws[w + wcol[g] + e]`` for e < :data:`VEC`, one vector load per row and per column."""
+        for i in range(R):
+            x0, x1, x2, x3 = _load4_row(Hs, _at(rows[i]), _at(k))
+            hv[q, 0, i], hv[q, 1, i], hv[q, 2, i], hv[q, 3, i] = x0, x1, x2, x3
+        for g in range(width):
+            x0, x1, x2, x3 = _load4(Ws, _at(w + wcol[g]))
+            wv[q, 0, g], wv[q, 1, g], wv[q, 2, g], wv[q, 3, g] = x0, x1, x2, x3
+
+    @cuda.jit(device=True)
+    def fma_run(acc, hv, wv, q, width):
+        """``acc[i, g] += Σ_e hv[q, e, i] · wv[q, e, g]``, e in order (the scalar loop's order)."""
+        for e in range(VEC):
+            for i in range(R):
+                for g in range(width):
+                    acc[i, g] += hv[q, e, i] * wv[q, e, g]
+
+    @cuda.jit(device=True)
+    def run_steps(acc, Hs, rows, Ws, w, ks, wcol, n, width):
+        """The staged and item layouts' hot loop, for the forward's sums and the backward's pull
+        alike: ``acc[i, g] += Σ_{k<n} Hs[rows[i], k] · Ws[w + (k - k%VEC)*ks + wcol[g] + k%VEC]``
+        over the block's tile and weights (:func:`_stage_rows`, :func:`_stage_slice` with runs of
+        :data:`VEC`); n a multiple of VEC. :data:`RUNS` runs' vector loads (``load_run``) before
+        their FMAs; the sum's order is the scalar loops'."""
+        hv = cuda.local.array((RUNS, VEC, R), acc.dtype)
+        wv = cuda.local.array((RUNS, VEC, GATE_CHUNK), acc.dtype)
+        k = 0
+        while k + RUNS * VEC <= n:
+            for q in range(RUNS):
+                load_run(hv, wv, q, Hs, rows, Ws, w + q * VEC * ks, k + q * VEC, wcol, width)
+            for q in range(RUNS):
+                fma_run(acc, hv, wv, q, width)
+            w += RUNS * VEC * ks
+            k += RUNS * VEC
+        while k < n:  # the last runs, one at a time
+            load_run(hv, wv, 0, Hs, rows, Ws, w, k, wcol, width)
+            fma_run(acc, hv, wv, 0, width)
+            w += VEC * ks
+            k += VEC
+
+    return next_row, run_steps
 
 
-@cuda.jit(device=True)
-def _fma_run(acc, hv, wv, q, width):
-    """``acc[i, g] += Σ_e hv[q, e, i] · wv[q, e, g]``, e in order (the scalar loop's order)."""
-    for e in range(VEC):
-        for i in range(ROWS_PER_THREAD):
-            for g in range(width):
-                acc[i, g] += hv[q, e, i] * wv[q, e, g]
-
-
-@cuda.jit(device=True)
-def _run_steps(acc, Hs, rows, Ws, w, ks, wcol, n, width):
-    """The staged layout's hot loop, for the forward's sums and the backward's pull alike:
-    ``acc[i, g] += Σ_{k<n} Hs[rows[i], k] · Ws[w + (k - k%VEC)*ks + wcol[g] + k%VEC]`` over the
-    block's tile and slice (:func:`_stage_rows`, :func:`_stage_slice` with runs of
-    :data:`VEC`); n a multiple of VEC. :data:`RUNS` runs' vector loads (:func:`_load_run`) before
-    their FMAs; the sum's order is the scalar loops'."""
-    hv = cuda.local.array((RUNS, VEC, ROWS_PER_THREAD), acc.dtype)
-    wv = cuda.local.array((RUNS, VEC, GATE_CHUNK), acc.dtype)
-    k = 0
-    while k + RUNS * VEC <= n:
-        for q in range(RUNS):
-            _load_run(hv, wv, q, Hs, rows, Ws, w + q * VEC * ks, k + q * VEC, wcol, width)
-        for q in range(RUNS):
-            _fma_run(acc, hv, wv, q, width)
-        w += RUNS * VEC * ks
-        k += RUNS * VEC
-    while k < n:  # the last runs, one at a time
-        _load_run(hv, wv, 0, Hs, rows, Ws, w, k, wcol, width)
-        _fma_run(acc, hv, wv, 0, width)
-        w += VEC * ks
-        k += VEC
+_next_row, _run_steps = _row_loops(ROWS_PER_THREAD)
+_item_next_row, _item_run_steps = _row_loops(ITEM_ROWS)
 
 
 @cuda.jit(device=True)
@@ -1067,7 +1078,7 @@ def _item_edge(T, src, diag_off, nbr, k, base, b, B, steps):
 def _item_rows(rows, nbr, d, s, nb, first, zero):
     """``rows[i]``: the tile row of neighbour d of cell ``s + min(i, nb - 1)``, its skewed index
     minus ``first`` (the first cell of its hyperplane), or the zero row ``zero``."""
-    for i in range(ROWS_PER_THREAD):
+    for i in range(ITEM_ROWS):
         p = nbr[s + min(i, nb - 1), d]
         rows[i] = p - first if p >= 0 else zero
 
@@ -1082,18 +1093,18 @@ def _item_unit_forward(h, c, act, Ws, T, parent, base, s, nb, b, B, D, j, prev, 
     sl, jj = _divmod(j, SLICE)
     _, ks, ds, gs, uc = _slice_weights(jj, N, D, False, VEC)
     w0 = sl * _slice_size(N, D, False, VEC)
-    acc = cuda.local.array((ROWS_PER_THREAD, GATE_CHUNK), act.dtype)
+    acc = cuda.local.array((ITEM_ROWS, GATE_CHUNK), act.dtype)
     ucol = cuda.local.array(GATE_CHUNK, numba.int64)
-    hrow = cuda.local.array(ROWS_PER_THREAD, numba.int64)
+    hrow = cuda.local.array(ITEM_ROWS, numba.int64)
     for g in range(width):
         ucol[g] = g * gs + uc
-    for i in range(ROWS_PER_THREAD):
+    for i in range(ITEM_ROWS):
         for g in range(width):
             acc[i, g] = act[base + (s + min(i, nb - 1)) * B + b, g * D + j]
     for d in range(N if RECURRENT_SUM else 0):
         _item_rows(hrow, parent, d, s, nb, prev, T.shape[0] - 1)
-        _run_steps(acc, T, hrow, Ws, w0 + d * ds, ks, ucol, T.shape[1], width)
-    for i in range(ROWS_PER_THREAD):  # row i in acc[0] (_next_row)
+        _item_run_steps(acc, T, hrow, Ws, w0 + d * ds, ks, ucol, T.shape[1], width)
+    for i in range(ITEM_ROWS):  # row i in acc[0] (_next_row)
         r = base + (s + i) * B + b
         if i < nb:
             if not (CELL_MATH and N <= REGISTER_CELL_MAX_N):
@@ -1107,7 +1118,7 @@ def _item_unit_forward(h, c, act, Ws, T, parent, base, s, nb, b, B, D, j, prev, 
                 _cell2_forward(h, c, act, parent, acc, r, base, s + i, b, B, D, j, cell)
             else:
                 _cell3_forward(h, c, act, parent, acc, r, base, s + i, b, B, D, j, cell)
-        _next_row(acc)
+        _item_next_row(acc)
 
 
 @cuda.jit(device=True)
@@ -1119,18 +1130,18 @@ def _item_unit_backward(dact, dc, dh, act, c, Ws, T, parent, child, base, s, nb,
     sl, jj = _divmod(j, SLICE)
     _, _, ds, gs, uc = _slice_weights(jj, N, D, True, VEC)
     w0 = sl * _slice_size(N, D, True, VEC)
-    acc = cuda.local.array((ROWS_PER_THREAD, 1), dh.dtype)
-    crow = cuda.local.array(ROWS_PER_THREAD, numba.int64)
+    acc = cuda.local.array((ITEM_ROWS, 1), dh.dtype)
+    crow = cuda.local.array(ITEM_ROWS, numba.int64)
     wcol = cuda.local.array(1, numba.int64)
     wcol[0] = uc
-    for i in range(ROWS_PER_THREAD):
+    for i in range(ITEM_ROWS):
         acc[i, 0] = dh[base + (s + min(i, nb - 1)) * B + b, j]
     for d in range(N if RECURRENT_SUM else 0):
         _item_rows(crow, child, d, s, nb, nxt, T.shape[0] - 1)
-        _run_steps(acc, T, crow, Ws, w0 + d * ds, gs, wcol, T.shape[1], 1)
-    for i in range(ROWS_PER_THREAD):
+        _item_run_steps(acc, T, crow, Ws, w0 + d * ds, gs, wcol, T.shape[1], 1)
+    for i in range(ITEM_ROWS):
         dhv = acc[0, 0]
-        _next_row(acc)
+        _item_next_row(acc)
         r = base + (s + i) * B + b
         if i >= nb:
             continue
@@ -1190,7 +1201,7 @@ def _item_block(parent, B):
 @cuda.jit(device=True)
 def _item_forward_sweep(h, c, act, Ws, T, diag_off, parent, B, D, cell):
     """The forward sweep of the block's batch item (item layout): hyperplanes k = 0..K-1, the
-    items (group of ROWS_PER_THREAD cells, unit j) block-stride, j fastest, a tile refill
+    items (group of ITEM_ROWS cells, unit j) block-stride, j fastest, a tile refill
     (:func:`_item_refill`) between hyperplanes."""
     N = parent.shape[1]
     base, b = _item_block(parent, B)
@@ -1200,11 +1211,11 @@ def _item_forward_sweep(h, c, act, Ws, T, diag_off, parent, B, D, cell):
         n = diag_off[k + 1] - s0
         if k > 0:
             prev = diag_off[k - 1]
-        for t in range(cuda.threadIdx.x, _divmod(n + ROWS_PER_THREAD - 1, ROWS_PER_THREAD)[0] * D,
+        for t in range(cuda.threadIdx.x, _divmod(n + ITEM_ROWS - 1, ITEM_ROWS)[0] * D,
                        cuda.blockDim.x):
             grp, j = _divmod(t, D)
-            s = s0 + grp * ROWS_PER_THREAD
-            nb = min(ROWS_PER_THREAD, s0 + n - s)
+            s = s0 + grp * ITEM_ROWS
+            nb = min(ITEM_ROWS, s0 + n - s)
             if N == 1:  # the gates' count a constant: the accumulators stay in registers
                 _item_unit_forward(h, c, act, Ws, T, parent, base, s, nb, b, B, D, j, prev, cell, 4)
             elif N == 2:
@@ -1224,12 +1235,12 @@ def _item_backward_sweep(dact, dc, dh, act, c, Ws, T, diag_off, parent, child, B
     for k in range(K - 1, -1, -1):
         s0 = diag_off[k]
         n = diag_off[k + 1] - s0
-        for t in range(cuda.threadIdx.x, _divmod(n + ROWS_PER_THREAD - 1, ROWS_PER_THREAD)[0] * D,
+        for t in range(cuda.threadIdx.x, _divmod(n + ITEM_ROWS - 1, ITEM_ROWS)[0] * D,
                        cuda.blockDim.x):
             grp, j = _divmod(t, D)
-            s = s0 + grp * ROWS_PER_THREAD
+            s = s0 + grp * ITEM_ROWS
             _item_unit_backward(dact, dc, dh, act, c, Ws, T, parent, child, base, s,
-                                min(ROWS_PER_THREAD, s0 + n - s), b, B, D, j, s0 + n, cell)
+                                min(ITEM_ROWS, s0 + n - s), b, B, D, j, s0 + n, cell)
         _item_refill(T, dact, s0, n, base, b, B, (parent.shape[1] + 3) * D)
 
 
