@@ -514,10 +514,11 @@ def _preact_steps(acc, src, hrow, Uf, u, ks, ucol, n, width):
                 acc[i, g] += hv[0, i] * uv[0, g]
 
 
-def _row_loops(R: int) -> tuple:
+def _row_loops(R: int, flat: bool) -> tuple:
     """``(next_row, run_steps)`` for threads of R rows (a constant here: their loops unroll and
-    their local arrays become registers): the sweeps' with :data:`ROWS_PER_THREAD` batch rows,
-    the item layout's with :data:`ITEM_ROWS` cells."""
+    their local arrays become registers): the sweeps' with :data:`ROWS_PER_THREAD` batch rows and
+    a 2-D tile, the item layout's with :data:`ITEM_ROWS` cells and a ``flat`` one (the rows' ``Hs``
+    indices are then element offsets)."""
 
     @cuda.jit(device=True)
     def next_row(acc):
@@ -533,7 +534,10 @@ def _row_loops(R: int) -> tuple:
         """Run q of a staged hot loop's loads: ``hv[q, e, i] = Hs[rows[i], k + e]`` and ``wv[q, e, g] =
         Ws[w + wcol[g] + e]`` for e < :data:`VEC`, one vector load per row and per column."""
         for i in range(R):
-            x0, x1, x2, x3 = _load4_row(Hs, _at(rows[i]), _at(k))
+            if flat:
+                x0, x1, x2, x3 = _load4(Hs, _at(rows[i] + k))
+            else:
+                x0, x1, x2, x3 = _load4_row(Hs, _at(rows[i]), _at(k))
             hv[q, 0, i], hv[q, 1, i], hv[q, 2, i], hv[q, 3, i] = x0, x1, x2, x3
         for g in range(width):
             x0, x1, x2, x3 = _load4(Ws, _at(w + wcol[g]))
@@ -573,8 +577,8 @@ def _row_loops(R: int) -> tuple:
     return next_row, run_steps
 
 
-_next_row, _run_steps = _row_loops(ROWS_PER_THREAD)
-_item_next_row, _item_run_steps = _row_loops(ITEM_ROWS)
+_next_row, _run_steps = _row_loops(ROWS_PER_THREAD, False)
+_item_next_row, _item_run_steps = _row_loops(ITEM_ROWS, True)
 
 
 @cuda.jit(device=True)
@@ -1009,10 +1013,10 @@ def _item_shared(sh, Wf, diag_off, q, N, D, transposed):
     """The item layout's block ``q*B + b``: its dynamic shared memory ``sh``
     as ``(Ws, T)``. ``Ws``: all of scan q's weights (U flat ``Wf``, read as UT when ``transposed``),
     slice after slice of :data:`SLICE` units in :func:`_fill_slice`'s layout (runs of :data:`VEC`);
-    ``T``: the tile of
-    one hyperplane's rows (h forward, dact backward: D or (N+3)*D steps rounded up to VEC), a row
-    per cell of the largest hyperplane and a last row of zeros (an absent neighbour's). The
-    whole block calls it; T starts all zeros."""
+    ``T``: the tile of one hyperplane's rows (h forward, dact backward), flat, rows of
+    :func:`_item_width` steps, a row per cell of the largest hyperplane and a last row of zeros
+    (an absent neighbour's). The whole block calls it; T starts all zeros. (Flat, not reshaped:
+    numba's reshape takes a local-memory frame.)"""
     size = _slice_size(N, D, transposed, VEC)
     nW = _divmod(D + SLICE - 1, SLICE)[0] * size
     for sl in range(_divmod(nW, size)[0]):
@@ -1020,23 +1024,28 @@ def _item_shared(sh, Wf, diag_off, q, N, D, transposed):
     rows = 0
     for k in range(diag_off.shape[0] - 1):
         rows = max(rows, diag_off[k + 1] - diag_off[k])
-    steps = (N + 3) * D if transposed else D
-    width = steps + (-steps) % VEC
-    T = sh[nW:nW + (rows + 1) * width].reshape((rows + 1, width))
+    T = sh[nW:nW + (rows + 1) * _item_width(N, D, transposed)]
     for e in range(cuda.threadIdx.x, T.size, cuda.blockDim.x):
-        r, kk = _divmod(e, width)
-        T[r, kk] = 0
+        T[e] = 0
     cuda.syncthreads()
     return sh[:nW], T
 
 
 @cuda.jit(device=True)
-def _item_refill(T, src, s0, n, base, b, B, steps):
+def _item_width(N, D, transposed):
+    """Steps of a row of the item layout's tile: D (h) or (N+3)*D (dact, ``transposed``), rounded
+    up to a multiple of :data:`VEC`."""
+    steps = (N + 3) * D if transposed else D
+    return steps + (-steps) % VEC
+
+
+@cuda.jit(device=True)
+def _item_refill(T, src, s0, n, base, b, B, width):
     """The rows of ``src`` of the n cells ``s0 ..`` (a hyperplane's) for the block's batch item b
-    into the tile, ``T[s - s0, kk] = src[base + s*B + b, kk]`` (0 for kk >= steps), a barrier on
-    each side."""
+    into the tile (rows of ``width`` steps), ``T[(s - s0)*width + kk] = src[base + s*B + b, kk]``
+    (0 past src's columns), a barrier on each side."""
     cuda.syncthreads()
-    width = T.shape[1]
+    steps = src.shape[1]
     total = n * width
     vals = cuda.local.array(REFILL_LOADS, T.dtype)
     step = cuda.blockDim.x
@@ -1048,13 +1057,12 @@ def _item_refill(T, src, s0, n, base, b, B, steps):
                 vals[u] = src[_at(base + (s0 + slot) * B + b), _at(kk)]
         for u in range(REFILL_LOADS):
             if e0 + u * step < total:
-                slot, kk = _divmod(e0 + u * step, width)
-                T[slot, kk] = vals[u]
+                T[e0 + u * step] = vals[u]
     cuda.syncthreads()
 
 
 @cuda.jit(device=True)
-def _item_edge(T, src, diag_off, nbr, k, base, b, B, steps):
+def _item_edge(T, src, diag_off, nbr, k, base, b, B, width):
     """Before the first hyperplane k of a sweep: the neighbours (``nbr``: parents forward, k = 0;
     children backward, k = K-1) of its cells that lie outside the swept hyperplanes (a layer's
     state cells, seeded before the sweep: one per scan and item, as few as any hyperplane's cells,
@@ -1070,17 +1078,18 @@ def _item_edge(T, src, diag_off, nbr, k, base, b, B, steps):
     first = lo if lo < s0 else diag_off[k + 1]
     n = s0 - lo if lo < s0 else hi - diag_off[k + 1]
     if n > 0:
-        _item_refill(T, src, first, n, base, b, B, steps)
+        _item_refill(T, src, first, n, base, b, B, width)
     return first
 
 
 @cuda.jit(device=True)
-def _item_rows(rows, nbr, d, s, nb, first, zero):
-    """``rows[i]``: the tile row of neighbour d of cell ``s + min(i, nb - 1)``, its skewed index
-    minus ``first`` (the first cell of its hyperplane), or the zero row ``zero``."""
+def _item_rows(rows, nbr, d, s, nb, first, T, width):
+    """``rows[i]``: where the flat tile ``T`` (rows of ``width``) holds neighbour d of cell
+    ``s + min(i, nb - 1)``, ``(its skewed index - first)*width`` (``first``: the first cell of its
+    hyperplane), or the last row, of zeros."""
     for i in range(ITEM_ROWS):
         p = nbr[s + min(i, nb - 1), d]
-        rows[i] = p - first if p >= 0 else zero
+        rows[i] = (p - first) * width if p >= 0 else T.size - width
 
 
 @cuda.jit(device=True)
@@ -1090,6 +1099,7 @@ def _item_unit_forward(h, c, act, Ws, T, parent, base, s, nb, b, B, D, j, prev, 
     hyperplane, whose first cell is ``prev``; :func:`_run_steps` on the slices of Ws), then the
     cell math as in :func:`_rows_preact`, row by row."""
     N = parent.shape[1]
+    tw = _item_width(N, D, False)
     sl, jj = _divmod(j, SLICE)
     _, ks, ds, gs, uc = _slice_weights(jj, N, D, False, VEC)
     w0 = sl * _slice_size(N, D, False, VEC)
@@ -1102,8 +1112,8 @@ def _item_unit_forward(h, c, act, Ws, T, parent, base, s, nb, b, B, D, j, prev, 
         for g in range(width):
             acc[i, g] = act[base + (s + min(i, nb - 1)) * B + b, g * D + j]
     for d in range(N if RECURRENT_SUM else 0):
-        _item_rows(hrow, parent, d, s, nb, prev, T.shape[0] - 1)
-        _item_run_steps(acc, T, hrow, Ws, w0 + d * ds, ks, ucol, T.shape[1], width)
+        _item_rows(hrow, parent, d, s, nb, prev, T, tw)
+        _item_run_steps(acc, T, hrow, Ws, w0 + d * ds, ks, ucol, tw, width)
     for i in range(ITEM_ROWS):  # row i in acc[0] (_next_row)
         r = base + (s + i) * B + b
         if i < nb:
@@ -1127,6 +1137,7 @@ def _item_unit_backward(dact, dc, dh, act, c, Ws, T, parent, child, base, s, nb,
     ``dh[r_i, j] += Σ_d Σ_g T[child_d(s+i) - nxt, g] · UT[g, d*D + j]`` (T: dact of the next
     hyperplane, whose first cell is ``nxt``), then the cell math as in :func:`_rows_pull`."""
     N = parent.shape[1]
+    tw = _item_width(N, D, True)
     sl, jj = _divmod(j, SLICE)
     _, _, ds, gs, uc = _slice_weights(jj, N, D, True, VEC)
     w0 = sl * _slice_size(N, D, True, VEC)
@@ -1137,8 +1148,8 @@ def _item_unit_backward(dact, dc, dh, act, c, Ws, T, parent, child, base, s, nb,
     for i in range(ITEM_ROWS):
         acc[i, 0] = dh[base + (s + min(i, nb - 1)) * B + b, j]
     for d in range(N if RECURRENT_SUM else 0):
-        _item_rows(crow, child, d, s, nb, nxt, T.shape[0] - 1)
-        _item_run_steps(acc, T, crow, Ws, w0 + d * ds, gs, wcol, T.shape[1], 1)
+        _item_rows(crow, child, d, s, nb, nxt, T, tw)
+        _item_run_steps(acc, T, crow, Ws, w0 + d * ds, gs, wcol, tw, 1)
     for i in range(ITEM_ROWS):
         dhv = acc[0, 0]
         _item_next_row(acc)
@@ -1205,7 +1216,8 @@ def _item_forward_sweep(h, c, act, Ws, T, diag_off, parent, B, D, cell):
     (:func:`_item_refill`) between hyperplanes."""
     N = parent.shape[1]
     base, b = _item_block(parent, B)
-    prev = _item_edge(T, h, diag_off, parent, 0, base, b, B, D)
+    tw = _item_width(N, D, False)
+    prev = _item_edge(T, h, diag_off, parent, 0, base, b, B, tw)
     for k in range(diag_off.shape[0] - 1):
         s0 = diag_off[k]
         n = diag_off[k + 1] - s0
@@ -1222,7 +1234,7 @@ def _item_forward_sweep(h, c, act, Ws, T, diag_off, parent, B, D, cell):
                 _item_unit_forward(h, c, act, Ws, T, parent, base, s, nb, b, B, D, j, prev, cell, 5)
             else:
                 _item_unit_forward(h, c, act, Ws, T, parent, base, s, nb, b, B, D, j, prev, cell, GATE_CHUNK)
-        _item_refill(T, h, s0, n, base, b, B, D)
+        _item_refill(T, h, s0, n, base, b, B, tw)
 
 
 @cuda.jit(device=True)
@@ -1231,7 +1243,8 @@ def _item_backward_sweep(dact, dc, dh, act, c, Ws, T, diag_off, parent, child, B
     :func:`_item_forward_sweep`, the tile holding the dact rows of hyperplane k+1."""
     base, b = _item_block(parent, B)
     K = diag_off.shape[0] - 1
-    _item_edge(T, dact, diag_off, child, K - 1, base, b, B, (parent.shape[1] + 3) * D)
+    tw = _item_width(parent.shape[1], D, True)
+    _item_edge(T, dact, diag_off, child, K - 1, base, b, B, tw)
     for k in range(K - 1, -1, -1):
         s0 = diag_off[k]
         n = diag_off[k + 1] - s0
@@ -1241,7 +1254,7 @@ def _item_backward_sweep(dact, dc, dh, act, c, Ws, T, diag_off, parent, child, B
             s = s0 + grp * ITEM_ROWS
             _item_unit_backward(dact, dc, dh, act, c, Ws, T, parent, child, base, s,
                                 min(ITEM_ROWS, s0 + n - s), b, B, D, j, s0 + n, cell)
-        _item_refill(T, dact, s0, n, base, b, B, (parent.shape[1] + 3) * D)
+        _item_refill(T, dact, s0, n, base, b, B, tw)
 
 
 # ---------------------------------------------------------------- around the sweeps
@@ -1640,9 +1653,9 @@ def _forward_item(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, nO, o
 def _backward_item(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, use_shared, nO,
                    U, dh_in, dh_src, z, xs, h):
     """The backward sweep in the item layout (as :func:`_forward_item`), its prologue on the block's
-    own rows (:func:`_item_prologue`) and UT staged from U itself (``UTf`` unused). Arguments as
-    :func:`_backward_coop`'s."""
-    Ws, T = _item_shared(cuda.shared.array(0, U.dtype, alignment=SHARED_ALIGN), U.reshape(U.size), diag_off,
+    own rows (:func:`_item_prologue`) and UT staged from U itself: ``UTf`` is U flat here (the
+    launcher's ``item_weights``), not UT. Arguments otherwise as :func:`_backward_coop`'s."""
+    Ws, T = _item_shared(cuda.shared.array(0, UTf.dtype, alignment=SHARED_ALIGN), UTf, diag_off,
                          _divmod(cuda.blockIdx.x, B)[0], parent.shape[1], D, True)
     _item_prologue(dh, dh_in, dh_src, z, xs, h, parent, B)
     _item_backward_sweep(dact, dc, dh, act, c, Ws, T, diag_off, parent, child, B, D, cell)
@@ -2180,12 +2193,13 @@ def _plan_slices(coop, args, S: int, N: int, D: int, B: int, diag_off_host: np.n
 
 def _layout_sweep(sweep: str, flat: tuple, sliced: tuple, head: tuple, tail: tuple, W, S: int, N: int, D: int,
                   B: int, diag_off_host: np.ndarray, layout: str | None, use_shared: bool | None,
-                  path: str | None, tpb: int, staged: tuple, **sweep_kw) -> None:
+                  path: str | None, tpb: int, staged: tuple, item_weights=None, **sweep_kw) -> None:
     """Run a ``sweep`` ("forward", "infer", "backward") in its layout (:func:`_resolve_layout`):
     the ``sliced`` (coop, diag) kernels, or in the staged layout the ``staged`` ones, where
     :func:`_plan_slices` allows, else the ``flat`` ones
     with the weights ``W`` in shared memory when :func:`_use_shared` says so; their arguments
-    are ``(*head, use_shared, nO, *tail)``; the backward sweeps the hyperplanes in reverse.
+    are ``(*head, use_shared, nO, *tail)``; the backward sweeps the hyperplanes in reverse. In the
+    item layout (:func:`_item_sweep`) ``item_weights``, if given, takes W's place in them.
     Records the path taken (:func:`last_path`)."""
     layout = _resolve_layout(layout, sweep)
     item_note = ""
@@ -2193,6 +2207,8 @@ def _layout_sweep(sweep: str, flat: tuple, sliced: tuple, head: tuple, tail: tup
         shmem, item_note = _plan_items(sweep, S, N, D, diag_off_host, W.dtype.itemsize)
         if not item_note:
             args = (*head, False, 0, *tail)
+            if item_weights is not None:
+                args = tuple(item_weights if a is W else a for a in args)
             desc = _item_sweep(_forward_item if sweep == "forward" else _backward_item, args, S * B, shmem,
                                len(diag_off_host) - 1)
             _record(desc, f"weights and a hyperplane's rows in {shmem} B of shared memory per block")
@@ -2363,7 +2379,8 @@ def wavefront_backward(dact: HostOrDevice, dc: HostOrDevice, dh: HostOrDevice, a
     kernels = (_backward_coop, _backward_diag), (_backward_coop_sliced, _backward_diag_sliced)
     _layout_sweep("backward", *kernels, head, tail, UT, U_.shape[0], dev[7].shape[1], D, B, host_off, layout,
                   use_shared, path, tpb, staged=(_backward_coop_staged, _backward_diag_staged),
-                  pre=_backward_pre, extra_items=max(U_.size, dev[2].size, dev[11].size))
+                  item_weights=U_.reshape(U_.size), pre=_backward_pre,
+                  extra_items=max(U_.size, dev[2].size, dev[11].size))
     a.finish(0, 1, 2, 11)
 
 
