@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", default="1,2,4,8", help="rows per thread to try (comma list)")
     ap.add_argument("--unroll", default="4,8,16", help="unrolled steps to try (comma list)")
     ap.add_argument("--tpb", default="64,128,256", help="threads per block to try (comma list)")
-    ap.add_argument("--layout", default="flat,sliced,staged", help="sweep layouts to try (comma list)")
+    ap.add_argument("--layout", default="flat,sliced,staged,item", help="sweep layouts to try (comma list)")
     ap.add_argument("--slice", default="8", help="units per slice to try in the sliced and staged layouts "
                                                    "(comma list)")
     ap.add_argument("--item-threads", default="512", help="threads per block to try in the item layout "

@@ -40,6 +40,9 @@ place to change them. Environment variables override the defaults:
   65,536 / (blocks x threads) and spills the rest to local memory); default 0, no bound (the
   2-D flat forward sweep then takes ~250 registers: 2 blocks of 128 per SM). Compile-time; for
   ``bench/tune_gpu.py --min-blocks``.
+- ``MDNUMBA_CUDA_PREPARED_LAUNCH=0`` launches every CUDA kernel through numba-cuda's dispatcher,
+  instead of reusing the launch fields it made the first time for the same arguments
+  (:mod:`mdnumba.kernels.launch`; default 1).
 - ``MDNUMBA_CUDA_CELL_REGISTERS=0`` makes the CUDA sweeps of 1- to 3-D layers run the cell
   math on global memory, as 4-D and larger ones always do, instead of on the thread's
   registers (default 1; compile-time): a timing comparison (``bench/tune_gpu.py --variants``),
@@ -224,6 +227,7 @@ try:
     CUDA_SLICE_UNITS: int = env_int("MDNUMBA_CUDA_SLICE_UNITS", 8, high=64)
     CUDA_ITEM_THREADS: int = env_int("MDNUMBA_CUDA_ITEM_THREADS", 512, high=1024)
     CUDA_ITEM_ROWS: int = env_int("MDNUMBA_CUDA_ITEM_ROWS", 4, high=64)
+    CUDA_PREPARED_LAUNCH: bool = env_flag("MDNUMBA_CUDA_PREPARED_LAUNCH", True)
     #: diagnostic only: the stages of CUDA_SKIP_STAGES the CUDA sweeps skip (wrong results)
     CUDA_SKIP: tuple[str, ...] = env_subset("MDNUMBA_CUDA_SKIP", CUDA_SKIP_STAGES)
     #: blocks per SM the CUDA sweep kernels are compiled for (launch bounds; 0: none)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 from numba import cuda, float64
 
+from .launch import launch
 from .wavefront_cuda import SIMULATOR, _blocks, _scratch, _tpb, as_device
 
 if TYPE_CHECKING:
@@ -186,7 +187,8 @@ def sumsq_partials(partials: DeviceArray, grads: Sequence[DeviceArray]) -> None:
     """Per-block sums of squares of the flat buffers ``grads`` into ``partials`` (float64 scratch
     of ``len(grads) * REDUCE_BLOCKS`` entries), one launch per buffer."""
     for i, g in enumerate(grads):
-        _sumsq_partials[REDUCE_BLOCKS, REDUCE_TPB](partials[i * REDUCE_BLOCKS:(i + 1) * REDUCE_BLOCKS], g)
+        part = partials[i * REDUCE_BLOCKS:(i + 1) * REDUCE_BLOCKS]
+        launch(_sumsq_partials, REDUCE_BLOCKS, REDUCE_TPB, 0, part, g)
 
 
 def count_nonfinite(a: DeviceArray) -> int:
@@ -194,7 +196,7 @@ def count_nonfinite(a: DeviceArray) -> int:
     REDUCE_BLOCKS partial counts to the host: it waits for the GPU). Its scratch is kept: an
     allocation on a GPU is a cuMemAlloc, and a checked layer counts at every forward and backward."""
     partials = _scratch("nonfinite partials", (REDUCE_BLOCKS,), np.float64)
-    _nonfinite_partials[REDUCE_BLOCKS, REDUCE_TPB](partials, _flat(a))
+    launch(_nonfinite_partials, REDUCE_BLOCKS, REDUCE_TPB, 0, partials, _flat(a))
     return int(partials.copy_to_host().sum())
 
 
@@ -205,22 +207,23 @@ def global_norm(stats: DeviceArray, partials: DeviceArray, grads: Sequence[Devic
     ``partials`` is float64 scratch of ``len(grads) * REDUCE_BLOCKS`` entries.
     """
     sumsq_partials(partials, grads)
-    _norm_and_scale[1, 1](stats, partials[:len(grads) * REDUCE_BLOCKS], float(clip or 0.0), record,
-                          int(slot))
+    launch(_norm_and_scale, 1, 1, 0, stats, partials[:len(grads) * REDUCE_BLOCKS], float(clip or 0.0), record,
+           int(slot))
 
 
 def adam_update(p: DeviceArray, g: DeviceArray, m: DeviceArray, v: DeviceArray, lr: float, beta1: float,
                 beta2: float, eps: float, bc1: float, bc2: float, norm: NormArgs) -> None:
     """CUDA twin of :func:`mdnumba.optim.adam_update`; the clip scale comes from ``norm``."""
     tpb = _tpb(None)
-    _adam_update[_blocks(p.shape[0], tpb), tpb](p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, *norm)
+    launch(_adam_update, _blocks(p.shape[0], tpb), tpb, 0, p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, *norm)
 
 
 def rmsprop_update(p: DeviceArray, g: DeviceArray, m: DeviceArray, v: DeviceArray, lr: float, beta1: float,
                    rho: float, eps: float, bc1: float, bc2: float, norm: NormArgs) -> None:
     """CUDA twin of :func:`mdnumba.optim.rmsprop_update` (clip scale from ``norm``)."""
     tpb = _tpb(None)
-    _rmsprop_update[_blocks(p.shape[0], tpb), tpb](p, g, m, v, lr, beta1, rho, eps, bc1, bc2, *norm)
+    launch(_rmsprop_update, _blocks(p.shape[0], tpb), tpb, 0, p, g, m, v, lr, beta1, rho, eps, bc1, bc2,
+           *norm)
 
 
 def sigmoid_loss(prob: DeviceArray, dz: DeviceArray, z: HostOrDevice, y: HostOrDevice, loss: str,
@@ -233,8 +236,8 @@ def sigmoid_loss(prob: DeviceArray, dz: DeviceArray, z: HostOrDevice, y: HostOrD
         raise ValueError(f"loss must be one of {sorted(LOSS_CODES)}, got {loss!r}")
     zf = _flat(z)
     out, idx = probe if probe is not None else (zf[:0], cuda.device_array(0, np.int64))
-    _sigmoid_loss[REDUCE_BLOCKS, REDUCE_TPB](_flat(prob), _flat(dz), partials, zf, _flat(y),
-                                             LOSS_CODES[loss], 1.0 / zf.size, out, idx)
+    launch(_sigmoid_loss, REDUCE_BLOCKS, REDUCE_TPB, 0, _flat(prob), _flat(dz), partials, zf, _flat(y),
+           LOSS_CODES[loss], 1.0 / zf.size, out, idx)
 
 
 def mean_loss(partials: np.ndarray, n: int) -> float:

@@ -77,6 +77,7 @@ from numba import cuda
 
 from .. import config
 from .cell import build
+from .launch import launch
 
 if TYPE_CHECKING:
     from ..backend_cuda import DeviceArray, HostOrDevice
@@ -2105,7 +2106,7 @@ def _sweep(coop, diag, args, diag_off_host, rows_per_cell: int, D: int, shmem: i
         try:
             need = blocks or _blocks(max(items.max(), extra_items), tpb, 1 << 30)
             grid = _coop_grid(coop, args, tpb, shmem, need)
-            coop[grid, tpb, 0, shmem](*args)
+            launch(coop, grid, tpb, shmem, *args)
             return f"cooperative ({grid} blocks x {tpb} threads, {K} hyperplanes)"
         except Exception as exc:  # missing cudadevrt, no cooperative launch, ...
             if path == "cooperative":
@@ -2113,13 +2114,12 @@ def _sweep(coop, diag, args, diag_off_host, rows_per_cell: int, D: int, shmem: i
             cuda.synchronize()  # an error left by earlier work raises here, under its own name
             failed = _state["coop_error"][key] = f"{type(exc).__name__}: {exc}"
     if pre is not None:
-        pre[_blocks(extra_items, tpb), tpb](*args)
+        launch(pre, _blocks(extra_items, tpb), tpb, 0, *args)
     order = range(K - 1, -1, -1) if reverse else range(K)
-    launch = diag.specialize(*args, 0)  # resolve argument types once, not at each of the K launches
     for k in order:
-        launch[blocks or _blocks(items[k], tpb), tpb, 0, shmem](*args, k)
+        launch(diag, blocks or _blocks(items[k], tpb), tpb, shmem, *args, k)
     if post is not None:
-        post[_blocks(extra_items, tpb), tpb](*args)
+        launch(post, _blocks(extra_items, tpb), tpb, 0, *args)
     why = f"; cooperative failed: {failed}" if path == "auto" else ""
     return f"per-diagonal ({K} launches{why})"
 
@@ -2278,7 +2278,7 @@ def _item_sweep(kernel, args, blocks: int, shmem: int, K: int) -> str:
     :data:`ITEM_THREADS`; what the other layouts' sweeps do before or after, the kernel does on
     each block's own rows); a description of the path taken."""
     _opt_in_shared(kernel, args, shmem)
-    kernel[blocks, ITEM_THREADS, 0, shmem](*args)
+    launch(kernel, blocks, ITEM_THREADS, shmem, *args)
     return f"item ({blocks} blocks x {ITEM_THREADS} threads, {K} hyperplanes, block barriers)"
 
 
@@ -2418,7 +2418,7 @@ def gemm(out: HostOrDevice, a: HostOrDevice, bm: HostOrDevice, bias: HostOrDevic
         method = "small" if (K <= 32 or (N <= 16 and K <= 1024)) else "tiled"
     if method == "small":
         tpb = _tpb(None)
-        _gemm_small[_blocks(M * N, tpb), tpb](dout, da, dbm, dbias, M, N, K, ta, tb, mode, Ma)
+        launch(_gemm_small, _blocks(M * N, tpb), tpb, 0, dout, da, dbm, dbias, M, N, K, ta, tb, mode, Ma)
     elif method == "tiled":
         _gemm_tiled_launch(dout, da, dbm, dbias, M, N, K, ta, tb, mode, nsplit, Ma)
     else:
@@ -2437,8 +2437,8 @@ def _gemm_tiled_launch(out, a, bm, bias, M, N, K, ta, tb, mode, nsplit, Ma) -> N
     nsplit = -(-K // kchunk)
     grid = (-(-M // BM), -(-N // BN), nsplit)
     parts = _scratch("gemm parts", (nsplit, M, N), out.dtype) if nsplit > 1 else out.reshape((1,) + out.shape)
-    _gemm_tiled[grid, GEMM_THREADS](out, parts, _tile_counters(grid[0] * grid[1]), a, bm, bias, M, N, K,
-                                    ta, tb, mode, kchunk, Ma)
+    launch(_gemm_tiled, grid, GEMM_THREADS, 0, out, parts, _tile_counters(grid[0] * grid[1]), a, bm, bias,
+           M, N, K, ta, tb, mode, kchunk, Ma)
 
 
 def _tile_counters(n: int):
@@ -2454,7 +2454,7 @@ def skew_rows(out: HostOrDevice, inp: HostOrDevice, src: HostOrDevice) -> None:
     ``src`` (S, R): every direction's rows in skewed order, one launch."""
     x = _Args(out, inp, src)
     tpb = _tpb(None)
-    _skew_rows[_blocks(x.dev[0].size, tpb), tpb](*x.dev)
+    launch(_skew_rows, _blocks(x.dev[0].size, tpb), tpb, 0, *x.dev)
     x.finish(0)
 
 
@@ -2464,7 +2464,7 @@ def unskew_rows(out: HostOrDevice, inp: HostOrDevice, src: HostOrDevice) -> None
     directions; one launch."""
     x = _Args(out, inp, src)
     tpb = _tpb(None)
-    _unskew_rows[_blocks(x.dev[0].size, tpb), tpb](*x.dev)
+    launch(_unskew_rows, _blocks(x.dev[0].size, tpb), tpb, 0, *x.dev)
     x.finish(0)
 
 
@@ -2472,7 +2472,7 @@ def gather_rows(out: HostOrDevice, inp: HostOrDevice, src: HostOrDevice) -> None
     """``out[r, :F] = inp[src[r]]`` for every row r (``F = inp.shape[1]``)."""
     x = _Args(out, inp, src)
     tpb = _tpb(None)
-    _gather_rows[_blocks(x.dev[0].shape[0] * x.dev[1].shape[1], tpb), tpb](*x.dev)
+    launch(_gather_rows, _blocks(x.dev[0].shape[0] * x.dev[1].shape[1], tpb), tpb, 0, *x.dev)
     x.finish(0)
 
 
@@ -2480,7 +2480,7 @@ def axpby(out: HostOrDevice, x: HostOrDevice, alpha: float, y: HostOrDevice, bet
     """``out = alpha·x + beta·y`` on flat arrays of one dtype."""
     a = _Args(out, x, y)
     tpb = _tpb(None)
-    _axpby[_blocks(a.dev[0].shape[0], tpb), tpb](a.dev[0], a.dev[1], alpha, a.dev[2], beta)
+    launch(_axpby, _blocks(a.dev[0].shape[0], tpb), tpb, 0, a.dev[0], a.dev[1], alpha, a.dev[2], beta)
     a.finish(0)
 
 
@@ -2488,7 +2488,7 @@ def zero_padding(h: HostOrDevice, c: HostOrDevice, src: HostOrDevice) -> None:
     """CUDA twin of :func:`mdnumba.kernels.wavefront.zero_padding` (NumPy or device arrays)."""
     a = _Args(h, c, src)
     tpb = _tpb(None)
-    _zero_padding[_blocks(a.dev[0].size, tpb), tpb](*a.dev)
+    launch(_zero_padding, _blocks(a.dev[0].size, tpb), tpb, 0, *a.dev)
     a.finish(0, 1)
 
 
@@ -2499,7 +2499,7 @@ def add_direction_grads(grads: HostOrDevice, parts: HostOrDevice, C: int, ND: in
     strided device view in Python row by row, 12 ms for 16k rows on an H200.)"""
     a = _Args(grads, parts)
     tpb = _tpb(None)
-    _add_direction_grads[_blocks(a.dev[1].size, tpb), tpb](a.dev[0], a.dev[1], int(C), int(ND))
+    launch(_add_direction_grads, _blocks(a.dev[1].size, tpb), tpb, 0, a.dev[0], a.dev[1], int(C), int(ND))
     a.finish(0)
 
 
@@ -2507,7 +2507,7 @@ def fill(out: HostOrDevice, value: float) -> None:
     """``out[:] = value`` on a flat array."""
     a = _Args(out)
     tpb = _tpb(None)
-    _fill[_blocks(a.dev[0].shape[0], tpb), tpb](a.dev[0], value)
+    launch(_fill, _blocks(a.dev[0].shape[0], tpb), tpb, 0, a.dev[0], value)
     a.finish(0)
 
 
@@ -2516,7 +2516,7 @@ def _state_launch(kernel, items: int, out_index: tuple, arrays: tuple, *ints: in
     NumPy outputs back."""
     a = _Args(*arrays)
     tpb = _tpb(None)
-    kernel[_blocks(items, tpb), tpb](*a.dev, *(int(n) for n in ints))
+    launch(kernel, _blocks(items, tpb), tpb, 0, *a.dev, *(int(n) for n in ints))
     a.finish(*out_index)
 
 

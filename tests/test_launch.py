@@ -1,0 +1,124 @@
+"""Prepared CUDA launches (mdnumba/kernels/launch.py): their keys, when they are made and used, and
+what they hand to the driver call, with stand-ins for numba-cuda's dispatcher and compiled kernel
+(the GPU runs of tests/test_cuda.py launch every kernel through them for real)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from mdnumba.kernels import launch as L
+
+
+def device_array(ptr: int, shape: tuple, dtype=np.float32) -> SimpleNamespace:
+    """What of a numba device array the keys read: its data pointer, shape, strides, dtype."""
+    strides = tuple(int(np.prod(shape[i + 1:])) * np.dtype(dtype).itemsize for i in range(len(shape)))
+    return SimpleNamespace(gpu_data=SimpleNamespace(device_pointer_value=ptr), shape=shape, strides=strides,
+                           dtype=np.dtype(dtype))
+
+
+class Compiled:
+    """numba-cuda's compiled kernel, as :func:`launch.prepare` uses it: an array's launch fields are
+    its pointer and shape; a NumPy array is copied at each launch (a writeback)."""
+    argument_types = ("a", "a", "i")
+    cooperative = False
+
+    def __init__(self):
+        self._codelibrary = SimpleNamespace(get_cufunc=lambda: SimpleNamespace(kernel="cufunc"))
+
+    def _prepare_args(self, ty, value, stream, writeback, fields):
+        if isinstance(value, np.ndarray):
+            writeback.append(value)
+        elif ty == "a":
+            fields += [value.gpu_data.device_pointer_value, *value.shape]
+        else:
+            fields.append(value)
+
+
+class Kernel:
+    """A dispatcher: ``kernel[grid, block, stream, shmem](*args)`` records the launch and runs the
+    configured launch's pre-launch callbacks with a :class:`Compiled`."""
+
+    def __init__(self):
+        self.launched = []
+
+    def __getitem__(self, conf):
+        grid, block, _, shmem = conf
+        kernel = self
+
+        class Configured:
+            pre_launch_callbacks = []
+            griddim, blockdim, sharedmem, stream = (grid, 1, 1), (block, 1, 1), shmem, "stream"
+
+            def __call__(self, *args):
+                for callback in self.pre_launch_callbacks:
+                    callback(Compiled(), self)
+                kernel.launched.append(args)
+
+        return Configured()
+
+
+@pytest.fixture
+def prepared(monkeypatch):
+    """Prepared launches on (as on a GPU), the driver call recorded."""
+    calls = []
+    from numba.cuda import dispatcher
+    monkeypatch.setattr(L, "SIMULATOR", False)
+    monkeypatch.setattr(L.config, "CUDA_PREPARED_LAUNCH", True)
+    monkeypatch.setattr(dispatcher, "launch", lambda stream, lc, kernel, *fields: calls.append(
+        (stream, lc.grid, lc.block, lc.shmem_size, kernel, fields)))
+    monkeypatch.setattr(L, "_state", {"prepared": {}, "failed": None})
+    return calls
+
+
+def test_keys_follow_the_launch_fields():
+    """A device array keys by pointer, shape, strides and dtype (two views of the same memory key
+    the same), a scalar by type and value; a host array cannot be prepared."""
+    a, view = device_array(4096, (3, 4)), device_array(4096, (3, 4))
+    assert L.arg_key(a) == L.arg_key(view)
+    others = device_array(4160, (3, 4)), device_array(4096, (4, 3)), device_array(4096, (3, 4), np.float64)
+    assert all(L.arg_key(other) != L.arg_key(a) for other in others)
+    assert len({L.arg_key(v) for v in (1, True, 1.0, np.float32(1), np.int64(1))}) == 5
+    assert L.arg_key(np.zeros(3)) is None and L.arg_key((1, 2)) is None
+    assert L.launch_key("k", 2, 8, 0, (a, 3)) != L.launch_key("k", 2, 8, 0, (a, 4))
+    assert L.launch_key("k", 2, 8, 0, (a, np.zeros(2))) is None
+
+
+def test_a_launch_is_prepared_once_then_reused(prepared):
+    """The first launch of a key goes through the dispatcher and is prepared from the fields numba-cuda
+    makes; the next with the same key (another view of the same memory) is the driver call alone, with
+    those fields, grid, block and shared memory; another scalar is another key."""
+    kernel = Kernel()
+    x, y = device_array(4096, (3, 4)), device_array(8192, (5,))
+    L.launch(kernel, 2, 8, 64, x, y, 7)
+    assert len(kernel.launched) == 1 and not prepared
+    L.launch(kernel, 2, 8, 64, device_array(4096, (3, 4)), y, 7)
+    assert len(kernel.launched) == 1
+    assert prepared == [("stream", (2, 1, 1), (8, 1, 1), 64, "cufunc", (4096, 3, 4, 8192, 5, 7))]
+    L.launch(kernel, 2, 8, 64, x, y, 8)
+    assert len(kernel.launched) == 2 and len(prepared) == 1
+    assert L.failed() is None
+
+
+def test_host_arrays_and_a_failed_driver_call_launch_through_numba_cuda(prepared):
+    """An argument numba-cuda copies at each launch (a host array) is never prepared; a prepared
+    launch that raises turns prepared launches off, says why, and the launch goes through
+    numba-cuda, as every later one."""
+    kernel = Kernel()
+    x = device_array(4096, (3, 4))
+    for _ in range(2):
+        L.launch(kernel, 1, 8, 0, x, np.zeros(2), 1)
+    assert len(kernel.launched) == 2 and not prepared and not L._state["prepared"]
+    L.launch(kernel, 1, 8, 0, x, x, 1)
+    (key,) = L._state["prepared"]
+
+    def broken():
+        raise RuntimeError("driver says no")
+    L._state["prepared"][key] = broken
+    L.launch(kernel, 1, 8, 0, x, x, 1)
+    assert L.failed() == "RuntimeError: driver says no" and not L._state["prepared"]
+    assert len(kernel.launched) == 4
+    L.launch(kernel, 1, 8, 0, x, x, 1)
+    assert len(kernel.launched) == 5 and not prepared and not L._state["prepared"]
