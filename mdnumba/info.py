@@ -40,7 +40,9 @@ def cuda_sweep_path() -> str:
         MDLSTM2D(1, 4, device="cuda").forward(np.ones((1, 4, 4, 1), np.float32))
     except Exception as exc:  # pragma: no cover - depends on the GPU
         return f"probe failed: {type(exc).__name__}: {exc}"
-    return str(last_path())
+    from .kernels.launch import failed
+    why = failed()
+    return str(last_path()) + (f"; prepared launches turned off after {why}" if why else "")
 
 
 def threading_layer() -> str:
@@ -56,10 +58,12 @@ def cuda_sweep_settings() -> str:
     cell = "registers (1- to 3-D)" if config.CUDA_CELL_REGISTERS else "global memory"
     bound = f"compiled for {config.CUDA_MIN_BLOCKS} blocks per SM" if config.CUDA_MIN_BLOCKS else \
         "no launch bounds"
-    text = (f"{config.CUDA_LAYOUT} layout ({config.CUDA_SLICE_UNITS} units per slice when sliced or staged), "
+    launches = "prepared launches" if config.CUDA_PREPARED_LAUNCH else "every launch through numba-cuda"
+    text = (f"{config.CUDA_LAYOUT} layout ({config.CUDA_SLICE_UNITS} units per slice when sliced or staged; "
+            f"item: {config.CUDA_ITEM_THREADS} threads per block, {config.CUDA_ITEM_ROWS} cells per thread), "
             f"{config.CUDA_ROWS_PER_THREAD} rows per thread, {config.CUDA_UNROLL} unrolled steps, "
             f"{config.THREADS_PER_BLOCK} threads per block, path {config.CUDA_PATH}, cell math on {cell}, "
-            f"{bound} (MDNUMBA_CUDA_* settings)")
+            f"{bound}, {launches} (MDNUMBA_CUDA_* settings)")
     if config.CUDA_SKIP:
         text += (f"; DIAGNOSTIC: the sweeps skip {' and '.join(config.CUDA_SKIP)}, their results are wrong "
                  "(MDNUMBA_CUDA_SKIP)")

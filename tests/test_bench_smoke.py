@@ -42,10 +42,11 @@ def test_run_gpu_smoke_under_the_simulator(background_run):
     tmp_path = background_run.out.parent / "out"
     gpu = (tmp_path / "gpu.md").read_text()
     row = next(line for line in gpu.splitlines() if line.startswith("| 4x4 B1 D2 | **"))
-    cells = row.split(" | ")[1:10]  # cooperative (auto, flat, sliced, staged), per-diagonal, trainer,
-    has_torch = importlib.util.find_spec("torch") is not None  # NumPy API, PyTorch, CPU
+    cells = row.split(" | ")[1:11]  # cooperative (auto, flat, sliced, staged), item, per-diagonal,
+    has_torch = importlib.util.find_spec("torch") is not None  # trainer, NumPy API, PyTorch, CPU
     filled = [c.startswith("**") for c in cells]
-    assert filled == [True] * 7 + [has_torch, True], row
+    assert filled == [True] * 8 + [has_torch, True], row
+    assert "item (train): item (1 blocks x 8 threads" in gpu, gpu[-3000:]
     assert "cooperative sliced (train): cooperative" in gpu and "slices of" in gpu, gpu[-3000:]
     assert "cooperative staged (train): cooperative" in gpu and "rows staged in" in gpu, gpu[-3000:]
     inference = gpu[gpu.index("## Inference"):].splitlines()
@@ -89,3 +90,20 @@ def test_tune_gpu_times_the_sweeps_without_some_stages(tmp_path):
     assert all("FAILED" not in ln for ln in rows), rows
     assert ["cooperative" in ln for ln in rows] == [True] * 3 + [False] * 3, rows
     assert all("item (1 blocks x 8 threads" in ln for ln in rows[3:]), rows
+
+
+def test_launch_host_times_numba_cuda_and_prepared_launches(tmp_path):
+    """``bench/launch_host.py --only Adam`` (no GPU: the driver calls stubbed, numba-cuda's dispatch
+    and NVVM for real) times the Adam launcher both ways; the fields both hand the driver are the
+    kernel's (58: 7 per 1-D array, 1 per scalar: p, g, m, v, 6 scalars, the norm's 3 arrays and 3
+    scalars)."""
+    import ptxcheck
+    if ptxcheck.missing_toolchain():
+        pytest.skip(ptxcheck.missing_toolchain())
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    out = tmp_path / "launch_host.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "launch_host.py"), "--repeats", "3", "--only",
+                           "Adam", "--out", str(out)], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = [ln for ln in out.read_text().splitlines() if ln.startswith("| Adam update |")]
+    assert row.split(" | ")[1] == "58" and row.endswith("x |"), row

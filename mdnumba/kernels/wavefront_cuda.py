@@ -2042,8 +2042,12 @@ def _use_shared(W, use_shared: bool | None) -> bool:
 
 
 def _arg_key(a) -> object:
-    """What of an argument selects the compiled kernel: a device array's numba type (which
-    numba-cuda keeps on the array), a NumPy array's dtype, rank and layout, else its type."""
+    """What of an argument selects the compiled kernel: a numba device array's dtype, rank and
+    contiguity (numba-cuda types it by them; reading its numba type builds one: ~2 µs an array, at
+    every sweep), a NumPy array's dtype, rank and layout, a foreign device array's numba type,
+    else its type."""
+    if getattr(a, "gpu_data", None) is not None:
+        return type(a), a.dtype.str, a.ndim, a.is_c_contiguous(), a.is_f_contiguous()
     numba_type = getattr(a, "_numba_type_", None)
     if numba_type is not None:
         return numba_type
@@ -2100,8 +2104,8 @@ def _sweep(coop, diag, args, diag_off_host, rows_per_cell: int, D: int, shmem: i
                          f"compiled for at most MDNUMBA_THREADS_PER_BLOCK={bounds[0]}")
     items = np.diff(diag_off_host) * rows_per_cell * D
     K = len(items)
-    key = _launch_key(coop, args, tpb, shmem)
-    failed = _state["coop_error"].get(key)
+    # the key only where a cooperative launch has failed before (typing a dozen arguments costs µs)
+    failed = _state["coop_error"] and _state["coop_error"].get(_launch_key(coop, args, tpb, shmem))
     if path != "per-diagonal" and not (path == "auto" and failed):
         try:
             need = blocks or _blocks(max(items.max(), extra_items), tpb, 1 << 30)
@@ -2112,7 +2116,8 @@ def _sweep(coop, diag, args, diag_off_host, rows_per_cell: int, D: int, shmem: i
             if path == "cooperative":
                 raise
             cuda.synchronize()  # an error left by earlier work raises here, under its own name
-            failed = _state["coop_error"][key] = f"{type(exc).__name__}: {exc}"
+            failed = f"{type(exc).__name__}: {exc}"
+            _state["coop_error"][_launch_key(coop, args, tpb, shmem)] = failed
     if pre is not None:
         launch(pre, _blocks(extra_items, tpb), tpb, 0, *args)
     order = range(K - 1, -1, -1) if reverse else range(K)

@@ -1,0 +1,194 @@
+"""Host time of mdnumba's CUDA launches, through numba-cuda and prepared (mdnumba/kernels/launch.py),
+side by side, on a machine with no GPU.
+
+numba-cuda runs for real: its dispatcher, the arguments' typing, the compile (NVVM, for sm_90) and
+the preparation of each argument's launch fields; what needs the driver is replaced: the device
+(its compute capability), the module load, the launch configuration and the driver call itself
+(``cuda.core.launch``, which both ways make the same, with the same fields), and device arrays are
+numba ``DeviceNDArray`` objects on made-up pointers. So the times are what mdnumba and numba-cuda
+spend in Python per launcher call, at 32x32 B64 D64 in float32: the forward and backward sweeps in
+their default and item layouts, the weight-gradient GEMM and the Adam update. The cooperative grid's
+limit and the opt-in to more shared memory, which the launchers remember after their first call, are
+stubbed. Best (median) of N calls in µs; writes a markdown table (default
+``bench/results/launch_host.md``).
+
+Usage: ``python bench/launch_host.py [--repeats N] [--only TEXT] [--out PATH]`` (``--only``: the
+launchers whose name contains TEXT)
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import platform
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "launch_host.md"
+#: the launch fields of the last driver call (counted per launcher call)
+_fields: list[int] = []
+
+
+class _Pointer:
+    """A made-up device pointer with what numba-cuda reads of one."""
+
+    def __init__(self, value: int):
+        self.value = self.device_pointer_value = self.device_pointer = value
+
+    @property
+    def device_ctypes_pointer(self):
+        return ctypes.c_void_p(self.value)
+
+    def view(self, start: int, stop: int | None = None) -> _Pointer:
+        return _Pointer(self.value + start)
+
+
+def mock_driver() -> None:
+    """Replace what numba-cuda would ask the driver (module docstring)."""
+    import numba.cuda.dispatcher as dispatcher
+    from numba.cuda import codegen
+    from numba.cuda.cudadrv import driver
+
+    dispatcher.get_current_device = lambda: SimpleNamespace(compute_capability=(9, 0))
+    codegen.CUDACodeLibrary._ensure_cc = lambda self, cc: cc or (9, 0, "a")
+    cufunc = SimpleNamespace(kernel="kernel", module=SimpleNamespace(initialized=True, setup=lambda: None))
+    codegen.CUDACodeLibrary.get_cufunc = lambda self: cufunc
+    driver._to_core_stream = lambda stream: "default stream"
+    dispatcher.LaunchConfig = lambda **kw: SimpleNamespace(**kw)
+    dispatcher.launch = lambda stream, config, kernel, *fields: _fields.append(len(fields))
+
+
+def device_arrays():
+    """``dev(shape, dtype)``: a numba device array on a fresh made-up pointer."""
+    from numba.cuda.cudadrv import devicearray
+    top = [1 << 32]
+
+    def dev(shape: tuple, dtype=np.float32):
+        dtype = np.dtype(dtype)
+        strides = tuple(int(np.prod(shape[i + 1:])) * dtype.itemsize for i in range(len(shape)))
+        top[0] += -(-int(np.prod(shape)) * dtype.itemsize // 256) * 256 + 256
+        return devicearray.DeviceNDArray(shape, strides, dtype, gpu_data=_Pointer(top[0]))
+    return dev
+
+
+def launchers(H: int = 32, B: int = 64, D: int = 64) -> dict:
+    """The timed launcher calls, on arrays of a 2D layer's train step (C = 1)."""
+    from mdnumba.grid import wavefront
+    from mdnumba.kernels import optim_cuda as O
+    from mdnumba.kernels import wavefront_cuda as W
+    dev = device_arrays()
+    scratch: dict = {}
+
+    def kept(kind, shape, dtype):  # W._scratch's buffers, on made-up pointers
+        key = (kind, tuple(int(n) for n in shape), np.dtype(dtype).str)
+        if key not in scratch:
+            scratch[key] = dev(key[1], dtype)
+        return scratch[key]
+    W._scratch = kept
+    W._coop_limit = lambda kernel, args, tpb, shmem: 3 * 132
+    W._sm_count = lambda: 132
+    W._item_shared_limit = lambda: 227 * 1024
+    W._opt_in_shared = lambda kernel, args, shmem: None
+    W._state["tile counters"] = dev((1024,), np.int32)
+    wf = wavefront((H, H))
+    R, G, N = wf.n_cells * B, 5 * D, 2
+    h, c, act, dact, dc, dh = dev((R, D)), dev((R, D)), dev((R, G)), dev((R, G)), dev((R, D)), dev((R, D))
+    U, out, dh_in, src = dev((1, D, N * G)), dev((R, 1, D)), dev((R, 1, D)), dev((1, R), np.int32)
+    tables = [dev(np.shape(a), np.asarray(a).dtype) for a in (wf.diag_off, wf.parent, wf.child)]
+    z, xs, grads = dev((R, 2 + N * D)), dev((R, 1)), dev((2 + N * D, G))
+    P = grads.size
+    p, g, m, v = (dev((P,)) for _ in range(4))
+    norm = O.NormArgs(dev((64,), np.float64), 0.0, dev((2,)), dev((100,)), 3, True)
+    off = np.asarray(wf.diag_off)
+
+    def forward(layout):
+        W.wavefront_forward(h, c, act, U, tables[0], tables[1], B, D, 0, diag_off_host=off, out=out,
+                            out_src=src, layout=layout, path="cooperative")
+
+    def backward(layout):
+        W.wavefront_backward(dact, dc, dh, act, c, U, *tables, B, D, 0, diag_off_host=off, dh_in=dh_in,
+                             dh_src=src, operands=(z, xs, h), layout=layout, path="cooperative")
+
+    return {"forward sweep (auto: flat)": lambda: forward("auto"),
+            "forward sweep, item layout": lambda: forward("item"),
+            "backward sweep (auto: sliced)": lambda: backward("auto"),
+            "backward sweep, item layout": lambda: backward("item"),
+            "weight-gradient GEMM": lambda: W.gemm(grads, z, dact, ta=True),
+            "Adam update": lambda: O.adam_update(p, g, m, v, 1e-3, 0.9, 0.999, 1e-8, 0.1, 1e-3, norm)}
+
+
+def best_median(f, repeats: int) -> tuple[float, float]:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[0] * 1e6, times[len(times) // 2] * 1e6
+
+
+def measure(repeats: int, only: str = "") -> list[tuple]:
+    """``(launcher, fields, numba-cuda (best, median) µs, prepared (best, median) µs)`` per launcher
+    (those whose name contains ``only``)."""
+    from mdnumba.kernels import launch
+    rows = []
+    for name, f in launchers().items():
+        if only not in name:
+            continue
+        f()  # compiles
+        times = []
+        for prepared in (False, True):
+            launch.config.CUDA_PREPARED_LAUNCH = prepared
+            launch._state["prepared"].clear()
+            f()  # prepares
+            times.append(best_median(f, repeats))
+        _fields.clear()
+        f()
+        rows.append((name, sum(_fields), *times))
+    if launch.failed():
+        raise RuntimeError(f"prepared launches failed: {launch.failed()}")
+    return rows
+
+
+def report(rows: list[tuple], repeats: int) -> str:
+    import numba
+    import numba_cuda
+    out = ["# Host time of a launcher call: through numba-cuda vs prepared", "",
+           f"- **python / numba / numba-cuda**: {platform.python_version()} / {numba.__version__} / "
+           f"{numba_cuda.__version__}; {platform.processor() or platform.machine()}",
+           "", "Produced by `python bench/launch_host.py` on a machine without a GPU (its module "
+           "docstring: numba-cuda's dispatch, typing and argument preparation run for real, the driver "
+           f"calls are stubbed). 32x32 B64 D64, float32. Best (median) of {repeats} calls, µs. "
+           "*Fields*: the values the call hands to the driver (both ways the same).", "",
+           "| launcher call | fields | numba-cuda µs | prepared µs | numba-cuda / prepared |",
+           "|---|---|---|---|---|"]
+    for name, fields, (b0, m0), (b1, m1) in rows:
+        out.append(f"| {name} | {fields} | {b0:.1f} ({m0:.1f}) | {b1:.1f} ({m1:.1f}) | {b0 / b1:.1f}x |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=300)
+    ap.add_argument("--only", default="", help="time the launchers whose name contains this")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = ap.parse_args(argv)
+    import numba
+    if numba.config.ENABLE_CUDASIM:
+        ap.error("run without NUMBA_ENABLE_CUDASIM: this times numba-cuda's own launch path")
+    mock_driver()
+    rows = measure(args.repeats, args.only)
+    if not rows:
+        ap.error(f"no launcher's name contains {args.only!r}")
+    text = report(rows, args.repeats)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
