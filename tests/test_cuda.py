@@ -1864,7 +1864,7 @@ def test_simulator_skipping_a_sweep_stage(stage, simulator_runs):
     """The timing diagnostic MDNUMBA_CUDA_SKIP=sum and =cell (bench/tune_gpu.py --variants):
     sim_sweep_stages_as_configured in a simulator run with it set (tests/simruns.py SKIP_RUNS)."""
     report = simulator_runs[f"skip {stage}"].report()
-    assert len(report) == 3, report  # flat, sliced, staged
+    assert len(report) == 4, report  # flat, sliced, staged, item
     _assert_passed(report)
 
 

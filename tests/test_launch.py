@@ -69,7 +69,7 @@ def prepared(monkeypatch):
     monkeypatch.setattr(L.config, "CUDA_PREPARED_LAUNCH", True)
     monkeypatch.setattr(dispatcher, "launch", lambda stream, lc, kernel, *fields: calls.append(
         (stream, lc.grid, lc.block, lc.shmem_size, kernel, fields)))
-    monkeypatch.setattr(L, "_state", {"prepared": {}, "failed": None})
+    monkeypatch.setattr(L, "_state", {"prepared": {}, "seen": set(), "failed": None})
     return calls
 
 
@@ -87,19 +87,34 @@ def test_keys_follow_the_launch_fields():
 
 
 def test_a_launch_is_prepared_once_then_reused(prepared):
-    """The first launch of a key goes through the dispatcher and is prepared from the fields numba-cuda
-    makes; the next with the same key (another view of the same memory) is the driver call alone, with
-    those fields, grid, block and shared memory; another scalar is another key."""
+    """The first two launches of a key go through the dispatcher, the second prepared from the fields
+    numba-cuda makes; the next with the same key (another view of the same memory) is the driver call
+    alone, with those fields, grid, block and shared memory; another scalar is another key."""
     kernel = Kernel()
     x, y = device_array(4096, (3, 4)), device_array(8192, (5,))
-    L.launch(kernel, 2, 8, 64, x, y, 7)
-    assert len(kernel.launched) == 1 and not prepared
+    for _ in range(2):
+        L.launch(kernel, 2, 8, 64, x, y, 7)
+    assert len(kernel.launched) == 2 and not prepared and len(L._state["prepared"]) == 1
     L.launch(kernel, 2, 8, 64, device_array(4096, (3, 4)), y, 7)
-    assert len(kernel.launched) == 1
+    assert len(kernel.launched) == 2
     assert prepared == [("stream", (2, 1, 1), (8, 1, 1), 64, "cufunc", (4096, 3, 4, 8192, 5, 7))]
     L.launch(kernel, 2, 8, 64, x, y, 8)
-    assert len(kernel.launched) == 2 and len(prepared) == 1
+    assert len(kernel.launched) == 3 and len(prepared) == 1 and L._state["seen"]
     assert L.failed() is None
+
+
+def test_keys_are_forgotten_past_the_limit(prepared, monkeypatch):
+    """Past MAX_PREPARED keys (seen or prepared) all are forgotten: a key then starts over."""
+    monkeypatch.setattr(L, "MAX_PREPARED", 3)
+    kernel = Kernel()
+    x = device_array(4096, (3, 4))
+    for n in (1, 1, 2, 3):
+        L.launch(kernel, 1, 8, 0, x, x, n)
+    assert len(L._state["prepared"]) == 1 and len(L._state["seen"]) == 2
+    L.launch(kernel, 1, 8, 0, x, x, 4)
+    assert not L._state["prepared"] and L._state["seen"] == {L.launch_key(kernel, 1, 8, 0, (x, x, 4))}
+    L.launch(kernel, 1, 8, 0, x, x, 1)
+    assert len(kernel.launched) == 6 and not prepared
 
 
 def test_host_arrays_and_a_failed_driver_call_launch_through_numba_cuda(prepared):
@@ -111,7 +126,8 @@ def test_host_arrays_and_a_failed_driver_call_launch_through_numba_cuda(prepared
     for _ in range(2):
         L.launch(kernel, 1, 8, 0, x, np.zeros(2), 1)
     assert len(kernel.launched) == 2 and not prepared and not L._state["prepared"]
-    L.launch(kernel, 1, 8, 0, x, x, 1)
+    for _ in range(2):
+        L.launch(kernel, 1, 8, 0, x, x, 1)
     (key,) = L._state["prepared"]
 
     def broken():
@@ -119,6 +135,7 @@ def test_host_arrays_and_a_failed_driver_call_launch_through_numba_cuda(prepared
     L._state["prepared"][key] = broken
     L.launch(kernel, 1, 8, 0, x, x, 1)
     assert L.failed() == "RuntimeError: driver says no" and not L._state["prepared"]
-    assert len(kernel.launched) == 4
-    L.launch(kernel, 1, 8, 0, x, x, 1)
-    assert len(kernel.launched) == 5 and not prepared and not L._state["prepared"]
+    assert len(kernel.launched) == 5
+    for _ in range(2):
+        L.launch(kernel, 1, 8, 0, x, x, 1)
+    assert len(kernel.launched) == 7 and not prepared and not L._state["prepared"]

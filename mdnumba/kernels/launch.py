@@ -8,7 +8,8 @@ cost the host ~1.9 ms at 32x32 B64 D64 (bench/results/gpu.md, "Host dispatch"): 
 step at the 32x32 target would take. :func:`launch` does that work on the first launch of a
 kernel with a given *argument key* and keeps its result, the launch fields numba-cuda built;
 later launches with the same key hand them straight to the driver call numba-cuda makes
-(``cuda.core.launch``).
+(``cuda.core.launch``). A key is prepared the second time it is seen (arrays made for one call,
+e.g. a host array's copy, would pay for a preparation they never use).
 
 The key of a device array is what its launch fields are made of, its data pointer, shape,
 strides and dtype (not its identity: a view made again each step, e.g. a reshape, keys the
@@ -31,10 +32,12 @@ from .. import config
 
 #: True under numba's CUDA simulator (its kernels launch as they are)
 SIMULATOR: bool = bool(numba.config.ENABLE_CUDASIM)
-#: prepared launches kept at most (then forgotten all at once: the keys recur every step)
-MAX_PREPARED = 4096
-#: "prepared": key -> launch (a callable); "failed": why prepared launches were turned off, or None
-_state: dict = {"prepared": {}, "failed": None}
+#: keys kept at most, prepared or seen once (then forgotten all at once: a step's keys recur, a
+#: per-diagonal sweep has one per anti-diagonal)
+MAX_PREPARED = 2048
+#: "prepared": key -> launch (a callable); "seen": keys launched once; "failed": why prepared
+#: launches were turned off, or None
+_state: dict = {"prepared": {}, "seen": set(), "failed": None}
 
 
 def arg_key(a: Any) -> tuple | None:
@@ -71,16 +74,22 @@ def launch(kernel, griddim, blockdim, shmem: int, *args) -> None:
         except Exception as exc:  # say why once, then numba-cuda's launch (and its error, if any)
             _state["failed"] = f"{type(exc).__name__}: {exc}"
             _state["prepared"].clear()
+            _state["seen"].clear()
     captured = []
     configured = kernel[griddim, blockdim, 0, shmem]
     if key is not None and _state["failed"] is None:
-        configured.pre_launch_callbacks.append(lambda compiled, lc: captured.append(compiled))
+        if len(_state["prepared"]) + len(_state["seen"]) >= MAX_PREPARED:
+            _state["prepared"].clear()
+            _state["seen"].clear()
+        if key in _state["seen"]:
+            configured.pre_launch_callbacks.append(lambda compiled, lc: captured.append(compiled))
+        else:
+            _state["seen"].add(key)
     configured(*args)
     if captured:
+        _state["seen"].discard(key)
         prepared = prepare(captured[0], configured, args)
         if prepared is not None:
-            if len(_state["prepared"]) >= MAX_PREPARED:
-                _state["prepared"].clear()
             _state["prepared"][key] = prepared
 
 
