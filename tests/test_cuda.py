@@ -862,17 +862,18 @@ def sim_gemm_k_split_over_many_tiles(rng):
         np.testing.assert_allclose(out, (a.T if ta else a) @ (b.T if tb else b), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("kw,clip,clipped", [({}, 0.5, False),
-                                              ({"cell": "stable", "directions": 4}, 1e-3, True)])
-def sim_device_training_matches_cpu(kw, clip, clipped, rng):
+@pytest.mark.parametrize("kw,clip,clipped,layout", [({}, 0.5, False, None),
+                                                     ({"cell": "stable", "directions": 4}, 1e-3, True, None),
+                                                     ({"directions": 4}, 0.5, False, "item")])
+def sim_device_training_matches_cpu(kw, clip, clipped, layout, rng):
     """CudaLSTM + CudaAdam (device arrays in and out) == CPU layer + Adam, three steps (the
-    second case with every step's gradient clipped)."""
+    second case with every step's gradient clipped, the third in the item layout)."""
     from numba import cuda
 
     from mdnumba import Adam
-    from mdnumba.backend_cuda import CudaAdam, CudaLSTM
+    from mdnumba.backend_cuda import CudaAdam, CudaLSTM, last_path
     cpu = MDLSTM2D(2, 3, seed=5, dtype=np.float64, **kw)
-    dev = CudaLSTM.from_layer(cpu)
+    dev = CudaLSTM.from_layer(cpu, layout=layout)
     opt_c = Adam(cpu, lr=1e-2, clip_norm=clip)
     opt_d = CudaAdam([dev], lr=1e-2, clip_norm=clip)
     x = rng.standard_normal((2, 3, 4, 2))
@@ -891,6 +892,7 @@ def sim_device_training_matches_cpu(kw, clip, clipped, rng):
         norm = opt_c.step()
         assert opt_d.step() == pytest.approx(norm, rel=1e-10) and (norm > clip) == clipped
         np.testing.assert_allclose(dev.params_to_host(), cpu.params.data, rtol=1e-10, atol=1e-13)
+    assert last_path().startswith("item (8 blocks") == (layout == "item"), last_path()
 
 
 def _exchange(out, a, skip_block):
