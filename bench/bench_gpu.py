@@ -473,22 +473,33 @@ def floors_table(results: list[dict]) -> list[str]:
     return rows
 
 
+def unprepared(fn: Callable[[], Timing]) -> Timing:
+    """``fn()`` with prepared launches off (:mod:`mdnumba.kernels.launch`)."""
+    from mdnumba.kernels import launch
+    saved, launch.config.CUDA_PREPARED_LAUNCH = launch.config.CUDA_PREPARED_LAUNCH, False
+    try:
+        return fn()
+    finally:
+        launch.config.CUDA_PREPARED_LAUNCH = saved
+
+
 def dispatch_table(results: list[dict]) -> list[str]:
-    rows = ["| config | path | train step ms | host time of its launches ms | host / step |",
-            "|---|---|---|---|---|"]
+    rows = ["| config | path | train step ms | host time of its launches ms | host / step | "
+            "host time, every launch through numba-cuda ms |", "|---|---|---|---|---|---|"]
     for res in results:
         for key, _, _, path in DEVICE_PATHS:
             step, host = res["train"].get(key), res["dispatch"].get(key)
+            unprepared = res.get("dispatch_numba", {}).get(key)
             if step is not None and host is not None:
                 rows.append(f"| {res['cfg'].label} | {path} | {ms(step.best)} | {ms(host.best)} | "
-                            f"{host.best / step.best:.0%} |")
+                            f"{host.best / step.best:.0%} | {ms(unprepared.best) if unprepared else '–'} |")
         sampling = res.get("sampling")
         for key, what in (("trainer", "prefetch on, as `run`"), ("trainer_no_prefetch", "prefetch off")):
             step = res["train"].get(key)
             if step is not None and sampling is not None:
                 rows.append(f"| {res['cfg'].label} | `train --device cuda`, {what} (host batch "
                             f"sampling) | {ms(step.best)} | {ms(sampling.best)} | "
-                            f"{sampling.best / step.best:.0%} |")
+                            f"{sampling.best / step.best:.0%} | – |")
     return rows
 
 
@@ -562,7 +573,9 @@ def render(info: dict[str, str], results: list[dict], quick: bool) -> str:
             "kernels. The `train --device cuda` rows give the host time of drawing one step's task "
             "batch instead, next to the trainer's step with the next block's batches drawn while "
             "the GPU runs this one (`DeviceTrainer.prefetch`, what `run` does) and drawn after the "
-            "sync while the GPU waits: the difference is what the prefetch hides.", ""]
+            "sync while the GPU waits: the difference is what the prefetch hides. The last column: "
+            "the host time of the default path's step with prepared launches off "
+            "(`MDNUMBA_CUDA_PREPARED_LAUNCH=0`, every launch typed and prepared by numba-cuda).", ""]
     out += dispatch_table(results)
     out += ["", "## Sweep paths taken", ""]
     out += [f"- {r['cfg'].label}: {p}" for r in results for p in r["paths"]]
@@ -630,6 +643,8 @@ def run_config(res: dict, tb: TorchBaseline | None, budget: float, cpu: bool, nu
             train, fwd, dev = mdnumba_device_fns(cfg, x, path, layout)
             res["train"][key] = time_it(train, sync, budget)
             res["dispatch"][key] = host_time(train, sync, budget / 4)
+            if key == "coop":
+                res["dispatch_numba"] = {key: unprepared(lambda t=train: host_time(t, sync, budget / 4))}
             res["paths"].append(f"{name} (train): {last_path()}")
             res["forward"][key] = time_it(fwd, sync, budget)
             res["inference"][key] = time_it(lambda f=fwd: f(save=False), sync, budget)
