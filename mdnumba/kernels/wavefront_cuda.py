@@ -1171,8 +1171,9 @@ def _item_unit_backward(dact, dc, dh, act, c, Ws, T, parent, child, base, s, nb,
 
 @cuda.jit(device=True)
 def _item_prologue(dh, dh_in, dh_src, z, xs, h, parent, B):
-    """:func:`_backward_prologue` but UT on the block's own rows ``base + s*B + b`` (item layout):
-    the skewed upstream dh (:func:`_skew_at`) and the operands z (:func:`_operand_at`); a barrier."""
+    """:func:`_backward_prologue` on the block's own rows ``base + s*B + b`` (item layout), without
+    UT (the item kernels stage it from U): the skewed upstream dh (:func:`_skew_at`) and the
+    operands z (:func:`_operand_at`); a barrier."""
     base, b = _item_block(parent, B)
     M = parent.shape[0]
     F, W = dh.shape[1], z.shape[1]
