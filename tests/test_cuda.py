@@ -162,14 +162,15 @@ def sim_sliced_sweeps_match_cpu(dims, cell, scans, B, D, path, layout, rng):
 
 
 @pytest.mark.parametrize("dims,cell,scans,B,D", [
-    ((3, 4), "graves", 1, 2, 9), ((3, 4), "stable", 1, 5, 3), ((5,), "graves", 2, 2, 3),
-    ((2, 2, 3), "stable", 1, 2, 9), ((2, 3), "graves", 2, 3, 9), ((2, 1, 2, 2), "spatial", 1, 1, 3)])
+    ((3, 4), "graves", 1, 3, 9), ((5,), "graves", 2, 2, 3), ((2, 2, 3), "stable", 1, 2, 9),
+    ((2, 1, 2, 2), "spatial", 1, 1, 3)])
 def sim_item_sweeps_match_cpu(dims, cell, scans, B, D, rng):
     """The item layout (a block per scan and batch item, all of U and a hyperplane's rows in its
     shared memory, block barriers between hyperplanes, one plain launch) vs the CPU kernels in
     float64: 1-D to 3-D, several scans and items, D = 9 (a partial slice of units and runs of
     VEC padded with zeros), cells per hyperplane not a multiple of the rows per thread; a 4-D
-    layer runs flat, said."""
+    layer runs flat, said (sim_item_layer_matches_reference adds 2-D with 4 scans and 1-D from a
+    state)."""
     from mdnumba.kernels import wavefront as cpu
     from mdnumba.kernels import wavefront_cuda as gpu
     from mdnumba.kernels.cell import cell_code
