@@ -18,7 +18,8 @@ array's memory reused by another of the same key gets the same, right, fields). 
 (a host array, which numba-cuda copies to the device at each launch), the simulator, a debug
 kernel, or ``MDNUMBA_CUDA_PREPARED_LAUNCH=0`` launches through numba-cuda every time; so does
 every launch after a prepared one raised (then numba-cuda's own launch of the same arguments
-says why). Only the default stream.
+says why). Only the default stream, and one device: a prepared launch holds the kernel loaded in
+the context it was prepared in (another device's would raise, and turn them off as above).
 """
 
 from __future__ import annotations
