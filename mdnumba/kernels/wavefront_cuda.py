@@ -290,6 +290,18 @@ def _register_cells(N: int) -> tuple:
 
 
 @cuda.jit(device=True)
+def _register_forward(h, c, act, parent, acc, r, base, s, b, B, D, j, cell, width):
+    """Row r's unit j from ``acc[0]`` on registers (:func:`_register_cells`), for N = width - 3
+    (``width``, the gates' count, a constant at each call site)."""
+    if width == 4:
+        _cell1_forward(h, c, act, parent, acc, r, base, s, b, B, D, j, cell)
+    elif width == 5:
+        _cell2_forward(h, c, act, parent, acc, r, base, s, b, B, D, j, cell)
+    else:
+        _cell3_forward(h, c, act, parent, acc, r, base, s, b, B, D, j, cell)
+
+
+@cuda.jit(device=True)
 def _at(index):
     """``index`` (known >= 0) as an unsigned array index: numba then skips the negative-index
     wraparound it adds to every signed index (a compare and add per load in hot loops)."""
@@ -686,12 +698,8 @@ def _rows_preact(act, h, c, Uf, wl, parent, base, s, b0, nb, j, B, D, g0, width,
                 for g in range(width):
                     if g < ng:
                         act[r + i, col[g]] = acc[0, g]
-            elif width == 4:  # N = 1
-                _cell1_forward(h, c, act, parent, acc, r + i, base, s, b0 + i, B, D, j, cell)
-            elif width == 5:  # N = 2
-                _cell2_forward(h, c, act, parent, acc, r + i, base, s, b0 + i, B, D, j, cell)
             else:
-                _cell3_forward(h, c, act, parent, acc, r + i, base, s, b0 + i, B, D, j, cell)
+                _register_forward(h, c, act, parent, acc, r + i, base, s, b0 + i, B, D, j, cell, width)
         _next_row(acc)
 
 
@@ -1123,12 +1131,8 @@ def _item_unit_forward(h, c, act, Ws, T, parent, base, s, nb, b, B, D, j, prev, 
                     act[r, g * D + j] = acc[0, g]
                 if CELL_MATH:
                     _cell_row_forward(h, c, act, parent, base, s + i, b, B, D, cell, j, j + 1)
-            elif width == 4:
-                _cell1_forward(h, c, act, parent, acc, r, base, s + i, b, B, D, j, cell)
-            elif width == 5:
-                _cell2_forward(h, c, act, parent, acc, r, base, s + i, b, B, D, j, cell)
             else:
-                _cell3_forward(h, c, act, parent, acc, r, base, s + i, b, B, D, j, cell)
+                _register_forward(h, c, act, parent, acc, r, base, s + i, b, B, D, j, cell, width)
         _item_next_row(acc)
 
 
