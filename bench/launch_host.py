@@ -8,9 +8,9 @@ the preparation of each argument's launch fields; what needs the driver is repla
 numba ``DeviceNDArray`` objects on made-up pointers. So the times are what mdnumba and numba-cuda
 spend in Python per launcher call, at 32x32 B64 D64 in float32: the forward and backward sweeps in
 their default and item layouts, the weight-gradient GEMM and the Adam update. The cooperative grid's
-limit and the opt-in to more shared memory, which the launchers remember after their first call, are
-stubbed. Best (median) of N calls in µs; writes a markdown table (default
-``bench/results/launch_host.md``).
+limit, which the launchers remember after their first call, is stubbed; the item layout's opt-in to
+more shared memory (a driver call on each launch through numba-cuda) calls a stub. Best (median) of
+N calls in µs; writes a markdown table (default ``bench/results/launch_host.md``).
 
 Usage: ``python bench/launch_host.py [--repeats N] [--only TEXT] [--out PATH]`` (``--only``: the
 launchers whose name contains TEXT)
@@ -54,8 +54,10 @@ def mock_driver() -> None:
 
     dispatcher.get_current_device = lambda: SimpleNamespace(compute_capability=(9, 0))
     codegen.CUDACodeLibrary._ensure_cc = lambda self, cc: cc or (9, 0, "a")
-    cufunc = SimpleNamespace(kernel="kernel", module=SimpleNamespace(initialized=True, setup=lambda: None))
+    cufunc = SimpleNamespace(kernel="kernel", module=SimpleNamespace(initialized=True, setup=lambda: None),
+                             handle=0, device=SimpleNamespace(id=0))
     codegen.CUDACodeLibrary.get_cufunc = lambda self: cufunc
+    driver.driver.cuKernelSetAttribute = lambda attr, value, kernel, device: None
     driver._to_core_stream = lambda stream: "default stream"
     dispatcher.LaunchConfig = lambda **kw: SimpleNamespace(**kw)
     dispatcher.launch = lambda stream, config, kernel, *fields: _fields.append(len(fields))
@@ -91,7 +93,6 @@ def launchers(H: int = 32, B: int = 64, D: int = 64) -> dict:
     W._coop_limit = lambda kernel, args, tpb, shmem: 3 * 132
     W._sm_count = lambda: 132
     W._item_shared_limit = lambda: 227 * 1024
-    W._opt_in_shared = lambda kernel, args, shmem: None
     W._state["tile counters"] = dev((1024,), np.int32)
     wf = wavefront((H, H))
     R, G, N = wf.n_cells * B, 5 * D, 2

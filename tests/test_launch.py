@@ -26,7 +26,8 @@ class Compiled:
     cooperative = False
 
     def __init__(self):
-        self._codelibrary = SimpleNamespace(get_cufunc=lambda: SimpleNamespace(kernel="cufunc"))
+        self._codelibrary = SimpleNamespace(get_cufunc=lambda: SimpleNamespace(
+            kernel="cufunc", handle="handle", device=SimpleNamespace(id=3)))
 
     def _prepare_args(self, ty, value, stream, writeback, fields):
         if isinstance(value, np.ndarray):
@@ -39,25 +40,33 @@ class Compiled:
 
 class Kernel:
     """A dispatcher: ``kernel[grid, block, stream, shmem](*args)`` records the launch and runs the
-    configured launch's pre-launch callbacks with a :class:`Compiled`."""
+    configured launch's pre-launch callbacks with a :class:`Compiled`; as numba-cuda's, it keeps one
+    configuration per ``(grid, block, stream, shmem)``."""
 
     def __init__(self):
         self.launched = []
+        self.configured = {}
 
     def __getitem__(self, conf):
         grid, block, _, shmem = conf
         kernel = self
 
         class Configured:
-            pre_launch_callbacks = []
             griddim, blockdim, sharedmem, stream = (grid, 1, 1), (block, 1, 1), shmem, "stream"
+
+            def __init__(self):
+                self.pre_launch_callbacks = []
 
             def __call__(self, *args):
                 for callback in self.pre_launch_callbacks:
                     callback(Compiled(), self)
                 kernel.launched.append(args)
 
-        return Configured()
+        return self.configured.setdefault(conf, Configured())
+
+    def callbacks_left(self) -> int:
+        """Callbacks left on its configurations (a launch must take its own off again)."""
+        return sum(len(c.pre_launch_callbacks) for c in self.configured.values())
 
 
 @pytest.fixture
@@ -100,7 +109,7 @@ def test_a_launch_is_prepared_once_then_reused(prepared):
     assert prepared == [("stream", (2, 1, 1), (8, 1, 1), 64, "cufunc", (4096, 3, 4, 8192, 5, 7))]
     L.launch(kernel, 2, 8, 64, x, y, 8)
     assert len(kernel.launched) == 3 and len(prepared) == 1 and L._state["seen"]
-    assert L.failed() is None
+    assert L.failed() is None and kernel.callbacks_left() == 0
 
 
 def test_keys_are_forgotten_past_the_limit(prepared, monkeypatch):
@@ -139,3 +148,23 @@ def test_host_arrays_and_a_failed_driver_call_launch_through_numba_cuda(prepared
     for _ in range(2):
         L.launch(kernel, 1, 8, 0, x, x, 1)
     assert len(kernel.launched) == 7 and not prepared and not L._state["prepared"]
+
+
+@pytest.mark.parametrize("simulator", [False, True])
+def test_launches_past_48_kib_opt_in_to_their_shared_memory(prepared, monkeypatch, simulator):
+    """On a GPU every launch through numba-cuda with more than 48 KiB of dynamic shared memory sets
+    the compiled kernel's opt-in attribute to its size on its device before the driver call (the
+    prepared launch, made from such a launch, needs no more); 48 KiB or less, or the simulator,
+    sets nothing."""
+    from numba.cuda.cudadrv.driver import binding, driver
+    set_calls = []
+    monkeypatch.setitem(vars(driver), "cuKernelSetAttribute", lambda *a: set_calls.append(a))
+    monkeypatch.setattr(L, "SIMULATOR", simulator)
+    kernel, x = Kernel(), device_array(4096, (3, 4))
+    for shmem in (L.SHARED_DEFAULT_BYTES, L.SHARED_DEFAULT_BYTES + 16):
+        for _ in range(3):
+            L.launch(kernel, 1, 8, shmem, x, x, 1)
+    attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    expected = [] if simulator else [(attr, L.SHARED_DEFAULT_BYTES + 16, "handle", 3)] * 2
+    assert set_calls == expected
+    assert len(kernel.launched) == (6 if simulator else 4) and kernel.callbacks_left() == 0

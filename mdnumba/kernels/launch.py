@@ -20,6 +20,11 @@ kernel, or ``MDNUMBA_CUDA_PREPARED_LAUNCH=0`` launches through numba-cuda every 
 every launch after a prepared one raised (then numba-cuda's own launch of the same arguments
 says why). Only the default stream, and one device: a prepared launch holds the kernel loaded in
 the context it was prepared in (another device's would raise, and turn them off as above).
+
+A launch with more than :data:`SHARED_DEFAULT_BYTES` of dynamic shared memory needs the kernel's
+opt-in attribute: every launch through numba-cuda sets it on the compiled kernel before the driver
+call (:func:`opt_in_shared`, a pre-launch callback); a prepared launch, made from such a launch,
+finds it set.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ SIMULATOR: bool = bool(numba.config.ENABLE_CUDASIM)
 #: keys kept at most, prepared or seen once (then forgotten all at once: a step's keys recur, a
 #: per-diagonal sweep has one per anti-diagonal)
 MAX_PREPARED = 2048
+#: bytes of dynamic shared memory a block may take without the kernel's opt-in attribute
+SHARED_DEFAULT_BYTES = 48 * 1024
 #: "prepared": key -> launch (a callable); "seen": keys launched once; "failed": why prepared
 #: launches were turned off, or None
 _state: dict = {"prepared": {}, "seen": set(), "failed": None}
@@ -64,7 +71,7 @@ def launch_key(kernel, griddim, blockdim, shmem: int, args: tuple) -> tuple | No
 def launch(kernel, griddim, blockdim, shmem: int, *args) -> None:
     """``kernel[griddim, blockdim, 0, shmem](*args)``, prepared (the module docstring)."""
     if SIMULATOR or not config.CUDA_PREPARED_LAUNCH or _state["failed"]:
-        kernel[griddim, blockdim, 0, shmem](*args)
+        run(kernel, griddim, blockdim, shmem, args, [])
         return
     key = launch_key(kernel, griddim, blockdim, shmem, args)
     prepared = _state["prepared"].get(key) if key is not None else None
@@ -76,22 +83,52 @@ def launch(kernel, griddim, blockdim, shmem: int, *args) -> None:
             _state["failed"] = f"{type(exc).__name__}: {exc}"
             _state["prepared"].clear()
             _state["seen"].clear()
-    captured = []
-    configured = kernel[griddim, blockdim, 0, shmem]
+    captured: list = []
+    callbacks = []
     if key is not None and _state["failed"] is None:
         if len(_state["prepared"]) + len(_state["seen"]) >= MAX_PREPARED:
             _state["prepared"].clear()
             _state["seen"].clear()
         if key in _state["seen"]:
-            configured.pre_launch_callbacks.append(lambda compiled, lc: captured.append(compiled))
+            callbacks.append(lambda compiled, lc: captured.append(compiled))
         else:
             _state["seen"].add(key)
-    configured(*args)
+    configured = run(kernel, griddim, blockdim, shmem, args, callbacks)
     if captured:
         _state["seen"].discard(key)
         prepared = prepare(captured[0], configured, args)
         if prepared is not None:
             _state["prepared"][key] = prepared
+
+
+def run(kernel, griddim, blockdim, shmem: int, args: tuple, callbacks: list):
+    """``kernel[griddim, blockdim, 0, shmem](*args)`` through numba-cuda, with ``callbacks`` and,
+    where ``shmem`` needs it (on a GPU), :func:`opt_in_shared` run before its driver call;
+    returns the launch configuration. numba-cuda keeps one configuration per grid, block, stream
+    and shared memory (``Dispatcher.configure`` is cached), so the callbacks are taken off it
+    again after the launch."""
+    configured = kernel[griddim, blockdim, 0, shmem]
+    if shmem > SHARED_DEFAULT_BYTES and not SIMULATOR:
+        callbacks = [*callbacks, opt_in_shared]
+    hooks = configured.pre_launch_callbacks
+    hooks.extend(callbacks)
+    try:
+        configured(*args)
+    finally:
+        for callback in callbacks:
+            hooks.remove(callback)
+    return configured
+
+
+def opt_in_shared(compiled, configured) -> None:
+    """Let ``compiled`` (numba-cuda's compiled kernel, on the current device) take the dynamic
+    shared memory of its launch ``configured``, past :data:`SHARED_DEFAULT_BYTES`: the kernel's
+    ``CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`` (one driver call; a launch over the device's
+    opt-in limit then fails in the driver, which says so)."""
+    from numba.cuda.cudadrv.driver import binding, driver
+    cufunc = compiled._codelibrary.get_cufunc()
+    attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    driver.cuKernelSetAttribute(attr, configured.sharedmem, cufunc.handle, cufunc.device.id)
 
 
 def prepare(compiled, configured, args: tuple):

@@ -77,7 +77,7 @@ from numba import cuda
 
 from .. import config
 from .cell import build
-from .launch import launch
+from .launch import SHARED_DEFAULT_BYTES, launch
 
 if TYPE_CHECKING:
     from ..backend_cuda import DeviceArray, HostOrDevice
@@ -85,7 +85,7 @@ if TYPE_CHECKING:
 #: True when numba runs CUDA kernels in its CPU simulator (NUMBA_ENABLE_CUDASIM=1)
 SIMULATOR: bool = bool(numba.config.ENABLE_CUDASIM)
 #: bytes of dynamic shared memory a block may use without an opt-in attribute
-SHARED_BYTES_LIMIT = 48 * 1024
+SHARED_BYTES_LIMIT = SHARED_DEFAULT_BYTES
 #: upper bound on the cooperative grid (the device's co-residency limit is applied too)
 COOP_MAX_BLOCKS = 4096
 #: grid cap for grid-stride bulk kernels (the simulator runs a CUDA thread as a Python thread: keep it tiny)
@@ -185,9 +185,8 @@ if config.CUDA_SKIP:
 #: "coop_error": why a cooperative launch failed on the 'auto' path, per sweep kernel, block
 #: shape, shared memory and argument types (:func:`_launch_key`; one that cannot be resident,
 #: e.g. float64 with more registers, leaves the others cooperative); "coop_limit": the
-#: co-residency limit per the same and device (:func:`_coop_limit`); "opt_in": the kernels, argument
-#: types, shared sizes and devices whose opt-in to more shared memory is set (:func:`_opt_in_shared`)
-_state: dict = {"last_path": None, "coop_error": {}, "coop_limit": {}, "scratch": {}, "opt_in": set()}
+#: co-residency limit per the same and device (:func:`_coop_limit`)
+_state: dict = {"last_path": None, "coop_error": {}, "coop_limit": {}, "scratch": {}}
 
 
 # ---------------------------------------------------------------- device functions
@@ -240,7 +239,7 @@ def _register_cells(N: int) -> tuple:
     @cuda.jit(device=True)
     def forward(h, c, act, parent, acc, r, base, s, b, B, D, j, cell):
         """Row r's unit j from its pre-activations ``acc[0, 0..N+2]``: act (the gates), c and h
-        stored as :func:`mdnumba.kernels.cell.build`'s ``row_forward`` computes them."""
+        stored as :func:`mdnumba.kernels.cell.build`'s ``row_forward`` computes them; returns h."""
         la = cuda.local.array((1, G), act.dtype)
         lc = cuda.local.array((R, 1), act.dtype)
         lh = cuda.local.array((1, 1), act.dtype)
@@ -253,6 +252,7 @@ def _register_cells(N: int) -> tuple:
             act[r, g * D + j] = la[0, g]
         c[r, j] = lc[0, 0]
         h[r, j] = lh[0, 0]
+        return lh[0, 0]
 
     @cuda.jit(device=True)
     def backward(dact, dc, act, c, parent, child, dhv, r, base, s, b, B, D, j, cell):
@@ -292,13 +292,12 @@ def _register_cells(N: int) -> tuple:
 @cuda.jit(device=True)
 def _register_forward(h, c, act, parent, acc, r, base, s, b, B, D, j, cell, width):
     """Row r's unit j from ``acc[0]`` on registers (:func:`_register_cells`), for N = width - 3
-    (``width``, the gates' count, a constant at each call site)."""
+    (``width``, the gates' count, a constant at each call site); returns its h."""
     if width == 4:
-        _cell1_forward(h, c, act, parent, acc, r, base, s, b, B, D, j, cell)
-    elif width == 5:
-        _cell2_forward(h, c, act, parent, acc, r, base, s, b, B, D, j, cell)
-    else:
-        _cell3_forward(h, c, act, parent, acc, r, base, s, b, B, D, j, cell)
+        return _cell1_forward(h, c, act, parent, acc, r, base, s, b, B, D, j, cell)
+    if width == 5:
+        return _cell2_forward(h, c, act, parent, acc, r, base, s, b, B, D, j, cell)
+    return _cell3_forward(h, c, act, parent, acc, r, base, s, b, B, D, j, cell)
 
 
 @cuda.jit(device=True)
@@ -1024,8 +1023,9 @@ def _item_shared(sh, Wf, diag_off, q, N, D, transposed):
     slice after slice of :data:`SLICE` units in :func:`_fill_slice`'s layout (runs of :data:`VEC`);
     ``T``: the tile of one hyperplane's rows (h forward, dact backward), flat, rows of
     :func:`_item_width` steps, a row per cell of the largest hyperplane and a last row of zeros
-    (an absent neighbour's). The whole block calls it; T starts all zeros. (Flat, not reshaped:
-    numba's reshape takes a local-memory frame.)"""
+    (an absent neighbour's); forward two such tiles, one after the other (:func:`_item_tiles`).
+    The whole block calls it; T starts all zeros. (Flat, not reshaped: numba's reshape takes a
+    local-memory frame.)"""
     size = _slice_size(N, D, transposed, VEC)
     nW = _divmod(D + SLICE - 1, SLICE)[0] * size
     for sl in range(_divmod(nW, size)[0]):
@@ -1033,11 +1033,19 @@ def _item_shared(sh, Wf, diag_off, q, N, D, transposed):
     rows = 0
     for k in range(diag_off.shape[0] - 1):
         rows = max(rows, diag_off[k + 1] - diag_off[k])
-    T = sh[nW:nW + (rows + 1) * _item_width(N, D, transposed)]
+    T = sh[nW:nW + _item_tiles(transposed) * (rows + 1) * _item_width(N, D, transposed)]
     for e in range(cuda.threadIdx.x, T.size, cuda.blockDim.x):
         T[e] = 0
     cuda.syncthreads()
     return sh[:nW], T
+
+
+@cuda.jit(device=True)
+def _item_tiles(transposed):
+    """Tiles of the item layout: 2 forward (the cell math writes h into the tile of the next
+    hyperplane: no refill from global memory), 1 backward (a second dact tile would not fit
+    beside UT at D = 64 float32; the tile is refilled, :func:`_item_refill`)."""
+    return 1 if transposed else 2
 
 
 @cuda.jit(device=True)
@@ -1102,11 +1110,12 @@ def _item_rows(rows, nbr, d, s, nb, first, T, width):
 
 
 @cuda.jit(device=True)
-def _item_unit_forward(h, c, act, Ws, T, parent, base, s, nb, b, B, D, j, prev, cell, width):
+def _item_unit_forward(h, c, act, Ws, T, Tn, parent, base, s, nb, b, B, D, j, prev, s0, cell, width):
     """Unit j of the ``nb`` cells ``s + i`` of batch item b (item layout): ``a_g = act[r_i, g*D + j]
     + Σ_d Σ_k T[parent_d(s+i) - prev, k] · U[k, d*G + g*D + j]`` (T: h of the previous
     hyperplane, whose first cell is ``prev``; :func:`_run_steps` on the slices of Ws), then the
-    cell math as in :func:`_rows_preact`, row by row."""
+    cell math as in :func:`_rows_preact`, row by row, h also into ``Tn[s + i - s0, j]`` (the next
+    tile; ``s0``: the first cell of this hyperplane)."""
     N = parent.shape[1]
     tw = _item_width(N, D, False)
     sl, jj = _divmod(j, SLICE)
@@ -1131,8 +1140,10 @@ def _item_unit_forward(h, c, act, Ws, T, parent, base, s, nb, b, B, D, j, prev, 
                     act[r, g * D + j] = acc[0, g]
                 if CELL_MATH:
                     _cell_row_forward(h, c, act, parent, base, s + i, b, B, D, cell, j, j + 1)
+                Tn[(s + i - s0) * tw + j] = h[r, j]
             else:
-                _register_forward(h, c, act, parent, acc, r, base, s + i, b, B, D, j, cell, width)
+                Tn[(s + i - s0) * tw + j] = _register_forward(h, c, act, parent, acc, r, base, s + i, b, B,
+                                                              D, j, cell, width)
         _item_next_row(acc)
 
 
@@ -1218,29 +1229,33 @@ def _item_block(parent, B):
 @cuda.jit(device=True)
 def _item_forward_sweep(h, c, act, Ws, T, diag_off, parent, B, D, cell):
     """The forward sweep of the block's batch item (item layout): hyperplanes k = 0..K-1, the
-    items (group of ITEM_ROWS cells, unit j) block-stride, j fastest, a tile refill
-    (:func:`_item_refill`) between hyperplanes."""
+    items (group of ITEM_ROWS cells, unit j) block-stride, j fastest, reading h of hyperplane k-1
+    from one half of T and writing h of k into the other (so one barrier between hyperplanes)."""
     N = parent.shape[1]
     base, b = _item_block(parent, B)
     tw = _item_width(N, D, False)
-    prev = _item_edge(T, h, diag_off, parent, 0, base, b, B, tw)
+    half = _divmod(T.size, 2)[0]
+    prev = _item_edge(T[:half], h, diag_off, parent, 0, base, b, B, tw)
     for k in range(diag_off.shape[0] - 1):
         s0 = diag_off[k]
         n = diag_off[k + 1] - s0
         if k > 0:
             prev = diag_off[k - 1]
+        rd = (k & 1) * half
+        Tr, Tw = T[rd:rd + half], T[half - rd:2 * half - rd]
         for t in range(cuda.threadIdx.x, _divmod(n + ITEM_ROWS - 1, ITEM_ROWS)[0] * D,
                        cuda.blockDim.x):
             grp, j = _divmod(t, D)
             s = s0 + grp * ITEM_ROWS
             nb = min(ITEM_ROWS, s0 + n - s)
             if N == 1:  # the gates' count a constant: the accumulators stay in registers
-                _item_unit_forward(h, c, act, Ws, T, parent, base, s, nb, b, B, D, j, prev, cell, 4)
+                _item_unit_forward(h, c, act, Ws, Tr, Tw, parent, base, s, nb, b, B, D, j, prev, s0, cell, 4)
             elif N == 2:
-                _item_unit_forward(h, c, act, Ws, T, parent, base, s, nb, b, B, D, j, prev, cell, 5)
+                _item_unit_forward(h, c, act, Ws, Tr, Tw, parent, base, s, nb, b, B, D, j, prev, s0, cell, 5)
             else:
-                _item_unit_forward(h, c, act, Ws, T, parent, base, s, nb, b, B, D, j, prev, cell, GATE_CHUNK)
-        _item_refill(T, h, s0, n, base, b, B, tw)
+                _item_unit_forward(h, c, act, Ws, Tr, Tw, parent, base, s, nb, b, B, D, j, prev, s0, cell,
+                                   GATE_CHUNK)
+        cuda.syncthreads()
 
 
 @cuda.jit(device=True)
@@ -2249,7 +2264,7 @@ def _plan_items(sweep: str, S: int, N: int, D: int, diag_off_host: np.ndarray,
     backward = sweep == "backward"
     steps = (N + 3) * D if backward else D
     weights = (N if backward else N * (N + 3)) * -(-steps // VEC) * VEC * -(-D // SLICE) * SLICE
-    tile = (int(np.diff(diag_off_host).max()) + 1) * -(-steps // VEC) * VEC
+    tile = (1 if backward else 2) * (int(np.diff(diag_off_host).max()) + 1) * -(-steps // VEC) * VEC
     shmem = (weights + tile) * itemsize
     limit = _item_shared_limit()
     if shmem > limit:
@@ -2266,28 +2281,11 @@ def _item_shared_limit() -> int:
     return int(cuda.get_current_device().MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
 
 
-def _opt_in_shared(kernel, args, shmem: int) -> None:
-    """Let ``kernel`` (compiled for ``args``) take ``shmem`` bytes of dynamic shared memory: past
-    :data:`SHARED_BYTES_LIMIT` a launch needs the function's opt-in attribute, set once per kernel,
-    argument types, size and device."""
-    if SIMULATOR or shmem <= SHARED_BYTES_LIMIT:
-        return
-    key = ("opt_in", *_launch_key(kernel, args, 0, shmem), cuda.get_current_device().id)
-    if key in _state["opt_in"]:
-        return
-    from numba.cuda.cudadrv.driver import binding, driver
-    compiled = kernel.compile(tuple(kernel.typeof_pyval(a) for a in args))
-    cufunc = compiled._codelibrary.get_cufunc()
-    attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-    driver.cuKernelSetAttribute(attr, shmem, cufunc.handle, cufunc.device.id)
-    _state["opt_in"].add(key)
-
-
 def _item_sweep(kernel, args, blocks: int, shmem: int, K: int) -> str:
     """A sweep in the item layout: one plain launch of ``kernel`` (``blocks`` blocks of
     :data:`ITEM_THREADS`; what the other layouts' sweeps do before or after, the kernel does on
-    each block's own rows); a description of the path taken."""
-    _opt_in_shared(kernel, args, shmem)
+    each block's own rows; past 48 KiB of shared memory :func:`launch` opts in); a description of
+    the path taken."""
     launch(kernel, blocks, ITEM_THREADS, shmem, *args)
     return f"item ({blocks} blocks x {ITEM_THREADS} threads, {K} hyperplanes, block barriers)"
 
