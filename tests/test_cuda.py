@@ -170,7 +170,8 @@ def sim_item_sweeps_match_cpu(dims, cell, scans, B, D, rng):
     float64: 1-D to 3-D, several scans and items, D = 9 (a partial slice of units and runs of
     VEC padded with zeros), cells per hyperplane not a multiple of the rows per thread; a 4-D
     layer runs flat, said (sim_item_layer_matches_reference adds 2-D with 4 scans and 1-D from a
-    state)."""
+    state). At D = 9 the 2-D and 3-D backward refill the tile (8 threads take no hyperplane in one
+    pass), the 1-D one writes it directly, as the layer test's D = 3 2-D and 3-D sweeps."""
     from mdnumba.kernels import wavefront as cpu
     from mdnumba.kernels import wavefront_cuda as gpu
     from mdnumba.kernels.cell import cell_code

@@ -110,6 +110,9 @@ def run(kernel, griddim, blockdim, shmem: int, args: tuple, callbacks: list):
     configured = kernel[griddim, blockdim, 0, shmem]
     if shmem > SHARED_DEFAULT_BYTES and not SIMULATOR:
         callbacks = [*callbacks, opt_in_shared]
+    if not callbacks:  # (the simulator's kernels have no callbacks)
+        configured(*args)
+        return configured
     hooks = configured.pre_launch_callbacks
     hooks.extend(callbacks)
     try:

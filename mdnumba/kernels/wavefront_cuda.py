@@ -255,11 +255,11 @@ def _register_cells(N: int) -> tuple:
         return lh[0, 0]
 
     @cuda.jit(device=True)
-    def backward(dact, dc, act, c, parent, child, dhv, r, base, s, b, B, D, j, cell):
+    def backward(dact, dc, act, c, parent, child, dhv, r, base, s, b, B, D, j, cell, lda):
         """Row r's unit j given its complete ``dh`` value ``dhv``: dc and dact stored as
-        ``row_backward`` computes them (child d at local row 1+d: its dc and act, 0 if absent)."""
+        ``row_backward`` computes them (child d at local row 1+d: its dc and act, 0 if absent);
+        its dact also left in ``lda[0, :G]`` (the caller's local array, at least G wide)."""
         la = cuda.local.array((N1, G), act.dtype)
-        lda = cuda.local.array((1, G), act.dtype)
         ldc = cuda.local.array((N1, 1), act.dtype)
         ldh = cuda.local.array((1, 1), act.dtype)
         lc = cuda.local.array((R, 1), act.dtype)
@@ -968,6 +968,7 @@ def _rows_pull(dh, dact, dc, act, c, UTf, wl, parent, child, base, s, b0, nb, j,
             if live and ch >= 0:
                 _run_steps(acc, st[0], crow, UTf, uo + d * ds + g0 * gs, gs, wcol, kc + (-kc) % VEC, 1)
     fused = CELL_MATH and N <= REGISTER_CELL_MAX_N
+    lda = cuda.local.array((1, GATE_CHUNK), dh.dtype)
     for i in range(ROWS_PER_THREAD):  # row i in acc[0] (_next_row): acc can live in registers
         dhv = acc[0, 0]
         _next_row(acc)
@@ -977,11 +978,11 @@ def _rows_pull(dh, dact, dc, act, c, UTf, wl, parent, child, base, s, b0, nb, j,
         if not fused:
             continue
         if N == 1:
-            _cell1_backward(dact, dc, act, c, parent, child, dhv, r + i, base, s, b0 + i, B, D, j, cell)
+            _cell1_backward(dact, dc, act, c, parent, child, dhv, r + i, base, s, b0 + i, B, D, j, cell, lda)
         elif N == 2:
-            _cell2_backward(dact, dc, act, c, parent, child, dhv, r + i, base, s, b0 + i, B, D, j, cell)
+            _cell2_backward(dact, dc, act, c, parent, child, dhv, r + i, base, s, b0 + i, B, D, j, cell, lda)
         else:
-            _cell3_backward(dact, dc, act, c, parent, child, dhv, r + i, base, s, b0 + i, B, D, j, cell)
+            _cell3_backward(dact, dc, act, c, parent, child, dhv, r + i, base, s, b0 + i, B, D, j, cell, lda)
 
 
 @cuda.jit(device=True)
@@ -1148,16 +1149,15 @@ def _item_unit_forward(h, c, act, Ws, T, Tn, parent, base, s, nb, b, B, D, j, pr
 
 
 @cuda.jit(device=True)
-def _item_unit_backward(dact, dc, dh, act, c, Ws, T, parent, child, base, s, nb, b, B, D, j, nxt, cell):
-    """Unit j of the ``nb`` cells ``s + i`` of batch item b (item layout, pull form):
-    ``dh[r_i, j] += Σ_d Σ_g T[child_d(s+i) - nxt, g] · UT[g, d*D + j]`` (T: dact of the next
-    hyperplane, whose first cell is ``nxt``), then the cell math as in :func:`_rows_pull`."""
-    N = parent.shape[1]
+def _item_pull(acc, dh, Ws, T, child, base, s, nb, b, B, D, j, nxt):
+    """Unit j of the ``nb`` cells ``s + i`` of batch item b (item layout, pull form): ``acc[i, 0] =
+    dh[r_i, j] + Σ_d Σ_g T[child_d(s+i) - nxt, g] · UT[g, d*D + j]`` (T: dact of the next
+    hyperplane, whose first cell is ``nxt``; :func:`_run_steps` on the slices of Ws)."""
+    N = child.shape[1]
     tw = _item_width(N, D, True)
     sl, jj = _divmod(j, SLICE)
     _, _, ds, gs, uc = _slice_weights(jj, N, D, True, VEC)
     w0 = sl * _slice_size(N, D, True, VEC)
-    acc = cuda.local.array((ITEM_ROWS, 1), dh.dtype)
     crow = cuda.local.array(ITEM_ROWS, numba.int64)
     wcol = cuda.local.array(1, numba.int64)
     wcol[0] = uc
@@ -1166,6 +1166,18 @@ def _item_unit_backward(dact, dc, dh, act, c, Ws, T, parent, child, base, s, nb,
     for d in range(N if RECURRENT_SUM else 0):
         _item_rows(crow, child, d, s, nb, nxt, T, tw)
         _item_run_steps(acc, T, crow, Ws, w0 + d * ds, gs, wcol, tw, 1)
+
+
+@cuda.jit(device=True)
+def _item_cells_backward(acc, dact, dc, dh, act, c, T, parent, child, base, s, nb, b, B, D, j, s0, cell,
+                         direct, width):
+    """The cell math of unit j of the ``nb`` cells ``s + i`` (item layout) from their dh in ``acc``
+    (:func:`_item_pull`), row by row as in :func:`_rows_pull`; when ``direct``, each row's dact of
+    unit j also into its row of the tile, ``T[(s + i - s0)*tw + g*D + j]`` (``s0``: the first cell of
+    this hyperplane; ``width`` = N + 3, the gates' count, a constant at each call site)."""
+    N = parent.shape[1]
+    tw = _item_width(N, D, True)
+    lda = cuda.local.array((1, GATE_CHUNK), dh.dtype)
     for i in range(ITEM_ROWS):
         dhv = acc[0, 0]
         _item_next_row(acc)
@@ -1176,12 +1188,18 @@ def _item_unit_backward(dact, dc, dh, act, c, Ws, T, parent, child, base, s, nb,
         if not (CELL_MATH and N <= REGISTER_CELL_MAX_N):
             if CELL_MATH:
                 _cell_row_backward(dact, dc, dh, act, c, parent, child, base, s + i, b, B, D, cell, j, j + 1)
-        elif N == 1:
-            _cell1_backward(dact, dc, act, c, parent, child, dhv, r, base, s + i, b, B, D, j, cell)
-        elif N == 2:
-            _cell2_backward(dact, dc, act, c, parent, child, dhv, r, base, s + i, b, B, D, j, cell)
+            if direct:  # (the loops' trip counts constants: lda stays in registers)
+                for g in range(width):
+                    lda[0, g] = dact[r, g * D + j]
+        elif width == 4:
+            _cell1_backward(dact, dc, act, c, parent, child, dhv, r, base, s + i, b, B, D, j, cell, lda)
+        elif width == 5:
+            _cell2_backward(dact, dc, act, c, parent, child, dhv, r, base, s + i, b, B, D, j, cell, lda)
         else:
-            _cell3_backward(dact, dc, act, c, parent, child, dhv, r, base, s + i, b, B, D, j, cell)
+            _cell3_backward(dact, dc, act, c, parent, child, dhv, r, base, s + i, b, B, D, j, cell, lda)
+        if direct:
+            for g in range(width):
+                T[(s + i - s0) * tw + g * D + j] = lda[0, g]
 
 
 @cuda.jit(device=True)
@@ -1261,21 +1279,45 @@ def _item_forward_sweep(h, c, act, Ws, T, diag_off, parent, B, D, cell):
 @cuda.jit(device=True)
 def _item_backward_sweep(dact, dc, dh, act, c, Ws, T, diag_off, parent, child, B, D, cell):
     """The backward sweep of the block's batch item (item layout): hyperplanes k = K-1..0 as
-    :func:`_item_forward_sweep`, the tile holding the dact rows of hyperplane k+1."""
+    :func:`_item_forward_sweep`, the tile holding the dact rows of hyperplane k+1. *Direct* where
+    one pass of the block's threads takes every item of the largest hyperplane: a block barrier
+    after the pulls (:func:`_item_pull`), then the cell math writes each new dact row into the tile
+    too (:func:`_item_cells_backward`), a barrier; else the items block-stride and the tile refilled
+    from dact (:func:`_item_refill`). Every thread runs the same passes (barriers in uniform code)."""
+    N = parent.shape[1]
     base, b = _item_block(parent, B)
     K = diag_off.shape[0] - 1
-    tw = _item_width(parent.shape[1], D, True)
+    tw = _item_width(N, D, True)
+    direct = _divmod(_divmod(T.size, tw)[0] - 1 + ITEM_ROWS - 1, ITEM_ROWS)[0] * D <= cuda.blockDim.x
     _item_edge(T, dact, diag_off, child, K - 1, base, b, B, tw)
+    acc = cuda.local.array((ITEM_ROWS, 1), dh.dtype)
     for k in range(K - 1, -1, -1):
         s0 = diag_off[k]
         n = diag_off[k + 1] - s0
-        for t in range(cuda.threadIdx.x, _divmod(n + ITEM_ROWS - 1, ITEM_ROWS)[0] * D,
-                       cuda.blockDim.x):
-            grp, j = _divmod(t, D)
+        items = _divmod(n + ITEM_ROWS - 1, ITEM_ROWS)[0] * D
+        for t0 in range(0, items, cuda.blockDim.x):
+            grp, j = _divmod(t0 + cuda.threadIdx.x, D)
             s = s0 + grp * ITEM_ROWS
-            _item_unit_backward(dact, dc, dh, act, c, Ws, T, parent, child, base, s,
-                                min(ITEM_ROWS, s0 + n - s), b, B, D, j, s0 + n, cell)
-        _item_refill(T, dact, s0, n, base, b, B, tw)
+            nb = min(ITEM_ROWS, s0 + n - s)
+            if t0 + cuda.threadIdx.x < items:
+                _item_pull(acc, dh, Ws, T, child, base, s, nb, b, B, D, j, s0 + n)
+            if direct:
+                cuda.syncthreads()  # every pull has read the tile
+            if t0 + cuda.threadIdx.x >= items:
+                continue
+            if N == 1:  # the gates' count a constant: lda stays in registers
+                _item_cells_backward(acc, dact, dc, dh, act, c, T, parent, child, base, s, nb, b, B, D, j, s0,
+                                     cell, direct, 4)
+            elif N == 2:
+                _item_cells_backward(acc, dact, dc, dh, act, c, T, parent, child, base, s, nb, b, B, D, j, s0,
+                                     cell, direct, 5)
+            else:
+                _item_cells_backward(acc, dact, dc, dh, act, c, T, parent, child, base, s, nb, b, B, D, j, s0,
+                                     cell, direct, GATE_CHUNK)
+        if direct:
+            cuda.syncthreads()
+        else:
+            _item_refill(T, dact, s0, n, base, b, B, tw)
 
 
 # ---------------------------------------------------------------- around the sweeps
