@@ -237,22 +237,41 @@ def _register_cells(N: int) -> tuple:
             lc[N1 + d, 0] = c[base + p * B + b, j] if p >= 0 else 0
 
     @cuda.jit(device=True)
-    def forward(h, c, act, parent, acc, r, base, s, b, B, D, j, cell):
-        """Row r's unit j from its pre-activations ``acc[0, 0..N+2]``: act (the gates), c and h
-        stored as :func:`mdnumba.kernels.cell.build`'s ``row_forward`` computes them; returns h."""
+    def row_forward(h, c, act, acc, lp, lc, r, D, j, cell):
+        """Row r's unit j from its pre-activations ``acc[0, 0..N+2]`` and its parents' c in ``lc``:
+        act (the gates), c and h stored as :func:`mdnumba.kernels.cell.build`'s ``row_forward``
+        computes them; returns ``(h, c)``."""
         la = cuda.local.array((1, G), act.dtype)
-        lc = cuda.local.array((R, 1), act.dtype)
         lh = cuda.local.array((1, 1), act.dtype)
-        lp = cuda.local.array((1, N), numba.int64)
         for g in range(G):
             la[0, g] = acc[0, g]
-        neighbours(lp, lc, c, parent, base, s, b, B, j)
         _cell_row_forward(lh, lc, la, lp, 0, 0, 0, 1, 1, cell, 0, 1)
         for g in range(G):
             act[r, g * D + j] = la[0, g]
         c[r, j] = lc[0, 0]
         h[r, j] = lh[0, 0]
-        return lh[0, 0]
+        return lh[0, 0], lc[0, 0]
+
+    @cuda.jit(device=True)
+    def forward(h, c, act, parent, acc, r, base, s, b, B, D, j, cell):
+        """:func:`row_forward` with the parents' c read from ``c``."""
+        lc = cuda.local.array((R, 1), act.dtype)
+        lp = cuda.local.array((1, N), numba.int64)
+        neighbours(lp, lc, c, parent, base, s, b, B, j)
+        return row_forward(h, c, act, acc, lp, lc, r, D, j, cell)
+
+    @cuda.jit(device=True)
+    def forward_tile(h, c, act, parent, acc, r, s, Tc, prev, tw, D, j, cell):
+        """:func:`row_forward` with the parents' c read from the item layout's tile ``Tc`` of the
+        previous hyperplane's c (rows of ``tw``, its first cell ``prev``; shared memory: no global
+        round trip in the cell math)."""
+        lc = cuda.local.array((R, 1), act.dtype)
+        lp = cuda.local.array((1, N), numba.int64)
+        for d in range(N):
+            p = parent[s, d]
+            lp[0, d] = N1 + d
+            lc[N1 + d, 0] = Tc[(p - prev) * tw + j] if p >= 0 else 0
+        return row_forward(h, c, act, acc, lp, lc, r, D, j, cell)
 
     @cuda.jit(device=True)
     def backward(dact, dc, act, c, parent, child, dhv, r, base, s, b, B, D, j, cell, lda):
@@ -282,22 +301,33 @@ def _register_cells(N: int) -> tuple:
             dact[r, g * D + j] = lda[0, g]
         dc[r, j] = ldc[0, 0]
 
-    return forward, backward
+    return forward, forward_tile, backward
 
 
-(_cell1_forward, _cell1_backward), (_cell2_forward, _cell2_backward), (_cell3_forward, _cell3_backward) = \
-    (_register_cells(n) for n in (1, 2, 3))
+((_cell1_forward, _cell1_forward_tile, _cell1_backward),
+ (_cell2_forward, _cell2_forward_tile, _cell2_backward),
+ (_cell3_forward, _cell3_forward_tile, _cell3_backward)) = (_register_cells(n) for n in (1, 2, 3))
 
 
 @cuda.jit(device=True)
 def _register_forward(h, c, act, parent, acc, r, base, s, b, B, D, j, cell, width):
     """Row r's unit j from ``acc[0]`` on registers (:func:`_register_cells`), for N = width - 3
-    (``width``, the gates' count, a constant at each call site); returns its h."""
+    (``width``, the gates' count, a constant at each call site); returns its ``(h, c)``."""
     if width == 4:
         return _cell1_forward(h, c, act, parent, acc, r, base, s, b, B, D, j, cell)
     if width == 5:
         return _cell2_forward(h, c, act, parent, acc, r, base, s, b, B, D, j, cell)
     return _cell3_forward(h, c, act, parent, acc, r, base, s, b, B, D, j, cell)
+
+
+@cuda.jit(device=True)
+def _register_forward_tile(h, c, act, parent, acc, r, s, Tc, prev, tw, D, j, cell, width):
+    """:func:`_register_forward` with the parents' c from the item layout's tile ``Tc``."""
+    if width == 4:
+        return _cell1_forward_tile(h, c, act, parent, acc, r, s, Tc, prev, tw, D, j, cell)
+    if width == 5:
+        return _cell2_forward_tile(h, c, act, parent, acc, r, s, Tc, prev, tw, D, j, cell)
+    return _cell3_forward_tile(h, c, act, parent, acc, r, s, Tc, prev, tw, D, j, cell)
 
 
 @cuda.jit(device=True)
@@ -1024,7 +1054,7 @@ def _item_shared(sh, Wf, diag_off, q, N, D, transposed):
     slice after slice of :data:`SLICE` units in :func:`_fill_slice`'s layout (runs of :data:`VEC`);
     ``T``: the tile of one hyperplane's rows (h forward, dact backward), flat, rows of
     :func:`_item_width` steps, a row per cell of the largest hyperplane and a last row of zeros
-    (an absent neighbour's); forward two such tiles, one after the other (:func:`_item_tiles`).
+    (an absent neighbour's); forward four such tiles, one after the other (:func:`_item_tiles`).
     The whole block calls it; T starts all zeros. (Flat, not reshaped: numba's reshape takes a
     local-memory frame.)"""
     size = _slice_size(N, D, transposed, VEC)
@@ -1043,10 +1073,10 @@ def _item_shared(sh, Wf, diag_off, q, N, D, transposed):
 
 @cuda.jit(device=True)
 def _item_tiles(transposed):
-    """Tiles of the item layout: 2 forward (the cell math writes h into the tile of the next
-    hyperplane: no refill from global memory), 1 backward (a second dact tile would not fit
-    beside UT at D = 64 float32; the tile is refilled, :func:`_item_refill`)."""
-    return 1 if transposed else 2
+    """Tiles of the item layout: 4 forward (h and c of two hyperplanes: the cell math reads the
+    parents' c from one and writes h and c into the next hyperplane's, no global round trip), 1
+    backward (a second dact tile would not fit beside UT at D = 64 float32)."""
+    return 1 if transposed else 4
 
 
 @cuda.jit(device=True)
@@ -1111,12 +1141,13 @@ def _item_rows(rows, nbr, d, s, nb, first, T, width):
 
 
 @cuda.jit(device=True)
-def _item_unit_forward(h, c, act, Ws, T, Tn, parent, base, s, nb, b, B, D, j, prev, s0, cell, width):
+def _item_unit_forward(h, c, act, Ws, T, Tn, Tc, Tcn, parent, base, s, nb, b, B, D, j, prev, s0, cell, width):
     """Unit j of the ``nb`` cells ``s + i`` of batch item b (item layout): ``a_g = act[r_i, g*D + j]
     + Σ_d Σ_k T[parent_d(s+i) - prev, k] · U[k, d*G + g*D + j]`` (T: h of the previous
     hyperplane, whose first cell is ``prev``; :func:`_run_steps` on the slices of Ws), then the
-    cell math as in :func:`_rows_preact`, row by row, h also into ``Tn[s + i - s0, j]`` (the next
-    tile; ``s0``: the first cell of this hyperplane)."""
+    cell math as in :func:`_rows_preact`, row by row, the parents' c from ``Tc`` (laid out as T), h
+    and c also into ``Tn[s + i - s0, j]`` and ``Tcn`` (the next tiles; ``s0``: the first cell of
+    this hyperplane)."""
     N = parent.shape[1]
     tw = _item_width(N, D, False)
     sl, jj = _divmod(j, SLICE)
@@ -1141,10 +1172,12 @@ def _item_unit_forward(h, c, act, Ws, T, Tn, parent, base, s, nb, b, B, D, j, pr
                     act[r, g * D + j] = acc[0, g]
                 if CELL_MATH:
                     _cell_row_forward(h, c, act, parent, base, s + i, b, B, D, cell, j, j + 1)
-                Tn[(s + i - s0) * tw + j] = h[r, j]
+                hv, cv = h[r, j], c[r, j]
             else:
-                Tn[(s + i - s0) * tw + j] = _register_forward(h, c, act, parent, acc, r, base, s + i, b, B,
-                                                              D, j, cell, width)
+                hv, cv = _register_forward_tile(h, c, act, parent, acc, r, s + i, Tc, prev, tw, D, j, cell,
+                                                width)
+            Tn[(s + i - s0) * tw + j] = hv
+            Tcn[(s + i - s0) * tw + j] = cv
         _item_next_row(acc)
 
 
@@ -1247,32 +1280,37 @@ def _item_block(parent, B):
 @cuda.jit(device=True)
 def _item_forward_sweep(h, c, act, Ws, T, diag_off, parent, B, D, cell):
     """The forward sweep of the block's batch item (item layout): hyperplanes k = 0..K-1, the
-    items (group of ITEM_ROWS cells, unit j) block-stride, j fastest, reading h of hyperplane k-1
-    from one half of T and writing h of k into the other (so one barrier between hyperplanes)."""
+    items (group of ITEM_ROWS cells, unit j) block-stride, j fastest, reading h and c of
+    hyperplane k-1 from one of T's pairs of tiles (h, h, c, c: :func:`_item_tiles`) and writing h
+    and c of k into the other (so one barrier between hyperplanes)."""
     N = parent.shape[1]
     base, b = _item_block(parent, B)
     tw = _item_width(N, D, False)
-    half = _divmod(T.size, 2)[0]
-    prev = _item_edge(T[:half], h, diag_off, parent, 0, base, b, B, tw)
+    q = _divmod(T.size, 4)[0]
+    prev = _item_edge(T[:q], h, diag_off, parent, 0, base, b, B, tw)
+    _item_edge(T[2 * q:3 * q], c, diag_off, parent, 0, base, b, B, tw)
     for k in range(diag_off.shape[0] - 1):
         s0 = diag_off[k]
         n = diag_off[k + 1] - s0
         if k > 0:
             prev = diag_off[k - 1]
-        rd = (k & 1) * half
-        Tr, Tw = T[rd:rd + half], T[half - rd:2 * half - rd]
+        rd = (k & 1) * q
+        Tr, Tw = T[rd:rd + q], T[q - rd:2 * q - rd]
+        Tc, Tcn = T[2 * q + rd:3 * q + rd], T[3 * q - rd:4 * q - rd]
         for t in range(cuda.threadIdx.x, _divmod(n + ITEM_ROWS - 1, ITEM_ROWS)[0] * D,
                        cuda.blockDim.x):
             grp, j = _divmod(t, D)
             s = s0 + grp * ITEM_ROWS
             nb = min(ITEM_ROWS, s0 + n - s)
             if N == 1:  # the gates' count a constant: the accumulators stay in registers
-                _item_unit_forward(h, c, act, Ws, Tr, Tw, parent, base, s, nb, b, B, D, j, prev, s0, cell, 4)
+                _item_unit_forward(h, c, act, Ws, Tr, Tw, Tc, Tcn, parent, base, s, nb, b, B, D, j, prev, s0,
+                                   cell, 4)
             elif N == 2:
-                _item_unit_forward(h, c, act, Ws, Tr, Tw, parent, base, s, nb, b, B, D, j, prev, s0, cell, 5)
+                _item_unit_forward(h, c, act, Ws, Tr, Tw, Tc, Tcn, parent, base, s, nb, b, B, D, j, prev, s0,
+                                   cell, 5)
             else:
-                _item_unit_forward(h, c, act, Ws, Tr, Tw, parent, base, s, nb, b, B, D, j, prev, s0, cell,
-                                   GATE_CHUNK)
+                _item_unit_forward(h, c, act, Ws, Tr, Tw, Tc, Tcn, parent, base, s, nb, b, B, D, j, prev, s0,
+                                   cell, GATE_CHUNK)
         cuda.syncthreads()
 
 
@@ -2306,7 +2344,7 @@ def _plan_items(sweep: str, S: int, N: int, D: int, diag_off_host: np.ndarray,
     backward = sweep == "backward"
     steps = (N + 3) * D if backward else D
     weights = (N if backward else N * (N + 3)) * -(-steps // VEC) * VEC * -(-D // SLICE) * SLICE
-    tile = (1 if backward else 2) * (int(np.diff(diag_off_host).max()) + 1) * -(-steps // VEC) * VEC
+    tile = (1 if backward else 4) * (int(np.diff(diag_off_host).max()) + 1) * -(-steps // VEC) * VEC
     shmem = (weights + tile) * itemsize
     limit = _item_shared_limit()
     if shmem > limit:
