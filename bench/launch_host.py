@@ -9,8 +9,9 @@ numba ``DeviceNDArray`` objects on made-up pointers. So the times are what mdnum
 spend in Python per launcher call, at 32x32 B64 D64 in float32: the forward and backward sweeps in
 their default and item layouts, the weight-gradient GEMM and the Adam update. The cooperative grid's
 limit, which the launchers remember after their first call, is stubbed; the item layout's opt-in to
-more shared memory (a driver call on each launch through numba-cuda) calls a stub. Best (median) of
-N calls in µs; writes a markdown table (default ``bench/results/launch_host.md``).
+more shared memory, which they remember too, calls a stubbed driver once and then looks up its key
+at each call. Best (median) of N calls in µs; writes a markdown table (default
+``bench/results/launch_host.md``).
 
 Usage: ``python bench/launch_host.py [--repeats N] [--only TEXT] [--out PATH]`` (``--only``: the
 launchers whose name contains TEXT)
@@ -49,10 +50,12 @@ class _Pointer:
 def mock_driver() -> None:
     """Replace what numba-cuda would ask the driver (module docstring)."""
     import numba.cuda.dispatcher as dispatcher
+    from numba import cuda
     from numba.cuda import codegen
     from numba.cuda.cudadrv import driver
 
-    dispatcher.get_current_device = lambda: SimpleNamespace(compute_capability=(9, 0))
+    dispatcher.get_current_device = cuda.get_current_device = \
+        lambda: SimpleNamespace(compute_capability=(9, 0), id=0)
     codegen.CUDACodeLibrary._ensure_cc = lambda self, cc: cc or (9, 0, "a")
     cufunc = SimpleNamespace(kernel="kernel", module=SimpleNamespace(initialized=True, setup=lambda: None),
                              handle=0, device=SimpleNamespace(id=0))

@@ -1015,13 +1015,14 @@ def sim_errors_and_fallback(rng, monkeypatch):
         assert (f"flat layout: a slice's weights and staged tile take {weights + tile} B, over "
                 f"{weights + tile - 1} B") in last_path()
         # the item layout: D = 3 steps padded to 4, 2 * 5 gate blocks of a slice of SLICE units, and the
-        # tile: a row per cell of the largest hyperplane (2) and a zero row
-        item = (2 * 5 * 4 * gpu.SLICE + 3 * 4) * 4
+        # forward's 4 tiles (h and c of two hyperplanes): a row per cell of the largest hyperplane (2)
+        # and a zero row
+        item = (2 * 5 * 4 * gpu.SLICE + 4 * 3 * 4) * 4
         m.setattr(gpu, "ITEM_SHARED_LIMIT", item - 1)
         per_item = CudaLSTM.from_layer(MDLSTM2D(2, 3, dtype=np.float32), layout="item")
         np.testing.assert_array_equal(per_item.forward(np.ones((1, 2, 2, 2), np.float32)), y)
-        assert (f"flat layout: all weights and a hyperplane's rows take {item} B, over the {item - 1} B of "
-                "shared memory a block can have") in last_path()
+        assert (f"flat layout: all weights and the tiles of hyperplane rows take {item} B, over the "
+                f"{item - 1} B of shared memory a block can have") in last_path()
     from mdnumba import config  # the tile holds the rows of MDNUMBA_THREADS_PER_BLOCK threads' items
     staged = CudaLSTM.from_layer(MDLSTM2D(2, 3, dtype=np.float32), layout="staged",
                                  threads_per_block=2 * config.THREADS_PER_BLOCK)

@@ -1,6 +1,7 @@
 """Prepared CUDA launches (mdnumba/kernels/launch.py): their keys, when they are made and used, and
-what they hand to the driver call, with stand-ins for numba-cuda's dispatcher and compiled kernel
-(the GPU runs of tests/test_cuda.py launch every kernel through them for real)."""
+what they hand to the driver call; and the item sweeps' opt-in to more shared memory; with
+stand-ins for numba-cuda's dispatcher and compiled kernel (the GPU runs of tests/test_cuda.py
+launch every kernel through them for real)."""
 
 from __future__ import annotations
 
@@ -150,21 +151,29 @@ def test_host_arrays_and_a_failed_driver_call_launch_through_numba_cuda(prepared
     assert len(kernel.launched) == 7 and not prepared and not L._state["prepared"]
 
 
-@pytest.mark.parametrize("simulator", [False, True])
-def test_launches_past_48_kib_opt_in_to_their_shared_memory(prepared, monkeypatch, simulator):
-    """On a GPU every launch through numba-cuda with more than 48 KiB of dynamic shared memory sets
-    the compiled kernel's opt-in attribute to its size on its device before the driver call (the
-    prepared launch, made from such a launch, needs no more); 48 KiB or less, or the simulator,
-    sets nothing."""
+def test_item_sweeps_opt_in_to_their_shared_memory_once(monkeypatch):
+    """On a GPU an item sweep past 48 KiB of dynamic shared memory sets the compiled kernel's opt-in
+    attribute to its size, on its device, before its first launch, once per kernel, argument types
+    and size (a prepared launch finds it set); 48 KiB or less sets nothing."""
     from numba.cuda.cudadrv.driver import binding, driver
-    set_calls = []
+
+    from mdnumba.kernels import wavefront_cuda as W
+    set_calls, compiled_for = [], []
+
+    class Dispatcher:
+        def typeof_pyval(self, a):
+            return type(a).__name__
+
+        def compile(self, types):
+            compiled_for.append(types)
+            return Compiled()
     monkeypatch.setitem(vars(driver), "cuKernelSetAttribute", lambda *a: set_calls.append(a))
-    monkeypatch.setattr(L, "SIMULATOR", simulator)
-    kernel, x = Kernel(), device_array(4096, (3, 4))
-    for shmem in (L.SHARED_DEFAULT_BYTES, L.SHARED_DEFAULT_BYTES + 16):
-        for _ in range(3):
-            L.launch(kernel, 1, 8, shmem, x, x, 1)
+    monkeypatch.setattr(W, "SIMULATOR", False)
+    monkeypatch.setattr(W.cuda, "get_current_device", lambda: SimpleNamespace(id=3))
+    monkeypatch.setitem(W._state, "opt_in", set())
+    kernel, x = Dispatcher(), np.zeros((3, 4), np.float32)
+    for shmem in (W.SHARED_BYTES_LIMIT, W.SHARED_BYTES_LIMIT + 16, W.SHARED_BYTES_LIMIT + 16):
+        W._opt_in_shared(kernel, (x, 1), shmem)
     attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-    expected = [] if simulator else [(attr, L.SHARED_DEFAULT_BYTES + 16, "handle", 3)] * 2
-    assert set_calls == expected
-    assert len(kernel.launched) == (6 if simulator else 4) and kernel.callbacks_left() == 0
+    assert set_calls == [(attr, W.SHARED_BYTES_LIMIT + 16, "handle", 3)]
+    assert compiled_for == [("ndarray", "int")]

@@ -20,11 +20,6 @@ kernel, or ``MDNUMBA_CUDA_PREPARED_LAUNCH=0`` launches through numba-cuda every 
 every launch after a prepared one raised (then numba-cuda's own launch of the same arguments
 says why). Only the default stream, and one device: a prepared launch holds the kernel loaded in
 the context it was prepared in (another device's would raise, and turn them off as above).
-
-A launch with more than :data:`SHARED_DEFAULT_BYTES` of dynamic shared memory needs the kernel's
-opt-in attribute: every launch through numba-cuda sets it on the compiled kernel before the driver
-call (:func:`opt_in_shared`, a pre-launch callback); a prepared launch, made from such a launch,
-finds it set.
 """
 
 from __future__ import annotations
@@ -41,8 +36,6 @@ SIMULATOR: bool = bool(numba.config.ENABLE_CUDASIM)
 #: keys kept at most, prepared or seen once (then forgotten all at once: a step's keys recur, a
 #: per-diagonal sweep has one per anti-diagonal)
 MAX_PREPARED = 2048
-#: bytes of dynamic shared memory a block may take without the kernel's opt-in attribute
-SHARED_DEFAULT_BYTES = 48 * 1024
 #: "prepared": key -> launch (a callable); "seen": keys launched once; "failed": why prepared
 #: launches were turned off, or None
 _state: dict = {"prepared": {}, "seen": set(), "failed": None}
@@ -102,14 +95,11 @@ def launch(kernel, griddim, blockdim, shmem: int, *args) -> None:
 
 
 def run(kernel, griddim, blockdim, shmem: int, args: tuple, callbacks: list):
-    """``kernel[griddim, blockdim, 0, shmem](*args)`` through numba-cuda, with ``callbacks`` and,
-    where ``shmem`` needs it (on a GPU), :func:`opt_in_shared` run before its driver call;
-    returns the launch configuration. numba-cuda keeps one configuration per grid, block, stream
-    and shared memory (``Dispatcher.configure`` is cached), so the callbacks are taken off it
-    again after the launch."""
+    """``kernel[griddim, blockdim, 0, shmem](*args)`` through numba-cuda, with ``callbacks`` run
+    before its driver call; returns the launch configuration. numba-cuda keeps one configuration
+    per grid, block, stream and shared memory (``Dispatcher.configure`` is cached), so the
+    callbacks are taken off it again after the launch."""
     configured = kernel[griddim, blockdim, 0, shmem]
-    if shmem > SHARED_DEFAULT_BYTES and not SIMULATOR:
-        callbacks = [*callbacks, opt_in_shared]
     if not callbacks:  # (the simulator's kernels have no callbacks)
         configured(*args)
         return configured
@@ -121,17 +111,6 @@ def run(kernel, griddim, blockdim, shmem: int, args: tuple, callbacks: list):
         for callback in callbacks:
             hooks.remove(callback)
     return configured
-
-
-def opt_in_shared(compiled, configured) -> None:
-    """Let ``compiled`` (numba-cuda's compiled kernel, on the current device) take the dynamic
-    shared memory of its launch ``configured``, past :data:`SHARED_DEFAULT_BYTES`: the kernel's
-    ``CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`` (one driver call; a launch over the device's
-    opt-in limit then fails in the driver, which says so)."""
-    from numba.cuda.cudadrv.driver import binding, driver
-    cufunc = compiled._codelibrary.get_cufunc()
-    attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-    driver.cuKernelSetAttribute(attr, configured.sharedmem, cufunc.handle, cufunc.device.id)
 
 
 def prepare(compiled, configured, args: tuple):

@@ -77,7 +77,7 @@ from numba import cuda
 
 from .. import config
 from .cell import build
-from .launch import SHARED_DEFAULT_BYTES, launch
+from .launch import launch
 
 if TYPE_CHECKING:
     from ..backend_cuda import DeviceArray, HostOrDevice
@@ -85,7 +85,7 @@ if TYPE_CHECKING:
 #: True when numba runs CUDA kernels in its CPU simulator (NUMBA_ENABLE_CUDASIM=1)
 SIMULATOR: bool = bool(numba.config.ENABLE_CUDASIM)
 #: bytes of dynamic shared memory a block may use without an opt-in attribute
-SHARED_BYTES_LIMIT = SHARED_DEFAULT_BYTES
+SHARED_BYTES_LIMIT = 48 * 1024
 #: upper bound on the cooperative grid (the device's co-residency limit is applied too)
 COOP_MAX_BLOCKS = 4096
 #: grid cap for grid-stride bulk kernels (the simulator runs a CUDA thread as a Python thread: keep it tiny)
@@ -185,8 +185,9 @@ if config.CUDA_SKIP:
 #: "coop_error": why a cooperative launch failed on the 'auto' path, per sweep kernel, block
 #: shape, shared memory and argument types (:func:`_launch_key`; one that cannot be resident,
 #: e.g. float64 with more registers, leaves the others cooperative); "coop_limit": the
-#: co-residency limit per the same and device (:func:`_coop_limit`)
-_state: dict = {"last_path": None, "coop_error": {}, "coop_limit": {}, "scratch": {}}
+#: co-residency limit per the same and device (:func:`_coop_limit`); "opt_in": the kernels, argument
+#: types, shared sizes and devices whose opt-in to more shared memory is set (:func:`_opt_in_shared`)
+_state: dict = {"last_path": None, "coop_error": {}, "coop_limit": {}, "scratch": {}, "opt_in": set()}
 
 
 # ---------------------------------------------------------------- device functions
@@ -2348,8 +2349,8 @@ def _plan_items(sweep: str, S: int, N: int, D: int, diag_off_host: np.ndarray,
     shmem = (weights + tile) * itemsize
     limit = _item_shared_limit()
     if shmem > limit:
-        return 0, (f"flat layout: all weights and a hyperplane's rows take {shmem} B, over the {limit} B of "
-                   "shared memory a block can have")
+        return 0, (f"flat layout: all weights and the tiles of hyperplane rows take {shmem} B, over the "
+                   f"{limit} B of shared memory a block can have")
     return shmem, ""
 
 
@@ -2361,11 +2362,28 @@ def _item_shared_limit() -> int:
     return int(cuda.get_current_device().MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
 
 
+def _opt_in_shared(kernel, args, shmem: int) -> None:
+    """Let ``kernel`` (compiled for ``args``) take ``shmem`` bytes of dynamic shared memory: past
+    :data:`SHARED_BYTES_LIMIT` a launch needs the function's opt-in attribute, set once per kernel,
+    argument types, size and device."""
+    if SIMULATOR or shmem <= SHARED_BYTES_LIMIT:
+        return
+    key = ("opt_in", *_launch_key(kernel, args, 0, shmem), cuda.get_current_device().id)
+    if key in _state["opt_in"]:
+        return
+    from numba.cuda.cudadrv.driver import binding, driver
+    compiled = kernel.compile(tuple(kernel.typeof_pyval(a) for a in args))
+    cufunc = compiled._codelibrary.get_cufunc()
+    attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    driver.cuKernelSetAttribute(attr, shmem, cufunc.handle, cufunc.device.id)
+    _state["opt_in"].add(key)
+
+
 def _item_sweep(kernel, args, blocks: int, shmem: int, K: int) -> str:
     """A sweep in the item layout: one plain launch of ``kernel`` (``blocks`` blocks of
     :data:`ITEM_THREADS`; what the other layouts' sweeps do before or after, the kernel does on
-    each block's own rows; past 48 KiB of shared memory :func:`launch` opts in); a description of
-    the path taken."""
+    each block's own rows); a description of the path taken."""
+    _opt_in_shared(kernel, args, shmem)
     launch(kernel, blocks, ITEM_THREADS, shmem, *args)
     return f"item ({blocks} blocks x {ITEM_THREADS} threads, {K} hyperplanes, block barriers)"
 
