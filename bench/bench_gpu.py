@@ -166,6 +166,34 @@ def mdnumba_device_fns(cfg: Config, x: np.ndarray, path: str, layout: str | None
     return train, lambda save=True: dev.forward(xd, save=save), dev
 
 
+def cpu_reference(cfg: Config, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The CPU kernels' forward output and flat gradients (loss ``0.5 * mean(h**2)``, no dL/dx) of
+    the benchmarked layer on ``x``: what every device path is checked against before it is timed."""
+    layer = bench_layer(cfg)
+    h = layer.forward(x)
+    layer.zero_grad()
+    layer.backward(h * np.float32(1.0 / h.size), input_grad=False)
+    return h, layer.grads.data.ravel().copy()
+
+
+def path_check(dev, x: np.ndarray, ref: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
+    """``dev``'s (a fresh ``CudaLSTM`` of the benchmarked layer) largest differences from the CPU
+    kernels' ``ref`` (:func:`cpu_reference`), in :data:`PARITY`'s terms: its forward output's max
+    abs difference and its gradients' max abs difference over the largest CPU gradient."""
+    h_ref, g_ref = ref
+    h = dev.forward(x)
+    dev.zero_grad()
+    dev.backward(h * np.float32(1.0 / h.size), input_grad=False)
+    g = dev.grads_to_host()
+    return {"forward_max_abs": float(np.abs(h - h_ref).max()),
+            "grad_max_rel": float(np.abs(g - g_ref).max() / (np.abs(g_ref).max() + 1e-30))}
+
+
+def matches(check: dict | None) -> bool:
+    """Whether a check (:func:`path_check`, the PyTorch one) is within :data:`PARITY` (NaN: no)."""
+    return bool(check) and all(check.get(k, np.nan) <= tol for k, tol in PARITY.items())
+
+
 def trainer_step(cfg: Config, budget_s: float, block: int = 20) -> tuple[Timing, Timing, Timing]:
     """Per-step time of ``mdnumba train --device cuda`` (:class:`DeviceTrainer`, md model on the
     diagonal task at side H, batch B, hidden D): host batch generation and upload, MD-LSTM,
@@ -379,20 +407,21 @@ def speed_table(results: list[dict], mode: str, keys: tuple | None = None) -> li
 
 
 def targets(results: list[dict]) -> list[str]:
-    """Markdown bullets: issue 5's train-step targets, met or not, on the faster device path
-    (the trainer uses the cooperative one wherever a cooperative launch works)."""
+    """Markdown bullets: issue 5's train-step targets, met or not, on the fastest device path of
+    those that matched the CPU kernels before they were timed (:func:`path_check`; the trainer
+    uses the cooperative one wherever a cooperative launch works)."""
     lines = []
     for res in results:
         cfg, t = res["cfg"], res["train"]
         goal = TARGETS.get((cfg.H, cfg.W, cfg.B, cfg.D))
-        paths = [(t[k].best, name) for k, _, _, name in DEVICE_PATHS if k in t]
+        checked = res.get("path_check", {})
+        paths = [(t[k].best, name) for k, _, _, name in DEVICE_PATHS if k in t and matches(checked.get(k))]
         if goal is None or "torch" not in t or not paths:
             continue
         best, name = min(paths)
         got = t["torch"].best / best
         check = res.get("check") or {}
-        same = bool(check) and all(check.get(k, np.nan) <= tol for k, tol in PARITY.items())  # NaN: False
-        verdict = ('met' if got >= goal else 'NOT met') if same else f"BASELINE MISMATCH {check}"
+        verdict = ('met' if got >= goal else 'NOT met') if matches(check) else f"BASELINE MISMATCH {check}"
         lines.append(f"- train step at {cfg.label}: PyTorch / mdnumba ({name}) = {got:.1f}x "
                      f"(target ≥ {goal:g}x): **{verdict}**")
     return lines
@@ -579,6 +608,15 @@ def render(info: dict[str, str], results: list[dict], quick: bool) -> str:
     out += dispatch_table(results)
     out += ["", "## Sweep paths taken", ""]
     out += [f"- {r['cfg'].label}: {p}" for r in results for p in r["paths"]]
+    out += ["", "## Device paths vs the CPU kernels (before timing, same weights)", "",
+            "Each device path's forward output and gradients (one forward and backward, the train "
+            "step's loss) against mdnumba's CPU kernels on the same input: only a path within "
+            f"{PARITY} counts for the targets.", "",
+            "| config | path | forward max abs diff | gradient max rel diff | |", "|---|---|---|---|---|"]
+    names = {key: name for key, _, _, name in DEVICE_PATHS}
+    out += [f"| {r['cfg'].label} | {names[key]} | {c['forward_max_abs']:.1e} | {c['grad_max_rel']:.1e} | "
+            f"{'ok' if matches(c) else '**MISMATCH**'} |"
+            for r in results for key, c in r.get("path_check", {}).items()]
     checks = [(r["cfg"].label, r["check"]) for r in results if r.get("check")]
     if checks:
         out += ["", "## PyTorch baseline check (before timing, same weights)", "",
@@ -627,7 +665,7 @@ def _time_pair(res: dict, key: str, train, fwd, sync, budget: float, **kw) -> No
 def new_result(cfg: Config) -> dict:
     """The empty result of ``cfg`` that :func:`run_config` fills part by part."""
     return {"cfg": cfg, "train": {}, "forward": {}, "inference": {}, "sweeps": {}, "dispatch": {},
-            "paths": []}
+            "paths": [], "path_check": {}}
 
 
 def run_config(res: dict, tb: TorchBaseline | None, budget: float, cpu: bool, numpy_api: bool) -> None:
@@ -638,9 +676,11 @@ def run_config(res: dict, tb: TorchBaseline | None, budget: float, cpu: bool, nu
     cfg = res["cfg"]
     x = make_input(cfg)
     sync = cuda.synchronize
+    ref = cpu_reference(cfg, x)
     for key, path, layout, name in DEVICE_PATHS:
         try:
             train, fwd, dev = mdnumba_device_fns(cfg, x, path, layout)
+            res["path_check"][key] = path_check(dev, x, ref)
             res["train"][key] = time_it(train, sync, budget)
             res["dispatch"][key] = host_time(train, sync, budget / 4)
             if key == "coop":

@@ -24,6 +24,8 @@ def gpu_result(cfg: str, coop: float | None, diag: float | None, torch: float | 
     train = {k: T([v, 2 * v]) for k, v in (("coop", coop), ("diag", diag), ("torch", torch)) if v}
     res = {"cfg": bench_gpu.parse_config(cfg), "train": train, "forward": {}, "sweeps": {},
            "dispatch": {}, "paths": []}
+    # every device path matched the CPU kernels before it was timed (a smoke run's figures)
+    res["path_check"] = {k: {"forward_max_abs": 3e-8, "grad_max_rel": 2e-7} for k in train if k != "torch"}
     if torch:  # the PyTorch baseline's parity check (a smoke run's figures)
         res["check"] = check or {"forward_max_abs": 1.5e-8, "grad_max_rel": 1.1e-7}
     return res
@@ -49,6 +51,20 @@ def test_gpu_target_32(coop, diag, torch, verdict):
     assert verdict in line
 
 
+def test_gpu_target_counts_only_device_paths_that_matched_the_cpu():
+    """A device path whose output or gradients differ from the CPU kernels' (or were not checked)
+    does not count for the targets, however fast; the report lists every check, a mismatch in bold."""
+    res = gpu_result("32", 2.0, 1.0, 60.0)
+    res["path_check"]["diag"] = {"forward_max_abs": 0.5, "grad_max_rel": 2e-7}
+    (line,) = bench_gpu.targets([res])
+    assert "(cooperative) = 30.0x" in line
+    report = bench_gpu.render({"GPU": "test"}, [res], quick=True)
+    assert "| 32x32 B64 D64 | per-diagonal | 5.0e-01 | 2.0e-07 | **MISMATCH** |" in report
+    assert "| 32x32 B64 D64 | cooperative | 3.0e-08 | 2.0e-07 | ok |" in report
+    del res["path_check"]["coop"]
+    assert bench_gpu.targets([res]) == []
+
+
 def test_gpu_targets_both_configs_and_missing_parts():
     res = [gpu_result("32", 1.0, None, 10.0), gpu_result("128", 1.0, None, 99.0),
            gpu_result("256", 1.0, None, 20.0)]
@@ -71,6 +87,7 @@ def test_gpu_layout_columns_and_sync_floors_at_the_sweeps_grids():
     at the largest grid and at the sweeps' own grids (read from the paths taken)."""
     res = gpu_result("32", 2.0, None, 60.0)
     res["train"]["sliced"], res["train"]["flat"] = T([1.0, 1.5]), T([3.0, 3.5])
+    res["path_check"]["sliced"] = res["path_check"]["flat"] = res["path_check"]["coop"]
     assert "(cooperative sliced) = 60.0x" in bench_gpu.targets([res])[0]
     table = bench_gpu.speed_table([res], "train", ("coop", "flat", "sliced", "torch"))
     assert table[0].startswith("| config | mdnumba GPU cooperative ms | mdnumba GPU cooperative flat ms | "
