@@ -1851,18 +1851,22 @@ def _gemm_tiled(out, parts, counters, a, bm, bias, M, N, K, ta, tb, mode, kchunk
     for i in range(TM):
         for q in range(TN):
             acc[i, q] = 0
+    # a thread whose outputs all lie past M or N (a ragged edge tile: the weight gradient's 2 rows
+    # of x and ones past 128 of h) skips the multiply-adds; whole warps do (tr, tc: rows, columns)
+    live = m0 + tr < M and n0 + tc < N
     for k0 in range(k_begin, k_end, BK):
         _load_tile(As, a, m0, k0, Ma, M, k_end, ta, BM)
         _load_tile(Bs, bm, n0, k0, N, N, k_end, not tb, BN)
         cuda.syncthreads()
-        for kk in range(BK):
-            for i in range(TM):
-                ra[i] = As[_at(kk), _at(tr + i * _RM)]
-            for q in range(TN):
-                rb[q] = Bs[_at(kk), _at(tc + q * _RN)]
-            for i in range(TM):
+        if live:
+            for kk in range(BK):
+                for i in range(TM):
+                    ra[i] = As[_at(kk), _at(tr + i * _RM)]
                 for q in range(TN):
-                    acc[i, q] += ra[i] * rb[q]
+                    rb[q] = Bs[_at(kk), _at(tc + q * _RN)]
+                for i in range(TM):
+                    for q in range(TN):
+                        acc[i, q] += ra[i] * rb[q]
         cuda.syncthreads()
     split = cuda.gridDim.z > 1
     for i in range(TM):
