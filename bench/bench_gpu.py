@@ -249,6 +249,16 @@ def sweep_times(dev, cfg: Config, path: str, sync, budget_s: float) -> dict[str,
     return {"forward": fwd, "backward": bwd}
 
 
+def gemm_time(dev, cfg: Config, sync, budget_s: float) -> Timing:
+    """The backward's weight-gradient GEMM alone, ``[dW; dU; db] += zᵀ dact`` (one direction: one
+    launch), on the operands a train step left in ``dev``'s buffers."""
+    from mdnumba.kernels import wavefront_cuda as k
+    w = dev._work
+    rows = w["z"].shape[1]
+    return time_it(lambda: k.gemm(dev.grads.reshape(rows, 5 * cfg.D), w["z"], w["dact"], ta=True,
+                                  accumulate=True), sync, budget_s)
+
+
 def sync_floors(K: int, tpb: int, sync, budget_s: float, grids: tuple = ()) -> dict[str, object]:
     """Per-diagonal cost of an empty cooperative kernel's K grid syncs (at the largest
     co-resident grid, and at each ``(blocks, threads)`` of ``grids``, the sweeps' own; the same
@@ -448,6 +458,25 @@ def diagonal_table(results: list[dict]) -> list[str]:
     return rows
 
 
+def parts_table(results: list[dict]) -> list[str]:
+    """Markdown rows: the default path's train step against its parts timed alone (forward and
+    backward sweeps, the weight-gradient GEMM) and what is left: the input GEMM, skew, loss
+    gradient, zero_grad, sum of squares, Adam, the gaps between launches, and the work the step's
+    sweep kernels do around their sweeps (the output in grid order, the backward's skew of dh and
+    its GEMM operands), which :func:`sweep_times` leaves out."""
+    rows = ["| config | train step ms | forward sweep ms | backward sweep ms | weight-gradient GEMM ms | "
+            "the rest ms |", "|---|---|---|---|---|---|"]
+    for res in results:
+        step, sw, gemm = res["train"].get("coop"), res["sweeps"].get("cooperative", {}), res.get("gemm")
+        parts = [sw.get("forward"), sw.get("backward"), gemm]
+        if step is None or None in parts:
+            continue
+        rest = step.best - sum(t.best for t in parts)
+        rows.append(f"| {res['cfg'].label} | {step.best * 1e3:.3g} | "
+                    + " | ".join(f"{t.best * 1e3:.3g}" for t in parts) + f" | {rest * 1e3:.3g} |")
+    return rows
+
+
 #: FP32 lanes (FMA units) per SM where not 128 (H100/H200, Ada, GA10x: 128), by compute capability
 FP32_LANES = {(6, 0): 64, (7, 0): 64, (7, 5): 64, (8, 0): 64}
 
@@ -592,6 +621,12 @@ def render(info: dict[str, str], results: list[dict], quick: bool) -> str:
             "at the sweeps' own grids (blocks x threads), and K "
             f"empty launches (Python dispatch included). The issue quotes ~{SYNC_FLOOR_US} µs per "
             "grid sync on an H100.", ""] + diagonal_table(results)
+    out += ["", "## Where a train step goes", "",
+            "The default (cooperative) path's train step next to its parts timed alone: the two "
+            "sweeps (as above: without the output in grid order and the backward's prologue) and "
+            "the weight-gradient GEMM; *the rest* is everything else in the step (input GEMM, skew, "
+            "loss gradient, zero_grad, sum of squares, Adam, the sweeps' prologue and epilogue, "
+            "the gaps between launches).", ""] + parts_table(results)
     out += ["", "## Host dispatch", "",
             "Host time of one device train step with no synchronize inside it (best of N, the "
             "device idle at its start): Python, numba and driver work to issue the step's launches "
@@ -689,6 +724,8 @@ def run_config(res: dict, tb: TorchBaseline | None, budget: float, cpu: bool, nu
             res["forward"][key] = time_it(fwd, sync, budget)
             res["inference"][key] = time_it(lambda f=fwd: f(save=False), sync, budget)
             res["sweeps"][name] = sweep_times(dev, cfg, path, sync, budget / 2)
+            if key == "coop":
+                res["gemm"] = gemm_time(dev, cfg, sync, budget / 4)
             del train, fwd, dev
             gc.collect()
         except Exception as exc:  # e.g. no cooperative launch on this GPU/driver

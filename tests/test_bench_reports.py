@@ -65,6 +65,17 @@ def test_gpu_target_counts_only_device_paths_that_matched_the_cpu():
     assert bench_gpu.targets([res]) == []
 
 
+def test_gpu_step_parts():
+    """The default path's train step against its sweeps and weight-gradient GEMM timed alone, the
+    rest what is left; a config without them has no row."""
+    res = gpu_result("32", 0.006, None, 0.04)
+    res["sweeps"]["cooperative"] = {"forward": T([0.0015]), "backward": T([0.0034])}
+    res["gemm"] = T([0.0004, 0.0005])
+    head, _, row = bench_gpu.parts_table([res, gpu_result("256", 0.1, None, None)])
+    assert head.startswith("| config | train step ms | forward sweep ms | backward sweep ms |")
+    assert row == "| 32x32 B64 D64 | 6 | 1.5 | 3.4 | 0.4 | 0.7 |"
+
+
 def test_gpu_targets_both_configs_and_missing_parts():
     res = [gpu_result("32", 1.0, None, 10.0), gpu_result("128", 1.0, None, 99.0),
            gpu_result("256", 1.0, None, 20.0)]

@@ -50,6 +50,8 @@ def test_run_gpu_smoke_under_the_simulator(background_run):
     assert filled == [True] * 8 + [has_torch, True], row
     assert "item (train): item (1 blocks x 8 threads" in gpu, gpu[-3000:]
     assert "| 4x4 B1 D2 | item | " in gpu and "**MISMATCH**" not in gpu, gpu[-3000:]  # checked vs the CPU
+    parts = gpu[gpu.index("## Where a train step goes"):].splitlines()
+    assert any(line.startswith("| 4x4 B1 D2 | ") for line in parts), parts[:12]
     assert "cooperative sliced (train): cooperative" in gpu and "slices of" in gpu, gpu[-3000:]
     assert "cooperative staged (train): cooperative" in gpu and "rows staged in" in gpu, gpu[-3000:]
     inference = gpu[gpu.index("## Inference"):].splitlines()
