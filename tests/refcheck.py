@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from hypothesis import strategies as st
 
@@ -44,15 +46,23 @@ def check_against_reference(layer, x, dh, rtol) -> None:
 
 
 @st.composite
-def layers_and_inputs(draw, max_side: int = 5, max_hidden: int = 9):
+def layers_and_inputs(draw, max_side: int = 5, max_hidden: int = 9, max_rows: int | None = None):
     """(ndim, input shape, WavefrontLSTM keywords incl. ``hidden``): 1-3 dimensions with sides
-    1..max_side (3 for 3D), batch 1-5, 1-4 channels, any cell, one scan or all, any seed."""
+    1..max_side (3 for 3D), batch 1-5, 1-4 channels, any cell, one scan or all, any seed.
+
+    ``max_rows``: at most that many batch rows x cells x scans (what a draw costs under the CUDA
+    simulator): the scans drop to one, then the batch shrinks (the draws stay the same)."""
     ndim = draw(st.integers(1, 3))
     dims = tuple(draw(st.integers(1, max_side if ndim < 3 else min(max_side, 3))) for _ in range(ndim))
     shape = (draw(st.integers(1, 5)),) + dims + (draw(st.integers(1, 4)),)
     kw = dict(hidden=draw(st.integers(1, max_hidden)),
               cell=draw(st.sampled_from(("graves", "stable", "spatial"))),
               directions=draw(st.sampled_from([1, 2 ** ndim])), seed=draw(st.integers(0, 2 ** 16)))
+    if max_rows is not None:
+        cells = math.prod(dims)
+        if cells * kw["directions"] > max_rows:
+            kw["directions"] = 1
+        shape = (max(1, min(shape[0], max_rows // (cells * kw["directions"]))),) + shape[1:]
     return ndim, shape, kw
 
 
