@@ -16,7 +16,9 @@ GEMM tiles are not the ones a GPU builds. This module closes that gap:
 
 Exit status 0 when every pair compiled without a local-memory frame and, for kernels whose
 arrays are all float32, without float64 arithmetic (a Python float literal in float32 math
-promotes it: half rate or worse on a GPU); 1 otherwise (the failures are printed).
+promotes it: half rate or worse on a GPU) and without widening a float32 to float64 (``x if p
+else 0``: Numba unifies float32 and int to float64; a conversion to or from float64 runs at 16
+per clock per SM on an H100, an FMA at 128); 1 otherwise (the failures are printed).
 
 ``--ptxas PATH`` (the ``nvidia-cuda-nvcc`` wheel has one) also prints each kernel's
 registers, spills and shared memory, e.g. to size the cooperative grid, and,
@@ -44,6 +46,8 @@ TARGET_CC = (9, 0)
 _LOCAL = re.compile(r"\.local\s+\.align\s+\d+\s+\.b8\s+__local_depot\d+\[(\d+)\]")
 
 _F64_MATH = re.compile(r"\b(?:add|sub|mul|fma|div|rcp|sqrt)(?:\.\w+)*\.f64\b")
+#: a float32 value widened to float64 (``x if p else 0`` with a float32 x is a float64 in Numba)
+_F64_WIDEN = re.compile(r"\bcvt\.f64\.f32\b")
 _SASS_OP = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)[^;]*;")
 _SASS_BRA = re.compile(r"/\*([0-9a-f]{4,})\*/[^;]*BRA[^;]*0x([0-9a-f]+)\s*;")
 
@@ -208,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
             if f64:
                 failures.append(f"{label}\n  float32 kernel with {f64} float64 operations (a Python "
                                 "float literal in float32 arithmetic? use cell.like(x, value))")
+            widen = len(_F64_WIDEN.findall(ptx)) if floats == {"float32"} else 0
+            if widen:
+                failures.append(f"{label}\n  float32 kernel that widens {widen} float32 values to float64 "
+                                "(`x if p else 0` makes a float64 of a float32 x: use an if statement)")
             info = _ptxas_info(args.ptxas, ptx, Path(tmp)) if args.ptxas else ""
             rows.append((f"{module.rsplit('.', 1)[-1]}.{name}", "/".join(sorted(floats)), local, info))
             print(f"{'LOCAL' if local else 'ok':5s} {rows[-1][0]:30s} {rows[-1][1]}  local={local} B  {info}")

@@ -162,15 +162,19 @@ def build_rows(jit: Callable[[Callable[..., Any]], Callable[..., Any]], exp: Cal
         S = U_time.shape[0]
         lv, lv_up = (perm[s] % L) % S, (perm[s] % L + 1) % S  # own level, the depth child's
         dh, dm = dact[r, 8 * D:9 * D], dact[r, 9 * D:10 * D]  # per-row scratch columns
-        for j in range(D):
-            dh[j] = dtop[row_t, j] if dch < 0 else 0.0
-            dm[j] = dc[dcr, D + j] * act[dcr, 5 * D + j] if dcr >= 0 else 0.0
+        for j in range(D):  # if statements: in `a if p else 0.0` a float32 a becomes a float64
+            dh[j], dm[j] = 0.0, 0.0
+            if dch < 0:
+                dh[j] = dtop[row_t, j]
+            if dcr >= 0:
+                dm[j] = dc[dcr, D + j] * act[dcr, 5 * D + j]
         _vec_mat_t(dh, dact, dcr, 0, U_time[lv_up], D, D)  # child above used h_L' in both transforms
         _vec_mat_t(dh, dact, dcr, 4 * D, U_depth[lv_up], D, D)
         _lstm_backward(dact, dc, act, c, r, 4 * D, dp * B + b if dp >= 0 else -1, D, dh, dm, D)
         for j in range(D):
-            dh[j] = 0.0
-            dm[j] = dc[tcr, j] * act[tcr, D + j] if tcr >= 0 else 0.0
+            dh[j], dm[j] = 0.0, 0.0
+            if tcr >= 0:
+                dm[j] = dc[tcr, j] * act[tcr, D + j]
         _vec_mat_t(dh, dact, r, 4 * D, U_depth[lv], 0, D)  # own depth transform used h_T'
         _vec_mat_t(dh, dact, tcr, 0, U_time[lv], 0, D)     # next time step used h_T'
         _lstm_backward(dact, dc, act, c, r, 0, tp * B + b if tp >= 0 else -1, 0, dh, dm, D)
@@ -260,9 +264,12 @@ def _block_backward(dact, dc, dx, dtop, act, c, U_time, U_depth, Qt, Qd, parent,
     lv, lv_up = (perm[s] % L) % S, (perm[s] % L + 1) % S  # own level, the depth child's
     H, M = 8 * D, 9 * D  # per-row scratch columns: dh, dm
     for i in range(nb):
-        for j in range(D):
-            dact[r + i, H + j] = dtop[row_t + i, j] if dch < 0 else 0.0
-            dact[r + i, M + j] = dc[dcr + i, D + j] * act[dcr + i, 5 * D + j] if dcr >= 0 else 0.0
+        for j in range(D):  # if statements: in `a if p else 0.0` a float32 a becomes a float64
+            dact[r + i, H + j], dact[r + i, M + j] = 0.0, 0.0
+            if dch < 0:
+                dact[r + i, H + j] = dtop[row_t + i, j]
+            if dcr >= 0:
+                dact[r + i, M + j] = dc[dcr + i, D + j] * act[dcr + i, 5 * D + j]
     # the child above used h_L' in both transforms
     _vec_mat_t_rows(dact, r, H, dact, dcr, 0, D, nb, Qt[2 * lv_up + 1])
     _vec_mat_t_rows(dact, r, H, dact, dcr, 4 * D, D, nb, Qd[2 * lv_up + 1])
@@ -270,8 +277,9 @@ def _block_backward(dact, dc, dx, dtop, act, c, U_time, U_depth, Qt, Qd, parent,
         _lstm_backward(dact, dc, act, c, r + i, 4 * D, dp * B + b + i if dp >= 0 else -1, D,
                        dact[r + i, H:M], dact[r + i, M:], D)
         for j in range(D):
-            dact[r + i, H + j] = 0.0
-            dact[r + i, M + j] = dc[tcr + i, j] * act[tcr + i, D + j] if tcr >= 0 else 0.0
+            dact[r + i, H + j], dact[r + i, M + j] = 0.0, 0.0
+            if tcr >= 0:
+                dact[r + i, M + j] = dc[tcr + i, j] * act[tcr + i, D + j]
     # the own depth transform and the next time step used h_T'
     _vec_mat_t_rows(dact, r, H, dact, r, 4 * D, D, nb, Qd[2 * lv])
     _vec_mat_t_rows(dact, r, H, dact, tcr, 0, D, nb, Qt[2 * lv])
@@ -402,7 +410,9 @@ def gather_operands(zt, zd, h, x, parent, perm, L, B, D):
         s, b = r // B, r % B
         tp, dp = parent[s, 0], parent[s, 1]
         for j in range(D):
-            zt[r, j] = h[tp * B + b, j] if tp >= 0 else 0.0
+            zt[r, j] = 0.0  # an if statement: in `a if p else 0.0` a float32 a becomes a float64
+            if tp >= 0:
+                zt[r, j] = h[tp * B + b, j]
             hl = h[dp * B + b, D + j] if dp >= 0 else x[(perm[s] // L) * B + b, j]
             zt[r, D + j] = hl
             zd[r, j] = h[r, j]

@@ -204,7 +204,9 @@ def _gather_operands(zt, zd, h, x, parent, perm, L, B, D):
         s = r // B
         b = r - s * B
         tp, dp = parent[s, 0], parent[s, 1]
-        zt[r, j] = h[tp * B + b, j] if tp >= 0 else 0.0
+        zt[r, j] = 0.0  # an if statement: in `a if p else 0.0` a float32 a becomes a float64
+        if tp >= 0:
+            zt[r, j] = h[tp * B + b, j]
         hl = h[dp * B + b, D + j] if dp >= 0 else x[(perm[s] // L) * B + b, j]
         zt[r, D + j] = hl
         zd[r, j] = h[r, j]

@@ -235,7 +235,9 @@ def _register_cells(N: int) -> tuple:
         for d in range(N):
             p = parent[s, d]
             lp[0, d] = N1 + d
-            lc[N1 + d, 0] = c[base + p * B + b, j] if p >= 0 else 0
+            lc[N1 + d, 0] = 0  # not a conditional expression: 0 and a float32 make a float64
+            if p >= 0:
+                lc[N1 + d, 0] = c[base + p * B + b, j]
 
     @cuda.jit(device=True)
     def row_forward(h, c, act, acc, lp, lc, r, D, j, cell):
@@ -271,7 +273,9 @@ def _register_cells(N: int) -> tuple:
         for d in range(N):
             p = parent[s, d]
             lp[0, d] = N1 + d
-            lc[N1 + d, 0] = Tc[(p - prev) * tw + j] if p >= 0 else 0
+            lc[N1 + d, 0] = 0
+            if p >= 0:
+                lc[N1 + d, 0] = Tc[(p - prev) * tw + j]
         return row_forward(h, c, act, acc, lp, lc, r, D, j, cell)
 
     @cuda.jit(device=True)
@@ -293,9 +297,13 @@ def _register_cells(N: int) -> tuple:
             ch = child[s, d]
             lch[0, d] = 1 + d
             cr = base + ch * B + b
-            ldc[1 + d, 0] = dc[cr, j] if ch >= 0 else 0
+            ldc[1 + d, 0] = 0
             for g in range(G):
-                la[1 + d, g] = act[cr, g * D + j] if ch >= 0 else 0
+                la[1 + d, g] = 0
+            if ch >= 0:
+                ldc[1 + d, 0] = dc[cr, j]
+                for g in range(G):
+                    la[1 + d, g] = act[cr, g * D + j]
         neighbours(lp, lc, c, parent, base, s, b, B, j)
         _cell_row_backward(lda, ldc, ldh, la, lc, lp, lch, 0, 0, 0, 1, 1, cell, 0, 1)
         for g in range(G):
