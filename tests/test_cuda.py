@@ -869,6 +869,25 @@ def sim_gemm_k_split_over_many_tiles(rng):
         np.testing.assert_allclose(out, (a.T if ta else a) @ (b.T if tb else b), rtol=1e-12, atol=1e-12)
 
 
+def sim_gemm_at_the_gpu_tile_sizes(rng, monkeypatch):
+    """The tiled GEMM with a GPU's tile constants (64x64 tiles, 16 k steps in trips of 4, 256
+    threads; the simulator's own are 4x4, 2 and 4): ragged row, column and k tiles, a transpose
+    each, a K split. Under the simulator the kernel is Python and reads them at each call."""
+    from mdnumba.kernels import wavefront_cuda as gpu
+    BM, BN, BK, TM, TN = 64, 64, 16, 4, 4
+    for name, value in dict(BM=BM, BN=BN, BK=BK, TM=TM, TN=TN, GEMM_THREADS=(BM // TM) * (BN // TN),
+                            _AS_COLS=BM + gpu.TILE_PAD, _BS_COLS=BN + gpu.TILE_PAD, _RM=BM // TM,
+                            _RN=BN // TN, _KU=4).items():
+        assert gpu.SIMULATOR or getattr(gpu, name) == value, name  # a GPU build has them already
+        monkeypatch.setattr(gpu, name, value)
+    for M, N, K, ta, tb, nsplit in ((66, 65, 37, True, False, 2), (3, 70, 20, False, True, 1)):
+        a = rng.standard_normal((K, M) if ta else (M, K))
+        b = rng.standard_normal((N, K) if tb else (K, N))
+        out = np.zeros((M, N))
+        gpu.gemm(out, a, b, ta=ta, tb=tb, method="tiled", nsplit=nsplit)
+        np.testing.assert_allclose(out, (a.T if ta else a) @ (b.T if tb else b), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("kw,clip,clipped,layout", [({}, 0.5, False, None),
                                                      ({"cell": "stable", "directions": 4}, 1e-3, True, None),
                                                      ({"directions": 4}, 0.5, False, "item")])
