@@ -173,6 +173,11 @@ ITEM_ROWS: int = max(1, config.CUDA_ITEM_ROWS)
 #: its kernels' launch bounds, one block per SM), MDNUMBA_CUDA_ITEM_THREADS (the simulator's 8)
 ITEM_THREADS: int = 8 if SIMULATOR else config.CUDA_ITEM_THREADS
 _ITEM_JIT = _JIT if SIMULATOR else dict(_JIT, launch_bounds=(ITEM_THREADS, 1))
+#: tiles of hyperplane rows of the item layout, (forward, backward): forward h and c of two hyperplanes
+#: (the cell math reads the parents' c from one and writes h and c into the next hyperplane's, no
+#: global round trip; :func:`_item_forward_sweep` lays them out), backward one of dact (a second would
+#: not fit beside UT at D = 64 float32)
+ITEM_TILES = (4, 1)
 #: elements of the item layout's tile a thread loads before storing them (:func:`_item_refill`)
 REFILL_LOADS = 8
 #: dynamic shared memory a block may opt in to when the device is not asked (the simulator):
@@ -1090,10 +1095,8 @@ def _item_shared(sh, Wf, diag_off, q, N, D, transposed):
 
 @cuda.jit(device=True)
 def _item_tiles(transposed):
-    """Tiles of the item layout: 4 forward (h and c of two hyperplanes: the cell math reads the
-    parents' c from one and writes h and c into the next hyperplane's, no global round trip), 1
-    backward (a second dact tile would not fit beside UT at D = 64 float32)."""
-    return 1 if transposed else 4
+    """Tiles of the item layout (:data:`ITEM_TILES`, also for the host's :func:`_plan_items`)."""
+    return ITEM_TILES[1] if transposed else ITEM_TILES[0]
 
 
 @cuda.jit(device=True)
@@ -1303,7 +1306,7 @@ def _item_forward_sweep(h, c, act, Ws, T, diag_off, parent, B, D, cell):
     N = parent.shape[1]
     base, b = _item_block(parent, B)
     tw = _item_width(N, D, False)
-    q = _divmod(T.size, 4)[0]
+    q = _divmod(T.size, _item_tiles(False))[0]
     prev = _item_edge(T[:q], h, diag_off, parent, 0, base, b, B, tw)
     _item_edge(T[2 * q:3 * q], c, diag_off, parent, 0, base, b, B, tw)
     for k in range(diag_off.shape[0] - 1):
@@ -2367,7 +2370,7 @@ def _plan_items(sweep: str, S: int, N: int, D: int, diag_off_host: np.ndarray,
     backward = sweep == "backward"
     steps = (N + 3) * D if backward else D
     weights = (N if backward else N * (N + 3)) * -(-steps // VEC) * VEC * -(-D // SLICE) * SLICE
-    tile = (1 if backward else 4) * (int(np.diff(diag_off_host).max()) + 1) * -(-steps // VEC) * VEC
+    tile = ITEM_TILES[backward] * (int(np.diff(diag_off_host).max()) + 1) * -(-steps // VEC) * VEC
     shmem = (weights + tile) * itemsize
     limit = _item_shared_limit()
     if shmem > limit:
