@@ -8,8 +8,9 @@ For a 2D MD-LSTM (C=1, float32) at 32x32 B64 D64, 128x128 B16 D64 and 256x256 B8
   device), on the cooperative path (one persistent kernel per sweep, a grid
   sync between anti-diagonals) in the default layout (auto: the forward sweeps flat, the
   backward sliced), the flat, the sliced and the staged one (``MDNUMBA_CUDA_LAYOUT``), in the
-  item layout (a block per batch item, block barriers: no grid syncs) and on the per-diagonal
-  path (one launch each, flat);
+  item layout (a block per batch item, block barriers: no grid syncs), in the tensor layout (the
+  forward sweep's recurrent sums on tensor cores in 3xTF32, :mod:`mdnumba.kernels.tensor_cuda`)
+  and on the per-diagonal path (one launch each, flat);
 - the same through the NumPy API, ``MDLSTM2D(device="cuda")`` (host↔device
   copies of x, h, dh, dx, parameters and gradients each step, CPU Adam);
 - :class:`torch_wavefront.TorchMDLSTM2D` + ``torch.optim.Adam`` on the same GPU
@@ -385,10 +386,11 @@ DEVICE_PATHS = [("coop", "cooperative", None, "cooperative"),
                 ("sliced", "cooperative", "sliced", "cooperative sliced"),
                 ("staged", "cooperative", "staged", "cooperative staged"),
                 ("item", "cooperative", "item", "item"),
+                ("tensor", "cooperative", "tensor", "cooperative tensor"),
                 ("diag", "per-diagonal", "flat", "per-diagonal")]
 SPEED_COLUMNS = [("coop", "mdnumba GPU cooperative"), ("flat", "mdnumba GPU cooperative flat"),
                  ("sliced", "mdnumba GPU cooperative sliced"), ("staged", "mdnumba GPU cooperative staged"),
-                 ("item", "mdnumba GPU item"),
+                 ("item", "mdnumba GPU item"), ("tensor", "mdnumba GPU cooperative tensor"),
                  ("diag", "mdnumba GPU per-diagonal"),
                  ("trainer", "`train --device cuda` per step"),
                  ("numpy_api", "MDLSTM2D(device='cuda') NumPy API"), ("torch", "PyTorch GPU"),
@@ -397,7 +399,8 @@ SPEED_COLUMNS = [("coop", "mdnumba GPU cooperative"), ("flat", "mdnumba GPU coop
 
 def speed_table(results: list[dict], mode: str, keys: tuple | None = None) -> list[str]:
     """Times of ``mode`` per config for the columns ``keys`` of :data:`SPEED_COLUMNS` (None: all),
-    with PyTorch / coop (and / flat, / sliced, / staged, / item, and CPU / coop, when those are columns)."""
+    with PyTorch / coop (and / flat, / sliced, / staged, / item, / tensor, and CPU / coop, when those are
+    columns)."""
     cols = [c for c in SPEED_COLUMNS if keys is None or c[0] in keys]
     have = {c[0] for c in cols}
     extra = [(a, b, f"{na} / {nb}") for a, b, na, nb in (("torch", "coop", "PyTorch", "coop"),
@@ -405,6 +408,7 @@ def speed_table(results: list[dict], mode: str, keys: tuple | None = None) -> li
                                                           ("torch", "sliced", "PyTorch", "sliced"),
                                                           ("torch", "staged", "PyTorch", "staged"),
                                                           ("torch", "item", "PyTorch", "item"),
+                                                          ("torch", "tensor", "PyTorch", "tensor"),
                                                           ("cpu", "coop", "CPU", "coop"))
              if {a, b} <= have]
     rows = ["| config | " + " | ".join(c[1] + " ms" for c in cols) + "".join(f" | {e[2]}" for e in extra)
@@ -584,6 +588,9 @@ def render(info: dict[str, str], results: list[dict], quick: bool) -> str:
             "item = the item layout (a block per batch item holding all of U and one "
             "anti-diagonal's rows in shared memory, block barriers instead of grid syncs, one plain "
             "launch per sweep; its saving-free forward runs flat, so it has no inference column); "
+            "cooperative tensor = the tensor layout (the forward sweep's recurrent sums on tensor "
+            "cores, 3xTF32 mma.sync, float32 accuracy; its backward sweep sliced, its saving-free "
+            "forward flat); "
             "cooperative = in the default layout, `MDNUMBA_CUDA_LAYOUT=auto`: the backward sweep "
             "sliced, the forward ones flat;",
             "- *`train --device cuda`*: the CLI's device-resident trainer (`DeviceTrainer`) on the "
@@ -722,6 +729,7 @@ def run_config(res: dict, tb: TorchBaseline | None, budget: float, cpu: bool, nu
                 res["dispatch_numba"] = {key: unprepared(lambda t=train: host_time(t, sync, budget / 4))}
             res["paths"].append(f"{name} (train): {last_path()}")
             res["forward"][key] = time_it(fwd, sync, budget)
+            res["paths"].append(f"{name} (forward): {last_path()}")
             res["inference"][key] = time_it(lambda f=fwd: f(save=False), sync, budget)
             res["sweeps"][name] = sweep_times(dev, cfg, path, sync, budget / 2)
             if key == "coop":

@@ -22,7 +22,7 @@ collects them into a markdown table (default ``bench/results/tune_gpu.md``): the
 combination per config is the default to pick in ``mdnumba/config.py``.
 
 Usage: ``python bench/tune_gpu.py [--rows 1,2,4,8] [--unroll 4,8,16] [--tpb 64,128,256]
-[--layout flat,sliced,staged,item] [--slice 4,8,16] [--item-threads 256,512,1024] [--min-blocks 0,3,4]
+[--layout flat,sliced,staged,item,tensor] [--slice 4,8,16] [--item-threads 256,512,1024] [--min-blocks 0,3,4]
 [--variants full,memory-cell,no-sum,no-cell,neither] [--configs 32,256] [--quick] [--out PATH]`` (the
 slice sizes apply to the sliced and staged layouts, the item threads to the item layout); on a lent
 GPU machine ``bench/run_gpu.sh --tune``.
@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", default="1,2,4,8", help="rows per thread to try (comma list)")
     ap.add_argument("--unroll", default="4,8,16", help="unrolled steps to try (comma list)")
     ap.add_argument("--tpb", default="64,128,256", help="threads per block to try (comma list)")
-    ap.add_argument("--layout", default="flat,sliced,staged,item", help="sweep layouts to try (comma list)")
+    ap.add_argument("--layout", default="flat,sliced,staged,item,tensor",
+                    help="sweep layouts to try (comma list)")
     ap.add_argument("--slice", default="8", help="units per slice to try in the sliced and staged layouts "
                                                    "(comma list)")
     ap.add_argument("--item-threads", default="512", help="threads per block to try in the item layout "

@@ -201,7 +201,7 @@ def host_vector_bytes() -> int:
 CUDA_PATHS = ("auto", "cooperative", "per-diagonal")
 #: CUDA sweep layouts: auto (per sweep), flat (items over the whole grid), sliced (a block per slice of
 #: units), staged (sliced, the neighbours' rows read through shared-memory tiles)
-CUDA_LAYOUTS = ("auto", "flat", "sliced", "staged", "item")
+CUDA_LAYOUTS = ("auto", "flat", "sliced", "staged", "item", "tensor")
 #: sweep stages the timing diagnostic ``MDNUMBA_CUDA_SKIP`` can leave out
 CUDA_SKIP_STAGES = ("sum", "cell")
 #: ``MDNUMBA_VECTOR_BYTES`` settings: AVX2's 32, AVX-512's 64

@@ -127,7 +127,8 @@ def _hot_loop(cuobjdump: Path, obj: Path) -> str:
     where at least one instruction in 8 is an FMA: the cost of a sweep's multiply-add loops
     (address arithmetic and loop control beside the FMAs; the forward sweep has one per gate-block
     width: 6, 5 for 2D, 4 for 1D), not a loop over rows running the cell math (~100 FMAs in
-    ~1,500 instructions)."""
+    ~1,500 instructions). A loop of tensor-core products counts its HMMA instructions (each 32
+    multiply-adds per lane in m16n8k8)."""
     sass = subprocess.run([str(cuobjdump), "-sass", str(obj)], capture_output=True, text=True,
                           env={**os.environ, "PATH": f"{cuobjdump.parent}:{os.environ.get('PATH', '')}"})
     code = [(int(a, 16), op) for a, op in _SASS_OP.findall(sass.stdout)]
@@ -139,10 +140,13 @@ def _hot_loop(cuobjdump: Path, obj: Path) -> str:
     for lo, hi in inner:
         ops = [op for a, op in code if lo <= a <= hi]
         fma = sum(op.startswith(("FFMA", "DFMA")) for op in ops)
-        if fma and 8 * fma >= len(ops):
-            found.append((fma, len(ops)))
+        mma = sum(op.startswith("HMMA") for op in ops)  # a warp's 16x8x8 product: 32 multiply-adds per lane
+        if mma or (fma and 8 * fma >= len(ops)):
+            found.append((fma + 32 * mma, len(ops), f"{mma} HMMA" if mma else f"{fma} FMA"))
     top = sorted(found, reverse=True)[:3]
-    return ("FMA loops " + ", ".join(f"{n} instructions / {f} FMA" for f, n in top)) if top else "no FMA loop"
+    if not top:
+        return "no FMA loop"
+    return "FMA loops " + ", ".join(f"{n} instructions / {what}" for _, n, what in top)
 
 
 def compile_record(module: str, name: str, argtypes: tuple) -> str:

@@ -44,16 +44,18 @@ def test_run_gpu_smoke_under_the_simulator(background_run):
     tmp_path = background_run.out.parent / "out"
     gpu = (tmp_path / "gpu.md").read_text()
     row = next(line for line in gpu.splitlines() if line.startswith("| 4x4 B1 D2 | **"))
-    cells = row.split(" | ")[1:11]  # cooperative (auto, flat, sliced, staged), item, per-diagonal,
-    has_torch = importlib.util.find_spec("torch") is not None  # trainer, NumPy API, PyTorch, CPU
+    # cooperative (auto, flat, sliced, staged), item, cooperative tensor, per-diagonal, trainer,
+    cells = row.split(" | ")[1:12]  # NumPy API, PyTorch, CPU
+    has_torch = importlib.util.find_spec("torch") is not None
     filled = [c.startswith("**") for c in cells]
-    assert filled == [True] * 8 + [has_torch, True], row
+    assert filled == [True] * 9 + [has_torch, True], row
     assert "item (train): item (1 blocks x 8 threads" in gpu, gpu[-3000:]
     assert "| 4x4 B1 D2 | item | " in gpu and "**MISMATCH**" not in gpu, gpu[-3000:]  # checked vs the CPU
     parts = gpu[gpu.index("## Where a train step goes"):].splitlines()
     assert any(line.startswith("| 4x4 B1 D2 | ") for line in parts), parts[:12]
     assert "cooperative sliced (train): cooperative" in gpu and "slices of" in gpu, gpu[-3000:]
     assert "cooperative staged (train): cooperative" in gpu and "rows staged in" in gpu, gpu[-3000:]
+    assert "cooperative tensor (train): cooperative" in gpu and "tensor cores (3xTF32)" in gpu, gpu[-3000:]
     inference = gpu[gpu.index("## Inference"):].splitlines()
     row = next(line for line in inference if line.startswith("| 4x4 B1 D2 | **"))
     assert [c.startswith("**") for c in row.split(" | ")[1:7]] == [True] * 5 + [has_torch], row

@@ -92,7 +92,7 @@ def _cpu_sweep_inputs(dims, B, D, scans, rng):
 
 def _run_sweeps(mod, wf, U, act0, B, D, cell, **kw):
     R = act0.shape[0]
-    h, c, act = np.zeros((R, D)), np.zeros((R, D)), act0.copy()
+    h, c, act = np.zeros((R, D), act0.dtype), np.zeros((R, D), act0.dtype), act0.copy()
     mod.wavefront_forward(h, c, act, U, wf.diag_off, wf.parent, B, D, cell, **kw)
     dh = np.cos(3 * h)
     dact, dc = np.zeros_like(act), np.zeros_like(c)
@@ -190,6 +190,87 @@ def sim_item_sweeps_match_cpu(dims, cell, scans, B, D, rng):
         assert desc.startswith(want), desc
 
 
+def sim_mma_is_the_warp_product(rng):
+    """tensor_cuda.mma, each lane's fragments placed as the PTX ISA lays out mma.m16n8k8 with TF32
+    operands (tensor_cuda's docstring), is D = A·B + C of the warp's 16x8 and 8x8 matrices; tf32
+    rounds to nearest, ties away from zero, and clears the low 13 bits. On a GPU this checks the
+    layout against the tensor cores themselves."""
+    from mdnumba.kernels import tensor_cuda as tc
+
+    @cuda.jit
+    def product(A, Bm, C, Dm, R):
+        lane = cuda.threadIdx.x
+        g, t = lane >> 2, lane & 3
+        d = tc.mma(tc.tf32(A[g, t]), tc.tf32(A[g + 8, t]), tc.tf32(A[g, t + 4]), tc.tf32(A[g + 8, t + 4]),
+                   tc.tf32(Bm[t, g]), tc.tf32(Bm[t + 4, g]), C[g, 2 * t], C[g, 2 * t + 1], C[g + 8, 2 * t],
+                   C[g + 8, 2 * t + 1])
+        Dm[g, 2 * t], Dm[g, 2 * t + 1], Dm[g + 8, 2 * t], Dm[g + 8, 2 * t + 1] = d
+        for i in range(lane, R.shape[0], 32):
+            R[i, 1] = tc.tf32(R[i, 0])
+
+    A, Bm, C = (rng.standard_normal(s).astype(np.float32) for s in ((16, 8), (8, 8), (16, 8)))
+    ties = np.array([0x3F801000, 0xBF801000, 0x3F800FFF, 0x3F801001, 0x3F802FFF, 0x7F7FEFFF], np.uint32)
+    R = np.zeros((len(ties) + 32, 2), np.float32)
+    R[:len(ties), 0] = ties.view(np.float32)
+    R[len(ties):, 0] = rng.standard_normal(32) * 10.0 ** rng.integers(-30, 30, 32)
+    Dm = np.zeros((16, 8), np.float32)
+    product[1, 32](A, Bm, C, Dm, R)
+
+    def tf32(x):  # round half away from zero to 10 mantissa bits
+        bits = x.astype(np.float32).view(np.uint32).astype(np.uint64)
+        return ((bits + 0x1000) & 0xFFFFE000).astype(np.uint32).view(np.float32)
+    want = tf32(A).astype(np.float64) @ tf32(Bm).astype(np.float64) + C
+    np.testing.assert_allclose(Dm, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(R[:, 1], tf32(R[:, 0]))
+    assert list(R[:len(ties), 1].view(np.uint32)) == [0x3F802000, 0xBF802000, 0x3F800000, 0x3F802000,
+                                                       0x3F802000, 0x7F7FE000]
+
+
+@pytest.mark.parametrize("dims,cell,scans,B,D,path", [
+    ((3, 4), "graves", 1, 3, 9, "cooperative"), ((5,), "stable", 2, 2, 3, "per-diagonal"),
+    ((2, 2, 2), "spatial", 1, 2, 3, "cooperative"), ((2, 3), "graves", 1, 7, 8, "per-diagonal"),
+    ((2, 1, 2, 2), "graves", 1, 1, 3, "cooperative")])
+def sim_tensor_forward_matches_cpu(dims, cell, scans, B, D, path, rng):
+    """The tensor layout's forward sweep (its recurrent sums by warps of 3xTF32 mma, tensor_cuda) vs
+    the CPU kernels in float32 and float64: 1-D to 3-D, several scans, D = 3 and 9 (a part of the 8
+    units of a slice, and of the 8 steps of k of an mma), 16-row tiles across cells (B = 3: a cell's
+    rows in two tiles) and hyperplanes of several tiles (B = 7: up to 14 rows), both paths; float64
+    and 4-D layers run it sliced, the backward sweep runs sliced, said. (A warp's mma under the
+    simulator is 32 Python threads meeting at a barrier: a few seconds a case.)"""
+    from mdnumba.kernels import tensor_cuda as tc
+    from mdnumba.kernels import wavefront as cpu
+    from mdnumba.kernels import wavefront_cuda as gpu
+    from mdnumba.kernels.cell import cell_code
+    code = cell_code(cell)
+    wf, U, act0 = _cpu_sweep_inputs(dims, B, D, scans, rng)
+    want = _run_sweeps(cpu, wf, U, act0, B, D, code)
+    U32, R = U.astype(np.float32), act0.shape[0]
+    runs = []
+    for mod, kw in ((cpu, {}), (gpu, dict(path=path, layout="tensor"))):
+        h, c, act = np.zeros((R, D), np.float32), np.zeros((R, D), np.float32), act0.astype(np.float32)
+        mod.wavefront_forward(h, c, act, U32, wf.diag_off, wf.parent, B, D, code, **kw)
+        runs.append((h, c, act))
+    desc = gpu.last_path()
+    for name, got, w64, w32 in zip(("h", "c", "act"), runs[1], want, runs[0]):
+        np.testing.assert_allclose(got, w32, rtol=2e-5, atol=2e-6, err_msg=name)
+        np.testing.assert_allclose(got, w64, rtol=2e-5, atol=2e-6, err_msg=name)
+    if len(dims) > 3:
+        assert "sliced layout: the tensor layout sweeps at most 3-D layers" in desc, desc
+    else:
+        K, nJ = len(wf.diag_off) - 1, -(-D // tc.UNITS)
+        assert desc.startswith(path), desc
+        assert f"tensor cores (3xTF32), {scans * nJ} slices of 8 units" in desc, desc
+        if path == "cooperative":
+            assert f"x {tc.TENSOR_THREADS} threads, {K} hyperplanes" in desc, desc
+        gpu.wavefront_forward(*(a.astype(np.float64) for a in (h, c, act, U32)), wf.diag_off, wf.parent, B, D,
+                              code, path=path, layout="tensor")
+        assert "sliced layout: float64: tensor cores take float32" in gpu.last_path(), gpu.last_path()
+    dact, dc, dh = np.zeros_like(act), np.zeros_like(c), np.cos(3 * h)
+    gpu.wavefront_backward(dact, dc, dh, act, c, U32, wf.diag_off, wf.parent, wf.child, B, D, code, path=path,
+                           layout="tensor")
+    assert "sliced layout: the tensor layout has no backward sweep" in gpu.last_path(), gpu.last_path()
+
+
 @pytest.mark.parametrize("path", ["cooperative", "per-diagonal"])
 def sim_staged_tile_loaded_by_fewer_threads_than_its_columns(path, rng):
     """A block with fewer threads than the staged tile's STAGE_K columns (on a GPU: 8 threads and
@@ -233,13 +314,14 @@ def sim_auto_layout_sweeps_forward_flat_and_backward_sliced(path, rng, monkeypat
     assert gpu.last_path().startswith(path) and "slices of" not in gpu.last_path(), gpu.last_path()
 
 
-@pytest.mark.parametrize("layout", ["flat", "sliced", "staged", "item"])
+@pytest.mark.parametrize("layout", ["flat", "sliced", "staged", "item", "tensor"])
 def sim_sweep_stages_as_configured(layout, rng):
     """The sweeps' stages as this process's MDNUMBA_CUDA_SKIP (the timing diagnostic, run with
     each stage skipped by test_simulator_skipping_a_sweep_stage) says, graves cell, 2-D, every
     layout, cooperative path: every stage (the default), the CPU kernels' numbers; without the
     recurrent sums those of U = 0 (U itself is not 0); without the cells' math h, c, dact and dc
-    stay 0, act the pre-activations given and dh the upstream gradient."""
+    stay 0, act the pre-activations given and dh the upstream gradient. (The tensor layout's in
+    float32, the precision of its forward sweep; its backward runs sliced.)"""
     from mdnumba import config
     from mdnumba.kernels import wavefront as cpu
     from mdnumba.kernels import wavefront_cuda as gpu
@@ -250,14 +332,19 @@ def sim_sweep_stages_as_configured(layout, rng):
     assert (gpu.RECURRENT_SUM, gpu.CELL_MATH) == ("sum" not in skipped, "cell" not in skipped)
     code, B, D = cell_code("graves"), 2, 3
     wf, U, act0 = _cpu_sweep_inputs((3, 4), B, D, 1, rng)
+    dtype, tol = (np.float32, dict(rtol=2e-5, atol=2e-6)) if layout == "tensor" else (np.float64, {})
+    U, act0 = U.astype(dtype), act0.astype(dtype)
     got = _run_sweeps(gpu, wf, U, act0, B, D, code, path="cooperative", tpb=8, layout=layout)
+    if layout == "tensor":
+        assert "tensor cores" not in gpu.last_path(), gpu.last_path()  # the backward's
+        assert "sliced layout: the tensor layout has no backward sweep" in gpu.last_path(), gpu.last_path()
     if gpu.CELL_MATH:
         want = _run_sweeps(cpu, wf, U if gpu.RECURRENT_SUM else np.zeros_like(U), act0, B, D, code)
     else:
         zero = np.zeros((act0.shape[0], D))
         want = (zero, zero, act0, np.zeros_like(act0), zero, np.ones_like(zero))
     for name, a, b in zip(("h", "c", "act", "dact", "dc", "dh"), got, want):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14, err_msg=name)
+        np.testing.assert_allclose(a, b, **(tol or dict(rtol=1e-12, atol=1e-14)), err_msg=name)
     with_u = _run_sweeps(cpu, wf, U, act0, B, D, code)
     assert not np.allclose(with_u[0], _run_sweeps(cpu, wf, 0 * U, act0, B, D, code)[0])  # U matters
 
@@ -594,6 +681,24 @@ def sim_item_layer_matches_reference(ndim, shape, kw, dtype, rtol, rng, monkeypa
     x, dh = rng.standard_normal((2, 4, 2)), rng.standard_normal((2, 4, 6))
     check_state_against_reference(layer, x, pair[0], dh, pair[1], rtol)
     assert wavefront_cuda.last_path().startswith("item ("), wavefront_cuda.last_path()
+
+
+def sim_tensor_layer_matches_reference(rng, monkeypatch):
+    """A float32 device='cuda' layer (1-D, both directions) in the tensor layout vs the float64
+    reference (output, dx, every gradient): its forward sweep on tensor cores writes the output in
+    grid order after its last sync, its backward sweep runs sliced; the saving-free forward flat, said."""
+    from mdnumba.kernels import wavefront_cuda
+    monkeypatch.setattr(wavefront_cuda, "DEFAULT_LAYOUT", "tensor")
+    layer = _layer(1, 2, 3, np.float32, "cuda", directions=2)
+    x = rng.standard_normal((3, 5, 2)).astype(np.float32)
+    layer.forward(x)
+    desc = wavefront_cuda.last_path()
+    assert "tensor cores (3xTF32), 2 slices of 8 units" in desc, desc
+    check_against_reference(layer, x, rng.standard_normal((3, 5, layer.out_channels)), 1e-5)
+    assert "sliced layout: the tensor layout has no backward sweep" in wavefront_cuda.last_path()
+    free = layer.forward(x, save=False)
+    assert "flat layout: the tensor layout has no infer sweep" in wavefront_cuda.last_path()
+    np.testing.assert_allclose(free, layer.forward(x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("path", ["cooperative", "per-diagonal"])
@@ -1019,7 +1124,7 @@ def sim_errors_and_fallback(rng, monkeypatch):
         dev.backward(np.zeros((1, 2, 3, 3), np.float32))
     with pytest.raises(ValueError, match="path"):
         CudaLSTM.from_layer(MDLSTM2D(2, 3), path="diagonal").forward(np.ones((1, 2, 2, 2), np.float32))
-    with pytest.raises(ValueError, match=r"'staged', 'item'\), got 'tiled'"):
+    with pytest.raises(ValueError, match=r"'item', 'tensor'\), got 'tiled'"):
         CudaLSTM.from_layer(MDLSTM2D(2, 3), layout="tiled").forward(np.ones((1, 2, 2, 2), np.float32))
     with monkeypatch.context() as m:  # a slice over the shared-memory limit: the flat layout, said
         m.setattr(gpu, "SHARED_BYTES_LIMIT", 100)
@@ -1893,7 +1998,7 @@ def test_simulator_skipping_a_sweep_stage(stage, simulator_runs):
     """The timing diagnostic MDNUMBA_CUDA_SKIP=sum and =cell (bench/tune_gpu.py --variants):
     sim_sweep_stages_as_configured in a simulator run with it set (tests/simruns.py SKIP_RUNS)."""
     report = simulator_runs[f"skip {stage}"].report()
-    assert len(report) == 4, report  # flat, sliced, staged, item
+    assert len(report) == 5, report  # flat, sliced, staged, item, tensor
     _assert_passed(report)
 
 

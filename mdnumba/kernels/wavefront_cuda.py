@@ -2331,12 +2331,18 @@ def _layout_sweep(sweep: str, flat: tuple, sliced: tuple, head: tuple, tail: tup
     with the weights ``W`` in shared memory when :func:`_use_shared` says so; their arguments
     are ``(*head, use_shared, nO, *tail)``; the backward sweeps the hyperplanes in reverse. In the
     item layout (:func:`_item_sweep`) ``item_weights``, if given, takes W's place in them.
-    Records the path taken (:func:`last_path`)."""
+    Records the path taken (:func:`last_path`). The tensor layout (:func:`_tensor_sweep`) and the item
+    layout run their own kernels where they can; where not, what they fall back to says why."""
     layout = _resolve_layout(layout, sweep)
-    item_note = ""
+    why_not = ""
+    if layout == "tensor":
+        fallback = _tensor_sweep(sweep, head, tail, W, S, N, D, B, diag_off_host, path, **sweep_kw)
+        if fallback is None:
+            return
+        layout, why_not = fallback
     if layout == "item":
-        shmem, item_note = _plan_items(sweep, S, N, D, diag_off_host, W.dtype.itemsize)
-        if not item_note:
+        shmem, why_not = _plan_items(sweep, S, N, D, diag_off_host, W.dtype.itemsize)
+        if not why_not:
             args = (*head, False, 0, *tail)
             if item_weights is not None:
                 args = tuple(item_weights if a is W else a for a in args)
@@ -2353,7 +2359,26 @@ def _layout_sweep(sweep: str, flat: tuple, sliced: tuple, head: tuple, tail: tup
         shmem = W.nbytes if shared else 0
     desc = _sweep(*(sliced if nO else flat), (*head, shared, nO, *tail), diag_off_host, S * _row_groups(B),
                   D, shmem, path, tpb, sweep == "backward", blocks=blocks, **sweep_kw)
-    _record(desc, item_note or note or shared)
+    _record(desc, f"{why_not}; {note}" if why_not and note else why_not or note or shared)
+
+
+def _tensor_sweep(sweep: str, head: tuple, tail: tuple, W, S: int, N: int, D: int, B: int,
+                  diag_off_host: np.ndarray, path: str | None, **sweep_kw) -> tuple[str, str] | None:
+    """Run a ``sweep`` in the tensor layout (:mod:`mdnumba.kernels.tensor_cuda`): None when it ran, else
+    ``(layout, why)``: the layout to run instead (``tensor_cuda.FALLBACK``) and a note saying why."""
+    from . import tensor_cuda as tc  # it imports this module
+    why = f"the tensor layout has no {sweep} sweep"
+    if sweep == "forward":
+        args = (*head, False, 1, *tail)
+        nO, blocks, shmem, why = tc.plan(args, S, N, D, B, diag_off_host, W.dtype, path or DEFAULT_PATH)
+        if nO:
+            desc = _sweep(*tc.KERNELS, (*head, False, nO, *tail), diag_off_host, S * B, D, shmem, path,
+                          tc.TENSOR_THREADS, False, blocks=blocks, **sweep_kw)
+            _record(desc, f"tensor cores (3xTF32), {blocks // nO} slices of {tc.UNITS} units x {nO} blocks, "
+                          f"U in {shmem} B of shared memory per block")
+            return None
+    layout = tc.FALLBACK[sweep]
+    return layout, f"{layout} layout: {why}"
 
 
 def _plan_items(sweep: str, S: int, N: int, D: int, diag_off_host: np.ndarray,

@@ -1,0 +1,377 @@
+"""The ``tensor`` layout of the CUDA forward sweep: its recurrent sums on tensor cores, in 3xTF32.
+
+What bounds the other layouts is their instructions per multiply-add: 1.3 to 3.5 in their hot
+loops (bench/results/cuda_kernels.md), so a float32 sweep reaches a fraction of the GPU's FP32
+peak, and issue 5's targets ask for about half of it (README, "CUDA backend"). One warp-wide
+``mma.sync.aligned.m16n8k8`` does 1024 multiply-adds in one instruction, on operands in TF32
+(float32 with a 10-bit mantissa). A product in TF32 alone is off by up to ~1e-3 relative;
+here each one is made of three (the 3xTF32 split, as CUTLASS's "fast accurate" float32 GEMMs
+do): ``a·b ≈ a_hi·b_hi + a_hi·b_lo + a_lo·b_hi`` with ``x_hi = tf32(x)``, ``x_lo = tf32(x − x_hi)``
+(:func:`tf32`: rounded to nearest), leaving out ``a_lo·b_lo`` (~2⁻²² relative): about as
+accurate as float32 arithmetic itself.
+
+Work split (the sliced layout's, :mod:`mdnumba.kernels.wavefront_cuda`, with mma tiles):
+block ``(q*nJ + slice)*nO + o`` owns the :data:`UNITS` = 8 hidden units ``j0 = 8*slice ..``
+of scan q (the n = 8 of one mma) and the 16-row tiles ``o, o + nO, ..`` of each hyperplane's
+rows of that scan (consecutive rows ``r = s*B + b``); its warps take those tiles in turn. For a
+tile, a warp computes every gate block g as one 16x8 product,
+``a[r, g*D + j] = act[r, g*D + j] + Σ_d Σ_k h[parent_d(r), k] · U[q, k, d*G + g*D + j]``,
+8 steps of k per mma (:func:`_tile_forward`); each lane then holds all N+3 gates of its 2 rows
+x 2 units and runs the cell math on registers (``wavefront_cuda._register_forward``). The
+block's slice of U sits in shared memory for the whole sweep, already split and in fragment
+order (:func:`_stage_fragments`): one 16-byte load per lane gives both halves of its B fragment.
+
+Fragments of ``mma.m16n8k8.row.col`` with TF32 operands (PTX ISA), lane = 4*group + t:
+A (16x8) ``a0 = A[group, t]``, ``a1 = A[group+8, t]``, ``a2 = A[group, t+4]``,
+``a3 = A[group+8, t+4]``; B (8x8) ``b0 = B[t, group]``, ``b1 = B[t+4, group]``; C and D
+``c0 = C[group, 2t]``, ``c1 = C[group, 2t+1]``, ``c2 = C[group+8, 2t]``, ``c3 = C[group+8, 2t+1]``.
+
+Under numba's CUDA simulator :func:`mma` is played by the warp's 32 threads meeting at a
+barrier and each computing its 4 outputs from all lanes' fragments, by that definition, in
+float32: it checks that the kernels put each value in the lane and register the instruction
+expects; the instruction's own rounding and summation order is the GPU's. Float32 layers of
+1 to 3 dimensions only; the others, and the backward and saving-free sweeps, run in
+:data:`FALLBACK`'s layouts (said in the path description).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numba
+import numpy as np
+from numba import cuda
+
+from .wavefront_cuda import (
+    _JIT,
+    CELL_MATH,
+    GATE_CHUNK,
+    RECURRENT_SUM,
+    SIMULATOR,
+    _coop_limit,
+    _divmod,
+    _item_shared_limit,
+    _load4,
+    _opt_in_shared,
+    _register_forward,
+    _sm_count,
+    _unskew,
+)
+
+#: hidden units per block (the n of mma.m16n8k8), rows per tile (m), steps of k per mma (k)
+UNITS, TILE_ROWS, KSTEP, WARP = 8, 16, 8, 32
+#: warps per block (the simulator's one: it runs a thread as a Python thread)
+TENSOR_WARPS: int = 1 if SIMULATOR else 4
+TENSOR_THREADS: int = TENSOR_WARPS * WARP
+#: the layouts the sweeps the tensor layout has no kernel for, or cannot run, take instead
+FALLBACK = {"forward": "sliced", "backward": "sliced", "infer": "flat"}
+#: shared floats per (neighbour, gate block, k step) of a slice: 32 lanes x (b0, b1) x (hi, lo)
+_FRAGMENT = WARP * 4
+_TENSOR_JIT = _JIT if SIMULATOR else dict(_JIT, launch_bounds=(TENSOR_THREADS, 1))
+
+
+# ---------------------------------------------------------------- primitives
+if SIMULATOR:
+    class _Warp:
+        """A warp's meeting place under the simulator: two sets of its lanes' operands (a call
+        writes one, the next the other: a lane that reaches the next call before the others
+        have read this one's leaves them alone) and a barrier."""
+
+        def __init__(self):
+            self.slots: list = [[None] * WARP, [None] * WARP]
+            self.calls = [0] * WARP
+            self.barrier = threading.Barrier(WARP, timeout=120)
+
+    _warps: dict = {}
+    _warps_lock = threading.Lock()
+
+    def _warp(key) -> _Warp:
+        """The warp ``key`` (block, warp in the block); a fresh one after a broken barrier."""
+        with _warps_lock:
+            w = _warps.get(key)
+            if w is None or w.barrier.broken:
+                w = _warps[key] = _Warp()
+            return w
+
+    @cuda.jit(device=True)
+    def tf32(x):
+        """``x`` (float32) rounded to the nearest TF32 value, ties away from zero (``cvt.rna``),
+        as a float32 whose low 13 mantissa bits are zero."""
+        bits = (int(np.float32(x).view(np.uint32)) + 0x1000) & 0xFFFFE000
+        return np.uint32(bits).view(np.float32)
+
+    @cuda.jit(device=True)
+    def mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+        """``D = A·B + C`` of the warp (module docstring: the fragments), every lane calling it:
+        the lanes meet, then each computes its 4 outputs from all lanes' operands in float32."""
+        if cuda.blockDim.x % WARP:
+            raise AssertionError("mma needs whole warps: blocks of a multiple of 32 threads")
+        lane = cuda.threadIdx.x % WARP
+        w = _warp((tuple(cuda.blockIdx), cuda.threadIdx.x // WARP))
+        slots = w.slots[w.calls[lane] % 2]
+        w.calls[lane] += 1
+        slots[lane] = (a0, a1, a2, a3, b0, b1)
+        w.barrier.wait()
+        group, t = lane >> 2, lane & 3
+        out = []
+        for i, acc in enumerate((c0, c1, c2, c3)):
+            row, col = group + 8 * (i >> 1), 2 * t + (i & 1)
+            acc = np.float32(acc)
+            for k in range(KSTEP):
+                a = slots[(row % 8) * 4 + k % 4][(row >= 8) + 2 * (k >= 4)]
+                b = slots[col * 4 + k % 4][4 + (k >= 4)]
+                acc = np.float32(acc + np.float32(a) * np.float32(b))
+            out.append(acc)
+        return out[0], out[1], out[2], out[3]
+else:
+    from llvmlite import ir as llvm_ir
+    from numba.cuda.extending import intrinsic
+
+    @intrinsic
+    def tf32(typingctx, x):
+        """``x`` (float32) rounded to the nearest TF32 value, ties away from zero, as a float32
+        whose low 13 mantissa bits are zero: ``(bits + 0x1000) & ~0x1fff`` (two integer
+        instructions; ``cvt.rna.tf32.f32`` leaves the low bits set, and ``x − tf32(x)`` needs
+        them cleared)."""
+        if x != numba.types.float32:
+            return None
+
+        def codegen(context, builder, signature, args):
+            i32 = llvm_ir.IntType(32)
+            bits = builder.add(builder.bitcast(args[0], i32), llvm_ir.Constant(i32, 0x1000))
+            bits = builder.and_(bits, llvm_ir.Constant(i32, 0xFFFFE000))
+            return builder.bitcast(bits, llvm_ir.FloatType())
+        return numba.types.float32(numba.types.float32), codegen
+
+    @intrinsic
+    def mma(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+        """``D = A·B + C``: ``mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32`` on this lane's
+        fragments (module docstring), float32 values in TF32 (:func:`tf32`); returns d0..d3."""
+        f32 = numba.types.float32
+        if any(a != f32 for a in (a0, a1, a2, a3, b0, b1, c0, c1, c2, c3)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            i32, f = llvm_ir.IntType(32), llvm_ir.FloatType()
+            kind = llvm_ir.FunctionType(llvm_ir.LiteralStructType([f] * 4), [i32] * 6 + [f] * 4)
+            asm = llvm_ir.InlineAsm(kind, "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+                                    "{$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, {$10,$11,$12,$13};",
+                                    "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", side_effect=True)
+            ops = [builder.bitcast(a, i32) for a in args[:6]] + list(args[6:])
+            res = builder.call(asm, ops)
+            return context.make_tuple(builder, signature.return_type,
+                                      [builder.extract_value(res, i) for i in range(4)])
+        return numba.types.UniTuple(f32, 4)(*([f32] * 10)), codegen
+
+
+@cuda.jit(device=True)
+def _split(x):
+    """``(x_hi, x_lo)``: ``x_hi = tf32(x)``, ``x_lo = tf32(x − x_hi)`` (the difference is exact)."""
+    hi = tf32(x)
+    return hi, tf32(x - hi)
+
+
+# ---------------------------------------------------------------- device functions
+@cuda.jit(device=True)
+def _block_units(nO, D):
+    """This block's (scan q, first unit j0, share o): block ``(q*nJ + slice)*nO + o``, nJ =
+    ceil(D / UNITS)."""
+    qs, o = _divmod(cuda.blockIdx.x, nO)
+    q, sl = _divmod(qs, (D + UNITS - 1) // UNITS)
+    return q, sl * UNITS, o
+
+
+@cuda.jit(device=True)
+def _stage_fragments(Ws, Uf, q, j0, N, D):
+    """Fill ``Ws`` with the block's slice of U in B-fragment order, split (the whole block calls
+    it): ``Ws[(((d*(N+3) + g)*KS + ks)*32 + lane)*4 + e] = (u0_hi, u1_hi, u0_lo, u1_lo)[e]`` with
+    ``u_i = U[q, 8*ks + t + 4i, d*G + g*D + j0 + group]`` (lane = 4*group + t; 0 past D),
+    G = (N+3)*D, KS = ceil(D / 8)."""
+    G = (N + 3) * D
+    KS = (D + KSTEP - 1) // KSTEP
+    for e in range(cuda.threadIdx.x, N * (N + 3) * KS * _FRAGMENT, cuda.blockDim.x):
+        rest, part = _divmod(e, 4)
+        rest, lane = _divmod(rest, WARP)
+        rest, ks = _divmod(rest, KS)
+        d, g = _divmod(rest, N + 3)
+        k = ks * KSTEP + (lane & 3) + 4 * (part & 1)
+        j = j0 + (lane >> 2)
+        u = numba.float32(0)
+        if k < D and j < D:
+            u = Uf[((q * D + k) * N + d) * G + g * D + j]
+        hi, lo = _split(u)
+        Ws[e] = lo if part >= 2 else hi
+    cuda.syncthreads()
+
+
+@cuda.jit(device=True)
+def _h_fragment(h, row, k, D):
+    """``h[row, k]`` split (:func:`_split`), zeros where there is no row (-1) or step (k >= D)."""
+    x = numba.float32(0)
+    if row >= 0 and k < D:
+        x = h[row, k]
+    return _split(x)
+
+
+@cuda.jit(device=True)
+def _parent_row(parent, base, s0, l, n, B, d):
+    """The row of parent d of the hyperplane's local row l (cell s0 + l // B), or -1 (absent
+    parent, or l >= n: past the hyperplane)."""
+    s, b = _divmod(min(l, n - 1), B)
+    p = parent[s0 + s, d]
+    if l < n and p >= 0:
+        return base + p * B + b
+    return -1
+
+
+@cuda.jit(device=True)
+def _tile_forward(h, c, act, Ws, parent, base, s0, n, ti, B, D, j0, cell, width):
+    """Tile ``ti`` (local rows ``16*ti ..`` of a hyperplane of ``n`` rows starting at cell s0 of
+    the scan at row ``base``) of units ``j0 .. j0+7``, by the calling warp: the pre-activations
+    of its ``width`` = N+3 gate blocks by 3xTF32 mma (big terms in ``acc``, small in ``acs``,
+    added at the end), then the cell math of each lane's rows ``16*ti + group (+8)`` and units
+    ``j0 + 2t (+1)``. ``width`` is a constant at each call site (the gate loops unroll)."""
+    lane = cuda.threadIdx.x % WARP
+    group, t = lane >> 2, lane & 3
+    N = width - 3
+    acc = cuda.local.array((GATE_CHUNK, 4), numba.float32)
+    acs = cuda.local.array((GATE_CHUNK, 4), numba.float32)
+    for i in range(4):  # c_i: local row l_i, unit u_i
+        l_i, u_i = ti * TILE_ROWS + group + 8 * (i >> 1), j0 + 2 * t + (i & 1)
+        for g in range(width):
+            acc[g, i] = 0
+            acs[g, i] = 0
+            if l_i < n and u_i < D:
+                acc[g, i] = act[base + s0 * B + l_i, g * D + u_i]
+    KS = (D + KSTEP - 1) // KSTEP
+    l0 = ti * TILE_ROWS + group
+    for d in range(N if RECURRENT_SUM else 0):
+        p0 = _parent_row(parent, base, s0, l0, n, B, d)
+        p1 = _parent_row(parent, base, s0, l0 + 8, n, B, d)
+        for ks in range(KS):
+            k = ks * KSTEP + t
+            hi0, lo0 = _h_fragment(h, p0, k, D)
+            hi1, lo1 = _h_fragment(h, p1, k, D)
+            hi2, lo2 = _h_fragment(h, p0, k + 4, D)
+            hi3, lo3 = _h_fragment(h, p1, k + 4, D)
+            for g in range(width):
+                bh0, bh1, bl0, bl1 = _load4(Ws, ((d * width + g) * KS + ks) * _FRAGMENT + lane * 4)
+                acs[g, 0], acs[g, 1], acs[g, 2], acs[g, 3] = mma(
+                    lo0, lo1, lo2, lo3, bh0, bh1, acs[g, 0], acs[g, 1], acs[g, 2], acs[g, 3])
+                acs[g, 0], acs[g, 1], acs[g, 2], acs[g, 3] = mma(
+                    hi0, hi1, hi2, hi3, bl0, bl1, acs[g, 0], acs[g, 1], acs[g, 2], acs[g, 3])
+                acc[g, 0], acc[g, 1], acc[g, 2], acc[g, 3] = mma(
+                    hi0, hi1, hi2, hi3, bh0, bh1, acc[g, 0], acc[g, 1], acc[g, 2], acc[g, 3])
+    _tile_cells(h, c, act, parent, acc, acs, base, s0, n, ti, B, D, j0, cell, width)
+
+
+@cuda.jit(device=True)
+def _tile_cells(h, c, act, parent, acc, acs, base, s0, n, ti, B, D, j0, cell, width):
+    """The cell math of this lane's 4 (row, unit) pairs of tile ti on registers
+    (``_register_forward``), from the gates' sums ``acc + acs``; with the diagnostic
+    ``MDNUMBA_CUDA_SKIP=cell``, those sums stored in ``act`` instead (and ``=sum`` leaves the
+    recurrent sums out: :func:`_tile_forward`), as the other layouts do."""
+    lane = cuda.threadIdx.x % WARP
+    group, t = lane >> 2, lane & 3
+    la = cuda.local.array((1, GATE_CHUNK), numba.float32)
+    for i in range(4):
+        l_i, u_i = ti * TILE_ROWS + group + 8 * (i >> 1), j0 + 2 * t + (i & 1)
+        for g in range(width):
+            la[0, g] = acc[g, i] + acs[g, i]
+        if l_i < n and u_i < D and not CELL_MATH:  # the timing diagnostic: the pre-activations
+            for g in range(width):
+                act[base + s0 * B + l_i, g * D + u_i] = la[0, g]
+        elif l_i < n and u_i < D:
+            s, b = _divmod(l_i, B)
+            _register_forward(h, c, act, parent, la, base + s0 * B + l_i, base, s0 + s, b, B, D, u_i, cell,
+                              width)
+
+
+@cuda.jit(device=True)
+def _tensor_plane(h, c, act, Ws, diag_off, parent, B, D, cell, nO, k, width):
+    """This block's tiles of hyperplane k: tiles ``o + nO*w, o + nO*(w + W), ..`` by warp w of W
+    (the trip count is the warp's, the same for its lanes, as mma needs)."""
+    q, j0, o = _block_units(nO, D)
+    s0 = diag_off[k]
+    n = (diag_off[k + 1] - s0) * B
+    warps = cuda.blockDim.x // WARP
+    for ti in range(o + nO * (cuda.threadIdx.x // WARP), (n + TILE_ROWS - 1) // TILE_ROWS, nO * warps):
+        _tile_forward(h, c, act, Ws, parent, q * parent.shape[0] * B, s0, n, ti, B, D, j0, cell, width)
+
+
+@cuda.jit(device=True)
+def _plane_any_n(h, c, act, Ws, diag_off, parent, B, D, cell, nO, k):
+    """:func:`_tensor_plane` with the gate count of N = 1, 2 or 3 as a constant."""
+    N = parent.shape[1]
+    if N == 1:
+        _tensor_plane(h, c, act, Ws, diag_off, parent, B, D, cell, nO, k, 4)
+    elif N == 2:
+        _tensor_plane(h, c, act, Ws, diag_off, parent, B, D, cell, nO, k, 5)
+    else:
+        _tensor_plane(h, c, act, Ws, diag_off, parent, B, D, cell, nO, k, 6)
+
+
+@cuda.jit(device=True)
+def _stage(Ws, Uf, parent, D, nO):
+    """The block's slice of U into shared memory (:func:`_stage_fragments`)."""
+    q, j0, _ = _block_units(nO, D)
+    _stage_fragments(Ws, Uf, q, j0, parent.shape[1], D)
+
+
+@cuda.jit(**_TENSOR_JIT)
+def _forward_coop_tensor(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, nO, out, out_src):
+    """The forward sweep in one cooperative launch (the sliced kernels' arguments; ``use_shared``
+    unused): every hyperplane's tiles, grid sync in between, then the output in grid order."""
+    Ws = cuda.shared.array(0, numba.float32, alignment=None if SIMULATOR else 16)
+    _stage(Ws, Uf, parent, D, nO)
+    grid = cuda.cg.this_grid()
+    for k in range(diag_off.shape[0] - 1):
+        _plane_any_n(h, c, act, Ws, diag_off, parent, B, D, cell, nO, k)
+        grid.sync()
+    if out_src.shape[0] > 0:
+        _unskew(out, h, out_src, cuda.grid(1), cuda.gridsize(1))
+
+
+@cuda.jit(**_TENSOR_JIT)
+def _forward_diag_tensor(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, nO, out, out_src, k):
+    """Hyperplane k only (one launch per hyperplane; the output's unskew is a launch of its own)."""
+    Ws = cuda.shared.array(0, numba.float32, alignment=None if SIMULATOR else 16)
+    _stage(Ws, Uf, parent, D, nO)
+    _plane_any_n(h, c, act, Ws, diag_off, parent, B, D, cell, nO, k)
+
+
+KERNELS = (_forward_coop_tensor, _forward_diag_tensor)
+
+
+# ---------------------------------------------------------------- host side
+def shared_bytes(N: int, D: int) -> int:
+    """Bytes of a block's slice of U in fragment order (:func:`_stage_fragments`)."""
+    return N * (N + 3) * -(-D // KSTEP) * _FRAGMENT * 4
+
+
+def plan(args: tuple, S: int, N: int, D: int, B: int, diag_off_host: np.ndarray, dtype,
+         path: str) -> tuple[int, int, int, str]:
+    """The tensor layout of a forward sweep with the kernels' ``args``: ``(nO, blocks, shared bytes,
+    "")``, nO blocks per slice of :data:`UNITS` units (as many as the cooperative grid holds, at most
+    the largest hyperplane's tiles); or ``(0, 0, 0, why not)``: float64, more than 3-D, a slice over
+    the shared memory a block can opt in to, or (off the per-diagonal path) S x nJ slices that
+    cannot all be co-resident. Opts the kernels in to the shared memory they need."""
+    if np.dtype(dtype) != np.float32:
+        return 0, 0, 0, f"{np.dtype(dtype)}: tensor cores take float32 (as TF32)"
+    if N + 3 > GATE_CHUNK:
+        return 0, 0, 0, f"the tensor layout sweeps at most {GATE_CHUNK - 3}-D layers, this one is {N}-D"
+    shmem = shared_bytes(N, D)
+    if shmem > _item_shared_limit():
+        return 0, 0, 0, f"a slice of U takes {shmem} B, over the {_item_shared_limit()} B a block can have"
+    for kernel in KERNELS:
+        _opt_in_shared(kernel, args + ((0,) if kernel is _forward_diag_tensor else ()), shmem)
+    nJ = -(-D // UNITS)
+    if path == "per-diagonal":
+        cap = 4 * _sm_count()
+    else:
+        cap = _coop_limit(_forward_coop_tensor, args, TENSOR_THREADS, shmem)
+        if S * nJ > cap:
+            return 0, 0, 0, f"{S * nJ} unit slices, {cap} co-resident blocks"
+    tiles = -(-int(np.diff(diag_off_host).max()) * int(B) // TILE_ROWS)
+    nO = max(1, min(-(-tiles // TENSOR_WARPS), cap // (S * nJ)))
+    return nO, S * nJ * nO, shmem, ""
