@@ -228,15 +228,15 @@ def sim_mma_is_the_warp_product(rng):
 
 @pytest.mark.parametrize("dims,cell,scans,B,D,path", [
     ((3, 4), "graves", 1, 3, 9, "cooperative"), ((5,), "stable", 2, 2, 3, "per-diagonal"),
-    ((2, 2, 2), "spatial", 1, 2, 3, "cooperative"), ((2, 3), "graves", 1, 7, 8, "per-diagonal"),
+    ((2, 2, 2), "spatial", 1, 2, 3, "cooperative"), ((2, 3), "graves", 1, 7, 16, "per-diagonal"),
     ((2, 1, 2, 2), "graves", 1, 1, 3, "cooperative")])
-def sim_tensor_forward_matches_cpu(dims, cell, scans, B, D, path, rng):
-    """The tensor layout's forward sweep (its recurrent sums by warps of 3xTF32 mma, tensor_cuda) vs
-    the CPU kernels in float32 and float64: 1-D to 3-D, several scans, D = 3 and 9 (a part of the 8
-    units of a slice, and of the 8 steps of k of an mma), 16-row tiles across cells (B = 3: a cell's
-    rows in two tiles) and hyperplanes of several tiles (B = 7: up to 14 rows), both paths; float64
-    and 4-D layers run it sliced, the backward sweep runs sliced, said. (A warp's mma under the
-    simulator is 32 Python threads meeting at a barrier: a few seconds a case.)"""
+def sim_tensor_sweeps_match_cpu(dims, cell, scans, B, D, path, rng, monkeypatch):
+    """The tensor layout's sweeps (their recurrent sums by warps of 3xTF32 mma, tensor_cuda) vs the
+    CPU kernels in float32 and float64: 1-D to 3-D, several scans, D = 3 and 9 (a part of the 8
+    units of a slice, and of the 16 steps of k of a pair of mma steps: the rows' operands loaded one
+    by one) and 16 (two slices, and rows of D and 5D loaded 4 at a time), 16-row tiles across cells
+    (B = 3: a cell's rows in two tiles; B = 7), both paths; float64 and 4-D layers run sliced, said.
+    (A warp's mma under the simulator is 32 Python threads meeting at a barrier: seconds a case.)"""
     from mdnumba.kernels import tensor_cuda as tc
     from mdnumba.kernels import wavefront as cpu
     from mdnumba.kernels import wavefront_cuda as gpu
@@ -244,31 +244,28 @@ def sim_tensor_forward_matches_cpu(dims, cell, scans, B, D, path, rng):
     code = cell_code(cell)
     wf, U, act0 = _cpu_sweep_inputs(dims, B, D, scans, rng)
     want = _run_sweeps(cpu, wf, U, act0, B, D, code)
-    U32, R = U.astype(np.float32), act0.shape[0]
-    runs = []
-    for mod, kw in ((cpu, {}), (gpu, dict(path=path, layout="tensor"))):
-        h, c, act = np.zeros((R, D), np.float32), np.zeros((R, D), np.float32), act0.astype(np.float32)
-        mod.wavefront_forward(h, c, act, U32, wf.diag_off, wf.parent, B, D, code, **kw)
-        runs.append((h, c, act))
-    desc = gpu.last_path()
-    for name, got, w64, w32 in zip(("h", "c", "act"), runs[1], want, runs[0]):
-        np.testing.assert_allclose(got, w32, rtol=2e-5, atol=2e-6, err_msg=name)
-        np.testing.assert_allclose(got, w64, rtol=2e-5, atol=2e-6, err_msg=name)
-    if len(dims) > 3:
-        assert "sliced layout: the tensor layout sweeps at most 3-D layers" in desc, desc
-    else:
-        K, nJ = len(wf.diag_off) - 1, -(-D // tc.UNITS)
+    U32, act32 = U.astype(np.float32), act0.astype(np.float32)
+    want32 = _run_sweeps(cpu, wf, U32, act32, B, D, code)
+    record, paths = gpu._record, []
+    monkeypatch.setattr(gpu, "_record", lambda desc, how: (record(desc, how), paths.append(gpu.last_path())))
+    got = _run_sweeps(gpu, wf, U32, act32, B, D, code, path=path, layout="tensor")
+    for name, a, w64, w32 in zip(("h", "c", "act", "dact", "dc", "dh"), got, want, want32):
+        np.testing.assert_allclose(a, w32, rtol=2e-5, atol=2e-6, err_msg=name)
+        np.testing.assert_allclose(a, w64, rtol=2e-5, atol=2e-6, err_msg=name)
+    for desc, sweep in zip(paths, ("forward", "backward")):
+        if len(dims) > 3:
+            assert "sliced layout: the tensor layout sweeps at most 3-D layers" in desc, desc
+            continue
+        nJ, weights = -(-D // tc.UNITS), "UT" if sweep == "backward" else "U"
+        shmem = tc.shared_bytes(len(dims), D, sweep == "backward")
         assert desc.startswith(path), desc
         assert f"tensor cores (3xTF32), {scans * nJ} slices of 8 units" in desc, desc
+        assert f"{weights} in {shmem} B of shared memory" in desc, desc
         if path == "cooperative":
-            assert f"x {tc.TENSOR_THREADS} threads, {K} hyperplanes" in desc, desc
-        gpu.wavefront_forward(*(a.astype(np.float64) for a in (h, c, act, U32)), wf.diag_off, wf.parent, B, D,
-                              code, path=path, layout="tensor")
-        assert "sliced layout: float64: tensor cores take float32" in gpu.last_path(), gpu.last_path()
-    dact, dc, dh = np.zeros_like(act), np.zeros_like(c), np.cos(3 * h)
-    gpu.wavefront_backward(dact, dc, dh, act, c, U32, wf.diag_off, wf.parent, wf.child, B, D, code, path=path,
-                           layout="tensor")
-    assert "sliced layout: the tensor layout has no backward sweep" in gpu.last_path(), gpu.last_path()
+            assert f"x {tc.TENSOR_THREADS} threads, {len(wf.diag_off) - 1} hyperplanes" in desc, desc
+    if len(dims) <= 3:
+        _run_sweeps(gpu, wf, U, act0, B, D, code, path=path, layout="tensor")
+        assert all("sliced layout: float64: tensor cores take float32" in p for p in paths[2:]), paths
 
 
 @pytest.mark.parametrize("path", ["cooperative", "per-diagonal"])
@@ -321,7 +318,7 @@ def sim_sweep_stages_as_configured(layout, rng):
     layout, cooperative path: every stage (the default), the CPU kernels' numbers; without the
     recurrent sums those of U = 0 (U itself is not 0); without the cells' math h, c, dact and dc
     stay 0, act the pre-activations given and dh the upstream gradient. (The tensor layout's in
-    float32, the precision of its forward sweep; its backward runs sliced.)"""
+    float32, the precision of its tensor-core products.)"""
     from mdnumba import config
     from mdnumba.kernels import wavefront as cpu
     from mdnumba.kernels import wavefront_cuda as gpu
@@ -336,8 +333,7 @@ def sim_sweep_stages_as_configured(layout, rng):
     U, act0 = U.astype(dtype), act0.astype(dtype)
     got = _run_sweeps(gpu, wf, U, act0, B, D, code, path="cooperative", tpb=8, layout=layout)
     if layout == "tensor":
-        assert "tensor cores" not in gpu.last_path(), gpu.last_path()  # the backward's
-        assert "sliced layout: the tensor layout has no backward sweep" in gpu.last_path(), gpu.last_path()
+        assert "tensor cores" in gpu.last_path(), gpu.last_path()
     if gpu.CELL_MATH:
         want = _run_sweeps(cpu, wf, U if gpu.RECURRENT_SUM else np.zeros_like(U), act0, B, D, code)
     else:
@@ -683,10 +679,38 @@ def sim_item_layer_matches_reference(ndim, shape, kw, dtype, rtol, rng, monkeypa
     assert wavefront_cuda.last_path().startswith("item ("), wavefront_cuda.last_path()
 
 
+def sim_tensor_sweeps_load_misaligned_rows_one_by_one(rng):
+    """Rows of h (forward) and dact (backward) that do not start 16-byte aligned (views one element
+    into a buffer) are read one value at a time (rows_aligned is False): the same numbers as from
+    aligned copies, at D = 16 where aligned rows are read 4 values per load."""
+    from mdnumba.grid import wavefront
+    from mdnumba.kernels import wavefront_cuda as gpu
+    wf, B, D = wavefront((2, 2)), 3, 16
+    R, G = wf.n_cells * B, 5 * D
+    U = cuda.to_device(rng.uniform(-0.5, 0.5, (1, D, 2 * G)).astype(np.float32))
+    act0 = rng.standard_normal((R, G)).astype(np.float32)
+    results = []
+    for offset in (0, 1):
+        def dev(rows, cols, off=offset):
+            return cuda.to_device(np.zeros(rows * cols + off, np.float32))[off:].reshape(rows, cols)
+        h, c, act, dact, dc = dev(R, D), dev(R, D), dev(R, G), dev(R, G), dev(R, D)
+        assert gpu.rows_aligned(h) == gpu.rows_aligned(dact) == (offset == 0)
+        act.copy_to_device(act0)
+        gpu.wavefront_forward(h, c, act, U, wf.diag_off, wf.parent, B, D, 0, layout="tensor")
+        dh = cuda.to_device(np.cos(3 * h.copy_to_host()))
+        gpu.wavefront_backward(dact, dc, dh, act, c, U, wf.diag_off, wf.parent, wf.child, B, D, 0,
+                               layout="tensor")
+        assert "tensor cores" in gpu.last_path(), gpu.last_path()
+        results.append([a.copy_to_host() for a in (h, c, act, dact, dc, dh)])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
 def sim_tensor_layer_matches_reference(rng, monkeypatch):
     """A float32 device='cuda' layer (1-D, both directions) in the tensor layout vs the float64
     reference (output, dx, every gradient): its forward sweep on tensor cores writes the output in
-    grid order after its last sync, its backward sweep runs sliced; the saving-free forward flat, said."""
+    grid order after its last sync, its backward sweep's prologue skews the upstream gradient and
+    builds the weight-gradient operands; the saving-free forward runs flat, said."""
     from mdnumba.kernels import wavefront_cuda
     monkeypatch.setattr(wavefront_cuda, "DEFAULT_LAYOUT", "tensor")
     layer = _layer(1, 2, 3, np.float32, "cuda", directions=2)
@@ -695,7 +719,8 @@ def sim_tensor_layer_matches_reference(rng, monkeypatch):
     desc = wavefront_cuda.last_path()
     assert "tensor cores (3xTF32), 2 slices of 8 units" in desc, desc
     check_against_reference(layer, x, rng.standard_normal((3, 5, layer.out_channels)), 1e-5)
-    assert "sliced layout: the tensor layout has no backward sweep" in wavefront_cuda.last_path()
+    desc = wavefront_cuda.last_path()
+    assert "tensor cores (3xTF32), 2 slices of 8 units" in desc and "UT in" in desc, desc
     free = layer.forward(x, save=False)
     assert "flat layout: the tensor layout has no infer sweep" in wavefront_cuda.last_path()
     np.testing.assert_allclose(free, layer.forward(x), rtol=1e-5, atol=1e-6)

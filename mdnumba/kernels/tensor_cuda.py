@@ -48,10 +48,16 @@ from .wavefront_cuda import (
     GATE_CHUNK,
     RECURRENT_SUM,
     SIMULATOR,
+    _at,
+    _backward_prologue_synced,
+    _cell1_backward,
+    _cell2_backward,
+    _cell3_backward,
     _coop_limit,
     _divmod,
     _item_shared_limit,
     _load4,
+    _load4_row,
     _opt_in_shared,
     _register_forward,
     _sm_count,
@@ -63,7 +69,8 @@ UNITS, TILE_ROWS, KSTEP, WARP = 8, 16, 8, 32
 #: warps per block (the simulator's one: it runs a thread as a Python thread)
 TENSOR_WARPS: int = 1 if SIMULATOR else 4
 TENSOR_THREADS: int = TENSOR_WARPS * WARP
-#: the layouts the sweeps the tensor layout has no kernel for, or cannot run, take instead
+#: the layouts the sweeps take where the tensor layout cannot run them (and the saving-free sweep,
+#: which has no tensor kernels)
 FALLBACK = {"forward": "sliced", "backward": "sliced", "infer": "flat"}
 #: shared floats per (neighbour, gate block, k step) of a slice: 32 lanes x (b0, b1) x (hi, lo)
 _FRAGMENT = WARP * 4
@@ -182,103 +189,166 @@ def _block_units(nO, D):
 
 
 @cuda.jit(device=True)
-def _stage_fragments(Ws, Uf, q, j0, N, D):
-    """Fill ``Ws`` with the block's slice of U in B-fragment order, split (the whole block calls
-    it): ``Ws[(((d*(N+3) + g)*KS + ks)*32 + lane)*4 + e] = (u0_hi, u1_hi, u0_lo, u1_lo)[e]`` with
-    ``u_i = U[q, 8*ks + t + 4i, d*G + g*D + j0 + group]`` (lane = 4*group + t; 0 past D),
-    G = (N+3)*D, KS = ceil(D / 8)."""
+def _ksteps(K):
+    """The mma k steps of a sum over K: 8 steps of k each, in pairs (16 steps of k per pair)."""
+    return 2 * ((K + 2 * KSTEP - 1) // (2 * KSTEP))
+
+
+@cuda.jit(device=True)
+def _step_k(ks, t):
+    """The k of the operands lane 4*group + t gives the mma of step ks as its first k (a0, a1 and
+    b0; its second, a2, a3 and b1, is k + 1): ``16*(ks // 2) + 4t + 2*(ks % 2)``. The products of a
+    step may pair any 8 k of the sum as long as A and B agree; this order gives a lane 4
+    consecutive k per pair of steps, one 16-byte load per row (:func:`_a_run`)."""
+    return 2 * KSTEP * (ks >> 1) + 4 * t + 2 * (ks & 1)
+
+
+@cuda.jit(device=True)
+def _stage_fragments(Ws, Wf, q, j0, N, D, transposed):
+    """Fill ``Ws`` with the block's slice of the flat weights ``Wf`` in B-fragment order, split (the
+    whole block calls it): ``Ws[((blk*KS + ks)*32 + lane)*4 + e] = (w0_hi, w1_hi, w0_lo, w1_lo)[e]``,
+    lane = 4*group + t, with (forward) ``w_i = U[q, k_i, d*G + g*D + j0 + group]`` for the block
+    ``blk = d*(N+3) + g`` and K = D steps, or (``transposed``, backward) ``w_i = UT[q, k_i, d*D + j0 +
+    group]`` for ``blk = d`` and K = G steps; ``k_i = _step_k(ks, t) + i``, 0 past K or D, G =
+    (N+3)*D, KS = :func:`_ksteps` (K)."""
     G = (N + 3) * D
-    KS = (D + KSTEP - 1) // KSTEP
-    for e in range(cuda.threadIdx.x, N * (N + 3) * KS * _FRAGMENT, cuda.blockDim.x):
+    K, kstride, blocks = (G, N * D, N) if transposed else (D, N * G, N * (N + 3))
+    KS = _ksteps(K)
+    for e in range(cuda.threadIdx.x, blocks * KS * _FRAGMENT, cuda.blockDim.x):
         rest, part = _divmod(e, 4)
         rest, lane = _divmod(rest, WARP)
-        rest, ks = _divmod(rest, KS)
-        d, g = _divmod(rest, N + 3)
-        k = ks * KSTEP + (lane & 3) + 4 * (part & 1)
+        blk, ks = _divmod(rest, KS)
+        offset = blk * D  # transposed: d*D
+        if not transposed:
+            d, g = _divmod(blk, N + 3)
+            offset = d * G + g * D
+        k = _step_k(ks, lane & 3) + (part & 1)
         j = j0 + (lane >> 2)
-        u = numba.float32(0)
-        if k < D and j < D:
-            u = Uf[((q * D + k) * N + d) * G + g * D + j]
-        hi, lo = _split(u)
+        w = numba.float32(0)
+        if k < K and j < D:
+            w = Wf[q * D * N * G + k * kstride + offset + j]
+        hi, lo = _split(w)
         Ws[e] = lo if part >= 2 else hi
     cuda.syncthreads()
 
 
 @cuda.jit(device=True)
-def _h_fragment(h, row, k, D):
-    """``h[row, k]`` split (:func:`_split`), zeros where there is no row (-1) or step (k >= D)."""
-    x = numba.float32(0)
-    if row >= 0 and k < D:
-        x = h[row, k]
-    return _split(x)
+def _a_run(src, row, k, K, vec):
+    """``src[row, k .. k+3]``, zeros where there is no row (-1) or step (past K): one 16-byte load
+    when ``vec`` (K a multiple of 16: every row and k aligned)."""
+    x0, x1, x2, x3 = numba.float32(0), numba.float32(0), numba.float32(0), numba.float32(0)
+    if row >= 0 and vec:
+        x0, x1, x2, x3 = _load4_row(src, _at(row), _at(k))
+    elif row >= 0:
+        if k < K:
+            x0 = src[_at(row), _at(k)]
+        if k + 1 < K:
+            x1 = src[_at(row), _at(k + 1)]
+        if k + 2 < K:
+            x2 = src[_at(row), _at(k + 2)]
+        if k + 3 < K:
+            x3 = src[_at(row), _at(k + 3)]
+    return x0, x1, x2, x3
 
 
 @cuda.jit(device=True)
-def _parent_row(parent, base, s0, l, n, B, d):
-    """The row of parent d of the hyperplane's local row l (cell s0 + l // B), or -1 (absent
-    parent, or l >= n: past the hyperplane)."""
+def _mma_step(acc, acs, Ws, w, stride, x0, x1, x2, x3, width):
+    """One k step of :func:`_tile_sums`: the A fragment ``(x0, x1, x2, x3)`` split, times the B
+    fragments of each of the ``width`` blocks g at ``Ws[w + g*stride]``, 3xTF32."""
+    hi0, lo0 = _split(x0)
+    hi1, lo1 = _split(x1)
+    hi2, lo2 = _split(x2)
+    hi3, lo3 = _split(x3)
+    for g in range(width):
+        bh0, bh1, bl0, bl1 = _load4(Ws, w + g * stride)
+        acs[g, 0], acs[g, 1], acs[g, 2], acs[g, 3] = mma(
+            lo0, lo1, lo2, lo3, bh0, bh1, acs[g, 0], acs[g, 1], acs[g, 2], acs[g, 3])
+        acs[g, 0], acs[g, 1], acs[g, 2], acs[g, 3] = mma(
+            hi0, hi1, hi2, hi3, bl0, bl1, acs[g, 0], acs[g, 1], acs[g, 2], acs[g, 3])
+        acc[g, 0], acc[g, 1], acc[g, 2], acc[g, 3] = mma(
+            hi0, hi1, hi2, hi3, bh0, bh1, acc[g, 0], acc[g, 1], acc[g, 2], acc[g, 3])
+
+
+@cuda.jit(device=True)
+def _neighbour_row(nbr, base, s0, l, n, B, d):
+    """The row of neighbour d (``nbr``: the parent or child table) of the hyperplane's local row l
+    (cell s0 + l // B), or -1 (absent neighbour, or l >= n: past the hyperplane)."""
     s, b = _divmod(min(l, n - 1), B)
-    p = parent[s0 + s, d]
+    p = nbr[s0 + s, d]
     if l < n and p >= 0:
         return base + p * B + b
     return -1
 
 
 @cuda.jit(device=True)
-def _tile_forward(h, c, act, Ws, parent, base, s0, n, ti, B, D, j0, cell, width):
-    """Tile ``ti`` (local rows ``16*ti ..`` of a hyperplane of ``n`` rows starting at cell s0 of
-    the scan at row ``base``) of units ``j0 .. j0+7``, by the calling warp: the pre-activations
-    of its ``width`` = N+3 gate blocks by 3xTF32 mma (big terms in ``acc``, small in ``acs``,
-    added at the end), then the cell math of each lane's rows ``16*ti + group (+8)`` and units
-    ``j0 + 2t (+1)``. ``width`` is a constant at each call site (the gate loops unroll)."""
+def _tile_sums(acc, acs, src, nbr, Ws, base, s0, n, ti, B, K, width, aligned):
+    """``acc[g] + acs[g] += Σ_d Σ_{k<K} src[nbr_d(r), k] · W_{d,g}[k, unit]`` for the 16x8 tile ti
+    (local rows ``16*ti ..`` of a hyperplane of ``n`` rows starting at cell s0 of the scan at row
+    ``base``; units of the block's slice) and the ``width`` blocks g of :func:`_stage_fragments`'
+    ``Ws`` per neighbour d, by the calling warp, 3xTF32: ``acc`` += the hi·hi products, ``acs`` +=
+    hi·lo and lo·hi (C fragments: lane 4*group + t holds rows group, group+8 and units 2t, 2t+1).
+    ``width`` is a constant at each call site (the block loops unroll: accumulators in registers).
+    ``src``'s rows (K long) are read 4 k at a time, in one vector load where they allow it: K a
+    multiple of 16 and ``aligned`` (its rows start 16-byte aligned)."""
     lane = cuda.threadIdx.x % WARP
     group, t = lane >> 2, lane & 3
-    N = width - 3
+    KS = _ksteps(K)
+    vec = aligned and K % (2 * KSTEP) == 0
+    l0 = ti * TILE_ROWS + group
+    for d in range(nbr.shape[1] if RECURRENT_SUM else 0):
+        p0 = _neighbour_row(nbr, base, s0, l0, n, B, d)
+        p1 = _neighbour_row(nbr, base, s0, l0 + 8, n, B, d)
+        w = (d * width * KS * WARP + lane) * 4
+        if vec:  # two loops, each with its own loads (a branch in the loop would hold both's registers)
+            _steps(acc, acs, Ws, w, KS, src, p0, p1, t, K, width, True)
+        else:
+            _steps(acc, acs, Ws, w, KS, src, p0, p1, t, K, width, False)
+
+
+@cuda.jit(device=True)
+def _steps(acc, acs, Ws, w, KS, src, p0, p1, t, K, width, vec):
+    """The KS mma steps of :func:`_tile_sums` for the rows ``p0`` and ``p1`` of ``src``, in pairs: 4
+    consecutive k per lane and row (:func:`_step_k`), one vector load each when ``vec`` (a constant
+    at each call site)."""
+    for ks in range(0, KS, 2):
+        k = _step_k(ks, t)
+        x0, x1, x2, x3 = _a_run(src, p0, k, K, vec)
+        y0, y1, y2, y3 = _a_run(src, p1, k, K, vec)
+        _mma_step(acc, acs, Ws, w + ks * _FRAGMENT, KS * _FRAGMENT, x0, y0, x1, y1, width)
+        _mma_step(acc, acs, Ws, w + (ks + 1) * _FRAGMENT, KS * _FRAGMENT, x2, y2, x3, y3, width)
+
+
+@cuda.jit(device=True)
+def _lane_pair(i, ti, j0):
+    """The (local row, unit) of this lane's C-fragment element i in tile ti of the slice at j0."""
+    lane = cuda.threadIdx.x % WARP
+    return ti * TILE_ROWS + (lane >> 2) + 8 * (i >> 1), j0 + 2 * (lane & 3) + (i & 1)
+
+
+@cuda.jit(device=True)
+def _tile_forward(h, c, act, Ws, parent, base, s0, n, ti, B, D, j0, cell, width, aligned):
+    """Tile ti of the forward sweep (rows and units as :func:`_tile_sums`): the pre-activations of its
+    ``width`` = N+3 gate blocks, ``act`` (the input projection) plus the recurrent sums over the
+    parents' h, then the cell math of each (row, unit) of the lane on registers
+    (``_register_forward``: act, c, h). With the diagnostic ``MDNUMBA_CUDA_SKIP=cell`` the
+    pre-activations are stored in ``act`` instead (``=sum`` leaves the sums out), as the other
+    layouts do."""
     acc = cuda.local.array((GATE_CHUNK, 4), numba.float32)
     acs = cuda.local.array((GATE_CHUNK, 4), numba.float32)
-    for i in range(4):  # c_i: local row l_i, unit u_i
-        l_i, u_i = ti * TILE_ROWS + group + 8 * (i >> 1), j0 + 2 * t + (i & 1)
+    for i in range(4):
+        l_i, u_i = _lane_pair(i, ti, j0)
         for g in range(width):
             acc[g, i] = 0
             acs[g, i] = 0
             if l_i < n and u_i < D:
                 acc[g, i] = act[base + s0 * B + l_i, g * D + u_i]
-    KS = (D + KSTEP - 1) // KSTEP
-    l0 = ti * TILE_ROWS + group
-    for d in range(N if RECURRENT_SUM else 0):
-        p0 = _parent_row(parent, base, s0, l0, n, B, d)
-        p1 = _parent_row(parent, base, s0, l0 + 8, n, B, d)
-        for ks in range(KS):
-            k = ks * KSTEP + t
-            hi0, lo0 = _h_fragment(h, p0, k, D)
-            hi1, lo1 = _h_fragment(h, p1, k, D)
-            hi2, lo2 = _h_fragment(h, p0, k + 4, D)
-            hi3, lo3 = _h_fragment(h, p1, k + 4, D)
-            for g in range(width):
-                bh0, bh1, bl0, bl1 = _load4(Ws, ((d * width + g) * KS + ks) * _FRAGMENT + lane * 4)
-                acs[g, 0], acs[g, 1], acs[g, 2], acs[g, 3] = mma(
-                    lo0, lo1, lo2, lo3, bh0, bh1, acs[g, 0], acs[g, 1], acs[g, 2], acs[g, 3])
-                acs[g, 0], acs[g, 1], acs[g, 2], acs[g, 3] = mma(
-                    hi0, hi1, hi2, hi3, bl0, bl1, acs[g, 0], acs[g, 1], acs[g, 2], acs[g, 3])
-                acc[g, 0], acc[g, 1], acc[g, 2], acc[g, 3] = mma(
-                    hi0, hi1, hi2, hi3, bh0, bh1, acc[g, 0], acc[g, 1], acc[g, 2], acc[g, 3])
-    _tile_cells(h, c, act, parent, acc, acs, base, s0, n, ti, B, D, j0, cell, width)
-
-
-@cuda.jit(device=True)
-def _tile_cells(h, c, act, parent, acc, acs, base, s0, n, ti, B, D, j0, cell, width):
-    """The cell math of this lane's 4 (row, unit) pairs of tile ti on registers
-    (``_register_forward``), from the gates' sums ``acc + acs``; with the diagnostic
-    ``MDNUMBA_CUDA_SKIP=cell``, those sums stored in ``act`` instead (and ``=sum`` leaves the
-    recurrent sums out: :func:`_tile_forward`), as the other layouts do."""
-    lane = cuda.threadIdx.x % WARP
-    group, t = lane >> 2, lane & 3
+    _tile_sums(acc, acs, h, parent, Ws, base, s0, n, ti, B, D, width, aligned)
     la = cuda.local.array((1, GATE_CHUNK), numba.float32)
     for i in range(4):
-        l_i, u_i = ti * TILE_ROWS + group + 8 * (i >> 1), j0 + 2 * t + (i & 1)
+        l_i, u_i = _lane_pair(i, ti, j0)
         for g in range(width):
             la[0, g] = acc[g, i] + acs[g, i]
-        if l_i < n and u_i < D and not CELL_MATH:  # the timing diagnostic: the pre-activations
+        if l_i < n and u_i < D and not CELL_MATH:
             for g in range(width):
                 act[base + s0 * B + l_i, g * D + u_i] = la[0, g]
         elif l_i < n and u_i < D:
@@ -288,88 +358,183 @@ def _tile_cells(h, c, act, parent, acc, acs, base, s0, n, ti, B, D, j0, cell, wi
 
 
 @cuda.jit(device=True)
-def _tensor_plane(h, c, act, Ws, diag_off, parent, B, D, cell, nO, k, width):
-    """This block's tiles of hyperplane k: tiles ``o + nO*w, o + nO*(w + W), ..`` by warp w of W
-    (the trip count is the warp's, the same for its lanes, as mma needs)."""
+def _tile_backward(dact, dc, dh, act, c, Ws, parent, child, base, s0, n, ti, B, D, j0, cell, width, aligned):
+    """Tile ti of the backward sweep (pull form, rows and units as :func:`_tile_sums`): ``dh`` (the
+    upstream gradient) plus ``Σ_d Σ_g dact[child_d(r), g] · UT[g, d*D + j]`` over the children's
+    gate gradients, stored, then the cell math of each (row, unit) of the lane on registers
+    (dc, dact; ``width`` = N+3, a constant at each call site)."""
+    acc = cuda.local.array((1, 4), numba.float32)
+    acs = cuda.local.array((1, 4), numba.float32)
+    for i in range(4):
+        l_i, u_i = _lane_pair(i, ti, j0)
+        acc[0, i] = 0
+        acs[0, i] = 0
+        if l_i < n and u_i < D:
+            acc[0, i] = dh[base + s0 * B + l_i, u_i]
+    _tile_sums(acc, acs, dact, child, Ws, base, s0, n, ti, B, width * D, 1, aligned)
+    lda = cuda.local.array((1, GATE_CHUNK), numba.float32)
+    for i in range(4):  # not unrolled (the cell math is large): pair i's sums are moved to index 0
+        l_i, u_i = _lane_pair(i, ti, j0)
+        dhv = acc[0, 0] + acs[0, 0]
+        for e in range(3):  # (a local array indexed at run time would live in local memory)
+            acc[0, e], acs[0, e] = acc[0, e + 1], acs[0, e + 1]
+        if l_i < n and u_i < D:
+            r = base + s0 * B + l_i
+            dh[r, u_i] = dhv
+            s, b = _divmod(l_i, B)
+            s += s0
+            if CELL_MATH and width == 4:
+                _cell1_backward(dact, dc, act, c, parent, child, dhv, r, base, s, b, B, D, u_i, cell, lda)
+            elif CELL_MATH and width == 5:
+                _cell2_backward(dact, dc, act, c, parent, child, dhv, r, base, s, b, B, D, u_i, cell, lda)
+            elif CELL_MATH:
+                _cell3_backward(dact, dc, act, c, parent, child, dhv, r, base, s, b, B, D, u_i, cell, lda)
+
+
+@cuda.jit(device=True)
+def _plane_tiles(diag_off, k, B, D, nO, rows_per_scan):
+    """This warp's share of hyperplane k: ``(scan's first row, first unit j0, first cell s0, rows n,
+    first tile, end, step)``, tiles ``o + nO*w, o + nO*(w + W), ..`` for warp w of W (a trip count
+    per warp, the same for its lanes, as mma needs)."""
     q, j0, o = _block_units(nO, D)
     s0 = diag_off[k]
     n = (diag_off[k + 1] - s0) * B
     warps = cuda.blockDim.x // WARP
-    for ti in range(o + nO * (cuda.threadIdx.x // WARP), (n + TILE_ROWS - 1) // TILE_ROWS, nO * warps):
-        _tile_forward(h, c, act, Ws, parent, q * parent.shape[0] * B, s0, n, ti, B, D, j0, cell, width)
+    first = o + nO * (cuda.threadIdx.x // WARP)
+    return q * rows_per_scan, j0, s0, n, first, (n + TILE_ROWS - 1) // TILE_ROWS, nO * warps
 
 
 @cuda.jit(device=True)
-def _plane_any_n(h, c, act, Ws, diag_off, parent, B, D, cell, nO, k):
-    """:func:`_tensor_plane` with the gate count of N = 1, 2 or 3 as a constant."""
+def _forward_plane(h, c, act, Ws, diag_off, parent, B, D, cell, nO, k, width, aligned):
+    """This block's tiles of hyperplane k in the forward sweep (:func:`_tile_forward`)."""
+    base, j0, s0, n, first, end, step = _plane_tiles(diag_off, k, B, D, nO, parent.shape[0] * B)
+    for ti in range(first, end, step):
+        _tile_forward(h, c, act, Ws, parent, base, s0, n, ti, B, D, j0, cell, width, aligned)
+
+
+@cuda.jit(device=True)
+def _backward_plane(dact, dc, dh, act, c, Ws, diag_off, parent, child, B, D, cell, nO, k, width, aligned):
+    """This block's tiles of hyperplane k in the backward sweep (:func:`_tile_backward`)."""
+    base, j0, s0, n, first, end, step = _plane_tiles(diag_off, k, B, D, nO, parent.shape[0] * B)
+    for ti in range(first, end, step):
+        _tile_backward(dact, dc, dh, act, c, Ws, parent, child, base, s0, n, ti, B, D, j0, cell, width,
+                       aligned)
+
+
+@cuda.jit(device=True)
+def _forward_plane_n(h, c, act, Ws, diag_off, parent, B, D, cell, nO, k, aligned):
+    """:func:`_forward_plane` with the gate count of N = 1, 2 or 3 as a constant."""
     N = parent.shape[1]
     if N == 1:
-        _tensor_plane(h, c, act, Ws, diag_off, parent, B, D, cell, nO, k, 4)
+        _forward_plane(h, c, act, Ws, diag_off, parent, B, D, cell, nO, k, 4, aligned)
     elif N == 2:
-        _tensor_plane(h, c, act, Ws, diag_off, parent, B, D, cell, nO, k, 5)
+        _forward_plane(h, c, act, Ws, diag_off, parent, B, D, cell, nO, k, 5, aligned)
     else:
-        _tensor_plane(h, c, act, Ws, diag_off, parent, B, D, cell, nO, k, 6)
+        _forward_plane(h, c, act, Ws, diag_off, parent, B, D, cell, nO, k, 6, aligned)
 
 
 @cuda.jit(device=True)
-def _stage(Ws, Uf, parent, D, nO):
-    """The block's slice of U into shared memory (:func:`_stage_fragments`)."""
+def _backward_plane_n(dact, dc, dh, act, c, Ws, diag_off, parent, child, B, D, cell, nO, k, aligned):
+    """:func:`_backward_plane` with the gate count of N = 1, 2 or 3 as a constant."""
+    N = parent.shape[1]
+    if N == 1:
+        _backward_plane(dact, dc, dh, act, c, Ws, diag_off, parent, child, B, D, cell, nO, k, 4, aligned)
+    elif N == 2:
+        _backward_plane(dact, dc, dh, act, c, Ws, diag_off, parent, child, B, D, cell, nO, k, 5, aligned)
+    else:
+        _backward_plane(dact, dc, dh, act, c, Ws, diag_off, parent, child, B, D, cell, nO, k, 6, aligned)
+
+
+@cuda.jit(device=True)
+def _stage(Ws, Wf, parent, D, nO, transposed):
+    """The block's slice of U (UT when ``transposed``) into shared memory (:func:`_stage_fragments`)."""
     q, j0, _ = _block_units(nO, D)
-    _stage_fragments(Ws, Uf, q, j0, parent.shape[1], D)
+    _stage_fragments(Ws, Wf, q, j0, parent.shape[1], D, transposed)
 
 
 @cuda.jit(**_TENSOR_JIT)
-def _forward_coop_tensor(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, nO, out, out_src):
-    """The forward sweep in one cooperative launch (the sliced kernels' arguments; ``use_shared``
-    unused): every hyperplane's tiles, grid sync in between, then the output in grid order."""
+def _forward_coop_tensor(h, c, act, Uf, diag_off, parent, B, D, cell, aligned, nO, out, out_src):
+    """The forward sweep in one cooperative launch (the sliced kernels' arguments, ``aligned`` in
+    ``use_shared``'s place: whether h's rows start 16-byte aligned, :func:`_tile_sums`): every
+    hyperplane's tiles, grid sync in between, then the output in grid order."""
     Ws = cuda.shared.array(0, numba.float32, alignment=None if SIMULATOR else 16)
-    _stage(Ws, Uf, parent, D, nO)
+    _stage(Ws, Uf, parent, D, nO, False)
     grid = cuda.cg.this_grid()
     for k in range(diag_off.shape[0] - 1):
-        _plane_any_n(h, c, act, Ws, diag_off, parent, B, D, cell, nO, k)
+        _forward_plane_n(h, c, act, Ws, diag_off, parent, B, D, cell, nO, k, aligned)
         grid.sync()
     if out_src.shape[0] > 0:
         _unskew(out, h, out_src, cuda.grid(1), cuda.gridsize(1))
 
 
 @cuda.jit(**_TENSOR_JIT)
-def _forward_diag_tensor(h, c, act, Uf, diag_off, parent, B, D, cell, use_shared, nO, out, out_src, k):
+def _forward_diag_tensor(h, c, act, Uf, diag_off, parent, B, D, cell, aligned, nO, out, out_src, k):
     """Hyperplane k only (one launch per hyperplane; the output's unskew is a launch of its own)."""
     Ws = cuda.shared.array(0, numba.float32, alignment=None if SIMULATOR else 16)
-    _stage(Ws, Uf, parent, D, nO)
-    _plane_any_n(h, c, act, Ws, diag_off, parent, B, D, cell, nO, k)
+    _stage(Ws, Uf, parent, D, nO, False)
+    _forward_plane_n(h, c, act, Ws, diag_off, parent, B, D, cell, nO, k, aligned)
 
 
-KERNELS = (_forward_coop_tensor, _forward_diag_tensor)
+@cuda.jit(**_TENSOR_JIT)
+def _backward_coop_tensor(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, aligned, nO,
+                          U, dh_in, dh_src, z, xs, h):
+    """The backward sweep in one cooperative launch (the sliced kernels' arguments, ``aligned`` as in
+    :func:`_forward_coop_tensor`, of dact's rows): the prologue
+    (``wavefront_cuda._backward_prologue``: UT, the skewed upstream dh, the weight-gradient
+    operands), then every hyperplane's tiles from the last, grid sync in between."""
+    _backward_prologue_synced(UTf, U, dh, dh_in, dh_src, z, xs, h, parent, B, D)
+    Ws = cuda.shared.array(0, numba.float32, alignment=None if SIMULATOR else 16)
+    _stage(Ws, UTf, parent, D, nO, True)
+    grid = cuda.cg.this_grid()
+    for k in range(diag_off.shape[0] - 2, -1, -1):
+        _backward_plane_n(dact, dc, dh, act, c, Ws, diag_off, parent, child, B, D, cell, nO, k, aligned)
+        grid.sync()
+
+
+@cuda.jit(**_TENSOR_JIT)
+def _backward_diag_tensor(dact, dc, dh, act, c, UTf, diag_off, parent, child, B, D, cell, aligned, nO,
+                          U, dh_in, dh_src, z, xs, h, k):
+    """Hyperplane k only (one launch per hyperplane, after the prologue's own launch)."""
+    Ws = cuda.shared.array(0, numba.float32, alignment=None if SIMULATOR else 16)
+    _stage(Ws, UTf, parent, D, nO, True)
+    _backward_plane_n(dact, dc, dh, act, c, Ws, diag_off, parent, child, B, D, cell, nO, k, aligned)
+
+
+#: (cooperative, per-diagonal) kernels per sweep
+KERNELS = {"forward": (_forward_coop_tensor, _forward_diag_tensor),
+           "backward": (_backward_coop_tensor, _backward_diag_tensor)}
 
 
 # ---------------------------------------------------------------- host side
-def shared_bytes(N: int, D: int) -> int:
-    """Bytes of a block's slice of U in fragment order (:func:`_stage_fragments`)."""
-    return N * (N + 3) * -(-D // KSTEP) * _FRAGMENT * 4
+def shared_bytes(N: int, D: int, backward: bool) -> int:
+    """Bytes of a block's slice of U (UT, ``backward``) in fragment order (:func:`_stage_fragments`)."""
+    blocks, K = (N, (N + 3) * D) if backward else (N * (N + 3), D)
+    return blocks * 2 * -(-K // (2 * KSTEP)) * _FRAGMENT * 4
 
 
-def plan(args: tuple, S: int, N: int, D: int, B: int, diag_off_host: np.ndarray, dtype,
+def plan(sweep: str, args: tuple, S: int, N: int, D: int, B: int, diag_off_host: np.ndarray, dtype,
          path: str) -> tuple[int, int, int, str]:
-    """The tensor layout of a forward sweep with the kernels' ``args``: ``(nO, blocks, shared bytes,
-    "")``, nO blocks per slice of :data:`UNITS` units (as many as the cooperative grid holds, at most
-    the largest hyperplane's tiles); or ``(0, 0, 0, why not)``: float64, more than 3-D, a slice over
-    the shared memory a block can opt in to, or (off the per-diagonal path) S x nJ slices that
-    cannot all be co-resident. Opts the kernels in to the shared memory they need."""
+    """The tensor layout of a ``sweep`` ("forward", "backward") with the kernels' ``args``: ``(nO,
+    blocks, shared bytes, "")``, nO blocks per slice of :data:`UNITS` units (as many as the
+    cooperative grid holds, at most the largest hyperplane's tiles per warp); or ``(0, 0, 0, why
+    not)``: float64, more than 3-D, a slice over the shared memory a block can opt in to, or (off the
+    per-diagonal path) S x nJ slices that cannot all be co-resident. Opts the kernels in to the
+    shared memory they need."""
     if np.dtype(dtype) != np.float32:
         return 0, 0, 0, f"{np.dtype(dtype)}: tensor cores take float32 (as TF32)"
     if N + 3 > GATE_CHUNK:
         return 0, 0, 0, f"the tensor layout sweeps at most {GATE_CHUNK - 3}-D layers, this one is {N}-D"
-    shmem = shared_bytes(N, D)
+    shmem = shared_bytes(N, D, sweep == "backward")
     if shmem > _item_shared_limit():
         return 0, 0, 0, f"a slice of U takes {shmem} B, over the {_item_shared_limit()} B a block can have"
-    for kernel in KERNELS:
-        _opt_in_shared(kernel, args + ((0,) if kernel is _forward_diag_tensor else ()), shmem)
+    coop, diag = KERNELS[sweep]
+    _opt_in_shared(coop, args, shmem)
+    _opt_in_shared(diag, (*args, 0), shmem)
     nJ = -(-D // UNITS)
     if path == "per-diagonal":
         cap = 4 * _sm_count()
     else:
-        cap = _coop_limit(_forward_coop_tensor, args, TENSOR_THREADS, shmem)
+        cap = _coop_limit(coop, args, TENSOR_THREADS, shmem)
         if S * nJ > cap:
             return 0, 0, 0, f"{S * nJ} unit slices, {cap} co-resident blocks"
     tiles = -(-int(np.diff(diag_off_host).max()) * int(B) // TILE_ROWS)

@@ -2091,6 +2091,13 @@ def shares_memory(a: DeviceArray, b: DeviceArray) -> bool:
     return lo_a < lo_b + b.nbytes and lo_b < lo_a + a.nbytes
 
 
+def rows_aligned(a: DeviceArray, nbytes: int = 16) -> bool:
+    """Whether every row of the 2-D device array ``a`` starts on an ``nbytes`` boundary (its data
+    pointer and row pitch; the simulator's arrays: their host buffers)."""
+    data = a._ary.ctypes.data if SIMULATOR else int(a.__cuda_array_interface__["data"][0])
+    return data % nbytes == 0 and a.strides[0] % nbytes == 0
+
+
 def c_order(x: npt.ArrayLike) -> np.ndarray:
     """``x`` as a NumPy array with the strides of a fresh C-order array (copied only if needed).
     NumPy calls ``x[..., None]`` C-contiguous whatever the stride of its length-1 axis (0 there);
@@ -2368,14 +2375,17 @@ def _tensor_sweep(sweep: str, head: tuple, tail: tuple, W, S: int, N: int, D: in
     ``(layout, why)``: the layout to run instead (``tensor_cuda.FALLBACK``) and a note saying why."""
     from . import tensor_cuda as tc  # it imports this module
     why = f"the tensor layout has no {sweep} sweep"
-    if sweep == "forward":
+    if sweep in tc.KERNELS:
         args = (*head, False, 1, *tail)
-        nO, blocks, shmem, why = tc.plan(args, S, N, D, B, diag_off_host, W.dtype, path or DEFAULT_PATH)
-        if nO:
-            desc = _sweep(*tc.KERNELS, (*head, False, nO, *tail), diag_off_host, S * B, D, shmem, path,
-                          tc.TENSOR_THREADS, False, blocks=blocks, **sweep_kw)
+        nO, blocks, shmem, why = tc.plan(sweep, args, S, N, D, B, diag_off_host, W.dtype,
+                                         path or DEFAULT_PATH)
+        if nO:  # the kernels' use_shared: whether the rows they sum over (h, dact) allow vector loads
+            aligned = rows_aligned(head[0])
+            desc = _sweep(*tc.KERNELS[sweep], (*head, aligned, nO, *tail), diag_off_host, S * B, D, shmem,
+                          path, tc.TENSOR_THREADS, sweep == "backward", blocks=blocks, **sweep_kw)
+            weights = "UT" if sweep == "backward" else "U"
             _record(desc, f"tensor cores (3xTF32), {blocks // nO} slices of {tc.UNITS} units x {nO} blocks, "
-                          f"U in {shmem} B of shared memory per block")
+                          f"{weights} in {shmem} B of shared memory per block")
             return None
     layout = tc.FALLBACK[sweep]
     return layout, f"{layout} layout: {why}"
