@@ -284,7 +284,8 @@ class CudaLSTM(DeviceLayer):
     ``path`` picks the sweep ("auto", "cooperative", "per-diagonal"),
     ``use_shared`` whether the recurrent weights go to shared memory (None: when
     they fit), ``layout`` how a sweep shares out its work ("auto": per sweep, "flat", "sliced", "staged",
-    "item"; None: ``MDNUMBA_CUDA_LAYOUT``, :func:`mdnumba.kernels.wavefront_cuda.wavefront_forward`).
+    "item", "tensor"; None: ``MDNUMBA_CUDA_LAYOUT``,
+    :func:`mdnumba.kernels.wavefront_cuda.wavefront_forward`).
     """
 
     def __init__(self, ndim: int, in_channels: int, hidden: int, params: np.ndarray,

@@ -24,7 +24,10 @@ place to change them. Environment variables override the defaults:
   barriers instead of grid syncs between hyperplanes: one plain launch per sweep, for small
   hidden sizes, e.g. D = 64 in float32; ``MDNUMBA_CUDA_ITEM_THREADS`` threads per block, default
   512, each on ``MDNUMBA_CUDA_ITEM_ROWS`` cells of an anti-diagonal, default 4; not yet timed on a
-  GPU) or ``auto`` (default: the faster of
+  GPU), ``tensor`` (the sliced layout's work split in 16-row x 8-unit tiles whose recurrent
+  sums run on tensor cores, ``mma.sync`` with the 3xTF32 split: float32 accuracy; float32 layers
+  of 1 to 3 dimensions, the saving-free sweep flat; :mod:`mdnumba.kernels.tensor_cuda`; not yet
+  timed on a GPU) or ``auto`` (default: the faster of
   flat and sliced per sweep on an H200, bench/results/gpu.md: the backward sweep sliced, the
   forward ones flat; ``wavefront_cuda.AUTO_LAYOUT``). ``MDNUMBA_CUDA_SLICE_UNITS`` sets the units per slice
   (default 8; compile-time).

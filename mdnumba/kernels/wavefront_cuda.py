@@ -39,6 +39,9 @@ Three layouts share out a hyperplane's items (``layout``, ``MDNUMBA_CUDA_LAYOUT`
   scan's U (UT) and one hyperplane's rows in (opt-in) shared memory and block barriers between
   hyperplanes: one plain launch per sweep, no grid sync (:func:`_forward_item`,
   :func:`_backward_item`; :func:`_plan_items` falls back to flat where it does not fit).
+- ``tensor``: the sliced layout's split in 16-row x 8-unit tiles, a warp's sums on tensor cores
+  (3xTF32 ``mma.sync``, :mod:`mdnumba.kernels.tensor_cuda`; :func:`_tensor_sweep`, sliced or
+  flat where it cannot run).
 
 Two ways to sweep the K hyperplanes:
 
@@ -118,7 +121,7 @@ MAX_ELEMENTS = 2 ** 32
 #: sweep path used when none is given: auto (cooperative, falling back), cooperative, per-diagonal
 DEFAULT_PATH: str = config.CUDA_PATH
 PATHS = config.CUDA_PATHS
-#: sweep layout used when none is given (MDNUMBA_CUDA_LAYOUT): auto, flat, sliced or staged
+#: sweep layout used when none is given (MDNUMBA_CUDA_LAYOUT): config.CUDA_LAYOUTS
 DEFAULT_LAYOUT: str = config.CUDA_LAYOUT
 LAYOUTS = config.CUDA_LAYOUTS
 
@@ -2472,10 +2475,10 @@ def wavefront_forward(h: HostOrDevice, c: HostOrDevice, act: HostOrDevice, U: Ho
     "cooperative" or "per-diagonal"; ``use_shared``: stage U in shared memory
     (None: when it fits). With ``out`` (R, S, D) and ``out_src`` (S, R) the same launch
     then writes ``out[r, q] = h[q*R + out_src[q, r]]`` (the output in grid order).
-    ``layout``: "auto" (:data:`AUTO_LAYOUT`), "flat", "sliced", "staged" or "item" (None:
-    :data:`DEFAULT_LAYOUT`; sliced, staged and item ignore ``use_shared``, item also ``path`` and
-    ``tpb`` for its sweep; :func:`_plan_slices` and :func:`_plan_items` say when they fall back to
-    flat).
+    ``layout``: "auto" (:data:`AUTO_LAYOUT`), "flat", "sliced", "staged", "item" or "tensor" (None:
+    :data:`DEFAULT_LAYOUT`; all but flat ignore ``use_shared``, item also ``path`` and ``tpb`` for
+    its sweep, tensor ``tpb``; :func:`_plan_slices`, :func:`_plan_items` and
+    :func:`_tensor_sweep` say when they fall back).
     """
     tpb = _tpb(tpb)
     a = _Args(h, c, act, U, diag_off, parent, out, out_src)
