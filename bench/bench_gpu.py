@@ -380,13 +380,13 @@ def torch_fns(tb: TorchBaseline, cfg: Config, x: np.ndarray):
 
 
 # -------------------------------------------------------------------------- report
-#: the device paths timed side by side: result key, sweep path, layout, label
+#: the device paths timed side by side, in this order: result key, sweep path, layout, label
 DEVICE_PATHS = [("coop", "cooperative", None, "cooperative"),
+                ("tensor", "cooperative", "tensor", "cooperative tensor"),  # measured early: a run may be cut
                 ("flat", "cooperative", "flat", "cooperative flat"),
                 ("sliced", "cooperative", "sliced", "cooperative sliced"),
                 ("staged", "cooperative", "staged", "cooperative staged"),
                 ("item", "cooperative", "item", "item"),
-                ("tensor", "cooperative", "tensor", "cooperative tensor"),
                 ("diag", "per-diagonal", "flat", "per-diagonal")]
 SPEED_COLUMNS = [("coop", "mdnumba GPU cooperative"), ("flat", "mdnumba GPU cooperative flat"),
                  ("sliced", "mdnumba GPU cooperative sliced"), ("staged", "mdnumba GPU cooperative staged"),

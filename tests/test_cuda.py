@@ -228,14 +228,15 @@ def sim_mma_is_the_warp_product(rng):
 
 @pytest.mark.parametrize("dims,cell,scans,B,D,path", [
     ((3, 4), "graves", 1, 3, 9, "cooperative"), ((5,), "stable", 2, 2, 3, "per-diagonal"),
-    ((2, 2, 2), "spatial", 1, 2, 3, "cooperative"), ((2, 3), "graves", 1, 7, 16, "per-diagonal"),
+    ((2, 2, 2), "spatial", 1, 2, 3, "cooperative"), ((2, 3), "graves", 1, 9, 16, "per-diagonal"),
     ((2, 1, 2, 2), "graves", 1, 1, 3, "cooperative")])
 def sim_tensor_sweeps_match_cpu(dims, cell, scans, B, D, path, rng, monkeypatch):
     """The tensor layout's sweeps (their recurrent sums by warps of 3xTF32 mma, tensor_cuda) vs the
     CPU kernels in float32 and float64: 1-D to 3-D, several scans, D = 3 and 9 (a part of the 8
     units of a slice, and of the 16 steps of k of a pair of mma steps: the rows' operands loaded one
-    by one) and 16 (two slices, and rows of D and 5D loaded 4 at a time), 16-row tiles across cells
-    (B = 3: a cell's rows in two tiles; B = 7), both paths; float64 and 4-D layers run sliced, said.
+    by one) and 16 (rows of D and 5D loaded 4 at a time), 16-row tiles across cells (B = 3: a cell's
+    rows in two tiles) and a hyperplane of two tiles, one per warp of the block (B = 9, 18 rows),
+    both paths; float64 and 4-D layers run sliced, said.
     (A warp's mma under the simulator is 32 Python threads meeting at a barrier: seconds a case.)"""
     from mdnumba.kernels import tensor_cuda as tc
     from mdnumba.kernels import wavefront as cpu
@@ -256,10 +257,10 @@ def sim_tensor_sweeps_match_cpu(dims, cell, scans, B, D, path, rng, monkeypatch)
         if len(dims) > 3:
             assert "sliced layout: the tensor layout sweeps at most 3-D layers" in desc, desc
             continue
-        nJ, weights = -(-D // tc.UNITS), "UT" if sweep == "backward" else "U"
-        shmem = tc.shared_bytes(len(dims), D, sweep == "backward")
+        units, weights = tc.slice_units(sweep), "UT" if sweep == "backward" else "U"
+        shmem, nJ = tc.shared_bytes(len(dims), D, sweep), -(-D // units)
         assert desc.startswith(path), desc
-        assert f"tensor cores (3xTF32), {scans * nJ} slices of 8 units" in desc, desc
+        assert f"tensor cores (3xTF32), {scans * nJ} slices of {units} units" in desc, desc
         assert f"{weights} in {shmem} B of shared memory" in desc, desc
         if path == "cooperative":
             assert f"x {tc.TENSOR_THREADS} threads, {len(wf.diag_off) - 1} hyperplanes" in desc, desc
@@ -720,7 +721,7 @@ def sim_tensor_layer_matches_reference(rng, monkeypatch):
     assert "tensor cores (3xTF32), 2 slices of 8 units" in desc, desc
     check_against_reference(layer, x, rng.standard_normal((3, 5, layer.out_channels)), 1e-5)
     desc = wavefront_cuda.last_path()
-    assert "tensor cores (3xTF32), 2 slices of 8 units" in desc and "UT in" in desc, desc
+    assert "tensor cores (3xTF32), 2 slices of 16 units" in desc and "UT in" in desc, desc
     free = layer.forward(x, save=False)
     assert "flat layout: the tensor layout has no infer sweep" in wavefront_cuda.last_path()
     np.testing.assert_allclose(free, layer.forward(x), rtol=1e-5, atol=1e-6)

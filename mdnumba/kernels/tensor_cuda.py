@@ -64,10 +64,15 @@ from .wavefront_cuda import (
     _unskew,
 )
 
-#: hidden units per block (the n of mma.m16n8k8), rows per tile (m), steps of k per mma (k)
+#: columns of an mma's product (n of mma.m16n8k8: hidden units), rows per tile (m), steps of k per mma
 UNITS, TILE_ROWS, KSTEP, WARP = 8, 16, 8, 32
-#: warps per block (the simulator's one: it runs a thread as a Python thread)
-TENSOR_WARPS: int = 1 if SIMULATOR else 4
+#: n-tiles of UNITS units a warp computes per tile of rows in the backward sweep (its slice of hidden
+#: units: 16; each row operand loaded and split serves 2 mma); the forward's are its gate blocks
+BACKWARD_TILES = 2
+_PAIRS = 4 * BACKWARD_TILES  # (row, unit) pairs of a lane in a backward tile (a local array's shape)
+#: warps per block (the simulator's 2: it runs a thread as a Python thread). 8: at 248 registers
+#: (the forward) one block of 256 threads fills an SM's registers, and its warps share its slice
+TENSOR_WARPS: int = 2 if SIMULATOR else 8
 TENSOR_THREADS: int = TENSOR_WARPS * WARP
 #: the layouts the sweeps take where the tensor layout cannot run them (and the saving-free sweep,
 #: which has no tensor kernels)
@@ -180,12 +185,12 @@ def _split(x):
 
 # ---------------------------------------------------------------- device functions
 @cuda.jit(device=True)
-def _block_units(nO, D):
-    """This block's (scan q, first unit j0, share o): block ``(q*nJ + slice)*nO + o``, nJ =
-    ceil(D / UNITS)."""
+def _block_units(nO, D, units):
+    """This block's (scan q, first unit j0, share o): block ``(q*nJ + slice)*nO + o`` of slices of
+    ``units`` units, nJ = ceil(D / units)."""
     qs, o = _divmod(cuda.blockIdx.x, nO)
-    q, sl = _divmod(qs, (D + UNITS - 1) // UNITS)
-    return q, sl * UNITS, o
+    q, sl = _divmod(qs, (D + units - 1) // units)
+    return q, sl * units, o
 
 
 @cuda.jit(device=True)
@@ -208,22 +213,23 @@ def _stage_fragments(Ws, Wf, q, j0, N, D, transposed):
     """Fill ``Ws`` with the block's slice of the flat weights ``Wf`` in B-fragment order, split (the
     whole block calls it): ``Ws[((blk*KS + ks)*32 + lane)*4 + e] = (w0_hi, w1_hi, w0_lo, w1_lo)[e]``,
     lane = 4*group + t, with (forward) ``w_i = U[q, k_i, d*G + g*D + j0 + group]`` for the block
-    ``blk = d*(N+3) + g`` and K = D steps, or (``transposed``, backward) ``w_i = UT[q, k_i, d*D + j0 +
-    group]`` for ``blk = d`` and K = G steps; ``k_i = _step_k(ks, t) + i``, 0 past K or D, G =
-    (N+3)*D, KS = :func:`_ksteps` (K)."""
+    ``blk = d*(N+3) + g`` and K = D steps, or (``transposed``, backward) ``w_i = UT[q, k_i, d*D + j0
+    + 8*m + group]`` for ``blk = d*BACKWARD_TILES + m`` and K = G steps; ``k_i = _step_k(ks, t) + i``,
+    0 past K or D, G = (N+3)*D, KS = :func:`_ksteps` (K)."""
     G = (N + 3) * D
-    K, kstride, blocks = (G, N * D, N) if transposed else (D, N * G, N * (N + 3))
+    K, kstride, blocks = (G, N * D, N * BACKWARD_TILES) if transposed else (D, N * G, N * (N + 3))
     KS = _ksteps(K)
     for e in range(cuda.threadIdx.x, blocks * KS * _FRAGMENT, cuda.blockDim.x):
         rest, part = _divmod(e, 4)
         rest, lane = _divmod(rest, WARP)
         blk, ks = _divmod(rest, KS)
-        offset = blk * D  # transposed: d*D
-        if not transposed:
-            d, g = _divmod(blk, N + 3)
-            offset = d * G + g * D
+        d, g = _divmod(blk, BACKWARD_TILES if transposed else N + 3)
         k = _step_k(ks, lane & 3) + (part & 1)
         j = j0 + (lane >> 2)
+        offset = d * G + g * D
+        if transposed:  # g: the n-tile of the slice
+            j += g * UNITS
+            offset = d * D
         w = numba.float32(0)
         if k < K and j < D:
             w = Wf[q * D * N * G + k * kstride + offset + j]
@@ -358,45 +364,51 @@ def _tile_forward(h, c, act, Ws, parent, base, s0, n, ti, B, D, j0, cell, width,
 
 
 @cuda.jit(device=True)
-def _tile_backward(dact, dc, dh, act, c, Ws, parent, child, base, s0, n, ti, B, D, j0, cell, width, aligned):
-    """Tile ti of the backward sweep (pull form, rows and units as :func:`_tile_sums`): ``dh`` (the
-    upstream gradient) plus ``Σ_d Σ_g dact[child_d(r), g] · UT[g, d*D + j]`` over the children's
-    gate gradients, stored, then the cell math of each (row, unit) of the lane on registers
-    (dc, dact; ``width`` = N+3, a constant at each call site)."""
-    acc = cuda.local.array((1, 4), numba.float32)
-    acs = cuda.local.array((1, 4), numba.float32)
-    for i in range(4):
-        l_i, u_i = _lane_pair(i, ti, j0)
-        acc[0, i] = 0
-        acs[0, i] = 0
-        if l_i < n and u_i < D:
-            acc[0, i] = dh[base + s0 * B + l_i, u_i]
-    _tile_sums(acc, acs, dact, child, Ws, base, s0, n, ti, B, width * D, 1, aligned)
+def _tile_backward(dact, dc, dh, act, c, Ws, parent, child, base, s0, n, ti, B, D, j0, cell, gates, aligned):
+    """Tile ti of the backward sweep (pull form, rows as :func:`_tile_sums`, the :data:`BACKWARD_TILES`
+    n-tiles of 8 units of the slice at j0): ``dh`` (the upstream gradient) plus ``Σ_d Σ_g
+    dact[child_d(r), g] · UT[g, d*D + j]`` over the children's gate gradients, stored, then the cell
+    math of each (row, unit) of the lane on registers (dc, dact; ``gates`` = N+3, a constant at
+    each call site)."""
+    acc = cuda.local.array((BACKWARD_TILES, 4), numba.float32)
+    acs = cuda.local.array((BACKWARD_TILES, 4), numba.float32)
+    for m in range(BACKWARD_TILES):
+        for i in range(4):
+            l_i, u_i = _lane_pair(i, ti, j0 + m * UNITS)
+            acc[m, i] = 0
+            acs[m, i] = 0
+            if l_i < n and u_i < D:
+                acc[m, i] = dh[base + s0 * B + l_i, u_i]
+    _tile_sums(acc, acs, dact, child, Ws, base, s0, n, ti, B, gates * D, BACKWARD_TILES, aligned)
+    sums = cuda.local.array(_PAIRS, numba.float32)
+    for m in range(BACKWARD_TILES):
+        for i in range(4):
+            sums[4 * m + i] = acc[m, i] + acs[m, i]
     lda = cuda.local.array((1, GATE_CHUNK), numba.float32)
-    for i in range(4):  # not unrolled (the cell math is large): pair i's sums are moved to index 0
-        l_i, u_i = _lane_pair(i, ti, j0)
-        dhv = acc[0, 0] + acs[0, 0]
-        for e in range(3):  # (a local array indexed at run time would live in local memory)
-            acc[0, e], acs[0, e] = acc[0, e + 1], acs[0, e + 1]
+    for p in range(_PAIRS):  # not unrolled (the cell math is large): pair p's sum moves to index 0
+        dhv = sums[0]  # (a local array indexed at run time would live in local memory)
+        for e in range(_PAIRS - 1):
+            sums[e] = sums[e + 1]
+        l_i, u_i = _lane_pair(p & 3, ti, j0 + (p >> 2) * UNITS)
         if l_i < n and u_i < D:
             r = base + s0 * B + l_i
             dh[r, u_i] = dhv
             s, b = _divmod(l_i, B)
             s += s0
-            if CELL_MATH and width == 4:
+            if CELL_MATH and gates == 4:
                 _cell1_backward(dact, dc, act, c, parent, child, dhv, r, base, s, b, B, D, u_i, cell, lda)
-            elif CELL_MATH and width == 5:
+            elif CELL_MATH and gates == 5:
                 _cell2_backward(dact, dc, act, c, parent, child, dhv, r, base, s, b, B, D, u_i, cell, lda)
             elif CELL_MATH:
                 _cell3_backward(dact, dc, act, c, parent, child, dhv, r, base, s, b, B, D, u_i, cell, lda)
 
 
 @cuda.jit(device=True)
-def _plane_tiles(diag_off, k, B, D, nO, rows_per_scan):
+def _plane_tiles(diag_off, k, B, D, nO, rows_per_scan, units):
     """This warp's share of hyperplane k: ``(scan's first row, first unit j0, first cell s0, rows n,
     first tile, end, step)``, tiles ``o + nO*w, o + nO*(w + W), ..`` for warp w of W (a trip count
     per warp, the same for its lanes, as mma needs)."""
-    q, j0, o = _block_units(nO, D)
+    q, j0, o = _block_units(nO, D, units)
     s0 = diag_off[k]
     n = (diag_off[k + 1] - s0) * B
     warps = cuda.blockDim.x // WARP
@@ -407,7 +419,7 @@ def _plane_tiles(diag_off, k, B, D, nO, rows_per_scan):
 @cuda.jit(device=True)
 def _forward_plane(h, c, act, Ws, diag_off, parent, B, D, cell, nO, k, width, aligned):
     """This block's tiles of hyperplane k in the forward sweep (:func:`_tile_forward`)."""
-    base, j0, s0, n, first, end, step = _plane_tiles(diag_off, k, B, D, nO, parent.shape[0] * B)
+    base, j0, s0, n, first, end, step = _plane_tiles(diag_off, k, B, D, nO, parent.shape[0] * B, UNITS)
     for ti in range(first, end, step):
         _tile_forward(h, c, act, Ws, parent, base, s0, n, ti, B, D, j0, cell, width, aligned)
 
@@ -415,7 +427,8 @@ def _forward_plane(h, c, act, Ws, diag_off, parent, B, D, cell, nO, k, width, al
 @cuda.jit(device=True)
 def _backward_plane(dact, dc, dh, act, c, Ws, diag_off, parent, child, B, D, cell, nO, k, width, aligned):
     """This block's tiles of hyperplane k in the backward sweep (:func:`_tile_backward`)."""
-    base, j0, s0, n, first, end, step = _plane_tiles(diag_off, k, B, D, nO, parent.shape[0] * B)
+    base, j0, s0, n, first, end, step = _plane_tiles(diag_off, k, B, D, nO, parent.shape[0] * B,
+                                                     UNITS * BACKWARD_TILES)
     for ti in range(first, end, step):
         _tile_backward(dact, dc, dh, act, c, Ws, parent, child, base, s0, n, ti, B, D, j0, cell, width,
                        aligned)
@@ -448,7 +461,7 @@ def _backward_plane_n(dact, dc, dh, act, c, Ws, diag_off, parent, child, B, D, c
 @cuda.jit(device=True)
 def _stage(Ws, Wf, parent, D, nO, transposed):
     """The block's slice of U (UT when ``transposed``) into shared memory (:func:`_stage_fragments`)."""
-    q, j0, _ = _block_units(nO, D)
+    q, j0, _ = _block_units(nO, D, UNITS * BACKWARD_TILES if transposed else UNITS)
     _stage_fragments(Ws, Wf, q, j0, parent.shape[1], D, transposed)
 
 
@@ -506,16 +519,21 @@ KERNELS = {"forward": (_forward_coop_tensor, _forward_diag_tensor),
 
 
 # ---------------------------------------------------------------- host side
-def shared_bytes(N: int, D: int, backward: bool) -> int:
-    """Bytes of a block's slice of U (UT, ``backward``) in fragment order (:func:`_stage_fragments`)."""
-    blocks, K = (N, (N + 3) * D) if backward else (N * (N + 3), D)
+def slice_units(sweep: str) -> int:
+    """Hidden units per block of a ``sweep`` ("forward", "backward")."""
+    return UNITS * (BACKWARD_TILES if sweep == "backward" else 1)
+
+
+def shared_bytes(N: int, D: int, sweep: str) -> int:
+    """Bytes of a block's slice of U (UT backward) in fragment order (:func:`_stage_fragments`)."""
+    blocks, K = (N * BACKWARD_TILES, (N + 3) * D) if sweep == "backward" else (N * (N + 3), D)
     return blocks * 2 * -(-K // (2 * KSTEP)) * _FRAGMENT * 4
 
 
 def plan(sweep: str, args: tuple, S: int, N: int, D: int, B: int, diag_off_host: np.ndarray, dtype,
          path: str) -> tuple[int, int, int, str]:
     """The tensor layout of a ``sweep`` ("forward", "backward") with the kernels' ``args``: ``(nO,
-    blocks, shared bytes, "")``, nO blocks per slice of :data:`UNITS` units (as many as the
+    blocks, shared bytes, "")``, nO blocks per slice of :func:`slice_units` units (as many as the
     cooperative grid holds, at most the largest hyperplane's tiles per warp); or ``(0, 0, 0, why
     not)``: float64, more than 3-D, a slice over the shared memory a block can opt in to, or (off the
     per-diagonal path) S x nJ slices that cannot all be co-resident. Opts the kernels in to the
@@ -524,13 +542,13 @@ def plan(sweep: str, args: tuple, S: int, N: int, D: int, B: int, diag_off_host:
         return 0, 0, 0, f"{np.dtype(dtype)}: tensor cores take float32 (as TF32)"
     if N + 3 > GATE_CHUNK:
         return 0, 0, 0, f"the tensor layout sweeps at most {GATE_CHUNK - 3}-D layers, this one is {N}-D"
-    shmem = shared_bytes(N, D, sweep == "backward")
+    shmem = shared_bytes(N, D, sweep)
     if shmem > _item_shared_limit():
         return 0, 0, 0, f"a slice of U takes {shmem} B, over the {_item_shared_limit()} B a block can have"
     coop, diag = KERNELS[sweep]
     _opt_in_shared(coop, args, shmem)
     _opt_in_shared(diag, (*args, 0), shmem)
-    nJ = -(-D // UNITS)
+    nJ = -(-D // slice_units(sweep))
     if path == "per-diagonal":
         cap = 4 * _sm_count()
     else:

@@ -2387,8 +2387,8 @@ def _tensor_sweep(sweep: str, head: tuple, tail: tuple, W, S: int, N: int, D: in
             desc = _sweep(*tc.KERNELS[sweep], (*head, aligned, nO, *tail), diag_off_host, S * B, D, shmem,
                           path, tc.TENSOR_THREADS, sweep == "backward", blocks=blocks, **sweep_kw)
             weights = "UT" if sweep == "backward" else "U"
-            _record(desc, f"tensor cores (3xTF32), {blocks // nO} slices of {tc.UNITS} units x {nO} blocks, "
-                          f"{weights} in {shmem} B of shared memory per block")
+            _record(desc, f"tensor cores (3xTF32), {blocks // nO} slices of {tc.slice_units(sweep)} units x "
+                          f"{nO} blocks, {weights} in {shmem} B of shared memory per block")
             return None
     layout = tc.FALLBACK[sweep]
     return layout, f"{layout} layout: {why}"
