@@ -55,6 +55,16 @@ TARGET_TRAIN_MS_8 = 1.0
 Phase = tuple[str, Callable[[], None]]
 
 
+def quick_simulator_handoffs() -> None:
+    """Under numba's CUDA simulator (the CI's smoke runs), let a thread take the GIL after 0.1 ms
+    instead of 5: the simulator's block manager polls a block's threads in a loop that never
+    blocks, so each thread woken at a barrier waited up to 5 ms behind it (``bench_gpu.py
+    --smoke`` took 202 s, with this 77 s; the tensor layout's warps meet 32 threads at a time). Not
+    for tests/simgrid.py's runs, which have no such loop (there it made the cases slower)."""
+    if numba.config.ENABLE_CUDASIM:
+        sys.setswitchinterval(1e-4)
+
+
 @dataclass(frozen=True)
 class Config:
     """One benchmark shape: grid H x W, batch B, hidden D, C input channels."""

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numba
 import numpy as np
-from bench_cpu import Phase, load_average, ms, ratio, time_interleaved
+from bench_cpu import Phase, load_average, ms, quick_simulator_handoffs, ratio, time_interleaved
 from launch_times import HEADER, launch_breakdown, render
 
 try:  # without torch the table keeps mdnumba's timings and says why the baseline is missing
@@ -178,6 +178,7 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    quick_simulator_handoffs()
     dev = args.device
     # the baseline's device: CPU tensors under the CUDA simulator (no GPU there)
     tdev = "cpu" if dev == "cuda" and numba.config.ENABLE_CUDASIM else dev

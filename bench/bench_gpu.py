@@ -56,7 +56,7 @@ from typing import Any, NamedTuple
 import numba
 import numpy as np
 from bench_cpu import Config as CpuConfig
-from bench_cpu import Timing, best_median, make_input, ms, ratio
+from bench_cpu import Timing, best_median, make_input, ms, quick_simulator_handoffs, ratio
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "gpu.md"
@@ -786,6 +786,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-numpy-api", action="store_true", help="skip MDLSTM2D(device='cuda')")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
+    quick_simulator_handoffs()
     global SMOKE
     SMOKE = args.smoke
     args.quick |= args.smoke

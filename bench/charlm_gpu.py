@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 import numba
-from bench_cpu import Timing, best_median, ms, time_interleaved
+from bench_cpu import Timing, best_median, ms, quick_simulator_handoffs, time_interleaved
 from bench_gpu import write_report
 from charlm_compare import build_corpus
 
@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, each case once")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "charlm_gpu.md")
     args = ap.parse_args(argv)
+    quick_simulator_handoffs()
     if args.smoke:
         args.batch, args.seq_len, args.hidden, args.layers, args.block, args.budget = 2, 4, 3, 1, 2, 0.1
     from numba import cuda
