@@ -9,7 +9,7 @@ For a 2D MD-LSTM (C=1, float32) at 32x32 B64 D64, 128x128 B16 D64 and 256x256 B8
   sync between anti-diagonals) in the default layout (auto: the forward sweeps flat, the
   backward sliced), the flat, the sliced and the staged one (``MDNUMBA_CUDA_LAYOUT``), in the
   item layout (a block per batch item, block barriers: no grid syncs), in the tensor layout (the
-  forward sweep's recurrent sums on tensor cores in 3xTF32, :mod:`mdnumba.kernels.tensor_cuda`)
+  sweeps' recurrent sums on tensor cores in 3xTF32, :mod:`mdnumba.kernels.tensor_cuda`)
   and on the per-diagonal path (one launch each, flat);
 - the same through the NumPy API, ``MDLSTM2D(device="cuda")`` (host↔device
   copies of x, h, dh, dx, parameters and gradients each step, CPU Adam);
@@ -588,9 +588,8 @@ def render(info: dict[str, str], results: list[dict], quick: bool) -> str:
             "item = the item layout (a block per batch item holding all of U and one "
             "anti-diagonal's rows in shared memory, block barriers instead of grid syncs, one plain "
             "launch per sweep; its saving-free forward runs flat, so it has no inference column); "
-            "cooperative tensor = the tensor layout (the forward sweep's recurrent sums on tensor "
-            "cores, 3xTF32 mma.sync, float32 accuracy; its backward sweep sliced, its saving-free "
-            "forward flat); "
+            "cooperative tensor = the tensor layout (both sweeps' recurrent sums on tensor cores, "
+            "3xTF32 mma.sync, float32 accuracy; its saving-free forward flat); "
             "cooperative = in the default layout, `MDNUMBA_CUDA_LAYOUT=auto`: the backward sweep "
             "sliced, the forward ones flat;",
             "- *`train --device cuda`*: the CLI's device-resident trainer (`DeviceTrainer`) on the "

@@ -1,4 +1,4 @@
-"""The ``tensor`` layout of the CUDA forward sweep: its recurrent sums on tensor cores, in 3xTF32.
+"""The ``tensor`` layout of the CUDA sweeps: their recurrent sums on tensor cores, in 3xTF32.
 
 What bounds the other layouts is their instructions per multiply-add: 1.3 to 3.5 in their hot
 loops (bench/results/cuda_kernels.md), so a float32 sweep reaches a fraction of the GPU's FP32
@@ -11,15 +11,17 @@ do): ``a·b ≈ a_hi·b_hi + a_hi·b_lo + a_lo·b_hi`` with ``x_hi = tf32(x)``, 
 accurate as float32 arithmetic itself.
 
 Work split (the sliced layout's, :mod:`mdnumba.kernels.wavefront_cuda`, with mma tiles):
-block ``(q*nJ + slice)*nO + o`` owns the :data:`UNITS` = 8 hidden units ``j0 = 8*slice ..``
-of scan q (the n = 8 of one mma) and the 16-row tiles ``o, o + nO, ..`` of each hyperplane's
-rows of that scan (consecutive rows ``r = s*B + b``); its warps take those tiles in turn. For a
-tile, a warp computes every gate block g as one 16x8 product,
-``a[r, g*D + j] = act[r, g*D + j] + Σ_d Σ_k h[parent_d(r), k] · U[q, k, d*G + g*D + j]``,
-8 steps of k per mma (:func:`_tile_forward`); each lane then holds all N+3 gates of its 2 rows
-x 2 units and runs the cell math on registers (``wavefront_cuda._register_forward``). The
-block's slice of U sits in shared memory for the whole sweep, already split and in fragment
-order (:func:`_stage_fragments`): one 16-byte load per lane gives both halves of its B fragment.
+block ``(q*nJ + slice)*nO + o`` owns a slice of hidden units of scan q (forward :data:`UNITS` = 8,
+the n of one mma; backward :data:`BACKWARD_TILES` such tiles) and the 16-row tiles ``o, o + nO,
+..`` of each hyperplane's rows of that scan (consecutive rows ``r = s*B + b``); its warps take
+those tiles in turn. For a tile, a warp computes 16x8 products over the rows' neighbours
+(:func:`_tile_sums`): forward, every gate block g, ``a[r, g*D + j] = act[r, g*D + j] + Σ_d Σ_k
+h[parent_d(r), k] · U[q, k, d*G + g*D + j]`` (:func:`_tile_forward`); backward, the pull ``dh[r,
+j] += Σ_d Σ_g dact[child_d(r), g] · UT[q, g, d*D + j]`` (:func:`_tile_backward`). Each lane then
+holds what the cell math of its 2 rows x 2 units (per tile) needs and runs it on registers (the
+register cells of :mod:`mdnumba.kernels.wavefront_cuda`). The block's slice of U (UT) sits in
+shared memory for the whole sweep, already split and in fragment order
+(:func:`_stage_fragments`): one 16-byte load per lane gives both halves of its B fragment.
 
 Fragments of ``mma.m16n8k8.row.col`` with TF32 operands (PTX ISA), lane = 4*group + t:
 A (16x8) ``a0 = A[group, t]``, ``a1 = A[group+8, t]``, ``a2 = A[group, t+4]``,
@@ -30,8 +32,8 @@ Under numba's CUDA simulator :func:`mma` is played by the warp's 32 threads meet
 barrier and each computing its 4 outputs from all lanes' fragments, by that definition, in
 float32: it checks that the kernels put each value in the lane and register the instruction
 expects; the instruction's own rounding and summation order is the GPU's. Float32 layers of
-1 to 3 dimensions only; the others, and the backward and saving-free sweeps, run in
-:data:`FALLBACK`'s layouts (said in the path description).
+1 to 3 dimensions only; the others, and the saving-free sweep, run in :data:`FALLBACK`'s layouts
+(said in the path description).
 """
 
 from __future__ import annotations
