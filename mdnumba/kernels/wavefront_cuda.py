@@ -20,7 +20,7 @@ hyperplane: unit j of up to :data:`ROWS_PER_THREAD` batch rows ``r_i`` of one ce
   from the children on the finished hyperplane, then writes ``dc[r_i, j]`` and
   ``dact[r_i, g*D + j]`` for its own j only: no two threads write the same place.
 
-Three layouts share out a hyperplane's items (``layout``, ``MDNUMBA_CUDA_LAYOUT``; the default
+The layouts share out a hyperplane's items (``layout``, ``MDNUMBA_CUDA_LAYOUT``; the default
 ``auto`` takes :data:`AUTO_LAYOUT`'s per sweep):
 
 - ``flat``: over the whole grid (grid-stride), so every block reads all of U (from shared
