@@ -329,7 +329,8 @@ def sim_sweep_stages_as_configured(layout, rng):
     assert (gpu.RECURRENT_SUM, gpu.CELL_MATH) == ("sum" not in skipped, "cell" not in skipped)
     code, B, D = cell_code("graves"), 2, 3
     wf, U, act0 = _cpu_sweep_inputs((3, 4), B, D, 1, rng)
-    dtype, tol = (np.float32, dict(rtol=2e-5, atol=2e-6)) if layout == "tensor" else (np.float64, {})
+    dtype, tol = ((np.float32, dict(rtol=2e-5, atol=2e-6)) if layout == "tensor"
+                  else (np.float64, dict(rtol=1e-12, atol=1e-14)))
     U, act0 = U.astype(dtype), act0.astype(dtype)
     got = _run_sweeps(gpu, wf, U, act0, B, D, code, path="cooperative", tpb=8, layout=layout)
     if layout == "tensor":
@@ -340,7 +341,7 @@ def sim_sweep_stages_as_configured(layout, rng):
         zero = np.zeros((act0.shape[0], D))
         want = (zero, zero, act0, np.zeros_like(act0), zero, np.ones_like(zero))
     for name, a, b in zip(("h", "c", "act", "dact", "dc", "dh"), got, want):
-        np.testing.assert_allclose(a, b, **(tol or dict(rtol=1e-12, atol=1e-14)), err_msg=name)
+        np.testing.assert_allclose(a, b, **tol, err_msg=name)
     with_u = _run_sweeps(cpu, wf, U, act0, B, D, code)
     assert not np.allclose(with_u[0], _run_sweeps(cpu, wf, 0 * U, act0, B, D, code)[0])  # U matters
 
