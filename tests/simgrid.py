@@ -37,12 +37,14 @@ the GPU's caches themselves: the real-GPU run still has the last word.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import operator
 import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from numba import cuda
@@ -57,6 +59,9 @@ from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray, FakeWithinKe
 WAVE_THREADS = 512
 #: what :func:`install` replaced (the tracked versions call it)
 _ORIGINAL = {}
+#: ``id`` of the globals of each mdnumba module whose ``cuda`` the running launch holds swapped
+#: for the simulator's (:meth:`_ConcurrentGrid.run`)
+_HELD: set = set()
 
 
 class SimulatorHazard(RuntimeError):
@@ -358,11 +363,11 @@ def _poisoned_device_array(shape, dtype=np.float64, strides=None, order="C", str
 def _contiguous_getitem(self, idx):
     view = _ORIGINAL["host_getitem"](self, idx)
     ary = getattr(view, "_ary", None)
+    if ary is None or ary.ndim == 0 or ary.flags.c_contiguous or ary.flags.f_contiguous:
+        return view  # an element (a kernel's access: first, it is the most frequent) or a plain view
     # mdnumba's host code only: a kernel slices freely on a GPU, a test may hand over such a view
     in_kernel = isinstance(threading.current_thread(), _CudaThread)
-    by_mdnumba = sys._getframe(1).f_globals.get("__name__", "").startswith("mdnumba")
-    if by_mdnumba and not in_kernel and ary is not None and ary.ndim >= 1 and \
-            not (ary.flags.c_contiguous or ary.flags.f_contiguous):
+    if not in_kernel and sys._getframe(1).f_globals.get("__name__", "").startswith("mdnumba"):
         raise StridedDeviceView(f"a strided view {ary.shape} of a device array {self._ary.shape} "
                                 f"(index {idx!r}); numba-cuda builds it in Python, piece by piece")
     return view
@@ -451,6 +456,11 @@ class _ConcurrentGrid:
     def run(self, grid_point, *args) -> None:
         if any(grid_point):
             return
+        with contextlib.ExitStack() as held:
+            _hold_cuda_swapped(held)
+            self._run(args)
+
+    def _run(self, args) -> None:
         _ConcurrentGrid.launches += 1
         order = np.random.default_rng(_ConcurrentGrid.launches)  # reproducible from run to run
         blocks = [tuple(map(int, b)) for b in order.permutation(list(np.ndindex(*self._grid_dim)))]
@@ -486,6 +496,35 @@ class _ConcurrentGrid:
             raise failed[0].exception
 
 
+def _hold_cuda_swapped(held: contextlib.ExitStack) -> None:
+    """For the launch (``held``): every mdnumba module's ``cuda`` the simulator's, as numba's
+    simulator swaps it at each device function call (two locks and a context manager: a fifth of
+    the cases' time), which :func:`_device_call` then skips."""
+    context = simkernel._get_kernel_context()
+    for name, module in list(sys.modules.items()):
+        if name.startswith("mdnumba.") and hasattr(module, "__dict__"):
+            fn = SimpleNamespace(__globals__=vars(module))  # what swapped_cuda_module reads
+            held.enter_context(kernelapi.swapped_cuda_module(fn, context))
+            _HELD.add(id(vars(module)))
+    held.callback(_HELD.clear)
+
+
+def _type_call(self, *args):
+    """``numba.core.types.Type.__call__``: a cast of a number (``numba.int64(x)`` in a kernel)
+    without its import at every call and ``isinstance`` against an ABC."""
+    if len(args) == 1 and isinstance(args[0], (int, float, np.number)):
+        return self.cast_python_value(args[0])
+    return _ORIGINAL["type_call"](self, *args)
+
+
+def _device_call(self, *args):
+    """``FakeCUDAKernel.__call__``, a device function of a module the launch holds swapped called
+    directly."""
+    if self._device and id(self.fn.__globals__) in _HELD:
+        return self.fn(*args)
+    return _ORIGINAL["kernel_call"](self, *args)
+
+
 @contextmanager
 def install(coop_blocks: int = 3):
     """Run simulated launches with concurrent blocks (see the module docstring) inside the
@@ -494,7 +533,8 @@ def install(coop_blocks: int = 3):
                if callable(f) and not name.startswith("_")]
     _ORIGINAL.update(device_array=devicearray.device_array, local=kernelapi.FakeCUDALocal.array,
                      getitem=FakeWithinKernelCUDAArray.__getitem__, host_getitem=FakeCUDAArray.__getitem__,
-                     reshape=FakeCUDAArray.reshape,
+                     reshape=FakeCUDAArray.reshape, kernel_call=simkernel.FakeCUDAKernel.__call__,
+                     type_call=types.Type.__call__,
                      setitem=FakeWithinKernelCUDAArray.__setitem__,
                      **{name: getattr(kernelapi.FakeCUDAAtomic, name) for name in atomics})
     patches = [(kernelapi.FakeCUDAAtomic, name, _tracked_atomic(name)) for name in atomics] + [
@@ -507,6 +547,8 @@ def install(coop_blocks: int = 3):
         (FakeCUDAArray, "is_c_contiguous", _faithful_is_c_contiguous),
         (FakeWithinKernelCUDAArray, "__getitem__", _tracked_getitem),
         (FakeWithinKernelCUDAArray, "__setitem__", _tracked_setitem),
+        (simkernel.FakeCUDAKernel, "__call__", _device_call),
+        (types.Type, "__call__", _type_call),
         (simkernel, "BlockManager", type("ConcurrentGrid", (_ConcurrentGrid,), {"coop_blocks": coop_blocks})),
         (simkernel.FakeOverload, "max_cooperative_grid_blocks", lambda self, blockdim: coop_blocks),
         (kernelapi.GridGroup, "sync", lambda self: threading.current_thread().grid_sync()),
