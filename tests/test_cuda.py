@@ -37,7 +37,17 @@ from refcheck import (
     layers_and_inputs,
     reference_weights,
 )
-from simruns import GPU_SHARDS, OTHER_ROWS, SHARDS, SKIP_RUNS, TIMEOUT, CaseRun, in_simulator, merged_report
+from simruns import (
+    GPU_SHARDS,
+    OTHER_ROWS,
+    OTHER_ROWS_LEAVE_OUT,
+    SHARDS,
+    SKIP_RUNS,
+    TIMEOUT,
+    CaseRun,
+    in_simulator,
+    merged_report,
+)
 
 from mdnumba import LSTM1D, MDLSTM2D, NonFiniteError, WavefrontLSTM, unpad_batch
 from mdnumba import reference as ref
@@ -2012,9 +2022,11 @@ def test_simulator_other_rows_per_thread(rows, simulator_runs):
     (compile-time; the GPU tuning script tries others): one row per thread without unrolling,
     that one with the cell math on global memory (MDNUMBA_CUDA_CELL_REGISTERS=0), and 3 rows,
     3 steps (B=2 and B=5 leave remainders, as D and (N+3)*D do), that one with every layer in
-    the staged layout at 2 units per slice (tests/simruns.py OTHER_ROWS)."""
+    the staged layout at 2 units per slice (tests/simruns.py OTHER_ROWS); the cases that take
+    both launch paths take one in each run (OTHER_ROWS_LEAVE_OUT)."""
     report = simulator_runs[rows].report()
     assert len(report) >= 20, report
+    assert not any(OTHER_ROWS_LEAVE_OUT[rows] in name for name in report), report
     _assert_passed(report)
 
 
