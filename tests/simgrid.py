@@ -364,7 +364,7 @@ def _contiguous_getitem(self, idx):
     view = _ORIGINAL["host_getitem"](self, idx)
     ary = getattr(view, "_ary", None)
     if ary is None or ary.ndim == 0 or ary.flags.c_contiguous or ary.flags.f_contiguous:
-        return view  # an element (a kernel's access: first, it is the most frequent) or a plain view
+        return view  # an element (most calls: a kernel's reads) or a contiguous view
     # mdnumba's host code only: a kernel slices freely on a GPU, a test may hand over such a view
     in_kernel = isinstance(threading.current_thread(), _CudaThread)
     if not in_kernel and sys._getframe(1).f_globals.get("__name__", "").startswith("mdnumba"):
