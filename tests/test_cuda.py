@@ -171,6 +171,28 @@ def sim_sliced_sweeps_match_cpu(dims, cell, scans, B, D, path, layout, rng):
     assert ("rows staged in" in desc) == (layout == "staged" and sliced), desc
 
 
+@pytest.mark.parametrize("layout", ["flat", "sliced"])
+def sim_float32_sweeps_per_diagonal_match_cpu(layout, rng):
+    """float32 sweeps on the per-diagonal path, flat and sliced, vs the CPU kernels in float64 on
+    the same inputs at float32's tolerance. The GPU benchmark's per-diagonal column runs flat in
+    float32, and the other float32 cases reach per-diagonal sweeps only through the auto layout
+    (forward flat, backward sliced): without this case the flat backward and the sliced forward
+    kernels would not be compiled for float32 by test_kernels_compile_for_gpu."""
+    from mdnumba.kernels import wavefront as cpu
+    from mdnumba.kernels import wavefront_cuda as gpu
+    from mdnumba.kernels.cell import cell_code
+    code, B, D = cell_code("graves"), 2, 9
+    wf, U, act0 = _cpu_sweep_inputs((3, 4), B, D, 1, rng)
+    U, act0 = U.astype(np.float32), act0.astype(np.float32)
+    want = _run_sweeps(cpu, wf, U.astype(np.float64), act0.astype(np.float64), B, D, code)
+    got = _run_sweeps(gpu, wf, U, act0, B, D, code, path="per-diagonal", tpb=8, layout=layout)
+    for name, a, b in zip(("h", "c", "act", "dact", "dc", "dh"), got, want):
+        assert a.dtype == np.float32, name
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6, err_msg=name)
+    assert gpu.last_path().startswith("per-diagonal")
+    assert ("slices of" in gpu.last_path()) == (layout == "sliced"), gpu.last_path()
+
+
 @pytest.mark.parametrize("dims,cell,scans,B,D", [
     ((3, 4), "graves", 1, 3, 9), ((5,), "graves", 2, 2, 3), ((2, 2, 3), "stable", 1, 2, 9),
     ((2, 1, 2, 2), "spatial", 1, 1, 3)])
