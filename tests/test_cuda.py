@@ -378,28 +378,34 @@ def sim_sweep_stages_as_configured(layout, rng):
     assert not np.allclose(with_u[0], _run_sweeps(cpu, wf, 0 * U, act0, B, D, code)[0])  # U matters
 
 
-@pytest.mark.parametrize("path", ["cooperative", "per-diagonal"])
-def sim_grid_lstm_kernels_match_cpu(path, rng):
-    """Grid LSTM sweep twins vs the CPU kernels in float64 (T=4, depth 3, B=2, D=2)."""
+@pytest.mark.parametrize("path,dtype", [("cooperative", np.float64), ("per-diagonal", np.float64),
+                                        ("per-diagonal", np.float32)])
+def sim_grid_lstm_kernels_match_cpu(path, dtype, rng):
+    """Grid LSTM sweep twins in ``dtype`` vs the CPU kernels in float64 on the same inputs (T=4,
+    depth 3, B=2, D=2), at float32's tolerance in float32 (the per-diagonal sweeps are reached
+    in float32 nowhere else, so that the compile check has them)."""
     from mdnumba.grid import wavefront
     from mdnumba.kernels import gridlstm as cpu
     from mdnumba.kernels import gridlstm_cuda as gpu
     T, L, B, D = 4, 3, 2, 2
     wf = wavefront((T, L))
     R = wf.n_cells * B
-    U_t, U_d = rng.uniform(-0.7, 0.7, (2, L, 2 * D, 4 * D))  # one weight set per depth level
-    x, dtop = rng.standard_normal((2, T * B, D))
-    act0 = rng.standard_normal((R, 8 * D))
+    U_t, U_d = rng.uniform(-0.7, 0.7, (2, L, 2 * D, 4 * D)).astype(dtype)  # a weight set per level
+    x, dtop = rng.standard_normal((2, T * B, D)).astype(dtype)
+    act0 = rng.standard_normal((R, 8 * D)).astype(dtype)
     results = []
-    for mod, kw in ((cpu, {}), (gpu, dict(path=path, tpb=8))):
-        h, c, act = np.zeros((R, 2 * D)), np.zeros((R, 2 * D)), act0.copy()
+    for mod, kw, dt in ((cpu, {}, np.float64), (gpu, dict(path=path, tpb=8), dtype)):
+        h, c, act = np.zeros((R, 2 * D), dt), np.zeros((R, 2 * D), dt), act0.astype(dt)
+        U_t, U_d, x, dtop = (a.astype(dt) for a in (U_t, U_d, x, dtop))
         mod.grid_forward(h, c, act, x, U_t, U_d, wf.diag_off, wf.parent, wf.perm, L, B, D, **kw)
-        dact, dc, dx = np.zeros((R, 10 * D)), np.zeros((R, 2 * D)), np.zeros((T * B, D))
+        dact, dc, dx = np.zeros((R, 10 * D), dt), np.zeros((R, 2 * D), dt), np.zeros((T * B, D), dt)
         mod.grid_backward(dact, dc, dx, dtop, act, c, U_t, U_d, wf.diag_off, wf.parent, wf.child,
                           wf.perm, L, B, D, **kw)
         results.append((h, c, act, dact[:, :8 * D], dc, dx))
+    tol = dict(rtol=1e-12, atol=1e-14) if dtype == np.float64 else dict(rtol=2e-5, atol=2e-6)
     for name, a, b in zip(("h", "c", "act", "dact", "dc", "dx"), *results):
-        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-14, err_msg=name)
+        assert b.dtype == dtype, name
+        np.testing.assert_allclose(b, a, **tol, err_msg=name)
 
 
 @settings(max_examples=30, deadline=None, derandomize=True,
@@ -475,18 +481,19 @@ def sim_padded_batches(path, ndim, dims, sizes, kw, rng, monkeypatch):
 
 def sim_zero_padding_twins(rng):
     """``zero_padding`` (after a sized saving forward) zeroes h and c in exactly the padding's
-    rows, on both backends."""
+    rows, on both backends, in float64 and float32."""
     from mdnumba.grid import direction_tables
     from mdnumba.kernels import wavefront, wavefront_cuda
     skew, _ = direction_tables((3, 4), 2, 4, ((2, 3), (3, 1)))
-    h0, c0 = rng.standard_normal((2, skew.size, 3))
     pad = skew.reshape(-1) < 0
-    for twin in (wavefront, wavefront_cuda):
-        h, c = h0.copy(), c0.copy()
-        twin.zero_padding(h, c, skew)
-        for got, was in ((h, h0), (c, c0)):
-            assert not got[pad].any(), twin
-            np.testing.assert_array_equal(got[~pad], was[~pad])
+    for dtype in (np.float64, np.float32):
+        h0, c0 = rng.standard_normal((2, skew.size, 3)).astype(dtype)
+        for twin in (wavefront, wavefront_cuda):
+            h, c = h0.copy(), c0.copy()
+            twin.zero_padding(h, c, skew)
+            for got, was in ((h, h0), (c, c0)):
+                assert not got[pad].any(), twin
+                np.testing.assert_array_equal(got[~pad], was[~pad])
 
 
 def sim_padded_batches_through_a_device_stack(rng):
@@ -1447,6 +1454,9 @@ def sim_host_array_launchers_copy_results_back(rng):
     x, y, out = rng.standard_normal(7), rng.standard_normal(7), np.zeros(7)
     gpu.axpby(out, x, 2.0, y, -3.0)
     np.testing.assert_allclose(out, 2 * x - 3 * y, rtol=1e-15)
+    x32, out32 = x.astype(np.float32), np.zeros(7, np.float32)  # the GPU benchmark's scaling of dh
+    gpu.axpby(out32, x32, np.float32(0.5), x32, np.float32(0.0))
+    np.testing.assert_array_equal(out32, x32 / 2)
     gpu.fill(out, 1.5)
     assert (out == 1.5).all()
     dims, B, D, C = (3, 4), 2, 3, 2
@@ -1548,10 +1558,11 @@ def sim_device_divergence_and_ctrl_c_across_a_curriculum_switch(tmp_path, monkey
     assert back.step == 4 and back.rng.bit_generator.state == cpu.rng.bit_generator.state
 
 
-@pytest.mark.parametrize("loss", ["bce", "mse"])
-def sim_optim_kernels_match_cpu(loss, rng):
-    """Device loss == mdnumba.losses; CudaRMSprop == RMSprop; a non-finite gradient changes
-    nothing (sync: FloatingPointError; no sync: NaN recorded)."""
+@pytest.mark.parametrize("loss,dtype,rtol", [("bce", np.float64, 1e-12), ("mse", np.float32, 1e-5)])
+def sim_optim_kernels_match_cpu(loss, dtype, rtol, rng):
+    """Device loss == mdnumba.losses; CudaRMSprop == RMSprop on a ``dtype`` layer (float32 in the
+    second case, so that the compile check has the float32 update kernel); a non-finite gradient
+    changes nothing (sync: FloatingPointError; no sync: NaN recorded)."""
     from numba import cuda
 
     from mdnumba import RMSprop
@@ -1569,17 +1580,18 @@ def sim_optim_kernels_match_cpu(loss, rng):
     np.testing.assert_allclose(gz.copy_to_host(), dz, rtol=1e-12, atol=1e-300)
     np.testing.assert_allclose(prob.copy_to_host(), p, rtol=1e-12)
     np.testing.assert_array_equal(probe.copy_to_host(), prob.copy_to_host().reshape(-1)[idx])
-    lin = Linear(3, 2, seed=1, dtype=np.float64)
+    lin = Linear(3, 2, seed=1, dtype=dtype)
     dev = CudaLinear.from_layer(lin)
     opt_c, opt_d = RMSprop(lin, lr=1e-2, clip_norm=0.3), CudaRMSprop([dev], lr=1e-2, clip_norm=0.3)
     for _ in range(2):
-        g = rng.standard_normal(lin.grads.data.shape)
+        g = rng.standard_normal(lin.grads.data.shape).astype(dtype)
         lin.grads.data[...] = g
         dev.grads.copy_to_device(g)
-        assert opt_d.step() == pytest.approx(opt_c.step(), rel=1e-12)
-        np.testing.assert_allclose(dev.params_to_host(), lin.params.data, rtol=1e-12)
+        assert opt_d.step() == pytest.approx(opt_c.step(), rel=rtol)
+        assert dev.params.dtype == dtype
+        np.testing.assert_allclose(dev.params_to_host(), lin.params.data, rtol=rtol)
     before = dev.params_to_host()
-    dev.grads.copy_to_device(np.full(g.shape, np.nan))
+    dev.grads.copy_to_device(np.full(g.shape, np.nan, dtype))
     with pytest.raises(FloatingPointError, match="not finite"):
         opt_d.step()
     assert opt_d.step(sync=False, record=(rec, 0)) is None and np.isnan(rec.copy_to_host()[0])
