@@ -53,6 +53,12 @@ _SASS_BRA = re.compile(r"/\*([0-9a-f]{4,})\*/[^;]*BRA[^;]*0x([0-9a-f]+)\s*;")
 
 _records: set = set()
 
+#: kernels whose float arrays have one dtype whatever the layer's (the others are expected in
+#: both float32 and float64 launches): the norm and clip scale are float64 scratch; tensor cores
+#: take float32
+ONE_DTYPE = {"mdnumba.kernels.optim_cuda._norm_and_scale": "float64",
+             "mdnumba.kernels.tensor_cuda.*": "float32"}
+
 
 def _arg_type(arg):
     """numba type of a launch argument as a GPU launch would see it (simulator arrays unwrapped)."""
@@ -86,6 +92,51 @@ def save(path: Path) -> int:
     """Write the recorded launches to ``path`` (pickle); return how many distinct ones."""
     Path(path).write_bytes(pickle.dumps(sorted(_records, key=str)))
     return len(_records)
+
+
+def load(paths) -> list[tuple]:
+    """The union of the launch records in ``paths``, sorted."""
+    return sorted(set().union(*(pickle.loads(Path(p).read_bytes()) for p in paths)), key=str)
+
+
+def _floats(argtypes: tuple) -> set[str]:
+    """The float dtypes of a signature's array arguments."""
+    return {str(getattr(t, "dtype", "")) for t in argtypes} & {"float32", "float64"}
+
+
+def package_kernels() -> list[str]:
+    """``module.name`` of every kernel (not device function) of the ``mdnumba.kernels.*_cuda``
+    modules (outside the simulator: there they are not dispatchers)."""
+    import pkgutil
+
+    from numba.cuda.dispatcher import CUDADispatcher
+
+    import mdnumba.kernels
+
+    names = []
+    for info in pkgutil.iter_modules(mdnumba.kernels.__path__):
+        if info.name.endswith("_cuda"):
+            mod = importlib.import_module(f"mdnumba.kernels.{info.name}")
+            names += [f"{mod.__name__}.{n}" for n, obj in vars(mod).items()
+                      if isinstance(obj, CUDADispatcher) and not obj.targetoptions.get("device")
+                      and obj.py_func.__module__ == mod.__name__]
+    return sorted(names)
+
+
+def unlaunched(records: list[tuple]) -> list[str]:
+    """What the compile check would miss: each package kernel with the dtypes (float32: a float32
+    array among its arguments; float64: float64 arrays only) in which no record launched it, as
+    expected by :data:`ONE_DTYPE`."""
+    seen: dict[str, set] = {}
+    for module, name, argtypes in records:
+        floats = _floats(argtypes)
+        seen.setdefault(f"{module}.{name}", set()).add("float32" if "float32" in floats else "float64")
+    missing = []
+    for kernel in package_kernels():
+        one = ONE_DTYPE.get(kernel, ONE_DTYPE.get(kernel.rsplit(".", 1)[0] + ".*"))
+        lacking = ({one} if one else {"float32", "float64"}) - seen.get(kernel, set())
+        missing += [f"{kernel} in {dtype}" for dtype in sorted(lacking)]
+    return missing
 
 
 def _offline_device() -> None:
@@ -195,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, help="also write the per-kernel lines as a table here")
     args = parser.parse_args(argv)
     _offline_device()
-    records = sorted(set().union(*(pickle.loads(p.read_bytes()) for p in args.records)), key=str)
+    records = load(args.records)
     first, step = args.shard
     mine = list(enumerate(records))[first::step]
     failures, rows = [], []
@@ -211,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             if local:
                 failures.append(f"{label}\n  needs a {local}-byte local-memory frame (a local "
                                 "array indexed at run time, or too large for registers)")
-            floats = {str(getattr(t, "dtype", "")) for t in argtypes} & {"float32", "float64"}
+            floats = _floats(argtypes)
             f64 = len(_F64_MATH.findall(ptx)) if floats == {"float32"} else 0
             if f64:
                 failures.append(f"{label}\n  float32 kernel with {f64} float64 operations (a Python "

@@ -45,9 +45,12 @@ OTHER_ROWS_CASES = "sweep_kernels or sliced_sweeps or item_sweeps or layer_match
 #: runs take both paths (this halves the two runs' 400 s of CI time)
 OTHER_ROWS_LEAVE_OUT = {1: "cooperative", 3: "per-diagonal"}
 TIMEOUT = 1200
-#: the tests of tests/test_cuda.py that read the simulator runs' reports
-WAITING_TESTS = ("test_simulator", "test_simulator_other_rows_per_thread", "test_kernels_compile_for_gpu",
-                 "test_simulator_skipping_a_sweep_stage")
+#: the tests of tests/test_cuda.py that read the simulator runs' reports or records: those that
+#: read the run of every case ("all"), and those that read the others
+ALL_CASES_TESTS = ("test_simulator", "test_kernels_compile_for_gpu",
+                   "test_every_kernel_is_launched_in_both_dtypes")
+WAITING_TESTS = ALL_CASES_TESTS + ("test_simulator_other_rows_per_thread",
+                                   "test_simulator_skipping_a_sweep_stage")
 #: the MDNUMBA_CUDA_SKIP stages test_simulator_skipping_a_sweep_stage runs its case with, each in
 #: a simulator run of its own; and that case
 SKIP_RUNS = ("sum", "cell")
@@ -186,7 +189,7 @@ def start(items: list, tmp_path_factory) -> dict:
     runs = {}
     if wanted or any(_background(it).kwargs.get("warm") for it in background):
         warmup.fill_cache()  # the runs and the suite then load the CPU kernels they share
-    if names & {"test_simulator", "test_kernels_compile_for_gpu"}:
+    if names & set(ALL_CASES_TESTS):
         runs["all"] = [CaseRun(tmp_path_factory.mktemp("cudasim"), simulator=True,
                                env_extra={"MDNUMBA_TEST_SHARD": f"{i}/{SHARDS}"}) for i in range(SHARDS)]
     for it in wanted:

@@ -171,13 +171,15 @@ def sim_sliced_sweeps_match_cpu(dims, cell, scans, B, D, path, layout, rng):
     assert ("rows staged in" in desc) == (layout == "staged" and sliced), desc
 
 
-@pytest.mark.parametrize("layout", ["flat", "sliced"])
-def sim_float32_sweeps_per_diagonal_match_cpu(layout, rng):
-    """float32 sweeps on the per-diagonal path, flat and sliced, vs the CPU kernels in float64 on
-    the same inputs at float32's tolerance. The GPU benchmark's per-diagonal column runs flat in
-    float32, and the other float32 cases reach per-diagonal sweeps only through the auto layout
-    (forward flat, backward sliced): without this case the flat backward and the sliced forward
-    kernels would not be compiled for float32 by test_kernels_compile_for_gpu."""
+@pytest.mark.parametrize("path,layout", [("per-diagonal", "flat"), ("per-diagonal", "sliced"),
+                                         ("cooperative", "staged")])
+def sim_float32_sweeps_match_cpu(path, layout, rng):
+    """float32 sweeps in the path and layout pairs no other float32 case reaches, vs the CPU
+    kernels in float64 on the same inputs at float32's tolerance: the other float32 cases reach
+    per-diagonal sweeps only through the auto layout (forward flat, backward sliced), and staged
+    ones only per diagonal (the GPU benchmark runs flat per diagonal and staged cooperative in
+    float32). Without them test_kernels_compile_for_gpu would not compile these kernels for
+    float32 (test_every_kernel_is_launched_in_both_dtypes says so)."""
     from mdnumba.kernels import wavefront as cpu
     from mdnumba.kernels import wavefront_cuda as gpu
     from mdnumba.kernels.cell import cell_code
@@ -185,12 +187,14 @@ def sim_float32_sweeps_per_diagonal_match_cpu(layout, rng):
     wf, U, act0 = _cpu_sweep_inputs((3, 4), B, D, 1, rng)
     U, act0 = U.astype(np.float32), act0.astype(np.float32)
     want = _run_sweeps(cpu, wf, U.astype(np.float64), act0.astype(np.float64), B, D, code)
-    got = _run_sweeps(gpu, wf, U, act0, B, D, code, path="per-diagonal", tpb=8, layout=layout)
+    got = _run_sweeps(gpu, wf, U, act0, B, D, code, path=path, tpb=8, layout=layout)
     for name, a, b in zip(("h", "c", "act", "dact", "dc", "dh"), got, want):
         assert a.dtype == np.float32, name
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6, err_msg=name)
-    assert gpu.last_path().startswith("per-diagonal")
-    assert ("slices of" in gpu.last_path()) == (layout == "sliced"), gpu.last_path()
+    desc = gpu.last_path()
+    assert desc.startswith(path), desc
+    assert ("slices of" in desc) == (layout != "flat"), desc
+    assert ("rows staged in" in desc) == (layout == "staged"), desc
 
 
 @pytest.mark.parametrize("dims,cell,scans,B,D", [
@@ -2072,6 +2076,16 @@ def test_simulator_skipping_a_sweep_stage(stage, simulator_runs):
     report = simulator_runs[f"skip {stage}"].report()
     assert len(report) == 5, report  # flat, sliced, staged, item, tensor
     _assert_passed(report)
+
+
+@pytest.mark.skipif(IN_SIMULATOR, reason="this process runs the simulator")
+def test_every_kernel_is_launched_in_both_dtypes(simulator_report, simulator_runs):
+    """test_kernels_compile_for_gpu compiles what the simulator cases launched: every kernel of
+    the package is among it, in float32 and in float64 (but those of ptxcheck.ONE_DTYPE), so a
+    kernel or a dtype that no case launches any more is not silently left unchecked."""
+    records = ptxcheck.load(run.launches for run in simulator_runs["all"] if run.launches.exists())
+    assert len(ptxcheck.package_kernels()) > 50
+    assert not ptxcheck.unlaunched(records), ptxcheck.unlaunched(records)
 
 
 @pytest.mark.skipif(IN_SIMULATOR, reason="this process runs the simulator")
