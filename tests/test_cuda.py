@@ -400,10 +400,10 @@ def sim_grid_lstm_kernels_match_cpu(path, dtype, rng):
     results = []
     for mod, kw, dt in ((cpu, {}, np.float64), (gpu, dict(path=path, tpb=8), dtype)):
         h, c, act = np.zeros((R, 2 * D), dt), np.zeros((R, 2 * D), dt), act0.astype(dt)
-        U_t, U_d, x, dtop = (a.astype(dt) for a in (U_t, U_d, x, dtop))
-        mod.grid_forward(h, c, act, x, U_t, U_d, wf.diag_off, wf.parent, wf.perm, L, B, D, **kw)
+        Ut, Ud, xt, dtopt = (a.astype(dt) for a in (U_t, U_d, x, dtop))
+        mod.grid_forward(h, c, act, xt, Ut, Ud, wf.diag_off, wf.parent, wf.perm, L, B, D, **kw)
         dact, dc, dx = np.zeros((R, 10 * D), dt), np.zeros((R, 2 * D), dt), np.zeros((T * B, D), dt)
-        mod.grid_backward(dact, dc, dx, dtop, act, c, U_t, U_d, wf.diag_off, wf.parent, wf.child,
+        mod.grid_backward(dact, dc, dx, dtopt, act, c, Ut, Ud, wf.diag_off, wf.parent, wf.child,
                           wf.perm, L, B, D, **kw)
         results.append((h, c, act, dact[:, :8 * D], dc, dx))
     tol = dict(rtol=1e-12, atol=1e-14) if dtype == np.float64 else dict(rtol=2e-5, atol=2e-6)
