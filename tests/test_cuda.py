@@ -110,6 +110,28 @@ def _run_sweeps(mod, wf, U, act0, B, D, cell, **kw):
     return h, c, act, dact, dc, dh
 
 
+#: the CUDA sweeps' tolerance against the CPU's in float64, by the CUDA sweeps' dtype
+SWEEP_TOL = {np.dtype(np.float64): dict(rtol=1e-12, atol=1e-14),
+             np.dtype(np.float32): dict(rtol=2e-5, atol=2e-6)}
+
+
+def _assert_sweeps_close(got, want, tol):
+    """Each of :func:`_run_sweeps`' outputs ``got`` close to ``want``'s."""
+    for name, a, b in zip(("h", "c", "act", "dact", "dc", "dh"), got, want):
+        np.testing.assert_allclose(a, b, **tol, err_msg=name)
+
+
+def _sweeps_match_cpu(wf, U, act0, B, D, cell, **kw):
+    """The CUDA sweeps (``kw``: path, layout, ..) on ``U`` and ``act0`` in their dtype vs the CPU
+    sweeps in float64 on the same values, at :data:`SWEEP_TOL`."""
+    from mdnumba.kernels import wavefront as cpu
+    from mdnumba.kernels import wavefront_cuda as gpu
+    want = _run_sweeps(cpu, wf, U.astype(np.float64), act0.astype(np.float64), B, D, cell)
+    got = _run_sweeps(gpu, wf, U, act0, B, D, cell, **kw)
+    assert all(a.dtype == act0.dtype for a in got), [a.dtype for a in got]
+    _assert_sweeps_close(got, want, SWEEP_TOL[act0.dtype])
+
+
 # ----------------------------------------------------------------- simulator / GPU cases
 @pytest.mark.parametrize("path", ["cooperative", "per-diagonal"])
 @pytest.mark.parametrize("dims,shared,cell,scans,B,D", [
@@ -123,17 +145,13 @@ def sim_sweep_kernels_match_cpu(dims, shared, cell, scans, B, D, path, rng):
     forward's sums as (N+3)*D in the backward's, 4-D needs two passes over the gate blocks and
     runs the cell math on global memory (1- to 3-D on registers, unless MDNUMBA_CUDA_CELL_REGISTERS=0,
     as in one of test_simulator_other_rows_per_thread's runs)."""
-    from mdnumba.kernels import wavefront as cpu
     from mdnumba.kernels import wavefront_cuda as gpu
     from mdnumba.kernels.cell import cell_code
     code = cell_code(cell)
     assert gpu.GATE_CHUNK < 4 + 3  # the 4-D case covers a second pass
     assert gpu.REGISTER_CELL_MAX_N == (0 if os.environ.get("MDNUMBA_CUDA_CELL_REGISTERS") == "0" else 3)
     wf, U, act0 = _cpu_sweep_inputs(dims, B, D, scans, rng)
-    want = _run_sweeps(cpu, wf, U, act0, B, D, code)
-    got = _run_sweeps(gpu, wf, U, act0, B, D, code, path=path, use_shared=shared, tpb=8, layout="flat")
-    for name, a, b in zip(("h", "c", "act", "dact", "dc", "dh"), got, want):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14, err_msg=name)
+    _sweeps_match_cpu(wf, U, act0, B, D, code, path=path, use_shared=shared, tpb=8, layout="flat")
     assert gpu.last_path().startswith(path)
 
 
@@ -150,15 +168,11 @@ def sim_sliced_sweeps_match_cpu(dims, cell, scans, B, D, path, layout, rng):
     (the simulator's cooperative grid holds 3 blocks), 1-D to 4-D, several scans. With 8 units
     per slice, the last case's 4 slices exceed that grid: in the simulator the flat layout on
     the cooperative path (said in the path), sliced per diagonal."""
-    from mdnumba.kernels import wavefront as cpu
     from mdnumba.kernels import wavefront_cuda as gpu
     from mdnumba.kernels.cell import cell_code
     code = cell_code(cell)
     wf, U, act0 = _cpu_sweep_inputs(dims, B, D, scans, rng)
-    want = _run_sweeps(cpu, wf, U, act0, B, D, code)
-    got = _run_sweeps(gpu, wf, U, act0, B, D, code, path=path, tpb=8, layout=layout)
-    for name, a, b in zip(("h", "c", "act", "dact", "dc", "dh"), got, want):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14, err_msg=name)
+    _sweeps_match_cpu(wf, U, act0, B, D, code, path=path, tpb=8, layout=layout)
     slices = scans * -(-D // gpu.SLICE)
     want_path = f"{slices} slices of {gpu.SLICE} units x "
     sliced = not (path == "cooperative" and IN_SIMULATOR and slices > 3)
@@ -180,17 +194,12 @@ def sim_float32_sweeps_match_cpu(path, layout, rng):
     ones only per diagonal (the GPU benchmark runs flat per diagonal and staged cooperative in
     float32). Without them test_kernels_compile_for_gpu would not compile these kernels for
     float32 (test_every_kernel_is_launched_in_both_dtypes says so)."""
-    from mdnumba.kernels import wavefront as cpu
     from mdnumba.kernels import wavefront_cuda as gpu
     from mdnumba.kernels.cell import cell_code
     code, B, D = cell_code("graves"), 2, 9
     wf, U, act0 = _cpu_sweep_inputs((3, 4), B, D, 1, rng)
-    U, act0 = U.astype(np.float32), act0.astype(np.float32)
-    want = _run_sweeps(cpu, wf, U.astype(np.float64), act0.astype(np.float64), B, D, code)
-    got = _run_sweeps(gpu, wf, U, act0, B, D, code, path=path, tpb=8, layout=layout)
-    for name, a, b in zip(("h", "c", "act", "dact", "dc", "dh"), got, want):
-        assert a.dtype == np.float32, name
-        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6, err_msg=name)
+    _sweeps_match_cpu(wf, U.astype(np.float32), act0.astype(np.float32), B, D, code, path=path, tpb=8,
+                      layout=layout)
     desc = gpu.last_path()
     assert desc.startswith(path), desc
     assert ("slices of" in desc) == (layout != "flat"), desc
@@ -208,15 +217,11 @@ def sim_item_sweeps_match_cpu(dims, cell, scans, B, D, rng):
     layer runs flat, said (sim_item_layer_matches_reference adds 2-D with 4 scans and 1-D from a
     state). At D = 9 the 2-D and 3-D backward refill the tile (8 threads take no hyperplane in one
     pass), the 1-D one writes it directly, as the layer test's D = 3 2-D and 3-D sweeps."""
-    from mdnumba.kernels import wavefront as cpu
     from mdnumba.kernels import wavefront_cuda as gpu
     from mdnumba.kernels.cell import cell_code
     code = cell_code(cell)
     wf, U, act0 = _cpu_sweep_inputs(dims, B, D, scans, rng)
-    want = _run_sweeps(cpu, wf, U, act0, B, D, code)
-    got = _run_sweeps(gpu, wf, U, act0, B, D, code, path="cooperative", tpb=8, layout="item")
-    for name, a, b in zip(("h", "c", "act", "dact", "dc", "dh"), got, want):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14, err_msg=name)
+    _sweeps_match_cpu(wf, U, act0, B, D, code, path="cooperative", tpb=8, layout="item")
     desc = gpu.last_path()
     if len(dims) > 3:
         assert desc.startswith("cooperative") and "the item layout sweeps at most 3-D layers" in desc, desc
@@ -276,18 +281,14 @@ def sim_tensor_sweeps_match_cpu(dims, cell, scans, B, D, path, rng, monkeypatch)
     ones) run sliced, said. (A warp's mma under the simulator is 32 Python threads meeting at a
     barrier: seconds a case.)"""
     from mdnumba.kernels import tensor_cuda as tc
-    from mdnumba.kernels import wavefront as cpu
     from mdnumba.kernels import wavefront_cuda as gpu
     from mdnumba.kernels.cell import cell_code
     code = cell_code(cell)
     wf, U, act0 = _cpu_sweep_inputs(dims, B, D, scans, rng)
-    U32, act32 = U.astype(np.float32), act0.astype(np.float32)
-    want = _run_sweeps(cpu, wf, U32.astype(np.float64), act32.astype(np.float64), B, D, code)
     record, paths = gpu._record, []
     monkeypatch.setattr(gpu, "_record", lambda desc, how: (record(desc, how), paths.append(gpu.last_path())))
-    got = _run_sweeps(gpu, wf, U32, act32, B, D, code, path=path, layout="tensor")
-    for name, a, b in zip(("h", "c", "act", "dact", "dc", "dh"), got, want):
-        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6, err_msg=name)
+    _sweeps_match_cpu(wf, U.astype(np.float32), act0.astype(np.float32), B, D, code, path=path,
+                      layout="tensor")
     for desc, sweep in zip(paths, ("forward", "backward")):
         if len(dims) > 3:
             assert "sliced layout: the tensor layout sweeps at most 3-D layers" in desc, desc
@@ -309,15 +310,11 @@ def sim_staged_tile_loaded_by_fewer_threads_than_its_columns(path, rng):
     """A block with fewer threads than the staged tile's STAGE_K columns (on a GPU: 8 threads and
     32 columns) loads several columns of each row per thread: the sweeps are the CPU kernels'
     (float64; D = 9 and (N+3)*D = 45: partial tiles and zero-padded runs of VEC)."""
-    from mdnumba.kernels import wavefront as cpu
     from mdnumba.kernels import wavefront_cuda as gpu
     from mdnumba.kernels.cell import cell_code
     code, B, D = cell_code("graves"), 3, 9
     wf, U, act0 = _cpu_sweep_inputs((3, 4), B, D, 1, rng)
-    want = _run_sweeps(cpu, wf, U, act0, B, D, code)
-    got = _run_sweeps(gpu, wf, U, act0, B, D, code, path=path, tpb=gpu.STAGE_K // 2, layout="staged")
-    for name, a, b in zip(("h", "c", "act", "dact", "dc", "dh"), got, want):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14, err_msg=name)
+    _sweeps_match_cpu(wf, U, act0, B, D, code, path=path, tpb=gpu.STAGE_K // 2, layout="staged")
     assert "rows staged in" in gpu.last_path(), gpu.last_path()
 
 
@@ -365,8 +362,7 @@ def sim_sweep_stages_as_configured(layout, rng):
     assert (gpu.RECURRENT_SUM, gpu.CELL_MATH) == ("sum" not in skipped, "cell" not in skipped)
     code, B, D = cell_code("graves"), 2, 3
     wf, U, act0 = _cpu_sweep_inputs((3, 4), B, D, 1, rng)
-    dtype, tol = ((np.float32, dict(rtol=2e-5, atol=2e-6)) if layout == "tensor"
-                  else (np.float64, dict(rtol=1e-12, atol=1e-14)))
+    dtype = np.dtype(np.float32 if layout == "tensor" else np.float64)
     U, act0 = U.astype(dtype), act0.astype(dtype)
     got = _run_sweeps(gpu, wf, U, act0, B, D, code, path="cooperative", tpb=8, layout=layout)
     if layout == "tensor":
@@ -376,8 +372,7 @@ def sim_sweep_stages_as_configured(layout, rng):
     else:
         zero = np.zeros((act0.shape[0], D))
         want = (zero, zero, act0, np.zeros_like(act0), zero, np.ones_like(zero))
-    for name, a, b in zip(("h", "c", "act", "dact", "dc", "dh"), got, want):
-        np.testing.assert_allclose(a, b, **tol, err_msg=name)
+    _assert_sweeps_close(got, want, SWEEP_TOL[dtype])
     with_u = _run_sweeps(cpu, wf, U, act0, B, D, code)
     assert not np.allclose(with_u[0], _run_sweeps(cpu, wf, 0 * U, act0, B, D, code)[0])  # U matters
 
