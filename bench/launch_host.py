@@ -64,6 +64,27 @@ def mock_driver() -> None:
     driver._to_core_stream = lambda stream: "default stream"
     dispatcher.LaunchConfig = lambda **kw: SimpleNamespace(**kw)
     dispatcher.launch = lambda stream, config, kernel, *fields: _fields.append(len(fields))
+    mock_memory()
+
+
+def mock_memory() -> None:
+    """Device allocations on made-up pointers, copies that copy nothing, no context to make:
+    what a layer's and an optimiser's set-up and a train step ask of the driver besides launches."""
+    import contextlib
+
+    from numba import cuda
+    from numba.cuda.cudadrv import devices, driver
+    top = [1 << 40]
+
+    def memalloc(nbytes: int) -> _Pointer:
+        top[0] += -(-max(int(nbytes), 1) // 256) * 256 + 256
+        return _Pointer(top[0])
+    context = SimpleNamespace(memalloc=memalloc, device=SimpleNamespace(id=0, compute_capability=(9, 0)))
+    devices.get_context = lambda *args, **kw: context
+    devices._runtime.ensure_context = contextlib.nullcontext
+    for name in ("host_to_device", "device_to_host", "device_to_device", "device_memset"):
+        setattr(driver, name, lambda *args, **kw: None)
+    cuda.is_available = lambda: True
 
 
 def device_arrays():
@@ -116,12 +137,22 @@ def launchers(H: int = 32, B: int = 64, D: int = 64) -> dict:
         W.wavefront_backward(dact, dc, dh, act, c, U, *tables, B, D, 0, diag_off_host=off, dh_in=dh_in,
                              dh_src=src, operands=(z, xs, h), layout=layout, path="cooperative")
 
-    return {"forward sweep (auto: flat)": lambda: forward("auto"),
+    return {"device train step (bench_gpu.py's)": train_step(H, B, D),
+            "forward sweep (auto: flat)": lambda: forward("auto"),
             "forward sweep, item layout": lambda: forward("item"),
             "backward sweep (auto: sliced)": lambda: backward("auto"),
             "backward sweep, item layout": lambda: backward("item"),
             "weight-gradient GEMM": lambda: W.gemm(grads, z, dact, ta=True),
             "Adam update": lambda: O.adam_update(p, g, m, v, 1e-3, 0.9, 0.999, 1e-8, 0.1, 1e-3, norm)}
+
+
+def train_step(H: int, B: int, D: int):
+    """The GPU benchmark's device train step (``bench_gpu.mdnumba_device_fns``: forward, loss
+    gradient, zero_grad, backward, Adam; no synchronize) on the cooperative path."""
+    import bench_gpu
+    cfg = bench_gpu.parse_config(f"{H}x{H}x{B}x{D}")
+    x = np.zeros((B, H, H, 1), np.float32)
+    return bench_gpu.mdnumba_device_fns(cfg, x, "cooperative")[0]
 
 
 def best_median(f, repeats: int) -> tuple[float, float]:
@@ -134,9 +165,26 @@ def best_median(f, repeats: int) -> tuple[float, float]:
     return times[0] * 1e6, times[len(times) // 2] * 1e6
 
 
+def _unprepared_launches(f) -> int:
+    """How many of the launches of ``f()`` go through numba-cuda (prepared launches on, ``f``'s keys
+    seen twice already): those whose key changes from call to call, or which cannot be prepared."""
+    from mdnumba.kernels import launch
+    run, count = launch.run, [0]
+
+    def counted(*args):
+        count[0] += 1
+        return run(*args)
+    launch.run = counted
+    try:
+        f()
+    finally:
+        launch.run = run
+    return count[0]
+
+
 def measure(repeats: int, only: str = "") -> list[tuple]:
-    """``(launcher, fields, numba-cuda (best, median) µs, prepared (best, median) µs)`` per launcher
-    (those whose name contains ``only``)."""
+    """``(launcher, launches, of them through numba-cuda when prepared, fields, numba-cuda (best,
+    median) µs, prepared (best, median) µs)`` per launcher (those whose name contains ``only``)."""
     from mdnumba.kernels import launch
     rows = []
     for name, f in launchers().items():
@@ -152,8 +200,8 @@ def measure(repeats: int, only: str = "") -> list[tuple]:
             f()  # prepares (a key's second launch)
             times.append(best_median(f, repeats))
         _fields.clear()
-        f()
-        rows.append((name, sum(_fields), *times))
+        unprepared = _unprepared_launches(f)
+        rows.append((name, len(_fields), unprepared, sum(_fields), *times))
     if launch.failed():
         raise RuntimeError(f"prepared launches failed: {launch.failed()}")
     return rows
@@ -168,11 +216,14 @@ def report(rows: list[tuple], repeats: int) -> str:
            "", "Produced by `python bench/launch_host.py` on a machine without a GPU (its module "
            "docstring: numba-cuda's dispatch, typing and argument preparation run for real, the driver "
            f"calls are stubbed). 32x32 B64 D64, float32. Best (median) of {repeats} calls, µs. "
-           "*Fields*: the values the call hands to the driver (both ways the same).", "",
-           "| launcher call | fields | numba-cuda µs | prepared µs | numba-cuda / prepared |",
-           "|---|---|---|---|---|"]
-    for name, fields, (b0, m0), (b1, m1) in rows:
-        out.append(f"| {name} | {fields} | {b0:.1f} ({m0:.1f}) | {b1:.1f} ({m1:.1f}) | {b0 / b1:.1f}x |")
+           "*Launches*: kernel launches per call, in brackets those that still go through numba-cuda "
+           "with prepared launches on (a key that changes from call to call). *Fields*: the values "
+           "the call hands to the driver (both ways the same).", "",
+           "| launcher call | launches | fields | numba-cuda µs | prepared µs | numba-cuda / prepared |",
+           "|---|---|---|---|---|---|"]
+    for name, launches, unprepared, fields, (b0, m0), (b1, m1) in rows:
+        out.append(f"| {name} | {launches} ({unprepared}) | {fields} | {b0:.1f} ({m0:.1f}) | {b1:.1f} "
+                   f"({m1:.1f}) | {b0 / b1:.1f}x |")
     return "\n".join(out) + "\n"
 
 
