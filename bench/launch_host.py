@@ -126,6 +126,7 @@ def launchers(H: int = 32, B: int = 64, D: int = 64) -> dict:
     z, xs, grads = dev((R, 2 + N * D)), dev((R, 1)), dev((2 + N * D, G))
     P = grads.size
     p, g, m, v = (dev((P,)) for _ in range(4))
+    steps = dev((2,), np.int64)
     norm = O.NormArgs(dev((64,), np.float64), 0.0, dev((2,)), dev((100,)), 3, True)
     off = np.asarray(wf.diag_off)
 
@@ -143,7 +144,7 @@ def launchers(H: int = 32, B: int = 64, D: int = 64) -> dict:
             "backward sweep (auto: sliced)": lambda: backward("auto"),
             "backward sweep, item layout": lambda: backward("item"),
             "weight-gradient GEMM": lambda: W.gemm(grads, z, dact, ta=True),
-            "Adam update": lambda: O.adam_update(p, g, m, v, 1e-3, 0.9, 0.999, 1e-8, 0.1, 1e-3, norm)}
+            "Adam update": lambda: O.adam_update(p, g, m, v, 1e-3, 0.9, 0.999, 1e-8, steps, 0, norm)}
 
 
 def train_step(H: int, B: int, D: int):

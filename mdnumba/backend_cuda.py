@@ -856,11 +856,34 @@ class _DeviceOptimizer(OnTheDevice):
         #: layer sizes when ``modules`` keeps every layer in one flat buffer (a DeviceModel): the
         #: norm and the update then run once over it, the state is still saved per layer
         self._sizes = [m.size for m in modules.layers] if self._is_flat(modules) else None
+        #: the step count t on the device, two entries (``optim_cuda._step_count``): ``steps[t % 2] == t``
+        self.steps = optim_cuda.step_counter()
         super().__init__(modules, **kw)
         self.stats = optim_cuda.scratch(3)
         #: zero the gradients in the update kernel (the device trainer's zero_grad, no launch)
         self.clear_grads = False
         self.partials = optim_cuda.scratch(len(self.buffers) * optim_cuda.REDUCE_BLOCKS)
+
+    @property
+    def t(self) -> int:
+        """Steps taken (Adam's bias correction, checkpoints). The update kernels count them on the
+        device as well, so that a step's launch arguments do not change with it: setting ``t``
+        (``load_state_dict``) sets the device's count too."""
+        return self._t
+
+    @t.setter
+    def t(self, value: int) -> None:
+        self._t = int(value)
+        self.k.set_step_count(self.steps, self._t)
+
+    def _apply(self, norm) -> None:
+        """Advance t and update every buffer (``norm``: where the kernels find the clip scale); the
+        kernels take t from :attr:`steps` (its entry ``t % 2`` before this step)."""
+        parity = self._t % 2
+        self._t += 1
+        b1, b2 = self.betas
+        for (p, g), m, v in zip(self.buffers, self.m, self.v):
+            self._update(p, g, m, v, self.lr, b1, b2, self.eps, self.steps, parity, norm)
 
     @staticmethod
     def _is_flat(modules) -> bool:

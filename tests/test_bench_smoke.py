@@ -102,8 +102,8 @@ def test_tune_gpu_times_the_sweeps_without_some_stages(tmp_path):
 def test_launch_host_times_numba_cuda_and_prepared_launches(tmp_path):
     """``bench/launch_host.py --only Adam`` (no GPU: the driver calls stubbed, numba-cuda's dispatch
     and NVVM for real) times the Adam launcher both ways; the fields both hand the driver are the
-    kernel's (58: 7 per 1-D array, 1 per scalar: p, g, m, v, 6 scalars, the norm's 3 arrays and 3
-    scalars)."""
+    kernel's (64: 7 per 1-D array, 1 per scalar: p, g, m, v, 4 scalars, the step count and its
+    parity, the norm's 3 arrays and 3 scalars)."""
     import ptxcheck
     if ptxcheck.missing_toolchain():
         pytest.skip(ptxcheck.missing_toolchain())
@@ -113,4 +113,4 @@ def test_launch_host_times_numba_cuda_and_prepared_launches(tmp_path):
                            "Adam", "--out", str(out)], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (row,) = [ln for ln in out.read_text().splitlines() if ln.startswith("| Adam update |")]
-    assert row.split(" | ")[1] == "58" and row.endswith("x |"), row
+    assert row.split(" | ")[1:3] == ["1 (0)", "64"] and row.endswith("x |"), row

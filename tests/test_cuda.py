@@ -1530,6 +1530,34 @@ def sim_device_adam_norm_and_a_skipped_step(rng):
     np.testing.assert_array_equal(dev.params_to_host(), before)
 
 
+def sim_device_step_count_follows_the_host(rng):
+    """The update kernels count Adam's steps on the device (so a step's launch arguments repeat):
+    through steps, a refused one and a state loaded into a fresh optimiser, every update equals
+    the CPU Adam's at the same t (lr 0.1: a bias correction one step off changes the update)."""
+    from mdnumba import Adam
+    from mdnumba.backend_cuda import CudaAdam, CudaLSTM
+    cpu = MDLSTM2D(2, 3, seed=1, dtype=np.float64)
+    dev = CudaLSTM.from_layer(cpu)
+    opt_c, opt_d = Adam(cpu, lr=0.1), CudaAdam([dev], lr=0.1)
+
+    def step(opt, g):
+        cpu.grads.data[...] = g
+        dev.grads.copy_to_device(g)
+        opt_c.step()
+        opt.step()
+        np.testing.assert_allclose(dev.params_to_host(), cpu.params.data, rtol=1e-12, atol=1e-14)
+    for _ in range(3):
+        step(opt_d, rng.standard_normal(cpu.grads.data.shape))
+    dev.grads.copy_to_device(np.full(cpu.grads.data.shape, np.nan))
+    with pytest.raises(FloatingPointError):
+        opt_d.step()
+    step(opt_d, rng.standard_normal(cpu.grads.data.shape))
+    fresh = CudaAdam([dev], lr=0.1)
+    fresh.load_state_dict(opt_d.state_dict())
+    step(fresh, rng.standard_normal(cpu.grads.data.shape))
+    assert opt_c.t == fresh.t == 5 and opt_d.t == 4
+
+
 def sim_device_divergence_and_ctrl_c_across_a_curriculum_switch(tmp_path, monkeypatch):
     """A device run whose gradients turn NaN stops with the CPU trainer's message; Ctrl-C in a
     block that crosses a curriculum switch rewinds the RNG over batches of both sizes."""

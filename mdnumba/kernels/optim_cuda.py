@@ -103,13 +103,29 @@ def _norm_and_scale(stats, partials, clip, record, slot):
     _update_scale(partials, clip, stats, record, slot)
 
 
+@cuda.jit(device=True)
+def _step_count(steps, parity):
+    """The update's step ``t = steps[parity] + 1``; thread 0 stores it in ``steps[1 − parity]``, where
+    the next update reads it (its ``parity`` the other one). Counted on the device so that a
+    launch's arguments are the same at every other step (a prepared launch, :mod:`.launch`), not
+    the bias corrections of each step."""
+    t = steps[parity] + 1
+    if cuda.grid(1) == 0:
+        steps[1 - parity] = t
+    return t
+
+
 @cuda.jit
-def _adam_update(p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, partials, clip, stats, record, slot, clear):
+def _adam_update(p, g, m, v, lr, beta1, beta2, eps, steps, parity, partials, clip, stats, record, slot,
+                 clear):
     """``g' = scale·g``; ``m ← β1 m + (1−β1) g'``; ``v ← β2 v + (1−β2) g'²``;
-    ``p ← p − lr · (m/bc1) / (sqrt(v/bc2) + ε)``, with the norm and clip scale from the sum-of-
-    squares ``partials`` (:func:`_update_scale`); nothing changes when the norm is not finite (the
-    trainer reports it). ``clear``: also set ``g = 0`` (the next step's zero_grad)."""
+    ``p ← p − lr · (m/bc1) / (sqrt(v/bc2) + ε)``, ``bc = 1 − βᵗ`` at the step t of
+    :func:`_step_count`, with the norm and clip scale from the sum-of-squares ``partials``
+    (:func:`_update_scale`); nothing changes when the norm is not finite (the trainer reports it)
+    but t, which the host counts too. ``clear``: also set ``g = 0`` (the next step's zero_grad)."""
     ok, scale = _update_scale(partials, clip, stats, record, slot)
+    t = float64(_step_count(steps, parity))
+    bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
     for k in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
         gk = g[k] * scale
         if clear:
@@ -121,10 +137,12 @@ def _adam_update(p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, partials, clip, st
 
 
 @cuda.jit
-def _rmsprop_update(p, g, m, v, lr, beta1, rho, eps, bc1, bc2, partials, clip, stats, record, slot, clear):
+def _rmsprop_update(p, g, m, v, lr, beta1, rho, eps, steps, parity, partials, clip, stats, record, slot,
+                    clear):
     """``g' = scale·g``; ``v ← ρ v + (1−ρ) g'²``; ``p ← p − lr · g' / (sqrt(v) + ε)``
-    (Adam's arguments; ``m``, ``beta1``, ``bc1``, ``bc2`` unused); as :func:`_adam_update` otherwise."""
+    (Adam's arguments; ``m`` and ``beta1`` unused, t only counted); as :func:`_adam_update` otherwise."""
     ok, scale = _update_scale(partials, clip, stats, record, slot)
+    _step_count(steps, parity)
     for k in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
         gk = g[k] * scale
         if clear:
@@ -212,17 +230,20 @@ def global_norm(stats: DeviceArray, partials: DeviceArray, grads: Sequence[Devic
 
 
 def adam_update(p: DeviceArray, g: DeviceArray, m: DeviceArray, v: DeviceArray, lr: float, beta1: float,
-                beta2: float, eps: float, bc1: float, bc2: float, norm: NormArgs) -> None:
-    """CUDA twin of :func:`mdnumba.optim.adam_update`; the clip scale comes from ``norm``."""
+                beta2: float, eps: float, steps: DeviceArray, parity: int, norm: NormArgs) -> None:
+    """CUDA twin of :func:`mdnumba.optim.adam_update`; the clip scale comes from ``norm``, the bias
+    corrections from the step count ``steps[parity] + 1`` (int64, two entries: :func:`_step_count`)."""
     tpb = _tpb(None)
-    launch(_adam_update, _blocks(p.shape[0], tpb), tpb, 0, p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, *norm)
+    launch(_adam_update, _blocks(p.shape[0], tpb), tpb, 0, p, g, m, v, lr, beta1, beta2, eps, steps, parity,
+           *norm)
 
 
 def rmsprop_update(p: DeviceArray, g: DeviceArray, m: DeviceArray, v: DeviceArray, lr: float, beta1: float,
-                   rho: float, eps: float, bc1: float, bc2: float, norm: NormArgs) -> None:
-    """CUDA twin of :func:`mdnumba.optim.rmsprop_update` (clip scale from ``norm``)."""
+                   rho: float, eps: float, steps: DeviceArray, parity: int, norm: NormArgs) -> None:
+    """CUDA twin of :func:`mdnumba.optim.rmsprop_update` (clip scale from ``norm``, step count as
+    :func:`adam_update`'s)."""
     tpb = _tpb(None)
-    launch(_rmsprop_update, _blocks(p.shape[0], tpb), tpb, 0, p, g, m, v, lr, beta1, rho, eps, bc1, bc2,
+    launch(_rmsprop_update, _blocks(p.shape[0], tpb), tpb, 0, p, g, m, v, lr, beta1, rho, eps, steps, parity,
            *norm)
 
 
@@ -243,6 +264,16 @@ def sigmoid_loss(prob: DeviceArray, dz: DeviceArray, z: HostOrDevice, y: HostOrD
 def mean_loss(partials: np.ndarray, n: int) -> float:
     """The mean loss over ``n`` elements from :func:`sigmoid_loss`'s block sums (host side)."""
     return math.fsum(partials) / n
+
+
+def step_counter() -> DeviceArray:
+    """The device step count of an optimiser (:func:`_step_count`): int64, two entries, at 0."""
+    return cuda.to_device(np.zeros(2, np.int64))
+
+
+def set_step_count(steps: DeviceArray, t: int) -> None:
+    """Set the device step count ``steps`` to ``t`` (both entries: the next update reads ``t % 2``)."""
+    steps.copy_to_device(np.full(2, t, np.int64))
 
 
 def scratch(n: int) -> DeviceArray:
