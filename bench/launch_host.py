@@ -6,8 +6,10 @@ the preparation of each argument's launch fields; what needs the driver is repla
 (its compute capability), the module load, the launch configuration and the driver call itself
 (``cuda.core.launch``, which both ways make the same, with the same fields), and device arrays are
 numba ``DeviceNDArray`` objects on made-up pointers. So the times are what mdnumba and numba-cuda
-spend in Python per launcher call, at 32x32 B64 D64 in float32: the forward and backward sweeps in
-their default and item layouts, the weight-gradient GEMM and the Adam update. The cooperative grid's
+spend in Python per launcher call, at 32x32 B64 D64 in float32: the GPU benchmark's whole device
+train step (its 9 launches; device allocations and copies stubbed too), the forward and backward
+sweeps in their default and item layouts, the weight-gradient GEMM and the Adam update; and, timed
+alone, what ``cuda.core.launch`` does with the fields before the driver call. The cooperative grid's
 limit, which the launchers remember after their first call, is stubbed; the item layout's opt-in to
 more shared memory, which they remember too, calls a stubbed driver once and then looks up its key
 at each call. Best (median) of N calls in µs; writes a markdown table (default
@@ -29,8 +31,8 @@ from types import SimpleNamespace
 import numpy as np
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "launch_host.md"
-#: the launch fields of the last driver call (counted per launcher call)
-_fields: list[int] = []
+#: the launch fields of each driver call since last cleared (a launcher call's)
+_fields: list[tuple] = []
 
 
 class _Pointer:
@@ -63,7 +65,7 @@ def mock_driver() -> None:
     driver.driver.cuKernelSetAttribute = lambda attr, value, kernel, device: None
     driver._to_core_stream = lambda stream: "default stream"
     dispatcher.LaunchConfig = lambda **kw: SimpleNamespace(**kw)
-    dispatcher.launch = lambda stream, config, kernel, *fields: _fields.append(len(fields))
+    dispatcher.launch = lambda stream, config, kernel, *fields: _fields.append(fields)
     mock_memory()
 
 
@@ -166,6 +168,21 @@ def best_median(f, repeats: int) -> tuple[float, float]:
     return times[0] * 1e6, times[len(times) // 2] * 1e6
 
 
+def packing_time(launches: list[tuple], repeats: int) -> float | None:
+    """Best µs of what ``cuda.core.launch`` does with the launch fields of ``launches`` before the
+    driver call (its ``ParamHolder``: the fields packed into the driver's argument array), all of
+    them; None where this cuda.core has no such class."""
+    try:
+        from cuda.core._kernel_arg_handler import ParamHolder
+    except ImportError:
+        return None
+
+    def pack():
+        for fields in launches:
+            ParamHolder(list(fields))
+    return best_median(pack, repeats)[0]
+
+
 def _unprepared_launches(f) -> int:
     """How many of the launches of ``f()`` go through numba-cuda (prepared launches on, ``f``'s keys
     seen twice already): those whose key changes from call to call, or which cannot be prepared."""
@@ -202,7 +219,8 @@ def measure(repeats: int, only: str = "") -> list[tuple]:
             times.append(best_median(f, repeats))
         _fields.clear()
         unprepared = _unprepared_launches(f)
-        rows.append((name, len(_fields), unprepared, sum(_fields), *times))
+        rows.append((name, len(_fields), unprepared, sum(map(len, _fields)), packing_time(_fields, repeats),
+                     *times))
     if launch.failed():
         raise RuntimeError(f"prepared launches failed: {launch.failed()}")
     return rows
@@ -219,12 +237,15 @@ def report(rows: list[tuple], repeats: int) -> str:
            f"calls are stubbed). 32x32 B64 D64, float32. Best (median) of {repeats} calls, µs. "
            "*Launches*: kernel launches per call, in brackets those that still go through numba-cuda "
            "with prepared launches on (a key that changes from call to call). *Fields*: the values "
-           "the call hands to the driver (both ways the same).", "",
-           "| launcher call | launches | fields | numba-cuda µs | prepared µs | numba-cuda / prepared |",
-           "|---|---|---|---|---|---|"]
-    for name, launches, unprepared, fields, (b0, m0), (b1, m1) in rows:
-        out.append(f"| {name} | {launches} ({unprepared}) | {fields} | {b0:.1f} ({m0:.1f}) | {b1:.1f} "
-                   f"({m1:.1f}) | {b0 / b1:.1f}x |")
+           "the call hands to the driver (both ways the same). *Packing*: what the stubbed "
+           "`cuda.core.launch` would do with them before the driver call (its `ParamHolder`, timed "
+           "alone on the fields captured), best µs; not in the other columns.", "",
+           "| launcher call | launches | fields | packing µs | numba-cuda µs | prepared µs | "
+           "numba-cuda / prepared |", "|---|---|---|---|---|---|---|"]
+    for name, launches, unprepared, fields, pack, (b0, m0), (b1, m1) in rows:
+        packed = "–" if pack is None else f"{pack:.1f}"
+        out.append(f"| {name} | {launches} ({unprepared}) | {fields} | {packed} | {b0:.1f} ({m0:.1f}) | "
+                   f"{b1:.1f} ({m1:.1f}) | {b0 / b1:.1f}x |")
     return "\n".join(out) + "\n"
 
 

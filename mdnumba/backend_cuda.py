@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -127,6 +127,17 @@ class DeviceTables:
     skew_src: object     # grid.direction_tables: [q, s*B + b] = dense row b*M + flip_q(perm[s])
     unskew_src: object   # [q, b*M + m] = skewed row inv_perm[flip_q(m)]*B + b
     sizes: tuple | None = None  # the items' extents of a padded batch (direction_tables' sizes)
+    _planes: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def planes(self, start: int | None = None, stop: int | None = None) -> tuple[object, np.ndarray]:
+        """``diag_off[start:stop]`` on the device and on the host (the hyperplanes a sweep takes),
+        the device view made once: numba-cuda's slicing costs ~10 µs of host time a call."""
+        key = (start, stop)
+        if key not in self._planes:
+            cut = slice(start, stop)
+            self._planes[key] = (self.diag_off if key == (None, None) else self.diag_off[cut],
+                                 self.diag_off_host[cut])
+        return self._planes[key]
 
 
 @table_cache  # device memory, bounded as the host tables
@@ -205,6 +216,7 @@ class DeviceLayer(OnTheDevice):
         self.params = cuda.to_device(host)
         self.grads = cuda.to_device(np.zeros(size, self.dtype))
         self._work: dict = {}
+        self._blocks: dict = {}
         self._bind()
 
     def _bind(self) -> None:
@@ -245,6 +257,18 @@ class DeviceLayer(OnTheDevice):
     def _ws(self, name: str, shape: tuple, dtype=None):
         """A device workspace kept while its shape and dtype (the layer's, or ``dtype``) are unchanged."""
         return kept_buffer(self._work, name, shape, self.dtype if dtype is None else dtype)
+
+    def _block(self, name: str, q: int, n: int | None = None):
+        """Direction q's part of workspace ``name``: rows ``q*n .. (q+1)*n`` (the workspace itself when
+        it has n rows), or ``[q]`` (n None); a view made once per workspace (numba-cuda's slicing
+        costs ~10 µs of host time a call, and a step of a layer of S directions takes 5 S)."""
+        a = self._work[name]
+        if a.shape[0] == n:
+            return a
+        kept = self._blocks.get((name, q))
+        if kept is None or kept[0] is not a:  # a new workspace: the view of the old one goes
+            kept = self._blocks[(name, q)] = (a, a[q] if n is None else a[q * n:(q + 1) * n])
+        return kept[1]
 
     def _new(self, shape: tuple, dtype=None):
         from numba import cuda
@@ -307,6 +331,11 @@ class CudaLSTM(DeviceLayer):
 
     def _bind(self) -> None:
         self.W, self.U, self.b = self._views(self.params)
+        # made once (numba-cuda's slicing and reshaping cost µs of host time a call): direction q's
+        # W and b, and the gradients as the one [dW; dU; db] matrix of a single direction
+        N, C, D, S = self.ndim, self.in_channels, self.hidden, self.directions
+        self.Wq, self.bq = [self.W[q] for q in range(S)], [self.b[q] for q in range(S)]
+        self.grad_matrix = self.grads.reshape(C + N * D + 1, (N + 3) * D) if S == 1 else None
 
     def _views(self, flat):
         """``W (S, C, G)``, ``U (S, D, N*G)``, ``b (S, G)`` of the flat parameters."""
@@ -356,14 +385,14 @@ class CudaLSTM(DeviceLayer):
         out = self._result("out", (dense, S, D))
         k.skew_rows(xs, xd.reshape(dense, 1, C), t.skew_src)
         for q in range(S):
-            k.gemm(act[q * R:(q + 1) * R], xs[q * R:(q + 1) * R], self.W[q], self.b[q])
-        sweep = slice(None)
+            k.gemm(self._block("act", q, R), self._block("xs", q, R), self.Wq[q], self.bq[q])
+        planes = t.planes()
         if state is not None:
             k.seed_state(h, c, act, h0, c0, B)
-            sweep = slice(1, -1)  # cells 1..T; cell 0 holds (h0, c0)
-        k.wavefront_forward(h, c, act, self.U, t.diag_off[sweep], t.parent, B, D, self.cell_code,
+            planes = t.planes(1, -1)  # cells 1..T; cell 0 holds (h0, c0)
+        k.wavefront_forward(h, c, act, self.U, planes[0], t.parent, B, D, self.cell_code,
                             path=self.path, use_shared=self.use_shared, tpb=self.tpb, layout=self.layout,
-                            diag_off_host=t.diag_off_host[sweep], out=out, out_src=t.unskew_src)
+                            diag_off_host=planes[1], out=out, out_src=t.unskew_src)
         if t.sizes is not None:  # the padding's cells: no state (it may have overflowed there)
             k.zero_padding(h, c, t.skew_src)
         return self._forward_result(out, t, dims, host_in, state is not None, inference=False)
@@ -432,14 +461,14 @@ class CudaLSTM(DeviceLayer):
         dact, dc = self._ws("dact", (S * R, G)), self._ws("dc", (S * R, D))
         act, c, h, xs = (self._work[n] for n in ("act", "c", "h", "xs"))
         z = self._ws("z", (S * R, C + N * D + 1))
-        sweep, dh_in, dh_src = slice(None), dhd.reshape(dense, S, D), t.skew_src
+        planes, dh_in, dh_src = t.planes(), dhd.reshape(dense, S, D), t.skew_src
         if stateful:  # skew dh here, then add dL/d(h_T, c_T) (the sweep's prologue would skew it)
             k.skew_rows(dhs, dh_in, dh_src)
             k.seed_state_grad(dhs, dc, dact, *self._final_grad(final_state_grad, B), B)
-            sweep, dh_in, dh_src = slice(None, -1), None, None  # cells T..0
-        k.wavefront_backward(dact, dc, dhs, act, c, self.U, t.diag_off[sweep], t.parent, t.child, B, D,
+            planes, dh_in, dh_src = t.planes(None, -1), None, None  # cells T..0
+        k.wavefront_backward(dact, dc, dhs, act, c, self.U, planes[0], t.parent, t.child, B, D,
                              self.cell_code, path=self.path, use_shared=self.use_shared, tpb=self.tpb,
-                             layout=self.layout, diag_off_host=t.diag_off_host[sweep], dh_in=dh_in,
+                             layout=self.layout, diag_off_host=planes[1], dh_in=dh_in,
                              dh_src=dh_src, operands=(z, xs, h))
         if stateful:
             grad = self._new((B, S * D)), self._new((B, S * D))
@@ -447,17 +476,18 @@ class CudaLSTM(DeviceLayer):
             self._saved["state_grad"] = grad
         Z = C + N * D + 1
         if S == 1:  # [dW; dU; db] is contiguous in the flat layout: one GEMM (fewer launches)
-            k.gemm(self.grads.reshape(Z, G), z, dact, ta=True, accumulate=True)
+            k.gemm(self.grad_matrix, z, dact, ta=True, accumulate=True)
         else:  # per direction the three blocks lie apart in the flat layout: a GEMM each, then one add
             parts = self._ws("grad_parts", (S, Z, G))
             for q in range(S):
-                k.gemm(parts[q], z[q * R:(q + 1) * R], dact[q * R:(q + 1) * R], ta=True)
+                z_q, dact_q = self._block("z", q, R), self._block("dact", q, R)
+                k.gemm(self._block("grad_parts", q), z_q, dact_q, ta=True)
             k.add_direction_grads(self.grads, parts, C, N * D)
         if not input_grad:
             return None
         dxs = self._ws("dxs", (S * R, C))
         for q in range(S):
-            k.gemm(dxs[q * R:(q + 1) * R], dact[q * R:(q + 1) * R], self.W[q], tb=True)
+            k.gemm(self._block("dxs", q, R), self._block("dact", q, R), self.Wq[q], tb=True)
         dx = self._result("dx", (dense, C))
         k.unskew_rows(dx.reshape(dense, 1, C), dxs, t.unskew_src)  # Σ_q unflip_q(dact_q W_qᵀ)
         dx = dx.reshape(want[:-1] + (C,))
@@ -965,9 +995,8 @@ class _DeviceOptimizer(OnTheDevice):
         grads = [g for _, g in self.buffers]
         self.k.sumsq_partials(self.partials, grads)
         rec, slot = record if record is not None else (self.stats, 2)
-        self._apply(self.k.NormArgs(self.partials[:len(grads) * self.k.REDUCE_BLOCKS],
-                                    float(self.clip_norm or 0.0), self.stats, rec, int(slot),
-                                    self.clear_grads))
+        self._apply(self.k.NormArgs(self.partials, float(self.clip_norm or 0.0), self.stats, rec, int(slot),
+                                    self.clear_grads))  # (partials: one block of sums per buffer)
         if not sync:
             return None
         norm = float(self.stats.copy_to_host()[0])

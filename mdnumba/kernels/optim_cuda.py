@@ -204,8 +204,8 @@ class NormArgs(NamedTuple):
 def sumsq_partials(partials: DeviceArray, grads: Sequence[DeviceArray]) -> None:
     """Per-block sums of squares of the flat buffers ``grads`` into ``partials`` (float64 scratch
     of ``len(grads) * REDUCE_BLOCKS`` entries), one launch per buffer."""
-    for i, g in enumerate(grads):
-        part = partials[i * REDUCE_BLOCKS:(i + 1) * REDUCE_BLOCKS]
+    for i, g in enumerate(grads):  # (the first: partials itself, its blocks write its first entries)
+        part = partials[i * REDUCE_BLOCKS:(i + 1) * REDUCE_BLOCKS] if i else partials
         launch(_sumsq_partials, REDUCE_BLOCKS, REDUCE_TPB, 0, part, g)
 
 

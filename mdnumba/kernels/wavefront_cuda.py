@@ -2340,7 +2340,8 @@ def _layout_sweep(sweep: str, flat: tuple, sliced: tuple, head: tuple, tail: tup
     :func:`_plan_slices` allows, else the ``flat`` ones
     with the weights ``W`` in shared memory when :func:`_use_shared` says so; their arguments
     are ``(*head, use_shared, nO, *tail)``; the backward sweeps the hyperplanes in reverse. In the
-    item layout (:func:`_item_sweep`) ``item_weights``, if given, takes W's place in them.
+    item layout (:func:`_item_sweep`) ``item_weights()``, if given, takes W's place in them (made
+    only there: a reshape costs µs of host time).
     Records the path taken (:func:`last_path`). The tensor layout (:func:`_tensor_sweep`) and the item
     layout run their own kernels where they can; where not, what they fall back to says why."""
     layout = _resolve_layout(layout, sweep)
@@ -2355,7 +2356,8 @@ def _layout_sweep(sweep: str, flat: tuple, sliced: tuple, head: tuple, tail: tup
         if not why_not:
             args = (*head, False, 0, *tail)
             if item_weights is not None:
-                args = tuple(item_weights if a is W else a for a in args)
+                weights = item_weights()
+                args = tuple(weights if a is W else a for a in args)
             desc = _item_sweep(_forward_item if sweep == "forward" else _backward_item, args, S * B, shmem,
                                len(diag_off_host) - 1)
             _record(desc, f"weights and a hyperplane's rows in {shmem} B of shared memory per block")
@@ -2548,7 +2550,7 @@ def wavefront_backward(dact: HostOrDevice, dc: HostOrDevice, dh: HostOrDevice, a
     kernels = (_backward_coop, _backward_diag), (_backward_coop_sliced, _backward_diag_sliced)
     _layout_sweep("backward", *kernels, head, tail, UT, U_.shape[0], dev[7].shape[1], D, B, host_off, layout,
                   use_shared, path, tpb, staged=(_backward_coop_staged, _backward_diag_staged),
-                  item_weights=U_.reshape(U_.size), pre=_backward_pre,
+                  item_weights=lambda: U_.reshape(U_.size), pre=_backward_pre,
                   extra_items=max(U_.size, dev[2].size, dev[11].size))
     a.finish(0, 1, 2, 11)
 
@@ -2568,7 +2570,7 @@ def gemm(out: HostOrDevice, a: HostOrDevice, bm: HostOrDevice, bias: HostOrDevic
         raise ValueError("give either bias or accumulate=True, not both")
     x = _Args(out, a, bm)
     dout, da, dbm = x.dev
-    dbias = as_device(bias) if bias is not None else dout.reshape(dout.size)
+    dbias = as_device(bias) if bias is not None else _none(dout.dtype, 1)  # not read without a bias
     M, N = dout.shape
     K = da.shape[0] if ta else da.shape[1]
     Ma = M - 1 if ones_row else M
