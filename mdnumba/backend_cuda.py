@@ -180,6 +180,17 @@ def kept_buffer(store: dict, key: object, shape: tuple, dtype: npt.DTypeLike) ->
     return buf
 
 
+def kept_view(store: dict, key: object, base: DeviceArray, index: int | tuple[int, int]) -> DeviceArray:
+    """``base[index]`` (``index`` an int, or ``(lo, hi)``: rows lo..hi), kept in ``store[key]`` while
+    ``base`` and ``index`` are the same: numba-cuda's slicing costs ~10 µs of host time a call,
+    and a training step takes several (a new ``base`` replaces the view, and the old base goes)."""
+    kept = store.get(key)
+    if kept is None or kept[0] is not base or kept[1] != index:
+        view = base[index] if isinstance(index, int) else base[index[0]:index[1]]
+        kept = store[key] = (base, index, view)
+    return kept[2]
+
+
 class OnTheDevice:
     """Base of the device twins: they hold GPU memory and kernel modules, so a pickle or copy is
     refused with what to copy instead (the failure was "cannot pickle 'module' object")."""
@@ -260,15 +271,12 @@ class DeviceLayer(OnTheDevice):
 
     def _block(self, name: str, q: int, n: int | None = None):
         """Direction q's part of workspace ``name``: rows ``q*n .. (q+1)*n`` (the workspace itself when
-        it has n rows), or ``[q]`` (n None); a view made once per workspace (numba-cuda's slicing
-        costs ~10 µs of host time a call, and a step of a layer of S directions takes 5 S)."""
+        it has n rows), or ``[q]`` (n None); a view made once per workspace (:func:`kept_view`: a
+        step of a layer of S directions takes 5 S)."""
         a = self._work[name]
         if a.shape[0] == n:
             return a
-        kept = self._blocks.get((name, q))
-        if kept is None or kept[0] is not a:  # a new workspace: the view of the old one goes
-            kept = self._blocks[(name, q)] = (a, a[q] if n is None else a[q * n:(q + 1) * n])
-        return kept[1]
+        return kept_view(self._blocks, (name, q), a, q if n is None else (q * n, (q + 1) * n))
 
     def _new(self, shape: tuple, dtype=None):
         from numba import cuda

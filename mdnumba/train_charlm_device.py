@@ -139,16 +139,19 @@ class DeviceCharLMTrainer(DeviceResident, CharLMTrainer):
         t0, start, RB = time.perf_counter(), self.step, self.k.REDUCE_BLOCKS
         draw = self._block(start, n)
         x, y = draw.x, draw.y
-        xs, ys = self._cuda.to_device(x), self._cuda.to_device(y)
+        self._staged("x", x)
+        self._staged("y", y)
         evals = self._eval_plan(start, n)
         E = self.EVAL_BATCHES
-        record = self.k.scratch(n * (1 + RB) + len(evals) * E * RB)  # [norms | loss sums | val sums]
+        # [norms | loss sums | val sums]
+        record = self._staged("record", shape=(n * (1 + RB) + len(evals) * E * RB,))
         for i in range(n):
             if self._stop_requested():
                 break
-            logits = self.model.forward(xs[i], draw.seeds[i])
+            logits = self.model.forward(self._view("x", i, i), draw.seeds[i])
             dz = self._dz_like(logits)
-            self.ck.softmax_xent(dz, record[n + i * RB:n + (i + 1) * RB], logits, ys[i])
+            self.ck.softmax_xent(dz, self._view("record", i, (n + i * RB, n + (i + 1) * RB)), logits,
+                                 self._view("y", i, i))
             self.model.backward(dz)
             self.opt.step(sync=False, record=(record, i))
             self.step += 1

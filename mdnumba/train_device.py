@@ -39,6 +39,8 @@ from .backend_cuda import (
     HostOrDevice,
     OnTheDevice,
     contiguous_device_array,
+    kept_buffer,
+    kept_view,
     require_cuda,
 )
 from .layers import WavefrontLSTM
@@ -113,6 +115,26 @@ class DeviceResident:
         self.k, self._cuda = optim_cuda, cuda
         self.sync_every = int(cfg.sync_every)
         self.opt.clear_grads = True  # the update zeroes the gradients: no zero_grad launch per step
+        self._staging: dict = {}  # name -> device buffer a block uploads into (_staged)
+        self._views: dict = {}  # kept_view's store for the steps' views of them (_view)
+
+    def _staged(self, name: str, host: np.ndarray | None = None, shape: tuple = (), dtype=np.float64):
+        """The device buffer ``name`` holding a copy of ``host`` (or, without it, of ``shape`` and
+        ``dtype``, uninitialised), kept from block to block while its shape and dtype hold: each
+        block's steps then launch on the same memory, so their launches repeat their arguments
+        and run prepared (:mod:`mdnumba.kernels.launch`; a block's new arrays went through
+        numba-cuda at every step). A copy into it waits for the launches before it (the default
+        stream), and each block ends with a sync anyway."""
+        if host is not None:
+            shape, dtype = host.shape, host.dtype
+        buf = kept_buffer(self._staging, name, shape, dtype)
+        if host is not None:
+            buf.copy_to_device(host)
+        return buf
+
+    def _view(self, name: str, key: object, index: int | tuple[int, int]):
+        """``_staged(name)[index]`` for step ``key`` of a block, made once (:func:`kept_view`)."""
+        return kept_view(self._views, (name, key), self._staging[name], index)
 
     def train_step(self) -> dict[str, float]:
         """One step (a block of one: syncs with the host)."""
@@ -242,17 +264,18 @@ class DeviceTrainer(DeviceResident, Trainer):
         t0 = time.perf_counter()
         start = self.step
         draw = self._block(start, n)
-        xs, ys = self._upload(draw.x), self._upload(draw.y)
-        index_dev = self._cuda.to_device(draw.index)
-        probes = self._cuda.device_array(int(draw.offsets[-1]), dtype=self.model.dtype)
+        xs, ys = self._upload("x", draw.x), self._upload("y", draw.y)
+        self._staged("index", draw.index)
+        probes = self._staged("probes", shape=(int(draw.offsets[-1]),), dtype=self.model.dtype)
         RB, offsets = self.k.REDUCE_BLOCKS, draw.offsets
-        record = self.k.scratch(n * (1 + RB))  # [norm_0..norm_{n-1} | loss block sums, RB per step]
+        # [norm_0..norm_{n-1} | loss block sums, RB per step]
+        record = self._staged("record", shape=(n * (1 + RB),))
         for i in range(n):
             if self._stop_requested():
                 break
-            lo, hi = offsets[i], offsets[i + 1]
-            self._device_step(xs[i], ys[i], record, i, record[n + i * RB:n + (i + 1) * RB],
-                              (probes[lo:hi], index_dev[lo:hi]))
+            rows, sums = (int(offsets[i]), int(offsets[i + 1])), (n + i * RB, n + (i + 1) * RB)
+            self._device_step(xs[i], ys[i], record, i, self._view("record", i, sums),
+                              (self._view("probes", i, rows), self._view("index", i, rows)))
             self.step += 1
         done = self.step - start
         self.rng.bit_generator.state = draw.states[done]
@@ -324,12 +347,13 @@ class DeviceTrainer(DeviceResident, Trainer):
             i = j
         return out
 
-    def _upload(self, runs: list[np.ndarray]) -> list:
-        """One host→device copy per stacked run; returns per-step device views."""
+    def _upload(self, name: str, runs: list[np.ndarray]) -> list:
+        """One host→device copy per stacked run, into kept buffers (:meth:`_staged`); returns
+        per-step device views (:meth:`_view`)."""
         out = []
-        for run in runs:
-            stacked = self._cuda.to_device(run)
-            out.extend(stacked[t] for t in range(len(run)))
+        for j, run in enumerate(runs):
+            self._staged((name, j), run)
+            out.extend(self._view((name, j), t, t) for t in range(len(run)))
         return out
 
     def _output_buffers(self, shape: tuple):
