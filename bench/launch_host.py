@@ -31,6 +31,8 @@ from types import SimpleNamespace
 import numpy as np
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "launch_host.md"
+#: steps of the device trainer's timed block (the GPU benchmark's trainer rows'; ``--sync-every`` is 50)
+BLOCK = 20
 #: the launch fields of each driver call since last cleared (a launcher call's)
 _fields: list[tuple] = []
 
@@ -141,6 +143,7 @@ def launchers(H: int = 32, B: int = 64, D: int = 64) -> dict:
                              dh_src=src, operands=(z, xs, h), layout=layout, path="cooperative")
 
     return {"device train step (bench_gpu.py's)": train_step(H, B, D),
+            f"`train --device cuda`, a block of {BLOCK} steps": trainer_block(H, B, D),
             "forward sweep (auto: flat)": lambda: forward("auto"),
             "forward sweep, item layout": lambda: forward("item"),
             "backward sweep (auto: sliced)": lambda: backward("auto"),
@@ -156,6 +159,21 @@ def train_step(H: int, B: int, D: int):
     cfg = bench_gpu.parse_config(f"{H}x{H}x{B}x{D}")
     x = np.zeros((B, H, H, 1), np.float32)
     return bench_gpu.mdnumba_device_fns(cfg, x, "cooperative")[0]
+
+
+def trainer_block(H: int, B: int, D: int):
+    """A block of :data:`BLOCK` steps of the CLI's device trainer (``DeviceTrainer._train_block``: the
+    diagonal task at side H, batch B, hidden D; upload, every step's launches, the sync's copies)
+    on one block drawn beforehand (its drawing is host work of its own: the GPU benchmark times
+    it) and with the metrics of the copied-back (made-up) values left out."""
+    from mdnumba.train import TrainConfig, make_trainer
+    tr = make_trainer(TrainConfig(steps=10**9, device="cuda", size=H, batch=B, hidden=D, sync_every=BLOCK,
+                                  dtype="float32"))
+    draw = tr._draw(0, BLOCK, tr.rng.bit_generator.state)
+    tr._block = lambda start, n: draw
+    tr._draw_ahead = lambda *args: None
+    tr._metrics = lambda *args: {}
+    return lambda: tr._train_block(BLOCK)
 
 
 def best_median(f, repeats: int) -> tuple[float, float]:
