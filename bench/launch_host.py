@@ -173,6 +173,7 @@ def trainer_block(H: int, B: int, D: int):
     tr._block = lambda start, n: draw
     tr._draw_ahead = lambda *args: None
     tr._metrics = lambda *args: {}
+    tr.k = SimpleNamespace(**{**vars(tr.k), "mean_loss": lambda sums, n: 0.0})  # of made-up sums
     return lambda: tr._train_block(BLOCK)
 
 
