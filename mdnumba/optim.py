@@ -223,8 +223,8 @@ class Adam:
         return norm
 
     def _apply(self, scale) -> None:
-        """Advance t and update every buffer with gradients scaled by ``scale`` (the device
-        twin passes a device array holding it)."""
+        """Advance t and update every buffer with gradients scaled by ``scale`` (the device twins
+        have their own: the scale and t on the device)."""
         self.t += 1
         b1, b2 = self.betas
         bc1, bc2 = 1.0 - b1**self.t, 1.0 - b2**self.t
