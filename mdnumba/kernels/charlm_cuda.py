@@ -19,6 +19,7 @@ import numpy as np
 from numba import cuda, float64
 
 from .dropout import bits53, threshold
+from .launch import launch
 from .optim_cuda import REDUCE_BLOCKS, REDUCE_TPB, _block_sum, _flat
 from .wavefront_cuda import SIMULATOR, _blocks, _tpb
 
@@ -88,7 +89,7 @@ def _softmax_xent(dz, partials, z, targets, n):
 def scatter_add_rows(dW: DeviceArray, ids: DeviceArray, dy: DeviceArray) -> None:
     """``dW[ids[n]] += dy[n]`` for every n in order (repeated ids add up), on the device."""
     tpb = _tpb(None)
-    _scatter_add_rows[_blocks(dW.size, tpb), tpb](dW, ids, dy)
+    launch(_scatter_add_rows, _blocks(dW.size, tpb), tpb, 0, dW, ids, dy)
 
 
 def dropout(out: DeviceArray, x: DeviceArray, seed: int, p: float) -> None:
@@ -97,6 +98,7 @@ def dropout(out: DeviceArray, x: DeviceArray, seed: int, p: float) -> None:
     tpb, xf = _tpb(None), _flat(x)
     like = np.dtype(xf.dtype).type
     scale = like(1) / like(1 - p)  # the host's factor, in the same dtype
+    # through numba-cuda, not prepared (launch.launch): the seed is new at every step, its key too
     _dropout[_blocks(xf.size, tpb), tpb](_flat(out), xf, np.uint64(seed), threshold(p), scale, like(0))
 
 
@@ -106,4 +108,4 @@ def softmax_xent(dz: DeviceArray, partials: DeviceArray, z: DeviceArray, targets
     into ``partials``; ``mean_loss(partials, targets.size)`` is the mean loss in nats."""
     V = tuple(z.shape)[-1]
     z2, t = z.reshape(z.size // V, V), _flat(targets)
-    _softmax_xent[REDUCE_BLOCKS, REDUCE_TPB](dz.reshape(z2.shape), partials, z2, t, float(t.size))
+    launch(_softmax_xent, REDUCE_BLOCKS, REDUCE_TPB, 0, dz.reshape(z2.shape), partials, z2, t, float(t.size))

@@ -15,6 +15,7 @@ import numpy as np
 from numba import cuda
 
 from .gridlstm import build_rows
+from .launch import launch
 from .wavefront_cuda import (
     _JIT,
     CUDA_MATH,
@@ -216,5 +217,5 @@ def _gather_operands(zt, zd, h, x, parent, perm, L, B, D):
 def gather_operands(zt, zd, h, x, parent, perm, L: int, B: int, D: int) -> None:
     """The weight-gradient GEMMs' operands (see :func:`mdnumba.kernels.gridlstm.gather_operands`)."""
     tpb = _tpb(None)
-    _gather_operands[_blocks(zt.shape[0] * int(D), tpb), tpb](zt, zd, h, x, parent, perm, int(L), int(B),
-                                                              int(D))
+    launch(_gather_operands, _blocks(zt.shape[0] * int(D), tpb), tpb, 0, zt, zd, h, x, parent, perm, int(L),
+           int(B), int(D))
