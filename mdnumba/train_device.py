@@ -127,7 +127,10 @@ class DeviceResident:
         stream), and each block ends with a sync anyway."""
         if host is not None:
             shape, dtype = host.shape, host.dtype
+        old = self._staging.get(name)
         buf = kept_buffer(self._staging, name, shape, dtype)
+        if buf is not old:  # the views of the old buffer go with it (a shorter block leaves some unused)
+            self._views = {key: kept for key, kept in self._views.items() if key[0] != name}
         if host is not None:
             buf.copy_to_device(host)
         return buf
