@@ -114,3 +114,20 @@ def test_launch_host_times_numba_cuda_and_prepared_launches(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (row,) = [ln for ln in out.read_text().splitlines() if ln.startswith("| Adam update |")]
     assert row.split(" | ")[1:3] == ["1 (0)", "64"] and row.endswith("x |"), row
+
+
+def test_every_launch_of_a_device_step_runs_prepared(tmp_path):
+    """``bench/launch_host.py --only step`` (no GPU, as above): every launch of the GPU benchmark's
+    device train step and of a block of the device trainer's steps runs prepared once its keys
+    are known; a launch whose arguments change from step to step (Adam's bias corrections, a
+    block's new arrays: 1 of 9 and 3 of 11 a step before) goes through numba-cuda every time."""
+    import ptxcheck
+    if ptxcheck.missing_toolchain():
+        pytest.skip(ptxcheck.missing_toolchain())
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    out = tmp_path / "launch_host.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "launch_host.py"), "--repeats", "2", "--only",
+                           "step", "--out", str(out)], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [ln.split(" | ") for ln in out.read_text().splitlines() if "step" in ln and ln.startswith("| ")]
+    assert [row[1] for row in rows] == ["9 (0)", "220 (0)"], rows
