@@ -15,8 +15,8 @@ more shared memory, which they remember too, calls a stubbed driver once and the
 at each call. Best (median) of N calls in µs; writes a markdown table (default
 ``bench/results/launch_host.md``).
 
-Usage: ``python bench/launch_host.py [--repeats N] [--only TEXT] [--out PATH]`` (``--only``: the
-launchers whose name contains TEXT)
+Usage: ``python bench/launch_host.py [--repeats N] [--only TEXT[,TEXT..]] [--out PATH]`` (``--only``:
+the launchers whose name contains one of the TEXTs)
 """
 
 from __future__ import annotations
@@ -221,11 +221,12 @@ def _unprepared_launches(f) -> int:
 
 def measure(repeats: int, only: str = "") -> list[tuple]:
     """``(launcher, launches, of them through numba-cuda when prepared, fields, numba-cuda (best,
-    median) µs, prepared (best, median) µs)`` per launcher (those whose name contains ``only``)."""
+    median) µs, prepared (best, median) µs)`` per launcher (those whose name contains one of the
+    comma-separated texts of ``only``)."""
     from mdnumba.kernels import launch
     rows = []
     for name, f in launchers().items():
-        if only not in name:
+        if not any(text in name for text in only.split(",")):
             continue
         f()  # compiles
         times = []
@@ -271,7 +272,8 @@ def report(rows: list[tuple], repeats: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=300)
-    ap.add_argument("--only", default="", help="time the launchers whose name contains this")
+    ap.add_argument("--only", default="", help="time the launchers whose name contains one of these "
+                    "comma-separated texts")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
     import numba

@@ -99,32 +99,23 @@ def test_tune_gpu_times_the_sweeps_without_some_stages(tmp_path):
     assert all("item (1 blocks x 8 threads" in ln for ln in rows[2:]), rows
 
 
-def _launch_host_rows(tmp_path, only: str) -> list[list[str]]:
-    """The table rows (cells) of ``bench/launch_host.py --only ONLY`` at 2 repeats: no GPU, the driver
-    calls stubbed, numba-cuda's dispatch and NVVM for real (skipped without the CUDA toolchain)."""
+def test_launch_host_times_whole_steps_and_runs_them_prepared(tmp_path):
+    """``bench/launch_host.py --only step,Adam`` (no GPU: the driver calls stubbed, numba-cuda's
+    dispatch and NVVM for real): every launch of the GPU benchmark's device train step and of a
+    block of the device trainer's steps runs prepared once its keys are known (a launch whose
+    arguments change from step to step, Adam's bias corrections or a block's new arrays, went
+    through numba-cuda every time: 1 of 9 and 3 of 11 a step before); the Adam launcher's fields
+    are the kernel's (64: 7 per 1-D array, 1 per scalar: p, g, m, v, 4 scalars, the step count
+    and its parity, the norm's 3 arrays and 3 scalars)."""
     import ptxcheck
     if ptxcheck.missing_toolchain():
         pytest.skip(ptxcheck.missing_toolchain())
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     out = tmp_path / "launch_host.md"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "launch_host.py"), "--repeats", "2", "--only",
-                           only, "--out", str(out)], env=env, capture_output=True, text=True)
+                           "step,Adam", "--out", str(out)], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [ln.split(" | ") for ln in out.read_text().splitlines() if ln.startswith("| ") and only in ln]
-
-
-def test_launch_host_times_numba_cuda_and_prepared_launches(tmp_path):
-    """``bench/launch_host.py --only Adam`` times the Adam launcher both ways; the fields both hand
-    the driver are the kernel's (64: 7 per 1-D array, 1 per scalar: p, g, m, v, 4 scalars, the step
-    count and its parity, the norm's 3 arrays and 3 scalars)."""
-    (row,) = _launch_host_rows(tmp_path, "Adam")
-    assert row[0] == "| Adam update" and row[1:3] == ["1 (0)", "64"] and row[-1].endswith("x |"), row
-
-
-def test_every_launch_of_a_device_step_runs_prepared(tmp_path):
-    """``bench/launch_host.py --only step``: every launch of the GPU benchmark's device train step and
-    of a block of the device trainer's steps runs prepared once its keys are known; a launch whose
-    arguments change from step to step (Adam's bias corrections, a block's new arrays: 1 of 9 and 3
-    of 11 a step before) goes through numba-cuda every time."""
-    rows = _launch_host_rows(tmp_path, "step")
-    assert [row[1] for row in rows] == ["9 (0)", "220 (0)"], rows
+    rows = [ln.split(" | ") for ln in out.read_text().splitlines() if ln.startswith("| ")][1:]  # (header)
+    assert [row[1] for row in rows] == ["9 (0)", "220 (0)", "1 (0)"], rows
+    assert rows[2][0] == "| Adam update" and rows[2][2] == "64", rows
+    assert all(row[-1].endswith("x |") for row in rows), rows
