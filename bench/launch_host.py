@@ -91,37 +91,19 @@ def mock_memory() -> None:
     cuda.is_available = lambda: True
 
 
-def device_arrays():
-    """``dev(shape, dtype)``: a numba device array on a fresh made-up pointer."""
-    from numba.cuda.cudadrv import devicearray
-    top = [1 << 32]
-
-    def dev(shape: tuple, dtype=np.float32):
-        dtype = np.dtype(dtype)
-        strides = tuple(int(np.prod(shape[i + 1:])) * dtype.itemsize for i in range(len(shape)))
-        top[0] += -(-int(np.prod(shape)) * dtype.itemsize // 256) * 256 + 256
-        return devicearray.DeviceNDArray(shape, strides, dtype, gpu_data=_Pointer(top[0]))
-    return dev
-
-
 def launchers(H: int = 32, B: int = 64, D: int = 64) -> dict:
     """The timed launcher calls, on arrays of a 2D layer's train step (C = 1)."""
+    from numba import cuda
+
     from mdnumba.grid import wavefront
     from mdnumba.kernels import optim_cuda as O
     from mdnumba.kernels import wavefront_cuda as W
-    dev = device_arrays()
-    scratch: dict = {}
 
-    def kept(kind, shape, dtype):  # W._scratch's buffers, on made-up pointers
-        key = (kind, tuple(int(n) for n in shape), np.dtype(dtype).str)
-        if key not in scratch:
-            scratch[key] = dev(key[1], dtype)
-        return scratch[key]
-    W._scratch = kept
+    def dev(shape: tuple, dtype=np.float32):  # on a made-up pointer (mock_memory)
+        return cuda.device_array(shape, dtype)
     W._coop_limit = lambda kernel, args, tpb, shmem: 3 * 132
     W._sm_count = lambda: 132
     W._item_shared_limit = lambda: 227 * 1024
-    W._state["tile counters"] = dev((1024,), np.int32)
     wf = wavefront((H, H))
     R, G, N = wf.n_cells * B, 5 * D, 2
     h, c, act, dact, dc, dh = dev((R, D)), dev((R, D)), dev((R, G)), dev((R, G)), dev((R, D)), dev((R, D))
