@@ -401,10 +401,9 @@ def sim_grid_lstm_kernels_match_cpu(path, dtype, rng):
         mod.grid_backward(dact, dc, dx, dtopt, act, c, Ut, Ud, wf.diag_off, wf.parent, wf.child,
                           wf.perm, L, B, D, **kw)
         results.append((h, c, act, dact[:, :8 * D], dc, dx))
-    tol = dict(rtol=1e-12, atol=1e-14) if dtype == np.float64 else dict(rtol=2e-5, atol=2e-6)
     for name, a, b in zip(("h", "c", "act", "dact", "dc", "dx"), *results):
         assert b.dtype == dtype, name
-        np.testing.assert_allclose(b, a, **tol, err_msg=name)
+        np.testing.assert_allclose(b, a, **SWEEP_TOL[np.dtype(dtype)], err_msg=name)
 
 
 @settings(max_examples=30, deadline=None, derandomize=True,
