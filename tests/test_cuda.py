@@ -2130,6 +2130,55 @@ def test_kernels_compile_for_gpu(simulator_report, simulator_runs):
         assert proc.returncode == 0, out[-6000:]
 
 
+_SHARED_SPLIT = """
+import sys
+sys.setswitchinterval(1e-6)  # switch threads often: the race's window is a few bytecodes
+import numpy as np
+from numba import cuda
+
+def splits(launches, stop_at_first):
+    @cuda.jit
+    def kernel(out):
+        cuda.syncthreads()  # the threads reach the allocation at once
+        a = cuda.shared.array(32, np.int64)
+        a[cuda.threadIdx.x] = cuda.threadIdx.x
+        cuda.syncthreads()
+        seen = 0
+        for i in range(32):
+            seen += a[i] == i
+        out[cuda.threadIdx.x] = seen
+    n = 0
+    for _ in range(launches):
+        out = np.zeros(32, np.int64)
+        kernel[1, 32](out)
+        n += int((out != 32).any())  # every thread saw the others' writes
+        if n and stop_at_first:
+            break
+    return n
+
+print("numba", splits(300, True))
+import mdnumba.kernels.wavefront_cuda  # noqa: E402,F401 (replaces the simulator's shared arrays)
+print("mdnumba", splits(40, False))
+"""
+
+
+def test_plain_simulator_gives_a_block_one_static_shared_array():
+    """Under numba-cuda's own simulator (the GPU benchmark's smoke run, a user's
+    NUMBA_ENABLE_CUDASIM=1; the sim_* cases run under tests/simgrid.py's), threads that allocate a
+    static shared array at once get the same one once mdnumba's kernels are imported
+    (``_thread_safe_simulator_shared``): numba's lookup has no lock, and the staged layout's tile,
+    allocated after a grid sync, gave one smoke run wrong gradients."""
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    proc = subprocess.run([sys.executable, "-c", _SHARED_SPLIT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    counts = dict(line.split() for line in proc.stdout.splitlines())
+    if counts["numba"] == "0":
+        pytest.skip("numba-cuda's simulator split no shared array in 300 launches: the race may be fixed "
+                    "there (then _thread_safe_simulator_shared can go)")
+    assert counts["mdnumba"] == "0", f"{counts['mdnumba']} of 40 launches split a block's shared array"
+
+
 @pytest.mark.skipif(cuda_unavailable_reason() is None, reason="CUDA is available here")
 def test_cuda_unavailable_error_says_what_to_do():
     with pytest.raises(CudaUnavailableError) as err:
