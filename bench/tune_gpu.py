@@ -6,7 +6,8 @@ item layout's cells per thread, is set to the same), ``MDNUMBA_CUDA_UNROLL``
 (steps of its inner sum whose loads go out together; both compile-time: they size the register
 arrays), ``MDNUMBA_THREADS_PER_BLOCK``, ``MDNUMBA_CUDA_LAYOUT`` (flat, sliced or staged) and
 ``MDNUMBA_CUDA_SLICE_UNITS`` (the sliced and staged layouts' units per block, compile-time),
-``MDNUMBA_CUDA_ITEM_THREADS`` (the item layout's threads per block, compile-time) are read when
+``MDNUMBA_CUDA_ITEM_THREADS`` (the item layout's threads per block, compile-time),
+``MDNUMBA_CUDA_TENSOR_TILES`` (the tensor layout's backward n-tiles per warp, compile-time) are read when
 mdnumba is imported, as are ``MDNUMBA_CUDA_MIN_BLOCKS`` (``--min-blocks``: the sweep kernels
 compiled for that many blocks per SM, registers capped to fit, 0 none), the diagnostic
 ``MDNUMBA_CUDA_SKIP`` (``--variants``: ``no-sum``, the sweeps without their recurrent sums;
@@ -22,10 +23,11 @@ collects them into a markdown table (default ``bench/results/tune_gpu.md``): the
 combination per config is the default to pick in ``mdnumba/config.py``.
 
 Usage: ``python bench/tune_gpu.py [--rows 1,2,4,8] [--unroll 4,8,16] [--tpb 64,128,256]
-[--layout flat,sliced,staged,item,tensor] [--slice 4,8,16] [--item-threads 256,512,1024] [--min-blocks 0,3,4]
-[--variants full,memory-cell,no-sum,no-cell,neither] [--configs 32,256] [--quick] [--out PATH]`` (the
-slice sizes apply to the sliced and staged layouts, the item threads to the item layout); on a lent
-GPU machine ``bench/run_gpu.sh --tune``.
+[--layout flat,sliced,staged,item,tensor] [--slice 4,8,16] [--item-threads 256,512,1024]
+[--tensor-tiles 1,2,4] [--min-blocks 0,3,4] [--variants full,memory-cell,no-sum,no-cell,neither]
+[--configs 32,256] [--quick] [--out PATH]`` (the slice sizes apply to the sliced and staged layouts,
+the item threads to the item layout, the n-tiles to the tensor layout); on a lent GPU machine
+``bench/run_gpu.sh --tune``.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ VARIANTS = {"full": {}, "memory-cell": {"MDNUMBA_CUDA_CELL_REGISTERS": "0"},
             "neither": {"MDNUMBA_CUDA_SKIP": "sum,cell"}}
 #: per layout with a size of its own: that size's environment variable (a layout spec is "name N")
 LAYOUT_SIZES = {"sliced": "MDNUMBA_CUDA_SLICE_UNITS", "staged": "MDNUMBA_CUDA_SLICE_UNITS",
-                "item": "MDNUMBA_CUDA_ITEM_THREADS"}
+                "item": "MDNUMBA_CUDA_ITEM_THREADS", "tensor": "MDNUMBA_CUDA_TENSOR_TILES"}
 #: the variants whose results are right: their train steps are candidate defaults
 CANDIDATES = ("full", "memory-cell")
 
@@ -68,7 +70,8 @@ def child(configs: list[str], budget: float, variant: str) -> None:
         step = time_it(train, cuda.synchronize, budget)
         path = last_path()
         sweeps = sweep_times(dev, cfg, "cooperative", cuda.synchronize, budget)
-        size = {"item": config.CUDA_ITEM_THREADS}.get(config.CUDA_LAYOUT, config.CUDA_SLICE_UNITS)
+        size = {"item": config.CUDA_ITEM_THREADS, "tensor": config.CUDA_TENSOR_TILES}.get(config.CUDA_LAYOUT,
+                                                                                          config.CUDA_SLICE_UNITS)
         layout = config.CUDA_LAYOUT + (f" {size}" if config.CUDA_LAYOUT in LAYOUT_SIZES else "")
         print(json.dumps({"config": cfg.label, "rows": config.CUDA_ROWS_PER_THREAD,
                           "unroll": config.CUDA_UNROLL, "tpb": config.THREADS_PER_BLOCK, "layout": layout,
@@ -82,7 +85,8 @@ def child(configs: list[str], budget: float, variant: str) -> None:
 def run_combo(rows: int, unroll: int, tpb: int, layout: str, configs: str, quick: bool,
               variant: str = "full", min_blocks: int = 0) -> list[dict]:
     """Run :func:`child` with ``rows`` per thread, ``unroll`` steps, ``tpb`` threads per block,
-    ``layout`` ("flat", "sliced N" / "staged N": N units per slice, "item N": N threads per block),
+    ``layout`` ("flat", "sliced N" / "staged N": N units per slice, "item N": N threads per block,
+    "tensor N": N backward n-tiles per warp),
     ``variant`` (of :data:`VARIANTS`) and
     the sweep kernels compiled for ``min_blocks`` blocks per SM (0: no bound)."""
     if variant not in VARIANTS:
@@ -148,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                                                    "(comma list)")
     ap.add_argument("--item-threads", default="512", help="threads per block to try in the item layout "
                                                           "(comma list)")
+    ap.add_argument("--tensor-tiles", default="2", help="backward n-tiles per warp to try in the tensor "
+                                                        "layout (comma list)")
     ap.add_argument("--min-blocks", default="0",
                     help="blocks per SM to compile the sweep kernels for (comma list; 0: no bound)")
     ap.add_argument("--variants", default="full",
@@ -164,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         child(args.configs.split(","), budget, args.variant)
         return 0
     rows: list[dict] = []
-    sizes = {"item": args.item_threads.split(",")}
+    sizes = {"item": args.item_threads.split(","), "tensor": args.tensor_tiles.split(",")}
     layouts = [f"{lay} {n}".strip() for lay in args.layout.split(",")
                for n in (sizes.get(lay, args.slice.split(",")) if lay in LAYOUT_SIZES else [""])]
     variants = args.variants.split(",")

@@ -30,7 +30,9 @@ place to change them. Environment variables override the defaults:
   timed on a GPU) or ``auto`` (default: the faster of
   flat and sliced per sweep on an H200, bench/results/gpu.md: the backward sweep sliced, the
   forward ones flat; ``wavefront_cuda.AUTO_LAYOUT``). ``MDNUMBA_CUDA_SLICE_UNITS`` sets the units per slice
-  (default 8; compile-time).
+  (default 8; compile-time). ``MDNUMBA_CUDA_TENSOR_TILES`` sets the tensor layout's n-tiles of 8
+  units per warp in the backward sweep (default 2, 1 to 4; compile-time: its slices are 8x that
+  many units, and each row operand it loads and splits serves that many mma).
 - ``MDNUMBA_CUDA_SKIP`` is a **diagnostic** for timing the CUDA sweeps, a comma list of stages
   their threads skip: ``sum`` (the recurrent sums, forward ``Σ h·U`` and backward ``Σ δ·Uᵀ``:
   every result is then that of recurrent weights U = 0) and ``cell`` (the cells' gate math:
@@ -230,6 +232,7 @@ try:
     CUDA_SLICE_UNITS: int = env_int("MDNUMBA_CUDA_SLICE_UNITS", 8, high=64)
     CUDA_ITEM_THREADS: int = env_int("MDNUMBA_CUDA_ITEM_THREADS", 512, high=1024)
     CUDA_ITEM_ROWS: int = env_int("MDNUMBA_CUDA_ITEM_ROWS", 4, high=64)
+    CUDA_TENSOR_TILES: int = env_int("MDNUMBA_CUDA_TENSOR_TILES", 2, high=4)
     CUDA_PREPARED_LAUNCH: bool = env_flag("MDNUMBA_CUDA_PREPARED_LAUNCH", True)
     #: diagnostic only: the stages of CUDA_SKIP_STAGES the CUDA sweeps skip (wrong results)
     CUDA_SKIP: tuple[str, ...] = env_subset("MDNUMBA_CUDA_SKIP", CUDA_SKIP_STAGES)

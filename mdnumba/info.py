@@ -60,7 +60,8 @@ def cuda_sweep_settings() -> str:
         "no launch bounds"
     launches = "prepared launches" if config.CUDA_PREPARED_LAUNCH else "every launch through numba-cuda"
     text = (f"{config.CUDA_LAYOUT} layout ({config.CUDA_SLICE_UNITS} units per slice when sliced or staged; "
-            f"item: {config.CUDA_ITEM_THREADS} threads per block, {config.CUDA_ITEM_ROWS} cells per thread), "
+            f"item: {config.CUDA_ITEM_THREADS} threads per block, {config.CUDA_ITEM_ROWS} cells per thread; "
+            f"tensor: {config.CUDA_TENSOR_TILES} n-tiles per warp backward), "
             f"{config.CUDA_ROWS_PER_THREAD} rows per thread, {config.CUDA_UNROLL} unrolled steps, "
             f"{config.THREADS_PER_BLOCK} threads per block, path {config.CUDA_PATH}, cell math on {cell}, "
             f"{bound}, {launches} (MDNUMBA_CUDA_* settings)")

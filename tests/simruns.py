@@ -33,13 +33,16 @@ GPU_SHARDS = max(SHARDS, min(8, (os.cpu_count() or 1) // 2))
 #: with its other settings: MDNUMBA_CUDA_UNROLL (1: no unrolled steps; 3: the sums' lengths leave
 #: remainders); with 1 row the cell math on global memory for every N (MDNUMBA_CUDA_CELL_REGISTERS=0),
 #: with 3 rows every layer in the staged layout with 2 units per slice (the sweep cases run flat,
-#: sliced and staged there: their own layouts); the item layout's cells per thread as the rows
+#: sliced and staged there: their own layouts); the item layout's cells per thread as the rows, the
+#: tensor layout's backward n-tiles per warp (MDNUMBA_CUDA_TENSOR_TILES) too
 OTHER_ROWS = {1: {"MDNUMBA_CUDA_UNROLL": "1", "MDNUMBA_CUDA_CELL_REGISTERS": "0",
-                  "MDNUMBA_CUDA_ITEM_ROWS": "1"},
+                  "MDNUMBA_CUDA_ITEM_ROWS": "1", "MDNUMBA_CUDA_TENSOR_TILES": "1"},
               3: {"MDNUMBA_CUDA_UNROLL": "3", "MDNUMBA_CUDA_LAYOUT": "staged",
-                  "MDNUMBA_CUDA_SLICE_UNITS": "2", "MDNUMBA_CUDA_ITEM_ROWS": "3"}}
+                  "MDNUMBA_CUDA_SLICE_UNITS": "2", "MDNUMBA_CUDA_ITEM_ROWS": "3",
+                  "MDNUMBA_CUDA_TENSOR_TILES": "3"}}
 #: the cases the OTHER_ROWS runs select (-k)
-OTHER_ROWS_CASES = "sweep_kernels or sliced_sweeps or item_sweeps or layer_matches_reference"
+OTHER_ROWS_CASES = ("sweep_kernels or sliced_sweeps or item_sweeps or tensor_sweeps or "
+                    "layer_matches_reference")
 #: the launch path each OTHER_ROWS run leaves out of the cases that take both: the rows, the
 #: unrolled steps and the cell math are device functions both paths' kernels call, and the main
 #: runs take both paths (this halves the two runs' 400 s of CI time)

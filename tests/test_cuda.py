@@ -749,7 +749,7 @@ def sim_tensor_layer_matches_reference(rng, monkeypatch):
     reference (output, dx, every gradient): its forward sweep on tensor cores writes the output in
     grid order after its last sync, its backward sweep's prologue skews the upstream gradient and
     builds the weight-gradient operands; the saving-free forward runs flat, said."""
-    from mdnumba.kernels import wavefront_cuda
+    from mdnumba.kernels import tensor_cuda, wavefront_cuda
     monkeypatch.setattr(wavefront_cuda, "DEFAULT_LAYOUT", "tensor")
     layer = _layer(1, 2, 3, np.float32, "cuda", directions=2)
     x = rng.standard_normal((3, 5, 2)).astype(np.float32)
@@ -758,7 +758,8 @@ def sim_tensor_layer_matches_reference(rng, monkeypatch):
     assert "tensor cores (3xTF32), 2 slices of 8 units" in desc, desc
     check_against_reference(layer, x, rng.standard_normal((3, 5, layer.out_channels)), 1e-5)
     desc = wavefront_cuda.last_path()
-    assert "tensor cores (3xTF32), 2 slices of 16 units" in desc and "UT in" in desc, desc
+    units = tensor_cuda.slice_units("backward")  # 8 x MDNUMBA_CUDA_TENSOR_TILES
+    assert f"tensor cores (3xTF32), 2 slices of {units} units" in desc and "UT in" in desc, desc
     free = layer.forward(x, save=False)
     assert "flat layout: the tensor layout has no infer sweep" in wavefront_cuda.last_path()
     np.testing.assert_allclose(free, layer.forward(x), rtol=1e-5, atol=1e-6)
@@ -2082,7 +2083,8 @@ def test_simulator_other_rows_per_thread(rows, simulator_runs):
     (compile-time; the GPU tuning script tries others): one row per thread without unrolling,
     that one with the cell math on global memory (MDNUMBA_CUDA_CELL_REGISTERS=0), and 3 rows,
     3 steps (B=2 and B=5 leave remainders, as D and (N+3)*D do), that one with every layer in
-    the staged layout at 2 units per slice (tests/simruns.py OTHER_ROWS); the cases that take
+    the staged layout at 2 units per slice; the tensor layout's backward at 1 and 3 n-tiles per
+    warp (slices of 8 and 24 units; tests/simruns.py OTHER_ROWS); the cases that take
     both launch paths take one in each run (OTHER_ROWS_LEAVE_OUT)."""
     report = simulator_runs[rows].report()
     assert len(report) >= 20, report

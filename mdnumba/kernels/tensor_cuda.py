@@ -44,6 +44,7 @@ import numba
 import numpy as np
 from numba import cuda
 
+from .. import config
 from .wavefront_cuda import (
     _JIT,
     CELL_MATH,
@@ -69,8 +70,9 @@ from .wavefront_cuda import (
 #: columns of an mma's product (n of mma.m16n8k8: hidden units), rows per tile (m), steps of k per mma
 UNITS, TILE_ROWS, KSTEP, WARP = 8, 16, 8, 32
 #: n-tiles of UNITS units a warp computes per tile of rows in the backward sweep (its slice of hidden
-#: units: 16; each row operand loaded and split serves 2 mma); the forward's are its gate blocks
-BACKWARD_TILES = 2
+#: units: 8x that many; each row operand loaded and split serves that many mma), MDNUMBA_CUDA_TENSOR_TILES
+#: (default 2); the forward's are its gate blocks
+BACKWARD_TILES: int = config.CUDA_TENSOR_TILES
 _PAIRS = 4 * BACKWARD_TILES  # (row, unit) pairs of a lane in a backward tile (a local array's shape)
 #: warps per block (the simulator's 2: it runs a thread as a Python thread). 8: at 248 registers
 #: (the forward) one block of 256 threads fills an SM's registers, and its warps share its slice
