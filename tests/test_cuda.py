@@ -2089,6 +2089,7 @@ def test_simulator_other_rows_per_thread(rows, simulator_runs):
     report = simulator_runs[rows].report()
     assert len(report) >= 20, report
     assert not any(OTHER_ROWS_LEAVE_OUT[rows] in name for name in report), report
+    assert any("tensor_sweeps_match_cpu" in name for name in report), report  # the other n-tiles
     _assert_passed(report)
 
 
