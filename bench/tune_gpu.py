@@ -70,9 +70,9 @@ def child(configs: list[str], budget: float, variant: str) -> None:
         step = time_it(train, cuda.synchronize, budget)
         path = last_path()
         sweeps = sweep_times(dev, cfg, "cooperative", cuda.synchronize, budget)
-        size = {"item": config.CUDA_ITEM_THREADS, "tensor": config.CUDA_TENSOR_TILES}.get(config.CUDA_LAYOUT,
-                                                                                          config.CUDA_SLICE_UNITS)
-        layout = config.CUDA_LAYOUT + (f" {size}" if config.CUDA_LAYOUT in LAYOUT_SIZES else "")
+        layout = config.CUDA_LAYOUT
+        if layout in LAYOUT_SIZES:  # its size: the config setting of that variable (MDNUMBA_X -> config.X)
+            layout += f" {getattr(config, LAYOUT_SIZES[layout].removeprefix('MDNUMBA_'))}"
         print(json.dumps({"config": cfg.label, "rows": config.CUDA_ROWS_PER_THREAD,
                           "unroll": config.CUDA_UNROLL, "tpb": config.THREADS_PER_BLOCK, "layout": layout,
                           "min_blocks": config.CUDA_MIN_BLOCKS, "variant": variant,
