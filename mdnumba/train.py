@@ -277,6 +277,7 @@ class Trainer:
         self.rng = np.random.default_rng(cfg.seed)
         self.step = 0
         self.saved_step: int | None = None  # the step of the newest checkpoint in ``out``
+        self.owns_out = False  # whether ``out``'s run files are this run's (:meth:`_claim_out`)
         self._interrupted: Callable[[], bool] = lambda: False  # Ctrl-C, set by :meth:`run`
         self._stop = False
 
@@ -372,8 +373,23 @@ class Trainer:
         current step finish, so that the checkpoint resumes bit-identically; a second
         Ctrl-C stops at once and saves nothing (the last periodic checkpoint stays)."""
         self._stop = False
+        self._claim_out()
         with _deferred_interrupt() as self._interrupted:
             self._run(on_step)
+
+    def _claim_out(self) -> None:
+        """Refuse to write into an ``out`` that holds another run's files (a checkpoint, config or
+        log this trainer did not load): a new trainer never replaces a run. A trainer made by
+        :meth:`load` continues the run of its folder."""
+        if self.out is None or self.owns_out:
+            return
+        present = [name for name in (CHECKPOINT, CONFIG_JSON, LOG) if (self.out / name).exists()]
+        if present:
+            held = "a run" if CHECKPOINT in present else ", ".join(present)
+            raise FileExistsError(f"{self.out} already holds {held}; continue it with Trainer.load("
+                                  f"{str(self.out)!r}), or choose another output folder, or delete "
+                                  f"{', '.join(present)} there first (CLI: --resume or --overwrite)")
+        self.owns_out = True
 
     def request_stop(self) -> None:
         """End :meth:`run` after the current step as a first Ctrl-C does (the steps done are
@@ -488,6 +504,7 @@ class Trainer:
         if self.out is None:
             raise ValueError("this trainer has no output folder to save to; create it with "
                              "make_trainer(cfg, out=...) (CLI: --out DIR)")
+        self._claim_out()
         params = self._host_params()
         if self._weights_overflowed(params):  # a checkpoint that could not be loaded: keep the last
             raise self._diverged("the weights", self.step)
@@ -541,6 +558,7 @@ class Trainer:
                                     "v": [arrays[f"adam_v_{k}"] for k in range(n)]})
             tr.rng.bit_generator.state = _checked_rng_state(meta["rng"], tr.rng.bit_generator.state)
             tr.step = tr.saved_step = check_count(meta["step"], "its step")
+            tr.owns_out = True
         except CheckpointError:
             raise
         except (KeyError, TypeError, ValueError, OverflowError) as exc:  # Overflow: e.g. the RNG state

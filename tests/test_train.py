@@ -130,6 +130,27 @@ def test_a_config_takes_the_forms_python_callers_give(tmp_path):
     assert lm.data == str(tmp_path / "t.txt")
 
 
+@pytest.mark.parametrize("files,held", [(("checkpoint.npz", "config.json", "log.tsv"), "a run"),
+                                         (("config.json",), "config.json"), (("log.tsv",), "log.tsv")])
+def test_a_new_trainer_never_writes_over_the_files_of_another_run(tmp_path, files, held):
+    """The CLI refuses without --overwrite; the Python API refuses too, before its first step,
+    and says how to continue the run instead; nothing in the folder changes."""
+    make_trainer(TrainConfig(steps=2, **KW), tmp_path).run()
+    for name in {"checkpoint.npz", "config.json", "log.tsv"} - set(files):
+        (tmp_path / name).unlink()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    other = make_trainer(TrainConfig(steps=3, **dict(KW, hidden=2)), tmp_path)
+    for write in (other.run, other.save):
+        with pytest.raises(FileExistsError, match=re.escape(f"{tmp_path} already holds {held}; continue "
+                                                            f"it with Trainer.load('{tmp_path}')")):
+            write()
+    assert other.step == 0 and {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    if held == "a run":
+        Trainer.load(tmp_path, steps=3).run()  # the run itself continues
+        steps = [r.split("\t")[0] for r in (tmp_path / "log.tsv").read_text().splitlines()[1:]]
+        assert steps == ["1", "2", "3"]
+
+
 def test_resume_drops_log_rows_cut_short(tmp_path):
     """A crash can leave a last row without its newline: resume keeps whole rows only, so the
     log holds each step once and still plots, and says nothing (it is what a crash leaves)."""
