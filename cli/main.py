@@ -627,7 +627,11 @@ def predict(run: Path, input: Path, out: Path, overwrite: bool, batch: int | Non
             device: str | None) -> None:
     """Apply RUN's model to the inputs in INPUT (.npy, laid out as its task's: e.g. (batch, height,
     width, 1) for the diagonal task) and write the output probabilities to --out (.npy)."""
-    from mdnumba.checkpoint import atomic_write_bytes
+    from mdnumba.checkpoint import CHECKPOINT, CONFIG_JSON, atomic_write_bytes
+    from mdnumba.train import LOG
+    if out.resolve() in {(run / name).resolve() for name in (CHECKPOINT, CONFIG_JSON, LOG)}:
+        raise click.UsageError(f"--out {out} is RUN's own {out.name}, which the predictions would "
+                               "replace (also with --overwrite); give another .npy path")
     if out.exists() and not overwrite:
         raise click.UsageError(f"--out {out} exists; pass --overwrite to replace it")
     if out.exists() and not out.is_file():  # a FIFO, a device: the atomic rename would replace it

@@ -147,6 +147,13 @@ def test_predict_refusals(runner, tmp_path, monkeypatch):
     os.mkfifo(fifo)  # --overwrite's atomic rename would have put a file in the FIFO's place
     res = runner.invoke(main, ["predict", run, str(tmp_path / "x.npy"), "--out", str(fifo), "--overwrite"])
     assert res.exit_code == 2 and "is not a regular file" in res.output and fifo.is_fifo(), res.output
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    for name in ("checkpoint.npz", "config.json", "log.tsv"):  # the run's own files, also by another path
+        for out in (tmp_path / "run" / name, tmp_path / "run" / ".." / "run" / name):
+            res = runner.invoke(main, ["predict", run, str(tmp_path / "x.npy"), "--out", str(out),
+                                       "--overwrite"])
+            assert res.exit_code == 2 and f"is RUN's own {name}, which the predictions" in res.output
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
 
 
 def test_evaluate_takes_20_batches_by_default(runner, tmp_path):
