@@ -596,6 +596,10 @@ class Trainer:
         if size < self.task.min_size:
             raise ValueError(f"--size must be >= {self.task.min_size}, got {size}")
         rng, batches = np.random.default_rng(seed), check_positive_int(batches, "batches")
+        cfg, task = self.cfg, self.task
+        values = task.in_channels + (cfg.hidden * cfg.directions if cfg.device == "cpu" else 0)
+        require_memory(np.dtype(cfg.dtype).itemsize * cfg.batch * int(size)**task.ndim * values,
+                       f"a batch of {cfg.batch} at size {size} needs at least", EVAL_PARTS[cfg.device])
         totals: dict[str, float] = {}
         for _ in range(batches):
             batch = self.task.sample(rng, self.cfg.batch, size, np.dtype(self.cfg.dtype))
@@ -762,17 +766,24 @@ def check_step_memory(cfg: TrainConfig) -> None:
     require_memory(step_memory(cfg), "a training step needs about")
 
 
+#: what :meth:`Trainer.evaluate`'s memory check counts, per device (on cuda: the host's batch)
+EVAL_PARTS = {"cpu": "(its input and the first layer's output)", "cuda": "(its input, on the host)"}
+
+
 def require_memory(need: int, what: str, parts: str = "") -> None:
     """MemoryError ``<what> <need> <parts>, this machine has <free> available`` if ``need`` bytes
-    exceed :func:`available_memory`."""
+    exceed :func:`available_memory` (or, where it is unknown, what a process can address)."""
     free = available_memory()
-    if free is not None and need > free:
-        raise MemoryError(f"{what} {format_bytes(need)}{' ' + parts if parts else ''}, this machine has "
-                          f"{format_bytes(free)} available")
+    if need > (sys.maxsize if free is None else free):
+        have = "more than a process can address" if free is None else \
+            f"this machine has {format_bytes(free)} available"
+        raise MemoryError(f"{what} {format_bytes(need)}{' ' + parts if parts else ''}, {have}")
 
 
 def format_bytes(n: int) -> str:
-    """``n`` bytes in GiB (from 1 GiB on) or MiB."""
+    """``n`` bytes in GiB (from 1 GiB on; beyond 10**6 GiB in 3 digits) or MiB."""
+    if n >= 10**6 * 2**30:
+        return f"{n / 2**30:.3g} GiB"
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 

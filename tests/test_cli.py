@@ -749,10 +749,15 @@ def test_a_model_too_large_is_a_message(runner, tmp_path, hidden, code, message)
 
 
 def test_evaluate_out_of_memory_names_its_own_options(runner, tmp_path):
+    """Also at sizes whose batch NumPy cannot even describe (it says "array is too big" or "Maximum
+    allowed dimension exceeded"), and for binary addition."""
     assert train(runner, tmp_path / "run").exit_code == 0
-    res = runner.invoke(main, ["evaluate", str(tmp_path / "run"), "--size", "200000", "--batches", "1"])
-    assert res.exit_code == 1 and "out of memory (Unable to allocate" in res.output, res.output
-    assert "use a smaller --size (the batch is the run's)" in res.output and "--hidden" not in res.output
+    assert train(runner, tmp_path / "add", "--task", "binary-addition", "--model", "lstm").exit_code == 0
+    for run, size in (("run", "200000"), ("run", "3037000500"), ("run", str(10**20)), ("add", str(10**20))):
+        res = runner.invoke(main, ["evaluate", str(tmp_path / run), "--size", size, "--batches", "1"])
+        assert res.exit_code == 1 and f"out of memory (a batch of 4 at size {size} needs at least" \
+            in res.output, res.output
+        assert "use a smaller --size (the batch is the run's)" in res.output and "--hidden" not in res.output
 
 
 def test_a_step_that_would_not_fit_is_refused_before_training(runner, tmp_path, monkeypatch):

@@ -542,6 +542,8 @@ def test_check_step_memory_refuses_what_does_not_fit(monkeypatch):
     train.check_step_memory(cfg)
     monkeypatch.setattr(train, "available_memory", lambda: None)  # not Linux: no check
     train.check_step_memory(cfg)
+    with pytest.raises(MemoryError, match=r"^x needs 8.59e\+09 GiB, more than a process can address$"):
+        train.require_memory(2**63, "x needs")  # but what no process can hold
     monkeypatch.setattr(train, "available_memory", lambda: 1)
     train.check_step_memory(TrainConfig(size=16, batch=64, hidden=8, steps=2, device="cuda"))  # GPU: its own
 
