@@ -40,6 +40,7 @@ from ._validate import (
     SIZES_WITH_STATE,
     as_array,
     check_array,
+    check_count,
     check_directions,
     check_flag,
     check_layout,
@@ -911,7 +912,7 @@ class _DeviceOptimizer(OnTheDevice):
 
     @t.setter
     def t(self, value: int) -> None:
-        self._t = int(value)
+        self._t = check_count(value, "t")
         self.k.set_step_count(self.steps, self._t)
 
     def _apply(self, norm) -> None:

@@ -17,6 +17,11 @@ class NonFiniteGradientError(NonFiniteError, FloatingPointError):
     NaN/inf error of mdnumba, and a ``FloatingPointError`` (what the trainers catch)."""
 
 
+class NonFiniteUpdateError(NonFiniteError, FloatingPointError):
+    """A step refused because its update would overflow the weights or moments (finite gradients,
+    e.g. a huge learning rate): nothing was changed."""
+
+
 def nonfinite_gradient(clip_norm: float | None) -> NonFiniteGradientError:
     """The error of a step refused for a NaN/inf gradient norm (clipping cannot rescale one)."""
     return NonFiniteGradientError("gradient norm is not finite; lower the learning rate" + (
@@ -35,24 +40,36 @@ def sum_of_squares(g):
 
 
 @njit(**NJIT_OPTS)
-def adam_update(p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, scale):
-    """In place: ``g' = scale·g``; ``m ← β1 m + (1−β1) g'``; ``v ← β2 v + (1−β2) g'²``;
-    ``p ← p − lr · (m/bc1) / (sqrt(v/bc2) + ε)`` with ``bc = 1 − βᵗ``."""
+def adam_update(p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, scale, write, top):
+    """``g' = scale·g``; ``m ← β1 m + (1−β1) g'``; ``v ← β2 v + (1−β2) g'²``;
+    ``p ← p − lr · (m/bc1) / (sqrt(v/bc2) + ε)`` with ``bc = 1 − βᵗ``, in place when ``write``;
+    returns how many of the new p, m, v are NaN or beyond ``top`` in size (the largest value of
+    their dtype: a float64 lr makes them float64 until stored), ``write=False``: only counts."""
+    bad = 0
     for k in range(p.shape[0]):
         gk = g[k] * scale
-        m[k] = beta1 * m[k] + (1.0 - beta1) * gk
-        v[k] = beta2 * v[k] + (1.0 - beta2) * gk * gk
-        p[k] -= lr * (m[k] / bc1) / (math.sqrt(v[k] / bc2) + eps)
+        mk = beta1 * m[k] + (1.0 - beta1) * gk
+        vk = beta2 * v[k] + (1.0 - beta2) * gk * gk
+        pk = p[k] - lr * (mk / bc1) / (math.sqrt(vk / bc2) + eps)
+        if write:
+            m[k], v[k], p[k] = mk, vk, pk
+        bad += not (abs(pk) <= top and abs(mk) <= top and vk <= top)  # NaN: False
+    return bad
 
 
 @njit(**NJIT_OPTS)
-def rmsprop_update(p, g, m, v, lr, beta1, rho, eps, bc1, bc2, scale):
-    """In place: ``g' = scale·g``; ``v ← ρ v + (1−ρ) g'²``; ``p ← p − lr · g' / (sqrt(v) + ε)``
-    (Adam's argument list; ``m``, ``beta1`` and the bias corrections are unused)."""
+def rmsprop_update(p, g, m, v, lr, beta1, rho, eps, bc1, bc2, scale, write, top):
+    """``g' = scale·g``; ``v ← ρ v + (1−ρ) g'²``; ``p ← p − lr · g' / (sqrt(v) + ε)``, as
+    :func:`adam_update` (its arguments; ``m``, ``beta1`` and the bias corrections are unused)."""
+    bad = 0
     for k in range(p.shape[0]):
         gk = g[k] * scale
-        v[k] = rho * v[k] + (1.0 - rho) * gk * gk
-        p[k] -= lr * gk / (math.sqrt(v[k]) + eps)
+        vk = rho * v[k] + (1.0 - rho) * gk * gk
+        pk = p[k] - lr * gk / (math.sqrt(vk) + eps)
+        if write:
+            v[k], p[k] = vk, pk
+        bad += not (abs(pk) <= top and vk <= top)
+    return bad
 
 
 def collect_buffers(obj: object) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -181,6 +198,7 @@ class Adam:
     eps = _Setting(_positive)  # eps = 0 would divide 0 by 0 where a gradient stays 0
     clip_norm = _Setting(_clip_norm)
     betas = _Setting(_betas)
+    t = _Setting(check_count)  # steps taken (the bias correction's t)
 
     def __init__(self, layers_or_params: object, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, clip_norm: float | None = None):
@@ -223,13 +241,20 @@ class Adam:
         return norm
 
     def _apply(self, scale) -> None:
-        """Advance t and update every buffer with gradients scaled by ``scale`` (the device twins
-        have their own: the scale and t on the device)."""
-        self.t += 1
+        """Advance t and update every buffer with gradients scaled by ``scale``, unless a new weight
+        or moment would be NaN or infinite: then :class:`NonFiniteUpdateError` and nothing changes
+        (the device twins have their own: the scale and t on the device)."""
         b1, b2 = self.betas
-        bc1, bc2 = 1.0 - b1**self.t, 1.0 - b2**self.t
-        for (p, g), m, v in zip(self.buffers, self.m, self.v):
-            self._update(self._as_1d(p), self._as_1d(g), m, v, self.lr, b1, b2, self.eps, bc1, bc2, scale)
+        bc1, bc2 = 1.0 - b1 ** (self.t + 1), 1.0 - b2 ** (self.t + 1)
+        for write in (False, True):
+            bad = sum(self._update(self._as_1d(p), self._as_1d(g), m, v, self.lr, b1, b2, self.eps, bc1, bc2,
+                                   scale, write, float(np.finfo(p.dtype).max))
+                      for (p, g), m, v in zip(self.buffers, self.m, self.v))
+            if bad and not write:
+                raise NonFiniteUpdateError(
+                    f"this step would make {bad} weights or moments NaN or infinite (beyond "
+                    f"{self.m[0].dtype}); nothing was changed: lower the learning rate (lr={self.lr:g})")
+        self.t += 1
 
     def state_dict(self) -> dict:
         """Moments, step count and the optimiser's kind (for checkpoints), as host values."""

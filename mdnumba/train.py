@@ -38,7 +38,7 @@ from .kernels.wavefront import schedule_as_batch
 from .losses import LOSSES, sigmoid
 from .microbench import step_bytes
 from .models import MODELS, build_model
-from .optim import OPTIMIZERS
+from .optim import OPTIMIZERS, NonFiniteUpdateError
 from .tasks import TASKS, get_task
 from .tasks.binary_addition import AdditionBatch
 from .tasks.diagonal import DiagonalBatch
@@ -336,9 +336,12 @@ class Trainer:
             raise self._diverged("the cell state", self.step + 1) from None
 
     def _optimizer_step(self) -> None:
-        """``opt.step()``; non-finite gradients stop the run with :meth:`_diverged`'s advice."""
+        """``opt.step()``; non-finite gradients, or an update that would overflow the weights, stop
+        the run with :meth:`_diverged`'s advice."""
         try:
             self.opt.step()
+        except NonFiniteUpdateError:
+            raise self._diverged("the weights", self.step + 1) from None
         except FloatingPointError:
             raise self._diverged("the gradients", self.step + 1) from None
 

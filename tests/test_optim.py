@@ -133,6 +133,42 @@ def test_settings_are_checked_when_set_later_too(name, value, exc, match):
     assert (opt.lr, opt.clip_norm, opt.betas) == (0.5, None, (0.8, 0.9))
 
 
+@pytest.mark.parametrize("value", [-1, 2.5, "3", True, 2**63])
+def test_the_step_count_is_checked_when_set(value):
+    """A negative t would divide the bias correction by zero (NaN weights at the next step)."""
+    opt = Adam(LSTM1D(2, 3))
+    with pytest.raises(ValueError, match=r"^t must be an integer in \[0, 2\*\*63\), got "):
+        opt.t = value
+    opt.t = np.int64(7)
+    assert opt.t == 7 and type(opt.t) is int
+
+
+@pytest.mark.parametrize("kind", [Adam, RMSprop])
+@pytest.mark.parametrize("dtype,lr", [(np.float32, 1e38), (np.float32, 1e300), (np.float64, 1e308)])
+def test_an_update_that_would_overflow_changes_nothing(kind, dtype, lr):
+    """Finite gradients, a huge learning rate: the new weights would be inf (or, lr being a Python
+    float, beyond float32 only when stored). The step is refused before anything is written,
+    and a later step with a sane lr goes on from the same state."""
+    from mdnumba.optim import NonFiniteUpdateError
+    layer = MDLSTM2D(1, 3, dtype=dtype, seed=0)
+    layer.forward(np.ones((1, 3, 3, 1)))
+    layer.backward(np.ones((1, 3, 3, 3)))
+    opt = kind(layer, lr=lr)
+    k = np.argmax(np.abs(layer.grads.data))  # a weight the update pushes past the largest value
+    layer.params.data[k] = -0.9 * np.finfo(dtype).max * np.sign(layer.grads.data[k])
+    before = (layer.params.data.copy(), opt.m[0].copy(), opt.v[0].copy())
+    match = rf"^this step would make \d+ weights or moments NaN or infinite \(beyond {np.dtype(dtype)}\); "
+    with pytest.raises(NonFiniteUpdateError, match=match):
+        opt.step()
+    assert isinstance(NonFiniteUpdateError("x"), FloatingPointError)
+    for a, b in zip(before, (layer.params.data, opt.m[0], opt.v[0])):
+        np.testing.assert_array_equal(a, b)
+    assert opt.t == 0
+    opt.lr = 1e-3
+    opt.step()
+    assert opt.t == 1 and np.isfinite(layer.params.data).all()
+
+
 class ArrayStage:
     """A stage of the user's: ``params`` and ``grads`` are plain arrays (module level: picklable)."""
 

@@ -206,12 +206,13 @@ def test_a_log_that_ends_before_the_checkpoint_says_which_steps_it_lacks(tmp_pat
 
 @pytest.mark.parametrize("every,kept", [(1, True), (100, False)])
 def test_an_update_that_overflows_the_weights_is_not_saved(tmp_path, every, kept):
-    """Finite gradients times lr 1e38 overflow float32 weights: that step's checkpoint could not be
-    loaded (it was saved, then refused as damaged). The run stops at the step that did it, when
-    it would save it or at the next forward, and the checkpoint kept loads."""
+    """Finite gradients times lr 1e38 overflow float32 weights: a checkpoint of them could not be
+    loaded. The optimiser refuses that update (the device trainer's runs on: it stops at the
+    step's checkpoint or the next forward); the run stops at that step, and the checkpoint kept loads."""
     tr = make_trainer(TrainConfig(steps=20, lr=1e38, checkpoint_every=every, **KW), tmp_path)
     with pytest.raises(FloatingPointError, match=r"^the weights became NaN or infinite at step \d+") as err:
         tr.run()
+    assert all(np.isfinite(p).all() for p in tr._host_params())  # refused before it was written
     step = int(re.match(r"\D*(\d+)", str(err.value)).group(1))
     assert step < 20 and (f"(the checkpoint of step {step - 1} is kept)" in str(err.value)) == kept
     if kept:
