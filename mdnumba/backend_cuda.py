@@ -56,7 +56,7 @@ from ._validate import (
     overflowed_state,
 )
 from .grid import table_cache
-from .optim import Adam, RMSprop, check_state_shapes, nonfinite_gradient
+from .optim import Adam, RMSprop, check_state_keys, check_state_shapes, nonfinite_gradient
 
 if TYPE_CHECKING:
     from .layers import Linear, WavefrontLSTM
@@ -956,6 +956,7 @@ class _DeviceOptimizer(OnTheDevice):
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output (per-layer moments, as the host optimiser saves them)."""
+        check_state_keys(state)
         if self._sizes:
             if len(state["m"]) != len(self._sizes) or len(state["v"]) != len(self._sizes):
                 raise ValueError("optimizer state has a different number of buffers")

@@ -32,9 +32,9 @@ def pad_batch(items: Sequence[npt.ArrayLike], *, shape: Sequence[int] | None = N
     ndim, channels = arrays[0].ndim, arrays[0].shape[-1] if arrays[0].ndim else None
     for b, arr in enumerate(arrays):
         if arr.ndim < 2 or arr.ndim != ndim or arr.shape[-1] != channels or 0 in arr.shape:
+            this = f", items[{b}] {arr.shape}" if b else ""
             raise ValueError(f"every item must be an array (n_1, .., n_N, channels) of one N >= 1 and "
-                             f"one channel count, every n >= 1: items[0] has shape {arrays[0].shape}, "
-                             f"items[{b}] {arr.shape}")
+                             f"one channel count, every n >= 1: items[0] has shape {arrays[0].shape}{this}")
     sizes = np.array([arr.shape[:-1] for arr in arrays], dtype=np.int64)
     grid = sizes.max(axis=0) if shape is None else _padded_grid(shape, sizes)
     dtype = np.result_type(*arrays)

@@ -323,6 +323,9 @@ class CharLM(LayerGroup):
             for core, drop in zip(self._cores(), self.drops[1:]):
                 h = drop.forward(core.forward(h, save=save), rng)
             return self.head.forward(h, save=save)
+        shape = np.shape(ids)
+        if len(shape) != 2 or 0 in shape:  # else the recurrent core would name the embedded ids
+            raise ValueError(f"ids must have shape (batch, time), no axis empty, got {shape}")
         return run_tracked(self, self.embed, lambda: self.embed.forward(ids), rest)
 
     def backward(self, dlogits: np.ndarray) -> None:

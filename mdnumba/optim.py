@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 from numba import njit
@@ -110,6 +111,17 @@ def collect_buffers(obj: object) -> list[tuple[np.ndarray, np.ndarray]]:
             out.extend(collect_buffers(item))
         return out
     raise TypeError(f"Adam needs layers, models or (param, grad) array pairs, got {type(obj).__name__}")
+
+
+def check_state_keys(state: object) -> None:
+    """TypeError/ValueError unless ``state`` is a mapping with an optimiser state's keys t, m, v."""
+    if not isinstance(state, Mapping):  # np.load's NpzFile is one
+        raise TypeError(f"optimizer state must be a dict like state_dict()'s (keys kind, t, m, v), got "
+                        f"{type(state).__name__}")
+    missing = [k for k in ("t", "m", "v") if k not in state]
+    if missing:
+        raise ValueError(f"optimizer state lacks {missing}; pass what state_dict() returned "
+                         "(keys t, m, v)")
 
 
 def check_state_shapes(srcs: list, shapes: list) -> None:
@@ -264,10 +276,7 @@ class Adam:
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output (of the same kind of optimiser; a state without
         ``kind`` is taken as it is); shapes must match."""
-        missing = [k for k in ("t", "m", "v") if k not in state]
-        if missing:
-            raise ValueError(f"optimizer state lacks {missing}; pass what state_dict() returned "
-                             "(keys t, m, v)")
+        check_state_keys(state)
         kind = str(np.asarray(state.get("kind", self.kind)))  # np.load gives a 0-d array
         if kind != self.kind:
             raise ValueError(f"this optimizer state is {kind}'s, this optimizer is {self.kind}")

@@ -75,7 +75,10 @@ class ParamBuffer(Mapping):
             self.add_alias(name, np.lib.stride_tricks.as_strided(self.data[offset:], shape, strides))
 
     def __getitem__(self, name: str) -> np.ndarray:
-        return self._views[name]
+        try:
+            return self._views[name]
+        except KeyError:
+            raise KeyError(f"no parameter {name!r}; the names are {', '.join(self._views)}") from None
 
     @property
     def aliases(self) -> list[str]:

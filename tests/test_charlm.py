@@ -367,6 +367,12 @@ def test_the_language_model_helpers_refuse_what_they_cannot_use(rng):
     drop.forward(np.ones((2, 3)), rng)
     with pytest.raises(ValueError, match=r"dy must have shape \(2, 3\)"):
         drop.backward(np.ones(3))
+    for kind in ("stacked", "grid"):  # ids, not the embedded ids the recurrent core would name
+        for ids, shape in ((np.array([0, 1]), r"\(2,\)"), (np.zeros((0, 3), int), r"\(0, 3\)"),
+                           (np.zeros((2, 0), int), r"\(2, 0\)"), (np.zeros((1, 2, 3), int), r"\(1, 2, 3\)")):
+            with pytest.raises(ValueError, match=rf"^ids must have shape \(batch, time\), no axis empty, "
+                                                 rf"got {shape}$"):
+                CharLM(kind, 5, 3, 1).forward(ids)
 
 
 def test_sampling_conditions_on_the_last_window_characters():

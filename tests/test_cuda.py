@@ -1710,7 +1710,8 @@ def sim_device_trainer_checkpoints(tmp_path, monkeypatch):
 
 def sim_device_optimizer_checks_each_layers_moments():
     """A state whose per-layer moments are reshaped, or shifted between layers with the same total
-    length, is refused as the host optimiser refuses it (it was joined into one buffer and loaded)."""
+    length, is refused as the host optimiser refuses it (it was joined into one buffer and loaded);
+    so are a state that is no dict and a negative step count."""
     from mdnumba.train import TrainConfig, make_trainer
     opt = make_trainer(TrainConfig(size=4, batch=2, hidden=2, dtype="float64", device="cuda")).opt
     state = opt.state_dict()
@@ -1718,7 +1719,12 @@ def sim_device_optimizer_checks_each_layers_moments():
     for m in ([m0.reshape(1, -1), m1], [m0[:-1], np.concatenate([m0[-1:], m1])]):
         with pytest.raises(ValueError, match="optimizer state shape .* does not match"):
             opt.load_state_dict(dict(state, m=m))
+    with pytest.raises(TypeError, match="^optimizer state must be a dict like state_dict"):
+        opt.load_state_dict(None)  # was: 'NoneType' object is not subscriptable
+    with pytest.raises(ValueError, match=r"^t must be an integer in \[0, 2\*\*63\), got -1"):
+        opt.t = -1
     opt.load_state_dict(state)
+    assert opt.t == state["t"]
 
 
 def sim_device_twins_refuse_what_their_host_twins_refuse(rng):

@@ -498,6 +498,15 @@ def test_a_layers_settings_are_fixed_once_built():
 def test_a_missing_parameter_name_lists_the_names():
     with pytest.raises(AttributeError, match="no parameter 'Q'; the names are W, U, b, U_up, U_left"):
         _ = MDLSTM2D(1, 2).params.Q
+    with pytest.raises(KeyError, match="no parameter 'Q'; the names are W, U, b, U_up, U_left"):
+        _ = MDLSTM2D(1, 2).params["Q"]
+
+
+def test_pad_batch_names_the_item_it_refuses_once():
+    with pytest.raises(ValueError, match=r"every n >= 1: items\[0\] has shape \(0, 3, 1\)$"):
+        pad_batch([np.ones((0, 3, 1))])
+    with pytest.raises(ValueError, match=r"items\[0\] has shape \(2, 3, 1\), items\[1\] \(2, 3, 2\)$"):
+        pad_batch([np.ones((2, 3, 1)), np.ones((2, 3, 2))])
 
 
 def test_a_slice_of_a_sequential_is_a_sequential(rng):

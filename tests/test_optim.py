@@ -90,6 +90,11 @@ def test_state_dict_roundtrip(rng):
     np.testing.assert_array_equal(opt2.v[0], opt.v[0])
     with pytest.raises(ValueError, match="shape"):
         Adam(LSTM1D(2, 4)).load_state_dict(state)
+    with pytest.raises(TypeError, match=r"^optimizer state must be a dict like state_dict\(\)'s \(keys kind, "
+                                        r"t, m, v\), got NoneType$"):
+        opt2.load_state_dict(None)
+    with pytest.raises(ValueError, match=r"^optimizer state lacks \['m'\]"):
+        opt2.load_state_dict({"t": 1, "v": state["v"]})
 
 
 def test_a_state_saved_with_np_savez_loads_and_its_kind_must_match(tmp_path):
