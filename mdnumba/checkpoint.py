@@ -40,9 +40,10 @@ def _umask() -> int:
 
 
 def atomic_write_bytes(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write(fileobj)`` on a temp file beside ``path``, fsync, rename over ``path``. An
-    OSError without a file name (a write to a full disk), or the rename's (which names the
-    hidden temp file), gets ``path`` as its name. A symlink stays one: its target is replaced."""
+    """Call ``write(fileobj)`` on a temp file beside ``path``, fsync, rename over ``path``, fsync the
+    folder (so that the rename, too, outlives a power cut). An OSError without a file name (a
+    write to a full disk), or the rename's (which names the hidden temp file), gets ``path`` as
+    its name. A symlink stays one: its target is replaced."""
     path = Path(path).resolve() if Path(path).is_symlink() else Path(path)
     with named_os_errors(path):
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
@@ -61,6 +62,22 @@ def atomic_write_bytes(path: Path, write: Callable[[BinaryIO], None]) -> None:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """fsync ``folder``'s entries where the system allows it (not on Windows, nor on some
+    network file systems: there the rename is as durable as they make it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

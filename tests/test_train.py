@@ -438,6 +438,25 @@ def test_checkpoint_files_are_atomic_typed_and_get_the_umasks_mode(tmp_path):
     assert (tmp_path / CHECKPOINT).stat().st_mode & 0o777 == 0o664
 
 
+def test_an_atomic_write_syncs_the_file_then_its_folder(tmp_path, monkeypatch):
+    """The rename lives in the folder's entries: without the folder's fsync a power cut may undo
+    it (the old file comes back, or none). A folder that cannot be synced is no error."""
+    import stat
+
+    from mdnumba.checkpoint import atomic_write_bytes
+    synced, real = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)), real(fd)))
+    atomic_write_bytes(tmp_path / "f.bin", lambda fh: fh.write(b"new"))
+    assert synced == [False, True] and (tmp_path / "f.bin").read_bytes() == b"new"
+
+    def refuse(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(22, "Invalid argument")
+    monkeypatch.setattr(os, "fsync", refuse)
+    atomic_write_bytes(tmp_path / "f.bin", lambda fh: fh.write(b"newer"))
+    assert (tmp_path / "f.bin").read_bytes() == b"newer"
+
+
 @pytest.mark.parametrize("kw", [dict(size=24, hidden=8), dict(model="md", directions=4, layers=2, size=8,
                                                               cell="stable", hidden=4),
                                 dict(model="md3d", task="diagonal3d", size=6, hidden=4),
