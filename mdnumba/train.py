@@ -277,7 +277,7 @@ class Trainer:
         self.rng = np.random.default_rng(cfg.seed)
         self.step = 0
         self.saved_step: int | None = None  # the step of the newest checkpoint in ``out``
-        self.owns_out = False  # whether ``out``'s run files are this run's (:meth:`_claim_out`)
+        self._owns_out = False  # whether ``out``'s run files are this run's (:meth:`_claim_out`)
         self._interrupted: Callable[[], bool] = lambda: False  # Ctrl-C, set by :meth:`run`
         self._stop = False
 
@@ -384,7 +384,7 @@ class Trainer:
         """Refuse to write into an ``out`` that holds another run's files (a checkpoint, config or
         log this trainer did not load): a new trainer never replaces a run. A trainer made by
         :meth:`load` continues the run of its folder."""
-        if self.out is None or self.owns_out:
+        if self.out is None or self._owns_out:
             return
         present = [name for name in (CHECKPOINT, CONFIG_JSON, LOG) if (self.out / name).exists()]
         if present:
@@ -392,7 +392,7 @@ class Trainer:
             raise FileExistsError(f"{self.out} already holds {held}; continue it with Trainer.load("
                                   f"{str(self.out)!r}), or choose another output folder, or delete "
                                   f"{', '.join(present)} there first (CLI: --resume or --overwrite)")
-        self.owns_out = True
+        self._owns_out = True
 
     def request_stop(self) -> None:
         """End :meth:`run` after the current step as a first Ctrl-C does (the steps done are
@@ -561,7 +561,7 @@ class Trainer:
                                     "v": [arrays[f"adam_v_{k}"] for k in range(n)]})
             tr.rng.bit_generator.state = _checked_rng_state(meta["rng"], tr.rng.bit_generator.state)
             tr.step = tr.saved_step = check_count(meta["step"], "its step")
-            tr.owns_out = True
+            tr._owns_out = True
         except CheckpointError:
             raise
         except (KeyError, TypeError, ValueError, OverflowError) as exc:  # Overflow: e.g. the RNG state
