@@ -168,6 +168,14 @@ def check_ids(ids: npt.ArrayLike, vocab: int) -> np.ndarray:
     return ids
 
 
+def check_ids_shape(ids: object) -> None:
+    """ValueError unless ``ids`` (host or device) has shape (batch, time), no axis empty: checked
+    before the embedding, since past it the recurrent core would name the embedded ids."""
+    shape = np.shape(ids)
+    if len(shape) != 2 or 0 in shape:
+        raise ValueError(f"ids must have shape (batch, time), no axis empty, got {shape}")
+
+
 class Embedding(OwnsParams):
     """Lookup table ``W (V, D)``: ``forward(ids)`` → ``W[ids]``; backward scatter-adds into ``dW``."""
 
@@ -323,9 +331,7 @@ class CharLM(LayerGroup):
             for core, drop in zip(self._cores(), self.drops[1:]):
                 h = drop.forward(core.forward(h, save=save), rng)
             return self.head.forward(h, save=save)
-        shape = np.shape(ids)
-        if len(shape) != 2 or 0 in shape:  # else the recurrent core would name the embedded ids
-            raise ValueError(f"ids must have shape (batch, time), no axis empty, got {shape}")
+        check_ids_shape(ids)
         return run_tracked(self, self.embed, lambda: self.embed.forward(ids), rest)
 
     def backward(self, dlogits: np.ndarray) -> None:

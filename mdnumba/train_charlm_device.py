@@ -38,8 +38,9 @@ from .backend_cuda import (
     kept_buffer,
     require_cuda,
 )
-from .charlm import BITS_PER_NAT, CharLM, check_ids
+from .charlm import BITS_PER_NAT, CharLM, check_ids, check_ids_shape
 from .kernels.dropout import draw_seed
+from .stack import check_not_refused_midway, run_tracked
 from .train import TrainConfig
 from .train_charlm import VAL_SEED, CharLMTrainer
 from .train_device import DeviceResident, FlatDeviceGroup
@@ -56,6 +57,11 @@ class _CharBlock:
     x: np.ndarray
     y: np.ndarray
     seeds: list
+
+
+def _is_seed(s: object) -> bool:
+    """Whether ``s`` is a dropout mask's seed: an integer in [0, 2**64)."""
+    return isinstance(s, (int, np.integer)) and not isinstance(s, bool) and 0 <= s < 2**64
 
 
 class DeviceCharLM(FlatDeviceGroup):
@@ -79,16 +85,22 @@ class DeviceCharLM(FlatDeviceGroup):
         self._work: dict = {}
         self._seeds = None
         self._saved: bool | None = None  # whether the last forward saved activations (None: none yet)
+        self._refused_at: int | None = None  # the last forward failed partway (stack.refused_midway)
 
     def forward(self, ids: HostOrDevice, seeds: list | None = None, *, save: bool = True) -> HostOrDevice:
-        """Logits (B, T, V) for ids (B, T); ``save=False`` keeps no activations (sampling)."""
+        """Logits (B, T, V) for ids (B, T); ``save=False`` keeps no activations (sampling). A forward
+        that fails after the embedding ran refuses ``backward`` until one runs through."""
         save, host_in = check_flag(save, "save"), not is_device_array(ids)
+        check_ids_shape(ids)
+        seeds = self._checked_seeds(seeds)
         if host_in:
             ids = self.head.k.as_device(np.ascontiguousarray(check_ids(ids, self.embed.vocab)))
-        h = self._dropout(0, self.embed.forward(ids), seeds)
-        for i, core in enumerate(self.cores, 1):
-            h = self._dropout(i, core.forward(h, save=save), seeds)
-        y = self.head.forward(h)
+
+        def rest(h):
+            for i, core in enumerate(self.cores, 1):
+                h = self._dropout(i, core.forward(h, save=save), seeds)
+            return self.head.forward(h)
+        y = run_tracked(self, self.embed, lambda: self._dropout(0, self.embed.forward(ids), seeds), rest)
         self._seeds, self._saved = seeds, save
         return y.copy_to_host() if host_in else y
 
@@ -96,12 +108,24 @@ class DeviceCharLM(FlatDeviceGroup):
         """Accumulate every layer's gradients from ``dlogits`` (B, T, V) of the last forward."""
         if not self._saved:
             raise missing_activations(inference=self._saved is not None, run="forward(ids)")
+        check_not_refused_midway(self)
         V = self.head.out_features
         d, _ = self.head._input(dlogits, "dlogits", 3, V, f"(batch, time, vocab={V})")
         d = self.head.backward(d)
         for i in range(len(self.cores), 0, -1):
             d = self.cores[i - 1].backward(self._dropout(i, d, self._seeds, "d"))
         self.embed.backward(self._dropout(0, d, self._seeds, "d"))
+
+    def _checked_seeds(self, seeds: object) -> list | None:
+        """``seeds`` as a list: None or empty (no dropout), or one integer in [0, 2**64) per dropout."""
+        n = len(self.cores) + 1
+        if seeds is None or (isinstance(seeds, (list, tuple)) and not seeds):
+            return None
+        listed = isinstance(seeds, (list, tuple, np.ndarray))
+        if not (listed and len(seeds) == n and all(map(_is_seed, seeds))):
+            raise ValueError(f"seeds must be None or {n} integers in [0, 2**64), one per dropout (as "
+                             f"mdnumba.kernels.dropout.draw_seed draws them), got {seeds!r}")
+        return list(seeds)
 
     def _dropout(self, i: int, x, seeds, kind: str = ""):
         """Dropout ``i`` with the mask of ``seeds[i]`` on ``x`` (a forward's output, or with

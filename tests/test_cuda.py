@@ -1920,7 +1920,8 @@ def sim_device_char_lm_trainer_checkpoints(small_text, tmp_path, monkeypatch):
 
 def sim_device_char_lm_refuses_what_the_host_model_refuses(rng):
     """DeviceCharLM: backward before a forward or after one with save=False, ids out of the
-    vocabulary, dlogits of another shape, a copy."""
+    vocabulary or of another shape, seeds that are not one per dropout, dlogits of another
+    shape, a copy, backward after a forward that failed partway."""
     from mdnumba.charlm import CharLM
     from mdnumba.train_charlm_device import DeviceCharLM
     model = DeviceCharLM(CharLM("stacked", vocab=5, hidden=2, layers=1, dtype=np.float64))
@@ -1936,6 +1937,27 @@ def sim_device_char_lm_refuses_what_the_host_model_refuses(rng):
         model.backward(np.zeros((3, 5)))
     with pytest.raises(TypeError, match="holds GPU memory and is not pickled"):
         copy.deepcopy(model)
+    # ids of another shape (were refused past the embedding, naming its output, and the next backward
+    # then added part of its gradients) and bad seeds change nothing: backward is the last forward's
+    dlogits = rng.standard_normal((1, 3, 5))
+    model.zero_grad()
+    model.backward(dlogits)
+    want = model.grads.copy_to_host()
+    for ids in (np.array([1, 2]), np.zeros((1, 0), int), np.zeros((1, 1, 3), int),
+                cuda.to_device(np.zeros((1, 1, 3), np.int32))):
+        with pytest.raises(ValueError, match=r"^ids must have shape \(batch, time\), no axis empty, got "):
+            model.forward(ids)
+    for seeds in ([1], 7, [1, -1], [1, "2"], [1, True], [1, 2**64]):
+        with pytest.raises(ValueError, match=r"^seeds must be None or 2 integers in \[0, 2\*\*64\), one "):
+            model.forward(np.array([[1, 2, 3]]), seeds)
+    model.zero_grad()
+    model.backward(dlogits)
+    np.testing.assert_array_equal(model.grads.copy_to_host(), want)
+    model.cores[0].forward = lambda *a, **k: 1 / 0  # a forward that fails past the embedding
+    with pytest.raises(ZeroDivisionError):
+        model.forward(np.array([[3, 2, 1]]))
+    with pytest.raises(RuntimeError, match="after a forward that failed partway"):
+        model.backward(dlogits)
 
 
 def sim_cli_trains_char_lm_on_device(small_text, tmp_path):
