@@ -38,6 +38,7 @@ from ._validate import (
     FINAL_STATE_WITH_SIZES,
     NO_STATE_GRAD,
     SIZES_WITH_STATE,
+    NonFiniteError,
     as_array,
     check_array,
     check_count,
@@ -202,6 +203,12 @@ class OnTheDevice:
                         "a twin of the copy, e.g. CudaLSTM.from_layer(layer)")
 
 
+def _check_host_layer(twin: type, layer: object, kind: type, name: str, hint: str = "") -> None:
+    """TypeError unless ``layer``, which ``twin.from_layer`` copies, is a ``kind`` (``name``)."""
+    if not isinstance(layer, kind):
+        raise TypeError(f"{twin.__name__}.from_layer takes a {name}, got {type(layer).__name__}{hint}")
+
+
 class DeviceLayer(OnTheDevice):
     """Flat device ``params`` and ``grads`` of one layer (its host layout) and device workspaces.
 
@@ -221,11 +228,8 @@ class DeviceLayer(OnTheDevice):
         from numba import cuda
         self.k = _kernels()
         self.dtype = config.resolve_dtype(dtype)
-        host = np.ascontiguousarray(host, dtype=self.dtype).reshape(-1)
-        if host.size != size:
-            raise ValueError(f"params must have {size} entries for {what}, got {host.size}")
-        self.size = size
-        self.params = cuda.to_device(host)
+        self.size, self._sizes_said = size, what
+        self.params = cuda.to_device(self._flat_params(host))
         self.grads = cuda.to_device(np.zeros(size, self.dtype))
         self._work: dict = {}
         self._blocks: dict = {}
@@ -242,9 +246,22 @@ class DeviceLayer(OnTheDevice):
         self.params, self.grads = params, grads
         self._bind()
 
-    def set_params(self, host: np.ndarray) -> None:
-        """Upload a flat host parameter vector."""
-        self.params.copy_to_device(np.ascontiguousarray(host, dtype=self.dtype).reshape(-1))
+    def _flat_params(self, host: npt.ArrayLike) -> np.ndarray:
+        """``host`` as this layer's flat parameter vector (its dtype), else ValueError for another
+        size and :class:`~mdnumba.NonFiniteError` for NaN/inf (the sweeps would return NaN)."""
+        from .kernels.gemm import count_nonfinite
+        host = np.ascontiguousarray(host, dtype=self.dtype).reshape(-1)
+        if host.size != self.size:
+            raise ValueError(f"params must have {self.size} entries for {self._sizes_said}, got {host.size}")
+        bad = count_nonfinite(host)
+        if bad:
+            raise NonFiniteError(f"params hold {bad} NaN or infinite values; give them finite values "
+                                 "(e.g. those of a fresh layer or a checkpoint)")
+        return host
+
+    def set_params(self, host: npt.ArrayLike) -> None:
+        """Upload a flat host parameter vector (checked as the constructor's ``params``)."""
+        self.params.copy_to_device(self._flat_params(host))
 
     def params_to_host(self) -> np.ndarray:
         """A host copy of the flat parameter vector."""
@@ -356,6 +373,10 @@ class CudaLSTM(DeviceLayer):
     @classmethod
     def from_layer(cls, layer: WavefrontLSTM, **kw) -> CudaLSTM:
         """A device copy of a host ``WavefrontLSTM`` (MDLSTM2D, LSTM1D, ...) and its parameters."""
+        from .layers import WavefrontLSTM
+        _check_host_layer(cls, layer, WavefrontLSTM, "WavefrontLSTM (MDLSTM2D, LSTM1D, ...)",
+                          "; a GridLSTM2D: CudaGridLSTM.from_layer; a stack or model: "
+                          "mdnumba.train_device.DeviceModel, or each layer")
         return cls(layer.ndim, layer.in_channels, layer.hidden, layer.params.data, layer.dtype,
                    cell=layer.cell, directions=layer.directions, **kw)
 
@@ -567,7 +588,8 @@ class CudaLinear(DeviceLayer):
 
     def __init__(self, in_features: int, out_features: int, params: np.ndarray,
                  dtype: npt.DTypeLike = config.DEFAULT_DTYPE):
-        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.in_features = check_positive_int(in_features, "in_features")
+        self.out_features = check_positive_int(out_features, "out_features")
         C, F = self.in_features, self.out_features
         self._init_buffers(params, dtype, C * F + F, f"in={C}, out={F}")
         self._x = None
@@ -579,6 +601,8 @@ class CudaLinear(DeviceLayer):
     @classmethod
     def from_layer(cls, layer: Linear) -> CudaLinear:
         """A device copy of a host :class:`mdnumba.layers.Linear`."""
+        from .layers import Linear
+        _check_host_layer(cls, layer, Linear, "mdnumba.layers.Linear")
         return cls(layer.in_features, layer.out_features, layer.params.data, layer.dtype)
 
     def forward(self, x: HostOrDevice) -> HostOrDevice:
@@ -695,6 +719,8 @@ class CudaGridLSTM(DeviceLayer):
     @classmethod
     def from_layer(cls, layer) -> CudaGridLSTM:
         """A device copy of a host :class:`mdnumba.layers.GridLSTM2D`."""
+        from .layers import GridLSTM2D
+        _check_host_layer(cls, layer, GridLSTM2D, "GridLSTM2D")
         return cls(layer.hidden, layer.depth, layer.params.data, layer.dtype, tied=layer.tied)
 
     def forward(self, x: HostOrDevice, *, save: bool = True) -> HostOrDevice:
@@ -790,6 +816,8 @@ class CudaEmbedding(DeviceLayer):
     @classmethod
     def from_layer(cls, layer) -> CudaEmbedding:
         """A device copy of a host :class:`mdnumba.charlm.Embedding`."""
+        from .charlm import Embedding
+        _check_host_layer(cls, layer, Embedding, "mdnumba.charlm.Embedding")
         return cls(*layer.params["W"].shape, layer.params.data, layer.dtype)
 
     def forward(self, ids: HostOrDevice) -> HostOrDevice:
@@ -868,7 +896,8 @@ class CudaBlockSubsample(OnTheDevice):
     def forward(self, x: HostOrDevice) -> DeviceArray:
         """Blocks of cells → channels on the device (NumPy or device in, device array out)."""
         xd = self._device(x, "x")
-        src, _, out_shape = self._table(tuple(xd.shape))  # checks the shape: a refused x changes nothing
+        self.host._check_input(tuple(xd.shape))  # as the host op (its tables check the grid axes only)
+        src, _, out_shape = self._table(tuple(xd.shape))  # a refused x changes nothing
         self._shape = tuple(xd.shape)
         return self._gather(xd, src, out_shape)
 
@@ -1004,7 +1033,7 @@ class _DeviceOptimizer(OnTheDevice):
         """
         grads = [g for _, g in self.buffers]
         self.k.sumsq_partials(self.partials, grads)
-        rec, slot = record if record is not None else (self.stats, 2)
+        rec, slot = _checked_record(record) if record is not None else (self.stats, 2)
         self._apply(self.k.NormArgs(self.partials, float(self.clip_norm or 0.0), self.stats, rec, int(slot),
                                     self.clear_grads))  # (partials: one block of sums per buffer)
         if not sync:
@@ -1014,6 +1043,16 @@ class _DeviceOptimizer(OnTheDevice):
             self.t -= 1
             raise nonfinite_gradient(self.clip_norm)
         return norm
+
+
+def _checked_record(record: object) -> tuple[DeviceArray, int]:
+    """``record`` of :meth:`_DeviceOptimizer.step` if it is (a 1-D device array, a slot in it),
+    else ValueError (the update kernel would write past the array, or into a host copy of it)."""
+    rec, slot = record if isinstance(record, tuple) and len(record) == 2 else (None, None)
+    if not (is_device_array(rec) and len(rec.shape) == 1 and isinstance(slot, (int, np.integer))
+            and not isinstance(slot, bool) and 0 <= slot < rec.shape[0]):
+        raise ValueError(f"record must be (a 1-D device array, a slot in [0, its length)), got {record!r}")
+    return rec, int(slot)
 
 
 class CudaAdam(_DeviceOptimizer, Adam):

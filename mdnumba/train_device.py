@@ -176,6 +176,10 @@ class DeviceModel(FlatDeviceGroup):
 
     def __init__(self, host: RecurrentReadout, *, reuse_outputs: bool = False):
         require_cuda()
+        if not isinstance(host, RecurrentReadout):
+            raise TypeError(f"DeviceModel takes an mdnumba.models model (mdnumba.models.build_model), got "
+                            f"{type(host).__name__}; a single layer runs on the GPU with device='cuda' or "
+                            "its twin in mdnumba.backend_cuda")
         self.host = host
         #: results (logits, dx) written into buffers kept between calls, each valid until the next
         #: call (the trainer's, which consumes them within the step); else new arrays each call

@@ -1730,7 +1730,8 @@ def sim_device_optimizer_checks_each_layers_moments():
 def sim_device_twins_refuse_what_their_host_twins_refuse(rng):
     """A device optimiser of one device layer (was 'not iterable') or of host layers (was
     AttributeError); settings the host layer refuses; pickles and copies (were "cannot pickle
-    'module' object"); a 0-d input (IndexError); a state gradient before any forward."""
+    'module' object"); a 0-d input (IndexError); a state gradient before any forward; the
+    audit's cases below."""
     from mdnumba.backend_cuda import CudaAdam, CudaLinear, CudaLSTM, CudaRMSprop
     from mdnumba.layers import Linear
     from mdnumba.models import build_model
@@ -1754,6 +1755,44 @@ def sim_device_twins_refuse_what_their_host_twins_refuse(rng):
         CudaLinear.from_layer(Linear(2, 3)).forward(np.float32(1))
     with pytest.raises(RuntimeError, match="^no initial-state gradient: run forward"):
         LSTM1D(1, 2, device="cuda").initial_state_grad()
+    # found by an audit of the device API: a layer of another kind (AttributeError), sizes the twin
+    # took as given, wrong-sized or NaN parameters (numba's message; NaN output), 0 channels
+    # (ZeroDivisionError), a record slot past its array (a write out of bounds on a GPU)
+    from mdnumba.backend_cuda import CudaBlockSubsample, CudaEmbedding, CudaGridLSTM
+    from mdnumba.layers import GridLSTM2D
+    for twin, layer, match in ((CudaLSTM, GridLSTM2D(2, 2), "takes a WavefrontLSTM .*, got GridLSTM2D; a "
+                                "GridLSTM2D: CudaGridLSTM.from_layer"), (CudaLSTM, None, "takes a .*, got NoneType"),
+                               (CudaLinear, MDLSTM2D(1, 2), "takes a mdnumba.layers.Linear, got MDLSTM2D"),
+                               (CudaGridLSTM, MDLSTM2D(1, 2), "takes a GridLSTM2D, got MDLSTM2D"),
+                               (CudaEmbedding, Linear(2, 3), "takes a mdnumba.charlm.Embedding, got Linear")):
+        with pytest.raises(TypeError, match=f"^{twin.__name__}.from_layer {match}"):
+            twin.from_layer(layer)
+    with pytest.raises(TypeError, match="^DeviceModel takes an mdnumba.models model .*, got MDLSTM2D"):
+        DeviceModel(MDLSTM2D(1, 2))
+    for args, match in (((2.5, 3, np.zeros(9)), "in_features must be an integer"),
+                        ((-1, 3, np.zeros(0)), "in_features must be"), ((2, 0, np.zeros(2)), "out_features")):
+        with pytest.raises((TypeError, ValueError), match=match):
+            CudaLinear(*args)
+    with pytest.raises(ValueError, match=r"^params must have 60 entries for ndim=2, in=1, hidden=2, "
+                                         r"directions=1, got 5$"):
+        dev.set_params(np.zeros(5))
+    good = dev.params_to_host()
+    with pytest.raises(NonFiniteError, match="^params hold 60 NaN or infinite values"):
+        dev.set_params(np.full(60, np.nan))
+    with pytest.raises(NonFiniteError, match="^params hold 1 NaN or infinite values"):
+        CudaLSTM(2, 1, 2, np.r_[np.zeros(59), np.inf])
+    np.testing.assert_array_equal(dev.params_to_host(), good)  # a refused upload changes nothing
+    with pytest.raises(ValueError, match=r"BlockSubsample\(2\) got an empty axis, shape \(1, 4, 4, 0\)"):
+        CudaBlockSubsample(2).forward(np.ones((1, 4, 4, 0)))
+    opt, rec = CudaAdam(dev), cuda.to_device(np.zeros(3))
+    for record in ((rec, 3), (rec, -1), (rec, True), (cuda.to_device(np.zeros((3, 1))), 0), (np.zeros(3), 0),
+                   5, (rec,)):
+        with pytest.raises(ValueError, match=r"^record must be \(a 1-D device array, a slot in \[0, its "):
+            opt.step(record=record)
+    assert opt.t == 0
+    dev.grads.copy_to_device(np.ones(60))
+    opt.step(sync=False, record=(rec, np.int64(2)))
+    assert opt.t == 1 and rec.copy_to_host()[2] == pytest.approx(60**0.5)
 
 
 def sim_device_trainer_prefetches_next_block(monkeypatch):
