@@ -1565,7 +1565,8 @@ def sim_device_divergence_and_ctrl_c_across_a_curriculum_switch(tmp_path, monkey
     from mdnumba.train_device import DeviceTrainer
     kw = dict(size=5, batch=2, hidden=2, dtype="float64", curriculum=(4,))
     tr = make_trainer(TrainConfig(steps=2, device="cuda", **kw))
-    tr.model.layers[0].set_params(np.full(tr.model.layers[0].params.shape, np.nan))
+    layer = tr.model.layers[0]
+    layer.params.copy_to_device(np.full(layer.params.shape, np.nan))  # past set_params, which refuses NaN
     with pytest.raises(FloatingPointError, match="the gradients became NaN or infinite at step 1"):
         tr.run()
     calls, real = {"n": 0}, DeviceTrainer._device_step
@@ -1761,7 +1762,8 @@ def sim_device_twins_refuse_what_their_host_twins_refuse(rng):
     from mdnumba.backend_cuda import CudaBlockSubsample, CudaEmbedding, CudaGridLSTM
     from mdnumba.layers import GridLSTM2D
     for twin, layer, match in ((CudaLSTM, GridLSTM2D(2, 2), "takes a WavefrontLSTM .*, got GridLSTM2D; a "
-                                "GridLSTM2D: CudaGridLSTM.from_layer"), (CudaLSTM, None, "takes a .*, got NoneType"),
+                                "GridLSTM2D: CudaGridLSTM.from_layer"),
+                               (CudaLSTM, None, "takes a .*, got NoneType"),
                                (CudaLinear, MDLSTM2D(1, 2), "takes a mdnumba.layers.Linear, got MDLSTM2D"),
                                (CudaGridLSTM, MDLSTM2D(1, 2), "takes a GridLSTM2D, got MDLSTM2D"),
                                (CudaEmbedding, Linear(2, 3), "takes a mdnumba.charlm.Embedding, got Linear")):
