@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._validate import check_flag, is_device_array, missing_activations
+from ._validate import check_flag, check_shape, is_device_array, missing_activations
 from .backend_cuda import (
     CudaEmbedding,
     CudaGridLSTM,
@@ -111,6 +111,7 @@ class DeviceCharLM(FlatDeviceGroup):
         check_not_refused_midway(self)
         V = self.head.out_features
         d, _ = self.head._input(dlogits, "dlogits", 3, V, f"(batch, time, vocab={V})")
+        check_shape(d, self.head._shape[:-1] + (V,), "dlogits")  # the head would name it dy
         d = self.head.backward(d)
         for i in range(len(self.cores), 0, -1):
             d = self.cores[i - 1].backward(self._dropout(i, d, self._seeds, "d"))

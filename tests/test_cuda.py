@@ -1771,6 +1771,9 @@ def sim_device_twins_refuse_what_their_host_twins_refuse(rng):
             twin.from_layer(layer)
     with pytest.raises(TypeError, match="^DeviceModel takes an mdnumba.models model .*, got MDLSTM2D"):
         DeviceModel(MDLSTM2D(1, 2))
+    logits = model.forward(cuda.to_device(np.ones((1, 3, 3, 1), np.float32)))
+    with pytest.raises(TypeError, match="^dlogits on the device has dtype float64, the model uses float32"):
+        model.backward(cuda.to_device(np.ones(logits.shape)))  # was named dy, the readout's
     for args, match in (((2.5, 3, np.zeros(9)), "in_features must be an integer"),
                         ((-1, 3, np.zeros(0)), "in_features must be"), ((2, 0, np.zeros(2)), "out_features")):
         with pytest.raises((TypeError, ValueError), match=match):
@@ -1976,6 +1979,8 @@ def sim_device_char_lm_refuses_what_the_host_model_refuses(rng):
     model.forward(np.array([[1, 2, 3]]))
     with pytest.raises(ValueError, match="dlogits must have 3 dimensions"):
         model.backward(np.zeros((3, 5)))
+    with pytest.raises(ValueError, match=r"^dlogits must have shape \(1, 3, 5\)"):  # was "dy must ..."
+        model.backward(np.zeros((1, 4, 5)))
     with pytest.raises(TypeError, match="holds GPU memory and is not pickled"):
         copy.deepcopy(model)
     # ids of another shape (were refused past the embedding, naming its output, and the next backward
