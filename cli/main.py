@@ -335,9 +335,9 @@ def _check_fresh(out: Path, overwrite: bool, default: Path, resumable: bool = Tr
     command's ``default`` folder, whose name says it holds the latest run); the run's files
     go first, so that none of the old run is left beside the new one. ``resumable``: whether
     the command can continue it (compare cannot)."""
-    from mdnumba.checkpoint import CHECKPOINT, CONFIG_JSON
-    from mdnumba.train import LOG, set_aside_log
-    present = [name for name in (CHECKPOINT, CONFIG_JSON, LOG) + PLOTS if (out / name).exists()]
+    from mdnumba.checkpoint import CHECKPOINT
+    from mdnumba.train import RUN_FILES, set_aside_log
+    present = [name for name in RUN_FILES + PLOTS if (out / name).exists()]
     if not present:
         return
     if not (overwrite or _is_default_folder(out, default)):
@@ -627,9 +627,9 @@ def predict(run: Path, input: Path, out: Path, overwrite: bool, batch: int | Non
             device: str | None) -> None:
     """Apply RUN's model to the inputs in INPUT (.npy, laid out as its task's: e.g. (batch, height,
     width, 1) for the diagonal task) and write the output probabilities to --out (.npy)."""
-    from mdnumba.checkpoint import CHECKPOINT, CONFIG_JSON, atomic_write_bytes
-    from mdnumba.train import LOG
-    if out.resolve() in {(run / name).resolve() for name in (CHECKPOINT, CONFIG_JSON, LOG)}:
+    from mdnumba.checkpoint import atomic_write_bytes
+    from mdnumba.train import RUN_FILES
+    if out.resolve() in {(run / name).resolve() for name in RUN_FILES}:
         raise click.UsageError(f"--out {out} is RUN's own {out.name}, which the predictions would "
                                "replace (also with --overwrite); give another .npy path")
     if out.exists() and not overwrite:

@@ -239,9 +239,14 @@ def check_count(value: object, name: str) -> int:
     (a count read from saved state, e.g. a step; ``np.load`` gives it as a 0-d array)."""
     if isinstance(value, np.ndarray) and value.ndim == 0:
         value = value[()]
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < 2 ** 63:
+    if not is_int_in(value, 0, 2 ** 63):
         raise ValueError(f"{name} must be an integer in [0, 2**63), got {value!r}")
     return int(value)
+
+
+def is_int_in(value: object, low: int, high: int) -> bool:
+    """Whether ``value`` is an integer (Python or NumPy, not a bool) in [``low``, ``high``)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and low <= value < high
 
 
 def check_positive_int(value: object, name: str) -> int:

@@ -52,6 +52,7 @@ from ._validate import (
     check_state,
     check_stateful,
     is_device_array,
+    is_int_in,
     missing_activations,
     nonfinite_input,
     overflowed_state,
@@ -404,8 +405,8 @@ class CudaLSTM(DeviceLayer):
             h0, c0 = check_state(state, "state", B, S * D, check=self._state_input)
         sizes = check_sizes(sizes, B, dims)
         self._saved = None  # from here on the workspaces no longer hold the last forward's
-        if upload is not None:
-            self.set_params(upload)
+        if upload is not None:  # the host layer's weights, checked there (not again)
+            self.params.copy_to_device(np.ascontiguousarray(upload, dtype=self.dtype).reshape(-1))
         t = device_tables(dims, B, S, state is not None, sizes)
         if not save:
             return self._forward_rolling(xd, host_in, t, None if state is None else (h0, c0))
@@ -869,6 +870,7 @@ class CudaBlockSubsample(OnTheDevice):
             from numba import cuda
 
             from .grid import index_dtype
+            self.host._check_input(shape)  # as the host op (the row numbers below have 1 channel)
             n = int(np.prod(shape[:-1]))
             rows = np.arange(n, dtype=index_dtype(n)).reshape(shape[:-1] + (1,))
             src = self.host.forward(rows)                   # checks the shape, says what to fix
@@ -896,8 +898,7 @@ class CudaBlockSubsample(OnTheDevice):
     def forward(self, x: HostOrDevice) -> DeviceArray:
         """Blocks of cells → channels on the device (NumPy or device in, device array out)."""
         xd = self._device(x, "x")
-        self.host._check_input(tuple(xd.shape))  # as the host op (its tables check the grid axes only)
-        src, _, out_shape = self._table(tuple(xd.shape))  # a refused x changes nothing
+        src, _, out_shape = self._table(tuple(xd.shape))  # checks the shape: a refused x changes nothing
         self._shape = tuple(xd.shape)
         return self._gather(xd, src, out_shape)
 
@@ -1049,8 +1050,7 @@ def _checked_record(record: object) -> tuple[DeviceArray, int]:
     """``record`` of :meth:`_DeviceOptimizer.step` if it is (a 1-D device array, a slot in it),
     else ValueError (the update kernel would write past the array, or into a host copy of it)."""
     rec, slot = record if isinstance(record, tuple) and len(record) == 2 else (None, None)
-    if not (is_device_array(rec) and len(rec.shape) == 1 and isinstance(slot, (int, np.integer))
-            and not isinstance(slot, bool) and 0 <= slot < rec.shape[0]):
+    if not (is_device_array(rec) and len(rec.shape) == 1 and is_int_in(slot, 0, rec.shape[0])):
         raise ValueError(f"record must be (a 1-D device array, a slot in [0, its length)), got {record!r}")
     return rec, int(slot)
 

@@ -265,7 +265,8 @@ class Adam:
             if bad and not write:
                 raise NonFiniteUpdateError(
                     f"this step would make {bad} weights or moments NaN or infinite (beyond "
-                    f"{self.m[0].dtype}); nothing was changed: lower the learning rate (lr={self.lr:g})")
+                    f"{self.m[0].dtype}); nothing was changed: lower the learning rate (lr={self.lr:g})"
+                    + ("" if self.clip_norm else " or set clip_norm (a huge gradient overflows the moments)"))
         self.t += 1
 
     def state_dict(self) -> dict:

@@ -17,6 +17,7 @@ import typing
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,8 @@ from .tasks.binary_addition import AdditionBatch
 from .tasks.diagonal import DiagonalBatch
 
 LOG = "log.tsv"
+#: the files a run writes into its folder (besides the CLI's plots)
+RUN_FILES = (CHECKPOINT, CONFIG_JSON, LOG)
 
 
 def set_aside_log(stamp: str = "*") -> str:
@@ -341,7 +344,7 @@ class Trainer:
         try:
             self.opt.step()
         except NonFiniteUpdateError:
-            raise self._diverged("the weights", self.step + 1) from None
+            raise self._diverged("the weights or moments", self.step + 1, "would become") from None
         except FloatingPointError:
             raise self._diverged("the gradients", self.step + 1) from None
 
@@ -349,8 +352,8 @@ class Trainer:
         if not np.isfinite(loss):
             raise self._diverged("the loss", step)
 
-    def _diverged(self, what: str, step: int) -> FloatingPointError:
-        """The error for a run whose ``what`` became NaN/inf at ``step``: which checkpoint is
+    def _diverged(self, what: str, step: int, became: str = "became") -> FloatingPointError:
+        """The error for a run whose ``what`` ``became`` NaN/inf at ``step``: which checkpoint is
         kept and what to change (the settings that help, of those not in use)."""
         cfg = self.cfg
         tips = ["lower --lr"] + ([] if cfg.clip_norm else ["set --clip-norm"])
@@ -358,7 +361,7 @@ class Trainer:
             tips.append("use --cell stable (bounded state on large grids)")
         kept = "" if self.saved_step is None else f" (the checkpoint of step {self.saved_step} is kept)"
         advice = ", ".join(tips[:-1]) + (" or " if len(tips) > 1 else "") + tips[-1]
-        return FloatingPointError(f"{what} became NaN or infinite at step {step}{kept}; {advice}")
+        return FloatingPointError(f"{what} {became} NaN or infinite at step {step}{kept}; {advice}")
 
     def _train_block(self, n: int, ahead: int = 0) -> list[dict[str, float]]:
         """Run up to ``n`` steps and return their metrics (the device trainer reads the GPU
@@ -386,12 +389,15 @@ class Trainer:
         :meth:`load` continues the run of its folder."""
         if self.out is None or self._owns_out:
             return
-        present = [name for name in (CHECKPOINT, CONFIG_JSON, LOG) if (self.out / name).exists()]
+        present = [name for name in RUN_FILES if (self.out / name).exists()]
         if present:
-            held = "a run" if CHECKPOINT in present else ", ".join(present)
-            raise FileExistsError(f"{self.out} already holds {held}; continue it with Trainer.load("
-                                  f"{str(self.out)!r}), or choose another output folder, or delete "
-                                  f"{', '.join(present)} there first (CLI: --resume or --overwrite)")
+            files = ", ".join(present)
+            if CHECKPOINT in present:
+                raise FileExistsError(f"{self.out} already holds a run; continue it with Trainer.load("
+                                      f"{str(self.out)!r}), or choose another output folder, or delete "
+                                      f"{files} there first (CLI: --resume or --overwrite)")
+            raise FileExistsError(f"{self.out} holds {files}, which the run would write over; choose "
+                                  "another output folder, or delete them first (CLI: --overwrite)")
         self._owns_out = True
 
     def request_stop(self) -> None:
@@ -467,7 +473,7 @@ class Trainer:
         if self.out is None:
             return None
         path, columns = self.out / LOG, self._columns()
-        remove_temp_files(self.out, (CHECKPOINT, CONFIG_JSON, LOG))  # of a process killed mid-write
+        remove_temp_files(self.out, RUN_FILES)  # of a process killed mid-write
         raw = path.read_bytes() if path.exists() else b""
         old = raw.decode(errors="replace")
         rows = old.split("\n")[1:-1]
@@ -784,9 +790,9 @@ def require_memory(need: int, what: str, parts: str = "") -> None:
 
 
 def format_bytes(n: int) -> str:
-    """``n`` bytes in GiB (from 1 GiB on; beyond 10**6 GiB in 3 digits) or MiB."""
+    """``n`` bytes in GiB (from 1 GiB on; beyond 10**6 GiB in 3 digits, exact for any int) or MiB."""
     if n >= 10**6 * 2**30:
-        return f"{n / 2**30:.3g} GiB"
+        return f"{Decimal(n) / 2**30:.3g} GiB"  # a float would overflow past ~1e308
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 

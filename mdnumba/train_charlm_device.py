@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._validate import check_flag, check_shape, is_device_array, missing_activations
+from ._validate import check_flag, check_shape, is_device_array, is_int_in, missing_activations
 from .backend_cuda import (
     CudaEmbedding,
     CudaGridLSTM,
@@ -57,11 +57,6 @@ class _CharBlock:
     x: np.ndarray
     y: np.ndarray
     seeds: list
-
-
-def _is_seed(s: object) -> bool:
-    """Whether ``s`` is a dropout mask's seed: an integer in [0, 2**64)."""
-    return isinstance(s, (int, np.integer)) and not isinstance(s, bool) and 0 <= s < 2**64
 
 
 class DeviceCharLM(FlatDeviceGroup):
@@ -123,7 +118,7 @@ class DeviceCharLM(FlatDeviceGroup):
         if seeds is None or (isinstance(seeds, (list, tuple)) and not seeds):
             return None
         listed = isinstance(seeds, (list, tuple, np.ndarray))
-        if not (listed and len(seeds) == n and all(map(_is_seed, seeds))):
+        if not (listed and len(seeds) == n and all(is_int_in(s, 0, 2**64) for s in seeds)):
             raise ValueError(f"seeds must be None or {n} integers in [0, 2**64), one per dropout (as "
                              f"mdnumba.kernels.dropout.draw_seed draws them), got {seeds!r}")
         return list(seeds)

@@ -237,10 +237,10 @@ class DeviceModel(FlatDeviceGroup):
         host_in = not is_device_array(dlogits)
         d = check_dlogits(dlogits, self._in_shape[:-1] + (self.readout.out_features,), self.dtype,
                           values=host_in)  # as the host model checks it
-        if not host_in and np.dtype(d.dtype) != self.dtype:  # (the readout would call it dy)
+        d = k.as_device(d) if host_in else contiguous_device_array(d, "dlogits")  # reshaped below
+        if np.dtype(d.dtype) != self.dtype:  # a CUDA array's (the readout would call it dy)
             raise TypeError(f"dlogits on the device has dtype {d.dtype}, the model uses {self.dtype}; "
                             "convert it first")
-        d = k.as_device(d) if host_in else contiguous_device_array(d, "dlogits")  # reshaped below
         d = self.readout.backward(d.reshape(self._h_shape[:-1] + (self.readout.out_features,)))
         d = backward_stages(self.stages, d, input_grad)
         if d is None:

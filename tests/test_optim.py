@@ -174,6 +174,17 @@ def test_an_update_that_would_overflow_changes_nothing(kind, dtype, lr):
     assert opt.t == 1 and np.isfinite(layer.params.data).all()
 
 
+def test_a_gradient_whose_square_overflows_the_second_moment_is_refused_with_clipping_advised():
+    """Before, v became inf and the weights never moved again (m / sqrt(inf) = 0): a silent stall."""
+    from mdnumba.optim import NonFiniteUpdateError
+    p, g = np.ones(3, np.float32), np.full(3, 1e22, np.float32)  # a finite norm (summed in float64)
+    with pytest.raises(NonFiniteUpdateError, match=r"lower the learning rate \(lr=0.001\) or set clip_norm"):
+        Adam([(p, g)]).step()
+    opt = Adam([(p, g)], clip_norm=1.0)
+    opt.step()
+    assert opt.t == 1 and np.isfinite(opt.v[0]).all() and (p < 1).all()
+
+
 class ArrayStage:
     """A stage of the user's: ``params`` and ``grads`` are plain arrays (module level: picklable)."""
 
