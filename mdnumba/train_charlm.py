@@ -97,8 +97,9 @@ class CharLMTrainer(Trainer):
         if not self._val or self.step % self.EVAL_EVERY == 0:
             val = self._val = self.evaluate(batches=self.EVAL_BATCHES, save=True)
         elif self.step == self.cfg.steps:
-            # the last row's own evaluation is neither carried on nor saved: a run resumed
-            # with more --steps then logs what one run of that length would
+            # the last row's own evaluation is neither carried on nor saved: the rows after
+            # it in a run resumed with more --steps log what one run of that length would
+            # (that row keeps its own)
             val = self.evaluate(batches=self.EVAL_BATCHES, save=True)
         return {"loss": loss, "bpc": loss * BITS_PER_NAT, **val, "time": dt,
                 "chars_per_s": x.size / dt}

@@ -47,7 +47,7 @@ TASKS = {
                     ("grid", "stacked"), 0, "unused", 1),
     "binary-addition": Task("binary-addition", sample_addition, addition_metrics,
                             ("loss", "bit_acc", "number_acc"), ("lstm",), 2, "bits", 1, loss="bce",
-                            layout="(batch, bits, 2)"),
+                            layout="(batch, steps, 2)"),
 }
 
 
