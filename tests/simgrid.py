@@ -343,9 +343,11 @@ class _BlockShared:
 
 def _poison(ary: np.ndarray) -> np.ndarray:
     """Fill memory a GPU leaves uninitialised with what fails loudly when read: NaN, or an
-    integer far past any index (numba's simulator hands out ``np.empty``, often zeros)."""
+    integer far past any index (numba's simulator hands out ``np.empty``, often zeros). The NaN
+    has every mantissa bit set, as a GPU's do (0x7fffffff in float32; NumPy's has one): bit
+    tricks that assume NumPy's NaN (a rounding carry into the exponent) lose it."""
     if ary.dtype.kind in "fc":
-        ary.fill(np.nan)
+        ary.view(np.uint8).fill(0xFF)
     elif ary.dtype.kind in "iu":
         ary.fill(np.iinfo(ary.dtype).max // 2 + 1)
     return ary

@@ -231,6 +231,7 @@ def sim_item_sweeps_match_cpu(dims, cell, scans, B, D, rng):
         assert desc.startswith(want), desc
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # _split(±inf) under the simulator
 def sim_mma_is_the_warp_product(rng):
     """tensor_cuda.mma, each lane's fragments placed as the PTX ISA lays out mma.m16n8k8 with TF32
     operands (tensor_cuda's docstring), is D = A·B + C of the warp's 16x8 and 8x8 matrices; tf32
@@ -248,23 +249,59 @@ def sim_mma_is_the_warp_product(rng):
         Dm[g, 2 * t], Dm[g, 2 * t + 1], Dm[g + 8, 2 * t], Dm[g + 8, 2 * t + 1] = d
         for i in range(lane, R.shape[0], 32):
             R[i, 1] = tc.tf32(R[i, 0])
+            R[i, 2], R[i, 3] = tc._split(R[i, 0])
 
     A, Bm, C = (rng.standard_normal(s).astype(np.float32) for s in ((16, 8), (8, 8), (16, 8)))
     ties = np.array([0x3F801000, 0xBF801000, 0x3F800FFF, 0x3F801001, 0x3F802FFF, 0x7F7FEFFF], np.uint32)
-    R = np.zeros((len(ties) + 32, 2), np.float32)
+    # a GPU's NaN (0x7fffffff: + 0x1000 would carry into the sign, -0.0), others, ±inf, the largest float32
+    odd = np.array([0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000, 0x7F800000, 0xFF800000, 0x7F7FFFFF], np.uint32)
+    ties = np.concatenate([ties, odd])
+    R = np.zeros((len(ties) + 32, 4), np.float32)
     R[:len(ties), 0] = ties.view(np.float32)
     R[len(ties):, 0] = rng.standard_normal(32) * 10.0 ** rng.integers(-30, 30, 32)
     Dm = np.zeros((16, 8), np.float32)
     product[1, 32](A, Bm, C, Dm, R)
 
-    def tf32(x):  # round half away from zero to 10 mantissa bits
+    def tf32(x):  # round half away from zero to 10 mantissa bits; NaN stays NaN
         bits = x.astype(np.float32).view(np.uint32).astype(np.uint64)
-        return ((bits + 0x1000) & 0xFFFFE000).astype(np.uint32).view(np.float32)
+        return np.where(np.isnan(x), np.float32(np.nan),
+                        ((bits + 0x1000) & 0xFFFFE000).astype(np.uint32).view(np.float32))
     want = tf32(A).astype(np.float64) @ tf32(Bm).astype(np.float64) + C
-    np.testing.assert_allclose(Dm, want, rtol=1e-6, atol=1e-6)
+    # a value in a wrong lane is off by O(1); tensor cores may round their sums differently
+    np.testing.assert_allclose(Dm, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(R[:, 1], tf32(R[:, 0]))
-    assert list(R[:len(ties), 1].view(np.uint32)) == [0x3F802000, 0xBF802000, 0x3F800000, 0x3F802000,
-                                                       0x3F802000, 0x7F7FE000]
+    assert list(R[:6, 1].view(np.uint32)) == [0x3F802000, 0xBF802000, 0x3F800000, 0x3F802000, 0x3F802000,
+                                              0x7F7FE000]
+    assert list(R[6:len(ties), 1].view(np.uint32)) == [0x7FFFE000, 0xFFFFE000, 0x7FC00000, 0x7F800000,
+                                                        0xFF800000, 0x7F800000]
+    # _split: hi = tf32(x), lo = tf32(x - hi) (x = hi + lo to 21 bits); hi carries NaN and ±inf
+    np.testing.assert_array_equal(R[:, 2], R[:, 1])
+    finite = np.isfinite(R[:, 0])
+    np.testing.assert_array_equal(R[finite, 3], tf32(R[finite, 0] - R[finite, 1]))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def sim_tensor_sweeps_keep_a_gpu_nan(rng):
+    """A NaN with every mantissa bit set, as a GPU's arithmetic makes them (0x7fffffff), in one
+    cell's gate inputs: the tensor layout's sweeps carry it to every cell that depends on it, as
+    the CPU's do (TF32 rounding by ``(bits + 0x1000) & ~0x1fff`` made it -0.0 in the sums, and
+    the cells after it finite). dact may be NaN in more gates of a NaN cell than the CPU's (a
+    missing parent's forget gate: the CPU skips it, the GPU multiplies by its zero state)."""
+    from mdnumba.kernels import wavefront as cpu
+    from mdnumba.kernels import wavefront_cuda as gpu
+    from mdnumba.kernels.cell import cell_code
+    wf, U, act0 = _cpu_sweep_inputs((3, 4), 2, 9, 1, rng)
+    act0 = act0.astype(np.float32)
+    act0.view(np.uint32)[1, 3] = 0x7FFFFFFF  # batch item 1 of the first cell
+    code, U = cell_code("graves"), U.astype(np.float32)
+    want = _run_sweeps(cpu, wf, U.astype(np.float64), act0.astype(np.float64), 2, 9, code)
+    got = _run_sweeps(gpu, wf, U, act0, 2, 9, code, path="cooperative", layout="tensor")
+    assert 1 < np.isnan(want[0]).any(axis=1).sum() < len(want[0])  # some rows, not all
+    for name, a, b in zip(("h", "c", "act", "dact", "dc", "dh"), got, want):
+        if name == "dact":
+            assert np.isnan(a[np.isnan(b)]).all()
+            a, b = np.where(np.isnan(a) & ~np.isnan(b), b, a), b
+        np.testing.assert_allclose(a, b, **SWEEP_TOL[act0.dtype], err_msg=name)
 
 
 @pytest.mark.parametrize("dims,cell,scans,B,D,path", [
