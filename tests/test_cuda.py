@@ -1595,6 +1595,35 @@ def sim_device_step_count_follows_the_host(rng):
     assert opt_c.t == fresh.t == 5 and opt_d.t == 4
 
 
+def sim_prepared_launches_give_numba_cudas_results(rng, monkeypatch):
+    """Train steps of a device layer (forward, backward, Adam) with prepared launches on give what
+    they give with them off; on a GPU, launches were prepared and none failed (a prepared driver
+    call that raised would fall back to numba-cuda unseen); under the simulator every launch goes
+    through numba-cuda."""
+    from mdnumba.backend_cuda import CudaAdam, CudaLSTM
+    from mdnumba.kernels import launch as L
+    cpu = MDLSTM2D(2, 4, seed=1, dtype=np.float32)
+    x = cuda.to_device(rng.standard_normal((2, 3, 4, 2)).astype(np.float32))
+    dh = cuda.to_device(rng.standard_normal((2, 3, 4, 4)).astype(np.float32))
+
+    def train(prepared):
+        monkeypatch.setattr(L.config, "CUDA_PREPARED_LAUNCH", prepared)
+        monkeypatch.setattr(L, "_state", {"prepared": {}, "seen": set(), "failed": None})
+        dev = CudaLSTM.from_layer(cpu)
+        opt, got = CudaAdam([dev], lr=0.01), []
+        for _ in range(4):
+            dev.zero_grad()
+            got.append(dev.forward(x).copy_to_host())
+            dev.backward(dh)
+            opt.step()
+        return got + [dev.params_to_host()], L._state
+    on, state = train(True)
+    off, _ = train(False)
+    for a, b in zip(on, off):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert state["failed"] is None and bool(state["prepared"]) == (not IN_SIMULATOR), state
+
+
 def sim_device_divergence_and_ctrl_c_across_a_curriculum_switch(tmp_path, monkeypatch):
     """A device run whose gradients turn NaN stops with the CPU trainer's message; Ctrl-C in a
     block that crosses a curriculum switch rewinds the RNG over batches of both sizes."""

@@ -91,6 +91,10 @@ def test_keys_follow_the_launch_fields():
     others = device_array(4160, (3, 4)), device_array(4096, (4, 3)), device_array(4096, (3, 4), np.float64)
     assert all(L.arg_key(other) != L.arg_key(a) for other in others)
     assert len({L.arg_key(v) for v in (1, True, 1.0, np.float32(1), np.int64(1))}) == 5
+    # equal values with other launch fields: a float's sign, a NumPy scalar's unit; a record keys
+    assert L.arg_key(0.0) != L.arg_key(-0.0) and L.arg_key(np.float32(0)) != L.arg_key(np.float32(-0.0))
+    assert L.arg_key(np.timedelta64(24, "h")) != L.arg_key(np.timedelta64(1, "D"))
+    assert hash(L.arg_key(np.zeros((), dtype=[("a", "f4")])[()])) is not None
     assert L.arg_key(np.zeros(3)) is None and L.arg_key((1, 2)) is None
     assert L.launch_key("k", 2, 8, 0, (a, 3)) != L.launch_key("k", 2, 8, 0, (a, 4))
     assert L.launch_key("k", 2, 8, 0, (a, np.zeros(2))) is None
@@ -111,6 +115,53 @@ def test_a_launch_is_prepared_once_then_reused(prepared):
     L.launch(kernel, 2, 8, 64, x, y, 8)
     assert len(kernel.launched) == 3 and len(prepared) == 1 and L._state["seen"]
     assert L.failed() is None and kernel.callbacks_left() == 0
+
+
+def test_kernels_with_argument_extensions_are_not_prepared(prepared):
+    """numba-cuda runs a kernel's argument extensions at each launch: such a kernel always
+    launches through it."""
+    kernel, x = Kernel(), device_array(4096, (3, 4))
+    Compiled.extensions = ["an extension"]
+    try:
+        for _ in range(3):
+            L.launch(kernel, 1, 8, 0, x, x, 1)
+    finally:
+        del Compiled.extensions
+    assert len(kernel.launched) == 3 and not prepared and not L._state["prepared"]
+
+
+def test_threads_take_turns(prepared):
+    """Launches from several threads take turns: each prepared launch gets the compiled kernel of
+    its own arguments, not one another thread's launch handed to the capturing callback (it sits
+    on the launch configuration the threads share; here a launch waits a moment before running
+    the callbacks, and its compiled kernel is named after its first argument)."""
+    import threading
+    import time
+    kernel = Kernel()
+    configured = kernel[1, 8, 0, 0]
+
+    def call(*args):  # as Configured.__call__, slowly, with a compiled kernel of these arguments
+        time.sleep(0.002)
+        compiled = Compiled()
+        compiled._codelibrary = SimpleNamespace(get_cufunc=lambda: SimpleNamespace(
+            kernel=f"cufunc{args[0].gpu_data.device_pointer_value}"))
+        for callback in list(configured.pre_launch_callbacks):
+            callback(compiled, configured)
+        kernel.launched.append(args)
+    type(configured).__call__ = lambda self, *args: call(*args)
+    arrays = [device_array(4096 * (i + 1), (3, 4)) for i in range(4)]
+
+    def work(x):
+        for _ in range(5):
+            L.launch(kernel, 1, 8, 0, x, x, 1)
+    threads = [threading.Thread(target=work, args=(x,)) for x in arrays]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert kernel.callbacks_left() == 0 and L.failed() is None
+    assert len(kernel.launched) == 8 and len(prepared) == 4 * 3
+    assert all(handle == f"cufunc{fields[0]}" for _, _, _, _, handle, fields in prepared)
 
 
 def test_keys_are_forgotten_past_the_limit(prepared, monkeypatch):

@@ -18,12 +18,16 @@ array's memory reused by another of the same key gets the same, right, fields). 
 (a host array, which numba-cuda copies to the device at each launch), the simulator, a debug
 kernel, or ``MDNUMBA_CUDA_PREPARED_LAUNCH=0`` launches through numba-cuda every time; so does
 every launch after a prepared one raised (then numba-cuda's own launch of the same arguments
-says why). Only the default stream, and one device: a prepared launch holds the kernel loaded in
-the context it was prepared in (another device's would raise, and turn them off as above).
+says why). Only the default stream, and the thread's current context, which a prepared launch
+does not set (numba-cuda's does): launches from a thread where numba-cuda never launched raise
+and turn them off as above. Launches from several threads take turns (a lock: the callback that
+captures the compiled kernel sits on a launch configuration all threads share).
 """
 
 from __future__ import annotations
 
+import math
+import threading
 from typing import Any
 
 import numba
@@ -39,17 +43,23 @@ MAX_PREPARED = 2048
 #: "prepared": key -> launch (a callable); "seen": keys launched once; "failed": why prepared
 #: launches were turned off, or None
 _state: dict = {"prepared": {}, "seen": set(), "failed": None}
+_lock = threading.Lock()
 
 
 def arg_key(a: Any) -> tuple | None:
     """What of a launch argument its launch fields are made of: ``(type, pointer, shape, strides,
-    dtype)`` of a numba device array, ``(type, value)`` of a scalar (bool, int, float, NumPy
-    scalar); None for anything else (not preparable)."""
+    dtype)`` of a numba device array, ``(type, value)`` of a bool or int, with the sign of a float
+    (``0.0 == -0.0``), and the dtype and bytes of a NumPy scalar (``timedelta64(24, 'h') ==
+    timedelta64(1, 'D')``); None for anything else (not preparable)."""
     data = getattr(a, "gpu_data", None)
     if data is not None:
         return type(a), data.device_pointer_value, a.shape, a.strides, a.dtype
-    if isinstance(a, (bool, int, float, np.generic)):
+    if isinstance(a, float):
+        return float, a, math.copysign(1.0, a)
+    if isinstance(a, (bool, int)):
         return type(a), a
+    if isinstance(a, np.generic):
+        return type(a), a.dtype.str, a.tobytes()
     return None
 
 
@@ -66,6 +76,12 @@ def launch(kernel, griddim, blockdim, shmem: int, *args) -> None:
     if SIMULATOR or not config.CUDA_PREPARED_LAUNCH or _state["failed"]:
         run(kernel, griddim, blockdim, shmem, args, [])
         return
+    with _lock:
+        _launch(kernel, griddim, blockdim, shmem, args)
+
+
+def _launch(kernel, griddim, blockdim, shmem: int, args: tuple) -> None:
+    """:func:`launch` with prepared launches on, holding the lock."""
     key = launch_key(kernel, griddim, blockdim, shmem, args)
     prepared = _state["prepared"].get(key) if key is not None else None
     if prepared is not None:
@@ -116,10 +132,11 @@ def run(kernel, griddim, blockdim, shmem: int, args: tuple, callbacks: list):
 def prepare(compiled, configured, args: tuple):
     """A callable that launches ``compiled`` (numba-cuda's compiled kernel) as ``configured`` (its
     launch configuration) with the launch fields numba-cuda makes of ``args``, as its own launch
-    does; None where that is not the same (a debug kernel, an argument copied at each launch)."""
+    does; None where that is not the same (a debug kernel, argument extensions, an argument
+    copied at each launch)."""
     from numba.cuda import dispatcher
-    if getattr(compiled, "debug", False):
-        return None
+    if getattr(compiled, "debug", False) or getattr(compiled, "extensions", None):
+        return None  # (numba-cuda runs argument extensions at each launch: it launches these)
     fields: list = []
     writeback: list = []
     try:
