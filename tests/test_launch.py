@@ -1,5 +1,6 @@
 """Prepared CUDA launches (mdnumba/kernels/launch.py): their keys, when they are made and used, and
-what they hand to the driver call; and the item sweeps' opt-in to more shared memory; with
+what they hand to the driver call; the item sweeps' opt-in to more shared memory and the staged
+layout's row limit; with
 stand-ins for numba-cuda's dispatcher and compiled kernel (the GPU runs of tests/test_cuda.py
 launch every kernel through them for real)."""
 
@@ -228,3 +229,20 @@ def test_item_sweeps_opt_in_to_their_shared_memory_once(monkeypatch):
     attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
     assert set_calls == [(attr, W.SHARED_BYTES_LIMIT + 16, "handle", 3)]
     assert compiled_for == [("ndarray", "int")]
+
+
+def test_staged_layout_refuses_rows_past_its_int32_row_table():
+    """The staged tile keeps its rows' sources in int32: a sweep of 2**31 rows or more (cells x
+    batch x scans) runs flat, said; one row fewer may stay staged (checked before any GPU query)."""
+    from mdnumba.kernels import wavefront_cuda as W
+    tpb = W.config.THREADS_PER_BLOCK
+    cells = np.array([0, 1, 2 ** 15])  # offsets of the hyperplanes' cells
+
+    def note(B):
+        try:
+            return W._plan_slices(None, (), 1, 2, 1, B, cells, 4, "staged", None, tpb)[3]
+        except Exception as exc:  # past the check: the co-residency query needs a GPU
+            return f"queried the GPU: {type(exc).__name__}"
+    assert note(2 ** 16) == ("flat layout: 2147483648 rows, past what the staged tile's int32 row "
+                             "table indexes")
+    assert "int32" not in note(2 ** 16 - 1)

@@ -2338,7 +2338,8 @@ def _plan_slices(coop, args, S: int, N: int, D: int, B: int, diag_off_host: np.n
     cooperative grid holds, at most the largest hyperplane's (cell, row group) pairs per scan),
     blocks = S * nJ * nO with nJ = ceil(D / SLICE). nO = 0 (flat layout) when the
     layout is flat, the slice (and in the staged layout its tile, :data:`STAGE_SHAPE`) does not fit
-    in :data:`SHARED_BYTES_LIMIT`, the staged tile is too small for ``tpb`` threads or they neither
+    in :data:`SHARED_BYTES_LIMIT`, the sweep has more rows than the staged tile's int32 row table
+    indexes, the staged tile is too small for ``tpb`` threads or they neither
     divide its :data:`STAGE_K` columns nor are a multiple of them or, off the
     per-diagonal path, the S * nJ slices cannot all be co-resident; ``note`` then says why."""
     if layout == "flat":
@@ -2350,6 +2351,9 @@ def _plan_slices(coop, args, S: int, N: int, D: int, B: int, diag_off_host: np.n
     if shmem + tile > SHARED_BYTES_LIMIT:
         what = "weights and staged tile take" if tile else "weights take"
         return 0, 0, 0, f"flat layout: a slice's {what} {shmem + tile} B, over {SHARED_BYTES_LIMIT} B"
+    rows = S * int(diag_off_host[-1]) * int(B)
+    if tile and rows > np.iinfo(np.int32).max:
+        return 0, 0, 0, f"flat layout: {rows} rows, past what the staged tile's int32 row table indexes"
     if tile and tpb > config.THREADS_PER_BLOCK:
         return 0, 0, 0, (f"flat layout: {tpb} threads per block, the staged tile holds the rows of "
                          f"MDNUMBA_THREADS_PER_BLOCK={config.THREADS_PER_BLOCK}")
