@@ -1,8 +1,7 @@
 """Prepared CUDA launches (mdnumba/kernels/launch.py): their keys, when they are made and used, and
 what they hand to the driver call; the item sweeps' opt-in to more shared memory and the staged
-layout's row limit; with
-stand-ins for numba-cuda's dispatcher and compiled kernel (the GPU runs of tests/test_cuda.py
-launch every kernel through them for real)."""
+layout's row limit; with stand-ins for numba-cuda's dispatcher and compiled kernel (the GPU runs
+of tests/test_cuda.py launch every kernel through them for real)."""
 
 from __future__ import annotations
 
