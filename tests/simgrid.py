@@ -15,7 +15,9 @@ the GPU. :func:`install` makes every launch run like hardware would allow it to:
 - ``syncthreads()`` a barrier of the block's threads, shared memory one copy per block;
 - a barrier some threads skip (they return, or wait at another barrier) raises
   :class:`DivergentSync` saying which thread, instead of hanging or, as in numba's simulator,
-  releasing the others;
+  releasing the others; so do threads of a block meeting at ``syncthreads()`` calls in different
+  places (source line and the calls that led there: ``bar.sync`` is one instruction all of a
+  block's threads must execute, and device functions are inlined);
 - ``device_array`` checks its shape as the GPU's does (a NumPy integer is refused there), and
   mdnumba's host code may not slice a device array into a strided view (:class:`StridedDeviceView`:
   numba-cuda builds one in Python piece by piece, 12 ms for 16k rows); ``reshape`` of a strided
@@ -261,17 +263,24 @@ class _Barriers:
         self.returned = dict.fromkeys(blocks, 0)
         self.running, self.waiting = len(blocks) * per_block, 0
         self.grid_sync_ok, self.error = grid_sync_ok, None
+        self.sites: dict = {}  # key -> where its current generation's first thread called it
 
     def _fail(self, msg: str):
         self.error = msg
         self.cond.notify_all()
         raise DivergentSync(msg)
 
-    def wait(self, key: tuple, block, who: str) -> None:
-        """Block until every thread of ``key`` arrived (``block``: the caller's)."""
+    def wait(self, key: tuple, block, who: str, site: tuple | None = None) -> None:
+        """Block until every thread of ``key`` arrived (``block``: the caller's; ``site``: where
+        it called the barrier, the same for every thread of a generation, if given)."""
         with self.cond:
             if self.error:
                 raise _Aborted(self.error)
+            if site is not None:
+                first = self.sites.setdefault(key, site) if not self.arrived[key] else self.sites[key]
+                if site != first:
+                    self._fail(f"{who} waits at syncthreads() {_where(site)}, other threads of its block "
+                               f"at {_where(first)} (a GPU's threads must meet at one)")
             if key == ("grid",) and not self.grid_sync_ok:
                 self._fail(f"{who}: this_grid().sync() in a launch of more blocks than "
                            "max_cooperative_grid_blocks (the driver refuses such a launch)")
@@ -280,6 +289,7 @@ class _Barriers:
                 self._fail(f"{who} waits at {key[0]} sync, but {gone} thread(s) it waits for returned")
             self.arrived[key] += 1
             if self.arrived[key] == self.parties[key]:
+                self.sites.pop(key, None)
                 self.race.join(self.members[key], fence=key == ("grid",))
                 self.waiting -= self.arrived[key] - 1
                 self.arrived[key] = 0
@@ -315,6 +325,28 @@ class _Barriers:
             waits = {k: n for k, n in self.arrived.items() if n}
             self._fail(f"every running thread waits at a sync and none can open (arrivals {waits}, "
                        f"last: {who}): threads wait at different syncs")
+
+
+_SIMULATOR_DIR = str(Path(kernelapi.__file__).parent)
+
+
+def _call_site() -> tuple:
+    """The kernel's calls that led to this ``syncthreads()``, innermost first: ``(file, line)``
+    of each frame of the kernel and its device functions (the simulator's own left out)."""
+    frame, site = sys._getframe(2), []
+    while frame is not None and not (frame.f_code.co_filename == __file__ and frame.f_code.co_name == "run"):
+        name = frame.f_code.co_filename
+        if name != __file__ and not name.startswith(_SIMULATOR_DIR):
+            site.append((name, frame.f_lineno))
+        frame = frame.f_back
+    return tuple(site)
+
+
+def _where(site: tuple) -> str:
+    """``file:line`` of a :func:`_call_site`, called from its callers' lines."""
+    (name, line), *callers = site
+    via = "".join(f" < {line}" for _, line in callers)
+    return f"{Path(name).name}:{line}{via}"
 
 
 class _BlockShared:
@@ -430,7 +462,7 @@ class _CudaThread(threading.Thread):
         self.exception = None
 
     def syncthreads(self) -> None:
-        self._barriers.wait(("block", tuple(self.blockIdx)), tuple(self.blockIdx), self.who)
+        self._barriers.wait(("block", tuple(self.blockIdx)), tuple(self.blockIdx), self.who, _call_site())
 
     def grid_sync(self) -> None:
         self._barriers.wait(("grid",), tuple(self.blockIdx), self.who)

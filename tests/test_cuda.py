@@ -1168,10 +1168,35 @@ def _count(out, data, mode):
         out[1] = total
 
 
+@cuda.jit(device=True)
+def _barrier():
+    cuda.syncthreads()
+
+
+def _split_syncs(out, mode):
+    """Even and odd threads reach a block barrier apart: at two syncthreads() lines (mode 0), at
+    one line of a device function called from two lines (1), or together (2)."""
+    i = cuda.threadIdx.x
+    if mode == 0:
+        if i % 2:
+            cuda.syncthreads()
+        else:
+            cuda.syncthreads()
+    elif mode == 1:
+        if i % 2:
+            _barrier()
+        else:
+            _barrier()
+    else:
+        _barrier()
+    out[i] = i
+
+
 def sim_simulator_runs_blocks_at_once_and_checks_syncs():
     """tests/simgrid.py, which every simulator case runs under: a block reads what another
     wrote before a grid sync, shared memory is per block, a grid sync that a block skips or a
-    cooperative grid over the limit is an error instead of a hang or a pass, and so is an
+    cooperative grid over the limit is an error instead of a hang or a pass, as are threads of
+    a block at different syncthreads() calls, and an
     access to an element another thread writes with no barrier, or atomic between fences, in
     between; fresh device memory is NaN or a huge integer."""
     if not IN_SIMULATOR:
@@ -1186,6 +1211,11 @@ def sim_simulator_runs_blocks_at_once_and_checks_syncs():
         exchange[3, 8](out, a, 1)
     with pytest.raises(simgrid.DivergentSync, match="max_cooperative_grid_blocks"):
         exchange[4, 8](np.zeros(32, np.int64), np.zeros(32, np.int64), -1)
+    split = cuda.jit(_split_syncs)
+    for mode in (0, 1):  # a GPU's bar.sync is one instruction: threads at two of them are undefined
+        with pytest.raises(simgrid.DivergentSync, match=r"waits at syncthreads\(\) test_cuda.py:\d+"):
+            split[1, 8](np.zeros(8, np.int64), mode)
+    split[1, 8](np.zeros(8, np.int64), 2)
     ids = np.zeros(8 * 100, np.int64)  # more threads than a wave (WAVE_THREADS)
     block_ids[100, 8](ids)
     np.testing.assert_array_equal(ids, np.repeat(np.arange(100), 8))
