@@ -280,6 +280,26 @@ def sim_mma_is_the_warp_product(rng):
     np.testing.assert_array_equal(R[finite, 3], tf32(R[finite, 0] - R[finite, 1]))
 
 
+def sim_simulator_checks_that_a_warp_meets_at_one_mma():
+    """Under the simulator the lanes of a warp calling tensor_cuda.mma at different places (its
+    mma.sync.aligned is one instruction every lane must execute) is an error, not a product of
+    what each lane passed."""
+    if not IN_SIMULATOR:
+        pytest.skip("checks the simulator; on a GPU the failing launch is undefined")
+    from mdnumba.kernels import tensor_cuda as tc
+
+    @cuda.jit
+    def split(out):
+        x = np.float32(1.0)
+        if cuda.threadIdx.x % 2:
+            d = tc.mma(x, x, x, x, x, x, x, x, x, x)
+        else:
+            d = tc.mma(x, x, x, x, x, x, x, x, x, x)
+        out[cuda.threadIdx.x] = d[0]
+    with pytest.raises(AssertionError, match="the lanes of a warp call mma at different places"):
+        split[1, 32](np.zeros(32, np.float32))
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered")
 def sim_tensor_sweeps_keep_a_gpu_nan(rng):
     """A NaN with every mantissa bit set, as a GPU's arithmetic makes them (0x7fffffff), in one
@@ -2176,7 +2196,8 @@ SIM_CASES = sorted(name for name in list(globals()) if name.startswith("sim_"))
 
 # ----------------------------------------------------------------- outer tests (plain pytest)
 #: cases that check the simulator itself and skip on a GPU
-SIMULATOR_ONLY = frozenset({"sim_simulator_runs_blocks_at_once_and_checks_syncs", "sim_device_step_launches"})
+SIMULATOR_ONLY = frozenset({"sim_simulator_runs_blocks_at_once_and_checks_syncs", "sim_device_step_launches",
+                            "sim_simulator_checks_that_a_warp_meets_at_one_mma"})
 
 
 def _assert_passed(results: dict, may_skip: frozenset = frozenset()) -> None:

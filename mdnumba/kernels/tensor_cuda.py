@@ -38,6 +38,8 @@ expects; the instruction's own rounding and summation order is the GPU's. Float3
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 
 import numba
@@ -100,6 +102,17 @@ if SIMULATOR:
 
     _warps: dict = {}
     _warps_lock = threading.Lock()
+    _SIMULATOR_DIR = os.path.dirname(cuda.simulator.kernelapi.__file__)
+
+    def _call_site() -> tuple:
+        """``(file, line)`` of the calls that led to the caller's call, innermost first, the
+        simulator's own left out."""
+        frame, site = sys._getframe(2), []
+        while frame is not None:
+            if not frame.f_code.co_filename.startswith(_SIMULATOR_DIR):
+                site.append((frame.f_code.co_filename, frame.f_lineno))
+            frame = frame.f_back
+        return tuple(site)
 
     def _warp(key) -> _Warp:
         """The warp ``key`` (block, warp in the block); a fresh one after a broken barrier."""
@@ -135,8 +148,11 @@ if SIMULATOR:
         w = _warp((tuple(cuda.blockIdx), cuda.threadIdx.x // WARP))
         slots = w.slots[w.calls[lane] % 2]
         w.calls[lane] += 1
-        slots[lane] = (a0, a1, a2, a3, b0, b1)
+        slots[lane] = (a0, a1, a2, a3, b0, b1, _call_site())
         w.barrier.wait()
+        if any(slot[6] != slots[0][6] for slot in slots):  # mma.sync.aligned: one instruction for all
+            raise AssertionError(f"the lanes of a warp call mma at different places: {slots[0][6][:2]} "
+                                 f"and {next(s[6] for s in slots if s[6] != slots[0][6])[:2]}")
         group, t = lane >> 2, lane & 3
         out = []
         for i, acc in enumerate((c0, c1, c2, c3)):
