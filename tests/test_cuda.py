@@ -1212,11 +1212,18 @@ def _split_syncs(out, mode):
     out[i] = i
 
 
+def _load_after(a, out, start):
+    """out[:4] = a[start .. start+3] by a vector load of a view starting there."""
+    from mdnumba.kernels.wavefront_cuda import _load4
+    out[0], out[1], out[2], out[3] = _load4(a[start:], 0)
+
+
 def sim_simulator_runs_blocks_at_once_and_checks_syncs():
     """tests/simgrid.py, which every simulator case runs under: a block reads what another
     wrote before a grid sync, shared memory is per block, a grid sync that a block skips or a
     cooperative grid over the limit is an error instead of a hang or a pass, as are threads of
-    a block at different syncthreads() calls, and an
+    a block at different syncthreads() calls, a vector load from an address not 16-byte
+    aligned, and an
     access to an element another thread writes with no barrier, or atomic between fences, in
     between; fresh device memory is NaN or a huge integer."""
     if not IN_SIMULATOR:
@@ -1236,6 +1243,11 @@ def sim_simulator_runs_blocks_at_once_and_checks_syncs():
         with pytest.raises(simgrid.DivergentSync, match=r"waits at syncthreads\(\) test_cuda.py:\d+"):
             split[1, 8](np.zeros(8, np.int64), mode)
     split[1, 8](np.zeros(8, np.int64), 2)
+    load, out = cuda.jit(_load_after), np.zeros(4, np.float32)
+    load[1, 1](np.arange(12, dtype=np.float32), out, 4)  # 16 bytes in: aligned
+    np.testing.assert_array_equal(out, [4, 5, 6, 7])
+    with pytest.raises(AssertionError, match="misaligned vector load"):  # index 0 of a view 8 bytes in
+        load[1, 1](np.arange(12, dtype=np.float32), out, 2)
     ids = np.zeros(8 * 100, np.int64)  # more threads than a wave (WAVE_THREADS)
     block_ids[100, 8](ids)
     np.testing.assert_array_equal(ids, np.repeat(np.arange(100), 8))

@@ -415,17 +415,26 @@ if SIMULATOR:
         """``x`` itself (the simulator compiles nothing; on a GPU, an opaque copy)."""
         return x
 
+    def _address(a, *index) -> int:
+        """The byte offset of ``a[index]`` in the memory ``a`` views (a simulator array, or a view
+        of one: shared memory and device arrays start 16-byte aligned, as a GPU's do)."""
+        ary = getattr(getattr(a, "_item", a), "_ary", a)
+        root = ary
+        while isinstance(root.base, np.ndarray):
+            root = root.base
+        return ary.ctypes.data - root.ctypes.data + sum(i * st for i, st in zip(index, ary.strides))
+
     @cuda.jit(device=True)
     def _load4(a, i):
-        """``a[i .. i+3]`` of the 1-D array ``a`` (checked: i a multiple of 4, as a GPU's 16-byte
-        load needs)."""
-        assert i % VEC == 0, "misaligned vector load"
+        """``a[i .. i+3]`` of the 1-D array ``a`` (checked: i a multiple of 4 and the address a
+        multiple of 16 bytes, as a GPU's vector load needs)."""
+        assert i % VEC == 0 and _address(a, i) % 16 == 0, "misaligned vector load"
         return a[i], a[i + 1], a[i + 2], a[i + 3]
 
     @cuda.jit(device=True)
     def _load4_row(a, r, k):
         """``a[r, k .. k+3]`` of the 2-D array ``a`` (checked aligned, as :func:`_load4`)."""
-        assert (r * a.shape[1] + k) % VEC == 0, "misaligned vector load"
+        assert (r * a.shape[1] + k) % VEC == 0 and _address(a, r, k) % 16 == 0, "misaligned vector load"
         return a[r, k], a[r, k + 1], a[r, k + 2], a[r, k + 3]
 else:
     from llvmlite import ir as llvm_ir
