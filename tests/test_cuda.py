@@ -2179,8 +2179,8 @@ def sim_readme_gpu_example_runs():
 
 
 def sim_device_step_launches(monkeypatch):
-    """A device training step of the md model issues 11 kernel launches (README, "GPU (CUDA)");
-    counted by wrapping the simulator's kernel objects, so only under the simulator."""
+    """A device training step of the md model issues 11 kernel launches (docs/gpu.md, "Launches
+    and host time"); counted by wrapping the simulator's kernel objects, so only under the simulator."""
     from numba import config as numba_config
     if not numba_config.ENABLE_CUDASIM:
         pytest.skip("counts launches through the simulator's kernel class")

@@ -1,4 +1,5 @@
-"""The README's NumPy examples (every ``python`` block before the GPU section) run as written."""
+"""The README's NumPy examples (every ``python`` block before the GPU section) run as written,
+and the links of the README and docs/ resolve."""
 
 import re
 from pathlib import Path
@@ -24,10 +25,43 @@ def _anchor(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
-def test_readme_links_resolve():
-    """Every ``](#anchor)`` names a heading and every relative ``](path)`` an existing file."""
-    root = Path(__file__).resolve().parents[1]
-    anchors = {_anchor(h) for h in re.findall(r"^#+ (.*)$", README, re.M)}
-    broken = [a for a in re.findall(r"\]\(#([^)]+)\)", README) if a not in anchors]
-    broken += [f for f in re.findall(r"\]\(([^)#:]+)\)", README) if not (root / f).exists()]
-    assert not broken
+def _broken_links(doc: Path) -> list[str]:
+    """Links of a Markdown file that name no file, or no heading of their file."""
+    text = doc.read_text()
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target):
+            continue  # https:, mailto:
+        path, _, anchor = target.partition("#")
+        file = (doc.parent / path).resolve() if path else doc
+        if not file.exists():
+            broken.append(target)
+        elif anchor and file.suffix == ".md":
+            heads = re.findall(r"^#+ (.*)$", file.read_text(), re.M)
+            if anchor not in {_anchor(h) for h in heads}:
+                broken.append(target)
+    return broken
+
+
+DOCS = ["README.md", "bench/README.md", *sorted(
+    str(p.relative_to(Path(__file__).resolve().parents[1]))
+    for p in (Path(__file__).resolve().parents[1] / "docs").glob("*.md"))]
+
+
+def test_docs_exist():
+    assert {"docs/gpu.md", "docs/cpu-speed.md", "docs/testing.md"} <= set(DOCS)
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_links_resolve(doc):
+    """Every ``](#anchor)``, ``](path)`` and ``](path#anchor)`` names an existing file and heading."""
+    assert not _broken_links(Path(__file__).resolve().parents[1] / doc)
+
+
+def test_broken_links_are_found(tmp_path):
+    """The check itself: a missing file, a missing heading, in this file and in another."""
+    (tmp_path / "other.md").write_text("## Real heading\n")
+    doc = tmp_path / "doc.md"
+    doc.write_text("# Top\n[a](#top) [b](#nowhere) [c](other.md#real-heading) [d](other.md#gone) "
+                   "[e](missing.md) [f](https://example.org/x)\n")
+    assert _broken_links(doc) == ["#nowhere", "other.md#gone", "missing.md"]

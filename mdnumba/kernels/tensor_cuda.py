@@ -2,7 +2,7 @@
 
 What bounds the other layouts is their instructions per multiply-add: 1.3 to 3.5 in their hot
 loops (bench/results/cuda_kernels.md), so a float32 sweep reaches a fraction of the GPU's FP32
-peak, and issue 5's targets ask for about half of it (README, "CUDA backend"). One warp-wide
+peak, and issue 5's targets ask for about half of it (docs/gpu.md, "How far from the targets"). One warp-wide
 ``mma.sync.aligned.m16n8k8`` does 1024 multiply-adds in one instruction, on operands in TF32
 (float32 with a 10-bit mantissa). A product in TF32 alone is off by up to ~1e-3 relative;
 here each one is made of three (the 3xTF32 split, as CUTLASS's "fast accurate" float32 GEMMs
