@@ -34,6 +34,14 @@ Usage: ``python bench/bench_gpu.py [--quick | --smoke] [--configs 32,256,128] [-
 simulator at a tiny size, PyTorch on CPU tensors there, so the script works when a GPU comes).
 On a lent GPU machine use ``bench/run_gpu.sh`` (it installs a numpy<2.5 wheel first:
 numba-cuda 0.30.4 does not import with numpy 2.5).
+
+A part that fails is reported and the run goes on. One that also takes the process's CUDA
+context with it (a sticky error such as an illegal or misaligned address in a kernel never run on
+a GPU before: every later CUDA call of the process fails too) would have cost every part after
+it; the run then goes on in a fresh process instead (``os.execv``, the results so far handed
+over), skipping the parts begun before, up to :data:`MAX_RESTARTS` times.
+``MDNUMBA_BENCH_LOSE_CONTEXT=1`` tests this: a part after the default path's fails and reports
+the context lost, in the first process only (the CI's smoke run sets it).
 """
 
 from __future__ import annotations
@@ -44,9 +52,11 @@ import gc
 import importlib
 import importlib.metadata
 import os
+import pickle
 import platform
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -688,14 +698,66 @@ def machine_info(tb: TorchBaseline | None) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------- main
+class ContextLost(Exception):
+    """A part failed and left the process's CUDA context unusable (a sticky error such as an
+    illegal or misaligned address: every later CUDA call fails too); :func:`main` goes on in a
+    fresh process (:func:`_restart`)."""
+
+
+def _injecting() -> bool:
+    """Whether this process runs a test of the restart: ``MDNUMBA_BENCH_LOSE_CONTEXT=1`` adds a part
+    that fails and reports the CUDA context lost, in the first process of a run only."""
+    env = os.environ
+    return env.get("MDNUMBA_BENCH_LOSE_CONTEXT") == "1" and not env.get("_MDNUMBA_BENCH_RESTARTS")
+
+
+def _context_alive() -> bool:
+    """Whether CUDA still works in this process after a failure: a synchronize, an allocation and
+    a copy back (never in a test of the restart, :func:`_injecting`)."""
+    if _injecting():
+        return False
+    from numba import cuda
+    try:
+        cuda.synchronize()
+        return cuda.to_device(np.ones(1)).copy_to_host()[0] == 1.0
+    except Exception:
+        return False
+
+
+def _fault_path() -> list[tuple[str, str, str | None, str]]:
+    """The failing part of a test of the restart (:func:`_injecting`), after the default path's."""
+    return [("fault", "cooperative", None, "injected fault")] if _injecting() else []
+
+
+def _starting(res: dict, part: str) -> bool:
+    """Mark ``part`` of ``res`` as begun; False if a process before this one began it (it ended, or
+    it failed and took that process's CUDA context with it: not run again)."""
+    if part in res["begun"]:
+        return False
+    res["begun"].append(part)
+    return True
+
+
+def _failed(res: dict, what: str, exc: Exception) -> None:
+    """Report a failed part (under "Sweep paths taken"); raise :class:`ContextLost` if it took the
+    CUDA context with it."""
+    lost = not _context_alive()
+    note = "; the CUDA context was lost: the run goes on in a fresh process" if lost else ""
+    res["paths"].append(f"{what}: FAILED ({type(exc).__name__}: {exc}){note}")
+    print(f"  {res['cfg'].label} {res['paths'][-1]}", flush=True)
+    if lost:
+        raise ContextLost(what) from exc
+
+
 def _attempt(res: dict, what: str, fn: Callable[[], None]) -> None:
-    """Run one part of a config; a failure is reported (under "Sweep paths taken") instead of
-    ending the benchmark run."""
+    """Run one part of a config unless a process before this one began it; a failure is reported
+    (:func:`_failed`) instead of ending the benchmark run."""
+    if not _starting(res, what):
+        return
     try:
         fn()
     except Exception as exc:
-        res["paths"].append(f"{what}: FAILED ({type(exc).__name__}: {exc})")
-        print(f"  {res['cfg'].label} {what}: FAILED ({type(exc).__name__}: {exc})", flush=True)
+        _failed(res, what, exc)
 
 
 def _time_pair(res: dict, key: str, train, fwd, sync, budget: float, **kw) -> None:
@@ -706,7 +768,7 @@ def _time_pair(res: dict, key: str, train, fwd, sync, budget: float, **kw) -> No
 def new_result(cfg: Config) -> dict:
     """The empty result of ``cfg`` that :func:`run_config` fills part by part."""
     return {"cfg": cfg, "train": {}, "forward": {}, "inference": {}, "sweeps": {}, "dispatch": {},
-            "paths": [], "path_check": {}}
+            "paths": [], "path_check": {}, "begun": []}
 
 
 def run_config(res: dict, tb: TorchBaseline | None, budget: float, cpu: bool, numpy_api: bool) -> None:
@@ -718,8 +780,12 @@ def run_config(res: dict, tb: TorchBaseline | None, budget: float, cpu: bool, nu
     x = make_input(cfg)
     sync = cuda.synchronize
     ref = cpu_reference(cfg, x)
-    for key, path, layout, name in DEVICE_PATHS:
+    for key, path, layout, name in DEVICE_PATHS[:1] + _fault_path() + DEVICE_PATHS[1:]:
+        if not _starting(res, name):
+            continue
         try:
+            if key == "fault":
+                raise RuntimeError("a fault injected by MDNUMBA_BENCH_LOSE_CONTEXT (a test of the restart)")
             train, fwd, dev = mdnumba_device_fns(cfg, x, path, layout)
             res["path_check"][key] = path_check(dev, x, ref)
             res["train"][key] = time_it(train, sync, budget)
@@ -736,7 +802,8 @@ def run_config(res: dict, tb: TorchBaseline | None, budget: float, cpu: bool, nu
             del train, fwd, dev
             gc.collect()
         except Exception as exc:  # e.g. no cooperative launch on this GPU/driver
-            res["paths"].append(f"{name}: FAILED ({type(exc).__name__}: {exc})")
+            _failed(res, name, exc)
+            continue
         print(f"  {cfg.label} {name}: {res['paths'][-1]}", flush=True)
     if tb is not None:  # next: the targets need it (a run cut later keeps it)
         def torch_part():
@@ -774,7 +841,38 @@ def write_report(path: Path, report: str) -> str:
     return report
 
 
+#: fresh processes a run may go on in after parts that lost the CUDA context (:class:`ContextLost`)
+MAX_RESTARTS = 3
+
+
+def _restart(argv: list[str], results: list[dict]) -> None:
+    """Go on in a fresh process: the same command (``os.execv``: the same pid, so run_gpu.sh's
+    deadline still holds), the results so far handed over in a pickle; the parts begun are not
+    run again (:func:`_starting`)."""
+    fd, state = tempfile.mkstemp(prefix="bench_gpu_", suffix=".pkl")
+    with os.fdopen(fd, "wb") as f:
+        pickle.dump(results, f)
+    os.environ["_MDNUMBA_BENCH_RESTARTS"] = str(int(os.environ.get("_MDNUMBA_BENCH_RESTARTS", "0")) + 1)
+    os.environ["_MDNUMBA_BENCH_STATE"] = state
+    print(f"going on in a fresh process (restart {os.environ['_MDNUMBA_BENCH_RESTARTS']} of "
+          f"{MAX_RESTARTS})", flush=True)
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, str(Path(__file__).resolve()), *argv])
+
+
+def _handed_over() -> list[dict]:
+    """The results of the process before this one (:func:`_restart`), or none."""
+    state = os.environ.pop("_MDNUMBA_BENCH_STATE", None)
+    if not state:
+        return []
+    with open(state, "rb") as f:
+        results = pickle.load(f)
+    os.unlink(state)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="few repeats")
     ap.add_argument("--smoke", action="store_true", help="every part once (a check that the script runs)")
@@ -794,15 +892,24 @@ def main(argv: list[str] | None = None) -> int:
     require_cuda()
     tb = None if args.no_torch else load_torch()
     budget = 0.5 if args.quick else 2.0
-    results, report, cut = [], "", False
-    for cfg in [parse_config(c) for c in args.configs.split(",")]:
+    results, report, cut = _handed_over(), "", False
+    for i, cfg in enumerate(parse_config(c) for c in args.configs.split(",")):
+        if i < len(results) - 1:
+            continue  # ended in a process before this one
+        if i == len(results):
+            results.append(new_result(cfg))
         print(f"{cfg.label} ...", flush=True)
         t0 = time.perf_counter()
-        results.append(new_result(cfg))
         try:
             run_config(results[-1], tb, budget, not args.no_cpu, not args.no_numpy_api)
         except KeyboardInterrupt:  # cut at the deadline (run_gpu.sh): keep the parts measured
             results[-1]["paths"].append("CUT at the deadline")
+            cut = True
+        except ContextLost:  # what is left of the run goes on in a fresh process
+            report = write_report(args.out, render(machine_info(tb), results, args.quick))
+            if int(os.environ.get("_MDNUMBA_BENCH_RESTARTS", "0")) < MAX_RESTARTS:
+                _restart(argv, results)
+            results[-1]["paths"].append(f"ENDED: the CUDA context was lost {MAX_RESTARTS + 1} times")
             cut = True
         print(f"{cfg.label} {'cut' if cut else 'done'} in {time.perf_counter() - t0:.0f} s", flush=True)
         # after every config: a run cut short keeps what it measured
@@ -812,7 +919,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report)
     if cut:
         return 1
-    failed = [p for res in results for p in res["paths"] if "FAILED" in p]
+    failed = [p for res in results for p in res["paths"] if "FAILED" in p and not p.startswith("injected")]
     return 1 if args.smoke and failed else 0  # a smoke run checks that every part runs
 
 
