@@ -57,14 +57,28 @@ def pytest_collection_modifyitems(config, items):
     """The tests that wait for the simulator or background runs go last. ``MDNUMBA_TEST_SHARD=i/k``: keep
     every k-th collected test from the i-th on (0 <= i < k). tests/test_cuda.py splits its
     simulator case run into concurrent shards this way; round robin spreads a heavy test's
-    parametrisations over the shards."""
+    parametrisations over the shards. Then the cases a case run before this one did are left out
+    (:func:`simruns.leave_out_done`)."""
     simruns.waiting_last(items)
     shard = os.environ.get("MDNUMBA_TEST_SHARD")
-    if not shard:
-        return
-    try:
-        i, k = parse_shard(shard)
-    except ValueError as exc:
-        raise pytest.UsageError(f"MDNUMBA_TEST_SHARD: {exc}") from None
-    config.hook.pytest_deselected(items=[it for n, it in enumerate(items) if n % k != i])
-    items[:] = items[i::k]
+    if shard:
+        try:
+            i, k = parse_shard(shard)
+        except ValueError as exc:
+            raise pytest.UsageError(f"MDNUMBA_TEST_SHARD: {exc}") from None
+        config.hook.pytest_deselected(items=[it for n, it in enumerate(items) if n % k != i])
+        items[:] = items[i::k]
+    simruns.leave_out_done(config, items)  # after the shard's pick: a restarted shard keeps its cases
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A case run watching the CUDA context (``MDNUMBA_CASES_LOST``, tests/simruns.py CaseRun)
+    stops after a case that failed and left it unusable (a sticky error: every later case of the
+    process would fail too), naming the case in that file; its runner goes on in a fresh process."""
+    outcome = yield
+    lost = os.environ.get(simruns.CASES_LOST)
+    if lost and outcome.get_result().failed and not simruns.cuda_context_alive():
+        with open(lost, "w") as f:
+            f.write(item.name)
+        item.session.shouldstop = f"the CUDA context was lost in {item.name}"

@@ -18,8 +18,10 @@ import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import warmup
 
@@ -59,6 +61,14 @@ WAITING_TESTS = ALL_CASES_TESTS + ("test_simulator_other_rows_per_thread",
 SKIP_RUNS = ("sum", "cell")
 SKIP_CASE = "sweep_stages_as_configured"
 _CASES_FILE = Path(__file__).with_name("test_cuda.py")
+#: environment of a case run (:class:`CaseRun`): a file of the case names a run before this one
+#: reported (left out: :func:`leave_out_done`), a file a case that lost the CUDA context is named
+#: in (conftest.py's ``pytest_runtest_makereport``), and a case to fail and report the context
+#: lost in (a test of the restart, under the simulator)
+CASES_DONE, CASES_LOST = "MDNUMBA_CASES_DONE", "MDNUMBA_CASES_LOST"
+CASES_INJECT_LOSS = "MDNUMBA_CASES_INJECT_LOSS"
+#: fresh processes a case run may go on in after cases that lost the CUDA context
+CASE_RESTARTS = 3
 
 
 def in_simulator() -> bool:
@@ -98,16 +108,28 @@ class Background:
 class CaseRun:
     """A ``python -m pytest`` subprocess running the sim_* cases (all, those ``-k select``, or
     shard ``i/k`` of them), started at once so that the runs overlap; :meth:`report` waits.
-    Under the simulator the launches' argument types go to ``tmp_dir/launches.pkl``."""
+    Under the simulator the launches' argument types go to ``tmp_dir/launches.pkl``. A run that
+    ``watches`` the CUDA context (on a GPU) stops after a case that lost it, naming the case in
+    ``tmp_dir/lost.txt``; :meth:`go_on` starts the cases it did not reach in a fresh process.
+    ``done``: names of cases to leave out."""
 
     def __init__(self, tmp_dir: Path, simulator: bool, env_extra: dict | None = None,
-                 select: str | None = None):
+                 select: str | None = None, watch: bool = False, done: frozenset = frozenset(),
+                 restarts: int = 0):
         self.xml = tmp_dir / "report.xml"
         self.launches = tmp_dir / "launches.pkl"
+        self.lost = tmp_dir / "lost.txt"
+        self.settings = dict(simulator=simulator, env_extra=env_extra, select=select, watch=watch)
+        self.done, self.restarts = done, restarts
         env = dict(os.environ)
         if simulator:  # one numba thread: the runs share the cores
             env.update(NUMBA_ENABLE_CUDASIM="1", MDNUMBA_THREADS_PER_BLOCK="8", NUMBA_NUM_THREADS="1",
                        MDNUMBA_PTX_RECORD=str(self.launches))
+        if watch:
+            env[CASES_LOST] = str(self.lost)
+        if done:
+            (tmp_dir / "done.txt").write_text("\n".join(sorted(done)))
+            env[CASES_DONE] = str(tmp_dir / "done.txt")
         env.update(env_extra or {})
         # on a GPU each case's name and outcome as it ends (-v): a run cut short keeps them
         cmd = [sys.executable, "-m", "pytest", str(_CASES_FILE), "-q" if simulator else "-v", "-p",
@@ -127,6 +149,56 @@ class CaseRun:
 
     def stop(self, grace: float = 0.0) -> None:
         self.run.stop(grace)
+
+    def go_on(self, tmp_dir: Callable[[], Path]) -> CaseRun | None:
+        """After :meth:`report`: where a case lost the CUDA context, a run of the cases this one
+        did not reach, in a fresh process and folder ``tmp_dir()`` (at most :data:`CASE_RESTARTS`
+        times); else None."""
+        if not self.lost.exists() or self.restarts >= CASE_RESTARTS:
+            return None
+        return CaseRun(tmp_dir(), **self.settings, done=self.done | frozenset(self.report()),
+                       restarts=self.restarts + 1)
+
+
+def restarted_report(runs: list[CaseRun], tmp_dir: Callable[[], Path]) -> dict[str, tuple[str, str]]:
+    """The merged report of ``runs`` (:func:`merged_report`), each going on in fresh processes
+    (:meth:`CaseRun.go_on`, in new folders ``tmp_dir()``) where a case lost the CUDA context;
+    those runs are added to ``runs`` (to be stopped with them)."""
+    report, n = {}, 0
+    while n < len(runs):
+        report.update(runs[n].report())
+        more = runs[n].go_on(tmp_dir)
+        if more is not None:
+            runs.append(more)
+        n += 1
+    return report
+
+
+def cuda_context_alive() -> bool:
+    """Whether CUDA still works in this process after a failed case: a synchronize, an allocation
+    and a copy back; never where ``MDNUMBA_CASES_INJECT_LOSS`` is set (a test of the restart)."""
+    if os.environ.get(CASES_INJECT_LOSS):
+        return False
+    try:
+        from numba import cuda
+        cuda.synchronize()
+        return bool(cuda.to_device(np.ones(1)).copy_to_host()[0] == 1.0)
+    except Exception:
+        return False
+
+
+def leave_out_done(config, items: list) -> None:
+    """Leave out the cases a run before this one reported (``MDNUMBA_CASES_DONE``), and make the
+    case ``MDNUMBA_CASES_INJECT_LOSS`` names fail (a test of the restart)."""
+    done = os.environ.get(CASES_DONE)
+    if done:
+        names = set(Path(done).read_text().splitlines())
+        config.hook.pytest_deselected(items=[it for it in items if it.name in names])
+        items[:] = [it for it in items if it.name not in names]
+    inject = os.environ.get(CASES_INJECT_LOSS)
+    for it in items:
+        if it.name == inject:
+            it.runtest = lambda: pytest.fail(f"a loss of the CUDA context injected by {CASES_INJECT_LOSS}")
 
 
 def _parse_report(xml: Path) -> dict[str, tuple[str, str]]:
