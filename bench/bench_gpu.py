@@ -711,19 +711,6 @@ def _injecting() -> bool:
     return env.get("MDNUMBA_BENCH_LOSE_CONTEXT") == "1" and not env.get("_MDNUMBA_BENCH_RESTARTS")
 
 
-def _context_alive() -> bool:
-    """Whether CUDA still works in this process after a failure: a synchronize, an allocation and
-    a copy back (never in a test of the restart, :func:`_injecting`)."""
-    if _injecting():
-        return False
-    from numba import cuda
-    try:
-        cuda.synchronize()
-        return cuda.to_device(np.ones(1)).copy_to_host()[0] == 1.0
-    except Exception:
-        return False
-
-
 def _fault_path() -> list[tuple[str, str, str | None, str]]:
     """The failing part of a test of the restart (:func:`_injecting`), after the default path's."""
     return [("fault", "cooperative", None, "injected fault")] if _injecting() else []
@@ -741,7 +728,8 @@ def _starting(res: dict, part: str) -> bool:
 def _failed(res: dict, what: str, exc: Exception) -> None:
     """Report a failed part (under "Sweep paths taken"); raise :class:`ContextLost` if it took the
     CUDA context with it."""
-    lost = not _context_alive()
+    from mdnumba.backend_cuda import cuda_context_alive
+    lost = _injecting() or not cuda_context_alive()
     note = "; the CUDA context was lost: the run goes on in a fresh process" if lost else ""
     res["paths"].append(f"{what}: FAILED ({type(exc).__name__}: {exc}){note}")
     print(f"  {res['cfg'].label} {res['paths'][-1]}", flush=True)

@@ -103,6 +103,18 @@ def require_cuda() -> None:
         raise CudaUnavailableError(f"device='cuda' is not available: {reason}; {INSTALL_HINT}")
 
 
+def cuda_context_alive() -> bool:
+    """Whether CUDA still works in this process: a synchronize, an allocation and a copy back.
+    False after a sticky error (an illegal or misaligned address in a kernel), which leaves the
+    process's CUDA context unusable: every later CUDA call fails, and only a new process helps."""
+    try:
+        from numba import cuda
+        cuda.synchronize()
+        return bool(cuda.to_device(np.ones(1)).copy_to_host()[0] == 1.0)
+    except Exception:
+        return False
+
+
 def _kernels():
     require_cuda()
     from .kernels import wavefront_cuda

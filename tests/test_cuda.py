@@ -1348,6 +1348,22 @@ def sim_errors_and_fallback(rng, monkeypatch):
         dev.forward(np.ones((1, 2, 2, 2), np.float32))
 
 
+def sim_cuda_context_alive_until_a_call_fails(monkeypatch):
+    """``cuda_context_alive`` (the GPU benchmark and test shards go on in a fresh process where it
+    is False after a failure): True while CUDA works, False once a call fails, as every call does
+    after a sticky error on a GPU."""
+    from numba import cuda
+
+    from mdnumba.backend_cuda import cuda_context_alive
+    assert cuda_context_alive() is True
+
+    def sticky():
+        raise RuntimeError("CUDA_ERROR_ILLEGAL_ADDRESS")
+
+    monkeypatch.setattr(cuda, "synchronize", sticky)
+    assert cuda_context_alive() is False
+
+
 def sim_layer_accepts_device_arrays(rng):
     """MDLSTM2D(device='cuda') takes a CUDA array and returns one, equal to the NumPy path."""
     from numba import cuda
@@ -2429,6 +2445,12 @@ def test_case_runs_cut_short_get_time_to_write_their_reports(tmp_path):
     run = CaseRun(tmp_path, simulator=False, select="nothing")
     run.stop()
     assert "-v" in run.run.cmd
+
+
+def test_no_cuda_context_without_a_gpu():
+    """Without a usable GPU no CUDA call works in this process (the simulator runs check it alive)."""
+    from mdnumba.backend_cuda import cuda_context_alive
+    assert cuda_context_alive() is (cuda_unavailable_reason() is None)
 
 
 def test_case_runs_go_on_after_a_case_lost_the_cuda_context(tmp_path):
