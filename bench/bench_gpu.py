@@ -37,16 +37,18 @@ numba-cuda 0.30.4 does not import with numpy 2.5).
 
 A part that fails is reported and the run goes on. One that also takes the process's CUDA
 context with it (a sticky error such as an illegal or misaligned address in a kernel never run on
-a GPU before: every later CUDA call of the process fails too) would have cost every part after
-it; the run then goes on in a fresh process instead (``os.execv``, the results so far handed
-over), skipping the parts begun before, up to :data:`MAX_RESTARTS` times.
-``MDNUMBA_BENCH_LOSE_CONTEXT=1`` tests this: a part after the default path's fails and reports
-the context lost, in the first process only (the CI's smoke run sets it).
+a GPU before: every later CUDA call of the process fails too), or one still running after
+:data:`PART_LIMIT_S` (a kernel that never ends), would have cost every part after it; the run
+then goes on in a fresh process instead (``os.execv``, the results so far handed over), skipping
+the parts begun before, up to :data:`MAX_RESTARTS` times. ``MDNUMBA_BENCH_INJECT=lose,hang``
+tests this: a part that fails and reports the context lost in the first process, one that hangs
+in the second (the CI's smoke run sets it).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import importlib
@@ -57,6 +59,7 @@ import platform
 import re
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -698,39 +701,83 @@ def machine_info(tb: TorchBaseline | None) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------- main
+#: seconds a part may run before it counts as hung and the run goes on without it in a fresh
+#: process (a kernel that never ends blocks its synchronize, and SIGINT waits for it: run_gpu.sh
+#: would kill the process at its cap, the config's parts measured so far with it)
+PART_LIMIT_S = 180.0
+#: fresh processes a run may go on in after parts that lost the CUDA context or hung
+MAX_RESTARTS = 3
+#: what a restart hands on (:func:`_go_on`): ``argv``, ``results``, ``out``, ``info``, ``quick``;
+#: and ``part``, the part running now and its deadline, for :func:`_watchdog`, under ``lock``
+_RUN: dict = {"part": None, "lock": threading.Lock()}
+
+
 class ContextLost(Exception):
     """A part failed and left the process's CUDA context unusable (a sticky error such as an
     illegal or misaligned address: every later CUDA call fails too); :func:`main` goes on in a
-    fresh process (:func:`_restart`)."""
+    fresh process (:func:`_go_on`)."""
 
 
-def _injecting() -> bool:
-    """Whether this process runs a test of the restart: ``MDNUMBA_BENCH_LOSE_CONTEXT=1`` adds a part
-    that fails and reports the CUDA context lost, in the first process of a run only."""
-    env = os.environ
-    return env.get("MDNUMBA_BENCH_LOSE_CONTEXT") == "1" and not env.get("_MDNUMBA_BENCH_RESTARTS")
+def _injected() -> list[tuple[str, str, str | None, str]]:
+    """The part a test of the restarts adds to this process, after the default path's:
+    ``MDNUMBA_BENCH_INJECT``, a comma list of ``lose`` (a part that fails and reports the CUDA
+    context lost) and ``hang`` (one that never ends), one per process of the run, in that order."""
+    kinds = [k for k in os.environ.get("MDNUMBA_BENCH_INJECT", "").split(",") if k]
+    if set(kinds) - {"lose", "hang"}:
+        raise SystemExit(f"MDNUMBA_BENCH_INJECT={os.environ['MDNUMBA_BENCH_INJECT']}: use lose and hang")
+    n = int(os.environ.get("_MDNUMBA_BENCH_RESTARTS", "0"))
+    return [(kinds[n], "cooperative", None, f"injected {kinds[n]}")] if n < len(kinds) else []
 
 
-def _fault_path() -> list[tuple[str, str, str | None, str]]:
-    """The failing part of a test of the restart (:func:`_injecting`), after the default path's."""
-    return [("fault", "cooperative", None, "injected fault")] if _injecting() else []
+def _run_injected(kind: str) -> None:
+    if kind == "lose":
+        raise RuntimeError("a loss of the CUDA context injected by MDNUMBA_BENCH_INJECT")
+    while True:  # hang: the watchdog ends it
+        time.sleep(0.05)
 
 
 def _starting(res: dict, part: str) -> bool:
     """Mark ``part`` of ``res`` as begun; False if a process before this one began it (it ended, or
-    it failed and took that process's CUDA context with it: not run again)."""
+    it took that process's CUDA context with it or hung: not run again)."""
     if part in res["begun"]:
         return False
     res["begun"].append(part)
     return True
 
 
+@contextlib.contextmanager
+def _watched(res: dict, part: str, limit_s: float = PART_LIMIT_S):
+    """Run the block as ``part`` of ``res``, which :func:`_watchdog` ends after ``limit_s``."""
+    with _RUN["lock"]:
+        _RUN["part"] = (res, part, time.monotonic() + limit_s, limit_s)
+    try:
+        yield
+    finally:
+        with _RUN["lock"]:
+            _RUN["part"] = None
+
+
+def _watchdog() -> None:
+    """A thread: where a part runs past its limit (:func:`_watched`), report it hung and go on in a
+    fresh process (:func:`_go_on`), or end the process past :data:`MAX_RESTARTS`."""
+    while True:
+        time.sleep(0.5)
+        with _RUN["lock"]:
+            if _RUN["part"] is None or time.monotonic() < _RUN["part"][2]:
+                continue
+            res, part, _, limit_s = _RUN["part"]
+            res["paths"].append(f"{part}: HUNG (still running after {limit_s:.0f} s)")
+            print(f"  {res['cfg'].label} {res['paths'][-1]}", flush=True)
+            _go_on()
+            os._exit(1)
+
+
 def _failed(res: dict, what: str, exc: Exception) -> None:
     """Report a failed part (under "Sweep paths taken"); raise :class:`ContextLost` if it took the
     CUDA context with it."""
     from mdnumba.backend_cuda import cuda_context_alive
-    lost = _injecting() or not cuda_context_alive()
-    note = "; the CUDA context was lost: the run goes on in a fresh process" if lost else ""
+    lost = what == "injected lose" or not cuda_context_alive()
+    note = "; the CUDA context was lost" if lost else ""
     res["paths"].append(f"{what}: FAILED ({type(exc).__name__}: {exc}){note}")
     print(f"  {res['cfg'].label} {res['paths'][-1]}", flush=True)
     if lost:
@@ -743,7 +790,8 @@ def _attempt(res: dict, what: str, fn: Callable[[], None]) -> None:
     if not _starting(res, what):
         return
     try:
-        fn()
+        with _watched(res, what):
+            fn()
     except Exception as exc:
         _failed(res, what, exc)
 
@@ -759,36 +807,46 @@ def new_result(cfg: Config) -> dict:
             "paths": [], "path_check": {}, "begun": []}
 
 
-def run_config(res: dict, tb: TorchBaseline | None, budget: float, cpu: bool, numpy_api: bool) -> None:
-    """Measure ``res["cfg"]`` into ``res`` as it goes (a run cut midway keeps the parts done)."""
+def _device_path(res: dict, key: str, path: str, layout: str | None, name: str, x: np.ndarray,
+                 ref: tuple, budget: float) -> None:
+    """Check one device path (:data:`DEVICE_PATHS`) against the CPU kernels' ``ref``, then time it
+    into ``res`` under ``key``; an injected part (:func:`_injected`) runs instead where ``key`` is one."""
     from numba import cuda
 
     from mdnumba.backend_cuda import last_path
+    if key in ("lose", "hang"):
+        _run_injected(key)
+    cfg, sync = res["cfg"], cuda.synchronize
+    train, fwd, dev = mdnumba_device_fns(cfg, x, path, layout)
+    res["path_check"][key] = path_check(dev, x, ref)
+    res["train"][key] = time_it(train, sync, budget)
+    res["dispatch"][key] = host_time(train, sync, budget / 4)
+    if key == "coop":
+        res["dispatch_numba"] = {key: unprepared(lambda t=train: host_time(t, sync, budget / 4))}
+    res["paths"].append(f"{name} (train): {last_path()}")
+    res["forward"][key] = time_it(fwd, sync, budget)
+    res["paths"].append(f"{name} (forward): {last_path()}")
+    res["inference"][key] = time_it(lambda f=fwd: f(save=False), sync, budget)
+    res["sweeps"][name] = sweep_times(dev, cfg, path, sync, budget / 2)
+    if key == "coop":
+        res["gemm"] = gemm_time(dev, cfg, sync, budget / 4)
+    del train, fwd, dev
+    gc.collect()
+
+
+def run_config(res: dict, tb: TorchBaseline | None, budget: float, cpu: bool, numpy_api: bool) -> None:
+    """Measure ``res["cfg"]`` into ``res`` as it goes (a run cut midway keeps the parts done)."""
+    from numba import cuda
     cfg = res["cfg"]
     x = make_input(cfg)
     sync = cuda.synchronize
     ref = cpu_reference(cfg, x)
-    for key, path, layout, name in DEVICE_PATHS[:1] + _fault_path() + DEVICE_PATHS[1:]:
+    for key, path, layout, name in DEVICE_PATHS[:1] + _injected() + DEVICE_PATHS[1:]:
         if not _starting(res, name):
             continue
         try:
-            if key == "fault":
-                raise RuntimeError("a fault injected by MDNUMBA_BENCH_LOSE_CONTEXT (a test of the restart)")
-            train, fwd, dev = mdnumba_device_fns(cfg, x, path, layout)
-            res["path_check"][key] = path_check(dev, x, ref)
-            res["train"][key] = time_it(train, sync, budget)
-            res["dispatch"][key] = host_time(train, sync, budget / 4)
-            if key == "coop":
-                res["dispatch_numba"] = {key: unprepared(lambda t=train: host_time(t, sync, budget / 4))}
-            res["paths"].append(f"{name} (train): {last_path()}")
-            res["forward"][key] = time_it(fwd, sync, budget)
-            res["paths"].append(f"{name} (forward): {last_path()}")
-            res["inference"][key] = time_it(lambda f=fwd: f(save=False), sync, budget)
-            res["sweeps"][name] = sweep_times(dev, cfg, path, sync, budget / 2)
-            if key == "coop":
-                res["gemm"] = gemm_time(dev, cfg, sync, budget / 4)
-            del train, fwd, dev
-            gc.collect()
+            with _watched(res, name, 2.0 if key == "hang" else PART_LIMIT_S):
+                _device_path(res, key, path, layout, name, x, ref, budget)
         except Exception as exc:  # e.g. no cooperative launch on this GPU/driver
             _failed(res, name, exc)
             continue
@@ -829,27 +887,34 @@ def write_report(path: Path, report: str) -> str:
     return report
 
 
-#: fresh processes a run may go on in after parts that lost the CUDA context (:class:`ContextLost`)
-MAX_RESTARTS = 3
+def _write(results: list[dict]) -> str:
+    """Write the report of ``results`` (after every config and before a restart)."""
+    return write_report(_RUN["out"], render(_RUN["info"], results, _RUN["quick"]))
 
 
-def _restart(argv: list[str], results: list[dict]) -> None:
-    """Go on in a fresh process: the same command (``os.execv``: the same pid, so run_gpu.sh's
-    deadline still holds), the results so far handed over in a pickle; the parts begun are not
-    run again (:func:`_starting`)."""
+def _go_on() -> None:
+    """Write the report; go on in a fresh process: the same command (``os.execv``: the same pid, so
+    run_gpu.sh's deadline still holds), the results so far handed over in a pickle (the parts begun
+    are not run again, :func:`_starting`). Past :data:`MAX_RESTARTS` restarts: say so and return."""
+    results = _RUN["results"]
+    restarts = int(os.environ.get("_MDNUMBA_BENCH_RESTARTS", "0"))
+    if restarts >= MAX_RESTARTS:
+        results[-1]["paths"].append(f"ENDED: {MAX_RESTARTS} restarts, none left")
+        _write(results)
+        return
+    _write(results)
     fd, state = tempfile.mkstemp(prefix="bench_gpu_", suffix=".pkl")
     with os.fdopen(fd, "wb") as f:
         pickle.dump(results, f)
-    os.environ["_MDNUMBA_BENCH_RESTARTS"] = str(int(os.environ.get("_MDNUMBA_BENCH_RESTARTS", "0")) + 1)
+    os.environ["_MDNUMBA_BENCH_RESTARTS"] = str(restarts + 1)
     os.environ["_MDNUMBA_BENCH_STATE"] = state
-    print(f"going on in a fresh process (restart {os.environ['_MDNUMBA_BENCH_RESTARTS']} of "
-          f"{MAX_RESTARTS})", flush=True)
+    print(f"going on in a fresh process (restart {restarts + 1} of {MAX_RESTARTS})", flush=True)
     sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, str(Path(__file__).resolve()), *argv])
+    os.execv(sys.executable, [sys.executable, str(Path(__file__).resolve()), *_RUN["argv"]])
 
 
 def _handed_over() -> list[dict]:
-    """The results of the process before this one (:func:`_restart`), or none."""
+    """The results of the process before this one (:func:`_go_on`), or none."""
     state = os.environ.pop("_MDNUMBA_BENCH_STATE", None)
     if not state:
         return []
@@ -881,6 +946,8 @@ def main(argv: list[str] | None = None) -> int:
     tb = None if args.no_torch else load_torch()
     budget = 0.5 if args.quick else 2.0
     results, report, cut = _handed_over(), "", False
+    _RUN.update(argv=argv, results=results, out=args.out, info=machine_info(tb), quick=args.quick)
+    threading.Thread(target=_watchdog, daemon=True).start()
     for i, cfg in enumerate(parse_config(c) for c in args.configs.split(",")):
         if i < len(results) - 1:
             continue  # ended in a process before this one
@@ -894,14 +961,10 @@ def main(argv: list[str] | None = None) -> int:
             results[-1]["paths"].append("CUT at the deadline")
             cut = True
         except ContextLost:  # what is left of the run goes on in a fresh process
-            report = write_report(args.out, render(machine_info(tb), results, args.quick))
-            if int(os.environ.get("_MDNUMBA_BENCH_RESTARTS", "0")) < MAX_RESTARTS:
-                _restart(argv, results)
-            results[-1]["paths"].append(f"ENDED: the CUDA context was lost {MAX_RESTARTS + 1} times")
+            _go_on()
             cut = True
         print(f"{cfg.label} {'cut' if cut else 'done'} in {time.perf_counter() - t0:.0f} s", flush=True)
-        # after every config: a run cut short keeps what it measured
-        report = write_report(args.out, render(machine_info(tb), results, args.quick))
+        report = _write(results)  # after every config: a run cut short keeps what it measured
         if cut:
             break
     print(report)

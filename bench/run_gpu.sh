@@ -35,8 +35,8 @@
 # that the family benchmark gets one (the char-LM one gets what is left); the parts write
 # as they go (gpu.md after every config, the family table after every shape), so a cut part
 # keeps what it measured. bench_gpu.py times the two configs with targets (32, 256) first; a part
-# that loses the CUDA context (a sticky error: an illegal address) does not cost the parts after
-# it, the run goes on in a fresh process (bench_gpu.py's docstring).
+# that loses the CUDA context (a sticky error: an illegal address) or hangs does not cost the parts
+# after it, the run goes on in a fresh process (bench_gpu.py's docstring).
 # The report goes to $OUT/gpu.md when $OUT is set (the device tool's output folder), else to
 # bench/results/gpu.md (and family_cuda.md from bench_family.py).
 set -euo pipefail

@@ -27,12 +27,12 @@ def _smoke_run(folder: Path):
     (folder / "out").mkdir()
     # CHARLM_S: the char-LM part's cap (90 s on a GPU) for its compiles on a CI machine's cores busy
     # with the simulator shards
-    # MDNUMBA_BENCH_LOSE_CONTEXT: bench_gpu.py's first process fails a part after the default path's
-    # and reports the CUDA context lost (as an illegal address does on a GPU): the run must go on in
-    # a fresh process and still fill every column
+    # MDNUMBA_BENCH_INJECT: bench_gpu.py's first process fails a part after the default path's and
+    # reports the CUDA context lost (as an illegal address does on a GPU), its second runs a part
+    # that never ends: the run must go on in a fresh process each time and still fill every column
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", MDNUMBA_THREADS_PER_BLOCK="8",
                NUMBA_NUM_THREADS="1", OUT=str(folder / "out"), PYTHONUNBUFFERED="1", CHARLM_S="240",
-               MDNUMBA_BENCH_LOSE_CONTEXT="1",
+               MDNUMBA_BENCH_INJECT="lose,hang",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     env.pop("MDNUMBA_PTX_RECORD", None)
     return ["bash", str(ROOT / "bench" / "run_gpu.sh"), "--smoke"], env
@@ -44,8 +44,8 @@ def test_run_gpu_smoke_under_the_simulator(background_run):
     """The smoke run (started with the session, after the kernel warm-up) filled every table."""
     rc, out = background_run.wait(), background_run.output()
     assert rc == 0, out[-6000:]
-    assert [line for line in out.splitlines() if "FAILED" in line and "injected fault" not in line] == []
-    assert "going on in a fresh process (restart 1 of 3)" in out, out[-6000:]
+    assert [line for line in out.splitlines() if "FAILED" in line and "injected lose" not in line] == []
+    assert "going on in a fresh process (restart 2 of 3)" in out, out[-6000:]
     tmp_path = background_run.out.parent / "out"
     gpu = (tmp_path / "gpu.md").read_text()
     row = next(line for line in gpu.splitlines() if line.startswith("| 4x4 B1 D2 | **"))
@@ -55,8 +55,9 @@ def test_run_gpu_smoke_under_the_simulator(background_run):
     filled = [c.startswith("**") for c in cells]
     assert filled == [True] * 9 + [has_torch, True], row
     assert "item (train): item (1 blocks x 8 threads" in gpu, gpu[-3000:]
-    lost = "injected fault: FAILED (RuntimeError: a fault injected by MDNUMBA_BENCH_LOSE_CONTEXT"
-    assert f"- 4x4 B1 D2: {lost}" in gpu and "the run goes on in a fresh process" in gpu, gpu[-3000:]
+    lost = "injected lose: FAILED (RuntimeError: a loss of the CUDA context injected by MDNUMBA_BENCH_INJECT)"
+    assert f"- 4x4 B1 D2: {lost}; the CUDA context was lost" in gpu, gpu[-3000:]
+    assert "- 4x4 B1 D2: injected hang: HUNG (still running after 2 s)" in gpu, gpu[-3000:]
     assert "| 4x4 B1 D2 | item | " in gpu and "**MISMATCH**" not in gpu, gpu[-3000:]  # checked vs the CPU
     parts = gpu[gpu.index("## Where a train step goes"):].splitlines()
     assert any(line.startswith("| 4x4 B1 D2 | ") for line in parts), parts[:12]
