@@ -704,7 +704,7 @@ def machine_info(tb: TorchBaseline | None) -> dict[str, str]:
 #: seconds a part may run before it counts as hung and the run goes on without it in a fresh
 #: process (a kernel that never ends blocks its synchronize, and SIGINT waits for it: run_gpu.sh
 #: would kill the process at its cap, the config's parts measured so far with it)
-PART_LIMIT_S = 180.0
+PART_LIMIT_S = 120.0
 #: fresh processes a run may go on in after parts that lost the CUDA context or hung
 MAX_RESTARTS = 3
 #: what a restart hands on (:func:`_go_on`): ``argv``, ``results``, ``out``, ``info``, ``quick``;
