@@ -55,6 +55,9 @@ LAYOUT_SIZES = {"sliced": "MDNUMBA_CUDA_SLICE_UNITS", "staged": "MDNUMBA_CUDA_SL
                 "item": "MDNUMBA_CUDA_ITEM_THREADS", "tensor": "MDNUMBA_CUDA_TENSOR_TILES"}
 #: the variants whose results are right: their train steps are candidate defaults
 CANDIDATES = ("full", "memory-cell")
+#: seconds a combination's child process may run: one still going then (a kernel that never ends)
+#: is killed and its row says so, and the other combinations still run
+COMBO_LIMIT_S = 300.0
 
 
 def child(configs: list[str], budget: float, variant: str) -> None:
@@ -100,12 +103,17 @@ def run_combo(rows: int, unroll: int, tpb: int, layout: str, configs: str, quick
     env.update(VARIANTS[variant])
     cmd = [sys.executable, __file__, "--child", "--variant", variant, "--configs", configs] + \
         (["--quick"] if quick else [])
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    found = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0:
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=COMBO_LIMIT_S)
+        out = proc.stdout
+        error = (proc.stderr.strip().splitlines() or ["no output"])[-1] if proc.returncode else ""
+    except subprocess.TimeoutExpired as exc:  # the configs it finished still count
+        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        error = f"HUNG: still running after {COMBO_LIMIT_S:g} s, killed"
+    found = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
+    if error:
         found.append({"config": "?", "rows": rows, "unroll": unroll, "tpb": tpb, "layout": layout,
-                      "min_blocks": min_blocks, "variant": variant,
-                      "error": (proc.stderr.strip().splitlines() or ["no output"])[-1]})
+                      "min_blocks": min_blocks, "variant": variant, "error": error})
     return found
 
 

@@ -107,6 +107,18 @@ def test_tune_gpu_times_the_sweeps_without_some_stages(tmp_path):
     assert all("item (1 blocks x 8 threads" in ln for ln in rows[2:]), rows
 
 
+def test_tune_gpu_kills_a_combination_that_hangs(monkeypatch):
+    """A combination's child still running after ``COMBO_LIMIT_S`` (a kernel that never ends on a
+    GPU) is killed, and its row says so: here a limit far below what a child takes to start."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import tune_gpu
+    monkeypatch.setattr(tune_gpu, "COMBO_LIMIT_S", 0.2)
+    monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "1")
+    rows = tune_gpu.run_combo(2, 8, 8, "flat", "4x4x1x2", quick=True)
+    assert [r["error"] for r in rows] == ["HUNG: still running after 0.2 s, killed"], rows
+    assert "FAILED: HUNG" in tune_gpu.render(rows)
+
+
 def _launch_host_run(folder: Path):
     """``bench/launch_host.py --only step,Adam`` at 2 repeats (no GPU: the driver calls stubbed,
     numba-cuda's dispatch and NVVM for real), its table in ``folder/launch_host.md``; ~20 s of
