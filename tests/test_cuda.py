@@ -2447,6 +2447,22 @@ def test_case_runs_cut_short_get_time_to_write_their_reports(tmp_path):
     assert "-v" in run.run.cmd
 
 
+def test_a_gpu_case_run_killed_before_its_report_gives_what_it_listed(tmp_path):
+    """A GPU shard killed at the tests' cut while a kernel never ends writes no report: what its
+    output (-v) listed still counts, its last case started fails as killed, and the other shards'
+    cases are not failed with it (a missing report failed the whole GPU case fixture)."""
+    run = CaseRun(tmp_path, simulator=False, select="nothing")
+    run.stop()
+    run.xml.unlink(missing_ok=True)
+    run.run.out.write_text("tests/test_cuda.py::sim_a PASSED [ 33%]\n"
+                           "tests/test_cuda.py::sim_b[x-1] FAILED [ 66%]\n"
+                           "tests/test_cuda.py::sim_c[cooperative] ")
+    report = run.report()
+    assert report["sim_a"] == ("passed", "") and report["sim_b[x-1]"][0] == "failed"
+    assert report["sim_c[cooperative]"] == ("failed", "killed while it ran (a kernel that never ended?)")
+    assert len(report) == 3
+
+
 def test_no_cuda_context_without_a_gpu():
     """Without a usable GPU no CUDA call works in this process (the simulator runs check it alive)."""
     from mdnumba.backend_cuda import cuda_context_alive
