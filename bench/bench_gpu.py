@@ -41,8 +41,8 @@ a GPU before: every later CUDA call of the process fails too), or one still runn
 :data:`PART_LIMIT_S` (a kernel that never ends), would have cost every part after it; the run
 then goes on in a fresh process instead (``os.execv``, the results so far handed over), skipping
 the parts begun before, up to :data:`MAX_RESTARTS` times. ``MDNUMBA_BENCH_INJECT=lose,hang``
-tests this: a part that fails and reports the context lost in the first process, one that hangs
-in the second (the CI's smoke run sets it).
+tests this: a part that fails and reports the context lost, and one that hangs (the CI's smoke
+run sets it).
 """
 
 from __future__ import annotations
@@ -707,9 +707,11 @@ def machine_info(tb: TorchBaseline | None) -> dict[str, str]:
 PART_LIMIT_S = 120.0
 #: fresh processes a run may go on in after parts that lost the CUDA context or hung
 MAX_RESTARTS = 3
-#: what a restart hands on (:func:`_go_on`): ``argv``, ``results``, ``out``, ``info``, ``quick``;
-#: and ``part``, the part running now and its deadline, for :func:`_watchdog`, under ``lock``
-_RUN: dict = {"part": None, "lock": threading.Lock()}
+#: the run's state: ``argv``, ``results``, ``out``, ``info``, ``quick`` (what a restart, :func:`_go_on`,
+#: needs); ``broken``, the parts that hung or lost the CUDA context (handed on with the results:
+#: not run again at the next configs); ``part``, the part running now and its deadline, for
+#: :func:`_watchdog`, under ``lock``; ``watched``, whether this process began a part yet
+_RUN: dict = {"part": None, "lock": threading.Lock(), "broken": {}, "watched": False}
 
 
 class ContextLost(Exception):
@@ -719,14 +721,13 @@ class ContextLost(Exception):
 
 
 def _injected() -> list[tuple[str, str, str | None, str]]:
-    """The part a test of the restarts adds to this process, after the default path's:
-    ``MDNUMBA_BENCH_INJECT``, a comma list of ``lose`` (a part that fails and reports the CUDA
-    context lost) and ``hang`` (one that never ends), one per process of the run, in that order."""
+    """The parts a test of the restarts adds after the default path's: ``MDNUMBA_BENCH_INJECT``, a
+    comma list of ``lose`` (a part that fails and reports the CUDA context lost) and ``hang`` (one
+    that never ends); each breaks the process it runs in, and is then skipped (:func:`_starting`)."""
     kinds = [k for k in os.environ.get("MDNUMBA_BENCH_INJECT", "").split(",") if k]
     if set(kinds) - {"lose", "hang"}:
         raise SystemExit(f"MDNUMBA_BENCH_INJECT={os.environ['MDNUMBA_BENCH_INJECT']}: use lose and hang")
-    n = int(os.environ.get("_MDNUMBA_BENCH_RESTARTS", "0"))
-    return [(kinds[n], "cooperative", None, f"injected {kinds[n]}")] if n < len(kinds) else []
+    return [(kind, "cooperative", None, f"injected {kind}") for kind in kinds]
 
 
 def _run_injected(kind: str) -> None:
@@ -738,18 +739,31 @@ def _run_injected(kind: str) -> None:
 
 def _starting(res: dict, part: str) -> bool:
     """Mark ``part`` of ``res`` as begun; False if a process before this one began it (it ended, or
-    it took that process's CUDA context with it or hung: not run again)."""
+    it took that process's CUDA context with it or hung: not run again), or if it hung or lost the
+    context at an earlier config (said in ``res``)."""
     if part in res["begun"]:
         return False
     res["begun"].append(part)
+    if part in _RUN["broken"]:
+        res["paths"].append(f"{part}: SKIPPED (it {_RUN['broken'][part]})")
+        return False
     return True
 
 
+def _broken(res: dict, part: str, what: str) -> None:
+    """Record that ``part`` of ``res`` ``what`` ("hung", "lost the CUDA context"): reported, and
+    skipped at the later configs."""
+    _RUN["broken"][part] = f"{what} at {res['cfg'].label}"
+
+
 @contextlib.contextmanager
-def _watched(res: dict, part: str, limit_s: float = PART_LIMIT_S):
-    """Run the block as ``part`` of ``res``, which :func:`_watchdog` ends after ``limit_s``."""
+def _watched(res: dict, part: str, limit_s: float = PART_LIMIT_S, stage: str = ""):
+    """Run the block as ``part`` of ``res`` (its ``stage``, said if it hangs), which
+    :func:`_watchdog` ends after ``limit_s`` (twice that for a process's first part: it compiles
+    the kernels every path shares)."""
+    limit_s *= 1 if _RUN["watched"] else 2
     with _RUN["lock"]:
-        _RUN["part"] = (res, part, time.monotonic() + limit_s, limit_s)
+        _RUN["part"], _RUN["watched"] = (res, part, time.monotonic() + limit_s, limit_s, stage), True
     try:
         yield
     finally:
@@ -765,22 +779,29 @@ def _watchdog() -> None:
         with _RUN["lock"]:
             if _RUN["part"] is None or time.monotonic() < _RUN["part"][2]:
                 continue
-            res, part, _, limit_s = _RUN["part"]
-            res["paths"].append(f"{part}: HUNG (still running after {limit_s:.0f} s)")
-            print(f"  {res['cfg'].label} {res['paths'][-1]}", flush=True)
-            _go_on()
-            os._exit(1)
+            res, part, _, limit_s, stage = _RUN["part"]
+            try:
+                res["paths"].append(f"{part}{stage}: HUNG (still running after {limit_s:.0f} s)")
+                print(f"  {res['cfg'].label} {res['paths'][-1]}", flush=True)
+                _broken(res, part, "hung")
+                _go_on()
+            finally:  # past the restarts (or if the report could not be written): end here
+                os._exit(1)
 
 
 def _failed(res: dict, what: str, exc: Exception) -> None:
     """Report a failed part (under "Sweep paths taken"); raise :class:`ContextLost` if it took the
     CUDA context with it."""
     from mdnumba.backend_cuda import cuda_context_alive
-    lost = what == "injected lose" or not cuda_context_alive()
-    note = "; the CUDA context was lost" if lost else ""
-    res["paths"].append(f"{what}: FAILED ({type(exc).__name__}: {exc}){note}")
-    print(f"  {res['cfg'].label} {res['paths'][-1]}", flush=True)
+    line = f"{what}: FAILED ({type(exc).__name__}: {exc})"
+    res["paths"].append(line)
+    print(f"  {res['cfg'].label} {line}", flush=True)
+    with _watched(res, what, 30.0, " (the check of the CUDA context after it failed)"):  # a kernel may run on
+        lost = what == "injected lose" or not cuda_context_alive()
     if lost:
+        res["paths"][-1] = f"{line}; the CUDA context was lost"
+        print(f"  {res['cfg'].label} {what}: the CUDA context was lost", flush=True)
+        _broken(res, what, "lost the CUDA context")
         raise ContextLost(what) from exc
 
 
@@ -894,8 +915,9 @@ def _write(results: list[dict]) -> str:
 
 def _go_on() -> None:
     """Write the report; go on in a fresh process: the same command (``os.execv``: the same pid, so
-    run_gpu.sh's deadline still holds), the results so far handed over in a pickle (the parts begun
-    are not run again, :func:`_starting`). Past :data:`MAX_RESTARTS` restarts: say so and return."""
+    run_gpu.sh's deadline still holds), the results so far and the broken parts handed over in a
+    pickle (the parts begun are not run again, :func:`_starting`). Past :data:`MAX_RESTARTS`
+    restarts: say so and return."""
     results = _RUN["results"]
     restarts = int(os.environ.get("_MDNUMBA_BENCH_RESTARTS", "0"))
     if restarts >= MAX_RESTARTS:
@@ -905,7 +927,7 @@ def _go_on() -> None:
     _write(results)
     fd, state = tempfile.mkstemp(prefix="bench_gpu_", suffix=".pkl")
     with os.fdopen(fd, "wb") as f:
-        pickle.dump(results, f)
+        pickle.dump((results, _RUN["broken"]), f)
     os.environ["_MDNUMBA_BENCH_RESTARTS"] = str(restarts + 1)
     os.environ["_MDNUMBA_BENCH_STATE"] = state
     print(f"going on in a fresh process (restart {restarts + 1} of {MAX_RESTARTS})", flush=True)
@@ -913,15 +935,15 @@ def _go_on() -> None:
     os.execv(sys.executable, [sys.executable, str(Path(__file__).resolve()), *_RUN["argv"]])
 
 
-def _handed_over() -> list[dict]:
-    """The results of the process before this one (:func:`_go_on`), or none."""
+def _handed_over() -> tuple[list[dict], dict[str, str]]:
+    """The results and broken parts of the process before this one (:func:`_go_on`), or none."""
     state = os.environ.pop("_MDNUMBA_BENCH_STATE", None)
     if not state:
-        return []
+        return [], {}
     with open(state, "rb") as f:
-        results = pickle.load(f)
+        results, broken = pickle.load(f)
     os.unlink(state)
-    return results
+    return results, broken
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -945,8 +967,9 @@ def main(argv: list[str] | None = None) -> int:
     require_cuda()
     tb = None if args.no_torch else load_torch()
     budget = 0.5 if args.quick else 2.0
-    results, report, cut = _handed_over(), "", False
-    _RUN.update(argv=argv, results=results, out=args.out, info=machine_info(tb), quick=args.quick)
+    (results, broken), report, cut = _handed_over(), "", False
+    _RUN.update(argv=argv, results=results, broken=broken, out=args.out, info=machine_info(tb),
+                quick=args.quick)
     threading.Thread(target=_watchdog, daemon=True).start()
     for i, cfg in enumerate(parse_config(c) for c in args.configs.split(",")):
         if i < len(results) - 1:
@@ -970,7 +993,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report)
     if cut:
         return 1
-    failed = [p for res in results for p in res["paths"] if "FAILED" in p and not p.startswith("injected")]
+    failed = [p for res in results for p in res["paths"]
+              if re.search(r"FAILED|HUNG|SKIPPED|ENDED", p) and not p.startswith("injected")]
     return 1 if args.smoke and failed else 0  # a smoke run checks that every part runs
 
 

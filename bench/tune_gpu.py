@@ -57,7 +57,7 @@ LAYOUT_SIZES = {"sliced": "MDNUMBA_CUDA_SLICE_UNITS", "staged": "MDNUMBA_CUDA_SL
 CANDIDATES = ("full", "memory-cell")
 #: seconds a combination's child process may run: one still going then (a kernel that never ends)
 #: is killed and its row says so, and the other combinations still run
-COMBO_LIMIT_S = 300.0
+COMBO_LIMIT_S = 180.0
 
 
 def child(configs: list[str], budget: float, variant: str) -> None:
@@ -109,7 +109,9 @@ def run_combo(rows: int, unroll: int, tpb: int, layout: str, configs: str, quick
         error = (proc.stderr.strip().splitlines() or ["no output"])[-1] if proc.returncode else ""
     except subprocess.TimeoutExpired as exc:  # the configs it finished still count
         out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
-        error = f"HUNG: still running after {COMBO_LIMIT_S:g} s, killed"
+        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        error = f"HUNG: still running after {COMBO_LIMIT_S:g} s, killed" + \
+            "".join(f" (its last words: {line})" for line in err.strip().splitlines()[-1:])
     found = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
     if error:
         found.append({"config": "?", "rows": rows, "unroll": unroll, "tpb": tpb, "layout": layout,

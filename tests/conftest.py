@@ -71,14 +71,21 @@ def pytest_collection_modifyitems(config, items):
     simruns.leave_out_done(config, items)  # after the shard's pick: a restarted shard keeps its cases
 
 
+_CASE_FAILED = pytest.StashKey[bool]()
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """A case run watching the CUDA context (``MDNUMBA_CASES_LOST``, tests/simruns.py CaseRun)
     stops after a case that failed and left it unusable (a sticky error: every later case of the
-    process would fail too), naming the case in that file; its runner goes on in a fresh process."""
+    process would fail too), naming the case in that file; its runner goes on in a fresh process.
+    Checked after the case's teardown (its monkeypatches undone)."""
     outcome = yield
     lost = os.environ.get(simruns.CASES_LOST)
-    if lost and outcome.get_result().failed and not simruns.cuda_context_alive():
+    if not lost:
+        return
+    failed = item.stash[_CASE_FAILED] = item.stash.get(_CASE_FAILED, False) or outcome.get_result().failed
+    if call.when == "teardown" and failed and not simruns.cuda_context_alive():
         with open(lost, "w") as f:
             f.write(item.name)
         item.session.shouldstop = f"the CUDA context was lost in {item.name}"

@@ -65,6 +65,20 @@ def test_gpu_target_counts_only_device_paths_that_matched_the_cpu():
     assert bench_gpu.targets([res]) == []
 
 
+def test_gpu_parts_that_broke_a_process_are_skipped_at_later_configs(monkeypatch):
+    """A part that hung or lost the CUDA context at one config (a layout's kernel faulting on a
+    GPU) is not run again at the next ones: each try would cost a restart of the benchmark, and a
+    hang its time limit. A part a process before this one began is not run again either."""
+    monkeypatch.setitem(bench_gpu._RUN, "broken", {})
+    first, second = (bench_gpu.new_result(bench_gpu.parse_config(c)) for c in ("32", "256"))
+    assert bench_gpu._starting(first, "cooperative tensor")
+    assert not bench_gpu._starting(first, "cooperative tensor")  # begun: after a restart, not again
+    bench_gpu._broken(first, "cooperative tensor", "lost the CUDA context")
+    assert bench_gpu._starting(second, "cooperative flat")
+    assert not bench_gpu._starting(second, "cooperative tensor")
+    assert second["paths"] == ["cooperative tensor: SKIPPED (it lost the CUDA context at 32x32 B64 D64)"]
+
+
 def test_gpu_step_parts():
     """The default path's train step against its sweeps and weight-gradient GEMM timed alone, the
     rest what is left; a config without them has no row."""

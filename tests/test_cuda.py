@@ -47,6 +47,7 @@ from simruns import (
     CaseRun,
     in_simulator,
     merged_report,
+    reported,
     restarted_report,
 )
 
@@ -2276,12 +2277,18 @@ def gpu_report(tmp_path_factory):
     runs = [CaseRun(tmp_path_factory.mktemp("cudagpu"), simulator=False, watch=True,
                      env_extra={"MDNUMBA_TEST_SHARD": f"{i}/{shards}", "NUMBA_NUM_THREADS": threads})
             for i in range(shards)]
-    try:
-        return restarted_report(runs, lambda: tmp_path_factory.mktemp("cudagpu"))
-    finally:  # cut by run_gpu.sh's SIGINT: the shards get 10 s in all to write their reports
-        end = time.monotonic() + 10  # (it kills 20 s after the SIGINT)
+    def stop():  # the shards get 10 s in all to write their reports (run_gpu.sh kills 20 s after its SIGINT)
+        end = time.monotonic() + 10
         for run in runs:
             run.stop(grace=max(0.0, end - time.monotonic()))
+
+    try:
+        return restarted_report(runs, lambda: tmp_path_factory.mktemp("cudagpu"))
+    except KeyboardInterrupt:  # cut by run_gpu.sh's SIGINT: the cases the shards ended still count
+        stop()
+        return reported(runs)
+    finally:
+        stop()
 
 
 @pytest.mark.skipif(IN_SIMULATOR, reason="this process already runs the simulator")
@@ -2461,6 +2468,12 @@ def test_a_gpu_case_run_killed_before_its_report_gives_what_it_listed(tmp_path):
     assert report["sim_a"] == ("passed", "") and report["sim_b[x-1]"][0] == "failed"
     assert report["sim_c[cooperative]"] == ("failed", "killed while it ran (a kernel that never ended?)")
     assert len(report) == 3
+    (tmp_path / "empty").mkdir()
+    empty = CaseRun(tmp_path / "empty", simulator=False, select="nothing")
+    empty.stop()
+    empty.xml.unlink(missing_ok=True)
+    empty.run.out.write_text("")
+    assert reported([run, empty]) == report  # after the tests' cut: a shard that left nothing is left out
 
 
 def test_no_cuda_context_without_a_gpu():
