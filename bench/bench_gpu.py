@@ -922,9 +922,9 @@ def _go_on() -> None:
     restarts = int(os.environ.get("_MDNUMBA_BENCH_RESTARTS", "0"))
     if restarts >= MAX_RESTARTS:
         results[-1]["paths"].append(f"ENDED: {MAX_RESTARTS} restarts, none left")
-        _write(results)
-        return
     _write(results)
+    if restarts >= MAX_RESTARTS:
+        return
     fd, state = tempfile.mkstemp(prefix="bench_gpu_", suffix=".pkl")
     with os.fdopen(fd, "wb") as f:
         pickle.dump((results, _RUN["broken"]), f)

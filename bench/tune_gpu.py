@@ -108,8 +108,8 @@ def run_combo(rows: int, unroll: int, tpb: int, layout: str, configs: str, quick
         out = proc.stdout
         error = (proc.stderr.strip().splitlines() or ["no output"])[-1] if proc.returncode else ""
     except subprocess.TimeoutExpired as exc:  # the configs it finished still count
-        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
-        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        out, err = (b.decode(errors="replace") if isinstance(b, bytes) else b or ""
+                    for b in (exc.stdout, exc.stderr))  # what it wrote before (bytes, or str)
         error = f"HUNG: still running after {COMBO_LIMIT_S:g} s, killed" + \
             "".join(f" (its last words: {line})" for line in err.strip().splitlines()[-1:])
     found = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
