@@ -578,12 +578,9 @@ def dispatch_table(results: list[dict]) -> list[str]:
     return rows
 
 
-def render(info: dict[str, str], results: list[dict], quick: bool) -> str:
-    out = ["# GPU benchmark: mdnumba CUDA kernels vs. PyTorch autograd", ""]
-    if quick:
-        out += ["**--quick or --smoke run: few repeats; not for quoting.**", ""]
-    out += [f"- **{k}**: {v}" for k, v in info.items()]
-    out += ["", "Produced by `bench/run_gpu.sh` → `python bench/bench_gpu.py`. 2D MD-LSTM, one "
+def _described_paths() -> list[str]:
+    """The report's description of the runs and its paths, up to its targets' heading."""
+    return ["", "Produced by `bench/run_gpu.sh` → `python bench/bench_gpu.py`. 2D MD-LSTM, one "
             "direction, C=1, float32, loss `0.5 * mean(h**2)`; train step = forward + loss gradient "
             "+ zero_grad + backward (no dL/dx on the device paths and in PyTorch: x is data) + "
             f"Adam (lr 1e-3); forget-gate bias {FORGET_BIAS:g} (the default overflows the graves "
@@ -617,6 +614,36 @@ def render(info: dict[str, str], results: list[dict], quick: bool) -> str:
             "forward under `torch.no_grad()`;",
             "- *mdnumba CPU*: the CPU kernels on every core of this machine (few repeats).", "",
             "## Targets (issue 5)", ""]
+
+
+def _path_checks(results: list[dict]) -> list[str]:
+    """The report's last sections: the paths taken and the checks before timing."""
+    out: list[str] = []
+    out += ["", "## Sweep paths taken", ""]
+    out += [f"- {r['cfg'].label}: {p}" for r in results for p in r["paths"]]
+    out += ["", "## Device paths vs the CPU kernels (before timing, same weights)", "",
+            "Each device path's forward output and gradients (one forward and backward, the train "
+            "step's loss) against mdnumba's CPU kernels on the same input: only a path within "
+            f"{PARITY} counts for the targets.", "",
+            "| config | path | forward max abs diff | gradient max rel diff | |", "|---|---|---|---|---|"]
+    names = {key: name for key, _, _, name in DEVICE_PATHS}
+    out += [f"| {r['cfg'].label} | {names[key]} | {c['forward_max_abs']:.1e} | {c['grad_max_rel']:.1e} | "
+            f"{'ok' if matches(c) else '**MISMATCH**'} |"
+            for r in results for key, c in r.get("path_check", {}).items()]
+    checks = [(r["cfg"].label, r["check"]) for r in results if r.get("check")]
+    if checks:
+        out += ["", "## PyTorch baseline check (before timing, same weights)", "",
+                "| config | forward max abs diff | gradient max rel diff |", "|---|---|---|"]
+        out += [f"| {lbl} | {c['forward_max_abs']:.1e} | {c['grad_max_rel']:.1e} |" for lbl, c in checks]
+    return out
+
+
+def render(info: dict[str, str], results: list[dict], quick: bool) -> str:
+    out = ["# GPU benchmark: mdnumba CUDA kernels vs. PyTorch autograd", ""]
+    if quick:
+        out += ["**--quick or --smoke run: few repeats; not for quoting.**", ""]
+    out += [f"- **{k}**: {v}" for k, v in info.items()]
+    out += _described_paths()
     out += targets(results) or ["- (not measured in this run: needs the 32 or 256 config and PyTorch)"]
     out += ["", "## Floors", "",
             "How far a train step is from what this GPU can do at all: its float32 multiply-adds "
@@ -660,22 +687,7 @@ def render(info: dict[str, str], results: list[dict], quick: bool) -> str:
             "the host time of the default path's step with prepared launches off "
             "(`MDNUMBA_CUDA_PREPARED_LAUNCH=0`, every launch typed and prepared by numba-cuda).", ""]
     out += dispatch_table(results)
-    out += ["", "## Sweep paths taken", ""]
-    out += [f"- {r['cfg'].label}: {p}" for r in results for p in r["paths"]]
-    out += ["", "## Device paths vs the CPU kernels (before timing, same weights)", "",
-            "Each device path's forward output and gradients (one forward and backward, the train "
-            "step's loss) against mdnumba's CPU kernels on the same input: only a path within "
-            f"{PARITY} counts for the targets.", "",
-            "| config | path | forward max abs diff | gradient max rel diff | |", "|---|---|---|---|---|"]
-    names = {key: name for key, _, _, name in DEVICE_PATHS}
-    out += [f"| {r['cfg'].label} | {names[key]} | {c['forward_max_abs']:.1e} | {c['grad_max_rel']:.1e} | "
-            f"{'ok' if matches(c) else '**MISMATCH**'} |"
-            for r in results for key, c in r.get("path_check", {}).items()]
-    checks = [(r["cfg"].label, r["check"]) for r in results if r.get("check")]
-    if checks:
-        out += ["", "## PyTorch baseline check (before timing, same weights)", "",
-                "| config | forward max abs diff | gradient max rel diff |", "|---|---|---|"]
-        out += [f"| {lbl} | {c['forward_max_abs']:.1e} | {c['grad_max_rel']:.1e} |" for lbl, c in checks]
+    out += _path_checks(results)
     return "\n".join(out) + "\n"
 
 

@@ -61,7 +61,8 @@ from .grid import table_cache
 from .optim import Adam, RMSprop, check_state_keys, check_state_shapes, nonfinite_gradient
 
 if TYPE_CHECKING:
-    from .layers import Linear, WavefrontLSTM
+    from .charlm import Embedding
+    from .layers import GridLSTM2D, Linear, WavefrontLSTM
 
 #: a numba device array or anything with ``__cuda_array_interface__`` (numba-cuda is optional,
 #: so its class is not named here)
@@ -730,7 +731,7 @@ class CudaGridLSTM(DeviceLayer):
         self.biases = self.params[2 * n:].reshape(2 * S, 4 * D)  # [b_time; b_depth]
 
     @classmethod
-    def from_layer(cls, layer) -> CudaGridLSTM:
+    def from_layer(cls, layer: GridLSTM2D) -> CudaGridLSTM:
         """A device copy of a host :class:`mdnumba.layers.GridLSTM2D`."""
         from .layers import GridLSTM2D
         _check_host_layer(cls, layer, GridLSTM2D, "GridLSTM2D")
@@ -827,7 +828,7 @@ class CudaEmbedding(DeviceLayer):
         self.W, self.dW = (a.reshape(self.vocab, self.dim) for a in (self.params, self.grads))
 
     @classmethod
-    def from_layer(cls, layer) -> CudaEmbedding:
+    def from_layer(cls, layer: Embedding) -> CudaEmbedding:
         """A device copy of a host :class:`mdnumba.charlm.Embedding`."""
         from .charlm import Embedding
         _check_host_layer(cls, layer, Embedding, "mdnumba.charlm.Embedding")
