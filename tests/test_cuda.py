@@ -1263,12 +1263,11 @@ def sim_simulator_runs_blocks_at_once_and_checks_syncs():
             count[3, 8](np.zeros(2, np.int64), np.zeros(24, np.int64), mode)
 
 
-def sim_errors_and_fallback(rng, monkeypatch):
-    """Bad inputs say what to fix; 'auto' falls back to per-diagonal when cooperative fails."""
+def sim_errors_say_what_to_fix():
+    """Bad inputs and settings of a device layer say what to fix."""
     from numba import cuda
 
-    from mdnumba.backend_cuda import CudaLSTM, last_path
-    from mdnumba.kernels import wavefront_cuda as gpu
+    from mdnumba.backend_cuda import CudaLSTM
     dev = CudaLSTM.from_layer(MDLSTM2D(2, 3, dtype=np.float32))
     with pytest.raises(RuntimeError, match="no saved activations; run forward"):
         dev.backward(np.zeros((1, 2, 2, 3), np.float32))
@@ -1284,13 +1283,22 @@ def sim_errors_and_fallback(rng, monkeypatch):
     big = CudaLSTM.from_layer(MDLSTM2D(1, 32, dtype=np.float64), use_shared=True)  # U: 80 KiB
     with pytest.raises(ValueError, match="do not fit in 49152 bytes of shared memory"):
         big.forward(np.ones((1, 2, 2, 1)))
-    y = dev.forward(np.ones((1, 2, 2, 2), np.float32))
+    dev.forward(np.ones((1, 2, 2, 2), np.float32))
     with pytest.raises(ValueError, match="shape of the forward output"):
         dev.backward(np.zeros((1, 2, 3, 3), np.float32))
     with pytest.raises(ValueError, match="path"):
         CudaLSTM.from_layer(MDLSTM2D(2, 3), path="diagonal").forward(np.ones((1, 2, 2, 2), np.float32))
     with pytest.raises(ValueError, match=r"'item', 'tensor'\), got 'tiled'"):
         CudaLSTM.from_layer(MDLSTM2D(2, 3), layout="tiled").forward(np.ones((1, 2, 2, 2), np.float32))
+
+
+def sim_layouts_that_do_not_fit_run_flat(monkeypatch):
+    """A layout whose shared memory or block size does not fit runs flat, with the same output, and
+    the path says why; arrays past 32-bit index arithmetic are refused."""
+    from mdnumba.backend_cuda import CudaLSTM, last_path
+    from mdnumba.kernels import wavefront_cuda as gpu
+    dev = CudaLSTM.from_layer(MDLSTM2D(2, 3, dtype=np.float32))
+    y = dev.forward(np.ones((1, 2, 2, 2), np.float32))
     with monkeypatch.context() as m:  # a slice over the shared-memory limit: the flat layout, said
         m.setattr(gpu, "SHARED_BYTES_LIMIT", 100)
         sliced = CudaLSTM.from_layer(MDLSTM2D(2, 3, dtype=np.float32), layout="sliced")
@@ -1331,6 +1339,14 @@ def sim_errors_and_fallback(rng, monkeypatch):
         m.setattr(gpu, "MAX_ELEMENTS", 91)
         dev.forward(np.ones((1, 2, 2, 2), np.float32))
 
+
+def sim_auto_falls_back_to_per_diagonal(monkeypatch):
+    """'auto' falls back to per-diagonal launches when a cooperative launch fails, once per kernel;
+    'cooperative' raises."""
+    from mdnumba.backend_cuda import CudaLSTM, last_path
+    from mdnumba.kernels import wavefront_cuda as gpu
+    dev = CudaLSTM.from_layer(MDLSTM2D(2, 3, dtype=np.float32))
+    y = dev.forward(np.ones((1, 2, 2, 2), np.float32))
     tries = []
 
     def broken(*args, **kw):
