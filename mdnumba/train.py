@@ -386,9 +386,12 @@ class Trainer:
     def _claim_out(self) -> None:
         """Refuse to write into an ``out`` that holds another run's files (a checkpoint, config or
         log this trainer did not load): a new trainer never replaces a run. A trainer made by
-        :meth:`load` continues the run of its folder."""
+        :meth:`load` continues the run of its folder. A folder that does not exist is made."""
         if self.out is None or self._owns_out:
             return
+        if self.out.exists() and not self.out.is_dir():
+            raise NotADirectoryError(f"the output folder {self.out} is a file; give a folder")
+        self.out.mkdir(parents=True, exist_ok=True)
         present = [name for name in RUN_FILES if (self.out / name).exists()]
         if present:
             files = ", ".join(present)

@@ -1,5 +1,5 @@
-"""The README's NumPy examples (every ``python`` block before the GPU section) run as written,
-and the links of the README and docs/ resolve."""
+"""The README's NumPy examples (every ``python`` block before the GPU section, and those of the
+command line's section) run as written, and the links of the README and docs/ resolve."""
 
 import re
 from pathlib import Path
@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-CPU_BLOCKS = re.findall(r"```python\n(.*?)```", README.split("## GPU (CUDA)")[0], re.S)
+CPU_BLOCKS = re.findall(r"```python\n(.*?)```", README.split("## GPU (CUDA)")[0]
+                        + README.split("## Command line")[1], re.S)
 
 
 def test_readme_has_cpu_examples():
@@ -15,7 +16,8 @@ def test_readme_has_cpu_examples():
 
 
 @pytest.mark.parametrize("index", range(len(CPU_BLOCKS)))
-def test_readme_example_runs(index, capsys):
+def test_readme_example_runs(index, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where an example writes (a run folder)
     exec(compile(CPU_BLOCKS[index], f"README.md python block {index}", "exec"), {})
     assert capsys.readouterr().out  # every example prints what it shows
 

@@ -154,6 +154,18 @@ def test_a_new_trainer_never_writes_over_the_files_of_another_run(tmp_path, file
         assert steps == ["1", "2", "3"]
 
 
+def test_a_trainer_makes_its_output_folder(tmp_path):
+    """``make_trainer(cfg, out=DIR)`` makes a DIR that does not exist (with its parents), as the CLI
+    does, for run() and for save(); a DIR that is a file is refused, saying so."""
+    make_trainer(TrainConfig(steps=2, **KW), str(tmp_path / "runs" / "a")).run()
+    assert (tmp_path / "runs" / "a" / "checkpoint.npz").is_file()
+    make_trainer(TrainConfig(steps=2, **KW), tmp_path / "b" / "c").save()
+    assert (tmp_path / "b" / "c" / "checkpoint.npz").is_file()
+    (tmp_path / "f").write_text("")
+    with pytest.raises(NotADirectoryError, match="output folder .*f is a file; give a folder"):
+        make_trainer(TrainConfig(steps=2, **KW), tmp_path / "f").run()
+
+
 def test_resume_drops_log_rows_cut_short(tmp_path):
     """A crash can leave a last row without its newline: resume keeps whole rows only, so the
     log holds each step once and still plots, and says nothing (it is what a crash leaves)."""
