@@ -322,7 +322,7 @@ class Trainer:
             return self.model.forward(*args)
         except NonFiniteError:
             if self.step and self._weights_overflowed():  # the last update did it
-                raise self._diverged("the weights", self.step) from None
+                raise self._diverged("the weights", self.step, update=True) from None
             raise self._diverged("the activations", self.step + 1) from None
 
     def _weights_overflowed(self, params: list[np.ndarray] | None = None) -> bool:
@@ -344,7 +344,8 @@ class Trainer:
         try:
             self.opt.step()
         except NonFiniteUpdateError:
-            raise self._diverged("the weights or moments", self.step + 1, "would become") from None
+            raise self._diverged("the weights or moments", self.step + 1, "would become",
+                                 update=True) from None
         except FloatingPointError:
             raise self._diverged("the gradients", self.step + 1) from None
 
@@ -352,12 +353,14 @@ class Trainer:
         if not np.isfinite(loss):
             raise self._diverged("the loss", step)
 
-    def _diverged(self, what: str, step: int, became: str = "became") -> FloatingPointError:
-        """The error for a run whose ``what`` ``became`` NaN/inf at ``step``: which checkpoint is
-        kept and what to change (the settings that help, of those not in use)."""
+    def _diverged(self, what: str, step: int, became: str = "became", *,
+                  update: bool = False) -> FloatingPointError:
+        """The error for a run whose ``what`` ``became`` NaN/inf at ``step`` (``update``: by the
+        optimiser's update of finite gradients, which no cell bounds): which checkpoint is kept and
+        what to change (the settings that help, of those not in use)."""
         cfg = self.cfg
         tips = ["lower --lr"] + ([] if cfg.clip_norm else ["set --clip-norm"])
-        if cfg.cell == "graves" and cfg.model in ("md", "md3d"):
+        if cfg.cell == "graves" and cfg.model in ("md", "md3d") and not update:
             tips.append("use --cell stable (bounded state on large grids)")
         kept = "" if self.saved_step is None else f" (the checkpoint of step {self.saved_step} is kept)"
         advice = ", ".join(tips[:-1]) + (" or " if len(tips) > 1 else "") + tips[-1]
@@ -519,7 +522,7 @@ class Trainer:
         self._claim_out()
         params = self._host_params()
         if self._weights_overflowed(params):  # a checkpoint that could not be loaded: keep the last
-            raise self._diverged("the weights", self.step)
+            raise self._diverged("the weights", self.step, update=True)
         arrays = {f"param_{k}": p for k, p in enumerate(params)}
         state = self.opt.state_dict()
         for k, (m, v) in enumerate(zip(state["m"], state["v"])):
