@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -58,7 +59,7 @@ from ._validate import (
     overflowed_state,
 )
 from .grid import table_cache
-from .optim import Adam, RMSprop, check_state_keys, check_state_shapes, nonfinite_gradient
+from .optim import Adam, RMSprop, check_state_shapes, nonfinite_gradient, read_state
 
 if TYPE_CHECKING:
     from .charlm import Embedding
@@ -989,17 +990,17 @@ class _DeviceOptimizer(OnTheDevice):
                             "included, use mdnumba.Adam or mdnumba.RMSprop")
         return pairs
 
-    def state_dict(self) -> dict:
+    def _state(self) -> dict:
         """As the host optimiser's: host arrays, one pair of moments per layer."""
-        state = super().state_dict()
+        state = super()._state()
         if self._sizes:
             cut = np.cumsum(self._sizes)[:-1]
             state["m"], state["v"] = np.split(state["m"][0], cut), np.split(state["v"][0], cut)
         return state
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: Mapping) -> None:
         """Restore :meth:`state_dict` output (per-layer moments, as the host optimiser saves them)."""
-        check_state_keys(state)
+        state = read_state(state)
         if self._sizes:
             if len(state["m"]) != len(self._sizes) or len(state["v"]) != len(self._sizes):
                 raise ValueError("optimizer state has a different number of buffers")

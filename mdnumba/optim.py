@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 from numba import njit
 
-from ._validate import NonFiniteError, check_count, check_finite_number
+from ._validate import NonFiniteError, check_count, check_finite_number, check_flag
 from .config import NJIT_OPTS
 from .params import ParamBuffer
 
@@ -113,15 +113,32 @@ def collect_buffers(obj: object) -> list[tuple[np.ndarray, np.ndarray]]:
     raise TypeError(f"Adam needs layers, models or (param, grad) array pairs, got {type(obj).__name__}")
 
 
-def check_state_keys(state: object) -> None:
-    """TypeError/ValueError unless ``state`` is a mapping with an optimiser state's keys t, m, v."""
+def flat_state(state: dict) -> dict:
+    """``state`` with its lists of moments ``m``, ``v`` as one key per array, ``m_0``, ``m_1``, ...,
+    ``v_0``, ...: what ``np.savez`` can store (it cannot store a list of arrays of other sizes)."""
+    flat = {k: v for k, v in state.items() if k not in ("m", "v")}
+    for key in ("m", "v"):
+        flat.update({f"{key}_{k}": a for k, a in enumerate(state[key])})
+    return flat
+
+
+def read_state(state: object) -> Mapping:
+    """``state`` with the keys t, m, v (TypeError/ValueError if it has not), its moments as lists
+    again if it is a :func:`flat_state` (e.g. ``np.load`` of one)."""
     if not isinstance(state, Mapping):  # np.load's NpzFile is one
         raise TypeError(f"optimizer state must be a dict like state_dict()'s (keys kind, t, m, v), got "
                         f"{type(state).__name__}")
+    if "m" not in state and "v" not in state and "m_0" in state:
+        lists: dict[str, list] = {"m": [], "v": []}
+        for key, arrays in lists.items():
+            while f"{key}_{len(arrays)}" in state:  # m_0, m_1, ... up to the first missing
+                arrays.append(state[f"{key}_{len(arrays)}"])
+        state = {**{k: state[k] for k in state if k in ("kind", "t")}, **lists}
     missing = [k for k in ("t", "m", "v") if k not in state]
     if missing:
         raise ValueError(f"optimizer state lacks {missing}; pass what state_dict() returned "
-                         "(keys t, m, v)")
+                         "(keys t, m, v, or t, m_0, v_0, ...)")
+    return state
 
 
 def check_state_shapes(srcs: list, shapes: list) -> None:
@@ -269,15 +286,23 @@ class Adam:
                     + ("" if self.clip_norm else " or set clip_norm (a huge gradient overflows the moments)"))
         self.t += 1
 
-    def state_dict(self) -> dict:
-        """Moments, step count and the optimiser's kind (for checkpoints), as host values."""
+    def state_dict(self, flat: bool = False) -> dict:
+        """Moments (lists ``m``, ``v``, an array per layer), step count and the optimiser's kind (for
+        checkpoints), as host values; ``flat``: the moments one key per array (:func:`flat_state`),
+        e.g. ``np.savez(path, **opt.state_dict(flat=True))``."""
+        check_flag(flat, "flat")
+        state = self._state()
+        return flat_state(state) if flat else state
+
+    def _state(self) -> dict:
+        """:meth:`state_dict`'s moments as lists."""
         return {"kind": self.kind, "t": self.t, "m": [self._to_host(m) for m in self.m],
                 "v": [self._to_host(v) for v in self.v]}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict` output (of the same kind of optimiser; a state without
-        ``kind`` is taken as it is); shapes must match."""
-        check_state_keys(state)
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore :meth:`state_dict` output, either form (of the same kind of optimiser; a state
+        without ``kind`` is taken as it is), e.g. ``np.load`` of a saved one; shapes must match."""
+        state = read_state(state)
         kind = str(np.asarray(state.get("kind", self.kind)))  # np.load gives a 0-d array
         if kind != self.kind:
             raise ValueError(f"this optimizer state is {kind}'s, this optimizer is {self.kind}")

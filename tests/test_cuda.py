@@ -1828,6 +1828,11 @@ def sim_device_trainer_matches_cpu(cfg_kw):
     assert sa["t"] == sb["t"] == 5
     for a, b in zip(sa["m"] + sa["v"], sb["m"] + sb["v"]):
         np.testing.assert_allclose(b, a, rtol=1e-8, atol=1e-14)
+    flat = dev.opt.state_dict(flat=True)  # a moment per key, per layer, as the host optimiser's
+    assert sorted(flat) == sorted(["kind", "t", *(f"{k}_{i}" for k in "mv" for i in range(len(sb["m"])))])
+    dev.opt.load_state_dict(flat)
+    for a, b in zip(sb["m"] + sb["v"], dev.opt.state_dict()["m"] + dev.opt.state_dict()["v"]):
+        np.testing.assert_array_equal(b, a)
     ev_c, ev_d = cpu.evaluate(batches=2), dev.evaluate(batches=2)
     assert ev_d == pytest.approx(ev_c, rel=1e-9)
 

@@ -98,22 +98,35 @@ def test_state_dict_roundtrip(rng):
 
 
 def test_a_state_saved_with_np_savez_loads_and_its_kind_must_match(tmp_path):
-    """``np.savez`` turns t and kind into 0-d arrays; an RMSprop state is not Adam's."""
-    layer = LSTM1D(2, 3)
-    opt = Adam(layer)
-    layer.grads.data[...] = 1.0
+    """``state_dict(flat=True)``, a key per moment array, is what ``np.savez`` can store (not the
+    lists of a layer's arrays each, which a user tries first), and loads as ``np.load`` reads it
+    back (t and kind as 0-d arrays); an RMSprop state is not Adam's."""
+    from mdnumba.layers import Linear
+    layers = [LSTM1D(2, 3), Linear(3, 1)]
+    opt = Adam(layers)
+    for _, g in opt.buffers:
+        g[...] = 1.0
     opt.step()
     state = opt.state_dict()
-    np.savez(tmp_path / "opt.npz", kind=state["kind"], t=state["t"], m0=state["m"][0], v0=state["v"][0])
+    with pytest.raises(ValueError):  # NumPy cannot make one array of the list m
+        np.savez(tmp_path / "lists.npz", **state)
+    flat = opt.state_dict(flat=True)
+    assert sorted(flat) == ["kind", "m_0", "m_1", "t", "v_0", "v_1"]
+    np.savez(tmp_path / "opt.npz", **flat)
+    again = Adam([LSTM1D(2, 3), Linear(3, 1)])
     with np.load(tmp_path / "opt.npz") as f:
-        loaded = {"kind": f["kind"], "t": f["t"], "m": [f["m0"]], "v": [f["v0"]]}
-    again = Adam(LSTM1D(2, 3))
-    again.load_state_dict(loaded)
+        again.load_state_dict(f)
     assert again.t == 1 and again.state_dict()["kind"] == "adam"
+    for a, b in zip(state["m"] + state["v"], again.state_dict()["m"] + again.state_dict()["v"]):
+        np.testing.assert_array_equal(b, a)
+    with pytest.raises(ValueError, match="optimizer state has 1 m and 2 v buffers"):
+        again.load_state_dict({k: v for k, v in flat.items() if k != "m_1"})
+    with pytest.raises(TypeError, match="flat must be True or False"):
+        opt.state_dict(flat="yes")
     with pytest.raises(ValueError, match="this optimizer state is rmsprop's, this optimizer is adam"):
-        Adam(layer).load_state_dict(RMSprop(layer).state_dict())
-    del loaded["kind"]  # a state of an older mdnumba: taken as it is
-    RMSprop(layer).load_state_dict(loaded)
+        Adam(layers).load_state_dict(RMSprop(layers).state_dict(flat=True))
+    del state["kind"]  # a state of an older mdnumba: taken as it is
+    RMSprop(layers).load_state_dict(state)
 
 
 @pytest.mark.parametrize("name,value,exc,match", [
