@@ -492,10 +492,14 @@ def train(ctx: click.Context, out: Path, overwrite: bool, resume: Path | None, c
     _run_with_progress(trainer)
     click.echo(f"done: {trainer.step} step{'s' * (trainer.step != 1)}; log {trainer.out / 'log.tsv'}, "
                f"checkpoint {trainer.out / 'checkpoint.npz'}")
-    data = "validation text" if trainer.cfg.task == "char-lm" else "fresh data"
-    click.echo(f"on {data} ({FINAL_BATCHES} batches; `mdnumba evaluate` takes {EVALUATE_BATCHES} "
-               "by default):")
-    _print_metrics(trainer.evaluate(batches=FINAL_BATCHES, save=True))  # kernels compiled already
+    if trainer.cfg.task == "char-lm":  # the windows of the log's last validation: its numbers
+        batches = trainer.EVAL_BATCHES
+        data = f"validation text ({batches} batches, as log.tsv's last row"
+    else:
+        batches = FINAL_BATCHES
+        data = f"fresh data ({batches} batches"
+    click.echo(f"on {data}; `mdnumba evaluate` takes {EVALUATE_BATCHES} by default):")
+    _print_metrics(trainer.evaluate(batches=batches, save=True))  # kernels compiled already
     if plot:
         _plot_run(trainer)
 

@@ -1,6 +1,7 @@
 """Char-level LM pieces: corpus errors, embedding, dropout, softmax loss, RMSprop, models, CLI."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -158,6 +159,11 @@ def test_cli_char_lm_train_resume_sample(tmp_path, textfile):
             "--dropout", "0.25", "--checkpoint-every", "2", "--no-tie-depth"]
     full = runner.invoke(main, args + ["--steps", "4", "--out", str(tmp_path / "full")])
     assert full.exit_code == 0, full.output
+    # the closing validation is the log's last one (it was of 5 batches, the log's of 4: two numbers)
+    assert "on validation text (4 batches, as log.tsv's last row; `mdnumba evaluate` takes 20" in full.output
+    closing = float(re.search(r"val_loss: (\S+)", full.output).group(1))
+    last = (tmp_path / "full" / "log.tsv").read_text().splitlines()[-1].split("\t")
+    assert closing == pytest.approx(float(last[4]), rel=1e-5)
     part = runner.invoke(main, args + ["--steps", "2", "--out", str(tmp_path / "part")])
     assert part.exit_code == 0, part.output
     res = runner.invoke(main, ["train", "--resume", str(tmp_path / "part"), "--steps", "4"])
