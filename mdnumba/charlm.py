@@ -120,8 +120,8 @@ class Corpus:
     def require_text(self) -> None:
         """Raise :class:`CorpusError` for a corpus without text (see :meth:`from_vocab`)."""
         if not len(self.train):
-            raise CorpusError(f"{self.source} is not available; pass --data FILE (the run's text, or "
-                              "one with the same characters)")
+            raise CorpusError(f"{self.source} is not available (moved or deleted?); pass --data FILE "
+                              "(the run's text, or one with the same characters)")
 
     def batch(self, rng: np.random.Generator, split: str, batch: int,
               seq_len: int) -> tuple[np.ndarray, np.ndarray]:

@@ -74,7 +74,7 @@ class CharLMTrainer(Trainer):
         cfg = self.cfg
         cfg.data = str(Path(cfg.data).expanduser().resolve())
         if not self._read_text or (self._vocab is not None and not Path(cfg.data).exists()):
-            self.corpus = Corpus.from_vocab(self._vocab, source=f"--data {cfg.data}")
+            self.corpus = Corpus.from_vocab(self._vocab, source=f"the text {cfg.data}")  # the run's
         else:
             self.corpus = Corpus.from_file(cfg.data, vocab=self._vocab)
             self.corpus.check_seq_len(cfg.seq_len)
