@@ -592,10 +592,14 @@ def sample(run: Path, length: int, temperature: float, prime: str, seed: int, de
         raise click.UsageError(str(exc)) from None
 
 
-def _out_file(ctx, param, value: str) -> Path:
-    """An output file option as a Path; an empty one is refused (it would name the current folder)."""
+def _out_npy(ctx, param, value: str) -> Path:
+    """A .npy file to write as a Path; an empty one is refused (it would name the current folder), and
+    another suffix (the file holds numpy.save's format whatever its name says)."""
     if not value.strip():
         raise click.BadParameter("is empty; give the file to write")
+    if Path(value).suffix.lower() != ".npy":
+        raise click.BadParameter(f"{value} does not end in .npy; the file is a NumPy array (numpy.save's "
+                                 "format): give a .npy name")
     return Path(value)
 
 
@@ -620,7 +624,7 @@ def _read_npy(path: Path):
 @main.command()
 @click.argument("run", type=click.Path(), callback=_folder)
 @click.argument("input", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--out", "out", type=click.Path(dir_okay=False), callback=_out_file, required=True,
+@click.option("--out", "out", type=click.Path(dir_okay=False), callback=_out_npy, required=True,
               help=".npy file for the probabilities (written atomically)")
 @click.option("--overwrite", is_flag=True, help="replace --out if it exists")
 @click.option("--batch", type=click.IntRange(min=1), default=None,
@@ -632,10 +636,6 @@ def predict(run: Path, input: Path, out: Path, overwrite: bool, batch: int | Non
     """Apply RUN's model to the inputs in INPUT (.npy, laid out as its task's: e.g. (batch, height,
     width, 1) for the diagonal task) and write the output probabilities to --out (.npy)."""
     from mdnumba.checkpoint import atomic_write_bytes
-    from mdnumba.train import RUN_FILES
-    if out.resolve() in {(run / name).resolve() for name in RUN_FILES}:
-        raise click.UsageError(f"--out {out} is RUN's own {out.name}, which the predictions would "
-                               "replace (also with --overwrite); give another .npy path")
     if out.exists() and not overwrite:
         raise click.UsageError(f"--out {out} exists; pass --overwrite to replace it")
     if out.exists() and not out.is_file():  # a FIFO, a device: the atomic rename would replace it

@@ -201,18 +201,20 @@ class TrainConfig:
         if self.curriculum and self.curriculum_span < phases:
             raise ValueError(f"--steps {self.steps} is too few for {phases} curriculum phases "
                              f"({','.join(map(str, sizes))}): give at least one step per phase")
-        checks = [(self.batch >= 1, "--batch must be >= 1"), (self.hidden >= 1, "--hidden must be >= 1"),
-                  (self.seed >= 0, "--seed must be >= 0"),
-                  (0 < self.lr < np.inf, "--lr must be a finite number > 0"),
-                  (self.steps >= 1, "--steps must be >= 1"),
+        checks = [(self.batch >= 1, f"--batch must be >= 1, got {self.batch}"),
+                  (self.hidden >= 1, f"--hidden must be >= 1, got {self.hidden}"),
+                  (self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
+                  (0 < self.lr < np.inf, f"--lr must be a finite number > 0, got {self.lr}"),
+                  (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
                   (self.loss in LOSSES, f"--loss must be one of {sorted(LOSSES)}"),
                   (self.clip_norm is None or 0 < self.clip_norm < np.inf,
-                   "--clip-norm must be a finite number > 0"),
-                  (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
+                   f"--clip-norm must be a finite number > 0, got {self.clip_norm}"),
+                  (self.checkpoint_every >= 0,
+                   f"--checkpoint-every must be >= 0, got {self.checkpoint_every}"),
                   (self.dtype in ("float32", "float64"), "--dtype must be float32 or float64"),
                   (self.device in ("cpu", "cuda"), "--device must be cpu or cuda"),
                   (self.cell in CELLS, f"--cell must be one of {sorted(CELLS)}"),
-                  (self.layers >= 1, "--layers must be >= 1"),
+                  (self.layers >= 1, f"--layers must be >= 1, got {self.layers}"),
                   (self.curriculum_steps is None or self.curriculum_steps >= 1,
                    "curriculum_steps must be >= 1")]
         for ok, msg in checks:

@@ -223,8 +223,8 @@ def test_char_lm_run_remembers_its_text_from_any_folder(tmp_path, textfile, monk
     assert res.exit_code == 0 and res.output.startswith("the"), res.output
     res = runner.invoke(main, ["train", "--resume", str(tmp_path / "r"), "--steps", "4"])
     # the run's text, which the user did not pass as --data this time
-    assert res.exit_code == 2 and f"the text {textfile} is not available (moved or deleted?); pass --data FILE" \
-        in res.output.replace("\n", " "), res.output
+    gone = f"the text {textfile} is not available (moved or deleted?); pass --data FILE"
+    assert res.exit_code == 2 and gone in res.output.replace("\n", " "), res.output
     res = runner.invoke(main, ["evaluate", str(tmp_path / "r")])
     assert res.exit_code == 2 and "pass --data FILE" in res.output, res.output
     res = runner.invoke(main, ["evaluate", str(tmp_path / "r"), "--size", "9"])
