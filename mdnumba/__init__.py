@@ -5,10 +5,10 @@ from ._validate import NonFiniteError
 from .backend_cuda import CudaUnavailableError
 from .batching import pad_batch, unpad_batch
 from .layers import LSTM1D, MDLSTM2D, MDLSTM3D, GridLSTM2D, Linear, WavefrontLSTM
-from .optim import Adam, RMSprop
+from .optim import Adam, RMSprop, grads_to_vector, params_to_vector, vector_to_params
 from .stack import BlockSubsample, Sequential, mdlstm_stack
 
 __all__ = ["MDLSTM2D", "MDLSTM3D", "LSTM1D", "GridLSTM2D", "WavefrontLSTM", "Linear", "Adam", "RMSprop",
            "Sequential", "BlockSubsample", "mdlstm_stack", "pad_batch", "unpad_batch", "NonFiniteError",
-           "CudaUnavailableError"]
+           "CudaUnavailableError", "params_to_vector", "grads_to_vector", "vector_to_params"]
 __version__ = "0.1.0"

@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
+import numpy.typing as npt
 from numba import njit
 
 from ._validate import NonFiniteError, check_count, check_finite_number, check_flag
@@ -110,7 +111,58 @@ def collect_buffers(obj: object) -> list[tuple[np.ndarray, np.ndarray]]:
         for item in obj:
             out.extend(collect_buffers(item))
         return out
-    raise TypeError(f"Adam needs layers, models or (param, grad) array pairs, got {type(obj).__name__}")
+    raise TypeError(f"an optimiser (and params_to_vector) needs layers, models or (param, grad) array "
+                    f"pairs, got {type(obj).__name__}")
+
+
+def _buffers(obj: object) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`collect_buffers`, at least one, each layer once (as an optimiser takes them)."""
+    buffers = collect_buffers(obj)
+    if not buffers:
+        raise ValueError(f"{type(obj).__name__} holds no parameters")
+    check_distinct(buffers)
+    return buffers
+
+
+def _joined(arrays: list[np.ndarray], dtype: npt.DTypeLike | None) -> np.ndarray:
+    """The ``arrays`` in one new vector, in ``dtype`` (None: theirs)."""
+    vec = np.concatenate([a.ravel() for a in arrays])
+    return vec if dtype is None else vec.astype(dtype, copy=False)
+
+
+def params_to_vector(obj: object, dtype: npt.DTypeLike | None = None) -> np.ndarray:
+    """A new vector of every parameter of ``obj`` (layers, models, lists of them: what an optimiser
+    of ``obj`` updates, in its order), in ``dtype`` (default: the parameters'; e.g. ``np.float64``
+    for ``scipy.optimize``). ``layer.params.data`` is the layer's own buffer instead, which every
+    update and :func:`vector_to_params` rewrite in place."""
+    return _joined([p for p, _ in _buffers(obj)], dtype)
+
+
+def grads_to_vector(obj: object, dtype: npt.DTypeLike | None = None) -> np.ndarray:
+    """A new vector of the gradients of :func:`params_to_vector`, in its order (``grads.data`` is
+    the layer's own buffer, which the next ``zero_grad`` and ``backward`` rewrite: a list of
+    them, e.g. SciPy's, would hold the last gradient only)."""
+    return _joined([g for _, g in _buffers(obj)], dtype)
+
+
+def vector_to_params(vec: npt.ArrayLike, obj: object) -> None:
+    """Write ``vec`` (as :func:`params_to_vector` gives it) into the parameters of ``obj``, each
+    part cast to its layer's dtype; all or nothing: a vector of another length, or one whose values
+    overflow a layer's dtype or are not numbers, changes no weight."""
+    buffers = _buffers(obj)
+    vec = np.asarray(vec)
+    total = sum(p.size for p, _ in buffers)
+    if vec.shape != (total,):
+        raise ValueError(f"the vector has shape {vec.shape}, the parameters ({total},): give what "
+                         "params_to_vector returns")
+    parts, start = [], 0
+    for p, _ in buffers:
+        part = np.empty_like(p.ravel())
+        ParamBuffer._copy_into(part, "the parameters", vec[start:start + p.size])
+        parts.append(part)
+        start += p.size
+    for (p, _), part in zip(buffers, parts):
+        p.ravel()[...] = part
 
 
 def flat_state(state: dict) -> dict:

@@ -366,7 +366,7 @@ def test_adam_errors():
             Adam(layer, **kw)
     with pytest.raises(ValueError, match=r"rho must be a number in \[0, 1\), got 1.0"):
         RMSprop(layer, rho=1.0)
-    with pytest.raises(TypeError, match="Adam needs"):
+    with pytest.raises(TypeError, match=r"an optimiser \(and params_to_vector\) needs layers"):
         Adam(42)
     with pytest.raises(ValueError, match="no parameters"):
         Adam([])

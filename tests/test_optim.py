@@ -266,3 +266,43 @@ def test_a_gradient_below_clip_norm_is_not_scaled(kind):
     for a, b in zip(*runs):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(runs[0][2], (1 - opt.betas[1]) * np.array([0.09, 0.16, 0.0]))
+
+
+def test_flat_vectors_are_new_arrays_in_the_optimisers_order():
+    """params_to_vector / grads_to_vector: new vectors (the layers' own buffers are rewritten by
+    every update and backward), in the order of Adam's buffers, in the dtype asked for;
+    vector_to_params writes one back, cast to each layer's dtype, all or nothing."""
+    from mdnumba import Linear, grads_to_vector, params_to_vector, vector_to_params
+    from mdnumba.models import Sequential
+    net = Sequential(LSTM1D(2, 3, seed=1, dtype=np.float64), Linear(3, 2, seed=2))
+    opt = Adam(net)
+    rng = np.random.default_rng(0)
+    for _, g in opt.buffers:
+        g[...] = rng.standard_normal(g.shape)
+    theta, grad = params_to_vector(net), grads_to_vector(net, np.float32)
+    assert theta.dtype == np.float64 and grad.dtype == np.float32  # float64 and float32 layers: float64
+    np.testing.assert_array_equal(theta, np.concatenate([p for p, _ in opt.buffers]))
+    np.testing.assert_array_equal(grad, np.concatenate([g for _, g in opt.buffers]).astype(np.float32))
+    assert params_to_vector(net.layers[1]).dtype == np.float32
+    net.zero_grad()
+    assert np.abs(grad).sum() > 0 and not np.shares_memory(theta, net.layers[0].params.data)
+    n0 = net.layers[0].params.data.size
+    new = theta + 0.1
+    vector_to_params(new, net)
+    cast = np.concatenate([new[:n0], new[n0:].astype(np.float32)])  # the Linear's part in float32
+    np.testing.assert_array_equal(params_to_vector(net), cast)
+    before = params_to_vector(net)
+    bad = before.copy()
+    bad[0], bad[-1] = 1e39, 1e39  # the float64 LSTM1D's part takes it, the float32 Linear's does not
+    with pytest.raises(ValueError, match="overflow float32"):
+        vector_to_params(bad, net)
+    np.testing.assert_array_equal(params_to_vector(net), before)  # not even the LSTM1D's part
+    for vec, match in ((before[:-1], rf"the vector has shape \({before.size - 1},\), the parameters "
+                                     rf"\({before.size},\)"),
+                       (np.array(["a"] * before.size), "cannot assign")):
+        with pytest.raises(ValueError, match=match):
+            vector_to_params(vec, net)
+    with pytest.raises(ValueError, match="the same parameters appear twice"):
+        params_to_vector([net, net.layers[0]])
+    with pytest.raises(ValueError, match="list holds no parameters"):
+        grads_to_vector([])
