@@ -75,8 +75,12 @@ def check_layout(shape: tuple, name: str, ndim: int, last: int | None, layout: s
                          "must be at least 1")
     if last is not None and shape[-1] != last:
         plural = "s" * (shape[-1] != 1)
+        hint = ""
+        if ndim > 2 and shape[1] == last:  # (B, C, H, W), as PyTorch lays images out
+            order = (0, *range(2, ndim), 1)
+            hint = f"; channels go last: {name}.transpose{order} if axis 1 holds them"
         raise ValueError(f"{name} has {shape[-1]} channel{plural} in its last axis, the layer "
-                         f"expects {last} {layout}")
+                         f"expects {last} {layout}{hint}")
 
 
 def nonfinite_input(name: str, count: int) -> NonFiniteError:

@@ -30,7 +30,10 @@ def layer():
 
 @pytest.mark.parametrize("x,exc,match", [
     (np.zeros((4, 4, 3), np.float32), ValueError, "4 dimensions"),
-    (np.zeros((2, 4, 4, 2), np.float32), ValueError, "expects 3"),
+    (np.zeros((2, 4, 4, 2), np.float32), ValueError, r"expects 3 \(batch, height, width, C\)$"),
+    (np.zeros((2, 3, 5, 6), np.float32), ValueError,  # PyTorch's (B, C, H, W)
+     r"expects 3 \(batch, height, width, C\); channels go last: x.transpose\(0, 2, 3, 1\) if axis 1 "
+     "holds them"),
     (np.zeros((0, 4, 4, 3), np.float32), ValueError, "empty axis"),
     (np.zeros((2, 0, 4, 3), np.float32), ValueError, "empty axis"),
     (np.zeros((2, 4, 4, 3), np.int64), TypeError, "floating-point"),
