@@ -24,11 +24,7 @@ def check_array(x: npt.ArrayLike, name: str, ndim: int, last: int | None, dtype:
     dimensions, a wrong last axis, empty axes or NaN/inf values.
     """
     arr = as_array(x, name, layout)
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise TypeError(
-            f"{name} must hold floating-point values (any float dtype: the layer computes in "
-            f"{np.dtype(dtype)}), got dtype {arr.dtype}; convert with "
-            f"np.asarray({name}, dtype=np.{np.dtype(dtype).name})")
+    check_floating(arr, name, dtype)
     check_layout(arr.shape, name, ndim, last, layout)
     bad = count_nonfinite(arr)
     if bad:
@@ -62,6 +58,16 @@ def as_array(x: npt.ArrayLike, name: str, layout: str) -> np.ndarray:
         return np.asarray(x)
     except ValueError as exc:  # e.g. a ragged list
         raise ValueError(f"{name} must be an array of shape {layout}: {exc}") from None
+
+
+def check_floating(arr: np.ndarray, name: str, dtype: npt.DTypeLike | None) -> None:
+    """TypeError unless ``arr`` holds floating-point values, saying to convert to ``dtype``, the
+    layer's (None: a stage of no dtype of its own; an integer image is not scaled silently)."""
+    if not np.issubdtype(arr.dtype, np.floating):
+        computes = "" if dtype is None else f": the layer computes in {np.dtype(dtype)}"
+        to = "float32" if dtype is None else np.dtype(dtype).name
+        raise TypeError(f"{name} must hold floating-point values (any float dtype{computes}), got dtype "
+                        f"{arr.dtype}; convert with np.asarray({name}, dtype=np.{to})")
 
 
 def check_layout(shape: tuple, name: str, ndim: int, last: int | None, layout: str) -> None:

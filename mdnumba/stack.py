@@ -15,6 +15,7 @@ from ._validate import (
     as_array,
     check_device,
     check_flag,
+    check_floating,
     check_positive_int,
     check_shape,
     check_size_values,
@@ -97,7 +98,9 @@ class BlockSubsample:
         backward needs only the input's shape, which is always kept)."""
         check_flag(save, "save")
         twin = self._device_twin(x)
-        x = x if twin is not None else as_array(x, "x", f"(batch, {self.ndim} grid axes, channels)")
+        if twin is None:
+            x = as_array(x, "x", f"(batch, {self.ndim} grid axes, channels)")
+            check_floating(x, "x", None)  # as the layer after it would, before a stack's stage 1 ran
         shape = tuple(x.shape)
         self._check_input(shape)
         y = twin.forward(x) if twin is not None else self._to_blocks(x)

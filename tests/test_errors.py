@@ -934,3 +934,16 @@ def test_a_refused_forward_leaves_no_nan_for_a_later_padded_batch(rng):
     np.testing.assert_array_equal(layer.forward(x, sizes=sizes), h)
     np.testing.assert_array_equal(layer.backward(np.ones_like(h)), dx)
     np.testing.assert_array_equal(layer.grads.data, grads)
+
+
+def test_a_stack_that_starts_with_block_subsample_refuses_integer_images_at_once():
+    """BlockSubsample would pass an integer image on to the layer after it, which refuses it: the
+    stack then counted as failed partway, and a backward of its last good forward was refused."""
+    from mdnumba.stack import BlockSubsample
+    net = Sequential(BlockSubsample(2, 2), MDLSTM2D(4, 3))
+    x = np.random.default_rng(0).random((1, 4, 4, 1), dtype=np.float32)
+    h = net.forward(x)
+    with pytest.raises(TypeError, match=r"^stage 0 \(BlockSubsample\) forward: x must hold floating-point "
+                                        r"values \(any float dtype\), got dtype uint8; convert with "):
+        net.forward((x * 255).astype(np.uint8))
+    net.backward(np.ones_like(h))  # the last good forward's
