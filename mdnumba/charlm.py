@@ -32,7 +32,7 @@ from ._validate import (
 from .kernels.dropout import draw_seed, keep_mask, threshold
 from .kernels.gemm import scatter_add_rows
 from .layers import GridLSTM2D, Linear
-from .params import OwnsParams, ParamLayout
+from .params import OwnsParams, ParamLayout, one_thread_at_a_time
 from .stack import LayerGroup, check_not_refused_midway, mdlstm_stack, run_tracked
 
 
@@ -193,6 +193,7 @@ class Embedding(OwnsParams):
         """Set every gradient to zero (backward accumulates)."""
         self.grads.data[...] = 0
 
+    @one_thread_at_a_time
     def forward(self, ids: np.ndarray) -> np.ndarray:
         """``W[ids]`` for integer ``ids`` in [0, V); keeps a copy of the ids for backward."""
         check_finite_params(self.params)
@@ -200,6 +201,7 @@ class Embedding(OwnsParams):
         self._ids = ids.copy()  # backward's own: the caller may reuse its array
         return self.params["W"][ids]
 
+    @one_thread_at_a_time
     def backward(self, dy: np.ndarray) -> None:
         """``dW[ids] += dy`` (repeated ids add up); the ids have no gradient."""
         if self._ids is None:

@@ -50,7 +50,7 @@ from .kernels.wavefront import (
     zero_padding,
     zero_rows,
 )
-from .params import OwnsParams, ParamLayout
+from .params import OwnsParams, ParamLayout, one_thread_at_a_time
 
 
 class WavefrontLSTM(OwnsParams):
@@ -142,6 +142,7 @@ class WavefrontLSTM(OwnsParams):
         and returns None."""
         return self._backward(dh, input_grad, None)
 
+    @one_thread_at_a_time
     def _forward(self, x, state, save=True, sizes=None):
         """:meth:`forward`; ``state = (h0, c0)`` (1D: :meth:`LSTM1D.forward`) or None (zero state,
         the tables of :func:`direction_tables`, of ``sizes`` if given); ``save=False``:
@@ -228,6 +229,7 @@ class WavefrontLSTM(OwnsParams):
         self._saved = dict(inference=True, final_state=final, sizes=sizes)
         return out.reshape(x.shape[:-1] + (S * D,))
 
+    @one_thread_at_a_time
     def _backward(self, dh, input_grad, final_state_grad):
         """:meth:`backward`; after a forward from a state, ``final_state_grad = (dL/dh_T, dL/dc_T)``
         or None (zeros), and the initial state's gradient is kept (:meth:`LSTM1D.initial_state_grad`)."""
@@ -510,6 +512,7 @@ class Linear(OwnsParams):
         """Set every gradient to zero (backward accumulates)."""
         self.grads.data[...] = 0
 
+    @one_thread_at_a_time
     def forward(self, x: np.ndarray, *, save: bool = True) -> np.ndarray:
         """``y = x @ W + b`` on the last axis; ``save=False`` keeps no input for backward."""
         check_finite_params(self.params)
@@ -530,6 +533,7 @@ class Linear(OwnsParams):
         """Channels of the output (= ``out_features``; what a following stage takes)."""
         return self.out_features
 
+    @one_thread_at_a_time
     def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
         """``dW += xᵀ dy``, ``db += Σ dy``; return ``dx = dy Wᵀ`` (None with ``input_grad=False``)."""
         input_grad = check_flag(input_grad, "input_grad")
@@ -599,6 +603,7 @@ class GridLSTM2D(OwnsParams):
         """Set every gradient to zero (backward accumulates)."""
         self.grads.data[...] = 0
 
+    @one_thread_at_a_time
     def forward(self, x: np.ndarray, *, save: bool = True) -> np.ndarray:
         """Sweep the T x depth grid; save what backward needs (``save=False``: inference, nothing
         kept for backward; the sweep holds only two anti-diagonals at a time)."""
@@ -639,6 +644,7 @@ class GridLSTM2D(OwnsParams):
         self._saved = dict(inference=True)
         return np.ascontiguousarray(out.reshape(T, B, D).transpose(1, 0, 2))
 
+    @one_thread_at_a_time
     def backward(self, dh: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
         """dL/dx for ``dh`` = dL/d(output) (None with ``input_grad=False``: the sweep computes
         it anyway, it is just not returned); accumulates the weight gradients."""

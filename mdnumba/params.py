@@ -7,8 +7,11 @@ only matter to people and checkpoints.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -148,6 +151,26 @@ class ParamBuffer(Mapping):
         return f"ParamBuffer({names}; {self.data.size} x {self.data.dtype})"
 
 
+def one_thread_at_a_time(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` of a layer, refused (RuntimeError) while another thread runs one so decorated on the
+    same layer: a layer holds the activations and buffers of its last call, so two threads' calls
+    would mix them and give wrong results without an error. The same thread may nest calls."""
+    @functools.wraps(method)
+    def run(self, *args, **kw):
+        token = (threading.get_ident(), object())
+        owner = self.__dict__.setdefault("_running", token)  # atomic: one thread's token wins
+        if owner[0] != token[0]:
+            raise RuntimeError(f"this {type(self).__name__} is running a forward or backward in another "
+                               "thread; a layer holds the activations of its last call, so give each "
+                               "thread its own (copy.deepcopy(layer))")
+        try:
+            return method(self, *args, **kw)
+        finally:
+            if owner is token:
+                del self.__dict__["_running"]
+    return run
+
+
 class OwnsParams:
     """Base of a layer with its own ``params`` and ``grads`` buffers, bound once: rebinding one
     (``layer.params = other.params``) would skip every shape check and share weights unseen.
@@ -202,6 +225,7 @@ class OwnsParams:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state.update({name: empty() for name, empty in self._BUFFERS.items()})
+        state.pop("_running", None)  # a copy made during a call is not running one
         return state
 
     def __setattr__(self, name: str, value: object) -> None:

@@ -182,6 +182,41 @@ def test_threads_starting_together_share_one_lock(monkeypatch):
     assert len(locks) == 8 and all(lock is locks[0] for lock in locks) and locks[0]
 
 
+def test_a_layer_refuses_a_second_thread_while_one_runs_in_it(monkeypatch):
+    """Two threads calling one layer would mix its saved activations and buffers (wrong gradients,
+    no error): a call while another thread is inside forward or backward is refused, saying to give
+    each thread its own; the layer runs again once the first call is done, and copies made during a
+    call are free."""
+    import copy
+    import threading
+
+    from mdnumba import layers
+    layer = MDLSTM2D(1, 2)
+    x = np.ones((1, 3, 3, 1), np.float32)
+    layer.forward(x)  # compiled, before the kernel is held
+    inside, release, sweep = threading.Event(), threading.Event(), layers.wavefront_forward
+
+    def held_sweep(*args, **kw):
+        inside.set()
+        release.wait(60)
+        return sweep(*args, **kw)
+    monkeypatch.setattr(layers, "wavefront_forward", held_sweep)
+    first = threading.Thread(target=layer.forward, args=(x,))
+    first.start()
+    assert inside.wait(60)
+    for call in (lambda: layer.forward(x), lambda: layer.backward(np.ones((1, 3, 3, 2), np.float32))):
+        with pytest.raises(RuntimeError, match="this MDLSTM2D is running a forward or backward in another "
+                                               r"thread; .*give each thread its own \(copy.deepcopy"):
+            call()
+    twin = copy.deepcopy(layer)  # not running anything
+    release.set()
+    first.join()
+    monkeypatch.setattr(layers, "wavefront_forward", sweep)
+    for each in (layer, twin):
+        each.forward(x)
+        each.backward(np.ones((1, 3, 3, 2), np.float32))
+
+
 def test_a_parallel_kernel_copies_pickles_and_takes_keywords():
     """The wrapped drivers behave as the functions they were: a copy is the kernel itself, a
     pickle names it, keyword arguments pass through; and mdnumba imports with the JIT off."""
