@@ -211,12 +211,13 @@ def check_sizes(sizes: object, batch: int, dims: tuple) -> tuple | None:
     if sizes is None:
         return None
     arr, N = check_size_values(sizes), len(dims)
+    given = arr.shape
     if arr.ndim == 1 and N == 1:
         arr = arr[:, None]
     if arr.shape != (batch, N):
-        alt = " or (batch,) lengths" if N == 1 else ""
+        alt = f" or (batch,) = ({batch},) lengths" if N == 1 else ""
         raise ValueError(f"sizes must have shape (batch, {N}) = {(batch, N)}{alt}: each item's extent "
-                         f"along each grid axis; got {arr.shape}")
+                         f"along each grid axis; got {given}")
     bad = np.nonzero(((arr < 1) | (arr > np.array(dims))).any(axis=1))[0]
     if bad.size:
         b = int(bad[0])

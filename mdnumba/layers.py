@@ -6,6 +6,8 @@ and :class:`LSTM1D` (sequences) are its public faces with fixed names.
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import numpy.typing as npt
 
@@ -518,6 +520,8 @@ class Linear(OwnsParams):
         check_finite_params(self.params)
         save = check_flag(save, "save")
         given = x
+        if isinstance(x, (numbers.Number, np.generic)) or getattr(x, "ndim", None) == 0:
+            raise ValueError(f"x must have at least 1 dimension (..., in_features), got the scalar {x!r}")
         x = check_array(x, "x", max(np.ndim(x), 1), self.in_features, self.dtype, "(..., in_features)")
         x2 = x.reshape(-1, self.in_features)
         y = np.empty((x2.shape[0], self.out_features), dtype=self.dtype)

@@ -207,6 +207,8 @@ def test_arguments_after_the_sizes_are_keyword_only():
     (np.zeros((2, 3), np.complex64), TypeError, "floating-point"),
     (np.full((2, 3), np.nan), ValueError, "NaN"),
     (np.zeros((2, 4)), ValueError, "expects 3"),
+    (np.float32(2), ValueError, r"x must have at least 1 dimension \(..., in_features\), got the scalar"),
+    (np.array(2.0), ValueError, "at least 1 dimension"),
 ])
 def test_linear_checks_its_input(x, exc, match):
     with pytest.raises(exc, match=match):

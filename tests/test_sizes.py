@@ -156,6 +156,12 @@ def test_bad_sizes_are_refused(sizes, error, match):
         layer.forward(np.zeros((2, 3, 4, 1), np.float32), sizes=sizes)
 
 
+def test_lengths_of_another_batch_are_refused_as_given():
+    """1D lengths (batch,): the error shows the shape given, not the (n, 1) it is read as."""
+    with pytest.raises(ValueError, match=r"= \(2, 1\) or \(batch,\) = \(2,\) lengths: .*; got \(1,\)$"):
+        LSTM1D(1, 2).forward(np.ones((2, 4, 1), np.float32), sizes=[3])
+
+
 def test_sizes_with_a_state_and_final_state_are_refused(rng):
     layer = LSTM1D(2, 3, seed=1)
     x = rng.standard_normal((2, 4, 2))
