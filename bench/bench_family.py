@@ -180,6 +180,9 @@ def main() -> None:
     args = ap.parse_args()
     quick_simulator_handoffs()
     dev = args.device
+    if dev == "cuda":
+        from bench_gpu import require_cuda_or_exit
+        require_cuda_or_exit()
     # the baseline's device: CPU tensors under the CUDA simulator (no GPU there)
     tdev = "cpu" if dev == "cuda" and numba.config.ENABLE_CUDASIM else dev
     if torch is not None:

@@ -911,8 +911,22 @@ def run_config(res: dict, tb: TorchBaseline | None, budget: float, cpu: bool, nu
                                coop_grids(res["paths"]))))
 
 
-def write_report(path: Path, report: str) -> str:
-    """Write ``report`` to ``path`` through a temp file (a cut never leaves half a table)."""
+def require_cuda_or_exit() -> None:
+    """:func:`mdnumba.backend_cuda.require_cuda`, or its reason in one line and exit status 1 (a
+    benchmark of the GPU has nothing to time without one)."""
+    from mdnumba import CudaUnavailableError
+    from mdnumba.backend_cuda import require_cuda
+    try:
+        require_cuda()
+    except CudaUnavailableError as exc:
+        sys.exit(f"{Path(sys.argv[0]).name}: {exc}")
+
+
+def write_report(path: Path | None, report: str) -> str:
+    """Write ``report`` to ``path`` through a temp file (a cut never leaves half a table); None:
+    write nothing (a quick or smoke run without --out)."""
+    if path is None:
+        return report
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(report)
@@ -968,15 +982,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-cpu", action="store_true", help="skip the CPU timings")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     ap.add_argument("--no-numpy-api", action="store_true", help="skip MDLSTM2D(device='cuda')")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="the report's file (default bench/results/gpu.md; with --quick or --smoke none: "
+                         "the report is printed)")
     args = ap.parse_args(argv)
     quick_simulator_handoffs()
     global SMOKE
     SMOKE = args.smoke
     args.quick |= args.smoke
-
-    from mdnumba.backend_cuda import require_cuda
-    require_cuda()
+    if args.out is None and not args.quick:
+        args.out = DEFAULT_OUT
+    require_cuda_or_exit()
     tb = None if args.no_torch else load_torch()
     budget = 0.5 if args.quick else 2.0
     (results, broken), report, cut = _handed_over(), "", False

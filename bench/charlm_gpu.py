@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numba
 from bench_cpu import Timing, best_median, ms, quick_simulator_handoffs, time_interleaved
-from bench_gpu import write_report
+from bench_gpu import require_cuda_or_exit, write_report
 from charlm_compare import build_corpus
 
 HERE = Path(__file__).resolve().parent
@@ -101,15 +101,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block", type=int, default=20, help="steps per timed block (the device sync interval)")
     ap.add_argument("--budget", type=float, default=20.0, help="seconds of timing per case")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, each case once")
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "charlm_gpu.md")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="the report's file (default bench/results/charlm_gpu.md; with --smoke none: "
+                         "the report is printed)")
     args = ap.parse_args(argv)
     quick_simulator_handoffs()
     if args.smoke:
         args.batch, args.seq_len, args.hidden, args.layers, args.block, args.budget = 2, 4, 3, 1, 2, 0.1
+    elif args.out is None:
+        args.out = HERE / "results" / "charlm_gpu.md"
     from numba import cuda
 
-    from mdnumba.backend_cuda import require_cuda
-    require_cuda()
+    require_cuda_or_exit()
     name = getattr(cuda.get_current_device(), "name", "CUDA simulator")
     info = {"date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
             "GPU": name.decode() if isinstance(name, bytes) else str(name),

@@ -6,11 +6,12 @@ calling libdevice (``math.exp``), and a cooperative one whose blocks exchange va
 ``this_grid().sync()``. Exit status 0 when both gave the right answer, 1 otherwise (with the
 error), so that ``run_gpu.sh`` can try the carried libNVVM (``CUDA_HOME``) before anything else.
 
-Usage: ``python bench/gpu_probe.py``.
+Usage: ``python bench/gpu_probe.py``. Without a GPU or driver it says so in one line (exit 1).
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 import traceback
@@ -70,7 +71,11 @@ def cooperative_kernel_runs() -> int:
 
 
 def main() -> int:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # --help
     print(f"numpy {np.__version__}, numba {numba.__version__}, cuda available: {cuda.is_available()}")
+    if not numba.config.ENABLE_CUDASIM and not cuda.is_available():
+        print("no CUDA GPU or driver was found (run_gpu.sh stops at this line)")
+        return 1
     if not numba.config.ENABLE_CUDASIM:
         cuda.detect()
     report_paths()

@@ -16,7 +16,7 @@ import sys
 import time
 
 from bench_cpu import make_input
-from bench_gpu import mdnumba_device_fns, parse_config
+from bench_gpu import mdnumba_device_fns, parse_config, require_cuda_or_exit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=2)
     args = ap.parse_args(argv)
+    require_cuda_or_exit()
 
     from numba import cuda
 

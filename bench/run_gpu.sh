@@ -8,7 +8,7 @@
 # The wheels for this interpreter are installed into a fresh temporary folder put first on PYTHONPATH.
 # mdnumba itself runs from the working tree (PYTHONPATH=.).
 #
-# Usage: bench/run_gpu.sh [--tests | --tests-only | --tune | --family | --charlm | --profile | --smoke]
+# Usage: bench/run_gpu.sh [-h | --tests | --tests-only | --tune | --family | --charlm | --profile | --smoke]
 #                         [bench_gpu.py / tune_gpu.py options]
 #   (none)         the benchmarks: bench_gpu.py (-> gpu.md), bench_family.py --device cuda, then in
 #                  what time is left charlm_gpu.py (-> charlm_gpu.md, log appended to bench_gpu.log)
@@ -27,7 +27,8 @@
 #                  (clocks left alone; on a gVisor machine ncu reads no counters: then --tune
 #                  --variants full,no-sum,no-cell,neither places the time without them)
 #   --smoke        as --tests, with the benchmarks' --smoke at tiny sizes: a check that the whole
-#                  script runs (CI runs it under NUMBA_ENABLE_CUDASIM=1: the GPU tests skip there)
+#                  script runs (CI runs it under NUMBA_ENABLE_CUDASIM=1: the GPU tests skip there);
+#                  needs OUT (its numbers are no measurement)
 # RUN_GPU_DEADLINE_S (default 570): the seconds the whole script may take (give the device call
 # a timeout_s above it). Every part is cut (SIGINT) where it would run past the deadline, the
 # tests also at TESTS_MAX_S (default 270) so that the benchmarks get their turn, and the
@@ -47,6 +48,7 @@ bench_args=()
 family_args=()
 charlm_args=()
 case "${1:-}" in
+  -h|--help) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -E -e 's/^# ?//'; exit 0 ;;  # this header
   --tests) run_tests=1; shift ;;
   --smoke) run_tests=1; bench_args=(--smoke --configs 4x4x1x2); family_args=(--smoke); charlm_args=(--smoke); shift ;;
   --tests-only) run_tests=2; shift ;;
@@ -55,6 +57,12 @@ case "${1:-}" in
   --charlm) run_tests=charlm; shift ;;
   --profile) run_tests=profile; shift ;;
 esac
+
+if [ -n "${bench_args[*]:-}" ] && [ -z "${OUT:-}" ]; then  # --smoke
+  echo "--smoke reports the simulator's numbers: set OUT to a folder for them (they would replace" \
+       "bench/results/gpu.md, family_cuda.md and charlm_gpu.md)" >&2
+  exit 2
+fi
 
 tag=$(python3 -c 'import sys; print("cp%d%d" % sys.version_info[:2])')
 wheels=$(ls .whl/*.whl 2>/dev/null | grep -E -- "[-.]($tag|py3)-" || true)  # cp312, py3, py2.py3
@@ -89,6 +97,10 @@ if ! timeout 180 python3 bench/gpu_probe.py 2>&1 | tee "$out_dir/probe.log"; the
   else
     echo "warning: the CUDA probe failed (see above; no .whl/cuda_home_nvvm.tgz to try)" >&2
   fi
+fi
+if grep -q "^no CUDA GPU" "$out_dir/probe.log"; then
+  echo "run_gpu.sh needs a CUDA GPU and its driver (see $out_dir/probe.log); nothing was run" >&2
+  exit 1
 fi
 
 # Each part runs even if an earlier one failed (a lent GPU is rare: measure what can be);

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 from bench_cpu import make_input
-from bench_gpu import mdnumba_device_fns, parse_config, sweep_times, time_it
+from bench_gpu import mdnumba_device_fns, parse_config, require_cuda_or_exit, sweep_times, time_it
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "tune_gpu.md"
@@ -173,12 +173,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", default="32,256", help="as bench_gpu.py --configs")
     ap.add_argument("--quick", action="store_true", help="few repeats (smoke run)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="the table's file (default bench/results/tune_gpu.md; with --quick none: the "
+                         "table is printed)")
     args = ap.parse_args(argv)
     budget = 0.3 if args.quick else 1.0
     if args.child:
         child(args.configs.split(","), budget, args.variant)
         return 0
+    require_cuda_or_exit()  # before a child process per combination finds it out
+    if args.out is None and not args.quick:
+        args.out = DEFAULT_OUT
     rows: list[dict] = []
     sizes = {"item": args.item_threads.split(","), "tensor": args.tensor_tiles.split(",")}
     layouts = [f"{lay} {n}".strip() for lay in args.layout.split(",")
@@ -194,8 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         rows += run_combo(r, u, t, lay, args.configs, args.quick, v, m)
         print(f"rows/thread {r}, unroll {u}, threads/block {t}, {lay}, {m} blocks/SM, {v}: "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(render(rows))  # after every combination: a cut-off run keeps its rows
+        if args.out is not None:  # after every combination: a cut-off run keeps its rows
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(render(rows))
     print(render(rows))
     return 0 if rows and all("error" not in r for r in rows) else 1
 

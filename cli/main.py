@@ -80,10 +80,10 @@ def _check_writable(out: Path, resume: bool = False) -> None:
 def _require_device(device: str) -> None:
     """Fail before any work when ``--device cuda`` cannot run here, saying what to do."""
     if device == "cuda":
-        from mdnumba.backend_cuda import INSTALL_HINT, cuda_unavailable_reason
+        from mdnumba.backend_cuda import cuda_hint, cuda_unavailable_reason
         reason = cuda_unavailable_reason()
         if reason is not None:
-            hint = INSTALL_HINT.replace("device='cpu'", "--device cpu")
+            hint = cuda_hint(reason).replace("device='cpu'", "--device cpu")
             raise click.UsageError(f"--device cuda is not available: {reason}; {hint}")
 
 

@@ -73,6 +73,8 @@ HostOrDevice = Any
 
 INSTALL_HINT = ("install the CUDA extra with `pip install 'mdnumba[cuda]'` (numba-cuda; it needs "
                 "numpy<2.5) on a machine with an NVIDIA GPU and driver, or use device='cpu'")
+#: numba-cuda imports, but finds no GPU or driver to run on
+NO_GPU_HINT = "the CUDA kernels need an NVIDIA GPU and its driver on this machine; or use device='cpu'"
 
 
 class CudaUnavailableError(RuntimeError):
@@ -98,11 +100,17 @@ def cuda_available() -> bool:
     return cuda_unavailable_reason() is None
 
 
+def cuda_hint(reason: str) -> str:
+    """What to do about :func:`cuda_unavailable_reason`'s ``reason``: install numba-cuda where it does
+    not import, else find a GPU (installing the extra again would not help)."""
+    return INSTALL_HINT if reason.startswith("numba.cuda cannot be imported") else NO_GPU_HINT
+
+
 def require_cuda() -> None:
     """Raise :class:`CudaUnavailableError` with a fix if CUDA cannot be used."""
     reason = cuda_unavailable_reason()
     if reason is not None:
-        raise CudaUnavailableError(f"device='cuda' is not available: {reason}; {INSTALL_HINT}")
+        raise CudaUnavailableError(f"device='cuda' is not available: {reason}; {cuda_hint(reason)}")
 
 
 def cuda_context_alive() -> bool:
