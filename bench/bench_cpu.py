@@ -581,7 +581,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: few repeats, 8x8 and 32x32 only; writes no file unless --out")
     ap.add_argument("--big", action=argparse.BooleanOptionalAction, default=True,
-                    help="also run one train step at 256x256 B8 D64 (~2 GB; default: on)")
+                    help="also run two train steps at 256x256 B8 D64, the first allocating (~2 GB; "
+                         "default: on)")
     ap.add_argument("--no-reference", dest="reference", action="store_false",
                     help="skip the (slow) NumPy reference")
     ap.add_argument("--no-torch", dest="torch", action="store_false",
@@ -599,6 +600,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     load_before = load_average()
     if args.threads is not None:
+        if not 1 <= args.threads <= numba.config.NUMBA_NUM_THREADS:
+            sys.exit(f"--threads must be between 1 and {numba.config.NUMBA_NUM_THREADS} (numba's "
+                     f"NUMBA_NUM_THREADS), got {args.threads}")
         numba.set_num_threads(args.threads)
     tb = load_torch_baseline() if args.torch else None
     if tb is not None:

@@ -173,10 +173,12 @@ def _ms(timings: dict, name: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes, every part once")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--quick", action="store_true", help="few repeats; writes no file unless --out")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, every part once; writes no file "
+                                                         "unless --out")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where mdnumba and PyTorch run")
+    ap.add_argument("--out", type=Path, default=None, help="the report's file (default "
+                                                           "bench/results/family_DEVICE.md)")
     args = ap.parse_args()
     quick_simulator_handoffs()
     dev = args.device

@@ -166,10 +166,11 @@ def render(info: dict, results: list[dict], torch_used: bool) -> str:
               "`workspace_bytes()` after that call. Index tables: the skewed layout's tables "
               "(cell order, parents, children, the skew rows of every direction and batch item), "
               "built once per shape and cached, the same for both; not in the peaks.", ""]
-    head = "| shape | forward ms | save=False ms | speed-up | peak MiB (save / save=False) | buffers MiB " \
-           "(save / save=False) | index tables MiB | max abs difference |"
+    head = "| shape | forward ms | save=False ms | forward / save=False | peak MiB (save / save=False) | " \
+           "buffers MiB (save / save=False) | index tables MiB | max abs difference |"
     if torch_used:
-        head = head.replace("| speed-up |", "| speed-up | PyTorch no_grad ms | PyTorch / save=False |")
+        head = head.replace("| forward / save=False |",
+                            "| forward / save=False | PyTorch no_grad ms | PyTorch / save=False |")
     lines += [head, "|" + "---|" * head.count(" |")]
     for r in results:
         t, (m0, w0), (m1, w1) = r["times"], r["mem"][False], r["mem"][True]

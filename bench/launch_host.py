@@ -217,11 +217,11 @@ def _unprepared_launches(f) -> int:
 def measure(repeats: int, only: str = "") -> list[tuple]:
     """``(launcher, launches, of them through numba-cuda when prepared, fields, numba-cuda (best,
     median) µs, prepared (best, median) µs)`` per launcher (those whose name contains one of the
-    comma-separated texts of ``only``)."""
+    comma-separated texts of ``only``, in any case)."""
     from mdnumba.kernels import launch
     rows = []
     for name, f in launchers().items():
-        if not any(text in name for text in only.split(",")):
+        if not any(text.lower() in name.lower() for text in only.split(",")):
             continue
         f()  # compiles
         times = []
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     mock_driver()
     rows = measure(args.repeats, args.only)
     if not rows:
-        ap.error(f"no launcher's name contains {args.only!r}")
+        ap.error(f"no launcher's name contains {args.only!r}; the launchers: {', '.join(launchers())}")
     text = report(rows, args.repeats)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

@@ -100,8 +100,8 @@ def render(info: dict, results: list[dict]) -> str:
     lines += [f"- **{k}**: {v}" for k, v in info.items()]
     lines += ["", "Produced by `python bench/padded.py` (one process). " + __doc__.split("\n\n")[1]
               .replace("\n", " ").replace("``", "`"), "",
-              "| items | padded cells | fwd+bwd batch ms | fwd+bwd one by one ms | ratio | "
-              "save=False batch ms | save=False one by one ms | ratio | max abs difference |",
+              "| items | padded cells | fwd+bwd batch ms | fwd+bwd one by one ms | one by one / batch | "
+              "save=False batch ms | save=False one by one ms | one by one / batch | max abs difference |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         t, c = r["times"], r["case"]
