@@ -895,7 +895,7 @@ class CudaBlockSubsample(OnTheDevice):
             self.host._check_input(shape)  # as the host op (the row numbers below have 1 channel)
             n = int(np.prod(shape[:-1]))
             rows = np.arange(n, dtype=index_dtype(n)).reshape(shape[:-1] + (1,))
-            src = self.host.forward(rows)                   # checks the shape, says what to fix
+            src = self.host._to_blocks(rows)                # the host op on the row numbers
             out_shape = src.shape[:-1] + (src.shape[-1] * shape[-1],)
             src = src.reshape(-1)
             inv = np.argsort(src).astype(src.dtype)
