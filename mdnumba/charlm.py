@@ -223,6 +223,7 @@ class Dropout:
         self._mask: np.ndarray | None = None
         self._shape: tuple | None = None  # of the last forward's x (backward's dy)
 
+    @one_thread_at_a_time
     def forward(self, x: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
         """``x`` with dropout applied when ``rng`` is given (training) and p > 0, else ``x`` itself."""
         self._shape = np.shape(x)
@@ -233,6 +234,7 @@ class Dropout:
         self._mask = keep.astype(x.dtype) / np.asarray(1 - self.p, x.dtype)
         return x * self._mask
 
+    @one_thread_at_a_time
     def backward(self, dy: np.ndarray) -> np.ndarray:
         """``dy`` through the last forward's mask (``dy`` itself when none was applied)."""
         if self._shape is not None:
@@ -323,6 +325,7 @@ class CharLM(LayerGroup):
         """Bytes of every buffer kept between calls: the layers' (saved + scratch) and the dropout masks."""
         return super().workspace_bytes() + sum(drop.saved_bytes() for drop in self.drops)
 
+    @one_thread_at_a_time
     def forward(self, ids: np.ndarray, rng: np.random.Generator | None = None, *,
                 save: bool = True) -> np.ndarray:
         """Logits (B, T, V) for ids (B, T); ``rng`` switches dropout on (training); ``save=False``:
@@ -336,6 +339,7 @@ class CharLM(LayerGroup):
         check_ids_shape(ids)
         return run_tracked(self, self.embed, lambda: self.embed.forward(ids), rest)
 
+    @one_thread_at_a_time
     def backward(self, dlogits: np.ndarray) -> None:
         """Accumulate the gradients of every layer from ``dlogits`` (B, T, V) of the last forward."""
         check_not_refused_midway(self)

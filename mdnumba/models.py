@@ -23,6 +23,7 @@ from ._validate import (
     shared_seed,
 )
 from .layers import Linear, WavefrontLSTM
+from .params import one_thread_at_a_time
 from .stack import LayerGroup, Sequential, check_not_refused_midway, mdlstm_stack, run_tracked
 
 
@@ -56,6 +57,7 @@ class RecurrentReadout(LayerGroup):
     def _from_recurrent(self, y: np.ndarray) -> np.ndarray:
         return y.reshape(self._in_shape[:-1] + (y.shape[-1],))
 
+    @one_thread_at_a_time
     def forward(self, x: np.ndarray, *, save: bool = True) -> np.ndarray:
         """Return logits with the input's shape except the last axis (out_features);
         ``save=False`` (evaluation) keeps no activations for backward."""
@@ -67,6 +69,7 @@ class RecurrentReadout(LayerGroup):
         self._in_shape, self._inference = x.shape, inference  # a refused x changes nothing
         return self._from_recurrent(y)
 
+    @one_thread_at_a_time
     def backward(self, dlogits: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
         """Back-propagate dL/dlogits through readout and recurrent layer; return dL/dx (None
         with ``input_grad=False``: training needs only the parameter gradients)."""

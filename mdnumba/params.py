@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -151,23 +152,32 @@ class ParamBuffer(Mapping):
         return f"ParamBuffer({names}; {self.data.size} x {self.data.dtype})"
 
 
+#: ``id`` of each object inside a call guarded by :func:`one_thread_at_a_time` -> (thread, call): by
+#: id, not an attribute of the object, so that a copy made during a call is free (and a forked
+#: child, whose other threads are gone, starts with none)
+_RUNNING: dict[int, tuple[int, object]] = {}
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_RUNNING.clear)
+
+
 def one_thread_at_a_time(method: Callable[..., Any]) -> Callable[..., Any]:
-    """``method`` of a layer, refused (RuntimeError) while another thread runs one so decorated on the
-    same layer: a layer holds the activations and buffers of its last call, so two threads' calls
-    would mix them and give wrong results without an error. The same thread may nest calls."""
+    """``method`` of a layer or stack, refused (RuntimeError) while another thread runs one so
+    decorated on the same object: it holds the activations and buffers of its last call, so two
+    threads' calls would mix them and give wrong results without an error. The same thread may
+    nest calls; the guard is released however the call ends."""
     @functools.wraps(method)
     def run(self, *args, **kw):
-        token = (threading.get_ident(), object())
-        owner = self.__dict__.setdefault("_running", token)  # atomic: one thread's token wins
-        if owner[0] != token[0]:
-            raise RuntimeError(f"this {type(self).__name__} is running a forward or backward in another "
-                               "thread; a layer holds the activations of its last call, so give each "
-                               "thread its own (copy.deepcopy(layer))")
+        token, key = (threading.get_ident(), object()), id(self)
         try:
+            owner = _RUNNING.setdefault(key, token)  # atomic: one call's token wins
+            if owner[0] != token[0]:
+                raise RuntimeError(f"this {type(self).__name__} is running a forward or backward in "
+                                   "another thread; it holds the activations of its last call, so give "
+                                   "each thread its own (copy.deepcopy)")
             return method(self, *args, **kw)
         finally:
-            if owner is token:
-                del self.__dict__["_running"]
+            if _RUNNING.get(key) is token:  # the outermost call of the owning thread
+                del _RUNNING[key]
     return run
 
 
@@ -225,7 +235,6 @@ class OwnsParams:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state.update({name: empty() for name, empty in self._BUFFERS.items()})
-        state.pop("_running", None)  # a copy made during a call is not running one
         return state
 
     def __setattr__(self, name: str, value: object) -> None:

@@ -24,7 +24,7 @@ from ._validate import (
     shared_seed,
 )
 from .layers import LSTM1D, MDLSTM2D, MDLSTM3D, WavefrontLSTM
-from .params import ParamBuffer
+from .params import ParamBuffer, one_thread_at_a_time
 
 _NAMED = {1: LSTM1D, 2: MDLSTM2D, 3: MDLSTM3D}
 
@@ -93,6 +93,7 @@ class BlockSubsample:
                              f"mdlstm_stack(..., subsample={k}) every side of the stack's input must be "
                              f"divisible by {k}**(layers-1))")
 
+    @one_thread_at_a_time
     def forward(self, x: np.ndarray, *, save: bool = True) -> np.ndarray:
         """Move each block's cells into the channel axis (``save`` is accepted like the layers';
         backward needs only the input's shape, which is always kept)."""
@@ -115,6 +116,7 @@ class BlockSubsample:
         y = x.reshape(split).transpose(order)
         return np.array(y, order="C").reshape((x.shape[0],) + tuple(n // k for n in dims) + (-1,))
 
+    @one_thread_at_a_time
     def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
         """Inverse of :meth:`forward` applied to the gradient (None with ``input_grad=False``)."""
         input_grad = check_flag(input_grad, "input_grad")
@@ -350,6 +352,7 @@ class Sequential(LayerGroup):
                              f"{len(self)} stages holds none (a Sequential needs one)")
         return Sequential(*self.stages[i])
 
+    @one_thread_at_a_time
     def forward(self, x: np.ndarray, *, save: bool = True, sizes: npt.ArrayLike | None = None) -> np.ndarray:
         """``x`` through every stage in order; each keeps what its backward needs, or with
         ``save=False`` (inference) nothing: the stages whose ``forward`` takes ``save`` get it.
@@ -382,6 +385,7 @@ class Sequential(LayerGroup):
                 sizes = stage.out_sizes(sizes)
         return sizes
 
+    @one_thread_at_a_time
     def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
         """``dL/dy`` of the last forward back through the stages in reverse, accumulating every
         layer's parameter gradients; returns dL/dx (None with ``input_grad=False``)."""

@@ -183,17 +183,19 @@ def test_threads_starting_together_share_one_lock(monkeypatch):
 
 
 def test_a_layer_refuses_a_second_thread_while_one_runs_in_it(monkeypatch):
-    """Two threads calling one layer would mix its saved activations and buffers (wrong gradients,
-    no error): a call while another thread is inside forward or backward is refused, saying to give
-    each thread its own; the layer runs again once the first call is done, and copies made during a
-    call are free."""
+    """Two threads calling one layer (or stack) would mix its saved activations and buffers (wrong
+    gradients, no error): a call while another thread is inside forward or backward is refused,
+    saying to give each thread its own, before the stack's first stage runs; a copy made during a
+    call is free; the guard is released when the call ends, also by an error."""
     import copy
     import threading
 
-    from mdnumba import layers
+    from mdnumba import Linear, layers
+    from mdnumba.stack import Sequential
     layer = MDLSTM2D(1, 2)
+    net = Sequential(layer, Linear(2, 1))
     x = np.ones((1, 3, 3, 1), np.float32)
-    layer.forward(x)  # compiled, before the kernel is held
+    net.forward(x)  # compiled, before the kernel is held
     inside, release, sweep = threading.Event(), threading.Event(), layers.wavefront_forward
 
     def held_sweep(*args, **kw):
@@ -201,20 +203,32 @@ def test_a_layer_refuses_a_second_thread_while_one_runs_in_it(monkeypatch):
         release.wait(60)
         return sweep(*args, **kw)
     monkeypatch.setattr(layers, "wavefront_forward", held_sweep)
-    first = threading.Thread(target=layer.forward, args=(x,))
+    first = threading.Thread(target=net.forward, args=(x,))
     first.start()
     assert inside.wait(60)
-    for call in (lambda: layer.forward(x), lambda: layer.backward(np.ones((1, 3, 3, 2), np.float32))):
-        with pytest.raises(RuntimeError, match="this MDLSTM2D is running a forward or backward in another "
+    for name, call in (("MDLSTM2D", lambda: layer.forward(x)), ("Sequential", lambda: net.forward(2 * x)),
+                       ("MDLSTM2D", lambda: layer.backward(np.ones((1, 3, 3, 2), np.float32)))):
+        with pytest.raises(RuntimeError, match=f"this {name} is running a forward or backward in another "
                                                r"thread; .*give each thread its own \(copy.deepcopy"):
             call()
-    twin = copy.deepcopy(layer)  # not running anything
+    twin = copy.deepcopy(net)  # not running anything
     release.set()
     first.join()
     monkeypatch.setattr(layers, "wavefront_forward", sweep)
-    for each in (layer, twin):
-        each.forward(x)
-        each.backward(np.ones((1, 3, 3, 2), np.float32))
+    grads = []
+    for each in (net, twin):
+        each.forward(x)  # the first thread's forward was x's too: the same gradients
+        each.zero_grad()
+        each.backward(np.ones((1, 3, 3, 1), np.float32))
+        grads.append(each.layers[0].grads.data.copy())
+    np.testing.assert_array_equal(*grads)
+    with pytest.raises(ValueError):
+        layer.forward(np.full((1, 3, 3, 1), np.nan, np.float32))
+    out: list = []
+    done = threading.Thread(target=lambda: out.append(layer.forward(x)))  # released by the error
+    done.start()
+    done.join()
+    assert len(out) == 1
 
 
 def test_a_parallel_kernel_copies_pickles_and_takes_keywords():
