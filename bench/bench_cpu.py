@@ -625,13 +625,18 @@ def main(argv: list[str] | None = None) -> None:
     write_report(report, args.out if args.out is not None else (None if args.quick else DEFAULT_OUT))
 
 
-def write_report(text: str, out: Path | None) -> None:
-    """Print a benchmark's markdown report and write it to ``out`` (None: print only)."""
-    print(text)
+def write_report(text: str, out: Path | None, echo: bool = True) -> str:
+    """Write a benchmark's markdown report to ``out`` through a temp file (a run cut while writing
+    never leaves half a table; None: write nothing) and print it if ``echo``; returns it."""
+    if echo:
+        print(text)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, out)
         print(f"wrote {out}", file=sys.stderr)
+    return text
 
 
 if __name__ == "__main__":

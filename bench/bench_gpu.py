@@ -27,7 +27,8 @@ For a 2D MD-LSTM (C=1, float32) at 32x32 B64 D64, 128x128 B16 D64 and 256x256 B8
 
 Loss ``0.5 * mean(h**2)``, so ``dL/dh = h / h.size``. Times are wall-clock with
 a device synchronize, best (and median) of an adaptive number of repeats after a
-warm-up. Writes a markdown report (default ``bench/results/gpu.md``).
+warm-up. Writes a markdown report (default ``bench/results/gpu.md``; ``--quick`` and ``--smoke``
+only print it unless given ``--out``).
 
 Usage: ``python bench/bench_gpu.py [--quick | --smoke] [--configs 32,256,128] [--no-cpu]
 [--no-torch] [--out PATH]``. ``--smoke`` runs every part once (CI runs it under the CUDA
@@ -69,7 +70,7 @@ from typing import Any, NamedTuple
 import numba
 import numpy as np
 from bench_cpu import Config as CpuConfig
-from bench_cpu import Timing, best_median, make_input, ms, quick_simulator_handoffs, ratio
+from bench_cpu import Timing, best_median, make_input, ms, quick_simulator_handoffs, ratio, write_report
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "gpu.md"
@@ -797,6 +798,8 @@ def _watchdog() -> None:
                 print(f"  {res['cfg'].label} {res['paths'][-1]}", flush=True)
                 _broken(res, part, "hung")
                 _go_on()
+                if _RUN["out"] is None:  # past the restarts: a report with no file is seen here only
+                    print(_write(_RUN["results"]), flush=True)
             finally:  # past the restarts (or if the report could not be written): end here
                 os._exit(1)
 
@@ -922,21 +925,9 @@ def require_cuda_or_exit() -> None:
         sys.exit(f"{Path(sys.argv[0]).name}: {exc}")
 
 
-def write_report(path: Path | None, report: str) -> str:
-    """Write ``report`` to ``path`` through a temp file (a cut never leaves half a table); None:
-    write nothing (a quick or smoke run without --out)."""
-    if path is None:
-        return report
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(report)
-    os.replace(tmp, path)
-    return report
-
-
 def _write(results: list[dict]) -> str:
     """Write the report of ``results`` (after every config and before a restart)."""
-    return write_report(_RUN["out"], render(_RUN["info"], results, _RUN["quick"]))
+    return write_report(render(_RUN["info"], results, _RUN["quick"]), _RUN["out"], echo=False)
 
 
 def _go_on() -> None:

@@ -13,7 +13,8 @@ steps timed per case, the cases interleaved (``bench_cpu.time_interleaved``, bes
 - *CPU*: the CPU trainer on every core of this machine.
 
 Validation is off (``EVAL_EVERY`` past the run), so every timed step is a training step.
-Writes ``bench/results/charlm_gpu.md`` (``--out``). ``--smoke``: tiny sizes, each case once
+Writes ``bench/results/charlm_gpu.md`` (``--out``). ``--smoke``: tiny sizes, each case once, the
+report printed only unless given ``--out``
 (CI runs it under the CUDA simulator).
 
 Usage: ``python bench/charlm_gpu.py [--models stacked,grid] [--batch 32] [--seq-len 100]
@@ -29,8 +30,8 @@ import tempfile
 from pathlib import Path
 
 import numba
-from bench_cpu import Timing, best_median, ms, quick_simulator_handoffs, time_interleaved
-from bench_gpu import require_cuda_or_exit, write_report
+from bench_cpu import Timing, best_median, ms, quick_simulator_handoffs, time_interleaved, write_report
+from bench_gpu import require_cuda_or_exit
 from charlm_compare import build_corpus
 
 HERE = Path(__file__).resolve().parent
@@ -110,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         args.batch, args.seq_len, args.hidden, args.layers, args.block, args.budget = 2, 4, 3, 1, 2, 0.1
     elif args.out is None:
         args.out = HERE / "results" / "charlm_gpu.md"
+    require_cuda_or_exit()  # before numba.cuda's import, which may fail (numpy 2.5)
     from numba import cuda
 
-    require_cuda_or_exit()
     name = getattr(cuda.get_current_device(), "name", "CUDA simulator")
     info = {"date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
             "GPU": name.decode() if isinstance(name, bytes) else str(name),
@@ -127,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             del trs
             for key, _ in CASES:
                 print(f"{model} {key}: {ms(results[model][key].best)} ms per step", flush=True)
-            report = write_report(args.out, render(info, results, args, chars))  # a cut run keeps it
+            # after every model: a cut run keeps it
+            report = write_report(render(info, results, args, chars), args.out, echo=False)
     print(report)
     return 0
 

@@ -74,7 +74,7 @@ def main() -> int:
     argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # --help
     print(f"numpy {np.__version__}, numba {numba.__version__}, cuda available: {cuda.is_available()}")
     if not numba.config.ENABLE_CUDASIM and not cuda.is_available():
-        print("no CUDA GPU or driver was found (run_gpu.sh stops at this line)")
+        print("no CUDA GPU or driver was found (run_gpu.sh stops at this line)", flush=True)
         return 1
     if not numba.config.ENABLE_CUDASIM:
         cuda.detect()

@@ -44,13 +44,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 run_tests=0
+smoke=0
 bench_args=()
 family_args=()
 charlm_args=()
 case "${1:-}" in
   -h|--help) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -E -e 's/^# ?//'; exit 0 ;;  # this header
   --tests) run_tests=1; shift ;;
-  --smoke) run_tests=1; bench_args=(--smoke --configs 4x4x1x2); family_args=(--smoke); charlm_args=(--smoke); shift ;;
+  --smoke) run_tests=1; smoke=1; bench_args=(--smoke --configs 4x4x1x2); family_args=(--smoke); charlm_args=(--smoke); shift ;;
   --tests-only) run_tests=2; shift ;;
   --tune) run_tests=tune; shift ;;
   --family) run_tests=family; shift ;;
@@ -58,9 +59,9 @@ case "${1:-}" in
   --profile) run_tests=profile; shift ;;
 esac
 
-if [ -n "${bench_args[*]:-}" ] && [ -z "${OUT:-}" ]; then  # --smoke
-  echo "--smoke reports the simulator's numbers: set OUT to a folder for them (they would replace" \
-       "bench/results/gpu.md, family_cuda.md and charlm_gpu.md)" >&2
+if [ $smoke = 1 ] && [ -z "${OUT:-}" ]; then
+  echo "--smoke's numbers (tiny sizes, each part once) are no measurement: set OUT to a folder for" \
+       "them (they would replace bench/results/gpu.md, family_cuda.md and charlm_gpu.md)" >&2
   exit 2
 fi
 
@@ -87,6 +88,10 @@ timeout 60 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm
 # Can numba-cuda compile and run a kernel (libNVVM, libdevice) and a cooperative one (cudadevrt)?
 # If not, try once more with the libNVVM carried in .whl/cuda_home_nvvm.tgz (fetch_gpu_wheels.sh).
 if ! timeout 180 python3 bench/gpu_probe.py 2>&1 | tee "$out_dir/probe.log"; then
+  if grep -q "^no CUDA GPU" "$out_dir/probe.log"; then  # no libNVVM helps there
+    echo "run_gpu.sh needs a CUDA GPU and its driver (see $out_dir/probe.log); nothing was run" >&2
+    exit 1
+  fi
   if [ -f .whl/cuda_home_nvvm.tgz ]; then
     CUDA_HOME=$(mktemp -d /tmp/mdnumba_cuda_home.XXXXXX)
     export CUDA_HOME
@@ -97,10 +102,6 @@ if ! timeout 180 python3 bench/gpu_probe.py 2>&1 | tee "$out_dir/probe.log"; the
   else
     echo "warning: the CUDA probe failed (see above; no .whl/cuda_home_nvvm.tgz to try)" >&2
   fi
-fi
-if grep -q "^no CUDA GPU" "$out_dir/probe.log"; then
-  echo "run_gpu.sh needs a CUDA GPU and its driver (see $out_dir/probe.log); nothing was run" >&2
-  exit 1
 fi
 
 # Each part runs even if an earlier one failed (a lent GPU is rare: measure what can be);

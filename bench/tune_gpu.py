@@ -19,7 +19,8 @@ on global memory instead of registers, the same results), so
 each combination runs in a child process of its own (``--child``), which builds a
 ``CudaLSTM`` on the cooperative path, times the forward and backward sweeps alone and a
 device train step (``bench_gpu.mdnumba_device_fns``) and prints one JSON line. The parent
-collects them into a markdown table (default ``bench/results/tune_gpu.md``): the fastest
+collects them into a markdown table (default ``bench/results/tune_gpu.md``; ``--quick`` only
+prints it unless given ``--out``): the fastest
 combination per config is the default to pick in ``mdnumba/config.py``.
 
 Usage: ``python bench/tune_gpu.py [--rows 1,2,4,8] [--unroll 4,8,16] [--tpb 64,128,256]

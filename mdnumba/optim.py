@@ -147,8 +147,8 @@ def grads_to_vector(obj: object, dtype: npt.DTypeLike | None = None) -> np.ndarr
 
 def vector_to_params(vec: npt.ArrayLike, obj: object) -> None:
     """Write ``vec`` (as :func:`params_to_vector` gives it) into the parameters of ``obj``, each
-    part cast to its layer's dtype; all or nothing: a vector of another length, or one whose values
-    overflow a layer's dtype or are not numbers, changes no weight."""
+    part cast to its layer's dtype; all or nothing: a vector of another length, or one holding
+    NaN/inf, values that overflow a layer's dtype or are not numbers, changes no weight."""
     buffers = _buffers(obj)
     vec = np.asarray(vec)
     total = sum(p.size for p, _ in buffers)
@@ -159,6 +159,9 @@ def vector_to_params(vec: npt.ArrayLike, obj: object) -> None:
     for p, _ in buffers:
         part = np.empty_like(p.ravel())
         ParamBuffer._copy_into(part, "the parameters", vec[start:start + p.size])
+        if not np.isfinite(part).all():
+            raise NonFiniteError(f"the vector holds {int((~np.isfinite(part)).sum())} NaN or infinite "
+                                 f"values at [{start}:{start + p.size}]; no weight was changed")
         parts.append(part)
         start += p.size
     for (p, _), part in zip(buffers, parts):

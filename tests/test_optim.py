@@ -299,7 +299,9 @@ def test_flat_vectors_are_new_arrays_in_the_optimisers_order():
     np.testing.assert_array_equal(params_to_vector(net), before)  # not even the LSTM1D's part
     for vec, match in ((before[:-1], rf"the vector has shape \({before.size - 1},\), the parameters "
                                      rf"\({before.size},\)"),
-                       (np.array(["a"] * before.size), "cannot assign")):
+                       (np.array(["a"] * before.size), "cannot assign"),
+                       (np.where(np.arange(before.size) == 1, np.nan, before),
+                        r"the vector holds 1 NaN or infinite values at \[0:\d+\]; no weight was changed")):
         with pytest.raises(ValueError, match=match):
             vector_to_params(vec, net)
     with pytest.raises(ValueError, match="the same parameters appear twice"):
