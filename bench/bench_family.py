@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numba
 import numpy as np
-from bench_cpu import Phase, load_average, ms, quick_simulator_handoffs, ratio, time_interleaved
+from bench_cpu import Phase, load_average, ms, quick_simulator_handoffs, ratio, time_interleaved, write_report
 from launch_times import HEADER, launch_breakdown, render
 
 try:  # without torch the table keeps mdnumba's timings and says why the baseline is missing
@@ -171,7 +171,8 @@ def _ms(timings: dict, name: str) -> str:
     return f"{ms(timings[name].best)} ms" if name in timings else "–"
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """Command-line options."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="few repeats; writes no file unless --out")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, every part once; writes no file "
@@ -179,7 +180,39 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where mdnumba and PyTorch run")
     ap.add_argument("--out", type=Path, default=None, help="the report's file (default "
                                                            "bench/results/family_DEVICE.md)")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def time_shape(shape: Shape, dev: str, tdev: str, names: list[str],
+               args: argparse.Namespace) -> tuple[str, list]:
+    """The table row of ``shape``: mdnumba (in each layout of ``names``) and PyTorch on ``tdev``,
+    train step and forward interleaved; and mdnumba's train-step phases (for the launchers)."""
+    x = np.random.default_rng(0).random((shape.B,) + shape.dims + (1,), dtype=np.float32)
+    layer = build_layer(shape)
+    mt, mf = mdnumba_phases(layer, x, dev)
+    train_fns, fwd_fns = {"mdnumba": mt}, {"mdnumba": mf}
+    for layout in names[1:]:
+        train_fns[layout], fwd_fns[layout] = mdnumba_phases(layer, x, dev, layout)
+    try:  # a baseline that fails (e.g. torch without CUDA) leaves mdnumba's times
+        if torch is None:
+            raise TORCH_ERROR
+        diff = f"{verify(shape, x, tdev):.1e}"
+        train_fns["torch"], fwd_fns["torch"] = torch_phases(build_torch(layer, tdev), x, tdev)
+    except Exception as exc:
+        if args.smoke and torch is not None:  # a smoke run checks that every part runs
+            raise
+        diff = f"PyTorch failed: {type(exc).__name__}: {str(exc)[:120]}"
+    budget = 0.5 if args.quick or args.smoke else 3.0
+    reps = (1, 1) if args.smoke else (3, 500)  # min, max timed calls
+    train, fwd = (time_interleaved(fns, budget, *reps) for fns in (train_fns, fwd_fns))
+    row = f"| {shape.label} | " + " | ".join(
+        " | ".join([*(_ms(t, n) for n in names), _ms(t, "torch"),
+                    " / ".join(ratio(t.get("torch"), t[n]) for n in names)]) for t in (train, fwd))
+    return row + f" | {diff} |", mt
+
+
+def main() -> None:
+    args = parse_args()
     quick_simulator_handoffs()
     dev = args.device
     if dev == "cuda":
@@ -202,40 +235,17 @@ def main() -> None:
             "|---" * (len(cols) + 2) + "|"]
     breakdown: list[str] = []
     for shape in (SMOKE if args.smoke else QUICK if args.quick else SHAPES):
-        x = np.random.default_rng(0).random((shape.B,) + shape.dims + (1,), dtype=np.float32)
-        layer = build_layer(shape)
-        mt, mf = mdnumba_phases(layer, x, dev)
-        train_fns, fwd_fns = {"mdnumba": mt}, {"mdnumba": mf}
-        for layout in names[1:]:
-            train_fns[layout], fwd_fns[layout] = mdnumba_phases(layer, x, dev, layout)
-        try:  # a baseline that fails (e.g. torch without CUDA) leaves mdnumba's times
-            if torch is None:
-                raise TORCH_ERROR
-            diff = f"{verify(shape, x, tdev):.1e}"
-            train_fns["torch"], fwd_fns["torch"] = torch_phases(build_torch(layer, tdev), x, tdev)
-        except Exception as exc:
-            if args.smoke and torch is not None:  # a smoke run checks that every part runs
-                raise
-            diff = f"PyTorch failed: {type(exc).__name__}: {str(exc)[:120]}"
-        budget = 0.5 if args.quick or args.smoke else 3.0
-        reps = (1, 1) if args.smoke else (3, 500)  # min, max timed calls
-        train, fwd = (time_interleaved(fns, budget, *reps) for fns in (train_fns, fwd_fns))
-        rows.append(f"| {shape.label} | " + " | ".join(
-            " | ".join([*(_ms(t, n) for n in names), _ms(t, "torch"),
-                        " / ".join(ratio(t.get("torch"), t[n]) for n in names)]) for t in (train, fwd))
-            + f" | {diff} |")
-        print(rows[-1], flush=True)
+        row, mt = time_shape(shape, dev, tdev, names, args)
+        rows.append(row)
+        print(row, flush=True)
         if dev == "cuda":  # where the device step's time goes, launcher by launcher
             from numba import cuda
             result = launch_breakdown(lambda fns=mt: [f() for _, f in fns], cuda.synchronize,
                                       1 if args.smoke else 5)
             breakdown += render(shape.label, result)
             print(breakdown[-1], flush=True)
-        if out is not None:  # after every shape: a run cut short keeps what it measured
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(report(dev, load0, rows, breakdown))
-    if out is not None:
-        print(f"wrote {out}")
+        # after every shape: a run cut short keeps what it measured
+        write_report(report(dev, load0, rows, breakdown), out, echo=False)
 
 
 def report(dev: str, load0: str, rows: list[str], breakdown: list[str]) -> str:

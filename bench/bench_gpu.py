@@ -640,6 +640,7 @@ def _path_checks(results: list[dict]) -> list[str]:
 
 
 def render(info: dict[str, str], results: list[dict], quick: bool) -> str:
+    """The markdown report of ``results``: the machine, the paths, targets, floors, every table."""
     out = ["# GPU benchmark: mdnumba CUDA kernels vs. PyTorch autograd", ""]
     if quick:
         out += ["**--quick or --smoke run: few repeats; not for quoting.**", ""]

@@ -594,7 +594,8 @@ def sample(run: Path, length: int, temperature: float, prime: str, seed: int, de
 
 def _out_npy(ctx, param, value: str) -> Path:
     """A .npy file to write as a Path; an empty one is refused (it would name the current folder), and
-    another suffix (the file holds numpy.save's format whatever its name says)."""
+    another suffix (the file holds numpy.save's format whatever its name says): so never a run's
+    own file (``mdnumba.train.RUN_FILES``, none a .npy; a test keeps it so)."""
     if not value.strip():
         raise click.BadParameter("is empty; give the file to write")
     if Path(value).suffix.lower() != ".npy":

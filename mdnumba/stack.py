@@ -36,6 +36,8 @@ class BlockSubsample:
     ``k = block`` and ``N = ndim`` grid axes (2: images, 3: volumes), channel order
     ``(offset_1, .., offset_N, c)``; ``backward`` is the exact inverse (no parameters). Every
     grid side must be divisible by ``block``. Both return new arrays, never views of their input.
+    A NumPy input must hold floats, as the layer after it would ask (an integer image is refused
+    here, before a stack's later stages run).
     With ``device="cuda"`` (as the layers of ``mdlstm_stack(..., device="cuda")``) a CUDA array
     in gives a device array out (:class:`~mdnumba.backend_cuda.CudaBlockSubsample`), a NumPy
     array NumPy.

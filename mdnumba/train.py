@@ -804,7 +804,7 @@ def format_bytes(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
-def make_trainer(cfg: TrainConfig, out: Path | None = None, restore: dict | None = None,
+def make_trainer(cfg: TrainConfig, out: str | os.PathLike | None = None, restore: dict | None = None,
                  read_text: bool = True) -> Trainer:
     """The trainer for ``cfg``: :class:`Trainer`, the device-resident one for ``device="cuda"``
     (:class:`mdnumba.train_device.DeviceTrainer`) or the char-LM one (on cuda its device-resident

@@ -149,7 +149,9 @@ def test_predict_refusals(runner, tmp_path, monkeypatch):
     res = runner.invoke(main, ["predict", run, str(tmp_path / "x.npy"), "--out", str(fifo), "--overwrite"])
     assert res.exit_code == 2 and "is not a regular file" in res.output and fifo.is_fifo(), res.output
     before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
-    for name in ("checkpoint.npz", "config.json", "log.tsv"):  # the run's own files: not .npy
+    from mdnumba.train import RUN_FILES
+    assert not any(name.endswith(".npy") for name in RUN_FILES)  # the suffix rule keeps them safe
+    for name in RUN_FILES:  # the run's own files: not .npy
         res = runner.invoke(main, ["predict", run, str(tmp_path / "x.npy"), "--out",
                                    str(tmp_path / "run" / name), "--overwrite"])
         assert res.exit_code == 2 and f"{name} does not end in .npy" in res.output

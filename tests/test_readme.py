@@ -8,7 +8,7 @@ import pytest
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 CPU_BLOCKS = re.findall(r"```python\n(.*?)```", README.split("## GPU (CUDA)")[0]
-                        + README.split("## Command line")[1], re.S)
+                        + re.split(r"^## ", README.split("## Command line")[1], flags=re.M)[0], re.S)
 
 
 def test_readme_has_cpu_examples():
