@@ -11,6 +11,10 @@ type changes, shows up there and not in a best-of-N timing table's explanation).
 
 from __future__ import annotations
 
+if __name__ == "__main__":
+    raise SystemExit("bench/launch_times.py is a module of bench_family.py --device cuda, not a script: "
+                     "run that")
+
 import time
 from collections import defaultdict
 from collections.abc import Callable

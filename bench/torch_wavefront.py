@@ -17,6 +17,10 @@ in-place updates, so autograd differentiates it as is.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports (torch may be missing)
+    raise SystemExit("bench/torch_wavefront.py is a module of bench_cpu.py and bench_gpu.py, not a script: "
+                     "run that")
+
 import numpy as np
 import torch
 

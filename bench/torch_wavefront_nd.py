@@ -13,6 +13,10 @@ updates, so autograd differentiates it as is.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports (torch may be missing)
+    raise SystemExit("bench/torch_wavefront_nd.py is a module of bench_family.py, not a script: "
+                     "run that")
+
 import numpy as np
 import torch
 
