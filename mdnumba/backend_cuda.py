@@ -977,6 +977,11 @@ class _DeviceOptimizer(OnTheDevice):
             self._update(p, g, m, v, self.lr, b1, b2, self.eps, self.steps, parity, norm)
 
     @staticmethod
+    def _fill_zero(g) -> None:
+        from .kernels.wavefront_cuda import fill
+        fill(g, 0.0)
+
+    @staticmethod
     def _is_flat(modules) -> bool:
         return hasattr(modules, "layers") and hasattr(modules, "grads")
 

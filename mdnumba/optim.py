@@ -341,6 +341,16 @@ class Adam:
                     + ("" if self.clip_norm else " or set clip_norm (a huge gradient overflows the moments)"))
         self.t += 1
 
+    def zero_grad(self) -> None:
+        """Set every gradient this optimiser reads to zero (as each layer's ``zero_grad``;
+        ``backward`` accumulates)."""
+        for _, g in self.buffers:
+            self._fill_zero(g)
+
+    @staticmethod
+    def _fill_zero(g) -> None:
+        g[...] = 0
+
     def state_dict(self, flat: bool = False) -> dict:
         """Moments (lists ``m``, ``v``, an array per layer), step count and the optimiser's kind (for
         checkpoints), as host values; ``flat``: the moments one key per array (:func:`flat_state`),

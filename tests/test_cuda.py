@@ -1689,6 +1689,8 @@ def sim_device_step_count_follows_the_host(rng):
     fresh.load_state_dict(opt_d.state_dict())
     step(fresh, rng.standard_normal(cpu.grads.data.shape))
     assert opt_c.t == fresh.t == 5 and opt_d.t == 4
+    fresh.zero_grad()  # the layer's gradients, on the device
+    assert not dev.grads.copy_to_host().any()
 
 
 def sim_prepared_launches_give_numba_cudas_results(rng, monkeypatch):

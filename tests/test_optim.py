@@ -308,3 +308,15 @@ def test_flat_vectors_are_new_arrays_in_the_optimisers_order():
         params_to_vector([net, net.layers[0]])
     with pytest.raises(ValueError, match="list holds no parameters"):
         grads_to_vector([])
+
+
+def test_an_optimiser_zeroes_the_gradients_it_reads():
+    """opt.zero_grad() (PyTorch's habit): every layer it updates, as each layer's zero_grad."""
+    from mdnumba import Linear
+    from mdnumba.models import Sequential
+    net = Sequential(LSTM1D(2, 3), Linear(3, 1))
+    opt = Adam(net)
+    for _, g in opt.buffers:
+        g[...] = 1.0
+    opt.zero_grad()
+    assert all(not g.any() for _, g in opt.buffers) and not net.layers[0].grads.data.any()
