@@ -30,6 +30,7 @@ import gc
 import importlib
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -351,20 +352,32 @@ def load_average() -> str:
         return "?"
 
 
-def machine_info(tb, load_before: str) -> dict[str, str]:
-    """CPU model, cores, library versions, thread counts, date and load averages."""
-    cpu = "unknown"
+def command_line() -> str:
+    """How the report was made: ``python bench/SCRIPT.py OPTIONS`` (as a report's first line)."""
+    script = Path(sys.argv[0])
+    name = f"bench/{script.name}" if script.parent.name == "bench" else str(script)
+    return "`" + " ".join(["python", name, *map(shlex.quote, sys.argv[1:])]) + "`"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else the platform's word for it."""
     try:
         with open("/proc/cpuinfo") as fh:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
+            return next(ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def machine_info(tb, load_before: str) -> dict[str, str]:
+    """The command, CPU model, cores, library versions, thread counts, date and load averages."""
+    cpu = cpu_model()
     try:
         layer = numba.threading_layer()
     except ValueError:  # no parallel region has run yet
         layer = numba.config.THREADING_LAYER
     aff = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     info = {
+        "command": command_line(),
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "CPU": f"{cpu} ({os.cpu_count()} logical cores, {aff} usable)",
         "python": platform.python_version(),

@@ -70,7 +70,16 @@ from typing import Any, NamedTuple
 import numba
 import numpy as np
 from bench_cpu import Config as CpuConfig
-from bench_cpu import Timing, best_median, make_input, ms, quick_simulator_handoffs, ratio, write_report
+from bench_cpu import (
+    Timing,
+    best_median,
+    command_line,
+    make_input,
+    ms,
+    quick_simulator_handoffs,
+    ratio,
+    write_report,
+)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "gpu.md"
@@ -701,6 +710,7 @@ def machine_info(tb: TorchBaseline | None) -> dict[str, str]:
     name = getattr(dev, "name", "CUDA simulator")
     name = name.decode() if isinstance(name, bytes) else str(name)
     info = {
+        "command": command_line(),
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "GPU": f"{name} (compute capability {getattr(dev, 'compute_capability', '?')}, "
                f"{getattr(dev, 'MULTIPROCESSOR_COUNT', '?')} SMs)",
