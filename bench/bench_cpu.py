@@ -44,6 +44,7 @@ import numpy as np
 import mdnumba
 from mdnumba import config as md_config
 from mdnumba import reference
+from mdnumba.checkpoint import atomic_write_bytes
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "cpu.md"
@@ -639,15 +640,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def write_report(text: str, out: Path | None, echo: bool = True) -> str:
-    """Write a benchmark's markdown report to ``out`` through a temp file (a run cut while writing
-    never leaves half a table; None: write nothing) and print it if ``echo``; returns it."""
+    """Write a benchmark's markdown report to ``out`` atomically (a run cut while writing never
+    leaves half a table; None: write nothing) and print it if ``echo``; returns it."""
     if echo:
         print(text)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out)
+        atomic_write_bytes(out, lambda fh: fh.write(text.encode()))
         print(f"wrote {out}", file=sys.stderr)
     return text
 

@@ -41,7 +41,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_cpu import make_input
+from bench_cpu import make_input, write_report
 from bench_gpu import mdnumba_device_fns, parse_config, require_cuda_or_exit, sweep_times, time_it
 
 HERE = Path(__file__).resolve().parent
@@ -200,9 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += run_combo(r, u, t, lay, args.configs, args.quick, v, m)
         print(f"rows/thread {r}, unroll {u}, threads/block {t}, {lay}, {m} blocks/SM, {v}: "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
-        if args.out is not None:  # after every combination: a cut-off run keeps its rows
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(render(rows))
+        # after every combination: a cut-off run keeps its rows
+        write_report(render(rows), args.out, echo=False)
     print(render(rows))
     return 0 if rows and all("error" not in r for r in rows) else 1
 
