@@ -188,7 +188,7 @@ def read_state(state: object) -> Mapping:
         for key, arrays in lists.items():
             while f"{key}_{len(arrays)}" in state:  # m_0, m_1, ... up to the first missing
                 arrays.append(state[f"{key}_{len(arrays)}"])
-        state = {**{k: state[k] for k in state if k in ("kind", "t")}, **lists}
+        state = {**{k: state[k] for k in ("kind", "t") if k in state}, **lists}
     missing = [k for k in ("t", "m", "v") if k not in state]
     if missing:
         raise ValueError(f"optimizer state lacks {missing}; pass what state_dict() returned "
