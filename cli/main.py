@@ -228,7 +228,7 @@ def _train_options(f):
         click.option("--model", type=click.Choice(sorted(MODELS) + ["grid", "stacked"]), default="md",
                      show_default=True, help="grid/stacked: char-lm models"),
         click.option("--task", type=click.Choice(sorted(TASKS)), default="diagonal", show_default=True),
-        click.option("--size", type=click.IntRange(min=1), default=8, show_default=True,
+        click.option("--size", type=int, default=8, show_default=True,
                      help="image side (diagonal, >= 4), volume side (diagonal3d, >= 4) or number "
                           "of bits (binary-addition); not used by char-lm"),
         click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True,
@@ -662,7 +662,7 @@ def predict(run: Path, input: Path, out: Path, overwrite: bool, batch: int | Non
 
 @main.command()
 @click.argument("run", type=click.Path(), callback=_folder)
-@click.option("--size", type=click.IntRange(min=1), default=None,
+@click.option("--size", type=int, default=None,
               help="evaluate at another size (diagonal tasks: >= 4)")
 @click.option("--batches", type=click.IntRange(min=1), default=EVALUATE_BATCHES, show_default=True,
               help="batches of the run's --batch size to average over")

@@ -611,7 +611,7 @@ class Trainer:
         md --size 8``)."""
         size = self.cfg.size if size is None else size
         if size < self.task.min_size:
-            raise ValueError(f"--size must be >= {self.task.min_size}, got {size}")
+            raise ValueError(f"--size ({self.task.size_name}) must be >= {self.task.min_size}, got {size}")
         rng, batches = np.random.default_rng(seed), check_positive_int(batches, "batches")
         cfg, task = self.cfg, self.task
         values = task.in_channels + (cfg.hidden * cfg.directions if cfg.device == "cpu" else 0)

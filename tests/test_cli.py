@@ -77,6 +77,9 @@ def test_evaluate_other_size(runner, tmp_path):
     res = runner.invoke(main, ["evaluate", str(tmp_path / "run"), "--size", "9", "--batches", "2"])
     assert res.exit_code == 0, res.output
     assert "size 9" in res.output and "second_x_acc" in res.output
+    for size in ("3", "0", "-2"):  # one message, the task's, for every size below its minimum
+        res = runner.invoke(main, ["evaluate", str(tmp_path / "run"), "--size", size, "--batches", "2"])
+        assert res.exit_code != 0 and f"--size (image side) must be >= 4, got {size}" in res.output, res.output
 
 
 def test_predict_writes_the_models_probabilities(runner, tmp_path):
@@ -218,7 +221,9 @@ def test_mismatched_checkpoint(runner, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--model", "resnet"], "'resnet' is not one of"),
     (["--task", "sudoku"], "'sudoku' is not one of"),
-    (["--size", "3"], "must be >= 4"),
+    (["--size", "3"], "--size (image side) must be >= 4, got 3"),
+    (["--size", "0"], "--size (image side) must be >= 4, got 0"),  # the task's rule, not click's x>=1
+    (["--task", "binary-addition", "--model", "lstm", "--size", "0"], "--size (bits) must be >= 1, got 0"),
     (["--batch", "0"], "0 is not in the range x>=1"),
     (["--lr", "0"], "--lr must be a finite number > 0"),
     (["--lr", "-1"], "--lr must be a finite number > 0, got -1.0"),
