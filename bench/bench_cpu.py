@@ -636,7 +636,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{cfg.label}: {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
     big = big_run(Config(256, 256, 8, 64)) if args.big else None
     report = render(machine_info(tb, load_before), results, big, args.quick, verify)
-    write_report(report, args.out if args.out is not None else (None if args.quick else DEFAULT_OUT))
+    write_report(report, report_out(args, DEFAULT_OUT))
+
+
+def report_out(args: argparse.Namespace, default: Path) -> Path | None:
+    """Where a benchmark writes its report: ``--out`` if given, else nowhere for a ``--quick`` or
+    ``--smoke`` run (it prints only: its numbers are not for quoting), else ``default``."""
+    if args.out is not None:
+        return args.out
+    return None if getattr(args, "quick", False) or getattr(args, "smoke", False) else default
 
 
 def write_report(text: str, out: Path | None, echo: bool = True) -> str:

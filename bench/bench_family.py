@@ -34,6 +34,7 @@ from bench_cpu import (
     ms,
     quick_simulator_handoffs,
     ratio,
+    report_out,
     time_interleaved,
     write_report,
 )
@@ -231,7 +232,7 @@ def main() -> None:
     tdev = "cpu" if dev == "cuda" and numba.config.ENABLE_CUDASIM else dev
     if torch is not None:
         torch.set_num_threads(numba.get_num_threads())
-    out = args.out or (None if args.quick or args.smoke else HERE / "results" / f"family_{dev}.md")
+    out = report_out(args, HERE / "results" / f"family_{dev}.md")
     load0 = load_average()
     # on CUDA mdnumba in its default sweep layout (auto) and in the flat and the sliced one
     names = ["mdnumba", "flat", "sliced"] if dev == "cuda" else ["mdnumba"]

@@ -78,6 +78,7 @@ from bench_cpu import (
     ms,
     quick_simulator_handoffs,
     ratio,
+    report_out,
     write_report,
 )
 
@@ -992,8 +993,7 @@ def main(argv: list[str] | None = None) -> int:
     global SMOKE
     SMOKE = args.smoke
     args.quick |= args.smoke
-    if args.out is None and not args.quick:
-        args.out = DEFAULT_OUT
+    args.out = report_out(args, DEFAULT_OUT)
     require_cuda_or_exit()
     tb = None if args.no_torch else load_torch()
     budget = 0.5 if args.quick else 2.0

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from acceptance import QUICK, large_experiment, last_mean, run
-from bench_cpu import command_line, cpu_model, write_report
+from bench_cpu import command_line, cpu_model, report_out, write_report
 
 from mdnumba.train import TrainConfig, Trainer
 
@@ -91,7 +91,7 @@ def main() -> None:
     parts += large_experiment(big)
     parts += ["", "## Long runs", ""] + LONG_HEADER
     parts += [long_run(int(n), 200 if q else args.long_steps) for n in args.long_size.split(",")]
-    write_report("\n".join(parts) + "\n", args.out or (None if q else DEFAULT_OUT))
+    write_report("\n".join(parts) + "\n", report_out(args, DEFAULT_OUT))
 
 
 if __name__ == "__main__":

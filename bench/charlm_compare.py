@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_cpu import command_line, cpu_model, write_report
+from bench_cpu import command_line, cpu_model, report_out, write_report
 
 from mdnumba.train import TrainConfig, make_trainer
 
@@ -107,7 +107,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.steps, args.hidden, args.mb = 60, 16, 0.2
-    out = args.out or (None if args.quick else HERE / "results" / "charlm.md")
+    out = report_out(args, HERE / "results" / "charlm.md")
     data = build_corpus(Path(tempfile.gettempdir()) / "mdnumba_stdlib_corpus.txt", args.mb)
     grid_hidden = round(args.hidden * math.sqrt(args.layers / 2))
     curves, rows = {}, []

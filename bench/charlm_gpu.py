@@ -30,7 +30,15 @@ import tempfile
 from pathlib import Path
 
 import numba
-from bench_cpu import Timing, best_median, ms, quick_simulator_handoffs, time_interleaved, write_report
+from bench_cpu import (
+    Timing,
+    best_median,
+    ms,
+    quick_simulator_handoffs,
+    report_out,
+    time_interleaved,
+    write_report,
+)
 from bench_gpu import require_cuda_or_exit
 from charlm_compare import build_corpus
 
@@ -109,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     quick_simulator_handoffs()
     if args.smoke:
         args.batch, args.seq_len, args.hidden, args.layers, args.block, args.budget = 2, 4, 3, 1, 2, 0.1
-    elif args.out is None:
-        args.out = HERE / "results" / "charlm_gpu.md"
+    args.out = report_out(args, HERE / "results" / "charlm_gpu.md")
     require_cuda_or_exit()  # before numba.cuda's import, which may fail (numpy 2.5)
     from numba import cuda
 

@@ -28,6 +28,7 @@ from bench_cpu import (
     machine_info,
     mib,
     ms,
+    report_out,
     run_phases,
     time_interleaved,
     trim_heap,
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"... {shape.label}", flush=True)
         results.append(bench_shape(shape, tb, 0.3 if args.quick else 4.0, np.dtype(args.dtype)))
     text = render(dict(machine_info(tb, load_before), dtype=args.dtype), results, tb is not None)
-    write_report(text, args.out or (None if args.quick else DEFAULT_OUT))
+    write_report(text, report_out(args, DEFAULT_OUT))
 
 
 if __name__ == "__main__":

@@ -278,10 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = measure(args.repeats, args.only)
     if not rows:
         ap.error(f"no launcher's name contains {args.only!r}; the launchers: {', '.join(launchers())}")
-    text = report(rows, args.repeats)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
+    from bench_cpu import write_report
+    write_report(report(rows, args.repeats), args.out)
     return 0
 
 

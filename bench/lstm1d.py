@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numba
 import numpy as np
-from bench_cpu import best_median, load_average, machine_info, time_interleaved, write_report
+from bench_cpu import best_median, load_average, machine_info, report_out, time_interleaved, write_report
 
 import mdnumba
 
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     info["GOMP_SPINCOUNT"] = (f"{os.environ.get('GOMP_SPINCOUNT')} (mdnumba sets 3000 on import unless "
                               "given; PyTorch's OpenMP threads run under it too)")
     text = render(info, results)
-    write_report(text, args.out or (None if args.quick else DEFAULT_OUT))
+    write_report(text, report_out(args, DEFAULT_OUT))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from bench_cpu import best_median, load_average, machine_info, time_interleaved, write_report
+from bench_cpu import best_median, load_average, machine_info, report_out, time_interleaved, write_report
 
 import mdnumba
 
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     info = dict(machine_info(None, load_before), dtype=args.dtype)
     info.pop("torch", None)  # no PyTorch here
     text = render(info, results)
-    write_report(text, args.out or (None if args.quick else DEFAULT_OUT))
+    write_report(text, report_out(args, DEFAULT_OUT))
 
 
 if __name__ == "__main__":

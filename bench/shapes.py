@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from bench_cpu import best_median, load_average, machine_info, time_interleaved, write_report
+from bench_cpu import best_median, load_average, machine_info, report_out, time_interleaved, write_report
 
 import mdnumba
 from mdnumba.kernels.simd import tile_width
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     batches = bench_batches(args.quick, 0.2 if args.quick else 3.0)
     info = dict(machine_info(None, load_before), dtype="float32", tile_width=f"{W} float32 columns")
     info.pop("torch", None)  # no PyTorch here
-    write_report(render(info, results, batches), args.out or (None if args.quick else DEFAULT_OUT))
+    write_report(render(info, results, batches), report_out(args, DEFAULT_OUT))
 
 
 if __name__ == "__main__":

@@ -148,9 +148,8 @@ def main(argv: list[str] | None = None) -> None:
         worker(args.seconds, args.start_at)
         return
     text = render(measure(args.seconds, args.rounds), args.seconds, args.rounds)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
+    from bench_cpu import write_report  # only now: it imports mdnumba, which sets GOMP_SPINCOUNT
+    write_report(text, args.out)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_cpu import make_input, write_report
+from bench_cpu import make_input, report_out, write_report
 from bench_gpu import mdnumba_device_fns, parse_config, require_cuda_or_exit, sweep_times, time_it
 
 HERE = Path(__file__).resolve().parent
@@ -183,8 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         child(args.configs.split(","), budget, args.variant)
         return 0
     require_cuda_or_exit()  # before a child process per combination finds it out
-    if args.out is None and not args.quick:
-        args.out = DEFAULT_OUT
+    args.out = report_out(args, DEFAULT_OUT)
     rows: list[dict] = []
     sizes = {"item": args.item_threads.split(","), "tensor": args.tensor_tiles.split(",")}
     layouts = [f"{lay} {n}".strip() for lay in args.layout.split(",")
