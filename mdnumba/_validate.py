@@ -317,10 +317,10 @@ def part_seed(seed: object, k: int) -> object:
     return seed + k if isinstance(seed, (int, np.integer)) else seed
 
 
-def seeded_rng(seed: object) -> np.random.Generator:
-    """``np.random.default_rng(seed)``, with an error that names the argument (NumPy's says only
-    "expected non-negative integer")."""
+def seeded_rng(seed: object, name: str = "seed") -> np.random.Generator:
+    """``np.random.default_rng(seed)``, with an error that names the argument ``name`` (NumPy's
+    says only "expected non-negative integer")."""
     try:
         return np.random.default_rng(seed)
     except (TypeError, ValueError) as exc:
-        raise type(exc)(f"seed must be an integer >= 0 or None, got {seed!r} ({exc})") from None
+        raise type(exc)(f"{name} must be an integer >= 0 or None, got {seed!r} ({exc})") from None

@@ -49,6 +49,7 @@ class Corpus:
     train: np.ndarray
     val: np.ndarray
     source: str = "the text"   # where the text came from, for messages
+    unread: bool = False       # a vocabulary only, by choice (:meth:`from_vocab`), not for want of the text
 
     def __post_init__(self) -> None:
         if len(set(self.vocab)) < len(self.vocab):  # encode would map a character to its last id
@@ -74,6 +75,9 @@ class Corpus:
         index = {ch: k for k, ch in enumerate(vocab)}
         ids = np.fromiter((index[ch] for ch in text), dtype=np.int32, count=len(text))
         cut = int(len(ids) * (1 - val_fraction))
+        if not 0 < cut < len(ids):
+            raise CorpusError(f"the text has {len(ids)} character(s): too short to split into training "
+                              f"and validation text (the last {val_fraction:.0%}); give a longer text")
         return cls(list(vocab), ids[:cut], ids[cut:])
 
     @classmethod
@@ -97,11 +101,12 @@ class Corpus:
         return corpus
 
     @classmethod
-    def from_vocab(cls, vocab: list, source: str = "the text") -> Corpus:
-        """A corpus without text (a checkpoint's vocabulary when its text file is gone):
-        encodes, decodes and samples; :meth:`batch` says to give the text."""
+    def from_vocab(cls, vocab: list, source: str = "the text", unread: bool = False) -> Corpus:
+        """A corpus without text (a checkpoint's vocabulary when its text file is gone, or was
+        not to be read: ``unread``): encodes, decodes and samples; :meth:`batch` says to give
+        the text."""
         empty = np.zeros(0, dtype=np.int32)
-        return cls(list(vocab), empty, empty.copy(), source)
+        return cls(list(vocab), empty, empty.copy(), source, unread)
 
     @property
     def vocab_size(self) -> int:
@@ -120,8 +125,10 @@ class Corpus:
     def require_text(self) -> None:
         """Raise :class:`CorpusError` for a corpus without text (see :meth:`from_vocab`)."""
         if not len(self.train):
-            raise CorpusError(f"{self.source} is not available (moved or deleted?); pass --data FILE "
-                              "(the run's text, or one with the same characters)")
+            why = "was not read (loaded with read_text=False)" if self.unread else \
+                "is not available (moved or deleted?)"
+            raise CorpusError(f"{self.source} {why}; pass --data FILE (the run's text, or one with "
+                              "the same characters)")
 
     def batch(self, rng: np.random.Generator, split: str, batch: int,
               seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -183,6 +190,7 @@ class Embedding(OwnsParams):
 
     def __init__(self, vocab: int, dim: int, seed: int = 0, dtype: npt.DTypeLike = config.DEFAULT_DTYPE):
         vocab, dim = check_positive_int(vocab, "vocab"), check_positive_int(dim, "dim")
+        self.vocab = vocab
         self.layout = ParamLayout({"W": (vocab, dim)})
         self.dtype = config.resolve_dtype(dtype)
         self.params, self.grads = self.layout.new(self.dtype), self.layout.new(self.dtype)
@@ -351,22 +359,31 @@ class CharLM(LayerGroup):
 
 
 def sample_text(model: CharLM, corpus: Corpus, length: int, temperature: float,
-                rng: np.random.Generator, prime: str = "", window: int = 50) -> str:
+                rng: np.random.Generator | int | None, prime: str = "", window: int = 50) -> str:
     """Return ``prime`` and ``length`` characters generated after it: softmax(logits/temperature)
     sampling, each step conditioned on the last ``window`` characters. Without a prime the
     text starts from a character drawn uniformly from the vocabulary, shown as the first of
-    the ``length`` (so every character shown is conditioned only on those before it)."""
+    the ``length`` (so every character shown is conditioned only on those before it).
+    ``rng``: a ``np.random.Generator``, or a seed for one (an int >= 0; None: unseeded)."""
     return "".join(iter_sample(model, corpus, length, temperature, rng, prime, window))
 
 
 def iter_sample(model: CharLM, corpus: Corpus, length: int, temperature: float,
-                rng: np.random.Generator, prime: str = "", window: int = 50) -> Iterator[str]:
+                rng: np.random.Generator | int | None, prime: str = "", window: int = 50) -> Iterator[str]:
     """:func:`sample_text` piece by piece: the prime (or the random first character), then each
     generated character as soon as it is drawn (``mdnumba sample`` prints them as they come).
-    A bad temperature or prime raises here, before the first piece."""
-    if not 0 < temperature < np.inf:  # inf would sample uniformly, ignoring the model
-        raise ValueError(f"--temperature must be a finite number > 0, got {temperature}")
+    A bad temperature, prime, rng or a model of another vocabulary raises here, before the
+    first piece."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.integer, np.floating)) \
+            or not 0 < temperature < np.inf:  # inf would sample uniformly, ignoring the model
+        raise ValueError(f"--temperature must be a finite number > 0, got {temperature!r}")
     check_positive_int(window, "window")
+    vocab = getattr(getattr(model, "embed", None), "vocab", corpus.vocab_size)  # CharLM, DeviceCharLM
+    if vocab != corpus.vocab_size:
+        raise ValueError(f"the model predicts {vocab} characters but the corpus has {corpus.vocab_size}; "
+                         "sample with the corpus the model was trained on (its checkpoint's vocabulary)")
+    if not isinstance(rng, np.random.Generator):
+        rng = seeded_rng(rng, "rng (a np.random.Generator, or a seed for one)")
     if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < (0 if prime else 1):
         raise ValueError(f"--length must be an integer >= {0 if prime else 1} (without a prime the random "
                          f"first character is the first of them), got {length!r}")

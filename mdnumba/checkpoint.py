@@ -142,6 +142,8 @@ def _missing_hint(folder: Path) -> str:
 def load_checkpoint(folder: Path) -> tuple[dict[str, np.ndarray], dict]:
     """Return ``(arrays, meta)`` from ``folder/checkpoint.npz`` or raise :class:`CheckpointError`."""
     path = Path(folder) / CHECKPOINT
+    if Path(folder).is_file():
+        raise CheckpointError(f"{folder} is a file; give the run's folder (the one that holds {CHECKPOINT})")
     if path.exists() and not path.is_file():
         raise CheckpointError(f"{path} is a folder (or another non-file), not a checkpoint; move it "
                               "away or use another run folder")

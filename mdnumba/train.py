@@ -547,7 +547,14 @@ class Trainer:
     def load(cls, folder: Path, *, read_text: bool = True, **overrides) -> Trainer:
         """Rebuild a trainer (of the class its task needs) from ``folder``; ``overrides`` may
         change e.g. ``steps``. ``read_text=False``: a char-LM run keeps to its checkpoint's
-        vocabulary and does not read its text (enough to sample)."""
+        vocabulary and does not read its text (enough to sample). Only the settings of
+        :data:`RESUME_OVERRIDES` may be overridden (the others are the checkpoint's), and
+        ``steps`` only beyond the run's step."""
+        other = sorted(set(overrides) - set(RESUME_OVERRIDES))
+        if other:
+            raise TypeError(f"Trainer.load may override only {', '.join(RESUME_OVERRIDES)}, got "
+                            f"{', '.join(other)}: a run's other settings are its checkpoint's (train a new "
+                            "run for other ones)")
         arrays, meta = load_checkpoint(folder)
         cfg = _checkpoint_config(folder, meta, overrides)
         _check_config_copy(folder, meta)
@@ -582,6 +589,9 @@ class Trainer:
             what = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
             raise CheckpointError(f"checkpoint in {folder} is incomplete, damaged or from another "
                                   f"version ({what}); start a new run") from None
+        if overrides.get("steps") is not None and tr.step >= tr.cfg.steps:
+            raise ValueError(f"the run in {folder} is at step {tr.step}; --steps must be > {tr.step} "
+                             "to continue it")
         return tr
 
     # ------------------------------------------------------------ predict

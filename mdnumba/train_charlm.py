@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._validate import check_positive_int
+from ._validate import check_positive_int, seeded_rng
 from .charlm import BITS_PER_NAT, CharLM, Corpus, iter_sample, softmax_xent
 from .checkpoint import CheckpointError
 from .train import TrainConfig, Trainer
@@ -74,7 +74,8 @@ class CharLMTrainer(Trainer):
         cfg = self.cfg
         cfg.data = str(Path(cfg.data).expanduser().resolve())
         if not self._read_text or (self._vocab is not None and not Path(cfg.data).exists()):
-            self.corpus = Corpus.from_vocab(self._vocab, source=f"the text {cfg.data}")  # the run's
+            self.corpus = Corpus.from_vocab(self._vocab, source=f"the text {cfg.data}",  # the run's
+                                            unread=not self._read_text)
         else:
             self.corpus = Corpus.from_file(cfg.data, vocab=self._vocab)
             self.corpus.check_seq_len(cfg.seq_len)
@@ -125,7 +126,7 @@ class CharLMTrainer(Trainer):
 
     def iter_generate(self, length: int, temperature: float, seed: int = 0, prime: str = "") -> Iterator[str]:
         """:meth:`generate` piece by piece (:func:`mdnumba.charlm.iter_sample`)."""
-        return iter_sample(self.model, self.corpus, length, temperature, np.random.default_rng(seed),
+        return iter_sample(self.model, self.corpus, length, temperature, seeded_rng(seed),
                            prime, window=self.cfg.seq_len)
 
     def _extra_meta(self) -> dict:

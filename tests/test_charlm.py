@@ -12,7 +12,7 @@ from mdnumba.cli.main import main
 from mdnumba import reference as ref
 from mdnumba.charlm import CharLM, Corpus, CorpusError, Dropout, Embedding, sample_text, softmax_xent
 from mdnumba.optim import RMSprop
-from mdnumba.train import TrainConfig, make_trainer
+from mdnumba.train import TrainConfig, Trainer, make_trainer
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40
 
@@ -304,9 +304,48 @@ def test_sampling_temperature_divides_the_logits():
     assert sample_text(stub, corpus, 5, 1e-320, np.random.default_rng(0), prime="a") == "a" * 6
     hot = sample_text(stub, corpus, 4000, 10.0, np.random.default_rng(0), prime="a")[1:]
     assert hot.count("a") / 4000 == pytest.approx(np.exp(0.2) / (np.exp(0.2) + 4), abs=0.03)
-    for bad in (0.0, -1.0, np.inf, np.nan):  # inf would sample uniformly, ignoring the model
+    for bad in (0.0, -1.0, np.inf, np.nan, "0.8", True, np.array([0.5])):  # inf: uniform, ignoring the model
         with pytest.raises(ValueError, match="--temperature must be a finite number > 0"):
             sample_text(stub, corpus, 3, bad, np.random.default_rng(0), prime="a")
+
+
+def test_sampling_takes_a_generator_or_a_seed_and_a_model_of_the_corpus_vocabulary():
+    """``rng`` may be a seed (the same text as its Generator); anything else, a seed the trainer's
+    generate is given included, is named; a model of another vocabulary is refused before the
+    first piece (it sampled silently, or failed in decode)."""
+    from mdnumba.charlm import iter_sample
+    corpus = Corpus.from_text("hello world " * 5)
+    model = CharLM("stacked", corpus.vocab_size, 3, 1)
+    assert sample_text(model, corpus, 9, 1.0, 7, prime="he") == \
+        sample_text(model, corpus, 9, 1.0, np.random.default_rng(7), prime="he")
+    for bad in ("x", -1, 1.5):
+        match = (r"^rng \(a np.random.Generator, or a seed for one\) must be an integer >= 0 or None, "
+                 rf"got {bad!r}")
+        with pytest.raises((TypeError, ValueError), match=match):
+            iter_sample(model, corpus, 5, 1.0, bad, prime="he")
+    for vocab in (corpus.vocab_size - 3, corpus.vocab_size + 3):
+        with pytest.raises(ValueError, match=f"the model predicts {vocab} characters but the corpus has "
+                                             f"{corpus.vocab_size}; sample with the corpus the model"):
+            iter_sample(CharLM("grid", vocab, 3, 1), corpus, 5, 1.0, 0, prime="he")
+
+
+def test_texts_too_short_to_split_and_texts_not_read_say_so(tmp_path, textfile):
+    """A one-character text had an empty training split, which batch() called a text "not
+    available (moved or deleted?)"; so did a run loaded with read_text=False, its text in place.
+    A trainer's generate names its seed."""
+    for text, held_out in (("a", 0.1), ("ab", 0.6)):  # no character left to train on
+        with pytest.raises(CorpusError, match=f"the text has {len(text)} character.*too short to split"):
+            Corpus.from_text(text, held_out)
+    assert len(Corpus.from_text("ab").train) == len(Corpus.from_text("ab").val) == 1
+    cfg = TrainConfig(task="char-lm", model="stacked", data=str(textfile), hidden=3, seq_len=4, batch=2,
+                      steps=2)
+    make_trainer(cfg, tmp_path).run()
+    unread = Trainer.load(tmp_path, read_text=False)
+    with pytest.raises(CorpusError, match=f"the text {textfile} was not read \\(loaded with "
+                                          "read_text=False\\)"):
+        unread.evaluate()
+    with pytest.raises(ValueError, match="^seed must be an integer >= 0 or None, got -1"):
+        unread.generate(5, 1.0, seed=-1)
 
 
 def test_a_prime_outside_the_vocabulary_is_named_with_what_the_model_knows():

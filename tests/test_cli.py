@@ -79,7 +79,8 @@ def test_evaluate_other_size(runner, tmp_path):
     assert "size 9" in res.output and "second_x_acc" in res.output
     for size in ("3", "0", "-2"):  # one message, the task's, for every size below its minimum
         res = runner.invoke(main, ["evaluate", str(tmp_path / "run"), "--size", size, "--batches", "2"])
-        assert res.exit_code != 0 and f"--size (image side) must be >= 4, got {size}" in res.output, res.output
+        assert res.exit_code != 0, res.output
+        assert f"--size (image side) must be >= 4, got {size}" in res.output, res.output
 
 
 def test_predict_writes_the_models_probabilities(runner, tmp_path):

@@ -166,6 +166,25 @@ def test_a_trainer_makes_its_output_folder(tmp_path):
         make_trainer(TrainConfig(steps=2, **KW), tmp_path / "f").run()
 
 
+def test_load_overrides_only_what_a_resume_may_change(tmp_path):
+    """``Trainer.load(folder, **overrides)`` as ``train --resume``: another setting (e.g. hidden,
+    which the checkpoint's weights would then be blamed for not matching, or dtype, silently
+    changed) is refused before anything is read; steps not beyond the run's step (a run() that
+    would do nothing) too; a file given for the run folder is named as such."""
+    make_trainer(TrainConfig(steps=3, **KW), tmp_path).run()
+    for bad, named in (({"hidden": 4}, "hidden"), ({"dtype": "float64", "cell": "stable"}, "cell, dtype"),
+                       ({"model": "md3d", "steps": 9}, "model")):
+        with pytest.raises(TypeError, match=f"may override only steps, device, .* got {named}: a run's "
+                                            "other settings are its checkpoint's"):
+            Trainer.load(tmp_path, **bad)
+    for steps in (2, 3):
+        with pytest.raises(ValueError, match="is at step 3; --steps must be > 3 to continue it"):
+            Trainer.load(tmp_path, steps=steps)
+    assert Trainer.load(tmp_path, steps=4).cfg.steps == 4 and Trainer.load(tmp_path).step == 3
+    with pytest.raises(CheckpointError, match=r"checkpoint.npz is a file; give the run's folder \(the one "):
+        Trainer.load(tmp_path / "checkpoint.npz")
+
+
 def test_resume_drops_log_rows_cut_short(tmp_path):
     """A crash can leave a last row without its newline: resume keeps whole rows only, so the
     log holds each step once and still plots, and says nothing (it is what a crash leaves)."""
