@@ -143,6 +143,21 @@ class BlockSubsample:
         return f"BlockSubsample({self.block}{extra})"
 
 
+def _check_channels(stages: tuple) -> None:
+    """ValueError where a stage takes other channels than the stage before gives: known from a
+    stage's ``in_channels`` (``in_features``) and ``out_channels`` (a method of the input's, as
+    :meth:`BlockSubsample.out_channels`); a stage without them makes the count unknown. Caught
+    at its first forward, the error blamed the input's layout."""
+    have = None  # what the stage before gives, where known
+    for i, s in enumerate(stages):
+        want = getattr(s, "in_channels", getattr(s, "in_features", None))
+        if isinstance(want, int) and have is not None and want != have:
+            raise ValueError(f"stage {i} ({type(s).__name__}) takes {want} channels, but stage {i - 1} "
+                             f"({type(stages[i - 1]).__name__}) gives {have}")
+        out = getattr(s, "out_channels", None)
+        have = out if isinstance(out, int) else out(have) if callable(out) and have is not None else None
+
+
 @contextmanager
 def _named_stage(i: int, stage: object, what: str):
     """Re-raise a ValueError/TypeError of ``stage`` (number ``i``) with the stage named first,
@@ -323,6 +338,7 @@ class Sequential(LayerGroup):
         if len(set(ids)) < len(ids):
             raise ValueError("a stage appears twice in this Sequential: every stage saves its own "
                              "activations for backward, so one layer cannot serve twice; use two layers")
+        _check_channels(self.stages)
 
     @property
     def stages(self) -> tuple:

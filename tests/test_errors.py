@@ -717,6 +717,29 @@ def test_a_layer_inside_a_model_counts_as_a_stage():
         Sequential(model, model.recurrent)
 
 
+def test_a_stack_whose_stages_disagree_on_channels_is_refused_when_built():
+    """Found at the first forward, the error said "channels go last" when the grid's height happened
+    to be the channels the stage wanted. Channels are followed through BlockSubsample; a stage of
+    the user's makes them unknown (no check past it)."""
+    from mdnumba import Linear
+    with pytest.raises(ValueError, match=r"^stage 1 \(MDLSTM2D\) takes 3 channels, but stage 0 "
+                                         r"\(MDLSTM2D\) gives 2$"):
+        Sequential(MDLSTM2D(1, 2), MDLSTM2D(3, 2))
+    with pytest.raises(ValueError, match=r"^stage 2 \(Linear\) takes 5 channels, but stage 1 "
+                                         r"\(BlockSubsample\) gives 16$"):
+        Sequential(MDLSTM2D(1, 4), BlockSubsample(2), Linear(5, 1))
+    assert len(Sequential(MDLSTM2D(1, 4), BlockSubsample(2), MDLSTM2D(16, 2, directions=4),
+                          Linear(8, 1))) == 4
+
+    class Identity:
+        def forward(self, x):
+            return x
+
+        def backward(self, dy):
+            return dy
+    assert len(Sequential(MDLSTM2D(1, 4), Identity(), MDLSTM2D(3, 2))) == 3  # unknown past the user's
+
+
 def test_a_stack_calls_a_users_backward_without_input_grad_if_it_takes_none(rng):
     """A stage of the user's with ``backward(self, dy)``: called with dy alone (``save`` and
     ``sizes`` are likewise passed only to forwards that take them)."""
