@@ -38,8 +38,13 @@ def mse_sigmoid(z: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray, np.nda
 
 
 def bce_logits(z: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-    """L = mean(softplus(z) − y·z) (binary cross-entropy of σ(z)); dL/dz = (p − y)/n."""
+    """L = mean(softplus(z) − y·z) (binary cross-entropy of σ(z)); dL/dz = (p − y)/n; targets
+    ``y`` in [0, 1]."""
     z, y = _same_shape(z, y)
+    if not ((y >= 0) & (y <= 1)).all():  # NaN fails too
+        got = "NaN" if np.isnan(y).any() else f"values from {np.min(y)} to {np.max(y)}"
+        raise ValueError(f"bce_logits takes targets y in [0, 1] (probabilities of the positive class), "
+                         f"got {got}")
     p = sigmoid(z)
     z64 = z.astype(np.float64)
     loss = float(np.mean(np.logaddexp(0.0, z64) - y * z64))

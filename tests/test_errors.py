@@ -972,3 +972,17 @@ def test_a_stack_that_starts_with_block_subsample_refuses_integer_images_at_once
                                         r"values \(any float dtype\), got dtype uint8; convert with "):
         net.forward((x * 255).astype(np.uint8))
     net.backward(np.ones_like(h))  # the last good forward's
+
+
+def test_block_subsample_refuses_gradients_the_layers_refuse():
+    """An integer dy came back as an int64 dx, NaN/inf went through unnamed."""
+    from mdnumba.stack import BlockSubsample
+    sub = BlockSubsample(2)
+    y = sub.forward(np.ones((1, 4, 4, 1), np.float32))
+    with pytest.raises(TypeError, match="^dy must hold floating-point values"):
+        sub.backward(np.ones(y.shape, np.int64))
+    bad = np.ones_like(y)
+    bad[0, 1, 0, 2], bad[0, 0, 1, 3] = np.nan, -np.inf
+    with pytest.raises(NonFiniteError, match="^dy contains 2 NaN or infinite values; the loss or the stages"):
+        sub.backward(bad)
+    assert sub.backward(np.ones_like(y)).shape == (1, 4, 4, 1)

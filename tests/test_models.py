@@ -29,6 +29,14 @@ def test_a_loss_refuses_targets_of_another_shape(loss_fn):
         loss_fn(np.zeros((3, 1)), np.ones(3))
 
 
+def test_bce_takes_targets_in_0_1_only():
+    """A target of 2 or -1 is no probability: the loss was a number without meaning."""
+    assert bce_logits(np.zeros(3), np.array([0, 0.25, 1]))[0] == pytest.approx(np.log(2))
+    for y, got in (([2.0, -1.0], "values from -1.0 to 2.0"), ([np.nan, 1.0], "NaN")):
+        with pytest.raises(ValueError, match=rf"^bce_logits takes targets y in \[0, 1\] .*, got {got}$"):
+            bce_logits(np.zeros(2), np.array(y))
+
+
 def test_sigmoid_of_integers_is_a_float():
     np.testing.assert_allclose(sigmoid(np.array([-2, 0, 3])), 1 / (1 + np.exp(-np.array([-2.0, 0.0, 3.0]))))
 
