@@ -507,7 +507,7 @@ def train(ctx: click.Context, out: Path, overwrite: bool, resume: Path | None, c
 def _resume_run(folder: Path, given: dict):
     """Load the run in ``folder`` for ``train --resume`` with the explicitly ``given`` options:
     those of :data:`mdnumba.train.RESUME_OVERRIDES` apply, the others must equal the run's settings."""
-    from mdnumba.train import RESUME_OVERRIDES
+    from mdnumba.train import RESUME_OVERRIDES, check_continues
     overrides = {k: v for k, v in given.items() if k in RESUME_OVERRIDES}
     try:
         trainer = _load_run(folder, **overrides)
@@ -524,9 +524,10 @@ def _resume_run(folder: Path, given: dict):
                                    "--resume continues a run as it was (it may change only "
                                    f"{', '.join(map(_option, RESUME_OVERRIDES))}); start a new run "
                                    "with --out for other settings")
-    if trainer.step >= trainer.cfg.steps:
-        raise click.UsageError(f"the run in {folder} is at step {trainer.step}; --steps must be "
-                               f"> {trainer.step} to continue it")
+    try:
+        check_continues(folder, trainer.step, trainer.cfg.steps)  # a finished run, no --steps given
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     _check_memory(trainer)
     _check_writable(folder, resume=True)
     click.echo(f"resuming {folder} at step {trainer.step} of {trainer.cfg.steps}")

@@ -125,10 +125,11 @@ class Corpus:
     def require_text(self) -> None:
         """Raise :class:`CorpusError` for a corpus without text (see :meth:`from_vocab`)."""
         if not len(self.train):
-            why = "was not read (loaded with read_text=False)" if self.unread else \
-                "is not available (moved or deleted?)"
-            raise CorpusError(f"{self.source} {why}; pass --data FILE (the run's text, or one with "
-                              "the same characters)")
+            if self.unread:
+                raise CorpusError(f"{self.source} was not read (loaded with read_text=False); load the "
+                                  "run with read_text=True, the default")
+            raise CorpusError(f"{self.source} is not available (moved or deleted?); pass --data FILE "
+                              "(the run's text, or one with the same characters)")
 
     def batch(self, rng: np.random.Generator, split: str, batch: int,
               seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -187,6 +188,7 @@ class Embedding(OwnsParams):
     """Lookup table ``W (V, D)``: ``forward(ids)`` → ``W[ids]``; backward scatter-adds into ``dW``."""
 
     _BUFFERS = {"_ids": lambda: None}
+    _FIXED = OwnsParams._FIXED + ("vocab",)
 
     def __init__(self, vocab: int, dim: int, seed: int = 0, dtype: npt.DTypeLike = config.DEFAULT_DTYPE):
         vocab, dim = check_positive_int(vocab, "vocab"), check_positive_int(dim, "dim")
@@ -374,13 +376,14 @@ def iter_sample(model: CharLM, corpus: Corpus, length: int, temperature: float,
     generated character as soon as it is drawn (``mdnumba sample`` prints them as they come).
     A bad temperature, prime, rng or a model of another vocabulary raises here, before the
     first piece."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.integer, np.floating)) \
-            or not 0 < temperature < np.inf:  # inf would sample uniformly, ignoring the model
-        raise ValueError(f"--temperature must be a finite number > 0, got {temperature!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.integer, np.floating)):
+        raise TypeError(f"--temperature must be a number, got {temperature!r}")
+    if not 0 < temperature < np.inf:  # inf would sample uniformly, ignoring the model
+        raise ValueError(f"--temperature must be a finite number > 0, got {temperature}")
     check_positive_int(window, "window")
     vocab = getattr(getattr(model, "embed", None), "vocab", corpus.vocab_size)  # CharLM, DeviceCharLM
     if vocab != corpus.vocab_size:
-        raise ValueError(f"the model predicts {vocab} characters but the corpus has {corpus.vocab_size}; "
+        raise ValueError(f"the model's vocabulary has {vocab} characters, the corpus's {corpus.vocab_size}; "
                          "sample with the corpus the model was trained on (its checkpoint's vocabulary)")
     if not isinstance(rng, np.random.Generator):
         rng = seeded_rng(rng, "rng (a np.random.Generator, or a seed for one)")

@@ -128,7 +128,7 @@ def _joined(arrays: list[np.ndarray], dtype: npt.DTypeLike | None) -> np.ndarray
     """The ``arrays`` in one new vector, in ``dtype`` (None: theirs; else a float dtype)."""
     if dtype is not None and not np.issubdtype(np.dtype(dtype), np.floating):
         raise TypeError(f"dtype must be a floating-point type (e.g. np.float64), got {np.dtype(dtype)}: "
-                        "weights would be truncated")
+                        "values would be truncated")
     vec = np.concatenate([a.ravel() for a in arrays])
     return vec if dtype is None else vec.astype(dtype, copy=False)
 

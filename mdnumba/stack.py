@@ -154,14 +154,22 @@ def _check_channels(stages: tuple) -> None:
     stage's ``in_channels`` (``in_features``) and ``out_channels`` (a method of the input's, as
     :meth:`BlockSubsample.out_channels`); a stage without them makes the count unknown. Caught
     at its first forward, the error blamed the input's layout."""
+    def count(value: object) -> int | None:
+        return int(value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else None
+
     have = None  # what the stage before gives, where known
     for i, s in enumerate(stages):
-        want = getattr(s, "in_channels", getattr(s, "in_features", None))
-        if isinstance(want, int) and have is not None and want != have:
+        want = count(getattr(s, "in_channels", getattr(s, "in_features", None)))
+        if want is not None and have is not None and want != have:
             raise ValueError(f"stage {i} ({type(s).__name__}) takes {want} channels, but stage {i - 1} "
                              f"({type(stages[i - 1]).__name__}) gives {have}")
         out = getattr(s, "out_channels", None)
-        have = out if isinstance(out, int) else out(have) if callable(out) and have is not None else None
+        if callable(out) and have is not None:  # BlockSubsample's, of the input's; a user's may differ
+            try:
+                out = out(have)
+            except TypeError:
+                out = None
+        have = count(out)
 
 
 @contextmanager

@@ -57,6 +57,9 @@ def set_aside_log(stamp: str = "*") -> str:
 
 #: the settings ``train --resume`` may change; the others define the run and must match it
 RESUME_OVERRIDES = ("steps", "device", "sync_every", "checkpoint_every", "data")
+#: what ``Trainer.load`` may change besides: the step size, e.g. to continue from the checkpoint a
+#: diverged run keeps with a lower learning rate or clipping
+LOAD_OVERRIDES = RESUME_OVERRIDES + ("lr", "clip_norm")
 #: with the default --checkpoint-every, a run also saves once this long has passed since its
 #: last checkpoint (a run of very many steps would otherwise go hours without one)
 CHECKPOINT_SECONDS = 600.0
@@ -548,16 +551,20 @@ class Trainer:
         """Rebuild a trainer (of the class its task needs) from ``folder``; ``overrides`` may
         change e.g. ``steps``. ``read_text=False``: a char-LM run keeps to its checkpoint's
         vocabulary and does not read its text (enough to sample). Only the settings of
-        :data:`RESUME_OVERRIDES` may be overridden (the others are the checkpoint's), and
-        ``steps`` only beyond the run's step."""
-        other = sorted(set(overrides) - set(RESUME_OVERRIDES))
+        :data:`LOAD_OVERRIDES` may be overridden (None: not overridden; the others are the
+        checkpoint's), and ``steps`` only beyond the run's step."""
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        other = sorted(set(overrides) - set(LOAD_OVERRIDES))
         if other:
-            raise TypeError(f"Trainer.load may override only {', '.join(RESUME_OVERRIDES)}, got "
+            raise TypeError(f"Trainer.load may override only {', '.join(LOAD_OVERRIDES)}, got "
                             f"{', '.join(other)}: a run's other settings are its checkpoint's (train a new "
                             "run for other ones)")
         arrays, meta = load_checkpoint(folder)
         cfg = _checkpoint_config(folder, meta, overrides)
         _check_config_copy(folder, meta)
+        step = _checkpoint_step(folder, meta)
+        if "steps" in overrides:
+            check_continues(folder, step, cfg.steps)
         tr = make_trainer(cfg, folder, restore=meta, read_text=read_text)
         try:
             n = len(tr.model.layers)
@@ -581,7 +588,7 @@ class Trainer:
             tr.opt.load_state_dict({"t": meta["adam_t"], "m": [arrays[f"adam_m_{k}"] for k in range(n)],
                                     "v": [arrays[f"adam_v_{k}"] for k in range(n)]})
             tr.rng.bit_generator.state = _checked_rng_state(meta["rng"], tr.rng.bit_generator.state)
-            tr.step = tr.saved_step = check_count(meta["step"], "its step")
+            tr.step = tr.saved_step = step
             tr._owns_out = True
         except CheckpointError:
             raise
@@ -589,9 +596,6 @@ class Trainer:
             what = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
             raise CheckpointError(f"checkpoint in {folder} is incomplete, damaged or from another "
                                   f"version ({what}); start a new run") from None
-        if overrides.get("steps") is not None and tr.step >= tr.cfg.steps:
-            raise ValueError(f"the run in {folder} is at step {tr.step}; --steps must be > {tr.step} "
-                             "to continue it")
         return tr
 
     # ------------------------------------------------------------ predict
@@ -682,9 +686,24 @@ def _check_config_copy(folder: Path, meta: dict) -> None:
                               "kept up to the checkpoint's step) to use the checkpoint as it is")
 
 
+def _checkpoint_step(folder: Path, meta: dict) -> int:
+    """The step a checkpoint was saved at, or a :class:`CheckpointError`."""
+    try:
+        return check_count(meta.get("step"), "its step")
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint in {folder} is incomplete, damaged or from another version "
+                              f"({exc}); start a new run") from None
+
+
+def check_continues(folder: Path, step: int, steps: int) -> None:
+    """ValueError unless ``steps`` goes beyond ``step``, that of the run in ``folder``."""
+    if step >= steps:
+        raise ValueError(f"the run in {folder} is at step {step}; --steps must be > {step} to continue it")
+
+
 def _checkpoint_config(folder: Path, meta: dict, overrides: dict) -> TrainConfig:
     """The checkpoint's config (a :class:`CheckpointError` if it is not a valid one) with
-    ``overrides`` (None values ignored) applied; extending a curriculum run's steps keeps
+    ``overrides`` applied; extending a curriculum run's steps keeps
     its phases where they were."""
     raw = meta.get("config")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -698,7 +717,6 @@ def _checkpoint_config(folder: Path, meta: dict, overrides: dict) -> TrainConfig
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"checkpoint in {folder} holds an invalid config ({exc}); "
                               "start a new run") from None
-    overrides = {k: v for k, v in overrides.items() if v is not None}
     span = cfg.curriculum_span
     if cfg.curriculum and overrides.get("steps", span) < span:
         raise ValueError(f"--steps {overrides['steps']} would end the run in {folder} inside its "

@@ -739,6 +739,15 @@ def test_a_stack_whose_stages_disagree_on_channels_is_refused_when_built():
             return dy
     assert len(Sequential(MDLSTM2D(1, 4), Identity(), MDLSTM2D(3, 2))) == 3  # unknown past the user's
 
+    class Reports(Identity):  # a user's stage with out_channels of another signature: unknown too
+        def out_channels(self):
+            return 3
+    assert len(Sequential(MDLSTM2D(1, 4), BlockSubsample(2), Reports(), MDLSTM2D(5, 2))) == 4
+    Identity.in_channels, Identity.out_channels = np.int64(4), np.int64(7)  # NumPy integers count
+    with pytest.raises(ValueError, match=r"^stage 2 \(MDLSTM2D\) takes 5 channels, but stage 1 "
+                                         r"\(Identity\) gives 7$"):
+        Sequential(MDLSTM2D(1, 4), Identity(), MDLSTM2D(5, 2))
+
 
 def test_a_stack_calls_a_users_backward_without_input_grad_if_it_takes_none(rng):
     """A stage of the user's with ``backward(self, dy)``: called with dy alone (``save`` and

@@ -31,7 +31,9 @@ def test_a_loss_refuses_targets_of_another_shape(loss_fn):
 
 def test_bce_takes_targets_in_0_1_only():
     """A target of 2 or -1 is no probability: the loss was a number without meaning."""
-    assert bce_logits(np.zeros(3), np.array([0, 0.25, 1]))[0] == pytest.approx(np.log(2))
+    z, y = np.array([-1.0, 0.5, 2.0]), np.array([0, 0.25, 1])  # integer and float targets alike
+    want = np.mean(np.log1p(np.exp(z)) - y * z)
+    assert bce_logits(z, y)[0] == pytest.approx(want) == bce_logits(z, np.array([0.0, 0.25, 1.0]))[0]
     for y, got in (([2.0, -1.0], "values from -1.0 to 2.0"), ([np.nan, 1.0], "NaN")):
         with pytest.raises(ValueError, match=rf"^bce_logits takes targets y in \[0, 1\] .*, got {got}$"):
             bce_logits(np.zeros(2), np.array(y))

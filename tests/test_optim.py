@@ -304,7 +304,7 @@ def test_flat_vectors_are_new_arrays_in_the_optimisers_order():
                         r"the vector holds 1 NaN or infinite values at \[0:\d+\]; no weight was changed")):
         with pytest.raises(ValueError, match=match):
             vector_to_params(vec, net)
-    with pytest.raises(TypeError, match="dtype must be a floating-point type .*, got int32: weights would"):
+    with pytest.raises(TypeError, match="dtype must be a floating-point type .*, got int32: values would"):
         params_to_vector(net, np.int32)
     with pytest.raises(ValueError, match="the same parameters appear twice"):
         params_to_vector([net, net.layers[0]])

@@ -174,13 +174,19 @@ def test_load_overrides_only_what_a_resume_may_change(tmp_path):
     make_trainer(TrainConfig(steps=3, **KW), tmp_path).run()
     for bad, named in (({"hidden": 4}, "hidden"), ({"dtype": "float64", "cell": "stable"}, "cell, dtype"),
                        ({"model": "md3d", "steps": 9}, "model")):
-        with pytest.raises(TypeError, match=f"may override only steps, device, .* got {named}: a run's "
-                                            "other settings are its checkpoint's"):
-            Trainer.load(tmp_path, **bad)
+        for folder in (tmp_path, tmp_path / "no run here"):  # refused before the checkpoint is read
+            with pytest.raises(TypeError, match=f"may override only steps, device, .* got {named}: a run's "
+                                                "other settings are its checkpoint's"):
+                Trainer.load(folder, **bad)
     for steps in (2, 3):
         with pytest.raises(ValueError, match="is at step 3; --steps must be > 3 to continue it"):
             Trainer.load(tmp_path, steps=steps)
     assert Trainer.load(tmp_path, steps=4).cfg.steps == 4 and Trainer.load(tmp_path).step == 3
+    # the step size may change (continuing a diverged run's kept checkpoint more gently); None: unchanged
+    gentler = Trainer.load(tmp_path, steps=5, lr=1e-3, clip_norm=1.0, hidden=None)
+    assert (gentler.cfg.lr, gentler.cfg.clip_norm, gentler.cfg.hidden) == (1e-3, 1.0, KW["hidden"])
+    gentler.run()
+    assert Trainer.load(tmp_path).cfg.lr == 1e-3
     with pytest.raises(CheckpointError, match=r"checkpoint.npz is a file; give the run's folder \(the one "):
         Trainer.load(tmp_path / "checkpoint.npz")
 
