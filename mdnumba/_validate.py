@@ -70,6 +70,15 @@ def check_floating(arr: np.ndarray, name: str, dtype: npt.DTypeLike | None) -> N
                         f"{arr.dtype}; convert with np.asarray({name}, dtype=np.{to})")
 
 
+def check_gradient(arr: np.ndarray, name: str = "dy") -> None:
+    """TypeError unless ``arr`` holds floating-point values, NonFiniteError if any is NaN/inf: a
+    gradient of a stage without a dtype of its own, checked as the layers check theirs."""
+    check_floating(arr, name, None)
+    bad = count_nonfinite(np.ascontiguousarray(arr))
+    if bad:
+        raise nonfinite_input(name, bad)
+
+
 def check_layout(shape: tuple, name: str, ndim: int, last: int | None, layout: str) -> None:
     """ValueError for a wrong number of dimensions, an empty axis or a wrong last axis (NumPy and
     CUDA arrays alike)."""

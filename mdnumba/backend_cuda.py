@@ -45,6 +45,8 @@ from ._validate import (
     check_count,
     check_directions,
     check_flag,
+    check_floating,
+    check_gradient,
     check_layout,
     check_positive_int,
     check_saved,
@@ -273,10 +275,15 @@ class DeviceLayer(OnTheDevice):
         """``host`` as this layer's flat parameter vector (its dtype), else ValueError for another
         size and :class:`~mdnumba.NonFiniteError` for NaN/inf (the sweeps would return NaN)."""
         from .kernels.gemm import count_nonfinite
-        host = np.ascontiguousarray(host, dtype=self.dtype).reshape(-1)
+        given = np.asarray(host)
+        with np.errstate(over="ignore"):
+            host = np.ascontiguousarray(given, dtype=self.dtype).reshape(-1)
         if host.size != self.size:
             raise ValueError(f"params must have {self.size} entries for {self._sizes_said}, got {host.size}")
         bad = count_nonfinite(host)
+        if bad and np.isfinite(given).all():
+            raise ValueError(f"params hold values up to {float(np.abs(given).max()):.3g}, beyond "
+                             f"{self.dtype} (max {np.finfo(self.dtype).max:.3g})")
         if bad:
             raise NonFiniteError(f"params hold {bad} NaN or infinite values; give them finite values "
                                  "(e.g. those of a fresh layer or a checkpoint)")
@@ -297,6 +304,14 @@ class DeviceLayer(OnTheDevice):
     def zero_grad(self) -> None:
         """Set every gradient to zero (backward accumulates)."""
         self.k.fill(self.grads, 0.0)
+
+    def _check_weights(self) -> None:
+        """With :attr:`checked`, :class:`~mdnumba.NonFiniteError` for NaN/inf weights, as the host
+        layers refuse them (a device optimiser does not refuse an update that overflows them)."""
+        bad = self._nonfinite(self.params)
+        if bad:
+            raise NonFiniteError(f"the layer's weights hold {bad} NaN or infinite values; give them "
+                                 "finite values with set_params (e.g. a fresh layer's or a checkpoint's)")
 
     def _nonfinite(self, a) -> int:
         """How many values of the device array ``a`` are NaN or ±inf (waits for the GPU); 0
@@ -322,6 +337,13 @@ class DeviceLayer(OnTheDevice):
     def _new(self, shape: tuple, dtype=None):
         from numba import cuda
         return cuda.device_array(shape, dtype=self.dtype if dtype is None else dtype)
+
+    def _kept_copy(self, name: str, xd):
+        """``xd`` copied into workspace ``name`` (device to device): what backward reads must not
+        change with the caller's array."""
+        buf = self._ws(name, tuple(xd.shape), np.dtype(xd.dtype))
+        buf.copy_to_device(xd)
+        return buf
 
     def _result(self, name: str, shape: tuple):
         """A buffer for a returned result: kept (``reuse_outputs``) or new."""
@@ -378,6 +400,11 @@ class CudaLSTM(DeviceLayer):
         self.path, self.use_shared, self.tpb, self.layout = path, use_shared, threads_per_block, layout
         self._saved: dict | None = None
 
+    @property
+    def out_channels(self) -> int:
+        """As the host layer's: ``directions * hidden`` (what a following stage takes)."""
+        return self.directions * self.hidden
+
     def _bind(self) -> None:
         self.W, self.U, self.b = self._views(self.params)
         # made once (numba-cuda's slicing and reshaping cost µs of host time a call): direction q's
@@ -429,6 +456,8 @@ class CudaLSTM(DeviceLayer):
         self._saved = None  # from here on the workspaces no longer hold the last forward's
         if upload is not None:  # the host layer's weights, checked there (not again)
             self.params.copy_to_device(np.ascontiguousarray(upload, dtype=self.dtype).reshape(-1))
+        else:
+            self._check_weights()
         t = device_tables(dims, B, S, state is not None, sizes)
         if not save:
             return self._forward_rolling(xd, host_in, t, None if state is None else (h0, c0))
@@ -617,6 +646,11 @@ class CudaLinear(DeviceLayer):
         self._init_buffers(params, dtype, C * F + F, f"in={C}, out={F}")
         self._x = None
 
+    @property
+    def out_channels(self) -> int:
+        """As the host layer's: ``out_features``."""
+        return self.out_features
+
     def _bind(self) -> None:
         C, F = self.in_features, self.out_features
         self.W, self.b = self.params[:C * F].reshape(C, F), self.params[C * F:]
@@ -628,9 +662,14 @@ class CudaLinear(DeviceLayer):
         _check_host_layer(cls, layer, Linear, "mdnumba.layers.Linear")
         return cls(layer.in_features, layer.out_features, layer.params.data, layer.dtype)
 
-    def forward(self, x: HostOrDevice) -> HostOrDevice:
-        """``y = x W + b`` for ``x (..., in)``; device or NumPy in, the same kind out."""
+    def forward(self, x: HostOrDevice, *, copy_input: bool = True) -> HostOrDevice:
+        """``y = x W + b`` for ``x (..., in)``; device or NumPy in, the same kind out. Backward
+        needs ``x``: a device ``x`` is copied, unless ``copy_input=False`` (the caller keeps it
+        unchanged until then, as the device trainers do theirs)."""
         xd, host_in = self._input(x, "x", None, self.in_features, "(..., in_features)")
+        self._check_weights()
+        if not host_in and check_flag(copy_input, "copy_input"):
+            xd = self._kept_copy("x", xd)
         R = xd.size // self.in_features
         self._x, self._shape = xd.reshape(R, self.in_features), tuple(xd.shape)
         y = self._result("y", (R, self.out_features))
@@ -729,6 +768,11 @@ class CudaGridLSTM(DeviceLayer):
                            f"hidden={D}, layers={layers}, tied={tied}")
         self._saved: dict | None = None
 
+    @property
+    def out_channels(self) -> int:
+        """As the host layer's: ``hidden``."""
+        return self.hidden
+
     def _bind(self) -> None:
         D, S = self.hidden, self.levels
         n, nb = 8 * D * D * S, 4 * D * S
@@ -752,6 +796,7 @@ class CudaGridLSTM(DeviceLayer):
         from .kernels import gridlstm_cuda as g
         save, D, L = check_flag(save, "save"), self.hidden, self.depth
         xd, host_in = self._input(x, "x", 3, D, f"(batch, time, hidden={D})")
+        self._check_weights()
         B, T = xd.shape[:2]
         t = grid_tables(T, L, B, self.tied)
         self._saved = None
@@ -843,14 +888,18 @@ class CudaEmbedding(DeviceLayer):
         _check_host_layer(cls, layer, Embedding, "mdnumba.charlm.Embedding")
         return cls(*layer.params["W"].shape, layer.params.data, layer.dtype)
 
-    def forward(self, ids: HostOrDevice) -> HostOrDevice:
-        """``W[ids]`` (``ids`` (...) integers, out (..., D)); NumPy or device, as ``ids``."""
+    def forward(self, ids: HostOrDevice, *, copy_input: bool = True) -> HostOrDevice:
+        """``W[ids]`` (``ids`` (...) integers, out (..., D)); NumPy or device, as ``ids``; device
+        ``ids`` are copied for backward unless ``copy_input=False`` (as :meth:`CudaLinear.forward`)."""
         from .charlm import check_ids
         host_in = not is_device_array(ids)
         idd = self.k.as_device(check_ids(ids, self.vocab)) if host_in else contiguous_device_array(ids, "ids")
         if not np.issubdtype(np.dtype(idd.dtype), np.integer):
             raise TypeError(f"Embedding expects integer ids, got a device array of {idd.dtype}")
-        self._ids, self._shape = idd.reshape(idd.size), tuple(idd.shape)
+        self._check_weights()
+        if not host_in and check_flag(copy_input, "copy_input"):
+            idd = self._kept_copy("ids", idd)
+        self._ids, self._shape = idd.reshape(idd.size), np.shape(ids) if host_in else tuple(idd.shape)
         out = self._result("y", (idd.size, self.dim))
         self.k.gather_rows(out, self.W, self._ids)
         out = out.reshape(self._shape + (self.dim,))
@@ -904,10 +953,18 @@ class CudaBlockSubsample(OnTheDevice):
 
     def _device(self, x: HostOrDevice, name: str) -> DeviceArray:
         """``x`` on the device: a CUDA array as it is (C-contiguous: the gather reads it as rows),
-        a NumPy one copied there (no masked values: as the host op's)."""
+        a NumPy one copied there (no masked values: as the host op's); floating point either way,
+        and a NumPy ``dy`` finite (a CUDA one is not read for that, as the layers' are not)."""
         if not is_device_array(x):
-            return self.k.as_device(as_array(x, name, f"(batch, {self.host.ndim} grid axes, channels)"))
-        return contiguous_device_array(x, name)
+            arr = as_array(x, name, f"(batch, {self.host.ndim} grid axes, channels)")
+            if name == "dy":
+                check_gradient(arr, name)
+            else:
+                check_floating(arr, name, None)
+            return self.k.as_device(arr)
+        xd = contiguous_device_array(x, name)
+        check_floating(xd, name, None)
+        return xd
 
     def _gather(self, xd, index, shape: tuple):
         """Rows of ``C`` = input channels: ``out[r] = xd[index[r]]``, ``out`` of ``shape``."""

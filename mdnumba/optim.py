@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 from numba import njit
 
-from ._validate import NonFiniteError, check_count, check_finite_number, check_flag
+from ._validate import NonFiniteError, check_count, check_finite_number, check_flag, is_device_array
 from .config import NJIT_OPTS
 from .params import ParamBuffer
 
@@ -111,6 +111,11 @@ def collect_buffers(obj: object) -> list[tuple[np.ndarray, np.ndarray]]:
         for item in obj:
             out.extend(collect_buffers(item))
         return out
+    if is_device_array(getattr(obj, "params", None)):
+        raise TypeError(f"{type(obj).__name__} keeps its parameters on the GPU: give it to a device "
+                        "optimiser (mdnumba.backend_cuda.CudaAdam, CudaRMSprop), or copy them with its "
+                        "params_to_host() and set_params(); the host optimisers and params_to_vector take "
+                        "host layers (which may compute on the GPU: MDLSTM2D(..., device='cuda'))")
     raise TypeError(f"an optimiser (and params_to_vector) needs layers, models or (param, grad) array "
                     f"pairs, got {type(obj).__name__}")
 

@@ -16,15 +16,14 @@ from ._validate import (
     check_device,
     check_flag,
     check_floating,
+    check_gradient,
     check_positive_int,
     check_shape,
     check_size_values,
     is_device_array,
     missing_activations,
-    nonfinite_input,
     shared_seed,
 )
-from .kernels.gemm import count_nonfinite
 from .layers import LSTM1D, MDLSTM2D, MDLSTM3D, WavefrontLSTM
 from .params import ParamBuffer, one_thread_at_a_time
 
@@ -134,11 +133,8 @@ class BlockSubsample:
         N, k, shape = self.ndim, self.block, self._in_shape
         dims = shape[1:-1]
         dy = as_array(dy, "dy", f"(batch, {N} grid axes, channels)")  # refuses masked values
-        check_floating(dy, "dy", None)  # as the layers: an integer gradient is a mistake, NaN/inf too
+        check_gradient(dy)  # as the layers: an integer gradient is a mistake, NaN/inf too
         check_shape(dy, (shape[0],) + tuple(n // k for n in dims) + (self.out_channels(shape[-1]),))
-        bad = count_nonfinite(np.ascontiguousarray(dy))
-        if bad:
-            raise nonfinite_input("dy", bad)
         blocks = (shape[0],) + tuple(n // k for n in dims) + (k,) * N + (shape[-1],)
         inverse = (0,) + sum(((1 + d, 1 + N + d) for d in range(N)), ()) + (2 * N + 1,)
         return np.array(np.reshape(dy, blocks).transpose(inverse), order="C").reshape(shape)

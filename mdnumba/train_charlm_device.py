@@ -94,8 +94,10 @@ class DeviceCharLM(FlatDeviceGroup):
         def rest(h):
             for i, core in enumerate(self.cores, 1):
                 h = self._dropout(i, core.forward(h, save=save), seeds)
-            return self.head.forward(h)
-        y = run_tracked(self, self.embed, lambda: self._dropout(0, self.embed.forward(ids), seeds), rest)
+            return self.head.forward(h, copy_input=False)  # h: the model's own
+        def first():  # ids uploaded here are the model's own; a caller's device ids are copied
+            return self._dropout(0, self.embed.forward(ids, copy_input=not host_in), seeds)
+        y = run_tracked(self, self.embed, first, rest)
         self._seeds, self._saved = seeds, save
         return y.copy_to_host() if host_in else y
 

@@ -217,7 +217,7 @@ class DeviceModel(FlatDeviceGroup):
         def rest(h):
             for stage in self.stages[1:]:
                 h = run(stage, h)
-            return h, self.readout.forward(h)
+            return h, self.readout.forward(h, copy_input=False)  # h: the recurrent layer's own
 
         first = self.stages[0]  # a forward failing past it is recorded (as the host model's)
         h, y = run_tracked(self, first, lambda: run(first, self.host._to_recurrent(xd)), rest)

@@ -1428,6 +1428,56 @@ def sim_numpy_api_checks_device_inputs_and_the_cell_state(rng):
     assert np.isfinite(layer.grads.data).all() and layer.grads.data.any()
 
 
+def sim_device_twins_keep_and_refuse_what_the_host_layers_do():
+    """Found by a walkthrough: CudaLinear and CudaEmbedding kept a view of the caller's device
+    input (changed before backward: wrong weight gradients; the host layers keep a copy);
+    CudaBlockSubsample took integer and NaN gradients; a Sequential of twins was not checked for
+    channels; a checked twin with infinite weights (an overflowing device update) ran; an
+    overflowing float32 set_params was called NaN; params_to_vector did not say that twins keep
+    their weights on the GPU; a scalar id gave a (1, D) row."""
+    from mdnumba import Linear, params_to_vector
+    from mdnumba.backend_cuda import CudaBlockSubsample, CudaEmbedding, CudaLinear, CudaLSTM
+    from mdnumba.charlm import Embedding
+    from mdnumba.stack import Sequential
+    lin = Linear(2, 1, dtype=np.float64)
+    for copy_input, want in ((True, [3.0, 3.0]), (False, [0.0, 0.0])):  # False: the caller's promise
+        dev = CudaLinear.from_layer(lin)
+        xd = cuda.to_device(np.ones((3, 2)))
+        dev.forward(xd, copy_input=copy_input)
+        xd.copy_to_device(np.zeros((3, 2)))
+        dev.backward(np.ones((3, 1)))
+        np.testing.assert_array_equal(dev.grads_to_host()[:2], want)
+    emb = CudaEmbedding.from_layer(Embedding(4, 1, dtype=np.float64))
+    ids = cuda.to_device(np.array([1, 2, 3]))
+    emb.forward(ids)
+    ids.copy_to_device(np.zeros(3, np.int64))
+    emb.backward(np.ones((3, 1)))
+    np.testing.assert_array_equal(emb.grads_to_host(), [0, 1, 1, 1])
+    assert emb.forward(2).shape == Embedding(4, 1).forward(2).shape == (1,)
+    sub = CudaBlockSubsample(2)
+    with pytest.raises(TypeError, match="^x must hold floating-point values"):
+        sub.forward(cuda.to_device(np.ones((1, 2, 2, 1), np.int64)))
+    sub.forward(np.ones((1, 2, 2, 1)))
+    with pytest.raises(TypeError, match="^dy must hold floating-point values"):
+        sub.backward(np.ones((1, 1, 1, 4), np.int64))
+    with pytest.raises(NonFiniteError, match="^dy contains 1 NaN or infinite values"):
+        sub.backward(np.array([[[[0.0, np.nan, 0.0, 0.0]]]]))
+    a, b = (CudaLSTM.from_layer(MDLSTM2D(c, 2)) for c in (1, 3))
+    with pytest.raises(ValueError, match=r"^stage 1 \(CudaLSTM\) takes 3 channels, but stage 0 \(CudaLSTM\) "
+                                         "gives 2"):
+        Sequential(a, b)
+    with pytest.raises(ValueError, match=r"^stage 2 \(CudaLinear\) takes 3 channels, but stage 1 "):
+        Sequential(a, CudaBlockSubsample(2), CudaLinear.from_layer(Linear(3, 1)))
+    a.checked = True
+    a.params.copy_to_device(np.full(a.size, np.inf, np.float32))
+    with pytest.raises(NonFiniteError, match=rf"^the layer's weights hold {a.size} NaN or infinite values"):
+        a.forward(np.ones((1, 2, 2, 1), np.float32))
+    with pytest.raises(ValueError, match="^params hold values up to 1e[+]300, beyond float32"):
+        a.set_params(np.full(a.size, 1e300))
+    with pytest.raises(TypeError, match="^CudaLSTM keeps its parameters on the GPU: give it to a device"):
+        params_to_vector([b])
+
+
 def sim_device_layers_match_host(rng):
     """CudaLinear and CudaBlockSubsample == their host layers; DeviceModel of a 2-layer stable
     4-direction model == the host model (float64: logits, dx, every gradient)."""
