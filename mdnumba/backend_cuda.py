@@ -305,6 +305,15 @@ class DeviceLayer(OnTheDevice):
         """Set every gradient to zero (backward accumulates)."""
         self.k.fill(self.grads, 0.0)
 
+    def workspace_bytes(self) -> int:
+        """Device bytes of the buffers kept between calls (activations, scratch, kept results)."""
+        return sum(a.nbytes for a in self._work.values())
+
+    def saved_bytes(self) -> int:
+        """Device bytes of the activations kept for backward (a :class:`CudaLSTM`'s; the other
+        twins keep only their input's shape or a copy of it: 0)."""
+        return 0
+
     def _check_weights(self) -> None:
         """With :attr:`checked`, :class:`~mdnumba.NonFiniteError` for NaN/inf weights, as the host
         layers refuse them (a device optimiser does not refuse an update that overflows them)."""
@@ -404,6 +413,13 @@ class CudaLSTM(DeviceLayer):
     def out_channels(self) -> int:
         """As the host layer's: ``directions * hidden`` (what a following stage takes)."""
         return self.directions * self.hidden
+
+    def saved_bytes(self) -> int:
+        """Device bytes of the last forward's activations (0 before one, and after a forward
+        with ``save=False``)."""
+        if self._saved is None or self._saved["inference"]:
+            return 0
+        return sum(a.nbytes for name, a in self._work.items() if name in _SAVED)
 
     def _bind(self) -> None:
         self.W, self.U, self.b = self._views(self.params)
@@ -1073,7 +1089,8 @@ class _DeviceOptimizer(OnTheDevice):
         state = read_state(state)
         if self._sizes:
             if len(state["m"]) != len(self._sizes) or len(state["v"]) != len(self._sizes):
-                raise ValueError("optimizer state has a different number of buffers")
+                raise ValueError(f"optimizer state has {len(state['m'])} m and {len(state['v'])} v buffers, "
+                                 f"this optimizer {len(self._sizes)} of each")
             # each layer's, as the host optimiser checks them (not only the joined length)
             check_state_shapes(list(state["m"]) + list(state["v"]), [(n,) for n in self._sizes] * 2)
             state = dict(state, m=[np.concatenate([np.ravel(a) for a in state["m"]])],
@@ -1203,9 +1220,9 @@ def layer_bytes(layer: WavefrontLSTM, saved: bool) -> int:
     backward (``saved``; none after ``forward(x, save=False)``) or every workspace; 0 before a
     forward and after :func:`layer_free`."""
     st = _LAYER_STATE.get(layer)
-    if st is None or st._saved is None or (saved and st._saved["inference"]):
+    if st is None or st._saved is None:
         return 0
-    return sum(a.nbytes for name, a in st._work.items() if name in _SAVED or not saved)
+    return st.saved_bytes() if saved else st.workspace_bytes()
 
 
 def layer_free(layer: WavefrontLSTM) -> None:

@@ -1434,7 +1434,8 @@ def sim_device_twins_keep_and_refuse_what_the_host_layers_do():
     CudaBlockSubsample took integer and NaN gradients; a Sequential of twins was not checked for
     channels; a checked twin with infinite weights (an overflowing device update) ran; an
     overflowing float32 set_params was called NaN; params_to_vector did not say that twins keep
-    their weights on the GPU; a scalar id gave a (1, D) row."""
+    their weights on the GPU; a scalar id gave a (1, D) row; a DeviceModel's saved_bytes was 0;
+    a device optimiser's state of too few layers did not say how many."""
     from mdnumba import Linear, params_to_vector
     from mdnumba.backend_cuda import CudaBlockSubsample, CudaEmbedding, CudaLinear, CudaLSTM
     from mdnumba.charlm import Embedding
@@ -1476,6 +1477,21 @@ def sim_device_twins_keep_and_refuse_what_the_host_layers_do():
         a.set_params(np.full(a.size, 1e300))
     with pytest.raises(TypeError, match="^CudaLSTM keeps its parameters on the GPU: give it to a device"):
         params_to_vector([b])
+    from mdnumba.models import MDModel
+    from mdnumba.train_device import DeviceModel
+    model, x = DeviceModel(MDModel(1, 2, seed=3)), np.ones((1, 3, 4, 1), np.float32)
+    assert model.saved_bytes() == 0  # was 0 after a forward too: the twins had no saved_bytes
+    model.forward(x)
+    assert model.saved_bytes() == model.layers[0].saved_bytes() > 0
+    assert model.workspace_bytes() >= model.saved_bytes()
+    model.forward(x, save=False)
+    assert model.saved_bytes() == 0
+    from mdnumba.backend_cuda import CudaAdam
+    opt = CudaAdam(model)
+    state = opt.state_dict()
+    state["m"], state["v"] = state["m"][:1], state["v"][:1]
+    with pytest.raises(ValueError, match=r"^optimizer state has 1 m and 1 v buffers, this optimizer 2 of "):
+        opt.load_state_dict(state)
 
 
 def sim_device_layers_match_host(rng):
