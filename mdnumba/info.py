@@ -85,7 +85,7 @@ def collect_info() -> dict[str, str]:
         "fastmath": str(config.FASTMATH),
         "cpu register tiles": f"{config.VECTOR_BYTES}-byte vectors (host: {config.HOST_VECTOR_BYTES}; "
                               "MDNUMBA_VECTOR_BYTES)",
-        "kernel cache": kernel_cache.describe() if config.CACHE else "off (MDNUMBA_CACHE=0 or unknown Numba)",
+        "kernel cache": kernel_cache.describe() if config.CACHE else f"off ({kernel_cache.OFF_BECAUSE})",
         "cuda": cuda_status(),
         "cuda sweep settings": cuda_sweep_settings(),
         "cuda sweep path": cuda_sweep_path(),

@@ -109,15 +109,30 @@ def _locked_save(save):
     return locked_save
 
 
+#: why :func:`install` left the cache off (for ``mdnumba info``)
+OFF_BECAUSE = "MDNUMBA_CACHE=0"
+
+
 def install(variant: str) -> bool:
     """Put :class:`KernelCacheLocator` first among Numba's cache locators, caching into the
     sub-folder ``variant`` (one per compile-option set). False, with a warning, when this
-    Numba's cache internals differ from the ones it was written for: then do not cache."""
+    Numba's cache internals differ from the ones it was written for, or when no cache folder is
+    writable (a read-only install without a writable home): then do not cache."""
+    global OFF_BECAUSE
     if not isinstance(getattr(_CacheImpl, "_locator_classes", None), list) or _CacheLocator is None:
+        OFF_BECAUSE = "unknown Numba cache internals"
         warnings.warn("mdnumba: unknown Numba cache internals; kernels are compiled in every process",
                       stacklevel=2)
         return False
     KernelCacheLocator.variant, KernelCacheLocator.digest = variant, sources_digest()
+    if KernelCacheLocator.from_function(install, str(_PACKAGE / "kernels" / "wavefront.py")) is None:
+        # Numba would refuse every cache=True kernel at import ("no locator available")
+        OFF_BECAUSE = "no writable cache folder; set NUMBA_CACHE_DIR"
+        warnings.warn("mdnumba: no writable folder for the kernel cache (the package's folder and Numba's "
+                      "user-wide one are read-only); kernels are compiled in every process: set "
+                      "NUMBA_CACHE_DIR to a writable folder to cache them (MDNUMBA_CACHE=0: no cache, "
+                      "no warning)", stacklevel=2)
+        return False
     if KernelCacheLocator not in _CacheImpl._locator_classes:
         _CacheImpl._locator_classes.insert(0, KernelCacheLocator)
     index_file = getattr(_caching, "IndexDataCacheFile", None)

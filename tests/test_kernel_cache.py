@@ -93,6 +93,29 @@ def test_a_kernel_numba_cannot_cache_still_runs(tmp_path):
     assert "Cannot cache" in proc.stderr and "dynamic globals" in proc.stderr
 
 
+def test_without_a_writable_cache_folder_kernels_compile_with_a_warning(package_copy):
+    """A read-only install whose user has no writable home: Numba found no cache folder and
+    refused every kernel at import (a RuntimeError from `import mdnumba`); now one warning, and
+    kernels compile in the process. (As root no folder is read-only: files named like the
+    folders make every one of Numba's folders unusable.)"""
+    package, _ = package_copy
+    for sub in (package, package / "kernels", package / "tasks"):
+        (sub / "__pycache__").write_text("")
+    blocked = package.parent / "blocked"
+    blocked.write_text("")
+    env = dict(os.environ, PYTHONPATH=str(package.parent), MDNUMBA_CACHE="1", HOME=str(blocked),
+               XDG_CACHE_HOME=str(blocked / "cache"))
+    env.pop("NUMBA_CACHE_DIR", None)
+    info = "\nfrom mdnumba.info import collect_info\nprint(collect_info()['kernel cache'])"
+    proc = subprocess.run([sys.executable, "-c", PROBE + info], cwd=package.parent, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-2])[0] == 0  # compiled here (PROBE checks it ran)
+    assert proc.stdout.strip().splitlines()[-1] == "off (no writable cache folder; set NUMBA_CACHE_DIR)"
+    assert proc.stderr.count("no writable folder for the kernel cache") == 1, proc.stderr[-3000:]
+    assert "set NUMBA_CACHE_DIR" in proc.stderr
+
+
 @pytest.mark.parametrize("job", warmup.JOBS)
 def test_the_suites_kernel_warm_up_runs(job):
     """tests/warmup.py fills the cache before the session: if it broke, nothing would fail, the
