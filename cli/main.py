@@ -409,11 +409,12 @@ def _check_memory(trainer) -> None:
         raise click.ClickException(f"a probe step (batch 1, fresh weights) diverged: {exc}") from None
 
 
-def _compile_notice() -> None:
+def _compile_notice(sweep: str = "forward") -> None:
     """Before a run is built or loaded: say so on stderr when this process compiles the kernels
-    (nothing cached yet, or MDNUMBA_CACHE=0), which otherwise shows nothing for tens of seconds."""
+    (nothing cached yet, or MDNUMBA_CACHE=0), which otherwise shows nothing for tens of seconds;
+    ``sweep``: the one the command runs ("infer": evaluate, predict, sample)."""
     from mdnumba import config, kernel_cache
-    if config.CACHE and kernel_cache.is_warm():
+    if config.CACHE and kernel_cache.is_warm(sweep):
         return
     why = ("the first run on this machine takes about a minute; later ones load them from the cache"
            if config.CACHE else "MDNUMBA_CACHE=0: every run compiles them")
@@ -510,7 +511,7 @@ def _resume_run(folder: Path, given: dict):
     from mdnumba.train import RESUME_OVERRIDES, check_continues
     overrides = {k: v for k, v in given.items() if k in RESUME_OVERRIDES}
     try:
-        trainer = _load_run(folder, **overrides)
+        trainer = _load_run(folder, "forward", **overrides)
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from None
     except ValueError as exc:
@@ -534,12 +535,13 @@ def _resume_run(folder: Path, given: dict):
     return trainer
 
 
-def _load_run(folder: Path, **overrides):
-    """``Trainer.load`` with overrides (e.g. device); a run trained on a GPU that this machine
-    cannot use says to pass ``--device cpu``."""
+def _load_run(folder: Path, sweep: str = "infer", **overrides):
+    """``Trainer.load`` with overrides (e.g. device) for a command that runs ``sweep`` (the
+    saving-free one but for ``train --resume``); a run trained on a GPU that this machine cannot
+    use says to pass ``--device cpu``."""
     from mdnumba.backend_cuda import CudaUnavailableError
     from mdnumba.train import Trainer
-    _compile_notice()
+    _compile_notice(sweep)
     try:
         return Trainer.load(folder, **overrides)
     except CudaUnavailableError as exc:

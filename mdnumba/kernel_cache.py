@@ -147,14 +147,14 @@ def _sweep_locator() -> KernelCacheLocator | None:
     return KernelCacheLocator.from_function(wavefront._sweep_forward.py_func, wavefront.__file__)
 
 
-def is_warm() -> bool:
-    """Whether the cache folder holds a compiled forward sweep, of either schedule (from any
-    earlier process; one compiled from older sources also counts): False means this process
-    compiles the kernels."""
+def is_warm(sweep: str = "forward") -> bool:
+    """Whether the cache folder holds a compiled ``sweep`` ("forward": training's, "infer": the
+    saving-free one), of either schedule (from any earlier process; one compiled from older
+    sources also counts): False means this process compiles the kernels."""
     locator = _sweep_locator()
     if locator is None:
         return False
-    return any(Path(locator.get_cache_path()).glob("wavefront._sweep_forward*-*.nbi"))
+    return any(Path(locator.get_cache_path()).glob(f"wavefront._sweep_{sweep}*-*.nbi"))
 
 
 def describe() -> str:

@@ -17,7 +17,7 @@ def _warm_kernel_cache(monkeypatch):
     """The CLI's "compiling the kernels" notice depends on what the kernel cache holds (cold at
     the first test that compiles): every test sees a warm cache unless it sets one itself."""
     from mdnumba import kernel_cache
-    monkeypatch.setattr(kernel_cache, "is_warm", lambda: True)
+    monkeypatch.setattr(kernel_cache, "is_warm", lambda sweep="forward": True)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1039,7 +1039,7 @@ def test_train_and_compare_folders_do_not_mix(runner, tmp_path):
     (True, True, None)])
 def test_train_says_when_it_compiles_the_kernels(runner, tmp_path, monkeypatch, warm, cache, notice):
     from mdnumba import config, kernel_cache
-    monkeypatch.setattr(kernel_cache, "is_warm", lambda: warm)
+    monkeypatch.setattr(kernel_cache, "is_warm", lambda sweep="forward": warm)
     monkeypatch.setattr(config, "CACHE", cache)
     res = train(runner, tmp_path / "run", "--steps", "1")
     assert res.exit_code == 0, res.output
@@ -1060,3 +1060,15 @@ def test_kernel_cache_is_warm_after_a_compiled_sweep(tmp_path, monkeypatch):
     (tmp_path / "wavefront._sweep_forward_batched-201.py311.nbi").unlink()
     (tmp_path / "wavefront._sweep_forward-95.py311.nbi").write_bytes(b"")
     assert real_is_warm()
+    assert not real_is_warm("infer")  # evaluate, predict and sample run the saving-free sweep
+
+
+def test_evaluate_says_when_it_compiles_the_saving_free_sweep(runner, tmp_path, monkeypatch):
+    """Right after train, evaluate compiled its sweep (~18 s) without a word."""
+    from mdnumba import kernel_cache
+    assert train(runner, tmp_path / "run", "--steps", "1").exit_code == 0
+    monkeypatch.setattr(kernel_cache, "is_warm", lambda sweep="forward": sweep == "forward")
+    res = runner.invoke(main, ["evaluate", str(tmp_path / "run"), "--batches", "1"])
+    assert res.exit_code == 0 and "compiling the kernels" in res.output, res.output
+    res = runner.invoke(main, ["train", "--resume", str(tmp_path / "run"), "--steps", "2"])
+    assert res.exit_code == 0 and "compiling" not in res.output, res.output
