@@ -234,6 +234,14 @@ def _check_host_layer(twin: type, layer: object, kind: type, name: str, hint: st
         raise TypeError(f"{twin.__name__}.from_layer takes a {name}, got {type(layer).__name__}{hint}")
 
 
+def _all_finite(values: np.ndarray) -> bool:
+    """Whether every value is a finite number (False for values NumPy cannot test, e.g. objects)."""
+    try:
+        return bool(np.isfinite(values).all())
+    except TypeError:
+        return False
+
+
 class DeviceLayer(OnTheDevice):
     """Flat device ``params`` and ``grads`` of one layer (its host layout) and device workspaces.
 
@@ -281,7 +289,7 @@ class DeviceLayer(OnTheDevice):
         if host.size != self.size:
             raise ValueError(f"params must have {self.size} entries for {self._sizes_said}, got {host.size}")
         bad = count_nonfinite(host)
-        if bad and np.isfinite(given).all():
+        if bad and _all_finite(given):
             raise ValueError(f"params hold values up to {float(np.abs(given).max()):.3g}, beyond "
                              f"{self.dtype} (max {np.finfo(self.dtype).max:.3g})")
         if bad:
@@ -309,10 +317,17 @@ class DeviceLayer(OnTheDevice):
         """Device bytes of the buffers kept between calls (activations, scratch, kept results)."""
         return sum(a.nbytes for a in self._work.values())
 
+    #: the workspaces that hold a forward's activations (a subclass with ``_saved``, the
+    #: record of its last forward)
+    _SAVED: tuple = ()
+
     def saved_bytes(self) -> int:
-        """Device bytes of the activations kept for backward (a :class:`CudaLSTM`'s; the other
-        twins keep only their input's shape or a copy of it: 0)."""
-        return 0
+        """Device bytes of the last forward's activations (0 before one, and after a forward
+        with ``save=False``)."""
+        saved = getattr(self, "_saved", None)
+        if saved is None or saved.get("inference"):
+            return 0
+        return sum(a.nbytes for name, a in self._work.items() if name in self._SAVED)
 
     def _check_weights(self) -> None:
         """With :attr:`checked`, :class:`~mdnumba.NonFiniteError` for NaN/inf weights, as the host
@@ -409,17 +424,13 @@ class CudaLSTM(DeviceLayer):
         self.path, self.use_shared, self.tpb, self.layout = path, use_shared, threads_per_block, layout
         self._saved: dict | None = None
 
+    _SAVED = ("xs", "act", "h", "c")  # the rest of the workspaces is scratch
+
     @property
     def out_channels(self) -> int:
         """As the host layer's: ``directions * hidden`` (what a following stage takes)."""
         return self.directions * self.hidden
 
-    def saved_bytes(self) -> int:
-        """Device bytes of the last forward's activations (0 before one, and after a forward
-        with ``save=False``)."""
-        if self._saved is None or self._saved["inference"]:
-            return 0
-        return sum(a.nbytes for name, a in self._work.items() if name in _SAVED)
 
     def _bind(self) -> None:
         self.W, self.U, self.b = self._views(self.params)
@@ -469,11 +480,11 @@ class CudaLSTM(DeviceLayer):
                 raise ValueError(SIZES_WITH_STATE)
             h0, c0 = check_state(state, "state", B, S * D, check=self._state_input)
         sizes = check_sizes(sizes, B, dims)
-        self._saved = None  # from here on the workspaces no longer hold the last forward's
-        if upload is not None:  # the host layer's weights, checked there (not again)
-            self.params.copy_to_device(np.ascontiguousarray(upload, dtype=self.dtype).reshape(-1))
-        else:
+        if upload is None:  # else the host layer's weights, checked there (not again)
             self._check_weights()
+        self._saved = None  # from here on the workspaces no longer hold the last forward's
+        if upload is not None:
+            self.params.copy_to_device(np.ascontiguousarray(upload, dtype=self.dtype).reshape(-1))
         t = device_tables(dims, B, S, state is not None, sizes)
         if not save:
             return self._forward_rolling(xd, host_in, t, None if state is None else (h0, c0))
@@ -667,6 +678,10 @@ class CudaLinear(DeviceLayer):
         """As the host layer's: ``out_features``."""
         return self.out_features
 
+    def saved_bytes(self) -> int:
+        """Device bytes of the input kept for backward (its copy, or the array given)."""
+        return 0 if self._x is None else self._x.nbytes
+
     def _bind(self) -> None:
         C, F = self.in_features, self.out_features
         self.W, self.b = self.params[:C * F].reshape(C, F), self.params[C * F:]
@@ -682,9 +697,10 @@ class CudaLinear(DeviceLayer):
         """``y = x W + b`` for ``x (..., in)``; device or NumPy in, the same kind out. Backward
         needs ``x``: a device ``x`` is copied, unless ``copy_input=False`` (the caller keeps it
         unchanged until then, as the device trainers do theirs)."""
+        copy_input = check_flag(copy_input, "copy_input")
         xd, host_in = self._input(x, "x", None, self.in_features, "(..., in_features)")
         self._check_weights()
-        if not host_in and check_flag(copy_input, "copy_input"):
+        if not host_in and copy_input:
             xd = self._kept_copy("x", xd)
         R = xd.size // self.in_features
         self._x, self._shape = xd.reshape(R, self.in_features), tuple(xd.shape)
@@ -783,6 +799,8 @@ class CudaGridLSTM(DeviceLayer):
         self._init_buffers(params, dtype, self.levels * (16 * D * D + 8 * D),
                            f"hidden={D}, layers={layers}, tied={tied}")
         self._saved: dict | None = None
+
+    _SAVED = ("x", "act", "h", "c")
 
     @property
     def out_channels(self) -> int:
@@ -908,18 +926,22 @@ class CudaEmbedding(DeviceLayer):
         """``W[ids]`` (``ids`` (...) integers, out (..., D)); NumPy or device, as ``ids``; device
         ``ids`` are copied for backward unless ``copy_input=False`` (as :meth:`CudaLinear.forward`)."""
         from .charlm import check_ids
-        host_in = not is_device_array(ids)
+        copy_input, host_in = check_flag(copy_input, "copy_input"), not is_device_array(ids)
         idd = self.k.as_device(check_ids(ids, self.vocab)) if host_in else contiguous_device_array(ids, "ids")
         if not np.issubdtype(np.dtype(idd.dtype), np.integer):
             raise TypeError(f"Embedding expects integer ids, got a device array of {idd.dtype}")
         self._check_weights()
-        if not host_in and check_flag(copy_input, "copy_input"):
+        if not host_in and copy_input:  # (host ids: a fresh upload)
             idd = self._kept_copy("ids", idd)
         self._ids, self._shape = idd.reshape(idd.size), np.shape(ids) if host_in else tuple(idd.shape)
         out = self._result("y", (idd.size, self.dim))
         self.k.gather_rows(out, self.W, self._ids)
         out = out.reshape(self._shape + (self.dim,))
         return out.copy_to_host() if host_in else out
+
+    def saved_bytes(self) -> int:
+        """Device bytes of the ids kept for backward."""
+        return 0 if self._ids is None else self._ids.nbytes
 
     def backward(self, dy: HostOrDevice) -> None:
         """``dW[ids] += dy`` (repeated ids add up); the ids have no gradient."""
@@ -1209,10 +1231,6 @@ def layer_backward(layer: WavefrontLSTM, dh: HostOrDevice, input_grad: bool = Tr
     dx = st.backward(dh, input_grad, final_state_grad)
     layer.grads.data[...] += st.grads_to_host()
     return dx
-
-
-#: the device workspaces that hold a forward's activations (the rest is scratch)
-_SAVED = ("xs", "act", "h", "c")
 
 
 def layer_bytes(layer: WavefrontLSTM, saved: bool) -> int:

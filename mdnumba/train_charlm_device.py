@@ -82,10 +82,13 @@ class DeviceCharLM(FlatDeviceGroup):
         self._saved: bool | None = None  # whether the last forward saved activations (None: none yet)
         self._refused_at: int | None = None  # the last forward failed partway (stack.refused_midway)
 
-    def forward(self, ids: HostOrDevice, seeds: list | None = None, *, save: bool = True) -> HostOrDevice:
+    def forward(self, ids: HostOrDevice, seeds: list | None = None, *, save: bool = True,
+                copy_input: bool = True) -> HostOrDevice:
         """Logits (B, T, V) for ids (B, T); ``save=False`` keeps no activations (sampling). A forward
-        that fails after the embedding ran refuses ``backward`` until one runs through."""
+        that fails after the embedding ran refuses ``backward`` until one runs through. Device
+        ids are copied for backward unless ``copy_input=False`` (:meth:`CudaEmbedding.forward`)."""
         save, host_in = check_flag(save, "save"), not is_device_array(ids)
+        copy_input = check_flag(copy_input, "copy_input") and not host_in  # uploaded here: the model's own
         check_ids_shape(ids)
         seeds = self._checked_seeds(seeds)
         if host_in:
@@ -95,8 +98,8 @@ class DeviceCharLM(FlatDeviceGroup):
             for i, core in enumerate(self.cores, 1):
                 h = self._dropout(i, core.forward(h, save=save), seeds)
             return self.head.forward(h, copy_input=False)  # h: the model's own
-        def first():  # ids uploaded here are the model's own; a caller's device ids are copied
-            return self._dropout(0, self.embed.forward(ids, copy_input=not host_in), seeds)
+        def first():
+            return self._dropout(0, self.embed.forward(ids, copy_input=copy_input), seeds)
         y = run_tracked(self, self.embed, first, rest)
         self._seeds, self._saved = seeds, save
         return y.copy_to_host() if host_in else y
@@ -170,7 +173,7 @@ class DeviceCharLMTrainer(DeviceResident, CharLMTrainer):
         for i in range(n):
             if self._stop_requested():
                 break
-            logits = self.model.forward(self._view("x", i, i), draw.seeds[i])
+            logits = self.model.forward(self._view("x", i, i), draw.seeds[i], copy_input=False)  # staged
             dz = self._dz_like(logits)
             self.ck.softmax_xent(dz, self._view("record", i, (n + i * RB, n + (i + 1) * RB)), logits,
                                  self._view("y", i, i))
@@ -237,7 +240,7 @@ class DeviceCharLMTrainer(DeviceResident, CharLMTrainer):
             self._val_windows = tuple(self._cuda.to_device(np.array(w, dtype=np.int32)) for w in zip(*wins))
         RB, (xs, ys) = self.k.REDUCE_BLOCKS, self._val_windows
         for j in range(self.EVAL_BATCHES):
-            logits = self.model.forward(xs[j])
+            logits = self.model.forward(xs[j], copy_input=False)  # the trainer's, kept
             self.ck.softmax_xent(self._dz_like(logits), record[at + j * RB:at + (j + 1) * RB], logits, ys[j])
 
     def _val_metrics(self, sums: np.ndarray, size: int) -> dict[str, float]:

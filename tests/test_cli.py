@@ -1065,8 +1065,9 @@ def test_kernel_cache_is_warm_after_a_compiled_sweep(tmp_path, monkeypatch):
 
 def test_evaluate_says_when_it_compiles_the_saving_free_sweep(runner, tmp_path, monkeypatch):
     """Right after train, evaluate compiled its sweep (~18 s) without a word."""
-    from mdnumba import kernel_cache
+    from mdnumba import config, kernel_cache
     assert train(runner, tmp_path / "run", "--steps", "1").exit_code == 0
+    monkeypatch.setattr(config, "CACHE", True)  # (MDNUMBA_CACHE=0 would give the notice at every command)
     monkeypatch.setattr(kernel_cache, "is_warm", lambda sweep="forward": sweep == "forward")
     res = runner.invoke(main, ["evaluate", str(tmp_path / "run"), "--batches", "1"])
     assert res.exit_code == 0 and "compiling the kernels" in res.output, res.output

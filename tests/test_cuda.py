@@ -1455,6 +1455,9 @@ def sim_device_twins_keep_and_refuse_what_the_host_layers_do():
     emb.backward(np.ones((3, 1)))
     np.testing.assert_array_equal(emb.grads_to_host(), [0, 1, 1, 1])
     assert emb.forward(2).shape == Embedding(4, 1).forward(2).shape == (1,)
+    assert emb.saved_bytes() == 8  # the kept id
+    with pytest.raises(TypeError, match="^copy_input must be True or False"):
+        emb.forward(2, copy_input="no")
     sub = CudaBlockSubsample(2)
     with pytest.raises(TypeError, match="^x must hold floating-point values"):
         sub.forward(cuda.to_device(np.ones((1, 2, 2, 1), np.int64)))
@@ -1470,11 +1473,15 @@ def sim_device_twins_keep_and_refuse_what_the_host_layers_do():
     with pytest.raises(ValueError, match=r"^stage 2 \(CudaLinear\) takes 3 channels, but stage 1 "):
         Sequential(a, CudaBlockSubsample(2), CudaLinear.from_layer(Linear(3, 1)))
     a.checked = True
+    a.forward(np.ones((1, 2, 2, 1), np.float32))
     a.params.copy_to_device(np.full(a.size, np.inf, np.float32))
     with pytest.raises(NonFiniteError, match=rf"^the layer's weights hold {a.size} NaN or infinite values"):
         a.forward(np.ones((1, 2, 2, 1), np.float32))
+    assert a.saved_bytes() > 0  # a refused forward keeps the last one's activations
     with pytest.raises(ValueError, match="^params hold values up to 1e[+]300, beyond float32"):
         a.set_params(np.full(a.size, 1e300))
+    with pytest.raises(NonFiniteError, match=f"^params hold {a.size} NaN or infinite values"):
+        a.set_params(np.full(a.size, 10**40, dtype=object))  # NumPy cannot test objects for finiteness
     with pytest.raises(TypeError, match="^CudaLSTM keeps its parameters on the GPU: give it to a device"):
         params_to_vector([b])
     from mdnumba.models import MDModel
@@ -1482,16 +1489,33 @@ def sim_device_twins_keep_and_refuse_what_the_host_layers_do():
     model, x = DeviceModel(MDModel(1, 2, seed=3)), np.ones((1, 3, 4, 1), np.float32)
     assert model.saved_bytes() == 0  # was 0 after a forward too: the twins had no saved_bytes
     model.forward(x)
-    assert model.saved_bytes() == model.layers[0].saved_bytes() > 0
-    assert model.workspace_bytes() >= model.saved_bytes()
+    lstm, readout = model.layers
+    assert model.saved_bytes() == lstm.saved_bytes() + readout.saved_bytes() > lstm.saved_bytes() > 0
+    assert readout.saved_bytes() == 4 * 12 * 2  # its input h, as the host Linear counts it
     model.forward(x, save=False)
-    assert model.saved_bytes() == 0
+    assert lstm.saved_bytes() == 0
     from mdnumba.backend_cuda import CudaAdam
     opt = CudaAdam(model)
     state = opt.state_dict()
     state["m"], state["v"] = state["m"][:1], state["v"][:1]
     with pytest.raises(ValueError, match=r"^optimizer state has 1 m and 1 v buffers, this optimizer 2 of "):
         opt.load_state_dict(state)
+
+
+def sim_device_trainers_copy_none_of_their_own_arrays(tmp_path, monkeypatch):
+    """The device trainers hand their layers arrays they keep until backward (copy_input=False):
+    the char-LM trainer's embedding copied its staged ids at every step and validation batch."""
+    from mdnumba.backend_cuda import DeviceLayer
+    from mdnumba.train import TrainConfig, make_trainer
+    copies, real = [], DeviceLayer._kept_copy
+    monkeypatch.setattr(DeviceLayer, "_kept_copy",
+                        lambda self, name, a: copies.append(name) or real(self, name, a))
+    (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 8)
+    for cfg in (TrainConfig(steps=2, size=4, batch=2, hidden=2, device="cuda"),
+                TrainConfig(task="char-lm", model="stacked", data=str(tmp_path / "t.txt"), hidden=2,
+                            seq_len=4, batch=2, steps=2, device="cuda")):
+        make_trainer(cfg, tmp_path / cfg.task).run()
+    assert copies == []
 
 
 def sim_device_layers_match_host(rng):
