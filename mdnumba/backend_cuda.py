@@ -431,7 +431,6 @@ class CudaLSTM(DeviceLayer):
         """As the host layer's: ``directions * hidden`` (what a following stage takes)."""
         return self.directions * self.hidden
 
-
     def _bind(self) -> None:
         self.W, self.U, self.b = self._views(self.params)
         # made once (numba-cuda's slicing and reshaping cost µs of host time a call): direction q's
