@@ -593,9 +593,7 @@ class Trainer:
         except CheckpointError:
             raise
         except (KeyError, TypeError, ValueError, OverflowError) as exc:  # Overflow: e.g. the RNG state
-            what = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
-            raise CheckpointError(f"checkpoint in {folder} is incomplete, damaged or from another "
-                                  f"version ({what}); start a new run") from None
+            raise _damaged(folder, exc) from None
         return tr
 
     # ------------------------------------------------------------ predict
@@ -686,13 +684,19 @@ def _check_config_copy(folder: Path, meta: dict) -> None:
                               "kept up to the checkpoint's step) to use the checkpoint as it is")
 
 
+def _damaged(folder: Path, exc: Exception) -> CheckpointError:
+    """The error for a checkpoint whose contents raised ``exc`` as they were read back."""
+    what = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+    return CheckpointError(f"checkpoint in {folder} is incomplete, damaged or from another version "
+                           f"({what}); start a new run")
+
+
 def _checkpoint_step(folder: Path, meta: dict) -> int:
     """The step a checkpoint was saved at, or a :class:`CheckpointError`."""
     try:
         return check_count(meta.get("step"), "its step")
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint in {folder} is incomplete, damaged or from another version "
-                              f"({exc}); start a new run") from None
+        raise _damaged(folder, exc) from None
 
 
 def check_continues(folder: Path, step: int, steps: int) -> None:
@@ -703,8 +707,7 @@ def check_continues(folder: Path, step: int, steps: int) -> None:
 
 def _checkpoint_config(folder: Path, meta: dict, overrides: dict) -> TrainConfig:
     """The checkpoint's config (a :class:`CheckpointError` if it is not a valid one) with
-    ``overrides`` applied; extending a curriculum run's steps keeps
-    its phases where they were."""
+    ``overrides`` applied; extending a curriculum run's steps keeps its phases where they were."""
     raw = meta.get("config")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     if not isinstance(raw, dict) or set(raw) - known:
