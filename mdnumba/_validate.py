@@ -15,6 +15,12 @@ class NonFiniteError(ValueError):
     """An array holds NaN or infinite values (inside a model: the activations diverged)."""
 
 
+class NonFiniteGradientError(NonFiniteError, FloatingPointError):
+    """NaN/inf gradients: a step refused for a NaN/inf gradient norm, or a ``backward`` whose
+    gradients overflowed. A :class:`mdnumba.NonFiniteError` like every NaN/inf error of mdnumba,
+    and a ``FloatingPointError`` (what the trainers catch)."""
+
+
 def check_array(x: npt.ArrayLike, name: str, ndim: int, last: int | None, dtype: np.dtype,
                 layout: str) -> np.ndarray:
     """Return ``x`` as a C-contiguous array of ``dtype`` after checking it (any float dtype is
@@ -103,6 +109,25 @@ def nonfinite_input(name: str, count: int) -> NonFiniteError:
     gradient = name.startswith("d") or "_grad" in name  # dh, dy, final_state_grad[0], ...
     fix = "the loss or the stages after this layer produced them" if gradient else "clean the input first"
     return NonFiniteError(f"{name} contains {count} NaN or infinite values; {fix}")
+
+
+def check_grads(grads: np.ndarray, dtype: npt.DTypeLike) -> None:
+    """:class:`NonFiniteGradientError` if a ``backward`` left NaN/inf in a layer's gradients
+    (``grads``, its flat buffer): without it they would reach the optimiser, whose advice is
+    about the learning rate, or a user reading them."""
+    bad = count_nonfinite(grads)
+    if bad:
+        raise overflowed_gradients(bad, dtype)
+
+
+def overflowed_gradients(count: int, dtype: npt.DTypeLike) -> NonFiniteGradientError:
+    """The error of a ``backward`` that left ``count`` NaN/inf values in the layer's gradients:
+    finite inputs, but a ``dh`` too large for ``dtype`` once the sweep has summed it."""
+    wider = " or use a float64 layer" if np.dtype(dtype) != np.float64 else ""
+    return NonFiniteGradientError(
+        f"backward overflowed: the layer's gradients hold {count} NaN or infinite values in "
+        f"{np.dtype(dtype)}; scale dh down (e.g. a loss averaged rather than summed){wider}, and "
+        "call zero_grad() before the next backward")
 
 
 def overflowed_state(cell: str, count: int, output: bool = False) -> NonFiniteError:

@@ -58,6 +58,7 @@ from ._validate import (
     is_int_in,
     missing_activations,
     nonfinite_input,
+    overflowed_gradients,
     overflowed_state,
 )
 from .grid import table_cache
@@ -253,8 +254,9 @@ class DeviceLayer(OnTheDevice):
 
     reuse_outputs = False
     #: the checks that wait for the GPU, made for the NumPy API (``device="cuda"`` layers set it;
-    #: the device loop leaves it off): NaN/inf in a CUDA-array input, and in :class:`CudaLSTM`
-    #: an overflowed cell state before backward (host inputs are always checked)
+    #: the device loop leaves it off): NaN/inf in a CUDA-array input, in the weights and in the
+    #: gradients after backward, and in :class:`CudaLSTM` an overflowed cell state before
+    #: backward (host inputs are always checked)
     checked = False
 
     def _init_buffers(self, host: np.ndarray, dtype, size: int, what: str) -> None:
@@ -336,6 +338,13 @@ class DeviceLayer(OnTheDevice):
         if bad:
             raise NonFiniteError(f"the layer's weights hold {bad} NaN or infinite values; give them "
                                  "finite values with set_params (e.g. a fresh layer's or a checkpoint's)")
+
+    def _check_grads(self) -> None:
+        """With :attr:`checked`, the host layers' check after ``backward``
+        (:func:`~mdnumba._validate.check_grads`): NaN/inf left in ``grads`` by a ``dh`` too large."""
+        bad = self._nonfinite(self.grads)
+        if bad:
+            raise overflowed_gradients(bad, self.dtype)
 
     def _nonfinite(self, a) -> int:
         """How many values of the device array ``a`` are NaN or ±inf (waits for the GPU); 0
@@ -591,6 +600,7 @@ class CudaLSTM(DeviceLayer):
                 z_q, dact_q = self._block("z", q, R), self._block("dact", q, R)
                 k.gemm(self._block("grad_parts", q), z_q, dact_q, ta=True)
             k.add_direction_grads(self.grads, parts, C, N * D)
+        self._check_grads()
         if not input_grad:
             return None
         dxs = self._ws("dxs", (S * R, C))
@@ -721,6 +731,7 @@ class CudaLinear(DeviceLayer):
         dy2 = dyd.reshape(R, self.out_features)
         gWb = self.grads.reshape(self.in_features + 1, self.out_features)  # [dW; db], flat layout
         self.k.gemm(gWb, self._x, dy2, ta=True, accumulate=True, ones_row=True)
+        self._check_grads()
         if not input_grad:
             return None
         dx = self._result("dx", (R, self.in_features))
@@ -876,6 +887,7 @@ class CudaGridLSTM(DeviceLayer):
                                 (zd, t.da_depth, self.dU_depth, self.db_depth)):
             self.k.gather_rows(da.reshape(2 * R, 2 * D), dact.reshape(5 * R, 2 * D), cols)
             self._weight_grads(dU, db, z, da, t.level_rows)
+        self._check_grads()
         if not input_grad:
             return None
         out = self._result("dx_out", (B, T, D))
@@ -951,6 +963,7 @@ class CudaEmbedding(DeviceLayer):
         dyd, _ = self._input(dy, "dy", len(want), self.dim, "(the output's shape)")
         check_shape(dyd, want)
         scatter_add_rows(self.dW, self._ids, dyd.reshape(self._ids.size, self.dim))
+        self._check_grads()
 
 
 class CudaBlockSubsample(OnTheDevice):

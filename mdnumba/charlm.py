@@ -22,6 +22,7 @@ from . import config
 from ._validate import (
     check_array,
     check_finite_params,
+    check_grads,
     check_positive_int,
     check_shape,
     missing_activations,
@@ -220,6 +221,7 @@ class Embedding(OwnsParams):
         check_shape(dy, want)
         dy = check_array(dy, "dy", len(want), want[-1], self.dtype, "(the output's shape)")  # NaN, dtype
         scatter_add_rows(self.grads["W"], self._ids.reshape(-1), dy.reshape(-1, dy.shape[-1]))
+        check_grads(self.grads.data, self.dtype)
 
 
 class Dropout:

@@ -23,6 +23,7 @@ from ._validate import (
     check_finite_number,
     check_finite_params,
     check_flag,
+    check_grads,
     check_positive_int,
     check_saved,
     check_shape,
@@ -267,6 +268,7 @@ class WavefrontLSTM(OwnsParams):
             take_state_grad(dh0, dc0, dhs, dc, dact, B)
             sv["state_grad"] = (dh0, dc0)
         self._weight_grads(dact, sv, live)
+        check_grads(self.grads.data, self.dtype)
         if not input_grad:
             return None
         dxs = self._workspace("dxs", (S * rows, self.in_channels))
@@ -548,6 +550,7 @@ class Linear(OwnsParams):
                           "(..., out_features)").reshape(-1, self.out_features)
         matmul_at_b(self.grads["W"], self._x, dy2, None)
         column_sums(self.grads["b"], dy2, None)
+        check_grads(self.grads.data, self.dtype)
         if not input_grad:
             return None
         dx = np.zeros_like(self._x)
@@ -678,6 +681,7 @@ class GridLSTM2D(OwnsParams):
                     gU, gb = self.grads[U][lv], self.grads[bias][lv]
                 matmul_at_b(gU, zr, da, None)
                 column_sums(gb, da, None)
+        check_grads(self.grads.data, self.dtype)
         if not input_grad:
             return None
         return dx.reshape(T, B, D).transpose(1, 0, 2).copy()  # a copy: dx is a workspace

@@ -9,14 +9,16 @@ import numpy as np
 import numpy.typing as npt
 from numba import njit
 
-from ._validate import NonFiniteError, check_count, check_finite_number, check_flag, is_device_array
+from ._validate import (
+    NonFiniteError,
+    NonFiniteGradientError,
+    check_count,
+    check_finite_number,
+    check_flag,
+    is_device_array,
+)
 from .config import NJIT_OPTS
 from .params import ParamBuffer
-
-
-class NonFiniteGradientError(NonFiniteError, FloatingPointError):
-    """A step refused for a NaN/inf gradient norm: a :class:`mdnumba.NonFiniteError` like every
-    NaN/inf error of mdnumba, and a ``FloatingPointError`` (what the trainers catch)."""
 
 
 class NonFiniteUpdateError(NonFiniteError, FloatingPointError):

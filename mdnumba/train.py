@@ -39,7 +39,7 @@ from .kernels.wavefront import schedule_as_batch
 from .losses import LOSSES, sigmoid
 from .microbench import step_bytes
 from .models import MODELS, build_model
-from .optim import OPTIMIZERS, NonFiniteUpdateError
+from .optim import OPTIMIZERS, NonFiniteGradientError, NonFiniteUpdateError
 from .tasks import TASKS, get_task
 from .tasks.binary_addition import AdditionBatch
 from .tasks.diagonal import DiagonalBatch
@@ -337,9 +337,12 @@ class Trainer:
 
     def _backward(self, *args, **kw) -> None:
         """``model.backward(...)``; a layer whose cell state overflowed in forward (its gradients
-        would be NaN) stops the run with :meth:`_diverged`'s advice."""
+        would be NaN), or whose gradients overflowed in backward, stops the run with
+        :meth:`_diverged`'s advice."""
         try:
             self.model.backward(*args, **kw)
+        except NonFiniteGradientError:
+            raise self._diverged("the gradients", self.step + 1) from None
         except NonFiniteError:
             raise self._diverged("the cell state", self.step + 1) from None
 

@@ -1502,6 +1502,39 @@ def sim_device_twins_keep_and_refuse_what_the_host_layers_do():
         opt.load_state_dict(state)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the simulator's NumPy scalars
+def sim_a_backward_whose_gradients_overflow_says_so():
+    """As on the CPU (test_errors.py): a finite dh too large for float32 once backward has summed
+    it. The NumPy-API layer refuses it before adding to its host gradients; checked twins refuse
+    it, unchecked ones (the device trainers') leave the NaN/inf for the optimiser's norm."""
+    from mdnumba import GridLSTM2D, Linear
+    from mdnumba.backend_cuda import CudaEmbedding, CudaGridLSTM, CudaLinear, CudaLSTM
+    from mdnumba.charlm import Embedding
+    from mdnumba.optim import NonFiniteGradientError
+    big, said = np.finfo(np.float32).max, "^backward overflowed: the layer's gradients hold [0-9]+ NaN"
+    layer = MDLSTM2D(1, 2, seed=0, device="cuda")
+    h = layer.forward(np.ones((1, 3, 3, 1), np.float32))
+    with pytest.raises(NonFiniteGradientError, match=said):
+        layer.backward(np.full_like(h, big))
+    assert not layer.grads.data.any()
+    layer.backward(np.ones_like(h))
+    assert np.isfinite(layer.grads.data).all() and layer.grads.data.any()
+    for dev, x in ((CudaLSTM.from_layer(MDLSTM2D(1, 2)), np.ones((1, 3, 3, 1), np.float32)),
+                   (CudaLinear.from_layer(Linear(2, 3)), np.full((3, 2), 4, np.float32)),
+                   (CudaGridLSTM.from_layer(GridLSTM2D(2, 2)), np.ones((1, 3, 2), np.float32)),
+                   (CudaEmbedding.from_layer(Embedding(3, 2)), np.array([[1, 1, 1]]))):
+        for checked in (False, True):
+            dev.checked = checked
+            dev.zero_grad()
+            dh = np.full(dev.forward(x).shape, big, np.float32)
+            if checked:
+                with pytest.raises(NonFiniteGradientError, match=said):
+                    dev.backward(dh)
+            else:
+                dev.backward(dh)
+            assert not np.isfinite(dev.grads_to_host()).all(), (type(dev).__name__, checked)
+
+
 def sim_device_trainers_copy_none_of_their_own_arrays(tmp_path, monkeypatch):
     """The device trainers hand their layers arrays they keep until backward (copy_input=False):
     the char-LM trainer's embedding copied its staged ids at every step and validation batch."""

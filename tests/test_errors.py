@@ -785,6 +785,36 @@ def test_backward_after_an_overflowing_cell_state_says_so(cell, advice):
     layer.backward(np.ones_like(h))  # a finite state again
 
 
+@pytest.mark.parametrize("make,inputs", [
+    (lambda dt: MDLSTM2D(1, 2, dtype=dt), lambda rng: rng.standard_normal((1, 4, 4, 1))),
+    (lambda dt: MDLSTM2D(1, 2, dtype=dt, directions=4), lambda rng: rng.standard_normal((2, 3, 4, 1))),
+    (lambda dt: LSTM1D(1, 2, dtype=dt), lambda rng: rng.standard_normal((1, 5, 1))),
+    (lambda dt: GridLSTM2D(2, 2, dtype=dt), lambda rng: rng.standard_normal((1, 3, 2))),
+    (lambda dt: Linear(2, 3, dtype=dt), lambda rng: 4 + rng.random((3, 2))),
+    (lambda dt: Embedding(3, 2, dtype=dt), lambda rng: np.array([[1, 1, 1]])),
+])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_backward_whose_gradients_overflow_says_so(make, inputs, dtype, rng):
+    """A finite dh too large for the dtype once the sweep (or GEMM) has summed it leaves inf/NaN
+    in the gradients: backward raises NonFiniteGradientError saying what to change (which the
+    optimiser would have blamed on the learning rate); after zero_grad a sane dh trains on."""
+    from mdnumba.optim import NonFiniteGradientError
+    layer = make(dtype)
+    x = inputs(rng)
+    h = layer.forward(x if x.dtype.kind == "i" else x.astype(dtype))
+    huge = np.full_like(h, np.finfo(dtype).max)
+    wider = " or use a float64 layer," if dtype == np.float32 else ","
+    with pytest.raises(NonFiniteGradientError, match=r"^backward overflowed: the layer's gradients hold "
+                       rf"\d+ NaN or infinite values in {np.dtype(dtype)}; scale dh down \(e.g. a loss "
+                       rf"averaged rather than summed\){wider} and call zero_grad\(\) before the next "
+                       "backward$"):
+        layer.backward(huge)
+    assert not np.isfinite(layer.grads.data).all()
+    layer.zero_grad()
+    layer.backward(np.ones_like(h))
+    assert np.isfinite(layer.grads.data).all() and layer.grads.data.any()
+
+
 def test_a_linear_layer_keeps_its_own_copy_of_the_input():
     lin = Linear(4, 2, dtype=np.float64)
     h = np.random.default_rng(0).random((2, 3, 4))

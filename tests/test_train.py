@@ -359,6 +359,21 @@ def test_an_overflowing_cell_state_stops_the_run_at_backward_with_advice():
         tr.run()
 
 
+def test_gradients_that_overflow_in_backward_stop_the_run_with_advice():
+    """A loss gradient too large for float32 once backward has summed it: the layer's refusal
+    (NonFiniteGradientError, a NonFiniteError) is the gradients', not the cell state's."""
+    tr = make_trainer(TrainConfig(steps=3, **KW))
+    loss_fn = tr.loss_fn
+
+    def huge(logits, y):
+        loss, dlogits, prob = loss_fn(logits, y)
+        return loss, np.full_like(dlogits, np.finfo(np.float32).max), prob
+    tr.loss_fn = huge
+    with pytest.raises(FloatingPointError, match=r"^the gradients became NaN or infinite at step 1; "
+                                                 r"lower --lr, set --clip-norm or use --cell stable \("):
+        tr.run()
+
+
 def test_non_finite_gradients_name_the_step_the_kept_checkpoint_and_unused_remedies(tmp_path):
     tr = make_trainer(TrainConfig(steps=6, checkpoint_every=2, clip_norm=1.0, cell="stable", **KW), tmp_path)
     real = tr.model.backward
