@@ -145,27 +145,31 @@ class BlockSubsample:
         return f"BlockSubsample({self.block}{extra})"
 
 
-def _check_channels(stages: tuple) -> None:
+def _check_channels(stages: tuple, have: int | None = None, before: str = "", where: str = "") -> tuple:
     """ValueError where a stage takes other channels than the stage before gives: known from a
     stage's ``in_channels`` (``in_features``) and ``out_channels`` (a method of the input's, as
-    :meth:`BlockSubsample.out_channels`); a stage without them makes the count unknown. Caught
-    at its first forward, the error blamed the input's layout."""
+    :meth:`BlockSubsample.out_channels`), followed into nested Sequentials; a stage without them
+    makes the count unknown. Caught at its first forward, the error blamed the input's layout.
+    Returns what the last stage gives (None: unknown) and its name, given those before the first."""
     def count(value: object) -> int | None:
         return int(value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else None
 
-    have = None  # what the stage before gives, where known
     for i, s in enumerate(stages):
+        name = f"{where}stage {i} ({type(s).__name__})"
+        if isinstance(s, Sequential):
+            have, before = _check_channels(s.stages, have, before, f"{name}, its ")
+            continue
         want = count(getattr(s, "in_channels", getattr(s, "in_features", None)))
         if want is not None and have is not None and want != have:
-            raise ValueError(f"stage {i} ({type(s).__name__}) takes {want} channels, but stage {i - 1} "
-                             f"({type(stages[i - 1]).__name__}) gives {have}")
+            raise ValueError(f"{name} takes {want} channels, but {before} gives {have}")
         out = getattr(s, "out_channels", None)
         if callable(out) and have is not None:  # BlockSubsample's, of the input's; a user's may differ
             try:
                 out = out(have)
             except TypeError:
                 out = None
-        have = count(out)
+        have, before = count(out), name
+    return have, before
 
 
 @contextmanager

@@ -747,6 +747,14 @@ def test_a_stack_whose_stages_disagree_on_channels_is_refused_when_built():
     with pytest.raises(ValueError, match=r"^stage 2 \(MDLSTM2D\) takes 5 channels, but stage 1 "
                                          r"\(Identity\) gives 7$"):
         Sequential(MDLSTM2D(1, 4), Identity(), MDLSTM2D(5, 2))
+    with pytest.raises(ValueError, match=r"^stage 1 \(Sequential\), its stage 0 \(MDLSTM2D\) takes 3 "
+                                         r"channels, but stage 0 \(MDLSTM2D\) gives 2$"):
+        Sequential(MDLSTM2D(1, 2), Sequential(MDLSTM2D(3, 2)))  # nested stacks are followed
+    with pytest.raises(ValueError, match=r"^stage 1 \(Sequential\), its stage 1 \(Linear\) takes 5 "
+                                         r"channels, but stage 1 \(Sequential\), its stage 0 "
+                                         r"\(BlockSubsample\) gives 16$"):
+        Sequential(Sequential(MDLSTM2D(1, 4)), Sequential(BlockSubsample(2), Linear(5, 1)))
+    assert len(Sequential(Sequential(MDLSTM2D(1, 4), BlockSubsample(2)), Linear(16, 1))) == 2
 
 
 def test_a_stack_calls_a_users_backward_without_input_grad_if_it_takes_none(rng):
