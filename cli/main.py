@@ -129,6 +129,7 @@ def _run_with_progress(trainer, resume: str | None = None) -> None:
     """``trainer.run`` under a progress bar; a stop (Ctrl-C, a closed stdout, a failed write)
     says which checkpoint is kept and how to go on: ``resume``, or ``--resume`` of the run."""
     from mdnumba.charlm import CorpusError
+    gentler = "" if resume else f"; --resume {trainer.out} goes on from it with a new --lr or --clip-norm"
     resume = resume or f"continue with --resume {trainer.out}"
     remaining = trainer.cfg.steps - trainer.step
     with click.progressbar(length=remaining, label="training", show_pos=True) as bar:
@@ -145,7 +146,7 @@ def _run_with_progress(trainer, resume: str | None = None) -> None:
             raise click.ClickException(f"interrupted at step {trainer.step}; checkpoint of step "
                                        f"{trainer.saved_step} in {trainer.out} ({resume})") from None
         except FloatingPointError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(f"{exc}{gentler if trainer.saved_step is not None else ''}") from None
         except CorpusError as exc:  # a resumed char-lm run whose text is gone
             raise click.UsageError(str(exc)) from None
         except BrokenPipeError:  # the reader of stdout went away: the command group's to handle

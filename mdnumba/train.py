@@ -55,11 +55,10 @@ def set_aside_log(stamp: str = "*") -> str:
     return f"{Path(LOG).stem}.unreadable-{stamp}{Path(LOG).suffix}"
 
 
-#: the settings ``train --resume`` may change; the others define the run and must match it
-RESUME_OVERRIDES = ("steps", "device", "sync_every", "checkpoint_every", "data")
-#: what ``Trainer.load`` may change besides: the step size, e.g. to continue from the checkpoint a
-#: diverged run keeps with a lower learning rate or clipping
-LOAD_OVERRIDES = RESUME_OVERRIDES + ("lr", "clip_norm")
+#: the settings ``train --resume`` and ``Trainer.load`` may change (the step size too, e.g. to
+#: continue from the checkpoint a diverged run keeps with a lower learning rate or clipping);
+#: the others define the run and must match it
+RESUME_OVERRIDES = ("steps", "device", "sync_every", "checkpoint_every", "data", "lr", "clip_norm")
 #: with the default --checkpoint-every, a run also saves once this long has passed since its
 #: last checkpoint (a run of very many steps would otherwise go hours without one)
 CHECKPOINT_SECONDS = 600.0
@@ -554,18 +553,19 @@ class Trainer:
         """Rebuild a trainer (of the class its task needs) from ``folder``; ``overrides`` may
         change e.g. ``steps``. ``read_text=False``: a char-LM run keeps to its checkpoint's
         vocabulary and does not read its text (enough to sample). Only the settings of
-        :data:`LOAD_OVERRIDES` may be overridden (None: not overridden; the others are the
+        :data:`RESUME_OVERRIDES` may be overridden (None: not overridden; the others are the
         checkpoint's), and ``steps`` only beyond the run's step."""
         overrides = {k: v for k, v in overrides.items() if v is not None}
-        other = sorted(set(overrides) - set(LOAD_OVERRIDES))
+        other = sorted(set(overrides) - set(RESUME_OVERRIDES))
         if other:
-            raise TypeError(f"Trainer.load may override only {', '.join(LOAD_OVERRIDES)}, got "
+            raise TypeError(f"Trainer.load may override only {', '.join(RESUME_OVERRIDES)}, got "
                             f"{', '.join(other)}: a run's other settings are its checkpoint's (train a new "
                             "run for other ones)")
         arrays, meta = load_checkpoint(folder)
         cfg = _checkpoint_config(folder, meta, overrides)
         _check_config_copy(folder, meta)
         step = _checkpoint_step(folder, meta)
+        cfg.validate()  # the overrides' own errors (say --lr) before whether --steps continues the run
         if "steps" in overrides:
             check_continues(folder, step, cfg.steps)
         tr = make_trainer(cfg, folder, restore=meta, read_text=read_text)

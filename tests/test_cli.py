@@ -441,8 +441,10 @@ def test_the_default_loss_is_the_tasks(runner, tmp_path, args, loss):
 def test_resume_refuses_options_that_would_change_the_run(runner, tmp_path):
     run = tmp_path / "run"
     assert train(runner, run).exit_code == 0
-    res = runner.invoke(main, ["train", "--resume", str(run), "--steps", "8", "--lr", "0.5"])
-    assert res.exit_code == 2 and "--lr 0.5 differs from the run" in res.output, res.output
+    res = runner.invoke(main, ["train", "--resume", str(run), "--steps", "8", "--batch", "5"])
+    assert res.exit_code == 2 and "--batch 5 differs from the run" in res.output, res.output
+    assert "it may change only --steps, --device, --sync-every, --checkpoint-every, --data, --lr, " \
+        "--clip-norm)" in res.output, res.output
     res = runner.invoke(main, ["train", "--resume", str(run), "--steps", "4"])
     assert res.exit_code == 2 and "at step 6; --steps must be > 6" in res.output, res.output
     res = runner.invoke(main, ["train", "--resume", str(run), "--steps", "8", "--out", str(tmp_path / "b")])
@@ -866,6 +868,30 @@ def test_a_closed_stdout_stops_training_with_the_steps_saved(tmp_path):
     step = json.loads((out / "config.json").read_text())["step"]
     assert f"stopped at step {step};" in err and 1 <= step < 1000000
     assert (out / "log.tsv").read_text().splitlines()[-1].split("\t")[0] == str(step)
+
+
+def test_a_diverged_run_goes_on_from_its_checkpoint_with_a_new_step_size(runner, tmp_path, monkeypatch):
+    """The divergence message says that --resume takes a new --lr / --clip-norm, and it does
+    (refused before as "differs from the run": only a new run could change them)."""
+    from mdnumba.train import Trainer
+    real = Trainer.train_step
+
+    def train_step(self):
+        if self.step == 4 and self.cfg.lr == 1e-2:  # the gradients of step 5 diverge at the run's lr
+            raise self._diverged("the gradients", self.step + 1)
+        return real(self)
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    run = tmp_path / "run"
+    res = train(runner, run)
+    assert res.exit_code == 1, res.output
+    assert f"the gradients became NaN or infinite at step 5 (the checkpoint of step 3 is kept); lower --lr" \
+           f", set --clip-norm or use --cell stable (bounded state on large grids); --resume {run} goes on " \
+           "from it with a new --lr or --clip-norm" in " ".join(res.output.split()), res.output
+    res = runner.invoke(main, ["train", "--resume", str(run), "--lr", "1e-3", "--clip-norm", "1",
+                               "--no-plot"])
+    assert res.exit_code == 0, res.output
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["step"] == 6 and (saved["config"]["lr"], saved["config"]["clip_norm"]) == (1e-3, 1.0)
 
 
 def test_a_probe_step_that_diverges_gives_the_divergence_advice(runner, tmp_path):

@@ -181,6 +181,8 @@ def test_load_overrides_only_what_a_resume_may_change(tmp_path):
     for steps in (2, 3):
         with pytest.raises(ValueError, match="is at step 3; --steps must be > 3 to continue it"):
             Trainer.load(tmp_path, steps=steps)
+    with pytest.raises(ValueError, match="^--lr must be a finite number > 0, got -1"):  # its own error first
+        Trainer.load(tmp_path, steps=2, lr=-1.0)
     assert Trainer.load(tmp_path, steps=4).cfg.steps == 4 and Trainer.load(tmp_path).step == 3
     # the step size may change (continuing a diverged run's kept checkpoint more gently); None: unchanged
     gentler = Trainer.load(tmp_path, steps=5, lr=1e-3, clip_norm=1.0, hidden=None)
