@@ -460,7 +460,7 @@ FINAL_BATCHES, EVALUATE_BATCHES = 5, 20
 @click.option("--resume", type=click.Path(), callback=_folder, default=None,
               help="continue the run in this folder (bit-identical on the same device; on another, up "
                    "to the order of sums); only --steps (to extend it), "
-                   "--device, --sync-every, --checkpoint-every and --data may change")
+                   "--device, --sync-every, --checkpoint-every, --data, --lr and --clip-norm may change")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=0,
               help="steps between checkpoints (0: every steps/10, and at least every 10 minutes)")
 @click.option("--plot/--no-plot", default=False, show_default=True,

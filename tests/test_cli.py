@@ -870,6 +870,14 @@ def test_a_closed_stdout_stops_training_with_the_steps_saved(tmp_path):
     assert (out / "log.tsv").read_text().splitlines()[-1].split("\t")[0] == str(step)
 
 
+def test_the_resume_help_names_what_a_resume_may_change(runner):
+    from mdnumba.train import RESUME_OVERRIDES
+    help_text = " ".join(runner.invoke(main, ["train", "--help"]).output.split()).replace("- ", "-")  # wraps
+    listed = help_text.split("only --steps (to extend it), ")[1].split(" may change")[0]
+    named = ["--steps"] + listed.replace(" and ", ", ").split(", ")
+    assert sorted(named) == sorted("--" + k.replace("_", "-") for k in RESUME_OVERRIDES), listed
+
+
 def test_a_diverged_run_goes_on_from_its_checkpoint_with_a_new_step_size(runner, tmp_path, monkeypatch):
     """The divergence message says that --resume takes a new --lr / --clip-norm, and it does
     (refused before as "differs from the run": only a new run could change them)."""
