@@ -631,3 +631,26 @@ def test_a_damaged_char_lm_checkpoint_state_is_refused_before_training(tmp_path,
     cfg = TrainConfig(task="char-lm", model="grid", data=str(tmp_path / "absent.txt"))
     with pytest.raises(CheckpointError, match=f"checkpoint in {tmp_path} is damaged: {what}"):
         make_trainer(cfg, tmp_path, restore=restore)
+
+
+def test_softmax_xent_is_the_mean_over_every_character():
+    """L is the mean of −log p(target) over every (sequence, step): nats per character, which
+    bpc divides by ln 2; not a sum over each sequence's steps (the gradient check holds either way)."""
+    logits = np.random.default_rng(0).standard_normal((2, 3, 4))
+    t = np.array([[0, 1, 2], [3, 0, 1]])
+    loss, _, _ = softmax_xent(logits, t)
+    log_p = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+    assert loss == pytest.approx(-np.mean(np.take_along_axis(log_p, t[..., None], -1)), rel=1e-12)
+
+
+def test_batches_start_at_every_window_of_the_split():
+    """The windows' starts cover the training split, the last window (ending at its last
+    character) too."""
+    import string
+    corpus = Corpus.from_text(string.ascii_letters)  # every character once: an id gives its place
+    place = {int(c): k for k, c in enumerate(corpus.train)}
+    rng, starts = np.random.default_rng(0), set()
+    for _ in range(40):
+        x, _ = corpus.batch(rng, "train", 16, 5)
+        starts.update(place[int(c)] for c in x[:, 0])
+    assert starts == set(range(len(corpus.train) - 5))

@@ -237,3 +237,36 @@ def test_task_layouts_describe_their_batches(rng):
             continue
         x = task.sample(rng, 2, task.min_size + 1).x
         assert task.layout.count(",") + 1 == x.ndim and task.layout.endswith(f" {x.shape[-1]})"), task
+
+
+@pytest.mark.parametrize("loss_fn,per_logit", [
+    (mse_sigmoid, lambda z, y: (sigmoid(z) - y) ** 2),
+    (bce_logits, lambda z, y: np.logaddexp(0.0, z) - y * z)])
+def test_losses_are_means_over_every_logit(loss_fn, per_logit):
+    """The loss is the mean over every logit of the batch, not a sum per item (the logged loss
+    would grow with the grid; the gradient check holds either way), and p and dL/dz come back
+    in the logits' dtype."""
+    z = np.array([[0.5, -1.0, 2.0], [0.0, 1.5, -0.5]], np.float32)[..., None]  # (2 items, 3 cells, 1)
+    y = np.array([[1.0, 0.0, 1.0], [0.5, 1.0, 0.0]], np.float32)[..., None]
+    loss, dz, p = loss_fn(z, y)
+    want = np.mean(per_logit(z.astype(np.float64), y.astype(np.float64)))
+    assert loss == pytest.approx(want, rel=1e-6)
+    assert p.dtype == dz.dtype == np.float32
+
+
+def test_addition_metrics_count_a_number_only_with_all_its_bits_right():
+    """number_acc is the share of items (the batch axis) whose every step is right, here on a
+    batch of more steps than items; a probability of exactly 0.5 is right for neither bit."""
+    from mdnumba.tasks.binary_addition import AdditionBatch, addition_metrics
+    y = np.array([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])[..., None]       # (2 items, 3 steps, 1)
+    prob = np.array([[0.9, 0.1, 0.8], [0.2, 0.5, 0.7]])[..., None]    # item 1's step 1: undecided
+    m = addition_metrics(prob, 0.1, AdditionBatch(np.zeros((2, 3, 2)), y))
+    assert m == pytest.approx({"loss": 0.1, "bit_acc": 5 / 6, "number_acc": 0.5})
+
+
+def test_linear_starts_uniform_within_the_fan_in_bound():
+    """W ~ U(-1/sqrt(in_features), 1/sqrt(in_features)) (as PyTorch's nn.Linear), b = 0: the
+    bound is the fan-in's, so a wide readout does not start smaller."""
+    lin = Linear(4, 64, seed=3, dtype=np.float64)
+    top = np.abs(lin.params.W).max()
+    assert 0.45 < top <= 0.5 and not lin.params.b.any()

@@ -356,3 +356,13 @@ def test_stack_with_blocks_and_sizes_finite_differences(rng):
     assert_grad_close(net.backward(w), numeric_grad(loss, x), name="dx")
     for k, layer in enumerate(net.layers):
         assert_grad_close(layer.grads.data, numeric_grad(loss, layer.params.data), name=f"layer {k}")
+
+
+def test_pad_batch_fills_with_fill_in_the_items_common_dtype():
+    """The padding holds ``fill`` (a stack that starts with a BlockSubsample reads it), and
+    float32 and float64 items make a float64 batch (not the first item's float32, which would
+    round the other item)."""
+    a, b = np.full((1, 2, 1), 0.5, np.float32), np.full((2, 1, 1), 0.1, np.float64)
+    x, sizes = pad_batch([a, b], fill=-2.0)
+    assert x.dtype == np.float64 and sizes.tolist() == [[1, 2], [2, 1]]
+    np.testing.assert_array_equal(x[..., 0], [[[0.5, 0.5], [-2.0, -2.0]], [[0.1, -2.0], [0.1, -2.0]]])

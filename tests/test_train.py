@@ -707,3 +707,50 @@ def test_a_failed_config_copy_leaves_the_previous_checkpoint(tmp_path):
     arrays, meta = load_checkpoint(tmp_path)
     assert meta["step"] == 1 and not arrays["a"].any()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.npz", "config.json"]  # no temp files
+
+
+def test_evaluate_averages_its_batches_drawn_from_its_seed():
+    """evaluate's metrics are the means over ``batches`` batches drawn from default_rng(seed)
+    (not the last batch's, nor their sum)."""
+    tr = make_trainer(TrainConfig(steps=1, **KW))
+    rng, per_batch = np.random.default_rng(7), []
+    for _ in range(3):
+        batch = tr.task.sample(rng, tr.cfg.batch, tr.cfg.size, np.dtype(tr.cfg.dtype))
+        loss, _, prob = tr.loss_fn(tr.model.forward(batch.x, save=False), batch.y)
+        per_batch.append(tr.task.metrics(prob, loss, batch))
+    got = tr.evaluate(batches=3, seed=7)
+    assert got == pytest.approx({k: np.mean([m[k] for m in per_batch]) for k in per_batch[0]}, rel=1e-6)
+
+
+def test_the_log_holds_each_steps_metrics_to_six_digits(tmp_path):
+    """log.tsv's row of a step holds the metrics ``on_step`` got, column by column, to 6
+    significant digits."""
+    seen = []
+    make_trainer(TrainConfig(steps=3, **KW), tmp_path).run(lambda step, m: seen.append((step, m)))
+    header, *rows = [r.split("\t") for r in (tmp_path / "log.tsv").read_text().splitlines()]
+    assert [int(r[0]) for r in rows] == [step for step, _ in seen] == [1, 2, 3]
+    for row, (_, m) in zip(rows, seen):
+        for name, text in zip(header[1:], row[1:], strict=True):
+            assert float(text) == pytest.approx(m[name], rel=5e-6), name
+
+
+def test_a_checkpoint_reads_no_pickles(tmp_path):
+    """An object array in checkpoint.npz (a pickle: loading it could run code) is refused as a
+    corrupt checkpoint, never unpickled."""
+    np.savez(tmp_path / "checkpoint.npz", meta=np.array('{"format": "mdnumba-checkpoint-1"}'),
+             o=np.array([{"t": 1}], dtype=object))
+    with pytest.raises(CheckpointError, match="corrupt or unreadable"):
+        load_checkpoint(tmp_path)
+
+
+def test_an_atomic_write_through_a_symlink_replaces_its_target(tmp_path):
+    """A run file that is a symlink (e.g. to another disk) stays one: the new contents go to
+    its target."""
+    from mdnumba.checkpoint import atomic_write_bytes
+    (tmp_path / "disk").mkdir()
+    target, link = tmp_path / "disk" / "f.bin", tmp_path / "f.bin"
+    target.write_bytes(b"old")
+    link.symlink_to(target)
+    atomic_write_bytes(link, lambda fh: fh.write(b"new"))
+    assert link.is_symlink() and target.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "f.bin"]  # no temp file left
