@@ -310,10 +310,12 @@ def sync_floors(K: int, tpb: int, sync, budget_s: float, grids: tuple = ()) -> d
         bare = time_it(lambda: grid_syncs[blocks, threads](0, out), sync, budget_s)  # its launch alone
         return max(coop.best - bare.best, 0.0) / K * 1e6
 
-    blocks = grid_syncs.compile((numba.int64, numba.int64[::1])).max_cooperative_grid_blocks(tpb)
+    compiled = grid_syncs.compile((numba.int64, numba.int64[::1]))
+    blocks = compiled.max_cooperative_grid_blocks(tpb)
     launches = time_it(lambda: [empty[1, tpb](out) for _ in range(K)], sync, budget_s)
     return {"blocks": blocks, "sync_us": per_sync(blocks, tpb), "launch_us": launches.best / K * 1e6,
-            "at_grids": {g: per_sync(*g) for g in sorted(set(grids)) if g[0] <= blocks}}
+            "at_grids": {g: per_sync(*g) for g in sorted(set(grids))  # each grid within its own limit
+                         if g[0] <= compiled.max_cooperative_grid_blocks(g[1])}}
 
 
 def coop_grids(paths: list[str]) -> tuple:

@@ -430,7 +430,8 @@ class CudaLSTM(DeviceLayer):
         G = (N + 3) * D
         self._init_buffers(params, dtype, S * (C * G + D * N * G + G),
                            f"ndim={N}, in={C}, hidden={D}, directions={S}")
-        self.path, self.use_shared, self.tpb, self.layout = path, use_shared, threads_per_block, layout
+        self.tpb = None if threads_per_block is None else self.k._tpb(threads_per_block)  # checked now
+        self.path, self.use_shared, self.layout = path, use_shared, layout
         self._saved: dict | None = None
 
     _SAVED = ("xs", "act", "h", "c")  # the rest of the workspaces is scratch

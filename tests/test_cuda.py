@@ -364,6 +364,36 @@ def sim_tensor_sweeps_match_cpu(dims, cell, scans, B, D, path, rng, monkeypatch)
         assert all("sliced layout: float64: tensor cores take float32" in p for p in paths[2:]), paths
 
 
+def sim_tensor_layout_plans_only_blocks_that_can_run(rng, monkeypatch):
+    """Found by reading: the tensor layout split each hyperplane's rows among as many blocks as
+    could be co-resident, but a cooperative launch has at most COOP_MAX_BLOCKS, and the blocks past
+    it never ran (rows left unswept, the path still said cooperative). It now plans with that cap;
+    a grid smaller than the blocks a layout planned is refused (auto: the per-diagonal path runs
+    instead; cooperative: an error); and a GPU without TF32 tensor cores (before sm_80, where the
+    mma would not compile) runs the sliced layout, said. Threads per block past a block's 1024
+    are refused when the layer is built (they failed at the launch)."""
+    from mdnumba.kernels import tensor_cuda as tc
+    from mdnumba.kernels import wavefront_cuda as gpu
+    from mdnumba.kernels.cell import cell_code
+    wf, U, act0 = _cpu_sweep_inputs((4,), 66, 3, 1, rng)  # 66 rows a cell: 5 tiles, 3 blocks wanted
+    U, act0, code = U.astype(np.float32), act0.astype(np.float32), cell_code("graves")
+    monkeypatch.setattr(gpu, "COOP_MAX_BLOCKS", 2)
+    _sweeps_match_cpu(wf, U, act0, 66, 3, code, path="cooperative", layout="tensor")
+    assert gpu.last_path().startswith(f"cooperative (2 blocks x {tc.TENSOR_THREADS} threads"), gpu.last_path()
+    monkeypatch.setattr(gpu, "_coop_grid", lambda *args: 1)  # fewer than the 2 planned
+    with pytest.raises(RuntimeError, match="the layout's 2 blocks cannot all be co-resident"):
+        _run_sweeps(gpu, wf, U, act0, 66, 3, code, path="cooperative", layout="tensor")
+    _sweeps_match_cpu(wf, U, act0, 66, 3, code, path="auto", layout="tensor")
+    assert gpu.last_path().startswith("per-diagonal"), gpu.last_path()
+    monkeypatch.setattr(tc, "_compute_capability", lambda: (7, 5))
+    _sweeps_match_cpu(wf, U, act0, 66, 3, code, path="per-diagonal", layout="tensor")
+    assert "sliced layout: TF32 mma needs compute capability 8.0+, this GPU has 7.5" in gpu.last_path()
+    from mdnumba.backend_cuda import CudaLSTM
+    for tpb in (0, 2048, 64.0):  # a CUDA block holds 1 to 1024 threads: refused when built
+        with pytest.raises(ValueError, match=f"^threads per block must be an integer from 1 to 1024 .*{tpb}"):
+            CudaLSTM.from_layer(MDLSTM2D(1, 2), threads_per_block=tpb)
+
+
 @pytest.mark.parametrize("path", ["cooperative", "per-diagonal"])
 def sim_staged_tile_loaded_by_fewer_threads_than_its_columns(path, rng):
     """A block with fewer threads than the staged tile's STAGE_K columns (on a GPU: 8 threads and
@@ -1080,6 +1110,8 @@ def sim_gemm_matches_numpy(method, rng):
     np.testing.assert_allclose(out, a32.astype(float) @ b32, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="shapes"):
         gpu.gemm(np.zeros((2, 2)), np.zeros((2, 3)), np.zeros((2, 2)))
+    for m, n in ((0, N), (M, 0)):  # an empty product: nothing to launch (was a grid of 0 blocks)
+        gpu.gemm(np.zeros((m, n)), np.ones((m, K)), np.ones((K, n)), method=method)
 
 
 def sim_gemm_k_split_over_many_tiles(rng):

@@ -58,7 +58,7 @@ from .wavefront_cuda import (
     _cell1_backward,
     _cell2_backward,
     _cell3_backward,
-    _coop_limit,
+    _coop_cap,
     _divmod,
     _item_shared_limit,
     _load4,
@@ -578,16 +578,30 @@ def shared_bytes(N: int, D: int, sweep: str) -> int:
     return blocks * 2 * -(-K // (2 * KSTEP)) * _FRAGMENT * 4
 
 
+#: the GPUs whose tensor cores take TF32 (``mma.sync ... tf32``, ``cvt.rna.tf32.f32``): Ampere on
+MIN_COMPUTE_CAPABILITY = (8, 0)
+
+
+def _compute_capability() -> tuple[int, int]:
+    """The current GPU's compute capability; the simulator's stands for one with TF32 tensor
+    cores (it runs :func:`mma` and :func:`tf32` as Python)."""
+    return MIN_COMPUTE_CAPABILITY if SIMULATOR else tuple(cuda.get_current_device().compute_capability)
+
+
 def plan(sweep: str, args: tuple, S: int, N: int, D: int, B: int, diag_off_host: np.ndarray, dtype,
          path: str) -> tuple[int, int, int, str]:
     """The tensor layout of a ``sweep`` ("forward", "backward") with the kernels' ``args``: ``(nO,
     blocks, shared bytes, "")``, nO blocks per slice of :func:`slice_units` units (as many as the
     cooperative grid holds, at most the largest hyperplane's tiles per warp); or ``(0, 0, 0, why
-    not)``: float64, more than 3-D, a slice over the shared memory a block can opt in to, or (off the
-    per-diagonal path) S x nJ slices that cannot all be co-resident. Opts the kernels in to the
-    shared memory they need."""
+    not)``: float64, a GPU before sm_80, more than 3-D, a slice over the shared memory a block can
+    opt in to, or (off the per-diagonal path) S x nJ slices that cannot all be co-resident. Opts
+    the kernels in to the shared memory they need."""
     if np.dtype(dtype) != np.float32:
         return 0, 0, 0, f"{np.dtype(dtype)}: tensor cores take float32 (as TF32)"
+    cc = _compute_capability()
+    if cc < MIN_COMPUTE_CAPABILITY:
+        return 0, 0, 0, (f"TF32 mma needs compute capability {'.'.join(map(str, MIN_COMPUTE_CAPABILITY))}+, "
+                         f"this GPU has {'.'.join(map(str, cc))}")
     if N + 3 > GATE_CHUNK:
         return 0, 0, 0, f"the tensor layout sweeps at most {GATE_CHUNK - 3}-D layers, this one is {N}-D"
     shmem = shared_bytes(N, D, sweep)
@@ -600,7 +614,7 @@ def plan(sweep: str, args: tuple, S: int, N: int, D: int, B: int, diag_off_host:
     if path == "per-diagonal":
         cap = 4 * _sm_count()
     else:
-        cap = _coop_limit(coop, args, TENSOR_THREADS, shmem)
+        cap = _coop_cap(coop, args, TENSOR_THREADS, shmem)
         if S * nJ > cap:
             return 0, 0, 0, f"{S * nJ} unit slices, {cap} co-resident blocks"
     tiles = -(-int(np.diff(diag_off_host).max()) * int(B) // TILE_ROWS)

@@ -2207,7 +2207,14 @@ def _row_groups(B: int) -> int:
 
 
 def _tpb(tpb: int | None) -> int:
-    return int(tpb or config.THREADS_PER_BLOCK)
+    """Threads per block: ``tpb``, or MDNUMBA_THREADS_PER_BLOCK for None; ValueError unless an
+    integer from 1 to 1024 (a CUDA block's most; past it the launch fails deep inside)."""
+    if tpb is None:
+        return config.THREADS_PER_BLOCK
+    if isinstance(tpb, bool) or not isinstance(tpb, (int, np.integer)) or not 1 <= tpb <= 1024:
+        raise ValueError(f"threads per block must be an integer from 1 to 1024 (a CUDA block's most), "
+                         f"got {tpb!r}")
+    return int(tpb)
 
 
 def _sm_count() -> int:
@@ -2259,13 +2266,19 @@ def _coop_limit(kernel, args, tpb: int, shmem: int) -> int:
     return limit
 
 
+def _coop_cap(kernel, args, tpb: int, shmem: int) -> int:
+    """The most blocks a cooperative launch of ``kernel`` may have: co-residency limit ∧
+    :data:`COOP_MAX_BLOCKS` (what a layout that splits its work among blocks plans with)."""
+    return min(_coop_limit(kernel, args, tpb, shmem), COOP_MAX_BLOCKS)
+
+
 def _coop_grid(kernel, args, tpb: int, shmem: int, needed_blocks: int) -> int:
-    """Blocks for a cooperative launch: co-residency limit ∧ work ∧ :data:`COOP_MAX_BLOCKS`."""
-    limit = _coop_limit(kernel, args, tpb, shmem)
+    """Blocks for a cooperative launch: :func:`_coop_cap` ∧ work."""
+    limit = _coop_cap(kernel, args, tpb, shmem)
     if limit < 1:
         raise RuntimeError(f"cooperative kernel cannot be resident with {tpb} threads and {shmem} B "
                            "of shared memory per block")
-    return max(1, min(limit, needed_blocks, COOP_MAX_BLOCKS))
+    return max(1, min(limit, needed_blocks))
 
 
 def _sweep(coop, diag, args, diag_off_host, rows_per_cell: int, D: int, shmem: int, path: str | None,
@@ -2293,6 +2306,8 @@ def _sweep(coop, diag, args, diag_off_host, rows_per_cell: int, D: int, shmem: i
         try:
             need = blocks or _blocks(max(items.max(), extra_items), tpb, 1 << 30)
             grid = _coop_grid(coop, args, tpb, shmem, need)
+            if grid < blocks:  # the layout gave each of its blocks a share: fewer would skip rows
+                raise RuntimeError(f"the layout's {blocks} blocks cannot all be co-resident ({grid} can)")
             launch(coop, grid, tpb, shmem, *args)
             return f"cooperative ({grid} blocks x {tpb} threads, {K} hyperplanes)"
         except Exception as exc:  # missing cudadevrt, no cooperative launch, ...
@@ -2373,7 +2388,7 @@ def _plan_slices(coop, args, S: int, N: int, D: int, B: int, diag_off_host: np.n
     if (path or DEFAULT_PATH) == "per-diagonal":
         cap = 4 * _sm_count()
     else:
-        cap = min(_coop_limit(coop, args, tpb, shmem), COOP_MAX_BLOCKS)
+        cap = _coop_cap(coop, args, tpb, shmem)
         if S * nJ > cap:
             return 0, 0, 0, f"flat layout: {S * nJ} unit slices, {cap} co-resident blocks"
     pairs = int(np.diff(diag_off_host).max()) * _row_groups(B)
@@ -2633,6 +2648,9 @@ def gemm(out: HostOrDevice, a: HostOrDevice, bm: HostOrDevice, bias: HostOrDevic
                          f"b {dbm.shape} (tb={tb})")
     if bias is not None and dbias.dtype != dout.dtype:
         raise TypeError("bias must have the dtype of out")
+    if M == 0 or N == 0:  # nothing to write (a grid of zero blocks would not launch)
+        x.finish(0)
+        return
     mode = 0 if bias is not None else (1 if accumulate else 2)
     if method == "auto":
         # thread per output for a short K, or few columns with a K one thread can walk; long
