@@ -187,6 +187,25 @@ def sim_sliced_sweeps_match_cpu(dims, cell, scans, B, D, path, layout, rng):
     assert ("rows staged in" in desc) == (layout == "staged" and sliced), desc
 
 
+@pytest.mark.skipif(not IN_SIMULATOR, reason="widens the simulator's cooperative grid")
+@pytest.mark.parametrize("layout", ["sliced", "staged"])
+def sim_sliced_sweeps_with_several_blocks_per_slice(layout, rng, monkeypatch):
+    """The cooperative sliced and staged sweeps with several slices and several blocks sharing
+    each slice's cells at once: the simulator's grid of 3 blocks gave 2 slices one block each
+    (a GPU's gives them dozens), so this case, and any race between a slice's blocks, never ran."""
+    from numba.cuda.simulator import kernel as simkernel
+
+    from mdnumba.kernels import wavefront_cuda as gpu
+    from mdnumba.kernels.cell import cell_code
+    monkeypatch.setattr(simkernel.BlockManager, "coop_blocks", 6)
+    monkeypatch.setattr(simkernel.FakeOverload, "max_cooperative_grid_blocks", lambda self, blockdim: 6)
+    monkeypatch.setitem(gpu._state, "coop_limit", {})  # the limits cached at 3 blocks
+    wf, U, act0 = _cpu_sweep_inputs((3, 4), 2, 9, 1, rng)
+    _sweeps_match_cpu(wf, U, act0, 2, 9, cell_code("graves"), path="cooperative", tpb=8, layout=layout)
+    assert "cooperative (6 blocks x 8 threads" in gpu.last_path(), gpu.last_path()
+    assert f"2 slices of {gpu.SLICE} units x 3 blocks" in gpu.last_path(), gpu.last_path()
+
+
 @pytest.mark.parametrize("path,layout", [("per-diagonal", "flat"), ("per-diagonal", "sliced"),
                                          ("cooperative", "staged")])
 def sim_float32_sweeps_match_cpu(path, layout, rng):
