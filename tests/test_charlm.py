@@ -476,6 +476,21 @@ def test_dropout_masks_are_counter_based_splitmix64():
     assert (keep_mask((1000,), seed + 1, p) != keep_mask((1000,), seed, p)).mean() > 0.3
 
 
+def test_dropout_keeps_an_element_whose_uniform_equals_the_rate():
+    """The boundary of ``u_i >= p``: at p = u_i exactly element i is kept (``>=``, not ``>``), at
+    p half a step of 2^-53 above u_i it is dropped (the threshold is ``ceil(p·2^53)``, not the
+    floor). The random masks above almost never draw a u_i this close to p."""
+    from mdnumba.kernels.dropout import keep_mask, threshold
+    seed = 0xDEADBEEF12345
+    bits = [_splitmix64(seed, i) >> 11 for i in range(64)]
+    i = next(k for k, b in enumerate(bits) if 0 < b < 2**52)  # then (b + 1/2) / 2^53 is a float64
+    b = bits[i]
+    at, above = b / 2.0**53, (b + 0.5) / 2.0**53
+    assert int(threshold(at)) == b and int(threshold(above)) == b + 1
+    assert keep_mask((i + 1,), seed, at)[i]
+    assert not keep_mask((i + 1,), seed, above)[i]
+
+
 def test_dropout_rate_and_scale(rng):
     y = Dropout(0.2).forward(np.ones(100_000), rng)
     assert (y == 0).mean() == pytest.approx(0.2, abs=0.01) and set(np.unique(y)) == {0.0, 1.25}

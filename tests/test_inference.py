@@ -6,6 +6,7 @@ from refcheck import reference_weights
 
 import mdnumba
 from mdnumba import LSTM1D, MDLSTM2D, MDLSTM3D, WavefrontLSTM, reference
+from mdnumba.grid import direction_tables, wavefront
 from mdnumba.layers import Linear
 from mdnumba.models import build_model
 from mdnumba.stack import BlockSubsample, Sequential, mdlstm_stack
@@ -38,8 +39,9 @@ def test_matches_the_saving_forward_and_the_reference(cell, ndim, shape, directi
 def test_register_tiles_give_the_saving_forward_bit_for_bit(make, shape, sizes, dtype, rng):
     """At least 4 input channels and whole gate panels: the saving-free sweep projects an item's
     rows with register tiles (arbitrary rows of x), the saving forward with matmul_rows' tiles
-    over blocks of rows; a padded batch's items have rows of zero input (the tiles skipped). The
-    same numbers, bit for bit, and those of the float64 reference."""
+    over blocks of rows; in a padded batch only the items' rows are projected (rows without an
+    input, which no layer sweeps: test_rows_without_an_input_get_the_bias). The same numbers, bit
+    for bit, and those of the float64 reference."""
     layer = make(dtype)
     x = rng.standard_normal(shape).astype(dtype)
     for kw in ({}, {"sizes": sizes}):
@@ -48,6 +50,41 @@ def test_register_tiles_give_the_saving_forward_bit_for_bit(make, shape, sizes, 
     yr, _ = reference.directions_forward(x.astype(np.float64), reference_weights(layer), "graves")
     tol = 1e-12 if dtype == np.float64 else 2e-5
     np.testing.assert_allclose(layer.forward(x, save=False), yr, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("C,B,schedule", [
+    (2, 5, "planes"),   # fewer than 4 channels: one pass per row (_few_inputs)
+    (5, 5, "planes"),   # a group's rows with and without an input: these one at a time (_input_rows)
+    (5, 2, "planes"),   # cells sharing tiles: their projections together (_cell_inputs)
+    (2, 2, "batch"), (5, 5, "batch")])  # streams' projections tile by tile (_input_tiles)
+def test_rows_without_an_input_get_the_bias(C, B, schedule, rng):
+    """``wavefront_infer``'s ``src = -1`` is a zero input (``act = bias``, no output row): the
+    layers never pass one (every swept row of theirs, a padded batch's items too, has an input),
+    so only this direct call reaches those branches. The numbers of the sweep whose rows point at
+    a row of zeros of x instead (an input read from x[-1], or the bias left out, would change the
+    outputs of their children)."""
+    from mdnumba.kernels.wavefront import wavefront_infer
+    dims, S, D = (3, 4), 4, 6
+    layer = MDLSTM2D(C, D, directions=S, seed=2, dtype=np.float64)
+    layer.params.data[...] += rng.standard_normal(layer.params.data.shape) * 0.3
+    wf = wavefront(dims)
+    src, _ = direction_tables(dims, B, S)
+    n = B * wf.n_cells
+    x = np.concatenate([np.zeros((1, C)), rng.standard_normal((n, C))])  # row 0: zeros (not x[-1])
+    hole = rng.random(src.shape) < 0.3
+    slots = 2 * wf.max_diag_cells
+    outs = []
+    for rows in (np.where(hole, -1, src + 1), np.where(hole, 0, src + 1)):
+        out = np.full((n + 1, S, D), np.nan)
+        h, c, act = (np.zeros((S * slots * B, k)) for k in (D, D, (2 + 3) * D))
+        wavefront_infer(out, h, c, act, np.empty((slots, 2), wf.parent.dtype), x, rows.astype(src.dtype),
+                        layer._per_direction("W"), layer._per_direction("b"),
+                        layer.params["U"].reshape(S, D, -1), wf.diag_off, wf.parent, 0, wf.n_diagonals,
+                        B, D, layer.cell_code, schedule=schedule)
+        outs.append(out[1:])
+    written = ~np.isnan(outs[1])
+    assert hole.any() and written.any() and not written.all()
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-14, atol=1e-15)
 
 
 def test_float32_matches_the_saving_forward(rng):
