@@ -8,7 +8,8 @@ the GPU. :func:`install` makes every launch run like hardware would allow it to:
 
 - all blocks of a launch at once, one Python thread per CUDA thread, started in a shuffled
   order (reproducible; a GPU schedules blocks in any order); larger launches in waves of
-  :data:`WAVE_THREADS` threads, as a GPU may run them;
+  :data:`WAVE_THREADS` threads, as a GPU may run them (not a grid that may sync: its blocks are
+  co-resident, so a wave of its own would meet other grid barriers than the rest);
 - ``max_cooperative_grid_blocks`` returns ``coop_blocks``, so the cooperative sweeps run on
   several blocks, and ``this_grid().sync()`` is a barrier of every thread of the grid (an
   error in a launch larger than that, as the driver refuses it);
@@ -500,11 +501,12 @@ class _ConcurrentGrid:
         blocks = [tuple(map(int, b)) for b in order.permutation(list(np.ndindex(*self._grid_dim)))]
         threads = list(np.ndindex(*self._block_dim))
         race = _RaceCheck([f"thread {list(t)} of block {list(b)}" for b in blocks for t in threads])
-        per_wave = max(1, WAVE_THREADS // len(threads))
+        coop = len(blocks) <= self.coop_blocks  # may sync its grid: every block at once, as the driver
+        per_wave = len(blocks) if coop else max(1, WAVE_THREADS // len(threads))  # keeps them resident
         dynshared_size = simkernel._get_kernel_context()._shared._dynshared_size
         for w in range(0, len(blocks), per_wave):  # a later wave is not ordered after an earlier one
             self._run_wave(blocks, w, min(len(blocks), w + per_wave), threads, race,
-                           len(blocks) <= self.coop_blocks, dynshared_size, args, order)
+                           coop, dynshared_size, args, order)
 
     def _run_wave(self, blocks, first, stop, threads, race, grid_sync_ok, dynshared_size, args, order):
         """Blocks ``first..stop-1`` at once; thread t of block number i has id ``i * len(threads) + t``."""

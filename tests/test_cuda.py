@@ -1289,6 +1289,9 @@ def sim_simulator_runs_blocks_at_once_and_checks_syncs():
     np.testing.assert_array_equal(out, np.roll(np.arange(1, 25), -8))
     with pytest.raises(simgrid.DivergentSync, match="returned"):
         exchange[3, 8](out, a, 1)
+    a, out = np.zeros(3 * 256, np.int64), np.zeros(3 * 256, np.int64)
+    exchange[3, 256](out, a, -1)  # a grid that may sync, over a wave's threads: one wave all the same
+    np.testing.assert_array_equal(out, np.roll(np.arange(1, 3 * 256 + 1), -256))
     with pytest.raises(simgrid.DivergentSync, match="max_cooperative_grid_blocks"):
         exchange[4, 8](np.zeros(32, np.int64), np.zeros(32, np.int64), -1)
     split = cuda.jit(_split_syncs)
