@@ -2422,6 +2422,36 @@ def sim_device_step_launches(monkeypatch):
     assert len(launches) == 11, launches
 
 
+def sim_a_sized_saving_forward_zeroes_the_paddings_state(rng):
+    """``forward(x, sizes=...)`` (saving) leaves h and c zero in the padding's rows of the device
+    workspaces (``zero_padding``), as the CPU layer's: the device sweeps compute the padding's cells
+    too, and a long stretch of padding can overflow there (tests/test_sizes.py's
+    test_an_overflow_in_the_padding_does_not_stop_backward), which backward would refuse as an
+    overflowed state. Too few cells here to overflow, and no output or gradient reads the padding,
+    so only the workspaces show whether it was cleared; the real cells' state is left alone."""
+    from mdnumba.backend_cuda import CudaLSTM
+    dev = CudaLSTM.from_layer(MDLSTM2D(2, 3, seed=1, dtype=np.float64, directions=4))
+    dev.forward(rng.standard_normal((2, 3, 4, 2)), sizes=[(3, 4), (2, 2)])
+    pad = dev._saved["tables"].skew_src.copy_to_host().reshape(-1) < 0
+    h, c = dev._work["h"].copy_to_host(), dev._work["c"].copy_to_host()
+    assert pad.any() and np.abs(c[~pad]).min() > 0 and np.abs(h[~pad]).min() > 0
+    assert not h[pad].any() and not c[pad].any()
+
+
+def sim_state_cell_backward_reads_cleared_gates_whatever_the_biases(rng):
+    """A 1-D device layer from an initial state with random biases: ``seed_state`` must clear the
+    state cell's gate row (the input projection left the biases there), since the backward sweep
+    runs the state cell's cell math on it (zero gates: no gate gradient, dc0 from its child alone).
+    The default biases (0, forget 1) give no gate gradient either, so sim_state_matches_reference
+    passes with the row left as the biases."""
+    layer = _layer(1, 2, 3, np.float64, "cuda")
+    layer.params["b"] = rng.standard_normal(layer.params["b"].shape)
+    B, T = 2, 4
+    pair = [(rng.standard_normal((B, 3)), rng.standard_normal((B, 3))) for _ in range(2)]
+    check_state_against_reference(layer, rng.standard_normal((B, T, 2)), pair[0],
+                                  rng.standard_normal((B, T, 3)), pair[1], 1e-12)
+
+
 SIM_CASES = sorted(name for name in list(globals()) if name.startswith("sim_"))
 
 
@@ -2756,3 +2786,9 @@ def test_cooperative_grid_limit_is_asked_once_per_kernel_types_block_and_device(
     assert gpu._coop_grid(Kernel(), (a, 3), 128, 0, 100) == 15 and len(asked) == 12
     with pytest.raises(RuntimeError, match="cannot be resident with 2048 threads and 0 B"):
         gpu._coop_grid(kernel, (a, 3), 2048, 0, 100)
+
+
+def test_every_simulator_case_is_run():
+    """A ``sim_`` case defined below SIM_CASES would run only under ``-o python_functions='sim_*'``,
+    never in test_simulator or test_gpu."""
+    assert SIM_CASES == sorted(name for name in globals() if name.startswith("sim_"))
