@@ -395,7 +395,7 @@ def sim_tensor_layout_plans_only_blocks_that_can_run(rng, monkeypatch):
     from mdnumba.kernels import tensor_cuda as tc
     from mdnumba.kernels import wavefront_cuda as gpu
     from mdnumba.kernels.cell import cell_code
-    wf, U, act0 = _cpu_sweep_inputs((4,), 66, 3, 1, rng)  # 66 rows a cell: 5 tiles, 3 blocks wanted
+    wf, U, act0 = _cpu_sweep_inputs((2,), 66, 3, 1, rng)  # 66 rows a cell: 5 tiles, 3 blocks wanted
     U, act0, code = U.astype(np.float32), act0.astype(np.float32), cell_code("graves")
     monkeypatch.setattr(gpu, "COOP_MAX_BLOCKS", 2)
     _sweeps_match_cpu(wf, U, act0, 66, 3, code, path="cooperative", layout="tensor")
