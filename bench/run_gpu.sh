@@ -6,7 +6,7 @@
 # and hypothesis's wheels for the machine's Python (3.12 on the lent H100/H200 image) in the
 # ignored folder .whl/; name it in the device call's carry.
 # The wheels for this interpreter are installed into a fresh temporary folder put first on PYTHONPATH.
-# mdnumba itself runs from the working tree (PYTHONPATH=.).
+# mdnumba itself runs from the working tree (PYTHONPATH=., before what PYTHONPATH held).
 #
 # Usage: bench/run_gpu.sh [-h | --tests | --tests-only | --tune | --family | --charlm | --profile | --smoke]
 #                         [bench_gpu.py / tune_gpu.py options]
@@ -72,11 +72,11 @@ if [ -n "$wheels" ]; then
   site=$(mktemp -d /tmp/mdnumba_site.XXXXXX)  # fresh: nothing left from another Python or run
   python3 -m pip install -q --no-index --no-deps --target "$site" $wheels \
     || { echo "could not install the carried wheels: $wheels" >&2; exit 1; }
-  export PYTHONPATH="$site:."
+  export PYTHONPATH="$site:.${PYTHONPATH:+:$PYTHONPATH}"
 else
   echo "warning: no wheel for $tag in .whl/ ($(ls .whl 2>/dev/null | tr '\n' ' ')); using the image's" \
        "numpy (numba-cuda 0.30.4 does not import with numpy 2.5)" >&2
-  export PYTHONPATH=.
+  export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-/tmp/numba_cache}"
 export PYTHONUNBUFFERED=1  # a part killed after its cut keeps every line it printed

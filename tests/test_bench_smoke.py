@@ -22,6 +22,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _simulated(**extra: str) -> dict[str, str]:
+    """The environment of a ``bench/`` script run under the CUDA simulator: its launches under
+    tests/simgrid.py (``tests/simsite/sitecustomize.py``; numba's own simulator takes minutes over
+    a tensor-layout step), without the PTX recording of the session's test process."""
+    path = os.pathsep.join([str(ROOT / "tests" / "simsite"), str(ROOT / "tests")]
+                           + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONPATH=path, **extra)
+    env.pop("MDNUMBA_PTX_RECORD", None)
+    return env
+
+
 def _smoke_run(folder: Path):
     """``bench/run_gpu.sh --smoke`` under the simulator, its files in ``folder/out``."""
     (folder / "out").mkdir()
@@ -30,11 +41,9 @@ def _smoke_run(folder: Path):
     # MDNUMBA_BENCH_INJECT: bench_gpu.py's first process fails a part after the default path's and
     # reports the CUDA context lost (as an illegal address does on a GPU), its second runs a part
     # that never ends: the run must go on in a fresh process each time and still fill every column
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", MDNUMBA_THREADS_PER_BLOCK="8",
-               NUMBA_NUM_THREADS="1", OUT=str(folder / "out"), PYTHONUNBUFFERED="1", CHARLM_S="240",
-               MDNUMBA_BENCH_INJECT="lose,hang",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    env.pop("MDNUMBA_PTX_RECORD", None)
+    env = _simulated(MDNUMBA_THREADS_PER_BLOCK="8", NUMBA_NUM_THREADS="1", OUT=str(folder / "out"),
+                     PYTHONUNBUFFERED="1", CHARLM_S="240", MDNUMBA_BENCH_INJECT="lose,hang",
+                     PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     return ["bash", str(ROOT / "bench" / "run_gpu.sh"), "--smoke"], env
 
 
@@ -89,8 +98,7 @@ def test_tune_gpu_times_the_sweeps_without_some_stages(tmp_path):
     (MDNUMBA_CUDA_CELL_REGISTERS=0; MDNUMBA_CUDA_SKIP sum and cell: the other variants set the same
     variables), a row each with its layout and launch bound (no bound in the simulator), none
     failed."""
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", NUMBA_NUM_THREADS="1")
-    env.pop("MDNUMBA_PTX_RECORD", None)
+    env = _simulated(NUMBA_NUM_THREADS="1")
     out = tmp_path / "tune.md"
     args = ["--rows", "2", "--unroll", "8", "--tpb", "8", "--layout", "flat,item", "--item-threads", "8",
             "--min-blocks", "3", "--variants", "memory-cell,neither", "--configs", "4x4x1x2",
