@@ -55,6 +55,9 @@ def set_aside_log(stamp: str = "*") -> str:
     return f"{Path(LOG).stem}.unreadable-{stamp}{Path(LOG).suffix}"
 
 
+#: spawn keys of a run's random streams under its seed (:func:`run_stream`): the training
+#: batches (and char-lm dropout) and the batches of :meth:`Trainer.evaluate`
+DATA_STREAM, EVAL_STREAM = 1, 2
 #: the settings ``train --resume`` and ``Trainer.load`` may change (the step size too, e.g. to
 #: continue from the checkpoint a diverged run keeps with a lower learning rate or clipping);
 #: the others define the run and must match it
@@ -124,6 +127,16 @@ def _type_name(kind: object) -> str:
     if typing.get_origin(kind) is tuple:
         return f"a tuple of {typing.get_args(kind)[0].__name__}"
     return kind.__name__
+
+
+def run_stream(seed: int, key: int) -> np.random.Generator:
+    """The generator of stream ``key`` (:data:`DATA_STREAM`, :data:`EVAL_STREAM`) under ``seed``:
+    ``default_rng(SeedSequence(seed, spawn_key=(key,)))``, what ``SeedSequence(seed).spawn``
+    gives its child ``key``. Its numbers are independent of every stream an integer seed gives
+    the models' initial weights (``default_rng(s)`` and ``SeedSequence([s, k])`` for any ``s`` and
+    ``k``) and of the other keys', so no run's batches are drawn from the numbers of its own or
+    another seed's weights, and no evaluation repeats a run's training batches."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(key,)))
 
 
 @dataclass
@@ -281,7 +294,7 @@ class Trainer:
         self.task = get_task(cfg.task)
         self.model = self._build_model()
         self.opt = self.optimizers[cfg.optimizer](self.model, lr=cfg.lr, clip_norm=cfg.clip_norm)
-        self.rng = np.random.default_rng(cfg.seed)
+        self.rng = run_stream(cfg.seed, DATA_STREAM)
         self.step = 0
         self.saved_step: int | None = None  # the step of the newest checkpoint in ``out``
         self._owns_out = False  # whether ``out``'s run files are this run's (:meth:`_claim_out`)
@@ -619,7 +632,8 @@ class Trainer:
     # ------------------------------------------------------------ evaluate
     def evaluate(self, size: int | None = None, batches: int = 10, seed: int = 12345, *,
                  save: bool = False) -> dict:
-        """Mean metrics over ``batches`` fresh batches (own RNG) at ``size`` (default cfg.size).
+        """Mean metrics over ``batches`` fresh batches at ``size`` (default cfg.size), drawn from
+        ``run_stream(seed, EVAL_STREAM)``, which no run trains on.
         ``save=True`` evaluates with the training forward (the same numbers): right after
         training it reuses the training's buffers and compiled kernels, where the saving-free
         forward's sweep would first compile (13 of the 51 s of a first ``mdnumba train --model
@@ -627,7 +641,7 @@ class Trainer:
         size = self.cfg.size if size is None else size
         if size < self.task.min_size:
             raise ValueError(f"--size ({self.task.size_name}) must be >= {self.task.min_size}, got {size}")
-        rng, batches = np.random.default_rng(seed), check_positive_int(batches, "batches")
+        rng, batches = run_stream(seed, EVAL_STREAM), check_positive_int(batches, "batches")
         cfg, task = self.cfg, self.task
         values = task.in_channels + (cfg.hidden * cfg.directions if cfg.device == "cpu" else 0)
         require_memory(np.dtype(cfg.dtype).itemsize * cfg.batch * int(size)**task.ndim * values,

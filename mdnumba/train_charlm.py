@@ -18,7 +18,7 @@ import numpy as np
 from ._validate import check_positive_int, seeded_rng
 from .charlm import BITS_PER_NAT, CharLM, Corpus, iter_sample, softmax_xent
 from .checkpoint import CheckpointError
-from .train import TrainConfig, Trainer
+from .train import EVAL_STREAM, TrainConfig, Trainer, run_stream
 
 #: the validation metrics a char-LM checkpoint keeps (:meth:`CharLMTrainer.evaluate`)
 VAL_KEYS = ("val_loss", "val_bpc")
@@ -113,8 +113,8 @@ class CharLMTrainer(Trainer):
     def evaluate(self, size: int | None = None, batches: int = 10, seed: int = VAL_SEED, *,
                  save: bool = False) -> dict:
         """Mean validation loss (nats/char) and bits per char over fixed random windows
-        (``save`` as in :meth:`Trainer.evaluate`)."""
-        rng, batches = np.random.default_rng(seed), check_positive_int(batches, "batches")
+        (``save`` as in :meth:`Trainer.evaluate`; drawn from ``run_stream(seed, EVAL_STREAM)``)."""
+        rng, batches = run_stream(seed, EVAL_STREAM), check_positive_int(batches, "batches")
         losses = [softmax_xent(self.model.forward(x, save=save), y)[0] for x, y in
                   (self.corpus.batch(rng, "val", self.cfg.batch, self.cfg.seq_len) for _ in range(batches))]
         val = float(np.mean(losses))

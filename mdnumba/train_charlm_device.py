@@ -41,7 +41,7 @@ from .backend_cuda import (
 from .charlm import BITS_PER_NAT, CharLM, check_ids, check_ids_shape
 from .kernels.dropout import draw_seed
 from .stack import check_not_refused_midway, run_tracked
-from .train import TrainConfig
+from .train import EVAL_STREAM, TrainConfig, run_stream
 from .train_charlm import VAL_SEED, CharLMTrainer
 from .train_device import DeviceResident, FlatDeviceGroup
 
@@ -234,7 +234,7 @@ class DeviceCharLMTrainer(DeviceResident, CharLMTrainer):
         """The validation of :meth:`evaluate` (its fixed windows, forward with save=True), loss
         block sums into ``record[at:]``."""
         if self._val_windows is None:
-            rng = np.random.default_rng(VAL_SEED)
+            rng = run_stream(VAL_SEED, EVAL_STREAM)
             wins = [self.corpus.batch(rng, "val", self.cfg.batch, self.cfg.seq_len)
                     for _ in range(self.EVAL_BATCHES)]
             self._val_windows = tuple(self._cuda.to_device(np.array(w, dtype=np.int32)) for w in zip(*wins))

@@ -1,6 +1,7 @@
 """The training loop: Ctrl-C between steps, curriculum extension, non-finite losses, checkpoint configs."""
 
 import contextlib
+import dataclasses
 import os
 import re
 import signal
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from mdnumba.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from mdnumba.train import TrainConfig, Trainer, make_trainer
+from mdnumba.train import DATA_STREAM, EVAL_STREAM, TrainConfig, Trainer, make_trainer, run_stream
 
 KW = dict(size=5, batch=3, hidden=3, seed=1)
 
@@ -710,16 +711,38 @@ def test_a_failed_config_copy_leaves_the_previous_checkpoint(tmp_path):
 
 
 def test_evaluate_averages_its_batches_drawn_from_its_seed():
-    """evaluate's metrics are the means over ``batches`` batches drawn from default_rng(seed)
-    (not the last batch's, nor their sum)."""
+    """evaluate's metrics are the means over ``batches`` batches drawn from run_stream(seed,
+    EVAL_STREAM) (not the last batch's, nor their sum)."""
     tr = make_trainer(TrainConfig(steps=1, **KW))
-    rng, per_batch = np.random.default_rng(7), []
+    rng, per_batch = run_stream(7, EVAL_STREAM), []
     for _ in range(3):
         batch = tr.task.sample(rng, tr.cfg.batch, tr.cfg.size, np.dtype(tr.cfg.dtype))
         loss, _, prob = tr.loss_fn(tr.model.forward(batch.x, save=False), batch.y)
         per_batch.append(tr.task.metrics(prob, loss, batch))
     got = tr.evaluate(batches=3, seed=7)
     assert got == pytest.approx({k: np.mean([m[k] for m in per_batch]) for k in per_batch[0]}, rel=1e-6)
+
+
+def test_batches_are_drawn_from_streams_of_their_own():
+    """A run's training batches and its evaluation's come from streams no initial weights are
+    drawn from. Before, a run's first batch was drawn from the numbers of its first layer's
+    weights (``default_rng(seed)`` for both: x = 0.1 (W + s) / 2s), seed s's readout weights
+    from seed s+1's batch numbers, and ``evaluate(seed=12345)`` (the CLI's default) scored a run
+    of ``--seed 12345`` on its own first training batches."""
+    runs = [make_trainer(TrainConfig(steps=1, **dict(KW, seed=s))) for s in (0, 1, 12345)]
+    weights = [w.ravel() for tr in runs for layer in tr.model.layers for _, w in layer.params.items()
+               if w.size >= 8 and w.std() > 0]  # (not the constant biases)
+    for tr in runs:
+        noise = tr.sample_batch(tr.rng, tr.cfg.size).x.ravel()
+        for w in weights:  # an affine function of the weights (|r| = 1) before
+            n = min(w.size, noise.size)
+            assert abs(np.corrcoef(noise[:n], w[:n])[0, 1]) < 0.99, (tr.cfg.seed, n)
+    drawn, tr = [], runs[2]
+    real = tr.task.sample
+    tr.task = dataclasses.replace(tr.task, sample=lambda *a: drawn.append(real(*a)) or drawn[-1])
+    tr.evaluate(batches=1, seed=tr.cfg.seed)
+    first = tr.sample_batch(run_stream(tr.cfg.seed, DATA_STREAM), tr.cfg.size)
+    assert not np.array_equal(drawn[0].x, first.x)
 
 
 def test_the_log_holds_each_steps_metrics_to_six_digits(tmp_path):
