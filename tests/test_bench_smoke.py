@@ -55,6 +55,8 @@ def test_run_gpu_smoke_under_the_simulator(background_run):
     assert rc == 0, out[-6000:]
     assert [line for line in out.splitlines() if "FAILED" in line and "injected lose" not in line] == []
     assert "going on in a fresh process (restart 2 of 3)" in out, out[-6000:]
+    for script in ("gpu_probe.py", "bench_gpu.py", "bench_family.py", "charlm_gpu.py"):  # tests/simsite
+        assert f"{script}: launches under tests/simgrid.py" in out, (script, out[:3000])
     tmp_path = background_run.out.parent / "out"
     gpu = (tmp_path / "gpu.md").read_text()
     row = next(line for line in gpu.splitlines() if line.startswith("| 4x4 B1 D2 | **"))

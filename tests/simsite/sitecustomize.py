@@ -25,3 +25,5 @@ if (os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
     #: the installed patches, kept for the process's life (a collected generator would undo them)
     INSTALLED = simgrid.install(coop_blocks=1)
     INSTALLED.__enter__()
+    # what the smoke test looks for: a run_gpu.sh that dropped PYTHONPATH would lose this module
+    print(f"{os.path.basename(_script)}: launches under tests/simgrid.py", file=sys.stderr, flush=True)
