@@ -730,6 +730,7 @@ def test_batches_are_drawn_from_streams_of_their_own():
     from seed s+1's batch numbers, and ``evaluate(seed=12345)`` (the CLI's default) scored a run
     of ``--seed 12345`` on its own first training batches."""
     runs = [make_trainer(TrainConfig(steps=1, **dict(KW, seed=s))) for s in (0, 1, 12345)]
+    runs.append(make_trainer(TrainConfig(steps=1, layers=2, **KW)))  # layer 1: SeedSequence([1, 1])
     weights = [w.ravel() for tr in runs for layer in tr.model.layers for _, w in layer.params.items()
                if w.size >= 8 and w.std() > 0]  # (not the constant biases)
     for tr in runs:
@@ -737,7 +738,7 @@ def test_batches_are_drawn_from_streams_of_their_own():
         for w in weights:  # an affine function of the weights (|r| = 1) before
             n = min(w.size, noise.size)
             assert abs(np.corrcoef(noise[:n], w[:n])[0, 1]) < 0.99, (tr.cfg.seed, n)
-    drawn, tr = [], runs[2]
+    drawn, tr = [], runs[2]  # --seed 12345
     real = tr.task.sample
     tr.task = dataclasses.replace(tr.task, sample=lambda *a: drawn.append(real(*a)) or drawn[-1])
     tr.evaluate(batches=1, seed=tr.cfg.seed)
