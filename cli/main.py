@@ -611,13 +611,13 @@ def _out_npy(ctx, param, value: str) -> Path:
 def _read_npy(path: Path):
     """The array in the .npy file ``path`` (no pickles), or a UsageError saying what to fix."""
     import numpy as np
+
+    from mdnumba.checkpoint import read_error_text
     try:
         data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        why = "not a .npy file, or one of Python objects, which predict does not unpickle" \
-            if "pickle" in str(exc) else str(exc)
-        raise click.UsageError(f"INPUT {path} is not a readable .npy array of numbers ({why}); "
-                               "write one with numpy.save(path, x)") from None
+    except Exception as exc:  # a damaged header raises more than OSError/ValueError (tokenize.TokenError)
+        raise click.UsageError(f"INPUT {path} is not a readable .npy array of numbers "
+                               f"({read_error_text(exc)}); write one with numpy.save(path, x)") from None
     if isinstance(data, np.lib.npyio.NpzFile):
         names = ", ".join(data.files)
         data.close()

@@ -13,8 +13,8 @@ import json
 import os
 import re
 import tempfile
+import tokenize
 import zipfile
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -139,6 +139,19 @@ def _missing_hint(folder: Path) -> str:
     return f"train first with `mdnumba train --out {folder}{' --overwrite' if leftover else ''}`"
 
 
+def read_error_text(exc: Exception) -> str:
+    """The reason ``np.load(..., allow_pickle=False)`` failed, for a message: the exception's text,
+    cut at 160 characters (zipfile's can quote kilobytes of the file); in words where that is
+    numpy's advice to unpickle (not for a damaged or foreign file), a tuple
+    (``tokenize.TokenError``: a .npy header that does not parse) or empty."""
+    text = str(exc)
+    if "pickle" in text:
+        return "not a .npy file, or one of Python objects, which mdnumba does not unpickle"
+    if isinstance(exc, (tokenize.TokenError, SyntaxError)):
+        return f"an array header does not parse: {type(exc).__name__}"
+    return (text if len(text) <= 160 else text[:160] + "...") or type(exc).__name__
+
+
 def load_checkpoint(folder: Path) -> tuple[dict[str, np.ndarray], dict]:
     """Return ``(arrays, meta)`` from ``folder/checkpoint.npz`` or raise :class:`CheckpointError`."""
     path = Path(folder) / CHECKPOINT
@@ -156,8 +169,10 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, np.ndarray], dict]:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
         meta = json.loads(str(arrays.pop("meta")))
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, zlib.error) as exc:
-        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({exc}); "
+    except Exception as exc:  # zipfile's and numpy's readers raise many kinds on damaged bytes (a
+        # flipped byte: BadZipFile, ValueError, NotImplementedError, tokenize.TokenError): whichever,
+        # the file is unreadable, and the error says so with the reason
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({read_error_text(exc)}); "
                               "delete it or use another run folder") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"checkpoint {path} is damaged: its metadata is a JSON "

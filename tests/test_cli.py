@@ -120,6 +120,9 @@ def test_predict_refusals(runner, tmp_path, monkeypatch):
         np.save(tmp_path / name, arr, allow_pickle=True)
     np.savez(tmp_path / "a.npz", x=x)
     (tmp_path / "t.npy").write_text("not numpy")
+    raw = (tmp_path / "x3.npy").read_bytes()
+    end = raw.index(b"}")  # the header's closing brace made an unclosed "(": a tokenize.TokenError
+    (tmp_path / "damaged.npy").write_bytes(raw[:end] + b"(" + raw[end + 1:])
     (tmp_path / "x.npy").write_bytes((tmp_path / "x3.npy").read_bytes())
     run = str(tmp_path / "run")
     for case, (args, message) in enumerate([
@@ -127,9 +130,11 @@ def test_predict_refusals(runner, tmp_path, monkeypatch):
                               "got shape (2, 4, 4)"),
             ([run, "x2c.npy"], "INPUT has 2 channels in its last axis, the layer expects 1"),
             ([run, "nan.npy"], "INPUT contains 1 NaN or infinite values"),
-            ([run, "obj.npy"], "(not a .npy file, or one of Python objects, which predict does not "
+            ([run, "obj.npy"], "(not a .npy file, or one of Python objects, which mdnumba does not "
                                "unpickle)"),
             ([run, "t.npy"], "is not a readable .npy array of numbers"),
+            ([run, "damaged.npy"], "is not a readable .npy array of numbers (an array header does not "
+                                   "parse: TokenError)"),
             ([run, "empty.npy"], "INPUT has an empty axis"),
             ([run, "a.npz"], "is an .npz archive (arrays x); save the one to predict on"),
             ([run, "missing.npy"], "File 'missing.npy' does not exist"),
