@@ -111,21 +111,27 @@ def nonfinite_input(name: str, count: int) -> NonFiniteError:
     return NonFiniteError(f"{name} contains {count} NaN or infinite values; {fix}")
 
 
-def check_grads(grads: np.ndarray, dtype: npt.DTypeLike) -> None:
+#: what :func:`overflowed_gradients` names: a layer's gradients, or the ``dx`` its backward returns
+GRADS, INPUT_GRAD = "the layer's gradients hold", "the input's gradient dx holds"
+
+
+def check_grads(grads: np.ndarray, dtype: npt.DTypeLike, what: str = GRADS) -> None:
     """:class:`NonFiniteGradientError` if a ``backward`` left NaN/inf in a layer's gradients
-    (``grads``, its flat buffer): without it they would reach the optimiser, whose advice is
-    about the learning rate, or a user reading them."""
+    (``grads``, its flat buffer; or ``what=INPUT_GRAD``, the ``dx`` it would return): without it
+    they would reach the optimiser, whose advice is about the learning rate, a user reading
+    them, or the stage before (which would blame the stages after it)."""
     bad = count_nonfinite(grads)
     if bad:
-        raise overflowed_gradients(bad, dtype)
+        raise overflowed_gradients(bad, dtype, what)
 
 
-def overflowed_gradients(count: int, dtype: npt.DTypeLike) -> NonFiniteGradientError:
-    """The error of a ``backward`` that left ``count`` NaN/inf values in the layer's gradients:
-    finite inputs, but a ``dh`` too large for ``dtype`` once the sweep has summed it."""
+def overflowed_gradients(count: int, dtype: npt.DTypeLike, what: str = GRADS) -> NonFiniteGradientError:
+    """The error of a ``backward`` that left ``count`` NaN/inf values in the layer's gradients
+    (or ``dx``: ``what``): finite inputs, but a ``dh`` too large for ``dtype`` once the sweep
+    has summed it (or, for ``dx``, multiplied it by large weights)."""
     wider = " or use a float64 layer" if np.dtype(dtype) != np.float64 else ""
     return NonFiniteGradientError(
-        f"backward overflowed: the layer's gradients hold {count} NaN or infinite values in "
+        f"backward overflowed: {what} {count} NaN or infinite values in "
         f"{np.dtype(dtype)}; scale dh down (e.g. a loss averaged rather than summed){wider}, and "
         "call zero_grad() before the next backward")
 

@@ -37,6 +37,8 @@ import numpy.typing as npt
 from . import config
 from ._validate import (
     FINAL_STATE_WITH_SIZES,
+    GRADS,
+    INPUT_GRAD,
     NO_STATE_GRAD,
     SIZES_WITH_STATE,
     NonFiniteError,
@@ -339,12 +341,13 @@ class DeviceLayer(OnTheDevice):
             raise NonFiniteError(f"the layer's weights hold {bad} NaN or infinite values; give them "
                                  "finite values with set_params (e.g. a fresh layer's or a checkpoint's)")
 
-    def _check_grads(self) -> None:
+    def _check_grads(self, dx=None) -> None:
         """With :attr:`checked`, the host layers' check after ``backward``
-        (:func:`~mdnumba._validate.check_grads`): NaN/inf left in ``grads`` by a ``dh`` too large."""
-        bad = self._nonfinite(self.grads)
+        (:func:`~mdnumba._validate.check_grads`): NaN/inf left in ``grads`` by a ``dh`` too large
+        (or in ``dx``, the device array backward would return, when given)."""
+        bad = self._nonfinite(self.grads if dx is None else dx)
         if bad:
-            raise overflowed_gradients(bad, self.dtype)
+            raise overflowed_gradients(bad, self.dtype, GRADS if dx is None else INPUT_GRAD)
 
     def _nonfinite(self, a) -> int:
         """How many values of the device array ``a`` are NaN or ±inf (waits for the GPU); 0
@@ -609,6 +612,7 @@ class CudaLSTM(DeviceLayer):
             k.gemm(self._block("dxs", q, R), self._block("dact", q, R), self.Wq[q], tb=True)
         dx = self._result("dx", (dense, C))
         k.unskew_rows(dx.reshape(dense, 1, C), dxs, t.unskew_src)  # Σ_q unflip_q(dact_q W_qᵀ)
+        self._check_grads(dx)
         dx = dx.reshape(want[:-1] + (C,))
         return dx.copy_to_host() if host_in else dx
 
@@ -737,6 +741,7 @@ class CudaLinear(DeviceLayer):
             return None
         dx = self._result("dx", (R, self.in_features))
         self.k.gemm(dx, dy2, self.W, tb=True)
+        self._check_grads(dx)
         dx = dx.reshape(self._shape)
         return dx.copy_to_host() if host_in else dx
 
@@ -893,6 +898,7 @@ class CudaGridLSTM(DeviceLayer):
             return None
         out = self._result("dx_out", (B, T, D))
         self.k.gather_rows(out.reshape(B * T, D), dx, t.to_batch)
+        self._check_grads(out)
         return out.copy_to_host() if host_in else out
 
     def _weight_grads(self, dU, db, z, da, level_rows: tuple) -> None:

@@ -14,6 +14,7 @@ import numpy.typing as npt
 from . import config
 from ._validate import (
     FINAL_STATE_WITH_SIZES,
+    INPUT_GRAD,
     NO_STATE_GRAD,
     SIZES_WITH_STATE,
     NonFiniteError,
@@ -279,6 +280,7 @@ class WavefrontLSTM(OwnsParams):
             matmul_rows(dxs[sl], dact[sl], np.ascontiguousarray(W[q].T), W[q, 0], True, live)  # (no bias)
         dx = np.empty((dense, 1, self.in_channels), dtype=self.dtype)
         unskew_rows(dx, dxs, skew_src, unskew_src)  # Σ_q unflip_q(dact_q W_qᵀ)
+        check_grads(dx, self.dtype, INPUT_GRAD)
         return dx.reshape((B,) + sv["dims"] + (self.in_channels,))
 
     def saved_bytes(self) -> int:
@@ -555,6 +557,7 @@ class Linear(OwnsParams):
             return None
         dx = np.zeros_like(self._x)
         matmul_rows(dx, dy2, np.ascontiguousarray(self.params["W"].T), self.params["b"], True, None)
+        check_grads(dx, self.dtype, INPUT_GRAD)
         return dx.reshape(self._shape)
 
     def __repr__(self) -> str:
@@ -684,6 +687,7 @@ class GridLSTM2D(OwnsParams):
         check_grads(self.grads.data, self.dtype)
         if not input_grad:
             return None
+        check_grads(dx, self.dtype, INPUT_GRAD)
         return dx.reshape(T, B, D).transpose(1, 0, 2).copy()  # a copy: dx is a workspace
 
     def _sweeps(self):

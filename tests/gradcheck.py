@@ -60,3 +60,13 @@ def check_layer_gradients(layer, x, rng, max_entries: int | None = None):
     check(layer.backward(w), x, "dx")
     for name in layer.layout.shapes:
         check(layer.grads[name], layer.params[name], name)
+
+
+def large_input_weights(layer) -> None:
+    """Zero weights but for those multiplying the input, 100: a large dh then overflows
+    dx = dact·Wᵀ while the weight gradients (x·dact, for x = 1e-3) stay finite."""
+    layer.params.data[...] = 0
+    try:
+        layer.params["W"][...] = 100
+    except KeyError:  # GridLSTM2D: its input is the depth dimension's h, the last rows of U_depth
+        layer.params["U_depth"][..., layer.hidden:, :] = 100

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import ptxcheck
 import pytest
-from gradcheck import check_layer_gradients
+from gradcheck import check_layer_gradients, large_input_weights
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from numba import cuda
@@ -1588,6 +1588,33 @@ def sim_a_backward_whose_gradients_overflow_says_so():
             else:
                 dev.backward(dh)
             assert not np.isfinite(dev.grads_to_host()).all(), (type(dev).__name__, checked)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the simulator's NumPy scalars
+def sim_a_backward_whose_input_gradient_overflows_says_so():
+    """As on the CPU (test_errors.py): dx = dact·Wᵀ overflowing while the gradients stay finite.
+    The NumPy-API layer refuses it before adding to its host gradients; checked twins refuse it."""
+    from mdnumba import GridLSTM2D, Linear
+    from mdnumba.backend_cuda import CudaGridLSTM, CudaLinear
+    from mdnumba.optim import NonFiniteGradientError
+    said = "^backward overflowed: the input's gradient dx holds [0-9]+ NaN"
+    layer = MDLSTM2D(1, 2, device="cuda")
+    large_input_weights(layer)
+    h = layer.forward(np.full((1, 2, 3, 1), 1e-3, np.float32))
+    dh = np.full_like(h, np.finfo(np.float32).max / 30)
+    with pytest.raises(NonFiniteGradientError, match=said):
+        layer.backward(dh)
+    assert not layer.grads.data.any()
+    assert layer.backward(dh, input_grad=False) is None and np.isfinite(layer.grads.data).all()
+    for host, x in ((Linear(2, 3), np.full((3, 2), 1e-3, np.float32)),
+                    (GridLSTM2D(2, 2), np.full((1, 3, 2), 1e-3, np.float32))):
+        large_input_weights(host)
+        dev = (CudaLinear if isinstance(host, Linear) else CudaGridLSTM).from_layer(host)
+        dev.checked = True
+        dh = np.full(dev.forward(x).shape, np.finfo(np.float32).max / 30, np.float32)
+        with pytest.raises(NonFiniteGradientError, match=said):
+            dev.backward(dh)
+        assert np.isfinite(dev.grads_to_host()).all()
 
 
 def sim_device_trainers_copy_none_of_their_own_arrays(tmp_path, monkeypatch):

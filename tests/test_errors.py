@@ -5,6 +5,7 @@ import pickle
 
 import numpy as np
 import pytest
+from gradcheck import large_input_weights
 
 from mdnumba import (
     LSTM1D,
@@ -820,6 +821,30 @@ def test_a_backward_whose_gradients_overflow_says_so(make, inputs, dtype, rng):
     assert not np.isfinite(layer.grads.data).all()
     layer.zero_grad()
     layer.backward(np.ones_like(h))
+    assert np.isfinite(layer.grads.data).all() and layer.grads.data.any()
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda dt: MDLSTM2D(1, 2, dtype=dt, directions=4), (1, 2, 3, 1)),
+    (lambda dt: LSTM1D(1, 2, dtype=dt), (1, 3, 1)),
+    (lambda dt: GridLSTM2D(2, 2, dtype=dt), (1, 3, 2)),
+    (lambda dt: Linear(2, 3, dtype=dt), (2, 2)),
+])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_backward_whose_input_gradient_overflows_says_so(make, shape, dtype):
+    """dx = dact·Wᵀ can overflow where the layer's gradients do not (large weights): backward
+    raises NonFiniteGradientError naming dx rather than return inf (it returned it, and the stage
+    before blamed the stages after it)."""
+    from mdnumba.optim import NonFiniteGradientError
+    layer = make(dtype)
+    large_input_weights(layer)
+    h = layer.forward(np.full(shape, 1e-3, dtype))
+    dh = np.full_like(h, np.finfo(dtype).max / 30)
+    with pytest.raises(NonFiniteGradientError, match=r"^backward overflowed: the input's gradient dx "
+                       rf"holds \d+ NaN or infinite values in {np.dtype(dtype)}; scale dh down"):
+        layer.backward(dh)
+    layer.zero_grad()
+    assert layer.backward(dh, input_grad=False) is None  # its own gradients are finite
     assert np.isfinite(layer.grads.data).all() and layer.grads.data.any()
 
 
