@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -223,9 +224,10 @@ NO_STATE_GRAD = "no initial-state gradient: run forward(x, state=...) and then b
 
 
 def check_size_values(sizes: object, positive: bool = False) -> np.ndarray:
-    """``sizes`` as an integer array of at least one entry (shape not checked): a TypeError for
-    bools (also mixed into a list of ints) and non-integers, a ValueError for a ragged or empty
-    list and (``positive``) for sizes below 1."""
+    """``sizes`` as an int64 array of at least one entry (shape not checked; signed: ``-(-s // k)``
+    of an unsigned one wraps around): a TypeError for bools (also mixed into a list of ints) and
+    non-integers, a ValueError for a ragged or empty list, values beyond int64 and
+    (``positive``) sizes below 1."""
     what = "sizes must be integers >= 1 (each item's extent along each grid axis)"
     try:
         arr = np.asarray(sizes)
@@ -241,7 +243,9 @@ def check_size_values(sizes: object, positive: bool = False) -> np.ndarray:
         raise TypeError(f"{what}; got dtype {arr.dtype}")
     if positive and (arr < 1).any():
         raise ValueError(f"{what}; got {arr.min()}")
-    return arr
+    if arr.max() > np.iinfo(np.int64).max:  # uint64
+        raise ValueError(f"{what}; got {arr.max()}")
+    return arr.astype(np.int64, copy=False)
 
 
 def check_sizes(sizes: object, batch: int, dims: tuple) -> tuple | None:
@@ -323,11 +327,13 @@ def check_shape(a: object, want: tuple, name: str = "dy") -> None:
 
 def check_directions(directions: object, ndim: int) -> int:
     """Return ``directions`` as an int if it is 1 or 2**ndim (one scan, or one from every corner
-    of the grid), else raise ValueError."""
+    of the grid), else raise ValueError. (2**ndim only where it fits int64: that of a huge ndim,
+    say 2**63, would take Python forever.)"""
+    corners = 2 ** ndim if ndim < 63 else None
     if isinstance(directions, bool) or not isinstance(directions, (int, np.integer)) or \
-            directions not in (1, 2 ** ndim):
-        raise ValueError(f"directions must be 1 or {2 ** ndim} (every corner of a {ndim}-D grid), "
-                         f"got {directions!r}")
+            directions not in (1, corners):
+        raise ValueError(f"directions must be 1 or {corners or f'2**{ndim}'} (every corner of a "
+                         f"{ndim}-D grid), got {directions!r}")
     return int(directions)
 
 
@@ -336,13 +342,17 @@ def check_finite_number(value: object, name: str, dtype: npt.DTypeLike | None = 
     ``dtype`` too, if given: a float32 layer's 1e39 would be inf), else raise."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a number, got {value!r}")
-    if not np.isfinite(value):
+    try:
+        number = float(value)  # a Python int beyond int64 too (np.isfinite refuses those)
+    except OverflowError:  # an int beyond float64
+        number = math.inf
+    if not math.isfinite(number):
         raise ValueError(f"{name} must be finite, got {value}")
     if dtype is not None:
         with np.errstate(over="ignore"):
-            if not np.isfinite(np.dtype(dtype).type(value)):
+            if not np.isfinite(np.dtype(dtype).type(number)):
                 raise ValueError(f"{name}={value} overflows the layer's {np.dtype(dtype)}")
-    return float(value)
+    return number
 
 
 def shared_seed(seed: object) -> object:

@@ -33,6 +33,7 @@ from ._validate import (
 from .kernels.dropout import draw_seed, keep_mask, threshold
 from .kernels.gemm import scatter_add_rows
 from .layers import GridLSTM2D, Linear
+from .losses import real_values
 from .params import OwnsParams, ParamLayout, one_thread_at_a_time
 from .stack import LayerGroup, check_not_refused_midway, mdlstm_stack, run_tracked
 
@@ -270,12 +271,16 @@ def softmax_xent(logits: np.ndarray, targets: np.ndarray) -> tuple[float, np.nda
     """Mean cross-entropy (nats) of ``softmax(logits)`` against int ``targets``; returns
     ``(L, dL/dlogits = (p − onehot)/n, p)``. ``L`` from the log-softmax
     ``z_t − max z − log Σ exp(z − max z)``, exact however unlikely the target."""
-    t = np.asarray(targets)
+    logits, t = real_values(logits, "logits"), np.asarray(targets)
+    if logits.ndim < 1:
+        raise ValueError(f"logits must have a vocabulary axis (the last), got the scalar {logits!r}")
     V = logits.shape[-1]
     if t.shape != logits.shape[:-1] or not t.size:
         raise ValueError(f"targets must have the logits' shape without the vocabulary axis, "
                          f"{logits.shape[:-1]}, and hold some, got {t.shape}")
-    if not np.issubdtype(t.dtype, np.integer) or t.min() < 0 or t.max() >= V:  # -1 would wrap
+    if t.dtype == bool or not np.issubdtype(t.dtype, np.integer):
+        raise ValueError(f"targets must be integer ids in [0, {V}), got dtype {t.dtype}")
+    if t.min() < 0 or t.max() >= V:  # -1 would wrap
         raise ValueError(f"targets must be integer ids in [0, {V}), got {t.dtype} "
                          f"from {t.min()} to {t.max()}")
     z = logits.astype(np.float64)
@@ -290,7 +295,8 @@ def softmax_xent(logits: np.ndarray, targets: np.ndarray) -> tuple[float, np.nda
     loss = float(-np.mean(log_p))
     grad = flat.copy()
     grad[np.arange(n), t] -= 1.0
-    return loss, (grad / n).reshape(p.shape).astype(logits.dtype), p
+    dtype = logits.dtype if np.issubdtype(logits.dtype, np.floating) else np.float64  # of int logits
+    return loss, (grad / n).reshape(p.shape).astype(dtype), p
 
 
 class CharLM(LayerGroup):

@@ -18,10 +18,25 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     return out
 
 
+def real_values(a: object, name: str) -> np.ndarray:
+    """``a`` as an array of real numbers (floating point or integer) holding at least one:
+    TypeError for bools, complex numbers, strings or objects, ValueError for an empty one (whose
+    mean would be NaN, or a division by zero)."""
+    arr = np.asarray(a)
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.floating) and \
+            not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{name} must hold real numbers (floating point or integer), got dtype "
+                        f"{arr.dtype}")
+    if not arr.size:
+        raise ValueError(f"{name} is empty (shape {arr.shape}); give at least one value")
+    return arr
+
+
 def _same_shape(z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(z, y)`` as arrays; ValueError unless their shapes are equal (NumPy would broadcast a
-    (B,) target against (B, 1) logits into a (B, B) loss, a wrong number without an error)."""
-    z, y = np.asarray(z), np.asarray(y)
+    """``(z, y)`` as arrays of real numbers (:func:`real_values`); ValueError unless their shapes
+    are equal (NumPy would broadcast a (B,) target against (B, 1) logits into a (B, B) loss, a
+    wrong number without an error)."""
+    z, y = real_values(z, "logits z"), real_values(y, "targets y")
     if z.shape != y.shape:
         raise ValueError(f"targets y of shape {y.shape} do not match the logits z of shape {z.shape}; "
                          "give one target per logit (reshape y, e.g. y.reshape(z.shape))")

@@ -150,6 +150,6 @@ MODELS = {cls.kind: cls for cls in (MDModel, MD3DModel, HorizontalModel, SnakeMo
 
 def build_model(kind: str, **kwargs) -> RecurrentReadout:
     """Instantiate a model by name (one of :data:`MODELS`)."""
-    if kind not in MODELS:
+    if not isinstance(kind, str) or kind not in MODELS:  # a list: unhashable
         raise ValueError(f"unknown model {kind!r}; choose one of {sorted(MODELS)}")
     return MODELS[kind](**kwargs)

@@ -105,8 +105,10 @@ def collect_buffers(obj: object) -> list[tuple[np.ndarray, np.ndarray]]:
             raise TypeError(f"parameter and gradient arrays must be float32 or float64, got {p.dtype}")
         if not (p.flags.c_contiguous and g.flags.c_contiguous):
             raise ValueError("parameter and gradient arrays must be C-contiguous")
-        if not p.flags.writeable:
-            raise ValueError("the parameter array is read-only; the optimiser updates it in place")
+        if not (p.flags.writeable and g.flags.writeable):
+            which = "parameter" if not p.flags.writeable else "gradient"
+            raise ValueError(f"the {which} array is read-only; the optimiser updates the parameters in "
+                             "place and zero_grad() clears the gradients")
         return [(p, g)]  # not reshape(-1) views: a deepcopy or pickle with the stage keeps them linked
     if isinstance(obj, (list, tuple)):
         out = []
@@ -203,6 +205,10 @@ def read_state(state: object) -> Mapping:
     if missing:
         raise ValueError(f"optimizer state lacks {missing}; pass what state_dict() returned "
                          "(keys t, m, v, or t, m_0, v_0, ...)")
+    for key in ("m", "v"):
+        if not isinstance(state[key], (list, tuple)) and np.ndim(state[key]) < 2:
+            raise TypeError(f"optimizer state {key} must be a list of arrays, one per parameter buffer "
+                            f"(as state_dict() gives), got {type(state[key]).__name__}")
     return state
 
 
@@ -244,7 +250,7 @@ def _clip_norm(value: object, name: str) -> float | None:
 
 def _betas(value: object, name: str) -> tuple[float, float]:
     """Two numbers in [0, 1)."""
-    pair = tuple(value) if isinstance(value, (tuple, list, np.ndarray)) else ()
+    pair = tuple(value) if isinstance(value, (tuple, list)) or np.ndim(value) == 1 else ()
     if len(pair) != 2 or not all(0.0 <= check_finite_number(b, name) < 1.0 for b in pair):
         raise ValueError(f"{name} must be two numbers in [0, 1), e.g. (0.9, 0.999), got {value!r}")
     return float(pair[0]), float(pair[1])

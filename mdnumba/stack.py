@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from contextlib import contextmanager
 
@@ -47,6 +48,9 @@ class BlockSubsample:
     def __init__(self, block: int, ndim: int = 2, device: str = "cpu"):
         self.block = check_positive_int(block, "block")
         self.ndim = check_positive_int(ndim, "ndim")
+        if self.block > 1 and self.ndim * math.log2(self.block) >= 63:  # block**ndim: forever, if huge
+            raise ValueError(f"block**ndim = {self.block}**{self.ndim} channels per input channel "
+                             "is too many; give a smaller block or ndim")
         self.device = check_device(device)
         self._in_shape: tuple | None = None
         self._twin = None  # the CudaBlockSubsample for CUDA arrays (device="cuda"), made once needed
@@ -338,6 +342,9 @@ class Sequential(LayerGroup):
         if not stages:
             raise ValueError("Sequential needs at least one stage")
         for s in stages:
+            if isinstance(s, type):  # a class has forward and backward too, unbound
+                raise TypeError(f"a Sequential stage must be a layer, got the class {s.__name__}; "
+                                f"make one first, e.g. {s.__name__}(...)")
             if not (hasattr(s, "forward") and hasattr(s, "backward")):
                 hint = "; pass the stages as arguments: Sequential(*stages)" \
                     if isinstance(s, (list, tuple)) else ""
@@ -436,6 +443,7 @@ def mdlstm_stack(ndim: int, in_channels: int, hidden: int, *, layers: int = 1, d
                  device: str = "cpu") -> Sequential:
     """``layers`` N-D MD-LSTM layers (each ``directions`` scans, outputs concatenated), with a
     :class:`BlockSubsample` of ``subsample`` between consecutive layers when ``subsample > 1``."""
+    ndim = check_positive_int(ndim, "ndim")  # not True (1) nor 2.0 for the layers of _NAMED
     check_positive_int(layers, "layers")
     check_positive_int(subsample, "subsample")
     seed = shared_seed(seed)

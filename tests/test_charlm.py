@@ -280,6 +280,24 @@ def test_softmax_xent_is_stable_for_large_logits():
     assert loss == pytest.approx(1000.0 + np.log(2)) and np.isfinite(dz).all()
 
 
+def test_softmax_xent_takes_integer_logits_and_names_what_it_refuses():
+    """Integer logits gave an integer (all-zero) gradient; lists, a scalar, string or bool
+    targets gave AttributeError, IndexError or NumPy's errors."""
+    loss, dz, _ = softmax_xent(np.array([[0, 5, 1]]), np.array([0]))
+    want = softmax_xent(np.array([[0.0, 5.0, 1.0]]), np.array([0]))
+    assert loss == want[0] and dz.dtype == np.float64 and np.array_equal(dz, want[1])
+    assert softmax_xent([[0.0, 5.0, 1.0]], [0])[0] == want[0]  # lists, as arrays
+    for logits, targets, error, said in (
+            (np.float32(1), np.array(0), ValueError, "^logits must have a vocabulary axis"),
+            (None, [0], TypeError, "^logits must hold real numbers .* got dtype object$"),
+            (np.zeros((1, 2), complex), [0], TypeError, "^logits must hold real numbers"),
+            (np.zeros((1, 2)), np.array(["a"]), ValueError,
+             r"^targets must be integer ids in \[0, 2\), got dtype <U1$"),
+            (np.zeros((1, 2)), np.array([True]), ValueError, r"^targets must be integer ids .* dtype bool$")):
+        with pytest.raises(error, match=said):
+            softmax_xent(logits, targets)
+
+
 class _StubLM:
     """Logits from a rule on the context: ``rule(context ids) -> logits of the next char``;
     records the context lengths it was given and whether it was asked to save activations."""

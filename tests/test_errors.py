@@ -2,6 +2,7 @@
 
 import copy
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -1058,3 +1059,76 @@ def test_block_subsample_refuses_gradients_the_layers_refuse():
     with pytest.raises(NonFiniteError, match="^dy contains 2 NaN or infinite values; the loss or the stages"):
         sub.backward(bad)
     assert sub.backward(np.ones_like(y)).shape == (1, 4, 4, 1)
+
+
+def test_unsigned_sizes_pass_a_subsampling_stack():
+    """ceil(size / block) of an unsigned size wrapped around (3 // 2 gave 130 for a uint8 3), and
+    the next stage refused sizes of 130; a uint64 beyond int64 is named."""
+    net = mdlstm_stack(2, 1, 2, layers=2, subsample=2, dtype=np.float64)
+    x = np.random.default_rng(0).standard_normal((2, 4, 4, 1))
+    want = net.forward(x, sizes=[[3, 3], [4, 2]])
+    for dtype in (np.uint8, np.uint32, np.uint64):
+        assert BlockSubsample(2).out_sizes(np.array([[3, 3]], dtype)).tolist() == [[2, 2]]
+        np.testing.assert_array_equal(net.forward(x, sizes=np.array([[3, 3], [4, 2]], dtype)), want)
+    with pytest.raises(ValueError, match="sizes must be integers >= 1 .*; got 18446744073709551615$"):
+        BlockSubsample(2).out_sizes(np.array([[2 ** 64 - 1, 3]], np.uint64))
+
+
+def test_a_huge_ndim_is_refused_at_once():
+    """2**ndim (directions) and block**ndim (channels) of a huge ndim took Python forever (memory
+    growing) before any size was checked."""
+    from mdnumba import WavefrontLSTM
+    with pytest.raises(ValueError, match="parameters .* cannot be allocated"):
+        WavefrontLSTM(2 ** 63, 1, 1)
+    with pytest.raises(ValueError, match=r"^directions must be 1 or 2\*\*64 \(every corner of a 64-D grid\)"):
+        WavefrontLSTM(64, 1, 1, directions=4)
+    with pytest.raises(ValueError, match=r"^block\*\*ndim = 2\*\*1000000000000 channels per input channel"):
+        BlockSubsample(2, ndim=10 ** 12)
+    assert BlockSubsample(1, ndim=10 ** 12).out_channels(3) == 3
+
+
+def test_numbers_beyond_int64_are_numbers():
+    """A Python int beyond int64 (np.isfinite refuses it) was NumPy's 'ufunc isfinite not
+    supported' TypeError, naming nothing."""
+    layer = MDLSTM2D(1, 1)
+    assert Adam(layer, lr=10 ** 30, clip_norm=2 ** 64).lr == 1e30
+    assert MDLSTM2D(1, 1, forget_bias=2 ** 64).params.b[1] == np.float32(2 ** 64)
+    with pytest.raises(ValueError, match="^lr must be finite, got 1000"):
+        Adam(layer, lr=10 ** 400)
+    with pytest.raises(ValueError, match="^forget_bias=1000000000000000000000000000000000000000 overflows "
+                                         "the layer's float32$"):
+        MDLSTM2D(1, 1, forget_bias=10 ** 39)
+
+
+def test_odd_kinds_of_ndim_cell_model_and_stage_are_named():
+    """mdlstm_stack(True, ...) built a 1-D stack and (2.0, ...) a 2-D one; a list as ndim, cell
+    or model kind was 'unhashable type'; a layer class as a Sequential stage failed at forward."""
+    for ndim in (True, 2.0, [2]):
+        with pytest.raises(TypeError, match=rf"^ndim must be an integer, got {re.escape(repr(ndim))}$"):
+            mdlstm_stack(ndim, 1, 2)
+    with pytest.raises(ValueError, match=r"^unknown cell \['graves'\]; choose one of"):
+        MDLSTM2D(1, 2, cell=["graves"])
+    with pytest.raises(ValueError, match=r"^unknown model \['md'\]; choose one of"):
+        build_model(["md"])
+    with pytest.raises(TypeError, match=r"^a Sequential stage must be a layer, got the class Linear; make "
+                                        r"one first, e.g. Linear\(...\)$"):
+        Sequential(Linear)
+
+
+def test_optimiser_settings_and_state_of_the_wrong_kind_are_named():
+    """betas as a 0-d array ('iteration over a 0-d array'), moments m/v that are no list
+    ('object of type NoneType has no len()'), and a read-only gradient (accepted, then NumPy's
+    'assignment destination is read-only' at zero_grad)."""
+    layer = MDLSTM2D(1, 1)
+    opt = Adam(layer)
+    with pytest.raises(ValueError, match=r"^betas must be two numbers in \[0, 1\), .* got array\(0.1\)$"):
+        opt.betas = np.array(0.1)
+    opt.betas = np.array([0.8, 0.99])
+    assert opt.betas == (0.8, 0.99)
+    for m in (None, 1.0, np.array(1.0)):
+        with pytest.raises(TypeError, match="^optimizer state m must be a list of arrays, one per "):
+            opt.load_state_dict(dict(opt.state_dict(), m=m))
+    p, g = np.zeros(3, np.float32), np.zeros(3, np.float32)
+    g.flags.writeable = False
+    with pytest.raises(ValueError, match="^the gradient array is read-only; the optimiser updates"):
+        Adam((p, g))

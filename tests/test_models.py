@@ -29,6 +29,24 @@ def test_a_loss_refuses_targets_of_another_shape(loss_fn):
         loss_fn(np.zeros((3, 1)), np.ones(3))
 
 
+@pytest.mark.parametrize("loss_fn", [mse_sigmoid, bce_logits])
+def test_a_loss_refuses_what_is_not_real_numbers_or_nothing(loss_fn):
+    """Empty logits were a ZeroDivisionError (mse) or a NaN loss (bce); complex targets gave a
+    complex gradient, strings or None NumPy's own errors: each is named now. Integer logits and
+    targets are numbers (the gradient float64)."""
+    for z, y, error, said in ((np.zeros(0), np.zeros(0), ValueError, r"^logits z is empty \(shape \(0,\)\)"),
+                              (np.zeros(2), np.zeros(2, complex), TypeError, "^targets y must hold real "
+                               r"numbers \(floating point or integer\), got dtype complex128$"),
+                              (None, None, TypeError, "^logits z must hold real numbers .* dtype object"),
+                              (["a"], ["b"], TypeError, "^logits z must hold real numbers .* dtype <U1"),
+                              (np.zeros(2, bool), np.zeros(2), TypeError, "^logits z must hold real")):
+        with pytest.raises(error, match=said):
+            loss_fn(z, y)
+    loss, dz, _ = loss_fn(np.array([0, 1]), np.array([0, 1]))
+    want = loss_fn(np.array([0.0, 1.0]), np.array([0.0, 1.0]))
+    assert loss == want[0] and dz.dtype == np.float64 and np.array_equal(dz, want[1])
+
+
 def test_bce_takes_targets_in_0_1_only():
     """A target of 2 or -1 is no probability: the loss was a number without meaning."""
     z, y = np.array([-1.0, 0.5, 2.0]), np.array([0, 0.25, 1])  # integer and float targets alike

@@ -80,7 +80,7 @@ def _single(x):
 
 def cell_code(name: str) -> int:
     """The kernel code of cell ``name``; ValueError listing the choices otherwise."""
-    if name not in CELLS:
+    if not isinstance(name, str) or name not in CELLS:  # a list: unhashable
         raise ValueError(f"unknown cell {name!r}; choose one of {sorted(CELLS)}")
     return CELLS[name]
 
