@@ -38,6 +38,8 @@ def pad_batch(items: Sequence[npt.ArrayLike], *, shape: Sequence[int] | None = N
     sizes = np.array([arr.shape[:-1] for arr in arrays], dtype=np.int64)
     grid = sizes.max(axis=0) if shape is None else _padded_grid(shape, sizes)
     dtype = np.result_type(*arrays)
+    if dtype != np.bool_ and not np.issubdtype(dtype, np.number):
+        raise TypeError(f"items must hold numbers (or bools), got dtype {dtype}")
     x = np.full((len(arrays),) + tuple(int(n) for n in grid) + (channels,), _fill_value(fill, dtype),
                 dtype=dtype)
     for b, arr in enumerate(arrays):
@@ -69,6 +71,8 @@ def _padded_grid(shape: Sequence[int], sizes: np.ndarray) -> np.ndarray:
     """``shape`` checked: N ints, each at least the largest item's size along its axis."""
     what = f"shape must be {sizes.shape[1]} integers (the padded grid's extent along each axis)"
     try:
+        if any(isinstance(n, (bool, np.bool_)) for n in shape):  # operator.index(True) is 1
+            raise TypeError
         grid = np.array([operator.index(n) for n in shape], dtype=np.int64)
     except TypeError:
         raise TypeError(f"{what}, got {shape!r}") from None

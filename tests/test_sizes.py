@@ -119,6 +119,8 @@ def test_pad_batch_and_unpad_batch(rng):
     ([np.ones((3, 5, 1))], dict(shape=(2, 5)), ValueError, r"give at least \(3, 5\)"),
     ([np.ones((3, 5, 1))], dict(shape=(4,)), ValueError, "shape must be 2 integers"),
     ([np.ones((3, 5, 1))], dict(shape=(4.5, 5)), TypeError, "shape must be 2 integers"),
+    ([np.ones((3, 5, 1))], dict(shape=(True, 5)), TypeError, "shape must be 2 integers"),
+    ([np.array([["a"]])], {}, TypeError, "^items must hold numbers \\(or bools\\), got dtype <U1$"),
     ([np.ones((3, 1))], dict(fill=np.nan), ValueError, "fill must be a finite number"),
     ([np.ones((3, 1), np.float32)], dict(fill=1e300), ValueError, "dtype float32 holds"),  # inf there
     ([np.ones((3, 1), np.float32)], dict(fill=10 ** 400), ValueError, "dtype float32 holds"),
