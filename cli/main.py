@@ -39,9 +39,14 @@ def _folder(ctx, param, value: str | None) -> Path | None:
         return None
     if not str(value).strip():
         raise click.BadParameter("is empty; give a folder (. for the current one)")
-    if Path(value).is_file():
+    try:
+        kind = "" if not Path(value).exists() or Path(value).is_dir() else \
+            "a file" if Path(value).is_file() else "not a folder"
+    except OSError as exc:  # a name too long, a folder on the way this user may not enter
+        raise click.BadParameter(f"{value}: {exc.strerror or exc}") from None
+    if kind:
         run = " (the run folder, which holds checkpoint.npz)" if param.name != "out" else ""
-        raise click.BadParameter(f"{value} is a file; give a folder{run}")
+        raise click.BadParameter(f"{value} is {kind}; give a folder{run}")
     return Path(value)
 
 
@@ -361,10 +366,12 @@ def _check_fresh(out: Path, overwrite: bool, default: Path, resumable: bool = Tr
 SUMMARY = "summary.tsv"
 
 
-def _check_fresh_comparison(out: Path, overwrite: bool) -> list[str] | None:
+def _check_fresh_comparison(out: Path, overwrite: bool, models: tuple) -> list[str] | None:
     """``compare`` into ``out``: refuse a folder holding a ``train`` run, and one holding an
     earlier comparison unless ``--overwrite`` (or the default folder); return the models of
-    that comparison (None if there is none) for :func:`_remove_old_comparison`."""
+    that comparison (None if there is none) for :func:`_remove_old_comparison`: only names of
+    ``models`` (the task's), the sub-folders compare writes: a table edited to name
+    ``../other`` or an absolute path must not have that run removed."""
     from mdnumba.checkpoint import CHECKPOINT
     if (out / CHECKPOINT).exists():
         raise click.UsageError(f"{out} holds a run of `mdnumba train` ({CHECKPOINT}); choose another "
@@ -374,7 +381,14 @@ def _check_fresh_comparison(out: Path, overwrite: bool) -> list[str] | None:
     if not (overwrite or _is_default_folder(out, COMPARE_OUT)):
         raise click.UsageError(f"{out} already holds a comparison ({SUMMARY}); replace it with "
                                "--overwrite, or choose another --out")
-    return [row.split("\t")[0] for row in (out / SUMMARY).read_text(errors="replace").splitlines()[1:]]
+    for name in (SUMMARY, "compare.png"):  # checked before any old run is removed
+        if (out / name).exists() and not (out / name).is_file():
+            raise click.UsageError(f"cannot replace {out / name}: it is not a file; move it away")
+    try:
+        rows = (out / SUMMARY).read_text(errors="replace").splitlines()[1:]
+    except OSError as exc:
+        raise click.UsageError(f"cannot read {out / SUMMARY} ({exc.strerror or exc}); move it away") from None
+    return [name for name in (row.split("\t")[0] for row in rows) if name in models]
 
 
 def _remove_old_comparison(out: Path, old: list | None, names: list) -> None:
@@ -384,7 +398,7 @@ def _remove_old_comparison(out: Path, old: list | None, names: list) -> None:
     if old is None:
         return
     for name in old:
-        if name and name not in names and (out / name).is_dir():
+        if name not in names and (out / name).is_dir() and not (out / name).is_symlink():
             _check_fresh(out / name, True, COMPARE_OUT / name, resumable=False)
             with contextlib.suppress(OSError):  # not empty: files of the user's own stay
                 (out / name).rmdir()
@@ -729,7 +743,7 @@ def compare(ctx: click.Context, task: str, models: str, out: Path, overwrite: bo
         _require_matplotlib("--plot")
     configs = {name: _config(model=name, task=task, **kw) for name in names}
     _check_writable(out)
-    old = _check_fresh_comparison(out, overwrite)  # before the models' folders are made
+    old = _check_fresh_comparison(out, overwrite, TASKS[task].models)  # before the models' folders
     trainers = {name: _make_trainer(out / name, cfg) for name, cfg in configs.items()}
     for name in names:
         _check_fresh(out / name, overwrite, COMPARE_OUT / name, resumable=False)

@@ -162,6 +162,11 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, np.ndarray], dict]:
                               "away or use another run folder")
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; {_missing_hint(Path(folder))}")
+    try:
+        open(path, "rb").close()  # is_zipfile says False for a file it cannot read: not "corrupt"
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path} ({exc.strerror or exc}); give this user "
+                              "read access to it") from None
     if not zipfile.is_zipfile(path):  # np.load would try to unpickle it and say allow_pickle
         raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint (not an .npz "
                               "archive); delete it or use another run folder")

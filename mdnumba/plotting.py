@@ -18,6 +18,20 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    """Write ``fig`` as a PNG to ``path`` atomically (a temp file renamed over it) and close it;
+    RuntimeError naming ``path`` if it cannot be written (a folder of that name, a full disk)."""
+    from .checkpoint import atomic_write_bytes
+    try:
+        atomic_write_bytes(Path(path), lambda fh: fig.savefig(fh, dpi=110, format="png"))
+    except OSError as exc:
+        raise RuntimeError(f"cannot write the plot {path} ({exc.strerror or exc}); move what is "
+                           "there away, or make room") from None
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
 def read_log(path: Path) -> dict[str, np.ndarray]:
     """TSV log → column name → array (rows that are not a number per column are skipped: a
     row cut short by a crash or a full disk)."""
@@ -55,9 +69,7 @@ def plot_curves(runs: dict[str, dict[str, np.ndarray]], columns: list[str], path
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def plot_predictions(x: np.ndarray, y: np.ndarray, prob: np.ndarray, path: Path, n: int = 4) -> Path:
@@ -74,6 +86,4 @@ def plot_predictions(x: np.ndarray, y: np.ndarray, prob: np.ndarray, path: Path,
             if k == 0:
                 ax.set_ylabel(name)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)

@@ -543,6 +543,69 @@ def test_compare_refuses_to_overwrite(runner, tmp_path):
     assert runner.invoke(main, args + ["--overwrite"]).exit_code == 0
 
 
+def test_compare_overwrite_removes_no_run_its_table_names_outside_its_folder(runner, tmp_path):
+    """An old summary.tsv names the runs --overwrite removes: one edited to name ../victim, an
+    absolute path or a symlink had those runs deleted. Only the task's models, real sub-folders."""
+    out = tmp_path / "cmp"
+    args = ["--size", "4", "--batch", "2", "--hidden", "2", "--steps", "2", "--no-plot", "--out", str(out)]
+    for victim in ("victim", "elsewhere", "linked"):
+        assert train(runner, tmp_path / victim).exit_code == 0
+    assert runner.invoke(main, ["compare", "--models", "md", *args]).exit_code == 0
+    os.symlink(tmp_path / "linked", out / "snake")
+    (out / "summary.tsv").write_text(f"model\tloss\nmd\t1\n../victim\t1\n{tmp_path / 'elsewhere'}\t1\n"
+                                     "snake\t1\n")
+    res = runner.invoke(main, ["compare", "--models", "horizontal", *args, "--overwrite"])
+    assert res.exit_code == 0, res.output
+    for victim in ("victim", "elsewhere", "linked"):
+        assert (tmp_path / victim / "checkpoint.npz").is_file(), victim
+    assert not (out / "md").exists()  # the old comparison's own run goes
+    (out / "compare.png").mkdir()
+    res = runner.invoke(main, ["compare", "--models", "md", *args, "--overwrite"])
+    assert res.exit_code == 2 and f"cannot replace {out / 'compare.png'}: it is not a file" in res.output
+    assert (out / "horizontal" / "checkpoint.npz").is_file()  # refused before the old runs went
+
+
+def test_a_plot_that_cannot_be_written_is_named_and_the_run_kept(runner, tmp_path):
+    """A folder where a resumed run's loss.png goes was IsADirectoryError's traceback after
+    training; now an error naming it, the run's new checkpoint saved."""
+    run = tmp_path / "run"
+    assert train(runner, run, "--plot").exit_code == 0
+    (run / "loss.png").unlink()
+    (run / "loss.png").mkdir()
+    res = runner.invoke(main, ["train", "--resume", str(run), "--steps", "8"])
+    said = f"Error: cannot write the plot {run / 'loss.png'} ("
+    assert res.exit_code == 1 and said in res.output, res.output
+    assert json.loads((run / "config.json").read_text())["step"] == 8
+
+
+def test_a_folder_option_that_cannot_be_looked_at_is_named(runner, tmp_path):
+    """A name too long (or a folder on the way the user may not enter) was an OSError's traceback;
+    something that exists but is no folder (/dev/null) is named as such."""
+    long = str(tmp_path / ("x" * 300))
+    for args in (["train", "--out", long], ["evaluate", long], ["train", "--resume", long]):
+        res = runner.invoke(main, args)
+        assert res.exit_code == 2 and "File name too long" in res.output, (args, res.output)
+    res = runner.invoke(main, ["evaluate", "/dev/null"])
+    assert res.exit_code == 2 and "/dev/null is not a folder; give a folder (the run folder" in res.output
+
+
+def test_an_unreadable_checkpoint_is_not_called_corrupt(runner, tmp_path, monkeypatch):
+    """is_zipfile says False for a file it cannot open: the advice was to delete the checkpoint."""
+    import builtins
+
+    import mdnumba.checkpoint
+    assert train(runner, tmp_path / "run").exit_code == 0
+
+    def denied(path, *args, **kw):
+        if str(path).endswith("checkpoint.npz"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return builtins.open(path, *args, **kw)
+    monkeypatch.setattr(mdnumba.checkpoint, "open", denied, raising=False)
+    res = runner.invoke(main, ["evaluate", str(tmp_path / "run")])
+    assert res.exit_code != 0 and "cannot read checkpoint" in res.output and "(Permission denied); give " \
+        "this user read access" in res.output and "delete" not in res.output, res.output
+
+
 def test_resume_of_a_finished_run_asks_for_more_steps(runner, tmp_path):
     assert train(runner, tmp_path / "run").exit_code == 0
     res = runner.invoke(main, ["train", "--resume", str(tmp_path / "run")])

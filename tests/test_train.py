@@ -613,14 +613,18 @@ def test_check_step_memory_refuses_what_does_not_fit(monkeypatch):
     need, floor = train.step_memory(cfg), train.step_floor(cfg)
     assert floor < need
     monkeypatch.setattr(train, "available_memory", lambda: (floor + need) // 2)
-    with pytest.raises(MemoryError, match=r"^a training step needs about \d+ MiB, this machine has \d+ MiB "):
+    with pytest.raises(MemoryError, match=r"^a training step needs about \d+ MiB \(with 20% room for the "
+                                          r"estimate's error: \d+ MiB\), this machine has \d+ MiB "):
         train.check_step_memory(cfg)
     monkeypatch.setattr(train, "available_memory", lambda: need * 2)
     train.check_step_memory(cfg)
     monkeypatch.setattr(train, "step_memory", lambda cfg: 1000)
     monkeypatch.setattr(train, "step_floor", lambda cfg: 1000)
-    monkeypatch.setattr(train, "available_memory", lambda: 1000)  # exactly fits
+    monkeypatch.setattr(train, "available_memory", lambda: 1200)  # exactly fits, with the margin
     train.check_step_memory(cfg)
+    monkeypatch.setattr(train, "available_memory", lambda: 1199)  # the estimate fits, not its margin
+    with pytest.raises(MemoryError, match="needs about 0 MiB .with 20% room"):
+        train.check_step_memory(cfg)
     monkeypatch.setattr(train, "available_memory", lambda: None)  # not Linux: no check
     train.check_step_memory(cfg)
     with pytest.raises(MemoryError, match=r"^x needs 8.59e\+9 GiB, more than a process can address$"):
