@@ -17,7 +17,6 @@ import typing
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,7 @@ from .kernels.cell import CELLS
 from .kernels.gemm import count_nonfinite
 from .kernels.wavefront import schedule_as_batch
 from .losses import LOSSES, sigmoid
+from .memory import available_memory, format_bytes
 from .microbench import step_bytes
 from .models import MODELS, build_model
 from .optim import OPTIMIZERS, NonFiniteGradientError, NonFiniteUpdateError
@@ -790,19 +790,6 @@ def _batch_estimate(probe, layers: int, batch: int) -> int:
     return peaks[0] + (batch - 1) * max(peaks[1] - peaks[0], 0)
 
 
-def available_memory() -> int | None:
-    """Bytes the kernel can give to a process without swapping (Linux ``MemAvailable``), or None
-    where /proc/meminfo does not say."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 #: what :func:`~mdnumba.microbench.step_bytes` counts, as the memory errors say it
 FLOOR_PARTS = "(input, saved activations, their gradients)"
 
@@ -852,13 +839,6 @@ def require_memory(need: int, what: str, parts: str = "", margin: float = 1.0) -
         room = f" (with {margin - 1:.0%} room for the estimate's error: {format_bytes(int(need * margin))})" \
             if margin != 1 else ""
         raise MemoryError(f"{what} {format_bytes(need)}{' ' + parts if parts else ''}{room}, {have}")
-
-
-def format_bytes(n: int) -> str:
-    """``n`` bytes in GiB (from 1 GiB on; beyond 10**6 GiB in 3 digits, exact for any int) or MiB."""
-    if n >= 10**6 * 2**30:
-        return f"{Decimal(n) / 2**30:.3g} GiB"  # a float would overflow past ~1e308
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 def make_trainer(cfg: TrainConfig, out: str | os.PathLike | None = None, restore: dict | None = None,

@@ -601,9 +601,10 @@ def test_available_memory_reads_memavailable(monkeypatch):
 
     import mdnumba.train as train
     meminfo = "MemTotal:       16000000 kB\nMemFree:          100000 kB\nMemAvailable:    5000000 kB\n"
-    monkeypatch.setattr(train, "open", lambda *a, **k: io.StringIO(meminfo), raising=False)
+    import mdnumba.memory as memory
+    monkeypatch.setattr(memory, "open", lambda *a, **k: io.StringIO(meminfo), raising=False)
     assert train.available_memory() == 5000000 * 1024
-    monkeypatch.setattr(train, "open", lambda *a, **k: io.StringIO("MemTotal: 1 kB\n"), raising=False)
+    monkeypatch.setattr(memory, "open", lambda *a, **k: io.StringIO("MemTotal: 1 kB\n"), raising=False)
     assert train.available_memory() is None
 
 
