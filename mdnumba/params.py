@@ -30,7 +30,7 @@ class ParamLayout:
             off += math.prod(shape)  # Python ints: no silent int64 overflow
         if off >= 2 ** 40:
             raise ValueError(f"{off:,} parameters ({dict(self.shapes)}) cannot be allocated; "
-                             "use a smaller hidden size")
+                             "use a smaller hidden size or fewer input channels (features)")
         self.size = off
 
     def new(self, dtype: npt.DTypeLike) -> ParamBuffer:
