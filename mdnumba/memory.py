@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from decimal import Decimal
 
 
@@ -23,3 +24,17 @@ def format_bytes(n: int) -> str:
     if n >= 10**6 * 2**30:
         return f"{Decimal(n) / 2**30:.3g} GiB"  # a float would overflow past ~1e308
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def require_memory(need: int, what: str, parts: str = "", margin: float = 1.0, fix: str = "") -> None:
+    """MemoryError ``<what> <need> <parts>, this machine has <free> available[; <fix>]`` if ``need``
+    bytes (times ``margin``, for an estimate) exceed :func:`available_memory` (or, where it is
+    unknown, what a process can address)."""
+    free = available_memory()
+    if need * margin > (sys.maxsize if free is None else free):
+        have = "more than a process can address" if free is None else \
+            f"this machine has {format_bytes(free)} available"
+        room = f" (with {margin - 1:.0%} room for the estimate's error: {format_bytes(int(need * margin))})" \
+            if margin != 1 else ""
+        raise MemoryError(f"{what} {format_bytes(need)}{' ' + parts if parts else ''}{room}, {have}"
+                          f"{'; ' + fix if fix else ''}")

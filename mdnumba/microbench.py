@@ -108,7 +108,8 @@ def bench_layer(ndim: int, size: int, *, batch: int, hidden: int, channels: int 
     layer = WavefrontLSTM(ndim, channels, hidden, directions=directions, cell=cell, dtype=dtype,
                           device=device, seed=seed)
     if device == "cpu":
-        from .train import FLOOR_PARTS, require_memory
+        from .memory import require_memory
+        from .train import FLOOR_PARTS
         need = step_bytes(ndim, size**ndim, batch, hidden, channels, directions, layer.dtype.itemsize)
         require_memory(need, "a train step of this layer needs at least", FLOOR_PARTS)
     x = np.random.default_rng(seed).random((batch,) + (size,) * ndim + (channels,), dtype=layer.dtype)

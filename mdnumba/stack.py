@@ -26,7 +26,7 @@ from ._validate import (
     shared_seed,
 )
 from .layers import LSTM1D, MDLSTM2D, MDLSTM3D, WavefrontLSTM
-from .memory import available_memory, format_bytes
+from .memory import require_memory
 from .params import ParamBuffer, one_thread_at_a_time
 
 _NAMED = {1: LSTM1D, 2: MDLSTM2D, 3: MDLSTM3D}
@@ -438,19 +438,6 @@ class Sequential(LayerGroup):
         return "Sequential(" + ", ".join(map(repr, self.stages)) + ")"
 
 
-def _require_stack_memory(layers: int, first, second) -> None:
-    """MemoryError, before the rest of a stack is built, if its weights and gradients (``first``'s,
-    and ``layers - 1`` times ``second``'s) need more memory than this machine has available: Linux
-    only promises each layer's zeroed buffers, so building them all would run for minutes first
-    (for ever, for 10**30 layers)."""
-    need = 2 * (first.params.data.nbytes + (layers - 1) * second.params.data.nbytes)
-    free = available_memory()
-    if free is not None and need > free:
-        raise MemoryError(f"a stack of {layers} layers needs {format_bytes(need)} for its weights and "
-                          f"gradients, this machine has {format_bytes(free)} available; use fewer layers "
-                          "or a smaller hidden size")
-
-
 def mdlstm_stack(ndim: int, in_channels: int, hidden: int, *, layers: int = 1, directions: int = 1,
                  cell: str = "graves", subsample: int = 1, seed: int = 0,
                  dtype: npt.DTypeLike = config.DEFAULT_DTYPE,
@@ -476,8 +463,11 @@ def mdlstm_stack(ndim: int, in_channels: int, hidden: int, *, layers: int = 1, d
         else:
             stages.append(WavefrontLSTM(ndim, channels, hidden, **kw))
         channels = stages[-1].out_channels
-        if k == 1:
-            _require_stack_memory(layers, stages[0], stages[-1])
+        if k == 1:  # the weights and gradients of all, before the rest is built: Linux only promises
+            # each layer's zeroed buffers, so building them would run for minutes (10**30 layers: forever)
+            need = 2 * (stages[0].params.data.nbytes + (layers - 1) * stages[-1].params.data.nbytes)
+            require_memory(need, f"a stack of {layers} layers needs", "for its weights and gradients",
+                           fix="use fewer layers or a smaller hidden size")
     stack = Sequential(*stages)
     stack.out_channels = channels
     return stack

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import memory
 from ._validate import NonFiniteError, as_array, check_array, check_count, check_positive_int
 from .checkpoint import (
     CHECKPOINT,
@@ -36,7 +37,7 @@ from .kernels.cell import CELLS
 from .kernels.gemm import count_nonfinite
 from .kernels.wavefront import schedule_as_batch
 from .losses import LOSSES, sigmoid
-from .memory import available_memory, format_bytes
+from .memory import require_memory
 from .microbench import step_bytes
 from .models import MODELS, build_model
 from .optim import OPTIMIZERS, NonFiniteGradientError, NonFiniteUpdateError
@@ -810,7 +811,7 @@ def check_step_memory(cfg: TrainConfig) -> None:
     would hand it out (overcommit) and then end the process without a message when it is used.
     A step whose :func:`step_floor` is too much already is refused before any probe step runs
     (the probes keep the grid: on a 2048x2048 one they took 10 GiB before refusing)."""
-    if cfg.device != "cpu" or available_memory() is None:
+    if cfg.device != "cpu" or memory.available_memory() is None:
         return
     floor = step_floor(cfg)
     if floor is not None:
@@ -826,19 +827,6 @@ ESTIMATE_MARGIN = 1.2
 
 #: what :meth:`Trainer.evaluate`'s memory check counts, per device (on cuda: the host's batch)
 EVAL_PARTS = {"cpu": "(its input and the first layer's output)", "cuda": "(its input, on the host)"}
-
-
-def require_memory(need: int, what: str, parts: str = "", margin: float = 1.0) -> None:
-    """MemoryError ``<what> <need> <parts>, this machine has <free> available`` if ``need`` bytes
-    (times ``margin``, for an estimate) exceed :func:`available_memory` (or, where it is unknown,
-    what a process can address)."""
-    free = available_memory()
-    if need * margin > (sys.maxsize if free is None else free):
-        have = "more than a process can address" if free is None else \
-            f"this machine has {format_bytes(free)} available"
-        room = f" (with {margin - 1:.0%} room for the estimate's error: {format_bytes(int(need * margin))})" \
-            if margin != 1 else ""
-        raise MemoryError(f"{what} {format_bytes(need)}{' ' + parts if parts else ''}{room}, {have}")
 
 
 def make_trainer(cfg: TrainConfig, out: str | os.PathLike | None = None, restore: dict | None = None,

@@ -320,9 +320,9 @@ def test_bench_refuses_a_layer_that_does_not_fit_in_memory(runner, monkeypatch):
     without a message): at least the input, the saved activations and their gradients."""
     import tracemalloc
 
-    import mdnumba.train
+    import mdnumba.memory
     from mdnumba.microbench import _cpu_calls, step_bytes
-    monkeypatch.setattr(mdnumba.train, "available_memory", lambda: 2**20)
+    monkeypatch.setattr(mdnumba.memory, "available_memory", lambda: 2**20)
     res = runner.invoke(main, ["bench", "--size", "64", "--batch", "16", "--hidden", "16"])
     assert res.exit_code == 1, res.output
     assert ("out of memory (a train step of this layer needs at least 56 MiB (input, saved activations, "
@@ -841,9 +841,9 @@ def test_evaluate_out_of_memory_names_its_own_options(runner, tmp_path):
 
 def test_a_step_that_would_not_fit_is_refused_before_training(runner, tmp_path, monkeypatch):
     """Linux would promise the memory and kill the run when it is touched, without a message."""
-    import mdnumba.train
+    import mdnumba.memory
     assert train(runner, tmp_path / "run").exit_code == 0
-    monkeypatch.setattr(mdnumba.train, "available_memory", lambda: 0)
+    monkeypatch.setattr(mdnumba.memory, "available_memory", lambda: 0)
     for args in (["train", "--out", str(tmp_path / "new"), "--hidden", "64", "--size", "16"],
                  ["train", "--resume", str(tmp_path / "run"), "--steps", "9"]):
         res = runner.invoke(main, args)

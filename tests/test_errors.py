@@ -1137,13 +1137,13 @@ def test_optimiser_settings_and_state_of_the_wrong_kind_are_named():
 def test_a_stack_beyond_the_memory_is_refused_before_it_is_built(monkeypatch):
     """--layers 10**30 built layers for minutes (Linux only promises their zeroed buffers) before
     any memory check: a stack whose weights and gradients do not fit is refused after two layers."""
-    import mdnumba.stack
+    import mdnumba.memory
     with pytest.raises(MemoryError, match=rf"^a stack of {10 ** 30} layers needs [0-9.e+]+ GiB for its "
                                           r"weights and gradients, this machine has .* use fewer layers"):
         mdlstm_stack(2, 1, 4, layers=10 ** 30)
     need = 2 * sum(layer.params.data.nbytes for layer in mdlstm_stack(2, 1, 4, layers=3).layers)
-    monkeypatch.setattr(mdnumba.stack, "available_memory", lambda: need)
+    monkeypatch.setattr(mdnumba.memory, "available_memory", lambda: need)
     assert len(mdlstm_stack(2, 1, 4, layers=3).layers) == 3
-    monkeypatch.setattr(mdnumba.stack, "available_memory", lambda: need - 1)
+    monkeypatch.setattr(mdnumba.memory, "available_memory", lambda: need - 1)
     with pytest.raises(MemoryError, match="^a stack of 3 layers needs"):
         mdlstm_stack(2, 1, 4, layers=3)

@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 import pytest
 
+import mdnumba.memory as memory
 from mdnumba.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mdnumba.train import EVAL_STREAM, TrainConfig, Trainer, make_trainer, run_stream
 
@@ -581,7 +582,7 @@ def test_a_step_beyond_its_floor_is_refused_without_a_probe(monkeypatch):
     floor = train.step_floor(cfg)
     assert floor == 4 * 16 * 2048**2 * (1 + 2 * 7 * 16)
     monkeypatch.setattr(train, "step_memory", lambda cfg: pytest.fail("probed"))
-    monkeypatch.setattr(train, "available_memory", lambda: floor - 1)
+    monkeypatch.setattr(memory, "available_memory", lambda: floor - 1)
     with pytest.raises(MemoryError, match=r"^a training step needs at least 56.2 GiB \(input, saved "
                                           r"activations, their gradients\), this machine has 56.2 GiB"):
         train.check_step_memory(cfg)
@@ -599,13 +600,11 @@ def test_binary_addition_is_probed_at_its_full_length():
 def test_available_memory_reads_memavailable(monkeypatch):
     import io
 
-    import mdnumba.train as train
     meminfo = "MemTotal:       16000000 kB\nMemFree:          100000 kB\nMemAvailable:    5000000 kB\n"
-    import mdnumba.memory as memory
     monkeypatch.setattr(memory, "open", lambda *a, **k: io.StringIO(meminfo), raising=False)
-    assert train.available_memory() == 5000000 * 1024
+    assert memory.available_memory() == 5000000 * 1024
     monkeypatch.setattr(memory, "open", lambda *a, **k: io.StringIO("MemTotal: 1 kB\n"), raising=False)
-    assert train.available_memory() is None
+    assert memory.available_memory() is None
 
 
 def test_check_step_memory_refuses_what_does_not_fit(monkeypatch):
@@ -613,24 +612,24 @@ def test_check_step_memory_refuses_what_does_not_fit(monkeypatch):
     cfg = TrainConfig(size=16, batch=64, hidden=8, steps=2)
     need, floor = train.step_memory(cfg), train.step_floor(cfg)
     assert floor < need
-    monkeypatch.setattr(train, "available_memory", lambda: (floor + need) // 2)
+    monkeypatch.setattr(memory, "available_memory", lambda: (floor + need) // 2)
     with pytest.raises(MemoryError, match=r"^a training step needs about \d+ MiB \(with 20% room for the "
                                           r"estimate's error: \d+ MiB\), this machine has \d+ MiB "):
         train.check_step_memory(cfg)
-    monkeypatch.setattr(train, "available_memory", lambda: need * 2)
+    monkeypatch.setattr(memory, "available_memory", lambda: need * 2)
     train.check_step_memory(cfg)
     monkeypatch.setattr(train, "step_memory", lambda cfg: 1000)
     monkeypatch.setattr(train, "step_floor", lambda cfg: 1000)
-    monkeypatch.setattr(train, "available_memory", lambda: 1200)  # exactly fits, with the margin
+    monkeypatch.setattr(memory, "available_memory", lambda: 1200)  # exactly fits, with the margin
     train.check_step_memory(cfg)
-    monkeypatch.setattr(train, "available_memory", lambda: 1199)  # the estimate fits, not its margin
+    monkeypatch.setattr(memory, "available_memory", lambda: 1199)  # the estimate fits, not its margin
     with pytest.raises(MemoryError, match="needs about 0 MiB .with 20% room"):
         train.check_step_memory(cfg)
-    monkeypatch.setattr(train, "available_memory", lambda: None)  # not Linux: no check
+    monkeypatch.setattr(memory, "available_memory", lambda: None)  # not Linux: no check
     train.check_step_memory(cfg)
     with pytest.raises(MemoryError, match=r"^x needs 8.59e\+9 GiB, more than a process can address$"):
-        train.require_memory(2**63, "x needs")  # but what no process can hold
-    monkeypatch.setattr(train, "available_memory", lambda: 1)
+        memory.require_memory(2**63, "x needs")  # but what no process can hold
+    monkeypatch.setattr(memory, "available_memory", lambda: 1)
     train.check_step_memory(TrainConfig(size=16, batch=64, hidden=8, steps=2, device="cuda"))  # GPU: its own
 
 
