@@ -13,26 +13,27 @@ place to change them. Environment variables override the defaults:
   weight it loads serves that many rows.
 - ``MDNUMBA_CUDA_UNROLL`` sets how many steps of a CUDA sweep thread's inner sum load
   their operands together before multiplying (default 8): more loads in flight per thread.
-- ``MDNUMBA_CUDA_LAYOUT`` sets how the CUDA sweeps share out a hyperplane's work: ``flat``
-  (work items spread over the whole grid, the recurrent weights read from global memory
-  unless all of them fit in shared memory), ``sliced`` (each block owns a fixed slice of
-  hidden units of one scan and keeps just those units' weights in shared memory for the whole
-  sweep; see :mod:`mdnumba.kernels.wavefront_cuda`), ``staged`` (sliced, and each block reads the
-  rows of h (forward) and of the gate gradients (backward) its threads sum over through tiles it
-  loads into shared memory together; not yet timed on a GPU), ``item`` (a block per batch item
-  and scan, holding all of U and one hyperplane's rows in opt-in shared memory, with block
-  barriers instead of grid syncs between hyperplanes: one plain launch per sweep, for small
-  hidden sizes, e.g. D = 64 in float32; ``MDNUMBA_CUDA_ITEM_THREADS`` threads per block, default
-  512, each on ``MDNUMBA_CUDA_ITEM_ROWS`` cells of an anti-diagonal, default 4; not yet timed on a
-  GPU), ``tensor`` (the sliced layout's work split in 16-row x 8-unit tiles whose recurrent
-  sums run on tensor cores, ``mma.sync`` with the 3xTF32 split: float32 accuracy; float32 layers
-  of 1 to 3 dimensions, the saving-free sweep flat; :mod:`mdnumba.kernels.tensor_cuda`; not yet
-  timed on a GPU) or ``auto`` (default: the faster of
-  flat and sliced per sweep on an H200, bench/results/gpu.md: the backward sweep sliced, the
-  forward ones flat; ``wavefront_cuda.AUTO_LAYOUT``). ``MDNUMBA_CUDA_SLICE_UNITS`` sets the units per slice
-  (default 8; compile-time). ``MDNUMBA_CUDA_TENSOR_TILES`` sets the tensor layout's n-tiles of 8
-  units per warp in the backward sweep (default 2, 1 to 4; compile-time: its slices are 8x that
-  many units, and each row operand it loads and splits serves that many mma).
+- ``MDNUMBA_CUDA_LAYOUT`` sets how the CUDA sweeps share out a hyperplane's work: ``flat`` (work items
+  spread over the whole grid, the recurrent weights read from global memory unless all of them fit in
+  shared memory), ``sliced`` (each block owns a fixed slice of hidden units of one scan and keeps just
+  those units' weights in shared memory for the whole sweep; see :mod:`mdnumba.kernels.wavefront_cuda`),
+  ``staged`` (sliced, and each block reads the rows of h (forward) and of the gate gradients (backward)
+  its threads sum over through tiles it loads into shared memory together; the slowest on an H100),
+  ``item`` (a block per batch item and scan, holding all of U and one hyperplane's rows in opt-in shared
+  memory, with block barriers instead of grid syncs between hyperplanes: one plain launch per sweep, for
+  small hidden sizes, e.g. D = 64 in float32; ``MDNUMBA_CUDA_ITEM_THREADS`` threads per block, default
+  512, each on ``MDNUMBA_CUDA_ITEM_ROWS`` cells of an anti-diagonal, default 4; the fastest train step
+  at 32x32 B64 D64 on an H100, bench/results/gpu.md), ``tensor`` (the sliced layout's work split in
+  16-row x 8-unit tiles whose recurrent sums run on tensor cores, ``mma.sync`` with the 3xTF32 split:
+  float32 accuracy; float32 layers of 1 to 3 dimensions, the saving-free sweep flat;
+  :mod:`mdnumba.kernels.tensor_cuda`; on an H100 1.6-1.9x faster than flat and sliced per train step at
+  256x256 B8 D128) or ``auto`` (default: float32 layers of at least 64 hidden units sweep forward and
+  backward in the tensor layout where it can run, ``wavefront_cuda.AUTO_TENSOR_MIN_UNITS``; otherwise
+  the faster of flat and sliced per sweep on an H200: the backward sweep sliced, the forward ones flat,
+  ``wavefront_cuda.AUTO_LAYOUT``). ``MDNUMBA_CUDA_SLICE_UNITS`` sets the units per slice (default 8;
+  compile-time). ``MDNUMBA_CUDA_TENSOR_TILES`` sets the tensor layout's n-tiles of 8 units per warp in
+  the backward sweep (default 2, 1 to 4; compile-time: its slices are 8x that many units, and each row
+  operand it loads and splits serves that many mma).
 - ``MDNUMBA_CUDA_SKIP`` is a **diagnostic** for timing the CUDA sweeps, a comma list of stages
   their threads skip: ``sum`` (the recurrent sums, forward ``Σ h·U`` and backward ``Σ δ·Uᵀ``:
   every result is then that of recurrent weights U = 0) and ``cell`` (the cells' gate math:

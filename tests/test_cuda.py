@@ -395,18 +395,21 @@ def sim_tensor_layout_plans_only_blocks_that_can_run(rng, monkeypatch):
     from mdnumba.kernels import tensor_cuda as tc
     from mdnumba.kernels import wavefront_cuda as gpu
     from mdnumba.kernels.cell import cell_code
-    wf, U, act0 = _cpu_sweep_inputs((2,), 66, 3, 1, rng)  # 66 rows a cell: 5 tiles, 3 blocks wanted
+    # rows a cell: 2 tiles per warp and one more, 3 blocks wanted (66 rows in the simulator's 2 warps,
+    # 258 in a GPU's 8: a GPU's block planned for 66 takes all 5 tiles)
+    B = (2 * tc.TENSOR_WARPS) * tc.TILE_ROWS + 2
+    wf, U, act0 = _cpu_sweep_inputs((2,), B, 3, 1, rng)
     U, act0, code = U.astype(np.float32), act0.astype(np.float32), cell_code("graves")
     monkeypatch.setattr(gpu, "COOP_MAX_BLOCKS", 2)
-    _sweeps_match_cpu(wf, U, act0, 66, 3, code, path="cooperative", layout="tensor")
+    _sweeps_match_cpu(wf, U, act0, B, 3, code, path="cooperative", layout="tensor")
     assert gpu.last_path().startswith(f"cooperative (2 blocks x {tc.TENSOR_THREADS} threads"), gpu.last_path()
     monkeypatch.setattr(gpu, "_coop_grid", lambda *args: 1)  # fewer than the 2 planned
     with pytest.raises(RuntimeError, match="the layout's 2 blocks cannot all be co-resident"):
-        _run_sweeps(gpu, wf, U, act0, 66, 3, code, path="cooperative", layout="tensor")
-    _sweeps_match_cpu(wf, U, act0, 66, 3, code, path="auto", layout="tensor")
+        _run_sweeps(gpu, wf, U, act0, B, 3, code, path="cooperative", layout="tensor")
+    _sweeps_match_cpu(wf, U, act0, B, 3, code, path="auto", layout="tensor")
     assert gpu.last_path().startswith("per-diagonal"), gpu.last_path()
     monkeypatch.setattr(tc, "_compute_capability", lambda: (7, 5))
-    _sweeps_match_cpu(wf, U, act0, 66, 3, code, path="per-diagonal", layout="tensor")
+    _sweeps_match_cpu(wf, U, act0, B, 3, code, path="per-diagonal", layout="tensor")
     assert "sliced layout: TF32 mma needs compute capability 8.0+, this GPU has 7.5" in gpu.last_path()
     from mdnumba.backend_cuda import CudaLSTM
     for tpb in (0, 2048, 64.0):  # a CUDA block holds 1 to 1024 threads: refused when built
@@ -429,9 +432,9 @@ def sim_staged_tile_loaded_by_fewer_threads_than_its_columns(path, rng):
 
 @pytest.mark.parametrize("path", ["cooperative", "per-diagonal"])
 def sim_auto_layout_sweeps_forward_flat_and_backward_sliced(path, rng, monkeypatch):
-    """The layout "auto" (the default, wavefront_cuda.AUTO_LAYOUT: the faster per sweep on an
-    H200): a layer's saving and saving-free forward sweeps run flat, its backward sweep sliced;
-    h, dx and the gradients are the CPU layer's (float64)."""
+    """The layout "auto" (the default) of a float64 layer (wavefront_cuda.AUTO_LAYOUT: the faster
+    per sweep on an H200): its saving and saving-free forward sweeps run flat, its backward sweep
+    sliced; h, dx and the gradients are the CPU layer's."""
     from mdnumba import config
     from mdnumba.kernels import wavefront_cuda as gpu
     assert config.CUDA_LAYOUTS[0] == "auto" and gpu.AUTO_LAYOUT == dict(forward="flat", infer="flat",
@@ -451,6 +454,42 @@ def sim_auto_layout_sweeps_forward_flat_and_backward_sliced(path, rng, monkeypat
     assert "slices of" not in gpu.last_path() and "slices of" in paths[0], (gpu.last_path(), paths[0])
     dev.forward(x, save=False)
     assert gpu.last_path().startswith(path) and "slices of" not in gpu.last_path(), gpu.last_path()
+
+
+def sim_auto_layout_takes_tensor_cores_for_wide_float32_layers(rng, monkeypatch):
+    """From AUTO_TENSOR_MIN_UNITS hidden units (64: where an H100 measured it faster; 3 here) the
+    layout "auto" sweeps a float32 layer's forward and backward in the tensor layout, its
+    saving-free forward flat: h, dx and the gradients are the CPU layer's to float32 accuracy.
+    Below that, in float64 (sim_auto_layout_sweeps_forward_flat_and_backward_sliced) and where the
+    tensor layout cannot run (a GPU before sm_80) AUTO_LAYOUT's layouts run, and the path says why."""
+    from mdnumba.kernels import tensor_cuda as tc
+    from mdnumba.kernels import wavefront_cuda as gpu
+    assert gpu.AUTO_TENSOR_MIN_UNITS == 64
+    monkeypatch.setattr(gpu, "DEFAULT_LAYOUT", "auto")
+    monkeypatch.setattr(gpu, "DEFAULT_PATH", "per-diagonal")  # the choice is the path's; 10x faster here
+    x = rng.standard_normal((1, 2, 3, 2)).astype(np.float32)
+    dh = rng.standard_normal((1, 2, 3, 3)).astype(np.float32)
+    host = _layer(2, 2, 3, np.float32, "cpu")
+    want = (host.forward(x), host.backward(dh), host.grads.data.copy())
+    for units, cc, forward, backward in ((4, (9, 0), "flat", "sliced"),  # too narrow: as before
+                                         (3, (9, 0), "tensor", "tensor"),
+                                         (3, (7, 5), "flat layout: TF32", "sliced layout: TF32")):
+        monkeypatch.setattr(gpu, "AUTO_TENSOR_MIN_UNITS", units)
+        monkeypatch.setattr(tc, "_compute_capability", lambda cc=cc: cc)
+        dev, paths = _layer(2, 2, 3, np.float32, "cuda"), []
+        got = (dev.forward(x), paths.append(gpu.last_path()), dev.backward(dh), paths.append(gpu.last_path()),
+               dev.grads.data.copy())[::2]
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        for sweep, desc in zip((forward, backward), paths):
+            if sweep == "tensor":
+                assert "tensor cores (3xTF32)" in desc, desc
+            else:
+                assert "tensor cores" not in desc, desc
+                assert ("slices of" in desc) == sweep.startswith("sliced"), desc
+                assert cc >= (8, 0) or f"{sweep} mma needs compute capability 8.0+, this GPU" in desc, desc
+        dev.forward(x, save=False)
+        assert "tensor cores" not in gpu.last_path() and "slices of" not in gpu.last_path(), gpu.last_path()
 
 
 @pytest.mark.parametrize("layout", ["flat", "sliced", "staged", "item", "tensor"])
@@ -1722,7 +1761,8 @@ def sim_device_image_models_name_the_image(kind):
             model.forward(x)
     y = model.forward(np.ones((1, 2, 3), np.float32)[..., None])  # stride 0 on its last axis
     with pytest.raises(ValueError, match="^dlogits on the device must be C-contiguous"):
-        model.backward(cuda.to_device(np.ones(y.shape[:-1] + (2 * y.shape[-1],), np.float32))[..., ::2])
+        every_other = (slice(None),) * (len(y.shape) - 1) + (slice(None, None, 2),)  # no `...` on a GPU
+        model.backward(cuda.to_device(np.ones(y.shape[:-1] + (2 * y.shape[-1],), np.float32))[every_other])
 
 
 def sim_device_model_refuses_backward_after_a_forward_failed_partway(rng, monkeypatch):

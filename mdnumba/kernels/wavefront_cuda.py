@@ -21,7 +21,8 @@ hyperplane: unit j of up to :data:`ROWS_PER_THREAD` batch rows ``r_i`` of one ce
   ``dact[r_i, g*D + j]`` for its own j only: no two threads write the same place.
 
 The layouts share out a hyperplane's items (``layout``, ``MDNUMBA_CUDA_LAYOUT``; the default
-``auto`` takes :data:`AUTO_LAYOUT`'s per sweep):
+``auto`` takes the tensor layout for float32 layers of :data:`AUTO_TENSOR_MIN_UNITS` units or
+more where it can run, else :data:`AUTO_LAYOUT`'s per sweep):
 
 - ``flat``: over the whole grid (grid-stride), so every block reads all of U (from shared
   memory when all of it fits, else through L1/L2).
@@ -207,6 +208,13 @@ GATE_CHUNK = 6
 #: 12% slower per anti-diagonal and 10% per saving-free call at 32x32, within 1-7% either way at
 #: the larger sizes)
 AUTO_LAYOUT = {"forward": "flat", "infer": "flat", "backward": "sliced"}
+#: "auto" runs the forward and backward sweeps of float32 layers of at least this many hidden units in
+#: the tensor layout where it can (else AUTO_LAYOUT's, the path says why): on an H100
+#: (bench/results/gpu.md, 2026-12-06) its train step took 59 ms against 111 ms at 256x256 B8 D128
+#: (forward sweep 22.2 against 54.9 µs per anti-diagonal, backward 46.9 against 118.3) and 4.32 ms
+#: against 4.94 ms at 32x32 B64 D64; smaller layers (the 4-direction and 3-D ones of
+#: bench/results/family_cuda.md have 32 and 16 units) are not yet timed in it
+AUTO_TENSOR_MIN_UNITS = 64
 #: cells of an anti-diagonal per thread of the item layout (compile-time: sizes its register arrays),
 #: MDNUMBA_CUDA_ITEM_ROWS: each weight it loads from shared memory serves that many cells
 ITEM_ROWS: int = max(1, config.CUDA_ITEM_ROWS)
@@ -2410,13 +2418,17 @@ def _layout_sweep(sweep: str, flat: tuple, sliced: tuple, head: tuple, tail: tup
     only there: a reshape costs µs of host time).
     Records the path taken (:func:`last_path`). The tensor layout (:func:`_tensor_sweep`) and the item
     layout run their own kernels where they can; where not, what they fall back to says why."""
+    auto = (layout or DEFAULT_LAYOUT) == "auto"
     layout = _resolve_layout(layout, sweep)
     why_not = ""
-    if layout == "tensor":
-        fallback = _tensor_sweep(sweep, head, tail, W, S, N, D, B, diag_off_host, path, **sweep_kw)
-        if fallback is None:
+    if layout == "tensor" or (auto and _auto_takes_tensor(sweep, W.dtype, D)):
+        why_not = _tensor_sweep(sweep, head, tail, W, S, N, D, B, diag_off_host, path, **sweep_kw)
+        if not why_not:
             return
-        layout, why_not = fallback
+        if layout == "tensor":  # asked for; "auto" runs AUTO_LAYOUT's instead
+            from .tensor_cuda import FALLBACK  # it imports this module
+            layout = FALLBACK[sweep]
+        why_not = f"{layout} layout: {why_not}"
     if layout == "item":
         shmem, why_not = _plan_items(sweep, S, N, D, diag_off_host, W.dtype.itemsize)
         if not why_not:
@@ -2440,10 +2452,16 @@ def _layout_sweep(sweep: str, flat: tuple, sliced: tuple, head: tuple, tail: tup
     _record(desc, f"{why_not}; {note}" if why_not and note else why_not or note or shared)
 
 
+def _auto_takes_tensor(sweep: str, dtype, D: int) -> bool:
+    """Whether the layout "auto" tries the tensor layout for a ``sweep`` of a layer of ``D`` units in
+    ``dtype`` (:data:`AUTO_TENSOR_MIN_UNITS`)."""
+    return sweep != "infer" and np.dtype(dtype) == np.float32 and D >= AUTO_TENSOR_MIN_UNITS
+
+
 def _tensor_sweep(sweep: str, head: tuple, tail: tuple, W, S: int, N: int, D: int, B: int,
-                  diag_off_host: np.ndarray, path: str | None, **sweep_kw) -> tuple[str, str] | None:
-    """Run a ``sweep`` in the tensor layout (:mod:`mdnumba.kernels.tensor_cuda`): None when it ran, else
-    ``(layout, why)``: the layout to run instead (``tensor_cuda.FALLBACK``) and a note saying why."""
+                  diag_off_host: np.ndarray, path: str | None, **sweep_kw) -> str:
+    """Run a ``sweep`` in the tensor layout (:mod:`mdnumba.kernels.tensor_cuda`): "" when it ran, else
+    why not (the caller runs another layout)."""
     from . import tensor_cuda as tc  # it imports this module
     why = f"the tensor layout has no {sweep} sweep"
     if sweep in tc.KERNELS:
@@ -2457,9 +2475,8 @@ def _tensor_sweep(sweep: str, head: tuple, tail: tuple, W, S: int, N: int, D: in
             weights = "UT" if sweep == "backward" else "U"
             _record(desc, f"tensor cores (3xTF32), {blocks // nO} slices of {tc.slice_units(sweep)} units x "
                           f"{nO} blocks, {weights} in {shmem} B of shared memory per block")
-            return None
-    layout = tc.FALLBACK[sweep]
-    return layout, f"{layout} layout: {why}"
+            return ""
+    return why
 
 
 def _plan_items(sweep: str, S: int, N: int, D: int, diag_off_host: np.ndarray,
