@@ -407,7 +407,8 @@ def torch_fns(tb: TorchBaseline, cfg: Config, x: np.ndarray):
 
 
 # -------------------------------------------------------------------------- report
-#: the device paths timed side by side, in this order: result key, sweep path, layout, label
+#: the device paths timed side by side, in this order (but :data:`LATE_PATHS`'s after PyTorch): result
+#: key, sweep path, layout, label
 DEVICE_PATHS = [("coop", "cooperative", None, "cooperative"),
                 ("tensor", "cooperative", "tensor", "cooperative tensor"),  # measured early: a run may be cut
                 ("flat", "cooperative", "flat", "cooperative flat"),
@@ -415,6 +416,9 @@ DEVICE_PATHS = [("coop", "cooperative", None, "cooperative"),
                 ("staged", "cooperative", "staged", "cooperative staged"),
                 ("item", "cooperative", "item", "item"),
                 ("diag", "per-diagonal", "flat", "per-diagonal")]
+#: the device paths timed after PyTorch (a run cut there keeps the targets' ratio): each slower than
+#: the item or the tensor layout on an H100 (bench/results/gpu.md, 2026-12-06)
+LATE_PATHS = ("flat", "sliced", "staged", "diag")
 SPEED_COLUMNS = [("coop", "mdnumba GPU cooperative"), ("flat", "mdnumba GPU cooperative flat"),
                  ("sliced", "mdnumba GPU cooperative sliced"), ("staged", "mdnumba GPU cooperative staged"),
                  ("item", "mdnumba GPU item"), ("tensor", "mdnumba GPU cooperative tensor"),
@@ -886,14 +890,9 @@ def _device_path(res: dict, key: str, path: str, layout: str | None, name: str, 
     gc.collect()
 
 
-def run_config(res: dict, tb: TorchBaseline | None, budget: float, cpu: bool, numpy_api: bool) -> None:
-    """Measure ``res["cfg"]`` into ``res`` as it goes (a run cut midway keeps the parts done)."""
-    from numba import cuda
-    cfg = res["cfg"]
-    x = make_input(cfg)
-    sync = cuda.synchronize
-    ref = cpu_reference(cfg, x)
-    for key, path, layout, name in DEVICE_PATHS[:1] + _injected() + DEVICE_PATHS[1:]:
+def _time_device_paths(res: dict, paths: list[tuple], x: np.ndarray, ref, budget: float) -> None:
+    """Time the device ``paths`` (entries of :data:`DEVICE_PATHS`) into ``res``, each watched."""
+    for key, path, layout, name in paths:
         if not _starting(res, name):
             continue
         try:
@@ -902,7 +901,18 @@ def run_config(res: dict, tb: TorchBaseline | None, budget: float, cpu: bool, nu
         except Exception as exc:  # e.g. no cooperative launch on this GPU/driver
             _failed(res, name, exc)
             continue
-        print(f"  {cfg.label} {name}: {res['paths'][-1]}", flush=True)
+        print(f"  {res['cfg'].label} {name}: {res['paths'][-1]}", flush=True)
+
+
+def run_config(res: dict, tb: TorchBaseline | None, budget: float, cpu: bool, numpy_api: bool) -> None:
+    """Measure ``res["cfg"]`` into ``res`` as it goes (a run cut midway keeps the parts done)."""
+    from numba import cuda
+    cfg = res["cfg"]
+    x = make_input(cfg)
+    sync = cuda.synchronize
+    ref = cpu_reference(cfg, x)
+    paths = DEVICE_PATHS[:1] + _injected() + DEVICE_PATHS[1:]
+    _time_device_paths(res, [p for p in paths if p[0] not in LATE_PATHS], x, ref, budget)
     if tb is not None:  # next: the targets need it (a run cut later keeps it)
         def torch_part():
             train, fwd, res["check"] = torch_fns(tb, cfg, x)
@@ -911,6 +921,7 @@ def run_config(res: dict, tb: TorchBaseline | None, budget: float, cpu: bool, nu
             if tb.device == "cuda":
                 tb.torch.cuda.empty_cache()
         _attempt(res, "PyTorch", torch_part)
+    _time_device_paths(res, [p for p in paths if p[0] in LATE_PATHS], x, ref, budget)
     if cfg.H == cfg.W and cfg.C == 1 and cfg.H >= 4:
         def trainer_part():
             res["train"]["trainer"], res["train"]["trainer_no_prefetch"], res["sampling"] = \
