@@ -6,8 +6,8 @@ For a 2D MD-LSTM (C=1, float32) at 32x32 B64 D64, 128x128 B16 D64 and 256x256 B8
   **inference** (``forward(x, save=False)``, no activations kept)
   of ``mdnumba.backend_cuda.CudaLSTM`` + ``CudaAdam`` (everything stays on the
   device), on the cooperative path (one persistent kernel per sweep, a grid
-  sync between anti-diagonals) in the default layout (auto: from 64 float32 hidden units the
-  forward and backward sweeps in the tensor layout, else the forward sweeps flat and the
+  sync between anti-diagonals) in the default layout (auto: from 64 float32 hidden units in 2+
+  dimensions the forward and backward sweeps in the tensor layout, else the forward sweeps flat and the
   backward sliced), the flat, the sliced and the staged one (``MDNUMBA_CUDA_LAYOUT``), in the
   item layout (a block per batch item, block barriers: no grid syncs), in the tensor layout (the
   sweeps' recurrent sums on tensor cores in 3xTF32, :mod:`mdnumba.kernels.tensor_cuda`)
@@ -619,8 +619,8 @@ def _described_paths() -> list[str]:
             "cooperative tensor = the tensor layout (both sweeps' recurrent sums on tensor cores, "
             "3xTF32 mma.sync, float32 accuracy; its saving-free forward flat); "
             "cooperative = in the default layout, `MDNUMBA_CUDA_LAYOUT=auto`: from 64 float32 "
-            "hidden units the forward and backward sweeps in the tensor layout (the saving-free one "
-            "flat), below that the backward sweep sliced, the forward ones flat;",
+            "hidden units in 2+ dimensions the forward and backward sweeps in the tensor layout "
+            "(the saving-free one flat), otherwise the backward sweep sliced, the forward ones flat;",
             "- *`train --device cuda`*: the CLI's device-resident trainer (`DeviceTrainer`) on the "
             "diagonal task at the same H, B, D, stable cell (graves diverges at 256x256 in the first "
             "step): host batch generation and upload, MD-LSTM, readout, "

@@ -27,13 +27,14 @@ place to change them. Environment variables override the defaults:
   16-row x 8-unit tiles whose recurrent sums run on tensor cores, ``mma.sync`` with the 3xTF32 split:
   float32 accuracy; float32 layers of 1 to 3 dimensions, the saving-free sweep flat;
   :mod:`mdnumba.kernels.tensor_cuda`; on an H100 1.6-1.9x faster than flat and sliced per train step at
-  256x256 B8 D128) or ``auto`` (default: float32 layers of at least 64 hidden units sweep forward and
-  backward in the tensor layout where it can run, ``wavefront_cuda.AUTO_TENSOR_MIN_UNITS``; otherwise
-  the faster of flat and sliced per sweep on an H200: the backward sweep sliced, the forward ones flat,
-  ``wavefront_cuda.AUTO_LAYOUT``). ``MDNUMBA_CUDA_SLICE_UNITS`` sets the units per slice (default 8;
-  compile-time). ``MDNUMBA_CUDA_TENSOR_TILES`` sets the tensor layout's n-tiles of 8 units per warp in
-  the backward sweep (default 2, 1 to 4; compile-time: its slices are 8x that many units, and each row
-  operand it loads and splits serves that many mma).
+  256x256 B8 D128) or ``auto`` (default: float32 layers of 2+ dimensions and at least 64 hidden units
+  sweep forward and backward in the tensor layout where it can run,
+  ``wavefront_cuda.AUTO_TENSOR_MIN_UNITS``; otherwise the faster of flat and sliced per sweep on an
+  H200: the backward sweep sliced, the forward ones flat, ``wavefront_cuda.AUTO_LAYOUT``).
+  ``MDNUMBA_CUDA_SLICE_UNITS`` sets the units per slice (default 8; compile-time).
+  ``MDNUMBA_CUDA_TENSOR_TILES`` sets the tensor layout's n-tiles of 8 units per warp in the backward
+  sweep (default 2, 1 to 4; compile-time: its slices are 8x that many units, and each row operand it
+  loads and splits serves that many mma).
 - ``MDNUMBA_CUDA_SKIP`` is a **diagnostic** for timing the CUDA sweeps, a comma list of stages
   their threads skip: ``sum`` (the recurrent sums, forward ``Σ h·U`` and backward ``Σ δ·Uᵀ``:
   every result is then that of recurrent weights U = 0) and ``cell`` (the cells' gate math:

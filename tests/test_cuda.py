@@ -460,8 +460,9 @@ def sim_auto_layout_takes_tensor_cores_for_wide_float32_layers(rng, monkeypatch)
     """From AUTO_TENSOR_MIN_UNITS hidden units (64: where an H100 measured it faster; 3 here) the
     layout "auto" sweeps a float32 layer's forward and backward in the tensor layout, its
     saving-free forward flat: h, dx and the gradients are the CPU layer's to float32 accuracy.
-    Below that, in float64 (sim_auto_layout_sweeps_forward_flat_and_backward_sliced) and where the
-    tensor layout cannot run (a GPU before sm_80) AUTO_LAYOUT's layouts run, and the path says why."""
+    Below that, in 1-D and float64 layers (sim_auto_layout_sweeps_forward_flat_and_backward_sliced)
+    and where the tensor layout cannot run (a GPU before sm_80) AUTO_LAYOUT's layouts run, and the
+    path says why."""
     from mdnumba.kernels import tensor_cuda as tc
     from mdnumba.kernels import wavefront_cuda as gpu
     assert gpu.AUTO_TENSOR_MIN_UNITS == 64
@@ -490,6 +491,8 @@ def sim_auto_layout_takes_tensor_cores_for_wide_float32_layers(rng, monkeypatch)
                 assert cc >= (8, 0) or f"{sweep} mma needs compute capability 8.0+, this GPU" in desc, desc
         dev.forward(x, save=False)
         assert "tensor cores" not in gpu.last_path() and "slices of" not in gpu.last_path(), gpu.last_path()
+    _layer(1, 2, 3, np.float32, "cuda").forward(x[0])  # 1-D: B rows a hyperplane, a tile or two
+    assert "tensor cores" not in gpu.last_path() and "slices of" not in gpu.last_path(), gpu.last_path()
 
 
 @pytest.mark.parametrize("layout", ["flat", "sliced", "staged", "item", "tensor"])

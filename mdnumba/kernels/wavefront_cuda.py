@@ -21,8 +21,8 @@ hyperplane: unit j of up to :data:`ROWS_PER_THREAD` batch rows ``r_i`` of one ce
   ``dact[r_i, g*D + j]`` for its own j only: no two threads write the same place.
 
 The layouts share out a hyperplane's items (``layout``, ``MDNUMBA_CUDA_LAYOUT``; the default
-``auto`` takes the tensor layout for float32 layers of :data:`AUTO_TENSOR_MIN_UNITS` units or
-more where it can run, else :data:`AUTO_LAYOUT`'s per sweep):
+``auto`` takes the tensor layout for float32 layers of 2 or more dimensions and
+:data:`AUTO_TENSOR_MIN_UNITS` units or more where it can run, else :data:`AUTO_LAYOUT`'s per sweep):
 
 - ``flat``: over the whole grid (grid-stride), so every block reads all of U (from shared
   memory when all of it fits, else through L1/L2).
@@ -208,12 +208,13 @@ GATE_CHUNK = 6
 #: 12% slower per anti-diagonal and 10% per saving-free call at 32x32, within 1-7% either way at
 #: the larger sizes)
 AUTO_LAYOUT = {"forward": "flat", "infer": "flat", "backward": "sliced"}
-#: "auto" runs the forward and backward sweeps of float32 layers of at least this many hidden units in
-#: the tensor layout where it can (else AUTO_LAYOUT's, the path says why): on an H100
-#: (bench/results/gpu.md, 2026-12-06) its train step took 59 ms against 111 ms at 256x256 B8 D128
-#: (forward sweep 22.2 against 54.9 µs per anti-diagonal, backward 46.9 against 118.3) and 4.32 ms
-#: against 4.94 ms at 32x32 B64 D64; smaller layers (the 4-direction and 3-D ones of
-#: bench/results/family_cuda.md have 32 and 16 units) are not yet timed in it
+#: "auto" runs the forward and backward sweeps of float32 layers of 2 or more dimensions and at least
+#: this many hidden units in the tensor layout where it can (else AUTO_LAYOUT's, the path says why):
+#: on an H100 (bench/results/gpu.md, 2026-12-06) its train step took 59 ms against 111 ms at 256x256
+#: B8 D128 (forward sweep 22.2 against 54.9 µs per anti-diagonal, backward 46.9 against 118.3) and
+#: 4.32 ms against 4.94 ms at 32x32 B64 D64; smaller layers (the 4-direction and 3-D ones of
+#: bench/results/family_cuda.md have 32 and 16 units) and 1-D ones (a hyperplane of B rows: a tile
+#: or two for a block's 8 warps) are not yet timed in it
 AUTO_TENSOR_MIN_UNITS = 64
 #: cells of an anti-diagonal per thread of the item layout (compile-time: sizes its register arrays),
 #: MDNUMBA_CUDA_ITEM_ROWS: each weight it loads from shared memory serves that many cells
@@ -2421,7 +2422,7 @@ def _layout_sweep(sweep: str, flat: tuple, sliced: tuple, head: tuple, tail: tup
     auto = (layout or DEFAULT_LAYOUT) == "auto"
     layout = _resolve_layout(layout, sweep)
     why_not = ""
-    if layout == "tensor" or (auto and _auto_takes_tensor(sweep, W.dtype, D)):
+    if layout == "tensor" or (auto and _auto_takes_tensor(sweep, W.dtype, N, D)):
         why_not = _tensor_sweep(sweep, head, tail, W, S, N, D, B, diag_off_host, path, **sweep_kw)
         if not why_not:
             return
@@ -2452,10 +2453,10 @@ def _layout_sweep(sweep: str, flat: tuple, sliced: tuple, head: tuple, tail: tup
     _record(desc, f"{why_not}; {note}" if why_not and note else why_not or note or shared)
 
 
-def _auto_takes_tensor(sweep: str, dtype, D: int) -> bool:
-    """Whether the layout "auto" tries the tensor layout for a ``sweep`` of a layer of ``D`` units in
-    ``dtype`` (:data:`AUTO_TENSOR_MIN_UNITS`)."""
-    return sweep != "infer" and np.dtype(dtype) == np.float32 and D >= AUTO_TENSOR_MIN_UNITS
+def _auto_takes_tensor(sweep: str, dtype, N: int, D: int) -> bool:
+    """Whether the layout "auto" tries the tensor layout for a ``sweep`` of an ``N``-D layer of ``D``
+    units in ``dtype`` (:data:`AUTO_TENSOR_MIN_UNITS`)."""
+    return sweep != "infer" and np.dtype(dtype) == np.float32 and N >= 2 and D >= AUTO_TENSOR_MIN_UNITS
 
 
 def _tensor_sweep(sweep: str, head: tuple, tail: tuple, W, S: int, N: int, D: int, B: int,
