@@ -323,8 +323,6 @@ def _refuse_inapplicable(cfg, given: dict) -> None:
             f"{_option(k)} ({why})" for k, why in unused.items()))
 
 
-#: plots a run folder may hold (see _plot_run); --overwrite removes them with the run's files
-PLOTS = ("loss.png", "predictions.png")
 
 
 def _is_default_folder(out: Path, default: Path) -> bool:
@@ -342,7 +340,7 @@ def _check_fresh(out: Path, overwrite: bool, default: Path, resumable: bool = Tr
     go first, so that none of the old run is left beside the new one. ``resumable``: whether
     the command can continue it (compare cannot)."""
     from mdnumba.checkpoint import CHECKPOINT
-    from mdnumba.train import RUN_FILES, set_aside_log
+    from mdnumba.train import PLOTS, RUN_FILES, set_aside_log
     present = [name for name in RUN_FILES + PLOTS if (out / name).exists()]
     if not present:
         return
@@ -497,6 +495,7 @@ def train(ctx: click.Context, out: Path, overwrite: bool, resume: Path | None, c
                                    "--out and --overwrite")
         trainer = _resume_run(resume, given)
         if ctx.get_parameter_source("plot").name == "DEFAULT":  # its PNGs would go stale
+            from mdnumba.train import PLOTS
             plot = _plot_available() and any((resume / name).exists() for name in PLOTS)
     else:
         cfg = _config(given, **kw)

@@ -128,14 +128,15 @@ def save_checkpoint(folder: Path, arrays: dict[str, np.ndarray], meta: dict) -> 
 def _missing_hint(folder: Path) -> str:
     """What to do about a folder without a checkpoint: open the runs inside it (a ``compare``
     folder), put a moved checkpoint back (a run's ``config.json`` is there), or train there
-    (``--overwrite`` if other files are in the way)."""
+    (``--overwrite`` if a run's files that training refuses to write over are there)."""
+    from .train import PLOTS, RUN_FILES  # it imports this module
     runs = sorted(p.parent.name for p in folder.glob(f"*/{CHECKPOINT}")) if folder.is_dir() else []
     if runs:
         return f"it holds runs in its sub-folders {', '.join(runs)}: give one, e.g. {folder / runs[0]}"
     if (folder / CONFIG_JSON).is_file():  # a run's files without its checkpoint: moved away?
         return (f"if it was moved, put it back; `mdnumba train --out {folder} --overwrite` starts "
                 "a new run there instead, replacing this one's config.json and log")
-    leftover = folder.is_dir() and any(folder.iterdir())
+    leftover = any((folder / name).exists() for name in RUN_FILES + PLOTS)
     return f"train first with `mdnumba train --out {folder}{' --overwrite' if leftover else ''}`"
 
 

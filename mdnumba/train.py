@@ -48,6 +48,8 @@ from .tasks.diagonal import DiagonalBatch
 LOG = "log.tsv"
 #: the files a run writes into its folder (besides the CLI's plots)
 RUN_FILES = (CHECKPOINT, CONFIG_JSON, LOG)
+#: the plots the CLI writes into a run's folder; `train --overwrite` removes them with RUN_FILES
+PLOTS = ("loss.png", "predictions.png")
 
 
 def set_aside_log(stamp: str = "*") -> str:

@@ -1052,6 +1052,9 @@ def test_missing_checkpoint_hints_lead_somewhere(runner, tmp_path):
     (run / "log.tsv").write_text("step\tloss\n1\t0.5\n")
     res = runner.invoke(main, ["evaluate", str(run)])
     assert res.exit_code == 1 and f"train first with `mdnumba train --out {run} --overwrite`" in res.output
+    (run / "log.tsv").rename(run / "notes.tsv")  # another file: train writes beside it, no --overwrite
+    res = runner.invoke(main, ["evaluate", str(run)])
+    assert res.exit_code == 1 and f"train first with `mdnumba train --out {run}`" in res.output, res.output
     assert train(runner, tmp_path / "moved").exit_code == 0  # a run whose checkpoint was moved away
     (tmp_path / "moved" / "checkpoint.npz").rename(tmp_path / "checkpoint.npz")
     res = runner.invoke(main, ["evaluate", str(tmp_path / "moved")])
