@@ -275,14 +275,15 @@ def sweep_times(dev, cfg: Config, path: str, sync, budget_s: float) -> dict[str,
     return {"forward": fwd, "backward": bwd}
 
 
-def gemm_time(dev, cfg: Config, sync, budget_s: float) -> Timing:
+def gemm_time(dev, cfg: Config, sync, budget_s: float, method: str = "auto") -> Timing:
     """The backward's weight-gradient GEMM alone, ``[dW; dU; db] += zᵀ dact`` (one direction: one
-    launch), on the operands a train step left in ``dev``'s buffers."""
+    launch), on the operands a train step left in ``dev``'s buffers; ``method`` as ``gemm``'s
+    ("auto": what the step runs, on tensor cores in float32 on sm_80+; "tiled": FP32 FMAs)."""
     from mdnumba.kernels import wavefront_cuda as k
     w = dev._work
     rows = w["z"].shape[1]
     return time_it(lambda: k.gemm(dev.grads.reshape(rows, 5 * cfg.D), w["z"], w["dact"], ta=True,
-                                  accumulate=True), sync, budget_s)
+                                  accumulate=True, method=method), sync, budget_s)
 
 
 def sync_floors(K: int, tpb: int, sync, budget_s: float, grids: tuple = ()) -> dict[str, object]:
@@ -498,17 +499,20 @@ def parts_table(results: list[dict]) -> list[str]:
     backward sweeps, the weight-gradient GEMM) and what is left: the input GEMM, skew, loss
     gradient, zero_grad, sum of squares, Adam, the gaps between launches, and the work the step's
     sweep kernels do around their sweeps (the output in grid order, the backward's skew of dh and
-    its GEMM operands), which :func:`sweep_times` leaves out."""
+    its GEMM operands), which :func:`sweep_times` leaves out. Last, the weight-gradient GEMM on
+    FP32 FMAs (``gemm(method="tiled")``) where the step's runs on tensor cores."""
     rows = ["| config | train step ms | forward sweep ms | backward sweep ms | weight-gradient GEMM ms | "
-            "the rest ms |", "|---|---|---|---|---|---|"]
+            "the rest ms | that GEMM tiled (FP32) ms |", "|---|---|---|---|---|---|---|"]
     for res in results:
         step, sw, gemm = res["train"].get("coop"), res["sweeps"].get("cooperative", {}), res.get("gemm")
         parts = [sw.get("forward"), sw.get("backward"), gemm]
         if step is None or None in parts:
             continue
         rest = step.best - sum(t.best for t in parts)
+        tiled = res.get("gemm_tiled")
         rows.append(f"| {res['cfg'].label} | {step.best * 1e3:.3g} | "
-                    + " | ".join(f"{t.best * 1e3:.3g}" for t in parts) + f" | {rest * 1e3:.3g} |")
+                    + " | ".join(f"{t.best * 1e3:.3g}" for t in parts) + f" | {rest * 1e3:.3g} | "
+                    + (f"{tiled.best * 1e3:.3g} |" if tiled else "– |"))
     return rows
 
 
@@ -690,7 +694,9 @@ def render(info: dict[str, str], results: list[dict], quick: bool) -> str:
     out += ["", "## Where a train step goes", "",
             "The default (cooperative) path's train step next to its parts timed alone: the two "
             "sweeps (as above: without the output in grid order and the backward's prologue) and "
-            "the weight-gradient GEMM; *the rest* is everything else in the step (input GEMM, skew, "
+            "the weight-gradient GEMM (on tensor cores in 3xTF32 where the GPU has them; the last "
+            "column: the same GEMM on FP32 FMAs, `gemm(method=\"tiled\")`); *the rest* is "
+            "everything else in the step (input GEMM, skew, "
             "loss gradient, zero_grad, sum of squares, Adam, the sweeps' prologue and epilogue, "
             "the gaps between launches).", ""] + parts_table(results)
     out += ["", "## Host dispatch", "",
@@ -886,6 +892,7 @@ def _device_path(res: dict, key: str, path: str, layout: str | None, name: str, 
     res["sweeps"][name] = sweep_times(dev, cfg, path, sync, budget / 2)
     if key == "coop":
         res["gemm"] = gemm_time(dev, cfg, sync, budget / 4)
+        res["gemm_tiled"] = gemm_time(dev, cfg, sync, budget / 4, "tiled")
     del train, fwd, dev
     gc.collect()
 

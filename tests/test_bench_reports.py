@@ -87,7 +87,9 @@ def test_gpu_step_parts():
     res["gemm"] = T([0.0004, 0.0005])
     head, _, row = bench_gpu.parts_table([res, gpu_result("256", 0.1, None, None)])
     assert head.startswith("| config | train step ms | forward sweep ms | backward sweep ms |")
-    assert row == "| 32x32 B64 D64 | 6 | 1.5 | 3.4 | 0.4 | 0.7 |"
+    assert row == "| 32x32 B64 D64 | 6 | 1.5 | 3.4 | 0.4 | 0.7 | – |"
+    res["gemm_tiled"] = T([0.0009])  # the same GEMM on FP32 FMAs, beside the step's
+    assert bench_gpu.parts_table([res])[2] == "| 32x32 B64 D64 | 6 | 1.5 | 3.4 | 0.4 | 0.7 | 0.9 |"
 
 
 def test_gpu_targets_both_configs_and_missing_parts():

@@ -1210,6 +1210,73 @@ def sim_gemm_at_the_gpu_tile_sizes(rng, monkeypatch):
         np.testing.assert_allclose(out, (a.T if ta else a) @ (b.T if tb else b), rtol=1e-12, atol=1e-12)
 
 
+def _tensor_gemm_cases(gpu, rng, shapes, every_mode=True):
+    """gemm(method="tensor") against NumPy in float64 for each ``(M, N, K, ta, tb, nsplit)``:
+    bias, accumulate (``every_mode``) and accumulating with the ones row, float32 accuracy."""
+    for M, N, K, ta, tb, nsplit in shapes:
+        a = rng.standard_normal((K, M) if ta else (M, K)).astype(np.float32)
+        b = rng.standard_normal((N, K) if tb else (K, N)).astype(np.float32)
+        prod = (a.T if ta else a).astype(float) @ (b.T if tb else b)
+        bias = rng.standard_normal(N).astype(np.float32)
+        kw = dict(ta=ta, tb=tb, method="tensor", nsplit=nsplit)
+        if every_mode:
+            out = np.zeros((M, N), np.float32)
+            gpu.gemm(out, a, b, bias, **kw)
+            np.testing.assert_allclose(out, bias + prod, rtol=2e-5, atol=2e-5 * np.sqrt(K))
+            old = out.astype(float)
+            gpu.gemm(out, a, b, accumulate=True, **kw)
+            np.testing.assert_allclose(out, old + prod, rtol=2e-5, atol=2e-5 * np.sqrt(K))
+        out = np.full((M + 1, N), 0.5, np.float32)
+        gpu.gemm(out, a, b, accumulate=True, ones_row=True, **kw)
+        want = 0.5 + np.vstack([prod, (b.T if tb else b).sum(axis=0)])
+        np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-5 * np.sqrt(K))
+
+
+def sim_tensor_gemm_matches_numpy(rng, monkeypatch):
+    """The GEMM on tensor cores (3xTF32, float32 accuracy) for every transpose flag, init mode and
+    the ones row, with ragged row, column and k tiles and K splits over several tiles; "auto" takes
+    it for a float32 GEMM the tiled one would run (the weight gradients), not in float64 or mixed
+    dtypes, nor on a GPU before sm_80, where asking for it is an error."""
+    from mdnumba.kernels import tensor_cuda as tc
+    from mdnumba.kernels import wavefront_cuda as gpu
+    shapes = [(2 * tc.GEMM_BM + 3, tc.GEMM_BN + 5, 2 * tc.GEMM_BK + 5, ta, tb, nsplit)
+              for (ta, tb), nsplit in zip(((True, False), (False, True), (False, False), (True, True)),
+                                          (1, 3, 2, 1))]
+    _tensor_gemm_cases(gpu, rng, shapes)
+    launched, real = [], gpu.launch
+    monkeypatch.setattr(gpu, "launch", lambda kernel, *args: launched.append(kernel) or real(kernel, *args))
+    a, b = rng.standard_normal((40, 3)).astype(np.float32), rng.standard_normal((40, 17)).astype(np.float32)
+    for dtype in (np.float32, np.float64):  # K = 40, N = 17: the tiled GEMM's shape
+        gpu.gemm(np.zeros((3, 17), dtype), a.astype(dtype), b.astype(dtype), ta=True)
+    gpu.gemm(np.zeros((3, 17), np.float32), a, b.astype(np.float64), ta=True)
+    assert launched == [tc._gemm_tensor, gpu._gemm_tiled, gpu._gemm_tiled], launched
+    with pytest.raises(ValueError, match="method 'tensor' cannot run: float64: tensor cores take float32"):
+        gpu.gemm(np.zeros((3, 17)), a.astype(float), b.astype(float), ta=True, method="tensor")
+    monkeypatch.setattr(tc, "_compute_capability", lambda: (7, 5))
+    gpu.gemm(np.zeros((3, 17), np.float32), a, b, ta=True)
+    assert launched[-1] is gpu._gemm_tiled
+    with pytest.raises(ValueError, match="TF32 mma needs compute capability 8.0"):
+        gpu.gemm(np.zeros((3, 17), np.float32), a, b, ta=True, method="tensor")
+
+
+def sim_tensor_gemm_at_the_gpu_tile_sizes(rng, monkeypatch):
+    """The tensor GEMM with a GPU's constants (4 warps, each 2 x 4 mma tiles, 16 k a shared tile:
+    64 x 64 tiles; the simulator's own are one warp, one mma tile, 8 k), where the warps' and
+    tiles' index arithmetic is not all zeros: ragged tiles, a K split. Under the simulator the
+    kernel is Python and reads them at each call."""
+    from mdnumba.kernels import tensor_cuda as tc
+    from mdnumba.kernels import wavefront_cuda as gpu
+    WM, WN, TM, TN, BK = 2, 2, 2, 4, 16
+    BM, BN = WM * TM * 16, WN * TN * 8
+    gpu_values = dict(GEMM_WM=WM, GEMM_WN=WN, GEMM_TM=TM, GEMM_TN=TN, GEMM_BK=BK, GEMM_BM=BM, GEMM_BN=BN,
+                      GEMM_THREADS=WM * WN * 32, _GA_COLS=BM + tc.GEMM_PAD, _GB_COLS=BN + tc.GEMM_PAD)
+    for name, value in gpu_values.items():
+        assert gpu.SIMULATOR or getattr(tc, name) == value, name  # a GPU build has them already
+        monkeypatch.setattr(tc, name, value)
+    monkeypatch.setattr(tc, "GEMM", (tc._gemm_tensor, (BM, BN, BK), WM * WN * 32))
+    _tensor_gemm_cases(gpu, rng, [(BM + 3, 40, BK + 5, True, False, 2)], every_mode=False)
+
+
 @pytest.mark.parametrize("kw,clip,clipped,layout", [({}, 0.5, False, None),
                                                      ({"cell": "stable", "directions": 4}, 1e-3, True, None),
                                                      ({"directions": 4}, 0.5, False, "item")])

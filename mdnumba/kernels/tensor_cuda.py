@@ -61,11 +61,14 @@ from .wavefront_cuda import (
     _coop_cap,
     _divmod,
     _item_shared_limit,
+    _last_block,
     _load4,
     _load4_row,
+    _load_tile,
     _opt_in_shared,
     _register_forward,
     _sm_count,
+    _store,
     _unskew,
 )
 
@@ -86,6 +89,17 @@ FALLBACK = {"forward": "sliced", "backward": "sliced", "infer": "flat"}
 #: shared floats per (neighbour, gate block, k step) of a slice: 32 lanes x (b0, b1) x (hi, lo)
 _FRAGMENT = WARP * 4
 _TENSOR_JIT = _JIT if SIMULATOR else dict(_JIT, launch_bounds=(TENSOR_THREADS, 1))
+#: the tensor GEMM (:func:`_gemm_tensor`): warps along M and N of a block, mma tiles of 16 rows and
+#: of 8 columns per warp, k steps per shared tile; a block computes GEMM_BM x GEMM_BN outputs (the
+#: simulator's one warp a 16 x 8 tile: it runs a thread as a Python thread)
+GEMM_WM, GEMM_WN, GEMM_TM, GEMM_TN, GEMM_BK = (1, 1, 1, 1, KSTEP) if SIMULATOR else (2, 2, 2, 4, 2 * KSTEP)
+GEMM_BM, GEMM_BN = GEMM_WM * GEMM_TM * TILE_ROWS, GEMM_WN * GEMM_TN * UNITS
+GEMM_THREADS = GEMM_WM * GEMM_WN * WARP
+#: words past a shared tile's row: a row stride of 8 (mod 32) words puts a fragment's 4 k x 8 rows
+#: (columns) on 32 different banks
+GEMM_PAD = 8
+_GA_COLS, _GB_COLS = GEMM_BM + GEMM_PAD, GEMM_BN + GEMM_PAD
+_GEMM_JIT = _JIT if SIMULATOR else dict(_JIT, launch_bounds=(GEMM_THREADS, 2))
 
 
 # ---------------------------------------------------------------- primitives
@@ -562,6 +576,102 @@ def _backward_diag_tensor(dact, dc, dh, act, c, UTf, diag_off, parent, child, B,
 
 
 #: (cooperative, per-diagonal) kernels per sweep
+@cuda.jit(**_GEMM_JIT)
+def _gemm_tensor(out, parts, counters, a, bm, bias, M, N, K, ta, tb, mode, kchunk, Ma):
+    """The tiled GEMM of :mod:`mdnumba.kernels.wavefront_cuda` (``_gemm_tiled``: the same arguments,
+    K split, ones row and init modes) on tensor cores, float32 in 3xTF32: block (x, y, z) computes
+    the GEMM_BM x GEMM_BN tile (x, y) of ``Σ_{k ∈ chunk z} A[m, k] B[k, n]``, each warp its
+    GEMM_TM x GEMM_TN mma tiles of it (:func:`_gemm_tensor_step`) from shared tiles of GEMM_BK k;
+    the sums go through a shared tile to the output (:func:`_gemm_tensor_out`)."""
+    As = cuda.shared.array((GEMM_BK, _GA_COLS), numba.float32)
+    Bs = cuda.shared.array((GEMM_BK, _GB_COLS), numba.float32)
+    acc = cuda.local.array((GEMM_TM, GEMM_TN, 4), numba.float32)
+    acs = cuda.local.array((GEMM_TM, GEMM_TN, 4), numba.float32)  # the small products, kept apart
+    for i in range(GEMM_TM):
+        for j in range(GEMM_TN):
+            for e in range(4):
+                acc[i, j, e] = 0
+                acs[i, j, e] = 0
+    m0, n0 = cuda.blockIdx.x * GEMM_BM, cuda.blockIdx.y * GEMM_BN
+    k_begin = cuda.blockIdx.z * kchunk
+    k_end = min(K, k_begin + kchunk)
+    for k0 in range(k_begin, k_end, GEMM_BK):
+        _load_tile(As, a, m0, k0, Ma, M, k_end, ta, GEMM_BM, GEMM_BK, GEMM_THREADS)
+        _load_tile(Bs, bm, n0, k0, N, N, k_end, not tb, GEMM_BN, GEMM_BK, GEMM_THREADS)
+        cuda.syncthreads()
+        for ks in range(0, GEMM_BK, KSTEP):
+            _gemm_tensor_step(acc, acs, As, Bs, ks)
+        cuda.syncthreads()
+    _gemm_tensor_out(out, parts, counters, bias, acc, acs, m0, n0, M, N, mode)
+
+
+@cuda.jit(device=True)
+def _gemm_tensor_out(out, parts, counters, bias, acc, acs, m0, n0, M, N, mode):
+    """Write the block's tile: each lane's sums (``acc + acs``, C fragments) into a shared tile
+    (every index a constant: the accumulators stay in registers), then, by the block's threads in
+    row order (coalesced), into ``out`` (init mode ``mode``, one chunk) or ``parts[z]``, whose last
+    block of the tile writes ``out = init + Σ_z parts[z]`` as ``_gemm_tiled`` does."""
+    Cs = cuda.shared.array((GEMM_BM, _GB_COLS), numba.float32)
+    lane, warp = cuda.threadIdx.x % WARP, cuda.threadIdx.x // WARP
+    wm, wn = _divmod(warp, GEMM_WN)
+    for i in range(GEMM_TM):
+        for j in range(GEMM_TN):
+            for e in range(4):
+                r = (wm * GEMM_TM + i) * TILE_ROWS + (lane >> 2) + 8 * (e >> 1)
+                Cs[r, (wn * GEMM_TN + j) * UNITS + 2 * (lane & 3) + (e & 1)] = acc[i, j, e] + acs[i, j, e]
+    cuda.syncthreads()
+    split = cuda.gridDim.z > 1
+    for f in range(cuda.threadIdx.x, GEMM_BM * GEMM_BN, GEMM_THREADS):
+        r, c = _divmod(f, GEMM_BN)
+        if m0 + r < M and n0 + c < N:
+            if split:
+                parts[cuda.blockIdx.z, m0 + r, n0 + c] = Cs[r, c]
+            else:
+                _store(out, bias, mode, m0 + r, n0 + c, Cs[r, c])
+    if split and _last_block(counters):
+        for f in range(cuda.threadIdx.x, GEMM_BM * GEMM_BN, GEMM_THREADS):
+            r, c = _divmod(f, GEMM_BN)
+            m, n = m0 + r, n0 + c
+            if m < M and n < N:
+                total = parts[0, m, n]
+                for z in range(1, cuda.gridDim.z):
+                    total += parts[z, m, n]
+                _store(out, bias, mode, m, n, total)
+
+
+@cuda.jit(device=True)
+def _gemm_tensor_step(acc, acs, As, Bs, ks):
+    """One mma k step (KSTEP k from ``ks``) of the warp's tiles, 3xTF32 (:func:`_mma_step`'s
+    products): A fragments from ``As[k, m]``, B fragments from ``Bs[k, n]``, each split once."""
+    lane, warp = cuda.threadIdx.x % WARP, cuda.threadIdx.x // WARP
+    wm, wn = _divmod(warp, GEMM_WN)
+    group, t = lane >> 2, lane & 3
+    bh = cuda.local.array((GEMM_TN, 2), numba.float32)
+    bl = cuda.local.array((GEMM_TN, 2), numba.float32)
+    for j in range(GEMM_TN):
+        n = (wn * GEMM_TN + j) * UNITS + group
+        bh[j, 0], bl[j, 0] = _split(Bs[ks + t, n])
+        bh[j, 1], bl[j, 1] = _split(Bs[ks + t + 4, n])
+    for i in range(GEMM_TM):
+        m = (wm * GEMM_TM + i) * TILE_ROWS + group
+        hi0, lo0 = _split(As[ks + t, m])
+        hi1, lo1 = _split(As[ks + t, m + 8])
+        hi2, lo2 = _split(As[ks + t + 4, m])
+        hi3, lo3 = _split(As[ks + t + 4, m + 8])
+        for j in range(GEMM_TN):
+            b0, b1, c0, c1 = bh[j, 0], bh[j, 1], bl[j, 0], bl[j, 1]
+            acs[i, j, 0], acs[i, j, 1], acs[i, j, 2], acs[i, j, 3] = mma(
+                lo0, lo1, lo2, lo3, b0, b1, acs[i, j, 0], acs[i, j, 1], acs[i, j, 2], acs[i, j, 3])
+            acs[i, j, 0], acs[i, j, 1], acs[i, j, 2], acs[i, j, 3] = mma(
+                hi0, hi1, hi2, hi3, c0, c1, acs[i, j, 0], acs[i, j, 1], acs[i, j, 2], acs[i, j, 3])
+            acc[i, j, 0], acc[i, j, 1], acc[i, j, 2], acc[i, j, 3] = mma(
+                hi0, hi1, hi2, hi3, b0, b1, acc[i, j, 0], acc[i, j, 1], acc[i, j, 2], acc[i, j, 3])
+
+
+#: the tensor GEMM for ``wavefront_cuda.gemm(method="tensor")``: (kernel, (BM, BN, BK), threads)
+GEMM = (_gemm_tensor, (GEMM_BM, GEMM_BN, GEMM_BK), GEMM_THREADS)
+
+
 KERNELS = {"forward": (_forward_coop_tensor, _forward_diag_tensor),
            "backward": (_backward_coop_tensor, _backward_diag_tensor)}
 
@@ -588,6 +698,18 @@ def _compute_capability() -> tuple[int, int]:
     return MIN_COMPUTE_CAPABILITY if SIMULATOR else tuple(cuda.get_current_device().compute_capability)
 
 
+def why_not_tf32(dtype) -> str:
+    """Why the tensor cores cannot take ``dtype``'s sums here: not float32, or a GPU before sm_80;
+    "" where they can."""
+    if np.dtype(dtype) != np.float32:
+        return f"{np.dtype(dtype)}: tensor cores take float32 (as TF32)"
+    cc = _compute_capability()
+    if cc < MIN_COMPUTE_CAPABILITY:
+        return (f"TF32 mma needs compute capability {'.'.join(map(str, MIN_COMPUTE_CAPABILITY))}+, "
+                f"this GPU has {'.'.join(map(str, cc))}")
+    return ""
+
+
 def plan(sweep: str, args: tuple, S: int, N: int, D: int, B: int, diag_off_host: np.ndarray, dtype,
          path: str) -> tuple[int, int, int, str]:
     """The tensor layout of a ``sweep`` ("forward", "backward") with the kernels' ``args``: ``(nO,
@@ -596,12 +718,9 @@ def plan(sweep: str, args: tuple, S: int, N: int, D: int, B: int, diag_off_host:
     not)``: float64, a GPU before sm_80, more than 3-D, a slice over the shared memory a block can
     opt in to, or (off the per-diagonal path) S x nJ slices that cannot all be co-resident. Opts
     the kernels in to the shared memory they need."""
-    if np.dtype(dtype) != np.float32:
-        return 0, 0, 0, f"{np.dtype(dtype)}: tensor cores take float32 (as TF32)"
-    cc = _compute_capability()
-    if cc < MIN_COMPUTE_CAPABILITY:
-        return 0, 0, 0, (f"TF32 mma needs compute capability {'.'.join(map(str, MIN_COMPUTE_CAPABILITY))}+, "
-                         f"this GPU has {'.'.join(map(str, cc))}")
+    why = why_not_tf32(dtype)
+    if why:
+        return 0, 0, 0, why
     if N + 3 > GATE_CHUNK:
         return 0, 0, 0, f"the tensor layout sweeps at most {GATE_CHUNK - 3}-D layers, this one is {N}-D"
     shmem = shared_bytes(N, D, sweep)

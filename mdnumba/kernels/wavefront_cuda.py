@@ -1873,25 +1873,26 @@ def _op_at(x, i, j, trans):
 
 
 @cuda.jit(device=True)
-def _load_tile(T, src, r0, k0, R, R1, k_end, trans, width):
-    """``T[kk, rr] = S[r0+rr, k0+kk]`` (1 in rows ``R <= r < R1``, 0 outside ``R1`` rows /
-    ``k_end``) with ``S = srcᵀ`` if ``trans`` else ``src``; the fast-varying index follows
+def _load_tile(T, src, r0, k0, R, R1, k_end, trans, width, depth, threads):
+    """``T[kk, rr] = S[r0+rr, k0+kk]`` for ``kk < depth``, ``rr < width`` (1 in rows ``R <= r <
+    R1``, 0 outside ``R1`` rows / ``k_end``) with ``S = srcᵀ`` if ``trans`` else ``src``, by the
+    block's ``threads`` threads (a multiple of width and depth); the fast-varying index follows
     src's last axis (coalesced).
 
-    A tile: ``_load_tile(As, a, m0, k0, Ma, M, .., ta, BM)``; B tile (``op(B)[k, n]``, i.e.
-    ``op(B)ᵀ`` by rows n): ``_load_tile(Bs, bm, n0, k0, N, N, .., not tb, BN)``.
+    A tile: ``_load_tile(As, a, m0, k0, Ma, M, .., ta, BM, BK, GEMM_THREADS)``; B tile (``op(B)[k,
+    n]``, i.e. ``op(B)ᵀ`` by rows n): ``_load_tile(Bs, bm, n0, k0, N, N, .., not tb, BN, ..)``.
     """
     t = cuda.threadIdx.x  # each thread: fixed steps through the tile (no divisions per element)
-    if trans:  # fast index rr; GEMM_THREADS is a multiple of the tile width
+    if trans:  # fast index rr
         kk, rr = t // width, t % width
-        while kk < BK:
+        while kk < depth:
             _tile_store(T, kk, rr, src, k0 + kk, r0 + rr, R, R1, k_end, True)
-            kk += GEMM_THREADS // width
-    else:  # fast index kk; GEMM_THREADS is a multiple of BK
-        kk, rr = t % BK, t // BK
+            kk += threads // width
+    else:  # fast index kk
+        kk, rr = t % depth, t // depth
         while rr < width:
             _tile_store(T, kk, rr, src, k0 + kk, r0 + rr, R, R1, k_end, False)
-            rr += GEMM_THREADS // BK
+            rr += threads // depth
 
 
 @cuda.jit(device=True)
@@ -1933,8 +1934,8 @@ def _gemm_tiled(out, parts, counters, a, bm, bias, M, N, K, ta, tb, mode, kchunk
     # of x and ones past 128 of h) skips the multiply-adds; whole warps do (tr, tc: rows, columns)
     live = m0 + tr < M and n0 + tc < N
     for k0 in range(k_begin, k_end, BK):
-        _load_tile(As, a, m0, k0, Ma, M, k_end, ta, BM)
-        _load_tile(Bs, bm, n0, k0, N, N, k_end, not tb, BN)
+        _load_tile(As, a, m0, k0, Ma, M, k_end, ta, BM, BK, GEMM_THREADS)
+        _load_tile(Bs, bm, n0, k0, N, N, k_end, not tb, BN, BK, GEMM_THREADS)
         cuda.syncthreads()
         if live:
             for k1 in range(0, BK, _KU):  # _KU steps per trip: one loop counter per _KU*TM*TN FMAs
@@ -2648,7 +2649,8 @@ def gemm(out: HostOrDevice, a: HostOrDevice, bm: HostOrDevice, bias: HostOrDevic
     init is ``bias`` (broadcast over rows) if given, ``out`` if ``accumulate``,
     else 0. ``method``: "small" (thread per output; best when K is small),
     "tiled" (shared-memory tiles, K split into ``nsplit`` chunks reduced in a
-    fixed order) or "auto".
+    fixed order), "tensor" (the same on tensor cores in 3xTF32, float32 on sm_80+:
+    :mod:`mdnumba.kernels.tensor_cuda`) or "auto" (tensor where tiled would run and it can).
     """
     if bias is not None and accumulate:
         raise ValueError("give either bias or accumulate=True, not both")
@@ -2674,28 +2676,48 @@ def gemm(out: HostOrDevice, a: HostOrDevice, bm: HostOrDevice, bias: HostOrDevic
         # thread per output for a short K, or few columns with a K one thread can walk; long
         # reductions into few outputs (bias / readout gradients) want the tiled K split
         method = "small" if (K <= 32 or (N <= 16 and K <= 1024)) else "tiled"
+        if method == "tiled" and not _tensor_gemm_why_not(dout, da, dbm):
+            method = "tensor"
     if method == "small":
         tpb = _tpb(None)
         launch(_gemm_small, _blocks(M * N, tpb), tpb, 0, dout, da, dbm, dbias, M, N, K, ta, tb, mode, Ma)
     elif method == "tiled":
-        _gemm_tiled_launch(dout, da, dbm, dbias, M, N, K, ta, tb, mode, nsplit, Ma)
+        _gemm_tiled_launch(dout, da, dbm, dbias, M, N, K, ta, tb, mode, nsplit, Ma,
+                           (_gemm_tiled, (BM, BN, BK), GEMM_THREADS))
+    elif method == "tensor":
+        why = _tensor_gemm_why_not(dout, da, dbm)
+        if why:
+            raise ValueError(f"gemm's method 'tensor' cannot run: {why}")
+        from .tensor_cuda import GEMM  # it imports this module
+        _gemm_tiled_launch(dout, da, dbm, dbias, M, N, K, ta, tb, mode, nsplit, Ma, GEMM)
     else:
-        raise ValueError(f"method must be auto, small or tiled, got {method!r}")
+        raise ValueError(f"method must be auto, small, tiled or tensor, got {method!r}")
     x.finish(0)
 
 
-def _gemm_tiled_launch(out, a, bm, bias, M, N, K, ta, tb, mode, nsplit, Ma) -> None:
-    """Pick the K split (enough blocks to fill the GPU) and launch tiles (+ reduction)."""
-    tiles = (-(-N // BN)) * (-(-M // BM))
-    ksteps = -(-K // BK)
+def _tensor_gemm_why_not(out, a, bm) -> str:
+    """Why ``gemm``'s "tensor" method cannot take these arrays ("" where it can): operands and
+    output not all float32, or no TF32 tensor cores."""
+    if not a.dtype == bm.dtype == out.dtype:
+        return f"it takes operands of out's dtype, {out.dtype}, got {a.dtype} and {bm.dtype}"
+    from .tensor_cuda import why_not_tf32  # it imports this module
+    return why_not_tf32(out.dtype)
+
+
+def _gemm_tiled_launch(out, a, bm, bias, M, N, K, ta, tb, mode, nsplit, Ma, kernel) -> None:
+    """Pick the K split (enough blocks to fill the GPU) and launch tiles (+ reduction); ``kernel``:
+    ``(kernel, (tile rows, tile columns, k per shared tile), threads per block)``."""
+    kernel, (bm_, bn_, bk_), threads = kernel
+    tiles = (-(-N // bn_)) * (-(-M // bm_))
+    ksteps = -(-K // bk_)
     if nsplit is None:
         nsplit = max(1, min(ksteps, (8 * _sm_count()) // tiles, 64))
     nsplit = max(1, min(int(nsplit), ksteps))
-    kchunk = -(-ksteps // nsplit) * BK
+    kchunk = -(-ksteps // nsplit) * bk_
     nsplit = -(-K // kchunk)
-    grid = (-(-M // BM), -(-N // BN), nsplit)
+    grid = (-(-M // bm_), -(-N // bn_), nsplit)
     parts = _scratch("gemm parts", (nsplit, M, N), out.dtype) if nsplit > 1 else out.reshape((1,) + out.shape)
-    launch(_gemm_tiled, grid, GEMM_THREADS, 0, out, parts, _tile_counters(grid[0] * grid[1]), a, bm, bias,
+    launch(kernel, grid, threads, 0, out, parts, _tile_counters(grid[0] * grid[1]), a, bm, bias,
            M, N, K, ta, tb, mode, kchunk, Ma)
 
 
