@@ -68,7 +68,8 @@ from .wavefront_cuda import (
     _opt_in_shared,
     _register_forward,
     _sm_count,
-    _store,
+    _store_part,
+    _store_parts_sum,
     _unskew,
 )
 
@@ -624,19 +625,12 @@ def _gemm_tensor_out(out, parts, counters, bias, acc, acs, m0, n0, M, N, mode):
     for f in range(cuda.threadIdx.x, GEMM_BM * GEMM_BN, GEMM_THREADS):
         r, c = _divmod(f, GEMM_BN)
         if m0 + r < M and n0 + c < N:
-            if split:
-                parts[cuda.blockIdx.z, m0 + r, n0 + c] = Cs[r, c]
-            else:
-                _store(out, bias, mode, m0 + r, n0 + c, Cs[r, c])
+            _store_part(out, parts, bias, mode, m0 + r, n0 + c, Cs[r, c], split)
     if split and _last_block(counters):
         for f in range(cuda.threadIdx.x, GEMM_BM * GEMM_BN, GEMM_THREADS):
             r, c = _divmod(f, GEMM_BN)
-            m, n = m0 + r, n0 + c
-            if m < M and n < N:
-                total = parts[0, m, n]
-                for z in range(1, cuda.gridDim.z):
-                    total += parts[z, m, n]
-                _store(out, bias, mode, m, n, total)
+            if m0 + r < M and n0 + c < N:
+                _store_parts_sum(out, parts, bias, mode, m0 + r, n0 + c)
 
 
 @cuda.jit(device=True)

@@ -1955,20 +1955,33 @@ def _gemm_tiled(out, parts, counters, a, bm, bias, M, N, K, ta, tb, mode, kchunk
         for q in range(TN):
             n = n0 + tc + q * _RN
             if m < M and n < N:
-                if split:
-                    parts[cuda.blockIdx.z, m, n] = acc[i, q]
-                else:
-                    _store(out, bias, mode, m, n, acc[i, q])
+                _store_part(out, parts, bias, mode, m, n, acc[i, q], split)
     if split and _last_block(counters):
         for i in range(TM):
             m = m0 + tr + i * _RM
             for q in range(TN):
                 n = n0 + tc + q * _RN
                 if m < M and n < N:
-                    total = parts[0, m, n]
-                    for z in range(1, cuda.gridDim.z):
-                        total += parts[z, m, n]
-                    _store(out, bias, mode, m, n, total)
+                    _store_parts_sum(out, parts, bias, mode, m, n)
+
+
+@cuda.jit(device=True)
+def _store_part(out, parts, bias, mode, m, n, value, split):
+    """Output (m, n)'s sum over this block's K chunk: ``parts[z, m, n] = value`` where the K sum is
+    ``split`` over the grid's z, else into ``out`` (:func:`_store`)."""
+    if split:
+        parts[cuda.blockIdx.z, m, n] = value
+    else:
+        _store(out, bias, mode, m, n, value)
+
+
+@cuda.jit(device=True)
+def _store_parts_sum(out, parts, bias, mode, m, n):
+    """``out[m, n] = init + Σ_z parts[z, m, n]``, z in increasing order (deterministic; :func:`_store`)."""
+    total = parts[0, m, n]
+    for z in range(1, cuda.gridDim.z):
+        total += parts[z, m, n]
+    _store(out, bias, mode, m, n, total)
 
 
 @cuda.jit(device=True)
