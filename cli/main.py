@@ -323,8 +323,6 @@ def _refuse_inapplicable(cfg, given: dict) -> None:
             f"{_option(k)} ({why})" for k, why in unused.items()))
 
 
-
-
 def _is_default_folder(out: Path, default: Path) -> bool:
     """Whether ``out`` names the command's ``default`` folder: the same name in the same parent
     folder (reached by any path), and not a symlink (with ``runs/latest -> md8`` neither

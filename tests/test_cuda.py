@@ -477,9 +477,12 @@ def sim_auto_layout_takes_tensor_cores_for_wide_float32_layers(rng, monkeypatch)
                                          (3, (7, 5), "flat layout: TF32", "sliced layout: TF32")):
         monkeypatch.setattr(gpu, "AUTO_TENSOR_MIN_UNITS", units)
         monkeypatch.setattr(tc, "_compute_capability", lambda cc=cc: cc)
-        dev, paths = _layer(2, 2, 3, np.float32, "cuda"), []
-        got = (dev.forward(x), paths.append(gpu.last_path()), dev.backward(dh), paths.append(gpu.last_path()),
-               dev.grads.data.copy())[::2]
+        dev = _layer(2, 2, 3, np.float32, "cuda")
+        h = dev.forward(x)
+        paths = [gpu.last_path()]
+        dx = dev.backward(dh)
+        paths.append(gpu.last_path())
+        got = (h, dx, dev.grads.data.copy())
         for a, b in zip(got, want):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
         for sweep, desc in zip((forward, backward), paths):

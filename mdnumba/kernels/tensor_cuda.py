@@ -576,7 +576,6 @@ def _backward_diag_tensor(dact, dc, dh, act, c, UTf, diag_off, parent, child, B,
     _backward_plane_n(dact, dc, dh, act, c, Ws, diag_off, parent, child, B, D, cell, nO, k, aligned)
 
 
-#: (cooperative, per-diagonal) kernels per sweep
 @cuda.jit(**_GEMM_JIT)
 def _gemm_tensor(out, parts, counters, a, bm, bias, M, N, K, ta, tb, mode, kchunk, Ma):
     """The tiled GEMM of :mod:`mdnumba.kernels.wavefront_cuda` (``_gemm_tiled``: the same arguments,
@@ -666,6 +665,7 @@ def _gemm_tensor_step(acc, acs, As, Bs, ks):
 GEMM = (_gemm_tensor, (GEMM_BM, GEMM_BN, GEMM_BK), GEMM_THREADS)
 
 
+#: (cooperative, per-diagonal) kernels per sweep
 KERNELS = {"forward": (_forward_coop_tensor, _forward_diag_tensor),
            "backward": (_backward_coop_tensor, _backward_diag_tensor)}
 
