@@ -20,6 +20,10 @@ promotes it: half rate or worse on a GPU) and without widening a float32 to floa
 else 0``: Numba unifies float32 and int to float64; a conversion to or from float64 runs at 16
 per clock per SM on an H100, an FMA at 128); 1 otherwise (the failures are printed).
 
+``--part main`` leaves out the float64 twins (the float64 launches of kernels also launched in
+float32: the same code at another float type), ``--part float64-twins`` compiles only them: the
+suite's default run takes the first, its slow tests the second.
+
 ``--ptxas PATH`` (the ``nvidia-cuda-nvcc`` wheel has one) also prints each kernel's
 registers, spills and shared memory, e.g. to size the cooperative grid, and,
 with ``cuobjdump`` and ``nvdisasm`` beside it (``nvidia-cuda-cuobjdump``,
@@ -104,6 +108,26 @@ def _floats(argtypes: tuple) -> set[str]:
     return {str(getattr(t, "dtype", "")) for t in argtypes} & {"float32", "float64"}
 
 
+def _dtype_class(argtypes: tuple) -> str:
+    """float32 (a float32 array among the arguments) or float64 (float64 arrays only)."""
+    return "float32" if "float32" in _floats(argtypes) else "float64"
+
+
+#: ``--part``: every record; all but the float64 twins; the float64 twins only
+PARTS = ("all", "main", "float64-twins")
+
+
+def select_part(records: list[tuple], part: str) -> list[tuple]:
+    """The records of ``part``: the float64 twins are the float64 launches of kernels also
+    launched in float32 (the same code at another float type); "main" keeps every kernel at least
+    once, in float32 where it has a float32 launch."""
+    if part == "all":
+        return records
+    in_float32 = {(m, n) for m, n, t in records if _dtype_class(t) == "float32"}
+    twin = [(m, n) in in_float32 and _dtype_class(t) == "float64" for m, n, t in records]
+    return [r for r, is_twin in zip(records, twin) if is_twin == (part == "float64-twins")]
+
+
 def package_kernels() -> list[str]:
     """``module.name`` of every kernel (not device function) of the ``mdnumba.kernels.*_cuda``
     modules (outside the simulator: there they are not dispatchers)."""
@@ -129,8 +153,7 @@ def unlaunched(records: list[tuple]) -> list[str]:
     expected by :data:`ONE_DTYPE`."""
     seen: dict[str, set] = {}
     for module, name, argtypes in records:
-        floats = _floats(argtypes)
-        seen.setdefault(f"{module}.{name}", set()).add("float32" if "float32" in floats else "float64")
+        seen.setdefault(f"{module}.{name}", set()).add(_dtype_class(argtypes))
     missing = []
     for kernel in package_kernels():
         one = ONE_DTYPE.get(kernel, ONE_DTYPE.get(kernel.rsplit(".", 1)[0] + ".*"))
@@ -241,12 +264,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("records", type=Path, nargs="+", help="launch records (their union is compiled)")
     parser.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/K",
                         help="compile only every K-th signature from the I-th on (0 <= I < K)")
+    parser.add_argument("--part", choices=PARTS, default="all",
+                        help="main: leave out the float64 twins of kernels launched in float32 too; "
+                             "float64-twins: only those (default: all)")
     parser.add_argument("--ptx-dir", type=Path, help="also write each kernel's PTX here")
     parser.add_argument("--ptxas", type=Path, help="ptxas binary: also print registers and spills")
     parser.add_argument("--markdown", type=Path, help="also write the per-kernel lines as a table here")
     args = parser.parse_args(argv)
     _offline_device()
-    records = load(args.records)
+    records = select_part(load(args.records), args.part)
     first, step = args.shard
     mine = list(enumerate(records))[first::step]
     failures, rows = [], []

@@ -139,6 +139,7 @@ def _launch_host_run(folder: Path):
             "--out", str(folder / "launch_host.md")], env
 
 
+@pytest.mark.slow
 @pytest.mark.background(command=_launch_host_run)
 def test_launch_host_times_whole_steps_and_runs_them_prepared(background_run):
     """Every launch of the GPU benchmark's device train step and of a block of the device trainer's

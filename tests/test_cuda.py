@@ -2676,6 +2676,7 @@ def test_gpu(case, gpu_report):
     _check_case(case, gpu_report, SIMULATOR_ONLY)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(IN_SIMULATOR, reason="this process already runs the simulator")
 @pytest.mark.parametrize("rows", sorted(OTHER_ROWS))
 def test_simulator_other_rows_per_thread(rows, simulator_runs):
@@ -2713,11 +2714,27 @@ def test_every_kernel_is_launched_in_both_dtypes(simulator_report, simulator_run
     assert not ptxcheck.unlaunched(records), ptxcheck.unlaunched(records)
 
 
+def test_ptxcheck_parts_keep_every_kernel_in_the_default_run():
+    """``ptxcheck --part main`` (the default run) keeps every kernel, in float32 where it was
+    launched with a float32 array; ``float64-twins`` (a slow test) takes the rest, so the two
+    parts are the records split in two."""
+    from numba import types
+    f32, f64, i64 = types.float32[:], types.float64[:], types.int64[:]
+    records = [("m", "both", (f32, i64)), ("m", "both", (f64, i64)), ("m", "mixed", (f32, f64)),
+               ("m", "mixed", (f64,)), ("m", "only64", (f64,)), ("m", "ints", (i64,))]
+    main, twins = (ptxcheck.select_part(records, part) for part in ("main", "float64-twins"))
+    assert twins == [records[1], records[3]]
+    assert main == [records[0], records[2], records[4], records[5]]
+    assert ptxcheck.select_part(records, "all") == records
+
+
 @pytest.mark.skipif(IN_SIMULATOR, reason="this process runs the simulator")
-def test_kernels_compile_for_gpu(simulator_report, simulator_runs):
+@pytest.mark.parametrize("part", ["main", pytest.param("float64-twins", marks=pytest.mark.slow)])
+def test_kernels_compile_for_gpu(part, simulator_report, simulator_runs):
     """Every kernel signature the simulator cases launched compiles for an H100 (NVVM to PTX,
     sm_90, the GPU's tile sizes) and needs no local-memory frame (tests/ptxcheck.py; SHARDS
-    concurrent processes)."""
+    concurrent processes). The float64 twins of kernels launched in float32 too (the same code at
+    another float type, 45% of the ~4 minutes of compiling) are slow tests."""
     missing = ptxcheck.missing_toolchain()
     if missing:
         pytest.skip(missing)
@@ -2725,7 +2742,8 @@ def test_kernels_compile_for_gpu(simulator_report, simulator_runs):
     assert records, "the simulator run recorded no launches"
     env = {k: v for k, v in os.environ.items()
            if k not in ("NUMBA_ENABLE_CUDASIM", "MDNUMBA_THREADS_PER_BLOCK")}
-    procs = [subprocess.Popen([sys.executable, ptxcheck.__file__, *records, "--shard", f"{i}/{SHARDS}"],
+    procs = [subprocess.Popen([sys.executable, ptxcheck.__file__, *records, "--part", part,
+                               "--shard", f"{i}/{SHARDS}"],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(SHARDS)]
     for proc in procs:
