@@ -94,6 +94,7 @@ def test_run_gpu_smoke_under_the_simulator(background_run):
     assert (tmp_path / "test_cuda_tmp.tgz").exists()  # the test shards' reports, packed
 
 
+@pytest.mark.slow
 def test_tune_gpu_times_the_sweeps_without_some_stages(tmp_path):
     """``bench/tune_gpu.py --layout flat,item --item-threads 8 --min-blocks 3 --variants
     memory-cell,neither`` under the simulator: one child process per layout and variant

@@ -382,17 +382,22 @@ def test_table_cache_keys_fill_in_the_defaults():
     grid.direction_tables.cache_clear()
 
 
-def test_index_tables_are_int32_and_int64_past_two_to_the_31(monkeypatch, rng):
-    """The tables are int32 (half the memory) below 2**31 entries and int64 beyond; a layer
-    whose tables are int64 (as a grid of 2**31 cells would get) computes the same output
-    (the kernels widen every index before arithmetic). Checked on the saving-free sweep, what a
-    grid that large runs; compiling every kernel for int64 too would cost CI half a minute."""
+def test_index_tables_are_int32_below_two_to_the_31():
+    """The tables are int32 (half the memory) below 2**31 entries and int64 beyond."""
     from mdnumba import grid
     assert grid.index_dtype(2**31 - 1) is np.int32 and grid.index_dtype(2**31) is np.int64
     wf, (skew, unskew) = grid.wavefront((3, 4)), grid.direction_tables((3, 4), 2, 4)
     _, *state = grid.state_tables(5, 2, 2)
     arrays = (wf.perm, wf.inv_perm, wf.diag_off, wf.parent, wf.child, skew, unskew, *state)
     assert {a.dtype for a in arrays} == {np.dtype(np.int32)}
+
+
+@pytest.mark.slow
+def test_int64_index_tables_give_the_same_output(monkeypatch, rng):
+    """A layer whose tables are int64 (as a grid of 2**31 cells would get) computes the same
+    output (the kernels widen every index before arithmetic). Checked on the saving-free sweep,
+    what a grid that large runs (its int64 compile: about half a minute)."""
+    from mdnumba import grid
     x = rng.standard_normal((2, 3, 4, 2))
 
     def run():

@@ -333,6 +333,7 @@ def _other_width_run(folder):
             _other_width_env())
 
 
+@pytest.mark.slow
 @pytest.mark.background(command=_other_width_run)
 def test_register_tiles_of_the_other_vector_width(background_run):
     """``MDNUMBA_VECTOR_BYTES`` 32 or 64, whichever the host does not choose (AVX2's width runs

@@ -184,3 +184,27 @@ def test_sweep_projects_the_inputs_itself(cls, dims, B, S, C, padded, schedule, 
     for name, a, b in zip("hca", *out):
         assert np.abs(a).max() > 0, name
         np.testing.assert_array_equal(b, a, err_msg=name)
+
+
+@pytest.mark.parametrize("schedule", ["planes", "batch"])
+def test_own_index_tables_share_the_layers_compiled_sweeps(schedule, rng, monkeypatch):
+    """A caller's own (writable) index tables give the numbers of the layers' read-only ones and
+    compile no second sweep (Numba keys a compiled sweep on whether each array is writable: 20-30 s
+    per sweep and dtype)."""
+    layer = MDLSTM2D(2, 6, directions=4, cell="stable", dtype=np.float64, seed=1)  # CASES[2]
+    x = rng.standard_normal((3, 4, 5, 2))
+    want = sweeps(layer, x, schedule)
+    kernels = [getattr(wfk, f"_sweep_{k}{s}") for k in ("forward", "backward", "infer")
+               for s in ("", "_batched")]
+    compiled = [len(k.signatures) for k in kernels]
+    wf = wavefront((4, 5))
+    own = SimpleNamespace(**{k: np.array(getattr(wf, k)) for k in ("diag_off", "parent", "child")},
+                          n_cells=wf.n_cells, max_diag_cells=wf.max_diag_cells, n_diagonals=wf.n_diagonals)
+    monkeypatch.setattr(f"{__name__}.wavefront", lambda dims: own)
+    tables = direction_tables
+    monkeypatch.setattr(f"{__name__}.direction_tables", lambda *a: tuple(np.array(t) for t in tables(*a)))
+    assert own.parent.flags.writeable
+    got = sweeps(layer, x, schedule)
+    for name, a, b in zip(["h", "c", "act", "dact", "dc", "dh", "out"], want, got):
+        np.testing.assert_array_equal(b, a, err_msg=name)
+    assert [len(k.signatures) for k in kernels] == compiled

@@ -217,6 +217,7 @@ def wavefront_forward(h: np.ndarray, c: np.ndarray, act: np.ndarray, U: np.ndarr
     an image's 1 to 3), where the projection is all memory traffic.
     """
     _tiled(h, act)
+    diag_off, parent = _read_only(diag_off, parent)
     Up = pack_recurrent(U, parent.shape[1])
     xs, W, bias = _no_inputs(act) if inputs is None else inputs
     nblk = batch_blocks(U.shape[0], B, diag_off, items, schedule)
@@ -287,14 +288,21 @@ def schedule_as_batch(batch: int) -> Iterator[None]:
         _PLANNED_BATCH.reset(token)
 
 
+def _read_only(*tables: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Read-only views of index tables, as :mod:`mdnumba.grid` makes its own: Numba compiles a
+    sweep apart for writable arrays (20-30 s), so a caller's own tables share the layers' one."""
+    views = tuple(t.view() for t in tables)
+    for v in views:
+        v.setflags(write=False)
+    return views
+
+
 def _items_or_all(items, diag_off) -> tuple:
     """``items`` as the sweeps take it: ``(offsets, entries)``, empty for every row; read-only as
     :func:`mdnumba.grid.live_items`' tables, so that both calls share one compiled sweep."""
     if items is None:
-        empty = np.empty(0, diag_off.dtype)
-        empty.setflags(write=False)
-        return empty, empty
-    return items
+        return _read_only(np.empty(0, diag_off.dtype), np.empty(0, diag_off.dtype))
+    return _read_only(*items)
 
 
 @parallel_njit
@@ -486,6 +494,7 @@ def wavefront_infer(out: np.ndarray, h: np.ndarray, c: np.ndarray, act: np.ndarr
     written; split into blocks, each block keeps its own parents' slots, ``lp`` is not used).
     """
     _tiled(h, act)
+    src, diag_off, parent = _read_only(src, diag_off, parent)
     Up = pack_recurrent(U, parent.shape[1])
     Wp = pack_recurrent(W, 1)[:, 0]  # the input weights' panels, where matmul_rows takes them
     if W.shape[1] < simd.TILE_MIN_STEPS or not x.flags.c_contiguous:
@@ -727,6 +736,7 @@ def wavefront_backward(dact: np.ndarray, dc: np.ndarray, dh: np.ndarray, act: np
     ``schedule`` as in :func:`wavefront_forward`.
     """
     _tiled(dh, dact)
+    diag_off, parent, child = _read_only(diag_off, parent, child)
     Ut = pack_recurrent(U, parent.shape[1], transposed=True)
     nblk = batch_blocks(U.shape[0], B, diag_off, items, schedule)
     if nblk:
