@@ -37,12 +37,15 @@ def _smoke_run(folder: Path):
     """``bench/run_gpu.sh --smoke`` under the simulator, its files in ``folder/out``."""
     (folder / "out").mkdir()
     # CHARLM_S: the char-LM part's cap (90 s on a GPU) for its compiles on a CI machine's cores busy
-    # with the simulator shards
+    # with the simulator shards; BENCH_MAX_S and RUN_GPU_DEADLINE_S the same for the benchmark part
+    # (300 and 570 s on a GPU): beside the other slow tests' runs (8 processes on 2 cores) it took
+    # over 300 s
     # MDNUMBA_BENCH_INJECT: bench_gpu.py's first process fails a part after the default path's and
     # reports the CUDA context lost (as an illegal address does on a GPU), its second runs a part
     # that never ends: the run must go on in a fresh process each time and still fill every column
     env = _simulated(MDNUMBA_THREADS_PER_BLOCK="8", NUMBA_NUM_THREADS="1", OUT=str(folder / "out"),
-                     PYTHONUNBUFFERED="1", CHARLM_S="240", MDNUMBA_BENCH_INJECT="lose,hang",
+                     PYTHONUNBUFFERED="1", CHARLM_S="240", BENCH_MAX_S="900", RUN_GPU_DEADLINE_S="1100",
+                     MDNUMBA_BENCH_INJECT="lose,hang",
                      PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     return ["bash", str(ROOT / "bench" / "run_gpu.sh"), "--smoke"], env
 
