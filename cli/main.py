@@ -15,6 +15,7 @@ import click
 
 from mdnumba.checkpoint import CheckpointError
 from mdnumba.info import collect_info
+from mdnumba.kernel_cache import FirstCompile
 from mdnumba.models import MODELS
 from mdnumba.tasks import TASKS
 
@@ -80,6 +81,15 @@ def _check_writable(out: Path, resume: bool = False) -> None:
         except OSError as exc:
             raise click.UsageError(f"{out / LOG} is not writable ({exc.strerror}); fix its permissions "
                                    "(the run appends to it)") from None
+
+
+def _say_compiling() -> None:
+    """The notice for a command that compiles kernels, which otherwise shows nothing for tens of
+    seconds: at its first kernel that no cache holds (every one with MDNUMBA_CACHE=0)."""
+    from mdnumba import config
+    why = ("the first run on this machine takes about a minute; later ones load them from the cache"
+           if config.CACHE else "MDNUMBA_CACHE=0: every run compiles them")
+    click.echo(f"compiling the kernels ({why})", err=True)
 
 
 def _require_device(device: str) -> None:
@@ -201,7 +211,7 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), FirstCompile(_say_compiling).watching():
                 warnings.showwarning = _show_warning
                 return super().invoke(ctx)
         except BrokenPipeError:
@@ -420,23 +430,10 @@ def _check_memory(trainer) -> None:
         raise click.ClickException(f"a probe step (batch 1, fresh weights) diverged: {exc}") from None
 
 
-def _compile_notice(sweep: str = "forward") -> None:
-    """Before a run is built or loaded: say so on stderr when this process compiles the kernels
-    (nothing cached yet, or MDNUMBA_CACHE=0), which otherwise shows nothing for tens of seconds;
-    ``sweep``: the one the command runs ("infer": evaluate, predict, sample)."""
-    from mdnumba import config, kernel_cache
-    if config.CACHE and kernel_cache.is_warm(sweep):
-        return
-    why = ("the first run on this machine takes about a minute; later ones load them from the cache"
-           if config.CACHE else "MDNUMBA_CACHE=0: every run compiles them")
-    click.echo(f"compiling the kernels ({why})", err=True)
-
-
 def _make_trainer(out: Path, cfg):
     from mdnumba.charlm import CorpusError
     from mdnumba.train import make_trainer
     _require_device(cfg.device)
-    _compile_notice()
     try:
         trainer = make_trainer(cfg, out)  # reads a char-lm text: its errors come before mkdir
     except (CorpusError, ValueError) as exc:  # e.g. a model too large to address
@@ -523,7 +520,7 @@ def _resume_run(folder: Path, given: dict):
     from mdnumba.train import RESUME_OVERRIDES, check_continues
     overrides = {k: v for k, v in given.items() if k in RESUME_OVERRIDES}
     try:
-        trainer = _load_run(folder, "forward", **overrides)
+        trainer = _load_run(folder, **overrides)
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from None
     except ValueError as exc:
@@ -547,13 +544,11 @@ def _resume_run(folder: Path, given: dict):
     return trainer
 
 
-def _load_run(folder: Path, sweep: str = "infer", **overrides):
-    """``Trainer.load`` with overrides (e.g. device) for a command that runs ``sweep`` (the
-    saving-free one but for ``train --resume``); a run trained on a GPU that this machine cannot
-    use says to pass ``--device cpu``."""
+def _load_run(folder: Path, **overrides):
+    """``Trainer.load`` with overrides (e.g. device); a run trained on a GPU that this machine
+    cannot use says to pass ``--device cpu``."""
     from mdnumba.backend_cuda import CudaUnavailableError
     from mdnumba.train import Trainer
-    _compile_notice(sweep)
     try:
         return Trainer.load(folder, **overrides)
     except CudaUnavailableError as exc:

@@ -16,10 +16,12 @@ compiling the same kernels at once (two first runs, the test suite's warm-up) ke
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from numba.core import caching as _caching
@@ -147,14 +149,37 @@ def _sweep_locator() -> KernelCacheLocator | None:
     return KernelCacheLocator.from_function(wavefront._sweep_forward.py_func, wavefront.__file__)
 
 
-def is_warm(sweep: str = "forward") -> bool:
-    """Whether the cache folder holds a compiled ``sweep`` ("forward": training's, "infer": the
-    saving-free one), of either schedule (from any earlier process; one compiled from older
-    sources also counts): False means this process compiles the kernels."""
-    locator = _sweep_locator()
-    if locator is None:
-        return False
-    return any(Path(locator.get_cache_path()).glob(f"wavefront._sweep_{sweep}*-*.nbi"))
+def _is_ours(dispatcher: object) -> bool:
+    """Whether a Numba dispatcher compiles one of mdnumba's kernels."""
+    module = getattr(getattr(dispatcher, "py_func", None), "__module__", None) or ""
+    return module == "mdnumba" or module.startswith("mdnumba.")
+
+
+class FirstCompile:
+    """Calls ``say()`` as this process starts compiling its first kernel of mdnumba's while
+    :meth:`watching` (Numba's ``numba:compile`` event, which a load from the kernel cache does not
+    raise), once, however many compiles follow: a command's "compiling the kernels" notice.
+    numba-cuda raises no such event for its kernels."""
+
+    def __init__(self, say: Callable[[], None]):
+        self.say, self.said = say, False
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
+        from numba.core import event
+        owner = self
+
+        class Listener(event.Listener):
+            def on_start(self, ev):
+                if not owner.said and _is_ours(ev.data.get("dispatcher")):
+                    owner.said = True
+                    owner.say()
+
+            def on_end(self, ev):
+                pass
+
+        with event.install_listener("numba:compile", Listener()):
+            yield
 
 
 def describe() -> str:

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from mdnumba.cli.main import _say_compiling as SAY_COMPILING  # before conftest silences it
 from mdnumba.cli.main import main
 
 from mdnumba.checkpoint import load_checkpoint
-from mdnumba.kernel_cache import is_warm as real_is_warm  # conftest stands in a warm cache
 
 
 @pytest.fixture
@@ -1138,43 +1138,65 @@ def test_train_and_compare_folders_do_not_mix(runner, tmp_path):
     assert [r.split("\t")[0] for r in (cmp / "summary.tsv").read_text().splitlines()[1:]] == ["horizontal"]
 
 
-@pytest.mark.parametrize("warm,cache,notice", [
-    (False, True, "compiling the kernels (the first run on this machine takes about a minute"),
-    (True, False, "compiling the kernels (MDNUMBA_CACHE=0: every run compiles them)"),
-    (True, True, None)])
-def test_train_says_when_it_compiles_the_kernels(runner, tmp_path, monkeypatch, warm, cache, notice):
-    from mdnumba import config, kernel_cache
-    monkeypatch.setattr(kernel_cache, "is_warm", lambda sweep="forward": warm)
+def _compile_a_kernel():
+    """Compile one of mdnumba's kernels for real: a fresh, uncached dispatcher of its function."""
+    from numba import njit
+
+    from mdnumba.kernels.gemm import _count_nonfinite
+    njit(_count_nonfinite.py_func)(np.zeros(3))
+
+
+def _listeners():
+    from numba.core import event
+    return len(event._registered["numba:compile"])
+
+
+@pytest.mark.parametrize("compiles,cache,notice", [
+    (2, True, "compiling the kernels (the first run on this machine takes about a minute; later ones "
+              "load them from the cache)\n"),
+    (1, False, "compiling the kernels (MDNUMBA_CACHE=0: every run compiles them)\n"),
+    (0, True, None)])
+def test_a_command_says_when_it_compiles_the_kernels(runner, tmp_path, monkeypatch, compiles, cache, notice):
+    """The notice comes as a command starts compiling a kernel (a load from the cache is none;
+    before, it came from a guess at what the cache held, which said nothing when only the other
+    sweep schedule was cached), once; the listener goes with the command."""
+    import mdnumba.cli.main as cli
+
+    from mdnumba import config
+    from mdnumba import train as train_module
+    assert train(runner, tmp_path / "first", "--steps", "1").exit_code == 0  # this process has them
+    monkeypatch.setattr(cli, "_say_compiling", SAY_COMPILING)  # conftest silences it
     monkeypatch.setattr(config, "CACHE", cache)
+    probe = train_module.check_step_memory
+
+    def probe_and_compile(cfg):
+        for _ in range(compiles):
+            _compile_a_kernel()
+        return probe(cfg)
+
+    monkeypatch.setattr(train_module, "check_step_memory", probe_and_compile)
+    before = _listeners()
     res = train(runner, tmp_path / "run", "--steps", "1")
     assert res.exit_code == 0, res.output
     if notice:
-        assert notice in res.output
+        assert res.output.count("compiling") == 1 and notice in res.output, res.output
     else:
         assert "compiling" not in res.output
+    assert _listeners() == before
 
 
-def test_kernel_cache_is_warm_after_a_compiled_sweep(tmp_path, monkeypatch):
-    from mdnumba import kernel_cache
-    monkeypatch.setattr(kernel_cache.KernelCacheLocator, "get_cache_path", lambda self: str(tmp_path))
-    assert not real_is_warm()
-    (tmp_path / "wavefront._sweep_backward-95.py311.nbi").write_bytes(b"")
-    assert not real_is_warm()
-    (tmp_path / "wavefront._sweep_forward_batched-201.py311.nbi").write_bytes(b"")  # 1D, small grids
-    assert real_is_warm()
-    (tmp_path / "wavefront._sweep_forward_batched-201.py311.nbi").unlink()
-    (tmp_path / "wavefront._sweep_forward-95.py311.nbi").write_bytes(b"")
-    assert real_is_warm()
-    assert not real_is_warm("infer")  # evaluate, predict and sample run the saving-free sweep
+def test_the_notice_is_for_mdnumbas_own_compiles_and_once():
+    from types import SimpleNamespace
 
+    from numba.core import event
 
-def test_evaluate_says_when_it_compiles_the_saving_free_sweep(runner, tmp_path, monkeypatch):
-    """Right after train, evaluate compiled its sweep (~18 s) without a word."""
-    from mdnumba import config, kernel_cache
-    assert train(runner, tmp_path / "run", "--steps", "1").exit_code == 0
-    monkeypatch.setattr(config, "CACHE", True)  # (MDNUMBA_CACHE=0 would give the notice at every command)
-    monkeypatch.setattr(kernel_cache, "is_warm", lambda sweep="forward": sweep == "forward")
-    res = runner.invoke(main, ["evaluate", str(tmp_path / "run"), "--batches", "1"])
-    assert res.exit_code == 0 and "compiling the kernels" in res.output, res.output
-    res = runner.invoke(main, ["train", "--resume", str(tmp_path / "run"), "--steps", "2"])
-    assert res.exit_code == 0 and "compiling" not in res.output, res.output
+    from mdnumba.kernel_cache import FirstCompile
+    said = []
+    first = FirstCompile(lambda: said.append(1))
+    with first.watching():
+        with event.trigger_event("numba:compile", data={"dispatcher": SimpleNamespace(py_func=_listeners)}):
+            pass  # not mdnumba's
+        assert said == []
+        _compile_a_kernel()
+        _compile_a_kernel()
+    assert said == [1]
