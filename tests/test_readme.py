@@ -67,3 +67,23 @@ def test_broken_links_are_found(tmp_path):
     doc.write_text("# Top\n[a](#top) [b](#nowhere) [c](other.md#real-heading) [d](other.md#gone) "
                    "[e](missing.md) [f](https://example.org/x)\n")
     assert _broken_links(doc) == ["#nowhere", "other.md#gone", "missing.md"]
+
+
+def test_every_dotted_name_of_the_docs_resolves_after_a_plain_import():
+    """``mdnumba.train.Trainer.load``, ``mdnumba.losses.bce_logits``, …: each name the README and
+    docs/ give resolves, attribute by attribute, after ``import mdnumba`` alone (in a fresh process:
+    this one imported the submodules already); ``mdnumba.train`` and five others raised
+    AttributeError there."""
+    import subprocess
+    import sys
+    text = "".join((Path(__file__).resolve().parents[1] / doc).read_text() for doc in DOCS)
+    names = sorted(set(re.findall(r"\bmdnumba(?:\.[A-Za-z_]\w*)+", text)))
+    assert {"mdnumba.train.Trainer.load", "mdnumba.losses.bce_logits"} <= set(names)
+    code = ("import functools, sys, mdnumba\n"
+            "for name in sys.argv[1:]:\n"
+            "    try:\n"
+            "        functools.reduce(getattr, name.split('.')[1:], mdnumba)\n"
+            "    except AttributeError as exc:\n"
+            "        print(name, exc)\n")
+    res = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout == "", res.stdout + res.stderr
