@@ -86,8 +86,17 @@ class CudaUnavailableError(RuntimeError):
     """Raised when device='cuda' is requested but no usable CUDA GPU is found."""
 
 
+#: the start of :func:`cuda_unavailable_reason`'s reasons that installing the extra fixes
+NOT_INSTALLED = ("numba-cuda is not installed", "numba.cuda cannot be imported")
+
+
 def cuda_unavailable_reason() -> str | None:
-    """None if CUDA kernels can run here (a GPU, or NUMBA_ENABLE_CUDASIM=1), else why not."""
+    """None if CUDA kernels can run here (a GPU, or NUMBA_ENABLE_CUDASIM=1), else why not. Numba
+    still ships a ``numba.cuda`` of its own, which imports without numba-cuda: it is not enough
+    (mdnumba's kernels take numba-cuda's API), so numba-cuda is looked for first."""
+    import importlib.util
+    if importlib.util.find_spec("numba_cuda") is None:
+        return "numba-cuda is not installed (Numba's own numba.cuda, which it replaces, is not enough)"
     try:
         from numba import cuda
     except Exception as exc:  # numba-cuda missing, or numpy 2.5 breaking its import
@@ -108,7 +117,7 @@ def cuda_available() -> bool:
 def cuda_hint(reason: str) -> str:
     """What to do about :func:`cuda_unavailable_reason`'s ``reason``: install numba-cuda where it does
     not import, else find a GPU (installing the extra again would not help)."""
-    return INSTALL_HINT if reason.startswith("numba.cuda cannot be imported") else NO_GPU_HINT
+    return INSTALL_HINT if reason.startswith(NOT_INSTALLED) else NO_GPU_HINT
 
 
 def require_cuda() -> None:

@@ -2802,19 +2802,34 @@ def test_plain_simulator_gives_a_block_one_static_shared_array():
 
 @pytest.mark.skipif(cuda_unavailable_reason() is None, reason="CUDA is available here")
 def test_cuda_unavailable_error_says_what_to_do(monkeypatch):
-    """Where numba-cuda does not import: install the extra; where it imports but finds no GPU (this
-    machine, with the test extra): a GPU, not the extra again."""
+    """Where numba-cuda is missing or does not import: install the extra; where it imports but
+    finds no GPU (this machine, with the test extra): a GPU, not the extra again."""
     from mdnumba import backend_cuda
     for reason, fix in (("numba.cuda cannot be imported (ImportError: x)", "pip install 'mdnumba[cuda]'"),
+                        ("numba-cuda is not installed (x)", "pip install 'mdnumba[cuda]'"),
                         ("no CUDA GPU or driver was found", "need an NVIDIA GPU and its driver")):
         monkeypatch.setattr(backend_cuda, "cuda_unavailable_reason", lambda r=reason: r)
         with pytest.raises(CudaUnavailableError) as err:
             MDLSTM2D(2, 3, device="cuda")
         msg = str(err.value)
         assert msg.startswith(f"device='cuda' is not available: {reason}; ") and fix in msg, msg
-        assert "device='cpu'" in msg and ("numpy<2.5" in msg) == ("imported" in reason), msg
+        assert "device='cpu'" in msg and ("numpy<2.5" in msg) == ("GPU" not in reason), msg
         with pytest.raises(CudaUnavailableError):
             LSTM1D(2, 3, device="cuda")
+
+
+def test_numba_cuda_missing_is_told_from_numbas_own_numba_cuda(monkeypatch):
+    """Numba still ships a numba.cuda that imports without numba-cuda (there it said "no CUDA GPU
+    or driver was found" and named nothing to install)."""
+    import importlib.util
+
+    from mdnumba import backend_cuda
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "numba_cuda"
+                        else real(name, *a))
+    reason = backend_cuda.cuda_unavailable_reason()
+    assert reason.startswith("numba-cuda is not installed"), reason
+    assert "pip install 'mdnumba[cuda]'" in backend_cuda.cuda_hint(reason)
 
 
 def test_bad_device_name():
