@@ -174,7 +174,12 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, np.ndarray], dict]:
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
+        if "meta" not in arrays:  # an .npz of something else
+            raise CheckpointError(f"{path} is not an mdnumba checkpoint (an .npz archive without the "
+                                  "'meta' entry every checkpoint has); delete it or use another run folder")
         meta = json.loads(str(arrays.pop("meta")))
+    except CheckpointError:
+        raise
     except Exception as exc:  # zipfile's and numpy's readers raise many kinds on damaged bytes (a
         # flipped byte: BadZipFile, ValueError, NotImplementedError, tokenize.TokenError): whichever,
         # the file is unreadable, and the error says so with the reason

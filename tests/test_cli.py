@@ -209,6 +209,17 @@ def test_corrupt_checkpoint_is_reported_and_kept(runner, tmp_path):
     assert ck.read_bytes() == b"garbage"
 
 
+def test_an_npz_that_is_no_checkpoint_is_named_so(runner, tmp_path):
+    """A readable .npz of other arrays said "corrupt or unreadable ('meta')", a KeyError's text."""
+    assert train(runner, tmp_path / "run").exit_code == 0
+    ck = tmp_path / "run" / "checkpoint.npz"
+    np.savez(ck, a=np.arange(3))
+    res = runner.invoke(main, ["evaluate", str(tmp_path / "run")])
+    assert res.exit_code == 1 and res.output == (
+        f"Error: {ck} is not an mdnumba checkpoint (an .npz archive without the 'meta' entry every "
+        "checkpoint has); delete it or use another run folder\n"), res.output
+
+
 def test_missing_checkpoint(runner, tmp_path):
     res = runner.invoke(main, ["evaluate", str(tmp_path)])
     assert res.exit_code != 0 and "no checkpoint" in res.output
