@@ -190,7 +190,9 @@ class TrainConfig:
         if self.model not in task.models:
             fits = [name for name, t in TASKS.items() if self.model in t.models]
             other = f", or --task {' / '.join(fits)}, which takes {self.model!r}" if fits else ""
-            raise ValueError(f"model {self.model!r} does not fit task {self.task!r}; use --model "
+            what = (f"does not fit task {self.task!r};" if fits
+                    else f"is no model of any task; for task {self.task!r}")
+            raise ValueError(f"model {self.model!r} {what} use --model "
                              f"{' / '.join(task.models)}{other}")
 
     def validate(self) -> None:

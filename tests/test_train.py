@@ -132,6 +132,16 @@ def test_a_config_takes_the_forms_python_callers_give(tmp_path):
     assert lm.data == str(tmp_path / "t.txt")
 
 
+@pytest.mark.parametrize("model,said", [
+    ("foo", "model 'foo' is no model of any task; for task 'diagonal' use --model md / horizontal / snake"),
+    ("lstm", "model 'lstm' does not fit task 'diagonal'; use --model md / horizontal / snake, or --task "
+             "binary-addition, which takes 'lstm'")])
+def test_a_model_of_no_task_is_named_so(model, said):
+    """A name no task has (only the CLI's choices refused it) said it "does not fit" the task."""
+    with pytest.raises(ValueError, match=f"^{re.escape(said)}$"):
+        TrainConfig(model=model).validate()
+
+
 @pytest.mark.parametrize("files,held", [
     (("checkpoint.npz", "config.json", "log.tsv"), "already holds a run; continue it with Trainer.load("
                                                    "'{}')"),
