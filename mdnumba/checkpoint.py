@@ -174,17 +174,16 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, np.ndarray], dict]:
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
-        if "meta" not in arrays:  # an .npz of something else
-            raise CheckpointError(f"{path} is not an mdnumba checkpoint (an .npz archive without the "
-                                  "'meta' entry every checkpoint has); delete it or use another run folder")
-        meta = json.loads(str(arrays.pop("meta")))
-    except CheckpointError:
-        raise
+        meta_text = arrays.pop("meta", None)
+        meta = None if meta_text is None else json.loads(str(meta_text))
     except Exception as exc:  # zipfile's and numpy's readers raise many kinds on damaged bytes (a
         # flipped byte: BadZipFile, ValueError, NotImplementedError, tokenize.TokenError): whichever,
         # the file is unreadable, and the error says so with the reason
         raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({read_error_text(exc)}); "
                               "delete it or use another run folder") from None
+    if meta_text is None:  # an .npz of something else
+        raise CheckpointError(f"{path} is not an mdnumba checkpoint (an .npz archive without the "
+                              "'meta' entry every checkpoint has); delete it or use another run folder")
     if not isinstance(meta, dict):
         raise CheckpointError(f"checkpoint {path} is damaged: its metadata is a JSON "
                               f"{type(meta).__name__}, not an object; delete it or use another run folder")
