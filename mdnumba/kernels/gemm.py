@@ -100,10 +100,12 @@ def quad_product(out, r, a, s, m, bmat, n0):
 @njit(**NJIT_OPTS)
 def rows_product(out, r, a, s, n, bmat, n0=0):
     """``out[r[i], n0:] += a[s[i]] @ bmat[:, n0:]`` for the first ``n`` (1 .. 4) entries of the
-    4-tuples ``r``, ``s``: :func:`quad_product` on all of them, or on two and then one (n = 3)."""
+    4-tuples ``r``, ``s``: :func:`quad_product` on all of them, or on two and then one (n = 3).
+    Its row counts are never constants (``n - 1`` for 2): Numba would compile a specialisation for
+    each literal (~1.1 s each, for the branch the row count picks anyway)."""
     if n == 3:
-        quad_product(out, r, a, s, 2, bmat, n0)
-        quad_product(out, (r[2], r[2], r[2], r[2]), a, (s[2], s[2], s[2], s[2]), 1, bmat, n0)
+        quad_product(out, r, a, s, n - 1, bmat, n0)
+        quad_product(out, (r[2], r[2], r[2], r[2]), a, (s[2], s[2], s[2], s[2]), n - 2, bmat, n0)
     else:
         quad_product(out, r, a, s, n, bmat, n0)
 
@@ -252,7 +254,9 @@ def _at_b_tiles(part, a, bmat, r0, r1, k0, k1):
             for t in range(inplace, steps):
                 for j in range(rest):
                     tail[t - inplace, j] = bmat[r + t, P * W + j]
-            _at_b_panel(part, P * W, rest, a, (r + inplace) * K, k0, k1, tail, 0, W, steps - inplace)
+            # np.int64(0), not 0: a literal would compile _at_b_panel a second time
+            a0 = (r + inplace) * K
+            _at_b_panel(part, P * W, rest, a, a0, k0, k1, tail, np.int64(0), W, steps - inplace)
 
 
 @njit(**NJIT_OPTS)

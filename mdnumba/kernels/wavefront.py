@@ -559,7 +559,8 @@ def _input_rows(act, x, src, W, Wp, bias, rr, rows, nb, tiles=True):
         for i in range(nb):
             j = ss[i]
             if j >= 0:
-                rows_product(act, (rr[i], rr[i], rr[i], rr[i]), x, (j, j, j, j), 1, W)
+                # np.int64(1), not 1: a literal would compile rows_product a second time
+                rows_product(act, (rr[i], rr[i], rr[i], rr[i]), x, (j, j, j, j), np.int64(1), W)
 
 
 @njit(**NJIT_CHAIN_OPTS)
