@@ -639,6 +639,11 @@ def _described_paths() -> list[str]:
             "## Targets (issue 5)", ""]
 
 
+def _seconds(value: float | None) -> str:
+    """A time in seconds for a report's table (None: –)."""
+    return "–" if value is None else f"{value:.1f}"
+
+
 def _path_checks(results: list[dict]) -> list[str]:
     """The report's last sections: the paths taken and the checks before timing."""
     out: list[str] = []
@@ -647,11 +652,15 @@ def _path_checks(results: list[dict]) -> list[str]:
     out += ["", "## Device paths vs the CPU kernels (before timing, same weights)", "",
             "Each device path's forward output and gradients (one forward and backward, the train "
             "step's loss) against mdnumba's CPU kernels on the same input: only a path within "
-            f"{PARITY} counts for the targets.", "",
-            "| config | path | forward max abs diff | gradient max rel diff | |", "|---|---|---|---|---|"]
+            f"{PARITY} counts for the targets. *first call*: the seconds of that forward and backward, "
+            "the path's first in this process, so they include compiling every CUDA kernel no path "
+            "before it in the process compiled (numba-cuda keeps no compiled kernel on disk: every "
+            "process, e.g. each `mdnumba train --device cuda`, compiles its kernels again).", "",
+            "| config | path | forward max abs diff | gradient max rel diff | | first call s |",
+            "|---|---|---|---|---|---|"]
     names = {key: name for key, _, _, name in DEVICE_PATHS}
     out += [f"| {r['cfg'].label} | {names[key]} | {c['forward_max_abs']:.1e} | {c['grad_max_rel']:.1e} | "
-            f"{'ok' if matches(c) else '**MISMATCH**'} |"
+            f"{'ok' if matches(c) else '**MISMATCH**'} | {_seconds(r.get('first_call', {}).get(key))} |"
             for r in results for key, c in r.get("path_check", {}).items()]
     checks = [(r["cfg"].label, r["check"]) for r in results if r.get("check")]
     if checks:
@@ -866,7 +875,7 @@ def _time_pair(res: dict, key: str, train, fwd, sync, budget: float, **kw) -> No
 def new_result(cfg: Config) -> dict:
     """The empty result of ``cfg`` that :func:`run_config` fills part by part."""
     return {"cfg": cfg, "train": {}, "forward": {}, "inference": {}, "sweeps": {}, "dispatch": {},
-            "paths": [], "path_check": {}, "begun": []}
+            "paths": [], "path_check": {}, "first_call": {}, "begun": []}
 
 
 def _device_path(res: dict, key: str, path: str, layout: str | None, name: str, x: np.ndarray,
@@ -880,7 +889,9 @@ def _device_path(res: dict, key: str, path: str, layout: str | None, name: str, 
         _run_injected(key)
     cfg, sync = res["cfg"], cuda.synchronize
     train, fwd, dev = mdnumba_device_fns(cfg, x, path, layout)
+    t0 = time.perf_counter()
     res["path_check"][key] = path_check(dev, x, ref)
+    res["first_call"][key] = time.perf_counter() - t0  # with compiling its kernels
     res["train"][key] = time_it(train, sync, budget)
     res["dispatch"][key] = host_time(train, sync, budget / 4)
     if key == "coop":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,8 @@ def test_run_gpu_smoke_under_the_simulator(background_run):
     assert "- 4x4 B1 D2: injected hang: HUNG (still running after 4 s)" in gpu, gpu[-3000:]  # 2 s, doubled
     # for a process's first part
     assert "| 4x4 B1 D2 | item | " in gpu and "**MISMATCH**" not in gpu, gpu[-3000:]  # checked vs the CPU
+    check = re.compile(r"\| 4x4 B1 D2 \| cooperative \| .* \| ok \| \d+\.\d \|$")  # its first call's seconds
+    assert any(check.match(line) for line in gpu.splitlines()), gpu[-3000:]
     parts = gpu[gpu.index("## Where a train step goes"):].splitlines()
     assert any(line.startswith("| 4x4 B1 D2 | ") for line in parts), parts[:12]
     assert "cooperative sliced (train): cooperative" in gpu and "slices of" in gpu, gpu[-3000:]
