@@ -342,23 +342,32 @@ def _is_default_folder(out: Path, default: Path) -> bool:
             and not default.is_symlink())
 
 
-def _check_fresh(out: Path, overwrite: bool, default: Path, resumable: bool = True) -> None:
+def _refuse_occupied(out: Path, overwrite: bool, default: Path, resumable: bool = True) -> list[str]:
     """Refuse to train over the run in ``out`` unless ``--overwrite`` (or ``out`` is the
-    command's ``default`` folder, whose name says it holds the latest run); the run's files
-    go first, so that none of the old run is left beside the new one. ``resumable``: whether
+    command's ``default`` folder, whose name says it holds the latest run); return the run's
+    files there. It only reads: the commands ask it first, before their probe steps compile the
+    kernels (a minute, the first time), and :func:`_check_fresh` again. ``resumable``: whether
     the command can continue it (compare cannot)."""
     from mdnumba.checkpoint import CHECKPOINT
-    from mdnumba.train import PLOTS, RUN_FILES, set_aside_log
+    from mdnumba.train import PLOTS, RUN_FILES
     present = [name for name in RUN_FILES + PLOTS if (out / name).exists()]
-    if not present:
-        return
-    if not (overwrite or _is_default_folder(out, default)):
+    if present and not (overwrite or _is_default_folder(out, default)):
         if CHECKPOINT not in present:  # e.g. a project folder with a config.json of its own
             raise click.UsageError(f"{out} holds {', '.join(present)}, which the run would write over; "
                                    "replace them with --overwrite, or choose another --out")
         resume = f"continue it with --resume {out}, " if resumable else ""
         raise click.UsageError(f"{out} already holds a run; {resume}replace it with --overwrite, "
                                "or choose another --out")
+    return present
+
+
+def _check_fresh(out: Path, overwrite: bool, default: Path, resumable: bool = True) -> None:
+    """:func:`_refuse_occupied`, then the old run's files go, so that none of it is left beside
+    the new one."""
+    from mdnumba.train import set_aside_log
+    present = _refuse_occupied(out, overwrite, default, resumable)
+    if not present:
+        return
     for name in present:
         try:
             (out / name).unlink()
@@ -494,10 +503,11 @@ def train(ctx: click.Context, out: Path, overwrite: bool, resume: Path | None, c
             plot = _plot_available() and any((resume / name).exists() for name in PLOTS)
     else:
         cfg = _config(given, **kw)
-        trainer = _make_trainer(out, cfg)
         if (out / SUMMARY).exists():
             raise click.UsageError(f"{out} holds the runs of `mdnumba compare` ({SUMMARY}); choose "
                                    "another --out")
+        _refuse_occupied(out, overwrite, DEFAULT_OUT)  # before the probe steps compile the kernels
+        trainer = _make_trainer(out, cfg)
         _check_fresh(out, overwrite, DEFAULT_OUT)
     _run_with_progress(trainer)
     click.echo(f"done: {trainer.step} step{'s' * (trainer.step != 1)}; log {trainer.out / 'log.tsv'}, "
@@ -538,8 +548,8 @@ def _resume_run(folder: Path, given: dict):
         check_continues(folder, trainer.step, trainer.cfg.steps)  # a finished run, no --steps given
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    _check_writable(folder, resume=True)  # before the probe steps compile the kernels
     _check_memory(trainer)
-    _check_writable(folder, resume=True)
     click.echo(f"resuming {folder} at step {trainer.step} of {trainer.cfg.steps}")
     return trainer
 
@@ -736,6 +746,8 @@ def compare(ctx: click.Context, task: str, models: str, out: Path, overwrite: bo
     configs = {name: _config(model=name, task=task, **kw) for name in names}
     _check_writable(out)
     old = _check_fresh_comparison(out, overwrite, TASKS[task].models)  # before the models' folders
+    for name in names:  # before the probe steps compile the kernels
+        _refuse_occupied(out / name, overwrite, COMPARE_OUT / name, resumable=False)
     trainers = {name: _make_trainer(out / name, cfg) for name, cfg in configs.items()}
     for name in names:
         _check_fresh(out / name, overwrite, COMPARE_OUT / name, resumable=False)

@@ -762,6 +762,32 @@ def test_resume_and_evaluate_refuse_what_the_run_would_ignore(runner, tmp_path):
     assert res.exit_code == 2 and "applies to char-lm runs only" in res.output, res.output
 
 
+def test_an_occupied_folder_is_refused_before_the_kernels_compile(runner, tmp_path, monkeypatch):
+    """A run, a comparison's table or a model's run in the folder is refused before the memory
+    probe's steps, where a first run compiles the kernels: a minute's wait, before, for a
+    message about the folder."""
+    from mdnumba import train as train_module
+    run, cmp = tmp_path / "run", tmp_path / "cmp"
+    assert train(runner, run).exit_code == 0
+    (cmp / "md").mkdir(parents=True)
+    for name in ("checkpoint.npz", "config.json", "log.tsv"):  # a compare cut short: no summary.tsv
+        (cmp / "md" / name).write_bytes((run / name).read_bytes())
+
+    def probe(cfg):
+        raise AssertionError("probed")
+
+    monkeypatch.setattr(train_module, "check_step_memory", probe)
+    compare = ["compare", "--models", "snake,md", "--size", "4", "--no-plot", "--out", str(cmp)]
+    for args, message in ((["train", "--out", str(run)], "already holds a run; continue it with --resume"),
+                          (compare, f"{cmp / 'md'} already holds a run; replace it with --overwrite")):
+        res = runner.invoke(main, args)
+        assert res.exit_code == 2 and message in res.output, res.output
+    (cmp / "summary.tsv").write_text("model\tloss\n")
+    res = runner.invoke(main, ["train", "--out", str(cmp)])
+    assert res.exit_code == 2 and "holds the runs of `mdnumba compare`" in res.output, res.output
+    assert isinstance(train(runner, tmp_path / "new").exception, AssertionError)  # the probe: reached
+
+
 def test_a_latest_symlink_does_not_make_a_named_run_replaceable(runner, tmp_path, monkeypatch):
     """runs/latest is replaced without asking, but not through a symlink to a named run, and
     the named run is not runs/latest because a symlink points there."""
@@ -902,11 +928,14 @@ def test_gpu_out_of_memory_is_a_message(runner, tmp_path, monkeypatch):
 
 
 def test_unwritable_resume_folder_says_to_copy_it(runner, tmp_path, monkeypatch):
+    """Before the probe steps, where a first run compiles the kernels."""
+    from mdnumba import train as train_module
     assert train(runner, tmp_path / "run").exit_code == 0
 
     def read_only(*args, **kw):
         raise PermissionError(13, "Read-only file system")
     monkeypatch.setattr("tempfile.mkstemp", read_only)
+    monkeypatch.setattr(train_module, "check_step_memory", lambda cfg: pytest.fail("probed"))
     res = runner.invoke(main, ["train", "--resume", str(tmp_path / "run"), "--steps", "9"])
     assert res.exit_code == 2, res.output
     assert f"the run folder {tmp_path / 'run'} is not writable (Read-only file system); copy the run" \
