@@ -51,20 +51,45 @@ def _folder(ctx, param, value: str | None) -> Path | None:
     return Path(value)
 
 
+def _write_probe(folder: Path) -> None:
+    """Create and remove a file in ``folder``: OSError where that fails."""
+    fd, probe = tempfile.mkstemp(dir=folder)
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _refuse_dangling(out: Path, what: str) -> None:
+    if out.is_symlink() and not out.exists():
+        raise click.UsageError(f"{what} {out} is a symlink to {os.readlink(out)}, which does not "
+                               "exist; create that folder or remove the link")
+
+
+def _refuse_unwritable_out(out: Path) -> None:
+    """A run folder ``out`` that could not be made or written to, refused before the probe steps
+    compile the kernels, and without creating anything yet (they may still refuse the run):
+    the folder, or the one it would be made in, must take a file."""
+    _refuse_dangling(out, "--out")
+    where = out.absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        if not where.is_dir():
+            raise NotADirectoryError(20, f"{where} is not a folder")
+        _write_probe(where)
+    except OSError as exc:
+        msg = f"--out {out} is not writable ({exc.strerror}); choose another folder"
+        raise click.UsageError(msg) from None
+
+
 def _check_writable(out: Path, resume: bool = False) -> None:
     """Create ``out`` and prove we can write there, before any training starts (``resume``:
     ``out`` is the run folder of ``--resume``, which cannot move)."""
     from mdnumba.checkpoint import CONFIG_JSON
     from mdnumba.train import LOG
-    if out.is_symlink() and not out.exists():
-        raise click.UsageError(f"{'the run folder' if resume else '--out'} {out} is a symlink to "
-                               f"{os.readlink(out)}, which does not exist; create that folder or "
-                               "remove the link")
+    _refuse_dangling(out, "the run folder" if resume else "--out")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out)
-        os.close(fd)
-        os.unlink(probe)
+        _write_probe(out)
     except OSError as exc:
         fix = ("copy the run folder somewhere writable and resume that copy" if resume
                else "choose another folder")
@@ -507,6 +532,7 @@ def train(ctx: click.Context, out: Path, overwrite: bool, resume: Path | None, c
             raise click.UsageError(f"{out} holds the runs of `mdnumba compare` ({SUMMARY}); choose "
                                    "another --out")
         _refuse_occupied(out, overwrite, DEFAULT_OUT)  # before the probe steps compile the kernels
+        _refuse_unwritable_out(out)
         trainer = _make_trainer(out, cfg)
         _check_fresh(out, overwrite, DEFAULT_OUT)
     _run_with_progress(trainer)
@@ -663,6 +689,11 @@ def predict(run: Path, input: Path, out: Path, overwrite: bool, batch: int | Non
         raise click.UsageError(f"--out {out} is not a regular file; give a .npy file's path")
     if not out.parent.is_dir():
         raise click.UsageError(f"--out {out}: its folder {out.parent} does not exist")
+    try:  # before the kernels compile and the model runs
+        _write_probe(out.parent)
+    except OSError as exc:
+        raise click.UsageError(f"--out {out}: its folder {out.parent} is not writable ({exc.strerror}); "
+                               "choose another --out") from None
     x = _read_npy(input)
     try:
         trainer = _load_run(run, device=device, read_text=False)
@@ -748,6 +779,7 @@ def compare(ctx: click.Context, task: str, models: str, out: Path, overwrite: bo
     old = _check_fresh_comparison(out, overwrite, TASKS[task].models)  # before the models' folders
     for name in names:  # before the probe steps compile the kernels
         _refuse_occupied(out / name, overwrite, COMPARE_OUT / name, resumable=False)
+        _refuse_unwritable_out(out / name)
     trainers = {name: _make_trainer(out / name, cfg) for name, cfg in configs.items()}
     for name in names:
         _check_fresh(out / name, overwrite, COMPARE_OUT / name, resumable=False)

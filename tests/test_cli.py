@@ -274,11 +274,29 @@ def test_bad_options(runner, tmp_path, args, message):
     assert not (tmp_path / "r" / "checkpoint.npz").exists()
 
 
-def test_unwritable_out(runner, tmp_path):
+def test_unwritable_out(runner, tmp_path, monkeypatch):
+    """Said before the probe steps, where a first run compiles the kernels, creating nothing."""
+    from mdnumba import train as train_module
+    monkeypatch.setattr(train_module, "check_step_memory", lambda cfg: pytest.fail("probed"))
     blocker = tmp_path / "file"
     blocker.write_text("x")
     res = runner.invoke(main, ["train", "--out", str(blocker / "sub"), "--steps", "2"])
-    assert res.exit_code == 2 and "not writable" in res.output
+    assert res.exit_code == 2 and f"--out {blocker / 'sub'} is not writable (" in res.output, res.output
+
+    def read_only(*args, **kw):
+        raise PermissionError(13, "Read-only file system")
+    monkeypatch.setattr("tempfile.mkstemp", read_only)
+    for out in (tmp_path / "a" / "b", tmp_path):
+        res = runner.invoke(main, ["train", "--out", str(out), "--steps", "2"])
+        assert res.exit_code == 2, res.output
+        assert f"--out {out} is not writable (Read-only file system); choose another folder" in res.output
+    assert not (tmp_path / "a").exists()
+    np.save(tmp_path / "x.npy", np.zeros((1, 4, 4, 1), np.float32))
+    monkeypatch.setattr("mdnumba.cli.main._load_run", lambda *a, **kw: pytest.fail("loaded"))
+    res = runner.invoke(main, ["predict", str(tmp_path), str(tmp_path / "x.npy"), "--out",
+                               str(tmp_path / "p.npy")])
+    assert res.exit_code == 2, res.output
+    assert f"its folder {tmp_path} is not writable (Read-only file system)" in res.output
 
 
 def test_out_as_a_dangling_symlink_is_named_so(runner, tmp_path):
