@@ -105,7 +105,7 @@ def test_rows_product_gives_each_row_what_it_gets_alone(K, dtype, rng):
     pick_out, pick_a = (5, 0, 3, 6), (4, 1, 1, 0)
     alone = start.copy()
     for r, s in zip(pick_out, pick_a):
-        rows_product(alone, four_rows(r, 1), a, four_rows(s, 1), 1, w)
+        rows_product(alone, four_rows(r, 1), a, four_rows(s, 1), 1, w, 0)
     rows, srcs = list(pick_out), list(pick_a)
     tol = 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(alone[rows], start[rows] + a[srcs].astype(float) @ w, rtol=tol, atol=1e-4)
@@ -113,7 +113,7 @@ def test_rows_product_gives_each_row_what_it_gets_alone(K, dtype, rng):
         group = start.copy()
         r = tuple(np.int64(pick_out[min(i, n - 1)]) for i in range(4))
         s = tuple(np.int64(pick_a[min(i, n - 1)]) for i in range(4))
-        rows_product(group, r, a, s, n, w)
+        rows_product(group, r, a, s, n, w, 0)
         done = list(pick_out[:n])
         assert np.array_equal(group[done], alone[done])
         assert np.array_equal(np.delete(group, done, axis=0), np.delete(start, done, axis=0))
@@ -214,7 +214,7 @@ def test_matmul_rows_tiles_give_the_numbers_of_single_rows(R, K, N, dtype, rng):
     alone = np.empty((R, N), dtype)
     for r in range(R):
         alone[r] = bias
-        rows_product(alone, four_rows(r, 1), a, four_rows(r, 1), 1, w)
+        rows_product(alone, four_rows(r, 1), a, four_rows(r, 1), 1, w, 0)
     tol = 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(alone, bias + a.astype(float) @ w, rtol=tol, atol=tol * np.sqrt(K))
     out = np.full((R, N), np.nan, dtype)
@@ -246,7 +246,7 @@ def test_python_twin_of_fma_tile_gives_the_numbers_of_single_rows():
         matmul_rows(out, a, w, b, False, None)
         for r in range(9):
             alone[r] = b
-            rows_product(alone, four_rows(r, 1), a, four_rows(r, 1), 1, w)
+            rows_product(alone, four_rows(r, 1), a, four_rows(r, 1), 1, w, 0)
         assert np.array_equal(out, alone) and np.allclose(out, b + a @ w)
         print("ok")"""
     run = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, NUMBA_DISABLE_JIT="1"),

@@ -98,11 +98,12 @@ def quad_product(out, r, a, s, m, bmat, n0):
 
 
 @njit(**NJIT_OPTS)
-def rows_product(out, r, a, s, n, bmat, n0=0):
+def rows_product(out, r, a, s, n, bmat, n0):
     """``out[r[i], n0:] += a[s[i]] @ bmat[:, n0:]`` for the first ``n`` (1 .. 4) entries of the
     4-tuples ``r``, ``s``: :func:`quad_product` on all of them, or on two and then one (n = 3).
-    Its row counts are never constants (``n - 1`` for 2): Numba would compile a specialisation for
-    each literal (~1.1 s each, for the branch the row count picks anyway)."""
+    Its row counts and offsets are never constants (``n - 1`` for 2; callers pass ``np.int64(0)``,
+    never a default or a literal 0): Numba would compile a specialisation for each literal
+    (~1.1 s each, for the branch the row count picks anyway)."""
     if n == 3:
         quad_product(out, r, a, s, n - 1, bmat, n0)
         quad_product(out, (r[2], r[2], r[2], r[2]), a, (s[2], s[2], s[2], s[2]), n - 2, bmat, n0)

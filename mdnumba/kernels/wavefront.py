@@ -492,6 +492,11 @@ def wavefront_infer(out: np.ndarray, h: np.ndarray, c: np.ndarray, act: np.ndarr
     (R, S, D)). ``first = 1`` after :func:`seed_state` filled slot 0 (a 1D initial state).
     ``items`` and ``schedule`` as in :func:`wavefront_forward` (``out``'s other rows are not
     written; split into blocks, each block keeps its own parents' slots, ``lp`` is not used).
+
+    The sweeps write the parents' slots through ``lp`` and read them through a read-only view of
+    it, ``lpr``: the functions they share with the saving sweeps, which take the grid's read-only
+    tables (the cell, the recurrent tiles), share their compiled code then, also from the cache
+    (an ``evaluate`` after a ``train`` compiled the cell again, for a writable table: 6 s).
     """
     _tiled(h, act)
     src, diag_off, parent = _read_only(src, diag_off, parent)
@@ -502,12 +507,12 @@ def wavefront_infer(out: np.ndarray, h: np.ndarray, c: np.ndarray, act: np.ndarr
     nblk = batch_blocks(U.shape[0], B, diag_off, items, schedule)
     if nblk:
         lps = np.empty((nblk,) + lp.shape, lp.dtype)
-        _sweep_infer_batched(out, h, c, act, lps, x, src, W, Wp, bias, U, Up, diag_off, parent, first, last,
-                             B, D, cell)
+        _sweep_infer_batched(out, h, c, act, lps, *_read_only(lps), x, src, W, Wp, bias, U, Up, diag_off,
+                             parent, first, last, B, D, cell)
     else:
         items_off, entries = _items_or_all(items, diag_off)
-        _sweep_infer(out, h, c, act, lp, x, src, W, Wp, bias, U, Up, diag_off, items_off, entries, parent,
-                     first, last, B, D, cell, numba.get_num_threads())
+        _sweep_infer(out, h, c, act, lp, *_read_only(lp), x, src, W, Wp, bias, U, Up, diag_off, items_off,
+                     entries, parent, first, last, B, D, cell, numba.get_num_threads())
 
 
 @njit(**NJIT_OPTS)
@@ -521,9 +526,9 @@ def _infer_item(out, h, c, act, lp, x, src, W, Wp, bias, Up, grp, base, slot, ro
     that share tiles: :func:`_cell_inputs`, :func:`_cell_tiles`)."""
     if tiles:
         r = base + slot * B + b
-        _infer_inputs(act, x, src, W, Wp, bias, r, row, min(ROWS, nb))
+        _infer_inputs(act, x, src, W, Wp, bias, r, row, min(ROWS, nb), np.bool_(True))
         if nb > ROWS:  # a pair of groups (:func:`_tall_item`)
-            _infer_inputs(act, x, src, W, Wp, bias, r + ROWS, row + ROWS, nb - ROWS)
+            _infer_inputs(act, x, src, W, Wp, bias, r + ROWS, row + ROWS, nb - ROWS, np.bool_(True))
         _recurrent_forward(act, h, Up, lp, base, slot, b, nb, B)
     for i in range(nb):
         _cell_forward(h, c, act, lp, base, slot, b + i, B, D, cell)
@@ -533,13 +538,15 @@ def _infer_item(out, h, c, act, lp, x, src, W, Wp, bias, Up, grp, base, slot, ro
 
 
 @njit(**NJIT_OPTS)
-def _infer_inputs(act, x, src, W, Wp, bias, r, row, nb, tiles=True):
-    """``act[r+i] = bias + x[src[row+i]] @ W`` for the nb (1 .. 4) rows i: :func:`_input_rows`."""
+def _infer_inputs(act, x, src, W, Wp, bias, r, row, nb, tiles):
+    """``act[r+i] = bias + x[src[row+i]] @ W`` for the nb (1 .. 4) rows i: :func:`_input_rows`.
+    ``tiles`` is ``np.bool_(True)`` or ``np.bool_(False)``, never a default or a literal: the
+    sweeps call this and :func:`_input_rows` with both, and each literal compiled them again."""
     _input_rows(act, x, src, W, Wp, bias, four_rows(r, nb), four_rows(row, nb), nb, tiles)
 
 
 @njit(**NJIT_OPTS)
-def _input_rows(act, x, src, W, Wp, bias, rr, rows, nb, tiles=True):
+def _input_rows(act, x, src, W, Wp, bias, rr, rows, nb, tiles):
     """``act[rr[i]] = bias + x[src[rows[i]]] @ W`` for the first nb (1 .. 4) entries i of the
     4-tuples (the others repeat the last; a row of ``src`` -1: bias only). ``tiles=False``: where
     every row has an input, the columns of the panels ``Wp`` are left to :func:`_input_tiles`."""
@@ -552,15 +559,15 @@ def _input_rows(act, x, src, W, Wp, bias, rr, rows, nb, tiles=True):
     live, ss = _sources(src, rows)
     if live:  # the input projection of all nb rows at once: tiles (none: x not C-contiguous)
         if Wp.shape[0] == 0:
-            rows_product(act, rr, x, ss, nb, W)
+            rows_product(act, rr, x, ss, nb, W, np.int64(0))
         elif tiles:
             tile_quad(act, rr, x, ss, nb, Wp)
     else:  # rows of zero input (src -1) among them: the others one at a time, the same numbers
         for i in range(nb):
             j = ss[i]
             if j >= 0:
-                # np.int64(1), not 1: a literal would compile rows_product a second time
-                rows_product(act, (rr[i], rr[i], rr[i], rr[i]), x, (j, j, j, j), np.int64(1), W)
+                # np.int64, not literals: they would compile rows_product again
+                rows_product(act, (rr[i], rr[i], rr[i], rr[i]), x, (j, j, j, j), np.int64(1), W, np.int64(0))
 
 
 @njit(**NJIT_CHAIN_OPTS)
@@ -593,7 +600,8 @@ def _cell_inputs(act, x, src, W, Wp, bias, lp, L, shift, first, n, items, B, t0,
     t = t0
     while t < t1:
         grp, rr, rows, count, t = _linked_rows(t, t1, first, n, items, B, lp, -1, shift)
-        _input_rows(act, x, src[grp], W[grp], Wp[grp], bias[grp], _add4(rr, grp * L), rows, count)
+        _input_rows(act, x, src[grp], W[grp], Wp[grp], bias[grp], _add4(rr, grp * L), rows, count,
+                    np.bool_(True))
 
 
 @njit(inline="always", **NJIT_OPTS)
@@ -632,7 +640,7 @@ def _input_tiles(act, x, src, Wp, L, slot, cell_k, B, t0, t1):
 
 
 @parallel_njit
-def _sweep_infer(out, h, c, act, lp, x, src, W, Wp, bias, U, Up, diag_off, items_off, items, parent,
+def _sweep_infer(out, h, c, act, lp, lpr, x, src, W, Wp, bias, U, Up, diag_off, items_off, items, parent,
                  first, last, B, D, cell, threads):
     """:func:`wavefront_infer`, a ``prange`` per hyperplane over tasks of :func:`task_items` work
     items (their input projections in fours of rows, :func:`_infer_inputs`; where cells share
@@ -648,12 +656,12 @@ def _sweep_infer(out, h, c, act, lp, x, src, W, Wp, bias, U, Up, diag_off, items
         for task in prange((m + per - 1) // per):
             t, t1 = task * per, min(m, (task + 1) * per)
             if shared_tiles(B):  # the rows of the task's cells in shared tiles, input projections too
-                _cell_inputs(act, x, src, W, Wp, bias, lp, L, cur - s0, start, n, items, B, t, t1)
-                _cell_tiles(act, h, Up, lp, L, cur - s0, start, n, items, B, t, t1)
+                _cell_inputs(act, x, src, W, Wp, bias, lpr, L, cur - s0, start, n, items, B, t, t1)
+                _cell_tiles(act, h, Up, lpr, L, cur - s0, start, n, items, B, t, t1)
             while t < t1:
                 grp, cell_k, b, nb, taken = _tall_item(t, t1, start, n, items, B)
                 _prefetch_output(out, src, t + PREFETCH_ITEMS, m, start, n, items, B)
-                _infer_item(out, h, c, act, lp, x, src[grp], W[grp], Wp[grp], bias[grp], Up[grp],
+                _infer_item(out, h, c, act, lpr, x, src[grp], W[grp], Wp[grp], bias[grp], Up[grp],
                             grp, grp * L, cur + cell_k - s0, cell_k * B + b, b, nb, B, D, cell,
                             not shared_tiles(B))
                 t += taken
@@ -675,15 +683,16 @@ def _prefetch_output(out, src, t, m, first, n, items, B):
 
 
 @parallel_njit
-def _sweep_infer_batched(out, h, c, act, lps, x, src, W, Wp, bias, U, Up, diag_off, parent, first, last,
-                         B, D, cell):
+def _sweep_infer_batched(out, h, c, act, lps, lpsr, x, src, W, Wp, bias, U, Up, diag_off, parent, first,
+                         last, B, D, cell):
     """:func:`wavefront_infer` in ``lps.shape[0]`` blocks of work streams, each with its own
-    parents' slots ``lps[blk]``, sweeping planes ``first .. last-1`` for its streams."""
+    parents' slots ``lps[blk]`` (read through ``lpsr``, a read-only view of ``lps``), sweeping
+    planes ``first .. last-1`` for its streams."""
     nblk = lps.shape[0]
     L = lps.shape[1] * B
     n = U.shape[0] * groups(B)
     for blk in prange(nblk):
-        lp = lps[blk]
+        lp, lpr = lps[blk], lpsr[blk]
         t0, t1 = blk * n // nblk, (blk + 1) * n // nblk
         for k in range(first, last):
             cur = _rolling_parents(lp, parent, diag_off, k)
@@ -692,12 +701,12 @@ def _sweep_infer_batched(out, h, c, act, lps, x, src, W, Wp, bias, U, Up, diag_o
                 for t in range(t0, t1):
                     grp, b, nb = _stream(t, B)
                     _infer_inputs(act, x, src[grp], W[grp], Wp[grp], bias[grp], grp * L + slot * B + b,
-                                  cell_k * B + b, nb, False)
+                                  cell_k * B + b, nb, np.bool_(False))
                 _input_tiles(act, x, src, Wp, L, slot, cell_k, B, t0, t1)
-                _tiles_items(act, h, Up, lp, L, slot, groups(B), diag_off[:0], B, t0, t1)
+                _tiles_items(act, h, Up, lpr, L, slot, groups(B), diag_off[:0], B, t0, t1)
                 for t in range(t0, t1):
                     grp, b, nb = _stream(t, B)
-                    _infer_item(out, h, c, act, lp, x, src[grp], W[grp], Wp[grp], bias[grp], Up[grp],
+                    _infer_item(out, h, c, act, lpr, x, src[grp], W[grp], Wp[grp], bias[grp], Up[grp],
                                 grp, grp * L, slot, cell_k * B + b, b, nb, B, D, cell, False)
 
 
