@@ -211,9 +211,10 @@ def _matvec_rows(act, r, off, src, srow, scol, D, nb, panels):
     """``act[r+i, off:off+4D] += src[srow+i, scol:scol+D] @ U`` for the ``nb`` (1 .. 8) consecutive
     rows i (srow < 0: nothing), U's D rows packed in ``panels`` (:func:`pack_halves`): register
     tiles (:func:`~mdnumba.kernels.simd.group_tiles`; each element a chain of fused multiply-adds
-    over the D rows)."""
+    over the D rows). The column offsets go on as ``np.int64``: a literal 0 from the caller would
+    compile :func:`~mdnumba.kernels.simd.group_tiles` once more (four of ~2 s each, before)."""
     if srow >= 0:
-        group_tiles(act, r, src, srow, nb, panels, off, scol, 4 * D)
+        group_tiles(act, r, src, srow, nb, panels, np.int64(off), np.int64(scol), 4 * D)
 
 
 @njit(**NJIT_OPTS)
@@ -244,9 +245,9 @@ def _vec_mat_t_rows(out, orow, ocol, dact, srow, off, D, nb, panels):
     """``out[orow+i, ocol:ocol+D] += dact[srow+i, off:off+4D] @ Uᵀ`` for the ``nb`` (1 .. 8)
     consecutive rows i (srow < 0: nothing), U's D rows transposed in ``panels``
     (:func:`pack_halves`): register tiles over the 4D gate columns (each element a chain of fused
-    multiply-adds)."""
+    multiply-adds); the column offsets as ``np.int64``, as in :func:`_matvec_rows`."""
     if srow >= 0:
-        group_tiles(out, orow, dact, srow, nb, panels, ocol, off, D)
+        group_tiles(out, orow, dact, srow, nb, panels, np.int64(ocol), np.int64(off), D)
 
 
 @njit(**NJIT_OPTS)
