@@ -206,13 +206,14 @@ _ROWS = build_rows(njit(inline="always", **NJIT_OPTS), **vexp.CPU_MATH)
 _lstm_forward, _lstm_backward = _ROWS["lstm_forward"], _ROWS["lstm_backward"]
 
 
-@njit(**NJIT_OPTS)
+@njit(inline="always", **NJIT_OPTS)
 def _matvec_rows(act, r, off, src, srow, scol, D, nb, panels):
     """``act[r+i, off:off+4D] += src[srow+i, scol:scol+D] @ U`` for the ``nb`` (1 .. 8) consecutive
     rows i (srow < 0: nothing), U's D rows packed in ``panels`` (:func:`pack_halves`): register
     tiles (:func:`~mdnumba.kernels.simd.group_tiles`; each element a chain of fused multiply-adds
-    over the D rows). The column offsets go on as ``np.int64``: a literal 0 from the caller would
-    compile :func:`~mdnumba.kernels.simd.group_tiles` once more (four of ~2 s each, before)."""
+    over the D rows). Inlined, and the column offsets go on as ``np.int64``: a literal 0 from the
+    caller would compile this and :func:`~mdnumba.kernels.simd.group_tiles` once more (four of
+    ~2 s each, before)."""
     if srow >= 0:
         group_tiles(act, r, src, srow, nb, panels, np.int64(off), np.int64(scol), 4 * D)
 
@@ -240,7 +241,7 @@ def _block_forward(h, c, act, x, U_time, U_depth, Pt, Pd, tp, dp, cell, L, s, b,
         _lstm_forward(act, h, c, r + i, 4 * D, dr + i if dr >= 0 else -1, D, D)
 
 
-@njit(**NJIT_OPTS)
+@njit(inline="always", **NJIT_OPTS)
 def _vec_mat_t_rows(out, orow, ocol, dact, srow, off, D, nb, panels):
     """``out[orow+i, ocol:ocol+D] += dact[srow+i, off:off+4D] @ Uᵀ`` for the ``nb`` (1 .. 8)
     consecutive rows i (srow < 0: nothing), U's D rows transposed in ``panels``

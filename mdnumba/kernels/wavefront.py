@@ -320,7 +320,7 @@ def _sweep_forward(h, c, act, xs, W, bias, U, Up, diag_off, items_off, items, pa
                 for tt in range(t, t1):
                     grp, s, b, nb = _work_item(tt, first, n, items, B)
                     _project_rows(act, xs, W, bias, grp, grp * MB + s * B + b, nb)
-                _cell_tiles(act, h, Up, parent, MB, 0, first, n, items, B, t, t1)
+                _cell_tiles(act, h, Up, parent, MB, np.int64(0), first, n, items, B, t, t1)
             while t < t1:
                 grp, s, b, nb, taken = _tall_item(t, t1, first, n, items, B)
                 if not shared_tiles(B):
@@ -709,7 +709,7 @@ def _sweep_infer_batched(out, h, c, act, lps, lpsr, x, src, W, Wp, bias, U, Up, 
                 for t in range(t0, t1):
                     grp, b, nb = _stream(t, B)
                     _infer_item(out, h, c, act, lpr, x, src[grp], W[grp], Wp[grp], bias[grp], Up[grp],
-                                grp, grp * L, slot, cell_k * B + b, b, nb, B, D, cell, False)
+                                grp, grp * L, slot, cell_k * B + b, b, nb, B, D, cell, np.bool_(False))
 
 
 @njit(**NJIT_OPTS)
@@ -779,7 +779,7 @@ def _sweep_backward(dact, dc, dh, act, c, U, Ut, diag_off, items_off, items, par
             if chunked and not shared_tiles(B):
                 _tiles_items(dh, dact, Ut, child, MB, first, n, items, B, t, t1)
             if shared_tiles(B):
-                _cell_tiles(dh, dact, Ut, child, MB, 0, first, n, items, B, t, t1)
+                _cell_tiles(dh, dact, Ut, child, MB, np.int64(0), first, n, items, B, t, t1)
             while t < t1:
                 grp, s, b, nb, taken = _tall_item(t, t1, first, n, items, B)
                 if not chunked and not shared_tiles(B):
