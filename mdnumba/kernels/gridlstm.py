@@ -211,9 +211,8 @@ def _matvec_rows(act, r, off, src, srow, scol, D, nb, panels):
     """``act[r+i, off:off+4D] += src[srow+i, scol:scol+D] @ U`` for the ``nb`` (1 .. 8) consecutive
     rows i (srow < 0: nothing), U's D rows packed in ``panels`` (:func:`pack_halves`): register
     tiles (:func:`~mdnumba.kernels.simd.group_tiles`; each element a chain of fused multiply-adds
-    over the D rows). Inlined, and the column offsets go on as ``np.int64``: a literal 0 from the
-    caller would compile this and :func:`~mdnumba.kernels.simd.group_tiles` once more (four of
-    ~2 s each, before)."""
+    over the D rows). Inlined, the column offsets passed on as ``np.int64``: no literal 0 from the
+    caller reaches :func:`~mdnumba.kernels.simd.group_tiles` (see :mod:`mdnumba.kernels`)."""
     if srow >= 0:
         group_tiles(act, r, src, srow, nb, panels, np.int64(off), np.int64(scol), 4 * D)
 

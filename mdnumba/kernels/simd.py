@@ -289,7 +289,7 @@ def group_tiles(out, r, a, s, nb, panels, ocol=0, acol=0, ncol=-1):
     elif TALL_TILES and nb == TALL_ROWS:
         tall_rows(out, r, a, s, panels, ocol, acol, ncol)
     else:
-        tile_rows(out, r, a, s, np.int64(4), panels, ocol, acol, ncol)  # a literal 4: another compile
+        tile_rows(out, r, a, s, np.int64(4), panels, ocol, acol, ncol)  # no literal: see mdnumba.kernels
         tile_rows(out, r + 4, a, s + 4, nb - 4, panels, ocol, acol, ncol)
 
 

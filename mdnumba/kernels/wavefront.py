@@ -406,9 +406,9 @@ def _linked_rows(t, t1, first, n, items, B, links, d, shift):
     >= 0, s the item's cell; d < 0: every item), up to :data:`ROWS` of them, whole items of one
     scan: ``(scan, rows, their links' rows, count, next t)``, rows as 4-tuples of slab rows
     (``(s + shift)·B + b + i`` and ``link·B + b + i``, for d < 0 the items' own ``s·B + b + i``;
-    the unused entries repeat the last one). The rows and the count start as ``np.int64``, not
-    literal 0s: Numba typed the callers' calls with the literals first, and compiled their callees
-    for them (``_input_rows`` and the products under it: ~2.5 s)."""
+    the unused entries repeat the last one). The rows and the count start as ``np.int64``: with
+    literal 0s, Numba typed the callers' calls with them first and compiled the callees for them
+    too (see :mod:`mdnumba.kernels`)."""
     o0 = o1 = o2 = o3 = a0 = a1 = a2 = a3 = np.int64(0)
     scan, count = -1, np.int64(0)
     while t < t1:
@@ -519,7 +519,7 @@ def wavefront_infer(out: np.ndarray, h: np.ndarray, c: np.ndarray, act: np.ndarr
 
 @njit(**NJIT_OPTS)
 def _infer_item(out, h, c, act, lp, x, src, W, Wp, bias, Up, grp, base, slot, row, b, nb, B, D, cell,
-                tiles=True):
+                tiles):
     """Work item (cell in two-plane ``slot``, batch rows b .. b+nb-1; ``row`` = cell*B + b in
     ``src``) of scan ``grp``, whose slab starts at row ``base``: input projection
     (:func:`_infer_inputs`), recurrent products, cell, h into ``out[:, grp]``. ``tiles=False``:
@@ -542,8 +542,7 @@ def _infer_item(out, h, c, act, lp, x, src, W, Wp, bias, Up, grp, base, slot, ro
 @njit(**NJIT_OPTS)
 def _infer_inputs(act, x, src, W, Wp, bias, r, row, nb, tiles):
     """``act[r+i] = bias + x[src[row+i]] @ W`` for the nb (1 .. 4) rows i: :func:`_input_rows`.
-    ``tiles`` is ``np.bool_(True)`` or ``np.bool_(False)``, never a default or a literal: the
-    sweeps call this and :func:`_input_rows` with both, and each literal compiled them again."""
+    ``tiles``: ``np.bool_(True)`` or ``np.bool_(False)``, no literal (see :mod:`mdnumba.kernels`)."""
     _input_rows(act, x, src, W, Wp, bias, four_rows(r, nb), four_rows(row, nb), nb, tiles)
 
 
@@ -568,7 +567,6 @@ def _input_rows(act, x, src, W, Wp, bias, rr, rows, nb, tiles):
         for i in range(nb):
             j = ss[i]
             if j >= 0:
-                # np.int64, not literals: they would compile rows_product again
                 rows_product(act, (rr[i], rr[i], rr[i], rr[i]), x, (j, j, j, j), np.int64(1), W, np.int64(0))
 
 
