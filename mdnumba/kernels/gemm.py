@@ -253,8 +253,8 @@ def _at_b_tiles(part, a, bmat, r0, r1, k0, k1):
             for t in range(inplace, steps):
                 for j in range(rest):
                     tail[t - inplace, j] = bmat[r + t, P * W + j]
-            a0 = (r + inplace) * K  # np.int64(0): no literal (see mdnumba.kernels)
-            _at_b_panel(part, P * W, rest, a, a0, k0, k1, tail, np.int64(0), W, steps - inplace)
+            _at_b_panel(part, P * W, rest, a, (r + inplace) * K, k0, k1, tail, np.int64(0), W,
+                        steps - inplace)  # np.int64(0): no literal (see mdnumba.kernels)
 
 
 @njit(**NJIT_OPTS)
