@@ -59,6 +59,7 @@ def _write_probe(folder: Path) -> None:
 
 
 def _refuse_dangling(out: Path, what: str) -> None:
+    """A symlink ``out`` (``what``: how the message names it) to a folder that does not exist."""
     if out.is_symlink() and not out.exists():
         raise click.UsageError(f"{what} {out} is a symlink to {os.readlink(out)}, which does not "
                                "exist; create that folder or remove the link")
@@ -386,6 +387,13 @@ def _refuse_occupied(out: Path, overwrite: bool, default: Path, resumable: bool 
     return present
 
 
+def _refuse_out(out: Path, overwrite: bool, default: Path, resumable: bool = True) -> None:
+    """The refusals of a new run's folder ``out`` that only read (:func:`_refuse_occupied`,
+    :func:`_refuse_unwritable_out`), asked before the probe steps compile the kernels."""
+    _refuse_occupied(out, overwrite, default, resumable)
+    _refuse_unwritable_out(out)
+
+
 def _check_fresh(out: Path, overwrite: bool, default: Path, resumable: bool = True) -> None:
     """:func:`_refuse_occupied`, then the old run's files go, so that none of it is left beside
     the new one."""
@@ -531,8 +539,7 @@ def train(ctx: click.Context, out: Path, overwrite: bool, resume: Path | None, c
         if (out / SUMMARY).exists():
             raise click.UsageError(f"{out} holds the runs of `mdnumba compare` ({SUMMARY}); choose "
                                    "another --out")
-        _refuse_occupied(out, overwrite, DEFAULT_OUT)  # before the probe steps compile the kernels
-        _refuse_unwritable_out(out)
+        _refuse_out(out, overwrite, DEFAULT_OUT)
         trainer = _make_trainer(out, cfg)
         _check_fresh(out, overwrite, DEFAULT_OUT)
     _run_with_progress(trainer)
@@ -777,9 +784,8 @@ def compare(ctx: click.Context, task: str, models: str, out: Path, overwrite: bo
     configs = {name: _config(model=name, task=task, **kw) for name in names}
     _check_writable(out)
     old = _check_fresh_comparison(out, overwrite, TASKS[task].models)  # before the models' folders
-    for name in names:  # before the probe steps compile the kernels
-        _refuse_occupied(out / name, overwrite, COMPARE_OUT / name, resumable=False)
-        _refuse_unwritable_out(out / name)
+    for name in names:
+        _refuse_out(out / name, overwrite, COMPARE_OUT / name, resumable=False)
     trainers = {name: _make_trainer(out / name, cfg) for name, cfg in configs.items()}
     for name in names:
         _check_fresh(out / name, overwrite, COMPARE_OUT / name, resumable=False)
