@@ -122,10 +122,11 @@ def _plane(k, diag_off, items_off, B):
     """Hyperplane k's work items per scan: ``(first, n)``. Without a live-items table (``items_off``
     empty) every row: its cells from ``first = diag_off[k]`` on, ``n = cells * groups(B)``; with
     one (:func:`mdnumba.grid.live_items`, one offset per entry of ``diag_off``) its entries
-    ``first .. first + n - 1``."""
+    ``first .. first + n - 1``. Both int64 whatever the tables' type, as the batched sweeps'
+    cells, so that the callees are compiled once (see :mod:`mdnumba.kernels`)."""
     if items_off.shape[0] == 0:
-        return diag_off[k], (diag_off[k + 1] - diag_off[k]) * groups(B)
-    return items_off[k], items_off[k + 1] - items_off[k]
+        return np.int64(diag_off[k]), (diag_off[k + 1] - diag_off[k]) * groups(B)
+    return np.int64(items_off[k]), np.int64(items_off[k + 1] - items_off[k])
 
 
 @njit(**NJIT_OPTS)
