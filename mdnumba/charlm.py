@@ -33,7 +33,7 @@ from ._validate import (
 from .kernels.dropout import draw_seed, keep_mask, threshold
 from .kernels.gemm import scatter_add_rows
 from .layers import GridLSTM2D, Linear
-from .losses import real_values
+from .losses import checked_logits
 from .params import OwnsParams, ParamLayout, one_thread_at_a_time
 from .stack import LayerGroup, check_not_refused_midway, mdlstm_stack, run_tracked
 
@@ -271,7 +271,7 @@ def softmax_xent(logits: np.ndarray, targets: np.ndarray) -> tuple[float, np.nda
     """Mean cross-entropy (nats) of ``softmax(logits)`` against int ``targets``; returns
     ``(L, dL/dlogits = (p − onehot)/n, p)``. ``L`` from the log-softmax
     ``z_t − max z − log Σ exp(z − max z)``, exact however unlikely the target."""
-    logits, t = real_values(logits, "logits"), np.asarray(targets)
+    logits, t = checked_logits(logits, "logits", infinite=False), np.asarray(targets)
     if logits.ndim < 1:
         raise ValueError(f"logits must have a vocabulary axis (the last), got the scalar {logits!r}")
     V = logits.shape[-1]

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._validate import NonFiniteError
+from .kernels.gemm import count_nonfinite
+
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
     """σ(z) computed without overflow warnings, in z's float type (float64 for integers)."""
@@ -32,11 +35,24 @@ def real_values(a: object, name: str) -> np.ndarray:
     return arr
 
 
+def checked_logits(z: object, name: str, infinite: bool) -> np.ndarray:
+    """:func:`real_values`, and :class:`mdnumba.NonFiniteError` for NaN logits, or (not
+    ``infinite``: a loss without a limit there) ±inf ones."""
+    z = real_values(z, name)
+    if count_nonfinite(z):
+        bad = int(np.count_nonzero(np.isnan(z))) if infinite else count_nonfinite(z)
+        if bad:
+            raise NonFiniteError(f"{name} hold {bad} {'NaN' if infinite else 'NaN or infinite'} values "
+                                 f"(of {z.size}): the model's output overflowed; give it finite inputs "
+                                 "and weights (in training: a lower learning rate, or clip_norm)")
+    return z
+
+
 def _same_shape(z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(z, y)`` as arrays of real numbers (:func:`real_values`); ValueError unless their shapes
-    are equal (NumPy would broadcast a (B,) target against (B, 1) logits into a (B, B) loss, a
-    wrong number without an error)."""
-    z, y = real_values(z, "logits z"), real_values(y, "targets y")
+    """``(z, y)`` as arrays of real numbers, the logits not NaN (:func:`checked_logits`: σ(±inf)
+    is 1 or 0); ValueError unless their shapes are equal (NumPy would broadcast a (B,) target
+    against (B, 1) logits into a (B, B) loss, a wrong number without an error)."""
+    z, y = checked_logits(z, "logits z", infinite=True), real_values(y, "targets y")
     if z.shape != y.shape:
         raise ValueError(f"targets y of shape {y.shape} do not match the logits z of shape {z.shape}; "
                          "give one target per logit (reshape y, e.g. y.reshape(z.shape))")
@@ -54,7 +70,7 @@ def mse_sigmoid(z: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray, np.nda
 
 def bce_logits(z: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
     """L = mean(softplus(z) − y·z) (binary cross-entropy of σ(z)); dL/dz = (p − y)/n; targets
-    ``y`` in [0, 1]."""
+    ``y`` in [0, 1]. An infinite z has its limit: 0 where σ(z) = y, else +inf."""
     z, y = _same_shape(z, y)
     if not ((y >= 0) & (y <= 1)).all():  # NaN fails too
         got = "NaN" if np.isnan(y).any() else f"values from {np.min(y)} to {np.max(y)}"
@@ -62,8 +78,13 @@ def bce_logits(z: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray, np.ndar
                          f"got {got}")
     p = sigmoid(z)
     z64 = z.astype(np.float64)
-    loss = float(np.mean(np.logaddexp(0.0, z64) - y * z64))
-    return loss, (p - y) / z.size, p
+    with np.errstate(invalid="ignore"):  # inf − inf at an infinite z: its limit, below
+        per = np.logaddexp(0.0, z64) - y * z64
+    inf = np.isinf(z64)
+    if inf.any():  # the limits: 0 where σ(z) is the target, +inf where it differs
+        wrong = np.where(z64[inf] > 0, y[inf] < 1, y[inf] > 0)
+        per[inf] = np.where(wrong, np.inf, 0.0)
+    return float(np.mean(per)), (p - y) / z.size, p
 
 
 LOSSES = {"mse": mse_sigmoid, "bce": bce_logits}

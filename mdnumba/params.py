@@ -136,7 +136,7 @@ class ParamBuffer(Mapping):
             with np.errstate(over="raise"):
                 np.copyto(staged, value, casting="same_kind")
             np.copyto(view, staged)
-        except FloatingPointError:
+        except (FloatingPointError, OverflowError):  # OverflowError: a Python int beyond float64
             raise ValueError(f"the values given for {name} overflow {view.dtype}") from None
         except (ValueError, TypeError) as exc:
             raise ValueError(f"cannot assign to {name} {view.shape} {view.dtype}: {exc}") from None

@@ -327,8 +327,7 @@ class Trainer:
         t0 = time.perf_counter()
         batch = self.sample_batch(self.rng, self.cfg.size_at(self.step))
         logits = self._forward(batch.x)
-        loss, dlogits, prob = self.loss_fn(logits, batch.y)
-        self._check_loss(loss, self.step + 1)
+        loss, dlogits, prob = self._loss(logits, batch.y)
         self.model.zero_grad()
         self._backward(dlogits, input_grad=False)  # parameter gradients only
         self._optimizer_step()
@@ -373,6 +372,16 @@ class Trainer:
                                  update=True) from None
         except FloatingPointError:
             raise self._diverged("the gradients", self.step + 1) from None
+
+    def _loss(self, logits: np.ndarray, y: np.ndarray) -> tuple:
+        """``loss_fn(logits, y)`` of a training step; NaN logits (which the loss refuses) or a
+        NaN/inf loss stop the run with :meth:`_diverged`'s advice."""
+        try:
+            out = self.loss_fn(logits, y)
+        except NonFiniteError:
+            raise self._diverged("the loss", self.step + 1) from None
+        self._check_loss(out[0], self.step + 1)
+        return out
 
     def _check_loss(self, loss: float, step: int) -> None:
         if not np.isfinite(loss):

@@ -87,8 +87,7 @@ class CharLMTrainer(Trainer):
         """Random windows, forward with dropout, cross-entropy, backward, optimizer step."""
         t0 = time.perf_counter()
         x, y = self.corpus.batch(self.rng, "train", self.cfg.batch, self.cfg.seq_len)
-        loss, dlogits, _ = softmax_xent(self._forward(x, self.rng if self.cfg.dropout else None), y)
-        self._check_loss(loss, self.step + 1)
+        loss, dlogits, _ = self._loss(self._forward(x, self.rng if self.cfg.dropout else None), y)
         self.model.zero_grad()
         self._backward(dlogits)
         self._optimizer_step()

@@ -613,6 +613,8 @@ def test_assigning_a_named_view_writes_the_weights():
     before = layer.params.data.copy()
     with pytest.raises(ValueError, match="values given for W overflow float32"):
         layer.params.W = np.full(layer.params.W.shape, 1e300)
+    with pytest.raises(ValueError, match="values given for b overflow float32"):  # an int beyond float64
+        layer.params.b = 10 ** 400
     with pytest.raises(ValueError, match="values given for data overflow float32"):  # partly
         layer.params.data = np.where(np.arange(before.size) % 2, 1e300, 2.0)
     np.testing.assert_array_equal(layer.params.data, before)  # a refused value writes nothing

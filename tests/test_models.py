@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from gradcheck import assert_grad_close, check_layer_gradients, numeric_grad
 
+from mdnumba import NonFiniteError
 from mdnumba.layers import Linear
 from mdnumba.losses import bce_logits, mse_sigmoid, sigmoid
 from mdnumba.models import build_model
@@ -45,6 +46,26 @@ def test_a_loss_refuses_what_is_not_real_numbers_or_nothing(loss_fn):
     loss, dz, _ = loss_fn(np.array([0, 1]), np.array([0, 1]))
     want = loss_fn(np.array([0.0, 1.0]), np.array([0.0, 1.0]))
     assert loss == want[0] and dz.dtype == np.float64 and np.array_equal(dz, want[1])
+
+
+def test_a_loss_refuses_nan_logits_and_takes_infinite_ones_at_their_limit():
+    """bce of an infinite logit was inf − inf = NaN with a finite gradient (a training loop went
+    on), and NaN logits were taken: bce and mse now take ±inf at their limits and refuse NaN;
+    the softmax cross-entropy, without a limit for several infinite logits, refuses both."""
+    from mdnumba.charlm import softmax_xent
+    z, y = np.array([np.inf, np.inf, -np.inf, -np.inf, np.inf]), np.array([1.0, 0.0, 0.0, 1.0, 0.5])
+    loss, dz, p = bce_logits(z[[0, 2]], y[[0, 2]])
+    assert loss == 0.0 and not dz.any() and list(p) == [1.0, 0.0]
+    for k in (1, 3, 4):  # σ(z) the opposite of the target, or a target inside (0, 1): +inf
+        assert bce_logits(z[[0, k]], y[[0, k]])[0] == np.inf
+    np.testing.assert_array_equal(bce_logits(z, y)[1], (sigmoid(z) - y) / 5)
+    assert mse_sigmoid(z, y)[0] == pytest.approx((1 + 1 + 0.25) / 5) and not mse_sigmoid(z, y)[1].any()
+    for loss_fn in (mse_sigmoid, bce_logits):
+        with pytest.raises(NonFiniteError, match=r"^logits z hold 1 NaN values \(of 3\): the model's output"):
+            loss_fn(np.array([0.5, np.nan, np.inf]), np.ones(3))
+    for bad in (np.inf, -np.inf, np.nan):
+        with pytest.raises(NonFiniteError, match=r"^logits hold 1 NaN or infinite values \(of 3\)"):
+            softmax_xent(np.array([[0.5, bad, 1.0]]), np.array([0]))
 
 
 def test_bce_takes_targets_in_0_1_only():
