@@ -469,7 +469,7 @@ def _check_memory(trainer) -> None:
     except CorpusError as exc:
         raise click.UsageError(str(exc)) from None
     except FloatingPointError as exc:
-        raise click.ClickException(f"a probe step (batch 1, fresh weights) diverged: {exc}") from None
+        raise click.ClickException(f"a probe step (batch 1) diverged: {exc}") from None
 
 
 def _make_trainer(out: Path, cfg):

@@ -391,14 +391,23 @@ class Trainer:
                   update: bool = False) -> FloatingPointError:
         """The error for a run whose ``what`` ``became`` NaN/inf at ``step`` (``update``: by the
         optimiser's update of finite gradients, which no cell bounds): which checkpoint is kept and
-        what to change (the settings that help, of those not in use)."""
+        what to change (the settings that help, of those not in use). Before any update (the
+        initial weights, e.g. the memory probe's steps) the learning rate plays no part: the
+        advice is then the cell, the dtype's range and the grid's size."""
         cfg = self.cfg
-        tips = ["lower --lr"] + ([] if cfg.clip_norm else ["set --clip-norm"])
-        if cfg.cell == "graves" and cfg.model in ("md", "md3d") and not update:
+        grid = cfg.model in ("md", "md3d")
+        fresh = self.step == 0 and not update
+        tips = [] if fresh else ["lower --lr"] + ([] if cfg.clip_norm else ["set --clip-norm"])
+        if cfg.cell == "graves" and grid and not update:
             tips.append("use --cell stable (bounded state on large grids)")
+        if fresh:
+            tips += ["use --dtype float64 (a wider range)"] * (cfg.dtype == "float32") + \
+                ["give a smaller --size"] * grid
+        tips = tips or ["lower --lr"]
+        when = ", before any update" if fresh else ""
         kept = "" if self.saved_step is None else f" (the checkpoint of step {self.saved_step} is kept)"
         advice = ", ".join(tips[:-1]) + (" or " if len(tips) > 1 else "") + tips[-1]
-        return FloatingPointError(f"{what} {became} NaN or infinite at step {step}{kept}; {advice}")
+        return FloatingPointError(f"{what} {became} NaN or infinite at step {step}{when}{kept}; {advice}")
 
     def _train_block(self, n: int, ahead: int = 0) -> list[dict[str, float]]:
         """Run up to ``n`` steps and return their metrics (the device trainer reads the GPU

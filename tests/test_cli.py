@@ -1035,7 +1035,9 @@ def test_a_probe_step_that_diverges_gives_the_divergence_advice(runner, tmp_path
     res = runner.invoke(main, ["train", "--size", "512", "--batch", "1", "--hidden", "4", "--steps", "1",
                                "--out", str(tmp_path / "big")])
     assert res.exit_code == 1 and res.exception.__class__ is SystemExit, res.output
-    assert "became NaN or infinite at step 1; lower --lr, set --clip-norm or use --cell stable" in res.output
+    assert ("a probe step (batch 1) diverged: the cell state became NaN or infinite at step 1, before any "
+            "update; use --cell stable (bounded state on large grids), use --dtype float64 (a wider range) "
+            "or give a smaller --size") in " ".join(res.output.split()), res.output
     assert not (tmp_path / "big").exists()
 
 

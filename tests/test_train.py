@@ -356,8 +356,9 @@ def test_a_diverging_model_stops_before_backward_with_advice(layers, broken, wha
     monkeypatch.setattr(Trainer, "_weights_overflowed", lambda self, params=None: False)
     tr = make_trainer(TrainConfig(steps=5, layers=layers, **KW))
     tr.model.layers[broken].params.data[...] = np.nan  # stands in for a layer whose output diverged
-    with pytest.raises(FloatingPointError, match=f"the {what} became NaN or infinite at step 1; lower "
-                                                 r"--lr, set --clip-norm or use --cell stable \("):
+    advice = r"use --cell stable \(bounded state on large grids\), use --dtype float64 \(a wider range\)"
+    with pytest.raises(FloatingPointError, match=f"the {what} became NaN or infinite at step 1, before "
+                                                 f"any update; {advice} or give a smaller --size$"):
         tr.run()
 
 
@@ -368,8 +369,8 @@ def test_an_overflowing_cell_state_stops_the_run_at_backward_with_advice():
     layer = tr.model.layers[0]
     layer.params.U = 0.0
     layer.params.b[2:6] = 10.0  # f_up, f_left ≈ 1
-    with pytest.raises(FloatingPointError, match=r"^the cell state became NaN or infinite at step 1; "
-                                                 r"lower --lr, set --clip-norm or use --cell stable"):
+    with pytest.raises(FloatingPointError, match=r"^the cell state became NaN or infinite at step 1, "
+                                                 r"before any update; use --cell stable"):
         tr.run()
 
 
@@ -383,8 +384,8 @@ def test_gradients_that_overflow_in_backward_stop_the_run_with_advice():
         loss, dlogits, prob = loss_fn(logits, y)
         return loss, np.full_like(dlogits, np.finfo(np.float32).max), prob
     tr.loss_fn = huge
-    with pytest.raises(FloatingPointError, match=r"^the gradients became NaN or infinite at step 1; "
-                                                 r"lower --lr, set --clip-norm or use --cell stable \("):
+    with pytest.raises(FloatingPointError, match=r"^the gradients became NaN or infinite at step 1, "
+                                                 r"before any update; use --cell stable \("):
         tr.run()
 
 
