@@ -554,6 +554,28 @@ def test_step_memory_extrapolates_the_batch(kw):
     assert real > 2**19 and abs(estimate - real) < 0.1 * real, (estimate, real)
 
 
+@pytest.mark.parametrize("kw,size", [(dict(hidden=16, loss="bce"), 96),
+                                     (dict(directions=4, layers=3, hidden=4), 64),
+                                     (dict(model="md3d", task="diagonal3d", size=4, hidden=4), 20),
+                                     (dict(model="lstm", task="binary-addition", size=6, hidden=8), 20000)])
+def test_the_evaluation_memory_estimate_covers_its_peak(kw, size):
+    """``mdnumba evaluate --size`` is refused unless :func:`eval_estimate` fits, with the room
+    the training step's estimate gets: its traced peak lies within that room (the input and
+    first layer's output it counted before were exceeded by ~1.5x: Linux ended such runs
+    without a message), and the estimate is no more than 30% above it."""
+    import tracemalloc
+
+    from mdnumba.train import ESTIMATE_MARGIN, eval_estimate
+    tr = make_trainer(TrainConfig(batch=8, steps=1, **dict(dict(size=8), **kw)))
+    tr.evaluate(batches=1)  # compiles
+    tracemalloc.start()
+    tr.evaluate(size, batches=1)
+    real = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    estimate = eval_estimate(tr.cfg, size)
+    assert real > 2**20 and 0.75 * estimate < real < ESTIMATE_MARGIN * estimate, (estimate, real)
+
+
 def test_step_memory_under_a_tracing_started_before():
     """With tracemalloc already on (python -X tracemalloc) and memory already traced, the
     estimate is the same and the tracing keeps going."""
