@@ -244,6 +244,9 @@ class _Group(click.Group):
             _silence_stdout()
             ctx.exit(1)
         except Exception as exc:
+            from mdnumba.checkpoint import FolderInUseError
+            if isinstance(exc, FolderInUseError):
+                raise click.ClickException(str(exc)) from None
             what = _out_of_memory(exc)
             if what is None:
                 raise
@@ -394,6 +397,15 @@ def _refuse_out(out: Path, overwrite: bool, default: Path, resumable: bool = Tru
     _refuse_unwritable_out(out)
 
 
+def _hold_folder(folder: Path) -> None:
+    """Lock the run folder ``folder``, if it exists, until the command ends
+    (:func:`mdnumba.checkpoint.run_folder_lock`): one another process trains in is refused
+    before anything there is read, removed or written."""
+    from mdnumba.checkpoint import run_folder_lock
+    if folder.is_dir():
+        click.get_current_context().with_resource(run_folder_lock(folder))
+
+
 def _check_fresh(out: Path, overwrite: bool, default: Path, resumable: bool = True) -> None:
     """:func:`_refuse_occupied`, then the old run's files go, so that none of it is left beside
     the new one."""
@@ -401,6 +413,7 @@ def _check_fresh(out: Path, overwrite: bool, default: Path, resumable: bool = Tr
     present = _refuse_occupied(out, overwrite, default, resumable)
     if not present:
         return
+    _hold_folder(out)  # not while another process trains there
     for name in present:
         try:
             (out / name).unlink()
@@ -530,6 +543,7 @@ def train(ctx: click.Context, out: Path, overwrite: bool, resume: Path | None, c
         if overwrite or ctx.get_parameter_source("out").name != "DEFAULT":
             raise click.UsageError("--resume continues the run in its own folder; leave out "
                                    "--out and --overwrite")
+        _hold_folder(resume)
         trainer = _resume_run(resume, given)
         if ctx.get_parameter_source("plot").name == "DEFAULT":  # its PNGs would go stale
             from mdnumba.train import PLOTS
@@ -539,6 +553,7 @@ def train(ctx: click.Context, out: Path, overwrite: bool, resume: Path | None, c
         if (out / SUMMARY).exists():
             raise click.UsageError(f"{out} holds the runs of `mdnumba compare` ({SUMMARY}); choose "
                                    "another --out")
+        _hold_folder(out)
         _refuse_out(out, overwrite, DEFAULT_OUT)
         trainer = _make_trainer(out, cfg)
         _check_fresh(out, overwrite, DEFAULT_OUT)

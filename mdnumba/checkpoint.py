@@ -32,6 +32,58 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt or does not match the model."""
 
 
+class FolderInUseError(RuntimeError):
+    """Another process is training in a run folder (it holds :func:`run_folder_lock`)."""
+
+
+#: run folders this process holds locked: resolved path -> [descriptor, depth]
+_LOCKED: dict[Path, list[int]] = {}
+
+
+def _flock(key: Path, folder: Path) -> int | None:
+    """A descriptor of the folder ``key`` holding its exclusive ``flock``, or None where it
+    cannot be locked; :class:`FolderInUseError` where another process holds it."""
+    try:
+        import fcntl
+        fd = os.open(key, os.O_RDONLY)
+    except (ImportError, OSError):
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if isinstance(exc, BlockingIOError):
+            raise FolderInUseError(f"another process is training in {folder}; wait for it to end, "
+                                   "or stop it (Ctrl-C saves its checkpoint) and resume then") from None
+        return None
+    return fd
+
+
+@contextlib.contextmanager
+def run_folder_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock (``flock``, advisory) on the existing folder ``folder`` while a run
+    trains in it: :class:`FolderInUseError` if another process holds it (two runs writing one
+    checkpoint and log would leave a log of one run beside the checkpoint of the other).
+    Re-entrant within the process; the system releases it when the process ends, however.
+    Where there is no ``flock`` (Windows) or the file system refuses it, nothing is locked."""
+    key = Path(folder).resolve()
+    held = _LOCKED.get(key)
+    if held is None:
+        fd = _flock(key, folder)
+        if fd is None:
+            yield
+            return
+        held = _LOCKED[key] = [fd, 0]
+    held[1] += 1
+    try:
+        yield
+    finally:
+        held[1] -= 1
+        if not held[1]:
+            del _LOCKED[key]
+            os.close(held[0])  # which releases the lock
+
+
 def _umask() -> int:
     """The process umask (reading it means setting it: set it straight back)."""
     mask = os.umask(0o022)

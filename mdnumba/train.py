@@ -31,6 +31,7 @@ from .checkpoint import (
     load_checkpoint,
     named_os_errors,
     remove_temp_files,
+    run_folder_lock,
     save_checkpoint,
 )
 from .kernels.cell import CELLS
@@ -426,7 +427,8 @@ class Trainer:
         Ctrl-C stops at once and saves nothing (the last periodic checkpoint stays)."""
         self._stop = False
         self._claim_out()
-        with _deferred_interrupt() as self._interrupted:
+        lock = contextlib.nullcontext() if self.out is None else run_folder_lock(self.out)
+        with lock, _deferred_interrupt() as self._interrupted:
             self._run(on_step)
 
     def _claim_out(self) -> None:

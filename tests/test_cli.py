@@ -498,6 +498,45 @@ def test_the_default_loss_is_the_tasks(runner, tmp_path, args, loss):
     assert json.loads((tmp_path / "config.json").read_text())["config"]["loss"] == loss
 
 
+HOLD_FOLDER = """
+import sys
+from mdnumba.checkpoint import run_folder_lock
+with run_folder_lock(sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_folder_another_process_trains_in_is_refused(runner, tmp_path):
+    """Two runs resumed into one folder each trained on, and the folder ended with the checkpoint
+    of one and the log of the other: a training process locks its folder (as ``HOLD_FOLDER``
+    does), and a resume, an --overwrite or a ``Trainer.run`` there is refused before it reads
+    or removes anything; once the other process has ended the resume goes on."""
+    pytest.importorskip("fcntl")
+    from mdnumba.checkpoint import FolderInUseError
+    from mdnumba.train import Trainer
+    run = tmp_path / "run"
+    assert train(runner, run).exit_code == 0
+    files = {p.name: p.read_bytes() for p in run.iterdir()}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_FOLDER, str(run)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        said = f"another process is training in {run}; wait for it to end, or stop it"
+        for args in (["train", "--resume", str(run), "--steps", "9"],
+                     ["train", "--overwrite", "--out", str(run)]):
+            res = runner.invoke(main, args)
+            assert res.exit_code == 1 and said in " ".join(res.output.split()), res.output
+        with pytest.raises(FolderInUseError, match="another process is training in"):
+            Trainer.load(run, steps=9).run()
+        assert {p.name: p.read_bytes() for p in run.iterdir()} == files
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    res = runner.invoke(main, ["train", "--resume", str(run), "--steps", "9", "--no-plot"])
+    assert res.exit_code == 0, res.output
+
+
 def test_resume_refuses_options_that_would_change_the_run(runner, tmp_path):
     run = tmp_path / "run"
     assert train(runner, run).exit_code == 0
