@@ -498,15 +498,35 @@ def _make_trainer(out: Path, cfg):
     return trainer
 
 
-def _plot_available() -> bool:
-    import importlib.util
-    return importlib.util.find_spec("matplotlib") is not None
+def _plot_problem() -> str | None:
+    """Why no plot can be drawn here (:func:`mdnumba.plotting.matplotlib_problem`), or None."""
+    from mdnumba.plotting import matplotlib_problem
+    return matplotlib_problem()
 
 
 def _require_matplotlib(what: str) -> None:
-    if not _plot_available():
-        raise click.UsageError(f"{what} needs matplotlib: pip install 'mdnumba[plot]', or "
-                               "leave it out (--no-plot)")
+    """Refuse ``what`` (an option asking for plots) before training where none can be drawn."""
+    problem = _plot_problem()
+    if problem:
+        raise click.UsageError(f"{what} {problem}, or leave it out (--no-plot)")
+
+
+def _resume_plots(folder: Path, plot: bool, explicit: bool) -> bool:
+    """Whether ``train --resume`` redraws the run's plots: as asked (``explicit``), or by default
+    where the run has any (a warning where it cannot: they would go stale without a word).
+    Refuses, before training, a plot's name taken by something other than a file."""
+    from mdnumba.train import PLOTS
+    if not explicit:
+        had = [name for name in PLOTS if (folder / name).exists()]
+        problem = _plot_problem() if had else None
+        if problem:
+            click.echo(f"warning: {', '.join(had)} will not be redrawn: plotting {problem}", err=True)
+        plot = bool(had) and problem is None
+    for name in PLOTS if plot else ():
+        if (folder / name).exists() and not (folder / name).is_file():
+            raise click.UsageError(f"cannot write the plot {folder / name}: it is not a file; move it "
+                                   "away, or leave out the plots (--no-plot)")
+    return plot
 
 
 #: batches of the evaluation train prints at its end, and evaluate's default
@@ -544,10 +564,8 @@ def train(ctx: click.Context, out: Path, overwrite: bool, resume: Path | None, c
             raise click.UsageError("--resume continues the run in its own folder; leave out "
                                    "--out and --overwrite")
         _hold_folder(resume)
+        plot = _resume_plots(resume, plot, ctx.get_parameter_source("plot").name != "DEFAULT")
         trainer = _resume_run(resume, given)
-        if ctx.get_parameter_source("plot").name == "DEFAULT":  # its PNGs would go stale
-            from mdnumba.train import PLOTS
-            plot = _plot_available() and any((resume / name).exists() for name in PLOTS)
     else:
         cfg = _config(given, **kw)
         if (out / SUMMARY).exists():
@@ -793,7 +811,7 @@ def compare(ctx: click.Context, task: str, models: str, out: Path, overwrite: bo
                                f"choose from {list(TASKS[task].models)}")
     if len(set(names)) < len(names):
         raise click.UsageError(f"--models {models}: each model once")
-    plot = plot and (ctx.get_parameter_source("plot").name != "DEFAULT" or _plot_available())
+    plot = plot and (ctx.get_parameter_source("plot").name != "DEFAULT" or _plot_problem() is None)
     if plot:
         _require_matplotlib("--plot")
     configs = {name: _config(model=name, task=task, **kw) for name in names}
@@ -832,7 +850,7 @@ def compare(ctx: click.Context, task: str, models: str, out: Path, overwrite: bo
             raise click.ClickException(str(exc)) from None
         click.echo(f"plot: {path}")
     elif ctx.get_parameter_source("plot").name == "DEFAULT":
-        click.echo("no compare.png: matplotlib is not installed (pip install 'mdnumba[plot]')")
+        click.echo(f"no compare.png: plotting {_plot_problem()}")
 
 
 #: ``mdnumba bench --model`` -> grid dimensions of its layer

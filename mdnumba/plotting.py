@@ -8,12 +8,27 @@ from pathlib import Path
 import numpy as np
 
 
-def _pyplot():
+def matplotlib_problem() -> str | None:
+    """None where pyplot imports (with the Agg backend the plots use), else what is wrong, to
+    follow "plotting" or an option: matplotlib missing, or installed but failing to import."""
     try:
         import matplotlib
-    except ImportError:
-        raise RuntimeError("plotting needs matplotlib: pip install 'mdnumba[plot]'") from None
-    matplotlib.use("Agg")
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+    except ImportError as exc:
+        if exc.name == "matplotlib":
+            return "needs matplotlib: pip install 'mdnumba[plot]'"
+        return f"needs matplotlib, which is installed but failed to import ({exc}); repair it"
+    except Exception as exc:  # a broken installation raises what it raises
+        return (f"needs matplotlib, which is installed but failed to import ({type(exc).__name__}: "
+                f"{exc}); repair it")
+    return None
+
+
+def _pyplot():
+    problem = matplotlib_problem()
+    if problem:
+        raise RuntimeError(f"plotting {problem}")
     import matplotlib.pyplot as plt
     return plt
 

@@ -605,13 +605,50 @@ def test_default_out_is_replaced(runner, tmp_path, monkeypatch):
 
 def test_plot_without_matplotlib_stops_before_training(runner, tmp_path, monkeypatch):
     import mdnumba.cli.main as cli
-    monkeypatch.setattr(cli, "_plot_available", lambda: False)
+    monkeypatch.setattr(cli, "_plot_problem", lambda: "needs matplotlib: pip install 'mdnumba[plot]'")
     res = train(runner, tmp_path / "run", "--plot")
     assert res.exit_code == 2 and "--plot needs matplotlib" in res.output, res.output
     assert not (tmp_path / "run" / "log.tsv").exists()
     res = runner.invoke(main, ["compare", "--models", "md", "--size", "4", "--batch", "2", "--hidden", "2",
                                "--steps", "2", "--out", str(tmp_path / "cmp")])
-    assert res.exit_code == 0 and "no compare.png: matplotlib is not installed" in res.output, res.output
+    assert res.exit_code == 0 and "no compare.png: plotting needs matplotlib" in res.output, res.output
+
+
+def test_a_matplotlib_that_fails_to_import_is_named_so(monkeypatch):
+    """An installed matplotlib that failed to import was reported as missing ("pip install"),
+    and only once the training was done."""
+    import types
+
+    from mdnumba.plotting import matplotlib_problem
+    for name in ("matplotlib", "matplotlib.pyplot"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    assert matplotlib_problem() == "needs matplotlib: pip install 'mdnumba[plot]'"
+    monkeypatch.setitem(sys.modules, "matplotlib", types.ModuleType("matplotlib"))  # a broken one
+    assert matplotlib_problem().startswith("needs matplotlib, which is installed but failed to import "
+                                           "(AttributeError: ")
+
+
+def test_a_resume_that_cannot_redraw_its_plots_says_so_before_training(runner, tmp_path, monkeypatch):
+    """Without matplotlib a resumed run's PNGs stayed those of the old step without a word; a
+    folder in a PNG's place failed the command once the training was done."""
+    import mdnumba.cli.main as cli
+    run = tmp_path / "run"
+    assert train(runner, run, "--plot").exit_code == 0
+    with monkeypatch.context() as m:
+        m.setattr(cli, "_plot_problem", lambda: "needs matplotlib: pip install 'mdnumba[plot]'")
+        res = runner.invoke(main, ["train", "--resume", str(run), "--steps", "7"])
+    assert res.exit_code == 0 and "warning: loss.png, predictions.png will not be redrawn: plotting " \
+        "needs matplotlib" in res.output, res.output
+    (run / "loss.png").unlink()
+    (run / "loss.png").mkdir()
+    for plot in ([], ["--plot"]):
+        res = runner.invoke(main, ["train", "--resume", str(run), "--steps", "8", *plot])
+        assert res.exit_code == 2 and f"cannot write the plot {run / 'loss.png'}: it is not a file" \
+            in " ".join(res.output.split()), res.output
+    assert json.loads((run / "config.json").read_text())["step"] == 7
+    res = runner.invoke(main, ["train", "--resume", str(run), "--steps", "8", "--no-plot"])
+    assert res.exit_code == 0, res.output
 
 
 @pytest.mark.parametrize("args,message", [
@@ -659,13 +696,19 @@ def test_compare_overwrite_removes_no_run_its_table_names_outside_its_folder(run
     assert (out / "horizontal" / "checkpoint.npz").is_file()  # refused before the old runs went
 
 
-def test_a_plot_that_cannot_be_written_is_named_and_the_run_kept(runner, tmp_path):
-    """A folder where a resumed run's loss.png goes was IsADirectoryError's traceback after
-    training; now an error naming it, the run's new checkpoint saved."""
+def test_a_plot_that_cannot_be_written_is_named_and_the_run_kept(runner, tmp_path, monkeypatch):
+    """A resumed run's loss.png that cannot be written after training (a full disk; a folder in
+    its place was IsADirectoryError's traceback, and is now refused before training): an error
+    naming it, the run's new checkpoint saved."""
+    import errno
+
+    from matplotlib.figure import Figure
     run = tmp_path / "run"
     assert train(runner, run, "--plot").exit_code == 0
-    (run / "loss.png").unlink()
-    (run / "loss.png").mkdir()
+
+    def full_disk(*args, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Figure, "savefig", full_disk)
     res = runner.invoke(main, ["train", "--resume", str(run), "--steps", "8"])
     said = f"Error: cannot write the plot {run / 'loss.png'} ("
     assert res.exit_code == 1 and said in res.output, res.output
