@@ -39,12 +39,13 @@ def checked_logits(z: object, name: str, infinite: bool) -> np.ndarray:
     """:func:`real_values`, and :class:`mdnumba.NonFiniteError` for NaN logits, or (not
     ``infinite``: a loss without a limit there) ±inf ones."""
     z = real_values(z, name)
-    if count_nonfinite(z):
-        bad = int(np.count_nonzero(np.isnan(z))) if infinite else count_nonfinite(z)
-        if bad:
-            raise NonFiniteError(f"{name} hold {bad} {'NaN' if infinite else 'NaN or infinite'} values "
-                                 f"(of {z.size}): the model's output overflowed; give it finite inputs "
-                                 "and weights (in training: a lower learning rate, or clip_norm)")
+    bad = count_nonfinite(z)
+    if bad and infinite:  # only NaN is refused
+        bad = int(np.count_nonzero(np.isnan(z)))
+    if bad:
+        raise NonFiniteError(f"{name} hold {bad} {'NaN' if infinite else 'NaN or infinite'} values "
+                             f"(of {z.size}): the model's output diverged; give it finite inputs and "
+                             "weights (in training: a lower learning rate, or clip_norm)")
     return z
 
 
