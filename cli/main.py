@@ -244,8 +244,8 @@ class _Group(click.Group):
             _silence_stdout()
             ctx.exit(1)
         except Exception as exc:
-            from mdnumba.checkpoint import FolderInUseError
-            if isinstance(exc, FolderInUseError):
+            from mdnumba.checkpoint import CheckpointChangedError, FolderInUseError
+            if isinstance(exc, (FolderInUseError, CheckpointChangedError)):
                 raise click.ClickException(str(exc)) from None
             what = _out_of_memory(exc)
             if what is None:

@@ -36,6 +36,21 @@ class FolderInUseError(RuntimeError):
     """Another process is training in a run folder (it holds :func:`run_folder_lock`)."""
 
 
+class CheckpointChangedError(RuntimeError):
+    """A run folder's checkpoint changed since a trainer loaded or saved it (another trainer
+    saved there): the older trainer would write its run over the newer one."""
+
+
+def checkpoint_stamp(folder: Path) -> tuple[int, int, int] | None:
+    """``(inode, mtime in ns, size)`` of ``folder``'s checkpoint, None where there is none: each
+    save is a new file (renamed over the old), so a save by anyone changes it."""
+    try:
+        st = os.stat(Path(folder) / CHECKPOINT)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 #: run folders this process holds locked: resolved path -> [descriptor, depth]
 _LOCKED: dict[Path, list[int]] = {}
 

@@ -26,8 +26,10 @@ from ._validate import NonFiniteError, as_array, check_array, check_count, check
 from .checkpoint import (
     CHECKPOINT,
     CONFIG_JSON,
+    CheckpointChangedError,
     CheckpointError,
     atomic_write_bytes,
+    checkpoint_stamp,
     load_checkpoint,
     named_os_errors,
     remove_temp_files,
@@ -175,9 +177,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.loss is None:
             self.loss = TASKS[self.task].loss if self.task in TASKS else "mse"
-        # the other forms callers give: sizes as a list (JSON too) or array, a Path, a NumPy dtype
-        if isinstance(self.curriculum, (list, np.ndarray)):
-            self.curriculum = tuple(self.curriculum)
+        # the other forms callers give: sizes as a list (JSON too) or array, a Path, a NumPy dtype,
+        # NumPy numbers (which the checkpoint's JSON could not hold: as Python's)
+        for f in dataclasses.fields(self):
+            if isinstance(getattr(self, f.name), np.generic):
+                setattr(self, f.name, getattr(self, f.name).item())
+        if isinstance(self.curriculum, (list, tuple, np.ndarray)):
+            self.curriculum = tuple(v.item() if isinstance(v, np.generic) else v for v in self.curriculum)
         if isinstance(self.data, os.PathLike):
             self.data = os.fspath(self.data)
         if isinstance(self.dtype, np.dtype) or (isinstance(self.dtype, type)
@@ -304,6 +310,7 @@ class Trainer:
         self.step = 0
         self.saved_step: int | None = None  # the step of the newest checkpoint in ``out``
         self._owns_out = False  # whether ``out``'s run files are this run's (:meth:`_claim_out`)
+        self._stamp: tuple | None = None  # of ``out``'s checkpoint as this trainer left it
         self._interrupted: Callable[[], bool] = lambda: False  # Ctrl-C, set by :meth:`run`
         self._stop = False
 
@@ -429,7 +436,23 @@ class Trainer:
         self._claim_out()
         lock = contextlib.nullcontext() if self.out is None else run_folder_lock(self.out)
         with lock, _deferred_interrupt() as self._interrupted:
+            self._check_not_superseded()
             self._run(on_step)
+
+    def _check_not_superseded(self) -> None:
+        """:class:`CheckpointChangedError` if ``out``'s checkpoint is no longer the one this
+        trainer loaded or last saved (none, for a new run): another trainer saved there since,
+        and this one would write its older run over the newer one's checkpoint and log."""
+        if self.out is None or not self._owns_out:
+            return
+        stamp = checkpoint_stamp(self.out)
+        if stamp is None or stamp == self._stamp:  # none (deleted by hand: nothing to write over)
+            return
+        what = "a checkpoint this trainer did not write" if self._stamp is None else \
+            "another checkpoint than the one this trainer loaded or saved"
+        raise CheckpointChangedError(f"{self.out} now holds {what}: another trainer saved its run there "
+                                     f"since; load it again (Trainer.load({str(self.out)!r})) to go on "
+                                     "from there")
 
     def _claim_out(self) -> None:
         """Refuse to write into an ``out`` that holds another run's files (a checkpoint, config or
@@ -565,6 +588,7 @@ class Trainer:
             raise ValueError("this trainer has no output folder to save to; create it with "
                              "make_trainer(cfg, out=...) (CLI: --out DIR)")
         self._claim_out()
+        self._check_not_superseded()
         params = self._host_params()
         if self._weights_overflowed(params):  # a checkpoint that could not be loaded: keep the last
             raise self._diverged("the weights", self.step, update=True)
@@ -575,7 +599,7 @@ class Trainer:
         meta = {"config": dataclasses.asdict(self.cfg), "step": self.step, "adam_t": state["t"],
                 "rng": self.rng.bit_generator.state, **self._extra_meta()}
         path = save_checkpoint(self.out, arrays, meta)
-        self.saved_step = self.step
+        self.saved_step, self._stamp = self.step, checkpoint_stamp(self.out)
         return path
 
     def _host_params(self) -> list[np.ndarray]:
@@ -599,6 +623,7 @@ class Trainer:
             raise TypeError(f"Trainer.load may override only {', '.join(RESUME_OVERRIDES)}, got "
                             f"{', '.join(other)}: a run's other settings are its checkpoint's (train a new "
                             "run for other ones)")
+        stamp = checkpoint_stamp(folder)  # before reading: a save in between is then seen as one
         arrays, meta = load_checkpoint(folder)
         cfg = _checkpoint_config(folder, meta, overrides)
         _check_config_copy(folder, meta)
@@ -630,7 +655,7 @@ class Trainer:
                                     "v": [arrays[f"adam_v_{k}"] for k in range(n)]})
             tr.rng.bit_generator.state = _checked_rng_state(meta["rng"], tr.rng.bit_generator.state)
             tr.step = tr.saved_step = step
-            tr._owns_out = True
+            tr._owns_out, tr._stamp = True, stamp
         except CheckpointError:
             raise
         except (KeyError, TypeError, ValueError, OverflowError) as exc:  # Overflow: e.g. the RNG state

@@ -258,6 +258,36 @@ def test_a_log_that_ends_before_the_checkpoint_says_which_steps_it_lacks(tmp_pat
         Trainer.load(tmp_path / "a", steps=7).run()
 
 
+def test_a_trainer_whose_checkpoint_another_one_replaced_refuses_to_write_over_it(tmp_path):
+    """A trainer loaded before another one trained the run further wrote its older run over the
+    newer checkpoint and cut the log back to its own steps, without a word."""
+    from mdnumba.checkpoint import CheckpointChangedError
+    make_trainer(TrainConfig(steps=3, **KW), tmp_path).run()
+    stale = Trainer.load(tmp_path, steps=6)
+    Trainer.load(tmp_path, steps=8).run()
+    newer = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    said = rf"^{re.escape(str(tmp_path))} now holds another checkpoint than the one this trainer loaded"
+    for call in (stale.run, stale.save):
+        with pytest.raises(CheckpointChangedError, match=said):
+            call()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == newer
+    again = Trainer.load(tmp_path, steps=9)
+    again.run()  # its own saves do not count
+    assert again.step == 9 and Trainer.load(tmp_path).step == 9
+
+
+def test_numpy_numbers_in_a_config_are_saved_as_python_ones(tmp_path):
+    """np.float32/np.int64/np.bool_ settings (from np.arange, a parameter grid) passed validate()
+    and trained, then the checkpoint's JSON failed at the first save, leaving a log that blocked
+    a second try."""
+    cfg = TrainConfig(**dict(KW, size=np.int64(5), lr=np.float32(0.01), curriculum=np.array([4]),
+                             steps=np.int64(4), tie_depth=np.bool_(True)))
+    assert type(cfg.size) is int and type(cfg.lr) is float and cfg.curriculum == (4,)
+    assert type(cfg.curriculum[0]) is int and type(cfg.tie_depth) is bool
+    make_trainer(cfg, tmp_path).run()
+    assert Trainer.load(tmp_path).cfg == cfg
+
+
 @pytest.mark.parametrize("every,kept", [(1, True), (100, False)])
 def test_an_update_that_overflows_the_weights_is_not_saved(tmp_path, every, kept):
     """Finite gradients times lr 1e38 overflow float32 weights: a checkpoint of them could not be
