@@ -62,6 +62,9 @@ class Corpus:
     def from_text(cls, text: str, val_fraction: float = 0.1, vocab: list | None = None) -> Corpus:
         """Split ``text`` (last ``val_fraction`` for validation); ``vocab`` (e.g. from a
         checkpoint) must cover every character, else :class:`CorpusError`."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__} (decode bytes first, e.g. "
+                            "raw.decode('utf-8'))")
         if not text:
             raise CorpusError("the text is empty; give a file with some text in it")
         if not 0 < val_fraction < 1:
@@ -141,7 +144,7 @@ class Corpus:
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         self.check_seq_len(check_positive_int(seq_len, "seq_len"))
         ids = self.train if split == "train" else self.val
-        start = rng.integers(0, len(ids) - seq_len, size=batch)
+        start = rng.integers(0, len(ids) - seq_len, size=check_positive_int(batch, "batch"))
         idx = start[:, None] + np.arange(seq_len + 1)
         win = ids[idx]
         return win[:, :-1], win[:, 1:]
@@ -354,6 +357,9 @@ class CharLM(LayerGroup):
             for core, drop in zip(self._cores(), self.drops[1:]):
                 h = drop.forward(core.forward(h, save=save), rng)
             return self.head.forward(h, save=save)
+        if rng is not None and not isinstance(rng, np.random.Generator):
+            raise TypeError(f"rng must be a numpy.random.Generator (np.random.default_rng(seed)), which "
+                            f"draws the dropout masks, or None, got {type(rng).__name__}")
         check_ids_shape(ids)
         return run_tracked(self, self.embed, lambda: self.embed.forward(ids), rest)
 

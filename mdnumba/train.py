@@ -458,7 +458,13 @@ class Trainer:
         """Refuse to write into an ``out`` that holds another run's files (a checkpoint, config or
         log this trainer did not load): a new trainer never replaces a run. A trainer made by
         :meth:`load` continues the run of its folder. A folder that does not exist is made."""
-        if self.out is None or self._owns_out:
+        if self.out is None:
+            return
+        for name in (LOG, CONFIG_JSON) if self._owns_out else ():  # a loaded run's, replaced as it goes
+            if (self.out / name).is_dir():
+                raise IsADirectoryError(f"{self.out / name} is a folder, where the run writes its {name}; "
+                                        "move that folder away")
+        if self._owns_out:
             return
         if self.out.exists() and not self.out.is_dir():
             raise NotADirectoryError(f"the output folder {self.out} is a file; give a folder")
@@ -688,7 +694,7 @@ class Trainer:
         training it reuses the training's buffers and compiled kernels, where the saving-free
         forward's sweep would first compile (13 of the 51 s of a first ``mdnumba train --model
         md --size 8``)."""
-        size = self.cfg.size if size is None else size
+        size = self.cfg.size if size is None else check_positive_int(size, "size")
         if size < self.task.min_size:
             raise ValueError(f"--size ({self.task.size_name}) must be >= {self.task.min_size}, got {size}")
         rng, batches = run_stream(seed, EVAL_STREAM), check_positive_int(batches, "batches")

@@ -119,6 +119,22 @@ def test_model_gradients_finite_differences(kind, tied, dropout, rng):
                               name=f"{type(layer).__name__}.{name}")
 
 
+def test_a_corpus_and_a_model_name_arguments_of_the_wrong_kind(textfile):
+    """Bytes made a vocabulary of integers that failed at decoding; a negative batch was NumPy's
+    "negative dimensions"; an int rng with dropout an AttributeError (without, silently no
+    dropout)."""
+    with pytest.raises(TypeError, match=r"^text must be a str, got bytes \(decode bytes first"):
+        Corpus.from_text(b"hello world, hello world")
+    corpus = Corpus.from_file(textfile)
+    for batch in (-1, 0):
+        with pytest.raises(ValueError, match="batch must be"):
+            corpus.batch(np.random.default_rng(0), "train", batch, 5)
+    for dropout in (0.5, 0.0):
+        model = CharLM("stacked", corpus.vocab_size, 4, 1, dropout=dropout)
+        with pytest.raises(TypeError, match=r"^rng must be a numpy.random.Generator .* or None, got int$"):
+            model.forward(np.zeros((1, 3), int), rng=3)
+
+
 def test_corpus_errors(tmp_path, textfile):
     with pytest.raises(CorpusError, match="does not exist"):
         Corpus.from_file(tmp_path / "missing.txt")

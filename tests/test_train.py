@@ -276,6 +276,25 @@ def test_a_trainer_whose_checkpoint_another_one_replaced_refuses_to_write_over_i
     assert again.step == 9 and Trainer.load(tmp_path).step == 9
 
 
+def test_a_loaded_run_whose_log_or_config_is_a_folder_is_refused_before_training(tmp_path):
+    """The CLI refused it; Trainer.load(...).run() trained, rewrote the checkpoint, then raised
+    IsADirectoryError's traceback."""
+    make_trainer(TrainConfig(steps=2, **KW), tmp_path).run()
+    before = (tmp_path / "checkpoint.npz").read_bytes()
+    for name in ("log.tsv", "config.json"):
+        (tmp_path / name).rename(tmp_path / "kept")
+        (tmp_path / name).mkdir()
+        with pytest.raises(IsADirectoryError, match=f"{name} is a folder, where the run writes its {name}"):
+            Trainer.load(tmp_path, steps=4).run()
+        assert (tmp_path / "checkpoint.npz").read_bytes() == before
+        (tmp_path / name).rmdir()
+        (tmp_path / "kept").rename(tmp_path / name)
+    tr = make_trainer(TrainConfig(steps=2, **KW))
+    for size in (4.5, "8", 0):
+        with pytest.raises((TypeError, ValueError), match="size must be"):
+            tr.evaluate(size, batches=1)
+
+
 def test_numpy_numbers_in_a_config_are_saved_as_python_ones(tmp_path):
     """np.float32/np.int64/np.bool_ settings (from np.arange, a parameter grid) passed validate()
     and trained, then the checkpoint's JSON failed at the first save, leaving a log that blocked
