@@ -694,7 +694,9 @@ class Trainer:
         training it reuses the training's buffers and compiled kernels, where the saving-free
         forward's sweep would first compile (13 of the 51 s of a first ``mdnumba train --model
         md --size 8``)."""
-        size = self.cfg.size if size is None else check_positive_int(size, "size")
+        size = self.cfg.size if size is None else size
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
+            raise TypeError(f"size must be an integer, got {size!r}")
         if size < self.task.min_size:
             raise ValueError(f"--size ({self.task.size_name}) must be >= {self.task.min_size}, got {size}")
         rng, batches = run_stream(seed, EVAL_STREAM), check_positive_int(batches, "batches")
