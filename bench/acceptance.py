@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_args import out_path
 from bench_cpu import load_average, machine_info, report_out, write_report
 
 from mdnumba.train import TrainConfig, Trainer
@@ -90,7 +91,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="few steps and seeds (smoke run); writes no "
                                                          "file unless --out")
-    ap.add_argument("--out", type=Path, default=None, help="the report's file (default "
+    ap.add_argument("--out", type=out_path, default=None, help="the report's file (default "
                                                            "bench/results/acceptance.md)")
     args = ap.parse_args()
     q = args.quick

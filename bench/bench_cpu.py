@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numba
 import numpy as np
+from bench_args import out_path
 
 import mdnumba
 from mdnumba import config as md_config
@@ -603,7 +604,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="skip the PyTorch baseline even if torch is installed")
     ap.add_argument("--threads", type=int, default=None,
                     help="numba and torch thread count (default: numba's default)")
-    ap.add_argument("--out", type=Path, default=None,
+    ap.add_argument("--out", type=out_path, default=None,
                     help=f"markdown report path (default: {DEFAULT_OUT.relative_to(HERE.parent)}; "
                          "none with --quick)")
     return ap.parse_args(argv)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numba
 import numpy as np
+from bench_args import out_path
 from bench_cpu import (
     Phase,
     command_line,
@@ -188,7 +189,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, every part once; writes no file "
                                                          "unless --out")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where mdnumba and PyTorch run")
-    ap.add_argument("--out", type=Path, default=None, help="the report's file (default "
+    ap.add_argument("--out", type=out_path, default=None, help="the report's file (default "
                                                            "bench/results/family_DEVICE.md)")
     return ap.parse_args()
 

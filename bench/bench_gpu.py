@@ -70,6 +70,7 @@ from typing import Any, NamedTuple
 
 import numba
 import numpy as np
+from bench_args import out_path
 from bench_cpu import Config as CpuConfig
 from bench_cpu import (
     Timing,
@@ -1018,7 +1019,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-cpu", action="store_true", help="skip the CPU timings")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     ap.add_argument("--no-numpy-api", action="store_true", help="skip MDLSTM2D(device='cuda')")
-    ap.add_argument("--out", type=Path, default=None,
+    ap.add_argument("--out", type=out_path, default=None,
                     help="the report's file (default bench/results/gpu.md; with --quick or --smoke none: "
                          "the report is printed)")
     args = ap.parse_args(argv)

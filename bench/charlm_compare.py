@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_args import out_path
 from bench_cpu import command_line, cpu_model, report_out, write_report
 
 from mdnumba.train import TrainConfig, make_trainer
@@ -47,11 +48,16 @@ def build_corpus(path: Path, megabytes: float) -> Path:
     return path
 
 
+def config(args, kind: str, hidden: int, data: Path) -> TrainConfig:
+    """The run of model ``kind`` that the command line asks for."""
+    return TrainConfig(model=kind, task="char-lm", data=str(data), hidden=hidden, layers=args.layers,
+                       seq_len=args.seq_len, batch=args.batch, lr=args.lr, steps=args.steps,
+                       optimizer=args.optimizer, dropout=args.dropout, seed=0)
+
+
 def train(kind: str, hidden: int, args, data: Path) -> tuple[list, dict]:
     """Train one model; return (validation curve [(step, val_bpc)], summary)."""
-    cfg = TrainConfig(model=kind, task="char-lm", data=str(data), hidden=hidden, layers=args.layers,
-                      seq_len=args.seq_len, batch=args.batch, lr=args.lr, steps=args.steps,
-                      optimizer=args.optimizer, dropout=args.dropout, seed=0)
+    cfg = config(args, kind, hidden, data)
     tr = make_trainer(cfg)
     curve: list = []
     t0 = time.perf_counter()
@@ -91,22 +97,31 @@ def plot(curves: dict, out: Path) -> Path | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--hidden", type=int, default=64, help="stacked LSTM hidden size")
+    ap.add_argument("--steps", type=int, default=None, help="default 1000 (--quick: 60)")
+    ap.add_argument("--hidden", type=int, default=None,
+                    help="stacked LSTM hidden size (default 64, --quick: 16)")
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--seq-len", type=int, default=50)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--optimizer", default="rmsprop")
     ap.add_argument("--dropout", type=float, default=0.0)
-    ap.add_argument("--mb", type=float, default=3.0)
+    ap.add_argument("--mb", type=float, default=None,
+                    help="at least this many MB of corpus (default 3, --quick: 0.2)")
     ap.add_argument("--quick", action="store_true", help="60 steps, hidden 16, 0.2 MB (smoke run); writes "
                                                          "no file unless --out")
-    ap.add_argument("--out", type=Path, default=None, help="the report's file, the plot beside it "
+    ap.add_argument("--out", type=out_path, default=None, help="the report's file, the plot beside it "
                                                            "(default bench/results/charlm.md)")
     args = ap.parse_args()
-    if args.quick:
-        args.steps, args.hidden, args.mb = 60, 16, 0.2
+    for name, default, quick in (("steps", 1000, 60), ("hidden", 64, 16), ("mb", 3.0, 0.2)):
+        if getattr(args, name) is None:  # --quick only changes the defaults
+            setattr(args, name, quick if args.quick else default)
+    try:  # the settings' errors now, not after the first model's run
+        config(args, "stacked", args.hidden, Path("corpus.txt")).validate()
+    except (TypeError, ValueError) as exc:
+        ap.error(str(exc))
+    if not args.mb > 0:
+        ap.error(f"--mb must be > 0, got {args.mb}")
     out = report_out(args, HERE / "results" / "charlm.md")
     data = build_corpus(Path(tempfile.gettempdir()) / "mdnumba_stdlib_corpus.txt", args.mb)
     grid_hidden = round(args.hidden * math.sqrt(args.layers / 2))

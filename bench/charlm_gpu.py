@@ -30,6 +30,7 @@ import tempfile
 from pathlib import Path
 
 import numba
+from bench_args import out_path
 from bench_cpu import (
     Timing,
     best_median,
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block", type=int, default=20, help="steps per timed block (the device sync interval)")
     ap.add_argument("--budget", type=float, default=20.0, help="seconds of timing per case")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, each case once")
-    ap.add_argument("--out", type=Path, default=None,
+    ap.add_argument("--out", type=out_path, default=None,
                     help="the report's file (default bench/results/charlm_gpu.md; with --smoke none: "
                          "the report is printed)")
     args = ap.parse_args(argv)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from bench_args import out_path
 from bench_cpu import (
     Timing,
     load_average,
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="small shapes, prints only (unless --out)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch column")
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    ap.add_argument("--out", type=Path, default=None, help=f"report file (default {DEFAULT_OUT})")
+    ap.add_argument("--out", type=out_path, default=None, help=f"report file (default {DEFAULT_OUT})")
     args = ap.parse_args(argv)
     tb = None if args.no_torch else load_torch_baseline()
     load_before = load_average()

@@ -29,6 +29,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+from bench_args import out_path, positive_int
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "launch_host.md"
 #: steps of the device trainer's timed block (the GPU benchmark's trainer rows'; ``--sync-every`` is 50)
@@ -266,10 +267,10 @@ def report(rows: list[tuple], repeats: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeats", type=int, default=300)
+    ap.add_argument("--repeats", type=positive_int, default=300)
     ap.add_argument("--only", default="", help="time the launchers whose name contains one of these "
                     "comma-separated texts")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--out", type=out_path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
     import numba
     if numba.config.ENABLE_CUDASIM:
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     mock_driver()
     rows = measure(args.repeats, args.only)
     if not rows:
-        ap.error(f"no launcher's name contains {args.only!r}; the launchers: {', '.join(launchers())}")
+        ap.error(f"no launcher's name contains {args.only!r}; the launchers: {'; '.join(launchers())}")
     from bench_cpu import write_report
     write_report(report(rows, args.repeats), args.out)
     return 0

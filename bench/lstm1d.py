@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numba
 import numpy as np
+from bench_args import out_path
 from bench_cpu import best_median, load_average, machine_info, report_out, time_interleaved, write_report
 
 import mdnumba
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes, prints only (unless --out)")
     ap.add_argument("--no-torch", action="store_true", help="leave out the PyTorch columns")
-    ap.add_argument("--out", type=Path, default=None, help=f"report file (default {DEFAULT_OUT})")
+    ap.add_argument("--out", type=out_path, default=None, help=f"report file (default {DEFAULT_OUT})")
     args = ap.parse_args(argv)
     load_before = load_average()
     torch = None

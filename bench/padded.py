@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from bench_args import out_path
 from bench_cpu import best_median, load_average, machine_info, report_out, time_interleaved, write_report
 
 import mdnumba
@@ -115,7 +116,7 @@ def render(info: dict, results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small shapes, prints only (unless --out)")
-    ap.add_argument("--out", type=Path, default=None, help=f"report file (default {DEFAULT_OUT})")
+    ap.add_argument("--out", type=out_path, default=None, help=f"report file (default {DEFAULT_OUT})")
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     args = ap.parse_args(argv)
     load_before = load_average()

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from bench_args import out_path
 from bench_cpu import best_median, load_average, machine_info, report_out, time_interleaved, write_report
 
 import mdnumba
@@ -149,7 +150,7 @@ def render(info: dict, results: list[tuple[Kind, list[dict]]], batches: list[dic
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small shapes, prints only (unless --out)")
-    ap.add_argument("--out", type=Path, default=None, help=f"report file (default {DEFAULT_OUT})")
+    ap.add_argument("--out", type=out_path, default=None, help=f"report file (default {DEFAULT_OUT})")
     args = ap.parse_args(argv)
     load_before = load_average()
     W = tile_width(np.empty(0, np.float32))

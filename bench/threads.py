@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_args import out_path, positive_int
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "threads.md"
 SHAPES = [(8, 16, 16), (32, 16, 16), (64, 16, 32)]  # (side, batch, hidden)
@@ -140,9 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--seconds", type=float, default=3.0, help="timing per shape and process")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=positive_int, default=3)
     ap.add_argument("--start-at", type=float, default=0.0, help=argparse.SUPPRESS)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--out", type=out_path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
     if args.worker:
         worker(args.seconds, args.start_at)

@@ -41,6 +41,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench_args import out_path
 from bench_cpu import make_input, report_out, write_report
 from bench_gpu import mdnumba_device_fns, parse_config, require_cuda_or_exit, sweep_times, time_it
 
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", default="32,256", help="as bench_gpu.py --configs")
     ap.add_argument("--quick", action="store_true", help="few repeats (smoke run)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--out", type=Path, default=None,
+    ap.add_argument("--out", type=out_path, default=None,
                     help="the table's file (default bench/results/tune_gpu.md; with --quick none: the "
                          "table is printed)")
     args = ap.parse_args(argv)

@@ -218,3 +218,23 @@ def test_gpu_floors_table():
     bare = gpu_result("8x8x4x16", 1e-3, None, None)
     assert bench_gpu.floors_table([bare])[2] == "| 8x8 B4 D16 | 0.00197 G | – | – | – | 1 | – | – | – |"
     assert "## Floors" in bench_gpu.render({"GPU": "test"}, [res], quick=True)
+
+
+def test_bench_arguments_are_checked_before_the_run(tmp_path):
+    """A --out that is a folder (or under a file) was a traceback once the benchmark's minutes
+    were spent; --rounds 0, --repeats 0 or a --long-size of text failed at the end or mid-run."""
+    import argparse
+
+    from bench_args import out_path, positive_int, sizes
+    assert out_path(str(tmp_path / "new" / "r.md")) == tmp_path / "new" / "r.md"  # made at the end
+    with pytest.raises(argparse.ArgumentTypeError, match=r"is a folder; give the report's file, e\.g\. "):
+        out_path(str(tmp_path))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(argparse.ArgumentTypeError, match=r"file is not a writable folder$"):
+        out_path(str(tmp_path / "file" / "r.md"))
+    assert positive_int("3") == 3 and sizes("64,128") == [64, 128]
+    for bad, said in (("0", "must be >= 1, got 0"), ("-1", "must be >= 1"), ("x", "'x' is not an integer")):
+        with pytest.raises(argparse.ArgumentTypeError, match=said):
+            positive_int(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="'abc' is not an integer"):
+        sizes("64,abc")
