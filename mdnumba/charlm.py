@@ -402,8 +402,8 @@ def iter_sample(model: CharLM, corpus: Corpus, length: int, temperature: float,
     if not isinstance(rng, np.random.Generator):
         rng = seeded_rng(rng, "rng (a np.random.Generator, or a seed for one)")
     if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < (0 if prime else 1):
-        raise ValueError(f"--length must be an integer >= {0 if prime else 1} (without a prime the random "
-                         f"first character is the first of them), got {length!r}")
+        why = "" if prime else " (without a prime the random first character is the first of them)"
+        raise ValueError(f"--length must be an integer >= {0 if prime else 1}{why}, got {length!r}")
     if not prime:
         prime, length = corpus.decode([int(rng.integers(corpus.vocab_size))]), length - 1
     ids = list(corpus.encode(prime, "--prime"))

@@ -227,13 +227,17 @@ def _span(a) -> tuple[int, int]:
 
 
 def check_distinct(buffers: list) -> None:
-    """ValueError if two parameter buffers share memory: a layer given twice (e.g.
-    ``Adam([net, net.layers[0]])``) would be updated twice per step and its gradient counted
-    twice in the norm."""
+    """ValueError if two of the ``(parameters, gradients)`` buffers share memory: a layer given
+    twice (e.g. ``Adam([net, net.layers[0]])``) would be updated twice per step and its gradient
+    counted twice in the norm; an array given as its own gradient would be updated by itself."""
     spans = sorted(_span(p) for p, _ in buffers)
     if any(nxt[0] < cur[1] for cur, nxt in zip(spans, spans[1:])):
         raise ValueError("the same parameters appear twice in this optimiser (a layer, or a model "
                          "and one of its layers, given twice): give each layer once")
+    spans = sorted(s for pair in buffers for s in map(_span, pair))
+    if any(nxt[0] < cur[1] for cur, nxt in zip(spans, spans[1:])):
+        raise ValueError("a gradient array shares memory with a parameter array or another gradient "
+                         "in this optimiser: give each (parameters, gradients) pair arrays of their own")
 
 
 def _positive(value: object, name: str) -> float:

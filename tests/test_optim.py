@@ -312,6 +312,16 @@ def test_flat_vectors_are_new_arrays_in_the_optimisers_order():
         grads_to_vector([])
 
 
+@pytest.mark.parametrize("make", [Adam, RMSprop])
+def test_an_optimiser_refuses_a_gradient_that_shares_memory_with_a_parameter(make):
+    """``Adam([(a, a)])`` was taken: each step updated the weights by themselves."""
+    a, b = np.ones(4), np.zeros(4)
+    for pairs in ([(a, a)], [(a, b), (np.ones(4), b)], [(a[:3], a[1:])]):
+        with pytest.raises(ValueError, match="a gradient array shares memory with a parameter"):
+            make(pairs)
+    make([(a[:2], a[2:])])  # two views of one array that do not overlap
+
+
 def test_an_optimiser_zeroes_the_gradients_it_reads():
     """opt.zero_grad() (PyTorch's habit): every layer it updates, as each layer's zero_grad."""
     from mdnumba import Linear
