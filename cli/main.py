@@ -356,7 +356,11 @@ def _config(given: dict | None = None, **kw):
 
 
 def _refuse_inapplicable(cfg, given: dict) -> None:
-    unused = cfg.inapplicable(given)
+    _refuse_unused(cfg.inapplicable(given))
+
+
+def _refuse_unused(unused: dict[str, str]) -> None:
+    """A UsageError naming the options (setting -> why) that the run would ignore, if any."""
     if unused:
         raise click.UsageError("not used by this run, leave out: " + ", ".join(
             f"{_option(k)} ({why})" for k, why in unused.items()))
@@ -622,11 +626,13 @@ def _resume_run(folder: Path, given: dict):
 
 def _load_run(folder: Path, **overrides):
     """``Trainer.load`` with overrides (e.g. device); a run trained on a GPU that this machine
-    cannot use says to pass ``--device cpu``."""
+    cannot use says to pass ``--device cpu``; an override the run ignores is named as an option."""
     from mdnumba.backend_cuda import CudaUnavailableError
-    from mdnumba.train import Trainer
+    from mdnumba.train import IgnoredSettingsError, Trainer
     try:
         return Trainer.load(folder, **overrides)
+    except IgnoredSettingsError as exc:
+        _refuse_unused(exc.ignored)
     except CudaUnavailableError as exc:
         msg = str(exc).replace("device='cuda'", "--device cuda").replace("device='cpu'", "--device cpu")
         if not overrides.get("device"):
@@ -770,8 +776,6 @@ def evaluate(run: Path, size: int | None, batches: int, seed: int, device: str |
         trainer = _load_run(run, device=device, data=data)
         if size is not None and trainer.cfg.task == "char-lm":
             raise click.UsageError(f"--size does not apply to {run}, a char-lm run; leave it out")
-        if data is not None and trainer.cfg.task != "char-lm":
-            raise click.UsageError(f"--data applies to char-lm runs only, {run} is a {trainer.cfg.task} run")
         metrics = trainer.evaluate(size=size, batches=batches, seed=seed)
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from None

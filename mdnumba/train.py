@@ -145,6 +145,14 @@ def run_stream(seed: int, key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(key,)))
 
 
+class IgnoredSettingsError(ValueError):
+    """Settings a run would ignore (:meth:`TrainConfig.inapplicable`); ``ignored``: name -> why."""
+
+    def __init__(self, ignored: dict[str, str], message: str):
+        super().__init__(message)
+        self.ignored = ignored
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a run; stored in the checkpoint."""
@@ -207,6 +215,7 @@ class TrainConfig:
         value of the wrong type, e.g. a hand-edited checkpoint's ``"hidden": 3.0``)."""
         self._check_types()
         self.check_model_fits_task()
+        self._refuse_ignored()
         task = get_task(self.task)
         checks = [(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {sorted(OPTIMIZERS)}"),
                   (0 <= self.dropout < 1, "--dropout must lie in [0, 1)"),
@@ -261,6 +270,27 @@ class TrainConfig:
             if not any(_of_type(value, kind) for kind in allowed):
                 raise TypeError(f"setting {f.name} must be {' or '.join(map(_type_name, allowed))}, "
                                 f"got {value!r}")
+
+    def ignored(self) -> dict[str, str]:
+        """The settings away from their defaults that this run ignores, with the reason
+        (:meth:`inapplicable`). ``sync_every`` is not counted: a run trained on a GPU keeps its
+        own when resumed on the CPU."""
+        plain = TrainConfig(model=self.model, task=self.task)
+        names = [f.name for f in dataclasses.fields(self) if f.name != "sync_every"]
+        return self.inapplicable(k for k in names if getattr(self, k) != getattr(plain, k))
+
+    def without_ignored(self) -> TrainConfig:
+        """A copy with the settings this run ignores (:meth:`ignored`) at their defaults."""
+        plain = TrainConfig(model=self.model, task=self.task)
+        return dataclasses.replace(self, **{k: getattr(plain, k) for k in self.ignored()})
+
+    def _refuse_ignored(self) -> None:
+        """:class:`IgnoredSettingsError` for the settings this run would ignore (:meth:`ignored`;
+        the CLI refuses such options as they are given)."""
+        ignored = self.ignored()
+        if ignored:
+            raise IgnoredSettingsError(ignored, "not used by this run, leave at their defaults: " + ", ".join(
+                f"{k}={getattr(self, k)!r} ({why})" for k, why in ignored.items()))
 
     def inapplicable(self, names: Iterable[str]) -> dict[str, str]:
         """Of the settings ``names`` (e.g. those given on the command line), the ones this
@@ -788,8 +818,10 @@ def _checkpoint_config(folder: Path, meta: dict, overrides: dict) -> TrainConfig
         extra = sorted(set(raw) - known) if isinstance(raw, dict) else "not a mapping"
         raise CheckpointError(f"checkpoint in {folder} has a config this mdnumba version does not "
                               f"know ({extra}); use the version that wrote it or start a new run")
-    try:
+    try:  # settings the run ignored (an older version took them) are left at their defaults
         cfg = TrainConfig(**raw)
+        cfg._check_types()  # a hand-edited value of the wrong type is damage, even if ignored
+        cfg = cfg.without_ignored()
         cfg.validate()
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"checkpoint in {folder} holds an invalid config ({exc}); "

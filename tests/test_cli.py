@@ -885,7 +885,8 @@ def test_resume_and_evaluate_refuse_what_the_run_would_ignore(runner, tmp_path):
         res = runner.invoke(main, ["train", "--resume", str(run), "--steps", "8", *extra])
         assert res.exit_code == 2 and message in res.output, (extra, res.output)
     res = runner.invoke(main, ["evaluate", str(run), "--data", str(text)])
-    assert res.exit_code == 2 and "applies to char-lm runs only" in res.output, res.output
+    assert res.exit_code == 2 and "not used by this run, leave out: --data (char-lm only)" in res.output, \
+        res.output
 
 
 def test_an_occupied_folder_is_refused_before_the_kernels_compile(runner, tmp_path, monkeypatch):

@@ -123,13 +123,28 @@ def test_ctrl_c_saves_when_stderr_is_gone(tmp_path, monkeypatch, stderr):
 def test_a_config_takes_the_forms_python_callers_give(tmp_path):
     """A list or array of curriculum sizes, a Path, a NumPy dtype and a NumPy bool are the
     settings they stand for (the type checks of hand-edited checkpoints must not refuse them)."""
-    cfg = TrainConfig(size=8, curriculum=[4], dtype=np.dtype("float64"), tie_depth=np.bool_(False))
+    cfg = TrainConfig(size=8, curriculum=[4], dtype=np.dtype("float64"))
     cfg.validate()
     assert cfg.curriculum == (4,) and cfg.dtype == "float64"
     assert TrainConfig(size=8, curriculum=np.array([4]), dtype=np.float32).dtype == "float32"
-    lm = TrainConfig(task="char-lm", model="grid", data=tmp_path / "t.txt")
+    lm = TrainConfig(task="char-lm", model="grid", data=tmp_path / "t.txt", tie_depth=np.bool_(False))
     lm.validate()
-    assert lm.data == str(tmp_path / "t.txt")
+    assert lm.data == str(tmp_path / "t.txt") and lm.tie_depth is False
+
+
+def test_a_config_refuses_settings_its_run_would_ignore():
+    """The CLI refused them as given; in Python they were ignored without a word. A GPU run's
+    sync_every stays allowed on the CPU (a resumed run keeps it)."""
+    for kw, said in ((dict(dropout=0.3), "dropout=0.3 (char-lm only)"),
+                     (dict(tie_depth=False), "tie_depth=False (char-lm --model grid only)"),
+                     (dict(task="char-lm", model="stacked", data="t.txt", cell="stable", tie_depth=False),
+                      "cell='stable' (not for char-lm), tie_depth=False (char-lm --model grid only)")):
+        with pytest.raises(ValueError, match=rf"^not used by this run, leave at their defaults: "
+                                             rf"{re.escape(said)}$"):
+            TrainConfig(**kw).validate()
+    TrainConfig(sync_every=10).validate()
+    cfg = TrainConfig(dropout=0.3, tie_depth=False, lr=0.5).without_ignored()  # an older checkpoint's
+    assert (cfg.dropout, cfg.tie_depth, cfg.lr) == (0.0, True, 0.5) and not cfg.ignored()
 
 
 @pytest.mark.parametrize("model,said", [
