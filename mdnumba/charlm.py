@@ -110,6 +110,9 @@ class Corpus:
         """A corpus without text (a checkpoint's vocabulary when its text file is gone, or was
         not to be read: ``unread``): encodes, decodes and samples; :meth:`batch` says to give
         the text."""
+        if not len(vocab):
+            raise CorpusError("the vocabulary is empty; give the characters the model knows (its "
+                              "checkpoint's vocabulary)")
         empty = np.zeros(0, dtype=np.int32)
         return cls(list(vocab), empty, empty.copy(), source, unread)
 
@@ -312,6 +315,9 @@ class CharLM(LayerGroup):
                  device: str = "cpu"):
         if kind not in ("grid", "stacked"):
             raise ValueError(f"char-lm model must be 'grid' or 'stacked', got {kind!r}")
+        if kind == "stacked" and not tied:
+            raise ValueError("tied=False applies to the grid model only (its weights along depth); a "
+                             "stacked model's layers have weights of their own: leave it out")
         for value, name in ((vocab, "vocab"), (hidden, "hidden"), (layers, "layers")):
             check_positive_int(value, name)
         self.kind = kind

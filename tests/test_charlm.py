@@ -122,13 +122,17 @@ def test_model_gradients_finite_differences(kind, tied, dropout, rng):
 def test_a_corpus_and_a_model_name_arguments_of_the_wrong_kind(textfile):
     """Bytes made a vocabulary of integers that failed at decoding; a negative batch was NumPy's
     "negative dimensions"; an int rng with dropout an AttributeError (without, silently no
-    dropout)."""
+    dropout); a stacked model took tied=False, and a corpus an empty vocabulary."""
     with pytest.raises(TypeError, match=r"^text must be a str, got bytes \(decode bytes first"):
         Corpus.from_text(b"hello world, hello world")
     corpus = Corpus.from_file(textfile)
     for batch in (-1, 0):
         with pytest.raises(ValueError, match="batch must be"):
             corpus.batch(np.random.default_rng(0), "train", batch, 5)
+    with pytest.raises(ValueError, match=r"^tied=False applies to the grid model only"):
+        CharLM("stacked", corpus.vocab_size, 4, 1, tied=False)  # was ignored
+    with pytest.raises(CorpusError, match=r"^the vocabulary is empty"):
+        Corpus.from_vocab([])
     for dropout in (0.5, 0.0):
         model = CharLM("stacked", corpus.vocab_size, 4, 1, dropout=dropout)
         with pytest.raises(TypeError, match=r"^rng must be a numpy.random.Generator .* or None, got int$"):
