@@ -85,8 +85,7 @@ def _refuse_unwritable_out(out: Path) -> None:
 def _check_writable(out: Path, resume: bool = False) -> None:
     """Create ``out`` and prove we can write there, before any training starts (``resume``:
     ``out`` is the run folder of ``--resume``, which cannot move)."""
-    from mdnumba.checkpoint import CONFIG_JSON
-    from mdnumba.train import LOG
+    from mdnumba.train import LOG, refuse_folders_for_files
     _refuse_dangling(out, "the run folder" if resume else "--out")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -96,12 +95,13 @@ def _check_writable(out: Path, resume: bool = False) -> None:
                else "choose another folder")
         msg = f"{'the run folder' if resume else '--out'} {out} is not writable ({exc.strerror}); {fix}"
         raise click.UsageError(msg) from None
-    # a resumed run replaces these by renamed temp files (a new run: _check_fresh)
-    for name in (LOG, CONFIG_JSON) if resume else ():
-        if (out / name).is_dir():
-            raise click.UsageError(f"{out / name} is a folder, where the run writes its {name}; "
-                                   "move that folder away")
-    if resume and (out / LOG).exists():
+    if not resume:  # a new run's files: _check_fresh
+        return
+    try:
+        refuse_folders_for_files(out)
+    except IsADirectoryError as exc:
+        raise click.UsageError(str(exc)) from None
+    if (out / LOG).exists():
         try:
             (out / LOG).open("a").close()
         except OSError as exc:
@@ -378,11 +378,13 @@ def _is_default_folder(out: Path, default: Path) -> bool:
 def _refuse_occupied(out: Path, overwrite: bool, default: Path, resumable: bool = True) -> list[str]:
     """Refuse to train over the run in ``out`` unless ``--overwrite`` (or ``out`` is the
     command's ``default`` folder, whose name says it holds the latest run); return the run's
-    files there. It only reads: the commands ask it first, before their probe steps compile the
-    kernels (a minute, the first time), and :func:`_check_fresh` again. ``resumable``: whether
-    the command can continue it (compare cannot)."""
+    files there. It only reads, and locks ``out`` for the command (:func:`_hold_folder`): the
+    commands ask it first, before their probe steps compile the kernels (a minute, the first
+    time), and :func:`_check_fresh` again. ``resumable``: whether the command can continue it
+    (compare cannot)."""
     from mdnumba.checkpoint import CHECKPOINT
     from mdnumba.train import PLOTS, RUN_FILES
+    _hold_folder(out)  # nothing is read or removed while another process trains there
     present = [name for name in RUN_FILES + PLOTS if (out / name).exists()]
     if present and not (overwrite or _is_default_folder(out, default)):
         if CHECKPOINT not in present:  # e.g. a project folder with a config.json of its own
@@ -417,7 +419,6 @@ def _check_fresh(out: Path, overwrite: bool, default: Path, resumable: bool = Tr
     present = _refuse_occupied(out, overwrite, default, resumable)
     if not present:
         return
-    _hold_folder(out)  # not while another process trains there
     for name in present:
         try:
             (out / name).unlink()
@@ -575,7 +576,6 @@ def train(ctx: click.Context, out: Path, overwrite: bool, resume: Path | None, c
         if (out / SUMMARY).exists():
             raise click.UsageError(f"{out} holds the runs of `mdnumba compare` ({SUMMARY}); choose "
                                    "another --out")
-        _hold_folder(out)
         _refuse_out(out, overwrite, DEFAULT_OUT)
         trainer = _make_trainer(out, cfg)
         _check_fresh(out, overwrite, DEFAULT_OUT)

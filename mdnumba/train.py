@@ -145,6 +145,15 @@ def run_stream(seed: int, key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(key,)))
 
 
+def refuse_folders_for_files(folder: Path) -> None:
+    """IsADirectoryError if a folder stands where a resumed run in ``folder`` writes its log or
+    config (each replaced by a renamed temp file as the run goes)."""
+    for name in (LOG, CONFIG_JSON):
+        if (Path(folder) / name).is_dir():
+            raise IsADirectoryError(f"{Path(folder) / name} is a folder, where the run writes its {name}; "
+                                    "move that folder away")
+
+
 class IgnoredSettingsError(ValueError):
     """Settings a run would ignore (:meth:`TrainConfig.inapplicable`); ``ignored``: name -> why."""
 
@@ -490,11 +499,8 @@ class Trainer:
         :meth:`load` continues the run of its folder. A folder that does not exist is made."""
         if self.out is None:
             return
-        for name in (LOG, CONFIG_JSON) if self._owns_out else ():  # a loaded run's, replaced as it goes
-            if (self.out / name).is_dir():
-                raise IsADirectoryError(f"{self.out / name} is a folder, where the run writes its {name}; "
-                                        "move that folder away")
         if self._owns_out:
+            refuse_folders_for_files(self.out)  # a loaded run's, replaced as it goes
             return
         if self.out.exists() and not self.out.is_dir():
             raise NotADirectoryError(f"the output folder {self.out} is a file; give a folder")
