@@ -121,14 +121,22 @@ CONFIGS = {"32": Config(32, 32, 64, 64), "128": Config(128, 128, 16, 64), "256":
 
 
 def parse_config(text: str) -> Config:
-    """``32``/``128``/``256`` (the issue's configs) or ``HxWxBxD`` (e.g. ``8x8x4x16``)."""
+    """``32``/``128``/``256`` (the issue's configs) or ``HxWxBxD`` (e.g. ``8x8x4x16``), each >= 1."""
     if text in CONFIGS:
         return CONFIGS[text]
     try:
         H, W, B, D = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise SystemExit(f"--configs: {text!r} is neither one of {sorted(CONFIGS)} nor HxWxBxD") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is neither one of {sorted(CONFIGS)} nor HxWxBxD") \
+            from None
+    if min(H, W, B, D) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: H, W, B and D must each be >= 1")
     return Config(H, W, B, D)
+
+
+def config_list(text: str) -> list[Config]:
+    """An argparse type: a comma list of :func:`parse_config`'s configs."""
+    return [parse_config(c) for c in text.split(",")]
 
 
 def time_it(fn: Callable[[], None], sync: Callable[[], None], budget_s: float, min_reps: int = 3,
@@ -1014,8 +1022,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="few repeats")
     ap.add_argument("--smoke", action="store_true", help="every part once (a check that the script runs)")
-    ap.add_argument("--configs", default="32,256,128",  # the two with targets first: a run cut
-                    help="comma list of 32, 128, 256 (the issue's configs) or HxWxBxD")  # short has them
+    # the two with targets first: a run cut short has them
+    ap.add_argument("--configs", type=config_list, default="32,256,128",
+                    help="comma list of 32, 128, 256 (the issue's configs) or HxWxBxD")
     ap.add_argument("--no-cpu", action="store_true", help="skip the CPU timings")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     ap.add_argument("--no-numpy-api", action="store_true", help="skip MDLSTM2D(device='cuda')")
@@ -1035,7 +1044,7 @@ def main(argv: list[str] | None = None) -> int:
     _RUN.update(argv=argv, results=results, broken=broken, out=args.out, info=machine_info(tb),
                 quick=args.quick)
     threading.Thread(target=_watchdog, daemon=True).start()
-    for i, cfg in enumerate(parse_config(c) for c in args.configs.split(",")):
+    for i, cfg in enumerate(args.configs):
         if i < len(results) - 1:
             continue  # ended in a process before this one
         if i == len(results):

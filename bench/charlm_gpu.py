@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 import numba
-from bench_args import out_path
+from bench_args import choice_list, out_path, positive_float, positive_int
 from bench_cpu import (
     Timing,
     best_median,
@@ -49,18 +49,23 @@ CASES = [("device", "device-resident (`DeviceCharLMTrainer`)"),
          ("cpu", "CPU trainer")]
 
 
+def config(args, model: str, data: Path, device: str):
+    """The ``TrainConfig`` of ``model`` on ``device`` (a run of "endless" steps)."""
+    from mdnumba.train import TrainConfig
+    return TrainConfig(task="char-lm", model=model, data=str(data), batch=args.batch,
+                       seq_len=args.seq_len, hidden=args.hidden, layers=args.layers,
+                       dropout=args.dropout, steps=10**9, device=device, sync_every=args.block)
+
+
 def trainers(args, model: str, data: Path) -> dict:
     """The three trainers of the same config (validation off)."""
-    from mdnumba.train import TrainConfig, make_trainer
+    from mdnumba.train import make_trainer
     from mdnumba.train_charlm import CharLMTrainer
     CharLMTrainer.EVAL_EVERY = 10**9  # after the first step's validation, none
 
-    def cfg(device: str) -> TrainConfig:
-        return TrainConfig(task="char-lm", model=model, data=str(data), batch=args.batch,
-                           seq_len=args.seq_len, hidden=args.hidden, layers=args.layers,
-                           dropout=args.dropout, steps=10**9, device=device, sync_every=args.block)
-    out = {"device": make_trainer(cfg("cuda")), "copying": CharLMTrainer(cfg("cuda")),
-           "cpu": make_trainer(cfg("cpu"))}
+    out = {"device": make_trainer(config(args, model, data, "cuda")),
+           "copying": CharLMTrainer(config(args, model, data, "cuda")),
+           "cpu": make_trainer(config(args, model, data, "cpu"))}
     for tr in out.values():
         tr.train_step()  # the first step's validation, compiles
     return out
@@ -102,14 +107,16 @@ def render(info: dict, results: dict[str, dict[str, Timing]], args, chars: int) 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--seq-len", type=int, default=100)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--models", default="stacked,grid", help="comma list of stacked, grid")
+    ap.add_argument("--batch", type=positive_int, default=32)
+    ap.add_argument("--seq-len", type=positive_int, default=100)
+    ap.add_argument("--hidden", type=positive_int, default=256)
+    ap.add_argument("--layers", type=positive_int, default=2)
+    ap.add_argument("--models", type=choice_list(("stacked", "grid")), default="stacked,grid",
+                    help="comma list of stacked, grid")
     ap.add_argument("--dropout", type=float, default=0.1)
-    ap.add_argument("--block", type=int, default=20, help="steps per timed block (the device sync interval)")
-    ap.add_argument("--budget", type=float, default=20.0, help="seconds of timing per case")
+    ap.add_argument("--block", type=positive_int, default=20,
+                    help="steps per timed block (the device sync interval)")
+    ap.add_argument("--budget", type=positive_float, default=20.0, help="seconds of timing per case")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, each case once")
     ap.add_argument("--out", type=out_path, default=None,
                     help="the report's file (default bench/results/charlm_gpu.md; with --smoke none: "
@@ -118,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     quick_simulator_handoffs()
     if args.smoke:
         args.batch, args.seq_len, args.hidden, args.layers, args.block, args.budget = 2, 4, 3, 1, 2, 0.1
+    try:  # the settings mdnumba refuses, before minutes of corpus and compiles
+        for model in args.models:
+            config(args, model, Path("corpus.txt"), "cpu").validate()
+    except ValueError as exc:
+        ap.error(str(exc))
     args.out = report_out(args, HERE / "results" / "charlm_gpu.md")
     require_cuda_or_exit()  # before numba.cuda's import, which may fail (numpy 2.5)
     from numba import cuda
@@ -129,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, Timing]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         data = build_corpus(Path(tmp) / "corpus.txt", 0.02 if args.smoke else 1.0)
-        for model in args.models.split(","):
+        for model in args.models:
             trs = trainers(args, model, data)
             chars = len(trs["cpu"].corpus.train)
             results[model] = time_cases(trs, args.block, args.budget, args.smoke)

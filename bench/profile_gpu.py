@@ -15,23 +15,25 @@ import argparse
 import sys
 import time
 
+from bench_args import positive_int
 from bench_cpu import make_input
 from bench_gpu import mdnumba_device_fns, parse_config, require_cuda_or_exit
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="32", help="32, 128, 256 or HxWxBxD (as bench_gpu.py)")
+    ap.add_argument("--config", type=parse_config, default="32",
+                    help="32, 128, 256 or HxWxBxD (as bench_gpu.py)")
     ap.add_argument("--path", default="cooperative", choices=["cooperative", "per-diagonal"])
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--warmup", type=positive_int, default=2)
+    ap.add_argument("--steps", type=positive_int, default=2)
     args = ap.parse_args(argv)
     require_cuda_or_exit()
 
     from numba import cuda
 
     from mdnumba.backend_cuda import last_path
-    cfg = parse_config(args.config)
+    cfg = args.config
     train, _, _ = mdnumba_device_fns(cfg, make_input(cfg), args.path)
     for _ in range(args.warmup):
         train()

@@ -41,9 +41,11 @@ import sys
 import time
 from pathlib import Path
 
-from bench_args import out_path
+from bench_args import choice_list, int_list, out_path
 from bench_cpu import make_input, report_out, write_report
-from bench_gpu import mdnumba_device_fns, parse_config, require_cuda_or_exit, sweep_times, time_it
+from bench_gpu import Config, config_list, mdnumba_device_fns, require_cuda_or_exit, sweep_times, time_it
+
+from mdnumba.config import CUDA_LAYOUTS, INT_RANGES
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "tune_gpu.md"
@@ -62,15 +64,14 @@ CANDIDATES = ("full", "memory-cell")
 COMBO_LIMIT_S = 180.0
 
 
-def child(configs: list[str], budget: float, variant: str) -> None:
+def child(configs: list[Config], budget: float, variant: str) -> None:
     """Time every config with this process's settings (those of ``variant`` among them); one JSON
     line each on stdout."""
     from numba import cuda
 
     from mdnumba import config
     from mdnumba.backend_cuda import last_path
-    for text in configs:
-        cfg = parse_config(text)
+    for cfg in configs:
         train, _, dev = mdnumba_device_fns(cfg, make_input(cfg), "cooperative")
         step = time_it(train, cuda.synchronize, budget)
         path = last_path()
@@ -153,26 +154,30 @@ def render(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def setting_list(name: str):
+    """An argparse type: a comma list of values of the setting ``MDNUMBA_<name>``, each in its range."""
+    return int_list(*INT_RANGES[f"MDNUMBA_{name}"])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", default="1,2,4,8", help="rows per thread to try (comma list)")
-    ap.add_argument("--unroll", default="4,8,16", help="unrolled steps to try (comma list)")
-    ap.add_argument("--tpb", default="64,128,256", help="threads per block to try (comma list)")
-    ap.add_argument("--layout", default="flat,sliced,staged,item,tensor",
+    settings = (("--rows", "CUDA_ROWS_PER_THREAD", "1,2,4,8", "rows per thread"),
+                ("--unroll", "CUDA_UNROLL", "4,8,16", "unrolled steps"),
+                ("--tpb", "THREADS_PER_BLOCK", "64,128,256", "threads per block"),
+                ("--slice", "CUDA_SLICE_UNITS", "8", "units per slice in the sliced and staged layouts"),
+                ("--item-threads", "CUDA_ITEM_THREADS", "512", "threads per block of the item layout"),
+                ("--tensor-tiles", "CUDA_TENSOR_TILES", "2", "backward n-tiles per warp (tensor layout)"))
+    for flag, name, default, what in settings:
+        ap.add_argument(flag, type=setting_list(name), default=default, help=f"{what} to try (comma list)")
+    ap.add_argument("--layout", type=choice_list(CUDA_LAYOUTS), default="flat,sliced,staged,item,tensor",
                     help="sweep layouts to try (comma list)")
-    ap.add_argument("--slice", default="8", help="units per slice to try in the sliced and staged layouts "
-                                                   "(comma list)")
-    ap.add_argument("--item-threads", default="512", help="threads per block to try in the item layout "
-                                                          "(comma list)")
-    ap.add_argument("--tensor-tiles", default="2", help="backward n-tiles per warp to try in the tensor "
-                                                        "layout (comma list)")
-    ap.add_argument("--min-blocks", default="0",
+    ap.add_argument("--min-blocks", type=setting_list("CUDA_MIN_BLOCKS"), default="0",
                     help="blocks per SM to compile the sweep kernels for (comma list; 0: no bound)")
-    ap.add_argument("--variants", default="full",
+    ap.add_argument("--variants", type=choice_list(tuple(VARIANTS)), default="full",
                     help="comma list of full, memory-cell (the cell math on global memory), no-sum, no-cell, "
                          "neither (sweep stages left out)")
     ap.add_argument("--variant", default="full", help=argparse.SUPPRESS)
-    ap.add_argument("--configs", default="32,256", help="as bench_gpu.py --configs")
+    ap.add_argument("--configs", type=config_list, default="32,256", help="as bench_gpu.py --configs")
     ap.add_argument("--quick", action="store_true", help="few repeats (smoke run)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=out_path, default=None,
@@ -181,23 +186,20 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     budget = 0.3 if args.quick else 1.0
     if args.child:
-        child(args.configs.split(","), budget, args.variant)
+        child(args.configs, budget, args.variant)
         return 0
     require_cuda_or_exit()  # before a child process per combination finds it out
     args.out = report_out(args, DEFAULT_OUT)
     rows: list[dict] = []
-    sizes = {"item": args.item_threads.split(","), "tensor": args.tensor_tiles.split(",")}
-    layouts = [f"{lay} {n}".strip() for lay in args.layout.split(",")
-               for n in (sizes.get(lay, args.slice.split(",")) if lay in LAYOUT_SIZES else [""])]
-    variants = args.variants.split(",")
-    if not set(variants) <= set(VARIANTS):
-        ap.error(f"--variants takes a comma list of {', '.join(VARIANTS)}, got {args.variants!r}")
-    combos = [(int(r), int(u), int(t), lay, int(m), v) for r in args.rows.split(",")
-              for u in args.unroll.split(",") for t in args.tpb.split(",") for lay in layouts
-              for m in args.min_blocks.split(",") for v in variants]
+    sizes = {"item": args.item_threads, "tensor": args.tensor_tiles}
+    layouts = [f"{lay} {n}".strip() for lay in args.layout
+               for n in (sizes.get(lay, args.slice) if lay in LAYOUT_SIZES else [""])]
+    configs = ",".join(f"{c.H}x{c.W}x{c.B}x{c.D}" for c in args.configs)  # the child's --configs
+    combos = [(r, u, t, lay, m, v) for r in args.rows for u in args.unroll for t in args.tpb
+              for lay in layouts for m in args.min_blocks for v in args.variants]
     for r, u, t, lay, m, v in combos:
         t0 = time.perf_counter()
-        rows += run_combo(r, u, t, lay, args.configs, args.quick, v, m)
+        rows += run_combo(r, u, t, lay, configs, args.quick, v, m)
         print(f"rows/thread {r}, unroll {u}, threads/block {t}, {lay}, {m} blocks/SM, {v}: "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
         # after every combination: a cut-off run keeps its rows

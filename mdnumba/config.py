@@ -146,8 +146,17 @@ def env_subset(name: str, choices: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(c for c in choices if c in parts)
 
 
-def env_int(name: str, default: int, low: int = 1, high: int = 1024) -> int:
-    """``name`` as an integer in [low, high]; unset: ``default``."""
+#: the integer settings' ranges, environment variable -> (low, high): :func:`env_int` reads them, and
+#: ``bench/tune_gpu.py`` checks its lists of settings against them before it runs a combination
+INT_RANGES = {"MDNUMBA_THREADS_PER_BLOCK": (1, 256), "MDNUMBA_CUDA_ROWS_PER_THREAD": (1, 64),
+              "MDNUMBA_CUDA_UNROLL": (1, 16), "MDNUMBA_CUDA_SLICE_UNITS": (1, 64),
+              "MDNUMBA_CUDA_ITEM_THREADS": (1, 1024), "MDNUMBA_CUDA_ITEM_ROWS": (1, 64),
+              "MDNUMBA_CUDA_TENSOR_TILES": (1, 4), "MDNUMBA_CUDA_MIN_BLOCKS": (0, 32)}
+
+
+def env_int(name: str, default: int) -> int:
+    """``name`` as an integer in its :data:`INT_RANGES` range [low, high]; unset: ``default``."""
+    low, high = INT_RANGES[name]
     raw = os.environ.get(name, "").strip()
     try:
         value = int(raw) if raw else default
@@ -226,20 +235,20 @@ try:
     _VARIANT = ("fastmath" if FASTMATH else "exact") + \
         ("" if VECTOR_BYTES == HOST_VECTOR_BYTES else f"-v{VECTOR_BYTES}")
     CACHE: bool = env_flag("MDNUMBA_CACHE", True) and kernel_cache.install(_VARIANT)
-    THREADS_PER_BLOCK: int = env_int("MDNUMBA_THREADS_PER_BLOCK", 128, high=256)
-    CUDA_ROWS_PER_THREAD: int = env_int("MDNUMBA_CUDA_ROWS_PER_THREAD", 2, high=64)
-    CUDA_UNROLL: int = env_int("MDNUMBA_CUDA_UNROLL", 8, high=16)
+    THREADS_PER_BLOCK: int = env_int("MDNUMBA_THREADS_PER_BLOCK", 128)
+    CUDA_ROWS_PER_THREAD: int = env_int("MDNUMBA_CUDA_ROWS_PER_THREAD", 2)
+    CUDA_UNROLL: int = env_int("MDNUMBA_CUDA_UNROLL", 8)
     CUDA_PATH: str = env_choice("MDNUMBA_CUDA_PATH", "auto", CUDA_PATHS)
     CUDA_LAYOUT: str = env_choice("MDNUMBA_CUDA_LAYOUT", "auto", CUDA_LAYOUTS)
-    CUDA_SLICE_UNITS: int = env_int("MDNUMBA_CUDA_SLICE_UNITS", 8, high=64)
-    CUDA_ITEM_THREADS: int = env_int("MDNUMBA_CUDA_ITEM_THREADS", 512, high=1024)
-    CUDA_ITEM_ROWS: int = env_int("MDNUMBA_CUDA_ITEM_ROWS", 4, high=64)
-    CUDA_TENSOR_TILES: int = env_int("MDNUMBA_CUDA_TENSOR_TILES", 2, high=4)
+    CUDA_SLICE_UNITS: int = env_int("MDNUMBA_CUDA_SLICE_UNITS", 8)
+    CUDA_ITEM_THREADS: int = env_int("MDNUMBA_CUDA_ITEM_THREADS", 512)
+    CUDA_ITEM_ROWS: int = env_int("MDNUMBA_CUDA_ITEM_ROWS", 4)
+    CUDA_TENSOR_TILES: int = env_int("MDNUMBA_CUDA_TENSOR_TILES", 2)
     CUDA_PREPARED_LAUNCH: bool = env_flag("MDNUMBA_CUDA_PREPARED_LAUNCH", True)
     #: diagnostic only: the stages of CUDA_SKIP_STAGES the CUDA sweeps skip (wrong results)
     CUDA_SKIP: tuple[str, ...] = env_subset("MDNUMBA_CUDA_SKIP", CUDA_SKIP_STAGES)
     #: blocks per SM the CUDA sweep kernels are compiled for (launch bounds; 0: none)
-    CUDA_MIN_BLOCKS: int = env_int("MDNUMBA_CUDA_MIN_BLOCKS", 0, low=0, high=32)
+    CUDA_MIN_BLOCKS: int = env_int("MDNUMBA_CUDA_MIN_BLOCKS", 0)
     #: the CUDA sweeps run the cell math of N <= 3 dimensions on registers (wavefront_cuda)
     CUDA_CELL_REGISTERS: bool = env_flag("MDNUMBA_CUDA_CELL_REGISTERS", True)
     #: what :func:`tune_malloc` did at import

@@ -238,3 +238,29 @@ def test_bench_arguments_are_checked_before_the_run(tmp_path):
             positive_int(bad)
     with pytest.raises(argparse.ArgumentTypeError, match="'abc' is not an integer"):
         sizes("64,abc")
+
+
+@pytest.mark.parametrize("script, argv, said", [
+    ("tune_gpu", ["--layout", "nope"], "argument --layout: 'nope' is not one of auto, flat, sliced"),
+    ("tune_gpu", ["--rows", "x"], "argument --rows: 'x' is not a comma list of integers"),
+    ("tune_gpu", ["--tpb", "64,512"], r"argument --tpb: each must be in \[1, 256\], got 512"),
+    ("tune_gpu", ["--min-blocks", "-1"], r"argument --min-blocks: each must be in \[0, 32\], got -1"),
+    ("tune_gpu", ["--configs", "32,7"], r"argument --configs: '7' is neither one of"),
+    ("tune_gpu", ["--variants", "full,bad"], "argument --variants: 'bad' is not one of full, memory-cell"),
+    ("bench_gpu", ["--configs", "0x4x2x2"], "'0x4x2x2': H, W, B and D must each be >= 1"),
+    ("profile_gpu", ["--steps", "0"], "argument --steps: must be >= 1, got 0"),
+    ("charlm_gpu", ["--models", "stacked,nope"], "argument --models: 'nope' is not one of stacked, grid"),
+    ("charlm_gpu", ["--budget", "nan"], "argument --budget: must be a finite number > 0"),
+    ("charlm_gpu", ["--dropout", "1.5"], r"--dropout must lie in \[0, 1\)"),
+])
+def test_gpu_scripts_refuse_bad_arguments_before_the_run(capsys, script, argv, said):
+    """Each was a traceback (or a FAILED row per combination of a tuning run, each after its
+    child process's imports) once the script had started: now argparse's one-line error, before
+    anything runs; the settings' ranges are mdnumba.config's (tune_gpu)."""
+    import importlib
+    import re
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as exc:
+        module.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and re.search(said, err), err
