@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_args import out_path, positive_int
+from bench_args import out_path, positive_float, positive_int
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "threads.md"
@@ -141,7 +141,7 @@ def render(results: dict, seconds: float, rounds: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--seconds", type=float, default=3.0, help="timing per shape and process")
+    ap.add_argument("--seconds", type=positive_float, default=3.0, help="timing per shape and process")
     ap.add_argument("--rounds", type=positive_int, default=3)
     ap.add_argument("--start-at", type=float, default=0.0, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=out_path, default=DEFAULT_OUT)

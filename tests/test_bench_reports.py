@@ -252,8 +252,9 @@ def test_bench_arguments_are_checked_before_the_run(tmp_path):
     ("charlm_gpu", ["--models", "stacked,nope"], "argument --models: 'nope' is not one of stacked, grid"),
     ("charlm_gpu", ["--budget", "nan"], "argument --budget: must be a finite number > 0"),
     ("charlm_gpu", ["--dropout", "1.5"], r"--dropout must lie in \[0, 1\)"),
+    ("threads", ["--seconds", "0"], "argument --seconds: must be a finite number > 0, got 0"),
 ])
-def test_gpu_scripts_refuse_bad_arguments_before_the_run(capsys, script, argv, said):
+def test_bench_scripts_refuse_bad_arguments_before_the_run(capsys, script, argv, said):
     """Each was a traceback (or a FAILED row per combination of a tuning run, each after its
     child process's imports) once the script had started: now argparse's one-line error, before
     anything runs; the settings' ranges are mdnumba.config's (tune_gpu)."""
