@@ -278,17 +278,17 @@ def left_partial(stage: object, exc: BaseException, first: bool) -> bool:
 def run_tracked(group: object, first_stage: object, first: Callable, rest: Callable) -> object:
     """``rest(first())`` for a forward of ``group`` whose first stage is ``first_stage``, recording
     in ``group._refused_at`` whether it failed partway (:func:`left_partial`; 0: in ``first``,
-    1: in ``rest``), or None once it ran through (the models' and CharLM's forwards)."""
+    1: in ``rest``), or None once it ran through (the models' and CharLM's forwards). One ``try``
+    over both: an interrupt between them (``first`` done, ``rest`` not begun) counts as partway."""
+    done = False
     try:
         y = first()
-    except BaseException as exc:
-        if left_partial(first_stage, exc, first=True):
-            group._refused_at = 0
-        raise
-    try:
+        done = True
         y = rest(y)
-    except BaseException:  # the first stage ran on this input, the later ones hold the last forward's
-        group._refused_at = 1
+    except BaseException as exc:  # after first: it ran on this input, the later stages hold the last
+        # forward's
+        if done or left_partial(first_stage, exc, first=True):
+            group._refused_at = int(done)
         raise
     group._refused_at = None
     return y
@@ -401,20 +401,22 @@ class Sequential(LayerGroup):
         inference = not check_flag(save, "save")
         if sizes is not None:  # values checked here, before any stage divides them
             sizes = check_size_values(sizes, positive=True)
-        for i, stage in enumerate(self.stages):
-            kw = {} if save or not _takes(stage, "save") else {"save": False}
-            if sizes is not None and _takes(stage, "sizes"):
-                kw["sizes"] = sizes
-            with _named_stage(i, stage, "forward"):
-                try:
+        done = 0  # stages whose forward ran on this x
+        try:  # around the loop, not each call: an interrupt between two stages counts as partway
+            for i, stage in enumerate(self.stages):
+                kw = {} if save or not _takes(stage, "save") else {"save": False}
+                if sizes is not None and _takes(stage, "sizes"):
+                    kw["sizes"] = sizes
+                with _named_stage(i, stage, "forward"):
                     x = stage.forward(x, **kw)
+                    done = i + 1
                     if sizes is not None and hasattr(stage, "out_sizes"):  # BlockSubsample and its twin
                         sizes = stage.out_sizes(sizes)
-                except BaseException as exc:  # the stages before it hold this x's activations, those
-                    if left_partial(stage, exc, first=i == 0):  # after it the last forward's
-                        self._refused_at = i
-                    raise
-        self._inference = inference  # set once every stage ran: a refused x changes nothing
+            self._inference = inference  # set once every stage ran: a refused x changes nothing
+        except BaseException as exc:  # the stages before the one that failed hold this x's activations,
+            if done or left_partial(self.stages[0], exc, first=True):  # those after it the last forward's
+                self._refused_at = min(done, len(self.stages) - 1)
+            raise
         self._refused_at = None
         return x
 

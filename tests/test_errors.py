@@ -965,9 +965,52 @@ def _model_whose_layer_computes_nan():
     return model, (1, 4, 4, 2), lambda: nan(model.forward)
 
 
+def _interrupted_at(code, line: str, forward, hit: int = 1) -> None:
+    """``forward()`` interrupted (KeyboardInterrupt, as from Ctrl-C) where the function of ``code``
+    is about to run its source line ``line`` for the ``hit``-th time."""
+    import linecache
+    import sys
+    hits = []
+
+    def trace(frame, event, arg):
+        if frame.f_code is not code:
+            return None
+        if event == "line" and linecache.getline(code.co_filename, frame.f_lineno).strip() == line:
+            hits.append(frame.f_lineno)
+            if len(hits) == hit:
+                raise KeyboardInterrupt
+        return trace
+    sys.settrace(trace)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            forward()
+    finally:
+        sys.settrace(None)
+    assert len(hits) == hit
+
+
+def _sequential_interrupted_between_its_stages():
+    """Stage 0 ran, stage 1 not begun: each stage's call was guarded, the loop around them was not."""
+    net = Sequential(MDLSTM2D(2, 2), MDLSTM2D(2, 2))
+    x = np.random.default_rng(1).standard_normal((1, 4, 4, 2))
+    line = 'kw = {} if save or not _takes(stage, "save") else {"save": False}'
+    return net, (1, 4, 4, 2), lambda: _interrupted_at(Sequential.forward.__wrapped__.__code__, line,
+                                                      lambda: net.forward(x), hit=2)
+
+
+def _model_interrupted_after_its_recurrent_part():
+    """The recurrent part ran, the readout not begun."""
+    from mdnumba import stack
+    model = MDModel(in_channels=2, hidden=2)
+    x = np.random.default_rng(1).standard_normal((1, 4, 4, 2))
+    return model, (1, 4, 4, 2), lambda: _interrupted_at(stack.run_tracked.__code__, "y = rest(y)",
+                                                        lambda: model.forward(x))
+
+
 @pytest.mark.parametrize("make", [_stack_refused_by_a_later_stage, _sequential_refused_by_a_later_stage,
                                   _model_refused_by_its_readout, _sequential_whose_first_layer_computes_nan,
-                                  _model_whose_layer_computes_nan])
+                                  _model_whose_layer_computes_nan, _sequential_interrupted_between_its_stages,
+                                  _model_interrupted_after_its_recurrent_part])
 def test_a_forward_refused_after_its_first_stage_ran_refuses_backward(make, rng):
     """A stage after the first refuses x: the stages before it already hold that x's activations
     and those after it the last forward's, so backward is refused (before any gradient is added)
