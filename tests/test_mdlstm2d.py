@@ -156,6 +156,58 @@ def test_layers_run_in_python_threads_under_workqueue():
     assert run.stdout.split() == ["workqueue", "30", "True"], run.stdout
 
 
+FORKED_WORKERS = """
+import multiprocessing as mp, threading, numpy as np, numba
+from mdnumba import MDLSTM2D
+from mdnumba.kernels import parallel
+def work(x):
+    return float(MDLSTM2D(1, 3, seed=0).forward(x).sum())
+if __name__ == "__main__":
+    x = np.random.default_rng(0).random((2, 4, 5, 1), dtype=np.float32)
+    want = work(x)  # in the parent: Numba's pool runs
+    lock, held = parallel.serial_lock(), threading.Event()
+    if lock:  # workqueue: another thread holds the drivers' lock when the workers fork
+        threading.Thread(target=lambda: (lock.acquire(), held.set()), daemon=True).start()
+        held.wait()
+    try:
+        with mp.get_context("fork").Pool(1) as pool:
+            got = pool.apply_async(work, (x,)).get(timeout=120)
+        print(numba.threading_layer(), got == want)
+    except Exception as exc:
+        print(numba.threading_layer(), type(exc).__name__, exc)
+"""
+
+
+@pytest.mark.parametrize("layer", ["default", "workqueue"])
+def test_forked_workers_compute_or_say_what_to_do(layer):
+    """A multiprocessing pool forked after the parent ran a layer: on GNU OpenMP Numba ended each
+    worker at its first parallel call and the pool waited forever; now the worker raises
+    ForkedProcessError naming the fixes, which the pool hands back. Under workqueue (fork-safe)
+    the workers compute, also when another thread held the drivers' lock at the fork (the child's
+    copy stayed held: a deadlock)."""
+    env = dict(os.environ, **({"NUMBA_THREADING_LAYER": layer} if layer != "default" else {}))
+    run = subprocess.run([sys.executable, "-c", FORKED_WORKERS], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    chosen = run.stdout.split()[0]
+    if layer == "workqueue":
+        assert run.stdout.split() == ["workqueue", "True"], run.stdout + run.stderr[-2000:]
+    elif chosen == "omp" and _gnu_openmp():
+        assert run.stdout.startswith("omp ForkedProcessError mdnumba's CPU kernels cannot run in this "
+                                     "process: it was forked"), run.stdout + run.stderr[-2000:]
+        assert "'spawn' or 'forkserver'" in run.stdout and "NUMBA_THREADING_LAYER=workqueue" in run.stdout
+    else:  # TBB, Intel or LLVM OpenMP: fork-safe
+        assert run.stdout.split() == [chosen, "True"], run.stdout
+
+
+def _gnu_openmp() -> bool:
+    try:
+        from numba.np.ufunc import omppool
+    except ImportError:
+        return False
+    return omppool.openmp_vendor == "GNU"
+
+
 def test_threads_starting_together_share_one_lock(monkeypatch):
     """Threads whose first kernel calls come at once all get the one workqueue lock (each made
     its own, and their kernels ran side by side: the abort again)."""

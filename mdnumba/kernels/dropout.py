@@ -16,6 +16,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from .parallel import parallel_njit
+
 GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 MIX2 = np.uint64(0x94D049BB133111EB)
@@ -48,7 +50,7 @@ def draw_seed(rng: np.random.Generator) -> np.uint64:
     return np.uint64(rng.integers(2**63))
 
 
-@njit(parallel=True, cache=True)
+@parallel_njit
 def _keep_mask(out, seed, thr):
     for k in prange(out.shape[0]):
         out[k] = _bits53(seed, np.uint64(k)) >= thr

@@ -8,11 +8,19 @@ the one Numba falls back to where neither is installed (no libgomp, e.g. slim Li
 or a pip-installed Numba on macOS), aborts the whole process ("Concurrent access has been
 detected"). Under workqueue a :class:`ParallelKernel` therefore runs one driver call at a
 time (a process-wide lock); under the other layers it calls the dispatcher directly.
+
+Processes: in a child forked after its parent started Numba's GNU OpenMP thread pool (a
+``multiprocessing`` pool's default start method on Linux up to Python 3.13, after any layer call
+in the parent), Numba ends the process at its first parallel call ("Terminating: fork() called
+from a process already using GNU OpenMP"), and the pool waits forever for that worker. A driver
+called there raises :class:`ForkedProcessError` instead, saying what to do; a forked child gets
+a fresh workqueue lock (another thread of the parent may have held it at the fork).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +34,41 @@ from ..config import NJIT_PARALLEL_OPTS
 #: None until the first driver call; then a lock under workqueue, else False
 _serial_lock: threading.Lock | bool | None = None
 _init_lock = threading.Lock()
+#: this process was forked after its parent had started Numba's thread pool (checked at the next call)
+_forked_after_pool = False
+
+
+class ForkedProcessError(RuntimeError):
+    """A parallel CPU kernel called in a process forked from one that ran GNU OpenMP's threads."""
+
+
+def _after_fork_in_child() -> None:
+    """``os.register_at_fork`` hook: a fresh workqueue lock; note whether the pool was running."""
+    global _serial_lock, _forked_after_pool
+    if _serial_lock:
+        _serial_lock = threading.Lock()
+    _forked_after_pool = bool(_numba_parallel._is_initialized)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def check_not_forked_from_gnu_openmp() -> None:
+    """:class:`ForkedProcessError` in a child forked after its parent started Numba's GNU OpenMP
+    pool (Numba would end the process); once checked, and passed, not again."""
+    global _forked_after_pool
+    if numba.threading_layer() == "omp":
+        from numba.np.ufunc import omppool
+        if omppool.openmp_vendor == "GNU":
+            raise ForkedProcessError(
+                "mdnumba's CPU kernels cannot run in this process: it was forked (multiprocessing's "
+                "'fork' start method) from one that had run Numba's parallel code on GNU OpenMP, "
+                "which cannot run in a forked child (Numba would end the process). Start the worker "
+                "processes with 'spawn' or 'forkserver' (multiprocessing.get_context('spawn'), or "
+                "ProcessPoolExecutor(mp_context=...)), or set NUMBA_THREADING_LAYER=workqueue before "
+                "the parent imports numba")
+    _forked_after_pool = False
 
 
 def serial_lock() -> threading.Lock | bool:
@@ -51,6 +94,8 @@ class ParallelKernel:
         functools.update_wrapper(self, getattr(dispatcher, "py_func", dispatcher))  # NUMBA_DISABLE_JIT=1
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if _forked_after_pool:
+            check_not_forked_from_gnu_openmp()
         lock = serial_lock()
         if not lock:
             return self.dispatcher(*args, **kwargs)
