@@ -75,7 +75,17 @@ class ParamBuffer(Mapping):
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["layout"], state["data"])
-        for name, (offset, shape, strides) in state["aliases"].items():
+        self._add_aliases(state["aliases"])
+
+    def writable_copy(self) -> ParamBuffer:
+        """A copy in a writable buffer of its own, with the same views and aliases."""
+        copy = ParamBuffer(self.layout, np.array(self.data, copy=True))
+        copy._add_aliases(self.__getstate__()["aliases"])
+        return copy
+
+    def _add_aliases(self, aliases: dict) -> None:
+        """The aliases of :meth:`__getstate__` (name -> offset, shape, strides in ``data``)."""
+        for name, (offset, shape, strides) in aliases.items():
             self.add_alias(name, np.lib.stride_tricks.as_strided(self.data[offset:], shape, strides))
 
     def __getitem__(self, name: str) -> np.ndarray:
@@ -236,6 +246,15 @@ class OwnsParams:
         state = dict(self.__dict__)
         state.update({name: empty() for name, empty in self._BUFFERS.items()})
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        """A copy unpickled from read-only memory (joblib's memory-mapped arguments, pickle
+        protocol 5 with read-only buffers) reads its weights there, shared and read-only, and
+        gets gradients of its own: ``backward`` accumulates into them."""
+        grads = state.get("grads")
+        if isinstance(grads, ParamBuffer) and not grads.data.flags.writeable:
+            state = dict(state, grads=grads.writable_copy())
+        self.__dict__.update(state)
 
     def __setattr__(self, name: str, value: object) -> None:
         if name in ("params", "grads") and name in self.__dict__:

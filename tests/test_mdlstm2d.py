@@ -344,6 +344,41 @@ def test_copies_keep_views_into_their_own_flat_buffer(how, dtype, rng):
     np.testing.assert_array_equal(layer.forward(x), y)  # the original did not move
 
 
+def _read_only_copy(layer):
+    """``layer`` through pickle protocol 5 with read-only buffers (as joblib memory-maps a large
+    layer for its workers)."""
+    import pickle
+    buffers = []
+    data = pickle.dumps(layer, protocol=5, buffer_callback=buffers.append)
+    return pickle.loads(data, buffers=[memoryview(b.raw()).toreadonly() for b in buffers])
+
+
+def test_a_copy_from_read_only_memory_shares_its_weights_and_owns_its_gradients(rng):
+    """backward wrote into the read-only gradients of such a copy: a Numba typing error deep in a
+    GEMM. Now the copy reads the shared weights and accumulates into gradients of its own (with
+    their aliases). Computed with a Linear (the layers' read-only weights compile kernels of their
+    own: ~14 s for an MDLSTM2D, checked by hand, more for a Grid LSTM)."""
+    from mdnumba import Linear
+    layer = MDLSTM2D(2, 3, seed=0)
+    layer.grads.data[:] = rng.random(layer.grads.data.size)
+    twin = _read_only_copy(layer)
+    assert not twin.params.data.flags.writeable and np.shares_memory(twin.params.data, layer.params.data)
+    assert twin.grads.data.flags.writeable and not np.shares_memory(twin.grads.data, layer.grads.data)
+    np.testing.assert_array_equal(twin.grads.data, layer.grads.data)  # the gradients so far
+    assert twin.grads.aliases == layer.grads.aliases == ["U_up", "U_left"]
+    for name in twin.grads:
+        np.testing.assert_array_equal(twin.grads[name], layer.grads[name])
+        assert np.shares_memory(twin.grads[name], twin.grads.data)
+    linear, x = Linear(2, 3, seed=0, dtype=np.float64), rng.random((2, 5, 2))
+    y = linear.forward(x)
+    dx = linear.backward(np.cos(y))
+    twin = _read_only_copy(linear)
+    twin.zero_grad()
+    np.testing.assert_array_equal(twin.forward(x), y)
+    np.testing.assert_array_equal(twin.backward(np.cos(y)), dx)
+    np.testing.assert_array_equal(twin.grads.data, linear.grads.data)
+
+
 def test_non_contiguous_and_float64_input_accepted(rng):
     layer = MDLSTM2D(2, 3, dtype=np.float32)
     x = rng.standard_normal((2, 4, 6, 2))
