@@ -43,8 +43,10 @@ class ForkedProcessError(RuntimeError):
 
 
 def _after_fork_in_child() -> None:
-    """``os.register_at_fork`` hook: a fresh workqueue lock; note whether the pool was running."""
-    global _serial_lock, _forked_after_pool
+    """``os.register_at_fork`` hook: fresh locks (a thread of the parent may have held one: it is
+    not in the child to release it); note whether the pool was running."""
+    global _serial_lock, _init_lock, _forked_after_pool
+    _init_lock = threading.Lock()
     if _serial_lock:
         _serial_lock = threading.Lock()
     _forked_after_pool = bool(_numba_parallel._is_initialized)
