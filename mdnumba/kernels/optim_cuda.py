@@ -154,28 +154,30 @@ def _rmsprop_update(p, g, m, v, lr, beta1, rho, eps, steps, parity, partials, cl
 
 @cuda.jit(device=True)
 def _sigmoid(zk):
-    """``(σ(z), e^{-|z|})`` in float64, without overflow."""
+    """``(σ(z), σ(−z), e^{-|z|})`` in float64, without overflow, each to its own precision."""
     e = math.exp(-abs(zk))
-    return (1.0 / (1.0 + e) if zk >= 0 else e / (1.0 + e)), e
+    big, small = 1.0 / (1.0 + e), e / (1.0 + e)
+    return (big, small, e) if zk >= 0 else (small, big, e)
 
 
 @cuda.jit
 def _sigmoid_loss(prob, dz, partials, z, y, kind, inv_n, probe, idx):
-    """Per element ``p = σ(z)``; bce (kind 0): ``ℓ = softplus(z) − y z``, ``dz = (p − y)/n``;
-    mse (kind 1): ``ℓ = (p − y)²``, ``dz = 2 (p − y) p (1 − p)/n``. Block sums of ℓ (float64)
+    """Per element ``p = σ(z)``, ``q = 1 − p = σ(−z)``; bce (kind 0): ``ℓ = softplus(z) − y z``,
+    ``dz = (p − y)/n``; mse (kind 1): ``ℓ = (p − y)²``, ``dz = 2 (p − y) p q/n``; where z > 0,
+    ``p − y = (1 − y) − q`` (as :func:`mdnumba.losses._sigmoid_error`). Block sums of ℓ (float64)
     go to ``partials``; ``probe[i] = σ(z[idx[i]])`` (the same value as ``prob`` there). Flat
     arrays."""
     acc = 0.0
     for k in range(cuda.grid(1), z.shape[0], cuda.gridsize(1)):
-        zk = float64(z[k])
-        p, e = _sigmoid(zk)
-        err = p - float64(y[k])
+        zk, yk = float64(z[k]), float64(y[k])
+        p, q, e = _sigmoid(zk)
+        err = (1.0 - yk) - q if zk > 0 else p - yk
         if kind == 0:
-            acc += max(zk, 0.0) + math.log1p(e) - float64(y[k]) * zk
+            acc += max(zk, 0.0) + math.log1p(e) - yk * zk
             dz[k] = err * inv_n
         else:
             acc += err * err
-            dz[k] = 2.0 * err * p * (1.0 - p) * inv_n
+            dz[k] = 2.0 * err * p * q * inv_n
         prob[k] = p
     for i in range(cuda.grid(1), idx.shape[0], cuda.gridsize(1)):
         probe[i] = _sigmoid(float64(z[idx[i]]))[0]
