@@ -13,20 +13,17 @@ from .kernels import parallel
 
 
 def cuda_status() -> str:
-    """One line saying whether the CUDA backend can run, and if not why."""
-    try:
-        from numba import cuda
-    except Exception as exc:  # pragma: no cover - depends on the install
-        return f"unavailable (numba.cuda import failed: {exc}); pip install 'mdnumba[cuda]'"
+    """One line saying whether the CUDA backend can run, and if not why and what to do: the same
+    gate as ``device="cuda"`` (:func:`~mdnumba.backend_cuda.cuda_unavailable_reason`)."""
+    from .backend_cuda import cuda_hint, cuda_unavailable_reason
+    reason = cuda_unavailable_reason()
+    if reason is not None:
+        return f"unavailable: {reason}; {cuda_hint(reason)}"
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
         return "simulator (NUMBA_ENABLE_CUDASIM=1)"
-    try:
-        if cuda.is_available():
-            dev = cuda.get_current_device()
-            return f"available: {dev.name.decode() if isinstance(dev.name, bytes) else dev.name}"
-        return "no CUDA GPU/driver found; use --device cpu"
-    except Exception as exc:  # pragma: no cover
-        return f"unavailable ({exc}); use --device cpu"
+    from numba import cuda
+    name = cuda.get_current_device().name
+    return f"available: {name.decode() if isinstance(name, bytes) else name}"
 
 
 def cuda_sweep_path() -> str:

@@ -2805,6 +2805,7 @@ def test_cuda_unavailable_error_says_what_to_do(monkeypatch):
     """Where numba-cuda is missing or does not import: install the extra; where it imports but
     finds no GPU (this machine, with the test extra): a GPU, not the extra again."""
     from mdnumba import backend_cuda
+    from mdnumba.info import cuda_status
     for reason, fix in (("numba.cuda cannot be imported (ImportError: x)", "pip install 'mdnumba[cuda]'"),
                         ("numba-cuda is not installed (x)", "pip install 'mdnumba[cuda]'"),
                         ("no CUDA GPU or driver was found", "need an NVIDIA GPU and its driver")):
@@ -2816,6 +2817,8 @@ def test_cuda_unavailable_error_says_what_to_do(monkeypatch):
         assert "device='cpu'" in msg and ("numpy<2.5" in msg) == ("GPU" not in reason), msg
         with pytest.raises(CudaUnavailableError):
             LSTM1D(2, 3, device="cuda")
+        line = cuda_status()  # `mdnumba info` says the same (it once had a gate of its own)
+        assert line == f"unavailable: {reason}; {backend_cuda.cuda_hint(reason)}" and fix in line, line
 
 
 def test_numba_cuda_missing_is_told_from_numbas_own_numba_cuda(monkeypatch):
