@@ -580,8 +580,7 @@ class CudaLSTM(DeviceLayer):
         t, want, stateful = self._saved["tables"], self._saved["shape"], self._saved["stateful"]
         check_stateful(stateful, final_state_grad)
         dhd, host_in = self._input(dh, "dh", N + 2, None)
-        if tuple(dhd.shape) != want:
-            raise ValueError(f"dh must have the shape of the forward output {want}, got {tuple(dhd.shape)}")
+        check_shape(dhd, want, "dh")
         bad = self._nonfinite(self._work["c"])
         if bad:
             raise overflowed_state(self.cell, bad)

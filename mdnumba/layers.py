@@ -245,8 +245,7 @@ class WavefrontLSTM(OwnsParams):
         wf, B, D, S = sv["wf"], sv["batch"], self.hidden, self.directions
         want = (B,) + sv["dims"] + (S * D,)
         dh = check_array(dh, "dh", self.ndim + 2, None, self.dtype, self._layout_str("D"))
-        if dh.shape != want:
-            raise ValueError(f"dh must have the shape of the forward output {want}, got {dh.shape}")
+        check_shape(dh, want, "dh")
         self._check_state(sv["c"])
         skew_src, unskew_src = sv["tables"]
         rows, dense = wf.n_cells * B, dh[..., 0].size
@@ -662,8 +661,7 @@ class GridLSTM2D(OwnsParams):
         sv, D, L = check_saved(self._saved), self.hidden, self.depth
         wf, B, T = sv["wf"], sv["B"], sv["T"]
         dh = check_array(dh, "dh", 3, D, self.dtype, f"(batch, time, hidden={D})")
-        if dh.shape != (B, T, D):
-            raise ValueError(f"dh must have the shape of the forward output {(B, T, D)}, got {dh.shape}")
+        check_shape(dh, (B, T, D), "dh")
         R = wf.n_cells * B
         dact, dc = self._workspace("dact", (R, 10 * D)), self._workspace("dc", (R, 2 * D))
         dx = self._workspace("dx", (T * B, D))
