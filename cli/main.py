@@ -16,8 +16,10 @@ import click
 from mdnumba.checkpoint import CheckpointError
 from mdnumba.info import collect_info
 from mdnumba.kernel_cache import FirstCompile
+from mdnumba.kernels.cell import CELLS
 from mdnumba.models import MODELS
 from mdnumba.tasks import TASKS
+from mdnumba.train import EVAL_SEED
 
 #: default run folders of train and compare: replaced without --overwrite (they hold "the latest")
 DEFAULT_OUT, COMPARE_OUT = Path("runs/latest"), Path("runs/compare")
@@ -299,7 +301,7 @@ def _train_options(f):
                           "(@cuda.jit kernels; needs mdnumba[cuda])"),
         click.option("--sync-every", type=click.IntRange(min=1), default=50, show_default=True,
                      help="cuda: steps between host syncs (losses and metrics are read back then)"),
-        click.option("--cell", type=click.Choice(["graves", "stable", "spatial"]), default="graves",
+        click.option("--cell", type=click.Choice(list(CELLS)), default="graves",
                      show_default=True, help="stable: Leifert et al. 2016, bounded state on large grids"),
         click.option("--directions", type=int, default=1, show_default=True,
                      help="scan directions per layer: 1 or 2**ndim (4 for md, 8 for md3d, 2 for 1D)"),
@@ -763,7 +765,7 @@ def predict(run: Path, input: Path, out: Path, overwrite: bool, batch: int | Non
               help="evaluate at another size (diagonal tasks: >= 4)")
 @click.option("--batches", type=click.IntRange(min=1), default=EVALUATE_BATCHES, show_default=True,
               help="batches of the run's --batch size to average over")
-@click.option("--seed", type=click.IntRange(min=0), default=12345, show_default=True,
+@click.option("--seed", type=click.IntRange(min=0), default=EVAL_SEED, show_default=True,
               help="seeds the generated batches (char-lm: which validation windows)")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
               help="run on this device instead of the one RUN was trained on")
@@ -774,8 +776,6 @@ def evaluate(run: Path, size: int | None, batches: int, seed: int, device: str |
     """Reload RUN's checkpoint and report metrics on fresh data (char-lm: validation text)."""
     try:
         trainer = _load_run(run, device=device, data=data)
-        if size is not None and trainer.cfg.task == "char-lm":
-            raise click.UsageError(f"--size does not apply to {run}, a char-lm run; leave it out")
         metrics = trainer.evaluate(size=size, batches=batches, seed=seed)
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from None
@@ -792,7 +792,7 @@ def evaluate(run: Path, size: int | None, batches: int, seed: int, device: str |
 @click.option("--task", type=click.Choice(["diagonal"]), default="diagonal", show_default=True)
 @click.option("--models", default="md,horizontal,snake", show_default=True,
               help="comma-separated, from md, horizontal, snake")
-@click.option("--size", type=click.IntRange(min=4), default=8, show_default=True)
+@click.option("--size", type=int, default=8, show_default=True, help="image side (>= 4)")
 @click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--hidden", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--lr", type=float, default=1e-2, show_default=True)
@@ -876,7 +876,7 @@ def _ms(seconds: float) -> str:
 @click.option("--channels", type=click.IntRange(min=1), default=1, show_default=True, help="input channels")
 @click.option("--directions", type=int, default=1, show_default=True,
               help="1 or 2**ndim (2 for lstm, 4 for md, 8 for md3d)")
-@click.option("--cell", type=click.Choice(["graves", "stable", "spatial"]), default="graves",
+@click.option("--cell", type=click.Choice(list(CELLS)), default="graves",
               show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)

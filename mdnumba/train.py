@@ -64,6 +64,9 @@ def set_aside_log(stamp: str = "*") -> str:
 #: spawn keys of a run's random streams under its seed (:func:`run_stream`): the training
 #: batches (and char-lm dropout) and the batches of :meth:`Trainer.evaluate`
 DATA_STREAM, EVAL_STREAM = 1, 2
+#: the default seed of :meth:`Trainer.evaluate` and ``mdnumba evaluate`` (a char-LM's validation
+#: windows, the same at every evaluation)
+EVAL_SEED = 12345
 #: the settings ``train --resume`` and ``Trainer.load`` may change (the step size too, e.g. to
 #: continue from the checkpoint a diverged run keeps with a lower learning rate or clipping);
 #: the others define the run and must match it
@@ -235,8 +238,7 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
-        if self.size < task.min_size:
-            raise ValueError(f"--size ({task.size_name}) must be >= {task.min_size}, got {self.size}")
+        task.check_size(self.size)
         sizes = list(self.curriculum) + [self.size]
         if self.curriculum and (self.curriculum[0] < task.min_size
                                 or any(a >= b for a, b in zip(sizes, sizes[1:]))):
@@ -722,7 +724,7 @@ class Trainer:
                                for i in range(0, x.shape[0], n)])
 
     # ------------------------------------------------------------ evaluate
-    def evaluate(self, size: int | None = None, batches: int = 10, seed: int = 12345, *,
+    def evaluate(self, size: int | None = None, batches: int = 10, seed: int = EVAL_SEED, *,
                  save: bool = False) -> dict:
         """Mean metrics over ``batches`` fresh batches at ``size`` (default cfg.size), drawn from
         ``run_stream(seed, EVAL_STREAM)``, which no run trains on.
@@ -733,8 +735,7 @@ class Trainer:
         size = self.cfg.size if size is None else size
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
             raise TypeError(f"size must be an integer, got {size!r}")
-        if size < self.task.min_size:
-            raise ValueError(f"--size ({self.task.size_name}) must be >= {self.task.min_size}, got {size}")
+        self.task.check_size(size)
         rng, batches = run_stream(seed, EVAL_STREAM), check_positive_int(batches, "batches")
         cfg = self.cfg
         require_memory(eval_estimate(cfg, size), f"a batch of {cfg.batch} at size {size} needs about",

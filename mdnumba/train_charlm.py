@@ -18,12 +18,10 @@ import numpy as np
 from ._validate import check_positive_int, seeded_rng
 from .charlm import BITS_PER_NAT, CharLM, Corpus, iter_sample, softmax_xent
 from .checkpoint import CheckpointError
-from .train import EVAL_STREAM, TrainConfig, Trainer, run_stream
+from .train import EVAL_SEED, EVAL_STREAM, TrainConfig, Trainer, run_stream
 
 #: the validation metrics a char-LM checkpoint keeps (:meth:`CharLMTrainer.evaluate`)
 VAL_KEYS = ("val_loss", "val_bpc")
-#: the seed of :meth:`CharLMTrainer.evaluate`'s windows (the same windows at every evaluation)
-VAL_SEED = 12345
 
 
 def _is_vocab(vocab: object) -> bool:
@@ -93,14 +91,11 @@ class CharLMTrainer(Trainer):
         self._optimizer_step()
         self.step += 1
         dt = time.perf_counter() - t0  # the step's own time: not the validation below
-        val = self._val
-        if not self._val or self.step % self.EVAL_EVERY == 0:
-            val = self._val = self.evaluate(batches=self.EVAL_BATCHES, save=True)
-        elif self.step == self.cfg.steps:
-            # the last row's own evaluation is neither carried on nor saved: the rows after
-            # it in a run resumed with more --steps log what one run of that length would
-            # (that row keeps its own)
+        val, keep = self._val, self._evaluates_after(self.step, bool(self._val))
+        if keep is not None:
             val = self.evaluate(batches=self.EVAL_BATCHES, save=True)
+            if keep:
+                self._val = val
         return {"loss": loss, "bpc": loss * BITS_PER_NAT, **val, "time": dt,
                 "chars_per_s": x.size / dt}
 
@@ -109,15 +104,39 @@ class CharLMTrainer(Trainer):
         raise ValueError("predict applies to the image and sequence tasks; a char-lm run generates "
                          "text: use `mdnumba sample` (Trainer.generate)")
 
-    def evaluate(self, size: int | None = None, batches: int = 10, seed: int = VAL_SEED, *,
+    def _evaluates_after(self, step: int, have_val: bool) -> bool | None:
+        """Whether the row of ``step`` evaluates (``have_val``: a row before it did): True for
+        the first row and every EVAL_EVERY-th, whose metrics the next rows carry on; False for
+        the last step's row, whose metrics are neither carried on nor saved (the rows after it
+        in a run resumed with more --steps log what one run of that length would); None for
+        no evaluation. The CPU and device trainers both follow it."""
+        if not have_val or step % self.EVAL_EVERY == 0:
+            return True
+        return False if step == self.cfg.steps else None
+
+    def _validation_windows(self, seed: int, batches: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The ``(x, y)`` windows of :meth:`evaluate`: ``batches`` of the run's batch and
+        sequence length, drawn from the validation text with ``run_stream(seed, EVAL_STREAM)``."""
+        rng = run_stream(seed, EVAL_STREAM)
+        return [self.corpus.batch(rng, "val", self.cfg.batch, self.cfg.seq_len) for _ in range(batches)]
+
+    @staticmethod
+    def _validation_metrics(loss: float) -> dict[str, float]:
+        """:meth:`evaluate`'s metrics of a mean validation loss (nats/char)."""
+        return {"val_loss": loss, "val_bpc": loss * BITS_PER_NAT}
+
+    def evaluate(self, size: int | None = None, batches: int = 10, seed: int = EVAL_SEED, *,
                  save: bool = False) -> dict:
         """Mean validation loss (nats/char) and bits per char over fixed random windows
-        (``save`` as in :meth:`Trainer.evaluate`; drawn from ``run_stream(seed, EVAL_STREAM)``)."""
-        rng, batches = run_stream(seed, EVAL_STREAM), check_positive_int(batches, "batches")
-        losses = [softmax_xent(self.model.forward(x, save=save), y)[0] for x, y in
-                  (self.corpus.batch(rng, "val", self.cfg.batch, self.cfg.seq_len) for _ in range(batches))]
-        val = float(np.mean(losses))
-        return {"val_loss": val, "val_bpc": val * BITS_PER_NAT}
+        (``save`` as in :meth:`Trainer.evaluate`; :meth:`_validation_windows`). ``size`` is
+        :meth:`Trainer.evaluate`'s, which a language model has none of: give None."""
+        if size is not None:
+            raise ValueError(f"--size does not apply to a char-lm run (its windows are --seq-len "
+                             f"{self.cfg.seq_len} characters); leave it out")
+        batches = check_positive_int(batches, "batches")
+        losses = [softmax_xent(self.model.forward(x, save=save), y)[0]
+                  for x, y in self._validation_windows(seed, batches)]
+        return self._validation_metrics(float(np.mean(losses)))
 
     def generate(self, length: int, temperature: float, seed: int = 0, prime: str = "") -> str:
         """Generated text (see :func:`mdnumba.charlm.sample_text`)."""

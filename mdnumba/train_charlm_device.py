@@ -41,8 +41,8 @@ from .backend_cuda import (
 from .charlm import BITS_PER_NAT, CharLM, check_ids, check_ids_shape
 from .kernels.dropout import draw_seed
 from .stack import check_not_refused_midway, run_tracked
-from .train import EVAL_STREAM, TrainConfig, run_stream
-from .train_charlm import VAL_SEED, CharLMTrainer
+from .train import EVAL_SEED, TrainConfig
+from .train_charlm import CharLMTrainer
 from .train_device import DeviceResident, FlatDeviceGroup
 
 
@@ -223,20 +223,16 @@ class DeviceCharLMTrainer(DeviceResident, CharLMTrainer):
         step, every EVAL_EVERY-th, the last: that one is not kept for the next rows)."""
         plan, have = {}, bool(self._val)
         for i in range(n):
-            step = start + i + 1
-            if not have or step % self.EVAL_EVERY == 0:
-                plan[i], have = (len(plan), True), True
-            elif step == self.cfg.steps:
-                plan[i] = (len(plan), False)
+            keep = self._evaluates_after(start + i + 1, have)
+            if keep is not None:
+                plan[i], have = (len(plan), keep), have or keep
         return plan
 
     def _device_eval(self, record, at: int) -> None:
         """The validation of :meth:`evaluate` (its fixed windows, forward with save=True), loss
         block sums into ``record[at:]``."""
         if self._val_windows is None:
-            rng = run_stream(VAL_SEED, EVAL_STREAM)
-            wins = [self.corpus.batch(rng, "val", self.cfg.batch, self.cfg.seq_len)
-                    for _ in range(self.EVAL_BATCHES)]
+            wins = self._validation_windows(EVAL_SEED, self.EVAL_BATCHES)
             self._val_windows = tuple(self._cuda.to_device(np.array(w, dtype=np.int32)) for w in zip(*wins))
         RB, (xs, ys) = self.k.REDUCE_BLOCKS, self._val_windows
         for j in range(self.EVAL_BATCHES):
@@ -246,9 +242,8 @@ class DeviceCharLMTrainer(DeviceResident, CharLMTrainer):
     def _val_metrics(self, sums: np.ndarray, size: int) -> dict[str, float]:
         """:meth:`evaluate`'s metrics from :meth:`_device_eval`'s block sums."""
         RB = self.k.REDUCE_BLOCKS
-        val = float(np.mean([self.k.mean_loss(sums[j * RB:(j + 1) * RB], size)
-                             for j in range(self.EVAL_BATCHES)]))
-        return {"val_loss": val, "val_bpc": val * BITS_PER_NAT}
+        return self._validation_metrics(float(np.mean([self.k.mean_loss(sums[j * RB:(j + 1) * RB], size)
+                                                       for j in range(self.EVAL_BATCHES)])))
 
     def _dz_like(self, logits):
         """The device dL/dlogits buffer of ``logits``' shape (kept per shape)."""

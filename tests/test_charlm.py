@@ -604,6 +604,8 @@ def test_a_steps_time_leaves_its_validation_out(textfile, monkeypatch):
     assert m["val_loss"] == 1.0 and m["time"] < 1.0 and m["chars_per_s"] == pytest.approx(16 / m["time"])
     with pytest.raises(ValueError, match="batches must be"):
         type(tr).evaluate(tr, batches=0)
+    with pytest.raises(ValueError, match="--size does not apply to a char-lm run"):  # was ignored
+        type(tr).evaluate(tr, size=16)
 
 
 def test_a_run_extended_by_resume_logs_what_one_run_would(tmp_path, textfile, monkeypatch):

@@ -657,6 +657,7 @@ def test_a_resume_that_cannot_redraw_its_plots_says_so_before_training(runner, t
     (["--seed", "-2"], "--seed"),
     (["--models", ","], "not valid"),
     (["--out", ""], "Invalid value for '--out': is empty"),
+    (["--size", "2"], "--size (image side) must be >= 4, got 2"),  # train's own words
 ])
 def test_compare_checks_options_before_creating_anything(runner, tmp_path, args, message):
     res = runner.invoke(main, ["compare", "--out", str(tmp_path / "cmp"), *args])

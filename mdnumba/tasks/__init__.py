@@ -34,6 +34,11 @@ class Task:
     #: grid axes of one item: ``--size`` gives each (an item has ``size**ndim`` cells)
     ndim: int = 1
 
+    def check_size(self, size: int) -> None:
+        """ValueError unless ``size`` (``--size``) is at least this task's smallest."""
+        if size < self.min_size:
+            raise ValueError(f"--size ({self.size_name}) must be >= {self.min_size}, got {size}")
+
 
 TASKS = {
     "diagonal": Task("diagonal", sample_diagonal, diagonal_metrics,
