@@ -53,8 +53,8 @@ def _fill_value(fill: object, dtype: np.dtype) -> np.generic:
     (-1 is 255 in uint8); a bool only for boolean items."""
     flag = isinstance(fill, (bool, np.bool_))
     if (flag and dtype != np.bool_) or not isinstance(fill, (int, float, np.integer, np.floating, np.bool_)):
-        raise ValueError(f"fill must be a number{' (a bool: boolean items only)' if flag else ''}, "
-                         f"got {fill!r}")
+        raise TypeError(f"fill must be a number{' (a bool: boolean items only)' if flag else ''}, "
+                        f"got {fill!r}")
     try:
         with np.errstate(over="ignore", invalid="ignore"):
             value = np.array(fill).astype(dtype)[()]

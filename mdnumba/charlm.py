@@ -285,7 +285,7 @@ def softmax_xent(logits: np.ndarray, targets: np.ndarray) -> tuple[float, np.nda
         raise ValueError(f"targets must have the logits' shape without the vocabulary axis, "
                          f"{logits.shape[:-1]}, and hold some, got {t.shape}")
     if t.dtype == bool or not np.issubdtype(t.dtype, np.integer):
-        raise ValueError(f"targets must be integer ids in [0, {V}), got dtype {t.dtype}")
+        raise TypeError(f"targets must be integer ids in [0, {V}), got dtype {t.dtype}")
     if t.min() < 0 or t.max() >= V:  # -1 would wrap
         raise ValueError(f"targets must be integer ids in [0, {V}), got {t.dtype} "
                          f"from {t.min()} to {t.max()}")

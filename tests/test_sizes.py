@@ -125,7 +125,8 @@ def test_pad_batch_and_unpad_batch(rng):
     ([np.ones((3, 1), np.float32)], dict(fill=1e300), ValueError, "dtype float32 holds"),  # inf there
     ([np.ones((3, 1), np.float32)], dict(fill=10 ** 400), ValueError, "dtype float32 holds"),
     ([np.ones((3, 1), np.uint8)], dict(fill=-1), ValueError, "dtype uint8 holds"),  # 255 there
-    ([np.ones((3, 1))], dict(fill=True), ValueError, r"a number \(a bool: boolean items only\)")])
+    ([np.ones((3, 1))], dict(fill=True), TypeError, r"a number \(a bool: boolean items only\)"),
+    ([np.ones((3, 1))], dict(fill="x"), TypeError, "fill must be a number, got 'x'")])  # as elsewhere
 def test_pad_batch_refusals(items, kw, error, match):
     with pytest.raises(error, match=match):
         pad_batch(items, **kw)
