@@ -713,11 +713,10 @@ class Trainer:
         ``--batch``), each a ``forward(save=False)``. Integer and boolean inputs are cast to the
         run's dtype as they are (no scaling); errors as the layers' (shape, NaN/inf), naming the
         input ``name``."""
-        like = self.task.sample(np.random.default_rng(0), 1, self.task.min_size, np.dtype(self.cfg.dtype)).x
         x = as_array(x, name, f"{self.task.layout} of the {self.task.name} task")
         if x.dtype == bool or np.issubdtype(x.dtype, np.integer):
             x = x.astype(self.cfg.dtype)
-        x = check_array(x, name, like.ndim, like.shape[-1], np.dtype(self.cfg.dtype),
+        x = check_array(x, name, self.task.ndim + 2, self.task.in_channels, np.dtype(self.cfg.dtype),
                         f"{self.task.layout} of the {self.task.name} task")
         n = check_positive_int(self.cfg.batch if batch is None else batch, "batch")
         return np.concatenate([sigmoid(self.model.forward(x[i:i + n], save=False))

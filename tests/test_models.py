@@ -293,6 +293,7 @@ def test_task_layouts_describe_their_batches(rng):
             continue
         x = task.sample(rng, 2, task.min_size + 1).x
         assert task.layout.count(",") + 1 == x.ndim and task.layout.endswith(f" {x.shape[-1]})"), task
+        assert (x.ndim, x.shape[-1]) == (task.ndim + 2, task.in_channels), task  # what predict checks
 
 
 @pytest.mark.parametrize("loss_fn,per_logit", [
