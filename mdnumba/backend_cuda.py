@@ -64,7 +64,7 @@ from ._validate import (
     overflowed_state,
 )
 from .grid import table_cache
-from .optim import Adam, RMSprop, check_state_shapes, nonfinite_gradient, read_state
+from .optim import Adam, RMSprop, check_state_count, check_state_shapes, nonfinite_gradient, read_state
 
 if TYPE_CHECKING:
     from .charlm import Embedding
@@ -1137,9 +1137,7 @@ class _DeviceOptimizer(OnTheDevice):
         """Restore :meth:`state_dict` output (per-layer moments, as the host optimiser saves them)."""
         state = read_state(state)
         if self._sizes:
-            if len(state["m"]) != len(self._sizes) or len(state["v"]) != len(self._sizes):
-                raise ValueError(f"optimizer state has {len(state['m'])} m and {len(state['v'])} v buffers, "
-                                 f"this optimizer {len(self._sizes)} of each")
+            check_state_count(state, len(self._sizes))
             # each layer's, as the host optimiser checks them (not only the joined length)
             check_state_shapes(list(state["m"]) + list(state["v"]), [(n,) for n in self._sizes] * 2)
             state = dict(state, m=[np.concatenate([np.ravel(a) for a in state["m"]])],

@@ -207,10 +207,6 @@ class Embedding(OwnsParams):
         self.params["W"][...] = seeded_rng(seed).normal(0, 0.1, (vocab, dim))
         self._ids: np.ndarray | None = None
 
-    def zero_grad(self) -> None:
-        """Set every gradient to zero (backward accumulates)."""
-        self.grads.data[...] = 0
-
     @one_thread_at_a_time
     def forward(self, ids: np.ndarray) -> np.ndarray:
         """``W[ids]`` for integer ``ids`` in [0, V); keeps a copy of the ids for backward."""

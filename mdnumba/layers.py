@@ -119,10 +119,6 @@ class WavefrontLSTM(OwnsParams):
         """Channels of the output: ``hidden`` units per scan direction (``directions * hidden``)."""
         return self.directions * self.hidden
 
-    def zero_grad(self) -> None:
-        """Set every gradient to zero (backward accumulates)."""
-        self.grads.data[...] = 0
-
     def forward(self, x: np.ndarray, *, save: bool = True, sizes: npt.ArrayLike | None = None) -> np.ndarray:
         """Run the forward sweep and save the activations needed by backward.
 
@@ -513,10 +509,6 @@ class Linear(OwnsParams):
         self._x: np.ndarray | None = None
         self._inference = False  # the last forward had save=False
 
-    def zero_grad(self) -> None:
-        """Set every gradient to zero (backward accumulates)."""
-        self.grads.data[...] = 0
-
     @one_thread_at_a_time
     def forward(self, x: np.ndarray, *, save: bool = True) -> np.ndarray:
         """``y = x @ W + b`` on the last axis; ``save=False`` keeps no input for backward."""
@@ -607,10 +599,6 @@ class GridLSTM2D(OwnsParams):
     def out_channels(self) -> int:
         """Channels of the output (= ``hidden``: the top blocks' depth output)."""
         return self.hidden
-
-    def zero_grad(self) -> None:
-        """Set every gradient to zero (backward accumulates)."""
-        self.grads.data[...] = 0
 
     @one_thread_at_a_time
     def forward(self, x: np.ndarray, *, save: bool = True) -> np.ndarray:

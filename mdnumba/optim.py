@@ -124,6 +124,14 @@ def collect_buffers(obj: object) -> list[tuple[np.ndarray, np.ndarray]]:
                     f"pairs, got {type(obj).__name__}")
 
 
+def check_state_count(state: Mapping, n: int) -> None:
+    """ValueError unless the optimizer ``state`` holds ``n`` m and ``n`` v buffers (one per
+    buffer of the optimizer it is loaded into)."""
+    if len(state["m"]) != n or len(state["v"]) != n:
+        raise ValueError(f"optimizer state has {len(state['m'])} m and {len(state['v'])} v buffers, "
+                         f"this optimizer {n} of each")
+
+
 def _buffers(obj: object) -> list[tuple[np.ndarray, np.ndarray]]:
     """:func:`collect_buffers`, at least one, each layer once (as an optimiser takes them)."""
     buffers = collect_buffers(obj)
@@ -391,9 +399,7 @@ class Adam:
         kind = str(np.asarray(state.get("kind", self.kind)))  # np.load gives a 0-d array
         if kind != self.kind:
             raise ValueError(f"this optimizer state is {kind}'s, this optimizer is {self.kind}")
-        if len(state["m"]) != len(self.m) or len(state["v"]) != len(self.v):
-            raise ValueError(f"optimizer state has {len(state['m'])} m and {len(state['v'])} v buffers, "
-                             f"this optimizer {len(self.m)} of each")
+        check_state_count(state, len(self.m))
         t = check_count(state["t"], "optimizer state step t")
         dsts = self.m + self.v
         srcs = [np.asarray(src) for src in list(state["m"]) + list(state["v"])]

@@ -205,6 +205,10 @@ class OwnsParams:
     #: activations follow them, so a new value would compute with the old ones (or fail deep inside)
     _FIXED: tuple = ("layout", "dtype", "device")
 
+    def zero_grad(self) -> None:
+        """Set every gradient to zero (backward accumulates)."""
+        self.grads.data[...] = 0
+
     def free_buffers(self) -> None:
         """Drop the activations and scratch buffers kept between calls (``backward`` then needs a
         new ``forward``); the next ``forward`` allocates them again. NumPy gets the memory back;

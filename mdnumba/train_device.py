@@ -368,7 +368,5 @@ class DeviceTrainer(DeviceResident, Trainer):
 
     def _output_buffers(self, shape: tuple):
         """Device ``prob`` and ``dL/dlogits`` of ``shape`` (kept per shape)."""
-        if shape not in self._outputs:
-            new = self._cuda.device_array
-            self._outputs[shape] = (new(shape, self.model.dtype), new(shape, self.model.dtype))
-        return self._outputs[shape]
+        dtype = self.model.dtype
+        return tuple(kept_buffer(self._outputs, (name, shape), shape, dtype) for name in ("prob", "dz"))
