@@ -216,7 +216,8 @@ def host_vector_bytes() -> int:
 #: CUDA sweep paths: auto (cooperative, falling back), cooperative, per-diagonal
 CUDA_PATHS = ("auto", "cooperative", "per-diagonal")
 #: CUDA sweep layouts: auto (per sweep), flat (items over the whole grid), sliced (a block per slice of
-#: units), staged (sliced, the neighbours' rows read through shared-memory tiles)
+#: units), staged (sliced, the neighbours' rows read through shared-memory tiles), item (a block per
+#: batch item, block barriers instead of grid syncs), tensor (the recurrent sums on tensor cores, 3xTF32)
 CUDA_LAYOUTS = ("auto", "flat", "sliced", "staged", "item", "tensor")
 #: sweep stages the timing diagnostic ``MDNUMBA_CUDA_SKIP`` can leave out
 CUDA_SKIP_STAGES = ("sum", "cell")

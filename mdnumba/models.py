@@ -87,7 +87,7 @@ class RecurrentReadout(LayerGroup):
 
 class MDModel(RecurrentReadout):
     """Stacked 2D MD-LSTM (``layers`` layers of ``directions`` scans, ``cell``) + readout over
-    (B, H, W, C) images (or 3D volumes (B, D1, D2, D3, C) with ``ndim=3``)."""
+    (B, H, W, C) images (3D volumes (B, D1, D2, D3, C): :class:`MD3DModel`)."""
 
     kind = "md"
 
