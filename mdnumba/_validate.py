@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -65,6 +66,13 @@ def as_array(x: npt.ArrayLike, name: str, layout: str) -> np.ndarray:
         return np.asarray(x)
     except ValueError as exc:  # e.g. a ragged list
         raise ValueError(f"{name} must be an array of shape {layout}: {exc}") from None
+
+
+def check_not_scalar(x: object, name: str, layout: str) -> None:
+    """ValueError for a scalar (a number, or an array of no axes, NumPy or CUDA) where an array
+    of at least one axis, ``layout``, is needed."""
+    if isinstance(x, (numbers.Number, np.generic)) or len(getattr(x, "shape", (0,))) == 0:
+        raise ValueError(f"{name} must have at least 1 dimension {layout}, got the scalar {x!r}")
 
 
 def check_floating(arr: np.ndarray, name: str, dtype: npt.DTypeLike | None) -> None:
@@ -323,6 +331,17 @@ def check_shape(a: object, want: tuple, name: str = "dy") -> None:
     if tuple(np.shape(a)) != tuple(want):
         raise ValueError(f"{name} must have shape {tuple(want)} (the forward output's), got "
                          f"{tuple(np.shape(a))}")
+
+
+#: the names of a grid's axes in the layers' layouts, by how many it has (other N: n1, .., nN)
+GRID_AXES = {1: ("time",), 2: ("height", "width"), 3: ("depth1", "depth2", "depth3")}
+
+
+def grid_layout(ndim: int, channels: str = "C") -> str:
+    """The layout of an N-D layer's input (``channels`` "C") or output ("D"), as its errors name
+    it: ``(batch, height, width, C)`` for 2D."""
+    axes = GRID_AXES.get(ndim) or tuple(f"n{d + 1}" for d in range(ndim))
+    return f"(batch, {', '.join(axes)}, {channels})"
 
 
 def check_directions(directions: object, ndim: int) -> int:

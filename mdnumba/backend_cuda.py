@@ -50,12 +50,14 @@ from ._validate import (
     check_floating,
     check_gradient,
     check_layout,
+    check_not_scalar,
     check_positive_int,
     check_saved,
     check_shape,
     check_sizes,
     check_state,
     check_stateful,
+    grid_layout,
     is_device_array,
     is_int_in,
     missing_activations,
@@ -400,7 +402,8 @@ class DeviceLayer(OnTheDevice):
         but 0)."""
         k = self.k
         if ndim is None:  # at least 1: the last axis is the channels
-            ndim = max(len(x.shape) if is_device_array(x) else np.ndim(x), 1)
+            check_not_scalar(x, name, layout)
+            ndim = len(x.shape) if is_device_array(x) else max(np.ndim(x), 1)
         if is_device_array(x):
             xd = k.as_device(x)
             check_layout(xd.shape, name, ndim, last, layout)
@@ -493,7 +496,7 @@ class CudaLSTM(DeviceLayer):
         """
         k, N, C, D, S = self.k, self.ndim, self.in_channels, self.hidden, self.directions
         save = check_flag(save, "save")
-        xd, host_in = self._input(x, "x", N + 2, C, f"(batch, {N} grid axes, channels)")
+        xd, host_in = self._input(x, "x", N + 2, C, grid_layout(N))
         B, dims = xd.shape[0], tuple(xd.shape[1:-1])
         if state is not None:  # checked before any workspace of the last forward is written
             self._require_1d("state")
@@ -579,7 +582,7 @@ class CudaLSTM(DeviceLayer):
         k, N, C, D, S = self.k, self.ndim, self.in_channels, self.hidden, self.directions
         t, want, stateful = self._saved["tables"], self._saved["shape"], self._saved["stateful"]
         check_stateful(stateful, final_state_grad)
-        dhd, host_in = self._input(dh, "dh", N + 2, None)
+        dhd, host_in = self._input(dh, "dh", N + 2, None, grid_layout(N, "D"))
         check_shape(dhd, want, "dh")
         bad = self._nonfinite(self._work["c"])
         if bad:

@@ -6,8 +6,6 @@ and :class:`LSTM1D` (sequences) are its public faces with fixed names.
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 import numpy.typing as npt
 
@@ -25,12 +23,14 @@ from ._validate import (
     check_finite_params,
     check_flag,
     check_grads,
+    check_not_scalar,
     check_positive_int,
     check_saved,
     check_shape,
     check_sizes,
     check_state,
     check_stateful,
+    grid_layout,
     missing_activations,
     overflowed_state,
     seeded_rng,
@@ -358,8 +358,7 @@ class WavefrontLSTM(OwnsParams):
         return view if self.directions > 1 else view[None]
 
     def _layout_str(self, ch: str = "C") -> str:
-        axes = ", ".join(f"n{d + 1}" for d in range(self.ndim))
-        return f"(batch, {axes}, {ch})"
+        return grid_layout(self.ndim, ch)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(in={self.in_channels}, hidden={self.hidden}, "
@@ -389,9 +388,6 @@ class MDLSTM2D(WavefrontLSTM):
             buf.add_alias("U_up", buf["U"][..., 0, :])
             buf.add_alias("U_left", buf["U"][..., 1, :])
 
-    def _layout_str(self, ch: str = "C") -> str:
-        return f"(batch, height, width, {ch})"
-
 
 class MDLSTM3D(WavefrontLSTM):
     """3D multi-dimensional LSTM over volumes: (B, D1, D2, D3, C) → (B, D1, D2, D3, directions*hidden).
@@ -407,9 +403,6 @@ class MDLSTM3D(WavefrontLSTM):
                  device: str = "cpu", cell: str = "graves"):
         super().__init__(3, in_channels, hidden, seed=seed, dtype=dtype, forget_bias=forget_bias,
                          device=device, cell=cell, directions=directions)
-
-    def _layout_str(self, ch: str = "C") -> str:
-        return f"(batch, depth1, depth2, depth3, {ch})"
 
 
 class LSTM1D(WavefrontLSTM):
@@ -482,9 +475,6 @@ class LSTM1D(WavefrontLSTM):
         shape = (check_positive_int(batch, "batch"), self.out_channels)
         return np.zeros(shape, self.dtype), np.zeros(shape, self.dtype)
 
-    def _layout_str(self, ch: str = "C") -> str:
-        return f"(batch, time, {ch})"
-
 
 class Linear(OwnsParams):
     """Per-position affine map ``y = x @ W + b`` over the last axis (the readout).
@@ -515,8 +505,7 @@ class Linear(OwnsParams):
         check_finite_params(self.params)
         save = check_flag(save, "save")
         given = x
-        if isinstance(x, (numbers.Number, np.generic)) or getattr(x, "ndim", None) == 0:
-            raise ValueError(f"x must have at least 1 dimension (..., in_features), got the scalar {x!r}")
+        check_not_scalar(x, "x", "(..., in_features)")
         x = check_array(x, "x", max(np.ndim(x), 1), self.in_features, self.dtype, "(..., in_features)")
         x2 = x.reshape(-1, self.in_features)
         y = np.empty((x2.shape[0], self.out_features), dtype=self.dtype)

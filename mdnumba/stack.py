@@ -132,12 +132,22 @@ class BlockSubsample:
             raise missing_activations()
         if not input_grad:
             return None
-        if self._ran_on is not None:  # the last forward ran on the device: NumPy in, NumPy out
+        # dx comes as dy does, NumPy or CUDA (as the layers' dx comes as their dh)
+        if self._ran_on is not None:  # the last forward ran on the device
             dx = self._ran_on.backward(dy)
             return dx if is_device_array(dy) else dx.copy_to_host()
+        on_device = self.device == "cuda" and is_device_array(dy)
+        dx = self._from_blocks(as_array(dy, "dy", f"(batch, {self.ndim} grid axes, channels)"))
+        if on_device:
+            from numba import cuda
+            return cuda.to_device(dx)
+        return dx
+
+    def _from_blocks(self, dy: np.ndarray) -> np.ndarray:
+        """The host op of :meth:`backward`: :meth:`_to_blocks` undone, after the layers' checks of
+        a gradient (floating point, finite, the shape of the forward's output)."""
         N, k, shape = self.ndim, self.block, self._in_shape
         dims = shape[1:-1]
-        dy = as_array(dy, "dy", f"(batch, {N} grid axes, channels)")  # refuses masked values
         check_gradient(dy)  # as the layers: an integer gradient is a mistake, NaN/inf too
         check_shape(dy, (shape[0],) + tuple(n // k for n in dims) + (self.out_channels(shape[-1]),))
         blocks = (shape[0],) + tuple(n // k for n in dims) + (k,) * N + (shape[-1],)

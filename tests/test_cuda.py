@@ -708,6 +708,9 @@ def sim_a_cuda_stack_keeps_cuda_arrays_on_the_device(rng):
         sub.backward(masked)
     with pytest.raises(ValueError, match="^x on the device must be C-contiguous"):  # a GPU's reshape
         sub.forward(cuda.to_device(rng.standard_normal((1, 4, 4, 4)))[:, :, ::2])  # would raise
+    sub.forward(rng.standard_normal((1, 4, 2, 4)))  # the host op; a CUDA dy still gives a CUDA dx,
+    back = sub.backward(cuda.to_device(dy))  # as a layer's dx comes as its dh (it gave NumPy)
+    assert is_device_array(back) and np.array_equal(back.copy_to_host(), dx)
 
 
 @pytest.mark.parametrize("kind", ["grid", "stacked"])
@@ -2239,8 +2242,26 @@ def sim_device_twins_refuse_what_their_host_twins_refuse(rng):
             with pytest.raises(TypeError, match=f"^a {type(twin).__name__} holds GPU memory and is not "
                                                 "pickled or copied: copy the host layer"):
                 copy_it(twin)
-    with pytest.raises(ValueError, match=r"x must have 1 dimensions \(\.\.\., in_features\), got shape \(\)"):
-        CudaLinear.from_layer(Linear(2, 3)).forward(np.float32(1))
+    for scalar in (np.float32(1), 1.0, cuda.to_device(np.zeros((), np.float32))):  # "1 dimensions"
+        with pytest.raises(ValueError, match=r"^x must have at least 1 dimension \(\.\.\., in_features\), "
+                                             r"got the scalar"):
+            CudaLinear.from_layer(Linear(2, 3)).forward(scalar)
+        with pytest.raises(ValueError, match=r"^x must have at least 1 dimension"):
+            Linear(2, 3).forward(scalar)
+    for host, x, dh in ((MDLSTM2D(2, 2), np.ones((1, 2, 2, 1)), np.ones((1, 2, 2))),  # were "2 grid axes"
+                        (LSTM1D(2, 2), np.ones((1, 2, 1)), np.ones((1, 2)))):
+        said = []
+        for layer in (host, CudaLSTM.from_layer(host)):
+            with pytest.raises(ValueError) as err:
+                layer.forward(x)
+            said.append(str(err.value))
+            layer.forward(np.ones(x.shape[:-1] + (2,)))
+            with pytest.raises(ValueError) as err:
+                layer.backward(dh)
+            said.append(str(err.value))
+        axes = "time" if host.ndim == 1 else "height, width"
+        assert said[:2] == said[2:] and f"(batch, {axes}, C)" in said[0], said
+        assert ", D)" in said[1], said
     with pytest.raises(RuntimeError, match="^no initial-state gradient: run forward"):
         LSTM1D(1, 2, device="cuda").initial_state_grad()
     # found by an audit of the device API: a layer of another kind (AttributeError), sizes the twin

@@ -676,7 +676,8 @@ def test_a_stack_names_the_stage_that_failed():
     with pytest.raises(NonFiniteError, match=r"^stage 0 \(MDLSTM2D\) forward: x contains 16 NaN"):
         net.forward(np.full((1, 4, 4, 1), np.nan, np.float32))
     net.forward(np.zeros((1, 4, 4, 1), np.float32))
-    with pytest.raises(ValueError, match=r"^stage 2 \(MDLSTM2D\) backward: dh must have the shape"):
+    with pytest.raises(ValueError, match=r"^stage 2 \(MDLSTM2D\) backward: dh must have shape \(1, 2, 2, 3\) "
+                                         r"\(the forward output.s\)"):
         net.backward(np.zeros((1, 2, 2, 4), np.float32))
     with pytest.raises(AttributeError):
         net.stages.append(net[0])  # fixed once built: a stage cannot be added twice this way
