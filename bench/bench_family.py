@@ -8,8 +8,8 @@ that both compute the same forward and gradients. Timing, interleaving and the
 best-of-N rule are those of ``bench_cpu.py``.
 
 ``--device cuda`` times ``mdnumba.backend_cuda.CudaLSTM`` + ``CudaAdam`` (device-resident), in
-the flat and the sliced sweep layout (``MDNUMBA_CUDA_LAYOUT``), against the same PyTorch module
-on the GPU (all synchronised after every phase).
+the default (auto), the flat and the sliced sweep layout (``MDNUMBA_CUDA_LAYOUT``), against the
+same PyTorch module on the GPU (all synchronised after every phase).
 
 ``--smoke`` runs tiny shapes once each (CI runs it with ``--device cuda`` under the CUDA simulator,
 PyTorch on CPU tensors there, so the script works when a GPU comes).

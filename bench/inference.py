@@ -3,10 +3,11 @@
 For each shape (graves cell unless noted, float32 unless ``--dtype``, C=1): the time of a
 forward that saves the activations for backward and of one that keeps none
 (:func:`mdnumba.kernels.wavefront.wavefront_infer`, two hyperplanes at a time), interleaved, best
-of N; the peak RSS increase of each one's first call on a fresh layer (buffers included); the
-buffers each keeps (``workspace_bytes``); and, for the 2D one-direction shapes, PyTorch's
-``torch.no_grad()`` forward of the same layer (``torch_wavefront.py``). The two mdnumba outputs
-are checked equal first. The last rows are grids whose saving forward needs GiBs: timed once each.
+of N; the most bytes NumPy held during each one's first call on a fresh layer (tracemalloc,
+buffers included); the buffers each keeps (``workspace_bytes``); and, for the 2D one-direction
+shapes, PyTorch's ``torch.no_grad()`` forward of the same layer (``torch_wavefront.py``). The two
+mdnumba outputs are checked equal first. The last rows are grids whose saving forward needs GiBs:
+timed once each.
 
 Usage: ``python bench/inference.py [--quick] [--no-torch] [--dtype float32|float64] [--out PATH]``
 (default ``bench/results/inference.md``; ``--quick`` prints small shapes only).

@@ -122,7 +122,8 @@ def render(results: dict, seconds: float, rounds: int) -> str:
     shapes = [f"{s}x{s} B{b} D{d}" for s, b, d in SHAPES]
     any_r = next(iter(results.values()))
     lines = [f"# CPU thread-pool wait policy ({datetime.date.today()})", "",
-             f"`python bench/threads.py`: MDLSTM2D float32 forward + backward, median ms over "
+             f"`python bench/threads.py --seconds {seconds:g} --rounds {rounds}`: MDLSTM2D float32 "
+             f"forward + backward, median ms over "
              f"{seconds:g} s of repeats per process, median of {rounds} interleaved rounds; "
              f"threading layer `{any_r['layer']}`, {any_r['threads']} threads, {os.cpu_count()} "
              "cores. *alone*: one process; *2x*: two identical processes started together "

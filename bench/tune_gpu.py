@@ -4,7 +4,7 @@ block size, sweep layout and launch bounds, with or without stages of the sweeps
 ``MDNUMBA_CUDA_ROWS_PER_THREAD`` (batch rows a sweep thread computes; ``MDNUMBA_CUDA_ITEM_ROWS``, the
 item layout's cells per thread, is set to the same), ``MDNUMBA_CUDA_UNROLL``
 (steps of its inner sum whose loads go out together; both compile-time: they size the register
-arrays), ``MDNUMBA_THREADS_PER_BLOCK``, ``MDNUMBA_CUDA_LAYOUT`` (flat, sliced or staged) and
+arrays), ``MDNUMBA_THREADS_PER_BLOCK``, ``MDNUMBA_CUDA_LAYOUT`` (flat, sliced, staged, item or tensor) and
 ``MDNUMBA_CUDA_SLICE_UNITS`` (the sliced and staged layouts' units per block, compile-time),
 ``MDNUMBA_CUDA_ITEM_THREADS`` (the item layout's threads per block, compile-time),
 ``MDNUMBA_CUDA_TENSOR_TILES`` (the tensor layout's backward n-tiles per warp, compile-time) are read when
