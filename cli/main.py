@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from mdnumba.checkpoint import CheckpointError
+from mdnumba.checkpoint import TRAIN_COMMAND, CheckpointError
 from mdnumba.info import collect_info
 from mdnumba.kernel_cache import FirstCompile
 from mdnumba.kernels.cell import CELLS
@@ -358,14 +358,17 @@ def _config(given: dict | None = None, **kw):
 
 
 def _refuse_inapplicable(cfg, given: dict) -> None:
-    _refuse_unused(cfg.inapplicable(given))
+    _refuse_unused(cfg.inapplicable(given), given)
 
 
-def _refuse_unused(unused: dict[str, str]) -> None:
-    """A UsageError naming the options (setting -> why) that the run would ignore, if any."""
+def _refuse_unused(unused: dict[str, str], given: dict) -> None:
+    """A UsageError naming the options (setting -> why) that the run would ignore, if any, a flag
+    as it was ``given`` (``--no-tie-depth``)."""
+    def typed(k: str) -> str:
+        return _setting(k, given[k]) if isinstance(given.get(k), bool) else _option(k)
     if unused:
         raise click.UsageError("not used by this run, leave out: " + ", ".join(
-            f"{_option(k)} ({why})" for k, why in unused.items()))
+            f"{typed(k)} ({why})" for k, why in unused.items()))
 
 
 def _is_default_folder(out: Path, default: Path) -> bool:
@@ -634,7 +637,7 @@ def _load_run(folder: Path, **overrides):
     try:
         return Trainer.load(folder, **overrides)
     except IgnoredSettingsError as exc:
-        _refuse_unused(exc.ignored)
+        _refuse_unused(exc.ignored, overrides)
     except CudaUnavailableError as exc:
         msg = str(exc).replace("device='cuda'", "--device cuda").replace("device='cpu'", "--device cpu")
         if not overrides.get("device"):
@@ -680,8 +683,9 @@ def sample(run: Path, length: int, temperature: float, prime: str, seed: int, de
         for piece in pieces:  # as they come: a long --length shows its progress
             click.echo(piece, nl=False)
         click.echo()
-    except CheckpointError as exc:
-        raise click.ClickException(str(exc)) from None
+    except CheckpointError as exc:  # a run to train first: a char-lm one
+        char_lm = f"`{TRAIN_COMMAND} --task char-lm --model grid --data FILE --out"
+        raise click.ClickException(str(exc).replace(f"`{TRAIN_COMMAND} --out", char_lm)) from None
     except (CorpusError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
 

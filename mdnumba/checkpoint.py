@@ -192,6 +192,11 @@ def save_checkpoint(folder: Path, arrays: dict[str, np.ndarray], meta: dict) -> 
     return folder / CHECKPOINT
 
 
+#: the command :func:`_missing_hint` suggests for training (a command that needs a char-lm run
+#: names the options of one after it: ``mdnumba sample``)
+TRAIN_COMMAND = "mdnumba train"
+
+
 def _missing_hint(folder: Path) -> str:
     """What to do about a folder without a checkpoint: open the runs inside it (a ``compare``
     folder), put a moved checkpoint back (a run's ``config.json`` is there), or train there
@@ -201,10 +206,10 @@ def _missing_hint(folder: Path) -> str:
     if runs:
         return f"it holds runs in its sub-folders {', '.join(runs)}: give one, e.g. {folder / runs[0]}"
     if (folder / CONFIG_JSON).is_file():  # a run's files without its checkpoint: moved away?
-        return (f"if it was moved, put it back; `mdnumba train --out {folder} --overwrite` starts "
+        return (f"if it was moved, put it back; `{TRAIN_COMMAND} --out {folder} --overwrite` starts "
                 "a new run there instead, replacing this one's config.json and log")
     leftover = any((folder / name).exists() for name in RUN_FILES + PLOTS)
-    return f"train first with `mdnumba train --out {folder}{' --overwrite' if leftover else ''}`"
+    return f"train first with `{TRAIN_COMMAND} --out {folder}{' --overwrite' if leftover else ''}`"
 
 
 def read_error_text(exc: Exception) -> str:

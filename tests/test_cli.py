@@ -261,7 +261,8 @@ def test_mismatched_checkpoint(runner, tmp_path):
     (["--dropout", "0.5"], "not used by this run, leave out: --dropout (char-lm only)"),
     (["--seq-len", "9", "--data", "x.txt"], "--seq-len (char-lm only), --data (char-lm only)"),
     (["--sync-every", "9"], "--sync-every (--device cuda only)"),
-    (["--no-tie-depth"], "--tie-depth (char-lm --model grid only)"),
+    (["--no-tie-depth"], "out: --no-tie-depth (char-lm --model grid only)"),  # as typed (was --tie-depth)
+    (["--tie-depth"], "leave out: --tie-depth (char-lm --model grid only)"),
     (["--task", "char-lm", "--model", "stacked", "--curriculum", "20"], "--curriculum (not for char-lm)"),
     (["--model", "grid", "--data", "x.txt"], "or --task char-lm, which takes 'grid'"),  # not "leave out"
     (["--out", ""], "Invalid value for '--out': is empty; give a folder"),  # not the current folder
@@ -1225,6 +1226,9 @@ def test_missing_checkpoint_hints_lead_somewhere(runner, tmp_path):
     (run / "log.tsv").rename(run / "notes.tsv")  # another file: train writes beside it, no --overwrite
     res = runner.invoke(main, ["evaluate", str(run)])
     assert res.exit_code == 1 and f"train first with `mdnumba train --out {run}`" in res.output, res.output
+    res = runner.invoke(main, ["sample", str(run)])  # a run it can sample: a char-lm one (was a diagonal one)
+    assert res.exit_code == 1 and "train first with `mdnumba train --task char-lm --model grid --data FILE " \
+                                  f"--out {run}`" in res.output, res.output
     assert train(runner, tmp_path / "moved").exit_code == 0  # a run whose checkpoint was moved away
     (tmp_path / "moved" / "checkpoint.npz").rename(tmp_path / "checkpoint.npz")
     res = runner.invoke(main, ["evaluate", str(tmp_path / "moved")])
