@@ -889,7 +889,7 @@ def _ms(seconds: float) -> str:
 def bench(model: str, size: int, batch: int, hidden: int, channels: int, directions: int, cell: str,
           dtype: str, device: str, repeats: int) -> None:
     """Time one layer's forward, inference (forward keeping no activations) and train step
-    (forward, backward, Adam) on this machine.
+    (forward, backward without dL/dx: x is data, Adam) on this machine.
 
     For the side-by-side benchmarks against PyTorch see the repository's bench/ folder.
     """
