@@ -425,9 +425,11 @@ def test_the_language_model_helpers_refuse_what_they_cannot_use(rng):
     from mdnumba import NonFiniteError
     lg = rng.standard_normal((2, 3, 4))
     for targets in ([[-1, 1, 2], [3, 0, 1]], [[4, 1, 2], [3, 0, 1]], np.zeros((3, 2), int),
-                    np.zeros((2, 3)), np.zeros((2, 0), int)):
+                    np.zeros((2, 0), int)):
         with pytest.raises(ValueError, match="^targets must"):
             softmax_xent(lg, np.asarray(targets))
+    with pytest.raises(TypeError, match="^targets must be integer ids"):  # a value of the wrong type
+        softmax_xent(lg, np.zeros((2, 3)))
     emb = Embedding(5, 3, dtype=np.float64)
     emb.forward(np.array([[1, 2]]))
     with pytest.raises(NonFiniteError, match="^dy contains 1 NaN"):
