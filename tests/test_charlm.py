@@ -194,6 +194,9 @@ def test_cli_char_lm_train_resume_sample(tmp_path, textfile):
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     res = runner.invoke(main, ["sample", str(tmp_path / "full"), "--length", "30", "--prime", "the "])
     assert res.exit_code == 0 and res.output.startswith("the ") and len(res.output.strip()) >= 30
+    drawn = {t: runner.invoke(main, ["sample", str(tmp_path / "full"), "--length", "60", "--seed", "3",
+                                     *(["--temperature", t] if t else [])]).output for t in ("", "0.8", "1")}
+    assert drawn[""] == drawn["0.8"] != drawn["1"]  # the documented default
     np.save(tmp_path / "x.npy", np.zeros((1, 3, 6)))
     res = runner.invoke(main, ["predict", str(tmp_path / "full"), str(tmp_path / "x.npy"), "--out",
                                str(tmp_path / "p.npy")])

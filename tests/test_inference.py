@@ -35,7 +35,11 @@ def test_matches_the_saving_forward_and_the_reference(cell, ndim, shape, directi
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("make,shape,sizes", [
     (lambda dt: LSTM1D(6, 8, dtype=dt, directions=2), (5, 7, 6), [7, 3, 7, 1, 5]),
-    (lambda dt: MDLSTM2D(5, 16, dtype=dt), (3, 4, 3, 5), [[4, 3], [2, 2], [3, 1]])])
+    (lambda dt: MDLSTM2D(5, 16, dtype=dt), (3, 4, 3, 5), [[4, 3], [2, 2], [3, 1]]),
+    # 8 rows or more: the tall tiles of 64-byte vectors (simd.TALL_TILES; none took this path)
+    (lambda dt: LSTM1D(6, 8, dtype=dt, directions=2), (9, 7, 6), [7, 3, 7, 1, 5, 7, 2, 6, 7]),
+    (lambda dt: MDLSTM2D(5, 16, dtype=dt), (9, 6, 6, 5),
+     [[6, 6], [2, 3], [6, 1], [5, 6], [6, 6], [1, 1], [4, 4], [6, 2], [3, 5]])])
 def test_register_tiles_give_the_saving_forward_bit_for_bit(make, shape, sizes, dtype, rng):
     """At least 4 input channels and whole gate panels: the saving-free sweep projects an item's
     rows with register tiles (arbitrary rows of x), the saving forward with matmul_rows' tiles

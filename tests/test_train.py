@@ -214,6 +214,7 @@ def test_load_overrides_only_what_a_resume_may_change(tmp_path):
     # the step size may change (continuing a diverged run's kept checkpoint more gently); None: unchanged
     gentler = Trainer.load(tmp_path, steps=5, lr=1e-3, clip_norm=1.0, hidden=None)
     assert (gentler.cfg.lr, gentler.cfg.clip_norm, gentler.cfg.hidden) == (1e-3, 1.0, KW["hidden"])
+    assert (gentler.opt.lr, gentler.opt.clip_norm) == (1e-3, 1.0)  # the optimiser's, not only the config's
     gentler.run()
     assert Trainer.load(tmp_path).cfg.lr == 1e-3
     with pytest.raises(CheckpointError, match=r"checkpoint.npz is a file; give the run's folder \(the one "):
@@ -582,10 +583,15 @@ def test_an_atomic_write_syncs_the_file_then_its_folder(tmp_path, monkeypatch):
     import stat
 
     from mdnumba.checkpoint import atomic_write_bytes
-    synced, real = [], os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)), real(fd)))
+    synced, renamed, real_sync, real_replace = [], [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append((stat.S_ISDIR(os.fstat(fd).st_mode),
+                                                                 os.fstat(fd).st_size)), real_sync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (renamed.append((os.path.dirname(a), str(b))),
+                                                     real_replace(a, b)))
     atomic_write_bytes(tmp_path / "f.bin", lambda fh: fh.write(b"new"))
-    assert synced == [False, True] and (tmp_path / "f.bin").read_bytes() == b"new"
+    assert (tmp_path / "f.bin").read_bytes() == b"new"
+    assert [d for d, _ in synced] == [False, True] and synced[0][1] == 3  # flushed before the sync
+    assert renamed == [(str(tmp_path), str(tmp_path / "f.bin"))]  # a temp file beside it: atomic
 
     def refuse(fd):
         if stat.S_ISDIR(os.fstat(fd).st_mode):
