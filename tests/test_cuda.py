@@ -758,6 +758,7 @@ def sim_char_lm_kernels_match_numpy(dtype, rng):
         charlm_cuda.dropout(out, cuda.to_device(a), seed, 0.3)
         np.testing.assert_array_equal(out.copy_to_host(), b)
     z = (rng.standard_normal((2, 3, 7)) * 30).astype(dtype)  # far apart: exp would overflow unshifted
+    z[0, 0] = [0, 1, -3, 2, 0, 5, 800]  # the largest last: a max over all but it overflowed
     t = rng.integers(0, 7, (2, 3)).astype(np.int32)
     loss, grad, _ = softmax_xent(z, t)
     dz, sums = cuda.device_array_like(z), optim_cuda.scratch(optim_cuda.REDUCE_BLOCKS)
@@ -1982,6 +1983,28 @@ def sim_device_adam_norm_and_a_skipped_step(rng):
         opt.step()
     assert opt.t == 2
     np.testing.assert_array_equal(dev.params_to_host(), before)
+
+
+@pytest.mark.parametrize("kind", ["adam", "rmsprop"])
+def sim_device_clipping_norm_squares_in_float64(kind, rng):
+    """A float32 gradient entry of 2e19 squares past float32's range (4e38): the device norm sums its
+    squares in float64, as the host's does, so the step is clipped like the host's (squared in
+    float32 the norm was inf and the step refused as non-finite)."""
+    from mdnumba import Adam, RMSprop
+    from mdnumba.backend_cuda import CudaAdam, CudaLinear, CudaRMSprop
+    from mdnumba.layers import Linear
+    host = Linear(3, 2, seed=1, dtype=np.float32)
+    dev = CudaLinear.from_layer(host)
+    g = rng.standard_normal(host.grads.data.shape).astype(np.float32)
+    g[0] = 2e19
+    host.grads.data[...] = g
+    dev.grads.copy_to_device(g)
+    mine, theirs = {"adam": (Adam, CudaAdam), "rmsprop": (RMSprop, CudaRMSprop)}[kind]
+    opt_h, opt_d = mine(host, lr=0.1, clip_norm=1.0), theirs([dev], lr=0.1, clip_norm=1.0)
+    assert opt_d.grad_norm() == pytest.approx(opt_h.grad_norm(), rel=1e-6) == pytest.approx(2e19, rel=1e-6)
+    opt_h.step()
+    opt_d.step()
+    np.testing.assert_allclose(dev.params_to_host(), host.params.data, rtol=1e-6, atol=1e-7)
 
 
 def sim_device_step_count_follows_the_host(rng):
