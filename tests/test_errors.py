@@ -779,6 +779,28 @@ def test_a_stack_calls_a_users_backward_without_input_grad_if_it_takes_none(rng)
     assert net.backward(np.ones_like(h), input_grad=False) is None
 
 
+def test_a_stack_passes_input_grad_false_to_its_first_stage_only(rng):
+    """``backward(dy, input_grad=False)`` (the models' call: x is data) spares the first stage its
+    dL/dx; the stages after it still need theirs (a first stage always asked for one computed
+    a dL/dx only to drop it)."""
+    asked = []
+
+    class Scale:
+        def forward(self, x):
+            return 3 * x
+
+        def backward(self, dy, input_grad=True):
+            asked.append(("scale", input_grad))
+            return 3 * dy if input_grad else None
+    layer = MDLSTM2D(1, 2, dtype=np.float64)
+    real = layer.backward
+    layer.backward = lambda dy, input_grad=True: (asked.append(("lstm", input_grad)), real(dy, input_grad))[1]
+    net = Sequential(Scale(), layer)
+    h = net.forward(rng.standard_normal((1, 3, 3, 1)))
+    assert net.backward(np.ones_like(h), input_grad=False) is None
+    assert asked == [("lstm", True), ("scale", False)]
+
+
 @pytest.mark.parametrize("cell,advice", [
     ("graves", "; the graves cell.*use cell='stable', keep the default forget_bias, or lower"),
     ("stable", "; lower"),

@@ -66,6 +66,22 @@ def test_an_edit_of_another_kernel_file_recompiles(package_copy):
     assert run() == (1, 0)
 
 
+def test_the_digest_covers_every_kernel_source_and_config(tmp_path, monkeypatch):
+    """An edit of any kernel file or of config.py (whose constants the kernels inline: tiles,
+    vector widths, dtypes) changes the digest the cached builds are stamped with; another
+    module's does not."""
+    from mdnumba import kernel_cache
+    shutil.copytree(Path(mdnumba.__file__).parent, tmp_path / "mdnumba",
+                    ignore=shutil.ignore_patterns("__pycache__", "cli"))
+    monkeypatch.setattr(kernel_cache, "_PACKAGE", tmp_path / "mdnumba")
+    seen = [kernel_cache.sources_digest()]
+    for name in ("kernels/gemm.py", "config.py", "layers.py"):
+        with open(tmp_path / "mdnumba" / name, "a") as f:
+            f.write("\n# an edit\n")
+        seen.append(kernel_cache.sources_digest())
+    assert len(set(seen[:3])) == 3 and seen[3] == seen[2], seen
+
+
 def test_fastmath_and_exact_builds_are_cached_apart(package_copy):
     _, run = package_copy
     assert run(MDNUMBA_FASTMATH="0") == (0, 1)
