@@ -22,7 +22,10 @@ def cuda_status() -> str:
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
         return "simulator (NUMBA_ENABLE_CUDASIM=1)"
     from numba import cuda
-    name = cuda.get_current_device().name
+    try:
+        name = cuda.get_current_device().name
+    except Exception as exc:  # pragma: no cover - a driver that fails past is_available()
+        return f"unavailable: the CUDA driver failed ({type(exc).__name__}: {exc}); use --device cpu"
     return f"available: {name.decode() if isinstance(name, bytes) else name}"
 
 
