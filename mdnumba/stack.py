@@ -136,9 +136,8 @@ class BlockSubsample:
         if self._ran_on is not None:  # the last forward ran on the device
             dx = self._ran_on.backward(dy)
             return dx if is_device_array(dy) else dx.copy_to_host()
-        on_device = self.device == "cuda" and is_device_array(dy)
         dx = self._from_blocks(as_array(dy, "dy", f"(batch, {self.ndim} grid axes, channels)"))
-        if on_device:
+        if self.device == "cuda" and is_device_array(dy):
             from numba import cuda
             return cuda.to_device(dx)
         return dx
@@ -295,8 +294,7 @@ def run_tracked(group: object, first_stage: object, first: Callable, rest: Calla
         y = first()
         done = True
         y = rest(y)
-    except BaseException as exc:  # after first: it ran on this input, the later stages hold the last
-        # forward's
+    except BaseException as exc:  # after first: it holds this x's activations, the rest the last forward's
         if done or left_partial(first_stage, exc, first=True):
             group._refused_at = int(done)
         raise
