@@ -32,6 +32,16 @@ def test_softmax_xent_gradient(rng):
     assert_grad_close(dz, numeric_grad(lambda: softmax_xent(z, t)[0], z), name="dz")
 
 
+def test_embedding_backward_uses_the_forwards_ids_not_the_callers_array():
+    """A loader that refills its ids buffer between forward and backward must not move the
+    gradient to other rows."""
+    emb, ids = Embedding(5, 2, dtype=np.float64), np.array([[1, 2]])
+    emb.forward(ids)
+    ids[...] = 4
+    emb.backward(np.ones((1, 2, 2)))
+    assert emb.grads.W[[1, 2]].all() and not emb.grads.W[[0, 3, 4]].any()
+
+
 def test_embedding_backward_adds_repeated_ids(rng):
     emb = Embedding(4, 3, dtype=np.float64)
     ids = np.array([[1, 1, 3]])

@@ -171,8 +171,9 @@ def test_an_overflowed_state_in_the_output_is_named(save, rng):
 def test_save_is_a_keyword_and_a_bool():
     layer, x = MDLSTM2D(1, 2), np.ones((1, 2, 2, 1))
     for stage in (layer, Linear(1, 2), Sequential(layer), BlockSubsample(1)):
-        with pytest.raises(TypeError, match="save must be True or False, got 'no'"):
-            stage.forward(x, save="no")
+        for flag in ("no", 0):  # an int is no bool either: save=0 must not mean False
+            with pytest.raises(TypeError, match=f"save must be True or False, got {flag!r}"):
+                stage.forward(x, save=flag)
         with pytest.raises(TypeError, match="positional"):
             stage.forward(x, False)
 
@@ -186,8 +187,9 @@ def test_input_grad_and_tied_are_bools():
     for stage, inp in ((MDLSTM2D(1, 2), x), (Linear(1, 2), x), (Sequential(MDLSTM2D(1, 2)), x),
                        (BlockSubsample(1), x), (build_model("md", hidden=2), x), (grid, np.ones((1, 3, 2)))):
         y = stage.forward(inp)
-        with pytest.raises(TypeError, match="input_grad must be True or False, got 'no'"):
-            stage.backward(np.ones_like(y), input_grad="no")
+        for flag in ("no", 0):
+            with pytest.raises(TypeError, match=f"input_grad must be True or False, got {flag!r}"):
+                stage.backward(np.ones_like(y), input_grad=flag)
     with pytest.raises(TypeError, match="tied must be True or False, got 'no'"):
         GridLSTM2D(2, 2, tied="no")
 

@@ -10,7 +10,7 @@ import pytest
 from gradcheck import check_layer_gradients
 from refcheck import check_against_reference
 
-from mdnumba import MDLSTM2D
+from mdnumba import LSTM1D, MDLSTM2D
 from mdnumba import reference as ref
 
 SHAPES = [(2, 3, 4, 3), (1, 1, 5, 2), (2, 4, 1, 2), (3, 3, 7, 1), (2, 5, 5, 4), (1, 1, 1, 3)]
@@ -70,11 +70,15 @@ def test_zero_input_gives_finite_gradients():
     assert np.abs(layer.grads.data).max() > 0
 
 
-def test_backward_accumulates_and_zero_grad(rng):
-    layer = MDLSTM2D(2, 3, dtype=np.float64)
-    x = rng.standard_normal((2, 3, 3, 2))
-    dh = rng.standard_normal((2, 3, 3, 3))
-    layer.forward(x)
+@pytest.mark.parametrize("make, shape", [
+    (lambda: MDLSTM2D(2, 3, dtype=np.float64), (2, 3, 3, 2)),
+    (lambda: MDLSTM2D(2, 3, directions=4, dtype=np.float64), (2, 3, 3, 2)),
+    (lambda: LSTM1D(2, 3, directions=2, dtype=np.float64), (2, 4, 2))], ids=["2d", "2d-4dirs", "1d-2dirs"])
+def test_backward_accumulates_and_zero_grad(rng, make, shape):
+    """Every direction's gradients add to what is there (one overwrote them)."""
+    layer = make()
+    x = rng.standard_normal(shape)
+    dh = rng.standard_normal(layer.forward(x).shape)
     layer.backward(dh)
     once = layer.grads.data.copy()
     layer.backward(dh)

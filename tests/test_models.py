@@ -73,7 +73,8 @@ def test_bce_takes_targets_in_0_1_only():
     z, y = np.array([-1.0, 0.5, 2.0]), np.array([0, 0.25, 1])  # integer and float targets alike
     want = np.mean(np.log1p(np.exp(z)) - y * z)
     assert bce_logits(z, y)[0] == pytest.approx(want) == bce_logits(z, np.array([0.0, 0.25, 1.0]))[0]
-    for y, got in (([2.0, -1.0], "values from -1.0 to 2.0"), ([np.nan, 1.0], "NaN")):
+    for y, got in (([2.0, -1.0], "values from -1.0 to 2.0"), ([1.0, 255.0], "values from 1.0 to 255.0"),
+                   ([np.nan, 1.0], "NaN")):  # a 0/255 mask: too large, though none is negative
         with pytest.raises(ValueError, match=rf"^bce_logits takes targets y in \[0, 1\] .*, got {got}$"):
             bce_logits(np.zeros(2), np.array(y))
 
@@ -283,6 +284,27 @@ def test_sigmoid_readout_never_overflows():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         np.testing.assert_array_equal(sigmoid(np.array([-1e4, 0.0, 1e4])), [0.0, 0.5, 1.0])
+
+
+def test_every_task_takes_its_smallest_size_and_refuses_one_less():
+    from mdnumba.tasks import TASKS
+    for task in TASKS.values():
+        task.check_size(task.min_size)
+        with pytest.raises(ValueError, match=f"must be >= {task.min_size}, got {task.min_size - 1}$"):
+            task.check_size(task.min_size - 1)
+
+
+def test_stacks_of_neighbouring_seeds_share_no_layer():
+    """Layer k > 0 of seed s must not start with layer 0's weights of seed s + k (as ``seed + k``
+    would give): a sweep over consecutive seeds would train correlated models."""
+    from mdnumba.stack import mdlstm_stack
+    stacks = [mdlstm_stack(2, 3, 3, layers=3, seed=s, dtype=np.float64) for s in range(3)]
+    layers = [(s, k, stage.params.data) for s, stack in enumerate(stacks)
+              for k, stage in enumerate(stack.stages)]
+    assert all(a.shape == layers[0][2].shape for _, _, a in layers)  # else the check below is void
+    for i, (s, k, a) in enumerate(layers):
+        for t, m, b in layers[i + 1:]:
+            assert not np.array_equal(a, b), ((s, k), (t, m))
 
 
 def test_task_layouts_describe_their_batches(rng):

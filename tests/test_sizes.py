@@ -133,10 +133,14 @@ def test_pad_batch_refusals(items, kw, error, match):
 
 
 def test_full_sizes_are_no_sizes(rng):
-    """Items that all fill the grid take the usual tables; 1D takes lengths (B,)."""
+    """Items that all fill the grid take the usual tables (no padding: the final state is there, as
+    it is not after a padded forward); 1D takes lengths (B,)."""
     layer = LSTM1D(2, 3, directions=2, seed=1, dtype=np.float64)
     x = rng.standard_normal((3, 5, 2))
     np.testing.assert_array_equal(layer.forward(x, sizes=[5, 5, 5]), layer.forward(x))
+    for save in (True, False):
+        layer.forward(x, sizes=[5, 5, 5], save=save)
+        layer.final_state()
     np.testing.assert_array_equal(layer.forward(x, sizes=np.array([[5], [2], [3]])),
                                   layer.forward(x, sizes=(5, 2, 3)))
     skew, unskew = direction_tables((5,), 3, 2, ((5,), (2,), (3,)))
