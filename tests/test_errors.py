@@ -1142,6 +1142,19 @@ def test_unsigned_sizes_pass_a_subsampling_stack():
         BlockSubsample(2).out_sizes(np.array([[2 ** 64 - 1, 3]], np.uint64))
 
 
+def test_a_layout_beyond_int64_or_of_another_size_is_refused():
+    """A parameter count past int64 is refused, not wrapped round to a small one; a flat buffer
+    that is longer or shorter than its layout is refused (spare values the optimiser would
+    update, or numpy's reshape error)."""
+    from mdnumba.params import ParamBuffer, ParamLayout
+    with pytest.raises(ValueError, match="parameters .* cannot be allocated"):
+        ParamLayout({"U": (2 ** 32, 5, 2 ** 32)})  # 5 * 2**64: an int64 product wraps to 0
+    layout = ParamLayout({"W": (2, 3), "b": (3,)})
+    for n in (8, 10):
+        with pytest.raises(ValueError, match=rf"^flat buffer must have shape \(9,\), got \({n},\)$"):
+            ParamBuffer(layout, np.zeros(n))
+
+
 def test_a_huge_ndim_is_refused_at_once():
     """2**ndim (directions) and block**ndim (channels) of a huge ndim took Python forever (memory
     growing) before any size was checked."""

@@ -284,6 +284,9 @@ def test_flat_vectors_are_new_arrays_in_the_optimisers_order():
     np.testing.assert_array_equal(theta, np.concatenate([p for p, _ in opt.buffers]))
     np.testing.assert_array_equal(grad, np.concatenate([g for _, g in opt.buffers]).astype(np.float32))
     assert params_to_vector(net.layers[1]).dtype == np.float32
+    for one in (params_to_vector(net.layers[1]), grads_to_vector(net.layers[1])):  # one buffer: a copy too
+        assert not np.shares_memory(one, net.layers[1].params.data)
+        assert not np.shares_memory(one, net.layers[1].grads.data)
     net.zero_grad()
     assert np.abs(grad).sum() > 0 and not np.shares_memory(theta, net.layers[0].params.data)
     n0 = net.layers[0].params.data.size

@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import signal
@@ -355,6 +356,15 @@ def test_a_checkpoint_copied_from_another_run_is_refused(tmp_path):
                        r"'stable' in config.json; hidden: 3 in checkpoint.npz, 2 in config.json\).*delete "
                        r"config.json and log.tsv"):
         Trainer.load(tmp_path / "b")
+    copy = tmp_path / "a" / "config.json"
+    own = copy.read_text()
+    for key, value in (("seed", 7), ("batch", 2), ("dtype", "float64"), ("optimizer", "rmsprop")):
+        meta = json.loads(own)  # each setting that makes a run another is compared, not only some
+        meta["config"][key] = value
+        copy.write_text(json.dumps(meta))
+        with pytest.raises(CheckpointError, match=rf"belong to different runs \({key}: "):
+            Trainer.load(tmp_path / "a")
+    copy.write_text(own)
     for unreadable in ('{"config": [1]}', "{", ""):  # ignored: the next save rewrites it
         (tmp_path / "b" / "config.json").write_text(unreadable)
         assert Trainer.load(tmp_path / "b").cfg.hidden == 3
@@ -469,6 +479,19 @@ def test_non_finite_gradients_name_the_step_the_kept_checkpoint_and_unused_remed
         tr.run()
 
 
+def test_save_refuses_non_finite_weights_and_keeps_the_last_checkpoint(tmp_path):
+    """The device trainer's update is not refused as the CPU optimiser's is: the save's own check
+    keeps the last good checkpoint (one of infinite weights would load as damaged)."""
+    tr = make_trainer(TrainConfig(steps=2, **KW), tmp_path)
+    tr.run()
+    good = (tmp_path / "checkpoint.npz").read_bytes()
+    tr.model.layers[0].params.data[0] = np.inf  # what an overflowing device update leaves
+    with pytest.raises(FloatingPointError, match=r"^the weights became NaN or infinite at step 2 "
+                                                 r"\(the checkpoint of step 2 is kept\)"):
+        tr.save()
+    assert (tmp_path / "checkpoint.npz").read_bytes() == good and Trainer.load(tmp_path).step == 2
+
+
 def test_a_resumed_run_knows_its_checkpoint_is_kept(tmp_path, monkeypatch):
     """After --resume, divergence at the first new step names the loaded checkpoint as kept."""
     make_trainer(TrainConfig(steps=2, **KW), tmp_path).run()
@@ -558,9 +581,14 @@ def test_checkpoint_files_are_atomic_typed_and_get_the_umasks_mode(tmp_path):
     with pytest.raises(ZeroDivisionError):
         atomic_write_bytes(target, lambda fh: (fh.write(b"half"), 1 / 0))
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["file.bin"]
-    np.savez(tmp_path / CHECKPOINT, meta=np.array('{"format": "someone-else-1"}'))  # a foreign .npz
-    with pytest.raises(CheckpointError, match="not an mdnumba-checkpoint-1 file"):
-        load_checkpoint(tmp_path)
+    for meta, said in (('{"format": "someone-else-1"}', "'someone-else-1'"), ('{"step": 1}', "None")):
+        np.savez(tmp_path / CHECKPOINT, meta=np.array(meta))  # a foreign .npz, or one without a format
+        with pytest.raises(CheckpointError, match=rf"not an mdnumba-checkpoint-1 file \(format={said}\)"):
+            load_checkpoint(tmp_path)
+    for content in (b"", b"hello", b"\x93NUMPY"):  # empty, text, a .npy's start: said so, not numpy's words
+        (tmp_path / CHECKPOINT).write_bytes(content)
+        with pytest.raises(CheckpointError, match=r"is corrupt or not a checkpoint \(not an \.npz archive\)"):
+            load_checkpoint(tmp_path)
     old = os.umask(0o002)
     try:
         save_checkpoint(tmp_path, {"a": np.zeros(2)}, {"step": 1})
