@@ -2094,6 +2094,22 @@ def sim_device_divergence_and_ctrl_c_across_a_curriculum_switch(tmp_path, monkey
     assert back.step == 4 and back.rng.bit_generator.state == cpu.rng.bit_generator.state
 
 
+def sim_device_save_keeps_the_last_checkpoint_when_the_weights_overflow(tmp_path):
+    """The device optimiser's update is not refused as the CPU one's is: the save's own check
+    keeps the last good checkpoint (one of infinite weights would load as damaged)."""
+    from mdnumba.train import TrainConfig, Trainer, make_trainer
+    tr = make_trainer(TrainConfig(steps=1, size=4, batch=2, hidden=2, dtype="float64", device="cuda"),
+                      tmp_path)
+    tr.run()
+    good = (tmp_path / "checkpoint.npz").read_bytes()
+    layer = tr.model.layers[0]
+    layer.params.copy_to_device(np.full(layer.params.shape, np.inf))  # what an overflowing update leaves
+    with pytest.raises(FloatingPointError, match=r"^the weights became NaN or infinite at step 1 "
+                                                 r"\(the checkpoint of step 1 is kept\)"):
+        tr.save()
+    assert (tmp_path / "checkpoint.npz").read_bytes() == good and Trainer.load(tmp_path).step == 1
+
+
 @pytest.mark.parametrize("loss,dtype,rtol", [("bce", np.float64, 1e-12), ("mse", np.float32, 1e-5)])
 def sim_optim_kernels_match_cpu(loss, dtype, rtol, rng):
     """Device loss == mdnumba.losses; CudaRMSprop == RMSprop on a ``dtype`` layer (float32 in the
