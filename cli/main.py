@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from mdnumba.checkpoint import TRAIN_COMMAND, CheckpointError
+from mdnumba.checkpoint import TRAIN_COMMAND, CheckpointError, MissingCheckpointError
 from mdnumba.info import collect_info
 from mdnumba.kernel_cache import FirstCompile
 from mdnumba.kernels.cell import CELLS
@@ -683,9 +683,11 @@ def sample(run: Path, length: int, temperature: float, prime: str, seed: int, de
         for piece in pieces:  # as they come: a long --length shows its progress
             click.echo(piece, nl=False)
         click.echo()
-    except CheckpointError as exc:  # a run to train first: a char-lm one
-        char_lm = f"`{TRAIN_COMMAND} --task char-lm --model grid --data FILE --out"
-        raise click.ClickException(str(exc).replace(f"`{TRAIN_COMMAND} --out", char_lm)) from None
+    except MissingCheckpointError as exc:  # a run to train first: a char-lm one
+        raise click.ClickException(str(exc.suggesting(f"{TRAIN_COMMAND} --task char-lm --model grid "
+                                                      "--data FILE"))) from None
+    except CheckpointError as exc:
+        raise click.ClickException(str(exc)) from None
     except (CorpusError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
 

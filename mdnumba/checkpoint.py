@@ -192,24 +192,40 @@ def save_checkpoint(folder: Path, arrays: dict[str, np.ndarray], meta: dict) -> 
     return folder / CHECKPOINT
 
 
-#: the command :func:`_missing_hint` suggests for training (a command that needs a char-lm run
-#: names the options of one after it: ``mdnumba sample``)
+#: the command :class:`MissingCheckpointError` suggests for training, by default
 TRAIN_COMMAND = "mdnumba train"
 
 
-def _missing_hint(folder: Path) -> str:
+class MissingCheckpointError(CheckpointError):
+    """A run folder without a checkpoint; the message says what to do, with ``train`` the command
+    it suggests for training (:meth:`suggesting` another: ``mdnumba sample`` needs a char-lm run)."""
+
+    def __init__(self, folder: Path, train: str = TRAIN_COMMAND):
+        self.folder, self.train = Path(folder), train
+        super().__init__(f"no checkpoint at {self.folder / CHECKPOINT}; {_missing_hint(self.folder, train)}")
+
+    def __reduce__(self) -> tuple:  # pickled (e.g. from a worker process) with its arguments, not its text
+        return type(self), (self.folder, self.train)
+
+    def suggesting(self, train: str) -> MissingCheckpointError:
+        """The same error, with ``train`` as the command it suggests."""
+        return MissingCheckpointError(self.folder, train)
+
+
+def _missing_hint(folder: Path, train: str) -> str:
     """What to do about a folder without a checkpoint: open the runs inside it (a ``compare``
-    folder), put a moved checkpoint back (a run's ``config.json`` is there), or train there
-    (``--overwrite`` if a run's files that training refuses to write over are there)."""
+    folder), put a moved checkpoint back (a run's ``config.json`` is there), or train there with
+    the command ``train`` (``--overwrite`` if a run's files that training refuses to write over
+    are there)."""
     from .train import PLOTS, RUN_FILES  # it imports this module
     runs = sorted(p.parent.name for p in folder.glob(f"*/{CHECKPOINT}")) if folder.is_dir() else []
     if runs:
         return f"it holds runs in its sub-folders {', '.join(runs)}: give one, e.g. {folder / runs[0]}"
     if (folder / CONFIG_JSON).is_file():  # a run's files without its checkpoint: moved away?
-        return (f"if it was moved, put it back; `{TRAIN_COMMAND} --out {folder} --overwrite` starts "
+        return (f"if it was moved, put it back; `{train} --out {folder} --overwrite` starts "
                 "a new run there instead, replacing this one's config.json and log")
     leftover = any((folder / name).exists() for name in RUN_FILES + PLOTS)
-    return f"train first with `{TRAIN_COMMAND} --out {folder}{' --overwrite' if leftover else ''}`"
+    return f"train first with `{train} --out {folder}{' --overwrite' if leftover else ''}`"
 
 
 def read_error_text(exc: Exception) -> str:
@@ -234,7 +250,7 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, np.ndarray], dict]:
         raise CheckpointError(f"{path} is a folder (or another non-file), not a checkpoint; move it "
                               "away or use another run folder")
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}; {_missing_hint(Path(folder))}")
+        raise MissingCheckpointError(folder)
     try:
         open(path, "rb").close()  # is_zipfile says False for a file it cannot read: not "corrupt"
     except OSError as exc:

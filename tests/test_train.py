@@ -479,6 +479,21 @@ def test_non_finite_gradients_name_the_step_the_kept_checkpoint_and_unused_remed
         tr.run()
 
 
+def test_a_missing_checkpoint_says_what_to_train_and_pickles_whole(tmp_path):
+    """The error names the folder and the command to train there (another one on request, as
+    ``mdnumba sample`` asks a char-lm run), and survives a trip between processes."""
+    import pickle
+
+    from mdnumba.checkpoint import MissingCheckpointError
+    with pytest.raises(MissingCheckpointError) as err:
+        load_checkpoint(tmp_path)
+    assert err.value.folder == tmp_path and str(err.value) == (
+        f"no checkpoint at {tmp_path / 'checkpoint.npz'}; train first with `mdnumba train --out {tmp_path}`")
+    again = pickle.loads(pickle.dumps(err.value.suggesting("mdnumba train --task char-lm")))
+    assert isinstance(again, MissingCheckpointError) and again.folder == tmp_path
+    assert str(again).endswith(f"train first with `mdnumba train --task char-lm --out {tmp_path}`")
+
+
 def test_save_refuses_non_finite_weights_and_keeps_the_last_checkpoint(tmp_path):
     """The device trainer's update is not refused as the CPU optimiser's is: the save's own check
     keeps the last good checkpoint (one of infinite weights would load as damaged)."""
