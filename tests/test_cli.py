@@ -39,6 +39,18 @@ def test_info(runner):
     assert f"cpu register tiles: {config.VECTOR_BYTES}-byte vectors" in res.output
 
 
+def test_info_says_when_the_cuda_sweeps_skip_a_stage(monkeypatch):
+    """``mdnumba info`` is where MDNUMBA_CUDA_SKIP (a timing diagnostic: wrong results) shows."""
+    from mdnumba import config, info
+    monkeypatch.setattr(config, "CUDA_SKIP", ("sum", "cell"))
+    assert info.cuda_sweep_settings().endswith(
+        "; DIAGNOSTIC: the sweeps skip sum and cell, their results are wrong (MDNUMBA_CUDA_SKIP)")
+    monkeypatch.setattr(config, "CUDA_SKIP", ())
+    assert "DIAGNOSTIC" not in info.cuda_sweep_settings()
+    from mdnumba.memory import format_bytes  # the unit info and the memory checks write sizes in
+    assert (format_bytes(2**30), format_bytes(2**30 - 2**20)) == ("1.0 GiB", "1023 MiB")
+
+
 def test_train_writes_log_and_checkpoint(runner, tmp_path):
     res = train(runner, tmp_path / "run")
     assert res.exit_code == 0, res.output

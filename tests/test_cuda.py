@@ -2509,6 +2509,81 @@ def sim_device_char_lm_trainer_checkpoints(small_text, tmp_path, monkeypatch):
     _assert_same_run(cpu, back)
 
 
+def sim_device_char_lm_run_extended_by_resume_logs_what_one_run_would(small_text, tmp_path, monkeypatch):
+    """As test_charlm.py's CPU case, on the device trainer: the last step's fresh validation is
+    neither carried on nor saved. 6 steps in one run validate at 1, 3, 6; 4 steps resumed to 6
+    log the same validation columns but for the row of step 4, where the first run ended (row 5
+    carries step 3's validation, not step 4's)."""
+    from mdnumba.train import Trainer, make_trainer
+    from mdnumba.train_charlm import CharLMTrainer
+    monkeypatch.setattr(CharLMTrainer, "EVAL_EVERY", 3)
+
+    def val_columns(run):
+        rows = [line.split("\t") for line in (run / "log.tsv").read_text().splitlines()]
+        return [[r[0]] + [v for name, v in zip(rows[0], r) if name.startswith("val")] for r in rows]
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+    make_trainer(_char_lm_config(small_text, "cuda", steps=6), tmp_path / "one").run()
+    make_trainer(_char_lm_config(small_text, "cuda", steps=4), tmp_path / "two").run()
+    Trainer.load(tmp_path / "two", steps=6).run()
+    one, two = val_columns(tmp_path / "one"), val_columns(tmp_path / "two")
+    assert [r[0] for r in two] == [r[0] for r in one] and two[4] != one[4]
+    assert two[:4] + two[5:] == one[:4] + one[5:]
+
+
+def sim_device_char_lm_stops_when_the_gradients_overflow(small_text):
+    """A device char-LM step whose gradient norm is not finite (the loss finite) stops the run
+    with the CPU trainer's message; the device optimiser skips such an update silently, so
+    without the check the run went on with its steps lost."""
+    from mdnumba.train import make_trainer
+    tr = make_trainer(_char_lm_config(small_text, "cuda", steps=2))
+    tr.model.grads.copy_to_device(np.full(tr.model.grads.shape, np.inf))  # backward adds to them
+    with pytest.raises(FloatingPointError, match="the gradients became NaN or infinite at step 1"):
+        tr.run()
+
+
+def sim_device_models_refuse_backward_after_save_false_before_any_gradient(rng):
+    """DeviceModel and DeviceCharLM refuse backward after a forward with save=False before any
+    layer adds a gradient (the readout / head ran its backward before a recurrent layer
+    refused: their gradients took a step's worth from the refused call)."""
+    from mdnumba.charlm import CharLM
+    from mdnumba.models import build_model
+    from mdnumba.train_charlm_device import DeviceCharLM
+    from mdnumba.train_device import DeviceModel
+    model = DeviceModel(build_model("md", hidden=2, dtype=np.float64, seed=1))
+    x = rng.random((1, 3, 3, 1))
+    model.forward(x, save=False)
+    before = model.grads.copy_to_host()
+    with pytest.raises(RuntimeError, match="save=False"):
+        model.backward(np.ones((1, 3, 3, 1)))
+    np.testing.assert_array_equal(model.grads.copy_to_host(), before)
+    lm = DeviceCharLM(CharLM("stacked", vocab=5, hidden=2, layers=1, dtype=np.float64))
+    lm.forward(np.array([[1, 2, 3]]), save=False)
+    before = lm.grads.copy_to_host()
+    with pytest.raises(RuntimeError, match="save=False"):
+        lm.backward(rng.standard_normal((1, 3, 5)))
+    np.testing.assert_array_equal(lm.grads.copy_to_host(), before)
+
+
+def sim_grid_lstm_device_layer_takes_a_larger_batch_after_a_smaller(rng):
+    """CudaGridLSTM's bias gradients sum over a column of ones kept between calls: a backward of
+    more rows than the one before (a larger batch or a longer window) equals the CPU layer's
+    (a kept column of the old size failed with 'gemm shapes do not match')."""
+    from mdnumba.backend_cuda import CudaGridLSTM
+    from mdnumba.layers import GridLSTM2D
+    for tied in (True, False):
+        cpu = GridLSTM2D(2, 2, seed=2, dtype=np.float64, tied=tied)
+        dev = CudaGridLSTM.from_layer(cpu)
+        for B, T in ((1, 2), (2, 3), (1, 2)):
+            x, dh = rng.standard_normal((B, T, 2)), rng.standard_normal((B, T, 2))
+            cpu.zero_grad()
+            dev.zero_grad()
+            cpu.forward(x)
+            dev.forward(x)
+            np.testing.assert_allclose(dev.backward(dh), cpu.backward(dh), rtol=1e-12, atol=1e-13)
+            np.testing.assert_allclose(dev.grads_to_host(), cpu.grads.data, rtol=1e-12, atol=1e-13)
+
+
 def sim_device_char_lm_refuses_what_the_host_model_refuses(rng):
     """DeviceCharLM: backward before a forward or after one with save=False, ids out of the
     vocabulary or of another shape, seeds that are not one per dropout, dlogits of another
