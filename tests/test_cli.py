@@ -127,7 +127,8 @@ def test_predict_refusals(runner, tmp_path, monkeypatch):
     bad_nan = x.copy()
     bad_nan[0, 1, 1, 0] = np.nan
     files = {"x3.npy": x[..., 0], "x2c.npy": np.concatenate([x, x], -1), "nan.npy": bad_nan,
-             "obj.npy": np.array([1, "a"], dtype=object), "empty.npy": x[:0]}
+             "obj.npy": np.array([1, "a"], dtype=object), "empty.npy": x[:0],
+             "s.npy": np.full((1, 4, 4, 1), "a"), "c.npy": np.zeros((1, 4, 4, 1), complex)}
     for name, arr in files.items():
         np.save(tmp_path / name, arr, allow_pickle=True)
     np.savez(tmp_path / "a.npz", x=x)
@@ -148,6 +149,8 @@ def test_predict_refusals(runner, tmp_path, monkeypatch):
             ([run, "damaged.npy"], "is not a readable .npy array of numbers (an array header does not "
                                    "parse: TokenError)"),
             ([run, "empty.npy"], "INPUT has an empty axis"),
+            ([run, "s.npy"], "INPUT must hold floating-point values"),  # loads without pickles
+            ([run, "c.npy"], "INPUT must hold floating-point values"),
             ([run, "a.npz"], "is an .npz archive (arrays x); save the one to predict on"),
             ([run, "missing.npy"], "File 'missing.npy' does not exist"),
             ([run, "x.npy", "--batch", "0"], "--batch"),
@@ -187,6 +190,151 @@ def test_evaluate_takes_20_batches_by_default(runner, tmp_path):
     assert outs[0] == outs[1] != outs[2], outs
 
 
+def test_predict_failing_write_keeps_the_old_out(runner, tmp_path, monkeypatch):
+    """--out is written atomically: a write that fails (a full disk) leaves the old file whole."""
+    assert train(runner, tmp_path / "run").exit_code == 0
+    np.save(tmp_path / "x.npy", np.zeros((1, 4, 4, 1), np.float32))
+    out = tmp_path / "p.npy"
+    np.save(out, np.arange(3.0))
+    before = out.read_bytes()
+
+    def partial(file, arr, *a, **kw):  # starts writing, then the disk is full
+        fh = open(file, "wb") if isinstance(file, (str, bytes)) or hasattr(file, "__fspath__") else file
+        fh.write(b"\x93NUMPY")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(np, "save", partial)
+    res = runner.invoke(main, ["predict", str(tmp_path / "run"), str(tmp_path / "x.npy"), "--out", str(out),
+                               "--overwrite"])
+    assert res.exit_code == 1 and "cannot write --out" in res.output, res.output
+    assert out.read_bytes() == before
+
+
+def test_predict_batch_reaches_the_forward(runner, tmp_path, monkeypatch, trained_run):
+    """--batch 2 runs 5 inputs as 2, 2 and 1 (it bounds predict's memory)."""
+    from mdnumba.train import Trainer
+    np.save(tmp_path / "x.npy", np.zeros((5, 4, 4, 1), np.float32))
+    layer = type(Trainer.load(trained_run).model)
+    seen, real = [], layer.forward
+    monkeypatch.setattr(layer, "forward",
+                        lambda self, x, *a, **kw: seen.append(len(x)) or real(self, x, *a, **kw))
+    res = runner.invoke(main, ["predict", str(trained_run), str(tmp_path / "x.npy"), "--out",
+                               str(tmp_path / "p.npy"), "--batch", "2"])
+    assert res.exit_code == 0, res.output
+    assert seen == [2, 2, 1]
+
+
+def _metrics(output: str) -> dict:
+    """``name: value`` lines of a command's output."""
+    return dict(re.findall(r"^ *(\w+): (\S+)$", output, re.M))
+
+
+def test_evaluate_by_default_reproduces_trains_closing_metrics(runner, tmp_path):
+    """Same seed (EVAL_SEED) as train's closing evaluation: same batches, same numbers."""
+    res = train(runner, tmp_path / "run")
+    assert res.exit_code == 0, res.output
+    closing = _metrics(res.output)
+    assert set(closing) == {"loss", "relevant_loss", "second_x_acc"}, res.output
+    ev = runner.invoke(main, ["evaluate", str(tmp_path / "run"), "--batches", "5"])
+    assert ev.exit_code == 0 and _metrics(ev.output) == closing, (res.output, ev.output)
+
+
+def test_sample_of_a_run_that_is_not_char_lm_is_a_message(runner, trained_run):
+    res = runner.invoke(main, ["sample", str(trained_run), "--length", "5"])
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit), res.output
+    assert "holds a diagonal run; sample needs a char-lm run" in res.output
+
+
+def test_bench_passes_every_option_to_the_layer(runner, monkeypatch):
+    import mdnumba.microbench as microbench
+    seen, real = [], microbench.bench_layer
+    monkeypatch.setattr(microbench, "bench_layer", lambda *a, **kw: seen.append((a, kw)) or real(*a, **kw))
+    res = runner.invoke(main, ["bench", "--model", "md3d", "--size", "2", "--batch", "1", "--hidden", "2",
+                               "--channels", "3", "--cell", "stable", "--dtype", "float64", "--repeats", "2"])
+    assert res.exit_code == 0, res.output
+    assert seen == [((3, 2), dict(batch=1, hidden=2, channels=3, directions=1, cell="stable",
+                                  dtype="float64", device="cpu", repeats=2))]
+
+
+def test_a_refused_overwrite_keeps_the_old_run(runner, tmp_path, monkeypatch):
+    """--overwrite removes the old run only once the new one is sure to start: a run refused
+    (here: its step does not fit in memory) leaves the old one as it was."""
+    import mdnumba.memory
+    run = tmp_path / "run"
+    assert train(runner, run).exit_code == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    monkeypatch.setattr(mdnumba.memory, "available_memory", lambda: 0)
+    res = train(runner, run, "--overwrite", "--hidden", "64")
+    assert res.exit_code == 1 and "out of memory" in res.output, res.output
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_a_closed_stdout_ends_a_command_quietly_with_status_1(runner, monkeypatch):
+    """`mdnumba info | head -1`: no traceback, and a failing status (the output was cut)."""
+    import mdnumba.cli.main as cli
+
+    def gone():
+        raise BrokenPipeError(32, "Broken pipe")
+    monkeypatch.setattr(cli, "collect_info", gone)
+    res = runner.invoke(main, ["info"])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.exception
+
+
+def test_an_interrupt_before_the_first_checkpoint_says_none_was_saved(runner, tmp_path, monkeypatch):
+    from mdnumba.train import Trainer
+
+    def interrupted(self, progress=None):
+        self.step = 2
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Trainer, "run", interrupted)
+    res = train(runner, tmp_path / "run")
+    assert res.exit_code == 1, res.output
+    assert "interrupted at step 2; no checkpoint was saved yet" in res.output and "--resume" not in res.output
+
+
+def test_predict_out_of_memory_names_predicts_own_options(runner, tmp_path, monkeypatch, trained_run):
+    """Its advice names predict's options, not train's (--hidden, --size)."""
+    from mdnumba.train import Trainer
+    np.save(tmp_path / "x.npy", np.zeros((1, 4, 4, 1), np.float32))
+
+    def oom(self, *a, **kw):
+        raise MemoryError("Unable to allocate 9.00 GiB")
+    monkeypatch.setattr(Trainer, "predict", oom)
+    res = runner.invoke(main, ["predict", str(trained_run), str(tmp_path / "x.npy"), "--out",
+                               str(tmp_path / "p.npy")])
+    assert res.exit_code == 1 and "out of memory (Unable to allocate 9.00 GiB); use a smaller INPUT or " \
+        "--batch" in res.output, res.output
+
+
+def test_a_resume_without_matplotlib_trains_and_skips_its_plots(runner, tmp_path, monkeypatch):
+    """The warning says the plots will not be redrawn: the run must not then fail drawing them."""
+    import mdnumba.plotting
+    run = tmp_path / "run"
+    assert train(runner, run, "--plot").exit_code == 0
+    monkeypatch.setattr(mdnumba.plotting, "matplotlib_problem",
+                        lambda: "needs matplotlib: pip install 'mdnumba[plot]'")
+    res = runner.invoke(main, ["train", "--resume", str(run), "--steps", "7"])
+    assert res.exit_code == 0 and "will not be redrawn" in res.output and "plots:" not in res.output, \
+        res.output
+    assert json.loads((run / "config.json").read_text())["step"] == 7
+
+
+def test_a_resume_whose_log_cannot_be_appended_is_refused_before_training(runner, tmp_path, monkeypatch):
+    import pathlib
+    run = tmp_path / "run"
+    assert train(runner, run).exit_code == 0
+    real = pathlib.Path.open
+
+    def read_only_log(self, mode="r", *a, **kw):
+        if self.name == "log.tsv" and "a" in mode:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, mode, *a, **kw)
+    monkeypatch.setattr(pathlib.Path, "open", read_only_log)
+    res = runner.invoke(main, ["train", "--resume", str(run), "--steps", "9"])
+    assert res.exit_code == 2 and f"{run / 'log.tsv'} is not writable (Permission denied); fix its " \
+        "permissions" in " ".join(res.output.split()), res.output
+    assert json.loads((run / "config.json").read_text())["step"] == 6
+
+
 def test_gpu_run_without_gpu_says_use_device_cpu(runner, tmp_path):
     """A run trained with --device cuda, reopened where CUDA is unusable, names the fix;
     --device cpu evaluates and resumes it on the CPU."""
@@ -208,6 +356,20 @@ def test_gpu_run_without_gpu_says_use_device_cpu(runner, tmp_path):
     res = runner.invoke(main, ["train", "--resume", str(run), "--steps", "8", "--device", "cpu"])
     assert res.exit_code == 0 and "resuming" in res.output, res.output
     assert load_checkpoint(run)[1]["step"] == 8
+    np.save(tmp_path / "x.npy", np.zeros((1, 4, 4, 1), np.float32))
+    res = runner.invoke(main, ["predict", str(run), str(tmp_path / "x.npy"), "--out", str(tmp_path / "p.npy"),
+                               "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    (tmp_path / "t.txt").write_text("hello world, " * 40)
+    lm = tmp_path / "lm"
+    assert runner.invoke(main, ["train", "--task", "char-lm", "--model", "stacked", "--data",
+                                str(tmp_path / "t.txt"), "--hidden", "4", "--seq-len", "8", "--batch", "2",
+                                "--steps", "2", "--out", str(lm)]).exit_code == 0
+    arrays, meta = load_checkpoint(lm)
+    meta["config"]["device"] = "cuda"
+    save_checkpoint(lm, arrays, meta)
+    res = runner.invoke(main, ["sample", str(lm), "--length", "5", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
 
 
 def test_corrupt_checkpoint_is_reported_and_kept(runner, tmp_path):
