@@ -190,9 +190,8 @@ def test_evaluate_takes_20_batches_by_default(runner, tmp_path):
     assert outs[0] == outs[1] != outs[2], outs
 
 
-def test_predict_failing_write_keeps_the_old_out(runner, tmp_path, monkeypatch):
+def test_predict_failing_write_keeps_the_old_out(runner, tmp_path, monkeypatch, trained_run):
     """--out is written atomically: a write that fails (a full disk) leaves the old file whole."""
-    assert train(runner, tmp_path / "run").exit_code == 0
     np.save(tmp_path / "x.npy", np.zeros((1, 4, 4, 1), np.float32))
     out = tmp_path / "p.npy"
     np.save(out, np.arange(3.0))
@@ -203,7 +202,7 @@ def test_predict_failing_write_keeps_the_old_out(runner, tmp_path, monkeypatch):
         fh.write(b"\x93NUMPY")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(np, "save", partial)
-    res = runner.invoke(main, ["predict", str(tmp_path / "run"), str(tmp_path / "x.npy"), "--out", str(out),
+    res = runner.invoke(main, ["predict", str(trained_run), str(tmp_path / "x.npy"), "--out", str(out),
                                "--overwrite"])
     assert res.exit_code == 1 and "cannot write --out" in res.output, res.output
     assert out.read_bytes() == before
@@ -342,11 +341,14 @@ def test_gpu_run_without_gpu_says_use_device_cpu(runner, tmp_path):
     from mdnumba.checkpoint import load_checkpoint, save_checkpoint
     if cuda_available():
         pytest.skip("CUDA is usable here")
+
+    def as_if_trained_on_cuda(folder):
+        arrays, meta = load_checkpoint(folder)
+        meta["config"]["device"] = "cuda"
+        save_checkpoint(folder, arrays, meta)
     run = tmp_path / "run"
     assert train(runner, run).exit_code == 0
-    arrays, meta = load_checkpoint(run)
-    meta["config"]["device"] = "cuda"
-    save_checkpoint(run, arrays, meta)
+    as_if_trained_on_cuda(run)
     for args in (["evaluate", str(run)], ["train", "--resume", str(run), "--steps", "8"]):
         res = runner.invoke(main, args)
         assert res.exit_code == 2, res.output
@@ -365,9 +367,7 @@ def test_gpu_run_without_gpu_says_use_device_cpu(runner, tmp_path):
     assert runner.invoke(main, ["train", "--task", "char-lm", "--model", "stacked", "--data",
                                 str(tmp_path / "t.txt"), "--hidden", "4", "--seq-len", "8", "--batch", "2",
                                 "--steps", "2", "--out", str(lm)]).exit_code == 0
-    arrays, meta = load_checkpoint(lm)
-    meta["config"]["device"] = "cuda"
-    save_checkpoint(lm, arrays, meta)
+    as_if_trained_on_cuda(lm)
     res = runner.invoke(main, ["sample", str(lm), "--length", "5", "--device", "cpu"])
     assert res.exit_code == 0, res.output
 
