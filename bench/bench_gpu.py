@@ -917,10 +917,29 @@ def _device_path(res: dict, key: str, path: str, layout: str | None, name: str, 
     gc.collect()
 
 
+def item_misfit(cfg: Config) -> str:
+    """Why the item layout would run a sweep of ``cfg`` flat (its weights and tiles past the shared
+    memory a block can have: at D = 128 in float32, or 128x128 at D = 64), or "" where both fit."""
+    from mdnumba.grid import wavefront
+    from mdnumba.kernels.wavefront_cuda import _plan_items
+    diag_off = np.array(wavefront((cfg.H, cfg.W)).diag_off)
+    for sweep in ("forward", "backward"):
+        why = _plan_items(sweep, 1, 2, cfg.D, diag_off, np.dtype(np.float32).itemsize)[1]
+        if why:
+            return f"its {sweep} sweep would run in the {why}"
+    return ""
+
+
 def _time_device_paths(res: dict, paths: list[tuple], x: np.ndarray, ref, budget: float) -> None:
-    """Time the device ``paths`` (entries of :data:`DEVICE_PATHS`) into ``res``, each watched."""
+    """Time the device ``paths`` (entries of :data:`DEVICE_PATHS`) into ``res``, each watched; not
+    the item layout where it does not fit (:func:`item_misfit`: it would time the flat layout
+    again, before PyTorch, in the minutes a GPU session has)."""
     for key, path, layout, name in paths:
         if not _starting(res, name):
+            continue
+        if layout == "item" and (why := item_misfit(res["cfg"])):
+            res["paths"].append(f"{name}: not timed: {why}")
+            print(f"  {res['cfg'].label} {res['paths'][-1]}", flush=True)
             continue
         try:
             with _watched(res, name, 2.0 if key == "hang" else PART_LIMIT_S):

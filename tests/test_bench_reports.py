@@ -82,6 +82,32 @@ def test_gpu_parts_that_broke_a_process_are_skipped_at_later_configs(monkeypatch
     assert second["paths"] == ["cooperative tensor: SKIPPED (it lost the CUDA context at 32x32 B64 D64)"]
 
 
+def test_gpu_item_layout_is_timed_only_where_it_fits(monkeypatch):
+    """The item layout's weights and tiles fit a block's shared memory at 32x32 D64 and not at
+    128x128 D64 or 256x256 D128 (an H100's 227 KiB): there it is not timed (it would time the
+    flat layout again, before PyTorch), and the report says why."""
+    from mdnumba.kernels import wavefront_cuda
+    monkeypatch.setattr(wavefront_cuda, "_item_shared_limit", lambda: 227 * 1024)
+    monkeypatch.setitem(bench_gpu._RUN, "broken", {})
+    timed = []
+
+    def time_path(res, key, *args):
+        timed.append((res["cfg"].label, key))
+        res["paths"].append(f"{key}: timed")
+    monkeypatch.setattr(bench_gpu, "_device_path", time_path)
+    item = [p for p in bench_gpu.DEVICE_PATHS if p[0] == "item"]
+    results = {c: bench_gpu.new_result(bench_gpu.parse_config(c)) for c in ("32", "128", "256")}
+    for res in results.values():
+        bench_gpu._time_device_paths(res, item, None, None, 1.0)
+    assert timed == [("32x32 B64 D64", "item")]
+    for c, sweep in (("128", "forward"), ("256", "forward")):
+        (line,) = results[c]["paths"]
+        assert line.startswith(f"item: not timed: its {sweep} sweep would run in the flat layout")
+        assert "over the 232448 B of shared memory" in line
+    assert bench_gpu.item_misfit(bench_gpu.parse_config("32")) == ""
+    assert "backward sweep" in bench_gpu.item_misfit(bench_gpu.parse_config("56x56x4x64"))
+
+
 def test_gpu_step_parts():
     """The default path's train step against its sweeps and weight-gradient GEMM timed alone, the
     rest what is left; a config without them has no row."""
