@@ -2511,24 +2511,24 @@ def sim_device_char_lm_trainer_checkpoints(small_text, tmp_path, monkeypatch):
 
 def sim_device_char_lm_run_extended_by_resume_logs_what_one_run_would(small_text, tmp_path, monkeypatch):
     """As test_charlm.py's CPU case, on the device trainer: the last step's fresh validation is
-    neither carried on nor saved. 6 steps in one run validate at 1, 3, 6; 4 steps resumed to 6
-    log the same validation columns but for the row of step 4, where the first run ended (row 5
-    carries step 3's validation, not step 4's)."""
+    neither carried on nor saved. 4 steps in one run validate at 1 and 4; 2 steps resumed to 4
+    log the same validation columns but for the row of step 2, where the first run ended (row 3
+    carries step 1's validation, not step 2's)."""
     from mdnumba.train import Trainer, make_trainer
     from mdnumba.train_charlm import CharLMTrainer
-    monkeypatch.setattr(CharLMTrainer, "EVAL_EVERY", 3)
+    monkeypatch.setattr(CharLMTrainer, "EVAL_EVERY", 4)
 
     def val_columns(run):
         rows = [line.split("\t") for line in (run / "log.tsv").read_text().splitlines()]
         return [[r[0]] + [v for name, v in zip(rows[0], r) if name.startswith("val")] for r in rows]
     for name in ("one", "two"):
         (tmp_path / name).mkdir()
-    make_trainer(_char_lm_config(small_text, "cuda", steps=6), tmp_path / "one").run()
-    make_trainer(_char_lm_config(small_text, "cuda", steps=4), tmp_path / "two").run()
-    Trainer.load(tmp_path / "two", steps=6).run()
+    make_trainer(_char_lm_config(small_text, "cuda", steps=4), tmp_path / "one").run()
+    make_trainer(_char_lm_config(small_text, "cuda", steps=2), tmp_path / "two").run()
+    Trainer.load(tmp_path / "two", steps=4).run()
     one, two = val_columns(tmp_path / "one"), val_columns(tmp_path / "two")
-    assert [r[0] for r in two] == [r[0] for r in one] and two[4] != one[4]
-    assert two[:4] + two[5:] == one[:4] + one[5:]
+    assert [r[0] for r in two] == [r[0] for r in one] and two[2] != one[2]
+    assert two[:2] + two[3:] == one[:2] + one[3:]
 
 
 def sim_device_char_lm_stops_when_the_gradients_overflow(small_text):
