@@ -420,7 +420,8 @@ def torch_fns(tb: TorchBaseline, cfg: Config, x: np.ndarray):
 #: the device paths timed side by side, in this order (but :data:`LATE_PATHS`'s after PyTorch): result
 #: key, sweep path, layout, label
 DEVICE_PATHS = [("coop", "cooperative", None, "cooperative"),
-                ("tensor", "cooperative", "tensor", "cooperative tensor"),  # measured early: a run may be cut
+                # measured early (a run may be cut), where the default path is not it (timed_elsewhere)
+                ("tensor", "cooperative", "tensor", "cooperative tensor"),
                 ("flat", "cooperative", "flat", "cooperative flat"),
                 ("sliced", "cooperative", "sliced", "cooperative sliced"),
                 ("staged", "cooperative", "staged", "cooperative staged"),
@@ -930,14 +931,27 @@ def item_misfit(cfg: Config) -> str:
     return ""
 
 
+def timed_elsewhere(cfg: Config, layout: str | None) -> str:
+    """Why the benchmark leaves the path of ``layout`` out at ``cfg`` (it would time the kernels of
+    another path again, before PyTorch, in the minutes a GPU session has), or "": the item layout
+    where it does not fit (:func:`item_misfit`), the tensor layout where the default layout runs
+    both sweeps in it (the "cooperative" column)."""
+    from mdnumba.kernels import wavefront_cuda as k
+    if layout == "item":
+        return item_misfit(cfg)
+    if layout == "tensor" and k.DEFAULT_LAYOUT == "auto" and all(
+            k._auto_takes_tensor(sweep, np.float32, 2, cfg.D) for sweep in ("forward", "backward")):
+        return "the default layout (auto) runs both sweeps in the tensor layout at this size (cooperative)"
+    return ""
+
+
 def _time_device_paths(res: dict, paths: list[tuple], x: np.ndarray, ref, budget: float) -> None:
-    """Time the device ``paths`` (entries of :data:`DEVICE_PATHS`) into ``res``, each watched; not
-    the item layout where it does not fit (:func:`item_misfit`: it would time the flat layout
-    again, before PyTorch, in the minutes a GPU session has)."""
+    """Time the device ``paths`` (entries of :data:`DEVICE_PATHS`) into ``res``, each watched, but
+    those :func:`timed_elsewhere`."""
     for key, path, layout, name in paths:
         if not _starting(res, name):
             continue
-        if layout == "item" and (why := item_misfit(res["cfg"])):
+        if why := timed_elsewhere(res["cfg"], layout):
             res["paths"].append(f"{name}: not timed: {why}")
             print(f"  {res['cfg'].label} {res['paths'][-1]}", flush=True)
             continue

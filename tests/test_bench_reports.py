@@ -82,12 +82,14 @@ def test_gpu_parts_that_broke_a_process_are_skipped_at_later_configs(monkeypatch
     assert second["paths"] == ["cooperative tensor: SKIPPED (it lost the CUDA context at 32x32 B64 D64)"]
 
 
-def test_gpu_item_layout_is_timed_only_where_it_fits(monkeypatch):
+def test_gpu_paths_are_not_timed_twice(monkeypatch):
     """The item layout's weights and tiles fit a block's shared memory at 32x32 D64 and not at
-    128x128 D64 or 256x256 D128 (an H100's 227 KiB): there it is not timed (it would time the
-    flat layout again, before PyTorch), and the report says why."""
+    128x128 D64 or 256x256 D128 (an H100's 227 KiB); the default layout (auto) runs both sweeps in
+    the tensor layout at D >= 64. There the item and tensor paths are not timed (they would time
+    the flat layout or the default path again, before PyTorch), and the report says why."""
     from mdnumba.kernels import wavefront_cuda
     monkeypatch.setattr(wavefront_cuda, "_item_shared_limit", lambda: 227 * 1024)
+    monkeypatch.setattr(wavefront_cuda, "DEFAULT_LAYOUT", "auto")
     monkeypatch.setitem(bench_gpu._RUN, "broken", {})
     timed = []
 
@@ -95,17 +97,22 @@ def test_gpu_item_layout_is_timed_only_where_it_fits(monkeypatch):
         timed.append((res["cfg"].label, key))
         res["paths"].append(f"{key}: timed")
     monkeypatch.setattr(bench_gpu, "_device_path", time_path)
-    item = [p for p in bench_gpu.DEVICE_PATHS if p[0] == "item"]
-    results = {c: bench_gpu.new_result(bench_gpu.parse_config(c)) for c in ("32", "128", "256")}
+    paths = [p for p in bench_gpu.DEVICE_PATHS if p[0] in ("item", "tensor")]
+    results = {c: bench_gpu.new_result(bench_gpu.parse_config(c)) for c in ("32", "128", "256", "8x8x4x32")}
     for res in results.values():
-        bench_gpu._time_device_paths(res, item, None, None, 1.0)
-    assert timed == [("32x32 B64 D64", "item")]
-    for c, sweep in (("128", "forward"), ("256", "forward")):
-        (line,) = results[c]["paths"]
-        assert line.startswith(f"item: not timed: its {sweep} sweep would run in the flat layout")
+        bench_gpu._time_device_paths(res, paths, None, None, 1.0)
+    assert sorted(timed) == [("32x32 B64 D64", "item"), ("8x8 B4 D32", "item"), ("8x8 B4 D32", "tensor")]
+    for c in ("32", "128", "256"):
+        assert ("cooperative tensor: not timed: the default layout (auto) runs both sweeps in the tensor "
+                "layout at this size (cooperative)") in results[c]["paths"]
+    for c in ("128", "256"):
+        (line,) = [p for p in results[c]["paths"] if p.startswith("item")]
+        assert line.startswith("item: not timed: its forward sweep would run in the flat layout")
         assert "over the 232448 B of shared memory" in line
     assert bench_gpu.item_misfit(bench_gpu.parse_config("32")) == ""
     assert "backward sweep" in bench_gpu.item_misfit(bench_gpu.parse_config("56x56x4x64"))
+    monkeypatch.setattr(wavefront_cuda, "DEFAULT_LAYOUT", "flat")  # MDNUMBA_CUDA_LAYOUT=flat
+    assert bench_gpu.timed_elsewhere(bench_gpu.parse_config("32"), "tensor") == ""
 
 
 def test_gpu_step_parts():
