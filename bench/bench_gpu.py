@@ -631,7 +631,9 @@ def _described_paths() -> list[str]:
             "anti-diagonal's rows in shared memory, block barriers instead of grid syncs, one plain "
             "launch per sweep; its saving-free forward runs flat, so it has no inference column); "
             "cooperative tensor = the tensor layout (both sweeps' recurrent sums on tensor cores, "
-            "3xTF32 mma.sync, float32 accuracy; its saving-free forward flat); "
+            "3xTF32 mma.sync, float32 accuracy; its saving-free forward flat); a path whose kernels "
+            "another one times is left out (the tensor layout where the default runs it, the item "
+            "layout where it does not fit: it runs flat), and *Sweep paths taken* says so; "
             "cooperative = in the default layout, `MDNUMBA_CUDA_LAYOUT=auto`: from 64 float32 "
             "hidden units in 2+ dimensions the forward and backward sweeps in the tensor layout "
             "(the saving-free one flat), otherwise the backward sweep sliced, the forward ones flat;",
