@@ -462,19 +462,26 @@ def speed_table(results: list[dict], mode: str, keys: tuple | None = None) -> li
     return rows
 
 
+def fastest_path(res: dict) -> tuple[float, str] | None:
+    """``(best train step s, label)`` of the fastest device path of ``res`` among those that
+    matched the CPU kernels before they were timed (:func:`path_check`), or None: what the
+    targets and the floors count (a path that computes something else is fast for nothing)."""
+    t, checked = res["train"], res.get("path_check", {})
+    paths = [(t[k].best, name) for k, _, _, name in DEVICE_PATHS if k in t and matches(checked.get(k))]
+    return min(paths) if paths else None
+
+
 def targets(results: list[dict]) -> list[str]:
     """Markdown bullets: issue 5's train-step targets, met or not, on the fastest device path of
     those that matched the CPU kernels before they were timed (:func:`path_check`; the trainer
     uses the cooperative one wherever a cooperative launch works)."""
     lines = []
     for res in results:
-        cfg, t = res["cfg"], res["train"]
+        cfg, t, fastest = res["cfg"], res["train"], fastest_path(res)
         goal = TARGETS.get((cfg.H, cfg.W, cfg.B, cfg.D))
-        checked = res.get("path_check", {})
-        paths = [(t[k].best, name) for k, _, _, name in DEVICE_PATHS if k in t and matches(checked.get(k))]
-        if goal is None or "torch" not in t or not paths:
+        if goal is None or "torch" not in t or fastest is None:
             continue
-        best, name = min(paths)
+        best, name = fastest
         got = t["torch"].best / best
         check = res.get("check") or {}
         verdict = ('met' if got >= goal else 'NOT met') if matches(check) else f"BASELINE MISMATCH {check}"
@@ -553,8 +560,8 @@ def fp32_peak() -> float | None:
 
 def floors_table(results: list[dict]) -> list[str]:
     """Per config: the train step's floors on this GPU (its float32 multiply-adds at the FP32
-    peak; 2K grid syncs at the sweeps' grids), the fastest device path's step against them, and
-    what a target's step time would need."""
+    peak; 2K grid syncs at the sweeps' grids), the fastest device path's step against them (of
+    those that matched the CPU kernels, :func:`fastest_path`), and what a target's step would need."""
     rows = ["| config | multiply-adds per step | FP32 floor ms | grid-sync floor ms | floor ms | "
             "fastest mdnumba step ms | floor / step | target step ms | floor / target |",
             "|---|---|---|---|---|---|---|---|---|"]
@@ -565,8 +572,8 @@ def floors_table(results: list[dict]) -> list[str]:
         syncs = list(fl.get("at_grids", {}).values()) or ([fl["sync_us"]] if fl else [])
         sync = 2 * cfg.diagonals * min(syncs) * 1e-6 if syncs else None
         floor = compute + sync if compute is not None and sync is not None else None
-        steps = [t[k].best for k, _, _, _ in DEVICE_PATHS if k in t]
-        step = min(steps) if steps else None
+        fastest = fastest_path(res)
+        step = fastest[0] if fastest else None
         goal = TARGETS.get((cfg.H, cfg.W, cfg.B, cfg.D))
         target = t["torch"].best / goal if goal and "torch" in t else None
 
@@ -695,7 +702,8 @@ def render(info: dict[str, str], results: list[dict], quick: bool) -> str:
             "(`step_multiply_adds`) at the FP32 peak (SMs x FP32 lanes x clock, no tensor cores: "
             "the kernels and PyTorch compute in float32, TF32 off), plus its 2K grid syncs (forward "
             "and backward sweeps) at the empty-kernel cost measured below at the sweeps' grids. "
-            "*floor / step*: the fraction of that the fastest device path reaches; *floor / "
+            "*floor / step*: the fraction of that the fastest device path reaches (of those that "
+            "matched the CPU kernels); *floor / "
             "target*: the fraction a step at the target (PyTorch's best / the target ratio) would "
             "need.", ""] + floors_table(results)
     out += ["", "## Train step", ""] + speed_table(results, "train")

@@ -298,3 +298,119 @@ def test_bench_scripts_refuse_bad_arguments_before_the_run(capsys, script, argv,
         module.main(argv)
     err = capsys.readouterr().err
     assert exc.value.code == 2 and re.search(said, err), err
+
+
+def test_gpu_parity_is_inclusive_and_needs_every_figure():
+    """A check exactly at PARITY still matches; a check missing a figure (or none) does not."""
+    assert bench_gpu.matches(dict(bench_gpu.PARITY))
+    assert not bench_gpu.matches({"forward_max_abs": 1e-8})  # no gradient figure
+    assert not bench_gpu.matches({}) and not bench_gpu.matches(None)
+
+
+def test_gpu_target_only_at_the_issues_shapes():
+    """A non-square config with the 32x32 config's H, B and D has no target."""
+    assert bench_gpu.targets([gpu_result("32x64x64x64", 1.0, None, 60.0)]) == []
+
+
+def test_gpu_speed_table_cpu_ratio_and_separator():
+    """With every column, the CPU / coop ratio is last; the separator has a cell per column."""
+    res = gpu_result("32", 2.0, None, 60.0)
+    res["train"]["cpu"] = T([100.0])
+    head, sep, row = bench_gpu.speed_table([res], "train")
+    assert head.endswith("| PyTorch / tensor | CPU / coop |")
+    assert row.endswith("| – | 50.0x |")
+    assert sep.count("---") == head.count("|") - 1 == row.count("|") - 1
+
+
+def test_gpu_diagonal_table_us_per_diagonal():
+    """The sweeps' µs per anti-diagonal (K = 63 at 32x32); dashes where no floors were measured."""
+    res = gpu_result("32", 2.0, None, None)
+    res["sweeps"]["cooperative"] = {"forward": T([63 * 2e-6]), "backward": T([63 * 3e-6])}
+    row = bench_gpu.diagonal_table([res])[2]
+    # the cooperative column of each sweep, 7 paths each
+    assert row.startswith("| 32x32 B64 D64 | 63 | 2.0 | – | – | – | – | – | – | 3.0 | "), row
+    assert row.endswith("| – | – |")
+
+
+def test_gpu_floors_without_the_sweeps_grids_and_a_faster_per_diagonal_path():
+    """No sweep grid read from the paths taken: the sync floor at the largest grid; the fastest
+    step is the per-diagonal path's where it is the fastest."""
+    res = gpu_result("32", 12e-3, 6.4e-3, 43e-3)
+    res["peak"] = 1e13
+    res["floors"] = {"blocks": 2112, "sync_us": 2.0, "launch_us": 18.0, "at_grids": {}}
+    row = bench_gpu.floors_table([res])[2]
+    # 2 x 63 x 2.0 µs = 0.252 ms; fastest step 6.4 ms, per-diagonal
+    assert row == "| 32x32 B64 D64 | 8.05 G | 0.805 | 0.252 | 1.06 | 6.4 | 17% | 0.86 | 123% |", row
+
+
+def test_gpu_dispatch_table():
+    """Host time of the launches against the step (and with prepared launches off), and the
+    trainer's step with and without prefetch against its host batch sampling."""
+    res = gpu_result("32", 2e-3, None, None)
+    res["dispatch"]["coop"] = T([1.5e-3])
+    res["dispatch_numba"] = {"coop": T([1.8e-3])}
+    res["train"]["trainer"], res["train"]["trainer_no_prefetch"] = T([4e-3]), T([5e-3])
+    res["sampling"] = T([1e-3])
+    trainer = "| 32x32 B64 D64 | `train --device cuda`, prefetch"
+    assert bench_gpu.dispatch_table([res])[2:] == [
+        "| 32x32 B64 D64 | cooperative | 2 | 1.5 | 75% | 1.8 |",
+        f"{trainer} on, as `run` (host batch sampling) | 4 | 1 | 25% | – |",
+        f"{trainer} off (host batch sampling) | 5 | 1 | 20% | – |"]
+
+
+def test_gpu_report_sections():
+    """The quick banner only on a quick run; the PyTorch check's section; PyTorch in the
+    inference table with its ratio."""
+    res = gpu_result("32", 1e-3, None, 60e-3)
+    res["inference"] = {"coop": T([1e-3]), "torch": T([4e-3])}
+    quick = bench_gpu.render({"GPU": "test"}, [res], quick=True)
+    full = bench_gpu.render({"GPU": "test"}, [res], quick=False)
+    assert "**--quick or --smoke run" in quick and "**--quick or --smoke run" not in full
+    assert "## PyTorch baseline check (before timing, same weights)" in full
+    assert "| 32x32 B64 D64 | 1.5e-08 | 1.1e-07 |" in full
+    inference = full.split("## Inference")[1].split("\n## ")[0]
+    assert "| PyTorch GPU ms |" in inference and "| 4.0x | – | – | – |" in inference
+
+
+def test_gpu_broken_part_is_said_skipped_once(monkeypatch):
+    """A part broken at an earlier config, asked again at this one (a restart goes over the
+    config's parts again), is said SKIPPED once."""
+    monkeypatch.setitem(bench_gpu._RUN, "broken", {"item": "hung at 32x32 B64 D64"})
+    res = bench_gpu.new_result(bench_gpu.parse_config("256"))
+    assert not bench_gpu._starting(res, "item")
+    assert not bench_gpu._starting(res, "item")
+    assert res["paths"] == ["item: SKIPPED (it hung at 32x32 B64 D64)"] and res["begun"] == ["item"]
+
+
+def test_gpu_configs_parsed():
+    """The issue's three configs, in the order given, and HxWxBxD in either case."""
+    assert [c.label for c in bench_gpu.config_list("32,128,256,8X8x4x16")] == [
+        "32x32 B64 D64", "128x128 B16 D64", "256x256 B8 D128", "8x8 B4 D16"]
+
+
+def test_cpu_targets_at_the_bounds_forward_and_without_torch():
+    """Each CPU target met exactly at its bound; the forward ratio from the forward times; no
+    ratio lines (and no error) where PyTorch was not run."""
+    def res(cfg, train, fwd):  # (mdnumba, PyTorch) seconds
+        return {"cfg": bench_cpu.Config(*cfg), "train": {"mdnumba": T([train[0]]), "torch": T([train[1]])},
+                "forward": {"mdnumba": T([fwd[0]]), "torch": T([fwd[1]])}}
+    lines = bench_cpu.targets([res((32, 32, 16, 32), (0.01, 0.1), (0.004, 0.02)),
+                               res((8, 8, 16, 16), (0.001, 0.1), (0.001, 0.1))])
+    assert lines == [
+        "- train at 32x32 B16 D32: PyTorch / mdnumba = 10.00x (target ≥ 10x): **met**",
+        "- forward at 32x32 B16 D32: PyTorch / mdnumba = 5.00x (target ≥ 5x): **met**",
+        "- train step at 8x8 B16 D16: 1 ms (target ≤ 1 ms): **met**",
+    ]
+    no_torch = {"cfg": bench_cpu.Config(32, 32, 16, 32), "train": {"mdnumba": T([0.01])},
+                "forward": {"mdnumba": T([0.004])}}
+    assert bench_cpu.targets([no_torch]) == []
+
+
+def test_gpu_floors_count_only_paths_that_matched_the_cpu():
+    """The floors' fastest step, as the targets', is of the paths that matched the CPU kernels:
+    a faster path that computed something else is not it."""
+    res = gpu_result("32", 6.4e-3, 12e-3, 43e-3)
+    res["path_check"]["coop"] = {"forward_max_abs": 1.0, "grad_max_rel": 1e-7}
+    assert bench_gpu.fastest_path(res) == (12e-3, "per-diagonal")
+    assert bench_gpu.floors_table([res])[2].split(" | ")[5] == "12"
+    assert "(per-diagonal) = 3.6x" in bench_gpu.targets([res])[0]
